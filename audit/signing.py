@@ -1,0 +1,103 @@
+"""Canonical encoding, hashing and Ed25519 signing shared by `audit` and `consent`.
+
+One module so that the hospital, the coordinator and the auditor agree byte for byte on what
+was signed: RFC 8785 (JCS) canonical JSON, SHA-256, Ed25519 (PyNaCl). Key files hold the raw
+32-byte seed, base64-encoded, and are written with 0600 permissions.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import rfc8785
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+KEY_ID_BYTES = 16
+
+
+class SignatureInvalidError(Exception):
+    """A signature did not verify against the expected key."""
+
+
+def canonical(value: Any) -> bytes:
+    """RFC 8785 canonical JSON. Integers must stay within +-2**53 (I-JSON)."""
+    return rfc8785.dumps(value)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64decode(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def key_id(public_key: bytes) -> str:
+    """Stable identifier of a public key: hex of the first 16 bytes of its SHA-256."""
+    return hashlib.sha256(public_key).hexdigest()[: 2 * KEY_ID_BYTES]
+
+
+@dataclass(frozen=True)
+class Signer:
+    """An Ed25519 private key and its derived identifiers."""
+
+    signing_key: SigningKey
+
+    @classmethod
+    def generate(cls) -> Signer:
+        return cls(SigningKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Signer:
+        return cls(SigningKey(seed))
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
+
+    @property
+    def public_key_b64(self) -> str:
+        return b64encode(self.public_key)
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.public_key)
+
+    @property
+    def seed(self) -> bytes:
+        return bytes(self.signing_key)
+
+    def sign(self, message: bytes) -> bytes:
+        return self.signing_key.sign(message).signature
+
+    def save(self, path: Path) -> None:
+        """Write the seed to `path` with 0600 permissions, atomically; never overwrite."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(b64encode(self.seed) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Signer:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise PermissionError(f"{path}: key file must not be readable by others (mode {mode:o})")
+        return cls.from_seed(b64decode(path.read_text().strip()))
+
+
+def verify(public_key: bytes, message: bytes, signature: bytes) -> None:
+    """Raise SignatureInvalidError unless `signature` is a valid Ed25519 signature of `message`."""
+    try:
+        VerifyKey(public_key).verify(message, signature)
+    except (BadSignatureError, ValueError) as exc:
+        raise SignatureInvalidError("signature does not verify") from exc

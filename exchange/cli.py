@@ -1,0 +1,18 @@
+"""The `exchange` command: one entry point for operator, steward and researcher tasks.
+
+Each sub-command group lives in its own module under `exchange.commands`.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from exchange.commands import db
+
+app = typer.Typer(help="Consent-gated federated health data exchange.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+app.add_typer(db.app, name="db")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Database plumbing shared by the coordinator and the node: engines, metadata, migrations."""
