@@ -1,0 +1,186 @@
+"""FHIR Bundle JSON -> node records (Patient + Observation for common vitals and labs).
+
+Each entry is validated with `fhir.resources` (R4/R4B first, as most hospital exports are
+R4, then R5). One record per Patient: `sex`, `birth_year` (demographics) and, for each
+supported LOINC code, the latest Observation value (by effective time) in the expected UCUM
+unit. What cannot be mapped (another resource type, an unknown LOINC code, a wrong unit, an
+Observation about a patient not in the Bundle) is a problem naming the entry, never silently
+dropped: "row" N means Bundle entry N (1-based).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from exchange.node.importer import ColumnSpec, Mapping, Problem
+
+LOINC = "http://loinc.org"
+
+
+@dataclass(frozen=True)
+class LoincColumn:
+    column: str
+    category: str
+    units: tuple[str, ...]
+
+
+# Common vitals and labs. Units are UCUM codes (Quantity.code), with the usual display
+# spelling (Quantity.unit) accepted too.
+LOINC_COLUMNS: dict[str, LoincColumn] = {
+    "8867-4": LoincColumn("heart_rate", "vitals", ("/min", "beats/min", "{beats}/min")),
+    "8480-6": LoincColumn("systolic_bp", "vitals", ("mm[Hg]", "mmHg")),
+    "8462-4": LoincColumn("diastolic_bp", "vitals", ("mm[Hg]", "mmHg")),
+    "8310-5": LoincColumn("body_temperature", "vitals", ("Cel", "°C")),
+    "9279-1": LoincColumn("respiratory_rate", "vitals", ("/min", "breaths/min", "{breaths}/min")),
+    "59408-5": LoincColumn("oxygen_saturation", "vitals", ("%",)),
+    "2708-6": LoincColumn("oxygen_saturation", "vitals", ("%",)),
+    "29463-7": LoincColumn("body_weight", "vitals", ("kg",)),
+    "8302-2": LoincColumn("body_height", "vitals", ("cm",)),
+    "39156-5": LoincColumn("bmi", "vitals", ("kg/m2", "kg/m^2")),
+    "2339-0": LoincColumn("glucose", "labs", ("mg/dL",)),
+    "2345-7": LoincColumn("glucose", "labs", ("mg/dL",)),
+    "4548-4": LoincColumn("hba1c", "labs", ("%",)),
+    "2093-3": LoincColumn("cholesterol_total", "labs", ("mg/dL",)),
+    "2085-9": LoincColumn("cholesterol_hdl", "labs", ("mg/dL",)),
+    "18262-6": LoincColumn("cholesterol_ldl", "labs", ("mg/dL",)),
+    "13457-7": LoincColumn("cholesterol_ldl", "labs", ("mg/dL",)),
+    "2571-8": LoincColumn("triglycerides", "labs", ("mg/dL",)),
+    "2160-0": LoincColumn("creatinine", "labs", ("mg/dL",)),
+    "718-7": LoincColumn("hemoglobin", "labs", ("g/dL",)),
+    "6690-2": LoincColumn("leukocytes", "labs", ("10*3/uL", "10^3/uL")),
+    "777-3": LoincColumn("platelets", "labs", ("10*3/uL", "10^3/uL")),
+    "2951-2": LoincColumn("sodium", "labs", ("mmol/L",)),
+    "2823-3": LoincColumn("potassium", "labs", ("mmol/L",)),
+}
+PATIENT_COLUMNS = {"sex": ColumnSpec("demographics", "string", required=False),
+                   "birth_year": ColumnSpec("demographics", "integer", required=False)}
+PSEUDONYM = "pseudonym"
+
+
+def _model(resource_type: str, resource: dict[str, Any]) -> Any:
+    """Validate with R4B, then R5; raise the R4B error when neither accepts it."""
+    from fhir.resources import get_fhir_model_class as r5_class
+    from fhir.resources.R4B import get_fhir_model_class as r4_class
+
+    try:
+        return r4_class(resource_type).model_validate(resource)
+    except ValidationError as first:
+        try:
+            return r5_class(resource_type).model_validate(resource)
+        except ValidationError:
+            raise first from None
+
+
+def _short(exc: ValidationError) -> str:
+    parts = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in exc.errors()[:3]]
+    return "invalid FHIR: " + "; ".join(parts)
+
+
+def _instant(observation: Any) -> datetime:
+    value = getattr(observation, "effectiveDateTime", None) or getattr(observation, "issued", None)
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
+    return datetime.min.replace(tzinfo=UTC)
+
+
+def read_fhir_bundle(path: Path, mapping: Mapping | None
+                     ) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]], list[Problem], Mapping]:
+    """Parse and check a Bundle; return (header, rows, problems, mapping) for the importer."""
+    problems: list[Problem] = []
+    try:
+        bundle = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return [], iter(()), [Problem(None, f"not readable JSON: {exc}")], _mapping({}, mapping)
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        return [], iter(()), [Problem(None, "not a FHIR Bundle (resourceType must be 'Bundle')")], \
+            _mapping({}, mapping)
+    entries = bundle.get("entry") or []
+    if not isinstance(entries, list):
+        return [], iter(()), [Problem(None, "Bundle.entry: must be a list")], _mapping({}, mapping)
+    patients: dict[str, tuple[int, dict[str, Any]]] = {}
+    observations: list[tuple[int, Any]] = []
+    for number, entry in enumerate(entries, start=1):
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict):
+            problems.append(Problem(number, "entry has no resource"))
+            continue
+        kind = resource.get("resourceType")
+        label = f"{kind}/{resource.get('id', '?')}"
+        if kind not in ("Patient", "Observation"):
+            problems.append(Problem(number, f"{label}: resource type {kind!r} is not imported "
+                                            "(only Patient and Observation)"))
+            continue
+        try:
+            model = _model(kind, resource)
+        except ValidationError as exc:
+            problems.append(Problem(number, f"{label}: {_short(exc)}"))
+            continue
+        except (KeyError, ValueError) as exc:
+            problems.append(Problem(number, f"{label}: {exc}"))
+            continue
+        if kind == "Patient":
+            if not model.id:
+                problems.append(Problem(number, "Patient without id (the id is the pseudonym)"))
+            elif model.id in patients:
+                problems.append(Problem(number, f"{label}: duplicate Patient id"))
+            else:
+                birth = model.birthDate
+                patients[model.id] = (number, {
+                    PSEUDONYM: model.id, "sex": model.gender,
+                    "birth_year": birth.year if isinstance(birth, date) else None})
+        else:
+            observations.append((number, model))
+    columns: dict[str, ColumnSpec] = dict(PATIENT_COLUMNS)
+    latest: dict[tuple[str, str], datetime] = {}
+    for number, obs in observations:
+        label = f"Observation/{obs.id or '?'}"
+        codes = [c.code for c in (obs.code.coding or []) if c.system == LOINC and c.code]
+        known = [code for code in codes if code in LOINC_COLUMNS]
+        if not known:
+            problems.append(Problem(number, f"{label}: no supported LOINC code (found {codes or 'none'})"))
+            continue
+        spec = LOINC_COLUMNS[known[0]]
+        reference = obs.subject.reference if obs.subject is not None else None
+        patient_id = reference.split("/", 1)[1] if reference and reference.startswith("Patient/") else None
+        if patient_id is None or patient_id not in patients:
+            problems.append(Problem(number, f"{label}: subject {reference!r} is not a Patient "
+                                            "in this Bundle"))
+            continue
+        quantity = obs.valueQuantity
+        if quantity is None or quantity.value is None:
+            problems.append(Problem(number, f"{label}: no valueQuantity"))
+            continue
+        unit = quantity.code or quantity.unit
+        if unit not in spec.units:
+            problems.append(Problem(number, f"{label}: unit {unit!r} for LOINC {known[0]} "
+                                            f"({spec.column}); expected {spec.units[0]!r}"))
+            continue
+        columns.setdefault(spec.column, ColumnSpec(spec.category, "number", required=False))
+        when = _instant(obs)
+        key = (patient_id, spec.column)
+        if key not in latest or when >= latest[key]:
+            latest[key] = when
+            value = quantity.value
+            patients[patient_id][1][spec.column] = float(value) if isinstance(value, Decimal) else value
+    final_mapping = _mapping(columns, mapping)
+    header = [PSEUDONYM, *final_mapping.columns]
+    rows = iter(sorted(patients.values(), key=lambda item: item[0]))
+    return header, rows, problems, final_mapping
+
+
+def _mapping(columns: dict[str, ColumnSpec], override: Mapping | None) -> Mapping:
+    """Built-in categories, with the steward's mapping (if any) renaming them."""
+    if override is not None:
+        columns = {name: ColumnSpec(override.columns[name].category, spec.type, spec.required)
+                   if name in override.columns else spec for name, spec in columns.items()}
+    return Mapping(pseudonym_column=PSEUDONYM, columns=columns)

@@ -1,0 +1,335 @@
+"""`exchange node import-data`: records from CSV, Parquet or FHIR Bundle JSON.
+
+The rule: validate everything first, then import all of it in one transaction, or nothing.
+A bad file raises `ImportRejectedError` listing every problem with its row (1-based data
+row; for FHIR, the Bundle entry index) and the reason; the database is not touched.
+
+Every column must have a data category (the consent vocabulary: a study asks for columns,
+consent permits categories). The mapping file is TOML or JSON:
+
+    pseudonym_column = "patient_id"
+    [columns]
+    age = "demographics"                                   # a number, required
+    diagnosis = { category = "diagnoses", type = "integer" }
+    smoker = { category = "lifestyle", type = "boolean", required = false }
+
+FHIR Bundles need no mapping: Patient.id is the pseudonym, Patient gives `sex` and
+`birth_year` (demographics), Observations give one column per supported LOINC code (vitals
+and labs, latest value per patient); a mapping may still rename categories.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import tomllib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from exchange.node.models import ColumnCategory, ImportBatch, Record
+
+ValueType = Literal["number", "integer", "string", "boolean"]
+VALUE_TYPES: tuple[str, ...] = ("number", "integer", "string", "boolean")
+MAX_PROBLEMS_SHOWN = 50
+INSERT_CHUNK = 5000
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an input: `row` is None for a file-level problem."""
+
+    row: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason if self.row is None else f"row {self.row}: {self.reason}"
+
+
+class ImportRejectedError(Exception):
+    """The file was not imported; `problems` says every reason, each with its row."""
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.source = source
+        self.problems = problems
+        shown = "; ".join(str(p) for p in problems[:MAX_PROBLEMS_SHOWN])
+        more = len(problems) - MAX_PROBLEMS_SHOWN
+        super().__init__(f"{source}: nothing imported, {len(problems)} problem(s): {shown}"
+                         + (f"; and {more} more" if more > 0 else ""))
+
+    @property
+    def bad_rows(self) -> list[int]:
+        return sorted({p.row for p in self.problems if p.row is not None})
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    category: str
+    type: ValueType = "number"
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Mapping:
+    pseudonym_column: str
+    columns: dict[str, ColumnSpec]
+
+
+@dataclass
+class ImportReport:
+    batch_id: int
+    source: str
+    format: str
+    records: int
+    columns: dict[str, str] = field(default_factory=dict)
+
+
+# --- mapping ---------------------------------------------------------------------------------
+
+def load_mapping(path: Path) -> Mapping:
+    """Read a mapping file (TOML or JSON). Problems raise ImportRejectedError naming the key."""
+    try:
+        raw: Any = (json.loads(path.read_text()) if path.suffix.lower() == ".json"
+                    else tomllib.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        raise ImportRejectedError(str(path), [Problem(None, f"mapping: cannot read: {exc}")]) from exc
+    return parse_mapping(raw, str(path))
+
+
+def parse_mapping(raw: Any, source: str = "mapping") -> Mapping:
+    problems: list[Problem] = []
+    if not isinstance(raw, dict):
+        raise ImportRejectedError(source, [Problem(None, "mapping: must be a table/object")])
+    unknown = set(raw) - {"pseudonym_column", "columns"}
+    if unknown:
+        problems.append(Problem(None, f"mapping: unknown key(s) {sorted(unknown)}"))
+    pseudonym = raw.get("pseudonym_column", "pseudonym")
+    if not isinstance(pseudonym, str) or not pseudonym:
+        problems.append(Problem(None, "mapping.pseudonym_column: must be a non-empty string"))
+        pseudonym = "pseudonym"
+    columns: dict[str, ColumnSpec] = {}
+    raw_columns = raw.get("columns", {})
+    if not isinstance(raw_columns, dict):
+        problems.append(Problem(None, "mapping.columns: must be a table of column = category"))
+        raw_columns = {}
+    for name, raw_spec in raw_columns.items():
+        where = f"mapping.columns.{name}"
+        spec = {"category": raw_spec} if isinstance(raw_spec, str) else raw_spec
+        if not isinstance(spec, dict):
+            problems.append(Problem(None, f"{where}: must be a category string or a table"))
+            continue
+        extra = set(spec) - {"category", "type", "required"}
+        category = spec.get("category")
+        value_type = spec.get("type", "number")
+        required = spec.get("required", True)
+        if extra:
+            problems.append(Problem(None, f"{where}: unknown key(s) {sorted(extra)}"))
+        if not isinstance(category, str) or not category:
+            problems.append(Problem(None, f"{where}.category: must be a non-empty string"))
+            continue
+        if value_type not in VALUE_TYPES:
+            problems.append(Problem(None, f"{where}.type: must be one of {list(VALUE_TYPES)}, "
+                                          f"not {value_type!r}"))
+            continue
+        if not isinstance(required, bool):
+            problems.append(Problem(None, f"{where}.required: must be true or false"))
+            continue
+        if name == pseudonym:
+            problems.append(Problem(None, f"{where}: the pseudonym column cannot be a data column"))
+            continue
+        columns[name] = ColumnSpec(category=category, type=value_type, required=required)
+    if problems:
+        raise ImportRejectedError(source, problems)
+    return Mapping(pseudonym_column=pseudonym, columns=columns)
+
+
+# --- value checks -----------------------------------------------------------------------------
+
+_TRUE = {"true", "1", "yes", "y", "t"}
+_FALSE = {"false", "0", "no", "n", "f"}
+
+
+def _convert(value: Any, spec: ColumnSpec) -> tuple[Any, str | None]:
+    """(converted value, None) or (None, reason). Text from CSV is parsed; typed values from
+    Parquet are checked. NaN and infinities are refused: they poison training silently."""
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return None, ("missing value" if spec.required else None)
+    if spec.type == "string":
+        return (value, None) if isinstance(value, str) else (str(value), None)
+    if spec.type == "boolean":
+        if isinstance(value, bool):
+            return value, None
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True, None
+        if text in _FALSE:
+            return False, None
+        return None, f"not a boolean: {value!r}"
+    if isinstance(value, bool):
+        return None, f"not a {spec.type}: {value!r}"
+    if spec.type == "integer":
+        if isinstance(value, int):
+            return value, None
+        if isinstance(value, float) and value.is_integer():
+            return int(value), None
+        try:
+            return int(str(value).strip()), None
+        except ValueError:
+            return None, f"not an integer: {value!r}"
+    try:
+        number = float(value) if not isinstance(value, int | float) else value
+    except (TypeError, ValueError):
+        return None, f"not a number: {value!r}"
+    if isinstance(number, float) and not math.isfinite(number):
+        return None, f"not a finite number: {value!r}"
+    return number, None
+
+
+def validate_rows(rows: Iterable[tuple[int, dict[str, Any]]], mapping: Mapping,
+                  header: list[str]) -> tuple[list[dict[str, Any]], list[Problem]]:
+    """Check the header, then every row; return the clean rows and every problem."""
+    problems: list[Problem] = []
+    if mapping.pseudonym_column not in header:
+        problems.append(Problem(None, f"column {mapping.pseudonym_column!r} (the pseudonym) is missing"))
+    for name in header:
+        if name != mapping.pseudonym_column and name not in mapping.columns:
+            problems.append(Problem(None, f"column {name!r} has no data category in the mapping"))
+    for name in mapping.columns:
+        if name not in header:
+            problems.append(Problem(None, f"column {name!r} is in the mapping but not in the file"))
+    if header and len(set(header)) != len(header):
+        dupes = sorted({h for h in header if header.count(h) > 1})
+        problems.append(Problem(None, f"duplicate column name(s) {dupes}"))
+    if problems:
+        return [], problems
+    clean: list[dict[str, Any]] = []
+    for row_number, row in rows:
+        reasons: list[str] = []
+        pseudonym = row.get(mapping.pseudonym_column)
+        if pseudonym is None or not str(pseudonym).strip():
+            reasons.append(f"{mapping.pseudonym_column}: missing pseudonym")
+        values: dict[str, Any] = {}
+        for name, spec in mapping.columns.items():
+            value, reason = _convert(row.get(name), spec)
+            if reason:
+                reasons.append(f"{name}: {reason}")
+            else:
+                values[name] = value
+        if reasons:
+            problems.append(Problem(row_number, "; ".join(reasons)))
+        else:
+            clean.append({"pseudonym": str(pseudonym).strip(), "source_row": row_number,
+                          "values": values})
+    return clean, problems
+
+
+# --- readers ----------------------------------------------------------------------------------
+
+def _csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]], list[Problem]]:
+    handle = path.open(newline="", encoding="utf-8-sig")
+    reader = csv.reader(handle)
+    header = next(reader, None)
+    if header is None:
+        handle.close()
+        return [], iter(()), [Problem(None, "empty file: no header row")]
+    header = [h.strip() for h in header]
+    width_problems: list[Problem] = []
+
+    def rows() -> Iterator[tuple[int, dict[str, Any]]]:
+        with handle:
+            for number, cells in enumerate(reader, start=1):
+                if not cells:
+                    continue
+                if len(cells) != len(header):
+                    width_problems.append(Problem(number, f"has {len(cells)} fields, the header has "
+                                                          f"{len(header)}"))
+                    continue
+                yield number, dict(zip(header, cells, strict=True))
+
+    return header, rows(), width_problems
+
+
+def _parquet_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]], list[Problem]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        return [], iter(()), [Problem(None, f"not a readable Parquet file: {exc}")]
+    header = list(table.column_names)
+    return header, enumerate(table.to_pylist(), start=1), []
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- import -----------------------------------------------------------------------------------
+
+def _check_categories(session: Session, mapping: Mapping) -> list[Problem]:
+    existing = dict(session.execute(select(ColumnCategory.column, ColumnCategory.category)).tuples())
+    return [Problem(None, f"column {name!r}: mapped to {spec.category!r} but already stored as "
+                          f"{existing[name]!r}")
+            for name, spec in mapping.columns.items()
+            if name in existing and existing[name] != spec.category]
+
+
+def import_records(session: Session, path: Path, fmt: str | None = None,
+                   mapping: Mapping | None = None) -> ImportReport:
+    """Validate `path` completely, then import it in the caller's transaction (the caller
+    commits). Raises ImportRejectedError with every problem; on error nothing was written."""
+    source = str(path)
+    if not path.is_file():
+        raise ImportRejectedError(source, [Problem(None, "file not found")])
+    fmt = fmt or {".csv": "csv", ".parquet": "parquet", ".json": "fhir"}.get(path.suffix.lower())
+    if fmt not in ("csv", "parquet", "fhir"):
+        raise ImportRejectedError(source, [Problem(None, "format: give --format csv|parquet|fhir "
+                                                         "(not guessable from the file name)")])
+    sha = _file_sha256(path)
+    previous = session.execute(select(ImportBatch.id).where(ImportBatch.sha256 == sha)).scalar()
+    if previous is not None:
+        raise ImportRejectedError(source, [Problem(None, f"this file was already imported "
+                                                         f"(batch {previous})")])
+    if fmt == "fhir":
+        from exchange.node.fhir_import import read_fhir_bundle
+
+        header, row_iter, read_problems, fhir_mapping = read_fhir_bundle(path, mapping)
+        mapping = fhir_mapping
+    else:
+        if mapping is None:
+            raise ImportRejectedError(source, [Problem(None, "mapping: --mapping FILE is required for "
+                                                             f"{fmt} (each column needs a data category)")])
+        header, row_iter, read_problems = (_csv_rows(path) if fmt == "csv" else _parquet_rows(path))
+    clean, problems = validate_rows(row_iter, mapping, header)
+    problems = read_problems + problems + _check_categories(session, mapping)
+    if not clean and not problems:
+        problems.append(Problem(None, "no records in the file"))
+    if problems:
+        problems.sort(key=lambda p: (p.row is not None, p.row or 0))
+        raise ImportRejectedError(source, problems)
+    batch = ImportBatch(source=path.name, format=fmt, sha256=sha, record_count=len(clean),
+                        imported_at=datetime.now().astimezone())
+    session.add(batch)
+    session.flush()
+    existing = set(session.execute(select(ColumnCategory.column)).scalars())
+    for name, spec in mapping.columns.items():
+        if name not in existing:
+            session.add(ColumnCategory(column=name, category=spec.category))
+    for start in range(0, len(clean), INSERT_CHUNK):
+        chunk = clean[start:start + INSERT_CHUNK]
+        session.execute(insert(Record), [{**row, "batch_id": batch.id} for row in chunk])
+    session.flush()
+    return ImportReport(batch_id=batch.id, source=source, format=fmt, records=len(clean),
+                        columns={name: spec.category for name, spec in mapping.columns.items()})
