@@ -1,0 +1,390 @@
+"""The token ledger: a deterministic fold over the audit log's entries.
+
+Balances are never stored as truth anywhere; they are what folding the log gives. The
+coordinator folds its log to serve balances and to build payout entries, and the auditor folds
+an export to check them, with this same code, so the two agree to the unit or the log is bad.
+
+`Ledger().apply(entry, index)` validates one entry completely before changing anything, so a
+rejected entry (`LedgerError(index, reason)`, the reason naming the field) leaves the state as it
+was. Entry kinds, signers and rules: docs/rewards.md.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from audit.entry import Entry
+from audit.rewards import (
+    BPS,
+    MAX_AMOUNT,
+    PayoutError,
+    Receipt,
+    StudyTerms,
+    compute_payout,
+    first_difference,
+    payout_credits,
+)
+
+ACCOUNT_RE = re.compile(r"[a-z][a-z0-9_-]*:\S+")
+MAX_ID_CHARS = 200
+REWARD_PREFIX = "reward:"
+
+OPERATOR = "operator"
+COORDINATOR = "coordinator"
+HOSPITAL = "hospital"
+
+TOKEN_KINDS = frozenset({"token.mint", "token.transfer", "study.escrow", "round.receipt",
+                         "study.payout", "study.refund"})
+
+
+class LedgerError(Exception):
+    """Entry `index` breaks a ledger rule; `reason` names the field and what is wrong."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"entry {index}: {reason}")
+        self.index = index
+        self.reason = reason
+
+
+class _RuleError(Exception):
+    """Internal: a rule broken by the entry being applied (turned into LedgerError)."""
+
+
+class StudyStatus(StrEnum):
+    OPEN = "open"        # escrowed; receipts accepted; may be paid out or refunded
+    PAID = "paid"        # paid out in part; only a refund of the remainder is accepted
+    CLOSED = "closed"    # nothing held any more
+
+
+@dataclass
+class Study:
+    """One study's escrow as the fold sees it."""
+
+    study_id: str
+    account: str
+    escrowed: int
+    terms: StudyTerms
+    receipts: list[Receipt] = field(default_factory=list)
+    seen: set[tuple[int, str]] = field(default_factory=set)
+    paid: int = 0
+    refunded: int = 0
+    status: StudyStatus = StudyStatus.OPEN
+
+    @property
+    def held(self) -> int:
+        """What the study still holds in escrow."""
+        return self.escrowed - self.paid - self.refunded
+
+    def to_json(self) -> dict[str, Any]:
+        return {"study_id": self.study_id, "account": self.account, "escrowed": self.escrowed,
+                "paid": self.paid, "refunded": self.refunded, "held": self.held,
+                "status": str(self.status), "receipts": len(self.receipts),
+                "royalty_account": self.terms.royalty_account,
+                "royalty_bps": self.terms.royalty_bps, "forward_bps": self.terms.forward_bps}
+
+
+@dataclass
+class LedgerState:
+    """Totals and balances; `minted == sum(balances) + escrow` after every applied entry."""
+
+    minted: int = 0
+    escrow: int = 0
+    balances: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"minted": self.minted, "escrow": self.escrow,
+                "balances": {account: self.balances[account] for account in sorted(self.balances)}}
+
+    def check_conservation(self) -> None:
+        """Raise AssertionError unless the invariants hold (a full O(accounts) check)."""
+        total = sum(self.balances.values())
+        if self.minted != total + self.escrow:
+            raise AssertionError(f"minted {self.minted} != balances {total} + escrow {self.escrow}")
+        negative = [account for account, value in self.balances.items() if value < 0]
+        if negative:
+            raise AssertionError(f"negative balance: {negative[0]}")
+
+
+@dataclass(frozen=True)
+class _Key:
+    role: str
+    owner: str
+
+
+class Ledger:
+    """Folds log entries into balances, escrows and study state (see module docstring)."""
+
+    def __init__(self, root_key_id: str | None = None) -> None:
+        """`root_key_id`: the pinned root operator key; if None, the signer of the first entry.
+
+        In a valid log entry 0 can only be signed by the root key (no other is registered yet),
+        so inferring it is sound when the keyring has checked signatures first.
+        """
+        self.state = LedgerState()
+        self.studies: dict[str, Study] = {}
+        self._keys: dict[str, _Key] = {}
+        self._root = root_key_id
+        if root_key_id is not None:
+            self._keys[root_key_id] = _Key(OPERATOR, "operator:root")
+        self._applied = 0
+        self._handlers: dict[str, Callable[[Entry], None]] = {
+            "key.register": self._key_register,
+            "key.rotate": self._key_rotate,
+            "token.mint": self._mint,
+            "token.transfer": self._transfer,
+            "study.escrow": self._escrow,
+            "round.receipt": self._receipt,
+            "study.payout": self._payout,
+            "study.refund": self._refund,
+        }
+
+    def apply(self, entry: Entry, index: int) -> None:
+        """Fold one entry. Raise LedgerError(index, reason) and change nothing if it breaks a rule."""
+        if self._root is None and self._applied == 0:
+            self._root = entry.key_id
+            self._keys[entry.key_id] = _Key(OPERATOR, "operator:root")
+        handler = self._handlers.get(entry.kind)
+        if handler is not None:
+            try:
+                handler(entry)
+            except _RuleError as exc:
+                raise LedgerError(index, f"{entry.kind}: {exc}") from None
+        self._applied += 1
+
+    def apply_all(self, entries: Iterable[Entry], start: int = 0) -> LedgerState:
+        """Fold entries numbered from `start`; return the state."""
+        for offset, entry in enumerate(entries):
+            self.apply(entry, start + offset)
+        return self.state
+
+    def balance(self, account: str) -> int:
+        return self.state.balances.get(account, 0)
+
+    def expected_payout(self, study_id: str, amount: int) -> dict[str, Any]:
+        """The `study.payout` payload the fold would accept now for paying `amount` of `study_id`.
+
+        For the coordinator: build the entry from this, sign it, append it. Raises PayoutError.
+        """
+        study = self.studies.get(study_id)
+        if study is None:
+            raise PayoutError(f"study_id: no study.escrow for {study_id!r}")
+        return compute_payout(study_id, amount, study.terms, study.receipts)
+
+    # --- key view (roles and owners; signature checks are the keyring's) ------------------
+
+    def _key_register(self, entry: Entry) -> None:
+        payload = entry.payload
+        for name in ("key_id", "role", "owner"):
+            if not isinstance(payload.get(name), str) or not payload[name]:
+                raise _RuleError(f"{name}: must be a non-empty string")
+        self._keys[payload["key_id"]] = _Key(payload["role"], payload["owner"])
+
+    def _key_rotate(self, entry: Entry) -> None:
+        payload = entry.payload
+        for name in ("old_key_id", "new_key_id"):
+            if not isinstance(payload.get(name), str) or not payload[name]:
+                raise _RuleError(f"{name}: must be a non-empty string")
+        old = self._keys.get(payload["old_key_id"])
+        if old is None:
+            raise _RuleError(f"old_key_id: {payload['old_key_id']!r} is not a registered key")
+        self._keys[payload["new_key_id"]] = old
+
+    def _signer(self, entry: Entry, role: str | None = None) -> _Key:
+        key = self._keys.get(entry.key_id)
+        if key is None:
+            raise _RuleError(f"key_id: {entry.key_id!r} is not registered in this log")
+        if role is not None and key.role != role:
+            raise _RuleError(f"key_id: must be signed by a {role} key, signer has role {key.role!r}")
+        return key
+
+    # --- token kinds -----------------------------------------------------------------------
+
+    def _mint(self, entry: Entry) -> None:
+        payload = _fields(entry.payload, ("account", "amount"))
+        self._signer(entry, OPERATOR)
+        account = _account(payload, "account")
+        amount = _amount(payload, "amount")
+        if self.state.minted + amount > MAX_AMOUNT:
+            raise _RuleError(f"amount: total minted would exceed {MAX_AMOUNT}")
+        self._commit({account: amount}, minted=amount)
+
+    def _transfer(self, entry: Entry) -> None:
+        payload = _fields(entry.payload, ("from", "to", "amount"))
+        source = _account(payload, "from")
+        target = _account(payload, "to")
+        amount = _amount(payload, "amount")
+        key = self._signer(entry)
+        if key.owner != source:
+            raise _RuleError(f"key_id: the signer's account is {key.owner!r}, not from={source!r}")
+        if target == source:
+            raise _RuleError("to: must differ from 'from'")
+        self._need(source, amount, "amount")
+        self._commit({source: -amount, target: amount})
+
+    def _escrow(self, entry: Entry) -> None:
+        payload = _fields(entry.payload, ("study_id", "account", "amount", "royalty_account",
+                                          "royalty_bps", "forward_bps"))
+        self._signer(entry, COORDINATOR)
+        study_id = _text(payload, "study_id")
+        account = _account(payload, "account")
+        amount = _amount(payload, "amount")
+        royalty_account = None if payload["royalty_account"] is None else _account(payload, "royalty_account")
+        royalty_bps = _integer(payload, "royalty_bps", 0, BPS)
+        forward_bps = _integer(payload, "forward_bps", 0, BPS)
+        if royalty_account is None and royalty_bps:
+            raise _RuleError("royalty_bps: must be 0 when royalty_account is null")
+        if study_id in self.studies:
+            raise _RuleError(f"study_id: {study_id!r} was already escrowed")
+        self._need(account, amount, "amount")
+        terms = StudyTerms(royalty_account, royalty_bps, forward_bps)
+        self._commit({account: -amount}, escrow=amount)
+        self.studies[study_id] = Study(study_id, account, amount, terms)
+
+    def _receipt(self, entry: Entry) -> None:
+        payload = entry.payload
+        for name in ("study_id", "round", "hospital", "records_used", "reward_accounts"):
+            if name not in payload:
+                raise _RuleError(f"{name}: missing")
+        key = self._signer(entry, HOSPITAL)
+        study_id = _text(payload, "study_id")
+        round_number = _integer(payload, "round", 1, MAX_AMOUNT)
+        hospital = _account(payload, "hospital")
+        if hospital.startswith(REWARD_PREFIX):
+            raise _RuleError(f"hospital: {hospital!r} is a reward account, not a hospital's")
+        if key.owner != hospital:
+            raise _RuleError(f"hospital: {hospital!r} is not the signing key's owner {key.owner!r}")
+        records_used = _integer(payload, "records_used", 0, MAX_AMOUNT)
+        accounts = payload["reward_accounts"]
+        if not isinstance(accounts, dict):
+            raise _RuleError("reward_accounts: must be an object {account: records}")
+        for account, count in accounts.items():
+            if not (isinstance(account, str) and account.startswith(REWARD_PREFIX)
+                    and ACCOUNT_RE.fullmatch(account) and len(account) <= MAX_ID_CHARS):
+                raise _RuleError(f"reward_accounts: {account!r} is not a reward:<id> account")
+            if type(count) is not int or not 1 <= count <= MAX_AMOUNT:
+                raise _RuleError(f"reward_accounts[{account!r}]: must be an integer >= 1, got {count!r}")
+        if sum(accounts.values()) > records_used:
+            raise _RuleError(f"reward_accounts: name {sum(accounts.values())} records, "
+                           f"more than records_used {records_used}")
+        study = self._study(study_id)
+        if study.status is not StudyStatus.OPEN:
+            raise _RuleError(f"study_id: study {study_id!r} is {study.status}, no more receipts")
+        if (round_number, hospital) in study.seen:
+            raise _RuleError(f"round: {hospital!r} already has a receipt for round {round_number} "
+                           f"of {study_id!r}")
+        study.seen.add((round_number, hospital))
+        study.receipts.append(Receipt(study_id, round_number, hospital, records_used, dict(accounts)))
+
+    def _payout(self, entry: Entry) -> None:
+        payload = entry.payload
+        for name in ("study_id", "amount"):
+            if name not in payload:
+                raise _RuleError(f"{name}: missing")
+        self._signer(entry, COORDINATOR)
+        study = self._study(_text(payload, "study_id"))
+        if study.status is not StudyStatus.OPEN:
+            raise _RuleError(f"study_id: study {study.study_id!r} is {study.status}; "
+                           "a study is paid out at most once")
+        amount = _amount(payload, "amount")
+        if amount > study.held:
+            raise _RuleError(f"amount: {amount} exceeds the {study.held} held in escrow for "
+                           f"{study.study_id!r}")
+        try:
+            expected = compute_payout(study.study_id, amount, study.terms, study.receipts)
+        except PayoutError as exc:
+            raise _RuleError(str(exc)) from None
+        difference = first_difference(expected, payload)
+        if difference is not None:
+            raise _RuleError(difference)
+        self._commit(payout_credits(expected), escrow=-amount)
+        study.paid += amount
+        study.status = StudyStatus.CLOSED if study.held == 0 else StudyStatus.PAID
+
+    def _refund(self, entry: Entry) -> None:
+        payload = _fields(entry.payload, ("study_id", "account", "amount"))
+        self._signer(entry, COORDINATOR)
+        study = self._study(_text(payload, "study_id"))
+        account = _account(payload, "account")
+        amount = _amount(payload, "amount")
+        if study.status is StudyStatus.CLOSED:
+            raise _RuleError(f"study_id: study {study.study_id!r} is closed; nothing left to refund")
+        if account != study.account:
+            raise _RuleError(f"account: must be the escrow's account {study.account!r}, got {account!r}")
+        if amount != study.held:
+            raise _RuleError(f"amount: a refund returns exactly what was not paid out ({study.held}), "
+                           f"got {amount}")
+        self._commit({account: amount}, escrow=-amount)
+        study.refunded += amount
+        study.status = StudyStatus.CLOSED
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _study(self, study_id: str) -> Study:
+        study = self.studies.get(study_id)
+        if study is None:
+            raise _RuleError(f"study_id: no study.escrow for {study_id!r} before this entry")
+        return study
+
+    def _need(self, account: str, amount: int, name: str) -> None:
+        have = self.state.balances.get(account, 0)
+        if have < amount:
+            raise _RuleError(f"{name}: {account!r} holds {have}, less than {amount}")
+
+    def _commit(self, deltas: Mapping[str, int], *, minted: int = 0, escrow: int = 0) -> None:
+        """Apply balance deltas and totals atomically, after checking the invariants they keep.
+
+        Conservation holds after the entry iff it held before and the deltas net to zero
+        against the totals, so checking the entry's own deltas is an O(entry) full check.
+        """
+        balances = self.state.balances
+        if sum(deltas.values()) + escrow != minted:
+            raise _RuleError("conservation: the movement creates or destroys tokens")
+        for account, delta in deltas.items():
+            if balances.get(account, 0) + delta < 0:
+                raise _RuleError(f"balance: {account!r} would become negative")
+        if self.state.escrow + escrow < 0:
+            raise _RuleError("escrow: would become negative")
+        for account, delta in deltas.items():
+            balances[account] = balances.get(account, 0) + delta
+        self.state.minted += minted
+        self.state.escrow += escrow
+
+
+def _fields(payload: Mapping[str, Any], names: tuple[str, ...]) -> Mapping[str, Any]:
+    for name in names:
+        if name not in payload:
+            raise _RuleError(f"{name}: missing")
+    unknown = sorted(set(payload) - set(names))
+    if unknown:
+        raise _RuleError(f"{unknown[0]}: unknown field")
+    return payload
+
+
+def _text(payload: Mapping[str, Any], name: str) -> str:
+    value = payload[name]
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+        raise _RuleError(f"{name}: must be a non-empty string of at most {MAX_ID_CHARS} characters")
+    return value
+
+
+def _account(payload: Mapping[str, Any], name: str) -> str:
+    value = payload[name]
+    if not isinstance(value, str) or len(value) > MAX_ID_CHARS or not ACCOUNT_RE.fullmatch(value):
+        raise _RuleError(f"{name}: {value!r} is not an account '<prefix>:<id>' "
+                       f"(at most {MAX_ID_CHARS} characters, no whitespace)")
+    return value
+
+
+def _integer(payload: Mapping[str, Any], name: str, low: int, high: int) -> int:
+    value = payload[name]
+    if type(value) is not int or not low <= value <= high:
+        raise _RuleError(f"{name}: must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _amount(payload: Mapping[str, Any], name: str) -> int:
+    return _integer(payload, name, 1, MAX_AMOUNT)

@@ -1,0 +1,161 @@
+"""The payout rules as one pure function, shared by the coordinator and the auditor.
+
+The coordinator calls `compute_payout` to build a `study.payout` entry; the ledger's fold calls
+the same function with the receipts it has seen in the log and compares the entry field by field
+(`first_difference`). One implementation means the two sides cannot disagree by construction,
+only by tampering. Rules and a worked example: docs/rewards.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from audit.apportion import apportion
+
+BPS = 10_000
+MAX_AMOUNT = 2**53 - 1
+
+
+class PayoutError(ValueError):
+    """The inputs admit no payout (bad terms, no records to pay for, a receipt of another study)."""
+
+
+@dataclass(frozen=True)
+class StudyTerms:
+    """What a study's `study.escrow` entry fixes for its payout (snapshotted at submission)."""
+
+    royalty_account: str | None
+    royalty_bps: int
+    forward_bps: int
+
+    def __post_init__(self) -> None:
+        for name in ("royalty_bps", "forward_bps"):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value <= BPS:
+                raise PayoutError(f"{name}: must be an integer in [0, {BPS}], got {value!r}")
+        if self.royalty_account is None and self.royalty_bps != 0:
+            raise PayoutError("royalty_bps: must be 0 when royalty_account is null")
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The part of a hospital's signed `round.receipt` that the payout depends on."""
+
+    study_id: str
+    round: int
+    hospital: str
+    records_used: int
+    reward_accounts: Mapping[str, int] = field(default_factory=dict)
+
+
+def compute_payout(study_id: str, amount: int, terms: StudyTerms,
+                   receipts: Iterable[Receipt]) -> dict[str, Any]:
+    """The exact `study.payout` payload for paying `amount` out of `study_id`'s escrow.
+
+    1. royalty = floor(amount * royalty_bps / 10000); rest = amount - royalty.
+    2. Each hospital with records > 0 (summed over its receipts) gets apportion(rest, records).
+    3. floor(share * forward_bps / 10000) of a hospital's share is apportioned over the reward
+       accounts named by the records it used and the records that named none (under the
+       hospital's own id); the latter part stays with the hospital (`kept`).
+    Lists are sorted by account; the result does not depend on the order of `receipts`.
+    """
+    if type(amount) is not int or not 1 <= amount <= MAX_AMOUNT:
+        raise PayoutError(f"amount: must be an integer in [1, {MAX_AMOUNT}], got {amount!r}")
+    records: dict[str, int] = {}
+    named: dict[str, dict[str, int]] = {}
+    for position, receipt in enumerate(receipts):
+        if receipt.study_id != study_id:
+            raise PayoutError(f"receipts[{position}].study_id: {receipt.study_id!r} is not {study_id!r}")
+        records[receipt.hospital] = records.get(receipt.hospital, 0) + receipt.records_used
+        accounts = named.setdefault(receipt.hospital, {})
+        for account, count in receipt.reward_accounts.items():
+            accounts[account] = accounts.get(account, 0) + count
+    contributors = {hospital: count for hospital, count in records.items() if count > 0}
+    if not contributors:
+        raise PayoutError(f"hospitals: no receipt with records_used > 0 for study {study_id!r}; "
+                          "nothing to pay for (refund instead)")
+    royalty = amount * terms.royalty_bps // BPS
+    shares = apportion(amount - royalty, contributors)
+    hospitals: list[dict[str, Any]] = []
+    for hospital in sorted(contributors):
+        share = shares[hospital]
+        accounts = {account: count for account, count in named.get(hospital, {}).items() if count > 0}
+        unnamed = contributors[hospital] - sum(accounts.values())
+        if unnamed < 0:
+            raise PayoutError(f"receipts: {hospital!r} names reward accounts for more records than it used")
+        pool = share * terms.forward_bps // BPS
+        # The hospital's own id cannot collide with a reward account: reward accounts are
+        # `reward:`-prefixed and the ledger refuses a receipt whose hospital is one.
+        parts = apportion(pool, {**accounts, hospital: unnamed})
+        forwarded: list[dict[str, Any]] = [
+            {"account": account, "records": accounts[account], "amount": parts[account]}
+            for account in sorted(accounts)]
+        kept = share - sum(parts[account] for account in accounts)
+        hospitals.append({"hospital": hospital, "records": contributors[hospital], "amount": share,
+                          "kept": kept, "forwarded": forwarded})
+    royalty_part = (None if terms.royalty_account is None
+                    else {"account": terms.royalty_account, "amount": royalty})
+    return {"study_id": study_id, "amount": amount, "royalty": royalty_part, "hospitals": hospitals}
+
+
+def payout_credits(payout: Mapping[str, Any]) -> dict[str, int]:
+    """Per-account credits of a payout payload produced by `compute_payout` (accounts summed)."""
+    credits: dict[str, int] = {}
+    royalty = payout["royalty"]
+    if royalty is not None:
+        credits[royalty["account"]] = credits.get(royalty["account"], 0) + royalty["amount"]
+    for part in payout["hospitals"]:
+        credits[part["hospital"]] = credits.get(part["hospital"], 0) + part["kept"]
+        for item in part["forwarded"]:
+            credits[item["account"]] = credits.get(item["account"], 0) + item["amount"]
+    return credits
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return "an object"
+    return repr(value)
+
+
+def first_difference(expected: Any, given: Any, path: str = "") -> str | None:
+    """Name the first field where `given` differs from `expected`, or None if equal.
+
+    Types are compared strictly (1 != 1.0 != True here), since a float or boolean amount is a
+    malformed entry even where Python would call it equal.
+    """
+    where = path or "payload"
+    if isinstance(expected, dict):
+        if not isinstance(given, dict):
+            return f"{where}: entry has {_describe(given)}, the fold computes an object"
+        missing = [key for key in expected if key not in given]
+        if missing:
+            return f"{_join(path, missing[0])}: missing"
+        unknown = sorted(key for key in given if key not in expected)
+        if unknown:
+            return f"{_join(path, unknown[0])}: unknown field"
+        for key in expected:
+            found = first_difference(expected[key], given[key], _join(path, key))
+            if found:
+                return found
+        return None
+    if isinstance(expected, list):
+        if not isinstance(given, list):
+            return f"{where}: entry has {_describe(given)}, the fold computes a list"
+        if len(given) != len(expected):
+            return f"{where}: entry lists {len(given)}, the fold computes {len(expected)}"
+        for position, (want, got) in enumerate(zip(expected, given, strict=True)):
+            found = first_difference(want, got, f"{where}[{position}]")
+            if found:
+                return found
+        return None
+    if type(given) is not type(expected) or given != expected:
+        return f"{where}: entry says {_describe(given)}, the fold computes {_describe(expected)}"
+    return None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
