@@ -1,0 +1,249 @@
+"""`exchange node ...`: what a hospital's data steward runs (see docs/node.md).
+
+Every command reads the node config (`--config FILE`, else `$EXCHANGE_NODE_CONFIG`, else
+`./node.toml`). Errors name the file, the field or the row and the reason, and exit with
+code 1 (2 for usage errors); nothing is changed by a command that fails.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from exchange.node.settings import NodeSettings, load_node_settings, render_toml
+
+app = typer.Typer(help="Hospital node: set up, import data and consent, decide on studies, run.",
+                  no_args_is_help=True)
+consent_app = typer.Typer(help="Patients' consent contracts.", no_args_is_help=True)
+app.add_typer(consent_app, name="consent")
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Node config file (TOML).",
+                                                   envvar="EXCHANGE_NODE_CONFIG")]
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    return typer.Exit(code)
+
+
+def _settings(config: Path | None) -> NodeSettings:
+    try:
+        return load_node_settings(config)
+    except FileNotFoundError as exc:
+        raise _fail(f"{exc} (run `exchange node init` first, or pass --config)") from exc
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise _fail(f"node config: {problems}") from exc
+    except ValueError as exc:  # TOML syntax
+        raise _fail(f"node config: {exc}") from exc
+
+
+@app.command("init")
+def init(
+    directory: Annotated[Path, typer.Option("--dir", help="Node directory (config, keys, database).")] = Path(
+        "node"),
+    hospital_id: Annotated[str, typer.Option(help="This hospital's id, as agreed with the operator.")] = (
+        "hospital-1"),
+    coordinator: Annotated[str, typer.Option(help="Coordinator URL.")] = "http://127.0.0.1:8080",
+    superlink: Annotated[str, typer.Option(help="SuperLink Fleet API host:port.")] = "127.0.0.1:9092",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the registration as JSON.")] = False,
+) -> None:
+    """Create the node directory: node.toml, the Ed25519 signing key and the Flower node key
+    (both 0600), and the database. Prints what to send to the operator."""
+    from exchange.node import keys
+    from exchange.node.store import open_store
+
+    config_path = directory / "node.toml"
+    if config_path.exists():
+        raise _fail(f"{config_path} already exists; refusing to overwrite a node's config")
+    try:
+        settings = NodeSettings(hospital_id=hospital_id, coordinator_url=coordinator,
+                                supernode={"superlink_address": superlink})  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise _fail(problems, code=2) from exc
+    directory.mkdir(parents=True, exist_ok=True)
+    resolved = settings.model_copy(update={"data_dir": directory.resolve()})
+    try:
+        keys.create_keys(resolved.signing_key_path, resolved.flower_key_path)
+    except FileExistsError as exc:
+        raise _fail(str(exc)) from exc
+    config_path.write_text(render_toml(settings))
+    loaded = load_node_settings(config_path)
+    open_store(loaded.db_url).dispose()
+    ident = keys.identity(hospital_id, loaded.signing_key_path, loaded.flower_key_path)
+    if as_json:
+        typer.echo(json.dumps(ident.to_json(), indent=2))
+        return
+    typer.echo(f"Node created in {directory} (config {config_path}).")
+    typer.echo("Send these to the exchange operator to register this hospital:")
+    typer.echo(f"  hospital id:        {ident.hospital_id}")
+    typer.echo(f"  signing public key: {ident.public_key_b64}  (Ed25519, base64)")
+    typer.echo(f"  key id:             {ident.key_id}")
+    typer.echo(f"  flower node key:    {ident.flower_public_key}")
+    typer.echo("Keep the files under keys/ private (mode 0600); never send them.")
+
+
+@app.command("show-registration")
+def show_registration(config: ConfigOption = None) -> None:
+    """Print again (JSON) what to send to the operator."""
+    from exchange.node import keys
+
+    settings = _settings(config)
+    ident = keys.identity(settings.hospital_id, settings.signing_key_path, settings.flower_key_path)
+    typer.echo(json.dumps(ident.to_json(), indent=2))
+
+
+@app.command("import-data")
+def import_data(
+    file: Annotated[Path, typer.Argument(help="CSV, Parquet or FHIR Bundle JSON file.")],
+    fmt: Annotated[str | None, typer.Option("--format", help="csv | parquet | fhir (default: from the "
+                                                              "file name).")] = None,
+    mapping: Annotated[Path | None, typer.Option(help="Column -> data category mapping (TOML/JSON).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Import records: everything is validated first; a bad file imports nothing and every
+    bad row is named."""
+    from exchange.node.importer import ImportRejectedError, import_records, load_mapping
+    from exchange.node.store import open_store
+
+    settings = _settings(config)
+    store = open_store(settings.db_url)
+    try:
+        parsed = load_mapping(mapping) if mapping is not None else None
+        with store.transaction() as session:
+            report = import_records(session, file, fmt, parsed)
+    except ImportRejectedError as exc:
+        err.print(f"[red]error:[/red] {exc.source}: nothing imported; {len(exc.problems)} problem(s):",
+                  highlight=False)
+        for problem in exc.problems[:200]:
+            err.print(f"  {problem}", highlight=False, markup=False)
+        if len(exc.problems) > 200:
+            err.print(f"  ... and {len(exc.problems) - 200} more", highlight=False)
+        raise typer.Exit(1) from exc
+    finally:
+        store.dispose()
+    typer.echo(f"imported {report.records} records from {file} as batch {report.batch_id} "
+               f"({len(report.columns)} columns)")
+
+
+@consent_app.command("import")
+def consent_import(
+    folder: Annotated[Path, typer.Argument(help="Folder of contract JSON files and FHIR Consents.")],
+    config: ConfigOption = None,
+) -> None:
+    """Import consent contracts (native or FHIR Consent R4/R5). All files are validated
+    first; one bad file means nothing from the batch is imported."""
+    from exchange.node.consent_store import ConsentImportRejectedError, import_consent_folder
+    from exchange.node.store import open_store
+
+    settings = _settings(config)
+    store = open_store(settings.db_url)
+    try:
+        with store.transaction() as session:
+            report = import_consent_folder(session, folder)
+    except ConsentImportRejectedError as exc:
+        err.print(f"[red]error:[/red] {folder}: nothing imported; {len(exc.problems)} problem(s):",
+                  highlight=False)
+        for name, reason in exc.problems:
+            err.print(f"  {name}: {reason}", highlight=False, markup=False)
+        raise typer.Exit(1) from exc
+    finally:
+        store.dispose()
+    typer.echo(f"imported {report.new_versions} new contract version(s) "
+               f"({report.unchanged} already held) for {report.pseudonyms} patient(s)")
+
+
+def _steward_decision(study_id: str, decision: str, reason: str | None, config: Path | None) -> None:
+    from exchange.node.decisions import StewardDecisionError, steward_decide
+    from exchange.node.store import open_store
+
+    settings = _settings(config)
+    store = open_store(settings.db_url)
+    try:
+        row = steward_decide(store, settings, study_id, decision, reason)
+    except StewardDecisionError as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        store.dispose()
+    typer.echo(f"{study_id}: {row.decision} (signed; the daemon posts it to the coordinator)")
+
+
+@app.command("approve")
+def approve(study_id: Annotated[str, typer.Argument(help="Study id.")],
+            reason: Annotated[str | None, typer.Option(help="Why (kept with the decision).")] = None,
+            config: ConfigOption = None) -> None:
+    """Approve a study that waits for the steward (site policy mode "ask")."""
+    _steward_decision(study_id, "approve", reason, config)
+
+
+@app.command("refuse")
+def refuse(study_id: Annotated[str, typer.Argument(help="Study id.")],
+           reason: Annotated[str | None, typer.Option(help="Why (sent to the researcher).")] = None,
+           config: ConfigOption = None) -> None:
+    """Refuse a study that waits for the steward."""
+    _steward_decision(study_id, "refuse", reason, config)
+
+
+@app.command("run")
+def run(config: ConfigOption = None) -> None:
+    """Run the node daemon until SIGTERM/SIGINT (see docs/node.md)."""
+    from exchange.logging import configure_logging
+    from exchange.node.daemon import run_daemon
+
+    settings = _settings(config)
+    configure_logging(settings.logging.level, settings.logging.json_format)
+    sys.exit(run_daemon(settings))
+
+
+@app.command("status")
+def status(config: ConfigOption = None,
+           as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+           errors: Annotated[int, typer.Option(help="How many recent errors to show.")] = 5) -> None:
+    """Studies, rounds, privacy budget spent and left, the last errors."""
+    from exchange.node.status import collect_status
+    from exchange.node.store import open_store
+
+    settings = _settings(config)
+    store = open_store(settings.db_url)
+    try:
+        report = collect_status(store, settings, errors=errors)
+    finally:
+        store.dispose()
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+        return
+    _print_status(report)
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    console = Console()
+    budget = report["privacy"]
+    console.print(f"[bold]{report['hospital_id']}[/bold]  daemon: {report['daemon']['state']}  "
+                  f"records: {report['records']}  consent contracts: {report['contracts']}")
+    console.print(f"privacy budget: spent {budget['spent']:.4g}, reserved {budget['reserved']:.4g}, "
+                  f"left {budget['left']:.4g} of {budget['total']:.4g}")
+    studies = Table(title="Studies")
+    for column in ("study", "status", "decision", "by", "eligible", "rounds", "epsilon spent", "reasons"):
+        studies.add_column(column)
+    for study in report["studies"]:
+        studies.add_row(study["study_id"], study["status"], study["decision"] or "-",
+                        study["decided_by"] or "-", str(study["eligible_records"] or "-"),
+                        str(study["rounds"]), f"{study['epsilon_spent']:.4g}",
+                        "; ".join(study["reasons"]))
+    console.print(studies)
+    if report["errors"]:
+        errors = Table(title="Last errors")
+        for column in ("at", "component", "message"):
+            errors.add_column(column)
+        for error in report["errors"]:
+            errors.add_row(str(error["at"]), error["component"], error["message"])
+        console.print(errors)

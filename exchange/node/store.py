@@ -1,0 +1,67 @@
+"""Opening the node's database: migrate to the latest schema (Alembic node tree), then
+hand out sessions. Every `exchange node` command and the daemon go through here, so a node
+upgraded in place migrates itself on its next start."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from exchange.db import migrate
+from exchange.db.engine import make_engine
+from exchange.node.models import DaemonState, ErrorRow
+
+MAX_ERRORS_KEPT = 1000
+
+
+@dataclass
+class NodeStore:
+    engine: Engine
+    sessions: sessionmaker[Session]
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on any error."""
+        with self.sessions.begin() as session:
+            yield session
+
+    def get_state(self, key: str, default: Any = None) -> Any:
+        with self.sessions() as session:
+            row = session.get(DaemonState, key)
+            return default if row is None else row.value
+
+    def set_state(self, key: str, value: Any) -> None:
+        with self.transaction() as session:
+            row = session.get(DaemonState, key)
+            if row is None:
+                session.add(DaemonState(key=key, value=value))
+            else:
+                row.value = value
+
+    def record_error(self, component: str, message: str) -> None:
+        """Keep the error for `exchange node status` (the newest MAX_ERRORS_KEPT)."""
+        with self.transaction() as session:
+            session.add(ErrorRow(component=component, message=message[:4000], at=datetime.now(UTC)))
+            session.flush()
+            count = session.execute(select(func.count()).select_from(ErrorRow)).scalar_one()
+            if count > MAX_ERRORS_KEPT:
+                cutoff = session.execute(select(ErrorRow.id).order_by(ErrorRow.id.desc())
+                                         .offset(MAX_ERRORS_KEPT).limit(1)).scalar_one()
+                session.execute(delete(ErrorRow).where(ErrorRow.id <= cutoff))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def open_store(url: str, *, upgrade: bool = True) -> NodeStore:
+    """Open (and by default migrate) the node database at `url`."""
+    if upgrade:
+        migrate.upgrade(url, "node")
+    engine = make_engine(url)
+    return NodeStore(engine=engine, sessions=sessionmaker(engine, expire_on_commit=False))
