@@ -1,0 +1,977 @@
+"""The audit log in a database: append-only tables, group commit, proofs from O(log n) rows.
+
+Why a database and not a file: the coordinator already runs one (SQLite embedded, PostgreSQL in
+production), so the log gets the database's durability (an acknowledged append survives kill -9)
+and its locking (several processes may append to one log) for free, and append-only is enforced
+by the database itself (triggers that refuse UPDATE, DELETE and TRUNCATE; see
+`append_only_trigger_ddl`), not by convention.
+
+Tables (on this package's own MetaData: `audit` imports nothing from `exchange`; the Alembic
+migration `0001_audit_log` of the coordinator tree creates them):
+
+- `audit_entries`: one row per entry, `idx` 0, 1, 2, ... without gaps; `leaf` is the exact
+  Merkle leaf input (RFC 8785 encoding of the whole envelope); `leaf_hash`, `kind`, `key_id`
+  and `time` are copies for queries.
+- `audit_tree_nodes`: the hash of every complete subtree, (level, idx) = leaves
+  [idx * 2**level, (idx + 1) * 2**level). An append writes the leaf node and each parent it
+  completes (`audit.merkle.append_nodes`: amortized 2 rows, at most log2(n) + 1), so roots and
+  proofs for any size read O(log n) rows, in one query.
+- `audit_checkpoints`: every checkpoint the log signed, by size; sizes only grow.
+
+Writes: one writer thread per `AuditLog` drains a queue of pending appends and commits as many
+as are waiting in ONE transaction (group commit: one fsync for many entries), then acknowledges
+each caller. Across processes, each write transaction first takes the database's write lock:
+`BEGIN IMMEDIATE` on SQLite, a transaction-level advisory lock on PostgreSQL. Inside it the
+writer reads the committed size (another process may have appended), replays any new key
+entries into its keyring, checks every pending entry (signature, signer registered and active
+at that index), and inserts the accepted ones with their indexes and tree nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import json
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    and_,
+    create_engine,
+    event,
+    func,
+    inspect,
+    or_,
+    select,
+    text,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from audit import merkle
+from audit.checkpoint import Checkpoint, sign_checkpoint
+from audit.entry import Entry, MalformedEntryError
+from audit.keyring import KEY_KINDS, Keyring, KeyringError
+from audit.signing import SignatureInvalidError, Signer, canonical
+
+# The same naming convention as exchange/db/base.py, so Alembic batch migrations name and drop
+# constraints identically on SQLite and PostgreSQL (audit may not import exchange).
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+AUDIT_METADATA = MetaData(naming_convention=NAMING_CONVENTION)
+
+ENTRIES_TABLE = "audit_entries"
+NODES_TABLE = "audit_tree_nodes"
+CHECKPOINTS_TABLE = "audit_checkpoints"
+APPEND_ONLY_TABLES = (ENTRIES_TABLE, NODES_TABLE, CHECKPOINTS_TABLE)
+
+# SQLite: "INTEGER PRIMARY KEY" makes idx the rowid, so the table is clustered by index.
+_BigIndex = BigInteger().with_variant(Integer(), "sqlite")
+
+audit_entries = Table(
+    ENTRIES_TABLE,
+    AUDIT_METADATA,
+    Column("idx", _BigIndex, primary_key=True, autoincrement=False,
+           comment="0-based position in the log; contiguous, enforced by a trigger"),
+    Column("leaf", LargeBinary(), nullable=False,
+           comment="RFC 8785 encoding of the whole envelope: the Merkle leaf input"),
+    Column("leaf_hash", LargeBinary(32), nullable=False, comment="SHA-256(0x00 || leaf)"),
+    Column("kind", String(128), nullable=False),
+    Column("key_id", String(64), nullable=False),
+    Column("time", String(32), nullable=False, comment="the envelope's RFC 3339 UTC time"),
+    CheckConstraint("idx >= 0", name="idx_nonnegative"),
+    Index(None, "kind"),
+    comment="The audit log's entries. Append-only: triggers refuse UPDATE, DELETE, TRUNCATE.",
+)
+
+audit_tree_nodes = Table(
+    NODES_TABLE,
+    AUDIT_METADATA,
+    Column("level", SmallInteger(), nullable=False),
+    Column("idx", _BigIndex, nullable=False, autoincrement=False),
+    Column("hash", LargeBinary(32), nullable=False),
+    PrimaryKeyConstraint("level", "idx"),
+    CheckConstraint("level >= 0 AND level < 64 AND idx >= 0", name="position"),
+    sqlite_with_rowid=False,
+    comment="Hash of every complete subtree over leaves [idx*2^level, (idx+1)*2^level).",
+)
+
+audit_checkpoints = Table(
+    CHECKPOINTS_TABLE,
+    AUDIT_METADATA,
+    Column("size", _BigIndex, primary_key=True, autoincrement=False),
+    Column("root_hash", LargeBinary(32), nullable=False),
+    Column("note", Text(), nullable=False, comment="C2SP signed note, as served"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("size >= 0", name="size_nonnegative"),
+    comment="Checkpoints the log signed; sizes only grow (trigger).",
+)
+
+# PostgreSQL advisory lock key for the writers of this log: the first 8 bytes of
+# SHA-256("audit_entries"), as a signed 64-bit integer. Advisory locks are per database.
+ADVISORY_LOCK_KEY = int.from_bytes(hashlib.sha256(ENTRIES_TABLE.encode()).digest()[:8], "big",
+                                   signed=True)
+
+DEFAULT_MAX_BATCH = 1024
+_READ_PAGE = 1000
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+T = TypeVar("T")
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+class AuditStoreError(Exception):
+    """Base class of the store's errors."""
+
+
+class EntryRefusedError(AuditStoreError, ValueError):
+    """An entry was refused; nothing of its append call was written.
+
+    `position` is the entry's position in the `append_many` call, `index` the log index it
+    would have had (None if refused before an index was known), `reason` what is wrong.
+    """
+
+    def __init__(self, position: int, index: int | None, reason: str) -> None:
+        where = f"entry {position} of the append" if index is None else \
+            f"entry {position} of the append (would be log index {index})"
+        super().__init__(f"{where} refused: {reason}")
+        self.position = position
+        self.index = index
+        self.reason = reason
+
+
+class AppendNotCommittedError(AuditStoreError):
+    """The database refused or failed the write transaction; the append is not acknowledged.
+
+    If the failure happened during COMMIT itself (e.g. the connection dropped), the entries
+    may or may not be in the log: read it to find out.
+    """
+
+
+class StoreCorruptError(AuditStoreError):
+    """The stored log is inconsistent (missing rows, wrong hashes); the message says where."""
+
+
+class LogClosedError(AuditStoreError):
+    """The AuditLog was closed; it accepts no more appends."""
+
+
+class SchemaMissingError(AuditStoreError):
+    """The audit tables do not exist: run the coordinator migrations first."""
+
+
+# -- trigger DDL (called by the migration, and by tests that build tables by hand) ------------
+
+
+def _sqlite_trigger_ddl() -> list[str]:
+    statements: list[str] = []
+    for table in APPEND_ONLY_TABLES:
+        for op in ("UPDATE", "DELETE"):
+            statements.append(
+                f"CREATE TRIGGER trg_{table}_no_{op.lower()} BEFORE {op} ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, '{table} is append-only: {op} refused'); END")
+    # INSERT OR REPLACE deletes the old row without firing DELETE triggers (unless
+    # recursive_triggers is on), so each table also refuses an insert over an existing row.
+    statements.append(
+        f"CREATE TRIGGER trg_{ENTRIES_TABLE}_next_index BEFORE INSERT ON {ENTRIES_TABLE} "
+        f"WHEN NEW.idx IS NOT (SELECT COALESCE(MAX(idx) + 1, 0) FROM {ENTRIES_TABLE}) "
+        f"BEGIN SELECT RAISE(ABORT, '{ENTRIES_TABLE}: idx must be the next index "
+        f"(no gaps, no overwrite)'); END")
+    statements.append(
+        f"CREATE TRIGGER trg_{NODES_TABLE}_no_overwrite BEFORE INSERT ON {NODES_TABLE} "
+        f"WHEN EXISTS (SELECT 1 FROM {NODES_TABLE} WHERE level = NEW.level AND idx = NEW.idx) "
+        f"BEGIN SELECT RAISE(ABORT, '{NODES_TABLE} is append-only: node exists'); END")
+    statements.append(
+        f"CREATE TRIGGER trg_{CHECKPOINTS_TABLE}_grows BEFORE INSERT ON {CHECKPOINTS_TABLE} "
+        f"WHEN NEW.size <= (SELECT COALESCE(MAX(size), -1) FROM {CHECKPOINTS_TABLE}) "
+        f"BEGIN SELECT RAISE(ABORT, '{CHECKPOINTS_TABLE}: size must grow'); END")
+    return statements
+
+
+def _postgresql_trigger_ddl() -> list[str]:
+    statements = [
+        """CREATE OR REPLACE FUNCTION audit_refuse_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP
+        USING ERRCODE = 'integrity_constraint_violation';
+END
+$$""",
+        f"""CREATE OR REPLACE FUNCTION audit_entries_next_index() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.idx IS DISTINCT FROM (SELECT COALESCE(MAX(idx) + 1, 0) FROM {ENTRIES_TABLE}) THEN
+        RAISE EXCEPTION '{ENTRIES_TABLE}: idx % is not the next index (no gaps, no overwrite)',
+            NEW.idx USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    RETURN NEW;
+END
+$$""",
+        f"""CREATE OR REPLACE FUNCTION audit_checkpoints_grow() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.size <= (SELECT COALESCE(MAX(size), -1) FROM {CHECKPOINTS_TABLE}) THEN
+        RAISE EXCEPTION '{CHECKPOINTS_TABLE}: size % must grow', NEW.size
+            USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    RETURN NEW;
+END
+$$""",
+    ]
+    for table in APPEND_ONLY_TABLES:
+        # FOR EACH STATEMENT: fires even when no row matches, and is the only level TRUNCATE has.
+        statements.append(
+            f"CREATE TRIGGER trg_{table}_append_only BEFORE UPDATE OR DELETE OR TRUNCATE "
+            f"ON {table} FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change()")
+    statements.append(
+        f"CREATE TRIGGER trg_{ENTRIES_TABLE}_next_index BEFORE INSERT ON {ENTRIES_TABLE} "
+        f"FOR EACH ROW EXECUTE FUNCTION audit_entries_next_index()")
+    statements.append(
+        f"CREATE TRIGGER trg_{CHECKPOINTS_TABLE}_grows BEFORE INSERT ON {CHECKPOINTS_TABLE} "
+        f"FOR EACH ROW EXECUTE FUNCTION audit_checkpoints_grow()")
+    return statements
+
+
+def append_only_trigger_ddl(dialect_name: str) -> list[str]:
+    """The statements that make the audit tables append-only on `dialect_name`.
+
+    SQLite: BEFORE UPDATE/DELETE triggers that RAISE(ABORT), plus BEFORE INSERT guards (the
+    next index only; no node or checkpoint written twice), because INSERT OR REPLACE would
+    otherwise delete a row without firing a DELETE trigger.
+    PostgreSQL: one plpgsql function raising an exception, fired BEFORE UPDATE OR DELETE OR
+    TRUNCATE for each statement; plus the next-index and growing-checkpoint guards.
+    """
+    if dialect_name == "sqlite":
+        return _sqlite_trigger_ddl()
+    if dialect_name == "postgresql":
+        return _postgresql_trigger_ddl()
+    raise ValueError(f"dialect: {dialect_name!r} is not supported (sqlite or postgresql)")
+
+
+def drop_append_only_trigger_ddl(dialect_name: str) -> list[str]:
+    """The statements that remove what `append_only_trigger_ddl` installed (for downgrade)."""
+    if dialect_name == "sqlite":
+        names = [f"trg_{t}_no_{op}" for t in APPEND_ONLY_TABLES for op in ("update", "delete")]
+        names += [f"trg_{ENTRIES_TABLE}_next_index", f"trg_{NODES_TABLE}_no_overwrite",
+                  f"trg_{CHECKPOINTS_TABLE}_grows"]
+        return [f"DROP TRIGGER IF EXISTS {name}" for name in names]
+    if dialect_name == "postgresql":
+        statements = [f"DROP TRIGGER IF EXISTS trg_{t}_append_only ON {t}"
+                      for t in APPEND_ONLY_TABLES]
+        statements += [
+            f"DROP TRIGGER IF EXISTS trg_{ENTRIES_TABLE}_next_index ON {ENTRIES_TABLE}",
+            f"DROP TRIGGER IF EXISTS trg_{CHECKPOINTS_TABLE}_grows ON {CHECKPOINTS_TABLE}",
+            "DROP FUNCTION IF EXISTS audit_refuse_change()",
+            "DROP FUNCTION IF EXISTS audit_entries_next_index()",
+            "DROP FUNCTION IF EXISTS audit_checkpoints_grow()",
+        ]
+        return statements
+    raise ValueError(f"dialect: {dialect_name!r} is not supported (sqlite or postgresql)")
+
+
+def postgresql_grant_ddl(role: str) -> list[str]:
+    """Privileges for the coordinator's application role: read and append, nothing else.
+
+    The role must not own the tables (an owner can ALTER TABLE ... DISABLE TRIGGER or DROP
+    them) and must not be a superuser (which can also SET session_replication_role = replica,
+    under which ordinary triggers do not fire). See docs/audit-store.md.
+    """
+    if not role.replace("_", "").isalnum():
+        raise ValueError(f"role: {role!r} must be letters, digits and underscores")
+    tables = ", ".join(APPEND_ONLY_TABLES)
+    return [f"REVOKE ALL ON {tables} FROM {role}",
+            f"GRANT SELECT, INSERT ON {tables} TO {role}"]
+
+
+def install_append_only_triggers(connection: Connection) -> None:
+    """Install the triggers on the connection's database (inside its current transaction)."""
+    for statement in append_only_trigger_ddl(connection.dialect.name):
+        connection.exec_driver_sql(statement)
+
+
+def create_schema(engine: Engine) -> None:
+    """Create the audit tables and their triggers directly, for embedded use and tests.
+
+    The coordinator's schema is made by its Alembic migrations (`0001_audit_log`), which
+    create the same tables and call the same trigger DDL.
+    """
+    with engine.begin() as connection:
+        AUDIT_METADATA.create_all(connection)
+        install_append_only_triggers(connection)
+
+
+# -- engines -------------------------------------------------------------------------------------
+
+
+def normalize_url(url: str) -> str:
+    """Map plain PostgreSQL URLs to the psycopg 3 driver (as exchange.db.engine does)."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def _sqlite_durability(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+    cursor.close()
+
+
+def make_audit_engine(url: str) -> Engine:
+    """An engine for reading or exporting a log by URL (`audit export --db URL`).
+
+    SQLite gets WAL and synchronous=FULL, like the coordinator's engines.
+    """
+    url = normalize_url(url)
+    if make_url(url).get_backend_name() == "sqlite":
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S,
+                                                  "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_durability)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _sqlite_writer_engine(engine: Engine) -> Engine:
+    """A private engine whose transactions start with BEGIN IMMEDIATE.
+
+    Why: pysqlite's legacy transaction control only BEGINs before the first INSERT, so the
+    writer's "read the size, then insert" would run its read outside any lock. Following the
+    SQLAlchemy docs (sqlite_enabling_transactions), pysqlite's own BEGIN is switched off and
+    the engine emits BEGIN IMMEDIATE, which takes SQLite's write lock up front; other writers
+    (threads or processes) wait on busy_timeout. synchronous=FULL is set here, whatever the
+    caller's engine does, because an acknowledged append must survive a crash.
+    """
+    url = engine.url
+    database = url.database or ""
+    if database in ("", ":memory:") or database.startswith("file::memory:") or \
+            "mode=memory" in str(url.query):
+        raise AuditStoreError("engine: an in-memory SQLite database cannot hold a durable "
+                              "audit log; use a file (sqlite:///path/to/exchange.db)")
+    writer = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S,
+                                              "check_same_thread": False},
+                           pool_size=1, max_overflow=0)
+
+    @event.listens_for(writer, "connect")
+    def _connect(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        _sqlite_durability(dbapi_connection, record)
+
+    @event.listens_for(writer, "begin")
+    def _begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return writer
+
+
+# -- reading nodes -----------------------------------------------------------------------------
+
+_ZERO_HASH = bytes(merkle.HASH_SIZE)
+
+
+class _Recorder:
+    """A NodeSource that records which nodes an algorithm asks for (its values are dummies).
+
+    RFC 6962's root and proof algorithms choose which nodes to read from the sizes alone, never
+    from the hash values, so one dry run lists every node they need; one query then fetches them.
+    """
+
+    def __init__(self) -> None:
+        self.wanted: list[tuple[int, int]] = []
+
+    def node(self, level: int, index: int) -> bytes:
+        self.wanted.append((level, index))
+        return _ZERO_HASH
+
+
+class _DictSource:
+    def __init__(self, nodes: Mapping[tuple[int, int], bytes]) -> None:
+        self._nodes = nodes
+
+    def node(self, level: int, index: int) -> bytes:
+        try:
+            return self._nodes[(level, index)]
+        except KeyError:
+            raise StoreCorruptError(f"{NODES_TABLE}: node (level {level}, index {index}) "
+                                    f"is missing") from None
+
+
+def _fetch_nodes(connection: Connection, wanted: Iterable[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+    by_level: dict[int, set[int]] = {}
+    for level, index in wanted:
+        by_level.setdefault(level, set()).add(index)
+    if not by_level:
+        return {}
+    n = audit_tree_nodes.c
+    condition = or_(*(and_(n.level == level, n.idx.in_(sorted(indexes)))
+                      for level, indexes in by_level.items()))
+    rows = connection.execute(select(n.level, n.idx, n.hash).where(condition))
+    return {(row.level, row.idx): bytes(row.hash) for row in rows}
+
+
+def _with_nodes(connection: Connection, algorithm: Callable[[merkle.NodeSource], T]) -> T:
+    """Run a root/proof algorithm over the stored nodes, reading them in one query."""
+    recorder = _Recorder()
+    algorithm(recorder)
+    return algorithm(_DictSource(_fetch_nodes(connection, recorder.wanted)))
+
+
+class _WriterSource:
+    """Node source for the writer: the cached right edge of the tree, else the database."""
+
+    def __init__(self, connection: Connection, frontier: Mapping[tuple[int, int], bytes]) -> None:
+        self._connection = connection
+        self._frontier = frontier
+
+    def node(self, level: int, index: int) -> bytes:
+        cached = self._frontier.get((level, index))
+        if cached is not None:
+            return cached
+        found = _fetch_nodes(self._connection, [(level, index)])
+        if (level, index) not in found:
+            raise StoreCorruptError(f"{NODES_TABLE}: node (level {level}, index {index}) "
+                                    f"is missing")
+        return found[(level, index)]
+
+
+def _frontier_coordinates(size: int) -> list[tuple[int, int]]:
+    """The complete subtrees that make up a tree of `size` leaves, largest first."""
+    out: list[tuple[int, int]] = []
+    position = 0
+    for level in range(size.bit_length() - 1, -1, -1):
+        if size >> level & 1:
+            out.append((level, position >> level))
+            position += 1 << level
+    return out
+
+
+# -- reading entries -----------------------------------------------------------------------------
+
+
+def entry_from_leaf(leaf: bytes) -> Entry:
+    """Parse stored leaf bytes back into an Entry whose leaf_bytes() are exactly `leaf`."""
+    try:
+        obj = json.loads(leaf)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedEntryError(f"leaf: not JSON ({exc})") from exc
+    return replace(Entry.from_json(obj), _leaf=bytes(leaf))
+
+
+def _size(connection: Connection) -> int:
+    top = connection.execute(select(func.max(audit_entries.c.idx))).scalar_one()
+    return 0 if top is None else int(top) + 1
+
+
+def _iter_leaves(connection: Connection, start: int, stop: int,
+                 kinds: frozenset[str] | None = None) -> Iterator[tuple[int, bytes]]:
+    e = audit_entries.c
+    position = start
+    while position < stop:
+        query = select(e.idx, e.leaf).where(e.idx >= position, e.idx < min(stop, position + _READ_PAGE))
+        if kinds is not None:
+            query = query.where(e.kind.in_(sorted(kinds)))
+        for row in connection.execute(query.order_by(e.idx)):
+            yield int(row.idx), bytes(row.leaf)
+        position += _READ_PAGE
+
+
+def _check_schema(engine: Engine) -> None:
+    try:
+        names = set(inspect(engine).get_table_names())
+    except SQLAlchemyError as exc:
+        raise AuditStoreError(f"engine: cannot connect to the database ({exc})") from exc
+    missing = [name for name in APPEND_ONLY_TABLES if name not in names]
+    if missing:
+        raise SchemaMissingError(f"database: audit table(s) {missing} do not exist; run the "
+                                 f"coordinator migrations (exchange db upgrade --db URL)")
+
+
+def read_entries(url: str, start: int = 0, stop: int | None = None) -> Iterator[Entry]:
+    """Every entry of the log at `url` in log order, from `start` to `stop` (default: all).
+
+    For `audit export --db URL`. The size is read first, so entries appended while exporting
+    are not included; the log is append-only, so what is read is a consistent prefix.
+    """
+    engine = make_audit_engine(url)
+    try:
+        _check_schema(engine)
+        with engine.connect() as connection:
+            end = _size(connection) if stop is None else stop
+            for _index, leaf in _iter_leaves(connection, start, end):
+                yield entry_from_leaf(leaf)
+    finally:
+        engine.dispose()
+
+
+def read_latest_checkpoint(url: str) -> str | None:
+    """The latest checkpoint note the log at `url` signed, or None if it never signed one.
+
+    An export should hold the entries [0, size) of this checkpoint, so that it verifies.
+    """
+    engine = make_audit_engine(url)
+    try:
+        _check_schema(engine)
+        with engine.connect() as connection:
+            c = audit_checkpoints.c
+            note = connection.execute(
+                select(c.note).order_by(c.size.desc()).limit(1)).scalar_one_or_none()
+            return None if note is None else str(note)
+    finally:
+        engine.dispose()
+
+
+# -- verification of a stored log -------------------------------------------------------------
+
+
+def verify_storage(engine: Engine, trusted_operator_key: bytes) -> bytes:
+    """Check the whole stored log and return its root; raise StoreCorruptError naming the spot.
+
+    Re-verifies every signature against the key state replayed from the log, recomputes every
+    leaf hash, rebuilds the tree in memory (audit.merkle.MemoryTree) and compares every stored
+    node with it. O(n): for start-up checks, tests and operators, not for the append path.
+    """
+    keyring = Keyring(trusted_operator_key)
+    tree = merkle.MemoryTree()
+    e = audit_entries.c
+    with engine.connect() as connection:
+        size = _size(connection)
+        position = 0
+        while position < size:
+            rows = connection.execute(
+                select(e.idx, e.leaf, e.leaf_hash, e.kind, e.key_id, e.time)
+                .where(e.idx >= position, e.idx < position + _READ_PAGE).order_by(e.idx)).all()
+            for row in rows:
+                index = int(row.idx)
+                if index != tree.size:
+                    raise StoreCorruptError(f"entry {tree.size}: missing (next stored is {index})")
+                leaf = bytes(row.leaf)
+                try:
+                    entry = entry_from_leaf(leaf)
+                except MalformedEntryError as exc:
+                    raise StoreCorruptError(f"entry {index}: {exc}") from exc
+                if canonical(entry.to_json()) != leaf:
+                    raise StoreCorruptError(f"entry {index}: leaf is not the canonical encoding")
+                if bytes(row.leaf_hash) != merkle.leaf_hash(leaf):
+                    raise StoreCorruptError(f"entry {index}: leaf_hash does not match the leaf")
+                if (row.kind, row.key_id, row.time) != (entry.kind, entry.key_id, entry.time):
+                    raise StoreCorruptError(f"entry {index}: kind/key_id/time columns do not "
+                                            f"match the envelope")
+                try:
+                    keyring.check(entry, index)
+                    keyring.apply(entry, index)
+                except KeyringError as exc:
+                    raise StoreCorruptError(str(exc)) from exc
+                tree.append(bytes(row.leaf_hash))
+            position += _READ_PAGE
+        n = audit_tree_nodes.c
+        stored = 0
+        for node_row in connection.execute(select(n.level, n.idx, n.hash)):
+            level, index = int(node_row.level), int(node_row.idx)
+            if (index + 1) << level > size:
+                raise StoreCorruptError(f"{NODES_TABLE}: node (level {level}, index {index}) "
+                                        f"lies beyond the log size {size}")
+            if bytes(node_row.hash) != tree.node(level, index):
+                raise StoreCorruptError(f"{NODES_TABLE}: node (level {level}, index {index}) "
+                                        f"has the wrong hash")
+            stored += 1
+        expected = sum(size >> level for level in range(size.bit_length()))
+        if stored != expected:
+            raise StoreCorruptError(f"{NODES_TABLE}: {stored} nodes stored, a tree of {size} "
+                                    f"leaves has {expected}")
+    return tree.root()
+
+
+# -- the log -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """An entry checked for form in the caller's thread: its leaf bytes, hash, signature."""
+
+    entry: Entry
+    leaf: bytes
+    leaf_hash: bytes
+    verified_with: bytes | None  # the public key the signature already verified against
+
+
+@dataclass
+class _Request:
+    entries: list[_Prepared]
+    future: Future[list[int]]
+
+
+class AuditLog:
+    """The coordinator's audit log: append signed entries, read them, prove things about them.
+
+    Thread-safe; several AuditLog objects (in one or several processes) may append to the same
+    database. `append` returns only after the entry is committed (durable). Call `close()` (or
+    use it as a context manager) to stop the writer thread.
+    """
+
+    def __init__(self, engine: Engine, log_signer: Signer, origin: str,
+                 trusted_operator_key: bytes, *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
+        Checkpoint(origin, 0, merkle.EMPTY_ROOT).body()  # validates the origin line
+        self.engine = engine
+        self.origin = origin
+        self._log_signer = log_signer
+        self._trusted_operator_key = trusted_operator_key
+        self._max_batch = max_batch
+        self._dialect = engine.dialect.name
+        if self._dialect not in ("sqlite", "postgresql"):
+            raise AuditStoreError(f"engine: dialect {self._dialect!r} is not supported")
+        _check_schema(engine)
+        if self._dialect == "sqlite":
+            self._writer_engine = _sqlite_writer_engine(engine)
+        else:
+            # READ COMMITTED: each statement after the advisory lock sees every commit made
+            # before the lock was granted (a REPEATABLE READ snapshot could predate it).
+            self._writer_engine = engine.execution_options(isolation_level="READ COMMITTED")
+        # Writer state, valid for the log prefix of length self._size. Only the writer thread
+        # changes it after __init__.
+        self._keyring = Keyring(trusted_operator_key)
+        self._size = 0
+        self._frontier: dict[tuple[int, int], bytes] = {}
+        with engine.connect() as connection:
+            self._catch_up(connection, _size(connection))
+        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._writer: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Finish the appends already queued, then stop the writer thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            writer = self._writer
+            if writer is not None:
+                self._queue.put(None)
+        if writer is not None:
+            writer.join()
+        if self._writer_engine is not self.engine and self._dialect == "sqlite":
+            self._writer_engine.dispose()
+
+    # -- appending ----------------------------------------------------------------------------
+    def submit(self, entries: Sequence[Entry | Mapping[str, Any]]) -> Future[list[int]]:
+        """Queue `entries` to be appended together (all or none); the future gives their indexes.
+
+        Form checks and signature verification run here, in the caller's thread (they need no
+        lock, and several callers then verify in parallel); whether the signer may sign at
+        that index is decided by the writer under the database lock. A malformed entry raises
+        EntryRefusedError at once.
+        """
+        prepared = [self._prepare(position, entry) for position, entry in enumerate(entries)]
+        future: Future[list[int]] = Future()
+        if not prepared:
+            future.set_result([])
+            return future
+        with self._lock:
+            if self._closed:
+                raise LogClosedError("audit log: closed, no more appends")
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="audit-log-writer",
+                                                daemon=True)
+                self._writer.start()
+            self._queue.put(_Request(prepared, future))
+        return future
+
+    def append(self, entry: Entry | Mapping[str, Any]) -> int:
+        """Append one entry; return its index once it is committed. Raises EntryRefusedError."""
+        return self.submit([entry]).result()[0]
+
+    def append_many(self, entries: Sequence[Entry | Mapping[str, Any]]) -> list[int]:
+        """Append entries atomically, in order (consecutive indexes); all or none."""
+        return self.submit(entries).result()
+
+    async def append_async(self, entry: Entry | Mapping[str, Any]) -> int:
+        """`append` for asyncio code (the Litestar coordinator): awaits the commit."""
+        indexes = await asyncio.wrap_future(self.submit([entry]))
+        return indexes[0]
+
+    async def append_many_async(self, entries: Sequence[Entry | Mapping[str, Any]]) -> list[int]:
+        return await asyncio.wrap_future(self.submit(entries))
+
+    def _prepare(self, position: int, entry: Entry | Mapping[str, Any]) -> _Prepared:
+        try:
+            if isinstance(entry, Entry):
+                # Re-parse so that an Entry built by hand gets the same form checks as JSON.
+                parsed = Entry.from_json(entry.to_json())
+            elif isinstance(entry, Mapping):
+                parsed = Entry.from_json(dict(entry))
+            else:
+                raise MalformedEntryError(f"entry: expected audit.entry.Entry or a JSON object, "
+                                          f"got {type(entry).__name__}")
+            leaf = canonical(parsed.to_json())
+        except MalformedEntryError as exc:
+            raise EntryRefusedError(position, None, str(exc)) from exc
+        except (TypeError, ValueError) as exc:  # rfc8785 refuses floats out of range, etc.
+            raise EntryRefusedError(position, None, f"payload: cannot be canonically encoded "
+                                                    f"({exc})") from exc
+        verified_with: bytes | None = None
+        record = self._keyring.get(parsed.key_id)  # a dict lookup: safe while the writer runs
+        if record is not None:
+            try:
+                parsed.verify_signature(record.public_key)
+            except (SignatureInvalidError, ValueError) as exc:
+                raise EntryRefusedError(position, None, f"signature: does not verify with key "
+                                                        f"{parsed.key_id}") from exc
+            verified_with = record.public_key
+        return _Prepared(parsed, leaf, merkle.leaf_hash(leaf), verified_with)
+
+    # -- the writer thread ------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            count = len(first.entries)
+            while count < self._max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+                count += len(more.entries)
+            self._commit(batch)
+
+    def _lock_for_write(self, connection: Connection) -> None:
+        if self._dialect == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                               {"key": ADVISORY_LOCK_KEY})
+            # Durable on commit even if the server or role default says otherwise.
+            connection.exec_driver_sql("SET LOCAL synchronous_commit TO on")
+        # SQLite: the private writer engine already began with BEGIN IMMEDIATE.
+
+    def _catch_up(self, connection: Connection, db_size: int) -> None:
+        """Bring the writer state (keyring, size, frontier) from self._size to db_size.
+
+        Only key entries change the keyring, and only those are read; the frontier is
+        dropped (its nodes are read from the database when next needed).
+        """
+        if db_size < self._size:
+            raise StoreCorruptError(f"{ENTRIES_TABLE}: the log shrank from {self._size} to "
+                                    f"{db_size} entries")
+        if db_size == self._size:
+            return
+        keyring = self._keyring
+        copied = False
+        for index, leaf in _iter_leaves(connection, self._size, db_size, KEY_KINDS):
+            if not copied:
+                keyring, copied = copy.deepcopy(keyring), True
+            try:
+                keyring.apply(entry_from_leaf(leaf), index)
+            except (KeyringError, MalformedEntryError) as exc:
+                raise StoreCorruptError(f"entry {index}: stored key entry does not apply: "
+                                        f"{exc}") from exc
+        self._keyring = keyring
+        self._size = db_size
+        self._frontier = {}
+
+    def _check_request(self, keyring: Keyring, request: _Request, start: int) -> Keyring:
+        """Check every entry of `request` at indexes start, start+1, ...; return the new keyring.
+
+        Raises EntryRefusedError for the first refused entry; `keyring` is never changed (a
+        request with key entries works on a copy, so a refusal leaves nothing behind).
+        """
+        has_keys = any(p.entry.kind.startswith("key.") for p in request.entries)
+        state = copy.deepcopy(keyring) if has_keys else keyring
+        for position, item in enumerate(request.entries):
+            index = start + position
+            try:
+                record = state.signer_record(item.entry, index)
+                state.check(item.entry, index,
+                            verify_signature=item.verified_with != record.public_key)
+                if has_keys:
+                    state.apply(item.entry, index)
+            except KeyringError as exc:
+                raise EntryRefusedError(position, index, exc.reason) from exc
+        return state
+
+    def _commit(self, batch: list[_Request]) -> None:
+        accepted: list[tuple[_Request, list[int]]] = []
+        refused: list[tuple[_Request, BaseException]] = []
+        try:
+            with self._writer_engine.begin() as connection:
+                self._lock_for_write(connection)
+                self._catch_up(connection, _size(connection))
+                keyring = self._keyring
+                size = self._size
+                rows: list[dict[str, Any]] = []
+                leaf_hashes: list[bytes] = []
+                for request in batch:
+                    try:
+                        keyring = self._check_request(keyring, request, size)
+                    except EntryRefusedError as exc:
+                        refused.append((request, exc))
+                        continue
+                    indexes = list(range(size, size + len(request.entries)))
+                    for index, item in zip(indexes, request.entries, strict=True):
+                        rows.append({"idx": index, "leaf": item.leaf, "leaf_hash": item.leaf_hash,
+                                     "kind": item.entry.kind, "key_id": item.entry.key_id,
+                                     "time": item.entry.time})
+                        leaf_hashes.append(item.leaf_hash)
+                    accepted.append((request, indexes))
+                    size += len(request.entries)
+                nodes: list[merkle.Node] = []
+                if rows:
+                    source = _WriterSource(connection, self._frontier)
+                    nodes = merkle.append_nodes(source, self._size, leaf_hashes)
+                    connection.execute(audit_entries.insert(), rows)
+                    connection.execute(audit_tree_nodes.insert(),
+                                       [{"level": n.level, "idx": n.index, "hash": n.hash}
+                                        for n in nodes])
+            # Committed: only now does the writer state move forward.
+            created = {(n.level, n.index): n.hash for n in nodes}
+            old_frontier = self._frontier
+            self._keyring = keyring
+            self._size = size
+            self._frontier = {}
+            for coordinate in _frontier_coordinates(size):
+                known = created.get(coordinate, old_frontier.get(coordinate))
+                if known is not None:
+                    self._frontier[coordinate] = known
+        except (SQLAlchemyError, DBAPIError, StoreCorruptError) as exc:
+            error = AppendNotCommittedError(f"append not committed: {exc}")
+            error.__cause__ = exc
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(error)
+            return
+        except BaseException as exc:  # never leave a caller waiting forever
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            raise
+        for request, refusal in refused:
+            request.future.set_exception(refusal)
+        for request, indexes in accepted:
+            request.future.set_result(indexes)
+
+    # -- reading ------------------------------------------------------------------------------
+    def size(self) -> int:
+        """The number of committed entries (read from the database: other writers count)."""
+        with self.engine.connect() as connection:
+            return _size(connection)
+
+    def get(self, index: int) -> Entry:
+        """The entry at `index`; IndexError if there is none."""
+        with self.engine.connect() as connection:
+            leaf = connection.execute(select(audit_entries.c.leaf)
+                                      .where(audit_entries.c.idx == index)).scalar_one_or_none()
+        if leaf is None:
+            raise IndexError(f"index: no entry {index} in the log")
+        return entry_from_leaf(bytes(leaf))
+
+    def entries(self, start: int = 0, stop: int | None = None) -> Iterator[Entry]:
+        """Entries start <= index < stop (default: to the current size), in log order."""
+        if start < 0:
+            raise ValueError(f"start: must be >= 0, got {start}")
+        with self.engine.connect() as connection:
+            end = _size(connection) if stop is None else stop
+            for _index, leaf in _iter_leaves(connection, start, end):
+                yield entry_from_leaf(leaf)
+
+    def leaf_hash(self, index: int) -> bytes:
+        with self.engine.connect() as connection:
+            value = connection.execute(select(audit_entries.c.leaf_hash)
+                                       .where(audit_entries.c.idx == index)).scalar_one_or_none()
+        if value is None:
+            raise IndexError(f"index: no entry {index} in the log")
+        return bytes(value)
+
+    def _read(self, size: int | None, algorithm: Callable[[merkle.NodeSource, int], T]) -> T:
+        with self.engine.connect() as connection:
+            current = _size(connection)
+            if size is None:
+                size = current
+            if not 0 <= size <= current:
+                raise ValueError(f"size: {size} is not between 0 and the log size {current}")
+            tree_size = size
+            return _with_nodes(connection, lambda source: algorithm(source, tree_size))
+
+    def root(self, size: int | None = None) -> bytes:
+        """The RFC 6962 root of the first `size` entries (default: all)."""
+        return self._read(size, merkle.root)
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
+        """RFC 9162 inclusion proof of entry `index` in the tree of `size` entries."""
+        return self._read(size, lambda source, n: merkle.inclusion_proof(source, index, n))
+
+    def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[bytes]:
+        """RFC 9162 consistency proof from `old_size` to `new_size` entries."""
+        return self._read(new_size, lambda source, n: merkle.consistency_proof(source, old_size, n))
+
+    def checkpoint(self) -> str:
+        """Sign a C2SP checkpoint of the current log and store it; return the signed note."""
+        with self.engine.connect() as connection:
+            size = _size(connection)
+            root = _with_nodes(connection, lambda source: merkle.root(source, size))
+        note = sign_checkpoint(Checkpoint(self.origin, size, root), self._log_signer)
+        c = audit_checkpoints.c
+        try:
+            with self.engine.begin() as connection:
+                latest = connection.execute(select(func.max(c.size))).scalar_one()
+                if latest is None or latest < size:
+                    connection.execute(audit_checkpoints.insert().values(
+                        size=size, root_hash=root, note=note, created_at=datetime.now(UTC)))
+        except (SQLAlchemyError, DBAPIError):
+            # Another process stored a checkpoint of this size (or a larger one) first; the
+            # note is still a valid signed statement about this size.
+            with self.engine.connect() as connection:
+                latest = connection.execute(select(func.max(c.size))).scalar_one()
+            if latest is None or latest < size:
+                raise
+        return note
+
+    def latest_checkpoint(self) -> str | None:
+        """The latest stored checkpoint note, or None."""
+        c = audit_checkpoints.c
+        with self.engine.connect() as connection:
+            note = connection.execute(
+                select(c.note).order_by(c.size.desc()).limit(1)).scalar_one_or_none()
+        return None if note is None else str(note)
