@@ -1,0 +1,89 @@
+"""Shared builders for the ledger tests: real Ed25519 keys and signed envelopes (no tests here).
+
+Kept in a `test_ledger*` module because the rewards area owns only those test files; pytest
+collects it and finds nothing to run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from audit.entry import Entry, sign_entry
+from audit.ledger import Ledger
+from audit.signing import Signer
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@dataclass
+class World:
+    """A root operator plus registered keys, and the entries signed so far (in log order)."""
+
+    operator: Signer = field(default_factory=Signer.generate)
+    coordinator: Signer = field(default_factory=Signer.generate)
+    keys: dict[str, Signer] = field(default_factory=dict)
+    entries: list[Entry] = field(default_factory=list)
+    fed: int = 0
+
+    def __post_init__(self) -> None:
+        self.register(self.coordinator, "coordinator", "operator:exchange")
+
+    def feed(self, ledger: Ledger, stop: int | None = None) -> None:
+        """Apply to `ledger` the entries it has not seen yet, up to `stop` (default: all)."""
+        stop = len(self.entries) if stop is None else stop
+        for index in range(self.fed, stop):
+            ledger.apply(self.entries[index], index)
+        self.fed = max(self.fed, stop)
+
+    def drop_last(self) -> None:
+        """Forget the last entry (a refused one never stands in the log)."""
+        self.entries.pop()
+        self.fed = min(self.fed, len(self.entries))
+
+    def sign(self, signer: Signer, kind: str, payload: dict[str, Any]) -> Entry:
+        entry = sign_entry(signer, kind, payload, T0 + timedelta(seconds=len(self.entries)))
+        self.entries.append(entry)
+        return entry
+
+    def register(self, signer: Signer, role: str, owner: str) -> Entry:
+        self.keys[owner] = signer
+        return self.sign(self.operator, "key.register",
+                         {"key_id": signer.key_id, "public_key": signer.public_key_b64,
+                          "role": role, "owner": owner})
+
+    def key(self, owner: str, role: str) -> Signer:
+        """The key of `owner`, registering one with `role` on first use."""
+        if owner not in self.keys:
+            self.register(Signer.generate(), role, owner)
+        return self.keys[owner]
+
+    def mint(self, account: str, amount: int) -> Entry:
+        return self.sign(self.operator, "token.mint", {"account": account, "amount": amount})
+
+    def transfer(self, source: str, target: str, amount: int) -> Entry:
+        return self.sign(self.key(source, "researcher"), "token.transfer",
+                         {"from": source, "to": target, "amount": amount})
+
+    def escrow(self, study_id: str, account: str, amount: int, royalty_account: str | None = None,
+               royalty_bps: int = 0, forward_bps: int = 0) -> Entry:
+        return self.sign(self.coordinator, "study.escrow",
+                         {"study_id": study_id, "account": account, "amount": amount,
+                          "royalty_account": royalty_account, "royalty_bps": royalty_bps,
+                          "forward_bps": forward_bps})
+
+    def receipt(self, study_id: str, round_number: int, hospital: str, records_used: int,
+                reward_accounts: dict[str, int] | None = None) -> Entry:
+        return self.sign(self.key(hospital, "hospital"), "round.receipt",
+                         {"study_id": study_id, "round": round_number, "hospital": hospital,
+                          "records_used": records_used,
+                          "reward_accounts": reward_accounts or {},
+                          "commitment": "sha256:" + "0" * 64, "epsilon_spent": 0.25})
+
+    def payout(self, payload: dict[str, Any]) -> Entry:
+        return self.sign(self.coordinator, "study.payout", payload)
+
+    def refund(self, study_id: str, account: str, amount: int) -> Entry:
+        return self.sign(self.coordinator, "study.refund",
+                         {"study_id": study_id, "account": account, "amount": amount})
