@@ -87,8 +87,7 @@ def test_payout_conserves_and_ignores_receipt_order(
         raw: list[tuple[int, str, int, dict[str, int]]], seed: int) -> None:
     receipts = []
     for rnd, hospital, used, named in raw:
-        used = max(used, sum(named.values()))
-        receipts.append(Receipt("s", rnd, hospital, used, named))
+        receipts.append(Receipt("s", rnd, hospital, max(used, sum(named.values())), named))
     terms = StudyTerms("author:x", royalty_bps, forward_bps)
     if sum(r.records_used for r in receipts) == 0:
         with pytest.raises(PayoutError, match="hospitals: no receipt"):
