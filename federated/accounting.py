@@ -1,0 +1,180 @@
+"""Privacy accounting for Poisson-subsampled Gaussian DP-SGD (record level, add/remove adjacency).
+
+Accountant: Opacus's PRV accountant (Gopi et al. 2021) by default. It returns an UPPER bound on
+epsilon (estimate + its numerical error bound), within about 0.1-0.6 % of Google's PLD accountant
+here and 7-10 % tighter than RDP; RDP stays available (`accountant="rdp"`). PRV costs 0.01-0.3 s
+per evaluation, so results are cached on their exact arguments.
+
+How a study's epsilon composes. DP-SGD at one hospital in one study is one long run of the same
+mechanism (fixed noise multiplier, fixed sample rate): after the hospital has trained k rounds of
+`steps_per_round` steps, its epsilon is the accountant's epsilon for k * steps_per_round steps
+(tight composition), NOT k times the per-round epsilon. The sample rate is fixed for the whole
+study when it is planned (batch size / records eligible then); if consent revocations later shrink
+the record set, the hospital keeps the same sample rate (a smaller expected batch), so the
+guarantee stays exactly the planned one. Across studies a hospital's total is the plain sum of
+the studies' epsilons (basic composition), which is sound whatever the studies do.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+AccountantName = Literal["prv", "rdp"]
+ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
+# Absolute error allowed in PRV's epsilon; the value returned is the upper bound, so a smaller
+# error means a tighter (smaller) reported epsilon, at some cost in time.
+PRV_EPS_ERROR = 0.005
+MAX_NOISE_MULTIPLIER = 1e4
+
+
+class AccountingError(ValueError):
+    """Parameters an accountant cannot work with, or a privacy target that cannot be met."""
+
+
+def _check(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+           accountant: str) -> None:
+    if accountant not in ACCOUNTANTS:
+        raise AccountingError(f"accountant: must be one of {list(ACCOUNTANTS)}, got {accountant!r}")
+    if not (isinstance(steps, int) and not isinstance(steps, bool)) or steps < 0:
+        raise AccountingError(f"steps: must be a non-negative integer, got {steps!r}")
+    if not 0.0 < sample_rate <= 1.0:
+        raise AccountingError(f"sample_rate: must be in (0, 1], got {sample_rate}")
+    if not 0.0 < delta < 1.0:
+        raise AccountingError(f"delta: must be in (0, 1), got {delta}")
+    if not (noise_multiplier >= 0.0 and math.isfinite(noise_multiplier)):
+        raise AccountingError(f"noise_multiplier: must be finite and >= 0, got {noise_multiplier}")
+
+
+@lru_cache(maxsize=4096)
+def _epsilon_cached(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                    accountant: str) -> float:
+    with warnings.catch_warnings():
+        # PRV at sample_rate=1 logs a harmless log(0) warning; RDP warns about its alpha grid.
+        warnings.simplefilter("ignore")
+        if accountant == "prv":
+            prv = PRVAccountant()
+            prv.history = [(noise_multiplier, sample_rate, steps)]
+            return float(prv.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
+        rdp = RDPAccountant()
+        rdp.history = [(noise_multiplier, sample_rate, steps)]
+        return float(rdp.get_epsilon(delta))
+
+
+def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                  accountant: AccountantName = "prv") -> float:
+    """Epsilon (upper bound) of `steps` steps of Poisson-subsampled Gaussian DP-SGD with this
+    noise multiplier and sample rate, at `delta`. 0 steps cost 0; no noise costs infinity."""
+    _check(noise_multiplier, sample_rate, steps, delta, accountant)
+    if steps == 0:
+        return 0.0
+    if noise_multiplier == 0.0:
+        return math.inf
+    return _epsilon_cached(float(noise_multiplier), float(sample_rate), int(steps), float(delta),
+                           accountant)
+
+
+@lru_cache(maxsize=1024)
+def _calibrate_cached(target_epsilon: float, delta: float, sample_rate: float, total_steps: int,
+                      accountant: str, *, rel_tolerance: float) -> float:
+    def eps(sigma: float) -> float:
+        return epsilon_spent(sigma, sample_rate, total_steps, delta, accountant)  # type: ignore[arg-type]
+
+    hi = 1.0
+    while eps(hi) > target_epsilon:
+        hi *= 2.0
+        if hi > MAX_NOISE_MULTIPLIER:
+            raise AccountingError(
+                f"target_epsilon: {target_epsilon} is not reachable for {total_steps} steps at "
+                f"sample rate {sample_rate} (noise multiplier would exceed {MAX_NOISE_MULTIPLIER})")
+    lo = 0.0
+    # Invariant: eps(hi) <= target. Stop when the epsilon at hi is within tolerance of the target
+    # or the bracket is tiny; always return hi so the target is never exceeded.
+    while hi - lo > 1e-4 * hi:
+        mid = 0.5 * (lo + hi)
+        if mid <= 0.0:
+            break
+        e = eps(mid)
+        if e <= target_epsilon:
+            hi = mid
+            if target_epsilon - e <= rel_tolerance * target_epsilon:
+                break
+        else:
+            lo = mid
+    return hi
+
+
+def calibrate(target_epsilon: float, delta: float, sample_rate: float, total_steps: int, *,
+              accountant: AccountantName = "prv", rel_tolerance: float = 0.005) -> float:
+    """The noise multiplier that makes `total_steps` steps at `sample_rate` cost at most
+    `target_epsilon` at `delta` (and at least (1 - rel_tolerance) * target_epsilon: no more noise
+    than needed). Bisection on the same accountant that reports the spend, cached."""
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise AccountingError(f"target_epsilon: must be positive and finite, got {target_epsilon}")
+    _check(1.0, sample_rate, total_steps, delta, accountant)
+    if total_steps < 1:
+        raise AccountingError(f"total_steps: must be at least 1, got {total_steps}")
+    if not 0.0 < rel_tolerance < 0.5:
+        raise AccountingError(f"rel_tolerance: must be in (0, 0.5), got {rel_tolerance}")
+    return _calibrate_cached(float(target_epsilon), float(delta), float(sample_rate),
+                             int(total_steps), accountant, rel_tolerance=float(rel_tolerance))
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """A hospital's DP-SGD plan for one study, fixed before its first round.
+
+    The sample rate and noise multiplier never change during the study (see module docstring);
+    `epsilon_after(k)` is the spend after the hospital trained k rounds.
+    """
+
+    target_epsilon: float
+    delta: float
+    rounds: int
+    steps_per_round: int
+    sample_rate: float
+    noise_multiplier: float
+    batch_size: int
+    n_records: int
+    accountant: AccountantName = "prv"
+
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * self.steps_per_round
+
+    def epsilon_after(self, rounds_trained: int) -> float:
+        """Cumulative epsilon after `rounds_trained` rounds of this plan (0 for 0)."""
+        if not 0 <= rounds_trained <= self.rounds:
+            raise AccountingError(f"rounds_trained: must be in [0, {self.rounds}], got {rounds_trained}")
+        return epsilon_spent(self.noise_multiplier, self.sample_rate,
+                             rounds_trained * self.steps_per_round, self.delta, self.accountant)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DPPlan:
+        return cls(**data)
+
+
+def plan_study(target_epsilon: float, delta: float, *, rounds: int, n_records: int,
+               batch_size: int, steps_per_round: int,
+               accountant: AccountantName = "prv") -> DPPlan:
+    """Fix sample rate (= min(1, batch_size / n_records)) and calibrate the noise multiplier so
+    that ALL `rounds` planned rounds together stay within (target_epsilon, delta)."""
+    for name, value in (("rounds", rounds), ("n_records", n_records), ("batch_size", batch_size),
+                        ("steps_per_round", steps_per_round)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise AccountingError(f"{name}: must be a positive integer, got {value!r}")
+    sample_rate = min(1.0, batch_size / n_records)
+    sigma = calibrate(target_epsilon, delta, sample_rate, rounds * steps_per_round,
+                      accountant=accountant)
+    return DPPlan(target_epsilon=float(target_epsilon), delta=float(delta), rounds=rounds,
+                  steps_per_round=steps_per_round, sample_rate=sample_rate,
+                  noise_multiplier=sigma, batch_size=batch_size, n_records=n_records,
+                  accountant=accountant)

@@ -1,0 +1,316 @@
+"""Demo data: scikit-learn's breast cancer and diabetes sets split across hospitals, non-IID.
+
+Nothing is downloaded: both sets ship inside scikit-learn.
+
+How the split works (and why). Records are grouped into strata (breast cancer: the diagnosis;
+diabetes: age tercile at the fixed public cut points 45 and 57 years). For each stratum a vector of
+hospital shares is drawn from a symmetric Dirichlet(alpha) with a fixed seed and the stratum's
+records are dealt out in those proportions. Small alpha gives strong skew (one hospital sees mostly
+malignant cases, like a referral centre; another mostly benign, like a screening clinic); alpha=1
+(the default) is a moderate skew that still leaves every hospital both classes. Redraws happen
+until each hospital holds at least `min_records` records. The split is a pure function of its
+arguments: every node computes the same split and takes only its own part.
+
+Feature scaling without leaking across hospitals. Standardising with statistics pooled over all
+hospitals would need every hospital's raw data, and standardising with each hospital's own
+mean/std would make the model depend on statistics that are released without noise (outside the
+DP guarantee). Instead every feature is mapped with FIXED PUBLIC bounds to [-1, 1] and clipped:
+for breast cancer the published per-feature min/max of the dataset's documentation (optionally
+after a log transform for the heavy-tailed size features), for diabetes clinical reference ranges.
+These constants are part of the code, the same at every hospital, and depend on no record, so the
+DP guarantee of DP-SGD covers the whole pipeline.
+
+Pseudonyms. Each record gets `p_` + the first 32 hex digits of HMAC-SHA256(hospital secret,
+"<dataset>:<row index>"): hospital-scoped (the same row at two hospitals would get unrelated
+pseudonyms), stable across restarts, and not reversible without the secret. The demo secrets are
+derived from the hospital id; a real node uses its own random secret.
+
+Data categories (for column-level consent). Breast cancer: the 10 "mean *" features form the
+pathology report and are "labs"; the 20 "* error" and "worst *" features are further quantities
+derived from the digitised FNA image and are "imaging". Diabetes: age and sex are "demographics",
+bmi and bp are "vitals", s1-s6 (serum measurements) are "labs".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+from sklearn.datasets import load_breast_cancer, load_diabetes
+
+DatasetName = Literal["breast_cancer", "diabetes"]
+DATASETS: tuple[str, ...] = ("breast_cancer", "diabetes")
+DEFAULT_HOSPITALS: tuple[str, ...] = ("hospital-a", "hospital-b", "hospital-c")
+
+
+class DataError(ValueError):
+    """A data request is not acceptable (unknown dataset, hospital, category, column...)."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """How one column is scaled with public constants and which data category it belongs to."""
+
+    name: str
+    category: str
+    lo: float
+    hi: float
+    log: bool = False
+
+    def scale(self, x: np.ndarray) -> np.ndarray:
+        """Map raw values to [-1, 1] with the public bounds; values outside are clipped."""
+        lo, hi = self.lo, self.hi
+        if self.log:
+            x = np.log1p(np.maximum(x, 0.0))
+            lo, hi = float(np.log1p(lo)), float(np.log1p(hi))
+        return np.clip(2.0 * (x - lo) / (hi - lo) - 1.0, -1.0, 1.0)
+
+
+# Published min / max per feature from the dataset documentation (load_breast_cancer().DESCR).
+_BC_BOUNDS: tuple[tuple[float, float], ...] = (
+    (6.981, 28.11), (9.71, 39.28), (43.79, 188.5), (143.5, 2501.0), (0.053, 0.163),
+    (0.019, 0.345), (0.0, 0.427), (0.0, 0.201), (0.106, 0.304), (0.05, 0.097),
+    (0.112, 2.873), (0.36, 4.885), (0.757, 21.98), (6.802, 542.2), (0.002, 0.031),
+    (0.002, 0.135), (0.0, 0.396), (0.0, 0.053), (0.008, 0.079), (0.001, 0.03),
+    (7.93, 36.04), (12.02, 49.54), (50.41, 251.2), (185.2, 4254.0), (0.071, 0.223),
+    (0.027, 1.058), (0.0, 1.252), (0.0, 0.291), (0.156, 0.664), (0.055, 0.208),
+)
+# Heavy-tailed size features (area, the error terms of radius/perimeter/area) use a log scale so
+# that most records do not crowd into a corner of [-1, 1].
+_BC_LOG = {"mean area", "area error", "worst area", "radius error", "perimeter error"}
+
+# Clinical reference ranges for the raw (unscaled) diabetes features; units as in the source.
+_DIABETES_SPECS: tuple[FeatureSpec, ...] = (
+    FeatureSpec("age", "demographics", 18.0, 90.0),
+    FeatureSpec("sex", "demographics", 1.0, 2.0),
+    FeatureSpec("bmi", "vitals", 15.0, 50.0),
+    FeatureSpec("bp", "vitals", 60.0, 140.0),
+    FeatureSpec("s1", "labs", 100.0, 320.0),
+    FeatureSpec("s2", "labs", 40.0, 250.0),
+    FeatureSpec("s3", "labs", 20.0, 100.0),
+    FeatureSpec("s4", "labs", 1.5, 10.0),
+    FeatureSpec("s5", "labs", 3.0, 6.5),
+    FeatureSpec("s6", "labs", 55.0, 130.0),
+)
+# Disease progression is documented on 25..346; scaled as (y - 150) / 75 for training.
+DIABETES_TARGET_OFFSET = 150.0
+DIABETES_TARGET_SCALE = 75.0
+_DIABETES_AGE_CUTS = (45.0, 57.0)
+
+
+def _bc_specs(names: Sequence[str]) -> tuple[FeatureSpec, ...]:
+    return tuple(
+        FeatureSpec(n, "labs" if n.startswith("mean ") else "imaging", lo, hi, log=n in _BC_LOG)
+        for n, (lo, hi) in zip(names, _BC_BOUNDS, strict=True)
+    )
+
+
+def feature_specs(dataset: str) -> tuple[FeatureSpec, ...]:
+    """Column names, data categories and public scaling bounds of `dataset`."""
+    if dataset == "breast_cancer":
+        return _bc_specs([str(n) for n in load_breast_cancer().feature_names])
+    if dataset == "diabetes":
+        return _DIABETES_SPECS
+    raise DataError(f"dataset: unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+
+
+def column_categories(dataset: str) -> dict[str, str]:
+    """Column name -> data category for `dataset`."""
+    return {s.name: s.category for s in feature_specs(dataset)}
+
+
+@dataclass(frozen=True)
+class HospitalData:
+    """One hospital's records of one dataset: pseudonyms, scaled features, targets.
+
+    `is_test` marks the hospital's local hold-out records (a fixed, stratified share), used for
+    federated evaluation; `train()` and `test()` split on it. All selection methods return new
+    objects and never modify this one.
+    """
+
+    dataset: str
+    hospital_id: str
+    task: Literal["binary", "regression"]
+    pseudonyms: tuple[str, ...]
+    x: np.ndarray
+    y: np.ndarray
+    columns: tuple[str, ...]
+    categories: Mapping[str, str]
+    is_test: np.ndarray
+    target_scale: float = 1.0
+    target_offset: float = 0.0
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.pseudonyms)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.columns)
+
+    def _take(self, idx: np.ndarray) -> HospitalData:
+        return replace(self, pseudonyms=tuple(self.pseudonyms[i] for i in idx), x=self.x[idx],
+                       y=self.y[idx], is_test=self.is_test[idx])
+
+    def train(self) -> HospitalData:
+        """The records not held out for evaluation."""
+        return self._take(np.flatnonzero(~self.is_test))
+
+    def test(self) -> HospitalData:
+        """The hospital's local hold-out records."""
+        return self._take(np.flatnonzero(self.is_test))
+
+    def select_records(self, pseudonyms: Iterable[str]) -> HospitalData:
+        """Only the records whose pseudonym is in `pseudonyms` (e.g. the consent-gated set), in
+        this object's order. Unknown pseudonyms are an error: gating must be computed over this
+        hospital's own records, and a mismatch means the two disagree."""
+        wanted = set(pseudonyms)
+        known = set(self.pseudonyms)
+        unknown = wanted - known
+        if unknown:
+            raise DataError(f"pseudonyms: {len(unknown)} not held by {self.hospital_id}")
+        return self._take(np.array([i for i, p in enumerate(self.pseudonyms) if p in wanted],
+                                   dtype=np.int64))
+
+    def select_columns(self, columns: Sequence[str]) -> HospitalData:
+        """Only `columns`, in the order given (the study's column order is the model's input
+        order, identical at every hospital)."""
+        missing = [c for c in columns if c not in self.columns]
+        if missing:
+            raise DataError(f"columns: unknown columns {missing} for dataset {self.dataset}")
+        if len(set(columns)) != len(columns):
+            raise DataError("columns: duplicates")
+        if not columns:
+            raise DataError("columns: at least one column is needed")
+        pos = [self.columns.index(c) for c in columns]
+        return replace(self, x=self.x[:, pos], columns=tuple(columns),
+                       categories={c: self.categories[c] for c in columns})
+
+    def select_categories(self, categories: Iterable[str]) -> HospitalData:
+        """Only the columns whose data category is in `categories` (dataset column order)."""
+        cats = set(categories)
+        unknown = cats - set(self.categories.values())
+        if unknown:
+            raise DataError(f"categories: unknown data categories {sorted(unknown)} for dataset "
+                            f"{self.dataset}; known: {sorted(set(self.categories.values()))}")
+        return self.select_columns([c for c in self.columns if self.categories[c] in cats])
+
+
+def demo_secret(hospital_id: str) -> bytes:
+    """Deterministic per-hospital secret for the demo and tests ONLY (a real node keeps a random
+    secret in its key directory)."""
+    return hashlib.sha256(b"health-exchange demo pseudonym secret:" + hospital_id.encode()).digest()
+
+
+def pseudonym(secret: bytes, dataset: str, row: int) -> str:
+    """Hospital-scoped pseudonym of a source row (HMAC-SHA256, 128 bits shown)."""
+    return "p_" + hmac.new(secret, f"{dataset}:{row}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _raw(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[FeatureSpec, ...]]:
+    """Raw features, training targets (scaled), strata, specs."""
+    specs = feature_specs(dataset)
+    if dataset == "breast_cancer":
+        bunch = load_breast_cancer()
+        x = np.asarray(bunch.data, dtype=np.float64)
+        # sklearn codes malignant as 0; the positive class here is malignant.
+        y = (np.asarray(bunch.target) == 0).astype(np.float64)
+        strata = y.astype(np.int64)
+    else:
+        bunch = load_diabetes(scaled=False)
+        x = np.asarray(bunch.data, dtype=np.float64)
+        y = (np.asarray(bunch.target, dtype=np.float64) - DIABETES_TARGET_OFFSET) / DIABETES_TARGET_SCALE
+        strata = np.digitize(x[:, 0], _DIABETES_AGE_CUTS).astype(np.int64)
+    xs = np.column_stack([s.scale(x[:, j]) for j, s in enumerate(specs)])
+    return xs.astype(np.float32), y.astype(np.float32), strata, specs
+
+
+def _assign(strata: np.ndarray, n_hospitals: int, alpha: float, seed: int,
+            min_records: int) -> np.ndarray:
+    """Hospital index of every record: Dirichlet(alpha) shares per stratum (see module doc)."""
+    rng = np.random.default_rng(seed)
+    for _attempt in range(1000):
+        owner = np.empty(len(strata), dtype=np.int64)
+        for s in np.unique(strata):
+            idx = np.flatnonzero(strata == s)
+            idx = idx[rng.permutation(len(idx))]
+            shares = rng.dirichlet(np.full(n_hospitals, alpha))
+            cuts = np.round(np.cumsum(shares)[:-1] * len(idx)).astype(np.int64)
+            for h, part in enumerate(np.split(idx, cuts)):
+                owner[part] = h
+        if np.bincount(owner, minlength=n_hospitals).min() >= min_records:
+            return owner
+    raise DataError(f"alpha: no split with at least {min_records} records per hospital found; "
+                    "raise alpha or lower min_records")
+
+
+def load_federated(dataset: str = "breast_cancer", n_hospitals: int = 3, *,
+                   hospital_ids: Sequence[str] | None = None, alpha: float = 1.0,
+                   split_seed: int = 0, test_fraction: float = 0.2, min_records: int = 100,
+                   secrets: Mapping[str, bytes] | None = None) -> list[HospitalData]:
+    """`dataset` split over `n_hospitals` hospitals (see module docstring), one object each.
+
+    `secrets` maps hospital id -> pseudonym secret (default: `demo_secret`). Each hospital's
+    `is_test` marks a stratified `test_fraction` of its records, drawn with `split_seed`.
+    """
+    if dataset not in DATASETS:
+        raise DataError(f"dataset: unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+    ids = tuple(hospital_ids) if hospital_ids is not None else tuple(
+        DEFAULT_HOSPITALS[i] if i < len(DEFAULT_HOSPITALS) else f"hospital-{i}"
+        for i in range(n_hospitals))
+    if n_hospitals < 1 or len(ids) != n_hospitals or len(set(ids)) != n_hospitals:
+        raise DataError(f"hospital_ids: need {n_hospitals} distinct ids, got {list(ids)}")
+    if not alpha > 0:
+        raise DataError(f"alpha: must be positive, got {alpha}")
+    if not 0.0 <= test_fraction < 1.0:
+        raise DataError(f"test_fraction: must be in [0, 1), got {test_fraction}")
+    x, y, strata, specs = _raw(dataset)
+    owner = _assign(strata, n_hospitals, alpha, split_seed, min_records)
+    rng = np.random.default_rng(split_seed + 1)
+    out: list[HospitalData] = []
+    cats = {s.name: s.category for s in specs}
+    task: Literal["binary", "regression"] = "binary" if dataset == "breast_cancer" else "regression"
+    for h, hid in enumerate(ids):
+        rows = np.flatnonzero(owner == h)
+        is_test = np.zeros(len(rows), dtype=bool)
+        for s in np.unique(strata[rows]):
+            pos = np.flatnonzero(strata[rows] == s)
+            k = round(len(pos) * test_fraction)
+            is_test[rng.choice(pos, size=k, replace=False)] = True
+        secret = (secrets or {}).get(hid) or demo_secret(hid)
+        out.append(HospitalData(
+            dataset=dataset, hospital_id=hid, task=task,
+            pseudonyms=tuple(pseudonym(secret, dataset, int(r)) for r in rows),
+            x=x[rows], y=y[rows], columns=tuple(s.name for s in specs), categories=dict(cats),
+            is_test=is_test,
+            target_scale=DIABETES_TARGET_SCALE if dataset == "diabetes" else 1.0,
+            target_offset=DIABETES_TARGET_OFFSET if dataset == "diabetes" else 0.0,
+            metadata={"alpha": str(alpha), "split_seed": str(split_seed)}))
+    return out
+
+
+def load_hospital(dataset: str, hospital_id: str, n_hospitals: int = 3,
+                  **kwargs: object) -> HospitalData:
+    """The part of `load_federated(dataset, n_hospitals, **kwargs)` that belongs to
+    `hospital_id` (what a node loads from its node config)."""
+    parts = load_federated(dataset, n_hospitals, **kwargs)  # type: ignore[arg-type]
+    for p in parts:
+        if p.hospital_id == hospital_id:
+            return p
+    raise DataError(f"hospital_id: {hospital_id!r} is not one of {[p.hospital_id for p in parts]}")
+
+
+def pooled(parts: Sequence[HospitalData]) -> HospitalData:
+    """All hospitals' records in one object: the centralized (non-federated) baseline only."""
+    if not parts:
+        raise DataError("parts: nothing to pool")
+    first = parts[0]
+    return replace(
+        first, hospital_id="pooled",
+        pseudonyms=tuple(p for part in parts for p in part.pseudonyms),
+        x=np.concatenate([p.x for p in parts]), y=np.concatenate([p.y for p in parts]),
+        is_test=np.concatenate([p.is_test for p in parts]))

@@ -1,0 +1,193 @@
+"""Registry of model templates researchers may choose from.
+
+A template is code that ships with the exchange: a researcher picks one by name and never sends
+code to a hospital. Every template is an `nn.Sequential` of `nn.Linear` layers and parameter-free
+element-wise activations. That restriction is deliberate: it lets `federated.dp` compute exact
+per-sample gradient norms and clipped gradient sums with two matrix products per layer (no
+per-sample gradient tensors, no hooks), which is what makes DP-SGD nearly as fast as ordinary
+training here. A template outside that shape would need another per-sample gradient path.
+
+Each template fixes: the task (binary classification or regression), the architecture, the
+per-sample loss, the metrics, a deterministic initialisation from a seed, and tuned default
+DP-SGD hyper-parameters (see docs/federated-dp.md for how they were chosen).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+Task = Literal["binary", "regression"]
+Activation = Literal["relu", "tanh"]
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+class TemplateError(ValueError):
+    """A template name or a template's input is not acceptable."""
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """DP-SGD hyper-parameters a template trains well with (tuned on the breast cancer split,
+    see docs/benchmarks/federated-dp.md). A study may override them; none of them changes the
+    privacy guarantee, which only depends on noise multiplier, sample rate and step count."""
+
+    batch_size: int = 64
+    local_steps: int = 10
+    clip: float = 1.0
+    lr: float = 0.5
+    momentum: float = 0.0
+
+
+@dataclass(frozen=True)
+class Template:
+    """One registered model template."""
+
+    name: str
+    task: Task
+    hidden: tuple[int, ...] = ()
+    activation: Activation = "tanh"
+    description: str = ""
+    defaults: TrainingDefaults = field(default_factory=TrainingDefaults)
+
+    # -- model -----------------------------------------------------------------------------
+    def build(self, n_features: int, seed: int = 0) -> nn.Sequential:
+        """A fresh model for `n_features` inputs, initialised deterministically from `seed`
+        (its own torch.Generator: the global RNG is neither read nor changed, so two hospitals
+        or two runs building the same template with the same seed get identical weights)."""
+        if not isinstance(n_features, int) or isinstance(n_features, bool) or n_features < 1:
+            raise TemplateError(f"n_features: must be a positive integer, got {n_features!r}")
+        gen = torch.Generator().manual_seed(int(seed))
+        layers: list[nn.Module] = []
+        width = n_features
+        for h in self.hidden:
+            layers.append(_init_linear(nn.Linear(width, h), gen))
+            layers.append(_ACTIVATIONS[self.activation]())
+            width = h
+        out = nn.Linear(width, 1)
+        if self.hidden:
+            _init_linear(out, gen)
+        else:
+            # Linear models start at zero: the optimum is unique (convex loss) and a zero start
+            # wastes no privacy budget undoing a random one.
+            with torch.no_grad():
+                out.weight.zero_()
+                out.bias.zero_()
+        layers.append(out)
+        return nn.Sequential(*layers)
+
+    # -- loss ------------------------------------------------------------------------------
+    def per_sample_loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Loss of each record (shape [batch]); `output` is the model's [batch, 1] output.
+        DP-SGD needs per-record losses; the mean of these is the ordinary training loss."""
+        out = output.reshape(-1)
+        if self.task == "binary":
+            return nn.functional.binary_cross_entropy_with_logits(out, y, reduction="none")
+        return 0.5 * (out - y) ** 2
+
+    def loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean loss over a batch."""
+        return self.per_sample_loss(output, y).mean()
+
+    # -- metrics ---------------------------------------------------------------------------
+    def predict(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
+        """Model outputs for `x`: probabilities of class 1 (binary) or predictions (regression)."""
+        with torch.no_grad():
+            out = model(torch.as_tensor(np.asarray(x, dtype=np.float32))).reshape(-1)
+            if self.task == "binary":
+                out = torch.sigmoid(out)
+        return out.numpy().astype(np.float64)
+
+    def evaluate(self, model: nn.Module, x: np.ndarray, y: np.ndarray,
+                 target_scale: float = 1.0) -> dict[str, float]:
+        """Loss and metrics on (x, y).
+
+        Binary: `loss`, `accuracy` (threshold 0.5) and `auroc` (omitted when `y` holds a single
+        class, where it is undefined). Regression: `loss`, `mae` and `rmse`, multiplied by
+        `target_scale` so they come out in the target's original units when `y` was scaled.
+        An empty set gives `{"num_examples": 0}` only.
+        """
+        x = np.asarray(x, dtype=np.float32)
+        y = np.asarray(y, dtype=np.float32).reshape(-1)
+        if x.ndim != 2 or x.shape[0] != y.shape[0]:
+            raise TemplateError(f"x, y: shapes {x.shape} and {y.shape} do not match")
+        n = int(y.shape[0])
+        if n == 0:
+            return {"num_examples": 0.0}
+        with torch.no_grad():
+            out = model(torch.from_numpy(x))
+            loss = float(self.loss(out, torch.from_numpy(y)))
+        pred = self.predict(model, x)
+        metrics: dict[str, float] = {"num_examples": float(n), "loss": loss}
+        if self.task == "binary":
+            metrics["accuracy"] = float(np.mean((pred >= 0.5) == (y >= 0.5)))
+            if len(np.unique(y)) == 2:
+                metrics["auroc"] = float(roc_auc_score(y, pred))
+        else:
+            err = pred - y
+            metrics["mae"] = float(np.mean(np.abs(err))) * target_scale
+            metrics["rmse"] = float(np.sqrt(np.mean(err**2))) * target_scale
+        return metrics
+
+    def trivial_baseline(self, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                         target_scale: float = 1.0) -> dict[str, float]:
+        """What a model that ignores the features achieves (majority class / mean target):
+        the bar every trained model must clear."""
+        y_train = np.asarray(y_train, dtype=np.float64).reshape(-1)
+        y_test = np.asarray(y_test, dtype=np.float64).reshape(-1)
+        if self.task == "binary":
+            majority = float(np.mean(y_train) >= 0.5)
+            return {"accuracy": float(np.mean((y_test >= 0.5) == (majority >= 0.5))), "auroc": 0.5}
+        mean = float(np.mean(y_train))
+        return {"mae": float(np.mean(np.abs(y_test - mean))) * target_scale,
+                "rmse": float(np.sqrt(np.mean((y_test - mean) ** 2))) * target_scale}
+
+
+def _init_linear(layer: nn.Linear, gen: torch.Generator) -> nn.Linear:
+    """PyTorch's default Linear init (uniform in +-1/sqrt(fan_in)) drawn from `gen`."""
+    bound = 1.0 / math.sqrt(layer.in_features)
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=gen)
+        layer.bias.uniform_(-bound, bound, generator=gen)
+    return layer
+
+
+_TEMPLATES: dict[str, Template] = {
+    t.name: t
+    for t in (
+        Template("logistic_regression", "binary",
+                 description="Logistic regression (one linear layer, sigmoid output).",
+                 defaults=TrainingDefaults(batch_size=64, local_steps=10, clip=1.0, lr=0.5)),
+        Template("mlp_classifier", "binary", hidden=(32,), activation="tanh",
+                 description="MLP, one hidden layer of 32 tanh units, sigmoid output.",
+                 defaults=TrainingDefaults(batch_size=64, local_steps=10, clip=1.0, lr=0.5)),
+        Template("linear_regression", "regression",
+                 description="Linear regression (one linear layer, squared error).",
+                 defaults=TrainingDefaults(batch_size=64, local_steps=10, clip=1.0, lr=0.2)),
+        Template("mlp_regressor", "regression", hidden=(32,), activation="tanh",
+                 description="MLP, one hidden layer of 32 tanh units, squared error.",
+                 defaults=TrainingDefaults(batch_size=64, local_steps=10, clip=1.0, lr=0.2)),
+    )
+}
+
+
+def get_template(name: str) -> Template:
+    """The registered template called `name`; a clear error listing the choices otherwise."""
+    try:
+        return _TEMPLATES[name]
+    except (KeyError, TypeError):
+        raise TemplateError(
+            f"template: unknown template {name!r}; choose one of {sorted(_TEMPLATES)}") from None
+
+
+def list_templates() -> Mapping[str, Template]:
+    """All registered templates by name (read-only view)."""
+    return dict(_TEMPLATES)
