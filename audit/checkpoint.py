@@ -58,7 +58,7 @@ class Checkpoint:
 
     def body(self) -> str:
         """The exact text that is signed."""
-        _check_origin(self.origin)
+        check_origin(self.origin)
         if self.size < 0:
             raise CheckpointError(f"size: must be >= 0, got {self.size}")
         if len(self.root) != HASH_BYTES:
@@ -89,7 +89,7 @@ def _check_line(what: str, line: str) -> None:
         raise CheckpointError(f"{what}: contains a control character")
 
 
-def _check_origin(origin: str) -> None:
+def check_origin(origin: str) -> None:
     _check_line("origin", origin)
     if any(c.isspace() or c == "+" for c in origin):
         raise CheckpointError(f"origin: {origin!r} must not contain spaces or '+'")
@@ -180,7 +180,7 @@ def parse_checkpoint_body(body: str) -> Checkpoint:
     if len(lines) < 3:
         raise CheckpointError(f"checkpoint: needs origin, size and root lines, got {len(lines)} line(s)")
     origin, size_text, root_text, *extensions = lines
-    _check_origin(origin)
+    check_origin(origin)
     if not _SIZE_RE.fullmatch(size_text):
         raise CheckpointError(f"checkpoint size: {size_text!r} is not a decimal number without "
                               f"leading zeros")

@@ -330,6 +330,30 @@ class MemoryTree:
     def leaf(self, index: int) -> bytes:
         return self.node(0, index)
 
+    def leaf_bytes(self, size: int | None = None) -> bytes:
+        """The first `size` leaf hashes, concatenated (32 bytes each)."""
+        size = self._size_or_current(size)
+        return bytes(self._levels[0][:size * HASH_SIZE])
+
+    @classmethod
+    def from_leaf_bytes(cls, data: bytes) -> MemoryTree:
+        """A tree from concatenated 32-byte leaf hashes, built level by level."""
+        if len(data) % HASH_SIZE:
+            raise ValueError(f"leaf hashes: length {len(data)} is not a multiple of {HASH_SIZE}")
+        tree = cls()
+        tree._levels = [bytearray(data)]
+        tree._size = len(data) // HASH_SIZE
+        row = tree._levels[0]
+        while len(row) >= 2 * HASH_SIZE:
+            pairs = len(row) // (2 * HASH_SIZE)
+            parent = bytearray()
+            for i in range(pairs):
+                start = 2 * i * HASH_SIZE
+                parent += _sha256(NODE_PREFIX + row[start:start + 2 * HASH_SIZE]).digest()
+            tree._levels.append(parent)
+            row = parent
+        return tree
+
     def _size_or_current(self, size: int | None) -> int:
         if size is None:
             return self._size

@@ -1,0 +1,554 @@
+"""Offline verification of an exported log: the auditor's whole check, in one pass.
+
+What is checked, in log order, stopping at the first bad entry:
+1. each line is one JSON object in RFC 8785 canonical form followed by "\\n" (the line bytes
+   are then the Merkle leaf input, used as they are: no re-encoding);
+2. it is a well-formed envelope (audit.entry rules) with a 64-byte base64 signature;
+3. it is not a byte-for-byte replay of an earlier entry (a signed entry can appear once);
+4. its signer is registered and not revoked or rotated away (audit.keyring), and key entries
+   are allowed; its Ed25519 signature verifies against that key;
+5. the token ledger accepts it (audit.ledger: conservation, escrows, payouts);
+then the rebuilt RFC 6962 tree must match the checkpoint (signed by the pinned log key, same
+origin, same size, same root), and with a state file the saved checkpoint must be consistent with
+the new one (RFC 9162 consistency proof computed from the rebuilt tree and verified against the
+saved root). Only then is the new checkpoint saved, atomically.
+
+Why it is fast: each line is parsed once with the C JSON parser and checked to be canonical
+with the C encoder (RFC 8785 equals `json.dumps(sort_keys, compact, ensure_ascii=False)` for
+ASCII lines whose numbers are integers within 2**53 or non-integral floats printed without
+exponent; every other line goes through the rfc8785 package), the signed bytes are cut out of
+the line instead of being re-encoded, and Ed25519 checks run in a small thread pool (libsodium
+releases the GIL) in fixed batches. The result is deterministic: the reported problem is always
+the one at the smallest entry index, whatever the thread timing.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import importlib
+import json
+import os
+import re
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import rfc8785
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+
+from audit.checkpoint import Checkpoint, CheckpointError, verify_checkpoint
+from audit.entry import ENVELOPE_FIELDS, ENVELOPE_VERSION, Entry, MalformedEntryError, parse_time
+from audit.export import (
+    ExportError,
+    ExportPaths,
+    Trust,
+    atomic_write,
+    iter_lines,
+    read_checkpoint_text,
+    read_trust,
+)
+from audit.keyring import Keyring, KeyringError
+from audit.merkle import HASH_SIZE, MemoryTree, ProofError, verify_consistency
+from audit.signing import b64decode, b64encode, canonical
+
+STATE_VERSION = 1
+SIGNATURE_BYTES = 64
+_TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
+_MAX_SAFE_DIGITS = 15  # every integer with at most 15 digits is inside +-(2**53 - 1)
+_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                           allow_nan=False).encode
+_sha256 = hashlib.sha256
+
+
+def _load_ledger() -> tuple[Any, type[Exception]] | None:
+    """(Ledger, LedgerError) from audit.ledger if that module exists yet, else None."""
+    try:
+        module = importlib.import_module("audit.ledger")
+    except ModuleNotFoundError as exc:
+        if exc.name != "audit.ledger":
+            raise
+        return None
+    return module.Ledger, module.LedgerError
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What is wrong. `index` is the first bad entry, or None for a problem not tied to one."""
+
+    index: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason if self.index is None else f"entry {self.index}: {self.reason}"
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of one verification; `problem` is None exactly when the log is valid."""
+
+    entries: int = 0
+    origin: str = ""
+    root: bytes = b""
+    checkpoint: Checkpoint | None = None
+    problem: Problem | None = None
+    kinds: Counter[str] = field(default_factory=Counter)
+    ledger: dict[str, Any] | None = None
+    ledger_checked: bool = False
+    consistent_with: int | None = None  # size of the saved checkpoint proven consistent
+    state_saved: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+class NotCanonicalError(ValueError):
+    """A log line is not one RFC 8785 canonical JSON value."""
+
+
+class _Numbers:
+    """json.loads hooks that notice numbers whose fast canonical check would not be exact."""
+
+    __slots__ = ("unsafe",)
+
+    def __init__(self) -> None:
+        self.unsafe = False
+
+    def parse_float(self, token: str) -> float:
+        value = float(token)
+        # Safe only if Python prints it back exactly so and RFC 8785 would too: no exponent,
+        # not integral ("5.0" is "5" in RFC 8785), and repr round-trips to the same text.
+        if "e" in token or "E" in token or token.endswith(".0") or repr(value) != token:
+            self.unsafe = True
+        return value
+
+    def parse_int(self, token: str) -> int:
+        if len(token) > _MAX_SAFE_DIGITS:
+            self.unsafe = True
+        return int(token)
+
+    def parse_constant(self, token: str) -> float:
+        raise NotCanonicalError(f"{token} is not allowed in JSON")
+
+
+def parse_canonical_line(line: bytes, numbers: _Numbers | None = None) -> Any:
+    """Parse one line (without its newline) and require it to be RFC 8785 canonical.
+
+    Raises NotCanonicalError / ValueError with the reason. See the module docstring for why the
+    C encoder's output equals RFC 8785 on the fast path.
+    """
+    hooks = numbers or _Numbers()
+    hooks.unsafe = False
+    try:
+        obj = json.loads(line, parse_float=hooks.parse_float, parse_int=hooks.parse_int,
+                         parse_constant=hooks.parse_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NotCanonicalError(f"not valid JSON ({exc})") from exc
+    if line.isascii() and not hooks.unsafe:
+        try:
+            fast: bytes | None = _ENCODE(obj).encode("utf-8")
+        except (ValueError, UnicodeEncodeError):
+            fast = None
+        if fast == line:
+            return obj
+        if fast is not None:
+            raise NotCanonicalError("not in RFC 8785 canonical form")
+    try:
+        canon = rfc8785.dumps(obj)
+    except rfc8785.CanonicalizationError as exc:
+        raise NotCanonicalError(f"cannot be canonicalized ({exc})") from exc
+    if canon != line:
+        raise NotCanonicalError("not in RFC 8785 canonical form")
+    return obj
+
+
+def _check_time(text: str) -> None:
+    if _TIME_RE.fullmatch(text):
+        try:
+            datetime.fromisoformat(text)
+            return
+        except ValueError:
+            pass
+    parse_time(text)  # the authoritative rule; raises MalformedEntryError with the reason
+
+
+def envelope_from_json(obj: Any) -> Entry:
+    """Entry.from_json's rules (plus `v` must be the integer 1), with a faster time check."""
+    if not isinstance(obj, dict):
+        raise MalformedEntryError("envelope: not a JSON object")
+    if obj.keys() != ENVELOPE_FIELDS:
+        missing = ENVELOPE_FIELDS - obj.keys()
+        extra = obj.keys() - ENVELOPE_FIELDS
+        if missing:
+            raise MalformedEntryError(f"envelope: missing field(s) {sorted(missing)}")
+        raise MalformedEntryError(f"envelope: unknown field(s) {sorted(extra)}")
+    if type(obj["v"]) is not int or obj["v"] != ENVELOPE_VERSION:
+        raise MalformedEntryError(f"v: unsupported envelope version {obj['v']!r}")
+    for name in ("kind", "key_id", "time", "signature"):
+        if not isinstance(obj[name], str) or not obj[name]:
+            raise MalformedEntryError(f"{name}: must be a non-empty string")
+    if not isinstance(obj["payload"], dict):
+        raise MalformedEntryError("payload: must be a JSON object")
+    _check_time(obj["time"])
+    return Entry(kind=obj["kind"], key_id=obj["key_id"], time=obj["time"], payload=obj["payload"],
+                 signature=obj["signature"])
+
+
+def signing_input_from_line(line: bytes, entry: Entry) -> bytes:
+    """The signed bytes (canonical envelope without "signature"), cut out of the canonical line.
+
+    In RFC 8785 order the top-level members are key_id, kind, payload, signature, time, v, so a
+    canonical line ends with `,"signature":"S","time":"T","v":1}`; removing the signature member
+    gives exactly the canonical encoding of the rest. The signature is base64 (already decoded by
+    the caller) and the time is validated, so neither needs escaping and the suffix is exact.
+    """
+    suffix = b',"time":"' + entry.time.encode() + b'","v":1}'
+    member = b',"signature":"' + entry.signature.encode() + b'"'
+    if line.endswith(member + suffix):
+        return line[:len(line) - len(member) - len(suffix)] + suffix
+    return canonical(entry.signed_part())
+
+
+class _SignatureChecks:
+    """Ed25519 checks in fixed-size batches on a thread pool; the smallest failing index wins."""
+
+    def __init__(self, workers: int, batch_size: int = 512) -> None:
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="audit-verify") if workers > 1 else None
+        self._limit = 2 * max(workers, 1)
+        self._batch_size = batch_size
+        self._batch: list[tuple[int, VerifyKey, bytes, bytes]] = []
+        self._pending: deque[Future[int | None]] = deque()
+        self.failed: int | None = None
+
+    @staticmethod
+    def _run(batch: list[tuple[int, VerifyKey, bytes, bytes]]) -> int | None:
+        for index, key, message, signature in batch:
+            try:
+                key.verify(message, signature)
+            except BadSignatureError:
+                return index
+        return None
+
+    def add(self, index: int, key: VerifyKey, message: bytes, signature: bytes) -> None:
+        self._batch.append((index, key, message, signature))
+        if len(self._batch) >= self._batch_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        if self._pool is None:
+            self._record(self._run(batch))
+            return
+        self._pending.append(self._pool.submit(self._run, batch))
+        while self._pending and (len(self._pending) > self._limit or self._pending[0].done()):
+            self._record(self._pending.popleft().result())
+
+    def _record(self, failed: int | None) -> None:
+        if failed is not None and (self.failed is None or failed < self.failed):
+            self.failed = failed
+
+    def finish(self) -> int | None:
+        """Wait for every batch; the smallest index whose signature failed, or None."""
+        self._flush()
+        while self._pending:
+            self._record(self._pending.popleft().result())
+        if self._pool is not None:
+            self._pool.shutdown()
+        return self.failed
+
+
+@dataclass
+class _State:
+    checkpoint_text: str
+    checkpoint: Checkpoint
+    leaf_hashes: bytes | None
+
+
+def _load_state(path: Path, trust: Trust) -> _State | None:
+    """The saved state, None if the file does not exist yet; ExportError if it is unusable."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot read state file ({exc.strerror})") from exc
+    try:
+        obj = json.loads(raw)
+        if not isinstance(obj, dict) or obj.get("version") != STATE_VERSION:
+            raise ExportError(f"{path}: state file: unsupported or missing version")
+        text = obj["checkpoint"]
+        leaves = obj.get("leaf_hashes")
+        leaf_hashes = None if leaves is None else b64decode(leaves)
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        if isinstance(exc, ExportError):
+            raise
+        raise ExportError(f"{path}: state file is malformed ({exc})") from exc
+    try:
+        checkpoint = verify_checkpoint(text, trust.log_public_key, trust.log_key_name, trust.origin)
+    except CheckpointError as exc:
+        raise ExportError(f"{path}: saved checkpoint does not verify with the pinned log key "
+                          f"({exc})") from exc
+    if leaf_hashes is not None and len(leaf_hashes) != HASH_SIZE * checkpoint.size:
+        leaf_hashes = None  # unusable for naming a fork; the proof itself needs only the root
+    return _State(text, checkpoint, leaf_hashes)
+
+
+def save_state(path: Path, checkpoint_text: str, tree: MemoryTree, size: int) -> None:
+    """Save the checkpoint (and the leaf hashes it covers, to name a later fork) atomically."""
+    leaves = tree.leaf_bytes(size)
+    data = json.dumps({"version": STATE_VERSION, "checkpoint": checkpoint_text,
+                       "leaf_hashes": b64encode(leaves)}, indent=1).encode() + b"\n"
+    atomic_write(path, data)
+
+
+def _first_divergence(saved: _State, tree: MemoryTree, upto: int) -> int | None:
+    """The first index < upto where the saved leaves differ from ours (None: none or unknown).
+
+    The saved leaf hashes are used only if they reproduce the saved (signed) root.
+    """
+    leaves = saved.leaf_hashes
+    if leaves is None:
+        return None
+    if MemoryTree.from_leaf_bytes(leaves).root() != saved.checkpoint.root:
+        return None
+    ours = tree.leaf_bytes(min(upto, tree.size))
+    limit = min(len(leaves), len(ours))
+    if leaves[:limit] == ours[:limit]:
+        return None
+    # Binary search: the first `low` leaves agree, the first `high` do not.
+    low, high = 0, limit // HASH_SIZE
+    while high - low > 1:
+        mid = (low + high) // 2
+        if leaves[:mid * HASH_SIZE] == ours[:mid * HASH_SIZE]:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+class LogVerifier:
+    """Replays entries one by one; `feed` them in order, then `finish`.
+
+    Kept as a class so the store's crash tests and the CLI share exactly one implementation.
+    """
+
+    def __init__(self, trust: Trust, *, workers: int | None = None, with_ledger: bool = True) -> None:
+        self.trust = trust
+        self.keyring = Keyring(trust.operator_public_key)
+        loaded = _load_ledger() if with_ledger else None
+        self.ledger: Any = None
+        self._ledger_error: type[Exception] | None = None
+        if loaded is not None:
+            ledger_class, self._ledger_error = loaded
+            self.ledger = ledger_class(root_key_id=self.keyring.root_key_id)
+        self.tree = MemoryTree()
+        self.kinds: Counter[str] = Counter()
+        self.problem: Problem | None = None
+        self._numbers = _Numbers()
+        self._seen: dict[int, int] = {}
+        self._keys: dict[str, VerifyKey] = {}
+        cpus = os.cpu_count() or 1
+        self._sigs = _SignatureChecks(min(2, cpus) if workers is None else workers)
+
+    @property
+    def size(self) -> int:
+        return self.tree.size
+
+    def feed(self, raw: bytes) -> bool:
+        """Check the next line (with its newline). False once a bad entry has been found."""
+        if self.problem is not None:
+            return False
+        index = self.tree.size
+        try:
+            self._feed(index, raw)
+        except (NotCanonicalError, MalformedEntryError) as exc:
+            self.problem = Problem(index, str(exc))
+        except KeyringError as exc:
+            self.problem = Problem(index, exc.reason)
+        except _LedgerFailureError as exc:
+            self.problem = Problem(index, f"ledger: {exc}")
+        if self.problem is None and self._sigs.failed is not None:
+            self.problem = Problem(self._sigs.failed, "signature: does not verify with the "
+                                                      "signer's registered key")
+        return self.problem is None
+
+    def _feed(self, index: int, raw: bytes) -> None:
+        if not raw.endswith(b"\n"):
+            raise NotCanonicalError("line does not end with a newline (file truncated?)")
+        line = raw[:-1]
+        obj = parse_canonical_line(line, self._numbers)
+        entry = envelope_from_json(obj)
+        try:
+            signature = b64decode(entry.signature)
+        except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
+            raise MalformedEntryError("signature: not valid base64") from exc
+        if len(signature) != SIGNATURE_BYTES:
+            raise MalformedEntryError(f"signature: must be {SIGNATURE_BYTES} bytes, got {len(signature)}")
+        leaf = _sha256(b"\x00" + line).digest()
+        short = int.from_bytes(leaf[:8], "big")
+        earlier = self._seen.get(short)
+        if earlier is not None and self.tree.leaf(earlier) == leaf:
+            raise MalformedEntryError(f"duplicate: byte-for-byte the same entry as entry {earlier} "
+                                      f"(a replayed entry)")
+        self.keyring.check(entry, index, verify_signature=False)
+        key = self._keys.get(entry.key_id)
+        if key is None:
+            key = self._keys[entry.key_id] = VerifyKey(self.keyring.public_key(entry.key_id))
+        self._sigs.add(index, key, signing_input_from_line(line, entry), signature)
+        self.keyring.apply(entry, index)
+        if self.ledger is not None:
+            assert self._ledger_error is not None
+            try:
+                self.ledger.apply(entry, index)
+            except self._ledger_error as exc:
+                raise _LedgerFailureError(getattr(exc, "reason", str(exc))) from exc
+        self._seen.setdefault(short, index)
+        self.tree.append(leaf)
+        self.kinds[entry.kind] += 1
+
+    def finish(self) -> Problem | None:
+        """Wait for the outstanding signature checks; the problem with the smallest index."""
+        failed = self._sigs.finish()
+        if failed is not None and (self.problem is None or self.problem.index is None
+                                   or failed < self.problem.index):
+            self.problem = Problem(failed, "signature: does not verify with the signer's "
+                                           "registered key")
+        return self.problem
+
+    def ledger_json(self) -> dict[str, Any] | None:
+        if self.ledger is None:
+            return None
+        result: dict[str, Any] = self.ledger.state.to_json()
+        return result
+
+
+class _LedgerFailureError(Exception):
+    """Carries a LedgerError's reason out of the per-entry checks."""
+
+
+def _earliest(*problems: Problem | None) -> Problem | None:
+    """The problem at the smallest entry index; one tied to no entry only if there is no other."""
+    indexed = [p for p in problems if p is not None and p.index is not None]
+    if indexed:
+        return min(indexed, key=lambda p: p.index if p.index is not None else -1)
+    return next((p for p in problems if p is not None), None)
+
+
+def verify_export(folder: Path, *, trust_path: Path | None = None, state_path: Path | None = None,
+                  progress: Callable[[int], None] | None = None, workers: int | None = None,
+                  with_ledger: bool = True) -> VerifyReport:
+    """Verify the export in `folder` (see the module docstring). ExportError: unusable input.
+
+    `trust_path` defaults to the export's own trust.json (an auditor should pin its own copy).
+    `progress(bytes_read)` is called now and then with the bytes of entries.jsonl read so far.
+    """
+    paths = ExportPaths(folder)
+    paths.require()
+    trust = read_trust(trust_path or paths.trust)
+    checkpoint_text = read_checkpoint_text(paths.checkpoint)
+    state = _load_state(state_path, trust) if state_path is not None else None
+    return verify_lines(iter_lines(paths.entries), checkpoint_text, trust, state=state,
+                        state_path=state_path, progress=progress, workers=workers,
+                        with_ledger=with_ledger)
+
+
+def verify_lines(lines: Iterable[bytes], checkpoint_text: bytes | str, trust: Trust, *,
+                 state: _State | None = None, state_path: Path | None = None,
+                 progress: Callable[[int], None] | None = None, workers: int | None = None,
+                 with_ledger: bool = True) -> VerifyReport:
+    """Verify lines (each with its newline) against a checkpoint note and trust anchors."""
+    report = VerifyReport(origin=trust.origin)
+    checkpoint_problem: Problem | None = None
+    checkpoint: Checkpoint | None = None
+    try:
+        checkpoint = verify_checkpoint(checkpoint_text, trust.log_public_key, trust.log_key_name,
+                                       trust.origin)
+    except CheckpointError as exc:
+        checkpoint_problem = Problem(None, f"checkpoint: {exc}")
+    report.checkpoint = checkpoint
+
+    verifier = LogVerifier(trust, workers=workers, with_ledger=with_ledger)
+    read = 0
+    for count, raw in enumerate(lines, start=1):
+        if not verifier.feed(raw):
+            break
+        read += len(raw)
+        if progress is not None and count % 4096 == 0:
+            progress(read)
+    entry_problem = verifier.finish()
+    if progress is not None:
+        progress(read)
+    tree = verifier.tree
+    size = tree.size if entry_problem is None else (entry_problem.index or 0)
+    report.entries = tree.size
+    report.kinds = verifier.kinds
+    report.ledger_checked = verifier.ledger is not None
+    report.root = tree.root()
+
+    # History against the saved state: computed even if an entry is bad, since a fork earlier
+    # than that entry is the first thing wrong.
+    fork_problem: Problem | None = None
+    if state is not None:
+        saved = state.checkpoint
+        if entry_problem is not None:
+            divergence = _first_divergence(state, tree, size)
+            if divergence is not None:
+                fork_problem = Problem(divergence, f"history forked: differs from the saved "
+                                                   f"checkpoint (size {saved.size}) from this entry on")
+        elif saved.size > tree.size:
+            divergence = _first_divergence(state, tree, tree.size)
+            fork_problem = Problem(
+                divergence if divergence is not None else tree.size,
+                f"history forked: differs from the saved checkpoint (size {saved.size}) from this "
+                f"entry on" if divergence is not None else
+                f"missing: the saved checkpoint covers {saved.size} entries but the log has only "
+                f"{tree.size} (truncated or rolled back)")
+        else:
+            try:
+                if saved.size > 0:
+                    verify_consistency(saved.size, tree.size, tree.consistency_proof(saved.size),
+                                       saved.root, tree.root())
+                report.consistent_with = saved.size
+            except ProofError as exc:
+                divergence = _first_divergence(state, tree, saved.size)
+                fork_problem = Problem(divergence, f"history forked: not consistent with the saved "
+                                                   f"checkpoint of size {saved.size} ({exc})")
+
+    if entry_problem is None and checkpoint is not None and checkpoint_problem is None:
+        checkpoint_problem = _match_checkpoint(checkpoint, tree)
+
+    report.problem = _earliest(entry_problem, fork_problem, checkpoint_problem)
+    if report.problem is None:
+        report.ledger = verifier.ledger_json()
+        if state_path is not None:
+            save_state(state_path, checkpoint_text if isinstance(checkpoint_text, str)
+                       else checkpoint_text.decode(), tree, tree.size)
+            report.state_saved = True
+    return report
+
+
+def _match_checkpoint(checkpoint: Checkpoint, tree: MemoryTree) -> Problem | None:
+    size = tree.size
+    if checkpoint.size > size:
+        return Problem(size, f"missing: the checkpoint commits to {checkpoint.size} entries but the "
+                             f"log ends after {size} (truncated?)")
+    if checkpoint.size < size:
+        if tree.root(checkpoint.size) == checkpoint.root:
+            return Problem(checkpoint.size, f"not covered by the checkpoint, which commits to only "
+                                            f"{checkpoint.size} entries")
+        return Problem(None, f"checkpoint: commits to {checkpoint.size} entries but the log has "
+                             f"{size}, and its root matches no prefix of it")
+    if tree.root() != checkpoint.root:
+        return Problem(None, f"checkpoint: root hash {b64encode(checkpoint.root)} does not match the "
+                             f"root {b64encode(tree.root())} of the {size} entries (an entry was "
+                             f"changed, inserted, deleted or reordered; verify with --state to "
+                             f"name it)")
+    return None
