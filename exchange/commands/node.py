@@ -149,7 +149,7 @@ def consent_import(
     store = open_store(settings.db_url)
     try:
         with store.transaction() as session:
-            report = import_consent_folder(session, folder)
+            report = import_consent_folder(session, folder, settings.hospital_id)
     except ConsentImportRejectedError as exc:
         err.print(f"[red]error:[/red] {folder}: nothing imported; {len(exc.problems)} problem(s):",
                   highlight=False)

@@ -1,0 +1,305 @@
+"""`exchange node run`: the hospital node daemon.
+
+One loop, one thread of work (the /health server answers from a snapshot on its own
+thread). Each step: make sure the coordinator knows this node, fetch the studies, decide on
+new ones by site policy (or leave them for the steward), post every decision not yet
+acknowledged, keep the Flower SuperNode and its warm executor running while an approved
+study is unfinished, and copy the privacy ledger's charges into the rounds table.
+
+Everything the daemon knows is in its database, written before it acts on it, so a restart
+after SIGTERM, a crash or kill -9 resumes where it was: decided studies are never decided
+again, unposted decisions are posted, the SuperNode comes back for unfinished studies, and
+privacy spent lives in the ledger (idempotent per round), never in memory.
+
+SIGTERM/SIGINT: finish the current step, stop the children (SIGTERM, then SIGKILL after a
+grace period), exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any
+
+from sqlalchemy import select
+
+from audit.entry import Entry
+from audit.signing import Signer
+from exchange.logging import get_logger
+from exchange.node.decisions import TERMINAL, Context, latest_decision, mark_posted, observe_study, unposted
+from exchange.node.models import RoundRow, StudyRow
+from exchange.node.privacy import open_ledger
+from exchange.node.settings import NodeSettings
+from exchange.node.store import NodeStore, open_store
+from exchange.node.supervisor import ChildSpec, Supervisor
+
+log = get_logger("exchange.node")
+STUDY_PAGE = 100
+CHILD_STOP_GRACE_S = 10.0
+
+
+class CoordinatorLink:
+    """The coordinator as the daemon uses it, over its hospital client helper
+    (`exchange.coordinator.client.HospitalClient`, RFC 9421-signed requests)."""
+
+    def __init__(self, settings: NodeSettings, signer: Signer) -> None:
+        from exchange.coordinator.client import HospitalClient
+
+        self.client = HospitalClient(settings.coordinator_url, signer, settings.hospital_id)
+
+    def me(self) -> dict[str, Any]:
+        return self.client.me()
+
+    def studies(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        offset: int | None = 0
+        while offset is not None:
+            page = self.client.studies(status="all", offset=offset, limit=STUDY_PAGE)
+            items.extend(page.get("items", []))
+            offset = page.get("next_offset")
+        return items
+
+    def post_decision(self, study_id: str, envelope: dict[str, Any]) -> None:
+        self.client.submit_entry(Entry.from_json(envelope), path=f"/v1/hospital/studies/{study_id}/decision")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def supernode_specs(settings: NodeSettings) -> list[ChildSpec]:
+    """The SuperNode (our launcher around flower-supernode) and, in "warm" mode, the
+    executor that runs this node's ClientApp behind it."""
+    sn = settings.supernode
+    node_config = (f'hospital-id="{settings.hospital_id}" node-config-file="'
+                   f'{settings.data_dir / "node.toml"}" node-db="{settings.db_url}"')
+    argv = [sys.executable, "-m", "federated.runtime.supernode_main", "--superlink", sn.superlink_address,
+            "--node-config", node_config]
+    if sn.insecure:
+        argv.append("--insecure")
+    elif sn.root_certificates is not None:
+        argv += ["--root-certificates", str(settings.path(sn.root_certificates))]
+    argv += ["--auth-supernode-private-key", str(settings.flower_key_path)]
+    host, _, port = sn.clientappio_address.rpartition(":")
+    env = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "EXCHANGE_NODE_CONFIG": str(settings.data_dir / "node.toml"),
+           "FLWR_HOME": str(settings.data_dir / "flwr-home")}
+    logs = settings.data_dir / "logs"
+    if sn.executor == "warm":
+        argv += ["--isolation", "process", "--host", host, "--port", port]
+        env["EXCHANGE_FLOWER_MODE"] = "fast"
+        executor = ChildSpec("executor", (sys.executable, "-m", "federated.runtime.executor",
+                                          "--runtime-api-address", sn.clientappio_address),
+                             env=env, log_file=logs / "executor.log")
+        return [ChildSpec("supernode", tuple(argv), env=env, log_file=logs / "supernode.log"), executor]
+    env["EXCHANGE_FLOWER_MODE"] = "plain"
+    argv += ["--host", host, "--port", port]
+    return [ChildSpec("supernode", tuple(argv), env=env, log_file=logs / "supernode.log")]
+
+
+class NodeDaemon:
+    def __init__(self, settings: NodeSettings, store: NodeStore, link: Any, signer: Signer,
+                 supervisor: Supervisor | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.link = link
+        self.ctx = Context(settings=settings, signer=signer)
+        self.supervisor = supervisor or Supervisor(
+            initial_backoff_s=settings.supernode.restart_backoff_initial_s,
+            max_backoff_s=settings.supernode.restart_backoff_max_s,
+            after_305_s=settings.supernode.restart_after_305_s, on_event=self._child_event)
+        self.stop_event = threading.Event()
+        self.ledger = open_ledger(store.engine, settings.policy.total_privacy_budget)
+        self._health: dict[str, Any] = {"status": "starting", "hospital_id": settings.hospital_id}
+        self._health_lock = threading.Lock()
+
+    # -- events -------------------------------------------------------------------------------
+    def _child_event(self, event: str, data: dict[str, Any]) -> None:
+        log.info(event, **data)
+        if event in ("child_exited", "child_start_failed", "child_killed"):
+            self.store.record_error("supervisor", f"{event}: {json.dumps(data, sort_keys=True)}")
+
+    def _error(self, component: str, exc: BaseException) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        log.warning("step_failed", component=component, error=message)
+        self.store.record_error(component, message)
+
+    # -- one step -----------------------------------------------------------------------------
+    def step(self) -> None:
+        if not self._ensure_registered():
+            return
+        self._sync_studies()
+        self._post_decisions()
+        self._sync_supernode()
+        self._sync_rounds()
+        self.store.set_state("last_step_at", datetime.now(UTC).isoformat())
+
+    def _ensure_registered(self) -> bool:
+        try:
+            me = self.link.me()
+        except Exception as exc:
+            self._error("coordinator", exc)
+            self._update_health(coordinator="unreachable or not registered")
+            return False
+        if not self.store.get_state("registered"):
+            log.info("registered", hospital_id=self.settings.hospital_id, key_id=self.ctx.signer.key_id)
+        self.store.set_state("registered", {"at": datetime.now(UTC).isoformat(),
+                                            "me": {k: v for k, v in me.items() if k != "flower_public_key"}})
+        self._update_health(coordinator="ok")
+        return True
+
+    def _sync_studies(self) -> None:
+        try:
+            studies = self.link.studies()
+        except Exception as exc:
+            self._error("coordinator", exc)
+            return
+        for study in studies:
+            try:
+                row = observe_study(self.store, self.ctx, study)
+            except Exception as exc:
+                self._error("policy", exc)
+                continue
+            log.debug("study_seen", study_id=row.study_id, status=row.status)
+
+    def _post_decisions(self) -> None:
+        for decision in unposted(self.store):
+            try:
+                self.link.post_decision(decision.study_id, decision.envelope)
+            except Exception as exc:
+                status = getattr(exc, "status", None)
+                if status == 409:  # the coordinator already holds our decision (posted before a crash)
+                    mark_posted(self.store, decision.id)
+                    continue
+                self._error("coordinator", exc)
+                continue
+            mark_posted(self.store, decision.id)
+            log.info("decision_posted", study_id=decision.study_id, decision=decision.decision,
+                     decided_by=decision.decided_by, reasons=decision.reasons)
+
+    def active_studies(self) -> list[str]:
+        """Approved studies (decision acknowledged) that have not finished."""
+        out: list[str] = []
+        with self.store.sessions() as session:
+            for row in session.execute(select(StudyRow).where(StudyRow.status.not_in(TERMINAL))).scalars():
+                decision = latest_decision(session, row.study_id)
+                if decision is not None and decision.decision == "approve" and decision.posted_at:
+                    out.append(row.study_id)
+        return out
+
+    def _sync_supernode(self) -> None:
+        if not self.settings.supernode.enabled:
+            return
+        specs = supernode_specs(self.settings)
+        if self.active_studies():
+            for spec in specs:
+                self.supervisor.want(spec)
+        else:
+            for spec in specs:
+                self.supervisor.forget(spec.name, CHILD_STOP_GRACE_S)
+        self.supervisor.tick()
+        self.store.set_state("children", self.supervisor.snapshot())
+
+    def _sync_rounds(self) -> None:
+        """Copy the privacy ledger's charges (one per round trained and released here) into
+        the rounds table; the ledger is idempotent per round, so this never double counts."""
+        with self.store.sessions() as session:
+            studies = list(session.execute(select(StudyRow.study_id)).scalars())
+        for study_id in studies:
+            charges = self.ledger.charges(study_id)
+            if not charges:
+                continue
+            with self.store.transaction() as session:
+                held = set(session.execute(select(RoundRow.round).where(RoundRow.study_id == study_id))
+                           .scalars())
+                for charge in charges:
+                    if charge.round not in held:
+                        plan = self.ledger.plan(study_id)
+                        session.add(RoundRow(study_id=study_id, round=charge.round,
+                                             records_used=plan.n_records if plan else 0,
+                                             epsilon=charge.epsilon, at=charge.created_at))
+
+    # -- health -------------------------------------------------------------------------------
+    def _update_health(self, **values: Any) -> None:
+        with self._health_lock:
+            self._health.update(values)
+
+    def health(self) -> dict[str, Any]:
+        with self._health_lock:
+            return dict(self._health)
+
+    def serve_health(self) -> ThreadingHTTPServer:
+        daemon = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] != "/health":
+                    self.send_error(404)
+                    return
+                body = json.dumps(daemon.health(), default=str).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        server = ThreadingHTTPServer((self.settings.health_host, self.settings.health_port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
+        return server
+
+    # -- main loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("stopping", signal=signal.Signals(signum).name)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        server = self.serve_health()
+        host, port = server.server_address[:2]
+        self.store.set_state("health_address", f"{host!s}:{port}")
+        restarts = int(self.store.get_state("daemon_starts", 0)) + 1
+        self.store.set_state("daemon_starts", restarts)
+        self.store.set_state("daemon", {"state": "running", "started_at": datetime.now(UTC).isoformat()})
+        log.info("node_started", hospital_id=self.settings.hospital_id, health=f"{host!s}:{port}",
+                 start=restarts, key_id=self.ctx.signer.key_id)
+        try:
+            while not self.stop_event.is_set():
+                started = time.monotonic()
+                try:
+                    self.step()
+                except Exception as exc:  # one bad step must not end the daemon
+                    self._error("daemon", exc)
+                self._update_health(status="ok", last_step_at=datetime.now(UTC).isoformat(),
+                                    children=self.supervisor.snapshot(),
+                                    active_studies=self.active_studies())
+                self.stop_event.wait(max(0.0, self.settings.poll_interval_s - (time.monotonic() - started)))
+        finally:
+            self.supervisor.stop_all(CHILD_STOP_GRACE_S)
+            server.shutdown()
+            server.server_close()
+            self.store.set_state("daemon", {"state": "stopped", "stopped_at": datetime.now(UTC).isoformat()})
+            log.info("node_stopped", hospital_id=self.settings.hospital_id)
+        return 0
+
+
+def run_daemon(settings: NodeSettings) -> int:
+    """Open the store (migrating it), load the key, run until signalled."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(settings.db_url)
+    signer = Signer.load(settings.signing_key_path)
+    link = CoordinatorLink(settings, signer)
+    try:
+        return NodeDaemon(settings, store, link, signer).run()
+    finally:
+        link.close()
+        store.dispose()

@@ -1,0 +1,191 @@
+"""Studies seen and decisions taken: the daemon's and the steward's side of step 2 of the
+study lifecycle (DESIGN.md).
+
+A decision is a signed envelope (`audit.entry.sign_entry`, kind `study.decision`) so the
+coordinator can log it unchanged and anyone can check it came from this hospital's key.
+Decisions are stored before they are posted; `posted_at` marks the coordinator's
+acknowledgement, and unposted ones are retried, also after a restart, so a crash between
+deciding and posting loses nothing and decides nothing twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from audit.signing import Signer
+from exchange.coordinator.client import decision_entry
+from exchange.node.eligibility import count_eligible
+from exchange.node.models import ColumnCategory, DecisionRow, StudyRow
+from exchange.node.policy import Budget, Evaluation, StudyView, evaluate
+from exchange.node.privacy import budget as compute_budget
+from exchange.node.privacy import open_ledger
+from exchange.node.settings import NodeSettings
+from exchange.node.store import NodeStore
+
+PENDING = "pending"
+APPROVED = "approved"
+REFUSED = "refused"
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+class StewardDecisionError(Exception):
+    """`exchange node approve|refuse` cannot apply (unknown study, already decided, ...)."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a decision needs besides the study."""
+
+    settings: NodeSettings
+    signer: Signer
+
+
+def held_columns(session: Session) -> dict[str, str]:
+    return dict(session.execute(select(ColumnCategory.column, ColumnCategory.category)).tuples())
+
+
+def latest_decision(session: Session, study_id: str) -> DecisionRow | None:
+    return session.execute(select(DecisionRow).where(DecisionRow.study_id == study_id)
+                           .order_by(DecisionRow.id.desc()).limit(1)).scalar()
+
+
+def active_reservations(session: Session, exclude: str | None = None) -> list[tuple[str, float]]:
+    """(study id, target epsilon) of approved studies that have not finished."""
+    rows = session.execute(select(StudyRow).where(StudyRow.status.not_in(TERMINAL))).scalars()
+    out: list[tuple[str, float]] = []
+    for row in rows:
+        if row.study_id == exclude:
+            continue
+        decision = latest_decision(session, row.study_id)
+        if decision is not None and decision.decision == "approve":
+            out.append((row.study_id, StudyView.from_json(row.document).epsilon))
+    return out
+
+
+def current_budget(store: NodeStore, settings: NodeSettings, exclude: str | None = None) -> Budget:
+    ledger = open_ledger(store.engine, settings.policy.total_privacy_budget)
+    with store.sessions() as session:
+        active = active_reservations(session, exclude)
+    return compute_budget(ledger, settings.policy.total_privacy_budget, active)
+
+
+def evaluate_study(store: NodeStore, settings: NodeSettings, study: StudyView,
+                   at: datetime | None = None) -> Evaluation:
+    """Site policy + consent for `study`, as of `at` (default now)."""
+    at = at or datetime.now(UTC)
+    budget = current_budget(store, settings, exclude=study.study_id)
+    with store.sessions() as session:
+        eligibility = count_eligible(session, study, at)
+        columns = held_columns(session)
+    return evaluate(settings.policy, study, eligibility, budget, columns)
+
+
+def sign_decision(signer: Signer, hospital_id: str, study_id: str, *, decision: str,
+                  reasons: list[str], eligible: int) -> dict[str, Any]:
+    """The signed `study.decision` envelope, in the coordinator's format (its client helper)."""
+    return decision_entry(signer, hospital_id, study_id, "approve" if decision == "approve" else "refuse",
+                          reasons, eligible).to_json()
+
+
+def _store_decision(session: Session, ctx: Context, study_id: str, *, decision: str,
+                    reasons: list[str], eligible: int, decided_by: str) -> DecisionRow:
+    row = DecisionRow(study_id=study_id, decision=decision, decided_by=decided_by, reasons=reasons,
+                      eligible_records=eligible, created_at=datetime.now(UTC),
+                      envelope=sign_decision(ctx.signer, ctx.settings.hospital_id, study_id,
+                                             decision=decision, reasons=reasons, eligible=eligible))
+    session.add(row)
+    study = session.get(StudyRow, study_id)
+    assert study is not None
+    study.status = APPROVED if decision == "approve" else REFUSED
+    study.updated_at = datetime.now(UTC)
+    return row
+
+
+def observe_study(store: NodeStore, ctx: Context, study_json: dict[str, Any]) -> StudyRow:
+    """Record a study seen at the coordinator; decide on it by policy the first time.
+
+    A study already decided keeps its decision (a restart re-reads it, never re-decides);
+    its status follows the coordinator's (running, completed, ...)."""
+    view = StudyView.from_json(study_json)
+    now = datetime.now(UTC)
+    with store.transaction() as session:
+        row = session.get(StudyRow, view.study_id)
+        if row is None:
+            row = StudyRow(study_id=view.study_id, document=dict(study_json), status=PENDING,
+                           first_seen=now, updated_at=now)
+            session.add(row)
+            new = True
+        else:
+            row.document = dict(study_json)
+            new = False
+        decided = latest_decision(session, view.study_id) is not None
+        if decided and view.status in TERMINAL | {"running"} and row.status != view.status:
+            decision = latest_decision(session, view.study_id)
+            if decision is not None and decision.decision == "approve":
+                row.status = view.status
+                row.updated_at = now
+    if new or not decided:
+        if view.status in TERMINAL:
+            return row
+        evaluation = evaluate_study(store, ctx.settings, view)
+        with store.transaction() as session:
+            row = session.get(StudyRow, view.study_id)
+            assert row is not None
+            if latest_decision(session, view.study_id) is None and evaluation.decision is not None:
+                _store_decision(session, ctx, view.study_id, decision=evaluation.decision,
+                                reasons=evaluation.reasons, eligible=evaluation.eligible_records,
+                                decided_by="policy")
+            elif evaluation.decision is None:
+                row.status = PENDING
+    return row
+
+
+def steward_decide(store: NodeStore, settings: NodeSettings, study_id: str, decision: str,
+                   reason: str | None) -> DecisionRow:
+    """The steward's decision on a pending study. An approval is re-checked against the site
+    policy and consent first: it cannot approve what the policy would refuse."""
+    if decision not in ("approve", "refuse"):
+        raise StewardDecisionError(f"decision: must be approve or refuse, not {decision!r}")
+    with store.sessions() as session:
+        row = session.get(StudyRow, study_id)
+        if row is None:
+            raise StewardDecisionError(f"study {study_id!r} is not known to this node (the daemon records "
+                                       "studies when it polls the coordinator)")
+        previous = latest_decision(session, study_id)
+        if previous is not None:
+            raise StewardDecisionError(
+                f"study {study_id!r} was already {previous.decision}d by {previous.decided_by} at "
+                f"{previous.created_at:%Y-%m-%d %H:%M:%S}: {'; '.join(previous.reasons)}")
+        view = StudyView.from_json(row.document)
+    evaluation = evaluate_study(store, settings, view)
+    if decision == "approve" and evaluation.decision == "refuse":
+        raise StewardDecisionError(f"study {study_id!r} cannot be approved: "
+                                   + "; ".join(evaluation.reasons))
+    if decision == "approve":
+        reasons = [reason or "approved by the data steward"]
+    else:
+        reasons = [reason or "refused by the data steward"]
+    ctx = Context(settings=settings, signer=Signer.load(settings.signing_key_path))
+    with store.transaction() as session:
+        if latest_decision(session, study_id) is not None:
+            raise StewardDecisionError(f"study {study_id!r} was decided meanwhile")
+        return _store_decision(session, ctx, study_id, decision=decision, reasons=reasons,
+                               eligible=evaluation.eligible_records, decided_by="steward")
+
+
+def unposted(store: NodeStore) -> list[DecisionRow]:
+    with store.sessions() as session:
+        return list(session.execute(select(DecisionRow).where(DecisionRow.posted_at.is_(None))
+                                    .order_by(DecisionRow.id)).scalars())
+
+
+def mark_posted(store: NodeStore, decision_id: int) -> None:
+    with store.transaction() as session:
+        row = session.get(DecisionRow, decision_id)
+        if row is not None and row.posted_at is None:
+            row.posted_at = datetime.now(UTC)

@@ -1,0 +1,166 @@
+"""Site policy evaluation: what this hospital agrees to, and the decision it signs.
+
+evaluate(policy, study, eligibility, budget) -> Evaluation is a pure function, so the same
+inputs always give the same decision and the same reasons, and tests can check each rule
+alone. The rules, in order (every failing rule adds a reason; any reason means refuse):
+
+1. purpose allowed (DUO; an allowed term allows what it covers under consent.duo.covers:
+   allowing GRU allows HMB, DS and POA),
+2. organisation allowed, 3. region allowed, 4. commercial use only if allowed,
+5. epsilon <= max_epsilon_per_study,
+6. epsilon <= what is left of total_privacy_budget (spent in the privacy ledger plus what
+   approved, unfinished studies have reserved),
+7. every requested column held here and of the category the study says,
+8. at least min_eligible_records records whose patients' consent permits the study.
+
+With no reason: mode auto-approve -> approve, auto-refuse -> refuse ("site policy is to
+refuse automatically"), ask -> wait for the steward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from exchange.node.settings import WILDCARD, SitePolicy
+
+Decision = Literal["approve", "refuse"]
+
+
+@dataclass(frozen=True)
+class StudyView:
+    """The fields of a study the node decides on (from the coordinator's HospitalStudy:
+    `{"id", "organisation_id", "organisation_region", "status", "spec": {...}}`)."""
+
+    study_id: str
+    organisation: str
+    region: str
+    status: str
+    purpose: str
+    disease: str | None
+    commercial: bool
+    columns: dict[str, list[str]]
+    label: str
+    epsilon: float
+    delta: float
+    rounds: int
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_json(cls, study: Mapping[str, Any]) -> StudyView:
+        spec: Mapping[str, Any] = study.get("spec") or {}
+        columns = spec.get("columns") or {}
+        if isinstance(columns, list):  # federated.StudySpec style: flat list + categories
+            cats = spec.get("data_categories") or ["?"]
+            columns = {cats[0]: list(columns)} if len(cats) == 1 else {"?": list(columns)}
+        return cls(
+            study_id=str(study.get("id") or study.get("study_id") or spec.get("study_id")),
+            organisation=str(study.get("organisation_id") or spec.get("organisation") or ""),
+            region=str(study.get("organisation_region") or spec.get("region") or ""),
+            status=str(study.get("status") or "submitted"),
+            purpose=str(spec.get("purpose") or ""),
+            disease=spec.get("disease"),
+            commercial=bool(spec.get("commercial", False)),
+            columns={str(k): [str(c) for c in v] for k, v in dict(columns).items()},
+            label=str(spec.get("label") or "label"),
+            epsilon=float(spec.get("epsilon") or 0.0),
+            delta=float(spec.get("delta") or 0.0),
+            rounds=int(spec.get("rounds") or 0),
+            raw=dict(study),
+        )
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """How many records consent would let this study use, and why the others are out."""
+
+    eligible: int
+    excluded: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Privacy budget in epsilon: what the ledger says was spent, what approved but
+    unfinished studies hold in reserve, and the configured total."""
+
+    spent: float
+    reserved: float
+    total: float
+
+    @property
+    def left(self) -> float:
+        return max(0.0, self.total - self.spent - self.reserved)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    decision: Decision | None  # None: the steward decides (mode "ask")
+    reasons: list[str]
+    eligible_records: int
+
+
+def _allowed(value: str, allowed: list[str]) -> bool:
+    return WILDCARD in allowed or value in allowed
+
+
+def _purpose_allowed(purpose: str, allowed: list[str]) -> bool:
+    """An allowed purpose works like a consent permission: it allows every purpose it covers
+    under the DUO matching rules (consent.duo.covers), e.g. allowing GRU allows HMB and DS."""
+    if _allowed(purpose, allowed):
+        return True
+    from consent import duo
+
+    try:
+        wanted = duo.normalize(purpose)
+    except ValueError:
+        return False
+    for term in allowed:
+        try:
+            if duo.covers(duo.normalize(term), wanted)[0]:
+                return True
+        except (ValueError, KeyError):  # an allowed entry that is no DUO permission
+            continue
+    return False
+
+
+def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, budget: Budget,
+             held_columns: Mapping[str, str]) -> Evaluation:
+    """Decide on `study` (see the module docstring for the rules)."""
+    reasons: list[str] = []
+    if not _purpose_allowed(study.purpose, policy.allowed_purposes):
+        reasons.append(f"purpose {study.purpose!r} is not allowed by site policy "
+                       f"(allowed: {', '.join(policy.allowed_purposes) or 'none'})")
+    if not _allowed(study.organisation, policy.allowed_organisations):
+        reasons.append(f"organisation {study.organisation!r} is not allowed by site policy")
+    if not _allowed(study.region, policy.allowed_regions):
+        reasons.append(f"region {study.region or '(none given)'!r} is not allowed by site policy")
+    if study.commercial and not policy.allow_commercial:
+        reasons.append("commercial use is not allowed by site policy")
+    if study.epsilon > policy.max_epsilon_per_study:
+        reasons.append(f"epsilon {study.epsilon:g} exceeds the site maximum per study "
+                       f"({policy.max_epsilon_per_study:g})")
+    if study.epsilon > budget.left + 1e-12:
+        reasons.append(f"epsilon {study.epsilon:g} exceeds the privacy budget left ({budget.left:.4g} "
+                       f"of {budget.total:g}: {budget.spent:.4g} spent, {budget.reserved:.4g} reserved)")
+    wanted = [(category, column) for category, cols in study.columns.items() for column in cols]
+    wanted.append(("", study.label))
+    missing = [column for _category, column in wanted if column not in held_columns]
+    if missing:
+        reasons.append(f"column(s) not held at this hospital: {', '.join(sorted(set(missing)))}")
+    wrong = [f"{column} is {held_columns[column]}, not {category}" for category, column in wanted
+             if category and column in held_columns and held_columns[column] != category]
+    if wrong:
+        reasons.append("column category mismatch: " + "; ".join(wrong))
+    if eligibility.eligible < policy.min_eligible_records:
+        detail = ", ".join(f"{count} {reason}" for reason, count in sorted(eligibility.excluded.items()))
+        reasons.append(f"only {eligibility.eligible} record(s) eligible under patients' consent "
+                       f"(site minimum {policy.min_eligible_records})" + (f"; excluded: {detail}"
+                                                                          if detail else ""))
+    if reasons:
+        return Evaluation("refuse", reasons, eligibility.eligible)
+    if policy.mode == "auto-approve":
+        return Evaluation("approve", ["meets site policy; approved automatically"], eligibility.eligible)
+    if policy.mode == "auto-refuse":
+        return Evaluation("refuse", ["site policy is to refuse studies automatically"], eligibility.eligible)
+    return Evaluation(None, ["meets site policy; waiting for the data steward"], eligibility.eligible)

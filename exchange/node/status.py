@@ -1,0 +1,51 @@
+"""`exchange node status`: one report (a dict, printed as tables or JSON) of where the node
+stands: studies and decisions, rounds, privacy budget spent and left, the last errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+
+from exchange.node.decisions import current_budget, latest_decision
+from exchange.node.models import ConsentContractRow, ErrorRow, Record, RoundRow, StudyRow
+from exchange.node.privacy import open_ledger
+from exchange.node.settings import NodeSettings
+from exchange.node.store import NodeStore
+
+
+def collect_status(store: NodeStore, settings: NodeSettings, errors: int = 5) -> dict[str, Any]:
+    ledger = open_ledger(store.engine, settings.policy.total_privacy_budget)
+    budget = current_budget(store, settings)
+    with store.sessions() as session:
+        studies = []
+        for row in session.execute(select(StudyRow).order_by(StudyRow.first_seen)).scalars():
+            decision = latest_decision(session, row.study_id)
+            rounds = session.execute(select(func.count()).select_from(RoundRow)
+                                     .where(RoundRow.study_id == row.study_id)).scalar_one()
+            studies.append({
+                "study_id": row.study_id, "status": row.status,
+                "decision": decision.decision if decision else None,
+                "decided_by": decision.decided_by if decision else None,
+                "reasons": decision.reasons if decision else [],
+                "eligible_records": decision.eligible_records if decision else None,
+                "posted": bool(decision and decision.posted_at),
+                "rounds": rounds, "epsilon_spent": ledger.spent(row.study_id),
+            })
+        last_errors = [{"at": e.at, "component": e.component, "message": e.message}
+                       for e in session.execute(select(ErrorRow).order_by(ErrorRow.id.desc())
+                                                .limit(errors)).scalars()]
+        records = session.execute(select(func.count()).select_from(Record)).scalar_one()
+        contracts = session.execute(select(func.count()).select_from(ConsentContractRow)).scalar_one()
+    daemon = store.get_state("daemon", {"state": "never started"})
+    return {
+        "hospital_id": settings.hospital_id,
+        "daemon": daemon,
+        "registered": store.get_state("registered") is not None,
+        "records": records,
+        "contracts": contracts,
+        "privacy": {"total": budget.total, "spent": budget.spent, "reserved": budget.reserved,
+                    "left": budget.left},
+        "studies": studies,
+        "errors": last_errors,
+    }

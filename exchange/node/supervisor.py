@@ -1,0 +1,168 @@
+"""Supervises the node's child processes (Flower SuperNode, ClientApp executor): start,
+notice an exit, restart with exponential backoff, stop cleanly.
+
+Driven by the daemon's main loop (`tick()`), not by threads of its own, so every start and
+every state change happens on one thread and can be reasoned about (and so Linux's
+parent-death signal, which is tied to the forking thread, stays armed for the daemon's life).
+
+Why the special cases:
+- exit code 305 from a SuperNode means the SuperLink still lists this node as online: after a
+  SIGKILL it keeps it ~40 s (docs/node.md). Restarting sooner only fails again, so that
+  exit waits at least `after_305_s` and keeps doubling like any other failure.
+- children get SIGTERM when the daemon dies, even by SIGKILL (PR_SET_PDEATHSIG), so a
+  crashed daemon never leaves a SuperNode holding the ports its successor needs; a
+  SuperNode stopped by SIGTERM deregisters, so the next one starts at once.
+- a child that stayed up for `stable_after_s` has its backoff reset.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPERLINK_SAYS_STILL_ONLINE = 305
+PR_SET_PDEATHSIG = 1
+
+
+# Loaded in the parent, so that the child (between fork and exec, where taking a lock that
+# another thread of the parent held at fork time could deadlock) only makes one libc call.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """What to run: argv, environment, where its output goes."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    log_file: Path | None = None
+
+
+@dataclass
+class Child:
+    spec: ChildSpec
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    next_start: float = 0.0
+    backoff: float = 0.0
+    restarts: int = 0
+    last_exit: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"running": self.running, "pid": self.process.pid if self.running and self.process else None,
+                "restarts": self.restarts, "last_exit": self.last_exit}
+
+
+Event = Callable[[str, dict[str, Any]], None]
+
+
+class Supervisor:
+    """Keeps a set of children running."""
+
+    def __init__(self, *, initial_backoff_s: float = 1.0, max_backoff_s: float = 60.0,
+                 after_305_s: float = 10.0, stable_after_s: float = 60.0,
+                 on_event: Event | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.initial_backoff = initial_backoff_s
+        self.max_backoff = max_backoff_s
+        self.after_305 = after_305_s
+        self.stable_after = stable_after_s
+        self.children: dict[str, Child] = {}
+        self._event = on_event or (lambda _name, _data: None)
+        self._clock = clock
+
+    def want(self, spec: ChildSpec) -> None:
+        """Keep `spec` running (started on the next tick if it is new)."""
+        if spec.name not in self.children:
+            self.children[spec.name] = Child(spec=spec, backoff=self.initial_backoff)
+
+    def forget(self, name: str, grace_s: float = 10.0) -> None:
+        child = self.children.pop(name, None)
+        if child is not None:
+            self._stop_children([child], grace_s)
+
+    def tick(self) -> None:
+        now = self._clock()
+        for child in self.children.values():
+            if child.process is not None:
+                code = child.process.poll()
+                if code is None:
+                    if now - child.started_at >= self.stable_after:
+                        child.backoff = self.initial_backoff
+                    continue
+                child.last_exit = code
+                child.process = None
+                delay = child.backoff
+                if code == SUPERLINK_SAYS_STILL_ONLINE:
+                    delay = max(delay, self.after_305)
+                child.next_start = now + delay
+                child.backoff = min(child.backoff * 2, self.max_backoff)
+                child.restarts += 1
+                self._event("child_exited", {"child": child.spec.name, "exit_code": code,
+                                             "restart_in_s": round(delay, 3)})
+            if now >= child.next_start:
+                self._start(child, now)
+
+    def _start(self, child: Child, now: float) -> None:
+        spec = child.spec
+        env = {**os.environ, **spec.env}
+        output: Any = subprocess.DEVNULL
+        if spec.log_file is not None:
+            spec.log_file.parent.mkdir(parents=True, exist_ok=True)
+            output = spec.log_file.open("ab")
+        try:
+            child.process = subprocess.Popen(list(spec.argv), env=env, stdin=subprocess.DEVNULL,
+                                             stdout=output, stderr=subprocess.STDOUT,
+                                             preexec_fn=_die_with_parent)  # noqa: PLW1509 (see _PRCTL)
+        except OSError as exc:
+            child.next_start = now + child.backoff
+            child.backoff = min(child.backoff * 2, self.max_backoff)
+            self._event("child_start_failed", {"child": spec.name, "error": str(exc)})
+            return
+        finally:
+            if spec.log_file is not None:
+                output.close()
+        child.started_at = now
+        self._event("child_started", {"child": spec.name, "pid": child.process.pid})
+
+    def stop_all(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every child, wait up to `grace_s`, SIGKILL the rest."""
+        self._stop_children(list(self.children.values()), grace_s)
+
+    def _stop_children(self, children: list[Child], grace_s: float) -> None:
+        live = [c for c in children if c.running]
+        for child in live:
+            assert child.process is not None
+            child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in live:
+            assert child.process is not None
+            try:
+                child.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+                self._event("child_killed", {"child": child.spec.name})
+            child.last_exit = child.process.returncode
+            child.process = None
+            self._event("child_stopped", {"child": child.spec.name, "exit_code": child.last_exit})
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return {name: child.snapshot() for name, child in self.children.items()}
