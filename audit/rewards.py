@@ -121,40 +121,46 @@ def _describe(value: Any) -> str:
     return repr(value)
 
 
-def first_difference(expected: Any, given: Any, path: str = "") -> str | None:
-    """Name the first field where `given` differs from `expected`, or None if equal.
+def differences(expected: Any, given: Any, path: str = "") -> list[str]:
+    """Every field where `given` differs from `expected`, in the expected order, named by path.
 
     Types are compared strictly (1 != 1.0 != True here), since a float or boolean amount is a
-    malformed entry even where Python would call it equal.
+    malformed entry even where Python would call it equal. A list of a different length is one
+    difference (its items are not compared further).
     """
     where = path or "payload"
     if isinstance(expected, dict):
         if not isinstance(given, dict):
-            return f"{where}: entry has {_describe(given)}, the fold computes an object"
-        missing = [key for key in expected if key not in given]
-        if missing:
-            return f"{_join(path, missing[0])}: missing"
-        unknown = sorted(key for key in given if key not in expected)
-        if unknown:
-            return f"{_join(path, unknown[0])}: unknown field"
+            return [f"{where}: entry has {_describe(given)}, the fold computes an object"]
+        found = [f"{_join(path, key)}: missing" for key in expected if key not in given]
+        found += [f"{_join(path, key)}: unknown field" for key in sorted(given) if key not in expected]
         for key in expected:
-            found = first_difference(expected[key], given[key], _join(path, key))
-            if found:
-                return found
-        return None
+            if key in given:
+                found += differences(expected[key], given[key], _join(path, key))
+        return found
     if isinstance(expected, list):
         if not isinstance(given, list):
-            return f"{where}: entry has {_describe(given)}, the fold computes a list"
+            return [f"{where}: entry has {_describe(given)}, the fold computes a list"]
         if len(given) != len(expected):
-            return f"{where}: entry lists {len(given)}, the fold computes {len(expected)}"
+            return [f"{where}: entry lists {len(given)}, the fold computes {len(expected)}"]
+        found = []
         for position, (want, got) in enumerate(zip(expected, given, strict=True)):
-            found = first_difference(want, got, f"{where}[{position}]")
-            if found:
-                return found
-        return None
+            found += differences(want, got, f"{where}[{position}]")
+        return found
     if type(given) is not type(expected) or given != expected:
-        return f"{where}: entry says {_describe(given)}, the fold computes {_describe(expected)}"
-    return None
+        return [f"{where}: entry says {_describe(given)}, the fold computes {_describe(expected)}"]
+    return []
+
+
+def first_difference(expected: Any, given: Any, limit: int = 3) -> str | None:
+    """The differing fields (at most `limit` named, then a count) as one message, or None."""
+    found = differences(expected, given)
+    if not found:
+        return None
+    message = "; ".join(found[:limit])
+    if len(found) > limit:
+        message += f"; and {len(found) - limit} more"
+    return message
 
 
 def _join(path: str, key: str) -> str:

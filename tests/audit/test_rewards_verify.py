@@ -1,0 +1,100 @@
+"""End to end: a tampered payout, re-signed by the coordinator key, fails the auditor's verify.
+
+The log is written as a real export (entries.jsonl, a checkpoint signed by the log key over the
+tampered entries, trust.json), so every other check passes: signatures, keyring, Merkle root. Only
+the ledger's recomputation of the payout can catch it, and the verifier must name that entry.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from audit.checkpoint import Checkpoint, sign_checkpoint
+from audit.entry import Entry
+from audit.export import Trust, write_entries_export
+from audit.generate import generate_log
+from audit.ledger import Ledger
+from audit.merkle import MemoryTree, leaf_hash
+from audit.signing import Signer
+from audit.verify import verify_export
+from tests.audit.test_ledger_example import EXPECTED_PAYOUT
+from tests.audit.test_ledger_support import World
+
+ORIGIN = "exchange.example/rewards-test"
+
+
+def example_log(payout: dict[str, Any]) -> World:
+    world = World()
+    world.mint("org:acme", 25000)
+    world.escrow("s-1", "org:acme", 10000, "author:alice", 500, 3000)
+    world.receipt("s-1", 1, "hospital:a", 120, {"reward:p1": 30, "reward:p2": 25})
+    world.receipt("s-1", 1, "hospital:b", 90, {"reward:p3": 90})
+    world.receipt("s-1", 1, "hospital:c", 13)
+    world.receipt("s-1", 2, "hospital:a", 100, {"reward:p1": 20, "reward:p2": 25})
+    world.receipt("s-1", 2, "hospital:b", 80, {"reward:p3": 70})
+    world.sign(world.coordinator, "model.stored", {"study_id": "s-1", "sha256": "ab" * 32})
+    world.payout(payout)
+    world.mint("org:beta", 7)
+    return world
+
+
+def export(world: World, entries: list[Entry], folder: Path) -> Path:
+    log_key = Signer.generate()
+    tree = MemoryTree(leaf_hash(entry.leaf_bytes()) for entry in entries)
+    note = sign_checkpoint(Checkpoint(ORIGIN, tree.size, tree.root()), log_key)
+    write_entries_export(folder, entries, note, Trust(ORIGIN, world.operator.public_key,
+                                                      log_key.public_key))
+    return folder
+
+
+def test_honest_export_verifies_and_recomputes_balances(tmp_path: Path) -> None:
+    world = example_log(EXPECTED_PAYOUT)
+    report = verify_export(export(world, world.entries, tmp_path / "log"))
+    assert report.ok, report.problem
+    assert report.ledger_checked
+    assert report.ledger == {
+        "minted": 25007, "escrow": 0,
+        "balances": {"author:alice": 500, "hospital:a": 4479, "hospital:b": 2876,
+                     "hospital:c": 307, "org:acme": 15000, "org:beta": 7, "reward:p1": 354,
+                     "reward:p2": 353, "reward:p3": 1131}}
+
+
+def test_tampered_payout_resigned_by_coordinator_is_named(tmp_path: Path) -> None:
+    # Move one unit from hospital a's kept part to reward:p1: the payout still sums to 10000,
+    # so conservation alone would not notice; the recomputation does.
+    tampered = copy.deepcopy(EXPECTED_PAYOUT)
+    tampered["hospitals"][0]["forwarded"][0]["amount"] += 1
+    tampered["hospitals"][0]["kept"] -= 1
+    world = example_log(tampered)
+    payout_index = next(i for i, e in enumerate(world.entries) if e.kind == "study.payout")
+    assert world.entries[payout_index].key_id == world.coordinator.key_id
+
+    report = verify_export(export(world, world.entries, tmp_path / "log"))
+    assert not report.ok
+    assert report.problem is not None
+    assert report.problem.index == payout_index
+    assert "hospitals[0].forwarded[0].amount: entry says 355, the fold computes 354" in \
+        report.problem.reason
+    assert report.ledger is None  # no balances are reported from a bad log
+
+
+def test_overpaying_royalty_is_named(tmp_path: Path) -> None:
+    tampered = copy.deepcopy(EXPECTED_PAYOUT)
+    tampered["royalty"]["amount"] = 501
+    world = example_log(tampered)
+    report = verify_export(export(world, world.entries, tmp_path / "log"))
+    assert report.problem is not None
+    assert report.problem.index == len(world.entries) - 2
+    assert "royalty.amount: entry says 501, the fold computes 500" in report.problem.reason
+
+
+def test_generated_log_payouts_agree_with_compute_payout(tmp_path: Path) -> None:
+    """The audit generator's payouts (its own builder) are accepted by the one fold."""
+    log = generate_log(3000, seed=7)
+    ledger = Ledger(log.operator.key_id)
+    ledger.apply_all(log.entries)
+    ledger.state.check_conservation()
+    assert any(study.paid for study in ledger.studies.values())
+    assert any(study.refunded for study in ledger.studies.values())
