@@ -1,0 +1,193 @@
+"""Gating a record set: evaluate each distinct contract once, then join the decisions to the records.
+
+A hospital's records point at contracts by content hash, and many records share a contract, so
+the cost is (distinct contracts x one evaluation) + (records x a few vectorized array operations,
+done in Arrow/NumPy), not records x evaluation.
+
+The commitment (what a contribution receipt carries and an auditor recomputes) is defined as
+
+    SHA-256( b"consent-gate/1\\n" || line_1 || line_2 || ... )
+
+where each line is `pseudonym + "\\t" + contract_hash + "\\n"` in UTF-8, over the *distinct*
+(pseudonym, contract hash) pairs of the eligible records, sorted by their line bytes (which, as
+pseudonyms contain no control characters, is the lexicographic order of the pairs). Recomputing
+it needs only the eligible pairs: `commitment(pairs)` below, or `LC_ALL=C sort -u | sha256sum`
+after the prefix line. Nothing about the pseudonyms can be read from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from consent.evaluate import Decision, evaluate
+from consent.model import Contract
+from consent.request import StudyRequest
+
+COMMITMENT_PREFIX = b"consent-gate/1\n"
+NO_CONTRACT = "no-contract"
+PSEUDONYM_MISMATCH = "pseudonym-mismatch"
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Eligible records and why the others were excluded.
+
+    `eligible` is a boolean mask aligned with the input records; `eligible_pseudonyms` the
+    pseudonyms of the eligible records in input order; `excluded_by_reason` counts excluded records
+    by `Decision.exclusion` key (plus `no-contract` for a hash with no contract and
+    `pseudonym-mismatch` for a record whose contract is about another pseudonym); `commitment` as in
+    the module docstring; `decisions` the one decision made per distinct contract hash.
+    """
+
+    eligible: npt.NDArray[np.bool_]
+    eligible_pseudonyms: list[str]
+    excluded_by_reason: dict[str, int]
+    commitment: str
+    records_used: int
+    decisions: dict[str, Decision] = field(repr=False)
+
+
+def commitment(pairs: Iterable[tuple[str, str]]) -> str:
+    """Reference implementation of the commitment over (pseudonym, contract hash) pairs."""
+    lines = sorted({f"{p}\t{h}\n".encode() for p, h in pairs})
+    digest = hashlib.sha256(COMMITMENT_PREFIX)
+    for line in lines:
+        digest.update(line)
+    return digest.hexdigest()
+
+
+def _commitment_arrow(pseudonyms: pa.Array, hashes: pa.Array) -> str:
+    lines = pc.binary_join_element_wise(pc.binary_join_element_wise(pseudonyms, hashes, "\t"), "", "\n")
+    ordered = sorted(set(lines.to_pylist()))
+    digest = hashlib.sha256(COMMITMENT_PREFIX)
+    digest.update("".join(ordered).encode())
+    return digest.hexdigest()
+
+
+def _as_arrays(records: Iterable[tuple[str, str]] | tuple[Sequence[str] | pa.Array, Sequence[str] | pa.Array],
+               ) -> tuple[pa.Array, pa.Array]:
+    if isinstance(records, tuple) and len(records) == 2 and not isinstance(records[0], str):
+        pseudonyms, hashes = records
+        if isinstance(pseudonyms, pa.ChunkedArray):
+            pseudonyms = pseudonyms.combine_chunks()
+        if isinstance(hashes, pa.ChunkedArray):
+            hashes = hashes.combine_chunks()
+        p = pseudonyms if isinstance(pseudonyms, pa.Array) else pa.array(pseudonyms, pa.string())
+        h = hashes if isinstance(hashes, pa.Array) else pa.array(hashes, pa.string())
+    else:
+        pairs = list(records)
+        p = pa.array([r[0] for r in pairs], pa.string())
+        h = pa.array([r[1] for r in pairs], pa.string())
+    if len(p) != len(h):
+        raise ValueError("records: pseudonym and contract-hash columns differ in length")
+    if p.null_count or h.null_count:
+        raise ValueError("records: a pseudonym or contract hash is missing (null)")
+    return p.cast(pa.string()), h.cast(pa.string())
+
+
+def gate(records: Iterable[tuple[str, str]] | tuple[Sequence[str] | pa.Array, Sequence[str] | pa.Array],
+         contracts: Mapping[str, Contract], request: StudyRequest, instant: datetime) -> GateResult:
+    """Gate records `(pseudonym, contract_hash)` for `request` at `instant`.
+
+    `records` is an iterable of pairs, or a pair of columns (Python sequences or Arrow arrays,
+    the fast path for a node that reads its records with Arrow). `contracts` maps content hash to
+    contract; a mapping whose key is not the contract's own hash is refused.
+    """
+    pseudonyms, hashes = _as_arrays(records)
+    encoded = pc.dictionary_encode(hashes)
+    distinct: list[str] = encoded.dictionary.to_pylist()
+    indices = encoded.indices.to_numpy(zero_copy_only=False)
+
+    # one evaluation per distinct contract
+    reason_keys: list[str] = []
+    reason_index: dict[str, int] = {}
+    code_of = np.empty(len(distinct), dtype=np.int32)  # -1: eligible, else index into reason_keys
+    owner: list[str] = []
+    decisions: dict[str, Decision] = {}
+    for i, key in enumerate(distinct):
+        contract = contracts.get(key)
+        if contract is None:
+            exclusion: str | None = NO_CONTRACT
+            owner.append("")
+        else:
+            if contract.content_hash != key:
+                raise ValueError(f"contracts[{key}]: the contract's content hash is {contract.content_hash}")
+            decision = evaluate(contract, request, instant)
+            decisions[key] = decision
+            exclusion = decision.exclusion
+            owner.append(contract.pseudonym)
+        if exclusion is None:
+            code_of[i] = -1
+        else:
+            code_of[i] = reason_index.setdefault(exclusion, len(reason_keys))
+            if code_of[i] == len(reason_keys):
+                reason_keys.append(exclusion)
+
+    # join: per-record code, then the pseudonym check, vectorized
+    codes = code_of[indices]
+    owners = pa.array(owner, pa.string()).take(pa.array(indices))
+    same = pc.equal(pseudonyms, owners).to_numpy(zero_copy_only=False)
+    mismatch = (codes == -1) & ~same
+    if mismatch.any():
+        mismatch_code = reason_index.setdefault(PSEUDONYM_MISMATCH, len(reason_keys))
+        if mismatch_code == len(reason_keys):
+            reason_keys.append(PSEUDONYM_MISMATCH)
+        codes = np.where(mismatch, mismatch_code, codes)
+    eligible = codes == -1
+    counts = np.bincount(codes[~eligible], minlength=len(reason_keys)) if len(reason_keys) else np.zeros(0, int)
+    excluded = {reason_keys[i]: int(n) for i, n in enumerate(counts) if n}
+
+    mask = pa.array(eligible)
+    used_p = pseudonyms.filter(mask)
+    used_h = hashes.filter(mask)
+    return GateResult(
+        eligible=eligible,
+        eligible_pseudonyms=used_p.to_pylist(),
+        excluded_by_reason=dict(sorted(excluded.items())),
+        commitment=_commitment_arrow(used_p, used_h),
+        records_used=int(eligible.sum()),
+        decisions=decisions,
+    )
+
+
+def gate_naive(records: Iterable[tuple[str, str]], contracts: Mapping[str, Contract], request: StudyRequest,
+               instant: datetime) -> GateResult:
+    """The obvious per-record loop (one evaluation per record): the reference `gate` must equal."""
+    eligible: list[bool] = []
+    pseudonyms: list[str] = []
+    used: list[tuple[str, str]] = []
+    excluded: Counter[str] = Counter()
+    decisions: dict[str, Decision] = {}
+    for pseudonym, key in records:
+        contract = contracts.get(key)
+        if contract is None:
+            reason: str | None = NO_CONTRACT
+        else:
+            decision = evaluate(contract, request, instant)
+            decisions[key] = decision
+            reason = decision.exclusion
+            if reason is None and contract.pseudonym != pseudonym:
+                reason = PSEUDONYM_MISMATCH
+        eligible.append(reason is None)
+        if reason is None:
+            pseudonyms.append(pseudonym)
+            used.append((pseudonym, key))
+        else:
+            excluded[reason] += 1
+    return GateResult(
+        eligible=np.array(eligible, dtype=bool),
+        eligible_pseudonyms=pseudonyms,
+        excluded_by_reason=dict(sorted(excluded.items())),
+        commitment=commitment(used),
+        records_used=len(used),
+        decisions=decisions,
+    )
