@@ -1,0 +1,313 @@
+"""The `audit` command: the auditor's tools, all offline except `export --db`.
+
+Exit codes (every command):
+    0  the check passed (or the command did its job)
+    1  the log is invalid: a bad entry (its index and what is wrong), a checkpoint that does not
+       verify or does not match, a history that forked from the saved state, a proof that fails
+    2  unusable input: a missing folder or entries.jsonl, an unreadable or malformed trust, state
+       or checkpoint file, a database that cannot be read, bad options (Typer's usage errors are
+       2 as well). Nothing is verified, nothing is written.
+A malformed line in entries.jsonl is a bad entry (1): it is the log's content that is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+from audit.checkpoint import Checkpoint, CheckpointError, parse_note, verify_checkpoint
+from audit.export import (
+    ExportError,
+    ExportPaths,
+    Trust,
+    iter_lines,
+    read_checkpoint_text,
+    read_trust,
+    write_export,
+)
+from audit.merkle import MemoryTree, ProofError, leaf_hash, verify_consistency, verify_inclusion
+from audit.signing import b64encode
+from audit.verify import VerifyReport, verify_export
+
+EXIT_OK, EXIT_INVALID, EXIT_UNUSABLE = 0, 1, 2
+
+app = typer.Typer(help="Verify the exchange's audit log offline, prove entries, recompute rewards.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+TrustOption = Annotated[Path | None, typer.Option(
+    "--trust", help="Pinned trust.json (operator and log public keys, origin). Default: the "
+                    "export's own trust.json; an auditor should pin a copy obtained out of band.")]
+
+
+def _unusable(message: str) -> typer.Exit:
+    err.print(f"[bold red]unusable input:[/] {message}")
+    return typer.Exit(EXIT_UNUSABLE)
+
+
+def _invalid(message: str) -> typer.Exit:
+    out.print(f"[bold red]INVALID[/] {message}")
+    return typer.Exit(EXIT_INVALID)
+
+
+@contextmanager
+def _progress(total: int, label: str) -> Iterator[Any]:
+    """A Rich progress bar on stderr, only when stderr is a terminal and the log is long."""
+    if not err.is_terminal or total < (4 << 20):
+        yield None
+        return
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=err,
+                  transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda done: bar.update(task, completed=done)
+
+
+def _load(folder: Path, trust_file: Path | None) -> tuple[ExportPaths, Trust, str, Checkpoint]:
+    """Paths, pinned trust, checkpoint note text and its verified content, for prove/consistency."""
+    paths = ExportPaths(folder)
+    try:
+        paths.require()
+        trust = read_trust(trust_file or paths.trust)
+        note = read_checkpoint_text(paths.checkpoint)
+    except ExportError as exc:
+        raise _unusable(str(exc)) from exc
+    try:
+        checkpoint = verify_checkpoint(note, trust.log_public_key, trust.log_key_name, trust.origin)
+    except CheckpointError as exc:
+        raise _invalid(f"checkpoint: {exc}") from exc
+    return paths, trust, note.decode("utf-8"), checkpoint
+
+
+def _tree(paths: ExportPaths, size: int) -> MemoryTree:
+    """The tree of the first `size` lines of entries.jsonl (hashing only; `verify` checks them)."""
+    tree = MemoryTree()
+    for raw in iter_lines(paths.entries):
+        if tree.size == size:
+            break
+        tree.append(leaf_hash(raw[:-1] if raw.endswith(b"\n") else raw))
+    return tree
+
+
+def _summary(report: VerifyReport) -> str:
+    kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(report.kinds.items()))
+    lines = [f"[bold green]OK[/] {report.entries} entries of {report.origin} verified: every "
+             f"signature, key registration and checkpoint",
+             f"  root {b64encode(report.root)}",
+             f"  kinds: {kinds or 'none'}"]
+    if report.ledger_checked and report.ledger is not None:
+        lines.append(f"  ledger: minted {report.ledger['minted']}, escrow {report.ledger['escrow']}, "
+                     f"{len(report.ledger['balances'])} accounts; conservation holds")
+    if report.consistent_with is not None:
+        lines.append(f"  consistent with the saved checkpoint of size {report.consistent_with}")
+    if report.state_saved:
+        lines.append("  new checkpoint saved to the state file")
+    return "\n".join(lines)
+
+
+def _report_json(report: VerifyReport) -> dict[str, Any]:
+    return {"ok": report.ok, "entries": report.entries, "origin": report.origin,
+            "root": b64encode(report.root),
+            "problem": None if report.problem is None else
+            {"index": report.problem.index, "reason": report.problem.reason},
+            "kinds": dict(sorted(report.kinds.items())), "ledger": report.ledger,
+            "consistent_with": report.consistent_with, "state_saved": report.state_saved}
+
+
+def _run_verify(folder: Path, trust: Path | None, state: Path | None,
+                workers: int | None) -> VerifyReport:
+    paths = ExportPaths(folder)
+    try:
+        paths.require()
+        size = paths.entries.stat().st_size
+    except (ExportError, OSError) as exc:
+        raise _unusable(str(exc)) from exc
+    try:
+        with _progress(size, "verifying") as progress:
+            return verify_export(folder, trust_path=trust, state_path=state, progress=progress,
+                                 workers=workers)
+    except ExportError as exc:
+        raise _unusable(str(exc)) from exc
+
+
+@app.command()
+def verify(
+    folder: Annotated[Path, typer.Argument(help="The export folder.")],
+    trust: TrustOption = None,
+    state: Annotated[Path | None, typer.Option(
+        "--state", help="State file: the last checkpoint seen. If it exists, the log must be "
+                        "consistent with it; after a successful check the new checkpoint is "
+                        "saved there atomically.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=1, max=64, help="Threads for signature checks (default: up to 2).")] = None,
+) -> None:
+    """Check every entry, signature and key registration, rebuild the tree, match the checkpoint."""
+    report = _run_verify(folder, trust, state, workers)
+    if as_json:
+        out.print_json(data=_report_json(report))
+        raise typer.Exit(EXIT_OK if report.ok else EXIT_INVALID)
+    if report.problem is not None:
+        raise _invalid(str(report.problem))
+    out.print(_summary(report))
+
+
+@app.command()
+def rewards(
+    folder: Annotated[Path, typer.Argument(help="The export folder.")],
+    trust: TrustOption = None,
+) -> None:
+    """Verify the log, then print the ledger fold: {"minted", "escrow", "balances"} as JSON."""
+    report = _run_verify(folder, trust, None, None)
+    if report.problem is not None:
+        raise _invalid(str(report.problem))
+    if report.ledger is None:
+        raise _unusable("the ledger (audit.ledger) is not available in this installation")
+    out.print_json(data=report.ledger)
+
+
+@app.command()
+def generate(
+    entries: Annotated[int, typer.Option("--entries", min=0, help="How many entries.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Export folder to create.")],
+    seed: Annotated[int | None, typer.Option(
+        "--seed", help="Reproducible content and keys (default: fresh random keys).")] = None,
+    origin: Annotated[str, typer.Option("--origin", help="The log's origin line.")] =
+        "exchange.example/log",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing folder.")] = False,
+) -> None:
+    """Write a well-formed signed log of N realistic entries (fresh keys) as an export folder."""
+    from audit.generate import generate_log
+
+    try:
+        log = generate_log(entries, seed=seed, origin=origin)
+        count = log.write(out_dir, overwrite=force)
+    except (ExportError, CheckpointError, ValueError) as exc:
+        raise _unusable(str(exc)) from exc
+    out.print(f"wrote {count} entries to {out_dir} (origin {origin}; trust.json pins the "
+              f"operator key {log.operator.key_id} and the log key {log.log_signer.key_id})")
+
+
+@app.command()
+def export(
+    db: Annotated[str, typer.Option("--db", help="Database URL of the coordinator's log.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Export folder to create.")],
+    trust: Annotated[Path, typer.Option(
+        "--trust", help="The operator's trust.json (operator and log public keys, origin), "
+                        "copied into the export.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing folder.")] = False,
+) -> None:
+    """Export the log in a database: the entries covered by its latest checkpoint."""
+    from audit.store import AuditStoreError, read_entries, read_latest_checkpoint
+
+    try:
+        pinned = read_trust(trust)
+        note = read_latest_checkpoint(db)
+        if note is None:
+            raise _unusable(f"{db}: the log has signed no checkpoint yet")
+        checkpoint = verify_checkpoint(note, pinned.log_public_key, pinned.log_key_name,
+                                       pinned.origin)
+        lines = (entry.leaf_bytes() for entry in read_entries(db, 0, checkpoint.size))
+        count = write_export(out_dir, lines, note, pinned, overwrite=force)
+    except CheckpointError as exc:
+        raise _unusable(f"{db}: latest checkpoint does not verify with {trust}: {exc}") from exc
+    except (ExportError, AuditStoreError, ValueError) as exc:
+        raise _unusable(str(exc)) from exc
+    except Exception as exc:  # a database driver error: cannot read the log at all
+        if type(exc).__module__.split(".")[0] in ("sqlalchemy", "psycopg", "sqlite3"):
+            raise _unusable(f"{db}: cannot read the log ({exc})") from exc
+        raise
+    if count != checkpoint.size:
+        raise _unusable(f"{db}: the checkpoint covers {checkpoint.size} entries but only {count} "
+                        f"could be read")
+    out.print(f"exported {count} entries to {out_dir} (checkpoint size {checkpoint.size})")
+
+
+@app.command()
+def prove(
+    folder: Annotated[Path, typer.Argument(help="The export folder.")],
+    index: Annotated[int, typer.Option("--index", min=0, help="0-based entry index.")],
+    trust: TrustOption = None,
+) -> None:
+    """Print the inclusion proof of entry INDEX in the checkpoint's tree, and check it."""
+    paths, _trust, _note, checkpoint = _load(folder, trust)
+    if index >= checkpoint.size:
+        raise _unusable(f"--index: {index} is not below the checkpoint size {checkpoint.size}")
+    tree = _tree(paths, checkpoint.size)
+    if tree.size < checkpoint.size:
+        raise _invalid(f"entry {tree.size}: missing: the checkpoint commits to "
+                       f"{checkpoint.size} entries but the log ends after {tree.size}")
+    proof = tree.inclusion_proof(index, checkpoint.size)
+    leaf = tree.leaf(index)
+    out.print_json(data={"index": index, "tree_size": checkpoint.size, "leaf_hash": b64encode(leaf),
+                         "root": b64encode(checkpoint.root),
+                         "proof": [b64encode(p) for p in proof]})
+    try:
+        verify_inclusion(leaf, index, checkpoint.size, proof, checkpoint.root)
+    except ProofError as exc:
+        raise _invalid(f"inclusion proof of entry {index} does not reach the checkpoint root: "
+                       f"{exc} (the entries do not match the checkpoint; run `audit verify`)") from exc
+    err.print(f"[green]OK[/] entry {index} is included in the checkpoint of size {checkpoint.size}")
+
+
+@app.command()
+def consistency(
+    folder: Annotated[Path, typer.Argument(help="The export folder.")],
+    from_file: Annotated[Path, typer.Option(
+        "--from", help="An earlier checkpoint (signed note) or an `audit verify` state file.")],
+    trust: TrustOption = None,
+) -> None:
+    """Print the consistency proof from an earlier checkpoint to the export's, and check it."""
+    paths, pinned, _note, checkpoint = _load(folder, trust)
+    try:
+        raw = from_file.read_bytes()
+    except OSError as exc:
+        raise _unusable(f"{from_file}: cannot read ({exc.strerror})") from exc
+    text = raw.decode("utf-8", errors="replace")
+    if text.lstrip().startswith("{"):
+        try:
+            text = json.loads(text)["checkpoint"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _unusable(f"{from_file}: neither a checkpoint nor a state file") from exc
+    try:
+        parse_note(text)
+        old = verify_checkpoint(text, pinned.log_public_key, pinned.log_key_name, pinned.origin)
+    except CheckpointError as exc:
+        raise _unusable(f"{from_file}: not a checkpoint signed by the pinned log key: {exc}") from exc
+    if old.size == 0:
+        raise _unusable(f"{from_file}: a checkpoint of the empty log proves nothing")
+    if old.size > checkpoint.size:
+        raise _invalid(f"entry {checkpoint.size}: missing: the earlier checkpoint has {old.size} "
+                       f"entries, the export's only {checkpoint.size} (rolled back?)")
+    tree = _tree(paths, checkpoint.size)
+    if tree.size < checkpoint.size:
+        raise _invalid(f"entry {tree.size}: missing: the checkpoint commits to "
+                       f"{checkpoint.size} entries but the log ends after {tree.size}")
+    proof = tree.consistency_proof(old.size, checkpoint.size)
+    out.print_json(data={"old_size": old.size, "new_size": checkpoint.size,
+                         "old_root": b64encode(old.root), "new_root": b64encode(checkpoint.root),
+                         "proof": [b64encode(p) for p in proof]})
+    try:
+        verify_consistency(old.size, checkpoint.size, proof, old.root, checkpoint.root)
+    except ProofError as exc:
+        raise _invalid(f"the earlier checkpoint (size {old.size}) is not consistent with the "
+                       f"export's (size {checkpoint.size}): {exc}") from exc
+    err.print(f"[green]OK[/] the log of size {old.size} is a prefix of the log of size "
+              f"{checkpoint.size}")
+
+
+def main() -> None:  # pragma: no cover - console entry point convenience
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
