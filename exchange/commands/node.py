@@ -71,6 +71,7 @@ def init(
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise _fail(problems, code=2) from exc
     directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)  # the database holds patient records, keys/ the private keys
     resolved = settings.model_copy(update={"data_dir": directory.resolve()})
     try:
         keys.create_keys(resolved.signing_key_path, resolved.flower_key_path)

@@ -127,7 +127,7 @@ def import_consent_folder(session: Session, folder: Path,
     held: dict[tuple[str, int], str] = {
         (p, v): h for p, v, h in session.execute(select(ConsentContractRow.pseudonym,
                                                         ConsentContractRow.version,
-                                                        ConsentContractRow.contract_hash)).tuples()}
+                                                        ConsentContractRow.contract_hash)).tuples().all()}
     known = dict(held)
     new: list[tuple[str, Contract]] = []
     unchanged = 0

@@ -46,7 +46,7 @@ class Context:
 
 
 def held_columns(session: Session) -> dict[str, str]:
-    return dict(session.execute(select(ColumnCategory.column, ColumnCategory.category)).tuples())
+    return dict(session.execute(select(ColumnCategory.column, ColumnCategory.category)).tuples().all())
 
 
 def latest_decision(session: Session, study_id: str) -> DecisionRow | None:

@@ -29,7 +29,7 @@ def current_contracts(session: Session) -> dict[str, dict[str, Any]]:
     rows = session.execute(
         select(ConsentContractRow.pseudonym, ConsentContractRow.document)
         .join(newest, (newest.c.pseudonym == ConsentContractRow.pseudonym)
-              & (newest.c.v == ConsentContractRow.version))).tuples()
+              & (newest.c.v == ConsentContractRow.version))).tuples().all()
     return dict(rows)
 
 

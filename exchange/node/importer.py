@@ -220,7 +220,7 @@ def validate_rows(rows: Iterable[tuple[int, dict[str, Any]]], mapping: Mapping,
             value, reason = _convert(row.get(name), spec)
             if reason:
                 reasons.append(f"{name}: {reason}")
-            else:
+            elif value is not None:  # an optional value that is absent is simply not stored
                 values[name] = value
         if reasons:
             problems.append(Problem(row_number, "; ".join(reasons)))
@@ -279,7 +279,7 @@ def _file_sha256(path: Path) -> str:
 # --- import -----------------------------------------------------------------------------------
 
 def _check_categories(session: Session, mapping: Mapping) -> list[Problem]:
-    existing = dict(session.execute(select(ColumnCategory.column, ColumnCategory.category)).tuples())
+    existing = dict(session.execute(select(ColumnCategory.column, ColumnCategory.category)).tuples().all())
     return [Problem(None, f"column {name!r}: mapped to {spec.category!r} but already stored as "
                           f"{existing[name]!r}")
             for name, spec in mapping.columns.items()
