@@ -30,7 +30,9 @@ at that index), and inserts the accepted ones with their indexes and tree nodes.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import copy
+import functools
 import hashlib
 import json
 import queue
@@ -41,6 +43,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -57,6 +61,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     and_,
     create_engine,
     event,
@@ -73,7 +78,8 @@ from audit import merkle
 from audit.checkpoint import Checkpoint, sign_checkpoint
 from audit.entry import Entry, MalformedEntryError
 from audit.keyring import KEY_KINDS, Keyring, KeyringError
-from audit.signing import SignatureInvalidError, Signer, canonical
+from audit.signing import Signer, b64decode, canonical
+from audit.verify import signing_input_from_line
 
 # The same naming convention as exchange/db/base.py, so Alembic batch migrations name and drop
 # constraints identically on SQLite and PostgreSQL (audit may not import exchange).
@@ -107,6 +113,8 @@ audit_entries = Table(
     Column("key_id", String(64), nullable=False),
     Column("time", String(32), nullable=False, comment="the envelope's RFC 3339 UTC time"),
     CheckConstraint("idx >= 0", name="idx_nonnegative"),
+    # A signed entry may appear once: the verifier rejects a byte-for-byte replay.
+    UniqueConstraint("leaf_hash"),
     Index(None, "kind"),
     comment="The audit log's entries. Append-only: triggers refuse UPDATE, DELETE, TRUNCATE.",
 )
@@ -611,7 +619,37 @@ def verify_storage(engine: Engine, trusted_operator_key: bytes) -> bytes:
     return tree.root()
 
 
+def _stored_indexes(connection: Connection, hashes: Sequence[bytes]) -> dict[bytes, int]:
+    """Which of these leaf hashes are already in the log, and at which index."""
+    e = audit_entries.c
+    found: dict[bytes, int] = {}
+    for start in range(0, len(hashes), _READ_PAGE):
+        chunk = hashes[start:start + _READ_PAGE]
+        for row in connection.execute(select(e.leaf_hash, e.idx).where(e.leaf_hash.in_(chunk))):
+            found[bytes(row.leaf_hash)] = int(row.idx)
+    return found
+
+
+def _check_unique(request: _Request, start: int, seen: Mapping[bytes, int]) -> None:
+    """Refuse an entry that is byte for byte one already in the log (or earlier in the call)."""
+    first: dict[bytes, int] = {}
+    for position, item in enumerate(request.entries):
+        earlier = seen.get(item.leaf_hash)
+        if earlier is None and item.leaf_hash in first:
+            earlier = start + first[item.leaf_hash]
+        if earlier is not None:
+            raise EntryRefusedError(position, start + position,
+                                    f"entry: identical to log entry {earlier}; a signed entry "
+                                    f"may appear once (the verifier rejects replays)")
+        first[item.leaf_hash] = position
+
+
 # -- the log -----------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def _verify_key(public_key: bytes) -> VerifyKey:
+    return VerifyKey(public_key)
 
 
 @dataclass(frozen=True)
@@ -750,9 +788,13 @@ class AuditLog:
         verified_with: bytes | None = None
         record = self._keyring.get(parsed.key_id)  # a dict lookup: safe while the writer runs
         if record is not None:
+            # The signed bytes are cut out of the leaf (no second canonical encoding); a key id
+            # names one public key forever (it is its hash), so this check stays valid even if
+            # the key is revoked before the writer gets to it (the writer checks that).
             try:
-                parsed.verify_signature(record.public_key)
-            except (SignatureInvalidError, ValueError) as exc:
+                _verify_key(record.public_key).verify(signing_input_from_line(leaf, parsed),
+                                                      b64decode(parsed.signature))
+            except (BadSignatureError, binascii.Error, ValueError) as exc:
                 raise EntryRefusedError(position, None, f"signature: does not verify with key "
                                                         f"{parsed.key_id}") from exc
             verified_with = record.public_key
@@ -843,12 +885,16 @@ class AuditLog:
                 size = self._size
                 rows: list[dict[str, Any]] = []
                 leaf_hashes: list[bytes] = []
+                seen = _stored_indexes(connection, [p.leaf_hash for r in batch for p in r.entries])
                 for request in batch:
                     try:
+                        _check_unique(request, size, seen)
                         keyring = self._check_request(keyring, request, size)
                     except EntryRefusedError as exc:
                         refused.append((request, exc))
                         continue
+                    for position, item in enumerate(request.entries):
+                        seen[item.leaf_hash] = size + position
                     indexes = list(range(size, size + len(request.entries)))
                     for index, item in zip(indexes, request.entries, strict=True):
                         rows.append({"idx": index, "leaf": item.leaf, "leaf_hash": item.leaf_hash,

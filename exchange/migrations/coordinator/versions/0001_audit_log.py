@@ -40,6 +40,7 @@ def upgrade() -> None:
                   comment="the envelope's RFC 3339 UTC time"),
         sa.CheckConstraint("idx >= 0", name="ck_audit_entries_idx_nonnegative"),
         sa.PrimaryKeyConstraint("idx", name="pk_audit_entries"),
+        sa.UniqueConstraint("leaf_hash", name="uq_audit_entries_leaf_hash"),
         comment="The audit log's entries. Append-only: triggers refuse UPDATE, DELETE, TRUNCATE.",
     )
     op.create_index("ix_audit_entries_kind", "audit_entries", ["kind"])
