@@ -188,6 +188,18 @@ def _failures(node: Provision, request: StudyRequest, category: str,
     return out
 
 
+def _describe(node: Provision) -> str:
+    parts = [f"{name}={','.join(values)}" for name, values in (
+        ("purposes", node.purposes), ("diseases", node.diseases), ("modifiers", node.modifiers),
+        ("categories", node.data_categories), ("organisations", node.organisations),
+        ("regions", node.regions), ("projects", node.projects), ("users", node.users)) if values]
+    if node.commercial is not None:
+        parts.append(f"commercial={str(node.commercial).lower()}")
+    if node.period is not None:
+        parts.append("period")
+    return f" ({'; '.join(parts)})" if parts else " (unconditional)"
+
+
 def _decide(node: Provision, path: str, request: StudyRequest, category: str, instant: datetime,
             decisive: list[Reason], skipped: list[Reason]) -> Literal["permit", "deny"] | None:
     failures = _failures(node, request, category, instant)
@@ -209,7 +221,7 @@ def _decide(node: Provision, path: str, request: StudyRequest, category: str, in
         decisive.extend(child_decisive["permit"])
         return "permit"
     terms = ",".join(node.purposes) or None
-    decisive.append(Reason(node.type, path, f"{node.type} rule applies", category, terms))
+    decisive.append(Reason(node.type, path, f"{node.type} rule applies{_describe(node)}", category, terms))
     return node.type
 
 

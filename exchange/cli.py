@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import typer
 
-from exchange.commands import db, node
+from exchange.commands import consent, db, node
 
 app = typer.Typer(help="Consent-gated federated health data exchange.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 app.add_typer(db.app, name="db")
 app.add_typer(node.app, name="node")
+app.add_typer(consent.app, name="consent")
 
 
 if __name__ == "__main__":
