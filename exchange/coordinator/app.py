@@ -1,0 +1,236 @@
+"""The coordinator's Litestar application: wiring of database, audit log, keys, runner, routes.
+
+`build_coordinator(config)` opens everything (migrating the database first), and
+`create_app(runtime)` makes the ASGI app. Tests build a runtime with a `ScriptedRunner`; the
+`exchange serve` command builds one with the real `FederatedRunner`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import swagger_ui_bundle
+from litestar import Litestar, Request, get
+from litestar.config.response_cache import ResponseCacheConfig
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.middleware.rate_limit import RateLimitConfig
+from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.static_files import create_static_files_router
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import Counter
+from sqlalchemy import Connection, Engine, event
+
+from audit.signing import Signer
+from audit.store import AuditLog
+from exchange.coordinator import problems, routes
+from exchange.coordinator.auditing import TransactionalAppender
+from exchange.coordinator.runner import StudyRunner
+from exchange.coordinator.services import Coordinator, Principal, Terms
+from exchange.db import migrate
+from exchange.db.engine import make_engine
+from exchange.logging import get_logger
+
+access_log = get_logger("exchange.access")
+STUDY_EVENTS = Counter("exchange_study_events_total", "Study lifecycle events recorded", ["kind"])
+API_VERSION = "1.0.0"
+
+
+@dataclass
+class AppConfig:
+    """Everything the coordinator app needs; `exchange serve` fills it from CoordinatorSettings."""
+
+    database_url: str
+    operator_key_file: Path
+    log_key_file: Path
+    coordinator_key_file: Path
+    log_origin: str = "exchange.local/log"
+    max_body_bytes: int = 1_048_576
+    rate_limit_per_minute: int = 600
+    replay_window_s: int = 300
+    forward_bps: int = 3000
+    royalties: dict[str, tuple[str, int]] = field(default_factory=dict)
+    migrate: bool = True
+    access_log: bool = True
+
+
+@dataclass
+class Runtime:
+    """The opened parts of a running coordinator (closed by `close`)."""
+
+    config: AppConfig
+    read_engine: Engine
+    write_engine: Engine
+    audit_log: AuditLog
+    coordinator: Coordinator
+
+    def close(self) -> None:
+        self.audit_log.close()
+        self.read_engine.dispose()
+        self.write_engine.dispose()
+
+
+def load_or_create_key(path: Path) -> Signer:
+    """Load a 0600 key file, creating it on first start (never overwritten)."""
+    if path.exists():
+        return Signer.load(path)
+    signer = Signer.generate()
+    signer.save(path)
+    return signer
+
+
+def _write_engine(url: str) -> Engine:
+    """Write transactions take SQLite's write lock up front (BEGIN IMMEDIATE), so two writers
+    queue on busy_timeout instead of failing on a lock upgrade (SQLAlchemy's documented
+    recipe); on PostgreSQL the audit advisory lock and row locks serialize what must be."""
+    engine = make_engine(url)
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _begin(connection: Connection) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        engine = engine.execution_options(isolation_level="READ COMMITTED")
+    return engine
+
+
+def build_runtime(config: AppConfig, runner: StudyRunner) -> Runtime:
+    if config.migrate:
+        migrate.upgrade(config.database_url, "coordinator")
+    operator = load_or_create_key(config.operator_key_file)
+    log_signer = load_or_create_key(config.log_key_file)
+    coordinator_key = load_or_create_key(config.coordinator_key_file)
+    read_engine = make_engine(config.database_url)
+    write_engine = _write_engine(config.database_url)
+    audit_log = AuditLog(read_engine, log_signer, config.log_origin, operator.public_key)
+    coordinator = Coordinator(read_engine, write_engine, TransactionalAppender(operator.public_key),
+                              operator=operator, coordinator=coordinator_key, runner=runner,
+                              terms=Terms(forward_bps=config.forward_bps, royalties=config.royalties),
+                              replay_window=timedelta(seconds=config.replay_window_s))
+    coordinator.on_change = lambda kind: STUDY_EVENTS.labels(kind=kind).inc()
+    coordinator.bootstrap()
+    return Runtime(config, read_engine, write_engine, audit_log, coordinator)
+
+
+class AccessLogMiddleware:
+    """One JSON line per request: method, route path, status, duration, caller reference.
+
+    Never the query string, headers or body (they may carry keys or signatures); the caller
+    is named by its API key prefix or hospital id, which are not secrets.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            principal = scope.get("state", {}).get("principal")
+            access_log.info("http.request", method=scope.get("method"), path=scope.get("path"),
+                            status=status, duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                            caller=principal.ref if isinstance(principal, Principal) else None,
+                            client=(scope.get("client") or ("", 0))[0])
+
+
+def _rate_limit_identifier(request: Request[Any, Any, Any]) -> str:
+    token = request.headers.get("x-api-key") or request.headers.get("authorization") or ""
+    parts = token.replace("Bearer ", "").split("_")
+    if len(parts) >= 3 and parts[0] == "hx":
+        return f"key:{parts[1]}"
+    return f"ip:{request.client.host if request.client else 'unknown'}"
+
+
+def _throttled(request: Request[Any, Any, Any]) -> bool:
+    return bool(request.route_handler.opt.get("rate_limited"))
+
+
+class MetricsController(PrometheusController):
+    path = "/metrics"
+    include_in_schema = False
+
+
+def create_app(runtime: Runtime, *, debug: bool = False,
+               on_shutdown: list[Callable[[], Any]] | None = None) -> Litestar:
+    config = runtime.config
+    openapi = OpenAPIConfig(
+        title="Health data exchange: coordinator API", version=API_VERSION,
+        description="Study submission, hospital decisions, results, and the verifiable audit log. "
+                    "Refusals are RFC 9457 problem details.",
+        path="/schema",
+        render_plugins=[SwaggerRenderPlugin(
+            path="/docs", js_url="/static/swagger/swagger-ui-bundle.js",
+            css_url="/static/swagger/swagger-ui.css",
+            standalone_preset_js_url="/static/swagger/swagger-ui-standalone-preset.js",
+            favicon="<link rel='icon' type='image/png' href='/static/swagger/favicon-32x32.png'>")],
+        components=Components(security_schemes={
+            "BearerApiKey": SecurityScheme(type="http", scheme="bearer",
+                                           description="API key: Authorization: Bearer hx_..."),
+            "HeaderApiKey": SecurityScheme(type="apiKey", name="X-API-Key", security_scheme_in="header"),
+            "HttpMessageSignature": SecurityScheme(
+                type="apiKey", name="Signature", security_scheme_in="header",
+                description="RFC 9421 Ed25519 signature by the hospital's registered key; profile in "
+                            "exchange.http_signing (covers @method @path @query content-digest; "
+                            "created, keyid, nonce, tag=health-exchange)"),
+        }),
+    )
+    static = create_static_files_router(path="/static/swagger",
+                                        directories=[Path(str(swagger_ui_bundle.swagger_ui_path))],
+                                        include_in_schema=False, send_as_attachment=False)
+    rate_limit = RateLimitConfig(rate_limit=("minute", config.rate_limit_per_minute),
+                                 check_throttle_handler=_throttled,
+                                 identifier_for_request=_rate_limit_identifier,
+                                 exclude=["/health", "/metrics", "/schema"])
+    prometheus = PrometheusConfig(app_name="exchange", prefix="exchange", group_path=True,
+                                  exclude=["/metrics"])
+    middleware: list[Any] = [rate_limit.middleware, prometheus.middleware]
+    if config.access_log:
+        middleware.insert(0, AccessLogMiddleware)
+    app = Litestar(
+        route_handlers=[routes.RegistryController, routes.StudyController, routes.HospitalController,
+                        routes.AuditController, routes.health, MetricsController, static, _docs_redirect],
+        openapi_config=openapi,
+        middleware=middleware,
+        exception_handlers={
+            problems.ProblemError: problems.handle_problem,
+            ValidationException: problems.handle_validation,
+            HTTPException: problems.handle_http,
+            Exception: problems.handle_unexpected,
+        },
+        request_max_body_size=config.max_body_bytes,
+        response_cache_config=ResponseCacheConfig(),
+        on_shutdown=[runtime.close, *(on_shutdown or [])],
+        debug=debug,
+    )
+    app.state.coordinator = runtime.coordinator
+    app.state.audit_log = runtime.audit_log
+    return app
+
+
+@get("/docs", include_in_schema=False, sync_to_thread=False)
+def _docs_redirect() -> Any:
+    from litestar.response import Redirect
+
+    return Redirect("/schema/docs")

@@ -1,0 +1,137 @@
+"""Small HTTP clients for the coordinator API: one for hospitals (RFC 9421 signed), one for
+researchers and operators (API key).
+
+Why here: the hospital node daemon and the `exchange study` / `exchange admin` commands talk
+to the same endpoints; the request shapes and the error handling live in one place. Errors
+come back as `CoordinatorError` carrying the RFC 9457 problem (status, title, every field
+error), never as a bare httpx exception.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import httpx
+
+from audit.entry import Entry, sign_entry
+from audit.signing import Signer
+from exchange.http_signing import HospitalAuth
+
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+
+
+class CoordinatorError(Exception):
+    """The coordinator refused a request; `problem` is its RFC 9457 body (or a stand-in)."""
+
+    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+        self.status = status
+        self.problem = problem
+        errors = "; ".join(f"{e.get('field')}: {e.get('reason')}" for e in problem.get("errors", []))
+        super().__init__(f"{status} {problem.get('title', '')}: {problem.get('detail', '')}"
+                         + (f" ({errors})" if errors else ""))
+
+
+def _check(response: httpx.Response) -> httpx.Response:
+    if response.is_success:
+        return response
+    try:
+        problem = response.json()
+        if not isinstance(problem, dict):
+            raise ValueError
+    except ValueError:
+        problem = {"title": response.reason_phrase, "detail": response.text[:500]}
+    raise CoordinatorError(response.status_code, problem)
+
+
+def decision_entry(signer: Signer, hospital_id: str, study_id: str, *,
+                   decision: Literal["approve", "refuse"], reasons: list[str],
+                   eligible_records: int | None = None, instant: datetime | None = None) -> Entry:
+    """The hospital's signed `study.decision` log entry (see docs/coordinator-api.md)."""
+    return sign_entry(signer, "study.decision", {
+        "study_id": study_id, "hospital": f"hospital:{hospital_id}", "decision": decision,
+        "reasons": list(reasons), "eligible_records": eligible_records,
+    }, instant or datetime.now(UTC))
+
+
+def receipt_entry(signer: Signer, hospital_id: str, study_id: str, *, round_number: int,
+                  records_used: int, commitment: str, epsilon_spent: float,
+                  reward_accounts: dict[str, int] | None = None,
+                  instant: datetime | None = None) -> Entry:
+    """The hospital's signed `round.receipt` (payload per docs/rewards.md)."""
+    return sign_entry(signer, "round.receipt", {
+        "study_id": study_id, "round": round_number, "hospital": f"hospital:{hospital_id}",
+        "records_used": records_used, "reward_accounts": dict(reward_accounts or {}),
+        "commitment": commitment, "epsilon_spent": epsilon_spent,
+    }, instant or datetime.now(UTC))
+
+
+class HospitalClient:
+    """The hospital side: every request signed with the hospital's registered Ed25519 key."""
+
+    def __init__(self, base_url: str, signer: Signer, hospital_id: str, *,
+                 transport: httpx.BaseTransport | None = None,
+                 timeout: httpx.Timeout = DEFAULT_TIMEOUT) -> None:
+        self.signer = signer
+        self.hospital_id = hospital_id
+        self._http = httpx.Client(base_url=base_url, auth=HospitalAuth(signer), timeout=timeout,
+                                  transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> HospitalClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def me(self) -> dict[str, Any]:
+        return dict(_check(self._http.get("/v1/hospital/me")).json())
+
+    def studies(self, status: Literal["pending", "open", "all"] = "pending", offset: int = 0,
+                limit: int = 50) -> dict[str, Any]:
+        """Studies this hospital may decide on (`pending`: submitted, not yet decided by it)."""
+        response = self._http.get("/v1/hospital/studies",
+                                  params={"status": status, "offset": offset, "limit": limit})
+        return dict(_check(response).json())
+
+    def decide(self, study_id: str, decision: Literal["approve", "refuse"], reasons: list[str],
+               eligible_records: int | None = None) -> dict[str, Any]:
+        entry = decision_entry(self.signer, self.hospital_id, study_id, decision=decision,
+                               reasons=reasons, eligible_records=eligible_records)
+        return self.submit_entry(entry, path=f"/v1/hospital/studies/{study_id}/decision")
+
+    def submit_entry(self, entry: Entry, path: str = "/v1/hospital/entries") -> dict[str, Any]:
+        """Send an entry the hospital signed (decision, receipt, key rotation) for the log."""
+        return dict(_check(self._http.post(path, json=entry.to_json())).json())
+
+
+class ApiClient:
+    """Researchers, operators and auditors: `Authorization: Bearer <api key>`."""
+
+    def __init__(self, base_url: str, api_key: str, *, transport: httpx.BaseTransport | None = None,
+                 timeout: httpx.Timeout = DEFAULT_TIMEOUT) -> None:
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport,
+                                  headers={"Authorization": f"Bearer {api_key}"})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def get(self, path: str, **params: Any) -> Any:
+        return _check(self._http.get(path, params=params or None)).json()
+
+    def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        return _check(self._http.post(path, json=body if body is not None else {})).json()
+
+    def delete(self, path: str) -> Any:
+        return _check(self._http.delete(path)).json()
+
+    def download(self, path: str) -> bytes:
+        return _check(self._http.get(path)).content

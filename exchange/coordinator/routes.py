@@ -1,0 +1,363 @@
+"""HTTP routes (Litestar controllers). Thin: authenticate, authorize, call `Coordinator`.
+
+Sync handlers run in Litestar's thread pool (`sync_to_thread=True`): the database work is
+blocking SQLAlchemy, and the event loop stays free for other requests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import ValidationException
+from litestar.params import Parameter
+from litestar.response import Stream
+
+from audit.entry import Entry, MalformedEntryError
+from audit.signing import b64encode
+from exchange.coordinator import problems
+from exchange.coordinator.auth import allow, authenticate
+from exchange.coordinator.models import Role, StudyStatus
+from exchange.coordinator.schemas import (
+    ApiKeyCreate,
+    ApiKeyIssued,
+    ApiKeyOut,
+    AuditEntryOut,
+    AuditEntryPage,
+    BalancesOut,
+    CancelRequest,
+    CheckpointOut,
+    ConsistencyProofOut,
+    EntryAccepted,
+    HealthOut,
+    HospitalCreate,
+    HospitalOut,
+    HospitalStudy,
+    HospitalStudyPage,
+    InclusionProofOut,
+    MintRequest,
+    OrganisationCreate,
+    OrganisationOut,
+    ResearcherCreate,
+    ResearcherOut,
+    SignedEntry,
+    StudyCreate,
+    StudyOut,
+    StudyPage,
+    StudyResults,
+    StudySummary,
+)
+from exchange.coordinator.services import Coordinator, Principal
+
+API_KEY_AUTH: list[dict[str, list[str]]] = [{"BearerApiKey": []}, {"HeaderApiKey": []}]
+SIGNED_AUTH: list[dict[str, list[str]]] = [{"HttpMessageSignature": []}]
+ANY_AUTH = API_KEY_AUTH + SIGNED_AUTH
+Offset = Annotated[int, Parameter(ge=0, le=2**31 - 1, description="items to skip")]
+Limit = Annotated[int, Parameter(ge=1, le=200, description="page size (max 200)")]
+MAX_LIMIT = 200
+
+
+def _coordinator(state: State) -> Coordinator:
+    coordinator: Coordinator = state.coordinator
+    return coordinator
+
+
+def _next(offset: int, count: int, total: int) -> int | None:
+    return offset + count if offset + count < total else None
+
+
+def _entry(body: SignedEntry) -> Entry:
+    try:
+        return Entry.from_json(body.model_dump())
+    except MalformedEntryError as exc:
+        raise problems.unprocessable([{"field": "body", "reason": str(exc)}]) from exc
+
+
+def _hospital_of(coordinator: Coordinator, principal: Principal) -> Any:
+    allow(principal, Role.HOSPITAL)
+    assert principal.hospital_id is not None
+    return coordinator.get_hospital(principal.hospital_id)
+
+
+DEPENDENCIES = {"principal": Provide(authenticate),
+                "coordinator": Provide(_coordinator, sync_to_thread=False)}
+
+
+class RegistryController(Controller):
+    """Operator tasks: organisations, researchers, API keys, hospitals, minting."""
+
+    path = "/v1"
+    tags = ["operator"]  # noqa: RUF012
+    dependencies = DEPENDENCIES
+    security = API_KEY_AUTH
+
+    @post("/organisations", sync_to_thread=True, summary="Register an organisation")
+    def create_organisation(self, principal: Principal, coordinator: Coordinator,
+                            data: OrganisationCreate) -> OrganisationOut:
+        allow(principal, Role.OPERATOR)
+        return OrganisationOut.model_validate(coordinator.create_organisation(data))
+
+    @get("/organisations", sync_to_thread=True, summary="List organisations")
+    def list_organisations(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
+                           limit: Limit = 50) -> list[OrganisationOut]:
+        allow(principal, Role.OPERATOR, Role.AUDITOR)
+        rows, _total = coordinator.list_organisations(offset, limit)
+        return [OrganisationOut.model_validate(r) for r in rows]
+
+    @post("/organisations/{organisation_id:str}/researchers", sync_to_thread=True,
+          summary="Register a researcher")
+    def create_researcher(self, principal: Principal, coordinator: Coordinator, organisation_id: str,
+                          data: ResearcherCreate) -> ResearcherOut:
+        allow(principal, Role.OPERATOR)
+        return ResearcherOut.model_validate(coordinator.create_researcher(organisation_id, data))
+
+    @post("/api-keys", sync_to_thread=True, summary="Issue an API key (the secret is shown once)",
+          opt={"rate_limited": True})
+    def issue_api_key(self, principal: Principal, coordinator: Coordinator,
+                      data: ApiKeyCreate) -> ApiKeyIssued:
+        allow(principal, Role.OPERATOR)
+        key, token = coordinator.issue_api_key(data)
+        return ApiKeyIssued.model_validate({**ApiKeyOut.model_validate(key).model_dump(), "key": token})
+
+    @get("/api-keys", sync_to_thread=True, summary="List API keys (never their secrets)")
+    def list_api_keys(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
+                      limit: Limit = 50) -> list[ApiKeyOut]:
+        allow(principal, Role.OPERATOR)
+        rows, _ = coordinator.list_api_keys(offset, limit)
+        return [ApiKeyOut.model_validate(r) for r in rows]
+
+    @delete("/api-keys/{prefix:str}", sync_to_thread=True, status_code=200, summary="Revoke an API key")
+    def revoke_api_key(self, principal: Principal, coordinator: Coordinator, prefix: str) -> ApiKeyOut:
+        allow(principal, Role.OPERATOR)
+        return ApiKeyOut.model_validate(coordinator.revoke_api_key(prefix))
+
+    @post("/hospitals", sync_to_thread=True, summary="Register a hospital and its keys")
+    def register_hospital(self, principal: Principal, coordinator: Coordinator,
+                          data: HospitalCreate) -> HospitalOut:
+        allow(principal, Role.OPERATOR)
+        return HospitalOut.model_validate(coordinator.register_hospital(data))
+
+    @get("/hospitals", sync_to_thread=True, summary="List hospitals")
+    def list_hospitals(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
+                       limit: Limit = 50) -> list[HospitalOut]:
+        allow(principal, Role.OPERATOR, Role.AUDITOR)
+        rows, _ = coordinator.list_hospitals(offset, limit)
+        return [HospitalOut.model_validate(r) for r in rows]
+
+    @post("/ledger/mint", sync_to_thread=True, summary="Mint tokens into an account")
+    def mint(self, principal: Principal, coordinator: Coordinator, data: MintRequest) -> EntryAccepted:
+        allow(principal, Role.OPERATOR)
+        return EntryAccepted(index=coordinator.mint(data.account, data.amount), kind="token.mint")
+
+
+def _study_problem_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Validation failed for POST /v1/studies: add the budget-vs-balance check, so that the
+    answer lists every problem, also when other fields are wrong."""
+    assert isinstance(exc, ValidationException)
+    response = problems.handle_validation(request, exc)
+    principal = request.scope.get("state", {}).get("principal")
+    body = getattr(request, "_connection_state", None)
+    raw = getattr(body, "body", None) if body is not None else None
+    if not isinstance(principal, Principal) or principal.role != Role.RESEARCHER \
+            or not isinstance(raw, bytes):
+        return response
+    try:
+        budget = json.loads(raw).get("token_budget")
+    except (ValueError, AttributeError):
+        return response
+    if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
+        problem = request.app.state.coordinator.budget_problem(principal, budget)
+        if problem and isinstance(response.content, dict):
+            response.content.setdefault("errors", []).append({"field": "token_budget", "reason": problem})
+            response.content["detail"] = f"{len(response.content['errors'])} problem(s) with the request"
+    return response
+
+
+class StudyController(Controller):
+    """Researchers: submit studies, follow them, fetch results."""
+
+    path = "/v1/studies"
+    tags = ["studies"]  # noqa: RUF012
+    dependencies = DEPENDENCIES
+    security = API_KEY_AUTH
+
+    @post("/", sync_to_thread=True, status_code=201, summary="Submit a study (escrows its budget)",
+          opt={"rate_limited": True},
+          exception_handlers={ValidationException: _study_problem_handler})
+    def submit(self, principal: Principal, coordinator: Coordinator, data: StudyCreate) -> StudyOut:
+        allow(principal, Role.RESEARCHER)
+        study = coordinator.submit_study(principal, data)
+        return StudyOut.model_validate(coordinator.get_study(principal, study.id))
+
+    @get("/", sync_to_thread=True, summary="List studies (researchers: their organisation's only)")
+    def list_studies(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
+                     limit: Limit = 50, status: StudyStatus | None = None) -> StudyPage:
+        allow(principal, Role.RESEARCHER, Role.OPERATOR, Role.AUDITOR)
+        rows, total = coordinator.list_studies(principal, status, offset, limit)
+        return StudyPage(items=[StudySummary.model_validate(r) for r in rows], total=total,
+                         next_offset=_next(offset, len(rows), total))
+
+    @get("/{study_id:str}", sync_to_thread=True, summary="A study, its decisions and progress")
+    def get_study(self, principal: Principal, coordinator: Coordinator, study_id: str) -> StudyOut:
+        allow(principal, Role.RESEARCHER, Role.OPERATOR, Role.AUDITOR)
+        return StudyOut.model_validate(coordinator.get_study(principal, study_id))
+
+    @post("/{study_id:str}/cancel", sync_to_thread=True, status_code=200,
+          summary="Cancel a study (refunds its escrow)")
+    def cancel(self, principal: Principal, coordinator: Coordinator, study_id: str,
+               data: CancelRequest) -> StudyOut:
+        allow(principal, Role.RESEARCHER, Role.OPERATOR)
+        return StudyOut.model_validate(coordinator.cancel_study(principal, study_id, data.reason))
+
+    @get("/{study_id:str}/results", sync_to_thread=True,
+         summary="Per-round metrics, per-hospital records used and epsilon spent")
+    def results(self, principal: Principal, coordinator: Coordinator, study_id: str) -> StudyResults:
+        allow(principal, Role.RESEARCHER)
+        return StudyResults.model_validate(coordinator.results(principal, study_id))
+
+    @get("/{study_id:str}/model", sync_to_thread=True, media_type="application/octet-stream",
+         summary="The trained model (safetensors)")
+    def model(self, principal: Principal, coordinator: Coordinator, study_id: str) -> Response[bytes]:
+        allow(principal, Role.RESEARCHER)
+        data, digest = coordinator.model(principal, study_id)
+        return Response(content=data, media_type="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="{study_id}.safetensors"',
+                                 "Digest-SHA256": digest})
+
+
+class HospitalController(Controller):
+    """Hospitals (signed requests): studies to decide on, decisions, receipts, key rotation."""
+
+    path = "/v1/hospital"
+    tags = ["hospitals"]  # noqa: RUF012
+    dependencies = DEPENDENCIES
+    security = SIGNED_AUTH
+
+    @get("/me", sync_to_thread=True, summary="The calling hospital's registration")
+    def me(self, principal: Principal, coordinator: Coordinator) -> HospitalOut:
+        return HospitalOut.model_validate(_hospital_of(coordinator, principal))
+
+    @get("/studies", sync_to_thread=True, summary="Studies to decide on (pending) or open or all")
+    def studies(self, principal: Principal, coordinator: Coordinator,
+                status: Literal["pending", "open", "all"] = "pending", offset: Offset = 0,
+                limit: Limit = 50) -> HospitalStudyPage:
+        hospital = _hospital_of(coordinator, principal)
+        items, total = coordinator.hospital_studies(hospital, status, offset, limit)
+        return HospitalStudyPage(items=[HospitalStudy.model_validate(i) for i in items], total=total,
+                                 next_offset=_next(offset, len(items), total))
+
+    @post("/studies/{study_id:str}/decision", sync_to_thread=True, status_code=201,
+          summary="Approve or refuse a study (a signed study.decision entry)")
+    def decide(self, principal: Principal, coordinator: Coordinator, study_id: str,
+               data: SignedEntry) -> EntryAccepted:
+        hospital = _hospital_of(coordinator, principal)
+        index = coordinator.decide(hospital, study_id, _entry(data))
+        return EntryAccepted(index=index, kind="study.decision")
+
+    @post("/entries", sync_to_thread=True, status_code=201,
+          summary="Submit an entry the hospital signed: study.decision, round.receipt or key.rotate")
+    def entries(self, principal: Principal, coordinator: Coordinator, data: SignedEntry) -> EntryAccepted:
+        hospital = _hospital_of(coordinator, principal)
+        entry = _entry(data)
+        if entry.kind == "study.decision":
+            index = coordinator.decide(hospital, str(entry.payload.get("study_id")), entry)
+        elif entry.kind == "round.receipt":
+            index = coordinator.record_receipt(hospital, entry)
+        elif entry.kind == "key.rotate":
+            index = coordinator.rotate_hospital_key(hospital, entry)
+        else:
+            raise problems.unprocessable([{"field": "kind", "reason": "must be study.decision, "
+                                           "round.receipt or key.rotate"}])
+        return EntryAccepted(index=index, kind=entry.kind)
+
+
+class AuditController(Controller):
+    """The verifiable log and the ledger, for every authenticated party (no personal data)."""
+
+    path = "/v1"
+    tags = ["audit"]  # noqa: RUF012
+    dependencies = DEPENDENCIES
+    security = ANY_AUTH
+
+    @get("/audit/entries", sync_to_thread=True, summary="Log entries, paged by index")
+    def entries(self, principal: Principal, state: State, start: Offset = 0,
+                limit: Limit = 100) -> AuditEntryPage:
+        log = state.audit_log
+        size = log.size()
+        stop = min(size, start + limit)
+        items = [AuditEntryOut(index=start + i, entry=e.to_json())
+                 for i, e in enumerate(log.entries(start, stop))] if start < size else []
+        return AuditEntryPage(items=items, size=size, next_start=stop if stop < size else None)
+
+    @get("/audit/checkpoint", sync_to_thread=True, summary="A signed checkpoint of the whole log")
+    def checkpoint(self, principal: Principal, state: State) -> CheckpointOut:
+        note = state.audit_log.checkpoint()
+        from audit.checkpoint import parse_checkpoint
+
+        parsed = parse_checkpoint(note)
+        return CheckpointOut(size=parsed.size, root_hash=b64encode(parsed.root), checkpoint=note)
+
+    @get("/audit/proofs/inclusion", sync_to_thread=True, summary="RFC 9162 inclusion proof")
+    def inclusion(self, principal: Principal, state: State,
+                  index: Annotated[int, Parameter(ge=0, le=2**53)],
+                  size: Annotated[int, Parameter(ge=1, le=2**53)]) -> InclusionProofOut:
+        log = state.audit_log
+        current = log.size()
+        if size > current or index >= size:
+            raise problems.unprocessable([{"field": "size" if size > current else "index",
+                                           "reason": f"need index < size <= {current}"}])
+        proof = log.inclusion_proof(index, size)
+        return InclusionProofOut(index=index, size=size, leaf_hash=b64encode(log.leaf_hash(index)),
+                                 proof=[b64encode(p) for p in proof])
+
+    @get("/audit/proofs/consistency", sync_to_thread=True, summary="RFC 9162 consistency proof")
+    def consistency(self, principal: Principal, state: State,
+                    old_size: Annotated[int, Parameter(ge=1, le=2**53)],
+                    new_size: Annotated[int, Parameter(ge=1, le=2**53)]) -> ConsistencyProofOut:
+        log = state.audit_log
+        current = log.size()
+        if not old_size <= new_size <= current:
+            raise problems.unprocessable([{"field": "new_size", "reason":
+                                           f"need old_size <= new_size <= {current}"}])
+        proof = log.consistency_proof(old_size, new_size)
+        return ConsistencyProofOut(old_size=old_size, new_size=new_size, proof=[b64encode(p) for p in proof])
+
+    @get("/audit/export", sync_to_thread=False, media_type="application/x-ndjson",
+         summary="Every entry as JSON lines (RFC 8785 envelopes, line i = entry i)")
+    def export(self, principal: Principal, state: State) -> Stream:
+        log = state.audit_log
+
+        def lines() -> Iterator[bytes]:
+            for entry in log.entries(0, log.size()):
+                yield entry.leaf_bytes() + b"\n"
+
+        return Stream(lines(), media_type="application/x-ndjson")
+
+    @get("/ledger/balances", sync_to_thread=True,
+         summary="Token balances (researchers and hospitals: their own account)")
+    def balances(self, principal: Principal, coordinator: Coordinator) -> BalancesOut:
+        if principal.role in (Role.OPERATOR, Role.AUDITOR):
+            return BalancesOut.model_validate(coordinator.balances())
+        own = (f"hospital:{principal.hospital_id}" if principal.role == Role.HOSPITAL
+               else f"org:{principal.organisation_id}")
+        data = coordinator.balances([own])
+        data["balances"].setdefault(own, 0)
+        return BalancesOut.model_validate(data)
+
+
+@get("/health", sync_to_thread=True, tags=["service"], summary="Liveness and database check")
+def health(state: State) -> HealthOut:
+    return HealthOut(status="ok", database="ok", log_size=state.audit_log.size())
+
+
+def example_study() -> dict[str, Any]:
+    return {"title": "Breast cancer risk model", "purpose": "DUO:0000007", "disease": "C50",
+            "commercial": False, "ethics_approval": True, "data_categories": ["labs", "diagnoses"],
+            "columns": {"labs": ["mean_radius", "mean_texture"]}, "template": "logistic_regression",
+            "task": "binary", "label": "label", "epsilon": 3.0, "delta": 1e-5, "rounds": 3,
+            "min_hospitals": 2, "token_budget": 10000}
+

@@ -1,0 +1,444 @@
+"""Request and response bodies of the coordinator API (pydantic v2; they make the OpenAPI 3.1).
+
+Requests are strict and closed: wrong JSON types are not coerced ("3" is not 3) and unknown
+fields are refused, so a typo never silently falls back to a default. `StudyCreate` reports
+every problem in one answer: field rules and cross-field rules are collected together by a
+wrap validator instead of stopping at the first failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from exchange.coordinator import vocabulary
+from exchange.coordinator.models import DecisionKind, Role, StudyStatus
+
+MAX_AMOUNT = 2**53 - 1
+Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$",
+                            description="lower-case letters, digits and '-', 2-63 characters")]
+Account = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*:\S+$", max_length=200,
+                               description="ledger account `<prefix>:<id>`, e.g. `org:acme`")]
+Amount = Annotated[int, Field(ge=1, le=MAX_AMOUNT, description="integer token units")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# ---------------------------------------------------------------- operator requests
+class OrganisationCreate(Strict):
+    id: Slug
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    region: Annotated[str, Field(pattern=r"^[A-Z]{2}$", description="ISO 3166-1 alpha-2")]
+
+
+class ResearcherCreate(Strict):
+    id: Slug
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class ApiKeyCreate(Strict):
+    role: Literal["operator", "researcher", "auditor"]
+    organisation_id: Slug | None = None
+    researcher_id: Slug | None = None
+    label: Annotated[str, Field(max_length=200)] = ""
+
+
+def _ed25519_public_key(value: str) -> str:
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise ValueError("not valid base64") from exc
+    if len(raw) != 32:
+        raise ValueError(f"an Ed25519 public key is 32 bytes, this is {len(raw)}")
+    return value
+
+
+class HospitalCreate(Strict):
+    id: Slug
+    organisation_id: Slug
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    signing_public_key: Annotated[str, Field(description="Ed25519 public key, base64 (32 bytes)")]
+    flower_public_key: Annotated[str, Field(min_length=1, max_length=4000,
+                                            description="the SuperNode's public key (OpenSSH/PEM)")]
+
+    @field_validator("signing_public_key")
+    @classmethod
+    def _check_key(cls, value: str) -> str:
+        return _ed25519_public_key(value)
+
+
+class MintRequest(Strict):
+    account: Account
+    amount: Amount
+
+
+class CancelRequest(Strict):
+    reason: Annotated[str, Field(min_length=1, max_length=500)] = "cancelled by the researcher"
+
+
+class SignedEntry(Strict):
+    """An audit-log envelope signed by the caller (see docs/CONTRACTS.md)."""
+
+    v: Literal[1]
+    kind: Annotated[str, Field(min_length=1, max_length=64)]
+    key_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    time: Annotated[str, Field(min_length=1, max_length=40)]
+    payload: dict[str, Any]
+    signature: Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class KeyRotation(Strict):
+    """A `key.rotate` entry signed by the hospital's current (old) key."""
+
+    entry: SignedEntry
+
+
+# ---------------------------------------------------------------- studies
+class StudyCreate(Strict):
+    """A study request. Every problem is reported at once (field and cross-field rules)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="StudyCreate")
+
+    title: Annotated[str, Field(min_length=1, max_length=200)]
+    purpose: Annotated[str, Field(description="GA4GH DUO term of the study's primary purpose",
+                                  examples=["DUO:0000007"])]
+    disease: Annotated[str | None, Field(description="ICD-10 code; required for DS (DUO:0000007)",
+                                         examples=["C50"])] = None
+    commercial: bool = False
+    ethics_approval: bool = False
+    data_categories: Annotated[list[str], Field(min_length=1, max_length=20)]
+    columns: Annotated[dict[str, list[str]], Field(
+        description="data category -> column names used from it", min_length=1)]
+    template: Annotated[str, Field(examples=["logistic_regression"])]
+    task: Literal["binary", "regression"]
+    label: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$",
+                                description="the target column")] = "label"
+    epsilon: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
+    delta: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+    rounds: Annotated[int, Field(ge=1, le=1000)]
+    min_hospitals: Annotated[int, Field(ge=1, le=1000)]
+    token_budget: Amount
+
+    @field_validator("purpose")
+    @classmethod
+    def _purpose(cls, value: str) -> str:
+        return _rule(vocabulary.purpose_problem(value), value)
+
+    @field_validator("disease")
+    @classmethod
+    def _disease(cls, value: str | None) -> str | None:
+        return value if value is None else _rule(vocabulary.disease_problem(value), value)
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        return _rule(vocabulary.template_problem(value), value)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _everything_at_once(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        errors: list[InitErrorDetails] = []
+        result = None
+        try:
+            result = handler(data)
+        except ValidationError as exc:
+            errors.extend(_as_init_errors(exc))
+        if isinstance(data, dict):
+            errors.extend(_cross_field_problems(data))
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return result
+
+
+def _rule(problem: str | None, value: Any) -> Any:
+    if problem is not None:
+        raise PydanticCustomError("study_rule", problem)
+    return value
+
+
+def _as_init_errors(exc: ValidationError) -> list[InitErrorDetails]:
+    out: list[InitErrorDetails] = []
+    for error in exc.errors():
+        if error["type"] in ("study_rule", "value_error", "assertion_error"):
+            message = error["msg"].removeprefix("Value error, ")
+            safe = message.replace("{", "(").replace("}", ")")
+            out.append({"type": PydanticCustomError("study_rule", safe),
+                        "loc": error["loc"], "input": error.get("input")})
+        else:
+            detail: InitErrorDetails = {"type": error["type"], "loc": error["loc"],
+                                        "input": error.get("input")}
+            if "ctx" in error:
+                detail["ctx"] = error["ctx"]
+            out.append(detail)
+    return out
+
+
+def _problem(loc: tuple[str | int, ...], message: str, value: Any) -> InitErrorDetails:
+    return {"type": PydanticCustomError("study_rule", message.replace("{", "(").replace("}", ")")),
+            "loc": loc, "input": value}
+
+
+def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
+    """Rules between fields, checked on the raw input wherever the fields involved have the
+    right types, so they are reported even when other fields are wrong."""
+    problems: list[InitErrorDetails] = []
+    purpose, disease = data.get("purpose"), data.get("disease")
+    if purpose == vocabulary.DISEASE_SPECIFIC and disease is None:
+        problems.append(_problem(("disease",), "a disease-specific study (DUO:0000007) needs an ICD-10 "
+                                 "disease code", None))
+    if isinstance(purpose, str) and purpose != vocabulary.DISEASE_SPECIFIC and disease is not None:
+        problems.append(_problem(("disease",), "a disease code is only allowed with purpose DS "
+                                 "(DUO:0000007)", disease))
+    template, task = data.get("template"), data.get("task")
+    if isinstance(template, str) and isinstance(task, str):
+        problem = vocabulary.template_task_problem(template, task)
+        if problem:
+            problems.append(_problem(("task",), problem, task))
+    categories = data.get("data_categories")
+    category_list = ([c for c in categories if isinstance(c, str)]
+                     if isinstance(categories, list) else None)
+    if category_list is not None:
+        seen: set[str] = set()
+        for i, category in enumerate(category_list):
+            problem = vocabulary.category_problem(category)
+            if problem:
+                problems.append(_problem(("data_categories", i), problem, category))
+            if category in seen:
+                problems.append(_problem(("data_categories", i), f"{category!r} is listed twice",
+                                         category))
+            seen.add(category)
+    columns = data.get("columns")
+    if isinstance(columns, dict):
+        names_seen: set[str] = set()
+        for category, names in columns.items():
+            if category_list is not None and category not in category_list:
+                problems.append(_problem(("columns", category),
+                                         f"category {category!r} is not in data_categories", category))
+            if not isinstance(names, list):
+                continue
+            if not names:
+                problems.append(_problem(("columns", category), "lists no column", names))
+            for j, name in enumerate(names):
+                if not isinstance(name, str):
+                    continue
+                if not vocabulary.COLUMN_NAME.match(name):
+                    problems.append(_problem(("columns", category, j),
+                                             f"{name!r} is not a column name (letters, digits, '_')",
+                                             name))
+                elif name in names_seen:
+                    problems.append(_problem(("columns", category, j), f"column {name!r} is listed "
+                                             "twice", name))
+                names_seen.add(name)
+        label = data.get("label", "label")
+        if isinstance(label, str) and label in names_seen:
+            problems.append(_problem(("label",), f"the target column {label!r} must not be a feature "
+                                     "column", label))
+    return problems
+
+
+class DecisionOut(Out):
+    hospital_id: str
+    decision: DecisionKind
+    reasons: list[str]
+    eligible_records: int | None
+    decided_at: datetime
+
+
+class StudyOut(Out):
+    id: str
+    title: str
+    organisation_id: str
+    status: StudyStatus
+    spec: dict[str, Any]
+    token_budget: int
+    min_hospitals: int
+    rounds_planned: int
+    rounds_completed: int
+    approvals: int
+    refusals: int
+    decisions: list[DecisionOut]
+    submitted_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    outcome_reason: str | None
+    model_sha256: str | None
+
+
+class StudySummary(Out):
+    id: str
+    title: str
+    organisation_id: str
+    status: StudyStatus
+    submitted_at: datetime
+
+
+class StudyPage(BaseModel):
+    items: list[StudySummary]
+    total: int
+    next_offset: int | None
+
+
+class HospitalStudy(BaseModel):
+    """What a hospital sees of a study to decide on it: the request, not the researcher."""
+
+    id: str
+    organisation_id: str
+    organisation_region: str
+    status: StudyStatus
+    spec: dict[str, Any]
+    min_hospitals: int
+    rounds_planned: int
+    submitted_at: datetime
+    my_decision: DecisionKind | None
+
+
+class HospitalStudyPage(BaseModel):
+    items: list[HospitalStudy]
+    total: int
+    next_offset: int | None
+
+
+class RoundOut(Out):
+    round: int
+    metrics: dict[str, Any]
+    finished_at: datetime
+
+
+class ContributionOut(BaseModel):
+    hospital_id: str
+    rounds: int
+    records_used: int
+    epsilon_spent: float | None
+
+
+class StudyResults(BaseModel):
+    study_id: str
+    status: StudyStatus
+    model_sha256: str | None
+    rounds: list[RoundOut]
+    contributions: list[ContributionOut]
+
+
+# ---------------------------------------------------------------- registry responses
+class OrganisationOut(Out):
+    id: str
+    name: str
+    region: str
+    created_at: datetime
+
+
+class ResearcherOut(Out):
+    id: str
+    organisation_id: str
+    name: str
+    created_at: datetime
+
+
+class ApiKeyOut(Out):
+    prefix: str
+    role: Role
+    organisation_id: str | None
+    researcher_id: str | None
+    label: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeyIssued(ApiKeyOut):
+    key: Annotated[str, Field(description="the secret; shown once, never stored")]
+
+
+class HospitalOut(Out):
+    id: str
+    organisation_id: str
+    name: str
+    signing_public_key: str
+    signing_key_id: str
+    flower_public_key: str
+    created_at: datetime
+
+
+class EntryAccepted(BaseModel):
+    index: int
+    kind: str
+
+
+# ---------------------------------------------------------------- audit and ledger
+class AuditEntryOut(BaseModel):
+    index: int
+    entry: dict[str, Any]
+
+
+class AuditEntryPage(BaseModel):
+    items: list[AuditEntryOut]
+    size: int
+    next_start: int | None
+
+
+class CheckpointOut(BaseModel):
+    size: int
+    root_hash: str
+    checkpoint: Annotated[str, Field(description="C2SP tlog-checkpoint signed note")]
+
+
+class InclusionProofOut(BaseModel):
+    index: int
+    size: int
+    leaf_hash: str
+    proof: list[str]
+
+
+class ConsistencyProofOut(BaseModel):
+    old_size: int
+    new_size: int
+    proof: list[str]
+
+
+class BalancesOut(BaseModel):
+    minted: int
+    escrow: int
+    balances: dict[str, int]
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    database: Literal["ok"]
+    log_size: int
+
+
+class ProblemDetail(BaseModel):
+    """RFC 9457 problem details (media type application/problem+json)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    errors: list[FieldError] = []
+
+
+class FieldError(BaseModel):
+    field: str
+    reason: str
+
+
+ProblemDetail.model_rebuild()

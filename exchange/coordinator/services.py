@@ -1,0 +1,750 @@
+"""The coordinator's state changes, each with its audit entries in the same transaction.
+
+Every method that changes state opens ONE write transaction, makes the change, signs the
+entries that record it, appends them through `TransactionalAppender` (same connection), and
+commits. If the log refuses an entry or anything fails, the transaction rolls back and nothing
+is acknowledged. Reads use a separate engine (no write lock).
+
+Signers: `key.register`/`key.revoke` and `token.mint` need an operator key (the keyring and
+the ledger say so); everything else the coordinator states is signed with its own
+`coordinator` key, registered by the operator key on first start. Hospitals' decisions and
+receipts are their own signed entries, appended unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from audit.entry import Entry, sign_entry
+from audit.rewards import PayoutError, StudyTerms, compute_payout, payout_credits
+from audit.rewards import Receipt as PayoutReceipt
+from audit.signing import SignatureInvalidError, Signer, b64decode, key_id
+from exchange.coordinator import problems
+from exchange.coordinator.auditing import EntryRejectedError, TransactionalAppender
+from exchange.coordinator.models import (
+    TERMINAL_STATUSES,
+    ApiKey,
+    DecisionKind,
+    Hospital,
+    LedgerBalance,
+    Organisation,
+    Receipt,
+    RequestNonce,
+    Researcher,
+    Role,
+    Study,
+    StudyDecision,
+    StudyRound,
+    StudyStatus,
+)
+from exchange.coordinator.runner import RunHandle, RunHospital, RunRequest, StudyRunner
+from exchange.coordinator.schemas import (
+    ApiKeyCreate,
+    HospitalCreate,
+    OrganisationCreate,
+    ResearcherCreate,
+    StudyCreate,
+)
+from exchange.logging import get_logger
+
+log = get_logger("exchange.coordinator")
+API_KEY_PREFIX_BYTES = 6
+API_KEY_SECRET_BYTES = 32
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller. `ref` identifies the credential in logs (never the secret)."""
+
+    role: Role
+    ref: str
+    organisation_id: str | None = None
+    researcher_id: str | None = None
+    hospital_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Terms:
+    """Payout terms snapshotted into each study's escrow entry (docs/rewards.md)."""
+
+    forward_bps: int = 3000
+    royalties: Mapping[str, tuple[str, int]] | None = None  # template -> (account, bps)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def new_api_key() -> tuple[str, str]:
+    """(prefix, full token). The token is `hx_<prefix>_<secret>`; only its SHA-256 is stored."""
+    prefix = secrets.token_hex(API_KEY_PREFIX_BYTES)
+    return prefix, f"hx_{prefix}_{secrets.token_urlsafe(API_KEY_SECRET_BYTES)}"
+
+
+class Coordinator:
+    """State changes and queries; the Litestar routes are thin wrappers around these."""
+
+    def __init__(self, read_engine: Engine, write_engine: Engine, appender: TransactionalAppender, *,
+                 operator: Signer, coordinator: Signer, runner: StudyRunner,
+                 terms: Terms | None = None, replay_window: timedelta = timedelta(seconds=300)) -> None:
+        self.read_engine = read_engine
+        self.write_engine = write_engine
+        self.appender = appender
+        self.operator = operator
+        self.coordinator = coordinator
+        self.runner = runner
+        self.terms = terms or Terms()
+        self.replay_window = replay_window
+        self.handles: dict[str, RunHandle] = {}
+        self._handles_lock = threading.Lock()
+        self.on_change: Callable[[str], None] = lambda _kind: None
+
+    # ------------------------------------------------------------------ plumbing
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """One write transaction (BEGIN IMMEDIATE on SQLite via the write engine)."""
+        with Session(self.write_engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with Session(self.read_engine, expire_on_commit=False) as session:
+            yield session
+
+    def _append(self, session: Session, *entries: Entry) -> list[int]:
+        try:
+            return self.appender.append(session.connection(), list(entries))
+        except EntryRejectedError as exc:
+            raise problems.ProblemError(422, str(exc), kind="entry-refused") from exc
+
+    def _sign(self, kind: str, payload: dict[str, Any], *, operator: bool = False) -> Entry:
+        return sign_entry(self.operator if operator else self.coordinator, kind, payload, now())
+
+    def bootstrap(self) -> None:
+        """Register the coordinator key in the log (once), signed by the operator key."""
+        with self.write() as session:
+            if self.appender.key_public(session.connection(), self.coordinator.key_id) is not None:
+                return
+            self._append(session, self._sign("key.register", {
+                "key_id": self.coordinator.key_id, "public_key": self.coordinator.public_key_b64,
+                "role": "coordinator", "owner": "operator:coordinator"}, operator=True))
+
+    # ------------------------------------------------------------------ registry
+    def create_organisation(self, data: OrganisationCreate) -> Organisation:
+        with self.write() as session:
+            if session.get(Organisation, data.id) is not None:
+                raise problems.conflict(f"organisation {data.id!r} exists", "id")
+            if session.scalar(select(Organisation).where(Organisation.name == data.name)):
+                raise problems.conflict(f"an organisation is already named {data.name!r}", "name")
+            org = Organisation(id=data.id, name=data.name, region=data.region, created_at=now())
+            session.add(org)
+            session.flush()
+            self._append(session, self._sign("org.register", {"organisation": f"org:{data.id}",
+                                                             "name": data.name, "region": data.region}))
+        return org
+
+    def list_organisations(self, offset: int, limit: int) -> tuple[list[Organisation], int]:
+        with self.read() as session:
+            total = session.scalar(select(func.count()).select_from(Organisation)) or 0
+            rows = session.scalars(select(Organisation).order_by(Organisation.id)
+                                   .offset(offset).limit(limit)).all()
+        return list(rows), total
+
+    def create_researcher(self, organisation_id: str, data: ResearcherCreate) -> Researcher:
+        with self.write() as session:
+            if session.get(Organisation, organisation_id) is None:
+                raise problems.not_found(f"organisation {organisation_id!r}")
+            if session.get(Researcher, data.id) is not None:
+                raise problems.conflict(f"researcher {data.id!r} exists", "id")
+            researcher = Researcher(id=data.id, organisation_id=organisation_id, name=data.name,
+                                    created_at=now())
+            session.add(researcher)
+            session.flush()
+            self._append(session, self._sign("researcher.register", {
+                "researcher": data.id, "organisation": f"org:{organisation_id}"}))
+        return researcher
+
+    def issue_api_key(self, data: ApiKeyCreate) -> tuple[ApiKey, str]:
+        errors = []
+        if data.role == "researcher" and not (data.organisation_id and data.researcher_id):
+            errors.append({"field": "researcher_id", "reason": "a researcher key needs organisation_id "
+                           "and researcher_id"})
+        if data.role != "researcher" and data.researcher_id:
+            errors.append({"field": "researcher_id", "reason": f"a {data.role} key has no researcher"})
+        if errors:
+            raise problems.unprocessable(errors)
+        with self.write() as session:
+            if data.organisation_id and session.get(Organisation, data.organisation_id) is None:
+                raise problems.unprocessable([{"field": "organisation_id",
+                                               "reason": f"no organisation {data.organisation_id!r}"}])
+            if data.researcher_id:
+                researcher = session.get(Researcher, data.researcher_id)
+                if researcher is None or researcher.organisation_id != data.organisation_id:
+                    raise problems.unprocessable([{"field": "researcher_id", "reason":
+                                                   f"no researcher {data.researcher_id!r} in "
+                                                   f"organisation {data.organisation_id!r}"}])
+            prefix, token = new_api_key()
+            key = ApiKey(prefix=prefix, secret_sha256=hash_secret(token), role=Role(data.role),
+                         organisation_id=data.organisation_id, researcher_id=data.researcher_id,
+                         label=data.label, created_at=now())
+            session.add(key)
+            session.flush()
+            self._append(session, self._sign("apikey.issue", {
+                "prefix": prefix, "role": data.role, "organisation": data.organisation_id,
+                "researcher": data.researcher_id}))
+        return key, token
+
+    def revoke_api_key(self, prefix: str) -> ApiKey:
+        with self.write() as session:
+            key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+            if key is None:
+                raise problems.not_found(f"API key {prefix!r}")
+            if key.revoked_at is not None:
+                raise problems.conflict(f"API key {prefix!r} is already revoked")
+            key.revoked_at = now()
+            self._append(session, self._sign("apikey.revoke", {"prefix": prefix}))
+        return key
+
+    def list_api_keys(self, offset: int, limit: int) -> tuple[list[ApiKey], int]:
+        with self.read() as session:
+            total = session.scalar(select(func.count()).select_from(ApiKey)) or 0
+            rows = session.scalars(select(ApiKey).order_by(ApiKey.id).offset(offset).limit(limit)).all()
+        return list(rows), total
+
+    def authenticate_api_key(self, token: str) -> Principal | None:
+        parts = token.split("_")
+        if len(parts) < 3 or parts[0] != "hx":
+            return None
+        prefix = parts[1]
+        with self.read() as session:
+            key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+        if key is None or key.revoked_at is not None:
+            return None
+        if not secrets.compare_digest(key.secret_sha256, hash_secret(token)):
+            return None
+        return Principal(role=key.role, ref=f"apikey:{prefix}", organisation_id=key.organisation_id,
+                         researcher_id=key.researcher_id)
+
+    def register_hospital(self, data: HospitalCreate) -> Hospital:
+        public = b64decode(data.signing_public_key)
+        kid = key_id(public)
+        with self.write() as session:
+            if session.get(Organisation, data.organisation_id) is None:
+                raise problems.unprocessable([{"field": "organisation_id",
+                                               "reason": f"no organisation {data.organisation_id!r}"}])
+            if session.get(Hospital, data.id) is not None:
+                raise problems.conflict(f"hospital {data.id!r} exists", "id")
+            if session.scalar(select(Hospital).where(Hospital.signing_key_id == kid)) is not None:
+                raise problems.conflict("this signing key is registered to another hospital",
+                                        "signing_public_key")
+            hospital = Hospital(id=data.id, organisation_id=data.organisation_id, name=data.name,
+                                signing_public_key=data.signing_public_key, signing_key_id=kid,
+                                flower_public_key=data.flower_public_key, created_at=now())
+            session.add(hospital)
+            session.flush()
+            self._append(
+                session,
+                self._sign("key.register", {"key_id": kid, "public_key": data.signing_public_key,
+                                            "role": "hospital", "owner": f"hospital:{data.id}"},
+                           operator=True),
+                self._sign("hospital.register", {
+                    "hospital": f"hospital:{data.id}", "organisation": f"org:{data.organisation_id}",
+                    "signing_key_id": kid,
+                    "flower_public_key_sha256": hashlib.sha256(data.flower_public_key.encode()).hexdigest()}))
+        return hospital
+
+    def list_hospitals(self, offset: int, limit: int) -> tuple[list[Hospital], int]:
+        with self.read() as session:
+            total = session.scalar(select(func.count()).select_from(Hospital)) or 0
+            rows = session.scalars(select(Hospital).order_by(Hospital.id).offset(offset).limit(limit)).all()
+        return list(rows), total
+
+    def hospital_by_key(self, kid: str) -> Hospital | None:
+        with self.read() as session:
+            return session.scalar(select(Hospital).where(Hospital.signing_key_id == kid))
+
+    def get_hospital(self, hospital_id: str) -> Hospital:
+        with self.read() as session:
+            hospital = session.get(Hospital, hospital_id)
+        if hospital is None:
+            raise problems.not_found(f"hospital {hospital_id!r}")
+        return hospital
+
+    def use_nonce(self, kid: str, nonce: str) -> bool:
+        """Record a request nonce; False if it was seen before (a replay). Old ones expire."""
+        try:
+            with self.write() as session:
+                session.execute(delete(RequestNonce).where(
+                    RequestNonce.created_at < now() - 2 * self.replay_window))
+                session.add(RequestNonce(key_id=kid, nonce=nonce, created_at=now()))
+        except IntegrityError:
+            return False
+        return True
+
+    def rotate_hospital_key(self, hospital: Hospital, entry: Entry) -> int:
+        """A hospital replaces its signing key with a `key.rotate` entry signed by the old key."""
+        payload = entry.payload
+        problems_found = self._entry_problems(entry, "key.rotate", hospital)
+        new_b64 = payload.get("new_public_key")
+        new_id = payload.get("new_key_id")
+        if entry.key_id != hospital.signing_key_id or payload.get("old_key_id") != hospital.signing_key_id:
+            problems_found.append({"field": "payload.old_key_id",
+                                   "reason": "must be this hospital's current key"})
+        if not isinstance(new_b64, str) or not isinstance(new_id, str):
+            problems_found.append({"field": "payload", "reason": "needs new_key_id and new_public_key"})
+        if problems_found:
+            raise problems.unprocessable(problems_found)
+        assert isinstance(new_b64, str) and isinstance(new_id, str)
+        with self.write() as session:
+            row = session.get(Hospital, hospital.id)
+            assert row is not None
+            if session.scalar(select(Hospital).where(Hospital.signing_key_id == new_id)) is not None:
+                raise problems.conflict("the new key is already registered", "payload.new_key_id")
+            (index,) = self._append(session, entry)
+            row.signing_public_key = new_b64
+            row.signing_key_id = new_id
+        return index
+
+    # ------------------------------------------------------------------ ledger
+    def _credit(self, session: Session, account: str, amount: int) -> None:
+        row = session.get(LedgerBalance, account, with_for_update=True)
+        if row is None:
+            session.add(LedgerBalance(account=account, balance=amount))
+        else:
+            row.balance += amount
+        session.flush()
+
+    def balance(self, account: str) -> int:
+        with self.read() as session:
+            row = session.get(LedgerBalance, account)
+        return 0 if row is None else row.balance
+
+    def mint(self, account: str, amount: int) -> int:
+        with self.write() as session:
+            self._credit(session, account, amount)
+            (index,) = self._append(session, self._sign("token.mint", {"account": account,
+                                                                       "amount": amount}, operator=True))
+        return index
+
+    def balances(self, accounts: list[str] | None = None) -> dict[str, Any]:
+        """Balances from the projection; `escrow` = budgets of open studies minus payouts."""
+        with self.read() as session:
+            query = select(LedgerBalance).order_by(LedgerBalance.account)
+            if accounts is not None:
+                query = query.where(LedgerBalance.account.in_(accounts))
+            rows = session.scalars(query).all()
+            escrow = session.scalar(select(func.coalesce(func.sum(Study.token_budget), 0)).where(
+                Study.status.in_([StudyStatus.SUBMITTED, StudyStatus.RUNNING]))) or 0
+            total = session.scalar(select(func.coalesce(func.sum(LedgerBalance.balance), 0))) or 0
+        return {"minted": int(total) + int(escrow), "escrow": int(escrow),
+                "balances": {row.account: row.balance for row in rows}}
+
+    # ------------------------------------------------------------------ studies
+    def budget_problem(self, principal: Principal, budget: int) -> str | None:
+        available = self.balance(f"org:{principal.organisation_id}")
+        if budget > available:
+            return f"token budget {budget} exceeds the organisation's balance {available}"
+        return None
+
+    def submit_study(self, principal: Principal, data: StudyCreate) -> Study:
+        assert principal.organisation_id is not None
+        account = f"org:{principal.organisation_id}"
+        study_id = f"st-{uuid.uuid4().hex[:20]}"
+        royalty = (self.terms.royalties or {}).get(data.template)
+        spec = data.model_dump(mode="json")
+        with self.write() as session:
+            org = session.get(Organisation, principal.organisation_id)
+            if org is None:
+                raise problems.forbidden("the caller's organisation does not exist")
+            balance = session.get(LedgerBalance, account, with_for_update=True)
+            available = 0 if balance is None else balance.balance
+            if data.token_budget > available:
+                raise problems.unprocessable([{"field": "token_budget", "reason":
+                                               f"token budget {data.token_budget} exceeds the "
+                                               f"organisation's balance {available}"}])
+            assert balance is not None
+            balance.balance -= data.token_budget
+            study = Study(id=study_id, organisation_id=org.id, researcher_id=principal.researcher_id,
+                          title=data.title, status=StudyStatus.SUBMITTED, spec=spec,
+                          token_budget=data.token_budget, min_hospitals=data.min_hospitals,
+                          rounds_planned=data.rounds, submitted_at=now())
+            session.add(study)
+            session.flush()
+            public_spec = {k: v for k, v in spec.items() if k != "token_budget"}
+            indexes = self._append(
+                session,
+                self._sign("study.submit", {"study_id": study_id, "organisation": account,
+                                            "region": org.region, "spec": public_spec}),
+                self._sign("study.escrow", {
+                    "study_id": study_id, "account": account, "amount": data.token_budget,
+                    "royalty_account": royalty[0] if royalty else None,
+                    "royalty_bps": royalty[1] if royalty else 0,
+                    "forward_bps": self.terms.forward_bps}))
+            study.submit_entry_index = indexes[0]
+        self.on_change("study.submit")
+        return study
+
+    def _visible_study(self, session: Session, principal: Principal, study_id: str) -> Study:
+        study = session.get(Study, study_id)
+        if study is None:
+            raise problems.not_found(f"study {study_id!r}")
+        if principal.role == Role.RESEARCHER and study.organisation_id != principal.organisation_id:
+            # Same answer as a missing study: no probing of other organisations' ids.
+            raise problems.not_found(f"study {study_id!r}")
+        return study
+
+    def get_study(self, principal: Principal, study_id: str) -> dict[str, Any]:
+        with self.read() as session:
+            study = self._visible_study(session, principal, study_id)
+            decisions = session.scalars(select(StudyDecision).where(StudyDecision.study_id == study_id)
+                                        .order_by(StudyDecision.hospital_id)).all()
+            rounds = session.scalar(select(func.count()).select_from(StudyRound)
+                                    .where(StudyRound.study_id == study_id)) or 0
+        return {
+            "id": study.id, "title": study.title, "organisation_id": study.organisation_id,
+            "status": study.status, "spec": study.spec, "token_budget": study.token_budget,
+            "min_hospitals": study.min_hospitals, "rounds_planned": study.rounds_planned,
+            "rounds_completed": rounds,
+            "approvals": sum(d.decision == DecisionKind.APPROVE for d in decisions),
+            "refusals": sum(d.decision == DecisionKind.REFUSE for d in decisions),
+            "decisions": [{"hospital_id": d.hospital_id, "decision": d.decision, "reasons": d.reasons,
+                           "eligible_records": d.eligible_records, "decided_at": d.decided_at}
+                          for d in decisions],
+            "submitted_at": study.submitted_at, "started_at": study.started_at,
+            "finished_at": study.finished_at, "outcome_reason": study.outcome_reason,
+            "model_sha256": study.model_sha256,
+        }
+
+    def list_studies(self, principal: Principal, status: StudyStatus | None, offset: int,
+                     limit: int) -> tuple[list[Study], int]:
+        query = select(Study)
+        if principal.role == Role.RESEARCHER:
+            query = query.where(Study.organisation_id == principal.organisation_id)
+        if status is not None:
+            query = query.where(Study.status == status)
+        with self.read() as session:
+            total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+            rows = session.scalars(query.order_by(Study.submitted_at, Study.id).offset(offset)
+                                   .limit(limit)).all()
+        return list(rows), total
+
+    def hospital_studies(self, hospital: Hospital, which: str, offset: int,
+                         limit: int) -> tuple[list[dict[str, Any]], int]:
+        decided = select(StudyDecision.study_id).where(StudyDecision.hospital_id == hospital.id)
+        query = select(Study, Organisation.region).join(
+            Organisation, Organisation.id == Study.organisation_id)
+        if which == "pending":
+            query = query.where(Study.status == StudyStatus.SUBMITTED, Study.id.not_in(decided))
+        elif which == "open":
+            query = query.where(Study.status.in_([StudyStatus.SUBMITTED, StudyStatus.RUNNING]))
+        with self.read() as session:
+            total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+            rows = session.execute(query.order_by(Study.submitted_at, Study.id).offset(offset)
+                                   .limit(limit)).all()
+            mine = {d.study_id: d.decision for d in session.scalars(
+                select(StudyDecision).where(StudyDecision.hospital_id == hospital.id,
+                                            StudyDecision.study_id.in_([r[0].id for r in rows])))}
+        items = [{"id": s.id, "organisation_id": s.organisation_id, "organisation_region": region,
+                  "status": s.status, "spec": {k: v for k, v in s.spec.items() if k != "token_budget"},
+                  "min_hospitals": s.min_hospitals, "rounds_planned": s.rounds_planned,
+                  "submitted_at": s.submitted_at, "my_decision": mine.get(s.id)} for s, region in rows]
+        return items, total
+
+    def _entry_problems(self, entry: Entry, kind: str, hospital: Hospital) -> list[dict[str, str]]:
+        found: list[dict[str, str]] = []
+        if entry.kind != kind:
+            found.append({"field": "kind", "reason": f"expected {kind!r}, got {entry.kind!r}"})
+        if entry.key_id != hospital.signing_key_id:
+            found.append({"field": "key_id", "reason": "must be the calling hospital's signing key"})
+            return found
+        try:
+            entry.verify_signature(b64decode(hospital.signing_public_key))
+        except (SignatureInvalidError, ValueError):
+            found.append({"field": "signature", "reason": "does not verify with the hospital's key"})
+        return found
+
+    def decide(self, hospital: Hospital, study_id: str, entry: Entry) -> int:
+        """Record a hospital's signed `study.decision`; start the run when enough approved."""
+        payload = entry.payload
+        found = self._entry_problems(entry, "study.decision", hospital)
+        expected = {"study_id", "hospital", "decision", "reasons", "eligible_records"}
+        if set(payload) != expected:
+            found.append({"field": "payload", "reason": f"fields must be exactly {sorted(expected)}"})
+        if payload.get("study_id") != study_id:
+            found.append({"field": "payload.study_id", "reason": "does not match the study in the URL"})
+        if payload.get("hospital") != f"hospital:{hospital.id}":
+            found.append({"field": "payload.hospital", "reason": f"must be 'hospital:{hospital.id}'"})
+        if payload.get("decision") not in ("approve", "refuse"):
+            found.append({"field": "payload.decision", "reason": "must be 'approve' or 'refuse'"})
+        reasons = payload.get("reasons")
+        if not isinstance(reasons, list) or not all(isinstance(r, str) and 0 < len(r) <= 500
+                                                    for r in reasons) or len(reasons) > 50:
+            found.append({"field": "payload.reasons", "reason": "must be a list of up to 50 strings"})
+        elif payload.get("decision") == "refuse" and not reasons:
+            found.append({"field": "payload.reasons", "reason": "a refusal needs at least one reason"})
+        eligible = payload.get("eligible_records")
+        if eligible is not None and (not isinstance(eligible, int) or isinstance(eligible, bool)
+                                     or eligible < 0):
+            found.append({"field": "payload.eligible_records", "reason": "must be null or an integer >= 0"})
+        if found:
+            raise problems.unprocessable(found)
+        start = False
+        with self.write() as session:
+            study = session.get(Study, study_id, with_for_update=True)
+            if study is None:
+                raise problems.not_found(f"study {study_id!r}")
+            if study.status != StudyStatus.SUBMITTED:
+                raise problems.conflict(f"study {study_id!r} is {study.status.value}; decisions are "
+                                        "closed")
+            if session.scalar(select(StudyDecision).where(StudyDecision.study_id == study_id,
+                                                         StudyDecision.hospital_id == hospital.id)):
+                raise problems.conflict(f"hospital {hospital.id!r} already decided on {study_id!r}")
+            (index,) = self._append(session, entry)
+            session.add(StudyDecision(study_id=study_id, hospital_id=hospital.id,
+                                      decision=DecisionKind(payload["decision"]), reasons=list(reasons or []),
+                                      eligible_records=eligible, decided_at=now(), entry_index=index))
+            session.flush()
+            approvals = session.scalar(select(func.count()).select_from(StudyDecision).where(
+                StudyDecision.study_id == study_id, StudyDecision.decision == DecisionKind.APPROVE)) or 0
+            start = approvals >= study.min_hospitals
+        self.on_change("study.decision")
+        if start:
+            self.start_study(study_id)
+        return index
+
+    def start_study(self, study_id: str) -> None:
+        """Mark the study running (with its entry) and hand it to the runner."""
+        with self.write() as session:
+            study = session.get(Study, study_id, with_for_update=True)
+            if study is None or study.status != StudyStatus.SUBMITTED:
+                return
+            approved = session.scalars(select(Hospital).join(
+                StudyDecision, StudyDecision.hospital_id == Hospital.id).where(
+                StudyDecision.study_id == study_id, StudyDecision.decision == DecisionKind.APPROVE)
+                .order_by(Hospital.id)).all()
+            study.status = StudyStatus.RUNNING
+            study.started_at = now()
+            self._append(session, self._sign("study.start", {
+                "study_id": study_id, "hospitals": [f"hospital:{h.id}" for h in approved],
+                "rounds": study.rounds_planned}))
+            request = RunRequest(study_id=study_id, spec=dict(study.spec),
+                                 hospitals=tuple(RunHospital(h.id, h.signing_key_id, h.flower_public_key)
+                                                 for h in approved),
+                                 rounds=study.rounds_planned, min_hospitals=study.min_hospitals)
+        try:
+            handle = self.runner.start(request, self)
+        except Exception as exc:
+            self.on_failed(study_id, f"the run could not start: {exc}")
+            return
+        with self._handles_lock:
+            self.handles[study_id] = handle
+        log.info("study.start", study_id=study_id, hospitals=len(request.hospitals))
+
+    def cancel_study(self, principal: Principal, study_id: str, reason: str) -> dict[str, Any]:
+        with self.write() as session:
+            study = self._visible_study(session, principal, study_id)
+            study = session.get(Study, study_id, with_for_update=True) or study
+            if study.status in TERMINAL_STATUSES:
+                raise problems.conflict(f"study {study_id!r} is already {study.status.value}")
+            was_running = study.status == StudyStatus.RUNNING
+            self._close(session, study, StudyStatus.CANCELLED, reason, "study.cancel")
+        if was_running:
+            with self._handles_lock:
+                handle = self.handles.pop(study_id, None)
+            if handle is not None:
+                handle.cancel()
+        return self.get_study(principal, study_id)
+
+    def _close(self, session: Session, study: Study, status: StudyStatus, reason: str,
+               kind: str) -> None:
+        """Failure or cancellation: the entry, then the refund of what was not paid out."""
+        study.status = status
+        study.finished_at = now()
+        study.outcome_reason = reason
+        account = f"org:{study.organisation_id}"
+        entries = [self._sign(kind, {"study_id": study.id, "reason": reason})]
+        entries.append(self._sign("study.refund", {"study_id": study.id, "account": account,
+                                                   "amount": study.token_budget}))
+        self._credit(session, account, study.token_budget)
+        self._append(session, *entries)
+
+    # ------------------------------------------------------------------ observer (runner)
+    def on_round(self, study_id: str, round_number: int, metrics: Mapping[str, Any],
+                 receipts: list[Entry]) -> None:
+        with self.write() as session:
+            study = session.get(Study, study_id, with_for_update=True)
+            if study is None or study.status != StudyStatus.RUNNING:
+                return
+            appended: list[Entry] = []
+            hospitals: list[str] = []
+            for entry in receipts:
+                hospital_id = str(entry.payload.get("hospital", "")).removeprefix("hospital:")
+                hospital = session.get(Hospital, hospital_id)
+                if hospital is None or entry.key_id != hospital.signing_key_id:
+                    log.warning("receipt.ignored", study_id=study_id, round=round_number,
+                                reason="unknown hospital or key")
+                    continue
+                if session.scalar(select(Receipt.id).where(
+                        Receipt.study_id == study_id, Receipt.round == round_number,
+                        Receipt.hospital_id == hospital_id)) is not None:
+                    continue  # already delivered by the hospital itself
+                appended.append(entry)
+                hospitals.append(hospital_id)
+            round_entry = self._sign("study.round", {
+                "study_id": study_id, "round": round_number, "metrics": dict(metrics),
+                "hospitals": [f"hospital:{h}" for h in hospitals]})
+            indexes = self._append(session, *appended, round_entry)
+            for entry, hospital_id, index in zip(appended, hospitals, indexes, strict=False):
+                session.add(_receipt_row(study_id, hospital_id, entry, index))
+            session.add(StudyRound(study_id=study_id, round=round_number, metrics=dict(metrics),
+                                   finished_at=now(), entry_index=indexes[-1]))
+        self.on_change("study.round")
+
+    def record_receipt(self, hospital: Hospital, entry: Entry) -> int:
+        """A hospital delivers its own signed `round.receipt` (e.g. when the run could not)."""
+        found = self._entry_problems(entry, "round.receipt", hospital)
+        payload = entry.payload
+        if payload.get("hospital") != f"hospital:{hospital.id}":
+            found.append({"field": "payload.hospital", "reason": f"must be 'hospital:{hospital.id}'"})
+        round_number = payload.get("round")
+        if not isinstance(round_number, int) or isinstance(round_number, bool) or round_number < 1:
+            found.append({"field": "payload.round", "reason": "must be an integer >= 1"})
+        records = payload.get("records_used")
+        if not isinstance(records, int) or isinstance(records, bool) or records < 0:
+            found.append({"field": "payload.records_used", "reason": "must be an integer >= 0"})
+        if not isinstance(payload.get("commitment"), str):
+            found.append({"field": "payload.commitment", "reason": "must be a string"})
+        if found:
+            raise problems.unprocessable(found)
+        study_id = str(payload.get("study_id"))
+        with self.write() as session:
+            study = session.get(Study, study_id, with_for_update=True)
+            if study is None:
+                raise problems.not_found(f"study {study_id!r}")
+            if study.status != StudyStatus.RUNNING:
+                raise problems.conflict(f"study {study_id!r} is {study.status.value}; receipts are closed")
+            approved = session.scalar(select(StudyDecision.id).where(
+                StudyDecision.study_id == study_id, StudyDecision.hospital_id == hospital.id,
+                StudyDecision.decision == DecisionKind.APPROVE))
+            if approved is None:
+                raise problems.forbidden(f"hospital {hospital.id!r} did not join study {study_id!r}")
+            if session.scalar(select(Receipt.id).where(
+                    Receipt.study_id == study_id, Receipt.round == round_number,
+                    Receipt.hospital_id == hospital.id)) is not None:
+                raise problems.conflict(f"a receipt for round {round_number} is already recorded")
+            (index,) = self._append(session, entry)
+            session.add(_receipt_row(study_id, hospital.id, entry, index))
+        return index
+
+    def on_complete(self, study_id: str, model: bytes, metrics: Mapping[str, Any]) -> None:
+        digest = hashlib.sha256(model).hexdigest()
+        with self.write() as session:
+            study = session.get(Study, study_id, with_for_update=True)
+            if study is None or study.status != StudyStatus.RUNNING:
+                return
+            receipts = session.scalars(select(Receipt).where(Receipt.study_id == study_id)).all()
+            terms = self._terms_for(study)
+            payout_receipts = [
+                PayoutReceipt(study_id=study_id, round=r.round, hospital=f"hospital:{r.hospital_id}",
+                              records_used=r.records_used,
+                              reward_accounts=dict(r.entry["payload"].get("reward_accounts", {})))
+                for r in receipts]
+            study.status = StudyStatus.COMPLETED
+            study.finished_at = now()
+            study.model = model
+            study.model_sha256 = digest
+            study.outcome_reason = None
+            entries = [self._sign("study.complete", {"study_id": study_id, "model_sha256": digest,
+                                                     "metrics": dict(metrics)})]
+            try:
+                payout = compute_payout(study_id, study.token_budget, terms, payout_receipts)
+            except PayoutError as exc:
+                # Nothing was trained on (no records): nothing to pay for, refund instead.
+                account = f"org:{study.organisation_id}"
+                study.outcome_reason = f"no payout: {exc}"
+                entries.append(self._sign("study.refund", {"study_id": study_id, "account": account,
+                                                           "amount": study.token_budget}))
+                self._credit(session, account, study.token_budget)
+            else:
+                entries.append(self._sign("study.payout", payout))
+                for account, amount in payout_credits(payout).items():
+                    self._credit(session, account, amount)
+            self._append(session, *entries)
+        with self._handles_lock:
+            self.handles.pop(study_id, None)
+        self.on_change("study.complete")
+        log.info("study.complete", study_id=study_id, model_sha256=digest)
+
+    def _terms_for(self, study: Study) -> StudyTerms:
+        royalty = (self.terms.royalties or {}).get(str(study.spec.get("template")))
+        return StudyTerms(royalty_account=royalty[0] if royalty else None,
+                          royalty_bps=royalty[1] if royalty else 0, forward_bps=self.terms.forward_bps)
+
+    def on_failed(self, study_id: str, reason: str) -> None:
+        with self.write() as session:
+            study = session.get(Study, study_id, with_for_update=True)
+            if study is None or study.status in TERMINAL_STATUSES:
+                return
+            self._close(session, study, StudyStatus.FAILED, reason[:2000], "study.fail")
+        with self._handles_lock:
+            self.handles.pop(study_id, None)
+        self.on_change("study.fail")
+        log.warning("study.fail", study_id=study_id, reason=reason[:200])
+
+    # ------------------------------------------------------------------ results
+    def results(self, principal: Principal, study_id: str) -> dict[str, Any]:
+        with self.read() as session:
+            study = self._visible_study(session, principal, study_id)
+            rounds = session.scalars(select(StudyRound).where(StudyRound.study_id == study_id)
+                                     .order_by(StudyRound.round)).all()
+            receipts = session.scalars(select(Receipt).where(Receipt.study_id == study_id)).all()
+        per: dict[str, dict[str, Any]] = {}
+        for r in receipts:
+            item = per.setdefault(r.hospital_id, {"hospital_id": r.hospital_id, "rounds": 0,
+                                                  "records_used": 0, "epsilon_spent": None})
+            item["rounds"] += 1
+            item["records_used"] += r.records_used
+            if r.epsilon_spent is not None:
+                # Epsilon reported per receipt is the hospital's cumulative spend for the study.
+                item["epsilon_spent"] = max(item["epsilon_spent"] or 0.0, r.epsilon_spent)
+        return {"study_id": study.id, "status": study.status, "model_sha256": study.model_sha256,
+                "rounds": [{"round": r.round, "metrics": r.metrics, "finished_at": r.finished_at}
+                           for r in rounds],
+                "contributions": [per[k] for k in sorted(per)]}
+
+    def model(self, principal: Principal, study_id: str) -> tuple[bytes, str]:
+        with self.read() as session:
+            study = self._visible_study(session, principal, study_id)
+            if study.status != StudyStatus.COMPLETED or study.model_sha256 is None:
+                raise problems.conflict(f"study {study_id!r} has no model (it is {study.status.value})")
+            model = session.scalar(select(Study.model).where(Study.id == study_id))
+        assert model is not None
+        return model, study.model_sha256
+
+
+def _receipt_row(study_id: str, hospital_id: str, entry: Entry, index: int) -> Receipt:
+    payload = entry.payload
+    epsilon = payload.get("epsilon_spent")
+    return Receipt(study_id=study_id, hospital_id=hospital_id, round=int(payload["round"]),
+                   records_used=int(payload["records_used"]),
+                   epsilon_spent=float(epsilon) if isinstance(epsilon, int | float) and
+                   not isinstance(epsilon, bool) else None,
+                   commitment=str(payload.get("commitment", ""))[:128], entry=entry.to_json(),
+                   entry_index=index)
+

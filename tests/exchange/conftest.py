@@ -1,0 +1,136 @@
+"""Fixtures for the coordinator: a real database (SQLite and PostgreSQL), real keys, the real
+app through Litestar's TestClient, and a world with two organisations, researchers, an
+operator, an auditor and three hospitals."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from litestar.testing import TestClient
+
+from audit.signing import Signer
+from exchange.coordinator.app import AppConfig, Runtime, build_runtime, create_app
+from exchange.coordinator.client import decision_entry
+from exchange.coordinator.runner import ScriptedRunner
+from exchange.coordinator.schemas import (
+    ApiKeyCreate,
+    HospitalCreate,
+    OrganisationCreate,
+    ResearcherCreate,
+)
+from exchange.http_signing import sign_request
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+def study_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "title": "Breast cancer risk", "purpose": "DUO:0000007", "disease": "C50",
+        "commercial": False, "ethics_approval": True, "data_categories": ["labs", "diagnoses"],
+        "columns": {"labs": ["mean_radius", "mean_texture"]}, "template": "logistic_regression",
+        "task": "binary", "label": "label", "epsilon": 3.0, "delta": 1e-5, "rounds": 2,
+        "min_hospitals": 2, "token_budget": 1000,
+    }
+    body.update(overrides)
+    return body
+
+
+@dataclass
+class World:
+    """The app and everyone who uses it. Keys are real; the hospitals' runs are scripted."""
+
+    client: TestClient[Any]
+    runtime: Runtime
+    runner: ScriptedRunner
+    keys: dict[str, str] = field(default_factory=dict)  # name -> API key
+    hospitals: dict[str, Signer] = field(default_factory=dict)
+
+    def headers(self, who: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[who]}"}
+
+    def as_(self, who: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        if who in self.hospitals:
+            return self.signed(who, method, path, **kwargs)
+        headers = dict(kwargs.pop("headers", {}))
+        if who != "anonymous":
+            headers.update(self.headers(who))
+        return self.client.request(method, path, headers=headers, **kwargs)
+
+    def signed(self, hospital: str, method: str, path: str, *, json: Any = None,
+               params: dict[str, Any] | None = None, signer: Signer | None = None,
+               nonce: str | None = None, content: bytes | None = None) -> httpx.Response:
+        request = self.client.build_request(method, path, json=json, params=params, content=content)
+        sign_request(request, signer or self.hospitals[hospital], nonce=nonce)
+        return self.client.send(request)
+
+    def submit(self, who: str = "alice", **overrides: Any) -> dict[str, Any]:
+        response = self.as_(who, "POST", "/v1/studies", json=study_body(**overrides))
+        assert response.status_code == 201, response.text
+        return dict(response.json())
+
+    def decide(self, hospital: str, study_id: str, decision: str = "approve",
+               reasons: list[str] | None = None) -> httpx.Response:
+        entry = decision_entry(self.hospitals[hospital], hospital, study_id,
+                               decision=decision,  # type: ignore[arg-type]
+                               reasons=reasons if reasons is not None else ["policy: ok"],
+                               eligible_records=120)
+        return self.signed(hospital, "POST", f"/v1/hospital/studies/{study_id}/decision",
+                           json=entry.to_json())
+
+    def wait_runs(self) -> None:
+        for handle in list(self.runner.handles):
+            assert handle.wait(60), "scripted run did not finish"
+
+
+def make_world(db_url: str, tmp_path: Path, **config: Any) -> Iterator[World]:
+    hospitals = {name: Signer.generate() for name in ("h-one", "h-two", "h-three", "h-four")}
+    runner = ScriptedRunner(hospital_keys=hospitals, records={"h-one": 120, "h-two": 90, "h-three": 13})
+    cfg = AppConfig(database_url=db_url, operator_key_file=tmp_path / "keys" / "operator.key",
+                    log_key_file=tmp_path / "keys" / "log.key",
+                    coordinator_key_file=tmp_path / "keys" / "coordinator.key", access_log=False,
+                    **config)
+    runtime = build_runtime(cfg, runner)
+    c = runtime.coordinator
+    _op, op_token = c.issue_api_key(ApiKeyCreate(role="operator", label="root operator"))
+    for org, region in (("acme", "DE"), ("globex", "FR"), ("clinics", "DE")):
+        c.create_organisation(OrganisationCreate(id=org, name=org.title(), region=region))
+    c.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))
+    c.create_researcher("acme", ResearcherCreate(id="anna", name="Anna"))
+    c.create_researcher("globex", ResearcherCreate(id="bob", name="Bob"))
+    keys = {"operator": op_token}
+    for who, org in (("alice", "acme"), ("anna", "acme"), ("bob", "globex")):
+        keys[who] = c.issue_api_key(ApiKeyCreate(role="researcher", organisation_id=org,
+                                                 researcher_id=who))[1]
+    keys["auditor"] = c.issue_api_key(ApiKeyCreate(role="auditor"))[1]
+    registered = {}
+    for name in ("h-one", "h-two", "h-three"):
+        c.register_hospital(HospitalCreate(id=name, organisation_id="clinics", name=name.upper(),
+                                           signing_public_key=hospitals[name].public_key_b64,
+                                           flower_public_key=f"ecdsa-sha2-nistp256 AAAA{name}"))
+        registered[name] = hospitals[name]
+    # h-four is a key nobody registered: an impostor.
+    registered["h-four"] = hospitals["h-four"]
+    c.mint("org:acme", 50_000)
+    c.mint("org:globex", 5_000)
+    app = create_app(runtime)
+    with TestClient(app=app, base_url="http://testserver.local") as client:
+        yield World(client=client, runtime=runtime, runner=runner, keys=keys, hospitals=registered)
+    for handle in runner.handles:
+        handle.cancel()
+        handle.wait(10)
+
+
+@pytest.fixture
+def world(db_url: str, tmp_path: Path) -> Iterator[World]:
+    yield from make_world(db_url, tmp_path)
+
+
+@pytest.fixture
+def sqlite_world(sqlite_url: str, tmp_path: Path) -> Iterator[World]:
+    yield from make_world(sqlite_url, tmp_path)
