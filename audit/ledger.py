@@ -62,7 +62,7 @@ class StudyStatus(StrEnum):
 
 @dataclass
 class Study:
-    """One study's escrow as the fold sees it."""
+    """One study's escrow as the fold sees it (receipts are kept only while it is open)."""
 
     study_id: str
     account: str
@@ -73,6 +73,7 @@ class Study:
     paid: int = 0
     refunded: int = 0
     status: StudyStatus = StudyStatus.OPEN
+    receipt_count: int = 0
 
     @property
     def held(self) -> int:
@@ -82,7 +83,7 @@ class Study:
     def to_json(self) -> dict[str, Any]:
         return {"study_id": self.study_id, "account": self.account, "escrowed": self.escrowed,
                 "paid": self.paid, "refunded": self.refunded, "held": self.held,
-                "status": str(self.status), "receipts": len(self.receipts),
+                "status": str(self.status), "receipts": self.receipt_count,
                 "royalty_account": self.terms.royalty_account,
                 "royalty_bps": self.terms.royalty_bps, "forward_bps": self.terms.forward_bps}
 
@@ -172,6 +173,9 @@ class Ledger:
         study = self.studies.get(study_id)
         if study is None:
             raise PayoutError(f"study_id: no study.escrow for {study_id!r}")
+        if study.status is not StudyStatus.OPEN:
+            raise PayoutError(f"study_id: study {study_id!r} is {study.status}; "
+                              "a study is paid out at most once")
         return compute_payout(study_id, amount, study.terms, study.receipts)
 
     # --- key view (roles and owners; signature checks are the keyring's) ------------------
@@ -278,6 +282,7 @@ class Ledger:
                            f"of {study_id!r}")
         study.seen.add((round_number, hospital))
         study.receipts.append(Receipt(study_id, round_number, hospital, records_used, dict(accounts)))
+        study.receipt_count += 1
 
     def _payout(self, entry: Entry) -> None:
         payload = entry.payload
@@ -303,6 +308,10 @@ class Ledger:
         self._commit(payout_credits(expected), escrow=-amount)
         study.paid += amount
         study.status = StudyStatus.CLOSED if study.held == 0 else StudyStatus.PAID
+        # A study is paid out once and takes no receipts after it: forget them, so that a
+        # long log's fold keeps only the open studies' receipts in memory.
+        study.receipts = []
+        study.seen = set()
 
     def _refund(self, entry: Entry) -> None:
         payload = _fields(entry.payload, ("study_id", "account", "amount"))
@@ -320,6 +329,8 @@ class Ledger:
         self._commit({account: amount}, escrow=-amount)
         study.refunded += amount
         study.status = StudyStatus.CLOSED
+        study.receipts = []
+        study.seen = set()
 
     # --- helpers ---------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import pytest
 
 from audit.entry import Entry
 from audit.ledger import Ledger, LedgerError, StudyStatus
+from audit.rewards import PayoutError
 from audit.signing import Signer
 from tests.audit.test_ledger_support import World
 
@@ -231,12 +232,15 @@ def test_payout_without_records_refused() -> None:
 
 def test_partial_payout_then_exact_refund() -> None:
     world, ledger = setup()
-    world.payout(ledger.expected_payout("s-1", 250))
+    first = ledger.expected_payout("s-1", 250)
+    world.payout(first)
     world.feed(ledger)
     study = ledger.studies["s-1"]
     assert (study.paid, study.held, study.status) == (250, 350, StudyStatus.PAID)
     assert "study_id: study 's-1' is paid; a study is paid out at most once" in refused(
-        world, ledger, world.payout(ledger.expected_payout("s-1", 10)))
+        world, ledger, world.payout(first))
+    with pytest.raises(PayoutError, match="is paid; a study is paid out at most once"):
+        ledger.expected_payout("s-1", 10)
     assert "no more receipts" in refused(world, ledger, world.receipt("s-1", 2, "hospital:a", 1))
     assert "amount: a refund returns exactly what was not paid out (350), got 349" in refused(
         world, ledger, world.refund("s-1", "org:acme", 349))
