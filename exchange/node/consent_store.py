@@ -3,7 +3,8 @@
 Input: every `*.json` file in the folder (not recursive), each holding one document or a
 JSON list of documents; a document is a native contract (`consent-contract/1`), a signed
 contract (`consent-contract-signed/1`, signature checked), or a FHIR Consent resource (R4 or
-R5, mapped by `consent`; what cannot be mapped is refused with the reason).
+R5, mapped by `consent.fhir`; what cannot be mapped is refused with the reason). Reading
+and validation are consent's own (`consent.files.parse_contract`).
 
 The batch rule: all files are read and validated first; if ANY document is bad, nothing
 from the whole batch is imported and every bad document is listed (file name, list index,
@@ -26,11 +27,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from consent.model import Contract, SignedContract
+from consent.evaluate import evaluate
+from consent.files import parse_contract
+from consent.model import Contract
+from consent.request import StudyRequest
 from exchange.node.models import ConsentContractRow
 from exchange.node.policy import StudyView
 
@@ -51,36 +54,10 @@ class ConsentImportReport:
     pseudonyms: int
 
 
-def _pydantic_reason(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(document)'}: {e['msg']}"
-                     for e in exc.errors()[:5])
-
-
-def _fhir_to_contract(resource: dict[str, Any], hospital_id: str) -> Contract:
-    """A FHIR Consent -> Contract, by consent's importer (raises ValueError with the reason)."""
-    from consent import fhir  # type: ignore[attr-defined, unused-ignore]
-
-    return fhir.import_consent(resource, hospital=hospital_id)  # type: ignore[no-any-return, unused-ignore]
-
-
-def parse_document(document: Any, hospital_id: str) -> Contract:
-    """One document -> a validated Contract (ValueError naming the problem otherwise)."""
-    if not isinstance(document, dict):
-        raise ValueError("not a JSON object")
-    if document.get("resourceType") == "Consent":
-        return _fhir_to_contract(document, hospital_id)
-    kind = document.get("format")
-    try:
-        if kind == "consent-contract-signed/1":
-            return SignedContract.model_validate(document).verify()
-        if kind == "consent-contract/1":
-            return Contract.model_validate(document)
-    except ValidationError as exc:
-        raise ValueError(_pydantic_reason(exc)) from exc
-    if "resourceType" in document:
-        raise ValueError(f"FHIR resource type {document['resourceType']!r} is not a Consent")
-    raise ValueError("unknown document: expected a consent contract (format consent-contract/1 or "
-                     "consent-contract-signed/1) or a FHIR Consent")
+def parse_document(document: Any, hospital_id: str | None) -> Contract:
+    """One document -> a validated Contract, by consent's reader (native, signed or FHIR
+    Consent R4/R5); raises ValueError (consent.files.ContractFileError) naming every problem."""
+    return parse_contract(document, hospital=hospital_id).contract
 
 
 def _read_folder(folder: Path) -> list[tuple[str, Any]]:
@@ -115,8 +92,8 @@ def import_consent_folder(session: Session, folder: Path,
     parsed: list[tuple[str, Contract]] = []
     for name, document in documents:
         try:
-            contract = parse_document(document, hospital_id or "")
-        except (ValueError, ImportError) as exc:
+            contract = parse_document(document, hospital_id)
+        except ValueError as exc:
             problems.append((name, str(exc)))
             continue
         if hospital_id is not None and contract.hospital != hospital_id:
@@ -167,38 +144,18 @@ def import_consent_folder(session: Session, folder: Path,
 
 # --- evaluation -----------------------------------------------------------------------------
 
-def study_request(study: StudyView) -> Any:
-    """The consent engine's view of a study (consent.request.StudyRequest)."""
-    from consent.request import StudyRequest
-
+def study_request(study: StudyView) -> StudyRequest:
+    """The consent engine's view of a study."""
+    spec = study.raw.get("spec", {}) if isinstance(study.raw.get("spec"), dict) else {}
     return StudyRequest(purpose=study.purpose, disease=study.disease, organisation=study.organisation,
                         region=study.region, commercial=study.commercial,
-                        ethics_approval=bool(study.raw.get("spec", {}).get("ethics_approval", False)),
-                        data_categories=tuple(sorted(study.columns)) or ("?",),
+                        ethics_approval=bool(spec.get("ethics_approval", False)),
+                        data_categories=tuple(sorted(study.columns)),
                         epsilon=study.epsilon or None, study_id=study.study_id)
 
 
 def evaluate_contract(document: dict[str, Any], study: StudyView, at: datetime) -> str | None:
-    """None when the contract permits the study at `at`, else the (first) reason it does not."""
-    contract = Contract.model_validate(document)
-    try:
-        from consent.evaluate import evaluate  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        return _interim_evaluate(contract, at)
-    result = evaluate(contract, study_request(study), at)
-    permitted = getattr(result, "permitted", None)
-    if permitted is None:
-        permitted = getattr(result, "permit", False)
-    if permitted:
-        return None
-    reasons = list(getattr(result, "reasons", []) or [])
-    return str(reasons[0]) if reasons else "not permitted by consent"
-
-
-def _interim_evaluate(contract: Contract, at: datetime) -> str | None:
-    """Used only while consent.evaluate is not importable: revocation and validity period."""
-    if contract.permits_nothing():
-        return "consent revoked or permits nothing"
-    if contract.period is not None and not contract.period.contains(at):
-        return "consent not valid at this time"
-    return None
+    """None when the contract permits the study at `at`, else the exclusion reason
+    (consent.evaluate.Decision.exclusion: inactive, outside-validity, privacy-cap, denied,
+    no-permit)."""
+    return evaluate(Contract.model_validate(document), study_request(study), at).exclusion

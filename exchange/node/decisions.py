@@ -88,8 +88,9 @@ def evaluate_study(store: NodeStore, settings: NodeSettings, study: StudyView,
 def sign_decision(signer: Signer, hospital_id: str, study_id: str, *, decision: str,
                   reasons: list[str], eligible: int) -> dict[str, Any]:
     """The signed `study.decision` envelope, in the coordinator's format (its client helper)."""
-    return decision_entry(signer, hospital_id, study_id, "approve" if decision == "approve" else "refuse",
-                          reasons, eligible).to_json()
+    return decision_entry(signer, hospital_id, study_id,
+                          decision="approve" if decision == "approve" else "refuse",
+                          reasons=reasons, eligible_records=eligible).to_json()
 
 
 def _store_decision(session: Session, ctx: Context, study_id: str, *, decision: str,

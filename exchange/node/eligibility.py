@@ -9,17 +9,16 @@ evaluated once, and the result is joined back to the records.
 
 from __future__ import annotations
 
-from collections import Counter
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from consent.gate import GateResult, gate
+from consent.model import Contract
 from exchange.node.models import ConsentContractRow, Record
 from exchange.node.policy import Eligibility, StudyView
-
-NO_CONTRACT = "no consent contract"
 
 
 def current_contracts(session: Session) -> dict[str, dict[str, Any]]:
@@ -33,22 +32,34 @@ def current_contracts(session: Session) -> dict[str, dict[str, Any]]:
     return dict(rows)
 
 
+def current_contract_hashes(session: Session) -> dict[str, str]:
+    """pseudonym -> content hash of its newest contract version."""
+    newest = (select(ConsentContractRow.pseudonym, func.max(ConsentContractRow.version).label("v"))
+              .group_by(ConsentContractRow.pseudonym).subquery())
+    rows = session.execute(
+        select(ConsentContractRow.pseudonym, ConsentContractRow.contract_hash)
+        .join(newest, (newest.c.pseudonym == ConsentContractRow.pseudonym)
+              & (newest.c.v == ConsentContractRow.version))).tuples().all()
+    return dict(rows)
+
+
+def gate_records(session: Session, study: StudyView, at: datetime) -> GateResult:
+    """consent.gate over every record (pseudonym, hash of its current contract): each
+    distinct contract evaluated once, joined back to the records."""
+    from exchange.node.consent_store import study_request
+
+    hashes = current_contract_hashes(session)
+    documents = current_contracts(session)
+    contracts = {hashes[p]: Contract.model_validate(doc) for p, doc in documents.items()}
+    pseudonyms = list(session.execute(select(Record.pseudonym).order_by(Record.id)).scalars())
+    pairs = [(p, hashes.get(p, "")) for p in pseudonyms]
+    return gate(pairs, contracts, study_request(study), at)
+
+
 def count_eligible(session: Session, study: StudyView, at: datetime) -> Eligibility:
     """Records whose current contract permits `study` at `at`; the rest counted by reason."""
-    from exchange.node.consent_store import evaluate_contract
-
-    contracts = current_contracts(session)
-    verdicts: dict[str, str | None] = {}  # pseudonym -> None (permitted) or the reason
-    for pseudonym, document in contracts.items():
-        verdicts[pseudonym] = evaluate_contract(document, study, at)
-    counts = session.execute(select(Record.pseudonym, func.count()).group_by(Record.pseudonym)).tuples()
-    eligible = 0
-    excluded: Counter[str] = Counter()
-    for pseudonym, count in counts:
-        if pseudonym not in verdicts:
-            excluded[NO_CONTRACT] += count
-        elif verdicts[pseudonym] is None:
-            eligible += count
-        else:
-            excluded[str(verdicts[pseudonym])] += count
-    return Eligibility(eligible=eligible, excluded=dict(excluded))
+    if not study.columns:
+        total = session.execute(select(func.count()).select_from(Record)).scalar_one()
+        return Eligibility(eligible=0, excluded={"study names no data category": total} if total else {})
+    result = gate_records(session, study, at)
+    return Eligibility(eligible=result.records_used, excluded=dict(result.excluded_by_reason))

@@ -1,0 +1,106 @@
+"""`exchange node consent import`: consent validates, every version is kept, a bad batch
+imports nothing and names each bad document."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from consent.model import revoke
+from exchange.cli import app
+from exchange.node.consent_store import ConsentImportRejectedError, import_consent_folder
+from exchange.node.eligibility import current_contract_hashes
+from exchange.node.models import ConsentContractRow
+from exchange.node.store import NodeStore
+from tests.node.helpers import ISSUED, gru_contract
+
+FHIR_R4_CONSENT = {
+    "resourceType": "Consent", "id": "c-p3", "status": "active",
+    "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
+    "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
+    "patient": {"reference": "Patient/p3"}, "dateTime": "2025-01-01T00:00:00Z",
+    "organization": [{"reference": "Organization/hospital-a"}],
+    "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]},
+    "provision": {"type": "permit", "purpose": [
+        {"system": "http://purl.obolibrary.org/obo/duo", "code": "DUO:0000042"}]},
+}
+
+
+def _count(store: NodeStore) -> int:
+    with store.sessions() as session:
+        return int(session.execute(select(func.count()).select_from(ConsentContractRow)).scalar_one())
+
+
+def _write(folder: Path, name: str, data: object) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(data))
+
+
+def test_versions_are_kept_and_reimport_is_idempotent(store: NodeStore, tmp_path: Path) -> None:
+    v1 = gru_contract("p1", "hospital-a")
+    _write(tmp_path / "b1", "p1.json", v1.to_json())
+    _write(tmp_path / "b1", "p2.json", [gru_contract("p2", "hospital-a").to_json()])
+    with store.transaction() as session:
+        report = import_consent_folder(session, tmp_path / "b1", "hospital-a")
+    assert (report.new_versions, report.unchanged, report.pseudonyms) == (2, 0, 2)
+    v2 = revoke(v1, ISSUED + timedelta(days=10))
+    _write(tmp_path / "b2", "p1.json", v1.to_json())
+    _write(tmp_path / "b2", "p1-v2.json", v2.to_json())
+    with store.transaction() as session:
+        report = import_consent_folder(session, tmp_path / "b2", "hospital-a")
+    assert (report.new_versions, report.unchanged) == (1, 1)
+    assert _count(store) == 3
+    with store.sessions() as session:
+        assert current_contract_hashes(session)["p1"] == v2.content_hash
+        versions = session.execute(select(ConsentContractRow.version).where(
+            ConsentContractRow.pseudonym == "p1").order_by(ConsentContractRow.version)).scalars().all()
+    assert versions == [1, 2]
+
+
+def test_bad_batch_imports_nothing_and_names_each_bad_file(store: NodeStore, tmp_path: Path,
+                                                           node_dir: Path, runner: CliRunner) -> None:
+    folder = tmp_path / "batch"
+    good = gru_contract("p1", "hospital-a")
+    _write(folder, "a-good.json", good.to_json())
+    _write(folder, "b-other-hospital.json", gru_contract("p2", "hospital-z").to_json())
+    broken = good.to_json() | {"contract_id": "x", "pseudonym": "p4", "version": 2, "supersedes": "0" * 64}
+    _write(folder, "c-broken-chain.json", broken)
+    _write(folder, "d-fhir.json", FHIR_R4_CONSENT | {"provision": {"type": "permit", "purpose": [
+        {"system": "http://example.org/not-duo", "code": "X"}]}})
+    _write(folder, "e-typo.json", good.to_json() | {"pseudonim": "p9"})
+    result = runner.invoke(app, ["node", "consent", "import", str(folder), "--config",
+                                 str(node_dir / "node.toml")])
+    assert result.exit_code == 1
+    out = " ".join(result.output.split())
+    assert "nothing imported; 4 problem(s)" in out
+    assert "b-other-hospital.json: hospital" in out
+    assert "c-broken-chain.json: supersedes: version 1 of pseudonym 'p4' is neither held" in out
+    assert "d-fhir.json:" in out
+    assert "e-typo.json: pseudonim" in out
+    assert "a-good.json" not in out
+    assert _count(store) == 0
+
+
+def test_conflicting_version_is_refused(store: NodeStore, tmp_path: Path) -> None:
+    _write(tmp_path / "b1", "p1.json", gru_contract("p1", "hospital-a").to_json())
+    with store.transaction() as session:
+        import_consent_folder(session, tmp_path / "b1", "hospital-a")
+    other = gru_contract("p1", "hospital-a").model_copy(update={"contract_id": "hospital-a:other"})
+    _write(tmp_path / "b2", "p1.json", other.to_json())
+    with store.transaction() as session, pytest.raises(ConsentImportRejectedError, match="immutable"):
+        import_consent_folder(session, tmp_path / "b2", "hospital-a")
+    assert _count(store) == 1
+
+
+def test_fhir_consent_imports(store: NodeStore, tmp_path: Path) -> None:
+    _write(tmp_path / "fhir", "c.json", FHIR_R4_CONSENT)
+    with store.transaction() as session:
+        report = import_consent_folder(session, tmp_path / "fhir", "hospital-a")
+    assert report.new_versions == 1
+    with store.sessions() as session:
+        assert set(current_contract_hashes(session)) == {"p3"}
