@@ -38,6 +38,10 @@ class EntryRejectedError(ValueError):
     """The log refused an entry (bad form, unknown or inactive signer, bad signature)."""
 
 
+class DuplicateEntryError(EntryRejectedError):
+    """The entry is byte for byte one already in the log (a replay)."""
+
+
 class _ConnectionSource:
     """Merkle nodes read from the current transaction (sees this transaction's own inserts)."""
 
@@ -117,6 +121,10 @@ class TransactionalAppender:
             except (MalformedEntryError, KeyringError, TypeError, ValueError) as exc:
                 raise EntryRejectedError(f"{entry.kind} entry refused by the log: {exc}") from exc
             leaf_hash = merkle.leaf_hash(leaf)
+            if leaf_hash in hashes or connection.execute(select(audit_entries.c.idx).where(
+                    audit_entries.c.leaf_hash == leaf_hash)).first() is not None:
+                raise DuplicateEntryError(f"{entry.kind} entry refused by the log: identical to an entry "
+                                         "already in the log (a signed entry may appear once)")
             rows.append({"idx": index, "leaf": leaf, "leaf_hash": leaf_hash, "kind": parsed.kind,
                          "key_id": parsed.key_id, "time": parsed.time})
             hashes.append(leaf_hash)

@@ -32,7 +32,7 @@ from audit.rewards import PayoutError, StudyTerms, compute_payout, payout_credit
 from audit.rewards import Receipt as PayoutReceipt
 from audit.signing import SignatureInvalidError, Signer, b64decode, key_id
 from exchange.coordinator import problems
-from exchange.coordinator.auditing import EntryRejectedError, TransactionalAppender
+from exchange.coordinator.auditing import DuplicateEntryError, EntryRejectedError, TransactionalAppender
 from exchange.coordinator.models import (
     TERMINAL_STATUSES,
     ApiKey,
@@ -130,6 +130,8 @@ class Coordinator:
     def _append(self, session: Session, *entries: Entry) -> list[int]:
         try:
             return self.appender.append(session.connection(), list(entries))
+        except DuplicateEntryError as exc:
+            raise problems.ProblemError(409, str(exc), kind="duplicate-entry") from exc
         except EntryRejectedError as exc:
             raise problems.ProblemError(422, str(exc), kind="entry-refused") from exc
 

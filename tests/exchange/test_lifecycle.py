@@ -1,0 +1,242 @@
+"""The study lifecycle end to end through the HTTP API, on SQLite and PostgreSQL.
+
+Each state change must leave its signed entry in the log, and the log alone must give the
+same balances as the coordinator serves (the auditor's fold, audit.ledger.Ledger)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+from safetensors.numpy import load as load_safetensors
+
+from audit.entry import Entry
+from audit.keyring import Keyring
+from audit.ledger import Ledger
+from audit.merkle import leaf_hash, root_from_inclusion_proof, verify_consistency
+from audit.signing import b64decode
+from exchange.coordinator.client import receipt_entry
+from tests.exchange.conftest import World
+
+
+def log_entries(world: World) -> list[Entry]:
+    return list(world.runtime.audit_log.entries())
+
+
+def fold(world: World) -> dict:
+    """What an auditor computes from the log alone, signatures and signers checked."""
+    operator_key = world.runtime.coordinator.operator.public_key
+    keyring = Keyring(operator_key)
+    ledger = Ledger(world.runtime.coordinator.operator.key_id)
+    for index, entry in enumerate(log_entries(world)):
+        keyring.check(entry, index)
+        keyring.apply(entry, index)
+        ledger.apply(entry, index)
+    return ledger.state.to_json()
+
+
+def served_balances(world: World) -> dict:
+    response = world.as_("auditor", "GET", "/v1/ledger/balances")
+    assert response.status_code == 200
+    return response.json()
+
+
+def kinds(world: World) -> list[str]:
+    return [e.kind for e in log_entries(world)]
+
+
+def test_submission_escrows_budget_with_entries(world: World) -> None:
+    before = world.runtime.audit_log.size()
+    study = world.submit(token_budget=1234)
+    assert study["status"] == "submitted"
+    entries = log_entries(world)[before:]
+    assert [e.kind for e in entries] == ["study.submit", "study.escrow"]
+    assert entries[1].payload["amount"] == 1234 and entries[1].payload["account"] == "org:acme"
+    assert entries[1].key_id == world.runtime.coordinator.coordinator.key_id
+    balances = served_balances(world)
+    assert balances["balances"]["org:acme"] == 50_000 - 1234
+    assert balances["escrow"] == 1234
+    assert fold(world) == {**balances, "balances": {**balances["balances"]}}
+
+
+def test_complete_study_pays_out_by_receipts_and_log_agrees(world: World) -> None:
+    study = world.submit(token_budget=10_000, rounds=2, min_hospitals=3)
+    sid = study["id"]
+    for hospital in ("h-one", "h-two"):
+        assert world.decide(hospital, sid).status_code == 201
+    assert world.as_("alice", "GET", f"/v1/studies/{sid}").json()["status"] == "submitted"
+    assert world.decide("h-three", sid).status_code == 201
+    world.wait_runs()
+    done = world.as_("alice", "GET", f"/v1/studies/{sid}").json()
+    assert done["status"] == "completed", done
+    assert done["rounds_completed"] == 2 and done["approvals"] == 3
+    # Records: h-one 120/round, h-two 90, h-three 13 over 2 rounds; forward share has no reward
+    # accounts to go to, so hospitals keep all: apportion(10000, [240, 180, 26]).
+    balances = served_balances(world)["balances"]
+    assert balances["hospital:h-one"] + balances["hospital:h-two"] + balances["hospital:h-three"] == 10_000
+    assert balances["hospital:h-one"] == 5381 and balances["hospital:h-two"] == 4036
+    assert balances["hospital:h-three"] == 583
+    assert fold(world) == served_balances(world)
+    assert kinds(world)[-3:] == ["study.round", "study.complete", "study.payout"]
+    # Results: metrics per round, records and epsilon per hospital.
+    results = world.as_("alice", "GET", f"/v1/studies/{sid}/results").json()
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    by_hospital = {c["hospital_id"]: c for c in results["contributions"]}
+    assert by_hospital["h-one"]["records_used"] == 240 and by_hospital["h-one"]["rounds"] == 2
+    assert by_hospital["h-three"]["epsilon_spent"] == 0.2
+    model = world.as_("alice", "GET", f"/v1/studies/{sid}/model")
+    assert model.status_code == 200
+    assert hashlib.sha256(model.content).hexdigest() == done["model_sha256"]
+    assert model.headers["digest-sha256"] == done["model_sha256"]
+    assert set(load_safetensors(model.content)) == {"weight", "bias"}
+    # The log records the model hash, signed by the coordinator.
+    complete = next(e for e in log_entries(world) if e.kind == "study.complete")
+    assert complete.payload["model_sha256"] == done["model_sha256"]
+
+
+def test_refusal_reasons_reach_the_researcher(world: World) -> None:
+    sid = world.submit()["id"]
+    response = world.decide("h-one", sid, "refuse", ["policy: max epsilon per study is 1.0"])
+    assert response.status_code == 201
+    study = world.as_("alice", "GET", f"/v1/studies/{sid}").json()
+    assert study["refusals"] == 1
+    assert study["decisions"][0]["reasons"] == ["policy: max epsilon per study is 1.0"]
+    assert study["decisions"][0]["hospital_id"] == "h-one"
+    # A second decision by the same hospital is refused and not logged.
+    size = world.runtime.audit_log.size()
+    assert world.decide("h-one", sid, "approve").status_code == 409
+    assert world.runtime.audit_log.size() == size
+
+
+def test_refusal_without_reason_is_refused(world: World) -> None:
+    sid = world.submit()["id"]
+    size = world.runtime.audit_log.size()
+    response = world.decide("h-one", sid, "refuse", [])
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["field"] == "payload.reasons"
+    assert world.runtime.audit_log.size() == size
+
+
+def test_cancel_submitted_study_refunds_escrow(world: World) -> None:
+    sid = world.submit(token_budget=700)["id"]
+    assert served_balances(world)["balances"]["org:acme"] == 50_000 - 700
+    response = world.as_("alice", "POST", f"/v1/studies/{sid}/cancel", json={"reason": "wrong cohort"})
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    assert response.json()["outcome_reason"] == "wrong cohort"
+    assert served_balances(world)["balances"]["org:acme"] == 50_000
+    assert kinds(world)[-2:] == ["study.cancel", "study.refund"]
+    assert world.as_("alice", "POST", f"/v1/studies/{sid}/cancel", json={}).status_code == 409
+    assert fold(world) == served_balances(world)
+
+
+def test_cancel_running_study_stops_the_run(world: World) -> None:
+    world.runner.pause = threading.Event()
+    sid = world.submit(min_hospitals=1, rounds=3)["id"]
+    world.decide("h-one", sid)
+    assert world.as_("alice", "GET", f"/v1/studies/{sid}").json()["status"] == "running"
+    response = world.as_("anna", "POST", f"/v1/studies/{sid}/cancel", json={})
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    world.runner.pause.set()
+    world.wait_runs()
+    study = world.as_("alice", "GET", f"/v1/studies/{sid}").json()
+    assert study["status"] == "cancelled" and study["rounds_completed"] == 0
+    assert "study.round" not in kinds(world)
+    assert served_balances(world)["balances"]["org:acme"] == 50_000
+    assert fold(world) == served_balances(world)
+
+
+def test_failed_run_refunds(world: World) -> None:
+    world.runner.fail_at_round = 2
+    sid = world.submit(min_hospitals=1, rounds=3, token_budget=900)["id"]
+    world.decide("h-two", sid)
+    world.wait_runs()
+    study = world.as_("alice", "GET", f"/v1/studies/{sid}").json()
+    assert study["status"] == "failed" and "round 2" in study["outcome_reason"]
+    assert study["rounds_completed"] == 1
+    assert kinds(world)[-2:] == ["study.fail", "study.refund"]
+    assert served_balances(world)["balances"]["org:acme"] == 50_000
+    assert world.as_("alice", "GET", f"/v1/studies/{sid}/model").status_code == 409
+    assert fold(world) == served_balances(world)
+
+
+def test_hospital_delivers_its_own_receipt(world: World) -> None:
+    world.runner.pause = threading.Event()
+    sid = world.submit(min_hospitals=1, rounds=1)["id"]
+    world.decide("h-one", sid)
+    entry = receipt_entry(world.hospitals["h-one"], "h-one", sid, round_number=1, records_used=77,
+                          commitment="ab" * 32, epsilon_spent=0.5, reward_accounts={"reward:p1": 7})
+    response = world.signed("h-one", "POST", "/v1/hospital/entries", json=entry.to_json())
+    assert response.status_code == 201, response.text
+    # The same receipt again: refused (one per study, round, hospital), nothing logged.
+    size = world.runtime.audit_log.size()
+    again = world.signed("h-one", "POST", "/v1/hospital/entries", json=entry.to_json())
+    assert again.status_code == 409
+    assert world.runtime.audit_log.size() == size
+    # A hospital that did not join cannot deliver receipts for the study.
+    other = receipt_entry(world.hospitals["h-two"], "h-two", sid, round_number=1, records_used=5,
+                          commitment="cd" * 32, epsilon_spent=0.5)
+    assert world.signed("h-two", "POST", "/v1/hospital/entries", json=other.to_json()).status_code == 403
+    world.runner.pause.set()
+    world.wait_runs()
+    results = world.as_("alice", "GET", f"/v1/studies/{sid}/results").json()
+    assert results["contributions"] == [{"hospital_id": "h-one", "rounds": 1, "records_used": 77,
+                                         "epsilon_spent": 0.5}]
+    balances = served_balances(world)["balances"]
+    assert balances["reward:p1"] > 0
+    assert fold(world) == served_balances(world)
+
+
+def test_audit_endpoints_prove_inclusion_and_consistency(world: World) -> None:
+    world.submit()
+    first = world.as_("auditor", "GET", "/v1/audit/checkpoint").json()
+    world.submit()
+    second = world.as_("h-one", "GET", "/v1/audit/checkpoint").json()
+    assert second["size"] == first["size"] + 2
+    page = world.as_("auditor", "GET", "/v1/audit/entries", params={"start": 0, "limit": 5}).json()
+    assert [item["index"] for item in page["items"]] == [0, 1, 2, 3, 4] and page["next_start"] == 5
+    proof = world.as_("bob", "GET", "/v1/audit/proofs/inclusion",
+                      params={"index": 3, "size": second["size"]}).json()
+    entry = Entry.from_json(page["items"][3]["entry"])
+    assert b64decode(proof["leaf_hash"]) == leaf_hash(entry.leaf_bytes())
+    root = root_from_inclusion_proof(leaf_hash(entry.leaf_bytes()), 3, second["size"],
+                                     [b64decode(p) for p in proof["proof"]])
+    assert root == b64decode(second["root_hash"])
+    consistency = world.as_("auditor", "GET", "/v1/audit/proofs/consistency",
+                            params={"old_size": first["size"], "new_size": second["size"]}).json()
+    verify_consistency(first["size"], second["size"], [b64decode(p) for p in consistency["proof"]],
+                       b64decode(first["root_hash"]), b64decode(second["root_hash"]))
+    export = world.as_("auditor", "GET", "/v1/audit/export")
+    lines = export.content.splitlines()
+    assert len(lines) == world.runtime.audit_log.size()
+    assert lines[3] == entry.leaf_bytes()
+
+
+def test_revoked_api_key_stops_working(world: World) -> None:
+    issued = world.as_("operator", "POST", "/v1/api-keys",
+                       json={"role": "researcher", "organisation_id": "acme", "researcher_id": "anna"})
+    assert issued.status_code == 201
+    token = issued.json()["key"]
+    headers = {"X-API-Key": token}
+    assert world.client.get("/v1/studies", headers=headers).status_code == 200
+    revoked = world.as_("operator", "DELETE", f"/v1/api-keys/{issued.json()['prefix']}")
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
+    assert world.client.get("/v1/studies", headers=headers).status_code == 401
+    assert kinds(world)[-2:] == ["apikey.issue", "apikey.revoke"]
+    # The secret is nowhere in the database or the log.
+    assert all(token not in e.leaf_bytes().decode() for e in log_entries(world))
+
+
+def test_hospital_key_rotation(world: World) -> None:
+    from audit.entry import sign_entry
+    from audit.signing import Signer
+
+    old = world.hospitals["h-one"]
+    new = Signer.generate()
+    rotation = sign_entry(old, "key.rotate", {"old_key_id": old.key_id, "new_key_id": new.key_id,
+                                              "new_public_key": new.public_key_b64})
+    response = world.signed("h-one", "POST", "/v1/hospital/entries", json=rotation.to_json())
+    assert response.status_code == 201, response.text
+    assert world.signed("h-one", "GET", "/v1/hospital/me").status_code == 401
+    me = world.signed("h-one", "GET", "/v1/hospital/me", signer=new)
+    assert me.status_code == 200 and me.json()["signing_key_id"] == new.key_id
+    fold(world)  # the keyring accepts the rotation and everything after it
