@@ -8,6 +8,9 @@ the ledger's recomputation of the payout can catch it, and the verifier must nam
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +101,34 @@ def test_generated_log_payouts_agree_with_compute_payout(tmp_path: Path) -> None
     ledger.state.check_conservation()
     assert any(study.paid for study in ledger.studies.values())
     assert any(study.refunded for study in ledger.studies.values())
+
+
+AUDIT = str(Path(sys.executable).with_name("audit"))
+
+
+def test_audit_cli_rewards_prints_the_fold_and_verify_names_the_tampered_payout(tmp_path: Path) -> None:
+    """The real `audit` console script, as an auditor runs it."""
+    world = example_log(EXPECTED_PAYOUT)
+    folder = export(world, world.entries, tmp_path / "honest")
+    shown = subprocess.run([AUDIT, "rewards", str(folder)], capture_output=True, text=True,
+                           timeout=120, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == {
+        "minted": 25007, "escrow": 0,
+        "balances": {"author:alice": 500, "hospital:a": 4479, "hospital:b": 2876,
+                     "hospital:c": 307, "org:acme": 15000, "org:beta": 7, "reward:p1": 354,
+                     "reward:p2": 353, "reward:p3": 1131}}
+
+    tampered = copy.deepcopy(EXPECTED_PAYOUT)
+    tampered["hospitals"][2]["amount"] += 1
+    tampered["hospitals"][2]["kept"] += 1
+    tampered["hospitals"][1]["amount"] -= 1
+    tampered["hospitals"][1]["kept"] -= 1
+    bad = example_log(tampered)
+    payout_index = next(i for i, e in enumerate(bad.entries) if e.kind == "study.payout")
+    checked = subprocess.run([AUDIT, "verify", str(export(bad, bad.entries, tmp_path / "bad"))],
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert checked.returncode == 1
+    said = checked.stdout + checked.stderr
+    assert f"entry {payout_index}" in said
+    assert "hospitals[1].amount: entry says 4006, the fold computes 4007" in said
