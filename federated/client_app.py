@@ -1,0 +1,220 @@
+"""The study's ClientApp: what one hospital does with each train and evaluate message.
+
+Run config: the study (`federated.study_spec`). Node config: the hospital's identity and where its
+records, contracts, privacy ledger, key and approvals are (`federated.runtime.site`).
+
+Every train message, in this order (each step can end the round with a documented reply):
+1. the study must be in the hospital's approved list            -> else ``refused``;
+2. every study column must belong to a data category the study declared -> else ``refused``;
+3. the hospital's training records are gated against their consent contracts *now*, so a
+   revocation takes effect from the next round;                  none left -> ``no-data``;
+4. the study's DP plan (noise calibrated so all planned rounds meet the study's epsilon) is
+   registered in the privacy ledger on first use, and this round's cumulative epsilon is checked
+   against the study's target and the hospital's total budget   -> else ``refused`` (overspend);
+5. DP-SGD on the consented records and only the study's columns (`federated.dp.train_round`);
+6. the ledger is charged (before the weights leave), a receipt is signed with the hospital's key,
+   and the reply carries the flat weights, counts and the receipt.   -> ``ok``
+
+Evaluate messages gate the hospital's hold-out records the same way and report loss/metrics of
+the global model on them (no privacy is charged: see docs/flower.md for why and what it implies).
+Errors in the hospital's own set-up raise, and Flower turns them into an error reply the server
+counts as dropped; the reasons above are normal replies, never crashes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from federated.receipts import Receipt, make_receipt
+from federated.runtime.site import Site
+from federated.server_app import STATUS_NO_DATA, STATUS_OK, STATUS_REFUSED, WEIGHTS_KEY
+from federated.study_spec import StudySpec
+
+log = logging.getLogger("federated.client")
+
+
+@dataclass
+class HospitalOutcome:
+    """What a hospital decided and produced for one message."""
+
+    status: str
+    reason: str = ""
+    weights: np.ndarray | None = None
+    receipt: Receipt | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _check_study(site: Site, spec: StudySpec) -> tuple[HospitalOutcome | None, object, str]:
+    """Approval and column checks shared by train and evaluate; returns (refusal, data, label)."""
+    if spec.study_id not in site.approved_studies():
+        reason = f"study {spec.study_id!r} is not approved at this hospital"
+        return HospitalOutcome(STATUS_REFUSED, reason), None, ""
+    data, label = site.records()
+    if label != spec.label:
+        return HospitalOutcome(STATUS_REFUSED, f"label: the study predicts {spec.label!r}, this hospital's "
+                               f"records hold {label!r}"), None, ""
+    missing = [c for c in spec.columns if c not in data.columns]
+    if missing:
+        return HospitalOutcome(STATUS_REFUSED, f"columns: this hospital has no column(s) {missing}"), None, ""
+    undeclared = sorted({data.categories[c] for c in spec.columns} - set(spec.request.data_categories))
+    if undeclared:
+        return HospitalOutcome(STATUS_REFUSED, f"columns: the study reads data categories {undeclared} it "
+                               "did not declare in request.data_categories"), None, ""
+    return None, data, label
+
+
+def _excluded_text(excluded: dict[str, int]) -> str:
+    return ", ".join(f"{n} {why}" for why, n in sorted(excluded.items())) or "no records"
+
+
+def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weights: np.ndarray,
+                         at: datetime | None = None) -> HospitalOutcome:
+    """One hospital's train step for `round_` (see module docstring); no Flower involved, so the
+    in-process harness and unit tests call it directly."""
+    from federated.accounting import plan_study
+    from federated.dp import train_round
+    from federated.privacy_ledger import BudgetExceededError, LedgerError
+    from federated.templates import get_template
+
+    at = at or datetime.now(UTC)
+    refusal, data_obj, _label = _check_study(site, spec)
+    if refusal is not None:
+        return refusal
+    from federated.data import HospitalData
+
+    assert isinstance(data_obj, HospitalData)
+    train = data_obj.train()
+    gate = site.gate(spec.request, train.pseudonyms, at)
+    used = train.select_records(gate.eligible).select_columns(spec.columns)
+    if len(used) == 0:
+        return HospitalOutcome(STATUS_NO_DATA, f"no consented training records for this study "
+                               f"({_excluded_text(dict(gate.excluded))})",
+                               metrics={"num_examples": 0.0})
+    template = get_template(spec.template)
+    defaults = template.defaults
+    batch_size = spec.batch_size or defaults.batch_size
+    local_steps = spec.local_steps or defaults.local_steps
+    ledger = site.ledger()
+    try:
+        plan = ledger.plan(spec.study_id)
+        if plan is None:
+            plan = ledger.register_study(spec.study_id, plan_study(
+                spec.epsilon, spec.delta, rounds=spec.rounds, n_records=len(used), batch_size=batch_size,
+                steps_per_round=local_steps, accountant=spec.accountant))
+        charges = ledger.charges(spec.study_id)
+        if any(c.round == round_ for c in charges):
+            return HospitalOutcome(STATUS_REFUSED, f"round {round_} was already trained here; training it "
+                                   "again would spend privacy twice")
+        if len(charges) >= plan.rounds:
+            return HospitalOutcome(STATUS_REFUSED, f"all {plan.rounds} planned rounds already trained here")
+        expected = plan.epsilon_after(len(charges) + 1)
+        ledger.check(spec.study_id, round_, expected)
+    except BudgetExceededError as exc:
+        return HospitalOutcome(STATUS_REFUSED, f"privacy budget: {exc}")
+    except LedgerError as exc:
+        return HospitalOutcome(STATUS_REFUSED, f"privacy ledger: {exc}")
+    result = train_round(template, global_weights, used.x, used.y, noise_multiplier=plan.noise_multiplier,
+                         sample_rate=plan.sample_rate, local_steps=plan.steps_per_round,
+                         clip=spec.clip or defaults.clip, lr=spec.lr or defaults.lr,
+                         momentum=spec.momentum if spec.momentum is not None else defaults.momentum,
+                         delta=plan.delta, prior_steps=len(charges) * plan.steps_per_round,
+                         accountant=plan.accountant)
+    if not result.trained:
+        return HospitalOutcome(STATUS_NO_DATA, result.reason or "no eligible records",
+                               metrics={"num_examples": 0.0})
+    try:
+        charge = ledger.charge(spec.study_id, round_, result.epsilon)
+    except BudgetExceededError as exc:
+        return HospitalOutcome(STATUS_REFUSED, f"privacy budget: {exc}")
+    rewards: dict[str, int] = {}
+    for p in used.pseudonyms:
+        account = gate.reward_accounts.get(p)
+        if account is not None:
+            account = account if account.startswith("reward:") else f"reward:{account}"
+            rewards[account] = rewards.get(account, 0) + 1
+    receipt = make_receipt(site.signer(), study_id=spec.study_id, round=round_, hospital_id=site.hospital_id,
+                           records_used=len(used), commitment=gate.commitment,
+                           epsilon_spent=charge.increment, epsilon_total=result.epsilon, delta=plan.delta,
+                           spec_sha256=spec.sha256(), reward_accounts=rewards, instant=at)
+    metrics = {"num_examples": float(len(used)), "steps": float(result.steps), "epsilon": result.epsilon,
+               "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate}
+    return HospitalOutcome(STATUS_OK, "", result.state, receipt, metrics)
+
+
+def evaluate_hospital(site: Site, spec: StudySpec, global_weights: np.ndarray,
+                      at: datetime | None = None) -> HospitalOutcome:
+    """Metrics of the global model on the hospital's consented hold-out records."""
+    from federated.data import HospitalData
+    from federated.templates import get_template
+    from federated.weights import unpack
+
+    at = at or datetime.now(UTC)
+    refusal, data_obj, _label = _check_study(site, spec)
+    if refusal is not None:
+        return refusal
+    assert isinstance(data_obj, HospitalData)
+    test = data_obj.test()
+    gate = site.gate(spec.request, test.pseudonyms, at)
+    used = test.select_records(gate.eligible).select_columns(spec.columns)
+    if len(used) == 0:
+        return HospitalOutcome(STATUS_NO_DATA, f"no consented hold-out records "
+                               f"({_excluded_text(dict(gate.excluded))})", metrics={"num_examples": 0.0})
+    template = get_template(spec.template)
+    model = unpack(template.build(len(spec.columns), 0), global_weights)
+    metrics = template.evaluate(model, used.x, used.y, target_scale=used.target_scale)
+    return HospitalOutcome(STATUS_OK, "", metrics=metrics)
+
+
+def _reply(message: Message, site_id: str, outcome: HospitalOutcome, started: float,
+           wall_started: float) -> Message:
+    content = RecordDict({"status": ConfigRecord({"status": outcome.status, "reason": outcome.reason,
+                                                  "hospital": site_id})})
+    metrics: dict[str, Any] = dict(outcome.metrics)
+    # Timing only (for the per-round breakdown): when the ClientApp started and ended.
+    metrics["compute_s"] = time.perf_counter() - started
+    metrics["t_start"] = wall_started
+    metrics["t_end"] = time.time()
+    content["metrics"] = MetricRecord(metrics)
+    if outcome.weights is not None:
+        content["update"] = ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(outcome.weights,
+                                                                                 dtype=np.float32))})
+    if outcome.receipt is not None:
+        content["receipt"] = ConfigRecord({"envelope": outcome.receipt.to_bytes()})
+    return Message(content, reply_to=message)
+
+
+def _inputs(message: Message, context: Context) -> tuple[Site, StudySpec, int, np.ndarray]:
+    site = Site.from_node_config(context.node_config)
+    spec = StudySpec.from_run_config(context.run_config)
+    round_ = int(message.content["config"]["server-round"])  # type: ignore[arg-type]
+    weights = np.asarray(message.content["global"][WEIGHTS_KEY].numpy(), dtype=np.float32)  # type: ignore[union-attr]
+    return site, spec, round_, weights
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    started, wall_started = time.perf_counter(), time.time()
+    site, spec, round_, weights = _inputs(message, context)
+    outcome = train_hospital_round(site, spec, round_, weights)
+    log.info("study %s round %d at %s: %s %s", spec.study_id, round_, site.hospital_id, outcome.status,
+             outcome.reason)
+    return _reply(message, site.hospital_id, outcome, started, wall_started)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    started, wall_started = time.perf_counter(), time.time()
+    site, spec, _round, weights = _inputs(message, context)
+    outcome = evaluate_hospital(site, spec, weights)
+    return _reply(message, site.hospital_id, outcome, started, wall_started)

@@ -1,0 +1,130 @@
+"""Provision hospital sites on disk for the demo, the integration tests and the benchmark.
+
+Each site gets exactly what a real node hands its SuperNode (`federated.runtime.site`): a records
+file (its part of the non-IID split of a scikit-learn dataset, `federated.data`), signed consent
+contracts (one per record), a privacy ledger database with its total budget, an Ed25519 key and
+its approved-studies file. Real formats and real signatures; only the data is a public demo set.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from audit.signing import Signer
+from consent.model import Contract, Provision, revoke, sign
+from consent.request import StudyRequest
+from federated.runtime.site import Site, write_records
+from federated.study_spec import StudySpec
+
+LABELS = {"breast_cancer": "malignant", "diabetes": "progression"}
+CONTRACT_EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class DemoSite:
+    site: Site
+    signer: Signer
+    consent_issuer: Signer
+    contracts: dict[str, Contract]
+
+
+def _contract(pseudonym: str, hospital: str, categories: Sequence[str], reward: str | None) -> Contract:
+    return Contract(contract_id=f"c-{pseudonym}", pseudonym=pseudonym, hospital=hospital, version=1,
+                    issued=CONTRACT_EPOCH, reward_account=reward,
+                    provision=Provision(type="permit", purposes=("DUO:0000042",),
+                                        data_categories=tuple(categories)))
+
+
+def provision_sites(root: Path, *, dataset: str = "breast_cancer",
+                    hospitals: Sequence[str] = ("hospital-a", "hospital-b", "hospital-c"),
+                    consenting: dict[str, float] | None = None, budgets: dict[str, float] | None = None,
+                    categories: Sequence[str] = ("labs", "imaging"),
+                    reward_every: int = 4) -> dict[str, DemoSite]:
+    """One site per hospital under `root/<hospital>/`.
+
+    `consenting[h]`: share of h's records with a permitting contract (default 1.0; 0 gives a
+    hospital whose patients all refused). `budgets[h]`: h's total epsilon budget (default 100).
+    Every `reward_every`-th consenting record names a pseudonymous reward account.
+    """
+    from sqlalchemy import create_engine
+
+    from federated.data import load_federated
+    from federated.privacy_ledger import PrivacyLedger, metadata
+
+    parts = load_federated(dataset, len(hospitals), hospital_ids=hospitals)
+    out: dict[str, DemoSite] = {}
+    for data in parts:
+        h = data.hospital_id
+        base = root / h
+        base.mkdir(parents=True, exist_ok=True)
+        records = write_records(base / "records.parquet", data, LABELS[dataset])
+        issuer = Signer.generate()
+        share = (consenting or {}).get(h, 1.0)
+        n_consent = round(len(data) * share)
+        contracts: dict[str, Contract] = {}
+        lines = []
+        for i, p in enumerate(data.pseudonyms):
+            if i >= n_consent:
+                continue
+            reward = f"reward:{h}-{i}" if i % reward_every == 0 else None
+            contract = _contract(p, h, categories, reward)
+            contracts[p] = contract
+            lines.append(json.dumps(sign(contract, issuer).to_json()))
+        (base / "contracts.jsonl").write_text("\n".join(lines) + ("\n" if lines else ""))
+        ledger_path = base / "ledger.db"
+        engine = create_engine(f"sqlite:///{ledger_path}")
+        metadata.create_all(engine)  # what the node migration does on a real node
+        PrivacyLedger(engine, total_budget=(budgets or {}).get(h, 100.0))
+        engine.dispose()
+        key_path = base / "hospital.key"
+        signer = Signer.generate()
+        if key_path.exists():
+            key_path.unlink()
+        signer.save(key_path)
+        approvals = base / "approvals.json"
+        approvals.write_text(json.dumps({"approved": []}))
+        site = Site(hospital_id=h, records_path=records, contracts_path=base / "contracts.jsonl",
+                    ledger_url=f"sqlite:///{ledger_path}", key_path=key_path, approvals_path=approvals)
+        out[h] = DemoSite(site, signer, issuer, contracts)
+    return out
+
+
+def approve(site: Site, *study_ids: str) -> None:
+    """Add studies to a site's approved list (what the node daemon does on approval)."""
+    approved = set(json.loads(site.approvals_path.read_text())["approved"]) | set(study_ids)
+    site.approvals_path.write_text(json.dumps({"approved": sorted(approved)}))
+
+
+def revoke_all(demo: DemoSite, at: datetime) -> None:
+    """Every patient of the site revokes consent at `at` (a new version that permits nothing)."""
+    lines = [line for line in demo.site.contracts_path.read_text().splitlines() if line.strip()]
+    for contract in demo.contracts.values():
+        lines.append(json.dumps(sign(revoke(contract, at), demo.consent_issuer).to_json()))
+    demo.site.contracts_path.write_text("\n".join(lines) + "\n")
+
+
+def demo_spec(study_id: str, *, dataset: str = "breast_cancer", template: str | None = None,
+              epsilon: float = 3.0, rounds: int = 3, min_hospitals: int = 2, round_timeout_s: float = 60.0,
+              columns: Sequence[str] | None = None, **overrides: object) -> StudySpec:
+    """A valid study over the demo data (all columns of the dataset unless `columns`)."""
+    from federated.data import feature_specs
+
+    specs = feature_specs(dataset)
+    cols = tuple(columns) if columns is not None else tuple(s.name for s in specs)
+    cats = tuple(sorted({s.category for s in specs if s.name in cols}))
+    task: Literal["binary", "regression"] = "binary" if dataset == "breast_cancer" else "regression"
+    return StudySpec(
+        study_id=study_id,
+        template=template or ("logistic_regression" if task == "binary" else "linear_regression"),
+        task=task, columns=cols, label=LABELS[dataset],
+        request=StudyRequest(purpose="DUO:0000042", organisation="org-research", region="DE",
+                             data_categories=cats, epsilon=epsilon, study_id=study_id),
+        epsilon=epsilon, delta=1e-5, rounds=rounds, min_hospitals=min_hospitals,
+        round_timeout_s=round_timeout_s, **overrides)  # type: ignore[arg-type]
+
+

@@ -1,0 +1,336 @@
+"""Start and stop the Flower processes: a SuperLink, and per hospital a SuperNode and its executor.
+
+Used by the integration tests, the benchmark and the node daemon. Every process gets the
+no-telemetry environment and its own FLWR_HOME, writes its output to a log file (named in every
+error), and is stopped by `stop()` / the context manager, SIGTERM first, SIGKILL after a grace
+period, even when a test fails half-way.
+
+Security rule: TLS (and SuperNode authentication) may be off only when the SuperLink listens on a
+loopback address; `SuperLinkProcess` refuses anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from federated.runtime.settings import RuntimeSettings, flower_env
+from federated.runtime.tls import NodeKeys, TlsFiles, register_supernode
+
+NodeConfigValue = str | int | float | bool
+
+
+class DeploymentError(RuntimeError):
+    """A Flower process did not start or misbehaved; the message names its log file."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+@dataclass
+class ManagedProcess:
+    """A child process we started, with its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def terminate(self, grace: float = 5.0) -> int | None:
+        """SIGTERM, then SIGKILL after `grace` seconds; returns the exit code."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=10)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash looks like to the rest of the federation."""
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+
+
+def _spawn(name: str, args: list[str], log_path: Path, env: dict[str, str]) -> ManagedProcess:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log_file:
+        popen = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
+    return ManagedProcess(name, popen, log_path)
+
+
+def _wait_port(proc: ManagedProcess, host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise DeploymentError(f"{proc.name} exited with code {proc.popen.returncode} before listening "
+                                  f"on {host}:{port}; log {proc.log_path}:\n{proc.log_tail()}")
+        if _port_open(host, port):
+            return
+        time.sleep(0.1)
+    raise DeploymentError(f"{proc.name} did not listen on {host}:{port} within {timeout:.0f} s; "
+                          f"log {proc.log_path}:\n{proc.log_tail()}")
+
+
+def write_node_config(path: Path, config: Mapping[str, NodeConfigValue]) -> Path:
+    """Write a SuperNode `--node-config` TOML file (flat keys; strings JSON-escaped, which TOML
+    basic strings accept)."""
+    lines = []
+    for key, value in config.items():
+        if not key or any(c in key for c in " .=\"'"):
+            raise ValueError(f"node config key {key!r}: must be non-empty, no spaces, dots, quotes or '='")
+        if isinstance(value, bool):
+            rendered = "true" if value else "false"
+        elif isinstance(value, int | float):
+            rendered = repr(value)
+        elif isinstance(value, str):
+            rendered = json.dumps(value)
+        else:
+            raise ValueError(f"node config {key}: must be str, int, float or bool, "
+                             f"got {type(value).__name__}")
+        lines.append(f"{key} = {rendered}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class SuperLinkProcess:
+    """`flower-superlink --isolation process` (the coordinator runs ServerApps itself)."""
+
+    def __init__(self, workdir: Path, *, host: str = "127.0.0.1", port: int | None = None,
+                 tls: TlsFiles | None = None, supernode_auth: bool = False,
+                 settings: RuntimeSettings | None = None) -> None:
+        if tls is None and not is_loopback(host):
+            raise ValueError(f"tls: required when the SuperLink listens on {host!r} (not loopback)")
+        if supernode_auth and tls is None:
+            raise ValueError("supernode_auth: needs TLS (node signatures over plain HTTP protect nothing)")
+        self.workdir = workdir
+        self.host = host
+        self.port = port or free_port(host if is_loopback(host) else "0.0.0.0")
+        self.tls = tls
+        self.supernode_auth = supernode_auth
+        self.settings = settings or RuntimeSettings()
+        self.proc: ManagedProcess | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def insecure(self) -> bool:
+        return self.tls is None
+
+    def root_certificates(self) -> bytes | None:
+        return None if self.tls is None else self.tls.root_certificates()
+
+    def start(self, timeout: float = 60.0) -> None:
+        args = [sys.executable, "-m", "federated.runtime.superlink_main", "--isolation", "process",
+                "--host", self.host, "--port", str(self.port),
+                "--database", str(self.workdir / "superlink.db"),
+                "--disable-runtime-dependency-installation"]
+        if self.tls is None:
+            args.append("--insecure")
+        else:
+            args += ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
+                     "--ssl-keyfile", str(self.tls.server_key)]
+        if self.supernode_auth:
+            args.append("--enable-supernode-auth")
+        env = flower_env(self.workdir / "flwr-home-superlink")
+        self.proc = _spawn("superlink", args, self.workdir / "superlink.log", env)
+        _wait_port(self.proc, self.host if is_loopback(self.host) else "127.0.0.1", self.port, timeout)
+
+    def control_client(self) -> Any:
+        from flwr.supercore.control import ControlHttpClient
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+        return ControlHttpClient.from_server_address(
+            server_address=self.address, insecure=self.insecure, root_certificates=self.root_certificates(),
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
+
+    def online_node_ids(self) -> list[int]:
+        """Node ids the SuperLink currently counts as online."""
+        from flwr.proto.control_pb2 import ListNodesRequest
+
+        client = self.control_client()
+        try:
+            response = client.ListNodes(ListNodesRequest())
+        finally:
+            client.close()
+        return [info.node_id for info in response.nodes_info if info.status == "online"]
+
+    def wait_for_nodes(self, count: int, timeout: float = 90.0) -> list[int]:
+        deadline = time.monotonic() + timeout
+        online: list[int] = []
+        while time.monotonic() < deadline:
+            if self.proc is not None and not self.proc.alive():
+                raise DeploymentError(f"superlink died; log {self.proc.log_path}:\n{self.proc.log_tail()}")
+            with contextlib.suppress(Exception):
+                online = self.online_node_ids()
+                if len(online) >= count:
+                    return online
+            time.sleep(0.25)
+        raise DeploymentError(f"only {len(online)} of {count} SuperNodes online after {timeout:.0f} s")
+
+    def register_node(self, keys: NodeKeys, name: str | None = None) -> int:
+        client = self.control_client()
+        try:
+            return register_supernode(client, keys.public_key, name=name)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+
+
+@dataclass
+class HospitalNodeProcess:
+    """One hospital's SuperNode and (fast mode) its warm executor."""
+
+    name: str
+    superlink: SuperLinkProcess
+    node_config: Mapping[str, NodeConfigValue]
+    workdir: Path
+    settings: RuntimeSettings = field(default_factory=RuntimeSettings)
+    auth_keys: NodeKeys | None = None
+    supernode: ManagedProcess | None = None
+    executor: ManagedProcess | None = None
+    runtime_port: int = 0
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.runtime_port = free_port()
+        config_path = write_node_config(self.workdir / "node-config.toml", self.node_config)
+        fast = self.settings.mode == "fast"
+        args = [sys.executable, "-m", "federated.runtime.supernode_main",
+                "--superlink", self.superlink.address,
+                "--host", "127.0.0.1", "--port", str(self.runtime_port),
+                "--node-config", str(config_path), "--isolation", "process" if fast else "subprocess"]
+        if self.superlink.tls is None:
+            args.append("--insecure")
+        else:
+            args += ["--root-certificates", str(self.superlink.tls.ca_cert)]
+        if self.auth_keys is not None:
+            args += ["--auth-supernode-private-key", str(self.auth_keys.private_key)]
+        env = flower_env(self.workdir / "flwr-home")
+        env.update({
+            "EXCHANGE_FLOWER_MODE": self.settings.mode,
+            "EXCHANGE_SUPERNODE_IDLE_SLEEP": str(self.settings.supernode_idle_sleep),
+            "EXCHANGE_SUPERNODE_REPLY_SLEEP": str(self.settings.supernode_reply_sleep),
+            "EXCHANGE_PULL_BACKOFF": str(self.settings.pull_backoff),
+        })
+        self.supernode = _spawn(f"supernode-{self.name}", args, self.workdir / "supernode.log", env)
+        _wait_port(self.supernode, "127.0.0.1", self.runtime_port, timeout)
+        if fast:
+            exec_args = [sys.executable, "-m", "federated.runtime.executor", "--runtime-api-address",
+                         f"127.0.0.1:{self.runtime_port}", "--poll", str(self.settings.executor_poll),
+                         "--pull-backoff", str(self.settings.pull_backoff)]
+            self.executor = _spawn(f"executor-{self.name}", exec_args, self.workdir / "executor.log", env)
+
+    def processes(self) -> list[ManagedProcess]:
+        return [p for p in (self.executor, self.supernode) if p is not None]
+
+    def kill(self) -> None:
+        """SIGKILL the SuperNode and the executor: a crashed hospital."""
+        for proc in self.processes():
+            proc.kill()
+
+    def stop(self) -> None:
+        for proc in self.processes():
+            proc.terminate()
+
+
+class LocalFederation:
+    """A SuperLink and N hospital nodes on this machine; a context manager that always cleans up."""
+
+    def __init__(self, workdir: Path, node_configs: Mapping[str, Mapping[str, NodeConfigValue]], *,
+                 settings: RuntimeSettings | None = None, tls: TlsFiles | None = None,
+                 supernode_auth: bool = False, node_keys: Mapping[str, NodeKeys] | None = None) -> None:
+        self.workdir = workdir
+        self.settings = settings or RuntimeSettings()
+        self.superlink = SuperLinkProcess(workdir / "superlink", tls=tls, supernode_auth=supernode_auth,
+                                          settings=self.settings)
+        self.nodes: dict[str, HospitalNodeProcess] = {
+            name: HospitalNodeProcess(name, self.superlink, config, workdir / f"node-{name}", self.settings,
+                                      (node_keys or {}).get(name))
+            for name, config in node_configs.items()
+        }
+
+    def start(self, timeout: float = 90.0) -> None:
+        try:
+            self.superlink.workdir.mkdir(parents=True, exist_ok=True)
+            self.superlink.start()
+            for name, node in self.nodes.items():
+                if node.auth_keys is not None:
+                    self.superlink.register_node(node.auth_keys, name=name)
+                node.start()
+            self.superlink.wait_for_nodes(len(self.nodes), timeout=timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def processes(self) -> Iterator[ManagedProcess]:
+        for node in self.nodes.values():
+            yield from node.processes()
+        if self.superlink.proc is not None:
+            yield self.superlink.proc
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            with contextlib.suppress(Exception):
+                node.stop()
+        with contextlib.suppress(Exception):
+            self.superlink.stop()
+
+    def __enter__(self) -> LocalFederation:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,75 @@
+"""Runtime settings for the Flower deployment and the environment of every Flower process.
+
+Two modes:
+- ``fast`` (default): SuperNodes with `--isolation process` behind our warm executor, shortened
+  SuperNode sleeps and pull back-offs, ServerApp polling every `server_poll` seconds. About 1.5-3 s
+  of overhead per round on loopback (docs/benchmarks/flower.md).
+- ``plain``: the supported out-of-the-box configuration: `flower-supernode` in its default
+  subprocess isolation (one `flwr-clientapp` process per message), no patches, 3 s server polls.
+  ~20-30 s per round; the fallback if an flwr upgrade breaks a patch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+RuntimeMode = Literal["fast", "plain"]
+
+#: Set in every process we start: this product must never call out.
+NO_PHONE_HOME_ENV: dict[str, str] = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+}
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Knobs of the Flower deployment; every default works on one machine."""
+
+    mode: RuntimeMode = "fast"
+    #: SuperNode sleep when a poll finds no message (flwr: 3 s). 0.1-0.2 s measured best on 2 cores.
+    supernode_idle_sleep: float = 0.1
+    #: SuperNode sleep while waiting for the ClientApp's reply (flwr: 0.5 s).
+    supernode_reply_sleep: float = 0.02
+    #: Initial back-off when an object is not stored yet (flwr: 1 s).
+    pull_backoff: float = 0.02
+    #: Executor poll of the SuperNode's runtime API for new ClientApp tasks.
+    executor_poll: float = 0.05
+    #: ServerApp poll for replies (flwr's HttpGrid.send_and_receive: 3 s).
+    server_poll: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("fast", "plain"):
+            raise ValueError(f"mode: must be 'fast' or 'plain', got {self.mode!r}")
+        for name in ("supernode_idle_sleep", "supernode_reply_sleep", "pull_backoff", "executor_poll",
+                     "server_poll"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 < value <= 60):
+                raise ValueError(f"{name}: must be a number of seconds in (0, 60], got {value!r}")
+
+    @property
+    def effective_server_poll(self) -> float:
+        """In plain mode the ServerApp polls like flwr's own grid does (3 s)."""
+        return 3.0 if self.mode == "plain" else self.server_poll
+
+
+def flower_env(flwr_home: Path | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a Flower process: telemetry and update checks off, own FLWR_HOME.
+
+    FLWR_HOME keeps installed FABs and state out of the user's ~/.flwr and apart per process tree.
+    """
+    env = dict(os.environ if base is None else base)
+    env.update(NO_PHONE_HOME_ENV)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if flwr_home is not None:
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def disable_phone_home() -> None:
+    """Set the no-telemetry variables in this process (before flwr is imported)."""
+    os.environ.update(NO_PHONE_HOME_ENV)

@@ -1,0 +1,249 @@
+"""A hospital's local state as the ClientApp sees it, opened from the SuperNode's node config.
+
+The node config (``flower-supernode --node-config FILE``) names where everything lives; nothing
+of it leaves the hospital:
+
+=================  ==========================================================================
+key                what
+=================  ==========================================================================
+hospital-id        the hospital's id (its ledger account is ``hospital:<id>``)
+records-path       its records: a Parquet file written by `write_records`
+contracts-path     its consent contracts: JSON lines, one signed contract per line
+ledger-url         its privacy ledger: an SQLAlchemy URL of the node database (schema made by
+                   the node migrations; `federated.privacy_ledger`)
+key-path           its Ed25519 key file (`audit.signing.Signer`, 0600)
+approvals-path     its approved studies: JSON ``{"approved": ["study-id", ...]}`` written by the
+                   node daemon when the steward (or the site policy) approves a study
+=================  ==========================================================================
+
+A missing or bad key is refused with an error naming it. Files are re-read when they change
+(mtime), so an approval withdrawn or a contract revoked takes effect at the next message, while
+a warm executor does not re-parse unchanged files every round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from audit.signing import Signer
+from consent.request import StudyRequest
+from federated.data import HospitalData
+
+NODE_CONFIG_KEYS = ("hospital-id", "records-path", "contracts-path", "ledger-url", "key-path",
+                    "approvals-path")
+_RECORDS_META = b"health-exchange.records"
+
+
+class SiteConfigError(ValueError):
+    """The node config does not describe a usable hospital site; names the key."""
+
+
+# -- records file ------------------------------------------------------------------------------
+
+def write_records(path: Path, data: HospitalData, label: str) -> Path:
+    """Write a hospital's records as Parquet: pseudonym, is_test, the label, one column per feature;
+    dataset, task, label name, categories and target scaling in the schema metadata."""
+    if label in data.columns or label in ("pseudonym", "is_test"):
+        raise ValueError(f"label: {label!r} clashes with another column")
+    columns: dict[str, Any] = {"pseudonym": list(data.pseudonyms), "is_test": data.is_test.astype(bool),
+                               label: np.asarray(data.y, dtype=np.float32)}
+    for j, name in enumerate(data.columns):
+        columns[name] = np.asarray(data.x[:, j], dtype=np.float32)
+    meta = {"dataset": data.dataset, "hospital_id": data.hospital_id, "task": data.task, "label": label,
+            "features": list(data.columns), "categories": dict(data.categories),
+            "target_scale": data.target_scale, "target_offset": data.target_offset}
+    table = pa.table(columns).replace_schema_metadata({_RECORDS_META: json.dumps(meta).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def read_records(path: Path) -> tuple[HospitalData, str]:
+    """Read a file written by `write_records`; returns the records and the label's name."""
+    try:
+        table = pq.read_table(path)
+        meta = json.loads((table.schema.metadata or {})[_RECORDS_META])
+    except (OSError, KeyError, ValueError, pa.ArrowException) as exc:
+        raise SiteConfigError(f"records-path: {path} is not a records file ({exc})") from None
+    features = list(meta["features"])
+    features_x = (np.column_stack([table.column(c).to_numpy() for c in features]).astype(np.float32)
+                  if features else np.zeros((table.num_rows, 0), np.float32))
+    data = HospitalData(
+        dataset=meta["dataset"], hospital_id=meta["hospital_id"], task=meta["task"],
+        pseudonyms=tuple(table.column("pseudonym").to_pylist()), x=features_x,
+        y=table.column(meta["label"]).to_numpy().astype(np.float32), columns=tuple(features),
+        categories=dict(meta["categories"]), is_test=table.column("is_test").to_numpy().astype(bool),
+        target_scale=float(meta["target_scale"]), target_offset=float(meta["target_offset"]))
+    return data, str(meta["label"])
+
+
+# -- consent gating ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """Which of the asked records may be used, why the others may not, and a commitment."""
+
+    eligible: frozenset[str]
+    excluded: Mapping[str, int]
+    commitment: str
+    #: reward account named by each eligible record's contract (records naming none are absent)
+    reward_accounts: Mapping[str, str]
+
+
+def _load_contracts(path: Path) -> dict[str, list[Any]]:
+    """pseudonym -> that pseudonym's contract versions (signature-checked), from JSON lines."""
+    from consent.model import SignedContract
+
+    by_pseudonym: dict[str, list[Any]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            contract = SignedContract.model_validate_json(line).verify()
+        except Exception as exc:
+            raise SiteConfigError(f"contracts-path: {path} line {number}: {exc}") from None
+        by_pseudonym.setdefault(contract.pseudonym, []).append(contract)
+    return by_pseudonym
+
+
+def gate_records(contracts: Mapping[str, list[Any]], request: StudyRequest, pseudonyms: Iterable[str],
+                 at: datetime, hospital_id: str) -> GateOutcome:
+    """Gate `pseudonyms` against their contracts in force at `at`.
+
+    PLACEHOLDER until `consent.gate` lands: a record is eligible when its latest contract issued
+    by `at` is active and has a permit rule whose data categories (if any) cover the request's.
+    Full purpose/organisation/period evaluation is the consent engine's job.
+    Commitment: SHA-256 over the sorted "pseudonym:contract-hash" lines of the eligible records.
+    """
+    eligible: set[str] = set()
+    excluded: dict[str, int] = {}
+    pairs: list[str] = []
+    rewards: dict[str, str] = {}
+    wanted = set(request.data_categories)
+    for p in pseudonyms:
+        versions = [c for c in contracts.get(p, []) if c.issued <= at and c.hospital == hospital_id]
+        if not versions:
+            excluded["no contract"] = excluded.get("no contract", 0) + 1
+            continue
+        current = max(versions, key=lambda c: c.version)
+        if current.permits_nothing():
+            excluded["revoked or permits nothing"] = excluded.get("revoked or permits nothing", 0) + 1
+            continue
+        permits = [node for _, node in current.provision.walk() if node.type == "permit"]
+        if not any(not node.data_categories or wanted <= set(node.data_categories) for node in permits):
+            excluded["data category not permitted"] = excluded.get("data category not permitted", 0) + 1
+            continue
+        eligible.add(p)
+        pairs.append(f"{p}:{current.content_hash}")
+        if current.reward_account:
+            rewards[p] = current.reward_account
+    commitment = hashlib.sha256("\n".join(sorted(pairs)).encode()).hexdigest()
+    return GateOutcome(frozenset(eligible), excluded, commitment, rewards)
+
+
+# -- the site ----------------------------------------------------------------------------------
+
+_cache_lock = threading.Lock()
+_file_cache: dict[tuple[str, str], tuple[float, Any]] = {}
+_engines: dict[str, Any] = {}
+
+
+def _cached(kind: str, path: Path, load: Any) -> Any:
+    """`load(path)`, re-run only when the file's mtime changed."""
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError as exc:
+        raise SiteConfigError(f"{kind}: cannot read {path} ({exc.strerror})") from None
+    key = (kind, str(path))
+    with _cache_lock:
+        hit = _file_cache.get(key)
+        if hit is not None and hit[0] == mtime:
+            return hit[1]
+    value = load(path)
+    with _cache_lock:
+        _file_cache[key] = (mtime, value)
+    return value
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hospital's local state (see module docstring)."""
+
+    hospital_id: str
+    records_path: Path
+    contracts_path: Path
+    ledger_url: str
+    key_path: Path
+    approvals_path: Path
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> Site:
+        values: dict[str, str] = {}
+        for key in NODE_CONFIG_KEYS:
+            value = node_config.get(key)
+            if not isinstance(value, str) or not value:
+                raise SiteConfigError(f"{key}: missing from the SuperNode's node config (a non-empty string)")
+            values[key] = value
+        return cls(hospital_id=values["hospital-id"], records_path=Path(values["records-path"]),
+                   contracts_path=Path(values["contracts-path"]), ledger_url=values["ledger-url"],
+                   key_path=Path(values["key-path"]), approvals_path=Path(values["approvals-path"]))
+
+    def node_config(self) -> dict[str, str]:
+        return {"hospital-id": self.hospital_id, "records-path": str(self.records_path),
+                "contracts-path": str(self.contracts_path), "ledger-url": self.ledger_url,
+                "key-path": str(self.key_path), "approvals-path": str(self.approvals_path)}
+
+    def approved_studies(self) -> frozenset[str]:
+        def load(path: Path) -> frozenset[str]:
+            try:
+                obj = json.loads(path.read_text())
+                approved = obj["approved"]
+                if not isinstance(approved, list) or not all(isinstance(s, str) for s in approved):
+                    raise ValueError("'approved' must be a list of study ids")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise SiteConfigError(f"approvals-path: {path}: {exc}") from None
+            return frozenset(approved)
+
+        return frozenset(_cached("approvals-path", self.approvals_path, load))
+
+    def records(self) -> tuple[HospitalData, str]:
+        data, label = _cached("records-path", self.records_path, read_records)
+        return data, label
+
+    def gate(self, request: StudyRequest, pseudonyms: Iterable[str], at: datetime) -> GateOutcome:
+        contracts = _cached("contracts-path", self.contracts_path, _load_contracts)
+        return gate_records(contracts, request, pseudonyms, at, self.hospital_id)
+
+    def ledger(self) -> Any:
+        """The hospital's `federated.privacy_ledger.PrivacyLedger` (one engine per URL)."""
+        from sqlalchemy import create_engine
+
+        from federated.privacy_ledger import PrivacyLedger
+
+        with _cache_lock:
+            engine = _engines.get(self.ledger_url)
+            if engine is None:
+                try:
+                    engine = create_engine(self.ledger_url)
+                except Exception as exc:
+                    raise SiteConfigError(f"ledger-url: {exc}") from None
+                _engines[self.ledger_url] = engine
+        return PrivacyLedger(engine)
+
+    def signer(self) -> Signer:
+        try:
+            signer: Signer = _cached("key-path", self.key_path, Signer.load)
+            return signer
+        except (PermissionError, ValueError) as exc:
+            raise SiteConfigError(f"key-path: {exc}") from None

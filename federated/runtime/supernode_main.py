@@ -1,0 +1,50 @@
+"""`flower-supernode` with shortened sleeps: ``python -m federated.runtime.supernode_main ARGS``.
+
+Takes exactly `flower-supernode`'s arguments. Before handing over to flwr's own entry point it
+turns telemetry and update checks off and, unless ``EXCHANGE_FLOWER_MODE=plain``, applies the
+sleep and back-off patches of `flwr_internals` (which fail loudly if flwr's layout changed).
+Values come from the environment so the launcher needs no argument parsing of its own:
+``EXCHANGE_SUPERNODE_IDLE_SLEEP``, ``EXCHANGE_SUPERNODE_REPLY_SLEEP``, ``EXCHANGE_PULL_BACKOFF``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from federated.runtime.settings import RuntimeSettings, disable_phone_home
+
+
+def settings_from_env() -> RuntimeSettings:
+    """The patch values this launcher was started with (defaults: RuntimeSettings())."""
+    default = RuntimeSettings()
+    mode = os.environ.get("EXCHANGE_FLOWER_MODE", default.mode)
+    return RuntimeSettings(
+        mode=mode,  # type: ignore[arg-type]  # validated in __post_init__
+        supernode_idle_sleep=float(os.environ.get("EXCHANGE_SUPERNODE_IDLE_SLEEP",
+                                                  default.supernode_idle_sleep)),
+        supernode_reply_sleep=float(os.environ.get("EXCHANGE_SUPERNODE_REPLY_SLEEP",
+                                                   default.supernode_reply_sleep)),
+        pull_backoff=float(os.environ.get("EXCHANGE_PULL_BACKOFF", default.pull_backoff)),
+    )
+
+
+def main() -> None:
+    disable_phone_home()
+    settings = settings_from_env()
+    if settings.mode == "fast":
+        from federated.runtime import flwr_internals
+
+        flwr_internals.patch_supernode_sleeps(settings.supernode_idle_sleep, settings.supernode_reply_sleep)
+        flwr_internals.patch_supernode_pull_backoff(settings.pull_backoff)
+        print(f"[exchange] supernode patches: idle sleep {settings.supernode_idle_sleep} s, reply sleep "
+              f"{settings.supernode_reply_sleep} s, pull back-off {settings.pull_backoff} s", file=sys.stderr,
+              flush=True)
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv[0] = "flower-supernode"
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()

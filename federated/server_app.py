@@ -1,0 +1,373 @@
+"""The study's ServerApp: weighted FedAvg over one flat array, federated evaluation, receipts.
+
+One study = one Flower run. Each round has a train phase (send the global model, collect updates,
+metrics and signed receipts) and an evaluate phase (send the new global model, collect local
+hold-out metrics). What a hospital replies falls in one of four cases (docs/flower.md):
+
+- ``ok``: an update trained on ``records_used`` > 0 records with its signed receipt: a contribution;
+- ``no-data``: the hospital has no consented records for this study right now: not a contribution;
+- ``refused``: the hospital did not train (study not approved there, privacy budget would be
+  overspent, ...), with the reason: not a contribution;
+- no reply before ``round_timeout_s`` or a Flower error reply (node gone): dropped.
+
+The study goes on while at least ``min_hospitals`` contribute in a round; below that it stops
+cleanly: `StudyObserver.on_failed(reason)` is called and `StudyFailedError` raised, so the run ends
+as failed. After the last round the model is saved as safetensors and its SHA-256 reported through
+`on_complete`. The coordinator provides the observer and appends audit entries from it.
+
+Polling: the grid is polled every `server_poll` seconds with the public `push_messages` /
+`pull_messages` API instead of `Grid.send_and_receive` (which sleeps 3 s between polls).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from federated.receipts import Receipt, ReceiptError, parse_receipt, verify_receipt
+from federated.study_spec import StudySpec
+
+log = logging.getLogger("federated.server")
+
+#: Reply statuses (ConfigRecord "status", key "status").
+STATUS_OK = "ok"
+STATUS_NO_DATA = "no-data"
+STATUS_REFUSED = "refused"
+WEIGHTS_KEY = "weights"
+
+
+class StudyFailedError(RuntimeError):
+    """The study cannot go on (too few contributing hospitals, cancelled, bad spec)."""
+
+
+class StudyObserver(Protocol):
+    """What the coordinator is told about a study as it runs (it appends audit entries)."""
+
+    def on_round(self, round: int, metrics: Mapping[str, float], receipts: Sequence[Receipt]) -> None:
+        """A round finished: aggregated metrics and the verified receipts of its contributors."""
+
+    def on_complete(self, model_path: Path, sha256: str) -> None:
+        """The study finished; the final model is at `model_path` (safetensors)."""
+
+    def on_failed(self, reason: str) -> None:
+        """The study stopped without a model; `reason` says why."""
+
+
+class LoggingObserver:
+    """Observer used when the ServerApp is started by Flower itself (`flwr run`, the plain mode):
+    appends one JSON line per event to `events.jsonl` in the output directory."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = output_dir / "events.jsonl"
+
+    def _write(self, event: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(event) + "\n")
+
+    def on_round(self, round: int, metrics: Mapping[str, float], receipts: Sequence[Receipt]) -> None:
+        self._write({"event": "round", "round": round, "metrics": dict(metrics),
+                     "receipts": [r.entry.to_json() for r in receipts]})
+
+    def on_complete(self, model_path: Path, sha256: str) -> None:
+        self._write({"event": "complete", "model_path": str(model_path), "sha256": sha256})
+
+    def on_failed(self, reason: str) -> None:
+        self._write({"event": "failed", "reason": reason})
+
+
+@dataclass
+class ServerOptions:
+    """How the ServerApp runs (not part of the study's terms)."""
+
+    output_dir: Path
+    #: Seconds between polls for replies.
+    poll: float = 0.05
+    #: hospital id -> Ed25519 public key; when given, every receipt must verify against it.
+    hospital_keys: Mapping[str, bytes] | None = None
+    #: Set to stop the study cleanly at the next phase boundary.
+    stop_event: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class PhaseResult:
+    """The replies of one phase, by node id, and how long the phase took."""
+
+    replies: dict[int, Message]
+    missing: list[int]
+    wall_s: float
+    #: seconds spent in push_messages; wall-clock time when the push returned
+    push_s: float = 0.0
+    pushed_at: float = 0.0
+    #: node id -> wall-clock time its reply was pulled
+    arrivals: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class HospitalReply:
+    node_id: int
+    hospital: str
+    status: str
+    reason: str
+    metrics: dict[str, float]
+    weights: np.ndarray | None = None
+    receipt: Receipt | None = None
+
+
+def exchange(grid: Grid, messages: Sequence[Message], *, timeout: float, poll: float,
+             stop_event: threading.Event | None = None) -> PhaseResult:
+    """Push `messages`, then poll for their replies until all came back or `timeout` passed."""
+    started = time.perf_counter()
+    ids = list(grid.push_messages(messages))
+    push_s, pushed_at = time.perf_counter() - started, time.time()
+    pending = {msg_id: msg.metadata.dst_node_id for msg_id, msg in zip(ids, messages, strict=True)}
+    replies: dict[int, Message] = {}
+    arrivals: dict[int, float] = {}
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            node = pending.pop(reply.metadata.reply_to_message_id, None)
+            if node is not None:
+                replies[node] = reply
+                arrivals[node] = time.time()
+        if pending:
+            if stop_event is not None and stop_event.is_set():
+                break
+            time.sleep(poll)
+    return PhaseResult(replies, sorted(pending.values()), time.perf_counter() - started, push_s, pushed_at,
+                       arrivals)
+
+
+def phase_breakdown(prefix: str, phase: PhaseResult, replies: Sequence[HospitalReply]) -> dict[str, float]:
+    """Where a phase's time went: the push, getting each message to its ClientApp (dispatch), the
+    slowest hospital's compute, and getting replies back (return). Uses the wall-clock stamps the
+    ClientApp puts in its metrics (same clock on loopback; indicative across machines)."""
+    dispatch = [r.metrics["t_start"] - phase.pushed_at for r in replies if "t_start" in r.metrics]
+    back = [phase.arrivals[r.node_id] - r.metrics["t_end"] for r in replies
+            if "t_end" in r.metrics and r.node_id in phase.arrivals]
+    compute = [r.metrics.get("compute_s", 0.0) for r in replies]
+    return {f"{prefix}_wall_s": phase.wall_s, f"{prefix}_push_s": phase.push_s,
+            f"{prefix}_dispatch_max_s": max(dispatch, default=0.0),
+            f"{prefix}_compute_max_s": max(compute, default=0.0),
+            f"{prefix}_return_max_s": max(back, default=0.0)}
+
+
+def _decode_reply(node_id: int, message: Message, spec: StudySpec, round_: int,
+                  hospital_keys: Mapping[str, bytes] | None) -> HospitalReply:
+    """Classify one reply; anything malformed becomes `dropped` with the reason, never a crash."""
+    if message.has_error():
+        error = message.error
+        return HospitalReply(node_id, "", "dropped", f"flower error {error.code}: {error.reason}", {})
+    content = message.content
+    status_rec = content.config_records.get("status")
+    if status_rec is None:
+        return HospitalReply(node_id, "", "dropped", "reply has no status record", {})
+    hospital = str(status_rec.get("hospital", ""))
+    status = str(status_rec.get("status", ""))
+    reason = str(status_rec.get("reason", ""))
+    metrics = {k: float(v) for k, v in content.metric_records.get("metrics", {}).items()
+               if isinstance(v, int | float)}
+    reply = HospitalReply(node_id, hospital, status, reason, metrics)
+    if status != STATUS_OK or message.metadata.message_type != MessageType.TRAIN:
+        return reply
+    try:
+        arrays = content.array_records["update"]
+        reply.weights = np.asarray(arrays[WEIGHTS_KEY].numpy(), dtype=np.float32)
+        raw = content.config_records["receipt"]["envelope"]
+        if not isinstance(raw, bytes):
+            raise ReceiptError("envelope: not bytes")
+        if hospital_keys is not None:
+            key = hospital_keys.get(hospital)
+            if key is None:
+                raise ReceiptError(f"hospital: {hospital!r} has no registered key")
+            receipt = verify_receipt(raw, key, study_id=spec.study_id, round=round_, hospital_id=hospital)
+        else:
+            receipt = parse_receipt(raw, study_id=spec.study_id, round=round_, hospital_id=hospital)
+        if receipt.records_used < 1:
+            raise ReceiptError("records_used: an 'ok' update must be trained on at least one record")
+        if not np.all(np.isfinite(reply.weights)):
+            raise ValueError("update holds NaN or infinite values")
+        reply.receipt = receipt
+    except (KeyError, ValueError) as exc:
+        reply.status, reply.reason, reply.weights = "invalid", f"{type(exc).__name__}: {exc}", None
+    return reply
+
+
+def _weighted(values: Iterable[tuple[float, float]]) -> float:
+    pairs = [(v, w) for v, w in values if w > 0 and math.isfinite(v)]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total > 0 else math.nan
+
+
+def aggregate_eval(replies: Sequence[HospitalReply]) -> dict[str, float]:
+    """Example-weighted means of the hospitals' hold-out metrics (RMSE via mean squared error).
+    AUROC is the weighted mean of local AUROCs, not a pooled AUROC (no scores leave a hospital)."""
+    rows = [r for r in replies if r.status == STATUS_OK and r.metrics.get("num_examples", 0) > 0]
+    out: dict[str, float] = {"eval_hospitals": float(len(rows)),
+                             "eval_examples": float(sum(r.metrics["num_examples"] for r in rows))}
+    for name in ("loss", "accuracy", "auroc", "mae"):
+        pairs = [(r.metrics[name], r.metrics["num_examples"]) for r in rows if name in r.metrics]
+        if pairs:
+            out[f"eval_{name}"] = _weighted(pairs)
+    rmse = [(r.metrics["rmse"] ** 2, r.metrics["num_examples"]) for r in rows if "rmse" in r.metrics]
+    if rmse:
+        out["eval_rmse"] = math.sqrt(_weighted(rmse))
+    return out
+
+
+def _reply_weights_sum(contributors: Sequence[HospitalReply]) -> np.ndarray:
+    from federated.weights import fedavg
+
+    return fedavg([c.weights for c in contributors if c.weights is not None],
+                  [c.receipt.records_used for c in contributors if c.receipt is not None])
+
+
+def _describe_non_contributors(replies: Sequence[HospitalReply], missing: Sequence[int]) -> str:
+    parts = [f"{r.hospital or f'node {r.node_id}'}: {r.status} ({r.reason})"
+             for r in replies if r.status != STATUS_OK]
+    parts += [f"node {n}: no reply before the round timeout" for n in missing]
+    return "; ".join(parts) or "none"
+
+
+def _wait_for_nodes(grid: Grid, spec: StudySpec, options: ServerOptions) -> list[int]:
+    deadline = time.monotonic() + spec.join_timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= spec.min_hospitals:
+            return nodes
+        if time.monotonic() >= deadline or options.stop_event.is_set():
+            raise StudyFailedError(f"only {len(nodes)} hospital node(s) connected after "
+                                   f"{spec.join_timeout_s:.0f} s; the study needs {spec.min_hospitals}")
+        time.sleep(max(options.poll, 0.2))
+
+
+def _messages(nodes: Sequence[int], kind: str, weights: np.ndarray, *, round_: int,
+              spec: StudySpec) -> list[Message]:
+    content = RecordDict({"global": ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(weights))}),
+                          "config": ConfigRecord({"server-round": round_})})
+    ttl = max(spec.round_timeout_s * 2, 60.0)
+    return [Message(content, dst_node_id=node, message_type=kind, group_id=str(round_), ttl=ttl)
+            for node in nodes]
+
+
+def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
+                     options: ServerOptions) -> tuple[Path, str]:
+    """The ServerApp's main: every round, then the final model. Returns (model path, sha256)."""
+    from federated.templates import get_template
+    from federated.weights import pack, save_safetensors, unpack
+
+    try:
+        spec = StudySpec.from_run_config(context.run_config)
+        template = get_template(spec.template)
+        if template.task != spec.task:
+            raise ValueError(f"task: template {spec.template} is for {template.task}, "
+                             f"the study says {spec.task}")
+    except ValueError as exc:
+        observer.on_failed(f"bad study spec: {exc}")
+        raise StudyFailedError(f"bad study spec: {exc}") from exc
+    model = template.build(len(spec.columns), seed=spec.seed)
+    weights = pack(model)
+    try:
+        for round_ in range(1, spec.rounds + 1):
+            if options.stop_event.is_set():
+                raise StudyFailedError(f"cancelled before round {round_}")
+            nodes = _wait_for_nodes(grid, spec, options)
+            t_round = time.perf_counter()
+            train = exchange(grid, _messages(nodes, MessageType.TRAIN, weights, round_=round_, spec=spec),
+                             timeout=spec.round_timeout_s, poll=options.poll, stop_event=options.stop_event)
+            decoded = [_decode_reply(n, m, spec, round_, options.hospital_keys)
+                       for n, m in train.replies.items()]
+            contributors = [r for r in decoded if r.status == STATUS_OK and r.receipt is not None]
+            if options.stop_event.is_set():
+                raise StudyFailedError(f"cancelled during round {round_}")
+            if len(contributors) < spec.min_hospitals:
+                raise StudyFailedError(
+                    f"round {round_}: {len(contributors)} hospital(s) contributed, the study needs "
+                    f"{spec.min_hospitals}; {_describe_non_contributors(decoded, train.missing)}")
+            t_agg = time.perf_counter()
+            weights = _reply_weights_sum(contributors)
+            aggregate_s = time.perf_counter() - t_agg
+            eval_nodes = sorted(grid.get_node_ids())
+            evaluation = exchange(grid, _messages(eval_nodes, MessageType.EVALUATE, weights, round_=round_,
+                                                  spec=spec),
+                                  timeout=spec.round_timeout_s, poll=options.poll,
+                                  stop_event=options.stop_event)
+            eval_replies = [_decode_reply(n, m, spec, round_, options.hospital_keys)
+                            for n, m in evaluation.replies.items()]
+            metrics = _round_metrics(decoded, contributors, train=train, evaluation=evaluation,
+                                     eval_replies=eval_replies, aggregate_s=aggregate_s,
+                                     round_s=time.perf_counter() - t_round)
+            log.info("study %s round %d: %s", spec.study_id, round_, metrics)
+            observer.on_round(round_, metrics, [c.receipt for c in contributors if c.receipt is not None])
+    except StudyFailedError as exc:
+        observer.on_failed(str(exc))
+        raise
+    options.output_dir.mkdir(parents=True, exist_ok=True)
+    model_path = options.output_dir / f"{_safe_name(spec.study_id)}.safetensors"
+    sha256 = save_safetensors(unpack(model, weights), model_path, metadata={
+        "study_id": spec.study_id, "template": spec.template, "columns": json.dumps(list(spec.columns)),
+        "spec_sha256": spec.sha256(), "rounds": str(spec.rounds)})
+    observer.on_complete(model_path, sha256)
+    return model_path, sha256
+
+
+def _round_metrics(decoded: Sequence[HospitalReply], contributors: Sequence[HospitalReply], *,
+                   train: PhaseResult, evaluation: PhaseResult, eval_replies: Sequence[HospitalReply],
+                   aggregate_s: float, round_s: float) -> dict[str, float]:
+    by_status = {s: sum(1 for r in decoded if r.status == s) for s in (STATUS_NO_DATA, STATUS_REFUSED)}
+    metrics: dict[str, float] = {
+        "contributors": float(len(contributors)),
+        "records_used": float(sum(c.receipt.records_used for c in contributors if c.receipt)),
+        "no_data": float(by_status[STATUS_NO_DATA]),
+        "refused": float(by_status[STATUS_REFUSED]),
+        "dropped": float(len(train.missing) + sum(1 for r in decoded if r.status in ("dropped", "invalid"))),
+        "epsilon_max": max((c.receipt.epsilon_total for c in contributors if c.receipt), default=0.0),
+        # Per-round time breakdown (docs/benchmarks/flower.md): phase wall time vs the slowest
+        # hospital's own compute; the difference is Flower's overhead.
+        "aggregate_s": aggregate_s,
+        "round_wall_s": round_s,
+        **phase_breakdown("train", train, decoded),
+        **phase_breakdown("eval", evaluation, eval_replies),
+    }
+    metrics["overhead_s"] = round_s - metrics["train_compute_max_s"] - metrics["eval_compute_max_s"]
+    metrics.update(aggregate_eval(eval_replies))
+    return metrics
+
+
+def _safe_name(study_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in study_id) or "study"
+
+
+def make_server_app(observer_factory: Callable[[Context], StudyObserver],
+                    options_factory: Callable[[Context], ServerOptions]) -> ServerApp:
+    """A ServerApp bound to a coordinator's observer (used by `federated.runtime.run_study`)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_study_rounds(grid, context, observer_factory(context), options_factory(context))
+
+    return app
+
+
+def _default_output_dir(context: Context) -> Path:
+    base = Path(os.environ.get("EXCHANGE_STUDY_OUTPUT_DIR", "study-output"))
+    return base / _safe_name(str(context.run_config.get("study-id", "study")))
+
+
+#: The ServerApp Flower loads from the FAB when it runs the study itself (plain mode, `flwr run`):
+#: events go to `$EXCHANGE_STUDY_OUTPUT_DIR/<study>/events.jsonl`.
+app = make_server_app(lambda ctx: LoggingObserver(_default_output_dir(ctx)),
+                      lambda ctx: ServerOptions(output_dir=_default_output_dir(ctx), poll=3.0))

@@ -1,0 +1,121 @@
+"""The study spec a Flower run carries in its run config.
+
+The coordinator validates a study when it is submitted; this is the part of it the ServerApp and
+every hospital's ClientApp need, carried as two run-config keys: ``study-id`` and ``study-spec``
+(RFC 8785 canonical JSON, so every hospital sees byte-identical terms and can hash them).
+Flower's run config holds only scalars, hence one JSON string rather than nested keys.
+Parsing is strict: an unknown or missing field, or a value out of range, is refused with an
+error that names the field and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from audit.signing import canonical, sha256_hex
+from consent.request import StudyRequest
+
+RUN_CONFIG_STUDY_ID = "study-id"
+RUN_CONFIG_STUDY_SPEC = "study-spec"
+
+
+class StudySpecError(ValueError):
+    """A study spec is malformed; the message names each bad field and why."""
+
+
+class StudySpec(BaseModel):
+    """What one study asks of every hospital, round after round."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    study_id: str = Field(min_length=1, max_length=200)
+    #: Registered model template name (federated.templates); no researcher code runs at a hospital.
+    template: str = Field(min_length=1, max_length=100)
+    task: Literal["binary", "regression"]
+    #: Feature columns the model needs, in model input order (the same at every hospital).
+    columns: tuple[str, ...] = Field(min_length=1)
+    label: str = Field(min_length=1)
+    #: What each record's consent contract is evaluated against (purpose, organisation, data
+    #: categories, ...). Every column's data category must be among `request.data_categories`.
+    request: StudyRequest
+    epsilon: float = Field(gt=0, le=100)
+    delta: float = Field(gt=0, lt=1)
+    rounds: int = Field(ge=1, le=1000)
+    min_hospitals: int = Field(ge=1, le=1000)
+    #: DP-SGD hyper-parameters; None takes the template's tuned default. None of them changes the
+    #: privacy guarantee, which the hospital calibrates from (epsilon, delta, rounds).
+    local_steps: int | None = Field(default=None, ge=1, le=10_000)
+    batch_size: int | None = Field(default=None, ge=1, le=100_000)
+    clip: float | None = Field(default=None, gt=0, le=1000)
+    lr: float | None = Field(default=None, gt=0, le=100)
+    momentum: float | None = Field(default=None, ge=0, lt=1)
+    accountant: Literal["prv", "rdp"] = "prv"
+    #: Seed of the initial global model (DP noise at hospitals is never seeded from the spec).
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    #: How long the ServerApp waits for replies in one phase before counting the rest as dropped.
+    round_timeout_s: float = Field(default=120.0, gt=0, le=86_400)
+    #: How long the ServerApp waits for `min_hospitals` SuperNodes to be connected.
+    join_timeout_s: float = Field(default=60.0, gt=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudySpec:
+        if len(set(self.columns)) != len(self.columns):
+            raise ValueError("columns: duplicate entries")
+        if self.label in self.columns:
+            raise ValueError("label: must not also be a feature column")
+        if self.request.study_id is not None and self.request.study_id != self.study_id:
+            raise ValueError(f"request.study_id: {self.request.study_id!r} differs from study_id")
+        if self.request.epsilon is not None and self.request.epsilon != self.epsilon:
+            raise ValueError(f"request.epsilon: {self.request.epsilon} differs from epsilon {self.epsilon}")
+        return self
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def canonical_bytes(self) -> bytes:
+        return canonical(self.to_json())
+
+    def sha256(self) -> str:
+        """Hash of the canonical spec: lets receipts and log entries pin the exact terms."""
+        return sha256_hex(self.canonical_bytes())
+
+    def to_run_config(self) -> dict[str, bool | float | int | str]:
+        return {RUN_CONFIG_STUDY_ID: self.study_id, RUN_CONFIG_STUDY_SPEC: self.canonical_bytes().decode()}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> StudySpec:
+        try:
+            return cls.model_validate(obj)
+        except ValidationError as exc:
+            raise StudySpecError(_describe(exc)) from None
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> StudySpec:
+        """Parse the run config of a Flower run; the two keys must agree on the study id."""
+        raw = run_config.get(RUN_CONFIG_STUDY_SPEC)
+        if not isinstance(raw, str) or not raw:
+            raise StudySpecError(f"{RUN_CONFIG_STUDY_SPEC}: missing from the run config")
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise StudySpecError(f"{RUN_CONFIG_STUDY_SPEC}: not JSON ({exc.msg})") from None
+        spec = cls.from_json(obj)
+        run_id = run_config.get(RUN_CONFIG_STUDY_ID)
+        if run_id != spec.study_id:
+            raise StudySpecError(f"{RUN_CONFIG_STUDY_ID}: {run_id!r} does not match the spec's "
+                                 f"study_id {spec.study_id!r}")
+        return spec
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "spec"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
