@@ -118,7 +118,7 @@ class UnknownTermError(ValueError):
 def normalize(code: str) -> str:
     """Accept `DUO:0000042`, `DUO_0000042`, the purl IRI or the shorthand (`GRU`); return `DUO:0000042`."""
     text = code.strip()
-    if text.startswith(DUO_SYSTEM):
+    if text.startswith("http://purl.obolibrary.org/obo/"):
         text = text.rsplit("/", 1)[-1]
     text = text.replace("_", ":")
     if text.upper() in BY_SHORTHAND:
