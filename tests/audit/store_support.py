@@ -7,6 +7,9 @@ checkpoints), and a writer key registered by the operator in the log itself.
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +19,15 @@ from sqlalchemy import Engine
 from audit import merkle
 from audit.entry import Entry, sign_entry
 from audit.export import Trust
+from audit.merkle import leaf_hash
 from audit.signing import Signer
-from audit.store import AuditLog, audit_entries
+from audit.store import AuditLog, audit_entries, verify_storage
 from audit.verify import VerifyReport, verify_lines
 from exchange.db.engine import make_engine
 from exchange.db.migrate import upgrade
 
 ORIGIN = "exchange.test/audit-log"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def migrated_engine(url: str) -> Engine:
@@ -90,3 +95,50 @@ def verify_with_auditor(log: AuditLog, keys: LogKeys) -> VerifyReport:
     note = log.checkpoint()
     leaves = stored_leaves(log.engine)
     return verify_lines((leaf + b"\n" for leaf in leaves), note, keys.trust())
+
+
+def check_log(engine: Engine, keys: LogKeys, acked: dict[int, bytes], expected_size: int) -> None:
+    """The log is contiguous, of the expected size, holds every acked entry, and verifies."""
+    leaves = stored_leaves(engine)  # asserts 0..n-1
+    assert len(leaves) == expected_size
+    for index, hash_ in acked.items():
+        assert leaf_hash(leaves[index]) == hash_, f"entry {index} is not the acknowledged one"
+    with keys.open(engine) as log:
+        assert log.root() == memory_tree(leaves).root()
+        report = verify_with_auditor(log, keys)
+        assert report.ok, report.problem
+    assert verify_storage(engine, keys.operator.public_key) == memory_tree(leaves).root()
+
+
+def read_acks(folder: Path) -> dict[int, bytes]:
+    """Every fully written ack line: {index: leaf hash}."""
+    acked: dict[int, bytes] = {}
+    for path in folder.glob("*.acks"):
+        data = path.read_bytes()
+        for line in data.split(b"\n")[:-1]:  # a last line without newline was not recorded
+            index, hash_hex = line.split()
+            assert int(index) not in acked, f"index {int(index)} acknowledged twice"
+            acked[int(index)] = bytes.fromhex(hash_hex.decode())
+    return acked
+
+
+def start_worker(db_url: str, keys_dir: Path, acks: Path, tag: str, threads: int,
+            count: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.audit.crash_worker", "--db", db_url, "--keys", str(keys_dir),
+         "--acks", str(acks), "--tag", tag, "--threads", str(threads), "--count", str(count)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def prepare_log(db_url: str, folder: Path) -> tuple[Engine, LogKeys, Path, Path]:
+    """A migrated log with the writer key registered; keys saved for the worker processes."""
+    engine = migrated_engine(db_url)
+    keys = LogKeys.generate()
+    keys_dir = folder / "keys"
+    keys.save(keys_dir)
+    with keys.open(engine) as log:
+        log.append(register(keys.operator, keys.writer))
+    acks = folder / "acks"
+    acks.mkdir()
+    return engine, keys, keys_dir, acks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,9 +48,9 @@ def keys() -> LogKeys:
 
 
 @pytest.fixture
-def engine(db_url: str) -> Engine:
+def engine(db_url: str) -> Iterator[Engine]:
     engine = migrated_engine(db_url)
-    yield engine  # type: ignore[misc]
+    yield engine
     engine.dispose()
 
 
