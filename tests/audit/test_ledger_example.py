@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from audit.ledger import Ledger, StudyStatus
 from tests.audit.test_ledger_support import World
 
-EXPECTED_PAYOUT = {
+EXPECTED_PAYOUT: dict[str, Any] = {
     "study_id": "s-1", "amount": 10000,
     "royalty": {"account": "author:alice", "amount": 500},
     "hospitals": [
