@@ -119,11 +119,14 @@ def make_world(db_url: str, tmp_path: Path, **config: Any) -> Iterator[World]:
     c.mint("org:acme", 50_000)
     c.mint("org:globex", 5_000)
     app = create_app(runtime)
-    with TestClient(app=app, base_url="http://testserver.local") as client:
-        yield World(client=client, runtime=runtime, runner=runner, keys=keys, hospitals=registered)
-    for handle in runner.handles:
-        handle.cancel()
-        handle.wait(10)
+    try:
+        with TestClient(app=app, base_url="http://testserver.local") as client:
+            yield World(client=client, runtime=runtime, runner=runner, keys=keys, hospitals=registered)
+    finally:
+        for handle in runner.handles:
+            handle.cancel()
+        for handle in runner.handles:
+            handle.wait(30)
 
 
 @pytest.fixture
