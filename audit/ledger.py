@@ -149,6 +149,10 @@ class Ledger:
             self._root = entry.key_id
             self._keys[entry.key_id] = _Key(OPERATOR, "operator:root")
         handler = self._handlers.get(entry.kind)
+        if handler is None and entry.kind.startswith("token."):
+            # The token namespace is the ledger's: a typo must not silently move nothing.
+            known = sorted(kind for kind in TOKEN_KINDS if kind.startswith("token."))
+            raise LedgerError(index, f"kind: unknown token kind {entry.kind!r} (expected one of {known})")
         if handler is not None:
             try:
                 handler(entry)

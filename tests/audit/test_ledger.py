@@ -293,3 +293,9 @@ def test_error_message_carries_index() -> None:
     with pytest.raises(LedgerError) as caught:
         ledger.apply(entry, 41)
     assert str(caught.value).startswith("entry 41: token.mint: amount:")
+
+
+def test_unknown_token_kind_refused() -> None:
+    world, ledger = setup()
+    entry = world.sign(world.operator, "token.mnit", {"account": "org:x", "amount": 5})
+    assert refused(world, ledger, entry).startswith("kind: unknown token kind 'token.mnit'")
