@@ -266,13 +266,13 @@ class _SignatureChecks:
 
 
 @dataclass
-class _State:
+class SavedState:
     checkpoint_text: str
     checkpoint: Checkpoint
     leaf_hashes: bytes | None
 
 
-def _load_state(path: Path, trust: Trust) -> _State | None:
+def load_state(path: Path, trust: Trust) -> SavedState | None:
     """The saved state, None if the file does not exist yet; ExportError if it is unusable."""
     try:
         raw = path.read_bytes()
@@ -298,7 +298,7 @@ def _load_state(path: Path, trust: Trust) -> _State | None:
                           f"({exc})") from exc
     if leaf_hashes is not None and len(leaf_hashes) != HASH_SIZE * checkpoint.size:
         leaf_hashes = None  # unusable for naming a fork; the proof itself needs only the root
-    return _State(text, checkpoint, leaf_hashes)
+    return SavedState(text, checkpoint, leaf_hashes)
 
 
 def save_state(path: Path, checkpoint_text: str, tree: MemoryTree, size: int) -> None:
@@ -309,7 +309,7 @@ def save_state(path: Path, checkpoint_text: str, tree: MemoryTree, size: int) ->
     atomic_write(path, data)
 
 
-def _first_divergence(saved: _State, tree: MemoryTree, upto: int) -> int | None:
+def _first_divergence(saved: SavedState, tree: MemoryTree, upto: int) -> int | None:
     """The first index < upto where the saved leaves differ from ours (None: none or unknown).
 
     The saved leaf hashes are used only if they reproduce the saved (signed) root.
@@ -340,7 +340,8 @@ class LogVerifier:
     Kept as a class so the store's crash tests and the CLI share exactly one implementation.
     """
 
-    def __init__(self, trust: Trust, *, workers: int | None = None, with_ledger: bool = True) -> None:
+    def __init__(self, trust: Trust, *, workers: int | None = None, with_ledger: bool = True,
+                 batch_size: int = 512) -> None:
         self.trust = trust
         self.keyring = Keyring(trust.operator_public_key)
         loaded = _load_ledger() if with_ledger else None
@@ -356,7 +357,7 @@ class LogVerifier:
         self._seen: dict[int, int] = {}
         self._keys: dict[str, VerifyKey] = {}
         cpus = os.cpu_count() or 1
-        self._sigs = _SignatureChecks(min(2, cpus) if workers is None else workers)
+        self._sigs = _SignatureChecks(min(2, cpus) if workers is None else workers, batch_size)
 
     @property
     def size(self) -> int:
@@ -392,6 +393,10 @@ class LogVerifier:
             raise MalformedEntryError("signature: not valid base64") from exc
         if len(signature) != SIGNATURE_BYTES:
             raise MalformedEntryError(f"signature: must be {SIGNATURE_BYTES} bytes, got {len(signature)}")
+        if b64encode(signature) != entry.signature:
+            # The signature field is the one part of a line the signature does not cover: with
+            # non-zero base64 padding bits a copy would verify yet hash to a different leaf.
+            raise MalformedEntryError("signature: not canonical base64 (non-zero padding bits)")
         leaf = _sha256(b"\x00" + line).digest()
         short = int.from_bytes(leaf[:8], "big")
         earlier = self._seen.get(short)
@@ -444,7 +449,7 @@ def _earliest(*problems: Problem | None) -> Problem | None:
 
 def verify_export(folder: Path, *, trust_path: Path | None = None, state_path: Path | None = None,
                   progress: Callable[[int], None] | None = None, workers: int | None = None,
-                  with_ledger: bool = True) -> VerifyReport:
+                  with_ledger: bool = True, batch_size: int = 512) -> VerifyReport:
     """Verify the export in `folder` (see the module docstring). ExportError: unusable input.
 
     `trust_path` defaults to the export's own trust.json (an auditor should pin its own copy).
@@ -454,17 +459,20 @@ def verify_export(folder: Path, *, trust_path: Path | None = None, state_path: P
     paths.require()
     trust = read_trust(trust_path or paths.trust)
     checkpoint_text = read_checkpoint_text(paths.checkpoint)
-    state = _load_state(state_path, trust) if state_path is not None else None
+    state = load_state(state_path, trust) if state_path is not None else None
     return verify_lines(iter_lines(paths.entries), checkpoint_text, trust, state=state,
                         state_path=state_path, progress=progress, workers=workers,
-                        with_ledger=with_ledger)
+                        with_ledger=with_ledger, batch_size=batch_size)
 
 
 def verify_lines(lines: Iterable[bytes], checkpoint_text: bytes | str, trust: Trust, *,
-                 state: _State | None = None, state_path: Path | None = None,
+                 state: SavedState | None = None, state_path: Path | None = None,
                  progress: Callable[[int], None] | None = None, workers: int | None = None,
-                 with_ledger: bool = True) -> VerifyReport:
-    """Verify lines (each with its newline) against a checkpoint note and trust anchors."""
+                 with_ledger: bool = True, batch_size: int = 512) -> VerifyReport:
+    """Verify lines (each with its newline) against a checkpoint note and trust anchors.
+
+    `state` is what `load_state` returned for `state_path` (None: no saved checkpoint yet).
+    """
     report = VerifyReport(origin=trust.origin)
     checkpoint_problem: Problem | None = None
     checkpoint: Checkpoint | None = None
@@ -475,7 +483,7 @@ def verify_lines(lines: Iterable[bytes], checkpoint_text: bytes | str, trust: Tr
         checkpoint_problem = Problem(None, f"checkpoint: {exc}")
     report.checkpoint = checkpoint
 
-    verifier = LogVerifier(trust, workers=workers, with_ledger=with_ledger)
+    verifier = LogVerifier(trust, workers=workers, with_ledger=with_ledger, batch_size=batch_size)
     read = 0
     for count, raw in enumerate(lines, start=1):
         if not verifier.feed(raw):

@@ -1,0 +1,66 @@
+"""The verifier's fast canonical check agrees with the rfc8785 package on every JSON value."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from audit.verify import NotCanonicalError, parse_canonical_line
+
+SAFE = 2**53 - 1
+# An integral float beyond 2**53 prints as an integer that then parses as a Python int, which
+# rfc8785 (and so the verifier) refuses, as I-JSON asks: such values cannot be in a log.
+floats = st.floats(allow_nan=False, allow_infinity=False).filter(
+    lambda f: not (f.is_integer() and abs(f) > SAFE))
+scalars = st.none() | st.booleans() | st.integers(-SAFE, SAFE) | floats | st.text(max_size=8)
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values)
+def test_canonical_lines_are_accepted(value: Any) -> None:
+    line = rfc8785.dumps(value)
+    assert rfc8785.dumps(parse_canonical_line(line)) == line
+
+
+@settings(max_examples=300, deadline=None)
+@given(values, st.sampled_from(["python", "ascii", "spaced", "unsorted"]))
+def test_other_encodings_are_accepted_exactly_when_canonical(value: Any, style: str) -> None:
+    if style == "python":
+        line = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    elif style == "ascii":
+        line = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    elif style == "spaced":
+        line = json.dumps(value, sort_keys=True).encode()
+    else:
+        line = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    if line == rfc8785.dumps(value):
+        parse_canonical_line(line)
+    else:
+        with pytest.raises(NotCanonicalError):
+            parse_canonical_line(line)
+
+
+@pytest.mark.parametrize(("text", "ok"), [
+    (b'{"a":0.00001}', True), (b'{"a":1e-05}', False), (b'{"a":1e-7}', True),
+    (b'{"a":5}', True), (b'{"a":5.0}', False), (b'{"a":-0}', False), (b'{"a":0}', True),
+    (b'{"a":123.456}', True), (b'{"a":1e+21}', True), (b'{"a":1e21}', False),
+    (b'{"a":100000000000000000000}', False), (b'{"a":9007199254740991}', True),
+    (b'{"a":9007199254740992}', False), (b'{"a":NaN}', False), (b'{"a":Infinity}', False),
+    (b'{"a":"\\u00e9"}', False), ('{"a":"é"}'.encode(), True), (b'{"a":"\\/"}', False),
+    (b'{"a":"\\u001f"}', True), (b'{"a":"\\u001F"}', False), (b'{"a":"\\n"}', True),
+    (b'{"a":"\\ud800"}', False), (b'{"b":1,"a":2}', False), (b'{"a":1,"a":2}', False),
+    ('{"\U0001f600":1,"\ufb01":2}'.encode(), True), ('{"\ufb01":2,"\U0001f600":1}'.encode(), False),
+])
+def test_edge_cases(text: bytes, ok: bool) -> None:
+    if ok:
+        assert rfc8785.dumps(parse_canonical_line(text)) == text
+    else:
+        with pytest.raises((NotCanonicalError, ValueError)):
+            parse_canonical_line(text)
