@@ -23,6 +23,7 @@ from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.plugins.pydantic import PydanticPlugin
 from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import Counter
@@ -220,6 +221,8 @@ def create_app(runtime: Runtime, *, debug: bool = False,
             Exception: problems.handle_unexpected,
         },
         request_max_body_size=config.max_body_bytes,
+        # Litestar passes strict=False to model_validate unless told: keep the models strict.
+        plugins=[PydanticPlugin(validate_strict=True)],
         response_cache_config=ResponseCacheConfig(),
         on_shutdown=[runtime.close, *(on_shutdown or [])],
         debug=debug,

@@ -5,6 +5,7 @@ operator, an auditor and three hospitals."""
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from exchange.coordinator.schemas import (
     ResearcherCreate,
 )
 from exchange.http_signing import sign_request
+from tests.conftest import PG_ADMIN_DSN, _require_pg
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -127,6 +129,27 @@ def make_world(db_url: str, tmp_path: Path, **config: Any) -> Iterator[World]:
             handle.cancel()
         for handle in runner.handles:
             handle.wait(30)
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def shared_world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """One world per database for a whole module, for tests whose effects are relative
+    (snapshots before/after) or that only read."""
+    tmp = tmp_path_factory.mktemp("world")
+    if request.param == "sqlite":
+        yield from make_world(f"sqlite:///{tmp / 'world.db'}", tmp)
+        return
+    _require_pg()
+    import psycopg
+
+    name = f"exchange_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield from make_world(PG_ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}", tmp)
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

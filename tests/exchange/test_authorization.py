@@ -11,7 +11,7 @@ One world per database for the whole module (building one costs more than the ch
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +20,7 @@ import pytest
 from audit.signing import Signer
 from exchange.coordinator.client import decision_entry, receipt_entry
 from exchange.coordinator.schemas import ApiKeyCreate
-from tests.conftest import PG_ADMIN_DSN, _require_pg
-from tests.exchange.conftest import World, make_world, study_body
+from tests.exchange.conftest import World, study_body
 
 CALLERS = ("anonymous", "operator", "auditor", "alice", "bob", "h-one", "h-four")
 
@@ -150,32 +149,9 @@ def _prepare(world: World) -> MatrixWorld:
     return mw
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def matrix_world(request: pytest.FixtureRequest,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[MatrixWorld]:
-    tmp = tmp_path_factory.mktemp("matrix")
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp / 'matrix.db'}"
-        gen = make_world(url, tmp)
-        world = next(gen)
-        yield _prepare(world)
-        gen.close()
-        return
-    _require_pg()
-    import psycopg
-
-    name = f"exchange_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        url = PG_ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
-        gen = make_world(url, tmp)
-        world = next(gen)
-        yield _prepare(world)
-        gen.close()
-    finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+@pytest.fixture(scope="module")
+def matrix_world(shared_world: World) -> MatrixWorld:
+    return _prepare(shared_world)
 
 
 @pytest.mark.parametrize("caller", CALLERS)

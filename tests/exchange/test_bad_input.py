@@ -1,0 +1,202 @@
+"""Bad input gets a clear 4xx problem answer naming the field, and changes nothing.
+
+"Nothing stored" is checked the strong way: the audit log's size, the study count and the
+balances are the same before and after."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import pytest
+
+from audit.signing import Signer
+from exchange.coordinator.client import decision_entry
+from exchange.coordinator.models import Role
+from exchange.coordinator.services import Principal
+from exchange.http_signing import new_nonce, sign_request
+from tests.exchange.conftest import World, study_body
+
+
+@pytest.fixture
+def world(shared_world: World) -> World:
+    """Refusals change nothing, so one world per database serves the whole module."""
+    return shared_world
+
+
+def snapshot(world: World) -> tuple[int, int, dict[str, Any]]:
+    studies = world.runtime.coordinator.list_studies(Principal(role=Role.OPERATOR, ref="test"),
+                                                     None, 0, 1)[1]
+    return world.runtime.audit_log.size(), studies, world.runtime.coordinator.balances()
+
+
+def problem(response: Any, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status and body["title"] and body["type"].startswith("https://")
+    return dict(body)
+
+
+def fields(body: dict[str, Any]) -> dict[str, str]:
+    return {e["field"]: e["reason"] for e in body.get("errors", [])}
+
+
+def test_every_problem_of_a_study_is_listed_at_once(world: World) -> None:
+    before = snapshot(world)
+    bad = study_body(purpose="DUO:0000007", disease=None, epsilon=0, delta=1.5, rounds=0,
+                     min_hospitals=0, token_budget=10**9, template="logistic_regression",
+                     task="regression", data_categories=["labs", "telepathy"],
+                     columns={"vitals": ["heart rate"]}, colour="blue", title="")
+    body = problem(world.as_("alice", "POST", "/v1/studies", json=bad), 422)
+    errors = fields(body)
+    for field in ("disease", "epsilon", "delta", "rounds", "min_hospitals", "task", "data_categories.1",
+                  "columns.vitals", "columns.vitals.0", "colour", "title"):
+        assert field in errors, (field, errors)
+    assert "ICD-10" in errors["disease"]
+    assert "template 'logistic_regression' is for task 'binary'" in errors["task"]
+    assert "telepathy" in errors["data_categories.1"]
+    assert snapshot(world) == before
+
+
+def test_budget_over_balance_is_listed_with_other_problems(world: World) -> None:
+    before = snapshot(world)
+    balance = world.runtime.coordinator.balance("org:acme")
+    body = problem(world.as_("alice", "POST", "/v1/studies",
+                             json=study_body(token_budget=balance + 10_000, epsilon=-1)), 422)
+    errors = fields(body)
+    assert f"exceeds the organisation's balance {balance}" in errors["token_budget"]
+    assert "epsilon" in errors
+    # Alone, too: the budget check runs after a valid body as well.
+    body = problem(world.as_("alice", "POST", "/v1/studies",
+                             json=study_body(token_budget=balance + 1)), 422)
+    assert list(fields(body)) == ["token_budget"]
+    assert snapshot(world) == before
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("purpose", "DUO:0000999"), ("disease", "XYZ"), ("template", "resnet"), ("epsilon", "3"),
+    ("rounds", 2.5), ("rounds", True), ("token_budget", "100"), ("token_budget", 2**60),
+    ("delta", 0), ("commercial", "no"), ("data_categories", []), ("columns", {}),
+    ("label", "mean_radius"),
+])
+def test_single_bad_field_is_named(world: World, field: str, value: Any) -> None:
+    before = snapshot(world)
+    body = problem(world.as_("alice", "POST", "/v1/studies", json=study_body(**{field: value})), 422)
+    assert field in {f.split(".")[0] for f in fields(body)}, body
+    assert snapshot(world) == before
+
+
+def test_malformed_json(world: World) -> None:
+    before = snapshot(world)
+    response = world.as_("alice", "POST", "/v1/studies", content=b'{"title": "x",',
+                         headers={"Content-Type": "application/json"})
+    assert 400 <= response.status_code < 500
+    assert response.headers["content-type"].startswith("application/problem+json")
+    response = world.as_("alice", "POST", "/v1/studies", content=b"[1, 2]",
+                         headers={"Content-Type": "application/json"})
+    assert 400 <= response.status_code < 500
+    assert snapshot(world) == before
+
+
+def test_oversized_body(world: World) -> None:
+    before = snapshot(world)
+    huge = study_body(title="x" * 100, columns={"labs": [f"c{i}" for i in range(120_000)]})
+    response = world.as_("alice", "POST", "/v1/studies", content=json.dumps(huge).encode(),
+                         headers={"Content-Type": "application/json"})
+    problem(response, 413)
+    assert snapshot(world) == before
+
+
+def test_unknown_fields_in_operator_requests(world: World) -> None:
+    before = snapshot(world)
+    body = problem(world.as_("operator", "POST", "/v1/organisations",
+                             json={"id": "x-org", "name": "X", "region": "de", "admin": True}), 422)
+    assert set(fields(body)) == {"region", "admin"}
+    body = problem(world.as_("operator", "POST", "/v1/hospitals", json={
+        "id": "h-x", "organisation_id": "clinics", "name": "X", "signing_public_key": "AAAA",
+        "flower_public_key": "k"}), 422)
+    assert "32 bytes" in fields(body)["signing_public_key"]
+    body = problem(world.as_("operator", "POST", "/v1/ledger/mint",
+                             json={"account": "acme", "amount": 0}), 422)
+    assert set(fields(body)) == {"account", "amount"}
+    assert snapshot(world) == before
+
+
+def test_bad_signature_is_refused(world: World) -> None:
+    before = snapshot(world)
+    sid = world.submit()["id"]
+    before = snapshot(world)
+    entry = decision_entry(world.hospitals["h-one"], "h-one", sid, decision="approve", reasons=[])
+    request = world.client.build_request("POST", f"/v1/hospital/studies/{sid}/decision",
+                                         json=entry.to_json())
+    sign_request(request, world.hospitals["h-one"])
+    # Tamper with the body after signing: the Content-Digest no longer matches.
+    tampered = json.dumps({**entry.to_json(), "kind": "study.decisionX"}).encode()
+    request = world.client.build_request("POST", f"/v1/hospital/studies/{sid}/decision",
+                                         content=tampered, headers=dict(request.headers))
+    request.headers["content-length"] = str(len(tampered))
+    body = problem(world.client.send(request), 401)
+    assert "Content-Digest" in body["detail"]
+    # Signed by an unregistered key.
+    body = problem(world.signed("h-one", "GET", "/v1/hospital/me", signer=Signer.generate()), 401)
+    assert "key" in body["detail"]
+    # A decision entry signed by another hospital's key, sent by h-one: refused, named.
+    foreign = decision_entry(world.hospitals["h-two"], "h-one", sid, decision="approve", reasons=[])
+    body = problem(world.signed("h-one", "POST", f"/v1/hospital/studies/{sid}/decision",
+                                json=foreign.to_json()), 422)
+    assert "key_id" in fields(body)
+    # A decision whose envelope signature was forged.
+    forged = {**entry.to_json(), "signature": Signer.generate().public_key_b64 * 2}
+    body = problem(world.signed("h-one", "POST", f"/v1/hospital/studies/{sid}/decision",
+                                json=forged), 422)
+    assert "signature" in fields(body)
+    assert snapshot(world) == before
+
+
+def test_replayed_request_is_refused(world: World) -> None:
+    sid = world.submit()["id"]
+    before = snapshot(world)
+    nonce = new_nonce()
+    entry = decision_entry(world.hospitals["h-one"], "h-one", sid, decision="refuse", reasons=["no"])
+    request = world.client.build_request("POST", f"/v1/hospital/studies/{sid}/decision",
+                                         json=entry.to_json())
+    sign_request(request, world.hospitals["h-one"], nonce=nonce)
+    replay = world.client.build_request("POST", f"/v1/hospital/studies/{sid}/decision",
+                                        content=request.read(), headers=dict(request.headers))
+    assert world.client.send(request).status_code == 201
+    after_first = snapshot(world)
+    assert after_first[0] == before[0] + 1
+    body = problem(world.client.send(replay), 401)
+    assert "replay" in body["detail"]
+    assert snapshot(world) == after_first
+
+
+def test_stale_or_future_signature_is_refused(world: World) -> None:
+    for created in (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1),
+                    dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)):
+        request = world.client.build_request("GET", "/v1/hospital/me")
+        sign_request(request, world.hospitals["h-one"], created=created)
+        body = problem(world.client.send(request), 401)
+        assert "created" in body["detail"] or "age" in body["detail"]
+
+
+def test_unsigned_and_badly_authenticated_requests(world: World) -> None:
+    problem(world.client.get("/v1/hospital/me"), 401)
+    problem(world.client.get("/v1/studies", headers={"Authorization": "Basic abc"}), 401)
+    problem(world.client.get("/v1/studies", headers={"Authorization": "Bearer hx_nope_nope"}), 401)
+    alice = world.keys["alice"]
+    problem(world.client.get("/v1/studies", headers={"X-API-Key": alice[:-2] + "xx"}), 401)
+    response = world.client.get("/v1/studies", headers={"Signature-Input": "garbage", "Signature": "x"})
+    assert "malformed" in problem(response, 401)["detail"] or "signature" in response.text
+
+
+def test_bad_query_and_path_parameters(world: World) -> None:
+    body = problem(world.as_("auditor", "GET", "/v1/audit/entries", params={"limit": 5000}), 422)
+    assert "limit" in fields(body)
+    body = problem(world.as_("auditor", "GET", "/v1/audit/proofs/inclusion",
+                             params={"index": 5, "size": 10**6}), 422)
+    assert "size" in fields(body)
+    problem(world.as_("alice", "GET", "/v1/studies/st-does-not-exist"), 404)
+    problem(world.as_("alice", "GET", "/v1/studies", params={"status": "sideways"}), 422)
