@@ -34,6 +34,7 @@ from consent.request import StudyRequest
 
 COMMITMENT_PREFIX = b"consent-gate/1\n"
 NO_CONTRACT = "no-contract"
+_PAIR = pa.struct([("pseudonym", pa.string()), ("contract_hash", pa.string())])
 PSEUDONYM_MISMATCH = "pseudonym-mismatch"
 
 
@@ -41,8 +42,8 @@ PSEUDONYM_MISMATCH = "pseudonym-mismatch"
 class GateResult:
     """Eligible records and why the others were excluded.
 
-    `eligible` is a boolean mask aligned with the input records; `eligible_pseudonyms` the
-    pseudonyms of the eligible records in input order; `excluded_by_reason` counts excluded records
+    `eligible` is a boolean mask aligned with the input records (which rows to train on);
+    `eligible_pseudonyms` the distinct pseudonyms of the eligible records, sorted; `excluded_by_reason` counts excluded records
     by `Decision.exclusion` key (plus `no-contract` for a hash with no contract and
     `pseudonym-mismatch` for a record whose contract is about another pseudonym); `commitment` as in
     the module docstring; `decisions` the one decision made per distinct contract hash.
@@ -65,14 +66,6 @@ def commitment(pairs: Iterable[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
-def _commitment_arrow(pseudonyms: pa.Array, hashes: pa.Array) -> str:
-    lines = pc.binary_join_element_wise(pc.binary_join_element_wise(pseudonyms, hashes, "\t"), "", "\n")
-    ordered = sorted(set(lines.to_pylist()))
-    digest = hashlib.sha256(COMMITMENT_PREFIX)
-    digest.update("".join(ordered).encode())
-    return digest.hexdigest()
-
-
 def _as_arrays(records: Iterable[tuple[str, str]] | tuple[Sequence[str] | pa.Array, Sequence[str] | pa.Array],
                ) -> tuple[pa.Array, pa.Array]:
     if isinstance(records, tuple) and len(records) == 2 and not isinstance(records[0], str):
@@ -84,9 +77,16 @@ def _as_arrays(records: Iterable[tuple[str, str]] | tuple[Sequence[str] | pa.Arr
         p = pseudonyms if isinstance(pseudonyms, pa.Array) else pa.array(pseudonyms, pa.string())
         h = hashes if isinstance(hashes, pa.Array) else pa.array(hashes, pa.string())
     else:
-        pairs = list(records)
-        p = pa.array([r[0] for r in pairs], pa.string())
-        h = pa.array([r[1] for r in pairs], pa.string())
+        pairs = records if isinstance(records, list) else list(records)
+        try:  # one conversion of the pairs as a struct array is ~2x faster than two columns
+            table = pa.array(pairs, _PAIR)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ValueError(f"records: each record must be a (pseudonym, contract hash) pair of strings: {exc}"
+                             ) from exc
+        if table.null_count:
+            raise ValueError("records: a record is missing (null)")
+        p = table.field(0)
+        h = table.field(1)
     if len(p) != len(h):
         raise ValueError("records: pseudonym and contract-hash columns differ in length")
     if p.null_count or h.null_count:
@@ -101,23 +101,30 @@ def gate(records: Iterable[tuple[str, str]] | tuple[Sequence[str] | pa.Array, Se
     `records` is an iterable of pairs, or a pair of columns (Python sequences or Arrow arrays,
     the fast path for a node that reads its records with Arrow). `contracts` maps content hash to
     contract; a mapping whose key is not the contract's own hash is refused.
+
+    Both columns are dictionary-encoded (Arrow, C++), each distinct contract is evaluated once,
+    and the decisions are joined back with NumPy gathers; the commitment is built from the
+    distinct (pseudonym, contract) pairs only, so its cost follows the number of patients, not
+    of records.
     """
     pseudonyms, hashes = _as_arrays(records)
-    encoded = pc.dictionary_encode(hashes)
-    distinct: list[str] = encoded.dictionary.to_pylist()
-    indices = encoded.indices.to_numpy(zero_copy_only=False)
+    p_enc = pc.dictionary_encode(pseudonyms)
+    h_enc = pc.dictionary_encode(hashes)
+    p_idx = p_enc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    h_idx = h_enc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    p_dict: pa.Array = p_enc.dictionary
+    distinct: list[str] = h_enc.dictionary.to_pylist()
 
     # one evaluation per distinct contract
     reason_keys: list[str] = []
-    reason_index: dict[str, int] = {}
-    code_of = np.empty(len(distinct), dtype=np.int32)  # -1: eligible, else index into reason_keys
-    owner: list[str] = []
+    code_of = np.full(len(distinct), -1, dtype=np.int64)  # -1: eligible, else index into reason_keys
+    owner: list[str | None] = []
     decisions: dict[str, Decision] = {}
     for i, key in enumerate(distinct):
         contract = contracts.get(key)
         if contract is None:
             exclusion: str | None = NO_CONTRACT
-            owner.append("")
+            owner.append(None)
         else:
             if contract.content_hash != key:
                 raise ValueError(f"contracts[{key}]: the contract's content hash is {contract.content_hash}")
@@ -125,35 +132,41 @@ def gate(records: Iterable[tuple[str, str]] | tuple[Sequence[str] | pa.Array, Se
             decisions[key] = decision
             exclusion = decision.exclusion
             owner.append(contract.pseudonym)
-        if exclusion is None:
-            code_of[i] = -1
-        else:
-            code_of[i] = reason_index.setdefault(exclusion, len(reason_keys))
-            if code_of[i] == len(reason_keys):
+        if exclusion is not None:
+            if exclusion not in reason_keys:
                 reason_keys.append(exclusion)
+            code_of[i] = reason_keys.index(exclusion)
 
-    # join: per-record code, then the pseudonym check, vectorized
-    codes = code_of[indices]
-    owners = pa.array(owner, pa.string()).take(pa.array(indices))
-    same = pc.equal(pseudonyms, owners).to_numpy(zero_copy_only=False)
-    mismatch = (codes == -1) & ~same
+    # join: per-record code; a record whose contract is about another pseudonym is excluded
+    codes = code_of[h_idx]
+    owner_idx = pc.index_in(pa.array(owner, pa.string()), value_set=p_dict).fill_null(-1)
+    owner_p = owner_idx.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    mismatch = (codes == -1) & (owner_p[h_idx] != p_idx)
     if mismatch.any():
-        mismatch_code = reason_index.setdefault(PSEUDONYM_MISMATCH, len(reason_keys))
-        if mismatch_code == len(reason_keys):
+        if PSEUDONYM_MISMATCH not in reason_keys:
             reason_keys.append(PSEUDONYM_MISMATCH)
-        codes = np.where(mismatch, mismatch_code, codes)
+        codes = np.where(mismatch, reason_keys.index(PSEUDONYM_MISMATCH), codes)
     eligible = codes == -1
-    counts = np.bincount(codes[~eligible], minlength=len(reason_keys)) if len(reason_keys) else np.zeros(0, int)
+    counts = np.bincount(codes[~eligible], minlength=len(reason_keys))
     excluded = {reason_keys[i]: int(n) for i, n in enumerate(counts) if n}
 
-    mask = pa.array(eligible)
-    used_p = pseudonyms.filter(mask)
-    used_h = hashes.filter(mask)
+    # distinct eligible (pseudonym, contract) pairs
+    used_p = p_idx[eligible]
+    used_h = h_idx[eligible]
+    if used_p.size:
+        pair_keys = np.unique(used_p * len(distinct) + used_h)
+        pair_p, pair_h = np.divmod(pair_keys, len(distinct))
+    else:
+        pair_p = pair_h = np.zeros(0, dtype=np.int64)
+    names: list[str] = p_dict.take(pa.array(pair_p)).to_pylist()
+    lines = sorted(f"{p}\t{distinct[h]}\n" for p, h in zip(names, pair_h.tolist(), strict=True))
+    digest = hashlib.sha256(COMMITMENT_PREFIX)
+    digest.update("".join(lines).encode())
     return GateResult(
         eligible=eligible,
-        eligible_pseudonyms=used_p.to_pylist(),
+        eligible_pseudonyms=sorted(set(names)),
         excluded_by_reason=dict(sorted(excluded.items())),
-        commitment=_commitment_arrow(used_p, used_h),
+        commitment=digest.hexdigest(),
         records_used=int(eligible.sum()),
         decisions=decisions,
     )
@@ -185,7 +198,7 @@ def gate_naive(records: Iterable[tuple[str, str]], contracts: Mapping[str, Contr
             excluded[reason] += 1
     return GateResult(
         eligible=np.array(eligible, dtype=bool),
-        eligible_pseudonyms=pseudonyms,
+        eligible_pseudonyms=sorted(set(pseudonyms)),
         excluded_by_reason=dict(sorted(excluded.items())),
         commitment=commitment(used),
         records_used=len(used),

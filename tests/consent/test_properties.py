@@ -61,7 +61,7 @@ def test_order_independent(data: tuple[list[tuple[str, str]], dict[str, Contract
     b = gate(shuffled, by_hash, request, instant)
     assert a.commitment == b.commitment
     assert a.excluded_by_reason == b.excluded_by_reason
-    assert sorted(a.eligible_pseudonyms) == sorted(b.eligible_pseudonyms)
+    assert a.eligible_pseudonyms == b.eligible_pseudonyms
 
 
 @SETTINGS
