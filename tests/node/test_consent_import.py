@@ -21,11 +21,13 @@ from tests.node.helpers import ISSUED, gru_contract
 
 FHIR_R4_CONSENT = {
     "resourceType": "Consent", "id": "c-p3", "status": "active",
-    "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
+    "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                          "code": "research"}]},
     "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
     "patient": {"reference": "Patient/p3"}, "dateTime": "2025-01-01T00:00:00Z",
     "organization": [{"reference": "Organization/hospital-a"}],
-    "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]},
+    "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                               "code": "OPTIN"}]},
     "provision": {"type": "permit", "purpose": [
         {"system": "http://purl.obolibrary.org/obo/duo", "code": "DUO:0000042"}]},
 }

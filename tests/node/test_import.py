@@ -47,7 +47,8 @@ def test_good_csv_is_imported_with_categories(node_dir: Path, runner: CliRunner,
     assert "imported 2 records" in result.output
     with store.sessions() as session:
         rows = session.execute(select(Record.pseudonym, Record.values).order_by(Record.id)).all()
-        categories = dict(session.execute(select(ColumnCategory.column, ColumnCategory.category)).tuples().all())
+        categories = dict(session.execute(select(ColumnCategory.column, ColumnCategory.category))
+                          .tuples().all())
     assert [(p, v) for p, v in rows] == [("p1", {"age": 54, "radius": 12.5, "label": 1}),
                                          ("p2", {"age": 61, "radius": 9.75, "label": 0})]
     assert categories == {"age": "demographics", "radius": "labs", "label": "outcomes"}
@@ -129,7 +130,8 @@ def _obs(oid: str, pid: str, loinc: str, value: float, unit: str, when: str = "2
                                            "code": unit}}}
 
 
-def test_fhir_bundle_good_and_bad(node_dir: Path, runner: CliRunner, store: NodeStore, tmp_path: Path) -> None:
+def test_fhir_bundle_good_and_bad(node_dir: Path, runner: CliRunner, store: NodeStore,
+                                  tmp_path: Path) -> None:
     bad = {"resourceType": "Bundle", "type": "collection", "entry": [
         _patient("p1"),
         _obs("o1", "p1", "8867-4", 72, "/min"),
@@ -162,7 +164,8 @@ def test_fhir_bundle_good_and_bad(node_dir: Path, runner: CliRunner, store: Node
     assert ok.exit_code == 0, ok.output
     with store.sessions() as session:
         rows = dict(session.execute(select(Record.pseudonym, Record.values)).tuples().all())
-        categories = dict(session.execute(select(ColumnCategory.column, ColumnCategory.category)).tuples().all())
+        categories = dict(session.execute(select(ColumnCategory.column, ColumnCategory.category))
+                          .tuples().all())
     assert rows["p1"] == {"sex": "female", "birth_year": 1970, "heart_rate": 90}
     assert rows["p2"] == {"sex": "male", "birth_year": 1980, "glucose": 101.5}
     assert categories["heart_rate"] == "vitals" and categories["glucose"] == "labs"

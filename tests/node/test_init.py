@@ -59,7 +59,7 @@ def test_config_errors_name_the_field(node_dir: Path, monkeypatch: pytest.Monkey
         load_node_settings(config)
     config.write_text(text.replace("max_epsilon_per_study = 50.0", "max_epsilon_per_study = 5.0")
                       .replace('mode = "ask"', 'mode = "sometimes"'))
-    with pytest.raises(ValidationError, match="policy.mode"):
+    with pytest.raises(ValidationError, match=r"policy\.mode"):
         load_node_settings(config)
     config.write_text(text.replace("max_epsilon_per_study = 50.0", "max_epsilon_per_study = 5.0"))
     monkeypatch.setenv("EXCHANGE_NODE_POLICY__MODE", "auto-approve")

@@ -1,0 +1,243 @@
+"""The node daemon against the real coordinator (Litestar app on loopback; runs scripted, so
+no Flower here): decisions with reasons reach the researcher, the steward decides in "ask"
+mode, SIGTERM stops cleanly, and a daemon killed with kill -9 resumes from its database
+without deciding twice or counting privacy twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from audit.signing import Signer
+from exchange.cli import app
+from exchange.node.daemon import CoordinatorLink, NodeDaemon
+from exchange.node.models import DecisionRow, RoundRow, StudyRow
+from exchange.node.privacy import open_ledger
+from exchange.node.settings import NodeSettings, load_node_settings
+from exchange.node.store import NodeStore, open_store
+from federated.accounting import DPPlan
+from tests.node.helpers import (
+    LiveCoordinator,
+    gru_contract,
+    live_coordinator,
+    seed_consent,
+    seed_records,
+    wait_for,
+)
+
+PSEUDONYMS = [f"p{i}" for i in range(12)]
+
+
+def _node_settings(node_dir: Path, **changes: Any) -> NodeSettings:
+    settings = load_node_settings(node_dir / "node.toml")
+    policy = settings.policy.model_copy(update=changes)
+    return settings.model_copy(update={"policy": policy,
+                                       "supernode": settings.supernode.model_copy(update={"enabled": False})})
+
+
+@pytest.fixture
+def seeded(node_dir: Path, store: NodeStore, tmp_path: Path) -> NodeStore:
+    """12 records; 10 with general-research consent, 2 without any contract."""
+    seed_records(store, tmp_path, PSEUDONYMS)
+    seed_consent(store, tmp_path / "consent", [gru_contract(p, "hospital-a") for p in PSEUDONYMS[:10]],
+                 "hospital-a")
+    return store
+
+
+@pytest.fixture
+def coordinator(node_dir: Path, tmp_path: Path) -> Iterator[LiveCoordinator]:
+    settings = load_node_settings(node_dir / "node.toml")
+    signer = Signer.load(settings.signing_key_path)
+    flower_key = settings.flower_public_key_path.read_text().strip()
+    hold = threading.Event()  # scripted runs wait until the test releases them
+    with live_coordinator(tmp_path, {"hospital-a": (signer, flower_key)}, pause=hold) as live:
+        live.hold = hold  # type: ignore[attr-defined]
+        yield live
+
+
+def _daemon(settings: NodeSettings, store: NodeStore) -> tuple[NodeDaemon, CoordinatorLink]:
+    signer = Signer.load(settings.signing_key_path)
+    link = CoordinatorLink(settings.model_copy(update={}), signer)
+    return NodeDaemon(settings, store, link, signer), link
+
+
+def _decisions(live: LiveCoordinator, study_id: str) -> list[dict[str, Any]]:
+    return list(live.study(study_id)["decisions"])
+
+
+def test_policy_refusal_reaches_the_researcher_with_reasons(node_dir: Path, seeded: NodeStore,
+                                                            coordinator: LiveCoordinator) -> None:
+    settings = _node_settings(node_dir, mode="auto-approve", max_epsilon_per_study=2.0)
+    settings = settings.model_copy(update={"coordinator_url": coordinator.url})
+    too_greedy = coordinator.submit(epsilon=3.0)
+    fine = coordinator.submit(epsilon=1.0)
+    daemon, link = _daemon(settings, seeded)
+    try:
+        daemon.step()
+    finally:
+        link.close()
+    refused = _decisions(coordinator, too_greedy)
+    assert [d["decision"] for d in refused] == ["refuse"]
+    assert refused[0]["reasons"] == ["epsilon 3 exceeds the site maximum per study (2)"]
+    assert refused[0]["eligible_records"] == 10
+    approved = _decisions(coordinator, fine)
+    assert [(d["decision"], d["eligible_records"]) for d in approved] == [("approve", 10)]
+    with seeded.sessions() as session:
+        posted = session.execute(select(func.count()).select_from(DecisionRow)
+                                 .where(DecisionRow.posted_at.is_not(None))).scalar_one()
+    assert posted == 2
+
+
+def test_ask_mode_waits_for_the_steward(node_dir: Path, seeded: NodeStore, coordinator: LiveCoordinator,
+                                        runner: CliRunner) -> None:
+    settings = _node_settings(node_dir, mode="ask").model_copy(update={"coordinator_url": coordinator.url})
+    first, second = coordinator.submit(), coordinator.submit()
+    daemon, link = _daemon(settings, seeded)
+    try:
+        daemon.step()
+        assert _decisions(coordinator, first) == []
+        with seeded.sessions() as session:
+            assert session.get(StudyRow, first).status == "pending"  # type: ignore[union-attr]
+        config = ["--config", str(node_dir / "node.toml")]
+        ok = runner.invoke(app, ["node", "approve", first, "--reason", "ethics board said yes", *config])
+        assert ok.exit_code == 0, ok.output
+        no = runner.invoke(app, ["node", "refuse", second, "--reason", "we are busy this quarter", *config])
+        assert no.exit_code == 0, no.output
+        again = runner.invoke(app, ["node", "approve", second, *config])
+        assert again.exit_code == 1 and "already refused by steward" in again.output
+        unknown = runner.invoke(app, ["node", "approve", "st-nope", *config])
+        assert unknown.exit_code == 1 and "not known to this node" in unknown.output
+        daemon.step()
+    finally:
+        link.close()
+    assert [(d["decision"], d["reasons"]) for d in _decisions(coordinator, first)] == [
+        ("approve", ["ethics board said yes"])]
+    assert [(d["decision"], d["reasons"]) for d in _decisions(coordinator, second)] == [
+        ("refuse", ["we are busy this quarter"])]
+
+
+# --- the daemon as a process -----------------------------------------------------------------
+
+def _start(node_dir: Path, coordinator: LiveCoordinator, **env: str) -> subprocess.Popen[bytes]:
+    environment = {**os.environ, "EXCHANGE_NODE_COORDINATOR_URL": coordinator.url,
+                   "EXCHANGE_NODE_HEALTH_PORT": "0", "EXCHANGE_NODE_POLL_INTERVAL_S": "0.2",
+                   "EXCHANGE_NODE_SUPERNODE__ENABLED": "false", "EXCHANGE_NODE_POLICY__MODE": "auto-approve",
+                   **env}
+    return subprocess.Popen([sys.executable, "-m", "exchange.cli", "node", "run", "--config",
+                             str(node_dir / "node.toml")], env=environment,
+                            stdout=subprocess.DEVNULL, stderr=open(node_dir / "daemon.log", "ab"))
+
+
+def _state(store: NodeStore, key: str) -> Any:
+    return store.get_state(key)
+
+
+def test_health_and_sigterm_stop_cleanly(node_dir: Path, seeded: NodeStore,
+                                         coordinator: LiveCoordinator) -> None:
+    process = _start(node_dir, coordinator)
+    try:
+        address = wait_for(lambda: _state(seeded, "health_address"), "the health server")
+        health = wait_for(lambda: _get_json(f"http://{address}/health").get("status") == "ok"
+                          and _get_json(f"http://{address}/health"), "health ok")
+        assert health["hospital_id"] == "hospital-a" and health["coordinator"] == "ok"
+        assert address.startswith("127.0.0.1:")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert _state(seeded, "daemon")["state"] == "stopped"
+    log_lines = [json.loads(line) for line in (node_dir / "daemon.log").read_text().splitlines()
+                 if line.startswith("{")]
+    events = [line["event"] for line in log_lines]
+    assert "node_started" in events and "node_stopped" in events
+    assert all("node.key" not in json.dumps(line) or "seed" not in line for line in log_lines)
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return dict(json.loads(response.read()))
+    except OSError:
+        return {}
+
+
+def test_kill9_and_restart_resumes_without_double_counting(node_dir: Path, seeded: NodeStore,
+                                                          coordinator: LiveCoordinator) -> None:
+    study_id = coordinator.submit(epsilon=3.0, rounds=2)
+    process = _start(node_dir, coordinator)
+    try:
+        wait_for(lambda: coordinator.study(study_id)["status"] == "running", "the study to start")
+        wait_for(lambda: _study_status(seeded, study_id) == "running", "the node to see it running")
+        # Round 1 trained here: the ClientApp charges the node's privacy ledger (as federated does).
+        settings = load_node_settings(node_dir / "node.toml")
+        ledger = open_ledger(seeded.engine, settings.policy.total_privacy_budget)
+        plan = DPPlan(target_epsilon=3.0, delta=1e-5, rounds=2, steps_per_round=4, sample_rate=0.25,
+                      noise_multiplier=1.1, batch_size=3, n_records=10)
+        ledger.register_study(study_id, plan)
+        ledger.charge(study_id, 1, 1.75)
+        wait_for(lambda: _rounds(seeded, study_id) == 1, "round 1 in the node's rounds table")
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+        assert _state(seeded, "daemon")["state"] == "running"  # it never got to say goodbye
+
+        # Restarted (the same round charged again by a retried ClientApp is idempotent):
+        ledger.charge(study_id, 1, 1.75)
+        process = _start(node_dir, coordinator)
+        wait_for(lambda: _state(seeded, "daemon_starts") == 2, "the second start")
+        wait_for(lambda: _state(seeded, "daemon")["state"] == "running", "running again")
+        ledger.charge(study_id, 2, 2.9)
+        wait_for(lambda: _rounds(seeded, study_id) == 2, "round 2 recorded")
+        coordinator.hold.set()  # type: ignore[attr-defined]
+        wait_for(lambda: _study_status(seeded, study_id) == "completed", "the node to see completion")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    decisions = _decisions(coordinator, study_id)
+    assert [d["decision"] for d in decisions] == ["approve"]
+    with seeded.sessions() as session:
+        assert session.execute(select(func.count()).select_from(DecisionRow)).scalar_one() == 1
+        epsilons = session.execute(select(RoundRow.round, RoundRow.epsilon).where(RoundRow.study_id == study_id)
+                                   .order_by(RoundRow.round)).tuples().all()
+    assert epsilons == [(1, 1.75), (2, 2.9)]
+    assert ledger.spent(study_id) == 2.9 and ledger.total_spent() == 2.9
+    status = json.loads(CliRunner().invoke(app, ["node", "status", "--json", "--config",
+                                                 str(node_dir / "node.toml")]).output)
+    assert status["privacy"] == {"total": 20.0, "spent": 2.9, "reserved": 0.0, "left": pytest.approx(17.1)}
+    [row] = status["studies"]
+    assert (row["study_id"], row["status"], row["decision"], row["rounds"]) == (study_id, "completed",
+                                                                                "approve", 2)
+
+
+def _study_status(store: NodeStore, study_id: str) -> str | None:
+    with store.sessions() as session:
+        row = session.get(StudyRow, study_id)
+        return None if row is None else row.status
+
+
+def _rounds(store: NodeStore, study_id: str) -> int:
+    with store.sessions() as session:
+        return int(session.execute(select(func.count()).select_from(RoundRow)
+                                   .where(RoundRow.study_id == study_id)).scalar_one())
+
+
+def test_store_reopens_at_head(node_dir: Path) -> None:
+    settings = load_node_settings(node_dir / "node.toml")
+    store = open_store(settings.db_url)
+    store.dispose()
