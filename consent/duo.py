@@ -43,8 +43,9 @@ _TERMS: tuple[DuoTerm, ...] = (
     DuoTerm("DUO:0000042", "GRU", "general research use", ("DUO:0000001",), "permission"),
     DuoTerm("DUO:0000006", "HMB", "health or medical or biomedical research", ("DUO:0000042",), "permission"),
     DuoTerm("DUO:0000007", "DS", "disease specific research", ("DUO:0000006",), "permission"),
-    DuoTerm("DUO:0000011", "POA", "population origins or ancestry research only", ("DUO:0000001",),
-            "permission"),
+    DuoTerm(
+        "DUO:0000011", "POA", "population origins or ancestry research only", ("DUO:0000001",), "permission"
+    ),
     # modifiers
     DuoTerm("DUO:0000012", "RS", "research specific restrictions", ("DUO:0000017",), "modifier"),
     DuoTerm("DUO:0000015", "NMDS", "no general methods research", ("DUO:0000017",), "modifier"),
@@ -62,8 +63,13 @@ _TERMS: tuple[DuoTerm, ...] = (
     DuoTerm("DUO:0000029", "RTN", "return to database or resource", ("DUO:0000017",), "modifier"),
     DuoTerm("DUO:0000043", "CC", "clinical care use", ("DUO:0000017",), "modifier"),
     # duo.owl spells this IRI DUO_00000044 (an extra zero); duo.csv and the OLS use DUO:0000044.
-    DuoTerm("DUO:0000044", "NPOA", "population origins or ancestry research prohibited", ("DUO:0000017",),
-            "modifier"),
+    DuoTerm(
+        "DUO:0000044",
+        "NPOA",
+        "population origins or ancestry research prohibited",
+        ("DUO:0000017",),
+        "modifier",
+    ),
     DuoTerm("DUO:0000045", "NPU", "not for profit organisation use only", ("DUO:0000018",), "modifier"),
     DuoTerm("DUO:0000046", "NCU", "non-commercial use only", ("DUO:0000018",), "modifier"),
 )
@@ -99,15 +105,16 @@ PERMISSIONS: frozenset[str] = frozenset(t.id for t in _TERMS if t.kind == "permi
 REQUEST_PURPOSES: frozenset[str] = frozenset({GRU, HMB, DS, POA})
 #: Modifiers this engine can evaluate; the others are refused rather than ignored.
 SUPPORTED_MODIFIERS: frozenset[str] = frozenset(
-    {NMDS, GSO, NPUNCU, PUB, COL, IRB, GS, MOR, TS, US, PS, IS, RTN, NPOA, NPU, NCU})
+    {NMDS, GSO, NPUNCU, PUB, COL, IRB, GS, MOR, TS, US, PS, IS, RTN, NPOA, NPU, NCU}
+)
 #: Modifiers that are obligations the requester must accept (no data to check).
 OBLIGATIONS: frozenset[str] = frozenset({PUB, COL, MOR, RTN})
 #: Modifiers in DUO but not evaluable against a study request, with the reason.
 UNSUPPORTED_MODIFIERS: dict[str, str] = {
     "DUO:0000012": "RS (research specific restrictions) needs a research-type ontology term "
-                   "that study requests do not carry",
+    "that study requests do not carry",
     "DUO:0000043": "CC (clinical care use) widens use to clinical care, which is not research "
-                   "and not something a study can request",
+    "and not something a study can request",
 }
 
 

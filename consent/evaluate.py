@@ -29,7 +29,13 @@ from consent.model import Contract, Provision
 from consent.request import StudyRequest
 
 ReasonCode = Literal[
-    "inactive", "outside-validity", "privacy-cap", "permit", "deny", "not-applicable", "no-permit",
+    "inactive",
+    "outside-validity",
+    "privacy-cap",
+    "permit",
+    "deny",
+    "not-applicable",
+    "no-permit",
 ]
 
 
@@ -73,8 +79,10 @@ class Decision:
         return "denied" if "deny" in codes else "no-permit"
 
     def to_json(self) -> dict[str, Any]:
-        return {"decision": "permit" if self.permit else "deny",
-                "reasons": [r.to_json() for r in self.reasons]}
+        return {
+            "decision": "permit" if self.permit else "deny",
+            "reasons": [r.to_json() for r in self.reasons],
+        }
 
 
 def _purpose_failure(node: Provision, request: StudyRequest) -> tuple[str, str] | None:
@@ -90,8 +98,10 @@ def _purpose_failure(node: Provision, request: StudyRequest) -> tuple[str, str] 
                 disease = request.disease
                 assert disease is not None  # StudyRequest guarantees it for DS
                 if not any(icd10_within(disease, d) for d in node.diseases):
-                    ok, why = False, (f"disease {disease} is not {' or '.join(node.diseases)} "
-                                      "nor below it in ICD-10")
+                    ok, why = (
+                        False,
+                        (f"disease {disease} is not {' or '.join(node.diseases)} nor below it in ICD-10"),
+                    )
         else:
             ok, why = _overlaps(term, node.diseases, request)
         if ok:
@@ -114,8 +124,10 @@ def _overlaps(term: str, diseases: tuple[str, ...], request: StudyRequest) -> tu
     if purpose == duo.DS:
         disease = request.disease
         assert disease is not None
-        return (any(icd10_related(disease, d) for d in diseases),
-                f"disease {disease} is unrelated to {' or '.join(diseases)}")
+        return (
+            any(icd10_related(disease, d) for d in diseases),
+            f"disease {disease} is unrelated to {' or '.join(diseases)}",
+        )
     return False, "the study does not overlap disease-specific research"
 
 
@@ -130,7 +142,9 @@ def _modifier_failures(node: Provision, request: StudyRequest, category: str) ->
                 out.append((term, "ethics (IRB/ERB) approval required but not present"))
         elif term == duo.GS:
             if request.region not in node.regions:
-                out.append((term, f"use limited to {', '.join(node.regions)}; study region is {request.region}"))
+                out.append(
+                    (term, f"use limited to {', '.join(node.regions)}; study region is {request.region}")
+                )
         elif term == duo.IS:
             if request.organisation not in node.organisations:
                 out.append((term, f"organisation {request.organisation} is not an approved institution"))
@@ -155,14 +169,18 @@ def _modifier_failures(node: Provision, request: StudyRequest, category: str) ->
                 out.append((term, "population origins or ancestry research is prohibited"))
         elif term == duo.NMDS and request.methods_development:
             disease = request.disease
-            if request.purpose != duo.DS or disease is None or not any(
-                    icd10_within(disease, d) for d in node.diseases):
+            if (
+                request.purpose != duo.DS
+                or disease is None
+                or not any(icd10_within(disease, d) for d in node.diseases)
+            ):
                 out.append((term, "methods development allowed only within the consented disease"))
     return out
 
 
-def _failures(node: Provision, request: StudyRequest, category: str,
-              instant: datetime) -> list[tuple[str | None, str]]:
+def _failures(
+    node: Provision, request: StudyRequest, category: str, instant: datetime
+) -> list[tuple[str | None, str]]:
     """Every condition of `node` that does not match (empty: the node applies)."""
     out: list[tuple[str | None, str]] = []
     if node.data_categories and category not in node.data_categories:
@@ -181,18 +199,34 @@ def _failures(node: Provision, request: StudyRequest, category: str,
     if node.users and request.researcher not in node.users:
         out.append((None, f"researcher {request.researcher} not in {', '.join(node.users)}"))
     if node.commercial is not None and node.commercial != request.commercial:
-        out.append((None, "rule is for commercial use only" if node.commercial
-                    else "rule is for non-commercial use only"))
+        out.append(
+            (
+                None,
+                "rule is for commercial use only"
+                if node.commercial
+                else "rule is for non-commercial use only",
+            )
+        )
     if node.type == "permit" and node.modifiers:
         out.extend(_modifier_failures(node, request, category))
     return out
 
 
 def _describe(node: Provision) -> str:
-    parts = [f"{name}={','.join(values)}" for name, values in (
-        ("purposes", node.purposes), ("diseases", node.diseases), ("modifiers", node.modifiers),
-        ("categories", node.data_categories), ("organisations", node.organisations),
-        ("regions", node.regions), ("projects", node.projects), ("users", node.users)) if values]
+    parts = [
+        f"{name}={','.join(values)}"
+        for name, values in (
+            ("purposes", node.purposes),
+            ("diseases", node.diseases),
+            ("modifiers", node.modifiers),
+            ("categories", node.data_categories),
+            ("organisations", node.organisations),
+            ("regions", node.regions),
+            ("projects", node.projects),
+            ("users", node.users),
+        )
+        if values
+    ]
     if node.commercial is not None:
         parts.append(f"commercial={str(node.commercial).lower()}")
     if node.period is not None:
@@ -200,18 +234,37 @@ def _describe(node: Provision) -> str:
     return f" ({'; '.join(parts)})" if parts else " (unconditional)"
 
 
-def _decide(node: Provision, path: str, request: StudyRequest, category: str, instant: datetime,
-            decisive: list[Reason], skipped: list[Reason]) -> Literal["permit", "deny"] | None:
+def _decide(
+    node: Provision,
+    *,
+    path: str,
+    request: StudyRequest,
+    category: str,
+    instant: datetime,
+    decisive: list[Reason],
+    skipped: list[Reason],
+) -> Literal["permit", "deny"] | None:
     failures = _failures(node, request, category, instant)
     if failures:
         for term, why in failures:
-            skipped.append(Reason("not-applicable", path, f"{node.type} rule does not apply: {why}",
-                                  category, term or None))
+            skipped.append(
+                Reason(
+                    "not-applicable", path, f"{node.type} rule does not apply: {why}", category, term or None
+                )
+            )
         return None
     child_decisive: dict[str, list[Reason]] = {"permit": [], "deny": []}
     for i, child in enumerate(node.provisions):
         found: list[Reason] = []
-        result = _decide(child, f"{path}.provisions[{i}]", request, category, instant, found, skipped)
+        result = _decide(
+            child,
+            path=f"{path}.provisions[{i}]",
+            request=request,
+            category=category,
+            instant=instant,
+            decisive=found,
+            skipped=skipped,
+        )
         if result is not None:
             child_decisive[result].extend(found)
     if child_decisive["deny"]:
@@ -234,17 +287,32 @@ def evaluate(contract: Contract, request: StudyRequest, instant: datetime) -> De
         reasons.append(Reason("inactive", "status", f"consent status is {contract.status}, not active"))
     if contract.period is not None and not contract.period.contains(instant):
         reasons.append(Reason("outside-validity", "period", "the instant is outside the consent's validity"))
-    if contract.max_epsilon is not None and (request.epsilon is None or request.epsilon > contract.max_epsilon):
+    if contract.max_epsilon is not None and (
+        request.epsilon is None or request.epsilon > contract.max_epsilon
+    ):
         asked = "no epsilon" if request.epsilon is None else f"epsilon {request.epsilon}"
-        reasons.append(Reason("privacy-cap", "max_epsilon",
-                              f"the study asks {asked}; the consent caps it at {contract.max_epsilon}"))
+        reasons.append(
+            Reason(
+                "privacy-cap",
+                "max_epsilon",
+                f"the study asks {asked}; the consent caps it at {contract.max_epsilon}",
+            )
+        )
     if reasons:
         return Decision(False, tuple(reasons))
     permit = True
     for category in request.data_categories:
         decisive: list[Reason] = []
         skipped: list[Reason] = []
-        result = _decide(contract.provision, "provision", request, category, instant, decisive, skipped)
+        result = _decide(
+            contract.provision,
+            path="provision",
+            request=request,
+            category=category,
+            instant=instant,
+            decisive=decisive,
+            skipped=skipped,
+        )
         if result == "permit":
             reasons.extend(decisive)
         elif result == "deny":
@@ -257,8 +325,9 @@ def evaluate(contract: Contract, request: StudyRequest, instant: datetime) -> De
     return Decision(permit, tuple(reasons))
 
 
-def evaluate_many(contracts: Iterable[Contract], request: StudyRequest,
-                  instant: datetime) -> dict[str, Decision]:
+def evaluate_many(
+    contracts: Iterable[Contract], request: StudyRequest, instant: datetime
+) -> dict[str, Decision]:
     """Evaluate each distinct contract once, keyed by content hash."""
     out: dict[str, Decision] = {}
     for contract in contracts:

@@ -41,10 +41,16 @@ V3_PURPOSES = {"HRESCH": duo.HMB, "BIORCH": duo.HMB}
 RECIPIENT_ROLES = {"PRCP", "IRCP"}
 #: FHIR resource types that are one of our data categories (Observation is ambiguous: use `code`).
 RESOURCE_CATEGORIES = {
-    "Patient": "demographics", "Condition": "diagnoses", "Procedure": "procedures",
-    "MedicationRequest": "medications", "MedicationStatement": "medications",
-    "MedicationAdministration": "medications", "MedicationDispense": "medications",
-    "ImagingStudy": "imaging", "MolecularSequence": "genomics", "DocumentReference": "notes",
+    "Patient": "demographics",
+    "Condition": "diagnoses",
+    "Procedure": "procedures",
+    "MedicationRequest": "medications",
+    "MedicationStatement": "medications",
+    "MedicationAdministration": "medications",
+    "MedicationDispense": "medications",
+    "ImagingStudy": "imaging",
+    "MolecularSequence": "genomics",
+    "DocumentReference": "notes",
 }
 OBSERVATION_CATEGORIES = {"laboratory": "labs", "vital-signs": "vitals", "imaging": "imaging"}
 USE_ACTIONS = {"use", "access"}
@@ -60,22 +66,32 @@ class FhirImportError(ValueError):
 
 
 def detect_version(data: dict[str, Any]) -> FhirVersion:
-    """R5 when `provision` is a list or R5-only elements appear; R4 when `provision` is an object or R4-only ones."""
+    """R5 when `provision` is a list or R5-only elements appear; R4 when it is an object or R4-only ones."""
     provision = data.get("provision")
     if isinstance(provision, list):
         return "R5"
     if isinstance(provision, dict):
         return "R4"
-    r5 = {"decision", "subject", "date", "controller", "grantor", "grantee", "manager", "policyBasis",
-          "regulatoryBasis", "policyText"}
+    r5 = {
+        "decision",
+        "subject",
+        "date",
+        "controller",
+        "grantor",
+        "grantee",
+        "manager",
+        "policyBasis",
+        "regulatoryBasis",
+        "policyText",
+    }
     return "R5" if r5 & data.keys() else "R4"
 
 
 def _ref_id(reference: Any, kind: str) -> str | None:
     text = getattr(reference, "reference", None) if reference is not None else None
-    if not text or not text.startswith(f"{kind}/") or "/" in text[len(kind) + 1:]:
+    if not text or not text.startswith(f"{kind}/") or "/" in text[len(kind) + 1 :]:
         return None
-    return str(text[len(kind) + 1:])
+    return str(text[len(kind) + 1 :])
 
 
 def _instant(value: Any) -> datetime | None:
@@ -123,15 +139,19 @@ class _Mapper:
                 self.refuse(f"{path}.{name}", f"not mapped: {why}")
 
     def provision(self, node: Any, path: str, type_: str) -> Provision | None:
-        self.unmapped(node, path, {
-            "dataPeriod": "a period of the data itself (not of the use) has no contract equivalent",
-            "data": "rules about specific resource instances cannot be evaluated per study",
-            "securityLabel": "security labels are not carried by records here",
-            "expression": "computable expressions are not evaluated",
-            "documentType": "document types are not data categories",
-            "extension": "extensions are not interpreted",
-            "modifierExtension": "a modifier extension changes the meaning and is not understood",
-        })
+        self.unmapped(
+            node,
+            path,
+            {
+                "dataPeriod": "a period of the data itself (not of the use) has no contract equivalent",
+                "data": "rules about specific resource instances cannot be evaluated per study",
+                "securityLabel": "security labels are not carried by records here",
+                "expression": "computable expressions are not evaluated",
+                "documentType": "document types are not data categories",
+                "extension": "extensions are not interpreted",
+                "modifierExtension": "a modifier extension changes the meaning and is not understood",
+            },
+        )
         fields: dict[str, Any] = {"type": type_}
         fields["period"] = _period(node.period, f"{path}.period", self.errors)
         orgs: list[str] = []
@@ -139,14 +159,19 @@ class _Mapper:
             apath = f"{path}.actor[{i}]"
             org = _ref_id(actor.reference, "Organization")
             if org is None:
-                self.refuse(f"{apath}.reference", "only a reference Organization/<id> is mapped (an organisation)")
+                self.refuse(
+                    f"{apath}.reference", "only a reference Organization/<id> is mapped (an organisation)"
+                )
             else:
                 orgs.append(org)
             for coding in _codings([actor.role] if actor.role is not None else []):
                 if coding is None or coding.system != V3_PARTICIPATION or coding.code not in RECIPIENT_ROLES:
                     code = "text only" if coding is None else f"{coding.system}#{coding.code}"
-                    self.refuse(f"{apath}.role", f"role {code} is not a data recipient role "
-                                                 f"({', '.join(sorted(RECIPIENT_ROLES))} of v3-ParticipationType)")
+                    self.refuse(
+                        f"{apath}.role",
+                        f"role {code} is not a data recipient role "
+                        f"({', '.join(sorted(RECIPIENT_ROLES))} of v3-ParticipationType)",
+                    )
         fields["organisations"] = tuple(orgs)
         actions = set()
         for coding in _codings(node.action):
@@ -155,8 +180,11 @@ class _Mapper:
             else:
                 actions.add(coding.code)
         if node.action and not actions & USE_ACTIONS:
-            self.refuse(f"{path}.action", f"actions {sorted(actions)} do not govern use or access of the data, "
-                                          "which is all a contract governs")
+            self.refuse(
+                f"{path}.action",
+                f"actions {sorted(actions)} do not govern use or access of the data, "
+                "which is all a contract governs",
+            )
         purposes: list[str] = []
         modifiers: list[str] = []
         for i, coding in enumerate(node.purpose or []):
@@ -180,8 +208,11 @@ class _Mapper:
                 if coding.code in V3_PURPOSES:
                     purposes.append(V3_PURPOSES[coding.code])
                 else:
-                    self.refuse(ppath, f"v3 PurposeOfUse {coding.code} has no faithful DUO equivalent "
-                                       f"(mapped: {', '.join(sorted(V3_PURPOSES))})")
+                    self.refuse(
+                        ppath,
+                        f"v3 PurposeOfUse {coding.code} has no faithful DUO equivalent "
+                        f"(mapped: {', '.join(sorted(V3_PURPOSES))})",
+                    )
             else:
                 self.refuse(ppath, f"unknown purpose system {coding.system!r} (use DUO or v3 PurposeOfUse)")
         fields["purposes"] = tuple(purposes)
@@ -196,8 +227,11 @@ class _Mapper:
             elif coding.system == CATEGORY_SYSTEM:
                 categories.append(coding.code or "")
             elif coding.system == RESOURCE_TYPES and coding.code == "Observation":
-                self.refuse(cpath, "Observation is ambiguous (labs or vitals): state the observation "
-                                   "category in provision.code instead")
+                self.refuse(
+                    cpath,
+                    "Observation is ambiguous (labs or vitals): state the observation "
+                    "category in provision.code instead",
+                )
             else:
                 self.refuse(cpath, f"{coding.system}#{coding.code} is not a mapped data category")
         diseases: list[str] = []
@@ -215,14 +249,18 @@ class _Mapper:
             elif coding.system == CATEGORY_SYSTEM:
                 categories.append(coding.code or "")
             else:
-                self.refuse(cpath, f"{coding.system}#{coding.code} is neither an ICD-10 disease nor a data category")
+                self.refuse(
+                    cpath, f"{coding.system}#{coding.code} is neither an ICD-10 disease nor a data category"
+                )
         fields["data_categories"] = tuple(categories)
         fields["diseases"] = tuple(diseases)
         if duo.IS in modifiers and not orgs:
             self.refuse(f"{path}.purpose", "the IS modifier needs the approved institutions as actors")
         for term, field in ((duo.GS, "regions"), (duo.PS, "projects"), (duo.US, "users")):
             if term in modifiers:
-                self.refuse(f"{path}.purpose", f"{duo.label(term)} needs {field}, which a FHIR Consent cannot state")
+                self.refuse(
+                    f"{path}.purpose", f"{duo.label(term)} needs {field}, which a FHIR Consent cannot state"
+                )
         if duo.MOR in modifiers:
             self.refuse(f"{path}.purpose", "MOR needs a moratorium date, which a FHIR Consent cannot state")
         nested_type = type_ if self.version == "R4" else ("deny" if type_ == "permit" else "permit")
@@ -248,8 +286,13 @@ class _Mapper:
             return None
 
 
-def from_fhir(data: dict[str, Any] | str | bytes, *, hospital: str | None = None,
-              version: FhirVersion | None = None, previous: Contract | None = None) -> Contract:
+def from_fhir(
+    data: dict[str, Any] | str | bytes,
+    *,
+    hospital: str | None = None,
+    version: FhirVersion | None = None,
+    previous: Contract | None = None,
+) -> Contract:
     """Map a FHIR Consent (R4 or R5 JSON, detected unless given) to a contract, or raise FhirImportError.
 
     `hospital` defaults to the consent's custodian (R4 `organization[0]`, R5 `controller[0]`,
@@ -273,13 +316,21 @@ def from_fhir(data: dict[str, Any] | str | bytes, *, hospital: str | None = None
 
             resource = ConsentR5.model_validate(data)
     except ValidationError as exc:
-        raise FhirImportError([f"Consent.{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (FHIR {version})"
-                               for e in exc.errors()]) from exc
+        raise FhirImportError(
+            [
+                f"Consent.{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (FHIR {version})"
+                for e in exc.errors()
+            ]
+        ) from exc
     mapper = _Mapper(version)
-    mapper.unmapped(resource, "Consent", {
-        "extension": "extensions are not interpreted",
-        "modifierExtension": "a modifier extension changes the meaning and is not understood",
-    })
+    mapper.unmapped(
+        resource,
+        "Consent",
+        {
+            "extension": "extensions are not interpreted",
+            "modifierExtension": "a modifier extension changes the meaning and is not understood",
+        },
+    )
     if not resource.id:
         mapper.refuse("Consent.id", "needed as the contract id")
     policy: list[str] = []
@@ -290,7 +341,9 @@ def from_fhir(data: dict[str, Any] | str | bytes, *, hospital: str | None = None
         issued_path = "Consent.dateTime"
         for coding in _codings([resource.scope]):
             if coding is None or coding.system != CONSENT_SCOPE or coding.code not in SCOPES:
-                mapper.refuse("Consent.scope", f"only {', '.join(sorted(SCOPES))} consents govern research use")
+                mapper.refuse(
+                    "Consent.scope", f"only {', '.join(sorted(SCOPES))} consents govern research use"
+                )
         for coding in _codings([resource.policyRule] if resource.policyRule else []):
             if coding is not None:
                 policy.append(f"{coding.system}#{coding.code}")
@@ -309,9 +362,13 @@ def from_fhir(data: dict[str, Any] | str | bytes, *, hospital: str | None = None
         custodian = _ref_id((resource.controller or [None])[0], "Organization")
         issued = _instant(resource.date)
         issued_path = "Consent.date"
-        mapper.unmapped(resource, "Consent", {
-            "grantee": "who receives the rights: state recipients as provision.actor",
-        })
+        mapper.unmapped(
+            resource,
+            "Consent",
+            {
+                "grantee": "who receives the rights: state recipients as provision.actor",
+            },
+        )
         if resource.policyBasis is not None:
             basis = resource.policyBasis
             policy.append(basis.url or getattr(basis.reference, "reference", None) or "")
@@ -331,24 +388,38 @@ def from_fhir(data: dict[str, Any] | str | bytes, *, hospital: str | None = None
                     children.append(mapped)
             root = None if mapper.errors else Provision(type=resource.decision, provisions=tuple(children))
     if pseudonym is None:
-        mapper.refuse("Consent.patient" if version == "R4" else "Consent.subject", "needs a reference Patient/<pseudonym>")
+        mapper.refuse(
+            "Consent.patient" if version == "R4" else "Consent.subject",
+            "needs a reference Patient/<pseudonym>",
+        )
     hospital = hospital or custodian
     if hospital is None:
-        mapper.refuse("Consent.organization" if version == "R4" else "Consent.controller",
-                      "needs Organization/<hospital id> (or pass the hospital explicitly)")
+        mapper.refuse(
+            "Consent.organization" if version == "R4" else "Consent.controller",
+            "needs Organization/<hospital id> (or pass the hospital explicitly)",
+        )
     if issued is None:
-        mapper.refuse(issued_path, "needs the date the consent was given (with a time zone if a time is given)")
+        mapper.refuse(
+            issued_path, "needs the date the consent was given (with a time zone if a time is given)"
+        )
     if mapper.errors or root is None:
         raise FhirImportError(mapper.errors or ["Consent: nothing to import"])
     fields: dict[str, Any] = {
-        "contract_id": resource.id, "pseudonym": pseudonym, "hospital": hospital, "issued": issued,
-        "status": resource.status, "period": validity, "policy_basis": tuple(p for p in policy if p),
-        "provision": root, "version": 1,
+        "contract_id": resource.id,
+        "pseudonym": pseudonym,
+        "hospital": hospital,
+        "issued": issued,
+        "status": resource.status,
+        "period": validity,
+        "policy_basis": tuple(p for p in policy if p),
+        "provision": root,
+        "version": 1,
     }
     if previous is not None:
         fields.update(version=previous.version + 1, supersedes=previous.content_hash)
     try:
         return Contract(**fields)
     except ValidationError as exc:
-        raise FhirImportError([f"Consent ({'.'.join(str(p) for p in e['loc'])}): {e['msg']}"
-                               for e in exc.errors()]) from exc
+        raise FhirImportError(
+            [f"Consent ({'.'.join(str(p) for p in e['loc'])}): {e['msg']}" for e in exc.errors()]
+        ) from exc

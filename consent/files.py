@@ -1,4 +1,4 @@
-"""Reading contract files: a native contract (signed or not) or a FHIR Consent (R4/R5), told apart by content."""
+"""Reading contract files: native contracts (signed or not) or FHIR Consents (R4/R5), told apart."""
 
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ class LoadedContract:
 
 
 def _pydantic_reasons(exc: ValidationError) -> list[str]:
-    return [f"{'.'.join(str(p) for p in e['loc']) or '(document)'}: {str(e['msg']).removeprefix('Value error, ')}"
-            for e in exc.errors()]
+    return [
+        f"{'.'.join(str(p) for p in e['loc']) or '(document)'}: {str(e['msg']).removeprefix('Value error, ')}"
+        for e in exc.errors()
+    ]
 
 
 def parse_contract(data: Any, *, hospital: str | None = None) -> LoadedContract:

@@ -43,10 +43,11 @@ class GateResult:
     """Eligible records and why the others were excluded.
 
     `eligible` is a boolean mask aligned with the input records (which rows to train on);
-    `eligible_pseudonyms` the distinct pseudonyms of the eligible records, sorted; `excluded_by_reason` counts excluded records
-    by `Decision.exclusion` key (plus `no-contract` for a hash with no contract and
-    `pseudonym-mismatch` for a record whose contract is about another pseudonym); `commitment` as in
-    the module docstring; `decisions` the one decision made per distinct contract hash.
+    `eligible_pseudonyms` the distinct pseudonyms of the eligible records, sorted;
+    `excluded_by_reason` counts excluded records by `Decision.exclusion` key (plus `no-contract`
+    for a hash with no contract and `pseudonym-mismatch` for a record whose contract is about
+    another pseudonym); `commitment` as in the module docstring; `decisions` the one decision
+    made per distinct contract hash.
     """
 
     eligible: npt.NDArray[np.bool_]
@@ -66,8 +67,9 @@ def commitment(pairs: Iterable[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
-def _as_arrays(records: Iterable[tuple[str, str]] | tuple[Sequence[str] | pa.Array, Sequence[str] | pa.Array],
-               ) -> tuple[pa.Array, pa.Array]:
+def _as_arrays(
+    records: Iterable[tuple[str, str]] | tuple[Sequence[str] | pa.Array, Sequence[str] | pa.Array],
+) -> tuple[pa.Array, pa.Array]:
     if isinstance(records, tuple) and len(records) == 2 and not isinstance(records[0], str):
         pseudonyms, hashes = records
         if isinstance(pseudonyms, pa.ChunkedArray):
@@ -81,8 +83,9 @@ def _as_arrays(records: Iterable[tuple[str, str]] | tuple[Sequence[str] | pa.Arr
         try:  # one conversion of the pairs as a struct array is ~2x faster than two columns
             table = pa.array(pairs, _PAIR)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise ValueError(f"records: each record must be a (pseudonym, contract hash) pair of strings: {exc}"
-                             ) from exc
+            raise ValueError(
+                f"records: each record must be a (pseudonym, contract hash) pair of strings: {exc}"
+            ) from exc
         if table.null_count:
             raise ValueError("records: a record is missing (null)")
         p = table.field(0)
@@ -94,8 +97,12 @@ def _as_arrays(records: Iterable[tuple[str, str]] | tuple[Sequence[str] | pa.Arr
     return p.cast(pa.string()), h.cast(pa.string())
 
 
-def gate(records: Iterable[tuple[str, str]] | tuple[Sequence[str] | pa.Array, Sequence[str] | pa.Array],
-         contracts: Mapping[str, Contract], request: StudyRequest, instant: datetime) -> GateResult:
+def gate(
+    records: Iterable[tuple[str, str]] | tuple[Sequence[str] | pa.Array, Sequence[str] | pa.Array],
+    contracts: Mapping[str, Contract],
+    request: StudyRequest,
+    instant: datetime,
+) -> GateResult:
     """Gate records `(pseudonym, contract_hash)` for `request` at `instant`.
 
     `records` is an iterable of pairs, or a pair of columns (Python sequences or Arrow arrays,
@@ -172,8 +179,12 @@ def gate(records: Iterable[tuple[str, str]] | tuple[Sequence[str] | pa.Array, Se
     )
 
 
-def gate_naive(records: Iterable[tuple[str, str]], contracts: Mapping[str, Contract], request: StudyRequest,
-               instant: datetime) -> GateResult:
+def gate_naive(
+    records: Iterable[tuple[str, str]],
+    contracts: Mapping[str, Contract],
+    request: StudyRequest,
+    instant: datetime,
+) -> GateResult:
     """The obvious per-record loop (one evaluation per record): the reference `gate` must equal."""
     eligible: list[bool] = []
     pseudonyms: list[str] = []

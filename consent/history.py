@@ -83,8 +83,9 @@ class ContractRegistry:
             self._histories[key] = history
         else:
             if history.latest.contract_id != contract.contract_id:
-                raise HistoryError(f"contract_id: {contract.pseudonym} already has contract "
-                                   f"{history.latest.contract_id}")
+                raise HistoryError(
+                    f"contract_id: {contract.pseudonym} already has contract {history.latest.contract_id}"
+                )
             history.add(contract)
         self._by_hash[contract.content_hash] = contract
 
@@ -105,7 +106,9 @@ class ContractRegistry:
                 out[pseudonym] = contract
         return out
 
-    def records_at(self, pseudonyms: Iterable[str], hospital: str, instant: datetime) -> list[tuple[str, str]]:
+    def records_at(
+        self, pseudonyms: Iterable[str], hospital: str, instant: datetime
+    ) -> list[tuple[str, str]]:
         """(pseudonym, hash of the version in force) for gating; a pseudonym with none maps to ""."""
         out = []
         for pseudonym in pseudonyms:

@@ -33,10 +33,12 @@ from audit.signing import Signer, b64decode, b64encode, canonical, key_id, sha25
 from consent import duo
 from consent.codes import normalize_category, normalize_icd10, normalize_region
 
-FORMAT = "consent-contract/1"
-SIGNED_FORMAT = "consent-contract-signed/1"
+FORMAT: Literal["consent-contract/1"] = "consent-contract/1"
+SIGNED_FORMAT: Literal["consent-contract-signed/1"] = "consent-contract-signed/1"
 
-Status = Literal["active", "inactive", "draft", "proposed", "rejected", "entered-in-error", "not-done", "unknown"]
+Status = Literal[
+    "active", "inactive", "draft", "proposed", "rejected", "entered-in-error", "not-done", "unknown"
+]
 
 
 def _utc(value: datetime) -> datetime:
@@ -112,8 +114,10 @@ class Provision(_Model):
         for value in values:
             term = duo.normalize(value)
             if term not in duo.PERMISSIONS:
-                raise ValueError(f"{value!r} is a DUO {duo.TERMS[term].kind}, not a data use permission "
-                                 f"(one of {', '.join(sorted(duo.label(t) for t in duo.PERMISSIONS))})")
+                raise ValueError(
+                    f"{value!r} is a DUO {duo.TERMS[term].kind}, not a data use permission "
+                    f"(one of {', '.join(sorted(duo.label(t) for t in duo.PERMISSIONS))})"
+                )
             out.append(term)
         return _sorted_unique(tuple(out))
 
@@ -159,8 +163,12 @@ class Provision(_Model):
             raise ValueError("diseases: the DS purpose (DUO:0000007) needs at least one ICD-10 disease")
         if mods and self.type == "deny":
             raise ValueError("modifiers: DUO modifiers restrict a permission; a deny rule cannot carry them")
-        needs = [(duo.GS, self.regions, "regions"), (duo.IS, self.organisations, "organisations"),
-                 (duo.PS, self.projects, "projects"), (duo.US, self.users, "users")]
+        needs = [
+            (duo.GS, self.regions, "regions"),
+            (duo.IS, self.organisations, "organisations"),
+            (duo.PS, self.projects, "projects"),
+            (duo.US, self.users, "users"),
+        ]
         for term, values, field in needs:
             if term in mods and not values:
                 raise ValueError(f"{field}: the {duo.label(term)} modifier needs the allowed {field}")
@@ -218,7 +226,9 @@ class Contract(_Model):
         if self.version == 1 and self.supersedes is not None:
             raise ValueError("supersedes: version 1 supersedes nothing")
         if self.version > 1 and self.supersedes is None:
-            raise ValueError(f"supersedes: version {self.version} must name the hash of the version it replaces")
+            raise ValueError(
+                f"supersedes: version {self.version} must name the hash of the version it replaces"
+            )
         return self
 
     def to_json(self) -> dict[str, Any]:
@@ -267,16 +277,23 @@ class SignedContract(_Model):
         return self.contract
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": self.format, "contract": self.contract.to_json(),
-                "public_key": self.public_key, "signature": self.signature}
+        return {
+            "format": self.format,
+            "contract": self.contract.to_json(),
+            "public_key": self.public_key,
+            "signature": self.signature,
+        }
 
 
 def sign(contract: Contract, signer: Signer) -> SignedContract:
     """Stamp the issuer key id into the contract and sign its canonical encoding."""
     stamped = contract.model_copy(update={"issuer_key": signer.key_id})
     stamped = Contract.model_validate(stamped.model_dump())
-    return SignedContract(contract=stamped, public_key=signer.public_key_b64,
-                          signature=b64encode(signer.sign(stamped.canonical_bytes)))
+    return SignedContract(
+        contract=stamped,
+        public_key=signer.public_key_b64,
+        signature=b64encode(signer.sign(stamped.canonical_bytes)),
+    )
 
 
 def next_version(previous: Contract, provision: Provision, issued: datetime, **changes: Any) -> Contract:
@@ -285,8 +302,13 @@ def next_version(previous: Contract, provision: Provision, issued: datetime, **c
         raise ValueError("issued: a new version cannot predate the one it supersedes")
     data = previous.model_dump()
     data.update(changes)
-    data.update(version=previous.version + 1, supersedes=previous.content_hash, issued=issued,
-                issuer_key=None, provision=provision)
+    data.update(
+        version=previous.version + 1,
+        supersedes=previous.content_hash,
+        issued=issued,
+        issuer_key=None,
+        provision=provision,
+    )
     return Contract.model_validate(data)
 
 

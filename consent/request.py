@@ -44,8 +44,10 @@ class StudyRequest(_Model):
     def _purpose(cls, value: str) -> str:
         term = duo.normalize(value)
         if term not in duo.REQUEST_PURPOSES:
-            raise ValueError(f"{value!r} cannot be a study purpose; use one of "
-                             f"{', '.join(sorted(duo.label(t) for t in duo.REQUEST_PURPOSES))}")
+            raise ValueError(
+                f"{value!r} cannot be a study purpose; use one of "
+                f"{', '.join(sorted(duo.label(t) for t in duo.REQUEST_PURPOSES))}"
+            )
         return term
 
     @field_validator("disease", mode="after")
@@ -70,8 +72,10 @@ class StudyRequest(_Model):
         for value in values:
             term = duo.normalize(value)
             if term not in duo.OBLIGATIONS:
-                raise ValueError(f"{value!r} is not an obligation a researcher can accept "
-                                 f"(one of {', '.join(sorted(duo.label(t) for t in duo.OBLIGATIONS))})")
+                raise ValueError(
+                    f"{value!r} is not an obligation a researcher can accept "
+                    f"(one of {', '.join(sorted(duo.label(t) for t in duo.OBLIGATIONS))})"
+                )
             out.add(term)
         return tuple(sorted(out))
 

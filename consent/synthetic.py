@@ -26,8 +26,17 @@ from audit.signing import Signer
 from consent import duo
 from consent.model import Contract, Provision, SignedContract, revoke, sign
 
-ALL_CATEGORIES = ("demographics", "diagnoses", "procedures", "labs", "vitals", "medications", "imaging",
-                  "genomics", "notes")
+ALL_CATEGORIES = (
+    "demographics",
+    "diagnoses",
+    "procedures",
+    "labs",
+    "vitals",
+    "medications",
+    "imaging",
+    "genomics",
+    "notes",
+)
 DISEASE_AREAS = ("C50", "E11", "I10-I15", "I21", "J45", "C00-C97", "F32", "G30")
 EU = ("AT", "BE", "DE", "DK", "ES", "FI", "FR", "IE", "IT", "NL", "PT", "SE")
 DEFAULT_ISSUED = datetime(2026, 1, 1, tzinfo=UTC)
@@ -37,18 +46,27 @@ def _provision(kind: str, rng: random.Random) -> Provision:
     if kind == "gru":
         return Provision(type="permit", purposes=(duo.GRU,))
     if kind == "hmb-no-commercial-deny":
-        return Provision(type="permit", purposes=(duo.HMB,), provisions=(Provision(type="deny", commercial=True),))
+        return Provision(
+            type="permit", purposes=(duo.HMB,), provisions=(Provision(type="deny", commercial=True),)
+        )
     if kind == "ds":
-        return Provision(type="permit", purposes=(duo.DS,), diseases=(rng.choice(DISEASE_AREAS),),
-                         modifiers=(duo.IRB,))
+        return Provision(
+            type="permit", purposes=(duo.DS,), diseases=(rng.choice(DISEASE_AREAS),), modifiers=(duo.IRB,)
+        )
     if kind == "hmb-ncu":
         return Provision(type="permit", purposes=(duo.HMB,), modifiers=(duo.NCU,))
     if kind == "hmb-deny-org":
-        return Provision(type="permit", purposes=(duo.HMB,),
-                         provisions=(Provision(type="deny", organisations=("pharma-x",)),))
+        return Provision(
+            type="permit",
+            purposes=(duo.HMB,),
+            provisions=(Provision(type="deny", organisations=("pharma-x",)),),
+        )
     if kind == "gru-no-genomics":
-        return Provision(type="permit", purposes=(duo.GRU,),
-                         provisions=(Provision(type="deny", data_categories=("genomics",)),))
+        return Provision(
+            type="permit",
+            purposes=(duo.GRU,),
+            provisions=(Provision(type="deny", data_categories=("genomics",)),),
+        )
     if kind == "poa":
         return Provision(type="permit", purposes=(duo.POA,))
     if kind == "gru-eu":
@@ -56,13 +74,29 @@ def _provision(kind: str, rng: random.Random) -> Provision:
     return Provision(type="deny")
 
 
-_MIX = (("gru", 30), ("hmb-no-commercial-deny", 15), ("ds", 15), ("hmb-ncu", 10), ("hmb-deny-org", 8),
-        ("gru-no-genomics", 7), ("poa", 5), ("gru-eu", 5), ("opt-out", 5))
+_MIX = (
+    ("gru", 30),
+    ("hmb-no-commercial-deny", 15),
+    ("ds", 15),
+    ("hmb-ncu", 10),
+    ("hmb-deny-org", 8),
+    ("gru-no-genomics", 7),
+    ("poa", 5),
+    ("gru-eu", 5),
+    ("opt-out", 5),
+)
 
 
-def make_signed_contracts(pseudonyms: Sequence[str], hospital_id: str, signer: Signer, seed: int, *,
-                          issued: datetime = DEFAULT_ISSUED, revoke_fraction: float = 0.05,
-                          revoked_at: datetime | None = None) -> list[SignedContract]:
+def make_signed_contracts(
+    pseudonyms: Sequence[str],
+    hospital_id: str,
+    signer: Signer,
+    seed: int,
+    *,
+    issued: datetime = DEFAULT_ISSUED,
+    revoke_fraction: float = 0.05,
+    revoked_at: datetime | None = None,
+) -> list[SignedContract]:
     """Like `make_contracts`, with each contract's signature."""
     rng = random.Random(seed)
     kinds = [k for k, _ in _MIX]
@@ -75,9 +109,16 @@ def make_signed_contracts(pseudonyms: Sequence[str], hospital_id: str, signer: S
         account = None
         if rng.random() < 0.4:
             account = "acct-" + hashlib.sha256(f"{seed}:{hospital_id}:{pseudonym}".encode()).hexdigest()[:16]
-        contract = Contract(contract_id=f"{hospital_id}:{pseudonym}", pseudonym=pseudonym, hospital=hospital_id,
-                            version=1, issued=issued, provision=_provision(kind, rng), max_epsilon=cap,
-                            reward_account=account)
+        contract = Contract(
+            contract_id=f"{hospital_id}:{pseudonym}",
+            pseudonym=pseudonym,
+            hospital=hospital_id,
+            version=1,
+            issued=issued,
+            provision=_provision(kind, rng),
+            max_epsilon=cap,
+            reward_account=account,
+        )
         signed = sign(contract, signer)
         out.append(signed)
         if rng.random() < revoke_fraction:
@@ -86,9 +127,26 @@ def make_signed_contracts(pseudonyms: Sequence[str], hospital_id: str, signer: S
     return out + revocations
 
 
-def make_contracts(pseudonyms: Sequence[str], hospital_id: str, signer: Signer, seed: int, *,
-                   issued: datetime = DEFAULT_ISSUED, revoke_fraction: float = 0.05,
-                   revoked_at: datetime | None = None) -> list[Contract]:
+def make_contracts(
+    pseudonyms: Sequence[str],
+    hospital_id: str,
+    signer: Signer,
+    seed: int,
+    *,
+    issued: datetime = DEFAULT_ISSUED,
+    revoke_fraction: float = 0.05,
+    revoked_at: datetime | None = None,
+) -> list[Contract]:
     """A realistic, seeded mix of signed contracts for `pseudonyms` (all versions; see module doc)."""
-    return [s.contract for s in make_signed_contracts(pseudonyms, hospital_id, signer, seed, issued=issued,
-                                                      revoke_fraction=revoke_fraction, revoked_at=revoked_at)]
+    return [
+        s.contract
+        for s in make_signed_contracts(
+            pseudonyms,
+            hospital_id,
+            signer,
+            seed,
+            issued=issued,
+            revoke_fraction=revoke_fraction,
+            revoked_at=revoked_at,
+        )
+    ]

@@ -14,8 +14,9 @@ from consent.evaluate import evaluate
 from consent.files import ContractFileError, load_contract_file
 from consent.request import StudyRequest
 
-app = typer.Typer(help="Check and validate consent contracts (native or FHIR Consent R4/R5).",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Check and validate consent contracts (native or FHIR Consent R4/R5).", no_args_is_help=True
+)
 
 
 def _instant(text: str | None) -> datetime:
@@ -31,29 +32,46 @@ def _instant(text: str | None) -> datetime:
 
 
 @app.command("check")
-def check(
-    contract_file: Annotated[Path, typer.Argument(help="A native contract (signed or not) or a FHIR Consent.")],
+def check(  # noqa: PLR0917 (Typer maps parameters to options)
+    contract_file: Annotated[
+        Path, typer.Argument(help="A native contract (signed or not) or a FHIR Consent.")
+    ],
     purpose: Annotated[str, typer.Option(help="Study purpose, a DUO term: DUO:0000042 (GRU), HMB, DS, POA.")],
     org: Annotated[str, typer.Option(help="Requesting organisation id.")],
     region: Annotated[str, typer.Option(help="The organisation's region, ISO 3166-1 alpha-2.")],
     disease: Annotated[str | None, typer.Option(help="ICD-10 code, required for DS.")] = None,
-    commercial: Annotated[bool, typer.Option("--commercial", help="Commercial purpose or for-profit org.")] = False,
+    commercial: Annotated[
+        bool, typer.Option("--commercial", help="Commercial purpose or for-profit org.")
+    ] = False,
     irb: Annotated[bool, typer.Option("--irb", help="Ethics (IRB/ERB) approval present.")] = False,
     categories: Annotated[str, typer.Option(help="Comma-separated data categories.")] = "diagnoses",
     epsilon: Annotated[float | None, typer.Option(help="Per-study epsilon asked.")] = None,
-    at: Annotated[str | None, typer.Option(help="Instant to evaluate at (default: now), ISO 8601 with zone.")] = None,
-    hospital: Annotated[str | None, typer.Option(help="Hospital id for a FHIR Consent without custodian.")] = None,
+    at: Annotated[
+        str | None, typer.Option(help="Instant to evaluate at (default: now), ISO 8601 with zone.")
+    ] = None,
+    hospital: Annotated[
+        str | None, typer.Option(help="Hospital id for a FHIR Consent without custodian.")
+    ] = None,
 ) -> None:
     """Evaluate one contract against a study; print {"decision", "reasons"}. Exit 0 for permit or deny."""
     instant = _instant(at)
     try:
         request = StudyRequest(
-            purpose=purpose, disease=disease, organisation=org, region=region, commercial=commercial,
-            ethics_approval=irb, data_categories=tuple(c.strip() for c in categories.split(",") if c.strip()),
-            epsilon=epsilon)
+            purpose=purpose,
+            disease=disease,
+            organisation=org,
+            region=region,
+            commercial=commercial,
+            ethics_approval=irb,
+            data_categories=tuple(c.strip() for c in categories.split(",") if c.strip()),
+            epsilon=epsilon,
+        )
     except (ValidationError, ValueError) as exc:
-        reasons = ([f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors()]
-                   if isinstance(exc, ValidationError) else [str(exc)])
+        reasons = (
+            [f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors()]
+            if isinstance(exc, ValidationError)
+            else [str(exc)]
+        )
         typer.echo("invalid study: " + "; ".join(reasons), err=True)
         raise typer.Exit(2) from exc
     try:
@@ -72,7 +90,9 @@ def check(
 @app.command("validate")
 def validate(
     folder: Annotated[Path, typer.Argument(help="A folder of *.json contracts and FHIR Consents.")],
-    hospital: Annotated[str | None, typer.Option(help="Hospital id for FHIR Consents without custodian.")] = None,
+    hospital: Annotated[
+        str | None, typer.Option(help="Hospital id for FHIR Consents without custodian.")
+    ] = None,
 ) -> None:
     """Check every *.json file; report each bad one with its reason. Exit 1 if any is bad, 2 if no folder."""
     if not folder.is_dir():

@@ -33,7 +33,9 @@ from consent.synthetic import make_contracts
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="100k records, 1k contracts")
     parser.add_argument("--records", type=int, default=None)
     parser.add_argument("--contracts", type=int, default=None)
@@ -59,8 +61,15 @@ def main() -> None:
     # every patient has several records (n_records / n_contracts on average), in random order
     records = [in_force[rng.randrange(n_contracts)] for _ in range(n_records)]
     by_hash = registry.by_hash
-    request = StudyRequest(purpose="DS", disease="C50.9", organisation="uni-b", region="DE",
-                           data_categories=("labs", "diagnoses", "vitals"), ethics_approval=True, epsilon=2.0)
+    request = StudyRequest(
+        purpose="DS",
+        disease="C50.9",
+        organisation="uni-b",
+        region="DE",
+        data_categories=("labs", "diagnoses", "vitals"),
+        ethics_approval=True,
+        epsilon=2.0,
+    )
     columns = (pa.array([p for p, _ in records], pa.string()), pa.array([h for _, h in records], pa.string()))
 
     def timed(fn: object, *fn_args: object) -> tuple[float, object]:
@@ -110,8 +119,10 @@ def main() -> None:
     print(json.dumps(out, indent=2))
     ok_rate = n_records / arrow_s >= 1_000_000
     ok_ratio = naive_full_s / arrow_s >= 50
-    print(f"target >= 1,000,000 records/s: {'met' if ok_rate else 'NOT met'}; "
-          f">= 50x naive: {'met' if ok_ratio else 'NOT met'}")
+    print(
+        f"target >= 1,000,000 records/s: {'met' if ok_rate else 'NOT met'}; "
+        f">= 50x naive: {'met' if ok_ratio else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ SAFE_MODIFIERS = (duo.NCU, duo.NPU, duo.IRB, duo.GSO, duo.NPOA, duo.PUB, duo.COL
 periods = st.one_of(
     st.none(),
     st.tuples(st.integers(0, 400), st.integers(1, 400)).map(
-        lambda t: Period(start=T0 + timedelta(days=t[0]), end=T0 + timedelta(days=t[0] + t[1]))),
+        lambda t: Period(start=T0 + timedelta(days=t[0]), end=T0 + timedelta(days=t[0] + t[1]))
+    ),
 )
 
 
@@ -34,7 +35,9 @@ def provisions(draw: st.DrawFn, depth: int = 0) -> Provision:
     type_ = draw(st.sampled_from(("permit", "deny") if depth else ("permit", "permit", "permit", "deny")))
     purpose = draw(st.sampled_from((None, None, duo.GRU, duo.HMB, duo.DS, duo.POA, duo.NRES)))
     purposes = () if purpose is None else (purpose,)
-    diseases = tuple(draw(st.lists(st.sampled_from(DISEASES), min_size=1, max_size=2))) if purpose == duo.DS else ()
+    diseases = (
+        tuple(draw(st.lists(st.sampled_from(DISEASES), min_size=1, max_size=2))) if purpose == duo.DS else ()
+    )
     modifiers = some(SAFE_MODIFIERS, 2) if type_ == "permit" else ()
     commercial = draw(st.sampled_from((None, None, None, True, False)))
     if commercial is True:
@@ -43,9 +46,16 @@ def provisions(draw: st.DrawFn, depth: int = 0) -> Provision:
     if depth < 2:
         children = tuple(draw(st.lists(provisions(depth + 1), max_size=2)))
     return Provision(
-        type=type_, purposes=purposes, diseases=diseases, modifiers=modifiers,
-        data_categories=some(CATEGORIES, 2), organisations=some(ORGS, 1), regions=some(REGIONS, 2),
-        commercial=commercial, period=draw(st.one_of(st.none(), st.none(), periods)), provisions=children,
+        type=type_,
+        purposes=purposes,
+        diseases=diseases,
+        modifiers=modifiers,
+        data_categories=some(CATEGORIES, 2),
+        organisations=some(ORGS, 1),
+        regions=some(REGIONS, 2),
+        commercial=commercial,
+        period=draw(st.one_of(st.none(), st.none(), periods)),
+        provisions=children,
     )
 
 
@@ -54,7 +64,9 @@ def contracts(draw: st.DrawFn, pseudonym: str | None = None) -> Contract:
     return Contract(
         contract_id=f"c-{draw(st.integers(0, 10**6))}",
         pseudonym=pseudonym or draw(st.sampled_from(("p1", "p2", "p3", "p4"))),
-        hospital="h1", version=1, issued=T0,
+        hospital="h1",
+        version=1,
+        issued=T0,
         status=draw(st.sampled_from(("active",) * 7 + ("inactive",))),
         period=draw(st.one_of(st.none(), st.none(), st.none(), periods)),
         max_epsilon=draw(st.sampled_from((None, None, None, 1.0, 5.0))),

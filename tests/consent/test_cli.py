@@ -21,15 +21,38 @@ def check(*args: str) -> tuple[int, str]:
 
 
 def test_check_permit_and_deny_exit_zero() -> None:
-    code, out = check(str(EXAMPLES / "fhir-r4-hmb-deny-org.json"), "--purpose", "DUO:0000007", "--disease", "C50",
-                      "--org", "uni-a", "--region", "DE", "--categories", "labs,vitals",
-                      "--at", "2027-01-01T00:00:00Z")
+    code, out = check(
+        str(EXAMPLES / "fhir-r4-hmb-deny-org.json"),
+        "--purpose",
+        "DUO:0000007",
+        "--disease",
+        "C50",
+        "--org",
+        "uni-a",
+        "--region",
+        "DE",
+        "--categories",
+        "labs,vitals",
+        "--at",
+        "2027-01-01T00:00:00Z",
+    )
     assert code == 0, out
     body = json.loads(out)
     assert body["decision"] == "permit" and body["kind"] == "fhir-R4"
     assert {r["category"] for r in body["reasons"]} == {"labs", "vitals"}
-    code, out = check(str(EXAMPLES / "fhir-r4-hmb-deny-org.json"), "--purpose", "DUO:0000007", "--disease", "C50",
-                      "--org", "pharma-x", "--region", "DE", "--at", "2027-01-01T00:00:00Z")
+    code, out = check(
+        str(EXAMPLES / "fhir-r4-hmb-deny-org.json"),
+        "--purpose",
+        "DUO:0000007",
+        "--disease",
+        "C50",
+        "--org",
+        "pharma-x",
+        "--region",
+        "DE",
+        "--at",
+        "2027-01-01T00:00:00Z",
+    )
     assert code == 0
     body = json.loads(out)
     assert body["decision"] == "deny"
@@ -43,8 +66,17 @@ def test_check_native_signed_and_flags() -> None:
     assert json.loads(check(*base, "--irb")[1])["decision"] == "permit"
     assert json.loads(check(*base, "--irb", "--commercial")[1])["decision"] == "deny"
     assert json.loads(check(*base, "--irb", "--categories", "labs,genomics")[1])["decision"] == "deny"
-    signed = [str(EXAMPLES / "native-gru-signed.json"), "--purpose", "GRU", "--org", "uni-a", "--region", "US",
-              "--at", "2027-01-01T00:00:00Z"]
+    signed = [
+        str(EXAMPLES / "native-gru-signed.json"),
+        "--purpose",
+        "GRU",
+        "--org",
+        "uni-a",
+        "--region",
+        "US",
+        "--at",
+        "2027-01-01T00:00:00Z",
+    ]
     out = json.loads(check(*signed, "--epsilon", "2")[1])
     assert out["decision"] == "permit" and out["kind"] == "native-signed"
     assert json.loads(check(*signed, "--epsilon", "5")[1])["reasons"][0]["code"] == "privacy-cap"

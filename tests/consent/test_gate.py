@@ -22,7 +22,9 @@ def test_synthetic_mix_is_deterministic_signed_and_varied() -> None:
     a = make_contracts(pseudonyms, "hospital-a", SIGNER, seed=7)
     b = make_contracts(pseudonyms, "hospital-a", SIGNER, seed=7)
     assert [c.content_hash for c in a] == [c.content_hash for c in b]
-    assert [c.content_hash for c in a] != [c.content_hash for c in make_contracts(pseudonyms, "hospital-a", SIGNER, 8)]
+    assert [c.content_hash for c in a] != [
+        c.content_hash for c in make_contracts(pseudonyms, "hospital-a", SIGNER, 8)
+    ]
     assert all(c.issuer_key == SIGNER.key_id for c in a)
     for signed in make_signed_contracts(pseudonyms[:20], "hospital-a", SIGNER, seed=7):
         signed.verify(SIGNER.public_key)
@@ -36,8 +38,15 @@ def test_gate_on_synthetic_mix_counts_every_reason() -> None:
     pseudonyms = [f"psn-{i:04d}" for i in range(600)]
     registry = ContractRegistry(make_contracts(pseudonyms, "hospital-a", SIGNER, seed=3))
     records = registry.records_at(pseudonyms, "hospital-a", AT)
-    request = StudyRequest(purpose="DS", disease="C50.9", organisation="uni-b", region="DE",
-                           data_categories=("labs", "diagnoses"), ethics_approval=True, epsilon=2.0)
+    request = StudyRequest(
+        purpose="DS",
+        disease="C50.9",
+        organisation="uni-b",
+        region="DE",
+        data_categories=("labs", "diagnoses"),
+        ethics_approval=True,
+        epsilon=2.0,
+    )
     first_ok = int(gate(records, registry.by_hash, request, AT).eligible.argmax())
     # a record pointing at someone else's (permitting) contract, and one at no contract
     records += [("psn-other", records[first_ok][1]), ("psn-ghost", "e" * 64)]
@@ -46,15 +55,19 @@ def test_gate_on_synthetic_mix_counts_every_reason() -> None:
     assert result.commitment == naive.commitment
     assert result.excluded_by_reason == naive.excluded_by_reason
     assert {"denied", "no-permit", "privacy-cap", "no-contract", "pseudonym-mismatch"} <= set(
-        result.excluded_by_reason)
+        result.excluded_by_reason
+    )
     assert result.excluded_by_reason["no-contract"] == 1
     assert result.excluded_by_reason["pseudonym-mismatch"] == 1
     assert 0 < result.records_used < len(records)
     assert result.commitment == commitment(
-        (p, h) for (p, h), ok in zip(records, result.eligible, strict=True) if ok)
+        (p, h) for (p, h), ok in zip(records, result.eligible, strict=True) if ok
+    )
     # the revocations in force make fewer records eligible later
     later = datetime(2027, 6, 1, tzinfo=UTC)
-    later_result = gate(registry.records_at(pseudonyms, "hospital-a", later), registry.by_hash, request, later)
+    later_result = gate(
+        registry.records_at(pseudonyms, "hospital-a", later), registry.by_hash, request, later
+    )
     assert later_result.records_used < result.records_used
     # Arrow columns give the same answer
     columns = (pa.array([p for p, _ in records]), pa.chunked_array([[h for _, h in records]]))
@@ -73,4 +86,6 @@ def test_gate_refuses_a_mapping_under_the_wrong_hash() -> None:
 def test_gate_empty() -> None:
     request = StudyRequest(purpose="HMB", organisation="o", region="DE", data_categories=("labs",))
     result = gate([], {}, request, AT)
-    assert result.records_used == 0 and result.excluded_by_reason == {} and result.commitment == commitment([])
+    assert (
+        result.records_used == 0 and result.excluded_by_reason == {} and result.commitment == commitment([])
+    )

@@ -16,8 +16,15 @@ AT = datetime(2026, 6, 1, tzinfo=UTC)
 
 
 def contract(provision: Provision, **kw: Any) -> Contract:
-    return Contract(contract_id="c", pseudonym="p", hospital="h", version=1,
-                    issued=datetime(2026, 1, 1, tzinfo=UTC), provision=provision, **kw)
+    return Contract(
+        contract_id="c",
+        pseudonym="p",
+        hospital="h",
+        version=1,
+        issued=datetime(2026, 1, 1, tzinfo=UTC),
+        provision=provision,
+        **kw,
+    )
 
 
 def study(purpose: str, disease: str | None = None, **kw: Any) -> StudyRequest:
@@ -60,8 +67,9 @@ PURPOSE_TABLE = [
 
 
 @pytest.mark.parametrize(("term", "diseases", "purpose", "disease", "expected"), PURPOSE_TABLE)
-def test_purpose_against_permission(term: str, diseases: tuple[str, ...], purpose: str, disease: str | None,
-                                    expected: bool) -> None:
+def test_purpose_against_permission(
+    term: str, diseases: tuple[str, ...], purpose: str, disease: str | None, expected: bool
+) -> None:
     decision = evaluate(contract(permission(term, diseases)), study(purpose, disease), AT)
     assert decision.permit is expected, decision.reasons
     if not expected:
@@ -105,7 +113,11 @@ MODIFIER_TABLE = [
     (_gru(duo.COL), {"accepted_obligations": ("PUB",)}, False),
     (_gru(duo.RTN), {"accepted_obligations": ("RTN",)}, True),
     (_gru(duo.RTN), {}, False),
-    (_gru(duo.MOR, moratorium_until=datetime(2027, 1, 1, tzinfo=UTC)), {"accepted_obligations": ("MOR",)}, True),
+    (
+        _gru(duo.MOR, moratorium_until=datetime(2027, 1, 1, tzinfo=UTC)),
+        {"accepted_obligations": ("MOR",)},
+        True,
+    ),
     (_gru(duo.MOR, moratorium_until=datetime(2027, 1, 1, tzinfo=UTC)), {}, False),
     (_gru(duo.GSO), {"data_categories": ("genomics", "labs")}, True),
     (_gru(duo.GSO), {"data_categories": ("labs",)}, False),
@@ -134,7 +146,9 @@ def test_npoa(purpose: str, expected: bool) -> None:
 @pytest.mark.parametrize(("disease", "expected"), [("C50.9", True), ("I21", False)])
 def test_nmds_methods_within_consented_disease(disease: str, expected: bool) -> None:
     provision = Provision(type="permit", purposes=(duo.DS,), diseases=("C50",), modifiers=(duo.NMDS,))
-    assert evaluate(contract(provision), study("DS", disease, methods_development=True), AT).permit is expected
+    assert (
+        evaluate(contract(provision), study("DS", disease, methods_development=True), AT).permit is expected
+    )
 
 
 # A deny rule catches every study that may do the denied research (overlap, not coverage).

@@ -8,19 +8,25 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from pydantic import ValidationError
 
-from audit.signing import Signer, SignatureInvalidError, b64encode, canonical, sha256_hex
+from audit.signing import SignatureInvalidError, Signer, b64encode, canonical, sha256_hex
 from consent import duo
+from consent.evaluate import evaluate
 from consent.history import ContractHistory, ContractRegistry, HistoryError
 from consent.model import Contract, Provision, SignedContract, next_version, revoke, sign
 from consent.request import StudyRequest
-from consent.evaluate import evaluate
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def base(**kw: object) -> Contract:
-    data: dict[str, object] = {"contract_id": "c1", "pseudonym": "p1", "hospital": "h1", "version": 1,
-                               "issued": T0, "provision": Provision(type="permit", purposes=("GRU",))}
+    data: dict[str, object] = {
+        "contract_id": "c1",
+        "pseudonym": "p1",
+        "hospital": "h1",
+        "version": 1,
+        "issued": T0,
+        "provision": Provision(type="permit", purposes=("GRU",)),
+    }
     data.update(kw)
     return Contract.model_validate(data)
 
@@ -29,15 +35,18 @@ def error_fields(exc: ValidationError) -> list[str]:
     return [".".join(str(p) for p in e["loc"]) for e in exc.errors()]
 
 
-@pytest.mark.parametrize(("kwargs", "field", "fragment"), [
-    ({"purposes": ("DUO:9999999",)}, "purposes", "not a DUO term"),
-    ({"purposes": ("NCU",)}, "purposes", "not a data use permission"),
-    ({"modifiers": ("GRU",)}, "modifiers", "not a data use modifier"),
-    ({"modifiers": ("CC",)}, "modifiers", "not supported"),
-    ({"regions": ("XX",)}, "regions", "ISO 3166"),
-    ({"data_categories": ("x-rays",)}, "data_categories", "not a data category"),
-    ({"purposes": ("DS",), "diseases": ("Q99.99",)}, "diseases", "ICD-10"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field", "fragment"),
+    [
+        ({"purposes": ("DUO:9999999",)}, "purposes", "not a DUO term"),
+        ({"purposes": ("NCU",)}, "purposes", "not a data use permission"),
+        ({"modifiers": ("GRU",)}, "modifiers", "not a data use modifier"),
+        ({"modifiers": ("CC",)}, "modifiers", "not supported"),
+        ({"regions": ("XX",)}, "regions", "ISO 3166"),
+        ({"data_categories": ("x-rays",)}, "data_categories", "not a data category"),
+        ({"purposes": ("DS",), "diseases": ("Q99.99",)}, "diseases", "ICD-10"),
+    ],
+)
 def test_field_errors_name_the_field(kwargs: dict[str, object], field: str, fragment: str) -> None:
     with pytest.raises(ValidationError) as info:
         Provision(type="permit", **kwargs)  # type: ignore[arg-type]
@@ -45,15 +54,18 @@ def test_field_errors_name_the_field(kwargs: dict[str, object], field: str, frag
     assert fragment in str(info.value)
 
 
-@pytest.mark.parametrize(("kwargs", "fragment"), [
-    ({"purposes": ("DS",)}, "diseases: the DS purpose"),
-    ({"diseases": ("C50",)}, "diseases: only meaningful with the DS purpose"),
-    ({"modifiers": ("GS",)}, "regions: the GS"),
-    ({"modifiers": ("IS",)}, "organisations: the IS"),
-    ({"modifiers": ("TS",)}, "period: the TS"),
-    ({"modifiers": ("MOR",)}, "moratorium_until"),
-    ({"modifiers": ("NCU",), "commercial": True}, "commercial: a rule for commercial use"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"purposes": ("DS",)}, "diseases: the DS purpose"),
+        ({"diseases": ("C50",)}, "diseases: only meaningful with the DS purpose"),
+        ({"modifiers": ("GS",)}, "regions: the GS"),
+        ({"modifiers": ("IS",)}, "organisations: the IS"),
+        ({"modifiers": ("TS",)}, "period: the TS"),
+        ({"modifiers": ("MOR",)}, "moratorium_until"),
+        ({"modifiers": ("NCU",), "commercial": True}, "commercial: a rule for commercial use"),
+    ],
+)
 def test_cross_field_errors(kwargs: dict[str, object], fragment: str) -> None:
     with pytest.raises(ValidationError, match=fragment):
         Provision(type="permit", **kwargs)  # type: ignore[arg-type]
@@ -84,7 +96,11 @@ def test_hash_is_sha256_of_rfc8785_and_normalization_makes_equal_contracts_hash_
     c = base()
     assert c.content_hash == sha256_hex(canonical(c.to_json()))
     a = base(provision=Provision(type="permit", purposes=("GRU", "HMB"), regions=("fr", "DE"), diseases=()))
-    b = base(provision=Provision(type="permit", purposes=("DUO:0000006", "DUO:0000042", "GRU"), regions=("DE", "FR")))
+    b = base(
+        provision=Provision(
+            type="permit", purposes=("DUO:0000006", "DUO:0000042", "GRU"), regions=("DE", "FR")
+        )
+    )
     assert a.content_hash == b.content_hash
     assert base(reward_account="acct-1").content_hash != c.content_hash
     # a different time zone for the same instant is the same contract
@@ -101,14 +117,20 @@ def test_sign_and_verify() -> None:
     assert signed.verify(signer.public_key) == signed.contract
     roundtrip = SignedContract.model_validate(json.loads(json.dumps(signed.to_json())))
     assert roundtrip.verify().content_hash == signed.contract.content_hash
-    tampered = signed.model_copy(update={"contract": base(issuer_key=signer.key_id, reward_account="acct-evil")})
+    tampered = signed.model_copy(
+        update={"contract": base(issuer_key=signer.key_id, reward_account="acct-evil")}
+    )
     with pytest.raises(SignatureInvalidError):
         tampered.verify()
     other = Signer.generate()
     with pytest.raises(ValueError, match="not the trusted issuer key"):
         signed.verify(other.public_key)
-    forged = signed.model_copy(update={"public_key": other.public_key_b64,
-                                       "signature": b64encode(other.sign(signed.contract.canonical_bytes))})
+    forged = signed.model_copy(
+        update={
+            "public_key": other.public_key_b64,
+            "signature": b64encode(other.sign(signed.contract.canonical_bytes)),
+        }
+    )
     with pytest.raises(ValueError, match="issuer_key"):
         forged.verify()
 

@@ -35,8 +35,9 @@ def record_sets(draw: st.DrawFn) -> tuple[list[tuple[str, str]], dict[str, Contr
 
 @SETTINGS
 @given(record_sets(), requests(), instants)
-def test_gate_equals_naive(data: tuple[list[tuple[str, str]], dict[str, Contract]], request: StudyRequest,
-                           instant: datetime) -> None:
+def test_gate_equals_naive(
+    data: tuple[list[tuple[str, str]], dict[str, Contract]], request: StudyRequest, instant: datetime
+) -> None:
     records, by_hash = data
     fast = gate(records, by_hash, request, instant)
     naive = gate_naive(records, by_hash, request, instant)
@@ -52,8 +53,12 @@ def test_gate_equals_naive(data: tuple[list[tuple[str, str]], dict[str, Contract
 
 @SETTINGS
 @given(record_sets(), requests(), instants, st.randoms(use_true_random=False))
-def test_order_independent(data: tuple[list[tuple[str, str]], dict[str, Contract]], request: StudyRequest,
-                           instant: datetime, rnd: random.Random) -> None:
+def test_order_independent(
+    data: tuple[list[tuple[str, str]], dict[str, Contract]],
+    request: StudyRequest,
+    instant: datetime,
+    rnd: random.Random,
+) -> None:
     records, by_hash = data
     shuffled = list(records)
     rnd.shuffle(shuffled)
@@ -68,19 +73,31 @@ def test_order_independent(data: tuple[list[tuple[str, str]], dict[str, Contract
 @given(contracts(), requests(), instants)
 def test_an_applicable_deny_always_wins(contract: Contract, request: StudyRequest, instant: datetime) -> None:
     root = contract.provision
-    with_deny = contract.model_copy(update={"provision": root.model_copy(
-        update={"provisions": (*root.provisions, Provision(type="deny"))})})
+    with_deny = contract.model_copy(
+        update={
+            "provision": root.model_copy(update={"provisions": (*root.provisions, Provision(type="deny"))})
+        }
+    )
     with_deny = Contract.model_validate(with_deny.model_dump())
     assert not evaluate(with_deny, request, instant).permit
     # a deny leaf under any applicable permit path also wins: wrap the whole tree in a permit root
-    wrapped = Contract.model_validate({**contract.model_dump(), "provision": Provision(
-        type="permit", provisions=(root, Provision(type="deny", data_categories=request.data_categories[:1])))})
+    wrapped = Contract.model_validate(
+        {
+            **contract.model_dump(),
+            "provision": Provision(
+                type="permit",
+                provisions=(root, Provision(type="deny", data_categories=request.data_categories[:1])),
+            ),
+        }
+    )
     assert not evaluate(wrapped, request, instant).permit
 
 
 @SETTINGS
 @given(contracts(), requests(), instants)
-def test_revoked_or_inactive_never_permits(contract: Contract, request: StudyRequest, instant: datetime) -> None:
+def test_revoked_or_inactive_never_permits(
+    contract: Contract, request: StudyRequest, instant: datetime
+) -> None:
     revoked = revoke(contract, contract.issued)
     assert revoked.permits_nothing()
     assert not evaluate(revoked, request, instant).permit
