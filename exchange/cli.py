@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import typer
 
-from exchange.commands import consent, db, node
+from exchange.commands import admin, consent, db, node, serve, study
 
 app = typer.Typer(help="Consent-gated federated health data exchange.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 app.add_typer(db.app, name="db")
 app.add_typer(node.app, name="node")
 app.add_typer(consent.app, name="consent")
+app.add_typer(admin.app, name="admin")
+app.add_typer(study.app, name="study")
+app.command("serve")(serve.serve)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import Stream
 
@@ -21,6 +22,7 @@ from audit.entry import Entry, MalformedEntryError
 from audit.signing import b64encode
 from exchange.coordinator import problems
 from exchange.coordinator.auth import allow, authenticate
+from exchange.coordinator.problems import PROBLEM_JSON
 from exchange.coordinator.models import Role, StudyStatus
 from exchange.coordinator.schemas import (
     ApiKeyCreate,
@@ -42,6 +44,7 @@ from exchange.coordinator.schemas import (
     MintRequest,
     OrganisationCreate,
     OrganisationOut,
+    ProblemDetail,
     ResearcherCreate,
     ResearcherOut,
     SignedEntry,
@@ -59,6 +62,24 @@ ANY_AUTH = API_KEY_AUTH + SIGNED_AUTH
 Offset = Annotated[int, Parameter(ge=0, le=2**31 - 1, description="items to skip")]
 Limit = Annotated[int, Parameter(ge=1, le=200, description="page size (max 200)")]
 MAX_LIMIT = 200
+
+
+def _problem(description: str) -> ResponseSpec:
+    return ResponseSpec(data_container=ProblemDetail, media_type=PROBLEM_JSON, description=description,
+                        generate_examples=False)
+
+
+PROBLEMS: dict[int, ResponseSpec] = {
+    400: _problem("Malformed request (RFC 9457 problem details)"),
+    401: _problem("Not authenticated: missing, unknown or revoked API key; bad, stale or replayed "
+                  "signature"),
+    403: _problem("Authenticated, but this role may not use this endpoint"),
+    404: _problem("Not found (or not visible to the caller's organisation)"),
+    409: _problem("Conflicts with the current state (e.g. already decided, already cancelled)"),
+    413: _problem("Request body too large"),
+    422: _problem("Refused: every problem listed in `errors` with its field"),
+    429: _problem("Rate limit exceeded"),
+}
 
 
 def _coordinator(state: State) -> Coordinator:
@@ -95,27 +116,27 @@ class RegistryController(Controller):
     dependencies = DEPENDENCIES
     security = API_KEY_AUTH
 
-    @post("/organisations", sync_to_thread=True, summary="Register an organisation")
+    @post("/organisations", sync_to_thread=True, responses=PROBLEMS, summary="Register an organisation")
     def create_organisation(self, principal: Principal, coordinator: Coordinator,
                             data: OrganisationCreate) -> OrganisationOut:
         allow(principal, Role.OPERATOR)
         return OrganisationOut.model_validate(coordinator.create_organisation(data))
 
-    @get("/organisations", sync_to_thread=True, summary="List organisations")
+    @get("/organisations", sync_to_thread=True, responses=PROBLEMS, summary="List organisations")
     def list_organisations(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
                            limit: Limit = 50) -> list[OrganisationOut]:
         allow(principal, Role.OPERATOR, Role.AUDITOR)
         rows, _total = coordinator.list_organisations(offset, limit)
         return [OrganisationOut.model_validate(r) for r in rows]
 
-    @post("/organisations/{organisation_id:str}/researchers", sync_to_thread=True,
+    @post("/organisations/{organisation_id:str}/researchers", sync_to_thread=True, responses=PROBLEMS,
           summary="Register a researcher")
     def create_researcher(self, principal: Principal, coordinator: Coordinator, organisation_id: str,
                           data: ResearcherCreate) -> ResearcherOut:
         allow(principal, Role.OPERATOR)
         return ResearcherOut.model_validate(coordinator.create_researcher(organisation_id, data))
 
-    @post("/api-keys", sync_to_thread=True, summary="Issue an API key (the secret is shown once)",
+    @post("/api-keys", sync_to_thread=True, responses=PROBLEMS, summary="Issue an API key (the secret is shown once)",
           opt={"rate_limited": True})
     def issue_api_key(self, principal: Principal, coordinator: Coordinator,
                       data: ApiKeyCreate) -> ApiKeyIssued:
@@ -123,32 +144,32 @@ class RegistryController(Controller):
         key, token = coordinator.issue_api_key(data)
         return ApiKeyIssued.model_validate({**ApiKeyOut.model_validate(key).model_dump(), "key": token})
 
-    @get("/api-keys", sync_to_thread=True, summary="List API keys (never their secrets)")
+    @get("/api-keys", sync_to_thread=True, responses=PROBLEMS, summary="List API keys (never their secrets)")
     def list_api_keys(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
                       limit: Limit = 50) -> list[ApiKeyOut]:
         allow(principal, Role.OPERATOR)
         rows, _ = coordinator.list_api_keys(offset, limit)
         return [ApiKeyOut.model_validate(r) for r in rows]
 
-    @delete("/api-keys/{prefix:str}", sync_to_thread=True, status_code=200, summary="Revoke an API key")
+    @delete("/api-keys/{prefix:str}", sync_to_thread=True, responses=PROBLEMS, status_code=200, summary="Revoke an API key")
     def revoke_api_key(self, principal: Principal, coordinator: Coordinator, prefix: str) -> ApiKeyOut:
         allow(principal, Role.OPERATOR)
         return ApiKeyOut.model_validate(coordinator.revoke_api_key(prefix))
 
-    @post("/hospitals", sync_to_thread=True, summary="Register a hospital and its keys")
+    @post("/hospitals", sync_to_thread=True, responses=PROBLEMS, summary="Register a hospital and its keys")
     def register_hospital(self, principal: Principal, coordinator: Coordinator,
                           data: HospitalCreate) -> HospitalOut:
         allow(principal, Role.OPERATOR)
         return HospitalOut.model_validate(coordinator.register_hospital(data))
 
-    @get("/hospitals", sync_to_thread=True, summary="List hospitals")
+    @get("/hospitals", sync_to_thread=True, responses=PROBLEMS, summary="List hospitals")
     def list_hospitals(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
                        limit: Limit = 50) -> list[HospitalOut]:
         allow(principal, Role.OPERATOR, Role.AUDITOR)
         rows, _ = coordinator.list_hospitals(offset, limit)
         return [HospitalOut.model_validate(r) for r in rows]
 
-    @post("/ledger/mint", sync_to_thread=True, summary="Mint tokens into an account")
+    @post("/ledger/mint", sync_to_thread=True, responses=PROBLEMS, summary="Mint tokens into an account")
     def mint(self, principal: Principal, coordinator: Coordinator, data: MintRequest) -> EntryAccepted:
         allow(principal, Role.OPERATOR)
         return EntryAccepted(index=coordinator.mint(data.account, data.amount), kind="token.mint")
@@ -185,7 +206,7 @@ class StudyController(Controller):
     dependencies = DEPENDENCIES
     security = API_KEY_AUTH
 
-    @post("/", sync_to_thread=True, status_code=201, summary="Submit a study (escrows its budget)",
+    @post("/", sync_to_thread=True, responses=PROBLEMS, status_code=201, summary="Submit a study (escrows its budget)",
           opt={"rate_limited": True},
           exception_handlers={ValidationException: _study_problem_handler})
     def submit(self, principal: Principal, coordinator: Coordinator, data: StudyCreate) -> StudyOut:
@@ -193,7 +214,7 @@ class StudyController(Controller):
         study = coordinator.submit_study(principal, data)
         return StudyOut.model_validate(coordinator.get_study(principal, study.id))
 
-    @get("/", sync_to_thread=True, summary="List studies (researchers: their organisation's only)")
+    @get("/", sync_to_thread=True, responses=PROBLEMS, summary="List studies (researchers: their organisation's only)")
     def list_studies(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
                      limit: Limit = 50, status: StudyStatus | None = None) -> StudyPage:
         allow(principal, Role.RESEARCHER, Role.OPERATOR, Role.AUDITOR)
@@ -201,25 +222,25 @@ class StudyController(Controller):
         return StudyPage(items=[StudySummary.model_validate(r) for r in rows], total=total,
                          next_offset=_next(offset, len(rows), total))
 
-    @get("/{study_id:str}", sync_to_thread=True, summary="A study, its decisions and progress")
+    @get("/{study_id:str}", sync_to_thread=True, responses=PROBLEMS, summary="A study, its decisions and progress")
     def get_study(self, principal: Principal, coordinator: Coordinator, study_id: str) -> StudyOut:
         allow(principal, Role.RESEARCHER, Role.OPERATOR, Role.AUDITOR)
         return StudyOut.model_validate(coordinator.get_study(principal, study_id))
 
-    @post("/{study_id:str}/cancel", sync_to_thread=True, status_code=200,
+    @post("/{study_id:str}/cancel", sync_to_thread=True, responses=PROBLEMS, status_code=200,
           summary="Cancel a study (refunds its escrow)")
     def cancel(self, principal: Principal, coordinator: Coordinator, study_id: str,
                data: CancelRequest) -> StudyOut:
         allow(principal, Role.RESEARCHER, Role.OPERATOR)
         return StudyOut.model_validate(coordinator.cancel_study(principal, study_id, data.reason))
 
-    @get("/{study_id:str}/results", sync_to_thread=True,
+    @get("/{study_id:str}/results", sync_to_thread=True, responses=PROBLEMS,
          summary="Per-round metrics, per-hospital records used and epsilon spent")
     def results(self, principal: Principal, coordinator: Coordinator, study_id: str) -> StudyResults:
         allow(principal, Role.RESEARCHER)
         return StudyResults.model_validate(coordinator.results(principal, study_id))
 
-    @get("/{study_id:str}/model", sync_to_thread=True, media_type="application/octet-stream",
+    @get("/{study_id:str}/model", sync_to_thread=True, responses=PROBLEMS, media_type="application/octet-stream",
          summary="The trained model (safetensors)")
     def model(self, principal: Principal, coordinator: Coordinator, study_id: str) -> Response[bytes]:
         allow(principal, Role.RESEARCHER)
@@ -237,11 +258,11 @@ class HospitalController(Controller):
     dependencies = DEPENDENCIES
     security = SIGNED_AUTH
 
-    @get("/me", sync_to_thread=True, summary="The calling hospital's registration")
+    @get("/me", sync_to_thread=True, responses=PROBLEMS, summary="The calling hospital's registration")
     def me(self, principal: Principal, coordinator: Coordinator) -> HospitalOut:
         return HospitalOut.model_validate(_hospital_of(coordinator, principal))
 
-    @get("/studies", sync_to_thread=True, summary="Studies to decide on (pending) or open or all")
+    @get("/studies", sync_to_thread=True, responses=PROBLEMS, summary="Studies to decide on (pending) or open or all")
     def studies(self, principal: Principal, coordinator: Coordinator,
                 status: Literal["pending", "open", "all"] = "pending", offset: Offset = 0,
                 limit: Limit = 50) -> HospitalStudyPage:
@@ -250,7 +271,7 @@ class HospitalController(Controller):
         return HospitalStudyPage(items=[HospitalStudy.model_validate(i) for i in items], total=total,
                                  next_offset=_next(offset, len(items), total))
 
-    @post("/studies/{study_id:str}/decision", sync_to_thread=True, status_code=201,
+    @post("/studies/{study_id:str}/decision", sync_to_thread=True, responses=PROBLEMS, status_code=201,
           summary="Approve or refuse a study (a signed study.decision entry)")
     def decide(self, principal: Principal, coordinator: Coordinator, study_id: str,
                data: SignedEntry) -> EntryAccepted:
@@ -258,7 +279,7 @@ class HospitalController(Controller):
         index = coordinator.decide(hospital, study_id, _entry(data))
         return EntryAccepted(index=index, kind="study.decision")
 
-    @post("/entries", sync_to_thread=True, status_code=201,
+    @post("/entries", sync_to_thread=True, responses=PROBLEMS, status_code=201,
           summary="Submit an entry the hospital signed: study.decision, round.receipt or key.rotate")
     def entries(self, principal: Principal, coordinator: Coordinator, data: SignedEntry) -> EntryAccepted:
         hospital = _hospital_of(coordinator, principal)
@@ -283,7 +304,7 @@ class AuditController(Controller):
     dependencies = DEPENDENCIES
     security = ANY_AUTH
 
-    @get("/audit/entries", sync_to_thread=True, summary="Log entries, paged by index")
+    @get("/audit/entries", sync_to_thread=True, responses=PROBLEMS, summary="Log entries, paged by index")
     def entries(self, principal: Principal, state: State, start: Offset = 0,
                 limit: Limit = 100) -> AuditEntryPage:
         log = state.audit_log
@@ -293,7 +314,7 @@ class AuditController(Controller):
                  for i, e in enumerate(log.entries(start, stop))] if start < size else []
         return AuditEntryPage(items=items, size=size, next_start=stop if stop < size else None)
 
-    @get("/audit/checkpoint", sync_to_thread=True, summary="A signed checkpoint of the whole log")
+    @get("/audit/checkpoint", sync_to_thread=True, responses=PROBLEMS, summary="A signed checkpoint of the whole log")
     def checkpoint(self, principal: Principal, state: State) -> CheckpointOut:
         note = state.audit_log.checkpoint()
         from audit.checkpoint import parse_checkpoint
@@ -301,7 +322,7 @@ class AuditController(Controller):
         parsed = parse_checkpoint(note)
         return CheckpointOut(size=parsed.size, root_hash=b64encode(parsed.root), checkpoint=note)
 
-    @get("/audit/proofs/inclusion", sync_to_thread=True, summary="RFC 9162 inclusion proof")
+    @get("/audit/proofs/inclusion", sync_to_thread=True, responses=PROBLEMS, summary="RFC 9162 inclusion proof")
     def inclusion(self, principal: Principal, state: State,
                   index: Annotated[int, Parameter(ge=0, le=2**53)],
                   size: Annotated[int, Parameter(ge=1, le=2**53)]) -> InclusionProofOut:
@@ -314,7 +335,7 @@ class AuditController(Controller):
         return InclusionProofOut(index=index, size=size, leaf_hash=b64encode(log.leaf_hash(index)),
                                  proof=[b64encode(p) for p in proof])
 
-    @get("/audit/proofs/consistency", sync_to_thread=True, summary="RFC 9162 consistency proof")
+    @get("/audit/proofs/consistency", sync_to_thread=True, responses=PROBLEMS, summary="RFC 9162 consistency proof")
     def consistency(self, principal: Principal, state: State,
                     old_size: Annotated[int, Parameter(ge=1, le=2**53)],
                     new_size: Annotated[int, Parameter(ge=1, le=2**53)]) -> ConsistencyProofOut:
@@ -326,7 +347,7 @@ class AuditController(Controller):
         proof = log.consistency_proof(old_size, new_size)
         return ConsistencyProofOut(old_size=old_size, new_size=new_size, proof=[b64encode(p) for p in proof])
 
-    @get("/audit/export", sync_to_thread=False, media_type="application/x-ndjson",
+    @get("/audit/export", sync_to_thread=False, responses=PROBLEMS, media_type="application/x-ndjson",
          summary="Every entry as JSON lines (RFC 8785 envelopes, line i = entry i)")
     def export(self, principal: Principal, state: State) -> Stream:
         log = state.audit_log
@@ -337,7 +358,7 @@ class AuditController(Controller):
 
         return Stream(lines(), media_type="application/x-ndjson")
 
-    @get("/ledger/balances", sync_to_thread=True,
+    @get("/ledger/balances", sync_to_thread=True, responses=PROBLEMS,
          summary="Token balances (researchers and hospitals: their own account)")
     def balances(self, principal: Principal, coordinator: Coordinator) -> BalancesOut:
         if principal.role in (Role.OPERATOR, Role.AUDITOR):
@@ -349,7 +370,7 @@ class AuditController(Controller):
         return BalancesOut.model_validate(data)
 
 
-@get("/health", sync_to_thread=True, tags=["service"], summary="Liveness and database check")
+@get("/health", sync_to_thread=True, responses=PROBLEMS, tags=["service"], summary="Liveness and database check")
 def health(state: State) -> HealthOut:
     return HealthOut(status="ok", database="ok", log_size=state.audit_log.size())
 

@@ -1,0 +1,50 @@
+"""`exchange serve`: run the coordinator (migrates the database first)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from exchange.settings import CoordinatorSettings, load_coordinator_settings
+
+
+def app_config_from(settings: CoordinatorSettings, **extra: Any) -> Any:
+    """The coordinator app's configuration from the shared settings (keys live in data_dir)."""
+    from exchange.coordinator.app import AppConfig
+
+    return AppConfig(database_url=settings.database_url, operator_key_file=settings.operator_key_file,
+                     log_key_file=settings.log_key_file,
+                     coordinator_key_file=settings.data_dir / "coordinator.key",
+                     log_origin=settings.log_origin, max_body_bytes=settings.max_body_bytes, **extra)
+
+
+def load_settings(config: Path | None, **overrides: Any) -> CoordinatorSettings:
+    try:
+        return load_coordinator_settings(config, **{k: v for k, v in overrides.items() if v is not None})
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from exc
+    except ValueError as exc:  # pydantic ValidationError names the field
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def serve(
+    db: Annotated[str | None, typer.Option("--db", help="Database URL (default sqlite:///exchange.db).")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default 8080).")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML settings file.")] = None,
+) -> None:
+    """Run the coordinator API (migrates the database, creates missing keys with 0600)."""
+    import uvicorn
+
+    from exchange.coordinator.app import build_runtime, create_app
+    from exchange.coordinator.runner import FederatedRunner
+    from exchange.logging import configure_logging
+
+    settings = load_settings(config, database_url=db, host=host, port=port)
+    configure_logging(settings.logging.level, settings.logging.json_format)
+    runtime = build_runtime(app_config_from(settings), FederatedRunner(settings.superlink_address))
+    app = create_app(runtime)
+    typer.echo(f"coordinator on http://{settings.host}:{settings.port} (docs: /schema/docs)", err=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="warning")
