@@ -30,12 +30,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from federated.receipts import Receipt, make_receipt
 from federated.runtime.site import Site
-from federated.server_app import STATUS_NO_DATA, STATUS_OK, STATUS_REFUSED, WEIGHTS_KEY
+from federated.server_app import (
+    EVAL_PREFIX,
+    GLOBAL_KEY,
+    METRIC_PREFIX,
+    REPLY_KEY,
+    STATUS_NO_DATA,
+    STATUS_OK,
+    STATUS_REFUSED,
+    UPDATE_KEY,
+    WEIGHTS_KEY,
+)
 from federated.study_spec import StudySpec
 
 log = logging.getLogger("federated.client")
@@ -50,6 +60,8 @@ class HospitalOutcome:
     weights: np.ndarray | None = None
     receipt: Receipt | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    #: hold-out metrics of the global model the message carried (evaluation)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def _check_study(site: Site, spec: StudySpec) -> tuple[HospitalOutcome | None, object, str]:
@@ -175,27 +187,31 @@ def evaluate_hospital(site: Site, spec: StudySpec, global_weights: np.ndarray,
 
 def _reply(message: Message, site_id: str, outcome: HospitalOutcome, started: float,
            wall_started: float) -> Message:
-    content = RecordDict({"status": ConfigRecord({"status": outcome.status, "reason": outcome.reason,
-                                                  "hospital": site_id})})
-    metrics: dict[str, Any] = dict(outcome.metrics)
+    reply: dict[str, Any] = {"status": outcome.status, "reason": outcome.reason, "hospital": site_id}
+    if outcome.receipt is not None:
+        reply["receipt"] = outcome.receipt.to_bytes()
+    metrics = dict(outcome.metrics)
     # Timing only (for the per-round breakdown): when the ClientApp started and ended.
     metrics["compute_s"] = time.perf_counter() - started
     metrics["t_start"] = wall_started
     metrics["t_end"] = time.time()
-    content["metrics"] = MetricRecord(metrics)
+    reply.update({METRIC_PREFIX + name: float(value) for name, value in metrics.items()})
+    reply.update({EVAL_PREFIX + name: float(value) for name, value in outcome.eval_metrics.items()})
+    content = RecordDict({REPLY_KEY: ConfigRecord(reply)})
     if outcome.weights is not None:
-        content["update"] = ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(outcome.weights,
-                                                                                 dtype=np.float32))})
-    if outcome.receipt is not None:
-        content["receipt"] = ConfigRecord({"envelope": outcome.receipt.to_bytes()})
+        content[UPDATE_KEY] = ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(outcome.weights,
+                                                                                   dtype=np.float32))})
     return Message(content, reply_to=message)
 
 
 def _inputs(message: Message, context: Context) -> tuple[Site, StudySpec, int, np.ndarray]:
     site = Site.from_node_config(context.node_config)
     spec = StudySpec.from_run_config(context.run_config)
-    round_ = int(message.content["config"]["server-round"])  # type: ignore[arg-type]
-    weights = np.asarray(message.content["global"][WEIGHTS_KEY].numpy(), dtype=np.float32)  # type: ignore[union-attr]
+    try:
+        round_ = int(message.metadata.group_id)
+    except ValueError:
+        raise ValueError(f"group_id: the server round, got {message.metadata.group_id!r}") from None
+    weights = np.asarray(message.content.array_records[GLOBAL_KEY][WEIGHTS_KEY].numpy(), dtype=np.float32)
     return site, spec, round_, weights
 
 
@@ -206,7 +222,11 @@ app = ClientApp()
 def train(message: Message, context: Context) -> Message:
     started, wall_started = time.perf_counter(), time.time()
     site, spec, round_, weights = _inputs(message, context)
+    # Federated evaluation of the incoming global model first (see federated.server_app), then training.
+    evaluation = evaluate_hospital(site, spec, weights)
     outcome = train_hospital_round(site, spec, round_, weights)
+    if evaluation.status == STATUS_OK:
+        outcome.eval_metrics = evaluation.metrics
     log.info("study %s round %d at %s: %s %s", spec.study_id, round_, site.hospital_id, outcome.status,
              outcome.reason)
     return _reply(message, site.hospital_id, outcome, started, wall_started)
@@ -217,4 +237,6 @@ def evaluate(message: Message, context: Context) -> Message:
     started, wall_started = time.perf_counter(), time.time()
     site, spec, _round, weights = _inputs(message, context)
     outcome = evaluate_hospital(site, spec, weights)
+    if outcome.status == STATUS_OK:
+        outcome.eval_metrics, outcome.metrics = outcome.metrics, {}
     return _reply(message, site.hospital_id, outcome, started, wall_started)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from federated.receipts import Receipt, ReceiptError, parse_receipt, verify_receipt
@@ -45,7 +45,17 @@ log = logging.getLogger("federated.server")
 STATUS_OK = "ok"
 STATUS_NO_DATA = "no-data"
 STATUS_REFUSED = "refused"
+#: Message layout, kept to the fewest Flower objects (each is one HTTP request per hop):
+#: server -> hospital: ArrayRecord GLOBAL_KEY {WEIGHTS_KEY: flat float32 array}, round = group_id;
+#: hospital -> server: ConfigRecord REPLY_KEY {status, reason, hospital, receipt (bytes),
+#: METRIC_PREFIX + name: float, EVAL_PREFIX + name: float} and, for an ``ok`` train reply,
+#: ArrayRecord UPDATE_KEY.
+GLOBAL_KEY = "global"
+UPDATE_KEY = "update"
+REPLY_KEY = "reply"
 WEIGHTS_KEY = "weights"
+METRIC_PREFIX = "m."
+EVAL_PREFIX = "e."
 
 
 class StudyFailedError(RuntimeError):
@@ -124,6 +134,8 @@ class HospitalReply:
     metrics: dict[str, float]
     weights: np.ndarray | None = None
     receipt: Receipt | None = None
+    #: hold-out metrics of the global model the message carried (empty if none)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def exchange(grid: Grid, messages: Sequence[Message], *, timeout: float, poll: float,
@@ -164,6 +176,11 @@ def phase_breakdown(prefix: str, phase: PhaseResult, replies: Sequence[HospitalR
             f"{prefix}_return_max_s": max(back, default=0.0)}
 
 
+def _prefixed(record: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    return {k[len(prefix):]: float(v) for k, v in record.items()
+            if k.startswith(prefix) and isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 def _decode_reply(node_id: int, message: Message, spec: StudySpec, round_: int,
                   hospital_keys: Mapping[str, bytes] | None) -> HospitalReply:
     """Classify one reply; anything malformed becomes `dropped` with the reason, never a crash."""
@@ -171,21 +188,20 @@ def _decode_reply(node_id: int, message: Message, spec: StudySpec, round_: int,
         error = message.error
         return HospitalReply(node_id, "", "dropped", f"flower error {error.code}: {error.reason}", {})
     content = message.content
-    status_rec = content.config_records.get("status")
+    status_rec = content.config_records.get(REPLY_KEY)
     if status_rec is None:
         return HospitalReply(node_id, "", "dropped", "reply has no status record", {})
     hospital = str(status_rec.get("hospital", ""))
     status = str(status_rec.get("status", ""))
     reason = str(status_rec.get("reason", ""))
-    metrics = {k: float(v) for k, v in content.metric_records.get("metrics", {}).items()
-               if isinstance(v, int | float)}
-    reply = HospitalReply(node_id, hospital, status, reason, metrics)
+    reply = HospitalReply(node_id, hospital, status, reason, _prefixed(status_rec, METRIC_PREFIX),
+                          eval_metrics=_prefixed(status_rec, EVAL_PREFIX))
     if status != STATUS_OK or message.metadata.message_type != MessageType.TRAIN:
         return reply
     try:
-        arrays = content.array_records["update"]
+        arrays = content.array_records[UPDATE_KEY]
         reply.weights = np.asarray(arrays[WEIGHTS_KEY].numpy(), dtype=np.float32)
-        raw = content.config_records["receipt"]["envelope"]
+        raw = status_rec["receipt"]
         if not isinstance(raw, bytes):
             raise ReceiptError("envelope: not bytes")
         if hospital_keys is not None:
@@ -214,14 +230,14 @@ def _weighted(values: Iterable[tuple[float, float]]) -> float:
 def aggregate_eval(replies: Sequence[HospitalReply]) -> dict[str, float]:
     """Example-weighted means of the hospitals' hold-out metrics (RMSE via mean squared error).
     AUROC is the weighted mean of local AUROCs, not a pooled AUROC (no scores leave a hospital)."""
-    rows = [r for r in replies if r.status == STATUS_OK and r.metrics.get("num_examples", 0) > 0]
+    rows = [r.eval_metrics for r in replies if r.eval_metrics.get("num_examples", 0) > 0]
     out: dict[str, float] = {"eval_hospitals": float(len(rows)),
-                             "eval_examples": float(sum(r.metrics["num_examples"] for r in rows))}
+                             "eval_examples": float(sum(m["num_examples"] for m in rows))}
     for name in ("loss", "accuracy", "auroc", "mae"):
-        pairs = [(r.metrics[name], r.metrics["num_examples"]) for r in rows if name in r.metrics]
+        pairs = [(m[name], m["num_examples"]) for m in rows if name in m]
         if pairs:
             out[f"eval_{name}"] = _weighted(pairs)
-    rmse = [(r.metrics["rmse"] ** 2, r.metrics["num_examples"]) for r in rows if "rmse" in r.metrics]
+    rmse = [(m["rmse"] ** 2, m["num_examples"]) for m in rows if "rmse" in m]
     if rmse:
         out["eval_rmse"] = math.sqrt(_weighted(rmse))
     return out
@@ -255,8 +271,9 @@ def _wait_for_nodes(grid: Grid, spec: StudySpec, options: ServerOptions) -> list
 
 def _messages(nodes: Sequence[int], kind: str, weights: np.ndarray, *, round_: int,
               spec: StudySpec) -> list[Message]:
-    content = RecordDict({"global": ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(weights))}),
-                          "config": ConfigRecord({"server-round": round_})})
+    # The round travels as the message's group_id: one object less per message (each object is
+    # an HTTP request; see docs/flower.md).
+    content = RecordDict({GLOBAL_KEY: ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(weights))})})
     ttl = max(spec.round_timeout_s * 2, 60.0)
     return [Message(content, dst_node_id=node, message_type=kind, group_id=str(round_), ttl=ttl)
             for node in nodes]
@@ -264,7 +281,14 @@ def _messages(nodes: Sequence[int], kind: str, weights: np.ndarray, *, round_: i
 
 def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
                      options: ServerOptions) -> tuple[Path, str]:
-    """The ServerApp's main: every round, then the final model. Returns (model path, sha256)."""
+    """The ServerApp's main: every round, then the final model. Returns (model path, sha256).
+
+    Federated evaluation is folded into the train exchange: a hospital first evaluates the global
+    model a train message carries on its hold-out records, then trains on it, and replies with
+    both. So round r's evaluation (of the model it produced) arrives with round r+1's replies,
+    and `on_round(r)` is called then; after the last round one evaluate-only exchange remains.
+    One exchange per round instead of two halves Flower's per-round overhead.
+    """
     from federated.templates import get_template
     from federated.weights import pack, save_safetensors, unpack
 
@@ -279,6 +303,7 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
         raise StudyFailedError(f"bad study spec: {exc}") from exc
     model = template.build(len(spec.columns), seed=spec.seed)
     weights = pack(model)
+    pending: _PendingRound | None = None
     try:
         for round_ in range(1, spec.rounds + 1):
             if options.stop_event.is_set():
@@ -289,6 +314,9 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
                              timeout=spec.round_timeout_s, poll=options.poll, stop_event=options.stop_event)
             decoded = [_decode_reply(n, m, spec, round_, options.hospital_keys)
                        for n, m in train.replies.items()]
+            if pending is not None:  # these replies carry the evaluation of the previous round's model
+                pending.report(observer, decoded)
+                pending = None
             contributors = [r for r in decoded if r.status == STATUS_OK and r.receipt is not None]
             if options.stop_event.is_set():
                 raise StudyFailedError(f"cancelled during round {round_}")
@@ -299,19 +327,23 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
             t_agg = time.perf_counter()
             weights = _reply_weights_sum(contributors)
             aggregate_s = time.perf_counter() - t_agg
-            eval_nodes = sorted(grid.get_node_ids())
-            evaluation = exchange(grid, _messages(eval_nodes, MessageType.EVALUATE, weights, round_=round_,
-                                                  spec=spec),
-                                  timeout=spec.round_timeout_s, poll=options.poll,
-                                  stop_event=options.stop_event)
-            eval_replies = [_decode_reply(n, m, spec, round_, options.hospital_keys)
-                            for n, m in evaluation.replies.items()]
-            metrics = _round_metrics(decoded, contributors, train=train, evaluation=evaluation,
-                                     eval_replies=eval_replies, aggregate_s=aggregate_s,
+            metrics = _round_metrics(decoded, contributors, train=train, aggregate_s=aggregate_s,
                                      round_s=time.perf_counter() - t_round)
             log.info("study %s round %d: %s", spec.study_id, round_, metrics)
-            observer.on_round(round_, metrics, [c.receipt for c in contributors if c.receipt is not None])
+            pending = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt])
+        final_nodes = sorted(grid.get_node_ids())
+        evaluation = exchange(grid, _messages(final_nodes, MessageType.EVALUATE, weights,
+                                              round_=spec.rounds, spec=spec),
+                              timeout=spec.round_timeout_s, poll=options.poll, stop_event=options.stop_event)
+        eval_replies = [_decode_reply(n, m, spec, spec.rounds, options.hospital_keys)
+                        for n, m in evaluation.replies.items()]
+        if pending is not None:
+            pending.metrics.update(phase_breakdown("final_eval", evaluation, eval_replies))
+            pending.report(observer, eval_replies)
+            pending = None
     except StudyFailedError as exc:
+        if pending is not None:  # the last completed round is reported (without its evaluation)
+            pending.report(observer, [])
         observer.on_failed(str(exc))
         raise
     options.output_dir.mkdir(parents=True, exist_ok=True)
@@ -323,9 +355,21 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
     return model_path, sha256
 
 
+@dataclass
+class _PendingRound:
+    """A finished round waiting for the evaluation of the model it produced."""
+
+    round: int
+    metrics: dict[str, float]
+    receipts: list[Receipt]
+
+    def report(self, observer: StudyObserver, eval_replies: Sequence[HospitalReply]) -> None:
+        self.metrics.update(aggregate_eval(eval_replies))
+        observer.on_round(self.round, self.metrics, self.receipts)
+
+
 def _round_metrics(decoded: Sequence[HospitalReply], contributors: Sequence[HospitalReply], *,
-                   train: PhaseResult, evaluation: PhaseResult, eval_replies: Sequence[HospitalReply],
-                   aggregate_s: float, round_s: float) -> dict[str, float]:
+                   train: PhaseResult, aggregate_s: float, round_s: float) -> dict[str, float]:
     by_status = {s: sum(1 for r in decoded if r.status == s) for s in (STATUS_NO_DATA, STATUS_REFUSED)}
     metrics: dict[str, float] = {
         "contributors": float(len(contributors)),
@@ -334,15 +378,13 @@ def _round_metrics(decoded: Sequence[HospitalReply], contributors: Sequence[Hosp
         "refused": float(by_status[STATUS_REFUSED]),
         "dropped": float(len(train.missing) + sum(1 for r in decoded if r.status in ("dropped", "invalid"))),
         "epsilon_max": max((c.receipt.epsilon_total for c in contributors if c.receipt), default=0.0),
-        # Per-round time breakdown (docs/benchmarks/flower.md): phase wall time vs the slowest
-        # hospital's own compute; the difference is Flower's overhead.
+        # Per-round time breakdown (docs/benchmarks/flower.md): the exchange's wall time vs the
+        # slowest hospital's own compute (evaluate + train); the difference is Flower's overhead.
         "aggregate_s": aggregate_s,
         "round_wall_s": round_s,
         **phase_breakdown("train", train, decoded),
-        **phase_breakdown("eval", evaluation, eval_replies),
     }
-    metrics["overhead_s"] = round_s - metrics["train_compute_max_s"] - metrics["eval_compute_max_s"]
-    metrics.update(aggregate_eval(eval_replies))
+    metrics["overhead_s"] = round_s - metrics["train_compute_max_s"]
     return metrics
 
 

@@ -40,7 +40,11 @@ def main() -> None:
         print(f"[exchange] supernode patches: idle sleep {settings.supernode_idle_sleep} s, reply sleep "
               f"{settings.supernode_reply_sleep} s, pull back-off {settings.pull_backoff} s", file=sys.stderr,
               flush=True)
+    from flwr.supercore.logger import update_console_handler
     from flwr.supernode.cli import flower_supernode
+
+    # Flower's console lines carry no time by default; log files are more useful with it.
+    update_console_handler(timestamps=True, colored=False)
 
     sys.argv[0] = "flower-supernode"
     flower_supernode()
