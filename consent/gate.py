@@ -56,6 +56,8 @@ class GateResult:
     commitment: str
     records_used: int
     decisions: dict[str, Decision] = field(repr=False)
+    #: eligible pseudonym -> the reward account its contract names (pseudonyms naming none are absent)
+    reward_accounts: dict[str, str] = field(default_factory=dict)
 
 
 def commitment(pairs: Iterable[tuple[str, str]]) -> str:
@@ -166,7 +168,13 @@ def gate(
     else:
         pair_p = pair_h = np.zeros(0, dtype=np.int64)
     names: list[str] = p_dict.take(pa.array(pair_p)).to_pylist()
-    lines = sorted(f"{p}\t{distinct[h]}\n" for p, h in zip(names, pair_h.tolist(), strict=True))
+    pair_hashes = [distinct[h] for h in pair_h.tolist()]
+    lines = sorted(f"{p}\t{h}\n" for p, h in zip(names, pair_hashes, strict=True))
+    accounts = {
+        p: account
+        for p, h in zip(names, pair_hashes, strict=True)
+        if (account := contracts[h].reward_account) is not None
+    }
     digest = hashlib.sha256(COMMITMENT_PREFIX)
     digest.update("".join(lines).encode())
     return GateResult(
@@ -176,6 +184,7 @@ def gate(
         commitment=digest.hexdigest(),
         records_used=int(eligible.sum()),
         decisions=decisions,
+        reward_accounts=dict(sorted(accounts.items())),
     )
 
 
@@ -191,6 +200,7 @@ def gate_naive(
     used: list[tuple[str, str]] = []
     excluded: Counter[str] = Counter()
     decisions: dict[str, Decision] = {}
+    accounts: dict[str, str] = {}
     for pseudonym, key in records:
         contract = contracts.get(key)
         if contract is None:
@@ -202,6 +212,8 @@ def gate_naive(
             if reason is None and contract.pseudonym != pseudonym:
                 reason = PSEUDONYM_MISMATCH
         eligible.append(reason is None)
+        if reason is None and contract is not None and contract.reward_account is not None:
+            accounts[pseudonym] = contract.reward_account
         if reason is None:
             pseudonyms.append(pseudonym)
             used.append((pseudonym, key))
@@ -214,4 +226,5 @@ def gate_naive(
         commitment=commitment(used),
         records_used=len(used),
         decisions=decisions,
+        reward_accounts=dict(sorted(accounts.items())),
     )

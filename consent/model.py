@@ -31,7 +31,18 @@ from pydantic import (
 
 from audit.signing import Signer, b64decode, b64encode, canonical, key_id, sha256_hex, verify
 from consent import duo
-from consent.codes import normalize_category, normalize_icd10, normalize_region
+from consent.codes import DATA_CATEGORIES, normalize_category, normalize_icd10, normalize_region
+
+__all__ = [
+    "DATA_CATEGORIES",
+    "Contract",
+    "Period",
+    "Provision",
+    "SignedContract",
+    "next_version",
+    "revoke",
+    "sign",
+]
 
 FORMAT: Literal["consent-contract/1"] = "consent-contract/1"
 SIGNED_FORMAT: Literal["consent-contract-signed/1"] = "consent-contract-signed/1"

@@ -70,6 +70,7 @@ def contracts(draw: st.DrawFn, pseudonym: str | None = None) -> Contract:
         status=draw(st.sampled_from(("active",) * 7 + ("inactive",))),
         period=draw(st.one_of(st.none(), st.none(), st.none(), periods)),
         max_epsilon=draw(st.sampled_from((None, None, None, 1.0, 5.0))),
+        reward_account=draw(st.sampled_from((None, "acct-1", "acct-2"))),
         provision=draw(provisions()),
     )
 

@@ -60,6 +60,9 @@ def test_gate_on_synthetic_mix_counts_every_reason() -> None:
     assert result.excluded_by_reason["no-contract"] == 1
     assert result.excluded_by_reason["pseudonym-mismatch"] == 1
     assert 0 < result.records_used < len(records)
+    assert result.reward_accounts == naive.reward_accounts
+    assert 0 < len(result.reward_accounts) < len(result.eligible_pseudonyms)
+    assert set(result.reward_accounts) <= set(result.eligible_pseudonyms)
     assert result.commitment == commitment(
         (p, h) for (p, h), ok in zip(records, result.eligible, strict=True) if ok
     )

@@ -45,6 +45,7 @@ def test_gate_equals_naive(
     assert fast.eligible_pseudonyms == naive.eligible_pseudonyms
     assert fast.excluded_by_reason == naive.excluded_by_reason
     assert fast.commitment == naive.commitment
+    assert fast.reward_accounts == naive.reward_accounts
     assert fast.records_used + sum(fast.excluded_by_reason.values()) == len(records)
     # the column form gives the same answer
     columns = ([p for p, _ in records], [h for _, h in records])
