@@ -4,8 +4,9 @@ Pure and deterministic: no clock, randomness or I/O; the same inputs give the sa
 the same reasons in the same order, at the hospital and at the auditor. The rules are listed in
 docs/consent.md; in short:
 
-1. Contract level, all checked: the contract must be `active`, its validity period must contain
-   the instant, and the study's epsilon must not exceed the contract's `max_epsilon`.
+1. Contract level, all checked: the contract must be `active`, issued at or before the instant,
+   its validity period must contain the instant, and the study's epsilon must not exceed the
+   contract's `max_epsilon`.
 2. The study is decided per requested data category; it is permitted only if every category is.
 3. For one category, a provision *applies* when all its conditions match. A permit rule's purpose
    condition needs the study purpose to be *covered* by one of its DUO permissions (DUOS matching,
@@ -30,6 +31,7 @@ from consent.request import StudyRequest
 
 ReasonCode = Literal[
     "inactive",
+    "not-issued",
     "outside-validity",
     "privacy-cap",
     "permit",
@@ -67,13 +69,14 @@ class Decision:
     def exclusion(self) -> str | None:
         """The key a denied record is counted under when gating (None when permitted).
 
-        Contract-level failures take precedence (inactive, outside-validity, privacy-cap), then an
-        applicable deny rule ("denied"), then no applicable permit rule ("no-permit").
+        Contract-level failures take precedence (inactive, not-issued, outside-validity,
+        privacy-cap), then an applicable deny rule ("denied"), then no applicable permit rule
+        ("no-permit").
         """
         if self.permit:
             return None
         codes = {r.code for r in self.reasons}
-        for code in ("inactive", "outside-validity", "privacy-cap"):
+        for code in ("inactive", "not-issued", "outside-validity", "privacy-cap"):
             if code in codes:
                 return code
         return "denied" if "deny" in codes else "no-permit"
@@ -285,6 +288,8 @@ def evaluate(contract: Contract, request: StudyRequest, instant: datetime) -> De
     reasons: list[Reason] = []
     if contract.status != "active":
         reasons.append(Reason("inactive", "status", f"consent status is {contract.status}, not active"))
+    if instant < contract.issued:
+        reasons.append(Reason("not-issued", "issued", "the consent was not yet given at this instant"))
     if contract.period is not None and not contract.period.contains(instant):
         reasons.append(Reason("outside-validity", "period", "the instant is outside the consent's validity"))
     if contract.max_epsilon is not None and (

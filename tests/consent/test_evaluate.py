@@ -81,6 +81,8 @@ def test_contract_level_checks_list_every_reason() -> None:
     assert not decision.permit
     assert [r.code for r in decision.reasons] == ["inactive", "outside-validity", "privacy-cap"]
     assert decision.exclusion == "inactive"
+    early = evaluate(contract(Provision(type="permit")), study(), datetime(2025, 12, 31, tzinfo=UTC))
+    assert [r.code for r in early.reasons] == ["not-issued"] and early.exclusion == "not-issued"
     capped = contract(Provision(type="permit"), max_epsilon=1.0)
     assert evaluate(capped, study(epsilon=1.0), AT).permit
     assert evaluate(capped, study(epsilon=1.5), AT).exclusion == "privacy-cap"
