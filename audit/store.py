@@ -39,7 +39,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -72,14 +72,14 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from audit import merkle
 from audit.checkpoint import Checkpoint, sign_checkpoint
 from audit.entry import Entry, MalformedEntryError
 from audit.keyring import KEY_KINDS, Keyring, KeyringError
 from audit.signing import Signer, b64decode, canonical
-from audit.verify import signing_input_from_line
+from audit.verify import envelope_from_json, signing_input_from_line
 
 # The same naming convention as exchange/db/base.py, so Alembic batch migrations name and drop
 # constraints identically on SQLite and PostgreSQL (audit may not import exchange).
@@ -647,6 +647,41 @@ def _check_unique(request: _Request, start: int, seen: Mapping[bytes, int]) -> N
 # -- the log -----------------------------------------------------------------------------------
 
 
+_C_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                             allow_nan=False).encode
+_MAX_SAFE_INTEGER = 2**53 - 1
+
+
+def _plain(value: Any) -> bool:
+    """True if `value` holds only str keys, strings, bools, None and integers within 2**53."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER
+    if kind is dict:
+        return all(type(k) is str and _plain(v) for k, v in value.items())
+    if kind is list:
+        return all(_plain(v) for v in value)
+    return False  # floats, tuples, subclasses...: let rfc8785 decide
+
+
+def fast_canonical(value: Any) -> bytes:
+    r"""RFC 8785 encoding, through the C JSON encoder when that is provably the same bytes.
+
+    For ASCII text without floats (integers within 2**53 only), RFC 8785 equals
+    `json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False)`: the same escapes
+    (\b \t \n \f \r, other controls as lowercase \u00xx, only '"' and '\\' besides), and
+    sorting ASCII keys by code point equals sorting by UTF-16 code unit. Anything else goes
+    through the rfc8785 package. (tests/audit/test_store.py checks the two agree.)
+    """
+    if _plain(value):
+        text = _C_ENCODE(value)
+        if text.isascii():
+            return text.encode("ascii")
+    return canonical(value)
+
+
 @functools.lru_cache(maxsize=4096)
 def _verify_key(public_key: bytes) -> VerifyKey:
     return VerifyKey(public_key)
@@ -666,6 +701,21 @@ class _Prepared:
 class _Request:
     entries: list[_Prepared]
     future: Future[list[int]]
+
+
+class _RetryCarefullyError(Exception):
+    """Internal: the optimistic write cannot decide; redo it with the size read under the lock."""
+
+
+@dataclass
+class _Outcome:
+    """What one write transaction did: who was accepted (with indexes), who was refused."""
+
+    keyring: Keyring
+    size: int
+    accepted: list[tuple[_Request, list[int]]] = field(default_factory=list)
+    refused: list[tuple[_Request, BaseException]] = field(default_factory=list)
+    nodes: list[merkle.Node] = field(default_factory=list)
 
 
 class AuditLog:
@@ -772,14 +822,15 @@ class AuditLog:
     def _prepare(self, position: int, entry: Entry | Mapping[str, Any]) -> _Prepared:
         try:
             if isinstance(entry, Entry):
-                # Re-parse so that an Entry built by hand gets the same form checks as JSON.
-                parsed = Entry.from_json(entry.to_json())
+                # Re-check so that an Entry built by hand gets the same form checks as JSON
+                # (the verifier's envelope rules: Entry.from_json's, with a faster time check).
+                parsed = envelope_from_json(entry.to_json())
             elif isinstance(entry, Mapping):
-                parsed = Entry.from_json(dict(entry))
+                parsed = envelope_from_json(dict(entry))
             else:
                 raise MalformedEntryError(f"entry: expected audit.entry.Entry or a JSON object, "
                                           f"got {type(entry).__name__}")
-            leaf = canonical(parsed.to_json())
+            leaf = fast_canonical(parsed.to_json())
         except MalformedEntryError as exc:
             raise EntryRefusedError(position, None, str(exc)) from exc
         except (TypeError, ValueError) as exc:  # rfc8785 refuses floats out of range, etc.
@@ -823,10 +874,11 @@ class AuditLog:
 
     def _lock_for_write(self, connection: Connection) -> None:
         if self._dialect == "postgresql":
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+            # One round trip: the lock, and durable-on-commit even if the server or role
+            # default says otherwise (SET LOCAL synchronous_commit = on).
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key), "
+                                    "set_config('synchronous_commit', 'on', true)"),
                                {"key": ADVISORY_LOCK_KEY})
-            # Durable on commit even if the server or role default says otherwise.
-            connection.exec_driver_sql("SET LOCAL synchronous_commit TO on")
         # SQLite: the private writer engine already began with BEGIN IMMEDIATE.
 
     def _catch_up(self, connection: Connection, db_size: int) -> None:
@@ -875,68 +927,88 @@ class AuditLog:
         return state
 
     def _commit(self, batch: list[_Request]) -> None:
-        accepted: list[tuple[_Request, list[int]]] = []
-        refused: list[tuple[_Request, BaseException]] = []
+        """Write one group of requests in one transaction, then acknowledge each caller.
+
+        Optimistic first: under the write lock, the cached size is a lower bound of the real
+        one (the log only grows), so inserting at it either succeeds (nobody else appended) or
+        violates the primary key / next-index trigger (someone did), as does a replayed entry
+        (unique leaf hash). Only then is the group redone carefully: read the size, replay new
+        key entries, look the leaf hashes up. The common case saves two queries per commit.
+        """
         try:
-            with self._writer_engine.begin() as connection:
-                self._lock_for_write(connection)
-                self._catch_up(connection, _size(connection))
-                keyring = self._keyring
-                size = self._size
-                rows: list[dict[str, Any]] = []
-                leaf_hashes: list[bytes] = []
-                seen = _stored_indexes(connection, [p.leaf_hash for r in batch for p in r.entries])
-                for request in batch:
-                    try:
-                        _check_unique(request, size, seen)
-                        keyring = self._check_request(keyring, request, size)
-                    except EntryRefusedError as exc:
-                        refused.append((request, exc))
-                        continue
-                    for position, item in enumerate(request.entries):
-                        seen[item.leaf_hash] = size + position
-                    indexes = list(range(size, size + len(request.entries)))
-                    for index, item in zip(indexes, request.entries, strict=True):
-                        rows.append({"idx": index, "leaf": item.leaf, "leaf_hash": item.leaf_hash,
-                                     "kind": item.entry.kind, "key_id": item.entry.key_id,
-                                     "time": item.entry.time})
-                        leaf_hashes.append(item.leaf_hash)
-                    accepted.append((request, indexes))
-                    size += len(request.entries)
-                nodes: list[merkle.Node] = []
-                if rows:
-                    source = _WriterSource(connection, self._frontier)
-                    nodes = merkle.append_nodes(source, self._size, leaf_hashes)
-                    connection.execute(audit_entries.insert(), rows)
-                    connection.execute(audit_tree_nodes.insert(),
-                                       [{"level": n.level, "idx": n.index, "hash": n.hash}
-                                        for n in nodes])
-            # Committed: only now does the writer state move forward.
-            created = {(n.level, n.index): n.hash for n in nodes}
-            old_frontier = self._frontier
-            self._keyring = keyring
-            self._size = size
-            self._frontier = {}
-            for coordinate in _frontier_coordinates(size):
-                known = created.get(coordinate, old_frontier.get(coordinate))
-                if known is not None:
-                    self._frontier[coordinate] = known
+            try:
+                outcome = self._write(batch, careful=False)
+            except (IntegrityError, _RetryCarefullyError):
+                outcome = self._write(batch, careful=True)
         except (SQLAlchemyError, DBAPIError, StoreCorruptError) as exc:
             error = AppendNotCommittedError(f"append not committed: {exc}")
             error.__cause__ = exc
             for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(error)
+                request.future.set_exception(error)
             return
         except BaseException as exc:  # never leave a caller waiting forever
             for request in batch:
                 if not request.future.done():
                     request.future.set_exception(exc)
             raise
-        for request, refusal in refused:
+        # Committed: only now does the writer state move forward.
+        self._keyring = outcome.keyring
+        created = {(n.level, n.index): n.hash for n in outcome.nodes}
+        old_frontier = self._frontier
+        self._frontier = {}
+        for coordinate in _frontier_coordinates(outcome.size):
+            known = created.get(coordinate, old_frontier.get(coordinate))
+            if known is not None:
+                self._frontier[coordinate] = known
+        self._size = outcome.size
+        for request, refusal in outcome.refused:
             request.future.set_exception(refusal)
-        for request, indexes in accepted:
+        for request, indexes in outcome.accepted:
             request.future.set_result(indexes)
+
+    def _write(self, batch: list[_Request], *, careful: bool) -> _Outcome:
+        """One write transaction for `batch`; changes no writer state (the caller does)."""
+        outcome = _Outcome(keyring=self._keyring, size=self._size)
+        with self._writer_engine.begin() as connection:
+            self._lock_for_write(connection)
+            seen: dict[bytes, int] = {}
+            if careful:
+                self._catch_up(connection, _size(connection))
+                outcome.keyring, outcome.size = self._keyring, self._size
+                seen = _stored_indexes(connection, [p.leaf_hash for r in batch for p in r.entries])
+            start = size = outcome.size
+            keyring = outcome.keyring
+            rows: list[dict[str, Any]] = []
+            leaf_hashes: list[bytes] = []
+            for request in batch:
+                try:
+                    _check_unique(request, size, seen)
+                    keyring = self._check_request(keyring, request, size)
+                except EntryRefusedError as exc:
+                    if not careful:
+                        # The refusal may come from a stale key state (another process may
+                        # have registered the key): decide it only on the current log.
+                        raise _RetryCarefullyError from exc
+                    outcome.refused.append((request, exc))
+                    continue
+                indexes = list(range(size, size + len(request.entries)))
+                for index, item in zip(indexes, request.entries, strict=True):
+                    seen[item.leaf_hash] = index
+                    rows.append({"idx": index, "leaf": item.leaf, "leaf_hash": item.leaf_hash,
+                                 "kind": item.entry.kind, "key_id": item.entry.key_id,
+                                 "time": item.entry.time})
+                    leaf_hashes.append(item.leaf_hash)
+                outcome.accepted.append((request, indexes))
+                size += len(request.entries)
+            if rows:
+                source = _WriterSource(connection, self._frontier if start == self._size else {})
+                outcome.nodes = merkle.append_nodes(source, start, leaf_hashes)
+                connection.execute(audit_entries.insert(), rows)
+                connection.execute(audit_tree_nodes.insert(),
+                                   [{"level": n.level, "idx": n.index, "hash": n.hash}
+                                    for n in outcome.nodes])
+        outcome.keyring, outcome.size = keyring, size
+        return outcome
 
     # -- reading ------------------------------------------------------------------------------
     def size(self) -> int:

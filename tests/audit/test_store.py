@@ -8,12 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select
 
 from audit import merkle
 from audit.checkpoint import CheckpointError, verify_checkpoint
 from audit.entry import sign_entry
-from audit.signing import Signer
+from audit.signing import Signer, canonical
 from audit.store import (
     AuditLog,
     AuditStoreError,
@@ -25,6 +27,7 @@ from audit.store import (
     audit_entries,
     audit_tree_nodes,
     drop_append_only_trigger_ddl,
+    fast_canonical,
     read_entries,
     read_latest_checkpoint,
     verify_storage,
@@ -284,3 +287,30 @@ def test_verify_storage_names_the_damage(tmp_path: Path, keys: LogKeys) -> None:
     with pytest.raises(StoreCorruptError, match="nodes stored"):
         verify_storage(engine, keys.operator.public_key)
     engine.dispose()
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**60), 2**60)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_json_values)
+def test_fast_canonical_is_rfc8785(value: object) -> None:
+    """The store's C-encoder fast path gives exactly the rfc8785 bytes, or the same refusal."""
+    try:
+        expected = canonical(value)
+    except Exception as exc:
+        with pytest.raises(type(exc)):
+            fast_canonical(value)
+        return
+    assert fast_canonical(value) == expected
+
+
+def test_fast_canonical_escapes_like_rfc8785() -> None:
+    text = "".join(chr(c) for c in range(0x80)) + "\\\"/"
+    value = {text: [text, 2**53 - 1, -(2**53 - 1), True, None], "b": {"a": 1}, "\x01": 0}
+    assert fast_canonical(value) == canonical(value)

@@ -1,0 +1,197 @@
+"""Durable append throughput of the audit store vs Ed25519 signing plus group fsync of the same bytes.
+
+    .venv/bin/python -m tests.bench.bench_audit_append              # SQLite, 20,000 entries
+    .venv/bin/python -m tests.bench.bench_audit_append --quick      # SQLite, 2,000 entries
+    .venv/bin/python -m tests.bench.bench_audit_append --postgres   # PostgreSQL at 127.0.0.1:5432
+
+Workload, the same for both sides: `--threads` appenders each sign `--entries / threads`
+realistic entries (audit.entry.sign_entry: RFC 8785 encoding + Ed25519) and append them one at
+a time, each waiting for its acknowledgement before the next.
+
+- store: `AuditLog.append` (form checks, signature verification, signer registered and active,
+  no replay, leaf + tree nodes inserted, group commit: one transaction and one fsync for all the
+  appends waiting; SQLite WAL with synchronous=FULL, PostgreSQL synchronous_commit=on);
+- baseline: the least a durable signed log must do: sign, encode the leaf bytes, hand them to a
+  writer thread that appends every waiting record to a plain file and fsyncs once per group
+  (the same group-commit structure), then acknowledge.
+
+Target: store >= 50 % of the baseline. Both files live in one temporary folder on the same disk.
+Also printed: the store appending pre-signed entries (signing excluded) for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+
+from audit.entry import Entry, sign_entry
+from audit.signing import canonical
+from tests.audit.store_support import LogKeys, migrated_engine, register
+
+PG_ADMIN_DSN = os.environ.get("EXCHANGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _payload(tag: str, seq: int) -> dict[str, object]:
+    return {"study_id": f"study-{tag}", "round": seq, "hospital": "hospital:st-mary",
+            "records_used": 1200 + seq % 50, "epsilon_spent_micro": 125000,
+            "commitment": f"{seq:064x}"}
+
+
+class GroupFsyncFile:
+    """The baseline: a writer thread that appends waiting records to a file, fsyncs per group."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._queue: queue.SimpleQueue[tuple[bytes, Future[None]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self.groups = 0
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            group = [item]
+            while True:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                group.append(more)
+            os.write(self._fd, b"".join(record + b"\n" for record, _ in group))
+            os.fsync(self._fd)
+            self.groups += 1
+            for _, future in group:
+                future.set_result(None)
+
+    def append(self, record: bytes) -> None:
+        future: Future[None] = Future()
+        self._queue.put((record, future))
+        future.result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        os.close(self._fd)
+
+
+def _run_threads(threads: int, total: int, work: Callable[[int, int], object]) -> float:
+    """Run work(thread, seq) for `total` items over `threads` threads; return the seconds taken."""
+    per = -(-total // threads)
+    barrier = threading.Barrier(threads + 1)
+    errors: list[BaseException] = []
+
+    def body(t: int) -> None:
+        barrier.wait()
+        try:
+            for seq in range(t * per, min(total, (t + 1) * per)):
+                work(t, seq)
+        except BaseException as exc:
+            errors.append(exc)
+
+    pool = [threading.Thread(target=body, args=(t,)) for t in range(threads)]
+    for thread in pool:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in pool:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return elapsed
+
+
+@contextmanager
+def _database(postgres: bool, folder: Path) -> Iterator[str]:
+    if not postgres:
+        yield f"sqlite:///{folder / 'audit.db'}"
+        return
+    import psycopg
+
+    name = f"bench_audit_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def run_once(url: str, folder: Path, keys: LogKeys, total: int, threads: int,
+             run: int) -> tuple[float, float, float, int]:
+    """(store s, baseline s, store pre-signed s, baseline fsync groups) for one round."""
+    engine = migrated_engine(url)
+    with keys.open(engine) as log:
+        if log.size() == 0:
+            log.append(register(keys.operator, keys.writer))
+        store_s = _run_threads(threads, total, lambda t, seq: log.append(
+            sign_entry(keys.writer, "study.round", _payload(f"{run}-s{t}", seq))))
+        presigned = [sign_entry(keys.writer, "study.round", _payload(f"{run}-p", seq))
+                     for seq in range(total)]
+        presigned_s = _run_threads(threads, total, lambda t, seq: log.append(presigned[seq]))
+    engine.dispose()
+
+    baseline = GroupFsyncFile(folder / f"baseline-{run}.log")
+
+    def baseline_append(t: int, seq: int) -> None:
+        entry: Entry = sign_entry(keys.writer, "study.round", _payload(f"{run}-b{t}", seq))
+        baseline.append(canonical(entry.to_json()))
+
+    baseline_s = _run_threads(threads, total, baseline_append)
+    baseline.close()
+    return store_s, baseline_s, presigned_s, baseline.groups
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2,000 entries")
+    parser.add_argument("--entries", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is reported")
+    parser.add_argument("--postgres", action="store_true",
+                        help=f"PostgreSQL (a temporary database via {PG_ADMIN_DSN})")
+    args = parser.parse_args(argv)
+    total = args.entries or (2_000 if args.quick else 20_000)
+    keys = LogKeys.generate()
+    results = []
+    with tempfile.TemporaryDirectory(dir=Path.cwd(), prefix=".bench-audit-") as tmp, \
+            _database(args.postgres, Path(tmp)) as url:
+        for run in range(args.repeat):
+            results.append(run_once(url, Path(tmp), keys, total, args.threads, run))
+    store_s = statistics.median(r[0] for r in results)
+    baseline_s = statistics.median(r[1] for r in results)
+    presigned_s = statistics.median(r[2] for r in results)
+    groups = statistics.median(r[3] for r in results)
+    backend = "PostgreSQL" if args.postgres else "SQLite (WAL, synchronous=FULL)"
+    print(f"audit append: {total} entries, {args.threads} appender threads, {backend}, "
+          f"median of {args.repeat}")
+    print(f"  store (sign + append, durable): {store_s:.3f} s  {total / store_s:,.0f} entries/s  "
+          f"({store_s / total * 1e6:.0f} us/entry)")
+    print(f"  baseline (sign + group fsync):  {baseline_s:.3f} s  {total / baseline_s:,.0f} "
+          f"entries/s  ({baseline_s / total * 1e6:.0f} us/entry, {groups:.0f} fsync groups)")
+    print(f"  store, pre-signed entries:      {presigned_s:.3f} s  {total / presigned_s:,.0f} "
+          f"entries/s")
+    ratio = baseline_s / store_s
+    print(f"  ratio store / baseline throughput: {ratio:.2f} (target >= 0.50: "
+          f"{'met' if ratio >= 0.5 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
