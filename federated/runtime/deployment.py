@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -203,12 +203,16 @@ class SuperLinkProcess:
             client.close()
         return [info.node_id for info in response.nodes_info if info.status == "online"]
 
-    def wait_for_nodes(self, count: int, timeout: float = 90.0) -> list[int]:
+    def wait_for_nodes(self, count: int, timeout: float = 90.0,
+                       watch: Sequence[ManagedProcess] = ()) -> list[int]:
+        """Wait until `count` SuperNodes are online; fail at once if one of `watch` exits."""
         deadline = time.monotonic() + timeout
         online: list[int] = []
         while time.monotonic() < deadline:
-            if self.proc is not None and not self.proc.alive():
-                raise DeploymentError(f"superlink died; log {self.proc.log_path}:\n{self.proc.log_tail()}")
+            for proc in [p for p in (self.proc, *watch) if p is not None]:
+                if not proc.alive():
+                    raise DeploymentError(f"{proc.name} exited with code {proc.popen.returncode}; "
+                                          f"log {proc.log_path}:\n{proc.log_tail()}")
             with contextlib.suppress(Exception):
                 online = self.online_node_ids()
                 if len(online) >= count:
@@ -309,7 +313,8 @@ class LocalFederation:
                 if node.auth_keys is not None:
                     self.superlink.register_node(node.auth_keys, name=name)
                 node.start()
-            self.superlink.wait_for_nodes(len(self.nodes), timeout=timeout)
+            self.superlink.wait_for_nodes(len(self.nodes), timeout=timeout,
+                                          watch=[p for node in self.nodes.values() for p in node.processes()])
         except BaseException:
             self.stop()
             raise

@@ -12,6 +12,7 @@ Two modes:
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -63,6 +64,11 @@ def flower_env(flwr_home: Path | None = None, base: dict[str, str] | None = None
     """
     env = dict(os.environ if base is None else base)
     env.update(NO_PHONE_HOME_ENV)
+    # Flower starts helpers by name (`flower-superexec`, `flwr-clientapp`): they must be found in
+    # the same environment as the interpreter we run, even when its bin/ is not on PATH.
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = os.pathsep.join(filter(None, [bin_dir, env.get("PATH", "")]))
     env.setdefault("PYTHONUNBUFFERED", "1")
     if flwr_home is not None:
         flwr_home.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,6 @@ a warm executor does not re-parse unchanged files every round.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections.abc import Iterable, Mapping
@@ -101,55 +100,35 @@ class GateOutcome:
     reward_accounts: Mapping[str, str]
 
 
-def _load_contracts(path: Path) -> dict[str, list[Any]]:
-    """pseudonym -> that pseudonym's contract versions (signature-checked), from JSON lines."""
+def _load_contracts(path: Path) -> Any:
+    """Every contract version in the file (signatures checked), as a `consent.ContractRegistry`."""
+    from consent.history import ContractRegistry
     from consent.model import SignedContract
 
-    by_pseudonym: dict[str, list[Any]] = {}
+    contracts = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            contract = SignedContract.model_validate_json(line).verify()
+            contracts.append(SignedContract.model_validate_json(line).verify())
         except Exception as exc:
             raise SiteConfigError(f"contracts-path: {path} line {number}: {exc}") from None
-        by_pseudonym.setdefault(contract.pseudonym, []).append(contract)
-    return by_pseudonym
+    try:
+        return ContractRegistry(contracts)
+    except ValueError as exc:
+        raise SiteConfigError(f"contracts-path: {path}: {exc}") from None
 
 
-def gate_records(contracts: Mapping[str, list[Any]], request: StudyRequest, pseudonyms: Iterable[str],
-                 at: datetime, hospital_id: str) -> GateOutcome:
-    """Gate `pseudonyms` against their contracts in force at `at`.
+def gate_records(registry: Any, request: StudyRequest, pseudonyms: Iterable[str], at: datetime,
+                 hospital_id: str) -> GateOutcome:
+    """Gate `pseudonyms` with `consent.gate` against the contract version of each that is in force
+    at `at` (so a revocation issued before `at` excludes the record)."""
+    from consent.gate import gate
 
-    PLACEHOLDER until `consent.gate` lands: a record is eligible when its latest contract issued
-    by `at` is active and has a permit rule whose data categories (if any) cover the request's.
-    Full purpose/organisation/period evaluation is the consent engine's job.
-    Commitment: SHA-256 over the sorted "pseudonym:contract-hash" lines of the eligible records.
-    """
-    eligible: set[str] = set()
-    excluded: dict[str, int] = {}
-    pairs: list[str] = []
-    rewards: dict[str, str] = {}
-    wanted = set(request.data_categories)
-    for p in pseudonyms:
-        versions = [c for c in contracts.get(p, []) if c.issued <= at and c.hospital == hospital_id]
-        if not versions:
-            excluded["no contract"] = excluded.get("no contract", 0) + 1
-            continue
-        current = max(versions, key=lambda c: c.version)
-        if current.permits_nothing():
-            excluded["revoked or permits nothing"] = excluded.get("revoked or permits nothing", 0) + 1
-            continue
-        permits = [node for _, node in current.provision.walk() if node.type == "permit"]
-        if not any(not node.data_categories or wanted <= set(node.data_categories) for node in permits):
-            excluded["data category not permitted"] = excluded.get("data category not permitted", 0) + 1
-            continue
-        eligible.add(p)
-        pairs.append(f"{p}:{current.content_hash}")
-        if current.reward_account:
-            rewards[p] = current.reward_account
-    commitment = hashlib.sha256("\n".join(sorted(pairs)).encode()).hexdigest()
-    return GateOutcome(frozenset(eligible), excluded, commitment, rewards)
+    pairs = registry.records_at(list(pseudonyms), hospital_id, at)
+    result = gate(pairs, registry.by_hash, request, at)
+    return GateOutcome(frozenset(result.eligible_pseudonyms), dict(result.excluded_by_reason),
+                       result.commitment, dict(result.reward_accounts))
 
 
 # -- the site ----------------------------------------------------------------------------------
@@ -222,8 +201,8 @@ class Site:
         return data, label
 
     def gate(self, request: StudyRequest, pseudonyms: Iterable[str], at: datetime) -> GateOutcome:
-        contracts = _cached("contracts-path", self.contracts_path, _load_contracts)
-        return gate_records(contracts, request, pseudonyms, at, self.hospital_id)
+        registry = _cached("contracts-path", self.contracts_path, _load_contracts)
+        return gate_records(registry, request, pseudonyms, at, self.hospital_id)
 
     def ledger(self) -> Any:
         """The hospital's `federated.privacy_ledger.PrivacyLedger` (one engine per URL)."""
