@@ -12,10 +12,10 @@ contracts that mean the same thing encode, and therefore hash, the same.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -66,6 +66,13 @@ class _Model(BaseModel):
     """Immutable, no unknown fields: a typo in a contract is an error, not a silent no-op."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A validated copy: pydantic's own `model_copy` neither validates `update` nor drops cached
+        values, so a copied contract would keep its old `content_hash`."""
+        data = self.model_dump()
+        data.update(update or {})
+        return self.model_validate(data)
 
 
 class Period(_Model):
@@ -299,7 +306,6 @@ class SignedContract(_Model):
 def sign(contract: Contract, signer: Signer) -> SignedContract:
     """Stamp the issuer key id into the contract and sign its canonical encoding."""
     stamped = contract.model_copy(update={"issuer_key": signer.key_id})
-    stamped = Contract.model_validate(stamped.model_dump())
     return SignedContract(
         contract=stamped,
         public_key=signer.public_key_b64,

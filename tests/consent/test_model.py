@@ -171,3 +171,12 @@ def test_request_errors() -> None:
     with pytest.raises(ValidationError) as info:
         StudyRequest(purpose="HMB", organisation="o", region="DE", data_categories=())
     assert error_fields(info.value) == ["data_categories"]
+
+
+def test_model_copy_revalidates_and_rehashes() -> None:
+    c = base()
+    assert c.model_copy(update={"reward_account": "acct-2"}).content_hash != c.content_hash
+    with pytest.raises(ValidationError):
+        c.model_copy(update={"version": 0})
+    with pytest.raises(ValidationError):
+        Provision(type="permit").model_copy(update={"modifiers": ("GS",)})
