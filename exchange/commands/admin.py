@@ -93,7 +93,7 @@ def add_researcher(org_id: Annotated[str, typer.Argument(help="Organisation id."
 
 
 @app.command("issue-key")
-def issue_key(role: Annotated[str, typer.Option(help="operator, researcher or auditor.")],
+def issue_key(role: Annotated[str, typer.Option(help="operator, researcher or auditor.")], *,
               org: Annotated[str | None, typer.Option(help="Organisation id (researchers).")] = None,
               researcher: Annotated[str | None, typer.Option(help="Researcher id.")] = None,
               label: Annotated[str, typer.Option(help="A note for the operator.")] = "",
@@ -117,7 +117,7 @@ def revoke_key(prefix: Annotated[str, typer.Argument(help="The key's prefix.")],
 
 @app.command("register-hospital")
 def register_hospital(
-    hospital_id: Annotated[str, typer.Argument(help="Hospital id (slug).")],
+    hospital_id: Annotated[str, typer.Argument(help="Hospital id (slug).")], *,
     org: Annotated[str, typer.Option(help="The hospital's organisation id.")],
     name: Annotated[str, typer.Option(help="Display name.")],
     signing_key: Annotated[str, typer.Option(help="Ed25519 public key, base64 (from `exchange node init`).")],

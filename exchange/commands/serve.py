@@ -30,7 +30,8 @@ def load_settings(config: Path | None, **overrides: Any) -> CoordinatorSettings:
 
 
 def serve(
-    db: Annotated[str | None, typer.Option("--db", help="Database URL (default sqlite:///exchange.db).")] = None,
+    db: Annotated[str | None,
+                  typer.Option("--db", help="Database URL (default sqlite:///exchange.db).")] = None,
     host: Annotated[str | None, typer.Option(help="Interface to listen on (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port (default 8080).")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML settings file.")] = None,

@@ -55,7 +55,8 @@ def submit(file: Annotated[Path, typer.Argument(help="The study request (JSON)."
 
 @app.command("status")
 def status(study_id: Annotated[str, typer.Argument()], api_key: KeyOption, url: UrlOption = DEFAULT_URL,
-           results: Annotated[bool, typer.Option(help="Also show rounds and contributions.")] = False) -> None:
+           results: Annotated[bool, typer.Option(help="Also show rounds and contributions.")] = False,
+           ) -> None:
     """A study's state, decisions and progress."""
     _print(_call(url, api_key, lambda c: c.get(f"/v1/studies/{study_id}")))
     if results:

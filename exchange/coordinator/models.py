@@ -18,7 +18,7 @@ Why these shapes:
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -33,6 +33,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column
@@ -67,6 +68,27 @@ class DecisionKind(enum.StrEnum):
     REFUSE = "refuse"
 
 
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend. SQLite stores no offset, so values
+    come back naive there; this type stores UTC and always returns aware UTC datetimes, so the
+    API serves RFC 3339 times with an offset on SQLite as on PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: the coordinator stores aware UTC times only")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
     # native_enum=False: a VARCHAR + CHECK on both SQLite and PostgreSQL, easy to extend
     # in a batch migration.
@@ -80,7 +102,7 @@ class Organisation(CoordinatorBase):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     region: Mapped[str] = mapped_column(String(2))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class Researcher(CoordinatorBase):
@@ -89,7 +111,7 @@ class Researcher(CoordinatorBase):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     organisation_id: Mapped[str] = mapped_column(ForeignKey("organisations.id"), index=True)
     name: Mapped[str] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class ApiKey(CoordinatorBase):
@@ -102,8 +124,8 @@ class ApiKey(CoordinatorBase):
     organisation_id: Mapped[str | None] = mapped_column(ForeignKey("organisations.id"), index=True)
     researcher_id: Mapped[str | None] = mapped_column(ForeignKey("researchers.id"))
     label: Mapped[str] = mapped_column(String(200), default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Hospital(CoordinatorBase):
@@ -115,7 +137,7 @@ class Hospital(CoordinatorBase):
     signing_public_key: Mapped[str] = mapped_column(String(64))
     signing_key_id: Mapped[str] = mapped_column(String(32), unique=True)
     flower_public_key: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class Study(CoordinatorBase):
@@ -130,9 +152,9 @@ class Study(CoordinatorBase):
     token_budget: Mapped[int] = mapped_column(BigInteger)
     min_hospitals: Mapped[int] = mapped_column(Integer)
     rounds_planned: Mapped[int] = mapped_column(Integer)
-    submitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    submitted_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     outcome_reason: Mapped[str | None] = mapped_column(Text)
     model_sha256: Mapped[str | None] = mapped_column(String(64))
     model: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
@@ -149,7 +171,7 @@ class StudyDecision(CoordinatorBase):
     decision: Mapped[DecisionKind] = mapped_column(_enum(DecisionKind, "decision_kind"))
     reasons: Mapped[list[str]] = mapped_column(JSON)
     eligible_records: Mapped[int | None] = mapped_column(Integer)
-    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime())
     entry_index: Mapped[int | None] = mapped_column(BigInteger)
 
 
@@ -161,7 +183,7 @@ class StudyRound(CoordinatorBase):
     study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), index=True)
     round: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
-    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime] = mapped_column(UTCDateTime())
     entry_index: Mapped[int | None] = mapped_column(BigInteger)
 
 
@@ -193,4 +215,4 @@ class RequestNonce(CoordinatorBase):
 
     key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     nonce: Mapped[str] = mapped_column(String(128), primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)

@@ -22,8 +22,8 @@ from audit.entry import Entry, MalformedEntryError
 from audit.signing import b64encode
 from exchange.coordinator import problems
 from exchange.coordinator.auth import allow, authenticate
-from exchange.coordinator.problems import PROBLEM_JSON
 from exchange.coordinator.models import Role, StudyStatus
+from exchange.coordinator.problems import PROBLEM_JSON
 from exchange.coordinator.schemas import (
     ApiKeyCreate,
     ApiKeyIssued,
@@ -136,7 +136,8 @@ class RegistryController(Controller):
         allow(principal, Role.OPERATOR)
         return ResearcherOut.model_validate(coordinator.create_researcher(organisation_id, data))
 
-    @post("/api-keys", sync_to_thread=True, responses=PROBLEMS, summary="Issue an API key (the secret is shown once)",
+    @post("/api-keys", sync_to_thread=True, responses=PROBLEMS,
+          summary="Issue an API key (the secret is shown once)",
           opt={"rate_limited": True})
     def issue_api_key(self, principal: Principal, coordinator: Coordinator,
                       data: ApiKeyCreate) -> ApiKeyIssued:
@@ -151,7 +152,8 @@ class RegistryController(Controller):
         rows, _ = coordinator.list_api_keys(offset, limit)
         return [ApiKeyOut.model_validate(r) for r in rows]
 
-    @delete("/api-keys/{prefix:str}", sync_to_thread=True, responses=PROBLEMS, status_code=200, summary="Revoke an API key")
+    @delete("/api-keys/{prefix:str}", sync_to_thread=True, responses=PROBLEMS,
+            status_code=200, summary="Revoke an API key")
     def revoke_api_key(self, principal: Principal, coordinator: Coordinator, prefix: str) -> ApiKeyOut:
         allow(principal, Role.OPERATOR)
         return ApiKeyOut.model_validate(coordinator.revoke_api_key(prefix))
@@ -206,7 +208,8 @@ class StudyController(Controller):
     dependencies = DEPENDENCIES
     security = API_KEY_AUTH
 
-    @post("/", sync_to_thread=True, responses=PROBLEMS, status_code=201, summary="Submit a study (escrows its budget)",
+    @post("/", sync_to_thread=True, responses=PROBLEMS,
+          status_code=201, summary="Submit a study (escrows its budget)",
           opt={"rate_limited": True},
           exception_handlers={ValidationException: _study_problem_handler})
     def submit(self, principal: Principal, coordinator: Coordinator, data: StudyCreate) -> StudyOut:
@@ -214,7 +217,8 @@ class StudyController(Controller):
         study = coordinator.submit_study(principal, data)
         return StudyOut.model_validate(coordinator.get_study(principal, study.id))
 
-    @get("/", sync_to_thread=True, responses=PROBLEMS, summary="List studies (researchers: their organisation's only)")
+    @get("/", sync_to_thread=True, responses=PROBLEMS,
+         summary="List studies (researchers: their organisation's only)")
     def list_studies(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
                      limit: Limit = 50, status: StudyStatus | None = None) -> StudyPage:
         allow(principal, Role.RESEARCHER, Role.OPERATOR, Role.AUDITOR)
@@ -222,7 +226,8 @@ class StudyController(Controller):
         return StudyPage(items=[StudySummary.model_validate(r) for r in rows], total=total,
                          next_offset=_next(offset, len(rows), total))
 
-    @get("/{study_id:str}", sync_to_thread=True, responses=PROBLEMS, summary="A study, its decisions and progress")
+    @get("/{study_id:str}", sync_to_thread=True, responses=PROBLEMS,
+         summary="A study, its decisions and progress")
     def get_study(self, principal: Principal, coordinator: Coordinator, study_id: str) -> StudyOut:
         allow(principal, Role.RESEARCHER, Role.OPERATOR, Role.AUDITOR)
         return StudyOut.model_validate(coordinator.get_study(principal, study_id))
@@ -240,7 +245,8 @@ class StudyController(Controller):
         allow(principal, Role.RESEARCHER)
         return StudyResults.model_validate(coordinator.results(principal, study_id))
 
-    @get("/{study_id:str}/model", sync_to_thread=True, responses=PROBLEMS, media_type="application/octet-stream",
+    @get("/{study_id:str}/model", sync_to_thread=True, responses=PROBLEMS,
+         media_type="application/octet-stream",
          summary="The trained model (safetensors)")
     def model(self, principal: Principal, coordinator: Coordinator, study_id: str) -> Response[bytes]:
         allow(principal, Role.RESEARCHER)
@@ -262,7 +268,8 @@ class HospitalController(Controller):
     def me(self, principal: Principal, coordinator: Coordinator) -> HospitalOut:
         return HospitalOut.model_validate(_hospital_of(coordinator, principal))
 
-    @get("/studies", sync_to_thread=True, responses=PROBLEMS, summary="Studies to decide on (pending) or open or all")
+    @get("/studies", sync_to_thread=True, responses=PROBLEMS,
+         summary="Studies to decide on (pending) or open or all")
     def studies(self, principal: Principal, coordinator: Coordinator,
                 status: Literal["pending", "open", "all"] = "pending", offset: Offset = 0,
                 limit: Limit = 50) -> HospitalStudyPage:
@@ -314,7 +321,8 @@ class AuditController(Controller):
                  for i, e in enumerate(log.entries(start, stop))] if start < size else []
         return AuditEntryPage(items=items, size=size, next_start=stop if stop < size else None)
 
-    @get("/audit/checkpoint", sync_to_thread=True, responses=PROBLEMS, summary="A signed checkpoint of the whole log")
+    @get("/audit/checkpoint", sync_to_thread=True, responses=PROBLEMS,
+         summary="A signed checkpoint of the whole log")
     def checkpoint(self, principal: Principal, state: State) -> CheckpointOut:
         note = state.audit_log.checkpoint()
         from audit.checkpoint import parse_checkpoint
@@ -322,7 +330,8 @@ class AuditController(Controller):
         parsed = parse_checkpoint(note)
         return CheckpointOut(size=parsed.size, root_hash=b64encode(parsed.root), checkpoint=note)
 
-    @get("/audit/proofs/inclusion", sync_to_thread=True, responses=PROBLEMS, summary="RFC 9162 inclusion proof")
+    @get("/audit/proofs/inclusion", sync_to_thread=True, responses=PROBLEMS,
+         summary="RFC 9162 inclusion proof")
     def inclusion(self, principal: Principal, state: State,
                   index: Annotated[int, Parameter(ge=0, le=2**53)],
                   size: Annotated[int, Parameter(ge=1, le=2**53)]) -> InclusionProofOut:
@@ -335,7 +344,8 @@ class AuditController(Controller):
         return InclusionProofOut(index=index, size=size, leaf_hash=b64encode(log.leaf_hash(index)),
                                  proof=[b64encode(p) for p in proof])
 
-    @get("/audit/proofs/consistency", sync_to_thread=True, responses=PROBLEMS, summary="RFC 9162 consistency proof")
+    @get("/audit/proofs/consistency", sync_to_thread=True, responses=PROBLEMS,
+         summary="RFC 9162 consistency proof")
     def consistency(self, principal: Principal, state: State,
                     old_size: Annotated[int, Parameter(ge=1, le=2**53)],
                     new_size: Annotated[int, Parameter(ge=1, le=2**53)]) -> ConsistencyProofOut:
@@ -370,7 +380,8 @@ class AuditController(Controller):
         return BalancesOut.model_validate(data)
 
 
-@get("/health", sync_to_thread=True, responses=PROBLEMS, tags=["service"], summary="Liveness and database check")
+@get("/health", sync_to_thread=True, responses=PROBLEMS,
+     tags=["service"], summary="Liveness and database check")
 def health(state: State) -> HealthOut:
     return HealthOut(status="ok", database="ok", log_size=state.audit_log.size())
 
