@@ -253,7 +253,7 @@ def _reply_weights_sum(contributors: Sequence[HospitalReply]) -> np.ndarray:
 def _describe_non_contributors(replies: Sequence[HospitalReply], missing: Sequence[int]) -> str:
     parts = [f"{r.hospital or f'node {r.node_id}'}: {r.status} ({r.reason})"
              for r in replies if r.status != STATUS_OK]
-    parts += [f"node {n}: no reply before the round timeout" for n in missing]
+    parts += [f"node {n}: no reply (timed out or disconnected)" for n in missing]
     return "; ".join(parts) or "none"
 
 
@@ -304,11 +304,14 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
     model = template.build(len(spec.columns), seed=spec.seed)
     weights = pack(model)
     pending: _PendingRound | None = None
+    seen: set[int] = set()
     try:
         for round_ in range(1, spec.rounds + 1):
             if options.stop_event.is_set():
                 raise StudyFailedError(f"cancelled before round {round_}")
             nodes = _wait_for_nodes(grid, spec, options)
+            gone = sorted(seen - set(nodes))  # took part before, no longer connected
+            seen.update(nodes)
             t_round = time.perf_counter()
             train = exchange(grid, _messages(nodes, MessageType.TRAIN, weights, round_=round_, spec=spec),
                              timeout=spec.round_timeout_s, poll=options.poll, stop_event=options.stop_event)
@@ -323,12 +326,12 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
             if len(contributors) < spec.min_hospitals:
                 raise StudyFailedError(
                     f"round {round_}: {len(contributors)} hospital(s) contributed, the study needs "
-                    f"{spec.min_hospitals}; {_describe_non_contributors(decoded, train.missing)}")
+                    f"{spec.min_hospitals}; {_describe_non_contributors(decoded, [*train.missing, *gone])}")
             t_agg = time.perf_counter()
             weights = _reply_weights_sum(contributors)
             aggregate_s = time.perf_counter() - t_agg
             metrics = _round_metrics(decoded, contributors, train=train, aggregate_s=aggregate_s,
-                                     round_s=time.perf_counter() - t_round)
+                                     round_s=time.perf_counter() - t_round, gone=len(gone))
             log.info("study %s round %d: %s", spec.study_id, round_, metrics)
             pending = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt])
         final_nodes = sorted(grid.get_node_ids())
@@ -369,14 +372,16 @@ class _PendingRound:
 
 
 def _round_metrics(decoded: Sequence[HospitalReply], contributors: Sequence[HospitalReply], *,
-                   train: PhaseResult, aggregate_s: float, round_s: float) -> dict[str, float]:
+                   train: PhaseResult, aggregate_s: float, round_s: float, gone: int) -> dict[str, float]:
     by_status = {s: sum(1 for r in decoded if r.status == s) for s in (STATUS_NO_DATA, STATUS_REFUSED)}
     metrics: dict[str, float] = {
         "contributors": float(len(contributors)),
         "records_used": float(sum(c.receipt.records_used for c in contributors if c.receipt)),
         "no_data": float(by_status[STATUS_NO_DATA]),
         "refused": float(by_status[STATUS_REFUSED]),
-        "dropped": float(len(train.missing) + sum(1 for r in decoded if r.status in ("dropped", "invalid"))),
+        # no reply in time, a Flower error reply, a malformed reply, or disconnected since an earlier round
+        "dropped": float(len(train.missing) + gone
+                         + sum(1 for r in decoded if r.status in ("dropped", "invalid"))),
         "epsilon_max": max((c.receipt.epsilon_total for c in contributors if c.receipt), default=0.0),
         # Per-round time breakdown (docs/benchmarks/flower.md): the exchange's wall time vs the
         # slowest hospital's own compute (evaluate + train); the difference is Flower's overhead.
