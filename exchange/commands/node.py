@@ -122,6 +122,7 @@ def import_data(
         parsed = load_mapping(mapping) if mapping is not None else None
         with store.transaction() as session:
             report = import_records(session, file, fmt, parsed)
+        _refresh_site(settings, store)
     except ImportRejectedError as exc:
         err.print(f"[red]error:[/red] {exc.source}: nothing imported; {len(exc.problems)} problem(s):",
                   highlight=False)
@@ -143,6 +144,7 @@ def consent_import(
 ) -> None:
     """Import consent contracts (native or FHIR Consent R4/R5). All files are validated
     first; one bad file means nothing from the batch is imported."""
+    from audit.signing import Signer
     from exchange.node.consent_store import ConsentImportRejectedError, import_consent_folder
     from exchange.node.store import open_store
 
@@ -150,7 +152,9 @@ def consent_import(
     store = open_store(settings.db_url)
     try:
         with store.transaction() as session:
-            report = import_consent_folder(session, folder, settings.hospital_id)
+            report = import_consent_folder(session, folder, settings.hospital_id,
+                                           Signer.load(settings.signing_key_path))
+        _refresh_site(settings, store)
     except ConsentImportRejectedError as exc:
         err.print(f"[red]error:[/red] {folder}: nothing imported; {len(exc.problems)} problem(s):",
                   highlight=False)
@@ -161,6 +165,15 @@ def consent_import(
         store.dispose()
     typer.echo(f"imported {report.new_versions} new contract version(s) "
                f"({report.unchanged} already held) for {report.pseudonyms} patient(s)")
+
+
+def _refresh_site(settings: NodeSettings, store: Any) -> None:
+    """Re-export the ClientApp's files now, so a revocation applies from the very next round
+    (the daemon would do it at its next poll anyway)."""
+    from exchange.node.decisions import approved_active
+    from exchange.node.site_export import export_site
+
+    export_site(store, settings, approved_active(store))
 
 
 def _steward_decision(study_id: str, decision: str, reason: str | None, config: Path | None) -> None:

@@ -12,8 +12,14 @@ reason). A batch is one transaction. Why all-or-nothing: a batch is typically on
 from the hospital's consent system, and importing part of it would leave some patients on an
 old version while the steward believes the export is in force.
 
+Signatures: every contract is stored signed. One that arrives signed keeps its issuer's
+signature; one that arrives unsigned (native or FHIR) is signed with the node key on import
+(which stamps the node's key id into it, so its stored hash differs from the hash it arrived
+with; both are kept, and a later unsigned version that names the hash it arrived with is
+re-pointed to the stored one). The ClientApp reads only signed contracts.
+
 Versions: every version is kept (never updated, never deleted). A document identical to
-one already held (same content hash) is skipped and counted as unchanged. Version N > 1
+one already held (same hash, as received or as stored) is skipped and counted as unchanged. Version N > 1
 must name, in `supersedes`, the hash of version N-1 of the same pseudonym (held already or
 in the same batch); a different document under a version number already held is refused.
 A contract for another hospital is refused.
@@ -30,9 +36,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from audit.signing import Signer
 from consent.evaluate import evaluate
 from consent.files import parse_contract
-from consent.model import Contract
+from consent.model import SIGNED_FORMAT, Contract, SignedContract, sign
 from consent.request import StudyRequest
 from exchange.node.models import ConsentContractRow
 from exchange.node.policy import StudyView
@@ -83,13 +90,14 @@ def _read_folder(folder: Path) -> list[tuple[str, Any]]:
     return documents
 
 
-def import_consent_folder(session: Session, folder: Path,
-                          hospital_id: str | None = None) -> ConsentImportReport:
+def import_consent_folder(session: Session, folder: Path, hospital_id: str | None,
+                          signer: Signer) -> ConsentImportReport:
     """Validate every document in `folder`, then add the new versions in the caller's
-    transaction; raise ConsentImportRejectedError (nothing written) on any bad document."""
+    transaction; raise ConsentImportRejectedError (nothing written) on any bad document.
+    Unsigned documents are signed with `signer` (the node key) as they are stored."""
     documents = _read_folder(folder)
     problems: list[tuple[str, str]] = []
-    parsed: list[tuple[str, Contract]] = []
+    parsed: list[tuple[str, Contract, dict[str, Any] | None]] = []
     for name, document in documents:
         try:
             contract = parse_document(document, hospital_id)
@@ -100,46 +108,58 @@ def import_consent_folder(session: Session, folder: Path,
             problems.append((name, f"hospital: contract is for {contract.hospital!r}, this node is "
                                    f"{hospital_id!r}"))
             continue
-        parsed.append((name, contract))
-    held: dict[tuple[str, int], str] = {
-        (p, v): h for p, v, h in session.execute(select(ConsentContractRow.pseudonym,
-                                                        ConsentContractRow.version,
-                                                        ConsentContractRow.contract_hash)).tuples().all()}
+        parsed.append((name, contract, document if document.get("format") == SIGNED_FORMAT else None))
+    # (pseudonym, version) -> (hash as stored, hash as received)
+    held: dict[tuple[str, int], tuple[str, str]] = {
+        (p, v): (h, src) for p, v, h, src in session.execute(
+            select(ConsentContractRow.pseudonym, ConsentContractRow.version,
+                   ConsentContractRow.contract_hash, ConsentContractRow.source_hash)).tuples().all()}
     known = dict(held)
-    new: list[tuple[str, Contract]] = []
+    new: list[tuple[str, Contract, SignedContract, str]] = []
     unchanged = 0
-    for name, contract in sorted(parsed, key=lambda item: (item[1].pseudonym, item[1].version)):
+    for name, contract, signed_doc in sorted(parsed, key=lambda item: (item[1].pseudonym, item[1].version)):
         key = (contract.pseudonym, contract.version)
         digest = contract.content_hash
         if key in known:
-            if known[key] == digest:
+            if digest in known[key]:
                 unchanged += key in held
                 continue
             problems.append((name, f"version {contract.version} of pseudonym {contract.pseudonym!r} is "
                                    "already held with different content (versions are immutable)"))
             continue
+        to_store = contract
         if contract.version > 1:
             previous = known.get((contract.pseudonym, contract.version - 1))
             if previous is None:
                 problems.append((name, f"supersedes: version {contract.version - 1} of pseudonym "
                                        f"{contract.pseudonym!r} is neither held nor in this batch"))
                 continue
-            if contract.supersedes != previous:
+            if contract.supersedes not in previous:
                 problems.append((name, f"supersedes: {contract.supersedes} is not the hash of version "
-                                       f"{contract.version - 1} ({previous})"))
+                                       f"{contract.version - 1} ({previous[0]})"))
                 continue
-        known[key] = digest
-        new.append((name, contract))
+            if contract.supersedes != previous[0]:
+                if signed_doc is not None:
+                    problems.append((name, "supersedes: names the previous version as received, but that "
+                                           "version was re-signed by this node; re-sign this one too"))
+                    continue
+                to_store = contract.model_copy(update={"supersedes": previous[0]})
+        envelope = (SignedContract.model_validate(signed_doc) if signed_doc is not None
+                    else sign(Contract.model_validate(to_store.model_dump()), signer))
+        stored = envelope.contract
+        known[key] = (stored.content_hash, digest)
+        new.append((name, stored, envelope, digest))
     if problems:
         raise ConsentImportRejectedError(sorted(problems))
     now = datetime.now(UTC)
-    for name, contract in new:
-        session.add(ConsentContractRow(contract_hash=contract.content_hash, pseudonym=contract.pseudonym,
-                                       version=contract.version, document=contract.to_json(),
+    for name, stored, envelope, received in new:
+        session.add(ConsentContractRow(contract_hash=stored.content_hash, source_hash=received,
+                                       pseudonym=stored.pseudonym, version=stored.version,
+                                       document=stored.to_json(), signed=envelope.to_json(),
                                        source=f"{folder.name}/{name}", imported_at=now))
     session.flush()
     return ConsentImportReport(new_versions=len(new), unchanged=unchanged,
-                               pseudonyms=len({c.pseudonym for _, c in new}))
+                               pseudonyms=len({c.pseudonym for _, c, _e, _r in new}))
 
 
 # --- evaluation -----------------------------------------------------------------------------

@@ -32,10 +32,11 @@ from sqlalchemy import select
 from audit.entry import Entry
 from audit.signing import Signer
 from exchange.logging import get_logger
-from exchange.node.decisions import TERMINAL, Context, latest_decision, mark_posted, observe_study, unposted
+from exchange.node.decisions import Context, approved_active, mark_posted, observe_study, unposted
 from exchange.node.models import RoundRow, StudyRow
 from exchange.node.privacy import open_ledger
 from exchange.node.settings import NodeSettings
+from exchange.node.site_export import export_site, site_paths
 from exchange.node.store import NodeStore, open_store
 from exchange.node.supervisor import ChildSpec, Supervisor
 
@@ -76,10 +77,8 @@ def supernode_specs(settings: NodeSettings) -> list[ChildSpec]:
     """The SuperNode (our launcher around flower-supernode) and, in "warm" mode, the
     executor that runs this node's ClientApp behind it."""
     sn = settings.supernode
-    node_config = (f'hospital-id="{settings.hospital_id}" node-config-file="'
-                   f'{settings.data_dir / "node.toml"}" node-db="{settings.db_url}"')
     argv = [sys.executable, "-m", "federated.runtime.supernode_main", "--superlink", sn.superlink_address,
-            "--node-config", node_config]
+            "--node-config", str(site_paths(settings)["node_config"])]
     if sn.insecure:
         argv.append("--insecure")
     elif sn.root_certificates is not None:
@@ -184,19 +183,15 @@ class NodeDaemon:
 
     def active_studies(self) -> list[str]:
         """Approved studies (decision acknowledged) that have not finished."""
-        out: list[str] = []
-        with self.store.sessions() as session:
-            for row in session.execute(select(StudyRow).where(StudyRow.status.not_in(TERMINAL))).scalars():
-                decision = latest_decision(session, row.study_id)
-                if decision is not None and decision.decision == "approve" and decision.posted_at:
-                    out.append(row.study_id)
-        return out
+        return approved_active(self.store)
 
     def _sync_supernode(self) -> None:
+        active = self.active_studies()
+        export_site(self.store, self.settings, active)
         if not self.settings.supernode.enabled:
             return
         specs = supernode_specs(self.settings)
-        if self.active_studies():
+        if active:
             for spec in specs:
                 self.supervisor.want(spec)
         else:

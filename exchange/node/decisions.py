@@ -190,3 +190,15 @@ def mark_posted(store: NodeStore, decision_id: int) -> None:
         row = session.get(DecisionRow, decision_id)
         if row is not None and row.posted_at is None:
             row.posted_at = datetime.now(UTC)
+
+
+def approved_active(store: NodeStore) -> list[str]:
+    """Studies approved here (and acknowledged by the coordinator) that have not finished:
+    the ClientApp's approved list."""
+    out: list[str] = []
+    with store.sessions() as session:
+        for row in session.execute(select(StudyRow).where(StudyRow.status.not_in(TERMINAL))).scalars():
+            decision = latest_decision(session, row.study_id)
+            if decision is not None and decision.decision == "approve" and decision.posted_at:
+                out.append(row.study_id)
+    return out

@@ -67,9 +67,14 @@ class ConsentContractRow(NodeBase):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     contract_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # the hash as received: differs from contract_hash when the node signed it on import
+    source_hash: Mapped[str] = mapped_column(String(64))
     pseudonym: Mapped[str] = mapped_column(String(256), index=True)
     version: Mapped[int] = mapped_column(Integer)
     document: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # the signed envelope (consent-contract-signed/1): the issuer's, or the node's when it
+    # arrived unsigned
+    signed: Mapped[dict[str, Any]] = mapped_column(JSON)
     source: Mapped[str] = mapped_column(String(1024))
     imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -137,4 +142,4 @@ class DaemonState(NodeBase):
     __tablename__ = "daemon_state"
 
     key: Mapped[str] = mapped_column(String(128), primary_key=True)
-    value: Mapped[Any] = mapped_column(JSON)
+    value: Mapped[Any] = mapped_column(JSON, nullable=True)

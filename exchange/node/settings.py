@@ -81,6 +81,15 @@ class SuperNodeSettings(BaseModel):
     restart_after_305_s: float = Field(default=10.0, ge=0)
 
 
+class TrainingSettings(BaseModel):
+    """How the node's records are handed to the ClientApp (exchange/node/site_export.py)."""
+
+    model_config = {"extra": "forbid"}
+
+    label_column: str = "label"
+    test_fraction: float = Field(default=0.2, ge=0, lt=1)
+
+
 class NodeSettings(BaseSettings):
     """One hospital node (`exchange node ...`)."""
 
@@ -100,6 +109,7 @@ class NodeSettings(BaseSettings):
     health_port: int = Field(default=8181, ge=0, le=65535)
     supernode: SuperNodeSettings = SuperNodeSettings()
     policy: SitePolicy = SitePolicy()
+    training: TrainingSettings = TrainingSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @field_validator("coordinator_url")
@@ -210,6 +220,7 @@ def render_toml(settings: NodeSettings) -> str:
                    '# ("ask" waits for `exchange node approve|refuse STUDY`). "*" means any.'],
         "supernode": ["# Flower SuperNode the daemon supervises (SuperLink address from the operator)."],
         "logging": ["# JSON log lines on stderr."],
+        "training": ["# Which column the model predicts; share of records held out for evaluation."],
     }
     for table, values in tables.items():
         lines.append("")

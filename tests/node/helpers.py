@@ -139,12 +139,13 @@ def gru_contract(pseudonym: str, hospital_id: str) -> Contract:
                     version=1, issued=ISSUED, provision=Provision(type="permit", purposes=(duo.GRU,)))
 
 
-def seed_consent(store: NodeStore, folder: Path, contracts: list[Contract], hospital_id: str) -> None:
+def seed_consent(store: NodeStore, folder: Path, contracts: list[Contract], hospital_id: str,
+                 signer: Signer) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for contract in contracts:
         (folder / f"{contract.pseudonym}-v{contract.version}.json").write_text(json.dumps(contract.to_json()))
     with store.transaction() as session:
-        import_consent_folder(session, folder, hospital_id)
+        import_consent_folder(session, folder, hospital_id, signer)
 
 
 __all__ = ["LiveCoordinator", "gru_contract", "live_coordinator", "revoke", "seed_consent", "seed_records",

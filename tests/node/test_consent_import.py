@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
+from audit.signing import Signer
 from consent.model import revoke
 from exchange.cli import app
 from exchange.node.consent_store import ConsentImportRejectedError, import_consent_folder
@@ -19,6 +20,7 @@ from exchange.node.models import ConsentContractRow
 from exchange.node.store import NodeStore
 from tests.node.helpers import ISSUED, gru_contract
 
+SIGNER = Signer.generate()
 FHIR_R4_CONSENT = {
     "resourceType": "Consent", "id": "c-p3", "status": "active",
     "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
@@ -48,20 +50,24 @@ def test_versions_are_kept_and_reimport_is_idempotent(store: NodeStore, tmp_path
     _write(tmp_path / "b1", "p1.json", v1.to_json())
     _write(tmp_path / "b1", "p2.json", [gru_contract("p2", "hospital-a").to_json()])
     with store.transaction() as session:
-        report = import_consent_folder(session, tmp_path / "b1", "hospital-a")
+        report = import_consent_folder(session, tmp_path / "b1", "hospital-a", SIGNER)
     assert (report.new_versions, report.unchanged, report.pseudonyms) == (2, 0, 2)
     v2 = revoke(v1, ISSUED + timedelta(days=10))
     _write(tmp_path / "b2", "p1.json", v1.to_json())
     _write(tmp_path / "b2", "p1-v2.json", v2.to_json())
     with store.transaction() as session:
-        report = import_consent_folder(session, tmp_path / "b2", "hospital-a")
+        report = import_consent_folder(session, tmp_path / "b2", "hospital-a", SIGNER)
     assert (report.new_versions, report.unchanged) == (1, 1)
     assert _count(store) == 3
     with store.sessions() as session:
-        assert current_contract_hashes(session)["p1"] == v2.content_hash
-        versions = session.execute(select(ConsentContractRow.version).where(
+        current = current_contract_hashes(session)["p1"]
+        rows = session.execute(select(ConsentContractRow).where(
             ConsentContractRow.pseudonym == "p1").order_by(ConsentContractRow.version)).scalars().all()
-    assert versions == [1, 2]
+    assert [r.version for r in rows] == [1, 2]
+    assert [r.source_hash for r in rows] == [v1.content_hash, v2.content_hash]
+    # stored signed by the node: the chain points at the stored (signed) version 1
+    assert current == rows[1].contract_hash and rows[1].document["supersedes"] == rows[0].contract_hash
+    assert rows[1].signed["contract"]["issuer_key"] == SIGNER.key_id
 
 
 def test_bad_batch_imports_nothing_and_names_each_bad_file(store: NodeStore, tmp_path: Path,
@@ -91,18 +97,18 @@ def test_bad_batch_imports_nothing_and_names_each_bad_file(store: NodeStore, tmp
 def test_conflicting_version_is_refused(store: NodeStore, tmp_path: Path) -> None:
     _write(tmp_path / "b1", "p1.json", gru_contract("p1", "hospital-a").to_json())
     with store.transaction() as session:
-        import_consent_folder(session, tmp_path / "b1", "hospital-a")
+        import_consent_folder(session, tmp_path / "b1", "hospital-a", SIGNER)
     other = gru_contract("p1", "hospital-a").model_copy(update={"contract_id": "hospital-a:other"})
     _write(tmp_path / "b2", "p1.json", other.to_json())
     with store.transaction() as session, pytest.raises(ConsentImportRejectedError, match="immutable"):
-        import_consent_folder(session, tmp_path / "b2", "hospital-a")
+        import_consent_folder(session, tmp_path / "b2", "hospital-a", SIGNER)
     assert _count(store) == 1
 
 
 def test_fhir_consent_imports(store: NodeStore, tmp_path: Path) -> None:
     _write(tmp_path / "fhir", "c.json", FHIR_R4_CONSENT)
     with store.transaction() as session:
-        report = import_consent_folder(session, tmp_path / "fhir", "hospital-a")
+        report = import_consent_folder(session, tmp_path / "fhir", "hospital-a", SIGNER)
     assert report.new_versions == 1
     with store.sessions() as session:
         assert set(current_contract_hashes(session)) == {"p3"}

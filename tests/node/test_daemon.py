@@ -48,11 +48,11 @@ def _node_settings(node_dir: Path, **changes: Any) -> NodeSettings:
 
 
 @pytest.fixture
-def seeded(node_dir: Path, store: NodeStore, tmp_path: Path) -> NodeStore:
+def seeded(settings: NodeSettings, store: NodeStore, tmp_path: Path) -> NodeStore:
     """12 records; 10 with general-research consent, 2 without any contract."""
     seed_records(store, tmp_path, PSEUDONYMS)
     seed_consent(store, tmp_path / "consent", [gru_contract(p, "hospital-a") for p in PSEUDONYMS[:10]],
-                 "hospital-a")
+                 "hospital-a", Signer.load(settings.signing_key_path))
     return store
 
 
@@ -213,7 +213,8 @@ def test_kill9_and_restart_resumes_without_double_counting(node_dir: Path, seede
     assert [d["decision"] for d in decisions] == ["approve"]
     with seeded.sessions() as session:
         assert session.execute(select(func.count()).select_from(DecisionRow)).scalar_one() == 1
-        epsilons = session.execute(select(RoundRow.round, RoundRow.epsilon).where(RoundRow.study_id == study_id)
+        epsilons = session.execute(select(RoundRow.round, RoundRow.epsilon)
+                                   .where(RoundRow.study_id == study_id)
                                    .order_by(RoundRow.round)).tuples().all()
     assert epsilons == [(1, 1.75), (2, 2.9)]
     assert ledger.spent(study_id) == 2.9 and ledger.total_spent() == 2.9

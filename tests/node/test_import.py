@@ -163,7 +163,7 @@ def test_fhir_bundle_good_and_bad(node_dir: Path, runner: CliRunner, store: Node
     ok = _import(runner, node_dir, tmp_path / "good.json")
     assert ok.exit_code == 0, ok.output
     with store.sessions() as session:
-        rows = dict(session.execute(select(Record.pseudonym, Record.values)).tuples().all())
+        rows: dict[str, Any] = dict(session.execute(select(Record.pseudonym, Record.values)).tuples().all())
         categories = dict(session.execute(select(ColumnCategory.column, ColumnCategory.category))
                           .tuples().all())
     assert rows["p1"] == {"sex": "female", "birth_year": 1970, "heart_rate": 90}

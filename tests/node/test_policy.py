@@ -35,7 +35,8 @@ def test_mode_decides_what_passes_policy(mode: str, decision: str | None) -> Non
 
 
 def test_every_failing_rule_gives_its_reason() -> None:
-    policy = SitePolicy(mode="auto-approve", allowed_purposes=["DUO:0000011"], allowed_organisations=["globex"],
+    policy = SitePolicy(mode="auto-approve", allowed_purposes=["DUO:0000011"],
+                        allowed_organisations=["globex"],
                         allowed_regions=["FR"], max_epsilon_per_study=2.0, total_privacy_budget=10.0,
                         min_eligible_records=10)
     result = evaluate(policy, study(commercial=True, columns={"labs": ["mean_radius", "genome"],

@@ -1,0 +1,135 @@
+"""What the node hands its Flower SuperNode: the site files `federated.runtime.site` reads.
+
+The ClientApp (federated) never imports `exchange`; it reads a node config naming six things
+(see `federated.runtime.site`): the hospital id, a records Parquet file, the consent
+contracts as signed JSON lines, the privacy ledger URL (this node's own database, where
+migration 0001 made the ledger tables), the Ed25519 key, and the approved-studies file.
+The daemon writes these under `<data_dir>/site/` from its store, and rewrites a file only when
+what it holds changed, atomically (write + rename) so a ClientApp never reads half a file.
+
+Choices a steward should know (docs/node.md):
+- records: every numeric column except the label column (`training.label_column`) is a
+  feature, exported as stored (scale them before import, e.g. to [-1, 1] with public bounds);
+  a fixed share (`training.test_fraction`) is held out for federated evaluation, chosen by a
+  hash of the pseudonym so the split is stable across exports and restarts.
+- contracts: every version, as stored: signed by its issuer, or by this node when it arrived
+  unsigned (exchange/node/consent_store.py). The ClientApp takes the one in force.
+- approvals: studies this node approved (and the coordinator acknowledged) that have not
+  finished. A refused, cancelled or finished study is not in the file, so its ClientApp
+  messages are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, select
+
+from exchange.node.models import ColumnCategory, ConsentContractRow, ImportBatch, Record
+from exchange.node.settings import NodeSettings
+from exchange.node.store import NodeStore
+
+SITE_DIR = "site"
+
+
+def site_paths(settings: NodeSettings) -> dict[str, Path]:
+    base = settings.data_dir / SITE_DIR
+    return {"records": base / "records.parquet", "contracts": base / "contracts.jsonl",
+            "approvals": base / "approvals.json", "node_config": base / "node-config.toml"}
+
+
+def node_config(settings: NodeSettings) -> dict[str, str]:
+    paths = site_paths(settings)
+    return {"hospital-id": settings.hospital_id, "records-path": str(paths["records"]),
+            "contracts-path": str(paths["contracts"]), "ledger-url": settings.db_url,
+            "key-path": str(settings.signing_key_path), "approvals-path": str(paths["approvals"])}
+
+
+def _atomic_write(path: Path, data: bytes) -> bool:
+    """Write `data` to `path` unless it already holds exactly that; True if written."""
+    if path.exists() and path.read_bytes() == data:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return True
+
+
+def _is_test(pseudonym: str, fraction: float) -> bool:
+    digest = hashlib.sha256(b"holdout:" + pseudonym.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def export_records(store: NodeStore, settings: NodeSettings, path: Path) -> int:
+    """Write the records file; returns the number of records (0: no file written)."""
+    from federated.data import HospitalData
+    from federated.runtime.site import write_records
+
+    label = settings.training.label_column
+    with store.sessions() as session:
+        categories = dict(session.execute(select(ColumnCategory.column, ColumnCategory.category))
+                          .tuples().all())
+        rows = session.execute(select(Record.pseudonym, Record.values).order_by(Record.id)).tuples().all()
+    features = sorted(c for c in categories if c != label and all(
+        isinstance(values.get(c), int | float) and not isinstance(values.get(c), bool)
+        for _p, values in rows))
+    usable = [(p, v) for p, v in rows if isinstance(v.get(label), int | float)]
+    if not usable:
+        return 0
+    y = np.asarray([float(v[label]) for _p, v in usable], dtype=np.float32)
+    task = "binary" if set(np.unique(y).tolist()) <= {0.0, 1.0} else "regression"
+    x = (np.asarray([[float(v[c]) for c in features] for _p, v in usable], dtype=np.float32)
+         if features else np.zeros((len(usable), 0), np.float32))
+    data = HospitalData(dataset="node-store", hospital_id=settings.hospital_id, task=task,  # type: ignore[arg-type]
+                        pseudonyms=tuple(p for p, _v in usable), x=x, y=y, columns=tuple(features),
+                        categories={c: categories[c] for c in features},
+                        is_test=np.asarray([_is_test(p, settings.training.test_fraction)
+                                            for p, _v in usable]))
+    tmp = path.with_name(f".{path.name}.build")
+    write_records(tmp, data, label)
+    _atomic_write(path, tmp.read_bytes())
+    tmp.unlink()
+    return len(usable)
+
+
+def export_contracts(store: NodeStore) -> bytes:
+    """Every contract version as a signed JSON line (all are stored signed)."""
+    with store.sessions() as session:
+        rows = session.execute(select(ConsentContractRow.signed)
+                               .order_by(ConsentContractRow.pseudonym, ConsentContractRow.version)).scalars()
+        lines = [json.dumps(envelope, sort_keys=True) for envelope in rows]
+    return ("\n".join(lines) + ("\n" if lines else "")).encode()
+
+
+def fingerprint(store: NodeStore) -> list[Any]:
+    """Changes whenever records or contracts change (both are append-only)."""
+    with store.sessions() as session:
+        return [session.execute(select(func.max(ImportBatch.id))).scalar(),
+                session.execute(select(func.count()).select_from(ConsentContractRow)).scalar_one(),
+                session.execute(select(func.count()).select_from(ColumnCategory)).scalar_one()]
+
+
+def export_site(store: NodeStore, settings: NodeSettings, approved: list[str]) -> dict[str, Path]:
+    """Bring the site files up to date; cheap when nothing changed."""
+    from federated.runtime.deployment import write_node_config
+
+    paths = site_paths(settings)
+    _atomic_write(paths["approvals"], json.dumps({"approved": sorted(approved)}).encode())
+    marker = [*fingerprint(store), settings.training.label_column, settings.training.test_fraction]
+    if store.get_state("site_export") != marker or not paths["records"].exists():
+        export_records(store, settings, paths["records"])
+        _atomic_write(paths["contracts"], export_contracts(store))
+        store.set_state("site_export", marker)
+    if not paths["node_config"].exists():
+        write_node_config(paths["node_config"], node_config(settings))
+    return paths

@@ -1,0 +1,53 @@
+"""The files the daemon hands its SuperNode are what federated's ClientApp can read."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from audit.signing import Signer
+from consent.model import sign
+from consent.request import StudyRequest
+from exchange.node.settings import NodeSettings
+from exchange.node.site_export import export_site, node_config
+from exchange.node.store import NodeStore
+from federated.runtime.site import Site
+from tests.node.helpers import ISSUED, gru_contract, revoke, seed_consent, seed_records
+
+PSEUDONYMS = [f"p{i}" for i in range(20)]
+
+
+def test_clientapp_reads_the_exported_site(settings: NodeSettings, store: NodeStore, tmp_path: Path) -> None:
+    seed_records(store, tmp_path, PSEUDONYMS)
+    issuer = Signer.generate()
+    signed = sign(gru_contract("p0", "hospital-a"), issuer)
+    folder = tmp_path / "consent"
+    folder.mkdir()
+    (folder / "p0.json").write_text(json.dumps(signed.to_json()))  # arrives signed by its issuer
+    signer = Signer.load(settings.signing_key_path)
+    seed_consent(store, folder, [gru_contract(p, "hospital-a") for p in PSEUDONYMS[1:15]], "hospital-a",
+                 signer)
+    paths = export_site(store, settings, ["st-1"])
+    site = Site.from_node_config(node_config(settings))
+    assert site.approved_studies() == {"st-1"}
+    data, label = site.records()
+    assert label == "label" and len(data) == 20
+    assert data.columns == ("mean_radius", "mean_texture")
+    assert data.categories == {"mean_radius": "labs", "mean_texture": "labs"}
+    assert 0 < int(data.is_test.sum()) < 20
+    request = StudyRequest(purpose="DUO:0000042", organisation="acme", region="DE", data_categories=("labs",))
+    now = datetime.now(UTC)
+    outcome = site.gate(request, data.pseudonyms, now)
+    assert outcome.eligible == frozenset(PSEUDONYMS[:15])
+    lines = paths["contracts"].read_text().splitlines()
+    assert json.loads(lines[0])["public_key"] == issuer.public_key_b64  # the issuer's signature kept
+    assert {json.loads(line)["public_key"] for line in lines[1:]} == {signer.public_key_b64}
+    assert site.ledger_url == settings.db_url
+
+    # A revocation imported later is exported, and the ClientApp sees it at its next message.
+    seed_consent(store, tmp_path / "revocations", [revoke(gru_contract("p3", "hospital-a"),
+                                                          ISSUED + timedelta(days=1))], "hospital-a", signer)
+    export_site(store, settings, [])
+    assert site.approved_studies() == frozenset()
+    assert "p3" not in site.gate(request, data.pseudonyms, now).eligible
