@@ -60,7 +60,7 @@ from audit.signing import b64decode, b64encode, canonical
 STATE_VERSION = 1
 SIGNATURE_BYTES = 64
 _TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
-_MAX_SAFE_DIGITS = 15  # every integer with at most 15 digits is inside +-(2**53 - 1)
+_MAX_SAFE_DIGITS = 15  # every integer of at most 15 digits is inside +-(2**53 - 1)
 _ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                            allow_nan=False).encode
 _sha256 = hashlib.sha256
@@ -112,60 +112,66 @@ class NotCanonicalError(ValueError):
     """A log line is not one RFC 8785 canonical JSON value."""
 
 
-class _Numbers:
-    """json.loads hooks that notice numbers whose fast canonical check would not be exact."""
+class CanonicalParser:
+    """Parses log lines and checks they are RFC 8785 canonical, mostly in C.
 
-    __slots__ = ("unsafe",)
+    Fast path: the C encoder (`sort_keys`, compact, `ensure_ascii=False`) produces exactly the
+    RFC 8785 encoding of the parsed value when its output is ASCII (then UTF-16 and code-point
+    key order agree, and the string escapes are the same) and every number token is "safe": an
+    integer of at most 15 digits (inside +-(2**53 - 1), which RFC 8785 requires) or a float
+    written without exponent, not as "<digits>.0", and exactly as Python's repr prints it (then
+    ECMAScript number formatting prints the same). The JSON parser's number hooks flag the rest
+    (a Python call per number, far cheaper than scanning the text with a regex), and every
+    flagged line goes through the rfc8785 package. One parser per thread: it keeps a flag.
+    """
 
     def __init__(self) -> None:
-        self.unsafe = False
+        self._unsafe = False
+        self._decode = json.JSONDecoder(parse_float=self._float, parse_int=self._int,
+                                        parse_constant=self._constant).decode
 
-    def parse_float(self, token: str) -> float:
+    def _float(self, token: str) -> float:
         value = float(token)
-        # Safe only if Python prints it back exactly so and RFC 8785 would too: no exponent,
-        # not integral ("5.0" is "5" in RFC 8785), and repr round-trips to the same text.
         if "e" in token or "E" in token or token.endswith(".0") or repr(value) != token:
-            self.unsafe = True
+            self._unsafe = True
         return value
 
-    def parse_int(self, token: str) -> int:
+    def _int(self, token: str) -> int:
         if len(token) > _MAX_SAFE_DIGITS:
-            self.unsafe = True
+            self._unsafe = True
         return int(token)
 
-    def parse_constant(self, token: str) -> float:
-        raise NotCanonicalError(f"{token} is not allowed in JSON")
+    @staticmethod
+    def _constant(token: str) -> float:
+        raise NotCanonicalError(f"not valid JSON ({token} is not a JSON value)")
 
-
-def parse_canonical_line(line: bytes, numbers: _Numbers | None = None) -> Any:
-    """Parse one line (without its newline) and require it to be RFC 8785 canonical.
-
-    Raises NotCanonicalError / ValueError with the reason. See the module docstring for why the
-    C encoder's output equals RFC 8785 on the fast path.
-    """
-    hooks = numbers or _Numbers()
-    hooks.unsafe = False
-    try:
-        obj = json.loads(line, parse_float=hooks.parse_float, parse_int=hooks.parse_int,
-                         parse_constant=hooks.parse_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NotCanonicalError(f"not valid JSON ({exc})") from exc
-    if line.isascii() and not hooks.unsafe:
+    def parse(self, line: bytes) -> Any:
+        """The value of one line (without its newline); NotCanonicalError says what is wrong."""
+        self._unsafe = False
         try:
-            fast: bytes | None = _ENCODE(obj).encode("utf-8")
-        except (ValueError, UnicodeEncodeError):
-            fast = None
-        if fast == line:
-            return obj
-        if fast is not None:
+            obj = self._decode(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise NotCanonicalError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        except json.JSONDecodeError as exc:
+            raise NotCanonicalError(f"not valid JSON ({exc})") from exc
+        if not self._unsafe:
+            fast = _ENCODE(obj)
+            if fast.isascii():
+                if fast.encode("ascii") == line:
+                    return obj
+                raise NotCanonicalError("not in RFC 8785 canonical form")
+        try:
+            canon = rfc8785.dumps(obj)
+        except rfc8785.CanonicalizationError as exc:
+            raise NotCanonicalError(f"cannot be canonicalized ({exc})") from exc
+        if canon != line:
             raise NotCanonicalError("not in RFC 8785 canonical form")
-    try:
-        canon = rfc8785.dumps(obj)
-    except rfc8785.CanonicalizationError as exc:
-        raise NotCanonicalError(f"cannot be canonicalized ({exc})") from exc
-    if canon != line:
-        raise NotCanonicalError("not in RFC 8785 canonical form")
-    return obj
+        return obj
+
+
+def parse_canonical_line(line: bytes) -> Any:
+    """Parse one line (without its newline), requiring RFC 8785 canonical form (see CanonicalParser)."""
+    return CanonicalParser().parse(line)
 
 
 def _check_time(text: str) -> None:
@@ -353,7 +359,7 @@ class LogVerifier:
         self.tree = MemoryTree()
         self.kinds: Counter[str] = Counter()
         self.problem: Problem | None = None
-        self._numbers = _Numbers()
+        self._parser = CanonicalParser()
         self._seen: dict[int, int] = {}
         self._keys: dict[str, VerifyKey] = {}
         cpus = os.cpu_count() or 1
@@ -385,7 +391,7 @@ class LogVerifier:
         if not raw.endswith(b"\n"):
             raise NotCanonicalError("line does not end with a newline (file truncated?)")
         line = raw[:-1]
-        obj = parse_canonical_line(line, self._numbers)
+        obj = self._parser.parse(line)
         entry = envelope_from_json(obj)
         try:
             signature = b64decode(entry.signature)
