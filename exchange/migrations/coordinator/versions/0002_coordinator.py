@@ -25,9 +25,10 @@ def upgrade() -> None:
     op.create_table(
         "organisations",
         sa.Column("id", sa.String(64), primary_key=True),
-        sa.Column("name", sa.String(200), nullable=False, unique=True),
+        sa.Column("name", sa.String(200), nullable=False),
         sa.Column("region", sa.String(2), nullable=False),
         sa.Column("created_at", TZ, nullable=False),
+        sa.UniqueConstraint("name", name="uq_organisations_name"),
     )
     op.create_table(
         "researchers",
@@ -40,7 +41,7 @@ def upgrade() -> None:
     op.create_table(
         "api_keys",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("prefix", sa.String(32), nullable=False, unique=True),
+        sa.Column("prefix", sa.String(32), nullable=False),
         sa.Column("secret_sha256", sa.String(64), nullable=False),
         sa.Column("role", _enum("api_key_role", "operator", "researcher", "hospital", "auditor"),
                   nullable=False),
@@ -49,6 +50,7 @@ def upgrade() -> None:
         sa.Column("label", sa.String(200), nullable=False),
         sa.Column("created_at", TZ, nullable=False),
         sa.Column("revoked_at", TZ),
+        sa.UniqueConstraint("prefix", name="uq_api_keys_prefix"),
     )
     op.create_table(
         "hospitals",
@@ -57,9 +59,10 @@ def upgrade() -> None:
                   index=True),
         sa.Column("name", sa.String(200), nullable=False),
         sa.Column("signing_public_key", sa.String(64), nullable=False),
-        sa.Column("signing_key_id", sa.String(32), nullable=False, unique=True),
+        sa.Column("signing_key_id", sa.String(32), nullable=False),
         sa.Column("flower_public_key", sa.Text, nullable=False),
         sa.Column("created_at", TZ, nullable=False),
+        sa.UniqueConstraint("signing_key_id", name="uq_hospitals_signing_key_id"),
     )
     op.create_table(
         "studies",
@@ -92,7 +95,7 @@ def upgrade() -> None:
         sa.Column("eligible_records", sa.Integer),
         sa.Column("decided_at", TZ, nullable=False),
         sa.Column("entry_index", sa.BigInteger),
-        sa.UniqueConstraint("study_id", "hospital_id"),
+        sa.UniqueConstraint("study_id", "hospital_id", name="uq_study_decisions_study_id"),
     )
     op.create_table(
         "study_rounds",
@@ -102,7 +105,7 @@ def upgrade() -> None:
         sa.Column("metrics", sa.JSON, nullable=False),
         sa.Column("finished_at", TZ, nullable=False),
         sa.Column("entry_index", sa.BigInteger),
-        sa.UniqueConstraint("study_id", "round"),
+        sa.UniqueConstraint("study_id", "round", name="uq_study_rounds_study_id"),
     )
     op.create_table(
         "receipts",
@@ -115,7 +118,7 @@ def upgrade() -> None:
         sa.Column("commitment", sa.String(128), nullable=False),
         sa.Column("entry", sa.JSON, nullable=False),
         sa.Column("entry_index", sa.BigInteger),
-        sa.UniqueConstraint("study_id", "round", "hospital_id"),
+        sa.UniqueConstraint("study_id", "round", "hospital_id", name="uq_receipts_study_id"),
     )
     op.create_table(
         "ledger_balances",
