@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from audit.signing import SignatureInvalidError
+from audit.signing import SignatureInvalidError, b64decode
 from consent.fhir import FhirImportError, detect_version, from_fhir
 from consent.model import SIGNED_FORMAT, Contract, SignedContract
 
@@ -64,3 +66,44 @@ def load_contract_file(path: Path, *, hospital: str | None = None) -> LoadedCont
     except json.JSONDecodeError as exc:
         raise ContractFileError(f"not JSON: {exc}") from exc
     return parse_contract(data, hospital=hospital)
+
+
+def write_signed_jsonl(path: Path, contracts: Iterable[SignedContract]) -> int:
+    """Write signed contracts as JSON lines (one canonical-order JSON object per line); return the count.
+
+    The file is created with 0600 permissions and must not exist yet (contracts are never overwritten).
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    count = 0
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        for signed in contracts:
+            handle.write(json.dumps(signed.to_json(), sort_keys=True, separators=(",", ":")) + "\n")
+            count += 1
+    return count
+
+
+def read_signed_jsonl(path: Path, trusted_keys: Iterable[bytes] | None = None) -> list[Contract]:
+    """Read and verify a JSON-lines file of signed contracts; errors name the line.
+
+    With `trusted_keys`, each signature must also be by one of those public keys.
+    """
+    trusted = None if trusted_keys is None else set(trusted_keys)
+    out: list[Contract] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ContractFileError(f"{path}: cannot read: {exc}") from exc
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            signed = SignedContract.model_validate_json(line)
+            contract = signed.verify()
+            if trusted is not None and b64decode(signed.public_key) not in trusted:
+                raise ValueError("public_key: not a trusted issuer key")
+        except ValidationError as exc:
+            raise ContractFileError(f"{path} line {number}: {'; '.join(_pydantic_reasons(exc))}") from exc
+        except (SignatureInvalidError, ValueError) as exc:
+            raise ContractFileError(f"{path} line {number}: {exc}") from exc
+        out.append(contract)
+    return out

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from audit.signing import Signer
+from consent.files import ContractFileError, read_signed_jsonl, write_signed_jsonl
 from consent.gate import commitment, gate, gate_naive
 from consent.history import ContractRegistry
 from consent.request import StudyRequest
@@ -92,3 +94,23 @@ def test_gate_empty() -> None:
     assert (
         result.records_used == 0 and result.excluded_by_reason == {} and result.commitment == commitment([])
     )
+
+
+def test_signed_jsonl_round_trip(tmp_path: Path) -> None:
+    signed = make_signed_contracts([f"p{i}" for i in range(30)], "h", SIGNER, seed=2)
+    path = tmp_path / "contracts.jsonl"
+    assert write_signed_jsonl(path, signed) == len(signed)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [c.content_hash for c in read_signed_jsonl(path, [SIGNER.public_key])] == [
+        s.contract.content_hash for s in signed
+    ]
+    with pytest.raises(FileExistsError):
+        write_signed_jsonl(path, signed)
+    with pytest.raises(ContractFileError, match="line 1: public_key: not a trusted issuer key"):
+        read_signed_jsonl(path, [Signer.generate().public_key])
+    lines = path.read_text().splitlines()
+    lines[3] = lines[3].replace('"version":1', '"version":7')
+    path.chmod(0o644)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ContractFileError, match="line 4"):
+        read_signed_jsonl(path)
