@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -10,8 +11,10 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
+from audit.signing import Signer
 from consent.evaluate import evaluate
 from consent.files import ContractFileError, load_contract_file
+from consent.model import sign
 from consent.request import StudyRequest
 
 app = typer.Typer(
@@ -111,3 +114,34 @@ def validate(
     typer.echo(f"{len(files)} files, {bad} bad")
     if bad:
         raise typer.Exit(1)
+
+
+@app.command("sign")
+def sign_file(
+    contract_file: Annotated[Path, typer.Argument(help="A native contract or a FHIR Consent to sign.")],
+    key: Annotated[Path, typer.Option(help="The issuer's Ed25519 key file (0600).")],
+    out: Annotated[Path, typer.Option(help="Where to write the signed contract (must not exist).")],
+    hospital: Annotated[
+        str | None, typer.Option(help="Hospital id for a FHIR Consent without custodian.")
+    ] = None,
+) -> None:
+    """Sign a contract (a FHIR Consent is imported first); write the signed contract JSON (0600)."""
+    try:
+        loaded = load_contract_file(contract_file, hospital=hospital)
+    except ContractFileError as exc:
+        typer.echo(f"{contract_file}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        signer = Signer.load(key)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"--key {key}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    signed = sign(loaded.contract, signer)
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        typer.echo(f"--out {out}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(signed.to_json(), indent=2) + "\n")
+    typer.echo(f"signed {signed.contract.content_hash} with key {signer.key_id} -> {out}")

@@ -123,3 +123,49 @@ def test_validate(tmp_path: Path) -> None:
     assert any("zz-unmappable.json: Consent.provision.dataPeriod" in line for line in bad)
     assert any("broken.json: not a JSON object" in line for line in bad)
     assert runner.invoke(app, ["consent", "validate", str(tmp_path / "nope")]).exit_code == 2
+
+
+def test_sign(tmp_path: Path) -> None:
+    from audit.signing import Signer
+
+    key = tmp_path / "issuer.key"
+    signer = Signer.generate()
+    signer.save(key)
+    out = tmp_path / "signed.json"
+    result = runner.invoke(
+        app,
+        [
+            "consent",
+            "sign",
+            str(EXAMPLES / "fhir-r5-ds-breast-cancer.json"),
+            "--key",
+            str(key),
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_mode & 0o777 == 0o600
+    body = json.loads(out.read_text())
+    assert body["contract"]["issuer_key"] == signer.key_id
+    validated = runner.invoke(app, ["consent", "validate", str(tmp_path)])
+    assert validated.exit_code == 0 and "native-signed" in validated.output
+    again = runner.invoke(
+        app,
+        ["consent", "sign", str(EXAMPLES / "native-hmb-ncu-irb.json"), "--key", str(key), "--out", str(out)],
+    )
+    assert again.exit_code == 2 and "exists" in again.output  # never overwrites
+    key.chmod(0o644)
+    loose = runner.invoke(
+        app,
+        [
+            "consent",
+            "sign",
+            str(EXAMPLES / "native-hmb-ncu-irb.json"),
+            "--key",
+            str(key),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert loose.exit_code == 2 and "must not be readable by others" in loose.output
