@@ -53,7 +53,8 @@ def init(
     hospital_id: Annotated[str, typer.Option(help="This hospital's id, as agreed with the operator.")] = (
         "hospital-1"),
     coordinator: Annotated[str, typer.Option(help="Coordinator URL.")] = "http://127.0.0.1:8080",
-    superlink: Annotated[str, typer.Option(help="SuperLink Fleet API host:port.")] = "127.0.0.1:9092",
+    superlink: Annotated[str, typer.Option(help="SuperLink address host:port (from the operator).")] = (
+        "127.0.0.1:9093"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the registration as JSON.")] = False,
 ) -> None:
     """Create the node directory: node.toml, the Ed25519 signing key and the Flower node key

@@ -66,7 +66,7 @@ class SuperNodeSettings(BaseModel):
 
     enabled: bool = True
     # Fleet API of the operator's SuperLink (host:port, no scheme).
-    superlink_address: str = "127.0.0.1:9092"
+    superlink_address: str = "127.0.0.1:9093"
     # Runtime (ClientAppIo) API the SuperNode serves to its executor; loopback only.
     clientappio_address: str = "127.0.0.1:9094"
     insecure: bool = True
