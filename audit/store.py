@@ -39,6 +39,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -619,6 +620,57 @@ def verify_storage(engine: Engine, trusted_operator_key: bytes) -> bytes:
     return tree.root()
 
 
+_PG_BEGIN_LOCKED = (f"BEGIN ISOLATION LEVEL READ COMMITTED; "
+                    f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY}); "
+                    f"SET LOCAL synchronous_commit TO on")
+
+# PostgreSQL: entries and nodes in ONE statement (one round trip, whatever the group size):
+# arrays unnested in order; the entries' row trigger sees the rows inserted before it in the
+# same statement, so the next-index check holds row by row.
+_PG_INSERT = text(
+    "WITH new_entries AS (INSERT INTO audit_entries (idx, leaf, leaf_hash, kind, key_id, time) "
+    "SELECT idx, leaf, leaf_hash, kind, key_id, time "
+    "FROM unnest(CAST(:idx AS bigint[]), CAST(:leaf AS bytea[]), "
+    "CAST(:leaf_hash AS bytea[]), CAST(:kind AS varchar[]), CAST(:key_id AS varchar[]), "
+    "CAST(:time AS varchar[])) WITH ORDINALITY AS t(idx, leaf, leaf_hash, kind, key_id, time, n) "
+    "ORDER BY n) "
+    "INSERT INTO audit_tree_nodes (level, idx, hash) "
+    "SELECT level, idx, hash FROM unnest(CAST(:node_level AS smallint[]), "
+    "CAST(:node_idx AS bigint[]), CAST(:node_hash AS bytea[])) AS u(level, idx, hash)")
+
+
+def _insert(connection: Connection, rows: list[dict[str, Any]], nodes: list[merkle.Node]) -> None:
+    """Insert a group's entries and tree nodes (SQLite: two executemany; PostgreSQL: one statement)."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(_PG_INSERT, {
+            "idx": [r["idx"] for r in rows], "leaf": [r["leaf"] for r in rows],
+            "leaf_hash": [r["leaf_hash"] for r in rows], "kind": [r["kind"] for r in rows],
+            "key_id": [r["key_id"] for r in rows], "time": [r["time"] for r in rows],
+            "node_level": [n.level for n in nodes], "node_idx": [n.index for n in nodes],
+            "node_hash": [n.hash for n in nodes]})
+        return
+    # SQLite: one multi-row INSERT per table, so the writer gives up the GIL twice per group
+    # (executemany steps, and releases the GIL, once per row; under load each hand-back costs).
+    for start in range(0, len(rows), _SQLITE_ROWS_PER_INSERT):
+        chunk = rows[start:start + _SQLITE_ROWS_PER_INSERT]
+        connection.exec_driver_sql(_sqlite_insert_sql(ENTRIES_TABLE, _ENTRY_COLUMNS, len(chunk)),
+                                   tuple(r[c] for r in chunk for c in _ENTRY_COLUMNS))
+    for start in range(0, len(nodes), _SQLITE_ROWS_PER_INSERT):
+        part = nodes[start:start + _SQLITE_ROWS_PER_INSERT]
+        connection.exec_driver_sql(_sqlite_insert_sql(NODES_TABLE, ("level", "idx", "hash"), len(part)),
+                                   tuple(v for n in part for v in (n.level, n.index, n.hash)))
+
+
+_ENTRY_COLUMNS = ("idx", "leaf", "leaf_hash", "kind", "key_id", "time")
+_SQLITE_ROWS_PER_INSERT = 500  # 500 rows x 6 columns stays far below SQLite's 32766 variables
+
+
+@functools.lru_cache(maxsize=256)
+def _sqlite_insert_sql(table: str, columns: tuple[str, ...], count: int) -> str:
+    row = "(" + ", ".join("?" * len(columns)) + ")"
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([row] * count)
+
+
 def _stored_indexes(connection: Connection, hashes: Sequence[bytes]) -> dict[bytes, int]:
     """Which of these leaf hashes are already in the log, and at which index."""
     e = audit_entries.c
@@ -743,9 +795,9 @@ class AuditLog:
         if self._dialect == "sqlite":
             self._writer_engine = _sqlite_writer_engine(engine)
         else:
-            # READ COMMITTED: each statement after the advisory lock sees every commit made
-            # before the lock was granted (a REPEATABLE READ snapshot could predate it).
-            self._writer_engine = engine.execution_options(isolation_level="READ COMMITTED")
+            # The writer sends BEGIN itself (see _transaction), so the driver must not.
+            self._writer_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._writer_connection: Connection | None = None  # owned by the writer thread
         # Writer state, valid for the log prefix of length self._size. Only the writer thread
         # changes it after __init__.
         self._keyring = Keyring(trusted_operator_key)
@@ -776,7 +828,7 @@ class AuditLog:
                 self._queue.put(None)
         if writer is not None:
             writer.join()
-        if self._writer_engine is not self.engine and self._dialect == "sqlite":
+        if self._dialect == "sqlite":
             self._writer_engine.dispose()
 
     # -- appending ----------------------------------------------------------------------------
@@ -871,15 +923,54 @@ class AuditLog:
                 batch.append(more)
                 count += len(more.entries)
             self._commit(batch)
+        self._drop_writer_connection()
 
-    def _lock_for_write(self, connection: Connection) -> None:
-        if self._dialect == "postgresql":
-            # One round trip: the lock, and durable-on-commit even if the server or role
-            # default says otherwise (SET LOCAL synchronous_commit = on).
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key), "
-                                    "set_config('synchronous_commit', 'on', true)"),
-                               {"key": ADVISORY_LOCK_KEY})
-        # SQLite: the private writer engine already began with BEGIN IMMEDIATE.
+    def _drop_writer_connection(self, *, invalidate: bool = False) -> None:
+        connection, self._writer_connection = self._writer_connection, None
+        if connection is None:
+            return
+        if invalidate:
+            connection.invalidate()
+        connection.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """One write transaction, holding the database's write lock, on the writer's connection.
+
+        The writer keeps one connection (no pool checkout or pre-ping per commit). SQLite: the
+        private engine begins with BEGIN IMMEDIATE. PostgreSQL: the connection is in driver
+        autocommit and the writer sends, in ONE round trip (simple query protocol, no
+        parameters), BEGIN READ COMMITTED (each later statement sees every commit made before
+        the lock was granted), the transaction-level advisory lock, and synchronous_commit=on
+        (durable on commit whatever the server or role default). A commit then costs three
+        round trips: that, the insert, COMMIT.
+        """
+        if self._writer_connection is None:
+            self._writer_connection = self._writer_engine.connect()
+        connection = self._writer_connection
+        if self._dialect == "sqlite":
+            try:
+                with connection.begin():
+                    yield connection
+            except (SQLAlchemyError, DBAPIError):
+                if connection.invalidated:
+                    self._drop_writer_connection()
+                raise
+            return
+        try:
+            connection.exec_driver_sql(_PG_BEGIN_LOCKED)
+        except (SQLAlchemyError, DBAPIError):
+            self._drop_writer_connection(invalidate=True)  # broken: start afresh next time
+            raise
+        try:
+            yield connection
+            connection.exec_driver_sql("COMMIT")
+        except BaseException:
+            try:
+                connection.exec_driver_sql("ROLLBACK")
+            except (SQLAlchemyError, DBAPIError):
+                self._drop_writer_connection(invalidate=True)
+            raise
 
     def _catch_up(self, connection: Connection, db_size: int) -> None:
         """Bring the writer state (keyring, size, frontier) from self._size to db_size.
@@ -969,8 +1060,7 @@ class AuditLog:
     def _write(self, batch: list[_Request], *, careful: bool) -> _Outcome:
         """One write transaction for `batch`; changes no writer state (the caller does)."""
         outcome = _Outcome(keyring=self._keyring, size=self._size)
-        with self._writer_engine.begin() as connection:
-            self._lock_for_write(connection)
+        with self._transaction() as connection:
             seen: dict[bytes, int] = {}
             if careful:
                 self._catch_up(connection, _size(connection))
@@ -1003,10 +1093,7 @@ class AuditLog:
             if rows:
                 source = _WriterSource(connection, self._frontier if start == self._size else {})
                 outcome.nodes = merkle.append_nodes(source, start, leaf_hashes)
-                connection.execute(audit_entries.insert(), rows)
-                connection.execute(audit_tree_nodes.insert(),
-                                   [{"level": n.level, "idx": n.index, "hash": n.hash}
-                                    for n in outcome.nodes])
+                _insert(connection, rows, outcome.nodes)
         outcome.keyring, outcome.size = keyring, size
         return outcome
 
