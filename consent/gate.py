@@ -111,17 +111,14 @@ def gate(
     the fast path for a node that reads its records with Arrow). `contracts` maps content hash to
     contract; a mapping whose key is not the contract's own hash is refused.
 
-    Both columns are dictionary-encoded (Arrow, C++), each distinct contract is evaluated once,
-    and the decisions are joined back with NumPy gathers; the commitment is built from the
-    distinct (pseudonym, contract) pairs only, so its cost follows the number of patients, not
-    of records.
+    The hash column is dictionary-encoded (Arrow, C++), each distinct contract is evaluated
+    once, and the decisions are joined back with NumPy/Arrow gathers; the commitment is built
+    from the distinct (pseudonym, contract) pairs only, so its cost follows the number of
+    patients, not of records.
     """
     pseudonyms, hashes = _as_arrays(records)
-    p_enc = pc.dictionary_encode(pseudonyms)
     h_enc = pc.dictionary_encode(hashes)
-    p_idx = p_enc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     h_idx = h_enc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    p_dict: pa.Array = p_enc.dictionary
     distinct: list[str] = h_enc.dictionary.to_pylist()
 
     # one evaluation per distinct contract
@@ -148,9 +145,9 @@ def gate(
 
     # join: per-record code; a record whose contract is about another pseudonym is excluded
     codes = code_of[h_idx]
-    owner_idx = pc.index_in(pa.array(owner, pa.string()), value_set=p_dict).fill_null(-1)
-    owner_p = owner_idx.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    mismatch = (codes == -1) & (owner_p[h_idx] != p_idx)
+    record_owner = pa.array(owner, pa.string()).take(h_enc.indices)
+    same = pc.fill_null(pc.equal(pseudonyms, record_owner), False).to_numpy(zero_copy_only=False)
+    mismatch = (codes == -1) & ~same
     if mismatch.any():
         if PSEUDONYM_MISMATCH not in reason_keys:
             reason_keys.append(PSEUDONYM_MISMATCH)
@@ -159,24 +156,17 @@ def gate(
     counts = np.bincount(codes[~eligible], minlength=len(reason_keys))
     excluded = {reason_keys[i]: int(n) for i, n in enumerate(counts) if n}
 
-    # distinct eligible (pseudonym, contract) pairs
-    used_p = p_idx[eligible]
-    used_h = h_idx[eligible]
-    if used_p.size:
-        pair_keys = np.unique(used_p * len(distinct) + used_h)
-        pair_p, pair_h = np.divmod(pair_keys, len(distinct))
-    else:
-        pair_p = pair_h = np.zeros(0, dtype=np.int64)
-    names: list[str] = p_dict.take(pa.array(pair_p)).to_pylist()
-    pair_hashes = [distinct[h] for h in pair_h.tolist()]
-    lines = sorted(f"{p}\t{h}\n" for p, h in zip(names, pair_hashes, strict=True))
-    accounts = {
-        p: account
-        for p, h in zip(names, pair_hashes, strict=True)
-        if (account := contracts[h].reward_account) is not None
-    }
+    # an eligible record's pseudonym is its contract's, so the distinct eligible pairs are
+    # (owner, hash) for every contract hash with at least one eligible record
+    used = np.flatnonzero(np.bincount(h_idx[eligible], minlength=len(distinct)))
+    pairs = [(owner[h], distinct[h]) for h in used.tolist()]
+    lines = sorted(f"{p}\t{h}\n" for p, h in pairs)
     digest = hashlib.sha256(COMMITMENT_PREFIX)
     digest.update("".join(lines).encode())
+    names = [p for p, _ in pairs if p is not None]
+    accounts = {
+        p: account for p, h in pairs if p is not None and (account := contracts[h].reward_account) is not None
+    }
     return GateResult(
         eligible=eligible,
         eligible_pseudonyms=sorted(set(names)),
