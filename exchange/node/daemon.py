@@ -172,8 +172,12 @@ class NodeDaemon:
                 self.link.post_decision(decision.study_id, decision.envelope)
             except Exception as exc:
                 status = getattr(exc, "status", None)
-                if status == 409:  # the coordinator already holds our decision (posted before a crash)
+                if status == 409:
+                    # The coordinator holds a decision of ours already (posted before a crash), or
+                    # decisions on the study are closed: either way, re-posting cannot succeed.
                     mark_posted(self.store, decision.id)
+                    if "already decided" not in str(exc):
+                        self._error("coordinator", exc)
                     continue
                 self._error("coordinator", exc)
                 continue
