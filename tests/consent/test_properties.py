@@ -3,6 +3,7 @@ revoked or inactive contracts never permit."""
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import datetime
 
@@ -127,3 +128,15 @@ def test_commitment_reference_definition() -> None:
     expected = hashlib.sha256(b"consent-gate/1\n" + f"p1\t{'a' * 64}\np2\t{'b' * 64}\n".encode()).hexdigest()
     assert commitment(pairs) == expected
     assert commitment([]) == hashlib.sha256(b"consent-gate/1\n").hexdigest()
+
+
+@SETTINGS
+@given(contracts(), requests(), instants)
+def test_json_round_trip_keeps_hash_and_decision(
+    contract: Contract, request: StudyRequest, instant: datetime
+) -> None:
+    again = Contract.from_json(json.dumps(contract.to_json()))
+    assert again.content_hash == contract.content_hash
+    assert evaluate(again, request, instant) == evaluate(contract, request, instant)
+    request_again = StudyRequest.model_validate_json(json.dumps(request.to_json()))
+    assert evaluate(contract, request_again, instant) == evaluate(contract, request, instant)
