@@ -257,14 +257,16 @@ def _describe_non_contributors(replies: Sequence[HospitalReply], missing: Sequen
     return "; ".join(parts) or "none"
 
 
-def _wait_for_nodes(grid: Grid, spec: StudySpec, options: ServerOptions) -> list[int]:
+def _wait_for_nodes(grid: Grid, spec: StudySpec, options: ServerOptions, round_: int) -> list[int]:
+    """The connected nodes, once at least `min_hospitals` are (a hospital restarting mid-study
+    gets `join_timeout_s` to come back)."""
     deadline = time.monotonic() + spec.join_timeout_s
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= spec.min_hospitals:
             return nodes
         if time.monotonic() >= deadline or options.stop_event.is_set():
-            raise StudyFailedError(f"only {len(nodes)} hospital node(s) connected after "
+            raise StudyFailedError(f"round {round_}: only {len(nodes)} hospital node(s) connected after "
                                    f"{spec.join_timeout_s:.0f} s; the study needs {spec.min_hospitals}")
         time.sleep(max(options.poll, 0.2))
 
@@ -309,7 +311,7 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
         for round_ in range(1, spec.rounds + 1):
             if options.stop_event.is_set():
                 raise StudyFailedError(f"cancelled before round {round_}")
-            nodes = _wait_for_nodes(grid, spec, options)
+            nodes = _wait_for_nodes(grid, spec, options, round_)
             gone = sorted(seen - set(nodes))  # took part before, no longer connected
             seen.update(nodes)
             t_round = time.perf_counter()

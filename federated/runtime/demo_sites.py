@@ -72,9 +72,9 @@ def provision_sites(root: Path, *, dataset: str = "breast_cancer",
             if i >= n_consent:
                 continue
             reward = f"reward:{h}-{i}" if i % reward_every == 0 else None
-            contract = _contract(p, h, categories, reward)
-            contracts[p] = contract
-            lines.append(json.dumps(sign(contract, issuer).to_json()))
+            signed = sign(_contract(p, h, categories, reward), issuer)
+            contracts[p] = signed.contract  # as stored: with the issuer key stamped in
+            lines.append(json.dumps(signed.to_json()))
         (base / "contracts.jsonl").write_text("\n".join(lines) + ("\n" if lines else ""))
         ledger_path = base / "ledger.db"
         engine = create_engine(f"sqlite:///{ledger_path}")

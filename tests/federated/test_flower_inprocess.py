@@ -1,0 +1,280 @@
+"""The study's ClientApp and ServerApp logic, in process (no Flower processes).
+
+Hospital side: `train_hospital_round` / `evaluate_hospital` against real sites on disk (records,
+signed consent contracts gated by `consent.gate`, a SQLite privacy ledger, an Ed25519 key).
+Server side: `run_study_rounds` over `InProcessGrid`, which calls the real ClientApp object per
+message. The same behaviours against real SuperLink/SuperNode processes: test_flower_deployment.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+from sqlalchemy import create_engine
+
+from consent.gate import commitment
+from federated.client_app import evaluate_hospital, train_hospital_round
+from federated.dp import initial_state
+from federated.privacy_ledger import PrivacyLedger
+from federated.receipts import verify_receipt
+from federated.runtime.demo_sites import DemoSite, approve, demo_spec, provision_sites, revoke_all
+from federated.runtime.inprocess import InProcessGrid
+from federated.server_app import ServerOptions, StudyFailedError, run_study_rounds
+from federated.study_spec import StudySpec
+
+# Same privacy parameters everywhere: the (cached) noise calibration is then computed once per
+# hospital size for the whole module. RDP keeps the calibration fast; the deployment test uses PRV.
+PRIVACY: dict[str, Any] = {"epsilon": 3.0, "rounds": 3, "accountant": "rdp"}
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+class RecordingObserver:
+    """What the coordinator would receive."""
+
+    def __init__(self) -> None:
+        self.rounds: list[tuple[int, dict[str, float], list[Any]]] = []
+        self.completed: tuple[Path, str] | None = None
+        self.failed: list[str] = []
+        self.on_round_hook: Any = None
+
+    def on_round(self, round: int, metrics: Any, receipts: Any) -> None:
+        self.rounds.append((round, dict(metrics), list(receipts)))
+        if self.on_round_hook is not None:
+            self.on_round_hook(round)
+
+    def on_complete(self, model_path: Path, sha256: str) -> None:
+        self.completed = (model_path, sha256)
+
+    def on_failed(self, reason: str) -> None:
+        self.failed.append(reason)
+
+
+def _ledger(demo: DemoSite) -> PrivacyLedger:
+    return PrivacyLedger(create_engine(demo.site.ledger_url))
+
+
+def _spec(study_id: str, **overrides: Any) -> StudySpec:
+    return demo_spec(study_id, **{**PRIVACY, **overrides})
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> dict[str, DemoSite]:
+    return provision_sites(tmp_path / "sites", consenting={"hospital-c": 0.5})
+
+
+# -- one hospital, one round -----------------------------------------------------------------------
+
+
+def test_study_not_approved_is_refused_and_spends_nothing(sites: dict[str, DemoSite]) -> None:
+    demo = sites["hospital-a"]
+    spec = _spec("s-unapproved")
+    out = train_hospital_round(demo.site, spec, 1, initial_state(spec.template, len(spec.columns)), NOW)
+    assert out.status == "refused" and "not approved" in out.reason
+    assert out.weights is None and out.receipt is None
+    assert _ledger(demo).plan("s-unapproved") is None
+
+
+def test_round_uses_only_consented_records_and_signs_a_receipt(sites: dict[str, DemoSite]) -> None:
+    demo = sites["hospital-c"]  # half of its patients consented
+    spec = _spec("s-consent")
+    approve(demo.site, "s-consent")
+    out = train_hospital_round(demo.site, spec, 1, initial_state(spec.template, len(spec.columns)), NOW)
+    assert out.status == "ok", out.reason
+    data, _ = demo.site.records()
+    train = data.train()
+    consented = [p for p in train.pseudonyms if p in demo.contracts]
+    assert 0 < len(consented) < len(train)
+    assert out.receipt is not None
+    receipt = verify_receipt(out.receipt.to_bytes(), demo.signer.public_key, study_id="s-consent", round=1,
+                             hospital_id="hospital-c")
+    assert receipt.records_used == len(consented)
+    # the commitment is the consent engine's, over exactly the records trained on
+    assert receipt.commitment == commitment((p, demo.contracts[p].content_hash) for p in consented)
+    expected_rewards: dict[str, int] = {}
+    for p in consented:
+        account = demo.contracts[p].reward_account
+        if account is not None:
+            expected_rewards[account] = expected_rewards.get(account, 0) + 1
+    assert receipt.reward_accounts == expected_rewards
+    ledger = _ledger(demo)
+    assert ledger.spent("s-consent") == pytest.approx(receipt.epsilon_total)
+    assert receipt.epsilon_spent == pytest.approx(receipt.epsilon_total)  # first round: all of it
+    assert receipt.spec_sha256 == spec.sha256()
+    assert out.weights is not None and out.weights.shape == (len(spec.columns) + 1,)
+
+
+def test_revocation_takes_effect_from_the_next_round(sites: dict[str, DemoSite]) -> None:
+    demo = sites["hospital-b"]
+    spec = _spec("s-revoke")
+    approve(demo.site, "s-revoke")
+    w = initial_state(spec.template, len(spec.columns))
+    assert train_hospital_round(demo.site, spec, 1, w, NOW).status == "ok"
+    revoke_all(demo, NOW + timedelta(hours=1))
+    # a round gated before the revocation was issued still sees the consent in force then
+    assert evaluate_hospital(demo.site, spec, w, NOW + timedelta(minutes=30)).status == "ok"
+    out = train_hospital_round(demo.site, spec, 2, w, NOW + timedelta(hours=2))
+    assert out.status == "no-data"
+    assert "denied" in out.reason, out.reason
+    assert _ledger(demo).rounds_charged("s-revoke") == 1  # the no-data round spent nothing
+
+
+def test_overspending_round_is_refused_and_nothing_is_charged(sites: dict[str, DemoSite]) -> None:
+    demo = sites["hospital-a"]
+    ledger = _ledger(demo)
+    ledger.set_total_budget(1.0)
+    spec = _spec("s-overspend")  # targets epsilon 3 > 1 left
+    approve(demo.site, "s-overspend")
+    out = train_hospital_round(demo.site, spec, 1, initial_state(spec.template, len(spec.columns)), NOW)
+    assert out.status == "refused" and out.reason.startswith("privacy budget"), out.reason
+    assert out.weights is None and out.receipt is None
+    assert ledger.total_spent() == 0.0 and ledger.plan("s-overspend") is None
+
+
+def test_a_round_is_never_trained_twice(sites: dict[str, DemoSite]) -> None:
+    demo = sites["hospital-a"]
+    spec = _spec("s-twice")
+    approve(demo.site, "s-twice")
+    w = initial_state(spec.template, len(spec.columns))
+    assert train_hospital_round(demo.site, spec, 1, w, NOW).status == "ok"
+    again = train_hospital_round(demo.site, spec, 1, w, NOW)
+    assert again.status == "refused" and "already trained" in again.reason
+    assert _ledger(demo).rounds_charged("s-twice") == 1
+
+
+def test_columns_outside_the_declared_categories_are_refused(sites: dict[str, DemoSite]) -> None:
+    demo = sites["hospital-a"]
+    spec = _spec("s-cats", columns=["mean radius", "worst radius"])  # labs + imaging
+    bad = StudySpec.from_json({**spec.to_json(), "request": {**spec.to_json()["request"],
+                                                             "data_categories": ["labs"]}})
+    approve(demo.site, "s-cats")
+    out = train_hospital_round(demo.site, bad, 1, initial_state(bad.template, len(bad.columns)), NOW)
+    assert out.status == "refused" and "imaging" in out.reason
+
+
+def test_hospital_without_consented_records_replies_no_data(tmp_path: Path) -> None:
+    demo = provision_sites(tmp_path, consenting={"hospital-a": 0.0}, hospitals=("hospital-a",))["hospital-a"]
+    spec = _spec("s-empty")
+    approve(demo.site, "s-empty")
+    out = train_hospital_round(demo.site, spec, 1, initial_state(spec.template, len(spec.columns)), NOW)
+    assert out.status == "no-data" and "no-contract" in out.reason
+    assert out.receipt is None and _ledger(demo).plan("s-empty") is None
+
+
+# -- the ServerApp over the in-process grid --------------------------------------------------------
+
+
+def _run(sites: dict[str, DemoSite], spec: StudySpec, tmp_path: Path, *, keys: dict[str, bytes] | None = None,
+         hook: Any = None, stop: threading.Event | None = None) -> tuple[RecordingObserver, InProcessGrid]:
+    for demo in sites.values():
+        approve(demo.site, spec.study_id)
+    grid = InProcessGrid({i + 1: d.site.node_config() for i, d in enumerate(sites.values())},
+                         spec.to_run_config())
+    observer = RecordingObserver()
+    observer.on_round_hook = hook(grid) if hook else None
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=spec.to_run_config())
+    options = ServerOptions(output_dir=tmp_path / "out", poll=0.01,
+                            hospital_keys=keys if keys is not None else
+                            {h: d.signer.public_key for h, d in sites.items()},
+                            stop_event=stop or threading.Event())
+    with contextlib.suppress(StudyFailedError):
+        run_study_rounds(grid, context, observer, options)
+    return observer, grid
+
+
+def test_inprocess_study_completes_and_beats_the_trivial_baseline(sites: dict[str, DemoSite],
+                                                                   tmp_path: Path) -> None:
+    from federated.templates import get_template
+    from federated.weights import sha256_file
+
+    spec = _spec("s-full", round_timeout_s=5)
+    observer, grid = _run(sites, spec, tmp_path)
+    assert observer.failed == []
+    assert [r for r, _, _ in observer.rounds] == [1, 2, 3]
+    for _, metrics, receipts in observer.rounds:
+        assert metrics["contributors"] == 3 and metrics["dropped"] == 0
+        assert sorted(r.hospital for r in receipts) == ["hospital:hospital-a", "hospital:hospital-b",
+                                                        "hospital:hospital-c"]
+    assert observer.completed is not None
+    path, sha = observer.completed
+    assert path.exists() and sha256_file(path) == sha
+    # the global model beats "always predict the majority class" on the hospitals' hold-out data
+    parts = [d.site.records()[0] for d in sites.values()]
+    y_train = np.concatenate([p.train().y for p in parts])
+    y_test = np.concatenate([p.test().y for p in parts])
+    baseline = get_template(spec.template).trivial_baseline(y_train, np.zeros((len(y_test), 1)), y_test)
+    final = observer.rounds[-1][1]
+    assert final["eval_accuracy"] > baseline["accuracy"] + 0.1
+    # every message went out as one flat array and nothing else
+    assert all(len(m.content.array_records) == 1 and not m.content.config_records for m in grid.pushed)
+    # epsilon: each hospital stays within the study's target
+    assert max(r.epsilon_total for _, _, rs in observer.rounds for r in rs) <= spec.epsilon + 1e-9
+
+
+def test_dropout_is_tolerated_down_to_the_minimum(sites: dict[str, DemoSite], tmp_path: Path) -> None:
+    def drop_c_after_round_1(grid: InProcessGrid) -> Any:
+        return lambda round_: grid.drop(3) if round_ == 1 else None
+
+    spec = _spec("s-drop", min_hospitals=2, round_timeout_s=1)
+    observer, _ = _run(sites, spec, tmp_path, hook=drop_c_after_round_1)
+    assert observer.failed == [] and observer.completed is not None
+    last = observer.rounds[-1]
+    assert last[1]["contributors"] == 2 and last[1]["dropped"] == 1
+    assert "hospital:hospital-c" not in {r.hospital for r in last[2]}
+
+
+def test_below_the_minimum_the_study_fails_cleanly(sites: dict[str, DemoSite], tmp_path: Path) -> None:
+    def drop_c_after_round_1(grid: InProcessGrid) -> Any:
+        return lambda round_: grid.drop(3) if round_ == 1 else None
+
+    spec = _spec("s-fail", min_hospitals=3, round_timeout_s=1, join_timeout_s=0.5)
+    observer, _ = _run(sites, spec, tmp_path, hook=drop_c_after_round_1)
+    assert observer.completed is None
+    assert len(observer.failed) == 1
+    assert observer.failed[0].startswith("round 3: only 2 hospital node(s) connected"), observer.failed[0]
+    assert "the study needs 3" in observer.failed[0]
+    assert [r for r, _, _ in observer.rounds] == [1, 2]  # completed rounds are still reported
+    assert not (tmp_path / "out" / "s-fail.safetensors").exists()
+
+
+def test_no_data_hospital_is_not_a_contribution(tmp_path: Path) -> None:
+    sites = provision_sites(tmp_path / "sites", consenting={"hospital-b": 0.0})
+    spec = _spec("s-nodata", min_hospitals=2, rounds=3)
+    observer, _ = _run(sites, spec, tmp_path)
+    assert observer.completed is not None
+    for _, metrics, receipts in observer.rounds:
+        assert metrics["no_data"] == 1 and metrics["contributors"] == 2
+        assert "hospital:hospital-b" not in {r.hospital for r in receipts}
+
+
+def test_receipt_that_does_not_verify_is_not_aggregated(sites: dict[str, DemoSite], tmp_path: Path) -> None:
+    keys = {h: d.signer.public_key for h, d in sites.items()}
+    keys["hospital-a"] = sites["hospital-b"].signer.public_key  # the coordinator knows another key
+    spec = _spec("s-badkey", min_hospitals=2)
+    observer, _ = _run(sites, spec, tmp_path, keys=keys)
+    assert observer.completed is not None
+    for _, metrics, receipts in observer.rounds:
+        assert metrics["contributors"] == 2 and metrics["dropped"] == 1
+        assert "hospital:hospital-a" not in {r.hospital for r in receipts}
+
+
+def test_bad_spec_and_cancellation_fail_cleanly(sites: dict[str, DemoSite], tmp_path: Path) -> None:
+    observer = RecordingObserver()
+    grid = InProcessGrid({1: sites["hospital-a"].site.node_config()}, {})
+    bad = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                  run_config={"study-id": "x", "study-spec": "{}"})
+    with pytest.raises(StudyFailedError, match="bad study spec"):
+        run_study_rounds(grid, bad, observer, ServerOptions(output_dir=tmp_path))
+    assert observer.failed and observer.failed[0].startswith("bad study spec")
+
+    stop = threading.Event()
+    stop.set()
+    cancelled, _ = _run(sites, _spec("s-cancel"), tmp_path, stop=stop)
+    assert cancelled.failed == ["cancelled before round 1"] and cancelled.completed is None

@@ -1,0 +1,264 @@
+"""Unit tests of the Flower runtime pieces that need no running Flower process: the guarded
+patches of flwr internals, settings, environment, node config files, TLS material, the study spec
+and the hospital site description."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from federated.runtime import flwr_internals
+from federated.runtime.deployment import SuperLinkProcess, is_loopback, write_node_config
+from federated.runtime.settings import NO_PHONE_HOME_ENV, RuntimeSettings, flower_env
+from federated.runtime.site import NODE_CONFIG_KEYS, Site, SiteConfigError, read_records, write_records
+from federated.runtime.tls import generate_node_keys, generate_tls, node_public_key_bytes
+from federated.study_spec import StudySpec, StudySpecError
+
+# -- patches of flwr internals ----------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_flwr_modules() -> Any:
+    """Undo our patches after a test (they are process-global)."""
+    import flwr.superlink.grid.http_grid as hg
+    import flwr.supernode.start_client_internal as sci
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    saved = [(sci, "time", sci.time), (sci, "pull_objects", sci.pull_objects),
+             (hg, "pull_objects", hg.pull_objects),
+             (rc, "pull_and_inflate_object_from_tree", rc.pull_and_inflate_object_from_tree)]
+    yield sci
+    for module, name, value in saved:
+        setattr(module, name, value)
+
+
+def test_supernode_sleeps_are_mapped(restore_flwr_modules: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    sci = restore_flwr_modules
+    slept: list[float] = []
+    monkeypatch.setattr(flwr_internals._time, "sleep", slept.append)
+    flwr_internals.patch_supernode_sleeps(idle_sleep=0.15, reply_sleep=0.03)
+    assert flwr_internals.is_patched(sci.time)
+    sci.time.sleep(3)
+    sci.time.sleep(0.5)
+    sci.time.sleep(7)
+    assert slept == [0.15, 0.03, 7]
+    # the rest of the time module is still there
+    assert sci.time.time() > 0
+    # idempotent: a second call keeps the first proxy
+    proxy = sci.time
+    flwr_internals.patch_supernode_sleeps(idle_sleep=1.0, reply_sleep=1.0)
+    assert sci.time is proxy
+
+
+def test_pull_backoff_patches_bind_arguments(restore_flwr_modules: Any) -> None:
+    import flwr.superlink.grid.http_grid as hg
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    sci = restore_flwr_modules
+    flwr_internals.patch_supernode_pull_backoff(0.02)
+    flwr_internals.patch_grid_pull_backoff(0.03)
+    flwr_internals.patch_clientapp_pull_backoff(0.04)
+    for func, initial in ((sci.pull_objects, 0.02), (hg.pull_objects, 0.03),
+                          (rc.pull_and_inflate_object_from_tree, 0.04)):
+        assert isinstance(func, functools.partial)
+        assert func.keywords == {"initial_backoff": initial, "backoff_cap": 0.5}
+    first = hg.pull_objects
+    flwr_internals.patch_grid_pull_backoff(0.9)
+    assert hg.pull_objects is first  # not wrapped twice
+
+
+def test_changed_flwr_layout_fails_loudly(restore_flwr_modules: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = inspect.getsource
+
+    def edited(obj: Any) -> str:
+        return real(obj).replace("time.sleep(3)", "time.sleep(2)")
+
+    monkeypatch.setattr(flwr_internals.inspect, "getsource", edited)
+    with pytest.raises(flwr_internals.FlowerLayoutError, match=r"time.sleep\(3\)"):
+        flwr_internals.patch_supernode_sleeps(0.1, 0.02)
+    assert not flwr_internals.is_patched(restore_flwr_modules.time)
+
+
+def test_missing_backoff_argument_fails_loudly(restore_flwr_modules: Any) -> None:
+    sci = restore_flwr_modules
+    sci.pull_objects = lambda object_ids, pull_object_fn: {}
+    with pytest.raises(flwr_internals.FlowerLayoutError, match="initial_backoff"):
+        flwr_internals.patch_supernode_pull_backoff(0.02)
+
+
+def test_other_flwr_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.metadata.version
+    monkeypatch.setattr(flwr_internals.importlib.metadata, "version",
+                        lambda name: "1.43.0" if name == "flwr" else real(name))
+    with pytest.raises(flwr_internals.FlowerLayoutError, match=r"1.43.0"):
+        flwr_internals.patch_grid_pull_backoff(0.02)
+
+
+def test_pinned_version_is_installed() -> None:
+    assert importlib.metadata.version("flwr") == flwr_internals.PINNED_FLWR_VERSION
+
+
+# -- settings and environment ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("field", "value"), [("mode", "turbo"), ("server_poll", 0), ("pull_backoff", -1),
+                                              ("supernode_idle_sleep", 600)])
+def test_bad_settings_are_refused_by_name(field: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"^{field}"):
+        RuntimeSettings(**{field: value})
+
+
+def test_plain_mode_polls_like_flower() -> None:
+    assert RuntimeSettings(mode="plain").effective_server_poll == 3.0
+    assert RuntimeSettings(server_poll=0.2).effective_server_poll == 0.2
+
+
+def test_flower_env_turns_phoning_home_off(tmp_path: Path) -> None:
+    env = flower_env(tmp_path / "home", base={"PATH": "/usr/bin", "FLWR_TELEMETRY_ENABLED": "1"})
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    assert env["FLWR_HOME"] == str(tmp_path / "home")
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert NO_PHONE_HOME_ENV.items() <= env.items()
+
+
+# -- node config, loopback rule ----------------------------------------------------------------
+
+
+def test_node_config_file_round_trips_through_flowers_parser(tmp_path: Path) -> None:
+    from flwr.common.config import parse_config_args
+
+    config: dict[str, str | int | float | bool] = {"hospital-id": "hospital-a", "records-path": str(tmp_path / 'a b "c".parquet'),
+              "ledger-url": "sqlite:////x/ledger.db", "budget": 2.5, "n": 3, "flag": True}
+    path = write_node_config(tmp_path / "node.toml", config)
+    assert parse_config_args([str(path)]) == config
+
+
+def test_node_config_refuses_dotted_keys_and_odd_values(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"a.b"):
+        write_node_config(tmp_path / "n.toml", {"a.b": "x"})
+    with pytest.raises(ValueError, match="must be str"):
+        write_node_config(tmp_path / "n.toml", {"k": [1, 2]})  # type: ignore[dict-item]
+
+
+def test_tls_is_required_off_loopback(tmp_path: Path) -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("10.0.0.5") and not is_loopback("example.org")
+    with pytest.raises(ValueError, match=r"^tls"):
+        SuperLinkProcess(tmp_path, host="10.0.0.5", port=9999)
+    with pytest.raises(ValueError, match=r"^supernode_auth"):
+        SuperLinkProcess(tmp_path, supernode_auth=True)
+
+
+# -- TLS material ------------------------------------------------------------------------------
+
+
+def test_generated_certificates_chain_and_cover_loopback(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    files = generate_tls(tmp_path / "tls")
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in sans.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert files.server_key.stat().st_mode & 0o777 == 0o600
+    assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey)
+
+
+def test_node_keys_are_what_flower_accepts(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
+
+    keys = generate_node_keys(tmp_path, "node-a")
+    private = load_ssh_private_key(keys.private_key.read_bytes(), None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    assert uses_nist_ec_curve(private.public_key())
+    assert keys.private_key.stat().st_mode & 0o777 == 0o600
+    assert len(node_public_key_bytes(keys.public_key)) > 0
+
+
+# -- study spec ----------------------------------------------------------------------------------
+
+
+def _spec(**overrides: Any) -> StudySpec:
+    from federated.runtime.demo_sites import demo_spec
+
+    return demo_spec("s-1", columns=["mean radius", "mean texture"], **overrides)
+
+
+def test_spec_round_trips_through_the_run_config() -> None:
+    spec = _spec()
+    config = spec.to_run_config()
+    assert set(config) == {"study-id", "study-spec"}
+    again = StudySpec.from_run_config(config)
+    assert again == spec and again.sha256() == spec.sha256()
+
+
+def test_spec_errors_name_the_field() -> None:
+    spec = _spec()
+    obj = spec.to_json()
+    with pytest.raises(StudySpecError, match="epsilon"):
+        StudySpec.from_json({**obj, "epsilon": -1})
+    with pytest.raises(StudySpecError, match="surprise"):
+        StudySpec.from_json({**obj, "surprise": 1})
+    with pytest.raises(StudySpecError, match="label"):
+        StudySpec.from_json({**obj, "label": "mean radius"})
+    with pytest.raises(StudySpecError, match=r"request.epsilon"):
+        StudySpec.from_json({**obj, "request": {**obj["request"], "epsilon": 9.0}})
+    with pytest.raises(StudySpecError, match="study-id"):
+        StudySpec.from_run_config({"study-id": "other", "study-spec": spec.canonical_bytes().decode()})
+    with pytest.raises(StudySpecError, match="study-spec: missing"):
+        StudySpec.from_run_config({"study-id": "s-1", "study-spec": ""})
+    with pytest.raises(StudySpecError, match="not JSON"):
+        StudySpec.from_run_config({"study-id": "s-1", "study-spec": "{"})
+
+
+# -- the site --------------------------------------------------------------------------------------
+
+
+def test_site_config_names_the_missing_key() -> None:
+    config = {key: f"/x/{key}" for key in NODE_CONFIG_KEYS}
+    Site.from_node_config(config)
+    del config["ledger-url"]
+    with pytest.raises(SiteConfigError, match=r"^ledger-url"):
+        Site.from_node_config(config)
+
+
+def test_records_file_round_trips(tmp_path: Path) -> None:
+    from federated.data import load_federated
+
+    part = load_federated("diabetes", 3)[1]
+    write_records(tmp_path / "r.parquet", part, "progression")
+    back, label = read_records(tmp_path / "r.parquet")
+    assert label == "progression"
+    assert back.pseudonyms == part.pseudonyms and back.columns == part.columns
+    np.testing.assert_array_equal(back.x, part.x)
+    np.testing.assert_array_equal(back.y, part.y)
+    np.testing.assert_array_equal(back.is_test, part.is_test)
+    assert dict(back.categories) == dict(part.categories) and back.target_scale == part.target_scale
+
+
+def test_bad_records_or_approvals_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "r.parquet").write_text("nope")
+    with pytest.raises(SiteConfigError, match=r"^records-path"):
+        read_records(tmp_path / "r.parquet")
+    approvals = tmp_path / "approvals.json"
+    approvals.write_text(json.dumps({"approved": "s-1"}))
+    site = Site("h", tmp_path / "r.parquet", tmp_path / "c.jsonl", "sqlite://", tmp_path / "k", approvals)
+    with pytest.raises(SiteConfigError, match=r"^approvals-path"):
+        site.approved_studies()
+    with pytest.raises(SiteConfigError, match=r"^key-path"):
+        site.signer()
