@@ -137,8 +137,9 @@ def test_flower_env_turns_phoning_home_off(tmp_path: Path) -> None:
 def test_node_config_file_round_trips_through_flowers_parser(tmp_path: Path) -> None:
     from flwr.common.config import parse_config_args
 
-    config: dict[str, str | int | float | bool] = {"hospital-id": "hospital-a", "records-path": str(tmp_path / 'a b "c".parquet'),
-              "ledger-url": "sqlite:////x/ledger.db", "budget": 2.5, "n": 3, "flag": True}
+    config: dict[str, str | int | float | bool] = {
+        "hospital-id": "hospital-a", "records-path": str(tmp_path / 'a b "c".parquet'),
+        "ledger-url": "sqlite:////x/ledger.db", "budget": 2.5, "n": 3, "flag": True}
     path = write_node_config(tmp_path / "node.toml", config)
     assert parse_config_args([str(path)]) == config
 
