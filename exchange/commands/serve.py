@@ -45,7 +45,8 @@ def serve(
 
     settings = load_settings(config, database_url=db, host=host, port=port)
     configure_logging(settings.logging.level, settings.logging.json_format)
-    runtime = build_runtime(app_config_from(settings), FederatedRunner(settings.superlink_address))
+    runner = FederatedRunner(settings.superlink_address, settings.data_dir / "runs")
+    runtime = build_runtime(app_config_from(settings), runner)
     app = create_app(runtime)
     typer.echo(f"coordinator on http://{settings.host}:{settings.port} (docs: /schema/docs)", err=True)
     uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="warning")

@@ -54,20 +54,11 @@ def decision_entry(signer: Signer, hospital_id: str, study_id: str, *,
     }, instant or datetime.now(UTC))
 
 
-def receipt_entry(signer: Signer, hospital_id: str, study_id: str, *, round_number: int,
-                  records_used: int, commitment: str, epsilon_spent: float,
-                  reward_accounts: dict[str, int] | None = None,
-                  instant: datetime | None = None) -> Entry:
-    """The hospital's signed `round.receipt` (payload per docs/rewards.md)."""
-    return sign_entry(signer, "round.receipt", {
-        "study_id": study_id, "round": round_number, "hospital": f"hospital:{hospital_id}",
-        "records_used": records_used, "reward_accounts": dict(reward_accounts or {}),
-        "commitment": commitment, "epsilon_spent": epsilon_spent,
-    }, instant or datetime.now(UTC))
-
-
 class HospitalClient:
-    """The hospital side: every request signed with the hospital's registered Ed25519 key."""
+    """The hospital side: every request signed with the hospital's registered Ed25519 key.
+
+    Receipts are made with `federated.receipts.make_receipt` (the format the ServerApp checks)
+    and sent with `submit_entry(receipt.entry)`."""
 
     def __init__(self, base_url: str, signer: Signer, hospital_id: str, *,
                  transport: httpx.BaseTransport | None = None,

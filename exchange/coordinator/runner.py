@@ -17,22 +17,25 @@ Implementations:
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from safetensors.numpy import save as save_safetensors
 
 from audit.entry import Entry
-from audit.signing import Signer
+from audit.signing import Signer, b64decode, canonical, sha256_hex
 
 
 @dataclass(frozen=True)
 class RunHospital:
     id: str
     signing_key_id: str
+    signing_public_key: str  # base64 Ed25519: the run checks every receipt against it
     flower_public_key: str
 
 
@@ -45,6 +48,63 @@ class RunRequest:
     hospitals: tuple[RunHospital, ...]
     rounds: int
     min_hospitals: int
+    organisation_id: str = ""
+    region: str = ""
+    researcher_id: str | None = None
+
+
+def study_spec_for(request: RunRequest) -> Any:
+    """The `federated.study_spec.StudySpec` of a study as the coordinator accepted it.
+
+    Feature columns are taken category by category in the order of `data_categories`, then in
+    the order listed (the model's input order, the same at every hospital). The consent request
+    carries the researcher's organisation and its region, so each hospital gates records against
+    exactly who asks.
+    """
+    from consent.request import StudyRequest
+    from federated.study_spec import StudySpec
+
+    spec = request.spec
+    columns = tuple(column for category in spec["data_categories"]
+                    for column in spec["columns"].get(category, []))
+    consent_request = StudyRequest(
+        purpose=spec["purpose"], disease=spec.get("disease"), organisation=request.organisation_id,
+        region=request.region, commercial=bool(spec.get("commercial", False)),
+        ethics_approval=bool(spec.get("ethics_approval", False)),
+        data_categories=tuple(spec["data_categories"]), epsilon=float(spec["epsilon"]),
+        study_id=request.study_id, researcher=request.researcher_id)
+    return StudySpec(study_id=request.study_id, template=spec["template"], task=spec["task"],
+                     columns=columns, label=spec.get("label", "label"), request=consent_request,
+                     epsilon=float(spec["epsilon"]), delta=float(spec["delta"]), rounds=request.rounds,
+                     min_hospitals=request.min_hospitals)
+
+
+class _FederatedObserver:
+    """Adapts federated's observer calls (no study id, Receipt objects, a model file) to the
+    coordinator's `StudyObserver`."""
+
+    def __init__(self, inner: StudyObserver, study_id: str) -> None:
+        self.inner = inner
+        self.study_id = study_id
+
+    def on_round(self, round: int, metrics: Mapping[str, float], receipts: Any) -> None:
+        finite = {k: float(v) for k, v in metrics.items()
+                  if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+        self.inner.on_round(self.study_id, round, finite, [r.entry for r in receipts])
+
+    def on_complete(self, model_path: Path, sha256: str) -> None:
+        model = Path(model_path).read_bytes()
+        if hashlib.sha256(model).hexdigest() != sha256:
+            self.inner.on_failed(self.study_id, f"model file {model_path} does not match its hash")
+            return
+        self.inner.on_complete(self.study_id, model, {"sha256": sha256})
+
+    def on_failed(self, reason: str) -> None:
+        self.inner.on_failed(self.study_id, reason)
+
+
+def _hospital_keys(request: RunRequest) -> dict[str, bytes]:
+    return {h.id: b64decode(h.signing_public_key) for h in request.hospitals}
 
 
 class StudyObserver(Protocol):
@@ -102,6 +162,7 @@ class ScriptedRunner:
     records: Mapping[str, int] = field(default_factory=dict)
     fail_at_round: int | None = None
     pause: threading.Event | None = None
+    reward_accounts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     handles: list[ThreadHandle] = field(default_factory=list)
 
     def start(self, request: RunRequest, observer: StudyObserver) -> RunHandle:
@@ -116,8 +177,9 @@ class ScriptedRunner:
         return handle
 
     def _run(self, request: RunRequest, observer: StudyObserver, cancelled: threading.Event) -> None:
-        from exchange.coordinator.client import receipt_entry
+        from federated.receipts import make_receipt
 
+        spec_sha = sha256_hex(canonical(dict(request.spec)))
         for round_number in range(1, request.rounds + 1):
             if self.pause is not None:
                 while not self.pause.wait(0.01):
@@ -135,10 +197,11 @@ class ScriptedRunner:
                 used = self.records.get(hospital.id, 100)
                 commitment = hashlib.sha256(f"{request.study_id}/{hospital.id}/{round_number}"
                                             .encode()).hexdigest()
-                receipts.append(receipt_entry(signer, hospital.id, request.study_id,
-                                              round_number=round_number, records_used=used,
-                                              commitment=commitment,
-                                              epsilon_spent=0.1 * round_number))
+                receipts.append(make_receipt(
+                    signer, study_id=request.study_id, round=round_number, hospital_id=hospital.id,
+                    records_used=used, commitment=commitment, epsilon_spent=0.1,
+                    epsilon_total=0.1 * round_number, delta=float(request.spec.get("delta", 1e-5)),
+                    spec_sha256=spec_sha, reward_accounts=self.reward_accounts.get(hospital.id)).entry)
             observer.on_round(request.study_id, round_number,
                               {"loss": round(1.0 / (round_number + 1), 6),
                                "accuracy": round(0.5 + 0.1 * round_number / request.rounds, 6)},
@@ -152,26 +215,75 @@ class ScriptedRunner:
 
 
 class FederatedRunner:
-    """The real Flower run, via `federated`'s in-process runner, in a background thread."""
+    """The real Flower deployment: `federated.runtime.server_runner.run_study` runs the study's
+    ServerApp in this process against the SuperLink (no `flwr run`, no shelling out), in a
+    background thread; cancelling sets the ServerApp's stop event (it stops at the next phase)."""
 
-    def __init__(self, superlink_address: str, **options: Any) -> None:
+    def __init__(self, superlink_address: str, output_dir: Path, *,
+                 root_certificates: bytes | None = None, settings: Any = None) -> None:
         self.superlink_address = superlink_address
-        self.options = options
+        self.output_dir = output_dir
+        self.root_certificates = root_certificates
+        self.settings = settings
+        self.handles: list[ThreadHandle] = []
 
     def start(self, request: RunRequest, observer: StudyObserver) -> RunHandle:
-        def run(cancelled: threading.Event) -> None:
-            try:
-                from federated import runner as federated_runner  # type: ignore[attr-defined]
-            except ImportError:
-                observer.on_failed(request.study_id, "federated runner is not installed")
-                return
-            try:
-                federated_runner.run_study(
-                    study_id=request.study_id, spec=dict(request.spec),
-                    hospitals=[h.id for h in request.hospitals], rounds=request.rounds,
-                    min_hospitals=request.min_hospitals, superlink=self.superlink_address,
-                    observer=observer, cancelled=cancelled, **self.options)
-            except Exception as exc:
-                observer.on_failed(request.study_id, f"federated run failed: {exc}")
+        spec = study_spec_for(request)  # a spec federated refuses fails the start, not the thread
 
-        return ThreadHandle(run, f"study-{request.study_id}").start()
+        def run(cancelled: threading.Event) -> None:
+            from federated.runtime.server_runner import run_study
+
+            adapter = _FederatedObserver(observer, request.study_id)
+            try:
+                result = run_study(self.superlink_address, spec, adapter,
+                                   self.output_dir / request.study_id,
+                                   root_certificates=self.root_certificates, settings=self.settings,
+                                   hospital_keys=_hospital_keys(request), stop_event=cancelled)
+            except Exception as exc:
+                observer.on_failed(request.study_id, f"federated run failed: {type(exc).__name__}: {exc}")
+                return
+            if result.status != "completed":
+                observer.on_failed(request.study_id, result.reason or "federated run failed")
+
+        handle = ThreadHandle(run, f"study-{request.study_id}").start()
+        self.handles.append(handle)
+        return handle
+
+
+class InProcessFederatedRunner:
+    """The real ServerApp and ClientApp logic (consent gating, Opacus-style DP-SGD, privacy
+    ledgers, signed receipts, FedAvg, safetensors model) over `federated.runtime.inprocess.
+    InProcessGrid`: no Flower processes, so a whole study takes seconds. `node_configs` maps a
+    hospital id to its node config (`federated.runtime.site.Site.node_config()`)."""
+
+    def __init__(self, node_configs: Mapping[str, Mapping[str, Any]], output_dir: Path) -> None:
+        self.node_configs = node_configs
+        self.output_dir = output_dir
+        self.handles: list[ThreadHandle] = []
+
+    def start(self, request: RunRequest, observer: StudyObserver) -> RunHandle:
+        spec = study_spec_for(request)
+
+        def run(cancelled: threading.Event) -> None:
+            from flwr.app import Context, RecordDict
+
+            from federated.runtime.inprocess import InProcessGrid
+            from federated.server_app import ServerOptions, StudyFailedError, run_study_rounds
+
+            adapter = _FederatedObserver(observer, request.study_id)
+            nodes = {index + 1: dict(self.node_configs[h.id]) for index, h in enumerate(request.hospitals)}
+            grid = InProcessGrid(nodes, spec.to_run_config())
+            context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                              run_config=spec.to_run_config())
+            options = ServerOptions(output_dir=self.output_dir / request.study_id, poll=0.005,
+                                    hospital_keys=_hospital_keys(request), stop_event=cancelled)
+            try:
+                run_study_rounds(grid, context, adapter, options)
+            except StudyFailedError:
+                return  # already reported through on_failed
+            except Exception as exc:
+                observer.on_failed(request.study_id, f"federated run failed: {type(exc).__name__}: {exc}")
+
+        handle = ThreadHandle(run, f"study-{request.study_id}").start()
+        self.handles.append(handle)
+        return handle

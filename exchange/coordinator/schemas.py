@@ -141,12 +141,12 @@ class StudyCreate(Strict):
     @field_validator("purpose")
     @classmethod
     def _purpose(cls, value: str) -> str:
-        return _rule(vocabulary.purpose_problem(value), value)
+        return vocabulary.normalize_purpose(value)
 
     @field_validator("disease")
     @classmethod
     def _disease(cls, value: str | None) -> str | None:
-        return value if value is None else _rule(vocabulary.disease_problem(value), value)
+        return value if value is None else vocabulary.normalize_disease(value)
 
     @field_validator("template")
     @classmethod
@@ -202,6 +202,11 @@ def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
     right types, so they are reported even when other fields are wrong."""
     problems: list[InitErrorDetails] = []
     purpose, disease = data.get("purpose"), data.get("disease")
+    if isinstance(purpose, str):
+        try:
+            purpose = vocabulary.normalize_purpose(purpose)
+        except ValueError:
+            purpose = None
     if purpose == vocabulary.DISEASE_SPECIFIC and disease is None:
         problems.append(_problem(("disease",), "a disease-specific study (DUO:0000007) needs an ICD-10 "
                                  "disease code", None))

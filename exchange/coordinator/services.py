@@ -546,9 +546,12 @@ class Coordinator:
                 "study_id": study_id, "hospitals": [f"hospital:{h.id}" for h in approved],
                 "rounds": study.rounds_planned}))
             request = RunRequest(study_id=study_id, spec=dict(study.spec),
-                                 hospitals=tuple(RunHospital(h.id, h.signing_key_id, h.flower_public_key)
-                                                 for h in approved),
-                                 rounds=study.rounds_planned, min_hospitals=study.min_hospitals)
+                                 hospitals=tuple(RunHospital(h.id, h.signing_key_id, h.signing_public_key,
+                                                             h.flower_public_key) for h in approved),
+                                 rounds=study.rounds_planned, min_hospitals=study.min_hospitals,
+                                 organisation_id=study.organisation_id,
+                                 region=session.get(Organisation, study.organisation_id).region,  # type: ignore[union-attr]
+                                 researcher_id=study.researcher_id)
         try:
             handle = self.runner.start(request, self)
         except Exception as exc:
@@ -620,21 +623,16 @@ class Coordinator:
 
     def record_receipt(self, hospital: Hospital, entry: Entry) -> int:
         """A hospital delivers its own signed `round.receipt` (e.g. when the run could not)."""
+        from federated.receipts import ReceiptError, parse_receipt
+
         found = self._entry_problems(entry, "round.receipt", hospital)
-        payload = entry.payload
-        if payload.get("hospital") != f"hospital:{hospital.id}":
-            found.append({"field": "payload.hospital", "reason": f"must be 'hospital:{hospital.id}'"})
-        round_number = payload.get("round")
-        if not isinstance(round_number, int) or isinstance(round_number, bool) or round_number < 1:
-            found.append({"field": "payload.round", "reason": "must be an integer >= 1"})
-        records = payload.get("records_used")
-        if not isinstance(records, int) or isinstance(records, bool) or records < 0:
-            found.append({"field": "payload.records_used", "reason": "must be an integer >= 0"})
-        if not isinstance(payload.get("commitment"), str):
-            found.append({"field": "payload.commitment", "reason": "must be a string"})
+        try:
+            receipt = parse_receipt(entry, hospital_id=hospital.id)
+        except ReceiptError as exc:
+            found.append({"field": "payload", "reason": str(exc)})
         if found:
             raise problems.unprocessable(found)
-        study_id = str(payload.get("study_id"))
+        study_id, round_number = receipt.study_id, receipt.round
         with self.write() as session:
             study = session.get(Study, study_id, with_for_update=True)
             if study is None:
@@ -722,9 +720,13 @@ class Coordinator:
                                                   "records_used": 0, "epsilon_spent": None})
             item["rounds"] += 1
             item["records_used"] += r.records_used
-            if r.epsilon_spent is not None:
-                # Epsilon reported per receipt is the hospital's cumulative spend for the study.
-                item["epsilon_spent"] = max(item["epsilon_spent"] or 0.0, r.epsilon_spent)
+            total = r.entry.get("payload", {}).get("epsilon_total")
+            if isinstance(total, int | float) and not isinstance(total, bool):
+                # epsilon_total: the hospital's spend on this study so far (composed by its
+                # accountant, tighter than a sum of rounds): the latest is the study's spend.
+                item["epsilon_spent"] = max(item["epsilon_spent"] or 0.0, float(total))
+            elif r.epsilon_spent is not None:
+                item["epsilon_spent"] = (item["epsilon_spent"] or 0.0) + r.epsilon_spent
         return {"study_id": study.id, "status": study.status, "model_sha256": study.model_sha256,
                 "rounds": [{"round": r.round, "metrics": r.metrics, "finished_at": r.finished_at}
                            for r in rounds],

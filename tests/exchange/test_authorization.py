@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from audit.signing import Signer
-from exchange.coordinator.client import decision_entry, receipt_entry
+from exchange.coordinator.client import decision_entry
 from exchange.coordinator.schemas import ApiKeyCreate
-from tests.exchange.conftest import World, study_body
+from tests.exchange.conftest import World, receipt, study_body
 
 CALLERS = ("anonymous", "operator", "auditor", "alice", "bob", "h-one", "h-four")
 
@@ -62,9 +62,7 @@ def _decision(world: World) -> tuple[str, dict[str, Any]]:
 
 
 def _receipt(world: World) -> tuple[str, dict[str, Any]]:
-    entry = receipt_entry(world.hospitals["h-one"], "h-one", world.running,
-                          round_number=world.next_round(), records_used=3,
-                          commitment="00" * 32, epsilon_spent=0.1)
+    entry = receipt(world.hospitals["h-one"], "h-one", world.running, world.next_round(), 3)
     return "/v1/hospital/entries", {"json": entry.to_json()}
 
 

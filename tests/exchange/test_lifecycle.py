@@ -15,8 +15,7 @@ from audit.keyring import Keyring
 from audit.ledger import Ledger
 from audit.merkle import leaf_hash, root_from_inclusion_proof, verify_consistency
 from audit.signing import b64decode
-from exchange.coordinator.client import receipt_entry
-from tests.exchange.conftest import World
+from tests.exchange.conftest import World, receipt
 
 
 def log_entries(world: World) -> list[Entry]:
@@ -163,8 +162,7 @@ def test_hospital_delivers_its_own_receipt(world: World) -> None:
     world.runner.pause = threading.Event()
     sid = world.submit(min_hospitals=1, rounds=1)["id"]
     world.decide("h-one", sid)
-    entry = receipt_entry(world.hospitals["h-one"], "h-one", sid, round_number=1, records_used=77,
-                          commitment="ab" * 32, epsilon_spent=0.5, reward_accounts={"reward:p1": 7})
+    entry = receipt(world.hospitals["h-one"], "h-one", sid, 1, 77, {"reward:p1": 7})
     response = world.signed("h-one", "POST", "/v1/hospital/entries", json=entry.to_json())
     assert response.status_code == 201, response.text
     # The same receipt again: refused (one per study, round, hospital), nothing logged.
@@ -173,8 +171,7 @@ def test_hospital_delivers_its_own_receipt(world: World) -> None:
     assert again.status_code == 409
     assert world.runtime.audit_log.size() == size
     # A hospital that did not join cannot deliver receipts for the study.
-    other = receipt_entry(world.hospitals["h-two"], "h-two", sid, round_number=1, records_used=5,
-                          commitment="cd" * 32, epsilon_spent=0.5)
+    other = receipt(world.hospitals["h-two"], "h-two", sid, 1, 5)
     assert world.signed("h-two", "POST", "/v1/hospital/entries", json=other.to_json()).status_code == 403
     world.runner.pause.set()
     world.wait_runs()
