@@ -5,7 +5,7 @@ entry points are re-exported here; see docs/consent.md.
 """
 
 from consent.evaluate import Decision, Reason, evaluate
-from consent.gate import GateResult, commitment, gate
+from consent.gate import GateResult, RecordColumns, commitment, gate
 from consent.history import ContractHistory, ContractRegistry
 from consent.model import Contract, Period, Provision, SignedContract, next_version, revoke, sign
 from consent.request import StudyRequest
@@ -19,6 +19,7 @@ __all__ = [
     "Period",
     "Provision",
     "Reason",
+    "RecordColumns",
     "SignedContract",
     "StudyRequest",
     "commitment",

@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -69,17 +70,34 @@ def commitment(pairs: Iterable[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
-def _as_arrays(
-    records: Iterable[tuple[str, str]] | tuple[Sequence[str] | pa.Array, Sequence[str] | pa.Array],
-) -> tuple[pa.Array, pa.Array]:
-    if isinstance(records, tuple) and len(records) == 2 and not isinstance(records[0], str):
-        pseudonyms, hashes = records
-        if isinstance(pseudonyms, pa.ChunkedArray):
-            pseudonyms = pseudonyms.combine_chunks()
-        if isinstance(hashes, pa.ChunkedArray):
-            hashes = hashes.combine_chunks()
-        p = pseudonyms if isinstance(pseudonyms, pa.Array) else pa.array(pseudonyms, pa.string())
-        h = hashes if isinstance(hashes, pa.Array) else pa.array(hashes, pa.string())
+Column: TypeAlias = Sequence[str] | pa.Array | pa.ChunkedArray
+
+
+@dataclass(frozen=True)
+class RecordColumns:
+    """Records as two aligned columns (the fast path: no per-record Python objects).
+
+    A separate type, so that a short tuple of pairs can never be mistaken for two columns.
+    """
+
+    pseudonyms: Column
+    contract_hashes: Column
+
+
+def _column(values: Column, name: str) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    try:
+        array = values if isinstance(values, pa.Array) else pa.array(values, pa.string())
+        return array.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise ValueError(f"records.{name}: must be strings: {exc}") from exc
+
+
+def _as_arrays(records: Iterable[tuple[str, str]] | RecordColumns) -> tuple[pa.Array, pa.Array]:
+    if isinstance(records, RecordColumns):
+        p = _column(records.pseudonyms, "pseudonyms")
+        h = _column(records.contract_hashes, "contract_hashes")
     else:
         pairs = records if isinstance(records, list) else list(records)
         try:  # one conversion of the pairs as a struct array is ~2x faster than two columns
@@ -96,19 +114,19 @@ def _as_arrays(
         raise ValueError("records: pseudonym and contract-hash columns differ in length")
     if p.null_count or h.null_count:
         raise ValueError("records: a pseudonym or contract hash is missing (null)")
-    return p.cast(pa.string()), h.cast(pa.string())
+    return p, h
 
 
 def gate(
-    records: Iterable[tuple[str, str]] | tuple[Sequence[str] | pa.Array, Sequence[str] | pa.Array],
+    records: Iterable[tuple[str, str]] | RecordColumns,
     contracts: Mapping[str, Contract],
     request: StudyRequest,
     instant: datetime,
 ) -> GateResult:
     """Gate records `(pseudonym, contract_hash)` for `request` at `instant`.
 
-    `records` is an iterable of pairs, or a pair of columns (Python sequences or Arrow arrays,
-    the fast path for a node that reads its records with Arrow). `contracts` maps content hash to
+    `records` is an iterable of pairs, or `RecordColumns` (Python sequences or Arrow arrays: the
+    fast path for a node that reads its records with Arrow). `contracts` maps content hash to
     contract; a mapping whose key is not the contract's own hash is refused.
 
     The hash column is dictionary-encoded (Arrow, C++), each distinct contract is evaluated

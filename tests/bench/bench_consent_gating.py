@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 from audit.signing import Signer
-from consent.gate import gate, gate_naive
+from consent.gate import RecordColumns, gate, gate_naive
 from consent.history import ContractRegistry
 from consent.request import StudyRequest
 from consent.synthetic import make_contracts
@@ -72,7 +72,9 @@ def main() -> None:
         ethics_approval=True,
         epsilon=2.0,
     )
-    columns = (pa.array([p for p, _ in records], pa.string()), pa.array([h for _, h in records], pa.string()))
+    columns = RecordColumns(
+        pa.array([p for p, _ in records], pa.string()), pa.array([h for _, h in records], pa.string())
+    )
 
     def run(fn: Any, *fn_args: Any) -> tuple[float, float, Any]:
         """(CPU seconds, wall seconds, result) of one call."""

@@ -10,7 +10,7 @@ import pytest
 
 from audit.signing import Signer
 from consent.files import ContractFileError, read_signed_jsonl, write_signed_jsonl
-from consent.gate import commitment, gate, gate_naive
+from consent.gate import RecordColumns, commitment, gate, gate_naive
 from consent.history import ContractRegistry
 from consent.request import StudyRequest
 from consent.synthetic import make_contracts, make_signed_contracts
@@ -75,7 +75,7 @@ def test_gate_on_synthetic_mix_counts_every_reason() -> None:
     )
     assert later_result.records_used < result.records_used
     # Arrow columns give the same answer
-    columns = (pa.array([p for p, _ in records]), pa.chunked_array([[h for _, h in records]]))
+    columns = RecordColumns(pa.array([p for p, _ in records]), pa.chunked_array([[h for _, h in records]]))
     assert gate(columns, registry.by_hash, request, AT).commitment == result.commitment
 
 
@@ -85,7 +85,19 @@ def test_gate_refuses_a_mapping_under_the_wrong_hash() -> None:
     with pytest.raises(ValueError, match="content hash"):
         gate([("p1", "a" * 64)], {"a" * 64: contract}, request, AT)
     with pytest.raises(ValueError, match="differ in length"):
-        gate((["p1", "p2"], [contract.content_hash]), {contract.content_hash: contract}, request, AT)
+        gate(
+            RecordColumns(["p1", "p2"], [contract.content_hash]),
+            {contract.content_hash: contract},
+            request,
+            AT,
+        )
+    with pytest.raises(ValueError, match="records: each record must be a"):
+        gate([("p1",)], {}, request, AT)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"records\.pseudonyms: must be strings"):
+        gate(RecordColumns([1], ["a"]), {}, request, AT)  # type: ignore[list-item]
+    # a tuple of two pairs is two records, never two columns
+    pairs = (("p1", contract.content_hash), ("p1", contract.content_hash))
+    assert gate(pairs, {contract.content_hash: contract}, request, AT).records_used == 2
 
 
 def test_gate_empty() -> None:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consent.evaluate import evaluate
-from consent.gate import commitment, gate, gate_naive
+from consent.gate import RecordColumns, commitment, gate, gate_naive
 from consent.model import Contract, Provision, revoke
 from consent.request import StudyRequest
 from tests.consent.strategies import contracts, instants, provisions, requests
@@ -49,7 +49,7 @@ def test_gate_equals_naive(
     assert fast.reward_accounts == naive.reward_accounts
     assert fast.records_used + sum(fast.excluded_by_reason.values()) == len(records)
     # the column form gives the same answer
-    columns = ([p for p, _ in records], [h for _, h in records])
+    columns = RecordColumns([p for p, _ in records], [h for _, h in records])
     assert gate(columns, by_hash, request, instant).commitment == fast.commitment
 
 
