@@ -130,7 +130,7 @@ class StudyCreate(Strict):
         description="data category -> column names used from it", min_length=1)]
     template: Annotated[str, Field(examples=["logistic_regression"])]
     task: Literal["binary", "regression"]
-    label: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$",
+    label: Annotated[str, Field(pattern=vocabulary.COLUMN_PATTERN,
                                 description="the target column")] = "label"
     epsilon: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
     delta: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
@@ -247,7 +247,8 @@ def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
                     continue
                 if not vocabulary.COLUMN_NAME.match(name):
                     problems.append(_problem(("columns", category, j),
-                                             f"{name!r} is not a column name (letters, digits, '_')",
+                                             f"{name!r} is not a column name (letters, digits, space, "
+                                             "_ . ( ) / % + -; no space at either end)",
                                              name))
                 elif name in names_seen:
                     problems.append(_problem(("columns", category, j), f"column {name!r} is listed "

@@ -19,7 +19,10 @@ from consent.codes import DATA_CATEGORIES, CodeError, normalize_icd10
 
 DISEASE_SPECIFIC = duo.DS
 TASKS: frozenset[str] = frozenset({"binary", "regression"})
-COLUMN_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+#: A column name: letters, digits, space and a few signs, no leading or trailing space (scikit-learn
+#: style names such as "mean radius" are common in hospital exports).
+COLUMN_PATTERN = r"^[A-Za-z0-9_](?:[A-Za-z0-9_ .()/%+-]{0,126}[A-Za-z0-9_.()%])?$"
+COLUMN_NAME = re.compile(COLUMN_PATTERN)
 
 
 @functools.cache

@@ -48,7 +48,7 @@ def test_every_problem_of_a_study_is_listed_at_once(world: World) -> None:
     bad = study_body(purpose="DUO:0000007", disease=None, epsilon=0, delta=1.5, rounds=0,
                      min_hospitals=0, token_budget=10**9, template="logistic_regression",
                      task="regression", data_categories=["labs", "telepathy"],
-                     columns={"vitals": ["heart rate"]}, colour="blue", title="")
+                     columns={"vitals": [" heart rate"]}, colour="blue", title="")
     body = problem(world.as_("alice", "POST", "/v1/studies", json=bad), 422)
     errors = fields(body)
     for field in ("disease", "epsilon", "delta", "rounds", "min_hospitals", "task", "data_categories.1",

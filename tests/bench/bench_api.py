@@ -1,0 +1,220 @@
+"""Coordinator API throughput and latency vs a bare Litestar endpoint of the same shape.
+
+    .venv/bin/python -m tests.bench.bench_api [--quick] [--seconds S] [--connections 32]
+
+Four runs, each a uvicorn server (one process, loopback) under an async httpx load loop with
+`--connections` concurrent requests for a fixed time:
+- bare GET  /v1/studies/{id}: a Litestar app whose handler reads the same study JSON from a row
+  in the same kind of SQLite database (one SELECT), no auth, no validation, no middleware;
+- coordinator GET /v1/studies/{id}: the real app (API-key auth, role and organisation checks,
+  decisions and round counts, rate-limit/metrics/access-log middleware, response model);
+- bare POST /v1/studies: parses the body and INSERTs one row in a durable write transaction
+  (BEGIN IMMEDIATE, synchronous=FULL), answers 201 with the same shape;
+- coordinator POST /v1/studies: the real submission (every validation rule, budget check, study
+  row, escrow, two signed audit entries with Merkle nodes in the same transaction).
+Printed: requests/s, p50 and p99 latency, and the coordinator's ratio to the bare endpoint in
+the same run. Targets: >= 0.7x the bare throughput, p99 < 100 ms at 32 connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+STUDY = {"title": "Benchmark study", "purpose": "DUO:0000042", "commercial": False,
+         "ethics_approval": True, "data_categories": ["labs"], "columns": {"labs": ["a", "b", "c"]},
+         "template": "logistic_regression", "task": "binary", "label": "label", "epsilon": 3.0,
+         "delta": 1e-5, "rounds": 3, "min_hospitals": 2, "token_budget": 1}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------- servers (child processes)
+def serve_coordinator(directory: Path, port: int) -> None:
+    import uvicorn
+
+    from exchange.coordinator.app import build_runtime, create_app
+    from exchange.coordinator.runner import ScriptedRunner
+
+    runtime = build_runtime(_config(directory), ScriptedRunner(hospital_keys={}))
+    uvicorn.run(create_app(runtime), host="127.0.0.1", port=port, log_level="error", access_log=False)
+
+
+def _config(directory: Path) -> Any:
+    from exchange.coordinator.app import AppConfig
+
+    return AppConfig(database_url=f"sqlite:///{directory / 'coordinator.db'}",
+                     operator_key_file=directory / "operator.key", log_key_file=directory / "log.key",
+                     coordinator_key_file=directory / "coordinator.key",
+                     rate_limit_per_minute=10_000_000, access_log=True)
+
+
+def serve_bare(directory: Path, port: int) -> None:
+    """The baseline: same framework, same database kind and durability, nothing else."""
+    import uvicorn
+    from litestar import Litestar, Response, get, post
+    from sqlalchemy import JSON, Column, MetaData, String, Table, insert, select
+
+    from exchange.coordinator.app import _write_engine
+    from exchange.db.engine import make_engine
+
+    url = f"sqlite:///{directory / 'bare.db'}"
+    metadata = MetaData()
+    table = Table("bare_studies", metadata, Column("id", String(64), primary_key=True), Column("body", JSON))
+    read, write = make_engine(url), _write_engine(url)
+    metadata.create_all(read)
+    template = json.loads((directory / "study.json").read_text())
+    with write.begin() as connection:
+        connection.execute(insert(table).values(id=template["id"], body=template))
+    counter = iter(range(10**12))
+
+    @get("/v1/studies/{study_id:str}", sync_to_thread=True)
+    def get_study(study_id: str) -> Response[Any]:
+        with read.connect() as connection:
+            body = connection.execute(select(table.c.body).where(table.c.id == study_id)).scalar_one()
+        return Response(body)
+
+    @post("/v1/studies", sync_to_thread=True, status_code=201)
+    def post_study(data: dict[str, Any]) -> dict[str, Any]:
+        body = {**template, "id": f"bare-{next(counter)}", "spec": data}
+        with write.begin() as connection:
+            connection.execute(insert(table).values(id=body["id"], body=body))
+        return body
+
+    uvicorn.run(Litestar([get_study, post_study]), host="127.0.0.1", port=port, log_level="error",
+                access_log=False)
+
+
+# ---------------------------------------------------------------- load
+async def _load(url: str, method: str, headers: dict[str, str], body: dict[str, Any] | None,
+                seconds: float, connections: int) -> dict[str, float]:
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(limits=limits, timeout=30, headers=headers) as client:
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                response = await client.request(method, url, json=body)
+                latencies.append(time.perf_counter() - start)
+                if response.status_code >= 300:
+                    errors += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    n = len(latencies)
+    return {"requests": n, "errors": errors, "rps": n / elapsed,
+            "p50_ms": 1000 * latencies[n // 2], "p99_ms": 1000 * latencies[min(n - 1, int(n * 0.99))]}
+
+
+def _start(kind: str, directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tests.bench.bench_api", f"--serve-{kind}",
+                             str(directory), str(port)],
+                            env={**os.environ, "EXCHANGE_LOGGING__LEVEL": "WARNING"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(base + "/v1/studies/none", timeout=1)
+            return proc, base
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{kind} server did not start")
+
+
+def _prepare(directory: Path) -> tuple[str, str]:
+    """A coordinator database with a researcher, a funded organisation and one study."""
+    from exchange.coordinator.app import build_runtime
+    from exchange.coordinator.runner import ScriptedRunner
+    from exchange.coordinator.schemas import ApiKeyCreate, OrganisationCreate, ResearcherCreate, StudyCreate
+    from exchange.coordinator.services import Principal
+
+    runtime = build_runtime(_config(directory), ScriptedRunner(hospital_keys={}))
+    c = runtime.coordinator
+    c.create_organisation(OrganisationCreate(id="acme", name="Acme", region="DE"))
+    c.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))
+    _key, token = c.issue_api_key(ApiKeyCreate(role="researcher", organisation_id="acme",
+                                               researcher_id="alice"))
+    c.mint("org:acme", 2**50)
+    principal = c.authenticate_api_key(token)
+    assert isinstance(principal, Principal)
+    study = c.submit_study(principal, StudyCreate.model_validate(STUDY))
+    body = c.get_study(principal, study.id)
+    runtime.close()
+    (directory / "study.json").write_text(json.dumps(body, default=str))
+    return token, study.id
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 s per run instead of 10")
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--serve-coordinator", nargs=2, metavar=("DIR", "PORT"))
+    parser.add_argument("--serve-bare", nargs=2, metavar=("DIR", "PORT"))
+    args = parser.parse_args()
+    if args.serve_coordinator:
+        serve_coordinator(Path(args.serve_coordinator[0]), int(args.serve_coordinator[1]))
+        return
+    if args.serve_bare:
+        serve_bare(Path(args.serve_bare[0]), int(args.serve_bare[1]))
+        return
+    seconds = args.seconds or (3.0 if args.quick else 10.0)
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        token, study_id = _prepare(directory)
+        auth = {"Authorization": f"Bearer {token}"}
+        for kind in ("bare", "coordinator"):
+            proc, base = _start(kind, directory)
+            try:
+                headers = auth if kind == "coordinator" else {}
+                asyncio.run(_load(f"{base}/v1/studies/{study_id}", "GET", headers, None, 1.0, 4))  # warm up
+                results[f"{kind} GET"] = asyncio.run(_load(f"{base}/v1/studies/{study_id}", "GET", headers,
+                                                           None, seconds, args.connections))
+                results[f"{kind} POST"] = asyncio.run(_load(f"{base}/v1/studies", "POST", headers, STUDY,
+                                                            seconds, args.connections))
+            finally:
+                proc.terminate()
+                proc.wait(30)
+    print(f"{args.connections} connections, {seconds:.0f} s per run, uvicorn (1 process) on loopback")
+    print(f"{'run':<18}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for name, r in results.items():
+        print(f"{name:<18}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['errors']:>8.0f}")
+    for method in ("GET", "POST"):
+        ours, bare = results[f"coordinator {method}"], results[f"bare {method}"]
+        ratio = ours["rps"] / bare["rps"]
+        print(f"{method}: coordinator/bare throughput {ratio:.2f}x (target >= 0.70: "
+              f"{'met' if ratio >= 0.7 else 'NOT met'}); p99 {ours['p99_ms']:.1f} ms "
+              f"(target < 100: {'met' if ours['p99_ms'] < 100 else 'NOT met'})")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
