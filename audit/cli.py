@@ -35,7 +35,7 @@ from audit.export import (
 )
 from audit.merkle import MemoryTree, ProofError, leaf_hash, verify_consistency, verify_inclusion
 from audit.signing import b64encode
-from audit.verify import VerifyReport, verify_export
+from audit.verify import VerifyReport, default_workers, verify_export
 
 EXIT_OK, EXIT_INVALID, EXIT_UNUSABLE = 0, 1, 2
 
@@ -134,7 +134,7 @@ def _run_verify(folder: Path, trust: Path | None, state: Path | None,
     try:
         with _progress(size, "verifying") as progress:
             return verify_export(folder, trust_path=trust, state_path=state, progress=progress,
-                                 workers=workers)
+                                 workers=default_workers() if workers is None else workers)
     except ExportError as exc:
         raise _unusable(str(exc)) from exc
 
@@ -149,7 +149,8 @@ def verify(
                         "saved there atomically.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     workers: Annotated[int | None, typer.Option(
-        "--workers", min=1, max=64, help="Threads for signature checks (default: up to 2).")] = None,
+        "--workers", min=0, max=64, help="Worker processes for signature checks (0: none; "
+                                         "default: one per spare core, at most 2).")] = None,
 ) -> None:
     """Check every entry, signature and key registration, rebuild the tree, match the checkpoint."""
     report = _run_verify(folder, trust, state, workers)

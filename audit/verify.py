@@ -28,11 +28,13 @@ import binascii
 import hashlib
 import importlib
 import json
+import multiprocessing
+import multiprocessing.context
 import os
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -221,41 +223,80 @@ def signing_input_from_line(line: bytes, entry: Entry) -> bytes:
     return canonical(entry.signed_part())
 
 
-class _SignatureChecks:
-    """Ed25519 checks in fixed-size batches on a thread pool; the smallest failing index wins."""
+_Check = tuple[int, bytes, bytes, bytes]  # (entry index, public key, signed bytes, signature)
 
-    def __init__(self, workers: int, batch_size: int = 512) -> None:
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="audit-verify") if workers > 1 else None
-        self._limit = 2 * max(workers, 1)
+
+def _check_batch(batch: list[_Check], keys: dict[bytes, VerifyKey]) -> int | None:
+    """The first index in `batch` whose Ed25519 signature does not verify, or None."""
+    for index, public_key, message, signature in batch:
+        key = keys.get(public_key)
+        if key is None:
+            key = keys[public_key] = VerifyKey(public_key)
+        try:
+            key.verify(message, signature)
+        except BadSignatureError:
+            return index
+    return None
+
+
+_WORKER_KEYS: dict[bytes, VerifyKey] = {}  # per worker process: VerifyKey objects by public key
+
+
+def _check_batch_in_worker(batch: list[_Check]) -> int | None:
+    return _check_batch(batch, _WORKER_KEYS)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """forkserver with this module preloaded: workers start fast and inherit no threads or locks
+    of the caller (plain fork of a threaded process can deadlock)."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["audit.verify"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+class _SignatureChecks:
+    """Ed25519 checks in fixed-size batches, in worker processes; the smallest failing index wins.
+
+    Why processes, not threads: libsodium releases the GIL, but a thread that must take the GIL
+    back after every signature starves behind the main thread's parsing (the GIL convoy effect),
+    so threads gained nothing in practice. Batches go to `processes` workers; when as many
+    batches as the workers can hold are in flight, the main thread checks the next batch itself
+    rather than wait. With processes == 0 everything runs in the calling thread. The result does
+    not depend on timing: it is the minimum over all failing indexes of all batches.
+    """
+
+    def __init__(self, processes: int, batch_size: int = 512) -> None:
+        if processes < 0 or batch_size < 1:
+            raise ValueError("workers: must be >= 0; batch_size: must be >= 1")
+        self._processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+        self._limit = 2 * processes
         self._batch_size = batch_size
-        self._batch: list[tuple[int, VerifyKey, bytes, bytes]] = []
+        self._batch: list[_Check] = []
         self._pending: deque[Future[int | None]] = deque()
+        self._keys: dict[bytes, VerifyKey] = {}
         self.failed: int | None = None
 
-    @staticmethod
-    def _run(batch: list[tuple[int, VerifyKey, bytes, bytes]]) -> int | None:
-        for index, key, message, signature in batch:
-            try:
-                key.verify(message, signature)
-            except BadSignatureError:
-                return index
-        return None
-
-    def add(self, index: int, key: VerifyKey, message: bytes, signature: bytes) -> None:
-        self._batch.append((index, key, message, signature))
+    def add(self, index: int, public_key: bytes, message: bytes, signature: bytes) -> None:
+        self._batch.append((index, public_key, message, signature))
         if len(self._batch) >= self._batch_size:
             self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool = False) -> None:
         batch, self._batch = self._batch, []
         if not batch:
             return
-        if self._pool is None:
-            self._record(self._run(batch))
-            return
-        self._pending.append(self._pool.submit(self._run, batch))
-        while self._pending and (len(self._pending) > self._limit or self._pending[0].done()):
+        while self._pending and self._pending[0].done():
             self._record(self._pending.popleft().result())
+        if (self._processes == 0 or len(self._pending) >= self._limit
+                or (final and self._pool is None)):  # a short log: not worth starting workers
+            self._record(_check_batch(batch, self._keys))
+            return
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self._processes, mp_context=_worker_context())
+        self._pending.append(self._pool.submit(_check_batch_in_worker, batch))
 
     def _record(self, failed: int | None) -> None:
         if failed is not None and (self.failed is None or failed < self.failed):
@@ -263,12 +304,18 @@ class _SignatureChecks:
 
     def finish(self) -> int | None:
         """Wait for every batch; the smallest index whose signature failed, or None."""
-        self._flush()
-        while self._pending:
-            self._record(self._pending.popleft().result())
-        if self._pool is not None:
-            self._pool.shutdown()
+        try:
+            self._flush(final=True)
+            while self._pending:
+                self._record(self._pending.popleft().result())
+        finally:
+            self.close()
         return self.failed
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
 
 @dataclass
@@ -340,6 +387,16 @@ def _first_divergence(saved: SavedState, tree: MemoryTree, upto: int) -> int | N
     return low
 
 
+def default_workers() -> int:
+    """Signature worker processes the CLI uses: one per spare core, at most two (0 on one core).
+
+    Library calls default to none (`workers=0`): worker processes start through multiprocessing's
+    forkserver, which re-imports the caller's main module, so a program asking for workers must
+    guard its entry point with `if __name__ == "__main__":` (the `audit` command does).
+    """
+    return max(0, min(2, (os.cpu_count() or 1) - 1))
+
+
 class LogVerifier:
     """Replays entries one by one; `feed` them in order, then `finish`.
 
@@ -361,9 +418,7 @@ class LogVerifier:
         self.problem: Problem | None = None
         self._parser = CanonicalParser()
         self._seen: dict[int, int] = {}
-        self._keys: dict[str, VerifyKey] = {}
-        cpus = os.cpu_count() or 1
-        self._sigs = _SignatureChecks(min(2, cpus) if workers is None else workers, batch_size)
+        self._sigs = _SignatureChecks(0 if workers is None else workers, batch_size)
 
     @property
     def size(self) -> int:
@@ -410,10 +465,8 @@ class LogVerifier:
             raise MalformedEntryError(f"duplicate: byte-for-byte the same entry as entry {earlier} "
                                       f"(a replayed entry)")
         self.keyring.check(entry, index, verify_signature=False)
-        key = self._keys.get(entry.key_id)
-        if key is None:
-            key = self._keys[entry.key_id] = VerifyKey(self.keyring.public_key(entry.key_id))
-        self._sigs.add(index, key, signing_input_from_line(line, entry), signature)
+        self._sigs.add(index, self.keyring.public_key(entry.key_id),
+                       signing_input_from_line(line, entry), signature)
         self.keyring.apply(entry, index)
         if self.ledger is not None:
             assert self._ledger_error is not None
@@ -491,13 +544,15 @@ def verify_lines(lines: Iterable[bytes], checkpoint_text: bytes | str, trust: Tr
 
     verifier = LogVerifier(trust, workers=workers, with_ledger=with_ledger, batch_size=batch_size)
     read = 0
-    for count, raw in enumerate(lines, start=1):
-        if not verifier.feed(raw):
-            break
-        read += len(raw)
-        if progress is not None and count % 4096 == 0:
-            progress(read)
-    entry_problem = verifier.finish()
+    try:
+        for count, raw in enumerate(lines, start=1):
+            if not verifier.feed(raw):
+                break
+            read += len(raw)
+            if progress is not None and count % 4096 == 0:
+                progress(read)
+    finally:
+        entry_problem = verifier.finish()
     if progress is not None:
         progress(read)
     tree = verifier.tree
