@@ -14,19 +14,22 @@ the new one (RFC 9162 consistency proof computed from the rebuilt tree and verif
 saved root). Only then is the new checkpoint saved, atomically.
 
 Why it is fast: each line is parsed once with the C JSON parser and checked to be canonical
-with the C encoder (RFC 8785 equals `json.dumps(sort_keys, compact, ensure_ascii=False)` for
-ASCII lines whose numbers are integers within 2**53 or non-integral floats printed without
-exponent; every other line goes through the rfc8785 package), the signed bytes are cut out of
-the line instead of being re-encoded, and Ed25519 checks run in a small thread pool (libsodium
-releases the GIL) in fixed batches. The result is deterministic: the reported problem is always
-the one at the smallest entry index, whatever the thread timing.
+with the C encoder (see CanonicalParser for when that equals RFC 8785; other lines go through
+the rfc8785 package), the line bytes are the Merkle leaf input as they are, the signed bytes are
+cut out of the line instead of being re-encoded, and Ed25519 checks run in batches in worker
+processes when asked (`workers`; the `audit` command uses one per spare core, at most two). The
+result is deterministic: the reported problem is always the one at the smallest entry index,
+whatever the timing.
+
+The state file (`--state`) is JSON: {"version": 1, "checkpoint": <signed note>, "leaf_hashes":
+<base64 of the 32-byte leaf hashes it covers>}. The consistency proof needs only the checkpoint;
+the leaf hashes let a later run name the exact entry where a forked history departs from it.
 """
 
 from __future__ import annotations
 
 import binascii
 import hashlib
-import importlib
 import json
 import multiprocessing
 import multiprocessing.context
@@ -56,6 +59,7 @@ from audit.export import (
     read_trust,
 )
 from audit.keyring import Keyring, KeyringError
+from audit.ledger import Ledger, LedgerError
 from audit.merkle import HASH_SIZE, MemoryTree, ProofError, verify_consistency
 from audit.signing import b64decode, b64encode, canonical
 
@@ -66,17 +70,6 @@ _MAX_SAFE_DIGITS = 15  # every integer of at most 15 digits is inside +-(2**53 -
 _ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                            allow_nan=False).encode
 _sha256 = hashlib.sha256
-
-
-def _load_ledger() -> tuple[Any, type[Exception]] | None:
-    """(Ledger, LedgerError) from audit.ledger if that module exists yet, else None."""
-    try:
-        module = importlib.import_module("audit.ledger")
-    except ModuleNotFoundError as exc:
-        if exc.name != "audit.ledger":
-            raise
-        return None
-    return module.Ledger, module.LedgerError
 
 
 @dataclass(frozen=True)
@@ -407,12 +400,7 @@ class LogVerifier:
                  batch_size: int = 512) -> None:
         self.trust = trust
         self.keyring = Keyring(trust.operator_public_key)
-        loaded = _load_ledger() if with_ledger else None
-        self.ledger: Any = None
-        self._ledger_error: type[Exception] | None = None
-        if loaded is not None:
-            ledger_class, self._ledger_error = loaded
-            self.ledger = ledger_class(root_key_id=self.keyring.root_key_id)
+        self.ledger = Ledger(root_key_id=self.keyring.root_key_id) if with_ledger else None
         self.tree = MemoryTree()
         self.kinds: Counter[str] = Counter()
         self.problem: Problem | None = None
@@ -469,11 +457,10 @@ class LogVerifier:
                        signing_input_from_line(line, entry), signature)
         self.keyring.apply(entry, index)
         if self.ledger is not None:
-            assert self._ledger_error is not None
             try:
                 self.ledger.apply(entry, index)
-            except self._ledger_error as exc:
-                raise _LedgerFailureError(getattr(exc, "reason", str(exc))) from exc
+            except LedgerError as exc:
+                raise _LedgerFailureError(exc.reason) from exc
         self._seen.setdefault(short, index)
         self.tree.append(leaf)
         self.kinds[entry.kind] += 1
