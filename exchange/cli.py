@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from exchange.commands import admin, consent, db, node, serve, study
+from exchange.commands import admin, consent, db, demo, node, serve, study
 
 app = typer.Typer(help="Consent-gated federated health data exchange.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
@@ -17,6 +17,7 @@ app.add_typer(consent.app, name="consent")
 app.add_typer(admin.app, name="admin")
 app.add_typer(study.app, name="study")
 app.command("serve")(serve.serve)
+app.command("demo")(demo.demo)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,13 @@
 """The demo's report: `report.json` (machine-readable) and `report.html` (plots, offline).
 
+`assemble_report` builds the report from the system's own records only: the coordinator's study
+(decisions, status), the verified audit log export (round metrics, the hospitals' signed
+receipts, the escrow and payout entries), the coordinator's ledger balances, and what each
+hospital's node holds (its privacy ledger plan and charges, and the consent gating of its
+training records at each receipt's instant, recomputed with the ClientApp's own gate and checked
+against the receipt's commitment). Nothing is estimated or invented: a value the records do not
+hold is absent, and every cross-check that fails is listed in `checks`.
+
 The HTML page embeds its plots as inline SVG (matplotlib, Agg backend), so it opens with no
 network access and no external assets.
 """
@@ -8,6 +16,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +28,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
+
+from audit.entry import Entry
+from audit.rewards import Receipt as PayoutReceipt
+from audit.rewards import StudyTerms, compute_payout, payout_credits
 
 REQUIRED_HOSPITAL_FIELDS = ("id", "records_used", "records_excluded", "epsilon_spent", "delta",
                             "noise_multiplier", "sample_rate", "steps", "tokens_paid")
@@ -107,3 +122,205 @@ def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     html_path.write_text(html)
     return json_path, html_path
+
+
+# -- assembling the report from real records ---------------------------------------------------
+
+@dataclass(frozen=True)
+class RoundGating:
+    """What consent allowed at one hospital at one receipt's instant (recomputed with the
+    ClientApp's gate over the node's exported site files)."""
+
+    eligible: int
+    excluded: Mapping[str, int]
+    commitment: str
+
+
+@dataclass(frozen=True)
+class HospitalRecords:
+    """One hospital's own records about the study (read from its node)."""
+
+    id: str
+    #: federated.accounting.DPPlan as a dict (None: the hospital never trained this study)
+    plan: Mapping[str, Any] | None = None
+    #: the privacy ledger's charges: {"round", "epsilon" (cumulative), "increment"}
+    charges: Sequence[Mapping[str, Any]] = ()
+    epsilon_spent: float = 0.0
+    train_records: int = 0
+    held_out_records: int = 0
+    #: round -> gating at that round's receipt instant
+    gating: Mapping[int, RoundGating] = field(default_factory=dict)
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _study_entries(entries: Sequence[Entry], study_id: str) -> dict[str, list[Entry]]:
+    found: dict[str, list[Entry]] = {}
+    for entry in entries:
+        if isinstance(entry.payload, dict) and entry.payload.get("study_id") == study_id:
+            found.setdefault(entry.kind, []).append(entry)
+    return found
+
+
+def assemble_report(*, study: Mapping[str, Any], entries: Sequence[Entry], balances: Mapping[str, Any],
+                    hospitals: Sequence[HospitalRecords], audit: Mapping[str, Any] | None = None,
+                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The report (see the module docstring). `study` is the coordinator's GET /v1/studies/{id}
+    answer, `entries` the verified log export, `balances` GET /v1/ledger/balances (operator).
+
+    Per hospital, `records_used` is the sum of `records_used` over its receipts (the weights the
+    payout uses, in record-rounds) and `records_excluded` the sum over the same rounds of the
+    records consent excluded, by reason, so that used + excluded = training records x rounds.
+    """
+    study_id = str(study["id"])
+    spec = dict(study.get("spec") or {})
+    kinds = _study_entries(entries, study_id)
+    receipts = sorted(kinds.get("round.receipt", []),
+                      key=lambda e: (e.payload["round"], e.payload["hospital"]))
+    checks: list[dict[str, Any]] = []
+
+    def check(name: str, ok: bool, detail: str = "") -> None:
+        checks.append({"check": name, "ok": bool(ok), "detail": detail})
+
+    # rounds: the coordinator's signed study.round entries (metrics from the ServerApp)
+    rounds: list[dict[str, Any]] = []
+    for entry in sorted(kinds.get("study.round", []), key=lambda e: e.payload["round"]):
+        metrics = dict(entry.payload.get("metrics") or {})
+        number = int(entry.payload["round"])
+        row: dict[str, Any] = {"round": number, "time": entry.time}
+        accuracy = _float(metrics.get("eval_accuracy"))
+        if accuracy is not None:
+            row["accuracy"] = accuracy
+        for name, key in (("auroc", "eval_auroc"), ("loss", "eval_loss"), ("eval_examples", "eval_examples"),
+                          ("wall_s", "round_wall_s")):
+            value = _float(metrics.get(key))
+            if value is not None:
+                row[name] = value
+        row["hospitals"] = [h.removeprefix("hospital:") for h in entry.payload.get("hospitals", [])]
+        row["records_used"] = {r.payload["hospital"].removeprefix("hospital:"): int(r.payload["records_used"])
+                               for r in receipts if r.payload["round"] == number}
+        rounds.append(row)
+    check("every round has an evaluated accuracy", all("accuracy" in r for r in rounds),
+          ", ".join(str(r["round"]) for r in rounds if "accuracy" not in r))
+
+    # payout: the log's study.payout entry, recomputed from the escrow terms and the receipts
+    payout_entries = kinds.get("study.payout", [])
+    payout = dict(payout_entries[-1].payload) if payout_entries else None
+    escrow = kinds.get("study.escrow", [])
+    if payout is not None and escrow:
+        terms_payload = escrow[0].payload
+        terms = StudyTerms(royalty_account=terms_payload["royalty_account"],
+                           royalty_bps=terms_payload["royalty_bps"], forward_bps=terms_payload["forward_bps"])
+        expected = compute_payout(study_id, payout["amount"], terms, [
+            PayoutReceipt(study_id=study_id, round=r.payload["round"], hospital=r.payload["hospital"],
+                          records_used=r.payload["records_used"],
+                          reward_accounts=dict(r.payload.get("reward_accounts") or {})) for r in receipts])
+        check("payout equals compute_payout(escrow terms, receipts)", expected == payout)
+        check("the whole escrow was paid out", payout["amount"] == escrow[0].payload["amount"],
+              f"paid {payout['amount']} of {escrow[0].payload['amount']}")
+    credits = payout_credits(payout) if payout is not None else {}
+    held = dict(balances.get("balances") or {})
+    if credits:
+        wrong = {a: (c, held.get(a)) for a, c in credits.items() if held.get(a) != c}
+        check("coordinator balances equal the payout credits", not wrong,
+              "; ".join(f"{a}: credited {c}, balance {b}" for a, (c, b) in sorted(wrong.items())))
+    minted, in_escrow = balances.get("minted"), balances.get("escrow")
+    if isinstance(minted, int) and isinstance(in_escrow, int):
+        check("conservation: minted = sum(balances) + escrow", minted == sum(held.values()) + in_escrow,
+              f"minted {minted}, balances {sum(held.values())}, escrow {in_escrow}")
+    parts = {p["hospital"].removeprefix("hospital:"): p for p in (payout or {}).get("hospitals", [])}
+
+    decisions = {d["hospital_id"]: d for d in study.get("decisions", [])}
+    hospital_rows: list[dict[str, Any]] = []
+    for records in sorted(hospitals, key=lambda h: h.id):
+        mine = [r for r in receipts if r.payload["hospital"] == f"hospital:{records.id}"]
+        excluded: dict[str, int] = {}
+        per_round: list[dict[str, Any]] = []
+        for receipt in mine:
+            number = int(receipt.payload["round"])
+            gating = records.gating.get(number)
+            item: dict[str, Any] = {"round": number, "records_used": receipt.payload["records_used"],
+                                    "epsilon_total": receipt.payload.get("epsilon_total"),
+                                    "reward_accounts": len(receipt.payload.get("reward_accounts") or {})}
+            if gating is not None:
+                item["records_excluded"] = dict(sorted(gating.excluded.items()))
+                for reason, count in gating.excluded.items():
+                    excluded[reason] = excluded.get(reason, 0) + count
+                check(f"{records.id} round {number}: receipt matches consent gating",
+                      gating.eligible == receipt.payload["records_used"]
+                      and gating.commitment == receipt.payload.get("commitment"),
+                      f"gating {gating.eligible} records, receipt {receipt.payload['records_used']}")
+            per_round.append(item)
+        plan = dict(records.plan) if records.plan is not None else {}
+        charged = len(records.charges)
+        part = parts.get(records.id)
+        decision = decisions.get(records.id)
+        epsilon_receipts = max((float(r.payload.get("epsilon_total") or 0.0) for r in mine), default=0.0)
+        if mine:
+            check(f"{records.id}: epsilon in receipts equals its privacy ledger",
+                  abs(epsilon_receipts - records.epsilon_spent) < 1e-9,
+                  f"receipts {epsilon_receipts}, ledger {records.epsilon_spent}")
+            check(f"{records.id}: one privacy charge per receipt", charged == len(mine),
+                  f"{charged} charges, {len(mine)} receipts")
+        hospital_row: dict[str, Any] = {
+            "id": records.id,
+            "decision": decision["decision"] if decision else None,
+            "decision_reasons": list(decision["reasons"]) if decision else [],
+            "eligible_at_decision": decision.get("eligible_records") if decision else None,
+            "records_used": sum(int(r.payload["records_used"]) for r in mine),
+            "records_excluded": dict(sorted(excluded.items())),
+            "training_records": records.train_records,
+            "held_out_records": records.held_out_records,
+            "rounds_trained": len(mine),
+            "epsilon_spent": records.epsilon_spent,
+            "epsilon_target": plan.get("target_epsilon"),
+            "delta": plan.get("delta", float(spec.get("delta", 0.0))),
+            "noise_multiplier": plan.get("noise_multiplier", 0.0),
+            "sample_rate": plan.get("sample_rate", 0.0),
+            "batch_size": plan.get("batch_size"),
+            "steps": int(plan.get("steps_per_round", 0)) * charged,
+            "accountant": plan.get("accountant"),
+            "tokens_paid": int(part["amount"]) if part else 0,
+            "tokens_kept": int(part["kept"]) if part else 0,
+            "tokens_forwarded": sum(int(f["amount"]) for f in part["forwarded"]) if part else 0,
+            "reward_accounts_paid": len(part["forwarded"]) if part else 0,
+            "balance": held.get(f"hospital:{records.id}", 0),
+            "rounds": per_round,
+        }
+        hospital_rows.append(hospital_row)
+
+    report: dict[str, Any] = {
+        "study": {
+            "id": study_id, "title": study.get("title"), "status": str(study.get("status")),
+            "purpose": spec.get("purpose"), "disease": spec.get("disease"),
+            "commercial": spec.get("commercial"), "template": spec.get("template"),
+            "task": spec.get("task"), "label": spec.get("label"), "columns": spec.get("columns"),
+            "epsilon": spec.get("epsilon"), "delta": spec.get("delta"),
+            "rounds_planned": study.get("rounds_planned"), "rounds_completed": study.get("rounds_completed"),
+            "min_hospitals": study.get("min_hospitals"), "token_budget": study.get("token_budget"),
+            "model_sha256": study.get("model_sha256"), "outcome_reason": study.get("outcome_reason"),
+            "submitted_at": study.get("submitted_at"), "started_at": study.get("started_at"),
+            "finished_at": study.get("finished_at"),
+        },
+        "rounds": rounds,
+        "hospitals": hospital_rows,
+        "payouts": dict(sorted(credits.items())),
+        "payout": payout,
+        "ledger": {"minted": minted, "escrow": in_escrow, "balances": dict(sorted(held.items()))},
+        "checks": checks,
+    }
+    if audit is not None:
+        report["audit"] = dict(audit)
+    if extra:
+        report.update(extra)
+    return report
+
+
+def failed_checks(report: Mapping[str, Any]) -> list[str]:
+    """Names (and details) of the report's cross-checks that failed."""
+    return [f"{c['check']}" + (f" ({c['detail']})" if c.get("detail") else "")
+            for c in report.get("checks", []) if not c.get("ok")]

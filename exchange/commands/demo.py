@@ -1,0 +1,154 @@
+"""`exchange demo`: a whole consortium on this machine, one study from submission to payout,
+then an offline audit and a report (docs/demo.md)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+
+def _render(progress: Any) -> Group:
+    """The live view: phase, round, accuracy, per-hospital status, recent events."""
+    elapsed = time.monotonic() - progress.started
+    head = Text.assemble(("exchange demo  ", "bold"), (f"{elapsed:5.1f}s  ", "dim"),
+                         ("phase: ", "dim"), (progress.phase, "bold cyan"))
+    study = Text.assemble(("study ", "dim"), (progress.study_id or "-", ""), ("  status ", "dim"),
+                          (progress.status, "bold"), ("  round ", "dim"),
+                          (f"{progress.round}/{progress.rounds or '-'}", "bold"), ("  accuracy ", "dim"),
+                          (f"{progress.accuracy:.3f}" if progress.accuracy is not None else "-",
+                           "bold green"))
+    table = Table(box=None, pad_edge=False, header_style="dim")
+    for column in ("hospital", "state", "decision", "records", "contracts", "used (record-rounds)",
+                   "epsilon"):
+        table.add_column(column)
+    for hospital_id, row in progress.hospitals.items():
+        epsilon = row.get("epsilon")
+        table.add_row(hospital_id, str(row.get("state", "-")), str(row.get("decision", "-")),
+                      str(row.get("records", "-")), str(row.get("contracts", "-")),
+                      str(row.get("records_used", "-")),
+                      f"{epsilon:.3f}" if isinstance(epsilon, float) else "-")
+    events = Text("\n".join(progress.events), style="dim")
+    return Group(head, study, table, events)
+
+
+def _summary(console: Console, report: dict[str, Any], out: Path, wall_s: float) -> None:
+    study = report["study"]
+    console.print(f"\n[bold]Study {study['id']}[/bold]: {study['status']}, {len(report['rounds'])} rounds, "
+                  f"target epsilon {study['epsilon']}, delta {study['delta']}")
+    rounds = Table(title="Rounds", header_style="bold")
+    for column in ("round", "accuracy", "AUROC", "records used"):
+        rounds.add_column(column, justify="right")
+    for r in report["rounds"]:
+        rounds.add_row(str(r["round"]), f"{r.get('accuracy', float('nan')):.4f}",
+                       f"{r['auroc']:.4f}" if "auroc" in r else "-", str(sum(r["records_used"].values())))
+    console.print(rounds)
+    hospitals = Table(title="Hospitals", header_style="bold")
+    for column in ("hospital", "decision", "used", "excluded (by reason)", "epsilon", "noise", "sample rate",
+                   "steps", "tokens paid", "kept", "to reward accounts"):
+        hospitals.add_column(column, justify="right")
+    for h in report["hospitals"]:
+        excluded = ", ".join(f"{n} {reason}" for reason, n in h["records_excluded"].items()) or "-"
+        hospitals.add_row(h["id"], str(h["decision"]), str(h["records_used"]), excluded,
+                          f"{h['epsilon_spent']:.3f}", f"{h['noise_multiplier']:.3f}",
+                          f"{h['sample_rate']:.4f}", str(h["steps"]), str(h["tokens_paid"]),
+                          str(h["tokens_kept"]), str(h["tokens_forwarded"]))
+    console.print(hospitals)
+    for h in report["hospitals"]:
+        if h["decision"] == "refuse":
+            console.print(f"[yellow]{h['id']} refused[/yellow]: {'; '.join(h['decision_reasons'])}")
+    audit = report.get("audit", {})
+    console.print(f"Audit log: {audit.get('entries')} entries exported to {audit.get('export')} and verified "
+                  f"(`audit verify`): [green]OK[/green]")
+    checks = report["checks"]
+    console.print(f"Cross-checks: {sum(c['ok'] for c in checks)}/{len(checks)} passed")
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.get("timings_s", {}).items())
+    console.print(f"Timings: {timings}; total {wall_s:.1f}s")
+    console.print(f"Report: {out / 'report.html'} and {out / 'report.json'}")
+
+
+def demo(
+    out: Annotated[Path, typer.Option(
+        "--out", help="Output folder (report, audit export, work files).")] = Path("demo-out"),
+    db: Annotated[str | None, typer.Option("--db", help="Coordinator database URL (default: SQLite in "
+                                                        "OUT/work).")] = None,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, max=50, help="Federated rounds.")] = 5,
+    epsilon: Annotated[float, typer.Option("--epsilon", min=0.1, max=10.0,
+                                           help="The study's privacy target (epsilon).")] = 3.0,
+    live: Annotated[bool, typer.Option("--live/--no-live", help="Live progress display.")] = True,
+) -> None:
+    """Run a whole consortium on this machine: coordinator, SuperLink, three hospital nodes;
+    one study from submission to payout; audit export verified; report in OUT."""
+    from exchange.demo.consortium import Consortium, DemoConfig, DemoError, Progress
+    from exchange.demo.report import failed_checks
+
+    if out.exists() and any(out.iterdir()):
+        if not (out / "report.json").exists() and not (out / "work").exists():
+            raise typer.BadParameter(f"{out} exists and is not a demo output folder; choose another",
+                                     param_hint="--out")
+        import shutil
+
+        shutil.rmtree(out)  # a previous demo's output: start clean
+    console = Console()
+    progress = Progress()
+    consortium = Consortium(DemoConfig(out=out, db_url=db, rounds=rounds, epsilon=epsilon), progress)
+
+    def on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    started = time.monotonic()
+    view: Live | None = None
+    report: dict[str, Any] | None = None
+    try:
+        if live and console.is_terminal:
+            view = Live(_render(progress), console=console, refresh_per_second=4, transient=False,
+                        get_renderable=lambda: _render(progress))
+            view.start()
+        else:
+            last = [""]
+
+            def print_phase() -> None:
+                if progress.phase != last[0]:
+                    last[0] = progress.phase
+                    console.print(f"[{time.monotonic() - started:6.1f}s] {progress.phase}")
+            consortium.on_update = print_phase
+        report = consortium.run()
+    except KeyboardInterrupt:
+        if view is not None:
+            view.stop()
+            view = None
+        console.print("[yellow]interrupted: stopping every process the demo started[/yellow]")
+        consortium.stop()
+        raise typer.Exit(130) from None
+    except DemoError as exc:
+        if view is not None:
+            view.stop()
+            view = None
+        console.print(f"[red]demo failed[/red] in phase {progress.phase!r}: {exc}", highlight=False)
+        console.print(f"logs: {out / 'work'}/*/daemon.log, {out / 'work'}/*/logs/, "
+                      f"{out / 'work' / 'superlink' / 'superlink.log'}")
+        consortium.stop()
+        raise typer.Exit(1) from None
+    finally:
+        if view is not None:
+            view.stop()
+        consortium.stop()
+        signal.signal(signal.SIGTERM, previous)
+    wall = time.monotonic() - started
+    _summary(console, report, out, wall)
+    bad = failed_checks(report)
+    if bad:
+        for line in bad:
+            console.print(f"[red]check failed:[/red] {line}", highlight=False)
+        raise typer.Exit(1)
+    sys.stdout.flush()

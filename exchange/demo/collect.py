@@ -1,0 +1,128 @@
+"""Gather the system's own records after a demo run and build the report from them.
+
+Sources (never the demo's own bookkeeping): the coordinator's API (the study with its decisions,
+the ledger balances), the audit export the verifier just checked (`DIR/audit/entries.jsonl`),
+and each hospital's node (its privacy ledger in the node database; its exported site files,
+gated again with the ClientApp's own `Site.gate` at each receipt's instant).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from audit.entry import Entry, parse_time
+from exchange.demo.report import HospitalRecords, RoundGating, assemble_report, write_report
+
+
+def read_export(folder: Path) -> list[Entry]:
+    """The entries of an `audit export` folder, in log order."""
+    entries = []
+    with (folder / "entries.jsonl").open("rb") as handle:
+        for line in handle:
+            if line.strip():
+                entries.append(Entry.from_json(json.loads(line)))
+    return entries
+
+
+def hospital_records(hospital_id: str, db_url: str, site_config: dict[str, str], *, study_id: str,
+                     request: Any, receipts: list[Entry]) -> HospitalRecords:
+    """What hospital `hospital_id`'s node holds about `study_id` (see the module docstring)."""
+    from sqlalchemy import create_engine
+
+    from federated.privacy_ledger import PrivacyLedger
+    from federated.runtime.site import Site
+
+    engine = create_engine(db_url)
+    try:
+        ledger = PrivacyLedger(engine)
+        plan = ledger.plan(study_id)
+        charges = [{"round": c.round, "epsilon": c.epsilon, "increment": c.increment}
+                   for c in ledger.charges(study_id)]
+        spent = ledger.spent(study_id)
+    finally:
+        engine.dispose()
+    site = Site.from_node_config(site_config)
+    gating: dict[int, RoundGating] = {}
+    train_records = held_out = 0
+    if Path(site_config["records-path"]).exists():
+        data, _label = site.records()
+        train = data.train()
+        train_records, held_out = len(train), len(data) - len(train)
+        for receipt in receipts:
+            at: datetime = parse_time(receipt.time)
+            outcome = site.gate(request, train.pseudonyms, at)
+            gating[int(receipt.payload["round"])] = RoundGating(
+                eligible=len(outcome.eligible), excluded=dict(outcome.excluded),
+                commitment=outcome.commitment)
+    return HospitalRecords(id=hospital_id, plan=plan.to_dict() if plan is not None else None,
+                           charges=charges, epsilon_spent=spent, train_records=train_records,
+                           held_out_records=held_out, gating=gating)
+
+
+def collect_report(demo: Any, audit: dict[str, Any]) -> dict[str, Any]:
+    """Build report.json / report.html for the finished demo `demo` (a Consortium)."""
+    from exchange.demo.consortium import RESEARCH_ORG, RESEARCH_REGION
+    from exchange.demo.runner import StudyOwner, study_spec
+    from exchange.node.site_export import node_config
+
+    study_id = str(demo.study_id)
+    study = demo.study()
+    with demo.operator() as api:
+        balances = api.get("/v1/ledger/balances")
+    entries = read_export(Path(audit["export"]))
+    request = study_spec(study_id, study["spec"], StudyOwner(RESEARCH_ORG, RESEARCH_REGION)).request
+    hospitals = []
+    for h in demo.hospitals.values():
+        settings = demo._settings(h)
+        receipts = [e for e in entries if e.kind == "round.receipt" and e.payload.get("study_id") == study_id
+                    and e.payload.get("hospital") == f"hospital:{h.id}"]
+        hospitals.append(hospital_records(h.id, settings.db_url, node_config(settings), study_id=study_id,
+                                          request=request, receipts=receipts))
+    revocations = [{"hospital": h.id, "pseudonyms_revoked": len(h.revoked), "revoked_at": h.revoked_at,
+                    "imported_at": h.revoke_imported_at} for h in demo.hospitals.values() if h.revoked]
+    verifier_ledger = audit.get("ledger")
+    report = assemble_report(study=study, entries=entries, balances=balances, hospitals=hospitals,
+                             audit={k: v for k, v in audit.items() if k != "ledger"},
+                             extra={"revocations": revocations,
+                                    "timings_s": dict(demo.progress.phases),
+                                    "coordinator_database": demo.db_url.split(":", 1)[0]})
+    if verifier_ledger is not None:
+        report["checks"].append({
+            "check": "the auditor's ledger fold equals the coordinator's balances",
+            "ok": verifier_ledger == {k: balances[k] for k in ("minted", "escrow", "balances")},
+            "detail": ""})
+    report["revoked_records_excluded_after_import"] = _revocations_effective(demo, entries, study_id, request)
+    write_report(report, demo.config.out)
+    return report
+
+
+def _revocations_effective(demo: Any, entries: list[Entry], study_id: str,
+                           request: Any) -> list[dict[str, Any]]:
+    """For each revoking hospital: the rounds trained after the import, and whether any of them
+    still used a revoked record (recomputed from the gate at the receipt's instant)."""
+    from exchange.node.site_export import node_config
+    from federated.runtime.site import Site
+
+    out = []
+    for h in demo.hospitals.values():
+        if not h.revoked or h.revoke_imported_at is None:
+            continue
+        imported = datetime.fromisoformat(h.revoke_imported_at)
+        site = Site.from_node_config(node_config(demo._settings(h)))
+        data, _label = site.records()
+        rounds_after, still_used = [], []
+        for e in entries:
+            if (e.kind != "round.receipt" or e.payload.get("study_id") != study_id
+                    or e.payload.get("hospital") != f"hospital:{h.id}"):
+                continue
+            at = parse_time(e.time)
+            if at >= imported:
+                rounds_after.append(e.payload["round"])
+                eligible = site.gate(request, data.train().pseudonyms, at).eligible
+                still_used += [p for p in h.revoked if p in eligible]
+        out.append({"hospital": h.id, "revoked": len(h.revoked), "rounds_after_import": rounds_after,
+                    "revoked_still_used": len(still_used)})
+    return out

@@ -1,0 +1,684 @@
+"""A whole consortium on one machine: what `exchange demo` runs (docs/demo.md).
+
+Processes: this one holds the coordinator (the Litestar app on a loopback port, migrating its
+database first; SQLite under the work folder unless a URL is given) and runs each approved
+study's ServerApp in a thread (federated's in-process runner); a Flower SuperLink
+(`--isolation process`); and per hospital one node daemon (`exchange node run`), which itself
+supervises that hospital's SuperNode and warm ClientApp executor once it approved a study.
+
+Every step uses the parts' real interfaces: the operator's admin functions (the service code
+`exchange admin` calls) for organisations, API keys, hospitals and tokens; the node's own
+commands (`exchange node init`, `import-data`, `consent import`), run in this process through
+the CLI so no extra interpreter start is paid; the researcher's HTTP API for the study; the
+`audit` CLI (`export`, `verify`) as separate processes, as an auditor would run them.
+
+Everything started is stopped on the way out, also on Ctrl-C or SIGTERM: node daemons first
+(SIGTERM: each stops its own SuperNode and executor), then the SuperLink, then the coordinator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import ctypes
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from audit.signing import Signer
+from exchange.demo.runner import FlowerStudyRunner, StudyOwner, registered_hospital_keys, study_spec
+
+HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
+LABEL = "malignant"
+RESEARCH_ORG = "acme-research"
+RESEARCH_REGION = "DE"
+HOSPITAL_ORG = "rhine-university-hospitals"
+TEMPLATE_AUTHOR = "author:exchange-templates"
+ROYALTY_BPS = 500
+MINTED = 1_000_000
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+class DemoError(RuntimeError):
+    """The demo could not go on; the message says which step failed and why."""
+
+
+@dataclass
+class DemoConfig:
+    """What `exchange demo` runs; every default is the documented demo."""
+
+    out: Path
+    db_url: str | None = None
+    rounds: int = 5
+    epsilon: float = 3.0
+    delta: float = 1e-5
+    token_budget: int = 100_000
+    #: hospital whose site policy caps epsilon per study below the study's (it refuses)
+    strict_hospital: str | None = "hospital-c"
+    strict_max_epsilon: float = 2.0
+    #: records revoked at each of these hospitals, right after its first round was charged
+    revoke: dict[str, int] = field(default_factory=lambda: {"hospital-a": 3, "hospital-b": 2})
+    seed: int = 7
+    #: seconds between node daemon steps (the node's default is 2 s)
+    node_poll_s: float = 0.5
+    timeout_s: float = 600.0
+
+    @property
+    def work(self) -> Path:
+        return self.out / "work"
+
+
+@dataclass
+class Hospital:
+    id: str
+    dir: Path
+    health_port: int
+    issuer: Signer
+    contracts: dict[str, Any] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    revoked: list[str] = field(default_factory=list)
+    revoked_at: str | None = None
+    revoke_imported_at: str | None = None
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "node.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "daemon.log"
+
+
+@dataclass
+class Progress:
+    """What the live display shows; written by the demo's main thread only."""
+
+    phase: str = "starting"
+    phases: dict[str, float] = field(default_factory=dict)
+    study_id: str | None = None
+    status: str = "-"
+    round: int = 0
+    rounds: int = 0
+    accuracy: float | None = None
+    hospitals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def event(self, text: str) -> None:
+        self.events.append(f"{time.monotonic() - self.started:6.1f}s  {text}")
+        del self.events[:-8]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG: never outlive the demo, even on kill -9
+
+
+def route_logs_to_file(path: Path) -> None:
+    """Send this process's log output (structlog events of the coordinator and the runner,
+    stdlib loggers of Litestar, httpx and Flower) to `path`, so the terminal shows only the
+    demo's own display. Called again after each phase, since libraries add console handlers
+    when they are first imported or started (Litestar does at app start-up)."""
+    import logging
+
+    import structlog
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    loggers = [root, *(logger for logger in logging.root.manager.loggerDict.values()
+                       if isinstance(logger, logging.Logger))]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                logger.removeHandler(handler)
+        if logger is not root:
+            logger.propagate = True
+    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve()
+               for h in root.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        log_file = path.open("a")  # closed at exit; structlog writes JSON lines here
+        structlog.configure(
+            processors=[structlog.processors.add_log_level,
+                        structlog.processors.TimeStamper(fmt="iso", utc=True),
+                        structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+            logger_factory=structlog.PrintLoggerFactory(file=log_file), cache_logger_on_first_use=False)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def exchange_cli(*args: str) -> str:
+    """Run an `exchange` command in this process (the real CLI, its parsing and its output);
+    returns what it printed; raises DemoError with its error output when it fails."""
+    from exchange.cli import app
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = app(list(args), standalone_mode=False, prog_name="exchange")
+        except SystemExit as exc:
+            code = exc.code
+        except Exception as exc:  # click usage errors and the like
+            raise DemoError(f"`exchange {' '.join(args)}` failed: {exc}\n{err.getvalue()}") from exc
+    if code not in (None, 0):
+        raise DemoError(f"`exchange {' '.join(args)}` exited {code}: {err.getvalue().strip()}")
+    return out.getvalue()
+
+
+def _http_json(url: str, timeout: float = 2.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def breast_cancer_columns() -> dict[str, list[str]]:
+    """Data category -> column names (spaces as underscores) of the breast cancer features."""
+    from federated.data import feature_specs
+
+    out: dict[str, list[str]] = {}
+    for spec in feature_specs("breast_cancer"):
+        out.setdefault(spec.category, []).append(spec.name.replace(" ", "_"))
+    return out
+
+
+def study_body(config: DemoConfig) -> dict[str, Any]:
+    """The researcher's study request (the coordinator's StudyCreate)."""
+    columns = breast_cancer_columns()
+    return {
+        "title": "Breast cancer: malignancy from fine-needle aspirate features",
+        "purpose": "DUO:0000007", "disease": "C50", "commercial": False, "ethics_approval": True,
+        "data_categories": sorted(columns), "columns": columns,
+        "template": "logistic_regression", "task": "binary", "label": LABEL,
+        "epsilon": config.epsilon, "delta": config.delta, "rounds": config.rounds, "min_hospitals": 2,
+        "token_budget": config.token_budget,
+    }
+
+
+class Consortium:
+    """Starts, drives and stops the demo's processes (see the module docstring)."""
+
+    def __init__(self, config: DemoConfig, progress: Progress | None = None,
+                 on_update: Callable[[], None] | None = None) -> None:
+        self.config = config
+        self.progress = progress or Progress()
+        self.on_update = on_update or (lambda: None)
+        self.hospitals: dict[str, Hospital] = {}
+        self.runtime: Any = None
+        self.server: Any = None
+        self.server_thread: threading.Thread | None = None
+        self.superlink: Any = None
+        self.url = ""
+        self.researcher_key = ""
+        self.operator_key = ""
+        self.db_url = ""
+        self.study_id: str | None = None
+        self.runner: FlowerStudyRunner | None = None
+        self.tls: Any = None
+        self._stopped = False
+
+    # -- phases -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        route_logs_to_file(self.config.work / "demo.log")
+        self.progress.phase = name
+        self.progress.event(f"{name} ...")
+        self.on_update()
+        started = time.monotonic()
+        yield
+        self.progress.phases[name] = round(time.monotonic() - started, 2)
+        route_logs_to_file(self.config.work / "demo.log")
+        self.on_update()
+
+    def run(self) -> dict[str, Any]:
+        """The whole demo; returns the report (also written to DIR)."""
+        cfg = self.config
+        cfg.work.mkdir(parents=True, exist_ok=True)
+        with self.phase("coordinator"):
+            superlink_thread = threading.Thread(target=self._start_superlink, name="superlink", daemon=True)
+            superlink_thread.start()
+            self.start_coordinator()
+        with self.phase("hospitals join"):
+            self.setup_hospitals()
+            superlink_thread.join()
+            if self.superlink is None or self._superlink_error is not None:
+                raise DemoError(f"the SuperLink did not start: {self._superlink_error}")
+            self.start_daemons()
+        with self.phase("study submitted"):
+            self.submit_study()
+        with self.phase("hospitals decide"):
+            self.wait_for_decisions()
+        with self.phase("training"):
+            self.follow_training()
+        with self.phase("audit"):
+            audit = self.export_and_verify()
+        with self.phase("report"):
+            from exchange.demo.collect import collect_report
+
+            report = collect_report(self, audit)
+        return report
+
+    # -- coordinator --------------------------------------------------------------------------
+    _superlink_error: str | None = None
+
+    def _start_superlink(self) -> None:
+        from federated.runtime.deployment import SuperLinkProcess
+        from federated.runtime.tls import generate_tls
+
+        try:
+            # TLS and SuperNode authentication on, as in production: each hospital's Flower key
+            # is registered with the SuperLink by the operator (start_daemons).
+            self.tls = generate_tls(self.config.work / "tls")
+            superlink = SuperLinkProcess(self.config.work / "superlink", tls=self.tls, supernode_auth=True)
+            superlink.workdir.mkdir(parents=True, exist_ok=True)
+            self.superlink = superlink
+            superlink.start()
+        except Exception as exc:
+            self._superlink_error = str(exc)
+
+    @property
+    def superlink_address(self) -> str:
+        assert self.superlink is not None
+        return str(self.superlink.address)
+
+    def start_coordinator(self) -> None:
+        import uvicorn
+
+        from exchange.coordinator.app import AppConfig, build_runtime, create_app
+        from exchange.coordinator.schemas import ApiKeyCreate, OrganisationCreate, ResearcherCreate
+
+        work = self.config.work
+        self.db_url = self.config.db_url or f"sqlite:///{work / 'coordinator.db'}"
+        keys = work / "coordinator-keys"
+        self._superlink_ready = threading.Event()
+        self.runner = FlowerStudyRunner(
+            "", work / "models", owner_of=lambda _study: StudyOwner(RESEARCH_ORG, RESEARCH_REGION),
+            hospital_keys=lambda: registered_hospital_keys(self.runtime.coordinator))
+        self.runtime = build_runtime(AppConfig(
+            database_url=self.db_url, operator_key_file=keys / "operator.key", log_key_file=keys / "log.key",
+            coordinator_key_file=keys / "coordinator.key", log_origin="demo.exchange.local/log",
+            royalties={"logistic_regression": (TEMPLATE_AUTHOR, ROYALTY_BPS)}, access_log=False),
+            self.runner)
+        c = self.runtime.coordinator
+        # The operator's admin functions (what `exchange admin ...` runs).
+        _op, self.operator_key = c.issue_api_key(ApiKeyCreate(role="operator", label="demo operator"))
+        c.create_organisation(OrganisationCreate(id=RESEARCH_ORG, name="Acme Research",
+                                                 region=RESEARCH_REGION))
+        c.create_organisation(OrganisationCreate(id=HOSPITAL_ORG, name="Rhine University Hospitals",
+                                                 region="DE"))
+        c.create_researcher(RESEARCH_ORG, ResearcherCreate(id="alice", name="Alice Example"))
+        _rk, self.researcher_key = c.issue_api_key(ApiKeyCreate(
+            role="researcher", organisation_id=RESEARCH_ORG, researcher_id="alice", label="demo researcher"))
+        c.mint(f"org:{RESEARCH_ORG}", MINTED)
+        port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.runtime), host="127.0.0.1", port=port,
+                                                    log_level="warning", lifespan="on"))
+        self.server_thread = threading.Thread(target=self.server.run, name="coordinator", daemon=True)
+        self.server_thread.start()
+        self._wait(lambda: self.server.started, "the coordinator to listen", 60)
+        self.url = f"http://127.0.0.1:{port}"
+        self.progress.event(f"coordinator on {self.url} ({self.db_url.split(':', 1)[0]})")
+
+    # -- hospitals ----------------------------------------------------------------------------
+    def setup_hospitals(self) -> None:
+        from exchange.coordinator.schemas import HospitalCreate
+        from federated.data import load_federated
+
+        cfg = self.config
+        parts = {p.hospital_id: p for p in load_federated("breast_cancer", len(HOSPITALS),
+                                                           hospital_ids=HOSPITALS)}
+        coordinator = self.runtime.coordinator
+        for index, hospital_id in enumerate(HOSPITALS):
+            h = Hospital(hospital_id, cfg.work / hospital_id, free_port(), Signer.generate())
+            self.hospitals[hospital_id] = h
+            self.progress.hospitals[hospital_id] = {"state": "init"}
+            self.on_update()
+            identity = json.loads(exchange_cli("node", "init", "--dir", str(h.dir), "--hospital-id",
+                                               hospital_id, "--coordinator", self.url, "--json"))
+            self._write_node_config(h)
+            # The operator registers the hospital with what `exchange node init` printed.
+            coordinator.register_hospital(HospitalCreate(
+                id=hospital_id, organisation_id=HOSPITAL_ORG, name=f"Hospital {hospital_id[-1].upper()}",
+                signing_public_key=identity["public_key"], flower_public_key=identity["flower_public_key"]))
+            records_csv, mapping = self._write_records(h, parts[hospital_id])
+            exchange_cli("node", "import-data", str(records_csv), "--mapping", str(mapping),
+                         "--config", str(h.config))
+            consent_dir = self._write_contracts(h, list(parts[hospital_id].pseudonyms), cfg.seed + index)
+            exchange_cli("node", "consent", "import", str(consent_dir), "--config", str(h.config))
+            self.progress.hospitals[hospital_id] = {"state": "data imported",
+                                                    "records": len(parts[hospital_id]),
+                                                    "contracts": len(h.contracts)}
+            self.progress.event(f"{hospital_id}: {len(parts[hospital_id])} records, "
+                                f"{len(h.contracts)} consent contracts imported")
+            self.on_update()
+
+    def _settings(self, h: Hospital) -> Any:
+        from exchange.node.settings import load_node_settings
+
+        return load_node_settings(h.config)
+
+    def _write_node_config(self, h: Hospital) -> None:
+        """The steward's edits to node.toml: the SuperLink and ports the operator assigned, and
+        the site policy (auto-approve; the strict hospital caps epsilon per study)."""
+        from exchange.node.settings import render_toml
+
+        settings = self._settings(h)
+        strict = h.id == self.config.strict_hospital
+        policy = settings.policy.model_copy(update={
+            "mode": "auto-approve",
+            "max_epsilon_per_study": self.config.strict_max_epsilon if strict else 10.0,
+            "total_privacy_budget": 20.0, "min_eligible_records": 20})
+        supernode = settings.supernode.model_copy(update={
+            "superlink_address": self.superlink_address if self.superlink is not None else "127.0.0.1:9092",
+            "insecure": self.tls is None,
+            "root_certificates": self.tls.ca_cert.resolve() if self.tls is not None else None,
+            "clientappio_address": f"127.0.0.1:{free_port()}", "restart_backoff_initial_s": 0.5})
+        training = settings.training.model_copy(update={"label_column": LABEL})
+        updated = settings.model_copy(update={"policy": policy, "supernode": supernode, "training": training,
+                                              "health_port": h.health_port,
+                                              "poll_interval_s": self.config.node_poll_s})
+        h.config.write_text(render_toml(updated))
+
+    def _write_records(self, h: Hospital, data: Any) -> tuple[Path, Path]:
+        """The hospital's part of the non-IID split as the CSV export a hospital would have,
+        plus the column -> data category mapping `import-data` needs."""
+        inputs = h.dir / "input"
+        inputs.mkdir(parents=True, exist_ok=True)
+        names = [c.replace(" ", "_") for c in data.columns]
+        path = inputs / "records.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["patient_pseudonym", *names, LABEL])
+            for pseudonym, row, label in zip(data.pseudonyms, data.x.tolist(), data.y.tolist(), strict=True):
+                writer.writerow([pseudonym, *(f"{v:.6g}" for v in row), int(label)])
+        lines = ['pseudonym_column = "patient_pseudonym"', "", "[columns]"]
+        lines += [f'{name} = "{data.categories[column]}"' for name, column in zip(names, data.columns,
+                                                                                  strict=True)]
+        lines.append(f'{LABEL} = {{ category = "outcomes", type = "integer" }}')
+        mapping = inputs / "mapping.toml"
+        mapping.write_text("\n".join(lines) + "\n")
+        return path, mapping
+
+    def _write_contracts(self, h: Hospital, pseudonyms: list[str], seed: int) -> Path:
+        """A realistic mix (consent.synthetic): mostly general research use, some disease
+        specific, some non-commercial only, about 40% naming a reward account; signed by the
+        hospital's consent system key. No revocations yet: those come mid-study."""
+        from consent.synthetic import make_signed_contracts
+
+        signed = make_signed_contracts(pseudonyms, h.id, h.issuer, seed, revoke_fraction=0.0)
+        h.contracts = {s.contract.pseudonym: s.contract for s in signed}
+        folder = h.dir / "input" / "consent"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "contracts.json").write_text(json.dumps([s.to_json() for s in signed]))
+        return folder
+
+    def start_daemons(self) -> None:
+        """`exchange node run` per hospital, each its own process (own session, so a Ctrl-C at
+        the terminal reaches only the demo, which then stops them in order)."""
+        from federated.runtime.tls import register_supernode
+
+        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        control = self.superlink.control_client()
+        try:
+            for h in self.hospitals.values():
+                # The operator registers the hospital's Flower public key (from `node init`).
+                register_supernode(control, self._settings(h).flower_public_key_path, name=h.id)
+        finally:
+            control.close()
+        for h in self.hospitals.values():
+            self._write_node_config(h)  # now with the SuperLink's address and CA
+            with h.log_path.open("ab") as log_file:
+                h.process = subprocess.Popen(
+                    [sys.executable, "-m", "exchange.cli", "node", "run", "--config", str(h.config)],
+                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                    start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509
+            self.progress.hospitals[h.id]["state"] = "daemon starting"
+        self.on_update()
+
+        def registered() -> bool:
+            done = True
+            for h in self.hospitals.values():
+                self._check_daemon(h)
+                try:
+                    health = _http_json(f"http://127.0.0.1:{h.health_port}/health", 1.0)
+                except OSError:
+                    done = False
+                    continue
+                ok = health.get("coordinator") == "ok"
+                self.progress.hospitals[h.id]["state"] = "online" if ok else "daemon up"
+                done = done and ok
+            self.on_update()
+            return done
+
+        self._wait(registered, "every node daemon to reach the coordinator", 90)
+        self.progress.event("3 node daemons online, registered with the coordinator")
+
+    def _check_daemon(self, h: Hospital) -> None:
+        if h.process is not None and h.process.poll() is not None:
+            tail = "\n".join(h.log_path.read_text(errors="replace").splitlines()[-15:])
+            raise DemoError(f"{h.id}: node daemon exited with code {h.process.returncode}; "
+                            f"log {h.log_path}:\n{tail}")
+
+    # -- the study ----------------------------------------------------------------------------
+    def researcher(self) -> Any:
+        from exchange.coordinator.client import ApiClient
+
+        return ApiClient(self.url, self.researcher_key)
+
+    def operator(self) -> Any:
+        from exchange.coordinator.client import ApiClient
+
+        return ApiClient(self.url, self.operator_key)
+
+    def submit_study(self) -> None:
+        assert self.runner is not None
+        self.runner.superlink_address = self.superlink_address
+        self.runner.root_certificates = self.tls.root_certificates() if self.tls is not None else None
+        with self.researcher() as api:
+            study = api.post("/v1/studies", study_body(self.config))
+        self.study_id = str(study["id"])
+        self.progress.study_id = self.study_id
+        self.progress.rounds = self.config.rounds
+        self.progress.status = str(study["status"])
+        self.progress.event(f"study {self.study_id} submitted over the API; "
+                            f"{self.config.token_budget} tokens in escrow")
+
+    def study(self) -> dict[str, Any]:
+        with self.researcher() as api:
+            return dict(api.get(f"/v1/studies/{self.study_id}"))
+
+    def wait_for_decisions(self) -> None:
+        def decided() -> bool:
+            study = self.study()
+            self.progress.status = str(study["status"])
+            for d in study["decisions"]:
+                row = self.progress.hospitals[d["hospital_id"]]
+                if row.get("decision") != d["decision"]:
+                    row["decision"] = d["decision"]
+                    row["state"] = "approved" if d["decision"] == "approve" else "refused"
+                    reasons = "; ".join(d["reasons"])
+                    self.progress.event(f"{d['hospital_id']} {d['decision']}s: {reasons}")
+            for h in self.hospitals.values():
+                self._check_daemon(h)
+            self.on_update()
+            return len(study["decisions"]) == len(self.hospitals) or study["status"] != "submitted"
+
+        self._wait(decided, "the hospitals' decisions", 120)
+
+    def follow_training(self) -> None:
+        """Poll the coordinator (rounds, status) and the nodes' privacy ledgers (training
+        progress per hospital); revoke consent mid-study when a hospital finished round 1."""
+        from sqlalchemy import create_engine
+
+        from federated.privacy_ledger import PrivacyLedger
+
+        assert self.study_id is not None
+        ledgers = {h.id: PrivacyLedger(create_engine(self._settings(h).db_url))
+                   for h in self.hospitals.values()}
+        try:
+            def step() -> bool:
+                study = self.study()
+                status = str(study["status"])
+                self.progress.status = status
+                with self.researcher() as api:
+                    results = api.get(f"/v1/studies/{self.study_id}/results")
+                if results["rounds"]:
+                    last = results["rounds"][-1]
+                    self.progress.round = int(last["round"])
+                    accuracy = last["metrics"].get("eval_accuracy")
+                    self.progress.accuracy = float(accuracy) if accuracy is not None else None
+                for h in self.hospitals.values():
+                    self._check_daemon(h)
+                    charges = ledgers[h.id].charges(str(self.study_id))
+                    row = self.progress.hospitals[h.id]
+                    if charges:
+                        row["state"] = f"trained round {charges[-1].round}"
+                        row["epsilon"] = charges[-1].epsilon
+                    want = self.config.revoke.get(h.id, 0)
+                    if want and not h.revoked and charges and status == "running":
+                        self.revoke_consent(h, want)
+                for item in results["contributions"]:
+                    self.progress.hospitals[item["hospital_id"]]["records_used"] = item["records_used"]
+                self.on_update()
+                return status in TERMINAL
+
+            self._wait(step, "the study to finish", self.config.timeout_s, interval=0.25)
+        finally:
+            for ledger in ledgers.values():
+                ledger.engine.dispose()
+        study = self.study()
+        if study["status"] != "completed":
+            raise DemoError(f"study {self.study_id} ended {study['status']}: {study.get('outcome_reason')}")
+        self.progress.event(f"study completed; model sha256 {str(study['model_sha256'])[:16]}...; "
+                            f"escrow paid out")
+
+    def revoke_consent(self, h: Hospital, count: int) -> None:
+        """Patients withdraw consent: new contract versions that permit nothing, signed by the
+        hospital's consent system and imported with `exchange node consent import` (which
+        refreshes the ClientApp's files, so the next round no longer uses these records)."""
+        from consent.model import revoke, sign
+        from exchange.node.site_export import node_config
+        from federated.runtime.site import Site
+
+        assert self.study_id is not None
+        settings = self._settings(h)
+        site = Site.from_node_config(node_config(settings))
+        data, _label = site.records()
+        train = data.train()
+        request = study_spec(self.study_id, self.study()["spec"],
+                             StudyOwner(RESEARCH_ORG, RESEARCH_REGION)).request
+        now = datetime.now(UTC)
+        gate = site.gate(request, train.pseudonyms, now)
+        chosen = sorted(gate.eligible)[:count]
+        folder = h.dir / "input" / "revocations"
+        folder.mkdir(parents=True, exist_ok=True)
+        documents = [sign(revoke(h.contracts[p], now), h.issuer).to_json() for p in chosen]
+        (folder / "revocations.json").write_text(json.dumps(documents))
+        exchange_cli("node", "consent", "import", str(folder), "--config", str(h.config))
+        h.revoked = chosen
+        h.revoked_at = now.isoformat()
+        h.revoke_imported_at = datetime.now(UTC).isoformat()
+        self.progress.event(f"{h.id}: {len(chosen)} patients revoked consent (imported mid-study)")
+
+    # -- audit --------------------------------------------------------------------------------
+    def export_and_verify(self) -> dict[str, Any]:
+        """A signed checkpoint (the API), then `audit export` and `audit verify` as an auditor
+        runs them: the export in DIR/audit/, checked against the pinned trust file."""
+        from audit.export import Trust
+
+        with self.operator() as api:
+            checkpoint = api.get("/v1/audit/checkpoint")
+        keys = self.config.work / "coordinator-keys"
+        trust = Trust(origin=self.runtime.config.log_origin,
+                      operator_public_key=Signer.load(keys / "operator.key").public_key,
+                      log_public_key=Signer.load(keys / "log.key").public_key)
+        trust_path = self.config.out / "trust.json"
+        trust_path.write_text(json.dumps(trust.to_json(), indent=2) + "\n")
+        audit_dir = self.config.out / "audit"
+        env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+        cli = [sys.executable, "-m", "audit.cli"]
+        export = subprocess.run([*cli, "export", "--db", self.db_url, "--out", str(audit_dir), "--trust",
+                                 str(trust_path), "--force"], capture_output=True, text=True, env=env,
+                                timeout=300, check=False)
+        if export.returncode != 0:
+            raise DemoError(f"audit export exited {export.returncode}: {export.stderr or export.stdout}")
+        verify = subprocess.run([*cli, "verify", str(audit_dir), "--trust", str(trust_path), "--json"],
+                                capture_output=True, text=True, env=env, timeout=300, check=False)
+        try:
+            result = json.loads(verify.stdout)
+        except ValueError:
+            result = {"ok": False, "problem": {"reason": verify.stdout + verify.stderr}}
+        if verify.returncode != 0 or not result.get("ok"):
+            raise DemoError(f"audit verify failed (exit {verify.returncode}): {result.get('problem')}")
+        self.progress.event(f"audit log: {result['entries']} entries exported and verified")
+        return {"entries": result["entries"], "verified": True, "root": result["root"],
+                "checkpoint_size": checkpoint["size"], "kinds": result.get("kinds", {}),
+                "ledger": result.get("ledger"), "export": str(audit_dir), "trust": str(trust_path),
+                "commands": [f"audit verify {audit_dir} --trust {trust_path}"]}
+
+    # -- shutdown -----------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop everything this demo started (idempotent; never raises)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for h in self.hospitals.values():
+            if h.process is not None and h.process.poll() is None:
+                with contextlib.suppress(OSError):
+                    h.process.send_signal(signal.SIGTERM)
+        for h in self.hospitals.values():
+            if h.process is None:
+                continue
+            try:
+                h.process.wait(20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(OSError):
+                    os.killpg(h.process.pid, signal.SIGKILL)
+                h.process.wait(10)
+        if self.runner is not None:
+            for handle in self.runner.handles:
+                handle.cancel()
+        if self.superlink is not None:
+            with contextlib.suppress(Exception):
+                self.superlink.stop()
+        if self.runner is not None:
+            for handle in self.runner.handles:
+                handle.wait(20)
+        if self.server is not None:
+            self.server.should_exit = True
+            if self.server_thread is not None:
+                self.server_thread.join(20)
+        if self.runtime is not None:
+            with contextlib.suppress(Exception):
+                self.runtime.close()
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _wait(self, condition: Callable[[], Any], what: str, timeout: float, interval: float = 0.2) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
+            time.sleep(interval)
