@@ -79,11 +79,12 @@ def supernode_specs(settings: NodeSettings) -> list[ChildSpec]:
     sn = settings.supernode
     argv = [sys.executable, "-m", "federated.runtime.supernode_main", "--superlink", sn.superlink_address,
             "--node-config", str(site_paths(settings)["node_config"])]
-    if sn.insecure:
+    if sn.insecure:  # loopback tests and the demo: no TLS, hence no node authentication either
         argv.append("--insecure")
-    elif sn.root_certificates is not None:
-        argv += ["--root-certificates", str(settings.path(sn.root_certificates))]
-    argv += ["--auth-supernode-private-key", str(settings.flower_key_path)]
+    else:
+        if sn.root_certificates is not None:
+            argv += ["--root-certificates", str(settings.path(sn.root_certificates))]
+        argv += ["--auth-supernode-private-key", str(settings.flower_key_path)]
     host, _, port = sn.clientappio_address.rpartition(":")
     env = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "EXCHANGE_NODE_CONFIG": str(settings.data_dir / "node.toml"),

@@ -1,0 +1,192 @@
+"""The node daemon with real Flower processes: a SuperLink, the SuperNode and warm executor the
+daemon supervises, and the study's ServerApp run by federated's runner (what the coordinator's
+runner does). The coordinator is the real app (its own scripted run is held, so the study stays
+"running" there while Flower trains).
+
+One study of 4 rounds checks, in order:
+- a consent revoked between rounds excludes those records from the next round: the signed
+  receipts show it;
+- the daemon killed with kill -9 mid-study and restarted brings its SuperNode back, the node
+  rejoins, the study completes, and privacy spent is neither double counted nor lost (one
+  ledger charge per round; the node's rounds table matches).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from audit.signing import Signer
+from consent.model import revoke
+from consent.request import StudyRequest
+from exchange.cli import app
+from exchange.node.importer import import_records, parse_mapping
+from exchange.node.models import RoundRow
+from exchange.node.privacy import open_ledger
+from exchange.node.settings import load_node_settings
+from exchange.node.site_export import site_paths
+from exchange.node.store import NodeStore
+from federated.data import feature_specs, load_federated
+from federated.runtime.deployment import SuperLinkProcess, free_port
+from federated.runtime.server_runner import run_study
+from federated.runtime.site import read_records
+from federated.study_spec import StudySpec
+from tests.node.helpers import ISSUED, gru_contract, live_coordinator, seed_consent, wait_for
+
+pytestmark = [pytest.mark.flower, pytest.mark.slow]
+
+COLUMNS = [s.name.replace(" ", "_") for s in feature_specs("breast_cancer") if s.category == "labs"]
+ROUNDS = 4
+REVOKED = 30
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.rounds: dict[int, list[Any]] = {}
+        self.completed: Any = None
+        self.failed: list[str] = []
+        self.hooks: dict[int, Any] = {}
+        self.hook_errors: list[BaseException] = []
+
+    def on_round(self, round: int, metrics: Any, receipts: Any) -> None:
+        self.rounds[round] = list(receipts)
+        if round in self.hooks:
+            try:
+                self.hooks[round]()
+            except BaseException as exc:  # reported by the test, never swallowed
+                self.hook_errors.append(exc)
+
+    def on_complete(self, model_path: Path, sha256: str) -> None:
+        self.completed = (model_path, sha256)
+
+    def on_failed(self, reason: str) -> None:
+        self.failed.append(reason)
+
+
+def _seed_breast_cancer(store: NodeStore, tmp_path: Path) -> list[str]:
+    [data] = load_federated("breast_cancer", 1, hospital_ids=["hospital-a"])
+    names = [s.name for s in feature_specs("breast_cancer")]
+    index = [names.index(c.replace("_", " ")) for c in COLUMNS]
+    lines = ["pid," + ",".join(COLUMNS) + ",label"]
+    for i, pseudonym in enumerate(data.pseudonyms):
+        lines.append(f"{pseudonym}," + ",".join(f"{data.x[i, j]:.6f}" for j in index) + f",{int(data.y[i])}")
+    (tmp_path / "records.csv").write_text("\n".join(lines) + "\n")
+    mapping = parse_mapping({"pseudonym_column": "pid",
+                             "columns": {**dict.fromkeys(COLUMNS, "labs"),
+                                         "label": {"category": "outcomes", "type": "integer"}}})
+    with store.transaction() as session:
+        import_records(session, tmp_path / "records.csv", "csv", mapping)
+    return list(data.pseudonyms)
+
+
+@pytest.fixture
+def superlink(tmp_path: Path) -> Iterator[SuperLinkProcess]:
+    link = SuperLinkProcess(tmp_path / "superlink")
+    link.start()
+    try:
+        yield link
+    finally:
+        link.stop()
+
+
+def _start_daemon(node_dir: Path, coordinator_url: str, superlink: SuperLinkProcess,
+                  runtime_port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "EXCHANGE_NODE_COORDINATOR_URL": coordinator_url, "EXCHANGE_NODE_HEALTH_PORT": "0",
+           "EXCHANGE_NODE_POLL_INTERVAL_S": "0.3", "EXCHANGE_NODE_POLICY__MODE": "auto-approve",
+           "EXCHANGE_NODE_SUPERNODE__SUPERLINK_ADDRESS": superlink.address,
+           "EXCHANGE_NODE_SUPERNODE__CLIENTAPPIO_ADDRESS": f"127.0.0.1:{runtime_port}",
+           "EXCHANGE_NODE_SUPERNODE__RESTART_BACKOFF_INITIAL_S": "0.5"}
+    return subprocess.Popen([sys.executable, "-m", "exchange.cli", "node", "run", "--config",
+                             str(node_dir / "node.toml")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(node_dir / "daemon.log", "ab"))
+
+
+def test_revocation_between_rounds_and_kill9_mid_study(node_dir: Path, store: NodeStore, tmp_path: Path,
+                                                       superlink: SuperLinkProcess,
+                                                       runner: CliRunner) -> None:
+    settings = load_node_settings(node_dir / "node.toml")
+    signer = Signer.load(settings.signing_key_path)
+    pseudonyms = _seed_breast_cancer(store, tmp_path)
+    contracts = [gru_contract(p, "hospital-a") for p in pseudonyms]
+    seed_consent(store, tmp_path / "consent", contracts, "hospital-a", signer)
+    hold = threading.Event()
+    flower_key = settings.flower_public_key_path.read_text().strip()
+    runtime_port = free_port()
+    with live_coordinator(tmp_path, {"hospital-a": (signer, flower_key)}, pause=hold) as coordinator:
+        study_id = coordinator.submit(columns={"labs": COLUMNS}, epsilon=3.0, rounds=ROUNDS)
+        process = _start_daemon(node_dir, coordinator.url, superlink, runtime_port)
+        processes = [process]
+        try:
+            wait_for(lambda: coordinator.study(study_id)["status"] == "running", "approval", 120)
+            superlink.wait_for_nodes(1, timeout=180)
+            spec = StudySpec(study_id=study_id, template="logistic_regression", task="binary",
+                             columns=tuple(COLUMNS), label="label", epsilon=3.0, delta=1e-5, rounds=ROUNDS,
+                             min_hospitals=1, accountant="rdp", round_timeout_s=180, join_timeout_s=180,
+                             request=StudyRequest(purpose="DUO:0000042", organisation="acme", region="DE",
+                                                  data_categories=("labs",), epsilon=3.0, study_id=study_id))
+            observer = Observer()
+            revoked = pseudonyms[:REVOKED]
+
+            def revoke_some() -> None:  # on_round(1) arrives with round 2's replies: applies to round 3
+                folder = tmp_path / "revocations"
+                folder.mkdir()
+                for contract in contracts[:REVOKED]:
+                    (folder / f"{contract.pseudonym}.json").write_text(
+                        json.dumps(revoke(contract, ISSUED + timedelta(days=1)).to_json()))
+                result = runner.invoke(app, ["node", "consent", "import", str(folder), "--config",
+                                             str(node_dir / "node.toml")])
+                assert result.exit_code == 0, result.output
+
+            def crash_and_restart() -> None:  # on_round(2), with round 3's replies: before round 4
+                processes[-1].send_signal(signal.SIGKILL)
+                processes[-1].wait(30)
+                processes.append(_start_daemon(node_dir, coordinator.url, superlink, runtime_port))
+                wait_for(lambda: store.get_state("daemon_starts") == 2, "the restarted daemon", 120)
+
+            observer.hooks = {1: revoke_some, 2: crash_and_restart}
+            result = run_study(superlink.address, spec, observer, tmp_path / "study", insecure=True)
+            assert observer.hook_errors == []
+            assert result.status == "completed", (result.reason, observer.failed)
+            hold.set()
+            wait_for(lambda: coordinator.study(study_id)["status"] == "completed", "completion")
+            for p in processes[:-1]:
+                assert p.poll() is not None
+            processes[-1].send_signal(signal.SIGTERM)
+            assert processes[-1].wait(60) == 0
+        finally:
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+    assert sorted(observer.rounds) == list(range(1, ROUNDS + 1))
+    used = {r: rs[0].records_used for r, rs in observer.rounds.items()}
+    data, _label = read_records(site_paths(settings)["records"])
+    train = {p for p, test in zip(data.pseudonyms, data.is_test, strict=True) if not test}
+    assert used[1] == used[2] == len(train)
+    assert used[3] == used[4] == len(train) - len(train & set(revoked))
+    assert used[3] < used[2]
+    ledger = open_ledger(store.engine, settings.policy.total_privacy_budget)
+    charges = ledger.charges(study_id)
+    assert [c.round for c in charges] == [1, 2, 3, 4]  # one charge per round, none lost or doubled
+    epsilons = [r.epsilon_total for r in (observer.rounds[k][0] for k in sorted(observer.rounds))]
+    assert [c.epsilon for c in charges] == pytest.approx(epsilons)
+    assert ledger.spent(study_id) == pytest.approx(epsilons[-1]) and epsilons[-1] <= 3.0 + 1e-9
+    assert ledger.total_spent() == pytest.approx(epsilons[-1])
+    with store.sessions() as session:
+        rows = session.execute(select(RoundRow.round, RoundRow.epsilon).where(RoundRow.study_id == study_id)
+                               .order_by(RoundRow.round)).tuples().all()
+    assert [r for r, _e in rows] == [1, 2, 3, 4]
+    assert [e for _r, e in rows] == pytest.approx(epsilons)
