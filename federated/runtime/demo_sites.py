@@ -44,11 +44,13 @@ def provision_sites(root: Path, *, dataset: str = "breast_cancer",
                     hospitals: Sequence[str] = ("hospital-a", "hospital-b", "hospital-c"),
                     consenting: dict[str, float] | None = None, budgets: dict[str, float] | None = None,
                     categories: Sequence[str] = ("labs", "imaging"),
+                    categories_by_hospital: dict[str, Sequence[str]] | None = None,
                     reward_every: int = 4) -> dict[str, DemoSite]:
     """One site per hospital under `root/<hospital>/`.
 
     `consenting[h]`: share of h's records with a permitting contract (default 1.0; 0 gives a
     hospital whose patients all refused). `budgets[h]`: h's total epsilon budget (default 100).
+    Contracts permit the data `categories` (per hospital: `categories_by_hospital[h]`).
     Every `reward_every`-th consenting record names a pseudonymous reward account.
     """
     from sqlalchemy import create_engine
@@ -72,7 +74,8 @@ def provision_sites(root: Path, *, dataset: str = "breast_cancer",
             if i >= n_consent:
                 continue
             reward = f"reward:{h}-{i}" if i % reward_every == 0 else None
-            signed = sign(_contract(p, h, categories, reward), issuer)
+            permitted = (categories_by_hospital or {}).get(h, categories)
+            signed = sign(_contract(p, h, permitted, reward), issuer)
             contracts[p] = signed.contract  # as stored: with the issuer key stamped in
             lines.append(json.dumps(signed.to_json()))
         (base / "contracts.jsonl").write_text("\n".join(lines) + ("\n" if lines else ""))

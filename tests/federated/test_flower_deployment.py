@@ -1,0 +1,188 @@
+"""The real deployment: a SuperLink and three SuperNodes (each with its warm executor) as separate
+processes on loopback, with TLS and SuperNode authentication on, and the study's ServerApp run
+in-process by `run_study` as the coordinator runs it.
+
+One federation serves the whole module (starting it costs ~20 s on 2 cores); each test runs its
+own study on it. The sites are set up so that every scenario is independent of the others:
+hospital-c's patients consented to "labs" only, hospital-b's total privacy budget is 10 (the
+studies of epsilon 3 fit, one of 12 never does).
+The dropout test kills hospital-c and therefore runs last.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import create_engine
+
+from federated.privacy_ledger import PrivacyLedger
+from federated.receipts import verify_receipt
+from federated.runtime.demo_sites import DemoSite, approve, demo_spec, provision_sites
+from federated.runtime.deployment import LocalFederation, free_port, write_node_config
+from federated.runtime.server_runner import StudyResult, run_study
+from federated.runtime.settings import RuntimeSettings, flower_env
+from federated.runtime.tls import generate_node_keys, generate_tls
+from federated.study_spec import StudySpec
+
+pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.timeout(300)]
+
+LABS = ["mean radius", "mean texture", "mean perimeter", "mean area", "mean smoothness", "mean compactness",
+        "mean concavity", "mean concave points", "mean symmetry", "mean fractal dimension"]
+LABS_AND_IMAGING = [*LABS, "worst radius", "worst texture", "worst concave points"]
+
+
+class RecordingObserver:
+    def __init__(self, hook: Any = None) -> None:
+        self.rounds: list[tuple[int, dict[str, float], list[Any]]] = []
+        self.completed: tuple[Path, str] | None = None
+        self.failed: list[str] = []
+        self.hook = hook
+
+    def on_round(self, round: int, metrics: Any, receipts: Any) -> None:
+        self.rounds.append((round, dict(metrics), list(receipts)))
+        if self.hook is not None:
+            self.hook(round)
+
+    def on_complete(self, model_path: Path, sha256: str) -> None:
+        self.completed = (model_path, sha256)
+
+    def on_failed(self, reason: str) -> None:
+        self.failed.append(reason)
+
+
+@dataclass
+class Deployment:
+    federation: LocalFederation
+    sites: dict[str, DemoSite]
+    root: Path
+
+    def run(self, spec: StudySpec, observer: RecordingObserver) -> StudyResult:
+        for demo in self.sites.values():
+            approve(demo.site, spec.study_id)
+        tls = self.federation.superlink.tls
+        assert tls is not None
+        return run_study(self.federation.superlink.address, spec, observer, self.root / "models",
+                         root_certificates=tls.root_certificates(), settings=self.federation.settings,
+                         hospital_keys={h: d.signer.public_key for h, d in self.sites.items()})
+
+    def ledger(self, hospital: str) -> PrivacyLedger:
+        return PrivacyLedger(create_engine(self.sites[hospital].site.ledger_url))
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    root = tmp_path_factory.mktemp("flower")
+    sites = provision_sites(root / "sites", categories_by_hospital={"hospital-c": ["labs"]},
+                            budgets={"hospital-b": 10.0})
+    tls = generate_tls(root / "tls")
+    keys = {h: generate_node_keys(root / "node-keys", h) for h in sites}
+    federation = LocalFederation(root / "fed", {h: d.site.node_config() for h, d in sites.items()},
+                                 settings=RuntimeSettings(), tls=tls, supernode_auth=True, node_keys=keys)
+    with federation:
+        yield Deployment(federation, sites, root)
+    # teardown ran even if a test failed: nothing of ours may be left running
+    assert all(not p.alive() for p in federation.processes())
+
+
+def test_dp_study_end_to_end_with_a_hospital_without_consented_records(deployment: Deployment) -> None:
+    """A 3-round DP study (PRV accountant) over labs and imaging columns. hospital-c's patients
+    consented to "labs" only, so it has no consented records: it answers "no data" every round,
+    is not a contribution and spends no privacy; the other two carry the study."""
+    from federated.templates import get_template
+    from federated.weights import sha256_file
+
+    spec = demo_spec("e2e", columns=LABS_AND_IMAGING, epsilon=3.0, rounds=3, min_hospitals=2,
+                     round_timeout_s=120)
+    observer = RecordingObserver()
+    result = deployment.run(spec, observer)
+    assert result.status == "completed", (result.reason, observer.failed)
+    assert observer.failed == []
+    assert [r for r, _, _ in observer.rounds] == [1, 2, 3]
+    contributors = ["hospital-a", "hospital-b"]
+    for round_, metrics, receipts in observer.rounds:
+        assert metrics["contributors"] == 2 and metrics["no_data"] == 1 and metrics["dropped"] == 0
+        assert sorted(r.hospital.removeprefix("hospital:") for r in receipts) == contributors
+        for r in receipts:  # signed by each hospital's own key, for this study and round
+            key = deployment.sites[r.hospital.removeprefix("hospital:")].signer.public_key
+            verify_receipt(r.to_bytes(), key, study_id="e2e", round=round_)
+    assert deployment.ledger("hospital-c").plan("e2e") is None  # the no-data hospital spent nothing
+    # the model file is what the observer was told
+    assert result.model_path is not None and observer.completed == (result.model_path, result.sha256)
+    assert sha256_file(result.model_path) == result.sha256
+    # privacy: each contributor's ledger holds what its last receipt says, within the study's target
+    last = {r.hospital.removeprefix("hospital:"): r for r in observer.rounds[-1][2]}
+    for h in contributors:
+        spent = deployment.ledger(h).spent("e2e")
+        assert spent == pytest.approx(last[h].epsilon_total)
+        assert 0.9 * spec.epsilon <= spent <= spec.epsilon
+    # utility: better than always predicting the majority class, on the contributors' hold-out data
+    parts = [deployment.sites[h].site.records()[0] for h in contributors]
+    y_train = np.concatenate([p.train().y for p in parts])
+    y_test = np.concatenate([p.test().y for p in parts])
+    baseline = get_template(spec.template).trivial_baseline(y_train, np.zeros((len(y_test), 1)), y_test)
+    final = observer.rounds[-1][1]
+    assert final["eval_examples"] == len(y_test) and final["eval_hospitals"] == 2
+    assert final["eval_accuracy"] > baseline["accuracy"] + 0.1, (final, baseline)
+    # the per-round time breakdown is recorded
+    assert all(m["round_wall_s"] >= m["train_compute_max_s"] > 0 for _, m, _ in observer.rounds)
+
+
+def test_study_that_would_overspend_is_refused(deployment: Deployment) -> None:
+    before = deployment.ledger("hospital-b").total_spent()
+    spec = demo_spec("overspend", columns=LABS, epsilon=12.0, rounds=2, min_hospitals=3, accountant="rdp",
+                     round_timeout_s=120)
+    observer = RecordingObserver()
+    result = deployment.run(spec, observer)
+    assert result.status == "failed" and observer.completed is None
+    assert observer.failed == [result.reason]
+    assert result.reason.startswith("round 1: 2 hospital(s) contributed, the study needs 3")
+    assert "hospital-b: refused (privacy budget" in result.reason
+    assert deployment.ledger("hospital-b").total_spent() == before
+    assert deployment.ledger("hospital-b").plan("overspend") is None
+
+
+def test_unregistered_supernode_is_refused(deployment: Deployment) -> None:
+    """With SuperNode authentication on, a node whose key was not registered cannot join."""
+    root = deployment.root / "intruder"
+    keys = generate_node_keys(root, "intruder")
+    tls = deployment.federation.superlink.tls
+    assert tls is not None
+    config = write_node_config(root / "node.toml", deployment.sites["hospital-a"].site.node_config())
+    proc = subprocess.run(
+        [sys.executable, "-m", "federated.runtime.supernode_main", "--superlink",
+         deployment.federation.superlink.address, "--root-certificates", str(tls.ca_cert),
+         "--auth-supernode-private-key", str(keys.private_key), "--isolation", "process",
+         "--port", str(free_port()), "--node-config", str(config), "--max-retries", "0"],
+        env=flower_env(root / "home"), capture_output=True, timeout=120, check=False)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert len(deployment.federation.superlink.online_node_ids()) == 3
+
+
+def test_hospital_dropping_out_mid_study(deployment: Deployment) -> None:
+    """hospital-c's SuperNode and executor are killed (SIGKILL) during the study: the SuperLink
+    still lists the node for ~40 s, so its messages time out and it counts as dropped."""
+    node_c = deployment.federation.nodes["hospital-c"]
+
+    def kill_c(round_: int) -> None:  # on_round(1) arrives with round 2's replies
+        if round_ == 1:
+            node_c.kill()
+
+    # the timeout must cover round 1, where each hospital also calibrates its noise
+    spec = demo_spec("dropout", columns=LABS, rounds=3, min_hospitals=2, accountant="rdp",
+                     round_timeout_s=12)
+    observer = RecordingObserver(kill_c)
+    result = deployment.run(spec, observer)
+    assert result.status == "completed", result.reason
+    by_round = {r: (m, rc) for r, m, rc in observer.rounds}
+    assert by_round[1][0]["contributors"] == 3
+    metrics, receipts = by_round[3]
+    assert metrics["contributors"] == 2 and metrics["dropped"] >= 1
+    assert "hospital:hospital-c" not in {r.hospital for r in receipts}
+    assert not any(p.alive() for p in node_c.processes())
