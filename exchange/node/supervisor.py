@@ -6,9 +6,12 @@ every state change happens on one thread and can be reasoned about (and so Linux
 parent-death signal, which is tied to the forking thread, stays armed for the daemon's life).
 
 Why the special cases:
-- exit code 305 from a SuperNode means the SuperLink still lists this node as online: after a
-  SIGKILL it keeps it ~40 s (docs/node.md). Restarting sooner only fails again, so that
-  exit waits at least `after_305_s` and keeps doubling like any other failure.
+- Flower exit code 305 (SUPERNODE_CONNECTION_ERROR) from a SuperNode: among others, the
+  SuperLink still lists this node as online: after a SIGKILL it keeps it ~40 s (docs/node.md).
+  Restarting sooner only fails again, so that exit waits at least `after_305_s` and keeps
+  doubling like any other failure. Flower's codes are not process exit statuses (`flwr_exit`
+  exits with status 1 for every error and prints "Exit Code: 305"), so the supervisor reads
+  the code from what the child wrote to its log since it started.
 - children get SIGTERM when the daemon dies, even by SIGKILL (PR_SET_PDEATHSIG), so a
   crashed daemon never leaves a SuperNode holding the ports its successor needs; a
   SuperNode stopped by SIGTERM deregisters, so the next one starts at once.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,6 +65,8 @@ class Child:
     backoff: float = 0.0
     restarts: int = 0
     last_exit: int | None = None
+    flower_exit: int | None = None
+    log_offset: int = 0
 
     @property
     def running(self) -> bool:
@@ -68,7 +74,7 @@ class Child:
 
     def snapshot(self) -> dict[str, Any]:
         return {"running": self.running, "pid": self.process.pid if self.running and self.process else None,
-                "restarts": self.restarts, "last_exit": self.last_exit}
+                "restarts": self.restarts, "last_exit": self.last_exit, "flower_exit": self.flower_exit}
 
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -108,14 +114,16 @@ class Supervisor:
                         child.backoff = self.initial_backoff
                     continue
                 child.last_exit = code
+                child.flower_exit = _flower_exit_code(child)
                 child.process = None
                 delay = child.backoff
-                if code == SUPERLINK_SAYS_STILL_ONLINE:
+                if child.flower_exit == SUPERLINK_SAYS_STILL_ONLINE:
                     delay = max(delay, self.after_305)
                 child.next_start = now + delay
                 child.backoff = min(child.backoff * 2, self.max_backoff)
                 child.restarts += 1
                 self._event("child_exited", {"child": child.spec.name, "exit_code": code,
+                                             "flower_exit_code": child.flower_exit,
                                              "restart_in_s": round(delay, 3)})
             if now >= child.next_start:
                 self._start(child, now)
@@ -127,6 +135,7 @@ class Supervisor:
         if spec.log_file is not None:
             spec.log_file.parent.mkdir(parents=True, exist_ok=True)
             output = spec.log_file.open("ab")
+            child.log_offset = output.tell()
         try:
             child.process = subprocess.Popen(list(spec.argv), env=env, stdin=subprocess.DEVNULL,
                                              stdout=output, stderr=subprocess.STDOUT,
@@ -166,3 +175,22 @@ class Supervisor:
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return {name: child.snapshot() for name, child in self.children.items()}
+
+
+_FLOWER_EXIT = re.compile(rb"Exit Code: (\d+)")
+_LOG_TAIL_BYTES = 64 * 1024
+
+
+def _flower_exit_code(child: Child) -> int | None:
+    """The last "Exit Code: N" Flower printed since this run of the child started, if any."""
+    path = child.spec.log_file
+    if path is None:
+        return None
+    try:
+        with path.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(child.log_offset, size - _LOG_TAIL_BYTES))
+            found = _FLOWER_EXIT.findall(handle.read())
+    except OSError:
+        return None
+    return int(found[-1]) if found else None

@@ -1,0 +1,147 @@
+"""The supervisor with real child processes: restart with exponential backoff, the longer wait
+after exit code 305, clean stop (SIGTERM, then SIGKILL after the grace period), and children
+that die with their parent even when the parent is killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from exchange.node.supervisor import ChildSpec, Supervisor
+from tests.node.helpers import wait_for
+
+PY = sys.executable
+
+
+class Clock:
+    """A clock the test moves by hand: backoff decisions are checked without sleeping on them."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _exit_with(code: int) -> ChildSpec:
+    return ChildSpec(f"exit-{code}", (PY, "-c", f"import sys; sys.exit({code})"))
+
+
+def _wait_exit(supervisor: Supervisor, name: str) -> None:
+    child = supervisor.children[name]
+    assert child.process is not None
+    child.process.wait(60)
+
+
+def test_failing_child_restarts_with_doubling_backoff() -> None:
+    clock = Clock()
+    events: list[tuple[str, dict[str, Any]]] = []
+    sup = Supervisor(initial_backoff_s=1.0, max_backoff_s=4.0, after_305_s=10.0, clock=clock,
+                     on_event=lambda e, d: events.append((e, d)))
+    sup.want(_exit_with(3))
+    delays = []
+    for _ in range(4):
+        sup.tick()  # starts it
+        _wait_exit(sup, "exit-3")
+        sup.tick()  # notices the exit, schedules the restart
+        child = sup.children["exit-3"]
+        delays.append(child.next_start - clock.now)
+        assert not child.running and child.last_exit == 3
+        clock.now = child.next_start - 0.01
+        sup.tick()
+        assert child.process is None  # not before its time
+        clock.now = child.next_start
+    assert delays == [1.0, 2.0, 4.0, 4.0]
+    assert sup.children["exit-3"].restarts == 4
+    assert [d["exit_code"] for e, d in events if e == "child_exited"] == [3, 3, 3, 3]
+
+
+def test_flower_exit_305_waits_for_the_superlink_to_forget_the_node(tmp_path: Path) -> None:
+    """flwr_exit(305) prints "Exit Code: 305" and exits with status 1 (as flwr 1.42 does)."""
+    clock = Clock()
+    sup = Supervisor(initial_backoff_s=1.0, max_backoff_s=60.0, after_305_s=10.0, clock=clock)
+    sup.want(ChildSpec("supernode", (PY, "-c", "import sys; print('Exit Code: 305'); sys.exit(1)"),
+                       log_file=tmp_path / "supernode.log"))
+    sup.tick()
+    _wait_exit(sup, "supernode")
+    sup.tick()
+    child = sup.children["supernode"]
+    assert (child.last_exit, child.flower_exit) == (1, 305)
+    assert child.next_start - clock.now == 10.0
+    # the next run fails differently: the old 305 in the same log file does not count again
+    sup.children["supernode"] = type(child)(spec=ChildSpec("supernode", (PY, "-c", "import sys; sys.exit(1)"),
+                                                           log_file=tmp_path / "supernode.log"),
+                                            backoff=1.0)
+    sup.tick()
+    _wait_exit(sup, "supernode")
+    sup.tick()
+    assert sup.children["supernode"].flower_exit is None
+    assert sup.children["supernode"].next_start - clock.now == 1.0
+
+
+def test_stop_all_terminates_and_kills_the_stubborn(tmp_path: Path) -> None:
+    ignores_term = ChildSpec("stubborn", (PY, "-c", textwrap.dedent("""
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("ready", flush=True)
+        time.sleep(600)
+    """)), log_file=tmp_path / "stubborn.log")
+    polite = ChildSpec("polite", (PY, "-c", "import time; print('ready', flush=True); time.sleep(600)"),
+                       log_file=tmp_path / "polite.log")
+    events: list[str] = []
+    sup = Supervisor(on_event=lambda e, d: events.append(f"{e}:{d.get('child')}"))
+    sup.want(ignores_term)
+    sup.want(polite)
+    sup.tick()
+    wait_for(lambda: "ready" in (tmp_path / "stubborn.log").read_text()
+             and "ready" in (tmp_path / "polite.log").read_text(), "children up")
+    pids = [c.process.pid for c in sup.children.values() if c.process]
+    sup.stop_all(grace_s=1.0)
+    assert sup.children["polite"].last_exit == -signal.SIGTERM
+    assert sup.children["stubborn"].last_exit == -signal.SIGKILL
+    assert "child_killed:stubborn" in events and "child_killed:polite" not in events
+    for pid in pids:
+        assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_children_die_with_a_parent_killed_by_sigkill(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([PY, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from exchange.node.supervisor import ChildSpec, Supervisor
+        sup = Supervisor()
+        sup.want(ChildSpec("sleeper", ({PY!r}, "-c", "import time; time.sleep(600)")))
+        sup.tick()
+        Path({str(pid_file)!r}).write_text(str(sup.children["sleeper"].process.pid))
+        time.sleep(600)
+    """)])
+    try:
+        child_pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), "the child"))
+        assert _alive(child_pid)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+        wait_for(lambda: not _alive(child_pid) or _zombie(child_pid), "the orphan to get SIGTERM")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
