@@ -208,6 +208,8 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing folder.")] = False,
 ) -> None:
     """Export the log in a database: the entries covered by its latest checkpoint."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from audit.store import AuditStoreError, read_entries, read_latest_checkpoint
 
     try:
@@ -223,10 +225,8 @@ def export(
         raise _unusable(f"{db}: latest checkpoint does not verify with {trust}: {exc}") from exc
     except (ExportError, AuditStoreError, ValueError) as exc:
         raise _unusable(str(exc)) from exc
-    except Exception as exc:  # a database driver error: cannot read the log at all
-        if type(exc).__module__.split(".")[0] in ("sqlalchemy", "psycopg", "sqlite3"):
-            raise _unusable(f"{db}: cannot read the log ({exc})") from exc
-        raise
+    except SQLAlchemyError as exc:  # a bad URL or a database that cannot be read
+        raise _unusable(f"{db}: cannot read the log ({exc})") from exc
     if count != checkpoint.size:
         raise _unusable(f"{db}: the checkpoint covers {checkpoint.size} entries but only {count} "
                         f"could be read")

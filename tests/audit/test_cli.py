@@ -224,6 +224,10 @@ def test_export_from_a_database_without_the_log_is_unusable(sqlite_url: str, tmp
     code, _, stderr = run("export", "--db", sqlite_url, "--out", str(tmp_path / "x"),
                           "--trust", str(trust))
     assert code == 2 and "do not exist" in stderr
+    code, _, stderr = run("export", "--db", "nonsense://", "--out", str(tmp_path / "y"),
+                          "--trust", str(trust))
+    assert code == 2 and "unusable input" in stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_console_script_exit_codes(export: Path, tmp_path: Path) -> None:
