@@ -493,7 +493,7 @@ def entry_from_leaf(leaf: bytes) -> Entry:
         obj = json.loads(leaf)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedEntryError(f"leaf: not JSON ({exc})") from exc
-    return replace(Entry.from_json(obj), _leaf=bytes(leaf))
+    return replace(envelope_from_json(obj), _leaf=bytes(leaf))
 
 
 def _size(connection: Connection) -> int:

@@ -1,6 +1,6 @@
 """Durable append throughput of the audit store vs Ed25519 signing plus group fsync of the same bytes.
 
-    .venv/bin/python -m tests.bench.bench_audit_append              # SQLite, 20,000 entries
+    .venv/bin/python -m tests.bench.bench_audit_append              # SQLite, 10,000 entries
     .venv/bin/python -m tests.bench.bench_audit_append --quick      # SQLite, 2,000 entries
     .venv/bin/python -m tests.bench.bench_audit_append --postgres   # PostgreSQL at 127.0.0.1:5432
 
@@ -15,7 +15,8 @@ a time, each waiting for its acknowledgement before the next.
   writer thread that appends every waiting record to a plain file and fsyncs once per group
   (the same group-commit structure), then acknowledge.
 
-Target: store >= 50 % of the baseline. Both files live in one temporary folder on the same disk.
+Target: store >= 50 % of the baseline. The SQLite database and the baseline file live in one
+temporary folder (same disk).
 Also printed: the store appending pre-signed entries (signing excluded) for reference.
 """
 
@@ -161,17 +162,17 @@ def run_once(url: str, folder: Path, keys: LogKeys, total: int, threads: int,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2,000 entries")
+    parser.add_argument("--quick", action="store_true", help="2,000 entries (default 10,000)")
     parser.add_argument("--entries", type=int, default=None)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is reported")
     parser.add_argument("--postgres", action="store_true",
                         help=f"PostgreSQL (a temporary database via {PG_ADMIN_DSN})")
     args = parser.parse_args(argv)
-    total = args.entries or (2_000 if args.quick else 20_000)
+    total = args.entries or (2_000 if args.quick else 10_000)
     keys = LogKeys.generate()
     results = []
-    with tempfile.TemporaryDirectory(dir=Path.cwd(), prefix=".bench-audit-") as tmp, \
+    with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp, \
             _database(args.postgres, Path(tmp)) as url:
         for run in range(args.repeat):
             results.append(run_once(url, Path(tmp), keys, total, args.threads, run))
