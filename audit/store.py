@@ -360,14 +360,13 @@ def _sqlite_durability(dbapi_connection: Any, _record: Any) -> None:
 def make_audit_engine(url: str) -> Engine:
     """An engine for reading or exporting a log by URL (`audit export --db URL`).
 
-    SQLite gets WAL and synchronous=FULL, like the coordinator's engines.
+    Reading only: no PRAGMA that writes (the journal mode is whatever the coordinator set),
+    so a read-only copy of a SQLite file can be exported too.
     """
     url = normalize_url(url)
     if make_url(url).get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S,
-                                                  "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_durability)
-        return engine
+        return create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S,
+                                                "check_same_thread": False})
     return create_engine(url, pool_pre_ping=True)
 
 
