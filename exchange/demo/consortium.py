@@ -135,6 +135,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         _PRCTL(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG: never outlive the demo, even on kill -9
 
 
+#: where route_logs_to_file sends this process's logs (set on its first call)
+_LOG_FILE: dict[str, Path] = {}
+
+
 def route_logs_to_file(path: Path) -> None:
     """Send this process's log output (structlog events of the coordinator and the runner,
     stdlib loggers of Litestar, httpx and Flower) to `path`, so the terminal shows only the
@@ -144,13 +148,14 @@ def route_logs_to_file(path: Path) -> None:
 
     import structlog
 
+    _LOG_FILE["path"] = path
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     loggers = [root, *(logger for logger in logging.root.manager.loggerDict.values()
                        if isinstance(logger, logging.Logger))]
     for logger in loggers:
-        for handler in list(logger.handlers):
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+        for handler in list(logger.handlers):  # console, queue (Litestar) and Alembic handlers
+            if not isinstance(handler, logging.FileHandler):
                 logger.removeHandler(handler)
         if logger is not root:
             logger.propagate = True
@@ -182,6 +187,8 @@ def exchange_cli(*args: str) -> str:
             code = exc.code
         except Exception as exc:  # click usage errors and the like
             raise DemoError(f"`exchange {' '.join(args)}` failed: {exc}\n{err.getvalue()}") from exc
+    if "path" in _LOG_FILE:
+        route_logs_to_file(_LOG_FILE["path"])  # migrations (Alembic) reconfigure logging to stderr
     if code not in (None, 0):
         raise DemoError(f"`exchange {' '.join(args)}` exited {code}: {err.getvalue().strip()}")
     return out.getvalue()
@@ -255,16 +262,18 @@ class Consortium:
         cfg = self.config
         cfg.work.mkdir(parents=True, exist_ok=True)
         with self.phase("coordinator"):
-            superlink_thread = threading.Thread(target=self._start_superlink, name="superlink", daemon=True)
-            superlink_thread.start()
+            superlink_thread = self._start_superlink()
             self.start_coordinator()
         with self.phase("hospitals join"):
-            self.setup_hospitals()
-            superlink_thread.join()
-            if self.superlink is None or self._superlink_error is not None:
-                raise DemoError(f"the SuperLink did not start: {self._superlink_error}")
-            self.start_daemons()
+            self.init_hospitals()
+            self.start_daemons()  # they boot while the data is imported
+        with self.phase("data import"):
+            self.import_hospital_data()
         with self.phase("study submitted"):
+            superlink_thread.join()
+            if self._superlink_error is not None:
+                raise DemoError(f"the SuperLink did not start: {self._superlink_error}")
+            self.register_flower_keys()
             self.submit_study()
         with self.phase("hospitals decide"):
             self.wait_for_decisions()
@@ -281,20 +290,27 @@ class Consortium:
     # -- coordinator --------------------------------------------------------------------------
     _superlink_error: str | None = None
 
-    def _start_superlink(self) -> None:
+    def _start_superlink(self) -> threading.Thread:
+        """TLS files and the SuperLink's address now (node configs need them); the process
+        itself starts in a thread while the coordinator and the hospitals are set up."""
         from federated.runtime.deployment import SuperLinkProcess
         from federated.runtime.tls import generate_tls
 
-        try:
-            # TLS and SuperNode authentication on, as in production: each hospital's Flower key
-            # is registered with the SuperLink by the operator (start_daemons).
-            self.tls = generate_tls(self.config.work / "tls")
-            superlink = SuperLinkProcess(self.config.work / "superlink", tls=self.tls, supernode_auth=True)
-            superlink.workdir.mkdir(parents=True, exist_ok=True)
-            self.superlink = superlink
-            superlink.start()
-        except Exception as exc:
-            self._superlink_error = str(exc)
+        # TLS and SuperNode authentication on, as in production: each hospital's Flower key is
+        # registered with the SuperLink by the operator (register_flower_keys).
+        self.tls = generate_tls(self.config.work / "tls")
+        self.superlink = SuperLinkProcess(self.config.work / "superlink", tls=self.tls, supernode_auth=True)
+        self.superlink.workdir.mkdir(parents=True, exist_ok=True)
+
+        def start() -> None:
+            try:
+                self.superlink.start()
+            except Exception as exc:
+                self._superlink_error = str(exc)
+
+        thread = threading.Thread(target=start, name="superlink", daemon=True)
+        thread.start()
+        return thread
 
     @property
     def superlink_address(self) -> str:
@@ -340,37 +356,57 @@ class Consortium:
         self.progress.event(f"coordinator on {self.url} ({self.db_url.split(':', 1)[0]})")
 
     # -- hospitals ----------------------------------------------------------------------------
-    def setup_hospitals(self) -> None:
+    def init_hospitals(self) -> None:
+        """`exchange node init` per hospital, the steward's node.toml, and the operator's
+        registration of the hospital with what `init` printed."""
         from exchange.coordinator.schemas import HospitalCreate
-        from federated.data import load_federated
 
-        cfg = self.config
-        parts = {p.hospital_id: p for p in load_federated("breast_cancer", len(HOSPITALS),
-                                                           hospital_ids=HOSPITALS)}
         coordinator = self.runtime.coordinator
-        for index, hospital_id in enumerate(HOSPITALS):
-            h = Hospital(hospital_id, cfg.work / hospital_id, free_port(), Signer.generate())
+        for hospital_id in HOSPITALS:
+            h = Hospital(hospital_id, self.config.work / hospital_id, free_port(), Signer.generate())
             self.hospitals[hospital_id] = h
             self.progress.hospitals[hospital_id] = {"state": "init"}
             self.on_update()
             identity = json.loads(exchange_cli("node", "init", "--dir", str(h.dir), "--hospital-id",
                                                hospital_id, "--coordinator", self.url, "--json"))
             self._write_node_config(h)
-            # The operator registers the hospital with what `exchange node init` printed.
             coordinator.register_hospital(HospitalCreate(
                 id=hospital_id, organisation_id=HOSPITAL_ORG, name=f"Hospital {hospital_id[-1].upper()}",
                 signing_public_key=identity["public_key"], flower_public_key=identity["flower_public_key"]))
-            records_csv, mapping = self._write_records(h, parts[hospital_id])
+            self.progress.hospitals[hospital_id]["state"] = "registered"
+        self.progress.event(f"{len(HOSPITALS)} hospital nodes initialised and registered by the operator")
+
+    def import_hospital_data(self) -> None:
+        """Each hospital imports its part of the data and its patients' consent contracts with
+        the node's own commands."""
+        from federated.data import load_federated
+
+        parts = {p.hospital_id: p for p in load_federated("breast_cancer", len(HOSPITALS),
+                                                           hospital_ids=HOSPITALS)}
+        for index, h in enumerate(self.hospitals.values()):
+            data = parts[h.id]
+            records_csv, mapping = self._write_records(h, data)
             exchange_cli("node", "import-data", str(records_csv), "--mapping", str(mapping),
                          "--config", str(h.config))
-            consent_dir = self._write_contracts(h, list(parts[hospital_id].pseudonyms), cfg.seed + index)
+            consent_dir = self._write_contracts(h, list(data.pseudonyms), self.config.seed + index)
             exchange_cli("node", "consent", "import", str(consent_dir), "--config", str(h.config))
-            self.progress.hospitals[hospital_id] = {"state": "data imported",
-                                                    "records": len(parts[hospital_id]),
-                                                    "contracts": len(h.contracts)}
-            self.progress.event(f"{hospital_id}: {len(parts[hospital_id])} records, "
-                                f"{len(h.contracts)} consent contracts imported")
+            self.progress.hospitals[h.id].update(records=len(data), contracts=len(h.contracts))
+            self.progress.event(f"{h.id}: {len(data)} records, {len(h.contracts)} consent contracts "
+                                "imported")
             self.on_update()
+
+    def register_flower_keys(self) -> None:
+        """The operator registers each hospital's Flower public key (from `node init`) with the
+        SuperLink; a SuperNode with an unregistered key is refused."""
+        from federated.runtime.tls import register_supernode
+
+        assert self.superlink is not None
+        control = self.superlink.control_client()
+        try:
+            for h in self.hospitals.values():
+                register_supernode(control, self._settings(h).flower_public_key_path, name=h.id)
+        finally:
+            control.close()
 
     def _settings(self, h: Hospital) -> Any:
         from exchange.node.settings import load_node_settings
@@ -435,18 +471,8 @@ class Consortium:
     def start_daemons(self) -> None:
         """`exchange node run` per hospital, each its own process (own session, so a Ctrl-C at
         the terminal reaches only the demo, which then stops them in order)."""
-        from federated.runtime.tls import register_supernode
-
         env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-        control = self.superlink.control_client()
-        try:
-            for h in self.hospitals.values():
-                # The operator registers the hospital's Flower public key (from `node init`).
-                register_supernode(control, self._settings(h).flower_public_key_path, name=h.id)
-        finally:
-            control.close()
         for h in self.hospitals.values():
-            self._write_node_config(h)  # now with the SuperLink's address and CA
             with h.log_path.open("ab") as log_file:
                 h.process = subprocess.Popen(
                     [sys.executable, "-m", "exchange.cli", "node", "run", "--config", str(h.config)],
@@ -455,6 +481,7 @@ class Consortium:
             self.progress.hospitals[h.id]["state"] = "daemon starting"
         self.on_update()
 
+    def wait_for_daemons(self) -> None:
         def registered() -> bool:
             done = True
             for h in self.hospitals.values():
@@ -508,6 +535,8 @@ class Consortium:
             return dict(api.get(f"/v1/studies/{self.study_id}"))
 
     def wait_for_decisions(self) -> None:
+        self.wait_for_daemons()
+
         def decided() -> bool:
             study = self.study()
             self.progress.status = str(study["status"])
@@ -562,7 +591,7 @@ class Consortium:
                 self.on_update()
                 return status in TERMINAL
 
-            self._wait(step, "the study to finish", self.config.timeout_s, interval=0.25)
+            self._wait(step, "the study to finish", self.config.timeout_s, interval=0.5)
         finally:
             for ledger in ledgers.values():
                 ledger.engine.dispose()
