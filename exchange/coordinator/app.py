@@ -31,7 +31,7 @@ from sqlalchemy import Connection, Engine, event
 
 from audit.signing import Signer
 from audit.store import AuditLog
-from exchange.coordinator import problems, routes
+from exchange.coordinator import problems, routes, vocabulary
 from exchange.coordinator.auditing import TransactionalAppender
 from exchange.coordinator.runner import StudyRunner
 from exchange.coordinator.services import Coordinator, Principal, Terms
@@ -224,6 +224,9 @@ def create_app(runtime: Runtime, *, debug: bool = False,
         # Litestar passes strict=False to model_validate unless told: keep the models strict.
         plugins=[PydanticPlugin(validate_strict=True)],
         response_cache_config=ResponseCacheConfig(),
+        # The template registry imports torch (seconds): load it before serving, not inside the
+        # first POST /v1/studies, where it would stall the event loop.
+        on_startup=[vocabulary.templates],
         on_shutdown=[runtime.close, *(on_shutdown or [])],
         debug=debug,
     )

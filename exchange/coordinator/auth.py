@@ -53,7 +53,8 @@ async def authenticate(request: Request[Any, Any, Any]) -> Principal:
         if token is None:
             raise unauthorized("authentication required: an API key (Authorization: Bearer ... "
                                "or X-API-Key) or a signed request")
-        found = await anyio.to_thread.run_sync(coordinator.authenticate_api_key, token)
+        found = coordinator.cached_principal(token) or \
+            await anyio.to_thread.run_sync(coordinator.authenticate_api_key, token)
         if found is None:
             raise unauthorized("API key unknown or revoked")
         principal = found

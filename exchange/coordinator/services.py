@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -114,6 +115,10 @@ class Coordinator:
         self.handles: dict[str, RunHandle] = {}
         self._handles_lock = threading.Lock()
         self.on_change: Callable[[str], None] = lambda _kind: None
+        # token SHA-256 -> (principal, monotonic expiry). A revocation in this process clears it
+        # at once; one made by another process (exchange admin) takes effect within the TTL.
+        self._key_cache: dict[str, tuple[Principal, float]] = {}
+        self.key_cache_ttl = 2.0
 
     # ------------------------------------------------------------------ plumbing
     @contextmanager
@@ -221,6 +226,7 @@ class Coordinator:
                 raise problems.conflict(f"API key {prefix!r} is already revoked")
             key.revoked_at = now()
             self._append(session, self._sign("apikey.revoke", {"prefix": prefix}))
+        self._key_cache.clear()
         return key
 
     def list_api_keys(self, offset: int, limit: int) -> tuple[list[ApiKey], int]:
@@ -228,6 +234,13 @@ class Coordinator:
             total = session.scalar(select(func.count()).select_from(ApiKey)) or 0
             rows = session.scalars(select(ApiKey).order_by(ApiKey.id).offset(offset).limit(limit)).all()
         return list(rows), total
+
+    def cached_principal(self, token: str) -> Principal | None:
+        """A recent successful authentication of this exact token, if still fresh (no I/O)."""
+        hit = self._key_cache.get(hash_secret(token))
+        if hit is None or hit[1] < time.monotonic():
+            return None
+        return hit[0]
 
     def authenticate_api_key(self, token: str) -> Principal | None:
         parts = token.split("_")
@@ -240,8 +253,12 @@ class Coordinator:
             return None
         if not secrets.compare_digest(key.secret_sha256, hash_secret(token)):
             return None
-        return Principal(role=key.role, ref=f"apikey:{prefix}", organisation_id=key.organisation_id,
-                         researcher_id=key.researcher_id)
+        principal = Principal(role=key.role, ref=f"apikey:{prefix}", organisation_id=key.organisation_id,
+                              researcher_id=key.researcher_id)
+        if len(self._key_cache) > 10_000:
+            self._key_cache.clear()
+        self._key_cache[key.secret_sha256] = (principal, time.monotonic() + self.key_cache_ttl)
+        return principal
 
     def register_hospital(self, data: HospitalCreate) -> Hospital:
         public = b64decode(data.signing_public_key)

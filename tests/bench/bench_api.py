@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from litestar import Litestar, Response, get, post
 
 STUDY = {"title": "Benchmark study", "purpose": "DUO:0000042", "commercial": False,
          "ethics_approval": True, "data_categories": ["labs"], "columns": {"labs": ["a", "b", "c"]},
@@ -67,7 +68,6 @@ def _config(directory: Path) -> Any:
 def serve_bare(directory: Path, port: int) -> None:
     """The baseline: same framework, same database kind and durability, nothing else."""
     import uvicorn
-    from litestar import Litestar, Response, get, post
     from sqlalchemy import JSON, Column, MetaData, String, Table, insert, select
 
     from exchange.coordinator.app import _write_engine
@@ -195,6 +195,7 @@ def main() -> None:
             try:
                 headers = auth if kind == "coordinator" else {}
                 asyncio.run(_load(f"{base}/v1/studies/{study_id}", "GET", headers, None, 1.0, 4))  # warm up
+                asyncio.run(_load(f"{base}/v1/studies", "POST", headers, STUDY, 1.0, 4))
                 results[f"{kind} GET"] = asyncio.run(_load(f"{base}/v1/studies/{study_id}", "GET", headers,
                                                            None, seconds, args.connections))
                 results[f"{kind} POST"] = asyncio.run(_load(f"{base}/v1/studies", "POST", headers, STUDY,
