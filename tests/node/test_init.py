@@ -71,3 +71,19 @@ def test_unreadable_key_permissions_are_refused(node_dir: Path) -> None:
     settings.signing_key_path.chmod(0o644)
     with pytest.raises(PermissionError):
         Signer.load(settings.signing_key_path)
+
+
+def test_status_of_a_fresh_node(node_dir: Path, runner: CliRunner) -> None:
+    config = ["--config", str(node_dir / "node.toml")]
+    table = runner.invoke(app, ["node", "status", *config])
+    assert table.exit_code == 0, table.output
+    assert "daemon: never started" in table.output and "left 20 of 20" in table.output
+    report = json.loads(runner.invoke(app, ["node", "status", "--json", *config]).output)
+    assert report["privacy"] == {"total": 20.0, "spent": 0.0, "reserved": 0.0, "left": 20.0}
+    assert report["studies"] == [] and report["records"] == 0 and report["registered"] is False
+
+
+def test_missing_config_is_a_clear_error(tmp_path: Path, runner: CliRunner) -> None:
+    result = runner.invoke(app, ["node", "status", "--config", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 1
+    assert "node config not found" in " ".join(result.output.split())
