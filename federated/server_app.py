@@ -36,7 +36,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from federated.receipts import Receipt, ReceiptError, parse_receipt, verify_receipt
+from federated.receipts import Receipt, ReceiptError, hospital_account, parse_receipt, verify_receipt
 from federated.study_spec import StudySpec
 
 log = logging.getLogger("federated.server")
@@ -105,7 +105,8 @@ class ServerOptions:
     output_dir: Path
     #: Seconds between polls for replies.
     poll: float = 0.05
-    #: hospital id -> Ed25519 public key; when given, every receipt must verify against it.
+    #: hospital id (or account ``hospital:<id>``) -> Ed25519 public key; when given, every receipt
+    #: must verify against its hospital's key, else the update is not aggregated.
     hospital_keys: Mapping[str, bytes] | None = None
     #: Set to stop the study cleanly at the next phase boundary.
     stop_event: threading.Event = field(default_factory=threading.Event)
@@ -205,7 +206,7 @@ def _decode_reply(node_id: int, message: Message, spec: StudySpec, round_: int,
         if not isinstance(raw, bytes):
             raise ReceiptError("envelope: not bytes")
         if hospital_keys is not None:
-            key = hospital_keys.get(hospital)
+            key = hospital_keys.get(hospital) or hospital_keys.get(hospital_account(hospital))
             if key is None:
                 raise ReceiptError(f"hospital: {hospital!r} has no registered key")
             receipt = verify_receipt(raw, key, study_id=spec.study_id, round=round_, hospital_id=hospital)
