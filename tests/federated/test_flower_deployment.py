@@ -161,7 +161,9 @@ def test_unregistered_supernode_is_refused(deployment: Deployment) -> None:
          "--auth-supernode-private-key", str(keys.private_key), "--isolation", "process",
          "--port", str(free_port()), "--node-config", str(config), "--max-retries", "0"],
         env=flower_env(root / "home"), capture_output=True, timeout=120, check=False)
-    assert proc.returncode != 0, proc.stdout[-2000:]
+    output = (proc.stdout + proc.stderr).decode(errors="replace")
+    assert proc.returncode == 1, output[-2000:]
+    assert "Exit Code: 305" in output  # Flower: could not activate the SuperNode at the SuperLink
     assert len(deployment.federation.superlink.online_node_ids()) == 3
 
 
