@@ -201,6 +201,25 @@ def envelope_from_json(obj: Any) -> Entry:
                  signature=obj["signature"])
 
 
+def decode_signature(text: str) -> bytes:
+    """The 64 signature bytes of an envelope's `signature`, which must be canonical base64.
+
+    The signature field is the one part of a line the signature does not cover: base64 with
+    non-zero padding bits (which `base64.b64decode(validate=True)` accepts) would give a copy of
+    an entry that still verifies but hashes to a different leaf. The store should refuse what
+    this refuses. Raises MalformedEntryError.
+    """
+    try:
+        signature = b64decode(text)
+    except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
+        raise MalformedEntryError("signature: not valid base64") from exc
+    if len(signature) != SIGNATURE_BYTES:
+        raise MalformedEntryError(f"signature: must be {SIGNATURE_BYTES} bytes, got {len(signature)}")
+    if b64encode(signature) != text:
+        raise MalformedEntryError("signature: not canonical base64 (non-zero padding bits)")
+    return signature
+
+
 def signing_input_from_line(line: bytes, entry: Entry) -> bytes:
     """The signed bytes (canonical envelope without "signature"), cut out of the canonical line.
 
@@ -436,16 +455,7 @@ class LogVerifier:
         line = raw[:-1]
         obj = self._parser.parse(line)
         entry = envelope_from_json(obj)
-        try:
-            signature = b64decode(entry.signature)
-        except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
-            raise MalformedEntryError("signature: not valid base64") from exc
-        if len(signature) != SIGNATURE_BYTES:
-            raise MalformedEntryError(f"signature: must be {SIGNATURE_BYTES} bytes, got {len(signature)}")
-        if b64encode(signature) != entry.signature:
-            # The signature field is the one part of a line the signature does not cover: with
-            # non-zero base64 padding bits a copy would verify yet hash to a different leaf.
-            raise MalformedEntryError("signature: not canonical base64 (non-zero padding bits)")
+        signature = decode_signature(entry.signature)
         leaf = _sha256(b"\x00" + line).digest()
         short = int.from_bytes(leaf[:8], "big")
         earlier = self._seen.get(short)
