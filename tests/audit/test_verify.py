@@ -342,3 +342,14 @@ def test_write_export_refuses_lines_with_newlines(small: GeneratedLog, tmp_path:
     with pytest.raises(ExportError, match="newline"):
         write_export(tmp_path / "x", [b"a\nb"], small.checkpoint(), small.trust)
     assert not (tmp_path / "x").exists()
+
+
+def test_generated_logs_exercise_every_kind_of_entry() -> None:
+    generated = generate_log(1500, seed=3)
+    kinds = {entry.kind for entry in generated.entries}
+    assert {"key.register", "key.rotate", "key.revoke", "token.mint", "token.transfer",
+            "study.escrow", "study.submitted", "study.decision", "round.receipt",
+            "round.completed", "model.stored", "study.payout", "study.refund"} <= kinds
+    assert generated.entries[0].key_id == generated.operator.key_id
+    report = check(generated, workers=1, batch_size=128)
+    assert report.ok, report.problem
