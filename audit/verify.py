@@ -332,6 +332,8 @@ class _SignatureChecks:
 
 @dataclass
 class SavedState:
+    """The auditor's record of the last checkpoint it accepted (see the module docstring)."""
+
     checkpoint_text: str
     checkpoint: Checkpoint
     leaf_hashes: bytes | None
@@ -351,6 +353,8 @@ def load_state(path: Path, trust: Trust) -> SavedState | None:
             raise ExportError(f"{path}: state file: unsupported or missing version")
         text = obj["checkpoint"]
         leaves = obj.get("leaf_hashes")
+        if not isinstance(text, str) or not isinstance(leaves, str | None):
+            raise ExportError(f"{path}: state file: checkpoint and leaf_hashes must be strings")
         leaf_hashes = None if leaves is None else b64decode(leaves)
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         if isinstance(exc, ExportError):

@@ -308,6 +308,12 @@ def test_state_signed_by_another_log_key_is_unusable(log: GeneratedLog, tmp_path
     state.write_text("{not json")
     with pytest.raises(ExportError, match="malformed"):
         load_state(state, log.trust)
+    state.write_text(json.dumps({"version": 1, "checkpoint": 7}))
+    with pytest.raises(ExportError, match="must be strings"):
+        load_state(state, log.trust)
+    state.write_text(json.dumps({"version": 2, "checkpoint": note}))
+    with pytest.raises(ExportError, match="version"):
+        load_state(state, log.trust)
     assert load_state(tmp_path / "absent.json", log.trust) is None
 
 
