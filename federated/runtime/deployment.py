@@ -96,11 +96,27 @@ class ManagedProcess:
             self.popen.wait(timeout=10)
 
 
+def _die_with_parent_fn() -> Any:
+    """Linux: a pre-exec hook that makes the child get SIGTERM when the thread that started it
+    dies (even by SIGKILL), so a crashed test run or bench never leaves SuperLinks and SuperNodes
+    holding ports. libc is loaded here, in the parent: the hook itself only makes one system call
+    (no imports, no locks), which is what makes `preexec_fn` safe enough with threads around."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+    return lambda: prctl(pr_set_pdeathsig, sigterm)
+
+
 def _spawn(name: str, args: list[str], log_path: Path, env: dict[str, str]) -> ManagedProcess:
+    """Start a child (from the main thread: the parent-death signal follows the spawning thread)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log_file:
         popen = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
+                                 stdin=subprocess.DEVNULL, start_new_session=True,
+                                 preexec_fn=_die_with_parent_fn())  # noqa: PLW1509 (see above)
     return ManagedProcess(name, popen, log_path)
 
 

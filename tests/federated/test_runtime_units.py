@@ -28,14 +28,21 @@ from federated.study_spec import StudySpec, StudySpecError
 
 @pytest.fixture
 def restore_flwr_modules() -> Any:
-    """Undo our patches after a test (they are process-global)."""
+    """Start from flwr's own functions and undo our patches after the test (they are process-global:
+    `run_study` in another test of this process may already have patched the grid module)."""
+    import time
+
     import flwr.superlink.grid.http_grid as hg
     import flwr.supernode.start_client_internal as sci
+    from flwr.supercore.inflatable import inflatable_utils
     from flwr.supernode.runtime import run_clientapp as rc
 
     saved = [(sci, "time", sci.time), (sci, "pull_objects", sci.pull_objects),
              (hg, "pull_objects", hg.pull_objects),
              (rc, "pull_and_inflate_object_from_tree", rc.pull_and_inflate_object_from_tree)]
+    sci.time = time
+    sci.pull_objects = hg.pull_objects = inflatable_utils.pull_objects
+    rc.pull_and_inflate_object_from_tree = inflatable_utils.pull_and_inflate_object_from_tree
     yield sci
     for module, name, value in saved:
         setattr(module, name, value)
@@ -263,3 +270,43 @@ def test_bad_records_or_approvals_file_is_named(tmp_path: Path) -> None:
         site.approved_studies()
     with pytest.raises(SiteConfigError, match=r"^key-path"):
         site.signer()
+
+
+# -- the FAB and the components it names -------------------------------------------------------------
+
+
+def test_fab_declares_our_components_and_study_keys() -> None:
+    from flwr.clientapp import ClientApp
+    from flwr.common.config import get_fab_config
+    from flwr.serverapp import ServerApp
+    from flwr.supercore.object_ref import load_app
+
+    from federated.runtime.executor import EXPECTED_CLIENTAPP_REF
+    from federated.runtime.server_runner import build_fab
+
+    fab, sha = build_fab()
+    config = get_fab_config(fab)["tool"]["flwr"]["app"]
+    assert config["components"] == {"serverapp": "federated.server_app:app",
+                                    "clientapp": EXPECTED_CLIENTAPP_REF}
+    assert config["config"] == {"study-id": "", "study-spec": ""}
+    assert len(sha) == 64 and build_fab()[1] == sha  # reproducible
+    assert isinstance(load_app(config["components"]["serverapp"], ValueError), ServerApp)
+    assert isinstance(load_app(config["components"]["clientapp"], ValueError), ClientApp)
+
+
+def test_executor_reads_the_clientapp_a_fab_declares() -> None:
+    """The warm executor refuses any FAB whose clientapp is not ours (no researcher code runs at a
+    hospital); this is the check it applies."""
+    from flwr.cli.build import build_fab_from_files
+
+    from federated.app import APP_DIR
+    from federated.runtime.executor import WarmExecutor
+
+    ours = (APP_DIR / "pyproject.toml").read_bytes()
+    theirs = ours.replace(b'clientapp = "federated.client_app:app"', b'clientapp = "evil.client:app"')
+    assert theirs != ours
+    executor = WarmExecutor.__new__(WarmExecutor)  # no runtime API needed for the check itself
+    assert executor._declared_clientapp(build_fab_from_files({"pyproject.toml": ours})[0]) == \
+        "federated.client_app:app"
+    assert executor._declared_clientapp(build_fab_from_files({"pyproject.toml": theirs})[0]) == \
+        "evil.client:app"
