@@ -31,13 +31,13 @@ def _render(progress: Any) -> Group:
     for column in ("hospital", "state", "decision", "records", "contracts", "used (record-rounds)",
                    "epsilon"):
         table.add_column(column)
-    for hospital_id, row in progress.hospitals.items():
+    for hospital_id, row in list(progress.hospitals.items()):  # the main thread may add rows
         epsilon = row.get("epsilon")
         table.add_row(hospital_id, str(row.get("state", "-")), str(row.get("decision", "-")),
                       str(row.get("records", "-")), str(row.get("contracts", "-")),
                       str(row.get("records_used", "-")),
                       f"{epsilon:.3f}" if isinstance(epsilon, float) else "-")
-    events = Text("\n".join(progress.events), style="dim")
+    events = Text("\n".join(list(progress.events)), style="dim")
     return Group(head, study, table, events)
 
 
@@ -52,16 +52,16 @@ def _summary(console: Console, report: dict[str, Any], out: Path, wall_s: float)
         rounds.add_row(str(r["round"]), f"{r.get('accuracy', float('nan')):.4f}",
                        f"{r['auroc']:.4f}" if "auroc" in r else "-", str(sum(r["records_used"].values())))
     console.print(rounds)
-    hospitals = Table(title="Hospitals", header_style="bold")
-    for column in ("hospital", "decision", "used", "excluded (by reason)", "epsilon", "noise", "sample rate",
-                   "steps", "tokens paid", "kept", "to reward accounts"):
-        hospitals.add_column(column, justify="right")
+    hospitals = Table(title="Hospitals (records in record-rounds)", header_style="bold")
+    for column in ("hospital", "decision", "used", "excluded", "epsilon", "noise", "q", "steps", "tokens"):
+        hospitals.add_column(column, justify="right", no_wrap=column != "excluded")
     for h in report["hospitals"]:
-        excluded = ", ".join(f"{n} {reason}" for reason, n in h["records_excluded"].items()) or "-"
+        excluded = "\n".join(f"{n} {reason}" for reason, n in h["records_excluded"].items()) or "-"
+        tokens = f"{h['tokens_paid']}" + (f"\n({h['tokens_forwarded']} to {h['reward_accounts_paid']} "
+                                          "reward accts)" if h["tokens_forwarded"] else "")
         hospitals.add_row(h["id"], str(h["decision"]), str(h["records_used"]), excluded,
-                          f"{h['epsilon_spent']:.3f}", f"{h['noise_multiplier']:.3f}",
-                          f"{h['sample_rate']:.4f}", str(h["steps"]), str(h["tokens_paid"]),
-                          str(h["tokens_kept"]), str(h["tokens_forwarded"]))
+                          f"{h['epsilon_spent']:.3f}", f"{h['noise_multiplier']:.2f}",
+                          f"{h['sample_rate']:.3f}", str(h["steps"]), tokens)
     console.print(hospitals)
     for h in report["hospitals"]:
         if h["decision"] == "refuse":

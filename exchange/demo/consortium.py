@@ -243,6 +243,7 @@ class Consortium:
         self.runner: FlowerStudyRunner | None = None
         self.tls: Any = None
         self._stopped = False
+        self._release_superlink = threading.Event()
 
     # -- phases -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -262,7 +263,7 @@ class Consortium:
         cfg = self.config
         cfg.work.mkdir(parents=True, exist_ok=True)
         with self.phase("coordinator"):
-            superlink_thread = self._start_superlink()
+            superlink_started = self._start_superlink()
             self.start_coordinator()
         with self.phase("hospitals join"):
             self.init_hospitals()
@@ -270,7 +271,7 @@ class Consortium:
         with self.phase("data import"):
             self.import_hospital_data()
         with self.phase("study submitted"):
-            superlink_thread.join()
+            superlink_started.wait()
             if self._superlink_error is not None:
                 raise DemoError(f"the SuperLink did not start: {self._superlink_error}")
             self.register_flower_keys()
@@ -290,7 +291,7 @@ class Consortium:
     # -- coordinator --------------------------------------------------------------------------
     _superlink_error: str | None = None
 
-    def _start_superlink(self) -> threading.Thread:
+    def _start_superlink(self) -> threading.Event:
         """TLS files and the SuperLink's address now (node configs need them); the process
         itself starts in a thread while the coordinator and the hospitals are set up."""
         from federated.runtime.deployment import SuperLinkProcess
@@ -302,15 +303,23 @@ class Consortium:
         self.superlink = SuperLinkProcess(self.config.work / "superlink", tls=self.tls, supernode_auth=True)
         self.superlink.workdir.mkdir(parents=True, exist_ok=True)
 
-        def start() -> None:
+        started = threading.Event()
+
+        def start_and_stay() -> None:
+            # The SuperLink gets SIGTERM when the thread that spawned it ends (the runtime sets
+            # PR_SET_PDEATHSIG), so this thread stays parked until the demo stops: the SuperLink
+            # then also goes away if the demo itself is killed.
             try:
                 self.superlink.start()
             except Exception as exc:
                 self._superlink_error = str(exc)
+            finally:
+                started.set()
+            self._release_superlink.wait()
 
-        thread = threading.Thread(target=start, name="superlink", daemon=True)
-        thread.start()
-        return thread
+        self._release_superlink = threading.Event()
+        threading.Thread(target=start_and_stay, name="superlink", daemon=True).start()
+        return started
 
     @property
     def superlink_address(self) -> str:
@@ -690,6 +699,7 @@ class Consortium:
         if self.superlink is not None:
             with contextlib.suppress(Exception):
                 self.superlink.stop()
+        self._release_superlink.set()
         if self.runner is not None:
             for handle in self.runner.handles:
                 handle.wait(20)
