@@ -166,13 +166,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--entries", type=int, default=None)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is reported")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="folder for the SQLite file and the baseline file (default: the "
+                             "system temp folder); /dev/shm shows the CPU-bound case")
     parser.add_argument("--postgres", action="store_true",
                         help=f"PostgreSQL (a temporary database via {PG_ADMIN_DSN})")
     args = parser.parse_args(argv)
     total = args.entries or (2_000 if args.quick else 10_000)
     keys = LogKeys.generate()
     results = []
-    with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp, \
+    with tempfile.TemporaryDirectory(prefix="bench-audit-", dir=args.dir) as tmp, \
             _database(args.postgres, Path(tmp)) as url:
         for run in range(args.repeat):
             results.append(run_once(url, Path(tmp), keys, total, args.threads, run))
