@@ -550,7 +550,7 @@ def verify_lines(lines: Iterable[bytes], checkpoint_text: bytes | str, trust: Tr
             if not verifier.feed(raw):
                 break
             read += len(raw)
-            if progress is not None and count % 4096 == 0:
+            if progress is not None and count % 1024 == 0:
                 progress(read)
     finally:
         entry_problem = verifier.finish()
