@@ -278,3 +278,26 @@ def test_bad_spec_and_cancellation_fail_cleanly(sites: dict[str, DemoSite], tmp_
     stop.set()
     cancelled, _ = _run(sites, _spec("s-cancel"), tmp_path, stop=stop)
     assert cancelled.failed == ["cancelled before round 1"] and cancelled.completed is None
+
+
+def test_fab_serverapp_reports_to_an_events_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ServerApp the FAB names (what `flwr run` would start in the plain, fully supported
+    path) runs the same rounds and writes its events as JSON lines."""
+    import json
+
+    from federated.server_app import app
+
+    sites = provision_sites(tmp_path / "sites", hospitals=("hospital-a", "hospital-b"))
+    spec = _spec("s-fab", rounds=1, min_hospitals=2)
+    for demo in sites.values():
+        approve(demo.site, spec.study_id)
+    monkeypatch.setenv("EXCHANGE_STUDY_OUTPUT_DIR", str(tmp_path / "studies"))
+    grid = InProcessGrid({i + 1: d.site.node_config() for i, d in enumerate(sites.values())},
+                         spec.to_run_config())
+    app(grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                   run_config=spec.to_run_config()))
+    events_file = tmp_path / "studies" / "s-fab" / "events.jsonl"
+    events = [json.loads(line) for line in events_file.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["round", "complete"]
+    assert len(events[0]["receipts"]) == 2 and events[0]["receipts"][0]["kind"] == "round.receipt"
+    assert Path(events[1]["model_path"]).exists()

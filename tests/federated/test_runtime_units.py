@@ -310,3 +310,15 @@ def test_executor_reads_the_clientapp_a_fab_declares() -> None:
         "federated.client_app:app"
     assert executor._declared_clientapp(build_fab_from_files({"pyproject.toml": theirs})[0]) == \
         "evil.client:app"
+
+
+def test_run_study_refuses_plain_http_off_loopback(tmp_path: Path) -> None:
+    from federated.runtime.server_runner import run_study
+
+    class Nobody:
+        def on_round(self, round: int, metrics: Any, receipts: Any) -> None: ...
+        def on_complete(self, model_path: Path, sha256: str) -> None: ...
+        def on_failed(self, reason: str) -> None: ...
+
+    with pytest.raises(ValueError, match=r"^root_certificates: TLS is required"):
+        run_study("10.1.2.3:9093", _spec(), Nobody(), tmp_path)
