@@ -15,8 +15,9 @@ Every train message, in this order (each step can end the round with a documente
 6. the ledger is charged (before the weights leave), a receipt is signed with the hospital's key,
    and the reply carries the flat weights, counts and the receipt.   -> ``ok``
 
-Evaluate messages gate the hospital's hold-out records the same way and report loss/metrics of
-the global model on them (no privacy is charged: see docs/flower.md for why and what it implies).
+Before training, a train message's global model is evaluated on the hospital's hold-out records
+(gated the same way); evaluate messages (after the last round) do only that. Evaluation metrics
+are sent, no privacy is charged for them (docs/flower.md says why and what it implies).
 Errors in the hospital's own set-up raise, and Flower turns them into an error reply the server
 counts as dropped; the reasons above are normal replies, never crashes.
 """

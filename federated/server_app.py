@@ -1,8 +1,9 @@
 """The study's ServerApp: weighted FedAvg over one flat array, federated evaluation, receipts.
 
-One study = one Flower run. Each round has a train phase (send the global model, collect updates,
-metrics and signed receipts) and an evaluate phase (send the new global model, collect local
-hold-out metrics). What a hospital replies falls in one of four cases (docs/flower.md):
+One study = one Flower run. Each round is one exchange: every connected hospital gets the global
+model, evaluates it on its hold-out records, trains on it and replies with its update, metrics and
+signed receipt; after the last round one evaluate-only exchange scores the final model (see
+`run_study_rounds`). What a hospital replies falls in one of four cases (docs/flower.md):
 
 - ``ok``: an update trained on ``records_used`` > 0 records with its signed receipt: a contribution;
 - ``no-data``: the hospital has no consented records for this study right now: not a contribution;
