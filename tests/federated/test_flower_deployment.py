@@ -178,7 +178,7 @@ def test_hospital_dropping_out_mid_study(deployment: Deployment) -> None:
 
     # the timeout must cover round 1, where each hospital also calibrates its noise
     spec = demo_spec("dropout", columns=LABS, rounds=3, min_hospitals=2, accountant="rdp",
-                     round_timeout_s=12)
+                     round_timeout_s=15)
     observer = RecordingObserver(kill_c)
     result = deployment.run(spec, observer)
     assert result.status == "completed", result.reason
