@@ -32,7 +32,7 @@ from sqlalchemy import Connection, Engine, event
 from audit.signing import Signer
 from audit.store import AuditLog
 from exchange.coordinator import problems, routes, vocabulary
-from exchange.coordinator.auditing import TransactionalAppender
+from exchange.coordinator.auditing import TransactionalAppender, track_transactions
 from exchange.coordinator.runner import StudyRunner
 from exchange.coordinator.services import Coordinator, Principal, Terms
 from exchange.db import migrate
@@ -92,6 +92,7 @@ def _write_engine(url: str) -> Engine:
     queue on busy_timeout instead of failing on a lock upgrade (SQLAlchemy's documented
     recipe); on PostgreSQL the audit advisory lock and row locks serialize what must be."""
     engine = make_engine(url)
+    track_transactions(engine)
     if engine.dialect.name == "sqlite":
         @event.listens_for(engine, "connect")
         def _connect(dbapi_connection: Any, _record: Any) -> None:

@@ -25,7 +25,7 @@ import copy
 import threading
 from collections.abc import Sequence
 
-from sqlalchemy import Connection, and_, func, select, text
+from sqlalchemy import Connection, Engine, and_, event, func, select, text
 
 from audit import merkle
 from audit.entry import Entry, MalformedEntryError
@@ -40,6 +40,20 @@ class EntryRejectedError(ValueError):
 
 class DuplicateEntryError(EntryRejectedError):
     """The entry is byte for byte one already in the log (a replay)."""
+
+
+_PENDING = "exchange.audit.pending_appends"
+
+
+def track_transactions(engine: Engine) -> None:
+    """Clear the "this transaction appended" mark when a transaction ends (connection.info
+    outlives transactions: it belongs to the pooled DBAPI connection)."""
+
+    def _clear(connection: Connection) -> None:
+        connection.info.pop(_PENDING, None)
+
+    event.listen(engine, "commit", _clear)
+    event.listen(engine, "rollback", _clear)
 
 
 class _ConnectionSource:
@@ -93,17 +107,21 @@ class TransactionalAppender:
             e.idx >= start, e.idx < size, e.kind.in_(sorted(KEY_KINDS))).order_by(e.idx))
         for row in rows:
             keyring.apply(entry_from_leaf(bytes(row.leaf)), int(row.idx))
-        # Rows below `size` were committed by someone (we hold the lock, so none is ours
-        # pending): safe to cache.
-        with self._lock:
-            if size > self._size:
-                self._keyring, self._size = copy.deepcopy(keyring), size
+        # Rows below `size` are committed unless this very transaction inserted some of them
+        # (several appends in one transaction, e.g. a group commit): cache only the former.
+        if not connection.info.get(_PENDING):
+            with self._lock:
+                if size > self._size:
+                    self._keyring, self._size = copy.deepcopy(keyring), size
         return keyring
 
-    def append(self, connection: Connection, entries: Sequence[Entry]) -> list[int]:
+    def append(self, connection: Connection, entries: Sequence[Entry], *,
+               signed_here: frozenset[str] = frozenset()) -> list[int]:
         """Check and insert `entries` (in order) in the caller's open transaction; return their
         indexes. Raises EntryRejectedError naming the entry and the reason; the caller must
-        then roll back."""
+        then roll back. Entries by a key id in `signed_here` were signed in this process a
+        moment ago: their signature is not verified again (the signer's registration and
+        activity still are)."""
         if not entries:
             return []
         self.lock(connection)
@@ -116,7 +134,7 @@ class TransactionalAppender:
             try:
                 parsed = Entry.from_json(entry.to_json())
                 leaf = canonical(parsed.to_json())
-                keyring.check(parsed, index)
+                keyring.check(parsed, index, verify_signature=parsed.key_id not in signed_here)
                 keyring.apply(parsed, index)
             except (MalformedEntryError, KeyringError, TypeError, ValueError) as exc:
                 raise EntryRejectedError(f"{entry.kind} entry refused by the log: {exc}") from exc
@@ -129,6 +147,7 @@ class TransactionalAppender:
                          "key_id": parsed.key_id, "time": parsed.time})
             hashes.append(leaf_hash)
         nodes = merkle.append_nodes(_ConnectionSource(connection), start, hashes)
+        connection.info[_PENDING] = True
         connection.execute(audit_entries.insert(), rows)
         connection.execute(audit_tree_nodes.insert(),
                            [{"level": n.level, "idx": n.index, "hash": n.hash} for n in nodes])

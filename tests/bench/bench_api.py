@@ -2,8 +2,9 @@
 
     .venv/bin/python -m tests.bench.bench_api [--quick] [--seconds S] [--connections 32]
 
-Four runs, each a uvicorn server (one process, loopback) under an async httpx load loop with
-`--connections` concurrent requests for a fixed time:
+Two uvicorn servers (one process each, loopback) under an async httpx load loop with
+`--connections` concurrent requests; bare and coordinator runs alternate in short slices so that
+the machine's load drift affects both alike:
 - bare GET  /v1/studies/{id}: a Litestar app whose handler reads the same study JSON from a row
   in the same kind of SQLite database (one SELECT), no auth, no validation, no middleware;
 - coordinator GET /v1/studies/{id}: the real app (API-key auth, role and organisation checks,
@@ -102,7 +103,8 @@ def serve_bare(directory: Path, port: int) -> None:
 
 # ---------------------------------------------------------------- load
 async def _load(url: str, method: str, headers: dict[str, str], body: dict[str, Any] | None,
-                seconds: float, connections: int) -> dict[str, float]:
+                seconds: float, connections: int) -> dict[str, Any]:
+    """`connections` workers sending back-to-back requests for `seconds`; raw latencies."""
     latencies: list[float] = []
     errors = 0
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
@@ -121,9 +123,14 @@ async def _load(url: str, method: str, headers: dict[str, str], body: dict[str, 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(connections)))
         elapsed = time.perf_counter() - started
-    latencies.sort()
+    return {"latencies": latencies, "errors": errors, "elapsed": elapsed}
+
+
+def _summary(slices: list[dict[str, Any]]) -> dict[str, float]:
+    latencies = sorted(x for s in slices for x in s["latencies"])
     n = len(latencies)
-    return {"requests": n, "errors": errors, "rps": n / elapsed,
+    elapsed = sum(s["elapsed"] for s in slices)
+    return {"requests": n, "errors": sum(s["errors"] for s in slices), "rps": n / elapsed,
             "p50_ms": 1000 * latencies[n // 2], "p99_ms": 1000 * latencies[min(n - 1, int(n * 0.99))]}
 
 
@@ -186,24 +193,31 @@ def main() -> None:
         return
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     results: dict[str, dict[str, float]] = {}
+    slices = 4  # bare and coordinator alternate in short slices: load drift hits both alike
+    raw: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         token, study_id = _prepare(directory)
-        auth = {"Authorization": f"Bearer {token}"}
-        for kind in ("bare", "coordinator"):
-            proc, base = _start(kind, directory)
-            try:
-                headers = auth if kind == "coordinator" else {}
-                asyncio.run(_load(f"{base}/v1/studies/{study_id}", "GET", headers, None, 1.0, 4))  # warm up
-                asyncio.run(_load(f"{base}/v1/studies", "POST", headers, STUDY, 1.0, 4))
-                results[f"{kind} GET"] = asyncio.run(_load(f"{base}/v1/studies/{study_id}", "GET", headers,
-                                                           None, seconds, args.connections))
-                results[f"{kind} POST"] = asyncio.run(_load(f"{base}/v1/studies", "POST", headers, STUDY,
-                                                            seconds, args.connections))
-            finally:
+        servers = {kind: _start(kind, directory) for kind in ("bare", "coordinator")}
+        headers = {"bare": {}, "coordinator": {"Authorization": f"Bearer {token}"}}
+        try:
+            for kind, (_proc, base) in servers.items():  # warm up both paths of both servers
+                asyncio.run(_load(f"{base}/v1/studies/{study_id}", "GET", headers[kind], None, 1.0, 4))
+                asyncio.run(_load(f"{base}/v1/studies", "POST", headers[kind], STUDY, 1.0, 4))
+            for method in ("GET", "POST"):
+                for _ in range(slices):
+                    for kind, (_proc, base) in servers.items():
+                        url = f"{base}/v1/studies/{study_id}" if method == "GET" else f"{base}/v1/studies"
+                        raw.setdefault(f"{kind} {method}", []).append(asyncio.run(_load(
+                            url, method, headers[kind], STUDY if method == "POST" else None,
+                            seconds / slices, args.connections)))
+        finally:
+            for proc, _base in servers.values():
                 proc.terminate()
                 proc.wait(30)
-    print(f"{args.connections} connections, {seconds:.0f} s per run, uvicorn (1 process) on loopback")
+    results = {name: _summary(parts) for name, parts in sorted(raw.items())}
+    print(f"{args.connections} connections, {seconds:.0f} s per run in {slices} alternating slices, "
+          f"uvicorn (1 process each) on loopback")
     print(f"{'run':<18}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for name, r in results.items():
         print(f"{name:<18}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['errors']:>8.0f}")

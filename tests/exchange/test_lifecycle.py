@@ -15,7 +15,7 @@ from audit.keyring import Keyring
 from audit.ledger import Ledger
 from audit.merkle import leaf_hash, root_from_inclusion_proof, verify_consistency
 from audit.signing import b64decode
-from tests.exchange.conftest import World, receipt
+from tests.exchange.conftest import World, receipt, study_body
 
 
 def log_entries(world: World) -> list[Entry]:
@@ -237,3 +237,25 @@ def test_hospital_key_rotation(world: World) -> None:
     me = world.signed("h-one", "GET", "/v1/hospital/me", signer=new)
     assert me.status_code == 200 and me.json()["signing_key_id"] == new.key_id
     fold(world)  # the keyring accepts the rotation and everything after it
+
+
+def test_concurrent_submissions_share_commits_and_stay_exact(world: World) -> None:
+    """Many researchers submit at once (group commit): each accepted submission escrows exactly
+    its budget, the ones the balance cannot cover are refused and leave nothing behind, and the
+    auditor's fold over the log equals the served balances."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    balance = served_balances(world)["balances"]["org:globex"]  # 5000
+    before = world.runtime.audit_log.size()
+
+    def submit(i: int) -> int:
+        body = study_body(token_budget=400, title=f"s{i}")
+        return world.as_("bob", "POST", "/v1/studies", json=body).status_code
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        codes = list(pool.map(submit, range(20)))
+    accepted = codes.count(201)
+    assert accepted == balance // 400 and codes.count(422) == 20 - accepted
+    assert served_balances(world)["balances"]["org:globex"] == balance - 400 * accepted
+    assert world.runtime.audit_log.size() == before + 2 * accepted
+    assert fold(world) == served_balances(world)
