@@ -32,7 +32,14 @@ from sqlalchemy import select
 from audit.entry import Entry
 from audit.signing import Signer
 from exchange.logging import get_logger
-from exchange.node.decisions import Context, approved_active, mark_posted, observe_study, unposted
+from exchange.node.decisions import (
+    Context,
+    approved_active,
+    close_study,
+    mark_posted,
+    observe_study,
+    unposted,
+)
 from exchange.node.models import RoundRow, StudyRow
 from exchange.node.privacy import open_ledger
 from exchange.node.settings import NodeSettings
@@ -178,6 +185,7 @@ class NodeDaemon:
                     # decisions on the study are closed: either way, re-posting cannot succeed.
                     mark_posted(self.store, decision.id)
                     if "already decided" not in str(exc):
+                        close_study(self.store, decision.study_id)
                         self._error("coordinator", exc)
                     continue
                 self._error("coordinator", exc)

@@ -30,7 +30,8 @@ from exchange.node.store import NodeStore
 PENDING = "pending"
 APPROVED = "approved"
 REFUSED = "refused"
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
+# "closed": the coordinator no longer took decisions on the study when ours arrived.
+TERMINAL = frozenset({"completed", "failed", "cancelled", "closed"})
 
 
 class StewardDecisionError(Exception):
@@ -125,7 +126,7 @@ def observe_study(store: NodeStore, ctx: Context, study_json: dict[str, Any]) ->
             row.document = dict(study_json)
             new = False
         decided = latest_decision(session, view.study_id) is not None
-        if decided and view.status in TERMINAL | {"running"} and row.status != view.status:
+        if decided and view.status in TERMINAL | {"running"} and row.status not in (view.status, "closed"):
             decision = latest_decision(session, view.study_id)
             if decision is not None and decision.decision == "approve":
                 row.status = view.status
@@ -193,12 +194,25 @@ def mark_posted(store: NodeStore, decision_id: int) -> None:
 
 
 def approved_active(store: NodeStore) -> list[str]:
-    """Studies approved here (and acknowledged by the coordinator) that have not finished:
-    the ClientApp's approved list."""
+    """Studies approved here that have not finished and that the coordinator recorded as
+    approved by this hospital (`my_decision` in its study listing; where the listing does not
+    say, the acknowledgement of our post): the ClientApp's approved list."""
     out: list[str] = []
     with store.sessions() as session:
         for row in session.execute(select(StudyRow).where(StudyRow.status.not_in(TERMINAL))).scalars():
             decision = latest_decision(session, row.study_id)
-            if decision is not None and decision.decision == "approve" and decision.posted_at:
-                out.append(row.study_id)
+            if decision is None or decision.decision != "approve" or decision.posted_at is None:
+                continue
+            if "my_decision" in row.document and row.document["my_decision"] != "approve":
+                continue
+            out.append(row.study_id)
     return out
+
+
+def close_study(store: NodeStore, study_id: str) -> None:
+    """The coordinator refused our decision because the study no longer takes decisions."""
+    with store.transaction() as session:
+        row = session.get(StudyRow, study_id)
+        if row is not None:
+            row.status = "closed"
+            row.updated_at = datetime.now(UTC)

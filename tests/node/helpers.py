@@ -69,6 +69,7 @@ def live_coordinator(tmp_path: Path, hospitals: dict[str, tuple[Signer, str]],
     """The real coordinator app on a loopback port; `hospitals` maps id -> (signing key,
     Flower public key) to register. Runs are scripted (ScriptedRunner), held while `pause`
     is unset."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     runner = ScriptedRunner(hospital_keys={h: s for h, (s, _) in hospitals.items()}, pause=pause)
     keys = tmp_path / "coordinator-keys"
     runtime = build_runtime(AppConfig(database_url=f"sqlite:///{tmp_path / 'coordinator.db'}",

@@ -128,6 +128,43 @@ def test_ask_mode_waits_for_the_steward(node_dir: Path, seeded: NodeStore, coord
         ("refuse", ["we are busy this quarter"])]
 
 
+def test_a_study_closed_before_our_decision_is_never_joined(node_dir: Path, seeded: NodeStore,
+                                                            tmp_path: Path) -> None:
+    """Another hospital's approval started the study before this node decided: the coordinator
+    refuses our late approval (409), and the node must not train for it."""
+    from exchange.coordinator.client import HospitalClient
+    from exchange.node.decisions import approved_active
+
+    settings = _node_settings(node_dir, mode="auto-approve")
+    signer = Signer.load(settings.signing_key_path)
+    other = Signer.generate()
+    hold = threading.Event()
+    with live_coordinator(tmp_path / "c2", {"hospital-a": (signer, "ecdsa-sha2-nistp256 AAAAa"),
+                                            "hospital-b": (other, "ecdsa-sha2-nistp256 AAAAb")},
+                          pause=hold) as live:
+        study_id = live.submit(min_hospitals=1)
+        with HospitalClient(live.url, other, "hospital-b") as b:
+            b.decide(study_id, "approve", ["ok"], 50)
+        wait_for(lambda: live.study(study_id)["status"] == "running", "the study to start")
+        daemon, link = _daemon(settings.model_copy(update={"coordinator_url": live.url}), seeded)
+        try:
+            daemon.step()
+            daemon.step()
+        finally:
+            link.close()
+        assert [d["hospital_id"] for d in _decisions(live, study_id)] == ["hospital-b"]
+    assert _study_status(seeded, study_id) == "closed"
+    assert approved_active(seeded) == []
+    assert "decisions are closed" in _last_error(seeded)
+
+
+def _last_error(store: NodeStore) -> str:
+    from exchange.node.models import ErrorRow
+
+    with store.sessions() as session:
+        return str(session.execute(select(ErrorRow.message).order_by(ErrorRow.id.desc())).scalars().first())
+
+
 # --- the daemon as a process -----------------------------------------------------------------
 
 def _start(node_dir: Path, coordinator: LiveCoordinator, **env: str) -> subprocess.Popen[bytes]:
