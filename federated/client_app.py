@@ -34,6 +34,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from federated.accounting import plan_study
+from federated.data import HospitalData
+from federated.dp import train_round
+from federated.privacy_ledger import BudgetExceededError, LedgerError
 from federated.receipts import Receipt, make_receipt
 from federated.runtime.site import Site
 from federated.server_app import (
@@ -48,6 +52,8 @@ from federated.server_app import (
     WEIGHTS_KEY,
 )
 from federated.study_spec import StudySpec
+from federated.templates import get_template
+from federated.weights import unpack
 
 log = logging.getLogger("federated.client")
 
@@ -65,23 +71,22 @@ class HospitalOutcome:
     eval_metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _check_study(site: Site, spec: StudySpec) -> tuple[HospitalOutcome | None, object, str]:
-    """Approval and column checks shared by train and evaluate; returns (refusal, data, label)."""
+def _check_study(site: Site, spec: StudySpec) -> HospitalOutcome | HospitalData:
+    """Approval and column checks shared by train and evaluate: a refusal, or the site's records."""
     if spec.study_id not in site.approved_studies():
-        reason = f"study {spec.study_id!r} is not approved at this hospital"
-        return HospitalOutcome(STATUS_REFUSED, reason), None, ""
+        return HospitalOutcome(STATUS_REFUSED, f"study {spec.study_id!r} is not approved at this hospital")
     data, label = site.records()
     if label != spec.label:
         return HospitalOutcome(STATUS_REFUSED, f"label: the study predicts {spec.label!r}, this hospital's "
-                               f"records hold {label!r}"), None, ""
+                               f"records hold {label!r}")
     missing = [c for c in spec.columns if c not in data.columns]
     if missing:
-        return HospitalOutcome(STATUS_REFUSED, f"columns: this hospital has no column(s) {missing}"), None, ""
+        return HospitalOutcome(STATUS_REFUSED, f"columns: this hospital has no column(s) {missing}")
     undeclared = sorted({data.categories[c] for c in spec.columns} - set(spec.request.data_categories))
     if undeclared:
         return HospitalOutcome(STATUS_REFUSED, f"columns: the study reads data categories {undeclared} it "
-                               "did not declare in request.data_categories"), None, ""
-    return None, data, label
+                               "did not declare in request.data_categories")
+    return data
 
 
 def _excluded_text(excluded: dict[str, int]) -> str:
@@ -92,19 +97,11 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
                          at: datetime | None = None) -> HospitalOutcome:
     """One hospital's train step for `round_` (see module docstring); no Flower involved, so the
     in-process harness and unit tests call it directly."""
-    from federated.accounting import plan_study
-    from federated.dp import train_round
-    from federated.privacy_ledger import BudgetExceededError, LedgerError
-    from federated.templates import get_template
-
     at = at or datetime.now(UTC)
-    refusal, data_obj, _label = _check_study(site, spec)
-    if refusal is not None:
-        return refusal
-    from federated.data import HospitalData
-
-    assert isinstance(data_obj, HospitalData)
-    train = data_obj.train()
+    checked = _check_study(site, spec)
+    if isinstance(checked, HospitalOutcome):
+        return checked
+    train = checked.train()
     gate = site.gate(spec.request, train.pseudonyms, at)
     used = train.select_records(gate.eligible).select_columns(spec.columns)
     if len(used) == 0:
@@ -165,16 +162,11 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
 def evaluate_hospital(site: Site, spec: StudySpec, global_weights: np.ndarray,
                       at: datetime | None = None) -> HospitalOutcome:
     """Metrics of the global model on the hospital's consented hold-out records."""
-    from federated.data import HospitalData
-    from federated.templates import get_template
-    from federated.weights import unpack
-
     at = at or datetime.now(UTC)
-    refusal, data_obj, _label = _check_study(site, spec)
-    if refusal is not None:
-        return refusal
-    assert isinstance(data_obj, HospitalData)
-    test = data_obj.test()
+    checked = _check_study(site, spec)
+    if isinstance(checked, HospitalOutcome):
+        return checked
+    test = checked.test()
     gate = site.gate(spec.request, test.pseudonyms, at)
     used = test.select_records(gate.eligible).select_columns(spec.columns)
     if len(used) == 0:
