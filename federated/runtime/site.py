@@ -17,8 +17,8 @@ approvals-path     its approved studies: JSON ``{"approved": ["study-id", ...]}`
 =================  ==========================================================================
 
 A missing or bad key is refused with an error naming it. Files are re-read when they change
-(mtime), so an approval withdrawn or a contract revoked takes effect at the next message, while
-a warm executor does not re-parse unchanged files every round.
+(mtime, size or inode), so an approval withdrawn or a contract revoked takes effect at the next
+message, while a warm executor does not re-parse unchanged files every round.
 """
 
 from __future__ import annotations
@@ -134,14 +134,16 @@ def gate_records(registry: Any, request: StudyRequest, pseudonyms: Iterable[str]
 # -- the site ----------------------------------------------------------------------------------
 
 _cache_lock = threading.Lock()
-_file_cache: dict[tuple[str, str], tuple[float, Any]] = {}
+_file_cache: dict[tuple[str, str], tuple[tuple[int, int, int], Any]] = {}
 _engines: dict[str, Any] = {}
 
 
 def _cached(kind: str, path: Path, load: Any) -> Any:
-    """`load(path)`, re-run only when the file's mtime changed."""
+    """`load(path)`, re-run only when the file changed (mtime, size or inode: an atomic rewrite is a
+    new inode even within the file system's timestamp granularity)."""
     try:
-        mtime = path.stat().st_mtime_ns
+        st = path.stat()
+        mtime = (st.st_mtime_ns, st.st_size, st.st_ino)
     except OSError as exc:
         raise SiteConfigError(f"{kind}: cannot read {path} ({exc.strerror})") from None
     key = (kind, str(path))

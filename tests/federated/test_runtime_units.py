@@ -322,3 +322,18 @@ def test_run_study_refuses_plain_http_off_loopback(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match=r"^root_certificates: TLS is required"):
         run_study("10.1.2.3:9093", _spec(), Nobody(), tmp_path)
+
+
+def test_site_files_are_reread_when_replaced(tmp_path: Path) -> None:
+    """The warm executor caches parsed files; an approval withdrawn by an atomic rewrite (same
+    size, possibly the same mtime tick) must still be seen at the next message."""
+    approvals = tmp_path / "approvals.json"
+    approvals.write_text(json.dumps({"approved": ["s-1"]}))
+    site = Site("h", tmp_path / "r", tmp_path / "c", "sqlite://", tmp_path / "k", approvals)
+    assert site.approved_studies() == {"s-1"}
+    stat = approvals.stat()
+    replacement = tmp_path / "approvals.json.new"
+    replacement.write_text(json.dumps({"approved": ["s-2"]}))
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime, same size
+    replacement.replace(approvals)
+    assert site.approved_studies() == {"s-2"}
