@@ -1,0 +1,62 @@
+"""Ctrl-C during training: `exchange demo` stops every process it started (node daemons, their
+SuperNodes and executors, the SuperLink) and exits 130 with a clear message."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.flower]
+
+
+def _mentioning(marker: str) -> list[str]:
+    """Live processes whose command line or environment mentions `marker`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            text = b" ".join((proc / name).read_bytes() for name in ("cmdline", "environ"))
+            state = (proc / "stat").read_text().split(") ", 1)[1][:1]
+        except OSError:
+            continue
+        if marker.encode() in text and state != "Z":
+            found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()[:200]!r}")
+    return found
+
+
+def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    log = tmp_path / "demo.stdout"
+    with log.open("wb") as handle:
+        demo = subprocess.Popen([sys.executable, "-m", "exchange.cli", "demo", "--out", str(out), "--no-live",
+                                 "--rounds", "20"], stdout=handle, stderr=subprocess.STDOUT,
+                                env={**os.environ, "COLUMNS": "160"})
+    try:
+        deadline = time.monotonic() + 300  # a broken demo must not hang the suite; not a timing test
+        while b"training" not in log.read_bytes():
+            assert demo.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        # training has begun: wait until the hospitals' SuperNodes are up too
+        while not any("supernode_main" in p for p in _mentioning(str(out))):
+            assert demo.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        assert len(_mentioning(str(out))) >= 6  # 3 daemons, SuperLink, SuperNodes, executors
+        demo.send_signal(signal.SIGINT)
+        code = demo.wait(120)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    output = log.read_text()
+    assert code == 130, output
+    assert "interrupted: stopping every process the demo started" in output
+    assert _mentioning(str(out)) == []
