@@ -904,25 +904,38 @@ class AuditLog:
 
     # -- the writer thread ------------------------------------------------------------------
     def _write_loop(self) -> None:
-        stop = False
-        while not stop:
-            first = self._queue.get()
-            if first is None:
-                break
-            batch = [first]
-            count = len(first.entries)
-            while count < self._max_batch:
+        try:
+            stop = False
+            while not stop:
+                first = self._queue.get()
+                if first is None:
+                    break
+                batch = [first]
+                count = len(first.entries)
+                while count < self._max_batch:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                        break
+                    batch.append(more)
+                    count += len(more.entries)
+                self._commit(batch)
+        finally:
+            # Whatever ended the loop, no caller may wait forever: refuse what is still queued
+            # and anything submitted later.
+            with self._lock:
+                self._closed = True
+            while True:
                 try:
-                    more = self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
-                count += len(more.entries)
-            self._commit(batch)
-        self._drop_writer_connection()
+                if item is not None and not item.future.done():
+                    item.future.set_exception(LogClosedError("audit log: writer stopped"))
+            self._drop_writer_connection()
 
     def _drop_writer_connection(self, *, invalidate: bool = False) -> None:
         connection, self._writer_connection = self._writer_connection, None
@@ -1030,11 +1043,16 @@ class AuditLog:
                 outcome = self._write(batch, careful=False)
             except (IntegrityError, _RetryCarefullyError):
                 outcome = self._write(batch, careful=True)
-        except (SQLAlchemyError, DBAPIError, StoreCorruptError) as exc:
+        except Exception as exc:
+            # Nothing is acknowledged. The writer state was not advanced, and it can only lag
+            # behind the database (never lead), which the next optimistic write detects.
+            if not isinstance(exc, SQLAlchemyError | DBAPIError | StoreCorruptError):
+                self._drop_writer_connection(invalidate=True)  # unknown state: start afresh
             error = AppendNotCommittedError(f"append not committed: {exc}")
             error.__cause__ = exc
             for request in batch:
-                request.future.set_exception(error)
+                if not request.future.done():
+                    request.future.set_exception(error)
             return
         except BaseException as exc:  # never leave a caller waiting forever
             for request in batch:

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 
 from audit import merkle
 from audit.checkpoint import CheckpointError, verify_checkpoint
 from audit.entry import sign_entry
 from audit.signing import Signer, canonical
 from audit.store import (
+    AppendNotCommittedError,
     AuditLog,
     AuditStoreError,
     EntryRefusedError,
@@ -314,3 +317,47 @@ def test_fast_canonical_escapes_like_rfc8785() -> None:
     text = "".join(chr(c) for c in range(0x80)) + "\\\"/"
     value = {text: [text, 2**53 - 1, -(2**53 - 1), True, None], "b": {"a": 1}, "\x01": 0}
     assert fast_canonical(value) == canonical(value)
+
+
+def test_database_failure_is_not_acknowledged_and_the_log_recovers(
+        tmp_path: Path, keys: LogKeys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite: another connection holds the write lock past the busy timeout."""
+    import audit.store as store
+
+    monkeypatch.setattr(store, "SQLITE_BUSY_TIMEOUT_S", 0.2)
+    url = f"sqlite:///{tmp_path / 'busy.db'}"
+    engine = migrated_engine(url)
+    with keys.open(engine) as log:
+        log.append(register(keys.operator, keys.writer))
+        blocker = sqlite3.connect(tmp_path / "busy.db", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(AppendNotCommittedError, match="database is locked"):
+            log.append(note_entry(keys.writer, "busy", 0))
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert log.size() == 1
+        assert log.append(note_entry(keys.writer, "busy", 1)) == 1
+        verify_storage(engine, keys.operator.public_key)
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_connection_loss_is_not_acknowledged_and_the_log_recovers(
+        postgres_url: str, keys: LogKeys) -> None:
+    engine = migrated_engine(postgres_url)
+    with keys.open(engine) as log:
+        log.append(register(keys.operator, keys.writer))
+        with engine.connect() as connection:  # kill every other session on this database
+            others = ("FROM pg_stat_activity WHERE datname = current_database() "
+                      "AND pid <> pg_backend_pid()")
+            connection.execute(text(f"SELECT pg_terminate_backend(pid) {others}"))
+            for _ in range(500):  # until they are gone (termination is asynchronous)
+                if connection.execute(text(f"SELECT count(*) {others}")).scalar_one() == 0:
+                    break
+                time.sleep(0.01)
+        with pytest.raises(AppendNotCommittedError):
+            log.append(note_entry(keys.writer, "lost", 0))
+        assert log.append(note_entry(keys.writer, "lost", 1)) == 1
+        assert log.size() == 2
+        verify_storage(engine, keys.operator.public_key)
+    engine.dispose()
