@@ -111,6 +111,8 @@ class ServerOptions:
     hospital_keys: Mapping[str, bytes] | None = None
     #: Set to stop the study cleanly at the next phase boundary.
     stop_event: threading.Event = field(default_factory=threading.Event)
+    #: The ServerApp task's id (set by `run_study`), stamped on every message we send.
+    task_id: int | None = None
 
 
 @dataclass
@@ -274,13 +276,20 @@ def _wait_for_nodes(grid: Grid, spec: StudySpec, options: ServerOptions, round_:
 
 
 def _messages(nodes: Sequence[int], kind: str, weights: np.ndarray, *, round_: int,
-              spec: StudySpec) -> list[Message]:
+              spec: StudySpec, context: Context, options: ServerOptions) -> list[Message]:
     # The round travels as the message's group_id: one object less per message (each object is
-    # an HTTP request; see docs/flower.md).
+    # an HTTP request; see docs/flower.md). The content is shared: its objects are pushed once.
     content = RecordDict({GLOBAL_KEY: ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(weights))})})
     ttl = max(spec.round_timeout_s * 2, 60.0)
-    return [Message(content, dst_node_id=node, message_type=kind, group_id=str(round_), ttl=ttl)
-            for node in nodes]
+    messages = [Message(content, dst_node_id=node, message_type=kind, group_id=str(round_), ttl=ttl)
+                for node in nodes]
+    # `Message()` stamps the run and task from the process-global TaskIdentity; with several studies
+    # running in one coordinator process that may be another study's: stamp this one's.
+    for message in messages:
+        message.metadata.__dict__["_run_id"] = context.run_id
+        if options.task_id is not None:
+            message.metadata.__dict__["_src_task_id"] = options.task_id
+    return messages
 
 
 def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
@@ -317,7 +326,8 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
             gone = sorted(seen - set(nodes))  # took part before, no longer connected
             seen.update(nodes)
             t_round = time.perf_counter()
-            train = exchange(grid, _messages(nodes, MessageType.TRAIN, weights, round_=round_, spec=spec),
+            train = exchange(grid, _messages(nodes, MessageType.TRAIN, weights, round_=round_, spec=spec,
+                                             context=context, options=options),
                              timeout=spec.round_timeout_s, poll=options.poll, stop_event=options.stop_event)
             decoded = [_decode_reply(n, m, spec, round_, options.hospital_keys)
                        for n, m in train.replies.items()]
@@ -340,7 +350,8 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
             pending = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt])
         final_nodes = sorted(grid.get_node_ids())
         evaluation = exchange(grid, _messages(final_nodes, MessageType.EVALUATE, weights,
-                                              round_=spec.rounds, spec=spec),
+                                              round_=spec.rounds, spec=spec, context=context,
+                                              options=options),
                               timeout=spec.round_timeout_s, poll=options.poll, stop_event=options.stop_event)
         eval_replies = [_decode_reply(n, m, spec, spec.rounds, options.hospital_keys)
                         for n, m in evaluation.replies.items()]

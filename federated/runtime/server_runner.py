@@ -164,9 +164,12 @@ def run_study(superlink_address: str, spec: StudySpec, observer: StudyObserver, 
         sub_status, details, context = SubStatus.FAILED, "", None
         try:
             task_input = grid._runtime_client.PullTaskInput(PullTaskInputRequest())
+            # Process-global: another study in this process may overwrite it; the ServerApp stamps
+            # run and task ids on its messages itself (options.task_id, context.run_id).
             TaskIdentity.task_id = task_input.task_id
             TaskIdentity.run_id = task_input.run.run_id
             TaskIdentity.node_id = task_input.context.node_id
+            options.task_id = task_input.task_id
             context = context_from_proto(task_input.context)
             run = run_from_proto(task_input.run)
             grid.set_run(run)

@@ -167,6 +167,32 @@ def test_unregistered_supernode_is_refused(deployment: Deployment) -> None:
     assert len(deployment.federation.superlink.online_node_ids()) == 3
 
 
+def test_two_studies_at_once_from_one_coordinator_process(deployment: Deployment) -> None:
+    """The coordinator runs each study's ServerApp in its own thread: two runs share the SuperLink,
+    the SuperNodes and the warm executors, and each message carries its own run's ids."""
+    import threading
+
+    specs = [demo_spec(f"parallel-{i}", columns=LABS, epsilon=1.0, rounds=2, min_hospitals=3,
+                       accountant="rdp", round_timeout_s=120) for i in range(2)]
+    observers = {s.study_id: RecordingObserver() for s in specs}
+    results: dict[str, StudyResult] = {}
+
+    def run(spec: StudySpec) -> None:
+        results[spec.study_id] = deployment.run(spec, observers[spec.study_id])
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in specs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert {k: r.status for k, r in results.items()} == {"parallel-0": "completed", "parallel-1": "completed"}
+    assert results["parallel-0"].run_id != results["parallel-1"].run_id
+    for study_id, observer in observers.items():
+        assert [r for r, _, _ in observer.rounds] == [1, 2]
+        assert all(m["contributors"] == 3 for _, m, _ in observer.rounds)
+        assert {rc.study_id for _, _, rcs in observer.rounds for rc in rcs} == {study_id}
+
+
 def test_hospital_dropping_out_mid_study(deployment: Deployment) -> None:
     """hospital-c's SuperNode and executor are killed (SIGKILL) during the study: the SuperLink
     still lists the node for ~40 s, so its messages time out and it counts as dropped."""
