@@ -92,7 +92,7 @@ def test_append_read_and_proofs_equal_memory_tree(engine: Engine, keys: LogKeys)
             log.get(45)
         for size in range(0, 46):
             assert log.root(size) == tree.root(size), size
-        for size in range(1, 46):
+        for size in (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 31, 32, 33, 44, 45):  # around 2^k
             root = tree.root(size)
             for index in range(size):
                 proof = log.inclusion_proof(index, size)
@@ -349,12 +349,15 @@ def test_postgres_connection_loss_is_not_acknowledged_and_the_log_recovers(
         log.append(register(keys.operator, keys.writer))
         with engine.connect() as connection:  # kill every other session on this database
             others = ("FROM pg_stat_activity WHERE datname = current_database() "
-                      "AND pid <> pg_backend_pid()")
+                      "AND backend_type = 'client backend' AND pid <> pg_backend_pid()")
             connection.execute(text(f"SELECT pg_terminate_backend(pid) {others}"))
             for _ in range(500):  # until they are gone (termination is asynchronous)
+                connection.commit()  # pg_stat_activity is a snapshot per transaction
                 if connection.execute(text(f"SELECT count(*) {others}")).scalar_one() == 0:
                     break
                 time.sleep(0.01)
+            else:
+                raise AssertionError("the terminated sessions did not go away")
         with pytest.raises(AppendNotCommittedError):
             log.append(note_entry(keys.writer, "lost", 0))
         assert log.append(note_entry(keys.writer, "lost", 1)) == 1
