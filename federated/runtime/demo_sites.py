@@ -100,7 +100,9 @@ def provision_sites(root: Path, *, dataset: str = "breast_cancer",
 def approve(site: Site, *study_ids: str) -> None:
     """Add studies to a site's approved list (what the node daemon does on approval)."""
     approved = set(json.loads(site.approvals_path.read_text())["approved"]) | set(study_ids)
-    site.approvals_path.write_text(json.dumps({"approved": sorted(approved)}))
+    tmp = site.approvals_path.with_name(site.approvals_path.name + ".tmp")
+    tmp.write_text(json.dumps({"approved": sorted(approved)}))
+    tmp.replace(site.approvals_path)  # atomic: a ClientApp never reads half a file
 
 
 def revoke_all(demo: DemoSite, at: datetime) -> None:

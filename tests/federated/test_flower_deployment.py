@@ -63,9 +63,10 @@ class Deployment:
     sites: dict[str, DemoSite]
     root: Path
 
-    def run(self, spec: StudySpec, observer: RecordingObserver) -> StudyResult:
-        for demo in self.sites.values():
-            approve(demo.site, spec.study_id)
+    def run(self, spec: StudySpec, observer: RecordingObserver, *, approve_first: bool = True) -> StudyResult:
+        if approve_first:
+            for demo in self.sites.values():
+                approve(demo.site, spec.study_id)
         tls = self.federation.superlink.tls
         assert tls is not None
         return run_study(self.federation.superlink.address, spec, observer, self.root / "models",
@@ -177,8 +178,11 @@ def test_two_studies_at_once_from_one_coordinator_process(deployment: Deployment
     observers = {s.study_id: RecordingObserver() for s in specs}
     results: dict[str, StudyResult] = {}
 
+    for demo in deployment.sites.values():  # before the threads: approvals are read-modify-write
+        approve(demo.site, *(s.study_id for s in specs))
+
     def run(spec: StudySpec) -> None:
-        results[spec.study_id] = deployment.run(spec, observers[spec.study_id])
+        results[spec.study_id] = deployment.run(spec, observers[spec.study_id], approve_first=False)
 
     threads = [threading.Thread(target=run, args=(s,)) for s in specs]
     for t in threads:
