@@ -110,7 +110,9 @@ def revoke_all(demo: DemoSite, at: datetime) -> None:
     lines = [line for line in demo.site.contracts_path.read_text().splitlines() if line.strip()]
     for contract in demo.contracts.values():
         lines.append(json.dumps(sign(revoke(contract, at), demo.consent_issuer).to_json()))
-    demo.site.contracts_path.write_text("\n".join(lines) + "\n")
+    tmp = demo.site.contracts_path.with_name(demo.site.contracts_path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(demo.site.contracts_path)
 
 
 def demo_spec(study_id: str, *, dataset: str = "breast_cancer", template: str | None = None,
