@@ -22,9 +22,11 @@ Writes: one writer thread per `AuditLog` drains a queue of pending appends and c
 as are waiting in ONE transaction (group commit: one fsync for many entries), then acknowledges
 each caller. Across processes, each write transaction first takes the database's write lock:
 `BEGIN IMMEDIATE` on SQLite, a transaction-level advisory lock on PostgreSQL. Inside it the
-writer reads the committed size (another process may have appended), replays any new key
-entries into its keyring, checks every pending entry (signature, signer registered and active
-at that index), and inserts the accepted ones with their indexes and tree nodes.
+writer checks every pending entry (signer registered and active at that index, key entries
+allowed, no replay) and inserts the accepted ones with their indexes and tree nodes at the size
+it knows; if another process appended meanwhile, the primary key refuses that insert and the
+group is redone after reading the size and replaying the new key entries (see `_commit`).
+The design and what each database guarantees: docs/audit-store.md.
 """
 
 from __future__ import annotations
@@ -149,6 +151,9 @@ ADVISORY_LOCK_KEY = int.from_bytes(hashlib.sha256(ENTRIES_TABLE.encode()).digest
                                    signed=True)
 
 DEFAULT_MAX_BATCH = 1024
+MAX_ENTRY_BYTES = 1 << 20  # an entry is a statement with commitments, never bulk data
+_KIND_CHARS = 128  # the column sizes of audit_entries.kind and .key_id
+_KEY_ID_CHARS = 64
 _READ_PAGE = 1000
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
@@ -882,6 +887,13 @@ class AuditLog:
                 raise MalformedEntryError(f"entry: expected audit.entry.Entry or a JSON object, "
                                           f"got {type(entry).__name__}")
             leaf = fast_canonical(parsed.to_json())
+            # Refused here, one entry at a time, rather than by the database for a whole group.
+            for name, limit in (("kind", _KIND_CHARS), ("key_id", _KEY_ID_CHARS)):
+                if len(getattr(parsed, name)) > limit:
+                    raise MalformedEntryError(f"{name}: longer than {limit} characters")
+            if len(leaf) > MAX_ENTRY_BYTES:
+                raise MalformedEntryError(f"entry: {len(leaf)} bytes encoded, more than the "
+                                          f"{MAX_ENTRY_BYTES} a log entry may have")
         except MalformedEntryError as exc:
             raise EntryRefusedError(position, None, str(exc)) from exc
         except (TypeError, ValueError) as exc:  # rfc8785 refuses floats out of range, etc.

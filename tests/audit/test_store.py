@@ -154,6 +154,10 @@ def test_refused_entries_change_nothing(engine: Engine, keys: LogKeys) -> None:
             ([{"v": 1, "kind": "x", "key_id": keys.writer.key_id, "time": "yesterday",
                "payload": {}, "signature": "AA=="}], "time"),
             ([{**good.to_json(), "payload": []}], "payload"),
+            ([sign_entry(keys.writer, "k" * 129, {})], "kind: longer than 128 characters"),
+            ([sign_entry(keys.writer, "big", {"blob": "x" * (1 << 20)})],
+             "more than the 1048576 a log entry may have"),
+            ([good, {**good.to_json(), "payload": {"x": 1.5e400}}], "payload"),
             ([good, note_entry(other, "c", 1)], "not registered"),  # all or nothing
             ([register(keys.operator, other), note_entry(other, "c", 1),
               note_entry(revoked, "r", 2)], "revoked"),  # the registration is undone too
