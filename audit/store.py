@@ -507,15 +507,20 @@ def _size(connection: Connection) -> int:
 
 def _iter_leaves(connection: Connection, start: int, stop: int,
                  kinds: frozenset[str] | None = None) -> Iterator[tuple[int, bytes]]:
+    """(index, leaf) for start <= index < stop, in order; only `kinds` if given (uses the kind
+    index: opening a long log reads its few key entries, not all of it). Keyset pages."""
     e = audit_entries.c
     position = start
     while position < stop:
-        query = select(e.idx, e.leaf).where(e.idx >= position, e.idx < min(stop, position + _READ_PAGE))
+        query = select(e.idx, e.leaf).where(e.idx >= position, e.idx < stop)
         if kinds is not None:
             query = query.where(e.kind.in_(sorted(kinds)))
-        for row in connection.execute(query.order_by(e.idx)):
+        rows = connection.execute(query.order_by(e.idx).limit(_READ_PAGE)).all()
+        for row in rows:
             yield int(row.idx), bytes(row.leaf)
-        position += _READ_PAGE
+        if len(rows) < _READ_PAGE:
+            return
+        position = int(rows[-1].idx) + 1
 
 
 def _check_schema(engine: Engine) -> None:
@@ -644,7 +649,7 @@ _PG_INSERT = text(
 
 
 def _insert(connection: Connection, rows: list[dict[str, Any]], nodes: list[merkle.Node]) -> None:
-    """Insert a group's entries and tree nodes (SQLite: two executemany; PostgreSQL: one statement)."""
+    """Insert a group's entries and tree nodes (SQLite: one INSERT per table; PostgreSQL: one in all)."""
     if connection.dialect.name == "postgresql":
         connection.execute(_PG_INSERT, {
             "idx": [r["idx"] for r in rows], "leaf": [r["leaf"] for r in rows],
@@ -824,16 +829,15 @@ class AuditLog:
     def close(self) -> None:
         """Finish the appends already queued, then stop the writer thread."""
         with self._lock:
-            if self._closed:
-                return
+            already = self._closed  # by an earlier close(), or by a writer that stopped
             self._closed = True
             writer = self._writer
-            if writer is not None:
+            if writer is not None and not already:
                 self._queue.put(None)
         if writer is not None:
             writer.join()
         if self._dialect == "sqlite":
-            self._writer_engine.dispose()
+            self._writer_engine.dispose()  # idempotent
 
     # -- appending ----------------------------------------------------------------------------
     def submit(self, entries: Sequence[Entry | Mapping[str, Any]]) -> Future[list[int]]:
@@ -896,7 +900,7 @@ class AuditLog:
                                           f"{MAX_ENTRY_BYTES} a log entry may have")
         except MalformedEntryError as exc:
             raise EntryRefusedError(position, None, str(exc)) from exc
-        except (TypeError, ValueError) as exc:  # rfc8785 refuses floats out of range, etc.
+        except (TypeError, ValueError, RecursionError) as exc:  # out-of-range numbers, nesting
             raise EntryRefusedError(position, None, f"payload: cannot be canonically encoded "
                                                     f"({exc})") from exc
         verified_with: bytes | None = None

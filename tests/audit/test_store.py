@@ -60,6 +60,13 @@ def engine(db_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
+def _nested(depth: int) -> dict[str, object]:
+    value: dict[str, object] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
 def _snapshot(engine: Engine) -> tuple[int, int, int, list[bytes]]:
     """Row counts of the three tables and every leaf: what 'nothing changed' compares."""
     with engine.connect() as connection:
@@ -158,6 +165,8 @@ def test_refused_entries_change_nothing(engine: Engine, keys: LogKeys) -> None:
             ([sign_entry(keys.writer, "big", {"blob": "x" * (1 << 20)})],
              "more than the 1048576 a log entry may have"),
             ([good, {**good.to_json(), "payload": {"x": 1.5e400}}], "payload"),
+            ([{**good.to_json(), "payload": {"x": 2**60}}], "payload: cannot be canonically"),
+            ([{**good.to_json(), "payload": _nested(5000)}], "payload: cannot be canonically"),
             ([good, note_entry(other, "c", 1)], "not registered"),  # all or nothing
             ([register(keys.operator, other), note_entry(other, "c", 1),
               note_entry(revoked, "r", 2)], "revoked"),  # the registration is undone too
