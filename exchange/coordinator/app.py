@@ -29,6 +29,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import Counter
 from sqlalchemy import Connection, Engine, event
 
+from audit.export import Trust
 from audit.signing import Signer
 from audit.store import AuditLog
 from exchange.coordinator import problems, routes, vocabulary
@@ -71,6 +72,7 @@ class Runtime:
     write_engine: Engine
     audit_log: AuditLog
     coordinator: Coordinator
+    trust: Trust
 
     def close(self) -> None:
         self.audit_log.close()
@@ -121,7 +123,9 @@ def build_runtime(config: AppConfig, runner: StudyRunner) -> Runtime:
                               replay_window=timedelta(seconds=config.replay_window_s))
     coordinator.on_change = lambda kind: STUDY_EVENTS.labels(kind=kind).inc()
     coordinator.bootstrap()
-    return Runtime(config, read_engine, write_engine, audit_log, coordinator)
+    trust = Trust(origin=config.log_origin, operator_public_key=operator.public_key,
+                  log_public_key=log_signer.public_key)
+    return Runtime(config, read_engine, write_engine, audit_log, coordinator, trust)
 
 
 class AccessLogMiddleware:
@@ -233,6 +237,7 @@ def create_app(runtime: Runtime, *, debug: bool = False,
     )
     app.state.coordinator = runtime.coordinator
     app.state.audit_log = runtime.audit_log
+    app.state.trust = runtime.trust
     return app
 
 

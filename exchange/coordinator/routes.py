@@ -368,6 +368,12 @@ class AuditController(Controller):
 
         return Stream(lines(), media_type="application/x-ndjson")
 
+    @get("/audit/trust", sync_to_thread=False, responses=PROBLEMS,
+         summary="The roots to pin: operator key, log key, origin (audit trust.json)")
+    def trust(self, principal: Principal, state: State) -> dict[str, Any]:
+        trust: dict[str, Any] = state.trust.to_json()
+        return trust
+
     @get("/ledger/balances", sync_to_thread=True, responses=PROBLEMS,
          summary="Token balances (researchers and hospitals: their own account)")
     def balances(self, principal: Principal, coordinator: Coordinator) -> BalancesOut:

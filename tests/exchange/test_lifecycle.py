@@ -6,7 +6,9 @@ same balances as the coordinator serves (the auditor's fold, audit.ledger.Ledger
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
+from pathlib import Path
 
 from safetensors.numpy import load as load_safetensors
 
@@ -259,3 +261,39 @@ def test_concurrent_submissions_share_commits_and_stay_exact(world: World) -> No
     assert served_balances(world)["balances"]["org:globex"] == balance - 400 * accepted
     assert world.runtime.audit_log.size() == before + 2 * accepted
     assert fold(world) == served_balances(world)
+
+
+def test_export_and_trust_verify_offline(world: World, tmp_path: Path) -> None:
+    """What an auditor downloads (entries + checkpoint + trust roots) verifies with the audit
+    package alone, and its fold equals the served balances."""
+    from audit.checkpoint import verify_checkpoint
+
+    world.submit()
+    trust = world.as_("auditor", "GET", "/v1/audit/trust").json()
+    assert trust["origin"] and trust["operator_public_key"] and trust["log_public_key"]
+    checkpoint = world.as_("auditor", "GET", "/v1/audit/checkpoint").json()
+    verify_checkpoint(checkpoint["checkpoint"], b64decode(trust["log_public_key"]), trust["origin"])
+    lines = world.as_("auditor", "GET", "/v1/audit/export").content.splitlines()
+    entries = [Entry.from_json(json.loads(line)) for line in lines]
+    keyring = Keyring(b64decode(trust["operator_public_key"]))
+    for index, entry in enumerate(entries):
+        keyring.check(entry, index)
+        keyring.apply(entry, index)
+    assert len(entries) == checkpoint["size"]
+
+
+def test_study_list_pages(world: World) -> None:
+    ids = [world.submit(title=f"t{i}", token_budget=5)["id"] for i in range(5)]
+    first = world.as_("alice", "GET", "/v1/studies", params={"limit": 2}).json()
+    assert first["total"] == 5 and len(first["items"]) == 2 and first["next_offset"] == 2
+    seen = [s["id"] for s in first["items"]]
+    offset = first["next_offset"]
+    while offset is not None:
+        page = world.as_("alice", "GET", "/v1/studies", params={"limit": 2, "offset": offset}).json()
+        seen += [s["id"] for s in page["items"]]
+        offset = page["next_offset"]
+    assert sorted(seen) == sorted(ids) and len(seen) == 5
+    cancelled = world.as_("alice", "POST", f"/v1/studies/{ids[0]}/cancel", json={})
+    assert cancelled.status_code == 200
+    only = world.as_("alice", "GET", "/v1/studies", params={"status": "cancelled"}).json()
+    assert [s["id"] for s in only["items"]] == [ids[0]]

@@ -1,0 +1,38 @@
+"""Rate limits and body size: a clear 429 / 413 problem answer, nothing stored."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.exchange.conftest import World, make_world, study_body
+
+
+@pytest.fixture
+def limited(sqlite_url: str, tmp_path: Path) -> Iterator[World]:
+    yield from make_world(sqlite_url, tmp_path, rate_limit_per_minute=3, max_body_bytes=4096)
+
+
+def test_submissions_are_rate_limited(limited: World) -> None:
+    codes = [limited.as_("alice", "POST", "/v1/studies", json=study_body(token_budget=1)).status_code
+             for _ in range(3)]
+    assert codes == [201, 201, 201]
+    size = limited.runtime.audit_log.size()
+    response = limited.as_("alice", "POST", "/v1/studies", json=study_body(token_budget=1))
+    assert response.status_code == 429
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert limited.runtime.audit_log.size() == size
+    # Per key: another researcher is not throttled by alice's submissions, and reads never are.
+    assert limited.as_("bob", "POST", "/v1/studies", json=study_body(token_budget=1)).status_code == 201
+    assert all(limited.as_("alice", "GET", "/v1/studies").status_code == 200 for _ in range(5))
+
+
+def test_configured_body_limit(limited: World) -> None:
+    size = limited.runtime.audit_log.size()
+    big = study_body(title="x" * 200, columns={"labs": [f"column_{i}" for i in range(400)]})
+    response = limited.as_("alice", "POST", "/v1/studies", json=big)
+    assert response.status_code == 413
+    assert response.json()["status"] == 413
+    assert limited.runtime.audit_log.size() == size
