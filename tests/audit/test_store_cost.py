@@ -1,0 +1,91 @@
+"""What an append and a proof cost in database work: O(log n), never a rebuild.
+
+Counted with SQLAlchemy cursor events (not timed): an append in steady state is a fixed number
+of statements with no read of the log, and inserts the leaf plus exactly the parents it
+completes; a root or a proof is two queries reading O(log n) node rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event
+
+import audit.store as store
+from tests.audit.store_support import LogKeys, memory_tree, migrated_engine, note_entry, register
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = migrated_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+def _trailing_ones(n: int) -> int:
+    count = 0
+    while n & 1:
+        count += 1
+        n >>= 1
+    return count
+
+
+def test_an_append_writes_the_leaf_and_its_completed_parents_only(engine: Engine) -> None:
+    keys = LogKeys.generate()
+    statements: list[tuple[str, Any]] = []
+    with keys.open(engine) as log:
+        log.append(register(keys.operator, keys.writer))
+
+        @event.listens_for(log._writer_engine, "before_cursor_execute")
+        def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any,
+                   _executemany: bool) -> None:
+            statements.append((statement, parameters))
+
+        for seq in range(1, 70):
+            statements.clear()
+            index = log.append(note_entry(keys.writer, "cost", seq))
+            assert index == seq
+            kinds = [s.split()[0].upper() for s, _ in statements]
+            assert not [s for s, _ in statements if s.lstrip().upper().startswith("SELECT")], \
+                "an append must not read the log"
+            if engine.dialect.name == "sqlite":
+                assert kinds == ["BEGIN", "INSERT", "INSERT"], kinds  # COMMIT is the driver's
+                node_values = len(statements[2][1])
+                assert node_values == 3 * (1 + _trailing_ones(index))
+            else:
+                assert kinds == ["BEGIN", "WITH", "COMMIT"], kinds
+                assert len(statements[1][1]["node_level"]) == 1 + _trailing_ones(index)
+
+
+def test_roots_and_proofs_read_o_log_n_nodes_in_one_query(engine: Engine,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = LogKeys.generate()
+    with keys.open(engine) as log:
+        entries = [register(keys.operator, keys.writer)]
+        entries += [note_entry(keys.writer, "read", seq) for seq in range(1022)]
+        log.append_many(entries[:1])
+        for start in range(1, len(entries), 100):
+            log.append_many(entries[start:start + 100])
+        tree = memory_tree(e.leaf_bytes() for e in entries)
+        fetched: list[int] = []
+        real_fetch = store._fetch_nodes
+
+        def counting_fetch(connection: Any, wanted: Any) -> dict[tuple[int, int], bytes]:
+            found = real_fetch(connection, wanted)
+            fetched.append(len(found))
+            return found
+
+        monkeypatch.setattr(store, "_fetch_nodes", counting_fetch)
+        for size in (1, 2, 3, 511, 512, 513, 1000, 1023):
+            fetched.clear()
+            assert log.root(size) == tree.root(size)
+            assert len(fetched) == 1 and fetched[0] <= 10  # popcount(size) nodes
+            for index in (0, size // 2, size - 1):
+                fetched.clear()
+                assert log.inclusion_proof(index, size) == tree.inclusion_proof(index, size)
+                assert len(fetched) == 1 and fetched[0] <= 2 * 10
+            fetched.clear()
+            assert log.consistency_proof(1, size) == tree.consistency_proof(1, size)
+            assert len(fetched) <= 1 and (not fetched or fetched[0] <= 2 * 10)
