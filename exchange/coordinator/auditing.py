@@ -31,7 +31,14 @@ from audit import merkle
 from audit.entry import Entry, MalformedEntryError
 from audit.keyring import KEY_KINDS, Keyring, KeyringError
 from audit.signing import canonical
-from audit.store import ADVISORY_LOCK_KEY, audit_entries, audit_tree_nodes, entry_from_leaf
+from audit.store import (
+    ADVISORY_LOCK_KEY,
+    MAX_ENTRY_BYTES,
+    audit_entries,
+    audit_tree_nodes,
+    entry_from_leaf,
+)
+from audit.verify import envelope_from_json
 
 
 class EntryRejectedError(ValueError):
@@ -132,11 +139,20 @@ class TransactionalAppender:
         for offset, entry in enumerate(entries):
             index = start + offset
             try:
-                parsed = Entry.from_json(entry.to_json())
+                # The store's own form rules (audit.store.AuditLog._prepare): the verifier's
+                # envelope parser, the column sizes, the size limit of one entry.
+                parsed = envelope_from_json(entry.to_json())
                 leaf = canonical(parsed.to_json())
+                for name, column in (("kind", audit_entries.c.kind), ("key_id", audit_entries.c.key_id)):
+                    limit = getattr(column.type, "length", None) or 0
+                    if len(getattr(parsed, name)) > limit:
+                        raise MalformedEntryError(f"{name}: longer than {limit} characters")
+                if len(leaf) > MAX_ENTRY_BYTES:
+                    raise MalformedEntryError(f"entry: {len(leaf)} bytes encoded, more than the "
+                                              f"{MAX_ENTRY_BYTES} a log entry may have")
                 keyring.check(parsed, index, verify_signature=parsed.key_id not in signed_here)
                 keyring.apply(parsed, index)
-            except (MalformedEntryError, KeyringError, TypeError, ValueError) as exc:
+            except (MalformedEntryError, KeyringError, TypeError, ValueError, RecursionError) as exc:
                 raise EntryRejectedError(f"{entry.kind} entry refused by the log: {exc}") from exc
             leaf_hash = merkle.leaf_hash(leaf)
             if leaf_hash in hashes or connection.execute(select(audit_entries.c.idx).where(
