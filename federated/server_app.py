@@ -318,6 +318,7 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
     weights = pack(model)
     pending: _PendingRound | None = None
     seen: set[int] = set()
+    silent: set[int] = set()  # nodes that did not answer the last train exchange
     try:
         for round_ in range(1, spec.rounds + 1):
             if options.stop_event.is_set():
@@ -331,6 +332,7 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
                              timeout=spec.round_timeout_s, poll=options.poll, stop_event=options.stop_event)
             decoded = [_decode_reply(n, m, spec, round_, options.hospital_keys)
                        for n, m in train.replies.items()]
+            silent = set(train.missing)
             if pending is not None:  # these replies carry the evaluation of the previous round's model
                 pending.report(observer, decoded)
                 pending = None
@@ -348,7 +350,8 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
                                      round_s=time.perf_counter() - t_round, gone=len(gone))
             log.info("study %s round %d: %s", spec.study_id, round_, metrics)
             pending = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt])
-        final_nodes = sorted(grid.get_node_ids())
+        # A node that just let a train exchange time out is not waited for a second time.
+        final_nodes = sorted(set(grid.get_node_ids()) - silent)
         evaluation = exchange(grid, _messages(final_nodes, MessageType.EVALUATE, weights,
                                               round_=spec.rounds, spec=spec, context=context,
                                               options=options),
