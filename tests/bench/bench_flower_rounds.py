@@ -92,8 +92,10 @@ def main() -> None:
     fast_rounds = args.rounds or (3 if args.quick else 6)
     plain_rounds = args.plain_rounds or (1 if args.quick else 2)
     with tempfile.TemporaryDirectory(prefix="bench-flower-") as tmp:
-        fast = run_config("fast", fast_rounds, Path(tmp) / "fast")
+        # plain first: the fast run patches this process's grid module (pull back-off), which
+        # would otherwise stay active for the plain run's ServerApp
         plain = run_config("plain", plain_rounds, Path(tmp) / "plain")
+        fast = run_config("fast", fast_rounds, Path(tmp) / "fast")
     header = f"{'':<14}" + "".join(f"{k.removesuffix('_s').replace('train_', '')[:9]:>10}" for k in KEYS)
     print("seconds per round (3 hospitals on loopback; overhead = wall - slowest hospital's compute)")
     print(header)
