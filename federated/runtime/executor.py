@@ -124,7 +124,8 @@ class WarmExecutor:
                     rc.push_message(client, reply, context)
             finally:
                 rc.push_task_output(client, context, sub_status, details)
-                heartbeat.stop()
+                if heartbeat.is_running:
+                    heartbeat.stop()
                 client.close()
         self.stats.tasks += 1
         self.stats.task_seconds.append(time.perf_counter() - started)
@@ -147,7 +148,10 @@ class WarmExecutor:
                     self._stop.wait(1.0)
                     continue
                 if response.HasField("task") and response.token:
-                    self.run_task(response.token)
+                    try:
+                        self.run_task(response.token)
+                    except Exception:  # one broken task (e.g. a failed push) must not end the executor
+                        log.exception("task could not be completed")
                 else:
                     self._stop.wait(self.poll)
         finally:
