@@ -72,6 +72,23 @@ def _ed25519_public_key(value: str) -> str:
     return value
 
 
+def _flower_public_key(value: str) -> str:
+    """A SuperNode authentication key: ECDSA (NIST curve) in OpenSSH format, as Flower's
+    `flwr supernode register` takes it (or PEM SubjectPublicKeyInfo)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    text = value.strip()
+    try:
+        key = (serialization.load_pem_public_key(text.encode()) if text.startswith("-----BEGIN")
+               else serialization.load_ssh_public_key(text.encode()))
+    except (ValueError, TypeError) as exc:
+        raise ValueError("not an OpenSSH or PEM public key") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError(f"Flower node keys are ECDSA (NIST curve), this is {type(key).__name__}")
+    return text
+
+
 class HospitalCreate(Strict):
     id: Slug
     organisation_id: Slug
@@ -84,6 +101,11 @@ class HospitalCreate(Strict):
     @classmethod
     def _check_key(cls, value: str) -> str:
         return _ed25519_public_key(value)
+
+    @field_validator("flower_public_key")
+    @classmethod
+    def _check_flower_key(cls, value: str) -> str:
+        return _flower_public_key(value)
 
 
 class MintRequest(Strict):

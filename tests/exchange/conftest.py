@@ -31,6 +31,15 @@ from tests.conftest import PG_ADMIN_DSN, _require_pg
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
+def flower_key() -> str:
+    """A real SuperNode public key (ECDSA P-384, OpenSSH), as `exchange node init` makes."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1()).public_key()
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
 def receipt(signer: Signer, hospital: str, study_id: str, round_number: int, records: int,
             reward_accounts: dict[str, int] | None = None, epsilon_total: float = 0.5) -> Any:
     """A hospital's signed round.receipt entry, in federated's format."""
@@ -125,7 +134,7 @@ def make_world(db_url: str, tmp_path: Path, **config: Any) -> Iterator[World]:
     for name in ("h-one", "h-two", "h-three"):
         c.register_hospital(HospitalCreate(id=name, organisation_id="clinics", name=name.upper(),
                                            signing_public_key=hospitals[name].public_key_b64,
-                                           flower_public_key=f"ecdsa-sha2-nistp256 AAAA{name}"))
+                                           flower_public_key=flower_key()))
         registered[name] = hospitals[name]
     # h-four is a key nobody registered: an impostor.
     registered["h-four"] = hospitals["h-four"]

@@ -20,7 +20,7 @@ import pytest
 from audit.signing import Signer
 from exchange.coordinator.client import decision_entry
 from exchange.coordinator.schemas import ApiKeyCreate
-from tests.exchange.conftest import World, receipt, study_body
+from tests.exchange.conftest import World, flower_key, receipt, study_body
 
 CALLERS = ("anonymous", "operator", "auditor", "alice", "bob", "h-one", "h-four")
 
@@ -87,7 +87,7 @@ CASES = [
          frozenset({"operator"})),
     Case("register hospital", "POST", _json("/v1/hospitals", lambda w: {
         "id": _fresh("h"), "organisation_id": "clinics", "name": "H",
-        "signing_public_key": Signer.generate().public_key_b64, "flower_public_key": "k"}),
+        "signing_public_key": Signer.generate().public_key_b64, "flower_public_key": flower_key()}),
          frozenset({"operator"})),
     Case("list hospitals", "GET", _path("/v1/hospitals"), frozenset({"operator", "auditor"})),
     Case("mint", "POST", _json("/v1/ledger/mint", lambda w: {"account": "org:acme", "amount": 1}),

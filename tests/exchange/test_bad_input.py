@@ -118,6 +118,12 @@ def test_unknown_fields_in_operator_requests(world: World) -> None:
         "id": "h-x", "organisation_id": "clinics", "name": "X", "signing_public_key": "AAAA",
         "flower_public_key": "k"}), 422)
     assert "32 bytes" in fields(body)["signing_public_key"]
+    assert "OpenSSH" in fields(body)["flower_public_key"]
+    ed25519_ssh = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMaHmSYSWGXMG5shgS1LMDZzi8LUEZLm7yQnQNbVrtsx")
+    body = problem(world.as_("operator", "POST", "/v1/hospitals", json={
+        "id": "h-y", "organisation_id": "clinics", "name": "Y",
+        "signing_public_key": Signer.generate().public_key_b64, "flower_public_key": ed25519_ssh}), 422)
+    assert "ECDSA" in fields(body)["flower_public_key"]
     body = problem(world.as_("operator", "POST", "/v1/ledger/mint",
                              json={"account": "acme", "amount": 0}), 422)
     assert set(fields(body)) == {"account", "amount"}

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from audit.signing import Signer
 from exchange.cli import app
 from exchange.coordinator.client import HospitalClient
+from tests.exchange.conftest import flower_key as make_flower_key
 from tests.exchange.conftest import study_body
 
 runner = CliRunner()
@@ -55,7 +56,7 @@ def test_admin_serve_and_study_commands(tmp_path: Path) -> None:
     assert key.startswith("hx_")
     hospital = Signer.generate()
     flower_key = tmp_path / "node.pub"
-    flower_key.write_text("ecdsa-sha2-nistp256 AAAAE2VjZHNh test\n")
+    flower_key.write_text(make_flower_key() + "\n")
     admin(tmp_path, db, "register-hospital", "h-one", "--org", "clinics", "--name", "H1",
           "--signing-key", hospital.public_key_b64, "--flower-key-file", str(flower_key))
     assert "minted 5000 into org:acme" in admin(tmp_path, db, "mint", "org:acme", "5000")

@@ -32,6 +32,7 @@ from exchange.coordinator.schemas import (
     ResearcherCreate,
 )
 from exchange.http_signing import sign_request
+from tests.exchange.conftest import flower_key
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 
@@ -67,7 +68,7 @@ def _coordinator(tmp_path: Path, runner: StudyRunner,
     for h in HOSPITALS:
         c.register_hospital(HospitalCreate(id=h, organisation_id="clinics", name=h,
                                            signing_public_key=sites[h].signer.public_key_b64,
-                                           flower_public_key="ecdsa-sha2-nistp256 AAAA"))
+                                           flower_public_key=flower_key()))
     c.mint("org:acme", 20_000)
     with TestClient(app=create_app(runtime)) as client:
         yield client, runtime, key
