@@ -51,7 +51,7 @@ from exchange.coordinator.models import (
     StudyRound,
     StudyStatus,
 )
-from exchange.coordinator.runner import RunHandle, RunHospital, RunRequest, StudyRunner
+from exchange.coordinator.runner import RunHandle, RunHospital, RunRequest, StudyRunner, study_spec_for
 from exchange.coordinator.schemas import (
     ApiKeyCreate,
     HospitalCreate,
@@ -462,6 +462,7 @@ class Coordinator:
         org = session.get(Organisation, principal.organisation_id)
         if org is None:
             raise problems.forbidden("the caller's organisation does not exist")
+        self._check_federated_spec(study_id, spec, org, principal, data)
         balance = session.get(LedgerBalance, account, with_for_update=True)
         available = 0 if balance is None else balance.balance
         if data.token_budget > available:
@@ -488,6 +489,25 @@ class Coordinator:
                 "forward_bps": self.terms.forward_bps}))
         study.submit_entry_index = indexes[0]
         return study
+
+    @staticmethod
+    def _check_federated_spec(study_id: str, spec: dict[str, Any], org: Organisation,
+                              principal: Principal, data: StudyCreate) -> None:
+        """Build the run's StudySpec (and its consent StudyRequest) now, so that a study the
+        federated runner or a hospital's consent engine would refuse is refused at submission,
+        with its reasons, rather than failing when it starts."""
+        from pydantic import ValidationError
+
+        try:
+            study_spec_for(RunRequest(study_id=study_id, spec=spec, hospitals=(), rounds=data.rounds,
+                                      min_hospitals=data.min_hospitals, organisation_id=org.id,
+                                      region=org.region, researcher_id=principal.researcher_id))
+        except ValidationError as exc:
+            raise problems.unprocessable([
+                {"field": ".".join(str(p) for p in error["loc"]) or "body", "reason": error["msg"]}
+                for error in exc.errors()]) from exc
+        except ValueError as exc:
+            raise problems.unprocessable([{"field": "body", "reason": str(exc)}]) from exc
 
     def _visible_study(self, session: Session, principal: Principal, study_id: str) -> Study:
         study = session.get(Study, study_id)
