@@ -155,6 +155,9 @@ MAX_ENTRY_BYTES = 1 << 20  # an entry is a statement with commitments, never bul
 _KIND_CHARS = 128  # the column sizes of audit_entries.kind and .key_id
 _KEY_ID_CHARS = 64
 _READ_PAGE = 1000
+# connection.info key: (the transaction that called append_in, the log size before its first
+# append). Rows from that size on are this transaction's own, not committed.
+_APPEND_IN_MARK = "audit.store.append_in"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
@@ -181,6 +184,10 @@ class EntryRefusedError(AuditStoreError, ValueError):
         self.position = position
         self.index = index
         self.reason = reason
+
+
+class DuplicateEntryError(EntryRefusedError):
+    """The entry is byte for byte one already in the log (the verifier rejects replays)."""
 
 
 class AppendNotCommittedError(AuditStoreError):
@@ -699,9 +706,9 @@ def _check_unique(request: _Request, start: int, seen: Mapping[bytes, int]) -> N
         if earlier is None and item.leaf_hash in first:
             earlier = start + first[item.leaf_hash]
         if earlier is not None:
-            raise EntryRefusedError(position, start + position,
-                                    f"entry: identical to log entry {earlier}; a signed entry "
-                                    f"may appear once (the verifier rejects replays)")
+            raise DuplicateEntryError(position, start + position,
+                                      f"entry: identical to log entry {earlier}; a signed entry "
+                                      f"may appear once (the verifier rejects replays)")
         first[item.leaf_hash] = position
 
 
@@ -812,6 +819,11 @@ class AuditLog:
         self._keyring = Keyring(trusted_operator_key)
         self._size = 0
         self._frontier: dict[tuple[int, int], bytes] = {}
+        # The newest (size, keyring) known to be committed, shared by the writer thread and
+        # append_in callers. Published keyrings are never changed in place (changes happen on
+        # copies), so a reader may use one without a lock.
+        self._state_lock = threading.Lock()
+        self._published: tuple[int, Keyring] = (0, self._keyring)
         with engine.connect() as connection:
             self._catch_up(connection, _size(connection))
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
@@ -879,7 +891,84 @@ class AuditLog:
     async def append_many_async(self, entries: Sequence[Entry | Mapping[str, Any]]) -> list[int]:
         return await asyncio.wrap_future(self.submit(entries))
 
-    def _prepare(self, position: int, entry: Entry | Mapping[str, Any]) -> _Prepared:
+    def append_in(self, connection: Connection, entries: Sequence[Entry | Mapping[str, Any]], *,
+                  signed_here: frozenset[str] = frozenset()) -> list[int]:
+        """Append `entries` inside the caller's open transaction on `connection`; their indexes.
+
+        Why: a state change and the entry recording it must commit together (or neither), so
+        the coordinator appends in its own transaction instead of through the writer thread.
+        Same checks, rows and lock as `append`, but nothing is durable or acknowledged until
+        the CALLER commits; if it rolls back, the entries vanish with its other changes.
+        Raises EntryRefusedError (DuplicateEntryError for a replay); the caller must then roll
+        back (nothing of this call was written, but earlier statements of the transaction
+        were). Entries signed by a key id in `signed_here` were signed in this process a moment
+        ago: their signatures are not verified again (registration and activity still are).
+
+        The write lock: PostgreSQL, the transaction-level advisory lock is taken here (held to
+        the caller's COMMIT/ROLLBACK; the transaction must be READ COMMITTED). SQLite, the
+        caller's transaction must hold the database write lock from its start (BEGIN
+        IMMEDIATE); otherwise a concurrent append makes this one fail (primary key or
+        next-index trigger), never corrupt the log. Several calls in one transaction see each
+        other's entries (a key registered by the first may sign in the second).
+        """
+        if not connection.in_transaction() or \
+                connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            # Entries and their tree nodes must commit together, with the caller's change.
+            raise AuditStoreError("connection: append_in needs an open transaction (call it "
+                                  "inside `with engine.begin() as connection:`)")
+        prepared = [self._prepare(position, entry, signed_here)
+                    for position, entry in enumerate(entries)]
+        if not prepared:
+            return []
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+        size = _size(connection)
+        keyring = self._keyring_in(connection, size)
+        request = _Request(prepared, Future())
+        seen = _stored_indexes(connection, [p.leaf_hash for p in prepared])
+        _check_unique(request, size, seen)
+        keyring = self._check_request(keyring, request, size)
+        source = _DictSource(_fetch_nodes(connection, _frontier_coordinates(size)))
+        hashes = [p.leaf_hash for p in prepared]
+        nodes = merkle.append_nodes(source, size, hashes)
+        indexes = list(range(size, size + len(prepared)))
+        rows = [{"idx": index, "leaf": p.leaf, "leaf_hash": p.leaf_hash, "kind": p.entry.kind,
+                 "key_id": p.entry.key_id, "time": p.entry.time}
+                for index, p in zip(indexes, prepared, strict=True)]
+        _insert(connection, rows, nodes)
+        marker = connection.info.get(_APPEND_IN_MARK)
+        if marker is None or marker[0] is not connection.get_transaction():
+            connection.info[_APPEND_IN_MARK] = (connection.get_transaction(), size)
+        return indexes
+
+    def _keyring_in(self, connection: Connection, size: int) -> Keyring:
+        """The key state after the first `size` entries as `connection` sees them.
+
+        Starts from the published committed state and replays the key entries after it. What
+        this transaction itself appended (earlier append_in calls) is not committed, so only
+        the prefix before its first append is published for others.
+        """
+        published_size, keyring = self._published
+        if published_size > size:  # cannot happen on one database; be safe: replay it all
+            published_size, keyring = 0, Keyring(self._trusted_operator_key)
+        copied = False
+        for index, leaf in _iter_leaves(connection, published_size, size, KEY_KINDS):
+            if not copied:
+                keyring, copied = copy.deepcopy(keyring), True
+            try:
+                keyring.apply(entry_from_leaf(leaf), index)
+            except (KeyringError, MalformedEntryError) as exc:
+                raise StoreCorruptError(f"entry {index}: stored key entry does not apply: "
+                                        f"{exc}") from exc
+        marker = connection.info.get(_APPEND_IN_MARK)
+        if marker is None or marker[0] is not connection.get_transaction():
+            # Nothing appended by this transaction yet: every row it sees is committed.
+            # (A published keyring is never changed later: copy it if it is the working one.)
+            self._publish(size, copy.deepcopy(keyring) if copied else keyring)
+        return keyring
+
+    def _prepare(self, position: int, entry: Entry | Mapping[str, Any],
+                 signed_here: frozenset[str] = frozenset()) -> _Prepared:
         try:
             if isinstance(entry, Entry):
                 # Re-check so that an Entry built by hand gets the same form checks as JSON
@@ -904,8 +993,10 @@ class AuditLog:
             raise EntryRefusedError(position, None, f"payload: cannot be canonically encoded "
                                                     f"({exc})") from exc
         verified_with: bytes | None = None
-        record = self._keyring.get(parsed.key_id)  # a dict lookup: safe while the writer runs
-        if record is not None:
+        record = self._published[1].get(parsed.key_id)  # a published keyring: never changed
+        if record is not None and parsed.key_id in signed_here:
+            verified_with = record.public_key  # signed in this process a moment ago
+        elif record is not None:
             # The signed bytes are cut out of the leaf (no second canonical encoding); a key id
             # names one public key forever (it is its hash), so this check stays valid even if
             # the key is revoked before the writer gets to it (the writer checks that).
@@ -1024,6 +1115,13 @@ class AuditLog:
         self._keyring = keyring
         self._size = db_size
         self._frontier = {}
+        self._publish(db_size, keyring)
+
+    def _publish(self, size: int, keyring: Keyring) -> None:
+        """Record a committed (size, keyring) if it is newer than the one known."""
+        with self._state_lock:
+            if size > self._published[0]:
+                self._published = (size, keyring)
 
     def _check_request(self, keyring: Keyring, request: _Request, start: int) -> Keyring:
         """Check every entry of `request` at indexes start, start+1, ...; return the new keyring.
@@ -1085,6 +1183,7 @@ class AuditLog:
             if known is not None:
                 self._frontier[coordinate] = known
         self._size = outcome.size
+        self._publish(outcome.size, outcome.keyring)
         for request, refusal in outcome.refused:
             request.future.set_exception(refusal)
         for request, indexes in outcome.accepted:
@@ -1092,6 +1191,9 @@ class AuditLog:
 
     def _write(self, batch: list[_Request], *, careful: bool) -> _Outcome:
         """One write transaction for `batch`; changes no writer state (the caller does)."""
+        published_size, published_keyring = self._published
+        if published_size > self._size:  # committed by append_in callers meanwhile
+            self._size, self._keyring, self._frontier = published_size, published_keyring, {}
         outcome = _Outcome(keyring=self._keyring, size=self._size)
         with self._transaction() as connection:
             seen: dict[bytes, int] = {}

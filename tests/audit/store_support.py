@@ -36,6 +36,24 @@ def migrated_engine(url: str) -> Engine:
     return make_engine(url)
 
 
+def immediate_engine(url: str) -> Engine:
+    """An engine whose transactions hold the write lock from the start, as append_in needs on
+    SQLite (BEGIN IMMEDIATE, per SQLAlchemy's pysqlite recipe); a plain engine on PostgreSQL."""
+    engine = make_engine(url)
+    if engine.dialect.name == "sqlite":
+        from sqlalchemy import event
+
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_connection: object, _record: object) -> None:
+            dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
+
+        @event.listens_for(engine, "begin")
+        def _begin(connection: object) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")  # type: ignore[attr-defined]
+
+    return engine
+
+
 def register(operator: Signer, signer: Signer, role: str = "coordinator",
              owner: str = "coordinator:test") -> Entry:
     return sign_entry(operator, "key.register", {"key_id": signer.key_id,

@@ -1,0 +1,161 @@
+"""AuditLog.append_in: entries appended inside the caller's transaction, with its other changes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, text
+
+from audit.entry import sign_entry
+from audit.signing import Signer
+from audit.store import (
+    AuditStoreError,
+    DuplicateEntryError,
+    EntryRefusedError,
+    verify_storage,
+)
+from tests.audit.store_support import (
+    LogKeys,
+    immediate_engine,
+    memory_tree,
+    migrated_engine,
+    note_entry,
+    register,
+    stored_leaves,
+    verify_with_auditor,
+)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    migrated_engine(db_url).dispose()
+    engine = immediate_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE side_effects (id INTEGER PRIMARY KEY, note TEXT)"))
+    yield engine
+    engine.dispose()
+
+
+def _side_effects(engine: Engine) -> list[str]:
+    with engine.connect() as connection:
+        return [row.note for row in connection.execute(
+            text("SELECT note FROM side_effects ORDER BY id"))]
+
+
+def test_entries_commit_with_the_callers_change(engine: Engine) -> None:
+    keys = LogKeys.generate()
+    with keys.open(engine) as log:
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO side_effects (id, note) VALUES (1, 'study s1')"))
+            indexes = log.append_in(connection, [register(keys.operator, keys.writer),
+                                                 note_entry(keys.writer, "in", 0)])
+        assert indexes == [0, 1]
+        assert _side_effects(engine) == ["study s1"]
+        # The writer thread, whose cached size is now stale, still appends at the right index.
+        assert log.append(note_entry(keys.writer, "in", 1)) == 2
+        with engine.begin() as connection:
+            assert log.append_in(connection, [note_entry(keys.writer, "in", 2)]) == [3]
+        leaves = stored_leaves(engine)
+        assert log.root() == memory_tree(leaves).root()
+        assert log.inclusion_proof(1, 4) == memory_tree(leaves).inclusion_proof(1, 4)
+        assert verify_with_auditor(log, keys).ok
+    verify_storage(engine, keys.operator.public_key)
+
+
+def test_a_rolled_back_transaction_leaves_no_entry(engine: Engine) -> None:
+    keys = LogKeys.generate()
+    entry = register(keys.operator, keys.writer)
+    with keys.open(engine) as log:
+        with pytest.raises(RuntimeError, match="study refused"), engine.begin() as connection:
+            connection.execute(text("INSERT INTO side_effects (id, note) VALUES (1, 'x')"))
+            assert log.append_in(connection, [entry]) == [0]
+            raise RuntimeError("study refused later in the same transaction")
+        assert log.size() == 0
+        assert _side_effects(engine) == []
+        # Nothing of it lingers: not in the key state, not as a "duplicate".
+        with pytest.raises(EntryRefusedError, match="not registered"):
+            log.append(note_entry(keys.writer, "rb", 0))
+        with engine.begin() as connection:
+            assert log.append_in(connection, [entry]) == [0]
+        assert log.append(note_entry(keys.writer, "rb", 1)) == 1
+    verify_storage(engine, keys.operator.public_key)
+
+
+def test_calls_in_one_transaction_see_each_other(engine: Engine) -> None:
+    keys = LogKeys.generate()
+    hospital = Signer.generate()
+    with keys.open(engine) as log:
+        with engine.begin() as connection:
+            log.append_in(connection, [register(keys.operator, keys.writer)])
+            log.append_in(connection, [register(keys.operator, hospital, "hospital", "h:1")])
+            assert log.append_in(connection, [note_entry(hospital, "h", 0)]) == [2]
+            revoke = {"key_id": hospital.key_id, "reason": "left the consortium"}
+            log.append_in(connection, [sign_entry(keys.operator, "key.revoke", revoke)])
+            with pytest.raises(EntryRefusedError, match="revoked"):
+                log.append_in(connection, [note_entry(hospital, "h", 1)])
+        assert log.size() == 4
+        with pytest.raises(EntryRefusedError, match="revoked"):
+            log.append(note_entry(hospital, "h", 2))
+    verify_storage(engine, keys.operator.public_key)
+
+
+def test_refusals_and_misuse(engine: Engine) -> None:
+    keys = LogKeys.generate()
+    stranger = Signer.generate()
+    with keys.open(engine) as log:
+        first = register(keys.operator, keys.writer)
+        with engine.begin() as connection:
+            log.append_in(connection, [first])
+        with pytest.raises(DuplicateEntryError, match="identical to log entry 0"), \
+                engine.begin() as connection:
+            log.append_in(connection, [first])
+        with pytest.raises(EntryRefusedError, match="not registered"), \
+                engine.begin() as connection:
+            # signed_here skips only the signature check, never the registration check
+            log.append_in(connection, [note_entry(stranger, "s", 0)],
+                          signed_here=frozenset({stranger.key_id}))
+        with engine.connect() as connection, pytest.raises(AuditStoreError, match="open transaction"):
+            log.append_in(connection, [note_entry(keys.writer, "s", 1)])
+        assert log.size() == 1
+
+
+def test_transactional_and_writer_appends_interleave(engine: Engine) -> None:
+    keys = LogKeys.generate()
+    with keys.open(engine) as log:
+        log.append(register(keys.operator, keys.writer))
+        acked: list[int] = []
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def in_transaction(tag: str) -> None:
+            try:
+                for seq in range(15):
+                    with engine.begin() as connection:
+                        connection.execute(text("SELECT 1"))
+                        indexes = log.append_in(connection, [note_entry(keys.writer, tag, seq)])
+                    with lock:
+                        acked.extend(indexes)
+            except BaseException as exc:
+                errors.append(exc)
+
+        def through_writer(tag: str) -> None:
+            try:
+                for seq in range(15):
+                    index = log.append(note_entry(keys.writer, tag, seq))
+                    with lock:
+                        acked.append(index)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=in_transaction, args=(f"t{n}",)) for n in range(3)]
+        threads += [threading.Thread(target=through_writer, args=(f"w{n}",)) for n in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert sorted(acked) == list(range(1, 91))
+        assert verify_with_auditor(log, keys).ok
+    verify_storage(engine, keys.operator.public_key)
