@@ -44,6 +44,7 @@ def hospital_records(hospital_id: str, db_url: str, site_config: dict[str, str],
         spent = ledger.spent(study_id)
     finally:
         engine.dispose()
+    node_decision = node_decision_of(db_url, study_id)
     site = Site.from_node_config(site_config)
     gating: dict[int, RoundGating] = {}
     train_records = held_out = 0
@@ -59,7 +60,30 @@ def hospital_records(hospital_id: str, db_url: str, site_config: dict[str, str],
                 commitment=outcome.commitment)
     return HospitalRecords(id=hospital_id, plan=plan.to_dict() if plan is not None else None,
                            charges=charges, epsilon_spent=spent, train_records=train_records,
-                           held_out_records=held_out, gating=gating)
+                           held_out_records=held_out, gating=gating, node_decision=node_decision)
+
+
+def node_decision_of(db_url: str, study_id: str) -> dict[str, Any] | None:
+    """The node's own latest decision on the study (signed and stored before it was posted).
+    Read only: a database without the node's decisions table (not a node) gives None."""
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.orm import Session
+
+    from exchange.node.decisions import latest_decision
+    from exchange.node.models import DecisionRow
+
+    engine = create_engine(db_url)
+    try:
+        if not inspect(engine).has_table(DecisionRow.__tablename__):
+            return None
+        with Session(engine) as session:
+            row = latest_decision(session, study_id)
+            if row is None:
+                return None
+            return {"decision": row.decision, "reasons": list(row.reasons),
+                    "eligible_records": row.eligible_records, "decided_by": row.decided_by}
+    finally:
+        engine.dispose()
 
 
 def collect_report(demo: Any, audit: dict[str, Any]) -> dict[str, Any]:

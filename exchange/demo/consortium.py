@@ -589,6 +589,8 @@ class Consortium:
                     self._check_daemon(h)
                     charges = ledgers[h.id].charges(str(self.study_id))
                     row = self.progress.hospitals[h.id]
+                    if "decision" not in row:  # decided after the study started: ask the node
+                        self._late_decision(h, row)
                     if charges:
                         row["state"] = f"trained round {charges[-1].round}"
                         row["epsilon"] = charges[-1].epsilon
@@ -609,6 +611,18 @@ class Consortium:
             raise DemoError(f"study {self.study_id} ended {study['status']}: {study.get('outcome_reason')}")
         self.progress.event(f"study completed; model sha256 {str(study['model_sha256'])[:16]}...; "
                             f"escrow paid out")
+
+    def _late_decision(self, h: Hospital, row: dict[str, Any]) -> None:
+        """A decision the coordinator no longer took (decisions close when a study starts) is
+        still the node's signed record; show it."""
+        from exchange.demo.collect import node_decision_of
+
+        decision = node_decision_of(self._settings(h).db_url, str(self.study_id))
+        if decision is not None:
+            row["decision"] = decision["decision"]
+            row["state"] = "approved" if decision["decision"] == "approve" else "refused"
+            self.progress.event(f"{h.id} {decision['decision']}s (after the study started): "
+                                f"{'; '.join(decision['reasons'])}")
 
     def revoke_consent(self, h: Hospital, count: int) -> None:
         """Patients withdraw consent: new contract versions that permit nothing, signed by the

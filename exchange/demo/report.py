@@ -150,6 +150,8 @@ class HospitalRecords:
     held_out_records: int = 0
     #: round -> gating at that round's receipt instant
     gating: Mapping[int, RoundGating] = field(default_factory=dict)
+    #: the node's own latest decision {"decision", "reasons", "eligible_records", "decided_by"}
+    node_decision: Mapping[str, Any] | None = None
 
 
 def _float(value: Any) -> float | None:
@@ -259,6 +261,19 @@ def assemble_report(*, study: Mapping[str, Any], entries: Sequence[Entry], balan
         charged = len(records.charges)
         part = parts.get(records.id)
         decision = decisions.get(records.id)
+        source = "coordinator" if decision else None
+        if decision is None and records.node_decision is not None:
+            # Decided, but the coordinator closed decisions when the study started (enough
+            # approvals came first): the node's signed decision is the record of it.
+            decision = {"decision": records.node_decision["decision"],
+                        "reasons": records.node_decision.get("reasons", []),
+                        "eligible_records": records.node_decision.get("eligible_records")}
+            source = "node (arrived after the study started; the coordinator did not take it)"
+        if source == "coordinator" and records.node_decision is not None:
+            check(f"{records.id}: the coordinator's decision is the node's",
+                  decision is not None and decision["decision"] == records.node_decision["decision"],
+                  f"coordinator {decision and decision['decision']}, "
+                  f"node {records.node_decision['decision']}")
         epsilon_receipts = max((float(r.payload.get("epsilon_total") or 0.0) for r in mine), default=0.0)
         if mine:
             check(f"{records.id}: epsilon in receipts equals its privacy ledger",
@@ -270,6 +285,7 @@ def assemble_report(*, study: Mapping[str, Any], entries: Sequence[Entry], balan
             "id": records.id,
             "decision": decision["decision"] if decision else None,
             "decision_reasons": list(decision["reasons"]) if decision else [],
+            "decision_source": source,
             "eligible_at_decision": decision.get("eligible_records") if decision else None,
             "records_used": sum(int(r.payload["records_used"]) for r in mine),
             "records_excluded": dict(sorted(excluded.items())),

@@ -214,3 +214,16 @@ def test_a_hospital_that_refused_gets_zeros_not_invented_values(world: dict[str,
     assert (c["records_used"], c["tokens_paid"], c["steps"], c["epsilon_spent"]) == (0, 0, 0, 0.0)
     assert c["records_excluded"] == {} and c["rounds"] == []
     assert failed_checks(report) == []
+
+
+def test_a_refusal_the_coordinator_never_took_comes_from_the_node(world: dict[str, Any]) -> None:
+    """Decisions close when a study starts: a late refusal stays at the node, and the report
+    says so rather than showing no decision."""
+    late = HospitalRecords(id="hospital-c", node_decision={
+        "decision": "refuse", "reasons": ["epsilon 3 exceeds the site maximum per study (2)"],
+        "eligible_records": 120, "decided_by": "policy"})
+    report = _assemble(world, hospitals=[*world["records"], late])
+    c = report["hospitals"][2]
+    assert c["decision"] == "refuse" and c["decision_source"].startswith("node")
+    assert c["decision_reasons"] == ["epsilon 3 exceeds the site maximum per study (2)"]
+    assert report["hospitals"][0]["decision_source"] == "coordinator"

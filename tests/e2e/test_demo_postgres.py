@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 from collections import defaultdict
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -57,34 +56,22 @@ def _entries(folder: Path) -> list[Entry]:
             if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from tests.conftest import PG_ADMIN_DSN, _require_pg
-
-    _require_pg()
-    import uuid
-
-    import psycopg
-
-    name = f"exchange_demo_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
-    out = tmp_path_factory.mktemp("demo") / "out"
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "exchange.cli", "demo", "--out", str(out), "--db", url,
-             "--rounds", str(ROUNDS), "--no-live"],
-            capture_output=True, text=True, timeout=900, check=False,
-            env={**os.environ, "COLUMNS": "160"})
-        leftovers = _our_processes(str(out))
-        yield {"out": out, "db": url, "result": result, "leftovers": leftovers}
-    finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def test_demo_on_postgres(postgres_url: str, tmp_path: Path) -> None:
+    """One run of the CLI (it takes a minute or two), then each claim checked in turn."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "exchange.cli", "demo", "--out", str(out), "--db", postgres_url,
+         "--rounds", str(ROUNDS), "--no-live"],
+        capture_output=True, text=True, timeout=900, check=False, env={**os.environ, "COLUMNS": "160"})
+    run = {"out": out, "db": postgres_url, "result": result, "leftovers": _our_processes(str(out))}
+    check_demo_completes_on_postgres_and_stops_everything(run)
+    check_payout_conserves_tokens_and_matches_the_signed_receipts(run)
+    check_export_verifies_with_the_audit_cli(run)
+    check_report_shape_and_values_come_from_the_records(run)
+    check_revoked_records_are_not_used_after_their_revocation(run)
 
 
-def test_demo_completes_on_postgres_and_stops_everything(demo_run: dict[str, Any]) -> None:
+def check_demo_completes_on_postgres_and_stops_everything(demo_run: dict[str, Any]) -> None:
     result = demo_run["result"]
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "Cross-checks:" in result.stdout
@@ -96,7 +83,7 @@ def test_demo_completes_on_postgres_and_stops_everything(demo_run: dict[str, Any
     assert (demo_run["out"] / "report.html").read_text().count("<svg") == 4
 
 
-def test_payout_conserves_tokens_and_matches_the_signed_receipts(demo_run: dict[str, Any]) -> None:
+def check_payout_conserves_tokens_and_matches_the_signed_receipts(demo_run: dict[str, Any]) -> None:
     out: Path = demo_run["out"]
     report = json.loads((out / "report.json").read_text())
     study_id = report["study"]["id"]
@@ -129,7 +116,7 @@ def test_payout_conserves_tokens_and_matches_the_signed_receipts(demo_run: dict[
         assert folded["balances"].get(f"hospital:{hospital['id']}", 0) == hospital["tokens_kept"]
 
 
-def test_export_verifies_with_the_audit_cli(demo_run: dict[str, Any]) -> None:
+def check_export_verifies_with_the_audit_cli(demo_run: dict[str, Any]) -> None:
     out: Path = demo_run["out"]
     result = subprocess.run([sys.executable, "-m", "audit.cli", "verify", str(out / "audit"), "--trust",
                              str(out / "trust.json"), "--json"], capture_output=True, text=True,
@@ -153,7 +140,7 @@ def test_export_verifies_with_the_audit_cli(demo_run: dict[str, Any]) -> None:
     assert bad.returncode == 1, bad.stdout + bad.stderr
 
 
-def test_report_shape_and_values_come_from_the_records(demo_run: dict[str, Any]) -> None:
+def check_report_shape_and_values_come_from_the_records(demo_run: dict[str, Any]) -> None:
     from sqlalchemy import create_engine
 
     from federated.privacy_ledger import PrivacyLedger
@@ -183,7 +170,7 @@ def test_report_shape_and_values_come_from_the_records(demo_run: dict[str, Any])
             assert any("epsilon" in reason for reason in h["decision_reasons"])
             continue
         trained += 1
-        assert plan is not None
+        assert plan is not None, (h, report["study"], report["rounds"])
         assert h["epsilon_spent"] == ledger.spent(study_id)
         assert 0 < h["epsilon_spent"] <= report["study"]["epsilon"] + 1e-9
         assert h["noise_multiplier"] == plan.noise_multiplier and h["sample_rate"] == plan.sample_rate
@@ -195,7 +182,7 @@ def test_report_shape_and_values_come_from_the_records(demo_run: dict[str, Any])
     assert trained == 2
 
 
-def test_revoked_records_are_not_used_after_their_revocation(demo_run: dict[str, Any]) -> None:
+def check_revoked_records_are_not_used_after_their_revocation(demo_run: dict[str, Any]) -> None:
     """Recomputed here from the node's own exported files with the ClientApp's gate; the
     signed receipts' commitments must equal these gates, so the hospital committed to sets
     without the revoked records."""
