@@ -2,23 +2,31 @@
 
 Nothing is downloaded: both sets ship inside scikit-learn.
 
-How the split works (and why). Records are grouped into strata (breast cancer: the diagnosis;
-diabetes: age tercile at the fixed public cut points 45 and 57 years). For each stratum a vector of
-hospital shares is drawn from a symmetric Dirichlet(alpha) with a fixed seed and the stratum's
-records are dealt out in those proportions. Small alpha gives strong skew (one hospital sees mostly
-malignant cases, like a referral centre; another mostly benign, like a screening clinic); alpha=1
-(the default) is a moderate skew that still leaves every hospital both classes. Redraws happen
-until each hospital holds at least `min_records` records. The split is a pure function of its
-arguments: every node computes the same split and takes only its own part.
+How the split works (and why). First a fixed, stratified 10 % of the rows is set aside as a
+PUBLIC reference sample (see `public_reference_rows`): no hospital holds those rows. The rest is
+split over hospitals of equal size with different case mixes. Records are grouped into strata
+(breast cancer: the diagnosis; diabetes: age tercile at the fixed cut points 45 and 57 years).
+Each stratum draws its preference over hospitals from a symmetric Dirichlet(alpha) (fixed seed);
+records are dealt in random order, each to a hospital drawn from its stratum's preferences among
+the hospitals not yet full. Small alpha gives strong skew (a referral centre sees mostly malignant
+cases, a screening clinic mostly benign ones); alpha=1 can leave a hospital with a single class;
+alpha=2 (the default) gives malignant shares 0.58 / 0.21 / 0.33 over 137 / 137 / 136 training
+records. Equal sizes keep the comparison about case mix: with DP a hospital's noise is set by its
+own record count, so a tiny hospital would dominate the error whatever the method. The split is a
+pure function of its arguments: every node computes the same split and takes only its own part.
 
 Feature scaling without leaking across hospitals. Standardising with statistics pooled over all
-hospitals would need every hospital's raw data, and standardising with each hospital's own
-mean/std would make the model depend on statistics that are released without noise (outside the
-DP guarantee). Instead every feature is mapped with FIXED PUBLIC bounds to [-1, 1] and clipped:
-for breast cancer the published per-feature min/max of the dataset's documentation (optionally
-after a log transform for the heavy-tailed size features), for diabetes clinical reference ranges.
-These constants are part of the code, the same at every hospital, and depend on no record, so the
-DP guarantee of DP-SGD covers the whole pipeline.
+hospitals would need every hospital's raw data; standardising with each hospital's own mean/std
+would make the model depend on statistics released without noise (outside the DP guarantee) and
+would put the same feature on different scales at different hospitals (poison for FedAvg under
+label skew). Instead every feature goes through FIXED transforms that depend on no hospital
+record: (1) public bounds to [-1, 1] (breast cancer: the per-feature min/max published in the
+dataset's documentation, log scale for heavy-tailed size features; diabetes: clinical reference
+ranges), then, by default (`scaling="reference"`), (2) centring and scaling by the mean and
+standard deviation of the public reference sample, clipped to +-3. Step (2) matters: features
+that all sit around -0.4 on [-1, 1] make noisy SGD badly conditioned (noise-free FedAvg reached
+only 0.92-0.93 accuracy in 200 steps; with reference centring 0.98). `scaling="bounds"` keeps
+step (1) only. A real deployment would take the reference constants from a published cohort.
 
 Pseudonyms. Each record gets `p_` + the first 32 hex digits of HMAC-SHA256(hospital secret,
 "<dataset>:<row index>"): hospital-scoped (the same row at two hospitals would get unrelated
@@ -37,6 +45,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -211,8 +220,9 @@ def pseudonym(secret: bytes, dataset: str, row: int) -> str:
     return "p_" + hmac.new(secret, f"{dataset}:{row}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
+@lru_cache(maxsize=4)
 def _raw(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[FeatureSpec, ...]]:
-    """Raw features, training targets (scaled), strata, specs."""
+    """Bounds-scaled features, training targets (scaled), strata, specs (cached, read-only)."""
     specs = feature_specs(dataset)
     if dataset == "breast_cancer":
         bunch = load_breast_cancer()
@@ -225,33 +235,73 @@ def _raw(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[Featur
         x = np.asarray(bunch.data, dtype=np.float64)
         y = (np.asarray(bunch.target, dtype=np.float64) - DIABETES_TARGET_OFFSET) / DIABETES_TARGET_SCALE
         strata = np.digitize(x[:, 0], _DIABETES_AGE_CUTS).astype(np.int64)
-    xs = np.column_stack([s.scale(x[:, j]) for j, s in enumerate(specs)])
-    return xs.astype(np.float32), y.astype(np.float32), strata, specs
+    xs = np.column_stack([s.scale(x[:, j]) for j, s in enumerate(specs)]).astype(np.float32)
+    y32 = y.astype(np.float32)
+    for arr in (xs, y32, strata):
+        arr.setflags(write=False)
+    return xs, y32, strata, specs
 
 
 def _assign(strata: np.ndarray, n_hospitals: int, alpha: float, seed: int,
             min_records: int) -> np.ndarray:
-    """Hospital index of every record: Dirichlet(alpha) shares per stratum (see module doc)."""
+    """Hospital index of every record (see module doc): hospitals of equal size, each stratum
+    preferring hospitals by its own Dirichlet(alpha) draw; records are dealt in random order, each
+    to a hospital drawn from its stratum's preferences among those not yet full."""
     rng = np.random.default_rng(seed)
-    for _attempt in range(1000):
-        owner = np.empty(len(strata), dtype=np.int64)
-        for s in np.unique(strata):
-            idx = np.flatnonzero(strata == s)
-            idx = idx[rng.permutation(len(idx))]
-            shares = rng.dirichlet(np.full(n_hospitals, alpha))
-            cuts = np.round(np.cumsum(shares)[:-1] * len(idx)).astype(np.int64)
-            for h, part in enumerate(np.split(idx, cuts)):
-                owner[part] = h
-        if np.bincount(owner, minlength=n_hospitals).min() >= min_records:
-            return owner
-    raise DataError(f"alpha: no split with at least {min_records} records per hospital found; "
-                    "raise alpha or lower min_records")
+    n = len(strata)
+    capacity = np.full(n_hospitals, n // n_hospitals, dtype=np.int64)
+    capacity[: n % n_hospitals] += 1
+    if capacity.min() < min_records:
+        raise DataError(f"n_hospitals: {n} records give {int(capacity.min())} per hospital, "
+                        f"below min_records={min_records}")
+    prefs = {int(s): rng.dirichlet(np.full(n_hospitals, alpha)) for s in np.unique(strata)}
+    owner = np.empty(n, dtype=np.int64)
+    fill = np.zeros(n_hospitals, dtype=np.int64)
+    for i in rng.permutation(n):
+        p = prefs[int(strata[i])] * (fill < capacity)
+        if p.sum() <= 0:  # preferred hospitals are full: any hospital with room
+            p = (fill < capacity).astype(np.float64)
+        h = int(rng.choice(n_hospitals, p=p / p.sum()))
+        owner[i] = h
+        fill[h] += 1
+    return owner
+
+
+PUBLIC_FRACTION = 0.1
+_PUBLIC_SEED = 20_251_128
+Z_CLIP = 3.0
+Scaling = Literal["reference", "bounds"]
+
+
+def public_reference_rows(dataset: str) -> np.ndarray:
+    """Source rows set aside as the PUBLIC reference sample (a stratified 10 %, fixed seed).
+
+    They play the part of a published reference cohort: no hospital holds them, no study trains
+    or is evaluated on them, and the centring/scaling constants are computed from them alone, so
+    those constants depend on no hospital record and DP-SGD's guarantee covers the pipeline.
+    """
+    _x, _y, strata, _specs = _raw(dataset)
+    rng = np.random.default_rng(_PUBLIC_SEED)
+    rows: list[int] = []
+    for s in np.unique(strata):
+        idx = np.flatnonzero(strata == s)
+        rows.extend(int(i) for i in rng.choice(idx, size=round(len(idx) * PUBLIC_FRACTION), replace=False))
+    return np.array(sorted(rows), dtype=np.int64)
+
+
+def reference_constants(dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature centre and scale (mean and std of the bounds-scaled features over the public
+    reference rows)."""
+    x, _y, _strata, _specs = _raw(dataset)
+    ref = x[public_reference_rows(dataset)].astype(np.float64)
+    return ref.mean(0), np.maximum(ref.std(0), 1e-3)
 
 
 def load_federated(dataset: str = "breast_cancer", n_hospitals: int = 3, *,
-                   hospital_ids: Sequence[str] | None = None, alpha: float = 1.0,
+                   hospital_ids: Sequence[str] | None = None, alpha: float = 2.0,
                    split_seed: int = 0, test_fraction: float = 0.2, min_records: int = 100,
-                   secrets: Mapping[str, bytes] | None = None) -> list[HospitalData]:
+                   secrets: Mapping[str, bytes] | None = None,
+                   scaling: Scaling = "reference") -> list[HospitalData]:
     """`dataset` split over `n_hospitals` hospitals (see module docstring), one object each.
 
     `secrets` maps hospital id -> pseudonym secret (default: `demo_secret`). Each hospital's
@@ -268,8 +318,16 @@ def load_federated(dataset: str = "breast_cancer", n_hospitals: int = 3, *,
         raise DataError(f"alpha: must be positive, got {alpha}")
     if not 0.0 <= test_fraction < 1.0:
         raise DataError(f"test_fraction: must be in [0, 1), got {test_fraction}")
+    if scaling not in ("reference", "bounds"):
+        raise DataError(f"scaling: must be 'reference' or 'bounds', got {scaling!r}")
     x, y, strata, specs = _raw(dataset)
-    owner = _assign(strata, n_hospitals, alpha, split_seed, min_records)
+    if scaling == "reference":
+        centre, scale = reference_constants(dataset)
+        x = np.clip((x - centre) / scale, -Z_CLIP, Z_CLIP).astype(np.float32)
+    public = public_reference_rows(dataset)
+    private = np.setdiff1d(np.arange(len(y)), public)
+    owner = np.full(len(y), -1, dtype=np.int64)
+    owner[private] = _assign(strata[private], n_hospitals, alpha, split_seed, min_records)
     rng = np.random.default_rng(split_seed + 1)
     out: list[HospitalData] = []
     cats = {s.name: s.category for s in specs}

@@ -42,6 +42,7 @@ class TrainingDefaults:
 
     batch_size: int = 64
     local_steps: int = 10
+    rounds: int = 10
     clip: float = 1.0
     lr: float = 0.5
     momentum: float = 0.0
@@ -65,7 +66,12 @@ class Template:
         or two runs building the same template with the same seed get identical weights)."""
         if not isinstance(n_features, int) or isinstance(n_features, bool) or n_features < 1:
             raise TemplateError(f"n_features: must be a positive integer, got {n_features!r}")
-        gen = torch.Generator().manual_seed(int(seed))
+        # nn.Linear's constructor draws a default init from the global RNG; fork it so that
+        # building a model never changes the caller's random state (weights come from `gen`).
+        with torch.random.fork_rng(devices=[]):
+            return self._build(n_features, torch.Generator().manual_seed(int(seed)))
+
+    def _build(self, n_features: int, gen: torch.Generator) -> nn.Sequential:
         layers: list[nn.Module] = []
         width = n_features
         for h in self.hidden:
@@ -165,10 +171,10 @@ _TEMPLATES: dict[str, Template] = {
     for t in (
         Template("logistic_regression", "binary",
                  description="Logistic regression (one linear layer, sigmoid output).",
-                 defaults=TrainingDefaults(batch_size=64, local_steps=10, clip=1.0, lr=0.5)),
+                 defaults=TrainingDefaults(batch_size=128, local_steps=10, rounds=10, clip=1.0, lr=0.5)),
         Template("mlp_classifier", "binary", hidden=(32,), activation="tanh",
                  description="MLP, one hidden layer of 32 tanh units, sigmoid output.",
-                 defaults=TrainingDefaults(batch_size=64, local_steps=10, clip=1.0, lr=0.5)),
+                 defaults=TrainingDefaults(batch_size=128, local_steps=10, rounds=10, clip=1.0, lr=0.5)),
         Template("linear_regression", "regression",
                  description="Linear regression (one linear layer, squared error).",
                  defaults=TrainingDefaults(batch_size=64, local_steps=10, clip=1.0, lr=0.2)),

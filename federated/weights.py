@@ -9,6 +9,7 @@ template and feature count, so the layout is agreed without sending it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
+
+METADATA_KEY = "exchange"
 
 
 class WeightsError(ValueError):
@@ -109,7 +112,11 @@ def save_safetensors(model: nn.Module, path: str | Path,
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata=dict(metadata or {}))
+    # safetensors writes its metadata map in hash-map order, which varies between processes: with
+    # two or more keys the same model would get different bytes (and hashes). One key holding
+    # canonical JSON keeps the file, and so its hash, a function of the model and metadata alone.
+    header = {METADATA_KEY: json.dumps(dict(metadata or {}), sort_keys=True, separators=(",", ":"))}
+    save_file(state, str(tmp), metadata=header)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     tmp.replace(path)
@@ -122,3 +129,12 @@ def load_safetensors(model: nn.Module, path: str | Path) -> nn.Module:
 
     model.load_state_dict(load_file(str(path)))
     return model
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata dict given to `save_safetensors` for the file at `path`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(METADATA_KEY, "{}")
+    return dict(json.loads(raw))

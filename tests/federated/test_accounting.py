@@ -1,0 +1,118 @@
+"""Privacy accounting: our epsilon against Google's dp-accounting, calibration, plans."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import dp_accounting
+import pytest
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from federated.accounting import AccountingError, calibrate, epsilon_spent, plan_study
+
+DELTA = 1e-5
+
+
+def google_epsilon(sigma: float, q: float, steps: int, delta: float, kind: str) -> float:
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    acc: dp_accounting.PrivacyAccountant = (
+        pld_privacy_accountant.PLDAccountant() if kind == "pld" else rdp_privacy_accountant.RdpAccountant())
+    acc.compose(event)
+    return float(acc.get_epsilon(delta))
+
+
+# (noise multiplier, sample rate, steps): the range studies use (low and high epsilon, full batch).
+CASES = [(1.0, 0.2, 100), (2.0, 1.0, 10), (5.0, 0.05, 2000), (8.0, 0.43, 100), (3.0, 0.35, 60)]
+
+
+@pytest.mark.parametrize(("sigma", "q", "steps"), CASES)
+def test_prv_epsilon_matches_google_pld_within_one_percent(sigma: float, q: float, steps: int) -> None:
+    ours = epsilon_spent(sigma, q, steps, DELTA)
+    theirs = google_epsilon(sigma, q, steps, DELTA, "pld")
+    assert ours == pytest.approx(theirs, rel=0.01)
+    # PRV reports an upper bound: never meaningfully below the PLD estimate.
+    assert ours >= theirs * 0.999
+
+
+@pytest.mark.parametrize(("sigma", "q", "steps"), CASES[:3])
+def test_rdp_epsilon_matches_google_rdp_within_one_percent(sigma: float, q: float, steps: int) -> None:
+    ours = epsilon_spent(sigma, q, steps, DELTA, accountant="rdp")
+    theirs = google_epsilon(sigma, q, steps, DELTA, "rdp")
+    assert ours == pytest.approx(theirs, rel=0.01)
+    # and PRV is the tighter of the two
+    assert epsilon_spent(sigma, q, steps, DELTA) < ours
+
+
+@pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
+def test_calibration_hits_target_from_below(target: float) -> None:
+    q, steps = 0.45, 100
+    sigma = calibrate(target, DELTA, q, steps)
+    eps = epsilon_spent(sigma, q, steps, DELTA)
+    assert eps <= target
+    assert eps >= 0.99 * target
+    # and an independent accountant agrees the target holds (within its 1 % agreement)
+    assert google_epsilon(sigma, q, steps, DELTA, "pld") <= target * 1.001
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_more_steps_or_higher_rate_need_more_noise(accountant: str) -> None:
+    base = calibrate(2.0, DELTA, 0.3, 50, accountant=accountant)
+    assert calibrate(2.0, DELTA, 0.3, 100, accountant=accountant) > base
+    assert calibrate(2.0, DELTA, 0.6, 50, accountant=accountant) > base
+    assert calibrate(4.0, DELTA, 0.3, 50, accountant=accountant) < base
+    assert epsilon_spent(base, 0.3, 50, DELTA, accountant=accountant) <= 2.0
+
+
+def test_zero_steps_cost_nothing_and_no_noise_costs_infinity() -> None:
+    assert epsilon_spent(1.0, 0.5, 0, DELTA) == 0.0
+    assert math.isinf(epsilon_spent(0.0, 0.5, 10, DELTA))
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"noise_multiplier": -1.0}, "noise_multiplier"),
+    ({"sample_rate": 0.0}, "sample_rate"),
+    ({"sample_rate": 1.5}, "sample_rate"),
+    ({"steps": -1}, "steps"),
+    ({"delta": 0.0}, "delta"),
+    ({"accountant": "gdp"}, "accountant"),
+])
+def test_bad_accounting_input_names_the_field(kwargs: dict, field: str) -> None:
+    args = {"noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 10, "delta": DELTA} | kwargs
+    with pytest.raises(AccountingError, match=field):
+        epsilon_spent(**args)
+
+
+def test_unreachable_or_bad_target_is_refused() -> None:
+    with pytest.raises(AccountingError, match="target_epsilon"):
+        calibrate(0.0, DELTA, 0.5, 10)
+    with pytest.raises(AccountingError, match="total_steps"):
+        calibrate(1.0, DELTA, 0.5, 0)
+
+
+def test_plan_composes_tightly_over_rounds() -> None:
+    plan = plan_study(1.0, DELTA, rounds=5, n_records=150, batch_size=64, steps_per_round=10)
+    assert plan.sample_rate == pytest.approx(64 / 150)
+    assert plan.total_steps == 50
+    per_round = [plan.epsilon_after(k) for k in range(6)]
+    assert per_round[0] == 0.0
+    assert all(a < b for a, b in itertools.pairwise(per_round))
+    assert per_round[-1] <= 1.0
+    assert per_round[-1] >= 0.99
+    # tight composition: far below the naive sum of per-round epsilons
+    assert per_round[-1] < 5 * per_round[1] * 0.8
+    with pytest.raises(AccountingError, match="rounds_trained"):
+        plan.epsilon_after(6)
+
+
+def test_plan_with_fewer_records_than_batch_uses_full_batch() -> None:
+    plan = plan_study(3.0, DELTA, rounds=2, n_records=10, batch_size=64, steps_per_round=5)
+    assert plan.sample_rate == 1.0
+    assert plan.epsilon_after(2) <= 3.0
+
+
+def test_plan_round_trips_through_dict() -> None:
+    plan = plan_study(3.0, DELTA, rounds=2, n_records=100, batch_size=20, steps_per_round=5)
+    assert type(plan).from_dict(plan.to_dict()) == plan
