@@ -29,6 +29,8 @@ from federated.runtime.settings import RuntimeSettings, flower_env
 from federated.runtime.tls import NodeKeys, TlsFiles, register_supernode
 
 NodeConfigValue = str | int | float | bool
+#: What the executor logs once it polls (federated.runtime.executor.main).
+READY_LINE = "warm executor ready"
 
 
 class DeploymentError(RuntimeError):
@@ -295,6 +297,26 @@ class HospitalNodeProcess:
     def processes(self) -> list[ManagedProcess]:
         return [p for p in (self.executor, self.supernode) if p is not None]
 
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait until the executor has imported everything (torch, our ClientApp) and polls: a
+        message that arrives earlier waits for the import, which would count against round 1."""
+        if self.executor is None:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.executor.alive():
+                proc = self.executor
+                raise DeploymentError(f"{proc.name} exited with code {proc.popen.returncode}; "
+                                      f"log {proc.log_path}:\n{proc.log_tail()}")
+            try:
+                if READY_LINE in self.executor.log_path.read_text(errors="replace"):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise DeploymentError(f"{self.executor.name} not ready after {timeout:.0f} s; log "
+                              f"{self.executor.log_path}:\n{self.executor.log_tail()}")
+
     def kill(self) -> None:
         """SIGKILL the SuperNode and the executor: a crashed hospital."""
         for proc in self.processes():
@@ -329,6 +351,8 @@ class LocalFederation:
                 if node.auth_keys is not None:
                     self.superlink.register_node(node.auth_keys, name=name)
                 node.start()
+            for node in self.nodes.values():
+                node.wait_ready(timeout)
             self.superlink.wait_for_nodes(len(self.nodes), timeout=timeout,
                                           watch=[p for node in self.nodes.values() for p in node.processes()])
         except BaseException:

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
     executor = WarmExecutor(args.runtime_api_address, poll=args.poll, pull_backoff=args.pull_backoff)
-    log.info("warm executor ready for %s", args.runtime_api_address)
+    log.info("warm executor ready for %s", args.runtime_api_address)  # deployment.READY_LINE
     executor.serve()
 
 
