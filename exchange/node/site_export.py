@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import func, select
 
+from exchange.db.engine import normalize_url
 from exchange.node.models import ColumnCategory, ConsentContractRow, ImportBatch, Record
 from exchange.node.settings import NodeSettings
 from exchange.node.store import NodeStore
@@ -46,7 +47,7 @@ def site_paths(settings: NodeSettings) -> dict[str, Path]:
 def node_config(settings: NodeSettings) -> dict[str, str]:
     paths = site_paths(settings)
     return {"hospital-id": settings.hospital_id, "records-path": str(paths["records"]),
-            "contracts-path": str(paths["contracts"]), "ledger-url": settings.db_url,
+            "contracts-path": str(paths["contracts"]), "ledger-url": normalize_url(settings.db_url),
             "key-path": str(settings.signing_key_path), "approvals-path": str(paths["approvals"])}
 
 

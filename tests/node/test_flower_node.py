@@ -150,10 +150,16 @@ def test_revocation_between_rounds_and_kill9_mid_study(node_dir: Path, store: No
                 assert result.exit_code == 0, result.output
 
             def crash_and_restart() -> None:  # on_round(2), with round 3's replies: before round 4
+                old_ids = set(superlink.online_node_ids())
                 processes[-1].send_signal(signal.SIGKILL)
                 processes[-1].wait(30)
                 processes.append(_start_daemon(node_dir, coordinator.url, superlink, runtime_port))
                 wait_for(lambda: store.get_state("daemon_starts") == 2, "the restarted daemon", 120)
+                # The node rejoins under a new node id. The SuperLink lists the old id until its
+                # heartbeat expires even after the SuperNode's graceful exit, and the ServerApp
+                # picks a round's nodes from that list: wait for the old id to go (docs/node.md).
+                wait_for(lambda: (ids := set(superlink.online_node_ids())) and not ids & old_ids,
+                         "the restarted SuperNode to replace the old one", 240)
 
             observer.hooks = {1: revoke_some, 2: crash_and_restart}
             result = run_study(superlink.address, spec, observer, tmp_path / "study", insecure=True)
@@ -163,8 +169,13 @@ def test_revocation_between_rounds_and_kill9_mid_study(node_dir: Path, store: No
             wait_for(lambda: coordinator.study(study_id)["status"] == "completed", "completion")
             for p in processes[:-1]:
                 assert p.poll() is not None
+            children = [c["pid"] for c in store.get_state("children").values() if c["pid"]]
+            assert len(children) == 2  # the SuperNode and the executor, restarted
             processes[-1].send_signal(signal.SIGTERM)
             assert processes[-1].wait(60) == 0
+            for pid in children:  # SIGTERM stops the children too
+                assert not Path(f"/proc/{pid}").exists() or \
+                    Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
         finally:
             for p in processes:
                 if p.poll() is None:

@@ -43,7 +43,7 @@ def test_clientapp_reads_the_exported_site(settings: NodeSettings, store: NodeSt
     lines = paths["contracts"].read_text().splitlines()
     assert json.loads(lines[0])["public_key"] == issuer.public_key_b64  # the issuer's signature kept
     assert {json.loads(line)["public_key"] for line in lines[1:]} == {signer.public_key_b64}
-    assert site.ledger_url == settings.db_url
+    assert site.ledger_url == settings.db_url  # SQLite URLs stay as they are
 
     # A revocation imported later is exported, and the ClientApp sees it at its next message.
     seed_consent(store, tmp_path / "revocations", [revoke(gru_contract("p3", "hospital-a"),
