@@ -105,7 +105,7 @@ def collect_report(demo: Any, audit: dict[str, Any]) -> dict[str, Any]:
                     and e.payload.get("hospital") == f"hospital:{h.id}"]
         hospitals.append(hospital_records(h.id, settings.db_url, node_config(settings), study_id=study_id,
                                           request=request, receipts=receipts))
-    revocations = [{"hospital": h.id, "pseudonyms_revoked": len(h.revoked), "revoked_at": h.revoked_at,
+    revocations = [{"hospital": h.id, "pseudonyms_revoked": len(h.revoked), "effective_at": h.revoked_at,
                     "imported_at": h.revoke_imported_at} for h in demo.hospitals.values() if h.revoked]
     verifier_ledger = audit.get("ledger")
     report = assemble_report(study=study, entries=entries, balances=balances, hospitals=hospitals,
@@ -125,8 +125,9 @@ def collect_report(demo: Any, audit: dict[str, Any]) -> dict[str, Any]:
 
 def _revocations_effective(demo: Any, entries: list[Entry], study_id: str,
                            request: Any) -> list[dict[str, Any]]:
-    """For each revoking hospital: the rounds trained after the import, and whether any of them
-    still used a revoked record (recomputed from the gate at the receipt's instant)."""
+    """For each revoking hospital: the rounds trained after the revocation was imported and in
+    force, and whether any of them still used a revoked record (the gate at the receipt's
+    instant)."""
     from exchange.node.site_export import node_config
     from federated.runtime.site import Site
 
@@ -134,7 +135,8 @@ def _revocations_effective(demo: Any, entries: list[Entry], study_id: str,
     for h in demo.hospitals.values():
         if not h.revoked or h.revoke_imported_at is None:
             continue
-        imported = datetime.fromisoformat(h.revoke_imported_at)
+        effective = max(datetime.fromisoformat(h.revoke_imported_at),
+                        datetime.fromisoformat(str(h.revoked_at)))
         site = Site.from_node_config(node_config(demo._settings(h)))
         data, _label = site.records()
         rounds_after, still_used = [], []
@@ -143,10 +145,10 @@ def _revocations_effective(demo: Any, entries: list[Entry], study_id: str,
                     or e.payload.get("hospital") != f"hospital:{h.id}"):
                 continue
             at = parse_time(e.time)
-            if at >= imported:
+            if at >= effective:
                 rounds_after.append(e.payload["round"])
                 eligible = site.gate(request, data.train().pseudonyms, at).eligible
                 still_used += [p for p in h.revoked if p in eligible]
-        out.append({"hospital": h.id, "revoked": len(h.revoked), "rounds_after_import": rounds_after,
+        out.append({"hospital": h.id, "revoked": len(h.revoked), "rounds_after_revocation": rounds_after,
                     "revoked_still_used": len(still_used)})
     return out

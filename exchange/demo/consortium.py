@@ -33,7 +33,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,8 @@ class DemoConfig:
     strict_max_epsilon: float = 2.0
     #: records revoked at each of these hospitals, right after its first round was charged
     revoke: dict[str, int] = field(default_factory=lambda: {"hospital-a": 3, "hospital-b": 2})
+    #: seconds between signing a revocation and its taking effect (the import happens between)
+    revocation_lead_s: float = 3.0
     seed: int = 7
     #: seconds between node daemon steps (the node's default is 2 s)
     node_poll_s: float = 0.5
@@ -642,15 +644,20 @@ class Consortium:
         now = datetime.now(UTC)
         gate = site.gate(request, train.pseudonyms, now)
         chosen = sorted(gate.eligible)[:count]
+        # Effective a moment after signing, so the import is done before the revocation is in
+        # force: every round then gates either entirely before it or entirely after it, and
+        # the report's recomputation of each round's gating is exact (see docs/demo.md).
+        effective = now + timedelta(seconds=self.config.revocation_lead_s)
         folder = h.dir / "input" / "revocations"
         folder.mkdir(parents=True, exist_ok=True)
-        documents = [sign(revoke(h.contracts[p], now), h.issuer).to_json() for p in chosen]
+        documents = [sign(revoke(h.contracts[p], effective), h.issuer).to_json() for p in chosen]
         (folder / "revocations.json").write_text(json.dumps(documents))
         exchange_cli("node", "consent", "import", str(folder), "--config", str(h.config))
         h.revoked = chosen
-        h.revoked_at = now.isoformat()
+        h.revoked_at = effective.isoformat()
         h.revoke_imported_at = datetime.now(UTC).isoformat()
-        self.progress.event(f"{h.id}: {len(chosen)} patients revoked consent (imported mid-study)")
+        late = " (imported AFTER it took effect)" if datetime.now(UTC) > effective else ""
+        self.progress.event(f"{h.id}: {len(chosen)} patients revoked consent mid-study{late}")
 
     # -- audit --------------------------------------------------------------------------------
     def export_and_verify(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from audit.rewards import Receipt, StudyTerms, compute_payout, payout_credits
 from exchange.demo.report import REQUIRED_HOSPITAL_FIELDS
 
 pytestmark = [pytest.mark.slow, pytest.mark.flower, pytest.mark.postgres]
-ROUNDS = 3
+ROUNDS = 4
 
 
 def _our_processes(marker: str) -> list[str]:
@@ -211,6 +211,8 @@ def check_revoked_records_are_not_used_after_their_revocation(demo_run: dict[str
         revoked = {c.pseudonym for c in contracts if c.version == 2}
         assert len(revoked) == item["pseudonyms_revoked"]
         imported = datetime.fromisoformat(item["imported_at"])
+        effective = datetime.fromisoformat(item["effective_at"])
+        assert imported < effective, "the revocation was imported before it took effect"
         train = site.records()[0].train()
         receipts = sorted((e for e in entries if e.kind == "round.receipt"
                            and e.payload["study_id"] == study_id
@@ -223,8 +225,8 @@ def check_revoked_records_are_not_used_after_their_revocation(demo_run: dict[str
             gate = site.gate(request, train.pseudonyms, at)
             assert gate.commitment == receipt.payload["commitment"]
             assert len(gate.eligible) == receipt.payload["records_used"]
-            if at >= imported:
+            if at >= effective:
                 checked_after += 1
                 assert not revoked & gate.eligible
                 assert receipt.payload["records_used"] <= receipts[0].payload["records_used"] - len(revoked)
-    assert checked_after >= 1, "at least one round was trained after a revocation"
+    assert checked_after >= 1, "at least one round was trained after a revocation took effect"
