@@ -1,0 +1,86 @@
+"""An in-process Flower grid for fast tests of the ServerApp and ClientApp logic.
+
+`InProcessGrid` implements Flower's `Grid` interface by calling the real `ClientApp` object
+(`federated.client_app.app`) in this process for every message, one Context per simulated node
+(with that hospital's node config). No SuperLink, no SuperNode, no HTTP: the same message
+contents and the same ServerApp code path (`run_study_rounds`) as the deployment, in a fraction
+of the time. What it does NOT cover (timeouts of real processes, serialisation over HTTP, Flower's
+own error replies) is covered by the deployment tests in tests/federated/test_flower_deployment.py.
+
+A node can be made to drop out: `drop(node_id)` makes it stop answering (its messages then time
+out at the server, as a killed SuperNode's would).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process."""
+
+    def __init__(self, node_configs: Mapping[int, Mapping[str, Any]], run_config: Mapping[str, Any],
+                 client_app: Any = None, run_id: int = 1) -> None:
+        if client_app is None:
+            from federated.client_app import app as client_app
+        self.client_app = client_app
+        self.run_id = run_id
+        self.contexts = {node: Context(run_id=run_id, node_id=node, node_config=dict(cfg), state=RecordDict(),
+                                       run_config=dict(run_config))
+                         for node, cfg in node_configs.items()}
+        self.dropped: set[int] = set()
+        self._replies: dict[str, Message] = {}
+        self._run: Any = None
+        self.pushed: list[Message] = []
+        # Messages take their run and sender from the process's task identity, which the real
+        # runner sets from the ServerApp task it claimed.
+        from flwr.supercore.task_identity import TaskIdentity
+
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 0
+
+    # -- what tests control -------------------------------------------------------------------
+    def drop(self, node_id: int) -> None:
+        """The node stops answering (and disappears from get_node_ids)."""
+        self.dropped.add(node_id)
+
+    # -- Grid -----------------------------------------------------------------------------------
+    def set_run(self, run: Any) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Any:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id,
+                       ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [n for n in self.contexts if n not in self.dropped]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id
+            message.metadata.__dict__["_run_id"] = self.run_id
+            self.pushed.append(message)
+            node = message.metadata.dst_node_id
+            ids.append(message.metadata.message_id)
+            if node in self.dropped or node not in self.contexts:
+                continue
+            reply = self.client_app(message=message, context=self.contexts[node])
+            reply.metadata.__dict__["_message_id"] = reply.object_id
+            self._replies[message.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(list(self.push_messages(messages)))
