@@ -676,8 +676,10 @@ class Coordinator:
 
     def cancel_study(self, principal: Principal, study_id: str, reason: str) -> dict[str, Any]:
         with self.write() as session:
+            # Lock the row first (PostgreSQL: a completion racing this cancel waits, and the
+            # status read below is the committed one), then check who may see it.
+            session.get(Study, study_id, with_for_update=True, populate_existing=True)
             study = self._visible_study(session, principal, study_id)
-            study = session.get(Study, study_id, with_for_update=True) or study
             if study.status in TERMINAL_STATUSES:
                 raise problems.conflict(f"study {study_id!r} is already {study.status.value}")
             was_running = study.status == StudyStatus.RUNNING
