@@ -11,18 +11,23 @@ import threading
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
+from audit.checkpoint import verify_checkpoint
 from audit.merkle import leaf_hash
-from audit.store import AuditLog
+from audit.store import AuditLog, audit_checkpoints
 from tests.audit.store_support import (
+    ORIGIN,
     LogKeys,
     check_log,
+    memory_tree,
     migrated_engine,
     note_entry,
     prepare_log,
     read_acks,
     register,
     start_worker,
+    stored_leaves,
 )
 
 
@@ -49,8 +54,18 @@ def test_threads_and_several_logs_in_one_process(db_url: str) -> None:
         except BaseException as exc:
             errors.append(exc)
 
+    notes: list[str] = []
+
+    def checkpointer() -> None:
+        try:
+            for _ in range(10):
+                notes.append(logs[1].checkpoint())
+        except BaseException as exc:
+            errors.append(exc)
+
     threads = [threading.Thread(target=appender, args=(logs[t % 2], f"t{t}", 40, 1 + t % 3))
                for t in range(8)]
+    threads.append(threading.Thread(target=checkpointer))
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -60,6 +75,15 @@ def test_threads_and_several_logs_in_one_process(db_url: str) -> None:
     assert errors == []
     assert sorted(acked) == list(range(1, 321))
     check_log(engine, keys, acked, 321)
+    # Checkpoints signed while appends ran: each commits to the log as it was at its size.
+    tree = memory_tree(stored_leaves(engine))
+    for note in notes:
+        checkpoint = verify_checkpoint(note, keys.log.public_key, ORIGIN, ORIGIN)
+        assert checkpoint.root == tree.root(checkpoint.size)
+    with engine.connect() as connection:
+        sizes = [row.size for row in connection.execute(
+            select(audit_checkpoints.c.size).order_by(audit_checkpoints.c.size))]
+    assert sizes == sorted(set(sizes)) and sizes
     engine.dispose()
 
 
