@@ -90,6 +90,11 @@ def handle_validation(request: Request[Any, Any, Any], exc: ValidationException)
 
 def handle_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     headers = dict(exc.headers or {})
+    if exc.status_code == 400 and "json" in request.headers.get("content-type", ""):
+        # Litestar's decoder error ("Input data was truncated", ...): say it is the body.
+        reason = f"malformed JSON: {exc.detail}"
+        return problem_response(request, ProblemError(400, reason, kind="malformed-json",
+                                                      errors=[{"field": "body", "reason": reason}]))
     return problem_response(request, ProblemError(exc.status_code, str(exc.detail), headers=headers))
 
 
