@@ -134,7 +134,14 @@ def observe_study(store: NodeStore, ctx: Context, study_json: dict[str, Any]) ->
     if new or not decided:
         if view.status in TERMINAL:
             return row
+        # A study waiting for the steward is re-evaluated (the budget or the consent may have
+        # changed so that the policy now refuses it), but only when one of its inputs changed:
+        # gating a large record set at every poll would be wasted work.
+        marker = _evaluation_inputs(store, ctx.settings, view)
+        if not new and store.get_state(f"evaluated:{view.study_id}") == marker:
+            return row
         evaluation = evaluate_study(store, ctx.settings, view)
+        store.set_state(f"evaluated:{view.study_id}", marker)
         with store.transaction() as session:
             row = session.get(StudyRow, view.study_id)
             assert row is not None
@@ -145,6 +152,15 @@ def observe_study(store: NodeStore, ctx: Context, study_json: dict[str, Any]) ->
             elif evaluation.decision is None:
                 row.status = PENDING
     return row
+
+
+def _evaluation_inputs(store: NodeStore, settings: NodeSettings, view: StudyView) -> list[Any]:
+    from exchange.node.site_export import fingerprint
+
+    budget = current_budget(store, settings, exclude=view.study_id)
+    return [*fingerprint(store), round(budget.spent, 9), round(budget.reserved, 9),
+            settings.policy.model_dump(mode="json"), view.raw.get("spec"),
+            datetime.now(UTC).date().isoformat()]  # validity periods: at least daily
 
 
 def steward_decide(store: NodeStore, settings: NodeSettings, study_id: str, decision: str,

@@ -139,8 +139,11 @@ def test_a_study_closed_before_our_decision_is_never_joined(node_dir: Path, seed
     signer = Signer.load(settings.signing_key_path)
     other = Signer.generate()
     hold = threading.Event()
-    with live_coordinator(tmp_path / "c2", {"hospital-a": (signer, "ecdsa-sha2-nistp256 AAAAa"),
-                                            "hospital-b": (other, "ecdsa-sha2-nistp256 AAAAb")},
+    from exchange.node.keys import create_flower_key
+
+    key_a = settings.flower_public_key_path.read_text().strip()
+    key_b = create_flower_key(tmp_path / "b" / "flower.key")
+    with live_coordinator(tmp_path / "c2", {"hospital-a": (signer, key_a), "hospital-b": (other, key_b)},
                           pause=hold) as live:
         study_id = live.submit(min_hospitals=1)
         with HospitalClient(live.url, other, "hospital-b") as b:
@@ -163,6 +166,31 @@ def _last_error(store: NodeStore) -> str:
 
     with store.sessions() as session:
         return str(session.execute(select(ErrorRow.message).order_by(ErrorRow.id.desc())).scalars().first())
+
+
+def test_a_waiting_study_is_refused_once_the_budget_is_spent(node_dir: Path, seeded: NodeStore,
+                                                             coordinator: LiveCoordinator) -> None:
+    settings = _node_settings(node_dir, mode="ask", max_epsilon_per_study=5.0, total_privacy_budget=5.0)
+    settings = settings.model_copy(update={"coordinator_url": coordinator.url})
+    study_id = coordinator.submit(epsilon=3.0)
+    daemon, link = _daemon(settings, seeded)
+    try:
+        daemon.step()
+        assert _study_status(seeded, study_id) == "pending"
+        daemon.step()  # nothing changed: not re-gated (the inputs marker is unchanged)
+        assert _study_status(seeded, study_id) == "pending"
+        ledger = open_ledger(seeded.engine, 5.0)  # another study spends 2.5 of the 5
+        ledger.register_study("st-other", DPPlan(target_epsilon=2.5, delta=1e-5, rounds=1, steps_per_round=1,
+                                                 sample_rate=0.5, noise_multiplier=1.0, batch_size=5,
+                                                 n_records=10))
+        ledger.charge("st-other", 1, 2.5)
+        daemon.step()
+    finally:
+        link.close()
+    [decision] = _decisions(coordinator, study_id)
+    assert decision["decision"] == "refuse"
+    assert decision["reasons"] == ["epsilon 3 exceeds the privacy budget left (2.5 of 5: 2.5 spent, "
+                                   "0 reserved)"]
 
 
 # --- the daemon as a process -----------------------------------------------------------------
