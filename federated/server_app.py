@@ -148,7 +148,10 @@ def exchange(grid: Grid, messages: Sequence[Message], *, timeout: float, poll: f
     started = time.perf_counter()
     ids = list(grid.push_messages(messages))
     push_s, pushed_at = time.perf_counter() - started, time.time()
-    pending = {msg_id: msg.metadata.dst_node_id for msg_id, msg in zip(ids, messages, strict=True)}
+    pairs = list(zip(ids, messages, strict=True))
+    # flwr returns None for a message it could not push: that node is missing from the start
+    unsent = [msg.metadata.dst_node_id for msg_id, msg in pairs if not msg_id]
+    pending = {msg_id: msg.metadata.dst_node_id for msg_id, msg in pairs if msg_id}
     replies: dict[int, Message] = {}
     arrivals: dict[int, float] = {}
     deadline = time.monotonic() + timeout
@@ -162,8 +165,8 @@ def exchange(grid: Grid, messages: Sequence[Message], *, timeout: float, poll: f
             if stop_event is not None and stop_event.is_set():
                 break
             time.sleep(poll)
-    return PhaseResult(replies, sorted(pending.values()), time.perf_counter() - started, push_s, pushed_at,
-                       arrivals)
+    return PhaseResult(replies, sorted([*pending.values(), *unsent]), time.perf_counter() - started, push_s,
+                       pushed_at, arrivals)
 
 
 def phase_breakdown(prefix: str, phase: PhaseResult, replies: Sequence[HospitalReply]) -> dict[str, float]:
