@@ -91,6 +91,16 @@ def demo(
     from exchange.demo.consortium import Consortium, DemoConfig, DemoError, Progress
     from exchange.demo.report import failed_checks
 
+    if db is not None:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(db)
+        except ArgumentError as exc:
+            raise typer.BadParameter(f"not a database URL ({exc})", param_hint="--db") from exc
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} is a file, not a folder", param_hint="--out")
     if out.exists() and any(out.iterdir()):
         if not (out / "report.json").exists() and not (out / "work").exists():
             raise typer.BadParameter(f"{out} exists and is not a demo output folder; choose another",
@@ -130,11 +140,13 @@ def demo(
         console.print("[yellow]interrupted: stopping every process the demo started[/yellow]")
         consortium.stop()
         raise typer.Exit(130) from None
-    except DemoError as exc:
+    except Exception as exc:  # DemoError says what failed; anything else is named by its type
         if view is not None:
             view.stop()
             view = None
-        console.print(f"[red]demo failed[/red] in phase {progress.phase!r}: {exc}", highlight=False)
+        message = str(exc) if isinstance(exc, DemoError) else f"{type(exc).__name__}: {exc}"
+        console.print(f"demo failed in phase {progress.phase!r}: {message}", style="red", highlight=False,
+                      markup=False)
         console.print(f"logs: {out / 'work'}/*/daemon.log, {out / 'work'}/*/logs/, "
                       f"{out / 'work' / 'superlink' / 'superlink.log'}")
         consortium.stop()
