@@ -108,7 +108,8 @@ def demo(
         import shutil
 
         shutil.rmtree(out)  # a previous demo's output: start clean
-    console = Console()
+    # Not a terminal (a log, CI): wide enough that the summary tables keep their columns.
+    console = Console() if sys.stdout.isatty() else Console(width=140)
     progress = Progress()
     consortium = Consortium(DemoConfig(out=out, db_url=db, rounds=rounds, epsilon=epsilon), progress)
 
