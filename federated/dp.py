@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -136,24 +138,12 @@ def clipped_grad_sum(model: nn.Sequential, template: Template, xb: torch.Tensor,
     """Sum over the batch of per-record gradients each clipped to `clip` (one tensor per
     parameter, in `model.parameters()` order) and the per-record gradient norms before clipping.
     The "fast" engine's core; see module docstring for the algebra."""
-    inputs: list[torch.Tensor] = []
-    outputs: list[torch.Tensor] = []
-    h = xb
-    for m in model:
-        if isinstance(m, nn.Linear):
-            inputs.append(h)
-            z = nn.functional.linear(h, m.weight.detach(), None if m.bias is None else m.bias.detach())
-            if not z.requires_grad:
-                z.requires_grad_(True)
-            outputs.append(z)
-            h = z
-        else:
-            h = m(h)
-    loss = template.per_sample_loss(h, yb).sum()
-    grads_out = torch.autograd.grad(loss, outputs)
-    sq = torch.zeros(xb.shape[0], dtype=xb.dtype)
-    acts = [a.detach() for a in inputs]
     linears = [m for m in model if isinstance(m, nn.Linear)]
+    if all(isinstance(m, nn.Linear) or type(m) in _DERIVATIVES for m in model):
+        acts, grads_out = _backprop_manual(model, template, xb, yb)
+    else:
+        acts, grads_out = _backprop_autograd(model, template, xb, yb)
+    sq = torch.zeros(xb.shape[0], dtype=xb.dtype)
     for a, g, m in zip(acts, grads_out, linears, strict=True):
         sq += (g * g).sum(1) * ((a * a).sum(1) + (1.0 if m.bias is not None else 0.0))
     norms = sq.sqrt()
@@ -165,6 +155,68 @@ def clipped_grad_sum(model: nn.Sequential, template: Template, xb: torch.Tensor,
         if m.bias is not None:
             result.append(gs.sum(0))
     return result, norms
+
+
+# Derivative of an activation given its input z and output h (all element-wise).
+_DERIVATIVES: dict[type[nn.Module], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    nn.Tanh: lambda _z, h: 1.0 - h * h,
+    nn.ReLU: lambda z, _h: (z > 0).to(z.dtype),
+    nn.Sigmoid: lambda _z, h: h * (1.0 - h),
+    nn.Identity: lambda z, _h: torch.ones_like(z),
+}
+
+
+def _backprop_manual(model: nn.Sequential, template: Template, xb: torch.Tensor,
+                     yb: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Inputs of every Linear layer and the loss gradient at every Linear layer's output,
+    computed by hand (closed-form loss gradient, element-wise activation derivatives): the
+    per-step cost of autograd's graph is most of the time for models this small."""
+    inputs: list[torch.Tensor] = []
+    trace: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+    h = xb
+    for m in model:
+        z = h
+        if isinstance(m, nn.Linear):
+            inputs.append(z)
+            h = nn.functional.linear(z, m.weight.detach(), None if m.bias is None else m.bias.detach())
+        else:
+            h = m(z)
+        trace.append((m, z, h))
+    g = template.output_grad(h, yb)[:, None]
+    grads_out: list[torch.Tensor] = []
+    for i in range(len(trace) - 1, -1, -1):
+        m, z, h = trace[i]
+        if isinstance(m, nn.Linear):
+            grads_out.append(g)
+            if i > 0:
+                g = g @ m.weight.detach()
+        else:
+            g = g * _DERIVATIVES[type(m)](z, h)
+    grads_out.reverse()
+    return inputs, grads_out
+
+
+def _backprop_autograd(model: nn.Sequential, template: Template, xb: torch.Tensor,
+                       yb: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """As `_backprop_manual`, through autograd (any element-wise activation)."""
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    h = xb
+    with torch.enable_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                inputs.append(h.detach())
+                z = nn.functional.linear(h, m.weight.detach(),
+                                         None if m.bias is None else m.bias.detach())
+                if not z.requires_grad:
+                    z.requires_grad_(True)
+                outputs.append(z)
+                h = z
+            else:
+                h = m(h)
+        loss = template.per_sample_loss(h, yb).sum()
+        grads = torch.autograd.grad(loss, outputs)
+    return inputs, list(grads)
 
 
 def train_round(template: Template | str, state: np.ndarray, x: np.ndarray, y: np.ndarray, *,
@@ -229,8 +281,7 @@ def _run_fast(model: nn.Sequential, tpl: Template, x: torch.Tensor, y: torch.Ten
         for _ in range(steps):
             idx = _poisson_batch(n, q, gen)
             if idx.numel() > 0:
-                with torch.enable_grad():
-                    summed, _ = clipped_grad_sum(model, tpl, x[idx], y[idx], clip)
+                summed, _ = clipped_grad_sum(model, tpl, x[idx], y[idx], clip)
             else:
                 summed = [torch.zeros_like(p) for p in params]
             for i, (p, summed_grad) in enumerate(zip(params, summed, strict=True)):
@@ -267,8 +318,11 @@ def _run_opacus(model: nn.Module, tpl: Template, x: torch.Tensor, y: torch.Tenso
             for p in gsm.parameters():
                 p.grad_sample = torch.zeros((0, *p.shape))
         else:
-            out = gsm(x[idx])
-            tpl.per_sample_loss(out, y[idx]).sum().backward()
+            with warnings.catch_warnings():
+                # Opacus's hooks warn when no input requires grad (ours never do): harmless.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                out = gsm(x[idx])
+                tpl.per_sample_loss(out, y[idx]).sum().backward()
         if not opt.pre_step():
             continue
         with torch.no_grad():

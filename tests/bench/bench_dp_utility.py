@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clip", type=float, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--momentum", type=float, default=None)
+    parser.add_argument("--scaling", choices=["reference", "bounds"], default="reference",
+                        help="feature scaling (see federated/data.py); 'bounds' shows what the "
+                             "public-reference centring buys")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -106,11 +109,11 @@ def main(argv: list[str] | None = None) -> None:
                  clip=args.clip or d.clip, lr=args.lr or d.lr,
                  momentum=d.momentum if args.momentum is None else args.momentum)
     seeds = list(range(1 if args.quick else args.seeds))
-    parts = load_federated("breast_cancer")
+    parts = load_federated("breast_cancer", scaling=args.scaling)
     hospitals = [p.train() for p in parts]
     test = pooled([p.test() for p in parts])
     central_train = pooled(hospitals)
-    print(f"config: {cfg}")
+    print(f"config: {cfg}, scaling {args.scaling}, seeds {seeds}")
     print("hospitals (train records, malignant share): "
           + ", ".join(f"{h.hospital_id} {len(h)} {h.y.mean():.2f}" for h in hospitals)
           + f"; test records {len(test)}")

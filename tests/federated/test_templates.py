@@ -107,3 +107,13 @@ def test_trivial_baselines() -> None:
     base = reg.trivial_baseline(np.array([1.0, 3.0]), np.zeros((2, 1)), np.array([2.0, 4.0]),
                                 target_scale=2.0)
     assert base["mae"] == pytest.approx(2.0)
+
+
+def test_closed_form_output_gradient_matches_autograd() -> None:
+    for name in list_templates():
+        tpl = get_template(name)
+        out = torch.randn(9, 1, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        y = (torch.arange(9) % 2).float()
+        tpl.per_sample_loss(out, y).sum().backward()
+        assert out.grad is not None
+        torch.testing.assert_close(tpl.output_grad(out.detach(), y), out.grad.reshape(-1))
