@@ -66,6 +66,12 @@ def _summary(console: Console, report: dict[str, Any], out: Path, wall_s: float)
     for h in report["hospitals"]:
         if h["decision"] == "refuse":
             console.print(f"[yellow]{h['id']} refused[/yellow]: {'; '.join(h['decision_reasons'])}")
+    for item in report.get("revoked_records_excluded_after_import", []):
+        after = item["rounds_after_revocation"]
+        console.print(f"{item['hospital']}: {item['revoked']} patients revoked consent mid-study; "
+                      + (f"rounds {', '.join(map(str, after))} trained without them "
+                         f"({item['revoked_still_used']} revoked records used)" if after
+                         else "it took effect after the last round"))
     audit = report.get("audit", {})
     console.print(f"Audit log: {audit.get('entries')} entries exported to {audit.get('export')} and verified "
                   f"(`audit verify`): [green]OK[/green]")
