@@ -189,7 +189,8 @@ def _prefixed(record: Mapping[str, Any], prefix: str) -> dict[str, float]:
 
 
 def _decode_reply(node_id: int, message: Message, spec: StudySpec, round_: int,
-                  hospital_keys: Mapping[str, bytes] | None) -> HospitalReply:
+                  hospital_keys: Mapping[str, bytes] | None, *,
+                  n_weights: int | None = None) -> HospitalReply:
     """Classify one reply; anything malformed becomes `dropped` with the reason, never a crash."""
     if message.has_error():
         error = message.error
@@ -220,6 +221,8 @@ def _decode_reply(node_id: int, message: Message, spec: StudySpec, round_: int,
             receipt = parse_receipt(raw, study_id=spec.study_id, round=round_, hospital_id=hospital)
         if receipt.records_used < 1:
             raise ReceiptError("records_used: an 'ok' update must be trained on at least one record")
+        if n_weights is not None and reply.weights.shape != (n_weights,):
+            raise ValueError(f"update has shape {reply.weights.shape}, the model has {n_weights} weights")
         if not np.all(np.isfinite(reply.weights)):
             raise ValueError("update holds NaN or infinite values")
         reply.receipt = receipt
@@ -333,7 +336,7 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
             train = exchange(grid, _messages(nodes, MessageType.TRAIN, weights, round_=round_, spec=spec,
                                              context=context, options=options),
                              timeout=spec.round_timeout_s, poll=options.poll, stop_event=options.stop_event)
-            decoded = [_decode_reply(n, m, spec, round_, options.hospital_keys)
+            decoded = [_decode_reply(n, m, spec, round_, options.hospital_keys, n_weights=weights.shape[0])
                        for n, m in train.replies.items()]
             silent = set(train.missing)
             if pending is not None:  # these replies carry the evaluation of the previous round's model

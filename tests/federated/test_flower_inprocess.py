@@ -301,3 +301,31 @@ def test_fab_serverapp_reports_to_an_events_file(tmp_path: Path, monkeypatch: py
     assert [e["event"] for e in events] == ["round", "complete"]
     assert len(events[0]["receipts"]) == 2 and events[0]["receipts"][0]["kind"] == "round.receipt"
     assert Path(events[1]["model_path"]).exists()
+
+
+def test_update_of_the_wrong_shape_is_not_aggregated(sites: dict[str, DemoSite], tmp_path: Path) -> None:
+    """A hospital (or anything posing as one) sending an update that does not fit the model is
+    counted as invalid, never crashes the aggregation."""
+    from federated.client_app import app as real_app
+    from federated.server_app import UPDATE_KEY, WEIGHTS_KEY
+
+    def short_updates_from_node_1(message: Any, context: Any) -> Any:
+        from flwr.app import Array, ArrayRecord
+
+        reply = real_app(message=message, context=context)
+        if context.node_id == 1 and UPDATE_KEY in reply.content.array_records:
+            reply.content[UPDATE_KEY] = ArrayRecord({WEIGHTS_KEY: Array(np.zeros(3, dtype=np.float32))})
+        return reply
+
+    spec = _spec("s-shape", rounds=1, min_hospitals=2)
+    for demo in sites.values():
+        approve(demo.site, spec.study_id)
+    grid = InProcessGrid({i + 1: d.site.node_config() for i, d in enumerate(sites.values())},
+                         spec.to_run_config(), client_app=short_updates_from_node_1)
+    observer = RecordingObserver()
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=spec.to_run_config())
+    run_study_rounds(grid, context, observer, ServerOptions(output_dir=tmp_path, poll=0.01))
+    (_, metrics, receipts), = observer.rounds
+    assert metrics["contributors"] == 2 and metrics["dropped"] == 1
+    assert "hospital:hospital-a" not in {r.hospital for r in receipts}
