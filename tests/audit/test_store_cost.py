@@ -36,12 +36,14 @@ def test_an_append_writes_the_leaf_and_its_completed_parents_only(engine: Engine
     keys = LogKeys.generate()
     statements: list[tuple[str, Any]] = []
     with keys.open(engine) as log:
-        log.append(register(keys.operator, keys.writer))
-
+        # Listen before the writer opens its connection: a Connection decides at connect time
+        # whether its engine has event listeners, so a later listener may never fire.
         @event.listens_for(log._writer_engine, "before_cursor_execute")
         def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any,
                    _executemany: bool) -> None:
             statements.append((statement, parameters))
+
+        log.append(register(keys.operator, keys.writer))
 
         for seq in range(1, 70):
             statements.clear()
