@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clip", type=float, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--momentum", type=float, default=None)
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="which hospital split (federated.data.load_federated split_seed)")
     parser.add_argument("--scaling", choices=["reference", "bounds"], default="reference",
                         help="feature scaling (see federated/data.py); 'bounds' shows what the "
                              "public-reference centring buys")
@@ -109,11 +111,12 @@ def main(argv: list[str] | None = None) -> None:
                  clip=args.clip or d.clip, lr=args.lr or d.lr,
                  momentum=d.momentum if args.momentum is None else args.momentum)
     seeds = list(range(1 if args.quick else args.seeds))
-    parts = load_federated("breast_cancer", scaling=args.scaling)
+    parts = load_federated("breast_cancer", scaling=args.scaling, split_seed=args.split_seed)
     hospitals = [p.train() for p in parts]
     test = pooled([p.test() for p in parts])
     central_train = pooled(hospitals)
-    print(f"config: {cfg}, scaling {args.scaling}, seeds {seeds}")
+    print(f"config: {cfg}, scaling {args.scaling}, split seed {args.split_seed}, "
+          f"seeds {seeds}")
     print("hospitals (train records, malignant share): "
           + ", ".join(f"{h.hospital_id} {len(h)} {h.y.mean():.2f}" for h in hospitals)
           + f"; test records {len(test)}")
