@@ -70,8 +70,9 @@ class DemoConfig:
     strict_max_epsilon: float = 2.0
     #: records revoked at each of these hospitals, right after its first round was charged
     revoke: dict[str, int] = field(default_factory=lambda: {"hospital-a": 3, "hospital-b": 2})
-    #: seconds between signing a revocation and its taking effect (the import happens between)
-    revocation_lead_s: float = 3.0
+    #: seconds between signing a revocation and its taking effect (the import happens between);
+    #: None: twice what the hospital's first consent import took, within [1, 5] s
+    revocation_lead_s: float | None = None
     seed: int = 7
     #: seconds between node daemon steps (the node's default is 2 s)
     node_poll_s: float = 0.5
@@ -93,6 +94,7 @@ class Hospital:
     revoked: list[str] = field(default_factory=list)
     revoked_at: str | None = None
     revoke_imported_at: str | None = None
+    consent_import_s: float = 1.0
 
     @property
     def config(self) -> Path:
@@ -400,7 +402,9 @@ class Consortium:
             exchange_cli("node", "import-data", str(records_csv), "--mapping", str(mapping),
                          "--config", str(h.config))
             consent_dir = self._write_contracts(h, list(data.pseudonyms), self.config.seed + index)
+            started = time.monotonic()
             exchange_cli("node", "consent", "import", str(consent_dir), "--config", str(h.config))
+            h.consent_import_s = time.monotonic() - started
             self.progress.hospitals[h.id].update(records=len(data), contracts=len(h.contracts))
             self.progress.event(f"{h.id}: {len(data)} records, {len(h.contracts)} consent contracts "
                                 "imported")
@@ -647,7 +651,10 @@ class Consortium:
         # Effective a moment after signing, so the import is done before the revocation is in
         # force: every round then gates either entirely before it or entirely after it, and
         # the report's recomputation of each round's gating is exact (see docs/demo.md).
-        effective = now + timedelta(seconds=self.config.revocation_lead_s)
+        lead = self.config.revocation_lead_s
+        if lead is None:  # scaled by how long an import takes on this machine right now
+            lead = min(5.0, max(1.0, 2 * h.consent_import_s))
+        effective = now + timedelta(seconds=lead)
         folder = h.dir / "input" / "revocations"
         folder.mkdir(parents=True, exist_ok=True)
         documents = [sign(revoke(h.contracts[p], effective), h.issuer).to_json() for p in chosen]

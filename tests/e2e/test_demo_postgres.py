@@ -33,7 +33,7 @@ from audit.rewards import Receipt, StudyTerms, compute_payout, payout_credits
 from exchange.demo.report import REQUIRED_HOSPITAL_FIELDS
 
 pytestmark = [pytest.mark.slow, pytest.mark.flower, pytest.mark.postgres]
-ROUNDS = 4
+ROUNDS = 6
 
 
 def _our_processes(marker: str) -> list[str]:
