@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, inspect, select
@@ -182,3 +187,41 @@ def test_concurrent_charges_cannot_jointly_overspend(engine: Engine, db_url: str
         t.join(timeout=60)
     assert sorted(outcomes.values()) == ["ok", "refused"]
     assert ledger.total_spent() == pytest.approx(3.0)
+
+
+CHARGER = """
+import sys, time
+from exchange.db.engine import make_engine
+from federated.privacy_ledger import PrivacyLedger
+ledger = PrivacyLedger(make_engine(sys.argv[1]))
+ledger.charge("s1", 1, 1.25)
+print("acknowledged", flush=True)
+time.sleep(60)
+"""
+
+
+def test_acknowledged_charge_survives_kill_9(engine: Engine, db_url: str) -> None:
+    """A node process killed (SIGKILL) right after `charge` returned has not lost the charge."""
+    ledger = PrivacyLedger(engine, total_budget=10.0)
+    ledger.register_study("s1", plan())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-c", CHARGER, db_url], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "acknowledged", proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    fresh = make_engine(db_url)
+    try:
+        reopened = PrivacyLedger(fresh)
+        assert reopened.spent("s1") == 1.25
+        assert reopened.charge("s1", 1, 1.25).epsilon == 1.25  # still idempotent
+        assert reopened.total_spent() == 1.25
+    finally:
+        fresh.dispose()

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from federated.templates import get_template
@@ -106,3 +108,18 @@ def test_safetensors_save_reports_sha256_and_loads_back(tmp_path: Path) -> None:
     meta = {"template": tpl.name, "study_id": "s1"}
     assert save_safetensors(model, tmp_path / "again.safetensors", meta) == digest
     assert read_safetensors_metadata(path) == {"study_id": "s1", "template": tpl.name}
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.floats(-1e3, 1e3), min_size=3, max_size=3),
+                          st.integers(0, 1000)), min_size=1, max_size=6))
+def test_fedavg_stays_within_the_inputs(pairs: list[tuple[list[float], int]]) -> None:
+    states = [np.array(s, dtype=np.float32) for s, _ in pairs]
+    weights = [w for _, w in pairs]
+    if sum(weights) == 0:
+        with pytest.raises(WeightsError):
+            fedavg(states, weights)
+        return
+    out = fedavg(states, weights)
+    used = np.stack([s for s, w in zip(states, weights, strict=True) if w > 0])
+    assert np.all(out >= used.min(0) - 1e-3) and np.all(out <= used.max(0) + 1e-3)
