@@ -33,7 +33,6 @@ from audit.export import Trust
 from audit.signing import Signer
 from audit.store import AuditLog
 from exchange.coordinator import problems, routes, vocabulary
-from exchange.coordinator.auditing import TransactionalAppender, track_transactions
 from exchange.coordinator.runner import StudyRunner
 from exchange.coordinator.services import Coordinator, Principal, Terms
 from exchange.db import migrate
@@ -92,9 +91,10 @@ def load_or_create_key(path: Path) -> Signer:
 def _write_engine(url: str) -> Engine:
     """Write transactions take SQLite's write lock up front (BEGIN IMMEDIATE), so two writers
     queue on busy_timeout instead of failing on a lock upgrade (SQLAlchemy's documented
-    recipe); on PostgreSQL the audit advisory lock and row locks serialize what must be."""
+    recipe). `AuditLog.append_in` requires exactly this on SQLite (docs/audit-store.md): a
+    transaction that appends must hold the write lock from its start. On PostgreSQL append_in
+    takes the audit advisory lock itself (READ COMMITTED), and row locks serialize the rest."""
     engine = make_engine(url)
-    track_transactions(engine)
     if engine.dialect.name == "sqlite":
         @event.listens_for(engine, "connect")
         def _connect(dbapi_connection: Any, _record: Any) -> None:
@@ -117,7 +117,7 @@ def build_runtime(config: AppConfig, runner: StudyRunner) -> Runtime:
     read_engine = make_engine(config.database_url)
     write_engine = _write_engine(config.database_url)
     audit_log = AuditLog(read_engine, log_signer, config.log_origin, operator.public_key)
-    coordinator = Coordinator(read_engine, write_engine, TransactionalAppender(operator.public_key),
+    coordinator = Coordinator(read_engine, write_engine, audit_log,
                               operator=operator, coordinator=coordinator_key, runner=runner,
                               terms=Terms(forward_bps=config.forward_bps, royalties=config.royalties),
                               replay_window=timedelta(seconds=config.replay_window_s))

@@ -1,7 +1,7 @@
 """The coordinator's state changes, each with its audit entries in the same transaction.
 
 Every method that changes state opens ONE write transaction, makes the change, signs the
-entries that record it, appends them through `TransactionalAppender` (same connection), and
+entries that record it, appends them with `audit.store.AuditLog.append_in` (same connection), and
 commits. If the log refuses an entry or anything fails, the transaction rolls back and nothing
 is acknowledged. Reads use a separate engine (no write lock).
 
@@ -33,8 +33,9 @@ from audit.entry import Entry, sign_entry
 from audit.rewards import PayoutError, StudyTerms, compute_payout, payout_credits
 from audit.rewards import Receipt as PayoutReceipt
 from audit.signing import SignatureInvalidError, Signer, b64decode, key_id
+from audit.store import AuditLog, DuplicateEntryError, EntryRefusedError
 from exchange.coordinator import problems
-from exchange.coordinator.auditing import DuplicateEntryError, EntryRejectedError, TransactionalAppender
+from exchange.coordinator.auditing import active_key
 from exchange.coordinator.models import (
     TERMINAL_STATUSES,
     ApiKey,
@@ -162,12 +163,12 @@ class GroupCommit:
 class Coordinator:
     """State changes and queries; the Litestar routes are thin wrappers around these."""
 
-    def __init__(self, read_engine: Engine, write_engine: Engine, appender: TransactionalAppender, *,
+    def __init__(self, read_engine: Engine, write_engine: Engine, audit_log: AuditLog, *,
                  operator: Signer, coordinator: Signer, runner: StudyRunner,
                  terms: Terms | None = None, replay_window: timedelta = timedelta(seconds=300)) -> None:
         self.read_engine = read_engine
         self.write_engine = write_engine
-        self.appender = appender
+        self.audit_log = audit_log
         self.operator = operator
         self.coordinator = coordinator
         self.runner = runner
@@ -197,11 +198,11 @@ class Coordinator:
 
     def _append(self, session: Session, *entries: Entry) -> list[int]:
         try:
-            return self.appender.append(session.connection(), list(entries),
-                                        signed_here=self._own_keys)
+            return self.audit_log.append_in(session.connection(), list(entries),
+                                            signed_here=self._own_keys)
         except DuplicateEntryError as exc:
             raise problems.ProblemError(409, str(exc), kind="duplicate-entry") from exc
-        except EntryRejectedError as exc:
+        except EntryRefusedError as exc:
             raise problems.ProblemError(422, str(exc), kind="entry-refused") from exc
 
     def _sign(self, kind: str, payload: dict[str, Any], *, operator: bool = False) -> Entry:
@@ -210,7 +211,8 @@ class Coordinator:
     def bootstrap(self) -> None:
         """Register the coordinator key in the log (once), signed by the operator key."""
         with self.write() as session:
-            if self.appender.key_public(session.connection(), self.coordinator.key_id) is not None:
+            if active_key(session.connection(), self.operator.public_key,
+                          self.coordinator.key_id) is not None:
                 return
             self._append(session, self._sign("key.register", {
                 "key_id": self.coordinator.key_id, "public_key": self.coordinator.public_key_b64,

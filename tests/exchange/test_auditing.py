@@ -1,34 +1,39 @@
-"""Audit entries written inside the coordinator's own transactions (exchange.coordinator.auditing).
+"""The coordinator appends its entries with `AuditLog.append_in`, in its own transactions.
 
-The point of the module: an entry and the state change it records commit together or not at
-all, and such appends interleave safely with `audit.store.AuditLog`'s own appends."""
+What is checked here is the coordinator's side of that contract: its write engine gives
+append_in what it needs (SQLite: BEGIN IMMEDIATE), an entry and the state change it records
+commit together or not at all, concurrent coordinator appends interleave with the store's
+writer thread, and a refusal by the log becomes a problem answer with nothing written."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine, text
 
 from audit.entry import sign_entry
-from audit.keyring import Keyring
-from audit.merkle import MemoryTree
 from audit.signing import Signer
-from audit.store import AuditLog
+from audit.store import AuditLog, verify_storage
+from exchange.coordinator import problems
 from exchange.coordinator.app import _write_engine
-from exchange.coordinator.auditing import DuplicateEntryError, EntryRejectedError, TransactionalAppender
 from exchange.db.engine import make_engine
 from exchange.db.migrate import upgrade
+from tests.exchange.conftest import World
+
+INSERT_ORG = text("INSERT INTO organisations (id, name, region, created_at) "
+                  "VALUES (:id, :id, 'DE', CURRENT_TIMESTAMP)")
 
 
 @pytest.fixture
-def setup(db_url: str) -> Iterator[tuple[Engine, Engine, AuditLog, TransactionalAppender, Signer, Signer]]:
+def setup(db_url: str) -> Iterator[tuple[Engine, Engine, AuditLog, Signer]]:
     upgrade(db_url, "coordinator")
     operator, log_key = Signer.generate(), Signer.generate()
     read, write = make_engine(db_url), _write_engine(db_url)
     log = AuditLog(read, log_key, "test.example/log", operator.public_key)
     try:
-        yield read, write, log, TransactionalAppender(operator.public_key), operator, log_key
+        yield read, write, log, operator
     finally:
         log.close()
         read.dispose()
@@ -41,59 +46,59 @@ def _orgs(engine: Engine) -> int:
 
 
 def test_entry_and_state_commit_together_or_not_at_all(setup: tuple) -> None:
-    read, write, log, appender, operator, _ = setup
-    insert = text("INSERT INTO organisations (id, name, region, created_at) "
-                  "VALUES (:id, :id, 'DE', CURRENT_TIMESTAMP)")
+    read, write, log, operator = setup
     with write.begin() as connection:
-        connection.execute(insert, {"id": "org-a"})
-        assert appender.append(connection, [sign_entry(operator, "org.register", {"id": "a"})]) == [0]
+        connection.execute(INSERT_ORG, {"id": "org-a"})
+        assert log.append_in(connection, [sign_entry(operator, "org.register", {"id": "a"})]) == [0]
     assert log.size() == 1 and _orgs(read) == 1
     with pytest.raises(RuntimeError), write.begin() as connection:
-        connection.execute(insert, {"id": "org-b"})
-        appender.append(connection, [sign_entry(operator, "org.register", {"id": "b"})])
+        connection.execute(INSERT_ORG, {"id": "org-b"})
+        log.append_in(connection, [sign_entry(operator, "org.register", {"id": "b"})])
         raise RuntimeError("crash after the append, before the commit")
     assert log.size() == 1 and _orgs(read) == 1  # neither the entry nor the row
 
 
-def test_interleaves_with_the_audit_store(setup: tuple) -> None:
-    _read, write, log, appender, operator, _ = setup
-    coordinator = Signer.generate()
-    log.append(sign_entry(operator, "key.register", {"key_id": coordinator.key_id,
-                                                     "public_key": coordinator.public_key_b64,
-                                                     "role": "coordinator", "owner": "operator:c"}))
-    for i in range(5):
-        with write.begin() as connection:
-            appender.append(connection, [sign_entry(coordinator, "study.round", {"i": i}),
-                                         sign_entry(coordinator, "study.round", {"i": i, "b": 1})])
-        log.append(sign_entry(operator, "org.register", {"i": i}))
-    entries = list(log.entries())
-    assert len(entries) == 1 + 5 * 3
-    keyring = Keyring(operator.public_key)
-    tree = MemoryTree()
-    for index, entry in enumerate(entries):
-        keyring.check(entry, index)
-        keyring.apply(entry, index)
-        tree.append_data(entry.leaf_bytes())
-    assert log.root() == tree.root()
-    assert log.consistency_proof(4, len(entries)) == tree.consistency_proof(4, len(entries))
-    assert log.inclusion_proof(7, len(entries)) == tree.inclusion_proof(7, len(entries))
+def test_the_write_engine_serializes_concurrent_appends(setup: tuple) -> None:
+    """Threads appending through the coordinator's write engine and the store's writer thread at
+    once: every append succeeds (no lock-upgrade or next-index failure) and the stored log
+    verifies. On SQLite this holds only because the write engine begins with BEGIN IMMEDIATE."""
+    read, write, log, operator = setup
+    errors: list[BaseException] = []
+
+    def coordinator_side(worker: int) -> None:
+        try:
+            for i in range(8):
+                with write.begin() as connection:
+                    connection.execute(INSERT_ORG, {"id": f"org-{worker}-{i}"})
+                    log.append_in(connection, [sign_entry(operator, "org.register", {"w": worker, "i": i})])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=coordinator_side, args=(w,)) for w in range(3)]
+    for thread in threads:
+        thread.start()
+    for i in range(8):
+        log.append(sign_entry(operator, "note", {"store": i}))
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert log.size() == 3 * 8 + 8 and _orgs(read) == 3 * 8
+    verify_storage(read, operator.public_key)
 
 
-def test_refusals_name_the_reason_and_write_nothing(setup: tuple) -> None:
-    _read, write, log, appender, operator, _ = setup
+def test_a_refused_entry_is_a_problem_and_writes_nothing(sqlite_world: World) -> None:
+    coordinator = sqlite_world.runtime.coordinator
+    size = sqlite_world.runtime.audit_log.size()
     stranger = Signer.generate()
-    with pytest.raises(EntryRejectedError, match=r"not registered|unknown"), write.begin() as connection:
-        appender.append(connection, [sign_entry(stranger, "study.round", {})])
-    entry = sign_entry(operator, "org.register", {"x": 1})
-    with write.begin() as connection:
-        appender.append(connection, [entry])
-    with pytest.raises(DuplicateEntryError), write.begin() as connection:
-        appender.append(connection, [entry])
-    forged = sign_entry(operator, "org.register", {"x": 2})
-    forged = type(forged)(kind=forged.kind, key_id=forged.key_id, time=forged.time,
-                          payload={"x": 3}, signature=forged.signature)
-    with pytest.raises(EntryRejectedError, match="signature"), write.begin() as connection:
-        appender.append(connection, [forged])
-    with pytest.raises(EntryRejectedError, match="bytes"), write.begin() as connection:
-        appender.append(connection, [sign_entry(operator, "org.register", {"blob": "x" * (1 << 20)})])
-    assert log.size() == 1
+    with pytest.raises(problems.ProblemError) as refused, coordinator.write() as session:
+        session.execute(INSERT_ORG, {"id": "org-stranger"})
+        coordinator._append(session, sign_entry(stranger, "org.register", {"x": 1}))
+    assert refused.value.status == 422 and "not registered" in str(refused.value)
+    entry = coordinator._sign("org.register", {"x": 2})
+    with coordinator.write() as session:
+        coordinator._append(session, entry)
+    with pytest.raises(problems.ProblemError) as duplicate, coordinator.write() as session:
+        coordinator._append(session, entry)
+    assert duplicate.value.status == 409
+    assert sqlite_world.runtime.audit_log.size() == size + 1
+    assert _orgs(coordinator.read_engine) == 3  # the world's organisations, not org-stranger
