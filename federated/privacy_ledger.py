@@ -47,6 +47,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from federated.accounting import DPPlan
 
@@ -122,8 +123,11 @@ class PrivacyLedger:
 
     def __init__(self, engine: Engine, total_budget: float | None = None) -> None:
         self.engine = engine
-        with engine.begin() as conn:
-            self._ensure_budget_row(conn)
+        try:
+            with engine.begin() as conn:
+                self._ensure_budget_row(conn)
+        except IntegrityError:
+            pass  # another process created the row between our check and insert: fine
         if total_budget is not None:
             self.set_total_budget(total_budget)
 
