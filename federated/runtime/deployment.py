@@ -14,16 +14,20 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from federated.runtime.settings import RuntimeSettings, flower_env
 from federated.runtime.tls import NodeKeys, TlsFiles, register_supernode
@@ -31,6 +35,7 @@ from federated.runtime.tls import NodeKeys, TlsFiles, register_supernode
 NodeConfigValue = str | int | float | bool
 #: What the executor logs once it polls (federated.runtime.executor.main).
 READY_LINE = "warm executor ready"
+T = TypeVar("T")
 
 
 class DeploymentError(RuntimeError):
@@ -102,7 +107,10 @@ def _die_with_parent_fn() -> Any:
     """Linux: a pre-exec hook that makes the child get SIGTERM when the thread that started it
     dies (even by SIGKILL), so a crashed test run or bench never leaves SuperLinks and SuperNodes
     holding ports. libc is loaded here, in the parent: the hook itself only makes one system call
-    (no imports, no locks), which is what makes `preexec_fn` safe enough with threads around."""
+    (no imports, no locks), which is what makes `preexec_fn` safe enough with threads around.
+
+    Linux ties PR_SET_PDEATHSIG to the *thread* that forked the child, not the process: that is
+    why every child is forked by `_Launcher`'s thread, which lives as long as the process."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
@@ -112,14 +120,59 @@ def _die_with_parent_fn() -> Any:
     return lambda: prctl(pr_set_pdeathsig, sigterm)
 
 
+class _Launcher:
+    """One daemon thread per process that forks every child (`_spawn`).
+
+    Why: the parent-death signal fires when the *forking thread* ends. Spawning from whatever
+    thread called `start()` (a coordinator's worker thread, a test's helper thread) killed the
+    SuperLink as soon as that thread returned. This thread never returns (daemon, blocked on its
+    queue), so a child lives exactly as long as our process: it gets SIGTERM when the process
+    exits or is killed, and not before."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def _loop(self) -> None:
+        while True:
+            job, future = self._jobs.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(job())
+                except BaseException as exc:  # handed to the caller, which re-raises it
+                    future.set_exception(exc)
+
+    def call(self, job: Callable[[], T]) -> T:
+        """Run `job` on the launcher thread and return its result (or raise its exception)."""
+        with self._lock:
+            # after os.fork() the child process has no launcher thread: start a new one
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._jobs = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._loop, name="flower-launcher", daemon=True)
+                self._thread.start()
+                self._pid = os.getpid()
+        future: Future[T] = Future()
+        self._jobs.put((job, future))
+        return future.result()
+
+
+_launcher = _Launcher()
+
+
 def _spawn(name: str, args: list[str], log_path: Path, env: dict[str, str]) -> ManagedProcess:
-    """Start a child (from the main thread: the parent-death signal follows the spawning thread)."""
+    """Start a child from the process-long launcher thread (see `_Launcher`: the parent-death
+    signal follows the forking thread), so any thread may call this."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log_file:
-        popen = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                 preexec_fn=_die_with_parent_fn())  # noqa: PLW1509 (see above)
-    return ManagedProcess(name, popen, log_path)
+
+    def fork() -> subprocess.Popen[bytes]:
+        with log_path.open("ab") as log_file:
+            return subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=_die_with_parent_fn())  # noqa: PLW1509 (see above)
+
+    return ManagedProcess(name, _launcher.call(fork), log_path)
 
 
 def _wait_port(proc: ManagedProcess, host: str, port: int, timeout: float) -> None:
