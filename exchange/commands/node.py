@@ -239,6 +239,14 @@ def status(config: ConfigOption = None,
     _print_status(report)
 
 
+def _reasons(study: dict[str, Any]) -> list[str]:
+    """The decision's reasons, and the coordinator's reason when it refused the decision."""
+    reasons = list(study["reasons"])
+    if study.get("rejected"):
+        reasons.append(f"REJECTED by the coordinator: {study['rejected']['reason']}")
+    return reasons
+
+
 def _print_status(report: dict[str, Any]) -> None:
     console = Console()
     budget = report["privacy"]
@@ -253,7 +261,7 @@ def _print_status(report: dict[str, Any]) -> None:
         studies.add_row(study["study_id"], study["status"], study["decision"] or "-",
                         study["decided_by"] or "-", str(study["eligible_records"] or "-"),
                         str(study["rounds"]), f"{study['epsilon_spent']:.4g}",
-                        "; ".join(study["reasons"]))
+                        "; ".join(_reasons(study)))
     console.print(studies)
     if report["errors"]:
         errors = Table(title="Last errors")

@@ -35,8 +35,8 @@ from exchange.logging import get_logger
 from exchange.node.decisions import (
     Context,
     approved_active,
-    close_study,
     mark_posted,
+    mark_rejected,
     observe_study,
     unposted,
 )
@@ -78,6 +78,14 @@ class CoordinatorLink:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _problem_detail(exc: BaseException) -> str:
+    """The coordinator's reason (RFC 9457 `detail`, else the error text)."""
+    problem = getattr(exc, "problem", None)
+    if isinstance(problem, dict) and isinstance(problem.get("detail"), str) and problem["detail"]:
+        return str(problem["detail"])
+    return str(exc)
 
 
 def supernode_specs(settings: NodeSettings) -> list[ChildSpec]:
@@ -181,12 +189,17 @@ class NodeDaemon:
             except Exception as exc:
                 status = getattr(exc, "status", None)
                 if status == 409:
-                    # The coordinator holds a decision of ours already (posted before a crash), or
-                    # decisions on the study are closed: either way, re-posting cannot succeed.
-                    mark_posted(self.store, decision.id)
-                    if "already decided" not in str(exc):
-                        close_study(self.store, decision.study_id)
-                        self._error("coordinator", exc)
+                    detail = _problem_detail(exc)
+                    if "already decided" in detail:
+                        # The coordinator holds our decision (posted before a crash): acknowledged.
+                        mark_posted(self.store, decision.id)
+                        continue
+                    # The coordinator refused it (decisions closed: the study started before
+                    # ours arrived). It does not count as taken: record why, never join.
+                    mark_rejected(self.store, decision.id, status, detail)
+                    log.warning("decision_rejected", study_id=decision.study_id, decision=decision.decision,
+                                reason=detail)
+                    self._error("coordinator", exc)
                     continue
                 self._error("coordinator", exc)
                 continue

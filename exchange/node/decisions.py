@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from audit.signing import Signer
 from exchange.coordinator.client import decision_entry
 from exchange.node.eligibility import count_eligible
-from exchange.node.models import ColumnCategory, DecisionRow, StudyRow
+from exchange.node.models import ColumnCategory, DaemonState, DecisionRow, StudyRow
 from exchange.node.policy import Budget, Evaluation, StudyView, evaluate
 from exchange.node.privacy import budget as compute_budget
 from exchange.node.privacy import open_ledger
@@ -30,8 +30,11 @@ from exchange.node.store import NodeStore
 PENDING = "pending"
 APPROVED = "approved"
 REFUSED = "refused"
-# "closed": the coordinator no longer took decisions on the study when ours arrived.
-TERMINAL = frozenset({"completed", "failed", "cancelled", "closed"})
+# "rejected": the coordinator refused our decision (409 other than "already decided", e.g.
+# the study had started before ours arrived); the reason is kept (`rejection`). "closed" is
+# what older versions of the node stored for the same case.
+REJECTED = "rejected"
+TERMINAL = frozenset({"completed", "failed", "cancelled", "closed", REJECTED})
 
 
 class StewardDecisionError(Exception):
@@ -126,7 +129,8 @@ def observe_study(store: NodeStore, ctx: Context, study_json: dict[str, Any]) ->
             row.document = dict(study_json)
             new = False
         decided = latest_decision(session, view.study_id) is not None
-        if decided and view.status in TERMINAL | {"running"} and row.status not in (view.status, "closed"):
+        if (decided and view.status in TERMINAL | {"running"}
+                and row.status not in (view.status, "closed", REJECTED)):
             decision = latest_decision(session, view.study_id)
             if decision is not None and decision.decision == "approve":
                 row.status = view.status
@@ -197,22 +201,61 @@ def steward_decide(store: NodeStore, settings: NodeSettings, study_id: str, deci
 
 
 def unposted(store: NodeStore) -> list[DecisionRow]:
+    """Decisions the coordinator has neither acknowledged nor rejected (to be posted)."""
     with store.sessions() as session:
-        return list(session.execute(select(DecisionRow).where(DecisionRow.posted_at.is_(None))
-                                    .order_by(DecisionRow.id)).scalars())
+        return list(session.execute(
+            select(DecisionRow).join(StudyRow, StudyRow.study_id == DecisionRow.study_id)
+            .where(DecisionRow.posted_at.is_(None), StudyRow.status.not_in(("closed", REJECTED)))
+            .order_by(DecisionRow.id)).scalars())
 
 
 def mark_posted(store: NodeStore, decision_id: int) -> None:
+    """The coordinator acknowledged the decision (it holds it): only then may an approval
+    count (`approved_active`)."""
     with store.transaction() as session:
         row = session.get(DecisionRow, decision_id)
         if row is not None and row.posted_at is None:
             row.posted_at = datetime.now(UTC)
 
 
+def rejection_key(study_id: str) -> str:
+    return f"rejected:{study_id}"
+
+
+def mark_rejected(store: NodeStore, decision_id: int, status: int, reason: str) -> None:
+    """The coordinator refused the decision (e.g. 409: the study started before ours arrived).
+
+    In one transaction: the study becomes `rejected` (terminal: never joined, reserves no
+    budget, never re-posted) and the reason is kept for `exchange node status`. The decision
+    stays unacknowledged (`posted_at` null): the coordinator does not hold it."""
+    with store.transaction() as session:
+        decision = session.get(DecisionRow, decision_id)
+        if decision is None:
+            return
+        study = session.get(StudyRow, decision.study_id)
+        if study is not None:
+            study.status = REJECTED
+            study.updated_at = datetime.now(UTC)
+        value = {"decision_id": decision_id, "decision": decision.decision, "status": status,
+                 "reason": reason, "at": datetime.now(UTC).isoformat()}
+        state = session.get(DaemonState, rejection_key(decision.study_id))
+        if state is None:
+            session.add(DaemonState(key=rejection_key(decision.study_id), value=value))
+        else:
+            state.value = value
+
+
+def rejection(session: Session, study_id: str) -> dict[str, Any] | None:
+    """Why the coordinator refused our decision on `study_id`, if it did."""
+    state = session.get(DaemonState, rejection_key(study_id))
+    return None if state is None else dict(state.value)
+
+
 def approved_active(store: NodeStore) -> list[str]:
     """Studies approved here that have not finished and that the coordinator recorded as
     approved by this hospital (`my_decision` in its study listing; where the listing does not
-    say, the acknowledgement of our post): the ClientApp's approved list."""
+    say, the acknowledgement of our post): the ClientApp's approved list. A rejected decision
+    is never acknowledged, so it never counts."""
     out: list[str] = []
     with store.sessions() as session:
         for row in session.execute(select(StudyRow).where(StudyRow.status.not_in(TERMINAL))).scalars():
@@ -223,12 +266,3 @@ def approved_active(store: NodeStore) -> list[str]:
                 continue
             out.append(row.study_id)
     return out
-
-
-def close_study(store: NodeStore, study_id: str) -> None:
-    """The coordinator refused our decision because the study no longer takes decisions."""
-    with store.transaction() as session:
-        row = session.get(StudyRow, study_id)
-        if row is not None:
-            row.status = "closed"
-            row.updated_at = datetime.now(UTC)

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from exchange.node.decisions import current_budget, latest_decision
+from exchange.node.decisions import current_budget, latest_decision, rejection
 from exchange.node.models import ConsentContractRow, ErrorRow, Record, RoundRow, StudyRow
 from exchange.node.privacy import open_ledger
 from exchange.node.settings import NodeSettings
@@ -30,6 +30,8 @@ def collect_status(store: NodeStore, settings: NodeSettings, errors: int = 5) ->
                 "reasons": decision.reasons if decision else [],
                 "eligible_records": decision.eligible_records if decision else None,
                 "posted": bool(decision and decision.posted_at),
+                # the coordinator refused our decision (status, reason, when): it does not count
+                "rejected": rejection(session, row.study_id),
                 "rounds": rounds, "epsilon_spent": ledger.spent(row.study_id),
             })
         last_errors = [{"at": e.at, "component": e.component, "message": e.message}

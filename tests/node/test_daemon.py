@@ -129,11 +129,11 @@ def test_ask_mode_waits_for_the_steward(node_dir: Path, seeded: NodeStore, coord
 
 
 def test_a_study_closed_before_our_decision_is_never_joined(node_dir: Path, seeded: NodeStore,
-                                                            tmp_path: Path) -> None:
+                                                            tmp_path: Path, runner: CliRunner) -> None:
     """Another hospital's approval started the study before this node decided: the coordinator
     refuses our late approval (409), and the node must not train for it."""
     from exchange.coordinator.client import HospitalClient
-    from exchange.node.decisions import approved_active
+    from exchange.node.decisions import approved_active, current_budget, unposted
 
     settings = _node_settings(node_dir, mode="auto-approve")
     signer = Signer.load(settings.signing_key_path)
@@ -156,9 +156,25 @@ def test_a_study_closed_before_our_decision_is_never_joined(node_dir: Path, seed
         finally:
             link.close()
         assert [d["hospital_id"] for d in _decisions(live, study_id)] == ["hospital-b"]
-    assert _study_status(seeded, study_id) == "closed"
+    # the rejection is recorded with the coordinator's reason, and the approval counts for nothing:
+    # not acknowledged, not re-posted, no budget reserved, never joined
+    assert _study_status(seeded, study_id) == "rejected"
     assert approved_active(seeded) == []
+    assert unposted(seeded) == []
+    with seeded.sessions() as session:
+        [decision] = session.execute(select(DecisionRow).where(DecisionRow.study_id == study_id)).scalars()
+        assert (decision.decision, decision.posted_at) == ("approve", None)
+    assert current_budget(seeded, settings).reserved == 0.0
     assert "decisions are closed" in _last_error(seeded)
+    config = ["--config", str(node_dir / "node.toml")]
+    report = json.loads(runner.invoke(app, ["node", "status", "--json", *config]).output)
+    [study] = [s for s in report["studies"] if s["study_id"] == study_id]
+    assert (study["status"], study["decision"], study["posted"]) == ("rejected", "approve", False)
+    assert study["rejected"]["status"] == 409
+    assert study["rejected"]["reason"] == f"study {study_id!r} is running; decisions are closed"
+    table = runner.invoke(app, ["node", "status", *config], env={"COLUMNS": "400"})
+    assert table.exit_code == 0, table.output
+    assert "REJECTED by the coordinator" in table.output and "decisions are closed" in table.output
 
 
 def _last_error(store: NodeStore) -> str:
