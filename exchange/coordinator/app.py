@@ -33,6 +33,7 @@ from audit.export import Trust
 from audit.signing import Signer
 from audit.store import AuditLog
 from exchange.coordinator import problems, routes, vocabulary
+from exchange.coordinator.auditing import forget_transactions
 from exchange.coordinator.runner import StudyRunner
 from exchange.coordinator.services import Coordinator, Principal, Terms
 from exchange.db import migrate
@@ -95,6 +96,7 @@ def _write_engine(url: str) -> Engine:
     transaction that appends must hold the write lock from its start. On PostgreSQL append_in
     takes the audit advisory lock itself (READ COMMITTED), and row locks serialize the rest."""
     engine = make_engine(url)
+    forget_transactions(engine)
     if engine.dialect.name == "sqlite":
         @event.listens_for(engine, "connect")
         def _connect(dbapi_connection: Any, _record: Any) -> None:

@@ -1,4 +1,4 @@
-"""The coordinator's side of the audit log: appends in its own transactions, key look-ups.
+"""The coordinator's side of the audit log: key look-ups and the ledger fold it serves.
 
 Appending is the audit store's job (`audit.store.AuditLog.append_in`): the entry and the state
 change it records commit in the same transaction, with the store's own form, size, signer and
@@ -7,9 +7,17 @@ uniqueness rules and its write lock. Nothing of those rules is repeated here.
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, select
+import copy
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
+from sqlalchemy import Connection, Engine, event, func, select
+
+from audit.entry import Entry
 from audit.keyring import KEY_KINDS, Keyring
+from audit.ledger import TOKEN_KINDS, Ledger, LedgerError
 from audit.store import audit_entries, entry_from_leaf
 
 
@@ -24,3 +32,144 @@ def active_key(connection: Connection, trusted_operator_key: bytes, kid: str) ->
         keyring.apply(entry_from_leaf(bytes(row.leaf)), int(row.idx))
     record = keyring.get(kid)
     return record.public_key if record is not None and record.active else None
+
+
+# -- balances: the audit package's Ledger fold, kept incrementally -----------------------------
+
+LEDGER_KINDS = frozenset(TOKEN_KINDS | {"key.register", "key.rotate"})
+_FORK = "exchange.coordinator.ledger_fork"
+_FIRST_APPEND = "exchange.coordinator.first_append"
+
+
+class LedgerFoldError(RuntimeError):
+    """An entry of the log breaks a ledger rule (`audit.ledger.LedgerError` inside)."""
+
+    def __init__(self, error: LedgerError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def log_size(connection: Connection) -> int:
+    top = connection.execute(select(func.max(audit_entries.c.idx))).scalar_one()
+    return 0 if top is None else int(top) + 1
+
+
+def _ledger_rows(connection: Connection, start: int, stop: int) -> Iterator[tuple[int, Entry]]:
+    e = audit_entries.c
+    for row in connection.execute(select(e.idx, e.leaf).where(
+            e.idx >= start, e.idx < stop, e.kind.in_(sorted(LEDGER_KINDS))).order_by(e.idx)):
+        yield int(row.idx), entry_from_leaf(bytes(row.leaf))
+
+
+def _fold(ledger: Ledger, rows: Iterable[tuple[int, Entry]]) -> None:
+    for index, entry in rows:
+        try:
+            ledger.apply(entry, index)
+        except LedgerError as exc:
+            raise LedgerFoldError(exc) from exc
+
+
+@dataclass
+class _Fork:
+    transaction: object
+    ledger: Ledger
+    size: int  # the log prefix folded into `ledger`, as this transaction sees the log
+
+
+class LedgerView:
+    """Balances, escrows and study terms as `audit.ledger.Ledger` folds them from the log.
+
+    Why: DESIGN says balances are a fold over the log with ONE implementation, the one the
+    auditor runs; the coordinator serves and checks exactly that fold, so its numbers and an
+    auditor's cannot differ. No balance is stored anywhere.
+
+    How: one Ledger folded over the COMMITTED log prefix, shared by the process, moved forward
+    (under a thread lock) with the new ledger-relevant rows whenever someone looks: appends by
+    this process, by another coordinator process or by `exchange admin` are all picked up, and
+    a restart refolds from the log. A write transaction that appends ledger entries gets its
+    own copy (`in_transaction`) with its uncommitted rows folded on top, read back from the
+    log table itself; the shared fold never sees what may still roll back.
+
+    Which rows are committed: a transaction that has not appended sees only committed rows;
+    one that has appended marks the index of its first entry (`note_append`), and every row
+    below it was committed before the write lock was granted to it.
+    """
+
+    def __init__(self, root_key_id: str) -> None:
+        self._root_key_id = root_key_id
+        self._lock = threading.Lock()
+        self._ledger = Ledger(root_key_id)
+        self._size = 0
+
+    def _advance(self, connection: Connection, committed: int) -> None:
+        """Fold the committed rows [self._size, committed) into the shared ledger."""
+        with self._lock:
+            if committed <= self._size:
+                return
+            _fold(self._ledger, _ledger_rows(connection, self._size, committed))
+            self._size = committed
+
+    def refresh(self, connection: Connection) -> int:
+        """Fold everything committed that `connection` (outside any append) sees; the size."""
+        size = log_size(connection)
+        self._advance(connection, size)
+        return size
+
+    def snapshot(self, connection: Connection, accounts: Iterable[str] | None = None) -> dict[str, Any]:
+        """The ledger state (minted, escrow, balances; only `accounts` if given), committed."""
+        self.refresh(connection)
+        with self._lock:
+            state = self._ledger.state
+            wanted = sorted(state.balances) if accounts is None else sorted(set(accounts))
+            return {"minted": state.minted, "escrow": state.escrow,
+                    "balances": {a: state.balances[a] for a in wanted if a in state.balances}}
+
+    def balance(self, connection: Connection, account: str) -> int:
+        self.refresh(connection)
+        with self._lock:
+            return self._ledger.balance(account)
+
+    def note_append(self, connection: Connection, first_index: int) -> None:
+        """Record that this transaction appended entries from `first_index` on (first call wins)."""
+        marker = connection.info.get(_FIRST_APPEND)
+        transaction = connection.get_transaction()
+        if marker is None or marker[0] is not transaction:
+            connection.info[_FIRST_APPEND] = (transaction, first_index)
+
+    def in_transaction(self, connection: Connection) -> Ledger:
+        """The fold of the log as this transaction sees it, its own appends included.
+
+        The caller must not change the result. Raises LedgerFoldError if a row (typically one
+        this transaction just appended) breaks a ledger rule: the caller must roll back.
+        """
+        transaction = connection.get_transaction()
+        size = log_size(connection)
+        marker = connection.info.get(_FIRST_APPEND)
+        committed = marker[1] if marker is not None and marker[0] is transaction else size
+        self._advance(connection, committed)
+        fork: _Fork | None = connection.info.get(_FORK)
+        if fork is None or fork.transaction is not transaction or fork.size > size:
+            # No copy yet for this transaction, or a savepoint rolled back rows it had folded.
+            with self._lock:
+                fork = _Fork(transaction, copy.deepcopy(self._ledger), self._size)
+            connection.info[_FORK] = fork
+        if fork.size < size:
+            try:
+                _fold(fork.ledger, _ledger_rows(connection, fork.size, size))
+            except LedgerFoldError:
+                connection.info.pop(_FORK, None)  # partly folded: never used again
+                raise
+            fork.size = size
+        return fork.ledger
+
+
+def forget_transactions(engine: Engine) -> None:
+    """Drop a transaction's ledger copy and append mark when it ends (connection.info belongs to
+    the pooled DBAPI connection and outlives the transaction)."""
+
+    def _clear(connection: Connection) -> None:
+        connection.info.pop(_FORK, None)
+        connection.info.pop(_FIRST_APPEND, None)
+
+    event.listen(engine, "commit", _clear)
+    event.listen(engine, "rollback", _clear)

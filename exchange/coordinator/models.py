@@ -7,10 +7,9 @@ Why these shapes:
 - Hospitals carry two keys: their Ed25519 signing key (requests, decisions, receipts; its
   key id is what the audit log knows) and their Flower SuperNode public key (ECDSA, for
   SuperLink node authentication).
-- `ledger_balances` is a projection of the log's token fold kept in the same transaction as
-  the ledger entry, so "budget <= balance" can be checked with one row lock; the CHECK
-  constraint makes an overdraft impossible even under racing submissions. The log stays the
-  source of truth (tests compare the two).
+- No balance table: balances are the audit package's Ledger fold of the log
+  (exchange.coordinator.auditing.LedgerView), the same code the auditor runs; an escrow the
+  fold would refuse (overdraft) is refused before its transaction commits.
 - `request_nonces` is the replay cache of signed hospital requests: the primary key makes a
   second use of the same (key, nonce) fail atomically.
 """
@@ -24,7 +23,6 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
-    CheckConstraint,
     DateTime,
     Enum,
     Float,
@@ -200,14 +198,6 @@ class Receipt(CoordinatorBase):
     commitment: Mapped[str] = mapped_column(String(128))
     entry: Mapped[dict[str, Any]] = mapped_column(JSON)
     entry_index: Mapped[int | None] = mapped_column(BigInteger)
-
-
-class LedgerBalance(CoordinatorBase):
-    __tablename__ = "ledger_balances"
-    __table_args__ = (CheckConstraint("balance >= 0", name="balance_non_negative"),)
-
-    account: Mapped[str] = mapped_column(String(200), primary_key=True)
-    balance: Mapped[int] = mapped_column(BigInteger)
 
 
 class RequestNonce(CoordinatorBase):

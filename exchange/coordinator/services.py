@@ -30,18 +30,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from audit.entry import Entry, sign_entry
-from audit.rewards import PayoutError, StudyTerms, compute_payout, payout_credits
-from audit.rewards import Receipt as PayoutReceipt
+from audit.ledger import Ledger
+from audit.rewards import PayoutError
 from audit.signing import SignatureInvalidError, Signer, b64decode, key_id
 from audit.store import AuditLog, DuplicateEntryError, EntryRefusedError
 from exchange.coordinator import problems
-from exchange.coordinator.auditing import active_key
+from exchange.coordinator.auditing import LEDGER_KINDS, LedgerFoldError, LedgerView, active_key
 from exchange.coordinator.models import (
     TERMINAL_STATUSES,
     ApiKey,
     DecisionKind,
     Hospital,
-    LedgerBalance,
     Organisation,
     Receipt,
     RequestNonce,
@@ -183,6 +182,8 @@ class Coordinator:
         self.key_cache_ttl = 2.0
         self._own_keys = frozenset({operator.key_id, coordinator.key_id})
         self._batcher = GroupCommit(self.write_engine)
+        # Balances, escrows and payout terms: the auditor's fold of the log (audit.ledger).
+        self.ledger = LedgerView(operator.key_id)
 
     # ------------------------------------------------------------------ plumbing
     @contextmanager
@@ -197,19 +198,37 @@ class Coordinator:
             yield session
 
     def _append(self, session: Session, *entries: Entry) -> list[int]:
+        """Append in the session's transaction; then fold the new ledger entries (read back from
+        the log) so that one the auditor's Ledger would reject is refused and rolled back here."""
+        connection = session.connection()
         try:
-            return self.audit_log.append_in(session.connection(), list(entries),
-                                            signed_here=self._own_keys)
+            indexes = self.audit_log.append_in(connection, list(entries), signed_here=self._own_keys)
         except DuplicateEntryError as exc:
             raise problems.ProblemError(409, str(exc), kind="duplicate-entry") from exc
         except EntryRefusedError as exc:
             raise problems.ProblemError(422, str(exc), kind="entry-refused") from exc
+        if indexes:
+            self.ledger.note_append(connection, indexes[0])
+        if any(entry.kind in LEDGER_KINDS for entry in entries):
+            try:
+                self.ledger.in_transaction(connection)
+            except LedgerFoldError as exc:
+                raise problems.ProblemError(422, f"the ledger refuses the entry: {exc}",
+                                            kind="ledger-refused") from exc
+        return indexes
+
+    def _ledger(self, session: Session) -> Ledger:
+        """The ledger fold as this write transaction sees the log (its own appends included)."""
+        return self.ledger.in_transaction(session.connection())
 
     def _sign(self, kind: str, payload: dict[str, Any], *, operator: bool = False) -> Entry:
         return sign_entry(self.operator if operator else self.coordinator, kind, payload, now())
 
     def bootstrap(self) -> None:
-        """Register the coordinator key in the log (once), signed by the operator key."""
+        """Register the coordinator key in the log (once), signed by the operator key, and fold
+        the ledger from the log (the start-up rebuild; later folds are incremental)."""
+        with self.read_engine.connect() as connection:
+            self.ledger.refresh(connection)
         with self.write() as session:
             if active_key(session.connection(), self.operator.public_key,
                           self.coordinator.key_id) is not None:
@@ -407,38 +426,22 @@ class Coordinator:
         return index
 
     # ------------------------------------------------------------------ ledger
-    def _credit(self, session: Session, account: str, amount: int) -> None:
-        row = session.get(LedgerBalance, account, with_for_update=True)
-        if row is None:
-            session.add(LedgerBalance(account=account, balance=amount))
-        else:
-            row.balance += amount
-        session.flush()
-
     def balance(self, account: str) -> int:
-        with self.read() as session:
-            row = session.get(LedgerBalance, account)
-        return 0 if row is None else row.balance
+        """`account`'s committed balance: the Ledger fold of the log."""
+        with self.read_engine.connect() as connection:
+            return self.ledger.balance(connection, account)
 
     def mint(self, account: str, amount: int) -> int:
         with self.write() as session:
-            self._credit(session, account, amount)
             (index,) = self._append(session, self._sign("token.mint", {"account": account,
                                                                        "amount": amount}, operator=True))
         return index
 
     def balances(self, accounts: list[str] | None = None) -> dict[str, Any]:
-        """Balances from the projection; `escrow` = budgets of open studies minus payouts."""
-        with self.read() as session:
-            query = select(LedgerBalance).order_by(LedgerBalance.account)
-            if accounts is not None:
-                query = query.where(LedgerBalance.account.in_(accounts))
-            rows = session.scalars(query).all()
-            escrow = session.scalar(select(func.coalesce(func.sum(Study.token_budget), 0)).where(
-                Study.status.in_([StudyStatus.SUBMITTED, StudyStatus.RUNNING]))) or 0
-            total = session.scalar(select(func.coalesce(func.sum(LedgerBalance.balance), 0))) or 0
-        return {"minted": int(total) + int(escrow), "escrow": int(escrow),
-                "balances": {row.account: row.balance for row in rows}}
+        """minted, escrow and balances (only `accounts` if given): the Ledger fold of the
+        committed log, the very numbers an auditor folds from an export."""
+        with self.read_engine.connect() as connection:
+            return self.ledger.snapshot(connection, accounts)
 
     # ------------------------------------------------------------------ studies
     def budget_problem(self, principal: Principal, budget: int) -> str | None:
@@ -461,18 +464,18 @@ class Coordinator:
         study_id = f"st-{uuid.uuid4().hex[:20]}"
         royalty = (self.terms.royalties or {}).get(data.template)
         spec = data.model_dump(mode="json")
+        ledger = self._ledger(session)
         org = session.get(Organisation, principal.organisation_id)
         if org is None:
             raise problems.forbidden("the caller's organisation does not exist")
         self._check_federated_spec(study_id, spec, org, principal, data)
-        balance = session.get(LedgerBalance, account, with_for_update=True)
-        available = 0 if balance is None else balance.balance
+        # A first check for a clear answer; the escrow entry's fold (in _append, under the
+        # log's write lock) is the one that counts if another escrow raced this one.
+        available = ledger.balance(account)
         if data.token_budget > available:
             raise problems.unprocessable([{"field": "token_budget", "reason":
                                            f"token budget {data.token_budget} exceeds the "
                                            f"organisation's balance {available}"}])
-        assert balance is not None
-        balance.balance -= data.token_budget
         study = Study(id=study_id, organisation_id=org.id, researcher_id=principal.researcher_id,
                       title=data.title, status=StudyStatus.SUBMITTED, spec=spec,
                       token_budget=data.token_budget, min_hospitals=data.min_hospitals,
@@ -699,11 +702,11 @@ class Coordinator:
         study.status = status
         study.finished_at = now()
         study.outcome_reason = reason
-        account = f"org:{study.organisation_id}"
+        escrow = self._ledger(session).studies.get(study.id)
         entries = [self._sign(kind, {"study_id": study.id, "reason": reason})]
-        entries.append(self._sign("study.refund", {"study_id": study.id, "account": account,
-                                                   "amount": study.token_budget}))
-        self._credit(session, account, study.token_budget)
+        if escrow is not None and escrow.held > 0:
+            entries.append(self._sign("study.refund", {"study_id": study.id, "account": escrow.account,
+                                                       "amount": escrow.held}))
         self._append(session, *entries)
 
     # ------------------------------------------------------------------ observer (runner)
@@ -775,13 +778,6 @@ class Coordinator:
             study = session.get(Study, study_id, with_for_update=True)
             if study is None or study.status != StudyStatus.RUNNING:
                 return
-            receipts = session.scalars(select(Receipt).where(Receipt.study_id == study_id)).all()
-            terms = self._terms_for(study)
-            payout_receipts = [
-                PayoutReceipt(study_id=study_id, round=r.round, hospital=f"hospital:{r.hospital_id}",
-                              records_used=r.records_used,
-                              reward_accounts=dict(r.entry["payload"].get("reward_accounts", {})))
-                for r in receipts]
             study.status = StudyStatus.COMPLETED
             study.finished_at = now()
             study.model = model
@@ -789,29 +785,27 @@ class Coordinator:
             study.outcome_reason = None
             entries = [self._sign("study.complete", {"study_id": study_id, "model_sha256": digest,
                                                      "metrics": dict(metrics)})]
+            # The payout the auditor's fold expects: the terms recorded in the study's
+            # study.escrow entry and the receipts in the log, never today's settings.
+            ledger = self._ledger(session)
+            escrow = ledger.studies.get(study_id)
             try:
-                payout = compute_payout(study_id, study.token_budget, terms, payout_receipts)
+                if escrow is None:
+                    raise PayoutError(f"study_id: no study.escrow for {study_id!r}")
+                payout = ledger.expected_payout(study_id, escrow.held)
             except PayoutError as exc:
                 # Nothing was trained on (no records): nothing to pay for, refund instead.
-                account = f"org:{study.organisation_id}"
                 study.outcome_reason = f"no payout: {exc}"
-                entries.append(self._sign("study.refund", {"study_id": study_id, "account": account,
-                                                           "amount": study.token_budget}))
-                self._credit(session, account, study.token_budget)
+                if escrow is not None and escrow.held > 0:
+                    entries.append(self._sign("study.refund", {
+                        "study_id": study_id, "account": escrow.account, "amount": escrow.held}))
             else:
                 entries.append(self._sign("study.payout", payout))
-                for account, amount in payout_credits(payout).items():
-                    self._credit(session, account, amount)
             self._append(session, *entries)
         with self._handles_lock:
             self.handles.pop(study_id, None)
         self.on_change("study.complete")
         log.info("study.complete", study_id=study_id, model_sha256=digest)
-
-    def _terms_for(self, study: Study) -> StudyTerms:
-        royalty = (self.terms.royalties or {}).get(str(study.spec.get("template")))
-        return StudyTerms(royalty_account=royalty[0] if royalty else None,
-                          royalty_bps=royalty[1] if royalty else 0, forward_bps=self.terms.forward_bps)
 
     def on_failed(self, study_id: str, reason: str) -> None:
         with self.write() as session:

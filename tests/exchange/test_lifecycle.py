@@ -297,3 +297,45 @@ def test_study_list_pages(world: World) -> None:
     assert cancelled.status_code == 200
     only = world.as_("alice", "GET", "/v1/studies", params={"status": "cancelled"}).json()
     assert [s["id"] for s in only["items"]] == [ids[0]]
+
+
+def test_payout_uses_the_terms_recorded_at_escrow_not_todays_settings(world: World) -> None:
+    """Settings change between submission and completion (royalty and forward share): the
+    payout follows the study.escrow entry's terms, so the auditor's fold accepts it."""
+    from exchange.coordinator.services import Terms
+
+    coordinator = world.runtime.coordinator
+    coordinator.terms = Terms(forward_bps=3000, royalties={"logistic_regression": ("org:globex", 1000)})
+    sid = world.submit(token_budget=10_000, rounds=2, min_hospitals=3)["id"]
+    escrow = next(e for e in log_entries(world) if e.kind == "study.escrow"
+                  and e.payload["study_id"] == sid)
+    assert escrow.payload["royalty_account"] == "org:globex" and escrow.payload["royalty_bps"] == 1000
+    # The operator changes the settings while the study is open.
+    coordinator.terms = Terms(forward_bps=0, royalties={"logistic_regression": ("org:acme", 5000)})
+    for hospital in ("h-one", "h-two", "h-three"):
+        assert world.decide(hospital, sid).status_code == 201
+    world.wait_runs()
+    assert world.as_("alice", "GET", f"/v1/studies/{sid}").json()["status"] == "completed"
+    payout = next(e for e in log_entries(world) if e.kind == "study.payout"
+                  and e.payload["study_id"] == sid)
+    assert payout.payload["royalty"] == {"account": "org:globex", "amount": 1000}
+    assert sum(h["amount"] for h in payout.payload["hospitals"]) == 9000
+    served = served_balances(world)
+    assert served["balances"]["org:globex"] == 5_000 + 1000
+    assert served["balances"]["org:acme"] == 50_000 - 10_000
+    assert fold(world) == served  # the auditor's fold accepts every entry and agrees
+
+
+def test_balances_follow_appends_made_by_another_process(world: World, tmp_path: Path) -> None:
+    """A mint by a second coordinator on the same database (as `exchange admin` does) shows in
+    the served balances without a restart: the fold moves forward from the log itself."""
+    from exchange.coordinator.app import build_runtime
+    from exchange.coordinator.runner import ScriptedRunner
+
+    other = build_runtime(world.runtime.config, ScriptedRunner(hospital_keys={}, records={}))
+    try:
+        other.coordinator.mint("org:clinics", 777)
+    finally:
+        other.close()
+    assert served_balances(world)["balances"]["org:clinics"] == 777
+    assert fold(world) == served_balances(world)
