@@ -23,8 +23,6 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-
 AccountantName = Literal["prv", "rdp"]
 ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
 # Absolute error allowed in PRV's epsilon; the value returned is the upper bound, so a smaller
@@ -54,6 +52,10 @@ def _check(noise_multiplier: float, sample_rate: float, steps: int, delta: float
 @lru_cache(maxsize=4096)
 def _epsilon_cached(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                     accountant: str) -> float:
+    # Imported here, not at module level: the node daemon imports this module (through the
+    # privacy ledger) only for DPPlan, and opacus pulls in torch (seconds of start-up).
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
     with warnings.catch_warnings():
         # PRV at sample_rate=1 logs a harmless log(0) warning; RDP warns about its alpha grid.
         warnings.simplefilter("ignore")

@@ -116,3 +116,15 @@ def test_plan_with_fewer_records_than_batch_uses_full_batch() -> None:
 def test_plan_round_trips_through_dict() -> None:
     plan = plan_study(3.0, DELTA, rounds=2, n_records=100, batch_size=20, steps_per_round=5)
     assert type(plan).from_dict(plan.to_dict()) == plan
+
+
+def test_privacy_ledger_import_does_not_load_torch() -> None:
+    """The node daemon imports the ledger for DPPlan only: torch/opacus must stay unloaded
+    (they cost seconds of start-up per daemon)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, federated.privacy_ledger; "
+            "print(any(m == 'torch' or m.startswith(('torch.', 'opacus')) for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
