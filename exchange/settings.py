@@ -7,11 +7,12 @@ then defaults that work on one machine.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,8 +26,24 @@ class LoggingSettings(BaseModel):
     json_format: bool = Field(default=True, alias="json")
 
 
+class Royalty(BaseModel):
+    """A template author's share of each payout of a study using that template (docs/rewards.md)."""
+
+    model_config = {"extra": "forbid"}
+
+    account: str = Field(pattern=r"^[a-z][a-z0-9_-]*:\S+$", max_length=200)
+    bps: int = Field(ge=0, le=10_000)
+
+
 class CoordinatorSettings(BaseSettings):
-    """The operator's coordinator (`exchange serve`)."""
+    """The operator's coordinator (`exchange serve`, `exchange admin`).
+
+    SuperLink connection: TLS when `superlink_root_certificates` (the CA bundle of the
+    SuperLink's certificate) is set; plaintext only to a loopback SuperLink. The check is made
+    by `superlink_tls()`, which `exchange serve` calls, not at load: `exchange admin` reads the
+    same file and never talks to the SuperLink. `superlink_certificate`/`superlink_private_key`
+    are the SuperLink's own certificate and key, for deployments that start it from this file.
+    """
 
     model_config = SettingsConfigDict(env_prefix="EXCHANGE_", env_nested_delimiter="__",
                                       extra="forbid", populate_by_name=True)
@@ -38,10 +55,63 @@ class CoordinatorSettings(BaseSettings):
     data_dir: Path = Path("exchange-data")
     operator_key_file: Path = Path("exchange-data/operator.key")
     log_key_file: Path = Path("exchange-data/log.key")
+    coordinator_key_file: Path | None = None  # default: data_dir / "coordinator.key"
     log_origin: str = "exchange.local/log"
     superlink_address: str = "127.0.0.1:9093"
+    superlink_root_certificates: Path | None = None
+    superlink_certificate: Path | None = None
+    superlink_private_key: Path | None = None
+    superlink_insecure: bool | None = None  # default: insecure iff no root certificates
     max_body_bytes: int = 1_048_576
+    rate_limit_per_minute: int = Field(default=600, ge=1)
+    forward_bps: int = Field(default=3000, ge=0, le=10_000)
+    royalties: dict[str, Royalty] = Field(default_factory=dict)
     logging: LoggingSettings = LoggingSettings()
+
+    @field_validator("royalties")
+    @classmethod
+    def _template_names(cls, value: dict[str, Royalty]) -> dict[str, Royalty]:
+        for template in value:
+            if not template.strip():
+                raise ValueError("a template name must not be empty")
+        return value
+
+    def coordinator_key_path(self) -> Path:
+        return self.coordinator_key_file or self.data_dir / "coordinator.key"
+
+    def royalty_terms(self) -> dict[str, tuple[str, int]]:
+        """template -> (account, bps), as the coordinator's payout terms take them."""
+        return {template: (r.account, r.bps) for template, r in self.royalties.items()}
+
+    def superlink_tls(self) -> bytes | None:
+        """The CA bundle to verify the SuperLink with, or None for plaintext on loopback.
+
+        Raises ValueError naming the setting: plaintext to a non-loopback address, a
+        contradiction between `superlink_insecure` and the certificates, half a cert/key pair,
+        or a file that cannot be read.
+        """
+        host = _host_of(self.superlink_address)
+        ca = self.superlink_root_certificates
+        if (self.superlink_certificate is None) != (self.superlink_private_key is None):
+            raise ValueError("superlink_private_key: superlink_certificate and superlink_private_key "
+                             "go together (set both or neither)")
+        insecure = self.superlink_insecure if self.superlink_insecure is not None else ca is None
+        if insecure:
+            if ca is not None:
+                raise ValueError("superlink_insecure: true, but superlink_root_certificates is set; "
+                                 "choose TLS (remove superlink_insecure) or plaintext")
+            if not _is_loopback(host):
+                raise ValueError(f"superlink_insecure: plaintext gRPC is allowed only to a loopback "
+                                 f"SuperLink, not {self.superlink_address!r}; set "
+                                 "superlink_root_certificates to the CA of its certificate")
+            return None
+        if ca is None:
+            raise ValueError("superlink_root_certificates: required when superlink_insecure is false")
+        for name in ("superlink_root_certificates", "superlink_certificate", "superlink_private_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: file not found: {path}")
+        return Path(ca).read_bytes()
 
     @classmethod
     def settings_customise_sources(
@@ -57,6 +127,22 @@ class CoordinatorSettings(BaseSettings):
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
+
+
+def _host_of(address: str) -> str:
+    """`host` of "host:port" or "[v6]:port"."""
+    if address.startswith("["):
+        return address[1:].split("]", 1)[0]
+    return address.rsplit(":", 1)[0] if ":" in address else address
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _config_file_from_env() -> Path | None:

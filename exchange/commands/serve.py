@@ -11,13 +11,10 @@ from exchange.settings import CoordinatorSettings, load_coordinator_settings
 
 
 def app_config_from(settings: CoordinatorSettings, **extra: Any) -> Any:
-    """The coordinator app's configuration from the shared settings (keys live in data_dir)."""
-    from exchange.coordinator.app import AppConfig
+    """The coordinator app's configuration from the shared settings."""
+    from exchange.coordinator.app import app_config_from_settings
 
-    return AppConfig(database_url=settings.database_url, operator_key_file=settings.operator_key_file,
-                     log_key_file=settings.log_key_file,
-                     coordinator_key_file=settings.data_dir / "coordinator.key",
-                     log_origin=settings.log_origin, max_body_bytes=settings.max_body_bytes, **extra)
+    return app_config_from_settings(settings, **extra)
 
 
 def load_settings(config: Path | None, **overrides: Any) -> CoordinatorSettings:
@@ -39,13 +36,15 @@ def serve(
     """Run the coordinator API (migrates the database, creates missing keys with 0600)."""
     import uvicorn
 
-    from exchange.coordinator.app import build_runtime, create_app
-    from exchange.coordinator.runner import FederatedRunner
+    from exchange.coordinator.app import build_runtime, create_app, runner_from_settings
     from exchange.logging import configure_logging
 
     settings = load_settings(config, database_url=db, host=host, port=port)
     configure_logging(settings.logging.level, settings.logging.json_format)
-    runner = FederatedRunner(settings.superlink_address, settings.data_dir / "runs")
+    try:
+        runner = runner_from_settings(settings)
+    except ValueError as exc:  # names the setting (e.g. plaintext to a remote SuperLink)
+        raise typer.BadParameter(str(exc), param_hint="--config") from exc
     runtime = build_runtime(app_config_from(settings), runner)
     app = create_app(runtime)
     typer.echo(f"coordinator on http://{settings.host}:{settings.port} (docs: /schema/docs)", err=True)

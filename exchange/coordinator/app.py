@@ -39,6 +39,7 @@ from exchange.coordinator.services import Coordinator, Principal, Terms
 from exchange.db import migrate
 from exchange.db.engine import make_engine
 from exchange.logging import get_logger
+from exchange.settings import CoordinatorSettings
 
 access_log = get_logger("exchange.access")
 STUDY_EVENTS = Counter("exchange_study_events_total", "Study lifecycle events recorded", ["kind"])
@@ -61,6 +62,28 @@ class AppConfig:
     royalties: dict[str, tuple[str, int]] = field(default_factory=dict)
     migrate: bool = True
     access_log: bool = True
+
+
+def app_config_from_settings(settings: CoordinatorSettings, **extra: Any) -> AppConfig:
+    """The app's configuration from the operator's settings (TOML + EXCHANGE_* environment).
+    Every value the coordinator uses comes from there; AppConfig's defaults serve tests."""
+    values: dict[str, Any] = {
+        "database_url": settings.database_url, "operator_key_file": settings.operator_key_file,
+        "log_key_file": settings.log_key_file, "coordinator_key_file": settings.coordinator_key_path(),
+        "log_origin": settings.log_origin, "max_body_bytes": settings.max_body_bytes,
+        "rate_limit_per_minute": settings.rate_limit_per_minute, "forward_bps": settings.forward_bps,
+        "royalties": settings.royalty_terms()}
+    values.update(extra)
+    return AppConfig(**values)
+
+
+def runner_from_settings(settings: CoordinatorSettings) -> StudyRunner:
+    """The real Flower runner, connected as the settings say. Raises ValueError naming the
+    setting if the SuperLink connection is not allowed (plaintext to a non-loopback address)."""
+    from exchange.coordinator.runner import FederatedRunner
+
+    return FederatedRunner(settings.superlink_address, settings.data_dir / "runs",
+                           root_certificates=settings.superlink_tls())
 
 
 @dataclass
