@@ -81,8 +81,8 @@ from audit import merkle
 from audit.checkpoint import Checkpoint, sign_checkpoint
 from audit.entry import Entry, MalformedEntryError
 from audit.keyring import KEY_KINDS, Keyring, KeyringError
-from audit.signing import Signer, b64decode, canonical
-from audit.verify import envelope_from_json, signing_input_from_line
+from audit.signing import Signer, canonical
+from audit.verify import decode_signature, envelope_from_json, signing_input_from_line
 
 # The same naming convention as exchange/db/base.py, so Alembic batch migrations name and drop
 # constraints identically on SQLite and PostgreSQL (audit may not import exchange).
@@ -987,6 +987,9 @@ class AuditLog:
             if len(leaf) > MAX_ENTRY_BYTES:
                 raise MalformedEntryError(f"entry: {len(leaf)} bytes encoded, more than the "
                                           f"{MAX_ENTRY_BYTES} a log entry may have")
+            # The verifier's own rule (canonical base64, 64 bytes), so the store never
+            # acknowledges an entry an auditor then rejects; checked even for `signed_here`.
+            signature = decode_signature(parsed.signature)
         except MalformedEntryError as exc:
             raise EntryRefusedError(position, None, str(exc)) from exc
         except (TypeError, ValueError, RecursionError) as exc:  # out-of-range numbers, nesting
@@ -1001,8 +1004,7 @@ class AuditLog:
             # names one public key forever (it is its hash), so this check stays valid even if
             # the key is revoked before the writer gets to it (the writer checks that).
             try:
-                _verify_key(record.public_key).verify(signing_input_from_line(leaf, parsed),
-                                                      b64decode(parsed.signature))
+                _verify_key(record.public_key).verify(signing_input_from_line(leaf, parsed), signature)
             except (BadSignatureError, binascii.Error, ValueError) as exc:
                 raise EntryRefusedError(position, None, f"signature: does not verify with key "
                                                         f"{parsed.key_id}") from exc
