@@ -43,6 +43,7 @@ from federated.runtime.site import Site
 from federated.server_app import (
     EVAL_PREFIX,
     GLOBAL_KEY,
+    HELLO_KEY,
     METRIC_PREFIX,
     REPLY_KEY,
     STATUS_NO_DATA,
@@ -50,6 +51,7 @@ from federated.server_app import (
     STATUS_REFUSED,
     UPDATE_KEY,
     WEIGHTS_KEY,
+    hello_bytes,
 )
 from federated.study_spec import StudySpec
 from federated.templates import get_template
@@ -233,3 +235,19 @@ def evaluate(message: Message, context: Context) -> Message:
     if outcome.status == STATUS_OK:
         outcome.eval_metrics, outcome.metrics = outcome.metrics, {}
     return _reply(message, site.hospital_id, outcome, started, wall_started)
+
+
+@app.query()
+def hello(message: Message, context: Context) -> Message:
+    """The server's hello: name this hospital, signed with its key over the server's nonce, this
+    node id and the study (`federated.server_app.NodeDirectory`), so only approved hospitals'
+    nodes get the study's model and a node cannot pass for another hospital."""
+    site = Site.from_node_config(context.node_config)
+    spec = StudySpec.from_run_config(context.run_config)
+    record = message.content.config_records.get(HELLO_KEY)
+    if record is None or not isinstance(record.get("nonce"), str):
+        raise ValueError(f"{HELLO_KEY}: a query message must carry a nonce")
+    signature = site.signer().sign(hello_bytes(spec.study_id, site.hospital_id, context.node_id,
+                                               str(record["nonce"])))
+    reply = ConfigRecord({"hospital": site.hospital_id, "signature": signature})
+    return Message(RecordDict({HELLO_KEY: reply}), reply_to=message)

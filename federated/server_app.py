@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from federated.receipts import Receipt, ReceiptError, hospital_account, parse_receipt, verify_receipt
@@ -57,6 +57,16 @@ REPLY_KEY = "reply"
 WEIGHTS_KEY = "weights"
 METRIC_PREFIX = "m."
 EVAL_PREFIX = "e."
+#: The hello (a QUERY message) that maps a Flower node id to its hospital: server -> node:
+#: ConfigRecord HELLO_KEY {nonce}; node -> server: ConfigRecord HELLO_KEY {hospital, signature}, the
+#: signature by the hospital's Ed25519 key over `hello_bytes(...)`.
+HELLO_KEY = "hello"
+HELLO_KIND = "flower.hello"
+#: Flower error codes that mean "this node id is gone" (flwr.common.constant.ErrorCode): the
+#: hospital may be back under a new node id, so its message is re-sent there within the round.
+NODE_GONE_CODES = frozenset({3, 5})  # MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE
+#: Seconds between re-reads of the node list while a phase waits for replies.
+NODE_REFRESH_S = 1.0
 
 
 class StudyFailedError(RuntimeError):
@@ -113,6 +123,10 @@ class ServerOptions:
     stop_event: threading.Event = field(default_factory=threading.Event)
     #: The ServerApp task's id (set by `run_study`), stamped on every message we send.
     task_id: int | None = None
+    #: The hospitals that approved the study (the coordinator's approved set). When given, only
+    #: nodes whose signed hello names one of them get study messages, and a receipt from any
+    #: other hospital is ignored. None: every node that says hello takes part.
+    approved_hospitals: frozenset[str] | None = None
 
 
 @dataclass
@@ -127,6 +141,10 @@ class PhaseResult:
     pushed_at: float = 0.0
     #: node id -> wall-clock time its reply was pulled
     arrivals: dict[int, float] = field(default_factory=dict)
+    #: hospitals whose message got no reply (`exchange_with_retry`)
+    missing_hospitals: list[str] = field(default_factory=list)
+    #: node id -> the hospital its hello named (`exchange_with_retry`)
+    hospital_of: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -190,8 +208,12 @@ def _prefixed(record: Mapping[str, Any], prefix: str) -> dict[str, float]:
 
 def _decode_reply(node_id: int, message: Message, spec: StudySpec, round_: int,
                   hospital_keys: Mapping[str, bytes] | None, *,
-                  n_weights: int | None = None) -> HospitalReply:
-    """Classify one reply; anything malformed becomes `dropped` with the reason, never a crash."""
+                  n_weights: int | None = None, expected_hospital: str | None = None,
+                  approved: Callable[[str], bool] | None = None) -> HospitalReply:
+    """Classify one reply; anything malformed becomes `dropped` with the reason, never a crash.
+
+    `expected_hospital`: the hospital the node's hello named; a reply naming another is invalid.
+    `approved`: a receipt from a hospital outside the study's approved set is ignored (invalid)."""
     if message.has_error():
         error = message.error
         return HospitalReply(node_id, "", "dropped", f"flower error {error.code}: {error.reason}", {})
@@ -219,6 +241,11 @@ def _decode_reply(node_id: int, message: Message, spec: StudySpec, round_: int,
             receipt = verify_receipt(raw, key, study_id=spec.study_id, round=round_, hospital_id=hospital)
         else:
             receipt = parse_receipt(raw, study_id=spec.study_id, round=round_, hospital_id=hospital)
+        if expected_hospital is not None and _bare_id(expected_hospital) != _bare_id(hospital):
+            raise ReceiptError(f"hospital: node {node_id} said hello as {expected_hospital!r}, "
+                               f"its receipt names {hospital!r}")
+        if approved is not None and not approved(hospital):
+            raise ReceiptError(f"hospital: {hospital!r} is not one of the study's approved hospitals")
         if receipt.records_used < 1:
             raise ReceiptError("records_used: an 'ok' update must be trained on at least one record")
         if n_weights is not None and reply.weights.shape != (n_weights,):
@@ -260,25 +287,232 @@ def _reply_weights_sum(contributors: Sequence[HospitalReply]) -> np.ndarray:
                   [c.receipt.records_used for c in contributors if c.receipt is not None])
 
 
-def _describe_non_contributors(replies: Sequence[HospitalReply], missing: Sequence[int]) -> str:
+def _describe_non_contributors(replies: Sequence[HospitalReply], missing: Sequence[str]) -> str:
     parts = [f"{r.hospital or f'node {r.node_id}'}: {r.status} ({r.reason})"
              for r in replies if r.status != STATUS_OK]
-    parts += [f"node {n}: no reply (timed out or disconnected)" for n in missing]
+    parts += [f"{h}: no reply (timed out or disconnected)" for h in missing]
     return "; ".join(parts) or "none"
 
 
-def _wait_for_nodes(grid: Grid, spec: StudySpec, options: ServerOptions, round_: int) -> list[int]:
-    """The connected nodes, once at least `min_hospitals` are (a hospital restarting mid-study
-    gets `join_timeout_s` to come back)."""
-    deadline = time.monotonic() + spec.join_timeout_s
+def hello_bytes(study_id: str, hospital: str, node_id: int, nonce: str) -> bytes:
+    """What a hospital signs in its hello: binds its id to this study, this node id and the
+    server's nonce, so a hello cannot be replayed for another node or study."""
+    from audit.signing import canonical
+
+    return canonical({"kind": HELLO_KIND, "study_id": study_id, "hospital": hospital,
+                      "node_id": str(node_id), "nonce": nonce})
+
+
+def _bare_id(hospital: str) -> str:
+    return hospital.removeprefix("hospital:")
+
+
+class NodeDirectory:
+    """Flower node id -> hospital id, learned from one signed hello per new node id.
+
+    Why: the SuperLink knows nodes only by number, and a restarted SuperNode comes back under a NEW
+    number while the old one stays listed for ~40 s. The ServerApp sends a hello (QUERY message) to
+    each node id it has not met; the reply names the hospital, signed with its key (checked against
+    `hospital_keys` when given). Each hospital maps to the node id that said hello last. Hellos are
+    never re-sent: an unanswered one stays pending and is pulled again later (a slow node still
+    joins), so a dead node id costs no waiting."""
+
+    def __init__(self, grid: Grid, spec: StudySpec, context: Context, options: ServerOptions) -> None:
+        self.grid, self.spec, self.context, self.options = grid, spec, context, options
+        self.hospital_of: dict[int, str] = {}
+        self.node_of: dict[str, int] = {}
+        self.asked: set[int] = set()
+        self._pending: dict[str, tuple[int, str]] = {}  # hello message id -> (node, nonce)
+        self.rejected: dict[int, str] = {}  # node -> why its hello was not accepted
+
+    def approved(self, hospital: str) -> bool:
+        allowed = self.options.approved_hospitals
+        return allowed is None or _bare_id(hospital) in {_bare_id(h) for h in allowed}
+
+    def refresh(self) -> list[int]:
+        """Re-read the node list, say hello to new node ids, collect hello replies; returns the
+        node ids listed now."""
+        listed = sorted(self.grid.get_node_ids())
+        new = [n for n in listed if n not in self.asked]
+        if new:
+            nonces = {n: os.urandom(16).hex() for n in new}
+            messages = []
+            for node in new:
+                content = RecordDict({HELLO_KEY: ConfigRecord({"nonce": nonces[node]})})
+                messages.append(Message(content, dst_node_id=node, message_type=MessageType.QUERY,
+                                        group_id="0", ttl=max(self.spec.join_timeout_s * 2, 60.0)))
+            _stamp(messages, self.context, self.options)
+            for node, msg_id in zip(new, self.grid.push_messages(messages), strict=True):
+                self.asked.add(node)
+                if msg_id:
+                    self._pending[msg_id] = (node, nonces[node])
+        if self._pending:
+            for reply in self.grid.pull_messages(list(self._pending)):
+                entry = self._pending.pop(reply.metadata.reply_to_message_id, None)
+                if entry is not None:
+                    self._accept(entry[0], entry[1], reply)
+        return listed
+
+    def hellos_pending(self, nodes: Iterable[int]) -> bool:
+        waiting = {node for node, _ in self._pending.values()}
+        return any(n in waiting for n in nodes)
+
+    def _accept(self, node: int, nonce: str, reply: Message) -> None:
+        if reply.has_error():
+            self.rejected[node] = f"hello: flower error {reply.error.code}"
+            return
+        record = reply.content.config_records.get(HELLO_KEY)
+        hospital = str(record.get("hospital", "")) if record is not None else ""
+        signature = record.get("signature") if record is not None else None
+        if not hospital or not isinstance(signature, bytes):
+            self.rejected[node] = "hello: no hospital or signature"
+            return
+        keys = self.options.hospital_keys
+        if keys is not None:
+            from nacl.exceptions import BadSignatureError
+            from nacl.signing import VerifyKey
+
+            key = (keys.get(hospital) or keys.get(f"hospital:{_bare_id(hospital)}")
+                   or keys.get(_bare_id(hospital)))
+            try:
+                if key is None:
+                    raise BadSignatureError("no registered key")
+                VerifyKey(key).verify(hello_bytes(self.spec.study_id, hospital, node, nonce), signature)
+            except (BadSignatureError, ValueError) as exc:
+                self.rejected[node] = f"hello from {hospital!r}: signature does not verify ({exc})"
+                log.warning("study %s: node %d %s", self.spec.study_id, node, self.rejected[node])
+                return
+        old = self.node_of.get(hospital)
+        if old is not None and old != node:
+            self.hospital_of.pop(old, None)  # the hospital came back under a new node id
+        self.hospital_of[node] = hospital
+        self.node_of[hospital] = node
+
+    def targets(self, listed: Iterable[int]) -> dict[int, str]:
+        """Listed nodes of approved hospitals (one node per hospital, its latest)."""
+        listed = set(listed)
+        return {node: h for node, h in self.hospital_of.items() if node in listed and self.approved(h)}
+
+    def forget(self, node: int) -> None:
+        hospital = self.hospital_of.pop(node, None)
+        if hospital is not None and self.node_of.get(hospital) == node:
+            del self.node_of[hospital]
+
+
+def _stamp(messages: Sequence[Message], context: Context, options: ServerOptions) -> None:
+    # `Message()` stamps the run and task from the process-global TaskIdentity; with several studies
+    # running in one coordinator process that may be another study's: stamp this one's.
+    for message in messages:
+        message.metadata.__dict__["_run_id"] = context.run_id
+        if options.task_id is not None:
+            message.metadata.__dict__["_src_task_id"] = options.task_id
+
+
+def _wait_for_nodes(directory: NodeDirectory, spec: StudySpec, options: ServerOptions,
+                    round_: int) -> dict[int, str]:
+    """The nodes of approved hospitals (node -> hospital), once at least `min_hospitals` said hello
+    (a hospital restarting mid-study gets `join_timeout_s` to come back). Returns as soon as every
+    approved hospital is there or no listed node still owes a hello; else after a short grace."""
+    started = time.monotonic()
+    deadline = started + spec.join_timeout_s
+    grace = min(spec.round_timeout_s, 10.0)
+    allowed = options.approved_hospitals
     while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= spec.min_hospitals:
-            return nodes
+        listed = directory.refresh()
+        targets = directory.targets(listed)
+        everyone = (allowed is not None
+                    and {_bare_id(h) for h in targets.values()} >= {_bare_id(h) for h in allowed})
+        if len(targets) >= spec.min_hospitals and (
+                everyone or not directory.hellos_pending(listed) or time.monotonic() - started >= grace):
+            return targets
         if time.monotonic() >= deadline or options.stop_event.is_set():
-            raise StudyFailedError(f"round {round_}: only {len(nodes)} hospital node(s) connected after "
-                                   f"{spec.join_timeout_s:.0f} s; the study needs {spec.min_hospitals}")
-        time.sleep(max(options.poll, 0.2))
+            raise StudyFailedError(f"round {round_}: only {len(targets)} hospital node(s) connected "
+                                   f"after {spec.join_timeout_s:.0f} s; the study needs {spec.min_hospitals}")
+        time.sleep(max(options.poll, 0.05))
+
+
+def exchange_with_retry(directory: NodeDirectory, targets: Mapping[int, str], kind: str,
+                        weights: np.ndarray, *, round_: int, timeout: float) -> PhaseResult:
+    """One message per target hospital; replies until all came back or `timeout` passed.
+
+    A hospital whose node id is gone (Flower error NODE_UNAVAILABLE / MESSAGE_UNAVAILABLE, a
+    message flwr could not push) or that shows up under a new node id while we wait (a restarted
+    SuperNode) gets its message again at its new node, within the same deadline, instead of
+    being counted dropped at once. Its first real reply counts (the ClientApp refuses to train a
+    round twice, so a late reply from the old node spends nothing more)."""
+    grid, options = directory.grid, directory.options
+    started = time.perf_counter()
+    deadline = time.monotonic() + timeout
+    pending: dict[str, int] = {}  # message id -> node
+    hospital_by_node: dict[int, str] = dict(targets)
+    sent_to: dict[str, set[int]] = {h: set() for h in targets.values()}
+    replies: dict[int, Message] = {}
+    arrivals: dict[int, float] = {}
+    answered: dict[str, int] = {}  # hospital -> node whose reply counts
+    gone_reply: dict[str, tuple[int, Message]] = {}  # hospital -> last "node gone" error reply
+    push_s = pushed_at = 0.0
+
+    def send(nodes: dict[int, str]) -> None:
+        nonlocal push_s, pushed_at
+        if not nodes:
+            return
+        t0 = time.perf_counter()
+        messages = _messages(list(nodes), kind, weights, round_=round_, spec=directory.spec,
+                             context=directory.context, options=options)
+        ids = list(grid.push_messages(messages))
+        if not push_s:
+            push_s, pushed_at = time.perf_counter() - t0, time.time()
+        for node, msg_id in zip(nodes, ids, strict=True):
+            hospital_by_node[node] = nodes[node]
+            sent_to[nodes[node]].add(node)
+            if msg_id:
+                pending[msg_id] = node
+            else:  # flwr could not push: the node is not (or no longer) registered
+                directory.forget(node)
+
+    send(dict(targets))
+    next_refresh = time.monotonic() + NODE_REFRESH_S
+    while time.monotonic() < deadline:
+        retry = False
+        for reply in grid.pull_messages(list(pending)) if pending else []:
+            node = pending.pop(reply.metadata.reply_to_message_id, None)
+            if node is None:
+                continue
+            hospital = hospital_by_node[node]
+            if hospital in answered:
+                continue
+            if reply.has_error() and reply.error.code in NODE_GONE_CODES:
+                directory.forget(node)
+                gone_reply[hospital] = (node, reply)
+                retry = True
+                continue
+            answered[hospital] = node
+            replies[node] = reply
+            arrivals[node] = time.time()
+            pending = {m: n for m, n in pending.items() if n not in sent_to[hospital]}
+        waiting = [h for h in sent_to if h not in answered]
+        if not waiting or (options.stop_event.is_set()):
+            break
+        if retry or time.monotonic() >= next_refresh:
+            listed = directory.refresh()
+            next_refresh = time.monotonic() + NODE_REFRESH_S
+            fresh = {n: h for n, h in directory.targets(listed).items()
+                     if h in waiting and n not in sent_to[h]}
+            send(fresh)
+        time.sleep(options.poll)
+    missing: list[int] = []
+    missing_hospitals: list[str] = []
+    for hospital, nodes in sent_to.items():
+        if hospital in answered:
+            continue
+        if hospital in gone_reply:  # no other node answered for it: the error reply stands
+            node, reply = gone_reply[hospital]
+            replies[node] = reply
+        else:
+            missing.append(max(nodes))
+            missing_hospitals.append(hospital)
+    return PhaseResult(replies, sorted(missing), time.perf_counter() - started, push_s, pushed_at, arrivals,
+                       missing_hospitals=sorted(missing_hospitals), hospital_of=hospital_by_node)
 
 
 def _messages(nodes: Sequence[int], kind: str, weights: np.ndarray, *, round_: int,
@@ -289,12 +523,7 @@ def _messages(nodes: Sequence[int], kind: str, weights: np.ndarray, *, round_: i
     ttl = max(spec.round_timeout_s * 2, 60.0)
     messages = [Message(content, dst_node_id=node, message_type=kind, group_id=str(round_), ttl=ttl)
                 for node in nodes]
-    # `Message()` stamps the run and task from the process-global TaskIdentity; with several studies
-    # running in one coordinator process that may be another study's: stamp this one's.
-    for message in messages:
-        message.metadata.__dict__["_run_id"] = context.run_id
-        if options.task_id is not None:
-            message.metadata.__dict__["_src_task_id"] = options.task_id
+    _stamp(messages, context, options)
     return messages
 
 
@@ -323,32 +552,47 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
     model = template.build(len(spec.columns), seed=spec.seed)
     weights = pack(model)
     pending: _PendingRound | None = None
-    seen: set[int] = set()
-    silent: set[int] = set()  # nodes that did not answer the last train exchange
+    failed_round: _PendingRound | None = None
+    seen: set[str] = set()  # hospitals that took part in an earlier round
+    silent: set[str] = set()  # hospitals that did not answer the last train exchange
+    directory = NodeDirectory(grid, spec, context, options)
+
+    def decode(phase: PhaseResult, round_: int, n_weights: int | None) -> list[HospitalReply]:
+        return [_decode_reply(n, m, spec, round_, options.hospital_keys, n_weights=n_weights,
+                              expected_hospital=phase.hospital_of.get(n), approved=directory.approved)
+                for n, m in phase.replies.items()]
+
     try:
         for round_ in range(1, spec.rounds + 1):
             if options.stop_event.is_set():
                 raise StudyFailedError(f"cancelled before round {round_}")
-            nodes = _wait_for_nodes(grid, spec, options, round_)
-            gone = sorted(seen - set(nodes))  # took part before, no longer connected
-            seen.update(nodes)
+            targets = _wait_for_nodes(directory, spec, options, round_)
+            gone = sorted(seen - set(targets.values()))  # took part before, no longer connected
+            seen.update(targets.values())
             t_round = time.perf_counter()
-            train = exchange(grid, _messages(nodes, MessageType.TRAIN, weights, round_=round_, spec=spec,
-                                             context=context, options=options),
-                             timeout=spec.round_timeout_s, poll=options.poll, stop_event=options.stop_event)
-            decoded = [_decode_reply(n, m, spec, round_, options.hospital_keys, n_weights=weights.shape[0])
-                       for n, m in train.replies.items()]
-            silent = set(train.missing)
+            train = exchange_with_retry(directory, targets, MessageType.TRAIN, weights, round_=round_,
+                                        timeout=spec.round_timeout_s)
+            decoded = decode(train, round_, weights.shape[0])
+            silent = set(train.missing_hospitals)
             if pending is not None:  # these replies carry the evaluation of the previous round's model
                 pending.report(observer, decoded)
                 pending = None
             contributors = [r for r in decoded if r.status == STATUS_OK and r.receipt is not None]
+            short = len(contributors) < spec.min_hospitals
+            if options.stop_event.is_set() or short:
+                # Contributors trained and spent privacy: their receipts are reported even though
+                # the round produced no model (on_round with round_failed = 1, then on_failed).
+                metrics = _round_metrics(decoded, contributors, train=train, aggregate_s=0.0,
+                                         round_s=time.perf_counter() - t_round, gone=len(gone))
+                metrics["round_failed"] = 1.0
+                failed_round = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt])
             if options.stop_event.is_set():
                 raise StudyFailedError(f"cancelled during round {round_}")
-            if len(contributors) < spec.min_hospitals:
+            if short:
                 raise StudyFailedError(
                     f"round {round_}: {len(contributors)} hospital(s) contributed, the study needs "
-                    f"{spec.min_hospitals}; {_describe_non_contributors(decoded, [*train.missing, *gone])}")
+                    f"{spec.min_hospitals}; "
+                    f"{_describe_non_contributors(decoded, [*train.missing_hospitals, *gone])}")
             t_agg = time.perf_counter()
             weights = _reply_weights_sum(contributors)
             aggregate_s = time.perf_counter() - t_agg
@@ -356,14 +600,11 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
                                      round_s=time.perf_counter() - t_round, gone=len(gone))
             log.info("study %s round %d: %s", spec.study_id, round_, metrics)
             pending = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt])
-        # A node that just let a train exchange time out is not waited for a second time.
-        final_nodes = sorted(set(grid.get_node_ids()) - silent)
-        evaluation = exchange(grid, _messages(final_nodes, MessageType.EVALUATE, weights,
-                                              round_=spec.rounds, spec=spec, context=context,
-                                              options=options),
-                              timeout=spec.round_timeout_s, poll=options.poll, stop_event=options.stop_event)
-        eval_replies = [_decode_reply(n, m, spec, spec.rounds, options.hospital_keys)
-                        for n, m in evaluation.replies.items()]
+        # A hospital that just let a train exchange time out is not waited for a second time.
+        final = {n: h for n, h in directory.targets(directory.refresh()).items() if h not in silent}
+        evaluation = exchange_with_retry(directory, final, MessageType.EVALUATE, weights, round_=spec.rounds,
+                                         timeout=spec.round_timeout_s)
+        eval_replies = decode(evaluation, spec.rounds, None)
         if pending is not None:
             pending.metrics.update(phase_breakdown("final_eval", evaluation, eval_replies))
             pending.report(observer, eval_replies)
@@ -371,6 +612,8 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
     except StudyFailedError as exc:
         if pending is not None:  # the last completed round is reported (without its evaluation)
             pending.report(observer, [])
+        if failed_round is not None:
+            observer.on_round(failed_round.round, failed_round.metrics, failed_round.receipts)
         observer.on_failed(str(exc))
         raise
     options.output_dir.mkdir(parents=True, exist_ok=True)

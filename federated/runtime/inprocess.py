@@ -8,7 +8,10 @@ of the time. What it does NOT cover (timeouts of real processes, serialisation o
 own error replies) is covered by the deployment tests in tests/federated/test_flower_deployment.py.
 
 A node can be made to drop out: `drop(node_id)` makes it stop answering (its messages then time
-out at the server, as a killed SuperNode's would).
+out at the server, as a killed SuperNode's would). `restart(node_id)` models a restarted SuperNode:
+the hospital comes back under a NEW node id while the old id stays listed and answers nothing (or
+Flower's NODE_UNAVAILABLE error reply), as at a real SuperLink for ~40 s;
+`restart_when_messaged(node_id, message_type)` does that the moment such a message arrives.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 
@@ -33,6 +37,9 @@ class InProcessGrid(Grid):
                                        run_config=dict(run_config))
                          for node, cfg in node_configs.items()}
         self.dropped: set[int] = set()
+        #: old node id of a restarted node -> whether messages to it get a NODE_UNAVAILABLE error
+        self.stale: dict[int, bool] = {}
+        self._restart_on: dict[tuple[int, str], bool] = {}
         self._replies: dict[str, Message] = {}
         self._run: Any = None
         self.pushed: list[Message] = []
@@ -46,6 +53,19 @@ class InProcessGrid(Grid):
     def drop(self, node_id: int) -> None:
         """The node stops answering (and disappears from get_node_ids)."""
         self.dropped.add(node_id)
+
+    def restart(self, node_id: int, *, error: bool = False) -> int:
+        """The node's SuperNode restarts: the same hospital under a new node id (returned)."""
+        old = self.contexts[node_id]
+        new = max(self.contexts) + 1
+        self.contexts[new] = Context(run_id=self.run_id, node_id=new, node_config=dict(old.node_config),
+                                     state=RecordDict(), run_config=dict(old.run_config))
+        self.stale[node_id] = error
+        return new
+
+    def restart_when_messaged(self, node_id: int, message_type: str, *, error: bool = False) -> None:
+        """Restart the node when its next `message_type` message arrives (that message is lost)."""
+        self._restart_on[(node_id, message_type)] = error
 
     # -- Grid -----------------------------------------------------------------------------------
     def set_run(self, run: Any) -> None:
@@ -71,6 +91,14 @@ class InProcessGrid(Grid):
             self.pushed.append(message)
             node = message.metadata.dst_node_id
             ids.append(message.metadata.message_id)
+            restart = self._restart_on.pop((node, message.metadata.message_type), None)
+            if restart is not None:
+                self.restart(node, error=restart)
+            if node in self.stale:
+                if self.stale[node]:
+                    error = Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable")
+                    self._replies[message.metadata.message_id] = Message(error, reply_to=message)
+                continue
             if node in self.dropped or node not in self.contexts:
                 continue
             reply = self.client_app(message=message, context=self.contexts[node])

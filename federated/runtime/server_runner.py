@@ -21,7 +21,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,13 +80,18 @@ def build_fab() -> tuple[bytes, str]:
 def run_study(superlink_address: str, spec: StudySpec, observer: StudyObserver, output_dir: Path, *,
               root_certificates: bytes | None = None, insecure: bool | None = None,
               settings: RuntimeSettings | None = None, hospital_keys: Mapping[str, bytes] | None = None,
-              stop_event: threading.Event | None = None, acquire_timeout: float = 60.0) -> StudyResult:
+              stop_event: threading.Event | None = None, acquire_timeout: float = 60.0,
+              approved_hospitals: Collection[str] | None = None) -> StudyResult:
     """Submit `spec` as a Flower run and execute its ServerApp here; returns when it ended.
 
     TLS: pass the CA bundle in `root_certificates`; `insecure` defaults to "no certificates given"
     and is refused for a non-loopback address. Failures of the study itself (too few hospitals,
     cancellation) come back as status "failed" after `observer.on_failed`; problems reaching the
     SuperLink raise.
+
+    `approved_hospitals`: the hospital ids that approved the study. Only nodes whose signed hello
+    names one of them get the study's messages (the model never reaches another node), and a
+    receipt from any other hospital is ignored. None: every node that says hello takes part.
     """
     disable_phone_home()
     from flwr.app import RecordDict
@@ -159,7 +164,9 @@ def run_study(superlink_address: str, spec: StudySpec, observer: StudyObserver, 
         heartbeat.start()
         watcher = _ResultObserver(observer)
         options = ServerOptions(output_dir=output_dir, poll=settings.effective_server_poll,
-                                hospital_keys=hospital_keys, stop_event=stop_event or threading.Event())
+                                hospital_keys=hospital_keys, stop_event=stop_event or threading.Event(),
+                                approved_hospitals=(None if approved_hospitals is None
+                                                    else frozenset(approved_hospitals)))
         app = make_server_app(lambda _ctx: watcher, lambda _ctx: options)
         sub_status, details, context = SubStatus.FAILED, "", None
         try:

@@ -212,8 +212,11 @@ def test_inprocess_study_completes_and_beats_the_trivial_baseline(sites: dict[st
     baseline = get_template(spec.template).trivial_baseline(y_train, np.zeros((len(y_test), 1)), y_test)
     final = observer.rounds[-1][1]
     assert final["eval_accuracy"] > baseline["accuracy"] + 0.1
-    # every message went out as one flat array and nothing else
-    assert all(len(m.content.array_records) == 1 and not m.content.config_records for m in grid.pushed)
+    # every model message went out as one flat array and nothing else; one hello per node
+    models = [m for m in grid.pushed if m.metadata.message_type != "query"]
+    assert all(len(m.content.array_records) == 1 and not m.content.config_records for m in models)
+    hellos = [m.metadata.dst_node_id for m in grid.pushed if m.metadata.message_type == "query"]
+    assert sorted(hellos) == [1, 2, 3]
     # epsilon: each hospital stays within the study's target
     assert max(r.epsilon_total for _, _, rs in observer.rounds for r in rs) <= spec.epsilon + 1e-9
 
@@ -254,15 +257,52 @@ def test_no_data_hospital_is_not_a_contribution(tmp_path: Path) -> None:
         assert "hospital:hospital-b" not in {r.hospital for r in receipts}
 
 
-def test_receipt_that_does_not_verify_is_not_aggregated(sites: dict[str, DemoSite], tmp_path: Path) -> None:
+def test_hospital_whose_key_does_not_verify_gets_no_model(sites: dict[str, DemoSite], tmp_path: Path) -> None:
+    """Its signed hello fails against the registered key: it never gets a model message, so its
+    update and receipt can never be aggregated."""
     keys = {h: d.signer.public_key for h, d in sites.items()}
     keys["hospital-a"] = sites["hospital-b"].signer.public_key  # the coordinator knows another key
     spec = _spec("s-badkey", min_hospitals=2)
-    observer, _ = _run(sites, spec, tmp_path, keys=keys)
+    observer, grid = _run(sites, spec, tmp_path, keys=keys)
     assert observer.completed is not None
     for _, metrics, receipts in observer.rounds:
-        assert metrics["contributors"] == 2 and metrics["dropped"] == 1
+        assert metrics["contributors"] == 2
         assert "hospital:hospital-a" not in {r.hospital for r in receipts}
+    assert [m.metadata.message_type for m in grid.pushed if m.metadata.dst_node_id == 1] == ["query"]
+
+
+def test_receipt_that_does_not_verify_is_not_aggregated(sites: dict[str, DemoSite], tmp_path: Path) -> None:
+    """A node that says hello correctly but replies with a receipt signed by another key."""
+    from federated.client_app import app as real_app
+    from federated.receipts import make_receipt, parse_receipt
+
+    forger = sites["hospital-b"].signer
+
+    def forged_receipts_from_node_1(message: Any, context: Any) -> Any:
+        reply = real_app(message=message, context=context)
+        record = reply.content.config_records.get("reply")
+        if context.node_id == 1 and record is not None and "receipt" in record:
+            r = parse_receipt(record["receipt"])
+            record["receipt"] = make_receipt(
+                forger, study_id=r.study_id, round=r.round, hospital_id="hospital-a",
+                records_used=r.records_used, commitment=r.commitment, epsilon_spent=r.epsilon_spent,
+                epsilon_total=r.epsilon_total, delta=r.delta, spec_sha256=r.spec_sha256,
+                reward_accounts=r.reward_accounts).to_bytes()
+        return reply
+
+    spec = _spec("s-forged", min_hospitals=2, rounds=1)
+    for demo in sites.values():
+        approve(demo.site, spec.study_id)
+    grid = InProcessGrid({i + 1: d.site.node_config() for i, d in enumerate(sites.values())},
+                         spec.to_run_config(), client_app=forged_receipts_from_node_1)
+    observer = RecordingObserver()
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=spec.to_run_config())
+    run_study_rounds(grid, context, observer, ServerOptions(
+        output_dir=tmp_path, poll=0.01, hospital_keys={h: d.signer.public_key for h, d in sites.items()}))
+    (_, metrics, receipts), = observer.rounds
+    assert metrics["contributors"] == 2 and metrics["dropped"] == 1
+    assert "hospital:hospital-a" not in {r.hospital for r in receipts}
 
 
 def test_bad_spec_and_cancellation_fail_cleanly(sites: dict[str, DemoSite], tmp_path: Path) -> None:
@@ -329,3 +369,96 @@ def test_update_of_the_wrong_shape_is_not_aggregated(sites: dict[str, DemoSite],
     (_, metrics, receipts), = observer.rounds
     assert metrics["contributors"] == 2 and metrics["dropped"] == 1
     assert "hospital:hospital-a" not in {r.hospital for r in receipts}
+
+
+# -- approved hospitals, restarted nodes, failed rounds -------------------------------------------
+
+
+def _grid_run(sites: dict[str, DemoSite], spec: StudySpec, tmp_path: Path, *,
+              approved: set[str] | None = None, keys: bool = True, client_app: Any = None,
+              before: Any = None) -> tuple[RecordingObserver, InProcessGrid]:
+    for demo in sites.values():
+        approve(demo.site, spec.study_id)  # every hospital approved it locally
+    grid = InProcessGrid({i + 1: d.site.node_config() for i, d in enumerate(sites.values())},
+                         spec.to_run_config(), client_app=client_app)
+    if before is not None:
+        before(grid)
+    observer = RecordingObserver()
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=spec.to_run_config())
+    hospital_keys = {h: d.signer.public_key for h, d in sites.items()} if keys else None
+    options = ServerOptions(output_dir=tmp_path / "out", poll=0.01, hospital_keys=hospital_keys,
+                            approved_hospitals=frozenset(approved) if approved is not None else None)
+    with contextlib.suppress(StudyFailedError):
+        run_study_rounds(grid, context, observer, options)
+    return observer, grid
+
+
+def test_only_the_approved_hospitals_nodes_get_the_model(sites: dict[str, DemoSite], tmp_path: Path) -> None:
+    """hospital-c is online (and approved the study locally) but not in the coordinator's approved
+    set: it gets a hello and nothing else, and spends nothing."""
+    spec = _spec("s-approved", rounds=2, min_hospitals=2)
+    observer, grid = _grid_run(sites, spec, tmp_path, approved={"hospital-a", "hospital-b"})
+    assert observer.failed == [] and observer.completed is not None
+    for _, metrics, receipts in observer.rounds:
+        assert metrics["contributors"] == 2
+        assert sorted(r.hospital for r in receipts) == ["hospital:hospital-a", "hospital:hospital-b"]
+    assert [m.metadata.message_type for m in grid.pushed if m.metadata.dst_node_id == 3] == ["query"]
+    assert _ledger(sites["hospital-c"]).plan("s-approved") is None
+
+
+def test_receipt_of_a_hospital_outside_the_approved_set_is_ignored(sites: dict[str, DemoSite],
+                                                                    tmp_path: Path) -> None:
+    """Without hospital keys a node could say hello as an approved hospital; its receipt still
+    names its own hospital, which is not approved: not aggregated."""
+    from federated.client_app import app as real_app
+    from federated.server_app import HELLO_KEY
+
+    def node_2_claims_to_be_hospital_b(message: Any, context: Any) -> Any:
+        reply = real_app(message=message, context=context)
+        if context.node_id == 2 and HELLO_KEY in reply.content.config_records:
+            reply.content.config_records[HELLO_KEY]["hospital"] = "hospital-b"
+        return reply
+
+    spec = _spec("s-impostor", rounds=1, min_hospitals=1)
+    sites = {h: sites[h] for h in ("hospital-a", "hospital-c")}  # hospital-c is node 2
+    observer, _ = _grid_run(sites, spec, tmp_path, approved={"hospital-a", "hospital-b"}, keys=False,
+                            client_app=node_2_claims_to_be_hospital_b)
+    assert observer.completed is not None
+    (_, metrics, receipts), = observer.rounds
+    assert metrics["contributors"] == 1 and metrics["dropped"] == 1
+    assert [r.hospital for r in receipts] == ["hospital:hospital-a"]
+
+
+def test_a_node_restarted_mid_round_gets_its_message_again(sites: dict[str, DemoSite],
+                                                           tmp_path: Path) -> None:
+    """hospital-c's SuperNode restarts when its round-1 message arrives: it comes back under a new
+    node id while the old id stays listed. The server re-reads the node list, says hello to the new
+    id and re-sends within the round: all three contribute (the study needs three)."""
+    for error in (False, True):  # old id silent / old id answers NODE_UNAVAILABLE
+        study = _spec(f"s-restart-{error}", rounds=2, min_hospitals=3, round_timeout_s=20)
+        observer, grid = _grid_run(sites, study, tmp_path / str(error),
+                                   before=lambda g, e=error: g.restart_when_messaged(3, "train", error=e))
+        assert observer.failed == [], observer.failed
+        for _, metrics, receipts in observer.rounds:
+            assert metrics["contributors"] == 3 and metrics["dropped"] == 0
+            assert "hospital:hospital-c" in {r.hospital for r in receipts}
+        trains = [(m.metadata.dst_node_id, m.metadata.group_id) for m in grid.pushed
+                  if m.metadata.message_type == "train"]
+        assert (3, "1") in trains and (4, "1") in trains and (4, "2") in trains and (3, "2") not in trains
+
+
+def test_receipts_of_a_failed_round_are_still_reported(tmp_path: Path) -> None:
+    """hospital-c has no consented records, the study needs 3: round 1 fails, but a and b trained
+    and spent privacy, so their receipts reach the observer (round_failed = 1) before on_failed."""
+    sites = provision_sites(tmp_path / "sites", consenting={"hospital-c": 0.0})
+    spec = _spec("s-failed-round", rounds=2, min_hospitals=3)
+    observer, _ = _grid_run(sites, spec, tmp_path)
+    assert observer.completed is None and len(observer.failed) == 1
+    assert observer.failed[0].startswith("round 1: 2 hospital(s) contributed")
+    (round_, metrics, receipts), = observer.rounds
+    assert round_ == 1 and metrics["round_failed"] == 1 and metrics["contributors"] == 2
+    assert sorted(r.hospital for r in receipts) == ["hospital:hospital-a", "hospital:hospital-b"]
+    for receipt in receipts:
+        demo = sites[receipt.hospital.removeprefix("hospital:")]
+        assert _ledger(demo).spent("s-failed-round") == pytest.approx(receipt.epsilon_total)
