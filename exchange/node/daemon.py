@@ -18,12 +18,14 @@ grace period), exit 0.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
 import time
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -90,7 +92,9 @@ def _problem_detail(exc: BaseException) -> str:
 
 def supernode_specs(settings: NodeSettings) -> list[ChildSpec]:
     """The SuperNode (our launcher around flower-supernode) and, in "warm" mode, the
-    executor that runs this node's ClientApp behind it."""
+    executor that runs this node's ClientApp behind it (started first; the SuperNode waits
+    for its ready line). Node authentication (`--auth-supernode-private-key`) goes with TLS
+    only: flwr 1.42 refuses it together with `--insecure` (exit code 303)."""
     sn = settings.supernode
     argv = [sys.executable, "-m", "federated.runtime.supernode_main", "--superlink", sn.superlink_address,
             "--node-config", str(site_paths(settings)["node_config"])]
@@ -103,15 +107,23 @@ def supernode_specs(settings: NodeSettings) -> list[ChildSpec]:
     host, _, port = sn.clientappio_address.rpartition(":")
     env = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "EXCHANGE_NODE_CONFIG": str(settings.data_dir / "node.toml"),
-           "FLWR_HOME": str(settings.data_dir / "flwr-home")}
+           "FLWR_HOME": str(settings.data_dir / "flwr-home"),
+           # flwr's subprocess isolation (plain mode) runs `flower-superexec` by name: it must
+           # be found next to this interpreter even when the venv is not on PATH
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])}
     logs = settings.data_dir / "logs"
     if sn.executor == "warm":
+        from federated.runtime.deployment import READY_LINE
+
         argv += ["--isolation", "process", "--host", host, "--port", port]
         env["EXCHANGE_FLOWER_MODE"] = "fast"
+        # The executor first; the SuperNode only once it logged that torch and the ClientApp
+        # are loaded, so a run's first message never waits for that import.
         executor = ChildSpec("executor", (sys.executable, "-m", "federated.runtime.executor",
                                           "--runtime-api-address", sn.clientappio_address),
-                             env=env, log_file=logs / "executor.log")
-        return [ChildSpec("supernode", tuple(argv), env=env, log_file=logs / "supernode.log"), executor]
+                             env=env, log_file=logs / "executor.log", ready_line=READY_LINE)
+        return [executor, ChildSpec("supernode", tuple(argv), env=env, log_file=logs / "supernode.log",
+                                    after="executor")]
     env["EXCHANGE_FLOWER_MODE"] = "plain"
     argv += ["--host", host, "--port", port]
     return [ChildSpec("supernode", tuple(argv), env=env, log_file=logs / "supernode.log")]

@@ -16,6 +16,11 @@ Why the special cases:
   crashed daemon never leaves a SuperNode holding the ports its successor needs; a
   SuperNode stopped by SIGTERM deregisters, so the next one starts at once.
 - a child that stayed up for `stable_after_s` has its backoff reset.
+- a child may start only `after` another is ready (its log, since it started, holds its
+  `ready_line`): the SuperNode waits for the warm ClientApp executor to have imported torch
+  and the ClientApp, so the first message of a run is not held up by that import (~4-8 s of
+  CPU here). The executor retries until the SuperNode's runtime API answers, so starting it
+  first is safe.
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ class ChildSpec:
     argv: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
     log_file: Path | None = None
+    # a line the child writes to `log_file` once it is ready (None: ready once started)
+    ready_line: str | None = None
+    # the name of a child that must be running and ready before this one starts
+    after: str | None = None
 
 
 @dataclass
@@ -67,6 +76,7 @@ class Child:
     last_exit: int | None = None
     flower_exit: int | None = None
     log_offset: int = 0
+    ready: bool = False
 
     @property
     def running(self) -> bool:
@@ -74,7 +84,8 @@ class Child:
 
     def snapshot(self) -> dict[str, Any]:
         return {"running": self.running, "pid": self.process.pid if self.running and self.process else None,
-                "restarts": self.restarts, "last_exit": self.last_exit, "flower_exit": self.flower_exit}
+                "ready": self.running and self.ready, "restarts": self.restarts, "last_exit": self.last_exit,
+                "flower_exit": self.flower_exit}
 
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -107,26 +118,42 @@ class Supervisor:
     def tick(self) -> None:
         now = self._clock()
         for child in self.children.values():
-            if child.process is not None:
-                code = child.process.poll()
-                if code is None:
-                    if now - child.started_at >= self.stable_after:
-                        child.backoff = self.initial_backoff
-                    continue
-                child.last_exit = code
-                child.flower_exit = _flower_exit_code(child)
-                child.process = None
-                delay = child.backoff
-                if child.flower_exit == SUPERLINK_SAYS_STILL_ONLINE:
-                    delay = max(delay, self.after_305)
-                child.next_start = now + delay
-                child.backoff = min(child.backoff * 2, self.max_backoff)
-                child.restarts += 1
-                self._event("child_exited", {"child": child.spec.name, "exit_code": code,
-                                             "flower_exit_code": child.flower_exit,
-                                             "restart_in_s": round(delay, 3)})
-            if now >= child.next_start:
+            self._check(child, now)
+        for child in self.children.values():
+            if child.process is None and now >= child.next_start and self._may_start(child):
                 self._start(child, now)
+
+    def _may_start(self, child: Child) -> bool:
+        if child.spec.after is None:
+            return True
+        before = self.children.get(child.spec.after)
+        return before is not None and before.running and before.ready
+
+    def _check(self, child: Child, now: float) -> None:
+        """Notice readiness and exits of one child (and schedule its restart)."""
+        if child.process is None:
+            return
+        code = child.process.poll()
+        if code is None:
+            if now - child.started_at >= self.stable_after:
+                child.backoff = self.initial_backoff
+            if not child.ready and _wrote_since_start(child, child.spec.ready_line):
+                child.ready = True
+                self._event("child_ready", {"child": child.spec.name, "pid": child.process.pid})
+            return
+        child.ready = False
+        child.last_exit = code
+        child.flower_exit = _flower_exit_code(child)
+        child.process = None
+        delay = child.backoff
+        if child.flower_exit == SUPERLINK_SAYS_STILL_ONLINE:
+            delay = max(delay, self.after_305)
+        child.next_start = now + delay
+        child.backoff = min(child.backoff * 2, self.max_backoff)
+        child.restarts += 1
+        self._event("child_exited", {"child": child.spec.name, "exit_code": code,
+                                     "flower_exit_code": child.flower_exit,
+                                     "restart_in_s": round(delay, 3)})
 
     def _start(self, child: Child, now: float) -> None:
         spec = child.spec
@@ -149,6 +176,7 @@ class Supervisor:
             if spec.log_file is not None:
                 output.close()
         child.started_at = now
+        child.ready = spec.ready_line is None
         self._event("child_started", {"child": spec.name, "pid": child.process.pid})
 
     def stop_all(self, grace_s: float = 10.0) -> None:
@@ -171,6 +199,7 @@ class Supervisor:
                 self._event("child_killed", {"child": child.spec.name})
             child.last_exit = child.process.returncode
             child.process = None
+            child.ready = False
             self._event("child_stopped", {"child": child.spec.name, "exit_code": child.last_exit})
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
@@ -194,3 +223,18 @@ def _flower_exit_code(child: Child) -> int | None:
     except OSError:
         return None
     return int(found[-1]) if found else None
+
+
+def _wrote_since_start(child: Child, line: str | None) -> bool:
+    """Whether the child wrote `line` to its log since this run of it started."""
+    if line is None:
+        return True
+    path = child.spec.log_file
+    if path is None:
+        return False
+    try:
+        with path.open("rb") as handle:
+            handle.seek(child.log_offset)
+            return line.encode() in handle.read()
+    except OSError:
+        return False

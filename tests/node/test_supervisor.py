@@ -145,3 +145,37 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except OSError:
         return True
+
+
+def test_a_child_starts_only_after_the_one_it_waits_for_is_ready(tmp_path: Path) -> None:
+    """The SuperNode waits for the warm executor's ready line (torch imported) before it starts;
+    the executor's readiness is read from what this run of it wrote to its log."""
+    gate = tmp_path / "go"
+    slow = ChildSpec("executor", (PY, "-c", textwrap.dedent(f"""
+        import os, time
+        print("loading", flush=True)
+        while not os.path.exists({str(gate)!r}):
+            time.sleep(0.02)
+        print("warm executor ready for 127.0.0.1:1", flush=True)
+        time.sleep(600)
+    """)), log_file=tmp_path / "executor.log", ready_line="warm executor ready")
+    (tmp_path / "executor.log").write_text("warm executor ready (an earlier run: does not count)\n")
+    dependent = ChildSpec("supernode", (PY, "-c", "import time; time.sleep(600)"), after="executor")
+    events: list[str] = []
+    sup = Supervisor(on_event=lambda e, d: events.append(f"{e}:{d.get('child')}"))
+    try:
+        sup.want(dependent)  # wanted first: the order of want() does not matter
+        sup.want(slow)
+        sup.tick()
+        assert sup.children["executor"].running and sup.children["supernode"].process is None
+        wait_for(lambda: "loading" in (tmp_path / "executor.log").read_text(), "the executor to start")
+        for _ in range(5):
+            sup.tick()
+        assert sup.children["supernode"].process is None
+        assert sup.snapshot()["executor"]["ready"] is False
+        gate.touch()
+        wait_for(lambda: (sup.tick(), sup.children["supernode"].running)[1], "the supernode to start")
+        assert events.index("child_ready:executor") < events.index("child_started:supernode")
+        assert sup.snapshot()["executor"]["ready"] is True
+    finally:
+        sup.stop_all(grace_s=5.0)

@@ -1,0 +1,94 @@
+"""The SuperNode command line the daemon builds, and one real start of it.
+
+flwr 1.42 exits with code 303 when `--auth-supernode-private-key` comes with `--insecure`, so the
+node key goes with TLS only; insecure (loopback) mode is checked against a real SuperLink."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from exchange.node.daemon import supernode_specs
+from exchange.node.settings import NodeSettings
+from exchange.node.site_export import site_paths
+from exchange.node.supervisor import Supervisor
+from federated.runtime.deployment import READY_LINE, SuperLinkProcess, free_port
+from tests.node.helpers import wait_for
+
+
+def _with(settings: NodeSettings, **supernode: object) -> NodeSettings:
+    return settings.model_copy(update={"supernode": settings.supernode.model_copy(update=supernode)})
+
+
+def _write_node_config(settings: NodeSettings) -> None:
+    path = site_paths(settings)["node_config"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('hospital-id = "hospital-a"\n')
+
+
+def test_insecure_mode_passes_no_node_key(settings: NodeSettings) -> None:
+    specs = {s.name: s for s in supernode_specs(_with(settings, insecure=True, executor="warm"))}
+    argv = specs["supernode"].argv
+    assert "--insecure" in argv
+    assert "--auth-supernode-private-key" not in argv and "--root-certificates" not in argv
+    # the warm executor first; the SuperNode waits for its ready line
+    assert list(specs) == ["executor", "supernode"]
+    assert specs["executor"].ready_line == READY_LINE and specs["supernode"].after == "executor"
+
+
+def test_tls_mode_passes_the_node_key_and_the_ca(settings: NodeSettings) -> None:
+    [supernode] = supernode_specs(_with(settings, insecure=False, root_certificates=Path("ca.pem"),
+                                             executor="plain"))
+    argv = list(supernode.argv)
+    assert "--insecure" not in argv
+    assert argv[argv.index("--auth-supernode-private-key") + 1] == str(settings.flower_key_path)
+    assert argv[argv.index("--root-certificates") + 1] == str(settings.data_dir / "ca.pem")
+    assert supernode.after is None
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_an_insecure_supernode_joins_a_loopback_superlink(settings: NodeSettings, tmp_path: Path) -> None:
+    """The daemon's own command line (plain executor: nothing but the SuperNode) registers with a
+    real insecure SuperLink; with the node key as well, flwr would exit 303 instead."""
+    link = SuperLinkProcess(tmp_path / "superlink")
+    link.start()
+    node = _with(settings, insecure=True, executor="plain", superlink_address=link.address,
+                 clientappio_address=f"127.0.0.1:{free_port()}")
+    _write_node_config(node)
+    sup = Supervisor()
+    try:
+        for spec in supernode_specs(node):
+            sup.want(spec)
+        sup.tick()
+        wait_for(lambda: link.online_node_ids() or not sup.children["supernode"].running,
+                 "the supernode to register", deadline_s=120)
+        log = (node.data_dir / "logs" / "supernode.log").read_text(errors="replace")
+        assert sup.children["supernode"].running, log
+        assert len(link.online_node_ids()) == 1
+        assert "Exit Code" not in log
+    finally:
+        sup.stop_all(grace_s=10.0)
+        link.stop()
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_the_node_key_with_insecure_is_refused_by_flower(settings: NodeSettings, tmp_path: Path) -> None:
+    """Why the key goes with TLS only: the old command line (both flags) ends with Flower's 303."""
+    node = _with(settings, insecure=True, executor="plain", superlink_address=f"127.0.0.1:{free_port()}",
+                 clientappio_address=f"127.0.0.1:{free_port()}")
+    _write_node_config(node)
+    [spec] = supernode_specs(node)
+    old = replace(spec, argv=(*spec.argv, "--auth-supernode-private-key", str(node.flower_key_path)))
+    sup = Supervisor(initial_backoff_s=600.0)
+    try:
+        sup.want(old)
+        sup.tick()
+        wait_for(lambda: (sup.tick(), sup.children["supernode"].last_exit is not None)[1],
+                 "flower to refuse the command line", deadline_s=120)
+        assert sup.children["supernode"].flower_exit == 303
+    finally:
+        sup.stop_all(grace_s=5.0)
