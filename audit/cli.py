@@ -202,18 +202,30 @@ def generate(
 def export(
     db: Annotated[str, typer.Option("--db", help="Database URL of the coordinator's log.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Export folder to create.")],
-    trust: Annotated[Path, typer.Option(
-        "--trust", help="The operator's trust.json (operator and log public keys, origin), "
-                        "copied into the export.")],
+    trust: Annotated[Path | None, typer.Option(
+        "--trust", help="The operator's trust.json (origin, operator and log public keys). "
+                        "Default: the trust anchors the log recorded when it was created; if "
+                        "given, it must agree with them.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing folder.")] = False,
 ) -> None:
     """Export the log in a database: the entries covered by its latest checkpoint."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from audit.store import AuditStoreError, read_entries, read_latest_checkpoint
+    from audit.store import AuditStoreError, read_entries, read_latest_checkpoint, read_stored_trust
 
+    source = str(trust) if trust is not None else f"the trust anchors stored in {db}"
     try:
-        pinned = read_trust(trust)
+        stored = read_stored_trust(db)
+        pinned = read_trust(trust) if trust is not None else stored
+        if pinned is None:
+            raise _unusable(f"{db}: the database holds no trust anchors (audit_log_meta is empty: "
+                            f"no coordinator has opened this log since migration 0004); pass "
+                            f"--trust FILE")
+        if stored is not None and stored != pinned:
+            differ = [name for name in ("origin", "operator_public_key", "log_public_key")
+                      if getattr(stored, name) != getattr(pinned, name)]
+            raise _unusable(f"--trust: {trust} disagrees with the trust anchors stored in {db} "
+                            f"({', '.join(differ)} differ)")
         note = read_latest_checkpoint(db)
         if note is None:
             raise _unusable(f"{db}: the log has signed no checkpoint yet")
@@ -222,7 +234,7 @@ def export(
         lines = (entry.leaf_bytes() for entry in read_entries(db, 0, checkpoint.size))
         count = write_export(out_dir, lines, note, pinned, overwrite=force)
     except CheckpointError as exc:
-        raise _unusable(f"{db}: latest checkpoint does not verify with {trust}: {exc}") from exc
+        raise _unusable(f"{db}: latest checkpoint does not verify with {source}: {exc}") from exc
     except (ExportError, AuditStoreError, ValueError) as exc:
         raise _unusable(str(exc)) from exc
     except SQLAlchemyError as exc:  # a bad URL or a database that cannot be read

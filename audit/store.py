@@ -80,6 +80,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from audit import merkle
 from audit.checkpoint import Checkpoint, sign_checkpoint
 from audit.entry import Entry, MalformedEntryError
+from audit.export import Trust
 from audit.keyring import KEY_KINDS, Keyring, KeyringError
 from audit.signing import Signer, canonical
 from audit.verify import decode_signature, envelope_from_json, signing_input_from_line
@@ -143,6 +144,22 @@ audit_checkpoints = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     CheckConstraint("size >= 0", name="size_nonnegative"),
     comment="Checkpoints the log signed; sizes only grow (trigger).",
+)
+
+META_TABLE = "audit_log_meta"
+
+audit_log_meta = Table(
+    META_TABLE,
+    AUDIT_METADATA,
+    Column("id", SmallInteger(), primary_key=True, autoincrement=False),
+    Column("origin", Text(), nullable=False, comment="the checkpoint origin line"),
+    Column("operator_public_key", LargeBinary(32), nullable=False,
+           comment="the root operator key: root of the keyring"),
+    Column("log_public_key", LargeBinary(32), nullable=False, comment="signs the checkpoints"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("id = 1", name="single_row"),
+    comment="The log's trust anchors, written once when the log is created (triggers refuse "
+            "UPDATE, DELETE, TRUNCATE and a second row).",
 )
 
 # PostgreSQL advisory lock key for the writers of this log: the first 8 bytes of
@@ -282,6 +299,37 @@ $$""",
     return statements
 
 
+def meta_trigger_ddl(dialect_name: str) -> list[str]:
+    """The statements that make `audit_log_meta` write-once on `dialect_name` (the same pattern
+    as `append_only_trigger_ddl`, which migration 0001 froze for the other tables)."""
+    if dialect_name == "sqlite":
+        statements = [
+            f"CREATE TRIGGER trg_{META_TABLE}_no_{op.lower()} BEFORE {op} ON {META_TABLE} "
+            f"BEGIN SELECT RAISE(ABORT, '{META_TABLE} is append-only: {op} refused'); END"
+            for op in ("UPDATE", "DELETE")]
+        # Also stops INSERT OR REPLACE, which deletes without firing the DELETE trigger.
+        statements.append(
+            f"CREATE TRIGGER trg_{META_TABLE}_once BEFORE INSERT ON {META_TABLE} "
+            f"WHEN EXISTS (SELECT 1 FROM {META_TABLE}) "
+            f"BEGIN SELECT RAISE(ABORT, '{META_TABLE} is append-only: written once'); END")
+        return statements
+    if dialect_name == "postgresql":
+        # audit_refuse_change() is migration 0001's function; the CHECK (id = 1) and the
+        # primary key refuse a second row; an upsert fires the UPDATE trigger.
+        return [f"CREATE TRIGGER trg_{META_TABLE}_append_only BEFORE UPDATE OR DELETE OR TRUNCATE "
+                f"ON {META_TABLE} FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change()"]
+    raise ValueError(f"dialect: {dialect_name!r} is not supported (sqlite or postgresql)")
+
+
+def drop_meta_trigger_ddl(dialect_name: str) -> list[str]:
+    if dialect_name == "sqlite":
+        return [f"DROP TRIGGER IF EXISTS trg_{META_TABLE}_{name}"
+                for name in ("no_update", "no_delete", "once")]
+    if dialect_name == "postgresql":
+        return [f"DROP TRIGGER IF EXISTS trg_{META_TABLE}_append_only ON {META_TABLE}"]
+    raise ValueError(f"dialect: {dialect_name!r} is not supported (sqlite or postgresql)")
+
+
 def append_only_trigger_ddl(dialect_name: str) -> list[str]:
     """The statements that make the audit tables append-only on `dialect_name`.
 
@@ -328,7 +376,7 @@ def postgresql_grant_ddl(role: str) -> list[str]:
     """
     if not role.replace("_", "").isalnum():
         raise ValueError(f"role: {role!r} must be letters, digits and underscores")
-    tables = ", ".join(APPEND_ONLY_TABLES)
+    tables = ", ".join((*APPEND_ONLY_TABLES, META_TABLE))
     return [f"REVOKE ALL ON {tables} FROM {role}",
             f"GRANT SELECT, INSERT ON {tables} TO {role}"]
 
@@ -348,6 +396,8 @@ def create_schema(engine: Engine) -> None:
     with engine.begin() as connection:
         AUDIT_METADATA.create_all(connection)
         install_append_only_triggers(connection)
+        for statement in meta_trigger_ddl(connection.dialect.name):
+            connection.exec_driver_sql(statement)
 
 
 # -- engines -------------------------------------------------------------------------------------
@@ -571,6 +621,76 @@ def read_latest_checkpoint(url: str) -> str | None:
             note = connection.execute(
                 select(c.note).order_by(c.size.desc()).limit(1)).scalar_one_or_none()
             return None if note is None else str(note)
+    finally:
+        engine.dispose()
+
+
+# -- trust anchors ---------------------------------------------------------------------------
+
+
+class TrustMismatchError(AuditStoreError):
+    """The trust anchors given differ from those the log recorded when it was created."""
+
+
+def _trust_differences(stored: Trust, given: Trust) -> list[str]:
+    return [name for name in ("origin", "operator_public_key", "log_public_key")
+            if getattr(stored, name) != getattr(given, name)]
+
+
+def _stored_trust(connection: Connection) -> Trust | None:
+    row = connection.execute(select(audit_log_meta)).first()
+    if row is None:
+        return None
+    return Trust(str(row.origin), bytes(row.operator_public_key), bytes(row.log_public_key))
+
+
+def record_trust(engine: Engine, trust: Trust) -> Trust:
+    """Write the log's trust anchors once (origin, root operator key, log key); return them.
+
+    Why: an export of the database then needs no separate trust file, and a coordinator
+    started with other keys than the log was created with is stopped here, before it appends
+    entries or checkpoints no auditor pinning the original keys would accept. Raises
+    TrustMismatchError naming the fields that differ from the stored ones.
+    """
+    _check_meta_schema(engine)
+    for attempt in range(2):
+        try:
+            with engine.begin() as connection:
+                stored = _stored_trust(connection)
+                if stored is None:
+                    connection.execute(audit_log_meta.insert().values(
+                        id=1, origin=trust.origin, operator_public_key=trust.operator_public_key,
+                        log_public_key=trust.log_public_key, created_at=datetime.now(UTC)))
+                    return trust
+        except DBAPIError:  # another process recorded them first (or the trigger refused)
+            if attempt == 0:
+                continue
+            raise
+        differ = _trust_differences(stored, trust)
+        if differ:
+            raise TrustMismatchError(f"{', '.join(differ)}: differ from the trust anchors this log "
+                                     f"was created with (origin {stored.origin!r})")
+        return stored
+    raise AuditStoreError(f"{META_TABLE}: could neither write nor read the trust anchors")
+
+
+def _check_meta_schema(engine: Engine) -> None:
+    _check_schema(engine)
+    if META_TABLE not in set(inspect(engine).get_table_names()):
+        raise SchemaMissingError(f"database: table {META_TABLE!r} does not exist; run the "
+                                 f"coordinator migrations (exchange db upgrade --db URL)")
+
+
+def read_stored_trust(url: str) -> Trust | None:
+    """The trust anchors recorded in the database at `url`, or None if it holds none (a log
+    from before migration 0004 that no coordinator has opened since)."""
+    engine = make_audit_engine(url)
+    try:
+        _check_schema(engine)
+        if META_TABLE not in set(inspect(engine).get_table_names()):
+            return None
+        with engine.connect() as connection:
+            return _stored_trust(connection)
     finally:
         engine.dispose()
 

@@ -31,7 +31,7 @@ from sqlalchemy import Connection, Engine, event
 
 from audit.export import Trust
 from audit.signing import Signer
-from audit.store import AuditLog
+from audit.store import AuditLog, record_trust
 from exchange.coordinator import problems, routes, vocabulary
 from exchange.coordinator.auditing import forget_transactions
 from exchange.coordinator.runner import StudyRunner
@@ -140,6 +140,15 @@ def build_runtime(config: AppConfig, runner: StudyRunner) -> Runtime:
     log_signer = load_or_create_key(config.log_key_file)
     coordinator_key = load_or_create_key(config.coordinator_key_file)
     read_engine = make_engine(config.database_url)
+    trust = Trust(origin=config.log_origin, operator_public_key=operator.public_key,
+                  log_public_key=log_signer.public_key)
+    # The log's trust anchors are written once, when the log is first opened; a start with
+    # other keys or another origin is refused here (TrustMismatchError names the field).
+    try:
+        record_trust(read_engine, trust)
+    except BaseException:
+        read_engine.dispose()
+        raise
     write_engine = _write_engine(config.database_url)
     audit_log = AuditLog(read_engine, log_signer, config.log_origin, operator.public_key)
     coordinator = Coordinator(read_engine, write_engine, audit_log,
@@ -148,8 +157,6 @@ def build_runtime(config: AppConfig, runner: StudyRunner) -> Runtime:
                               replay_window=timedelta(seconds=config.replay_window_s))
     coordinator.on_change = lambda kind: STUDY_EVENTS.labels(kind=kind).inc()
     coordinator.bootstrap()
-    trust = Trust(origin=config.log_origin, operator_public_key=operator.public_key,
-                  log_public_key=log_signer.public_key)
     return Runtime(config, read_engine, write_engine, audit_log, coordinator, trust)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
@@ -102,3 +103,44 @@ def test_a_refused_entry_is_a_problem_and_writes_nothing(sqlite_world: World) ->
     assert duplicate.value.status == 409
     assert sqlite_world.runtime.audit_log.size() == size + 1
     assert _orgs(coordinator.read_engine) == 3  # the world's organisations, not org-stranger
+
+
+def test_the_coordinator_records_its_trust_anchors_and_export_needs_no_trust_file(
+        db_url: str, tmp_path: Path) -> None:
+    """First start writes origin, operator and log public keys into the database; `audit export
+    --db URL --out DIR` then works without --trust and verifies; a start with another log key
+    or origin is refused, naming what differs."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from audit.cli import app as audit_cli
+    from audit.export import read_trust
+    from audit.store import TrustMismatchError, read_stored_trust
+    from exchange.coordinator.app import AppConfig, build_runtime
+    from exchange.coordinator.runner import ScriptedRunner
+
+    config = AppConfig(database_url=db_url, operator_key_file=tmp_path / "op.key",
+                       log_key_file=tmp_path / "log.key", coordinator_key_file=tmp_path / "co.key",
+                       log_origin="exchange.test/coordinator-log", access_log=False)
+    runtime = build_runtime(config, ScriptedRunner(hospital_keys={}))
+    try:
+        runtime.coordinator.mint("org:acme", 10)
+        runtime.audit_log.checkpoint()
+        trust = runtime.trust
+    finally:
+        runtime.close()
+    assert read_stored_trust(db_url) == trust
+    out = tmp_path / "export"
+    result = CliRunner().invoke(audit_cli, ["export", "--db", db_url, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert read_trust(out / "trust.json") == trust
+    verified = CliRunner().invoke(audit_cli, ["verify", str(out)])
+    assert verified.exit_code == 0 and "OK 2 entries" in verified.stdout, verified.output
+    with pytest.raises(TrustMismatchError, match=r"^log_public_key: differ"):
+        build_runtime(dataclasses.replace(config, log_key_file=tmp_path / "another-log.key"),
+                      ScriptedRunner(hospital_keys={}))
+    with pytest.raises(TrustMismatchError, match=r"^origin: differ"):
+        build_runtime(dataclasses.replace(config, log_origin="elsewhere.test/log"),
+                      ScriptedRunner(hospital_keys={}))
+    assert read_stored_trust(db_url) == trust

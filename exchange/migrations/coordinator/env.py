@@ -1,12 +1,19 @@
-"""Alembic environment for the coordinator database (batch mode: every migration runs on SQLite too)."""
+"""Alembic environment for the coordinator database (batch mode: every migration runs on SQLite too).
+
+`target_metadata` is both the coordinator's tables and the audit log's, so that
+`alembic revision --autogenerate` (and compare_metadata) sees the whole database."""
 
 from __future__ import annotations
 
 from alembic import context
 
+from audit.store import AUDIT_METADATA
+from exchange.coordinator import models  # noqa: F401  (registers the coordinator's tables)
+from exchange.db.base import CoordinatorBase
 from exchange.db.engine import make_engine
 
 config = context.config
+target_metadata = [CoordinatorBase.metadata, AUDIT_METADATA]
 
 
 def run_migrations() -> None:
@@ -15,7 +22,7 @@ def run_migrations() -> None:
     engine = make_engine(url)
     with engine.connect() as connection:
         context.configure(connection=connection, render_as_batch=True,
-                          compare_type=True)
+                          compare_type=True, target_metadata=target_metadata)
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()
