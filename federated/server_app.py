@@ -394,9 +394,13 @@ class NodeDirectory:
         return {node: h for node, h in self.hospital_of.items() if node in listed and self.approved(h)}
 
     def forget(self, node: int) -> None:
+        """The node id is gone (Flower said so). With SuperNode authentication a restarted node
+        comes back under the SAME id once the old session is offline, without it under a new
+        one: either way the id gets a fresh hello when it is listed again."""
         hospital = self.hospital_of.pop(node, None)
         if hospital is not None and self.node_of.get(hospital) == node:
             del self.node_of[hospital]
+        self.asked.discard(node)
 
 
 def _stamp(messages: Sequence[Message], context: Context, options: ServerOptions) -> None:
@@ -464,8 +468,8 @@ def exchange_with_retry(directory: NodeDirectory, targets: Mapping[int, str], ki
             push_s, pushed_at = time.perf_counter() - t0, time.time()
         for node, msg_id in zip(nodes, ids, strict=True):
             hospital_by_node[node] = nodes[node]
-            sent_to[nodes[node]].add(node)
             if msg_id:
+                sent_to[nodes[node]].add(node)
                 pending[msg_id] = node
             else:  # flwr could not push: the node is not (or no longer) registered
                 directory.forget(node)
@@ -483,6 +487,7 @@ def exchange_with_retry(directory: NodeDirectory, targets: Mapping[int, str], ki
                 continue
             if reply.has_error() and reply.error.code in NODE_GONE_CODES:
                 directory.forget(node)
+                sent_to[hospital].discard(node)  # may be sent again if the id comes back
                 gone_reply[hospital] = (node, reply)
                 retry = True
                 continue
@@ -509,7 +514,7 @@ def exchange_with_retry(directory: NodeDirectory, targets: Mapping[int, str], ki
             node, reply = gone_reply[hospital]
             replies[node] = reply
         else:
-            missing.append(max(nodes))
+            missing.append(max(nodes, default=directory.node_of.get(hospital, 0)))
             missing_hospitals.append(hospital)
     return PhaseResult(replies, sorted(missing), time.perf_counter() - started, push_s, pushed_at, arrivals,
                        missing_hospitals=sorted(missing_hospitals), hospital_of=hospital_by_node)

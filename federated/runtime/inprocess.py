@@ -40,6 +40,7 @@ class InProcessGrid(Grid):
         #: old node id of a restarted node -> whether messages to it get a NODE_UNAVAILABLE error
         self.stale: dict[int, bool] = {}
         self._restart_on: dict[tuple[int, str], bool] = {}
+        self._same_id: set[int] = set()
         self._replies: dict[str, Message] = {}
         self._run: Any = None
         self.pushed: list[Message] = []
@@ -63,9 +64,14 @@ class InProcessGrid(Grid):
         self.stale[node_id] = error
         return new
 
-    def restart_when_messaged(self, node_id: int, message_type: str, *, error: bool = False) -> None:
-        """Restart the node when its next `message_type` message arrives (that message is lost)."""
+    def restart_when_messaged(self, node_id: int, message_type: str, *, error: bool = False,
+                              same_id: bool = False) -> None:
+        """Restart the node when its next `message_type` message arrives (that message is lost).
+        `same_id`: as with SuperNode authentication, the node comes back under the same id and
+        the lost message gets Flower's NODE_UNAVAILABLE error reply."""
         self._restart_on[(node_id, message_type)] = error
+        if same_id:
+            self._same_id.add(node_id)
 
     # -- Grid -----------------------------------------------------------------------------------
     def set_run(self, run: Any) -> None:
@@ -92,6 +98,15 @@ class InProcessGrid(Grid):
             node = message.metadata.dst_node_id
             ids.append(message.metadata.message_id)
             restart = self._restart_on.pop((node, message.metadata.message_type), None)
+            if restart is not None and node in self._same_id:
+                self._same_id.discard(node)
+                old = self.contexts[node]
+                self.contexts[node] = Context(run_id=self.run_id, node_id=node, state=RecordDict(),
+                                              node_config=dict(old.node_config),
+                                              run_config=dict(old.run_config))
+                error = Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable")
+                self._replies[message.metadata.message_id] = Message(error, reply_to=message)
+                continue
             if restart is not None:
                 self.restart(node, error=restart)
             if node in self.stale:

@@ -63,7 +63,8 @@ class Deployment:
     sites: dict[str, DemoSite]
     root: Path
 
-    def run(self, spec: StudySpec, observer: RecordingObserver, *, approve_first: bool = True) -> StudyResult:
+    def run(self, spec: StudySpec, observer: RecordingObserver, *, approve_first: bool = True,
+            approved: set[str] | None = None) -> StudyResult:
         if approve_first:
             for demo in self.sites.values():
                 approve(demo.site, spec.study_id)
@@ -71,7 +72,8 @@ class Deployment:
         assert tls is not None
         return run_study(self.federation.superlink.address, spec, observer, self.root / "models",
                          root_certificates=tls.root_certificates(), settings=self.federation.settings,
-                         hospital_keys={h: d.signer.public_key for h, d in self.sites.items()})
+                         hospital_keys={h: d.signer.public_key for h, d in self.sites.items()},
+                         approved_hospitals=approved)
 
     def ledger(self, hospital: str) -> PrivacyLedger:
         return PrivacyLedger(create_engine(self.sites[hospital].site.ledger_url))
@@ -195,6 +197,53 @@ def test_two_studies_at_once_from_one_coordinator_process(deployment: Deployment
         assert [r for r, _, _ in observer.rounds] == [1, 2]
         assert all(m["contributors"] == 3 for _, m, _ in observer.rounds)
         assert {rc.study_id for _, _, rcs in observer.rounds for rc in rcs} == {study_id}
+
+
+def test_only_approved_hospitals_nodes_take_part(deployment: Deployment) -> None:
+    """hospital-a is online and approved the study locally, but the coordinator's approved set is
+    b and c: hospital-a gets no model message, spends nothing, and the study runs on b and c."""
+    spec = demo_spec("approved-set", columns=LABS, epsilon=1.0, rounds=1, min_hospitals=2, accountant="rdp",
+                     round_timeout_s=120)
+    observer = RecordingObserver()
+    result = deployment.run(spec, observer, approved={"hospital-b", "hospital-c"})
+    assert result.status == "completed", result.reason
+    (_, metrics, receipts), = observer.rounds
+    assert metrics["contributors"] == 2 and metrics["dropped"] == 0
+    assert sorted(r.hospital for r in receipts) == ["hospital:hospital-b", "hospital:hospital-c"]
+    assert metrics["eval_hospitals"] == 2
+    assert deployment.ledger("hospital-a").plan("approved-set") is None
+
+
+def test_hospital_restarting_mid_round_is_sent_its_message_again(deployment: Deployment) -> None:
+    """hospital-c's SuperNode and executor are killed after round 2's exchange and restarted from a
+    short-lived thread (the children must outlive it). Round 3's message to the old node id is never
+    answered; the restarted node comes back under a new id, says hello and is sent round 3 again
+    within the round timeout: all three contribute in every round (the study needs three)."""
+    import threading
+
+    node_c = deployment.federation.nodes["hospital-c"]
+    restarted = threading.Event()
+
+    def restart_c() -> None:
+        node_c.start()
+        node_c.wait_ready()
+        restarted.set()
+
+    def kill_and_restart_c(round_: int) -> None:  # on_round(1) arrives with round 2's replies
+        if round_ == 1:
+            node_c.kill()
+            threading.Thread(target=restart_c).start()
+
+    spec = demo_spec("restart", columns=LABS, epsilon=1.0, rounds=3, min_hospitals=3, accountant="rdp",
+                     round_timeout_s=90)
+    observer = RecordingObserver(kill_and_restart_c)
+    result = deployment.run(spec, observer)
+    assert restarted.is_set()
+    assert result.status == "completed", result.reason
+    for _, metrics, receipts in observer.rounds:
+        assert metrics["contributors"] == 3, metrics
+        assert "hospital:hospital-c" in {r.hospital for r in receipts}
+    assert all(p.alive() for p in node_c.processes())  # survived the thread that started them
 
 
 def test_hospital_dropping_out_mid_study(deployment: Deployment) -> None:

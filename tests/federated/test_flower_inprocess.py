@@ -435,17 +435,23 @@ def test_a_node_restarted_mid_round_gets_its_message_again(sites: dict[str, Demo
     """hospital-c's SuperNode restarts when its round-1 message arrives: it comes back under a new
     node id while the old id stays listed. The server re-reads the node list, says hello to the new
     id and re-sends within the round: all three contribute (the study needs three)."""
-    for error in (False, True):  # old id silent / old id answers NODE_UNAVAILABLE
-        study = _spec(f"s-restart-{error}", rounds=2, min_hospitals=3, round_timeout_s=20)
-        observer, grid = _grid_run(sites, study, tmp_path / str(error),
-                                   before=lambda g, e=error: g.restart_when_messaged(3, "train", error=e))
+    # old id silent / old id answers NODE_UNAVAILABLE / same id back after NODE_UNAVAILABLE (auth)
+    for error, same in ((False, False), (True, False), (True, True)):
+        study = _spec(f"s-restart-{error}-{same}", rounds=2, min_hospitals=3, round_timeout_s=20)
+        def restart_c(grid: InProcessGrid, e: bool = error, s: bool = same) -> None:
+            grid.restart_when_messaged(3, "train", error=e, same_id=s)
+
+        observer, grid = _grid_run(sites, study, tmp_path / f"{error}-{same}", before=restart_c)
         assert observer.failed == [], observer.failed
         for _, metrics, receipts in observer.rounds:
             assert metrics["contributors"] == 3 and metrics["dropped"] == 0
             assert "hospital:hospital-c" in {r.hospital for r in receipts}
         trains = [(m.metadata.dst_node_id, m.metadata.group_id) for m in grid.pushed
                   if m.metadata.message_type == "train"]
-        assert (3, "1") in trains and (4, "1") in trains and (4, "2") in trains and (3, "2") not in trains
+        if same:
+            assert trains.count((3, "1")) == 2 and (3, "2") in trains and 4 not in grid.contexts
+        else:
+            assert (3, "1") in trains and (4, "1") in trains and (4, "2") in trains and (3, "2") not in trains
 
 
 def test_receipts_of_a_failed_round_are_still_reported(tmp_path: Path) -> None:
