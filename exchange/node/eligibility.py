@@ -9,13 +9,16 @@ evaluated once, and the result is joined back to the records.
 
 from __future__ import annotations
 
+import threading
+import weakref
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from consent.gate import GateResult, gate
+from consent.gate import GateResult, RecordColumns, gate
 from consent.model import Contract
 from exchange.node.models import ConsentContractRow, Record
 from exchange.node.policy import Eligibility, StudyView
@@ -43,17 +46,114 @@ def current_contract_hashes(session: Session) -> dict[str, str]:
     return dict(rows)
 
 
+@dataclass
+class ContractCache:
+    """Parsed current contracts and the record pseudonyms of one database, kept between
+    eligibility counts (the daemon counts for every new or changed study).
+
+    Without it every count re-read every contract document and re-validated it with pydantic,
+    which cost as much again as consent.gate itself (docs/benchmarks/node.md). Contract
+    versions and records are append-only (never updated or deleted), so (row count, highest
+    id) of each table says exactly whether something was added, also by another process (a
+    `consent import` or `import-data` run while the daemon is up): then only the new rows are
+    read and parsed. A parsed contract is keyed by its content hash, so it can never be stale.
+    """
+
+    contracts_marker: tuple[int, int] = (0, 0)
+    records_marker: tuple[int, int] = (0, 0)
+    by_hash: dict[str, Contract] = field(default_factory=dict)
+    # pseudonym -> (version, content hash) of its newest contract version
+    current: dict[str, tuple[int, str]] = field(default_factory=dict)
+    pseudonyms: list[str] = field(default_factory=list)
+    parsed: int = 0  # contracts validated so far (tests check that a warm count parses none)
+
+    def refresh(self, session: Session) -> None:
+        """Bring the cache up to what `session` sees (call it in a read-only session: rows it
+        added but may still roll back would be cached)."""
+        marker = _marker(session, ConsentContractRow.id)
+        if marker != self.contracts_marker:
+            rows = self._added_contracts(session, marker)
+            if rows is None:  # not a plain append: start over
+                self.by_hash.clear()
+                self.current.clear()
+                self.contracts_marker = (0, 0)
+                rows = self._added_contracts(session, marker) or []
+            for pseudonym, version, digest, document in rows:
+                held = self.current.get(pseudonym)
+                if held is None or version > held[0]:
+                    if digest not in self.by_hash:
+                        self.by_hash[digest] = Contract.model_validate(document)
+                        self.parsed += 1
+                    self.current[pseudonym] = (version, digest)
+            live = {digest for _v, digest in self.current.values()}
+            for digest in [d for d in self.by_hash if d not in live]:
+                del self.by_hash[digest]  # superseded versions are never gated again
+            self.contracts_marker = marker
+        marker = _marker(session, Record.id)
+        if marker != self.records_marker:
+            added = self._added_pseudonyms(session, marker)
+            if added is None:
+                self.pseudonyms.clear()
+                self.records_marker = (0, 0)
+                added = self._added_pseudonyms(session, marker) or []
+            self.pseudonyms.extend(added)
+            self.records_marker = marker
+
+    def _added_contracts(self, session: Session, marker: tuple[int, int]) -> list[Any] | None:
+        """The rows after the last one read, or None when they do not account for the change
+        (rows gone, or ids committed out of order on PostgreSQL): then everything is re-read."""
+        if _shrank(marker, self.contracts_marker):
+            return None
+        rows = session.execute(
+            select(ConsentContractRow.pseudonym, ConsentContractRow.version,
+                   ConsentContractRow.contract_hash, ConsentContractRow.document)
+            .where(ConsentContractRow.id > self.contracts_marker[1])).tuples().all()
+        return list(rows) if len(rows) == marker[0] - self.contracts_marker[0] else None
+
+    def _added_pseudonyms(self, session: Session, marker: tuple[int, int]) -> list[str] | None:
+        if _shrank(marker, self.records_marker):
+            return None
+        added = list(session.execute(select(Record.pseudonym).where(Record.id > self.records_marker[1])
+                                     .order_by(Record.id)).scalars())
+        return added if len(added) == marker[0] - self.records_marker[0] else None
+
+
+def _shrank(now: tuple[int, int], before: tuple[int, int]) -> bool:
+    """Rows are only ever added: fewer, or a lower highest id, means the table was replaced."""
+    return now[0] < before[0] or now[1] < before[1]
+
+
+def _marker(session: Session, column: Any) -> tuple[int, int]:
+    count, highest = session.execute(select(func.count(column), func.coalesce(func.max(column), 0))).one()
+    return int(count), int(highest)
+
+
+_CACHES: weakref.WeakKeyDictionary[Engine, ContractCache] = weakref.WeakKeyDictionary()
+_CACHES_LOCK = threading.Lock()
+
+
+def contract_cache(session: Session) -> ContractCache:
+    """The cache of the database `session` is bound to, brought up to date."""
+    engine = session.get_bind()
+    key = engine if isinstance(engine, Engine) else engine.engine
+    with _CACHES_LOCK:
+        cache = _CACHES.get(key)
+        if cache is None:
+            cache = _CACHES[key] = ContractCache()
+        cache.refresh(session)
+        return cache
+
+
 def gate_records(session: Session, study: StudyView, at: datetime) -> GateResult:
     """consent.gate over every record (pseudonym, hash of its current contract): each
-    distinct contract evaluated once, joined back to the records."""
+    distinct contract evaluated once, joined back to the records. Contracts and pseudonyms
+    come from the `ContractCache` (parsed once, re-read only when rows were added)."""
     from exchange.node.consent_store import study_request
 
-    hashes = current_contract_hashes(session)
-    documents = current_contracts(session)
-    contracts = {hashes[p]: Contract.model_validate(doc) for p, doc in documents.items()}
-    pseudonyms = list(session.execute(select(Record.pseudonym).order_by(Record.id)).scalars())
-    pairs = [(p, hashes.get(p, "")) for p in pseudonyms]
-    return gate(pairs, contracts, study_request(study), at)
+    cache = contract_cache(session)
+    current = cache.current
+    hashes = [current[p][1] if p in current else "" for p in cache.pseudonyms]
+    return gate(RecordColumns(cache.pseudonyms, hashes), cache.by_hash, study_request(study), at)
 
 
 def count_eligible(session: Session, study: StudyView, at: datetime) -> Eligibility:
