@@ -12,6 +12,10 @@ Implementations:
 - `ScriptedRunner`: an in-process run for tests and demos that need no Flower: each "hospital"
   signs real `round.receipt` entries with its real key, the model is a real safetensors file.
   Everything the coordinator does with a run is exercised; only the training is scripted.
+
+Every runner reports through a `GuardedObserver`: the coordinator hears receipts only from the
+study's approved hospitals, each verified against that hospital's registered key, and exactly
+one end of the run (`on_complete` or `on_failed`), never anything after it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from safetensors.numpy import save as save_safetensors
 
 from audit.entry import Entry
 from audit.signing import Signer, b64decode, canonical, sha256_hex
+from exchange.logging import get_logger
+
+log = get_logger("exchange.coordinator.runner")
 
 
 @dataclass(frozen=True)
@@ -81,9 +88,15 @@ def study_spec_for(request: RunRequest) -> Any:
 
 class _FederatedObserver:
     """Adapts federated's observer calls (no study id, Receipt objects, a model file) to the
-    coordinator's `StudyObserver`."""
+    coordinator's `StudyObserver` (through a `GuardedObserver`, which checks every receipt again
+    and passes on one end of the run only).
 
-    def __init__(self, inner: StudyObserver, study_id: str) -> None:
+    Round numbers are passed through unchanged: federated calls `on_round(r)` one exchange late
+    (with round r+1's replies, which carry the evaluation of round r's model; the last round's
+    after a final evaluate-only exchange), but with round r's metrics and round r's receipts, so
+    round r is recorded as round r."""
+
+    def __init__(self, inner: GuardedObserver, study_id: str) -> None:
         self.inner = inner
         self.study_id = study_id
 
@@ -105,6 +118,88 @@ class _FederatedObserver:
 
 def _hospital_keys(request: RunRequest) -> dict[str, bytes]:
     return {h.id: b64decode(h.signing_public_key) for h in request.hospitals}
+
+
+def _bare_hospital_id(value: Any) -> str | None:
+    return value.removeprefix("hospital:") if isinstance(value, str) else None
+
+
+class GuardedObserver:
+    """The coordinator's observer as a run may call it, whatever the runner.
+
+    - `on_round` passes on only receipts from the hospitals approved for this study (the
+      `RunRequest`'s hospitals, the ones the run was started for), each verified against that
+      hospital's registered signing key and for this study and this round, one per hospital and
+      round. Anything else is dropped with a log line: never appended, never paid for.
+    - Exactly one of `on_complete` / `on_failed` reaches the coordinator; a second end, and any
+      round after the end, is dropped (federated's `run_study` reports a failure itself before
+      it returns "failed", so a runner that reports it again would record it twice).
+
+    Thread-safe: a run thread and a runner's error path may race to end the run."""
+
+    def __init__(self, inner: StudyObserver, request: RunRequest) -> None:
+        self.inner = inner
+        self.study_id = request.study_id
+        self.keys = _hospital_keys(request)
+        self._lock = threading.Lock()
+        self._ended = False
+        self._seen: set[tuple[int, str]] = set()
+
+    @property
+    def ended(self) -> bool:
+        """Whether the coordinator has been told how the run ended."""
+        with self._lock:
+            return self._ended
+
+    def _accepted(self, entry: Any, round_number: int) -> bool:
+        from federated.receipts import ReceiptError, verify_receipt
+
+        payload = getattr(entry, "payload", None)
+        hospital = _bare_hospital_id(payload.get("hospital") if isinstance(payload, Mapping) else None)
+        key = self.keys.get(hospital) if hospital is not None else None
+        if hospital is None or key is None:
+            log.warning("receipt.ignored", study_id=self.study_id, round=round_number,
+                        hospital=str(hospital), reason="hospital not approved for this study")
+            return False
+        try:
+            verify_receipt(entry, key, study_id=self.study_id, round=round_number, hospital_id=hospital)
+        except ReceiptError as exc:
+            log.warning("receipt.ignored", study_id=self.study_id, round=round_number,
+                        hospital=hospital, reason=str(exc))
+            return False
+        if (round_number, hospital) in self._seen:
+            log.warning("receipt.ignored", study_id=self.study_id, round=round_number,
+                        hospital=hospital, reason="duplicate: this hospital's receipt for this round "
+                                                  "was already passed on")
+            return False
+        self._seen.add((round_number, hospital))
+        return True
+
+    def on_round(self, study_id: str, round_number: int, metrics: Mapping[str, Any],
+                 receipts: list[Entry]) -> None:
+        with self._lock:
+            if self._ended:
+                log.warning("round.ignored", study_id=study_id, round=round_number,
+                            reason="the run already ended")
+                return
+            accepted = [entry for entry in receipts if self._accepted(entry, round_number)]
+            self.inner.on_round(study_id, round_number, metrics, accepted)
+
+    def on_complete(self, study_id: str, model: bytes, metrics: Mapping[str, Any]) -> None:
+        with self._lock:
+            if self._ended:
+                log.warning("end.ignored", study_id=study_id, reason="the run already ended")
+                return
+            self._ended = True
+            self.inner.on_complete(study_id, model, metrics)
+
+    def on_failed(self, study_id: str, reason: str) -> None:
+        with self._lock:
+            if self._ended:
+                log.info("end.ignored", study_id=study_id, reason=reason[:200])
+                return
+            self._ended = True
+            self.inner.on_failed(study_id, reason)
 
 
 class StudyObserver(Protocol):
@@ -155,7 +250,10 @@ class ScriptedRunner:
     `hospital_keys` maps hospital id -> its signing key (the test plays the hospitals);
     `records` maps hospital id -> records used per round (default 100); a hospital listed in
     `fail_at_round` makes the run fail at that round; `pause` (an Event) lets a test hold a run
-    in flight to cancel it.
+    in flight to cancel it. `intruders` maps hospital id -> a key that signs an extra receipt
+    for that hospital every round although the run was not started for it (a registered
+    hospital that did not approve, or a wrong key for an approved one): what a misbehaving
+    deployment could hand the coordinator. The run's `GuardedObserver` must drop them.
     """
 
     hospital_keys: Mapping[str, Signer]
@@ -163,14 +261,17 @@ class ScriptedRunner:
     fail_at_round: int | None = None
     pause: threading.Event | None = None
     reward_accounts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    intruders: Mapping[str, Signer] = field(default_factory=dict)
     handles: list[ThreadHandle] = field(default_factory=list)
 
     def start(self, request: RunRequest, observer: StudyObserver) -> RunHandle:
+        guard = GuardedObserver(observer, request)
+
         def run(cancelled: threading.Event) -> None:
             try:
-                self._run(request, observer, cancelled)
+                self._run(request, guard, cancelled)
             except Exception as exc:  # report, never lose a run silently
-                observer.on_failed(request.study_id, f"runner error: {exc}")
+                guard.on_failed(request.study_id, f"runner error: {exc}")
 
         handle = ThreadHandle(run, f"study-{request.study_id}").start()
         self.handles.append(handle)
@@ -192,16 +293,16 @@ class ScriptedRunner:
                                                      f"answered")
                 return
             receipts = []
-            for hospital in request.hospitals:
-                signer = self.hospital_keys[hospital.id]
-                used = self.records.get(hospital.id, 100)
-                commitment = hashlib.sha256(f"{request.study_id}/{hospital.id}/{round_number}"
+            signers = [(h.id, self.hospital_keys[h.id]) for h in request.hospitals]
+            for hospital_id, signer in [*signers, *self.intruders.items()]:
+                used = self.records.get(hospital_id, 100)
+                commitment = hashlib.sha256(f"{request.study_id}/{hospital_id}/{round_number}"
                                             .encode()).hexdigest()
                 receipts.append(make_receipt(
-                    signer, study_id=request.study_id, round=round_number, hospital_id=hospital.id,
+                    signer, study_id=request.study_id, round=round_number, hospital_id=hospital_id,
                     records_used=used, commitment=commitment, epsilon_spent=0.1,
                     epsilon_total=0.1 * round_number, delta=float(request.spec.get("delta", 1e-5)),
-                    spec_sha256=spec_sha, reward_accounts=self.reward_accounts.get(hospital.id)).entry)
+                    spec_sha256=spec_sha, reward_accounts=self.reward_accounts.get(hospital_id)).entry)
             observer.on_round(request.study_id, round_number,
                               {"loss": round(1.0 / (round_number + 1), 6),
                                "accuracy": round(0.5 + 0.1 * round_number / request.rounds, 6)},
@@ -217,7 +318,12 @@ class ScriptedRunner:
 class FederatedRunner:
     """The real Flower deployment: `federated.runtime.server_runner.run_study` runs the study's
     ServerApp in this process against the SuperLink (no `flwr run`, no shelling out), in a
-    background thread; cancelling sets the ServerApp's stop event (it stops at the next phase)."""
+    background thread; cancelling sets the ServerApp's stop event (it stops at the next phase).
+
+    Only the approved hospitals' nodes get the study's messages (`approved_hospitals`), receipts
+    must verify against their registered keys, and the coordinator hears the run's end once:
+    `run_study` reports a failure of the study itself before it returns "failed"; the runner
+    reports only what `run_study` could not (it raised, or ended without telling)."""
 
     def __init__(self, superlink_address: str, output_dir: Path, *,
                  root_certificates: bytes | None = None, settings: Any = None) -> None:
@@ -229,21 +335,24 @@ class FederatedRunner:
 
     def start(self, request: RunRequest, observer: StudyObserver) -> RunHandle:
         spec = study_spec_for(request)  # a spec federated refuses fails the start, not the thread
+        guard = GuardedObserver(observer, request)
 
         def run(cancelled: threading.Event) -> None:
             from federated.runtime.server_runner import run_study
 
-            adapter = _FederatedObserver(observer, request.study_id)
+            adapter = _FederatedObserver(guard, request.study_id)
             try:
                 result = run_study(self.superlink_address, spec, adapter,
                                    self.output_dir / request.study_id,
                                    root_certificates=self.root_certificates, settings=self.settings,
-                                   hospital_keys=_hospital_keys(request), stop_event=cancelled)
+                                   hospital_keys=_hospital_keys(request), stop_event=cancelled,
+                                   approved_hospitals=[h.id for h in request.hospitals])
             except Exception as exc:
-                observer.on_failed(request.study_id, f"federated run failed: {type(exc).__name__}: {exc}")
+                guard.on_failed(request.study_id, f"federated run failed: {type(exc).__name__}: {exc}")
                 return
-            if result.status != "completed":
-                observer.on_failed(request.study_id, result.reason or "federated run failed")
+            if not guard.ended:  # run_study returned without an observer end: should not happen
+                guard.on_failed(request.study_id, result.reason or f"federated run {result.status} "
+                                                                  f"without reporting its end")
 
         handle = ThreadHandle(run, f"study-{request.study_id}").start()
         self.handles.append(handle)
@@ -254,7 +363,9 @@ class InProcessFederatedRunner:
     """The real ServerApp and ClientApp logic (consent gating, Opacus-style DP-SGD, privacy
     ledgers, signed receipts, FedAvg, safetensors model) over `federated.runtime.inprocess.
     InProcessGrid`: no Flower processes, so a whole study takes seconds. `node_configs` maps a
-    hospital id to its node config (`federated.runtime.site.Site.node_config()`)."""
+    hospital id to its node config (`federated.runtime.site.Site.node_config()`); as at a real
+    SuperLink, every hospital listed there is connected to the grid, approved or not, and only
+    the study's approved hospitals get its training messages (`approved_hospitals`)."""
 
     def __init__(self, node_configs: Mapping[str, Mapping[str, Any]], output_dir: Path) -> None:
         self.node_configs = node_configs
@@ -263,26 +374,31 @@ class InProcessFederatedRunner:
 
     def start(self, request: RunRequest, observer: StudyObserver) -> RunHandle:
         spec = study_spec_for(request)
+        guard = GuardedObserver(observer, request)
+        approved = [h.id for h in request.hospitals]
+        missing = [h for h in approved if h not in self.node_configs]
+        if missing:
+            raise ValueError(f"hospitals: no node config for approved hospital(s) {missing}")
 
         def run(cancelled: threading.Event) -> None:
             from flwr.app import Context, RecordDict
 
             from federated.runtime.inprocess import InProcessGrid
-            from federated.server_app import ServerOptions, StudyFailedError, run_study_rounds
+            from federated.server_app import ServerOptions, run_study_rounds
 
-            adapter = _FederatedObserver(observer, request.study_id)
-            nodes = {index + 1: dict(self.node_configs[h.id]) for index, h in enumerate(request.hospitals)}
-            grid = InProcessGrid(nodes, spec.to_run_config())
-            context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                              run_config=spec.to_run_config())
-            options = ServerOptions(output_dir=self.output_dir / request.study_id, poll=0.005,
-                                    hospital_keys=_hospital_keys(request), stop_event=cancelled)
+            adapter = _FederatedObserver(guard, request.study_id)
             try:
+                order = [*approved, *sorted(h for h in self.node_configs if h not in approved)]
+                nodes = {index + 1: dict(self.node_configs[h]) for index, h in enumerate(order)}
+                grid = InProcessGrid(nodes, spec.to_run_config())
+                context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                  run_config=spec.to_run_config())
+                options = ServerOptions(output_dir=self.output_dir / request.study_id, poll=0.005,
+                                        hospital_keys=_hospital_keys(request), stop_event=cancelled,
+                                        approved_hospitals=frozenset(approved))
                 run_study_rounds(grid, context, adapter, options)
-            except StudyFailedError:
-                return  # already reported through on_failed
-            except Exception as exc:
-                observer.on_failed(request.study_id, f"federated run failed: {type(exc).__name__}: {exc}")
+            except Exception as exc:  # StudyFailedError included: reported already, the guard drops it
+                guard.on_failed(request.study_id, f"federated run failed: {type(exc).__name__}: {exc}")
 
         handle = ThreadHandle(run, f"study-{request.study_id}").start()
         self.handles.append(handle)
