@@ -338,6 +338,7 @@ class HospitalNodeProcess:
             "EXCHANGE_SUPERNODE_IDLE_SLEEP": str(self.settings.supernode_idle_sleep),
             "EXCHANGE_SUPERNODE_REPLY_SLEEP": str(self.settings.supernode_reply_sleep),
             "EXCHANGE_PULL_BACKOFF": str(self.settings.pull_backoff),
+            "EXCHANGE_SUPERNODE_HEARTBEAT": str(self.settings.supernode_heartbeat),
         })
         self.supernode = _spawn(f"supernode-{self.name}", args, self.workdir / "supernode.log", env)
         _wait_port(self.supernode, "127.0.0.1", self.runtime_port, timeout)

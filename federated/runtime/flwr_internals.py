@@ -75,6 +75,34 @@ def patch_supernode_sleeps(idle_sleep: float, reply_sleep: float) -> None:
     sci.time = _sleep_proxy({3: idle_sleep, 0.5: reply_sleep})  # type: ignore[assignment]
 
 
+def patch_supernode_heartbeat(interval: float) -> None:
+    """Make the SuperNode declare (and keep) a shorter heartbeat interval (SuperNode process only).
+
+    flwr 1.42 hard-codes HEARTBEAT_DEFAULT_INTERVAL = 30 s in `supernode/fleet_http_connection.py`
+    (the interval the node declares on ActivateNode / SendNodeHeartbeat) and in
+    `supercore/heartbeat.py` (how often HeartbeatSender beats: (interval - 5) * ~0.8). The
+    SuperLink marks a node offline after HEARTBEAT_PATIENCE (2) x the declared interval, so a
+    killed SuperNode stays listed for up to 60 s, and a restarted one with SuperNode
+    authentication cannot activate (Flower exit 305) until then. With 10 s (the SuperLink's
+    minimum) that is 20 s, for one small request every ~4 s per node."""
+    check_flwr_version()
+    import flwr.common.constant as const
+    import flwr.supercore.heartbeat as hb
+    import flwr.supernode.fleet_http_connection as fhc
+
+    _require(const.HEARTBEAT_MIN_INTERVAL <= interval <= const.HEARTBEAT_MAX_INTERVAL,
+             f"heartbeat interval {interval} outside the SuperLink's accepted range")
+    for module in (fhc, hb):
+        _require(hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"),
+                 f"{module.__name__} no longer reads HEARTBEAT_DEFAULT_INTERVAL as a module global")
+    _require(inspect.getsource(fhc).count("heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL") == 2,
+             "fleet_http_connection: expected HEARTBEAT_DEFAULT_INTERVAL on activate and heartbeat")
+    _require("next_interval: float = HEARTBEAT_DEFAULT_INTERVAL - HEARTBEAT_CALL_TIMEOUT"
+             in inspect.getsource(hb.HeartbeatSender._run), "HeartbeatSender._run changed")
+    setattr(fhc, "HEARTBEAT_DEFAULT_INTERVAL", interval)  # noqa: B010 (a module global of flwr's)
+    setattr(hb, "HEARTBEAT_DEFAULT_INTERVAL", interval)  # noqa: B010
+
+
 def _partial_backoff(func: Callable[..., Any], initial_backoff: float, backoff_cap: float) -> Any:
     params = inspect.signature(func).parameters
     _require("initial_backoff" in params and "backoff_cap" in params,

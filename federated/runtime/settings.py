@@ -41,6 +41,9 @@ class RuntimeSettings:
     executor_poll: float = 0.05
     #: ServerApp poll for replies (flwr's HttpGrid.send_and_receive: 3 s).
     server_poll: float = 0.05
+    #: Heartbeat interval the SuperNode declares (flwr: 30 s; the SuperLink accepts >= 10). A dead
+    #: node stays listed for 2x this, and a restarted authenticated node cannot rejoin until then.
+    supernode_heartbeat: float = 10.0
 
     def __post_init__(self) -> None:
         if self.mode not in ("fast", "plain"):
@@ -50,6 +53,10 @@ class RuntimeSettings:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and 0 < value <= 60):
                 raise ValueError(f"{name}: must be a number of seconds in (0, 60], got {value!r}")
+        beat = self.supernode_heartbeat
+        if not (isinstance(beat, int | float) and 10 <= beat <= 1800):
+            raise ValueError("supernode_heartbeat: must be a number of seconds in [10, 1800] (the "
+                             f"SuperLink's range), got {beat!r}")
 
     @property
     def effective_server_poll(self) -> float:

@@ -4,7 +4,8 @@ Takes exactly `flower-supernode`'s arguments. Before handing over to flwr's own 
 turns telemetry and update checks off and, unless ``EXCHANGE_FLOWER_MODE=plain``, applies the
 sleep and back-off patches of `flwr_internals` (which fail loudly if flwr's layout changed).
 Values come from the environment so the launcher needs no argument parsing of its own:
-``EXCHANGE_SUPERNODE_IDLE_SLEEP``, ``EXCHANGE_SUPERNODE_REPLY_SLEEP``, ``EXCHANGE_PULL_BACKOFF``.
+``EXCHANGE_SUPERNODE_IDLE_SLEEP``, ``EXCHANGE_SUPERNODE_REPLY_SLEEP``, ``EXCHANGE_PULL_BACKOFF``,
+``EXCHANGE_SUPERNODE_HEARTBEAT``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def settings_from_env() -> RuntimeSettings:
         supernode_reply_sleep=float(os.environ.get("EXCHANGE_SUPERNODE_REPLY_SLEEP",
                                                    default.supernode_reply_sleep)),
         pull_backoff=float(os.environ.get("EXCHANGE_PULL_BACKOFF", default.pull_backoff)),
+        supernode_heartbeat=float(os.environ.get("EXCHANGE_SUPERNODE_HEARTBEAT",
+                                                 default.supernode_heartbeat)),
     )
 
 
@@ -37,9 +40,10 @@ def main() -> None:
 
         flwr_internals.patch_supernode_sleeps(settings.supernode_idle_sleep, settings.supernode_reply_sleep)
         flwr_internals.patch_supernode_pull_backoff(settings.pull_backoff)
+        flwr_internals.patch_supernode_heartbeat(settings.supernode_heartbeat)
         print(f"[exchange] supernode patches: idle sleep {settings.supernode_idle_sleep} s, reply sleep "
-              f"{settings.supernode_reply_sleep} s, pull back-off {settings.pull_backoff} s", file=sys.stderr,
-              flush=True)
+              f"{settings.supernode_reply_sleep} s, pull back-off {settings.pull_backoff} s, heartbeat "
+              f"{settings.supernode_heartbeat} s", file=sys.stderr, flush=True)
     from flwr.supercore.logger import update_console_handler
     from flwr.supernode.cli import flower_supernode
 

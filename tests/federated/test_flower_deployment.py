@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,25 +215,33 @@ def test_only_approved_hospitals_nodes_take_part(deployment: Deployment) -> None
     assert deployment.ledger("hospital-a").plan("approved-set") is None
 
 
-def test_hospital_restarting_mid_round_is_sent_its_message_again(deployment: Deployment) -> None:
-    """hospital-c's SuperNode and executor are killed after round 2's exchange and restarted from a
-    short-lived thread (the children must outlive it). Round 3's message to the old node id is never
-    answered; the restarted node comes back under a new id, says hello and is sent round 3 again
-    within the round timeout: all three contribute in every round (the study needs three)."""
+def test_hospital_restarting_mid_study_is_sent_its_message_again(deployment: Deployment) -> None:
+    """hospital-c's SuperNode and executor are killed (SIGKILL) after round 2's exchange and
+    restarted from a short-lived thread (the children must outlive it). With SuperNode
+    authentication the restarted node can only activate once the SuperLink has marked the old
+    session offline (2 x the 10 s heartbeat), and it comes back under the SAME node id; round 3's
+    message to it gets Flower's NODE_UNAVAILABLE meanwhile. The server says hello again when the id
+    is listed again and re-sends round 3 within the round timeout: all three contribute in every
+    round (the study needs three)."""
     import threading
 
     node_c = deployment.federation.nodes["hospital-c"]
+    superlink = deployment.federation.superlink
     restarted = threading.Event()
 
-    def restart_c() -> None:
+    def restart_c(old_ids: list[int]) -> None:
+        deadline = time.monotonic() + 90
+        while set(old_ids) <= set(superlink.online_node_ids()) and time.monotonic() < deadline:
+            time.sleep(0.5)  # the old session must be offline first (else Flower exit 305)
         node_c.start()
         node_c.wait_ready()
         restarted.set()
 
     def kill_and_restart_c(round_: int) -> None:  # on_round(1) arrives with round 2's replies
         if round_ == 1:
+            before = superlink.online_node_ids()
             node_c.kill()
-            threading.Thread(target=restart_c).start()
+            threading.Thread(target=restart_c, args=(before,)).start()
 
     spec = demo_spec("restart", columns=LABS, epsilon=1.0, rounds=3, min_hospitals=3, accountant="rdp",
                      round_timeout_s=90)

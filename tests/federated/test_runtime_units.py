@@ -66,6 +66,21 @@ def test_supernode_sleeps_are_mapped(restore_flwr_modules: Any, monkeypatch: pyt
     assert sci.time is proxy
 
 
+def test_supernode_heartbeat_is_shortened_within_the_superlinks_range(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import flwr.supercore.heartbeat as hb
+    import flwr.supernode.fleet_http_connection as fhc
+
+    # monkeypatch restores flwr's 30 s after the test (the patch is process-global)
+    monkeypatch.setattr(fhc, "HEARTBEAT_DEFAULT_INTERVAL", fhc.HEARTBEAT_DEFAULT_INTERVAL)
+    monkeypatch.setattr(hb, "HEARTBEAT_DEFAULT_INTERVAL", hb.HEARTBEAT_DEFAULT_INTERVAL)
+    assert fhc.HEARTBEAT_DEFAULT_INTERVAL == 30
+    flwr_internals.patch_supernode_heartbeat(10.0)
+    assert fhc.HEARTBEAT_DEFAULT_INTERVAL == hb.HEARTBEAT_DEFAULT_INTERVAL == 10.0
+    with pytest.raises(flwr_internals.FlowerLayoutError, match="range"):
+        flwr_internals.patch_supernode_heartbeat(5.0)  # the SuperLink would refuse the node
+
+
 def test_pull_backoff_patches_bind_arguments(restore_flwr_modules: Any) -> None:
     import flwr.superlink.grid.http_grid as hg
     from flwr.supernode.runtime import run_clientapp as rc
@@ -118,7 +133,7 @@ def test_pinned_version_is_installed() -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [("mode", "turbo"), ("server_poll", 0), ("pull_backoff", -1),
-                                              ("supernode_idle_sleep", 600)])
+                                              ("supernode_idle_sleep", 600), ("supernode_heartbeat", 5)])
 def test_bad_settings_are_refused_by_name(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"^{field}"):
         RuntimeSettings(**{field: value})
