@@ -144,3 +144,30 @@ def test_the_coordinator_records_its_trust_anchors_and_export_needs_no_trust_fil
         build_runtime(dataclasses.replace(config, log_origin="elsewhere.test/log"),
                       ScriptedRunner(hospital_keys={}))
     assert read_stored_trust(db_url) == trust
+
+
+def test_a_ledger_fork_is_independent_of_the_shared_fold(sqlite_world: World) -> None:
+    """The per-transaction copy shares Study objects with the shared fold (cheap fork); folding a
+    receipt into either must never show in the other (copy-on-write of the named study)."""
+    from audit.ledger import LedgerError
+    from exchange.coordinator.auditing import LedgerFoldError, _fold, _fork
+    from tests.exchange.conftest import receipt
+
+    world = sqlite_world
+    sid = world.submit(token_budget=500)["id"]
+    view = world.runtime.coordinator.ledger
+    with world.runtime.coordinator.read_engine.connect() as connection:
+        size = view.refresh(connection)
+    shared = view._ledger
+    fork = _fork(shared)
+    assert fork.studies[sid] is shared.studies[sid]  # shared until written
+    _fold(fork, [(size, receipt(world.hospitals["h-one"], "h-one", sid, 1, 40))])
+    assert fork.studies[sid].receipt_count == 1 and shared.studies[sid].receipt_count == 0
+    _fold(shared, [(size, receipt(world.hospitals["h-two"], "h-two", sid, 1, 30))])
+    assert [r.hospital for r in fork.studies[sid].receipts] == ["hospital:h-one"]
+    assert [r.hospital for r in shared.studies[sid].receipts] == ["hospital:h-two"]
+    fork.state.balances["org:acme"] = -1
+    assert shared.balance("org:acme") == 50_000 - 500
+    with pytest.raises(LedgerFoldError) as refused:  # a ledger rule, named with its index
+        _fold(fork, [(size + 1, receipt(world.hospitals["h-one"], "h-one", sid, 1, 40))])
+    assert isinstance(refused.value.error, LedgerError) and "already has a receipt" in str(refused.value)
