@@ -1,9 +1,12 @@
 """The study's ServerApp: weighted FedAvg over one flat array, federated evaluation, receipts.
 
-One study = one Flower run. Each round is one exchange: every connected hospital gets the global
-model, evaluates it on its hold-out records, trains on it and replies with its update, metrics and
-signed receipt; after the last round one evaluate-only exchange scores the final model (see
-`run_study_rounds`). What a hospital replies falls in one of four cases (docs/flower.md):
+One study = one Flower run. Every node id first gets a signed hello (`NodeDirectory`) naming its
+hospital; only nodes of the study's approved hospitals get anything else. Each round is one
+exchange: every connected approved hospital gets the global model, evaluates it on its hold-out
+records, trains on it and replies with its update, metrics and signed receipt; after the last
+round one evaluate-only exchange scores the final model (see `run_study_rounds`). A hospital whose
+node restarts mid-round is sent its message again at its new (or re-activated) node id within the
+round (`exchange_with_retry`). What a hospital replies falls in one of four cases (docs/flower.md):
 
 - ``ok``: an update trained on ``records_used`` > 0 records with its signed receipt: a contribution;
 - ``no-data``: the hospital has no consented records for this study right now: not a contribution;
@@ -12,9 +15,11 @@ signed receipt; after the last round one evaluate-only exchange scores the final
 - no reply before ``round_timeout_s`` or a Flower error reply (node gone): dropped.
 
 The study goes on while at least ``min_hospitals`` contribute in a round; below that it stops
-cleanly: `StudyObserver.on_failed(reason)` is called and `StudyFailedError` raised, so the run ends
-as failed. After the last round the model is saved as safetensors and its SHA-256 reported through
-`on_complete`. The coordinator provides the observer and appends audit entries from it.
+cleanly: the failed round's receipts (its contributors spent privacy) are reported through
+`on_round` with metric ``round_failed`` = 1, then `StudyObserver.on_failed(reason)` is called and
+`StudyFailedError` raised, so the run ends as failed. After the last round the model is saved as
+safetensors and its SHA-256 reported through `on_complete`. The coordinator provides the observer
+and appends audit entries from it.
 
 Polling: the grid is polled every `server_poll` seconds with the public `push_messages` /
 `pull_messages` API instead of `Grid.send_and_receive` (which sleeps 3 s between polls).
