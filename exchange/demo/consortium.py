@@ -247,7 +247,6 @@ class Consortium:
         self.runner: FlowerStudyRunner | None = None
         self.tls: Any = None
         self._stopped = False
-        self._release_superlink = threading.Event()
 
     # -- phases -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -309,20 +308,17 @@ class Consortium:
 
         started = threading.Event()
 
-        def start_and_stay() -> None:
-            # The SuperLink gets SIGTERM when the thread that spawned it ends (the runtime sets
-            # PR_SET_PDEATHSIG), so this thread stays parked until the demo stops: the SuperLink
-            # then also goes away if the demo itself is killed.
+        def start() -> None:
+            # Children live as long as this process (the runtime spawns them from one
+            # long-lived thread), so this thread may end once the SuperLink is up.
             try:
                 self.superlink.start()
             except Exception as exc:
                 self._superlink_error = str(exc)
             finally:
                 started.set()
-            self._release_superlink.wait()
 
-        self._release_superlink = threading.Event()
-        threading.Thread(target=start_and_stay, name="superlink", daemon=True).start()
+        threading.Thread(target=start, name="superlink", daemon=True).start()
         return started
 
     @property
@@ -727,7 +723,6 @@ class Consortium:
         if self.superlink is not None:
             with contextlib.suppress(Exception):
                 self.superlink.stop()
-        self._release_superlink.set()
         if self.runner is not None:
             for handle in self.runner.handles:
                 handle.wait(20)

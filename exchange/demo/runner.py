@@ -1,11 +1,9 @@
 """The demo's study runner: the coordinator's `StudyRunner` interface over federated's
 in-process ServerApp runner (`federated.runtime.server_runner.run_study`).
 
-Why the demo carries its own adapter: at the time of writing the coordinator's
-`FederatedRunner` (exchange/coordinator/runner.py) imports `federated.runner.run_study`, which
-does not exist, and passes the study as the coordinator stored it (a dict), while
-`federated.runtime.server_runner.run_study` wants a `StudySpec` and reports rounds with
-`federated.receipts.Receipt` objects rather than log entries. This module is the smallest bridge:
+Why the demo carries its own adapter (written while the coordinator's `FederatedRunner` could
+not yet run a study; it can now, and folding the two together is open work): the
+demo builds the `StudySpec` with the node's own consent request. This module is the bridge:
 
 - `study_spec(...)` turns the coordinator's study into the `StudySpec` every ClientApp receives,
   with a consent request built by the node's own `study_request`, so the records gated at a
@@ -105,7 +103,8 @@ class FlowerStudyRunner:
                 result = run_study(self.superlink_address, spec, bridge,
                                    self.output_dir / request.study_id,
                                    root_certificates=self.root_certificates,
-                                   hospital_keys=dict(self.hospital_keys()), stop_event=cancelled)
+                                   hospital_keys=dict(self.hospital_keys()), stop_event=cancelled,
+                                   approved_hospitals=[h.id for h in request.hospitals])
                 log.info("run_ended", study_id=request.study_id, status=result.status,
                          reason=result.reason)
             except Exception as exc:  # the coordinator must hear about every failure
