@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from audit.signing import Signer
-from exchange.demo.runner import FlowerStudyRunner, StudyOwner, registered_hospital_keys, study_spec
+from exchange.demo.runner import FlowerStudyRunner, StudyOwner, study_spec
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 LABEL = "malignant"
@@ -337,8 +337,7 @@ class Consortium:
         keys = work / "coordinator-keys"
         self._superlink_ready = threading.Event()
         self.runner = FlowerStudyRunner(
-            "", work / "models", owner_of=lambda _study: StudyOwner(RESEARCH_ORG, RESEARCH_REGION),
-            hospital_keys=lambda: registered_hospital_keys(self.runtime.coordinator))
+            "", work / "models", owner_of=lambda _study: StudyOwner(RESEARCH_ORG, RESEARCH_REGION))
         self.runtime = build_runtime(AppConfig(
             database_url=self.db_url, operator_key_file=keys / "operator.key", log_key_file=keys / "log.key",
             coordinator_key_file=keys / "coordinator.key", log_origin="demo.exchange.local/log",

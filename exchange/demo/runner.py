@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exchange.coordinator.runner import RunHandle, RunRequest, StudyObserver, ThreadHandle
+from exchange.coordinator.runner import (
+    GuardedObserver,
+    RunHandle,
+    RunRequest,
+    StudyObserver,
+    ThreadHandle,
+)
 from exchange.logging import get_logger
 
 log = get_logger("exchange.demo.runner")
@@ -78,46 +84,41 @@ class FlowerStudyRunner:
     """Runs approved studies on a SuperLink (`--isolation process`), one at a time.
 
     `owner_of(study_id)` names the submitting organisation and its region;
-    `hospital_keys()` gives hospital id -> Ed25519 public key (receipts must verify against it);
     `root_certificates` is the CA bundle of a TLS SuperLink (None: loopback without TLS).
     """
 
     def __init__(self, superlink_address: str, output_dir: Path,
                  owner_of: Callable[[str], StudyOwner],
-                 hospital_keys: Callable[[], Mapping[str, bytes]],
                  root_certificates: bytes | None = None) -> None:
         self.superlink_address = superlink_address
         self.root_certificates = root_certificates
         self.output_dir = output_dir
         self.owner_of = owner_of
-        self.hospital_keys = hospital_keys
         self.handles: list[ThreadHandle] = []
 
     def start(self, request: RunRequest, observer: StudyObserver) -> RunHandle:
+        # The coordinator's guard: only approved hospitals' receipts, verified with their
+        # registered keys, one per round; exactly one end of the run.
+        guard = GuardedObserver(observer, request)
+        approved_keys = {h.id: b64decode(h.signing_public_key) for h in request.hospitals}
+
         def run(cancelled: threading.Event) -> None:
             from federated.runtime.server_runner import run_study
 
-            bridge = _Bridge(request.study_id, observer)
+            bridge = _Bridge(request.study_id, guard)
             try:
                 spec = study_spec(request.study_id, request.spec, self.owner_of(request.study_id))
                 result = run_study(self.superlink_address, spec, bridge,
                                    self.output_dir / request.study_id,
                                    root_certificates=self.root_certificates,
-                                   hospital_keys=dict(self.hospital_keys()), stop_event=cancelled,
-                                   approved_hospitals=[h.id for h in request.hospitals])
+                                   hospital_keys=approved_keys, stop_event=cancelled,
+                                   approved_hospitals=list(approved_keys))
                 log.info("run_ended", study_id=request.study_id, status=result.status,
                          reason=result.reason)
             except Exception as exc:  # the coordinator must hear about every failure
                 log.warning("run_failed", study_id=request.study_id, error=str(exc))
-                if not bridge.ended.is_set():
-                    observer.on_failed(request.study_id, f"federated run failed: {exc}")
+                guard.on_failed(request.study_id, f"federated run failed: {exc}")
 
         handle = ThreadHandle(run, f"study-{request.study_id}").start()
         self.handles.append(handle)
         return handle
-
-
-def registered_hospital_keys(coordinator: Any) -> dict[str, bytes]:
-    """hospital id -> signing public key, as registered at the coordinator."""
-    hospitals, _total = coordinator.list_hospitals(0, 1000)
-    return {h.id: b64decode(h.signing_public_key) for h in hospitals}
