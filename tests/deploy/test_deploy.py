@@ -97,6 +97,24 @@ def test_coordinator_configmap_loads_into_the_settings(tmp_path: Path) -> None:
     settings = load_coordinator_settings(path)
     assert settings.superlink_address == "superlink:9093"
     assert settings.host == "0.0.0.0"
+    # A remote SuperLink needs TLS, or `exchange serve` refuses to start (superlink_tls()).
+    assert settings.superlink_root_certificates == Path("/etc/exchange-superlink-ca/ca.pem")
+    assert not settings.superlink_insecure
+    volumes = {m["mountPath"] for d in _k8s_documents() if d["kind"] == "Deployment"
+               and d["metadata"]["name"] == "coordinator"
+               for m in d["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert "/etc/exchange-superlink-ca" in volumes
+
+
+def test_compose_coordinator_verifies_the_superlink(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    for name, value in data["services"]["coordinator"]["environment"].items():
+        monkeypatch.setenv(name, str(value))
+    settings = load_coordinator_settings()
+    assert settings.superlink_address == "superlink:9093"
+    assert settings.superlink_root_certificates == Path("/certs/ca.pem")
+    with pytest.raises(ValueError, match="superlink_root_certificates"):
+        settings.superlink_tls()  # the CA file only exists inside the container
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
