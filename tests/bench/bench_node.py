@@ -31,10 +31,15 @@ from pyarrow import csv as pacsv
 
 from audit.signing import Signer
 from consent import duo
-from consent.gate import gate
+from consent.gate import RecordColumns, gate
 from consent.model import Contract, Provision
 from exchange.node.consent_store import import_consent_folder, study_request
-from exchange.node.eligibility import count_eligible, current_contract_hashes, current_contracts
+from exchange.node.eligibility import (
+    contract_cache,
+    count_eligible,
+    current_contract_hashes,
+    current_contracts,
+)
 from exchange.node.importer import import_records, parse_mapping
 from exchange.node.policy import StudyView
 from exchange.node.store import open_store
@@ -88,12 +93,25 @@ def run(n: int, root: Path) -> dict[str, float]:
 
     view = StudyView.from_json(STUDY)
     now = datetime.now(UTC)
-    other = StudyView.from_json({**STUDY, "id": "st-bench-2", "spec": {**STUDY["spec"], "epsilon": 1.0}})
+    others = [StudyView.from_json({**STUDY, "id": f"st-bench-{i}",
+                                   "spec": {**STUDY["spec"], "epsilon": 0.5 + i}}) for i in range(6)]
     with store.sessions() as session:
         eligible_s, result = _timed(lambda: count_eligible(session, view, now))
-    with store.sessions() as session:
-        warm_s, warm = _timed(lambda: count_eligible(session, other, now))
-    assert warm.eligible == result.eligible  # type: ignore[attr-defined]
+    # A count for another study with the cache warm, interleaved with its baseline: consent.gate
+    # alone over the very contract objects the cache holds, for a study not gated before. Best
+    # of 3 each: garbage collection over the many live contract objects makes single runs vary
+    # by up to 2x.
+    warm_times, gate_warm_times = [], []
+    for other, fresh in zip(others[:3], others[3:], strict=True):
+        with store.sessions() as session:
+            warm_s, warm = _timed(lambda: count_eligible(session, other, now))  # noqa: B023
+            cache = contract_cache(session)
+        assert warm.eligible == result.eligible  # type: ignore[attr-defined]
+        warm_times.append(warm_s)
+        columns = RecordColumns(cache.pseudonyms, [cache.current[p][1] if p in cache.current else ""
+                                                   for p in cache.pseudonyms])
+        request = study_request(fresh)
+        gate_warm_times.append(_timed(lambda: gate(columns, cache.by_hash, request, now))[0])  # noqa: B023
     with store.sessions() as session:
         hashes = current_contract_hashes(session)
         by_hash = {hashes[p]: Contract.model_validate(d) for p, d in current_contracts(session).items()}
@@ -101,9 +119,7 @@ def run(n: int, root: Path) -> dict[str, float]:
     request = study_request(view)
     gate_s, gated = _timed(lambda: gate(pairs, by_hash, request, now))
     assert result.eligible == gated.records_used  # type: ignore[attr-defined]
-    # again over the same objects: their content hashes (a cached property) are now computed,
-    # as they are for the cache's contracts after its first count
-    gate_warm_s, _ = _timed(lambda: gate(pairs, by_hash, request, now))
+    warm_s, gate_warm_s = min(warm_times), min(gate_warm_times)
     store.dispose()
     return {"import_s": import_s, "parse_s": parse_s, "consent_s": consent_s, "eligible_s": eligible_s,
             "warm_s": warm_s, "gate_s": gate_s, "gate_warm_s": gate_warm_s}
@@ -123,8 +139,8 @@ def main() -> None:
     print(f"consent import: {r['consent_s']:.2f} s = {n / r['consent_s']:,.0f} contracts/s (incl. signing)")
     print(f"eligibility, first study (DB read + parse + gate): {r['eligible_s']:.3f} s; "
           f"gate alone on fresh contracts {r['gate_s']:.3f} s; ratio {r['eligible_s'] / r['gate_s']:.2f}x")
-    print(f"eligibility, next study (cached contracts + gate): {r['warm_s']:.3f} s; "
-          f"gate alone on the same contracts again {r['gate_warm_s']:.3f} s; "
+    print(f"eligibility, next study (cached contracts + gate, best of 3): {r['warm_s']:.3f} s; "
+          f"gate alone on the cache's contracts, new study, best of 3: {r['gate_warm_s']:.3f} s; "
           f"ratio {r['warm_s'] / r['gate_warm_s']:.2f}x")
 
 
