@@ -201,3 +201,23 @@ def test_revocation_between_rounds_and_kill9_mid_study(node_dir: Path, store: No
                                .order_by(RoundRow.round)).tuples().all()
     assert [r for r, _e in rows] == [1, 2, 3, 4]
     assert [e for _r, e in rows] == pytest.approx(epsilons)
+    # each daemon run started its SuperNode only after its executor logged "ready"
+    events = [(e.get("event"), e.get("child")) for e in _json_lines(node_dir / "daemon.log")]
+    runs = [i for i, (event, _c) in enumerate(events) if event == "node_started"]
+    assert len(runs) == 2
+    for start, end in zip(runs, [*runs[1:], len(events)], strict=True):
+        run = events[start:end]
+        assert ("child_ready", "executor") in run and ("child_started", "supernode") in run
+        assert run.index(("child_ready", "executor")) < run.index(("child_started", "supernode"))
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(item, dict):
+            out.append(item)
+    return out
