@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     Float,
@@ -33,6 +34,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -171,6 +173,9 @@ class StudyDecision(CoordinatorBase):
     eligible_records: Mapped[int | None] = mapped_column(Integer)
     decided_at: Mapped[datetime] = mapped_column(UTCDateTime())
     entry_index: Mapped[int | None] = mapped_column(BigInteger)
+    # A refusal that arrived after the study left `submitted` (migration 0005): recorded so the
+    # researcher sees its reasons; it never changes the study (nothing starts or stops).
+    late: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class StudyRound(CoordinatorBase):
@@ -183,6 +188,9 @@ class StudyRound(CoordinatorBase):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     finished_at: Mapped[datetime] = mapped_column(UTCDateTime())
     entry_index: Mapped[int | None] = mapped_column(BigInteger)
+    # A round the run reported as failed (`metrics["round_failed"] == 1.0`, migration 0005): its
+    # receipts are logged (real privacy spend), but it is not a completed round.
+    failed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Receipt(CoordinatorBase):

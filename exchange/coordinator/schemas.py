@@ -289,6 +289,7 @@ class DecisionOut(Out):
     reasons: list[str]
     eligible_records: int | None
     decided_at: datetime
+    late: bool = False  # arrived after the study left `submitted`: shown, changed nothing
 
 
 class StudyOut(Out):
@@ -363,6 +364,7 @@ class StudyResults(BaseModel):
     status: StudyStatus
     model_sha256: str | None
     rounds: list[RoundOut]
+    failed_rounds: list[RoundOut] = []  # reported with round_failed: receipts logged, not completed
     contributions: list[ContributionOut]
 
 

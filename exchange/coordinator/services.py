@@ -532,8 +532,10 @@ class Coordinator:
         hot read path; no ORM identity map, the model blob never loaded)."""
         t = Study.__table__.c
         d = StudyDecision.__table__.c
+        r = StudyRound.__table__.c
+        # A failed round (its receipts are logged) is not a completed one.
         rounds = (select(func.count()).select_from(StudyRound.__table__)
-                  .where(StudyRound.__table__.c.study_id == study_id).scalar_subquery())
+                  .where(r.study_id == study_id, r.failed.is_(False)).scalar_subquery())
         with self.read_engine.connect() as connection:
             row = connection.execute(select(*(t[name] for name in self._STUDY_COLUMNS),
                                             rounds.label("rounds_completed"))
@@ -543,12 +545,14 @@ class Coordinator:
                 # Same answer as a missing study: no probing of other organisations' ids.
                 raise problems.not_found(f"study {study_id!r}")
             decisions = connection.execute(
-                select(d.hospital_id, d.decision, d.reasons, d.eligible_records, d.decided_at)
+                select(d.hospital_id, d.decision, d.reasons, d.eligible_records, d.decided_at, d.late)
                 .where(d.study_id == study_id).order_by(d.hospital_id)).mappings().all()
         out = dict(row)
         out["decisions"] = [dict(x) for x in decisions]
-        out["approvals"] = sum(x["decision"] == DecisionKind.APPROVE for x in decisions)
-        out["refusals"] = sum(x["decision"] == DecisionKind.REFUSE for x in decisions)
+        # approvals/refusals: the decisions that counted for the start; late ones are listed
+        # (with their reasons) but changed nothing.
+        out["approvals"] = sum(x["decision"] == DecisionKind.APPROVE and not x["late"] for x in decisions)
+        out["refusals"] = sum(x["decision"] == DecisionKind.REFUSE and not x["late"] for x in decisions)
         return out
 
     def list_studies(self, principal: Principal, status: StudyStatus | None, offset: int,
@@ -629,20 +633,32 @@ class Coordinator:
             study = session.get(Study, study_id, with_for_update=True)
             if study is None:
                 raise problems.not_found(f"study {study_id!r}")
-            if study.status != StudyStatus.SUBMITTED:
-                raise problems.conflict(f"study {study_id!r} is {study.status.value}; decisions are "
-                                        "closed")
+            # One decision per hospital and study, late or not: a retry or replay is refused.
             if session.scalar(select(StudyDecision).where(StudyDecision.study_id == study_id,
                                                          StudyDecision.hospital_id == hospital.id)):
                 raise problems.conflict(f"hospital {hospital.id!r} already decided on {study_id!r}")
+            late = study.status != StudyStatus.SUBMITTED
+            if late and payload["decision"] != DecisionKind.REFUSE:
+                # A late approval cannot join the run, and the node daemon reads this 409 as
+                # "not joined" (exchange/node/daemon.py): refused, nothing recorded.
+                raise problems.conflict(f"study {study_id!r} is {study.status.value}; decisions are "
+                                        "closed")
+            # A late refusal is recorded (log entry and row, `late`) so its reasons reach the
+            # researcher; it changes nothing about the study.
             (index,) = self._append(session, entry)
             session.add(StudyDecision(study_id=study_id, hospital_id=hospital.id,
                                       decision=DecisionKind(payload["decision"]), reasons=list(reasons or []),
-                                      eligible_records=eligible, decided_at=now(), entry_index=index))
+                                      eligible_records=eligible, decided_at=now(), entry_index=index,
+                                      late=late))
             session.flush()
-            approvals = session.scalar(select(func.count()).select_from(StudyDecision).where(
-                StudyDecision.study_id == study_id, StudyDecision.decision == DecisionKind.APPROVE)) or 0
-            start = approvals >= study.min_hospitals
+            if not late:
+                approvals = session.scalar(select(func.count()).select_from(StudyDecision).where(
+                    StudyDecision.study_id == study_id, StudyDecision.decision == DecisionKind.APPROVE,
+                    StudyDecision.late.is_(False))) or 0
+                start = approvals >= study.min_hospitals
+        if late:
+            log.info("study.decision.late", study_id=study_id, hospital=hospital.id,
+                     status=study.status.value)
         self.on_change("study.decision")
         if start:
             self.start_study(study_id)
@@ -656,8 +672,8 @@ class Coordinator:
                 return
             approved = session.scalars(select(Hospital).join(
                 StudyDecision, StudyDecision.hospital_id == Hospital.id).where(
-                StudyDecision.study_id == study_id, StudyDecision.decision == DecisionKind.APPROVE)
-                .order_by(Hospital.id)).all()
+                StudyDecision.study_id == study_id, StudyDecision.decision == DecisionKind.APPROVE,
+                StudyDecision.late.is_(False)).order_by(Hospital.id)).all()
             study.status = StudyStatus.RUNNING
             study.started_at = now()
             self._append(session, self._sign("study.start", {
@@ -712,10 +728,29 @@ class Coordinator:
     # ------------------------------------------------------------------ observer (runner)
     def on_round(self, study_id: str, round_number: int, metrics: Mapping[str, Any],
                  receipts: list[Entry]) -> None:
+        """Record one round the run reports, with its receipts, in one transaction.
+
+        - Receipts count only from a registered hospital, signed with its current key, that
+          APPROVED this study in time (a second line of defence behind GuardedObserver); others
+          are skipped with a log line, never appended.
+        - A failed round (`metrics["round_failed"] == 1.0`, sent right before `on_failed`):
+          receipts and `study.round` are logged as usual, the round row is flagged `failed`
+          (not a completed round). The study then fails and is refunded, so they pay nothing.
+        - A cancelled study's in-flight round: hospitals trained and spent privacy before the
+          stop reached them. The escrow is already refunded (the ledger takes no receipt after
+          that), so each receipt is logged wrapped in a coordinator-signed `study.unpaid_receipt`
+          entry (the hospital's signed envelope inside, verifiable) and kept as a receipt row
+          for the researcher's results; nothing is paid, no round is recorded.
+        """
+        failed = metrics.get("round_failed") == 1.0
         with self.write() as session:
             study = session.get(Study, study_id, with_for_update=True)
-            if study is None or study.status != StudyStatus.RUNNING:
+            if study is None or study.status not in (StudyStatus.RUNNING, StudyStatus.CANCELLED):
                 return
+            cancelled = study.status == StudyStatus.CANCELLED
+            approved_ids = set(session.scalars(select(StudyDecision.hospital_id).where(
+                StudyDecision.study_id == study_id, StudyDecision.decision == DecisionKind.APPROVE,
+                StudyDecision.late.is_(False))))
             appended: list[Entry] = []
             hospitals: list[str] = []
             for entry in receipts:
@@ -725,20 +760,38 @@ class Coordinator:
                     log.warning("receipt.ignored", study_id=study_id, round=round_number,
                                 reason="unknown hospital or key")
                     continue
-                if session.scalar(select(Receipt.id).where(
+                if hospital_id not in approved_ids:
+                    log.warning("receipt.ignored", study_id=study_id, round=round_number,
+                                hospital=hospital_id, reason="hospital did not approve this study")
+                    continue
+                if hospital_id in hospitals or session.scalar(select(Receipt.id).where(
                         Receipt.study_id == study_id, Receipt.round == round_number,
                         Receipt.hospital_id == hospital_id)) is not None:
-                    continue  # already delivered by the hospital itself
+                    continue  # already delivered (by the hospital itself, or twice in this call)
                 appended.append(entry)
                 hospitals.append(hospital_id)
-            round_entry = self._sign("study.round", {
-                "study_id": study_id, "round": round_number, "metrics": dict(metrics),
-                "hospitals": [f"hospital:{h}" for h in hospitals]})
-            indexes = self._append(session, *appended, round_entry)
-            for entry, hospital_id, index in zip(appended, hospitals, indexes, strict=False):
-                session.add(_receipt_row(study_id, hospital_id, entry, index))
-            session.add(StudyRound(study_id=study_id, round=round_number, metrics=dict(metrics),
-                                   finished_at=now(), entry_index=indexes[-1]))
+            if cancelled:
+                if not appended:
+                    return
+                wrappers = [self._sign("study.unpaid_receipt", {
+                    "study_id": study_id, "round": round_number, "hospital": f"hospital:{h}",
+                    "reason": "the study was cancelled (and refunded) before this round was "
+                              "reported: evidence of privacy spent, not paid",
+                    "receipt": entry.to_json()}) for entry, h in zip(appended, hospitals, strict=True)]
+                indexes = self._append(session, *wrappers)
+                for entry, hospital_id, index in zip(appended, hospitals, indexes, strict=True):
+                    session.add(_receipt_row(study_id, hospital_id, entry, index))
+            else:
+                round_entry = self._sign("study.round", {
+                    "study_id": study_id, "round": round_number, "metrics": dict(metrics),
+                    "hospitals": [f"hospital:{h}" for h in hospitals]})
+                indexes = self._append(session, *appended, round_entry)
+                for entry, hospital_id, index in zip(appended, hospitals, indexes, strict=False):
+                    session.add(_receipt_row(study_id, hospital_id, entry, index))
+                session.add(StudyRound(study_id=study_id, round=round_number, metrics=dict(metrics),
+                                       finished_at=now(), entry_index=indexes[-1], failed=failed))
+        if cancelled:
+            log.info("round.after_cancel", study_id=study_id, round=round_number, receipts=len(appended))
         self.on_change("study.round")
 
     def record_receipt(self, hospital: Hospital, entry: Entry) -> int:
@@ -761,7 +814,7 @@ class Coordinator:
                 raise problems.conflict(f"study {study_id!r} is {study.status.value}; receipts are closed")
             approved = session.scalar(select(StudyDecision.id).where(
                 StudyDecision.study_id == study_id, StudyDecision.hospital_id == hospital.id,
-                StudyDecision.decision == DecisionKind.APPROVE))
+                StudyDecision.decision == DecisionKind.APPROVE, StudyDecision.late.is_(False)))
             if approved is None:
                 raise problems.forbidden(f"hospital {hospital.id!r} did not join study {study_id!r}")
             if session.scalar(select(Receipt.id).where(
@@ -838,9 +891,14 @@ class Coordinator:
                 item["epsilon_spent"] = max(item["epsilon_spent"] or 0.0, float(total))
             elif r.epsilon_spent is not None:
                 item["epsilon_spent"] = (item["epsilon_spent"] or 0.0) + r.epsilon_spent
+        def out(r: StudyRound) -> dict[str, Any]:
+            return {"round": r.round, "metrics": r.metrics, "finished_at": r.finished_at}
+
+        # Contributions count every logged receipt (failed and cancelled rounds' too: privacy
+        # was spent); `rounds` lists the completed rounds only, `failed_rounds` the others.
         return {"study_id": study.id, "status": study.status, "model_sha256": study.model_sha256,
-                "rounds": [{"round": r.round, "metrics": r.metrics, "finished_at": r.finished_at}
-                           for r in rounds],
+                "rounds": [out(r) for r in rounds if not r.failed],
+                "failed_rounds": [out(r) for r in rounds if r.failed],
                 "contributions": [per[k] for k in sorted(per)]}
 
     def model(self, principal: Principal, study_id: str) -> tuple[bytes, str]:
