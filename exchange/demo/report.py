@@ -28,6 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
+from matplotlib.ticker import MaxNLocator
 
 from audit.entry import Entry
 from audit.rewards import Receipt as PayoutReceipt
@@ -67,6 +68,7 @@ def _accuracy_plot(rounds: list[dict[str, Any]]) -> Markup:
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot([r["round"] for r in rounds], [r["accuracy"] for r in rounds], marker="o")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("global accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -77,8 +79,24 @@ def _bar_plot(labels: list[str], values: list[float], ylabel: str) -> Markup:
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.bar(labels, values, color="#4878a8")
     ax.set_ylabel(ylabel)
+    ax.tick_params(axis="x", labelrotation=20)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
     ax.grid(axis="y", alpha=0.3)
     return _svg(fig)
+
+
+def _payout_groups(payouts: dict[str, int]) -> tuple[list[str], list[float]]:
+    """One bar per hospital and author; the (many, pseudonymous) reward accounts as one bar,
+    so the plot stays readable with hundreds of contributors (the table lists each)."""
+    grouped: dict[str, float] = {}
+    rewards = [amount for account, amount in payouts.items() if account.startswith("reward:")]
+    for account, amount in sorted(payouts.items()):
+        if not account.startswith("reward:"):
+            grouped[account] = amount
+    if rewards:
+        grouped[f"{len(rewards)} reward accounts"] = sum(rewards)
+    return list(grouped), list(grouped.values())
 
 
 def _records_plot(hospitals: list[dict[str, Any]]) -> Markup:
@@ -109,7 +127,7 @@ def render_html(report: dict[str, Any]) -> str:
         epsilon_svg=_bar_plot([h["id"] for h in hospitals],
                               [h["epsilon_spent"] for h in hospitals], "epsilon spent"),
         records_svg=_records_plot(hospitals),
-        payouts_svg=_bar_plot(list(payouts), list(payouts.values()), "tokens") if payouts else None,
+        payouts_svg=_bar_plot(*_payout_groups(payouts), "tokens") if payouts else None,
     )
 
 

@@ -47,3 +47,12 @@ def test_report_missing_fields_are_named(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match=r"hospitals\[1\].*epsilon_spent"):
         render_html(report)
     assert not (tmp_path / "report.html").exists()
+
+
+def test_payout_plot_groups_reward_accounts() -> None:
+    from exchange.demo.report import _payout_groups
+
+    labels, values = _payout_groups({"hospital:h1": 400, "reward:a": 3, "reward:b": 4,
+                                     "author:x": 20})
+    assert labels == ["author:x", "hospital:h1", "2 reward accounts"]
+    assert values == [20, 400, 7]
