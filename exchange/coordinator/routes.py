@@ -215,7 +215,7 @@ class StudyController(Controller):
     def submit(self, principal: Principal, coordinator: Coordinator, data: StudyCreate) -> StudyOut:
         allow(principal, Role.RESEARCHER)
         study = coordinator.submit_study(principal, data)
-        return StudyOut.model_validate(coordinator.get_study(principal, study.id))
+        return StudyOut.model_validate(coordinator.submitted_view(study))
 
     @get("/", sync_to_thread=True, responses=PROBLEMS,
          summary="List studies (researchers: their organisation's only)")

@@ -527,6 +527,15 @@ class Coordinator:
                       "rounds_planned", "submitted_at", "started_at", "finished_at", "outcome_reason",
                       "model_sha256")
 
+    def submitted_view(self, study: Study) -> dict[str, Any]:
+        """What `get_study` answers for a study `submit_study` just committed, without reading it
+        back: a new study has no decisions and no rounds yet, and every other field is the row
+        this process wrote (expire_on_commit=False keeps it). Saves a read connection and two
+        queries on the hot POST path; the benchmark checks both give the same StudyOut."""
+        out = {name: getattr(study, name) for name in self._STUDY_COLUMNS}
+        out.update(rounds_completed=0, decisions=[], approvals=0, refusals=0)
+        return out
+
     def get_study(self, principal: Principal, study_id: str) -> dict[str, Any]:
         """One study with its decisions and progress: two Core queries on one connection (the
         hot read path; no ORM identity map, the model blob never loaded)."""
