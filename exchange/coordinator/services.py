@@ -476,12 +476,6 @@ class Coordinator:
             raise problems.unprocessable([{"field": "token_budget", "reason":
                                            f"token budget {data.token_budget} exceeds the "
                                            f"organisation's balance {available}"}])
-        study = Study(id=study_id, organisation_id=org.id, researcher_id=principal.researcher_id,
-                      title=data.title, status=StudyStatus.SUBMITTED, spec=spec,
-                      token_budget=data.token_budget, min_hospitals=data.min_hospitals,
-                      rounds_planned=data.rounds, submitted_at=now())
-        session.add(study)
-        session.flush()
         public_spec = {k: v for k, v in spec.items() if k != "token_budget"}
         indexes = self._append(
             session,
@@ -492,7 +486,16 @@ class Coordinator:
                 "royalty_account": royalty[0] if royalty else None,
                 "royalty_bps": royalty[1] if royalty else 0,
                 "forward_bps": self.terms.forward_bps}))
-        study.submit_entry_index = indexes[0]
+        # The row is inserted after the append, with the entry index it records: one INSERT
+        # instead of INSERT + UPDATE. Same transaction (savepoint), so a failure of either
+        # still rolls back both.
+        study = Study(id=study_id, organisation_id=org.id, researcher_id=principal.researcher_id,
+                      title=data.title, status=StudyStatus.SUBMITTED, spec=spec,
+                      token_budget=data.token_budget, min_hospitals=data.min_hospitals,
+                      rounds_planned=data.rounds, submitted_at=now(),
+                      submit_entry_index=indexes[0])
+        session.add(study)
+        session.flush()
         return study
 
     @staticmethod
