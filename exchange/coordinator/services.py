@@ -180,7 +180,6 @@ class Coordinator:
         # at once; one made by another process (exchange admin) takes effect within the TTL.
         self._key_cache: dict[str, tuple[Principal, float]] = {}
         self.key_cache_ttl = 2.0
-        self._own_keys = frozenset({operator.key_id, coordinator.key_id})
         self._batcher = GroupCommit(self.write_engine)
         # Balances, escrows and payout terms: the auditor's fold of the log (audit.ledger).
         self.ledger = LedgerView(operator.key_id)
@@ -202,7 +201,7 @@ class Coordinator:
         the log) so that one the auditor's Ledger would reject is refused and rolled back here."""
         connection = session.connection()
         try:
-            indexes = self.audit_log.append_in(connection, list(entries), signed_here=self._own_keys)
+            indexes = self.audit_log.append_in(connection, list(entries))
         except DuplicateEntryError as exc:
             raise problems.ProblemError(409, str(exc), kind="duplicate-entry") from exc
         except EntryRefusedError as exc:

@@ -162,6 +162,7 @@ def test_refused_entries_change_nothing(engine: Engine, keys: LogKeys) -> None:
                "payload": {}, "signature": "AA=="}], "time"),
             ([{**good.to_json(), "payload": []}], "payload"),
             ([sign_entry(keys.writer, "k" * 129, {})], "kind: longer than 128 characters"),
+            ([sign_entry(keys.writer, "nul\x00kind", {})], "kind: contains a NUL character"),
             ([sign_entry(keys.writer, "big", {"blob": "x" * (1 << 20)})],
              "more than the 1048576 a log entry may have"),
             ([good, {**good.to_json(), "payload": {"x": 1.5e400}}], "payload"),
@@ -184,6 +185,29 @@ def test_refused_entries_change_nothing(engine: Engine, keys: LogKeys) -> None:
             log.append(note_entry(other, "c", 3))
         assert log.append(good) == before[0]
         assert verify_storage(engine, keys.operator.public_key) == log.root()
+
+
+def test_quotes_and_escapes_are_stored_exactly(engine: Engine, keys: LogKeys) -> None:
+    """PostgreSQL's one-round-trip write binds its values on the client (quoted literals):
+    hostile text must arrive byte for byte, as data, on both databases."""
+    hostile = ["x'); DROP TABLE audit_entries; --", "back\\slash \\x00 '' \"q\" {a,b} $1 %s",
+               "ünïcødé \u2028 \U0001f600", "E'\\\\x41'"]
+    with keys.open(engine) as log:
+        log.append(register(keys.operator, keys.writer))
+        entries = [sign_entry(keys.writer, kind, {"note": kind, "bytes": "\x01\x7f"})
+                   for kind in hostile]
+        futures = [log.submit([entry]) for entry in entries]  # one group, the fast path
+        indexes = [future.result()[0] for future in futures]
+        assert sorted(indexes) == [1, 2, 3, 4]
+        stored = {index: log.get(index) for index in indexes}
+        assert sorted(e.kind for e in stored.values()) == sorted(hostile)
+        for index, entry in zip(indexes, entries, strict=True):
+            assert stored[index] == entry
+        with engine.connect() as connection:
+            kinds = connection.execute(select(audit_entries.c.kind).where(
+                audit_entries.c.idx >= 1)).scalars().all()
+        assert sorted(kinds) == sorted(hostile)
+        verify_storage(engine, keys.operator.public_key)
 
 
 def test_refusal_in_a_group_commit_does_not_affect_the_others(engine: Engine, keys: LogKeys) -> None:

@@ -113,9 +113,8 @@ def test_refusals_and_misuse(engine: Engine) -> None:
             log.append_in(connection, [first])
         with pytest.raises(EntryRefusedError, match="not registered"), \
                 engine.begin() as connection:
-            # signed_here skips only the signature check, never the registration check
-            log.append_in(connection, [note_entry(stranger, "s", 0)],
-                          signed_here=frozenset({stranger.key_id}))
+            # signed in this process (the memo skips only verification, never registration)
+            log.append_in(connection, [note_entry(stranger, "s", 0)])
         with engine.connect() as connection, pytest.raises(AuditStoreError, match="open transaction"):
             log.append_in(connection, [note_entry(keys.writer, "s", 1)])
         assert log.size() == 1

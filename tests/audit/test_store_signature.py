@@ -58,8 +58,8 @@ def test_append_refuses_what_the_verifier_refuses(engine: Engine) -> None:
                 log.append(bad)  # ... is the store's, through the writer thread
             with pytest.raises(EntryRefusedError, match=f"signature: .*{reason}"), \
                     engine.begin() as connection:
-                # ... and in a caller's transaction, even for a key "signed here"
-                log.append_in(connection, [bad], signed_here=frozenset({keys.writer.key_id}))
+                # ... and in a caller's transaction, though this process signed it
+                log.append_in(connection, [bad])
         assert log.size() == 1
         assert log.append(good) == 1  # the canonical one is accepted
 
