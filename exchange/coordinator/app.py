@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -18,14 +17,15 @@ import swagger_ui_bundle
 from litestar import Litestar, Request, get
 from litestar.config.response_cache import ResponseCacheConfig
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.middleware.rate_limit import RateLimitConfig
+from litestar.middleware import DefineMiddleware
+from litestar.middleware.rate_limit import RateLimitConfig, RateLimitMiddleware
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.plugins.prometheus import PrometheusController
 from litestar.plugins.pydantic import PydanticPlugin
 from litestar.static_files import create_static_files_router
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import Receive, Scope, Send
 from prometheus_client import Counter
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import make_url
@@ -35,14 +35,13 @@ from audit.signing import Signer
 from audit.store import AuditLog, record_trust
 from exchange.coordinator import problems, routes, vocabulary
 from exchange.coordinator.auditing import forget_transactions
+from exchange.coordinator.observability import ObservabilityMiddleware
 from exchange.coordinator.runner import StudyRunner
-from exchange.coordinator.services import Coordinator, Principal, Terms
+from exchange.coordinator.services import Coordinator, Terms
 from exchange.db import migrate
 from exchange.db.engine import make_engine, normalize_url
-from exchange.logging import get_logger
 from exchange.settings import CoordinatorSettings
 
-access_log = get_logger("exchange.access")
 STUDY_EVENTS = Counter("exchange_study_events_total", "Study lifecycle events recorded", ["kind"])
 API_VERSION = "1.0.0"
 
@@ -174,37 +173,19 @@ def build_runtime(config: AppConfig, runner: StudyRunner) -> Runtime:
     return Runtime(config, read_engine, write_engine, audit_log, coordinator, trust)
 
 
-class AccessLogMiddleware:
-    """One JSON line per request: method, route path, status, duration, caller reference.
+class _HandlerRateLimitMiddleware(RateLimitMiddleware):
+    """Litestar's rate limit, entered only by the handlers marked `opt={"rate_limited": True}`.
 
-    Never the query string, headers or body (they may carry keys or signatures); the caller
-    is named by its API key prefix or hospital id, which are not secrets.
+    Why: the stock middleware builds a Request and awaits the throttle check on every request
+    of every route; here the others pass straight through on one dict look-up.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        handler = scope.get("route_handler")
+        if handler is None or not handler.opt.get("rate_limited"):
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            principal = scope.get("state", {}).get("principal")
-            access_log.info("http.request", method=scope.get("method"), path=scope.get("path"),
-                            status=status, duration_ms=round((time.perf_counter() - started) * 1000, 2),
-                            caller=principal.ref if isinstance(principal, Principal) else None,
-                            client=(scope.get("client") or ("", 0))[0])
+        await super().__call__(scope, receive, send)
 
 
 def _rate_limit_identifier(request: Request[Any, Any, Any]) -> str:
@@ -254,12 +235,11 @@ def create_app(runtime: Runtime, *, debug: bool = False,
     rate_limit = RateLimitConfig(rate_limit=("minute", config.rate_limit_per_minute),
                                  check_throttle_handler=_throttled,
                                  identifier_for_request=_rate_limit_identifier,
-                                 exclude=["/health", "/metrics", "/schema"])
-    prometheus = PrometheusConfig(app_name="exchange", prefix="exchange", group_path=True,
-                                  exclude=["/metrics"])
-    middleware: list[Any] = [rate_limit.middleware, prometheus.middleware]
-    if config.access_log:
-        middleware.insert(0, AccessLogMiddleware)
+                                 exclude=["/health", "/metrics", "/schema"],
+                                 middleware_class=_HandlerRateLimitMiddleware)
+    middleware: list[Any] = [
+        DefineMiddleware(ObservabilityMiddleware, access_log_enabled=config.access_log),
+        rate_limit.middleware]
     app = Litestar(
         route_handlers=[routes.RegistryController, routes.StudyController, routes.HospitalController,
                         routes.AuditController, routes.health, MetricsController, static, _docs_redirect],

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -65,6 +65,20 @@ log = get_logger("exchange.coordinator")
 API_KEY_PREFIX_BYTES = 6
 API_KEY_SECRET_BYTES = 32
 
+
+
+def _study_view_statement() -> Any:
+    """GET /v1/studies/{id}'s statement, built once: see Coordinator.get_study."""
+    t, d, r = Study.__table__.c, StudyDecision.__table__.c, StudyRound.__table__.c
+    rounds = (select(func.count()).select_from(StudyRound.__table__)
+              .where(r.study_id == t.id, r.failed.is_(False)).scalar_subquery())
+    # A failed round (its receipts are logged) is not a completed one.
+    return (select(*(t[name] for name in Coordinator._STUDY_COLUMNS),
+                   rounds.label("rounds_completed"), d.hospital_id, d.decision, d.reasons,
+                   d.eligible_records, d.decided_at, d.late)
+            .select_from(Study.__table__.outerjoin(StudyDecision.__table__, d.study_id == t.id))
+            .where(t.id == bindparam("study_id"))
+            .order_by(d.hospital_id))
 
 @dataclass(frozen=True)
 class Principal:
@@ -539,27 +553,25 @@ class Coordinator:
         return out
 
     def get_study(self, principal: Principal, study_id: str) -> dict[str, Any]:
-        """One study with its decisions and progress: two Core queries on one connection (the
-        hot read path; no ORM identity map, the model blob never loaded)."""
-        t = Study.__table__.c
-        d = StudyDecision.__table__.c
-        r = StudyRound.__table__.c
-        # A failed round (its receipts are logged) is not a completed one.
-        rounds = (select(func.count()).select_from(StudyRound.__table__)
-                  .where(r.study_id == study_id, r.failed.is_(False)).scalar_subquery())
+        """One study with its decisions and progress: ONE prebuilt Core statement (the hot
+        read path: no statement building per call, no ORM identity map, the model blob never
+        loaded). The study LEFT JOIN its decisions gives one row per decision (one row with
+        NULL decision columns when there is none); the completed rounds come as a scalar
+        subquery on each row."""
+        rows = None
         with self.read_engine.connect() as connection:
-            row = connection.execute(select(*(t[name] for name in self._STUDY_COLUMNS),
-                                            rounds.label("rounds_completed"))
-                                     .where(t.id == study_id)).mappings().first()
-            if row is None or (principal.role == Role.RESEARCHER
-                               and row["organisation_id"] != principal.organisation_id):
-                # Same answer as a missing study: no probing of other organisations' ids.
-                raise problems.not_found(f"study {study_id!r}")
-            decisions = connection.execute(
-                select(d.hospital_id, d.decision, d.reasons, d.eligible_records, d.decided_at, d.late)
-                .where(d.study_id == study_id).order_by(d.hospital_id)).mappings().all()
-        out = dict(row)
-        out["decisions"] = [dict(x) for x in decisions]
+            rows = connection.execute(_STUDY_VIEW, {"study_id": study_id}).all()
+        if not rows or (principal.role == Role.RESEARCHER
+                        and rows[0].organisation_id != principal.organisation_id):
+            # Same answer as a missing study: no probing of other organisations' ids.
+            raise problems.not_found(f"study {study_id!r}")
+        first = rows[0]
+        out = {name: getattr(first, name) for name in self._STUDY_COLUMNS}
+        out["rounds_completed"] = first.rounds_completed
+        decisions = [{"hospital_id": r.hospital_id, "decision": r.decision, "reasons": r.reasons,
+                      "eligible_records": r.eligible_records, "decided_at": r.decided_at,
+                      "late": r.late} for r in rows if r.hospital_id is not None]
+        out["decisions"] = decisions
         # approvals/refusals: the decisions that counted for the start; late ones are listed
         # (with their reasons) but changed nothing.
         out["approvals"] = sum(x["decision"] == DecisionKind.APPROVE and not x["late"] for x in decisions)
@@ -932,3 +944,6 @@ def _receipt_row(study_id: str, hospital_id: str, entry: Entry, index: int) -> R
                    commitment=str(payload.get("commitment", ""))[:128], entry=entry.to_json(),
                    entry_index=index)
 
+
+
+_STUDY_VIEW = _study_view_statement()

@@ -113,10 +113,10 @@ class World:
 def make_world(db_url: str, tmp_path: Path, **config: Any) -> Iterator[World]:
     hospitals = {name: Signer.generate() for name in ("h-one", "h-two", "h-three", "h-four")}
     runner = ScriptedRunner(hospital_keys=hospitals, records={"h-one": 120, "h-two": 90, "h-three": 13})
+    config.setdefault("access_log", False)
     cfg = AppConfig(database_url=db_url, operator_key_file=tmp_path / "keys" / "operator.key",
                     log_key_file=tmp_path / "keys" / "log.key",
-                    coordinator_key_file=tmp_path / "keys" / "coordinator.key", access_log=False,
-                    **config)
+                    coordinator_key_file=tmp_path / "keys" / "coordinator.key", **config)
     runtime = build_runtime(cfg, runner)
     c = runtime.coordinator
     _op, op_token = c.issue_api_key(ApiKeyCreate(role="operator", label="root operator"))
