@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import threading
 from collections import OrderedDict
@@ -29,8 +30,40 @@ class SignatureInvalidError(Exception):
     """A signature did not verify against the expected key."""
 
 
+_C_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                             allow_nan=False).encode
+_MAX_SAFE_INTEGER = 2**53 - 1
+
+
+def _plain(value: Any) -> bool:
+    """True if `value` holds only str keys, strings, bools, None and integers within 2**53."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER
+    if kind is dict:
+        return all(type(k) is str and _plain(v) for k, v in value.items())
+    if kind is list:
+        return all(_plain(v) for v in value)
+    return False  # floats, tuples, subclasses...: let rfc8785 decide
+
+
 def canonical(value: Any) -> bytes:
-    """RFC 8785 canonical JSON. Integers must stay within +-2**53 (I-JSON)."""
+    r"""RFC 8785 canonical JSON. Integers must stay within +-2**53 (I-JSON).
+
+    Through the C JSON encoder when that is provably the same bytes, else the rfc8785 package
+    (pure Python, ~3x slower: it was a tenth of a study submission's cost). For ASCII text
+    without floats (integers within 2**53 only), RFC 8785 equals `json.dumps(sort_keys=True,
+    separators=(",", ":"), ensure_ascii=False)`: the same escapes (\b \t \n \f \r, other
+    controls as lowercase \u00xx, only '"' and '\\' besides), and sorting ASCII keys by code
+    point equals sorting by UTF-16 code unit. tests/audit/test_store.py checks the two agree
+    (hypothesis) against `rfc8785.dumps`.
+    """
+    if _plain(value):
+        text = _C_ENCODE(value)
+        if text.isascii():
+            return text.encode("ascii")
     return rfc8785.dumps(value)
 
 

@@ -65,14 +65,14 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    and_,
+    bindparam,
     create_engine,
     event,
     func,
     inspect,
-    or_,
     select,
     text,
+    tuple_,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
@@ -496,16 +496,27 @@ class _DictSource:
                                     f"is missing") from None
 
 
+# Statements built once (bind parameters; `expanding` lists), not per call: building and
+# cache-keying a SQLAlchemy construct costs more than executing it on these small lookups,
+# several times per append_in (docs/benchmarks/api.md).
+_n, _e = audit_tree_nodes.c, audit_entries.c
+_NODES_AT = select(_n.level, _n.idx, _n.hash).where(
+    tuple_(_n.level, _n.idx).in_(bindparam("coordinates", expanding=True)))
+_SIZE = select(func.max(_e.idx))
+_LEAVES_PAGE = (select(_e.idx, _e.leaf).where(_e.idx >= bindparam("start"), _e.idx < bindparam("stop"))
+                .order_by(_e.idx).limit(_READ_PAGE))
+_KEY_LEAVES_PAGE = (select(_e.idx, _e.leaf)
+                    .where(_e.idx >= bindparam("start"), _e.idx < bindparam("stop"),
+                           _e.kind.in_(bindparam("kinds", expanding=True)))
+                    .order_by(_e.idx).limit(_READ_PAGE))
+_INDEXES_OF = select(_e.leaf_hash, _e.idx).where(_e.leaf_hash.in_(bindparam("hashes", expanding=True)))
+
+
 def _fetch_nodes(connection: Connection, wanted: Iterable[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-    by_level: dict[int, set[int]] = {}
-    for level, index in wanted:
-        by_level.setdefault(level, set()).add(index)
-    if not by_level:
+    coordinates = sorted(set(wanted))
+    if not coordinates:
         return {}
-    n = audit_tree_nodes.c
-    condition = or_(*(and_(n.level == level, n.idx.in_(sorted(indexes)))
-                      for level, indexes in by_level.items()))
-    rows = connection.execute(select(n.level, n.idx, n.hash).where(condition))
+    rows = connection.execute(_NODES_AT, {"coordinates": coordinates})
     return {(row.level, row.idx): bytes(row.hash) for row in rows}
 
 
@@ -558,7 +569,7 @@ def entry_from_leaf(leaf: bytes) -> Entry:
 
 
 def _size(connection: Connection) -> int:
-    top = connection.execute(select(func.max(audit_entries.c.idx))).scalar_one()
+    top = connection.execute(_SIZE).scalar_one()
     return 0 if top is None else int(top) + 1
 
 
@@ -566,13 +577,13 @@ def _iter_leaves(connection: Connection, start: int, stop: int,
                  kinds: frozenset[str] | None = None) -> Iterator[tuple[int, bytes]]:
     """(index, leaf) for start <= index < stop, in order; only `kinds` if given (uses the kind
     index: opening a long log reads its few key entries, not all of it). Keyset pages."""
-    e = audit_entries.c
     position = start
     while position < stop:
-        query = select(e.idx, e.leaf).where(e.idx >= position, e.idx < stop)
-        if kinds is not None:
-            query = query.where(e.kind.in_(sorted(kinds)))
-        rows = connection.execute(query.order_by(e.idx).limit(_READ_PAGE)).all()
+        if kinds is None:
+            rows = connection.execute(_LEAVES_PAGE, {"start": position, "stop": stop}).all()
+        else:
+            rows = connection.execute(_KEY_LEAVES_PAGE, {"start": position, "stop": stop,
+                                                         "kinds": sorted(kinds)}).all()
         for row in rows:
             yield int(row.idx), bytes(row.leaf)
         if len(rows) < _READ_PAGE:
@@ -828,11 +839,10 @@ def _sqlite_insert_sql(table: str, columns: tuple[str, ...], count: int) -> str:
 
 def _stored_indexes(connection: Connection, hashes: Sequence[bytes]) -> dict[bytes, int]:
     """Which of these leaf hashes are already in the log, and at which index."""
-    e = audit_entries.c
     found: dict[bytes, int] = {}
     for start in range(0, len(hashes), _READ_PAGE):
-        chunk = hashes[start:start + _READ_PAGE]
-        for row in connection.execute(select(e.leaf_hash, e.idx).where(e.leaf_hash.in_(chunk))):
+        chunk = list(hashes[start:start + _READ_PAGE])
+        for row in connection.execute(_INDEXES_OF, {"hashes": chunk}):
             found[bytes(row.leaf_hash)] = int(row.idx)
     return found
 
@@ -852,41 +862,6 @@ def _check_unique(request: _Request, start: int, seen: Mapping[bytes, int]) -> N
 
 
 # -- the log -----------------------------------------------------------------------------------
-
-
-_C_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                             allow_nan=False).encode
-_MAX_SAFE_INTEGER = 2**53 - 1
-
-
-def _plain(value: Any) -> bool:
-    """True if `value` holds only str keys, strings, bools, None and integers within 2**53."""
-    kind = type(value)
-    if kind is str or kind is bool or value is None:
-        return True
-    if kind is int:
-        return -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER
-    if kind is dict:
-        return all(type(k) is str and _plain(v) for k, v in value.items())
-    if kind is list:
-        return all(_plain(v) for v in value)
-    return False  # floats, tuples, subclasses...: let rfc8785 decide
-
-
-def fast_canonical(value: Any) -> bytes:
-    r"""RFC 8785 encoding, through the C JSON encoder when that is provably the same bytes.
-
-    For ASCII text without floats (integers within 2**53 only), RFC 8785 equals
-    `json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False)`: the same escapes
-    (\b \t \n \f \r, other controls as lowercase \u00xx, only '"' and '\\' besides), and
-    sorting ASCII keys by code point equals sorting by UTF-16 code unit. Anything else goes
-    through the rfc8785 package. (tests/audit/test_store.py checks the two agree.)
-    """
-    if _plain(value):
-        text = _C_ENCODE(value)
-        if text.isascii():
-            return text.encode("ascii")
-    return canonical(value)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1116,7 +1091,7 @@ class AuditLog:
             else:
                 raise MalformedEntryError(f"entry: expected audit.entry.Entry or a JSON object, "
                                           f"got {type(entry).__name__}")
-            leaf = fast_canonical(parsed.to_json())
+            leaf = canonical(parsed.to_json())
             # Refused here, one entry at a time, rather than by the database for a whole group.
             for name, limit in (("kind", _KIND_CHARS), ("key_id", _KEY_ID_CHARS)):
                 value = getattr(parsed, name)
