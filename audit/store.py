@@ -65,14 +65,15 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    and_,
     bindparam,
     create_engine,
     event,
     func,
     inspect,
+    or_,
     select,
     text,
-    tuple_,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
@@ -500,8 +501,6 @@ class _DictSource:
 # cache-keying a SQLAlchemy construct costs more than executing it on these small lookups,
 # several times per append_in (docs/benchmarks/api.md).
 _n, _e = audit_tree_nodes.c, audit_entries.c
-_NODES_AT = select(_n.level, _n.idx, _n.hash).where(
-    tuple_(_n.level, _n.idx).in_(bindparam("coordinates", expanding=True)))
 _SIZE = select(func.max(_e.idx))
 _LEAVES_PAGE = (select(_e.idx, _e.leaf).where(_e.idx >= bindparam("start"), _e.idx < bindparam("stop"))
                 .order_by(_e.idx).limit(_READ_PAGE))
@@ -512,12 +511,28 @@ _KEY_LEAVES_PAGE = (select(_e.idx, _e.leaf)
 _INDEXES_OF = select(_e.leaf_hash, _e.idx).where(_e.leaf_hash.in_(bindparam("hashes", expanding=True)))
 
 
+@functools.lru_cache(maxsize=128)
+def _nodes_at(count: int) -> Any:
+    """SELECT the nodes at `count` (level, idx) pairs: `(level = :l0 AND idx = :i0) OR ...`, an
+    index look-up per pair on both databases. (A row-value `(level, idx) IN (VALUES ...)` made
+    SQLite scan the whole table: ~1 ms at 10k nodes instead of ~25 us.)"""
+    return select(_n.level, _n.idx, _n.hash).where(or_(*(
+        and_(_n.level == bindparam(f"l{i}"), _n.idx == bindparam(f"i{i}")) for i in range(count))))
+
+
 def _fetch_nodes(connection: Connection, wanted: Iterable[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
     coordinates = sorted(set(wanted))
     if not coordinates:
         return {}
-    rows = connection.execute(_NODES_AT, {"coordinates": coordinates})
-    return {(row.level, row.idx): bytes(row.hash) for row in rows}
+    found: dict[tuple[int, int], bytes] = {}
+    for start in range(0, len(coordinates), 64):  # a proof wants ~2 log2(n) nodes at most
+        chunk = coordinates[start:start + 64]
+        parameters: dict[str, int] = {}
+        for i, (level, index) in enumerate(chunk):
+            parameters[f"l{i}"], parameters[f"i{i}"] = level, index
+        for row in connection.execute(_nodes_at(len(chunk)), parameters):
+            found[(row.level, row.idx)] = bytes(row.hash)
+    return found
 
 
 def _with_nodes(connection: Connection, algorithm: Callable[[merkle.NodeSource], T]) -> T:
