@@ -14,18 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import swagger_ui_bundle
-from litestar import Litestar, Request, get
+from litestar import Litestar, get
 from litestar.config.response_cache import ResponseCacheConfig
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware import DefineMiddleware
-from litestar.middleware.rate_limit import RateLimitConfig, RateLimitMiddleware
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusController
 from litestar.plugins.pydantic import PydanticPlugin
 from litestar.static_files import create_static_files_router
-from litestar.types import Receive, Scope, Send
+from litestar.types import Scope
 from prometheus_client import Counter
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import make_url
@@ -36,6 +35,7 @@ from audit.store import AuditLog, record_trust
 from exchange.coordinator import problems, routes, vocabulary
 from exchange.coordinator.auditing import forget_transactions
 from exchange.coordinator.observability import ObservabilityMiddleware
+from exchange.coordinator.rate_limit import FixedWindowRateLimitMiddleware
 from exchange.coordinator.runner import StudyRunner
 from exchange.coordinator.services import Coordinator, Terms
 from exchange.db import migrate
@@ -173,31 +173,16 @@ def build_runtime(config: AppConfig, runner: StudyRunner) -> Runtime:
     return Runtime(config, read_engine, write_engine, audit_log, coordinator, trust)
 
 
-class _HandlerRateLimitMiddleware(RateLimitMiddleware):
-    """Litestar's rate limit, entered only by the handlers marked `opt={"rate_limited": True}`.
-
-    Why: the stock middleware builds a Request and awaits the throttle check on every request
-    of every route; here the others pass straight through on one dict look-up.
-    """
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = scope.get("route_handler")
-        if handler is None or not handler.opt.get("rate_limited"):
-            await self.app(scope, receive, send)
-            return
-        await super().__call__(scope, receive, send)
-
-
-def _rate_limit_identifier(request: Request[Any, Any, Any]) -> str:
-    token = request.headers.get("x-api-key") or request.headers.get("authorization") or ""
+def _rate_limit_identifier(scope: Scope) -> str:
+    """The caller a rate-limit window belongs to: the API key's public prefix, else the client
+    address (hospitals sign their requests and are few; researchers' keys are per person)."""
+    headers = dict(scope.get("headers", ()))
+    token = (headers.get(b"x-api-key") or headers.get(b"authorization") or b"").decode("latin-1")
     parts = token.replace("Bearer ", "").split("_")
     if len(parts) >= 3 and parts[0] == "hx":
         return f"key:{parts[1]}"
-    return f"ip:{request.client.host if request.client else 'unknown'}"
-
-
-def _throttled(request: Request[Any, Any, Any]) -> bool:
-    return bool(request.route_handler.opt.get("rate_limited"))
+    client = scope.get("client")
+    return f"ip:{client[0] if client else 'unknown'}"
 
 
 class MetricsController(PrometheusController):
@@ -232,14 +217,10 @@ def create_app(runtime: Runtime, *, debug: bool = False,
     static = create_static_files_router(path="/static/swagger",
                                         directories=[Path(str(swagger_ui_bundle.swagger_ui_path))],
                                         include_in_schema=False, send_as_attachment=False)
-    rate_limit = RateLimitConfig(rate_limit=("minute", config.rate_limit_per_minute),
-                                 check_throttle_handler=_throttled,
-                                 identifier_for_request=_rate_limit_identifier,
-                                 exclude=["/health", "/metrics", "/schema"],
-                                 middleware_class=_HandlerRateLimitMiddleware)
     middleware: list[Any] = [
         DefineMiddleware(ObservabilityMiddleware, access_log_enabled=config.access_log),
-        rate_limit.middleware]
+        DefineMiddleware(FixedWindowRateLimitMiddleware, limit=config.rate_limit_per_minute,
+                         window_s=60, identify=_rate_limit_identifier)]
     app = Litestar(
         route_handlers=[routes.RegistryController, routes.StudyController, routes.HospitalController,
                         routes.AuditController, routes.health, MetricsController, static, _docs_redirect],

@@ -16,17 +16,35 @@ def limited(sqlite_url: str, tmp_path: Path) -> Iterator[World]:
 
 
 def test_submissions_are_rate_limited(limited: World) -> None:
-    codes = [limited.as_("alice", "POST", "/v1/studies", json=study_body(token_budget=1)).status_code
-             for _ in range(3)]
-    assert codes == [201, 201, 201]
+    answers = [limited.as_("alice", "POST", "/v1/studies", json=study_body(token_budget=1))
+               for _ in range(3)]
+    assert [a.status_code for a in answers] == [201, 201, 201]
+    assert [a.headers["RateLimit-Remaining"] for a in answers] == ["2", "1", "0"]
+    assert answers[0].headers["RateLimit-Limit"] == "3"
+    assert answers[0].headers["RateLimit-Policy"] == "3; w=60"
+    assert 0 < int(answers[0].headers["RateLimit-Reset"]) <= 60
     size = limited.runtime.audit_log.size()
     response = limited.as_("alice", "POST", "/v1/studies", json=study_body(token_budget=1))
     assert response.status_code == 429
     assert response.headers["content-type"].startswith("application/problem+json")
+    assert 0 < int(response.headers["Retry-After"]) <= 60
     assert limited.runtime.audit_log.size() == size
     # Per key: another researcher is not throttled by alice's submissions, and reads never are.
     assert limited.as_("bob", "POST", "/v1/studies", json=study_body(token_budget=1)).status_code == 201
-    assert all(limited.as_("alice", "GET", "/v1/studies").status_code == 200 for _ in range(5))
+    reads = [limited.as_("alice", "GET", "/v1/studies") for _ in range(5)]
+    assert all(r.status_code == 200 and "RateLimit-Limit" not in r.headers for r in reads)
+
+
+def test_the_window_resets(limited: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    import exchange.coordinator.rate_limit as rate_limit
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(rate_limit, "_epoch_seconds", lambda: clock[0])
+    codes = [limited.as_("anna", "POST", "/v1/studies", json=study_body(token_budget=1)).status_code
+             for _ in range(4)]
+    assert codes == [201, 201, 201, 429]
+    clock[0] += 60  # the next window
+    assert limited.as_("anna", "POST", "/v1/studies", json=study_body(token_budget=1)).status_code == 201
 
 
 def test_configured_body_limit(limited: World) -> None:
