@@ -193,6 +193,7 @@ class Coordinator:
         # token SHA-256 -> (principal, monotonic expiry). A revocation in this process clears it
         # at once; one made by another process (exchange admin) takes effect within the TTL.
         self._key_cache: dict[str, tuple[Principal, float]] = {}
+        self._organisations: dict[str, Organisation] = {}  # immutable rows (see _organisation)
         self.key_cache_ttl = 2.0
         self._batcher = GroupCommit(self.write_engine)
         # Balances, escrows and payout terms: the auditor's fold of the log (audit.ledger).
@@ -466,32 +467,22 @@ class Coordinator:
     def submit_study(self, principal: Principal, data: StudyCreate) -> Study:
         """Submit with escrow. Concurrent submissions share one commit (group commit): each
         runs in its own savepoint, so one refusal rolls back only itself, and none is
-        acknowledged before the shared commit is durable."""
-        study = self._batcher.run(lambda session: self._submit_in(session, principal, data))
-        self.on_change("study.submit")
-        return study
+        acknowledged before the shared commit is durable.
 
-    def _submit_in(self, session: Session, principal: Principal, data: StudyCreate) -> Study:
+        Only what depends on the log's state runs in the shared, serialised writer: the balance
+        check, the append (with its ledger fold) and the study row. The checks of the request
+        itself and the signing of both entries run first, in the caller's thread, concurrently
+        with the writer's commits (their content does not depend on the log: a study id, the
+        organisation, the spec, the budget, the payout terms)."""
         assert principal.organisation_id is not None
-        account = f"org:{principal.organisation_id}"
+        org = self._organisation(principal.organisation_id)
+        account = f"org:{org.id}"
         study_id = f"st-{uuid.uuid4().hex[:20]}"
-        royalty = (self.terms.royalties or {}).get(data.template)
         spec = data.model_dump(mode="json")
-        ledger = self._ledger(session)
-        org = session.get(Organisation, principal.organisation_id)
-        if org is None:
-            raise problems.forbidden("the caller's organisation does not exist")
         self._check_federated_spec(study_id, spec, org, principal, data)
-        # A first check for a clear answer; the escrow entry's fold (in _append, under the
-        # log's write lock) is the one that counts if another escrow raced this one.
-        available = ledger.balance(account)
-        if data.token_budget > available:
-            raise problems.unprocessable([{"field": "token_budget", "reason":
-                                           f"token budget {data.token_budget} exceeds the "
-                                           f"organisation's balance {available}"}])
+        royalty = (self.terms.royalties or {}).get(data.template)
         public_spec = {k: v for k, v in spec.items() if k != "token_budget"}
-        indexes = self._append(
-            session,
+        entries = (
             self._sign("study.submit", {"study_id": study_id, "organisation": account,
                                         "region": org.region, "spec": public_spec}),
             self._sign("study.escrow", {
@@ -499,14 +490,43 @@ class Coordinator:
                 "royalty_account": royalty[0] if royalty else None,
                 "royalty_bps": royalty[1] if royalty else 0,
                 "forward_bps": self.terms.forward_bps}))
+        study = self._batcher.run(
+            lambda session: self._submit_in(session, principal, data, study_id=study_id, spec=spec,
+                                            entries=entries))
+        self.on_change("study.submit")
+        return study
+
+    def _organisation(self, organisation_id: str) -> Organisation:
+        """An organisation, from memory once read: organisations are only ever created (no
+        update or delete path exists), so a cached row cannot go stale."""
+        cached = self._organisations.get(organisation_id)
+        if cached is None:
+            with self.read() as session:
+                cached = session.get(Organisation, organisation_id)
+            if cached is None:
+                raise problems.forbidden("the caller's organisation does not exist")
+            self._organisations[organisation_id] = cached
+        return cached
+
+    def _submit_in(self, session: Session, principal: Principal, data: StudyCreate, *,
+                   study_id: str, spec: dict[str, Any], entries: tuple[Entry, Entry]) -> Study:
+        account = f"org:{principal.organisation_id}"
+        # A first check for a clear answer; the escrow entry's fold (in _append, under the
+        # log's write lock) is the one that counts if another escrow raced this one.
+        available = self._ledger(session).balance(account)
+        if data.token_budget > available:
+            raise problems.unprocessable([{"field": "token_budget", "reason":
+                                           f"token budget {data.token_budget} exceeds the "
+                                           f"organisation's balance {available}"}])
+        indexes = self._append(session, *entries)
         # The row is inserted after the append, with the entry index it records: one INSERT
         # instead of INSERT + UPDATE. Same transaction (savepoint), so a failure of either
         # still rolls back both.
-        study = Study(id=study_id, organisation_id=org.id, researcher_id=principal.researcher_id,
-                      title=data.title, status=StudyStatus.SUBMITTED, spec=spec,
-                      token_budget=data.token_budget, min_hospitals=data.min_hospitals,
-                      rounds_planned=data.rounds, submitted_at=now(),
-                      submit_entry_index=indexes[0])
+        study = Study(id=study_id, organisation_id=principal.organisation_id,
+                      researcher_id=principal.researcher_id, title=data.title,
+                      status=StudyStatus.SUBMITTED, spec=spec, token_budget=data.token_budget,
+                      min_hospitals=data.min_hospitals, rounds_planned=data.rounds,
+                      submitted_at=now(), submit_entry_index=indexes[0])
         session.add(study)
         session.flush()
         return study
