@@ -98,6 +98,7 @@ class Runtime:
     trust: Trust
 
     def close(self) -> None:
+        self.coordinator.close()
         self.audit_log.close()
         self.read_engine.dispose()
         self.write_engine.dispose()

@@ -208,13 +208,16 @@ class StudyController(Controller):
     dependencies = DEPENDENCIES
     security = API_KEY_AUTH
 
-    @post("/", sync_to_thread=True, responses=PROBLEMS,
+    @post("/", responses=PROBLEMS,
           status_code=201, summary="Submit a study (escrows its budget)",
           opt={"rate_limited": True},
           exception_handlers={ValidationException: _study_problem_handler})
-    def submit(self, principal: Principal, coordinator: Coordinator, data: StudyCreate) -> StudyOut:
+    async def submit(self, principal: Principal, coordinator: Coordinator,
+                     data: StudyCreate) -> StudyOut:
+        # async: the write is awaited on the coordinator's writer thread, so a submission in
+        # flight holds no worker thread (see services.GroupCommit).
         allow(principal, Role.RESEARCHER)
-        study = coordinator.submit_study(principal, data)
+        study = await coordinator.submit_study_async(principal, data)
         return StudyOut.model_validate(coordinator.submitted_view(study))
 
     @get("/", sync_to_thread=True, responses=PROBLEMS,
