@@ -228,5 +228,12 @@ def forget_transactions(engine: Engine) -> None:
         connection.info.pop(_FORK, None)
         connection.info.pop(_FIRST_APPEND, None)
 
+    def _forget_fork(connection: Connection, _name: object, _context: object) -> None:
+        # A rolled-back savepoint removed rows the copy may have folded; rows appended later
+        # at the same indexes would look "already folded" by size alone. (The append mark
+        # stays: the rows below it are still committed ones.)
+        connection.info.pop(_FORK, None)
+
     event.listen(engine, "commit", _clear)
     event.listen(engine, "rollback", _clear)
+    event.listen(engine, "rollback_savepoint", _forget_fork)

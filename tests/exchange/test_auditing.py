@@ -171,3 +171,62 @@ def test_a_ledger_fork_is_independent_of_the_shared_fold(sqlite_world: World) ->
     with pytest.raises(LedgerFoldError) as refused:  # a ledger rule, named with its index
         _fold(fork, [(size + 1, receipt(world.hospitals["h-one"], "h-one", sid, 1, 40))])
     assert isinstance(refused.value.error, LedgerError) and "already has a receipt" in str(refused.value)
+
+
+def test_a_rolled_back_savepoint_leaves_no_trace_in_the_transactions_ledger(
+        sqlite_world: World) -> None:
+    """Group commit: submission A appends its escrow, then fails inside its savepoint; B, in the
+    same transaction, appends as many entries at the same indexes. B's balance check and escrow
+    fold must see the log as it is (B's escrow, not A's): a rolled-back savepoint drops the
+    transaction's ledger copy."""
+    from concurrent.futures import Future
+
+    from exchange.coordinator.schemas import StudyCreate
+    from tests.exchange.conftest import study_body
+
+    world = sqlite_world
+    coordinator = world.runtime.coordinator
+    principal = coordinator.authenticate_api_key(world.keys["bob"])  # globex: 5,000 tokens
+    assert principal is not None
+    org = coordinator._organisation(principal)
+    write_a = coordinator._prepare_submission(
+        principal, StudyCreate.model_validate(study_body(token_budget=1_000)), org)
+    write_b = coordinator._prepare_submission(
+        principal, StudyCreate.model_validate(study_body(token_budget=4_500)), org)
+
+    def failing_after_append(session: object) -> object:
+        write_a(session)  # type: ignore[arg-type]
+        raise RuntimeError("disk trouble after the append")
+
+    size = world.runtime.audit_log.size()
+    a: Future[object] = Future()
+    b: Future[object] = Future()
+    coordinator._batcher._commit([(failing_after_append, a), (write_b, b)])
+    with pytest.raises(RuntimeError, match="disk trouble"):
+        a.result()
+    study_b = b.result()  # 4,500 <= 5,000: A's rolled-back 1,000 must not count
+    assert world.runtime.audit_log.size() == size + 2
+    with coordinator.read_engine.connect() as connection:  # the committed fold: B's escrow
+        assert coordinator.ledger.balance(connection, "org:globex") == 500
+    response = world.as_("bob", "GET", f"/v1/studies/{study_b.id}")  # type: ignore[attr-defined]
+    assert response.status_code == 200
+
+
+def test_rows_re_appended_after_a_savepoint_rollback_are_folded(sqlite_world: World) -> None:
+    """The same indexes, other rows: after a savepoint rollback the transaction's ledger copy is
+    rebuilt, not trusted by its size."""
+    coordinator = sqlite_world.runtime.coordinator
+    before = coordinator.balances(["org:clinics"])["balances"].get("org:clinics", 0)
+    with coordinator.write() as session:
+        try:
+            with session.begin_nested():
+                coordinator._append(session, coordinator._sign(
+                    "token.mint", {"account": "org:clinics", "amount": 7}, operator=True))
+                raise RuntimeError("roll this savepoint back")
+        except RuntimeError:
+            pass
+        coordinator._append(session, coordinator._sign(
+            "token.mint", {"account": "org:clinics", "amount": 11}, operator=True))
+        ledger = coordinator.ledger.in_transaction(session.connection())
+        assert ledger.balance("org:clinics") == before + 11
+    assert coordinator.balances(["org:clinics"])["balances"]["org:clinics"] == before + 11
