@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,38 +35,100 @@ class SignatureInvalidError(Exception):
 _C_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                              allow_nan=False).encode
 _MAX_SAFE_INTEGER = 2**53 - 1
+# A float's placeholder in the C encoder's output: a string that starts with NUL (encoded as
+# \u0000), which no input string may start with on this path (such input takes rfc8785's).
+_FLOAT_SLOT = re.compile(r'"\\u0000(\d+)"')
 
 
-def _plain(value: Any) -> bool:
-    """True if `value` holds only str keys, strings, bools, None and integers within 2**53."""
+class _NotPlainError(Exception):
+    """Internal: the value needs the rfc8785 package (non-finite float, odd type, NUL text)."""
+
+
+def ecmascript_number(value: float) -> str:
+    """A finite float as ECMAScript's Number::toString writes it (ECMA-262 7.1.12.1), which
+    RFC 8785 prescribes: the shortest round-tripping digits (those of Python's repr), placed
+    as plain digits for exponents in (-7, 21], else as d.ddde+/-x; "-0" is "0"."""
+    if value == 0:
+        return "0"
+    if value < 0:
+        return "-" + ecmascript_number(-value)
+    mantissa, _, exponent = repr(value).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    shift = int(exponent) if exponent else 0
+    if whole == "0":  # 0.000ddd: the digits start after the leading zeros of the fraction
+        digits = fraction.lstrip("0")
+        point = shift - (len(fraction) - len(digits))
+    else:
+        digits = whole + fraction
+        point = len(whole) + shift  # value = 0.digits * 10**point
+    digits = digits.rstrip("0") or "0"
+    if len(digits) <= point <= 21:
+        return digits + "0" * (point - len(digits))
+    if 0 < point <= 21:
+        return digits[:point] + "." + digits[point:]
+    if -6 < point <= 0:
+        return "0." + "0" * -point + digits
+    power = point - 1
+    head = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+    return f"{head}e{'+' if power >= 0 else '-'}{abs(power)}"
+
+
+def _plain(value: Any, floats: list[str]) -> Any:
+    """`value` for the C encoder: floats replaced by numbered placeholders (their ECMAScript
+    text collected in `floats`). Raises _NotPlainError for anything the C encoder cannot write
+    exactly as RFC 8785 does: integers beyond 2**53, non-finite floats, non-str keys, other
+    types, text starting with NUL (the placeholder's mark)."""
     kind = type(value)
-    if kind is str or kind is bool or value is None:
-        return True
+    if kind is str:
+        if value.startswith("\x00"):
+            raise _NotPlainError
+        return value
+    if kind is bool or value is None:
+        return value
     if kind is int:
-        return -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER
+        if -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER:
+            return value
+        raise _NotPlainError
+    if kind is float:
+        if not math.isfinite(value):
+            raise _NotPlainError
+        floats.append(ecmascript_number(value))
+        return f"\x00{len(floats) - 1}"
     if kind is dict:
-        return all(type(k) is str and _plain(v) for k, v in value.items())
+        out = {}
+        for key, item in value.items():
+            if type(key) is not str or key.startswith("\x00"):
+                raise _NotPlainError
+            out[key] = _plain(item, floats)
+        return out
     if kind is list:
-        return all(_plain(v) for v in value)
-    return False  # floats, tuples, subclasses...: let rfc8785 decide
+        return [_plain(item, floats) for item in value]
+    raise _NotPlainError  # tuples, subclasses, other types: let rfc8785 decide
 
 
 def canonical(value: Any) -> bytes:
     r"""RFC 8785 canonical JSON. Integers must stay within +-2**53 (I-JSON).
 
     Through the C JSON encoder when that is provably the same bytes, else the rfc8785 package
-    (pure Python, ~3x slower: it was a tenth of a study submission's cost). For ASCII text
-    without floats (integers within 2**53 only), RFC 8785 equals `json.dumps(sort_keys=True,
-    separators=(",", ":"), ensure_ascii=False)`: the same escapes (\b \t \n \f \r, other
-    controls as lowercase \u00xx, only '"' and '\\' besides), and sorting ASCII keys by code
-    point equals sorting by UTF-16 code unit. tests/audit/test_store.py checks the two agree
-    (hypothesis) against `rfc8785.dumps`.
+    (pure Python, 3-10x slower: it was a tenth of a study submission's cost). For ASCII text,
+    RFC 8785 equals `json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False)`:
+    the same escapes (\b \t \n \f \r, other controls as lowercase \u00xx, only '"' and '\\'
+    besides), and sorting ASCII keys by code point equals sorting by UTF-16 code unit. Floats
+    are the exception (Python writes 1e-05 and 3.0, ECMAScript 0.00001 and 3): each is encoded
+    as a placeholder string, then replaced by `ecmascript_number`'s text. tests/audit checks
+    the result against `rfc8785.dumps` (hypothesis), refusals included.
     """
-    if _plain(value):
-        text = _C_ENCODE(value)
-        if text.isascii():
-            return text.encode("ascii")
-    return rfc8785.dumps(value)
+    floats: list[str] = []
+    try:
+        prepared = _plain(value, floats)
+    except _NotPlainError:
+        return rfc8785.dumps(value)
+    text = _C_ENCODE(prepared)
+    if not text.isascii():
+        return rfc8785.dumps(value)
+    if floats:
+        text = _FLOAT_SLOT.sub(lambda slot: floats[int(slot.group(1))], text)
+    return text.encode("ascii")
 
 
 def sha256_hex(data: bytes) -> str:

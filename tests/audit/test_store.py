@@ -402,3 +402,21 @@ def test_postgres_connection_loss_is_not_acknowledged_and_the_log_recovers(
         assert log.size() == 2
         verify_storage(engine, keys.operator.public_key)
     engine.dispose()
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_floats_are_written_as_ecmascript_numbers(value: float) -> None:
+    assert canonical({"x": [value]}) == rfc8785.dumps({"x": [value]})
+
+
+@pytest.mark.parametrize("value", [0.0, -0.0, 3.0, 1e-5, 1e-6, 1e-7, 1.5e-7, 0.1, 123.456, 1e16,
+                                   1e20, 1e21, 1e22, 2**53 + 0.0, 5e-324, 1.7976931348623157e308,
+                                   -2.5e-9, 100.0, 0.000123])
+def test_float_edges(value: float) -> None:
+    assert canonical([value, {"k": value}]) == rfc8785.dumps([value, {"k": value}])
+
+
+def test_text_that_looks_like_a_placeholder_is_kept() -> None:
+    for value in ({"a": "\x000", "b": 1.5}, {"\x000": 1.5}, ["x\x000", 2.5], ["\x00", 0.5]):
+        assert canonical(value) == rfc8785.dumps(value)  # type: ignore[arg-type]
