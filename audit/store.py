@@ -176,6 +176,9 @@ _READ_PAGE = 1000
 # connection.info key: (the transaction that called append_in, the log size before its first
 # append). Rows from that size on are this transaction's own, not committed.
 _APPEND_IN_MARK = "audit.store.append_in"
+# connection.info key: (transaction, log size, key ring, right edge of the tree) after that
+# transaction's latest append_in (see append_in).
+_APPEND_IN_STATE = "audit.store.append_in_state"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
@@ -1051,22 +1054,37 @@ class AuditLog:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
         size = _size(connection)
-        keyring = self._keyring_in(connection, size)
+        transaction = connection.get_transaction()
+        # The key state and the tree's right edge after this transaction's previous append_in,
+        # if the log is still exactly that long: every append of the transaction goes through
+        # here (and refreshes this), and a rolled-back savepoint only shortens the log, so an
+        # equal size means the same rows. Saves reading the key entries and the nodes again
+        # for each of a group commit's submissions.
+        state = connection.info.get(_APPEND_IN_STATE)
+        if state is not None and state[0] is transaction and state[1] == size:
+            keyring, frontier = state[2], state[3]
+        else:
+            keyring = self._keyring_in(connection, size)
+            frontier = _fetch_nodes(connection, _frontier_coordinates(size))
         request = _Request(prepared, Future())
         seen = _stored_indexes(connection, [p.leaf_hash for p in prepared])
         _check_unique(request, size, seen)
         keyring = self._check_request(keyring, request, size)
-        source = _DictSource(_fetch_nodes(connection, _frontier_coordinates(size)))
         hashes = [p.leaf_hash for p in prepared]
-        nodes = merkle.append_nodes(source, size, hashes)
+        nodes = merkle.append_nodes(_DictSource(frontier), size, hashes)
         indexes = list(range(size, size + len(prepared)))
         rows = [{"idx": index, "leaf": p.leaf, "leaf_hash": p.leaf_hash, "kind": p.entry.kind,
                  "key_id": p.entry.key_id, "time": p.entry.time}
                 for index, p in zip(indexes, prepared, strict=True)]
         _insert(connection, rows, nodes)
         marker = connection.info.get(_APPEND_IN_MARK)
-        if marker is None or marker[0] is not connection.get_transaction():
-            connection.info[_APPEND_IN_MARK] = (connection.get_transaction(), size)
+        if marker is None or marker[0] is not transaction:
+            connection.info[_APPEND_IN_MARK] = (transaction, size)
+        created = {(n.level, n.index): n.hash for n in nodes}
+        new_size = size + len(prepared)
+        connection.info[_APPEND_IN_STATE] = (transaction, new_size, keyring, {
+            coordinate: created.get(coordinate) or frontier[coordinate]
+            for coordinate in _frontier_coordinates(new_size)})
         return indexes
 
     def _keyring_in(self, connection: Connection, size: int) -> Keyring:

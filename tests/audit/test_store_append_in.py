@@ -158,3 +158,38 @@ def test_transactional_and_writer_appends_interleave(engine: Engine) -> None:
         assert sorted(acked) == list(range(1, 91))
         assert verify_with_auditor(log, keys).ok
     verify_storage(engine, keys.operator.public_key)
+
+
+def test_savepoint_rollbacks_between_appends_in_one_transaction(engine: Engine) -> None:
+    """A group commit's shape: several append_in calls in one transaction, some inside
+    savepoints that roll back (also with the same number of entries appended again at the same
+    indexes, and a key registered then rolled back). The tree and the key state each call works
+    from must be the log's as it is: the stored nodes match a tree rebuilt from the leaves, and
+    the auditor verifies it."""
+    keys = LogKeys.generate()
+    stranger = Signer.generate()
+    with keys.open(engine) as log:
+        with engine.begin() as connection:
+            log.append_in(connection, [register(keys.operator, keys.writer)])
+            log.append_in(connection, [note_entry(keys.writer, "sp", 0), note_entry(keys.writer, "sp", 1)])
+            for seq in range(2, 12, 2):
+                savepoint = connection.begin_nested()
+                log.append_in(connection, [register(keys.operator, stranger, owner=f"x:{seq}"),
+                                           note_entry(stranger, "gone", seq)])
+                savepoint.rollback()  # the registration went with it
+                with pytest.raises(EntryRefusedError, match="not registered"):
+                    nested = connection.begin_nested()
+                    try:
+                        log.append_in(connection, [note_entry(stranger, "gone", seq + 1)])
+                    finally:
+                        nested.rollback()
+                log.append_in(connection, [note_entry(keys.writer, "sp", seq),
+                                           note_entry(keys.writer, "sp", seq + 1)])
+        assert log.size() == 13
+        verify_storage(engine, keys.operator.public_key)
+        assert log.root() == memory_tree(stored_leaves(engine)).root()
+        report = verify_with_auditor(log, keys)
+        assert report.problem is None and report.entries == 13
+        # The writer thread continues from what append_in committed.
+        assert log.append(note_entry(keys.writer, "sp", 99)) == 13
+        verify_storage(engine, keys.operator.public_key)
