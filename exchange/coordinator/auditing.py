@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +131,11 @@ class _Fork:
     transaction: object
     ledger: Ledger
     size: int  # the log prefix folded into `ledger`, as this transaction sees the log
+    # True once it was brought level with the log right after this transaction's own append
+    # (which holds the log's write lock from then on): nobody else can append until the
+    # transaction ends, and a rolled-back savepoint (which may release PostgreSQL's lock)
+    # drops the copy. So it stays level without reading the log's size again.
+    level: bool = False
 
 
 class LedgerView:
@@ -193,18 +198,46 @@ class LedgerView:
         if marker is None or marker[0] is not transaction:
             connection.info[_FIRST_APPEND] = (transaction, first_index)
 
-    def in_transaction(self, connection: Connection) -> Ledger:
+    def has_copy(self, connection: Connection) -> bool:
+        """Whether this transaction holds a ledger copy (see in_transaction)."""
+        fork: _Fork | None = connection.info.get(_FORK)
+        return fork is not None and fork.transaction is connection.get_transaction()
+
+    def in_transaction(self, connection: Connection,
+                       appended: tuple[int, Sequence[Entry]] | None = None) -> Ledger:
         """The fold of the log as this transaction sees it, its own appends included.
+
+        `appended`: (first index, entries) this transaction has just appended. When its copy
+        already holds every row before them, they are folded as they are, without reading the
+        log's size and rows back: what append_in stored is exactly these entries, and a
+        rolled-back savepoint drops the copy (`forget_transactions`), so "the copy ends where
+        the append began" means nothing in between is unknown to it. Otherwise, the log as
+        the transaction sees it is read.
 
         The caller must not change the result. Raises LedgerFoldError if a row (typically one
         this transaction just appended) breaks a ledger rule: the caller must roll back.
         """
         transaction = connection.get_transaction()
+        fork: _Fork | None = connection.info.get(_FORK)
+        if appended is None and fork is not None and fork.transaction is transaction and fork.level:
+            return fork.ledger
+        if appended is not None and fork is not None and fork.transaction is transaction \
+                and fork.size == appended[0]:
+            first, entries = appended
+            try:
+                _fold(fork.ledger, [(first + offset, entry) for offset, entry in enumerate(entries)
+                                    if entry.kind in LEDGER_KINDS])
+            except LedgerFoldError:
+                connection.info.pop(_FORK, None)  # partly folded: never used again
+                raise
+            fork.size = first + len(entries)
+            fork.level = True
+            return fork.ledger
         size = log_size(connection)
         marker = connection.info.get(_FIRST_APPEND)
         committed = marker[1] if marker is not None and marker[0] is transaction else size
         self._advance(connection, committed)
-        fork: _Fork | None = connection.info.get(_FORK)
+        fork = connection.info.get(_FORK)
         if fork is None or fork.transaction is not transaction or fork.size > size:
             # No copy yet for this transaction, or a savepoint rolled back rows it had folded.
             with self._lock:
@@ -217,6 +250,8 @@ class LedgerView:
                 connection.info.pop(_FORK, None)  # partly folded: never used again
                 raise
             fork.size = size
+        if appended is not None:
+            fork.level = True  # read right after this transaction's own append (lock held)
         return fork.ledger
 
 

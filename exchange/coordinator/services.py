@@ -248,9 +248,10 @@ class Coordinator:
             raise problems.ProblemError(422, str(exc), kind="entry-refused") from exc
         if indexes:
             self.ledger.note_append(connection, indexes[0])
-        if any(entry.kind in LEDGER_KINDS for entry in entries):
+        if any(entry.kind in LEDGER_KINDS for entry in entries) or \
+                self.ledger.has_copy(connection):  # keep the copy level with the log
             try:
-                self.ledger.in_transaction(connection)
+                self.ledger.in_transaction(connection, (indexes[0], entries) if indexes else None)
             except LedgerFoldError as exc:
                 raise problems.ProblemError(422, f"the ledger refuses the entry: {exc}",
                                             kind="ledger-refused") from exc
