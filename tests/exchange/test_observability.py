@@ -71,3 +71,11 @@ def test_one_access_line_per_request_without_secrets(logged: World) -> None:
     assert all(e["duration_ms"] >= 0 for e in lines)
     flat = repr(lines)
     assert token not in flat and token.split("_")[2] not in flat and "secret" not in flat
+
+
+def test_start_up_objects_are_frozen_out_of_the_collector(logged: World) -> None:
+    """The app's start-up (torch, templates) is moved out of the GC's generations, so full
+    collections under load do not walk it again (a tail-latency stall otherwise)."""
+    import gc
+
+    assert gc.get_freeze_count() > 0
