@@ -120,7 +120,7 @@ def test_admin_serve_and_study_commands(tmp_path: Path) -> None:
         server.terminate()
         _, stderr = server.communicate(timeout=30)
     log = stderr.decode()
-    assert key not in log and key.split("_")[2] not in log
+    assert key not in log and key.split("_", 2)[2] not in log
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     requests_logged = [line for line in lines if line.get("event") == "http.request"]
     assert any(line["path"] == "/v1/studies" and line["status"] == 201 for line in requests_logged)
