@@ -67,7 +67,6 @@ API_KEY_PREFIX_BYTES = 6
 API_KEY_SECRET_BYTES = 32
 
 
-
 def _study_view_statement() -> Any:
     """GET /v1/studies/{id}'s statement, built once: see Coordinator.get_study."""
     t, d, r = Study.__table__.c, StudyDecision.__table__.c, StudyRound.__table__.c
@@ -80,6 +79,7 @@ def _study_view_statement() -> Any:
             .select_from(Study.__table__.outerjoin(StudyDecision.__table__, d.study_id == t.id))
             .where(t.id == bindparam("study_id"))
             .order_by(d.hospital_id))
+
 
 @dataclass(frozen=True)
 class Principal:
