@@ -71,9 +71,11 @@ from sqlalchemy import (
     event,
     func,
     inspect,
+    null,
     or_,
     select,
     text,
+    union_all,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
@@ -520,6 +522,32 @@ def _indexes_of(count: int) -> Any:
     """SELECT the index of each of `count` leaf hashes (:h0 ... :hN) that is in the log."""
     return select(_e.leaf_hash, _e.idx).where(
         _e.leaf_hash.in_([bindparam(f"h{i}") for i in range(count)]))
+
+
+@functools.lru_cache(maxsize=64)
+def _size_and_indexes_of(count: int) -> Any:
+    """The log's last index (the row with a NULL hash) and, in the same statement, the index of
+    each of `count` leaf hashes already in the log: one round trip instead of two per
+    append_in."""
+    return union_all(select(null().label("leaf_hash"), func.max(_e.idx).label("idx")),
+                     _indexes_of(count))
+
+
+def _size_and_stored_indexes(connection: Connection,
+                             hashes: Sequence[bytes]) -> tuple[int, dict[bytes, int]]:
+    """(log size, {leaf hash: index} for those of `hashes` already in the log)."""
+    if not hashes or len(hashes) > 64:
+        return _size(connection), _stored_indexes(connection, hashes)
+    size = 0
+    found: dict[bytes, int] = {}
+    rows = connection.execute(_size_and_indexes_of(len(hashes)),
+                              {f"h{i}": leaf_hash for i, leaf_hash in enumerate(hashes)})
+    for row in rows:
+        if row.leaf_hash is None:
+            size = 0 if row.idx is None else int(row.idx) + 1
+        else:
+            found[bytes(row.leaf_hash)] = int(row.idx)
+    return size, found
 
 
 @functools.lru_cache(maxsize=128)
@@ -1061,7 +1089,8 @@ class AuditLog:
             return []
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
-        size = _size(connection)
+        hashes = [p.leaf_hash for p in prepared]
+        size, seen = _size_and_stored_indexes(connection, hashes)
         transaction = connection.get_transaction()
         # The key state and the tree's right edge after this transaction's previous append_in,
         # if the log is still exactly that long: every append of the transaction goes through
@@ -1075,10 +1104,8 @@ class AuditLog:
             keyring = self._keyring_in(connection, size)
             frontier = _fetch_nodes(connection, _frontier_coordinates(size))
         request = _Request(prepared, Future())
-        seen = _stored_indexes(connection, [p.leaf_hash for p in prepared])
         _check_unique(request, size, seen)
         keyring = self._check_request(keyring, request, size)
-        hashes = [p.leaf_hash for p in prepared]
         nodes = merkle.append_nodes(_DictSource(frontier), size, hashes)
         indexes = list(range(size, size + len(prepared)))
         rows = [{"idx": index, "leaf": p.leaf, "leaf_hash": p.leaf_hash, "kind": p.entry.kind,
