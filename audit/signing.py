@@ -73,7 +73,7 @@ def ecmascript_number(value: float) -> str:
     return f"{head}e{'+' if power >= 0 else '-'}{abs(power)}"
 
 
-def _plain(value: Any, floats: list[str]) -> Any:
+def _c_encodable(value: Any, floats: list[str]) -> Any:
     """`value` for the C encoder: floats replaced by numbered placeholders (their ECMAScript
     text collected in `floats`). Raises _NotPlainError for anything the C encoder cannot write
     exactly as RFC 8785 does: integers beyond 2**53, non-finite floats, non-str keys, other
@@ -99,10 +99,10 @@ def _plain(value: Any, floats: list[str]) -> Any:
         for key, item in value.items():
             if type(key) is not str or key.startswith("\x00"):
                 raise _NotPlainError
-            out[key] = _plain(item, floats)
+            out[key] = _c_encodable(item, floats)
         return out
     if kind is list:
-        return [_plain(item, floats) for item in value]
+        return [_c_encodable(item, floats) for item in value]
     raise _NotPlainError  # tuples, subclasses, other types: let rfc8785 decide
 
 
@@ -120,7 +120,7 @@ def canonical(value: Any) -> bytes:
     """
     floats: list[str] = []
     try:
-        prepared = _plain(value, floats)
+        prepared = _c_encodable(value, floats)
     except _NotPlainError:
         return rfc8785.dumps(value)
     text = _C_ENCODE(prepared)

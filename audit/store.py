@@ -502,15 +502,15 @@ class _DictSource:
                                     f"is missing") from None
 
 
-# Statements built once (bind parameters; `expanding` lists), not per call: building and
-# cache-keying a SQLAlchemy construct costs more than executing it on these small lookups,
-# several times per append_in (docs/benchmarks/api.md).
+# Statements built once, not per call: building and cache-keying a SQLAlchemy construct costs
+# more than executing it on these small lookups, several times per append_in
+# (docs/benchmarks/api.md). Lists are fixed-length sets of bind parameters, cached per length
+# (up to _LOOKUP_CHUNK), not `expanding` ones: those rewrite the SQL string on every execution.
+_LOOKUP_CHUNK = 64
 _n, _e = audit_tree_nodes.c, audit_entries.c
 _SIZE = select(func.max(_e.idx))
 _LEAVES_PAGE = (select(_e.idx, _e.leaf).where(_e.idx >= bindparam("start"), _e.idx < bindparam("stop"))
                 .order_by(_e.idx).limit(_READ_PAGE))
-# Fixed lists, not `expanding` bind parameters: those rewrite the SQL string on every
-# execution (measured: a third of a duplicate check's cost).
 _KEY_LEAVES_PAGE = (select(_e.idx, _e.leaf)
                     .where(_e.idx >= bindparam("start"), _e.idx < bindparam("stop"),
                            _e.kind.in_(sorted(KEY_KINDS)))
@@ -536,7 +536,7 @@ def _size_and_indexes_of(count: int) -> Any:
 def _size_and_stored_indexes(connection: Connection,
                              hashes: Sequence[bytes]) -> tuple[int, dict[bytes, int]]:
     """(log size, {leaf hash: index} for those of `hashes` already in the log)."""
-    if not hashes or len(hashes) > 64:
+    if not hashes or len(hashes) > _LOOKUP_CHUNK:
         return _size(connection), _stored_indexes(connection, hashes)
     size = 0
     found: dict[bytes, int] = {}
@@ -564,8 +564,8 @@ def _fetch_nodes(connection: Connection, wanted: Iterable[tuple[int, int]]) -> d
     if not coordinates:
         return {}
     found: dict[tuple[int, int], bytes] = {}
-    for start in range(0, len(coordinates), 64):  # a proof wants ~2 log2(n) nodes at most
-        chunk = coordinates[start:start + 64]
+    for start in range(0, len(coordinates), _LOOKUP_CHUNK):  # a proof wants ~2 log2(n)
+        chunk = coordinates[start:start + _LOOKUP_CHUNK]
         parameters: dict[str, int] = {}
         for i, (level, index) in enumerate(chunk):
             parameters[f"l{i}"], parameters[f"i{i}"] = level, index
@@ -613,6 +613,35 @@ def _frontier_coordinates(size: int) -> list[tuple[int, int]]:
 # -- reading entries -----------------------------------------------------------------------------
 
 
+def _advance_frontier(frontier: Mapping[tuple[int, int], bytes], created: Iterable[merkle.Node],
+                      size: int) -> dict[tuple[int, int], bytes]:
+    """The right edge of the tree of `size` leaves, from the edge before an append and the
+    nodes the append created; coordinates known to neither are left out (read when needed)."""
+    known = {(n.level, n.index): n.hash for n in created}
+    edge: dict[tuple[int, int], bytes] = {}
+    for coordinate in _frontier_coordinates(size):
+        node = known.get(coordinate, frontier.get(coordinate))
+        if node is not None:
+            edge[coordinate] = node
+    return edge
+
+
+def _replay_keys(connection: Connection, keyring: Keyring, start: int,
+                 stop: int) -> tuple[Keyring, bool]:
+    """`keyring` moved forward over the key entries at [start, stop); (keyring, copied): a copy
+    is made before the first change, so the one passed in is never changed."""
+    copied = False
+    for index, leaf in _iter_leaves(connection, start, stop, key_entries_only=True):
+        if not copied:
+            keyring, copied = copy.deepcopy(keyring), True
+        try:
+            keyring.apply(entry_from_leaf(leaf), index)
+        except (KeyringError, MalformedEntryError) as exc:
+            raise StoreCorruptError(f"entry {index}: stored key entry does not apply: "
+                                    f"{exc}") from exc
+    return keyring, copied
+
+
 def entry_from_leaf(leaf: bytes) -> Entry:
     """Parse stored leaf bytes back into an Entry whose leaf_bytes() are exactly `leaf`."""
     try:
@@ -627,13 +656,12 @@ def _size(connection: Connection) -> int:
     return 0 if top is None else int(top) + 1
 
 
-def _iter_leaves(connection: Connection, start: int, stop: int,
-                 kinds: frozenset[str] | None = None) -> Iterator[tuple[int, bytes]]:
-    """(index, leaf) for start <= index < stop, in order; only `kinds` if given (uses the kind
-    index: opening a long log reads its few key entries, not all of it). Keyset pages."""
-    if kinds is not None and kinds != KEY_KINDS:
-        raise ValueError("kinds: only the key kinds (KEY_KINDS) are read by kind")
-    statement = _LEAVES_PAGE if kinds is None else _KEY_LEAVES_PAGE
+def _iter_leaves(connection: Connection, start: int, stop: int, *,
+                 key_entries_only: bool = False) -> Iterator[tuple[int, bytes]]:
+    """(index, leaf) for start <= index < stop, in order; only the KEY_KINDS entries if asked
+    (uses the kind index: opening a long log reads its few key entries, not all of it).
+    Keyset pages."""
+    statement = _KEY_LEAVES_PAGE if key_entries_only else _LEAVES_PAGE
     position = start
     while position < stop:
         rows = connection.execute(statement, {"start": position, "stop": stop}).all()
@@ -893,8 +921,8 @@ def _sqlite_insert_sql(table: str, columns: tuple[str, ...], count: int) -> str:
 def _stored_indexes(connection: Connection, hashes: Sequence[bytes]) -> dict[bytes, int]:
     """Which of these leaf hashes are already in the log, and at which index."""
     found: dict[bytes, int] = {}
-    for start in range(0, len(hashes), 64):
-        chunk = hashes[start:start + 64]
+    for start in range(0, len(hashes), _LOOKUP_CHUNK):
+        chunk = hashes[start:start + _LOOKUP_CHUNK]
         parameters = {f"h{i}": leaf_hash for i, leaf_hash in enumerate(chunk)}
         for row in connection.execute(_indexes_of(len(chunk)), parameters):
             found[bytes(row.leaf_hash)] = int(row.idx)
@@ -1115,11 +1143,9 @@ class AuditLog:
         marker = connection.info.get(_APPEND_IN_MARK)
         if marker is None or marker[0] is not transaction:
             connection.info[_APPEND_IN_MARK] = (transaction, size)
-        created = {(n.level, n.index): n.hash for n in nodes}
         new_size = size + len(prepared)
-        connection.info[_APPEND_IN_STATE] = (transaction, new_size, keyring, {
-            coordinate: created.get(coordinate) or frontier[coordinate]
-            for coordinate in _frontier_coordinates(new_size)})
+        connection.info[_APPEND_IN_STATE] = (transaction, new_size, keyring,
+                                             _advance_frontier(frontier, nodes, new_size))
         return indexes
 
     def _keyring_in(self, connection: Connection, size: int) -> Keyring:
@@ -1132,15 +1158,7 @@ class AuditLog:
         published_size, keyring = self._published
         if published_size > size:  # cannot happen on one database; be safe: replay it all
             published_size, keyring = 0, Keyring(self._trusted_operator_key)
-        copied = False
-        for index, leaf in _iter_leaves(connection, published_size, size, KEY_KINDS):
-            if not copied:
-                keyring, copied = copy.deepcopy(keyring), True
-            try:
-                keyring.apply(entry_from_leaf(leaf), index)
-            except (KeyringError, MalformedEntryError) as exc:
-                raise StoreCorruptError(f"entry {index}: stored key entry does not apply: "
-                                        f"{exc}") from exc
+        keyring, copied = _replay_keys(connection, keyring, published_size, size)
         marker = connection.info.get(_APPEND_IN_MARK)
         if marker is None or marker[0] is not connection.get_transaction():
             # Nothing appended by this transaction yet: every row it sees is committed.
@@ -1289,16 +1307,7 @@ class AuditLog:
                                     f"{db_size} entries")
         if db_size == self._size:
             return
-        keyring = self._keyring
-        copied = False
-        for index, leaf in _iter_leaves(connection, self._size, db_size, KEY_KINDS):
-            if not copied:
-                keyring, copied = copy.deepcopy(keyring), True
-            try:
-                keyring.apply(entry_from_leaf(leaf), index)
-            except (KeyringError, MalformedEntryError) as exc:
-                raise StoreCorruptError(f"entry {index}: stored key entry does not apply: "
-                                        f"{exc}") from exc
+        keyring, _copied = _replay_keys(connection, self._keyring, self._size, db_size)
         self._keyring = keyring
         self._size = db_size
         self._frontier = {}
@@ -1362,13 +1371,7 @@ class AuditLog:
             raise
         # Committed: only now does the writer state move forward.
         self._keyring = outcome.keyring
-        created = {(n.level, n.index): n.hash for n in outcome.nodes}
-        old_frontier = self._frontier
-        self._frontier = {}
-        for coordinate in _frontier_coordinates(outcome.size):
-            known = created.get(coordinate, old_frontier.get(coordinate))
-            if known is not None:
-                self._frontier[coordinate] = known
+        self._frontier = _advance_frontier(self._frontier, outcome.nodes, outcome.size)
         self._size = outcome.size
         self._publish(outcome.size, outcome.keyring)
         for request, refusal in outcome.refused:

@@ -38,7 +38,7 @@ from exchange.coordinator.auditing import forget_transactions
 from exchange.coordinator.observability import ObservabilityMiddleware
 from exchange.coordinator.rate_limit import FixedWindowRateLimitMiddleware
 from exchange.coordinator.runner import StudyRunner
-from exchange.coordinator.services import Coordinator, Terms
+from exchange.coordinator.services import Coordinator, Terms, api_key_prefix
 from exchange.db import migrate
 from exchange.db.engine import make_engine, normalize_url
 from exchange.settings import CoordinatorSettings
@@ -180,9 +180,9 @@ def _rate_limit_identifier(scope: Scope) -> str:
     address (hospitals sign their requests and are few; researchers' keys are per person)."""
     headers = dict(scope.get("headers", ()))
     token = (headers.get(b"x-api-key") or headers.get(b"authorization") or b"").decode("latin-1")
-    parts = token.replace("Bearer ", "").split("_")
-    if len(parts) >= 3 and parts[0] == "hx":
-        return f"key:{parts[1]}"
+    prefix = api_key_prefix(token.removeprefix("Bearer ").strip())
+    if prefix is not None:
+        return f"key:{prefix}"
     client = scope.get("client")
     return f"ip:{client[0] if client else 'unknown'}"
 

@@ -75,15 +75,15 @@ class ObservabilityMiddleware:
             await send(message)
 
         method: str = scope["method"]  # type: ignore[typeddict-item]  # http, checked above
-        # The route template (Litestar sets it when a route matched); a 404 has none.
-        path: str = scope.get("path_template") or scope["path"]
-        measured = path not in self._excluded
+        # The route template (Litestar sets it when a route matched); without one, one series
+        # for all, never one per raw path.
+        route: str = scope.get("path_template") or "<unmatched>"
         gauge = None
-        if measured:
-            gauge = self._in_progress.get((method, path))
+        if scope["path"] not in self._excluded:
+            gauge = self._in_progress.get((method, route))
             if gauge is None:
                 gauge = self._in_progress.setdefault(
-                    (method, path), REQUESTS_IN_PROGRESS.labels(method, path, APP_NAME))
+                    (method, route), REQUESTS_IN_PROGRESS.labels(method, route, APP_NAME))
             gauge.inc()
         try:
             await self.app(scope, receive, send_wrapper)
@@ -91,13 +91,11 @@ class ObservabilityMiddleware:
             elapsed = time.perf_counter() - started
             if gauge is not None:
                 gauge.dec()
-                # A 404 has no route template: count those under one series, not per raw path.
-                path_label = scope.get("path_template") or "<unmatched>"
-                key = (method, path_label, status)
+                key = (method, route, status)
                 series = self._series.get(key)
                 if series is None:
                     series = self._series.setdefault(
-                        key, _Series((method, path_label, str(status), APP_NAME)))
+                        key, _Series((method, route, str(status), APP_NAME)))
                 series.count.inc()
                 series.seconds.observe(elapsed)
                 if series.errors is not None:

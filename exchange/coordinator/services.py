@@ -114,6 +114,15 @@ def new_api_key() -> tuple[str, str]:
     return prefix, f"hx_{prefix}_{secrets.token_urlsafe(API_KEY_SECRET_BYTES)}"
 
 
+def api_key_prefix(token: str) -> str | None:
+    """The public prefix of an API key `hx_<prefix>_<secret>` (its id in logs, rate limits and
+    the key table), or None if `token` does not have that form."""
+    parts = token.split("_", 2)
+    if len(parts) < 3 or parts[0] != "hx":
+        return None
+    return parts[1]
+
+
 class GroupCommit:
     """Runs write functions in shared transactions, each in a SAVEPOINT, on one writer thread.
 
@@ -376,10 +385,9 @@ class Coordinator:
         return hit[0]
 
     def authenticate_api_key(self, token: str) -> Principal | None:
-        parts = token.split("_")
-        if len(parts) < 3 or parts[0] != "hx":
+        prefix = api_key_prefix(token)
+        if prefix is None:
             return None
-        prefix = parts[1]
         with self.read() as session:
             key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
         if key is None or key.revoked_at is not None:

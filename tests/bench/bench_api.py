@@ -2,7 +2,7 @@
 
     .venv/bin/python -m tests.bench.bench_api [--quick] [--seconds S] [--connections 32]
 
-Two uvicorn servers (one process each, loopback) under an async httpx load loop with
+Two uvicorn servers (one process each, loopback) under a raw asyncio-stream load client with
 `--connections` concurrent requests; bare and coordinator runs alternate in short slices so that
 the machine's load drift affects both alike:
 - bare GET  /v1/studies/{id}: a Litestar app whose handler reads the same study JSON from a row

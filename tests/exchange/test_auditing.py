@@ -230,3 +230,23 @@ def test_rows_re_appended_after_a_savepoint_rollback_are_folded(sqlite_world: Wo
         ledger = coordinator.ledger.in_transaction(session.connection())
         assert ledger.balance("org:clinics") == before + 11
     assert coordinator.balances(["org:clinics"])["balances"]["org:clinics"] == before + 11
+
+
+def test_group_commit_close_finishes_queued_writes_then_refuses(tmp_path: Path) -> None:
+    from sqlalchemy import text as sql
+
+    from exchange.coordinator.services import GroupCommit
+
+    engine = _write_engine(f"sqlite:///{tmp_path / 'gc.db'}")
+    with engine.begin() as connection:
+        connection.execute(sql("CREATE TABLE t (v INTEGER)"))
+    batcher = GroupCommit(engine)
+    futures = [batcher.submit(lambda c, v=v: c.execute(sql("INSERT INTO t VALUES (:v)"), {"v": v}))
+               for v in range(20)]
+    batcher.close()
+    assert all(f.done() and f.exception() is None for f in futures)
+    with engine.connect() as connection:
+        assert connection.execute(sql("SELECT count(*) FROM t")).scalar_one() == 20
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(lambda c: None)
+    engine.dispose()

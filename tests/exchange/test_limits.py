@@ -54,3 +54,24 @@ def test_configured_body_limit(limited: World) -> None:
     assert response.status_code == 413
     assert response.json()["status"] == 413
     assert limited.runtime.audit_log.size() == size
+
+
+def test_expired_windows_are_swept_and_bad_limits_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import exchange.coordinator.rate_limit as rate_limit
+
+    async def app(_scope: object, _receive: object, _send: object) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="limit and window_s"):
+        rate_limit.FixedWindowRateLimitMiddleware(app, limit=0, window_s=60, identify=str)
+    clock = [1_000.0]
+    monkeypatch.setattr(rate_limit, "_epoch_seconds", lambda: clock[0])
+    monkeypatch.setattr(rate_limit, "MAX_TRACKED_CALLERS", 3)
+    limiter = rate_limit.FixedWindowRateLimitMiddleware(app, limit=2, window_s=60, identify=str)
+    assert [limiter._take("a")[0] for _ in range(3)] == [True, True, False]
+    limiter._take("b")
+    limiter._take("c")
+    clock[0] += 60  # a, b and c have expired
+    assert limiter._take("d") == (True, 1, 60)  # the sweep made room; nobody else is held
+    assert set(limiter._windows) == {"d"}
+    assert limiter._take("a") == (True, 1, 60)  # a new window for a
