@@ -201,7 +201,9 @@ def test_a_rolled_back_savepoint_leaves_no_trace_in_the_transactions_ledger(
     size = world.runtime.audit_log.size()
     a: Future[object] = Future()
     b: Future[object] = Future()
-    coordinator._batcher._commit([(failing_after_append, a), (write_b, b)])
+    from exchange.coordinator.services import _Job
+
+    coordinator._batcher._commit([_Job(failing_after_append, a), _Job(write_b, b)])
     with pytest.raises(RuntimeError, match="disk trouble"):
         a.result()
     study_b = b.result()  # 4,500 <= 5,000: A's rolled-back 1,000 must not count
