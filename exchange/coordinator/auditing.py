@@ -39,6 +39,7 @@ def active_key(connection: Connection, trusted_operator_key: bytes, kid: str) ->
 
 LEDGER_KINDS = frozenset(TOKEN_KINDS | {"key.register", "key.rotate"})
 _FORK = "exchange.coordinator.ledger_fork"
+_COMMITTING = "exchange.coordinator.ledger_fork_committing"
 _FIRST_APPEND = "exchange.coordinator.first_append"
 
 
@@ -131,6 +132,10 @@ class _Fork:
     transaction: object
     ledger: Ledger
     size: int  # the log prefix folded into `ledger`, as this transaction sees the log
+    # Every ledger row folded into `ledger` since it was a fold of the committed prefix
+    # [0, base): (index, entry), in order. Lets the shared fold be brought level with it.
+    base: int = 0
+    rows: list[tuple[int, Entry]] = dataclasses.field(default_factory=list)
     # True once it was brought level with the log right after this transaction's own append
     # (which holds the log's write lock from then on): nobody else can append until the
     # transaction ends, and a rolled-back savepoint (which may release PostgreSQL's lock)
@@ -162,6 +167,9 @@ class LedgerView:
         self._lock = threading.Lock()
         self._ledger = Ledger(root_key_id)
         self._size = 0
+        # A second, private fold of the committed prefix [0, size), which nobody else holds:
+        # the next write transaction takes it as its copy instead of forking the shared fold.
+        self._spare: tuple[Ledger, int] | None = None
 
     def _advance(self, connection: Connection, committed: int) -> None:
         """Fold the committed rows [self._size, committed) into the shared ledger."""
@@ -224,12 +232,14 @@ class LedgerView:
         if appended is not None and fork is not None and fork.transaction is transaction \
                 and fork.size == appended[0]:
             first, entries = appended
+            rows = [(first + offset, entry) for offset, entry in enumerate(entries)
+                    if entry.kind in LEDGER_KINDS]
             try:
-                _fold(fork.ledger, [(first + offset, entry) for offset, entry in enumerate(entries)
-                                    if entry.kind in LEDGER_KINDS])
+                _fold(fork.ledger, rows)
             except LedgerFoldError:
                 connection.info.pop(_FORK, None)  # partly folded: never used again
                 raise
+            fork.rows.extend(rows)
             fork.size = first + len(entries)
             fork.level = True
             return fork.ledger
@@ -240,19 +250,54 @@ class LedgerView:
         fork = connection.info.get(_FORK)
         if fork is None or fork.transaction is not transaction or fork.size > size:
             # No copy yet for this transaction, or a savepoint rolled back rows it had folded.
-            with self._lock:
-                fork = _Fork(transaction, _fork(self._ledger), self._size)
+            fork = self._checkout(transaction)
             connection.info[_FORK] = fork
         if fork.size < size:
+            rows = list(_ledger_rows(connection, fork.size, size))
             try:
-                _fold(fork.ledger, _ledger_rows(connection, fork.size, size))
+                _fold(fork.ledger, rows)
             except LedgerFoldError:
                 connection.info.pop(_FORK, None)  # partly folded: never used again
                 raise
+            fork.rows.extend(rows)
             fork.size = size
         if appended is not None:
             fork.level = True  # read right after this transaction's own append (lock held)
         return fork.ledger
+
+    def _checkout(self, transaction: object) -> _Fork:
+        """A ledger copy of the committed fold for `transaction` to change: the spare if it is
+        level with the shared fold (O(1)), else a fork of the shared fold (O(accounts +
+        studies): ~3 ms at 20,000 studies, measured; per write transaction, that was a fifth
+        of the submission writer's time)."""
+        with self._lock:
+            spare, self._spare = self._spare, None
+            if spare is not None and spare[1] == self._size:
+                return _Fork(transaction, spare[0], self._size, base=self._size)
+            return _Fork(transaction, _fork(self._ledger), self._size, base=self._size)
+
+    def after_commit(self, connection: Connection) -> None:
+        """Call right after `connection`'s transaction COMMITTED (not before: a failed commit
+        must not move the shared fold). Its ledger copy is the fold of the committed log up to
+        where it reached: it becomes the shared fold, and the former shared fold, brought level
+        with the copy's rows, becomes the spare for the next write transaction. Two folds
+        alternate, each kept level by folding the new rows once, instead of a fork per
+        transaction and a re-read of the rows it appended."""
+        fork: _Fork | None = connection.info.pop(_COMMITTING, None)
+        if fork is None:
+            return
+        with self._lock:
+            if fork.size <= self._size or fork.base > self._size:
+                return  # the shared fold is as far already (or the copy cannot extend it)
+            previous, previous_size = self._ledger, self._size
+            self._ledger, self._size = fork.ledger, fork.size
+        try:  # `previous` is nobody's now: only the lock ever handed it out
+            _fold(previous, [(index, entry) for index, entry in fork.rows if index >= previous_size])
+        except LedgerFoldError:
+            return  # cannot happen for rows the copy folded; be safe: no spare
+        with self._lock:
+            if self._size == fork.size:
+                self._spare = (previous, fork.size)
 
 
 def forget_transactions(engine: Engine) -> None:
@@ -261,7 +306,21 @@ def forget_transactions(engine: Engine) -> None:
 
     def _clear(connection: Connection) -> None:
         connection.info.pop(_FORK, None)
+        connection.info.pop(_COMMITTING, None)
         connection.info.pop(_FIRST_APPEND, None)
+
+    def _committing(connection: Connection) -> None:
+        # Fired before the COMMIT is sent: the copy waits for LedgerView.after_commit, which
+        # only a caller that saw the commit succeed calls. Dropped at the next begin/rollback.
+        fork: _Fork | None = connection.info.pop(_FORK, None)
+        connection.info.pop(_FIRST_APPEND, None)
+        if fork is not None and fork.transaction is connection.get_transaction():
+            connection.info[_COMMITTING] = fork
+        else:
+            connection.info.pop(_COMMITTING, None)
+
+    def _begin(connection: Connection) -> None:
+        connection.info.pop(_COMMITTING, None)
 
     def _forget_fork(connection: Connection, _name: object, _context: object) -> None:
         # A rolled-back savepoint removed rows the copy may have folded; rows appended later
@@ -269,6 +328,7 @@ def forget_transactions(engine: Engine) -> None:
         # stays: the rows below it are still committed ones.)
         connection.info.pop(_FORK, None)
 
-    event.listen(engine, "commit", _clear)
+    event.listen(engine, "begin", _begin)
+    event.listen(engine, "commit", _committing)
     event.listen(engine, "rollback", _clear)
     event.listen(engine, "rollback_savepoint", _forget_fork)

@@ -156,9 +156,13 @@ class GroupCommit:
     refusal still goes back to its own caller alone, with its own reason.
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 64) -> None:
+    def __init__(self, engine: Engine, max_batch: int = 64,
+                 after_commit: Callable[[Connection], None] = lambda _connection: None) -> None:
         self.engine = engine
         self.max_batch = max_batch
+        # Called on the writer's connection right after each successful COMMIT (the ledger
+        # view promotes the transaction's fold: LedgerView.after_commit).
+        self.after_commit = after_commit
         self._pending: list[_Job] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -211,16 +215,18 @@ class GroupCommit:
             # A Core connection, not an ORM Session: the writer's functions use only the
             # connection, and the Session's transaction bookkeeping per savepoint cost about
             # a tenth of a submission's time in the writer.
-            with self.engine.begin() as connection:
-                for run in _runs(batch):
-                    if len(run) > 1 and self._together(connection, run, outcomes):
-                        continue
-                    for job in run:
-                        try:
-                            with connection.begin_nested():
-                                outcomes.append((job.future, job.write(connection), None))
-                        except Exception as exc:
-                            outcomes.append((job.future, None, exc))
+            with self.engine.connect() as connection:
+                with connection.begin():
+                    for run in _runs(batch):
+                        if len(run) > 1 and self._together(connection, run, outcomes):
+                            continue
+                        for job in run:
+                            try:
+                                with connection.begin_nested():
+                                    outcomes.append((job.future, job.write(connection), None))
+                            except Exception as exc:
+                                outcomes.append((job.future, None, exc))
+                self.after_commit(connection)  # committed (the block above raised otherwise)
         except Exception as exc:  # the shared commit failed: nobody's change is acknowledged
             for job in batch:
                 if not job.future.done():
@@ -284,9 +290,9 @@ class Coordinator:
         self._key_cache: dict[str, tuple[Principal, float]] = {}
         self._organisations: dict[str, Organisation] = {}  # immutable rows (see _organisation)
         self.key_cache_ttl = 2.0
-        self._batcher = GroupCommit(self.write_engine)
         # Balances, escrows and payout terms: the auditor's fold of the log (audit.ledger).
         self.ledger = LedgerView(operator.key_id)
+        self._batcher = GroupCommit(self.write_engine, after_commit=self.ledger.after_commit)
 
     # ------------------------------------------------------------------ plumbing
     @contextmanager
