@@ -42,7 +42,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -648,7 +648,7 @@ def entry_from_leaf(leaf: bytes) -> Entry:
         obj = json.loads(leaf)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedEntryError(f"leaf: not JSON ({exc})") from exc
-    return replace(envelope_from_json(obj), _leaf=bytes(leaf))
+    return envelope_from_json(obj).with_leaf(bytes(leaf))
 
 
 def _size(connection: Connection) -> int:
@@ -1177,7 +1177,11 @@ class AuditLog:
             else:
                 raise MalformedEntryError(f"entry: expected audit.entry.Entry or a JSON object, "
                                           f"got {type(entry).__name__}")
-            leaf = canonical(parsed.to_json())
+            # An Entry that knows its leaf (signed in this process: audit.entry.sign_entry, or
+            # read from a log) is not encoded a second time; `_leaf` cannot outlive a change of
+            # any field (it is not carried by dataclasses.replace).
+            known = entry._leaf if isinstance(entry, Entry) else b""
+            leaf = known or canonical(parsed.to_json())
             # Refused here, one entry at a time, rather than by the database for a whole group.
             for name, limit in (("kind", _KIND_CHARS), ("key_id", _KEY_ID_CHARS)):
                 value = getattr(parsed, name)

@@ -64,3 +64,32 @@ def test_edge_cases(text: bytes, ok: bool) -> None:
     else:
         with pytest.raises((NotCanonicalError, ValueError)):
             parse_canonical_line(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=6), values, max_size=5), st.text(min_size=1, max_size=12))
+def test_a_signed_entry_knows_its_exact_leaf(payload: dict[str, Any], kind: str) -> None:
+    """sign_entry splices the signature into the signed bytes instead of encoding the envelope
+    again: the result must be byte for byte the RFC 8785 encoding of the whole envelope, and
+    the verifier's cut (signing_input_from_line) must give the signed bytes back."""
+    from audit.entry import sign_entry
+    from audit.signing import Signer
+    from audit.verify import signing_input_from_line
+
+    entry = sign_entry(Signer.generate(), kind, payload)
+    assert entry._leaf == rfc8785.dumps(entry.to_json())
+    assert signing_input_from_line(entry._leaf, entry) == entry.signing_input()
+
+
+
+def test_a_changed_entry_forgets_its_leaf() -> None:
+    """`dataclasses.replace` never carries a leaf over to an entry with other fields."""
+    import dataclasses
+
+    from audit.entry import sign_entry
+    from audit.signing import Signer
+
+    entry = sign_entry(Signer.generate(), "study.submit", {"study_id": "s-1"})
+    assert entry._leaf
+    changed = dataclasses.replace(entry, payload={"study_id": "s-2"})
+    assert changed._leaf == b"" and changed.leaf_bytes() == rfc8785.dumps(changed.to_json())
