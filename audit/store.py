@@ -1021,6 +1021,10 @@ class AuditLog:
         # copies), so a reader may use one without a lock.
         self._state_lock = threading.Lock()
         self._published: tuple[int, Keyring] = (0, self._keyring)
+        # (size, keyring, right edge of the tree) after an append_in transaction its caller
+        # saw commit (`after_commit`): the next append_in transaction that finds the log that
+        # long starts from it instead of reading the key entries and the edge nodes again.
+        self._committed_edge: tuple[int, Keyring, dict[tuple[int, int], bytes]] | None = None
         with engine.connect() as connection:
             self._catch_up(connection, _size(connection))
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
@@ -1126,8 +1130,12 @@ class AuditLog:
         # equal size means the same rows. Saves reading the key entries and the nodes again
         # for each of a group commit's submissions.
         state = connection.info.get(_APPEND_IN_STATE)
+        edge = self._committed_edge
         if state is not None and state[0] is transaction and state[1] == size:
             keyring, frontier = state[2], state[3]
+        elif edge is not None and edge[0] == size:
+            # A committed prefix of exactly this length: the same rows (the log is append-only).
+            keyring, frontier = edge[1], edge[2]
         else:
             keyring = self._keyring_in(connection, size)
             frontier = _fetch_nodes(connection, _frontier_coordinates(size))
@@ -1147,6 +1155,20 @@ class AuditLog:
         connection.info[_APPEND_IN_STATE] = (transaction, new_size, keyring,
                                              _advance_frontier(frontier, nodes, new_size))
         return indexes
+
+    def after_commit(self, connection: Connection, transaction: object) -> None:
+        """Tell the store that `transaction` (on `connection`), in which append_in ran,
+        COMMITTED: its final key state and tree edge then describe the committed log, and the
+        next append_in transaction may start from them. Call it only after seeing the commit
+        succeed (a rolled-back transaction's rows may be replaced by others of the same count)."""
+        state = connection.info.get(_APPEND_IN_STATE)
+        if state is None or state[0] is not transaction:
+            return  # no append_in in that transaction
+        _transaction, size, keyring, frontier = state
+        self._publish(size, keyring)
+        with self._state_lock:
+            if self._committed_edge is None or size >= self._committed_edge[0]:
+                self._committed_edge = (size, keyring, frontier)
 
     def _keyring_in(self, connection: Connection, size: int) -> Keyring:
         """The key state after the first `size` entries as `connection` sees them.

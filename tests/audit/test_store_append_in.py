@@ -193,3 +193,46 @@ def test_savepoint_rollbacks_between_appends_in_one_transaction(engine: Engine) 
         # The writer thread continues from what append_in committed.
         assert log.append(note_entry(keys.writer, "sp", 99)) == 13
         verify_storage(engine, keys.operator.public_key)
+
+
+def test_a_committed_edge_is_reused_and_a_rolled_back_one_never(engine: Engine) -> None:
+    """after_commit hands the next append_in transaction the key state and the tree's right
+    edge of a committed one. Only a commit the caller saw counts: after a rollback, entries of
+    the same count appended by someone else must be read, not taken for the rolled-back ones
+    (the tree would be wrong, and the auditor would see it)."""
+    keys = LogKeys.generate()
+    with keys.open(engine) as log:
+        log.append(register(keys.operator, keys.writer))
+        with engine.connect() as connection:
+            with connection.begin() as transaction:
+                log.append_in(connection, [note_entry(keys.writer, "a", i) for i in range(3)])
+            log.after_commit(connection, transaction)
+        assert log._committed_edge is not None and log._committed_edge[0] == 4
+        # Reused: the next transaction reads neither key entries nor tree nodes.
+        statements: list[str] = []
+
+        def record(*args: object) -> None:
+            statements.append(str(args[2]))
+
+        from sqlalchemy import event
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            with engine.begin() as connection:
+                assert log.append_in(connection, [note_entry(keys.writer, "b", 0)]) == [4]
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+        assert not any("audit_tree_nodes" in s and s.lstrip().upper().startswith("SELECT")
+                       for s in statements), statements
+        # A transaction that rolls back after its append_in (after_commit never called) ...
+        with engine.connect() as connection:
+            with pytest.raises(RuntimeError), connection.begin():
+                log.append_in(connection, [note_entry(keys.writer, "gone", i) for i in range(2)])
+                raise RuntimeError("roll back")
+        # ... then another writer appends as many other entries: same size, other rows.
+        log.append_many([note_entry(keys.writer, "other", i) for i in range(2)])
+        with engine.begin() as connection:
+            assert log.append_in(connection, [note_entry(keys.writer, "c", 0)]) == [7]
+        leaves = stored_leaves(engine)
+        assert log.root() == memory_tree(leaves).root()
+        assert verify_with_auditor(log, keys).ok
+    verify_storage(engine, keys.operator.public_key)

@@ -1,0 +1,135 @@
+"""Study submissions through the coordinator's group commit (services.GroupCommit).
+
+Neighbouring submissions are first written as ONE append and one study INSERT; if that fails
+for any reason, each is made on its own in its savepoint. After each commit the writer's ledger
+copy becomes the shared fold and the log's key state and tree edge carry over to the next
+transaction. What must hold either way: every caller gets its own answer, nothing refused or
+rolled back leaves a trace, and the served balances equal the auditor's fold of the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from audit.store import verify_storage
+from exchange.coordinator import problems
+from exchange.coordinator.schemas import StudyCreate
+from exchange.coordinator.services import Coordinator, SubmittedStudy, _Job, _Submission
+from tests.exchange.conftest import World, study_body
+from tests.exchange.test_lifecycle import fold, log_entries, served_balances
+
+
+def _submissions(world: World, who: str, budgets: list[int]) -> tuple[Coordinator, list[_Submission]]:
+    coordinator = world.runtime.coordinator
+    principal = coordinator.authenticate_api_key(world.keys[who])
+    assert principal is not None
+    org = coordinator._organisation(principal)
+    return coordinator, [
+        coordinator._prepare_submission(
+            principal, StudyCreate.model_validate(study_body(token_budget=b, title=f"g{i}")), org)
+        for i, b in enumerate(budgets)]
+
+
+def _commit_together(coordinator: Coordinator, writes: list[_Submission]) -> list[Future[Any]]:
+    """One writer batch holding `writes` as neighbours of one kind (as concurrent POSTs are)."""
+    jobs = [_Job(write, Future(), coordinator._submit_many_in) for write in writes]
+    coordinator._batcher._commit(jobs)
+    return [job.future for job in jobs]
+
+
+@contextmanager
+def _statements(world: World) -> Iterator[list[str]]:
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    engine = world.runtime.coordinator.write_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def test_a_group_is_one_append_and_one_insert_and_each_caller_gets_its_study(world: World) -> None:
+    before = served_balances(world)["balances"]["org:acme"]
+    size = world.runtime.audit_log.size()
+    coordinator, writes = _submissions(world, "alice", [100, 200, 300])
+    with _statements(world) as statements:
+        futures = _commit_together(coordinator, writes)
+    studies = [f.result() for f in futures]
+    assert all(isinstance(s, SubmittedStudy) for s in studies)
+    assert [s.id for s in studies] == [w.study_id for w in writes]
+    assert [s.submit_entry_index for s in studies] == [size, size + 2, size + 4]
+    study_inserts = [s for s in statements if s.lstrip().upper().startswith("INSERT INTO STUDIES")]
+    entry_inserts = [s for s in statements if "INSERT INTO audit_entries" in s]
+    assert len(study_inserts) == 1 and len(entry_inserts) == 1, statements
+    entries = log_entries(world)[size:]
+    assert [(e.kind, e.payload["study_id"]) for e in entries] == [
+        (kind, w.study_id) for w in writes for kind in ("study.submit", "study.escrow")]
+    assert served_balances(world)["balances"]["org:acme"] == before - 600
+    for study in studies:  # what POST answered is what a read gives
+        assert world.as_("alice", "GET", f"/v1/studies/{study.id}").json()["submitted_at"]
+    assert fold(world) == served_balances(world)
+
+
+def test_an_overdrawing_member_is_refused_alone(world: World) -> None:
+    """globex holds 5,000: 2,000 + 2,500 fit, the 1,000 after them does not. The group fails,
+    each is then made on its own: two studies, one 422 naming the budget, no trace of it."""
+    size = world.runtime.audit_log.size()
+    coordinator, writes = _submissions(world, "bob", [2_000, 2_500, 1_000])
+    futures = _commit_together(coordinator, writes)
+    assert futures[0].result().token_budget == 2_000 and futures[1].result().token_budget == 2_500
+    refused = futures[2].exception()
+    assert isinstance(refused, problems.ProblemError) and refused.status == 422
+    assert [e["field"] for e in refused.errors] == ["token_budget"]
+    assert world.runtime.audit_log.size() == size + 4
+    assert world.as_("bob", "GET", f"/v1/studies/{writes[2].study_id}").status_code == 404
+    assert served_balances(world)["balances"]["org:globex"] == 500
+    assert fold(world) == served_balances(world)
+
+
+def test_a_failed_commit_moves_nothing_forward(world: World) -> None:
+    """The COMMIT itself fails: no caller is acknowledged, and neither the served balances nor
+    the log's carried-over state take the transaction's appends as committed; the next group
+    commits at the same indexes and everything still agrees with the auditor's fold."""
+    engine = world.runtime.coordinator.write_engine
+    balances = served_balances(world)
+    size = world.runtime.audit_log.size()
+    coordinator, writes = _submissions(world, "alice", [10, 20])
+
+    def fail(_connection: Any) -> None:
+        raise RuntimeError("disk full at commit")
+
+    event.listen(engine, "commit", fail)
+    try:
+        futures = _commit_together(coordinator, writes)
+    finally:
+        event.remove(engine, "commit", fail)
+    for future in futures:
+        with pytest.raises(RuntimeError, match="disk full"):
+            future.result()
+    assert world.runtime.audit_log.size() == size
+    assert served_balances(world) == balances
+    _coordinator, again = _submissions(world, "alice", [30, 40])
+    studies = [f.result() for f in _commit_together(coordinator, again)]
+    assert [s.submit_entry_index for s in studies] == [size, size + 2]
+    assert served_balances(world)["balances"]["org:acme"] == balances["balances"]["org:acme"] - 70
+    assert fold(world) == served_balances(world)
+    # Every stored tree node is the one the entries give (the carried-over edge was right).
+    assert verify_storage(coordinator.read_engine, coordinator.operator.public_key) \
+        == world.runtime.audit_log.root()
+
+
+def test_post_answers_exactly_what_a_read_of_the_new_study_gives(world: World) -> None:
+    """POST builds its answer from the row it wrote (Coordinator.submitted_view)."""
+    posted = world.submit(title="answered from the row")
+    read = world.as_("alice", "GET", f"/v1/studies/{posted['id']}")
+    assert read.status_code == 200 and read.json() == posted
