@@ -231,38 +231,28 @@ class LedgerView:
             return fork.ledger
         if appended is not None and fork is not None and fork.transaction is transaction \
                 and fork.size == appended[0]:
-            first, entries = appended
-            rows = [(first + offset, entry) for offset, entry in enumerate(entries)
-                    if entry.kind in LEDGER_KINDS]
-            try:
-                _fold(fork.ledger, rows)
-            except LedgerFoldError:
-                connection.info.pop(_FORK, None)  # partly folded: never used again
-                raise
-            fork.rows.extend(rows)
-            fork.size = first + len(entries)
+            _fold_into(connection, fork, _appended_rows(*appended))
+            fork.size = appended[0] + len(appended[1])
             fork.level = True
             return fork.ledger
-        size = log_size(connection)
+        # How far the log goes as this transaction sees it: read, or, right after its own
+        # append, known (its entries start at appended[0]; they are folded from memory).
+        stop = appended[0] if appended is not None else log_size(connection)
         marker = connection.info.get(_FIRST_APPEND)
-        committed = marker[1] if marker is not None and marker[0] is transaction else size
+        committed = marker[1] if marker is not None and marker[0] is transaction else stop
         self._advance(connection, committed)
         fork = connection.info.get(_FORK)
-        if fork is None or fork.transaction is not transaction or fork.size > size:
+        if fork is None or fork.transaction is not transaction or fork.size > stop:
             # No copy yet for this transaction, or a savepoint rolled back rows it had folded.
             fork = self._checkout(transaction)
             connection.info[_FORK] = fork
-        if fork.size < size:
-            rows = list(_ledger_rows(connection, fork.size, size))
-            try:
-                _fold(fork.ledger, rows)
-            except LedgerFoldError:
-                connection.info.pop(_FORK, None)  # partly folded: never used again
-                raise
-            fork.rows.extend(rows)
-            fork.size = size
+        if fork.size < stop:
+            _fold_into(connection, fork, list(_ledger_rows(connection, fork.size, stop)))
+            fork.size = stop
         if appended is not None:
-            fork.level = True  # read right after this transaction's own append (lock held)
+            _fold_into(connection, fork, _appended_rows(*appended))
+            fork.size = appended[0] + len(appended[1])
+            fork.level = True  # right after this transaction's own append (lock held)
         return fork.ledger
 
     def _checkout(self, transaction: object) -> _Fork:
@@ -298,6 +288,21 @@ class LedgerView:
         with self._lock:
             if self._size == fork.size:
                 self._spare = (previous, fork.size)
+
+
+def _appended_rows(first: int, entries: Sequence[Entry]) -> list[tuple[int, Entry]]:
+    return [(first + offset, entry) for offset, entry in enumerate(entries)
+            if entry.kind in LEDGER_KINDS]
+
+
+def _fold_into(connection: Connection, fork: _Fork, rows: list[tuple[int, Entry]]) -> None:
+    """Fold `rows` into the transaction's copy and remember them (see LedgerView.after_commit)."""
+    try:
+        _fold(fork.ledger, rows)
+    except LedgerFoldError:
+        connection.info.pop(_FORK, None)  # partly folded: never used again
+        raise
+    fork.rows.extend(rows)
 
 
 def forget_transactions(engine: Engine) -> None:
