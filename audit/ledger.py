@@ -11,6 +11,7 @@ was. Entry kinds, signers and rules: docs/rewards.md.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -60,9 +61,14 @@ class StudyStatus(StrEnum):
     CLOSED = "closed"    # nothing held any more
 
 
-@dataclass
+@dataclass(slots=True)
 class Study:
-    """One study's escrow as the fold sees it (receipts are kept only while it is open)."""
+    """One study's escrow as the fold sees it (receipts are kept only while it is open).
+
+    Slots, and terms shared between studies with the same ones (`_terms`): a ledger holds one
+    of these per study ever escrowed, for as long as the process runs, and every object the
+    cyclic garbage collector tracks lengthens its full collections (a pause of every request
+    in flight in the coordinator)."""
 
     study_id: str
     account: str
@@ -248,7 +254,7 @@ class Ledger:
         if study_id in self.studies:
             raise _RuleError(f"study_id: {study_id!r} was already escrowed")
         self._need(account, amount, "amount")
-        terms = StudyTerms(royalty_account, royalty_bps, forward_bps)
+        terms = _terms(royalty_account, royalty_bps, forward_bps)
         self._commit({account: -amount}, escrow=amount)
         self.studies[study_id] = Study(study_id, account, amount, terms)
 
@@ -367,6 +373,12 @@ class Ledger:
             balances[account] = balances.get(account, 0) + delta
         self.state.minted += minted
         self.state.escrow += escrow
+
+
+@functools.lru_cache(maxsize=1024)
+def _terms(royalty_account: str | None, royalty_bps: int, forward_bps: int) -> StudyTerms:
+    """One (immutable) StudyTerms per distinct terms: most studies share a handful."""
+    return StudyTerms(royalty_account, royalty_bps, forward_bps)
 
 
 def _fields(payload: Mapping[str, Any], names: tuple[str, ...]) -> Mapping[str, Any]:

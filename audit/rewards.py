@@ -25,7 +25,7 @@ class PayoutError(ValueError):
     """The inputs admit no payout (bad terms, no records to pay for, a receipt of another study)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StudyTerms:
     """What a study's `study.escrow` entry fixes for its payout (snapshotted at submission)."""
 

@@ -40,6 +40,7 @@ from exchange.coordinator.rate_limit import FixedWindowRateLimitMiddleware
 from exchange.coordinator.runner import StudyRunner
 from exchange.coordinator.services import Coordinator, Terms, api_key_prefix
 from exchange.db import migrate
+from exchange.db.checkpoint import WalCheckpointer, writers_leave_checkpoints_to_a_thread
 from exchange.db.engine import make_engine, normalize_url
 from exchange.settings import CoordinatorSettings
 
@@ -97,10 +98,13 @@ class Runtime:
     audit_log: AuditLog
     coordinator: Coordinator
     trust: Trust
+    checkpointer: WalCheckpointer | None = None  # SQLite: WAL checkpoints off the commit path
 
     def close(self) -> None:
         self.coordinator.close()
         self.audit_log.close()
+        if self.checkpointer is not None:
+            self.checkpointer.close()
         self.read_engine.dispose()
         self.write_engine.dispose()
 
@@ -165,6 +169,10 @@ def build_runtime(config: AppConfig, runner: StudyRunner) -> Runtime:
         read_engine.dispose()
         raise
     write_engine = _write_engine(config.database_url)
+    checkpointer = None
+    if write_engine.dialect.name == "sqlite":
+        writers_leave_checkpoints_to_a_thread(write_engine)
+        checkpointer = WalCheckpointer(write_engine)
     audit_log = AuditLog(read_engine, log_signer, config.log_origin, operator.public_key)
     coordinator = Coordinator(read_engine, write_engine, audit_log,
                               operator=operator, coordinator=coordinator_key, runner=runner,
@@ -172,7 +180,7 @@ def build_runtime(config: AppConfig, runner: StudyRunner) -> Runtime:
                               replay_window=timedelta(seconds=config.replay_window_s))
     coordinator.on_change = lambda kind: STUDY_EVENTS.labels(kind=kind).inc()
     coordinator.bootstrap()
-    return Runtime(config, read_engine, write_engine, audit_log, coordinator, trust)
+    return Runtime(config, read_engine, write_engine, audit_log, coordinator, trust, checkpointer)
 
 
 def _rate_limit_identifier(scope: Scope) -> str:

@@ -224,10 +224,9 @@ def test_a_committed_edge_is_reused_and_a_rolled_back_one_never(engine: Engine) 
         assert not any("audit_tree_nodes" in s and s.lstrip().upper().startswith("SELECT")
                        for s in statements), statements
         # A transaction that rolls back after its append_in (after_commit never called) ...
-        with engine.connect() as connection:
-            with pytest.raises(RuntimeError), connection.begin():
-                log.append_in(connection, [note_entry(keys.writer, "gone", i) for i in range(2)])
-                raise RuntimeError("roll back")
+        with engine.connect() as connection, pytest.raises(RuntimeError), connection.begin():
+            log.append_in(connection, [note_entry(keys.writer, "gone", i) for i in range(2)])
+            raise RuntimeError("roll back")
         # ... then another writer appends as many other entries: same size, other rows.
         log.append_many([note_entry(keys.writer, "other", i) for i in range(2)])
         with engine.begin() as connection:
