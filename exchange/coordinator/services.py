@@ -14,14 +14,12 @@ receipts are their own signed entries, appended unchanged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import secrets
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,6 +36,7 @@ from audit.signing import SignatureInvalidError, Signer, b64decode, key_id
 from audit.store import AuditLog, DuplicateEntryError, EntryRefusedError
 from exchange.coordinator import problems
 from exchange.coordinator.auditing import LEDGER_KINDS, LedgerFoldError, LedgerView, active_key
+from exchange.coordinator.group_commit import GroupCommit, LoopGroupCommit
 from exchange.coordinator.models import (
     TERMINAL_STATUSES,
     ApiKey,
@@ -124,186 +123,6 @@ def api_key_prefix(token: str) -> str | None:
     return parts[1]
 
 
-Write = Callable[[Connection], Any]
-# Writes of one kind that can be made in one go: (connection, writes) -> their results, in
-# order; raises if any one of them cannot be made (then each is made on its own).
-Together = Callable[[Connection, list[Any]], list[Any]]
-
-
-@dataclass
-class _Job:
-    write: Write
-    # A thread's future, or (with `loop`) an asyncio future of that loop (`submit_async`).
-    future: Future[Any] | asyncio.Future[Any]
-    together: Together | None = None
-    loop: asyncio.AbstractEventLoop | None = None
-
-
-_Outcome = tuple[_Job, Any, BaseException | None]
-
-
-def _settle(outcomes: list[_Outcome]) -> None:
-    """Give each job its result or error. An asyncio caller's futures are settled on their own
-    loop, all of one batch in ONE call_soon_threadsafe (one wake-up of the loop, one write to
-    its self-pipe) rather than one per future as `asyncio.wrap_future` does."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
-    for outcome in outcomes:
-        job, result, error = outcome
-        if job.loop is not None:
-            by_loop.setdefault(job.loop, []).append(outcome)
-        elif not job.future.done():
-            if error is not None:
-                job.future.set_exception(error)
-            else:
-                job.future.set_result(result)
-    for loop, settled in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-            loop.call_soon_threadsafe(_settle_on_loop, settled)
-
-
-def _settle_on_loop(outcomes: list[_Outcome]) -> None:
-    for job, result, error in outcomes:
-        if job.future.done():  # cancelled: the request went away (the write stands)
-            continue
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(result)
-
-
-class GroupCommit:
-    """Runs write functions in shared transactions, each in a SAVEPOINT, on one writer thread.
-
-    SQLite with synchronous=FULL pays one fsync per commit; under concurrent submissions that,
-    not the work, bounds throughput. The writer thread runs every function waiting when it
-    gets to them in one transaction, each in its own savepoint (a refusal rolls back that one
-    alone and goes back to its caller), then commits once; every caller gets its result only
-    after that commit. One long-lived thread rather than "the first caller writes": an asyncio
-    caller (`submit` + `asyncio.wrap_future`) then needs no thread of its own while it waits,
-    which keeps the number of threads contending for the GIL at two (event loop and writer)
-    instead of one per request in flight (measured: docs/benchmarks/api.md).
-
-    Writes submitted with the same `together` function and queued next to each other are first
-    tried as ONE write (`together(connection, writes)`, in one savepoint): a group of study
-    submissions then costs one append (one size and duplicate look-up, one INSERT per table)
-    and one study INSERT instead of six statements each. If that raises, for whatever reason,
-    its savepoint is rolled back and each write is made on its own, exactly as without it: a
-    refusal still goes back to its own caller alone, with its own reason.
-    """
-
-    def __init__(self, engine: Engine, max_batch: int = 64,
-                 after_commit: Callable[[Connection, object], None] = lambda _c, _t: None) -> None:
-        self.engine = engine
-        self.max_batch = max_batch
-        # Called on the writer's connection right after each successful COMMIT (the ledger
-        # view promotes the transaction's fold: LedgerView.after_commit).
-        self.after_commit = after_commit
-        self._pending: list[_Job] = []
-        self._wake = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-
-    def submit(self, fn: Write, together: Together | None = None) -> Future[Any]:
-        """Queue `fn(connection)`; the future gives its result once the shared commit is durable."""
-        future: Future[Any] = Future()
-        self._queue(_Job(fn, future, together))
-        return future
-
-    def _queue(self, job: _Job) -> None:
-        with self._wake:
-            if self._closed:
-                raise RuntimeError("group commit: closed")
-            self._pending.append(job)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._write_loop, name="coordinator-writer",
-                                                daemon=True)
-                self._thread.start()
-            self._wake.notify()
-
-    def run(self, fn: Write, together: Together | None = None) -> Any:
-        return self.submit(fn, together).result()
-
-    def submit_async(self, fn: Write, together: Together | None = None) -> asyncio.Future[Any]:
-        """`submit` for a coroutine on the running loop: an asyncio future settled on it."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queue(_Job(fn, future, together, loop))
-        return future
-
-    def close(self) -> None:
-        """Finish what is queued, then stop the writer thread."""
-        with self._wake:
-            self._closed = True
-            thread = self._thread
-            self._wake.notify()
-        if thread is not None:
-            thread.join()
-
-    def _write_loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._pending and not self._closed:
-                    self._wake.wait()
-                if not self._pending:
-                    return  # closed and drained
-                batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
-            try:
-                self._commit(batch)
-            except BaseException as exc:  # never leave a caller waiting forever
-                _settle([(job, None, exc) for job in batch])
-
-    def _commit(self, batch: list[_Job]) -> None:
-        outcomes: list[_Outcome] = []
-        try:
-            # A Core connection, not an ORM Session: the writer's functions use only the
-            # connection, and the Session's transaction bookkeeping per savepoint cost about
-            # a tenth of a submission's time in the writer.
-            with self.engine.connect() as connection:
-                with connection.begin() as transaction:
-                    for run in _runs(batch):
-                        if len(run) > 1 and self._together(connection, run, outcomes):
-                            continue
-                        for job in run:
-                            try:
-                                with connection.begin_nested():
-                                    outcomes.append((job, job.write(connection), None))
-                            except Exception as exc:
-                                outcomes.append((job, None, exc))
-                self.after_commit(connection, transaction)  # committed (else it raised)
-        except Exception as exc:  # the shared commit failed: nobody's change is acknowledged
-            _settle([(job, None, exc) for job in batch])
-            return
-        _settle(outcomes)
-
-    @staticmethod
-    def _together(connection: Connection, run: list[_Job], outcomes: list[_Outcome]) -> bool:
-        """Make `run` as one write; False (its savepoint rolled back) if that failed."""
-        together = run[0].together
-        assert together is not None
-        try:
-            with connection.begin_nested():
-                results = together(connection, [job.write for job in run])
-                if len(results) != len(run):
-                    raise RuntimeError(f"group commit: {len(results)} results for {len(run)} writes")
-        except Exception:  # each is then made (and refused) on its own
-            return False
-        outcomes.extend((job, result, None) for job, result in zip(run, results, strict=True))
-        return True
-
-
-def _runs(batch: list[_Job]) -> Iterator[list[_Job]]:
-    """`batch` cut into runs of neighbours with the same `together` (None: one write per run).
-    Bound methods compare equal (not identical) when they are the same method of one object."""
-    run: list[_Job] = []
-    for job in batch:
-        if run and (job.together is None or job.together != run[0].together):
-            yield run
-            run = []
-        run.append(job)
-    if run:
-        yield run
-
-
 class Coordinator:
     """State changes and queries; the Litestar routes are thin wrappers around these."""
 
@@ -329,6 +148,9 @@ class Coordinator:
         # Balances, escrows and payout terms: the auditor's fold of the log (audit.ledger).
         self.ledger = LedgerView(operator.key_id)
         self._batcher = GroupCommit(self.write_engine, after_commit=self._after_commit)
+        # SQLite submissions from the event loop: statements on the loop (see LoopGroupCommit).
+        self._loop_batcher = (LoopGroupCommit(self.write_engine, after_commit=self._after_commit)
+                              if self.write_engine.dialect.name == "sqlite" else None)
 
     # ------------------------------------------------------------------ plumbing
     @contextmanager
@@ -380,6 +202,8 @@ class Coordinator:
     def close(self) -> None:
         """Finish the queued writes and stop the writer thread (the app's shutdown)."""
         self._batcher.close()
+        if self._loop_batcher is not None:
+            self._loop_batcher.close()
 
     def bootstrap(self) -> None:
         """Register the coordinator key in the log (once), signed by the operator key, and fold
@@ -628,7 +452,8 @@ class Coordinator:
         if org is None:  # first submission of this organisation: one read, off the loop
             org = await asyncio.to_thread(self._organisation, principal)
         write = self._prepare_submission(principal, data, org)
-        study: SubmittedStudy = await self._batcher.submit_async(write, self._submit_many_in)
+        batcher = self._loop_batcher or self._batcher
+        study: SubmittedStudy = await batcher.submit_async(write, self._submit_many_in)
         self.on_change("study.submit")
         return study
 

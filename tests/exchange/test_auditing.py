@@ -201,7 +201,7 @@ def test_a_rolled_back_savepoint_leaves_no_trace_in_the_transactions_ledger(
     size = world.runtime.audit_log.size()
     a: Future[object] = Future()
     b: Future[object] = Future()
-    from exchange.coordinator.services import _Job
+    from exchange.coordinator.group_commit import _Job
 
     coordinator._batcher._commit([_Job(failing_after_append, a), _Job(write_b, b)])
     with pytest.raises(RuntimeError, match="disk trouble"):
@@ -237,7 +237,7 @@ def test_rows_re_appended_after_a_savepoint_rollback_are_folded(sqlite_world: Wo
 def test_group_commit_close_finishes_queued_writes_then_refuses(tmp_path: Path) -> None:
     from sqlalchemy import text as sql
 
-    from exchange.coordinator.services import GroupCommit
+    from exchange.coordinator.group_commit import GroupCommit
 
     engine = _write_engine(f"sqlite:///{tmp_path / 'gc.db'}")
     with engine.begin() as connection:

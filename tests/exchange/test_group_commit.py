@@ -9,6 +9,7 @@ rolled back leaves a trace, and the served balances equal the auditor's fold of 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -19,8 +20,9 @@ from sqlalchemy import event
 
 from audit.store import verify_storage
 from exchange.coordinator import problems
+from exchange.coordinator.group_commit import _Job
 from exchange.coordinator.schemas import StudyCreate
-from exchange.coordinator.services import Coordinator, SubmittedStudy, _Job, _Submission
+from exchange.coordinator.services import Coordinator, SubmittedStudy, _Submission
 from tests.exchange.conftest import World, study_body
 from tests.exchange.test_lifecycle import fold, log_entries, served_balances
 
@@ -133,3 +135,105 @@ def test_post_answers_exactly_what_a_read_of_the_new_study_gives(world: World) -
     posted = world.submit(title="answered from the row")
     read = world.as_("alice", "GET", f"/v1/studies/{posted['id']}")
     assert read.status_code == 200 and read.json() == posted
+
+
+# -- LoopGroupCommit: SQLite submissions from the event loop (statements on the loop) --------
+
+def _async_submissions(world: World, who: str, budgets: list[int]) -> list[Any]:
+    """Submit concurrently from one event loop; each result or exception, in order."""
+    coordinator = world.runtime.coordinator
+    principal = coordinator.authenticate_api_key(world.keys[who])
+    assert principal is not None
+    bodies = [StudyCreate.model_validate(study_body(token_budget=b, title=f"a{i}"))
+              for i, b in enumerate(budgets)]
+    # The organisation cached: every submission is then queued in the loop's first turn (the
+    # first of an organisation otherwise reads it off the loop), so they form one batch.
+    coordinator._organisation(principal)
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(coordinator.submit_study_async(principal, body)
+                                      for body in bodies), return_exceptions=True)
+
+    return asyncio.run(main())
+
+
+def test_the_loop_writer_groups_concurrent_submissions(sqlite_world: World) -> None:
+    world = sqlite_world
+    batcher = world.runtime.coordinator._loop_batcher
+    assert batcher is not None  # SQLite: submissions from the loop go through it
+    size = world.runtime.audit_log.size()
+    before = served_balances(world)["balances"]["org:acme"]
+    with _statements(world) as statements:
+        results = _async_submissions(world, "alice", [10, 20, 30, 40, 50])
+    assert all(isinstance(r, SubmittedStudy) for r in results), results
+    assert sorted(r.submit_entry_index for r in results) == list(range(size, size + 10, 2))
+    # Submitted in one loop iteration: one batch, so one append and one study INSERT.
+    assert len([s for s in statements if "INSERT INTO audit_entries" in s]) == 1, statements
+    assert served_balances(world)["balances"]["org:acme"] == before - 150
+    assert fold(world) == served_balances(world)
+
+
+def test_the_loop_writer_refuses_an_overdrawing_member_alone(sqlite_world: World) -> None:
+    world = sqlite_world
+    # globex holds 5,000: any two of these fit, all three do not.
+    results = _async_submissions(world, "bob", [2_000, 2_500, 1_000])
+    accepted = [r for r in results if isinstance(r, SubmittedStudy)]
+    refused = [r for r in results if isinstance(r, problems.ProblemError)]
+    assert len(accepted) == 2 and len(refused) == 1, results
+    assert refused[0].status == 422 and [e["field"] for e in refused[0].errors] == ["token_budget"]
+    spent = sum(r.token_budget for r in accepted)
+    assert served_balances(world)["balances"]["org:globex"] == 5_000 - spent
+    assert fold(world) == served_balances(world)
+
+
+def test_the_loop_writer_acknowledges_nothing_when_the_commit_fails(sqlite_world: World) -> None:
+    world = sqlite_world
+    engine = world.runtime.coordinator.write_engine
+    balances = served_balances(world)
+    size = world.runtime.audit_log.size()
+
+    def fail(_connection: Any) -> None:
+        raise RuntimeError("disk full at commit")
+
+    event.listen(engine, "commit", fail)
+    try:
+        results = _async_submissions(world, "alice", [10, 20])
+    finally:
+        event.remove(engine, "commit", fail)
+    assert all(isinstance(r, RuntimeError) and "disk full" in str(r) for r in results), results
+    assert world.runtime.audit_log.size() == size and served_balances(world) == balances
+    again = _async_submissions(world, "alice", [30])
+    assert isinstance(again[0], SubmittedStudy) and again[0].submit_entry_index == size
+    assert fold(world) == served_balances(world)
+    coordinator = world.runtime.coordinator
+    assert verify_storage(coordinator.read_engine, coordinator.operator.public_key) \
+        == world.runtime.audit_log.root()
+
+
+def test_a_caller_on_another_loop_gets_its_answer_there(sqlite_world: World) -> None:
+    """A batch drained by one loop settles a second loop's futures on that loop."""
+    import threading
+
+    world = sqlite_world
+    coordinator = world.runtime.coordinator
+    principal = coordinator.authenticate_api_key(world.keys["alice"])
+    assert principal is not None
+    body = StudyCreate.model_validate(study_body(token_budget=5))
+    other = asyncio.new_event_loop()
+    runner = threading.Thread(target=other.run_forever, daemon=True)
+    runner.start()
+    try:
+        async def both() -> list[Any]:
+            here = coordinator.submit_study_async(principal, body)
+            there = asyncio.run_coroutine_threadsafe(
+                coordinator.submit_study_async(principal, body), other)
+            return [await here, await asyncio.wrap_future(there)]
+
+        first, second = asyncio.run(both())
+        assert isinstance(first, SubmittedStudy) and isinstance(second, SubmittedStudy)
+        assert first.id != second.id
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        runner.join(10)
+        other.close()
+    assert fold(world) == served_balances(world)

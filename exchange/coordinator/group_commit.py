@@ -1,0 +1,317 @@
+"""Group commit: concurrent writes share one transaction and one fsync.
+
+SQLite with synchronous=FULL pays one fsync per commit; under concurrent submissions that, not
+the work, bounds throughput. Both writers here make every write waiting when they get to it in
+one transaction, each in its own savepoint (a refusal rolls back that one alone and goes back to
+its caller), then commit once; every caller gets its result only after that commit.
+
+- `GroupCommit`: one long-lived writer thread; for threads (`run`, `submit`) and, on
+  PostgreSQL, for the event loop (`submit_async`).
+- `LoopGroupCommit`: SQLite callers on an event loop; the statements run on the loop, the lock
+  wait and the fsync on a helper thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+
+Write = Callable[[Connection], Any]
+# Writes of one kind that can be made in one go: (connection, writes) -> their results, in
+# order; raises if any one of them cannot be made (then each is made on its own).
+Together = Callable[[Connection, list[Any]], list[Any]]
+
+
+@dataclass
+class _Job:
+    write: Write
+    # A thread's future, or (with `loop`) an asyncio future of that loop (`submit_async`).
+    future: Future[Any] | asyncio.Future[Any]
+    together: Together | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+
+_Outcome = tuple[_Job, Any, BaseException | None]
+
+
+def _settle(outcomes: list[_Outcome]) -> None:
+    """Give each job its result or error. An asyncio caller's futures are settled on their own
+    loop, all of one batch in ONE call_soon_threadsafe (one wake-up of the loop, one write to
+    its self-pipe) rather than one per future as `asyncio.wrap_future` does."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+    for outcome in outcomes:
+        job, result, error = outcome
+        if job.loop is not None:
+            by_loop.setdefault(job.loop, []).append(outcome)
+        elif not job.future.done():
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(_settle_on_loop, settled)
+
+
+def _settle_on_loop(outcomes: list[_Outcome]) -> None:
+    for job, result, error in outcomes:
+        if job.future.done():  # cancelled: the request went away (the write stands)
+            continue
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+
+def _settle_here(outcomes: list[_Outcome], loop: asyncio.AbstractEventLoop) -> None:
+    """Settle on `loop`, which is running this: its own futures at once, others' (a caller on
+    another loop, as a second test client would be) through their loops."""
+    _settle_on_loop([o for o in outcomes if o[0].loop is loop])
+    _settle([o for o in outcomes if o[0].loop is not loop])
+
+
+class GroupCommit:
+    """Runs write functions in shared transactions, each in a SAVEPOINT, on one writer thread.
+
+    SQLite with synchronous=FULL pays one fsync per commit; under concurrent submissions that,
+    not the work, bounds throughput. The writer thread runs every function waiting when it
+    gets to them in one transaction, each in its own savepoint (a refusal rolls back that one
+    alone and goes back to its caller), then commits once; every caller gets its result only
+    after that commit. One long-lived thread rather than "the first caller writes": an asyncio
+    caller (`submit` + `asyncio.wrap_future`) then needs no thread of its own while it waits,
+    which keeps the number of threads contending for the GIL at two (event loop and writer)
+    instead of one per request in flight (measured: docs/benchmarks/api.md).
+
+    Writes submitted with the same `together` function and queued next to each other are first
+    tried as ONE write (`together(connection, writes)`, in one savepoint): a group of study
+    submissions then costs one append (one size and duplicate look-up, one INSERT per table)
+    and one study INSERT instead of six statements each. If that raises, for whatever reason,
+    its savepoint is rolled back and each write is made on its own, exactly as without it: a
+    refusal still goes back to its own caller alone, with its own reason.
+    """
+
+    def __init__(self, engine: Engine, max_batch: int = 64,
+                 after_commit: Callable[[Connection, object], None] = lambda _c, _t: None) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        # Called on the writer's connection right after each successful COMMIT (the ledger
+        # view promotes the transaction's fold: LedgerView.after_commit).
+        self.after_commit = after_commit
+        self._pending: list[_Job] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, fn: Write, together: Together | None = None) -> Future[Any]:
+        """Queue `fn(connection)`; the future gives its result once the shared commit is durable."""
+        future: Future[Any] = Future()
+        self._queue(_Job(fn, future, together))
+        return future
+
+    def _queue(self, job: _Job) -> None:
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("group commit: closed")
+            self._pending.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write_loop, name="coordinator-writer",
+                                                daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def run(self, fn: Write, together: Together | None = None) -> Any:
+        return self.submit(fn, together).result()
+
+    def submit_async(self, fn: Write, together: Together | None = None) -> asyncio.Future[Any]:
+        """`submit` for a coroutine on the running loop: an asyncio future settled on it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue(_Job(fn, future, together, loop))
+        return future
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the writer thread."""
+        with self._wake:
+            self._closed = True
+            thread = self._thread
+            self._wake.notify()
+        if thread is not None:
+            thread.join()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._closed:
+                    self._wake.wait()
+                if not self._pending:
+                    return  # closed and drained
+                batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+            try:
+                self._commit(batch)
+            except BaseException as exc:  # never leave a caller waiting forever
+                _settle([(job, None, exc) for job in batch])
+
+    def _commit(self, batch: list[_Job]) -> None:
+        try:
+            # A Core connection, not an ORM Session: the writer's functions use only the
+            # connection, and the Session's transaction bookkeeping per savepoint cost about
+            # a tenth of a submission's time in the writer.
+            with self.engine.connect() as connection:
+                with connection.begin() as transaction:
+                    outcomes = run_batch(connection, batch)
+                self.after_commit(connection, transaction)  # committed (else it raised)
+        except Exception as exc:  # the shared commit failed: nobody's change is acknowledged
+            _settle([(job, None, exc) for job in batch])
+            return
+        _settle(outcomes)
+
+
+def run_batch(connection: Connection, batch: list[_Job]) -> list[_Outcome]:
+    """Make every write of `batch` in `connection`'s open transaction: runs of one `together`
+    as one write if that works, else (and every other write) each in its own savepoint. A
+    write's exception is its outcome; the transaction goes on."""
+    outcomes: list[_Outcome] = []
+    for run in _runs(batch):
+        if len(run) > 1 and _together(connection, run, outcomes):
+            continue
+        for job in run:
+            try:
+                with connection.begin_nested():
+                    outcomes.append((job, job.write(connection), None))
+            except Exception as exc:
+                outcomes.append((job, None, exc))
+    return outcomes
+
+
+def _together(connection: Connection, run: list[_Job], outcomes: list[_Outcome]) -> bool:
+    """Make `run` as one write; False (its savepoint rolled back) if that failed."""
+    together = run[0].together
+    assert together is not None
+    try:
+        with connection.begin_nested():
+            results = together(connection, [job.write for job in run])
+            if len(results) != len(run):
+                raise RuntimeError(f"group commit: {len(results)} results for {len(run)} writes")
+    except Exception:  # each is then made (and refused) on its own
+        return False
+    outcomes.extend((job, result, None) for job, result in zip(run, results, strict=True))
+    return True
+
+
+def _runs(batch: list[_Job]) -> Iterator[list[_Job]]:
+    """`batch` cut into runs of neighbours with the same `together` (None: one write per run).
+    Bound methods compare equal (not identical) when they are the same method of one object."""
+    run: list[_Job] = []
+    for job in batch:
+        if run and (job.together is None or job.together != run[0].together):
+            yield run
+            run = []
+        run.append(job)
+    if run:
+        yield run
+
+
+class LoopGroupCommit:
+    """Group commit for SQLite callers on an event loop: a batch's statements run ON the loop;
+    only BEGIN IMMEDIATE (which may wait for another writer's lock) and COMMIT (the fsync) run
+    on a helper thread, while the loop serves other requests.
+
+    Why: with a Python writer thread (GroupCommit) the loop and the writer take the GIL from
+    each other at every SQLite call, socket operation and signature (each releases it): ~6
+    context switches per submission, and about a quarter of the process's CPU per submission
+    went to those hand-overs (measured: 1.52-1.68 ms vs 1.18-1.23 ms per submission with the
+    batch's statements on the loop; docs/benchmarks/api.md). SQLite statements are in-process
+    CPU work, so running them on the loop blocks it no longer than that work takes; the waits
+    (lock, fsync) stay off it. PostgreSQL statements wait on the network: they stay on
+    GroupCommit's thread.
+
+    One batch at a time: submissions that arrive while a batch commits form the next one.
+    """
+
+    def __init__(self, engine: Engine, max_batch: int = 64,
+                 after_commit: Callable[[Connection, object], None] = lambda _c, _t: None) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.after_commit = after_commit
+        self._pending: list[_Job] = []
+        self._draining: asyncio.Task[None] | None = None
+        self._closed = False
+        self._connection: Connection | None = None  # used by one batch at a time
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="coordinator-commit")
+
+    def submit_async(self, fn: Write, together: Together | None = None) -> asyncio.Future[Any]:
+        """Queue `fn(connection)`; an asyncio future, settled once the shared commit is durable."""
+        if self._closed:
+            raise RuntimeError("group commit: closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append(_Job(fn, future, together, loop))
+        if self._draining is None:
+            self._draining = loop.create_task(self._drain())
+        return future
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                await self._commit()
+        finally:
+            self._draining = None
+
+    def _take(self) -> list[_Job]:
+        batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+        return batch
+
+    async def _commit(self) -> None:
+        """One transaction for what is pending once it holds the write lock (submissions that
+        arrive while BEGIN IMMEDIATE waits join this batch)."""
+        loop = asyncio.get_running_loop()
+        try:
+            if self._connection is None:
+                self._connection = await loop.run_in_executor(self._executor, self.engine.connect)
+            connection = self._connection
+            transaction = await loop.run_in_executor(self._executor, connection.begin)
+        except Exception as exc:
+            self._drop_connection()
+            _settle_here([(job, None, exc) for job in self._take()], loop)
+            return
+        batch = self._take()
+        try:
+            outcomes = run_batch(connection, batch)
+            await loop.run_in_executor(self._executor, transaction.commit)
+        except Exception as exc:  # the shared commit failed: nobody's change is acknowledged
+            # A failed COMMIT can leave the driver's transaction open while SQLAlchemy's is
+            # already inactive (and then the pool's reset on return is skipped): discard the
+            # driver connection (SQLite drops an open transaction with it); the next batch
+            # opens a fresh one.
+            with contextlib.suppress(Exception):
+                await loop.run_in_executor(self._executor, self._drop_connection)
+            _settle_here([(job, None, exc) for job in batch], loop)
+            return
+        except BaseException:  # cancelled mid-commit: the connection's state is unknown
+            self._drop_connection()
+            raise
+        self.after_commit(connection, transaction)
+        _settle_here(outcomes, loop)
+
+    def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.invalidate()
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def close(self) -> None:
+        """Stop taking writes and release the connection (the server has drained requests)."""
+        self._closed = True
+        self._executor.shutdown(wait=True)
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
