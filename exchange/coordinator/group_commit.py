@@ -85,9 +85,10 @@ class GroupCommit:
     gets to them in one transaction, each in its own savepoint (a refusal rolls back that one
     alone and goes back to its caller), then commits once; every caller gets its result only
     after that commit. One long-lived thread rather than "the first caller writes": an asyncio
-    caller (`submit` + `asyncio.wrap_future`) then needs no thread of its own while it waits,
-    which keeps the number of threads contending for the GIL at two (event loop and writer)
-    instead of one per request in flight (measured: docs/benchmarks/api.md).
+    caller (`submit_async`) then needs no thread of its own while it waits, which keeps the
+    number of threads contending for the GIL at two (event loop and writer) instead of one per
+    request in flight (measured: docs/benchmarks/api.md). On SQLite, event-loop callers use
+    LoopGroupCommit instead (no writer thread at all).
 
     Writes submitted with the same `together` function and queued next to each other are first
     tried as ONE write (`together(connection, writes)`, in one savepoint): a group of study
