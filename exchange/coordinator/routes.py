@@ -229,11 +229,12 @@ class StudyController(Controller):
         return StudyPage(items=[StudySummary.model_validate(r) for r in rows], total=total,
                          next_offset=_next(offset, len(rows), total))
 
-    @get("/{study_id:str}", sync_to_thread=True, responses=PROBLEMS,
-         summary="A study, its decisions and progress")
-    def get_study(self, principal: Principal, coordinator: Coordinator, study_id: str) -> StudyOut:
+    @get("/{study_id:str}", responses=PROBLEMS, summary="A study, its decisions and progress")
+    async def get_study(self, principal: Principal, coordinator: Coordinator,
+                        study_id: str) -> StudyOut:
         allow(principal, Role.RESEARCHER, Role.OPERATOR, Role.AUDITOR)
-        return StudyOut.model_validate(coordinator.get_study(principal, study_id))
+        return StudyOut.model_validate(
+            await coordinator.read_async(coordinator.get_study, principal, study_id))
 
     @post("/{study_id:str}/cancel", sync_to_thread=True, responses=PROBLEMS, status_code=200,
           summary="Cancel a study (refunds its escrow)")

@@ -14,6 +14,7 @@ receipts are their own signed entries, appended unchanged.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import secrets
 import threading
@@ -23,8 +24,9 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -63,6 +65,7 @@ from exchange.coordinator.schemas import (
 from exchange.logging import get_logger
 
 log = get_logger("exchange.coordinator")
+T = TypeVar("T")
 API_KEY_PREFIX_BYTES = 6
 API_KEY_SECRET_BYTES = 32
 
@@ -151,6 +154,9 @@ class Coordinator:
         # SQLite submissions from the event loop: statements on the loop (see LoopGroupCommit).
         self._loop_batcher = (LoopGroupCommit(self.write_engine, after_commit=self._after_commit)
                               if self.write_engine.dialect.name == "sqlite" else None)
+        # SQLite reads are in-process work with no network wait: an async route may run them
+        # on the event loop instead of handing them to a worker thread (see `read_async`).
+        self.reads_on_loop = self.read_engine.dialect.name == "sqlite"
 
     # ------------------------------------------------------------------ plumbing
     @contextmanager
@@ -568,6 +574,14 @@ class Coordinator:
         out = {name: getattr(study, name) for name in self._STUDY_COLUMNS}
         out.update(rounds_completed=0, decisions=[], approvals=0, refusals=0)
         return out
+
+    async def read_async(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)`, a short read, from a coroutine: on the loop itself on SQLite (a thread
+        hand-off, and the GIL hand-overs that come with it, cost more than an indexed read
+        there: docs/benchmarks/api.md), on a worker thread on PostgreSQL (network waits)."""
+        if self.reads_on_loop:
+            return fn(*args)
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args))
 
     def get_study(self, principal: Principal, study_id: str) -> dict[str, Any]:
         """One study with its decisions and progress: ONE prebuilt Core statement (the hot
