@@ -2,11 +2,14 @@
 
     .venv/bin/python -m tests.bench.bench_api [--quick] [--seconds S] [--connections 32]
 
-Two uvicorn servers (one process each, loopback) under a raw asyncio-stream load client with
+Three uvicorn servers (one process each, loopback) under a raw asyncio-stream load client with
 `--connections` concurrent requests; bare and coordinator runs alternate in short slices so that
-the machine's load drift affects both alike:
+the machine's load drift affects all alike:
 - bare GET  /v1/studies/{id}: a Litestar app whose handler reads the same study JSON from a row
-  in the same kind of SQLite database (one SELECT), no auth, no validation, no middleware;
+  in the same kind of SQLite database (one SELECT), no auth, no validation, no middleware; a
+  plain sync handler (`sync_to_thread=True`: on a worker thread). The target's baseline.
+- bare-loop GET: the same read from an async handler, on the event loop, as the coordinator's
+  GET does on SQLite since session 3. Reported for reference (the stricter comparison);
 - coordinator GET /v1/studies/{id}: the real app (API-key auth, role and organisation checks,
   decisions and round counts, rate-limit/metrics/access-log middleware, response model);
 - bare POST /v1/studies: parses the body and INSERTs one row in a durable write transaction
@@ -71,15 +74,18 @@ def _config(directory: Path) -> Any:
                      rate_limit_per_minute=10_000_000, access_log=True)
 
 
-def serve_bare(directory: Path, port: int) -> None:
-    """The baseline: same framework, same database kind and durability, nothing else."""
+def serve_bare(directory: Path, port: int, on_loop: bool = False) -> None:
+    """The baseline: same framework, same database kind and durability, nothing else.
+
+    `on_loop`: GET as an async handler reading on the event loop (as the coordinator's GET
+    does on SQLite since session 3) instead of a sync handler on a worker thread."""
     import uvicorn
     from sqlalchemy import JSON, Column, MetaData, String, Table, insert, select
 
     from exchange.coordinator.app import SQLITE_READ_POOL, _write_engine
     from exchange.db.engine import make_engine
 
-    url = f"sqlite:///{directory / 'bare.db'}"
+    url = f"sqlite:///{directory / ('bare-loop.db' if on_loop else 'bare.db')}"
     metadata = MetaData()
     table = Table("bare_studies", metadata, Column("id", String(64), primary_key=True), Column("body", JSON))
     read, write = make_engine(url, **SQLITE_READ_POOL), _write_engine(url)  # same pools as the app
@@ -89,11 +95,18 @@ def serve_bare(directory: Path, port: int) -> None:
         connection.execute(insert(table).values(id=template["id"], body=template))
     counter = iter(range(10**12))
 
-    @get("/v1/studies/{study_id:str}", sync_to_thread=True)
-    def get_study(study_id: str) -> Response[Any]:
+    def read_study(study_id: str) -> Response[Any]:
         with read.connect() as connection:
             body = connection.execute(select(table.c.body).where(table.c.id == study_id)).scalar_one()
         return Response(body)
+
+    @get("/v1/studies/{study_id:str}", sync_to_thread=True)
+    def get_study(study_id: str) -> Response[Any]:
+        return read_study(study_id)
+
+    @get("/v1/studies/{study_id:str}")
+    async def get_study_on_loop(study_id: str) -> Response[Any]:
+        return read_study(study_id)
 
     @post("/v1/studies", sync_to_thread=True, status_code=201)
     def post_study(data: dict[str, Any]) -> dict[str, Any]:
@@ -102,8 +115,8 @@ def serve_bare(directory: Path, port: int) -> None:
             connection.execute(insert(table).values(id=body["id"], body=body))
         return body
 
-    uvicorn.run(Litestar([get_study, post_study]), host="127.0.0.1", port=port, log_level="error",
-                access_log=False)
+    uvicorn.run(Litestar([get_study_on_loop if on_loop else get_study, post_study]), host="127.0.0.1",
+                port=port, log_level="error", access_log=False)
 
 
 # ---------------------------------------------------------------- load
@@ -237,12 +250,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--serve-coordinator", nargs=2, metavar=("DIR", "PORT"))
     parser.add_argument("--serve-bare", nargs=2, metavar=("DIR", "PORT"))
+    parser.add_argument("--serve-bare-loop", nargs=2, metavar=("DIR", "PORT"))
     args = parser.parse_args()
     if args.serve_coordinator:
         serve_coordinator(Path(args.serve_coordinator[0]), int(args.serve_coordinator[1]))
         return
     if args.serve_bare:
         serve_bare(Path(args.serve_bare[0]), int(args.serve_bare[1]))
+        return
+    if args.serve_bare_loop:
+        serve_bare(Path(args.serve_bare_loop[0]), int(args.serve_bare_loop[1]), on_loop=True)
         return
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     results: dict[str, dict[str, float]] = {}
@@ -251,15 +268,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         token, study_id = _prepare(directory)
-        servers = {kind: _start(kind, directory) for kind in ("bare", "coordinator")}
-        headers = {"bare": {}, "coordinator": {"Authorization": f"Bearer {token}"}}
+        servers = {kind: _start(kind, directory) for kind in ("bare", "bare-loop", "coordinator")}
+        headers = {"bare": {}, "bare-loop": {}, "coordinator": {"Authorization": f"Bearer {token}"}}
         try:
-            for kind, (_proc, base) in servers.items():  # warm up both paths of both servers
+            for kind, (_proc, base) in servers.items():  # warm up both paths of every server
                 asyncio.run(_load(base, f"/v1/studies/{study_id}", "GET", headers[kind], None, 1.0, 4))
                 asyncio.run(_load(base, "/v1/studies", "POST", headers[kind], STUDY, 1.0, 4))
             for method in ("GET", "POST"):
                 for _ in range(slices):
                     for kind, (_proc, base) in servers.items():
+                        if kind == "bare-loop" and method == "POST":
+                            continue  # the same POST as "bare": only its GET differs
                         path = f"/v1/studies/{study_id}" if method == "GET" else "/v1/studies"
                         raw.setdefault(f"{kind} {method}", []).append(asyncio.run(_load(
                             base, path, method, headers[kind], STUDY if method == "POST" else None,
@@ -280,6 +299,9 @@ def main() -> None:
         print(f"{method}: coordinator/bare throughput {ratio:.2f}x (target >= 0.70: "
               f"{'met' if ratio >= 0.7 else 'NOT met'}); p99 {ours['p99_ms']:.1f} ms "
               f"(target < 100: {'met' if ours['p99_ms'] < 100 else 'NOT met'})")
+    strict = results["coordinator GET"]["rps"] / results["bare-loop GET"]["rps"]
+    print(f"GET vs a bare endpoint reading on the event loop (as the coordinator now does): "
+          f"{strict:.2f}x (reported, not the target's baseline)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
