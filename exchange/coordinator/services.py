@@ -452,8 +452,9 @@ class Coordinator:
         return study
 
     async def submit_study_async(self, principal: Principal, data: StudyCreate) -> SubmittedStudy:
-        """`submit_study` for the event loop: the request checks and the two signatures (~0.3 ms
-        of CPU) run on the loop, the write on the writer thread, awaited without a thread."""
+        """`submit_study` for the event loop: the request checks and the two signatures run on
+        the loop; the write is awaited without a thread of its own (SQLite: LoopGroupCommit,
+        the batch's statements on the loop; PostgreSQL: GroupCommit's writer thread)."""
         org = self._organisations.get(principal.organisation_id or "")
         if org is None:  # first submission of this organisation: one read, off the loop
             org = await asyncio.to_thread(self._organisation, principal)
