@@ -23,6 +23,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
+from exchange.logging import get_logger
+
+log = get_logger("exchange.coordinator.group_commit")
+
 Write = Callable[[Connection], Any]
 # Writes of one kind that can be made in one go: (connection, writes) -> their results, in
 # order; raises if any one of them cannot be made (then each is made on its own).
@@ -68,6 +72,23 @@ def _settle_on_loop(outcomes: list[_Outcome]) -> None:
             job.future.set_exception(error)
         else:
             job.future.set_result(result)
+
+
+def _after_commit(hook: Callable[[Connection, object], None], connection: Connection,
+                  transaction: object) -> None:
+    """Run the after-commit hook; its failure must not turn a durable write into a reported
+    failure (the next transaction then reads what the hook would have carried over)."""
+    try:
+        hook(connection, transaction)
+    except Exception as exc:
+        log.error("group_commit.after_commit_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _invalidate(connection: Connection) -> None:
+    with contextlib.suppress(Exception):
+        connection.invalidate()
+    with contextlib.suppress(Exception):
+        connection.close()
 
 
 def _settle_here(outcomes: list[_Outcome], loop: asyncio.AbstractEventLoop) -> None:
@@ -167,7 +188,7 @@ class GroupCommit:
             with self.engine.connect() as connection:
                 with connection.begin() as transaction:
                     outcomes = run_batch(connection, batch)
-                self.after_commit(connection, transaction)  # committed (else it raised)
+                _after_commit(self.after_commit, connection, transaction)  # committed
         except Exception as exc:  # the shared commit failed: nobody's change is acknowledged
             _settle([(job, None, exc) for job in batch])
             return
@@ -279,9 +300,12 @@ class LoopGroupCommit:
             connection = self._connection
             transaction = await loop.run_in_executor(self._executor, connection.begin)
         except Exception as exc:
-            self._drop_connection()
+            self._discard_connection()
             _settle_here([(job, None, exc) for job in self._take()], loop)
             return
+        except BaseException:  # cancelled (the loop is closing): BEGIN may still complete
+            self._discard_connection()
+            raise
         batch = self._take()
         try:
             outcomes = run_batch(connection, batch)
@@ -291,23 +315,22 @@ class LoopGroupCommit:
             # already inactive (and then the pool's reset on return is skipped): discard the
             # driver connection (SQLite drops an open transaction with it); the next batch
             # opens a fresh one.
-            with contextlib.suppress(Exception):
-                await loop.run_in_executor(self._executor, self._drop_connection)
+            self._discard_connection()
             _settle_here([(job, None, exc) for job in batch], loop)
             return
         except BaseException:  # cancelled mid-commit: the connection's state is unknown
-            self._drop_connection()
+            self._discard_connection()
             raise
-        self.after_commit(connection, transaction)
+        _after_commit(self.after_commit, connection, transaction)
         _settle_here(outcomes, loop)
 
-    def _drop_connection(self) -> None:
+    def _discard_connection(self) -> None:
+        """Forget the connection; close its driver connection on the helper thread, after
+        whatever it is still doing with it (one thread: in order)."""
         connection, self._connection = self._connection, None
         if connection is not None:
-            with contextlib.suppress(Exception):
-                connection.invalidate()
-            with contextlib.suppress(Exception):
-                connection.close()
+            with contextlib.suppress(RuntimeError):  # the executor is shut down: process exit
+                self._executor.submit(_invalidate, connection)
 
     def close(self) -> None:
         """Stop taking writes and release the connection (the server has drained requests)."""

@@ -38,7 +38,7 @@ def _submissions(world: World, who: str, budgets: list[int]) -> tuple[Coordinato
         for i, b in enumerate(budgets)]
 
 
-def _commit_together(coordinator: Coordinator, writes: list[_Submission]) -> list[Future[Any]]:
+def _commit_together(coordinator: Coordinator, writes: list[_Submission]) -> list[Any]:
     """One writer batch holding `writes` as neighbours of one kind (as concurrent POSTs are)."""
     jobs = [_Job(write, Future(), coordinator._submit_many_in) for write in writes]
     coordinator._batcher._commit(jobs)
@@ -237,3 +237,36 @@ def test_a_caller_on_another_loop_gets_its_answer_there(sqlite_world: World) -> 
         runner.join(10)
         other.close()
     assert fold(world) == served_balances(world)
+
+
+def test_a_failing_after_commit_hook_does_not_fail_a_durable_write(tmp_path: Any) -> None:
+    """The hook runs after COMMIT returned: if it raises, the writes stand and their callers
+    get their results (both writers)."""
+    from sqlalchemy import text
+
+    from exchange.coordinator.app import _write_engine
+    from exchange.coordinator.group_commit import GroupCommit, LoopGroupCommit
+
+    engine = _write_engine(f"sqlite:///{tmp_path / 'hook.db'}")
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE t (v INTEGER)"))
+
+    def broken_hook(_connection: Any, _transaction: object) -> None:
+        raise RuntimeError("hook broke")
+
+    def insert(value: int) -> Any:
+        return lambda c: c.execute(text("INSERT INTO t VALUES (:v)"), {"v": value}) and value
+
+    threaded = GroupCommit(engine, after_commit=broken_hook)
+    assert threaded.run(insert(1)) == 1
+    threaded.close()
+    on_loop = LoopGroupCommit(engine, after_commit=broken_hook)
+
+    async def main() -> list[Any]:
+        return list(await asyncio.gather(*(on_loop.submit_async(insert(v)) for v in (2, 3))))
+
+    assert asyncio.run(main()) == [2, 3]
+    on_loop.close()
+    with engine.connect() as connection:
+        assert sorted(connection.execute(text("SELECT v FROM t")).scalars()) == [1, 2, 3]
+    engine.dispose()
