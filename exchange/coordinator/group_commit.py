@@ -98,7 +98,25 @@ def _settle_here(outcomes: list[_Outcome], loop: asyncio.AbstractEventLoop) -> N
     _settle([o for o in outcomes if o[0].loop is not loop])
 
 
-class GroupCommit:
+class _Batcher:
+    """What both writers share: the queue of pending writes, its cut into batches of at most
+    `max_batch`, and the hook run on the connection right after each successful COMMIT (the
+    ledger view and the audit log carry the committed state over: Coordinator._after_commit)."""
+
+    def __init__(self, engine: Engine, max_batch: int = 64,
+                 after_commit: Callable[[Connection, object], None] = lambda _c, _t: None) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.after_commit = after_commit
+        self._pending: list[_Job] = []
+        self._closed = False
+
+    def _take(self) -> list[_Job]:
+        batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+        return batch
+
+
+class GroupCommit(_Batcher):
     """Runs write functions in shared transactions, each in a SAVEPOINT, on one writer thread.
 
     SQLite with synchronous=FULL pays one fsync per commit; under concurrent submissions that,
@@ -121,15 +139,9 @@ class GroupCommit:
 
     def __init__(self, engine: Engine, max_batch: int = 64,
                  after_commit: Callable[[Connection, object], None] = lambda _c, _t: None) -> None:
-        self.engine = engine
-        self.max_batch = max_batch
-        # Called on the writer's connection right after each successful COMMIT (the ledger
-        # view promotes the transaction's fold: LedgerView.after_commit).
-        self.after_commit = after_commit
-        self._pending: list[_Job] = []
+        super().__init__(engine, max_batch, after_commit)
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._closed = False
 
     def submit(self, fn: Write, together: Together | None = None) -> Future[Any]:
         """Queue `fn(connection)`; the future gives its result once the shared commit is durable."""
@@ -174,7 +186,7 @@ class GroupCommit:
                     self._wake.wait()
                 if not self._pending:
                     return  # closed and drained
-                batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+                batch = self._take()
             try:
                 self._commit(batch)
             except BaseException as exc:  # never leave a caller waiting forever
@@ -240,7 +252,7 @@ def _runs(batch: list[_Job]) -> Iterator[list[_Job]]:
         yield run
 
 
-class LoopGroupCommit:
+class LoopGroupCommit(_Batcher):
     """Group commit for SQLite callers on an event loop: a batch's statements run ON the loop;
     only BEGIN IMMEDIATE (which may wait for another writer's lock) and COMMIT (the fsync) run
     on a helper thread, while the loop serves other requests.
@@ -259,12 +271,8 @@ class LoopGroupCommit:
 
     def __init__(self, engine: Engine, max_batch: int = 64,
                  after_commit: Callable[[Connection, object], None] = lambda _c, _t: None) -> None:
-        self.engine = engine
-        self.max_batch = max_batch
-        self.after_commit = after_commit
-        self._pending: list[_Job] = []
+        super().__init__(engine, max_batch, after_commit)
         self._draining: asyncio.Task[None] | None = None
-        self._closed = False
         self._connection: Connection | None = None  # used by one batch at a time
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="coordinator-commit")
 
@@ -285,10 +293,6 @@ class LoopGroupCommit:
                 await self._commit()
         finally:
             self._draining = None
-
-    def _take(self) -> list[_Job]:
-        batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
-        return batch
 
     async def _commit(self) -> None:
         """One transaction for what is pending once it holds the write lock (submissions that

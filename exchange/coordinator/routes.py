@@ -214,8 +214,8 @@ class StudyController(Controller):
           exception_handlers={ValidationException: _study_problem_handler})
     async def submit(self, principal: Principal, coordinator: Coordinator,
                      data: StudyCreate) -> StudyOut:
-        # async: the write is awaited on the coordinator's writer thread, so a submission in
-        # flight holds no worker thread (see services.GroupCommit).
+        # async: the write is awaited on the group commit, so a submission in flight holds no
+        # worker thread (see exchange.coordinator.group_commit).
         allow(principal, Role.RESEARCHER)
         study = await coordinator.submit_study_async(principal, data)
         return StudyOut.model_validate(coordinator.submitted_view(study))

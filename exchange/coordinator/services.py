@@ -590,7 +590,6 @@ class Coordinator:
         loaded). The study LEFT JOIN its decisions gives one row per decision (one row with
         NULL decision columns when there is none); the completed rounds come as a scalar
         subquery on each row."""
-        rows = None
         with self.read_engine.connect() as connection:
             rows = connection.execute(_STUDY_VIEW, {"study_id": study_id}).all()
         if not rows or (principal.role == Role.RESEARCHER

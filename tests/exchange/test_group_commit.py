@@ -1,4 +1,4 @@
-"""Study submissions through the coordinator's group commit (services.GroupCommit).
+"""Study submissions through the coordinator's group commit (exchange.coordinator.group_commit).
 
 Neighbouring submissions are first written as ONE append and one study INSERT; if that fails
 for any reason, each is made on its own in its savepoint. After each commit the writer's ledger
