@@ -24,21 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="a name for the node (e.g. the hospital id)")
     args = parser.parse_args(argv)
 
-    from flwr.supercore.control import ControlHttpClient
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-
+    from federated.runtime.flwr_internals import ControlApi
     from federated.runtime.settings import disable_phone_home
     from federated.runtime.tls import register_supernode
 
     disable_phone_home()
-    client = ControlHttpClient.from_server_address(
-        server_address=args.superlink, insecure=args.ca is None,
-        root_certificates=args.ca.read_bytes() if args.ca else None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
-    try:
+    with ControlApi(args.superlink, insecure=args.ca is None,
+                    root_certificates=args.ca.read_bytes() if args.ca else None) as client:
         node_id = register_supernode(client, args.public_key, name=args.name)
-    finally:
-        client.close()
     print(f"registered {args.public_key} as node {node_id}")
     return 0
 

@@ -43,6 +43,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 
 from federated.receipts import Receipt, ReceiptError, hospital_account, parse_receipt, verify_receipt
+from federated.runtime import flwr_internals
 from federated.study_spec import StudySpec
 
 log = logging.getLogger("federated.server")
@@ -67,9 +68,9 @@ EVAL_PREFIX = "e."
 #: signature by the hospital's Ed25519 key over `hello_bytes(...)`.
 HELLO_KEY = "hello"
 HELLO_KIND = "flower.hello"
-#: Flower error codes that mean "this node id is gone" (flwr.common.constant.ErrorCode): the
-#: hospital may be back under a new node id, so its message is re-sent there within the round.
-NODE_GONE_CODES = frozenset({3, 5})  # MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE
+#: Flower error codes that mean "this node id is gone": the hospital may be back under a new node
+#: id, so its message is re-sent there within the round.
+NODE_GONE_CODES = flwr_internals.NODE_GONE_ERROR_CODES
 #: Seconds between re-reads of the node list while a phase waits for replies.
 NODE_REFRESH_S = 1.0
 
@@ -412,9 +413,9 @@ def _stamp(messages: Sequence[Message], context: Context, options: ServerOptions
     # `Message()` stamps the run and task from the process-global TaskIdentity; with several studies
     # running in one coordinator process that may be another study's: stamp this one's.
     for message in messages:
-        message.metadata.__dict__["_run_id"] = context.run_id
+        flwr_internals.stamp_metadata(message.metadata, run_id=context.run_id)
         if options.task_id is not None:
-            message.metadata.__dict__["_src_task_id"] = options.task_id
+            message.metadata.src_task_id = options.task_id
 
 
 def _wait_for_nodes(directory: NodeDirectory, spec: StudySpec, options: ServerOptions,

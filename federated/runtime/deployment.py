@@ -29,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from federated.runtime.flwr_internals import ControlApi
 from federated.runtime.settings import RuntimeSettings, flower_env
 from federated.runtime.tls import NodeKeys, TlsFiles, register_supernode
 
@@ -255,24 +256,13 @@ class SuperLinkProcess:
         self.proc = _spawn("superlink", args, self.workdir / "superlink.log", env)
         _wait_port(self.proc, self.host if is_loopback(self.host) else "127.0.0.1", self.port, timeout)
 
-    def control_client(self) -> Any:
-        from flwr.supercore.control import ControlHttpClient
-        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-
-        return ControlHttpClient.from_server_address(
-            server_address=self.address, insecure=self.insecure, root_certificates=self.root_certificates(),
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
+    def control_client(self) -> ControlApi:
+        return ControlApi(self.address, insecure=self.insecure, root_certificates=self.root_certificates())
 
     def online_node_ids(self) -> list[int]:
         """Node ids the SuperLink currently counts as online."""
-        from flwr.proto.control_pb2 import ListNodesRequest
-
-        client = self.control_client()
-        try:
-            response = client.ListNodes(ListNodesRequest())
-        finally:
-            client.close()
-        return [info.node_id for info in response.nodes_info if info.status == "online"]
+        with self.control_client() as client:
+            return client.online_node_ids()
 
     def wait_for_nodes(self, count: int, timeout: float = 90.0,
                        watch: Sequence[ManagedProcess] = ()) -> list[int]:
@@ -292,11 +282,8 @@ class SuperLinkProcess:
         raise DeploymentError(f"only {len(online)} of {count} SuperNodes online after {timeout:.0f} s")
 
     def register_node(self, keys: NodeKeys, name: str | None = None) -> int:
-        client = self.control_client()
-        try:
+        with self.control_client() as client:
             return register_supernode(client, keys.public_key, name=name)
-        finally:
-            client.close()
 
     def stop(self) -> None:
         if self.proc is not None:

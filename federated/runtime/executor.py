@@ -11,8 +11,8 @@ anything else is answered with an error reply. This also removes FAB installatio
 module-reloading between runs from the hot path.
 
 Run it as ``python -m federated.runtime.executor --runtime-api-address 127.0.0.1:PORT``.
-It uses flwr internals (RuntimeHttpClient, AcquireTask, run_clientapp's helpers); see
-`flwr_internals` and docs/flower.md.
+It uses flwr internals (the Runtime API's AcquireTask, run_clientapp's helpers), all wrapped in
+`flwr_internals`; see docs/flower.md.
 """
 
 from __future__ import annotations
@@ -24,9 +24,13 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
+from federated.runtime import flwr_internals
 from federated.runtime.settings import disable_phone_home
+
+if TYPE_CHECKING:
+    from flwr.app import Context, Message
 
 disable_phone_home()
 
@@ -56,106 +60,75 @@ class WarmExecutor:
         self.stats = ExecutorStats()
         self._stop = threading.Event()
         if pull_backoff is not None:
-            from federated.runtime import flwr_internals
-
             flwr_internals.patch_clientapp_pull_backoff(pull_backoff)
         # Import the ClientApp (and with it torch, our training code) once, up front.
-        from flwr.clientapp.client_app import LoadClientAppError
-        from flwr.supercore.object_ref import load_app
-
-        self._client_app: Any = load_app(self.expected_ref, LoadClientAppError)
+        self._client_app = flwr_internals.load_client_app(self.expected_ref)
 
     def stop(self) -> None:
         self._stop.set()
 
-    def _runtime_client(self, token: str | None) -> Any:
-        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-        from flwr.supercore.retry import make_simple_http_retry_invoker
-        from flwr.supercore.runtime import RuntimeHttpClient
-
-        interceptors: list[Any] = [RuntimeVersionHttpInterceptor(
-            component_name="flwr-clientapp" if token else "SuperExec")]
-        if token:
-            interceptors.append(RuntimeTokenHttpInterceptor(token))
-        return RuntimeHttpClient.from_server_address(
-            server_address=self.address, insecure=True, root_certificates=None,
-            interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
-
-    def _declared_clientapp(self, fab_content: bytes) -> str:
-        from flwr.common.config import get_fab_config
-
-        config = get_fab_config(fab_content)
-        return str(config["tool"]["flwr"]["app"]["components"].get("clientapp", ""))
-
     def run_task(self, token: str) -> None:
         """Run one ClientApp task (mirrors flwr's run_clientapp, minus process exit)."""
-        from flwr.app import Message
-        from flwr.app.error import Error
-        from flwr.common.constant import ErrorCode, SubStatus
-        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-        from flwr.supernode.runtime import run_clientapp as rc
+        from flwr.app import Error, Message
 
         started = time.perf_counter()
-        client = self._runtime_client(token)
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
-        heartbeat.start()
-        message = context = reply = None
-        sub_status, details = SubStatus.FAILED, "ClientApp task failed"
+        task = flwr_internals.ClientAppTask(self.address, token)
+        message: Message | None = None
+        context: Context | None = None
+        reply: Message | None = None
+        completed, details = False, "ClientApp task failed"
         try:
-            message, context, _run, fab = rc.pull_task_input(client)
-            declared = self._declared_clientapp(fab.content)
+            message, context, fab = task.pull_input()
+            declared = flwr_internals.fab_clientapp_ref(fab)
             if declared != self.expected_ref:
                 raise PermissionError(f"this node runs only {self.expected_ref}; the run's FAB declares "
                                       f"clientapp={declared!r}")
             # In-process execution shares global random state across runs: reseed per task.
             random.seed()
             reply = self._client_app(message=message, context=context)
-            sub_status, details = SubStatus.COMPLETED, ""
+            completed, details = True, ""
         except Exception as exc:
             details = f"{type(exc).__name__}: {exc}"
             log.exception("ClientApp task failed")
             self.stats.failed += 1
             if message is not None:
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                reply = Message(Error(code=flwr_internals.ERROR_CLIENT_APP_RAISED_EXCEPTION, reason=details),
                                 reply_to=message)
         finally:
             try:
                 if reply is not None and context is not None:
-                    rc.push_message(client, reply, context)
+                    task.push_reply(reply, context)
             finally:
-                rc.push_task_output(client, context, sub_status, details)
-                if heartbeat.is_running:
-                    heartbeat.stop()
-                client.close()
+                try:
+                    task.push_output(context, completed=completed, details=details)
+                finally:
+                    task.close()
         self.stats.tasks += 1
         self.stats.task_seconds.append(time.perf_counter() - started)
-        log.info("task done in %.3f s (%s)", self.stats.task_seconds[-1], sub_status)
+        log.info("task done in %.3f s (%s)", self.stats.task_seconds[-1],
+                 "completed" if completed else "failed")
 
     def serve(self) -> None:
         """Take and run tasks until `stop()`; connection errors are retried (the SuperNode may
         still be starting or restarting)."""
-        from flwr.proto.runtime_pb2 import AcquireTaskRequest
-        from flwr.supercore.constant import TaskType
-
-        request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
-        client = self._runtime_client(None)
+        tasks = flwr_internals.TaskQueue(self.address, "clientapp")
         try:
             while not self._stop.is_set():
                 try:
-                    response = client.AcquireTask(request)
+                    claim = tasks.acquire()
                 except Exception as exc:
                     log.warning("runtime API not reachable (%s); retrying", exc)
                     self._stop.wait(1.0)
                     continue
-                if response.HasField("task") and response.token:
+                if claim is not None:
                     try:
-                        self.run_task(response.token)
+                        self.run_task(claim.token)
                     except Exception:  # one broken task (e.g. a failed push) must not end the executor
                         log.exception("task could not be completed")
                 else:
                     self._stop.wait(self.poll)
         finally:
-            client.close()
+            tasks.close()
 
 
 def main(argv: list[str] | None = None) -> None:

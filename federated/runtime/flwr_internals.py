@@ -1,31 +1,72 @@
-"""Every use of flwr 1.42 internals, in one place, each guarded by a layout check.
+"""Every use of flwr 1.42 internals, in one place: a Flower upgrade is this one file to read.
 
-Why this module exists: out of the box a Flower 1.42 round costs 20-30 s on our machines, mostly
-in hard-coded sleeps (`time.sleep(3)` / `time.sleep(0.5)` in the SuperNode loop), a 1 s initial
-back-off when a message's objects are not stored yet, and a new interpreter per ClientApp message.
-Shortening those needs a few internals (see docs/flower.md). They are not public API, so each
-patch first checks that flwr still looks the way it did when we measured it and raises
-`FlowerLayoutError` (not an `assert`, which `python -O` would drop) if it does not: an upgrade
-fails loudly at start-up instead of silently running slow or wrong. `RuntimeSettings.mode =
-"plain"` runs without any of these patches.
+Public Flower API, used directly elsewhere: `flwr.app` (Message, Context, records, Error,
+Metadata's read-only properties), `flwr.serverapp` (ServerApp, Grid), `flwr.clientapp`
+(ClientApp) and the `flower-superlink` / `flower-supernode` command lines. Everything else the
+runtime needs is wrapped here, behind small typed functions and classes:
+
+- the Control API (submit a run, list nodes, register a SuperNode key) and the Runtime API (claim
+  a ServerApp or ClientApp task, pull its input, push its output, keep its heartbeat), which is
+  how the coordinator runs a study's ServerApp in its own process and how a hospital's warm
+  executor runs ClientApp tasks (`server_runner`, `executor`);
+- FAB building and reading, the process-global task identity, message metadata that has no
+  public setter, Flower's error codes, the SuperLink/SuperNode entry points and log format;
+- the speed patches: out of the box a Flower 1.42 round costs 20-30 s on our machines, mostly in
+  hard-coded sleeps (`time.sleep(3)` / `time.sleep(0.5)` in the SuperNode loop), a 1 s initial
+  back-off when a message's objects are not stored yet, and a new interpreter per ClientApp
+  message (see docs/flower.md). `RuntimeSettings.mode = "plain"` runs without the patches.
+
+Two guards, both raising `FlowerLayoutError` (not `assert`, which `python -O` would drop):
+`check_flwr_version()` refuses any flwr but the pinned one before a patch is applied (patches
+are written against exact source lines), and `check_layout()` verifies that every module,
+name, signature, constant and private attribute used here is still what it was; each wrapper
+runs the part of it that it needs once, before it first touches flwr. An upgrade therefore
+fails at start-up, naming what moved, instead of running slow or wrong.
+tests/federated/test_flwr_internals.py runs every check and also fails if any other module of
+the project imports a non-public flwr module.
+
+flwr is imported lazily, inside functions: callers switch telemetry off before the first import
+(`settings.disable_phone_home`).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.metadata
 import inspect
 import time as _time
 import types
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+    from flwr.app import Context, Message, Metadata
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid
 
 PINNED_FLWR_VERSION = "1.42.0"
 _PATCHED_MARK = "_exchange_patched"
 
+#: flwr.common.constant.ErrorCode values we act on (checked by `check_layout`).
+ERROR_CLIENT_APP_RAISED_EXCEPTION = 2
+ERROR_MESSAGE_UNAVAILABLE = 3
+ERROR_NODE_UNAVAILABLE = 5
+#: Error codes that mean "this node id is gone": the hospital may be back under a new node id.
+NODE_GONE_ERROR_CODES = frozenset({ERROR_MESSAGE_UNAVAILABLE, ERROR_NODE_UNAVAILABLE})
+
+TaskKind = Literal["serverapp", "clientapp"]
+RunConfigValue = str | int | float | bool
+
 
 class FlowerLayoutError(RuntimeError):
-    """flwr is not the version, or does not have the layout, these patches were written for."""
+    """flwr is not the version, or does not have the layout, this module was written for."""
+
+
+# -- version and layout checks -----------------------------------------------------------------
 
 
 def check_flwr_version() -> None:
@@ -41,6 +82,451 @@ def check_flwr_version() -> None:
 def _require(condition: bool, what: str) -> None:
     if not condition:
         raise FlowerLayoutError(f"flwr layout changed: {what} (see federated/runtime/flwr_internals.py)")
+
+
+#: Per part of the runtime: (module, name, parameters the name must accept, attributes it must have).
+_LAYOUT: dict[str, tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]] = {
+    "control": (
+        ("flwr.supercore.control", "ControlHttpClient", (),
+         ("from_server_address", "StartRun", "ListNodes", "RegisterNode", "close")),
+        ("flwr.supercore.interceptors", "RuntimeVersionHttpInterceptor", ("component_name",), ()),
+        ("flwr.proto.control_pb2", "StartRunRequest", (), ()),
+        ("flwr.proto.control_pb2", "ListNodesRequest", (), ()),
+        ("flwr.proto.control_pb2", "RegisterNodeRequest", (), ()),
+        ("flwr.common.serde", "fab_to_proto", ("fab",), ()),
+        ("flwr.common.serde", "user_config_to_proto", ("user_config",), ()),
+        ("flwr.supercore.fab", "Fab", ("hash_str", "content", "verifications"), ()),
+        ("flwr.cli.build", "build_fab_from_disk", ("app",), ()),
+        ("flwr.supercore.primitives.asymmetric", "public_key_to_bytes", ("public_key",), ()),
+    ),
+    "runtime": (
+        ("flwr.supercore.runtime", "RuntimeHttpClient", (),
+         ("from_server_address", "AcquireTask", "PullTaskInput", "PushTaskOutput", "close")),
+        ("flwr.supercore.interceptors", "RuntimeVersionHttpInterceptor", ("component_name",), ()),
+        ("flwr.supercore.interceptors", "RuntimeTokenHttpInterceptor", ("token",), ()),
+        ("flwr.supercore.retry", "make_simple_http_retry_invoker", (), ()),
+        ("flwr.supercore.heartbeat", "HeartbeatSender", ("heartbeat_fn",), ("start", "stop", "is_running")),
+        ("flwr.supercore.heartbeat", "make_task_heartbeat_fn_http", ("client",), ()),
+        ("flwr.proto.runtime_pb2", "AcquireTaskRequest", (), ()),
+        ("flwr.proto.runtime_pb2", "PushTaskOutputRequest", (), ()),
+        ("flwr.supercore.constant", "TaskType", (), ("SERVER_APP", "CLIENT_APP")),
+        ("flwr.common.constant", "SubStatus", (), ("COMPLETED", "FAILED")),
+        ("flwr.common.serde", "context_to_proto", ("context",), ()),
+        ("flwr.supercore.task_identity", "TaskIdentity", (), ("task_id", "run_id", "node_id")),
+    ),
+    "serverapp": (
+        ("flwr.superlink.grid", "HttpGrid", ("runtime_api_address", "insecure", "root_certificates", "token"),
+         ("set_run", "close", "_runtime_client")),
+        ("flwr.proto.runtime_pb2", "PullTaskInputRequest", (), ()),
+        ("flwr.common.serde", "context_from_proto", ("context_proto",), ()),
+        ("flwr.common.serde", "run_from_proto", ("run_proto",), ()),
+        ("flwr.common.config", "get_fused_config_from_fab", ("fab_file", "run"), ()),
+    ),
+    "clientapp": (
+        ("flwr.supernode.runtime.run_clientapp", "pull_task_input", ("client",), ()),
+        ("flwr.supernode.runtime.run_clientapp", "push_message", ("client", "message", "context"), ()),
+        ("flwr.supernode.runtime.run_clientapp", "push_task_output",
+         ("client", "context", "sub_status", "details"), ()),
+        ("flwr.supercore.object_ref", "load_app", ("module_attribute_str", "error_type"), ()),
+        ("flwr.clientapp.client_app", "LoadClientAppError", (), ()),
+        ("flwr.common.config", "get_fab_config", ("fab_file",), ()),
+    ),
+    "message": (
+        ("flwr.common.constant", "ErrorCode", (),
+         ("CLIENT_APP_RAISED_EXCEPTION", "MESSAGE_UNAVAILABLE", "NODE_UNAVAILABLE")),
+        ("flwr.supercore.task_identity", "TaskIdentity", (), ("task_id", "run_id", "node_id")),
+    ),
+    "superlink": (
+        ("flwr.superlink.cli", "flower_superlink", (), ()),
+    ),
+    "supernode": (
+        ("flwr.supernode.cli", "flower_supernode", (), ()),
+        ("flwr.supercore.logger", "update_console_handler", ("timestamps", "colored"), ()),
+    ),
+    "patches": (
+        ("flwr.supernode.start_client_internal", "pull_objects", ("initial_backoff", "backoff_cap"), ()),
+        ("flwr.supernode.runtime.run_clientapp", "pull_and_inflate_object_from_tree",
+         ("initial_backoff", "backoff_cap"), ()),
+        ("flwr.superlink.grid.http_grid", "pull_objects", ("initial_backoff", "backoff_cap"), ()),
+        ("flwr.supernode.fleet_http_connection", "HEARTBEAT_DEFAULT_INTERVAL", (), ()),
+        ("flwr.supercore.heartbeat", "HEARTBEAT_DEFAULT_INTERVAL", (), ()),
+        ("flwr.common.constant", "HEARTBEAT_MIN_INTERVAL", (), ()),
+        ("flwr.common.constant", "HEARTBEAT_MAX_INTERVAL", (), ()),
+    ),
+}
+LAYOUT_PARTS = tuple(_LAYOUT)
+_MISSING = object()
+
+
+def _check_name(module_name: str, name: str, params: tuple[str, ...], attributes: tuple[str, ...]) -> Any:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise FlowerLayoutError(f"flwr layout changed: module {module_name} is gone ({exc}) "
+                                "(see federated/runtime/flwr_internals.py)") from exc
+    _require(hasattr(module, name), f"{module_name}.{name} is gone")
+    obj = getattr(module, name)
+    if params:
+        func = obj.func if isinstance(obj, functools.partial) else obj  # one of our own patches
+        try:
+            accepted = inspect.signature(func).parameters
+        except (TypeError, ValueError) as exc:
+            raise FlowerLayoutError(f"flwr layout changed: {module_name}.{name} is not callable "
+                                    "(see federated/runtime/flwr_internals.py)") from exc
+        missing = [p for p in params if p not in accepted]
+        _require(not missing, f"{module_name}.{name} no longer takes {', '.join(missing)}")
+    for attribute in attributes:
+        # looked up statically: reading a property (TaskIdentity's ids live on its metaclass) may
+        # raise; an attribute may also sit on the class's metaclass
+        found = any(inspect.getattr_static(holder, attribute, _MISSING) is not _MISSING
+                    for holder in (obj, type(obj)))
+        _require(found, f"{module_name}.{name} has no {attribute}")
+    return obj
+
+
+def _check_semantics(part: str) -> None:
+    """What a name's presence does not prove: values we hard-code and private attributes we use."""
+    if part == "message":
+        from flwr.app import Metadata
+        from flwr.common.constant import ErrorCode
+        from flwr.supercore.task_identity import TaskIdentity
+
+        for name, ours in (("CLIENT_APP_RAISED_EXCEPTION", ERROR_CLIENT_APP_RAISED_EXCEPTION),
+                           ("MESSAGE_UNAVAILABLE", ERROR_MESSAGE_UNAVAILABLE),
+                           ("NODE_UNAVAILABLE", ERROR_NODE_UNAVAILABLE)):
+            _require(getattr(ErrorCode, name) == ours, f"ErrorCode.{name} is no longer {ours}")
+        for name in ("task_id", "run_id", "node_id"):
+            prop = inspect.getattr_static(type(TaskIdentity), name, None)
+            _require(isinstance(prop, property) and prop.fset is not None,
+                     f"TaskIdentity.{name} is no longer a settable class property")
+        try:
+            metadata = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=0,
+                                reply_to_message_id="", group_id="", created_at=0.0, ttl=1.0,
+                                message_type="query")
+            _set_metadata(metadata, message_id="probe", run_id=7)
+            same = metadata.message_id == "probe" and metadata.run_id == 7
+        except Exception as exc:
+            raise FlowerLayoutError(f"flwr layout changed: Metadata ({type(exc).__name__}: {exc}) "
+                                    "(see federated/runtime/flwr_internals.py)") from exc
+        _require(same, "Metadata no longer keeps message_id/run_id in __dict__['_message_id'/'_run_id']")
+    elif part == "serverapp":
+        from flwr.superlink.grid import HttpGrid
+
+        _require(isinstance(inspect.getattr_static(HttpGrid, "_runtime_client", None), property),
+                 "HttpGrid._runtime_client is no longer a property")
+    elif part == "runtime":
+        from flwr.common.constant import SubStatus
+        from flwr.supercore.constant import TaskType
+
+        task_types = (TaskType.SERVER_APP.value, TaskType.CLIENT_APP.value)
+        _require(task_types == ("flwr-serverapp", "flwr-clientapp"), "TaskType values changed")
+        _require((SubStatus.COMPLETED, SubStatus.FAILED) == ("completed", "failed"),
+                 "SubStatus values changed")
+
+
+_checked: set[str] = set()
+
+
+def check_layout(*parts: str) -> None:
+    """Verify the flwr layout the named parts of this module rely on (all parts if none given).
+
+    Each part is checked once per process; raises `FlowerLayoutError` naming what changed."""
+    for part in parts or LAYOUT_PARTS:
+        if part in _checked:
+            continue
+        if part not in _LAYOUT:
+            raise ValueError(f"part: unknown layout part {part!r}, one of {', '.join(LAYOUT_PARTS)}")
+        for module_name, name, params, attributes in _LAYOUT[part]:
+            _check_name(module_name, name, params, attributes)
+        _check_semantics(part)
+        _checked.add(part)
+
+
+# -- the Control API (what `flwr run` and `flwr supernode register` talk to) --------------------
+
+
+class ControlApi:
+    """A client of the SuperLink's Control API: submit runs, list nodes, register SuperNode keys."""
+
+    def __init__(self, address: str, *, insecure: bool, root_certificates: bytes | None) -> None:
+        check_layout("control")
+        from flwr.supercore.control import ControlHttpClient
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+        self._client = ControlHttpClient.from_server_address(
+            server_address=address, insecure=insecure, root_certificates=root_certificates,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
+
+    def start_run(self, fab: bytes, fab_hash: str, run_config: Mapping[str, RunConfigValue]) -> int:
+        """Submit a run of `fab` with `run_config` overriding its defaults; returns the run id."""
+        from flwr.common.serde import fab_to_proto, user_config_to_proto
+        from flwr.proto.control_pb2 import StartRunRequest
+        from flwr.supercore.fab import Fab
+
+        response = self._client.StartRun(StartRunRequest(
+            fab=fab_to_proto(Fab(fab_hash, fab, {})), override_config=user_config_to_proto(dict(run_config))))
+        return int(response.run_id)
+
+    def online_node_ids(self) -> list[int]:
+        """Node ids the SuperLink currently counts as online."""
+        from flwr.proto.control_pb2 import ListNodesRequest
+
+        response = self._client.ListNodes(ListNodesRequest())
+        return [int(info.node_id) for info in response.nodes_info if info.status == "online"]
+
+    def register_node(self, public_key: bytes, name: str | None = None) -> int:
+        """Register a SuperNode's public key (`node_public_key_bytes`); returns the node id the
+        SuperLink assigned, 0 if it assigned none."""
+        from flwr.proto.control_pb2 import RegisterNodeRequest
+
+        return int(self._client.RegisterNode(RegisterNodeRequest(public_key=public_key, name=name)).node_id)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> ControlApi:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def node_public_key_bytes(public_key: EllipticCurvePublicKey) -> bytes:
+    """A SuperNode public key as the Control API's RegisterNode expects it (what `flwr supernode
+    register` sends)."""
+    check_layout("control")
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    return bytes(public_key_to_bytes(public_key))
+
+
+def build_fab(app_dir: Path) -> bytes:
+    """A FAB built from the app directory on disk (what `flwr build` writes)."""
+    check_layout("control")
+    from flwr.cli.build import build_fab_from_disk
+
+    return bytes(build_fab_from_disk(app_dir))
+
+
+# -- the Runtime API (tasks: the SuperLink's for ServerApps, a SuperNode's for ClientApps) --------
+
+
+def _runtime_http_client(address: str, *, insecure: bool, root_certificates: bytes | None,
+                         component: str, token: str | None) -> Any:
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name=component)]
+    if token:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=insecure, root_certificates=root_certificates,
+        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+
+
+@dataclass(frozen=True)
+class TaskClaim:
+    """A task handed out by `AcquireTask`: the token its runtime calls must carry, and its run."""
+
+    token: str
+    run_id: int
+
+
+class TaskQueue:
+    """Claims pending tasks over a Runtime API, as Flower's SuperExec does (`AcquireTask`)."""
+
+    def __init__(self, address: str, kind: TaskKind, *, insecure: bool = True,
+                 root_certificates: bytes | None = None) -> None:
+        check_layout("runtime")
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest
+        from flwr.supercore.constant import TaskType
+
+        task_type = TaskType.SERVER_APP if kind == "serverapp" else TaskType.CLIENT_APP
+        self._request = AcquireTaskRequest(supported_task_types=[task_type.value])
+        self._client = _runtime_http_client(address, insecure=insecure, root_certificates=root_certificates,
+                                            component="SuperExec", token=None)
+
+    def acquire(self) -> TaskClaim | None:
+        """One pending task, or None if there is none now."""
+        response = self._client.AcquireTask(self._request)
+        if response.HasField("task") and response.token:
+            return TaskClaim(str(response.token), int(response.task.run_id))
+        return None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _sub_status(completed: bool) -> str:
+    from flwr.common.constant import SubStatus
+
+    return str(SubStatus.COMPLETED if completed else SubStatus.FAILED)
+
+
+class _HeartbeatTask:
+    """A claimed task's heartbeat, started with the task; Flower reclaims a silent task."""
+
+    def _start_heartbeat(self, client: Any) -> None:
+        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+
+        self._heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        self._heartbeat.start()
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat.is_running:
+            self._heartbeat.stop()
+
+
+class ServerAppTask(_HeartbeatTask):
+    """A claimed ServerApp task run in this process (the steps of flwr-serverapp): the grid the
+    ServerApp talks through, the task's input, its heartbeat (started here) and its output."""
+
+    def __init__(self, address: str, claim: TaskClaim, *, insecure: bool,
+                 root_certificates: bytes | None) -> None:
+        check_layout("runtime", "serverapp", "message")
+        from flwr.superlink.grid import HttpGrid
+
+        self._http_grid = HttpGrid(runtime_api_address=address, insecure=insecure,
+                                   root_certificates=root_certificates, token=claim.token)
+        self._start_heartbeat(self._http_grid._runtime_client)
+
+    @property
+    def grid(self) -> Grid:
+        return self._http_grid
+
+    def pull_input(self, fab: bytes) -> tuple[int, Context]:
+        """The task id and the ServerApp's Context, its run config fused from `fab`'s defaults and
+        the run's overrides. Sets this process's task identity (process-global: another study in
+        this process may overwrite it, so the ServerApp stamps its messages itself)."""
+        from flwr.common.config import get_fused_config_from_fab
+        from flwr.common.serde import context_from_proto, run_from_proto
+        from flwr.proto.runtime_pb2 import PullTaskInputRequest
+
+        task_input = self._http_grid._runtime_client.PullTaskInput(PullTaskInputRequest())
+        set_task_identity(task_input.task_id, task_input.run.run_id, task_input.context.node_id)
+        context = context_from_proto(task_input.context)
+        run = run_from_proto(task_input.run)
+        self._http_grid.set_run(run)
+        context.run_config = get_fused_config_from_fab(fab, run)
+        return int(task_input.task_id), context
+
+    def push_output(self, context: Context | None, *, completed: bool, details: str) -> None:
+        """Report the task's end (and its final context) to the SuperLink."""
+        from flwr.common.serde import context_to_proto
+        from flwr.proto.runtime_pb2 import PushTaskOutputRequest
+
+        self._http_grid._runtime_client.PushTaskOutput(PushTaskOutputRequest(
+            context=context_to_proto(context) if context is not None else None,
+            sub_status=_sub_status(completed), details=details))
+
+    def close(self) -> None:
+        try:
+            self._stop_heartbeat()
+        finally:
+            self._http_grid.close()
+
+
+class ClientAppTask(_HeartbeatTask):
+    """A claimed ClientApp task on a SuperNode's (loopback) Runtime API, as flwr-clientapp runs it
+    (`run_clientapp`'s helpers), minus the process exit. The heartbeat starts here."""
+
+    def __init__(self, address: str, token: str) -> None:
+        check_layout("runtime", "clientapp")
+        self._client = _runtime_http_client(address, insecure=True, root_certificates=None,
+                                            component="flwr-clientapp", token=token)
+        self._start_heartbeat(self._client)
+
+    def pull_input(self) -> tuple[Message, Context, bytes]:
+        """The message to answer, the node's Context, and the run's FAB."""
+        from flwr.supernode.runtime import run_clientapp
+
+        message, context, _run, fab = run_clientapp.pull_task_input(self._client)
+        return message, context, bytes(fab.content)
+
+    def push_reply(self, reply: Message, context: Context) -> None:
+        from flwr.supernode.runtime import run_clientapp
+
+        run_clientapp.push_message(self._client, reply, context)
+
+    def push_output(self, context: Context | None, *, completed: bool, details: str) -> None:
+        from flwr.supernode.runtime import run_clientapp
+
+        run_clientapp.push_task_output(self._client, context, _sub_status(completed), details)
+
+    def close(self) -> None:
+        try:
+            self._stop_heartbeat()
+        finally:
+            self._client.close()
+
+
+def fab_clientapp_ref(fab: bytes) -> str:
+    """The `module:attribute` a FAB declares as its ClientApp (`[tool.flwr.app.components]`)."""
+    check_layout("clientapp")
+    from flwr.common.config import get_fab_config
+
+    return str(get_fab_config(fab)["tool"]["flwr"]["app"]["components"].get("clientapp", ""))
+
+
+def load_client_app(ref: str) -> ClientApp:
+    """Import the ClientApp `ref` (`module:attribute`) the way flwr-clientapp does."""
+    check_layout("clientapp")
+    from flwr.clientapp.client_app import LoadClientAppError
+    from flwr.supercore.object_ref import load_app
+
+    app: ClientApp = load_app(ref, LoadClientAppError)
+    return app
+
+
+# -- messages and the process's task identity ---------------------------------------------------
+
+
+def set_task_identity(task_id: int, run_id: int, node_id: int) -> None:
+    """Set the process-global identity `Message()` stamps new messages with."""
+    check_layout("message")
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task_id, run_id, node_id
+
+
+def _set_metadata(metadata: Metadata, *, message_id: str | None, run_id: int | None) -> None:
+    # flwr keeps these in private fields without public setters; flwr's own runtime writes them so
+    if message_id is not None:
+        metadata.__dict__["_message_id"] = message_id
+    if run_id is not None:
+        metadata.__dict__["_run_id"] = run_id
+
+
+def stamp_metadata(metadata: Metadata, *, message_id: str | None = None, run_id: int | None = None) -> None:
+    """Set a message's id and/or run id, which `Metadata` exposes read-only."""
+    check_layout("message")
+    _set_metadata(metadata, message_id=message_id, run_id=run_id)
+
+
+# -- the SuperLink's and SuperNode's entry points -------------------------------------------------
+
+
+def flower_superlink_main() -> None:
+    """What the `flower-superlink` command runs (reads sys.argv)."""
+    check_layout("superlink")
+    from flwr.superlink.cli import flower_superlink
+
+    flower_superlink()
+
+
+def flower_supernode_main() -> None:
+    """What the `flower-supernode` command runs (reads sys.argv), its log lines time-stamped:
+    Flower's console lines carry no time by default and log files are more useful with it."""
+    check_layout("supernode")
+    from flwr.supercore.logger import update_console_handler
+    from flwr.supernode.cli import flower_supernode
+
+    update_console_handler(timestamps=True, colored=False)
+    flower_supernode()
+
+
+# -- speed patches (exact flwr version only) -------------------------------------------------------
 
 
 def _sleep_proxy(mapping: dict[float, float]) -> types.SimpleNamespace:

@@ -20,8 +20,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+
+from federated.runtime import flwr_internals
+
+
+def _node_unavailable() -> Error:
+    """The error reply a SuperLink gives for a message to a node id that is gone."""
+    return Error(code=flwr_internals.ERROR_NODE_UNAVAILABLE, reason="Error: Node Unavailable")
 
 
 class InProcessGrid(Grid):
@@ -46,9 +52,7 @@ class InProcessGrid(Grid):
         self.pushed: list[Message] = []
         # Messages take their run and sender from the process's task identity, which the real
         # runner sets from the ServerApp task it claimed.
-        from flwr.supercore.task_identity import TaskIdentity
-
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 0
+        flwr_internals.set_task_identity(task_id=1, run_id=run_id, node_id=0)
 
     # -- what tests control -------------------------------------------------------------------
     def drop(self, node_id: int) -> None:
@@ -92,8 +96,7 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for message in messages:
-            message.metadata.__dict__["_message_id"] = message.object_id
-            message.metadata.__dict__["_run_id"] = self.run_id
+            flwr_internals.stamp_metadata(message.metadata, message_id=message.object_id, run_id=self.run_id)
             self.pushed.append(message)
             node = message.metadata.dst_node_id
             ids.append(message.metadata.message_id)
@@ -104,20 +107,20 @@ class InProcessGrid(Grid):
                 self.contexts[node] = Context(run_id=self.run_id, node_id=node, state=RecordDict(),
                                               node_config=dict(old.node_config),
                                               run_config=dict(old.run_config))
-                error = Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable")
+                error = _node_unavailable()
                 self._replies[message.metadata.message_id] = Message(error, reply_to=message)
                 continue
             if restart is not None:
                 self.restart(node, error=restart)
             if node in self.stale:
                 if self.stale[node]:
-                    error = Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable")
+                    error = _node_unavailable()
                     self._replies[message.metadata.message_id] = Message(error, reply_to=message)
                 continue
             if node in self.dropped or node not in self.contexts:
                 continue
             reply = self.client_app(message=message, context=self.contexts[node])
-            reply.metadata.__dict__["_message_id"] = reply.object_id
+            flwr_internals.stamp_metadata(reply.metadata, message_id=reply.object_id)
             self._replies[message.metadata.message_id] = reply
         return ids
 

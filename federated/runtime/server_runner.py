@@ -3,7 +3,8 @@
 
 Why: the coordinator needs the ServerApp's events as Python calls (to append audit entries), and
 starting a ServerApp through `flwr run` + SuperExec costs 3.4-7.6 s per run against ~0.04 s here.
-How (flwr 1.42 internals, the same steps SuperExec + flwr-serverapp take):
+How (the same steps SuperExec + flwr-serverapp take; the flwr internals they need are wrapped in
+`flwr_internals`):
 1. build the FAB from `federated/app` and submit the run over the Control API (`StartRun`) with
    the study as run config;
 2. claim the run's ServerApp task over the Runtime API (`AcquireTask`), which yields a token;
@@ -24,11 +25,15 @@ import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from federated.runtime import flwr_internals
 from federated.runtime.settings import RuntimeSettings, disable_phone_home
 from federated.server_app import ServerOptions, StudyFailedError, StudyObserver, make_server_app
 from federated.study_spec import StudySpec
+
+if TYPE_CHECKING:
+    from flwr.app import Context
 
 log = logging.getLogger("federated.runner")
 _one_at_a_time = threading.Lock()
@@ -69,12 +74,36 @@ class _ResultObserver:
 
 def build_fab() -> tuple[bytes, str]:
     """The study FAB (`federated/app`) and its SHA-256."""
-    from flwr.cli.build import build_fab_from_disk
-
     from federated.app import APP_DIR
 
-    fab = build_fab_from_disk(APP_DIR)
+    fab = flwr_internals.build_fab(APP_DIR)
     return fab, hashlib.sha256(fab).hexdigest()
+
+
+def _claim_serverapp_task(superlink_address: str, spec: StudySpec, fab: tuple[bytes, str], *, insecure: bool,
+                          certs: bytes | None, acquire_timeout: float) -> flwr_internals.TaskClaim:
+    """Submit the run and claim its ServerApp task (what `flwr run` and then SuperExec do)."""
+    control = flwr_internals.ControlApi(superlink_address, insecure=insecure, root_certificates=certs)
+    try:
+        tasks = flwr_internals.TaskQueue(superlink_address, "serverapp", insecure=insecure,
+                                         root_certificates=certs)
+    except BaseException:
+        control.close()
+        raise
+    try:
+        run_id = control.start_run(fab[0], fab[1], spec.to_run_config())
+        deadline = time.monotonic() + acquire_timeout
+        while (claim := tasks.acquire()) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id}: no ServerApp task within {acquire_timeout:.0f} s")
+            time.sleep(0.02)
+        if claim.run_id != run_id:
+            raise RuntimeError(f"claimed the ServerApp task of run {claim.run_id}, not of run "
+                               f"{run_id}: another client is submitting runs to this SuperLink")
+        return claim
+    finally:
+        control.close()
+        tasks.close()
 
 
 def run_study(superlink_address: str, spec: StudySpec, observer: StudyObserver, output_dir: Path, *,
@@ -95,28 +124,7 @@ def run_study(superlink_address: str, spec: StudySpec, observer: StudyObserver, 
     """
     disable_phone_home()
     from flwr.app import RecordDict
-    from flwr.common.config import get_fused_config_from_fab
-    from flwr.common.constant import SubStatus
-    from flwr.common.serde import (
-        context_from_proto,
-        context_to_proto,
-        fab_to_proto,
-        run_from_proto,
-        user_config_to_proto,
-    )
-    from flwr.proto.control_pb2 import StartRunRequest
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullTaskInputRequest, PushTaskOutputRequest
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.control import ControlHttpClient
-    from flwr.supercore.fab import Fab
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.superlink.grid import HttpGrid
 
-    from federated.runtime import flwr_internals
     from federated.runtime.deployment import is_loopback
 
     settings = settings or RuntimeSettings()
@@ -127,62 +135,29 @@ def run_study(superlink_address: str, spec: StudySpec, observer: StudyObserver, 
                          f"({superlink_address})")
     if settings.mode == "fast":
         flwr_internals.patch_grid_pull_backoff(settings.pull_backoff)
-    fab_bytes, fab_hash = build_fab()
+    fab = build_fab()
     certs = None if insecure else root_certificates
     with _one_at_a_time:
-        control = ControlHttpClient.from_server_address(
-            server_address=superlink_address, insecure=insecure, root_certificates=certs,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
-        runtime = RuntimeHttpClient.from_server_address(
-            server_address=superlink_address, insecure=insecure, root_certificates=certs,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-            retry_invoker=make_simple_http_retry_invoker())
-        try:
-            t_submit = time.perf_counter()
-            run_id = control.StartRun(StartRunRequest(
-                fab=fab_to_proto(Fab(fab_hash, fab_bytes, {})),
-                override_config=user_config_to_proto(spec.to_run_config()))).run_id
-            deadline = time.monotonic() + acquire_timeout
-            while True:
-                response = runtime.AcquireTask(AcquireTaskRequest(
-                    supported_task_types=[TaskType.SERVER_APP.value]))
-                if response.HasField("task") and response.token:
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"run {run_id}: no ServerApp task within {acquire_timeout:.0f} s")
-                time.sleep(0.02)
-            if response.task.run_id != run_id:
-                raise RuntimeError(f"claimed the ServerApp task of run {response.task.run_id}, not of run "
-                                   f"{run_id}: another client is submitting runs to this SuperLink")
-        finally:
-            control.close()
-            runtime.close()
+        t_submit = time.perf_counter()
+        claim = _claim_serverapp_task(superlink_address, spec, fab, insecure=insecure, certs=certs,
+                                      acquire_timeout=acquire_timeout)
         start_s = time.perf_counter() - t_submit
-        grid = HttpGrid(runtime_api_address=superlink_address, insecure=insecure,
-                        root_certificates=certs, token=response.token)
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(grid._runtime_client))
-        heartbeat.start()
+        task = flwr_internals.ServerAppTask(superlink_address, claim, insecure=insecure,
+                                            root_certificates=certs)
         watcher = _ResultObserver(observer)
         options = ServerOptions(output_dir=output_dir, poll=settings.effective_server_poll,
                                 hospital_keys=hospital_keys, stop_event=stop_event or threading.Event(),
                                 approved_hospitals=(None if approved_hospitals is None
                                                     else frozenset(approved_hospitals)))
         app = make_server_app(lambda _ctx: watcher, lambda _ctx: options)
-        sub_status, details, context = SubStatus.FAILED, "", None
+        completed, details = False, ""
+        context: Context | None = None
         try:
-            task_input = grid._runtime_client.PullTaskInput(PullTaskInputRequest())
-            # Process-global: another study in this process may overwrite it; the ServerApp stamps
-            # run and task ids on its messages itself (options.task_id, context.run_id).
-            TaskIdentity.task_id = task_input.task_id
-            TaskIdentity.run_id = task_input.run.run_id
-            TaskIdentity.node_id = task_input.context.node_id
-            options.task_id = task_input.task_id
-            context = context_from_proto(task_input.context)
-            run = run_from_proto(task_input.run)
-            grid.set_run(run)
-            context.run_config = get_fused_config_from_fab(fab_bytes, run)
-            app(grid=grid, context=context)
-            sub_status = SubStatus.COMPLETED
+            # The task identity is process-global: another study in this process may overwrite it;
+            # the ServerApp stamps run and task ids on its messages itself (options.task_id).
+            options.task_id, context = task.pull_input(fab[0])
+            app(grid=task.grid, context=context)
+            completed = True
             context.state = RecordDict()
         except StudyFailedError as exc:
             details = str(exc)
@@ -193,12 +168,9 @@ def run_study(superlink_address: str, spec: StudySpec, observer: StudyObserver, 
             log.exception("study %s: ServerApp failed", spec.study_id)
         finally:
             try:
-                grid._runtime_client.PushTaskOutput(PushTaskOutputRequest(
-                    context=context_to_proto(context) if context is not None else None,
-                    sub_status=sub_status, details=details))
+                task.push_output(context, completed=completed, details=details)
             finally:
-                heartbeat.stop()
-                grid.close()
+                task.close()
     if watcher.model is not None:
-        return StudyResult(run_id, "completed", watcher.model[0], watcher.model[1], start_s=start_s)
-    return StudyResult(run_id, "failed", reason=watcher.failure or details, start_s=start_s)
+        return StudyResult(claim.run_id, "completed", watcher.model[0], watcher.model[1], start_s=start_s)
+    return StudyResult(claim.run_id, "failed", reason=watcher.failure or details, start_s=start_s)

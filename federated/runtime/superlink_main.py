@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from federated.runtime import flwr_internals
 from federated.runtime.settings import disable_phone_home
 
 NO_INSTALL_FLAG = "--disable-runtime-dependency-installation"
@@ -20,10 +21,8 @@ def main() -> None:
         raise SystemExit("superlink: runtime dependency installation is never allowed here")
     if NO_INSTALL_FLAG not in sys.argv[1:]:
         sys.argv.append(NO_INSTALL_FLAG)
-    from flwr.superlink.cli import flower_superlink
-
     sys.argv[0] = "flower-superlink"
-    flower_superlink()
+    flwr_internals.flower_superlink_main()
 
 
 if __name__ == "__main__":

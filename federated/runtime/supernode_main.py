@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
+from federated.runtime import flwr_internals
 from federated.runtime.settings import RuntimeSettings, disable_phone_home
 
 
@@ -36,22 +37,14 @@ def main() -> None:
     disable_phone_home()
     settings = settings_from_env()
     if settings.mode == "fast":
-        from federated.runtime import flwr_internals
-
         flwr_internals.patch_supernode_sleeps(settings.supernode_idle_sleep, settings.supernode_reply_sleep)
         flwr_internals.patch_supernode_pull_backoff(settings.pull_backoff)
         flwr_internals.patch_supernode_heartbeat(settings.supernode_heartbeat)
         print(f"[exchange] supernode patches: idle sleep {settings.supernode_idle_sleep} s, reply sleep "
               f"{settings.supernode_reply_sleep} s, pull back-off {settings.pull_backoff} s, heartbeat "
               f"{settings.supernode_heartbeat} s", file=sys.stderr, flush=True)
-    from flwr.supercore.logger import update_console_handler
-    from flwr.supernode.cli import flower_supernode
-
-    # Flower's console lines carry no time by default; log files are more useful with it.
-    update_console_handler(timestamps=True, colored=False)
-
     sys.argv[0] = "flower-supernode"
-    flower_supernode()
+    flwr_internals.flower_supernode_main()
 
 
 if __name__ == "__main__":

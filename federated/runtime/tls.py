@@ -15,12 +15,13 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from federated.runtime import flwr_internals
 
 
 @dataclass(frozen=True)
@@ -116,21 +117,17 @@ def generate_node_keys(directory: Path, name: str = "supernode") -> NodeKeys:
 
 def node_public_key_bytes(public_key_path: Path) -> bytes:
     """The bytes the Control API's RegisterNode expects (what `flwr supernode register` sends)."""
-    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
-
     key = serialization.load_ssh_public_key(public_key_path.read_bytes())
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ValueError(f"{public_key_path}: not an ECDSA public key ({type(key).__name__})")
-    return bytes(public_key_to_bytes(key))
+    return flwr_internals.node_public_key_bytes(key)
 
 
-def register_supernode(control_client: Any, public_key_path: Path, name: str | None = None) -> int:
+def register_supernode(control: flwr_internals.ControlApi, public_key_path: Path,
+                       name: str | None = None) -> int:
     """Register a SuperNode's public key with the SuperLink (before the node connects); returns
     the node id the SuperLink assigned."""
-    from flwr.proto.control_pb2 import RegisterNodeRequest
-
-    response = control_client.RegisterNode(RegisterNodeRequest(
-        public_key=node_public_key_bytes(public_key_path), name=name))
-    if not response.node_id:
+    node_id = control.register_node(node_public_key_bytes(public_key_path), name=name)
+    if not node_id:
         raise RuntimeError(f"SuperLink refused to register {public_key_path}")
-    return int(response.node_id)
+    return node_id

@@ -1,12 +1,9 @@
-"""Unit tests of the Flower runtime pieces that need no running Flower process: the guarded
-patches of flwr internals, settings, environment, node config files, TLS material, the study spec
-and the hospital site description."""
+"""Unit tests of the Flower runtime pieces that need no running Flower process: settings,
+environment, node config files, TLS material, the study spec and the hospital site description
+(the guarded flwr internals are tested in test_flwr_internals.py)."""
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
-import inspect
 import json
 import os
 import sys
@@ -22,112 +19,6 @@ from federated.runtime.settings import NO_PHONE_HOME_ENV, RuntimeSettings, flowe
 from federated.runtime.site import NODE_CONFIG_KEYS, Site, SiteConfigError, read_records, write_records
 from federated.runtime.tls import generate_node_keys, generate_tls, node_public_key_bytes
 from federated.study_spec import StudySpec, StudySpecError
-
-# -- patches of flwr internals ----------------------------------------------------------------
-
-
-@pytest.fixture
-def restore_flwr_modules() -> Any:
-    """Start from flwr's own functions and undo our patches after the test (they are process-global:
-    `run_study` in another test of this process may already have patched the grid module)."""
-    import time
-
-    import flwr.superlink.grid.http_grid as hg
-    import flwr.supernode.start_client_internal as sci
-    from flwr.supercore.inflatable import inflatable_utils
-    from flwr.supernode.runtime import run_clientapp as rc
-
-    saved = [(sci, "time", sci.time), (sci, "pull_objects", sci.pull_objects),
-             (hg, "pull_objects", hg.pull_objects),
-             (rc, "pull_and_inflate_object_from_tree", rc.pull_and_inflate_object_from_tree)]
-    sci.time = time
-    sci.pull_objects = hg.pull_objects = inflatable_utils.pull_objects
-    rc.pull_and_inflate_object_from_tree = inflatable_utils.pull_and_inflate_object_from_tree
-    yield sci
-    for module, name, value in saved:
-        setattr(module, name, value)
-
-
-def test_supernode_sleeps_are_mapped(restore_flwr_modules: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    sci = restore_flwr_modules
-    slept: list[float] = []
-    monkeypatch.setattr(flwr_internals._time, "sleep", slept.append)
-    flwr_internals.patch_supernode_sleeps(idle_sleep=0.15, reply_sleep=0.03)
-    assert flwr_internals.is_patched(sci.time)
-    sci.time.sleep(3)
-    sci.time.sleep(0.5)
-    sci.time.sleep(7)
-    assert slept == [0.15, 0.03, 7]
-    # the rest of the time module is still there
-    assert sci.time.time() > 0
-    # idempotent: a second call keeps the first proxy
-    proxy = sci.time
-    flwr_internals.patch_supernode_sleeps(idle_sleep=1.0, reply_sleep=1.0)
-    assert sci.time is proxy
-
-
-def test_supernode_heartbeat_is_shortened_within_the_superlinks_range(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    import flwr.supercore.heartbeat as hb
-    import flwr.supernode.fleet_http_connection as fhc
-
-    # monkeypatch restores flwr's 30 s after the test (the patch is process-global)
-    monkeypatch.setattr(fhc, "HEARTBEAT_DEFAULT_INTERVAL", fhc.HEARTBEAT_DEFAULT_INTERVAL)
-    monkeypatch.setattr(hb, "HEARTBEAT_DEFAULT_INTERVAL", hb.HEARTBEAT_DEFAULT_INTERVAL)
-    assert fhc.HEARTBEAT_DEFAULT_INTERVAL == 30
-    flwr_internals.patch_supernode_heartbeat(10.0)
-    assert fhc.HEARTBEAT_DEFAULT_INTERVAL == hb.HEARTBEAT_DEFAULT_INTERVAL == 10.0
-    with pytest.raises(flwr_internals.FlowerLayoutError, match="range"):
-        flwr_internals.patch_supernode_heartbeat(5.0)  # the SuperLink would refuse the node
-
-
-def test_pull_backoff_patches_bind_arguments(restore_flwr_modules: Any) -> None:
-    import flwr.superlink.grid.http_grid as hg
-    from flwr.supernode.runtime import run_clientapp as rc
-
-    sci = restore_flwr_modules
-    flwr_internals.patch_supernode_pull_backoff(0.02)
-    flwr_internals.patch_grid_pull_backoff(0.03)
-    flwr_internals.patch_clientapp_pull_backoff(0.04)
-    for func, initial in ((sci.pull_objects, 0.02), (hg.pull_objects, 0.03),
-                          (rc.pull_and_inflate_object_from_tree, 0.04)):
-        assert isinstance(func, functools.partial)
-        assert func.keywords == {"initial_backoff": initial, "backoff_cap": 0.5}
-    first = hg.pull_objects
-    flwr_internals.patch_grid_pull_backoff(0.9)
-    assert hg.pull_objects is first  # not wrapped twice
-
-
-def test_changed_flwr_layout_fails_loudly(restore_flwr_modules: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = inspect.getsource
-
-    def edited(obj: Any) -> str:
-        return real(obj).replace("time.sleep(3)", "time.sleep(2)")
-
-    monkeypatch.setattr(flwr_internals.inspect, "getsource", edited)
-    with pytest.raises(flwr_internals.FlowerLayoutError, match=r"time.sleep\(3\)"):
-        flwr_internals.patch_supernode_sleeps(0.1, 0.02)
-    assert not flwr_internals.is_patched(restore_flwr_modules.time)
-
-
-def test_missing_backoff_argument_fails_loudly(restore_flwr_modules: Any) -> None:
-    sci = restore_flwr_modules
-    sci.pull_objects = lambda object_ids, pull_object_fn: {}
-    with pytest.raises(flwr_internals.FlowerLayoutError, match="initial_backoff"):
-        flwr_internals.patch_supernode_pull_backoff(0.02)
-
-
-def test_other_flwr_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = importlib.metadata.version
-    monkeypatch.setattr(flwr_internals.importlib.metadata, "version",
-                        lambda name: "1.43.0" if name == "flwr" else real(name))
-    with pytest.raises(flwr_internals.FlowerLayoutError, match=r"1.43.0"):
-        flwr_internals.patch_grid_pull_backoff(0.02)
-
-
-def test_pinned_version_is_installed() -> None:
-    assert importlib.metadata.version("flwr") == flwr_internals.PINNED_FLWR_VERSION
-
 
 # -- settings and environment ------------------------------------------------------------------
 
@@ -315,15 +206,14 @@ def test_executor_reads_the_clientapp_a_fab_declares() -> None:
     from flwr.cli.build import build_fab_from_files
 
     from federated.app import APP_DIR
-    from federated.runtime.executor import WarmExecutor
+    from federated.runtime.executor import EXPECTED_CLIENTAPP_REF
 
     ours = (APP_DIR / "pyproject.toml").read_bytes()
     theirs = ours.replace(b'clientapp = "federated.client_app:app"', b'clientapp = "evil.client:app"')
     assert theirs != ours
-    executor = WarmExecutor.__new__(WarmExecutor)  # no runtime API needed for the check itself
-    assert executor._declared_clientapp(build_fab_from_files({"pyproject.toml": ours})[0]) == \
-        "federated.client_app:app"
-    assert executor._declared_clientapp(build_fab_from_files({"pyproject.toml": theirs})[0]) == \
+    assert flwr_internals.fab_clientapp_ref(build_fab_from_files({"pyproject.toml": ours})[0]) == \
+        EXPECTED_CLIENTAPP_REF
+    assert flwr_internals.fab_clientapp_ref(build_fab_from_files({"pyproject.toml": theirs})[0]) == \
         "evil.client:app"
 
 

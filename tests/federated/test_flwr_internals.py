@@ -1,0 +1,294 @@
+"""The one module that touches flwr internals (`federated/runtime/flwr_internals.py`): its layout
+checks pass on the pinned flwr and fail loudly, naming what moved, when any name, signature,
+constant or private attribute it relies on changes; its speed patches; its small wrappers; and
+that no other module of the project imports a non-public flwr module."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib
+import importlib.metadata
+import inspect
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from federated.runtime import flwr_internals
+
+ROOT = Path(__file__).resolve().parents[2]
+#: Flower's documented public Python API (flwr.app, flwr.serverapp, flwr.clientapp).
+PUBLIC_FLWR_MODULES = ("flwr.app", "flwr.serverapp", "flwr.clientapp")
+PRODUCT_DIRS = ("consent", "audit", "federated", "exchange", "deploy")
+
+# -- layout checks --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget which parts were checked already in this process (each is checked once)."""
+    monkeypatch.setattr(flwr_internals, "_checked", set())
+
+
+def test_the_pinned_flwr_has_the_layout_every_wrapper_relies_on(fresh_checks: None) -> None:
+    flwr_internals.check_flwr_version()
+    flwr_internals.check_layout()
+    assert flwr_internals._checked == set(flwr_internals.LAYOUT_PARTS)
+
+
+LAYOUT_ENTRIES = [(part, module, name) for part, entries in flwr_internals._LAYOUT.items()
+                  for module, name, _params, _attrs in entries]
+
+
+@pytest.mark.parametrize(("part", "module_name", "name"), LAYOUT_ENTRIES,
+                         ids=[f"{p}:{m}.{n}" for p, m, n in LAYOUT_ENTRIES])
+def test_every_moved_name_fails_loudly(fresh_checks: None, monkeypatch: pytest.MonkeyPatch, part: str,
+                                       module_name: str, name: str) -> None:
+    monkeypatch.delattr(importlib.import_module(module_name), name)
+    with pytest.raises(flwr_internals.FlowerLayoutError, match=rf"{module_name}\.{name} is gone"):
+        flwr_internals.check_layout(part)
+    assert part not in flwr_internals._checked
+
+
+def test_a_vanished_module_fails_loudly(fresh_checks: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.import_module
+
+    def without_grid(name: str, package: str | None = None) -> Any:
+        if name == "flwr.superlink.grid":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real(name, package)
+
+    monkeypatch.setattr(flwr_internals.importlib, "import_module", without_grid)
+    with pytest.raises(flwr_internals.FlowerLayoutError, match=r"module flwr\.superlink\.grid is gone"):
+        flwr_internals.check_layout("serverapp")
+
+
+def test_a_lost_parameter_fails_loudly(fresh_checks: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flwr.common.config as config
+
+    monkeypatch.setattr(config, "get_fab_config", lambda path: {})
+    with pytest.raises(flwr_internals.FlowerLayoutError, match=r"get_fab_config no longer takes fab_file"):
+        flwr_internals.check_layout("clientapp")
+
+
+def test_a_lost_method_fails_loudly(fresh_checks: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    monkeypatch.delattr(RuntimeHttpClient, "AcquireTask")
+    with pytest.raises(flwr_internals.FlowerLayoutError, match=r"RuntimeHttpClient has no AcquireTask"):
+        flwr_internals.check_layout("runtime")
+
+
+def test_a_renumbered_error_code_fails_loudly(fresh_checks: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.common.constant import ErrorCode
+
+    monkeypatch.setattr(ErrorCode, "NODE_UNAVAILABLE", 9)
+    with pytest.raises(flwr_internals.FlowerLayoutError, match=r"ErrorCode.NODE_UNAVAILABLE is no longer 5"):
+        flwr_internals.check_layout("message")
+
+
+def test_moved_private_metadata_fields_fail_loudly(fresh_checks: None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.app import Metadata
+
+    monkeypatch.setattr(Metadata, "message_id", property(lambda self: self.__dict__.get("_id", "")))
+    with pytest.raises(flwr_internals.FlowerLayoutError, match=r"Metadata no longer keeps message_id"):
+        flwr_internals.check_layout("message")
+
+
+def test_a_grid_without_its_runtime_client_property_fails_loudly(
+        fresh_checks: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.superlink.grid import HttpGrid
+
+    monkeypatch.setattr(HttpGrid, "_runtime_client", None)
+    with pytest.raises(flwr_internals.FlowerLayoutError, match=r"_runtime_client is no longer a property"):
+        flwr_internals.check_layout("serverapp")
+
+
+def test_an_unknown_part_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"^part: unknown layout part 'grid'"):
+        flwr_internals.check_layout("grid")
+
+
+def test_wrappers_check_the_layout_before_touching_flwr(fresh_checks: None,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import flwr.supercore.control as control
+
+    monkeypatch.delattr(control, "ControlHttpClient")
+    with pytest.raises(flwr_internals.FlowerLayoutError, match="ControlHttpClient is gone"):
+        flwr_internals.ControlApi("127.0.0.1:9", insecure=True, root_certificates=None)
+
+
+# -- wrappers that need no running process ------------------------------------------------------------
+
+
+@pytest.fixture
+def task_identity() -> Iterator[Any]:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    yield TaskIdentity
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def test_task_identity_and_metadata_stamps_reach_messages(task_identity: Any) -> None:
+    from flwr.app import Message, RecordDict
+
+    flwr_internals.set_task_identity(task_id=11, run_id=22, node_id=0)
+    message = Message(RecordDict(), dst_node_id=3, message_type="query")
+    assert (message.metadata.run_id, message.metadata.src_task_id) == (22, 11)
+    flwr_internals.stamp_metadata(message.metadata, message_id="m-1", run_id=33)
+    assert (message.metadata.message_id, message.metadata.run_id) == ("m-1", 33)
+    flwr_internals.stamp_metadata(message.metadata, run_id=34)
+    assert (message.metadata.message_id, message.metadata.run_id) == ("m-1", 34)
+
+
+def test_node_gone_codes_are_flowers() -> None:
+    from flwr.common.constant import ErrorCode
+
+    assert {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE} == flwr_internals.NODE_GONE_ERROR_CODES
+
+
+# -- nobody else touches flwr internals ----------------------------------------------------------------
+
+
+def _flwr_internals_used(path: Path, root: Path = ROOT) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        modules: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules = [node.module]
+        elif isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        for module in modules:
+            if (module == "flwr" or module.startswith("flwr.")) and not any(
+                    module == public or module.startswith(public + ".") for public in PUBLIC_FLWR_MODULES):
+                found.append(f"{path.relative_to(root)}:{node.lineno} imports {module}")
+        if isinstance(node, ast.Attribute) and node.attr in ("_runtime_client", "__dict__"):
+            found.append(f"{path.relative_to(root)}:{node.lineno} uses .{node.attr}")
+    return found
+
+
+def test_no_other_module_uses_flwr_internals() -> None:
+    own = ROOT / "federated" / "runtime" / "flwr_internals.py"
+    offenders = [hit for directory in PRODUCT_DIRS for path in sorted((ROOT / directory).rglob("*.py"))
+                 if path != own for hit in _flwr_internals_used(path)]
+    assert offenders == []
+
+
+def test_the_boundary_check_sees_internal_imports_and_private_attributes(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("from flwr.supercore.constant import TaskType\nfrom flwr.app import Message\n"
+                     "import flwr.serverapp\ngrid._runtime_client\n"
+                     "message.metadata.__dict__['_run_id'] = 1\n")
+    assert sorted(_flwr_internals_used(probe, tmp_path)) == [
+        "probe.py:1 imports flwr.supercore.constant", "probe.py:4 uses ._runtime_client",
+        "probe.py:5 uses .__dict__"]
+
+
+# -- speed patches (exact flwr version only) ---------------------------------------------------
+
+
+@pytest.fixture
+def restore_flwr_modules() -> Any:
+    """Start from flwr's own functions and undo our patches after the test (they are process-global:
+    `run_study` in another test of this process may already have patched the grid module)."""
+    import time
+
+    import flwr.superlink.grid.http_grid as hg
+    import flwr.supernode.start_client_internal as sci
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    saved = [(sci, "time", sci.time), (sci, "pull_objects", sci.pull_objects),
+             (hg, "pull_objects", hg.pull_objects),
+             (rc, "pull_and_inflate_object_from_tree", rc.pull_and_inflate_object_from_tree)]
+    sci.time = time
+    sci.pull_objects = hg.pull_objects = inflatable_utils.pull_objects
+    rc.pull_and_inflate_object_from_tree = inflatable_utils.pull_and_inflate_object_from_tree
+    yield sci
+    for module, name, value in saved:
+        setattr(module, name, value)
+
+
+def test_supernode_sleeps_are_mapped(restore_flwr_modules: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    sci = restore_flwr_modules
+    slept: list[float] = []
+    monkeypatch.setattr(flwr_internals._time, "sleep", slept.append)
+    flwr_internals.patch_supernode_sleeps(idle_sleep=0.15, reply_sleep=0.03)
+    assert flwr_internals.is_patched(sci.time)
+    sci.time.sleep(3)
+    sci.time.sleep(0.5)
+    sci.time.sleep(7)
+    assert slept == [0.15, 0.03, 7]
+    # the rest of the time module is still there
+    assert sci.time.time() > 0
+    # idempotent: a second call keeps the first proxy
+    proxy = sci.time
+    flwr_internals.patch_supernode_sleeps(idle_sleep=1.0, reply_sleep=1.0)
+    assert sci.time is proxy
+
+
+def test_supernode_heartbeat_is_shortened_within_the_superlinks_range(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import flwr.supercore.heartbeat as hb
+    import flwr.supernode.fleet_http_connection as fhc
+
+    # monkeypatch restores flwr's 30 s after the test (the patch is process-global)
+    monkeypatch.setattr(fhc, "HEARTBEAT_DEFAULT_INTERVAL", fhc.HEARTBEAT_DEFAULT_INTERVAL)
+    monkeypatch.setattr(hb, "HEARTBEAT_DEFAULT_INTERVAL", hb.HEARTBEAT_DEFAULT_INTERVAL)
+    assert fhc.HEARTBEAT_DEFAULT_INTERVAL == 30
+    flwr_internals.patch_supernode_heartbeat(10.0)
+    assert fhc.HEARTBEAT_DEFAULT_INTERVAL == hb.HEARTBEAT_DEFAULT_INTERVAL == 10.0
+    with pytest.raises(flwr_internals.FlowerLayoutError, match="range"):
+        flwr_internals.patch_supernode_heartbeat(5.0)  # the SuperLink would refuse the node
+
+
+def test_pull_backoff_patches_bind_arguments(restore_flwr_modules: Any) -> None:
+    import flwr.superlink.grid.http_grid as hg
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    sci = restore_flwr_modules
+    flwr_internals.patch_supernode_pull_backoff(0.02)
+    flwr_internals.patch_grid_pull_backoff(0.03)
+    flwr_internals.patch_clientapp_pull_backoff(0.04)
+    for func, initial in ((sci.pull_objects, 0.02), (hg.pull_objects, 0.03),
+                          (rc.pull_and_inflate_object_from_tree, 0.04)):
+        assert isinstance(func, functools.partial)
+        assert func.keywords == {"initial_backoff": initial, "backoff_cap": 0.5}
+    first = hg.pull_objects
+    flwr_internals.patch_grid_pull_backoff(0.9)
+    assert hg.pull_objects is first  # not wrapped twice
+
+
+def test_changed_flwr_layout_fails_loudly(restore_flwr_modules: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = inspect.getsource
+
+    def edited(obj: Any) -> str:
+        return real(obj).replace("time.sleep(3)", "time.sleep(2)")
+
+    monkeypatch.setattr(flwr_internals.inspect, "getsource", edited)
+    with pytest.raises(flwr_internals.FlowerLayoutError, match=r"time.sleep\(3\)"):
+        flwr_internals.patch_supernode_sleeps(0.1, 0.02)
+    assert not flwr_internals.is_patched(restore_flwr_modules.time)
+
+
+def test_missing_backoff_argument_fails_loudly(restore_flwr_modules: Any) -> None:
+    sci = restore_flwr_modules
+    sci.pull_objects = lambda object_ids, pull_object_fn: {}
+    with pytest.raises(flwr_internals.FlowerLayoutError, match="initial_backoff"):
+        flwr_internals.patch_supernode_pull_backoff(0.02)
+
+
+def test_other_flwr_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.metadata.version
+    monkeypatch.setattr(flwr_internals.importlib.metadata, "version",
+                        lambda name: "1.43.0" if name == "flwr" else real(name))
+    with pytest.raises(flwr_internals.FlowerLayoutError, match=r"1.43.0"):
+        flwr_internals.patch_grid_pull_backoff(0.02)
+
+
+def test_pinned_version_is_installed() -> None:
+    assert importlib.metadata.version("flwr") == flwr_internals.PINNED_FLWR_VERSION
