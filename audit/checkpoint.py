@@ -1,8 +1,8 @@
 """Signed checkpoints: the C2SP tlog-checkpoint body inside a C2SP signed note.
 
 Why this format: it is what transparency logs (Go checksum database, Sigstore, witnesses) speak,
-so the log's checkpoints can later be cosigned by hospitals acting as witnesses (DESIGN.md,
-"where it is going next") without changing what is signed.
+so the log's checkpoints can be cosigned by hospitals acting as witnesses (docs/architecture.md)
+without changing what is signed.
 
 A checkpoint note is UTF-8 text:
 

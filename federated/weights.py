@@ -1,7 +1,7 @@
 """A model's parameters as ONE flat float32 array, FedAvg over such arrays, and safetensors files.
 
 Why one array: Flower 1.42 moves every array of a message as its own object over HTTP, and
-1 / 4 / 12 arrays per message measured 1.45 / 2.12 / 3.86 s per round (../shared/FLOWER.md).
+each extra array costs an extra round trip per hop (measurements in docs/flower.md).
 The layout is the order of `model.state_dict()`; both ends build the model from the same
 template and feature count, so the layout is agreed without sending it.
 """

@@ -18,7 +18,6 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 PG_ADMIN_DSN = os.environ.get("EXCHANGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DIR = REPO_ROOT.parent / "shared"
 
 
 def _pg_available() -> str | None:

@@ -1,5 +1,5 @@
 """Studies seen and decisions taken: the daemon's and the steward's side of step 2 of the
-study lifecycle (DESIGN.md).
+study lifecycle (docs/architecture.md).
 
 A decision is a signed envelope (`audit.entry.sign_entry`, kind `study.decision`) so the
 coordinator can log it unchanged and anyone can check it came from this hospital's key.

@@ -1,4 +1,5 @@
-"""RFC 6962 / RFC 9162 proof vectors from transparency-dev/merkle (shared/testdata/rfc6962).
+"""RFC 6962 / RFC 9162 proof vectors from transparency-dev/merkle, vendored in data/rfc6962/
+(source, commit and licence in its README.md).
 
 Every vector must come out exactly as its `wantErr` says: success when false, ProofError when
 true. The reference tree checks leaf hashes and roots for sizes 0..8, plus every inclusion and
@@ -22,9 +23,8 @@ from audit.merkle import (
     verify_consistency,
     verify_inclusion,
 )
-from tests.conftest import SHARED_DIR
 
-VECTORS = SHARED_DIR / "testdata" / "rfc6962"
+VECTORS = Path(__file__).resolve().parent / "data" / "rfc6962"
 INCLUSION = sorted((VECTORS / "inclusion").rglob("*.json"))
 CONSISTENCY = sorted((VECTORS / "consistency").rglob("*.json"))
 
@@ -48,6 +48,9 @@ def test_all_vectors_are_present() -> None:
     assert len(CONSISTENCY) == 98
     assert sum(not _load(p)["wantErr"] for p in INCLUSION) == 6
     assert sum(not _load(p)["wantErr"] for p in CONSISTENCY) == 6
+    # vendored data travels with its licence and its source
+    assert "Apache License" in (VECTORS / "LICENSE.transparency-dev-merkle.Apache-2.0").read_text()
+    assert "transparency-dev/merkle" in (VECTORS / "README.md").read_text()
 
 
 @pytest.mark.parametrize("path", INCLUSION, ids=_name)
