@@ -8,11 +8,12 @@ Exit codes (every command):
        or checkpoint file, a database that cannot be read, bad options (Typer's usage errors are
        2 as well). Nothing is verified, nothing is written.
 A malformed line in entries.jsonl is a bad entry (1): it is the log's content that is wrong.
+Every file read may be hostile: a refusal names the entry or file and the reason (quoted content
+made printable), never a traceback; `verify --json` prints a JSON report for every outcome.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from audit.checkpoint import Checkpoint, CheckpointError, parse_note, verify_checkpoint
@@ -35,6 +37,7 @@ from audit.export import (
 )
 from audit.merkle import MemoryTree, ProofError, leaf_hash, verify_consistency, verify_inclusion
 from audit.signing import b64encode
+from audit.untrusted import UntrustedJSONError, load_json, printable
 from audit.verify import VerifyReport, default_workers, verify_export
 
 EXIT_OK, EXIT_INVALID, EXIT_UNUSABLE = 0, 1, 2
@@ -50,12 +53,12 @@ TrustOption = Annotated[Path | None, typer.Option(
 
 
 def _unusable(message: str) -> typer.Exit:
-    err.print(f"[bold red]unusable input:[/] {message}")
+    err.print(f"[bold red]unusable input:[/] {escape(printable(message))}")
     return typer.Exit(EXIT_UNUSABLE)
 
 
 def _invalid(message: str) -> typer.Exit:
-    out.print(f"[bold red]INVALID[/] {message}")
+    out.print(f"[bold red]INVALID[/] {escape(printable(message))}")
     return typer.Exit(EXIT_INVALID)
 
 
@@ -99,8 +102,9 @@ def _tree(paths: ExportPaths, size: int) -> MemoryTree:
 
 
 def _summary(report: VerifyReport) -> str:
-    kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(report.kinds.items()))
-    lines = [f"[bold green]OK[/] {report.entries} entries of {report.origin} verified: every "
+    kinds = ", ".join(f"{count} {escape(printable(kind))}" for kind, count in sorted(report.kinds.items()))
+    origin = escape(printable(report.origin))
+    lines = [f"[bold green]OK[/] {report.entries} entries of {origin} verified: every "
              f"signature, key registration and checkpoint",
              f"  root {b64encode(report.root)}",
              f"  kinds: {kinds or 'none'}"]
@@ -115,28 +119,33 @@ def _summary(report: VerifyReport) -> str:
 
 
 def _report_json(report: VerifyReport) -> dict[str, Any]:
-    return {"ok": report.ok, "entries": report.entries, "origin": report.origin,
+    return {"ok": report.ok, "unusable": False, "entries": report.entries, "origin": report.origin,
             "root": b64encode(report.root),
             "problem": None if report.problem is None else
-            {"index": report.problem.index, "reason": report.problem.reason},
-            "kinds": dict(sorted(report.kinds.items())), "ledger": report.ledger,
-            "consistent_with": report.consistent_with, "state_saved": report.state_saved}
+            {"index": report.problem.index, "reason": printable(report.problem.reason)},
+            "kinds": {printable(kind): count for kind, count in sorted(report.kinds.items())},
+            "ledger": report.ledger, "consistent_with": report.consistent_with,
+            "state_saved": report.state_saved}
+
+
+def _unusable_json(message: str) -> dict[str, Any]:
+    """The --json report when nothing could be verified (exit 2)."""
+    return {"ok": False, "unusable": True, "entries": 0, "origin": None, "root": None,
+            "problem": {"index": None, "reason": printable(message)}, "kinds": {}, "ledger": None,
+            "consistent_with": None, "state_saved": False}
 
 
 def _run_verify(folder: Path, trust: Path | None, state: Path | None,
                 workers: int | None) -> VerifyReport:
+    """Verify the export; ExportError if the input is unusable (exit 2)."""
     paths = ExportPaths(folder)
     try:
-        paths.require()
         size = paths.entries.stat().st_size
-    except (ExportError, OSError) as exc:
-        raise _unusable(str(exc)) from exc
-    try:
-        with _progress(size, "verifying") as progress:
-            return verify_export(folder, trust_path=trust, state_path=state, progress=progress,
-                                 workers=default_workers() if workers is None else workers)
-    except ExportError as exc:
-        raise _unusable(str(exc)) from exc
+    except OSError:
+        size = 0  # paths.require() in verify_export names what is missing
+    with _progress(size, "verifying") as progress:
+        return verify_export(folder, trust_path=trust, state_path=state, progress=progress,
+                             workers=default_workers() if workers is None else workers)
 
 
 @app.command()
@@ -153,7 +162,12 @@ def verify(
                                          "default: one per spare core, at most 2).")] = None,
 ) -> None:
     """Check every entry, signature and key registration, rebuild the tree, match the checkpoint."""
-    report = _run_verify(folder, trust, state, workers)
+    try:
+        report = _run_verify(folder, trust, state, workers)
+    except ExportError as exc:
+        if as_json:
+            out.print_json(data=_unusable_json(str(exc)))
+        raise _unusable(str(exc)) from exc
     if as_json:
         out.print_json(data=_report_json(report))
         raise typer.Exit(EXIT_OK if report.ok else EXIT_INVALID)
@@ -168,7 +182,10 @@ def rewards(
     trust: TrustOption = None,
 ) -> None:
     """Verify the log, then print the ledger fold: {"minted", "escrow", "balances"} as JSON."""
-    report = _run_verify(folder, trust, None, None)
+    try:
+        report = _run_verify(folder, trust, None, None)
+    except ExportError as exc:
+        raise _unusable(str(exc)) from exc
     if report.problem is not None:
         raise _invalid(str(report.problem))
     if report.ledger is None:
@@ -215,8 +232,9 @@ def export(
 
     source = str(trust) if trust is not None else f"the trust anchors stored in {db}"
     try:
+        given = read_trust(trust) if trust is not None else None  # a bad option before the database
         stored = read_stored_trust(db)
-        pinned = read_trust(trust) if trust is not None else stored
+        pinned = given if given is not None else stored
         if pinned is None:
             raise _unusable(f"{db}: the database holds no trust anchors (audit_log_meta is empty: "
                             f"no coordinator has opened this log since migration 0004); pass "
@@ -285,12 +303,16 @@ def consistency(
         raw = from_file.read_bytes()
     except OSError as exc:
         raise _unusable(f"{from_file}: cannot read ({exc.strerror})") from exc
-    text = raw.decode("utf-8", errors="replace")
+    text: Any = raw.decode("utf-8", errors="replace")
     if text.lstrip().startswith("{"):
         try:
-            text = json.loads(text)["checkpoint"]
-        except (ValueError, KeyError, TypeError) as exc:
+            text = load_json(raw)["checkpoint"]
+        except UntrustedJSONError as exc:
+            raise _unusable(f"{from_file}: state file: {exc}") from exc
+        except (KeyError, TypeError) as exc:
             raise _unusable(f"{from_file}: neither a checkpoint nor a state file") from exc
+        if not isinstance(text, str):
+            raise _unusable(f"{from_file}: state file: checkpoint must be a string")
     try:
         parse_note(text)
         old = verify_checkpoint(text, pinned.log_public_key, pinned.log_key_name, pinned.origin)

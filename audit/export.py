@@ -29,6 +29,7 @@ from typing import Any
 from audit.checkpoint import CheckpointError, check_origin
 from audit.entry import Entry
 from audit.signing import b64decode, b64encode
+from audit.untrusted import UntrustedJSONError, load_json
 
 ENTRIES_FILE = "entries.jsonl"
 CHECKPOINT_FILE = "checkpoint"
@@ -99,9 +100,9 @@ def read_trust(path: Path) -> Trust:
     except OSError as exc:
         raise ExportError(f"{path}: cannot read trust file ({exc.strerror})") from exc
     try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path}: trust file is not valid JSON ({exc})") from exc
+        obj = load_json(raw)
+    except UntrustedJSONError as exc:
+        raise ExportError(f"{path}: trust file: {exc}") from exc
     try:
         return Trust.from_json(obj)
     except ExportError as exc:

@@ -62,11 +62,17 @@ from audit.keyring import Keyring, KeyringError
 from audit.ledger import Ledger, LedgerError
 from audit.merkle import HASH_SIZE, MemoryTree, ProofError, verify_consistency
 from audit.signing import b64decode, b64encode, canonical
+from audit.untrusted import MAX_INTEGER_DIGITS, DuplicateKeyError, UntrustedJSONError, load_json, printable
 
 STATE_VERSION = 1
 SIGNATURE_BYTES = 64
 _TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
 _MAX_SAFE_DIGITS = 15  # every integer of at most 15 digits is inside +-(2**53 - 1)
+#: The largest line a log may hold: the store refuses larger entries (audit.store.MAX_ENTRY_BYTES).
+MAX_LINE_BYTES = 1 << 20
+#: What a check may raise on content it was not written for (hostile input): the entry is then
+#: refused with the exception's text rather than crashing the verifier.
+_CONTENT_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError)
 _ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                            allow_nan=False).encode
 _sha256 = hashlib.sha256
@@ -134,6 +140,10 @@ class CanonicalParser:
     def _int(self, token: str) -> int:
         if len(token) > _MAX_SAFE_DIGITS:
             self._unsafe = True
+            digits = len(token.lstrip("-"))
+            if digits > MAX_INTEGER_DIGITS:  # int() would refuse over 4,300 digits, RFC 8785 over 16
+                raise NotCanonicalError(f"an integer of {digits} digits is out of the range RFC 8785 "
+                                        f"allows (|n| <= 2**53 - 1)")
         return int(token)
 
     @staticmethod
@@ -143,6 +153,12 @@ class CanonicalParser:
     def parse(self, line: bytes) -> Any:
         """The value of one line (without its newline); NotCanonicalError says what is wrong."""
         self._unsafe = False
+        try:
+            return self._parse(line)
+        except RecursionError as exc:  # the C parser and encoders stop at the recursion limit
+            raise NotCanonicalError("nested too deeply for the JSON parser") from exc
+
+    def _parse(self, line: bytes) -> Any:
         try:
             obj = self._decode(line.decode("utf-8"))
         except UnicodeDecodeError as exc:
@@ -154,14 +170,29 @@ class CanonicalParser:
             if fast.isascii():
                 if fast.encode("ascii") == line:
                     return obj
-                raise NotCanonicalError("not in RFC 8785 canonical form")
+                raise NotCanonicalError(_not_canonical(line))
         try:
             canon = rfc8785.dumps(obj)
         except rfc8785.CanonicalizationError as exc:
             raise NotCanonicalError(f"cannot be canonicalized ({exc})") from exc
+        except UnicodeEncodeError as exc:
+            raise NotCanonicalError("cannot be canonicalized (a string holds a lone surrogate, "
+                                    "which is not Unicode text)") from exc
         if canon != line:
-            raise NotCanonicalError("not in RFC 8785 canonical form")
+            raise NotCanonicalError(_not_canonical(line))
         return obj
+
+
+def _not_canonical(line: bytes) -> str:
+    """Why a line that parsed is not canonical: named when it repeats a key (which JSON parsers
+    resolve differently), else the general reason. Only runs for a refused line."""
+    try:
+        load_json(line)
+    except DuplicateKeyError as exc:
+        return f"not in RFC 8785 canonical form ({exc})"
+    except UntrustedJSONError:
+        pass
+    return "not in RFC 8785 canonical form"
 
 
 def parse_canonical_line(line: bytes) -> Any:
@@ -348,7 +379,10 @@ def load_state(path: Path, trust: Trust) -> SavedState | None:
     except OSError as exc:
         raise ExportError(f"{path}: cannot read state file ({exc.strerror})") from exc
     try:
-        obj = json.loads(raw)
+        obj = load_json(raw)
+    except UntrustedJSONError as exc:
+        raise ExportError(f"{path}: state file is malformed ({exc})") from exc
+    try:
         if not isinstance(obj, dict) or obj.get("version") != STATE_VERSION:
             raise ExportError(f"{path}: state file: unsupported or missing version")
         text = obj["checkpoint"]
@@ -440,20 +474,31 @@ class LogVerifier:
         if self.problem is not None:
             return False
         index = self.tree.size
+        reason: str | None = None
         try:
             self._feed(index, raw)
         except (NotCanonicalError, MalformedEntryError) as exc:
-            self.problem = Problem(index, str(exc))
+            reason = str(exc)
         except KeyringError as exc:
-            self.problem = Problem(index, exc.reason)
+            reason = exc.reason
         except _LedgerFailureError as exc:
-            self.problem = Problem(index, f"ledger: {exc}")
+            reason = f"ledger: {exc}"
+        except RecursionError:
+            reason = "nested too deeply to be checked"
+        except _CONTENT_ERRORS as exc:
+            reason = f"cannot be checked ({type(exc).__name__}: {exc})"
+        if reason is not None:  # quoted content may hold controls, bidi overrides, surrogates
+            self.problem = Problem(index, printable(reason))
         if self.problem is None and self._sigs.failed is not None:
             self.problem = Problem(self._sigs.failed, "signature: does not verify with the "
                                                       "signer's registered key")
         return self.problem is None
 
     def _feed(self, index: int, raw: bytes) -> None:
+        if len(raw) > MAX_LINE_BYTES + 1:
+            size = len(raw) - raw.endswith(b"\n")
+            raise NotCanonicalError(f"a line of {size} bytes, larger than the {MAX_LINE_BYTES} bytes a "
+                                    f"log entry may have")
         if not raw.endswith(b"\n"):
             raise NotCanonicalError("line does not end with a newline (file truncated?)")
         line = raw[:-1]
