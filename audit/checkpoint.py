@@ -18,33 +18,50 @@ The signature covers the body (every line before the blank line, each with its n
 Key hash (C2SP signed-note, Ed25519): the first 4 bytes of
 SHA-256(key name || 0x0A || 0x01 || 32-byte public key). The log signs with key name = origin.
 A verifier ignores signature lines from keys it does not know, but requires one from the pinned
-key, and rejects a note whose signature line for that key does not verify.
+key, and rejects a note whose signature line for that key does not verify. The note rules
+themselves (several signatures, limits, vkeys) are audit/note.py's; witnesses' cosignatures
+are audit/cosignature.py's.
 """
 
 from __future__ import annotations
 
 import binascii
-import hashlib
 import re
 from dataclasses import dataclass
 
-from nacl.exceptions import BadSignatureError
-from nacl.signing import VerifyKey
-
+from audit.note import (
+    ED25519_SIGNATURE_BYTES,
+    KEY_ID_BYTES,
+    MAX_NOTE_BYTES,
+    SIG_ED25519,
+    SIGNATURE_DASH,
+    Ed25519NoteSigner,
+    Ed25519Verifier,
+    Note,
+    NoteError,
+    NoteSignature,
+    Vkey,
+    open_note,
+    parse_note,
+    signature_for,
+)
+from audit.note import key_id as note_key_id
 from audit.signing import Signer, b64decode, b64encode
 
-SIGNATURE_DASH = "\u2014"  # EM DASH, as the signed-note spec requires
-ED25519_TYPE = b"\x01"
-KEY_HASH_BYTES = 4
-ED25519_SIGNATURE_BYTES = 64
+__all__ = ["ED25519_SIGNATURE_BYTES", "HASH_BYTES", "KEY_HASH_BYTES", "MAX_NOTE_BYTES",
+           "SIGNATURE_DASH", "Checkpoint", "CheckpointError", "Note", "NoteSignature",
+           "check_origin", "key_hash", "parse_checkpoint", "parse_checkpoint_body", "parse_note",
+           "sign_checkpoint", "sign_note", "verifier_key", "verify_checkpoint"]
+
+ED25519_TYPE = bytes([SIG_ED25519])
+KEY_HASH_BYTES = KEY_ID_BYTES
 HASH_BYTES = 32
-MAX_NOTE_BYTES = 1 << 20
 
 _SIZE_RE = re.compile(r"0|[1-9][0-9]{0,19}")
 
-
-class CheckpointError(ValueError):
-    """A note or checkpoint is malformed or does not verify; the message names what and why."""
+# One error type for notes and checkpoints: every caller that catches CheckpointError also
+# catches a malformed note or signature line.
+CheckpointError = NoteError
 
 
 @dataclass(frozen=True)
@@ -69,19 +86,6 @@ class Checkpoint:
         return "".join(line + "\n" for line in lines)
 
 
-@dataclass(frozen=True)
-class NoteSignature:
-    name: str
-    key_hash: bytes
-    signature: bytes
-
-
-@dataclass(frozen=True)
-class Note:
-    body: str
-    signatures: tuple[NoteSignature, ...]
-
-
 def _check_line(what: str, line: str) -> None:
     if not line:
         raise CheckpointError(f"{what}: empty line")
@@ -95,80 +99,24 @@ def check_origin(origin: str) -> None:
         raise CheckpointError(f"origin: {origin!r} must not contain spaces or '+'")
 
 
-def _check_key_name(name: str) -> None:
-    if not name or any(c.isspace() or c == "+" for c in name):
-        raise CheckpointError(f"key name: {name!r} must be non-empty, without spaces or '+'")
-
-
 def key_hash(name: str, public_key: bytes) -> bytes:
     """C2SP signed-note Ed25519 key hash: SHA-256(name || 0x0A || 0x01 || key)[:4]."""
-    _check_key_name(name)
-    digest = hashlib.sha256(name.encode() + b"\n" + ED25519_TYPE + public_key).digest()
-    return digest[:KEY_HASH_BYTES]
+    return note_key_id(name, SIG_ED25519, public_key)
 
 
 def verifier_key(name: str, public_key: bytes) -> str:
     """The note verifier key string `<name>+<hex key hash>+<base64(0x01 || key)>`."""
-    return f"{name}+{key_hash(name, public_key).hex()}+{b64encode(ED25519_TYPE + public_key)}"
+    return str(Vkey(name, SIG_ED25519, public_key))
 
 
 def sign_note(body: str, signer: Signer, name: str) -> str:
-    """Append one Ed25519 signature line by `signer` under key name `name` to `body`."""
-    if not body.endswith("\n"):
-        raise CheckpointError("body: must end with a newline")
-    signature = signer.sign(body.encode())
-    blob = key_hash(name, signer.public_key) + signature
-    return f"{body}\n{SIGNATURE_DASH} {name} {b64encode(blob)}\n"
+    """A note of `body` with one Ed25519 signature line by `signer` under key name `name`."""
+    return Note(body, (signature_for(body, Ed25519NoteSigner(name, signer)),)).text()
 
 
 def sign_checkpoint(checkpoint: Checkpoint, signer: Signer, name: str | None = None) -> str:
     """The signed note text for `checkpoint`; the key name defaults to the origin."""
     return sign_note(checkpoint.body(), signer, name or checkpoint.origin)
-
-
-def parse_note(text: str | bytes) -> Note:
-    """Split a signed note into its body and signature lines, rejecting anything malformed."""
-    if isinstance(text, bytes):
-        if len(text) > MAX_NOTE_BYTES:
-            raise CheckpointError(f"note: larger than {MAX_NOTE_BYTES} bytes")
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise CheckpointError("note: not valid UTF-8") from exc
-    if len(text) > MAX_NOTE_BYTES:
-        raise CheckpointError(f"note: larger than {MAX_NOTE_BYTES} bytes")
-    if "\r" in text:
-        raise CheckpointError("note: contains a carriage return (lines end with \\n only)")
-    if not text.endswith("\n"):
-        raise CheckpointError("note: must end with a newline")
-    split = text.rfind("\n\n")
-    if split < 0:
-        raise CheckpointError("note: no blank line between the body and the signatures")
-    body = text[:split + 1]
-    signature_lines = text[split + 2:-1].split("\n")
-    if not body.strip("\n") or body.startswith("\n"):
-        raise CheckpointError("note: empty body")
-    signatures: list[NoteSignature] = []
-    for number, line in enumerate(signature_lines, start=1):
-        prefix = SIGNATURE_DASH + " "
-        if not line.startswith(prefix):
-            raise CheckpointError(f"signature line {number}: must start with "
-                                  f"'{SIGNATURE_DASH} ' (EM DASH, space)")
-        parts = line[len(prefix):].split(" ")
-        if len(parts) != 2:
-            raise CheckpointError(f"signature line {number}: expected '<name> <base64>'")
-        name, blob_text = parts
-        _check_key_name(name)
-        try:
-            blob = b64decode(blob_text)
-        except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
-            raise CheckpointError(f"signature line {number}: signature is not valid base64") from exc
-        if len(blob) <= KEY_HASH_BYTES:
-            raise CheckpointError(f"signature line {number}: signature too short")
-        signatures.append(NoteSignature(name, blob[:KEY_HASH_BYTES], blob[KEY_HASH_BYTES:]))
-    if not signatures:
-        raise CheckpointError("note: no signature lines")
-    return Note(body=body, signatures=tuple(signatures))
 
 
 def parse_checkpoint_body(body: str) -> Checkpoint:
@@ -200,30 +148,25 @@ def parse_checkpoint(text: str | bytes) -> Checkpoint:
     return parse_checkpoint_body(parse_note(text).body)
 
 
-def verify_checkpoint(text: str | bytes, public_key: bytes, name: str,
+def verify_checkpoint(text: str | bytes | Note, public_key: bytes, name: str,
                       origin: str | None = None) -> Checkpoint:
     """Parse `text` and require a valid signature by `public_key` under key name `name`.
 
     `origin`, if given, must equal the checkpoint's origin (a checkpoint of another log is
-    refused even if the same key signed it). Unknown signers are ignored, as the spec says.
+    refused even if the same key signed it). Unknown signers (witnesses this caller does not
+    check) are ignored, as the spec says; a line of the pinned key that does not verify
+    rejects the note.
     """
-    note = parse_note(text)
-    expected_hash = key_hash(name, public_key)
-    verifier = VerifyKey(public_key)
-    found = False
+    verifier = Ed25519Verifier(name, public_key)
+    note = text if isinstance(text, Note) else parse_note(text)
     for sig in note.signatures:
-        if sig.name != name or sig.key_hash != expected_hash:
-            continue
-        if len(sig.signature) != ED25519_SIGNATURE_BYTES:
+        if (sig.name, sig.key_hash) == (name, verifier.key_id) and \
+                len(sig.signature) != ED25519_SIGNATURE_BYTES:
             raise CheckpointError(f"signature by {name}: must be {ED25519_SIGNATURE_BYTES} bytes")
-        try:
-            verifier.verify(note.body.encode(), sig.signature)
-        except BadSignatureError as exc:
-            raise CheckpointError(f"signature by {name}: does not verify") from exc
-        found = True
-    if not found:
+    opened = open_note(note, [verifier], require_verified=False)
+    if not opened.verified:
         raise CheckpointError(f"note: no signature by the pinned key {name} "
-                              f"({expected_hash.hex()})")
+                              f"({verifier.key_id.hex()})")
     checkpoint = parse_checkpoint_body(note.body)
     if origin is not None and checkpoint.origin != origin:
         raise CheckpointError(f"checkpoint origin: {checkpoint.origin!r} is not the pinned "

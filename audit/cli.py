@@ -52,6 +52,12 @@ TrustOption = Annotated[Path | None, typer.Option(
                     "export's own trust.json; an auditor should pin a copy obtained out of band.")]
 
 
+WitnessQuorumOption = Annotated[int | None, typer.Option(
+    "--witness-quorum", min=0, max=1000,
+    help="How many pinned witnesses must have cosigned the checkpoint (default: the trust "
+         "policy's quorum, a majority of its witnesses; 0 accepts the log key alone).")]
+
+
 def _unusable(message: str) -> typer.Exit:
     err.print(f"[bold red]unusable input:[/] {escape(printable(message))}")
     return typer.Exit(EXIT_UNUSABLE)
@@ -111,11 +117,35 @@ def _summary(report: VerifyReport) -> str:
     if report.ledger_checked and report.ledger is not None:
         lines.append(f"  ledger: minted {report.ledger['minted']}, escrow {report.ledger['escrow']}, "
                      f"{len(report.ledger['balances'])} accounts; conservation holds")
+    lines.append(_witness_line(report))
     if report.consistent_with is not None:
         lines.append(f"  consistent with the saved checkpoint of size {report.consistent_with}")
     if report.state_saved:
         lines.append("  new checkpoint saved to the state file")
     return "\n".join(lines)
+
+
+def _witness_line(report: VerifyReport) -> str:
+    cosigned = report.cosignatures
+    if cosigned is None or not (cosigned.signed or cosigned.missing or cosigned.future):
+        return ("  witnesses: none pinned; the checkpoint is trusted on the log key alone"
+                if report.witness_quorum == 0 else "  witnesses: none")
+    signed = ", ".join(cosigned.signed) or "none"
+    text = (f"  witnesses: {len(cosigned.signed)} cosigned (quorum {report.witness_quorum}): "
+            f"{signed}")
+    if cosigned.missing:
+        text += f"; not signed by {', '.join(cosigned.missing)}"
+    if cosigned.future:
+        text += f"; dated in the future, not counted: {', '.join(cosigned.future)}"
+    return text
+
+
+def _witnesses_json(report: VerifyReport) -> dict[str, Any]:
+    cosigned = report.cosignatures
+    return {"quorum": report.witness_quorum,
+            "signed": {} if cosigned is None else dict(cosigned.signed),
+            "missing": [] if cosigned is None else list(cosigned.missing),
+            "future": {} if cosigned is None else dict(cosigned.future)}
 
 
 def _report_json(report: VerifyReport) -> dict[str, Any]:
@@ -125,19 +155,29 @@ def _report_json(report: VerifyReport) -> dict[str, Any]:
             {"index": report.problem.index, "reason": printable(report.problem.reason)},
             "kinds": {printable(kind): count for kind, count in sorted(report.kinds.items())},
             "ledger": report.ledger, "consistent_with": report.consistent_with,
-            "state_saved": report.state_saved}
+            "state_saved": report.state_saved, "witnesses": _witnesses_json(report)}
 
 
 def _unusable_json(message: str) -> dict[str, Any]:
     """The --json report when nothing could be verified (exit 2)."""
     return {"ok": False, "unusable": True, "entries": 0, "origin": None, "root": None,
             "problem": {"index": None, "reason": printable(message)}, "kinds": {}, "ledger": None,
-            "consistent_with": None, "state_saved": False}
+            "consistent_with": None, "state_saved": False, "witnesses": None}
 
 
 def _run_verify(folder: Path, trust: Path | None, state: Path | None,
-                workers: int | None) -> VerifyReport:
-    """Verify the export; ExportError if the input is unusable (exit 2)."""
+                workers: int | None, witness_quorum: int | None = None) -> VerifyReport:
+    """Verify the export (or tile folder); ExportError if the input is unusable (exit 2)."""
+    from audit.tiles import TRUST_PATH, FolderTiles, TileError, is_tile_folder, verify_tiles
+
+    if is_tile_folder(folder) and not ExportPaths(folder).entries.exists():
+        try:
+            pinned = read_trust(trust or folder / TRUST_PATH)
+            return verify_tiles(FolderTiles(folder), pinned, state_path=state,
+                                workers=default_workers() if workers is None else workers,
+                                witness_quorum=witness_quorum)
+        except TileError as exc:
+            raise ExportError(str(exc)) from exc
     paths = ExportPaths(folder)
     try:
         size = paths.entries.stat().st_size
@@ -145,12 +185,14 @@ def _run_verify(folder: Path, trust: Path | None, state: Path | None,
         size = 0  # paths.require() in verify_export names what is missing
     with _progress(size, "verifying") as progress:
         return verify_export(folder, trust_path=trust, state_path=state, progress=progress,
-                             workers=default_workers() if workers is None else workers)
+                             workers=default_workers() if workers is None else workers,
+                             witness_quorum=witness_quorum)
 
 
 @app.command()
-def verify(
-    folder: Annotated[Path, typer.Argument(help="The export folder.")],
+def verify(  # noqa: PLR0917 (Typer maps parameters to options)
+    folder: Annotated[Path, typer.Argument(
+        help="The export folder, or a tlog-tiles folder (checkpoint and tile/).")],
     trust: TrustOption = None,
     state: Annotated[Path | None, typer.Option(
         "--state", help="State file: the last checkpoint seen. If it exists, the log must be "
@@ -160,10 +202,12 @@ def verify(
     workers: Annotated[int | None, typer.Option(
         "--workers", min=0, max=64, help="Worker processes for signature checks (0: none; "
                                          "default: one per spare core, at most 2).")] = None,
+    witness_quorum: WitnessQuorumOption = None,
 ) -> None:
-    """Check every entry, signature and key registration, rebuild the tree, match the checkpoint."""
+    """Check every entry, signature and key registration, rebuild the tree, match the checkpoint,
+    and require the trust policy's quorum of witness cosignatures on it."""
     try:
-        report = _run_verify(folder, trust, state, workers)
+        report = _run_verify(folder, trust, state, workers, witness_quorum)
     except ExportError as exc:
         if as_json:
             out.print_json(data=_unusable_json(str(exc)))
@@ -180,10 +224,11 @@ def verify(
 def rewards(
     folder: Annotated[Path, typer.Argument(help="The export folder.")],
     trust: TrustOption = None,
+    witness_quorum: WitnessQuorumOption = None,
 ) -> None:
     """Verify the log, then print the ledger fold: {"minted", "escrow", "balances"} as JSON."""
     try:
-        report = _run_verify(folder, trust, None, None)
+        report = _run_verify(folder, trust, None, None, witness_quorum)
     except ExportError as exc:
         raise _unusable(str(exc)) from exc
     if report.problem is not None:
@@ -194,25 +239,29 @@ def rewards(
 
 
 @app.command()
-def generate(
+def generate(  # noqa: PLR0917 (Typer maps parameters to options)
     entries: Annotated[int, typer.Option("--entries", min=0, help="How many entries.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Export folder to create.")],
     seed: Annotated[int | None, typer.Option(
         "--seed", help="Reproducible content and keys (default: fresh random keys).")] = None,
     origin: Annotated[str, typer.Option("--origin", help="The log's origin line.")] =
         "exchange.example/log",
+    witnesses: Annotated[int, typer.Option(
+        "--witnesses", min=0, max=5, help="How many of the 5 hospitals register a witness key "
+                                          "and cosign the checkpoint (trust.json lists them).")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing folder.")] = False,
 ) -> None:
     """Write a well-formed signed log of N realistic entries (fresh keys) as an export folder."""
-    from audit.generate import generate_log
+    from audit.generate import write_generated_log
 
     try:
-        log = generate_log(entries, seed=seed, origin=origin)
-        count = log.write(out_dir, overwrite=force)
+        log = write_generated_log(out_dir, entries, seed=seed, origin=origin, witnesses=witnesses,
+                                  overwrite=force)
     except (ExportError, CheckpointError, ValueError) as exc:
         raise _unusable(str(exc)) from exc
-    out.print(f"wrote {count} entries to {out_dir} (origin {origin}; trust.json pins the "
-              f"operator key {log.operator.key_id} and the log key {log.log_signer.key_id})")
+    cosigned = f", cosigned by {witnesses} witness(es)" if witnesses else ""
+    out.print(f"wrote {entries} entries to {out_dir} (origin {origin}{cosigned}; trust.json pins "
+              f"the operator key {log.operator.key_id} and the log key {log.log_signer.key_id})")
 
 
 @app.command()
@@ -239,7 +288,7 @@ def export(
             raise _unusable(f"{db}: the database holds no trust anchors (audit_log_meta is empty: "
                             f"no coordinator has opened this log since migration 0004); pass "
                             f"--trust FILE")
-        if stored is not None and stored != pinned:
+        if stored is not None and stored.anchors() != pinned.anchors():
             differ = [name for name in ("origin", "operator_public_key", "log_public_key")
                       if getattr(stored, name) != getattr(pinned, name)]
             raise _unusable(f"--trust: {trust} disagrees with the trust anchors stored in {db} "
@@ -261,6 +310,76 @@ def export(
         raise _unusable(f"{db}: the checkpoint covers {checkpoint.size} entries but only {count} "
                         f"could be read")
     out.print(f"exported {count} entries to {out_dir} (checkpoint size {checkpoint.size})")
+
+
+@app.command()
+def fetch(  # noqa: PLR0917 (Typer maps parameters to options)
+    url: Annotated[str, typer.Option("--url", help="The coordinator's base URL (JSON API), or a "
+                                                   "tlog-tiles prefix with --tiles.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Export folder to create.")],
+    trust: Annotated[Path | None, typer.Option(
+        "--trust", help="Pinned trust.json to verify with (default: the server's own, which "
+                        "proves nothing about the server; pin a copy obtained out of band).")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="EXCHANGE_API_KEY", show_default=False,
+        help="Auditor API key (or EXCHANGE_API_KEY), sent as a Bearer token.")] = None,
+    tiles: Annotated[bool, typer.Option("--tiles", help="URL is a tlog-tiles prefix.")] = False,
+    page: Annotated[int, typer.Option("--page", min=1, max=100_000,
+                                      help="Entries per request (JSON API).")] = 10_000,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, max=64,
+                                          help="Bundles fetched at once (tiles).")] = 8,
+    state: Annotated[Path | None, typer.Option("--state", help="As for `audit verify`.")] = None,
+    witness_quorum: WitnessQuorumOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing folder.")] = False,
+) -> None:
+    """Download a verifiable export over HTTP (checkpoint with cosignatures, trust, entries in
+    pages or tiles), write it as an export folder, then verify it like `audit verify`."""
+    from audit.fetch import fetch_api, fetch_tiles
+
+    try:
+        pinned = read_trust(trust) if trust is not None else None
+        if tiles:
+            fetched = fetch_tiles(url, out_dir, api_key=api_key, pinned=pinned, parallel=parallel,
+                                  overwrite=force)
+        else:
+            fetched = fetch_api(url, out_dir, api_key=api_key, pinned=pinned, page=page,
+                                overwrite=force)
+    except ExportError as exc:
+        raise _unusable(str(exc)) from exc
+    err.print(f"fetched {fetched.entries} entries ({fetched.bytes:,} bytes) from {url} into "
+              f"{out_dir}" + ("" if pinned else "; verifying with the SERVER's trust.json "
+                                                "(pin your own with --trust)"))
+    try:
+        report = _run_verify(out_dir, trust, state, None, witness_quorum)
+    except ExportError as exc:
+        raise _unusable(str(exc)) from exc
+    if report.problem is not None:
+        raise _invalid(str(report.problem))
+    out.print(_summary(report))
+
+
+@app.command(name="tiles")
+def tiles_command(
+    folder: Annotated[Path, typer.Argument(help="The export folder.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Tile folder to create.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing folder.")] = False,
+) -> None:
+    """Write an export as a C2SP tlog-tiles tree (checkpoint, tile/<L>/<N>, tile/entries/<N>),
+    to serve as static files; `audit verify` and `audit fetch --tiles` read it."""
+    from audit.tiles import TileError, write_tiles
+
+    paths = ExportPaths(folder)
+    try:
+        paths.require()
+        note = read_checkpoint_text(paths.checkpoint).decode("utf-8")
+        policy = read_trust(paths.trust) if paths.trust.exists() else None
+        count = write_tiles(out_dir, (raw[:-1] if raw.endswith(b"\n") else raw
+                                      for raw in iter_lines(paths.entries)), note,
+                            policy, overwrite=force)
+    except (ExportError, TileError, UnicodeDecodeError) as exc:
+        raise _unusable(str(exc)) from exc
+    out.print(f"wrote {count} entries as tiles to {out_dir} (not verified: run `audit verify "
+              f"{out_dir}`)")
 
 
 @app.command()

@@ -6,9 +6,10 @@ C2SP implementation) to check it; no database, no network. Layout (docs/audit-lo
     DIR/entries.jsonl   one envelope per line, in log order: the RFC 8785 canonical encoding of
                         the whole envelope (= the Merkle leaf input), then "\\n". Line i is entry i.
     DIR/checkpoint      the C2SP signed note for the tree of all those entries, signed by the log key
-    DIR/trust.json      {"version": 1, "origin": str, "operator_public_key": base64,
-                         "log_public_key": base64}: what the auditor pins (normally from a copy
-                         obtained out of band, given with `--trust`)
+                        and cosigned by witnesses (audit/cosignature.py)
+    DIR/trust.json      the trust policy (audit/trust.py: origin, log and operator keys, witnesses,
+                        quorum): what the auditor pins (normally a copy obtained out of band,
+                        given with `--trust`)
 
 Writing goes through a temporary folder renamed into place, so a crash never leaves a
 half-written export that looks complete.
@@ -16,97 +17,23 @@ half-written export that looks complete.
 
 from __future__ import annotations
 
-import binascii
-import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from audit.checkpoint import CheckpointError, check_origin
 from audit.entry import Entry
-from audit.signing import b64decode, b64encode
-from audit.untrusted import UntrustedJSONError, load_json
+from audit.trust import TRUST_VERSION, ExportError, Trust, read_trust, trust_json_bytes
+
+__all__ = ["CHECKPOINT_FILE", "ENTRIES_FILE", "TRUST_FILE", "TRUST_VERSION", "ExportError",
+           "ExportPaths", "Trust", "atomic_write", "fsync_dir", "iter_lines", "read_checkpoint_text",
+           "read_trust", "write_entries_export", "write_export", "write_synced"]
 
 ENTRIES_FILE = "entries.jsonl"
 CHECKPOINT_FILE = "checkpoint"
 TRUST_FILE = "trust.json"
-TRUST_VERSION = 1
-_TRUST_FIELDS = frozenset({"version", "origin", "operator_public_key", "log_public_key"})
-
-
-class ExportError(ValueError):
-    """The export (or a trust file) is unusable: missing, unreadable or malformed as a whole."""
-
-
-@dataclass(frozen=True)
-class Trust:
-    """The pinned roots: the operator key (root of the keyring) and the log (checkpoint) key."""
-
-    origin: str
-    operator_public_key: bytes
-    log_public_key: bytes
-
-    @property
-    def log_key_name(self) -> str:
-        """The signed-note key name of the log key: the origin, by this project's convention."""
-        return self.origin
-
-    def to_json(self) -> dict[str, Any]:
-        return {"version": TRUST_VERSION, "origin": self.origin,
-                "operator_public_key": b64encode(self.operator_public_key),
-                "log_public_key": b64encode(self.log_public_key)}
-
-    @classmethod
-    def from_json(cls, obj: Any) -> Trust:
-        if not isinstance(obj, dict):
-            raise ExportError("trust: not a JSON object")
-        missing = _TRUST_FIELDS - obj.keys()
-        extra = obj.keys() - _TRUST_FIELDS
-        if missing:
-            raise ExportError(f"trust: missing field(s) {sorted(missing)}")
-        if extra:
-            raise ExportError(f"trust: unknown field(s) {sorted(extra)}")
-        if obj["version"] != TRUST_VERSION:
-            raise ExportError(f"trust.version: unsupported {obj['version']!r}")
-        if not isinstance(obj["origin"], str):
-            raise ExportError("trust.origin: must be a string")
-        try:
-            check_origin(obj["origin"])
-        except CheckpointError as exc:
-            raise ExportError(f"trust.{exc}") from exc
-        keys: dict[str, bytes] = {}
-        for name in ("operator_public_key", "log_public_key"):
-            value = obj[name]
-            try:
-                if not isinstance(value, str):
-                    raise ValueError
-                raw = b64decode(value)
-            except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
-                raise ExportError(f"trust.{name}: not a base64 string") from exc
-            if len(raw) != 32:
-                raise ExportError(f"trust.{name}: must be a 32-byte Ed25519 key, got {len(raw)} bytes")
-            keys[name] = raw
-        return cls(obj["origin"], keys["operator_public_key"], keys["log_public_key"])
-
-
-def read_trust(path: Path) -> Trust:
-    """Load a trust file; ExportError (unusable input) if missing, unreadable or malformed."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ExportError(f"{path}: cannot read trust file ({exc.strerror})") from exc
-    try:
-        obj = load_json(raw)
-    except UntrustedJSONError as exc:
-        raise ExportError(f"{path}: trust file: {exc}") from exc
-    try:
-        return Trust.from_json(obj)
-    except ExportError as exc:
-        raise ExportError(f"{path}: {exc}") from exc
 
 
 def read_checkpoint_text(path: Path) -> bytes:
@@ -152,12 +79,14 @@ def iter_lines(path: Path, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         yield from handle
 
 
-def write_export(out: Path, leaf_lines: Iterable[bytes], checkpoint_note: str, trust: Trust,
+def write_export(out: Path, leaf_lines: Iterable[bytes],
+                 checkpoint_note: str | Callable[[], str], trust: Trust,
                  *, overwrite: bool = False) -> int:
     """Write an export folder atomically; return the number of entries written.
 
     `leaf_lines` are the canonical envelopes (Entry.leaf_bytes()), without newline. `out` must
-    not exist (or be an empty folder) unless `overwrite` is true.
+    not exist (or be an empty folder) unless `overwrite` is true. `checkpoint_note` may be a
+    function, called once every line is written (a streaming writer learns the root last).
     """
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: already exists and is not an empty folder")
@@ -174,16 +103,16 @@ def write_export(out: Path, leaf_lines: Iterable[bytes], checkpoint_note: str, t
                 count += 1
             handle.flush()
             os.fsync(handle.fileno())
-        _write_synced(staging / CHECKPOINT_FILE, checkpoint_note.encode())
-        _write_synced(staging / TRUST_FILE,
-                      (json.dumps(trust.to_json(), indent=2, sort_keys=True) + "\n").encode())
+        note = checkpoint_note() if callable(checkpoint_note) else checkpoint_note
+        write_synced(staging / CHECKPOINT_FILE, note.encode())
+        write_synced(staging / TRUST_FILE, trust_json_bytes(trust))
         if out.exists():
             if out.is_dir():
                 shutil.rmtree(out)
             else:
                 out.unlink()
         os.replace(staging, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         return count
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -196,14 +125,15 @@ def write_entries_export(out: Path, entries: Iterable[Entry], checkpoint_note: s
                         overwrite=overwrite)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def write_synced(path: Path, data: bytes) -> None:
+    """Write `data` to `path` and fsync it (the folder's entry is synced by the caller)."""
     with path.open("wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -222,7 +152,7 @@ def atomic_write(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

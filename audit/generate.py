@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from audit.checkpoint import Checkpoint, sign_checkpoint
+from audit.checkpoint import Checkpoint, parse_note, sign_checkpoint
+from audit.cosignature import CosignatureV1Signer
 from audit.entry import Entry, sign_entry
 from audit.export import Trust, write_export
+from audit.keyring import WITNESS_FIELD
 from audit.ledger import Ledger
 from audit.merkle import MemoryTree, leaf_hash
+from audit.note import Note
 from audit.rewards import StudyTerms
 from audit.signing import Signer
 
@@ -42,24 +45,56 @@ class GeneratedLog:
     log_signer: Signer
     signers: dict[str, Signer]  # account (owner) -> its current key
     entries: list[Entry] = field(default_factory=list)
+    # hospital (owner) -> its witness key; registered with its key.register (witness_vkey)
+    witnesses: dict[str, CosignatureV1Signer] = field(default_factory=dict)
 
     @property
     def trust(self) -> Trust:
-        return Trust(self.origin, self.operator.public_key, self.log_signer.public_key)
+        """The trust policy: the log's anchors, and its witnesses (default majority quorum)."""
+        return Trust(self.origin, self.operator.public_key, self.log_signer.public_key,
+                     tuple(w.vkey for w in self.witnesses.values()))
 
     def lines(self) -> list[bytes]:
         return [entry.leaf_bytes() for entry in self.entries]
 
-    def checkpoint(self, size: int | None = None, lines: list[bytes] | None = None) -> str:
-        """The log key's signed checkpoint over the first `size` of `lines` (default: all)."""
+    def checkpoint(self, size: int | None = None, lines: list[bytes] | None = None,
+                   cosigners: Iterable[str] | None = None) -> str:
+        """The log key's signed checkpoint over the first `size` of `lines` (default: all),
+        cosigned by the witnesses of the hospitals in `cosigners` (default: every witness)."""
         leaves = self.lines() if lines is None else lines
         count = len(leaves) if size is None else size
         tree = MemoryTree(leaf_hash(line) for line in leaves[:count])
-        return sign_checkpoint(Checkpoint(self.origin, count, tree.root()), self.log_signer)
+        return self.cosign(self.signed_checkpoint(count, tree.root()), cosigners)
+
+    def signed_checkpoint(self, size: int, root: bytes) -> str:
+        return sign_checkpoint(Checkpoint(self.origin, size, root), self.log_signer)
+
+    def cosign(self, note: str, cosigners: Iterable[str] | None = None,
+               timestamp: int | None = None) -> str:
+        """`note` with cosignatures by the witnesses of `cosigners` (default: all), dated
+        `timestamp` (default: the time of the last entry, so a seeded log is reproducible)."""
+        chosen = list(self.witnesses) if cosigners is None else list(cosigners)
+        if not chosen:
+            return note
+        if timestamp is None:
+            last = self.entries[-1].time if self.entries else None
+            timestamp = int((_parse_time(last) if last else START).timestamp())
+        parsed = parse_note(note)
+        lines = tuple(self.witnesses[owner].cosign(parsed.body, timestamp) for owner in chosen)
+        return Note(parsed.body, (*parsed.signatures, *lines)).text()
 
     def write(self, out: Path, *, overwrite: bool = False) -> int:
         lines = self.lines()
         return write_export(out, lines, self.checkpoint(lines=lines), self.trust, overwrite=overwrite)
+
+
+def witness_name(owner: str, origin: str) -> str:
+    """The witness key name of a hospital: `<id>.witness.<host of the origin>`."""
+    return f"{owner.rsplit(':', maxsplit=1)[-1]}.witness.{origin.split('/', maxsplit=1)[0]}"
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
 def _signer(rng: random.Random | None) -> Signer:
@@ -97,9 +132,12 @@ class _Story:
     def _register(self, owner: str, role: str) -> Entry:
         signer = _signer(self.key_rng)
         self.log.signers[owner] = signer
-        return self._entry(self.log.operator, "key.register",
-                           {"key_id": signer.key_id, "public_key": signer.public_key_b64,
-                            "role": role, "owner": owner})
+        payload = {"key_id": signer.key_id, "public_key": signer.public_key_b64, "role": role,
+                   "owner": owner}
+        witness = self.log.witnesses.get(owner)
+        if witness is not None:
+            payload[WITNESS_FIELD] = str(witness.vkey)
+        return self._entry(self.log.operator, "key.register", payload)
 
     def run(self) -> Iterator[Entry]:
         yield self._register("operator:exchange", "coordinator")
@@ -212,19 +250,64 @@ class _Story:
                               {"study_id": study_id, "account": org, "amount": amount - paid})
 
 
-def generate_log(entries: int, *, seed: int | None = None, origin: str = DEFAULT_ORIGIN,
-                 hospitals: int = 5, researchers: int = 3) -> GeneratedLog:
-    """A valid log of exactly `entries` entries (>= 0). Fresh keys unless `seed` is given."""
+def _start(entries: int, *, seed: int | None, origin: str, hospitals: int, researchers: int,
+           witnesses: int) -> tuple[GeneratedLog, _Story]:
     if entries < 0:
         raise ValueError(f"entries: must be >= 0, got {entries}")
     if hospitals < 1 or researchers < 2:
         raise ValueError("hospitals: at least 1; researchers: at least 2")
+    if not 0 <= witnesses <= hospitals:
+        raise ValueError(f"witnesses: between 0 and the {hospitals} hospitals, got {witnesses}")
     rng = random.Random(seed)
     keyed = rng if seed is not None else None
     log = GeneratedLog(origin=origin, operator=_signer(keyed), log_signer=_signer(keyed), signers={})
     story = _Story(log, rng, hospitals, researchers, keyed)
+    for hospital in story.hospitals[:witnesses]:
+        log.witnesses[hospital] = CosignatureV1Signer(witness_name(hospital, origin),
+                                                      _signer(keyed))
+    return log, story
+
+
+def generate_log(entries: int, *, seed: int | None = None, origin: str = DEFAULT_ORIGIN,
+                 hospitals: int = 5, researchers: int = 3, witnesses: int = 0) -> GeneratedLog:
+    """A valid log of exactly `entries` entries (>= 0). Fresh keys unless `seed` is given.
+
+    The first `witnesses` hospitals register a witness key with their signing key; the trust
+    policy then lists them (default quorum: a majority) and `checkpoint()` is cosigned by all.
+    """
+    log, story = _start(entries, seed=seed, origin=origin, hospitals=hospitals,
+                         researchers=researchers, witnesses=witnesses)
     for entry in story.run():
         if len(log.entries) >= entries:
             break
         log.entries.append(entry)
+    return log
+
+
+def write_generated_log(out: Path, entries: int, *, seed: int | None = None,
+                        origin: str = DEFAULT_ORIGIN, hospitals: int = 5, researchers: int = 3,
+                        witnesses: int = 0, overwrite: bool = False) -> GeneratedLog:
+    """`generate_log` written straight to an export folder, keeping no entry in memory (only
+    the leaf hashes), so million-entry logs fit. The returned log holds the keys and the last
+    entry only."""
+    log, story = _start(entries, seed=seed, origin=origin, hospitals=hospitals,
+                         researchers=researchers, witnesses=witnesses)
+    tree = MemoryTree()
+    last: list[Entry] = []
+
+    def lines() -> Iterator[bytes]:
+        for entry in story.run():
+            if tree.size >= entries:
+                return
+            line = entry.leaf_bytes()
+            tree.append(leaf_hash(line))
+            last[:] = [entry]
+            yield line
+
+    def checkpoint() -> str:
+        log.entries = last
+        return log.cosign(log.signed_checkpoint(tree.size, tree.root()))
+
+    write_export(out, lines(), checkpoint, log.trust, overwrite=overwrite)
+    log.entries = last
     return log

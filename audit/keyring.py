@@ -9,6 +9,11 @@ Rules (docs/CONTRACTS.md):
 - The root operator key (pinned in trust.json) is registered implicitly, role "operator".
 - `key.register` {"key_id", "public_key" (base64), "role", "owner"} signed by a current operator
   key; `key_id` must equal `audit.signing.key_id(public_key)`; a key id is registered at most once.
+  Optionally "witness_vkey": the owner's witness key, a C2SP cosignature/v1 vkey
+  (`<name>+<key ID>+<base64(0x04 || key)>`, audit/cosignature.py), for roles hospital and
+  auditor only; no other active registration may hold the same witness name or key. It stays
+  with the owner across `key.rotate` and ends with `key.revoke`; `witnesses()` lists the
+  active ones (what the trust policy's witnesses are built from).
 - `key.revoke` {"key_id", "reason"} signed by a current operator key: the key signs nothing after.
 - `key.rotate` {"old_key_id", "new_key_id", "new_public_key"} signed by the OLD key: the new key
   inherits role and owner; the old key signs nothing after it.
@@ -21,7 +26,9 @@ import binascii
 from dataclasses import dataclass
 from typing import Any
 
+from audit.cosignature import parse_witness_vkey
 from audit.entry import Entry
+from audit.note import NoteError, Vkey
 from audit.signing import SignatureInvalidError, b64decode, key_id
 
 ROLES = frozenset({"operator", "coordinator", "hospital", "researcher", "auditor"})
@@ -30,6 +37,8 @@ ROOT_INDEX = -1
 PUBLIC_KEY_BYTES = 32
 
 _REGISTER_FIELDS = frozenset({"key_id", "public_key", "role", "owner"})
+WITNESS_FIELD = "witness_vkey"
+WITNESS_ROLES = frozenset({"hospital", "auditor"})
 _REVOKE_FIELDS = frozenset({"key_id", "reason"})
 _ROTATE_FIELDS = frozenset({"old_key_id", "new_key_id", "new_public_key"})
 
@@ -54,15 +63,17 @@ class KeyRecord:
     registered_at: int
     ended_at: int | None = None
     ended_how: str | None = None  # "revoked: <reason>" or "rotated to <key id>"
+    witness: Vkey | None = None  # the owner's witness key (cosignature/v1), if registered
 
     @property
     def active(self) -> bool:
         return self.ended_at is None
 
 
-def _fields(index: int, payload: dict[str, Any], kind: str, expected: frozenset[str]) -> None:
+def _fields(index: int, payload: dict[str, Any], kind: str, expected: frozenset[str],
+            optional: frozenset[str] = frozenset()) -> None:
     missing = expected - payload.keys()
-    extra = payload.keys() - expected
+    extra = payload.keys() - expected - optional
     if missing:
         raise KeyringError(index, f"{kind} payload: missing field(s) {sorted(missing)}")
     if extra:
@@ -119,6 +130,11 @@ class Keyring:
     def records(self) -> list[KeyRecord]:
         return list(self._keys.values())
 
+    def witnesses(self) -> dict[str, Vkey]:
+        """Owner -> witness vkey, for every active registration that carries one, in log order."""
+        return {r.owner: r.witness for r in self._keys.values()
+                if r.active and r.witness is not None}
+
     # -- the two operations of the contract ----------------------------------------------
     def signer_record(self, entry: Entry, index: int) -> KeyRecord:
         """The active record of the entry's signer, or KeyringError saying why there is none."""
@@ -160,8 +176,11 @@ class Keyring:
         payload = entry.payload
         if entry.kind == "key.register":
             kid = payload["key_id"]
+            witness = payload.get(WITNESS_FIELD)
             self._keys[kid] = KeyRecord(kid, b64decode(payload["public_key"]), payload["role"],
-                                        payload["owner"], index)
+                                        payload["owner"], index,
+                                        witness=None if witness is None
+                                        else parse_witness_vkey(witness))
         elif entry.kind == "key.revoke":
             target = self._keys[payload["key_id"]]
             target.ended_at = index
@@ -169,18 +188,40 @@ class Keyring:
         else:  # key.rotate
             new_id = payload["new_key_id"]
             self._keys[new_id] = KeyRecord(new_id, b64decode(payload["new_public_key"]),
-                                           record.role, record.owner, index)
+                                           record.role, record.owner, index,
+                                           witness=record.witness)
             record.ended_at = index
             record.ended_how = f"rotated to {new_id}"
 
     # -- internals -------------------------------------------------------------------------
+    def _validate_witness(self, index: int, payload: dict[str, Any]) -> None:
+        where = f"key.register payload.{WITNESS_FIELD}"
+        if payload["role"] not in WITNESS_ROLES:
+            raise KeyringError(index, f"{where}: only roles {sorted(WITNESS_ROLES)} may register "
+                                      f"a witness key, not {payload['role']!r}")
+        text = payload[WITNESS_FIELD]
+        if not isinstance(text, str):
+            raise KeyringError(index, f"{where}: must be a vkey string")
+        try:
+            vkey = parse_witness_vkey(text, where)
+        except NoteError as exc:
+            raise KeyringError(index, str(exc)) from exc
+        for other in self._keys.values():
+            if other.active and other.witness is not None and (
+                    other.witness.name == vkey.name
+                    or other.witness.public_key == vkey.public_key):
+                raise KeyringError(index, f"{where}: witness {vkey.name} conflicts with the witness "
+                                          f"{other.witness.name} of {other.owner} (registered at "
+                                          f"entry {other.registered_at}): names and keys are "
+                                          f"unique among active witnesses")
+
     def _validate_key_entry(self, entry: Entry, index: int, signer: KeyRecord) -> None:
         kind, payload = entry.kind, entry.payload
         if kind not in KEY_KINDS:
             raise KeyringError(index, f"kind: unknown key kind {kind!r} "
                                       f"(expected one of {sorted(KEY_KINDS)})")
         if kind == "key.register":
-            _fields(index, payload, kind, _REGISTER_FIELDS)
+            _fields(index, payload, kind, _REGISTER_FIELDS, frozenset({WITNESS_FIELD}))
             if signer.role != "operator":
                 raise KeyringError(index, f"key.register: signer {signer.key_id} has role "
                                           f"{signer.role!r}, only an operator key may register")
@@ -191,6 +232,8 @@ class Keyring:
             if payload["key_id"] in self._keys:
                 raise KeyringError(index, f"key.register payload.key_id: {payload['key_id']} is "
                                           f"already registered")
+            if WITNESS_FIELD in payload:
+                self._validate_witness(index, payload)
         elif kind == "key.revoke":
             _fields(index, payload, kind, _REVOKE_FIELDS)
             if signer.role != "operator":

@@ -48,6 +48,8 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
 from audit.checkpoint import Checkpoint, CheckpointError, verify_checkpoint
+from audit.compact import LeafIndex, LeafTree
+from audit.cosignature import CosignatureReport, check_cosignatures
 from audit.entry import ENVELOPE_FIELDS, ENVELOPE_VERSION, Entry, MalformedEntryError, parse_time
 from audit.export import (
     ExportError,
@@ -60,7 +62,7 @@ from audit.export import (
 )
 from audit.keyring import Keyring, KeyringError
 from audit.ledger import Ledger, LedgerError
-from audit.merkle import HASH_SIZE, MemoryTree, ProofError, verify_consistency
+from audit.merkle import HASH_SIZE, ProofError, verify_consistency
 from audit.signing import b64decode, b64encode, canonical
 from audit.untrusted import MAX_INTEGER_DIGITS, DuplicateKeyError, UntrustedJSONError, load_json, printable
 
@@ -103,6 +105,8 @@ class VerifyReport:
     ledger_checked: bool = False
     consistent_with: int | None = None  # size of the saved checkpoint proven consistent
     state_saved: bool = False
+    witness_quorum: int = 0  # cosignatures required (trust policy or --witness-quorum)
+    cosignatures: CosignatureReport | None = None  # which pinned witnesses cosigned
 
     @property
     def ok(self) -> bool:
@@ -404,7 +408,7 @@ def load_state(path: Path, trust: Trust) -> SavedState | None:
     return SavedState(text, checkpoint, leaf_hashes)
 
 
-def save_state(path: Path, checkpoint_text: str, tree: MemoryTree, size: int) -> None:
+def save_state(path: Path, checkpoint_text: str, tree: LeafTree, size: int) -> None:
     """Save the checkpoint (and the leaf hashes it covers, to name a later fork) atomically."""
     leaves = tree.leaf_bytes(size)
     data = json.dumps({"version": STATE_VERSION, "checkpoint": checkpoint_text,
@@ -412,7 +416,7 @@ def save_state(path: Path, checkpoint_text: str, tree: MemoryTree, size: int) ->
     atomic_write(path, data)
 
 
-def _first_divergence(saved: SavedState, tree: MemoryTree, upto: int) -> int | None:
+def _first_divergence(saved: SavedState, tree: LeafTree, upto: int) -> int | None:
     """The first index < upto where the saved leaves differ from ours (None: none or unknown).
 
     The saved leaf hashes are used only if they reproduce the saved (signed) root.
@@ -420,7 +424,7 @@ def _first_divergence(saved: SavedState, tree: MemoryTree, upto: int) -> int | N
     leaves = saved.leaf_hashes
     if leaves is None:
         return None
-    if MemoryTree.from_leaf_bytes(leaves).root() != saved.checkpoint.root:
+    if LeafTree.from_leaf_bytes(leaves).root() != saved.checkpoint.root:
         return None
     ours = tree.leaf_bytes(min(upto, tree.size))
     limit = min(len(leaves), len(ours))
@@ -458,11 +462,11 @@ class LogVerifier:
         self.trust = trust
         self.keyring = Keyring(trust.operator_public_key)
         self.ledger = Ledger(root_key_id=self.keyring.root_key_id) if with_ledger else None
-        self.tree = MemoryTree()
+        self.tree = LeafTree()
         self.kinds: Counter[str] = Counter()
         self.problem: Problem | None = None
         self._parser = CanonicalParser()
-        self._seen: dict[int, int] = {}
+        self._seen = LeafIndex()
         self._sigs = _SignatureChecks(0 if workers is None else workers, batch_size)
 
     @property
@@ -506,11 +510,11 @@ class LogVerifier:
         entry = envelope_from_json(obj)
         signature = decode_signature(entry.signature)
         leaf = _sha256(b"\x00" + line).digest()
-        short = int.from_bytes(leaf[:8], "big")
-        earlier = self._seen.get(short)
-        if earlier is not None and self.tree.leaf(earlier) == leaf:
-            raise MalformedEntryError(f"duplicate: byte-for-byte the same entry as entry {earlier} "
-                                      f"(a replayed entry)")
+        if self._seen.add(leaf):  # the prefix was seen: confirmed against the full hashes
+            earlier = self.tree.find(leaf)
+            if earlier is not None:
+                raise MalformedEntryError(f"duplicate: byte-for-byte the same entry as entry "
+                                          f"{earlier} (a replayed entry)")
         self.keyring.check(entry, index, verify_signature=False)
         self._sigs.add(index, self.keyring.public_key(entry.key_id),
                        signing_input_from_line(line, entry), signature)
@@ -520,7 +524,6 @@ class LogVerifier:
                 self.ledger.apply(entry, index)
             except LedgerError as exc:
                 raise _LedgerFailureError(exc.reason) from exc
-        self._seen.setdefault(short, index)
         self.tree.append(leaf)
         self.kinds[entry.kind] += 1
 
@@ -554,11 +557,13 @@ def _earliest(*problems: Problem | None) -> Problem | None:
 
 def verify_export(folder: Path, *, trust_path: Path | None = None, state_path: Path | None = None,
                   progress: Callable[[int], None] | None = None, workers: int | None = None,
-                  with_ledger: bool = True, batch_size: int = 512) -> VerifyReport:
+                  with_ledger: bool = True, batch_size: int = 512,
+                  witness_quorum: int | None = None) -> VerifyReport:
     """Verify the export in `folder` (see the module docstring). ExportError: unusable input.
 
     `trust_path` defaults to the export's own trust.json (an auditor should pin its own copy).
     `progress(bytes_read)` is called now and then with the bytes of entries.jsonl read so far.
+    `witness_quorum` overrides the trust policy's quorum of witness cosignatures.
     """
     paths = ExportPaths(folder)
     paths.require()
@@ -567,26 +572,62 @@ def verify_export(folder: Path, *, trust_path: Path | None = None, state_path: P
     state = load_state(state_path, trust) if state_path is not None else None
     return verify_lines(iter_lines(paths.entries), checkpoint_text, trust, state=state,
                         state_path=state_path, progress=progress, workers=workers,
-                        with_ledger=with_ledger, batch_size=batch_size)
+                        with_ledger=with_ledger, batch_size=batch_size,
+                        witness_quorum=witness_quorum)
+
+
+def check_checkpoint(checkpoint_text: bytes | str, trust: Trust, required: int,
+                     report: VerifyReport, now: float | None = None,
+                     ) -> tuple[Problem | None, Problem | None]:
+    """Verify the log's signature and the witnesses' quorum; fill `report`.
+
+    Returns (signature problem, quorum problem): the first when the note itself is not to be
+    trusted, the second when it is but too few witnesses cosigned it.
+
+    Required: a valid signature by the pinned log key with the pinned origin, and valid
+    cosignatures (audit/cosignature.py) from at least `required` distinct pinned witnesses. A
+    known witness's line that does not verify refuses the checkpoint; one dated in the future
+    is reported and not counted.
+    """
+    report.witness_quorum = required
+    try:
+        report.checkpoint = verify_checkpoint(checkpoint_text, trust.log_public_key,
+                                              trust.log_key_name, trust.origin)
+        report.cosignatures = check_cosignatures(checkpoint_text, trust.witnesses, now=now)
+    except CheckpointError as exc:
+        report.checkpoint = None
+        return Problem(None, f"checkpoint: {exc}"), None
+    cosigned = report.cosignatures
+    if len(cosigned.signed) >= required:
+        return None, None
+    signed = ", ".join(cosigned.signed) or "none"
+    unsigned = ", ".join(cosigned.missing) or "none"
+    ahead = "".join(f"; {name}'s cosignature is dated in the future ({when}) and not counted"
+                    for name, when in cosigned.future.items())
+    return None, Problem(None, f"checkpoint: cosigned by {len(cosigned.signed)} of the "
+                               f"{len(trust.witnesses)} pinned witnesses, below the quorum of "
+                               f"{required}: signed by {signed}; not signed by {unsigned}{ahead}")
 
 
 def verify_lines(lines: Iterable[bytes], checkpoint_text: bytes | str, trust: Trust, *,
                  state: SavedState | None = None, state_path: Path | None = None,
                  progress: Callable[[int], None] | None = None, workers: int | None = None,
-                 with_ledger: bool = True, batch_size: int = 512) -> VerifyReport:
+                 with_ledger: bool = True, batch_size: int = 512,
+                 witness_quorum: int | None = None,
+                 after_entries: Callable[[], Problem | None] | None = None) -> VerifyReport:
     """Verify lines (each with its newline) against a checkpoint note and trust anchors.
 
     `state` is what `load_state` returned for `state_path` (None: no saved checkpoint yet).
+    `after_entries`, called once the lines are exhausted, may return a problem of the source
+    the lines came from (e.g. a tile that does not match them); nothing is saved then.
+    ExportError (before anything is read) if the witness quorum cannot be met by the trust
+    policy at all (e.g. a quorum asked of a trust file that pins no witness).
     """
     report = VerifyReport(origin=trust.origin)
-    checkpoint_problem: Problem | None = None
-    checkpoint: Checkpoint | None = None
-    try:
-        checkpoint = verify_checkpoint(checkpoint_text, trust.log_public_key, trust.log_key_name,
-                                       trust.origin)
-    except CheckpointError as exc:
-        checkpoint_problem = Problem(None, f"checkpoint: {exc}")
-    report.checkpoint = checkpoint
+    required = trust.witness_quorum(witness_quorum)
+    checkpoint_problem, quorum_problem = check_checkpoint(checkpoint_text, trust, required,
+                                                          report)
+    checkpoint = report.checkpoint
 
     verifier = LogVerifier(trust, workers=workers, with_ledger=with_ledger, batch_size=batch_size)
     read = 0
@@ -599,6 +640,7 @@ def verify_lines(lines: Iterable[bytes], checkpoint_text: bytes | str, trust: Tr
                 progress(read)
     finally:
         entry_problem = verifier.finish()
+    source_problem = after_entries() if after_entries is not None else None
     if progress is not None:
         progress(read)
     tree = verifier.tree
@@ -640,7 +682,9 @@ def verify_lines(lines: Iterable[bytes], checkpoint_text: bytes | str, trust: Tr
     if entry_problem is None and checkpoint is not None and checkpoint_problem is None:
         checkpoint_problem = _match_checkpoint(checkpoint, tree)
 
-    report.problem = _earliest(entry_problem, fork_problem, checkpoint_problem)
+
+    report.problem = _earliest(entry_problem, source_problem, fork_problem, checkpoint_problem,
+                               quorum_problem)
     if report.problem is None:
         report.ledger = verifier.ledger_json()
         if state_path is not None:
@@ -650,7 +694,7 @@ def verify_lines(lines: Iterable[bytes], checkpoint_text: bytes | str, trust: Tr
     return report
 
 
-def _match_checkpoint(checkpoint: Checkpoint, tree: MemoryTree) -> Problem | None:
+def _match_checkpoint(checkpoint: Checkpoint, tree: LeafTree) -> Problem | None:
     size = tree.size
     if checkpoint.size > size:
         return Problem(size, f"missing: the checkpoint commits to {checkpoint.size} entries but the "

@@ -67,7 +67,7 @@ def test_trust_that_disagrees_with_the_database_is_refused(db_url: str, tmp_path
     other = tmp_path / "other.json"
     stranger = LogKeys.generate().trust()
     other.write_text(json.dumps({**keys.trust().to_json(),
-                                 "log_public_key": stranger.to_json()["log_public_key"]}))
+                                 "log_key": stranger.to_json()["log_key"]}))
     code, _, stderr = run("export", "--db", db_url, "--out", str(tmp_path / "x"), "--trust", str(other))
     assert code == 2
     assert "disagrees with the trust anchors stored" in stderr and "log_public_key" in stderr

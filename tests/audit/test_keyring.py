@@ -149,3 +149,64 @@ def test_apply_validates_even_without_check() -> None:
     with pytest.raises(KeyringError):
         log.keyring.apply(bad, 0)
     assert log.keyring.get(key.key_id) is None
+
+
+# -- witness keys on key.register (payload.witness_vkey) ----------------------------------------
+
+def with_witness(entry_log: Log, key: Signer, vkey: str, role: str = "hospital",
+                 owner: str = "hospital:a") -> Entry:
+    return sign_entry(entry_log.operator, "key.register",
+                      {"key_id": key.key_id, "public_key": key.public_key_b64, "role": role,
+                       "owner": owner, "witness_vkey": vkey})
+
+
+def test_a_hospital_registers_its_witness_key_which_follows_rotation_and_ends_with_revocation(
+) -> None:
+    from audit.cosignature import CosignatureV1Signer
+
+    log = Log()
+    key_a, key_b = Signer.generate(), Signer.generate()
+    witness_a = CosignatureV1Signer("a.witness.example", Signer.generate()).vkey
+    witness_b = CosignatureV1Signer("b.witness.example", Signer.generate()).vkey
+    log.add(with_witness(log, key_a, str(witness_a)))
+    log.add(with_witness(log, key_b, str(witness_b), owner="hospital:b"))
+    assert log.keyring.witnesses() == {"hospital:a": witness_a, "hospital:b": witness_b}
+    rotated = Signer.generate()
+    log.add(sign_entry(key_a, "key.rotate", {"old_key_id": key_a.key_id,
+                                             "new_key_id": rotated.key_id,
+                                             "new_public_key": rotated.public_key_b64}))
+    assert log.keyring.witnesses()["hospital:a"] == witness_a
+    log.add(sign_entry(log.operator, "key.revoke", {"key_id": key_b.key_id, "reason": "left"}))
+    assert set(log.keyring.witnesses()) == {"hospital:a"}
+    # Once hospital b's registration ended, its witness key may be registered again.
+    log.add(with_witness(log, Signer.generate(), str(witness_b), owner="hospital:b"))
+    assert set(log.keyring.witnesses()) == {"hospital:a", "hospital:b"}
+
+
+def test_witness_keys_that_are_malformed_misplaced_or_taken_are_refused() -> None:
+    from audit.cosignature import CosignatureV1Signer
+    from audit.note import Vkey
+
+    log = Log()
+    taken = CosignatureV1Signer("a.witness.example", Signer.generate())
+    log.add(with_witness(log, Signer.generate(), str(taken.vkey)))
+    fresh = CosignatureV1Signer("c.witness.example", Signer.generate()).vkey
+    plain = Vkey("c.witness.example", 0x01, Signer.generate().public_key)
+    same_key = CosignatureV1Signer("other.name", taken.signer).vkey
+    same_name = CosignatureV1Signer("a.witness.example", Signer.generate()).vkey
+    cases = [
+        (with_witness(log, Signer.generate(), "garbage"), "payload.witness_vkey: 'garbage' is not"),
+        (with_witness(log, Signer.generate(), str(plain)), "must be a cosignature/v1 key"),
+        (with_witness(log, Signer.generate(), str(fresh), role="researcher"),
+         "only roles \\['auditor', 'hospital'\\] may register a witness key"),
+        (with_witness(log, Signer.generate(), str(same_key), owner="hospital:c"),
+         "conflicts with the witness a.witness.example of hospital:a"),
+        (with_witness(log, Signer.generate(), str(same_name), owner="hospital:c"),
+         "names and keys are unique among active witnesses"),
+    ]
+    for entry, reason in cases:
+        log.refused(entry, reason)
+    bad_type = sign_entry(log.operator, "key.register",
+                          {"key_id": (k := Signer.generate()).key_id, "public_key": k.public_key_b64,
+                           "role": "hospital", "owner": "hospital:d", "witness_vkey": 7})
+    log.refused(bad_type, "must be a vkey string")

@@ -18,7 +18,8 @@ from audit.entry import sign_entry
 from audit.export import ExportError, Trust, write_export
 from audit.generate import GeneratedLog, generate_log
 from audit.merkle import MemoryTree, leaf_hash
-from audit.signing import Signer, b64decode, b64encode
+from audit.note import Vkey
+from audit.signing import Signer, b64decode
 from audit.verify import VerifyReport, load_state, verify_export, verify_lines
 
 
@@ -325,8 +326,10 @@ def test_export_folder_round_trip_and_unusable_inputs(small: GeneratedLog, tmp_p
     assert small.write(out) == 40
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "entries.jsonl", "trust.json"]
     assert verify_export(out).ok
-    assert json.loads((out / "trust.json").read_text())["operator_public_key"] == \
-        b64encode(small.operator.public_key)
+    written = json.loads((out / "trust.json").read_text())
+    assert written["version"] == 2 and written["witnesses"] == []
+    assert Vkey.parse(written["operator_key"]).public_key == small.operator.public_key
+    assert Vkey.parse(written["log_key"]) == Vkey(small.origin, 1, small.log_signer.public_key)
     with pytest.raises(ExportError, match="already exists"):
         small.write(out)
     with pytest.raises(ExportError, match="not a folder"):

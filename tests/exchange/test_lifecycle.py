@@ -267,15 +267,16 @@ def test_export_and_trust_verify_offline(world: World, tmp_path: Path) -> None:
     """What an auditor downloads (entries + checkpoint + trust roots) verifies with the audit
     package alone, and its fold equals the served balances."""
     from audit.checkpoint import verify_checkpoint
+    from audit.trust import Trust
 
     world.submit()
-    trust = world.as_("auditor", "GET", "/v1/audit/trust").json()
-    assert trust["origin"] and trust["operator_public_key"] and trust["log_public_key"]
+    trust = Trust.from_json(world.as_("auditor", "GET", "/v1/audit/trust").json())
     checkpoint = world.as_("auditor", "GET", "/v1/audit/checkpoint").json()
-    verify_checkpoint(checkpoint["checkpoint"], b64decode(trust["log_public_key"]), trust["origin"])
+    verify_checkpoint(checkpoint["checkpoint"], trust.log_public_key, trust.log_key_name,
+                      trust.origin)
     lines = world.as_("auditor", "GET", "/v1/audit/export").content.splitlines()
     entries = [Entry.from_json(json.loads(line)) for line in lines]
-    keyring = Keyring(b64decode(trust["operator_public_key"]))
+    keyring = Keyring(trust.operator_public_key)
     for index, entry in enumerate(entries):
         keyring.check(entry, index)
         keyring.apply(entry, index)
