@@ -1,13 +1,21 @@
-"""DP-SGD for one hospital's round of a study: Poisson sampling, per-record clipping, Gaussian noise.
+"""DP-SGD for one hospital's round of a study: patient-level Poisson sampling, clipping, secure noise.
 
-The mechanism (identical for both engines below, and exactly what `federated.accounting`
-accounts for): for each of `local_steps` steps, every record joins the batch independently with
-probability `sample_rate` (Poisson sampling, drawn here with a torch.Generator, never by a
-DataLoader, so the sample rate the accountant uses is the one really applied); each record's
-gradient is clipped to L2 norm `clip`; the clipped gradients are summed, Gaussian noise of standard
-deviation `noise_multiplier * clip` is added to every coordinate, and the result is divided by the
-EXPECTED batch size `sample_rate * n` (not the realised one, which would leak it). An empty batch
-still takes a step: zero sum plus noise. Then an SGD step (optional momentum: post-processing).
+The unit of privacy is the PATIENT, not the record: a patient may have several records, and
+record-level DP-SGD would give such a patient k times the influence (at the demo's noise, 2
+records meant epsilon 6.7 and 3 records 11.0 against a reported 3.0). The mechanism (identical for
+both engines below, and exactly what `federated.accounting` accounts for): for each of
+`local_steps` steps, every PATIENT joins the batch independently with probability `sample_rate`
+(Poisson sampling over patients, drawn here from `federated.secure_random`, never by a
+DataLoader, so the sample rate the accountant uses is the one really applied); each sampled
+patient contributes ONE of their records, drawn uniformly; that record's gradient is clipped to
+L2 norm `clip`; the clipped gradients are summed, Gaussian noise of standard deviation
+`noise_multiplier * clip` is added to every coordinate, and the result is divided by the
+EXPECTED batch size `sample_rate * n_patients` (not the realised one, which would leak it). So
+adding or removing one patient changes each step's sum by at most `clip` and changes whether it
+is sampled with probability `sample_rate`: the Poisson-subsampled Gaussian mechanism with
+sensitivity `clip`, whatever the number of records the patient has. An empty batch still takes a
+step: zero sum plus noise. Then an SGD step (optional momentum: post-processing). With one record
+per patient (the demo data) this is record-level DP-SGD exactly.
 
 Engines:
 - "fast" (default): for templates made of `nn.Linear` layers and element-wise activations, a
@@ -22,9 +30,11 @@ Engines:
 - "opacus": Opacus 1.6's GradSampleModule (hooks) and DPOptimizer with the same sampling and the
   same noise. Any nn.Module works; slower. The tests check both engines give the same clipped sum.
 
-Randomness: with `seed=None` the generator is seeded from os.urandom (what a hospital should use);
-a seed makes runs reproducible (benchmarks, tests). torch's generator is not a cryptographic RNG,
-and Opacus's secure_mode (torchcsprng) cannot be installed: see docs/federated-dp.md.
+Randomness: sampling and noise come from `federated.secure_random.SecureRandom` (ChaCha20
+keystreams; Gaussian noise as Opacus's secure-mode sum of four draws, which defeats the
+floating-point attack on the Gaussian mechanism). With `seed=None` its key comes from
+os.urandom (what a hospital uses); a seed makes runs reproducible (benchmarks, tests). torch's
+own generators are never used for sampling or noise.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -41,6 +51,7 @@ import torch
 from torch import nn
 
 from federated.accounting import AccountantName, epsilon_spent
+from federated.secure_random import SecureRandom
 from federated.templates import Template, get_template
 from federated.weights import pack, unpack
 
@@ -58,7 +69,8 @@ class DPTrainingError(ValueError):
 class RoundResult:
     """What a hospital's round produced.
 
-    status "trained": `state` is the new flat weight array. status "no_eligible_records": no record
+    status "trained": `state` is the new flat weight array. `num_examples` counts the records
+    the round could draw from, `num_patients` the patients they belong to (the accounting unit). status "no_eligible_records": no record
     was eligible; `state` is the incoming state unchanged, `steps` is 0, no privacy was spent
     (`epsilon` is the study's spend so far, from `prior_steps`) and `reason` says why. The
     ClientApp reports that status rather than weights, and the server aggregates without it.
@@ -75,6 +87,7 @@ class RoundResult:
     epsilon: float
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str | None = None
+    num_patients: int = 0
 
     @property
     def trained(self) -> bool:
@@ -88,10 +101,55 @@ def initial_state(template: Template | str, n_features: int, seed: int = 0) -> n
 
 
 def make_generator(seed: int | None) -> torch.Generator:
-    """A torch generator seeded from `seed`, or from the OS entropy pool when None."""
+    """A torch generator seeded from `seed`, or from the OS entropy pool when None. Only for the
+    non-private baseline's shuffling (`train_nonprivate`); DP training uses `SecureRandom`."""
     gen = torch.Generator()
     gen.manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else int(seed))
     return gen
+
+
+@dataclass(frozen=True)
+class PatientIndex:
+    """Records grouped by patient, for patient-level Poisson sampling.
+
+    `order` lists record indices patient by patient; patient j's records are
+    `order[offsets[j]:offsets[j] + counts[j]]`. Built once per round (np.unique on the keys)."""
+
+    order: np.ndarray
+    offsets: np.ndarray
+    counts: np.ndarray
+    singletons: bool
+
+    @property
+    def n_patients(self) -> int:
+        return int(self.counts.shape[0])
+
+    @classmethod
+    def build(cls, n_records: int, patients: Sequence[str] | np.ndarray | None) -> PatientIndex:
+        """`patients[i]` is the patient (pseudonym) of record i; None: one patient per record."""
+        if patients is None:
+            idx = np.arange(n_records, dtype=np.int64)
+            return cls(idx, idx, np.ones(n_records, dtype=np.int64), True)
+        keys = np.asarray(patients)
+        if keys.shape != (n_records,):
+            raise DPTrainingError(f"patients: {keys.shape[0] if keys.ndim else 0} patient keys for "
+                                  f"{n_records} records")
+        _uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        order = np.argsort(inverse, kind="stable").astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        return cls(order, offsets, counts.astype(np.int64), bool(np.all(counts == 1)))
+
+    def sample(self, sample_rate: float, rng: SecureRandom) -> np.ndarray:
+        """Record indices of one step's batch: each patient with probability `sample_rate`
+        (every patient when it is 1), then one of the sampled patient's records, uniformly."""
+        n = self.n_patients
+        chosen = (np.arange(n) if sample_rate >= 1.0
+                  else np.flatnonzero(rng.uniform(n) < sample_rate))
+        if self.singletons or chosen.shape[0] == 0:
+            return self.order[self.offsets[chosen]]
+        pick = np.minimum((rng.uniform(chosen.shape[0]) * self.counts[chosen]).astype(np.int64),
+                          self.counts[chosen] - 1)
+        return self.order[self.offsets[chosen] + pick]
 
 
 def _as_arrays(template: Template, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,19 +283,24 @@ def train_round(template: Template | str, state: np.ndarray, x: np.ndarray, y: n
                 noise_multiplier: float, sample_rate: float, local_steps: int, clip: float,
                 lr: float, delta: float, prior_steps: int = 0, momentum: float = 0.0,
                 seed: int | None = None, engine: Engine = "fast",
-                accountant: AccountantName = "prv") -> RoundResult:
+                accountant: AccountantName = "prv",
+                patients: Sequence[str] | np.ndarray | None = None) -> RoundResult:
     """One round of DP-SGD at one hospital, from the global `state` on records (x, y).
 
+    `patients[i]` names the patient of record i (None: every record is its own patient); the
+    sampling, the sample rate and the guarantee are per patient (module docstring).
     `prior_steps` is the number of DP-SGD steps this hospital already took in this study (with
     the same noise multiplier and sample rate), so `epsilon` in the result is the study's
-    cumulative spend here after this round: the accountant's epsilon for prior_steps + local_steps
-    steps. x and y must already be the consent-gated records and consented columns.
+    cumulative spend here after this round, per patient: the accountant's epsilon for
+    prior_steps + local_steps steps. x and y must already be the consent-gated records and
+    consented columns.
     """
     tpl = get_template(template) if isinstance(template, str) else template
     _check_hparams(noise_multiplier, sample_rate, local_steps, clip=clip, lr=lr, momentum=momentum,
                    prior_steps=prior_steps)
     xt, yt = _as_arrays(tpl, x, y)
     n, d = xt.shape
+    index = PatientIndex.build(n, patients)
     model = tpl.build(d, 0)
     unpack(model, state)
     if n == 0:
@@ -247,49 +310,53 @@ def train_round(template: Template | str, state: np.ndarray, x: np.ndarray, y: n
                            metrics={"num_examples": 0.0, "steps": 0.0, "epsilon": eps},
                            reason="no eligible records: no record at this hospital is consented "
                                   "for this study")
-    gen = make_generator(seed)
+    rng = SecureRandom(seed)
     if engine == "fast":
         if not fast_path_supported(model):
             raise DPTrainingError("engine: 'fast' needs a Sequential of Linear layers and "
                                   "element-wise activations; use engine='opacus'")
-        _run_fast(model, tpl, xt, yt, gen=gen, sigma=noise_multiplier, q=sample_rate,
+        _run_fast(model, tpl, xt, yt, index=index, rng=rng, sigma=noise_multiplier, q=sample_rate,
                   steps=local_steps, clip=clip, lr=lr, momentum=momentum)
     elif engine == "opacus":
-        _run_opacus(model, tpl, xt, yt, gen=gen, sigma=noise_multiplier, q=sample_rate,
+        _run_opacus(model, tpl, xt, yt, index=index, rng=rng, sigma=noise_multiplier, q=sample_rate,
                     steps=local_steps, clip=clip, lr=lr, momentum=momentum)
     else:
         raise DPTrainingError(f"engine: must be 'fast' or 'opacus', got {engine!r}")
     eps = epsilon_spent(noise_multiplier, sample_rate, prior_steps + local_steps, delta, accountant)
     return RoundResult(
         status="trained", state=pack(model), num_examples=int(n), steps=local_steps, epsilon=eps,
-        metrics={"num_examples": float(n), "steps": float(local_steps), "epsilon": eps,
+        num_patients=index.n_patients,
+        metrics={"num_examples": float(n), "num_patients": float(index.n_patients),
+                 "steps": float(local_steps), "epsilon": eps,
                  "noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate)})
 
 
-def _poisson_batch(n: int, sample_rate: float, gen: torch.Generator) -> torch.Tensor:
-    if sample_rate >= 1.0:
-        return torch.arange(n)
-    return (torch.rand(n, generator=gen) < sample_rate).nonzero().squeeze(1)
+def step_noise(rng: SecureRandom, params: Sequence[torch.Tensor], std: float) -> list[torch.Tensor]:
+    """One step's Gaussian noise for every parameter (in order), drawn in one call so that both
+    engines consume the generator identically."""
+    sizes = [p.numel() for p in params]
+    flat = torch.from_numpy(rng.gaussian(sum(sizes), std).astype(np.float32))
+    return [chunk.view_as(p) for chunk, p in zip(flat.split(sizes), params, strict=True)]
 
 
 def _run_fast(model: nn.Sequential, tpl: Template, x: torch.Tensor, y: torch.Tensor, *,
-              gen: torch.Generator, sigma: float, q: float, steps: int, clip: float, lr: float,
-              momentum: float) -> None:
+              index: PatientIndex, rng: SecureRandom, sigma: float, q: float, steps: int,
+              clip: float, lr: float, momentum: float) -> None:
     params = list(model.parameters())
-    n = x.shape[0]
-    expected_batch = q * n
+    expected_batch = q * index.n_patients
     bufs: list[torch.Tensor | None] = [None] * len(params)
     with torch.no_grad():
         for _ in range(steps):
-            idx = _poisson_batch(n, q, gen)
+            idx = torch.from_numpy(index.sample(q, rng))
             if idx.numel() > 0:
                 summed, _ = clipped_grad_sum(model, tpl, x[idx], y[idx], clip)
             else:
                 summed = [torch.zeros_like(p) for p in params]
+            noise = step_noise(rng, params, sigma * clip) if sigma > 0 else None
             for i, (p, summed_grad) in enumerate(zip(params, summed, strict=True)):
                 g = summed_grad
-                if sigma > 0:
-                    g = g + torch.normal(0.0, sigma * clip, size=g.shape, generator=gen)
+                if noise is not None:
+                    g = g + noise[i]
                 g = g / expected_batch
                 if momentum > 0:
                     buf = bufs[i]
@@ -300,21 +367,23 @@ def _run_fast(model: nn.Sequential, tpl: Template, x: torch.Tensor, y: torch.Ten
 
 
 def _run_opacus(model: nn.Module, tpl: Template, x: torch.Tensor, y: torch.Tensor, *,
-                gen: torch.Generator, sigma: float, q: float, steps: int, clip: float, lr: float,
-                momentum: float) -> None:
+                index: PatientIndex, rng: SecureRandom, sigma: float, q: float, steps: int,
+                clip: float, lr: float, momentum: float) -> None:
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    n = x.shape[0]
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     base = torch.optim.SGD(gsm.parameters(), lr=lr, momentum=momentum)
     # loss_reduction="mean" makes DPOptimizer divide by expected_batch_size; we pass the exact
     # float q*n through a sum-reduced loss instead, to match the fast engine bit for bit in law.
-    opt = DPOptimizer(base, noise_multiplier=sigma, max_grad_norm=clip, expected_batch_size=None,
-                      loss_reduction="sum", generator=gen)
-    expected_batch = q * n
+    # DPOptimizer clips only (noise_multiplier 0: its noise would come from torch's generator);
+    # the noise is ours, from the secure generator, added before dividing.
+    opt = DPOptimizer(base, noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=None,
+                      loss_reduction="sum")
+    params = list(gsm.parameters())
+    expected_batch = q * index.n_patients
     for _ in range(steps):
-        idx = _poisson_batch(n, q, gen)
+        idx = torch.from_numpy(index.sample(q, rng))
         opt.zero_grad(set_to_none=True)
         if idx.numel() == 0:
             for p in gsm.parameters():
@@ -325,11 +394,15 @@ def _run_opacus(model: nn.Module, tpl: Template, x: torch.Tensor, y: torch.Tenso
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 out = gsm(x[idx])
                 tpl.per_sample_loss(out, y[idx]).sum().backward()
-        if not opt.pre_step():
+        stepped = opt.pre_step()
+        noise = step_noise(rng, params, sigma * clip) if sigma > 0 else None
+        if not stepped:
             continue
         with torch.no_grad():
-            for p in gsm.parameters():
+            for i, p in enumerate(params):
                 if p.grad is not None:
+                    if noise is not None:
+                        p.grad += noise[i]
                     p.grad /= expected_batch
         base.step()
     gsm._close()
