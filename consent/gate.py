@@ -59,6 +59,9 @@ class GateResult:
     decisions: dict[str, Decision] = field(repr=False)
     #: eligible pseudonym -> the reward account its contract names (pseudonyms naming none are absent)
     reward_accounts: dict[str, str] = field(default_factory=dict)
+    #: eligible pseudonym -> its contract's `max_epsilon`, the patient's LIFETIME privacy cap at
+    #: this hospital (pseudonyms whose contract names none are absent)
+    privacy_caps: dict[str, float] = field(default_factory=dict)
 
 
 def commitment(pairs: Iterable[tuple[str, str]]) -> str:
@@ -185,6 +188,7 @@ def gate(
     accounts = {
         p: account for p, h in pairs if p is not None and (account := contracts[h].reward_account) is not None
     }
+    caps = {p: cap for p, h in pairs if p is not None and (cap := contracts[h].max_epsilon) is not None}
     return GateResult(
         eligible=eligible,
         eligible_pseudonyms=sorted(set(names)),
@@ -193,6 +197,7 @@ def gate(
         records_used=int(eligible.sum()),
         decisions=decisions,
         reward_accounts=dict(sorted(accounts.items())),
+        privacy_caps=dict(sorted(caps.items())),
     )
 
 
@@ -209,6 +214,7 @@ def gate_naive(
     excluded: Counter[str] = Counter()
     decisions: dict[str, Decision] = {}
     accounts: dict[str, str] = {}
+    caps: dict[str, float] = {}
     for pseudonym, key in records:
         contract = contracts.get(key)
         if contract is None:
@@ -222,6 +228,8 @@ def gate_naive(
         eligible.append(reason is None)
         if reason is None and contract is not None and contract.reward_account is not None:
             accounts[pseudonym] = contract.reward_account
+        if reason is None and contract is not None and contract.max_epsilon is not None:
+            caps[pseudonym] = contract.max_epsilon
         if reason is None:
             pseudonyms.append(pseudonym)
             used.append((pseudonym, key))
@@ -235,4 +243,5 @@ def gate_naive(
         records_used=len(used),
         decisions=decisions,
         reward_accounts=dict(sorted(accounts.items())),
+        privacy_caps=dict(sorted(caps.items())),
     )

@@ -1,4 +1,9 @@
-"""Privacy accounting for Poisson-subsampled Gaussian DP-SGD (record level, add/remove adjacency).
+"""Privacy accounting for Poisson-subsampled Gaussian DP-SGD (PATIENT level, add/remove adjacency).
+
+The unit is the patient: `federated.dp` samples patients (rate = expected batch / eligible
+patients) and lets a sampled patient contribute one clipped record per step, so adding or
+removing a patient is exactly one subsampled Gaussian mechanism with sensitivity `clip` per step,
+however many records the patient has. Every epsilon here is per patient.
 
 Accountant: Opacus's PRV accountant (Gopi et al. 2021) by default. It returns an UPPER bound on
 epsilon (estimate + its numerical error bound), within about 0.1-0.6 % of Google's PLD accountant
@@ -12,13 +17,21 @@ mechanism (fixed noise multiplier, fixed sample rate): after the hospital has tr
 study when it is planned (batch size / records eligible then); if consent revocations later shrink
 the record set, the hospital keeps the same sample rate (a smaller expected batch), so the
 guarantee stays exactly the planned one. Across studies a hospital's total is the plain sum of
-the studies' epsilons (basic composition), which is sound whatever the studies do.
+the studies' epsilons (basic composition), which is sound whatever the studies do and however
+they were chosen; `compose_epsilon` gives the tight PRV composition of the same mechanisms, which
+the privacy ledger reports beside the sum (docs/privacy.md says why the sum is what is enforced).
+
+Evaluation on a hospital's hold-out patients is a separate mechanism on a DISJOINT set of
+patients (a patient is either in training or in the hold-out): the Gaussian mechanism without
+subsampling (sample rate 1), once per round, calibrated so that all of a study's evaluations
+together stay within the study's (epsilon, delta) too (`DPPlan.eval_noise_multiplier`).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -49,9 +62,12 @@ def _check(noise_multiplier: float, sample_rate: float, steps: int, delta: float
         raise AccountingError(f"noise_multiplier: must be finite and >= 0, got {noise_multiplier}")
 
 
+#: One mechanism as the accountants see it: (noise multiplier, sample rate, steps).
+Mechanism = tuple[float, float, int]
+
+
 @lru_cache(maxsize=4096)
-def _epsilon_cached(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                    accountant: str) -> float:
+def _composed_cached(history: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
     # Imported here, not at module level: the node daemon imports this module (through the
     # privacy ledger) only for DPPlan, and opacus pulls in torch (seconds of start-up).
     from opacus.accountants import PRVAccountant, RDPAccountant
@@ -61,11 +77,34 @@ def _epsilon_cached(noise_multiplier: float, sample_rate: float, steps: int, del
         warnings.simplefilter("ignore")
         if accountant == "prv":
             prv = PRVAccountant()
-            prv.history = [(noise_multiplier, sample_rate, steps)]
+            prv.history = list(history)
             return float(prv.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
         rdp = RDPAccountant()
-        rdp.history = [(noise_multiplier, sample_rate, steps)]
+        rdp.history = list(history)
         return float(rdp.get_epsilon(delta))
+
+
+def _epsilon_cached(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                    accountant: str) -> float:
+    return _composed_cached(((noise_multiplier, sample_rate, steps),), delta, accountant)
+
+
+def compose_epsilon(mechanisms: Iterable[Mechanism], delta: float,
+                    accountant: AccountantName = "prv") -> float:
+    """Epsilon (upper bound) at `delta` of running all `mechanisms` (each a Poisson-subsampled
+    Gaussian: noise multiplier, sample rate, steps) on the same patient: the tight composition
+    (PRV by default) that the privacy ledger reports beside the plain sum of epsilons."""
+    history: list[Mechanism] = []
+    for sigma, q, steps in mechanisms:
+        _check(sigma, q, steps, delta, accountant)
+        if steps == 0:
+            continue
+        if sigma == 0.0:
+            return math.inf
+        history.append((float(sigma), float(q), int(steps)))
+    if not history:
+        return 0.0
+    return _composed_cached(tuple(sorted(history)), float(delta), accountant)
 
 
 def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
@@ -149,8 +188,11 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, total_ste
 class DPPlan:
     """A hospital's DP-SGD plan for one study, fixed before its first round.
 
-    The sample rate and noise multiplier never change during the study (see module docstring);
-    `epsilon_after(k)` is the spend after the hospital trained k rounds.
+    The sample rate (expected batch / `n_patients`, the eligible patients at planning) and noise
+    multiplier never change during the study (see module docstring); `epsilon_after(k)` is the
+    per-patient spend after the hospital trained k rounds. `eval_noise_multiplier` calibrates the
+    hold-out evaluation (one Gaussian release per round, sensitivity `federated.evaluation`'s):
+    `evaluation_epsilon_after(k)` is a hold-out patient's spend after k evaluations.
     """
 
     target_epsilon: float
@@ -160,8 +202,9 @@ class DPPlan:
     sample_rate: float
     noise_multiplier: float
     batch_size: int
-    n_records: int
+    n_patients: int
     accountant: AccountantName = "prv"
+    eval_noise_multiplier: float | None = None
 
     @property
     def total_steps(self) -> int:
@@ -174,6 +217,29 @@ class DPPlan:
         return epsilon_spent(self.noise_multiplier, self.sample_rate,
                              rounds_trained * self.steps_per_round, self.delta, self.accountant)
 
+    def epsilon_for_steps(self, steps: int) -> float:
+        """A patient's epsilon after taking part in `steps` of this plan's DP-SGD steps."""
+        if not 0 <= steps <= self.total_steps:
+            raise AccountingError(f"steps: must be in [0, {self.total_steps}], got {steps}")
+        return epsilon_spent(self.noise_multiplier, self.sample_rate, steps, self.delta, self.accountant)
+
+    def evaluation_epsilon_after(self, evaluations: int) -> float:
+        """A hold-out patient's epsilon after `evaluations` charged evaluations (0 for 0)."""
+        if self.eval_noise_multiplier is None:
+            raise AccountingError("eval_noise_multiplier: this plan has no evaluation calibration")
+        if not 0 <= evaluations <= self.rounds:
+            raise AccountingError(f"evaluations: must be in [0, {self.rounds}], got {evaluations}")
+        return epsilon_spent(self.eval_noise_multiplier, 1.0, evaluations, self.delta, self.accountant)
+
+    def mechanisms(self, steps: int = -1, evaluations: int = 0) -> list[Mechanism]:
+        """The accountant's view of `steps` training steps (default: all planned) and
+        `evaluations` evaluations of this plan, for `compose_epsilon`."""
+        out: list[Mechanism] = [(self.noise_multiplier, self.sample_rate,
+                                 self.total_steps if steps < 0 else steps)]
+        if evaluations and self.eval_noise_multiplier is not None:
+            out.append((self.eval_noise_multiplier, 1.0, evaluations))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -182,19 +248,33 @@ class DPPlan:
         return cls(**data)
 
 
-def plan_study(target_epsilon: float, delta: float, *, rounds: int, n_records: int,
+def max_delta(n_patients: int) -> float:
+    """The largest delta a study over `n_patients` patients may have: 1/n. A larger delta allows
+    a mechanism that publishes one patient's data outright with probability delta, and with
+    n patients that is likely to expose someone."""
+    return 1.0 / max(1, n_patients)
+
+
+def plan_study(target_epsilon: float, delta: float, *, rounds: int, n_patients: int,
                batch_size: int, steps_per_round: int,
-               accountant: AccountantName = "prv") -> DPPlan:
-    """Fix sample rate (= min(1, batch_size / n_records)) and calibrate the noise multiplier so
-    that ALL `rounds` planned rounds together stay within (target_epsilon, delta)."""
-    for name, value in (("rounds", rounds), ("n_records", n_records), ("batch_size", batch_size),
+               accountant: AccountantName = "prv", evaluation: bool = True) -> DPPlan:
+    """Fix sample rate (= min(1, batch_size / n_patients)) and calibrate the noise multiplier so
+    that ALL `rounds` planned rounds together stay within (target_epsilon, delta) per patient;
+    with `evaluation`, also the noise of the hold-out evaluation (one per round). Refuses a
+    delta above 1/n_patients (`max_delta`)."""
+    for name, value in (("rounds", rounds), ("n_patients", n_patients), ("batch_size", batch_size),
                         ("steps_per_round", steps_per_round)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise AccountingError(f"{name}: must be a positive integer, got {value!r}")
-    sample_rate = min(1.0, batch_size / n_records)
+    if delta > max_delta(n_patients):
+        raise AccountingError(f"delta: {delta:g} is above 1/n = {max_delta(n_patients):.3g} for the "
+                              f"{n_patients} eligible patient(s)")
+    sample_rate = min(1.0, batch_size / n_patients)
     sigma = calibrate(target_epsilon, delta, sample_rate, rounds * steps_per_round,
                       accountant=accountant)
+    eval_sigma = (calibrate(target_epsilon, delta, 1.0, rounds, accountant=accountant)
+                  if evaluation else None)
     return DPPlan(target_epsilon=float(target_epsilon), delta=float(delta), rounds=rounds,
                   steps_per_round=steps_per_round, sample_rate=sample_rate,
-                  noise_multiplier=sigma, batch_size=batch_size, n_records=n_records,
-                  accountant=accountant)
+                  noise_multiplier=sigma, batch_size=batch_size, n_patients=n_patients,
+                  accountant=accountant, eval_noise_multiplier=eval_sigma)

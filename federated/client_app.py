@@ -8,16 +8,25 @@ Every train message, in this order (each step can end the round with a documente
 2. every study column must belong to a data category the study declared -> else ``refused``;
 3. the hospital's training records are gated against their consent contracts *now*, so a
    revocation takes effect from the next round;                  none left -> ``no-data``;
-4. the study's DP plan (noise calibrated so all planned rounds meet the study's epsilon) is
-   registered in the privacy ledger on first use, and this round's cumulative epsilon is checked
-   against the study's target and the hospital's total budget   -> else ``refused`` (overspend);
-5. DP-SGD on the consented records and only the study's columns (`federated.dp.train_round`);
-6. the ledger is charged (before the weights leave), a receipt is signed with the hospital's key,
-   and the reply carries the flat weights, counts and the receipt.   -> ``ok``
+4. the study's DP plan (noise calibrated so all planned rounds meet the study's epsilon per
+   PATIENT, sample rate = batch / eligible patients) is registered in the privacy ledger on first
+   use (refused if its delta is above the site maximum or 1/n), and this round's cumulative
+   epsilon is checked against the study's target and the hospital's total budget
+                                                                 -> else ``refused`` (overspend);
+5. each consented patient is admitted against their LIFETIME cap (their contract's
+   `max_epsilon`, else the hospital's total budget): a patient whose studies would together
+   exceed it is left out (`federated.privacy_ledger`);           none left -> ``no-data``;
+6. DP-SGD on the admitted patients' records and only the study's columns, one record per sampled
+   patient per step (`federated.dp.train_round`);
+7. the ledger is charged (the study's and every admitted patient's spend, before the weights
+   leave), a receipt is signed with the hospital's key, and the reply carries the flat weights,
+   counts and the receipt.                                       -> ``ok``
 
-Before training, a train message's global model is evaluated on the hospital's hold-out records
-(gated the same way); evaluate messages (after the last round) do only that. Evaluation metrics
-are sent, no privacy is charged for them (docs/flower.md says why and what it implies).
+Evaluation (`evaluate_hospital`) never runs for a refused, unknown or finished study: a train
+message of round r >= 2 that trained (``ok``) also scores the model it carries (round r - 1's) on
+the hold-out patients; an evaluate message scores the model of the round it names. Each round's
+model is scored at most once: the release is two noised sums charged to the study's budget
+(`federated.evaluation`), stored, and sent again unchanged if asked again.
 Errors in the hospital's own set-up raise, and Flower turns them into an error reply the server
 counts as dropped; the reasons above are normal replies, never crashes.
 """
@@ -34,12 +43,14 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from federated.accounting import plan_study
+from federated.accounting import AccountingError, plan_study
 from federated.data import HospitalData
 from federated.dp import train_round
+from federated.evaluation import Release, noised_release, patient_scores
 from federated.privacy_ledger import BudgetExceededError, LedgerError
 from federated.receipts import Receipt, make_receipt
-from federated.runtime.site import Site
+from federated.runtime.site import GateOutcome, Site
+from federated.secure_random import SecureRandom
 from federated.server_app import (
     EVAL_PREFIX,
     GLOBAL_KEY,
@@ -95,6 +106,16 @@ def _excluded_text(excluded: dict[str, int]) -> str:
     return ", ".join(f"{n} {why}" for why, n in sorted(excluded.items())) or "no records"
 
 
+def _caps(gate: GateOutcome, candidates: frozenset[str] | set[str]) -> dict[str, float | None]:
+    """Candidate patient -> their contract's lifetime epsilon cap (None: none named)."""
+    return {p: gate.privacy_caps.get(p) for p in sorted(candidates)}
+
+
+def _default_cap(site: Site) -> float:
+    """A patient whose contract names no cap is capped by the hospital's total budget."""
+    return float(site.ledger().total_budget() or 0.0)
+
+
 def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weights: np.ndarray,
                          at: datetime | None = None) -> HospitalOutcome:
     """One hospital's train step for `round_` (see module docstring); no Flower involved, so the
@@ -105,8 +126,7 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
         return checked
     train = checked.train()
     gate = site.gate(spec.request, train.pseudonyms, at)
-    used = train.select_records(gate.eligible).select_columns(spec.columns)
-    if len(used) == 0:
+    if not gate.eligible:
         return HospitalOutcome(STATUS_NO_DATA, f"no consented training records for this study "
                                f"({_excluded_text(dict(gate.excluded))})",
                                metrics={"num_examples": 0.0})
@@ -115,12 +135,18 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
     batch_size = spec.batch_size or defaults.batch_size
     local_steps = spec.local_steps or defaults.local_steps
     ledger = site.ledger()
+    caps, default_cap = _caps(gate, gate.eligible), _default_cap(site)
     try:
         plan = ledger.plan(spec.study_id)
         if plan is None:
+            preview = ledger.admissible(spec.study_id, spec.epsilon, caps, default_cap)
+            if not preview.admitted:
+                return HospitalOutcome(STATUS_NO_DATA, "no patient can take part: all "
+                                       f"{preview.over_cap} consented patient(s) would exceed their "
+                                       "lifetime privacy cap", metrics={"num_examples": 0.0})
             plan = ledger.register_study(spec.study_id, plan_study(
-                spec.epsilon, spec.delta, rounds=spec.rounds, n_records=len(used), batch_size=batch_size,
-                steps_per_round=local_steps, accountant=spec.accountant))
+                spec.epsilon, spec.delta, rounds=spec.rounds, n_patients=len(preview.admitted),
+                batch_size=batch_size, steps_per_round=local_steps, accountant=spec.accountant))
         charges = ledger.charges(spec.study_id)
         if any(c.round == round_ for c in charges):
             return HospitalOutcome(STATUS_REFUSED, f"round {round_} was already trained here; training it "
@@ -129,21 +155,29 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
             return HospitalOutcome(STATUS_REFUSED, f"all {plan.rounds} planned rounds already trained here")
         expected = plan.epsilon_after(len(charges) + 1)
         ledger.check(spec.study_id, round_, expected)
+        admission = ledger.admit(spec.study_id, "train", caps, default_cap)
     except BudgetExceededError as exc:
         return HospitalOutcome(STATUS_REFUSED, f"privacy budget: {exc}")
-    except LedgerError as exc:
+    except (LedgerError, AccountingError) as exc:
         return HospitalOutcome(STATUS_REFUSED, f"privacy ledger: {exc}")
+    used = train.select_records(admission.admitted).select_columns(spec.columns)
+    if len(used) == 0:
+        excluded = dict(gate.excluded)
+        if admission.over_cap:
+            excluded["over their lifetime privacy cap"] = admission.over_cap
+        return HospitalOutcome(STATUS_NO_DATA, f"no training patient can take part in this round "
+                               f"({_excluded_text(excluded)})", metrics={"num_examples": 0.0})
     result = train_round(template, global_weights, used.x, used.y, noise_multiplier=plan.noise_multiplier,
                          sample_rate=plan.sample_rate, local_steps=plan.steps_per_round,
                          clip=spec.clip or defaults.clip, lr=spec.lr or defaults.lr,
                          momentum=spec.momentum if spec.momentum is not None else defaults.momentum,
                          delta=plan.delta, prior_steps=len(charges) * plan.steps_per_round,
-                         accountant=plan.accountant)
+                         accountant=plan.accountant, patients=used.pseudonyms)
     if not result.trained:
         return HospitalOutcome(STATUS_NO_DATA, result.reason or "no eligible records",
                                metrics={"num_examples": 0.0})
     try:
-        charge = ledger.charge(spec.study_id, round_, result.epsilon)
+        charge = ledger.charge(spec.study_id, round_, result.epsilon, patients=set(used.pseudonyms))
     except BudgetExceededError as exc:
         return HospitalOutcome(STATUS_REFUSED, f"privacy budget: {exc}")
     rewards: dict[str, int] = {}
@@ -156,28 +190,67 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
                            records_used=len(used), commitment=gate.commitment,
                            epsilon_spent=charge.increment, epsilon_total=result.epsilon, delta=plan.delta,
                            spec_sha256=spec.sha256(), reward_accounts=rewards, instant=at)
-    metrics = {"num_examples": float(len(used)), "steps": float(result.steps), "epsilon": result.epsilon,
+    metrics = {"num_examples": float(len(used)), "num_patients": float(result.num_patients),
+               "steps": float(result.steps), "epsilon": result.epsilon,
                "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate}
     return HospitalOutcome(STATUS_OK, "", result.state, receipt, metrics)
 
 
-def evaluate_hospital(site: Site, spec: StudySpec, global_weights: np.ndarray,
+def evaluate_hospital(site: Site, spec: StudySpec, global_weights: np.ndarray, slot: int,
                       at: datetime | None = None) -> HospitalOutcome:
-    """Metrics of the global model on the hospital's consented hold-out records."""
+    """Score the model of round `slot` on the hospital's consented hold-out patients, through
+    the accountant (`federated.evaluation`): at most one charged release per slot, none for a
+    study that is not approved here, that this hospital never trained in, or that is finished.
+    A second request for a charged slot gets the stored release back, whatever weights it
+    carries (so crafted weights learn nothing new)."""
     at = at or datetime.now(UTC)
     checked = _check_study(site, spec)
     if isinstance(checked, HospitalOutcome):
         return checked
-    test = checked.test()
-    gate = site.gate(spec.request, test.pseudonyms, at)
-    used = test.select_records(gate.eligible).select_columns(spec.columns)
-    if len(used) == 0:
-        return HospitalOutcome(STATUS_NO_DATA, f"no consented hold-out records "
-                               f"({_excluded_text(dict(gate.excluded))})", metrics={"num_examples": 0.0})
     template = get_template(spec.template)
+    ledger = site.ledger()
+    plan = ledger.plan(spec.study_id)
+    if plan is None or plan.eval_noise_multiplier is None:
+        return HospitalOutcome(STATUS_REFUSED, "evaluation: this hospital has not trained in the study, "
+                               "so it has no evaluation plan")
+    if ledger.is_closed(spec.study_id):
+        return HospitalOutcome(STATUS_REFUSED, "evaluation: the study is finished at this hospital")
+    if not isinstance(slot, int) or not 1 <= slot <= plan.rounds:
+        return HospitalOutcome(STATUS_REFUSED, f"evaluation: round {slot} is not one of the study's "
+                               f"{plan.rounds} rounds")
+    prior = ledger.evaluation(spec.study_id, slot)
+    if prior is not None:  # asked again: the same release, nothing charged
+        release = Release(prior.count, prior.score)
+        return HospitalOutcome(STATUS_OK, "", metrics=release.metrics(template, checked.target_scale,
+                                                                         prior.epsilon))
+    done = len(ledger.evaluations(spec.study_id))
+    if done >= plan.rounds:
+        return HospitalOutcome(STATUS_REFUSED, f"evaluation: all {plan.rounds} evaluations were used")
+    test = checked.test()
+    training = set(checked.train().pseudonyms)  # a patient with training records is not held out
+    gate = site.gate(spec.request, test.pseudonyms, at)
+    candidates = {p for p in gate.eligible if p not in training}
+    try:
+        admission = ledger.admit(spec.study_id, "eval", _caps(gate, candidates), _default_cap(site))
+    except LedgerError as exc:
+        return HospitalOutcome(STATUS_REFUSED, f"privacy ledger: {exc}")
+    used = test.select_records(admission.admitted).select_columns(spec.columns)
+    if len(used) == 0:
+        return HospitalOutcome(STATUS_NO_DATA, "no consented hold-out patients "
+                               f"({_excluded_text(dict(gate.excluded))})")
     model = unpack(template.build(len(spec.columns), 0), global_weights)
-    metrics = template.evaluate(model, used.x, used.y, target_scale=used.target_scale)
-    return HospitalOutcome(STATUS_OK, "", metrics=metrics)
+    scores = patient_scores(template, model, used.x, used.y, used.pseudonyms)
+    release = noised_release(scores, plan.eval_noise_multiplier, SecureRandom())
+    try:
+        stored, _fresh = ledger.charge_evaluation(
+            spec.study_id, slot, plan.evaluation_epsilon_after(done + 1), count=release.count,
+            score=release.score, patients=set(used.pseudonyms))
+    except BudgetExceededError as exc:
+        return HospitalOutcome(STATUS_REFUSED, f"privacy budget: {exc}")
+    except (LedgerError, AccountingError) as exc:
+        return HospitalOutcome(STATUS_REFUSED, f"privacy ledger: {exc}")
+    return HospitalOutcome(STATUS_OK, "", metrics=Release(stored.count, stored.score).metrics(
+        template, checked.target_scale, stored.epsilon))
 
 
 def _reply(message: Message, site_id: str, outcome: HospitalOutcome, started: float,
@@ -217,11 +290,12 @@ app = ClientApp()
 def train(message: Message, context: Context) -> Message:
     started, wall_started = time.perf_counter(), time.time()
     site, spec, round_, weights = _inputs(message, context)
-    # Federated evaluation of the incoming global model first (see federated.server_app), then training.
-    evaluation = evaluate_hospital(site, spec, weights)
     outcome = train_hospital_round(site, spec, round_, weights)
-    if evaluation.status == STATUS_OK:
-        outcome.eval_metrics = evaluation.metrics
+    # The incoming model is round_ - 1's: scored once, and only when this hospital trained.
+    if outcome.status == STATUS_OK and round_ >= 2:
+        evaluation = evaluate_hospital(site, spec, weights, round_ - 1)
+        if evaluation.status == STATUS_OK:
+            outcome.eval_metrics = evaluation.metrics
     log.info("study %s round %d at %s: %s %s", spec.study_id, round_, site.hospital_id, outcome.status,
              outcome.reason)
     return _reply(message, site.hospital_id, outcome, started, wall_started)
@@ -230,8 +304,8 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     started, wall_started = time.perf_counter(), time.time()
-    site, spec, _round, weights = _inputs(message, context)
-    outcome = evaluate_hospital(site, spec, weights)
+    site, spec, round_, weights = _inputs(message, context)
+    outcome = evaluate_hospital(site, spec, weights, round_)
     if outcome.status == STATUS_OK:
         outcome.eval_metrics, outcome.metrics = outcome.metrics, {}
     return _reply(message, site.hospital_id, outcome, started, wall_started)

@@ -372,3 +372,32 @@ def pooled(parts: Sequence[HospitalData]) -> HospitalData:
         pseudonyms=tuple(p for part in parts for p in part.pseudonyms),
         x=np.concatenate([p.x for p in parts]), y=np.concatenate([p.y for p in parts]),
         is_test=np.concatenate([p.is_test for p in parts]))
+
+
+def _column_key(name: str) -> str:
+    return name.replace("_", " ").strip().lower()
+
+
+def public_reference(columns: Sequence[str], task: str) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The PUBLIC reference sample (`public_reference_rows`) of the shipped dataset whose
+    features include every one of `columns` (spaces and underscores alike, as node exports spell
+    them), with those columns in that order, scaled as `load_federated` scales them: (x, y,
+    target scale). None when no shipped dataset matches (a real deployment registers its own).
+
+    The ServerApp scores each round's model on it: an exact learning curve that involves no
+    hospital record and so costs no privacy (`federated.evaluation.reference_metrics`)."""
+    wanted = [_column_key(c) for c in columns]
+    for dataset in DATASETS:
+        if task != ("binary" if dataset == "breast_cancer" else "regression"):
+            continue
+        names = [_column_key(s.name) for s in feature_specs(dataset)]
+        if not wanted or not set(wanted) <= set(names):
+            continue
+        x, y, _strata, _specs = _raw(dataset)
+        centre, scale = reference_constants(dataset)
+        xs = np.clip((x - centre) / scale, -Z_CLIP, Z_CLIP).astype(np.float32)
+        rows = public_reference_rows(dataset)
+        pos = [names.index(c) for c in wanted]
+        target_scale = DIABETES_TARGET_SCALE if dataset == "diabetes" else 1.0
+        return xs[rows][:, pos], y[rows], target_scale
+    return None

@@ -70,7 +70,8 @@ class RoundResult:
     """What a hospital's round produced.
 
     status "trained": `state` is the new flat weight array. `num_examples` counts the records
-    the round could draw from, `num_patients` the patients they belong to (the accounting unit). status "no_eligible_records": no record
+    the round could draw from, `num_patients` the patients they belong to (the accounting unit).
+    status "no_eligible_records": no record
     was eligible; `state` is the incoming state unchanged, `steps` is 0, no privacy was spent
     (`epsilon` is the study's spend so far, from `prior_steps`) and `reason` says why. The
     ClientApp reports that status rather than weights, and the server aggregates without it.

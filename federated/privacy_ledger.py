@@ -1,8 +1,10 @@
-"""The hospital's persistent privacy ledger: epsilon spent per study and in total.
+"""The hospital's persistent privacy ledger: spend per study, per patient and in total.
 
 Lives in the node's own database (SQLite file by default, PostgreSQL possible); the schema is
-created by the node Alembic tree (exchange/migrations/node/versions/0001_privacy_ledger.py), which
-imports `metadata` from here (federated never imports exchange).
+created by the node Alembic tree (exchange/migrations/node/versions/0001_privacy_ledger.py and
+0003_patient_privacy.py), which spell out the tables defined here (federated never imports
+exchange). Every epsilon is per PATIENT (federated.accounting). Nothing in these tables leaves
+the hospital: receipts and the log carry study-level figures only, never a patient's spend.
 
 Semantics (see also federated/accounting.py):
 - A study is registered once with its plan (target epsilon, delta, noise multiplier, sample rate,
@@ -23,13 +25,37 @@ Semantics (see also federated/accounting.py):
   once cannot together pass the total budget.
 Call `charge` after training and BEFORE the weights leave the node: privacy is spent when the
 model is released, and an unreleased round costs nothing.
+
+Delta. A study's delta must be at most the site maximum (`max_delta`, default 1e-5) and at most
+1/n for its n eligible patients; the deltas of all registered studies add up (basic
+composition) and must stay within the hospital's delta budget (`total_delta`, default 1e-4).
+
+Patients (individual accounting, a privacy filter in the sense of Feldman and Zrnic 2021 and
+Rogers et al. 2016). Every patient has a LIFETIME cap: the `max_epsilon` of their consent
+contract, or the hospital's total budget when it names none. `admit` lets a patient into a study
+only if the epsilons of every other study they are in (the study's target while it is open, what
+it really spent once `close_study` was called) plus this study's target stay within their cap;
+otherwise the patient is left out of the study (a record of the refusal is kept nowhere but the
+count returned). An admitted patient has a row in `privacy_patient_spend` holding how many DP-SGD
+steps (training) or evaluations (hold-out) of the study they took part in; `charge` and
+`charge_evaluation` advance them in the same transaction as the study's charge, so a node
+restarted mid-study keeps every patient's spend exactly. The filter adds epsilons (basic
+composition), which stays valid when studies are chosen adaptively, after earlier results; the
+tight PRV composition of the same mechanisms is reported beside it (`composition`), not enforced:
+tight composition theorems assume the sequence of mechanisms was fixed in advance.
+
+Evaluation. `charge_evaluation(study, slot, ...)` records one hold-out release per round slot with
+its noised values; a second request for the same slot gets the stored release back, unchanged
+and uncharged (at most one charged evaluation per round, however many messages ask).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal
 
 from sqlalchemy import (
     Column,
@@ -37,10 +63,12 @@ from sqlalchemy import (
     Engine,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
     Table,
+    bindparam,
     func,
     insert,
     select,
@@ -49,7 +77,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from federated.accounting import DPPlan
+from federated.accounting import DPPlan, compose_epsilon, max_delta
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -63,6 +91,12 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 # Tolerance for float comparisons against budgets (epsilons are accountant outputs, not money).
 EPS_TOLERANCE = 1e-9
 BUDGET_ROW_ID = 1
+#: Site maximum of a study's delta when the steward set none.
+DEFAULT_MAX_DELTA = 1e-5
+#: The hospital's delta budget (sum over studies) when the steward set none.
+DEFAULT_TOTAL_DELTA = 1e-4
+Role = Literal["train", "eval"]
+ROLES: tuple[str, ...] = ("train", "eval")
 
 privacy_budget = Table(
     "privacy_budget", metadata,
@@ -70,6 +104,8 @@ privacy_budget = Table(
     Column("total_budget", Float, nullable=True),  # NULL: not configured yet -> charges refused
     Column("version", Integer, nullable=False, server_default="0"),
     Column("updated_at", DateTime(timezone=True), nullable=True),
+    Column("max_delta", Float, nullable=True),  # NULL: DEFAULT_MAX_DELTA
+    Column("total_delta", Float, nullable=True),  # NULL: DEFAULT_TOTAL_DELTA
 )
 
 privacy_studies = Table(
@@ -82,9 +118,11 @@ privacy_studies = Table(
     Column("steps_per_round", Integer, nullable=False),
     Column("rounds", Integer, nullable=False),
     Column("batch_size", Integer, nullable=False),
-    Column("n_records", Integer, nullable=False),
+    Column("n_patients", Integer, nullable=False),
     Column("accountant", String(16), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("eval_noise_multiplier", Float, nullable=True),
+    Column("closed_at", DateTime(timezone=True), nullable=True),
 )
 
 privacy_charges = Table(
@@ -94,6 +132,26 @@ privacy_charges = Table(
     Column("epsilon", Float, nullable=False),  # cumulative for the study after this round
     Column("increment", Float, nullable=False),  # epsilon - study spend before this charge
     Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+privacy_evaluations = Table(
+    "privacy_evaluations", metadata,
+    Column("study_id", String(200), ForeignKey("privacy_studies.study_id"), primary_key=True),
+    Column("slot", Integer, primary_key=True),  # the round whose model was evaluated
+    Column("epsilon", Float, nullable=False),  # cumulative evaluation epsilon after this release
+    Column("count", Float, nullable=False),  # the released (noised) values
+    Column("score", Float, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+privacy_patient_spend = Table(
+    "privacy_patient_spend", metadata,
+    Column("pseudonym", String(256), primary_key=True),
+    Column("study_id", String(200), ForeignKey("privacy_studies.study_id"), primary_key=True),
+    Column("role", String(8), nullable=False),  # "train" or "eval"
+    Column("units", Integer, nullable=False),  # DP-SGD steps or evaluations taken part in
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_privacy_patient_spend_study_id", "study_id"),
 )
 
 
@@ -114,6 +172,50 @@ class Charge:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class EvaluationCharge:
+    """One charged hold-out release: its slot (the round whose model it scored), the
+    cumulative evaluation epsilon after it, and the noised values released."""
+
+    study_id: str
+    slot: int
+    epsilon: float
+    count: float
+    score: float
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Which candidates `admit` let into a study, and how many it left out for their cap."""
+
+    admitted: frozenset[str]
+    over_cap: int
+
+
+@dataclass(frozen=True)
+class PatientSpend:
+    """One patient's lifetime spend at this hospital: the sum of the epsilons of the studies
+    they are in (an open study counts its target), and the sum of those studies' deltas."""
+
+    epsilon: float
+    delta: float
+    studies: int
+
+
+@dataclass(frozen=True)
+class Composition:
+    """The hospital's worst-case patient over every study: `epsilon_sum` adds the studies'
+    epsilons (basic composition, what the budget enforces) and `epsilon_composed` composes their
+    actual mechanisms with the PRV accountant (tighter), both at `delta` (the sum of deltas).
+    `patients` is how many patients have a spend row."""
+
+    epsilon_sum: float
+    epsilon_composed: float
+    delta: float
+    patients: int
+
+
 class PrivacyLedger:
     """Privacy spend of one hospital, persisted in its node database (schema made by migration).
 
@@ -121,7 +223,8 @@ class PrivacyLedger:
     epsilon across all studies); when never set, every charge is refused.
     """
 
-    def __init__(self, engine: Engine, total_budget: float | None = None) -> None:
+    def __init__(self, engine: Engine, total_budget: float | None = None, *,
+                 max_delta: float | None = None, total_delta: float | None = None) -> None:
         self.engine = engine
         try:
             with engine.begin() as conn:
@@ -130,6 +233,8 @@ class PrivacyLedger:
             pass  # another process created the row between our check and insert: fine
         if total_budget is not None:
             self.set_total_budget(total_budget)
+        if max_delta is not None or total_delta is not None:
+            self.set_delta_limits(max_delta=max_delta, total_delta=total_delta)
 
     # -- configuration ---------------------------------------------------------------------
     @staticmethod
@@ -154,11 +259,38 @@ class PrivacyLedger:
             return conn.execute(select(privacy_budget.c.total_budget).where(
                 privacy_budget.c.id == BUDGET_ROW_ID)).scalar_one()
 
+    def set_delta_limits(self, *, max_delta: float | None = None,
+                         total_delta: float | None = None) -> None:
+        """Set the site maximum of a study's delta and/or the hospital's delta budget."""
+        values: dict[str, float] = {}
+        for name, value in (("max_delta", max_delta), ("total_delta", total_delta)):
+            if value is None:
+                continue
+            if not (isinstance(value, int | float) and 0.0 < value < 1.0):
+                raise LedgerError(f"{name}: must be a number in (0, 1), got {value!r}")
+            values[name] = float(value)
+        if values:
+            with self.engine.begin() as conn:
+                conn.execute(update(privacy_budget).where(privacy_budget.c.id == BUDGET_ROW_ID).values(
+                    **values, version=privacy_budget.c.version + 1, updated_at=datetime.now(UTC)))
+
+    def delta_limits(self) -> tuple[float, float]:
+        """(site maximum of a study's delta, the hospital's delta budget)."""
+        with self.engine.connect() as conn:
+            return self._delta_limits(conn)
+
+    def delta_spent(self) -> float:
+        """Sum of the deltas of every registered study (basic composition)."""
+        with self.engine.connect() as conn:
+            return self._delta_total(conn)
+
     # -- studies ---------------------------------------------------------------------------
     def register_study(self, study_id: str, plan: DPPlan) -> DPPlan:
         """Store `plan` for `study_id` (idempotent); returns the stored plan. A different plan
         for a known study is refused. Refused too when the plan's target alone exceeds what is
-        left of the total budget (the study could never finish)."""
+        left of the total budget (the study could never finish), when its delta is above the
+        site maximum or above 1/n for its n patients, or when its delta does not fit in what is
+        left of the hospital's delta budget."""
         _check_study_id(study_id)
         with self.engine.begin() as conn:
             self._lock(conn)
@@ -174,12 +306,139 @@ class PrivacyLedger:
                 raise BudgetExceededError(
                     f"target_epsilon: study {study_id!r} targets {plan.target_epsilon:.4f} but only "
                     f"{max(left, 0.0):.4f} of the hospital's total budget {budget:.4f} is left")
+            site_max, delta_budget = self._delta_limits(conn)
+            if plan.delta > site_max * (1 + EPS_TOLERANCE):
+                raise BudgetExceededError(f"delta: study {study_id!r} asks {plan.delta:g}, above the site "
+                                          f"maximum {site_max:g}")
+            if plan.delta > max_delta(plan.n_patients) * (1 + EPS_TOLERANCE):
+                raise BudgetExceededError(f"delta: study {study_id!r} asks {plan.delta:g}, above 1/n = "
+                                          f"{max_delta(plan.n_patients):.3g} for its {plan.n_patients} "
+                                          "patient(s)")
+            delta_left = delta_budget - self._delta_total(conn)
+            if plan.delta > delta_left * (1 + EPS_TOLERANCE):
+                raise BudgetExceededError(
+                    f"delta: study {study_id!r} asks {plan.delta:g} but only {max(delta_left, 0.0):.3g} "
+                    f"of the hospital's delta budget {delta_budget:g} is left")
             conn.execute(insert(privacy_studies).values(
                 study_id=study_id, target_epsilon=plan.target_epsilon, delta=plan.delta,
                 noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
                 steps_per_round=plan.steps_per_round, rounds=plan.rounds, batch_size=plan.batch_size,
-                n_records=plan.n_records, accountant=plan.accountant, created_at=datetime.now(UTC)))
+                n_patients=plan.n_patients, accountant=plan.accountant,
+                eval_noise_multiplier=plan.eval_noise_multiplier, created_at=datetime.now(UTC)))
             return plan
+
+    def close_study(self, study_id: str) -> None:
+        """The study is over at this hospital (completed, failed or cancelled): its patients'
+        reservations become what it really spent. Idempotent; unknown studies are ignored."""
+        with self.engine.begin() as conn:
+            self._lock(conn)
+            conn.execute(update(privacy_studies).where(privacy_studies.c.study_id == study_id,
+                                                       privacy_studies.c.closed_at.is_(None))
+                         .values(closed_at=datetime.now(UTC)))
+
+    def is_closed(self, study_id: str) -> bool:
+        with self.engine.connect() as conn:
+            value = conn.execute(select(privacy_studies.c.closed_at).where(
+                privacy_studies.c.study_id == study_id)).first()
+        return value is not None and value[0] is not None
+
+    # -- patients --------------------------------------------------------------------------
+    def admissible(self, study_id: str, target_epsilon: float, caps: Mapping[str, float | None],
+                   default_cap: float) -> Admission:
+        """What `admit` would decide for a study with this target, without writing (the
+        ClientApp counts the patients to plan a study before registering it)."""
+        with self.engine.connect() as conn:
+            return self._admit(conn, study_id, None, target=target_epsilon, caps=caps,
+                               default_cap=default_cap)
+
+    def admit(self, study_id: str, role: Role, caps: Mapping[str, float | None],
+              default_cap: float) -> Admission:
+        """Let each candidate patient (pseudonym -> the lifetime cap of their contract, None
+        for none: then `default_cap`) into the registered study `study_id` in `role` if their
+        cap allows (module docstring), writing a reservation row for each newly admitted one.
+        A patient already in the study stays in (in the same role; a training patient is never
+        evaluated on and vice versa)."""
+        if role not in ROLES:
+            raise LedgerError(f"role: must be one of {list(ROLES)}, got {role!r}")
+        with self.engine.begin() as conn:
+            self._lock(conn)
+            plan = self._plan(conn, study_id)
+            if plan is None:
+                raise LedgerError(f"study_id: {study_id!r} is not registered with this ledger")
+            return self._admit(conn, study_id, role, target=plan.target_epsilon, caps=caps,
+                               default_cap=default_cap)
+
+    def _admit(self, conn: Connection, study_id: str, role: Role | None, *, target: float,
+               caps: Mapping[str, float | None], default_cap: float) -> Admission:
+        if not (math.isfinite(default_cap) and default_cap >= 0):
+            raise LedgerError(f"default_cap: must be a finite number >= 0, got {default_cap!r}")
+        rows = self._spend_rows(conn)
+        costs = self._study_costs(conn)
+        admitted: set[str] = set()
+        new: list[str] = []
+        over = 0
+        for pseudonym, cap in caps.items():
+            mine = rows.get(pseudonym, {})
+            held = mine.get(study_id)
+            if held is not None:
+                if role is None or held[0] == role:
+                    admitted.add(pseudonym)
+                continue
+            committed = sum(costs[s](r, u) for s, (r, u) in mine.items())
+            limit = default_cap if cap is None else min(float(cap), default_cap)
+            if committed + target <= limit * (1 + EPS_TOLERANCE) + EPS_TOLERANCE:
+                admitted.add(pseudonym)
+                new.append(pseudonym)
+            else:
+                over += 1
+        if role is not None and new:
+            now = datetime.now(UTC)
+            conn.execute(insert(privacy_patient_spend), [
+                {"pseudonym": p, "study_id": study_id, "role": role, "units": 0, "updated_at": now}
+                for p in new])
+        return Admission(frozenset(admitted), over)
+
+    def patient_spend(self) -> dict[str, PatientSpend]:
+        """Every patient with a spend row -> their lifetime spend (open studies at their target).
+        Stays in the hospital: for `exchange node status` counts and the lifetime filter."""
+        with self.engine.connect() as conn:
+            rows = self._spend_rows(conn)
+            costs = self._study_costs(conn)
+            deltas = {r.study_id: float(r.delta) for r in conn.execute(
+                select(privacy_studies.c.study_id, privacy_studies.c.delta))}
+        return {p: PatientSpend(epsilon=sum(costs[s](r, u) for s, (r, u) in studies.items()),
+                                delta=sum(deltas[s] for s in studies), studies=len(studies))
+                for p, studies in rows.items()}
+
+    def composition(self) -> Composition:
+        """The worst-case patient's spend over all studies, as the sum of epsilons and as the
+        PRV composition of the mechanisms they really took part in (`Composition`). Patients who
+        took part in the same studies to the same extent share one accountant call."""
+        with self.engine.connect() as conn:
+            rows = self._spend_rows(conn)
+            plans = {r.study_id: self._row_plan(r) for r in conn.execute(select(privacy_studies))}
+        signatures = {tuple(sorted((s, r, u) for s, (r, u) in studies.items()))
+                      for studies in rows.values()}
+        worst_sum = worst_composed = worst_delta = 0.0
+        for signature in signatures:
+            total = 0.0
+            delta = 0.0
+            mechanisms = []
+            for study_id, role, units in signature:
+                plan = plans[study_id]
+                delta += plan.delta
+                if role == "train":
+                    total += plan.epsilon_for_steps(units)
+                    mechanisms += plan.mechanisms(steps=units)
+                else:
+                    total += plan.evaluation_epsilon_after(units)
+                    mechanisms += plan.mechanisms(steps=0, evaluations=units)
+            accountant = plans[signature[0][0]].accountant if signature else "prv"
+            composed = compose_epsilon(mechanisms, min(delta, 0.5), accountant) if mechanisms else 0.0
+            worst_sum = max(worst_sum, total)
+            worst_composed = max(worst_composed, composed)
+            worst_delta = max(worst_delta, delta)
+        return Composition(worst_sum, worst_composed, worst_delta, len(rows))
 
     def plan(self, study_id: str) -> DPPlan | None:
         """The stored plan of `study_id`, or None."""
@@ -191,14 +450,18 @@ class PrivacyLedger:
         """Raise exactly as `charge` would, without writing (to refuse a round before training)."""
         self._charge(study_id, round, epsilon, write=False)
 
-    def charge(self, study_id: str, round: int, epsilon: float) -> Charge:
+    def charge(self, study_id: str, round: int, epsilon: float,
+               patients: Iterable[str] | None = None) -> Charge:
         """Record that after `round` the study's cumulative epsilon here is `epsilon` (see module
-        docstring). Returns the stored charge (the earlier one when repeated)."""
-        charge = self._charge(study_id, round, epsilon, write=True)
+        docstring), and that each of `patients` (admitted to the study for training) took part
+        in this round's steps. Returns the stored charge (the earlier one when repeated, and
+        then no patient is advanced again)."""
+        charge = self._charge(study_id, round, epsilon, write=True, patients=patients)
         assert charge is not None
         return charge
 
-    def _charge(self, study_id: str, round: int, epsilon: float, *, write: bool) -> Charge | None:
+    def _charge(self, study_id: str, round: int, epsilon: float, *, write: bool,
+                patients: Iterable[str] | None = None) -> Charge | None:
         _check_study_id(study_id)
         if not isinstance(round, int) or isinstance(round, bool) or round < 1:
             raise LedgerError(f"round: must be a positive integer, got {round!r}")
@@ -242,15 +505,103 @@ class PrivacyLedger:
             conn.execute(insert(privacy_charges).values(study_id=study_id, round=round,
                                                         epsilon=epsilon, increment=increment,
                                                         created_at=now))
+            if patients is not None:
+                self._advance(conn, study_id, "train", patients, units=plan.steps_per_round,
+                              limit=plan.total_steps, now=now)
             return Charge(study_id, round, epsilon, increment, now)
 
+    @staticmethod
+    def _advance(conn: Connection, study_id: str, role: Role, patients: Iterable[str], *, units: int,
+                 limit: int, now: datetime) -> None:
+        """Add `units` to each patient's row for the study; every patient must have been
+        admitted in `role` and stay within `limit` units (else nothing is written)."""
+        wanted = sorted(set(patients))
+        if not wanted:
+            return
+        held = dict(conn.execute(select(privacy_patient_spend.c.pseudonym, privacy_patient_spend.c.units)
+                                 .where(privacy_patient_spend.c.study_id == study_id,
+                                        privacy_patient_spend.c.role == role)).tuples().all())
+        missing = [p for p in wanted if p not in held]
+        if missing:
+            raise LedgerError(f"patients: {len(missing)} patient(s) were not admitted to study "
+                              f"{study_id!r} for {role}")
+        if any(held[p] + units > limit for p in wanted):
+            raise LedgerError(f"patients: a patient would take part in more than the {limit} "
+                              f"{'steps' if role == 'train' else 'evaluations'} study {study_id!r} planned")
+        conn.execute(update(privacy_patient_spend)
+                     .where(privacy_patient_spend.c.study_id == study_id,
+                            privacy_patient_spend.c.pseudonym == bindparam("p"))
+                     .values(units=privacy_patient_spend.c.units + units, updated_at=now),
+                     [{"p": p} for p in wanted])
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluation(self, study_id: str, slot: int) -> EvaluationCharge | None:
+        """The release already charged for `slot`, if any."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(privacy_evaluations).where(
+                privacy_evaluations.c.study_id == study_id, privacy_evaluations.c.slot == slot)).first()
+        return None if row is None else _evaluation(row)
+
+    def evaluations(self, study_id: str) -> list[EvaluationCharge]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(privacy_evaluations).where(privacy_evaluations.c.study_id == study_id)
+                                .order_by(privacy_evaluations.c.slot)).all()
+        return [_evaluation(r) for r in rows]
+
+    def evaluation_spent(self, study_id: str) -> float:
+        """A hold-out patient's cumulative evaluation epsilon in the study (0 before any)."""
+        with self.engine.connect() as conn:
+            return self._eval_spent(conn, study_id)
+
+    def charge_evaluation(self, study_id: str, slot: int, epsilon: float, *, count: float, score: float,
+                          patients: Iterable[str]) -> tuple[EvaluationCharge, bool]:
+        """Record the hold-out release for `slot` (cumulative evaluation epsilon `epsilon`, the
+        noised `count` and `score`) and advance each evaluated patient by one evaluation.
+        Returns (the stored release, True), or (the earlier release, False) when the slot was
+        already charged: then nothing is written and the caller must send the earlier values."""
+        _check_study_id(study_id)
+        if not isinstance(slot, int) or isinstance(slot, bool) or slot < 1:
+            raise LedgerError(f"slot: must be a positive integer, got {slot!r}")
+        if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon >= 0):
+            raise LedgerError(f"epsilon: must be a finite number >= 0, got {epsilon!r}")
+        with self.engine.begin() as conn:
+            self._lock(conn)
+            plan = self._plan(conn, study_id)
+            if plan is None:
+                raise LedgerError(f"study_id: {study_id!r} is not registered with this ledger")
+            if slot > plan.rounds:
+                raise LedgerError(f"slot: study {study_id!r} planned {plan.rounds} rounds, got {slot}")
+            prior = conn.execute(select(privacy_evaluations).where(
+                privacy_evaluations.c.study_id == study_id, privacy_evaluations.c.slot == slot)).first()
+            if prior is not None:
+                return _evaluation(prior), False
+            if epsilon > plan.target_epsilon * (1 + EPS_TOLERANCE):
+                raise BudgetExceededError(f"epsilon: evaluation {slot} would bring study {study_id!r}'s "
+                                          f"hold-out patients to {epsilon:.4f}, above its target "
+                                          f"{plan.target_epsilon:.4f}")
+            before = max(self._spent(conn, study_id), self._eval_spent(conn, study_id))
+            increment = max(0.0, epsilon - before)
+            budget, total = self._budget(conn), self._total(conn)
+            if total + increment > budget * (1 + EPS_TOLERANCE):
+                raise BudgetExceededError(f"epsilon: evaluation {slot} of study {study_id!r} needs "
+                                          f"{increment:.4f} more but the hospital has spent {total:.4f} "
+                                          f"of its total budget {budget:.4f}")
+            now = datetime.now(UTC)
+            conn.execute(insert(privacy_evaluations).values(
+                study_id=study_id, slot=slot, epsilon=float(epsilon), count=float(count),
+                score=float(score), created_at=now))
+            self._advance(conn, study_id, "eval", patients, units=1, limit=plan.rounds, now=now)
+            return EvaluationCharge(study_id, slot, float(epsilon), float(count), float(score), now), True
+
     def spent(self, study_id: str) -> float:
-        """The study's cumulative epsilon at this hospital (0 before its first charge)."""
+        """The study's cumulative training epsilon at this hospital, per patient (0 before its
+        first charge): what its receipts say."""
         with self.engine.connect() as conn:
             return self._spent(conn, study_id)
 
     def total_spent(self) -> float:
-        """Sum over studies of their spend (basic composition)."""
+        """Sum over studies of their spend (basic composition); a study's spend is the larger of
+        its training and its evaluation epsilon (they concern disjoint patients)."""
         with self.engine.connect() as conn:
             return self._total(conn)
 
@@ -298,26 +649,89 @@ class PrivacyLedger:
         return 0.0 if value is None else float(value)
 
     @staticmethod
-    def _total(conn: Connection) -> float:
-        sub = (select(func.max(privacy_charges.c.epsilon).label("eps"))
-               .group_by(privacy_charges.c.study_id).subquery())
-        value = conn.execute(select(func.sum(sub.c.eps))).scalar_one()
+    def _eval_spent(conn: Connection, study_id: str) -> float:
+        value = conn.execute(select(func.max(privacy_evaluations.c.epsilon)).where(
+            privacy_evaluations.c.study_id == study_id)).scalar_one()
         return 0.0 if value is None else float(value)
 
     @staticmethod
-    def _plan(conn: Connection, study_id: str) -> DPPlan | None:
+    def _total(conn: Connection) -> float:
+        train = dict(conn.execute(select(privacy_charges.c.study_id, func.max(privacy_charges.c.epsilon))
+                                  .group_by(privacy_charges.c.study_id)).tuples().all())
+        held = dict(conn.execute(select(privacy_evaluations.c.study_id,
+                                        func.max(privacy_evaluations.c.epsilon))
+                                 .group_by(privacy_evaluations.c.study_id)).tuples().all())
+        return float(sum(max(train.get(s, 0.0), held.get(s, 0.0)) for s in set(train) | set(held)))
+
+    @staticmethod
+    def _delta_limits(conn: Connection) -> tuple[float, float]:
+        row = conn.execute(select(privacy_budget.c.max_delta, privacy_budget.c.total_delta).where(
+            privacy_budget.c.id == BUDGET_ROW_ID)).first()
+        site_max = DEFAULT_MAX_DELTA if row is None or row[0] is None else float(row[0])
+        total = DEFAULT_TOTAL_DELTA if row is None or row[1] is None else float(row[1])
+        return site_max, total
+
+    @staticmethod
+    def _delta_total(conn: Connection) -> float:
+        value = conn.execute(select(func.sum(privacy_studies.c.delta))).scalar_one()
+        return 0.0 if value is None else float(value)
+
+    @staticmethod
+    def _spend_rows(conn: Connection) -> dict[str, dict[str, tuple[str, int]]]:
+        """pseudonym -> {study id: (role, units)}, the whole (hospital-local) table."""
+        out: dict[str, dict[str, tuple[str, int]]] = {}
+        for p, s, role, units in conn.execute(select(
+                privacy_patient_spend.c.pseudonym, privacy_patient_spend.c.study_id,
+                privacy_patient_spend.c.role, privacy_patient_spend.c.units)).tuples():
+            out.setdefault(p, {})[s] = (role, int(units))
+        return out
+
+    @classmethod
+    def _study_costs(cls, conn: Connection) -> dict[str, _Cost]:
+        """study id -> what a patient's row in it costs against their cap: the study's target
+        while it is open, else the epsilon of the steps (or evaluations) they took part in."""
+        costs: dict[str, _Cost] = {}
+        for r in conn.execute(select(privacy_studies)):
+            costs[r.study_id] = _Cost(cls._row_plan(r), r.closed_at is not None)
+        return costs
+
+    @classmethod
+    def _plan(cls, conn: Connection, study_id: str) -> DPPlan | None:
         r = conn.execute(select(privacy_studies).where(privacy_studies.c.study_id == study_id)).first()
-        if r is None:
-            return None
-        return DPPlan(target_epsilon=r.target_epsilon, delta=r.delta, rounds=r.rounds,
-                      steps_per_round=r.steps_per_round, sample_rate=r.sample_rate,
-                      noise_multiplier=r.noise_multiplier, batch_size=r.batch_size,
-                      n_records=r.n_records, accountant=r.accountant)
+        return None if r is None else cls._row_plan(r)
+
+    @staticmethod
+    def _row_plan(r: object) -> DPPlan:
+        return DPPlan(target_epsilon=r.target_epsilon, delta=r.delta, rounds=r.rounds,  # type: ignore[attr-defined]
+                      steps_per_round=r.steps_per_round, sample_rate=r.sample_rate,  # type: ignore[attr-defined]
+                      noise_multiplier=r.noise_multiplier, batch_size=r.batch_size,  # type: ignore[attr-defined]
+                      n_patients=r.n_patients, accountant=r.accountant,  # type: ignore[attr-defined]
+                      eval_noise_multiplier=r.eval_noise_multiplier)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class _Cost:
+    """What one of a patient's studies counts against their lifetime cap."""
+
+    plan: DPPlan
+    closed: bool
+
+    def __call__(self, role: str, units: int) -> float:
+        if not self.closed:
+            return self.plan.target_epsilon
+        if role == "train":
+            return self.plan.epsilon_for_steps(units)
+        return self.plan.evaluation_epsilon_after(units)
 
 
 def _check_study_id(study_id: str) -> None:
     if not isinstance(study_id, str) or not study_id or len(study_id) > 200:
         raise LedgerError(f"study_id: must be a non-empty string of at most 200 characters, got {study_id!r}")
+
+
+def _evaluation(row: object) -> EvaluationCharge:
+    return EvaluationCharge(row.study_id, row.slot, row.epsilon, row.count, row.score,  # type: ignore[attr-defined]
+                            _aware(row.created_at))  # type: ignore[attr-defined]
 
 
 def _aware(value: datetime) -> datetime:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -264,26 +263,13 @@ def _decode_reply(node_id: int, message: Message, spec: StudySpec, round_: int,
     return reply
 
 
-def _weighted(values: Iterable[tuple[float, float]]) -> float:
-    pairs = [(v, w) for v, w in values if w > 0 and math.isfinite(v)]
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total > 0 else math.nan
+def aggregate_eval(replies: Sequence[HospitalReply], task: str = "binary") -> dict[str, float]:
+    """The hospitals' noised hold-out sums added up and divided (`federated.evaluation.aggregate`):
+    `eval_accuracy` / `eval_mae` over all hold-out patients, `eval_examples` (a noised count),
+    `eval_epsilon`. No exact statistic of a hospital's records reaches the server."""
+    from federated.evaluation import aggregate
 
-
-def aggregate_eval(replies: Sequence[HospitalReply]) -> dict[str, float]:
-    """Example-weighted means of the hospitals' hold-out metrics (RMSE via mean squared error).
-    AUROC is the weighted mean of local AUROCs, not a pooled AUROC (no scores leave a hospital)."""
-    rows = [r.eval_metrics for r in replies if r.eval_metrics.get("num_examples", 0) > 0]
-    out: dict[str, float] = {"eval_hospitals": float(len(rows)),
-                             "eval_examples": float(sum(m["num_examples"] for m in rows))}
-    for name in ("loss", "accuracy", "auroc", "mae"):
-        pairs = [(m[name], m["num_examples"]) for m in rows if name in m]
-        if pairs:
-            out[f"eval_{name}"] = _weighted(pairs)
-    rmse = [(m["rmse"] ** 2, m["num_examples"]) for m in rows if "rmse" in m]
-    if rmse:
-        out["eval_rmse"] = math.sqrt(_weighted(rmse))
-    return out
+    return aggregate([r.eval_metrics for r in replies if r.eval_metrics], task)
 
 
 def _reply_weights_sum(contributors: Sequence[HospitalReply]) -> np.ndarray:
@@ -548,6 +534,8 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
     and `on_round(r)` is called then; after the last round one evaluate-only exchange remains.
     One exchange per round instead of two halves Flower's per-round overhead.
     """
+    from federated.data import public_reference
+    from federated.evaluation import reference_metrics
     from federated.templates import get_template
     from federated.weights import pack, save_safetensors, unpack
 
@@ -562,6 +550,14 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
         raise StudyFailedError(f"bad study spec: {exc}") from exc
     model = template.build(len(spec.columns), seed=spec.seed)
     weights = pack(model)
+    reference = public_reference(spec.columns, spec.task)
+
+    def scored(metrics: dict[str, float]) -> dict[str, float]:
+        """Add the round model's exact metrics on the PUBLIC reference sample (no privacy cost)."""
+        if reference is not None:
+            metrics.update(reference_metrics(template, unpack(model, weights), reference))
+        return metrics
+
     pending: _PendingRound | None = None
     failed_round: _PendingRound | None = None
     seen: set[str] = set()  # hospitals that took part in an earlier round
@@ -596,7 +592,8 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
                 metrics = _round_metrics(decoded, contributors, train=train, aggregate_s=0.0,
                                          round_s=time.perf_counter() - t_round, gone=len(gone))
                 metrics["round_failed"] = 1.0
-                failed_round = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt])
+                failed_round = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt],
+                                             spec.task)
             if options.stop_event.is_set():
                 raise StudyFailedError(f"cancelled during round {round_}")
             if short:
@@ -607,10 +604,11 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
             t_agg = time.perf_counter()
             weights = _reply_weights_sum(contributors)
             aggregate_s = time.perf_counter() - t_agg
-            metrics = _round_metrics(decoded, contributors, train=train, aggregate_s=aggregate_s,
-                                     round_s=time.perf_counter() - t_round, gone=len(gone))
+            metrics = scored(_round_metrics(decoded, contributors, train=train, aggregate_s=aggregate_s,
+                                            round_s=time.perf_counter() - t_round, gone=len(gone)))
             log.info("study %s round %d: %s", spec.study_id, round_, metrics)
-            pending = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt])
+            pending = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt],
+                                    spec.task)
         # A hospital that just let a train exchange time out is not waited for a second time.
         final = {n: h for n, h in directory.targets(directory.refresh()).items() if h not in silent}
         evaluation = exchange_with_retry(directory, final, MessageType.EVALUATE, weights, round_=spec.rounds,
@@ -643,9 +641,10 @@ class _PendingRound:
     round: int
     metrics: dict[str, float]
     receipts: list[Receipt]
+    task: str = "binary"
 
     def report(self, observer: StudyObserver, eval_replies: Sequence[HospitalReply]) -> None:
-        self.metrics.update(aggregate_eval(eval_replies))
+        self.metrics.update(aggregate_eval(eval_replies, self.task))
         observer.on_round(self.round, self.metrics, self.receipts)
 
 

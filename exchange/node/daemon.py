@@ -254,7 +254,7 @@ class NodeDaemon:
                     if charge.round not in held:
                         plan = self.ledger.plan(study_id)
                         session.add(RoundRow(study_id=study_id, round=charge.round,
-                                             records_used=plan.n_records if plan else 0,
+                                             records_used=plan.n_patients if plan else 0,
                                              epsilon=charge.epsilon, at=charge.created_at))
 
     # -- health -------------------------------------------------------------------------------

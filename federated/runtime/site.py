@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,8 @@ class GateOutcome:
     commitment: str
     #: reward account named by each eligible record's contract (records naming none are absent)
     reward_accounts: Mapping[str, str]
+    #: each eligible patient's lifetime epsilon cap from their contract (absent: none named)
+    privacy_caps: Mapping[str, float] = field(default_factory=dict)
 
 
 def _load_contracts(path: Path) -> Any:
@@ -128,7 +130,7 @@ def gate_records(registry: Any, request: StudyRequest, pseudonyms: Iterable[str]
     pairs = registry.records_at(list(pseudonyms), hospital_id, at)
     result = gate(pairs, registry.by_hash, request, at)
     return GateOutcome(frozenset(result.eligible_pseudonyms), dict(result.excluded_by_reason),
-                       result.commitment, dict(result.reward_accounts))
+                       result.commitment, dict(result.reward_accounts), dict(result.privacy_caps))
 
 
 # -- the site ----------------------------------------------------------------------------------

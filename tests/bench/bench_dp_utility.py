@@ -51,7 +51,7 @@ def evaluate(tpl: Template, state: np.ndarray, test: HospitalData) -> dict[str, 
 
 def run_dp(tpl: Template, cfg: Config, hospitals: list[HospitalData], test: HospitalData,
            epsilon: float, seed: int) -> tuple[dict[str, float], float]:
-    plans = [plan_study(epsilon, DELTA, rounds=cfg.rounds, n_records=len(h),
+    plans = [plan_study(epsilon, DELTA, rounds=cfg.rounds, n_patients=len(h),
                         batch_size=cfg.batch_size, steps_per_round=cfg.local_steps)
              for h in hospitals]
     state = initial_state(tpl, test.n_features, seed)

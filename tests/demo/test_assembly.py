@@ -91,7 +91,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         train = site.records()[0].train()
         ledger = site.ledger()
         plan = DPPlan(target_epsilon=3.0, delta=1e-5, rounds=2, steps_per_round=10, sample_rate=0.5,
-                      noise_multiplier=4.25 + seed, batch_size=64, n_records=len(train), accountant="prv")
+                      noise_multiplier=4.25 + seed, batch_size=64, n_patients=len(train), accountant="prv")
         ledger.register_study(STUDY, plan)
         previous = 0.0
         for number, (at, epsilon) in enumerate(zip(ROUND_TIMES, (1.9, 2.95), strict=True), start=1):

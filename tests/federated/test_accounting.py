@@ -93,7 +93,7 @@ def test_unreachable_or_bad_target_is_refused() -> None:
 
 
 def test_plan_composes_tightly_over_rounds() -> None:
-    plan = plan_study(1.0, DELTA, rounds=5, n_records=150, batch_size=64, steps_per_round=10)
+    plan = plan_study(1.0, DELTA, rounds=5, n_patients=150, batch_size=64, steps_per_round=10)
     assert plan.sample_rate == pytest.approx(64 / 150)
     assert plan.total_steps == 50
     per_round = [plan.epsilon_after(k) for k in range(6)]
@@ -108,13 +108,13 @@ def test_plan_composes_tightly_over_rounds() -> None:
 
 
 def test_plan_with_fewer_records_than_batch_uses_full_batch() -> None:
-    plan = plan_study(3.0, DELTA, rounds=2, n_records=10, batch_size=64, steps_per_round=5)
+    plan = plan_study(3.0, DELTA, rounds=2, n_patients=10, batch_size=64, steps_per_round=5)
     assert plan.sample_rate == 1.0
     assert plan.epsilon_after(2) <= 3.0
 
 
 def test_plan_round_trips_through_dict() -> None:
-    plan = plan_study(3.0, DELTA, rounds=2, n_records=100, batch_size=20, steps_per_round=5)
+    plan = plan_study(3.0, DELTA, rounds=2, n_patients=100, batch_size=20, steps_per_round=5)
     assert type(plan).from_dict(plan.to_dict()) == plan
 
 

@@ -199,7 +199,7 @@ def _federate(name: str, dataset: str, epsilon: float, rounds: int) -> tuple[dic
     hospitals = [p.train() for p in parts]
     test = pooled([p.test() for p in parts])
     d = tpl.defaults
-    plans = [plan_study(epsilon, DELTA, rounds=rounds, n_records=len(h), batch_size=d.batch_size,
+    plans = [plan_study(epsilon, DELTA, rounds=rounds, n_patients=len(h), batch_size=d.batch_size,
                         steps_per_round=d.local_steps) for h in hospitals]
     state = initial_state(tpl, test.n_features)
     for r in range(rounds):

@@ -25,19 +25,19 @@ from federated.privacy_ledger import (
 
 def plan(target: float = 3.0, rounds: int = 3, sigma: float = 1.5) -> DPPlan:
     return DPPlan(target_epsilon=target, delta=1e-5, rounds=rounds, steps_per_round=10,
-                  sample_rate=0.25, noise_multiplier=sigma, batch_size=32, n_records=128)
+                  sample_rate=0.25, noise_multiplier=sigma, batch_size=32, n_patients=128)
 
 
 @pytest.fixture
 def engine(db_url: str) -> Engine:
-    upgrade(db_url, "node", "0001_privacy_ledger")
+    upgrade(db_url, "node")
     eng = make_engine(db_url)
     yield eng
     eng.dispose()
 
 
 def test_migration_creates_the_tables_and_downgrades(db_url: str) -> None:
-    upgrade(db_url, "node", "0001_privacy_ledger")
+    upgrade(db_url, "node")
     eng = make_engine(db_url)
     names = set(inspect(eng).get_table_names())
     assert {"privacy_budget", "privacy_studies", "privacy_charges"} <= names

@@ -198,7 +198,7 @@ def test_a_waiting_study_is_refused_once_the_budget_is_spent(node_dir: Path, see
         ledger = open_ledger(seeded.engine, 5.0)  # another study spends 2.5 of the 5
         ledger.register_study("st-other", DPPlan(target_epsilon=2.5, delta=1e-5, rounds=1, steps_per_round=1,
                                                  sample_rate=0.5, noise_multiplier=1.0, batch_size=5,
-                                                 n_records=10))
+                                                 n_patients=10))
         ledger.charge("st-other", 1, 2.5)
         daemon.step()
     finally:
@@ -267,7 +267,7 @@ def test_kill9_and_restart_resumes_without_double_counting(node_dir: Path, seede
         settings = load_node_settings(node_dir / "node.toml")
         ledger = open_ledger(seeded.engine, settings.policy.total_privacy_budget)
         plan = DPPlan(target_epsilon=3.0, delta=1e-5, rounds=2, steps_per_round=4, sample_rate=0.25,
-                      noise_multiplier=1.1, batch_size=3, n_records=10)
+                      noise_multiplier=1.1, batch_size=3, n_patients=10)
         ledger.register_study(study_id, plan)
         ledger.charge(study_id, 1, 1.75)
         wait_for(lambda: _rounds(seeded, study_id) == 1, "round 1 in the node's rounds table")

@@ -1,0 +1,114 @@
+"""Hold-out evaluation that leaves a hospital only through the accountant.
+
+An exact metric computed on a hospital's hold-out patients is a release outside DP: a server that
+sends crafted weights (one unit per feature, a huge bias, ...) and asks many times reads the
+hold-out labels back (this was done: 51 evaluations recovered the exact label counts). So a
+hospital releases, per evaluation, two NOISED SUMS over its hold-out patients:
+
+- `count`: the number of patients evaluated, plus noise;
+- `score`: the sum over patients of a per-patient score in [0, 1], plus noise: for a binary
+  template the patient's share of correctly classified records (threshold 0.5), for a
+  regression template their mean absolute error clipped to `ERROR_CLIP` (in the scaled target
+  units) divided by `ERROR_CLIP`.
+
+Adding or removing one patient changes the vector (count, score) by at most sqrt(2) in L2 norm
+(`SENSITIVITY`), whatever number of records they have (their records are averaged first). Noise
+is Gaussian with standard deviation `eval_noise_multiplier * SENSITIVITY` per coordinate, from
+the secure generator (`federated.secure_random`). The study's plan calibrates
+`eval_noise_multiplier` so that all of its evaluations (at most one per round) compose to the
+study's (epsilon, delta) for a hold-out patient (`federated.accounting`). Hold-out patients never
+train in the study (and vice versa), so a patient's spend in a study is the larger of the two,
+never the sum. The ledger charges every release and keeps it, so asking again for the same round
+returns the same numbers (`federated.privacy_ledger.PrivacyLedger.charge_evaluation`).
+
+The server adds the hospitals' noised sums and divides (`aggregate`): accuracy (or MAE) over all
+hold-out patients, noisy at small sizes. A noiseless learning curve comes from the PUBLIC
+reference sample, which the server scores itself (`reference_metrics`), at no privacy cost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from federated.secure_random import SecureRandom
+from federated.templates import Template
+
+#: L2 sensitivity of (count, score) to one patient.
+SENSITIVITY = math.sqrt(2.0)
+#: Clip of a regression patient's mean absolute error, in scaled target units (diabetes: 150).
+ERROR_CLIP = 2.0
+
+
+@dataclass(frozen=True)
+class Release:
+    """One hospital's noised evaluation sums (what leaves the hospital)."""
+
+    count: float
+    score: float
+
+    def metrics(self, template: Template, target_scale: float, epsilon: float) -> dict[str, float]:
+        """The sums as reply metrics: `count`, `correct` (binary) or `abs_error` (regression, in
+        original units), and the cumulative evaluation `epsilon` they cost."""
+        out = {"count": self.count, "epsilon": epsilon}
+        if template.task == "binary":
+            out["correct"] = self.score
+        else:
+            out["abs_error"] = self.score * ERROR_CLIP * target_scale
+        return out
+
+
+def patient_scores(template: Template, model: nn.Module, x: np.ndarray, y: np.ndarray,
+                   patients: Sequence[str]) -> np.ndarray:
+    """Each patient's score in [0, 1] (module docstring), one per distinct patient."""
+    if len(patients) == 0:
+        return np.zeros(0)
+    pred = template.predict(model, x)
+    yv = np.asarray(y, dtype=np.float64).reshape(-1)
+    if template.task == "binary":
+        per_record = ((pred >= 0.5) == (yv >= 0.5)).astype(np.float64)
+    else:
+        per_record = np.minimum(np.abs(pred - yv), ERROR_CLIP) / ERROR_CLIP
+    _keys, inverse, counts = np.unique(np.asarray(patients), return_inverse=True, return_counts=True)
+    return np.bincount(inverse, weights=per_record) / counts
+
+
+def noised_release(scores: np.ndarray, noise_multiplier: float, rng: SecureRandom) -> Release:
+    """The Gaussian mechanism on (number of patients, sum of their scores)."""
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise ValueError(f"noise_multiplier: must be positive and finite, got {noise_multiplier}")
+    noise = rng.gaussian(2, noise_multiplier * SENSITIVITY)
+    return Release(count=float(scores.shape[0] + noise[0]), score=float(scores.sum() + noise[1]))
+
+
+def aggregate(rows: Sequence[Mapping[str, float]], task: str) -> dict[str, float]:
+    """Sum the hospitals' noised sums and divide: `eval_accuracy` (binary) or `eval_mae`
+    (regression) over every hold-out patient, `eval_examples` the noised patient count,
+    `eval_epsilon` the largest evaluation spend. A ratio whose noised count is not positive is
+    left out (noise dominates)."""
+    rows = [r for r in rows if "count" in r]
+    if not rows:
+        return {}
+    count = sum(r["count"] for r in rows)
+    out = {"eval_hospitals": float(len(rows)), "eval_examples": count,
+           "eval_epsilon": max(r.get("epsilon", 0.0) for r in rows)}
+    key = "correct" if task == "binary" else "abs_error"
+    if count > 0 and all(key in r for r in rows):
+        total = sum(r[key] for r in rows)
+        if task == "binary":
+            out["eval_accuracy"] = min(1.0, max(0.0, total / count))
+        else:
+            out["eval_mae"] = max(0.0, total / count)
+    return out
+
+
+def reference_metrics(template: Template, model: nn.Module, reference: tuple[np.ndarray, np.ndarray, float]
+                      ) -> dict[str, float]:
+    """Exact metrics of `model` on a PUBLIC reference sample (x, y, target scale), prefixed
+    `ref_`: no hospital record is involved, so no privacy is spent."""
+    x, y, scale = reference
+    return {f"ref_{k}": v for k, v in template.evaluate(model, x, y, target_scale=scale).items()}
