@@ -139,6 +139,7 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
     try:
         plan = ledger.plan(spec.study_id)
         if plan is None:
+            ledger.check_target(spec.study_id, spec.epsilon)
             preview = ledger.admissible(spec.study_id, spec.epsilon, caps, default_cap)
             if not preview.admitted:
                 return HospitalOutcome(STATUS_NO_DATA, "no patient can take part: all "

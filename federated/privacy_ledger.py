@@ -300,12 +300,7 @@ class PrivacyLedger:
                     raise LedgerError(f"study_id: {study_id!r} is already registered with a different "
                                       f"plan ({existing}); refusing {plan}")
                 return existing
-            budget = self._budget(conn)
-            left = budget - self._total(conn)
-            if plan.target_epsilon > left + EPS_TOLERANCE:
-                raise BudgetExceededError(
-                    f"target_epsilon: study {study_id!r} targets {plan.target_epsilon:.4f} but only "
-                    f"{max(left, 0.0):.4f} of the hospital's total budget {budget:.4f} is left")
+            self._check_target(conn, study_id, plan.target_epsilon)
             site_max, delta_budget = self._delta_limits(conn)
             if plan.delta > site_max * (1 + EPS_TOLERANCE):
                 raise BudgetExceededError(f"delta: study {study_id!r} asks {plan.delta:g}, above the site "
@@ -326,6 +321,20 @@ class PrivacyLedger:
                 n_patients=plan.n_patients, accountant=plan.accountant,
                 eval_noise_multiplier=plan.eval_noise_multiplier, created_at=datetime.now(UTC)))
             return plan
+
+    def check_target(self, study_id: str, target_epsilon: float) -> None:
+        """Raise `BudgetExceededError` as `register_study` would when a study with this target
+        does not fit in what is left of the hospital's total budget (nothing is written)."""
+        with self.engine.connect() as conn:
+            self._check_target(conn, study_id, target_epsilon)
+
+    def _check_target(self, conn: Connection, study_id: str, target: float) -> None:
+        budget = self._budget(conn)
+        left = budget - self._total(conn)
+        if target > left + EPS_TOLERANCE:
+            raise BudgetExceededError(
+                f"target_epsilon: study {study_id!r} targets {target:.4f} but only "
+                f"{max(left, 0.0):.4f} of the hospital's total budget {budget:.4f} is left")
 
     def close_study(self, study_id: str) -> None:
         """The study is over at this hospital (completed, failed or cancelled): its patients'
@@ -360,11 +369,15 @@ class PrivacyLedger:
         evaluated on and vice versa)."""
         if role not in ROLES:
             raise LedgerError(f"role: must be one of {list(ROLES)}, got {role!r}")
-        with self.engine.begin() as conn:
-            self._lock(conn)
+        with self.engine.connect() as conn:  # nobody new to admit: no write, no lock
             plan = self._plan(conn, study_id)
             if plan is None:
                 raise LedgerError(f"study_id: {study_id!r} is not registered with this ledger")
+            rows = self._spend_rows(conn, study_id)
+            if all(p in rows and rows[p] == role for p in caps):
+                return Admission(frozenset(caps), 0)
+        with self.engine.begin() as conn:
+            self._lock(conn)
             return self._admit(conn, study_id, role, target=plan.target_epsilon, caps=caps,
                                default_cap=default_cap)
 
@@ -372,7 +385,7 @@ class PrivacyLedger:
                caps: Mapping[str, float | None], default_cap: float) -> Admission:
         if not (math.isfinite(default_cap) and default_cap >= 0):
             raise LedgerError(f"default_cap: must be a finite number >= 0, got {default_cap!r}")
-        rows = self._spend_rows(conn)
+        rows = self._all_spend_rows(conn)
         costs = self._study_costs(conn)
         admitted: set[str] = set()
         new: list[str] = []
@@ -402,7 +415,7 @@ class PrivacyLedger:
         """Every patient with a spend row -> their lifetime spend (open studies at their target).
         Stays in the hospital: for `exchange node status` counts and the lifetime filter."""
         with self.engine.connect() as conn:
-            rows = self._spend_rows(conn)
+            rows = self._all_spend_rows(conn)
             costs = self._study_costs(conn)
             deltas = {r.study_id: float(r.delta) for r in conn.execute(
                 select(privacy_studies.c.study_id, privacy_studies.c.delta))}
@@ -415,7 +428,7 @@ class PrivacyLedger:
         PRV composition of the mechanisms they really took part in (`Composition`). Patients who
         took part in the same studies to the same extent share one accountant call."""
         with self.engine.connect() as conn:
-            rows = self._spend_rows(conn)
+            rows = self._all_spend_rows(conn)
             plans = {r.study_id: self._row_plan(r) for r in conn.execute(select(privacy_studies))}
         signatures = {tuple(sorted((s, r, u) for s, (r, u) in studies.items()))
                       for studies in rows.values()}
@@ -469,7 +482,8 @@ class PrivacyLedger:
             raise LedgerError(f"epsilon: must be a finite number >= 0, got {epsilon!r}")
         epsilon = float(epsilon)
         with self.engine.begin() as conn:
-            self._lock(conn)
+            if write:  # a check only reads: it must not take the write lock (an fsync on SQLite)
+                self._lock(conn)
             plan = self._plan(conn, study_id)
             if plan is None:
                 raise LedgerError(f"study_id: {study_id!r} is not registered with this ledger")
@@ -677,7 +691,13 @@ class PrivacyLedger:
         return 0.0 if value is None else float(value)
 
     @staticmethod
-    def _spend_rows(conn: Connection) -> dict[str, dict[str, tuple[str, int]]]:
+    def _spend_rows(conn: Connection, study_id: str) -> dict[str, str]:
+        """pseudonym -> role of every patient admitted to `study_id`."""
+        return dict(conn.execute(select(privacy_patient_spend.c.pseudonym, privacy_patient_spend.c.role)
+                                 .where(privacy_patient_spend.c.study_id == study_id)).tuples().all())
+
+    @staticmethod
+    def _all_spend_rows(conn: Connection) -> dict[str, dict[str, tuple[str, int]]]:
         """pseudonym -> {study id: (role, units)}, the whole (hospital-local) table."""
         out: dict[str, dict[str, tuple[str, int]]] = {}
         for p, s, role, units in conn.execute(select(

@@ -118,7 +118,7 @@ def test_revocation_takes_effect_from_the_next_round(sites: dict[str, DemoSite])
     assert train_hospital_round(demo.site, spec, 1, w, NOW).status == "ok"
     revoke_all(demo, NOW + timedelta(hours=1))
     # a round gated before the revocation was issued still sees the consent in force then
-    assert evaluate_hospital(demo.site, spec, w, NOW + timedelta(minutes=30)).status == "ok"
+    assert evaluate_hospital(demo.site, spec, w, 1, NOW + timedelta(minutes=30)).status == "ok"
     out = train_hospital_round(demo.site, spec, 2, w, NOW + timedelta(hours=2))
     assert out.status == "no-data"
     assert "denied" in out.reason, out.reason
@@ -225,7 +225,8 @@ def test_dropout_is_tolerated_down_to_the_minimum(sites: dict[str, DemoSite], tm
     def drop_c_after_round_1(grid: InProcessGrid) -> Any:
         return lambda round_: grid.drop(3) if round_ == 1 else None
 
-    spec = _spec("s-drop", min_hospitals=2, round_timeout_s=1)
+    # InProcessGrid trains inside push_messages: the timeout must cover three hospitals' rounds
+    spec = _spec("s-drop", min_hospitals=2, round_timeout_s=3)
     observer, _ = _run(sites, spec, tmp_path, hook=drop_c_after_round_1)
     assert observer.failed == [] and observer.completed is not None
     last = observer.rounds[-1]
@@ -237,7 +238,7 @@ def test_below_the_minimum_the_study_fails_cleanly(sites: dict[str, DemoSite], t
     def drop_c_after_round_1(grid: InProcessGrid) -> Any:
         return lambda round_: grid.drop(3) if round_ == 1 else None
 
-    spec = _spec("s-fail", min_hospitals=3, round_timeout_s=1, join_timeout_s=0.5)
+    spec = _spec("s-fail", min_hospitals=3, round_timeout_s=3, join_timeout_s=0.5)
     observer, _ = _run(sites, spec, tmp_path, hook=drop_c_after_round_1)
     assert observer.completed is None
     assert len(observer.failed) == 1
