@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from audit.signing import Signer
-from consent.model import Contract, Provision, revoke, sign
+from consent.model import Contract, Provision, next_version, revoke, sign
 from consent.request import StudyRequest
 from federated.runtime.site import Site, write_records
 from federated.study_spec import StudySpec
@@ -115,9 +115,37 @@ def revoke_all(demo: DemoSite, at: datetime) -> None:
     tmp.replace(demo.site.contracts_path)
 
 
+def _append_contracts(demo: DemoSite, contracts: Sequence[Contract]) -> None:
+    lines = [line for line in demo.site.contracts_path.read_text().splitlines() if line.strip()]
+    for contract in contracts:
+        signed = sign(contract, demo.consent_issuer)
+        lines.append(json.dumps(signed.to_json()))
+        demo.contracts[contract.pseudonym] = signed.contract
+    tmp = demo.site.contracts_path.with_name(demo.site.contracts_path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(demo.site.contracts_path)
+
+
+def cap_patients(demo: DemoSite, pseudonyms: Sequence[str], cap: float, at: datetime) -> None:
+    """Each named patient issues a new contract version at `at` that permits the same but caps
+    their LIFETIME epsilon at this hospital at `cap` (`max_epsilon`)."""
+    _append_contracts(demo, [next_version(demo.contracts[p], demo.contracts[p].provision, at,
+                                          max_epsilon=cap) for p in pseudonyms])
+
+
+def merge_patients(demo: DemoSite, owner: str, others: Sequence[str]) -> None:
+    """Rewrite the site's records so that the records of `others` belong to patient `owner`
+    (one patient with several records, as a node's records table allows)."""
+    from federated.runtime.site import read_records
+
+    data, label = read_records(demo.site.records_path)
+    renamed = tuple(owner if p in set(others) else p for p in data.pseudonyms)
+    write_records(demo.site.records_path, replace(data, pseudonyms=renamed), label)
+
+
 def demo_spec(study_id: str, *, dataset: str = "breast_cancer", template: str | None = None,
               epsilon: float = 3.0, rounds: int = 3, min_hospitals: int = 2, round_timeout_s: float = 60.0,
-              columns: Sequence[str] | None = None, **overrides: object) -> StudySpec:
+              columns: Sequence[str] | None = None, delta: float = 1e-5, **overrides: object) -> StudySpec:
     """A valid study over the demo data (all columns of the dataset unless `columns`)."""
     from federated.data import feature_specs
 
@@ -131,7 +159,7 @@ def demo_spec(study_id: str, *, dataset: str = "breast_cancer", template: str | 
         task=task, columns=cols, label=LABELS[dataset],
         request=StudyRequest(purpose="DUO:0000042", organisation="org-research", region="DE",
                              data_categories=cats, epsilon=epsilon, study_id=study_id),
-        epsilon=epsilon, delta=1e-5, rounds=rounds, min_hospitals=min_hospitals,
+        epsilon=epsilon, delta=delta, rounds=rounds, min_hospitals=min_hospitals,
         round_timeout_s=round_timeout_s, **overrides)  # type: ignore[arg-type]
 
 
