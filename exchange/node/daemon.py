@@ -35,6 +35,7 @@ from audit.entry import Entry
 from audit.signing import Signer
 from exchange.logging import get_logger
 from exchange.node.decisions import (
+    TERMINAL,
     Context,
     approved_active,
     mark_posted,
@@ -43,7 +44,7 @@ from exchange.node.decisions import (
     unposted,
 )
 from exchange.node.models import RoundRow, StudyRow
-from exchange.node.privacy import open_ledger
+from exchange.node.privacy import site_ledger
 from exchange.node.settings import NodeSettings
 from exchange.node.site_export import export_site, site_paths
 from exchange.node.store import NodeStore, open_store
@@ -141,7 +142,7 @@ class NodeDaemon:
             max_backoff_s=settings.supernode.restart_backoff_max_s,
             after_305_s=settings.supernode.restart_after_305_s, on_event=self._child_event)
         self.stop_event = threading.Event()
-        self.ledger = open_ledger(store.engine, settings.policy.total_privacy_budget)
+        self.ledger = site_ledger(store.engine, settings.policy)
         self._health: dict[str, Any] = {"status": "starting", "hospital_id": settings.hospital_id}
         self._health_lock = threading.Lock()
 
@@ -242,7 +243,13 @@ class NodeDaemon:
         """Copy the privacy ledger's charges (one per round trained and released here) into
         the rounds table; the ledger is idempotent per round, so this never double counts."""
         with self.store.sessions() as session:
-            studies = list(session.execute(select(StudyRow.study_id)).scalars())
+            rows = session.execute(select(StudyRow.study_id, StudyRow.status)).tuples().all()
+        studies = [study_id for study_id, _status in rows]
+        for study_id, status in rows:
+            # A finished study's patients count what it really spent, not its whole target.
+            if status in TERMINAL and self.ledger.plan(study_id) is not None \
+                    and not self.ledger.is_closed(study_id):
+                self.ledger.close_study(study_id)
         for study_id in studies:
             charges = self.ledger.charges(study_id)
             if not charges:

@@ -23,7 +23,7 @@ from exchange.node.eligibility import count_eligible
 from exchange.node.models import ColumnCategory, DaemonState, DecisionRow, StudyRow
 from exchange.node.policy import Budget, Evaluation, StudyView, evaluate
 from exchange.node.privacy import budget as compute_budget
-from exchange.node.privacy import open_ledger
+from exchange.node.privacy import site_ledger
 from exchange.node.settings import NodeSettings
 from exchange.node.store import NodeStore
 
@@ -72,19 +72,26 @@ def active_reservations(session: Session, exclude: str | None = None) -> list[tu
 
 
 def current_budget(store: NodeStore, settings: NodeSettings, exclude: str | None = None) -> Budget:
-    ledger = open_ledger(store.engine, settings.policy.total_privacy_budget)
+    ledger = site_ledger(store.engine, settings.policy)
     with store.sessions() as session:
         active = active_reservations(session, exclude)
-    return compute_budget(ledger, settings.policy.total_privacy_budget, active)
+        deltas = [(study_id, StudyView.from_json(row.document).delta) for study_id, _target in active
+                  if (row := session.get(StudyRow, study_id)) is not None]
+    return compute_budget(ledger, settings.policy.total_privacy_budget, active, deltas)
 
 
 def evaluate_study(store: NodeStore, settings: NodeSettings, study: StudyView,
                    at: datetime | None = None) -> Evaluation:
-    """Site policy + consent for `study`, as of `at` (default now)."""
+    """Site policy + consent (and each eligible patient's lifetime budget) for `study`, as of
+    `at` (default now)."""
+    from exchange.node.patient_budget import lifetime_check
+
     at = at or datetime.now(UTC)
     budget = current_budget(store, settings, exclude=study.study_id)
+    lifetime = lifetime_check(site_ledger(store.engine, settings.policy), study,
+                              settings.policy.total_privacy_budget)
     with store.sessions() as session:
-        eligibility = count_eligible(session, study, at)
+        eligibility = count_eligible(session, study, at, lifetime)
         columns = held_columns(session)
     return evaluate(settings.policy, study, eligibility, budget, columns)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -156,10 +157,22 @@ def gate_records(session: Session, study: StudyView, at: datetime) -> GateResult
     return gate(RecordColumns(cache.pseudonyms, hashes), cache.by_hash, study_request(study), at)
 
 
-def count_eligible(session: Session, study: StudyView, at: datetime) -> Eligibility:
-    """Records whose current contract permits `study` at `at`; the rest counted by reason."""
+#: Given the eligible patients and their contracts' lifetime caps (None: none named), how many
+#: the privacy ledger would admit and how many it would leave out (`exchange.node.patient_budget`).
+LifetimeCheck = Callable[[Mapping[str, float | None]], tuple[int, int]]
+
+
+def count_eligible(session: Session, study: StudyView, at: datetime,
+                   lifetime: LifetimeCheck | None = None) -> Eligibility:
+    """Records whose current contract permits `study` at `at`; the rest counted by reason; the
+    distinct patients among them (after `lifetime`, when given, left out those over their cap)."""
     if not study.columns:
         total = session.execute(select(func.count()).select_from(Record)).scalar_one()
-        return Eligibility(eligible=0, excluded={"study names no data category": total} if total else {})
+        return Eligibility(eligible=0, excluded={"study names no data category": total} if total else {},
+                           patients=0)
     result = gate_records(session, study, at)
-    return Eligibility(eligible=result.records_used, excluded=dict(result.excluded_by_reason))
+    patients, over = len(result.eligible_pseudonyms), 0
+    if lifetime is not None:
+        patients, over = lifetime({p: result.privacy_caps.get(p) for p in result.eligible_pseudonyms})
+    return Eligibility(eligible=result.records_used, excluded=dict(result.excluded_by_reason),
+                       patients=patients, over_lifetime_cap=over)

@@ -7,11 +7,13 @@ alone. The rules, in order (every failing rule adds a reason; any reason means r
 1. purpose allowed (DUO; an allowed term allows what it covers under consent.duo.covers:
    allowing GRU allows HMB, DS and POA),
 2. organisation allowed, 3. region allowed, 4. commercial use only if allowed,
-5. epsilon <= max_epsilon_per_study,
+5. epsilon <= max_epsilon_per_study; delta <= max_delta and delta <= 1/n for the n eligible
+   patients (every epsilon and delta here is per PATIENT),
 6. epsilon <= what is left of total_privacy_budget (spent in the privacy ledger plus what
-   approved, unfinished studies have reserved),
+   approved, unfinished studies have reserved), delta <= what is left of total_delta_budget,
 7. every requested column held here and of the category the study says,
-8. at least min_eligible_records records whose patients' consent permits the study.
+8. at least min_eligible_records records whose patients' consent permits the study, and at
+   least one such patient whose lifetime cap leaves room for the study.
 
 With no reason: mode auto-approve -> approve, auto-refuse -> refuse ("site policy is to
 refuse automatically"), ask -> wait for the steward.
@@ -73,10 +75,14 @@ class StudyView:
 
 @dataclass(frozen=True)
 class Eligibility:
-    """How many records consent would let this study use, and why the others are out."""
+    """How many records consent would let this study use, and why the others are out;
+    `patients` how many distinct patients those records belong to whose lifetime cap leaves
+    room for the study (None: not counted), `over_lifetime_cap` how many it leaves out."""
 
     eligible: int
     excluded: dict[str, int] = field(default_factory=dict)
+    patients: int | None = None
+    over_lifetime_cap: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,10 +93,17 @@ class Budget:
     spent: float
     reserved: float
     total: float
+    delta_spent: float = 0.0
+    delta_reserved: float = 0.0
+    delta_total: float = 1e-4
 
     @property
     def left(self) -> float:
         return max(0.0, self.total - self.spent - self.reserved)
+
+    @property
+    def delta_left(self) -> float:
+        return max(0.0, self.delta_total - self.delta_spent - self.delta_reserved)
 
 
 @dataclass(frozen=True)
@@ -140,9 +153,18 @@ def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, bud
     if study.epsilon > policy.max_epsilon_per_study:
         reasons.append(f"epsilon {study.epsilon:g} exceeds the site maximum per study "
                        f"({policy.max_epsilon_per_study:g})")
+    if study.delta > policy.max_delta:
+        reasons.append(f"delta {study.delta:g} exceeds the site maximum per study ({policy.max_delta:g})")
+    n = eligibility.patients
+    if n is not None and n > 0 and study.delta > 1.0 / n:
+        reasons.append(f"delta {study.delta:g} exceeds 1/n = {1.0 / n:.3g} for the {n} eligible patient(s)")
     if study.epsilon > budget.left + 1e-12:
         reasons.append(f"epsilon {study.epsilon:g} exceeds the privacy budget left ({budget.left:.4g} "
                        f"of {budget.total:g}: {budget.spent:.4g} spent, {budget.reserved:.4g} reserved)")
+    if study.delta > budget.delta_left * (1 + 1e-9):
+        reasons.append(f"delta {study.delta:g} exceeds the delta budget left ({budget.delta_left:.3g} of "
+                       f"{budget.delta_total:g}: {budget.delta_spent:.3g} spent, "
+                       f"{budget.delta_reserved:.3g} reserved)")
     wanted = [(category, column) for category, cols in study.columns.items() for column in cols]
     wanted.append(("", study.label))
     missing = [column for _category, column in wanted if column not in held_columns]
@@ -157,6 +179,9 @@ def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, bud
         reasons.append(f"only {eligibility.eligible} record(s) eligible under patients' consent "
                        f"(site minimum {policy.min_eligible_records})" + (f"; excluded: {detail}"
                                                                           if detail else ""))
+    if eligibility.patients == 0 and eligibility.over_lifetime_cap:
+        reasons.append(f"no eligible patient has privacy budget left for epsilon {study.epsilon:g}: "
+                       f"{eligibility.over_lifetime_cap} would exceed their lifetime cap")
     if reasons:
         return Evaluation("refuse", reasons, eligibility.eligible)
     if policy.mode == "auto-approve":

@@ -35,9 +35,13 @@ DecisionMode = Literal["auto-approve", "auto-refuse", "ask"]
 class SitePolicy(BaseModel):
     """What this hospital agrees to, before any patient's consent is looked at.
 
-    `"*"` in a list means "any". The privacy numbers are record-level DP epsilons: a study
+    `"*"` in a list means "any". The privacy numbers are PATIENT-level DP epsilons: a study
     asking more than `max_epsilon_per_study`, or more than what is left of
     `total_privacy_budget` after what the privacy ledger already holds, is refused.
+    `total_privacy_budget` is also the lifetime cap of every patient whose consent contract
+    names none (a contract's `max_epsilon` is that patient's lifetime cap). A study's delta must
+    be at most `max_delta` and at most 1/n for its n eligible patients; the deltas of all
+    studies add up within `total_delta_budget`.
     """
 
     model_config = {"extra": "forbid"}
@@ -49,6 +53,8 @@ class SitePolicy(BaseModel):
     allow_commercial: bool = False
     max_epsilon_per_study: float = Field(default=5.0, gt=0)
     total_privacy_budget: float = Field(default=20.0, gt=0)
+    max_delta: float = Field(default=1e-5, gt=0, lt=1)
+    total_delta_budget: float = Field(default=1e-4, gt=0, lt=1)
     min_eligible_records: int = Field(default=1, ge=0)
 
     @model_validator(mode="after")
@@ -56,6 +62,9 @@ class SitePolicy(BaseModel):
         if self.max_epsilon_per_study > self.total_privacy_budget:
             raise ValueError("max_epsilon_per_study: larger than total_privacy_budget "
                              f"({self.max_epsilon_per_study} > {self.total_privacy_budget})")
+        if self.max_delta > self.total_delta_budget:
+            raise ValueError(f"max_delta: larger than total_delta_budget ({self.max_delta} > "
+                             f"{self.total_delta_budget})")
         return self
 
 

@@ -1,5 +1,7 @@
 """`exchange node status`: one report (a dict, printed as tables or JSON) of where the node
-stands: studies and decisions, rounds, privacy budget spent and left, the last errors."""
+stands: studies and decisions, rounds, privacy budget spent and left (epsilon and delta; the
+hospital's worst-case patient as a sum and as the tighter PRV composition; how many patients are
+near or at their lifetime cap, never who), the last errors."""
 
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ from sqlalchemy import func, select
 
 from exchange.node.decisions import current_budget, latest_decision, rejection
 from exchange.node.models import ConsentContractRow, ErrorRow, Record, RoundRow, StudyRow
-from exchange.node.privacy import open_ledger
+from exchange.node.patient_budget import patient_counts
+from exchange.node.privacy import site_ledger
 from exchange.node.settings import NodeSettings
 from exchange.node.store import NodeStore
 
 
 def collect_status(store: NodeStore, settings: NodeSettings, errors: int = 5) -> dict[str, Any]:
-    ledger = open_ledger(store.engine, settings.policy.total_privacy_budget)
+    ledger = site_ledger(store.engine, settings.policy)
     budget = current_budget(store, settings)
     with store.sessions() as session:
         studies = []
@@ -33,12 +36,15 @@ def collect_status(store: NodeStore, settings: NodeSettings, errors: int = 5) ->
                 # the coordinator refused our decision (status, reason, when): it does not count
                 "rejected": rejection(session, row.study_id),
                 "rounds": rounds, "epsilon_spent": ledger.spent(row.study_id),
+                "evaluation_epsilon_spent": ledger.evaluation_spent(row.study_id),
             })
         last_errors = [{"at": e.at, "component": e.component, "message": e.message}
                        for e in session.execute(select(ErrorRow).order_by(ErrorRow.id.desc())
                                                 .limit(errors)).scalars()]
         records = session.execute(select(func.count()).select_from(Record)).scalar_one()
         contracts = session.execute(select(func.count()).select_from(ConsentContractRow)).scalar_one()
+        patients = patient_counts(session, ledger, settings.policy.total_privacy_budget)
+    composition = ledger.composition()
     daemon = store.get_state("daemon", {"state": "never started"})
     return {
         "hospital_id": settings.hospital_id,
@@ -47,7 +53,14 @@ def collect_status(store: NodeStore, settings: NodeSettings, errors: int = 5) ->
         "records": records,
         "contracts": contracts,
         "privacy": {"total": budget.total, "spent": budget.spent, "reserved": budget.reserved,
-                    "left": budget.left},
+                    "left": budget.left, "delta_total": budget.delta_total,
+                    "delta_spent": budget.delta_spent, "delta_reserved": budget.delta_reserved,
+                    "max_delta": settings.policy.max_delta,
+                    # the worst-case patient over every study, per patient
+                    "patient_epsilon_sum": composition.epsilon_sum,
+                    "patient_epsilon_composed": composition.epsilon_composed,
+                    "patient_delta": composition.delta,
+                    "patients": patients},
         "studies": studies,
         "errors": last_errors,
     }

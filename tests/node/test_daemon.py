@@ -269,18 +269,19 @@ def test_kill9_and_restart_resumes_without_double_counting(node_dir: Path, seede
         plan = DPPlan(target_epsilon=3.0, delta=1e-5, rounds=2, steps_per_round=4, sample_rate=0.25,
                       noise_multiplier=1.1, batch_size=3, n_patients=10)
         ledger.register_study(study_id, plan)
-        ledger.charge(study_id, 1, 1.75)
+        ledger.admit(study_id, "train", {"p-1": 8.0, "p-2": None}, 20.0)
+        ledger.charge(study_id, 1, 1.75, patients={"p-1", "p-2"})
         wait_for(lambda: _rounds(seeded, study_id) == 1, "round 1 in the node's rounds table")
         process.send_signal(signal.SIGKILL)
         process.wait(30)
         assert _state(seeded, "daemon")["state"] == "running"  # it never got to say goodbye
 
         # Restarted (the same round charged again by a retried ClientApp is idempotent):
-        ledger.charge(study_id, 1, 1.75)
+        ledger.charge(study_id, 1, 1.75, patients={"p-1", "p-2"})
         process = _start(node_dir, coordinator)
         wait_for(lambda: _state(seeded, "daemon_starts") == 2, "the second start")
         wait_for(lambda: _state(seeded, "daemon")["state"] == "running", "running again")
-        ledger.charge(study_id, 2, 2.9)
+        ledger.charge(study_id, 2, 2.9, patients={"p-1"})
         wait_for(lambda: _rounds(seeded, study_id) == 2, "round 2 recorded")
         coordinator.hold.set()  # type: ignore[attr-defined]
         wait_for(lambda: _study_status(seeded, study_id) == "completed", "the node to see completion")
@@ -301,7 +302,19 @@ def test_kill9_and_restart_resumes_without_double_counting(node_dir: Path, seede
     assert ledger.spent(study_id) == 2.9 and ledger.total_spent() == 2.9
     status = json.loads(CliRunner().invoke(app, ["node", "status", "--json", "--config",
                                                  str(node_dir / "node.toml")]).output)
-    assert status["privacy"] == {"total": 20.0, "spent": 2.9, "reserved": 0.0, "left": pytest.approx(17.1)}
+    # the finished study was closed: its patients count the steps they took, not its target
+    assert ledger.is_closed(study_id)
+    spend = ledger.patient_spend()
+    assert spend["p-1"].epsilon == pytest.approx(plan.epsilon_for_steps(8))
+    assert spend["p-2"].epsilon == pytest.approx(plan.epsilon_for_steps(4))
+    privacy = status["privacy"]
+    assert privacy == {"total": 20.0, "spent": 2.9, "reserved": 0.0, "left": pytest.approx(17.1),
+                       "delta_total": 1e-4, "delta_spent": 1e-5, "delta_reserved": 0.0, "max_delta": 1e-5,
+                       "patient_epsilon_sum": pytest.approx(plan.epsilon_for_steps(8)),
+                       "patient_epsilon_composed": pytest.approx(plan.epsilon_for_steps(8), rel=0.01),
+                       "patient_delta": pytest.approx(1e-5), "patients": privacy["patients"]}
+    # counts only: no pseudonym in the report
+    assert privacy["patients"]["with_spend"] == 2 and "p-1" not in json.dumps(status)
     [row] = status["studies"]
     assert (row["study_id"], row["status"], row["decision"], row["rounds"]) == (study_id, "completed",
                                                                                 "approve", 2)
