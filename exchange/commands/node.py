@@ -253,7 +253,14 @@ def _print_status(report: dict[str, Any]) -> None:
     console.print(f"[bold]{report['hospital_id']}[/bold]  daemon: {report['daemon']['state']}  "
                   f"records: {report['records']}  consent contracts: {report['contracts']}")
     console.print(f"privacy budget: spent {budget['spent']:.4g}, reserved {budget['reserved']:.4g}, "
-                  f"left {budget['left']:.4g} of {budget['total']:.4g}")
+                  f"left {budget['left']:.4g} of {budget['total']:.4g} (epsilon per patient); delta: spent "
+                  f"{budget['delta_spent']:.3g}, reserved {budget['delta_reserved']:.3g} of "
+                  f"{budget['delta_total']:.3g}, at most {budget['max_delta']:.3g} per study")
+    patients = budget["patients"]
+    console.print(f"patients: {patients['with_spend']} with privacy spent here, {patients['near_cap']} near "
+                  f"and {patients['at_cap']} at their lifetime cap; worst case over all studies: epsilon "
+                  f"{budget['patient_epsilon_sum']:.4g} summed, {budget['patient_epsilon_composed']:.4g} "
+                  f"composed (PRV) at delta {budget['patient_delta']:.3g}")
     studies = Table(title="Studies")
     for column in ("study", "status", "decision", "by", "eligible", "rounds", "epsilon spent", "reasons"):
         studies.add_column(column)

@@ -48,6 +48,28 @@ def test_migration_creates_the_tables_and_downgrades(db_url: str) -> None:
     eng.dispose()
 
 
+def test_the_migrations_create_exactly_the_ledgers_tables(db_url: str) -> None:
+    """federated.privacy_ledger's tables as the node migrations (0001 and 0003) make them: no
+    difference in tables, columns, types or indexes, on SQLite and PostgreSQL."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from federated.privacy_ledger import metadata
+
+    upgrade(db_url, "node")
+    eng = make_engine(db_url)
+    try:
+        with eng.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            mine = set(metadata.tables)
+            diffs = [d for d in compare_metadata(context, metadata)
+                     if not (d[0] == "remove_table" and d[1].name not in mine)
+                     and not (d[0] == "remove_index" and d[1].table.name not in mine)]
+        assert diffs == []
+    finally:
+        eng.dispose()
+
+
 def test_charges_are_cumulative_per_study_and_summed_across_studies(engine: Engine) -> None:
     ledger = PrivacyLedger(engine, total_budget=10.0)
     ledger.register_study("s1", plan())

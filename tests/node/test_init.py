@@ -79,7 +79,12 @@ def test_status_of_a_fresh_node(node_dir: Path, runner: CliRunner) -> None:
     assert table.exit_code == 0, table.output
     assert "daemon: never started" in table.output and "left 20 of 20" in table.output
     report = json.loads(runner.invoke(app, ["node", "status", "--json", *config]).output)
-    assert report["privacy"] == {"total": 20.0, "spent": 0.0, "reserved": 0.0, "left": 20.0}
+    assert report["privacy"] == {
+        "total": 20.0, "spent": 0.0, "reserved": 0.0, "left": 20.0, "delta_total": 1e-4, "delta_spent": 0.0,
+        "delta_reserved": 0.0, "max_delta": 1e-5, "patient_epsilon_sum": 0.0, "patient_epsilon_composed": 0.0,
+        "patient_delta": 0.0, "patients": {"with_spend": 0, "near_cap": 0, "at_cap": 0, "near_cap_share": 0.8,
+                                           "at_cap_share": 0.99}}
+    assert "0 with privacy spent here, 0 near and 0 at their lifetime cap" in " ".join(table.output.split())
     assert report["studies"] == [] and report["records"] == 0 and report["registered"] is False
 
 

@@ -78,3 +78,44 @@ def test_reserved_budget_counts_against_new_studies() -> None:
 def test_policy_settings_validate() -> None:
     with pytest.raises(ValueError, match="max_epsilon_per_study"):
         SitePolicy(max_epsilon_per_study=30.0, total_privacy_budget=20.0)
+
+
+def test_delta_above_the_site_maximum_is_refused_with_its_reason() -> None:
+    policy = SitePolicy(mode="auto-approve")  # max_delta 1e-5
+    refused = evaluate(policy, study(delta=1e-4), MANY, FULL, HELD)
+    assert refused.decision == "refuse"
+    assert refused.reasons == ["delta 0.0001 exceeds the site maximum per study (1e-05)"]
+    assert evaluate(policy, study(delta=1e-5), MANY, FULL, HELD).decision == "approve"
+
+
+def test_delta_above_one_over_the_eligible_patients_is_refused() -> None:
+    policy = SitePolicy(mode="auto-approve", max_delta=0.5, total_delta_budget=0.9)
+    few = Eligibility(eligible=40, patients=20)  # 40 records of 20 patients: 1/n = 0.05
+    roomy = Budget(spent=0.0, reserved=0.0, total=20.0, delta_total=0.9)
+    refused = evaluate(policy, study(delta=0.1), few, roomy, HELD)
+    assert refused.reasons == ["delta 0.1 exceeds 1/n = 0.05 for the 20 eligible patient(s)"]
+    assert evaluate(policy, study(delta=0.05), few, roomy, HELD).decision == "approve"
+
+
+def test_the_delta_budget_counts_spent_and_reserved_deltas() -> None:
+    policy = SitePolicy(mode="auto-approve")
+    budget = Budget(spent=0.0, reserved=0.0, total=20.0, delta_spent=8e-5, delta_reserved=1.5e-5,
+                    delta_total=1e-4)
+    refused = evaluate(policy, study(delta=1e-5), MANY, budget, HELD)
+    assert refused.reasons == ["delta 1e-05 exceeds the delta budget left (5e-06 of 0.0001: 8e-05 spent, "
+                               "1.5e-05 reserved)"]
+
+
+def test_a_study_no_patient_has_lifetime_budget_for_is_refused() -> None:
+    policy = SitePolicy(mode="auto-approve")
+    capped = Eligibility(eligible=12, patients=0, over_lifetime_cap=12)
+    refused = evaluate(policy, study(epsilon=3.0), capped, FULL, HELD)
+    assert refused.reasons == ["no eligible patient has privacy budget left for epsilon 3: 12 would exceed "
+                               "their lifetime cap"]
+
+
+def test_delta_settings_validate() -> None:
+    with pytest.raises(ValueError, match="max_delta"):
+        SitePolicy(max_delta=1e-3, total_delta_budget=1e-4)
+    with pytest.raises(ValueError, match="max_delta"):
+        SitePolicy(max_delta=1.5)
