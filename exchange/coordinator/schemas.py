@@ -154,8 +154,12 @@ class StudyCreate(Strict):
     task: Literal["binary", "regression"]
     label: Annotated[str, Field(pattern=vocabulary.COLUMN_PATTERN,
                                 description="the target column")] = "label"
-    epsilon: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
-    delta: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+    epsilon: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False, description=(
+        "DP epsilon PER PATIENT at each hospital, for the whole study; it counts against each "
+        "patient's lifetime cap there"))]
+    delta: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False, description=(
+        "DP delta per patient; each hospital refuses a delta above its site maximum (default "
+        "1e-5) or above 1/n for its n eligible patients"))]
     rounds: Annotated[int, Field(ge=1, le=1000)]
     min_hospitals: Annotated[int, Field(ge=1, le=1000)]
     token_budget: Amount
@@ -356,7 +360,7 @@ class ContributionOut(BaseModel):
     hospital_id: str
     rounds: int
     records_used: int
-    epsilon_spent: float | None
+    epsilon_spent: float | None = Field(description="the hospital's spend on this study, per patient")
 
 
 class StudyResults(BaseModel):

@@ -212,11 +212,19 @@ def assemble_report(*, study: Mapping[str, Any], entries: Sequence[Entry], balan
         metrics = dict(entry.payload.get("metrics") or {})
         number = int(entry.payload["round"])
         row: dict[str, Any] = {"round": number, "time": entry.time}
-        accuracy = _float(metrics.get("eval_accuracy"))
+        # accuracy: exact on the PUBLIC reference sample when the study has one (no privacy
+        # cost), else the hospitals' noised hold-out estimate (federated.evaluation)
+        accuracy = _float(metrics.get("ref_accuracy"))
+        if accuracy is None:
+            accuracy = _float(metrics.get("eval_accuracy"))
         if accuracy is not None:
             row["accuracy"] = accuracy
-        for name, key in (("auroc", "eval_auroc"), ("loss", "eval_loss"), ("eval_examples", "eval_examples"),
+        for name, key in (("auroc", "ref_auroc"), ("auroc", "eval_auroc"), ("loss", "ref_loss"),
+                          ("loss", "eval_loss"), ("holdout_accuracy", "eval_accuracy"),
+                          ("eval_examples", "eval_examples"), ("eval_epsilon", "eval_epsilon"),
                           ("wall_s", "round_wall_s")):
+            if name in row:
+                continue
             value = _float(metrics.get(key))
             if value is not None:
                 row[name] = value
@@ -334,6 +342,8 @@ def assemble_report(*, study: Mapping[str, Any], entries: Sequence[Entry], balan
             "commercial": spec.get("commercial"), "template": spec.get("template"),
             "task": spec.get("task"), "label": spec.get("label"), "columns": spec.get("columns"),
             "epsilon": spec.get("epsilon"), "delta": spec.get("delta"),
+            # every epsilon and delta in this report is per patient (federated.accounting)
+            "privacy_unit": "patient",
             "rounds_planned": study.get("rounds_planned"), "rounds_completed": study.get("rounds_completed"),
             "min_hospitals": study.get("min_hospitals"), "token_budget": study.get("token_budget"),
             "model_sha256": study.get("model_sha256"), "outcome_reason": study.get("outcome_reason"),

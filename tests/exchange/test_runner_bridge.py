@@ -303,7 +303,9 @@ def test_in_process_study_rounds_receipts_and_epsilon_match_the_hospitals(tmp_pa
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     for r in results["rounds"]:
         assert r["metrics"]["contributors"] == 2.0
-        assert r["metrics"]["eval_examples"] > 0 and "eval_accuracy" in r["metrics"]
+        # hold-out evaluation as noised sums (their ratio may be undefined when noise dominates);
+        # the exact learning curve comes from the public reference sample
+        assert r["metrics"]["eval_hospitals"] == 2 and "ref_accuracy" in r["metrics"]
     assert [("final_eval_wall_s" in r["metrics"]) for r in results["rounds"]] == [False, True]
     # Each study.round entry follows exactly the receipts of its own round.
     current: list[Entry] = []
