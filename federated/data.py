@@ -378,14 +378,20 @@ def _column_key(name: str) -> str:
     return name.replace("_", " ").strip().lower()
 
 
-def public_reference(columns: Sequence[str], task: str) -> tuple[np.ndarray, np.ndarray, float] | None:
+PublicPart = Literal["pretrain", "eval", "all"]
+
+
+def public_reference(columns: Sequence[str], task: str, part: PublicPart = "all"
+                     ) -> tuple[np.ndarray, np.ndarray, float] | None:
     """The PUBLIC reference sample (`public_reference_rows`) of the shipped dataset whose
     features include every one of `columns` (spaces and underscores alike, as node exports spell
     them), with those columns in that order, scaled as `load_federated` scales them: (x, y,
     target scale). None when no shipped dataset matches (a real deployment registers its own).
 
-    The ServerApp scores each round's model on it: an exact learning curve that involves no
-    hospital record and so costs no privacy (`federated.evaluation.reference_metrics`)."""
+    `part` "pretrain" and "eval" are two fixed, disjoint, stratified halves: the ServerApp
+    trains the study's initial model on the first (public pre-training: no privacy cost, a far
+    better start for noisy DP-SGD) and scores each round's model on the second
+    (`federated.evaluation.reference_metrics`), so the learning curve is out of sample."""
     wanted = [_column_key(c) for c in columns]
     for dataset in DATASETS:
         if task != ("binary" if dataset == "breast_cancer" else "regression"):
@@ -393,10 +399,18 @@ def public_reference(columns: Sequence[str], task: str) -> tuple[np.ndarray, np.
         names = [_column_key(s.name) for s in feature_specs(dataset)]
         if not wanted or not set(wanted) <= set(names):
             continue
-        x, y, _strata, _specs = _raw(dataset)
+        x, y, strata, _specs = _raw(dataset)
         centre, scale = reference_constants(dataset)
         xs = np.clip((x - centre) / scale, -Z_CLIP, Z_CLIP).astype(np.float32)
         rows = public_reference_rows(dataset)
+        if part != "all":
+            rng = np.random.default_rng(_PUBLIC_SEED + 1)
+            first: list[int] = []
+            for s in np.unique(strata[rows]):
+                members = rng.permutation(rows[strata[rows] == s])
+                first.extend(int(r) for r in members[: (len(members) + 1) // 2])
+            chosen = np.isin(rows, first)
+            rows = rows[chosen] if part == "pretrain" else rows[~chosen]
         pos = [names.index(c) for c in wanted]
         target_scale = DIABETES_TARGET_SCALE if dataset == "diabetes" else 1.0
         return xs[rows][:, pos], y[rows], target_scale

@@ -101,6 +101,30 @@ def initial_state(template: Template | str, n_features: int, seed: int = 0) -> n
     return pack(tpl.build(n_features, seed))
 
 
+#: Public pre-training (`public_initial_state`): steps, batch, learning rate, momentum.
+PRETRAIN = {"steps": 300, "batch_size": 16, "lr": 0.1, "momentum": 0.9}
+
+
+def public_initial_state(template: Template | str, columns: Sequence[str], task: str,
+                         seed: int = 0) -> np.ndarray:
+    """A study's initial global model: `initial_state`, then trained without noise on the
+    PUBLIC reference sample's pre-training half when the study's columns have one
+    (`federated.data.public_reference`). Public data costs no privacy, and starting DP-SGD from
+    a model that is already good means the noisy steps refine rather than search
+    (docs/benchmarks/federated-dp.md: it is what carries the utility targets on every split)."""
+    from federated.data import public_reference
+
+    tpl = get_template(template) if isinstance(template, str) else template
+    state = initial_state(tpl, len(columns), seed)
+    public = public_reference(columns, task, "pretrain")
+    if public is None:
+        return state
+    x, y, _scale = public
+    return train_nonprivate(tpl, state, x, y, batch_size=int(PRETRAIN["batch_size"]),
+                            steps=int(PRETRAIN["steps"]), lr=float(PRETRAIN["lr"]),
+                            momentum=float(PRETRAIN["momentum"]), seed=seed)
+
+
 def make_generator(seed: int | None) -> torch.Generator:
     """A torch generator seeded from `seed`, or from the OS entropy pool when None. Only for the
     non-private baseline's shuffling (`train_nonprivate`); DP training uses `SecureRandom`."""

@@ -535,9 +535,10 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
     One exchange per round instead of two halves Flower's per-round overhead.
     """
     from federated.data import public_reference
+    from federated.dp import public_initial_state
     from federated.evaluation import reference_metrics
     from federated.templates import get_template
-    from federated.weights import pack, save_safetensors, unpack
+    from federated.weights import save_safetensors, unpack
 
     try:
         spec = StudySpec.from_run_config(context.run_config)
@@ -549,8 +550,10 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
         observer.on_failed(f"bad study spec: {exc}")
         raise StudyFailedError(f"bad study spec: {exc}") from exc
     model = template.build(len(spec.columns), seed=spec.seed)
-    weights = pack(model)
-    reference = public_reference(spec.columns, spec.task)
+    # the initial model is pre-trained on the public reference sample's first half when there is
+    # one (no privacy cost); each round's model is scored exactly on the other half
+    weights = public_initial_state(template, spec.columns, spec.task, seed=spec.seed)
+    reference = public_reference(spec.columns, spec.task, "eval")
 
     def scored(metrics: dict[str, float]) -> dict[str, float]:
         """Add the round model's exact metrics on the PUBLIC reference sample (no privacy cost)."""
