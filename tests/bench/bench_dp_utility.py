@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  centralized non-private: accuracy {fmt([m['accuracy'] for m in central])}, "
               f"AUROC {fmt([m['auroc'] for m in central])}  ({time.perf_counter() - t0:.1f} s)")
         public = [evaluate(tpl, public_initial_state(tpl, test.columns, tpl.task, s), test) for s in seeds]
-        print(f"  public pre-training only (no hospital data): accuracy {fmt([m['accuracy'] for m in public])}")
+        print("  public pre-training only (no hospital data): accuracy "
+              f"{fmt([m['accuracy'] for m in public])}")
         for eps in args.epsilons:
             for pretrained in (True, False) if args.from_scratch else (True,):
                 t0 = time.perf_counter()
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
                 if pretrained:
                     means[eps].append(statistics.fmean(accs))
                 start = "public start" if pretrained else "from scratch"
-                print(f"  DP FedAvg eps={eps:g} (per patient, {start}): accuracy {fmt(accs)}, AUROC {fmt(aucs)}, "
+                print(f"  DP FedAvg eps={eps:g} (per patient, {start}): accuracy {fmt(accs)}, "
+                      f"AUROC {fmt(aucs)}, "
                       f"ratio to centralized {statistics.fmean(accs) / c_acc:.4f}, "
                       f"max epsilon spent {spent:.4f}  ({time.perf_counter() - t0:.1f} s)")
     print()
