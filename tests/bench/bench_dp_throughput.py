@@ -8,7 +8,9 @@ All variants train the `mlp_classifier` template on the pooled breast cancer tra
 on a shared 2-core machine), best of `--repeats` runs:
 - non-private: `train_nonprivate` (shuffled batches by tensor indexing, mean loss, torch SGD);
   the baseline every ratio is against;
-- DP fast: `train_round(engine="fast")` (the default: Poisson sampling + ghost-norm clipping);
+- DP fast: `train_round(engine="fast")` (the default: patient-level Poisson sampling + ghost-norm
+  clipping + secure noise: ChaCha20, sum of four Gaussians per coordinate);
+- DP fast without noise: the same with noise multiplier 0, to show what the secure noise costs;
 - DP opacus: `train_round(engine="opacus")` (Opacus GradSampleModule + DPOptimizer, same sampling);
 - Opacus defaults: `PrivacyEngine.make_private` with a DataLoader, as the Opacus tutorials do.
 Samples per second = steps * (expected) batch size / wall time.
@@ -96,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
             train_round(tpl, state, x, y, noise_multiplier=sigma, sample_rate=q, local_steps=steps,
                         clip=clip, lr=lr, delta=DELTA, seed=0, engine="fast")
 
+        def quiet(q: float = q) -> None:
+            train_round(tpl, state, x, y, noise_multiplier=0.0, sample_rate=q, local_steps=steps,
+                        clip=clip, lr=lr, delta=DELTA, seed=0, engine="fast")
+
         def slow(q: float = q) -> None:
             train_round(tpl, state, x, y, noise_multiplier=sigma, sample_rate=q, local_steps=steps,
                         clip=clip, lr=lr, delta=DELTA, seed=0, engine="opacus")
@@ -106,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         fast()  # warm the accountant's cache: accounting is not training throughput
         plain()  # and torch's first-call costs
         variants = [("non-private (baseline)", plain), ("DP fast engine", fast),
+                    ("DP fast engine, no noise", quiet),
                     ("DP opacus engine", slow), ("Opacus defaults (make_private)", defaults)]
         # interleaved repeats, best of each: load from other processes hits all variants alike
         best = {name: float("inf") for name, _ in variants}
