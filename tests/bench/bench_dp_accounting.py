@@ -18,24 +18,15 @@ from __future__ import annotations
 import argparse
 import time
 
-import dp_accounting
 import numpy as np
 import torch
-from dp_accounting.pld import pld_privacy_accountant
 
 from federated.accounting import compose_epsilon, epsilon_spent, plan_study
 from federated.data import load_hospital
 from federated.dp import initial_state, train_round
+from tests.dp_reference import independent_epsilon
 
 DELTA = 1e-5
-
-
-def independent(mechanisms: list[tuple[float, float, int]], delta: float) -> float:
-    acc = pld_privacy_accountant.PLDAccountant()
-    for sigma, q, steps in mechanisms:
-        acc.compose(dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
-    return float(acc.get_epsilon(delta))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
                               sample_rate=plan.sample_rate, local_steps=plan.steps_per_round, clip=1.0,
                               lr=0.5, delta=DELTA, prior_steps=9 * plan.steps_per_round, patients=patients,
                               seed=k)
-            theirs = independent([(plan.noise_multiplier, plan.sample_rate, plan.total_steps)], DELTA)
+            theirs = independent_epsilon([(plan.noise_multiplier, plan.sample_rate, plan.total_steps)], DELTA)
             ratio = res.epsilon / theirs
             worst = max(worst, abs(ratio - 1.0))
             print(f"{k:>16} {n_patients:>9} {eps:>7g} {res.epsilon:>10.4f} {theirs:>12.4f} {ratio:>7.4f}"
@@ -72,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     # composition of three studies on one patient
     mechanisms = [(1.2, 0.3, 100), (2.5, 0.9, 50), (4.0, 1.0, 5)]
     ours = compose_epsilon(mechanisms, 3 * DELTA)
-    theirs = independent(mechanisms, 3 * DELTA)
+    theirs = independent_epsilon(mechanisms, 3 * DELTA)
     summed = sum(epsilon_spent(*m, DELTA) for m in mechanisms)
     worst = max(worst, abs(ours / theirs - 1.0))
     print(f"\ncomposition of 3 studies on one patient at delta {3 * DELTA:g}: PRV {ours:.4f}, "

@@ -5,10 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
-import dp_accounting
 import pytest
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
 
 from federated.accounting import (
     AccountingError,
@@ -18,17 +15,13 @@ from federated.accounting import (
     max_delta,
     plan_study,
 )
+from tests.dp_reference import independent_epsilon
 
 DELTA = 1e-5
 
 
 def google_epsilon(sigma: float, q: float, steps: int, delta: float, kind: str) -> float:
-    event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
-    acc: dp_accounting.PrivacyAccountant = (
-        pld_privacy_accountant.PLDAccountant() if kind == "pld" else rdp_privacy_accountant.RdpAccountant())
-    acc.compose(event)
-    return float(acc.get_epsilon(delta))
+    return independent_epsilon([(sigma, q, steps)], delta, kind)
 
 
 # (noise multiplier, sample rate, steps): the range studies use (low and high epsilon, full batch).
@@ -137,21 +130,13 @@ def test_privacy_ledger_import_does_not_load_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-def google_composed(mechanisms: list[tuple[float, float, int]], delta: float) -> float:
-    acc = pld_privacy_accountant.PLDAccountant()
-    for sigma, q, steps in mechanisms:
-        acc.compose(dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
-    return float(acc.get_epsilon(delta))
-
-
 def test_composition_of_different_studies_matches_google_pld_and_beats_the_sum() -> None:
     """Three studies with different noise, rates and lengths (and one evaluation mechanism,
     sample rate 1) on the same patient: the PRV composition the ledger reports agrees with an
     independent PLD accountant within 1 % and is well below the sum of the studies' epsilons."""
     mechanisms = [(1.2, 0.3, 100), (2.5, 0.9, 50), (4.0, 1.0, 5)]
     composed = compose_epsilon(mechanisms, 3 * DELTA)
-    theirs = google_composed(mechanisms, 3 * DELTA)
+    theirs = independent_epsilon(mechanisms, 3 * DELTA)
     assert composed == pytest.approx(theirs, rel=0.01)
     assert composed >= theirs * 0.999
     summed = sum(epsilon_spent(*m, DELTA) for m in mechanisms)

@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import dp_accounting
 import numpy as np
 import pytest
 import torch
-from dp_accounting.pld import pld_privacy_accountant
 from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 from sqlalchemy import create_engine
 
@@ -47,18 +44,13 @@ from federated.secure_random import SecureRandom
 from federated.server_app import EVAL_PREFIX, GLOBAL_KEY, REPLY_KEY, WEIGHTS_KEY
 from federated.study_spec import StudySpec
 from federated.templates import get_template
+from tests.dp_reference import independent_epsilon
 
 PRIVACY: dict[str, Any] = {"epsilon": 3.0, "rounds": 3, "accountant": "rdp"}
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 DELTA = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -144,13 +136,6 @@ def test_a_steps_sensitivity_to_a_patient_is_the_clip() -> None:
         == pytest.approx(3 * clip, rel=1e-4)
 
 
-def _google_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
-    acc = pld_privacy_accountant.PLDAccountant()
-    acc.compose(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
-    return float(acc.get_epsilon(delta))
-
-
 def test_the_epsilon_reported_is_each_patients_even_with_several_records(sites: dict[str, DemoSite]) -> None:
     """A patient owns 3 and another 5 training records: the plan counts patients, the sample
     rate is batch / patients, and the epsilon in the receipt is what an independent accountant
@@ -172,8 +157,8 @@ def test_the_epsilon_reported_is_each_patients_even_with_several_records(sites: 
     assert out.receipt is not None
     reported = out.receipt.epsilon_total
     assert reported == epsilon_spent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, DELTA)
-    assert reported == pytest.approx(_google_epsilon(plan.noise_multiplier, plan.sample_rate,
-                                                     plan.steps_per_round, DELTA), rel=0.01)
+    assert reported == pytest.approx(independent_epsilon(
+        [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)], DELTA), rel=0.01)
     # the patient with 5 records was charged exactly the patient-level steps, like everyone else
     spend = _ledger(demo).patient_spend()
     assert spend[train[3]].epsilon == spend[train[10]].epsilon == pytest.approx(spec.epsilon)  # open: target
@@ -281,7 +266,7 @@ def test_a_hospital_restarted_mid_study_keeps_every_patients_spend(sites: dict[s
     # a repeated round changes nobody's spend
     assert train_hospital_round(demo.site, spec, 2, w, NOW + timedelta(hours=1)).status == "refused"
     with fresh.engine.connect() as conn:
-        again = dict(conn.exec_driver_sql(
+        again: dict[str, int] = dict(conn.exec_driver_sql(
             "SELECT pseudonym, units FROM privacy_patient_spend WHERE study_id = 'restart'").all())
     assert again == units_after
 

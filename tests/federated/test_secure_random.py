@@ -3,8 +3,6 @@ generators), and DP training draws nothing from torch's random state."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -17,12 +15,6 @@ from federated.secure_random import SecureRandom
 DELTA = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("std", [0.3, 1.0, 7.5])
