@@ -211,8 +211,10 @@ class Contract(_Model):
     """One version of one pseudonym's consent at one hospital.
 
     `supersedes` is the content hash of the previous version (absent for version 1). Only an
-    `active` contract can permit anything; `max_epsilon` caps the epsilon a study may ask per
-    study; `reward_account` is a pseudonymous account for the contributor's token share.
+    `active` contract can permit anything; `max_epsilon` is the patient's LIFETIME epsilon cap at
+    the hospital (per patient, over every study: a study asking more is denied here, and the
+    hospital's privacy ledger leaves the patient out of any study that would take their total
+    past it, `federated.privacy_ledger`); `reward_account` is a pseudonymous account for the contributor's token share.
     `policy_basis` records the legal or policy references the consent was given under (FHIR
     policy / policyRule / policyBasis); they are informative and do not change any decision.
     """
