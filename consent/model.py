@@ -214,7 +214,8 @@ class Contract(_Model):
     `active` contract can permit anything; `max_epsilon` is the patient's LIFETIME epsilon cap at
     the hospital (per patient, over every study: a study asking more is denied here, and the
     hospital's privacy ledger leaves the patient out of any study that would take their total
-    past it, `federated.privacy_ledger`); `reward_account` is a pseudonymous account for the contributor's token share.
+    past it, `federated.privacy_ledger`); `reward_account` is a pseudonymous account for the
+    contributor's token share.
     `policy_basis` records the legal or policy references the consent was given under (FHIR
     policy / policyRule / policyBasis); they are informative and do not change any decision.
     """
