@@ -19,7 +19,6 @@ docs/consent.md; in short:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -328,15 +327,3 @@ def evaluate(contract: Contract, request: StudyRequest, instant: datetime) -> De
             reasons.append(Reason("no-permit", "provision", "no permit rule applies", category))
             reasons.extend(r for r in skipped if r.detail.startswith("permit"))
     return Decision(permit, tuple(reasons))
-
-
-def evaluate_many(
-    contracts: Iterable[Contract], request: StudyRequest, instant: datetime
-) -> dict[str, Decision]:
-    """Evaluate each distinct contract once, keyed by content hash."""
-    out: dict[str, Decision] = {}
-    for contract in contracts:
-        key = contract.content_hash
-        if key not in out:
-            out[key] = evaluate(contract, request, instant)
-    return out

@@ -37,12 +37,12 @@ from exchange.coordinator import problems, routes, vocabulary
 from exchange.coordinator.auditing import forget_transactions
 from exchange.coordinator.observability import ObservabilityMiddleware
 from exchange.coordinator.rate_limit import FixedWindowRateLimitMiddleware
-from exchange.coordinator.runner import StudyRunner
 from exchange.coordinator.services import Coordinator, Terms, api_key_prefix
 from exchange.db import migrate
 from exchange.db.checkpoint import WalCheckpointer, writers_leave_checkpoints_to_a_thread
 from exchange.db.engine import make_engine, normalize_url
 from exchange.settings import CoordinatorSettings
+from exchange.study.runners import StudyRunner
 
 STUDY_EVENTS = Counter("exchange_study_events_total", "Study lifecycle events recorded", ["kind"])
 API_VERSION = "1.0.0"
@@ -82,7 +82,7 @@ def app_config_from_settings(settings: CoordinatorSettings, **extra: Any) -> App
 def runner_from_settings(settings: CoordinatorSettings) -> StudyRunner:
     """The real Flower runner, connected as the settings say. Raises ValueError naming the
     setting if the SuperLink connection is not allowed (plaintext to a non-loopback address)."""
-    from exchange.coordinator.runner import FederatedRunner
+    from exchange.study.runners import FederatedRunner
 
     return FederatedRunner(settings.superlink_address, settings.data_dir / "runs",
                            root_certificates=settings.superlink_tls())

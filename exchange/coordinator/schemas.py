@@ -128,12 +128,6 @@ class SignedEntry(Strict):
     signature: Annotated[str, Field(min_length=1, max_length=200)]
 
 
-class KeyRotation(Strict):
-    """A `key.rotate` entry signed by the hospital's current (old) key."""
-
-    entry: SignedEntry
-
-
 # ---------------------------------------------------------------- studies
 class StudyCreate(Strict):
     """A study request. Every problem is reported at once (field and cross-field rules)."""
@@ -331,11 +325,15 @@ class StudyPage(BaseModel):
 
 
 class HospitalStudy(BaseModel):
-    """What a hospital sees of a study to decide on it: the request, not the researcher."""
+    """What a hospital sees of a study to decide on it: the request (who asks, from where, for
+    what). `researcher_id` is there because a patient's consent may name the researchers allowed
+    to use the data (DUO US); the hospital checks it exactly as training will
+    (`exchange.study.spec.consent_request`)."""
 
     id: str
     organisation_id: str
     organisation_region: str
+    researcher_id: str | None = None
     status: StudyStatus
     spec: dict[str, Any]
     min_hospitals: int

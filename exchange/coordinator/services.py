@@ -54,7 +54,6 @@ from exchange.coordinator.models import (
     StudyRound,
     StudyStatus,
 )
-from exchange.coordinator.runner import RunHandle, RunHospital, RunRequest, StudyRunner, study_spec_for
 from exchange.coordinator.schemas import (
     ApiKeyCreate,
     HospitalCreate,
@@ -63,6 +62,8 @@ from exchange.coordinator.schemas import (
     StudyCreate,
 )
 from exchange.logging import get_logger
+from exchange.study.runners import RunHandle, RunHospital, RunRequest, StudyRunner
+from exchange.study.spec import AcceptedStudy, study_spec
 
 log = get_logger("exchange.coordinator")
 T = TypeVar("T")
@@ -544,9 +545,8 @@ class Coordinator:
         from pydantic import ValidationError
 
         try:
-            study_spec_for(RunRequest(study_id=study_id, spec=spec, hospitals=(), rounds=data.rounds,
-                                      min_hospitals=data.min_hospitals, organisation_id=org.id,
-                                      region=org.region, researcher_id=principal.researcher_id))
+            study_spec(AcceptedStudy(study_id=study_id, spec=spec, organisation_id=org.id,
+                                     region=org.region, researcher_id=principal.researcher_id))
         except ValidationError as exc:
             raise problems.unprocessable([
                 {"field": ".".join(str(p) for p in error["loc"]) or "body", "reason": error["msg"]}
@@ -639,7 +639,8 @@ class Coordinator:
                 select(StudyDecision).where(StudyDecision.hospital_id == hospital.id,
                                             StudyDecision.study_id.in_([r[0].id for r in rows])))}
         items = [{"id": s.id, "organisation_id": s.organisation_id, "organisation_region": region,
-                  "status": s.status, "spec": {k: v for k, v in s.spec.items() if k != "token_budget"},
+                  "researcher_id": s.researcher_id, "status": s.status,
+                  "spec": {k: v for k, v in s.spec.items() if k != "token_budget"},
                   "min_hospitals": s.min_hospitals, "rounds_planned": s.rounds_planned,
                   "submitted_at": s.submitted_at, "my_decision": mine.get(s.id)} for s, region in rows]
         return items, total

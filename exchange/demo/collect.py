@@ -88,16 +88,15 @@ def node_decision_of(db_url: str, study_id: str) -> dict[str, Any] | None:
 
 def collect_report(demo: Any, audit: dict[str, Any]) -> dict[str, Any]:
     """Build report.json / report.html for the finished demo `demo` (a Consortium)."""
-    from exchange.demo.consortium import RESEARCH_ORG, RESEARCH_REGION
-    from exchange.demo.runner import StudyOwner, study_spec
     from exchange.node.site_export import node_config
+    from exchange.study.spec import consent_request
 
     study_id = str(demo.study_id)
     study = demo.study()
     with demo.operator() as api:
         balances = api.get("/v1/ledger/balances")
     entries = read_export(Path(audit["export"]))
-    request = study_spec(study_id, study["spec"], StudyOwner(RESEARCH_ORG, RESEARCH_REGION)).request
+    request = consent_request(demo.accepted_study())
     hospitals = []
     for h in demo.hospitals.values():
         settings = demo._settings(h)

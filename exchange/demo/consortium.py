@@ -38,12 +38,16 @@ from pathlib import Path
 from typing import Any
 
 from audit.signing import Signer
-from exchange.demo.runner import FlowerStudyRunner, StudyOwner, study_spec
+from exchange.study.runners import FederatedRunner
+from exchange.study.spec import AcceptedStudy, consent_request
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 LABEL = "malignant"
 RESEARCH_ORG = "acme-research"
 RESEARCH_REGION = "DE"
+RESEARCHER = "alice"
+#: The demo's ServerApp waits longer than the default for replies and joins: a loaded machine.
+DEMO_TIMEOUT_S = 180.0
 HOSPITAL_ORG = "rhine-university-hospitals"
 TEMPLATE_AUTHOR = "author:exchange-templates"
 ROYALTY_BPS = 500
@@ -244,7 +248,7 @@ class Consortium:
         self.operator_key = ""
         self.db_url = ""
         self.study_id: str | None = None
-        self.runner: FlowerStudyRunner | None = None
+        self.runner: FederatedRunner | None = None
         self.tls: Any = None
         self._stopped = False
 
@@ -336,8 +340,9 @@ class Consortium:
         self.db_url = self.config.db_url or f"sqlite:///{work / 'coordinator.db'}"
         keys = work / "coordinator-keys"
         self._superlink_ready = threading.Event()
-        self.runner = FlowerStudyRunner(
-            "", work / "models", owner_of=lambda _study: StudyOwner(RESEARCH_ORG, RESEARCH_REGION))
+        # The production runner (the superlink address and CA are set once the SuperLink runs).
+        self.runner = FederatedRunner("", work / "models", round_timeout_s=DEMO_TIMEOUT_S,
+                                      join_timeout_s=DEMO_TIMEOUT_S)
         self.runtime = build_runtime(AppConfig(
             database_url=self.db_url, operator_key_file=keys / "operator.key", log_key_file=keys / "log.key",
             coordinator_key_file=keys / "coordinator.key", log_origin="demo.exchange.local/log",
@@ -350,9 +355,10 @@ class Consortium:
                                                  region=RESEARCH_REGION))
         c.create_organisation(OrganisationCreate(id=HOSPITAL_ORG, name="Rhine University Hospitals",
                                                  region="DE"))
-        c.create_researcher(RESEARCH_ORG, ResearcherCreate(id="alice", name="Alice Example"))
+        c.create_researcher(RESEARCH_ORG, ResearcherCreate(id=RESEARCHER, name="Alice Example"))
         _rk, self.researcher_key = c.issue_api_key(ApiKeyCreate(
-            role="researcher", organisation_id=RESEARCH_ORG, researcher_id="alice", label="demo researcher"))
+            role="researcher", organisation_id=RESEARCH_ORG, researcher_id=RESEARCHER,
+            label="demo researcher"))
         c.mint(f"org:{RESEARCH_ORG}", MINTED)
         port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(create_app(self.runtime), host="127.0.0.1", port=port,
@@ -544,6 +550,14 @@ class Consortium:
         with self.researcher() as api:
             return dict(api.get(f"/v1/studies/{self.study_id}"))
 
+    def accepted_study(self) -> AcceptedStudy:
+        """The demo study as the coordinator accepted it (what `exchange.study.spec` turns into
+        the consent request every hospital decided and trains with)."""
+        assert self.study_id is not None
+        return AcceptedStudy(study_id=self.study_id, spec=self.study()["spec"],
+                             organisation_id=RESEARCH_ORG, region=RESEARCH_REGION,
+                             researcher_id=RESEARCHER)
+
     def wait_for_decisions(self) -> None:
         self.wait_for_daemons()
 
@@ -638,8 +652,7 @@ class Consortium:
         site = Site.from_node_config(node_config(settings))
         data, _label = site.records()
         train = data.train()
-        request = study_spec(self.study_id, self.study()["spec"],
-                             StudyOwner(RESEARCH_ORG, RESEARCH_REGION)).request
+        request = consent_request(self.accepted_study())
         now = datetime.now(UTC)
         gate = site.gate(request, train.pseudonyms, now)
         chosen = sorted(gate.eligible)[:count]

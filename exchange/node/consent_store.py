@@ -37,12 +37,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audit.signing import Signer
-from consent.evaluate import evaluate
 from consent.files import parse_contract
 from consent.model import SIGNED_FORMAT, Contract, SignedContract, sign
 from consent.request import StudyRequest
 from exchange.node.models import ConsentContractRow
 from exchange.node.policy import StudyView
+from exchange.study.spec import consent_request
 
 
 class ConsentImportRejectedError(Exception):
@@ -165,17 +165,6 @@ def import_consent_folder(session: Session, folder: Path, hospital_id: str | Non
 # --- evaluation -----------------------------------------------------------------------------
 
 def study_request(study: StudyView) -> StudyRequest:
-    """The consent engine's view of a study."""
-    spec = study.raw.get("spec", {}) if isinstance(study.raw.get("spec"), dict) else {}
-    return StudyRequest(purpose=study.purpose, disease=study.disease, organisation=study.organisation,
-                        region=study.region, commercial=study.commercial,
-                        ethics_approval=bool(spec.get("ethics_approval", False)),
-                        data_categories=tuple(sorted(study.columns)),
-                        epsilon=study.epsilon or None, study_id=study.study_id)
-
-
-def evaluate_contract(document: dict[str, Any], study: StudyView, at: datetime) -> str | None:
-    """None when the contract permits the study at `at`, else the exclusion reason
-    (consent.evaluate.Decision.exclusion: inactive, outside-validity, privacy-cap, denied,
-    no-permit)."""
-    return evaluate(Contract.model_validate(document), study_request(study), at).exclusion
+    """The consent engine's view of a study: `exchange.study.spec.consent_request`, the same
+    request the study's training evaluates each contract against."""
+    return consent_request(study.accepted())

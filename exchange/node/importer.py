@@ -64,9 +64,6 @@ class ImportRejectedError(Exception):
         super().__init__(f"{source}: nothing imported, {len(problems)} problem(s): {shown}"
                          + (f"; and {more} more" if more > 0 else ""))
 
-    @property
-    def bad_rows(self) -> list[int]:
-        return sorted({p.row for p in self.problems if p.row is not None})
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from exchange.node.settings import WILDCARD, SitePolicy
+from exchange.study.spec import AcceptedStudy
 
 Decision = Literal["approve", "refuse"]
 
@@ -33,7 +34,7 @@ Decision = Literal["approve", "refuse"]
 @dataclass(frozen=True)
 class StudyView:
     """The fields of a study the node decides on (from the coordinator's HospitalStudy:
-    `{"id", "organisation_id", "organisation_region", "status", "spec": {...}}`)."""
+    `{"id", "organisation_id", "organisation_region", "researcher_id", "status", "spec": {...}}`)."""
 
     study_id: str
     organisation: str
@@ -48,6 +49,7 @@ class StudyView:
     delta: float
     rounds: int
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    researcher: str | None = None
 
     @classmethod
     def from_json(cls, study: Mapping[str, Any]) -> StudyView:
@@ -70,7 +72,16 @@ class StudyView:
             delta=float(spec.get("delta") or 0.0),
             rounds=int(spec.get("rounds") or 0),
             raw=dict(study),
+            researcher=study.get("researcher_id") or None,
         )
+
+    def accepted(self) -> AcceptedStudy:
+        """The study as the coordinator accepted it: what `exchange.study.spec` translates into
+        the consent request, the same one the study's training gates records with."""
+        spec = self.raw.get("spec")
+        return AcceptedStudy(study_id=self.study_id, spec=dict(spec) if isinstance(spec, Mapping) else {},
+                             organisation_id=self.organisation, region=self.region,
+                             researcher_id=self.researcher)
 
 
 @dataclass(frozen=True)

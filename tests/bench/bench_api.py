@@ -55,8 +55,8 @@ def serve_coordinator(directory: Path, port: int) -> None:
     import uvicorn
 
     from exchange.coordinator.app import build_runtime, create_app
-    from exchange.coordinator.runner import ScriptedRunner
     from exchange.logging import configure_logging
+    from tests.exchange.scripted_runner import ScriptedRunner
 
     # As `exchange serve` does: JSON log lines (structlog's unconfigured default is the
     # console renderer, several times dearer per access-log line).
@@ -210,7 +210,6 @@ def _start(kind: str, directory: Path) -> tuple[subprocess.Popen[bytes], str]:
 def _prepare(directory: Path) -> tuple[str, str]:
     """A coordinator database with a researcher, a funded organisation and one study."""
     from exchange.coordinator.app import build_runtime
-    from exchange.coordinator.runner import ScriptedRunner
     from exchange.coordinator.schemas import (
         ApiKeyCreate,
         OrganisationCreate,
@@ -219,6 +218,7 @@ def _prepare(directory: Path) -> tuple[str, str]:
         StudyOut,
     )
     from exchange.coordinator.services import Principal
+    from tests.exchange.scripted_runner import ScriptedRunner
 
     runtime = build_runtime(_config(directory), ScriptedRunner(hospital_keys={}))
     c = runtime.coordinator

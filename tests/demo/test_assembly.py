@@ -26,7 +26,7 @@ from audit.signing import Signer
 from consent.model import revoke, sign
 from consent.synthetic import make_signed_contracts
 from exchange.demo.collect import hospital_records
-from exchange.demo.consortium import RESEARCH_ORG, RESEARCH_REGION, DemoConfig, study_body
+from exchange.demo.consortium import RESEARCH_ORG, RESEARCH_REGION, RESEARCHER, DemoConfig, study_body
 from exchange.demo.report import (
     REQUIRED_HOSPITAL_FIELDS,
     HospitalRecords,
@@ -35,7 +35,7 @@ from exchange.demo.report import (
     validate_report,
     write_report,
 )
-from exchange.demo.runner import StudyOwner, study_spec
+from exchange.study.spec import AcceptedStudy, consent_request
 
 STUDY = "st-demo-assembly"
 HOSPITALS = ("hospital-a", "hospital-b")
@@ -64,7 +64,8 @@ def _write_contracts(site: Any, hospital: str, seed: int) -> set[str]:
 
 
 def _request() -> Any:
-    return study_spec(STUDY, _spec(), StudyOwner(RESEARCH_ORG, RESEARCH_REGION)).request
+    return consent_request(AcceptedStudy(study_id=STUDY, spec=_spec(), organisation_id=RESEARCH_ORG,
+                                         region=RESEARCH_REGION, researcher_id=RESEARCHER))
 
 
 def _spec() -> dict[str, Any]:

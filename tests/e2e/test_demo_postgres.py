@@ -187,8 +187,7 @@ def check_revoked_records_are_not_used_after_their_revocation(demo_run: dict[str
     signed receipts' commitments must equal these gates, so the hospital committed to sets
     without the revoked records."""
     from consent.model import SignedContract
-    from exchange.demo.consortium import RESEARCH_ORG, RESEARCH_REGION
-    from exchange.demo.runner import StudyOwner, study_spec
+    from exchange.demo.consortium import RESEARCH_ORG, RESEARCH_REGION, RESEARCHER
     from exchange.node.settings import load_node_settings
     from exchange.node.site_export import node_config
     from federated.runtime.site import Site
@@ -198,7 +197,11 @@ def check_revoked_records_are_not_used_after_their_revocation(demo_run: dict[str
     study_id = report["study"]["id"]
     entries = _entries(out / "audit")
     (submit,) = [e for e in entries if e.kind == "study.submit" and e.payload["study_id"] == study_id]
-    request = study_spec(study_id, submit.payload["spec"], StudyOwner(RESEARCH_ORG, RESEARCH_REGION)).request
+    from exchange.study.spec import AcceptedStudy, consent_request
+
+    request = consent_request(AcceptedStudy(study_id=study_id, spec=submit.payload["spec"],
+                                            organisation_id=RESEARCH_ORG, region=RESEARCH_REGION,
+                                            researcher_id=RESEARCHER))
     revoking = [r for r in report["revocations"] if r["pseudonyms_revoked"] > 0]
     assert revoking, "the demo revokes consent mid-study"
     checked_after = 0

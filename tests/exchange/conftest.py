@@ -18,7 +18,6 @@ from litestar.testing import TestClient
 from audit.signing import Signer
 from exchange.coordinator.app import AppConfig, Runtime, build_runtime, create_app
 from exchange.coordinator.client import decision_entry
-from exchange.coordinator.runner import ScriptedRunner
 from exchange.coordinator.schemas import (
     ApiKeyCreate,
     HospitalCreate,
@@ -27,6 +26,7 @@ from exchange.coordinator.schemas import (
 )
 from exchange.http_signing import sign_request
 from tests.conftest import PG_ADMIN_DSN, _require_pg
+from tests.exchange.scripted_runner import ScriptedRunner
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 

@@ -118,7 +118,7 @@ def test_the_coordinator_records_its_trust_anchors_and_export_needs_no_trust_fil
     from audit.export import read_trust
     from audit.store import TrustMismatchError, read_stored_trust
     from exchange.coordinator.app import AppConfig, build_runtime
-    from exchange.coordinator.runner import ScriptedRunner
+    from tests.exchange.scripted_runner import ScriptedRunner
 
     config = AppConfig(database_url=db_url, operator_key_file=tmp_path / "op.key",
                        log_key_file=tmp_path / "log.key", coordinator_key_file=tmp_path / "co.key",

@@ -24,7 +24,6 @@ from safetensors.numpy import load as load_safetensors
 from audit.ledger import Ledger
 from exchange.coordinator.app import AppConfig, build_runtime, create_app
 from exchange.coordinator.client import decision_entry
-from exchange.coordinator.runner import FederatedRunner, InProcessFederatedRunner, StudyRunner
 from exchange.coordinator.schemas import (
     ApiKeyCreate,
     HospitalCreate,
@@ -32,6 +31,7 @@ from exchange.coordinator.schemas import (
     ResearcherCreate,
 )
 from exchange.http_signing import sign_request
+from exchange.study.runners import FederatedRunner, InProcessFederatedRunner, StudyRunner
 from tests.exchange.conftest import flower_key
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")

@@ -331,7 +331,7 @@ def test_balances_follow_appends_made_by_another_process(world: World, tmp_path:
     """A mint by a second coordinator on the same database (as `exchange admin` does) shows in
     the served balances without a restart: the fold moves forward from the log itself."""
     from exchange.coordinator.app import build_runtime
-    from exchange.coordinator.runner import ScriptedRunner
+    from tests.exchange.scripted_runner import ScriptedRunner
 
     other = build_runtime(world.runtime.config, ScriptedRunner(hospital_keys={}, records={}))
     try:

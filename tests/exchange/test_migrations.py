@@ -54,7 +54,7 @@ def test_downgrade_below_0003_refills_balances_from_the_log(db_url: str, tmp_pat
     from sqlalchemy import text
 
     from exchange.coordinator.app import AppConfig, build_runtime
-    from exchange.coordinator.runner import ScriptedRunner
+    from tests.exchange.scripted_runner import ScriptedRunner
 
     runtime = build_runtime(AppConfig(database_url=db_url, operator_key_file=tmp_path / "op.key",
                                       log_key_file=tmp_path / "log.key",

@@ -1,4 +1,4 @@
-"""The bridge between federated's study runs and the coordinator (exchange/coordinator/runner.py).
+"""The bridge between federated's study runs and the coordinator (exchange/study/runners.py).
 
 What the coordinator must be able to rely on, whichever runner drives the study:
 1. a run's end is reported once (federated's `run_study` reports a failure itself before it
@@ -27,7 +27,7 @@ from litestar.testing import TestClient
 
 from audit.entry import Entry
 from audit.signing import Signer
-from exchange.coordinator.runner import (
+from exchange.study.runners import (
     FederatedRunner,
     GuardedObserver,
     InProcessFederatedRunner,

@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from exchange.cli import app
 from exchange.coordinator.app import app_config_from_settings, build_runtime, runner_from_settings
-from exchange.coordinator.runner import FederatedRunner, ScriptedRunner
 from exchange.settings import load_coordinator_settings
+from exchange.study.runners import FederatedRunner
+from tests.exchange.scripted_runner import ScriptedRunner
 
 TOML = """
 database_url = "sqlite:///{db}"

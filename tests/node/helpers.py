@@ -22,11 +22,11 @@ from consent import duo
 from consent.model import Contract, Provision, revoke
 from exchange.coordinator.app import AppConfig, build_runtime, create_app
 from exchange.coordinator.client import ApiClient
-from exchange.coordinator.runner import ScriptedRunner
 from exchange.coordinator.schemas import ApiKeyCreate, HospitalCreate, OrganisationCreate, ResearcherCreate
 from exchange.node.consent_store import import_consent_folder
 from exchange.node.importer import import_records, parse_mapping
 from exchange.node.store import NodeStore
+from tests.exchange.scripted_runner import ScriptedRunner
 
 ISSUED = datetime(2025, 1, 1, tzinfo=UTC)
 COLUMNS = ["mean_radius", "mean_texture"]

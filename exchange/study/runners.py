@@ -9,9 +9,9 @@ the database and the audit log, in one transaction).
 Implementations:
 - `FederatedRunner`: the real Flower deployment, through `federated`'s in-process ServerApp
   runner (`run_study`), in a background thread; no shelling out.
-- `ScriptedRunner`: an in-process run for tests and demos that need no Flower: each "hospital"
-  signs real `round.receipt` entries with its real key, the model is a real safetensors file.
-  Everything the coordinator does with a run is exercised; only the training is scripted.
+- `InProcessFederatedRunner`: the same ServerApp and ClientApp logic over an in-process grid
+  (no Flower processes), for tests and quick runs.
+A scripted test double (no training) lives in tests/exchange/scripted_runner.py.
 
 Every runner reports through a `GuardedObserver`: the coordinator hears receipts only from the
 study's approved hospitals, each verified against that hospital's registered key, and exactly
@@ -24,18 +24,16 @@ import hashlib
 import math
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-from safetensors.numpy import save as save_safetensors
-
 from audit.entry import Entry
-from audit.signing import Signer, b64decode, canonical, sha256_hex
+from audit.signing import b64decode
 from exchange.logging import get_logger
+from exchange.study.spec import AcceptedStudy, study_spec
 
-log = get_logger("exchange.coordinator.runner")
+log = get_logger("exchange.study.runners")
 
 
 @dataclass(frozen=True)
@@ -59,31 +57,16 @@ class RunRequest:
     region: str = ""
     researcher_id: str | None = None
 
-
-def study_spec_for(request: RunRequest) -> Any:
-    """The `federated.study_spec.StudySpec` of a study as the coordinator accepted it.
-
-    Feature columns are taken category by category in the order of `data_categories`, then in
-    the order listed (the model's input order, the same at every hospital). The consent request
-    carries the researcher's organisation and its region, so each hospital gates records against
-    exactly who asks.
-    """
-    from consent.request import StudyRequest
-    from federated.study_spec import StudySpec
-
-    spec = request.spec
-    columns = tuple(column for category in spec["data_categories"]
-                    for column in spec["columns"].get(category, []))
-    consent_request = StudyRequest(
-        purpose=spec["purpose"], disease=spec.get("disease"), organisation=request.organisation_id,
-        region=request.region, commercial=bool(spec.get("commercial", False)),
-        ethics_approval=bool(spec.get("ethics_approval", False)),
-        data_categories=tuple(spec["data_categories"]), epsilon=float(spec["epsilon"]),
-        study_id=request.study_id, researcher=request.researcher_id)
-    return StudySpec(study_id=request.study_id, template=spec["template"], task=spec["task"],
-                     columns=columns, label=spec.get("label", "label"), request=consent_request,
-                     epsilon=float(spec["epsilon"]), delta=float(spec["delta"]), rounds=request.rounds,
-                     min_hospitals=request.min_hospitals)
+    def accepted(self) -> AcceptedStudy:
+        """The study as accepted, with the run's rounds and quorum (the ones it was
+        submitted with)."""
+        return AcceptedStudy(
+            study_id=self.study_id,
+            spec={**self.spec, "rounds": self.rounds, "min_hospitals": self.min_hospitals},
+            organisation_id=self.organisation_id,
+            region=self.region,
+            researcher_id=self.researcher_id,
+        )
 
 
 class _FederatedObserver:
@@ -101,8 +84,11 @@ class _FederatedObserver:
         self.study_id = study_id
 
     def on_round(self, round: int, metrics: Mapping[str, float], receipts: Any) -> None:
-        finite = {k: float(v) for k, v in metrics.items()
-                  if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+        finite = {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        }
         self.inner.on_round(self.study_id, round, finite, [r.entry for r in receipts])
 
     def on_complete(self, model_path: Path, sha256: str) -> None:
@@ -158,29 +144,45 @@ class GuardedObserver:
         hospital = _bare_hospital_id(payload.get("hospital") if isinstance(payload, Mapping) else None)
         key = self.keys.get(hospital) if hospital is not None else None
         if hospital is None or key is None:
-            log.warning("receipt.ignored", study_id=self.study_id, round=round_number,
-                        hospital=str(hospital), reason="hospital not approved for this study")
+            log.warning(
+                "receipt.ignored",
+                study_id=self.study_id,
+                round=round_number,
+                hospital=str(hospital),
+                reason="hospital not approved for this study",
+            )
             return False
         try:
             verify_receipt(entry, key, study_id=self.study_id, round=round_number, hospital_id=hospital)
         except ReceiptError as exc:
-            log.warning("receipt.ignored", study_id=self.study_id, round=round_number,
-                        hospital=hospital, reason=str(exc))
+            log.warning(
+                "receipt.ignored",
+                study_id=self.study_id,
+                round=round_number,
+                hospital=hospital,
+                reason=str(exc),
+            )
             return False
         if (round_number, hospital) in self._seen:
-            log.warning("receipt.ignored", study_id=self.study_id, round=round_number,
-                        hospital=hospital, reason="duplicate: this hospital's receipt for this round "
-                                                  "was already passed on")
+            log.warning(
+                "receipt.ignored",
+                study_id=self.study_id,
+                round=round_number,
+                hospital=hospital,
+                reason="duplicate: this hospital's receipt for this round was already passed on",
+            )
             return False
         self._seen.add((round_number, hospital))
         return True
 
-    def on_round(self, study_id: str, round_number: int, metrics: Mapping[str, Any],
-                 receipts: list[Entry]) -> None:
+    def on_round(
+        self, study_id: str, round_number: int, metrics: Mapping[str, Any], receipts: list[Entry]
+    ) -> None:
         with self._lock:
             if self._ended:
-                log.warning("round.ignored", study_id=study_id, round=round_number,
-                            reason="the run already ended")
+                log.warning(
+                    "round.ignored", study_id=study_id, round=round_number, reason="the run already ended"
+                )
                 return
             accepted = [entry for entry in receipts if self._accepted(entry, round_number)]
             self.inner.on_round(study_id, round_number, metrics, accepted)
@@ -205,8 +207,9 @@ class GuardedObserver:
 class StudyObserver(Protocol):
     """How a run reports back. Each call may come from another thread."""
 
-    def on_round(self, study_id: str, round_number: int, metrics: Mapping[str, Any],
-                 receipts: list[Entry]) -> None: ...
+    def on_round(
+        self, study_id: str, round_number: int, metrics: Mapping[str, Any], receipts: list[Entry]
+    ) -> None: ...
 
     def on_complete(self, study_id: str, model: bytes, metrics: Mapping[str, Any]) -> None: ...
 
@@ -228,8 +231,7 @@ class ThreadHandle:
 
     def __init__(self, target: Callable[[threading.Event], None], name: str) -> None:
         self.cancelled = threading.Event()
-        self._thread = threading.Thread(target=target, args=(self.cancelled,), name=name,
-                                        daemon=True)
+        self._thread = threading.Thread(target=target, args=(self.cancelled,), name=name, daemon=True)
 
     def start(self) -> ThreadHandle:
         self._thread.start()
@@ -243,78 +245,6 @@ class ThreadHandle:
         return not self._thread.is_alive()
 
 
-@dataclass
-class ScriptedRunner:
-    """Deterministic in-process runs for tests: real signed receipts, real safetensors model.
-
-    `hospital_keys` maps hospital id -> its signing key (the test plays the hospitals);
-    `records` maps hospital id -> records used per round (default 100); a hospital listed in
-    `fail_at_round` makes the run fail at that round; `pause` (an Event) lets a test hold a run
-    in flight to cancel it. `intruders` maps hospital id -> a key that signs an extra receipt
-    for that hospital every round although the run was not started for it (a registered
-    hospital that did not approve, or a wrong key for an approved one): what a misbehaving
-    deployment could hand the coordinator. The run's `GuardedObserver` must drop them.
-    """
-
-    hospital_keys: Mapping[str, Signer]
-    records: Mapping[str, int] = field(default_factory=dict)
-    fail_at_round: int | None = None
-    pause: threading.Event | None = None
-    reward_accounts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
-    intruders: Mapping[str, Signer] = field(default_factory=dict)
-    handles: list[ThreadHandle] = field(default_factory=list)
-
-    def start(self, request: RunRequest, observer: StudyObserver) -> RunHandle:
-        guard = GuardedObserver(observer, request)
-
-        def run(cancelled: threading.Event) -> None:
-            try:
-                self._run(request, guard, cancelled)
-            except Exception as exc:  # report, never lose a run silently
-                guard.on_failed(request.study_id, f"runner error: {exc}")
-
-        handle = ThreadHandle(run, f"study-{request.study_id}").start()
-        self.handles.append(handle)
-        return handle
-
-    def _run(self, request: RunRequest, observer: StudyObserver, cancelled: threading.Event) -> None:
-        from federated.receipts import make_receipt
-
-        spec_sha = sha256_hex(canonical(dict(request.spec)))
-        for round_number in range(1, request.rounds + 1):
-            if self.pause is not None:
-                while not self.pause.wait(0.01):
-                    if cancelled.is_set():
-                        return
-            if cancelled.is_set():
-                return
-            if self.fail_at_round == round_number:
-                observer.on_failed(request.study_id, f"round {round_number}: too few hospitals "
-                                                     f"answered")
-                return
-            receipts = []
-            signers = [(h.id, self.hospital_keys[h.id]) for h in request.hospitals]
-            for hospital_id, signer in [*signers, *self.intruders.items()]:
-                used = self.records.get(hospital_id, 100)
-                commitment = hashlib.sha256(f"{request.study_id}/{hospital_id}/{round_number}"
-                                            .encode()).hexdigest()
-                receipts.append(make_receipt(
-                    signer, study_id=request.study_id, round=round_number, hospital_id=hospital_id,
-                    records_used=used, commitment=commitment, epsilon_spent=0.1,
-                    epsilon_total=0.1 * round_number, delta=float(request.spec.get("delta", 1e-5)),
-                    spec_sha256=spec_sha, reward_accounts=self.reward_accounts.get(hospital_id)).entry)
-            observer.on_round(request.study_id, round_number,
-                              {"loss": round(1.0 / (round_number + 1), 6),
-                               "accuracy": round(0.5 + 0.1 * round_number / request.rounds, 6)},
-                              receipts)
-        if cancelled.is_set():
-            return
-        weights = {"weight": np.linspace(-1.0, 1.0, 8, dtype=np.float32).reshape(1, 8),
-                   "bias": np.zeros(1, dtype=np.float32)}
-        observer.on_complete(request.study_id, save_safetensors(weights),
-                             {"rounds": request.rounds})
-
-
 class FederatedRunner:
     """The real Flower deployment: `federated.runtime.server_runner.run_study` runs the study's
     ServerApp in this process against the SuperLink (no `flwr run`, no shelling out), in a
@@ -325,16 +255,29 @@ class FederatedRunner:
     `run_study` reports a failure of the study itself before it returns "failed"; the runner
     reports only what `run_study` could not (it raised, or ended without telling)."""
 
-    def __init__(self, superlink_address: str, output_dir: Path, *,
-                 root_certificates: bytes | None = None, settings: Any = None) -> None:
+    def __init__(
+        self,
+        superlink_address: str,
+        output_dir: Path,
+        *,
+        root_certificates: bytes | None = None,
+        settings: Any = None,
+        round_timeout_s: float | None = None,
+        join_timeout_s: float | None = None,
+    ) -> None:
         self.superlink_address = superlink_address
         self.output_dir = output_dir
         self.root_certificates = root_certificates
         self.settings = settings
+        self.round_timeout_s = round_timeout_s
+        self.join_timeout_s = join_timeout_s
         self.handles: list[ThreadHandle] = []
 
     def start(self, request: RunRequest, observer: StudyObserver) -> RunHandle:
-        spec = study_spec_for(request)  # a spec federated refuses fails the start, not the thread
+        # A spec federated refuses fails the start, not the thread.
+        spec = study_spec(
+            request.accepted(), round_timeout_s=self.round_timeout_s, join_timeout_s=self.join_timeout_s
+        )
         guard = GuardedObserver(observer, request)
 
         def run(cancelled: threading.Event) -> None:
@@ -342,17 +285,25 @@ class FederatedRunner:
 
             adapter = _FederatedObserver(guard, request.study_id)
             try:
-                result = run_study(self.superlink_address, spec, adapter,
-                                   self.output_dir / request.study_id,
-                                   root_certificates=self.root_certificates, settings=self.settings,
-                                   hospital_keys=_hospital_keys(request), stop_event=cancelled,
-                                   approved_hospitals=[h.id for h in request.hospitals])
+                result = run_study(
+                    self.superlink_address,
+                    spec,
+                    adapter,
+                    self.output_dir / request.study_id,
+                    root_certificates=self.root_certificates,
+                    settings=self.settings,
+                    hospital_keys=_hospital_keys(request),
+                    stop_event=cancelled,
+                    approved_hospitals=[h.id for h in request.hospitals],
+                )
             except Exception as exc:
                 guard.on_failed(request.study_id, f"federated run failed: {type(exc).__name__}: {exc}")
                 return
             if not guard.ended:  # run_study returned without an observer end: should not happen
-                guard.on_failed(request.study_id, result.reason or f"federated run {result.status} "
-                                                                  f"without reporting its end")
+                guard.on_failed(
+                    request.study_id,
+                    result.reason or f"federated run {result.status} without reporting its end",
+                )
 
         handle = ThreadHandle(run, f"study-{request.study_id}").start()
         self.handles.append(handle)
@@ -373,7 +324,7 @@ class InProcessFederatedRunner:
         self.handles: list[ThreadHandle] = []
 
     def start(self, request: RunRequest, observer: StudyObserver) -> RunHandle:
-        spec = study_spec_for(request)
+        spec = study_spec(request.accepted())
         guard = GuardedObserver(observer, request)
         approved = [h.id for h in request.hospitals]
         missing = [h for h in approved if h not in self.node_configs]
@@ -391,11 +342,16 @@ class InProcessFederatedRunner:
                 order = [*approved, *sorted(h for h in self.node_configs if h not in approved)]
                 nodes = {index + 1: dict(self.node_configs[h]) for index, h in enumerate(order)}
                 grid = InProcessGrid(nodes, spec.to_run_config())
-                context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                  run_config=spec.to_run_config())
-                options = ServerOptions(output_dir=self.output_dir / request.study_id, poll=0.005,
-                                        hospital_keys=_hospital_keys(request), stop_event=cancelled,
-                                        approved_hospitals=frozenset(approved))
+                context = Context(
+                    run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=spec.to_run_config()
+                )
+                options = ServerOptions(
+                    output_dir=self.output_dir / request.study_id,
+                    poll=0.005,
+                    hospital_keys=_hospital_keys(request),
+                    stop_event=cancelled,
+                    approved_hospitals=frozenset(approved),
+                )
                 run_study_rounds(grid, context, adapter, options)
             except Exception as exc:  # StudyFailedError included: reported already, the guard drops it
                 guard.on_failed(request.study_id, f"federated run failed: {type(exc).__name__}: {exc}")
