@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from exchange.node.settings import NodeSettings, load_node_settings, render_toml
+from exchange.node.settings import NodeSettings, load_node_settings
 
 app = typer.Typer(help="Hospital node: set up, import data and consent, decide on studies, run.",
                   no_args_is_help=True)
@@ -59,29 +59,16 @@ def init(
 ) -> None:
     """Create the node directory: node.toml, the Ed25519 signing key and the Flower node key
     (both 0600), and the database. Prints what to send to the operator."""
-    from exchange.node import keys
-    from exchange.node.store import open_store
+    from exchange.node.steward import NodeExistsError, init_node
 
     config_path = directory / "node.toml"
-    if config_path.exists():
-        raise _fail(f"{config_path} already exists; refusing to overwrite a node's config")
     try:
-        settings = NodeSettings(hospital_id=hospital_id, coordinator_url=coordinator,
-                                supernode={"superlink_address": superlink})  # type: ignore[arg-type]
+        ident = init_node(directory, hospital_id, coordinator, superlink).identity
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise _fail(problems, code=2) from exc
-    directory.mkdir(parents=True, exist_ok=True)
-    directory.chmod(0o700)  # the database holds patient records, keys/ the private keys
-    resolved = settings.model_copy(update={"data_dir": directory.resolve()})
-    try:
-        keys.create_keys(resolved.signing_key_path, resolved.flower_key_path)
-    except FileExistsError as exc:
+    except NodeExistsError as exc:
         raise _fail(str(exc)) from exc
-    config_path.write_text(render_toml(settings))
-    loaded = load_node_settings(config_path)
-    open_store(loaded.db_url).dispose()
-    ident = keys.identity(hospital_id, loaded.signing_key_path, loaded.flower_key_path)
     if as_json:
         typer.echo(json.dumps(ident.to_json(), indent=2))
         return
@@ -114,16 +101,12 @@ def import_data(
 ) -> None:
     """Import records: everything is validated first; a bad file imports nothing and every
     bad row is named."""
-    from exchange.node.importer import ImportRejectedError, import_records, load_mapping
-    from exchange.node.store import open_store
+    from exchange.node.mapping import ImportRejectedError
+    from exchange.node.steward import import_data as import_records_file
 
     settings = _settings(config)
-    store = open_store(settings.db_url)
     try:
-        parsed = load_mapping(mapping) if mapping is not None else None
-        with store.transaction() as session:
-            report = import_records(session, file, fmt, parsed)
-        _refresh_site(settings, store)
+        report = import_records_file(settings, file, fmt, mapping)
     except ImportRejectedError as exc:
         err.print(f"[red]error:[/red] {exc.source}: nothing imported; {len(exc.problems)} problem(s):",
                   highlight=False)
@@ -132,8 +115,6 @@ def import_data(
         if len(exc.problems) > 200:
             err.print(f"  ... and {len(exc.problems) - 200} more", highlight=False)
         raise typer.Exit(1) from exc
-    finally:
-        store.dispose()
     typer.echo(f"imported {report.records} records from {file} as batch {report.batch_id} "
                f"({len(report.columns)} columns)")
 
@@ -145,36 +126,20 @@ def consent_import(
 ) -> None:
     """Import consent contracts (native or FHIR Consent R4/R5). All files are validated
     first; one bad file means nothing from the batch is imported."""
-    from audit.signing import Signer
-    from exchange.node.consent_store import ConsentImportRejectedError, import_consent_folder
-    from exchange.node.store import open_store
+    from exchange.node.consent_store import ConsentImportRejectedError
+    from exchange.node.steward import import_consent
 
     settings = _settings(config)
-    store = open_store(settings.db_url)
     try:
-        with store.transaction() as session:
-            report = import_consent_folder(session, folder, settings.hospital_id,
-                                           Signer.load(settings.signing_key_path))
-        _refresh_site(settings, store)
+        report = import_consent(settings, folder)
     except ConsentImportRejectedError as exc:
         err.print(f"[red]error:[/red] {folder}: nothing imported; {len(exc.problems)} problem(s):",
                   highlight=False)
         for name, reason in exc.problems:
             err.print(f"  {name}: {reason}", highlight=False, markup=False)
         raise typer.Exit(1) from exc
-    finally:
-        store.dispose()
     typer.echo(f"imported {report.new_versions} new contract version(s) "
                f"({report.unchanged} already held) for {report.pseudonyms} patient(s)")
-
-
-def _refresh_site(settings: NodeSettings, store: Any) -> None:
-    """Re-export the ClientApp's files now, so a revocation applies from the very next round
-    (the daemon would do it at its next poll anyway)."""
-    from exchange.node.decisions import approved_active
-    from exchange.node.site_export import export_site
-
-    export_site(store, settings, approved_active(store))
 
 
 def _steward_decision(study_id: str, decision: str, reason: str | None, config: Path | None) -> None:

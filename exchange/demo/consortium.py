@@ -8,8 +8,8 @@ supervises that hospital's SuperNode and warm ClientApp executor once it approve
 
 Every step uses the parts' real interfaces: the operator's admin functions (the service code
 `exchange admin` calls) for organisations, API keys, hospitals and tokens; the node's own
-commands (`exchange node init`, `import-data`, `consent import`), run in this process through
-the CLI so no extra interpreter start is paid; the researcher's HTTP API for the study; the
+steward functions (`exchange.node.steward`: what `exchange node init`, `import-data` and
+`consent import` call), in this process; the researcher's HTTP API for the study; the
 `audit` CLI (`export`, `verify`) as separate processes, as an auditor would run them.
 
 Everything started is stopped on the way out, also on Ctrl-C or SIGTERM: node daemons first
@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import ctypes
-import io
 import json
 import os
 import signal
@@ -35,14 +34,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from audit.signing import Signer
+from exchange.node.consent_store import ConsentImportRejectedError
+from exchange.node.mapping import ImportRejectedError
+from exchange.node.steward import import_consent, import_data, init_node
 from exchange.study.runners import FederatedRunner
 from exchange.study.spec import AcceptedStudy, consent_request
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 LABEL = "malignant"
+T = TypeVar("T")
 RESEARCH_ORG = "acme-research"
 RESEARCH_REGION = "DE"
 RESEARCHER = "alice"
@@ -182,24 +185,17 @@ def route_logs_to_file(path: Path) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def exchange_cli(*args: str) -> str:
-    """Run an `exchange` command in this process (the real CLI, its parsing and its output);
-    returns what it printed; raises DemoError with its error output when it fails."""
-    from exchange.cli import app
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = app(list(args), standalone_mode=False, prog_name="exchange")
-        except SystemExit as exc:
-            code = exc.code
-        except Exception as exc:  # click usage errors and the like
-            raise DemoError(f"`exchange {' '.join(args)}` failed: {exc}\n{err.getvalue()}") from exc
-    if "path" in _LOG_FILE:
-        route_logs_to_file(_LOG_FILE["path"])  # migrations (Alembic) reconfigure logging to stderr
-    if code not in (None, 0):
-        raise DemoError(f"`exchange {' '.join(args)}` exited {code}: {err.getvalue().strip()}")
-    return out.getvalue()
+def node_step(action: str, fn: Callable[..., T], *args: Any) -> T:
+    """Run one of the node's steward functions (`exchange.node.steward`) for the demo; raises
+    DemoError naming the step when it fails. Logs go back to the demo's file afterwards (the
+    node store's migrations, run by Alembic, reconfigure logging to stderr)."""
+    try:
+        return fn(*args)
+    except (OSError, ValueError, ConsentImportRejectedError, ImportRejectedError) as exc:
+        raise DemoError(f"{action} failed: {exc}") from exc
+    finally:
+        if "path" in _LOG_FILE:
+            route_logs_to_file(_LOG_FILE["path"])
 
 
 def _http_json(url: str, timeout: float = 2.0) -> Any:
@@ -371,8 +367,9 @@ class Consortium:
 
     # -- hospitals ----------------------------------------------------------------------------
     def init_hospitals(self) -> None:
-        """`exchange node init` per hospital, the steward's node.toml, and the operator's
-        registration of the hospital with what `init` printed."""
+        """The node's init (what `exchange node init` runs) per hospital, the steward's
+        node.toml, and the operator's registration of the hospital with the identity `init`
+        returned."""
         from exchange.coordinator.schemas import HospitalCreate
 
         coordinator = self.runtime.coordinator
@@ -381,18 +378,18 @@ class Consortium:
             self.hospitals[hospital_id] = h
             self.progress.hospitals[hospital_id] = {"state": "init"}
             self.on_update()
-            identity = json.loads(exchange_cli("node", "init", "--dir", str(h.dir), "--hospital-id",
-                                               hospital_id, "--coordinator", self.url, "--json"))
+            identity = node_step(f"{hospital_id}: node init", init_node, h.dir, hospital_id, self.url,
+                                 "127.0.0.1:9093").identity
             self._write_node_config(h)
             coordinator.register_hospital(HospitalCreate(
                 id=hospital_id, organisation_id=HOSPITAL_ORG, name=f"Hospital {hospital_id[-1].upper()}",
-                signing_public_key=identity["public_key"], flower_public_key=identity["flower_public_key"]))
+                signing_public_key=identity.public_key_b64, flower_public_key=identity.flower_public_key))
             self.progress.hospitals[hospital_id]["state"] = "registered"
         self.progress.event(f"{len(HOSPITALS)} hospital nodes initialised and registered by the operator")
 
     def import_hospital_data(self) -> None:
         """Each hospital imports its part of the data and its patients' consent contracts with
-        the node's own commands."""
+        the node's own steward functions."""
         from federated.data import load_federated
 
         parts = {p.hospital_id: p for p in load_federated("breast_cancer", len(HOSPITALS),
@@ -400,11 +397,10 @@ class Consortium:
         for index, h in enumerate(self.hospitals.values()):
             data = parts[h.id]
             records_csv, mapping = self._write_records(h, data)
-            exchange_cli("node", "import-data", str(records_csv), "--mapping", str(mapping),
-                         "--config", str(h.config))
+            node_step(f"{h.id}: import-data", import_data, self._settings(h), records_csv, None, mapping)
             consent_dir = self._write_contracts(h, list(data.pseudonyms), self.config.seed + index)
             started = time.monotonic()
-            exchange_cli("node", "consent", "import", str(consent_dir), "--config", str(h.config))
+            node_step(f"{h.id}: consent import", import_consent, self._settings(h), consent_dir)
             h.consent_import_s = time.monotonic() - started
             self.progress.hospitals[h.id].update(records=len(data), contracts=len(h.contracts))
             self.progress.event(f"{h.id}: {len(data)} records, {len(h.contracts)} consent contracts "
@@ -667,7 +663,7 @@ class Consortium:
         folder.mkdir(parents=True, exist_ok=True)
         documents = [sign(revoke(h.contracts[p], effective), h.issuer).to_json() for p in chosen]
         (folder / "revocations.json").write_text(json.dumps(documents))
-        exchange_cli("node", "consent", "import", str(folder), "--config", str(h.config))
+        node_step(f"{h.id}: consent import", import_consent, self._settings(h), folder)
         h.revoked = chosen
         h.revoked_at = effective.isoformat()
         h.revoke_imported_at = datetime.now(UTC).isoformat()

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from exchange.node.importer import ColumnSpec, Mapping, Problem
+from exchange.node.mapping import ColumnSpec, Mapping, Problem
 
 LOINC = "http://loinc.org"
 

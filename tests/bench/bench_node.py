@@ -40,7 +40,8 @@ from exchange.node.eligibility import (
     current_contract_hashes,
     current_contracts,
 )
-from exchange.node.importer import import_records, parse_mapping
+from exchange.node.importer import import_records
+from exchange.node.mapping import parse_mapping
 from exchange.node.policy import StudyView
 from exchange.node.store import open_store
 

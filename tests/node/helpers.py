@@ -24,7 +24,8 @@ from exchange.coordinator.app import AppConfig, build_runtime, create_app
 from exchange.coordinator.client import ApiClient
 from exchange.coordinator.schemas import ApiKeyCreate, HospitalCreate, OrganisationCreate, ResearcherCreate
 from exchange.node.consent_store import import_consent_folder
-from exchange.node.importer import import_records, parse_mapping
+from exchange.node.importer import import_records
+from exchange.node.mapping import parse_mapping
 from exchange.node.store import NodeStore
 from tests.exchange.scripted_runner import ScriptedRunner
 

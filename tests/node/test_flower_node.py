@@ -32,7 +32,8 @@ from audit.signing import Signer
 from consent.model import revoke
 from consent.request import StudyRequest
 from exchange.cli import app
-from exchange.node.importer import import_records, parse_mapping
+from exchange.node.importer import import_records
+from exchange.node.mapping import parse_mapping
 from exchange.node.models import RoundRow
 from exchange.node.privacy import open_ledger
 from exchange.node.settings import load_node_settings

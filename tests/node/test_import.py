@@ -14,7 +14,8 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from exchange.cli import app
-from exchange.node.importer import ImportRejectedError, import_records, parse_mapping
+from exchange.node.importer import import_records
+from exchange.node.mapping import ImportRejectedError, parse_mapping
 from exchange.node.models import ColumnCategory, ImportBatch, Record
 from exchange.node.store import NodeStore
 

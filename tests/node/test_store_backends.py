@@ -13,7 +13,8 @@ from audit.signing import Signer
 from exchange.db import migrate
 from exchange.node.decisions import Context, observe_study
 from exchange.node.eligibility import count_eligible
-from exchange.node.importer import ImportRejectedError, import_records, parse_mapping
+from exchange.node.importer import import_records
+from exchange.node.mapping import ImportRejectedError, parse_mapping
 from exchange.node.models import DecisionRow, Record
 from exchange.node.policy import StudyView
 from exchange.node.settings import NodeSettings
