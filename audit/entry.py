@@ -26,8 +26,8 @@ class MalformedEntryError(ValueError):
 def format_time(instant: datetime) -> str:
     if instant.tzinfo is None:
         raise ValueError("time must be timezone-aware")
-    # isoformat, not strftime: the same text (four-digit year, microseconds) at a fifth of
-    # the cost, on every signed entry.
+    # isoformat, not strftime: the same text (four-digit year, microseconds) far cheaper,
+    # on every signed entry.
     return instant.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 

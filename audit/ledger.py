@@ -55,14 +55,14 @@ class _RuleError(Exception):
     """Internal: a rule broken by the entry being applied (turned into LedgerError)."""
 
 
-class StudyStatus(StrEnum):
+class EscrowStatus(StrEnum):
     OPEN = "open"        # escrowed; receipts accepted; may be paid out or refunded
     PAID = "paid"        # paid out in part; only a refund of the remainder is accepted
     CLOSED = "closed"    # nothing held any more
 
 
 @dataclass(slots=True)
-class Study:
+class Escrow:
     """One study's escrow as the fold sees it (receipts are kept only while it is open).
 
     Slots, and terms shared between studies with the same ones (`_terms`): a ledger holds one
@@ -78,7 +78,7 @@ class Study:
     seen: set[tuple[int, str]] = field(default_factory=set)
     paid: int = 0
     refunded: int = 0
-    status: StudyStatus = StudyStatus.OPEN
+    status: EscrowStatus = EscrowStatus.OPEN
     receipt_count: int = 0
 
     @property
@@ -132,7 +132,7 @@ class Ledger:
         so inferring it is sound when the keyring has checked signatures first.
         """
         self.state = LedgerState()
-        self.studies: dict[str, Study] = {}
+        self.studies: dict[str, Escrow] = {}
         self._keys: dict[str, _Key] = {}
         self._root = root_key_id
         if root_key_id is not None:
@@ -183,7 +183,7 @@ class Ledger:
         study = self.studies.get(study_id)
         if study is None:
             raise PayoutError(f"study_id: no study.escrow for {study_id!r}")
-        if study.status is not StudyStatus.OPEN:
+        if study.status is not EscrowStatus.OPEN:
             raise PayoutError(f"study_id: study {study_id!r} is {study.status}; "
                               "a study is paid out at most once")
         return compute_payout(study_id, amount, study.terms, study.receipts)
@@ -256,7 +256,7 @@ class Ledger:
         self._need(account, amount, "amount")
         terms = _terms(royalty_account, royalty_bps, forward_bps)
         self._commit({account: -amount}, escrow=amount)
-        self.studies[study_id] = Study(study_id, account, amount, terms)
+        self.studies[study_id] = Escrow(study_id, account, amount, terms)
 
     def _receipt(self, entry: Entry) -> None:
         payload = entry.payload
@@ -285,7 +285,7 @@ class Ledger:
             raise _RuleError(f"reward_accounts: name {sum(accounts.values())} records, "
                            f"more than records_used {records_used}")
         study = self._study(study_id)
-        if study.status is not StudyStatus.OPEN:
+        if study.status is not EscrowStatus.OPEN:
             raise _RuleError(f"study_id: study {study_id!r} is {study.status}, no more receipts")
         if (round_number, hospital) in study.seen:
             raise _RuleError(f"round: {hospital!r} already has a receipt for round {round_number} "
@@ -301,7 +301,7 @@ class Ledger:
                 raise _RuleError(f"{name}: missing")
         self._signer(entry, COORDINATOR)
         study = self._study(_text(payload, "study_id"))
-        if study.status is not StudyStatus.OPEN:
+        if study.status is not EscrowStatus.OPEN:
             raise _RuleError(f"study_id: study {study.study_id!r} is {study.status}; "
                            "a study is paid out at most once")
         amount = _amount(payload, "amount")
@@ -317,7 +317,7 @@ class Ledger:
             raise _RuleError(difference)
         self._commit(payout_credits(expected), escrow=-amount)
         study.paid += amount
-        study.status = StudyStatus.CLOSED if study.held == 0 else StudyStatus.PAID
+        study.status = EscrowStatus.CLOSED if study.held == 0 else EscrowStatus.PAID
         # A study is paid out once and takes no receipts after it: forget them, so that a
         # long log's fold keeps only the open studies' receipts in memory.
         study.receipts = []
@@ -329,7 +329,7 @@ class Ledger:
         study = self._study(_text(payload, "study_id"))
         account = _account(payload, "account")
         amount = _amount(payload, "amount")
-        if study.status is StudyStatus.CLOSED:
+        if study.status is EscrowStatus.CLOSED:
             raise _RuleError(f"study_id: study {study.study_id!r} is closed; nothing left to refund")
         if account != study.account:
             raise _RuleError(f"account: must be the escrow's account {study.account!r}, got {account!r}")
@@ -338,13 +338,13 @@ class Ledger:
                            f"got {amount}")
         self._commit({account: amount}, escrow=-amount)
         study.refunded += amount
-        study.status = StudyStatus.CLOSED
+        study.status = EscrowStatus.CLOSED
         study.receipts = []
         study.seen = set()
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def _study(self, study_id: str) -> Study:
+    def _study(self, study_id: str) -> Escrow:
         study = self.studies.get(study_id)
         if study is None:
             raise _RuleError(f"study_id: no study.escrow for {study_id!r} before this entry")

@@ -110,7 +110,7 @@ def canonical(value: Any) -> bytes:
     r"""RFC 8785 canonical JSON. Integers must stay within +-2**53 (I-JSON).
 
     Through the C JSON encoder when that is provably the same bytes, else the rfc8785 package
-    (pure Python, 3-10x slower: it was a tenth of a study submission's cost). For ASCII text,
+    (pure Python, several times slower: a visible share of a study submission's cost). For ASCII text,
     RFC 8785 equals `json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False)`:
     the same escapes (\b \t \n \f \r, other controls as lowercase \u00xx, only '"' and '\\'
     besides), and sorting ASCII keys by code point equals sorting by UTF-16 code unit. Floats
@@ -202,8 +202,8 @@ class _SignatureMemo:
     """The most recent signatures made by this process's Signers, bounded (oldest forgotten).
 
     Why: the coordinator appends mostly entries it has just signed itself, and the audit store
-    must accept an entry only if its signature verifies; an Ed25519 verification costs ~2.7x a
-    signing (libsodium: ~55 us vs ~20 us here), the largest single cost of an append. A
+    must accept an entry only if its signature verifies; an Ed25519 verification costs several
+    times a signing, the largest single cost of an append. A
     signature this process produced with a private key is valid for that key and message by
     construction, so the store may skip verifying exactly that (public key, message, signature)
     triple. The memo holds only public data (signatures and digests), keyed by the signature,

@@ -103,7 +103,7 @@ def _as_arrays(records: Iterable[tuple[str, str]] | RecordColumns) -> tuple[pa.A
         h = _column(records.contract_hashes, "contract_hashes")
     else:
         pairs = records if isinstance(records, list) else list(records)
-        try:  # one conversion of the pairs as a struct array is ~2x faster than two columns
+        try:  # one conversion of the pairs as a struct array beats two columns
             table = pa.array(pairs, _PAIR)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise ValueError(

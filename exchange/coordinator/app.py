@@ -141,8 +141,8 @@ def _write_engine(url: str) -> Engine:
 
 # Read connections kept open on SQLite: sync handlers run on up to 40 worker threads (anyio's
 # default), and with SQLAlchemy's default pool (5 kept + 10 overflow) every overflow connection
-# was opened, given its four PRAGMAs, and closed again per request under load (py-spy: ~4% of
-# the server's busy time at 32 connections). SQLite connections are in-process file handles, so
+# was opened, given its four PRAGMAs, and closed again per request under load (visible in
+# py-spy profiles of the API benchmark). SQLite connections are in-process file handles, so
 # keeping more is cheap; PostgreSQL keeps SQLAlchemy's defaults (server connection slots).
 SQLITE_READ_POOL: dict[str, int] = {"pool_size": 16, "max_overflow": 24}
 

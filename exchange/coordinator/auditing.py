@@ -18,7 +18,7 @@ from sqlalchemy import Connection, Engine, bindparam, event, func, select
 
 from audit.entry import Entry
 from audit.keyring import KEY_KINDS, Keyring
-from audit.ledger import TOKEN_KINDS, Ledger, LedgerError, Study
+from audit.ledger import TOKEN_KINDS, Escrow, Ledger, LedgerError
 from audit.store import audit_entries, entry_from_leaf
 
 
@@ -71,8 +71,8 @@ def _ledger_rows(connection: Connection, start: int, stop: int) -> Iterator[tupl
 
 
 def _fold(ledger: Ledger, rows: Iterable[tuple[int, Entry]]) -> None:
-    """Apply `rows`. Copy-on-write: the Study an entry names is replaced by a copy before the
-    Ledger changes it, so a fork made earlier (sharing the old Study object) never sees it."""
+    """Apply `rows`. Copy-on-write: the Escrow an entry names is replaced by a copy before the
+    Ledger changes it, so a fork made earlier (sharing the old Escrow object) never sees it."""
     for index, entry in rows:
         study_id = entry.payload.get("study_id")
         study = ledger.studies.get(study_id) if isinstance(study_id, str) else None
@@ -89,9 +89,9 @@ _ATOMS = (str, int, float, bool, bytes, type(None))
 
 
 def _shared(item: object) -> bool:
-    """A value a fork may share with the original: immutable, or a Study (copied on write by
+    """A value a fork may share with the original: immutable, or an Escrow (copied on write by
     `_fold`), or a frozen dataclass."""
-    if isinstance(item, (*_ATOMS, Study)):
+    if isinstance(item, (*_ATOMS, Escrow)):
         return True
     params = getattr(type(item), "__dataclass_params__", None)
     return params is not None and bool(params.frozen)
@@ -100,12 +100,12 @@ def _shared(item: object) -> bool:
 def _fork(ledger: Ledger) -> Ledger:
     """An independent copy of `ledger` in O(accounts + studies), not O(everything it holds).
 
-    A plain deepcopy costs ~16 ms with 1,000 studies (measured), on every submission. Here the
-    Study objects and immutable (frozen dataclass) values are shared with the original, and
-    `_fold` copies a Study before anything changes it, in the fork and in the original alike.
+    A plain deepcopy grows with everything the ledger holds, on every submission. Here the
+    Escrow objects and immutable (frozen dataclass) values are shared with the original, and
+    `_fold` copies an Escrow before anything changes it, in the fork and in the original alike.
     A dict whose values are all shared (studies, keys, balances) is copied with `dict()`, not
-    walked by deepcopy (which still cost ~6 ms per fork at 3,400 studies, measured under the
-    API benchmark); everything else (handlers bound to the ledger, small state) goes through
+    walked by deepcopy (still dear per fork with thousands of studies, under the API
+    benchmark); everything else (handlers bound to the ledger, small state) goes through
     deepcopy with the new ledger in its memo, exactly as `copy.deepcopy(ledger)` would.
     """
     fork = object.__new__(type(ledger))
@@ -258,8 +258,7 @@ class LedgerView:
     def _checkout(self, transaction: object) -> _Fork:
         """A ledger copy of the committed fold for `transaction` to change: the spare if it is
         level with the shared fold (O(1)), else a fork of the shared fold (O(accounts +
-        studies): ~3 ms at 20,000 studies, measured; per write transaction, that was a fifth
-        of the submission writer's time)."""
+        studies), per write transaction: a large share of the submission writer's time)."""
         with self._lock:
             spare, self._spare = self._spare, None
             if spare is not None and spare[1] == self._size:

@@ -193,7 +193,7 @@ class StudyRound(CoordinatorBase):
     failed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
-class Receipt(CoordinatorBase):
+class ReceiptRow(CoordinatorBase):
     __tablename__ = "receipts"
     __table_args__ = (UniqueConstraint("study_id", "round", "hospital_id"),)
 

@@ -2,8 +2,8 @@
 
 Why one middleware of our own instead of Litestar's PrometheusMiddleware plus a separate access
 log: every request pays for each middleware layer (a Request object, label dicts, a send
-wrapper, a structlog processor chain). Measured on the GET study path (docs/benchmarks/api.md)
-the two layers cost about a fifth of the request. This one wraps `send` once, looks the
+wrapper, a structlog processor chain). On the GET study path the two
+layers were a large share of the request (docs/benchmarks.md). This one wraps `send` once, looks the
 Prometheus children up in a dict (no `.labels()` per request) and renders the access line
 through the same structlog configuration as every other log line.
 

@@ -2,9 +2,10 @@
 
 Why not Litestar's RateLimitMiddleware (used before): it keeps, per caller, the list of every
 request's timestamp in the current window and JSON-decodes and re-encodes that whole list on
-every request, only to count it. At 600 requests a minute that is ~600 integers per request;
-under load (the API benchmark) it was a fifth of the event loop's time on POST /v1/studies and
-grew with the window. Here a window is two integers (count, reset time) in a dict: O(1).
+every request, only to count it. That is one integer per request in the window, decoded and
+encoded on every request; under load (the API benchmark) it was a large share of the event
+loop's time on POST /v1/studies and grew with the window. Here a window is two integers
+(count, reset time) in a dict: O(1).
 
 Same behaviour as before: one window per caller (the API key prefix, else the client address),
 `limit` requests per `window_s` seconds, a 429 problem answer (TooManyRequestsException, turned

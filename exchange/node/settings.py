@@ -85,7 +85,7 @@ class SuperNodeSettings(BaseModel):
     executor: Literal["warm", "plain"] = "warm"
     restart_backoff_initial_s: float = Field(default=1.0, gt=0)
     restart_backoff_max_s: float = Field(default=60.0, gt=0)
-    # After SIGKILL the SuperLink keeps the node "online" ~40 s and a restart inside that
+    # After SIGKILL the SuperLink keeps the node "online" for a while and a restart inside that
     # window exits with code 305 (docs/node.md); that exit waits at least this long.
     restart_after_305_s: float = Field(default=10.0, ge=0)
 

@@ -7,7 +7,7 @@ parent-death signal, which is tied to the forking thread, stays armed for the da
 
 Why the special cases:
 - Flower exit code 305 (SUPERNODE_CONNECTION_ERROR) from a SuperNode: among others, the
-  SuperLink still lists this node as online: after a SIGKILL it keeps it ~40 s (docs/node.md).
+  SuperLink still lists this node as online: after a SIGKILL it keeps it for a while (docs/node.md).
   Restarting sooner only fails again, so that exit waits at least `after_305_s` and keeps
   doubling like any other failure. Flower's codes are not process exit statuses (`flwr_exit`
   exits with status 1 for every error and prints "Exit Code: 305"), so the supervisor reads
@@ -18,8 +18,8 @@ Why the special cases:
 - a child that stayed up for `stable_after_s` has its backoff reset.
 - a child may start only `after` another is ready (its log, since it started, holds its
   `ready_line`): the SuperNode waits for the warm ClientApp executor to have imported torch
-  and the ClientApp, so the first message of a run is not held up by that import (~4-8 s of
-  CPU here). The executor retries until the SuperNode's runtime API answers, so starting it
+  and the ClientApp, so the first message of a run is not held up by that import (seconds
+  of CPU). The executor retries until the SuperNode's runtime API answers, so starting it
   first is safe.
 """
 

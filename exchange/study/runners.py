@@ -3,7 +3,7 @@
 The coordinator needs three things from a run: start it for the approved hospitals, hear about
 each round (metrics and the hospitals' signed receipts), and hear how it ended (the model, or
 why it failed). `StudyRunner.start(...)` returns a `RunHandle` that can cancel it; the
-`StudyObserver` callbacks are how the run reports back (the coordinator records each one in
+`RunObserver` callbacks are how the run reports back (the coordinator records each one in
 the database and the audit log, in one transaction).
 
 Implementations:
@@ -71,7 +71,7 @@ class RunRequest:
 
 class _FederatedObserver:
     """Adapts federated's observer calls (no study id, Receipt objects, a model file) to the
-    coordinator's `StudyObserver` (through a `GuardedObserver`, which checks every receipt again
+    coordinator's `RunObserver` (through a `GuardedObserver`, which checks every receipt again
     and passes on one end of the run only).
 
     Round numbers are passed through unchanged: federated calls `on_round(r)` one exchange late
@@ -123,7 +123,7 @@ class GuardedObserver:
 
     Thread-safe: a run thread and a runner's error path may race to end the run."""
 
-    def __init__(self, inner: StudyObserver, request: RunRequest) -> None:
+    def __init__(self, inner: RunObserver, request: RunRequest) -> None:
         self.inner = inner
         self.study_id = request.study_id
         self.keys = _hospital_keys(request)
@@ -204,7 +204,7 @@ class GuardedObserver:
             self.inner.on_failed(study_id, reason)
 
 
-class StudyObserver(Protocol):
+class RunObserver(Protocol):
     """How a run reports back. Each call may come from another thread."""
 
     def on_round(
@@ -223,7 +223,7 @@ class RunHandle(Protocol):
 
 
 class StudyRunner(Protocol):
-    def start(self, request: RunRequest, observer: StudyObserver) -> RunHandle: ...
+    def start(self, request: RunRequest, observer: RunObserver) -> RunHandle: ...
 
 
 class ThreadHandle:
@@ -273,7 +273,7 @@ class FederatedRunner:
         self.join_timeout_s = join_timeout_s
         self.handles: list[ThreadHandle] = []
 
-    def start(self, request: RunRequest, observer: StudyObserver) -> RunHandle:
+    def start(self, request: RunRequest, observer: RunObserver) -> RunHandle:
         # A spec federated refuses fails the start, not the thread.
         spec = study_spec(
             request.accepted(), round_timeout_s=self.round_timeout_s, join_timeout_s=self.join_timeout_s
@@ -323,7 +323,7 @@ class InProcessFederatedRunner:
         self.output_dir = output_dir
         self.handles: list[ThreadHandle] = []
 
-    def start(self, request: RunRequest, observer: StudyObserver) -> RunHandle:
+    def start(self, request: RunRequest, observer: RunObserver) -> RunHandle:
         spec = study_spec(request.accepted())
         guard = GuardedObserver(observer, request)
         approved = [h.id for h in request.hospitals]

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from audit.entry import Entry
-from audit.ledger import Ledger, LedgerError, StudyStatus
+from audit.ledger import EscrowStatus, Ledger, LedgerError
 from audit.rewards import PayoutError
 from audit.signing import Signer
 from tests.audit.test_ledger_support import World
@@ -236,7 +236,7 @@ def test_partial_payout_then_exact_refund() -> None:
     world.payout(first)
     world.feed(ledger)
     study = ledger.studies["s-1"]
-    assert (study.paid, study.held, study.status) == (250, 350, StudyStatus.PAID)
+    assert (study.paid, study.held, study.status) == (250, 350, EscrowStatus.PAID)
     assert "study_id: study 's-1' is paid; a study is paid out at most once" in refused(
         world, ledger, world.payout(first))
     with pytest.raises(PayoutError, match="is paid; a study is paid out at most once"):
@@ -250,7 +250,7 @@ def test_partial_payout_then_exact_refund() -> None:
     world.feed(ledger)
     assert ledger.state.escrow == 0
     assert ledger.balance("org:acme") == 750
-    assert ledger.studies["s-1"].status is StudyStatus.CLOSED
+    assert ledger.studies["s-1"].status is EscrowStatus.CLOSED
     assert "is closed" in refused(world, ledger, world.refund("s-1", "org:acme", 350))
     ledger.state.check_conservation()
 

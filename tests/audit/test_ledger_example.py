@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from audit.ledger import Ledger, StudyStatus
+from audit.ledger import EscrowStatus, Ledger
 from tests.audit.test_ledger_support import World
 
 EXPECTED_PAYOUT: dict[str, Any] = {
@@ -53,7 +53,7 @@ def test_worked_example_to_the_unit() -> None:
                      "reward:p3": 1131}}
     ledger.state.check_conservation()
     study = ledger.studies["s-1"]
-    assert (study.paid, study.held, study.status) == (10000, 0, StudyStatus.CLOSED)
+    assert (study.paid, study.held, study.status) == (10000, 0, EscrowStatus.CLOSED)
 
 
 def test_receipt_order_does_not_change_the_example_payout() -> None:

@@ -13,7 +13,7 @@ import numpy as np
 from safetensors.numpy import save as save_safetensors
 
 from audit.signing import Signer, canonical, sha256_hex
-from exchange.study.runners import GuardedObserver, RunHandle, RunRequest, StudyObserver, ThreadHandle
+from exchange.study.runners import GuardedObserver, RunHandle, RunObserver, RunRequest, ThreadHandle
 
 
 @dataclass
@@ -37,7 +37,7 @@ class ScriptedRunner:
     intruders: Mapping[str, Signer] = field(default_factory=dict)
     handles: list[ThreadHandle] = field(default_factory=list)
 
-    def start(self, request: RunRequest, observer: StudyObserver) -> RunHandle:
+    def start(self, request: RunRequest, observer: RunObserver) -> RunHandle:
         guard = GuardedObserver(observer, request)
 
         def run(cancelled: threading.Event) -> None:
@@ -50,7 +50,7 @@ class ScriptedRunner:
         self.handles.append(handle)
         return handle
 
-    def _run(self, request: RunRequest, observer: StudyObserver, cancelled: threading.Event) -> None:
+    def _run(self, request: RunRequest, observer: RunObserver, cancelled: threading.Event) -> None:
         from federated.receipts import make_receipt
 
         spec_sha = sha256_hex(canonical(dict(request.spec)))

@@ -33,8 +33,8 @@ from exchange.study.runners import (
     InProcessFederatedRunner,
     RunHandle,
     RunHospital,
+    RunObserver,
     RunRequest,
-    StudyObserver,
     StudyRunner,
 )
 from tests.exchange.conftest import World
@@ -47,7 +47,7 @@ SPEC: dict[str, Any] = {"title": "t", "purpose": "DUO:0000042", "commercial": Fa
 
 @dataclass
 class RecordingObserver:
-    """The test's StudyObserver: remembers every call, in order (calls come from run threads)."""
+    """The test's RunObserver: remembers every call, in order (calls come from run threads)."""
 
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -196,7 +196,7 @@ class ObservedRunner:
     inner: StudyRunner
     seen: RecordingObserver = field(default_factory=RecordingObserver)
 
-    def start(self, request: RunRequest, observer: StudyObserver) -> RunHandle:
+    def start(self, request: RunRequest, observer: RunObserver) -> RunHandle:
         seen = self.seen
 
         class Tee:

@@ -24,7 +24,7 @@ from consent.model import Contract, Period, Provision
 from consent.request import StudyRequest
 from exchange.node.consent_store import study_request
 from exchange.node.policy import StudyView
-from exchange.study.runners import RunHandle, RunRequest, StudyObserver
+from exchange.study.runners import RunHandle, RunObserver, RunRequest
 from exchange.study.spec import AcceptedStudy, consent_request, feature_columns, study_spec
 from federated.study_spec import StudySpec
 from tests.exchange.conftest import World
@@ -39,7 +39,7 @@ class RecordingRunner(ScriptedRunner):
 
     requests: list[RunRequest]
 
-    def start(self, request: RunRequest, observer: StudyObserver) -> RunHandle:
+    def start(self, request: RunRequest, observer: RunObserver) -> RunHandle:
         self.requests.append(request)
         return super().start(request, observer)
 
