@@ -37,7 +37,8 @@ from exchange.coordinator import problems, routes, vocabulary
 from exchange.coordinator.auditing import forget_transactions
 from exchange.coordinator.observability import ObservabilityMiddleware
 from exchange.coordinator.rate_limit import FixedWindowRateLimitMiddleware
-from exchange.coordinator.services import Coordinator, Terms, api_key_prefix
+from exchange.coordinator.registry import api_key_prefix
+from exchange.coordinator.services import Coordinator, Terms
 from exchange.db import migrate
 from exchange.db.checkpoint import WalCheckpointer, writers_leave_checkpoints_to_a_thread
 from exchange.db.engine import make_engine, normalize_url

@@ -79,7 +79,7 @@ async def _hospital(request: Request[Any, Any, Any], coordinator: Coordinator) -
 
     def verify() -> Any:
         return verify_request(request.method, str(request.url), request.headers.multi_items(), body,
-                              public_key_for, window=coordinator.replay_window)
+                              public_key_for, window=coordinator.registry.replay_window)
 
     try:
         verified = await anyio.to_thread.run_sync(verify)

@@ -1,0 +1,125 @@
+"""The journal: the one way the coordinator changes state, always together with the audit
+entries that record the change.
+
+`Journal.write()` opens ONE write transaction; the caller changes rows in it, signs the entries
+that record the change (`sign`) and appends them in the same transaction (`append`, through
+`audit.store.AuditLog.append_in` on the same connection); then it commits. If the log refuses an
+entry, the ledger fold refuses it, or anything else fails, the transaction rolls back and
+nothing is acknowledged: the database never holds a change the log does not, nor the reverse.
+Study submissions, the hot path, go through the group commit (`batcher`, `loop_batcher`): many
+submissions share one transaction and one COMMIT, each still with its own entries.
+
+Signers: `key.register`/`key.revoke` and `token.mint` need an operator key (the keyring and the
+ledger say so); everything else the coordinator states is signed with its own `coordinator`
+key, registered by the operator key on first start (`bootstrap`). Hospitals' decisions and
+receipts are their own signed entries, appended unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.orm import Session
+
+from audit.entry import Entry, sign_entry
+from audit.ledger import Ledger
+from audit.signing import Signer
+from audit.store import AuditLog, DuplicateEntryError, EntryRefusedError
+from exchange.coordinator import problems
+from exchange.coordinator.auditing import LEDGER_KINDS, LedgerFoldError, LedgerView, active_key
+from exchange.coordinator.group_commit import GroupCommit, LoopGroupCommit
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Journal:
+    """Write and read transactions, and the audit entries appended in them."""
+
+    def __init__(self, read_engine: Engine, write_engine: Engine, audit_log: AuditLog, *,
+                 operator: Signer, coordinator: Signer) -> None:
+        self.read_engine = read_engine
+        self.write_engine = write_engine
+        self.audit_log = audit_log
+        self.operator = operator
+        self.coordinator = coordinator
+        # Balances, escrows and payout terms: the auditor's fold of the log (audit.ledger).
+        self.ledger = LedgerView(operator.key_id)
+        self.batcher = GroupCommit(self.write_engine, after_commit=self.after_commit)
+        # SQLite submissions from the event loop: statements on the loop (see LoopGroupCommit).
+        self.loop_batcher = (LoopGroupCommit(self.write_engine, after_commit=self.after_commit)
+                             if self.write_engine.dialect.name == "sqlite" else None)
+        # SQLite reads are in-process work with no network wait: an async route may run them
+        # on the event loop instead of handing them to a worker thread.
+        self.reads_on_loop = self.read_engine.dialect.name == "sqlite"
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """One write transaction (BEGIN IMMEDIATE on SQLite via the write engine)."""
+        with Session(self.write_engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with Session(self.read_engine, expire_on_commit=False) as session:
+            yield session
+
+    def append(self, transaction: Session | Connection, *entries: Entry) -> list[int]:
+        """Append in the session's (or connection's) transaction; then fold the new ledger
+        entries so that one the auditor's Ledger would reject is refused and rolled back here."""
+        connection = transaction.connection() if isinstance(transaction, Session) else transaction
+        try:
+            indexes = self.audit_log.append_in(connection, list(entries))
+        except DuplicateEntryError as exc:
+            raise problems.ProblemError(409, str(exc), kind="duplicate-entry") from exc
+        except EntryRefusedError as exc:
+            raise problems.ProblemError(422, str(exc), kind="entry-refused") from exc
+        if indexes:
+            self.ledger.note_append(connection, indexes[0])
+        if any(entry.kind in LEDGER_KINDS for entry in entries) or \
+                self.ledger.has_copy(connection):  # keep the copy level with the log
+            try:
+                self.ledger.in_transaction(connection, (indexes[0], entries) if indexes else None)
+            except LedgerFoldError as exc:
+                raise problems.ProblemError(422, f"the ledger refuses the entry: {exc}",
+                                            kind="ledger-refused") from exc
+        return indexes
+
+    def after_commit(self, connection: Connection, transaction: object) -> None:
+        """The writer's transaction committed: its ledger fold and the log's key state and tree
+        edge describe the committed log now (the next transaction starts from them)."""
+        self.ledger.after_commit(connection)
+        self.audit_log.after_commit(connection, transaction)
+
+    def ledger_in(self, transaction: Session | Connection) -> Ledger:
+        """The ledger fold as this write transaction sees the log (its own appends included)."""
+        connection = transaction.connection() if isinstance(transaction, Session) else transaction
+        return self.ledger.in_transaction(connection)
+
+    def sign(self, kind: str, payload: dict[str, Any], *, operator: bool = False) -> Entry:
+        """An entry signed now by the coordinator key (or the operator key)."""
+        return sign_entry(self.operator if operator else self.coordinator, kind, payload, now())
+
+    def close(self) -> None:
+        """Finish the queued writes and stop the writer thread (the app's shutdown)."""
+        self.batcher.close()
+        if self.loop_batcher is not None:
+            self.loop_batcher.close()
+
+    def bootstrap(self) -> None:
+        """Register the coordinator key in the log (once), signed by the operator key, and fold
+        the ledger from the log (the start-up rebuild; later folds are incremental)."""
+        with self.read_engine.connect() as connection:
+            self.ledger.refresh(connection)
+        with self.write() as session:
+            if active_key(session.connection(), self.operator.public_key,
+                          self.coordinator.key_id) is not None:
+                return
+            self.append(session, self.sign("key.register", {
+                "key_id": self.coordinator.key_id, "public_key": self.coordinator.public_key_b64,
+                "role": "coordinator", "owner": "operator:coordinator"}, operator=True))
