@@ -33,7 +33,7 @@ from sqlalchemy.engine import make_url
 from audit.export import Trust
 from audit.signing import Signer
 from audit.store import AuditLog, record_trust
-from exchange.coordinator import problems, routes, vocabulary
+from exchange.coordinator import controllers, problems, vocabulary
 from exchange.coordinator.auditing import forget_transactions
 from exchange.coordinator.observability import ObservabilityMiddleware
 from exchange.coordinator.rate_limit import FixedWindowRateLimitMiddleware
@@ -242,8 +242,9 @@ def create_app(runtime: Runtime, *, debug: bool = False,
         DefineMiddleware(FixedWindowRateLimitMiddleware, limit=config.rate_limit_per_minute,
                          window_s=60, identify=_rate_limit_identifier)]
     app = Litestar(
-        route_handlers=[routes.RegistryController, routes.StudyController, routes.HospitalController,
-                        routes.AuditController, routes.health, MetricsController, static, _docs_redirect],
+        route_handlers=[controllers.RegistryController, controllers.StudyController,
+                        controllers.HospitalController, controllers.AuditController,
+                        controllers.health, MetricsController, static, _docs_redirect],
         openapi_config=openapi,
         middleware=middleware,
         exception_handlers={

@@ -20,8 +20,8 @@ from litestar.response import Stream
 
 from audit.entry import Entry, MalformedEntryError
 from audit.signing import b64encode
-from exchange.coordinator import problems
-from exchange.coordinator.auth import allow, authenticate
+from exchange.coordinator import guards, problems
+from exchange.coordinator.auth import authenticate
 from exchange.coordinator.models import Role, StudyStatus
 from exchange.coordinator.problems import PROBLEM_JSON
 from exchange.coordinator.schemas import (
@@ -99,8 +99,7 @@ def _entry(body: SignedEntry) -> Entry:
 
 
 def _hospital_of(coordinator: Coordinator, principal: Principal) -> Any:
-    allow(principal, Role.HOSPITAL)
-    assert principal.hospital_id is not None
+    assert principal.hospital_id is not None  # HospitalController's guard: a hospital
     return coordinator.get_hospital(principal.hospital_id)
 
 
@@ -116,64 +115,64 @@ class RegistryController(Controller):
     dependencies = DEPENDENCIES
     security = API_KEY_AUTH
 
-    @post("/organisations", sync_to_thread=True, responses=PROBLEMS, summary="Register an organisation")
+    @post("/organisations", guards=[guards.OPERATOR],
+          sync_to_thread=True, responses=PROBLEMS, summary="Register an organisation")
     def create_organisation(self, principal: Principal, coordinator: Coordinator,
                             data: OrganisationCreate) -> OrganisationOut:
-        allow(principal, Role.OPERATOR)
         return OrganisationOut.model_validate(coordinator.create_organisation(data))
 
-    @get("/organisations", sync_to_thread=True, responses=PROBLEMS, summary="List organisations")
+    @get("/organisations", guards=[guards.OPERATOR_OR_AUDITOR],
+         sync_to_thread=True, responses=PROBLEMS, summary="List organisations")
     def list_organisations(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
                            limit: Limit = 50) -> list[OrganisationOut]:
-        allow(principal, Role.OPERATOR, Role.AUDITOR)
         rows, _total = coordinator.list_organisations(offset, limit)
         return [OrganisationOut.model_validate(r) for r in rows]
 
-    @post("/organisations/{organisation_id:str}/researchers", sync_to_thread=True, responses=PROBLEMS,
+    @post("/organisations/{organisation_id:str}/researchers", guards=[guards.OPERATOR],
+          sync_to_thread=True, responses=PROBLEMS,
           summary="Register a researcher")
     def create_researcher(self, principal: Principal, coordinator: Coordinator, organisation_id: str,
                           data: ResearcherCreate) -> ResearcherOut:
-        allow(principal, Role.OPERATOR)
         return ResearcherOut.model_validate(coordinator.create_researcher(organisation_id, data))
 
-    @post("/api-keys", sync_to_thread=True, responses=PROBLEMS,
+    @post("/api-keys", guards=[guards.OPERATOR],
+          sync_to_thread=True, responses=PROBLEMS,
           summary="Issue an API key (the secret is shown once)",
           opt={"rate_limited": True})
     def issue_api_key(self, principal: Principal, coordinator: Coordinator,
                       data: ApiKeyCreate) -> ApiKeyIssued:
-        allow(principal, Role.OPERATOR)
         key, token = coordinator.issue_api_key(data)
         return ApiKeyIssued.model_validate({**ApiKeyOut.model_validate(key).model_dump(), "key": token})
 
-    @get("/api-keys", sync_to_thread=True, responses=PROBLEMS, summary="List API keys (never their secrets)")
+    @get("/api-keys", guards=[guards.OPERATOR],
+         sync_to_thread=True, responses=PROBLEMS, summary="List API keys (never their secrets)")
     def list_api_keys(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
                       limit: Limit = 50) -> list[ApiKeyOut]:
-        allow(principal, Role.OPERATOR)
         rows, _ = coordinator.list_api_keys(offset, limit)
         return [ApiKeyOut.model_validate(r) for r in rows]
 
-    @delete("/api-keys/{prefix:str}", sync_to_thread=True, responses=PROBLEMS,
+    @delete("/api-keys/{prefix:str}", guards=[guards.OPERATOR],
+            sync_to_thread=True, responses=PROBLEMS,
             status_code=200, summary="Revoke an API key")
     def revoke_api_key(self, principal: Principal, coordinator: Coordinator, prefix: str) -> ApiKeyOut:
-        allow(principal, Role.OPERATOR)
         return ApiKeyOut.model_validate(coordinator.revoke_api_key(prefix))
 
-    @post("/hospitals", sync_to_thread=True, responses=PROBLEMS, summary="Register a hospital and its keys")
+    @post("/hospitals", guards=[guards.OPERATOR],
+          sync_to_thread=True, responses=PROBLEMS, summary="Register a hospital and its keys")
     def register_hospital(self, principal: Principal, coordinator: Coordinator,
                           data: HospitalCreate) -> HospitalOut:
-        allow(principal, Role.OPERATOR)
         return HospitalOut.model_validate(coordinator.register_hospital(data))
 
-    @get("/hospitals", sync_to_thread=True, responses=PROBLEMS, summary="List hospitals")
+    @get("/hospitals", guards=[guards.OPERATOR_OR_AUDITOR],
+         sync_to_thread=True, responses=PROBLEMS, summary="List hospitals")
     def list_hospitals(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
                        limit: Limit = 50) -> list[HospitalOut]:
-        allow(principal, Role.OPERATOR, Role.AUDITOR)
         rows, _ = coordinator.list_hospitals(offset, limit)
         return [HospitalOut.model_validate(r) for r in rows]
 
-    @post("/ledger/mint", sync_to_thread=True, responses=PROBLEMS, summary="Mint tokens into an account")
+    @post("/ledger/mint", guards=[guards.OPERATOR],
+          sync_to_thread=True, responses=PROBLEMS, summary="Mint tokens into an account")
     def mint(self, principal: Principal, coordinator: Coordinator, data: MintRequest) -> EntryAccepted:
-        allow(principal, Role.OPERATOR)
         return EntryAccepted(index=coordinator.mint(data.account, data.amount), kind="token.mint")
 
 
@@ -208,7 +207,8 @@ class StudyController(Controller):
     dependencies = DEPENDENCIES
     security = API_KEY_AUTH
 
-    @post("/", responses=PROBLEMS,
+    @post("/", guards=[guards.RESEARCHER],
+          responses=PROBLEMS,
           status_code=201, summary="Submit a study (escrows its budget)",
           opt={"rate_limited": True},
           exception_handlers={ValidationException: _study_problem_handler})
@@ -216,44 +216,43 @@ class StudyController(Controller):
                      data: StudyCreate) -> StudyOut:
         # async: the write is awaited on the group commit, so a submission in flight holds no
         # worker thread (see exchange.coordinator.group_commit).
-        allow(principal, Role.RESEARCHER)
         study = await coordinator.submit_study_async(principal, data)
         return StudyOut.model_validate(coordinator.submitted_view(study))
 
-    @get("/", sync_to_thread=True, responses=PROBLEMS,
+    @get("/", guards=[guards.RESEARCHER_OPERATOR_AUDITOR],
+         sync_to_thread=True, responses=PROBLEMS,
          summary="List studies (researchers: their organisation's only)")
     def list_studies(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
                      limit: Limit = 50, status: StudyStatus | None = None) -> StudyPage:
-        allow(principal, Role.RESEARCHER, Role.OPERATOR, Role.AUDITOR)
         rows, total = coordinator.list_studies(principal, status, offset, limit)
         return StudyPage(items=[StudySummary.model_validate(r) for r in rows], total=total,
                          next_offset=_next(offset, len(rows), total))
 
-    @get("/{study_id:str}", responses=PROBLEMS, summary="A study, its decisions and progress")
+    @get("/{study_id:str}", guards=[guards.RESEARCHER_OPERATOR_AUDITOR],
+         responses=PROBLEMS, summary="A study, its decisions and progress")
     async def get_study(self, principal: Principal, coordinator: Coordinator,
                         study_id: str) -> StudyOut:
-        allow(principal, Role.RESEARCHER, Role.OPERATOR, Role.AUDITOR)
         return StudyOut.model_validate(
             await coordinator.read_async(coordinator.get_study, principal, study_id))
 
-    @post("/{study_id:str}/cancel", sync_to_thread=True, responses=PROBLEMS, status_code=200,
+    @post("/{study_id:str}/cancel", guards=[guards.RESEARCHER_OR_OPERATOR],
+          sync_to_thread=True, responses=PROBLEMS, status_code=200,
           summary="Cancel a study (refunds its escrow)")
     def cancel(self, principal: Principal, coordinator: Coordinator, study_id: str,
                data: CancelRequest) -> StudyOut:
-        allow(principal, Role.RESEARCHER, Role.OPERATOR)
         return StudyOut.model_validate(coordinator.cancel_study(principal, study_id, data.reason))
 
-    @get("/{study_id:str}/results", sync_to_thread=True, responses=PROBLEMS,
+    @get("/{study_id:str}/results", guards=[guards.RESEARCHER],
+         sync_to_thread=True, responses=PROBLEMS,
          summary="Per-round metrics, per-hospital records used and epsilon spent")
     def results(self, principal: Principal, coordinator: Coordinator, study_id: str) -> StudyResults:
-        allow(principal, Role.RESEARCHER)
         return StudyResults.model_validate(coordinator.results(principal, study_id))
 
-    @get("/{study_id:str}/model", sync_to_thread=True, responses=PROBLEMS,
+    @get("/{study_id:str}/model", guards=[guards.RESEARCHER],
+         sync_to_thread=True, responses=PROBLEMS,
          media_type="application/octet-stream",
          summary="The trained model (safetensors)")
     def model(self, principal: Principal, coordinator: Coordinator, study_id: str) -> Response[bytes]:
-        allow(principal, Role.RESEARCHER)
         data, digest = coordinator.model(principal, study_id)
         return Response(content=data, media_type="application/octet-stream",
                         headers={"Content-Disposition": f'attachment; filename="{study_id}.safetensors"',
@@ -267,6 +266,7 @@ class HospitalController(Controller):
     tags = ["hospitals"]  # noqa: RUF012
     dependencies = DEPENDENCIES
     security = SIGNED_AUTH
+    guards = [guards.HOSPITAL]  # noqa: RUF012
 
     @get("/me", sync_to_thread=True, responses=PROBLEMS, summary="The calling hospital's registration")
     def me(self, principal: Principal, coordinator: Coordinator) -> HospitalOut:
