@@ -128,6 +128,36 @@ class SignedEntry(Strict):
     signature: Annotated[str, Field(min_length=1, max_length=200)]
 
 
+# ---------------------------------------------------------------- hospitals' signed entries
+def decision_payload_problems(payload: dict[str, Any], study_id: str,
+                              hospital_id: str) -> list[dict[str, str]]:
+    """Every problem with a `study.decision` entry's payload, each with its field: exactly the
+    fields study_id (the study in the URL), hospital (the caller), decision (approve or
+    refuse), reasons (up to 50 strings of 1-500 characters; a refusal gives at least one) and
+    eligible_records (null or an integer >= 0)."""
+    found: list[dict[str, str]] = []
+    expected = {"study_id", "hospital", "decision", "reasons", "eligible_records"}
+    if set(payload) != expected:
+        found.append({"field": "payload", "reason": f"fields must be exactly {sorted(expected)}"})
+    if payload.get("study_id") != study_id:
+        found.append({"field": "payload.study_id", "reason": "does not match the study in the URL"})
+    if payload.get("hospital") != f"hospital:{hospital_id}":
+        found.append({"field": "payload.hospital", "reason": f"must be 'hospital:{hospital_id}'"})
+    if payload.get("decision") not in ("approve", "refuse"):
+        found.append({"field": "payload.decision", "reason": "must be 'approve' or 'refuse'"})
+    reasons = payload.get("reasons")
+    if not isinstance(reasons, list) or not all(isinstance(r, str) and 0 < len(r) <= 500
+                                                for r in reasons) or len(reasons) > 50:
+        found.append({"field": "payload.reasons", "reason": "must be a list of up to 50 strings"})
+    elif payload.get("decision") == "refuse" and not reasons:
+        found.append({"field": "payload.reasons", "reason": "a refusal needs at least one reason"})
+    eligible = payload.get("eligible_records")
+    if eligible is not None and (not isinstance(eligible, int) or isinstance(eligible, bool)
+                                 or eligible < 0):
+        found.append({"field": "payload.eligible_records", "reason": "must be null or an integer >= 0"})
+    return found
+
+
 # ---------------------------------------------------------------- studies
 class StudyCreate(Strict):
     """A study request. Every problem is reported at once (field and cross-field rules)."""

@@ -43,9 +43,7 @@ from exchange.coordinator.models import (
     StudyStatus,
 )
 from exchange.coordinator.registry import Principal, Registry
-from exchange.coordinator.schemas import (
-    StudyCreate,
-)
+from exchange.coordinator.schemas import StudyCreate, decision_payload_problems
 from exchange.logging import get_logger
 from exchange.study.runners import RunHandle, RunHospital, RunRequest, StudyRunner
 from exchange.study.spec import AcceptedStudy, study_spec
@@ -325,25 +323,7 @@ class Coordinator:
         """Record a hospital's signed `study.decision`; start the run when enough approved."""
         payload = entry.payload
         found = self._entry_problems(entry, "study.decision", hospital)
-        expected = {"study_id", "hospital", "decision", "reasons", "eligible_records"}
-        if set(payload) != expected:
-            found.append({"field": "payload", "reason": f"fields must be exactly {sorted(expected)}"})
-        if payload.get("study_id") != study_id:
-            found.append({"field": "payload.study_id", "reason": "does not match the study in the URL"})
-        if payload.get("hospital") != f"hospital:{hospital.id}":
-            found.append({"field": "payload.hospital", "reason": f"must be 'hospital:{hospital.id}'"})
-        if payload.get("decision") not in ("approve", "refuse"):
-            found.append({"field": "payload.decision", "reason": "must be 'approve' or 'refuse'"})
-        reasons = payload.get("reasons")
-        if not isinstance(reasons, list) or not all(isinstance(r, str) and 0 < len(r) <= 500
-                                                    for r in reasons) or len(reasons) > 50:
-            found.append({"field": "payload.reasons", "reason": "must be a list of up to 50 strings"})
-        elif payload.get("decision") == "refuse" and not reasons:
-            found.append({"field": "payload.reasons", "reason": "a refusal needs at least one reason"})
-        eligible = payload.get("eligible_records")
-        if eligible is not None and (not isinstance(eligible, int) or isinstance(eligible, bool)
-                                     or eligible < 0):
-            found.append({"field": "payload.eligible_records", "reason": "must be null or an integer >= 0"})
+        found.extend(decision_payload_problems(payload, study_id, hospital.id))
         if found:
             raise problems.unprocessable(found)
         start = False
@@ -365,8 +345,10 @@ class Coordinator:
             # researcher; it changes nothing about the study.
             (index,) = self._append(session, entry)
             session.add(StudyDecision(study_id=study_id, hospital_id=hospital.id,
-                                      decision=DecisionKind(payload["decision"]), reasons=list(reasons or []),
-                                      eligible_records=eligible, decided_at=now(), entry_index=index,
+                                      decision=DecisionKind(payload["decision"]),
+                                      reasons=list(payload["reasons"]),
+                                      eligible_records=payload["eligible_records"], decided_at=now(),
+                                      entry_index=index,
                                       late=late))
             session.flush()
             if not late:
