@@ -62,7 +62,7 @@ def test_a_bad_batch_imports_nothing(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "good.json").write_text(json.dumps(gru_contract("p1", "hospital-a").to_json()))
     (folder / "other.json").write_text(json.dumps(gru_contract("p2", "hospital-b").to_json()))
-    with pytest.raises(ConsentImportRejectedError, match="other.json"):
+    with pytest.raises(ConsentImportRejectedError, match=r"other\.json"):
         import_consent(node.settings, folder)
     csv = tmp_path / "bad.csv"
     csv.write_text("pid,mean_radius\np1,not-a-number\n")
