@@ -33,6 +33,7 @@ from sqlalchemy.engine import make_url
 from audit.export import Trust
 from audit.signing import Signer
 from audit.store import AuditLog, record_trust
+from exchange.console import console_router, template_config
 from exchange.coordinator import controllers, problems, vocabulary
 from exchange.coordinator.auditing import forget_transactions
 from exchange.coordinator.observability import ObservabilityMiddleware
@@ -244,7 +245,9 @@ def create_app(runtime: Runtime, *, debug: bool = False,
     app = Litestar(
         route_handlers=[controllers.RegistryController, controllers.StudyController,
                         controllers.HospitalController, controllers.AuditController,
-                        controllers.health, MetricsController, static, _docs_redirect],
+                        controllers.health, MetricsController, static, _docs_redirect,
+                        console_router()],
+        template_config=template_config(),
         openapi_config=openapi,
         middleware=middleware,
         exception_handlers={

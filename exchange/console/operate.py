@@ -1,0 +1,95 @@
+"""Operator pages: hospitals (last contact, witness state), organisations and balances, and the
+log's latest checkpoint. The API lets operators and auditors list these; so does the console."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from litestar import Controller, get
+from litestar.datastructures import State
+from litestar.response import Template
+
+from exchange.console import views
+from exchange.coordinator.auth import allow
+from exchange.coordinator.models import Role
+from exchange.coordinator.services import Coordinator, Principal
+
+OVERSEERS = (Role.OPERATOR, Role.AUDITOR)  # as GET /v1/hospitals and /v1/organisations
+PAGE = 200
+
+
+class OperatorController(Controller):
+    path = "/"
+
+    @get("/operator", sync_to_thread=True)
+    def overview(self, principal: Principal, coordinator: Coordinator, state: State) -> Template:
+        allow(principal, *OVERSEERS)
+        studies, total = coordinator.list_studies(principal, None, 0, PAGE)
+        by_status = Counter(str(s.status.value) for s in studies)
+        note = coordinator.audit_log.latest_checkpoint() or coordinator.audit_log.checkpoint()
+        return Template(
+            "operator.html",
+            context={
+                "principal": principal,
+                "checkpoint": views.checkpoint_view(note, state.trust.log_key_name),
+                "witnesses": [v.name for v in state.trust.witnesses],
+                "studies": studies,
+                "total": total,
+                "by_status": dict(sorted(by_status.items())),
+                "log_size": coordinator.audit_log.size(),
+            },
+        )
+
+    @get("/hospitals", sync_to_thread=True)
+    def hospitals(self, principal: Principal, coordinator: Coordinator, state: State) -> Template:
+        allow(principal, *OVERSEERS)
+        rows, total = coordinator.list_hospitals(0, PAGE)
+        contact = views.last_contact(coordinator, rows)
+        witnesses = {v.name for v in state.trust.witnesses}
+        note = coordinator.audit_log.latest_checkpoint()
+        cosigners = set(views.checkpoint_view(note, state.trust.log_key_name).cosigners) if note else set()
+        items: list[dict[str, Any]] = [
+            {
+                "id": h.id,
+                "name": h.name,
+                "organisation_id": h.organisation_id,
+                "key_id": h.signing_key_id,
+                "registered": h.created_at,
+                "last_contact": contact.get(h.id),
+                "witness": (
+                    "cosigned the latest checkpoint"
+                    if h.id in cosigners
+                    else "pinned witness, no cosignature on the latest checkpoint"
+                    if h.id in witnesses
+                    else "not a witness"
+                ),
+            }
+            for h in rows
+        ]
+        return Template(
+            "hospitals.html", context={"principal": principal, "hospitals": items, "total": total}
+        )
+
+    @get("/organisations", sync_to_thread=True)
+    def organisations(self, principal: Principal, coordinator: Coordinator) -> Template:
+        allow(principal, *OVERSEERS)
+        rows, total = coordinator.list_organisations(0, PAGE)
+        ledger = coordinator.balances()
+        balances = ledger.get("balances", {})
+        items = [
+            {"id": o.id, "name": o.name, "region": o.region, "balance": balances.get(f"org:{o.id}", 0)}
+            for o in rows
+        ]
+        others = sorted((k, v) for k, v in balances.items() if k.startswith("hospital:"))
+        return Template(
+            "organisations.html",
+            context={
+                "principal": principal,
+                "organisations": items,
+                "total": total,
+                "hospital_accounts": others,
+                "minted": ledger.get("minted"),
+                "escrow": ledger.get("escrow"),
+            },
+        )
