@@ -47,7 +47,8 @@ def line_chart(name: str, points: Sequence[tuple[int, float]]) -> Markup:
     return Markup(
         f'<svg class="chart" role="img" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" '
         f'aria-labelledby="chart-{label}-t chart-{label}-d" xmlns="http://www.w3.org/2000/svg">'
-        f'<title id="chart-{label}-t">{label} per round</title><desc id="chart-{label}-d">{escape(desc)}</desc>'
+        f'<title id="chart-{label}-t">{label} per round</title>'
+        f'<desc id="chart-{label}-d">{escape(desc)}</desc>'
         f'<line class="axis" x1="{LEFT}" y1="{TOP + plot_h}" x2="{LEFT + plot_w}" y2="{TOP + plot_h}"/>'
         f'<line class="axis" x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + plot_h}"/>'
         f'<text x="{LEFT - 4}" y="{TOP + 4}" text-anchor="end">{_fmt(y1)}</text>'
