@@ -20,3 +20,10 @@ if [ ! -f "$stamp" ]; then
 fi
 # Flower must never call out.
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
+# The console's browser tests drive the system Chromium (Debian's package; Playwright never
+# downloads a browser here). CI installs it; elsewhere the tests skip with a message without it.
+if [ -n "${CI:-}" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
+fi
