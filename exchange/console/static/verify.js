@@ -36,12 +36,17 @@
   async function sha256(bytes) { return new Uint8Array(await crypto.subtle.digest("SHA-256", bytes)); }
   function leafHash(leaf) { return sha256(concat(new Uint8Array([0]), leaf)); }
   function nodeHash(left, right) { return sha256(concat(new Uint8Array([1]), left, right)); }
+  function hashes(list) {
+    for (var i = 0; i < list.length; i++) if (list[i].length !== 32) return false;
+    return true;
+  }
   function lsb(n) { return n % 2 === 1; }
   function half(n) { return Math.floor(n / 2); }
 
   // RFC 9162 2.1.3.2: the root that `proof` leads to from leaf `index` of a tree of `size`.
   async function rootFromInclusion(index, size, leaf, proof) {
     if (index >= size) throw new Error("index " + index + " is not below size " + size);
+    if (!hashes([leaf].concat(proof))) throw new Error("a hash in the proof is not 32 bytes");
     var fn = index, sn = size - 1, r = leaf;
     for (var i = 0; i < proof.length; i++) {
       var p = proof[i];
@@ -59,15 +64,15 @@
   }
 
   async function verifyInclusion(index, size, leaf, proof, root) {
-    return equal(await rootFromInclusion(index, size, leaf, proof), root);
+    return root.length === 32 && equal(await rootFromInclusion(index, size, leaf, proof), root);
   }
 
   // RFC 9162 2.1.4.2: is the tree of size `first` (root firstRoot) a prefix of `second`?
   async function verifyConsistency(first, second, firstRoot, secondRoot, proof) {
-    if (first > second) return false;
+    if (first <= 0 || first > second) return false;  // from the empty tree proves nothing
     if (first === second) return proof.length === 0 && equal(firstRoot, secondRoot);
-    if (first === 0) return proof.length === 0;
     if (proof.length === 0) return false;
+    if (!hashes([firstRoot, secondRoot].concat(proof))) return false;
     var path = proof.slice();
     if ((first & (first - 1)) === 0 && first < 4294967296) path.unshift(firstRoot);
     var fn = first - 1, sn = second - 1;
