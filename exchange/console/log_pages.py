@@ -67,6 +67,8 @@ class LogController(Controller):
                     )
             position = stop
         last = rows[-1]["index"] + 1 if rows else position
+        note = log.latest_checkpoint()
+        checkpoint = views.checkpoint_view(note, state.trust.log_key_name) if note else None
         return Template(
             "log.html",
             context={
@@ -78,6 +80,7 @@ class LogController(Controller):
                 "next_start": last if last < size else None,
                 "prev_start": max(0, start - PAGE) if start else None,
                 "checkpoints": views.stored_checkpoints(log),
+                "checkpoint": checkpoint,
                 **_log_context(state),
             },
         )

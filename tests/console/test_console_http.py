@@ -263,6 +263,8 @@ def test_operator_pages_show_the_registry(console_world: World, as_user: Any) ->
     assert "acme" in organisations and "globex" in organisations
     overview = _text(operator.get("/console/operator"))
     assert "Latest checkpoint" in overview and "No witnesses are pinned" in overview
+    log_page = _text(as_user("alice").get("/console/log"))
+    assert "Latest checkpoint" in log_page and "no witnesses are pinned" in log_page
 
 
 def test_log_proofs_are_refused_out_of_range(as_user: Any) -> None:
