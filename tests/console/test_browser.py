@@ -25,6 +25,7 @@ from tests.console.conftest import LiveServer, screenshot_dir
 from tests.exchange.conftest import World
 
 VECTORS = Path(__file__).resolve().parent.parent / "audit" / "data" / "rfc6962"
+OUTSIDE: list[str] = []  # URLs a console page asked for outside the coordinator (must stay empty)
 
 
 def _chromium() -> str:
@@ -92,7 +93,12 @@ def sign_in(browser: Any, live: str, world: World, who: str) -> Any:
     context = browser.new_context(base_url=live, viewport={"width": 1366, "height": 768},
                                   accept_downloads=True)
     page = context.new_page()
+    # every request the console makes stays on the coordinator (no CDN, nothing third-party)
+    page.on("request", lambda request: request.url.startswith((live, "data:", "blob:"))
+            or OUTSIDE.append(request.url))
     page.goto("/console/")
+    page.keyboard.press("Tab")  # the first stop is the skip link
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
     page.get_by_label("API key").fill(world.keys[who])
     page.keyboard.press("Enter")  # keyboard only
     page.wait_for_url(lambda url: "/sign-in" not in url)
@@ -152,6 +158,7 @@ def test_researcher_submits_watches_and_downloads(browser: Any, live: str, conso
         page.goto("/console/hospitals")  # still signed in, and still a researcher
         assert "403" in page.locator("h1").inner_text()
         page.context.close()
+        assert OUTSIDE == []
     finally:
         runner.pause = None
         console_world.wait_runs()
@@ -168,6 +175,7 @@ def test_operator_pages(browser: Any, live: str, console_world: World, shots: Pa
             assert "H-ONE" in page.locator("table").inner_text()
         check(page, shots, name)
     page.context.close()
+    assert OUTSIDE == []
 
 
 def _tamper(field: str, mutate: Any) -> Any:
@@ -248,3 +256,4 @@ def test_auditor_verifies_in_the_browser_and_tampering_fails(browser: Any, live:
     }""", cases)
     assert len(outcome) == 196 and all(outcome), [i for i, ok in enumerate(outcome) if not ok]
     page.context.close()
+    assert OUTSIDE == []
