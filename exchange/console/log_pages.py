@@ -34,6 +34,7 @@ def _log_context(state: State) -> dict[str, Any]:
         "log_key_name": trust.log_key_name,
         "origin": trust.origin,
         "witnesses": [str(v) for v in trust.witnesses],
+        "quorum": trust.default_quorum,
     }
 
 

@@ -214,7 +214,7 @@ def test_auditor_verifies_in_the_browser_and_tampering_fails(browser: Any, live:
 
     assert verify().startswith("VERIFIED"), page.locator("#verify-results").inner_text()
     steps = page.locator("#verify-results li.pass")
-    assert steps.count() == 5 and page.locator("#verify-results li.fail").count() == 0
+    assert steps.count() == 6 and page.locator("#verify-results li.fail").count() == 0
     assert "extends the earlier checkpoint" in page.locator("#verify-results").inner_text()
     check(page, shots, "entry-verified")
     # a proof altered on the way: the browser's own check fails, whatever the server said
@@ -255,5 +255,20 @@ def test_auditor_verifies_in_the_browser_and_tampering_fails(browser: Any, live:
         return out;
     }""", cases)
     assert len(outcome) == 196 and all(outcome), [i for i, ok in enumerate(outcome) if not ok]
+    # witness cosignatures (C2SP cosignature/v1) made by audit.cosignature, checked by the browser
+    from audit.cosignature import CosignatureV1Signer
+    from audit.note import add_signatures, parse_note
+    from audit.signing import Signer
+
+    signed, absent = (CosignatureV1Signer(n, Signer.generate()) for n in ("h-one.witness", "h-two.witness"))
+    note = parse_note(log.checkpoint())
+    cosigned = add_signatures(note, [signed.cosign(note.body, timestamp=1_760_000_000)]).text()
+    script = "async ([note, keys]) => await window.hxVerify.verifyCosignatures(note, keys)"
+    keys = [str(signed.vkey), str(absent.vkey)]
+    result = page.evaluate(script, [cosigned, keys])
+    assert result == {"signed": ["h-one.witness at 2025-10-09T08:53:20.000Z"], "missing": ["h-two.witness"],
+                      "bad": []}
+    forged = cosigned.replace(note.body.split("\n")[2], _flip(note.body.split("\n")[2]), 1)
+    assert page.evaluate(script, [forged, keys])["bad"] == ["h-one.witness"]
     page.context.close()
     assert OUTSIDE == []

@@ -116,7 +116,42 @@
     if (body.length < 4) throw new Error("checkpoint: needs origin, size and root lines");
     if (origin && body[0] !== origin) throw new Error("checkpoint: origin " + body[0] + " is not " + origin);
     if (!/^(0|[1-9][0-9]*)$/.test(body[1])) throw new Error("checkpoint: bad size line");
-    return {origin: body[0], size: Number(body[1]), root: b64decode(body[2]), others: others};
+    return {origin: body[0], size: Number(body[1]), root: b64decode(body[2]), others: others, note: note};
+  }
+
+  // C2SP tlog-cosignature (cosignature/v1): each pinned witness vkey
+  // `<name>+<hex key ID>+<base64(0x04 || key)>`; its first line on the note must verify over
+  // "cosignature/v1\ntime <t>\n" + the checkpoint body, where the line carries t (u64 BE) || sig.
+  async function verifyCosignatures(note, vkeys) {
+    var cut = note.lastIndexOf("\n\n");
+    if (cut < 0) throw new Error("checkpoint: no blank line before the signatures");
+    var body = note.slice(0, cut + 1);
+    var lines = note.slice(cut + 2).split("\n").filter(function (l) { return l.length > 0; });
+    var out = {signed: [], missing: [], bad: []};
+    for (var w = 0; w < vkeys.length; w++) {
+      var parts = vkeys[w].split("+");
+      var name = parts[0], raw = b64decode(parts.slice(2).join("+"));
+      if (raw.length !== 33 || raw[0] !== 4) { out.bad.push(name + " (not a cosignature/v1 key)"); continue; }
+      var publicKey = raw.slice(1);
+      var keyId = (await sha256(concat(enc.encode(name), new Uint8Array([10, 4]), publicKey))).slice(0, 4);
+      var line = null;
+      for (var i = 0; i < lines.length && line === null; i++) {
+        var m = /^\u2014 (\S+) (\S+)$/.exec(lines[i]);
+        if (m && m[1] === name) {
+          var sig = b64decode(m[2]);
+          if (equal(sig.slice(0, 4), keyId)) line = sig.slice(4);
+        }
+      }
+      if (line === null) { out.missing.push(name); continue; }
+      if (line.length !== 72) { out.bad.push(name); continue; }
+      var time = 0;
+      for (var b = 0; b < 8; b++) time = time * 256 + line[b];
+      var key = await crypto.subtle.importKey("raw", publicKey, {name: "Ed25519"}, false, ["verify"]);
+      var message = enc.encode("cosignature/v1\ntime " + time + "\n" + body);
+      var ok = await crypto.subtle.verify({name: "Ed25519"}, key, line.slice(8), message);
+      (ok ? out.signed : out.bad).push(ok ? name + " at " + new Date(time * 1000).toISOString() : name);
+    }
+    return out;
   }
 
   async function getJson(url) {
@@ -144,8 +179,19 @@
       var name = keyInput.dataset.name, origin = keyInput.dataset.origin;
       var current = await verifyCheckpoint((await getJson("/console/log/checkpoint")).checkpoint,
                                            name, publicKey, origin);
-      step(true, "checkpoint of size " + current.size + " is signed by the pinned log key (Ed25519)" +
-           (current.others.length ? "; other signature lines (not checked here): " + current.others.join(", ") : ""));
+      step(true, "checkpoint of size " + current.size + " is signed by the pinned log key (Ed25519)");
+      var witnesses = JSON.parse(section.dataset.witnesses || "[]");
+      var quorum = Number(section.dataset.quorum || "0");
+      if (witnesses.length) {
+        var co = await verifyCosignatures(current.note, witnesses);
+        step(co.bad.length === 0 && co.signed.length >= quorum,
+             co.signed.length + " of " + witnesses.length + " pinned witnesses cosigned (quorum " + quorum +
+             ")" + (co.signed.length ? ": " + co.signed.join(", ") : "") +
+             (co.missing.length ? "; missing: " + co.missing.join(", ") : "") +
+             (co.bad.length ? "; INVALID: " + co.bad.join(", ") : ""));
+      } else {
+        step(true, "no witnesses are pinned: the checkpoint rests on the log key alone");
+      }
       var leaf = b64decode((await getJson("/console/log/" + index + "/leaf")).leaf);
       var hash = await leafHash(leaf);
       step(true, "leaf hash computed here: " + b64encode(hash));
@@ -177,7 +223,7 @@
   }
 
   window.hxVerify = {b64decode: b64decode, leafHash: leafHash, verifyInclusion: verifyInclusion,
-                     verifyConsistency: verifyConsistency, verifyCheckpoint: verifyCheckpoint};
+                     verifyConsistency: verifyConsistency, verifyCheckpoint: verifyCheckpoint, verifyCosignatures: verifyCosignatures};
   var section = document.getElementById("verifier");
   var form = document.getElementById("verify-form");
   if (section && form) {
