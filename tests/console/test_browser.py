@@ -272,3 +272,20 @@ def test_auditor_verifies_in_the_browser_and_tampering_fails(browser: Any, live:
     assert page.evaluate(script, [forged, keys])["bad"] == ["h-one.witness"]
     page.context.close()
     assert OUTSIDE == []
+
+
+def test_plain_pages_without_javascript(browser: Any, live: str, console_world: World) -> None:
+    study_id = console_world.submit("alice", token_budget=5)["id"]
+    context = browser.new_context(base_url=live, java_script_enabled=False)
+    page = context.new_page()
+    page.goto("/console/studies")
+    page.get_by_label("API key").fill(console_world.keys["alice"])
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(lambda url: "/sign-in" not in url)
+    assert study_id in page.locator("table").inner_text()
+    page.goto(f"/console/studies/{study_id}")
+    assert page.locator("#study-status").inner_text() == "submitted"
+    assert page.locator("#live-note").inner_text() != "Live: updates every 2 seconds."
+    page.get_by_role("button", name="Sign out").click()
+    page.wait_for_url("**/console/sign-in")
+    context.close()
