@@ -31,6 +31,7 @@ LAYERS: tuple[tuple[str, str, int], ...] = (  # (module prefix, layer, rank): lo
     ("exchange.migrations.coordinator", "exchange.coordinator", 5),
     ("exchange.migrations.node", "exchange.node", 5),
     ("exchange.coordinator", "exchange.coordinator", 5),
+    ("exchange.console", "exchange.coordinator", 5),  # the coordinator's web console, served by its app
     ("exchange.node", "exchange.node", 5),
     ("exchange.demo", "exchange.demo", 6),
     ("exchange.commands", "exchange.commands", 7),
