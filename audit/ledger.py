@@ -28,7 +28,9 @@ from audit.rewards import (
     compute_payout,
     first_difference,
     payout_credits,
+    payout_pools,
 )
+from audit.reward_commitment import ClaimError, check_public, claim_account, claim_amount, verify_leaf
 
 ACCOUNT_RE = re.compile(r"[a-z][a-z0-9_-]*:\S+")
 MAX_ID_CHARS = 200
@@ -39,7 +41,9 @@ COORDINATOR = "coordinator"
 HOSPITAL = "hospital"
 
 TOKEN_KINDS = frozenset({"token.mint", "token.transfer", "study.escrow", "round.receipt",
-                         "study.payout", "study.refund"})
+                         "study.payout", "study.refund", "reward.claim"})
+CLAIM_KIND = "reward.claim"
+CLAIM_FIELDS = ("study_id", "hospital", "round", "holder", "units", "index", "proof", "amount")
 
 
 class LedgerError(Exception):
@@ -94,23 +98,44 @@ class Escrow:
                 "royalty_bps": self.terms.royalty_bps, "forward_bps": self.terms.forward_bps}
 
 
+@dataclass(slots=True)
+class ClaimPool:
+    """What one receipt's reward commitment may still pay out (opened by the study's payout).
+
+    `claimed` holds the holders already paid: a leaf is paid once, so a replayed claim is refused."""
+
+    root: str
+    size: int
+    pool: int
+    paid: int = 0
+    claimed: set[str] = field(default_factory=set)
+
+    @property
+    def remaining(self) -> int:
+        return self.pool - self.paid
+
+
 @dataclass
 class LedgerState:
-    """Totals and balances; `minted == sum(balances) + escrow` after every applied entry."""
+    """Totals and balances; `minted == sum(balances) + escrow + unclaimed` after every entry.
+
+    `unclaimed` is what payouts put in reward claim pools that no claim has taken yet."""
 
     minted: int = 0
     escrow: int = 0
     balances: dict[str, int] = field(default_factory=dict)
+    unclaimed: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"minted": self.minted, "escrow": self.escrow,
+        return {"minted": self.minted, "escrow": self.escrow, "unclaimed": self.unclaimed,
                 "balances": {account: self.balances[account] for account in sorted(self.balances)}}
 
     def check_conservation(self) -> None:
         """Raise AssertionError unless the invariants hold (a full O(accounts) check)."""
         total = sum(self.balances.values())
-        if self.minted != total + self.escrow:
-            raise AssertionError(f"minted {self.minted} != balances {total} + escrow {self.escrow}")
+        if self.minted != total + self.escrow + self.unclaimed:
+            raise AssertionError(f"minted {self.minted} != balances {total} + escrow {self.escrow} "
+                                 f"+ unclaimed {self.unclaimed}")
         negative = [account for account, value in self.balances.items() if value < 0]
         if negative:
             raise AssertionError(f"negative balance: {negative[0]}")
@@ -133,6 +158,8 @@ class Ledger:
         """
         self.state = LedgerState()
         self.studies: dict[str, Escrow] = {}
+        #: (study_id, hospital, round) -> the claim pool its receipt's commitment opened at payout
+        self.claim_pools: dict[tuple[str, str, int], ClaimPool] = {}
         self._keys: dict[str, _Key] = {}
         self._root = root_key_id
         if root_key_id is not None:
@@ -147,6 +174,7 @@ class Ledger:
             "round.receipt": self._receipt,
             "study.payout": self._payout,
             "study.refund": self._refund,
+            CLAIM_KIND: self._claim,
         }
 
     def apply(self, entry: Entry, index: int) -> None:
@@ -174,6 +202,23 @@ class Ledger:
 
     def balance(self, account: str) -> int:
         return self.state.balances.get(account, 0)
+
+    def claim_pools_json(self) -> list[dict[str, Any]]:
+        """Every reward claim pool: what it was opened with, what claims took, what remains
+        (their `remaining` sum to `state.unclaimed`). No reward account appears here."""
+        return [{"study_id": study_id, "hospital": hospital, "round": round_number, "root": pool.root,
+                 "pool": pool.pool, "paid": pool.paid, "claims": len(pool.claimed),
+                 "remaining": pool.remaining}
+                for (study_id, hospital, round_number), pool in sorted(self.claim_pools.items())]
+
+    def expected_claim(self, study_id: str, hospital: str, round_number: int, units: int) -> int:
+        """What a leaf of `units` of that receipt's commitment is paid now; PayoutError if there is
+        no such claim pool."""
+        pool = self.claim_pools.get((study_id, hospital, round_number))
+        if pool is None:
+            raise PayoutError(f"round: no claim pool for {hospital!r} round {round_number} of "
+                              f"{study_id!r} (no receipt, or the study is not paid out)")
+        return claim_amount(pool.pool, units)
 
     def expected_payout(self, study_id: str, amount: int) -> dict[str, Any]:
         """The `study.payout` payload the fold would accept now for paying `amount` of `study_id`.
@@ -260,7 +305,7 @@ class Ledger:
 
     def _receipt(self, entry: Entry) -> None:
         payload = entry.payload
-        for name in ("study_id", "round", "hospital", "records_used", "reward_accounts"):
+        for name in ("study_id", "round", "hospital", "records_used", "rewards"):
             if name not in payload:
                 raise _RuleError(f"{name}: missing")
         key = self._signer(entry, HOSPITAL)
@@ -272,18 +317,10 @@ class Ledger:
         if key.owner != hospital:
             raise _RuleError(f"hospital: {hospital!r} is not the signing key's owner {key.owner!r}")
         records_used = _integer(payload, "records_used", 0, MAX_AMOUNT)
-        accounts = payload["reward_accounts"]
-        if not isinstance(accounts, dict):
-            raise _RuleError("reward_accounts: must be an object {account: records}")
-        for account, count in accounts.items():
-            if not (isinstance(account, str) and account.startswith(REWARD_PREFIX)
-                    and ACCOUNT_RE.fullmatch(account) and len(account) <= MAX_ID_CHARS):
-                raise _RuleError(f"reward_accounts: {account!r} is not a reward:<id> account")
-            if type(count) is not int or not 1 <= count <= MAX_AMOUNT:
-                raise _RuleError(f"reward_accounts[{account!r}]: must be an integer >= 1, got {count!r}")
-        if sum(accounts.values()) > records_used:
-            raise _RuleError(f"reward_accounts: name {sum(accounts.values())} records, "
-                           f"more than records_used {records_used}")
+        try:
+            rewards = check_public(payload["rewards"])
+        except ValueError as exc:
+            raise _RuleError(str(exc)) from None
         study = self._study(study_id)
         if study.status is not EscrowStatus.OPEN:
             raise _RuleError(f"study_id: study {study_id!r} is {study.status}, no more receipts")
@@ -291,7 +328,7 @@ class Ledger:
             raise _RuleError(f"round: {hospital!r} already has a receipt for round {round_number} "
                            f"of {study_id!r}")
         study.seen.add((round_number, hospital))
-        study.receipts.append(Receipt(study_id, round_number, hospital, records_used, dict(accounts)))
+        study.receipts.append(Receipt(study_id, round_number, hospital, records_used, rewards))
         study.receipt_count += 1
 
     def _payout(self, entry: Entry) -> None:
@@ -315,13 +352,50 @@ class Ledger:
         difference = first_difference(expected, payload)
         if difference is not None:
             raise _RuleError(difference)
-        self._commit(payout_credits(expected), escrow=-amount)
+        pools = payout_pools(expected)
+        self._commit(payout_credits(expected), escrow=-amount, unclaimed=sum(pools.values()))
+        for receipt in study.receipts:
+            pool = pools.get((receipt.hospital, receipt.round))
+            if pool is not None and receipt.rewards is not None:
+                self.claim_pools[(study.study_id, receipt.hospital, receipt.round)] = ClaimPool(
+                    str(receipt.rewards["root"]), int(receipt.rewards["size"]), pool)
         study.paid += amount
         study.status = EscrowStatus.CLOSED if study.held == 0 else EscrowStatus.PAID
         # A study is paid out once and takes no receipts after it: forget them, so that a
         # long log's fold keeps only the open studies' receipts in memory.
         study.receipts = []
         study.seen = set()
+
+    def _claim(self, entry: Entry) -> None:
+        """A leaf of a receipt's reward commitment, shown with its inclusion proof, is paid its
+        share of that receipt's claim pool once, into the account named by its holder."""
+        payload = _fields(entry.payload, CLAIM_FIELDS)
+        self._signer(entry, COORDINATOR)
+        study_id = _text(payload, "study_id")
+        hospital = _account(payload, "hospital")
+        round_number = _integer(payload, "round", 1, MAX_AMOUNT)
+        pool = self.claim_pools.get((study_id, hospital, round_number))
+        if pool is None:
+            raise _RuleError(f"round: no claim pool for {hospital!r} round {round_number} of "
+                             f"{study_id!r} (no receipt, or the study is not paid out)")
+        holder_hex, units = payload["holder"], payload["units"]
+        try:
+            verify_leaf(pool.root, pool.size, holder_hex, units, payload["index"], payload["proof"])
+        except ClaimError as exc:
+            raise _RuleError(str(exc)) from None
+        if holder_hex in pool.claimed:
+            raise _RuleError("holder: this leaf was already claimed (a leaf is paid once)")
+        due = claim_amount(pool.pool, units)
+        amount = payload["amount"]
+        if type(amount) is not int or amount != due:
+            raise _RuleError(f"amount: the leaf's {units} units of the pool {pool.pool} pay {due}, "
+                             f"got {amount!r}")
+        if due > pool.remaining:
+            raise _RuleError(f"amount: the pool holds {pool.remaining}, less than {due}")
+        if due:
+            self._commit({claim_account(holder_hex): due}, unclaimed=-due)
+        pool.paid += due
+        pool.claimed.add(holder_hex)
 
     def _refund(self, entry: Entry) -> None:
         payload = _fields(entry.payload, ("study_id", "account", "amount"))
@@ -355,24 +429,28 @@ class Ledger:
         if have < amount:
             raise _RuleError(f"{name}: {account!r} holds {have}, less than {amount}")
 
-    def _commit(self, deltas: Mapping[str, int], *, minted: int = 0, escrow: int = 0) -> None:
+    def _commit(self, deltas: Mapping[str, int], *, minted: int = 0, escrow: int = 0,
+                unclaimed: int = 0) -> None:
         """Apply balance deltas and totals atomically, after checking the invariants they keep.
 
         Conservation holds after the entry iff it held before and the deltas net to zero
         against the totals, so checking the entry's own deltas is an O(entry) full check.
         """
         balances = self.state.balances
-        if sum(deltas.values()) + escrow != minted:
+        if sum(deltas.values()) + escrow + unclaimed != minted:
             raise _RuleError("conservation: the movement creates or destroys tokens")
         for account, delta in deltas.items():
             if balances.get(account, 0) + delta < 0:
                 raise _RuleError(f"balance: {account!r} would become negative")
         if self.state.escrow + escrow < 0:
             raise _RuleError("escrow: would become negative")
+        if self.state.unclaimed + unclaimed < 0:
+            raise _RuleError("unclaimed: would become negative")
         for account, delta in deltas.items():
             balances[account] = balances.get(account, 0) + delta
         self.state.minted += minted
         self.state.escrow += escrow
+        self.state.unclaimed += unclaimed
 
 
 @functools.lru_cache(maxsize=1024)

@@ -44,13 +44,16 @@ class StudyTerms:
 
 @dataclass(frozen=True)
 class Receipt:
-    """The part of a hospital's signed `round.receipt` that the payout depends on."""
+    """The part of a hospital's signed `round.receipt` that the payout depends on.
+
+    `rewards` is the receipt's public reward commitment {"root", "size"} (audit.reward_commitment):
+    the reward accounts themselves never leave the hospital."""
 
     study_id: str
     round: int
     hospital: str
     records_used: int
-    reward_accounts: Mapping[str, int] = field(default_factory=dict)
+    rewards: Mapping[str, Any] | None = None
 
 
 def compute_payout(study_id: str, amount: int, terms: StudyTerms,
@@ -59,22 +62,22 @@ def compute_payout(study_id: str, amount: int, terms: StudyTerms,
 
     1. royalty = floor(amount * royalty_bps / 10000); rest = amount - royalty.
     2. Each hospital with records > 0 (summed over its receipts) gets apportion(rest, records).
-    3. floor(share * forward_bps / 10000) of a hospital's share is apportioned over the reward
-       accounts named by the records it used and the records that named none (under the
-       hospital's own id); the latter part stays with the hospital (`kept`).
-    Lists are sorted by account; the result does not depend on the order of `receipts`.
+    3. pool = floor(share * forward_bps / 10000) of a hospital's share goes to its reward
+       claims, apportioned over its receipts by records_used (one claim pool per round, paid out
+       against that receipt's reward commitment); `kept = share - pool` goes to the hospital.
+    Lists are sorted by account and round; the result does not depend on the order of `receipts`.
     """
     if type(amount) is not int or not 1 <= amount <= MAX_AMOUNT:
         raise PayoutError(f"amount: must be an integer in [1, {MAX_AMOUNT}], got {amount!r}")
     records: dict[str, int] = {}
-    named: dict[str, dict[str, int]] = {}
+    rounds: dict[str, dict[str, int]] = {}
     for position, receipt in enumerate(receipts):
         if receipt.study_id != study_id:
             raise PayoutError(f"receipts[{position}].study_id: {receipt.study_id!r} is not {study_id!r}")
         records[receipt.hospital] = records.get(receipt.hospital, 0) + receipt.records_used
-        accounts = named.setdefault(receipt.hospital, {})
-        for account, count in receipt.reward_accounts.items():
-            accounts[account] = accounts.get(account, 0) + count
+        if receipt.records_used > 0:
+            # zero-padded so that the id order apportion breaks ties by is the round order
+            rounds.setdefault(receipt.hospital, {})[f"{receipt.round:020d}"] = receipt.records_used
     contributors = {hospital: count for hospital, count in records.items() if count > 0}
     if not contributors:
         raise PayoutError(f"hospitals: no receipt with records_used > 0 for study {study_id!r}; "
@@ -84,36 +87,33 @@ def compute_payout(study_id: str, amount: int, terms: StudyTerms,
     hospitals: list[dict[str, Any]] = []
     for hospital in sorted(contributors):
         share = shares[hospital]
-        accounts = {account: count for account, count in named.get(hospital, {}).items() if count > 0}
-        unnamed = contributors[hospital] - sum(accounts.values())
-        if unnamed < 0:
-            raise PayoutError(f"receipts: {hospital!r} names reward accounts for more records than it used")
         pool = share * terms.forward_bps // BPS
-        # The hospital's own id cannot collide with a reward account: reward accounts are
-        # `reward:`-prefixed and the ledger refuses a receipt whose hospital is one.
-        parts = apportion(pool, {**accounts, hospital: unnamed})
-        forwarded: list[dict[str, Any]] = [
-            {"account": account, "records": accounts[account], "amount": parts[account]}
-            for account in sorted(accounts)]
-        kept = share - sum(parts[account] for account in accounts)
+        parts = apportion(pool, rounds[hospital])
+        pools = [{"round": int(key), "records": rounds[hospital][key], "pool": parts[key]}
+                 for key in sorted(parts)]
         hospitals.append({"hospital": hospital, "records": contributors[hospital], "amount": share,
-                          "kept": kept, "forwarded": forwarded})
+                          "kept": share - pool, "pool": pool, "pools": pools})
     royalty_part = (None if terms.royalty_account is None
                     else {"account": terms.royalty_account, "amount": royalty})
     return {"study_id": study_id, "amount": amount, "royalty": royalty_part, "hospitals": hospitals}
 
 
 def payout_credits(payout: Mapping[str, Any]) -> dict[str, int]:
-    """Per-account credits of a payout payload produced by `compute_payout` (accounts summed)."""
+    """Per-account credits of a payout payload produced by `compute_payout` (accounts summed);
+    the claim pools (`payout_pools`) are credited to no account until claimed."""
     credits: dict[str, int] = {}
     royalty = payout["royalty"]
     if royalty is not None:
         credits[royalty["account"]] = credits.get(royalty["account"], 0) + royalty["amount"]
     for part in payout["hospitals"]:
         credits[part["hospital"]] = credits.get(part["hospital"], 0) + part["kept"]
-        for item in part["forwarded"]:
-            credits[item["account"]] = credits.get(item["account"], 0) + item["amount"]
     return credits
+
+
+def payout_pools(payout: Mapping[str, Any]) -> dict[tuple[str, int], int]:
+    """(hospital, round) -> the claim pool a payout payload opens for that receipt."""
+    return {(part["hospital"], item["round"]): item["pool"]
+            for part in payout["hospitals"] for item in part["pools"]}
 
 
 def _describe(value: Any) -> str:

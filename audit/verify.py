@@ -540,6 +540,9 @@ class LogVerifier:
         if self.ledger is None:
             return None
         result: dict[str, Any] = self.ledger.state.to_json()
+        pools = self.ledger.claim_pools_json()
+        if pools:
+            result["claim_pools"] = pools
         return result
 
 

@@ -43,12 +43,14 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from audit.reward_commitment import DEFAULT_SIZE, Commitment, commit, padded_size
 from federated.accounting import AccountingError, plan_study
 from federated.data import HospitalData
 from federated.dp import train_round
 from federated.evaluation import Release, noised_release, patient_scores
 from federated.privacy_ledger import BudgetExceededError, LedgerError
 from federated.receipts import Receipt, make_receipt
+from federated.reward_openings import store as store_openings
 from federated.runtime.site import GateOutcome, Site
 from federated.secure_random import SecureRandom
 from federated.server_app import (
@@ -103,7 +105,29 @@ def _check_study(site: Site, spec: StudySpec) -> HospitalOutcome | HospitalData:
 
 
 def _excluded_text(excluded: dict[str, int]) -> str:
-    return ", ".join(f"{n} {why}" for why, n in sorted(excluded.items())) or "no records"
+    """Why records were left out, WITHOUT counts or reason names: a refusal text leaves the
+    hospital, and a count (or a reason appearing) would show one patient revoking between two
+    rounds. The steward sees the exact breakdown in `exchange node status`."""
+    return "consent, the study's terms or privacy caps exclude the others"
+
+
+def contribution_weight(batch_size: int, steps: int) -> int:
+    """A round's `records_used` in the receipt: the expected patient-samples of the round (expected
+    batch x steps), from the study's public terms only, so that it reveals no count of this
+    hospital's patients (docs/privacy.md, "Counts")."""
+    return max(1, int(batch_size) * int(steps))
+
+
+def reward_commitment(gate: GateOutcome, used: set[str], n_patients: int) -> Commitment:
+    """The salted Merkle commitment to {reward account: patients used who named it}; its tree size
+    is fixed per study by the plan's patient count (at least the site constant)."""
+    weights: dict[str, int] = {}
+    for p in sorted(used):
+        account = gate.reward_accounts.get(p)
+        if account is not None:
+            account = account if account.startswith("reward:") else f"reward:{account}"
+            weights[account] = weights.get(account, 0) + 1
+    return commit(weights, minimum_size=padded_size(n_patients, DEFAULT_SIZE))
 
 
 def _caps(gate: GateOutcome, candidates: frozenset[str] | set[str]) -> dict[str, float | None]:
@@ -142,9 +166,9 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
             ledger.check_target(spec.study_id, spec.epsilon)
             preview = ledger.admissible(spec.study_id, spec.epsilon, caps, default_cap)
             if not preview.admitted:
-                return HospitalOutcome(STATUS_NO_DATA, "no patient can take part: all "
-                                       f"{preview.over_cap} consented patient(s) would exceed their "
-                                       "lifetime privacy cap", metrics={"num_examples": 0.0})
+                return HospitalOutcome(STATUS_NO_DATA, "no patient can take part: every consented "
+                                       "patient would exceed their lifetime privacy cap",
+                                       metrics={"num_examples": 0.0})
             plan = ledger.register_study(spec.study_id, plan_study(
                 spec.epsilon, spec.delta, rounds=spec.rounds, n_patients=len(preview.admitted),
                 batch_size=batch_size, steps_per_round=local_steps, accountant=spec.accountant))
@@ -181,19 +205,17 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
         charge = ledger.charge(spec.study_id, round_, result.epsilon, patients=set(used.pseudonyms))
     except BudgetExceededError as exc:
         return HospitalOutcome(STATUS_REFUSED, f"privacy budget: {exc}")
-    rewards: dict[str, int] = {}
-    for p in used.pseudonyms:
-        account = gate.reward_accounts.get(p)
-        if account is not None:
-            account = account if account.startswith("reward:") else f"reward:{account}"
-            rewards[account] = rewards.get(account, 0) + 1
+    rewards = reward_commitment(gate, set(used.pseudonyms), plan.n_patients)
+    store_openings(site.ledger().engine, spec.study_id, round_, rewards.openings)
     receipt = make_receipt(site.signer(), study_id=spec.study_id, round=round_, hospital_id=site.hospital_id,
-                           records_used=len(used), commitment=gate.commitment,
-                           epsilon_spent=charge.increment, epsilon_total=result.epsilon, delta=plan.delta,
-                           spec_sha256=spec.sha256(), reward_accounts=rewards, instant=at)
-    metrics = {"num_examples": float(len(used)), "num_patients": float(result.num_patients),
-               "steps": float(result.steps), "epsilon": result.epsilon,
-               "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate}
+                           records_used=contribution_weight(batch_size, plan.steps_per_round),
+                           commitment=gate.commitment, epsilon_spent=charge.increment,
+                           epsilon_total=result.epsilon, delta=plan.delta, spec_sha256=spec.sha256(),
+                           rewards=rewards.public(), instant=at)
+    # Only study-level figures leave: the patient and record counts (and the sample rate and
+    # noise multiplier, which are functions of the patient count) stay in the node's ledger.
+    metrics = {"num_examples": float(receipt.records_used), "steps": float(result.steps),
+               "epsilon": result.epsilon}
     return HospitalOutcome(STATUS_OK, "", result.state, receipt, metrics)
 
 

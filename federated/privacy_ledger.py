@@ -68,6 +68,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     bindparam,
     func,
     insert,
@@ -152,6 +153,20 @@ privacy_patient_spend = Table(
     Column("units", Integer, nullable=False),  # DP-SGD steps or evaluations taken part in
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Index("ix_privacy_patient_spend_study_id", "study_id"),
+)
+
+#: The openings of each receipt's reward commitment (audit.reward_commitment): the reward
+#: account and salt behind each leaf. They never leave the hospital except to the patient who
+#: claims that leaf (federated.reward_openings).
+reward_openings = Table(
+    "reward_openings", metadata,
+    Column("study_id", String(200), primary_key=True),
+    Column("round", Integer, primary_key=True),
+    Column("leaf_index", Integer, primary_key=True),
+    Column("account", String(256), nullable=False),
+    Column("opening", Text, nullable=False),  # audit.reward_commitment.Opening as JSON
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_reward_openings_account", "account"),
 )
 
 

@@ -6,10 +6,13 @@ signature is the log entry's signature and rewards can be recomputed from the lo
 (docs/rewards.md). Payload fields:
 
 - ``study_id``, ``round`` (>= 1), ``hospital`` (the account ``hospital:<id>``, the key's owner);
-- ``records_used``: records trained on this round (0 for a "no data" round);
-- ``reward_accounts``: ``{reward:<id>: records}`` named by the consent contracts of those records;
-- ``commitment``: the consent engine's commitment to the (pseudonym, contract hash) pairs used;
-  no pseudonym appears in clear;
+- ``records_used``: the round's contribution weight (FedAvg and payout). A hospital sets it from
+  the study's public terms only (expected batch x local steps), never from a count of its
+  records, so that no count of patients leaves the hospital (docs/privacy.md, "Counts");
+- ``rewards``: ``{"root", "size"}``, a salted Merkle commitment to the reward accounts of the
+  patients used (audit.reward_commitment); no reward account appears in clear;
+- ``commitment``: the consent engine's commitment to the (pseudonym, contract hash) pairs used,
+  keyed with a secret of the hospital per study and round; no pseudonym appears in clear;
 - ``epsilon_spent`` (this round) and ``epsilon_total`` (this study at this hospital so far),
   ``delta``, and ``spec_sha256``: the hash of the exact study terms the hospital trained under.
 """
@@ -25,12 +28,13 @@ from datetime import datetime
 from typing import Any
 
 from audit.entry import Entry, MalformedEntryError, sign_entry
+from audit.reward_commitment import check_public
 from audit.signing import SignatureInvalidError, Signer, canonical, key_id
 
 RECEIPT_KIND = "round.receipt"
 _ACCOUNT = re.compile(r"^[a-z][a-z0-9_-]*:\S{1,190}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-PAYLOAD_FIELDS = frozenset({"study_id", "round", "hospital", "records_used", "reward_accounts", "commitment",
+PAYLOAD_FIELDS = frozenset({"study_id", "round", "hospital", "records_used", "rewards", "commitment",
                             "epsilon_spent", "epsilon_total", "delta", "spec_sha256"})
 
 
@@ -47,7 +51,7 @@ class Receipt:
     round: int
     hospital: str
     records_used: int
-    reward_accounts: dict[str, int]
+    rewards: dict[str, Any]
     commitment: str
     epsilon_spent: float
     epsilon_total: float
@@ -99,17 +103,10 @@ def parse_payload(payload: Any) -> dict[str, Any]:
     if not isinstance(hospital, str) or not hospital.startswith("hospital:") or not _ACCOUNT.match(hospital):
         raise ReceiptError(f"hospital: must be an account 'hospital:<id>', got {hospital!r}")
     records = _int(payload, "records_used", 0)
-    rewards = payload["reward_accounts"]
-    if not isinstance(rewards, dict):
-        raise ReceiptError("reward_accounts: must be an object {account: records}")
-    for account, count in rewards.items():
-        if not (isinstance(account, str) and account.startswith("reward:") and _ACCOUNT.match(account)):
-            raise ReceiptError(f"reward_accounts: {account!r} is not a 'reward:<id>' account")
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ReceiptError(f"reward_accounts.{account}: must be an integer >= 1, got {count!r}")
-    if sum(rewards.values()) > records:
-        raise ReceiptError(f"reward_accounts: name {sum(rewards.values())} records, more than "
-                           f"records_used={records}")
+    try:
+        rewards = check_public(payload["rewards"])
+    except ValueError as exc:
+        raise ReceiptError(str(exc)) from None
     commitment = payload["commitment"]
     if not isinstance(commitment, str) or not commitment:
         raise ReceiptError("commitment: must be a non-empty string")
@@ -121,18 +118,18 @@ def parse_payload(payload: Any) -> dict[str, Any]:
     if total + 1e-12 < spent:
         raise ReceiptError(f"epsilon_total: {total} is less than this round's epsilon_spent {spent}")
     return {"study_id": study_id, "round": _int(payload, "round", 1), "hospital": hospital,
-            "records_used": records, "reward_accounts": dict(rewards), "commitment": commitment,
+            "records_used": records, "rewards": rewards, "commitment": commitment,
             "epsilon_spent": spent, "epsilon_total": total, "delta": _float(payload, "delta", upper=1.0),
             "spec_sha256": spec_sha}
 
 
 def make_receipt(signer: Signer, *, study_id: str, round: int, hospital_id: str, records_used: int,
                  commitment: str, epsilon_spent: float, epsilon_total: float, delta: float,
-                 spec_sha256: str, reward_accounts: Mapping[str, int] | None = None,
+                 spec_sha256: str, rewards: Mapping[str, Any],
                  instant: datetime | None = None) -> Receipt:
     """Sign a receipt with the hospital's key (the payload is validated first)."""
     payload = {"study_id": study_id, "round": round, "hospital": hospital_account(hospital_id),
-               "records_used": records_used, "reward_accounts": dict(reward_accounts or {}),
+               "records_used": records_used, "rewards": dict(rewards),
                "commitment": commitment, "epsilon_spent": float(epsilon_spent),
                "epsilon_total": float(epsilon_total), "delta": float(delta), "spec_sha256": spec_sha256}
     fields = parse_payload(payload)
