@@ -12,17 +12,31 @@ where each line is `pseudonym + "\\t" + contract_hash + "\\n"` in UTF-8, over th
 (pseudonym, contract hash) pairs of the eligible records, sorted by their line bytes (which, as
 pseudonyms contain no control characters, is the lexicographic order of the pairs). Recomputing
 it needs only the eligible pairs: `commitment(pairs)` below, or `LC_ALL=C sort -u | sha256sum`
-after the prefix line. Nothing about the pseudonyms can be read from it.
+after the prefix line.
+
+Unkeyed, that digest is a deterministic function of low-entropy inputs: given one round's pairs,
+the pairs revoked before a later round can be brute-forced from the later commitment, and the
+same cohort gives the same value in every study. So a hospital KEYS it (hiding and unlinkable):
+
+    key        = HMAC-SHA256( secret, b"consent-gate-key/1\x00" || study_id || b"\x00" || round )
+    commitment = HMAC-SHA256( key, b"consent-gate/2\n" || line_1 || line_2 || ... )
+
+`secret` is the hospital's own (derived from its signing key seed by `hospital_secret`, never
+sent anywhere). The hospital discloses one study-round `key` only to an auditor it authorises
+(`exchange node gate-key`); with the key and the pairs the hospital shows, the auditor recomputes
+`commitment(pairs, key)` and compares it with the receipt. Without the key, commitments of
+different rounds or studies cannot be linked and no guess of the pairs can be checked.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +48,8 @@ from consent.model import Contract
 from consent.request import StudyRequest
 
 COMMITMENT_PREFIX = b"consent-gate/1\n"
+KEYED_PREFIX = b"consent-gate/2\n"
+KEY_BYTES = 32
 NO_CONTRACT = "no-contract"
 _PAIR = pa.struct([("pseudonym", pa.string()), ("contract_hash", pa.string())])
 PSEUDONYM_MISMATCH = "pseudonym-mismatch"
@@ -64,13 +80,34 @@ class GateResult:
     privacy_caps: dict[str, float] = field(default_factory=dict)
 
 
-def commitment(pairs: Iterable[tuple[str, str]]) -> str:
-    """Reference implementation of the commitment over (pseudonym, contract hash) pairs."""
+def hospital_secret(seed: bytes) -> bytes:
+    """The hospital's commitment secret, derived from its signing key seed (domain-separated, so
+    it reveals nothing about the key and needs no second secret to keep)."""
+    return hmac.new(seed, b"consent-gate-secret/1", hashlib.sha256).digest()
+
+
+def round_key(secret: bytes, study_id: str, round_number: int) -> bytes:
+    """The key of one study round's commitment: what the hospital shows an authorised auditor."""
+    message = b"consent-gate-key/1\x00" + study_id.encode() + b"\x00" + str(int(round_number)).encode()
+    return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+def _digest(key: bytes | None) -> Any:
+    if key is None:
+        return hashlib.sha256(COMMITMENT_PREFIX)
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"key: must be {KEY_BYTES} bytes, got {len(key)}")
+    return hmac.new(key, KEYED_PREFIX, hashlib.sha256)
+
+
+def commitment(pairs: Iterable[tuple[str, str]], key: bytes | None = None) -> str:
+    """Reference implementation of the commitment over (pseudonym, contract hash) pairs; keyed
+    (HMAC) when `key` is given, which is how a hospital always commits."""
     lines = sorted({f"{p}\t{h}\n".encode() for p, h in pairs})
-    digest = hashlib.sha256(COMMITMENT_PREFIX)
+    digest = _digest(key)
     for line in lines:
         digest.update(line)
-    return digest.hexdigest()
+    return str(digest.hexdigest())
 
 
 Column: TypeAlias = Sequence[str] | pa.Array | pa.ChunkedArray
@@ -125,8 +162,10 @@ def gate(
     contracts: Mapping[str, Contract],
     request: StudyRequest,
     instant: datetime,
+    commit_key: bytes | None = None,
 ) -> GateResult:
-    """Gate records `(pseudonym, contract_hash)` for `request` at `instant`.
+    """Gate records `(pseudonym, contract_hash)` for `request` at `instant`; the commitment is
+    keyed with `commit_key` (`round_key`) when given.
 
     `records` is an iterable of pairs, or `RecordColumns` (Python sequences or Arrow arrays: the
     fast path for a node that reads its records with Arrow). `contracts` maps content hash to
@@ -182,7 +221,7 @@ def gate(
     used = np.flatnonzero(np.bincount(h_idx[eligible], minlength=len(distinct)))
     pairs = [(owner[h], distinct[h]) for h in used.tolist()]
     lines = sorted(f"{p}\t{h}\n" for p, h in pairs)
-    digest = hashlib.sha256(COMMITMENT_PREFIX)
+    digest = _digest(commit_key)
     digest.update("".join(lines).encode())
     names = [p for p, _ in pairs if p is not None]
     accounts = {
@@ -193,7 +232,7 @@ def gate(
         eligible=eligible,
         eligible_pseudonyms=sorted(set(names)),
         excluded_by_reason=dict(sorted(excluded.items())),
-        commitment=digest.hexdigest(),
+        commitment=str(digest.hexdigest()),
         records_used=int(eligible.sum()),
         decisions=decisions,
         reward_accounts=dict(sorted(accounts.items())),
@@ -206,6 +245,7 @@ def gate_naive(
     contracts: Mapping[str, Contract],
     request: StudyRequest,
     instant: datetime,
+    commit_key: bytes | None = None,
 ) -> GateResult:
     """The obvious per-record loop (one evaluation per record): the reference `gate` must equal."""
     eligible: list[bool] = []
@@ -239,7 +279,7 @@ def gate_naive(
         eligible=np.array(eligible, dtype=bool),
         eligible_pseudonyms=sorted(set(pseudonyms)),
         excluded_by_reason=dict(sorted(excluded.items())),
-        commitment=commitment(used),
+        commitment=commitment(used, commit_key),
         records_used=len(used),
         decisions=decisions,
         reward_accounts=dict(sorted(accounts.items())),

@@ -149,7 +149,7 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
     if isinstance(checked, HospitalOutcome):
         return checked
     train = checked.train()
-    gate = site.gate(spec.request, train.pseudonyms, at)
+    gate = site.gate(spec.request, train.pseudonyms, at, (spec.study_id, round_))
     if not gate.eligible:
         return HospitalOutcome(STATUS_NO_DATA, f"no consented training records for this study "
                                f"({_excluded_text(dict(gate.excluded))})",

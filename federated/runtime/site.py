@@ -122,13 +122,13 @@ def _load_contracts(path: Path) -> Any:
 
 
 def gate_records(registry: Any, request: StudyRequest, pseudonyms: Iterable[str], at: datetime,
-                 hospital_id: str) -> GateOutcome:
+                 hospital_id: str, key: bytes | None = None) -> GateOutcome:
     """Gate `pseudonyms` with `consent.gate` against the contract version of each that is in force
     at `at` (so a revocation issued before `at` excludes the record)."""
     from consent.gate import gate
 
     pairs = registry.records_at(list(pseudonyms), hospital_id, at)
-    result = gate(pairs, registry.by_hash, request, at)
+    result = gate(pairs, registry.by_hash, request, at, key)
     return GateOutcome(frozenset(result.eligible_pseudonyms), dict(result.excluded_by_reason),
                        result.commitment, dict(result.reward_accounts), dict(result.privacy_caps))
 
@@ -204,9 +204,20 @@ class Site:
         data, label = _cached("records-path", self.records_path, read_records)
         return data, label
 
-    def gate(self, request: StudyRequest, pseudonyms: Iterable[str], at: datetime) -> GateOutcome:
+    def gate(self, request: StudyRequest, pseudonyms: Iterable[str], at: datetime,
+             study_round: tuple[str, int] | None = None) -> GateOutcome:
+        """Gate records; the commitment is keyed for `study_round` (study id, round) with the
+        hospital's secret (consent.gate.round_key), as every receipt's is."""
         registry = _cached("contracts-path", self.contracts_path, _load_contracts)
-        return gate_records(registry, request, pseudonyms, at, self.hospital_id)
+        key = None if study_round is None else self.gate_key(*study_round)
+        return gate_records(registry, request, pseudonyms, at, self.hospital_id, key)
+
+    def gate_key(self, study_id: str, round_number: int) -> bytes:
+        """The key of one study round's consent commitment: the hospital shows it only to an
+        auditor it authorises (`exchange node gate-key`)."""
+        from consent.gate import hospital_secret, round_key
+
+        return round_key(hospital_secret(self.signer().seed), study_id, round_number)
 
     def ledger(self) -> Any:
         """The hospital's `federated.privacy_ledger.PrivacyLedger` (one engine per URL)."""

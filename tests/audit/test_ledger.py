@@ -46,7 +46,7 @@ def refused(world: World, ledger: Ledger, entry: Entry) -> str:
 
 def test_setup_state() -> None:
     _, ledger = setup()
-    assert ledger.state.to_json() == {"minted": 1000, "escrow": 600, "balances": {"org:acme": 400}}
+    assert ledger.state.to_json() == {"minted": 1000, "escrow": 600, "unclaimed": 0, "balances": {"org:acme": 400}}
 
 
 # --- mint ---------------------------------------------------------------------------------
@@ -150,20 +150,28 @@ def test_receipt_rules() -> None:
         world, ledger, world.receipt("s-1", 1, "hospital:a", 5))
     assert "study_id: no study.escrow for 's-9'" in refused(
         world, ledger, world.receipt("s-9", 1, "hospital:a", 5))
-    assert "reward_accounts: name 6 records, more than records_used 5" in refused(
-        world, ledger, world.receipt("s-1", 2, "hospital:a", 5, {"reward:p1": 6}))
-    assert "reward_accounts: 'org:acme' is not a reward:<id> account" in refused(
-        world, ledger, world.receipt("s-1", 2, "hospital:a", 5, {"org:acme": 1}))
+    bad_root = world.sign(world.keys["hospital:a"], "round.receipt",
+                          {"study_id": "s-1", "round": 2, "hospital": "hospital:a", "records_used": 5,
+                           "rewards": {"root": "zz", "size": 8}})
+    assert "rewards.root: must be 64 lowercase hex digits" in refused(world, ledger, bad_root)
+    bad_size = world.sign(world.keys["hospital:a"], "round.receipt",
+                          {"study_id": "s-1", "round": 2, "hospital": "hospital:a", "records_used": 5,
+                           "rewards": {"root": "0" * 64, "size": 12}})
+    assert "rewards.size: must be a power of two" in refused(world, ledger, bad_size)
+    in_clear = world.sign(world.keys["hospital:a"], "round.receipt",
+                          {"study_id": "s-1", "round": 2, "hospital": "hospital:a", "records_used": 5,
+                           "reward_accounts": {"reward:p1": 1}})
+    assert "rewards: missing" in refused(world, ledger, in_clear)
     assert "round: must be an integer in [1," in refused(
         world, ledger, world.receipt("s-1", 0, "hospital:a", 5))
     forged = world.sign(world.keys["hospital:a"], "round.receipt",
                         {"study_id": "s-1", "round": 2, "hospital": "hospital:b",
-                         "records_used": 1000, "reward_accounts": {}})
+                         "records_used": 1000, "rewards": {"root": "0" * 64, "size": 8}})
     assert "hospital: 'hospital:b' is not the signing key's owner 'hospital:a'" in refused(
         world, ledger, forged)
     by_coordinator = world.sign(world.coordinator, "round.receipt",
                                 {"study_id": "s-1", "round": 2, "hospital": "hospital:a",
-                                 "records_used": 1, "reward_accounts": {}})
+                                 "records_used": 1, "rewards": {"root": "0" * 64, "size": 8}})
     assert "must be signed by a hospital key" in refused(world, ledger, by_coordinator)
 
 
@@ -172,19 +180,18 @@ def test_receipt_rules() -> None:
 def test_payout_checked_field_by_field() -> None:
     world, ledger = setup()
     good = ledger.expected_payout("s-1", 600)
-    # royalty 60; rest 540 -> a 405 (30/40), b 135; a forwards floor(405/2)=202 over p1 10, a 20
+    # royalty 60; rest 540 -> a 405 (30/40), b 135; each puts floor(share/2) in its claim pools
     assert good["royalty"] == {"account": "author:alice", "amount": 60}
-    assert [(h["hospital"], h["amount"], h["kept"]) for h in good["hospitals"]] == [
-        ("hospital:a", 405, 338), ("hospital:b", 135, 135)]
-    assert good["hospitals"][0]["forwarded"] == [{"account": "reward:p1", "records": 10, "amount": 67}]
+    assert [(h["hospital"], h["amount"], h["kept"], h["pool"]) for h in good["hospitals"]] == [
+        ("hospital:a", 405, 203, 202), ("hospital:b", 135, 68, 67)]
+    assert good["hospitals"][0]["pools"] == [{"round": 1, "records": 30, "pool": 202}]
 
     cases: list[tuple[list[Any], Any, str]] = [
         (["royalty", "amount"], 61, "royalty.amount: entry says 61, the fold computes 60"),
         (["hospitals", 0, "amount"], 406, "hospitals[0].amount: entry says 406"),
-        (["hospitals", 0, "kept"], 339, "hospitals[0].kept: entry says 339"),
-        (["hospitals", 0, "forwarded", 0, "amount"], 66.0, "hospitals[0].forwarded[0].amount"),
-        (["hospitals", 0, "forwarded", 0, "account"], "reward:p9",
-         "hospitals[0].forwarded[0].account: entry says 'reward:p9'"),
+        (["hospitals", 0, "kept"], 204, "hospitals[0].kept: entry says 204"),
+        (["hospitals", 0, "pool"], 202.0, "hospitals[0].pool"),
+        (["hospitals", 0, "pools", 0, "pool"], 203, "hospitals[0].pools[0].pool: entry says 203"),
         (["hospitals", 1, "hospital"], "hospital:z", "hospitals[1].hospital"),
     ]
     for path, value, expected in cases:
@@ -210,9 +217,8 @@ def test_payout_checked_field_by_field() -> None:
     world.payout(good)
     world.feed(ledger)
     assert ledger.state.to_json() == {
-        "minted": 1000, "escrow": 0,
-        "balances": {"author:alice": 60, "hospital:a": 338, "hospital:b": 135, "org:acme": 400,
-                     "reward:p1": 67}}
+        "minted": 1000, "escrow": 0, "unclaimed": 269,
+        "balances": {"author:alice": 60, "hospital:a": 203, "hospital:b": 68, "org:acme": 400}}
     assert "is closed" in refused(world, ledger, world.payout(good))
     assert "is closed" in refused(world, ledger, world.refund("s-1", "org:acme", 1))
 
@@ -259,7 +265,7 @@ def test_refund_of_open_study_returns_everything() -> None:
     world, ledger = setup()
     world.refund("s-1", "org:acme", 600)
     world.feed(ledger)
-    assert ledger.state.to_json() == {"minted": 1000, "escrow": 0, "balances": {"org:acme": 1000}}
+    assert ledger.state.to_json() == {"minted": 1000, "escrow": 0, "unclaimed": 0, "balances": {"org:acme": 1000}}
     assert "is closed" in refused(world, ledger, world.payout(
         {"study_id": "s-1", "amount": 1, "royalty": None, "hospitals": []}))
 
@@ -272,7 +278,7 @@ def test_other_kinds_are_ignored_and_root_is_inferred() -> None:
     world.mint("org:acme", 5)
     ledger = Ledger()  # root inferred: the signer of entry 0 (the coordinator's key.register)
     ledger.apply_all(world.entries)
-    assert ledger.state.to_json() == {"minted": 5, "escrow": 0, "balances": {"org:acme": 5}}
+    assert ledger.state.to_json() == {"minted": 5, "escrow": 0, "unclaimed": 0, "balances": {"org:acme": 5}}
 
 
 def test_rotated_key_keeps_role_and_owner() -> None:
@@ -282,7 +288,7 @@ def test_rotated_key_keeps_role_and_owner() -> None:
     world.sign(old, "key.rotate", {"old_key_id": old.key_id, "new_key_id": new.key_id,
                                    "new_public_key": new.public_key_b64})
     world.sign(new, "round.receipt", {"study_id": "s-1", "round": 2, "hospital": "hospital:a",
-                                      "records_used": 4, "reward_accounts": {}})
+                                      "records_used": 4, "rewards": {"root": "0" * 64, "size": 8}})
     world.feed(ledger)
     assert len(ledger.studies["s-1"].receipts) == 3
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from audit.entry import Entry, sign_entry
 from audit.ledger import Ledger
+from audit.reward_commitment import Opening, claim_amount, commit
 from audit.signing import Signer
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -26,6 +27,7 @@ class World:
     keys: dict[str, Signer] = field(default_factory=dict)
     entries: list[Entry] = field(default_factory=list)
     fed: int = 0
+    openings: dict[tuple[str, str, int], dict[str, Opening]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.register(self.coordinator, "coordinator", "operator:exchange")
@@ -74,12 +76,28 @@ class World:
                           "forward_bps": forward_bps})
 
     def receipt(self, study_id: str, round_number: int, hospital: str, records_used: int,
-                reward_accounts: dict[str, int] | None = None) -> Entry:
+                reward_accounts: dict[str, int] | None = None, size: int = 8) -> Entry:
+        """A receipt committing to `reward_accounts` ({account: patients}); the openings are kept
+        in `self.openings[(study_id, hospital, round)]` as the hospital would."""
+        commitment = commit(reward_accounts or {}, minimum_size=size)
+        self.openings[(study_id, hospital, round_number)] = {o.account: o for o in commitment.openings}
         return self.sign(self.key(hospital, "hospital"), "round.receipt",
                          {"study_id": study_id, "round": round_number, "hospital": hospital,
-                          "records_used": records_used,
-                          "reward_accounts": reward_accounts or {},
+                          "records_used": records_used, "rewards": commitment.public(),
                           "commitment": "sha256:" + "0" * 64, "epsilon_spent": 0.25})
+
+    def claim(self, study_id: str, hospital: str, round_number: int, account: str,
+              amount: int | None = None, pool: int | None = None, **override: Any) -> Entry:
+        """The coordinator's `reward.claim` for `account`'s leaf (amount: what `pool` pays it)."""
+        opening = self.openings[(study_id, hospital, round_number)][account]
+        if amount is None:
+            assert pool is not None
+            amount = claim_amount(pool, opening.units)
+        payload = {"study_id": study_id, "hospital": hospital, "round": round_number,
+                   "holder": opening.holder, "units": opening.units, "index": opening.index,
+                   "proof": list(opening.proof), "amount": amount}
+        payload.update(override)
+        return self.sign(self.coordinator, "reward.claim", payload)
 
     def payout(self, payload: dict[str, Any]) -> Entry:
         return self.sign(self.coordinator, "study.payout", payload)
