@@ -219,12 +219,22 @@ class _Story:
         for round_number in range(1, rounds + 1):
             for hospital in approved:
                 used = rng.randint(0, 400)
-                # the reward commitment's root (its leaves hide the accounts; none are claimed
-                # in a generated log, so a random root is as good as a built one)
-                rewards = {"root": hashlib.sha256(rng.randbytes(16)).hexdigest(), "size": 1024}
+                # How many reward accounts were named (drawn as before, so that seeded logs keep
+                # their shape); the receipt commits to them without naming any. Nothing is
+                # claimed in a generated log, so a root derived from the draw stands in for a tree.
+                named: dict[str, int] = {}
+                left = used
+                for account in rng.sample(self.rewards[hospital], rng.randint(0, 3)):
+                    if left <= 0:
+                        break
+                    take = rng.randint(1, left)
+                    named[account] = take
+                    left -= take
+                gate_commitment = hashlib.sha256(rng.randbytes(16)).hexdigest()
+                rewards = {"root": hashlib.sha256(f"rewards:{gate_commitment}:{len(named)}".encode())
+                           .hexdigest(), "size": 1024}
                 receipt = {"study_id": study_id, "round": round_number, "hospital": hospital,
-                           "records_used": used, "rewards": rewards,
-                           "commitment": hashlib.sha256(rng.randbytes(16)).hexdigest(),
+                           "records_used": used, "rewards": rewards, "commitment": gate_commitment,
                            "epsilon_spent": round(rng.uniform(0.05, 0.9), 4)}
                 receipts.append(receipt)
                 yield self._entry(self.log.signers[hospital], "round.receipt", receipt)

@@ -77,7 +77,10 @@ def compute_payout(study_id: str, amount: int, terms: StudyTerms,
         records[receipt.hospital] = records.get(receipt.hospital, 0) + receipt.records_used
         if receipt.records_used > 0:
             # zero-padded so that the id order apportion breaks ties by is the round order
-            rounds.setdefault(receipt.hospital, {})[f"{receipt.round:020d}"] = receipt.records_used
+            # (the ledger accepts one receipt per hospital and round; summed here regardless)
+            by_round = rounds.setdefault(receipt.hospital, {})
+            key = f"{receipt.round:020d}"
+            by_round[key] = by_round.get(key, 0) + receipt.records_used
     contributors = {hospital: count for hospital, count in records.items() if count > 0}
     if not contributors:
         raise PayoutError(f"hospitals: no receipt with records_used > 0 for study {study_id!r}; "

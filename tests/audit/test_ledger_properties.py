@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from audit.entry import Entry
 from audit.ledger import Ledger, LedgerError
-from audit.rewards import payout_credits
+from audit.rewards import payout_credits, payout_pools
 from tests.audit.test_ledger_support import World
 
 ACCOUNTS = ["org:a", "org:b", "org:c"]
@@ -70,6 +70,7 @@ class MirrorStudy:
 @dataclass
 class Mirror:
     minted: int = 0
+    unclaimed: int = 0
     balances: dict[str, int] = field(default_factory=dict)
     studies: dict[str, MirrorStudy] = field(default_factory=dict)
 
@@ -78,7 +79,7 @@ class Mirror:
 
     def json(self) -> dict[str, Any]:
         escrow = sum(study.held for study in self.studies.values())
-        return {"minted": self.minted, "escrow": escrow,
+        return {"minted": self.minted, "escrow": escrow, "unclaimed": self.unclaimed,
                 "balances": dict(sorted(self.balances.items()))}
 
 
@@ -90,7 +91,7 @@ def _tamper(payload: dict[str, Any], pick: int) -> dict[str, Any]:
         spots.append((tampered["royalty"], "amount"))
     for part in tampered["hospitals"]:
         spots.extend([(part, "amount"), (part, "kept")])
-        spots.extend((item, "amount") for item in part["forwarded"])
+        spots.extend((item, "pool") for item in part["pools"])
     parent, key = spots[pick % len(spots)]
     parent[key] += 1 if pick % 2 else -1
     return tampered
@@ -161,7 +162,7 @@ def test_random_sequences_fold_like_the_mirror(sequence: list[tuple[Any, ...]]) 
             else:
                 amount = max(1, study.held * event[2] // 8) if kind == "payout" else study.held
                 payload = ledger.expected_payout(sid, amount)
-                assert sum(payout_credits(payload).values()) == amount
+                assert sum(payout_credits(payload).values()) + sum(payout_pools(payload).values()) == amount
                 if kind == "tampered_payout":
                     payload = _tamper(payload, event[2])
                 entry = world.payout(payload)
@@ -170,6 +171,7 @@ def test_random_sequences_fold_like_the_mirror(sequence: list[tuple[Any, ...]]) 
                 def on_accept(sid: str = sid, payload: dict[str, Any] = payload) -> None:
                     for account, credit in payout_credits(payload).items():
                         mirror.credit(account, credit)
+                    mirror.unclaimed += sum(payout_pools(payload).values())
                     study = mirror.studies[sid]
                     study.paid += payload["amount"]
                     study.payouts += 1

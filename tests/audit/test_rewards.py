@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from audit.apportion import apportion
-from audit.rewards import PayoutError, Receipt, StudyTerms, compute_payout, payout_credits
+from audit.rewards import PayoutError, Receipt, StudyTerms, compute_payout, payout_credits, payout_pools
 
 ids = st.text(alphabet="abcdefgh", min_size=1, max_size=3)
 weight_maps = st.dictionaries(ids, st.integers(0, 10**6), min_size=1, max_size=12).filter(
@@ -87,39 +87,42 @@ def test_payout_conserves_and_ignores_receipt_order(
         raw: list[tuple[int, str, int, dict[str, int]]], seed: int) -> None:
     receipts = []
     for rnd, hospital, used, named in raw:
-        receipts.append(Receipt("s", rnd, hospital, max(used, sum(named.values())), named))
+        receipts.append(Receipt("s", rnd, hospital, max(used, sum(named.values()))))
     terms = StudyTerms("author:x", royalty_bps, forward_bps)
     if sum(r.records_used for r in receipts) == 0:
         with pytest.raises(PayoutError, match="hospitals: no receipt"):
             compute_payout("s", amount, terms, receipts)
         return
     payout = compute_payout("s", amount, terms, receipts)
-    assert sum(payout_credits(payout).values()) == amount
     assert payout["royalty"]["amount"] == amount * royalty_bps // 10000
     assert sum(part["amount"] for part in payout["hospitals"]) == amount - payout["royalty"]["amount"]
+    assert sum(payout_credits(payout).values()) + sum(payout_pools(payout).values()) == amount
     for part in payout["hospitals"]:
-        forwarded = sum(item["amount"] for item in part["forwarded"])
-        assert forwarded + part["kept"] == part["amount"]
-        assert forwarded <= part["amount"] * forward_bps // 10000
-        assert all(item["amount"] >= 0 for item in part["forwarded"])
+        assert part["pool"] + part["kept"] == part["amount"]
+        assert part["pool"] == part["amount"] * forward_bps // 10000
+        assert sum(item["pool"] for item in part["pools"]) == part["pool"]
+        assert all(item["pool"] >= 0 for item in part["pools"])
     shuffled = list(receipts)
     random.Random(seed).shuffle(shuffled)
     assert compute_payout("s", amount, terms, shuffled) == payout
 
 
-def test_payout_where_no_record_names_an_account_stays_with_hospital() -> None:
-    payout = compute_payout("s", 1000, StudyTerms(None, 0, 10000),
-                            [Receipt("s", 1, "hospital:a", 10, {})])
+def test_payout_without_forwarding_stays_with_hospital() -> None:
+    payout = compute_payout("s", 1000, StudyTerms(None, 0, 0), [Receipt("s", 1, "hospital:a", 10)])
     assert payout == {"study_id": "s", "amount": 1000, "royalty": None,
                       "hospitals": [{"hospital": "hospital:a", "records": 10, "amount": 1000,
-                                     "kept": 1000, "forwarded": []}]}
+                                     "kept": 1000, "pool": 0,
+                                     "pools": [{"round": 1, "records": 10, "pool": 0}]}]}
 
 
-def test_full_forwarding_goes_entirely_to_reward_accounts() -> None:
+def test_full_forwarding_goes_entirely_to_the_claim_pools_by_round() -> None:
     payout = compute_payout("s", 1001, StudyTerms(None, 0, 10000),
-                            [Receipt("s", 1, "hospital:a", 2, {"reward:p1": 1, "reward:p2": 1})])
+                            [Receipt("s", 1, "hospital:a", 2), Receipt("s", 2, "hospital:a", 2),
+                             Receipt("s", 3, "hospital:a", 0)])
     assert payout["hospitals"][0]["kept"] == 0
-    assert [item["amount"] for item in payout["hospitals"][0]["forwarded"]] == [501, 500]
+    assert payout["hospitals"][0]["pools"] == [{"round": 1, "records": 2, "pool": 501},
+                                               {"round": 2, "records": 2, "pool": 500}]
+    assert payout_credits(payout) == {"hospital:a": 0}
 
 
 def test_payout_refuses_bad_inputs() -> None:

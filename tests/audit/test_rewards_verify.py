@@ -28,19 +28,33 @@ from tests.audit.test_ledger_support import World
 ORIGIN = "exchange.example/rewards-test"
 
 
+CLAIMS = [("hospital:a", 1, "reward:p1", 106), ("hospital:b", 2, "reward:p3", 70)]
+
+
 def example_log(payout: dict[str, Any]) -> World:
+    """The worked example of docs/rewards.md, plus two claims after the payout."""
     world = World()
     world.mint("org:acme", 25000)
     world.escrow("s-1", "org:acme", 10000, "author:alice", 500, 3000)
-    world.receipt("s-1", 1, "hospital:a", 120, {"reward:p1": 30, "reward:p2": 25})
-    world.receipt("s-1", 1, "hospital:b", 90, {"reward:p3": 90})
+    world.receipt("s-1", 1, "hospital:a", 120, {"reward:p1": 1, "reward:p2": 1})
+    world.receipt("s-1", 1, "hospital:b", 90, {"reward:p3": 1})
     world.receipt("s-1", 1, "hospital:c", 13)
-    world.receipt("s-1", 2, "hospital:a", 100, {"reward:p1": 20, "reward:p2": 25})
-    world.receipt("s-1", 2, "hospital:b", 80, {"reward:p3": 70})
+    world.receipt("s-1", 2, "hospital:a", 100, {"reward:p1": 1, "reward:p2": 1})
+    world.receipt("s-1", 2, "hospital:b", 80, {"reward:p3": 1})
     world.sign(world.coordinator, "model.stored", {"study_id": "s-1", "sha256": "ab" * 32})
     world.payout(payout)
     world.mint("org:beta", 7)
+    for hospital, round_number, account, amount in CLAIMS:
+        world.claim("s-1", hospital, round_number, account, amount)
     return world
+
+
+def expected_fold(world: World) -> dict[str, Any]:
+    claimed = {"claim:" + world.openings[("s-1", h, r)][a].holder: x for h, r, a, x in CLAIMS}
+    balances = {"author:alice": 500, "hospital:a": 3631, "hospital:b": 2805, "hospital:c": 215,
+                "org:acme": 15000, "org:beta": 7, **claimed}
+    return {"minted": 25007, "escrow": 0, "unclaimed": 2849 - 176,
+            "balances": dict(sorted(balances.items()))}
 
 
 def export(world: World, entries: list[Entry], folder: Path) -> Path:
@@ -57,18 +71,21 @@ def test_honest_export_verifies_and_recomputes_balances(tmp_path: Path) -> None:
     report = verify_export(export(world, world.entries, tmp_path / "log"))
     assert report.ok, report.problem
     assert report.ledger_checked
-    assert report.ledger == {
-        "minted": 25007, "escrow": 0,
-        "balances": {"author:alice": 500, "hospital:a": 4479, "hospital:b": 2876,
-                     "hospital:c": 307, "org:acme": 15000, "org:beta": 7, "reward:p1": 354,
-                     "reward:p2": 353, "reward:p3": 1131}}
+    assert report.ledger is not None
+    pools = report.ledger.pop("claim_pools")
+    assert report.ledger == expected_fold(world)
+    assert [(p["hospital"], p["round"], p["pool"], p["paid"], p["remaining"]) for p in pools] == [
+        ("hospital:a", 1, 848, 106, 742), ("hospital:a", 2, 707, 0, 707),
+        ("hospital:b", 1, 636, 0, 636), ("hospital:b", 2, 566, 70, 496), ("hospital:c", 1, 92, 0, 92)]
+    assert sum(p["remaining"] for p in pools) == report.ledger["unclaimed"]
 
 
 def test_tampered_payout_resigned_by_coordinator_is_named(tmp_path: Path) -> None:
-    # Move one unit from hospital a's kept part to reward:p1: the payout still sums to 10000,
-    # so conservation alone would not notice; the recomputation does.
+    # Move one unit from hospital a's kept part to its round-1 claim pool: the payout still sums
+    # to 10000, so conservation alone would not notice; the recomputation does.
     tampered = copy.deepcopy(EXPECTED_PAYOUT)
-    tampered["hospitals"][0]["forwarded"][0]["amount"] += 1
+    tampered["hospitals"][0]["pools"][0]["pool"] += 1
+    tampered["hospitals"][0]["pool"] += 1
     tampered["hospitals"][0]["kept"] -= 1
     world = example_log(tampered)
     payout_index = next(i for i, e in enumerate(world.entries) if e.kind == "study.payout")
@@ -78,8 +95,8 @@ def test_tampered_payout_resigned_by_coordinator_is_named(tmp_path: Path) -> Non
     assert not report.ok
     assert report.problem is not None
     assert report.problem.index == payout_index
-    assert "hospitals[0].forwarded[0].amount: entry says 355, the fold computes 354" in \
-        report.problem.reason
+    assert "hospitals[0].kept: entry says 3630, the fold computes 3631" in report.problem.reason
+    assert "hospitals[0].pools[0].pool: entry says 849, the fold computes 848" in report.problem.reason
     assert report.ledger is None  # no balances are reported from a bad log
 
 
@@ -89,7 +106,7 @@ def test_overpaying_royalty_is_named(tmp_path: Path) -> None:
     world = example_log(tampered)
     report = verify_export(export(world, world.entries, tmp_path / "log"))
     assert report.problem is not None
-    assert report.problem.index == len(world.entries) - 2
+    assert report.problem.index == next(i for i, e in enumerate(world.entries) if e.kind == "study.payout")
     assert "royalty.amount: entry says 501, the fold computes 500" in report.problem.reason
 
 
@@ -113,11 +130,10 @@ def test_audit_cli_rewards_prints_the_fold_and_verify_names_the_tampered_payout(
     shown = subprocess.run([AUDIT, "rewards", str(folder)], capture_output=True, text=True,
                            timeout=120, check=False)
     assert shown.returncode == 0, shown.stderr
-    assert json.loads(shown.stdout) == {
-        "minted": 25007, "escrow": 0,
-        "balances": {"author:alice": 500, "hospital:a": 4479, "hospital:b": 2876,
-                     "hospital:c": 307, "org:acme": 15000, "org:beta": 7, "reward:p1": 354,
-                     "reward:p2": 353, "reward:p3": 1131}}
+    printed = json.loads(shown.stdout)
+    assert len(printed.pop("claim_pools")) == 5
+    assert printed == expected_fold(world)
+    assert "reward:" not in shown.stdout
 
     tampered = copy.deepcopy(EXPECTED_PAYOUT)
     tampered["hospitals"][2]["amount"] += 1

@@ -66,7 +66,8 @@ def test_a_generated_log_verifies_with_ledger(log: GeneratedLog) -> None:
     assert report.root == MemoryTree(leaf_hash(line) for line in log.lines()).root()
     assert report.ledger_checked and report.ledger is not None
     ledger = report.ledger
-    assert ledger["minted"] == ledger["escrow"] + sum(ledger["balances"].values())
+    assert ledger["minted"] == ledger["escrow"] + ledger["unclaimed"] + sum(ledger["balances"].values())
+    assert sum(pool["remaining"] for pool in ledger.get("claim_pools", [])) == ledger["unclaimed"]
     expected = {"key.register", "token.mint", "study.escrow", "round.receipt", "study.payout"}
     assert expected <= set(report.kinds)
 
