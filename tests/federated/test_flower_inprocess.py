@@ -19,16 +19,19 @@ import pytest
 from flwr.app import Context, RecordDict
 from sqlalchemy import create_engine
 
+from audit.reward_commitment import UNITS, verify_leaf
 from consent.gate import commitment
 from federated.client_app import evaluate_hospital, train_hospital_round
 from federated.data import public_reference
 from federated.dp import initial_state
 from federated.privacy_ledger import PrivacyLedger
 from federated.receipts import verify_receipt
+from federated.reward_openings import openings
 from federated.runtime.demo_sites import DemoSite, approve, demo_spec, provision_sites, revoke_all
 from federated.runtime.inprocess import InProcessGrid
 from federated.server_app import ServerOptions, StudyFailedError, run_study_rounds
 from federated.study_spec import StudySpec
+from federated.templates import get_template
 
 # Same privacy parameters everywhere: the (cached) noise calibration is then computed once per
 # hospital size for the whole module. RDP keeps the calibration fast; the deployment test uses PRV.
@@ -95,15 +98,28 @@ def test_round_uses_only_consented_records_and_signs_a_receipt(sites: dict[str, 
     assert out.receipt is not None
     receipt = verify_receipt(out.receipt.to_bytes(), demo.signer.public_key, study_id="s-consent", round=1,
                              hospital_id="hospital-c")
-    assert receipt.records_used == len(consented)
-    # the commitment is the consent engine's, over exactly the records trained on
-    assert receipt.commitment == commitment((p, demo.contracts[p].content_hash) for p in consented)
+    # the weight comes from the study's public terms, not from how many records consented
+    template = get_template(spec.template)
+    assert receipt.records_used == (spec.batch_size or template.defaults.batch_size) * (
+        spec.local_steps or template.defaults.local_steps)
+    # the commitment is the consent engine's, over exactly the records trained on, keyed with the
+    # hospital's key for this study and round (what it shows an authorised auditor)
+    pairs = [(p, demo.contracts[p].content_hash) for p in consented]
+    assert receipt.commitment == commitment(pairs, demo.site.gate_key("s-consent", 1))
+    assert receipt.commitment != commitment(pairs)
     expected_rewards: dict[str, int] = {}
     for p in consented:
         account = demo.contracts[p].reward_account
         if account is not None:
             expected_rewards[account] = expected_rewards.get(account, 0) + 1
-    assert receipt.reward_accounts == expected_rewards
+    # no account in the receipt: a salted Merkle root, and the openings stay in the node database
+    assert set(receipt.rewards) == {"root", "size"}
+    assert not any(a in out.receipt.to_bytes().decode() for a in expected_rewards)
+    kept = openings(_ledger(demo).engine, "s-consent")
+    assert {o.account: o.units // (UNITS // o.size) for _, o in kept} == expected_rewards
+    for _, o in kept:
+        verify_leaf(receipt.rewards["root"], receipt.rewards["size"], o.holder, o.units, o.index,
+                    list(o.proof))
     ledger = _ledger(demo)
     assert ledger.spent("s-consent") == pytest.approx(receipt.epsilon_total)
     assert receipt.epsilon_spent == pytest.approx(receipt.epsilon_total)  # first round: all of it
@@ -122,7 +138,9 @@ def test_revocation_takes_effect_from_the_next_round(sites: dict[str, DemoSite])
     assert evaluate_hospital(demo.site, spec, w, 1, NOW + timedelta(minutes=30)).status == "ok"
     out = train_hospital_round(demo.site, spec, 2, w, NOW + timedelta(hours=2))
     assert out.status == "no-data"
-    assert "denied" in out.reason, out.reason
+    # the refusal leaves the hospital: no count and no reason breakdown in it (the steward's
+    # `node status` has them)
+    assert "denied" not in out.reason and not any(c.isdigit() for c in out.reason), out.reason
     assert _ledger(demo).rounds_charged("s-revoke") == 1  # the no-data round spent nothing
 
 
@@ -164,7 +182,7 @@ def test_hospital_without_consented_records_replies_no_data(tmp_path: Path) -> N
     spec = _spec("s-empty")
     approve(demo.site, "s-empty")
     out = train_hospital_round(demo.site, spec, 1, initial_state(spec.template, len(spec.columns)), NOW)
-    assert out.status == "no-data" and "no-contract" in out.reason
+    assert out.status == "no-data" and "no-contract" not in out.reason
     assert out.receipt is None and _ledger(demo).plan("s-empty") is None
 
 
@@ -297,7 +315,7 @@ def test_receipt_that_does_not_verify_is_not_aggregated(sites: dict[str, DemoSit
                 forger, study_id=r.study_id, round=r.round, hospital_id="hospital-a",
                 records_used=r.records_used, commitment=r.commitment, epsilon_spent=r.epsilon_spent,
                 epsilon_total=r.epsilon_total, delta=r.delta, spec_sha256=r.spec_sha256,
-                reward_accounts=r.reward_accounts).to_bytes()
+                rewards=r.rewards).to_bytes()
         return reply
 
     spec = _spec("s-forged", min_hospitals=2, rounds=1)

@@ -20,12 +20,13 @@ from federated.receipts import (
 )
 
 SPEC_SHA = "ab" * 32
+ROOT = {"root": "cd" * 32, "size": 1024}
 
 
 def _receipt(signer: Signer, **overrides: Any) -> Any:
     args: dict[str, Any] = {"study_id": "s-1", "round": 2, "hospital_id": "hospital-a", "records_used": 120,
                             "commitment": "c" * 64, "epsilon_spent": 0.7, "epsilon_total": 1.9, "delta": 1e-5,
-                            "spec_sha256": SPEC_SHA, "reward_accounts": {"reward:p1": 30, "reward:p2": 25}}
+                            "spec_sha256": SPEC_SHA, "rewards": ROOT}
     args.update(overrides)
     return make_receipt(signer, **args)
 
@@ -42,14 +43,14 @@ def test_receipt_is_a_log_envelope_signed_by_the_hospital() -> None:
     verified = verify_receipt(receipt.to_bytes(), signer.public_key, study_id="s-1", round=2,
                               hospital_id="hospital-a")
     assert verified.records_used == 120
-    assert verified.reward_accounts == {"reward:p1": 30, "reward:p2": 25}
+    assert verified.rewards == ROOT
     assert verified.epsilon_spent == pytest.approx(0.7)
 
 
 def test_receipt_payload_has_the_fields_the_ledger_reads() -> None:
     payload = _receipt(Signer.generate()).entry.payload
     # docs/rewards.md: round.receipt payload
-    for name in ("study_id", "round", "hospital", "records_used", "reward_accounts", "commitment",
+    for name in ("study_id", "round", "hospital", "records_used", "rewards", "commitment",
                  "epsilon_spent"):
         assert name in payload
 
@@ -89,9 +90,10 @@ def test_receipt_for_another_study_round_or_hospital_is_refused(expect: str, val
     ("delta", 1.0, "delta"),
     ("spec_sha256", "xyz", "spec_sha256"),
     ("commitment", "", "commitment"),
-    ("reward_accounts", {"p1": 3}, "reward_accounts"),
-    ("reward_accounts", {"reward:p1": 0}, "reward_accounts"),
-    ("reward_accounts", {"reward:p1": 200}, "reward_accounts"),  # more than records_used
+    ("rewards", {"reward:p1": 3}, "rewards"),  # accounts in clear: not a commitment
+    ("rewards", {"root": "AB" * 32, "size": 1024}, "rewards.root"),
+    ("rewards", {"root": "ab" * 32, "size": 1000}, "rewards.size"),
+    ("rewards", {"root": "ab" * 32, "size": 4}, "rewards.size"),
 ])
 def test_bad_payload_field_is_refused_by_name(field: str, value: Any, message: str) -> None:
     payload = dict(_receipt(Signer.generate()).entry.payload)
