@@ -191,7 +191,7 @@ class LedgerView:
         with self._lock:
             state = self._ledger.state
             wanted = sorted(state.balances) if accounts is None else sorted(set(accounts))
-            return {"minted": state.minted, "escrow": state.escrow,
+            return {"minted": state.minted, "escrow": state.escrow, "unclaimed": state.unclaimed,
                     "balances": {a: state.balances[a] for a in wanted if a in state.balances}}
 
     def balance(self, connection: Connection, account: str) -> int:

@@ -54,6 +54,7 @@ from exchange.coordinator.schemas import (
     StudyResults,
     StudySummary,
 )
+from exchange.coordinator.claims import RewardClaim, claim_reward
 from exchange.coordinator.services import Coordinator, Principal
 
 API_KEY_AUTH: list[dict[str, list[str]]] = [{"BearerApiKey": []}, {"HeaderApiKey": []}]
@@ -289,6 +290,12 @@ class HospitalController(Controller):
         hospital = _hospital_of(coordinator, principal)
         index = coordinator.decide(hospital, study_id, _entry(data))
         return EntryAccepted(index=index, kind="study.decision")
+
+    @post("/rewards/claims", sync_to_thread=True, responses=PROBLEMS, status_code=201,
+          summary="Claim one leaf of a receipt's reward commitment (for a patient), with its proof")
+    def claim(self, principal: Principal, coordinator: Coordinator, data: RewardClaim) -> EntryAccepted:
+        hospital = _hospital_of(coordinator, principal)
+        return EntryAccepted(index=claim_reward(coordinator, hospital.id, data), kind="reward.claim")
 
     @post("/entries", sync_to_thread=True, responses=PROBLEMS, status_code=201,
           summary="Submit an entry the hospital signed: study.decision, round.receipt or key.rotate")

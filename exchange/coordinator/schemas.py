@@ -478,6 +478,7 @@ class ConsistencyProofOut(BaseModel):
 class BalancesOut(BaseModel):
     minted: int
     escrow: int
+    unclaimed: int = 0  # in reward claim pools, not yet claimed (minted = escrow + unclaimed + balances)
     balances: dict[str, int]
 
 

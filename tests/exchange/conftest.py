@@ -43,12 +43,13 @@ def flower_key() -> str:
 def receipt(signer: Signer, hospital: str, study_id: str, round_number: int, records: int,
             reward_accounts: dict[str, int] | None = None, epsilon_total: float = 0.5) -> Any:
     """A hospital's signed round.receipt entry, in federated's format."""
+    from audit.reward_commitment import commit
     from federated.receipts import make_receipt
 
     return make_receipt(signer, study_id=study_id, round=round_number, hospital_id=hospital,
                         records_used=records, commitment="ab" * 32, epsilon_spent=0.25,
                         epsilon_total=epsilon_total, delta=1e-5, spec_sha256="cd" * 32,
-                        reward_accounts=reward_accounts).entry
+                        rewards=commit(reward_accounts or {}).public()).entry
 
 
 def study_body(**overrides: Any) -> dict[str, Any]:
