@@ -25,6 +25,9 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from exchange.coordinator import vocabulary
+
+#: The hospitals' default site maximum of a study's delta (federated.privacy_ledger.DEFAULT_MAX_DELTA).
+SITE_MAX_DELTA = 1e-5
 from exchange.coordinator.models import DecisionKind, Role, StudyStatus
 
 MAX_AMOUNT = 2**53 - 1
@@ -187,6 +190,17 @@ class StudyCreate(Strict):
     rounds: Annotated[int, Field(ge=1, le=1000)]
     min_hospitals: Annotated[int, Field(ge=1, le=1000)]
     token_budget: Amount
+
+    @field_validator("delta")
+    @classmethod
+    def _delta(cls, value: float) -> float:
+        # Refused here, at submission, rather than by every hospital at decision time: a delta
+        # above the site maximum allows a mechanism that publishes one patient outright with
+        # probability delta (docs/privacy.md, "Delta").
+        if value > SITE_MAX_DELTA:
+            raise ValueError(f"delta {value!r} exceeds the site maximum per study ({SITE_MAX_DELTA:g}); "
+                             "a study's delta must be at most that")
+        return value
 
     @field_validator("purpose")
     @classmethod

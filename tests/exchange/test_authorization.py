@@ -66,6 +66,24 @@ def _receipt(world: World) -> tuple[str, dict[str, Any]]:
     return "/v1/hospital/entries", {"json": entry.to_json()}
 
 
+def _claim(world: World) -> tuple[str, dict[str, Any]]:
+    """A valid, unclaimed leaf of h-one's reward commitment of the completed study."""
+    from audit.ledger import Ledger
+    from audit.reward_commitment import claim_amount
+
+    mw: MatrixWorld = world  # type: ignore[assignment]
+    mw._claims += 1
+    sid = mw.completed
+    opening = world.runner.openings[(sid, "h-one", 1)].openings[mw._claims]
+    ledger = Ledger(world.runtime.coordinator.operator.key_id)
+    ledger.apply_all(world.runtime.audit_log.entries())
+    pool = ledger.claim_pools[(sid, "hospital:h-one", 1)].pool
+    return "/v1/hospital/rewards/claims", {"json": {
+        "study_id": sid, "round": 1, "holder": opening.holder, "units": opening.units,
+        "index": opening.index, "proof": list(opening.proof),
+        "amount": claim_amount(pool, opening.units)}}
+
+
 def _cancel(world: World) -> tuple[str, dict[str, Any]]:
     return f"/v1/studies/{_open_study(world)}/cancel", {"json": {"reason": "matrix"}}
 
@@ -105,6 +123,7 @@ CASES = [
     Case("hospital studies", "GET", _path("/v1/hospital/studies"), frozenset({"h-one"})),
     Case("hospital decision", "POST", _decision, frozenset({"h-one"})),
     Case("hospital entries", "POST", _receipt, frozenset({"h-one"})),
+    Case("hospital reward claim", "POST", _claim, frozenset({"h-one"})),
     Case("audit entries", "GET", _path("/v1/audit/entries"), ALL),
     Case("audit checkpoint", "GET", _path("/v1/audit/checkpoint"), ALL),
     Case("inclusion proof", "GET",
@@ -121,6 +140,7 @@ class MatrixWorld(World):
     completed: str
     running: str
     _round: int
+    _claims: int
 
     def next_round(self) -> int:
         self._round += 1
@@ -135,6 +155,7 @@ def _prepare(world: World) -> MatrixWorld:
 
     world.__class__ = MatrixWorld
     mw: MatrixWorld = world  # type: ignore[assignment]
+    world.runner.reward_accounts = {"h-one": {f"reward:m{i}": 1 for i in range(60)}}
     sid = world.submit("alice", min_hospitals=2, rounds=1)["id"]
     world.decide("h-one", sid)
     world.decide("h-two", sid)
@@ -145,6 +166,7 @@ def _prepare(world: World) -> MatrixWorld:
     world.decide("h-one", running)
     mw.running = running
     mw._round = 0
+    mw._claims = -1
     return mw
 
 
