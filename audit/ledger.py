@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Any
 
 from audit.entry import Entry
+from audit.reward_commitment import ClaimError, check_public, claim_account, claim_amount, verify_leaf
 from audit.rewards import (
     BPS,
     MAX_AMOUNT,
@@ -30,7 +31,6 @@ from audit.rewards import (
     payout_credits,
     payout_pools,
 )
-from audit.reward_commitment import ClaimError, check_public, claim_account, claim_amount, verify_leaf
 
 ACCOUNT_RE = re.compile(r"[a-z][a-z0-9_-]*:\S+")
 MAX_ID_CHARS = 200
@@ -380,7 +380,8 @@ class Ledger:
                              f"{study_id!r} (no receipt, or the study is not paid out)")
         holder_hex, units = payload["holder"], payload["units"]
         try:
-            verify_leaf(pool.root, pool.size, holder_hex, units, payload["index"], payload["proof"])
+            verify_leaf(pool.root, pool.size, holder_hex, units, index=payload["index"],
+                        proof=payload["proof"])
         except ClaimError as exc:
             raise _RuleError(str(exc)) from None
         if holder_hex in pool.claimed:

@@ -159,7 +159,7 @@ def check_public(value: object, name: str = "rewards") -> dict[str, object]:
     return {"root": root, "size": size}
 
 
-def verify_leaf(root: str, size: int, holder_hex: str, units: int, index: int,
+def verify_leaf(root: str, size: int, holder_hex: str, units: int, *, index: int,
                 proof: Sequence[str]) -> None:
     """Check one leaf's inclusion proof against a committed root; raise ClaimError naming why."""
     if not isinstance(holder_hex, str) or not _HEX64.fullmatch(holder_hex):
@@ -168,7 +168,8 @@ def verify_leaf(root: str, size: int, holder_hex: str, units: int, index: int,
         raise ClaimError(f"units: must be an integer in [1, {UNITS}], got {units!r}")
     if type(index) is not int or not 0 <= index < size:
         raise ClaimError(f"index: must be an integer in [0, {size}), got {index!r}")
-    if not isinstance(proof, list | tuple) or not all(isinstance(p, str) and _HEX64.fullmatch(p) for p in proof):
+    if not isinstance(proof, list | tuple) or \
+            not all(isinstance(p, str) and _HEX64.fullmatch(p) for p in proof):
         raise ClaimError("proof: must be a list of 64-hex-digit hashes")
     try:
         verify_inclusion(leaf_hash(leaf_data(holder_hex, units)), index, size,

@@ -43,7 +43,7 @@ def openings(engine: Engine, study_id: str, account: str | None = None) -> list[
         return [(int(r), Opening.from_json(json.loads(o))) for r, o in conn.execute(query)]
 
 
-def claim_request(study_id: str, hospital: str, round_number: int, opening: Opening, amount: int,
+def claim_request(study_id: str, hospital: str, round_number: int, opening: Opening, *, amount: int,
                   account: str | None = None) -> dict[str, Any]:
     """The body of a claim (POST /v1/rewards/claims). It carries the leaf's holder, units, index
     and proof, never the account or salt; `account`, if given, is checked against the opening

@@ -22,6 +22,7 @@ from audit.entry import Entry, MalformedEntryError
 from audit.signing import b64encode
 from exchange.coordinator import guards, problems
 from exchange.coordinator.auth import authenticate
+from exchange.coordinator.claims import RewardClaim, claim_reward
 from exchange.coordinator.models import Role, StudyStatus
 from exchange.coordinator.problems import PROBLEM_JSON
 from exchange.coordinator.schemas import (
@@ -54,7 +55,6 @@ from exchange.coordinator.schemas import (
     StudyResults,
     StudySummary,
 )
-from exchange.coordinator.claims import RewardClaim, claim_reward
 from exchange.coordinator.services import Coordinator, Principal
 
 API_KEY_AUTH: list[dict[str, list[str]]] = [{"BearerApiKey": []}, {"HeaderApiKey": []}]

@@ -25,10 +25,10 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from exchange.coordinator import vocabulary
+from exchange.coordinator.models import DecisionKind, Role, StudyStatus
 
 #: The hospitals' default site maximum of a study's delta (federated.privacy_ledger.DEFAULT_MAX_DELTA).
 SITE_MAX_DELTA = 1e-5
-from exchange.coordinator.models import DecisionKind, Role, StudyStatus
 
 MAX_AMOUNT = 2**53 - 1
 Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$",

@@ -101,7 +101,8 @@ def sign_decision(signer: Signer, hospital_id: str, study_id: str, *, decision: 
     """The signed `study.decision` envelope, in the coordinator's format (its client helper)."""
     return decision_entry(signer, hospital_id, study_id,
                           decision="approve" if decision == "approve" else "refuse",
-                          reasons=reasons, eligible_records=eligible).to_json()
+                          # the count stays in the node database (DecisionRow): it is not sent
+                          reasons=reasons, eligible_records=None).to_json()
 
 
 def _store_decision(session: Session, ctx: Context, study_id: str, *, decision: str,

@@ -168,7 +168,8 @@ def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, bud
         reasons.append(f"delta {study.delta:g} exceeds the site maximum per study ({policy.max_delta:g})")
     n = eligibility.patients
     if n is not None and n > 0 and study.delta > 1.0 / n:
-        reasons.append(f"delta {study.delta:g} exceeds 1/n = {1.0 / n:.3g} for the {n} eligible patient(s)")
+        # no n in the text: the reasons are posted to the coordinator and logged for good
+        reasons.append(f"delta {study.delta:g} exceeds 1/n for this hospital's n eligible patients")
     if study.epsilon > budget.left + 1e-12:
         reasons.append(f"epsilon {study.epsilon:g} exceeds the privacy budget left ({budget.left:.4g} "
                        f"of {budget.total:g}: {budget.spent:.4g} spent, {budget.reserved:.4g} reserved)")
@@ -186,13 +187,14 @@ def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, bud
     if wrong:
         reasons.append("column category mismatch: " + "; ".join(wrong))
     if eligibility.eligible < policy.min_eligible_records:
-        detail = ", ".join(f"{count} {reason}" for reason, count in sorted(eligibility.excluded.items()))
-        reasons.append(f"only {eligibility.eligible} record(s) eligible under patients' consent "
-                       f"(site minimum {policy.min_eligible_records})" + (f"; excluded: {detail}"
-                                                                          if detail else ""))
+        # The count and the exclusions by reason stay here (`exchange node status`): a reason
+        # leaves the hospital in the public log, where an exact count would show one patient
+        # revoking between two studies (docs/privacy.md, "Counts").
+        reasons.append("fewer records eligible under patients' consent than the site minimum "
+                       f"({policy.min_eligible_records})")
     if eligibility.patients == 0 and eligibility.over_lifetime_cap:
-        reasons.append(f"no eligible patient has privacy budget left for epsilon {study.epsilon:g}: "
-                       f"{eligibility.over_lifetime_cap} would exceed their lifetime cap")
+        reasons.append(f"no eligible patient has privacy budget left for epsilon {study.epsilon:g} "
+                       "(each would exceed their lifetime cap)")
     if reasons:
         return Evaluation("refuse", reasons, eligibility.eligible)
     if policy.mode == "auto-approve":

@@ -122,7 +122,7 @@ def _load_contracts(path: Path) -> Any:
 
 
 def gate_records(registry: Any, request: StudyRequest, pseudonyms: Iterable[str], at: datetime,
-                 hospital_id: str, key: bytes | None = None) -> GateOutcome:
+                 hospital_id: str, *, key: bytes | None = None) -> GateOutcome:
     """Gate `pseudonyms` with `consent.gate` against the contract version of each that is in force
     at `at` (so a revocation issued before `at` excludes the record)."""
     from consent.gate import gate
@@ -210,7 +210,7 @@ class Site:
         hospital's secret (consent.gate.round_key), as every receipt's is."""
         registry = _cached("contracts-path", self.contracts_path, _load_contracts)
         key = None if study_round is None else self.gate_key(*study_round)
-        return gate_records(registry, request, pseudonyms, at, self.hospital_id, key)
+        return gate_records(registry, request, pseudonyms, at, self.hospital_id, key=key)
 
     def gate_key(self, study_id: str, round_number: int) -> bytes:
         """The key of one study round's consent commitment: the hospital shows it only to an

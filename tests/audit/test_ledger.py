@@ -46,7 +46,8 @@ def refused(world: World, ledger: Ledger, entry: Entry) -> str:
 
 def test_setup_state() -> None:
     _, ledger = setup()
-    assert ledger.state.to_json() == {"minted": 1000, "escrow": 600, "unclaimed": 0, "balances": {"org:acme": 400}}
+    assert ledger.state.to_json() == {"minted": 1000, "escrow": 600, "unclaimed": 0,
+                                      "balances": {"org:acme": 400}}
 
 
 # --- mint ---------------------------------------------------------------------------------
@@ -265,7 +266,8 @@ def test_refund_of_open_study_returns_everything() -> None:
     world, ledger = setup()
     world.refund("s-1", "org:acme", 600)
     world.feed(ledger)
-    assert ledger.state.to_json() == {"minted": 1000, "escrow": 0, "unclaimed": 0, "balances": {"org:acme": 1000}}
+    assert ledger.state.to_json() == {"minted": 1000, "escrow": 0, "unclaimed": 0,
+                                      "balances": {"org:acme": 1000}}
     assert "is closed" in refused(world, ledger, world.payout(
         {"study_id": "s-1", "amount": 1, "royalty": None, "hospitals": []}))
 

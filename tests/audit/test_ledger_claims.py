@@ -119,8 +119,8 @@ def test_the_claimant_checks_the_opening_for_the_wrong_account() -> None:
     open_claim(opening.salt, "reward:p1", opening.holder)
     with pytest.raises(ClaimError, match="account: the salt and account do not open"):
         open_claim(opening.salt, "reward:p2", opening.holder)
-    verify_leaf(commitment.root, commitment.size, opening.holder, opening.units, opening.index,
-                list(opening.proof))
+    verify_leaf(commitment.root, commitment.size, opening.holder, opening.units, index=opening.index,
+                proof=list(opening.proof))
 
 
 def test_membership_cannot_be_read_from_the_log() -> None:

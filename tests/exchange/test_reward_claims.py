@@ -40,7 +40,7 @@ def body(world: World, sid: str, hospital: str, round_number: int, account: str,
                    if o.account == account)
     pool = ledger_of(world).claim_pools[(sid, f"hospital:{hospital}", round_number)].pool
     claim = claim_request(sid, f"hospital:{hospital}", round_number, opening,
-                          claim_amount(pool, opening.units), account=account)
+                          amount=claim_amount(pool, opening.units), account=account)
     del claim["hospital"]  # the calling hospital's own
     claim.update(override)
     return claim
@@ -83,8 +83,8 @@ def test_claims_pay_each_leaf_once_and_refuse_every_wrong_claim(sqlite_world: Wo
     # a claim for the wrong account is refused by the claimant's own check before it is sent
     opening = next(o for o in world.runner.openings[(sid, "h-one", 1)].openings
                    if o.account == "reward:alice-7")
-    with pytest.raises(ClaimError, match="^account:"):
-        claim_request(sid, "hospital:h-one", 1, opening, other["amount"], account="reward:bob-3")
+    with pytest.raises(ClaimError, match=r"^account:"):
+        claim_request(sid, "hospital:h-one", 1, opening, amount=other["amount"], account="reward:bob-3")
     # malformed bodies: 422 naming the field, nothing appended
     assert "\"field\":\"holder\"" in refused(world, "h-one", {**other, "holder": "xyz"})
     assert "\"field\":\"account\"" in refused(world, "h-one", {**other, "account": "reward:alice-7"})

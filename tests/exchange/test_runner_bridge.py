@@ -80,7 +80,7 @@ def _receipt(signer: Signer, hospital: str, study_id: str = "st-bridge", round_n
 
     return make_receipt(signer, study_id=study_id, round=round_number, hospital_id=hospital, records_used=10,
                         commitment="ab" * 32, epsilon_spent=0.2, epsilon_total=0.2 * round_number,
-                        delta=1e-5, spec_sha256="cd" * 32).entry
+                        delta=1e-5, spec_sha256="cd" * 32, rewards={"root": "ef" * 32, "size": 8}).entry
 
 
 # ---------------------------------------------------------------- 1. one end per run

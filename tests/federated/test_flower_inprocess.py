@@ -118,8 +118,8 @@ def test_round_uses_only_consented_records_and_signs_a_receipt(sites: dict[str, 
     kept = openings(_ledger(demo).engine, "s-consent")
     assert {o.account: o.units // (UNITS // o.size) for _, o in kept} == expected_rewards
     for _, o in kept:
-        verify_leaf(receipt.rewards["root"], receipt.rewards["size"], o.holder, o.units, o.index,
-                    list(o.proof))
+        verify_leaf(receipt.rewards["root"], receipt.rewards["size"], o.holder, o.units, index=o.index,
+                    proof=list(o.proof))
     ledger = _ledger(demo)
     assert ledger.spent("s-consent") == pytest.approx(receipt.epsilon_total)
     assert receipt.epsilon_spent == pytest.approx(receipt.epsilon_total)  # first round: all of it

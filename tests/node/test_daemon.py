@@ -91,9 +91,9 @@ def test_policy_refusal_reaches_the_researcher_with_reasons(node_dir: Path, seed
     refused = _decisions(coordinator, too_greedy)
     assert [d["decision"] for d in refused] == ["refuse"]
     assert refused[0]["reasons"] == ["epsilon 3 exceeds the site maximum per study (2)"]
-    assert refused[0]["eligible_records"] == 10
+    assert refused[0]["eligible_records"] is None  # the count stays at the hospital
     approved = _decisions(coordinator, fine)
-    assert [(d["decision"], d["eligible_records"]) for d in approved] == [("approve", 10)]
+    assert [(d["decision"], d["eligible_records"]) for d in approved] == [("approve", None)]
     with seeded.sessions() as session:
         posted = session.execute(select(func.count()).select_from(DecisionRow)
                                  .where(DecisionRow.posted_at.is_not(None))).scalar_one()

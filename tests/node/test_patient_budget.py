@@ -67,7 +67,7 @@ def test_patients_without_lifetime_budget_left_are_not_counted_at_decision_time(
         "max_delta": 0.5, "total_delta_budget": 0.9})})
     refused = evaluate_study(seeded, loose, _study("next-2", epsilon=2.0, delta=0.2))
     assert refused.decision == "refuse"
-    assert "delta 0.2 exceeds 1/n = 0.167 for the 6 eligible patient(s)" in refused.reasons
+    assert "delta 0.2 exceeds 1/n for this hospital's n eligible patients" in refused.reasons
     # a second open study holds epsilon 1 of p4-p9, and the site default cap becomes 3
     ledger.register_study("earlier-2", _plan(1.0))
     ledger.admit("earlier-2", "train", {p: None for p in PSEUDONYMS[4:10]}, 3.0)
