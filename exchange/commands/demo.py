@@ -57,8 +57,8 @@ def _summary(console: Console, report: dict[str, Any], out: Path, wall_s: float)
         hospitals.add_column(column, justify="right", no_wrap=column != "excluded")
     for h in report["hospitals"]:
         excluded = "\n".join(f"{n} {reason}" for reason, n in h["records_excluded"].items()) or "-"
-        tokens = f"{h['tokens_paid']}" + (f"\n({h['tokens_forwarded']} to {h['reward_accounts_paid']} "
-                                          "reward accts)" if h["tokens_forwarded"] else "")
+        tokens = f"{h['tokens_paid']}" + (f"\n({h['tokens_forwarded']} to reward claim pools)"
+                                          if h["tokens_forwarded"] else "")
         hospitals.add_row(h["id"], str(h["decision"]), str(h["records_used"]), excluded,
                           f"{h['epsilon_spent']:.3f}", f"{h['noise_multiplier']:.2f}",
                           f"{h['sample_rate']:.3f}", str(h["steps"]), tokens)

@@ -54,8 +54,9 @@ def hospital_records(hospital_id: str, db_url: str, site_config: dict[str, str],
         train_records, held_out = len(train), len(data) - len(train)
         for receipt in receipts:
             at: datetime = parse_time(receipt.time)
-            outcome = site.gate(request, train.pseudonyms, at)
-            gating[int(receipt.payload["round"])] = RoundGating(
+            number = int(receipt.payload["round"])
+            outcome = site.gate(request, train.pseudonyms, at, (study_id, number))
+            gating[number] = RoundGating(
                 eligible=len(outcome.eligible), excluded=dict(outcome.excluded),
                 commitment=outcome.commitment)
     return HospitalRecords(id=hospital_id, plan=plan.to_dict() if plan is not None else None,

@@ -32,7 +32,7 @@ from matplotlib.ticker import MaxNLocator
 
 from audit.entry import Entry
 from audit.rewards import Receipt as PayoutReceipt
-from audit.rewards import StudyTerms, compute_payout, payout_credits
+from audit.rewards import StudyTerms, compute_payout, payout_credits, payout_pools
 
 REQUIRED_HOSPITAL_FIELDS = ("id", "records_used", "records_excluded", "epsilon_spent", "delta",
                             "noise_multiplier", "sample_rate", "steps", "tokens_paid")
@@ -120,7 +120,9 @@ def render_html(report: dict[str, Any]) -> str:
     hospitals = report["hospitals"]
     env = Environment(loader=PackageLoader("exchange.demo", "templates"),
                       autoescape=select_autoescape(["html", "j2"]))
-    payouts = report.get("payouts", {})
+    payouts = dict(report.get("payouts", {}))
+    for hospital, pooled in report.get("claim_pools", {}).items():
+        payouts[f"claim pools: {hospital}"] = pooled
     return env.get_template("report.html.j2").render(
         report=report,
         accuracy_svg=_accuracy_plot(report["rounds"]) if report["rounds"] else None,
@@ -246,20 +248,23 @@ def assemble_report(*, study: Mapping[str, Any], entries: Sequence[Entry], balan
         expected = compute_payout(study_id, payout["amount"], terms, [
             PayoutReceipt(study_id=study_id, round=r.payload["round"], hospital=r.payload["hospital"],
                           records_used=r.payload["records_used"],
-                          reward_accounts=dict(r.payload.get("reward_accounts") or {})) for r in receipts])
+                          rewards=r.payload.get("rewards")) for r in receipts])
         check("payout equals compute_payout(escrow terms, receipts)", expected == payout)
         check("the whole escrow was paid out", payout["amount"] == escrow[0].payload["amount"],
               f"paid {payout['amount']} of {escrow[0].payload['amount']}")
     credits = payout_credits(payout) if payout is not None else {}
+    pools = payout_pools(payout) if payout is not None else {}
     held = dict(balances.get("balances") or {})
     if credits:
         wrong = {a: (c, held.get(a)) for a, c in credits.items() if held.get(a) != c}
         check("coordinator balances equal the payout credits", not wrong,
               "; ".join(f"{a}: credited {c}, balance {b}" for a, (c, b) in sorted(wrong.items())))
     minted, in_escrow = balances.get("minted"), balances.get("escrow")
+    unclaimed = int(balances.get("unclaimed") or 0)
     if isinstance(minted, int) and isinstance(in_escrow, int):
-        check("conservation: minted = sum(balances) + escrow", minted == sum(held.values()) + in_escrow,
-              f"minted {minted}, balances {sum(held.values())}, escrow {in_escrow}")
+        check("conservation: minted = sum(balances) + escrow + unclaimed",
+              minted == sum(held.values()) + in_escrow + unclaimed,
+              f"minted {minted}, balances {sum(held.values())}, escrow {in_escrow}, unclaimed {unclaimed}")
     parts = {p["hospital"].removeprefix("hospital:"): p for p in (payout or {}).get("hospitals", [])}
 
     decisions = {d["hospital_id"]: d for d in study.get("decisions", [])}
@@ -272,16 +277,16 @@ def assemble_report(*, study: Mapping[str, Any], entries: Sequence[Entry], balan
             number = int(receipt.payload["round"])
             gating = records.gating.get(number)
             item: dict[str, Any] = {"round": number, "records_used": receipt.payload["records_used"],
-                                    "epsilon_total": receipt.payload.get("epsilon_total"),
-                                    "reward_accounts": len(receipt.payload.get("reward_accounts") or {})}
+                                    "epsilon_total": receipt.payload.get("epsilon_total")}
             if gating is not None:
                 item["records_excluded"] = dict(sorted(gating.excluded.items()))
                 for reason, count in gating.excluded.items():
                     excluded[reason] = excluded.get(reason, 0) + count
+                # the receipt's commitment is keyed per study and round (consent.gate); the demo
+                # holds the hospitals' keys, as an auditor they authorise would for one round
                 check(f"{records.id} round {number}: receipt matches consent gating",
-                      gating.eligible == receipt.payload["records_used"]
-                      and gating.commitment == receipt.payload.get("commitment"),
-                      f"gating {gating.eligible} records, receipt {receipt.payload['records_used']}")
+                      gating.commitment == receipt.payload.get("commitment"),
+                      f"gating {gating.eligible} records; commitments differ")
             per_round.append(item)
         plan = dict(records.plan) if records.plan is not None else {}
         charged = len(records.charges)
@@ -328,8 +333,8 @@ def assemble_report(*, study: Mapping[str, Any], entries: Sequence[Entry], balan
             "accountant": plan.get("accountant"),
             "tokens_paid": int(part["amount"]) if part else 0,
             "tokens_kept": int(part["kept"]) if part else 0,
-            "tokens_forwarded": sum(int(f["amount"]) for f in part["forwarded"]) if part else 0,
-            "reward_accounts_paid": len(part["forwarded"]) if part else 0,
+            # the forward share goes to the hospital's reward claim pools (no account named)
+            "tokens_forwarded": int(part["pool"]) if part else 0,
             "balance": held.get(f"hospital:{records.id}", 0),
             "rounds": per_round,
         }
@@ -353,8 +358,12 @@ def assemble_report(*, study: Mapping[str, Any], entries: Sequence[Entry], balan
         "rounds": rounds,
         "hospitals": hospital_rows,
         "payouts": dict(sorted(credits.items())),
+        # what the payout put in reward claim pools, per hospital (claimed by leaf, no account shown)
+        "claim_pools": {h.removeprefix("hospital:"): sum(v for (hh, _r), v in pools.items() if hh == h)
+                        for h in sorted({h for h, _r in pools})},
         "payout": payout,
-        "ledger": {"minted": minted, "escrow": in_escrow, "balances": dict(sorted(held.items()))},
+        "ledger": {"minted": minted, "escrow": in_escrow, "unclaimed": unclaimed,
+                   "balances": dict(sorted(held.items()))},
         "checks": checks,
     }
     if audit is not None:

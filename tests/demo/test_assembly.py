@@ -21,7 +21,8 @@ import pytest
 
 from audit.entry import Entry, sign_entry
 from audit.rewards import Receipt as PayoutReceipt
-from audit.rewards import StudyTerms, compute_payout, payout_credits
+from audit.reward_commitment import commit
+from audit.rewards import StudyTerms, compute_payout, payout_credits, payout_pools
 from audit.signing import Signer
 from consent.model import revoke, sign
 from consent.synthetic import make_signed_contracts
@@ -42,6 +43,7 @@ HOSPITALS = ("hospital-a", "hospital-b")
 ROUND_TIMES = (datetime(2026, 11, 1, 10, 0, tzinfo=UTC), datetime(2026, 11, 1, 10, 5, tzinfo=UTC))
 REVOKED_AT = datetime(2026, 11, 1, 10, 2, tzinfo=UTC)  # between round 1 and round 2
 BUDGET = 10_000
+WEIGHT = 640  # a receipt's records_used: expected batch x steps, the study's public terms
 MINTED = 50_000
 
 
@@ -96,7 +98,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         ledger.register_study(STUDY, plan)
         previous = 0.0
         for number, (at, epsilon) in enumerate(zip(ROUND_TIMES, (1.9, 2.95), strict=True), start=1):
-            gate = site.gate(request, train.pseudonyms, at)
+            gate = site.gate(request, train.pseudonyms, at, (STUDY, number))
             charge = ledger.charge(STUDY, number, epsilon)
             rewards: dict[str, int] = {}
             for p in gate.eligible:
@@ -105,10 +107,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                     key = account if account.startswith("reward:") else f"reward:{account}"
                     rewards[key] = rewards.get(key, 0) + 1
             receipts.append(make_receipt(demo[hospital].signer, study_id=STUDY, round=number,
-                                         hospital_id=hospital, records_used=len(gate.eligible),
+                                         hospital_id=hospital, records_used=WEIGHT,
                                          commitment=gate.commitment, epsilon_spent=charge.increment,
                                          epsilon_total=epsilon, delta=1e-5, spec_sha256=spec_hash,
-                                         reward_accounts=rewards, instant=at).entry)
+                                         rewards=commit(rewards).public(), instant=at).entry)
             previous = epsilon
         assert previous == ledger.spent(STUDY)
     terms = {"study_id": STUDY, "account": f"org:{RESEARCH_ORG}", "amount": BUDGET,
@@ -120,10 +122,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                     "round_wall_s": 2.5}}, at + timedelta(seconds=3)) for n, at in enumerate(ROUND_TIMES, 1)]
     payout = compute_payout(STUDY, BUDGET, StudyTerms("author:exchange-templates", 500, 3000), [
         PayoutReceipt(STUDY, e.payload["round"], e.payload["hospital"], e.payload["records_used"],
-                      e.payload["reward_accounts"]) for e in receipts])
+                      e.payload["rewards"]) for e in receipts])
     payout_entry = sign_entry(coordinator, "study.payout", payout, ROUND_TIMES[1] + timedelta(minutes=1))
     credits = payout_credits(payout)
-    balances = {"minted": MINTED, "escrow": 0,
+    balances = {"minted": MINTED, "escrow": 0, "unclaimed": sum(payout_pools(payout).values()),
                 "balances": {f"org:{RESEARCH_ORG}": MINTED - BUDGET, **credits}}
     study = {"id": STUDY, "title": "t", "status": "completed", "spec": _spec(), "rounds_planned": 2,
              "rounds_completed": 2, "min_hospitals": 2, "token_budget": BUDGET, "model_sha256": "cd" * 32,
@@ -156,19 +158,23 @@ def test_report_numbers_are_the_records_numbers(world: dict[str, Any], tmp_path:
         assert set(REQUIRED_HOSPITAL_FIELDS) <= set(h)
         mine = [e for e in world["receipts"] if e.payload["hospital"] == f"hospital:{h['id']}"]
         assert h["records_used"] == sum(e.payload["records_used"] for e in mine)
-        assert h["records_used"] + sum(h["records_excluded"].values()) == 2 * records.train_records
+        assert h["records_used"] == 2 * WEIGHT  # the public weight, the same every round
         assert h["epsilon_spent"] == 2.95 and h["steps"] == 20
         assert h["noise_multiplier"] == records.plan["noise_multiplier"]
         part = next(p for p in world["payout"]["hospitals"] if p["hospital"] == f"hospital:{h['id']}")
         assert (h["tokens_paid"], h["tokens_kept"]) == (part["amount"], part["kept"])
-        # the two revocations at REVOKED_AT: used in round 1, excluded (denied) from round 2
+        # the two revocations at REVOKED_AT: used in round 1, excluded (denied) from round 2 in the
+        # hospital's own gating, while the public receipts do not show them
         first, second = h["rounds"]
-        assert second["records_used"] == first["records_used"] - 2
+        assert second["records_used"] == first["records_used"]
         assert second["records_excluded"]["denied"] == first["records_excluded"].get("denied", 0) + 2
-    assert sum(report["payouts"].values()) == BUDGET
+    assert sum(report["payouts"].values()) + sum(report["claim_pools"].values()) == BUDGET
     json_path, html_path = write_report(report, tmp_path)
     assert json.loads(json_path.read_text())["hospitals"][0]["id"] == "hospital-a"
     assert html_path.read_text().count("<svg") == 4
+    # no reward account (nor pseudonym) in the report: they never left the hospitals
+    for text in (json_path.read_text(), html_path.read_text()):
+        assert "reward:" not in text
 
 
 def test_a_payout_that_differs_from_the_receipts_is_reported(world: dict[str, Any]) -> None:
@@ -186,7 +192,7 @@ def test_a_receipt_that_disagrees_with_consent_gating_is_reported(world: dict[st
     demo = world["demo"]
     original = world["receipts"][1]  # round 2 of hospital-a: after the revocations
     payload = dict(original.payload)
-    payload["records_used"] += 2  # as if the revoked records had been used
+    payload["commitment"] = "00" * 32  # as if other (pseudonym, contract) pairs had been used
     forged = sign_entry(demo["hospital-a"].signer, "round.receipt", payload, datetime.now(UTC))
     entries = [forged if e is original else e for e in world["entries"]]
     report = _assemble(world, entries=entries)

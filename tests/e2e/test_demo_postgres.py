@@ -97,16 +97,21 @@ def check_payout_conserves_tokens_and_matches_the_signed_receipts(demo_run: dict
                        escrow.payload["forward_bps"])
     expected = compute_payout(study_id, escrow.payload["amount"], terms, [
         Receipt(study_id, e.payload["round"], e.payload["hospital"], e.payload["records_used"],
-                e.payload["reward_accounts"]) for e in receipts])
+                e.payload["rewards"]) for e in receipts])
     assert payout.payload == expected
     # The auditor's fold over the whole log: conservation holds and agrees with the report.
     ledger = Ledger()
     state = ledger.apply_all(entries)
     folded = state.to_json()
-    assert folded["minted"] == sum(folded["balances"].values()) + folded["escrow"]
+    assert folded["minted"] == sum(folded["balances"].values()) + folded["escrow"] + folded["unclaimed"]
     assert folded["escrow"] == 0
     assert report["ledger"] == {"minted": folded["minted"], "escrow": folded["escrow"],
+                                "unclaimed": folded["unclaimed"],
                                 "balances": dict(sorted(folded["balances"].items()))}
+    # no reward account anywhere outside the hospitals: not in the log, not in the report
+    for text in ((out / "report.json").read_text(), (out / "report.html").read_text(),
+                 *(p.read_text() for p in (out / "audit").glob("*.jsonl"))):
+        assert "reward:" not in text
     credits = payout_credits(payout.payload)
     for hospital in report["hospitals"]:
         part = next((p for p in payout.payload["hospitals"] if p["hospital"] == f"hospital:{hospital['id']}"),
@@ -176,7 +181,8 @@ def check_report_shape_and_values_come_from_the_records(demo_run: dict[str, Any]
         assert h["noise_multiplier"] == plan.noise_multiplier and h["sample_rate"] == plan.sample_rate
         assert h["delta"] == plan.delta == report["study"]["delta"]
         assert h["steps"] == plan.steps_per_round * len(ledger.charges(study_id)) > 0
-        assert sum(h["records_excluded"].values()) + h["records_used"] == h["training_records"] * ROUNDS
+        # records_used is the receipts' public weight (the same every round), not a count
+        assert len({r["records_used"] for r in h["rounds"]}) == 1
         assert h["tokens_paid"] > 0
         ledger.engine.dispose()
     assert trained == 2
@@ -221,15 +227,17 @@ def check_revoked_records_are_not_used_after_their_revocation(demo_run: dict[str
                            and e.payload["study_id"] == study_id
                            and e.payload["hospital"] == f"hospital:{hospital}"),
                           key=lambda e: e.payload["round"])
-        first = site.gate(request, train.pseudonyms, parse_time(receipts[0].time))
+        first = site.gate(request, train.pseudonyms, parse_time(receipts[0].time),
+                          (study_id, receipts[0].payload["round"]))
         assert revoked <= first.eligible, "the revoked records were used before their revocation"
         for receipt in receipts:
             at = parse_time(receipt.time)
-            gate = site.gate(request, train.pseudonyms, at)
+            # the commitment is keyed per study and round; the hospital's key opens it
+            gate = site.gate(request, train.pseudonyms, at, (study_id, receipt.payload["round"]))
             assert gate.commitment == receipt.payload["commitment"]
-            assert len(gate.eligible) == receipt.payload["records_used"]
+            # the public weight does not move when patients revoke
+            assert receipt.payload["records_used"] == receipts[0].payload["records_used"]
             if at >= effective:
                 checked_after += 1
                 assert not revoked & gate.eligible
-                assert receipt.payload["records_used"] <= receipts[0].payload["records_used"] - len(revoked)
     assert checked_after >= 1, "at least one round was trained after a revocation took effect"
