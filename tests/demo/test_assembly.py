@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from audit.entry import Entry, sign_entry
-from audit.rewards import Receipt as PayoutReceipt
 from audit.reward_commitment import commit
+from audit.rewards import Receipt as PayoutReceipt
 from audit.rewards import StudyTerms, compute_payout, payout_credits, payout_pools
 from audit.signing import Signer
 from consent.model import revoke, sign
