@@ -9,6 +9,7 @@ error), never as a bare httpx exception.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -92,6 +93,20 @@ class HospitalClient:
         entry = decision_entry(self.signer, self.hospital_id, study_id, decision=decision,
                                reasons=reasons, eligible_records=eligible_records)
         return self.submit_entry(entry, path=f"/v1/hospital/studies/{study_id}/decision")
+
+    def claim_reward(self, claim: dict[str, Any]) -> dict[str, Any]:
+        """Claim one leaf of this hospital's reward commitment (federated.reward_openings.claim_request)."""
+        body = {k: v for k, v in claim.items() if k != "hospital"}
+        return dict(_check(self._http.post("/v1/hospital/rewards/claims", json=body)).json())
+
+    def payout(self, study_id: str) -> dict[str, Any] | None:
+        """The study's `study.payout` payload from the public log (None before the payout)."""
+        response = _check(self._http.get("/v1/audit/export"))
+        for line in response.text.splitlines():
+            entry = json.loads(line)
+            if entry.get("kind") == "study.payout" and entry["payload"].get("study_id") == study_id:
+                return dict(entry["payload"])
+        return None
 
     def submit_entry(self, entry: Entry, path: str = "/v1/hospital/entries") -> dict[str, Any]:
         """Send an entry the hospital signed (decision, receipt, key rotation) for the log."""
