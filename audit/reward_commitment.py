@@ -38,7 +38,7 @@ UNITS = 2**20
 MIN_SIZE = 8
 #: The tree size a hospital uses unless it has more patients: a site constant, so the size
 #: says nothing about how many patients a study used.
-DEFAULT_SIZE = 1024
+DEFAULT_SIZE = 256
 HOLDER_PREFIX = b"reward-holder/1\x00"
 SALT_BYTES = 32
 CLAIM_ACCOUNT_PREFIX = "claim:"
