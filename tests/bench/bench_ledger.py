@@ -4,7 +4,7 @@
     .venv/bin/python -m tests.bench.bench_ledger --quick    # 20,000 entries
 
 A realistic token history is generated once (not timed): mints, transfers, and studies
-(escrow, 1-5 rounds of hospital receipts naming reward accounts, payout of all or part of the
+(escrow, 1-5 rounds of hospital receipts committing to reward accounts, payout of all or part of the
 escrow, refund of the rest). Entries are built without signatures: the ledger does not check
 them (the keyring does), so signing would only slow the set-up.
 
@@ -44,7 +44,6 @@ def generate(count: int, seed: int = 1) -> tuple[str, list[Entry], list[list[tup
     root = "root-operator"
     orgs = [f"org:r{i:03d}" for i in range(50)]
     hospitals = [f"hospital:h{i:02d}" for i in range(20)]
-    rewards = {h: [f"reward:{h[9:]}-{j:03d}" for j in range(40)] for h in hospitals}
     entries: list[Entry] = []
     ledger = Ledger(root)
 
@@ -83,16 +82,12 @@ def generate(count: int, seed: int = 1) -> tuple[str, list[Entry], list[list[tup
         for rnd in range(1, rng.randint(1, 5) + 1):
             for hospital in taking:
                 used = rng.randint(1, 500)
-                named: dict[str, int] = {}
-                left = used
-                for account in rng.sample(rewards[hospital], rng.randint(0, 6)):
-                    take = rng.randint(0, left)
-                    if take:
-                        named[account] = take
-                        left -= take
+                # the reward commitment's root (no claims here: bench_reward_claims times them)
+                root_hex = rng.randbytes(32).hex()
                 add(_entry(f"k-{hospital}", "round.receipt", {
                     "study_id": sid, "round": rnd, "hospital": hospital, "records_used": used,
-                    "reward_accounts": named, "commitment": "-", "epsilon_spent": 0.1}))
+                    "rewards": {"root": root_hex, "size": 256}, "commitment": "-",
+                    "epsilon_spent": 0.1}))
         paid = amount if rng.random() < 0.8 else rng.randint(1, amount)
         add(_entry("coord", "study.payout", ledger.expected_payout(sid, paid)))
         if paid < amount:
