@@ -267,8 +267,8 @@ def plan_study(target_epsilon: float, delta: float, *, rounds: int, n_patients: 
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise AccountingError(f"{name}: must be a positive integer, got {value!r}")
     if delta > max_delta(n_patients):
-        raise AccountingError(f"delta: {delta:g} is above 1/n = {max_delta(n_patients):.3g} for the "
-                              f"{n_patients} eligible patient(s)")
+        # no n in the message: it can reach a refusal text, which leaves the hospital
+        raise AccountingError(f"delta: {delta:g} is above 1/n for the n eligible patients")
     sample_rate = min(1.0, batch_size / n_patients)
     sigma = calibrate(target_epsilon, delta, sample_rate, rounds * steps_per_round,
                       accountant=accountant)

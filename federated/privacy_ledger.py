@@ -321,9 +321,9 @@ class PrivacyLedger:
                 raise BudgetExceededError(f"delta: study {study_id!r} asks {plan.delta:g}, above the site "
                                           f"maximum {site_max:g}")
             if plan.delta > max_delta(plan.n_patients) * (1 + EPS_TOLERANCE):
-                raise BudgetExceededError(f"delta: study {study_id!r} asks {plan.delta:g}, above 1/n = "
-                                          f"{max_delta(plan.n_patients):.3g} for its {plan.n_patients} "
-                                          "patient(s)")
+                # no n in the message: a refusal text leaves the hospital (docs/privacy.md)
+                raise BudgetExceededError(f"delta: study {study_id!r} asks {plan.delta:g}, above 1/n for "
+                                          "its n patients")
             delta_left = delta_budget - self._delta_total(conn)
             if plan.delta > delta_left * (1 + EPS_TOLERANCE):
                 raise BudgetExceededError(
@@ -552,8 +552,7 @@ class PrivacyLedger:
                                         privacy_patient_spend.c.role == role)).tuples().all())
         missing = [p for p in wanted if p not in held]
         if missing:
-            raise LedgerError(f"patients: {len(missing)} patient(s) were not admitted to study "
-                              f"{study_id!r} for {role}")
+            raise LedgerError(f"patients: some were not admitted to study {study_id!r} for {role}")
         if any(held[p] + units > limit for p in wanted):
             raise LedgerError(f"patients: a patient would take part in more than the {limit} "
                               f"{'steps' if role == 'train' else 'evaluations'} study {study_id!r} planned")
