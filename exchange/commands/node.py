@@ -243,13 +243,3 @@ def _print_status(report: dict[str, Any]) -> None:
             errors.add_row(str(error["at"]), error["component"], error["message"])
         console.print(errors)
 
-
-def _register_privacy_commands() -> None:
-    """The rewards and gate-key commands live in their own module (exchange.commands.node_rewards)."""
-    from exchange.commands.node_rewards import gate_key, rewards_app
-
-    app.add_typer(rewards_app, name="rewards")
-    app.command("gate-key")(gate_key)
-
-
-_register_privacy_commands()
