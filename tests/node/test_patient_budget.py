@@ -76,8 +76,8 @@ def test_patients_without_lifetime_budget_left_are_not_counted_at_decision_time(
     # p0-p3 hold 2 of their 3, p4-p9 3 of the site default 3: none has 1.5 left
     refused = evaluate_study(seeded, tight, _study("next-3", epsilon=1.5))
     assert refused.decision == "refuse"
-    assert "no eligible patient has privacy budget left for epsilon 1.5: 10 would exceed their lifetime " \
-           "cap" in refused.reasons
+    assert "no eligible patient has privacy budget left for epsilon 1.5 (each would exceed their " \
+           "lifetime cap)" in refused.reasons
 
 
 def test_delta_above_the_site_maximum_is_refused_at_decision_time_and_nothing_is_spent(

@@ -110,8 +110,8 @@ def test_a_study_no_patient_has_lifetime_budget_for_is_refused() -> None:
     policy = SitePolicy(mode="auto-approve")
     capped = Eligibility(eligible=12, patients=0, over_lifetime_cap=12)
     refused = evaluate(policy, study(epsilon=3.0), capped, FULL, HELD)
-    assert refused.reasons == ["no eligible patient has privacy budget left for epsilon 3: 12 would exceed "
-                               "their lifetime cap"]
+    assert refused.reasons == ["no eligible patient has privacy budget left for epsilon 3 (each would "
+                               "exceed their lifetime cap)"]
 
 
 def test_delta_settings_validate() -> None:
