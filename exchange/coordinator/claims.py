@@ -46,8 +46,9 @@ def claim_reward(coordinator: Coordinator, hospital_id: str, claim: RewardClaim)
     """Append the signed claim; the ledger fold refuses a wrong amount, a proof that does not
     verify, a leaf already paid or a study not paid out (422 naming the field), and then
     nothing is appended."""
-    entry = coordinator._sign(CLAIM_KIND, claim_payload(f"hospital:{hospital_id}", claim))
-    with coordinator.write() as session:
-        (index,) = coordinator._append(session, entry)
+    journal = coordinator.journal
+    entry = journal.sign(CLAIM_KIND, claim_payload(f"hospital:{hospital_id}", claim))
+    with journal.write() as session:
+        (index,) = journal.append(session, entry)
     coordinator.on_change(CLAIM_KIND)
     return index

@@ -8,6 +8,7 @@ import hashlib
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import save as save_safetensors
@@ -34,6 +35,8 @@ class ScriptedRunner:
     fail_at_round: int | None = None
     pause: threading.Event | None = None
     reward_accounts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    #: the hospitals' kept openings of each receipt's reward commitment (a test claims with them)
+    openings: dict[tuple[str, str, int], Any] = field(default_factory=dict)
     intruders: Mapping[str, Signer] = field(default_factory=dict)
     handles: list[ThreadHandle] = field(default_factory=list)
 
@@ -51,6 +54,7 @@ class ScriptedRunner:
         return handle
 
     def _run(self, request: RunRequest, observer: RunObserver, cancelled: threading.Event) -> None:
+        from audit.reward_commitment import commit
         from federated.receipts import make_receipt
 
         spec_sha = sha256_hex(canonical(dict(request.spec)))
@@ -68,6 +72,8 @@ class ScriptedRunner:
             signers = [(h.id, self.hospital_keys[h.id]) for h in request.hospitals]
             for hospital_id, signer in [*signers, *self.intruders.items()]:
                 used = self.records.get(hospital_id, 100)
+                rewards = commit(dict(self.reward_accounts.get(hospital_id) or {}))
+                self.openings[(request.study_id, hospital_id, round_number)] = rewards
                 commitment = hashlib.sha256(
                     f"{request.study_id}/{hospital_id}/{round_number}".encode()
                 ).hexdigest()
@@ -83,7 +89,7 @@ class ScriptedRunner:
                         epsilon_total=0.1 * round_number,
                         delta=float(request.spec.get("delta", 1e-5)),
                         spec_sha256=spec_sha,
-                        reward_accounts=self.reward_accounts.get(hospital_id),
+                        rewards=rewards.public(),
                     ).entry
                 )
             observer.on_round(
