@@ -24,9 +24,10 @@ PAYOUT_KINDS = ("study.payout", "study.refund")
 
 
 def payouts(log: AuditLog, study_id: str, chunk: int = 512) -> list[dict[str, Any]]:
-    """The study's payout or refund entries, without the reward accounts a hospital forwarded
-    to (only their total). Read backwards from the log's end in chunks, stopping at the study's
-    own study.submit entry: a payout is always appended after it."""
+    """The study's payout or refund entries: per hospital what it kept and what went to its
+    reward claim pools (payouts name no reward account, docs/rewards.md). Read backwards from
+    the log's end in chunks, stopping at the study's own study.submit entry: a payout is always
+    appended after it."""
     found: list[dict[str, Any]] = []
     stop = log.size()
     while stop > 0:
@@ -51,7 +52,8 @@ def _payout(index: int, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
             "records": h.get("records"),
             "amount": h.get("amount"),
             "kept": h.get("kept"),
-            "forwarded": sum(int(f.get("amount", 0)) for f in h.get("forwarded", [])),
+            # the forward share, put in the hospital's reward claim pools
+            "forwarded": int(h.get("pool", 0)),
         }
         for h in payload.get("hospitals", [])
         if isinstance(h, dict)
