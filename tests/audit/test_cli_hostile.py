@@ -213,7 +213,8 @@ def hostile_documents(valid: dict[str, Any]) -> st.SearchStrategy[bytes]:
     return st.one_of(
         hostile_values.map(lambda value: value.encode("utf-8", "surrogatepass")),
         st.builds(field_replaced, st.sampled_from(sorted(valid)),
-                  st.one_of(deep_values, huge_numbers, hostile_strings, st.just("[]"), st.just("{}"))),
+                  st.one_of(deep_values, huge_numbers, hostile_strings, st.just("[]"), st.just("{}")))
+        .filter(lambda document: document != text.encode()),  # "[]" for an empty list is no change
         st.builds(lambda key: (text[:-1] + f',"{key}":{json.dumps(valid[key])}}}').encode(),
                   st.sampled_from(sorted(valid))),  # the same field twice
         st.builds(lambda at: text.encode()[:at] + b"\xff" + text.encode()[at:], st.integers(0, len(text))),
