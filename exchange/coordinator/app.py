@@ -104,7 +104,6 @@ class Runtime:
 
     def close(self) -> None:
         self.coordinator.close()
-        self.audit_log.close()
         if self.checkpointer is not None:
             self.checkpointer.close()
         self.read_engine.dispose()

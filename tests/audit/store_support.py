@@ -2,6 +2,11 @@
 
 A test log needs: the pinned operator key (root of the keyring), the log key (signs
 checkpoints), and a writer key registered by the operator in the log itself.
+
+Appends go the one way the coordinator makes them (`GroupLog`): `AuditLog.append_in` inside a
+write of the coordinator's group commit (`exchange.coordinator.group_commit.GroupCommit`: one
+transaction and one fsync for every write waiting, each write in its own savepoint), on a write
+engine like the coordinator's, with `AuditLog.after_commit` as the commit hook.
 """
 
 from __future__ import annotations
@@ -10,11 +15,13 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from audit import merkle
 from audit.entry import Entry, sign_entry
@@ -23,6 +30,8 @@ from audit.merkle import leaf_hash
 from audit.signing import Signer
 from audit.store import AuditLog, audit_entries, verify_storage
 from audit.verify import VerifyReport, verify_lines
+from exchange.coordinator.group_commit import GroupCommit
+from exchange.db.checkpoint import WalCheckpointer, writers_leave_checkpoints_to_a_thread
 from exchange.db.engine import make_engine
 from exchange.db.migrate import upgrade
 
@@ -36,10 +45,14 @@ def migrated_engine(url: str) -> Engine:
     return make_engine(url)
 
 
-def immediate_engine(url: str) -> Engine:
+def immediate_engine(url: str, **kwargs: Any) -> Engine:
     """An engine whose transactions hold the write lock from the start, as append_in needs on
-    SQLite (BEGIN IMMEDIATE, per SQLAlchemy's pysqlite recipe); a plain engine on PostgreSQL."""
-    engine = make_engine(url)
+    SQLite (BEGIN IMMEDIATE, per SQLAlchemy's pysqlite recipe); READ COMMITTED on PostgreSQL
+    (each statement after append_in's advisory lock sees what committed before it). The
+    coordinator's write engine is made the same way (exchange.coordinator.app)."""
+    engine = make_engine(url, **kwargs)
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="READ COMMITTED")
     if engine.dialect.name == "sqlite":
         from sqlalchemy import event
 
@@ -81,8 +94,10 @@ class LogKeys:
     def trust(self) -> Trust:
         return Trust(ORIGIN, self.operator.public_key, self.log.public_key)
 
-    def open(self, engine: Engine, **kwargs: int) -> AuditLog:
-        return AuditLog(engine, self.log, ORIGIN, self.operator.public_key, **kwargs)
+    def open(self, engine: Engine, *, max_batch: int = 64) -> GroupLog:
+        """The log on `engine` (reads) with appends through the coordinator's group commit."""
+        return GroupLog(AuditLog(engine, self.log, ORIGIN, self.operator.public_key),
+                        max_batch=max_batch)
 
     def save(self, folder: Path) -> None:
         for name in ("operator", "log", "writer"):
@@ -91,6 +106,77 @@ class LogKeys:
     @classmethod
     def load(cls, folder: Path) -> LogKeys:
         return cls(*(Signer.load(folder / f"{name}.key") for name in ("operator", "log", "writer")))
+
+
+@dataclass(frozen=True)
+class _Append:
+    """One group-commit write: append `entries` in the writer's transaction; their indexes."""
+
+    log: AuditLog
+    entries: tuple[Entry | Mapping[str, Any], ...]
+
+    def __call__(self, connection: Connection) -> list[int]:
+        return self.log.append_in(connection, self.entries)
+
+
+def _append_together(connection: Connection, writes: list[_Append]) -> list[list[int]]:
+    """Neighbouring appends as ONE append_in (the coordinator's `together` for submissions):
+    if any entry is refused, the group commit makes each append on its own instead."""
+    indexes = writes[0].log.append_in(connection, [e for w in writes for e in w.entries])
+    out, position = [], 0
+    for write in writes:
+        out.append(indexes[position:position + len(write.entries)])
+        position += len(write.entries)
+    return out
+
+
+class GroupLog:
+    """An AuditLog whose appends go through the coordinator's group commit.
+
+    Reads, proofs and checkpoints are the AuditLog's (attributes are passed through); `append`,
+    `append_many`, `submit` and `append_async` queue an `append_in` write on a GroupCommit over
+    a write engine of the log's database, and return once the shared transaction committed.
+    """
+
+    def __init__(self, log: AuditLog, *, max_batch: int = 64) -> None:
+        self.log = log
+        self.write_engine = immediate_engine(log.engine.url.render_as_string(hide_password=False))
+        self.checkpointer: WalCheckpointer | None = None
+        if self.write_engine.dialect.name == "sqlite":  # as the coordinator: WAL checkpoints
+            writers_leave_checkpoints_to_a_thread(self.write_engine)  # off the commit path
+            self.checkpointer = WalCheckpointer(self.write_engine)
+        self.group = GroupCommit(self.write_engine, max_batch=max_batch,
+                                 after_commit=log.after_commit)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.log, name)
+
+    def __enter__(self) -> GroupLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Finish the queued appends, then stop the writer thread and its engine."""
+        self.group.close()
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        self.write_engine.dispose()
+
+    def submit(self, entries: Sequence[Entry | Mapping[str, Any]]) -> Future[list[int]]:
+        return self.group.submit(_Append(self.log, tuple(entries)), _append_together)
+
+    def append(self, entry: Entry | Mapping[str, Any]) -> int:
+        return self.submit([entry]).result()[0]
+
+    def append_many(self, entries: Sequence[Entry | Mapping[str, Any]]) -> list[int]:
+        return self.submit(entries).result()
+
+    async def append_async(self, entry: Entry | Mapping[str, Any]) -> int:
+        future = self.group.submit_async(_Append(self.log, (entry,)), _append_together)
+        indexes: list[int] = await future
+        return indexes[0]
 
 
 def stored_leaves(engine: Engine) -> list[bytes]:

@@ -1,0 +1,187 @@
+"""Entry rows over the database: reading leaves back, the log's size, and the one INSERT per
+table that appends a group of entries with the tree nodes they complete.
+
+Statements are built once (module level, or cached per list length), not per call: building
+and cache-keying a SQLAlchemy construct costs more than executing it on these small look-ups,
+several times per append_in (docs/audit-store.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, func, null, select, text, union_all
+
+from audit import merkle
+from audit.entry import Entry, MalformedEntryError
+from audit.keyring import KEY_KINDS, Keyring, KeyringError
+from audit.store.errors import StoreCorruptError
+from audit.store.nodes import LOOKUP_CHUNK
+from audit.store.schema import ENTRIES_TABLE, NODES_TABLE, audit_entries
+from audit.verify import envelope_from_json
+
+READ_PAGE = 1000
+_e = audit_entries.c
+_SIZE = select(func.max(_e.idx))
+_LEAVES_PAGE = (select(_e.idx, _e.leaf).where(_e.idx >= bindparam("start"), _e.idx < bindparam("stop"))
+                .order_by(_e.idx).limit(READ_PAGE))
+_KEY_LEAVES_PAGE = (select(_e.idx, _e.leaf)
+                    .where(_e.idx >= bindparam("start"), _e.idx < bindparam("stop"),
+                           _e.kind.in_(sorted(KEY_KINDS)))
+                    .order_by(_e.idx).limit(READ_PAGE))
+
+
+def entry_from_leaf(leaf: bytes) -> Entry:
+    """Parse stored leaf bytes back into an Entry whose leaf_bytes() are exactly `leaf`."""
+    try:
+        obj = json.loads(leaf)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedEntryError(f"leaf: not JSON ({exc})") from exc
+    return envelope_from_json(obj).with_leaf(bytes(leaf))
+
+
+def log_size(connection: Connection) -> int:
+    """The number of entries `connection` sees (the indexes are contiguous from 0)."""
+    top = connection.execute(_SIZE).scalar_one()
+    return 0 if top is None else int(top) + 1
+
+
+def iter_leaves(connection: Connection, start: int, stop: int, *,
+                key_entries_only: bool = False) -> Iterator[tuple[int, bytes]]:
+    """(index, leaf) for start <= index < stop, in order; only the KEY_KINDS entries if asked
+    (uses the kind index: opening a long log reads its few key entries, not all of it).
+    Keyset pages."""
+    statement = _KEY_LEAVES_PAGE if key_entries_only else _LEAVES_PAGE
+    position = start
+    while position < stop:
+        rows = connection.execute(statement, {"start": position, "stop": stop}).all()
+        for row in rows:
+            yield int(row.idx), bytes(row.leaf)
+        if len(rows) < READ_PAGE:
+            return
+        position = int(rows[-1].idx) + 1
+
+
+def replay_keys(connection: Connection, keyring: Keyring, start: int,
+                stop: int) -> tuple[Keyring, bool]:
+    """`keyring` moved forward over the key entries at [start, stop); (keyring, copied): a copy
+    is made before the first change, so the one passed in is never changed."""
+    copied = False
+    for index, leaf in iter_leaves(connection, start, stop, key_entries_only=True):
+        if not copied:
+            keyring, copied = copy.deepcopy(keyring), True
+        try:
+            keyring.apply(entry_from_leaf(leaf), index)
+        except (KeyringError, MalformedEntryError) as exc:
+            raise StoreCorruptError(f"entry {index}: stored key entry does not apply: "
+                                    f"{exc}") from exc
+    return keyring, copied
+
+
+# -- which leaf hashes are stored ---------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _indexes_of(count: int) -> Any:
+    """SELECT the index of each of `count` leaf hashes (:h0 ... :hN) that is in the log."""
+    return select(_e.leaf_hash, _e.idx).where(
+        _e.leaf_hash.in_([bindparam(f"h{i}") for i in range(count)]))
+
+
+@functools.lru_cache(maxsize=64)
+def _size_and_indexes_of(count: int) -> Any:
+    """The log's last index (the row with a NULL hash) and, in the same statement, the index of
+    each of `count` leaf hashes already in the log: one round trip instead of two per
+    append_in."""
+    return union_all(select(null().label("leaf_hash"), func.max(_e.idx).label("idx")),
+                     _indexes_of(count))
+
+
+def stored_indexes(connection: Connection, hashes: Sequence[bytes]) -> dict[bytes, int]:
+    """Which of these leaf hashes are already in the log, and at which index."""
+    found: dict[bytes, int] = {}
+    for start in range(0, len(hashes), LOOKUP_CHUNK):
+        chunk = hashes[start:start + LOOKUP_CHUNK]
+        parameters = {f"h{i}": leaf_hash for i, leaf_hash in enumerate(chunk)}
+        for row in connection.execute(_indexes_of(len(chunk)), parameters):
+            found[bytes(row.leaf_hash)] = int(row.idx)
+    return found
+
+
+def size_and_stored_indexes(connection: Connection,
+                            hashes: Sequence[bytes]) -> tuple[int, dict[bytes, int]]:
+    """(log size, {leaf hash: index} for those of `hashes` already in the log)."""
+    if not hashes or len(hashes) > LOOKUP_CHUNK:
+        return log_size(connection), stored_indexes(connection, hashes)
+    size = 0
+    found: dict[bytes, int] = {}
+    rows = connection.execute(_size_and_indexes_of(len(hashes)),
+                              {f"h{i}": leaf_hash for i, leaf_hash in enumerate(hashes)})
+    for row in rows:
+        if row.leaf_hash is None:
+            size = 0 if row.idx is None else int(row.idx) + 1
+        else:
+            found[bytes(row.leaf_hash)] = int(row.idx)
+    return size, found
+
+
+# -- appending rows -----------------------------------------------------------------------------
+
+# PostgreSQL: entries and nodes in ONE statement (one round trip, whatever the group size):
+# arrays unnested in order; the entries' row trigger sees the rows inserted before it in the
+# same statement, so the next-index check holds row by row.
+_PG_INSERT = text(
+    f"WITH new_entries AS (INSERT INTO {ENTRIES_TABLE} (idx, leaf, leaf_hash, kind, key_id, time) "
+    "SELECT idx, leaf, leaf_hash, kind, key_id, time "
+    "FROM unnest(CAST(:idx AS bigint[]), CAST(:leaf AS bytea[]), "
+    "CAST(:leaf_hash AS bytea[]), CAST(:kind AS varchar[]), CAST(:key_id AS varchar[]), "
+    "CAST(:time AS varchar[])) WITH ORDINALITY AS t(idx, leaf, leaf_hash, kind, key_id, time, n) "
+    "ORDER BY n) "
+    f"INSERT INTO {NODES_TABLE} (level, idx, hash) "
+    "SELECT level, idx, hash FROM unnest(CAST(:node_level AS smallint[]), "
+    "CAST(:node_idx AS bigint[]), CAST(:node_hash AS bytea[])) AS u(level, idx, hash)")
+
+ENTRY_COLUMNS = ("idx", "leaf", "leaf_hash", "kind", "key_id", "time")
+_SQLITE_ROWS_PER_INSERT = 500  # 500 rows x 6 columns stays far below SQLite's 32766 variables
+
+
+def _pg_insert_parameters(rows: list[dict[str, Any]], nodes: list[merkle.Node]) -> dict[str, list[Any]]:
+    parameters: dict[str, list[Any]] = {name: [r[name] for r in rows] for name in ENTRY_COLUMNS}
+    parameters.update(node_level=[n.level for n in nodes], node_idx=[n.index for n in nodes],
+                      node_hash=[n.hash for n in nodes])
+    return parameters
+
+
+@functools.lru_cache(maxsize=256)
+def _sqlite_insert_sql(table: str, columns: tuple[str, ...], count: int) -> str:
+    row = "(" + ", ".join("?" * len(columns)) + ")"
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([row] * count)
+
+
+def sqlite_insert_statements(rows: list[dict[str, Any]],
+                             nodes: list[merkle.Node]) -> Iterator[tuple[str, tuple[Any, ...]]]:
+    """SQLite: one multi-row INSERT per table (per 500 rows), as SQL text for the driver:
+    pysqlite's executemany steps (and gives up the GIL) once per row, a multi-row VALUES once
+    per statement."""
+    for start in range(0, len(rows), _SQLITE_ROWS_PER_INSERT):
+        chunk = rows[start:start + _SQLITE_ROWS_PER_INSERT]
+        yield (_sqlite_insert_sql(ENTRIES_TABLE, ENTRY_COLUMNS, len(chunk)),
+               tuple(r[c] for r in chunk for c in ENTRY_COLUMNS))
+    for start in range(0, len(nodes), _SQLITE_ROWS_PER_INSERT):
+        part = nodes[start:start + _SQLITE_ROWS_PER_INSERT]
+        yield (_sqlite_insert_sql(NODES_TABLE, ("level", "idx", "hash"), len(part)),
+               tuple(v for n in part for v in (n.level, n.index, n.hash)))
+
+
+def insert(connection: Connection, rows: list[dict[str, Any]], nodes: list[merkle.Node]) -> None:
+    """Insert a group's entries and tree nodes in `connection`'s transaction (SQLite: one
+    INSERT per table; PostgreSQL: one in all)."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(_PG_INSERT, _pg_insert_parameters(rows, nodes))
+        return
+    for statement, parameters in sqlite_insert_statements(rows, nodes):
+        connection.exec_driver_sql(statement, parameters)

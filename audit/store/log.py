@@ -1,0 +1,292 @@
+"""The audit log in a database: append in the caller's transaction, read, prove, checkpoint.
+
+Why a database and not a file: the coordinator already runs one (SQLite embedded, PostgreSQL in
+production), so the log gets the database's durability (an acknowledged append survives kill -9)
+and its locking (several processes may append to one log), and append-only is enforced by the
+database itself (audit.store.schema), not by convention.
+
+One write path: `AuditLog.append_in(connection, entries)` inside the caller's write transaction,
+so a state change and the entry recording it commit together or not at all. The coordinator
+makes every append so, through its group commit (exchange/coordinator/group_commit.py: every
+write waiting shares one transaction and one fsync, each in its own savepoint), and tells the
+log after each commit (`after_commit`), so that the next transaction starts from the committed
+key state and tree edge instead of reading them again. The design: docs/audit-store.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, func, select, text
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from audit import merkle
+from audit.checkpoint import Checkpoint, sign_checkpoint
+from audit.entry import Entry
+from audit.keyring import Keyring
+from audit.signing import Signer
+from audit.store import admission
+from audit.store.entries import (
+    entry_from_leaf,
+    insert,
+    iter_leaves,
+    log_size,
+    replay_keys,
+    size_and_stored_indexes,
+)
+from audit.store.errors import AuditStoreError
+from audit.store.nodes import (
+    DictSource,
+    advance_frontier,
+    fetch_nodes,
+    frontier_coordinates,
+    with_nodes,
+)
+from audit.store.schema import ADVISORY_LOCK_KEY, audit_checkpoints, audit_entries, check_schema
+
+T = TypeVar("T")
+
+# connection.info key: (the transaction that called append_in, the log size before its first
+# append). Rows from that size on are this transaction's own, not committed.
+_APPEND_IN_MARK = "audit.store.append_in"
+# connection.info key: (transaction, log size, key ring, right edge of the tree) after that
+# transaction's latest append_in (see append_in).
+_APPEND_IN_STATE = "audit.store.append_in_state"
+# PostgreSQL, in one round trip: the log's write lock (held to COMMIT/ROLLBACK) and a durable
+# COMMIT (the WAL flushed before it returns) whatever the server or role default.
+_PG_LOCK = text("SELECT pg_advisory_xact_lock(:key), set_config('synchronous_commit', 'on', true)")
+
+
+def _is_in_memory_sqlite(engine: Engine) -> bool:
+    database = engine.url.database or ""
+    return engine.dialect.name == "sqlite" and (
+        database in ("", ":memory:") or database.startswith("file::memory:")
+        or "mode=memory" in str(engine.url.query))
+
+
+class AuditLog:
+    """The coordinator's audit log: append signed entries, read them, prove things about them.
+
+    Thread-safe; several AuditLog objects (in one or several processes) may append to the same
+    database. An append is durable when the caller's transaction commits.
+    """
+
+    def __init__(self, engine: Engine, log_signer: Signer, origin: str,
+                 trusted_operator_key: bytes) -> None:
+        Checkpoint(origin, 0, merkle.EMPTY_ROOT).body()  # validates the origin line
+        self.engine = engine
+        self.origin = origin
+        self._log_signer = log_signer
+        self._trusted_operator_key = trusted_operator_key
+        if engine.dialect.name not in ("sqlite", "postgresql"):
+            raise AuditStoreError(f"engine: dialect {engine.dialect.name!r} is not supported")
+        if _is_in_memory_sqlite(engine):
+            raise AuditStoreError("engine: an in-memory SQLite database cannot hold a durable "
+                                  "audit log; use a file (sqlite:///path/to/exchange.db)")
+        check_schema(engine)
+        # The newest (size, keyring) known to be committed. Published keyrings are never changed
+        # in place (changes happen on copies), so a reader may use one without a lock.
+        self._state_lock = threading.Lock()
+        self._published: tuple[int, Keyring] = (0, Keyring(trusted_operator_key))
+        # (size, keyring, right edge of the tree) after an append_in transaction its caller
+        # saw commit (`after_commit`): the next append_in transaction that finds the log that
+        # long starts from it instead of reading the key entries and the edge nodes again.
+        self._committed_edge: tuple[int, Keyring, dict[tuple[int, int], bytes]] | None = None
+        # Only key entries change the key ring, and only those are read (through the index on
+        # `kind`): opening costs O(key entries), not O(n).
+        with engine.connect() as connection:
+            size = log_size(connection)
+            keyring, _copied = replay_keys(connection, self._published[1], 0, size)
+        self._publish(size, keyring)
+
+    # -- appending ----------------------------------------------------------------------------
+    def append_in(self, connection: Connection,
+                  entries: Sequence[Entry | Mapping[str, Any]]) -> list[int]:
+        """Append `entries` (all or none, in order) in the open transaction on `connection`;
+        their indexes.
+
+        Why: a state change and the entry recording it must commit together (or neither).
+        Nothing is durable or acknowledged until the CALLER commits; if it rolls back, the
+        entries vanish with its other changes. Raises EntryRefusedError (DuplicateEntryError
+        for a replay); the caller must then roll back (nothing of this call was written, but
+        earlier statements of the transaction were), or roll back a savepoint around it.
+
+        The write lock: PostgreSQL, the transaction-level advisory lock is taken here (held to
+        the caller's COMMIT/ROLLBACK; the transaction must be READ COMMITTED), with
+        synchronous_commit on for the transaction. SQLite, the caller's transaction must hold
+        the database write lock from its start (BEGIN IMMEDIATE); otherwise a concurrent append
+        makes this one fail (primary key or next-index trigger), never corrupt the log. Several
+        calls in one transaction see each other's entries (a key registered by the first may
+        sign in the second).
+        """
+        if not connection.in_transaction() or \
+                connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            # Entries and their tree nodes must commit together, with the caller's change.
+            raise AuditStoreError("connection: append_in needs an open transaction (call it "
+                                  "inside `with engine.begin() as connection:`)")
+        known_keys = self._published[1]  # a published keyring: never changed
+        prepared = [admission.prepare(position, entry, known_keys)
+                    for position, entry in enumerate(entries)]
+        if not prepared:
+            return []
+        if connection.dialect.name == "postgresql":
+            connection.execute(_PG_LOCK, {"key": ADVISORY_LOCK_KEY})
+        hashes = [p.leaf_hash for p in prepared]
+        size, seen = size_and_stored_indexes(connection, hashes)
+        transaction = connection.get_transaction()
+        # The key state and the tree's right edge after this transaction's previous append_in,
+        # if the log is still exactly that long: every append of the transaction goes through
+        # here (and refreshes this), and a rolled-back savepoint only shortens the log, so an
+        # equal size means the same rows. Saves reading the key entries and the nodes again
+        # for each of a group commit's submissions.
+        state = connection.info.get(_APPEND_IN_STATE)
+        edge = self._committed_edge
+        if state is not None and state[0] is transaction and state[1] == size:
+            keyring, frontier = state[2], state[3]
+        elif edge is not None and edge[0] == size:
+            # A committed prefix of exactly this length: the same rows (the log is append-only).
+            keyring, frontier = edge[1], edge[2]
+        else:
+            keyring = self._keyring_in(connection, size)
+            frontier = fetch_nodes(connection, frontier_coordinates(size))
+        admission.check_unique(prepared, size, seen)
+        keyring = admission.check_entries(keyring, prepared, size)
+        nodes = merkle.append_nodes(DictSource(frontier), size, hashes)
+        indexes = list(range(size, size + len(prepared)))
+        rows = [{"idx": index, "leaf": p.leaf, "leaf_hash": p.leaf_hash, "kind": p.entry.kind,
+                 "key_id": p.entry.key_id, "time": p.entry.time}
+                for index, p in zip(indexes, prepared, strict=True)]
+        insert(connection, rows, nodes)
+        marker = connection.info.get(_APPEND_IN_MARK)
+        if marker is None or marker[0] is not transaction:
+            connection.info[_APPEND_IN_MARK] = (transaction, size)
+        new_size = size + len(prepared)
+        connection.info[_APPEND_IN_STATE] = (transaction, new_size, keyring,
+                                             advance_frontier(frontier, nodes, new_size))
+        return indexes
+
+    def after_commit(self, connection: Connection, transaction: object) -> None:
+        """Tell the store that `transaction` (on `connection`), in which append_in ran,
+        COMMITTED: its final key state and tree edge then describe the committed log, and the
+        next append_in transaction may start from them. Call it only after seeing the commit
+        succeed (a rolled-back transaction's rows may be replaced by others of the same count)."""
+        state = connection.info.get(_APPEND_IN_STATE)
+        if state is None or state[0] is not transaction:
+            return  # no append_in in that transaction
+        _transaction, size, keyring, frontier = state
+        self._publish(size, keyring)
+        with self._state_lock:
+            if self._committed_edge is None or size >= self._committed_edge[0]:
+                self._committed_edge = (size, keyring, frontier)
+
+    def _keyring_in(self, connection: Connection, size: int) -> Keyring:
+        """The key state after the first `size` entries as `connection` sees them.
+
+        Starts from the published committed state and replays the key entries after it. What
+        this transaction itself appended (earlier append_in calls) is not committed, so only
+        the prefix before its first append is published for others.
+        """
+        published_size, keyring = self._published
+        if published_size > size:  # cannot happen on one database; be safe: replay it all
+            published_size, keyring = 0, Keyring(self._trusted_operator_key)
+        keyring, copied = replay_keys(connection, keyring, published_size, size)
+        marker = connection.info.get(_APPEND_IN_MARK)
+        if marker is None or marker[0] is not connection.get_transaction():
+            # Nothing appended by this transaction yet: every row it sees is committed.
+            # (A published keyring is never changed later: copy it if it is the working one.)
+            self._publish(size, copy.deepcopy(keyring) if copied else keyring)
+        return keyring
+
+    def _publish(self, size: int, keyring: Keyring) -> None:
+        """Record a committed (size, keyring) if it is newer than the one known."""
+        with self._state_lock:
+            if size > self._published[0]:
+                self._published = (size, keyring)
+
+    # -- reading ------------------------------------------------------------------------------
+    def size(self) -> int:
+        """The number of committed entries (read from the database: other writers count)."""
+        with self.engine.connect() as connection:
+            return log_size(connection)
+
+    def get(self, index: int) -> Entry:
+        """The entry at `index`; IndexError if there is none."""
+        with self.engine.connect() as connection:
+            leaf = connection.execute(select(audit_entries.c.leaf)
+                                      .where(audit_entries.c.idx == index)).scalar_one_or_none()
+        if leaf is None:
+            raise IndexError(f"index: no entry {index} in the log")
+        return entry_from_leaf(bytes(leaf))
+
+    def entries(self, start: int = 0, stop: int | None = None) -> Iterator[Entry]:
+        """Entries start <= index < stop (default: to the current size), in log order."""
+        if start < 0:
+            raise ValueError(f"start: must be >= 0, got {start}")
+        with self.engine.connect() as connection:
+            end = log_size(connection) if stop is None else stop
+            for _index, leaf in iter_leaves(connection, start, end):
+                yield entry_from_leaf(leaf)
+
+    def leaf_hash(self, index: int) -> bytes:
+        with self.engine.connect() as connection:
+            value = connection.execute(select(audit_entries.c.leaf_hash)
+                                       .where(audit_entries.c.idx == index)).scalar_one_or_none()
+        if value is None:
+            raise IndexError(f"index: no entry {index} in the log")
+        return bytes(value)
+
+    def _read(self, size: int | None, algorithm: Callable[[merkle.NodeSource, int], T]) -> T:
+        with self.engine.connect() as connection:
+            current = log_size(connection)
+            if size is None:
+                size = current
+            if not 0 <= size <= current:
+                raise ValueError(f"size: {size} is not between 0 and the log size {current}")
+            tree_size = size
+            return with_nodes(connection, lambda source: algorithm(source, tree_size))
+
+    def root(self, size: int | None = None) -> bytes:
+        """The RFC 6962 root of the first `size` entries (default: all)."""
+        return self._read(size, merkle.root)
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
+        """RFC 9162 inclusion proof of entry `index` in the tree of `size` entries."""
+        return self._read(size, lambda source, n: merkle.inclusion_proof(source, index, n))
+
+    def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[bytes]:
+        """RFC 9162 consistency proof from `old_size` to `new_size` entries."""
+        return self._read(new_size, lambda source, n: merkle.consistency_proof(source, old_size, n))
+
+    def checkpoint(self) -> str:
+        """Sign a C2SP checkpoint of the current log and store it; return the signed note."""
+        with self.engine.connect() as connection:
+            size = log_size(connection)
+            root = with_nodes(connection, lambda source: merkle.root(source, size))
+        note = sign_checkpoint(Checkpoint(self.origin, size, root), self._log_signer)
+        c = audit_checkpoints.c
+        try:
+            with self.engine.begin() as connection:
+                latest = connection.execute(select(func.max(c.size))).scalar_one()
+                if latest is None or latest < size:
+                    connection.execute(audit_checkpoints.insert().values(
+                        size=size, root_hash=root, note=note, created_at=datetime.now(UTC)))
+        except (SQLAlchemyError, DBAPIError):
+            # Another process stored a checkpoint of this size (or a larger one) first; the
+            # note is still a valid signed statement about this size.
+            with self.engine.connect() as connection:
+                latest = connection.execute(select(func.max(c.size))).scalar_one()
+            if latest is None or latest < size:
+                raise
+        return note
+
+    def latest_checkpoint(self) -> str | None:
+        """The latest stored checkpoint note, or None."""
+        c = audit_checkpoints.c
+        with self.engine.connect() as connection:
+            note = connection.execute(
+                select(c.note).order_by(c.size.desc()).limit(1)).scalar_one_or_none()
+        return None if note is None else str(note)
