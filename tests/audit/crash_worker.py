@@ -4,7 +4,8 @@ Used by the multi-process and crash (kill -9) tests:
 
     python -m tests.audit.crash_worker --db URL --keys DIR --acks DIR --tag T --threads 4 --count 1000
 
-Each thread appends its share of `count` entries one at a time; after each acknowledgement it
+Each thread appends its share of `count` entries one at a time, the coordinator's way (append_in
+in a write of its group commit: tests/audit/store_support.GroupLog); after each acknowledgement it
 writes "<index> <leaf hash hex>\\n" to its own file in --acks and fsyncs it, so every line in
 those files is an append the log acknowledged before the process died. Prints "started" once
 the log is open.
@@ -19,12 +20,11 @@ import threading
 from pathlib import Path
 
 from audit.merkle import leaf_hash
-from audit.store import AuditLog
 from exchange.db.engine import make_engine
-from tests.audit.store_support import LogKeys, note_entry
+from tests.audit.store_support import GroupLog, LogKeys, note_entry
 
 
-def _appender(log: AuditLog, keys: LogKeys, tag: str, thread: int, seqs: range,
+def _appender(log: GroupLog, keys: LogKeys, tag: str, thread: int, seqs: range,
               ack_path: Path, errors: list[BaseException]) -> None:
     try:
         fd = os.open(ack_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

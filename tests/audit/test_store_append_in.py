@@ -1,4 +1,8 @@
-"""AuditLog.append_in: entries appended inside the caller's transaction, with its other changes."""
+"""AuditLog.append_in: entries appended inside the caller's transaction, with its other changes.
+
+`log.append` here is the coordinator's way (tests/audit/store_support.GroupLog: append_in in a
+write of its group commit, after_commit after each commit); `engine.begin()` blocks are plain
+transactions of another caller, whose commits the log is not told about."""
 
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ def test_entries_commit_with_the_callers_change(engine: Engine) -> None:
                                                  note_entry(keys.writer, "in", 0)])
         assert indexes == [0, 1]
         assert _side_effects(engine) == ["study s1"]
-        # The writer thread, whose cached size is now stale, still appends at the right index.
+        # The group commit (the coordinator's writer) appends after what was committed.
         assert log.append(note_entry(keys.writer, "in", 1)) == 2
         with engine.begin() as connection:
             assert log.append_in(connection, [note_entry(keys.writer, "in", 2)]) == [3]
@@ -120,7 +124,7 @@ def test_refusals_and_misuse(engine: Engine) -> None:
         assert log.size() == 1
 
 
-def test_transactional_and_writer_appends_interleave(engine: Engine) -> None:
+def test_plain_and_group_commit_transactions_interleave(engine: Engine) -> None:
     keys = LogKeys.generate()
     with keys.open(engine) as log:
         log.append(register(keys.operator, keys.writer))
@@ -139,7 +143,7 @@ def test_transactional_and_writer_appends_interleave(engine: Engine) -> None:
             except BaseException as exc:
                 errors.append(exc)
 
-        def through_writer(tag: str) -> None:
+        def through_group_commit(tag: str) -> None:
             try:
                 for seq in range(15):
                     index = log.append(note_entry(keys.writer, tag, seq))
@@ -149,7 +153,7 @@ def test_transactional_and_writer_appends_interleave(engine: Engine) -> None:
                 errors.append(exc)
 
         threads = [threading.Thread(target=in_transaction, args=(f"t{n}",)) for n in range(3)]
-        threads += [threading.Thread(target=through_writer, args=(f"w{n}",)) for n in range(3)]
+        threads += [threading.Thread(target=through_group_commit, args=(f"w{n}",)) for n in range(3)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -190,7 +194,7 @@ def test_savepoint_rollbacks_between_appends_in_one_transaction(engine: Engine) 
         assert log.root() == memory_tree(stored_leaves(engine)).root()
         report = verify_with_auditor(log, keys)
         assert report.problem is None and report.entries == 13
-        # The writer thread continues from what append_in committed.
+        # The group commit continues from what this transaction committed.
         assert log.append(note_entry(keys.writer, "sp", 99)) == 13
         verify_storage(engine, keys.operator.public_key)
 
@@ -227,8 +231,9 @@ def test_a_committed_edge_is_reused_and_a_rolled_back_one_never(engine: Engine) 
         with engine.connect() as connection, pytest.raises(RuntimeError), connection.begin():
             log.append_in(connection, [note_entry(keys.writer, "gone", i) for i in range(2)])
             raise RuntimeError("roll back")
-        # ... then another writer appends as many other entries: same size, other rows.
-        log.append_many([note_entry(keys.writer, "other", i) for i in range(2)])
+        # ... then another process appends as many other entries: same size, other rows.
+        with keys.open(engine) as elsewhere:
+            elsewhere.append_many([note_entry(keys.writer, "other", i) for i in range(2)])
         with engine.begin() as connection:
             assert log.append_in(connection, [note_entry(keys.writer, "c", 0)]) == [7]
         leaves = stored_leaves(engine)

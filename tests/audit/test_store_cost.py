@@ -1,8 +1,8 @@
 """What an append and a proof cost in database work: O(log n), never a rebuild.
 
 Counted with SQLAlchemy cursor events (not timed): an append in steady state is a fixed number
-of statements with no read of the log, and inserts the leaf plus exactly the parents it
-completes; a root or a proof is two queries reading O(log n) node rows.
+of statements with one look-up of the log and no node read, and inserts the leaf plus exactly
+the parents it completes; a root or a proof is two queries reading O(log n) node rows.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event
 
-import audit.store as store
+import audit.store.log as store_log
+import audit.store.nodes as store_nodes
 from tests.audit.store_support import LogKeys, memory_tree, migrated_engine, note_entry, register
 
 
@@ -34,31 +35,30 @@ def _trailing_ones(n: int) -> int:
 
 def test_an_append_writes_the_leaf_and_its_completed_parents_only(
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In steady state (the committed edge handed over by after_commit) an append through the
+    group commit reads the log once (its size and the duplicate look-up, one statement), reads
+    no tree node, and inserts the leaf plus exactly the parents it completes."""
     keys = LogKeys.generate()
     statements: list[str] = []  # what the driver really ran (SQLite's trace callback)
     via_sqlalchemy: list[str] = []
-    # The optimistic write goes to the driver directly (one round trip on PostgreSQL), not
-    # through SQLAlchemy: record what it is given.
     writes: list[tuple[list[Any], list[Any]]] = []
-    name = ("_pg_write_in_one_round_trip" if engine.dialect.name == "postgresql"
-            else "_sqlite_write_raw")
-    real_write = getattr(store.AuditLog, name)
+    real_insert = store_log.insert
 
-    def recording_write(log: store.AuditLog, rows: list[Any], nodes: list[Any]) -> None:
+    def recording_insert(connection: Any, rows: list[Any], nodes: list[Any]) -> None:
         writes.append((rows, nodes))
-        real_write(log, rows, nodes)
+        real_insert(connection, rows, nodes)
 
-    monkeypatch.setattr(store.AuditLog, name, recording_write)
+    monkeypatch.setattr(store_log, "insert", recording_insert)
     with keys.open(engine) as log:
         # Listen before the writer opens its connection: a Connection decides at connect time
         # whether its engine has event listeners, so a later listener may never fire.
-        @event.listens_for(log._writer_engine, "before_cursor_execute")
+        @event.listens_for(log.write_engine, "before_cursor_execute")
         def record(_conn: Any, _cursor: Any, statement: str, _parameters: Any, _context: Any,
                    _executemany: bool) -> None:
             via_sqlalchemy.append(statement)
 
         if engine.dialect.name == "sqlite":
-            @event.listens_for(log._writer_engine, "connect")
+            @event.listens_for(log.write_engine, "connect")
             def trace(dbapi_connection: Any, _record: Any) -> None:
                 dbapi_connection.set_trace_callback(statements.append)
 
@@ -70,16 +70,20 @@ def test_an_append_writes_the_leaf_and_its_completed_parents_only(
             writes.clear()
             index = log.append(note_entry(keys.writer, "cost", seq))
             assert index == seq
-            assert via_sqlalchemy == []
             [(rows, nodes)] = writes
             assert [row["idx"] for row in rows] == [index]
             assert len(nodes) == 1 + _trailing_ones(index)
+            reads = [s for s in via_sqlalchemy if s.lstrip().upper().startswith(("SELECT", "WITH"))
+                     and "audit_entries" in s and not s.lstrip().upper().startswith("WITH NEW")]
+            assert len(reads) == 1, reads  # size + duplicates in one statement
+            assert not any("audit_tree_nodes" in s for s in reads)
             if engine.dialect.name == "sqlite":
                 # (the trace repeats a statement for each trigger program it runs: drop repeats)
                 ran = [s for i, s in enumerate(statements) if i == 0 or s != statements[i - 1]]
                 kinds = [s.split()[0].upper() for s in ran]
-                assert kinds == ["BEGIN", "INSERT", "INSERT", "COMMIT"], kinds
-                assert "audit_entries" in ran[1] and "audit_tree_nodes" in ran[2]
+                assert kinds == ["BEGIN", "SAVEPOINT", "SELECT", "INSERT", "INSERT", "RELEASE",
+                                 "COMMIT"], kinds
+                assert "audit_entries" in ran[3] and "audit_tree_nodes" in ran[4]
 
 
 def test_roots_and_proofs_read_o_log_n_nodes_in_one_query(engine: Engine,
@@ -93,14 +97,14 @@ def test_roots_and_proofs_read_o_log_n_nodes_in_one_query(engine: Engine,
             log.append_many(entries[start:start + 100])
         tree = memory_tree(e.leaf_bytes() for e in entries)
         fetched: list[int] = []
-        real_fetch = store._fetch_nodes
+        real_fetch = store_nodes.fetch_nodes
 
         def counting_fetch(connection: Any, wanted: Any) -> dict[tuple[int, int], bytes]:
             found = real_fetch(connection, wanted)
             fetched.append(len(found))
             return found
 
-        monkeypatch.setattr(store, "_fetch_nodes", counting_fetch)
+        monkeypatch.setattr(store_nodes, "fetch_nodes", counting_fetch)
         for size in (1, 2, 3, 511, 512, 513, 1000, 1023):
             fetched.clear()
             assert log.root(size) == tree.root(size)

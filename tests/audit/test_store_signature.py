@@ -18,7 +18,7 @@ import pytest
 from nacl.signing import SigningKey, VerifyKey
 from sqlalchemy import Engine
 
-import audit.store
+import audit.store.admission
 from audit.entry import Entry, MalformedEntryError
 from audit.signing import Signer, _SignatureMemo, b64encode, canonical, signed_in_this_process
 from audit.store import EntryRefusedError
@@ -61,7 +61,7 @@ def test_append_refuses_what_the_verifier_refuses(engine: Engine) -> None:
             with pytest.raises(MalformedEntryError, match=reason):
                 decode_signature(bad.signature)  # the auditor's refusal ...
             with pytest.raises(EntryRefusedError, match=f"signature: .*{reason}"):
-                log.append(bad)  # ... is the store's, through the writer thread
+                log.append(bad)  # ... is the store's, through the group commit
             with pytest.raises(EntryRefusedError, match=f"signature: .*{reason}"), \
                     engine.begin() as connection:
                 # ... and in a caller's transaction, though this process signed it
@@ -89,7 +89,7 @@ def verifications(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
         seen.append(public_key)
         return VerifyKey(public_key)
 
-    monkeypatch.setattr(audit.store, "_verify_key", counting)
+    monkeypatch.setattr(audit.store.admission, "verify_key", counting)
     return seen
 
 

@@ -2,8 +2,8 @@
 
 What is checked here is the coordinator's side of that contract: its write engine gives
 append_in what it needs (SQLite: BEGIN IMMEDIATE), an entry and the state change it records
-commit together or not at all, concurrent coordinator appends interleave with the store's
-writer thread, and a refusal by the log becomes a problem answer with nothing written."""
+commit together or not at all, plain transactions that append interleave with the group
+commit's, and a refusal by the log becomes a problem answer with nothing written."""
 
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ def setup(db_url: str) -> Iterator[tuple[Engine, Engine, AuditLog, Signer]]:
     try:
         yield read, write, log, operator
     finally:
-        log.close()
         read.dispose()
         write.dispose()
 
@@ -60,8 +59,8 @@ def test_entry_and_state_commit_together_or_not_at_all(setup: tuple) -> None:
 
 
 def test_the_write_engine_serializes_concurrent_appends(setup: tuple) -> None:
-    """Threads appending through the coordinator's write engine and the store's writer thread at
-    once: every append succeeds (no lock-upgrade or next-index failure) and the stored log
+    """Threads appending in their own transactions on the coordinator's write engine and its
+    group commit's writer at once: every append succeeds (no lock-upgrade or next-index failure) and the stored log
     verifies. On SQLite this holds only because the write engine begins with BEGIN IMMEDIATE."""
     read, write, log, operator = setup
     errors: list[BaseException] = []
@@ -78,8 +77,13 @@ def test_the_write_engine_serializes_concurrent_appends(setup: tuple) -> None:
     threads = [threading.Thread(target=coordinator_side, args=(w,)) for w in range(3)]
     for thread in threads:
         thread.start()
+    from exchange.coordinator.group_commit import GroupCommit
+
+    group = GroupCommit(write, after_commit=log.after_commit)
     for i in range(8):
-        log.append(sign_entry(operator, "note", {"store": i}))
+        entry = sign_entry(operator, "note", {"store": i})
+        group.run(lambda connection, entry=entry: log.append_in(connection, [entry]))
+    group.close()
     for thread in threads:
         thread.join()
     assert errors == []
