@@ -60,7 +60,7 @@ class Trust:
     """The pinned roots: origin, operator key (keyring root), log key, witnesses and quorum.
 
     The first three fields are the log's trust anchors (what the coordinator's database
-    records, audit/store.py); `witnesses` and `quorum` are the cosigning policy on top.
+    records, audit/store/trust.py); `witnesses` and `quorum` are the cosigning policy on top.
     """
 
     origin: str

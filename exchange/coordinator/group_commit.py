@@ -9,6 +9,10 @@ its caller), then commit once; every caller gets its result only after that comm
   PostgreSQL, for the event loop (`submit_async`).
 - `LoopGroupCommit`: SQLite callers on an event loop; the statements run on the loop, the lock
   wait and the fsync on a helper thread.
+
+This is also the audit log's one write path: every entry is appended by
+`audit.store.AuditLog.append_in` inside one of these writes, and `AuditLog.after_commit` is
+part of the after-commit hook (docs/audit-store.md).
 """
 
 from __future__ import annotations

@@ -8,9 +8,14 @@ Workload, the same for both sides: `--threads` appenders each sign `--entries / 
 realistic entries (audit.entry.sign_entry: RFC 8785 encoding + Ed25519) and append them one at
 a time, each waiting for its acknowledgement before the next.
 
-- store: `AuditLog.append` (form checks, signature verification, signer registered and active,
-  no replay, leaf + tree nodes inserted, group commit: one transaction and one fsync for all the
-  appends waiting; SQLite WAL with synchronous=FULL, PostgreSQL synchronous_commit=on);
+- store: the coordinator's way of appending (tests/audit/store_support.GroupLog): each append is
+  a write of the coordinator's group commit (exchange/coordinator/group_commit.py: every write
+  waiting shares one transaction and one fsync, each in its own savepoint; neighbours made as
+  one `AuditLog.append_in` when they can be), on a write engine made like the coordinator's
+  (SQLite: BEGIN IMMEDIATE, WAL checkpoints on a thread of their own; PostgreSQL: READ
+  COMMITTED), with `AuditLog.after_commit` as the commit hook. append_in does the form checks,
+  signature verification, signer registered and active, no replay, leaf + tree nodes inserted;
+  SQLite WAL with synchronous=FULL, PostgreSQL synchronous_commit=on;
 - baseline: the least a durable signed log must do: sign, encode the leaf bytes, hand them to a
   writer thread that appends every waiting record to a plain file and fsyncs once per group
   (the same group-commit structure), then acknowledge.
@@ -151,6 +156,7 @@ def _database(postgres: bool, folder: Path) -> Iterator[str]:
 def run_once(url: str, folder: Path, keys: LogKeys, total: int, threads: int,
              run: int) -> tuple[float, float, float, int]:
     """(store s, baseline s, store verifying every signature s, baseline fsync groups)."""
+    # keys.open: reads on `engine`, appends through the coordinator's group commit (GroupLog).
     engine = migrated_engine(url)
     elsewhere = OtherProcessSigner(keys.writer.signing_key)
     with keys.open(engine) as log:

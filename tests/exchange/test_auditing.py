@@ -60,8 +60,9 @@ def test_entry_and_state_commit_together_or_not_at_all(setup: tuple) -> None:
 
 def test_the_write_engine_serializes_concurrent_appends(setup: tuple) -> None:
     """Threads appending in their own transactions on the coordinator's write engine and its
-    group commit's writer at once: every append succeeds (no lock-upgrade or next-index failure) and the stored log
-    verifies. On SQLite this holds only because the write engine begins with BEGIN IMMEDIATE."""
+    group commit's writer at once: every append succeeds (no lock-upgrade or next-index
+    failure) and the stored log verifies. On SQLite this holds only because the write engine
+    begins with BEGIN IMMEDIATE."""
     read, write, log, operator = setup
     errors: list[BaseException] = []
 
