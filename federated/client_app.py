@@ -51,6 +51,7 @@ from federated.evaluation import Release, noised_release, patient_scores
 from federated.privacy_ledger import BudgetExceededError, LedgerError
 from federated.receipts import Receipt, make_receipt
 from federated.reward_openings import store as store_openings
+from federated.runtime.flwr_internals import SECAGG_CONFIGS_KEY
 from federated.runtime.site import GateOutcome, Site
 from federated.secure_random import SecureRandom
 from federated.server_app import (
@@ -306,13 +307,26 @@ def _inputs(message: Message, context: Context) -> tuple[Site, StudySpec, int, n
     return site, spec, round_, weights
 
 
-app = ClientApp()
+def _secagg_mod(message: Message, context: Context, call_next: Any) -> Message:
+    from federated.secagg.client import secagg_mod
+
+    return secagg_mod(message, context, call_next)
+
+
+#: SecAgg+ stage messages go through Flower's secaggplus_mod (federated.secagg.client).
+app = ClientApp(mods=[_secagg_mod])
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     started, wall_started = time.perf_counter(), time.time()
     site, spec, round_, weights = _inputs(message, context)
+    if spec.secure_aggregation and SECAGG_CONFIGS_KEY not in message.content.config_records:
+        # A server that skips SecAgg+ would see this hospital's update in clear: nothing is trained.
+        outcome = HospitalOutcome(STATUS_REFUSED, "the study requires secure aggregation; this train message "
+                                  "is not part of the SecAgg+ protocol")
+        log.warning("study %s round %d: plain train message refused (secure aggregation)", spec.study_id, round_)
+        return _reply(message, site.hospital_id, outcome, started, wall_started)
     outcome = train_hospital_round(site, spec, round_, weights)
     # The incoming model is round_ - 1's: scored once, and only when this hospital trained.
     if outcome.status == STATUS_OK and round_ >= 2:

@@ -214,11 +214,13 @@ def _prefixed(record: Mapping[str, Any], prefix: str) -> dict[str, float]:
 def _decode_reply(node_id: int, message: Message, spec: StudySpec, round_: int,
                   hospital_keys: Mapping[str, bytes] | None, *,
                   n_weights: int | None = None, expected_hospital: str | None = None,
-                  approved: Callable[[str], bool] | None = None) -> HospitalReply:
+                  approved: Callable[[str], bool] | None = None, masked: bool = False) -> HospitalReply:
     """Classify one reply; anything malformed becomes `dropped` with the reason, never a crash.
 
     `expected_hospital`: the hospital the node's hello named; a reply naming another is invalid.
-    `approved`: a receipt from a hospital outside the study's approved set is ignored (invalid)."""
+    `approved`: a receipt from a hospital outside the study's approved set is ignored (invalid).
+    `masked`: a SecAgg+ reply, whose update is a masked vector (`federated.secagg.server` reads
+    it): no clear update is expected, and none is taken."""
     if message.has_error():
         error = message.error
         return HospitalReply(node_id, "", "dropped", f"flower error {error.code}: {error.reason}", {})
@@ -234,8 +236,9 @@ def _decode_reply(node_id: int, message: Message, spec: StudySpec, round_: int,
     if status != STATUS_OK or message.metadata.message_type != MessageType.TRAIN:
         return reply
     try:
-        arrays = content.array_records[UPDATE_KEY]
-        reply.weights = np.asarray(arrays[WEIGHTS_KEY].numpy(), dtype=np.float32)
+        if not masked:
+            arrays = content.array_records[UPDATE_KEY]
+            reply.weights = np.asarray(arrays[WEIGHTS_KEY].numpy(), dtype=np.float32)
         raw = status_rec["receipt"]
         if not isinstance(raw, bytes):
             raise ReceiptError("envelope: not bytes")
@@ -253,10 +256,11 @@ def _decode_reply(node_id: int, message: Message, spec: StudySpec, round_: int,
             raise ReceiptError(f"hospital: {hospital!r} is not one of the study's approved hospitals")
         if receipt.records_used < 1:
             raise ReceiptError("records_used: an 'ok' update must be trained on at least one record")
-        if n_weights is not None and reply.weights.shape != (n_weights,):
-            raise ValueError(f"update has shape {reply.weights.shape}, the model has {n_weights} weights")
-        if not np.all(np.isfinite(reply.weights)):
-            raise ValueError("update holds NaN or infinite values")
+        if reply.weights is not None:
+            if n_weights is not None and reply.weights.shape != (n_weights,):
+                raise ValueError(f"update has shape {reply.weights.shape}, the model has {n_weights} weights")
+            if not np.all(np.isfinite(reply.weights)):
+                raise ValueError("update holds NaN or infinite values")
         reply.receipt = receipt
     except (KeyError, ValueError) as exc:
         reply.status, reply.reason, reply.weights = "invalid", f"{type(exc).__name__}: {exc}", None
@@ -418,12 +422,12 @@ def _wait_for_nodes(directory: NodeDirectory, spec: StudySpec, options: ServerOp
         targets = directory.targets(listed)
         everyone = (allowed is not None
                     and {_bare_id(h) for h in targets.values()} >= {_bare_id(h) for h in allowed})
-        if len(targets) >= spec.min_hospitals and (
+        if len(targets) >= hospitals_needed(spec) and (
                 everyone or not directory.hellos_pending(listed) or time.monotonic() - started >= grace):
             return targets
         if time.monotonic() >= deadline or options.stop_event.is_set():
             raise StudyFailedError(f"round {round_}: only {len(targets)} hospital node(s) connected "
-                                   f"after {spec.join_timeout_s:.0f} s; the study needs {spec.min_hospitals}")
+                                   f"after {spec.join_timeout_s:.0f} s; the study needs {hospitals_needed(spec)}")
         time.sleep(max(options.poll, 0.05))
 
 
@@ -567,9 +571,10 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
     silent: set[str] = set()  # hospitals that did not answer the last train exchange
     directory = NodeDirectory(grid, spec, context, options)
 
-    def decode(phase: PhaseResult, round_: int, n_weights: int | None) -> list[HospitalReply]:
+    def decode(phase: PhaseResult, round_: int, n_weights: int | None, masked: bool = False) -> list[HospitalReply]:
         return [_decode_reply(n, m, spec, round_, options.hospital_keys, n_weights=n_weights,
-                              expected_hospital=phase.hospital_of.get(n), approved=directory.approved)
+                              expected_hospital=phase.hospital_of.get(n), approved=directory.approved,
+                              masked=masked)
                 for n, m in phase.replies.items()]
 
     try:
@@ -580,20 +585,29 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
             gone = sorted(seen - set(targets.values()))  # took part before, no longer connected
             seen.update(targets.values())
             t_round = time.perf_counter()
-            train = exchange_with_retry(directory, targets, MessageType.TRAIN, weights, round_=round_,
-                                        timeout=spec.round_timeout_s)
-            decoded = decode(train, round_, weights.shape[0])
-            silent = set(train.missing_hospitals)
+            secure = None
+            if spec.secure_aggregation:
+                # SecAgg+ (federated.secagg): the same train step, inside the protocol's four stages
+                secure = _secure_round(directory, targets, weights, round_, spec,
+                                       lambda phase: decode(phase, round_, weights.shape[0], masked=True))
+                train, decoded, contributors = secure.phase, secure.decoded, list(secure.members)
+                silent = set(train.missing_hospitals) | set(secure.lost)
+            else:
+                train = exchange_with_retry(directory, targets, MessageType.TRAIN, weights, round_=round_,
+                                            timeout=spec.round_timeout_s)
+                decoded = decode(train, round_, weights.shape[0])
+                silent = set(train.missing_hospitals)
+                contributors = [r for r in decoded if r.status == STATUS_OK and r.receipt is not None]
             if pending is not None:  # these replies carry the evaluation of the previous round's model
                 pending.report(observer, decoded)
                 pending = None
-            contributors = [r for r in decoded if r.status == STATUS_OK and r.receipt is not None]
             short = len(contributors) < spec.min_hospitals
-            if options.stop_event.is_set() or short:
+            failure = secure.failure if secure is not None and not short else None
+            if options.stop_event.is_set() or short or failure:
                 # Contributors trained and spent privacy: their receipts are reported even though
                 # the round produced no model (on_round with round_failed = 1, then on_failed).
                 metrics = _round_metrics(decoded, contributors, train=train, aggregate_s=0.0,
-                                         round_s=time.perf_counter() - t_round, gone=len(gone))
+                                         round_s=time.perf_counter() - t_round, gone=len(gone), secure=secure)
                 metrics["round_failed"] = 1.0
                 failed_round = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt],
                                              spec.task)
@@ -603,12 +617,17 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
                 raise StudyFailedError(
                     f"round {round_}: {len(contributors)} hospital(s) contributed, the study needs "
                     f"{spec.min_hospitals}; "
-                    f"{_describe_non_contributors(decoded, [*train.missing_hospitals, *gone])}")
+                    f"{_describe_non_contributors(decoded, [*silent, *gone])}")
+            if failure:
+                raise StudyFailedError(failure)
             t_agg = time.perf_counter()
-            weights = _reply_weights_sum(contributors)
+            if secure is not None and secure.weights is not None:
+                weights = secure.weights
+            else:
+                weights = _reply_weights_sum(contributors)
             aggregate_s = time.perf_counter() - t_agg
             metrics = scored(_round_metrics(decoded, contributors, train=train, aggregate_s=aggregate_s,
-                                            round_s=time.perf_counter() - t_round, gone=len(gone)))
+                                            round_s=time.perf_counter() - t_round, gone=len(gone), secure=secure))
             log.info("study %s round %d: %s", spec.study_id, round_, metrics)
             pending = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt],
                                     spec.task)
@@ -651,8 +670,32 @@ class _PendingRound:
         observer.on_round(self.round, self.metrics, self.receipts)
 
 
+def _secure_round(directory: NodeDirectory, targets: Mapping[int, str], weights: np.ndarray, round_: int,
+                  spec: StudySpec, decode: Callable[[PhaseResult], list[HospitalReply]]) -> Any:
+    """One round under SecAgg+ (`federated.secagg.server`): the study fails cleanly, with the
+    reason, if the protocol cannot run (too few hospitals for its threshold)."""
+    from federated.secagg.params import SecAggParamsError
+    from federated.secagg.server import SecAggDriver
+
+    driver = SecAggDriver(directory, timeout=spec.round_timeout_s, min_members=spec.min_hospitals)
+    try:
+        return driver.run(targets, weights, round_, decode)
+    except SecAggParamsError as exc:
+        raise StudyFailedError(f"round {round_}: {exc}") from exc
+
+
+def hospitals_needed(spec: StudySpec) -> int:
+    """Connected hospitals a round waits for: the study's minimum, and SecAgg+'s if it is on."""
+    if spec.secure_aggregation:
+        from federated.secagg.params import MIN_HOSPITALS
+
+        return max(spec.min_hospitals, MIN_HOSPITALS)
+    return spec.min_hospitals
+
+
 def _round_metrics(decoded: Sequence[HospitalReply], contributors: Sequence[HospitalReply], *,
-                   train: PhaseResult, aggregate_s: float, round_s: float, gone: int) -> dict[str, float]:
+                   train: PhaseResult, aggregate_s: float, round_s: float, gone: int,
+                   secure: Any = None) -> dict[str, float]:
     by_status = {s: sum(1 for r in decoded if r.status == s) for s in (STATUS_NO_DATA, STATUS_REFUSED)}
     metrics: dict[str, float] = {
         "contributors": float(len(contributors)),
@@ -670,6 +713,15 @@ def _round_metrics(decoded: Sequence[HospitalReply], contributors: Sequence[Hosp
         **phase_breakdown("train", train, decoded),
     }
     metrics["overhead_s"] = round_s - metrics["train_compute_max_s"]
+    if secure is not None:
+        from federated.secagg.server import clipped_total
+
+        metrics.update(secure.metrics)
+        metrics.update({"secure_aggregation": 1.0, "aggregate_members": float(len(contributors)),
+                        "secagg_sampled": float(secure.params.sample_num),
+                        "secagg_threshold": float(secure.params.threshold),
+                        "secagg_clipped": clipped_total(contributors)})
+        metrics["dropped"] += float(len(secure.lost))
     return metrics
 
 

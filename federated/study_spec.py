@@ -20,6 +20,8 @@ from audit.signing import canonical, sha256_hex
 from consent.request import StudyRequest
 
 RUN_CONFIG_STUDY_ID = "study-id"
+#: Fewest hospitals per aggregate for secure aggregation (federated.secagg.params.MIN_HOSPITALS).
+SECAGG_MIN_HOSPITALS = 3
 RUN_CONFIG_STUDY_SPEC = "study-spec"
 
 
@@ -56,6 +58,9 @@ class StudySpec(BaseModel):
     accountant: Literal["prv", "rdp"] = "prv"
     #: Seed of the initial global model (DP noise at hospitals is never seeded from the spec).
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    #: SecAgg+ (docs/secure-aggregation.md): the server sees only the sum of the hospitals'
+    #: updates. Each hospital refuses to send its update in clear when this is set.
+    secure_aggregation: bool = False
     #: How long the ServerApp waits for replies in one phase before counting the rest as dropped.
     round_timeout_s: float = Field(default=120.0, gt=0, le=86_400)
     #: How long the ServerApp waits for `min_hospitals` SuperNodes to be connected.
@@ -71,6 +76,9 @@ class StudySpec(BaseModel):
             raise ValueError(f"request.study_id: {self.request.study_id!r} differs from study_id")
         if self.request.epsilon is not None and self.request.epsilon != self.epsilon:
             raise ValueError(f"request.epsilon: {self.request.epsilon} differs from epsilon {self.epsilon}")
+        if self.secure_aggregation and self.min_hospitals < SECAGG_MIN_HOSPITALS:
+            raise ValueError(f"secure_aggregation: needs min_hospitals >= {SECAGG_MIN_HOSPITALS} (with fewer, "
+                             f"a hospital could learn another's update from the aggregate), got {self.min_hospitals}")
         return self
 
     # -- encoding ---------------------------------------------------------------------------

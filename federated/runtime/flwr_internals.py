@@ -143,6 +143,31 @@ _LAYOUT: dict[str, tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]
         ("flwr.supernode.cli", "flower_supernode", (), ()),
         ("flwr.supercore.logger", "update_console_handler", ("timestamps", "colored"), ()),
     ),
+    "secagg": (
+        ("flwr.client.mod.secure_aggregation.secaggplus_mod", "secaggplus_mod", ("msg", "ctxt", "call_next"), ()),
+        ("flwr.client.mod.secure_aggregation.secaggplus_mod", "pseudo_rand_gen", ("seed", "num_range"), ()),
+        ("flwr.common.secure_aggregation.secaggplus_constants", "Key", (),
+         ("STAGE", "SAMPLE_NUMBER", "SHARE_NUMBER", "THRESHOLD", "CLIPPING_RANGE", "TARGET_RANGE", "MOD_RANGE",
+          "MAX_WEIGHT", "PUBLIC_KEY_1", "PUBLIC_KEY_2", "DESTINATION_LIST", "CIPHERTEXT_LIST", "SOURCE_LIST",
+          "MASKED_PARAMETERS", "ACTIVE_NODE_ID_LIST", "DEAD_NODE_ID_LIST", "NODE_ID_LIST", "SHARE_LIST")),
+        ("flwr.common.secure_aggregation.secaggplus_constants", "Stage", (),
+         ("SETUP", "SHARE_KEYS", "COLLECT_MASKED_VECTORS", "UNMASK")),
+        ("flwr.common.secure_aggregation.secaggplus_constants", "RECORD_KEY_CONFIGS", (), ()),
+        ("flwr.common.secure_aggregation.crypto.shamir", "combine_shares", ("share_list",), ()),
+        ("flwr.common.secure_aggregation.crypto.symmetric_encryption", "generate_shared_key",
+         ("private_key", "public_key"), ()),
+        ("flwr.common.secure_aggregation.quantization", "dequantize",
+         ("quantized_parameters", "clipping_range", "target_range"), ()),
+        ("flwr.supercore.primitives.asymmetric", "bytes_to_private_key", ("private_key_bytes",), ()),
+        ("flwr.supercore.primitives.asymmetric", "bytes_to_public_key", ("public_key_bytes",), ()),
+        ("flwr.supercore.primitives.asymmetric", "public_key_to_bytes", ("public_key",), ()),
+        ("flwr.common", "bytes_to_ndarray", ("tensor",), ()),
+        ("flwr.common", "ndarrays_to_parameters", ("ndarrays",), ()),
+        ("flwr.common", "FitRes", (), ()),
+        ("flwr.common", "Status", (), ()),
+        ("flwr.common", "Code", (), ("OK",)),
+        ("flwr.compat.common.recorddict_compat", "fitres_to_recorddict", ("fitres", "keep_input"), ()),
+    ),
     "patches": (
         ("flwr.supernode.start_client_internal", "pull_objects", ("initial_backoff", "backoff_cap"), ()),
         ("flwr.supernode.runtime.run_clientapp", "pull_and_inflate_object_from_tree",
@@ -641,3 +666,116 @@ def patch_grid_pull_backoff(initial_backoff: float, backoff_cap: float = 0.5) ->
 def is_patched(obj: object) -> bool:
     """Whether `obj` (a module's `time` or a pull function) carries one of our patches."""
     return bool(getattr(obj, _PATCHED_MARK, False))
+
+
+# -- SecAgg+ (Flower's secaggplus_mod at the hospital, its primitives at the server) -------------
+
+#: flwr.common.secure_aggregation.secaggplus_constants values the server side speaks (checked by
+#: `check_layout("secagg")`): the ConfigRecord every SecAgg+ message carries, its stage names and keys.
+SECAGG_CONFIGS_KEY = "secaggplus_configs"
+SECAGG_STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
+SECAGG_KEYS = {"STAGE": "stage", "SAMPLE_NUMBER": "sample_num", "SHARE_NUMBER": "share_num",
+               "THRESHOLD": "threshold", "CLIPPING_RANGE": "clipping_range", "TARGET_RANGE": "target_range",
+               "MOD_RANGE": "mod_range", "MAX_WEIGHT": "max_weight", "PUBLIC_KEY_1": "pk1",
+               "PUBLIC_KEY_2": "pk2", "DESTINATION_LIST": "dsts", "CIPHERTEXT_LIST": "ctxts",
+               "SOURCE_LIST": "srcs", "MASKED_PARAMETERS": "masked_params", "ACTIVE_NODE_ID_LIST": "active_nids",
+               "DEAD_NODE_ID_LIST": "dead_nids", "NODE_ID_LIST": "nids", "SHARE_LIST": "shares"}
+_SECAGG_MOD_MODULE = "flwr.client.mod.secure_aggregation.secaggplus_mod"
+
+
+def _check_secagg_semantics() -> None:
+    from flwr.common.secure_aggregation import secaggplus_constants as c
+
+    _require(c.RECORD_KEY_CONFIGS == SECAGG_CONFIGS_KEY, "RECORD_KEY_CONFIGS changed")
+    _require(tuple(c.Stage.all()) == SECAGG_STAGES, "the SecAgg+ stages changed")
+    for name, value in SECAGG_KEYS.items():
+        _require(getattr(c.Key, name) == value, f"secaggplus Key.{name} is no longer {value!r}")
+
+
+def secaggplus_mod() -> Callable[..., Message]:
+    """Flower's own SecAgg+ client mod (`flwr.client.mod.secaggplus_mod`), unmodified."""
+    check_layout("secagg")
+    _check_secagg_semantics()
+    module = importlib.import_module(_SECAGG_MOD_MODULE)
+    return module.secaggplus_mod  # type: ignore[no-any-return]
+
+
+def _chacha_prg(seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]) -> list[Any]:
+    """Mask expansion from the WHOLE seed: ChaCha20 keyed with SHA-256(seed), uniform in
+    [0, num_range) for a power-of-two `num_range` (SecAgg+ requires one)."""
+    import hashlib
+
+    import numpy as np
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    if num_range <= 0 or num_range & (num_range - 1):
+        raise ValueError(f"mod_range: must be a power of two, got {num_range}")
+    key = hashlib.sha256(b"exchange-secagg-prg-v1" + seed).digest()
+    stream = Cipher(algorithms.ChaCha20(key, b"\0" * 16), mode=None).encryptor()
+    out = []
+    for shape in dimensions_list:
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        raw = np.frombuffer(stream.update(b"\0" * (8 * count)), dtype=np.uint64)
+        values = (raw & np.uint64(num_range - 1)).astype(np.int64)
+        out.append(values.reshape(shape) if shape else np.array(values[0], dtype=np.int64))
+    return out
+
+
+def patch_secagg_prg() -> None:
+    """Make Flower's SecAgg+ masks cryptographically strong.
+
+    flwr 1.42's `pseudo_rand_gen` XOR-folds the 32-byte seed into a 32-bit numpy RandomState
+    seed, so every mask has at most 2**32 candidates: an offline search could strip a hospital's
+    private mask. The patch replaces the name the client mod calls with `_chacha_prg`; the
+    server side (`federated.secagg.server`) calls `secagg_prg`, the same function, so both sides
+    agree. A hospital without the patch produces masks the server cannot remove: the aggregate's
+    integrity check fails and the round fails cleanly (never a wrong model)."""
+    check_flwr_version()
+    check_layout("secagg")
+    module = importlib.import_module(_SECAGG_MOD_MODULE)
+    if is_patched(module.pseudo_rand_gen):
+        return
+    setattr(_chacha_prg, _PATCHED_MARK, True)
+    module.pseudo_rand_gen = _chacha_prg
+
+
+def secagg_prg(seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]) -> list[Any]:
+    """The mask generator both sides use once `patch_secagg_prg` ran."""
+    return _chacha_prg(seed, num_range, dimensions_list)
+
+
+@dataclass(frozen=True)
+class SecAggPrimitives:
+    """The pieces of flwr's SecAgg+ implementation the server side of the protocol uses."""
+
+    combine_shares: Callable[[list[bytes]], bytes]
+    generate_shared_key: Callable[[Any, Any], bytes]
+    bytes_to_private_key: Callable[[bytes], Any]
+    bytes_to_public_key: Callable[[bytes], Any]
+    public_key_to_bytes: Callable[[Any], bytes]
+    dequantize: Callable[..., list[Any]]
+    bytes_to_ndarray: Callable[[bytes], Any]
+
+
+def secagg_primitives() -> SecAggPrimitives:
+    check_layout("secagg")
+    _check_secagg_semantics()
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+    from flwr.common.secure_aggregation.quantization import dequantize
+    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key, public_key_to_bytes
+
+    return SecAggPrimitives(combine_shares, generate_shared_key, bytes_to_private_key, bytes_to_public_key,
+                            public_key_to_bytes, dequantize, bytes_to_ndarray)
+
+
+def fitres_content(update: Any, num_examples: int) -> Any:
+    """A reply's RecordDict in the legacy FitRes layout `secaggplus_mod` reads the update from."""
+    check_layout("secagg")
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters([update]),
+                    num_examples=num_examples, metrics={})
+    return fitres_to_recorddict(fitres, keep_input=True)

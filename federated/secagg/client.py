@@ -1,0 +1,94 @@
+"""The hospital side of SecAgg+: Flower's `secaggplus_mod`, unmodified, between two adapters.
+
+`secagg_mod` is the ClientApp's only mod. A TRAIN message that carries Flower's SecAgg+ config
+record goes through `secaggplus_mod` (setup, share keys, collect masked vectors, unmask; its
+per-round keys and shares live in the node's `context.state`, as in any Flower deployment); any
+other message goes straight to the app, and the app itself refuses to send a study's update in
+clear when the study requires secure aggregation (`federated.client_app`).
+
+In the collect-masked-vectors stage `secaggplus_mod` calls the app and masks what it returns,
+which it reads in Flower's legacy FitRes layout. `_as_fitres` gives it that: the hospital's
+update as a DELTA from the global model the message carried (small values, so Flower's +-8
+clipping range quantizes them finely, and the server adds the average delta back), weighted by
+the records used, or a zero vector of weight 0 when the hospital did not train. Values that
+Flower's quantizer would clip are clipped here first and counted (`m.secagg_clipped`), so a
+clip is visible in the round's metrics instead of silent. The hospital's status record
+(status, reason, signed receipt, metrics) travels next to the masked vector, as in a plain
+round; the server ignores the masked vector of a hospital whose reply is not a valid ``ok``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from federated.runtime import flwr_internals
+from federated.server_app import GLOBAL_KEY, METRIC_PREFIX, REPLY_KEY, STATUS_OK, UPDATE_KEY, WEIGHTS_KEY
+
+CONFIGS_KEY = flwr_internals.SECAGG_CONFIGS_KEY
+#: secaggplus_mod's Key.MAX_WEIGHT / CLIPPING_RANGE / TARGET_RANGE values, read from its state
+_STATE_KEY = "secaggplus_state"
+
+Handler = Callable[[Message, Context], Message]
+
+
+def is_secagg_message(message: Message) -> bool:
+    """A SecAgg+ stage message (as opposed to a plain train message)."""
+    return (message.metadata.message_type == MessageType.TRAIN
+            and CONFIGS_KEY in message.content.config_records)
+
+
+def secagg_mod(message: Message, context: Context, call_next: Handler) -> Message:
+    """The ClientApp mod: SecAgg+ stage messages through Flower's mod, the rest unchanged."""
+    if not is_secagg_message(message):
+        return call_next(message, context)
+    flwr_internals.patch_secagg_prg()
+    mod = flwr_internals.secaggplus_mod()
+    reply = mod(message, context, lambda m, c: _as_fitres(m, c, call_next))
+    if reply.has_error():
+        return reply
+    # Keep only what the server reads: the masked vector (and keys, shares) and our status record.
+    content = RecordDict({CONFIGS_KEY: reply.content.config_records[CONFIGS_KEY]})
+    status = reply.content.config_records.get(REPLY_KEY)
+    if status is not None:
+        content[REPLY_KEY] = status
+    return Message(content, reply_to=message)
+
+
+def _state_float(context: Context, key: str) -> float:
+    state = context.state.config_records.get(_STATE_KEY)
+    value = state.get(key) if state is not None else None
+    if not isinstance(value, int | float):
+        raise ValueError(f"secagg: no {key!r} in the SecAgg+ state (setup stage missing)")
+    return float(value)
+
+
+def _as_fitres(message: Message, context: Context, call_next: Handler) -> Message:
+    """Run the app, hand `secaggplus_mod` the update as a weighted delta in FitRes layout."""
+    reply = call_next(message, context)
+    if reply.has_error():
+        raise RuntimeError(f"the ClientApp failed: {reply.error.reason}")
+    status = reply.content.config_records[REPLY_KEY]
+    global_weights = np.asarray(message.content.array_records[GLOBAL_KEY][WEIGHTS_KEY].numpy(), dtype=np.float64)
+    update = reply.content.array_records.get(UPDATE_KEY)
+    num_examples = 0
+    delta = np.zeros_like(global_weights)
+    clipped = 0
+    if status.get("status") == STATUS_OK and update is not None:
+        num_examples = int(float(status.get(METRIC_PREFIX + "num_examples", 0.0)))  # type: ignore[arg-type]
+        delta = np.asarray(update[WEIGHTS_KEY].numpy(), dtype=np.float64) - global_weights
+        clip = _state_float(context, "clipping_range")
+        max_weight = _state_float(context, "max_weight")
+        target = _state_float(context, "target_range")
+        scale = round(num_examples / max_weight * target) / target  # what the mod multiplies by
+        if scale > 0:
+            bound = clip / scale
+            clipped = int(np.count_nonzero(np.abs(delta) > bound))
+            delta = np.clip(delta, -bound, bound)
+    content = flwr_internals.fitres_content(delta, num_examples)
+    record = ConfigRecord(dict(status))
+    record[METRIC_PREFIX + "secagg_clipped"] = float(clipped)
+    content[REPLY_KEY] = record
+    return Message(content, reply_to=message)

@@ -1,0 +1,378 @@
+"""The server side of SecAgg+: the four stages of Flower's `SecAggPlusWorkflow`, on our exchange.
+
+Same protocol and the same messages as flwr 1.42's `SecAggPlusWorkflow` (the hospitals run
+Flower's own `secaggplus_mod`), driven with the study's fast push/poll exchange instead of
+`Grid.send_and_receive` (which sleeps 3 s per poll), and without the legacy Strategy layer:
+
+1. setup: the round's parameters to every sampled hospital; each replies two public keys;
+2. share keys: each hospital gets its neighbours' keys and replies its Shamir shares (of its
+   private-mask seed and its first secret key) encrypted for each neighbour;
+3. collect masked vectors: each gets the shares meant for it and the global model, trains, and
+   replies its status record (receipt) and its masked, quantized, weighted delta;
+4. unmask: each hospital whose masked vector is aggregated is told who is in the aggregate and
+   who dropped, and replies its shares: private-mask seeds of the members, first secret keys of
+   the dropped (to remove the pairwise masks they left in the members' vectors).
+
+What differs from the workflow, on purpose (each is the protocol's own rule, applied strictly):
+- a hospital whose reply is malformed is treated as dropped at that stage, with the reason,
+  instead of crashing the server;
+- the aggregate is formed only from hospitals whose stage-3 reply is a valid ``ok`` (a signed
+  receipt that verifies, a masked vector of the right shape); every other masked vector is left
+  out and its sender treated as dropped, so only the members' inputs are in the model;
+- "dropped" for the unmask stage means "its shares were distributed (stage 2 done) but its
+  masked vector is not aggregated"; the workflow also lists hospitals lost in stages 1-2 there,
+  whose shares nobody holds, which makes any such round fail;
+- two integrity checks before a model is accepted: a reconstructed first secret key must match
+  the public key its owner sent in the setup stage, and the unmasked weight sum must equal the
+  sum the members' receipts predict (`SecAggParams.q_ratio`); a wrong or stale share, or a
+  hospital with another mask generator, fails the round with the reason, never a wrong model.
+No hospital that was not sampled at setup takes part in the round (a late joiner waits for the
+next round): its keys would be missing from everyone else's masks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from federated.runtime import flwr_internals
+from federated.secagg.params import SecAggParams
+from federated.server_app import (
+    GLOBAL_KEY,
+    METRIC_PREFIX,
+    STATUS_OK,
+    WEIGHTS_KEY,
+    HospitalReply,
+    NodeDirectory,
+    PhaseResult,
+    _stamp,
+    exchange,
+)
+
+log = logging.getLogger("federated.secagg")
+
+CONFIGS_KEY = flwr_internals.SECAGG_CONFIGS_KEY
+K = flwr_internals.SECAGG_KEYS
+SETUP, SHARE_KEYS, COLLECT, UNMASK = flwr_internals.SECAGG_STAGES
+
+Decoder = Callable[[PhaseResult], list[HospitalReply]]
+
+
+class SecAggRoundError(RuntimeError):
+    """The round cannot produce a secure aggregate; the message says why (it goes in the log)."""
+
+
+@dataclass
+class SecAggRound:
+    """What one SecAgg+ round produced."""
+
+    params: SecAggParams
+    #: the collect-masked-vectors stage (the one that trains): its replies, decoded
+    phase: PhaseResult
+    decoded: list[HospitalReply]
+    #: the hospitals whose inputs formed the aggregate (each with its verified receipt)
+    members: list[HospitalReply] = field(default_factory=list)
+    weights: np.ndarray | None = None
+    #: why no aggregate came out (None: `weights` is the new global model)
+    failure: str | None = None
+    #: hospitals lost before the collect stage (no update from them)
+    lost: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _configs(message: Message) -> ConfigRecord:
+    if message.has_error():
+        raise ValueError(f"flower error {message.error.code}: {message.error.reason}")
+    record = message.content.config_records.get(CONFIGS_KEY)
+    if record is None:
+        raise ValueError(f"reply has no {CONFIGS_KEY} record")
+    return record
+
+
+def _list_of(record: ConfigRecord, key: str, kind: type) -> list[Any]:
+    value = record.get(key)
+    if not isinstance(value, list) or any(type(v) is not kind for v in value):
+        raise ValueError(f"{key}: expected a list of {kind.__name__}")
+    return value
+
+
+class SecAggDriver:
+    """Runs the four stages for one round over `directory`'s grid."""
+
+    def __init__(self, directory: NodeDirectory, *, timeout: float, min_members: int) -> None:
+        self.directory = directory
+        self.timeout = timeout
+        self.min_members = min_members
+        self.crypto = flwr_internals.secagg_primitives()
+        flwr_internals.patch_secagg_prg()
+
+    # -- messaging ------------------------------------------------------------------------------
+    def _exchange(self, contents: Mapping[int, RecordDict], round_: int) -> PhaseResult:
+        ttl = max(self.timeout * 2, 60.0)
+        messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_),
+                            ttl=ttl) for node, content in contents.items()]
+        _stamp(messages, self.directory.context, self.directory.options)
+        options = self.directory.options
+        return exchange(self.directory.grid, messages, timeout=self.timeout, poll=options.poll,
+                        stop_event=options.stop_event)
+
+    # -- the round --------------------------------------------------------------------------------
+    def run(self, targets: Mapping[int, str], weights: np.ndarray, round_: int, decode: Decoder) -> SecAggRound:
+        hospital_of = dict(targets)
+        params = SecAggParams.for_round(len(targets), min_members=self.min_members)
+        timings: dict[str, float] = {}
+        sampled = sorted(targets)
+        neighbours = self._neighbours(sampled, params.share_num)
+
+        def lost(nodes: set[int]) -> list[str]:
+            return sorted(hospital_of[n] for n in set(sampled) - nodes)
+
+        # 1. setup
+        t0 = time.perf_counter()
+        setup = {K["STAGE"]: SETUP, K["SAMPLE_NUMBER"]: params.sample_num,
+                 K["SHARE_NUMBER"]: params.share_num, K["THRESHOLD"]: params.threshold,
+                 K["CLIPPING_RANGE"]: float(params.clipping_range),
+                 K["TARGET_RANGE"]: params.quantization_range, K["MOD_RANGE"]: params.modulus_range,
+                 K["MAX_WEIGHT"]: float(params.max_weight)}
+        # one content per node: secaggplus_mod pops the stage from the record it is given
+        phase = self._exchange({n: RecordDict({CONFIGS_KEY: ConfigRecord(dict(setup))}) for n in sampled},
+                               round_)
+        public_keys: dict[int, tuple[bytes, bytes]] = {}
+        for node, reply in phase.replies.items():
+            try:
+                record = _configs(reply)
+                pk1, pk2 = record.get(K["PUBLIC_KEY_1"]), record.get(K["PUBLIC_KEY_2"])
+                if not isinstance(pk1, bytes) or not isinstance(pk2, bytes):
+                    raise ValueError("public keys: expected bytes")
+                self.crypto.bytes_to_public_key(pk1)
+                self.crypto.bytes_to_public_key(pk2)
+                public_keys[node] = (pk1, pk2)
+            except ValueError as exc:
+                self._drop(hospital_of, node, SETUP, exc)
+        seen = [k for pair in public_keys.values() for k in pair]
+        if len(set(seen)) != len(seen):
+            return self._failed(params, phase, lost(set()), timings,
+                                f"round {round_}: secure aggregation setup: two hospitals sent the same public key")
+        timings["secagg_setup_s"] = time.perf_counter() - t0
+        problem = self._below_threshold(params, sampled, set(public_keys), neighbours, hospital_of, SETUP)
+        if problem:
+            return self._failed(params, phase, lost(set(public_keys)), timings, f"round {round_}: {problem}")
+
+        # 2. share keys
+        t0 = time.perf_counter()
+        contents = {}
+        for node in public_keys:
+            record = ConfigRecord({str(n): list(public_keys[n]) for n in sorted(neighbours[node] & set(public_keys))})
+            record[K["STAGE"]] = SHARE_KEYS
+            contents[node] = RecordDict({CONFIGS_KEY: record})
+        phase = self._exchange(contents, round_)
+        forward: dict[int, list[tuple[int, bytes]]] = {n: [] for n in public_keys}
+        shared: set[int] = set()
+        for node, reply in phase.replies.items():
+            try:
+                record = _configs(reply)
+                dsts = _list_of(record, K["DESTINATION_LIST"], int)
+                ciphertexts = _list_of(record, K["CIPHERTEXT_LIST"], bytes)
+                expected = (neighbours[node] & set(public_keys)) - {node}
+                if len(dsts) != len(ciphertexts) or set(dsts) != expected or len(set(dsts)) != len(dsts):
+                    raise ValueError(f"shares: expected one ciphertext for each of {sorted(expected)}")
+            except ValueError as exc:
+                self._drop(hospital_of, node, SHARE_KEYS, exc)
+                continue
+            shared.add(node)
+            for dst, ciphertext in zip(dsts, ciphertexts, strict=True):
+                forward[dst].append((node, ciphertext))
+        timings["secagg_share_keys_s"] = time.perf_counter() - t0
+        problem = self._below_threshold(params, sampled, shared, neighbours, hospital_of, SHARE_KEYS)
+        if problem:
+            return self._failed(params, phase, lost(shared), timings, f"round {round_}: {problem}")
+
+        # 3. collect masked vectors (the hospitals train here)
+        t0 = time.perf_counter()
+        model = ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(weights))})
+        contents = {}
+        for node in sorted(shared):
+            pairs = [(src, c) for src, c in forward[node] if src in shared]
+            record = ConfigRecord({K["STAGE"]: COLLECT, K["CIPHERTEXT_LIST"]: [c for _, c in pairs],
+                                   K["SOURCE_LIST"]: [src for src, _ in pairs]})
+            contents[node] = RecordDict({GLOBAL_KEY: model, CONFIGS_KEY: record})
+        collect = self._exchange(contents, round_)
+        collect.hospital_of = {n: hospital_of[n] for n in contents}
+        collect.missing_hospitals = sorted(hospital_of[n] for n in collect.missing)
+        decoded = decode(collect)
+        vectors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        members: list[HospitalReply] = []
+        for reply in decoded:
+            if reply.status != STATUS_OK or reply.receipt is None:
+                continue
+            try:
+                vectors[reply.node_id] = self._masked_vector(collect.replies[reply.node_id], params, weights.shape[0])
+            except ValueError as exc:
+                reply.status, reply.reason = "invalid", f"masked vector: {exc}"
+                self._drop(hospital_of, reply.node_id, COLLECT, exc)
+                continue
+            members.append(reply)
+        timings["secagg_collect_s"] = time.perf_counter() - t0
+        result = SecAggRound(params, collect, decoded, members, lost=lost(shared), metrics=timings)
+        if len(members) < self.min_members:
+            # the caller reports this as a round with too few contributors (its usual reason)
+            return result
+        member_nodes = set(vectors)
+        problem = self._below_threshold(params, sampled, member_nodes, neighbours, hospital_of, COLLECT,
+                                        among=shared)
+        if problem:
+            result.failure = f"round {round_}: {problem}"
+            return result
+
+        # 4. unmask
+        t0 = time.perf_counter()
+        dead = shared - member_nodes
+        contents = {}
+        for node in sorted(member_nodes):
+            record = ConfigRecord({K["STAGE"]: UNMASK,
+                                   K["ACTIVE_NODE_ID_LIST"]: sorted(neighbours[node] & member_nodes),
+                                   K["DEAD_NODE_ID_LIST"]: sorted(neighbours[node] & dead)})
+            contents[node] = RecordDict({CONFIGS_KEY: record})
+        phase = self._exchange(contents, round_)
+        shares: dict[int, list[bytes]] = {n: [] for n in shared}
+        for node, reply in phase.replies.items():
+            try:
+                record = _configs(reply)
+                owners = _list_of(record, K["NODE_ID_LIST"], int)
+                values = _list_of(record, K["SHARE_LIST"], bytes)
+                asked = (neighbours[node] & member_nodes) | (neighbours[node] & dead)
+                if len(owners) != len(values) or set(owners) != asked or len(set(owners)) != len(owners):
+                    raise ValueError(f"shares: expected one share for each of {sorted(asked)}")
+            except ValueError as exc:
+                self._drop(hospital_of, node, UNMASK, exc)
+                continue
+            for owner, share in zip(owners, values, strict=True):
+                shares[owner].append(share)
+        try:
+            result.weights = self._unmask(params, vectors, shares, dead, neighbours, public_keys,
+                                          members, weights, hospital_of)
+        except SecAggRoundError as exc:
+            result.failure = f"round {round_}: secure aggregation failed: {exc}"
+        timings["secagg_unmask_s"] = time.perf_counter() - t0
+        return result
+
+    # -- helpers ----------------------------------------------------------------------------------
+    @staticmethod
+    def _neighbours(sampled: Sequence[int], share_num: int) -> dict[int, set[int]]:
+        """SecAggPlusWorkflow's ring of neighbours (with share_num = sample_num: everyone)."""
+        order = list(sampled)
+        np.random.default_rng().shuffle(order)
+        half = share_num >> 1
+        return {nid: {order[(i + off) % len(order)] for off in range(-half, half + 1)}
+                for i, nid in enumerate(order)}
+
+    @staticmethod
+    def _drop(hospital_of: Mapping[int, str], node: int, stage: str, exc: Exception) -> None:
+        log.warning("secagg %s: hospital %s (node %d) left out: %s", stage, hospital_of.get(node, "?"), node, exc)
+
+    @staticmethod
+    def _below_threshold(params: SecAggParams, sampled: Sequence[int], active: set[int],
+                         neighbours: Mapping[int, set[int]], hospital_of: Mapping[int, str], stage: str, *,
+                         among: set[int] | None = None) -> str | None:
+        for node in sampled if among is None else sorted(among):
+            have = len(neighbours[node] & active)
+            if have < params.threshold:
+                return (f"secure aggregation stopped at stage {stage!r}: {len(active)} of {len(sampled)} "
+                        f"hospitals remain, the threshold is {params.threshold} (hospital "
+                        f"{hospital_of.get(node, '?')} has {have} active neighbours)")
+        return None
+
+    def _failed(self, params: SecAggParams, phase: PhaseResult, lost: list[str], timings: dict[str, float],
+                reason: str) -> SecAggRound:
+        log.warning("%s", reason)
+        return SecAggRound(params, phase, [], [], failure=reason, lost=lost, metrics=timings)
+
+    def _masked_vector(self, message: Message, params: SecAggParams, n_weights: int) -> tuple[np.ndarray, np.ndarray]:
+        record = _configs(message)
+        blobs = _list_of(record, K["MASKED_PARAMETERS"], bytes)
+        if len(blobs) != 2:
+            raise ValueError(f"expected 2 arrays (weight, delta), got {len(blobs)}")
+        arrays = []
+        for blob, shape in zip(blobs, ((1,), (n_weights,)), strict=True):
+            try:
+                array = np.asarray(self.crypto.bytes_to_ndarray(blob))
+            except Exception as exc:  # numpy raises several types for a bad .npy
+                raise ValueError(f"not a numpy array ({type(exc).__name__})") from None
+            if array.shape != shape or array.dtype.kind not in "iu":
+                raise ValueError(f"expected an integer array of shape {shape}, got {array.dtype} {array.shape}")
+            array = array.astype(np.int64)
+            if array.size and (array.min() < 0 or array.max() >= params.modulus_range):
+                raise ValueError(f"values outside [0, {params.modulus_range})")
+            arrays.append(array)
+        return arrays[0], arrays[1]
+
+    def _combine(self, shares: list[bytes], owner: str) -> bytes:
+        try:
+            return self.crypto.combine_shares(shares)
+        except Exception as exc:  # malformed share bytes: several exception types inside flwr
+            raise SecAggRoundError(f"the shares of {owner} do not combine ({type(exc).__name__}: {exc})") from None
+
+    def _unmask(self, params: SecAggParams, vectors: Mapping[int, tuple[np.ndarray, np.ndarray]],
+                shares: Mapping[int, list[bytes]], dead: set[int], neighbours: Mapping[int, set[int]],
+                public_keys: Mapping[int, tuple[bytes, bytes]], members: Sequence[HospitalReply],
+                weights: np.ndarray, hospital_of: Mapping[int, str]) -> np.ndarray:
+        modulus = params.modulus_range
+        factor = np.zeros(1, dtype=np.int64)
+        total = np.zeros(weights.shape[0], dtype=np.int64)
+        for f, v in vectors.values():
+            factor = (factor + f) % modulus
+            total = (total + v) % modulus
+        shapes = [(1,), (weights.shape[0],)]
+        for owner in sorted(set(vectors) | dead):
+            got = shares.get(owner, [])
+            if len(got) < params.threshold:
+                raise SecAggRoundError(f"{len(got)} share(s) of {hospital_of[owner]}'s secret came back, "
+                                       f"{params.threshold} are needed")
+            secret = self._combine(got, hospital_of[owner])
+            if owner in vectors:  # a member: remove its private mask
+                mask_f, mask_v = flwr_internals.secagg_prg(secret, modulus, shapes)
+                factor, total = (factor - mask_f) % modulus, (total - mask_v) % modulus
+                continue
+            # dropped after sharing: rebuild its first secret key, check it, remove its pairwise masks
+            try:
+                key = self.crypto.bytes_to_private_key(secret)
+                public = self.crypto.public_key_to_bytes(key.public_key())
+            except Exception as exc:
+                raise SecAggRoundError(f"the shares of {hospital_of[owner]}'s key are malformed "
+                                       f"({type(exc).__name__})") from None
+            if public != public_keys[owner][0]:
+                raise SecAggRoundError(f"the shares of {hospital_of[owner]}'s key do not rebuild the key it "
+                                       "announced (a malformed or stale share)")
+            for member in sorted(neighbours[owner] & set(vectors)):
+                shared_key = self.crypto.generate_shared_key(key, self.crypto.bytes_to_public_key(public_keys[member][0]))
+                mask_f, mask_v = flwr_internals.secagg_prg(shared_key, modulus, shapes)
+                if owner > member:
+                    factor, total = (factor + mask_f) % modulus, (total + mask_v) % modulus
+                else:
+                    factor, total = (factor - mask_f) % modulus, (total - mask_v) % modulus
+        expected = sum(params.q_ratio(int(r.receipt.records_used)) for r in members if r.receipt) % modulus
+        if int(factor[0]) != expected:
+            raise SecAggRoundError("the unmasked weight sum does not match the members' receipts (a malformed "
+                                   "or stale share, or a hospital whose masks differ): no model is taken")
+        if expected == 0:
+            raise SecAggRoundError("the members' weights sum to zero")
+        (summed,) = self.crypto.dequantize([total], params.clipping_range, params.quantization_range)
+        summed = (summed - (len(vectors) - 1) * params.clipping_range) * (params.quantization_range / expected)
+        new = weights.astype(np.float64) + summed
+        if not np.all(np.isfinite(new)):
+            raise SecAggRoundError("the aggregate holds NaN or infinite values")
+        return new.astype(np.float32)
+
+
+def clipped_total(members: Sequence[HospitalReply]) -> float:
+    """Coordinates the members clipped to fit SecAgg+'s quantization range (their own count)."""
+    return float(sum(r.metrics.get("secagg_clipped", 0.0) for r in members))
+
+
+__all__ = ["METRIC_PREFIX", "SecAggDriver", "SecAggRound", "SecAggRoundError", "clipped_total"]
