@@ -1,0 +1,354 @@
+"""SecAgg+ rounds in process: the real ClientApp (Flower's secaggplus_mod inside it) and the real
+ServerApp over `InProcessGrid`; faults are injected by wrapping the ClientApp or the grid.
+
+The same protocol against real SuperLink/SuperNode processes, with a SIGKILLed node:
+test_secagg_deployment.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+
+import federated.client_app as client_app_module
+from federated.runtime.demo_sites import DemoSite, approve, demo_spec, provision_sites
+from federated.runtime import flwr_internals
+from federated.runtime.flwr_internals import SECAGG_CONFIGS_KEY
+from federated.runtime.inprocess import InProcessGrid
+from federated.secagg.params import SecAggParams, SecAggParamsError
+from federated.server_app import GLOBAL_KEY, WEIGHTS_KEY, ServerOptions, StudyFailedError, run_study_rounds
+from federated.study_spec import StudySpec, StudySpecError
+from federated.weights import fedavg
+
+PRIVACY: dict[str, Any] = {"epsilon": 3.0, "accountant": "rdp", "secure_aggregation": True}
+FOUR = ("hospital-a", "hospital-b", "hospital-c", "hospital-d")
+#: quantization error bound for a handful of hospitals (Flower's +-8 range, 2**22 levels)
+ATOL = 1e-4
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.rounds: list[tuple[int, dict[str, float], list[Any]]] = []
+        self.completed: tuple[Path, str] | None = None
+        self.failed: list[str] = []
+
+    def on_round(self, round: int, metrics: Any, receipts: Any) -> None:
+        self.rounds.append((round, dict(metrics), list(receipts)))
+
+    def on_complete(self, model_path: Path, sha256: str) -> None:
+        self.completed = (model_path, sha256)
+
+    def on_failed(self, reason: str) -> None:
+        self.failed.append(reason)
+
+
+class Updates:
+    """Spy on each hospital's clear update (inside the hospital, before masking)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.by_round: dict[int, dict[str, tuple[np.ndarray, int]]] = {}
+        real = client_app_module.train_hospital_round
+
+        def spy(site: Any, spec: StudySpec, round_: int, weights: np.ndarray, at: Any = None) -> Any:
+            out = real(site, spec, round_, weights, at)
+            if out.weights is not None and out.receipt is not None:
+                self.by_round.setdefault(round_, {})[site.hospital_id] = (out.weights.copy(),
+                                                                           out.receipt.records_used)
+            return out
+
+        monkeypatch.setattr(client_app_module, "train_hospital_round", spy)
+
+    def fedavg(self, round_: int, members: set[str]) -> np.ndarray:
+        got = self.by_round[round_]
+        return fedavg([got[h][0] for h in sorted(members)], [got[h][1] for h in sorted(members)])
+
+
+def _stage(message: Message) -> str | None:
+    record = message.content.config_records.get(SECAGG_CONFIGS_KEY)
+    value = record.get("stage") if record is not None else None
+    return value if isinstance(value, str) else None
+
+
+def _globals(grid: InProcessGrid) -> dict[int, np.ndarray]:
+    """The global model each round's collect-stage messages carried."""
+    out = {}
+    for message in grid.pushed:
+        if GLOBAL_KEY in message.content.array_records and message.metadata.message_type == MessageType.TRAIN:
+            out[int(message.metadata.group_id)] = message.content.array_records[GLOBAL_KEY][WEIGHTS_KEY].numpy()
+    return out
+
+
+def _run(sites: dict[str, DemoSite], spec: StudySpec, tmp_path: Path, *, grid_class: type = InProcessGrid,
+         client_app: Any = None, **grid_kwargs: Any) -> tuple[Observer, Any]:
+    for demo in sites.values():
+        approve(demo.site, spec.study_id)
+    grid = grid_class({i + 1: d.site.node_config() for i, d in enumerate(sites.values())}, spec.to_run_config(),
+                      client_app=client_app, **grid_kwargs)
+    observer = Observer()
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=spec.to_run_config())
+    options = ServerOptions(output_dir=tmp_path / "out", poll=0.01,
+                            hospital_keys={h: d.signer.public_key for h, d in sites.items()},
+                            stop_event=threading.Event())
+    with contextlib.suppress(StudyFailedError):
+        run_study_rounds(grid, context, observer, options)
+    return observer, grid
+
+
+@pytest.fixture
+def three(tmp_path: Path) -> dict[str, DemoSite]:
+    return provision_sites(tmp_path / "sites")
+
+
+@pytest.fixture
+def four(tmp_path: Path) -> dict[str, DemoSite]:
+    return provision_sites(tmp_path / "sites4", hospitals=FOUR)
+
+
+class RecordingGrid(InProcessGrid):
+    """Keeps every reply the server pulls (to check what the coordinator could see)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pulled: list[Message] = []
+
+    def pull_messages(self, message_ids: Any) -> Any:
+        replies = list(super().pull_messages(message_ids))
+        self.pulled.extend(replies)
+        return replies
+
+
+# -- the protocol ----------------------------------------------------------------------------------
+
+
+def test_secure_aggregate_is_the_weighted_average_and_no_update_is_seen_in_clear(
+        three: dict[str, DemoSite], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    updates = Updates(monkeypatch)
+    spec = demo_spec("sa-3", rounds=2, min_hospitals=3, **PRIVACY)
+    observer, grid = _run(three, spec, tmp_path, grid_class=RecordingGrid)
+    assert observer.failed == [] and observer.completed is not None
+    (r1, m1, receipts1), (r2, m2, _) = observer.rounds
+    assert (r1, r2) == (1, 2)
+    assert m1["secure_aggregation"] == 1.0 and m1["aggregate_members"] == 3 and m1["secagg_threshold"] == 3
+    assert {r.hospital for r in receipts1} == {f"hospital:{h}" for h in three}
+    # round 2's collect messages carry round 1's aggregate: the weighted FedAvg of the clear updates
+    np.testing.assert_allclose(_globals(grid)[2], updates.fedavg(1, set(three)), atol=ATOL)
+    assert not np.allclose(_globals(grid)[2], _globals(grid)[1])
+    # nothing the server pulled holds a model-sized float array: only masked integers
+    for reply in grid.pulled:
+        assert all(len(record) == 0 for record in reply.content.array_records.values())
+    n = len(spec.columns) + 1
+    masked = [r for r in grid.pulled if _has(r, "masked_params")]
+    assert len(masked) == 6 and all(_masked(r).shape == (n,) for r in masked)
+
+
+def _has(reply: Message, key: str) -> bool:
+    record = reply.content.config_records.get(SECAGG_CONFIGS_KEY)
+    return record is not None and key in record
+
+
+def _masked(reply: Message) -> np.ndarray:
+    import io
+
+    blobs = reply.content.config_records[SECAGG_CONFIGS_KEY]["masked_params"]
+    assert isinstance(blobs, list) and isinstance(blobs[1], bytes)
+    return np.load(io.BytesIO(blobs[1]), allow_pickle=False)
+
+
+def test_plain_train_message_is_refused_when_the_study_requires_secure_aggregation(
+        three: dict[str, DemoSite]) -> None:
+    """A server skipping SecAgg+ gets no update: the hospital refuses and spends nothing."""
+    from federated.client_app import app
+    from federated.dp import initial_state
+
+    demo = three["hospital-a"]
+    spec = demo_spec("sa-plain", min_hospitals=3, **PRIVACY)
+    approve(demo.site, spec.study_id)
+    weights = initial_state(spec.template, len(spec.columns))
+    message = Message(RecordDict({GLOBAL_KEY: ArrayRecord({WEIGHTS_KEY: Array(weights)})}), dst_node_id=1,
+                      message_type=MessageType.TRAIN, group_id="1")
+    context = Context(run_id=1, node_id=1, node_config=demo.site.node_config(), state=RecordDict(),
+                      run_config=spec.to_run_config())
+    reply = app(message=message, context=context)
+    status = reply.content.config_records["reply"]
+    assert status["status"] == "refused" and "secure aggregation" in str(status["reason"])
+    assert not reply.content.array_records
+    from sqlalchemy import create_engine
+
+    from federated.privacy_ledger import PrivacyLedger
+
+    assert PrivacyLedger(create_engine(demo.site.ledger_url)).plan(spec.study_id) is None
+
+
+def test_secure_aggregation_needs_three_hospitals() -> None:
+    with pytest.raises(StudySpecError, match="secure_aggregation: needs min_hospitals >= 3"):
+        StudySpec.from_json({**demo_spec("x", min_hospitals=2).to_json(), "secure_aggregation": True})
+    with pytest.raises(SecAggParamsError, match="at least 3"):
+        SecAggParams.for_round(2)
+    assert SecAggParams.for_round(4, min_members=3).threshold == 3
+    assert SecAggParams.for_round(10).max_dropouts == 4
+
+
+# -- dropouts ------------------------------------------------------------------------------------
+
+
+class DropAtStage(InProcessGrid):
+    """Drops nodes when their message of `stage` (in `round_`) arrives: that message is lost and
+    the node answers nothing more, as a killed SuperNode."""
+
+    def __init__(self, *args: Any, drop: dict[int, str], round_: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.to_drop, self.round = dict(drop), round_
+
+    def push_messages(self, messages: Any) -> Any:
+        messages = list(messages)
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if (self.to_drop.get(node) == _stage(message) and message.metadata.group_id == str(self.round)):
+                self.drop(node)
+                self.to_drop.pop(node)
+        return super().push_messages(messages)
+
+
+def test_hospital_lost_after_sharing_keys_does_not_stop_the_round(
+        four: dict[str, DemoSite], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hospital-d shares its keys, then is gone before it sends its masked vector: its pairwise
+    masks are removed with its key rebuilt from the others' shares; the aggregate is exactly the
+    three members' FedAvg and only they get receipts."""
+    updates = Updates(monkeypatch)
+    spec = demo_spec("sa-drop", rounds=2, min_hospitals=3, round_timeout_s=2.0, **PRIVACY)
+    observer, grid = _run(four, spec, tmp_path, grid_class=DropAtStage, drop={4: "collect_masked_vectors"})
+    assert observer.failed == [] and observer.completed is not None
+    (_, m1, receipts1), (_, m2, receipts2) = observer.rounds
+    members = {"hospital-a", "hospital-b", "hospital-c"}
+    assert m1["aggregate_members"] == 3 and m1["secagg_sampled"] == 4 and m1["dropped"] >= 1
+    assert {r.hospital for r in receipts1} == {f"hospital:{h}" for h in members}
+    np.testing.assert_allclose(_globals(grid)[2], updates.fedavg(1, members), atol=ATOL)
+    assert {r.hospital for r in receipts2} == {f"hospital:{h}" for h in members}
+
+
+def test_fewer_than_the_threshold_fails_cleanly_with_the_reason(four: dict[str, DemoSite], tmp_path: Path) -> None:
+    spec = demo_spec("sa-few", rounds=2, min_hospitals=3, round_timeout_s=2.0, **PRIVACY)
+    observer, _ = _run(four, spec, tmp_path, grid_class=DropAtStage,
+                       drop={3: "collect_masked_vectors", 4: "collect_masked_vectors"})
+    assert observer.completed is None and len(observer.failed) == 1
+    assert "2 hospital(s) contributed, the study needs 3" in observer.failed[0]
+    (_, metrics, receipts), = observer.rounds  # the two that trained spent privacy: reported, not a model
+    assert metrics["round_failed"] == 1.0 and len(receipts) == 2
+
+
+def test_a_late_joiner_waits_for_the_next_round(four: dict[str, DemoSite], tmp_path: Path) -> None:
+    """hospital-d's SuperNode restarts when the setup message arrives: it comes back under a new
+    node id after the key exchange started, so it is not part of round 1 (its keys are in no one's
+    masks); it takes part in round 2."""
+    spec = demo_spec("sa-late", rounds=2, min_hospitals=3, round_timeout_s=2.0, **PRIVACY)
+    for demo in four.values():
+        approve(demo.site, spec.study_id)
+    grid = InProcessGrid({i + 1: d.site.node_config() for i, d in enumerate(four.values())}, spec.to_run_config())
+    grid.restart_when_messaged(4, MessageType.TRAIN)
+    observer = Observer()
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=spec.to_run_config())
+    run_study_rounds(grid, context, observer, ServerOptions(
+        output_dir=tmp_path / "out", poll=0.01, hospital_keys={h: d.signer.public_key for h, d in four.items()}))
+    (_, m1, receipts1), (_, m2, receipts2) = observer.rounds
+    assert m1["aggregate_members"] == 3 and "hospital:hospital-d" not in {r.hospital for r in receipts1}
+    assert m2["aggregate_members"] == 4 and "hospital:hospital-d" in {r.hospital for r in receipts2}
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def _tampering(mutate: Callable[[int, Message, Message], Message | None]) -> Any:
+    """A ClientApp that runs the real one, then lets `mutate(node, message, reply)` alter the reply."""
+    from federated.client_app import app
+
+    def tampered(message: Message, context: Context) -> Message:
+        try:
+            reply = app(message=message, context=context)
+        except Exception as exc:  # as the real executor does: an error reply, not a crash
+            error = Error(code=flwr_internals.ERROR_CLIENT_APP_RAISED_EXCEPTION, reason=repr(exc))
+            return Message(error, reply_to=message)
+        return mutate(context.node_id, message, reply) or reply
+
+    return tampered
+
+
+def _replace_configs(reply: Message, message: Message, **values: Any) -> Message:
+    record = reply.content.config_records[SECAGG_CONFIGS_KEY]
+    content = RecordDict({SECAGG_CONFIGS_KEY: ConfigRecord({**dict(record), **values})})
+    for key, other in reply.content.config_records.items():
+        if key != SECAGG_CONFIGS_KEY:
+            content[key] = other
+    return Message(content, reply_to=message)
+
+
+def test_a_corrupted_ciphertext_drops_its_recipient_and_the_round_goes_on(
+        four: dict[str, DemoSite], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node 1's encrypted share for node 2 is corrupted: node 2 cannot decrypt it and fails the
+    collect stage; the round completes with the other three, correctly."""
+    updates = Updates(monkeypatch)
+
+    def corrupt(node: int, message: Message, reply: Message) -> Message | None:
+        if node != 1 or _stage_of_reply(reply) != "share_keys" or message.metadata.group_id != "1":
+            return None
+        record = reply.content.config_records[SECAGG_CONFIGS_KEY]
+        dsts, ctxts = list(record["dsts"]), list(record["ctxts"])  # type: ignore[arg-type]
+        i = dsts.index(2)
+        ctxts[i] = bytes(reversed(ctxts[i]))  # type: ignore[arg-type]
+        return _replace_configs(reply, message, ctxts=ctxts)
+
+    spec = demo_spec("sa-ctxt", rounds=2, min_hospitals=3, round_timeout_s=2.0, **PRIVACY)
+    observer, grid = _run(four, spec, tmp_path, client_app=_tampering(corrupt))
+    assert observer.failed == [] and observer.completed is not None
+    (_, metrics, receipts), (_, metrics2, _) = observer.rounds
+    members = {"hospital-a", "hospital-c", "hospital-d"}
+    assert metrics["aggregate_members"] == 3 and metrics2["aggregate_members"] == 4
+    assert {r.hospital for r in receipts} == {f"hospital:{h}" for h in members}
+    np.testing.assert_allclose(_globals(grid)[2], updates.fedavg(1, members), atol=ATOL)
+
+
+def _stage_of_reply(reply: Message) -> str | None:
+    if reply.has_error():
+        return None
+    record = reply.content.config_records.get(SECAGG_CONFIGS_KEY)
+    if record is None:
+        return None
+    for key, stage in (("pk1", "setup"), ("ctxts", "share_keys"), ("masked_params", "collect_masked_vectors"),
+                       ("shares", "unmask")):
+        if key in record:
+            return stage
+    return None
+
+
+@pytest.mark.parametrize("kind", ["garbage", "another-round"])
+def test_a_malformed_or_stale_share_fails_the_round_never_a_wrong_model(
+        three: dict[str, DemoSite], tmp_path: Path, kind: str) -> None:
+    """Node 1 answers the unmask stage of round 2 with garbage shares, or with its shares of
+    round 1: the aggregate fails its integrity check and the study stops with the reason."""
+    kept: dict[str, list[Any]] = {}
+
+    def bad(node: int, message: Message, reply: Message) -> Message | None:
+        if node != 1 or _stage_of_reply(reply) != "unmask":
+            return None
+        record = reply.content.config_records[SECAGG_CONFIGS_KEY]
+        if message.metadata.group_id == "1":
+            kept["shares"] = list(record["shares"])  # type: ignore[arg-type]
+            return None
+        shares = list(record["shares"])  # type: ignore[arg-type]
+        if kind == "garbage":
+            shares = [s[:4] + bytes(len(s) - 4) for s in shares]  # type: ignore[index]
+        else:
+            shares = kept["shares"]
+        return _replace_configs(reply, message, shares=shares)
+
+    spec = demo_spec(f"sa-bad-{kind}", rounds=2, min_hospitals=3, round_timeout_s=2.0, **PRIVACY)
+    observer, _ = _run(three, spec, tmp_path, client_app=_tampering(bad))
+    assert observer.completed is None and len(observer.failed) == 1
+    assert "secure aggregation failed" in observer.failed[0]
+    assert observer.rounds[-1][1]["round_failed"] == 1.0
