@@ -325,7 +325,8 @@ def train(message: Message, context: Context) -> Message:
         # A server that skips SecAgg+ would see this hospital's update in clear: nothing is trained.
         outcome = HospitalOutcome(STATUS_REFUSED, "the study requires secure aggregation; this train message "
                                   "is not part of the SecAgg+ protocol")
-        log.warning("study %s round %d: plain train message refused (secure aggregation)", spec.study_id, round_)
+        log.warning("study %s round %d: plain train message refused (secure aggregation)", spec.study_id,
+                    round_)
         return _reply(message, site.hospital_id, outcome, started, wall_started)
     outcome = train_hospital_round(site, spec, round_, weights)
     # The incoming model is round_ - 1's: scored once, and only when this hospital trained.

@@ -27,6 +27,7 @@ Polling: the grid is polled every `server_poll` seconds with the public `push_me
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -427,7 +428,8 @@ def _wait_for_nodes(directory: NodeDirectory, spec: StudySpec, options: ServerOp
             return targets
         if time.monotonic() >= deadline or options.stop_event.is_set():
             raise StudyFailedError(f"round {round_}: only {len(targets)} hospital node(s) connected "
-                                   f"after {spec.join_timeout_s:.0f} s; the study needs {hospitals_needed(spec)}")
+                                   f"after {spec.join_timeout_s:.0f} s; the study needs "
+                                   f"{hospitals_needed(spec)}")
         time.sleep(max(options.poll, 0.05))
 
 
@@ -571,7 +573,8 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
     silent: set[str] = set()  # hospitals that did not answer the last train exchange
     directory = NodeDirectory(grid, spec, context, options)
 
-    def decode(phase: PhaseResult, round_: int, n_weights: int | None, masked: bool = False) -> list[HospitalReply]:
+    def decode(phase: PhaseResult, round_: int, n_weights: int | None,
+               masked: bool = False) -> list[HospitalReply]:
         return [_decode_reply(n, m, spec, round_, options.hospital_keys, n_weights=n_weights,
                               expected_hospital=phase.hospital_of.get(n), approved=directory.approved,
                               masked=masked)
@@ -588,8 +591,9 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
             secure = None
             if spec.secure_aggregation:
                 # SecAgg+ (federated.secagg): the same train step, inside the protocol's four stages
-                secure = _secure_round(directory, targets, weights, round_, spec,
-                                       lambda phase: decode(phase, round_, weights.shape[0], masked=True))
+                n_weights = weights.shape[0]
+                masked = functools.partial(decode, round_=round_, n_weights=n_weights, masked=True)
+                secure = _secure_round(directory, targets, weights, round_, spec=spec, decode=masked)
                 train, decoded, contributors = secure.phase, secure.decoded, list(secure.members)
                 silent = set(train.missing_hospitals) | set(secure.lost)
             else:
@@ -627,7 +631,8 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
                 weights = _reply_weights_sum(contributors)
             aggregate_s = time.perf_counter() - t_agg
             metrics = scored(_round_metrics(decoded, contributors, train=train, aggregate_s=aggregate_s,
-                                            round_s=time.perf_counter() - t_round, gone=len(gone), secure=secure))
+                                            round_s=time.perf_counter() - t_round, gone=len(gone),
+                                            secure=secure))
             log.info("study %s round %d: %s", spec.study_id, round_, metrics)
             pending = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt],
                                     spec.task)
@@ -670,7 +675,7 @@ class _PendingRound:
         observer.on_round(self.round, self.metrics, self.receipts)
 
 
-def _secure_round(directory: NodeDirectory, targets: Mapping[int, str], weights: np.ndarray, round_: int,
+def _secure_round(directory: NodeDirectory, targets: Mapping[int, str], weights: np.ndarray, round_: int, *,
                   spec: StudySpec, decode: Callable[[PhaseResult], list[HospitalReply]]) -> Any:
     """One round under SecAgg+ (`federated.secagg.server`): the study fails cleanly, with the
     reason, if the protocol cannot run (too few hospitals for its threshold)."""

@@ -77,8 +77,9 @@ class StudySpec(BaseModel):
         if self.request.epsilon is not None and self.request.epsilon != self.epsilon:
             raise ValueError(f"request.epsilon: {self.request.epsilon} differs from epsilon {self.epsilon}")
         if self.secure_aggregation and self.min_hospitals < SECAGG_MIN_HOSPITALS:
-            raise ValueError(f"secure_aggregation: needs min_hospitals >= {SECAGG_MIN_HOSPITALS} (with fewer, "
-                             f"a hospital could learn another's update from the aggregate), got {self.min_hospitals}")
+            raise ValueError(f"secure_aggregation: needs min_hospitals >= {SECAGG_MIN_HOSPITALS} (with "
+                             "fewer, a hospital could learn another's update from the aggregate), got "
+                             f"{self.min_hospitals}")
         return self
 
     # -- encoding ---------------------------------------------------------------------------

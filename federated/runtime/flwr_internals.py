@@ -37,7 +37,7 @@ import importlib.metadata
 import inspect
 import time as _time
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -144,12 +144,13 @@ _LAYOUT: dict[str, tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]
         ("flwr.supercore.logger", "update_console_handler", ("timestamps", "colored"), ()),
     ),
     "secagg": (
-        ("flwr.client.mod.secure_aggregation.secaggplus_mod", "secaggplus_mod", ("msg", "ctxt", "call_next"), ()),
+        ("flwr.client.mod.secure_aggregation.secaggplus_mod", "secaggplus_mod",
+         ("msg", "ctxt", "call_next"), ()),
         ("flwr.client.mod.secure_aggregation.secaggplus_mod", "pseudo_rand_gen", ("seed", "num_range"), ()),
         ("flwr.common.secure_aggregation.secaggplus_constants", "Key", (),
-         ("STAGE", "SAMPLE_NUMBER", "SHARE_NUMBER", "THRESHOLD", "CLIPPING_RANGE", "TARGET_RANGE", "MOD_RANGE",
-          "MAX_WEIGHT", "PUBLIC_KEY_1", "PUBLIC_KEY_2", "DESTINATION_LIST", "CIPHERTEXT_LIST", "SOURCE_LIST",
-          "MASKED_PARAMETERS", "ACTIVE_NODE_ID_LIST", "DEAD_NODE_ID_LIST", "NODE_ID_LIST", "SHARE_LIST")),
+         ("STAGE", "SAMPLE_NUMBER", "SHARE_NUMBER", "THRESHOLD", "CLIPPING_RANGE", "TARGET_RANGE",
+          "MOD_RANGE", "MAX_WEIGHT", "PUBLIC_KEY_1", "PUBLIC_KEY_2", "DESTINATION_LIST", "CIPHERTEXT_LIST",
+          "SOURCE_LIST", "MASKED_PARAMETERS", "ACTIVE_NODE_ID_LIST", "DEAD_NODE_ID_LIST", "NODE_ID_LIST", "SHARE_LIST")),
         ("flwr.common.secure_aggregation.secaggplus_constants", "Stage", (),
          ("SETUP", "SHARE_KEYS", "COLLECT_MASKED_VECTORS", "UNMASK")),
         ("flwr.common.secure_aggregation.secaggplus_constants", "RECORD_KEY_CONFIGS", (), ()),
@@ -678,7 +679,8 @@ SECAGG_KEYS = {"STAGE": "stage", "SAMPLE_NUMBER": "sample_num", "SHARE_NUMBER": 
                "THRESHOLD": "threshold", "CLIPPING_RANGE": "clipping_range", "TARGET_RANGE": "target_range",
                "MOD_RANGE": "mod_range", "MAX_WEIGHT": "max_weight", "PUBLIC_KEY_1": "pk1",
                "PUBLIC_KEY_2": "pk2", "DESTINATION_LIST": "dsts", "CIPHERTEXT_LIST": "ctxts",
-               "SOURCE_LIST": "srcs", "MASKED_PARAMETERS": "masked_params", "ACTIVE_NODE_ID_LIST": "active_nids",
+               "SOURCE_LIST": "srcs", "MASKED_PARAMETERS": "masked_params",
+               "ACTIVE_NODE_ID_LIST": "active_nids",
                "DEAD_NODE_ID_LIST": "dead_nids", "NODE_ID_LIST": "nids", "SHARE_LIST": "shares"}
 _SECAGG_MOD_MODULE = "flwr.client.mod.secure_aggregation.secaggplus_mod"
 
@@ -697,10 +699,11 @@ def secaggplus_mod() -> Callable[..., Message]:
     check_layout("secagg")
     _check_secagg_semantics()
     module = importlib.import_module(_SECAGG_MOD_MODULE)
-    return module.secaggplus_mod  # type: ignore[no-any-return]
+    mod: Callable[..., Message] = module.secaggplus_mod
+    return mod
 
 
-def _chacha_prg(seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]) -> list[Any]:
+def _chacha_prg(seed: bytes, num_range: int, dimensions_list: Sequence[tuple[int, ...]]) -> list[Any]:
     """Mask expansion from the WHOLE seed: ChaCha20 keyed with SHA-256(seed), uniform in
     [0, num_range) for a power-of-two `num_range` (SecAgg+ requires one)."""
     import hashlib
@@ -736,10 +739,10 @@ def patch_secagg_prg() -> None:
     if is_patched(module.pseudo_rand_gen):
         return
     setattr(_chacha_prg, _PATCHED_MARK, True)
-    module.pseudo_rand_gen = _chacha_prg
+    setattr(module, "pseudo_rand_gen", _chacha_prg)  # noqa: B010 (mypy: no such attribute in its stubs)
 
 
-def secagg_prg(seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]) -> list[Any]:
+def secagg_prg(seed: bytes, num_range: int, dimensions_list: Sequence[tuple[int, ...]]) -> list[Any]:
     """The mask generator both sides use once `patch_secagg_prg` ran."""
     return _chacha_prg(seed, num_range, dimensions_list)
 
@@ -764,7 +767,11 @@ def secagg_primitives() -> SecAggPrimitives:
     from flwr.common.secure_aggregation.crypto.shamir import combine_shares
     from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
     from flwr.common.secure_aggregation.quantization import dequantize
-    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key, public_key_to_bytes
+    from flwr.supercore.primitives.asymmetric import (
+        bytes_to_private_key,
+        bytes_to_public_key,
+        public_key_to_bytes,
+    )
 
     return SecAggPrimitives(combine_shares, generate_shared_key, bytes_to_private_key, bytes_to_public_key,
                             public_key_to_bytes, dequantize, bytes_to_ndarray)

@@ -36,8 +36,9 @@ Handler = Callable[[Message, Context], Message]
 
 def is_secagg_message(message: Message) -> bool:
     """A SecAgg+ stage message (as opposed to a plain train message)."""
-    return (message.metadata.message_type == MessageType.TRAIN
-            and CONFIGS_KEY in message.content.config_records)
+    return (
+        message.metadata.message_type == MessageType.TRAIN and CONFIGS_KEY in message.content.config_records
+    )
 
 
 def secagg_mod(message: Message, context: Context, call_next: Handler) -> Message:
@@ -71,7 +72,9 @@ def _as_fitres(message: Message, context: Context, call_next: Handler) -> Messag
     if reply.has_error():
         raise RuntimeError(f"the ClientApp failed: {reply.error.reason}")
     status = reply.content.config_records[REPLY_KEY]
-    global_weights = np.asarray(message.content.array_records[GLOBAL_KEY][WEIGHTS_KEY].numpy(), dtype=np.float64)
+    global_weights = np.asarray(
+        message.content.array_records[GLOBAL_KEY][WEIGHTS_KEY].numpy(), dtype=np.float64
+    )
     update = reply.content.array_records.get(UPDATE_KEY)
     num_examples = 0
     delta = np.zeros_like(global_weights)

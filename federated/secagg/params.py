@@ -51,12 +51,15 @@ class SecAggParams:
         server can never obtain both secrets of one hospital from the others, and an aggregate
         always has at least `min_members` inputs."""
         if hospitals < MIN_HOSPITALS:
-            raise SecAggParamsError(f"secure aggregation needs at least {MIN_HOSPITALS} hospitals in a "
-                                    f"round, {hospitals} are connected")
+            raise SecAggParamsError(
+                f"secure aggregation needs at least {MIN_HOSPITALS} hospitals in a "
+                f"round, {hospitals} are connected"
+            )
         threshold = max(2, hospitals // 2 + 1, min_members)
         if threshold > hospitals:
-            raise SecAggParamsError(f"the study needs {min_members} hospitals per aggregate, only "
-                                    f"{hospitals} are connected")
+            raise SecAggParamsError(
+                f"the study needs {min_members} hospitals per aggregate, only {hospitals} are connected"
+            )
         if hospitals > MODULUS_RANGE // QUANTIZATION_RANGE:
             raise SecAggParamsError(f"{hospitals} hospitals could overflow the {MODULUS_RANGE} modulus")
         return cls(sample_num=hospitals, share_num=hospitals, threshold=threshold)

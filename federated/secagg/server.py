@@ -115,15 +115,24 @@ class SecAggDriver:
     # -- messaging ------------------------------------------------------------------------------
     def _exchange(self, contents: Mapping[int, RecordDict], round_: int) -> PhaseResult:
         ttl = max(self.timeout * 2, 60.0)
-        messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_),
-                            ttl=ttl) for node, content in contents.items()]
+        messages = [
+            Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_), ttl=ttl)
+            for node, content in contents.items()
+        ]
         _stamp(messages, self.directory.context, self.directory.options)
         options = self.directory.options
-        return exchange(self.directory.grid, messages, timeout=self.timeout, poll=options.poll,
-                        stop_event=options.stop_event)
+        return exchange(
+            self.directory.grid,
+            messages,
+            timeout=self.timeout,
+            poll=options.poll,
+            stop_event=options.stop_event,
+        )
 
     # -- the round --------------------------------------------------------------------------------
-    def run(self, targets: Mapping[int, str], weights: np.ndarray, round_: int, decode: Decoder) -> SecAggRound:
+    def run(
+        self, targets: Mapping[int, str], weights: np.ndarray, round_: int, decode: Decoder
+    ) -> SecAggRound:
         hospital_of = dict(targets)
         params = SecAggParams.for_round(len(targets), min_members=self.min_members)
         timings: dict[str, float] = {}
@@ -135,14 +144,20 @@ class SecAggDriver:
 
         # 1. setup
         t0 = time.perf_counter()
-        setup = {K["STAGE"]: SETUP, K["SAMPLE_NUMBER"]: params.sample_num,
-                 K["SHARE_NUMBER"]: params.share_num, K["THRESHOLD"]: params.threshold,
-                 K["CLIPPING_RANGE"]: float(params.clipping_range),
-                 K["TARGET_RANGE"]: params.quantization_range, K["MOD_RANGE"]: params.modulus_range,
-                 K["MAX_WEIGHT"]: float(params.max_weight)}
+        setup: dict[str, Any] = {
+            K["STAGE"]: SETUP,
+            K["SAMPLE_NUMBER"]: params.sample_num,
+            K["SHARE_NUMBER"]: params.share_num,
+            K["THRESHOLD"]: params.threshold,
+            K["CLIPPING_RANGE"]: float(params.clipping_range),
+            K["TARGET_RANGE"]: params.quantization_range,
+            K["MOD_RANGE"]: params.modulus_range,
+            K["MAX_WEIGHT"]: float(params.max_weight),
+        }
         # one content per node: secaggplus_mod pops the stage from the record it is given
-        phase = self._exchange({n: RecordDict({CONFIGS_KEY: ConfigRecord(dict(setup))}) for n in sampled},
-                               round_)
+        phase = self._exchange(
+            {n: RecordDict({CONFIGS_KEY: ConfigRecord(dict(setup))}) for n in sampled}, round_
+        )
         public_keys: dict[int, tuple[bytes, bytes]] = {}
         for node, reply in phase.replies.items():
             try:
@@ -157,18 +172,33 @@ class SecAggDriver:
                 self._drop(hospital_of, node, SETUP, exc)
         seen = [k for pair in public_keys.values() for k in pair]
         if len(set(seen)) != len(seen):
-            return self._failed(params, phase, lost(set()), timings,
-                                f"round {round_}: secure aggregation setup: two hospitals sent the same public key")
+            return self._failed(
+                params,
+                phase,
+                lost=lost(set()),
+                timings=timings,
+                reason=f"round {round_}: secure aggregation setup: two hospitals sent the same public key",
+            )
         timings["secagg_setup_s"] = time.perf_counter() - t0
-        problem = self._below_threshold(params, sampled, set(public_keys), neighbours, hospital_of, SETUP)
+        problem = self._below_threshold(
+            params, sampled, set(public_keys), neighbours=neighbours, hospital_of=hospital_of, stage=SETUP
+        )
         if problem:
-            return self._failed(params, phase, lost(set(public_keys)), timings, f"round {round_}: {problem}")
+            return self._failed(
+                params,
+                phase,
+                lost=lost(set(public_keys)),
+                timings=timings,
+                reason=f"round {round_}: {problem}",
+            )
 
         # 2. share keys
         t0 = time.perf_counter()
         contents = {}
         for node in public_keys:
-            record = ConfigRecord({str(n): list(public_keys[n]) for n in sorted(neighbours[node] & set(public_keys))})
+            record = ConfigRecord(
+                {str(n): list(public_keys[n]) for n in sorted(neighbours[node] & set(public_keys))}
+            )
             record[K["STAGE"]] = SHARE_KEYS
             contents[node] = RecordDict({CONFIGS_KEY: record})
         phase = self._exchange(contents, round_)
@@ -189,9 +219,13 @@ class SecAggDriver:
             for dst, ciphertext in zip(dsts, ciphertexts, strict=True):
                 forward[dst].append((node, ciphertext))
         timings["secagg_share_keys_s"] = time.perf_counter() - t0
-        problem = self._below_threshold(params, sampled, shared, neighbours, hospital_of, SHARE_KEYS)
+        problem = self._below_threshold(
+            params, sampled, shared, neighbours=neighbours, hospital_of=hospital_of, stage=SHARE_KEYS
+        )
         if problem:
-            return self._failed(params, phase, lost(shared), timings, f"round {round_}: {problem}")
+            return self._failed(
+                params, phase, lost=lost(shared), timings=timings, reason=f"round {round_}: {problem}"
+            )
 
         # 3. collect masked vectors (the hospitals train here)
         t0 = time.perf_counter()
@@ -199,8 +233,13 @@ class SecAggDriver:
         contents = {}
         for node in sorted(shared):
             pairs = [(src, c) for src, c in forward[node] if src in shared]
-            record = ConfigRecord({K["STAGE"]: COLLECT, K["CIPHERTEXT_LIST"]: [c for _, c in pairs],
-                                   K["SOURCE_LIST"]: [src for src, _ in pairs]})
+            record = ConfigRecord(
+                {
+                    K["STAGE"]: COLLECT,
+                    K["CIPHERTEXT_LIST"]: [c for _, c in pairs],
+                    K["SOURCE_LIST"]: [src for src, _ in pairs],
+                }
+            )
             contents[node] = RecordDict({GLOBAL_KEY: model, CONFIGS_KEY: record})
         collect = self._exchange(contents, round_)
         collect.hospital_of = {n: hospital_of[n] for n in contents}
@@ -208,24 +247,33 @@ class SecAggDriver:
         decoded = decode(collect)
         vectors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         members: list[HospitalReply] = []
-        for reply in decoded:
-            if reply.status != STATUS_OK or reply.receipt is None:
+        for answer in decoded:
+            if answer.status != STATUS_OK or answer.receipt is None:
                 continue
             try:
-                vectors[reply.node_id] = self._masked_vector(collect.replies[reply.node_id], params, weights.shape[0])
+                vectors[answer.node_id] = self._masked_vector(
+                    collect.replies[answer.node_id], params, weights.shape[0]
+                )
             except ValueError as exc:
-                reply.status, reply.reason = "invalid", f"masked vector: {exc}"
-                self._drop(hospital_of, reply.node_id, COLLECT, exc)
+                answer.status, answer.reason = "invalid", f"masked vector: {exc}"
+                self._drop(hospital_of, answer.node_id, COLLECT, exc)
                 continue
-            members.append(reply)
+            members.append(answer)
         timings["secagg_collect_s"] = time.perf_counter() - t0
         result = SecAggRound(params, collect, decoded, members, lost=lost(shared), metrics=timings)
         if len(members) < self.min_members:
             # the caller reports this as a round with too few contributors (its usual reason)
             return result
         member_nodes = set(vectors)
-        problem = self._below_threshold(params, sampled, member_nodes, neighbours, hospital_of, COLLECT,
-                                        among=shared)
+        problem = self._below_threshold(
+            params,
+            sampled,
+            member_nodes,
+            neighbours=neighbours,
+            hospital_of=hospital_of,
+            stage=COLLECT,
+            among=shared,
+        )
         if problem:
             result.failure = f"round {round_}: {problem}"
             return result
@@ -235,9 +283,13 @@ class SecAggDriver:
         dead = shared - member_nodes
         contents = {}
         for node in sorted(member_nodes):
-            record = ConfigRecord({K["STAGE"]: UNMASK,
-                                   K["ACTIVE_NODE_ID_LIST"]: sorted(neighbours[node] & member_nodes),
-                                   K["DEAD_NODE_ID_LIST"]: sorted(neighbours[node] & dead)})
+            record = ConfigRecord(
+                {
+                    K["STAGE"]: UNMASK,
+                    K["ACTIVE_NODE_ID_LIST"]: sorted(neighbours[node] & member_nodes),
+                    K["DEAD_NODE_ID_LIST"]: sorted(neighbours[node] & dead),
+                }
+            )
             contents[node] = RecordDict({CONFIGS_KEY: record})
         phase = self._exchange(contents, round_)
         shares: dict[int, list[bytes]] = {n: [] for n in shared}
@@ -255,8 +307,17 @@ class SecAggDriver:
             for owner, share in zip(owners, values, strict=True):
                 shares[owner].append(share)
         try:
-            result.weights = self._unmask(params, vectors, shares, dead, neighbours, public_keys,
-                                          members, weights, hospital_of)
+            result.weights = self._unmask(
+                params,
+                vectors=vectors,
+                shares=shares,
+                dead=dead,
+                neighbours=neighbours,
+                public_keys=public_keys,
+                members=members,
+                weights=weights,
+                hospital_of=hospital_of,
+            )
         except SecAggRoundError as exc:
             result.failure = f"round {round_}: secure aggregation failed: {exc}"
         timings["secagg_unmask_s"] = time.perf_counter() - t0
@@ -269,31 +330,53 @@ class SecAggDriver:
         order = list(sampled)
         np.random.default_rng().shuffle(order)
         half = share_num >> 1
-        return {nid: {order[(i + off) % len(order)] for off in range(-half, half + 1)}
-                for i, nid in enumerate(order)}
+        return {
+            nid: {order[(i + off) % len(order)] for off in range(-half, half + 1)}
+            for i, nid in enumerate(order)
+        }
 
     @staticmethod
     def _drop(hospital_of: Mapping[int, str], node: int, stage: str, exc: Exception) -> None:
-        log.warning("secagg %s: hospital %s (node %d) left out: %s", stage, hospital_of.get(node, "?"), node, exc)
+        log.warning(
+            "secagg %s: hospital %s (node %d) left out: %s", stage, hospital_of.get(node, "?"), node, exc
+        )
 
     @staticmethod
-    def _below_threshold(params: SecAggParams, sampled: Sequence[int], active: set[int],
-                         neighbours: Mapping[int, set[int]], hospital_of: Mapping[int, str], stage: str, *,
-                         among: set[int] | None = None) -> str | None:
+    def _below_threshold(
+        params: SecAggParams,
+        sampled: Sequence[int],
+        active: set[int],
+        *,
+        neighbours: Mapping[int, set[int]],
+        hospital_of: Mapping[int, str],
+        stage: str,
+        among: set[int] | None = None,
+    ) -> str | None:
         for node in sampled if among is None else sorted(among):
             have = len(neighbours[node] & active)
             if have < params.threshold:
-                return (f"secure aggregation stopped at stage {stage!r}: {len(active)} of {len(sampled)} "
-                        f"hospitals remain, the threshold is {params.threshold} (hospital "
-                        f"{hospital_of.get(node, '?')} has {have} active neighbours)")
+                return (
+                    f"secure aggregation stopped at stage {stage!r}: {len(active)} of {len(sampled)} "
+                    f"hospitals remain, the threshold is {params.threshold} (hospital "
+                    f"{hospital_of.get(node, '?')} has {have} active neighbours)"
+                )
         return None
 
-    def _failed(self, params: SecAggParams, phase: PhaseResult, lost: list[str], timings: dict[str, float],
-                reason: str) -> SecAggRound:
+    def _failed(
+        self,
+        params: SecAggParams,
+        phase: PhaseResult,
+        *,
+        lost: list[str],
+        timings: dict[str, float],
+        reason: str,
+    ) -> SecAggRound:
         log.warning("%s", reason)
         return SecAggRound(params, phase, [], [], failure=reason, lost=lost, metrics=timings)
 
-    def _masked_vector(self, message: Message, params: SecAggParams, n_weights: int) -> tuple[np.ndarray, np.ndarray]:
+    def _masked_vector(
+        self, message: Message, params: SecAggParams, n_weights: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         record = _configs(message)
         blobs = _list_of(record, K["MASKED_PARAMETERS"], bytes)
         if len(blobs) != 2:
@@ -305,7 +388,9 @@ class SecAggDriver:
             except Exception as exc:  # numpy raises several types for a bad .npy
                 raise ValueError(f"not a numpy array ({type(exc).__name__})") from None
             if array.shape != shape or array.dtype.kind not in "iu":
-                raise ValueError(f"expected an integer array of shape {shape}, got {array.dtype} {array.shape}")
+                raise ValueError(
+                    f"expected an integer array of shape {shape}, got {array.dtype} {array.shape}"
+                )
             array = array.astype(np.int64)
             if array.size and (array.min() < 0 or array.max() >= params.modulus_range):
                 raise ValueError(f"values outside [0, {params.modulus_range})")
@@ -316,12 +401,23 @@ class SecAggDriver:
         try:
             return self.crypto.combine_shares(shares)
         except Exception as exc:  # malformed share bytes: several exception types inside flwr
-            raise SecAggRoundError(f"the shares of {owner} do not combine ({type(exc).__name__}: {exc})") from None
+            raise SecAggRoundError(
+                f"the shares of {owner} do not combine ({type(exc).__name__}: {exc})"
+            ) from None
 
-    def _unmask(self, params: SecAggParams, vectors: Mapping[int, tuple[np.ndarray, np.ndarray]],
-                shares: Mapping[int, list[bytes]], dead: set[int], neighbours: Mapping[int, set[int]],
-                public_keys: Mapping[int, tuple[bytes, bytes]], members: Sequence[HospitalReply],
-                weights: np.ndarray, hospital_of: Mapping[int, str]) -> np.ndarray:
+    def _unmask(
+        self,
+        params: SecAggParams,
+        *,
+        vectors: Mapping[int, tuple[np.ndarray, np.ndarray]],
+        shares: Mapping[int, list[bytes]],
+        dead: set[int],
+        neighbours: Mapping[int, set[int]],
+        public_keys: Mapping[int, tuple[bytes, bytes]],
+        members: Sequence[HospitalReply],
+        weights: np.ndarray,
+        hospital_of: Mapping[int, str],
+    ) -> np.ndarray:
         modulus = params.modulus_range
         factor = np.zeros(1, dtype=np.int64)
         total = np.zeros(weights.shape[0], dtype=np.int64)
@@ -332,8 +428,10 @@ class SecAggDriver:
         for owner in sorted(set(vectors) | dead):
             got = shares.get(owner, [])
             if len(got) < params.threshold:
-                raise SecAggRoundError(f"{len(got)} share(s) of {hospital_of[owner]}'s secret came back, "
-                                       f"{params.threshold} are needed")
+                raise SecAggRoundError(
+                    f"{len(got)} share(s) of {hospital_of[owner]}'s secret came back, "
+                    f"{params.threshold} are needed"
+                )
             secret = self._combine(got, hospital_of[owner])
             if owner in vectors:  # a member: remove its private mask
                 mask_f, mask_v = flwr_internals.secagg_prg(secret, modulus, shapes)
@@ -344,13 +442,18 @@ class SecAggDriver:
                 key = self.crypto.bytes_to_private_key(secret)
                 public = self.crypto.public_key_to_bytes(key.public_key())
             except Exception as exc:
-                raise SecAggRoundError(f"the shares of {hospital_of[owner]}'s key are malformed "
-                                       f"({type(exc).__name__})") from None
+                raise SecAggRoundError(
+                    f"the shares of {hospital_of[owner]}'s key are malformed ({type(exc).__name__})"
+                ) from None
             if public != public_keys[owner][0]:
-                raise SecAggRoundError(f"the shares of {hospital_of[owner]}'s key do not rebuild the key it "
-                                       "announced (a malformed or stale share)")
+                raise SecAggRoundError(
+                    f"the shares of {hospital_of[owner]}'s key do not rebuild the key it "
+                    "announced (a malformed or stale share)"
+                )
             for member in sorted(neighbours[owner] & set(vectors)):
-                shared_key = self.crypto.generate_shared_key(key, self.crypto.bytes_to_public_key(public_keys[member][0]))
+                shared_key = self.crypto.generate_shared_key(
+                    key, self.crypto.bytes_to_public_key(public_keys[member][0])
+                )
                 mask_f, mask_v = flwr_internals.secagg_prg(shared_key, modulus, shapes)
                 if owner > member:
                     factor, total = (factor + mask_f) % modulus, (total + mask_v) % modulus
@@ -358,12 +461,16 @@ class SecAggDriver:
                     factor, total = (factor - mask_f) % modulus, (total - mask_v) % modulus
         expected = sum(params.q_ratio(int(r.receipt.records_used)) for r in members if r.receipt) % modulus
         if int(factor[0]) != expected:
-            raise SecAggRoundError("the unmasked weight sum does not match the members' receipts (a malformed "
-                                   "or stale share, or a hospital whose masks differ): no model is taken")
+            raise SecAggRoundError(
+                "the unmasked weight sum does not match the members' receipts (a malformed "
+                "or stale share, or a hospital whose masks differ): no model is taken"
+            )
         if expected == 0:
             raise SecAggRoundError("the members' weights sum to zero")
         (summed,) = self.crypto.dequantize([total], params.clipping_range, params.quantization_range)
-        summed = (summed - (len(vectors) - 1) * params.clipping_range) * (params.quantization_range / expected)
+        summed = (summed - (len(vectors) - 1) * params.clipping_range) * (
+            params.quantization_range / expected
+        )
         new = weights.astype(np.float64) + summed
         if not np.all(np.isfinite(new)):
             raise SecAggRoundError("the aggregate holds NaN or infinite values")

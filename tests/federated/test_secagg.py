@@ -18,8 +18,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 
 import federated.client_app as client_app_module
-from federated.runtime.demo_sites import DemoSite, approve, demo_spec, provision_sites
 from federated.runtime import flwr_internals
+from federated.runtime.demo_sites import DemoSite, approve, demo_spec, provision_sites
 from federated.runtime.flwr_internals import SECAGG_CONFIGS_KEY
 from federated.runtime.inprocess import InProcessGrid
 from federated.secagg.params import SecAggParams, SecAggParamsError
@@ -59,8 +59,10 @@ class Updates:
         def spy(site: Any, spec: StudySpec, round_: int, weights: np.ndarray, at: Any = None) -> Any:
             out = real(site, spec, round_, weights, at)
             if out.weights is not None and out.receipt is not None:
-                self.by_round.setdefault(round_, {})[site.hospital_id] = (out.weights.copy(),
-                                                                           out.receipt.records_used)
+                self.by_round.setdefault(round_, {})[site.hospital_id] = (
+                    out.weights.copy(),
+                    out.receipt.records_used,
+                )
             return out
 
         monkeypatch.setattr(client_app_module, "train_hospital_round", spy)
@@ -81,21 +83,39 @@ def _globals(grid: InProcessGrid) -> dict[int, np.ndarray]:
     out = {}
     for message in grid.pushed:
         if GLOBAL_KEY in message.content.array_records and message.metadata.message_type == MessageType.TRAIN:
-            out[int(message.metadata.group_id)] = message.content.array_records[GLOBAL_KEY][WEIGHTS_KEY].numpy()
+            out[int(message.metadata.group_id)] = message.content.array_records[GLOBAL_KEY][
+                WEIGHTS_KEY
+            ].numpy()
     return out
 
 
-def _run(sites: dict[str, DemoSite], spec: StudySpec, tmp_path: Path, *, grid_class: type = InProcessGrid,
-         client_app: Any = None, **grid_kwargs: Any) -> tuple[Observer, Any]:
+def _run(
+    sites: dict[str, DemoSite],
+    spec: StudySpec,
+    tmp_path: Path,
+    *,
+    grid_class: type = InProcessGrid,
+    client_app: Any = None,
+    **grid_kwargs: Any,
+) -> tuple[Observer, Any]:
     for demo in sites.values():
         approve(demo.site, spec.study_id)
-    grid = grid_class({i + 1: d.site.node_config() for i, d in enumerate(sites.values())}, spec.to_run_config(),
-                      client_app=client_app, **grid_kwargs)
+    grid = grid_class(
+        {i + 1: d.site.node_config() for i, d in enumerate(sites.values())},
+        spec.to_run_config(),
+        client_app=client_app,
+        **grid_kwargs,
+    )
     observer = Observer()
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=spec.to_run_config())
-    options = ServerOptions(output_dir=tmp_path / "out", poll=0.01,
-                            hospital_keys={h: d.signer.public_key for h, d in sites.items()},
-                            stop_event=threading.Event())
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=spec.to_run_config()
+    )
+    options = ServerOptions(
+        output_dir=tmp_path / "out",
+        poll=0.01,
+        hospital_keys={h: d.signer.public_key for h, d in sites.items()},
+        stop_event=threading.Event(),
+    )
     with contextlib.suppress(StudyFailedError):
         run_study_rounds(grid, context, observer, options)
     return observer, grid
@@ -128,12 +148,13 @@ class RecordingGrid(InProcessGrid):
 
 
 def test_secure_aggregate_is_the_weighted_average_and_no_update_is_seen_in_clear(
-        three: dict[str, DemoSite], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    three: dict[str, DemoSite], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     updates = Updates(monkeypatch)
     spec = demo_spec("sa-3", rounds=2, min_hospitals=3, **PRIVACY)
     observer, grid = _run(three, spec, tmp_path, grid_class=RecordingGrid)
     assert observer.failed == [] and observer.completed is not None
-    (r1, m1, receipts1), (r2, m2, _) = observer.rounds
+    (r1, m1, receipts1), (r2, _, _) = observer.rounds
     assert (r1, r2) == (1, 2)
     assert m1["secure_aggregation"] == 1.0 and m1["aggregate_members"] == 3 and m1["secagg_threshold"] == 3
     assert {r.hospital for r in receipts1} == {f"hospital:{h}" for h in three}
@@ -162,7 +183,8 @@ def _masked(reply: Message) -> np.ndarray:
 
 
 def test_plain_train_message_is_refused_when_the_study_requires_secure_aggregation(
-        three: dict[str, DemoSite]) -> None:
+    three: dict[str, DemoSite],
+) -> None:
     """A server skipping SecAgg+ gets no update: the hospital refuses and spends nothing."""
     from federated.client_app import app
     from federated.dp import initial_state
@@ -171,10 +193,19 @@ def test_plain_train_message_is_refused_when_the_study_requires_secure_aggregati
     spec = demo_spec("sa-plain", min_hospitals=3, **PRIVACY)
     approve(demo.site, spec.study_id)
     weights = initial_state(spec.template, len(spec.columns))
-    message = Message(RecordDict({GLOBAL_KEY: ArrayRecord({WEIGHTS_KEY: Array(weights)})}), dst_node_id=1,
-                      message_type=MessageType.TRAIN, group_id="1")
-    context = Context(run_id=1, node_id=1, node_config=demo.site.node_config(), state=RecordDict(),
-                      run_config=spec.to_run_config())
+    message = Message(
+        RecordDict({GLOBAL_KEY: ArrayRecord({WEIGHTS_KEY: Array(weights)})}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+        group_id="1",
+    )
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config=demo.site.node_config(),
+        state=RecordDict(),
+        run_config=spec.to_run_config(),
+    )
     reply = app(message=message, context=context)
     status = reply.content.config_records["reply"]
     assert status["status"] == "refused" and "secure aggregation" in str(status["reason"])
@@ -210,14 +241,15 @@ class DropAtStage(InProcessGrid):
         messages = list(messages)
         for message in messages:
             node = message.metadata.dst_node_id
-            if (self.to_drop.get(node) == _stage(message) and message.metadata.group_id == str(self.round)):
+            if self.to_drop.get(node) == _stage(message) and message.metadata.group_id == str(self.round):
                 self.drop(node)
                 self.to_drop.pop(node)
         return super().push_messages(messages)
 
 
 def test_hospital_lost_after_sharing_keys_does_not_stop_the_round(
-        four: dict[str, DemoSite], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    four: dict[str, DemoSite], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """hospital-d shares its keys, then is gone before it sends its masked vector: its pairwise
     masks are removed with its key rebuilt from the others' shares; the aggregate is exactly the
     three members' FedAvg and only they get receipts."""
@@ -225,7 +257,7 @@ def test_hospital_lost_after_sharing_keys_does_not_stop_the_round(
     spec = demo_spec("sa-drop", rounds=2, min_hospitals=3, round_timeout_s=2.0, **PRIVACY)
     observer, grid = _run(four, spec, tmp_path, grid_class=DropAtStage, drop={4: "collect_masked_vectors"})
     assert observer.failed == [] and observer.completed is not None
-    (_, m1, receipts1), (_, m2, receipts2) = observer.rounds
+    (_, m1, receipts1), (_, _, receipts2) = observer.rounds
     members = {"hospital-a", "hospital-b", "hospital-c"}
     assert m1["aggregate_members"] == 3 and m1["secagg_sampled"] == 4 and m1["dropped"] >= 1
     assert {r.hospital for r in receipts1} == {f"hospital:{h}" for h in members}
@@ -233,13 +265,20 @@ def test_hospital_lost_after_sharing_keys_does_not_stop_the_round(
     assert {r.hospital for r in receipts2} == {f"hospital:{h}" for h in members}
 
 
-def test_fewer_than_the_threshold_fails_cleanly_with_the_reason(four: dict[str, DemoSite], tmp_path: Path) -> None:
+def test_fewer_than_the_threshold_fails_cleanly_with_the_reason(
+    four: dict[str, DemoSite], tmp_path: Path
+) -> None:
     spec = demo_spec("sa-few", rounds=2, min_hospitals=3, round_timeout_s=2.0, **PRIVACY)
-    observer, _ = _run(four, spec, tmp_path, grid_class=DropAtStage,
-                       drop={3: "collect_masked_vectors", 4: "collect_masked_vectors"})
+    observer, _ = _run(
+        four,
+        spec,
+        tmp_path,
+        grid_class=DropAtStage,
+        drop={3: "collect_masked_vectors", 4: "collect_masked_vectors"},
+    )
     assert observer.completed is None and len(observer.failed) == 1
     assert "2 hospital(s) contributed, the study needs 3" in observer.failed[0]
-    (_, metrics, receipts), = observer.rounds  # the two that trained spent privacy: reported, not a model
+    ((_, metrics, receipts),) = observer.rounds  # the two that trained spent privacy: reported, not a model
     assert metrics["round_failed"] == 1.0 and len(receipts) == 2
 
 
@@ -250,12 +289,24 @@ def test_a_late_joiner_waits_for_the_next_round(four: dict[str, DemoSite], tmp_p
     spec = demo_spec("sa-late", rounds=2, min_hospitals=3, round_timeout_s=2.0, **PRIVACY)
     for demo in four.values():
         approve(demo.site, spec.study_id)
-    grid = InProcessGrid({i + 1: d.site.node_config() for i, d in enumerate(four.values())}, spec.to_run_config())
+    grid = InProcessGrid(
+        {i + 1: d.site.node_config() for i, d in enumerate(four.values())}, spec.to_run_config()
+    )
     grid.restart_when_messaged(4, MessageType.TRAIN)
     observer = Observer()
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=spec.to_run_config())
-    run_study_rounds(grid, context, observer, ServerOptions(
-        output_dir=tmp_path / "out", poll=0.01, hospital_keys={h: d.signer.public_key for h, d in four.items()}))
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=spec.to_run_config()
+    )
+    run_study_rounds(
+        grid,
+        context,
+        observer,
+        ServerOptions(
+            output_dir=tmp_path / "out",
+            poll=0.01,
+            hospital_keys={h: d.signer.public_key for h, d in four.items()},
+        ),
+    )
     (_, m1, receipts1), (_, m2, receipts2) = observer.rounds
     assert m1["aggregate_members"] == 3 and "hospital:hospital-d" not in {r.hospital for r in receipts1}
     assert m2["aggregate_members"] == 4 and "hospital:hospital-d" in {r.hospital for r in receipts2}
@@ -289,7 +340,8 @@ def _replace_configs(reply: Message, message: Message, **values: Any) -> Message
 
 
 def test_a_corrupted_ciphertext_drops_its_recipient_and_the_round_goes_on(
-        four: dict[str, DemoSite], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    four: dict[str, DemoSite], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Node 1's encrypted share for node 2 is corrupted: node 2 cannot decrypt it and fails the
     collect stage; the round completes with the other three, correctly."""
     updates = Updates(monkeypatch)
@@ -319,8 +371,12 @@ def _stage_of_reply(reply: Message) -> str | None:
     record = reply.content.config_records.get(SECAGG_CONFIGS_KEY)
     if record is None:
         return None
-    for key, stage in (("pk1", "setup"), ("ctxts", "share_keys"), ("masked_params", "collect_masked_vectors"),
-                       ("shares", "unmask")):
+    for key, stage in (
+        ("pk1", "setup"),
+        ("ctxts", "share_keys"),
+        ("masked_params", "collect_masked_vectors"),
+        ("shares", "unmask"),
+    ):
         if key in record:
             return stage
     return None
@@ -328,7 +384,8 @@ def _stage_of_reply(reply: Message) -> str | None:
 
 @pytest.mark.parametrize("kind", ["garbage", "another-round"])
 def test_a_malformed_or_stale_share_fails_the_round_never_a_wrong_model(
-        three: dict[str, DemoSite], tmp_path: Path, kind: str) -> None:
+    three: dict[str, DemoSite], tmp_path: Path, kind: str
+) -> None:
     """Node 1 answers the unmask stage of round 2 with garbage shares, or with its shares of
     round 1: the aggregate fails its integrity check and the study stops with the reason."""
     kept: dict[str, list[Any]] = {}
@@ -340,11 +397,8 @@ def test_a_malformed_or_stale_share_fails_the_round_never_a_wrong_model(
         if message.metadata.group_id == "1":
             kept["shares"] = list(record["shares"])  # type: ignore[arg-type]
             return None
-        shares = list(record["shares"])  # type: ignore[arg-type]
-        if kind == "garbage":
-            shares = [s[:4] + bytes(len(s) - 4) for s in shares]  # type: ignore[index]
-        else:
-            shares = kept["shares"]
+        fresh = list(record["shares"])  # type: ignore[arg-type]
+        shares = [s[:4] + bytes(len(s) - 4) for s in fresh] if kind == "garbage" else kept["shares"]
         return _replace_configs(reply, message, shares=shares)
 
     spec = demo_spec(f"sa-bad-{kind}", rounds=2, min_hospitals=3, round_timeout_s=2.0, **PRIVACY)
