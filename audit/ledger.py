@@ -80,6 +80,9 @@ class Escrow:
     terms: StudyTerms
     receipts: list[Receipt] = field(default_factory=list)
     seen: set[tuple[int, str]] = field(default_factory=set)
+    #: round -> the hospitals whose inputs formed its secure aggregate (`study.round`'s
+    #: `aggregate_members`); a receipt of such a round pays only if its hospital is listed
+    members: dict[int, frozenset[str]] = field(default_factory=dict)
     paid: int = 0
     refunded: int = 0
     status: EscrowStatus = EscrowStatus.OPEN
@@ -175,6 +178,7 @@ class Ledger:
             "study.payout": self._payout,
             "study.refund": self._refund,
             CLAIM_KIND: self._claim,
+            "study.round": self._round,
         }
 
     def apply(self, entry: Entry, index: int) -> None:
@@ -231,7 +235,7 @@ class Ledger:
         if study.status is not EscrowStatus.OPEN:
             raise PayoutError(f"study_id: study {study_id!r} is {study.status}; "
                               "a study is paid out at most once")
-        return compute_payout(study_id, amount, study.terms, study.receipts)
+        return compute_payout(study_id, amount, study.terms, _paying(study))
 
     # --- key view (roles and owners; signature checks are the keyring's) ------------------
 
@@ -346,7 +350,7 @@ class Ledger:
             raise _RuleError(f"amount: {amount} exceeds the {study.held} held in escrow for "
                            f"{study.study_id!r}")
         try:
-            expected = compute_payout(study.study_id, amount, study.terms, study.receipts)
+            expected = compute_payout(study.study_id, amount, study.terms, _paying(study))
         except PayoutError as exc:
             raise _RuleError(str(exc)) from None
         difference = first_difference(expected, payload)
@@ -365,6 +369,25 @@ class Ledger:
         # long log's fold keeps only the open studies' receipts in memory.
         study.receipts = []
         study.seen = set()
+        study.members = {}
+
+    def _round(self, entry: Entry) -> None:
+        """A secure-aggregation round names its aggregate's members (docs/secure-aggregation.md):
+        only their receipts of that round pay. Other `study.round` entries move nothing."""
+        payload = entry.payload
+        if "aggregate_members" not in payload:
+            return
+        self._signer(entry, COORDINATOR)
+        members = payload["aggregate_members"]
+        if not isinstance(members, list) or not all(isinstance(m, str) and m.startswith("hospital:")
+                                                    for m in members):
+            raise _RuleError("aggregate_members: must be a list of hospital:<id> accounts")
+        study = self._study(_text(payload, "study_id"))
+        round_number = _integer(payload, "round", 1, MAX_AMOUNT)
+        if round_number in study.members:
+            raise _RuleError(f"round: round {round_number} of {study.study_id!r} already named its members")
+        if study.status is StudyStatus.OPEN:
+            study.members[round_number] = frozenset(members)
 
     def _claim(self, entry: Entry) -> None:
         """A leaf of a receipt's reward commitment, shown with its inclusion proof, is paid its
@@ -452,6 +475,13 @@ class Ledger:
         self.state.minted += minted
         self.state.escrow += escrow
         self.state.unclaimed += unclaimed
+
+
+def _paying(study: Study) -> list[Receipt]:
+    """The receipts a payout counts: all, except those of a secure-aggregation round from a
+    hospital that is not among that round's aggregate members."""
+    return [r for r in study.receipts
+            if r.round not in study.members or r.hospital in study.members[r.round]]
 
 
 @functools.lru_cache(maxsize=1024)

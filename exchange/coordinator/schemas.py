@@ -26,6 +26,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from exchange.coordinator import vocabulary
 from exchange.coordinator.models import DecisionKind, Role, StudyStatus
+from federated.study_spec import SECAGG_MIN_HOSPITALS
 
 #: The hospitals' default site maximum of a study's delta (federated.privacy_ledger.DEFAULT_MAX_DELTA).
 SITE_MAX_DELTA = 1e-5
@@ -189,6 +190,10 @@ class StudyCreate(Strict):
         "1e-5) or above 1/n for its n eligible patients"))]
     rounds: Annotated[int, Field(ge=1, le=1000)]
     min_hospitals: Annotated[int, Field(ge=1, le=1000)]
+    secure_aggregation: Annotated[bool | None, Field(description=(
+        "SecAgg+: the coordinator sees only the sum of the hospitals' updates "
+        "(docs/secure-aggregation.md). Default (null): on when min_hospitals >= 3; true with "
+        "min_hospitals < 3 is refused"))] = None
     token_budget: Amount
 
     @field_validator("delta")
@@ -282,6 +287,11 @@ def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
         problem = vocabulary.template_task_problem(template, task)
         if problem:
             problems.append(_problem(("task",), problem, task))
+    secure, minimum = data.get("secure_aggregation"), data.get("min_hospitals")
+    if secure is True and isinstance(minimum, int) and minimum < SECAGG_MIN_HOSPITALS:
+        problems.append(_problem(("secure_aggregation",), f"secure aggregation needs min_hospitals >= "
+                                 f"{SECAGG_MIN_HOSPITALS} (with fewer, a hospital could learn another's "
+                                 "update from the aggregate)", secure))
     categories = data.get("data_categories")
     category_list = ([c for c in categories if isinstance(c, str)]
                      if isinstance(categories, list) else None)

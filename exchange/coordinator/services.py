@@ -482,9 +482,16 @@ class Coordinator:
                 for entry, hospital_id, index in zip(appended, hospitals, indexes, strict=True):
                     session.add(_receipt_row(study_id, hospital_id, entry, index))
             else:
-                round_entry = self._sign("study.round", {
+                round_payload: dict[str, Any] = {
                     "study_id": study_id, "round": round_number, "metrics": dict(metrics),
-                    "hospitals": [f"hospital:{h}" for h in hospitals]})
+                    "hospitals": [f"hospital:{h}" for h in hospitals]}
+                if metrics.get("secure_aggregation") == 1.0 and not failed:
+                    # the hospitals whose inputs formed the secure aggregate: only their receipts
+                    # of this round pay (audit.ledger folds this; docs/secure-aggregation.md)
+                    round_payload["aggregate_members"] = sorted(
+                        {"hospital:" + str(e.payload.get("hospital", "")).removeprefix("hospital:")
+                         for e in receipts})
+                round_entry = self._sign("study.round", round_payload)
                 indexes = self._append(session, *appended, round_entry)
                 for entry, hospital_id, index in zip(appended, hospitals, indexes, strict=False):
                     session.add(_receipt_row(study_id, hospital_id, entry, index))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from consent.request import StudyRequest
-from federated.study_spec import StudySpec
+from federated.study_spec import SECAGG_MIN_HOSPITALS, StudySpec
 
 
 @dataclass(frozen=True)
@@ -104,5 +104,15 @@ def study_spec(
         delta=float(spec["delta"]),
         rounds=int(spec["rounds"]),
         min_hospitals=int(spec["min_hospitals"]),
+        secure_aggregation=secure_aggregation(spec),
         **timeouts,
     )
+
+
+def secure_aggregation(spec: Mapping[str, Any]) -> bool:
+    """SecAgg+ (docs/secure-aggregation.md): as asked, else on when every aggregate has at least
+    3 hospitals (`min_hospitals >= 3`)."""
+    asked = spec.get("secure_aggregation")
+    if asked is None:
+        return int(spec["min_hospitals"]) >= SECAGG_MIN_HOSPITALS
+    return bool(asked)

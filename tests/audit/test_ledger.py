@@ -307,3 +307,54 @@ def test_unknown_token_kind_refused() -> None:
     world, ledger = setup()
     entry = world.sign(world.operator, "token.mnit", {"account": "org:x", "amount": 5})
     assert refused(world, ledger, entry).startswith("kind: unknown token kind 'token.mnit'")
+
+
+# --- secure aggregation ------------------------------------------------------------------------
+
+
+def test_a_secure_round_pays_only_its_aggregate_members() -> None:
+    """`study.round` names the members of a SecAgg+ round's aggregate: a receipt of that round
+    from any other hospital (e.g. one that dropped before its masked update arrived and sent its
+    receipt itself) pays nothing; the auditor's fold refuses a payout that counts it."""
+    world = World()
+    world.mint("org:acme", 1000)
+    world.escrow("s-1", "org:acme", 600)
+    world.receipt("s-1", 1, "hospital:a", 30)
+    world.receipt("s-1", 1, "hospital:b", 10)
+    world.receipt("s-1", 1, "hospital:c", 20)
+    world.sign(world.coordinator, "study.round", {"study_id": "s-1", "round": 1, "metrics": {},
+                                                  "hospitals": ["hospital:a", "hospital:b"],
+                                                  "aggregate_members": ["hospital:a", "hospital:b"]})
+    ledger = Ledger(world.operator.key_id)
+    world.feed(ledger)
+    good = ledger.expected_payout("s-1", 600)
+    assert [h["hospital"] for h in good["hospitals"]] == ["hospital:a", "hospital:b"]
+    # a payout computed over every receipt (hospital:c included) is refused by the fold
+    world2 = World()
+    world2.mint("org:acme", 1000)
+    world2.escrow("s-1", "org:acme", 600)
+    for hospital, records in (("hospital:a", 30), ("hospital:b", 10), ("hospital:c", 20)):
+        world2.receipt("s-1", 1, hospital, records)
+    everyone = Ledger(world2.operator.key_id)
+    world2.feed(everyone)
+    paying_c = everyone.expected_payout("s-1", 600)
+    assert "hospital:c" in [h["hospital"] for h in paying_c["hospitals"]]
+    assert "hospitals" in refused(world, ledger, world.payout(paying_c))
+    world.payout(good)
+    world.feed(ledger)
+    assert ledger.balance("hospital:c") == 0 and ledger.balance("hospital:a") > 0
+
+
+def test_aggregate_members_rules() -> None:
+    world, ledger = setup()
+    bad = world.sign(world.coordinator, "study.round", {"study_id": "s-1", "round": 1,
+                                                        "aggregate_members": ["reward:p1"]})
+    assert "aggregate_members: must be a list of hospital:<id>" in refused(world, ledger, bad)
+    forged = world.sign(world.key("hospital:a", "hospital"), "study.round",
+                        {"study_id": "s-1", "round": 1, "aggregate_members": ["hospital:a"]})
+    assert "coordinator" in refused(world, ledger, forged)
+    world.sign(world.coordinator, "study.round", {"study_id": "s-1", "round": 1, "aggregate_members": []})
+    world.feed(ledger)
+    again = world.sign(world.coordinator, "study.round", {"study_id": "s-1", "round": 1,
+                                                          "aggregate_members": ["hospital:a"]})
+    assert "already named its members" in refused(world, ledger, again)
