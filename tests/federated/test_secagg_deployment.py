@@ -1,0 +1,124 @@
+"""SecAgg+ on the real deployment: a SuperLink and four SuperNodes (each with its warm executor)
+as separate processes, TLS and SuperNode authentication on, the ServerApp run by `run_study`.
+
+hospital-d's SuperNode and executor are killed with SIGKILL in the middle of round 1, after its
+keys were shared and while the others train: the round completes with the three others (the
+threshold is 3 of 4), its aggregate passes the integrity check (the unmasked weight sum equals
+what the members' receipts predict, which a wrong unmasking cannot meet), only the three members
+get receipts, and the next round goes on without hospital-d.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import federated.secagg.server as secagg_server
+from federated.runtime.demo_sites import approve, demo_spec, provision_sites
+from federated.runtime.deployment import LocalFederation
+from federated.runtime.flwr_internals import SECAGG_CONFIGS_KEY
+from federated.runtime.server_runner import run_study
+from federated.runtime.settings import RuntimeSettings
+from federated.runtime.tls import generate_node_keys, generate_tls
+
+pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.timeout(300)]
+
+HOSPITALS = ("hospital-a", "hospital-b", "hospital-c", "hospital-d")
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.rounds: list[tuple[int, dict[str, float], list[Any]]] = []
+        self.completed: tuple[Path, str] | None = None
+        self.failed: list[str] = []
+
+    def on_round(self, round: int, metrics: Any, receipts: Any) -> None:
+        self.rounds.append((round, dict(metrics), list(receipts)))
+
+    def on_complete(self, model_path: Path, sha256: str) -> None:
+        self.completed = (model_path, sha256)
+
+    def on_failed(self, reason: str) -> None:
+        self.failed.append(reason)
+
+
+@pytest.fixture(scope="module")
+def federation(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[LocalFederation, dict[str, Any], Path]]:
+    root = tmp_path_factory.mktemp("secagg")
+    sites = provision_sites(root / "sites", hospitals=HOSPITALS)
+    tls = generate_tls(root / "tls")
+    keys = {h: generate_node_keys(root / "node-keys", h) for h in sites}
+    fed = LocalFederation(
+        root / "fed",
+        {h: d.site.node_config() for h, d in sites.items()},
+        settings=RuntimeSettings(),
+        tls=tls,
+        supernode_auth=True,
+        node_keys=keys,
+    )
+    with fed:
+        yield fed, sites, root
+    assert all(not p.alive() for p in fed.processes())
+
+
+def test_sigkill_of_a_hospital_mid_round_under_secure_aggregation(
+    federation: tuple[LocalFederation, dict[str, Any], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fed, sites, root = federation
+    node_d = fed.nodes["hospital-d"]
+    real_exchange = secagg_server.exchange
+    killed = threading.Event()
+
+    def exchange(grid: Any, messages: Any, **kwargs: Any) -> Any:
+        stages = {
+            str(m.content.config_records[SECAGG_CONFIGS_KEY].get("stage"))
+            for m in messages
+            if SECAGG_CONFIGS_KEY in m.content.config_records
+        }
+        if "collect_masked_vectors" in stages and not killed.is_set():
+            # keys are shared; the others now train: hospital-d's processes die (SIGKILL)
+            killed.set()
+            threading.Timer(0.2, node_d.kill).start()
+        return real_exchange(grid, messages, **kwargs)
+
+    monkeypatch.setattr(secagg_server, "exchange", exchange)
+    spec = demo_spec(
+        "secagg-kill",
+        rounds=2,
+        min_hospitals=3,
+        accountant="rdp",
+        secure_aggregation=True,
+        round_timeout_s=20,
+    )
+    for demo in sites.values():
+        approve(demo.site, spec.study_id)
+    tls = fed.superlink.tls
+    assert tls is not None
+    observer = Observer()
+    result = run_study(
+        fed.superlink.address,
+        spec,
+        observer,
+        root / "models",
+        root_certificates=tls.root_certificates(),
+        settings=fed.settings,
+        hospital_keys={h: d.signer.public_key for h, d in sites.items()},
+    )
+    assert result.status == "completed", result.reason
+    assert killed.is_set() and not any(p.alive() for p in node_d.processes())
+    members = {"hospital:hospital-a", "hospital:hospital-b", "hospital:hospital-c"}
+    by_round = {r: (m, rc) for r, m, rc in observer.rounds}
+    for round_ in (1, 2):
+        metrics, receipts = by_round[round_]
+        assert metrics["secure_aggregation"] == 1.0 and metrics["aggregate_members"] == 3
+        assert {r.hospital for r in receipts} == members
+        assert metrics["dropped"] >= 1
+    assert by_round[1][0]["secagg_sampled"] == 4 and by_round[1][0]["secagg_threshold"] == 3
+    # the aggregate is a sensible model (a wrong unmasking gives values around 2**31)
+    assert by_round[2][0]["ref_accuracy"] > 0.8
