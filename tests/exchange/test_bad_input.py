@@ -206,3 +206,29 @@ def test_bad_query_and_path_parameters(world: World) -> None:
     assert "size" in fields(body)
     problem(world.as_("alice", "GET", "/v1/studies/st-does-not-exist"), 404)
     problem(world.as_("alice", "GET", "/v1/studies", params={"status": "sideways"}), 422)
+
+
+def test_secure_aggregation_that_cannot_be_had_is_refused_at_submission(world: World) -> None:
+    """SecAgg+ needs at least 3 hospitals per aggregate (docs/secure-aggregation.md): an explicit
+    request with min_hospitals 2 is refused, naming the field, and nothing changes; a bad type too."""
+    before = snapshot(world)
+    body = problem(world.as_("alice", "POST", "/v1/studies",
+                             json=study_body(secure_aggregation=True, min_hospitals=2)), 422)
+    assert "min_hospitals >= 3" in fields(body)["secure_aggregation"]
+    body = problem(world.as_("alice", "POST", "/v1/studies", json=study_body(secure_aggregation="yes")), 422)
+    assert "secure_aggregation" in fields(body)
+    assert snapshot(world) == before
+
+
+def test_secure_aggregation_is_on_by_default_from_three_hospitals() -> None:
+    from exchange.coordinator.runner import RunRequest, study_spec_for
+
+    def spec(**overrides: Any) -> Any:
+        body = study_body(**overrides)
+        return study_spec_for(RunRequest(study_id="s", spec=body, hospitals=(), rounds=2,
+                                         min_hospitals=body["min_hospitals"], organisation_id="acme",
+                                         region="DE"))
+
+    assert spec(min_hospitals=3).secure_aggregation is True
+    assert spec(min_hospitals=2).secure_aggregation is False
+    assert spec(min_hospitals=3, secure_aggregation=False).secure_aggregation is False
