@@ -80,7 +80,10 @@ def deployment(rounds: int, root: Path) -> dict[str, dict[str, float]]:
             if result.status != "completed":
                 raise SystemExit(f"{name}: {result.reason}")
             steady = recorder.rounds[1:]
-            for key in ("round_wall_s", "overhead_s", "train_compute_max_s"):
+            keys = ["round_wall_s", "overhead_s", "train_compute_max_s"]
+            if secure:
+                keys += ["secagg_setup_s", "secagg_share_keys_s", "secagg_collect_s", "secagg_unmask_s"]
+            for key in keys:
                 out.setdefault(name, {}).setdefault(key, 0.0)
                 out[name][key] += statistics.fmean(r[key] for r in steady) / 2
             out[name]["ref_accuracy"] = recorder.rounds[-1].get("ref_accuracy", float("nan"))
@@ -231,6 +234,12 @@ def main() -> None:
             f"{name:>7}: wall {n['round_wall_s']:.2f} s/round, overhead {n['overhead_s']:.2f} s, "
             f"slowest compute {n['train_compute_max_s']:.2f} s, final ref. accuracy {n['ref_accuracy']:.3f}"
         )
+    print(
+        "secagg stages (s/round): "
+        + ", ".join(
+            f"{k.removeprefix('secagg_').removesuffix('_s')} {s[k]:.2f}" for k in s if k.startswith("secagg_")
+        )
+    )
     print(
         f"ratio secagg/plain: wall {s['round_wall_s'] / p['round_wall_s']:.2f}x (target <= 2x), "
         f"overhead {s['overhead_s'] / p['overhead_s']:.2f}x"
