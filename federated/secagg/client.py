@@ -80,6 +80,7 @@ def _as_fitres(message: Message, context: Context, call_next: Handler) -> Messag
     delta = np.zeros_like(global_weights)
     clipped = 0
     if status.get("status") == STATUS_OK and update is not None:
+        # the same integer the server predicts the weight sum from (`server.member_weight`)
         num_examples = int(float(status.get(METRIC_PREFIX + "num_examples", 0.0)))  # type: ignore[arg-type]
         delta = np.asarray(update[WEIGHTS_KEY].numpy(), dtype=np.float64) - global_weights
         clip = _state_float(context, "clipping_range")

@@ -24,7 +24,7 @@ What differs from the workflow, on purpose (each is the protocol's own rule, app
   whose shares nobody holds, which makes any such round fail;
 - two integrity checks before a model is accepted: a reconstructed first secret key must match
   the public key its owner sent in the setup stage, and the unmasked weight sum must equal the
-  sum the members' receipts predict (`SecAggParams.q_ratio`); a wrong or stale share, or a
+  sum the members' record counts predict (`SecAggParams.q_ratio`); a wrong or stale share, or a
   hospital with another mask generator, fails the round with the reason, never a wrong model.
 No hospital that was not sampled at setup takes part in the round (a late joiner waits for the
 next round): its keys would be missing from everyone else's masks.
@@ -459,10 +459,12 @@ class SecAggDriver:
                     factor, total = (factor + mask_f) % modulus, (total + mask_v) % modulus
                 else:
                     factor, total = (factor - mask_f) % modulus, (total - mask_v) % modulus
-        expected = sum(params.q_ratio(int(r.receipt.records_used)) for r in members if r.receipt) % modulus
+        # the weight each member's mod used: the `num_examples` of its own status record
+        # (`federated.secagg.client._as_fitres` reads the same value)
+        expected = sum(params.q_ratio(member_weight(r)) for r in members) % modulus
         if int(factor[0]) != expected:
             raise SecAggRoundError(
-                "the unmasked weight sum does not match the members' receipts (a malformed "
+                "the unmasked weight sum does not match the members' record counts (a malformed "
                 "or stale share, or a hospital whose masks differ): no model is taken"
             )
         if expected == 0:
@@ -475,6 +477,11 @@ class SecAggDriver:
         if not np.all(np.isfinite(new)):
             raise SecAggRoundError("the aggregate holds NaN or infinite values")
         return new.astype(np.float32)
+
+
+def member_weight(reply: HospitalReply) -> int:
+    """The weight a hospital's SecAgg+ input carries: its `num_examples` metric, as an integer."""
+    return int(reply.metrics.get("num_examples", 0.0))
 
 
 def clipped_total(members: Sequence[HospitalReply]) -> float:

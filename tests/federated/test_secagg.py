@@ -406,3 +406,31 @@ def test_a_malformed_or_stale_share_fails_the_round_never_a_wrong_model(
     assert observer.completed is None and len(observer.failed) == 1
     assert "secure aggregation failed" in observer.failed[0]
     assert observer.rounds[-1][1]["round_failed"] == 1.0
+
+
+def test_a_malformed_masked_vector_is_left_out_and_the_round_goes_on(
+    four: dict[str, DemoSite], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node 1 sends a masked vector of the wrong shape: it is not aggregated (invalid, with the
+    reason), its pairwise masks are removed as for a dropout, and the other three form the model."""
+    import io
+
+    updates = Updates(monkeypatch)
+
+    def short(node: int, message: Message, reply: Message) -> Message | None:
+        if node != 1 or _stage_of_reply(reply) != "collect_masked_vectors":
+            return None
+        buffer = io.BytesIO()
+        np.save(buffer, np.zeros(3, dtype=np.int64))
+        record = reply.content.config_records[SECAGG_CONFIGS_KEY]
+        blobs = list(record["masked_params"])  # type: ignore[arg-type]
+        return _replace_configs(reply, message, masked_params=[blobs[0], buffer.getvalue()])
+
+    spec = demo_spec("sa-shape", rounds=2, min_hospitals=3, round_timeout_s=2.0, **PRIVACY)
+    observer, grid = _run(four, spec, tmp_path, client_app=_tampering(short))
+    assert observer.failed == [] and observer.completed is not None
+    (_, metrics, receipts), _ = observer.rounds
+    members = {"hospital-b", "hospital-c", "hospital-d"}
+    assert metrics["aggregate_members"] == 3 and metrics["dropped"] >= 1
+    assert {r.hospital for r in receipts} == {f"hospital:{h}" for h in members}
+    np.testing.assert_allclose(_globals(grid)[2], updates.fedavg(1, members), atol=ATOL)

@@ -4,7 +4,7 @@ as separate processes, TLS and SuperNode authentication on, the ServerApp run by
 hospital-d's SuperNode and executor are killed with SIGKILL in the middle of round 1, after its
 keys were shared and while the others train: the round completes with the three others (the
 threshold is 3 of 4), its aggregate passes the integrity check (the unmasked weight sum equals
-what the members' receipts predict, which a wrong unmasking cannot meet), only the three members
+what the members' record counts predict, which a wrong unmasking cannot meet), only the three members
 get receipts, and the next round goes on without hospital-d.
 """
 
