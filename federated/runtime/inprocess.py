@@ -7,6 +7,8 @@ contents and the same ServerApp code path (`run_study_rounds`) as the deployment
 of the time. What it does NOT cover (timeouts of real processes, serialisation over HTTP, Flower's
 own error replies) is covered by the deployment tests in tests/federated/test_flower_deployment.py.
 
+A ClientApp that raises (a SecAgg+ share that does not decrypt, a broken site) gets Flower's
+CLIENT_APP_RAISED_EXCEPTION error reply, as from the warm executor, and counts as dropped.
 A node can be made to drop out: `drop(node_id)` makes it stop answering (its messages then time
 out at the server, as a killed SuperNode's would). `restart(node_id)` models a restarted SuperNode:
 the hospital comes back under a NEW node id while the old id stays listed and answers nothing (or
@@ -119,7 +121,12 @@ class InProcessGrid(Grid):
                 continue
             if node in self.dropped or node not in self.contexts:
                 continue
-            reply = self.client_app(message=message, context=self.contexts[node])
+            try:
+                reply = self.client_app(message=message, context=self.contexts[node])
+            except Exception as exc:  # as the warm executor does: an error reply, not a crashed study
+                error = Error(code=flwr_internals.ERROR_CLIENT_APP_RAISED_EXCEPTION,
+                              reason=f"{type(exc).__name__}: {exc}")
+                reply = Message(error, reply_to=message)
             flwr_internals.stamp_metadata(reply.metadata, message_id=reply.object_id)
             self._replies[message.metadata.message_id] = reply
         return ids

@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 import federated.client_app as client_app_module
-from federated.runtime import flwr_internals
 from federated.runtime.demo_sites import DemoSite, approve, demo_spec, provision_sites
 from federated.runtime.flwr_internals import SECAGG_CONFIGS_KEY
 from federated.runtime.inprocess import InProcessGrid
@@ -320,11 +319,8 @@ def _tampering(mutate: Callable[[int, Message, Message], Message | None]) -> Any
     from federated.client_app import app
 
     def tampered(message: Message, context: Context) -> Message:
-        try:
-            reply = app(message=message, context=context)
-        except Exception as exc:  # as the real executor does: an error reply, not a crash
-            error = Error(code=flwr_internals.ERROR_CLIENT_APP_RAISED_EXCEPTION, reason=repr(exc))
-            return Message(error, reply_to=message)
+        # a raising ClientApp becomes Flower's error reply in InProcessGrid, as in the executor
+        reply = app(message=message, context=context)
         return mutate(context.node_id, message, reply) or reply
 
     return tampered
