@@ -40,8 +40,9 @@ OPERATOR = "operator"
 COORDINATOR = "coordinator"
 HOSPITAL = "hospital"
 
+#: The entry kinds the fold reads (`study.round` only for a secure round's `aggregate_members`).
 TOKEN_KINDS = frozenset({"token.mint", "token.transfer", "study.escrow", "round.receipt",
-                         "study.payout", "study.refund", "reward.claim"})
+                         "study.payout", "study.refund", "reward.claim", "study.round"})
 CLAIM_KIND = "reward.claim"
 CLAIM_FIELDS = ("study_id", "hospital", "round", "holder", "units", "index", "proof", "amount")
 

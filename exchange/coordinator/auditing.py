@@ -78,7 +78,7 @@ def _fold(ledger: Ledger, rows: Iterable[tuple[int, Entry]]) -> None:
         study = ledger.studies.get(study_id) if isinstance(study_id, str) else None
         if study is not None:
             ledger.studies[study.study_id] = dataclasses.replace(
-                study, receipts=list(study.receipts), seen=set(study.seen))
+                study, receipts=list(study.receipts), seen=set(study.seen), members=dict(study.members))
         try:
             ledger.apply(entry, index)
         except LedgerError as exc:
