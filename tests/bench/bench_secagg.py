@@ -205,20 +205,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-deployment", action="store_true")
+    parser.add_argument("--no-table", action="store_true")
     args = parser.parse_args()
     reps = 1 if args.quick else 3
-    print(
-        "== table: seconds per aggregation round (in process, synthetic hospitals, median of "
-        f"{reps}); ratio = secagg / plain"
-    )
-    table_cell(3, 1_000, False, 1)  # warm-up: imports and first-use costs stay out of the table
-    table_cell(3, 1_000, True, 1)
-    print(f"{'weights':>8} {'hospitals':>9} {'plain':>8} {'secagg':>8} {'ratio':>6}")
-    for size in SIZES:
-        for hospitals in HOSPITALS:
-            plain = table_cell(hospitals, size, False, reps)
-            secure = table_cell(hospitals, size, True, reps)
-            print(f"{size:>8} {hospitals:>9} {plain:>8.3f} {secure:>8.3f} {secure / plain:>6.1f}")
+    if not args.no_table:
+        print(
+            "== table: seconds per aggregation round (in process, synthetic hospitals, median of "
+            f"{reps}); ratio = secagg / plain"
+        )
+        table_cell(3, 1_000, False, 1)  # warm-up: imports and first-use costs stay out of the table
+        table_cell(3, 1_000, True, 1)
+        print(f"{'weights':>8} {'hospitals':>9} {'plain':>8} {'secagg':>8} {'ratio':>6}")
+        for size in SIZES:
+            for hospitals in HOSPITALS:
+                plain = table_cell(hospitals, size, False, reps)
+                secure = table_cell(hospitals, size, True, reps)
+                print(f"{size:>8} {hospitals:>9} {plain:>8.3f} {secure:>8.3f} {secure / plain:>6.1f}")
     if args.no_deployment:
         return
     rounds = 3 if args.quick else 4
