@@ -606,7 +606,8 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
                 pending.report(observer, decoded)
                 pending = None
             short = len(contributors) < spec.min_hospitals
-            failure = secure.failure if secure is not None and not short else None
+            # a SecAgg+ failure (below its threshold, a share that does not unmask) names its reason
+            failure = secure.failure if secure is not None else None
             if options.stop_event.is_set() or short or failure:
                 # Contributors trained and spent privacy: their receipts are reported even though
                 # the round produced no model (on_round with round_failed = 1, then on_failed).
@@ -617,13 +618,13 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
                                              spec.task)
             if options.stop_event.is_set():
                 raise StudyFailedError(f"cancelled during round {round_}")
+            if failure:
+                raise StudyFailedError(failure)
             if short:
                 raise StudyFailedError(
                     f"round {round_}: {len(contributors)} hospital(s) contributed, the study needs "
                     f"{spec.min_hospitals}; "
                     f"{_describe_non_contributors(decoded, [*silent, *gone])}")
-            if failure:
-                raise StudyFailedError(failure)
             t_agg = time.perf_counter()
             if secure is not None and secure.weights is not None:
                 weights = secure.weights

@@ -430,3 +430,19 @@ def test_a_malformed_masked_vector_is_left_out_and_the_round_goes_on(
     assert metrics["aggregate_members"] == 3 and metrics["dropped"] >= 1
     assert {r.hospital for r in receipts} == {f"hospital:{h}" for h in members}
     np.testing.assert_allclose(_globals(grid)[2], updates.fedavg(1, members), atol=ATOL)
+
+
+def test_hospitals_lost_in_the_key_exchange_stop_the_round_with_the_protocols_reason(
+    four: dict[str, DemoSite], tmp_path: Path
+) -> None:
+    """Two of four hospitals are gone in the setup stage: 2 remain, the threshold is 3; the
+    study fails at once with SecAgg+'s reason, nobody trained."""
+    spec = demo_spec("sa-setup", rounds=2, min_hospitals=3, round_timeout_s=2.0, **PRIVACY)
+    observer, _ = _run(four, spec, tmp_path, grid_class=DropAtStage, drop={3: "setup", 4: "setup"})
+    assert observer.completed is None and len(observer.failed) == 1
+    assert (
+        "secure aggregation stopped at stage 'setup': 2 of 4 hospitals remain, the threshold is 3"
+        in (observer.failed[0])
+    )
+    ((_, metrics, receipts),) = observer.rounds
+    assert metrics["round_failed"] == 1.0 and receipts == []
