@@ -387,7 +387,7 @@ class Ledger:
         round_number = _integer(payload, "round", 1, MAX_AMOUNT)
         if round_number in study.members:
             raise _RuleError(f"round: round {round_number} of {study.study_id!r} already named its members")
-        if study.status is StudyStatus.OPEN:
+        if study.status is EscrowStatus.OPEN:
             study.members[round_number] = frozenset(members)
 
     def _claim(self, entry: Entry) -> None:
@@ -478,7 +478,7 @@ class Ledger:
         self.state.unclaimed += unclaimed
 
 
-def _paying(study: Study) -> list[Receipt]:
+def _paying(study: Escrow) -> list[Receipt]:
     """The receipts a payout counts: all, except those of a secure-aggregation round from a
     hospital that is not among that round's aggregate members."""
     return [r for r in study.receipts

@@ -676,6 +676,27 @@ class _PendingRound:
         observer.on_round(self.round, self.metrics, self.receipts)
 
 
+@dataclass
+class SecAggTransport:
+    """What the SecAgg+ driver (`federated.secagg.server`) needs from the ServerApp: TRAIN
+    messages over this study's grid with its polling (`exchange`), and our message layout."""
+
+    directory: NodeDirectory
+    ok: str = STATUS_OK
+
+    def send(self, contents: Mapping[int, RecordDict], round_: int, timeout: float) -> PhaseResult:
+        ttl = max(timeout * 2, 60.0)
+        messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_),
+                            ttl=ttl) for node, content in contents.items()]
+        options = self.directory.options
+        _stamp(messages, self.directory.context, options)
+        return exchange(self.directory.grid, messages, timeout=timeout, poll=options.poll,
+                        stop_event=options.stop_event)
+
+    def model(self, weights: np.ndarray) -> RecordDict:
+        return RecordDict({GLOBAL_KEY: ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(weights))})})
+
+
 def _secure_round(directory: NodeDirectory, targets: Mapping[int, str], weights: np.ndarray, round_: int, *,
                   spec: StudySpec, decode: Callable[[PhaseResult], list[HospitalReply]]) -> Any:
     """One round under SecAgg+ (`federated.secagg.server`): the study fails cleanly, with the
@@ -683,7 +704,8 @@ def _secure_round(directory: NodeDirectory, targets: Mapping[int, str], weights:
     from federated.secagg.params import SecAggParamsError
     from federated.secagg.server import SecAggDriver
 
-    driver = SecAggDriver(directory, timeout=spec.round_timeout_s, min_members=spec.min_hospitals)
+    driver = SecAggDriver(SecAggTransport(directory), timeout=spec.round_timeout_s,
+                          min_members=spec.min_hospitals)
     try:
         return driver.run(targets, weights, round_, decode)
     except SecAggParamsError as exc:

@@ -36,24 +36,13 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from federated.runtime import flwr_internals
 from federated.secagg.params import SecAggParams
-from federated.server_app import (
-    GLOBAL_KEY,
-    METRIC_PREFIX,
-    STATUS_OK,
-    WEIGHTS_KEY,
-    HospitalReply,
-    NodeDirectory,
-    PhaseResult,
-    _stamp,
-    exchange,
-)
 
 log = logging.getLogger("federated.secagg")
 
@@ -61,7 +50,42 @@ CONFIGS_KEY = flwr_internals.SECAGG_CONFIGS_KEY
 K = flwr_internals.SECAGG_KEYS
 SETUP, SHARE_KEYS, COLLECT, UNMASK = flwr_internals.SECAGG_STAGES
 
-Decoder = Callable[[PhaseResult], list[HospitalReply]]
+
+class HospitalReply(Protocol):
+    """A decoded stage-3 reply (`federated.server_app.HospitalReply`)."""
+
+    node_id: int
+    status: str
+    reason: str
+    receipt: Any
+    metrics: dict[str, float]
+
+
+class PhaseResult(Protocol):
+    """One exchange's replies (`federated.server_app.PhaseResult`)."""
+
+    replies: dict[int, Message]
+    missing: list[int]
+    hospital_of: dict[int, str]
+    missing_hospitals: list[str]
+
+
+class Transport(Protocol):
+    """How the driver talks to the hospitals; the ServerApp provides it
+    (`federated.server_app.SecAggTransport`), so this module does not depend on the ServerApp."""
+
+    #: the status of a reply that contributes an update
+    ok: str
+
+    def send(self, contents: Mapping[int, RecordDict], round_: int, timeout: float) -> PhaseResult:
+        """One TRAIN message per node with these contents; the replies within `timeout`."""
+
+    def model(self, weights: np.ndarray) -> RecordDict:
+        """The content that carries the global model to a hospital."""
+
+
+#: the ServerApp's reply decoding, given the collect stage's exchange (what `Transport.send` returned)
+Decoder = Callable[[Any], Sequence[HospitalReply]]
 
 
 class SecAggRoundError(RuntimeError):
@@ -103,10 +127,10 @@ def _list_of(record: ConfigRecord, key: str, kind: type) -> list[Any]:
 
 
 class SecAggDriver:
-    """Runs the four stages for one round over `directory`'s grid."""
+    """Runs the four stages for one round over a `Transport`."""
 
-    def __init__(self, directory: NodeDirectory, *, timeout: float, min_members: int) -> None:
-        self.directory = directory
+    def __init__(self, transport: Transport, *, timeout: float, min_members: int) -> None:
+        self.transport = transport
         self.timeout = timeout
         self.min_members = min_members
         self.crypto = flwr_internals.secagg_primitives()
@@ -114,20 +138,7 @@ class SecAggDriver:
 
     # -- messaging ------------------------------------------------------------------------------
     def _exchange(self, contents: Mapping[int, RecordDict], round_: int) -> PhaseResult:
-        ttl = max(self.timeout * 2, 60.0)
-        messages = [
-            Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_), ttl=ttl)
-            for node, content in contents.items()
-        ]
-        _stamp(messages, self.directory.context, self.directory.options)
-        options = self.directory.options
-        return exchange(
-            self.directory.grid,
-            messages,
-            timeout=self.timeout,
-            poll=options.poll,
-            stop_event=options.stop_event,
-        )
+        return self.transport.send(contents, round_, self.timeout)
 
     # -- the round --------------------------------------------------------------------------------
     def run(
@@ -229,7 +240,7 @@ class SecAggDriver:
 
         # 3. collect masked vectors (the hospitals train here)
         t0 = time.perf_counter()
-        model = ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(weights))})
+        model = self.transport.model(weights)
         contents = {}
         for node in sorted(shared):
             pairs = [(src, c) for src, c in forward[node] if src in shared]
@@ -240,15 +251,15 @@ class SecAggDriver:
                     K["SOURCE_LIST"]: [src for src, _ in pairs],
                 }
             )
-            contents[node] = RecordDict({GLOBAL_KEY: model, CONFIGS_KEY: record})
+            contents[node] = RecordDict({**dict(model), CONFIGS_KEY: record})
         collect = self._exchange(contents, round_)
         collect.hospital_of = {n: hospital_of[n] for n in contents}
         collect.missing_hospitals = sorted(hospital_of[n] for n in collect.missing)
-        decoded = decode(collect)
+        decoded = list(decode(collect))
         vectors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         members: list[HospitalReply] = []
         for answer in decoded:
-            if answer.status != STATUS_OK or answer.receipt is None:
+            if answer.status != self.transport.ok or answer.receipt is None:
                 continue
             try:
                 vectors[answer.node_id] = self._masked_vector(
@@ -489,4 +500,4 @@ def clipped_total(members: Sequence[HospitalReply]) -> float:
     return float(sum(r.metrics.get("secagg_clipped", 0.0) for r in members))
 
 
-__all__ = ["METRIC_PREFIX", "SecAggDriver", "SecAggRound", "SecAggRoundError", "clipped_total"]
+__all__ = ["SecAggDriver", "SecAggRound", "SecAggRoundError", "Transport", "clipped_total", "member_weight"]

@@ -153,6 +153,7 @@ def table_cell(hospitals: int, size: int, secure: bool, reps: int) -> float:
         GLOBAL_KEY,
         WEIGHTS_KEY,
         NodeDirectory,
+        SecAggTransport,
         ServerOptions,
         _decode_reply,
         _reply_weights_sum,
@@ -182,7 +183,7 @@ def table_cell(hospitals: int, size: int, secure: bool, reps: int) -> float:
 
         t0 = time.perf_counter()
         if secure:
-            result = SecAggDriver(directory, timeout=600, min_members=3).run(
+            result = SecAggDriver(SecAggTransport(directory), timeout=600, min_members=3).run(
                 targets, weights, round_, lambda phase: decode(phase, True)
             )
             if result.weights is None:

@@ -221,13 +221,11 @@ def test_secure_aggregation_that_cannot_be_had_is_refused_at_submission(world: W
 
 
 def test_secure_aggregation_is_on_by_default_from_three_hospitals() -> None:
-    from exchange.coordinator.runner import RunRequest, study_spec_for
+    from exchange.study.spec import AcceptedStudy, study_spec
 
     def spec(**overrides: Any) -> Any:
-        body = study_body(**overrides)
-        return study_spec_for(RunRequest(study_id="s", spec=body, hospitals=(), rounds=2,
-                                         min_hospitals=body["min_hospitals"], organisation_id="acme",
-                                         region="DE"))
+        return study_spec(AcceptedStudy(study_id="s", spec=study_body(**overrides), organisation_id="acme",
+                                        region="DE"))
 
     assert spec(min_hospitals=3).secure_aggregation is True
     assert spec(min_hospitals=2).secure_aggregation is False

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-import federated.secagg.server as secagg_server
+import federated.server_app as server_app
 from federated.runtime.demo_sites import approve, demo_spec, provision_sites
 from federated.runtime.deployment import LocalFederation
 from federated.runtime.flwr_internals import SECAGG_CONFIGS_KEY
@@ -72,7 +72,7 @@ def test_sigkill_of_a_hospital_mid_round_under_secure_aggregation(
 ) -> None:
     fed, sites, root = federation
     node_d = fed.nodes["hospital-d"]
-    real_exchange = secagg_server.exchange
+    real_exchange = server_app.exchange
     killed = threading.Event()
 
     def exchange(grid: Any, messages: Any, **kwargs: Any) -> Any:
@@ -87,7 +87,7 @@ def test_sigkill_of_a_hospital_mid_round_under_secure_aggregation(
             threading.Timer(0.2, node_d.kill).start()
         return real_exchange(grid, messages, **kwargs)
 
-    monkeypatch.setattr(secagg_server, "exchange", exchange)
+    monkeypatch.setattr(server_app, "exchange", exchange)
     spec = demo_spec(
         "secagg-kill",
         rounds=2,
