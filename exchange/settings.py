@@ -65,6 +65,9 @@ class CoordinatorSettings(BaseSettings):
     max_body_bytes: int = 1_048_576
     rate_limit_per_minute: int = Field(default=600, ge=1)
     forward_bps: int = Field(default=3000, ge=0, le=10_000)
+    # Checkpoints for the witnesses: after N new entries (0: off) or T seconds with new ones.
+    checkpoint_every_entries: int = Field(default=1000, ge=0)
+    checkpoint_every_s: float = Field(default=1.0, gt=0, le=5.0)
     royalties: dict[str, Royalty] = Field(default_factory=dict)
     logging: LoggingSettings = LoggingSettings()
 

@@ -122,16 +122,19 @@ def register_hospital(
     name: Annotated[str, typer.Option(help="Display name.")],
     signing_key: Annotated[str, typer.Option(help="Ed25519 public key, base64 (from `exchange node init`).")],
     flower_key_file: Annotated[Path, typer.Option(help="The SuperNode's public key file.")],
+    witness_vkey: Annotated[str | None, typer.Option(
+        help="The node's witness key (C2SP vkey, from `exchange node init`): registered in the "
+             "log, so the hospital cosigns checkpoints.")] = None,
     db: DbOption = None, config: ConfigOption = None,
 ) -> None:
-    """Register a hospital with its signing key and its Flower node key (both logged)."""
+    """Register a hospital with its signing key, its Flower node key and its witness key (logged)."""
     from exchange.coordinator.schemas import HospitalCreate, HospitalOut
 
     if not flower_key_file.is_file():
         raise typer.BadParameter(f"not a file: {flower_key_file}", param_hint="--flower-key-file")
     data = _validate(HospitalCreate, id=hospital_id, organisation_id=org, name=name,
                      signing_public_key=signing_key,
-                     flower_public_key=flower_key_file.read_text().strip())
+                     flower_public_key=flower_key_file.read_text().strip(), witness_vkey=witness_vkey)
     row = _run(db, config, lambda c: c.register_hospital(data))
     _print(HospitalOut.model_validate(row).model_dump(mode="json"))
 

@@ -78,6 +78,7 @@ def init(
     typer.echo(f"  signing public key: {ident.public_key_b64}  (Ed25519, base64)")
     typer.echo(f"  key id:             {ident.key_id}")
     typer.echo(f"  flower node key:    {ident.flower_public_key}")
+    typer.echo(f"  witness key:        {ident.witness_vkey}  (C2SP cosignature/v1 vkey)")
     typer.echo("Keep the files under keys/ private (mode 0600); never send them.")
 
 
@@ -87,7 +88,8 @@ def show_registration(config: ConfigOption = None) -> None:
     from exchange.node import keys
 
     settings = _settings(config)
-    ident = keys.identity(settings.hospital_id, settings.signing_key_path, settings.flower_key_path)
+    ident = keys.identity(settings.hospital_id, settings.signing_key_path, settings.flower_key_path,
+                          settings.witness_key_path)
     typer.echo(json.dumps(ident.to_json(), indent=2))
 
 
@@ -212,6 +214,22 @@ def _reasons(study: dict[str, Any]) -> list[str]:
     return reasons
 
 
+def _log_lines(report: dict[str, Any]) -> list[str]:
+    """The witness and inclusion lines: up to which checkpoint, and any ALARM with its reason."""
+    witness, inclusion = report["witness"], report["inclusion"]
+    lines = [f"log witness: {witness['state']}; cosigned checkpoint size "
+             f"{witness.get('cosigned_size') if witness.get('cosigned_size') is not None else '-'}"]
+    lines += [f"ALARM (witness): {a['reason']}" for a in witness.get("alarms", [])]
+    if witness.get("state") == "error":
+        lines.append(f"ALARM (witness): {witness.get('reason')}")
+    lines.append(f"own entries: {inclusion['entries_proven']} proven included up to checkpoint size "
+                 f"{inclusion['proven_size']}")
+    lines += [f"ALARM (inclusion): {m['kind']} for study {m['study_id']} is missing from the log"
+              for m in inclusion["missing"]]
+    lines += [f"ALARM (inclusion): {f}" for f in inclusion["failures"]]
+    return lines
+
+
 def _print_status(report: dict[str, Any]) -> None:
     console = Console()
     budget = report["privacy"]
@@ -235,6 +253,8 @@ def _print_status(report: dict[str, Any]) -> None:
                         str(study["rounds"]), f"{study['epsilon_spent']:.4g}",
                         "; ".join(_reasons(study)))
     console.print(studies)
+    for line in _log_lines(report):
+        console.print(line)
     if report["errors"]:
         errors = Table(title="Last errors")
         for column in ("at", "component", "message"):

@@ -36,6 +36,7 @@ from audit.store import AuditLog, record_trust
 from exchange.console import console_router, template_config
 from exchange.coordinator import controllers, problems, vocabulary
 from exchange.coordinator.auditing import forget_transactions
+from exchange.coordinator.checkpointing import Checkpointing
 from exchange.coordinator.observability import ObservabilityMiddleware
 from exchange.coordinator.rate_limit import FixedWindowRateLimitMiddleware
 from exchange.coordinator.registry import api_key_prefix
@@ -66,6 +67,10 @@ class AppConfig:
     royalties: dict[str, tuple[str, int]] = field(default_factory=dict)
     migrate: bool = True
     access_log: bool = True
+    # The coordinator signs a checkpoint after this many new entries (0: off) or this many
+    # seconds with new entries, and collects the hospitals' cosignatures on it.
+    checkpoint_every_entries: int = 1000
+    checkpoint_every_s: float = 1.0
 
 
 def app_config_from_settings(settings: CoordinatorSettings, **extra: Any) -> AppConfig:
@@ -76,7 +81,9 @@ def app_config_from_settings(settings: CoordinatorSettings, **extra: Any) -> App
         "log_key_file": settings.log_key_file, "coordinator_key_file": settings.coordinator_key_path(),
         "log_origin": settings.log_origin, "max_body_bytes": settings.max_body_bytes,
         "rate_limit_per_minute": settings.rate_limit_per_minute, "forward_bps": settings.forward_bps,
-        "royalties": settings.royalty_terms()}
+        "royalties": settings.royalty_terms(),
+        "checkpoint_every_entries": settings.checkpoint_every_entries,
+        "checkpoint_every_s": settings.checkpoint_every_s}
     values.update(extra)
     return AppConfig(**values)
 
@@ -101,13 +108,20 @@ class Runtime:
     coordinator: Coordinator
     trust: Trust
     checkpointer: WalCheckpointer | None = None  # SQLite: WAL checkpoints off the commit path
+    checkpointing: Checkpointing | None = None  # log checkpoints and witness cosignatures
 
     def close(self) -> None:
+        if self.checkpointing is not None:
+            self.checkpointing.close()
         self.coordinator.close()
         if self.checkpointer is not None:
             self.checkpointer.close()
         self.read_engine.dispose()
         self.write_engine.dispose()
+
+    def start_checkpointing(self) -> None:
+        if self.checkpointing is not None:
+            self.checkpointing.start()
 
 
 def load_or_create_key(path: Path) -> Signer:
@@ -181,7 +195,11 @@ def build_runtime(config: AppConfig, runner: StudyRunner) -> Runtime:
                               replay_window=timedelta(seconds=config.replay_window_s))
     coordinator.on_change = lambda kind: STUDY_EVENTS.labels(kind=kind).inc()
     coordinator.bootstrap()
-    return Runtime(config, read_engine, write_engine, audit_log, coordinator, trust, checkpointer)
+    checkpointing = Checkpointing(audit_log, trust, read_engine,
+                                  every_entries=config.checkpoint_every_entries,
+                                  every_seconds=config.checkpoint_every_s)
+    return Runtime(config, read_engine, write_engine, audit_log, coordinator, trust, checkpointer,
+                   checkpointing)
 
 
 def _rate_limit_identifier(scope: Scope) -> str:
@@ -261,13 +279,14 @@ def create_app(runtime: Runtime, *, debug: bool = False,
         response_cache_config=ResponseCacheConfig(),
         # The template registry imports torch (seconds): load it before serving, not inside the
         # first POST /v1/studies, where it would stall the event loop.
-        on_startup=[vocabulary.templates, _freeze_startup_objects],
+        on_startup=[vocabulary.templates, _freeze_startup_objects, runtime.start_checkpointing],
         on_shutdown=[runtime.close, *(on_shutdown or [])],
         debug=debug,
     )
     app.state.coordinator = runtime.coordinator
     app.state.audit_log = runtime.audit_log
     app.state.trust = runtime.trust
+    app.state.checkpointing = runtime.checkpointing
     return app
 
 

@@ -112,6 +112,29 @@ class HospitalClient:
         """Send an entry the hospital signed (decision, receipt, key rotation) for the log."""
         return dict(_check(self._http.post(path, json=entry.to_json())).json())
 
+    # -- witnessing and monitoring the log (exchange/node/witnessing.py) ----------------------
+    def witness_checkpoint(self, old_size: int, wait_s: float = 0.0) -> tuple[bytes, bool]:
+        """The newest checkpoint as a tlog-witness add-checkpoint request from `old_size`,
+        and whether this hospital's witness already cosigned it (long poll up to `wait_s`)."""
+        response = _check(self._http.get("/v1/hospital/witness/checkpoint",
+                                         params={"old_size": old_size, "wait_s": wait_s}))
+        return response.content, response.headers.get("witness-cosigned") == "1"
+
+    def post_cosignature(self, size: int, lines: str) -> dict[str, Any]:
+        body = {"size": size, "cosignature": lines}
+        return dict(_check(self._http.post("/v1/hospital/witness/cosignature", json=body)).json())
+
+    def trust(self) -> dict[str, Any]:
+        return dict(_check(self._http.get("/v1/audit/trust")).json())
+
+    def log_entries(self, start: int, limit: int) -> dict[str, Any]:
+        response = self._http.get("/v1/audit/entries", params={"start": start, "limit": limit})
+        return dict(_check(response).json())
+
+    def inclusion_proof(self, index: int, size: int) -> dict[str, Any]:
+        response = self._http.get("/v1/audit/proofs/inclusion", params={"index": index, "size": size})
+        return dict(_check(response).json())
+
 
 class ApiClient:
     """Researchers, operators and auditors: `Authorization: Bearer <api key>`."""

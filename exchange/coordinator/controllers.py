@@ -7,7 +7,6 @@ blocking SQLAlchemy, and the event loop stays free for other requests.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from litestar import Controller, Request, Response, delete, get, post
@@ -20,7 +19,7 @@ from litestar.response import Stream
 
 from audit.entry import Entry, MalformedEntryError
 from audit.signing import b64encode
-from exchange.coordinator import guards, problems
+from exchange.coordinator import guards, problems, witness_routes
 from exchange.coordinator.auth import authenticate
 from exchange.coordinator.claims import RewardClaim, claim_reward
 from exchange.coordinator.models import Role, StudyStatus
@@ -33,7 +32,6 @@ from exchange.coordinator.schemas import (
     AuditEntryPage,
     BalancesOut,
     CancelRequest,
-    CheckpointOut,
     ConsistencyProofOut,
     EntryAccepted,
     HealthOut,
@@ -297,6 +295,22 @@ class HospitalController(Controller):
         hospital = _hospital_of(coordinator, principal)
         return EntryAccepted(index=claim_reward(coordinator, hospital.id, data), kind="reward.claim")
 
+    @get("/witness/checkpoint", sync_to_thread=True, responses=PROBLEMS,
+         media_type=witness_routes.WITNESS_REQUEST_TYPE,
+         summary="The newest checkpoint as a tlog-witness add-checkpoint request (long poll)")
+    def witness_checkpoint(self, principal: Principal, coordinator: Coordinator, state: State,
+                           old_size: Annotated[int, Parameter(ge=0, le=2**53)] = 0,
+                           wait_s: Annotated[float, Parameter(ge=0, le=25)] = 0.0) -> Response[bytes]:
+        hospital = _hospital_of(coordinator, principal)
+        return witness_routes.witness_offer(state, hospital.id, old_size, wait_s)
+
+    @post("/witness/cosignature", sync_to_thread=True, responses=PROBLEMS, status_code=201,
+          summary="The hospital witness's cosignature on a checkpoint (C2SP cosignature/v1)")
+    def witness_cosignature(self, principal: Principal, coordinator: Coordinator, state: State,
+                            data: witness_routes.CosignatureIn) -> witness_routes.CosignatureAccepted:
+        hospital = _hospital_of(coordinator, principal)
+        return witness_routes.add_cosignature(state, hospital.id, data)
+
     @post("/entries", sync_to_thread=True, responses=PROBLEMS, status_code=201,
           summary="Submit an entry the hospital signed: study.decision, round.receipt or key.rotate")
     def entries(self, principal: Principal, coordinator: Coordinator, data: SignedEntry) -> EntryAccepted:
@@ -333,13 +347,10 @@ class AuditController(Controller):
         return AuditEntryPage(items=items, size=size, next_start=stop if stop < size else None)
 
     @get("/audit/checkpoint", sync_to_thread=True, responses=PROBLEMS,
-         summary="A signed checkpoint of the whole log")
-    def checkpoint(self, principal: Principal, state: State) -> CheckpointOut:
-        note = state.audit_log.checkpoint()
-        from audit.checkpoint import parse_checkpoint
-
-        parsed = parse_checkpoint(note)
-        return CheckpointOut(size=parsed.size, root_hash=b64encode(parsed.root), checkpoint=note)
+         summary="The latest cosigned checkpoint (Accept: text/plain for the signed note itself)")
+    def checkpoint(self, principal: Principal, state: State,
+                   request: Request[Any, Any, Any]) -> Response[Any]:
+        return witness_routes.served_checkpoint(state, request)
 
     @get("/audit/proofs/inclusion", sync_to_thread=True, responses=PROBLEMS,
          summary="RFC 9162 inclusion proof")
@@ -368,21 +379,16 @@ class AuditController(Controller):
         proof = log.consistency_proof(old_size, new_size)
         return ConsistencyProofOut(old_size=old_size, new_size=new_size, proof=[b64encode(p) for p in proof])
 
-    @get("/audit/export", sync_to_thread=False, responses=PROBLEMS, media_type="application/x-ndjson",
-         summary="Every entry as JSON lines (RFC 8785 envelopes, line i = entry i)")
-    def export(self, principal: Principal, state: State) -> Stream:
-        log = state.audit_log
-
-        def lines() -> Iterator[bytes]:
-            for entry in log.entries(0, log.size()):
-                yield entry.leaf_bytes() + b"\n"
-
-        return Stream(lines(), media_type="application/x-ndjson")
+    @get("/audit/export", sync_to_thread=True, responses=PROBLEMS, media_type="application/x-ndjson",
+         summary="Entries as JSON lines (RFC 8785 envelopes, line i = entry start+i), paged")
+    def export(self, principal: Principal, state: State, start: witness_routes.ExportStart = 0,
+               limit: witness_routes.ExportLimit = None) -> Stream:
+        return witness_routes.export_page(state, start, limit)
 
     @get("/audit/trust", sync_to_thread=False, responses=PROBLEMS,
-         summary="The roots to pin: operator key, log key, origin (audit trust.json)")
+         summary="The roots to pin: operator key, log key, origin, witnesses (audit trust.json)")
     def trust(self, principal: Principal, state: State) -> dict[str, Any]:
-        trust: dict[str, Any] = state.trust.to_json()
+        trust: dict[str, Any] = witness_routes.checkpointing(state).trust().to_json()
         return trust
 
     @get("/ledger/balances", sync_to_thread=True, responses=PROBLEMS,

@@ -29,6 +29,16 @@ API_KEY_PREFIX_BYTES = 6
 API_KEY_SECRET_BYTES = 32
 
 
+def hospital_key_payload(kid: str, data: HospitalCreate) -> dict[str, Any]:
+    """The hospital's `key.register` payload: its signing key and, if given, its witness key
+    (audit/keyring.py: the witness is registered in the log with the key it belongs to)."""
+    payload: dict[str, Any] = {"key_id": kid, "public_key": data.signing_public_key,
+                               "role": "hospital", "owner": f"hospital:{data.id}"}
+    if data.witness_vkey is not None:
+        payload["witness_vkey"] = data.witness_vkey
+    return payload
+
+
 @dataclass(frozen=True)
 class Principal:
     """An authenticated caller. `ref` identifies the credential in logs (never the secret)."""
@@ -196,9 +206,7 @@ class Registry:
             session.flush()
             self.journal.append(
                 session,
-                self.journal.sign("key.register", {"key_id": kid, "public_key": data.signing_public_key,
-                                            "role": "hospital", "owner": f"hospital:{data.id}"},
-                           operator=True),
+                self.journal.sign("key.register", hospital_key_payload(kid, data), operator=True),
                 self.journal.sign("hospital.register", {
                     "hospital": f"hospital:{data.id}", "organisation": f"org:{data.organisation_id}",
                     "signing_key_id": kid,

@@ -100,11 +100,27 @@ class HospitalCreate(Strict):
     signing_public_key: Annotated[str, Field(description="Ed25519 public key, base64 (32 bytes)")]
     flower_public_key: Annotated[str, Field(min_length=1, max_length=4000,
                                             description="the SuperNode's public key (OpenSSH/PEM)")]
+    witness_vkey: Annotated[str | None, Field(
+        default=None, max_length=400,
+        description="the node's witness key, a C2SP cosignature/v1 vkey (registered in the log)")] = None
 
     @field_validator("signing_public_key")
     @classmethod
     def _check_key(cls, value: str) -> str:
         return _ed25519_public_key(value)
+
+    @field_validator("witness_vkey")
+    @classmethod
+    def _check_witness(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from audit.cosignature import parse_witness_vkey
+        from audit.note import NoteError
+
+        try:
+            return str(parse_witness_vkey(value))
+        except NoteError as exc:
+            raise ValueError(str(exc)) from exc
 
     @field_validator("flower_public_key")
     @classmethod

@@ -49,6 +49,8 @@ from exchange.node.settings import NodeSettings
 from exchange.node.site_export import export_site, site_paths
 from exchange.node.store import NodeStore, open_store
 from exchange.node.supervisor import ChildSpec, Supervisor
+from exchange.node.witness_loop import WitnessLoop
+from exchange.node.witnessing import WitnessLink
 
 log = get_logger("exchange.node")
 STUDY_PAGE = 100
@@ -132,7 +134,7 @@ def supernode_specs(settings: NodeSettings) -> list[ChildSpec]:
 
 class NodeDaemon:
     def __init__(self, settings: NodeSettings, store: NodeStore, link: Any, signer: Signer,
-                 supervisor: Supervisor | None = None) -> None:
+                 supervisor: Supervisor | None = None, *, witness_link: WitnessLink | None = None) -> None:
         self.settings = settings
         self.store = store
         self.link = link
@@ -145,6 +147,12 @@ class NodeDaemon:
         self.ledger = site_ledger(store.engine, settings.policy)
         self._health: dict[str, Any] = {"status": "starting", "hospital_id": settings.hospital_id}
         self._health_lock = threading.Lock()
+        if witness_link is None:
+            witness_link = getattr(link, "client", None)
+        self.witnessing = (WitnessLoop(settings, store, witness_link, signer.key_id,
+                                       stop=self.stop_event, report=self._update_health,
+                                       on_error=self._error)
+                           if settings.witness.enabled and witness_link is not None else None)
 
     # -- events -------------------------------------------------------------------------------
     def _child_event(self, event: str, data: dict[str, Any]) -> None:
@@ -270,8 +278,13 @@ class NodeDaemon:
             self._health.update(values)
 
     def health(self) -> dict[str, Any]:
+        """The snapshot /health serves; status "alarm" while the witness holds evidence of an
+        inconsistent log or an entry of this node is missing from it."""
         with self._health_lock:
-            return dict(self._health)
+            health = dict(self._health)
+        if any(isinstance(health.get(k), dict) and health[k].get("alarm") for k in ("witness", "inclusion")):
+            health["status"] = "alarm"
+        return health
 
     def serve_health(self) -> ThreadingHTTPServer:
         daemon = self
@@ -312,6 +325,7 @@ class NodeDaemon:
         self.store.set_state("daemon", {"state": "running", "started_at": datetime.now(UTC).isoformat()})
         log.info("node_started", hospital_id=self.settings.hospital_id, health=f"{host!s}:{port}",
                  start=restarts, key_id=self.ctx.signer.key_id)
+        witness_thread = self.witnessing.start() if self.witnessing is not None else None
         try:
             while not self.stop_event.is_set():
                 started = time.monotonic()
@@ -324,6 +338,9 @@ class NodeDaemon:
                                     active_studies=self.active_studies())
                 self.stop_event.wait(max(0.0, self.settings.poll_interval_s - (time.monotonic() - started)))
         finally:
+            self.stop_event.set()
+            if witness_thread is not None:
+                witness_thread.join(timeout=self.settings.witness.wait_s + 35)
             self.supervisor.stop_all(CHILD_STOP_GRACE_S)
             server.shutdown()
             server.server_close()

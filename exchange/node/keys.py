@@ -3,6 +3,8 @@
 - The Ed25519 signing key (`audit.signing.Signer`): signs the node's requests to the
   coordinator (RFC 9421), its study decisions and its contribution receipts. Its key id is
   what the operator registers in the log.
+- The witness key (Ed25519, C2SP cosignature/v1): cosigns the log's checkpoints
+  (exchange/node/witnessing.py); registered in the log with the signing key.
 - The Flower node key: ECDSA P-256 in OpenSSH format, because Flower's SuperNode
   authentication (`--auth-supernode-private-key`, `flwr supernode register KEY.pub`)
   accepts only NIST-curve ECDSA keys in that format.
@@ -19,6 +21,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from audit.cosignature import CosignatureV1Signer
 from audit.signing import Signer
 
 
@@ -30,10 +33,14 @@ class NodeIdentity:
     public_key_b64: str
     key_id: str
     flower_public_key: str
+    witness_vkey: str | None = None
 
     def to_json(self) -> dict[str, str]:
-        return {"hospital_id": self.hospital_id, "public_key": self.public_key_b64,
-                "key_id": self.key_id, "flower_public_key": self.flower_public_key}
+        out = {"hospital_id": self.hospital_id, "public_key": self.public_key_b64,
+               "key_id": self.key_id, "flower_public_key": self.flower_public_key}
+        if self.witness_vkey is not None:
+            out["witness_vkey"] = self.witness_vkey
+        return out
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -77,7 +84,25 @@ def create_keys(signing_key_path: Path, flower_key_path: Path) -> None:
     create_flower_key(flower_key_path)
 
 
-def identity(hospital_id: str, signing_key_path: Path, flower_key_path: Path) -> NodeIdentity:
+def witness_name(hospital_id: str) -> str:
+    """The node's witness key name (a C2SP key name: no spaces, no '+')."""
+    return f"{hospital_id}.witness"
+
+
+def witness_signer(hospital_id: str, path: Path) -> CosignatureV1Signer:
+    """The node's witness key (a third Ed25519 key, used only to cosign checkpoints), created
+    0600 on first use: a witness key is separate so that a cosignature can never be mistaken
+    for a request or entry signature."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        Signer.generate().save(path)
+    return CosignatureV1Signer(witness_name(hospital_id), Signer.load(path))
+
+
+def identity(hospital_id: str, signing_key_path: Path, flower_key_path: Path,
+             witness_key_path: Path | None = None) -> NodeIdentity:
     signer = Signer.load(signing_key_path)
+    witness = None if witness_key_path is None else str(witness_signer(hospital_id, witness_key_path).vkey)
     return NodeIdentity(hospital_id=hospital_id, public_key_b64=signer.public_key_b64,
-                        key_id=signer.key_id, flower_public_key=load_flower_public_key(flower_key_path))
+                        key_id=signer.key_id, flower_public_key=load_flower_public_key(flower_key_path),
+                        witness_vkey=witness)

@@ -99,6 +99,21 @@ class TrainingSettings(BaseModel):
     test_fraction: float = Field(default=0.2, ge=0, lt=1)
 
 
+class WitnessSettings(BaseModel):
+    """The node as a witness of the coordinator's log (exchange/node/witnessing.py)."""
+
+    model_config = {"extra": "forbid"}
+
+    enabled: bool = True
+    key_file: Path = Path("keys/witness.key")
+    # The log's key as a C2SP vkey, pinned out of band; unset: pinned on first contact (the
+    # coordinator's /v1/audit/trust), and never changed afterwards.
+    log_vkey: str | None = None
+    wait_s: float = Field(default=10.0, ge=0, le=25)  # long poll for the next checkpoint
+    # An entry this node signed must be in a checkpoint cosigned this long after it was posted.
+    inclusion_grace_s: float = Field(default=30.0, gt=0)
+
+
 class NodeSettings(BaseSettings):
     """One hospital node (`exchange node ...`)."""
 
@@ -117,6 +132,7 @@ class NodeSettings(BaseSettings):
     health_host: str = "127.0.0.1"
     health_port: int = Field(default=8181, ge=0, le=65535)
     supernode: SuperNodeSettings = SuperNodeSettings()
+    witness: WitnessSettings = WitnessSettings()
     policy: SitePolicy = SitePolicy()
     training: TrainingSettings = TrainingSettings()
     logging: LoggingSettings = LoggingSettings()
@@ -149,6 +165,10 @@ class NodeSettings(BaseSettings):
     @property
     def signing_key_path(self) -> Path:
         return self.path(self.signing_key_file)
+
+    @property
+    def witness_key_path(self) -> Path:
+        return self.path(self.witness.key_file)
 
     @property
     def flower_key_path(self) -> Path:
@@ -230,6 +250,9 @@ def render_toml(settings: NodeSettings) -> str:
         "supernode": ["# Flower SuperNode the daemon supervises (SuperLink address from the operator)."],
         "logging": ["# JSON log lines on stderr."],
         "training": ["# Which column the model predicts; share of records held out for evaluation."],
+        "witness": ["# The node cosigns the coordinator's log checkpoints (C2SP tlog-witness) and",
+                    "# checks that every entry it signed is included. log_vkey pins the log key",
+                    "# (unset: pinned on first use)."],
     }
     for table, values in tables.items():
         lines.append("")

@@ -15,6 +15,7 @@ from exchange.node.patient_budget import patient_counts
 from exchange.node.privacy import site_ledger
 from exchange.node.settings import NodeSettings
 from exchange.node.store import NodeStore
+from exchange.node.witnessing import inclusion_status, witness_status
 
 
 def collect_status(store: NodeStore, settings: NodeSettings, errors: int = 5) -> dict[str, Any]:
@@ -49,6 +50,9 @@ def collect_status(store: NodeStore, settings: NodeSettings, errors: int = 5) ->
     return {
         "hospital_id": settings.hospital_id,
         "daemon": daemon,
+        # the log as this node witnesses it, and its own entries' inclusion (witnessing.py)
+        "witness": witness_status(settings),
+        "inclusion": inclusion_status(store),
         "registered": store.get_state("registered") is not None,
         "records": records,
         "contracts": contracts,

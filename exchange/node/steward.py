@@ -58,7 +58,8 @@ def init_node(directory: Path, hospital_id: str, coordinator_url: str, superlink
     config_path.write_text(render_toml(settings))
     loaded = load_node_settings(config_path)
     open_store(loaded.db_url).dispose()
-    identity = keys.identity(hospital_id, loaded.signing_key_path, loaded.flower_key_path)
+    identity = keys.identity(hospital_id, loaded.signing_key_path, loaded.flower_key_path,
+                             loaded.witness_key_path)
     return NewNode(settings=loaded, config_path=config_path, identity=identity)
 
 

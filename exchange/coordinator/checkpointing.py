@@ -1,0 +1,259 @@
+"""The coordinator checkpoints its log by itself and gathers the hospitals' cosignatures.
+
+Why: an export used to lag until someone asked for a checkpoint, and every checkpoint was
+signed by the operator alone, so a split view (one history to an auditor, another to a
+hospital) went unnoticed. Here a thread signs a checkpoint every N entries or T seconds
+(`CheckpointSchedule`, audit/collector.py); each hospital's witness (exchange/node/witnessing.py)
+pulls it with a consistency proof from the size it holds, checks it and cosigns it (C2SP
+tlog-witness add-checkpoint semantics), and posts the cosignature back; the coordinator checks
+it (`CheckpointCosigning`: a registered witness key, a valid cosignature/v1, not dated in the
+future) and serves the note with every cosignature it got.
+
+Which witnesses count: those registered in the log itself (`witness_vkey` in a hospital's
+`key.register`, audit/keyring.py), replayed incrementally from the log's key entries, so the
+trust policy the coordinator serves is exactly what an auditor can rebuild from the log. The
+quorum is the trust policy's default: a majority of the registered witnesses.
+
+What is served (`served_note`): the newest checkpoint that reached the quorum; until one has,
+the newest signed one with the cosignatures it has (an auditor's `audit verify` then says
+which are missing). With no witness registered the quorum is 0 and a fresh checkpoint of the
+whole log is signed on request, as before witnesses existed.
+
+Cosignatures are kept in memory for the last `KEEP` checkpoints: after a restart the latest
+stored checkpoint is offered again and the witnesses cosign it again on their next pull.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, select
+
+from audit.collector import CheckpointCosigning, CheckpointSchedule
+from audit.cosignature import CosignatureError
+from audit.keyring import KEY_KINDS, Keyring, KeyringError
+from audit.note import Vkey
+from audit.store import AuditLog, audit_entries, entry_from_leaf
+from audit.trust import Trust
+from audit.witness import AddCheckpointRequest
+from exchange.logging import get_logger
+
+log = get_logger("exchange.checkpointing")
+KEEP = 16  # checkpoints whose cosignatures are still accepted
+TICK_S = 0.1  # how often the thread looks at the log's size
+MAX_WAIT_S = 25.0  # longest long poll of a witness
+
+
+@dataclass(frozen=True)
+class WitnessOffer:
+    """What a witness is offered: the add-checkpoint request body, and whether it cosigned it."""
+
+    body: bytes
+    size: int
+    cosigned: bool
+
+
+class CosignatureRefusedError(ValueError):
+    """A posted cosignature is not accepted; `field` and `reason` say why (a 422)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class _Witnesses:
+    """The witness keys registered in the log, replayed incrementally from its key entries."""
+
+    def __init__(self, engine: Engine, operator_key: bytes) -> None:
+        self._engine = engine
+        self._keyring = Keyring(operator_key)
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def current(self) -> dict[str, Vkey]:
+        e = audit_entries.c
+        with self._lock, self._engine.connect() as connection:
+            rows = connection.execute(select(e.idx, e.leaf).where(
+                e.idx >= self._next, e.kind.in_(sorted(KEY_KINDS))).order_by(e.idx)).all()
+            for row in rows:
+                try:
+                    self._keyring.apply(entry_from_leaf(bytes(row.leaf)), int(row.idx))
+                except KeyringError:  # the store refused such entries; never stop checkpointing
+                    log.warning("keyring_replay_failed", index=int(row.idx))
+                self._next = int(row.idx) + 1
+            return self._keyring.witnesses()
+
+
+class Checkpointing:
+    """Signs checkpoints on a schedule, offers them to witnesses, collects cosignatures."""
+
+    def __init__(self, audit_log: AuditLog, trust: Trust, engine: Engine, *,
+                 every_entries: int = 0, every_seconds: float = 1.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._log = audit_log
+        self._trust = trust
+        self._witnesses = _Witnesses(engine, trust.operator_public_key)
+        self._schedule = CheckpointSchedule(every_entries=every_entries, every_seconds=every_seconds)
+        self._clock = clock
+        self._changed = threading.Condition()
+        self._pending: OrderedDict[int, CheckpointCosigning] = OrderedDict()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.on_quorum: Callable[[int], None] | None = None  # called with the size, once
+
+    # -- the policy ----------------------------------------------------------------------------
+    def trust(self) -> Trust:
+        """The trust policy now: the log's anchors and the witnesses registered in the log."""
+        return self._trust.with_witnesses(self._witnesses.current().values())
+
+    # -- signing -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="checkpointing", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(TICK_S):
+            try:
+                self.tick()
+            except Exception as exc:  # a failed tick is retried at the next one
+                log.warning("checkpoint_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def tick(self) -> bool:
+        """Sign a checkpoint if one is due; whether one was signed."""
+        size = self._log.size()
+        now = self._clock()
+        if not self._schedule.due(size, now):
+            return False
+        self._adopt(self._log.checkpoint())
+        self._schedule.mark(size, now)
+        return True
+
+    def _adopt(self, note: str) -> CheckpointCosigning:
+        cosigning = CheckpointCosigning(note, self.trust(), clock=self._clock)
+        with self._changed:
+            size = cosigning.checkpoint.size
+            held = self._pending.get(size)
+            if held is not None and held.checkpoint.root == cosigning.checkpoint.root:
+                return held
+            self._pending[size] = cosigning
+            self._pending.move_to_end(size)
+            while len(self._pending) > KEEP:
+                self._pending.popitem(last=False)
+            self._changed.notify_all()
+        return cosigning
+
+    def _newest(self) -> CheckpointCosigning:
+        with self._changed:
+            if self._pending:
+                return self._pending[max(self._pending)]
+        stored = self._log.latest_checkpoint()
+        return self._adopt(stored if stored is not None else self._log.checkpoint())
+
+    # -- serving ------------------------------------------------------------------------------
+    def served_note(self) -> str:
+        """The checkpoint to serve: the newest with a quorum of cosignatures (see module doc)."""
+        if not self.trust().witnesses:
+            return self._adopt(self._log.checkpoint()).note()
+        newest = self._newest()
+        with self._changed:
+            complete = [c for c in self._pending.values() if c.quorum_met]
+            if complete:
+                return max(complete, key=lambda c: c.checkpoint.size).note()
+        return newest.note()
+
+    def status(self) -> dict[str, object]:
+        """For /health and operators: newest signed size, newest cosigned size, quorum."""
+        newest = self._newest()
+        with self._changed:
+            complete = [c.checkpoint.size for c in self._pending.values() if c.quorum_met]
+        return {"signed_size": newest.checkpoint.size, "cosigned_size": max(complete, default=None),
+                "quorum": newest.required, "cosigned_by": sorted(newest.signed)}
+
+    # -- witnesses ----------------------------------------------------------------------------
+    def offer(self, old_size: int, witness: str | None, wait_s: float = 0.0) -> WitnessOffer:
+        """The newest checkpoint as an add-checkpoint request from `old_size` (the size the
+        witness holds), waiting up to `wait_s` for one newer than that size.
+
+        A witness that holds more than the log has (a rolled-back or forked log) is offered
+        the checkpoint with its own size as the old size: it refuses it as older than the one
+        it holds, which is what it is.
+        """
+        deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_WAIT_S)
+        newest = self._newest()
+        with self._changed:
+            while newest.checkpoint.size <= old_size and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+                newest = self._pending[max(self._pending)]
+        size = newest.checkpoint.size
+        note = newest.note().encode()
+        if 0 < old_size < size:
+            proof = tuple(self._log.consistency_proof(old_size, size))
+            request = AddCheckpointRequest(old_size, proof, note)
+        else:
+            request = AddCheckpointRequest(size if old_size > size else old_size, (), note)
+        return WitnessOffer(request.encode(), size, witness is not None and witness in newest.signed)
+
+    def add_cosignature(self, size: int, lines: str, witness: str | None) -> CheckpointCosigning:
+        """Add a witness's cosignature line(s) on the checkpoint of `size`.
+
+        `witness`: the witness name registered for the posting hospital; a line of another
+        witness is refused (a hospital speaks for its own witness only).
+        """
+        with self._changed:
+            cosigning = self._pending.get(size)
+        if cosigning is None:
+            raise CosignatureRefusedError("size", f"no recent checkpoint of size {size} (the "
+                                          f"coordinator keeps the last {KEEP})")
+        if witness is None:
+            raise CosignatureRefusedError("cosignature", "this hospital registered no witness key")
+        for line in lines.splitlines():
+            name = line.removeprefix("\u2014 ").split(" ", 1)[0]
+            if name != witness:
+                raise CosignatureRefusedError("cosignature", f"a line signed by {name[:100]!r}, "
+                                              f"not by this hospital's witness {witness!r}")
+        with self._changed:
+            had_quorum = cosigning.quorum_met
+            try:
+                cosigning.add_response(lines)
+            except CosignatureError as exc:
+                raise CosignatureRefusedError("cosignature", str(exc)) from exc
+            reached = cosigning.quorum_met and not had_quorum
+            self._changed.notify_all()
+        if reached:
+            log.info("checkpoint_cosigned", size=size, witnesses=sorted(cosigning.signed))
+            if self.on_quorum is not None:
+                self.on_quorum(size)
+        return cosigning
+
+    def wait_cosigned(self, size: int, timeout_s: float) -> bool:
+        """Wait until a checkpoint of at least `size` entries has its quorum (tests, demo)."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while True:
+                if any(c.quorum_met and c.checkpoint.size >= size for c in self._pending.values()):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+
+    def witness_of(self, hospital_id: str) -> str | None:
+        """The witness name the hospital registered in the log, if any."""
+        vkey = self._witnesses.current().get(f"hospital:{hospital_id}")
+        return None if vkey is None else vkey.name
