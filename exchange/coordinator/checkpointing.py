@@ -36,7 +36,7 @@ from sqlalchemy import Engine, select
 from audit.collector import CheckpointCosigning, CheckpointSchedule
 from audit.cosignature import CosignatureError
 from audit.keyring import KEY_KINDS, Keyring, KeyringError
-from audit.note import Vkey
+from audit.note import NoteError, Vkey, parse_signature_lines
 from audit.store import AuditLog, audit_entries, entry_from_leaf
 from audit.trust import Trust
 from audit.witness import AddCheckpointRequest
@@ -222,11 +222,15 @@ class Checkpointing:
                                           f"coordinator keeps the last {KEEP})")
         if witness is None:
             raise CosignatureRefusedError("cosignature", "this hospital registered no witness key")
-        for line in lines.splitlines():
-            name = line.removeprefix("\u2014 ").split(" ", 1)[0]
-            if name != witness:
-                raise CosignatureRefusedError("cosignature", f"a line signed by {name[:100]!r}, "
-                                              f"not by this hospital's witness {witness!r}")
+        try:
+            signatures = parse_signature_lines(lines)
+        except NoteError as exc:
+            raise CosignatureRefusedError("cosignature", f"malformed ({exc})") from exc
+        for signature in signatures:
+            if signature.name != witness:
+                raise CosignatureRefusedError("cosignature", f"a line signed by "
+                                              f"{signature.name[:100]!r}, not by this hospital's "
+                                              f"witness {witness!r}")
         with self._changed:
             had_quorum = cosigning.quorum_met
             try:
