@@ -82,7 +82,7 @@ def _summary(console: Console, report: dict[str, Any], out: Path, wall_s: float)
     console.print(f"Report: {out / 'report.html'} and {out / 'report.json'}")
 
 
-def demo(
+def demo(  # noqa: PLR0917 (Typer maps parameters to options)
     out: Annotated[Path, typer.Option(
         "--out", help="Output folder (report, audit export, work files).")] = Path("demo-out"),
     db: Annotated[str | None, typer.Option("--db", help="Coordinator database URL (default: SQLite in "
@@ -91,6 +91,9 @@ def demo(
     epsilon: Annotated[float, typer.Option("--epsilon", min=0.1, max=10.0,
                                            help="The study's privacy target (epsilon).")] = 3.0,
     live: Annotated[bool, typer.Option("--live/--no-live", help="Live progress display.")] = True,
+    witnesses: Annotated[bool, typer.Option(
+        "--witnesses/--no-witnesses",
+        help="Hospitals cosign the log's checkpoints; the export verifies with their quorum.")] = True,
 ) -> None:
     """Run a whole consortium on this machine: coordinator, SuperLink, three hospital nodes;
     one study from submission to payout; audit export verified; report in OUT."""
@@ -117,7 +120,8 @@ def demo(
     # Not a terminal (a log, CI): wide enough that the summary tables keep their columns.
     console = Console() if sys.stdout.isatty() else Console(width=140)
     progress = Progress()
-    consortium = Consortium(DemoConfig(out=out, db_url=db, rounds=rounds, epsilon=epsilon), progress)
+    consortium = Consortium(DemoConfig(out=out, db_url=db, rounds=rounds, epsilon=epsilon,
+                                           witnesses=witnesses), progress)
 
     def on_sigterm(_signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt

@@ -83,6 +83,9 @@ class DemoConfig:
     seed: int = 7
     #: seconds between node daemon steps (the node's default is 2 s)
     node_poll_s: float = 0.5
+    #: hospitals register witness keys and cosign the log's checkpoints (the export then
+    #: verifies with the witness quorum); False: the log key alone, as before witnesses
+    witnesses: bool = True
     timeout_s: float = 600.0
 
     @property
@@ -102,6 +105,7 @@ class Hospital:
     revoked_at: str | None = None
     revoke_imported_at: str | None = None
     consent_import_s: float = 1.0
+    witness_vkey: str | None = None  # registered in the log; cosigns checkpoints
 
     @property
     def config(self) -> Path:
@@ -283,6 +287,8 @@ class Consortium:
             self.wait_for_decisions()
         with self.phase("training"):
             self.follow_training()
+        with self.phase("cosigned checkpoint"):
+            self.wait_for_cosigned_checkpoint()
         with self.phase("audit"):
             audit = self.export_and_verify()
         with self.phase("report"):
@@ -383,7 +389,9 @@ class Consortium:
             self._write_node_config(h)
             coordinator.register_hospital(HospitalCreate(
                 id=hospital_id, organisation_id=HOSPITAL_ORG, name=f"Hospital {hospital_id[-1].upper()}",
-                signing_public_key=identity.public_key_b64, flower_public_key=identity.flower_public_key))
+                signing_public_key=identity.public_key_b64, flower_public_key=identity.flower_public_key,
+                witness_vkey=identity.witness_vkey if self.config.witnesses else None))
+            h.witness_vkey = identity.witness_vkey if self.config.witnesses else None
             self.progress.hospitals[hospital_id]["state"] = "registered"
         self.progress.event(f"{len(HOSPITALS)} hospital nodes initialised and registered by the operator")
 
@@ -442,7 +450,9 @@ class Consortium:
             "root_certificates": self.tls.ca_cert.resolve() if self.tls is not None else None,
             "clientappio_address": f"127.0.0.1:{free_port()}", "restart_backoff_initial_s": 0.5})
         training = settings.training.model_copy(update={"label_column": LABEL})
+        witness = settings.witness.model_copy(update={"enabled": self.config.witnesses})
         updated = settings.model_copy(update={"policy": policy, "supernode": supernode, "training": training,
+                                              "witness": witness,
                                               "health_port": h.health_port,
                                               "poll_interval_s": self.config.node_poll_s})
         h.config.write_text(render_toml(updated))
@@ -671,27 +681,44 @@ class Consortium:
         self.progress.event(f"{h.id}: {len(chosen)} patients revoked consent mid-study{late}")
 
     # -- audit --------------------------------------------------------------------------------
-    def export_and_verify(self) -> dict[str, Any]:
-        """A signed checkpoint (the API), then `audit export` and `audit verify` as an auditor
-        runs them: the export in DIR/audit/, checked against the pinned trust file."""
-        from audit.export import Trust
+    def wait_for_cosigned_checkpoint(self) -> None:
+        """Wait until a checkpoint of the whole log (the completed study included) has the
+        witnesses' quorum of cosignatures: the coordinator signs one within seconds by itself
+        and the hospitals' witnesses cosign it as soon as they see it."""
+        checkpointing = self.runtime.checkpointing
+        size = self.runtime.audit_log.size()
+        if not checkpointing.wait_cosigned(size, 60):
+            raise DemoError(f"no checkpoint of {size} entries reached the witness quorum in 60 s: "
+                            f"{checkpointing.status()}")
+        status = checkpointing.status()
+        who = ", ".join(status["cosigned_by"]) or "no witness (quorum 0)"
+        self.progress.event(f"checkpoint of {status['cosigned_size']} entries cosigned by {who}")
 
-        with self.operator() as api:
-            checkpoint = api.get("/v1/audit/checkpoint")
+    def export_and_verify(self) -> dict[str, Any]:
+        """`audit fetch` from the coordinator (entries paged, the cosigned checkpoint, trust)
+        and `audit verify`, as an auditor runs them: the export in DIR/audit/, checked against
+        the pinned trust file (the log's keys and the hospitals' witness keys, majority quorum)."""
+        from audit.cosignature import parse_witness_vkey
+        from audit.export import Trust
+        from exchange.coordinator.schemas import ApiKeyCreate
+
         keys = self.config.work / "coordinator-keys"
         trust = Trust(origin=self.runtime.config.log_origin,
                       operator_public_key=Signer.load(keys / "operator.key").public_key,
                       log_public_key=Signer.load(keys / "log.key").public_key)
+        trust = trust.with_witnesses(parse_witness_vkey(h.witness_vkey)
+                                     for h in self.hospitals.values() if h.witness_vkey)
         trust_path = self.config.out / "trust.json"
         trust_path.write_text(json.dumps(trust.to_json(), indent=2) + "\n")
+        auditor_key = self.runtime.coordinator.issue_api_key(ApiKeyCreate(role="auditor"))[1]
         audit_dir = self.config.out / "audit"
-        env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+        env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "EXCHANGE_API_KEY": auditor_key}
         cli = [sys.executable, "-m", "audit.cli"]
-        export = subprocess.run([*cli, "export", "--db", self.db_url, "--out", str(audit_dir), "--trust",
-                                 str(trust_path), "--force"], capture_output=True, text=True, env=env,
-                                timeout=300, check=False)
-        if export.returncode != 0:
-            raise DemoError(f"audit export exited {export.returncode}: {export.stderr or export.stdout}")
+        fetch = subprocess.run([*cli, "fetch", "--url", self.url, "--out", str(audit_dir), "--trust",
+                                str(trust_path), "--force"], capture_output=True, text=True, env=env,
+                               timeout=300, check=False)
+        if fetch.returncode != 0:
+            raise DemoError(f"audit fetch exited {fetch.returncode}: {fetch.stderr or fetch.stdout}")
         verify = subprocess.run([*cli, "verify", str(audit_dir), "--trust", str(trust_path), "--json"],
                                 capture_output=True, text=True, env=env, timeout=300, check=False)
         try:
@@ -700,11 +727,16 @@ class Consortium:
             result = {"ok": False, "problem": {"reason": verify.stdout + verify.stderr}}
         if verify.returncode != 0 or not result.get("ok"):
             raise DemoError(f"audit verify failed (exit {verify.returncode}): {result.get('problem')}")
-        self.progress.event(f"audit log: {result['entries']} entries exported and verified")
+        witnesses = result.get("witnesses") or {}
+        self.progress.event(f"audit log: {result['entries']} entries fetched and verified; "
+                            f"{len(witnesses.get('signed', {}) or {})} witness cosignatures "
+                            f"(quorum {witnesses.get('quorum', 0)})")
         return {"entries": result["entries"], "verified": True, "root": result["root"],
-                "checkpoint_size": checkpoint["size"], "kinds": result.get("kinds", {}),
+                "checkpoint_size": result["entries"], "kinds": result.get("kinds", {}),
                 "ledger": result.get("ledger"), "export": str(audit_dir), "trust": str(trust_path),
-                "commands": [f"audit verify {audit_dir} --trust {trust_path}"]}
+                "witnesses": witnesses,
+                "commands": [f"audit fetch --url {self.url} --out {audit_dir} --trust {trust_path}",
+                             f"audit verify {audit_dir} --trust {trust_path}"]}
 
     # -- shutdown -----------------------------------------------------------------------------
     def stop(self) -> None:

@@ -32,6 +32,8 @@ class Case:
     prepare: Callable[[World], tuple[str, dict[str, Any]]]  # -> (path, request kwargs)
     allowed: frozenset[str]
     hidden_from: frozenset[str] = frozenset()  # callers that get 404 (not even told it exists)
+    # an allowed caller's answer when authorization passes but the content is refused
+    allowed_status: int | None = None
 
 
 def _fresh(prefix: str) -> str:
@@ -124,6 +126,11 @@ CASES = [
     Case("hospital decision", "POST", _decision, frozenset({"h-one"})),
     Case("hospital entries", "POST", _receipt, frozenset({"h-one"})),
     Case("hospital reward claim", "POST", _claim, frozenset({"h-one"})),
+    Case("witness checkpoint", "GET", _path("/v1/hospital/witness/checkpoint"), frozenset({"h-one"})),
+    # h-one registered no witness key: authorized, then refused for that (422)
+    Case("witness cosignature", "POST",
+         _json("/v1/hospital/witness/cosignature", lambda w: {"size": 1, "cosignature": "x"}),
+         frozenset({"h-one"}), allowed_status=422),
     Case("audit entries", "GET", _path("/v1/audit/entries"), ALL),
     Case("audit checkpoint", "GET", _path("/v1/audit/checkpoint"), ALL),
     Case("inclusion proof", "GET",
@@ -205,7 +212,7 @@ def test_matrix(matrix_world: MatrixWorld, case: Case, caller: str) -> None:
     elif caller in case.hidden_from:
         expected = 404
     elif caller in case.allowed:
-        expected = None
+        expected = case.allowed_status
     else:
         expected = 403
     if expected is None:

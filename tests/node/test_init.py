@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from audit.cosignature import witness_vkey
 from audit.signing import Signer
 from exchange.cli import app
 from exchange.node.settings import load_node_settings
@@ -21,7 +22,7 @@ def test_init_creates_private_keys_and_a_loadable_config(node_dir: Path, runner:
     settings = load_node_settings(node_dir / "node.toml")
     assert settings.hospital_id == "hospital-a"
     assert settings.data_dir == node_dir.resolve()
-    for key in (settings.signing_key_path, settings.flower_key_path):
+    for key in (settings.signing_key_path, settings.flower_key_path, settings.witness_key_path):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
     assert stat.S_IMODE(node_dir.stat().st_mode) == 0o700
     signer = Signer.load(settings.signing_key_path)
@@ -32,8 +33,10 @@ def test_init_creates_private_keys_and_a_loadable_config(node_dir: Path, runner:
     result = runner.invoke(app, ["node", "show-registration", "--config", str(node_dir / "node.toml")])
     assert result.exit_code == 0, result.output
     registration = json.loads(result.output)
+    witness = Signer.load(settings.witness_key_path)
     assert registration == {"hospital_id": "hospital-a", "public_key": signer.public_key_b64,
-                            "key_id": signer.key_id, "flower_public_key": public.strip()}
+                            "key_id": signer.key_id, "flower_public_key": public.strip(),
+                            "witness_vkey": str(witness_vkey("hospital-a.witness", witness.public_key))}
 
 
 def test_init_refuses_to_overwrite(node_dir: Path, runner: CliRunner) -> None:
