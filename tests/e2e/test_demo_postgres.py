@@ -67,6 +67,8 @@ def test_demo_on_postgres(postgres_url: str, tmp_path: Path) -> None:
     check_demo_completes_on_postgres_and_stops_everything(run)
     check_payout_conserves_tokens_and_matches_the_signed_receipts(run)
     check_export_verifies_with_the_audit_cli(run)
+    check_the_export_is_cosigned_by_a_quorum_of_hospital_witnesses(run)
+    check_each_hospital_witnessed_the_log_and_proved_its_entries_included(run)
     check_report_shape_and_values_come_from_the_records(run)
     check_revoked_records_are_not_used_after_their_revocation(run)
 
@@ -119,6 +121,50 @@ def check_payout_conserves_tokens_and_matches_the_signed_receipts(demo_run: dict
         assert hospital["tokens_paid"] == (part["amount"] if part else 0)
         assert hospital["tokens_kept"] == credits.get(f"hospital:{hospital['id']}", 0)
         assert folded["balances"].get(f"hospital:{hospital['id']}", 0) == hospital["tokens_kept"]
+
+
+def check_the_export_is_cosigned_by_a_quorum_of_hospital_witnesses(demo_run: dict[str, Any]) -> None:
+    """The export holds the coordinator's cosigned checkpoint; `audit verify` enforces the
+    trust policy's quorum (a majority of the 3 hospitals' witnesses), and the same export with
+    the cosignatures stripped is refused (exit 1), naming the witnesses that did not sign."""
+    out: Path = demo_run["out"]
+    trust = json.loads((out / "trust.json").read_text())
+    assert len(trust["witnesses"]) == 3
+    verified = json.loads(subprocess.run(
+        [sys.executable, "-m", "audit.cli", "verify", str(out / "audit"), "--trust", str(out / "trust.json"),
+         "--json"], capture_output=True, text=True, timeout=300, check=True).stdout)
+    assert verified["witnesses"]["quorum"] == 2
+    assert len(verified["witnesses"]["signed"]) >= 2
+    stripped = out / "audit-uncosigned"
+    stripped.mkdir()
+    for name in ("entries.jsonl", "trust.json"):
+        (stripped / name).write_bytes((out / "audit" / name).read_bytes())
+    note = (out / "audit" / "checkpoint").read_text()
+    (stripped / "checkpoint").write_text("".join(line for line in note.splitlines(keepends=True)
+                                                 if ".witness " not in line))
+    refused = subprocess.run([sys.executable, "-m", "audit.cli", "verify", str(stripped), "--trust",
+                              str(out / "trust.json")], capture_output=True, text=True, timeout=300,
+                             check=False)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "below the quorum of 2" in refused.stdout + refused.stderr
+
+
+def check_each_hospital_witnessed_the_log_and_proved_its_entries_included(demo_run: dict[str, Any]) -> None:
+    """`node status` of each hospital: its witness holds a cosigned checkpoint, no alarm, and
+    every decision and receipt it signed is proven included in it."""
+    out: Path = demo_run["out"]
+    report = json.loads((out / "report.json").read_text())
+    for hospital in report["hospitals"]:
+        config = out / "work" / hospital["id"] / "node.toml"
+        status = json.loads(subprocess.run(
+            [sys.executable, "-m", "exchange.cli", "node", "status", "--config", str(config), "--json"],
+            capture_output=True, text=True, timeout=120, check=True).stdout)
+        assert status["witness"]["state"] == "ok" and not status["witness"]["alarm"], status["witness"]
+        if f"{hospital['id']}.witness" in report["audit"]["witnesses"]["signed"]:
+            assert status["witness"]["cosigned_size"] >= report["audit"]["entries"]
+        inclusion = status["inclusion"]
+        assert inclusion["alarm"] is False and inclusion["missing"] == [], inclusion
+        assert inclusion["entries_proven"] >= 1  # its decision, and a receipt per round it trained
 
 
 def check_export_verifies_with_the_audit_cli(demo_run: dict[str, Any]) -> None:
