@@ -291,3 +291,48 @@ def test_each_hospital_proves_its_own_entries_included_and_alarms_on_a_missing_o
     finally:
         store.dispose()
 
+
+
+def test_the_daemon_reports_the_witness_and_its_alarm_on_health(
+        served: Served, hospitals: dict[str, Signer], tmp_path: Path) -> None:
+    from exchange.node.daemon import NodeDaemon
+
+    settings = node_settings(tmp_path, "w-three", served.url)
+    settings = settings.model_copy(update={"health_port": 0})
+    store = open_store(settings.db_url)
+    client = HospitalClient(served.url, hospitals["w-three"], "w-three")
+    try:
+        daemon = NodeDaemon(settings, store, link=None, signer=hospitals["w-three"], witness_link=client)
+        assert daemon.witnessing is not None
+        daemon.witnessing.once(wait_s=5)
+        server = daemon.serve_health()
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}/health"
+            health = httpx.get(url).json()
+            assert health["witness"]["state"] == "ok" and health["witness"]["cosigned_size"] >= 1
+            assert health["inclusion"]["alarm"] is False
+            assert health.get("status") != "alarm"
+
+            # the coordinator offers a checkpoint whose proof does not verify: refused, alarm
+            served.submit()
+            time.sleep(0.5)
+
+            def flip(body: bytes) -> bytes:
+                request = AddCheckpointRequest.parse(body)
+                if not request.proof:
+                    return body
+                proof = (bytes([request.proof[0][0] ^ 1]) + request.proof[0][1:], *request.proof[1:])
+                return AddCheckpointRequest(request.old_size, proof, request.checkpoint).encode()
+
+            daemon.witnessing.witness.link = _Tampering(client, flip)
+            daemon.witnessing.once(wait_s=5)
+            health = httpx.get(url).json()
+            assert health["status"] == "alarm" and health["witness"]["alarm"] is True
+            assert "not proven to extend" in health["witness"]["alarms"][0]["reason"]
+            assert "refused" in collect_status(store, settings)["errors"][0]["message"]
+        finally:
+            server.shutdown()
+            server.server_close()
+    finally:
+        client.close()
+        store.dispose()
