@@ -116,6 +116,7 @@ def main() -> None:
         start = time.perf_counter()
         write_generated_log(folder, entries, seed=1, witnesses=3)
         generated = time.perf_counter() - start
+        print(f"  (generated {entries:,} entries in {generated:.1f} s)", flush=True)
         size_mb = (folder / "entries.jsonl").stat().st_size / 1e6
         checks = _baseline_checks(folder)
         gc.collect()
@@ -134,6 +135,8 @@ def main() -> None:
         for _ in range(args.repeat):
             for name, run in runs.items():
                 result = run()
+                # each run as it ends (a 1M-entry run takes long on a loaded machine)
+                print(f"  ({name}: {json.dumps(result)})", flush=True)
                 if name not in best:
                     best[name] = result
                 else:
