@@ -188,13 +188,15 @@ class Checkpointing:
         witness holds), waiting up to `wait_s` for one newer than that size.
 
         A witness that holds more than the log has (a rolled-back or forked log) is offered
-        the checkpoint with its own size as the old size: it refuses it as older than the one
-        it holds, which is what it is.
+        the checkpoint with its own size as the old size, at once: it refuses it as older than
+        the one it holds, which is what it is.
         """
         deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_WAIT_S)
         newest = self._newest()
         with self._changed:
-            while newest.checkpoint.size <= old_size and not self._stop.is_set():
+            # only a witness level with the log waits; one ahead of it (a rolled-back log) is
+            # answered at once
+            while newest.checkpoint.size == old_size and not self._stop.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
