@@ -86,6 +86,8 @@ def test_the_coordinator_key_defaults_to_the_data_dir(tmp_path: Path,
     ('[royalties.lr]\naccount = "no-colon"\nbps = 1', "royalties.lr.account"),
     ('[royalties.lr]\naccount = "org:a"\nbps = -1', "royalties.lr.bps"),
     ('[royalties.lr]\naccount = "org:a"\nbps = 1\nshare = 2', "royalties.lr.share"),
+    ("checkpoint_every_s = 6", "checkpoint_every_s"),  # at most 5 s between checkpoints
+    ("checkpoint_every_entries = -1", "checkpoint_every_entries"),
 ])
 def test_bad_values_name_the_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str,
                                    field: str) -> None:
