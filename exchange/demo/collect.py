@@ -87,6 +87,33 @@ def node_decision_of(db_url: str, study_id: str) -> dict[str, Any] | None:
         engine.dispose()
 
 
+def witness_checks(demo: Any, audit: dict[str, Any]) -> list[dict[str, Any]]:
+    """The export's checkpoint has the witnesses' quorum (as `audit verify` counted it), and
+    each hospital's node proved every entry it signed included, with no alarm."""
+    from exchange.node.store import open_store
+    from exchange.node.witnessing import inclusion_status, witness_status
+
+    witnesses = audit.get("witnesses") or {}
+    signed = sorted(witnesses.get("signed") or {})
+    checks = [{"check": "the exported checkpoint is cosigned by a quorum of hospital witnesses",
+               "ok": len(signed) >= int(witnesses.get("quorum", 0)) > 0,
+               "detail": f"{', '.join(signed)} (quorum {witnesses.get('quorum')})"}]
+    for h in demo.hospitals.values():
+        settings = demo._settings(h)
+        store = open_store(settings.db_url, upgrade=False)
+        try:
+            inclusion = inclusion_status(store)
+        finally:
+            store.dispose()
+        witness = witness_status(settings)
+        checks.append({"check": f"{h.id}: its signed entries are proven included, no witness alarm",
+                       "ok": not inclusion["alarm"] and not witness["alarm"]
+                       and inclusion["entries_proven"] > 0,
+                       "detail": f"{inclusion['entries_proven']} entries proven up to checkpoint size "
+                                 f"{inclusion['proven_size']}"})
+    return checks
+
+
 def collect_report(demo: Any, audit: dict[str, Any]) -> dict[str, Any]:
     """Build report.json / report.html for the finished demo `demo` (a Consortium)."""
     from exchange.node.site_export import node_config
@@ -120,6 +147,8 @@ def collect_report(demo: Any, audit: dict[str, Any]) -> dict[str, Any]:
             "ok": {k: v for k, v in verifier_ledger.items() if k != "claim_pools"}
             == {k: balances[k] for k in ("minted", "escrow", "unclaimed", "balances")},
             "detail": ""})
+    if demo.config.witnesses:
+        report["checks"].extend(witness_checks(demo, audit))
     report["revoked_records_excluded_after_import"] = _revocations_effective(demo, entries, study_id, request)
     write_report(report, demo.config.out)
     return report
