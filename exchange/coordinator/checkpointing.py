@@ -104,7 +104,8 @@ class Checkpointing:
         self._pending: OrderedDict[int, CheckpointCosigning] = OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.on_quorum: Callable[[int], None] | None = None  # called with the size, once
+        # the newest checkpoint that reached the quorum, kept even once out of `_pending`
+        self._complete: CheckpointCosigning | None = None
 
     # -- the policy ----------------------------------------------------------------------------
     def trust(self) -> Trust:
@@ -150,6 +151,9 @@ class Checkpointing:
                 return held
             self._pending[size] = cosigning
             self._pending.move_to_end(size)
+            if cosigning.quorum_met and (self._complete is None  # quorum 0: no witness
+                                         or self._complete.checkpoint.size <= size):
+                self._complete = cosigning
             while len(self._pending) > KEEP:
                 self._pending.popitem(last=False)
             self._changed.notify_all()
@@ -169,17 +173,17 @@ class Checkpointing:
             return self._adopt(self._log.checkpoint()).note()
         newest = self._newest()
         with self._changed:
-            complete = [c for c in self._pending.values() if c.quorum_met]
-            if complete:
-                return max(complete, key=lambda c: c.checkpoint.size).note()
+            if self._complete is not None:
+                return self._complete.note()
         return newest.note()
 
     def status(self) -> dict[str, object]:
         """For /health and operators: newest signed size, newest cosigned size, quorum."""
         newest = self._newest()
         with self._changed:
-            complete = [c.checkpoint.size for c in self._pending.values() if c.quorum_met]
-        return {"signed_size": newest.checkpoint.size, "cosigned_size": max(complete, default=None),
+            complete = self._complete
+        return {"signed_size": newest.checkpoint.size,
+                "cosigned_size": None if complete is None else complete.checkpoint.size,
                 "quorum": newest.required, "cosigned_by": sorted(newest.signed)}
 
     # -- witnesses ----------------------------------------------------------------------------
@@ -240,11 +244,12 @@ class Checkpointing:
             except CosignatureError as exc:
                 raise CosignatureRefusedError("cosignature", str(exc)) from exc
             reached = cosigning.quorum_met and not had_quorum
+            if cosigning.quorum_met and (self._complete is None
+                                         or self._complete.checkpoint.size <= size):
+                self._complete = cosigning
             self._changed.notify_all()
         if reached:
             log.info("checkpoint_cosigned", size=size, witnesses=sorted(cosigning.signed))
-            if self.on_quorum is not None:
-                self.on_quorum(size)
         return cosigning
 
     def wait_cosigned(self, size: int, timeout_s: float) -> bool:
@@ -252,7 +257,7 @@ class Checkpointing:
         deadline = time.monotonic() + timeout_s
         with self._changed:
             while True:
-                if any(c.quorum_met and c.checkpoint.size >= size for c in self._pending.values()):
+                if self._complete is not None and self._complete.checkpoint.size >= size:
                     return True
                 left = deadline - time.monotonic()
                 if left <= 0:
