@@ -42,8 +42,9 @@ def hospitals() -> dict[str, Signer]:
 
 
 @pytest.fixture
-def served(tmp_path: Path, hospitals: dict[str, Signer]) -> Iterator[Served]:
-    config = app_config(f"sqlite:///{tmp_path / 'coordinator.db'}", tmp_path / "keys")
+def served(db_url: str, tmp_path: Path, hospitals: dict[str, Signer]) -> Iterator[Served]:
+    """SQLite and PostgreSQL (the checkpoint thread writes next to the coordinator's writers)."""
+    config = app_config(db_url, tmp_path / "keys")
     running = serve(config, hospitals)
     witness_keys = {name: tmp_path / name / "keys" / "witness.key" for name in hospitals}
     try:
