@@ -17,6 +17,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from audit.cosignature import witness_vkey
 from audit.signing import Signer
 from exchange.cli import app
 from exchange.coordinator.client import HospitalClient
@@ -57,8 +58,10 @@ def test_admin_serve_and_study_commands(tmp_path: Path) -> None:
     hospital = Signer.generate()
     flower_key = tmp_path / "node.pub"
     flower_key.write_text(make_flower_key() + "\n")
+    witness = witness_vkey("h-one.witness", Signer.generate().public_key)
     admin(tmp_path, db, "register-hospital", "h-one", "--org", "clinics", "--name", "H1",
-          "--signing-key", hospital.public_key_b64, "--flower-key-file", str(flower_key))
+          "--signing-key", hospital.public_key_b64, "--flower-key-file", str(flower_key),
+          "--witness-vkey", str(witness))
     assert "minted 5000 into org:acme" in admin(tmp_path, db, "mint", "org:acme", "5000")
     balances = json.loads(admin(tmp_path, db, "balances"))
     assert balances["balances"]["org:acme"] == 5000
@@ -85,6 +88,8 @@ def test_admin_serve_and_study_commands(tmp_path: Path) -> None:
             assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.2)
+        trust = httpx.get(f"{url}/v1/audit/trust", headers={"Authorization": f"Bearer {key}"}).json()
+        assert trust["witnesses"] == [str(witness)]  # registered in the log with the hospital
         docs = httpx.get(f"{url}/schema/docs")
         assert docs.status_code == 200 and "https://" not in docs.text
         assert httpx.get(f"{url}/static/swagger/swagger-ui-bundle.js").status_code == 200
