@@ -206,6 +206,18 @@ def status(config: ConfigOption = None,
     _print_status(report)
 
 
+@app.command("witness-evidence")
+def witness_evidence_command(
+    config: ConfigOption = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Forget the alarms after printing them.")] = False,
+) -> None:
+    """Print the witness's alarms with their evidence (JSON: both signed checkpoints and the
+    proof), e.g. to send to the other hospitals and the auditors; `--clear` once investigated."""
+    from exchange.node.witnessing import witness_evidence
+
+    typer.echo(json.dumps(witness_evidence(_settings(config), clear=clear), indent=2))
+
+
 def _reasons(study: dict[str, Any]) -> list[str]:
     """The decision's reasons, and the coordinator's reason when it refused the decision."""
     reasons = list(study["reasons"])

@@ -171,6 +171,19 @@ def witness_status(settings: NodeSettings, last: WitnessStep | None = None) -> d
     return out
 
 
+def witness_evidence(settings: NodeSettings, *, clear: bool = False) -> list[dict[str, Any]]:
+    """The alarms with their full evidence (both signed checkpoints, the proof), to hand to
+    the other hospitals and auditors; `clear` forgets them afterwards (an operator's call)."""
+    store = FileWitnessStore(settings.data_dir / STATE_FILE)
+    with store.locked():
+        state = store.load()
+        evidence = [alarm.to_json() for alarm in state.alarms]
+        if clear and state.alarms:
+            state.alarms = []
+            store.save(state)
+    return evidence
+
+
 # -- monitoring this node's own entries --------------------------------------------------------
 
 @dataclass

@@ -122,3 +122,45 @@ def test_a_forked_log_is_refused_reported_and_never_reaches_quorum_on_both_sides
     finally:
         for client in clients.values():
             client.close()
+
+
+def test_the_evidence_is_printed_and_cleared_by_the_operator(tmp_path: Path) -> None:
+    """`exchange node witness-evidence` prints both signed checkpoints; `--clear` forgets them."""
+    import json
+
+    from audit.checkpoint import Checkpoint, sign_checkpoint
+    from audit.merkle import leaf_hash
+    from exchange.cli import app as exchange_cli
+
+    log_key = Signer.generate()
+    settings = node_settings(tmp_path, "w-one", "http://127.0.0.1:9")
+    (settings.data_dir / "node.toml").write_text(
+        'hospital_id = "w-one"\ndata_dir = "."\ncoordinator_url = "http://127.0.0.1:9"\n')
+    origin = "split.example/log"
+    (settings.data_dir / "witness-log.json").write_text(json.dumps(
+        {"origin": origin, "log_key": str(Trust(origin, log_key.public_key, log_key.public_key).log_vkey)}))
+
+    class Link:
+        def __init__(self, note: str) -> None:
+            self.note = note
+
+        def witness_checkpoint(self, old_size: int, wait_s: float = 0.0) -> tuple[bytes, bool]:
+            from audit.witness import AddCheckpointRequest
+            return AddCheckpointRequest(old_size, (), self.note.encode()).encode(), False
+
+        def post_cosignature(self, size: int, lines: str) -> dict[str, object]:
+            return {}
+
+    one = sign_checkpoint(Checkpoint(origin, 1, leaf_hash(b"a")), log_key)
+    other = sign_checkpoint(Checkpoint(origin, 1, leaf_hash(b"b")), log_key)
+    assert NodeWitness(settings, Link(one)).step().outcome == "cosigned"  # type: ignore[arg-type]
+    assert NodeWitness(settings, Link(other)).step().outcome == "refused"  # type: ignore[arg-type]
+    runner = CliRunner()
+    config = str(settings.data_dir / "node.toml")
+    shown = runner.invoke(exchange_cli, ["node", "witness-evidence", "--config", config])
+    assert shown.exit_code == 0, shown.output
+    (alarm,) = json.loads(shown.stdout)
+    assert alarm["proven"] is True and other.split("\n\n")[0] in alarm["offered"]
+    cleared = runner.invoke(exchange_cli, ["node", "witness-evidence", "--config", config, "--clear"])
+    assert cleared.exit_code == 0 and len(json.loads(cleared.stdout)) == 1
+    assert not witness_status(settings)["alarm"]
