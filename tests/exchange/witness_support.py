@@ -20,7 +20,6 @@ import uvicorn
 from audit.signing import Signer
 from exchange.coordinator.app import AppConfig, Runtime, build_runtime, create_app
 from exchange.coordinator.client import ApiClient, HospitalClient
-from exchange.coordinator.runner import ScriptedRunner
 from exchange.coordinator.schemas import (
     ApiKeyCreate,
     HospitalCreate,
@@ -31,6 +30,7 @@ from exchange.node.keys import witness_signer
 from exchange.node.settings import NodeSettings
 from exchange.node.witnessing import NodeWitness
 from tests.exchange.conftest import flower_key, study_body
+from tests.exchange.scripted_runner import ScriptedRunner
 
 HOSPITALS = ("w-one", "w-two", "w-three")
 
