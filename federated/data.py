@@ -143,7 +143,7 @@ class HospitalData:
 
     dataset: str
     hospital_id: str
-    task: Literal["binary", "regression"]
+    task: Literal["binary", "regression", "multiclass", "survival"]
     pseudonyms: tuple[str, ...]
     x: np.ndarray
     y: np.ndarray

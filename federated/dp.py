@@ -51,7 +51,9 @@ import torch
 from torch import nn
 
 from federated.accounting import AccountantName, epsilon_spent
+from federated.clinical_data import SurvivalSet
 from federated.secure_random import SecureRandom
+from federated.survival import Subcohort
 from federated.templates import Template, get_template
 from federated.weights import pack, unpack
 
@@ -95,10 +97,11 @@ class RoundResult:
         return self.status == "trained"
 
 
-def initial_state(template: Template | str, n_features: int, seed: int = 0) -> np.ndarray:
+def initial_state(template: Template | str, n_features: int, seed: int = 0,
+                  n_classes: int | None = None) -> np.ndarray:
     """The flat starting weights of a study (the server sends these in round 1)."""
     tpl = get_template(template) if isinstance(template, str) else template
-    return pack(tpl.build(n_features, seed))
+    return pack(tpl.build(n_features, seed, n_classes))
 
 
 #: Public pre-training (`public_initial_state`): steps, batch, learning rate, momentum.
@@ -106,7 +109,7 @@ PRETRAIN = {"steps": 300, "batch_size": 16, "lr": 0.1, "momentum": 0.9}
 
 
 def public_initial_state(template: Template | str, columns: Sequence[str], task: str,
-                         seed: int = 0) -> np.ndarray:
+                         seed: int = 0, n_classes: int | None = None) -> np.ndarray:
     """A study's initial global model: `initial_state`, then trained without noise on the
     PUBLIC reference sample's pre-training half when the study's columns have one
     (`federated.data.public_reference`). Public data costs no privacy, and starting DP-SGD from
@@ -115,6 +118,16 @@ def public_initial_state(template: Template | str, columns: Sequence[str], task:
     from federated.data import public_reference
 
     tpl = get_template(template) if isinstance(template, str) else template
+    if tpl.task == "survival":
+        from federated.clinical_data import public_survival_reference
+
+        state = initial_state(tpl, len(columns), seed)
+        sub = public_survival_reference(columns, "pretrain")
+        if sub is None:
+            return state
+        return fit_cox_nonprivate(state, sub.x, sub.time, sub.event)
+    if tpl.task == "multiclass":  # no public multi-class reference ships: start from zero
+        return initial_state(tpl, len(columns), seed, n_classes)
     state = initial_state(tpl, len(columns), seed)
     public = public_reference(columns, task, "pretrain")
     if public is None:
@@ -178,7 +191,22 @@ class PatientIndex:
 
 
 def _as_arrays(template: Template, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked tensors. Survival: `y` is [records, 2] (time, event), returned float64 (times must
+    order exactly); multi-class: `y` holds class indices."""
     xa = np.asarray(x, dtype=np.float32)
+    if template.task == "survival":
+        ys = np.asarray(y, dtype=np.float64)
+        if ys.ndim != 2 or ys.shape[1] != 2:
+            raise DPTrainingError(f"y: a survival template needs [records, 2] (time, event), got {ys.shape}")
+        from federated.survival import SurvivalError, check_outcome
+
+        try:
+            check_outcome(ys[:, 0], ys[:, 1])
+        except SurvivalError as exc:
+            raise DPTrainingError(f"y: {exc}") from None
+        if xa.ndim != 2 or xa.shape[0] != ys.shape[0] or not np.all(np.isfinite(xa)):
+            raise DPTrainingError(f"x: must be finite, [records, features] for {ys.shape[0]} records")
+        return torch.from_numpy(np.ascontiguousarray(xa)), torch.from_numpy(np.ascontiguousarray(ys))
     ya = np.asarray(y, dtype=np.float32).reshape(-1)
     if xa.ndim != 2:
         raise DPTrainingError(f"x: must be 2-D (records x features), got shape {xa.shape}")
@@ -190,6 +218,8 @@ def _as_arrays(template: Template, x: np.ndarray, y: np.ndarray) -> tuple[torch.
         raise DPTrainingError("x, y: hold NaN or infinite values")
     if template.task == "binary" and not np.all((ya == 0) | (ya == 1)):
         raise DPTrainingError("y: a binary template needs targets 0 or 1")
+    if template.task == "multiclass" and not np.all((ya >= 0) & (ya == np.floor(ya))):
+        raise DPTrainingError("y: a multi-class template needs class indices 0, 1, 2, ...")
     return torch.from_numpy(np.ascontiguousarray(xa)), torch.from_numpy(np.ascontiguousarray(ya))
 
 
@@ -267,7 +297,9 @@ def _backprop_manual(model: nn.Sequential, template: Template, xb: torch.Tensor,
         else:
             h = m(z)
         trace.append((m, z, h))
-    g = template.output_grad(h, yb)[:, None]
+    g = template.output_grad(h, yb)
+    if g.ndim == 1:
+        g = g[:, None]
     grads_out: list[torch.Tensor] = []
     for i in range(len(trace) - 1, -1, -1):
         m, z, h = trace[i]
@@ -309,7 +341,8 @@ def train_round(template: Template | str, state: np.ndarray, x: np.ndarray, y: n
                 lr: float, delta: float, prior_steps: int = 0, momentum: float = 0.0,
                 seed: int | None = None, engine: Engine = "fast",
                 accountant: AccountantName = "prv",
-                patients: Sequence[str] | np.ndarray | None = None) -> RoundResult:
+                patients: Sequence[str] | np.ndarray | None = None, n_classes: int | None = None,
+                subcohort: SurvivalSet | None = None) -> RoundResult:
     """One round of DP-SGD at one hospital, from the global `state` on records (x, y).
 
     `patients[i]` names the patient of record i (None: every record is its own patient); the
@@ -318,16 +351,22 @@ def train_round(template: Template | str, state: np.ndarray, x: np.ndarray, y: n
     the same noise multiplier and sample rate), so `epsilon` in the result is the study's
     cumulative spend here after this round, per patient: the accountant's epsilon for
     prior_steps + local_steps steps. x and y must already be the consent-gated records and
-    consented columns.
+    consented columns. Multi-class: `n_classes`, `y` class indices. Survival: `y` is [records, 2]
+    (time, event) and `subcohort` the PUBLIC subcohort whose at-risk members form each patient's
+    risk set (`federated.survival`).
     """
     tpl = get_template(template) if isinstance(template, str) else template
+    if tpl.task == "survival" and subcohort is None:
+        raise DPTrainingError("subcohort: a survival template needs the public subcohort")
     _check_hparams(noise_multiplier, sample_rate, local_steps, clip=clip, lr=lr, momentum=momentum,
                    prior_steps=prior_steps)
     xt, yt = _as_arrays(tpl, x, y)
     n, d = xt.shape
     index = PatientIndex.build(n, patients)
-    model = tpl.build(d, 0)
+    model = tpl.build(d, 0, n_classes)
     unpack(model, state)
+    if tpl.task == "multiclass" and n and int(yt.max()) >= (n_classes or 0):
+        raise DPTrainingError(f"y: class index {int(yt.max())} is not below n_classes={n_classes}")
     if n == 0:
         eps = epsilon_spent(noise_multiplier, sample_rate, prior_steps, delta, accountant)
         return RoundResult(status="no_eligible_records", state=np.asarray(state, dtype=np.float32).copy(),
@@ -336,7 +375,13 @@ def train_round(template: Template | str, state: np.ndarray, x: np.ndarray, y: n
                            reason="no eligible records: no record at this hospital is consented "
                                   "for this study")
     rng = SecureRandom(seed)
-    if engine == "fast":
+    if tpl.task == "survival":
+        assert subcohort is not None
+        if engine not in ("fast", "opacus"):
+            raise DPTrainingError(f"engine: must be 'fast' or 'opacus', got {engine!r}")
+        run_cox(model, xt, yt, Subcohort.from_set(subcohort), index=index, rng=rng, sigma=noise_multiplier,
+                q=sample_rate, steps=local_steps, clip=clip, lr=lr, momentum=momentum, engine=engine)
+    elif engine == "fast":
         if not fast_path_supported(model):
             raise DPTrainingError("engine: 'fast' needs a Sequential of Linear layers and "
                                   "element-wise activations; use engine='opacus'")
@@ -433,15 +478,114 @@ def _run_opacus(model: nn.Module, tpl: Template, x: torch.Tensor, y: torch.Tenso
     gsm._close()
 
 
+def _apply(params: Sequence[torch.Tensor], summed: Sequence[torch.Tensor], noise: Sequence[torch.Tensor] | None,
+           expected_batch: float, lr: float, momentum: float, bufs: list[torch.Tensor | None]) -> None:
+    """Noised sum / expected batch, optional momentum, SGD step (as `_run_fast`)."""
+    for i, (p, summed_grad) in enumerate(zip(params, summed, strict=True)):
+        g = summed_grad if noise is None else summed_grad + noise[i]
+        g = g / expected_batch
+        if momentum > 0:
+            buf = bufs[i]
+            buf = g if buf is None else buf.mul_(momentum).add_(g)
+            bufs[i] = buf
+            g = buf
+        p.sub_(lr * g)
+
+
+def cox_clipped_sum(model: nn.Sequential, sub: Subcohort, x: torch.Tensor, y: torch.Tensor, clip: float,
+                    engine: Engine = "fast") -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of per-patient case-cohort gradients each clipped to `clip`, and the norms before
+    clipping. "fast": closed form (`federated.survival.per_patient_grads`); "opacus": Opacus's
+    GradSampleModule on input [batch, 1 + m, d] (the patient, then the subcohort as that patient
+    sees it), the same loss through `loss_from_outputs`."""
+    from federated.survival import loss_from_outputs, per_patient_grads
+
+    layer = model[0]
+    assert isinstance(layer, nn.Linear)
+    t, e = y[:, 0], y[:, 1].to(x.dtype)
+    if engine == "fast":
+        grads = per_patient_grads(layer.weight.detach()[0], sub, x, t, e)
+    else:
+        from opacus import GradSampleModule
+
+        gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        try:
+            inp = torch.cat([x[:, None, :], sub.x[None, :, :].expand(x.shape[0], -1, -1)], 1)
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                out = gsm(inp)[..., 0]
+                loss_from_outputs(out[:, 0], out[:, 1:], t, e, sub.time).sum().backward()
+            grads = layer.weight.grad_sample[:, 0, :].detach().clone()  # type: ignore[union-attr]
+        finally:
+            gsm._close()
+            layer.weight.grad = None
+            if hasattr(layer.weight, "grad_sample"):
+                del layer.weight.grad_sample
+    norms = grads.norm(dim=1)
+    factor = (clip / (norms + _NORM_EPS)).clamp(max=1.0)
+    return (grads * factor[:, None]).sum(0), norms
+
+
+def run_cox(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, sub: Subcohort, *, index: PatientIndex,
+            rng: SecureRandom, sigma: float, q: float, steps: int, clip: float, lr: float, momentum: float,
+            engine: Engine = "fast") -> None:
+    """DP-SGD on the case-cohort Cox loss: the same patient-level Poisson sampling, clipping,
+    secure noise and step as `_run_fast` (module docstring), per-patient gradients from
+    `cox_clipped_sum`."""
+    params = list(model.parameters())
+    expected_batch = q * index.n_patients
+    bufs: list[torch.Tensor | None] = [None] * len(params)
+    sub32 = Subcohort(sub.x.to(x.dtype), sub.time)
+    for _ in range(steps):
+        idx = torch.from_numpy(index.sample(q, rng))
+        if idx.numel() > 0:
+            summed, _ = cox_clipped_sum(model, sub32, x[idx], y[idx], clip, engine)
+            summed_list = [summed.reshape(params[0].shape)]
+        else:
+            summed_list = [torch.zeros_like(params[0])]
+        noise = step_noise(rng, params, sigma * clip) if sigma > 0 else None
+        with torch.no_grad():
+            _apply(params, summed_list, noise, expected_batch, lr, momentum, bufs)
+
+
+def fit_cox_nonprivate(state: np.ndarray, x: np.ndarray, time: np.ndarray, event: np.ndarray, *,
+                       steps: int = 300, lr: float = 0.5, l2: float = 1e-3) -> np.ndarray:
+    """Full-batch gradient descent on the ordinary Cox partial likelihood (Breslow ties, every
+    patient's risk set over all of `x`), mean over events, small ridge: the public
+    pre-training and the non-private baselines. Never for a hospital's records in a study."""
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
+    t = np.asarray(time, dtype=np.float64)
+    e = torch.from_numpy(np.asarray(event, dtype=np.float64))
+    order = np.argsort(-t, kind="stable")  # descending time: cumulative sums give risk sets
+    xs, es = xt[order], e[order]
+    ts = t[order]
+    # Breslow ties: every tied patient's risk set ends at the last of its tie group
+    last = np.searchsorted(-ts, -ts, side="right") - 1
+    beta = torch.from_numpy(np.asarray(state, dtype=np.float64).copy()).requires_grad_(True)
+    n_events = max(float(es.sum()), 1.0)
+    opt = torch.optim.SGD([beta], lr=lr, momentum=0.9)
+    last_t = torch.from_numpy(last)
+    for _ in range(steps):
+        opt.zero_grad()
+        eta = xs @ beta
+        logcum = torch.logcumsumexp(eta, 0)[last_t]
+        loss = (es * (logcum - eta)).sum() / n_events + l2 * (beta * beta).sum()
+        loss.backward()
+        opt.step()
+    return beta.detach().numpy().astype(np.float32)
+
+
 def train_nonprivate(template: Template | str, state: np.ndarray, x: np.ndarray, y: np.ndarray, *,
                      batch_size: int, steps: int, lr: float, momentum: float = 0.0,
-                     seed: int | None = 0) -> np.ndarray:
+                     seed: int | None = 0, n_classes: int | None = None) -> np.ndarray:
     """Ordinary mini-batch SGD (shuffled batches, mean loss, no clipping, no noise): the
     non-private baseline of the benchmarks. Never use it on a hospital's records in a study."""
     tpl = get_template(template) if isinstance(template, str) else template
+    if tpl.task == "survival":
+        raise DPTrainingError("template: a survival template trains with fit_cox_nonprivate")
     xt, yt = _as_arrays(tpl, x, y)
     n, d = xt.shape
-    model = tpl.build(d, 0)
+    model = tpl.build(d, 0, n_classes)
     unpack(model, state)
     if n == 0:
         return pack(model)

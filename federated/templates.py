@@ -7,7 +7,8 @@ per-sample gradient norms and clipped gradient sums with two matrix products per
 per-sample gradient tensors, no hooks), which is what makes DP-SGD nearly as fast as ordinary
 training here. A template outside that shape would need another per-sample gradient path.
 
-Each template fixes: the task (binary classification or regression), the architecture, the
+Each template fixes: the task (binary or multi-class classification, regression, or survival),
+the architecture, the
 per-sample loss, the metrics, a deterministic initialisation from a seed, and tuned default
 DP-SGD hyper-parameters (see docs/federated-dp.md for how they were chosen).
 """
@@ -21,10 +22,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 
-Task = Literal["binary", "regression"]
+Task = Literal["binary", "regression", "multiclass", "survival"]
+TASKS: tuple[str, ...] = ("binary", "regression", "multiclass", "survival")
 Activation = Literal["relu", "tanh"]
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
@@ -60,25 +62,38 @@ class Template:
     defaults: TrainingDefaults = field(default_factory=TrainingDefaults)
 
     # -- model -----------------------------------------------------------------------------
-    def build(self, n_features: int, seed: int = 0) -> nn.Sequential:
+    def build(self, n_features: int, seed: int = 0, n_classes: int | None = None) -> nn.Sequential:
         """A fresh model for `n_features` inputs, initialised deterministically from `seed`
         (its own torch.Generator: the global RNG is neither read nor changed, so two hospitals
-        or two runs building the same template with the same seed get identical weights)."""
+        or two runs building the same template with the same seed get identical weights).
+        A multi-class template needs `n_classes` (>= 2): its output has one logit per class."""
         if not isinstance(n_features, int) or isinstance(n_features, bool) or n_features < 1:
             raise TemplateError(f"n_features: must be a positive integer, got {n_features!r}")
+        if self.task == "multiclass":
+            if not isinstance(n_classes, int) or isinstance(n_classes, bool) or n_classes < 2:
+                raise TemplateError(f"n_classes: a multi-class template needs at least 2 classes, "
+                                    f"got {n_classes!r}")
         # nn.Linear's constructor draws a default init from the global RNG; fork it so that
         # building a model never changes the caller's random state (weights come from `gen`).
         with torch.random.fork_rng(devices=[]):
-            return self._build(n_features, torch.Generator().manual_seed(int(seed)))
+            return self._build(n_features, torch.Generator().manual_seed(int(seed)),
+                               n_classes if self.task == "multiclass" else 1)
 
-    def _build(self, n_features: int, gen: torch.Generator) -> nn.Sequential:
+    def _build(self, n_features: int, gen: torch.Generator, n_out: int = 1) -> nn.Sequential:
+        if self.task == "survival":
+            # A Cox model has no intercept: the baseline hazard absorbs it (a bias would only
+            # collect noise, its gradient is identically zero).
+            cox = nn.Linear(n_features, 1, bias=False)
+            with torch.no_grad():
+                cox.weight.zero_()
+            return nn.Sequential(cox)
         layers: list[nn.Module] = []
         width = n_features
         for h in self.hidden:
             layers.append(_init_linear(nn.Linear(width, h), gen))
             layers.append(_ACTIVATIONS[self.activation]())
             width = h
-        out = nn.Linear(width, 1)
+        out = nn.Linear(width, n_out)
         if self.hidden:
             _init_linear(out, gen)
         else:
@@ -93,7 +108,14 @@ class Template:
     # -- loss ------------------------------------------------------------------------------
     def per_sample_loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Loss of each record (shape [batch]); `output` is the model's [batch, 1] output.
-        DP-SGD needs per-record losses; the mean of these is the ordinary training loss."""
+        DP-SGD needs per-record losses; the mean of these is the ordinary training loss.
+        Multi-class: `output` is [batch, classes] and `y` the class index. Survival: the loss of
+        a patient depends on a risk set (`federated.survival`), not on one output."""
+        if self.task == "multiclass":
+            return nn.functional.cross_entropy(output, y.long(), reduction="none")
+        if self.task == "survival":
+            raise TemplateError("survival: the per-patient loss needs a risk set; "
+                                "use federated.survival.per_patient_loss")
         out = output.reshape(-1)
         if self.task == "binary":
             return nn.functional.binary_cross_entropy_with_logits(out, y, reduction="none")
@@ -102,7 +124,13 @@ class Template:
     def output_grad(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """d per_sample_loss / d output for each record (shape [batch]), in closed form:
         sigmoid(out) - y for logistic loss, out - y for half squared error. Lets DP-SGD skip
-        autograd for these small models (tests check it against autograd and Opacus)."""
+        autograd for these small models (tests check it against autograd and Opacus).
+        Multi-class: softmax(out) - onehot(y), shape [batch, classes]."""
+        if self.task == "multiclass":
+            onehot = nn.functional.one_hot(y.long(), output.shape[1]).to(output.dtype)
+            return torch.softmax(output, 1) - onehot
+        if self.task == "survival":
+            raise TemplateError("survival: use federated.survival.per_patient_grads")
         out = output.reshape(-1)
         if self.task == "binary":
             return torch.sigmoid(out) - y
@@ -114,9 +142,13 @@ class Template:
 
     # -- metrics ---------------------------------------------------------------------------
     def predict(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
-        """Model outputs for `x`: probabilities of class 1 (binary) or predictions (regression)."""
+        """Model outputs for `x`: probabilities of class 1 (binary), predictions (regression),
+        the predicted class index (multi-class) or the risk score x.beta (survival)."""
         with torch.no_grad():
-            out = model(torch.as_tensor(np.asarray(x, dtype=np.float32))).reshape(-1)
+            raw = model(torch.as_tensor(np.asarray(x, dtype=np.float32)))
+            if self.task == "multiclass":
+                return raw.argmax(1).numpy().astype(np.float64)
+            out = raw.reshape(-1)
             if self.task == "binary":
                 out = torch.sigmoid(out)
         return out.numpy().astype(np.float64)
@@ -128,8 +160,12 @@ class Template:
         Binary: `loss`, `accuracy` (threshold 0.5) and `auroc` (omitted when `y` holds a single
         class, where it is undefined). Regression: `loss`, `mae` and `rmse`, multiplied by
         `target_scale` so they come out in the target's original units when `y` was scaled.
+        Multi-class: `loss`, `accuracy` and `macro_f1` (F1 averaged over the classes present in
+        `y` or predicted). Survival: `federated.survival.exact_metrics` (it needs a subcohort).
         An empty set gives `{"num_examples": 0}` only.
         """
+        if self.task == "survival":
+            raise TemplateError("survival: use federated.survival.exact_metrics")
         x = np.asarray(x, dtype=np.float32)
         y = np.asarray(y, dtype=np.float32).reshape(-1)
         if x.ndim != 2 or x.shape[0] != y.shape[0]:
@@ -142,7 +178,10 @@ class Template:
             loss = float(self.loss(out, torch.from_numpy(y)))
         pred = self.predict(model, x)
         metrics: dict[str, float] = {"num_examples": float(n), "loss": loss}
-        if self.task == "binary":
+        if self.task == "multiclass":
+            metrics["accuracy"] = float(np.mean(pred == y))
+            metrics["macro_f1"] = float(f1_score(y.astype(np.int64), pred.astype(np.int64), average="macro"))
+        elif self.task == "binary":
             metrics["accuracy"] = float(np.mean((pred >= 0.5) == (y >= 0.5)))
             if len(np.unique(y)) == 2:
                 metrics["auroc"] = float(roc_auc_score(y, pred))
@@ -158,6 +197,13 @@ class Template:
         the bar every trained model must clear."""
         y_train = np.asarray(y_train, dtype=np.float64).reshape(-1)
         y_test = np.asarray(y_test, dtype=np.float64).reshape(-1)
+        if self.task == "survival":
+            return {"concordance": 0.5}
+        if self.task == "multiclass":
+            values, counts = np.unique(y_train, return_counts=True)
+            major = np.full_like(y_test, values[np.argmax(counts)])
+            return {"accuracy": float(np.mean(major == y_test)),
+                    "macro_f1": float(f1_score(y_test.astype(np.int64), major.astype(np.int64), average="macro"))}
         if self.task == "binary":
             majority = float(np.mean(y_train) >= 0.5)
             return {"accuracy": float(np.mean((y_test >= 0.5) == (majority >= 0.5))), "auroc": 0.5}
@@ -190,6 +236,13 @@ _TEMPLATES: dict[str, Template] = {
         Template("mlp_regressor", "regression", hidden=(32,), activation="tanh",
                  description="MLP, one hidden layer of 32 tanh units, squared error.",
                  defaults=TrainingDefaults(batch_size=128, local_steps=10, rounds=10, clip=1.0, lr=0.2)),
+        Template("softmax_regression", "multiclass",
+                 description="Multinomial logistic regression (one linear layer, softmax output).",
+                 defaults=TrainingDefaults(batch_size=64, local_steps=10, rounds=10, clip=1.0, lr=0.5)),
+        Template("cox_ph", "survival",
+                 description="Cox proportional hazards (linear risk score, case-cohort partial "
+                             "likelihood with the public subcohort: docs/survival.md).",
+                 defaults=TrainingDefaults(batch_size=256, local_steps=10, rounds=10, clip=1.0, lr=0.5)),
     )
 }
 
