@@ -177,7 +177,7 @@ def load_survival_federated(dataset: str = "flchain", n_hospitals: int = 3, *,
             is_test[rng.choice(pos, size=round(len(pos) * test_fraction), replace=False)] = True
         secret = (secrets or {}).get(hid) or demo_secret(hid)
         out.append(HospitalData(
-            dataset=dataset, hospital_id=hid, task="survival",  # type: ignore[arg-type]
+            dataset=dataset, hospital_id=hid, task="survival",
             pseudonyms=tuple(pseudonym(secret, dataset, int(r)) for r in rows),
             x=np.column_stack([x[rows], e[rows]]).astype(np.float32), y=t[rows].astype(np.float32),
             columns=columns, categories=dict(cats), is_test=is_test,

@@ -478,8 +478,9 @@ def _run_opacus(model: nn.Module, tpl: Template, x: torch.Tensor, y: torch.Tenso
     gsm._close()
 
 
-def _apply(params: Sequence[torch.Tensor], summed: Sequence[torch.Tensor], noise: Sequence[torch.Tensor] | None,
-           expected_batch: float, lr: float, momentum: float, bufs: list[torch.Tensor | None]) -> None:
+def _apply(params: Sequence[torch.Tensor], summed: Sequence[torch.Tensor],
+           noise: Sequence[torch.Tensor] | None, *, expected_batch: float, lr: float, momentum: float,
+           bufs: list[torch.Tensor | None]) -> None:
     """Noised sum / expected batch, optional momentum, SGD step (as `_run_fast`)."""
     for i, (p, summed_grad) in enumerate(zip(params, summed, strict=True)):
         g = summed_grad if noise is None else summed_grad + noise[i]
@@ -492,8 +493,8 @@ def _apply(params: Sequence[torch.Tensor], summed: Sequence[torch.Tensor], noise
         p.sub_(lr * g)
 
 
-def cox_clipped_sum(model: nn.Sequential, sub: Subcohort, x: torch.Tensor, y: torch.Tensor, clip: float,
-                    engine: Engine = "fast") -> tuple[torch.Tensor, torch.Tensor]:
+def cox_clipped_sum(model: nn.Sequential, sub: Subcohort, x: torch.Tensor, y: torch.Tensor, *,
+                    clip: float, engine: Engine = "fast") -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of per-patient case-cohort gradients each clipped to `clip`, and the norms before
     clipping. "fast": closed form (`federated.survival.per_patient_grads`); "opacus": Opacus's
     GradSampleModule on input [batch, 1 + m, d] (the patient, then the subcohort as that patient
@@ -515,7 +516,7 @@ def cox_clipped_sum(model: nn.Sequential, sub: Subcohort, x: torch.Tensor, y: to
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 out = gsm(inp)[..., 0]
                 loss_from_outputs(out[:, 0], out[:, 1:], t, e, sub.time).sum().backward()
-            grads = layer.weight.grad_sample[:, 0, :].detach().clone()  # type: ignore[union-attr]
+            grads = layer.weight.grad_sample[:, 0, :].detach().clone()  # type: ignore[attr-defined]
         finally:
             gsm._close()
             layer.weight.grad = None
@@ -539,13 +540,14 @@ def run_cox(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, sub: Subcoho
     for _ in range(steps):
         idx = torch.from_numpy(index.sample(q, rng))
         if idx.numel() > 0:
-            summed, _ = cox_clipped_sum(model, sub32, x[idx], y[idx], clip, engine)
+            summed, _ = cox_clipped_sum(model, sub32, x[idx], y[idx], clip=clip, engine=engine)
             summed_list = [summed.reshape(params[0].shape)]
         else:
             summed_list = [torch.zeros_like(params[0])]
         noise = step_noise(rng, params, sigma * clip) if sigma > 0 else None
         with torch.no_grad():
-            _apply(params, summed_list, noise, expected_batch, lr, momentum, bufs)
+            _apply(params, summed_list, noise, expected_batch=expected_batch, lr=lr, momentum=momentum,
+                   bufs=bufs)
 
 
 def fit_cox_nonprivate(state: np.ndarray, x: np.ndarray, time: np.ndarray, event: np.ndarray, *,

@@ -40,6 +40,7 @@ the baseline survival from Breslow's estimator on the subcohort.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,7 +95,8 @@ def _risk_terms(beta: torch.Tensor, sub: Subcohort, x: torch.Tensor, t: torch.Te
     swx = torch.flip(torch.cumsum(torch.flip(w[:, None] * sub.x, [0]), 0), [0])
     sw = torch.cat([sw, sw.new_zeros(1)])
     swx = torch.cat([swx, swx.new_zeros(1, swx.shape[1])])
-    first = torch.searchsorted(sub.time, t.to(torch.float64).contiguous(), side="left")  # first j with t_j >= t
+    # first subcohort member with t_j >= t
+    first = torch.searchsorted(sub.time, t.to(torch.float64).contiguous(), side="left")
     own = torch.exp(eta - c)
     denom = own + sw[first]
     mean = (own[:, None] * x + swx[first]) / denom[:, None]
@@ -176,8 +178,7 @@ def exact_metrics(eta: np.ndarray, test: SurvivalSet, eta_sub: np.ndarray, sub: 
         surv = base[None, :] ** np.exp(np.asarray(eta, np.float64))[:, None]
         y_train = Surv.from_arrays(sub.event.astype(bool), sub.time)
         y_test = Surv.from_arrays(ev, test.time)
-        try:
+        # a grid outside the censoring distribution's support gives no IBS
+        with contextlib.suppress(ValueError):
             out["ibs"] = float(integrated_brier_score(y_train, y_test, surv, grid))
-        except ValueError:  # grid outside the censoring distribution's support: no IBS
-            pass
     return out

@@ -69,15 +69,15 @@ class Template:
         A multi-class template needs `n_classes` (>= 2): its output has one logit per class."""
         if not isinstance(n_features, int) or isinstance(n_features, bool) or n_features < 1:
             raise TemplateError(f"n_features: must be a positive integer, got {n_features!r}")
-        if self.task == "multiclass":
-            if not isinstance(n_classes, int) or isinstance(n_classes, bool) or n_classes < 2:
-                raise TemplateError(f"n_classes: a multi-class template needs at least 2 classes, "
-                                    f"got {n_classes!r}")
+        if self.task == "multiclass" and (not isinstance(n_classes, int) or isinstance(n_classes, bool)
+                                          or n_classes < 2):
+            raise TemplateError(f"n_classes: a multi-class template needs at least 2 classes, "
+                                f"got {n_classes!r}")
         # nn.Linear's constructor draws a default init from the global RNG; fork it so that
         # building a model never changes the caller's random state (weights come from `gen`).
         with torch.random.fork_rng(devices=[]):
             return self._build(n_features, torch.Generator().manual_seed(int(seed)),
-                               n_classes if self.task == "multiclass" else 1)
+                               n_classes if self.task == "multiclass" and n_classes else 1)
 
     def _build(self, n_features: int, gen: torch.Generator, n_out: int = 1) -> nn.Sequential:
         if self.task == "survival":
@@ -203,7 +203,8 @@ class Template:
             values, counts = np.unique(y_train, return_counts=True)
             major = np.full_like(y_test, values[np.argmax(counts)])
             return {"accuracy": float(np.mean(major == y_test)),
-                    "macro_f1": float(f1_score(y_test.astype(np.int64), major.astype(np.int64), average="macro"))}
+                    "macro_f1": float(f1_score(y_test.astype(np.int64), major.astype(np.int64),
+                                               average="macro"))}
         if self.task == "binary":
             majority = float(np.mean(y_train) >= 0.5)
             return {"accuracy": float(np.mean((y_test >= 0.5) == (majority >= 0.5))), "auroc": 0.5}

@@ -129,11 +129,13 @@ def utility(dataset: str, seeds: list[int], epsilons: list[float]) -> tuple[list
     print(f"  centralized non-private Cox (lifelines), pooled training: C = {central:.4f} "
           f"({time.perf_counter() - t0:.1f}s)")
     public_only = concordance(public_initial_state(TEMPLATE, columns, "survival"), test, train)
-    print(f"  public subcohort only (no hospital data): C = {public_only:.4f} (gap {central - public_only:+.4f})")
+    print(f"  public subcohort only (no hospital data): C = {public_only:.4f} "
+          f"(gap {central - public_only:+.4f})")
     for eps in epsilons:
         for public_start in (True, False):
             t0 = time.perf_counter()
-            cs = [concordance(run_dp(hospitals, columns, eps, s, public_start), test, train) for s in seeds]
+            cs = [concordance(run_dp(hospitals, columns, eps, s, public_start), test, train)
+                  for s in seeds]
             gap = central - statistics.fmean(cs)
             label = "public start" if public_start else "zero start"
             print(f"  DP Cox eps {eps:g} ({label}), {len(seeds)} seeds: C = {fmt(cs)}; gap to centralized "
