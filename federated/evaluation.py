@@ -7,9 +7,11 @@ hospital releases, per evaluation, two NOISED SUMS over its hold-out patients:
 
 - `count`: the number of patients evaluated, plus noise;
 - `score`: the sum over patients of a per-patient score in [0, 1], plus noise: for a binary
-  template the patient's share of correctly classified records (threshold 0.5), for a
-  regression template their mean absolute error clipped to `ERROR_CLIP` (in the scaled target
-  units) divided by `ERROR_CLIP`.
+  template the patient's share of correctly classified records (threshold 0.5; multi-class: the
+  arg-max class), for a regression template their mean absolute error clipped to `ERROR_CLIP`
+  (in the scaled target units) divided by `ERROR_CLIP`, for a survival template the patient's
+  concordance against the PUBLIC reference sample (`federated.survival.anchored_concordance`:
+  it depends on the patient and public data only, so the sensitivity below holds).
 
 Adding or removing one patient changes the vector (count, score) by at most sqrt(2) in L2 norm
 (`SENSITIVITY`), whatever number of records they have (their records are averaged first). Noise
@@ -55,21 +57,38 @@ class Release:
         """The sums as reply metrics: `count`, `correct` (binary) or `abs_error` (regression, in
         original units), and the cumulative evaluation `epsilon` they cost."""
         out = {"count": self.count, "epsilon": epsilon}
-        if template.task == "binary":
+        if template.task in ("binary", "multiclass"):
             out["correct"] = self.score
+        elif template.task == "survival":
+            out["concordant"] = self.score
         else:
             out["abs_error"] = self.score * ERROR_CLIP * target_scale
         return out
 
 
 def patient_scores(template: Template, model: nn.Module, x: np.ndarray, y: np.ndarray,
-                   patients: Sequence[str]) -> np.ndarray:
-    """Each patient's score in [0, 1] (module docstring), one per distinct patient."""
+                   patients: Sequence[str], columns: Sequence[str] = ()) -> np.ndarray:
+    """Each patient's score in [0, 1] (module docstring), one per distinct patient. Survival:
+    `y` is [records, 2] (time, event) and `columns` name the model inputs (they select the
+    public reference sample)."""
     if len(patients) == 0:
         return np.zeros(0)
     pred = template.predict(model, x)
+    if template.task == "survival":
+        from federated.clinical_data import public_survival_reference
+        from federated.survival import anchored_concordance
+
+        ref = public_survival_reference(columns, "eval")
+        if ref is None:
+            raise ValueError(f"columns: no public survival reference holds {list(columns)}")
+        ys = np.asarray(y, dtype=np.float64)
+        per_record = anchored_concordance(pred, ys[:, 0], ys[:, 1], template.predict(model, ref.x), ref)
+        _keys, inverse, counts = np.unique(np.asarray(patients), return_inverse=True, return_counts=True)
+        return np.bincount(inverse, weights=per_record) / counts
     yv = np.asarray(y, dtype=np.float64).reshape(-1)
-    if template.task == "binary":
+    if template.task == "multiclass":
+        per_record = (pred == yv).astype(np.float64)
+    elif template.task == "binary":
         per_record = ((pred >= 0.5) == (yv >= 0.5)).astype(np.float64)
     else:
         per_record = np.minimum(np.abs(pred - yv), ERROR_CLIP) / ERROR_CLIP
@@ -86,8 +105,8 @@ def noised_release(scores: np.ndarray, noise_multiplier: float, rng: SecureRando
 
 
 def aggregate(rows: Sequence[Mapping[str, float]], task: str) -> dict[str, float]:
-    """Sum the hospitals' noised sums and divide: `eval_accuracy` (binary) or `eval_mae`
-    (regression) over every hold-out patient, `eval_examples` the noised patient count,
+    """Sum the hospitals' noised sums and divide: `eval_accuracy` (binary, multi-class),
+    `eval_mae` (regression) or `eval_concordance` (survival) over every hold-out patient, `eval_examples` the noised patient count,
     `eval_epsilon` the largest evaluation spend. A ratio whose noised count is not positive is
     left out (noise dominates)."""
     rows = [r for r in rows if "count" in r]
@@ -96,11 +115,13 @@ def aggregate(rows: Sequence[Mapping[str, float]], task: str) -> dict[str, float
     count = sum(r["count"] for r in rows)
     out = {"eval_hospitals": float(len(rows)), "eval_examples": count,
            "eval_epsilon": max(r.get("epsilon", 0.0) for r in rows)}
-    key = "correct" if task == "binary" else "abs_error"
+    key = {"binary": "correct", "multiclass": "correct", "survival": "concordant"}.get(task, "abs_error")
     if count > 0 and all(key in r for r in rows):
         total = sum(r[key] for r in rows)
-        if task == "binary":
+        if task in ("binary", "multiclass"):
             out["eval_accuracy"] = min(1.0, max(0.0, total / count))
+        elif task == "survival":
+            out["eval_concordance"] = min(1.0, max(0.0, total / count))
         else:
             out["eval_mae"] = max(0.0, total / count)
     return out
@@ -112,3 +133,18 @@ def reference_metrics(template: Template, model: nn.Module, reference: tuple[np.
     `ref_`: no hospital record is involved, so no privacy is spent."""
     x, y, scale = reference
     return {f"ref_{k}": v for k, v in template.evaluate(model, x, y, target_scale=scale).items()}
+
+
+def survival_reference_metrics(template: Template, model: nn.Module, columns: Sequence[str]
+                               ) -> dict[str, float]:
+    """Exact Harrell's concordance and integrated Brier score of a survival `model` on the PUBLIC
+    reference sample's "eval" half (baseline survival from the "pretrain" subcohort), prefixed
+    `ref_`; empty when no public survival reference holds `columns`. No privacy is spent."""
+    from federated.clinical_data import public_survival_reference
+    from federated.survival import exact_metrics
+
+    ref, sub = public_survival_reference(columns, "eval"), public_survival_reference(columns, "pretrain")
+    if ref is None or sub is None:
+        return {}
+    metrics = exact_metrics(template.predict(model, ref.x), ref, template.predict(model, sub.x), sub)
+    return {f"ref_{k}": v for k, v in metrics.items()}
