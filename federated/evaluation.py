@@ -67,7 +67,7 @@ class Release:
 
 
 def patient_scores(template: Template, model: nn.Module, x: np.ndarray, y: np.ndarray,
-                   patients: Sequence[str], columns: Sequence[str] = ()) -> np.ndarray:
+                   patients: Sequence[str], *, columns: Sequence[str] = ()) -> np.ndarray:
     """Each patient's score in [0, 1] (module docstring), one per distinct patient. Survival:
     `y` is [records, 2] (time, event) and `columns` name the model inputs (they select the
     public reference sample)."""
@@ -106,16 +106,17 @@ def noised_release(scores: np.ndarray, noise_multiplier: float, rng: SecureRando
 
 def aggregate(rows: Sequence[Mapping[str, float]], task: str) -> dict[str, float]:
     """Sum the hospitals' noised sums and divide: `eval_accuracy` (binary, multi-class),
-    `eval_mae` (regression) or `eval_concordance` (survival) over every hold-out patient, `eval_examples` the noised patient count,
-    `eval_epsilon` the largest evaluation spend. A ratio whose noised count is not positive is
-    left out (noise dominates)."""
+    `eval_mae` (regression) or `eval_concordance` (survival) over every hold-out patient,
+    `eval_examples` the noised patient count, `eval_epsilon` the largest evaluation spend. A
+    ratio whose noised count is not positive is left out (noise dominates)."""
     rows = [r for r in rows if "count" in r]
     if not rows:
         return {}
     count = sum(r["count"] for r in rows)
     out = {"eval_hospitals": float(len(rows)), "eval_examples": count,
            "eval_epsilon": max(r.get("epsilon", 0.0) for r in rows)}
-    key = {"binary": "correct", "multiclass": "correct", "survival": "concordant"}.get(task, "abs_error")
+    keys = {"binary": "correct", "multiclass": "correct", "survival": "concordant"}
+    key = keys.get(task, "abs_error")
     if count > 0 and all(key in r for r in rows):
         total = sum(r[key] for r in rows)
         if task in ("binary", "multiclass"):
