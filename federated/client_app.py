@@ -68,6 +68,7 @@ from federated.server_app import (
     hello_bytes,
 )
 from federated.study_spec import StudySpec
+from federated.survival import SurvivalError, check_outcome
 from federated.templates import get_template
 from federated.weights import unpack
 
@@ -102,7 +103,32 @@ def _check_study(site: Site, spec: StudySpec) -> HospitalOutcome | HospitalData:
     if undeclared:
         return HospitalOutcome(STATUS_REFUSED, f"columns: the study reads data categories {undeclared} it "
                                "did not declare in request.data_categories")
+    if spec.task == "survival":
+        from federated.clinical_data import public_survival_reference
+
+        if spec.event not in data.columns:
+            return HospitalOutcome(STATUS_REFUSED, f"event: this hospital has no column {spec.event!r}")
+        if public_survival_reference(spec.columns, "pretrain") is None:
+            return HospitalOutcome(STATUS_REFUSED, "columns: no public subcohort holds the study's columns, "
+                                   "so a Cox risk set cannot be formed without private patients")
     return data
+
+
+def _targets(spec: StudySpec, data: HospitalData) -> np.ndarray:
+    """The training targets: the label, or for survival [records, 2] (time, event)."""
+    if spec.task == "survival":
+        assert spec.event is not None
+        return np.column_stack([np.asarray(data.y, dtype=np.float64),
+                                data.select_columns([spec.event]).x[:, 0].astype(np.float64)])
+    return np.asarray(data.y)
+
+
+def _subcohort(spec: StudySpec) -> Any:
+    if spec.task != "survival":
+        return None
+    from federated.clinical_data import public_survival_reference
+
+    return public_survival_reference(spec.columns, "pretrain")
 
 
 def _excluded_text(excluded: dict[str, int]) -> str:
@@ -186,19 +212,27 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
         return HospitalOutcome(STATUS_REFUSED, f"privacy budget: {exc}")
     except (LedgerError, AccountingError) as exc:
         return HospitalOutcome(STATUS_REFUSED, f"privacy ledger: {exc}")
-    used = train.select_records(admission.admitted).select_columns(spec.columns)
+    admitted = train.select_records(admission.admitted)
+    used = admitted.select_columns(spec.columns)
     if len(used) == 0:
         excluded = dict(gate.excluded)
         if admission.over_cap:
             excluded["over their lifetime privacy cap"] = admission.over_cap
         return HospitalOutcome(STATUS_NO_DATA, f"no training patient can take part in this round "
                                f"({_excluded_text(excluded)})", metrics={"num_examples": 0.0})
-    result = train_round(template, global_weights, used.x, used.y, noise_multiplier=plan.noise_multiplier,
+    try:
+        targets = _targets(spec, admitted)
+        if spec.task == "survival":
+            check_outcome(targets[:, 0], targets[:, 1])
+    except SurvivalError as exc:
+        return HospitalOutcome(STATUS_REFUSED, f"survival outcome: {exc}")
+    result = train_round(template, global_weights, used.x, targets, noise_multiplier=plan.noise_multiplier,
                          sample_rate=plan.sample_rate, local_steps=plan.steps_per_round,
                          clip=spec.clip or defaults.clip, lr=spec.lr or defaults.lr,
                          momentum=spec.momentum if spec.momentum is not None else defaults.momentum,
                          delta=plan.delta, prior_steps=len(charges) * plan.steps_per_round,
-                         accountant=plan.accountant, patients=used.pseudonyms)
+                         accountant=plan.accountant, patients=used.pseudonyms, n_classes=spec.classes,
+                         subcohort=_subcohort(spec))
     if not result.trained:
         return HospitalOutcome(STATUS_NO_DATA, result.reason or "no eligible records",
                                metrics={"num_examples": 0.0})
@@ -258,12 +292,19 @@ def evaluate_hospital(site: Site, spec: StudySpec, global_weights: np.ndarray, s
         admission = ledger.admit(spec.study_id, "eval", _caps(gate, candidates), _default_cap(site))
     except LedgerError as exc:
         return HospitalOutcome(STATUS_REFUSED, f"privacy ledger: {exc}")
-    used = test.select_records(admission.admitted).select_columns(spec.columns)
+    admitted = test.select_records(admission.admitted)
+    used = admitted.select_columns(spec.columns)
     if len(used) == 0:
         return HospitalOutcome(STATUS_NO_DATA, "no consented hold-out patients "
                                f"({_excluded_text(dict(gate.excluded))})")
-    model = unpack(template.build(len(spec.columns), 0), global_weights)
-    scores = patient_scores(template, model, used.x, used.y, used.pseudonyms)
+    targets = _targets(spec, admitted)
+    if spec.task == "survival":
+        try:
+            check_outcome(targets[:, 0], targets[:, 1])
+        except SurvivalError as exc:
+            return HospitalOutcome(STATUS_REFUSED, f"survival outcome: {exc}")
+    model = unpack(template.build(len(spec.columns), 0, spec.classes), global_weights)
+    scores = patient_scores(template, model, used.x, targets, used.pseudonyms, columns=spec.columns)
     release = noised_release(scores, plan.eval_noise_multiplier, SecureRandom())
     try:
         stored, _fresh = ledger.charge_evaluation(

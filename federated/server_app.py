@@ -542,7 +542,7 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
     """
     from federated.data import public_reference
     from federated.dp import public_initial_state
-    from federated.evaluation import reference_metrics
+    from federated.evaluation import reference_metrics, survival_reference_metrics
     from federated.templates import get_template
     from federated.weights import save_safetensors, unpack
 
@@ -555,15 +555,20 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
     except ValueError as exc:
         observer.on_failed(f"bad study spec: {exc}")
         raise StudyFailedError(f"bad study spec: {exc}") from exc
-    model = template.build(len(spec.columns), seed=spec.seed)
+    model = template.build(len(spec.columns), seed=spec.seed, n_classes=spec.classes)
     # the initial model is pre-trained on the public reference sample's first half when there is
     # one (no privacy cost); each round's model is scored exactly on the other half
-    weights = public_initial_state(template, spec.columns, spec.task, seed=spec.seed)
-    reference = public_reference(spec.columns, spec.task, "eval")
+    weights = public_initial_state(template, spec.columns, spec.task, seed=spec.seed,
+                                   n_classes=spec.classes)
+    reference = (public_reference(spec.columns, spec.task, "eval")
+                 if spec.task in ("binary", "regression") else None)
 
     def scored(metrics: dict[str, float]) -> dict[str, float]:
-        """Add the round model's exact metrics on the PUBLIC reference sample (no privacy cost)."""
-        if reference is not None:
+        """Add the round model's exact metrics on the PUBLIC reference sample (no privacy cost):
+        survival studies get Harrell's concordance and the integrated Brier score."""
+        if spec.task == "survival":
+            metrics.update(survival_reference_metrics(template, unpack(model, weights), spec.columns))
+        elif reference is not None:
             metrics.update(reference_metrics(template, unpack(model, weights), reference))
         return metrics
 

@@ -37,10 +37,15 @@ class StudySpec(BaseModel):
     study_id: str = Field(min_length=1, max_length=200)
     #: Registered model template name (federated.templates); no researcher code runs at a hospital.
     template: str = Field(min_length=1, max_length=100)
-    task: Literal["binary", "regression"]
+    task: Literal["binary", "regression", "multiclass", "survival"]
     #: Feature columns the model needs, in model input order (the same at every hospital).
     columns: tuple[str, ...] = Field(min_length=1)
+    #: The target column; for a survival study the time to event or censoring (>= 0).
     label: str = Field(min_length=1)
+    #: Survival studies only (required there): the event column, 1 = event, 0 = censored.
+    event: str | None = Field(default=None, min_length=1)
+    #: Multi-class studies only (required there): the number of classes; labels are 0..classes-1.
+    classes: int | None = Field(default=None, ge=2, le=1000)
     #: What each record's consent contract is evaluated against (purpose, organisation, data
     #: categories, ...). Every column's data category must be among `request.data_categories`.
     request: StudyRequest
@@ -72,6 +77,14 @@ class StudySpec(BaseModel):
             raise ValueError("columns: duplicate entries")
         if self.label in self.columns:
             raise ValueError("label: must not also be a feature column")
+        if (self.task == "survival") != (self.event is not None):
+            raise ValueError("event: required for a survival study (the event column), "
+                             "and only there")
+        if self.event is not None and (self.event in self.columns or self.event == self.label):
+            raise ValueError("event: must differ from the label and every feature column")
+        if (self.task == "multiclass") != (self.classes is not None):
+            raise ValueError("classes: required for a multi-class study (number of classes), "
+                             "and only there")
         if self.request.study_id is not None and self.request.study_id != self.study_id:
             raise ValueError(f"request.study_id: {self.request.study_id!r} differs from study_id")
         if self.request.epsilon is not None and self.request.epsilon != self.epsilon:
@@ -85,7 +98,13 @@ class StudySpec(BaseModel):
     # -- encoding ---------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The spec as JSON. `event` and `classes` appear only when set, so the canonical bytes
+        (and hash) of a binary or regression study are what they were before those fields."""
+        out = self.model_dump(mode="json")
+        for key in ("event", "classes"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
 
     def canonical_bytes(self) -> bytes:
         return canonical(self.to_json())

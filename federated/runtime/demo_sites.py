@@ -21,7 +21,7 @@ from consent.request import StudyRequest
 from federated.runtime.site import Site, write_records
 from federated.study_spec import StudySpec
 
-LABELS = {"breast_cancer": "malignant", "diabetes": "progression"}
+LABELS = {"breast_cancer": "malignant", "diabetes": "progression", "flchain": "time", "gbsg2": "time"}
 CONTRACT_EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -58,7 +58,10 @@ def provision_sites(root: Path, *, dataset: str = "breast_cancer",
     from federated.data import load_federated
     from federated.privacy_ledger import PrivacyLedger, metadata
 
-    parts = load_federated(dataset, len(hospitals), hospital_ids=hospitals)
+    from federated.clinical_data import SURVIVAL_DATASETS, load_survival_federated
+
+    parts = (load_survival_federated(dataset, len(hospitals), hospital_ids=hospitals)
+             if dataset in SURVIVAL_DATASETS else load_federated(dataset, len(hospitals), hospital_ids=hospitals))
     out: dict[str, DemoSite] = {}
     for data in parts:
         h = data.hospital_id
@@ -146,16 +149,22 @@ def merge_patients(demo: DemoSite, owner: str, others: Sequence[str]) -> None:
 def demo_spec(study_id: str, *, dataset: str = "breast_cancer", template: str | None = None,
               epsilon: float = 3.0, rounds: int = 3, min_hospitals: int = 2, round_timeout_s: float = 60.0,
               columns: Sequence[str] | None = None, delta: float = 1e-5, **overrides: object) -> StudySpec:
-    """A valid study over the demo data (all columns of the dataset unless `columns`)."""
+    """A valid study over the demo data (all columns of the dataset unless `columns`; a survival
+    dataset's studies use template cox_ph, the time as label and the ``event`` column)."""
+    from federated.clinical_data import EVENT_COLUMN, SURVIVAL_DATASETS, survival_feature_specs
     from federated.data import feature_specs
 
-    specs = feature_specs(dataset)
+    survival = dataset in SURVIVAL_DATASETS
+    specs = survival_feature_specs(dataset) if survival else feature_specs(dataset)
     cols = tuple(columns) if columns is not None else tuple(s.name for s in specs)
     cats = tuple(sorted({s.category for s in specs if s.name in cols}))
-    task: Literal["binary", "regression"] = "binary" if dataset == "breast_cancer" else "regression"
+    task: Literal["binary", "regression", "survival"] = (
+        "survival" if survival else "binary" if dataset == "breast_cancer" else "regression")
+    default = {"binary": "logistic_regression", "regression": "linear_regression", "survival": "cox_ph"}
+    if survival:
+        overrides.setdefault("event", EVENT_COLUMN)
     return StudySpec(
-        study_id=study_id,
-        template=template or ("logistic_regression" if task == "binary" else "linear_regression"),
+        study_id=study_id, template=template or default[task],
         task=task, columns=cols, label=LABELS[dataset],
         request=StudyRequest(purpose="DUO:0000042", organisation="org-research", region="DE",
                              data_categories=cats, epsilon=epsilon, study_id=study_id),
