@@ -55,13 +55,13 @@ def provision_sites(root: Path, *, dataset: str = "breast_cancer",
     """
     from sqlalchemy import create_engine
 
+    from federated.clinical_data import SURVIVAL_DATASETS, load_survival_federated
     from federated.data import load_federated
     from federated.privacy_ledger import PrivacyLedger, metadata
 
-    from federated.clinical_data import SURVIVAL_DATASETS, load_survival_federated
-
     parts = (load_survival_federated(dataset, len(hospitals), hospital_ids=hospitals)
-             if dataset in SURVIVAL_DATASETS else load_federated(dataset, len(hospitals), hospital_ids=hospitals))
+             if dataset in SURVIVAL_DATASETS
+             else load_federated(dataset, len(hospitals), hospital_ids=hospitals))
     out: dict[str, DemoSite] = {}
     for data in parts:
         h = data.hospital_id

@@ -58,7 +58,8 @@ def test_survival_study_runs_end_to_end_in_process(sites: dict[str, DemoSite], t
     grid = InProcessGrid({i + 1: d.site.node_config() for i, d in enumerate(sites.values())},
                          spec.to_run_config())
     observer = Observer()
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=spec.to_run_config())
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=spec.to_run_config())
     run_study_rounds(grid, context, observer, ServerOptions(
         output_dir=tmp_path / "out", poll=0.01,
         hospital_keys={h: d.signer.public_key for h, d in sites.items()}))
