@@ -195,9 +195,14 @@ class StudyCreate(Strict):
     columns: Annotated[dict[str, list[str]], Field(
         description="data category -> column names used from it", min_length=1)]
     template: Annotated[str, Field(examples=["logistic_regression"])]
-    task: Literal["binary", "regression"]
+    task: Literal["binary", "regression", "multiclass", "survival"]
     label: Annotated[str, Field(pattern=vocabulary.COLUMN_PATTERN,
-                                description="the target column")] = "label"
+                                description="the target column (survival: the time to event or "
+                                            "censoring)")] = "label"
+    event: Annotated[str | None, Field(pattern=vocabulary.COLUMN_PATTERN, description=(
+        "survival studies only (required there): the event column, 1 event, 0 censored"))] = None
+    classes: Annotated[int | None, Field(ge=2, le=1000, description=(
+        "multi-class studies only (required there): the number of classes, labels 0..classes-1"))] = None
     epsilon: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False, description=(
         "DP epsilon PER PATIENT at each hospital, for the whole study; it counts against each "
         "patient's lifetime cap there"))]
@@ -308,6 +313,16 @@ def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
         problems.append(_problem(("secure_aggregation",), f"secure aggregation needs min_hospitals >= "
                                  f"{SECAGG_MIN_HOSPITALS} (with fewer, a hospital could learn another's "
                                  "update from the aggregate)", secure))
+    if isinstance(task, str):
+        if (task == "survival") != (data.get("event") is not None):
+            problems.append(_problem(("event",), "a survival study needs its event column, and only "
+                                     "a survival study has one", data.get("event")))
+        if (task == "multiclass") != (data.get("classes") is not None):
+            problems.append(_problem(("classes",), "a multi-class study needs its number of classes, "
+                                     "and only a multi-class study has one", data.get("classes")))
+        if data.get("event") is not None and data.get("event") == data.get("label", "label"):
+            problems.append(_problem(("event",), "the event column must differ from the label",
+                                     data.get("event")))
     categories = data.get("data_categories")
     category_list = ([c for c in categories if isinstance(c, str)]
                      if isinstance(categories, list) else None)

@@ -18,7 +18,7 @@ from consent import duo
 from consent.codes import DATA_CATEGORIES, CodeError, normalize_icd10
 
 DISEASE_SPECIFIC = duo.DS
-TASKS: frozenset[str] = frozenset({"binary", "regression"})
+TASKS: frozenset[str] = frozenset({"binary", "regression", "multiclass", "survival"})
 #: A column name: letters, digits, space and a few signs, no leading or trailing space (scikit-learn
 #: style names such as "mean radius" are common in hospital exports).
 COLUMN_PATTERN = r"^[A-Za-z0-9_](?:[A-Za-z0-9_ .()/%+-]{0,126}[A-Za-z0-9_.()%])?$"

@@ -19,8 +19,9 @@ from sqlalchemy.orm import Session
 
 from audit.signing import Signer
 from exchange.coordinator.client import decision_entry
-from exchange.node.eligibility import count_eligible
+from exchange.node.eligibility import count_eligible, gate_records
 from exchange.node.models import ColumnCategory, DaemonState, DecisionRow, StudyRow
+from exchange.node.outcomes import OutcomeSummary, summarize_survival
 from exchange.node.policy import Budget, Evaluation, StudyView, evaluate
 from exchange.node.privacy import budget as compute_budget
 from exchange.node.privacy import site_ledger
@@ -93,7 +94,18 @@ def evaluate_study(store: NodeStore, settings: NodeSettings, study: StudyView,
     with store.sessions() as session:
         eligibility = count_eligible(session, study, at, lifetime)
         columns = held_columns(session)
-    return evaluate(settings.policy, study, eligibility, budget, columns)
+        outcome = _survival_outcome(session, study, at) if study.task == "survival" else None
+    return evaluate(settings.policy, study, eligibility, budget, columns, outcome=outcome)
+
+
+def _survival_outcome(session: Session, study: StudyView, at: datetime) -> OutcomeSummary | None:
+    """Rule 9's input: the outcome columns of the records consent lets the study use."""
+    if study.event is None or not study.columns:
+        return None
+    result = gate_records(session, study, at)
+    n_features = sum(len(names) for names in study.columns.values())
+    return summarize_survival(session, result.eligible_pseudonyms, time_column=study.label,
+                              event_column=study.event, n_features=n_features)
 
 
 def sign_decision(signer: Signer, hospital_id: str, study_id: str, *, decision: str,

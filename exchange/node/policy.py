@@ -13,7 +13,10 @@ alone. The rules, in order (every failing rule adds a reason; any reason means r
    approved, unfinished studies have reserved), delta <= what is left of total_delta_budget,
 7. every requested column held here and of the category the study says,
 8. at least min_eligible_records records whose patients' consent permits the study, and at
-   least one such patient whose lifetime cap leaves room for the study.
+   least one such patient whose lifetime cap leaves room for the study,
+9. a survival study: its time and event columns present, numeric, times non-negative, events
+   0/1 in every eligible record, and enough events for the Cox template
+   (`exchange.node.outcomes`).
 
 With no reason: mode auto-approve -> approve, auto-refuse -> refuse ("site policy is to
 refuse automatically"), ask -> wait for the steward.
@@ -25,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from exchange.node.outcomes import OutcomeSummary
 from exchange.node.settings import WILDCARD, SitePolicy
 from exchange.study.spec import AcceptedStudy
 
@@ -50,6 +54,9 @@ class StudyView:
     rounds: int
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
     researcher: str | None = None
+    task: str = "binary"
+    #: survival studies: the event column (the label is the time)
+    event: str | None = None
 
     @classmethod
     def from_json(cls, study: Mapping[str, Any]) -> StudyView:
@@ -73,6 +80,8 @@ class StudyView:
             rounds=int(spec.get("rounds") or 0),
             raw=dict(study),
             researcher=study.get("researcher_id") or None,
+            task=str(spec.get("task") or "binary"),
+            event=str(spec["event"]) if spec.get("event") is not None else None,
         )
 
     def accepted(self) -> AcceptedStudy:
@@ -149,8 +158,9 @@ def _purpose_allowed(purpose: str, allowed: list[str]) -> bool:
 
 
 def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, budget: Budget,
-             held_columns: Mapping[str, str]) -> Evaluation:
-    """Decide on `study` (see the module docstring for the rules)."""
+             held_columns: Mapping[str, str], *, outcome: OutcomeSummary | None = None) -> Evaluation:
+    """Decide on `study` (see the module docstring for the rules). `outcome`: what the eligible
+    records hold in a survival study's time and event columns (rule 9)."""
     reasons: list[str] = []
     if not _purpose_allowed(study.purpose, policy.allowed_purposes):
         reasons.append(f"purpose {study.purpose!r} is not allowed by site policy "
@@ -179,6 +189,8 @@ def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, bud
                        f"{budget.delta_reserved:.3g} reserved)")
     wanted = [(category, column) for category, cols in study.columns.items() for column in cols]
     wanted.append(("", study.label))
+    if study.event is not None:
+        wanted.append(("", study.event))
     missing = [column for _category, column in wanted if column not in held_columns]
     if missing:
         reasons.append(f"column(s) not held at this hospital: {', '.join(sorted(set(missing)))}")
@@ -195,6 +207,11 @@ def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, bud
     if eligibility.patients == 0 and eligibility.over_lifetime_cap:
         reasons.append(f"no eligible patient has privacy budget left for epsilon {study.epsilon:g} "
                        "(each would exceed their lifetime cap)")
+    if study.task == "survival":
+        if study.event is None:
+            reasons.append("a survival study must name its event column")
+        elif outcome is not None and not missing:
+            reasons.extend(f"survival outcome: {problem}" for problem in outcome.problems())
     if reasons:
         return Evaluation("refuse", reasons, eligibility.eligible)
     if policy.mode == "auto-approve":

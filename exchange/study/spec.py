@@ -99,6 +99,8 @@ def study_spec(
         task=spec["task"],
         columns=feature_columns(spec),
         label=spec.get("label", "label"),
+        event=spec.get("event"),
+        classes=spec.get("classes"),
         request=consent_request(study),
         epsilon=float(spec["epsilon"]),
         delta=float(spec["delta"]),

@@ -1,0 +1,105 @@
+"""Decision-time checks of a survival study's outcome columns at this hospital.
+
+A Cox study reads two outcome columns: the time to event or censoring (the study's `label`) and
+the event indicator (its `event`). If either is missing, not numeric, a time is negative or an
+event is not 0/1 in a record the study could use, the hospital's ClientApp would have to refuse
+every round; and with too few events the partial likelihood carries too little information to fit
+(the usual rule of thumb, at least 10 events per model coefficient, with a floor of 20). So the
+node checks this when it DECIDES on the study, over the records whose consent permits it, and
+refuses with the reason (`exchange.node.policy` rule 9): the study never becomes a failed run.
+
+Counts only: no value leaves the node, and the reasons name columns and counts, never a
+pseudonym.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from exchange.node.models import Record
+
+#: Events-per-coefficient rule of thumb and its floor (docs/survival.md).
+EVENTS_PER_FEATURE = 10
+MIN_EVENTS = 20
+
+
+def min_events(n_features: int) -> int:
+    """Events a Cox study with `n_features` coefficients needs among the eligible records."""
+    return max(MIN_EVENTS, EVENTS_PER_FEATURE * n_features)
+
+
+@dataclass(frozen=True)
+class OutcomeSummary:
+    """What the eligible records hold in a survival study's outcome columns (counts only)."""
+
+    time_column: str
+    event_column: str
+    records: int
+    time_missing: int = 0
+    time_not_numeric: int = 0
+    time_negative: int = 0
+    event_missing: int = 0
+    event_not_binary: int = 0
+    events: int = 0
+    needed_events: int = MIN_EVENTS
+
+    def problems(self) -> list[str]:
+        """One reason per fault, naming the column and how many records have it."""
+        out: list[str] = []
+        for count, what in ((self.time_missing, f"time column {self.time_column!r} is missing"),
+                            (self.time_not_numeric, f"time column {self.time_column!r} is not numeric"),
+                            (self.time_negative, f"time column {self.time_column!r} is negative"),
+                            (self.event_missing, f"event column {self.event_column!r} is missing"),
+                            (self.event_not_binary,
+                             f"event column {self.event_column!r} is not 0 or 1")):
+            if count:
+                out.append(f"{what} in {count} of {self.records} eligible record(s)")
+        if not out and self.events < self.needed_events:
+            out.append(f"only {self.events} event(s) among the {self.records} eligible record(s); "
+                       f"the Cox template needs at least {self.needed_events} for "
+                       f"{self.needed_events // EVENTS_PER_FEATURE or 1} coefficient(s)")
+        return out
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def summarize_survival(session: Session, eligible: Iterable[str], *, time_column: str,
+                       event_column: str, n_features: int) -> OutcomeSummary:
+    """Count the outcome faults and the events among the records of the `eligible` pseudonyms."""
+    wanted = set(eligible)
+    counts = {"records": 0, "time_missing": 0, "time_not_numeric": 0, "time_negative": 0,
+              "event_missing": 0, "event_not_binary": 0, "events": 0}
+    for pseudonym, stored in session.execute(select(Record.pseudonym, Record.values)).tuples():
+        if pseudonym not in wanted:
+            continue
+        counts["records"] += 1
+        values: dict[str, Any] = stored or {}
+        if values.get(time_column) is None:
+            counts["time_missing"] += 1
+        else:
+            time = _number(values[time_column])
+            if time is None:
+                counts["time_not_numeric"] += 1
+            elif time < 0:
+                counts["time_negative"] += 1
+        if values.get(event_column) is None:
+            counts["event_missing"] += 1
+        else:
+            event = _number(values[event_column])
+            if event not in (0.0, 1.0):
+                counts["event_not_binary"] += 1
+            elif event == 1.0:
+                counts["events"] += 1
+    return OutcomeSummary(time_column=time_column, event_column=event_column,
+                          needed_events=min_events(n_features), **counts)
