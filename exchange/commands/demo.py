@@ -24,7 +24,8 @@ def _render(progress: Any) -> Group:
                          ("phase: ", "dim"), (progress.phase, "bold cyan"))
     study = Text.assemble(("study ", "dim"), (progress.study_id or "-", ""), ("  status ", "dim"),
                           (progress.status, "bold"), ("  round ", "dim"),
-                          (f"{progress.round}/{progress.rounds or '-'}", "bold"), ("  accuracy ", "dim"),
+                          (f"{progress.round}/{progress.rounds or '-'}", "bold"),
+                          (f"  {progress.metric} ", "dim"),
                           (f"{progress.accuracy:.3f}" if progress.accuracy is not None else "-",
                            "bold green"))
     table = Table(box=None, pad_edge=False, header_style="dim")
@@ -46,11 +47,14 @@ def _summary(console: Console, report: dict[str, Any], out: Path, wall_s: float)
     console.print(f"\n[bold]Study {study['id']}[/bold]: {study['status']}, {len(report['rounds'])} rounds, "
                   f"target epsilon {study['epsilon']}, delta {study['delta']}")
     rounds = Table(title="Rounds", header_style="bold")
-    for column in ("round", "accuracy", "AUROC", "records used"):
+    metric = str(study.get("metric") or "accuracy")
+    second, second_key = ("IBS", "ibs") if metric == "concordance" else ("AUROC", "auroc")
+    for column in ("round", metric, second, "records used"):
         rounds.add_column(column, justify="right")
     for r in report["rounds"]:
-        rounds.add_row(str(r["round"]), f"{r.get('accuracy', float('nan')):.4f}",
-                       f"{r['auroc']:.4f}" if "auroc" in r else "-", str(sum(r["records_used"].values())))
+        rounds.add_row(str(r["round"]), f"{r.get(metric, float('nan')):.4f}",
+                       f"{r[second_key]:.4f}" if second_key in r else "-",
+                       str(sum(r["records_used"].values())))
     console.print(rounds)
     hospitals = Table(title="Hospitals (records in record-rounds)", header_style="bold")
     for column in ("hospital", "decision", "used", "excluded", "epsilon", "noise", "q", "steps", "tokens"):
@@ -94,11 +98,19 @@ def demo(  # noqa: PLR0917 (Typer maps parameters to options)
     witnesses: Annotated[bool, typer.Option(
         "--witnesses/--no-witnesses",
         help="Hospitals cosign the log's checkpoints; the export verifies with their quorum.")] = True,
+    study: Annotated[str, typer.Option(
+        "--study", help="Which study: breast-cancer (logistic regression, the default) or survival "
+                        "(Cox model on flchain; docs/survival.md).")] = "breast-cancer",
 ) -> None:
     """Run a whole consortium on this machine: coordinator, SuperLink, three hospital nodes;
     one study from submission to payout; audit export verified; report in OUT."""
     from exchange.demo.consortium import Consortium, DemoConfig, DemoError, Progress
     from exchange.demo.report import failed_checks
+    from exchange.demo.studies import STUDIES
+
+    if study not in STUDIES:
+        raise typer.BadParameter(f"unknown study {study!r}; choose one of {', '.join(sorted(STUDIES))}",
+                                 param_hint="--study")
 
     if db is not None:
         from sqlalchemy.engine import make_url
@@ -121,7 +133,8 @@ def demo(  # noqa: PLR0917 (Typer maps parameters to options)
     console = Console() if sys.stdout.isatty() else Console(width=140)
     progress = Progress()
     consortium = Consortium(DemoConfig(out=out, db_url=db, rounds=rounds, epsilon=epsilon,
-                                           witnesses=witnesses), progress)
+                                       witnesses=witnesses, study=study), progress)
+    progress.metric = STUDIES[study].metric
 
     def on_sigterm(_signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from audit.signing import Signer
+from exchange.demo.studies import DemoStudy, get_study
 from exchange.node.consent_store import ConsentImportRejectedError
 from exchange.node.mapping import ImportRejectedError
 from exchange.node.steward import import_consent, import_data, init_node
@@ -87,10 +88,16 @@ class DemoConfig:
     #: verifies with the witness quorum); False: the log key alone, as before witnesses
     witnesses: bool = True
     timeout_s: float = 600.0
+    #: which study (exchange.demo.studies): "breast-cancer" or "survival"
+    study: str = "breast-cancer"
 
     @property
     def work(self) -> Path:
         return self.out / "work"
+
+    @property
+    def demo_study(self) -> DemoStudy:
+        return get_study(self.study)
 
 
 @dataclass
@@ -127,6 +134,8 @@ class Progress:
     round: int = 0
     rounds: int = 0
     accuracy: float | None = None
+    #: what `accuracy` holds: "accuracy", or "concordance" for a survival study
+    metric: str = "accuracy"
     hospitals: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
@@ -218,13 +227,9 @@ def breast_cancer_columns() -> dict[str, list[str]]:
 
 
 def study_body(config: DemoConfig) -> dict[str, Any]:
-    """The researcher's study request (the coordinator's StudyCreate)."""
-    columns = breast_cancer_columns()
+    """The researcher's study request (the coordinator's StudyCreate) for the configured study."""
     return {
-        "title": "Breast cancer: malignancy from fine-needle aspirate features",
-        "purpose": "DUO:0000007", "disease": "C50", "commercial": False, "ethics_approval": True,
-        "data_categories": sorted(columns), "columns": columns,
-        "template": "logistic_regression", "task": "binary", "label": LABEL,
+        **config.demo_study.body_fields(), "commercial": False, "ethics_approval": True,
         "epsilon": config.epsilon, "delta": config.delta, "rounds": config.rounds, "min_hospitals": 2,
         "token_budget": config.token_budget,
     }
@@ -348,7 +353,7 @@ class Consortium:
         self.runtime = build_runtime(AppConfig(
             database_url=self.db_url, operator_key_file=keys / "operator.key", log_key_file=keys / "log.key",
             coordinator_key_file=keys / "coordinator.key", log_origin="demo.exchange.local/log",
-            royalties={"logistic_regression": (TEMPLATE_AUTHOR, ROYALTY_BPS)}, access_log=False),
+            royalties={self.config.demo_study.template: (TEMPLATE_AUTHOR, ROYALTY_BPS)}, access_log=False),
             self.runner)
         c = self.runtime.coordinator
         # The operator's admin functions (what `exchange admin ...` runs).
@@ -398,10 +403,7 @@ class Consortium:
     def import_hospital_data(self) -> None:
         """Each hospital imports its part of the data and its patients' consent contracts with
         the node's own steward functions."""
-        from federated.data import load_federated
-
-        parts = {p.hospital_id: p for p in load_federated("breast_cancer", len(HOSPITALS),
-                                                           hospital_ids=HOSPITALS)}
+        parts = self.config.demo_study.parts(HOSPITALS)
         for index, h in enumerate(self.hospitals.values()):
             data = parts[h.id]
             records_csv, mapping = self._write_records(h, data)
@@ -449,7 +451,7 @@ class Consortium:
             "insecure": self.tls is None,
             "root_certificates": self.tls.ca_cert.resolve() if self.tls is not None else None,
             "clientappio_address": f"127.0.0.1:{free_port()}", "restart_backoff_initial_s": 0.5})
-        training = settings.training.model_copy(update={"label_column": LABEL})
+        training = settings.training.model_copy(update={"label_column": self.config.demo_study.label})
         witness = settings.witness.model_copy(update={"enabled": self.config.witnesses})
         updated = settings.model_copy(update={"policy": policy, "supernode": supernode, "training": training,
                                               "witness": witness,
@@ -462,17 +464,23 @@ class Consortium:
         plus the column -> data category mapping `import-data` needs."""
         inputs = h.dir / "input"
         inputs.mkdir(parents=True, exist_ok=True)
+        study = self.config.demo_study
         names = [c.replace(" ", "_") for c in data.columns]
         path = inputs / "records.csv"
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["patient_pseudonym", *names, LABEL])
+            writer.writerow(["patient_pseudonym", *names, study.label])
             for pseudonym, row, label in zip(data.pseudonyms, data.x.tolist(), data.y.tolist(), strict=True):
-                writer.writerow([pseudonym, *(f"{v:.6g}" for v in row), int(label)])
+                # a survival time (days) is a number; a class label an integer
+                writer.writerow([pseudonym, *(f"{v:.6g}" for v in row),
+                                 f"{label:.6g}" if study.event else int(label)])
         lines = ['pseudonym_column = "patient_pseudonym"', "", "[columns]"]
-        lines += [f'{name} = "{data.categories[column]}"' for name, column in zip(names, data.columns,
-                                                                                  strict=True)]
-        lines.append(f'{LABEL} = {{ category = "outcomes", type = "integer" }}')
+        lines += [f'{name} = {{ category = "{data.categories[column]}", type = "number" }}'
+                  if column == study.event else f'{name} = "{data.categories[column]}"'
+                  for name, column in zip(names, data.columns, strict=True)]
+        label_type = "number" if study.event else "integer"
+        label_category = "diagnoses" if study.event else "outcomes"
+        lines.append(f'{study.label} = {{ category = "{label_category}", type = "{label_type}" }}')
         mapping = inputs / "mapping.toml"
         mapping.write_text("\n".join(lines) + "\n")
         return path, mapping
@@ -604,7 +612,8 @@ class Consortium:
                 if results["rounds"]:
                     last = results["rounds"][-1]
                     self.progress.round = int(last["round"])
-                    accuracy = last["metrics"].get("eval_accuracy")
+                    metric = self.config.demo_study.metric
+                    accuracy = last["metrics"].get(f"ref_{metric}", last["metrics"].get(f"eval_{metric}"))
                     self.progress.accuracy = float(accuracy) if accuracy is not None else None
                 for h in self.hospitals.values():
                     self._check_daemon(h)

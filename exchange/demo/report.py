@@ -47,13 +47,19 @@ def validate_report(report: dict[str, Any]) -> None:
     for key in ("study", "rounds", "hospitals"):
         if key not in report:
             raise ReportError(f"report: missing {key!r}")
+    metric = report_metric(report)
     for i, round_ in enumerate(report["rounds"]):
-        if not isinstance(round_.get("round"), int) or not isinstance(round_.get("accuracy"), float):
-            raise ReportError(f"rounds[{i}]: needs integer 'round' and float 'accuracy'")
+        if not isinstance(round_.get("round"), int) or not isinstance(round_.get(metric), float):
+            raise ReportError(f"rounds[{i}]: needs integer 'round' and float {metric!r}")
     for i, hospital in enumerate(report["hospitals"]):
         missing = [name for name in REQUIRED_HOSPITAL_FIELDS if name not in hospital]
         if missing:
             raise ReportError(f"hospitals[{i}]: missing {missing}")
+
+
+def report_metric(report: Mapping[str, Any]) -> str:
+    """The round metric the report leads with: "accuracy", or "concordance" for survival."""
+    return str(report.get("study", {}).get("metric") or "accuracy")
 
 
 def _svg(fig: Any) -> Markup:
@@ -64,12 +70,12 @@ def _svg(fig: Any) -> Markup:
     return Markup(text[text.index("<svg"):])  # drop the XML prolog: inline in HTML
 
 
-def _accuracy_plot(rounds: list[dict[str, Any]]) -> Markup:
+def _accuracy_plot(rounds: list[dict[str, Any]], metric: str = "accuracy") -> Markup:
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([r["round"] for r in rounds], [r["accuracy"] for r in rounds], marker="o")
+    ax.plot([r["round"] for r in rounds], [r[metric] for r in rounds], marker="o")
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("global accuracy")
+    ax.set_ylabel(f"global {metric}")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     return _svg(fig)
@@ -124,8 +130,8 @@ def render_html(report: dict[str, Any]) -> str:
     for hospital, pooled in report.get("claim_pools", {}).items():
         payouts[f"claim pools: {hospital}"] = pooled
     return env.get_template("report.html.j2").render(
-        report=report,
-        accuracy_svg=_accuracy_plot(report["rounds"]) if report["rounds"] else None,
+        report=report, metric=report_metric(report),
+        accuracy_svg=_accuracy_plot(report["rounds"], report_metric(report)) if report["rounds"] else None,
         epsilon_svg=_bar_plot([h["id"] for h in hospitals],
                               [h["epsilon_spent"] for h in hospitals], "epsilon spent"),
         records_svg=_records_plot(hospitals),
@@ -210,19 +216,22 @@ def assemble_report(*, study: Mapping[str, Any], entries: Sequence[Entry], balan
 
     # rounds: the coordinator's signed study.round entries (metrics from the ServerApp)
     rounds: list[dict[str, Any]] = []
+    metric = "concordance" if spec.get("task") == "survival" else "accuracy"
     for entry in sorted(kinds.get("study.round", []), key=lambda e: e.payload["round"]):
         metrics = dict(entry.payload.get("metrics") or {})
         number = int(entry.payload["round"])
         row: dict[str, Any] = {"round": number, "time": entry.time}
-        # accuracy: exact on the PUBLIC reference sample when the study has one (no privacy
-        # cost), else the hospitals' noised hold-out estimate (federated.evaluation)
-        accuracy = _float(metrics.get("ref_accuracy"))
-        if accuracy is None:
-            accuracy = _float(metrics.get("eval_accuracy"))
-        if accuracy is not None:
-            row["accuracy"] = accuracy
+        # accuracy (survival: concordance): exact on the PUBLIC reference sample when the study
+        # has one (no privacy cost), else the hospitals' noised hold-out estimate
+        # (federated.evaluation)
+        value = _float(metrics.get(f"ref_{metric}"))
+        if value is None:
+            value = _float(metrics.get(f"eval_{metric}"))
+        if value is not None:
+            row[metric] = value
         for name, key in (("auroc", "ref_auroc"), ("auroc", "eval_auroc"), ("loss", "ref_loss"),
                           ("loss", "eval_loss"), ("holdout_accuracy", "eval_accuracy"),
+                          ("ibs", "ref_ibs"), ("holdout_concordance", "eval_concordance"),
                           ("eval_examples", "eval_examples"), ("eval_epsilon", "eval_epsilon"),
                           ("wall_s", "round_wall_s")):
             if name in row:
@@ -234,8 +243,8 @@ def assemble_report(*, study: Mapping[str, Any], entries: Sequence[Entry], balan
         row["records_used"] = {r.payload["hospital"].removeprefix("hospital:"): int(r.payload["records_used"])
                                for r in receipts if r.payload["round"] == number}
         rounds.append(row)
-    check("every round has an evaluated accuracy", all("accuracy" in r for r in rounds),
-          ", ".join(str(r["round"]) for r in rounds if "accuracy" not in r))
+    check(f"every round has an evaluated {metric}", all(metric in r for r in rounds),
+          ", ".join(str(r["round"]) for r in rounds if metric not in r))
 
     # payout: the log's study.payout entry, recomputed from the escrow terms and the receipts
     payout_entries = kinds.get("study.payout", [])
@@ -346,6 +355,7 @@ def assemble_report(*, study: Mapping[str, Any], entries: Sequence[Entry], balan
             "purpose": spec.get("purpose"), "disease": spec.get("disease"),
             "commercial": spec.get("commercial"), "template": spec.get("template"),
             "task": spec.get("task"), "label": spec.get("label"), "columns": spec.get("columns"),
+            "metric": metric, **({"event": spec["event"]} if spec.get("event") else {}),
             "epsilon": spec.get("epsilon"), "delta": spec.get("delta"),
             # every epsilon and delta in this report is per patient (federated.accounting)
             "privacy_unit": "patient",
