@@ -97,6 +97,10 @@ def survival_feature_specs(dataset: str) -> tuple[FeatureSpec, ...]:
 @lru_cache(maxsize=4)
 def _raw(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Bounds-scaled features, time (days), event (0/1) and strata (read-only, cached)."""
+    import logging
+
+    # numexpr (imported by scikit-survival) logs its thread count at INFO on import
+    logging.getLogger("numexpr.utils").setLevel(logging.WARNING)
     import sksurv.datasets as sd
 
     specs = survival_feature_specs(dataset)
