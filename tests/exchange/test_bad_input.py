@@ -230,3 +230,25 @@ def test_secure_aggregation_is_on_by_default_from_three_hospitals() -> None:
     assert spec(min_hospitals=3).secure_aggregation is True
     assert spec(min_hospitals=2).secure_aggregation is False
     assert spec(min_hospitals=3, secure_aggregation=False).secure_aggregation is False
+
+
+def test_survival_and_multiclass_studies_name_their_extra_field(world: World) -> None:
+    before = snapshot(world)
+    no_event = study_body(template="cox_ph", task="survival", label="time")
+    errors = fields(problem(world.as_("alice", "POST", "/v1/studies", json=no_event), 422))
+    assert "a survival study needs its event column" in errors["event"]
+    stray = study_body(event="death")
+    errors = fields(problem(world.as_("alice", "POST", "/v1/studies", json=stray), 422))
+    assert "only a survival study has one" in errors["event"]
+    same = study_body(template="cox_ph", task="survival", label="time", event="time")
+    assert "must differ from the label" in fields(
+        problem(world.as_("alice", "POST", "/v1/studies", json=same), 422))["event"]
+    no_classes = study_body(template="softmax_regression", task="multiclass")
+    errors = fields(problem(world.as_("alice", "POST", "/v1/studies", json=no_classes), 422))
+    assert "number of classes" in errors["classes"]
+    wrong_task = study_body(template="cox_ph", task="binary")
+    assert "template 'cox_ph' is for task 'survival'" in fields(
+        problem(world.as_("alice", "POST", "/v1/studies", json=wrong_task), 422))["task"]
+    assert snapshot(world) == before
+    accepted = world.submit(template="cox_ph", task="survival", label="time", event="event")
+    assert accepted["spec"]["event"] == "event" and accepted["spec"]["task"] == "survival"
