@@ -102,3 +102,33 @@ def test_hospital_without_the_event_column_refuses(sites: dict[str, DemoSite]) -
     approve(demo.site, spec.study_id)
     out = train_hospital_round(demo.site, spec, 1, initial_state("cox_ph", len(spec.columns)), NOW)
     assert out.status == "refused" and "event: this hospital has no column 'death'" in out.reason
+
+
+def test_multiclass_study_runs_in_process(sites: dict[str, DemoSite], tmp_path: Path) -> None:
+    """softmax_regression over the same consent-gated sites, the label rewritten to flchain's age
+    band (0, 1, 2): trains, aggregates and releases the noised hold-out accuracy."""
+    for demo in sites.values():
+        data, _label = read_records(demo.site.records_path)
+        age = data.select_columns(["age"]).x[:, 0]
+        band = np.digitize(age, np.quantile(age, [1 / 3, 2 / 3])).astype(np.float32)
+        write_records(demo.site.records_path, replace(data, y=band), "age_band")
+    columns = ("sex", "kappa", "lambda", "creatinine", "mgus")
+    base = _spec("s-multi")
+    spec = StudySpec.from_json({**{k: v for k, v in base.to_json().items() if k != "event"},
+                                "template": "softmax_regression", "task": "multiclass", "classes": 3,
+                                "label": "age_band", "columns": list(columns),
+                                "request": {**base.request.model_dump(mode="json"),
+                                            "data_categories": ["diagnoses", "labs", "demographics"]}})
+    for demo in sites.values():
+        approve(demo.site, spec.study_id)
+    grid = InProcessGrid({i + 1: d.site.node_config() for i, d in enumerate(sites.values())},
+                         spec.to_run_config())
+    observer = Observer()
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=spec.to_run_config())
+    run_study_rounds(grid, context, observer, ServerOptions(
+        output_dir=tmp_path / "out", poll=0.01,
+        hospital_keys={h: d.signer.public_key for h, d in sites.items()}))
+    assert observer.failed == [] and observer.completed is not None
+    _round, metrics, receipts = observer.rounds[-1]
+    assert len(receipts) == 3 and 0.3 < metrics["eval_accuracy"] <= 1.0
