@@ -56,3 +56,16 @@ def test_payout_plot_groups_reward_accounts() -> None:
                                      "author:x": 20})
     assert labels == ["author:x", "hospital:h1", "2 reward accounts"]
     assert values == [20, 400, 7]
+
+
+def test_survival_report_leads_with_concordance_and_ibs(tmp_path: Path) -> None:
+    report = _report()
+    report["study"].update(task="survival", metric="concordance", template="cox_ph")
+    report["rounds"] = [{"round": 1, "concordance": 0.79, "ibs": 0.09},
+                        {"round": 2, "concordance": 0.80, "ibs": 0.085}]
+    html = write_report(report, tmp_path)[1].read_text()
+    assert "Concordance per round" in html and "<th>concordance</th>" in html
+    assert "integrated Brier score" in html and "0.0850" in html
+    report["rounds"][1] = {"round": 2, "accuracy": 0.9}  # the survival metric is missing
+    with pytest.raises(ReportError, match=r"rounds\[1\]: needs integer 'round' and float 'concordance'"):
+        render_html(report)

@@ -1,0 +1,23 @@
+"""The demo's studies (exchange.demo.studies): the survival study's request and its translation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exchange.demo.consortium import DemoConfig, study_body
+from exchange.demo.studies import get_study
+from exchange.study.spec import AcceptedStudy, study_spec
+
+
+def test_survival_study_body_and_spec() -> None:
+    body = study_body(DemoConfig(out=Path("unused"), study="survival", rounds=3))
+    assert (body["template"], body["task"], body["label"], body["event"]) == ("cox_ph", "survival", "time",
+                                                                              "event")
+    spec = study_spec(AcceptedStudy(study_id="st-s", spec=body, organisation_id="acme-research", region="DE"))
+    assert spec.event == "event" and spec.label == "time" and "event" not in spec.columns
+    assert set(spec.columns) == {"age", "sex", "kappa", "lambda", "creatinine", "mgus"}
+    assert spec.request.purpose == "DUO:0000042" and spec.request.disease is None
+    with pytest.raises(ValueError, match="unknown demo study 'asthma'"):
+        get_study("asthma")
