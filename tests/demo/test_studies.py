@@ -21,3 +21,14 @@ def test_survival_study_body_and_spec() -> None:
     assert spec.request.purpose == "DUO:0000042" and spec.request.disease is None
     with pytest.raises(ValueError, match="unknown demo study 'asthma'"):
         get_study("asthma")
+
+
+def test_unknown_demo_study_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from exchange.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--study", "asthma", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "unknown study 'asthma'" in result.output and "survival" in result.output
+    assert not (tmp_path / "out").exists()
