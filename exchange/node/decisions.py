@@ -103,9 +103,9 @@ def _survival_outcome(session: Session, study: StudyView, at: datetime) -> Outco
     if study.event is None or not study.columns:
         return None
     result = gate_records(session, study, at)
-    n_features = sum(len(names) for names in study.columns.values())
+    columns = [column for names in study.columns.values() for column in names]
     return summarize_survival(session, result.eligible_pseudonyms, time_column=study.label,
-                              event_column=study.event, n_features=n_features)
+                              event_column=study.event, columns=columns)
 
 
 def sign_decision(signer: Signer, hospital_id: str, study_id: str, *, decision: str,

@@ -48,6 +48,8 @@ class OutcomeSummary:
     event_not_binary: int = 0
     events: int = 0
     needed_events: int = MIN_EVENTS
+    #: whether a public subcohort (the Cox risk-set reference) holds the study's feature columns
+    subcohort: bool = True
 
     def problems(self) -> list[str]:
         """One reason per fault, naming the column and how many records have it."""
@@ -60,6 +62,9 @@ class OutcomeSummary:
                              f"event column {self.event_column!r} is not 0 or 1")):
             if count:
                 out.append(f"{what} in {count} of {self.records} eligible record(s)")
+        if not self.subcohort:
+            out.append("no public subcohort holds the study's feature columns, so the Cox template "
+                       "cannot form risk sets without private patients (docs/survival.md)")
         if not out and self.events < self.needed_events:
             out.append(f"only {self.events} event(s) among the {self.records} eligible record(s); "
                        f"the Cox template needs at least {self.needed_events} for "
@@ -75,8 +80,12 @@ def _number(value: Any) -> float | None:
 
 
 def summarize_survival(session: Session, eligible: Iterable[str], *, time_column: str,
-                       event_column: str, n_features: int) -> OutcomeSummary:
-    """Count the outcome faults and the events among the records of the `eligible` pseudonyms."""
+                       event_column: str, columns: list[str]) -> OutcomeSummary:
+    """Count the outcome faults and the events among the records of the `eligible` pseudonyms,
+    and check that a public subcohort holds the feature `columns`."""
+    from federated.clinical_data import public_survival_reference
+
+    subcohort = public_survival_reference(columns, "pretrain") is not None
     wanted = set(eligible)
     counts = {"records": 0, "time_missing": 0, "time_not_numeric": 0, "time_negative": 0,
               "event_missing": 0, "event_not_binary": 0, "events": 0}
@@ -102,4 +111,4 @@ def summarize_survival(session: Session, eligible: Iterable[str], *, time_column
             elif event == 1.0:
                 counts["events"] += 1
     return OutcomeSummary(time_column=time_column, event_column=event_column,
-                          needed_events=min_events(n_features), **counts)
+                          needed_events=min_events(len(columns)), subcohort=subcohort, **counts)

@@ -15,8 +15,8 @@ alone. The rules, in order (every failing rule adds a reason; any reason means r
 8. at least min_eligible_records records whose patients' consent permits the study, and at
    least one such patient whose lifetime cap leaves room for the study,
 9. a survival study: its time and event columns present, numeric, times non-negative, events
-   0/1 in every eligible record, and enough events for the Cox template
-   (`exchange.node.outcomes`).
+   0/1 in every eligible record, enough events for the Cox template, and a public subcohort
+   for its columns (`exchange.node.outcomes`).
 
 With no reason: mode auto-approve -> approve, auto-refuse -> refuse ("site policy is to
 refuse automatically"), ask -> wait for the steward.

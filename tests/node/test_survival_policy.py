@@ -46,6 +46,10 @@ def test_outcome_faults_are_reasons_naming_column_and_count() -> None:
     assert evaluate(policy, survival_study(), MANY, FULL, HELD, outcome=few).reasons == [
         "survival outcome: only 7 event(s) among the 50 eligible record(s); the Cox template needs at "
         "least 20 for 2 coefficient(s)"]
+    public = OutcomeSummary(time_column="time", event_column="event", records=50, events=25, subcohort=False)
+    assert evaluate(policy, survival_study(), MANY, FULL, HELD, outcome=public).reasons == [
+        "survival outcome: no public subcohort holds the study's feature columns, so the Cox template "
+        "cannot form risk sets without private patients (docs/survival.md)"]
     good = OutcomeSummary(time_column="time", event_column="event", records=50, events=25)
     assert evaluate(policy, survival_study(), MANY, FULL, HELD, outcome=good).decision == "approve"
 
