@@ -10,7 +10,8 @@ import pytest
 
 from audit.signing import Signer
 from exchange.node.decisions import evaluate_study
-from exchange.node.importer import import_records, parse_mapping
+from exchange.node.importer import import_records
+from exchange.node.mapping import parse_mapping
 from exchange.node.outcomes import OutcomeSummary, min_events
 from exchange.node.policy import Budget, Eligibility, StudyView, evaluate
 from exchange.node.settings import NodeSettings, SitePolicy
