@@ -8,8 +8,8 @@ every round; and with too few events the partial likelihood carries too little i
 node checks this when it DECIDES on the study, over the records whose consent permits it, and
 refuses with the reason (`exchange.node.policy` rule 9): the study never becomes a failed run.
 
-Counts only: no value leaves the node, and the reasons name columns and counts, never a
-pseudonym.
+No value and no count leaves the node: the reasons name the column and the fault, never a
+pseudonym or how many records have it.
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ class OutcomeSummary:
     subcohort: bool = True
 
     def problems(self) -> list[str]:
-        """One reason per fault, naming the column and how many records have it."""
+        """One reason per fault, naming the column and the fault. No count: a reason leaves the
+        hospital in the public log, where an exact count could show one patient's change
+        between two studies (docs/privacy.md, "Counts"); `exchange node status` shows them."""
         out: list[str] = []
         for count, what in ((self.time_missing, f"time column {self.time_column!r} is missing"),
                             (self.time_not_numeric, f"time column {self.time_column!r} is not numeric"),
@@ -61,14 +63,14 @@ class OutcomeSummary:
                             (self.event_not_binary,
                              f"event column {self.event_column!r} is not 0 or 1")):
             if count:
-                out.append(f"{what} in {count} of {self.records} eligible record(s)")
+                out.append(f"{what} in eligible records")
         if not self.subcohort:
             out.append("no public subcohort holds the study's feature columns, so the Cox template "
                        "cannot form risk sets without private patients (docs/survival.md)")
         if not out and self.events < self.needed_events:
-            out.append(f"only {self.events} event(s) among the {self.records} eligible record(s); "
-                       f"the Cox template needs at least {self.needed_events} for "
-                       f"{self.needed_events // EVENTS_PER_FEATURE or 1} coefficient(s)")
+            out.append(f"fewer events among the eligible records than the Cox template needs "
+                       f"({self.needed_events} for "
+                       f"{self.needed_events // EVENTS_PER_FEATURE or 1} coefficient(s))")
         return out
 
 
