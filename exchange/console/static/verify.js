@@ -202,7 +202,15 @@
       step(ok, "inclusion of entry " + index + " in the checkpoint's tree of " + current.size +
            (ok ? " verified against its root" : " does not lead to the checkpoint's root" + why));
       var select = document.getElementById("old-size");
-      var oldSize = select && select.value ? Number(select.value) : 0;
+      var oldSize = select && select.value && select.value !== "auto" ? Number(select.value) : 0;
+      if (select && select.value === "auto") {
+        // the coordinator checkpoints by itself, so the newest stored checkpoint is often the current
+        // one; a consistency check needs an earlier one
+        Array.prototype.forEach.call(select.options, function (option) {
+          var size = Number(option.value);
+          if (option.value !== "auto" && size < current.size && size > oldSize) { oldSize = size; }
+        });
+      }
       if (oldSize > 0 && oldSize <= current.size) {
         var old = await verifyCheckpoint((await getJson("/console/log/checkpoints/" + oldSize)).checkpoint,
                                          name, publicKey, origin);
