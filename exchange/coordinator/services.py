@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from audit.entry import Entry
 from audit.rewards import PayoutError
-from audit.signing import Signer
+from audit.signing import Signer, b64decode
 from audit.store import AuditLog
 from exchange.coordinator import problems
 from exchange.coordinator.journal import Journal, now
@@ -45,6 +45,7 @@ from exchange.coordinator.models import (
 from exchange.coordinator.registry import Principal, Registry
 from exchange.coordinator.schemas import StudyCreate, decision_payload_problems
 from exchange.logging import get_logger
+from exchange.study.receipts import check_receipt
 from exchange.study.runners import RunHandle, RunHospital, RunRequest, StudyRunner
 from exchange.study.spec import AcceptedStudy, study_spec
 
@@ -503,13 +504,15 @@ class Coordinator:
 
     def record_receipt(self, hospital: Hospital, entry: Entry) -> int:
         """A hospital delivers its own signed `round.receipt` (e.g. when the run could not)."""
-        from federated.receipts import ReceiptError, parse_receipt
+        from federated.receipts import ReceiptError
 
         found = self._entry_problems(entry, "round.receipt", hospital)
-        try:
-            receipt = parse_receipt(entry, hospital_id=hospital.id)
-        except ReceiptError as exc:
-            found.append({"field": "payload", "reason": str(exc)})
+        if not found:
+            try:
+                receipt = check_receipt(entry, {hospital.id: b64decode(hospital.signing_public_key)},
+                                        hospital_id=hospital.id)
+            except ReceiptError as exc:
+                found.append({"field": "payload", "reason": str(exc)})
         if found:
             raise problems.unprocessable(found)
         study_id, round_number = receipt.study_id, receipt.round

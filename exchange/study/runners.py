@@ -31,7 +31,9 @@ from typing import Any, Protocol
 from audit.entry import Entry
 from audit.signing import b64decode
 from exchange.logging import get_logger
+from exchange.study.receipts import check_receipt, named_hospital
 from exchange.study.spec import AcceptedStudy, study_spec
+from federated.receipts import ReceiptError
 
 log = get_logger("exchange.study.runners")
 
@@ -106,10 +108,6 @@ def _hospital_keys(request: RunRequest) -> dict[str, bytes]:
     return {h.id: b64decode(h.signing_public_key) for h in request.hospitals}
 
 
-def _bare_hospital_id(value: Any) -> str | None:
-    return value.removeprefix("hospital:") if isinstance(value, str) else None
-
-
 class GuardedObserver:
     """The coordinator's observer as a run may call it, whatever the runner.
 
@@ -138,31 +136,19 @@ class GuardedObserver:
             return self._ended
 
     def _accepted(self, entry: Any, round_number: int) -> bool:
-        from federated.receipts import ReceiptError, verify_receipt
-
-        payload = getattr(entry, "payload", None)
-        hospital = _bare_hospital_id(payload.get("hospital") if isinstance(payload, Mapping) else None)
-        key = self.keys.get(hospital) if hospital is not None else None
-        if hospital is None or key is None:
-            log.warning(
-                "receipt.ignored",
-                study_id=self.study_id,
-                round=round_number,
-                hospital=str(hospital),
-                reason="hospital not approved for this study",
-            )
-            return False
+        hospital = named_hospital(entry)
         try:
-            verify_receipt(entry, key, study_id=self.study_id, round=round_number, hospital_id=hospital)
+            check_receipt(entry, self.keys, study_id=self.study_id, round=round_number)
         except ReceiptError as exc:
             log.warning(
                 "receipt.ignored",
                 study_id=self.study_id,
                 round=round_number,
-                hospital=hospital,
+                hospital=str(hospital),
                 reason=str(exc),
             )
             return False
+        assert hospital is not None  # check_receipt found its key
         if (round_number, hospital) in self._seen:
             log.warning(
                 "receipt.ignored",
