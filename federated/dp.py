@@ -26,7 +26,7 @@ Engines:
   algebra as Opacus's grad_sample_mode="ghost"). The backward is written out by hand for
   tanh/ReLU/sigmoid/identity (closed-form loss gradient `Template.output_grad`), through autograd
   for other element-wise activations. This makes a DP step cost about what a plain autograd +
-  torch.optim step costs (0.93-1.01x throughput, docs/benchmarks/federated-dp.md).
+  torch.optim step costs (docs/benchmarks/federated-dp.md has the ratio).
 - "opacus": Opacus 1.6's GradSampleModule (hooks) and DPOptimizer with the same sampling and the
   same noise. Any nn.Module works; slower. The tests check both engines give the same clipped sum.
 

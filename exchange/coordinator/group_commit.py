@@ -264,8 +264,8 @@ class LoopGroupCommit(_Batcher):
     Why: with a Python writer thread (GroupCommit) the loop and the writer take the GIL from
     each other at every SQLite call, socket operation and signature (each releases it): ~6
     context switches per submission, and about a quarter of the process's CPU per submission
-    went to those hand-overs (measured: 1.52-1.68 ms vs 1.18-1.23 ms per submission with the
-    batch's statements on the loop; docs/benchmarks/api.md). SQLite statements are in-process
+    went to those hand-overs (measured against the batch's statements on the loop:
+    docs/benchmarks/api.md). SQLite statements are in-process
     CPU work, so running them on the loop blocks it no longer than that work takes; the waits
     (lock, fsync) stay off it. PostgreSQL statements wait on the network: they stay on
     GroupCommit's thread.

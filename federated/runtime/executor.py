@@ -1,7 +1,7 @@
 """The warm ClientApp executor behind `flower-supernode --isolation process`.
 
 Out of the box a SuperNode starts a new `flwr-clientapp` interpreter for every message, which
-imports torch and reloads data each time (~8 s per phase on 2 cores). This executor is a
+imports torch and reloads data each time (docs/benchmarks/flower.md). This executor is a
 long-lived process that takes ClientApp tasks from the SuperNode's runtime API and runs them in
 this process, torch imported once.
 

@@ -11,10 +11,11 @@ runtime needs is wrapped here, behind small typed functions and classes:
   executor runs ClientApp tasks (`server_runner`, `executor`);
 - FAB building and reading, the process-global task identity, message metadata that has no
   public setter, Flower's error codes, the SuperLink/SuperNode entry points and log format;
-- the speed patches: out of the box a Flower 1.42 round costs 20-30 s on our machines, mostly in
-  hard-coded sleeps (`time.sleep(3)` / `time.sleep(0.5)` in the SuperNode loop), a 1 s initial
-  back-off when a message's objects are not stored yet, and a new interpreter per ClientApp
-  message (see docs/flower.md). `RuntimeSettings.mode = "plain"` runs without the patches.
+- the speed patches: out of the box most of a Flower 1.42 round is spent in hard-coded sleeps
+  (`time.sleep(3)` / `time.sleep(0.5)` in the SuperNode loop), a 1 s initial back-off when a
+  message's objects are not stored yet, and a new interpreter per ClientApp message (see
+  docs/flower.md; the numbers are in docs/benchmarks/flower.md).
+  `RuntimeSettings.mode = "plain"` runs without the patches.
 
 Two guards, both raising `FlowerLayoutError` (not `assert`, which `python -O` would drop):
 `check_flwr_version()` refuses any flwr but the pinned one before a patch is applied (patches
@@ -574,7 +575,7 @@ def patch_supernode_sleeps(idle_sleep: float, reply_sleep: float) -> None:
     flwr 1.42 `supernode/start_client_internal.py` calls `time.sleep(3)` when a poll of the
     SuperLink finds no message and `time.sleep(0.5)` twice while waiting for the ClientApp's reply
     and its objects. We swap that module's global `time` for a proxy; flwr's source is untouched.
-    Idle 0.1-0.2 s is the sweet spot measured on 2 cores (lower burns CPU and gains nothing).
+    The default idle sleep is `RuntimeSettings.supernode_idle_sleep` (why: docs/benchmarks/flower.md).
     """
     check_flwr_version()
     import flwr.supernode.start_client_internal as sci

@@ -2,7 +2,8 @@
 `--isolation process` (no `flwr run`, no `flwr-serverapp` process).
 
 Why: the coordinator needs the ServerApp's events as Python calls (to append audit entries), and
-starting a ServerApp through `flwr run` + SuperExec costs 3.4-7.6 s per run against ~0.04 s here.
+starting a ServerApp through `flwr run` + SuperExec costs far more per run than this
+(docs/benchmarks/flower.md).
 How (the same steps SuperExec + flwr-serverapp take; the flwr internals they need are wrapped in
 `flwr_internals`):
 1. build the FAB from `federated/app` and submit the run over the Control API (`StartRun`) with

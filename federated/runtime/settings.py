@@ -2,11 +2,11 @@
 
 Two modes:
 - ``fast`` (default): SuperNodes with `--isolation process` behind our warm executor, shortened
-  SuperNode sleeps and pull back-offs, ServerApp polling every `server_poll` seconds. About 1.5-3 s
-  of overhead per round on loopback (docs/benchmarks/flower.md).
+  SuperNode sleeps and pull back-offs, ServerApp polling every `server_poll` seconds (per-round overhead:
+  docs/benchmarks/flower.md).
 - ``plain``: the supported out-of-the-box configuration: `flower-supernode` in its default
   subprocess isolation (one `flwr-clientapp` process per message), no patches, 3 s server polls.
-  ~20-30 s per round; the fallback if an flwr upgrade breaks a patch.
+  Much slower per round (docs/benchmarks/flower.md); the fallback if an flwr upgrade breaks a patch.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class RuntimeSettings:
     """Knobs of the Flower deployment; every default works on one machine."""
 
     mode: RuntimeMode = "fast"
-    #: SuperNode sleep when a poll finds no message (flwr: 3 s). 0.1-0.2 s measured best on 2 cores.
+    #: SuperNode sleep when a poll finds no message (flwr: 3 s; why ours: docs/benchmarks/flower.md).
     supernode_idle_sleep: float = 0.1
     #: SuperNode sleep while waiting for the ClientApp's reply (flwr: 0.5 s).
     supernode_reply_sleep: float = 0.02
