@@ -42,7 +42,7 @@ def _run(db: str | None, config: Path | None, action: Any) -> Any:
 
     runtime = _coordinator(db, config)
     try:
-        return action(runtime.coordinator)
+        return action(runtime.coordinator.registry)
     except ProblemError as exc:
         details = "; ".join(f"{e['field']}: {e['reason']}" for e in exc.errors)
         typer.echo(f"refused: {exc.detail}" + (f" ({details})" if details else ""), err=True)

@@ -51,8 +51,8 @@ def _principal_from_session(sessions: SessionStore) -> Any:
         token = sessions.api_key(request.cookies.get(COOKIE))
         if token is None:
             raise SignInRequired
-        found = coordinator.cached_principal(token) or await anyio.to_thread.run_sync(
-            coordinator.authenticate_api_key, token
+        found = coordinator.registry.cached_principal(token) or await anyio.to_thread.run_sync(
+            coordinator.registry.authenticate_api_key, token
         )
         if found is None:
             sessions.drop(request.cookies.get(COOKIE))

@@ -50,7 +50,7 @@ class LogController(Controller):
         start: Annotated[int, Parameter(ge=0, le=2**53)] = 0,
         kind: str = "",
     ) -> Template:
-        log = coordinator.audit_log
+        log = coordinator.journal.audit_log
         size = log.size()
         rows: list[dict[str, Any]] = []
         position = start
@@ -88,7 +88,7 @@ class LogController(Controller):
 
     @get("/{index:int}", sync_to_thread=True)
     def entry(self, principal: Principal, coordinator: Coordinator, state: State, index: int) -> Template:
-        log = coordinator.audit_log
+        log = coordinator.journal.audit_log
         size = log.size()
         if not 0 <= index < size:
             raise problems.not_found(f"log entry {index} (the log has {size})")
@@ -108,7 +108,7 @@ class LogController(Controller):
 
     @get("/{index:int}/leaf", sync_to_thread=True)
     def leaf(self, principal: Principal, coordinator: Coordinator, index: int) -> dict[str, Any]:
-        log = coordinator.audit_log
+        log = coordinator.journal.audit_log
         if not 0 <= index < log.size():
             raise problems.not_found(f"log entry {index}")
         return {"index": index, "leaf": b64encode(log.get(index).leaf_bytes())}
@@ -116,11 +116,11 @@ class LogController(Controller):
     @get("/checkpoint", sync_to_thread=True)
     def checkpoint(self, principal: Principal, coordinator: Coordinator) -> dict[str, Any]:
         """A fresh signed checkpoint of the whole log (as GET /v1/audit/checkpoint)."""
-        return {"checkpoint": coordinator.audit_log.checkpoint()}
+        return {"checkpoint": coordinator.journal.audit_log.checkpoint()}
 
     @get("/checkpoints/{size:int}", sync_to_thread=True)
     def stored(self, principal: Principal, coordinator: Coordinator, size: int) -> dict[str, Any]:
-        note = views.stored_checkpoint(coordinator.audit_log, size)
+        note = views.stored_checkpoint(coordinator.journal.audit_log, size)
         if note is None:
             raise problems.not_found(f"stored checkpoint of size {size}")
         return {"checkpoint": note}
@@ -129,7 +129,7 @@ class LogController(Controller):
     def inclusion(
         self, principal: Principal, coordinator: Coordinator, index: Index, size: Size
     ) -> dict[str, Any]:
-        log = coordinator.audit_log
+        log = coordinator.journal.audit_log
         current = log.size()
         if size > current or index >= size:
             raise problems.unprocessable(
@@ -150,7 +150,7 @@ class LogController(Controller):
     def consistency(
         self, principal: Principal, coordinator: Coordinator, old_size: Size, new_size: Size
     ) -> dict[str, Any]:
-        log = coordinator.audit_log
+        log = coordinator.journal.audit_log
         current = log.size()
         if not old_size <= new_size <= current:
             raise problems.unprocessable(

@@ -27,7 +27,7 @@ class OperatorController(Controller):
         allow(principal, *OVERSEERS)
         studies, total = coordinator.list_studies(principal, None, 0, PAGE)
         by_status = Counter(str(s.status.value) for s in studies)
-        note = coordinator.audit_log.latest_checkpoint() or coordinator.audit_log.checkpoint()
+        note = coordinator.journal.audit_log.latest_checkpoint() or coordinator.journal.audit_log.checkpoint()
         return Template(
             "operator.html",
             context={
@@ -37,17 +37,17 @@ class OperatorController(Controller):
                 "studies": studies,
                 "total": total,
                 "by_status": dict(sorted(by_status.items())),
-                "log_size": coordinator.audit_log.size(),
+                "log_size": coordinator.journal.audit_log.size(),
             },
         )
 
     @get("/hospitals", sync_to_thread=True)
     def hospitals(self, principal: Principal, coordinator: Coordinator, state: State) -> Template:
         allow(principal, *OVERSEERS)
-        rows, total = coordinator.list_hospitals(0, PAGE)
+        rows, total = coordinator.registry.list_hospitals(0, PAGE)
         contact = views.last_contact(coordinator, rows)
         witnesses = {v.name for v in state.trust.witnesses}
-        note = coordinator.audit_log.latest_checkpoint()
+        note = coordinator.journal.audit_log.latest_checkpoint()
         cosigners = set(views.checkpoint_view(note, state.trust.log_key_name).cosigners) if note else set()
         items: list[dict[str, Any]] = [
             {
@@ -74,8 +74,8 @@ class OperatorController(Controller):
     @get("/organisations", sync_to_thread=True)
     def organisations(self, principal: Principal, coordinator: Coordinator) -> Template:
         allow(principal, *OVERSEERS)
-        rows, total = coordinator.list_organisations(0, PAGE)
-        ledger = coordinator.balances()
+        rows, total = coordinator.registry.list_organisations(0, PAGE)
+        ledger = coordinator.registry.balances()
         balances = ledger.get("balances", {})
         items = [
             {"id": o.id, "name": o.name, "region": o.region, "balance": balances.get(f"org:{o.id}", 0)}

@@ -39,7 +39,7 @@ class ResearchController(Controller):
             offset=offset,
             page=PAGE,
             balance=(
-                coordinator.balance(f"org:{principal.organisation_id}")
+                coordinator.registry.balance(f"org:{principal.organisation_id}")
                 if principal.role == Role.RESEARCHER
                 else None
             ),
@@ -92,7 +92,7 @@ class ResearchController(Controller):
         study = coordinator.get_study(principal, study_id)
         results = coordinator.results(principal, study_id) if views.can_see_results(principal) else None
         series = plots.metric_series(results["rounds"]) if results else {}
-        log = coordinator.audit_log
+        log = coordinator.journal.audit_log
         progress_of = views.progress(study)
         return _page(
             principal,
@@ -134,7 +134,7 @@ def _feasibility(
     decides for itself, by its own policy and consent)."""
     checks: list[dict[str, Any]] = []
     budget = body.get("token_budget")
-    balance = coordinator.balance(f"org:{principal.organisation_id}")
+    balance = coordinator.registry.balance(f"org:{principal.organisation_id}")
     if isinstance(budget, int) and budget > 0:
         problem = coordinator.budget_problem(principal, budget)
         checks.append(
@@ -145,7 +145,7 @@ def _feasibility(
             }
         )
     wanted = body.get("min_hospitals")
-    _rows, registered = coordinator.list_hospitals(0, 1)
+    _rows, registered = coordinator.registry.list_hospitals(0, 1)
     if isinstance(wanted, int) and wanted > 0:
         checks.append(
             {

@@ -42,7 +42,8 @@ class SignInController(Controller):
         form = await request.form()
         token = str(form.get("api_key") or "").strip()
         target = _safe_next(str(form.get("next") or ""))
-        principal = await anyio.to_thread.run_sync(coordinator.authenticate_api_key, token) if token else None
+        authenticate = coordinator.registry.authenticate_api_key
+        principal = await anyio.to_thread.run_sync(authenticate, token) if token else None
         if principal is None or principal.role not in HOME:
             error = (
                 "api_key: enter your API key" if not token else "api_key: this API key is unknown or revoked"

@@ -110,7 +110,7 @@ def last_contact(coordinator: Coordinator, hospitals: Iterable[Hospital]) -> dic
     by_key = {h.signing_key_id: h.id for h in hospitals}
     if not by_key:
         return {}
-    with coordinator.read_engine.connect() as connection:
+    with coordinator.journal.read_engine.connect() as connection:
         rows = connection.execute(
             select(RequestNonce.key_id, func.max(RequestNonce.created_at))
             .where(RequestNonce.key_id.in_(list(by_key)))

@@ -113,7 +113,7 @@ class Runtime:
     def close(self) -> None:
         if self.checkpointing is not None:
             self.checkpointing.close()
-        self.coordinator.close()
+        self.coordinator.journal.close()
         if self.checkpointer is not None:
             self.checkpointer.close()
         self.read_engine.dispose()
@@ -194,7 +194,7 @@ def build_runtime(config: AppConfig, runner: StudyRunner) -> Runtime:
                               terms=Terms(forward_bps=config.forward_bps, royalties=config.royalties),
                               replay_window=timedelta(seconds=config.replay_window_s))
     coordinator.on_change = lambda kind: STUDY_EVENTS.labels(kind=kind).inc()
-    coordinator.bootstrap()
+    coordinator.journal.bootstrap()
     checkpointing = Checkpointing(audit_log, trust, read_engine,
                                   every_entries=config.checkpoint_every_entries,
                                   every_seconds=config.checkpoint_every_s)

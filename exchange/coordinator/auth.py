@@ -57,8 +57,8 @@ async def authenticate(request: Request[Any, Any, Any], coordinator: Coordinator
         if token is None:
             raise unauthorized("authentication required: an API key (Authorization: Bearer ... "
                                "or X-API-Key) or a signed request")
-        found = coordinator.cached_principal(token) or \
-            await anyio.to_thread.run_sync(coordinator.authenticate_api_key, token)
+        found = coordinator.registry.cached_principal(token) or \
+            await anyio.to_thread.run_sync(coordinator.registry.authenticate_api_key, token)
         if found is None:
             raise unauthorized("API key unknown or revoked")
         principal = found
@@ -71,7 +71,7 @@ async def _hospital(request: Request[Any, Any, Any], coordinator: Coordinator) -
     hospitals: dict[str, Any] = {}
 
     def public_key_for(kid: str) -> bytes | None:
-        hospital = coordinator.hospital_by_key(kid)
+        hospital = coordinator.registry.hospital_by_key(kid)
         if hospital is None:
             return None
         hospitals[kid] = hospital
@@ -85,7 +85,7 @@ async def _hospital(request: Request[Any, Any, Any], coordinator: Coordinator) -
         verified = await anyio.to_thread.run_sync(verify)
     except RequestSignatureError as exc:
         raise unauthorized(str(exc)) from exc
-    fresh = await anyio.to_thread.run_sync(coordinator.use_nonce, verified.key_id, verified.nonce)
+    fresh = await anyio.to_thread.run_sync(coordinator.registry.use_nonce, verified.key_id, verified.nonce)
     if not fresh:
         raise unauthorized("replayed request: this signature nonce was already used")
     hospital = hospitals[verified.key_id]

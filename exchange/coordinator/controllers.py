@@ -99,7 +99,7 @@ def _entry(body: SignedEntry) -> Entry:
 
 def _hospital_of(coordinator: Coordinator, principal: Principal) -> Any:
     assert principal.hospital_id is not None  # HospitalController's guard: a hospital
-    return coordinator.get_hospital(principal.hospital_id)
+    return coordinator.registry.get_hospital(principal.hospital_id)
 
 
 DEPENDENCIES = {"principal": Provide(authenticate),
@@ -118,13 +118,13 @@ class RegistryController(Controller):
           sync_to_thread=True, responses=PROBLEMS, summary="Register an organisation")
     def create_organisation(self, principal: Principal, coordinator: Coordinator,
                             data: OrganisationCreate) -> OrganisationOut:
-        return OrganisationOut.model_validate(coordinator.create_organisation(data))
+        return OrganisationOut.model_validate(coordinator.registry.create_organisation(data))
 
     @get("/organisations", guards=[guards.OPERATOR_OR_AUDITOR],
          sync_to_thread=True, responses=PROBLEMS, summary="List organisations")
     def list_organisations(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
                            limit: Limit = 50) -> list[OrganisationOut]:
-        rows, _total = coordinator.list_organisations(offset, limit)
+        rows, _total = coordinator.registry.list_organisations(offset, limit)
         return [OrganisationOut.model_validate(r) for r in rows]
 
     @post("/organisations/{organisation_id:str}/researchers", guards=[guards.OPERATOR],
@@ -132,7 +132,7 @@ class RegistryController(Controller):
           summary="Register a researcher")
     def create_researcher(self, principal: Principal, coordinator: Coordinator, organisation_id: str,
                           data: ResearcherCreate) -> ResearcherOut:
-        return ResearcherOut.model_validate(coordinator.create_researcher(organisation_id, data))
+        return ResearcherOut.model_validate(coordinator.registry.create_researcher(organisation_id, data))
 
     @post("/api-keys", guards=[guards.OPERATOR],
           sync_to_thread=True, responses=PROBLEMS,
@@ -140,39 +140,39 @@ class RegistryController(Controller):
           opt={"rate_limited": True})
     def issue_api_key(self, principal: Principal, coordinator: Coordinator,
                       data: ApiKeyCreate) -> ApiKeyIssued:
-        key, token = coordinator.issue_api_key(data)
+        key, token = coordinator.registry.issue_api_key(data)
         return ApiKeyIssued.model_validate({**ApiKeyOut.model_validate(key).model_dump(), "key": token})
 
     @get("/api-keys", guards=[guards.OPERATOR],
          sync_to_thread=True, responses=PROBLEMS, summary="List API keys (never their secrets)")
     def list_api_keys(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
                       limit: Limit = 50) -> list[ApiKeyOut]:
-        rows, _ = coordinator.list_api_keys(offset, limit)
+        rows, _ = coordinator.registry.list_api_keys(offset, limit)
         return [ApiKeyOut.model_validate(r) for r in rows]
 
     @delete("/api-keys/{prefix:str}", guards=[guards.OPERATOR],
             sync_to_thread=True, responses=PROBLEMS,
             status_code=200, summary="Revoke an API key")
     def revoke_api_key(self, principal: Principal, coordinator: Coordinator, prefix: str) -> ApiKeyOut:
-        return ApiKeyOut.model_validate(coordinator.revoke_api_key(prefix))
+        return ApiKeyOut.model_validate(coordinator.registry.revoke_api_key(prefix))
 
     @post("/hospitals", guards=[guards.OPERATOR],
           sync_to_thread=True, responses=PROBLEMS, summary="Register a hospital and its keys")
     def register_hospital(self, principal: Principal, coordinator: Coordinator,
                           data: HospitalCreate) -> HospitalOut:
-        return HospitalOut.model_validate(coordinator.register_hospital(data))
+        return HospitalOut.model_validate(coordinator.registry.register_hospital(data))
 
     @get("/hospitals", guards=[guards.OPERATOR_OR_AUDITOR],
          sync_to_thread=True, responses=PROBLEMS, summary="List hospitals")
     def list_hospitals(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
                        limit: Limit = 50) -> list[HospitalOut]:
-        rows, _ = coordinator.list_hospitals(offset, limit)
+        rows, _ = coordinator.registry.list_hospitals(offset, limit)
         return [HospitalOut.model_validate(r) for r in rows]
 
     @post("/ledger/mint", guards=[guards.OPERATOR],
           sync_to_thread=True, responses=PROBLEMS, summary="Mint tokens into an account")
     def mint(self, principal: Principal, coordinator: Coordinator, data: MintRequest) -> EntryAccepted:
-        return EntryAccepted(index=coordinator.mint(data.account, data.amount), kind="token.mint")
+        return EntryAccepted(index=coordinator.registry.mint(data.account, data.amount), kind="token.mint")
 
 
 def _study_problem_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -321,7 +321,7 @@ class HospitalController(Controller):
         elif entry.kind == "round.receipt":
             index = coordinator.record_receipt(hospital, entry)
         elif entry.kind == "key.rotate":
-            index = coordinator.rotate_hospital_key(hospital, entry)
+            index = coordinator.registry.rotate_hospital_key(hospital, entry)
         else:
             raise problems.unprocessable([{"field": "kind", "reason": "must be study.decision, "
                                            "round.receipt or key.rotate"}])
@@ -395,10 +395,10 @@ class AuditController(Controller):
          summary="Token balances (researchers and hospitals: their own account)")
     def balances(self, principal: Principal, coordinator: Coordinator) -> BalancesOut:
         if principal.role in (Role.OPERATOR, Role.AUDITOR):
-            return BalancesOut.model_validate(coordinator.balances())
+            return BalancesOut.model_validate(coordinator.registry.balances())
         own = (f"hospital:{principal.hospital_id}" if principal.role == Role.HOSPITAL
                else f"org:{principal.organisation_id}")
-        data = coordinator.balances([own])
+        data = coordinator.registry.balances([own])
         data["balances"].setdefault(own, 0)
         return BalancesOut.model_validate(data)
 

@@ -94,33 +94,10 @@ class Coordinator:
         self.handles: dict[str, RunHandle] = {}
         self._handles_lock = threading.Lock()
         self.on_change: Callable[[str], None] = lambda _kind: None
-        journal, registry = self.journal, self.registry
-        # The journal's and the registry's operations, under the names the routes, the admin
-        # commands and the tests use.
-        self.read_engine, self.write_engine, self.audit_log = read_engine, write_engine, audit_log
-        self.ledger, self.operator, self.coordinator = journal.ledger, operator, coordinator
-        self.write, self.read, self.bootstrap, self.close = (journal.write, journal.read,
-                                                             journal.bootstrap, journal.close)
-        self._append, self._sign, self._ledger = journal.append, journal.sign, journal.ledger_in
-        self._batcher, self._loop_batcher = journal.batcher, journal.loop_batcher
-        self.reads_on_loop = journal.reads_on_loop
-        self._organisation, self._organisations = registry.organisation, registry._organisations
-        self._entry_problems = registry.entry_problems
-        self.create_organisation = registry.create_organisation
-        self.list_organisations = registry.list_organisations
-        self.create_researcher = registry.create_researcher
-        self.issue_api_key, self.revoke_api_key = registry.issue_api_key, registry.revoke_api_key
-        self.list_api_keys = registry.list_api_keys
-        self.cached_principal = registry.cached_principal
-        self.authenticate_api_key = registry.authenticate_api_key
-        self.register_hospital, self.list_hospitals = registry.register_hospital, registry.list_hospitals
-        self.hospital_by_key, self.get_hospital = registry.hospital_by_key, registry.get_hospital
-        self.use_nonce, self.rotate_hospital_key = registry.use_nonce, registry.rotate_hospital_key
-        self.balance, self.mint, self.balances = registry.balance, registry.mint, registry.balances
 
     # ------------------------------------------------------------------ studies
     def budget_problem(self, principal: Principal, budget: int) -> str | None:
-        available = self.balance(f"org:{principal.organisation_id}")
+        available = self.registry.balance(f"org:{principal.organisation_id}")
         if budget > available:
             return f"token budget {budget} exceeds the organisation's balance {available}"
         return None
@@ -135,8 +112,8 @@ class Coordinator:
         itself and the signing of both entries run first, in the caller's thread, concurrently
         with the writer's commits (their content does not depend on the log: a study id, the
         organisation, the spec, the budget, the payout terms)."""
-        write = self._prepare_submission(principal, data, self._organisation(principal))
-        study: SubmittedStudy = self._batcher.run(write, self._submit_many_in)
+        write = self._prepare_submission(principal, data, self.registry.organisation(principal))
+        study: SubmittedStudy = self.journal.batcher.run(write, self._submit_many_in)
         self.on_change("study.submit")
         return study
 
@@ -144,11 +121,11 @@ class Coordinator:
         """`submit_study` for the event loop: the request checks and the two signatures run on
         the loop; the write is awaited without a thread of its own (SQLite: LoopGroupCommit,
         the batch's statements on the loop; PostgreSQL: GroupCommit's writer thread)."""
-        org = self._organisations.get(principal.organisation_id or "")
+        org = self.registry._organisations.get(principal.organisation_id or "")
         if org is None:  # first submission of this organisation: one read, off the loop
-            org = await asyncio.to_thread(self._organisation, principal)
+            org = await asyncio.to_thread(self.registry.organisation, principal)
         write = self._prepare_submission(principal, data, org)
-        batcher = self._loop_batcher or self._batcher
+        batcher = self.journal.loop_batcher or self.journal.batcher
         study: SubmittedStudy = await batcher.submit_async(write, self._submit_many_in)
         self.on_change("study.submit")
         return study
@@ -162,9 +139,9 @@ class Coordinator:
         royalty = (self.terms.royalties or {}).get(data.template)
         public_spec = {k: v for k, v in spec.items() if k != "token_budget"}
         entries = (
-            self._sign("study.submit", {"study_id": study_id, "organisation": account,
+            self.journal.sign("study.submit", {"study_id": study_id, "organisation": account,
                                         "region": org.region, "spec": public_spec}),
-            self._sign("study.escrow", {
+            self.journal.sign("study.escrow", {
                 "study_id": study_id, "account": account, "amount": data.token_budget,
                 "royalty_account": royalty[0] if royalty else None,
                 "royalty_bps": royalty[1] if royalty else 0,
@@ -178,12 +155,12 @@ class Coordinator:
         account = f"org:{principal.organisation_id}"
         # A first check for a clear answer; the escrow entry's fold (in _append, under the
         # log's write lock) is the one that counts if another escrow raced this one.
-        available = self._ledger(connection).balance(account)
+        available = self.journal.ledger_in(connection).balance(account)
         if data.token_budget > available:
             raise problems.unprocessable([{"field": "token_budget", "reason":
                                            f"token budget {data.token_budget} exceeds the "
                                            f"organisation's balance {available}"}])
-        indexes = self._append(connection, *submission.entries)
+        indexes = self.journal.append(connection, *submission.entries)
         # The row is inserted after the append, with the entry index it records: one INSERT
         # instead of INSERT + UPDATE. Same transaction (savepoint), so a failure of either
         # still rolls back both.
@@ -202,7 +179,7 @@ class Coordinator:
         the rule, and if any escrow overdraws, it raises; the group commit then rolls this back
         and makes each submission on its own (`_submit_in`), which refuses that one with its
         reason. The same happens for anything else that fails."""
-        indexes = self._append(connection, *(e for s in submissions for e in s.entries))
+        indexes = self.journal.append(connection, *(e for s in submissions for e in s.entries))
         rows, position = [], 0
         for submission in submissions:
             rows.append(submission.row(indexes[position]))
@@ -255,7 +232,7 @@ class Coordinator:
         """`fn(*args)`, a short read, from a coroutine: on the loop itself on SQLite (a thread
         hand-off, and the GIL hand-overs that come with it, cost more than an indexed read
         there: docs/benchmarks/api.md), on a worker thread on PostgreSQL (network waits)."""
-        if self.reads_on_loop:
+        if self.journal.reads_on_loop:
             return fn(*args)
         return await anyio.to_thread.run_sync(functools.partial(fn, *args))
 
@@ -265,7 +242,7 @@ class Coordinator:
         loaded). The study LEFT JOIN its decisions gives one row per decision (one row with
         NULL decision columns when there is none); the completed rounds come as a scalar
         subquery on each row."""
-        with self.read_engine.connect() as connection:
+        with self.journal.read_engine.connect() as connection:
             rows = connection.execute(_STUDY_VIEW, {"study_id": study_id}).all()
         if not rows or (principal.role == Role.RESEARCHER
                         and rows[0].organisation_id != principal.organisation_id):
@@ -291,7 +268,7 @@ class Coordinator:
             query = query.where(Study.organisation_id == principal.organisation_id)
         if status is not None:
             query = query.where(Study.status == status)
-        with self.read() as session:
+        with self.journal.read() as session:
             total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
             rows = session.scalars(query.order_by(Study.submitted_at, Study.id).offset(offset)
                                    .limit(limit)).all()
@@ -306,7 +283,7 @@ class Coordinator:
             query = query.where(Study.status == StudyStatus.SUBMITTED, Study.id.not_in(decided))
         elif which == "open":
             query = query.where(Study.status.in_([StudyStatus.SUBMITTED, StudyStatus.RUNNING]))
-        with self.read() as session:
+        with self.journal.read() as session:
             total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
             rows = session.execute(query.order_by(Study.submitted_at, Study.id).offset(offset)
                                    .limit(limit)).all()
@@ -323,12 +300,12 @@ class Coordinator:
     def decide(self, hospital: Hospital, study_id: str, entry: Entry) -> int:
         """Record a hospital's signed `study.decision`; start the run when enough approved."""
         payload = entry.payload
-        found = self._entry_problems(entry, "study.decision", hospital)
+        found = self.registry.entry_problems(entry, "study.decision", hospital)
         found.extend(decision_payload_problems(payload, study_id, hospital.id))
         if found:
             raise problems.unprocessable(found)
         start = False
-        with self.write() as session:
+        with self.journal.write() as session:
             study = session.get(Study, study_id, with_for_update=True)
             if study is None:
                 raise problems.not_found(f"study {study_id!r}")
@@ -344,7 +321,7 @@ class Coordinator:
                                         "closed")
             # A late refusal is recorded (log entry and row, `late`) so its reasons reach the
             # researcher; it changes nothing about the study.
-            (index,) = self._append(session, entry)
+            (index,) = self.journal.append(session, entry)
             session.add(StudyDecision(study_id=study_id, hospital_id=hospital.id,
                                       decision=DecisionKind(payload["decision"]),
                                       reasons=list(payload["reasons"]),
@@ -367,7 +344,7 @@ class Coordinator:
 
     def start_study(self, study_id: str) -> None:
         """Mark the study running (with its entry) and hand it to the runner."""
-        with self.write() as session:
+        with self.journal.write() as session:
             study = session.get(Study, study_id, with_for_update=True)
             if study is None or study.status != StudyStatus.SUBMITTED:
                 return
@@ -377,7 +354,7 @@ class Coordinator:
                 StudyDecision.late.is_(False)).order_by(Hospital.id)).all()
             study.status = StudyStatus.RUNNING
             study.started_at = now()
-            self._append(session, self._sign("study.start", {
+            self.journal.append(session, self.journal.sign("study.start", {
                 "study_id": study_id, "hospitals": [f"hospital:{h.id}" for h in approved],
                 "rounds": study.rounds_planned}))
             request = RunRequest(study_id=study_id, spec=dict(study.spec),
@@ -397,7 +374,7 @@ class Coordinator:
         log.info("study.start", study_id=study_id, hospitals=len(request.hospitals))
 
     def cancel_study(self, principal: Principal, study_id: str, reason: str) -> dict[str, Any]:
-        with self.write() as session:
+        with self.journal.write() as session:
             # Lock the row first (PostgreSQL: a completion racing this cancel waits, and the
             # status read below is the committed one), then check who may see it.
             session.get(Study, study_id, with_for_update=True, populate_existing=True)
@@ -419,12 +396,12 @@ class Coordinator:
         study.status = status
         study.finished_at = now()
         study.outcome_reason = reason
-        escrow = self._ledger(session).studies.get(study.id)
-        entries = [self._sign(kind, {"study_id": study.id, "reason": reason})]
+        escrow = self.journal.ledger_in(session).studies.get(study.id)
+        entries = [self.journal.sign(kind, {"study_id": study.id, "reason": reason})]
         if escrow is not None and escrow.held > 0:
-            entries.append(self._sign("study.refund", {"study_id": study.id, "account": escrow.account,
+            entries.append(self.journal.sign("study.refund", {"study_id": study.id, "account": escrow.account,
                                                        "amount": escrow.held}))
-        self._append(session, *entries)
+        self.journal.append(session, *entries)
 
     # ------------------------------------------------------------------ observer (runner)
     def on_round(self, study_id: str, round_number: int, metrics: Mapping[str, Any],
@@ -444,7 +421,7 @@ class Coordinator:
           for the researcher's results; nothing is paid, no round is recorded.
         """
         failed = metrics.get("round_failed") == 1.0
-        with self.write() as session:
+        with self.journal.write() as session:
             study = session.get(Study, study_id, with_for_update=True)
             if study is None or study.status not in (StudyStatus.RUNNING, StudyStatus.CANCELLED):
                 return
@@ -474,12 +451,12 @@ class Coordinator:
             if cancelled:
                 if not appended:
                     return
-                wrappers = [self._sign("study.unpaid_receipt", {
+                wrappers = [self.journal.sign("study.unpaid_receipt", {
                     "study_id": study_id, "round": round_number, "hospital": f"hospital:{h}",
                     "reason": "the study was cancelled (and refunded) before this round was "
                               "reported: evidence of privacy spent, not paid",
                     "receipt": entry.to_json()}) for entry, h in zip(appended, hospitals, strict=True)]
-                indexes = self._append(session, *wrappers)
+                indexes = self.journal.append(session, *wrappers)
                 for entry, hospital_id, index in zip(appended, hospitals, indexes, strict=True):
                     session.add(_receipt_row(study_id, hospital_id, entry, index))
             else:
@@ -492,8 +469,8 @@ class Coordinator:
                     round_payload["aggregate_members"] = sorted(
                         {"hospital:" + str(e.payload.get("hospital", "")).removeprefix("hospital:")
                          for e in receipts})
-                round_entry = self._sign("study.round", round_payload)
-                indexes = self._append(session, *appended, round_entry)
+                round_entry = self.journal.sign("study.round", round_payload)
+                indexes = self.journal.append(session, *appended, round_entry)
                 for entry, hospital_id, index in zip(appended, hospitals, indexes, strict=False):
                     session.add(_receipt_row(study_id, hospital_id, entry, index))
                 session.add(StudyRound(study_id=study_id, round=round_number, metrics=dict(metrics),
@@ -506,7 +483,7 @@ class Coordinator:
         """A hospital delivers its own signed `round.receipt` (e.g. when the run could not)."""
         from federated.receipts import ReceiptError
 
-        found = self._entry_problems(entry, "round.receipt", hospital)
+        found = self.registry.entry_problems(entry, "round.receipt", hospital)
         if not found:
             try:
                 receipt = check_receipt(entry, {hospital.id: b64decode(hospital.signing_public_key)},
@@ -516,7 +493,7 @@ class Coordinator:
         if found:
             raise problems.unprocessable(found)
         study_id, round_number = receipt.study_id, receipt.round
-        with self.write() as session:
+        with self.journal.write() as session:
             study = session.get(Study, study_id, with_for_update=True)
             if study is None:
                 raise problems.not_found(f"study {study_id!r}")
@@ -531,13 +508,13 @@ class Coordinator:
                     ReceiptRow.study_id == study_id, ReceiptRow.round == round_number,
                     ReceiptRow.hospital_id == hospital.id)) is not None:
                 raise problems.conflict(f"a receipt for round {round_number} is already recorded")
-            (index,) = self._append(session, entry)
+            (index,) = self.journal.append(session, entry)
             session.add(_receipt_row(study_id, hospital.id, entry, index))
         return index
 
     def on_complete(self, study_id: str, model: bytes, metrics: Mapping[str, Any]) -> None:
         digest = hashlib.sha256(model).hexdigest()
-        with self.write() as session:
+        with self.journal.write() as session:
             study = session.get(Study, study_id, with_for_update=True)
             if study is None or study.status != StudyStatus.RUNNING:
                 return
@@ -546,11 +523,11 @@ class Coordinator:
             study.model = model
             study.model_sha256 = digest
             study.outcome_reason = None
-            entries = [self._sign("study.complete", {"study_id": study_id, "model_sha256": digest,
+            entries = [self.journal.sign("study.complete", {"study_id": study_id, "model_sha256": digest,
                                                      "metrics": dict(metrics)})]
             # The payout the auditor's fold expects: the terms recorded in the study's
             # study.escrow entry and the receipts in the log, never today's settings.
-            ledger = self._ledger(session)
+            ledger = self.journal.ledger_in(session)
             escrow = ledger.studies.get(study_id)
             try:
                 if escrow is None:
@@ -560,18 +537,18 @@ class Coordinator:
                 # Nothing was trained on (no records): nothing to pay for, refund instead.
                 study.outcome_reason = f"no payout: {exc}"
                 if escrow is not None and escrow.held > 0:
-                    entries.append(self._sign("study.refund", {
+                    entries.append(self.journal.sign("study.refund", {
                         "study_id": study_id, "account": escrow.account, "amount": escrow.held}))
             else:
-                entries.append(self._sign("study.payout", payout))
-            self._append(session, *entries)
+                entries.append(self.journal.sign("study.payout", payout))
+            self.journal.append(session, *entries)
         with self._handles_lock:
             self.handles.pop(study_id, None)
         self.on_change("study.complete")
         log.info("study.complete", study_id=study_id, model_sha256=digest)
 
     def on_failed(self, study_id: str, reason: str) -> None:
-        with self.write() as session:
+        with self.journal.write() as session:
             study = session.get(Study, study_id, with_for_update=True)
             if study is None or study.status in TERMINAL_STATUSES:
                 return
@@ -583,7 +560,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ results
     def results(self, principal: Principal, study_id: str) -> dict[str, Any]:
-        with self.read() as session:
+        with self.journal.read() as session:
             study = self._visible_study(session, principal, study_id)
             rounds = session.scalars(select(StudyRound).where(StudyRound.study_id == study_id)
                                      .order_by(StudyRound.round)).all()
@@ -612,7 +589,7 @@ class Coordinator:
                 "contributions": [per[k] for k in sorted(per)]}
 
     def model(self, principal: Principal, study_id: str) -> tuple[bytes, str]:
-        with self.read() as session:
+        with self.journal.read() as session:
             study = self._visible_study(session, principal, study_id)
             if study.status != StudyStatus.COMPLETED or study.model_sha256 is None:
                 raise problems.conflict(f"study {study_id!r} has no model (it is {study.status.value})")

@@ -356,7 +356,7 @@ class Consortium:
             coordinator_key_file=keys / "coordinator.key", log_origin="demo.exchange.local/log",
             royalties={self.config.demo_study.template: (TEMPLATE_AUTHOR, ROYALTY_BPS)}, access_log=False),
             self.runner)
-        c = self.runtime.coordinator
+        c = self.runtime.coordinator.registry
         # The operator's admin functions (what `exchange admin ...` runs).
         _op, self.operator_key = c.issue_api_key(ApiKeyCreate(role="operator", label="demo operator"))
         c.create_organisation(OrganisationCreate(id=RESEARCH_ORG, name="Acme Research",
@@ -384,7 +384,7 @@ class Consortium:
         returned."""
         from exchange.coordinator.schemas import HospitalCreate
 
-        coordinator = self.runtime.coordinator
+        registry = self.runtime.coordinator.registry
         for hospital_id in HOSPITALS:
             h = Hospital(hospital_id, self.config.work / hospital_id, free_port(), Signer.generate())
             self.hospitals[hospital_id] = h
@@ -393,7 +393,7 @@ class Consortium:
             identity = node_step(f"{hospital_id}: node init", init_node, h.dir, hospital_id, self.url,
                                  "127.0.0.1:9093").identity
             self._write_node_config(h)
-            coordinator.register_hospital(HospitalCreate(
+            registry.register_hospital(HospitalCreate(
                 id=hospital_id, organisation_id=HOSPITAL_ORG, name=f"Hospital {hospital_id[-1].upper()}",
                 signing_public_key=identity.public_key_b64, flower_public_key=identity.flower_public_key,
                 witness_vkey=identity.witness_vkey if self.config.witnesses else None))
@@ -720,7 +720,7 @@ class Consortium:
                                      for h in self.hospitals.values() if h.witness_vkey)
         trust_path = self.config.out / "trust.json"
         trust_path.write_text(json.dumps(trust.to_json(), indent=2) + "\n")
-        auditor_key = self.runtime.coordinator.issue_api_key(ApiKeyCreate(role="auditor"))[1]
+        auditor_key = self.runtime.coordinator.registry.issue_api_key(ApiKeyCreate(role="auditor"))[1]
         audit_dir = self.config.out / "audit"
         env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "EXCHANGE_API_KEY": auditor_key}
         cli = [sys.executable, "-m", "audit.cli"]

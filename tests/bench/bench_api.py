@@ -222,12 +222,12 @@ def _prepare(directory: Path) -> tuple[str, str]:
 
     runtime = build_runtime(_config(directory), ScriptedRunner(hospital_keys={}))
     c = runtime.coordinator
-    c.create_organisation(OrganisationCreate(id="acme", name="Acme", region="DE"))
-    c.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))
-    _key, token = c.issue_api_key(ApiKeyCreate(role="researcher", organisation_id="acme",
+    c.registry.create_organisation(OrganisationCreate(id="acme", name="Acme", region="DE"))
+    c.registry.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))
+    _key, token = c.registry.issue_api_key(ApiKeyCreate(role="researcher", organisation_id="acme",
                                                researcher_id="alice"))
-    c.mint("org:acme", 2**50)
-    principal = c.authenticate_api_key(token)
+    c.registry.mint("org:acme", 2**50)
+    principal = c.registry.authenticate_api_key(token)
     assert isinstance(principal, Principal)
     study = c.submit_study(principal, StudyCreate.model_validate(STUDY))
     body = c.get_study(principal, study.id)

@@ -118,12 +118,12 @@ def test_sign_out_ends_the_session(as_user: Any) -> None:
 
 def test_a_revoked_key_ends_its_sessions(console_world: World) -> None:
     coordinator = console_world.runtime.coordinator
-    key, token = coordinator.issue_api_key(ApiKeyCreate(role="auditor", label="short-lived"))
+    key, token = coordinator.registry.issue_api_key(ApiKeyCreate(role="auditor", label="short-lived"))
     console_world.keys["temp-auditor"] = token
     console = Console(console_world)
     console.sign_in("temp-auditor")
     assert console.get("/console/log").status_code == 200
-    coordinator.revoke_api_key(key.prefix)
+    coordinator.registry.revoke_api_key(key.prefix)
     assert console.get("/console/log").status_code == 302
 
 

@@ -120,27 +120,27 @@ def make_world(db_url: str, tmp_path: Path, **config: Any) -> Iterator[World]:
                     coordinator_key_file=tmp_path / "keys" / "coordinator.key", **config)
     runtime = build_runtime(cfg, runner)
     c = runtime.coordinator
-    _op, op_token = c.issue_api_key(ApiKeyCreate(role="operator", label="root operator"))
+    _op, op_token = c.registry.issue_api_key(ApiKeyCreate(role="operator", label="root operator"))
     for org, region in (("acme", "DE"), ("globex", "FR"), ("clinics", "DE")):
-        c.create_organisation(OrganisationCreate(id=org, name=org.title(), region=region))
-    c.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))
-    c.create_researcher("acme", ResearcherCreate(id="anna", name="Anna"))
-    c.create_researcher("globex", ResearcherCreate(id="bob", name="Bob"))
+        c.registry.create_organisation(OrganisationCreate(id=org, name=org.title(), region=region))
+    c.registry.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))
+    c.registry.create_researcher("acme", ResearcherCreate(id="anna", name="Anna"))
+    c.registry.create_researcher("globex", ResearcherCreate(id="bob", name="Bob"))
     keys = {"operator": op_token}
     for who, org in (("alice", "acme"), ("anna", "acme"), ("bob", "globex")):
-        keys[who] = c.issue_api_key(ApiKeyCreate(role="researcher", organisation_id=org,
+        keys[who] = c.registry.issue_api_key(ApiKeyCreate(role="researcher", organisation_id=org,
                                                  researcher_id=who))[1]
-    keys["auditor"] = c.issue_api_key(ApiKeyCreate(role="auditor"))[1]
+    keys["auditor"] = c.registry.issue_api_key(ApiKeyCreate(role="auditor"))[1]
     registered = {}
     for name in ("h-one", "h-two", "h-three"):
-        c.register_hospital(HospitalCreate(id=name, organisation_id="clinics", name=name.upper(),
+        c.registry.register_hospital(HospitalCreate(id=name, organisation_id="clinics", name=name.upper(),
                                            signing_public_key=hospitals[name].public_key_b64,
                                            flower_public_key=flower_key()))
         registered[name] = hospitals[name]
     # h-four is a key nobody registered: an impostor.
     registered["h-four"] = hospitals["h-four"]
-    c.mint("org:acme", 50_000)
-    c.mint("org:globex", 5_000)
+    c.registry.mint("org:acme", 50_000)
+    c.registry.mint("org:globex", 5_000)
     app = create_app(runtime)
     try:
         with TestClient(app=app, base_url="http://testserver.local") as client:

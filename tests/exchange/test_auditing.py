@@ -96,18 +96,18 @@ def test_a_refused_entry_is_a_problem_and_writes_nothing(sqlite_world: World) ->
     coordinator = sqlite_world.runtime.coordinator
     size = sqlite_world.runtime.audit_log.size()
     stranger = Signer.generate()
-    with pytest.raises(problems.ProblemError) as refused, coordinator.write() as session:
+    with pytest.raises(problems.ProblemError) as refused, coordinator.journal.write() as session:
         session.execute(INSERT_ORG, {"id": "org-stranger"})
-        coordinator._append(session, sign_entry(stranger, "org.register", {"x": 1}))
+        coordinator.journal.append(session, sign_entry(stranger, "org.register", {"x": 1}))
     assert refused.value.status == 422 and "not registered" in str(refused.value)
-    entry = coordinator._sign("org.register", {"x": 2})
-    with coordinator.write() as session:
-        coordinator._append(session, entry)
-    with pytest.raises(problems.ProblemError) as duplicate, coordinator.write() as session:
-        coordinator._append(session, entry)
+    entry = coordinator.journal.sign("org.register", {"x": 2})
+    with coordinator.journal.write() as session:
+        coordinator.journal.append(session, entry)
+    with pytest.raises(problems.ProblemError) as duplicate, coordinator.journal.write() as session:
+        coordinator.journal.append(session, entry)
     assert duplicate.value.status == 409
     assert sqlite_world.runtime.audit_log.size() == size + 1
-    assert _orgs(coordinator.read_engine) == 3  # the world's organisations, not org-stranger
+    assert _orgs(coordinator.journal.read_engine) == 3  # the world's organisations, not org-stranger
 
 
 def test_the_coordinator_records_its_trust_anchors_and_export_needs_no_trust_file(
@@ -130,7 +130,7 @@ def test_the_coordinator_records_its_trust_anchors_and_export_needs_no_trust_fil
                        log_origin="exchange.test/coordinator-log", access_log=False)
     runtime = build_runtime(config, ScriptedRunner(hospital_keys={}))
     try:
-        runtime.coordinator.mint("org:acme", 10)
+        runtime.coordinator.registry.mint("org:acme", 10)
         runtime.audit_log.checkpoint()
         trust = runtime.trust
     finally:
@@ -160,8 +160,8 @@ def test_a_ledger_fork_is_independent_of_the_shared_fold(sqlite_world: World) ->
 
     world = sqlite_world
     sid = world.submit(token_budget=500)["id"]
-    view = world.runtime.coordinator.ledger
-    with world.runtime.coordinator.read_engine.connect() as connection:
+    view = world.runtime.coordinator.journal.ledger
+    with world.runtime.coordinator.journal.read_engine.connect() as connection:
         size = view.refresh(connection)
     shared = view._ledger
     fork = _fork(shared)
@@ -191,9 +191,9 @@ def test_a_rolled_back_savepoint_leaves_no_trace_in_the_transactions_ledger(
 
     world = sqlite_world
     coordinator = world.runtime.coordinator
-    principal = coordinator.authenticate_api_key(world.keys["bob"])  # globex: 5,000 tokens
+    principal = coordinator.registry.authenticate_api_key(world.keys["bob"])  # globex: 5,000 tokens
     assert principal is not None
-    org = coordinator._organisation(principal)
+    org = coordinator.registry.organisation(principal)
     write_a = coordinator._prepare_submission(
         principal, StudyCreate.model_validate(study_body(token_budget=1_000)), org)
     write_b = coordinator._prepare_submission(
@@ -208,13 +208,13 @@ def test_a_rolled_back_savepoint_leaves_no_trace_in_the_transactions_ledger(
     b: Future[object] = Future()
     from exchange.coordinator.group_commit import _Job
 
-    coordinator._batcher._commit([_Job(failing_after_append, a), _Job(write_b, b)])
+    coordinator.journal.batcher._commit([_Job(failing_after_append, a), _Job(write_b, b)])
     with pytest.raises(RuntimeError, match="disk trouble"):
         a.result()
     study_b = b.result()  # 4,500 <= 5,000: A's rolled-back 1,000 must not count
     assert world.runtime.audit_log.size() == size + 2
-    with coordinator.read_engine.connect() as connection:  # the committed fold: B's escrow
-        assert coordinator.ledger.balance(connection, "org:globex") == 500
+    with coordinator.journal.read_engine.connect() as connection:  # the committed fold: B's escrow
+        assert coordinator.journal.ledger.balance(connection, "org:globex") == 500
     response = world.as_("bob", "GET", f"/v1/studies/{study_b.id}")  # type: ignore[attr-defined]
     assert response.status_code == 200
 
@@ -223,20 +223,20 @@ def test_rows_re_appended_after_a_savepoint_rollback_are_folded(sqlite_world: Wo
     """The same indexes, other rows: after a savepoint rollback the transaction's ledger copy is
     rebuilt, not trusted by its size."""
     coordinator = sqlite_world.runtime.coordinator
-    before = coordinator.balances(["org:clinics"])["balances"].get("org:clinics", 0)
-    with coordinator.write() as session:
+    before = coordinator.registry.balances(["org:clinics"])["balances"].get("org:clinics", 0)
+    with coordinator.journal.write() as session:
         try:
             with session.begin_nested():
-                coordinator._append(session, coordinator._sign(
+                coordinator.journal.append(session, coordinator.journal.sign(
                     "token.mint", {"account": "org:clinics", "amount": 7}, operator=True))
                 raise RuntimeError("roll this savepoint back")
         except RuntimeError:
             pass
-        coordinator._append(session, coordinator._sign(
+        coordinator.journal.append(session, coordinator.journal.sign(
             "token.mint", {"account": "org:clinics", "amount": 11}, operator=True))
-        ledger = coordinator.ledger.in_transaction(session.connection())
+        ledger = coordinator.journal.ledger.in_transaction(session.connection())
         assert ledger.balance("org:clinics") == before + 11
-    assert coordinator.balances(["org:clinics"])["balances"]["org:clinics"] == before + 11
+    assert coordinator.registry.balances(["org:clinics"])["balances"]["org:clinics"] == before + 11
 
 
 def test_group_commit_close_finishes_queued_writes_then_refuses(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ def world(shared_world: World) -> World:
 def snapshot(world: World) -> tuple[int, int, dict[str, Any]]:
     studies = world.runtime.coordinator.list_studies(Principal(role=Role.OPERATOR, ref="test"),
                                                      None, 0, 1)[1]
-    return world.runtime.audit_log.size(), studies, world.runtime.coordinator.balances()
+    return world.runtime.audit_log.size(), studies, world.runtime.coordinator.registry.balances()
 
 
 def problem(response: Any, status: int) -> dict[str, Any]:
@@ -62,7 +62,7 @@ def test_every_problem_of_a_study_is_listed_at_once(world: World) -> None:
 
 def test_budget_over_balance_is_listed_with_other_problems(world: World) -> None:
     before = snapshot(world)
-    balance = world.runtime.coordinator.balance("org:acme")
+    balance = world.runtime.coordinator.registry.balance("org:acme")
     body = problem(world.as_("alice", "POST", "/v1/studies",
                              json=study_body(token_budget=balance + 10_000, epsilon=-1)), 422)
     errors = fields(body)

@@ -61,15 +61,16 @@ def _coordinator(tmp_path: Path, runner: StudyRunner,
                        access_log=False)
     runtime = build_runtime(config, runner)
     c = runtime.coordinator
-    c.create_organisation(OrganisationCreate(id="acme", name="Acme", region="DE"))
-    c.create_organisation(OrganisationCreate(id="clinics", name="Clinics", region="DE"))
-    c.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))
-    key = c.issue_api_key(ApiKeyCreate(role="researcher", organisation_id="acme", researcher_id="alice"))[1]
+    c.registry.create_organisation(OrganisationCreate(id="acme", name="Acme", region="DE"))
+    c.registry.create_organisation(OrganisationCreate(id="clinics", name="Clinics", region="DE"))
+    c.registry.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))
+    key = c.registry.issue_api_key(ApiKeyCreate(role="researcher", organisation_id="acme",
+                                                researcher_id="alice"))[1]
     for h in HOSPITALS:
-        c.register_hospital(HospitalCreate(id=h, organisation_id="clinics", name=h,
+        c.registry.register_hospital(HospitalCreate(id=h, organisation_id="clinics", name=h,
                                            signing_public_key=sites[h].signer.public_key_b64,
                                            flower_public_key=flower_key()))
-    c.mint("org:acme", 20_000)
+    c.registry.mint("org:acme", 20_000)
     with TestClient(app=create_app(runtime)) as client:
         yield client, runtime, key
 
@@ -108,7 +109,7 @@ def _run_study(client: TestClient[Any], runtime: Any, key: str, sites: dict[str,
         assert 0 < contribution["epsilon_spent"] <= 3.0 + 1e-9
     # The auditor's fold over the log agrees with what the coordinator paid.
     log = runtime.audit_log
-    ledger = Ledger(runtime.coordinator.operator.key_id)
+    ledger = Ledger(runtime.coordinator.journal.operator.key_id)
     ledger.apply_all(log.entries())
     served = client.get("/v1/ledger/balances", headers=headers).json()
     assert served["balances"] == {"org:acme": ledger.state.balances["org:acme"]}

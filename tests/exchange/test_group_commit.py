@@ -29,9 +29,9 @@ from tests.exchange.test_lifecycle import fold, log_entries, served_balances
 
 def _submissions(world: World, who: str, budgets: list[int]) -> tuple[Coordinator, list[_Submission]]:
     coordinator = world.runtime.coordinator
-    principal = coordinator.authenticate_api_key(world.keys[who])
+    principal = coordinator.registry.authenticate_api_key(world.keys[who])
     assert principal is not None
-    org = coordinator._organisation(principal)
+    org = coordinator.registry.organisation(principal)
     return coordinator, [
         coordinator._prepare_submission(
             principal, StudyCreate.model_validate(study_body(token_budget=b, title=f"g{i}")), org)
@@ -41,7 +41,7 @@ def _submissions(world: World, who: str, budgets: list[int]) -> tuple[Coordinato
 def _commit_together(coordinator: Coordinator, writes: list[_Submission]) -> list[Any]:
     """One writer batch holding `writes` as neighbours of one kind (as concurrent POSTs are)."""
     jobs = [_Job(write, Future(), coordinator._submit_many_in) for write in writes]
-    coordinator._batcher._commit(jobs)
+    coordinator.journal.batcher._commit(jobs)
     return [job.future for job in jobs]
 
 
@@ -52,7 +52,7 @@ def _statements(world: World) -> Iterator[list[str]]:
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         seen.append(statement)
 
-    engine = world.runtime.coordinator.write_engine
+    engine = world.runtime.coordinator.journal.write_engine
     event.listen(engine, "before_cursor_execute", record)
     try:
         yield seen
@@ -102,7 +102,7 @@ def test_a_failed_commit_moves_nothing_forward(world: World) -> None:
     """The COMMIT itself fails: no caller is acknowledged, and neither the served balances nor
     the log's carried-over state take the transaction's appends as committed; the next group
     commits at the same indexes and everything still agrees with the auditor's fold."""
-    engine = world.runtime.coordinator.write_engine
+    engine = world.runtime.coordinator.journal.write_engine
     balances = served_balances(world)
     size = world.runtime.audit_log.size()
     coordinator, writes = _submissions(world, "alice", [10, 20])
@@ -126,7 +126,7 @@ def test_a_failed_commit_moves_nothing_forward(world: World) -> None:
     assert served_balances(world)["balances"]["org:acme"] == balances["balances"]["org:acme"] - 70
     assert fold(world) == served_balances(world)
     # Every stored tree node is the one the entries give (the carried-over edge was right).
-    assert verify_storage(coordinator.read_engine, coordinator.operator.public_key) \
+    assert verify_storage(coordinator.journal.read_engine, coordinator.journal.operator.public_key) \
         == world.runtime.audit_log.root()
 
 
@@ -142,13 +142,13 @@ def test_post_answers_exactly_what_a_read_of_the_new_study_gives(world: World) -
 def _async_submissions(world: World, who: str, budgets: list[int]) -> list[Any]:
     """Submit concurrently from one event loop; each result or exception, in order."""
     coordinator = world.runtime.coordinator
-    principal = coordinator.authenticate_api_key(world.keys[who])
+    principal = coordinator.registry.authenticate_api_key(world.keys[who])
     assert principal is not None
     bodies = [StudyCreate.model_validate(study_body(token_budget=b, title=f"a{i}"))
               for i, b in enumerate(budgets)]
     # The organisation cached: every submission is then queued in the loop's first turn (the
     # first of an organisation otherwise reads it off the loop), so they form one batch.
-    coordinator._organisation(principal)
+    coordinator.registry.organisation(principal)
 
     async def main() -> list[Any]:
         return await asyncio.gather(*(coordinator.submit_study_async(principal, body)
@@ -159,7 +159,7 @@ def _async_submissions(world: World, who: str, budgets: list[int]) -> list[Any]:
 
 def test_the_loop_writer_groups_concurrent_submissions(sqlite_world: World) -> None:
     world = sqlite_world
-    batcher = world.runtime.coordinator._loop_batcher
+    batcher = world.runtime.coordinator.journal.loop_batcher
     assert batcher is not None  # SQLite: submissions from the loop go through it
     size = world.runtime.audit_log.size()
     before = served_balances(world)["balances"]["org:acme"]
@@ -188,7 +188,7 @@ def test_the_loop_writer_refuses_an_overdrawing_member_alone(sqlite_world: World
 
 def test_the_loop_writer_acknowledges_nothing_when_the_commit_fails(sqlite_world: World) -> None:
     world = sqlite_world
-    engine = world.runtime.coordinator.write_engine
+    engine = world.runtime.coordinator.journal.write_engine
     balances = served_balances(world)
     size = world.runtime.audit_log.size()
 
@@ -206,7 +206,7 @@ def test_the_loop_writer_acknowledges_nothing_when_the_commit_fails(sqlite_world
     assert isinstance(again[0], SubmittedStudy) and again[0].submit_entry_index == size
     assert fold(world) == served_balances(world)
     coordinator = world.runtime.coordinator
-    assert verify_storage(coordinator.read_engine, coordinator.operator.public_key) \
+    assert verify_storage(coordinator.journal.read_engine, coordinator.journal.operator.public_key) \
         == world.runtime.audit_log.root()
 
 
@@ -216,7 +216,7 @@ def test_a_caller_on_another_loop_gets_its_answer_there(sqlite_world: World) -> 
 
     world = sqlite_world
     coordinator = world.runtime.coordinator
-    principal = coordinator.authenticate_api_key(world.keys["alice"])
+    principal = coordinator.registry.authenticate_api_key(world.keys["alice"])
     assert principal is not None
     body = StudyCreate.model_validate(study_body(token_budget=5))
     other = asyncio.new_event_loop()

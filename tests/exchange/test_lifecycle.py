@@ -26,9 +26,9 @@ def log_entries(world: World) -> list[Entry]:
 
 def fold(world: World) -> dict:
     """What an auditor computes from the log alone, signatures and signers checked."""
-    operator_key = world.runtime.coordinator.operator.public_key
+    operator_key = world.runtime.coordinator.journal.operator.public_key
     keyring = Keyring(operator_key)
-    ledger = Ledger(world.runtime.coordinator.operator.key_id)
+    ledger = Ledger(world.runtime.coordinator.journal.operator.key_id)
     for index, entry in enumerate(log_entries(world)):
         keyring.check(entry, index)
         keyring.apply(entry, index)
@@ -53,7 +53,7 @@ def test_submission_escrows_budget_with_entries(world: World) -> None:
     entries = log_entries(world)[before:]
     assert [e.kind for e in entries] == ["study.submit", "study.escrow"]
     assert entries[1].payload["amount"] == 1234 and entries[1].payload["account"] == "org:acme"
-    assert entries[1].key_id == world.runtime.coordinator.coordinator.key_id
+    assert entries[1].key_id == world.runtime.coordinator.journal.coordinator.key_id
     balances = served_balances(world)
     assert balances["balances"]["org:acme"] == 50_000 - 1234
     assert balances["escrow"] == 1234
@@ -336,7 +336,7 @@ def test_balances_follow_appends_made_by_another_process(world: World, tmp_path:
 
     other = build_runtime(world.runtime.config, ScriptedRunner(hospital_keys={}, records={}))
     try:
-        other.coordinator.mint("org:clinics", 777)
+        other.coordinator.registry.mint("org:clinics", 777)
     finally:
         other.close()
     assert served_balances(world)["balances"]["org:clinics"] == 777

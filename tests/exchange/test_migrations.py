@@ -61,9 +61,9 @@ def test_downgrade_below_0003_refills_balances_from_the_log(db_url: str, tmp_pat
                                       coordinator_key_file=tmp_path / "co.key", access_log=False),
                             ScriptedRunner(hospital_keys={}))
     try:
-        runtime.coordinator.mint("org:acme", 500)
-        runtime.coordinator.mint("org:globex", 70)
-        runtime.coordinator.mint("org:acme", 1)
+        runtime.coordinator.registry.mint("org:acme", 500)
+        runtime.coordinator.registry.mint("org:globex", 70)
+        runtime.coordinator.registry.mint("org:acme", 1)
     finally:
         runtime.close()
     downgrade(db_url, "coordinator", "0002_coordinator")

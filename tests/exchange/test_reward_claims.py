@@ -29,7 +29,7 @@ def paid_study(world: World) -> str:
 
 
 def ledger_of(world: World) -> Ledger:
-    ledger = Ledger(world.runtime.coordinator.operator.key_id)
+    ledger = Ledger(world.runtime.coordinator.journal.operator.key_id)
     ledger.apply_all(log_entries(world))
     return ledger
 

@@ -241,15 +241,16 @@ def _in_process_coordinator(tmp_path: Path, runner: StudyRunner, sites: Mapping[
                        log_key_file=keys / "log.key", coordinator_key_file=keys / "co.key", access_log=False)
     runtime = build_runtime(config, runner)
     c = runtime.coordinator
-    c.create_organisation(OrganisationCreate(id="acme", name="Acme", region="DE"))
-    c.create_organisation(OrganisationCreate(id="clinics", name="Clinics", region="DE"))
-    c.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))
-    key = c.issue_api_key(ApiKeyCreate(role="researcher", organisation_id="acme", researcher_id="alice"))[1]
+    c.registry.create_organisation(OrganisationCreate(id="acme", name="Acme", region="DE"))
+    c.registry.create_organisation(OrganisationCreate(id="clinics", name="Clinics", region="DE"))
+    c.registry.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))
+    key = c.registry.issue_api_key(ApiKeyCreate(role="researcher", organisation_id="acme",
+                                                researcher_id="alice"))[1]
     for h, site in sites.items():
-        c.register_hospital(HospitalCreate(id=h, organisation_id="clinics", name=h,
+        c.registry.register_hospital(HospitalCreate(id=h, organisation_id="clinics", name=h,
                                            signing_public_key=site.signer.public_key_b64,
                                            flower_public_key=flower_key()))
-    c.mint("org:acme", 20_000)
+    c.registry.mint("org:acme", 20_000)
     with TestClient(app=create_app(runtime)) as client:
         yield client, runtime, key
 

@@ -35,7 +35,7 @@ def test_rewards_follow_the_aggregate_members(world: World) -> None:
 def c_hospital(world: World, hospital_id: str) -> object:
     from exchange.coordinator.models import Hospital
 
-    with world.runtime.coordinator.read() as session:
+    with world.runtime.coordinator.journal.read() as session:
         found = session.get(Hospital, hospital_id)
         session.expunge(found)
         return found

@@ -141,7 +141,7 @@ def test_receipts_of_a_cancelled_studys_in_flight_round_are_logged_not_paid(worl
     unpaid = _study_entries(world, sid, "study.unpaid_receipt")
     assert [e.payload["hospital"] for e in unpaid] == ["hospital:h-one", "hospital:h-two"]
     for wrapper, original in zip(unpaid, late, strict=True):
-        assert wrapper.key_id == c.coordinator.key_id
+        assert wrapper.key_id == c.journal.coordinator.key_id
         inner = Entry.from_json(wrapper.payload["receipt"])
         assert inner.to_json() == original.to_json()
         hospital = wrapper.payload["hospital"].removeprefix("hospital:")

@@ -89,19 +89,19 @@ def populate(runtime: Runtime, hospitals: dict[str, Signer], witness_keys: dict[
              with_witness: tuple[str, ...] = HOSPITALS) -> dict[str, str]:
     """Operator, researcher, auditor, hospitals (with their witness keys); the API keys."""
     c = runtime.coordinator
-    keys = {"operator": c.issue_api_key(ApiKeyCreate(role="operator", label="root"))[1]}
-    c.create_organisation(OrganisationCreate(id="acme", name="Acme", region="DE"))
-    c.create_organisation(OrganisationCreate(id="clinics", name="Clinics", region="DE"))
-    c.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))
-    keys["alice"] = c.issue_api_key(ApiKeyCreate(role="researcher", organisation_id="acme",
+    keys = {"operator": c.registry.issue_api_key(ApiKeyCreate(role="operator", label="root"))[1]}
+    c.registry.create_organisation(OrganisationCreate(id="acme", name="Acme", region="DE"))
+    c.registry.create_organisation(OrganisationCreate(id="clinics", name="Clinics", region="DE"))
+    c.registry.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))
+    keys["alice"] = c.registry.issue_api_key(ApiKeyCreate(role="researcher", organisation_id="acme",
                                                  researcher_id="alice"))[1]
-    keys["auditor"] = c.issue_api_key(ApiKeyCreate(role="auditor"))[1]
+    keys["auditor"] = c.registry.issue_api_key(ApiKeyCreate(role="auditor"))[1]
     for name, signer in hospitals.items():
         vkey = (str(witness_signer(name, witness_keys[name]).vkey) if name in with_witness else None)
-        c.register_hospital(HospitalCreate(id=name, organisation_id="clinics", name=name.upper(),
+        c.registry.register_hospital(HospitalCreate(id=name, organisation_id="clinics", name=name.upper(),
                                            signing_public_key=signer.public_key_b64,
                                            flower_public_key=flower_key(), witness_vkey=vkey))
-    c.mint("org:acme", 50_000)
+    c.registry.mint("org:acme", 50_000)
     return keys
 
 

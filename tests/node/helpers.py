@@ -78,17 +78,18 @@ def live_coordinator(tmp_path: Path, hospitals: dict[str, tuple[Signer, str]],
                                       coordinator_key_file=keys / "coordinator.key", access_log=False),
                             runner)
     c = runtime.coordinator
-    _op, operator_key = c.issue_api_key(ApiKeyCreate(role="operator", label="operator"))
-    c.create_organisation(OrganisationCreate(id="acme", name="Acme Research", region="DE"))
-    c.create_organisation(OrganisationCreate(id="clinics", name="Clinics", region="DE"))
-    c.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))
-    _rk, researcher_key = c.issue_api_key(ApiKeyCreate(role="researcher", organisation_id="acme",
+    _op, operator_key = c.registry.issue_api_key(ApiKeyCreate(role="operator", label="operator"))
+    c.registry.create_organisation(OrganisationCreate(id="acme", name="Acme Research", region="DE"))
+    c.registry.create_organisation(OrganisationCreate(id="clinics", name="Clinics", region="DE"))
+    c.registry.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))
+    _rk, researcher_key = c.registry.issue_api_key(ApiKeyCreate(role="researcher", organisation_id="acme",
                                                        researcher_id="alice"))
     for hospital_id, (signer, flower_key) in hospitals.items():
-        c.register_hospital(HospitalCreate(id=hospital_id, organisation_id="clinics", name=hospital_id,
-                                           signing_public_key=signer.public_key_b64,
-                                           flower_public_key=flower_key))
-    c.mint("org:acme", 100_000)
+        c.registry.register_hospital(HospitalCreate(id=hospital_id, organisation_id="clinics",
+                                                    name=hospital_id,
+                                                    signing_public_key=signer.public_key_b64,
+                                                    flower_public_key=flower_key))
+    c.registry.mint("org:acme", 100_000)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
