@@ -7,8 +7,8 @@ however many records the patient has. Every epsilon here is per patient.
 
 Accountant: Opacus's PRV accountant (Gopi et al. 2021) by default. It returns an UPPER bound on
 epsilon (estimate + its numerical error bound), within about 0.1-0.6 % of Google's PLD accountant
-here and 7-10 % tighter than RDP; RDP stays available (`accountant="rdp"`). PRV costs 0.01-0.3 s
-per evaluation, so results are cached on their exact arguments.
+here and 7-10 % tighter than RDP; RDP stays available (`accountant="rdp"`). A PRV evaluation is
+costly (docs/benchmarks/federated-dp.md), so results are cached on their exact arguments.
 
 How a study's epsilon composes. DP-SGD at one hospital in one study is one long run of the same
 mechanism (fixed noise multiplier, fixed sample rate): after the hospital has trained k rounds of
