@@ -150,7 +150,14 @@ def _post(client: HospitalClient, size: int, lines: str) -> CoordinatorError:
 def test_bad_cosignatures_are_refused_with_a_reason(
         served: Served, witnesses: dict[str, tuple[NodeWitness, HospitalClient]],
         hospitals: dict[str, Signer], tmp_path: Path) -> None:
-    assert served.runtime.checkpointing is not None
+    checkpointing = served.runtime.checkpointing
+    assert checkpointing is not None
+    # the checkpoint thread may have signed a checkpoint while the hospitals were still being
+    # registered (its witness set then holds only the first); wait for one of the whole log
+    deadline = time.monotonic() + 30
+    while int(str(checkpointing.status()["signed_size"])) < served.runtime.audit_log.size():
+        assert time.monotonic() < deadline, "no checkpoint of the whole log"
+        time.sleep(0.05)
     body, _ = witnesses["w-one"][1].witness_checkpoint(0)
     note = AddCheckpointRequest.parse(body).checkpoint
     size = parse_checkpoint(note).size
@@ -176,7 +183,7 @@ def test_bad_cosignatures_are_refused_with_a_reason(
     # a hospital that registered no witness key
     with HospitalClient(served.url, hospitals["w-none"], "w-none") as nobody:
         assert "no witness key" in str(_post(nobody, size, own.cosign(parsed_body).line))
-    assert served.runtime.checkpointing.status()["cosigned_by"] == []
+    assert checkpointing.status()["cosigned_by"] == []
     # and the genuine one is accepted
     accepted = client.post_cosignature(size, own.cosign(parsed_body).line)
     assert accepted["cosigned_by"] == ["w-one.witness"] and not accepted["quorum_met"]
