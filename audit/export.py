@@ -106,13 +106,7 @@ def write_export(out: Path, leaf_lines: Iterable[bytes],
         note = checkpoint_note() if callable(checkpoint_note) else checkpoint_note
         write_synced(staging / CHECKPOINT_FILE, note.encode())
         write_synced(staging / TRUST_FILE, trust_json_bytes(trust))
-        if out.exists():
-            if out.is_dir():
-                shutil.rmtree(out)
-            else:
-                out.unlink()
-        os.replace(staging, out)
-        fsync_dir(out.parent)
+        replace_synced(staging, out)
         return count
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -131,6 +125,18 @@ def write_synced(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def replace_synced(staging: Path, out: Path) -> None:
+    """Put the finished `staging` folder at `out` (replacing whatever is there) and make the
+    rename durable: a reader sees the old export or the new one, never half of either."""
+    if out.exists():
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+    os.replace(staging, out)
+    fsync_dir(out.parent)
 
 
 def fsync_dir(path: Path) -> None:

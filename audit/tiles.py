@@ -27,7 +27,6 @@ named by its path.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import tempfile
@@ -36,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from audit.export import fsync_dir, write_synced
+from audit.export import replace_synced, write_synced
 from audit.merkle import HASH_SIZE, NODE_PREFIX, leaf_hash
 from audit.trust import Trust, trust_json_bytes
 
@@ -270,13 +269,7 @@ def write_tiles(out: Path, entries: Iterable[bytes], checkpoint_note: str | Call
         write_synced(staging / CHECKPOINT_PATH, note.encode())
         if trust is not None:
             write_synced(staging / TRUST_PATH, trust_json_bytes(trust))
-        if out.exists():
-            if out.is_dir():
-                shutil.rmtree(out)
-            else:
-                out.unlink()
-        os.replace(staging, out)
-        fsync_dir(out.parent)
+        replace_synced(staging, out)
         return builder.size
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

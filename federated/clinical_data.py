@@ -50,6 +50,7 @@ from federated.data import (
     _assign,
     demo_secret,
     pseudonym,
+    public_part,
 )
 
 SURVIVAL_DATASETS: tuple[str, ...] = ("flchain", "gbsg2")
@@ -223,14 +224,7 @@ def public_survival_reference(columns: Sequence[str], part: PublicPart = "all") 
         _x, t, e, strata = _raw(dataset)
         x = _scaled(dataset)
         rows = public_rows(dataset)
-        if part != "all":
-            rng = np.random.default_rng(_PUBLIC_SEED + 1)
-            first: list[int] = []
-            for s in np.unique(strata[rows]):
-                members = rng.permutation(rows[strata[rows] == s])
-                first.extend(int(r) for r in members[: (len(members) + 1) // 2])
-            chosen = np.isin(rows, first)
-            rows = rows[chosen] if part == "pretrain" else rows[~chosen]
+        rows = public_part(rows, strata, part, seed=_PUBLIC_SEED + 1)
         pos = [names.index(c) for c in wanted]
         return SurvivalSet(x=x[rows][:, pos], time=t[rows].copy(), event=e[rows].copy())
     return None

@@ -403,15 +403,23 @@ def public_reference(columns: Sequence[str], task: str, part: PublicPart = "all"
         centre, scale = reference_constants(dataset)
         xs = np.clip((x - centre) / scale, -Z_CLIP, Z_CLIP).astype(np.float32)
         rows = public_reference_rows(dataset)
-        if part != "all":
-            rng = np.random.default_rng(_PUBLIC_SEED + 1)
-            first: list[int] = []
-            for s in np.unique(strata[rows]):
-                members = rng.permutation(rows[strata[rows] == s])
-                first.extend(int(r) for r in members[: (len(members) + 1) // 2])
-            chosen = np.isin(rows, first)
-            rows = rows[chosen] if part == "pretrain" else rows[~chosen]
+        rows = public_part(rows, strata, part, seed=_PUBLIC_SEED + 1)
         pos = [names.index(c) for c in wanted]
         target_scale = DIABETES_TARGET_SCALE if dataset == "diabetes" else 1.0
         return xs[rows][:, pos], y[rows], target_scale
     return None
+
+
+def public_part(rows: np.ndarray, strata: np.ndarray, part: str, seed: int) -> np.ndarray:
+    """`rows` of a public sample, or one of its two fixed halves (stratified, seeded):
+    "pretrain" for the initial model, any other part but "all" for the reference metrics, so
+    the model is never scored on the rows it was pre-trained on."""
+    if part == "all":
+        return rows
+    rng = np.random.default_rng(seed)
+    first: list[int] = []
+    for s in np.unique(strata[rows]):
+        members = rng.permutation(rows[strata[rows] == s])
+        first.extend(int(r) for r in members[: (len(members) + 1) // 2])
+    chosen = np.isin(rows, first)
+    return rows[chosen] if part == "pretrain" else rows[~chosen]
