@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,9 @@ def _atomic_write(path: Path, data: bytes) -> bool:
     if path.exists() and path.read_bytes() == data:
         return False
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A unique temporary name per writer: the daemon and a steward's command may export at once.
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -96,10 +98,11 @@ def export_records(store: NodeStore, settings: NodeSettings, path: Path) -> int:
                         categories={c: categories[c] for c in features},
                         is_test=np.asarray([_is_test(p, settings.training.test_fraction)
                                             for p, _v in usable]))
-    tmp = path.with_name(f".{path.name}.build")
-    write_records(tmp, data, label)
-    _atomic_write(path, tmp.read_bytes())
-    tmp.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as build:
+        staged = Path(build) / path.name
+        write_records(staged, data, label)
+        _atomic_write(path, staged.read_bytes())
     return len(usable)
 
 
