@@ -43,6 +43,10 @@ class CoordinatorSettings(BaseSettings):
     by `superlink_tls()`, which `exchange serve` calls, not at load: `exchange admin` reads the
     same file and never talks to the SuperLink. `superlink_certificate`/`superlink_private_key`
     are the SuperLink's own certificate and key, for deployments that start it from this file.
+
+    HTTPS: `tls_certificate`/`tls_private_key` make `exchange serve` terminate TLS itself (the
+    hospitals then verify it with their `coordinator_root_certificates`); without them it serves
+    plain HTTP, for loopback or behind a TLS-terminating proxy (deploy/k8s's Ingress).
     """
 
     model_config = SettingsConfigDict(env_prefix="EXCHANGE_", env_nested_delimiter="__",
@@ -62,6 +66,8 @@ class CoordinatorSettings(BaseSettings):
     superlink_certificate: Path | None = None
     superlink_private_key: Path | None = None
     superlink_insecure: bool | None = None  # default: insecure iff no root certificates
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
     max_body_bytes: int = 1_048_576
     rate_limit_per_minute: int = Field(default=600, ge=1)
     forward_bps: int = Field(default=3000, ge=0, le=10_000)
@@ -85,6 +91,21 @@ class CoordinatorSettings(BaseSettings):
     def royalty_terms(self) -> dict[str, tuple[str, int]]:
         """template -> (account, bps), as the coordinator's payout terms take them."""
         return {template: (r.account, r.bps) for template, r in self.royalties.items()}
+
+    def https(self) -> tuple[Path, Path] | None:
+        """(certificate, key) for `exchange serve` to terminate TLS itself, or None (plain HTTP).
+
+        Raises ValueError naming the setting: half a pair, or a file that cannot be read."""
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("tls_private_key: tls_certificate and tls_private_key go together "
+                             "(set both or neither)")
+        if self.tls_certificate is None or self.tls_private_key is None:
+            return None
+        pair = (("tls_certificate", self.tls_certificate), ("tls_private_key", self.tls_private_key))
+        for name, path in pair:
+            if not Path(path).is_file():
+                raise ValueError(f"{name}: file not found: {path}")
+        return Path(self.tls_certificate), Path(self.tls_private_key)
 
     def superlink_tls(self) -> bytes | None:
         """The CA bundle to verify the SuperLink with, or None for plaintext on loopback.

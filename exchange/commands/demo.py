@@ -101,6 +101,10 @@ def demo(  # noqa: PLR0917 (Typer maps parameters to options)
     study: Annotated[str, typer.Option(
         "--study", help="Which study: breast-cancer (logistic regression, the default) or survival "
                         "(Cox model on flchain; docs/survival.md).")] = "breast-cancer",
+    hosts: Annotated[str, typer.Option(
+        "--hosts", help="loopback (every party on 127.0.0.1) or netns: each hospital on a network "
+                        "host of its own, the coordinator over HTTPS (needs root; docs/demo.md)."),
+    ] = "loopback",
 ) -> None:
     """Run a whole consortium on this machine: coordinator, SuperLink, three hospital nodes;
     one study from submission to payout; audit export verified; report in OUT."""
@@ -112,6 +116,15 @@ def demo(  # noqa: PLR0917 (Typer maps parameters to options)
         raise typer.BadParameter(f"unknown study {study!r}; choose one of {', '.join(sorted(STUDIES))}",
                                  param_hint="--study")
 
+    if hosts not in ("loopback", "netns"):
+        raise typer.BadParameter(f"unknown placement {hosts!r}; choose loopback or netns",
+                                 param_hint="--hosts")
+    if hosts == "netns":
+        from exchange.demo.hosts import netns_available
+
+        why = netns_available()
+        if why is not None:
+            raise typer.BadParameter(f"netns: {why}", param_hint="--hosts")
     if db is not None:
         from sqlalchemy.engine import make_url
         from sqlalchemy.exc import ArgumentError
@@ -133,7 +146,7 @@ def demo(  # noqa: PLR0917 (Typer maps parameters to options)
     console = Console() if sys.stdout.isatty() else Console(width=140)
     progress = Progress()
     consortium = Consortium(DemoConfig(out=out, db_url=db, rounds=rounds, epsilon=epsilon,
-                                       witnesses=witnesses, study=study), progress)
+                                       witnesses=witnesses, study=study, hosts=hosts), progress)
     progress.metric = STUDIES[study].metric
 
     def on_sigterm(_signum: int, _frame: FrameType | None) -> None:

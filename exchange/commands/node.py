@@ -182,6 +182,10 @@ def run(config: ConfigOption = None) -> None:
     from exchange.node.daemon import run_daemon
 
     settings = _settings(config)
+    try:
+        settings.coordinator_tls()
+    except ValueError as exc:  # names the setting
+        raise typer.BadParameter(str(exc), param_hint="--config") from exc
     configure_logging(settings.logging.level, settings.logging.json_format)
     sys.exit(run_daemon(settings))
 

@@ -52,7 +52,7 @@ def claim(study_id: Annotated[str, typer.Argument(help="Study id.")],
                                                 account=account) | {"amount": None}))
         return
     with HospitalClient(settings.coordinator_url, Signer.load(settings.signing_key_path),
-                        settings.hospital_id) as client:
+                        settings.hospital_id, verify=settings.coordinator_tls()) as client:
         payout = client.payout(study_id)
         if payout is None:
             raise _fail(f"study_id: {study_id!r} has no payout in the log yet; nothing to claim")

@@ -43,9 +43,13 @@ def serve(
     configure_logging(settings.logging.level, settings.logging.json_format)
     try:
         runner = runner_from_settings(settings)
+        https = settings.https()
     except ValueError as exc:  # names the setting (e.g. plaintext to a remote SuperLink)
         raise typer.BadParameter(str(exc), param_hint="--config") from exc
     runtime = build_runtime(app_config_from(settings), runner)
     app = create_app(runtime)
-    typer.echo(f"coordinator on http://{settings.host}:{settings.port} (docs: /schema/docs)", err=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="warning")
+    scheme = "https" if https is not None else "http"
+    typer.echo(f"coordinator on {scheme}://{settings.host}:{settings.port} (docs: /schema/docs)", err=True)
+    tls: dict[str, Any] = ({"ssl_certfile": str(https[0]), "ssl_keyfile": str(https[1])}
+                           if https is not None else {})
+    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="warning", **tls)

@@ -10,6 +10,7 @@ error), never as a bare httpx exception.
 from __future__ import annotations
 
 import json
+import ssl
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -63,11 +64,11 @@ class HospitalClient:
 
     def __init__(self, base_url: str, signer: Signer, hospital_id: str, *,
                  transport: httpx.BaseTransport | None = None,
-                 timeout: httpx.Timeout = DEFAULT_TIMEOUT) -> None:
+                 timeout: httpx.Timeout = DEFAULT_TIMEOUT, verify: ssl.SSLContext | bool = True) -> None:
         self.signer = signer
         self.hospital_id = hospital_id
         self._http = httpx.Client(base_url=base_url, auth=HospitalAuth(signer), timeout=timeout,
-                                  transport=transport)
+                                  transport=transport, verify=verify)
 
     def close(self) -> None:
         self._http.close()
@@ -140,8 +141,8 @@ class ApiClient:
     """Researchers, operators and auditors: `Authorization: Bearer <api key>`."""
 
     def __init__(self, base_url: str, api_key: str, *, transport: httpx.BaseTransport | None = None,
-                 timeout: httpx.Timeout = DEFAULT_TIMEOUT) -> None:
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport,
+                 timeout: httpx.Timeout = DEFAULT_TIMEOUT, verify: ssl.SSLContext | bool = True) -> None:
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport, verify=verify,
                                   headers={"Authorization": f"Bearer {api_key}"})
 
     def close(self) -> None:

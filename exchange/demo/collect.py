@@ -134,12 +134,15 @@ def collect_report(demo: Any, audit: dict[str, Any]) -> dict[str, Any]:
                                           request=request, receipts=receipts))
     revocations = [{"hospital": h.id, "pseudonyms_revoked": len(h.revoked), "effective_at": h.revoked_at,
                     "imported_at": h.revoke_imported_at} for h in demo.hospitals.values() if h.revoked]
+    network, network_checks = demo.network()
     verifier_ledger = audit.get("ledger")
     report = assemble_report(study=study, entries=entries, balances=balances, hospitals=hospitals,
                              audit={k: v for k, v in audit.items() if k != "ledger"},
                              extra={"revocations": revocations,
                                     "timings_s": dict(demo.progress.phases),
-                                    "coordinator_database": demo.db_url.split(":", 1)[0]})
+                                    "coordinator_database": demo.db_url.split(":", 1)[0],
+                                    "network": network})
+    report["checks"].extend(network_checks)
     if verifier_ledger is not None:
         report["checks"].append({
             "check": "the auditor's ledger fold equals the coordinator's balances",

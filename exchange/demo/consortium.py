@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from audit.signing import Signer
+from exchange.demo.hosts import Loopback, NetnsHosts, Placement
 from exchange.demo.studies import DemoStudy, get_study
 from exchange.node.consent_store import ConsentImportRejectedError
 from exchange.node.mapping import ImportRejectedError
@@ -91,6 +93,9 @@ class DemoConfig:
     timeout_s: float = 600.0
     #: which study (exchange.demo.studies): "breast-cancer" or "survival"
     study: str = "breast-cancer"
+    #: "loopback": every party on 127.0.0.1; "netns": each hospital on its own network host
+    #: (exchange.demo.hosts; needs root), the coordinator over HTTPS
+    hosts: str = "loopback"
 
     @property
     def work(self) -> Path:
@@ -146,9 +151,9 @@ class Progress:
         del self.events[:-8]
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -256,6 +261,7 @@ class Consortium:
         self.study_id: str | None = None
         self.runner: FederatedRunner | None = None
         self.tls: Any = None
+        self.placement: Placement = Loopback()
         self._stopped = False
 
     # -- phases -------------------------------------------------------------------------------
@@ -276,6 +282,12 @@ class Consortium:
         cfg = self.config
         cfg.work.mkdir(parents=True, exist_ok=True)
         with self.phase("coordinator"):
+            if cfg.hosts == "netns":
+                self.placement = NetnsHosts.create(HOSPITALS)
+                self.progress.event(f"network: hospitals on {', '.join(self.placement.addresses.values())}, "
+                                    f"coordinator and SuperLink on {self.placement.server_host}")
+            elif cfg.hosts != "loopback":
+                raise DemoError(f"hosts: {cfg.hosts!r} is not one of loopback, netns")
             superlink_started = self._start_superlink()
             self.start_coordinator()
         with self.phase("hospitals join"):
@@ -314,8 +326,11 @@ class Consortium:
 
         # TLS and SuperNode authentication on, as in production: each hospital's Flower key is
         # registered with the SuperLink by the operator (register_flower_keys).
-        self.tls = generate_tls(self.config.work / "tls")
-        self.superlink = SuperLinkProcess(self.config.work / "superlink", tls=self.tls, supernode_auth=True)
+        # One certificate for the operator's host: the SuperLink and the coordinator's HTTPS.
+        host = self.placement.server_host
+        self.tls = generate_tls(self.config.work / "tls", ips=tuple(dict.fromkeys(("127.0.0.1", host))))
+        self.superlink = SuperLinkProcess(self.config.work / "superlink", host=host, tls=self.tls,
+                                          supernode_auth=True)
         self.superlink.workdir.mkdir(parents=True, exist_ok=True)
 
         started = threading.Event()
@@ -368,13 +383,18 @@ class Consortium:
             role="researcher", organisation_id=RESEARCH_ORG, researcher_id=RESEARCHER,
             label="demo researcher"))
         c.mint(f"org:{RESEARCH_ORG}", MINTED)
-        port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.runtime), host="127.0.0.1", port=port,
-                                                    log_level="warning", lifespan="on"))
+        host = self.placement.server_host
+        port = free_port(host)
+        # HTTPS when hospitals are on other hosts (plain HTTP leaves only loopback).
+        https = self.placement.remote
+        self.server = uvicorn.Server(uvicorn.Config(
+            create_app(self.runtime), host=host, port=port, log_level="warning", lifespan="on",
+            ssl_certfile=str(self.tls.server_cert) if https else None,
+            ssl_keyfile=str(self.tls.server_key) if https else None))
         self.server_thread = threading.Thread(target=self.server.run, name="coordinator", daemon=True)
         self.server_thread.start()
         self._wait(lambda: self.server.started, "the coordinator to listen", 60)
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if https else 'http'}://{host}:{port}"
         self.progress.event(f"coordinator on {self.url} ({self.db_url.split(':', 1)[0]})")
 
     # -- hospitals ----------------------------------------------------------------------------
@@ -452,11 +472,15 @@ class Consortium:
             "insecure": self.tls is None,
             "root_certificates": self.tls.ca_cert.resolve() if self.tls is not None else None,
             "clientappio_address": f"127.0.0.1:{free_port()}", "restart_backoff_initial_s": 0.5})
+        # The coordinator's CA when it serves HTTPS (hospitals on other hosts).
+        coordinator_ca = self.tls.ca_cert.resolve() if self.placement.remote else None
         training = settings.training.model_copy(update={"label_column": self.config.demo_study.label})
         witness = settings.witness.model_copy(update={"enabled": self.config.witnesses})
         updated = settings.model_copy(update={"policy": policy, "supernode": supernode, "training": training,
                                               "witness": witness,
                                               "health_port": h.health_port,
+                                              "health_host": self.placement.hospital_host(h.id),
+                                              "coordinator_root_certificates": coordinator_ca,
                                               "poll_interval_s": self.config.node_poll_s})
         h.config.write_text(render_toml(updated))
 
@@ -506,7 +530,8 @@ class Consortium:
         for h in self.hospitals.values():
             with h.log_path.open("ab") as log_file:
                 h.process = subprocess.Popen(
-                    [sys.executable, "-m", "exchange.cli", "node", "run", "--config", str(h.config)],
+                    [*self.placement.command_prefix(h.id), sys.executable, "-m", "exchange.cli",
+                     "node", "run", "--config", str(h.config)],
                     stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                     start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509
             self.progress.hospitals[h.id]["state"] = "daemon starting"
@@ -518,7 +543,8 @@ class Consortium:
             for h in self.hospitals.values():
                 self._check_daemon(h)
                 try:
-                    health = _http_json(f"http://127.0.0.1:{h.health_port}/health", 1.0)
+                    health = _http_json(f"http://{self.placement.hospital_host(h.id)}:{h.health_port}/health",
+                                        1.0)
                 except OSError:
                     done = False
                     continue
@@ -541,12 +567,19 @@ class Consortium:
     def researcher(self) -> Any:
         from exchange.coordinator.client import ApiClient
 
-        return ApiClient(self.url, self.researcher_key)
+        return ApiClient(self.url, self.researcher_key, verify=self.verify)
 
     def operator(self) -> Any:
         from exchange.coordinator.client import ApiClient
 
-        return ApiClient(self.url, self.operator_key)
+        return ApiClient(self.url, self.operator_key, verify=self.verify)
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """How this process's clients verify the coordinator (its CA when it serves HTTPS)."""
+        if not self.placement.remote:
+            return True
+        return ssl.create_default_context(cafile=str(self.tls.ca_cert))
 
     def submit_study(self) -> None:
         assert self.runner is not None
@@ -723,6 +756,8 @@ class Consortium:
         auditor_key = self.runtime.coordinator.registry.issue_api_key(ApiKeyCreate(role="auditor"))[1]
         audit_dir = self.config.out / "audit"
         env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "EXCHANGE_API_KEY": auditor_key}
+        if self.placement.remote:  # an auditor trusts the coordinator's CA like any HTTPS client
+            env["SSL_CERT_FILE"] = str(self.tls.ca_cert)
         cli = [sys.executable, "-m", "audit.cli"]
         fetch = subprocess.run([*cli, "fetch", "--url", self.url, "--out", str(audit_dir), "--trust",
                                 str(trust_path), "--force"], capture_output=True, text=True, env=env,
@@ -747,6 +782,29 @@ class Consortium:
                 "witnesses": witnesses,
                 "commands": [f"audit fetch --url {self.url} --out {audit_dir} --trust {trust_path}",
                              f"audit verify {audit_dir} --trust {trust_path}"]}
+
+    def network(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Where each party ran, for the report; across hosts also the check that each node
+        daemon really ran in its own network namespace and reached the servers only over HTTPS
+        (coordinator) and TLS with SuperNode authentication (SuperLink)."""
+        info: dict[str, Any] = {"placement": self.config.hosts, "coordinator": self.url,
+                                "superlink": self.superlink_address, "hospitals": {}}
+        if not isinstance(self.placement, NetnsHosts):
+            return info, []
+        wrong: list[str] = []
+        for h in self.hospitals.values():
+            settings = self._settings(h)
+            namespace = self.placement.namespace_of(h.process.pid) if h.process is not None else None
+            info["hospitals"][h.id] = {"address": self.placement.hospital_host(h.id), "namespace": namespace}
+            expected = self.placement.namespaces[h.id]
+            if namespace != expected:
+                wrong.append(f"{h.id}: daemon in namespace {namespace!r}, not {expected!r}")
+            if not settings.coordinator_url.startswith("https://"):
+                wrong.append(f"{h.id}: coordinator_url {settings.coordinator_url} is not HTTPS")
+            if settings.supernode.insecure or settings.supernode.root_certificates is None:
+                wrong.append(f"{h.id}: SuperNode without TLS")
+        return info, [{"check": "each hospital ran on a network host of its own, over HTTPS and TLS",
+                       "ok": not wrong, "detail": "; ".join(wrong)}]
 
     # -- shutdown -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -783,6 +841,7 @@ class Consortium:
         if self.runtime is not None:
             with contextlib.suppress(Exception):
                 self.runtime.close()
+        self.placement.close()
 
     # -- helpers ------------------------------------------------------------------------------
     def _wait(self, condition: Callable[[], Any], what: str, timeout: float, interval: float = 0.2) -> Any:

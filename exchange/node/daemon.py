@@ -64,7 +64,8 @@ class CoordinatorLink:
     def __init__(self, settings: NodeSettings, signer: Signer) -> None:
         from exchange.coordinator.client import HospitalClient
 
-        self.client = HospitalClient(settings.coordinator_url, signer, settings.hospital_id)
+        self.client = HospitalClient(settings.coordinator_url, signer, settings.hospital_id,
+                                     verify=settings.coordinator_tls())
 
     def me(self) -> dict[str, Any]:
         return self.client.me()

@@ -12,6 +12,7 @@ of variables (the one-machine demo) never mixes them up.
 from __future__ import annotations
 
 import os
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -128,6 +129,9 @@ class NodeSettings(BaseSettings):
     signing_key_file: Path = Path("keys/node.key")
     flower_key_file: Path = Path("keys/flower-node.key")
     coordinator_url: str = "http://127.0.0.1:8080"
+    # CA bundle to verify an https coordinator with; unset: the system's trust store (or
+    # SSL_CERT_FILE), as for any HTTPS client.
+    coordinator_root_certificates: Path | None = None
     poll_interval_s: float = Field(default=2.0, gt=0)
     health_host: str = "127.0.0.1"
     health_port: int = Field(default=8181, ge=0, le=65535)
@@ -143,6 +147,18 @@ class NodeSettings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    def coordinator_tls(self) -> ssl.SSLContext | bool:
+        """How the node's HTTP client verifies the coordinator (httpx's `verify`).
+
+        Raises ValueError naming the setting when the CA bundle cannot be read."""
+        ca = self.coordinator_root_certificates
+        if ca is None:
+            return True
+        try:
+            return ssl.create_default_context(cafile=str(self.path(ca)))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"coordinator_root_certificates: cannot read {ca}: {exc}") from exc
 
     @classmethod
     def settings_customise_sources(

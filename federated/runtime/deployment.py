@@ -223,7 +223,7 @@ class SuperLinkProcess:
             raise ValueError("supernode_auth: needs TLS (node signatures over plain HTTP protect nothing)")
         self.workdir = workdir
         self.host = host
-        self.port = port or free_port(host if is_loopback(host) else "0.0.0.0")
+        self.port = port or free_port(host if host not in ("", "::") else "0.0.0.0")
         self.tls = tls
         self.supernode_auth = supernode_auth
         self.settings = settings or RuntimeSettings()
@@ -254,7 +254,8 @@ class SuperLinkProcess:
             args.append("--enable-supernode-auth")
         env = flower_env(self.workdir / "flwr-home-superlink")
         self.proc = _spawn("superlink", args, self.workdir / "superlink.log", env)
-        _wait_port(self.proc, self.host if is_loopback(self.host) else "127.0.0.1", self.port, timeout)
+        wildcard = self.host in ("0.0.0.0", "::", "")
+        _wait_port(self.proc, "127.0.0.1" if wildcard else self.host, self.port, timeout)
 
     def control_client(self) -> ControlApi:
         return ControlApi(self.address, insecure=self.insecure, root_certificates=self.root_certificates())
