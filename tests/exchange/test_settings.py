@@ -135,3 +135,26 @@ def test_serve_refuses_plaintext_to_a_remote_superlink(config: Path, tmp_path: P
     assert result.exit_code == 2
     assert "superlink_insecure" in result.output and "loopback" in result.output
     assert not (tmp_path / "c.db").exists()  # refused before anything was created
+
+
+def test_https_needs_both_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from federated.runtime.tls import generate_tls
+
+    monkeypatch.delenv("EXCHANGE_CONFIG", raising=False)
+    assert load_coordinator_settings().https() is None  # plain HTTP: loopback or behind a proxy
+    tls = generate_tls(tmp_path / "tls")
+    both = load_coordinator_settings(tls_certificate=tls.server_cert, tls_private_key=tls.server_key)
+    assert both.https() == (tls.server_cert, tls.server_key)
+    for overrides, field in (({"tls_certificate": tls.server_cert}, "tls_private_key"),
+                             ({"tls_private_key": tls.server_key}, "tls_private_key"),
+                             ({"tls_certificate": tmp_path / "none.pem", "tls_private_key": tls.server_key},
+                              "tls_certificate")):
+        with pytest.raises(ValueError, match=rf"^{field}:"):
+            load_coordinator_settings(**overrides).https()
+
+
+def test_serve_refuses_half_a_tls_pair(config: Path, tmp_path: Path) -> None:
+    config.write_text(f'tls_certificate = "{tmp_path / "cert.pem"}"\n' + config.read_text())
+    result = CliRunner().invoke(app, ["serve", "--config", str(config)])
+    assert result.exit_code == 2 and "tls_private_key" in result.output
+    assert not (tmp_path / "c.db").exists()
