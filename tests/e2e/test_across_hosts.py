@@ -78,3 +78,15 @@ def test_a_study_runs_with_each_hospital_on_its_own_host(tmp_path: Path) -> None
     assert report["rounds"] and len(report["rounds"]) == 3
     # the demo removed what it made
     assert _namespaces() <= before
+
+
+def test_an_unknown_placement_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from exchange.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["demo", "--hosts", "cloud", "--out", str(out), "--no-live"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "--hosts" in result.output and "loopback or netns" in result.output
+    assert not (tmp_path / "out").exists()

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from audit.signing import Signer
-from exchange.coordinator.client import HospitalClient
+from exchange.coordinator.client import CoordinatorError, HospitalClient
 from exchange.node.settings import NodeSettings
 from federated.runtime.tls import generate_tls
 
@@ -60,8 +60,9 @@ def test_serve_speaks_https_and_a_node_verifies_it_with_its_ca(tmp_path: Path) -
         # A node with the CA pinned reaches the hospital API (an unregistered hospital: 401).
         node = NodeSettings(coordinator_url=url, coordinator_root_certificates=tls.ca_cert)
         with HospitalClient(url, Signer.generate(), "h-x", verify=node.coordinator_tls()) as client, \
-                pytest.raises(Exception, match="401|not registered|unknown"):
+                pytest.raises(CoordinatorError) as refused:
             client.me()
+        assert refused.value.status == 401
     finally:
         server.terminate()
         server.wait(20)
