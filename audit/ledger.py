@@ -15,11 +15,19 @@ import functools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from audit.entry import Entry
-from audit.reward_commitment import ClaimError, check_public, claim_account, claim_amount, verify_leaf
+from audit.entry import Entry, format_time, parse_time
+from audit.reward_commitment import (
+    CLAIM_ACCOUNT_PREFIX,
+    ClaimError,
+    check_public,
+    claim_account,
+    claim_amount,
+    verify_leaf,
+)
 from audit.rewards import (
     BPS,
     MAX_AMOUNT,
@@ -42,8 +50,13 @@ HOSPITAL = "hospital"
 
 #: The entry kinds the fold reads (`study.round` only for a secure round's `aggregate_members`).
 TOKEN_KINDS = frozenset({"token.mint", "token.transfer", "study.escrow", "round.receipt",
-                         "study.payout", "study.refund", "reward.claim", "study.round"})
+                         "study.payout", "study.refund", "reward.claim", "reward.sweep",
+                         "study.round"})
 CLAIM_KIND = "reward.claim"
+SWEEP_KIND = "reward.sweep"
+SWEEP_FIELDS = ("study_id", "hospital", "round", "amount", "to")
+#: The longest claim window a study may set (ten years of 365 days), in seconds.
+MAX_CLAIM_WINDOW_S = 10 * 365 * 86_400
 CLAIM_FIELDS = ("study_id", "hospital", "round", "holder", "units", "index", "proof", "amount")
 
 
@@ -84,6 +97,9 @@ class Escrow:
     #: round -> the hospitals whose inputs formed its secure aggregate (`study.round`'s
     #: `aggregate_members`); a receipt of such a round pays only if its hospital is listed
     members: dict[int, frozenset[str]] = field(default_factory=dict)
+    #: the escrow's `unclaimed` terms: (claim window in seconds, account the rest is swept to);
+    #: None for an escrow that set none (its pools stay open for ever)
+    sweep: tuple[int, str] | None = None
     paid: int = 0
     refunded: int = 0
     status: EscrowStatus = EscrowStatus.OPEN
@@ -99,24 +115,31 @@ class Escrow:
                 "paid": self.paid, "refunded": self.refunded, "held": self.held,
                 "status": str(self.status), "receipts": self.receipt_count,
                 "royalty_account": self.terms.royalty_account,
-                "royalty_bps": self.terms.royalty_bps, "forward_bps": self.terms.forward_bps}
+                "royalty_bps": self.terms.royalty_bps, "forward_bps": self.terms.forward_bps,
+                "unclaimed": (None if self.sweep is None
+                              else {"after_s": self.sweep[0], "to": self.sweep[1]})}
 
 
 @dataclass(slots=True)
 class ClaimPool:
     """What one receipt's reward commitment may still pay out (opened by the study's payout).
 
-    `claimed` holds the holders already paid: a leaf is paid once, so a replayed claim is refused."""
+    `claimed` holds the holders already paid: a leaf is paid once, so a replayed claim is refused.
+    `closes` (the payout's time plus the escrow's claim window) ends the claims; from then on
+    the coordinator may sweep what is left to `sweep_to`, once (`swept`)."""
 
     root: str
     size: int
     pool: int
     paid: int = 0
     claimed: set[str] = field(default_factory=set)
+    closes: datetime | None = None
+    sweep_to: str | None = None
+    swept: int = 0
 
     @property
     def remaining(self) -> int:
-        return self.pool - self.paid
+        return self.pool - self.paid - self.swept
 
 
 @dataclass
@@ -179,6 +202,7 @@ class Ledger:
             "study.payout": self._payout,
             "study.refund": self._refund,
             CLAIM_KIND: self._claim,
+            SWEEP_KIND: self._sweep,
             "study.round": self._round,
         }
 
@@ -213,8 +237,19 @@ class Ledger:
         (their `remaining` sum to `state.unclaimed`). No reward account appears here."""
         return [{"study_id": study_id, "hospital": hospital, "round": round_number, "root": pool.root,
                  "pool": pool.pool, "paid": pool.paid, "claims": len(pool.claimed),
-                 "remaining": pool.remaining}
+                 "swept": pool.swept, "remaining": pool.remaining,
+                 "closes": None if pool.closes is None else _format(pool.closes),
+                 "sweep_to": pool.sweep_to}
                 for (study_id, hospital, round_number), pool in sorted(self.claim_pools.items())]
+
+    def sweepable(self, instant: datetime) -> list[dict[str, Any]]:
+        """The `reward.sweep` payloads the fold accepts at `instant`: every claim pool whose
+        window has closed, that still holds something and was not swept yet."""
+        return [{"study_id": study_id, "hospital": hospital, "round": round_number,
+                 "amount": pool.remaining, "to": pool.sweep_to}
+                for (study_id, hospital, round_number), pool in sorted(self.claim_pools.items())
+                if pool.closes is not None and pool.sweep_to is not None and instant >= pool.closes
+                and not pool.swept and pool.remaining > 0]
 
     def expected_claim(self, study_id: str, hospital: str, round_number: int, units: int) -> int:
         """What a leaf of `units` of that receipt's commitment is paid now; PayoutError if there is
@@ -291,7 +326,7 @@ class Ledger:
 
     def _escrow(self, entry: Entry) -> None:
         payload = _fields(entry.payload, ("study_id", "account", "amount", "royalty_account",
-                                          "royalty_bps", "forward_bps"))
+                                          "royalty_bps", "forward_bps"), optional=("unclaimed",))
         self._signer(entry, COORDINATOR)
         study_id = _text(payload, "study_id")
         account = _account(payload, "account")
@@ -303,10 +338,11 @@ class Ledger:
             raise _RuleError("royalty_bps: must be 0 when royalty_account is null")
         if study_id in self.studies:
             raise _RuleError(f"study_id: {study_id!r} was already escrowed")
+        sweep = _sweep_terms(payload["unclaimed"]) if "unclaimed" in payload else None
         self._need(account, amount, "amount")
         terms = _terms(royalty_account, royalty_bps, forward_bps)
         self._commit({account: -amount}, escrow=amount)
-        self.studies[study_id] = Escrow(study_id, account, amount, terms)
+        self.studies[study_id] = Escrow(study_id, account, amount, terms, sweep=sweep)
 
     def _receipt(self, entry: Entry) -> None:
         payload = entry.payload
@@ -359,11 +395,16 @@ class Ledger:
             raise _RuleError(difference)
         pools = payout_pools(expected)
         self._commit(payout_credits(expected), escrow=-amount, unclaimed=sum(pools.values()))
+        closes, sweep_to = None, None
+        if study.sweep is not None:
+            closes = _time(entry) + timedelta(seconds=study.sweep[0])
+            sweep_to = study.sweep[1]
         for receipt in study.receipts:
             pool = pools.get((receipt.hospital, receipt.round))
             if pool is not None and receipt.rewards is not None:
                 self.claim_pools[(study.study_id, receipt.hospital, receipt.round)] = ClaimPool(
-                    str(receipt.rewards["root"]), int(receipt.rewards["size"]), pool)
+                    str(receipt.rewards["root"]), int(receipt.rewards["size"]), pool,
+                    closes=closes, sweep_to=sweep_to)
         study.paid += amount
         study.status = EscrowStatus.CLOSED if study.held == 0 else EscrowStatus.PAID
         # A study is paid out once and takes no receipts after it: forget them, so that a
@@ -402,6 +443,9 @@ class Ledger:
         if pool is None:
             raise _RuleError(f"round: no claim pool for {hospital!r} round {round_number} of "
                              f"{study_id!r} (no receipt, or the study is not paid out)")
+        if pool.closes is not None and _time(entry) >= pool.closes:
+            raise _RuleError(f"time: the claim window of this pool closed at {_format(pool.closes)}; "
+                             f"what was not claimed goes to {pool.sweep_to!r}")
         holder_hex, units = payload["holder"], payload["units"]
         try:
             verify_leaf(pool.root, pool.size, holder_hex, units, index=payload["index"],
@@ -421,6 +465,35 @@ class Ledger:
             self._commit({claim_account(holder_hex): due}, unclaimed=-due)
         pool.paid += due
         pool.claimed.add(holder_hex)
+
+    def _sweep(self, entry: Entry) -> None:
+        """After a claim pool's window has closed, what no claim took goes, once and whole, to
+        the account the study's escrow named; claims of that pool are refused from then on."""
+        payload = _fields(entry.payload, SWEEP_FIELDS)
+        self._signer(entry, COORDINATOR)
+        study_id = _text(payload, "study_id")
+        hospital = _account(payload, "hospital")
+        round_number = _integer(payload, "round", 1, MAX_AMOUNT)
+        target = _account(payload, "to")
+        amount = _amount(payload, "amount")
+        pool = self.claim_pools.get((study_id, hospital, round_number))
+        if pool is None:
+            raise _RuleError(f"round: no claim pool for {hospital!r} round {round_number} of "
+                             f"{study_id!r} (no receipt, or the study is not paid out)")
+        if pool.closes is None or pool.sweep_to is None:
+            raise _RuleError(f"study_id: the escrow of {study_id!r} set no claim window; its pools "
+                             "are never swept")
+        if _time(entry) < pool.closes:
+            raise _RuleError(f"time: the claim window is open until {_format(pool.closes)}")
+        if pool.swept:
+            raise _RuleError("round: this pool was already swept (a pool is swept once)")
+        if target != pool.sweep_to:
+            raise _RuleError(f"to: the escrow names {pool.sweep_to!r} for unclaimed rewards, got {target!r}")
+        if amount != pool.remaining:
+            raise _RuleError(f"amount: a sweep takes exactly what the pool still holds "
+                             f"({pool.remaining}), got {amount}")
+        self._commit({target: amount}, unclaimed=-amount)
+        pool.swept = amount
 
     def _refund(self, entry: Entry) -> None:
         payload = _fields(entry.payload, ("study_id", "account", "amount"))
@@ -491,11 +564,12 @@ def _terms(royalty_account: str | None, royalty_bps: int, forward_bps: int) -> S
     return StudyTerms(royalty_account, royalty_bps, forward_bps)
 
 
-def _fields(payload: Mapping[str, Any], names: tuple[str, ...]) -> Mapping[str, Any]:
+def _fields(payload: Mapping[str, Any], names: tuple[str, ...],
+            optional: tuple[str, ...] = ()) -> Mapping[str, Any]:
     for name in names:
         if name not in payload:
             raise _RuleError(f"{name}: missing")
-    unknown = sorted(set(payload) - set(names))
+    unknown = sorted(set(payload) - set(names) - set(optional))
     if unknown:
         raise _RuleError(f"{unknown[0]}: unknown field")
     return payload
@@ -525,3 +599,29 @@ def _integer(payload: Mapping[str, Any], name: str, low: int, high: int) -> int:
 
 def _amount(payload: Mapping[str, Any], name: str) -> int:
     return _integer(payload, name, 1, MAX_AMOUNT)
+
+
+def _sweep_terms(value: Any) -> tuple[int, str]:
+    """An escrow's `unclaimed` terms: {"after_s": claim window in seconds, "to": account}."""
+    if not isinstance(value, dict):
+        raise _RuleError('unclaimed: must be an object {"after_s": int, "to": account}')
+    terms = _fields(value, ("after_s", "to"))
+    try:
+        window = _integer(terms, "after_s", 1, MAX_CLAIM_WINDOW_S)
+        target = _account(terms, "to")
+    except _RuleError as exc:
+        raise _RuleError(f"unclaimed.{exc}") from None
+    if target.startswith((REWARD_PREFIX, CLAIM_ACCOUNT_PREFIX)):
+        raise _RuleError(f"unclaimed.to: {target!r} is a patient's account, not an organisation's")
+    return window, target
+
+
+def _time(entry: Entry) -> datetime:
+    try:
+        return parse_time(entry.time)
+    except ValueError as exc:
+        raise _RuleError(str(exc)) from None
+
+
+def _format(instant: datetime) -> str:
+    return format_time(instant)

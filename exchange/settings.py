@@ -20,6 +20,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from audit.ledger import MAX_CLAIM_WINDOW_S
+
 
 class LoggingSettings(BaseModel):
     level: str = "INFO"
@@ -71,6 +73,12 @@ class CoordinatorSettings(BaseSettings):
     max_body_bytes: int = 1_048_576
     rate_limit_per_minute: int = Field(default=600, ge=1)
     forward_bps: int = Field(default=3000, ge=0, le=10_000)
+    # Patients claim their rewards for this long after a study's payout; then what is left of
+    # each claim pool is swept (`exchange admin sweep-rewards`) to this account (None: the
+    # organisation that paid for the study). Both are snapshotted into each study's escrow.
+    claim_window_s: int = Field(default=365 * 86_400, ge=1, le=MAX_CLAIM_WINDOW_S)
+    unclaimed_rewards_account: str | None = Field(default=None, pattern=r"^(org|operator|hospital):\S+$",
+                                                  max_length=200)
     # Checkpoints for the witnesses: after N new entries (0: off) or T seconds with new ones.
     checkpoint_every_entries: int = Field(default=1000, ge=0)
     checkpoint_every_s: float = Field(default=1.0, gt=0, le=5.0)

@@ -155,3 +155,21 @@ def mint(account: Annotated[str, typer.Argument(help="Account, e.g. org:acme.")]
 def balances(db: DbOption = None, config: ConfigOption = None) -> None:
     """Print {"minted", "escrow", "balances"} as the coordinator serves them."""
     _print(_run(db, config, lambda c: c.balances()))
+
+
+@app.command("sweep-rewards")
+def sweep_rewards(db: DbOption = None, config: ConfigOption = None) -> None:
+    """Sweep the reward claim pools whose claim window has closed to the account each study's
+    escrow named (one `reward.sweep` entry per pool); prints what was swept. Safe to run from
+    cron: a pool is swept once, and nothing is due before its window closes."""
+    from exchange.coordinator.claims import sweep_unclaimed
+
+    runtime = _coordinator(db, config)
+    try:
+        swept = sweep_unclaimed(runtime.coordinator)
+    finally:
+        runtime.close()
+    for item in swept:
+        typer.echo(f"swept {item['amount']} of {item['hospital']} round {item['round']} of "
+                   f"{item['study_id']} to {item['to']}")
+    typer.echo(f"{len(swept)} claim pool(s) swept")

@@ -65,6 +65,8 @@ class AppConfig:
     replay_window_s: int = 300
     forward_bps: int = 3000
     royalties: dict[str, tuple[str, int]] = field(default_factory=dict)
+    claim_window_s: int = 365 * 86_400
+    unclaimed_rewards_account: str | None = None
     migrate: bool = True
     access_log: bool = True
     # The coordinator signs a checkpoint after this many new entries (0: off) or this many
@@ -82,6 +84,8 @@ def app_config_from_settings(settings: CoordinatorSettings, **extra: Any) -> App
         "log_origin": settings.log_origin, "max_body_bytes": settings.max_body_bytes,
         "rate_limit_per_minute": settings.rate_limit_per_minute, "forward_bps": settings.forward_bps,
         "royalties": settings.royalty_terms(),
+        "claim_window_s": settings.claim_window_s,
+        "unclaimed_rewards_account": settings.unclaimed_rewards_account,
         "checkpoint_every_entries": settings.checkpoint_every_entries,
         "checkpoint_every_s": settings.checkpoint_every_s}
     values.update(extra)
@@ -191,7 +195,9 @@ def build_runtime(config: AppConfig, runner: StudyRunner) -> Runtime:
     audit_log = AuditLog(read_engine, log_signer, config.log_origin, operator.public_key)
     coordinator = Coordinator(read_engine, write_engine, audit_log,
                               operator=operator, coordinator=coordinator_key, runner=runner,
-                              terms=Terms(forward_bps=config.forward_bps, royalties=config.royalties),
+                              terms=Terms(forward_bps=config.forward_bps, royalties=config.royalties,
+                                          claim_window_s=config.claim_window_s,
+                                          unclaimed_to=config.unclaimed_rewards_account),
                               replay_window=timedelta(seconds=config.replay_window_s))
     coordinator.on_change = lambda kind: STUDY_EVENTS.labels(kind=kind).inc()
     coordinator.journal.bootstrap()

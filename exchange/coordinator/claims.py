@@ -5,6 +5,8 @@ commitment; the coordinator signs a `reward.claim` entry and appends it, and the
 Why a module of its own: the claim is the only way tokens reach a patient now that receipts
 name no reward account, and it touches nothing else of the coordinator. The request carries the
 leaf's holder (a salted hash), never the reward account or the salt (docs/rewards.md).
+Rewards nobody claims within the study's claim window are swept, once per pool, to the account
+its escrow named (`sweep_unclaimed`), so no pool holds tokens for ever.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from audit.ledger import CLAIM_KIND
+from audit.ledger import CLAIM_KIND, SWEEP_KIND
+from exchange.coordinator.models import now
 
 if TYPE_CHECKING:
     from exchange.coordinator.services import Coordinator
@@ -52,3 +55,18 @@ def claim_reward(coordinator: Coordinator, hospital_id: str, claim: RewardClaim)
         (index,) = journal.append(session, entry)
     coordinator.on_change(CLAIM_KIND)
     return index
+
+
+def sweep_unclaimed(coordinator: Coordinator) -> list[dict[str, Any]]:
+    """Sweep every claim pool whose claim window has closed and that still holds tokens: one
+    signed `reward.sweep` entry each, all in one transaction (the ledger fold checks the window,
+    the amount and the account again). Returns the sweeps appended (none: nothing was due).
+    Run it from time to time (`exchange admin sweep-rewards`); a pool swept late is swept whole."""
+    journal = coordinator.journal
+    with journal.write() as session:
+        due = journal.ledger_in(session).sweepable(now())
+        if due:
+            journal.append(session, *(journal.sign(SWEEP_KIND, payload) for payload in due))
+    if due:
+        coordinator.on_change(SWEEP_KIND)
+    return due

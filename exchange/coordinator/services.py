@@ -75,6 +75,10 @@ class Terms:
 
     forward_bps: int = 3000
     royalties: Mapping[str, tuple[str, int]] | None = None  # template -> (account, bps)
+    #: how long after the payout patients may claim; then the rest of each claim pool is swept
+    claim_window_s: int = 365 * 86_400
+    #: where swept rewards go; None: back to the organisation that paid for the study
+    unclaimed_to: str | None = None
 
 
 
@@ -145,7 +149,9 @@ class Coordinator:
                 "study_id": study_id, "account": account, "amount": data.token_budget,
                 "royalty_account": royalty[0] if royalty else None,
                 "royalty_bps": royalty[1] if royalty else 0,
-                "forward_bps": self.terms.forward_bps}))
+                "forward_bps": self.terms.forward_bps,
+                "unclaimed": {"after_s": self.terms.claim_window_s,
+                              "to": self.terms.unclaimed_to or account}}))
         return _Submission(self, principal, data, study_id, spec, entries)
 
     def _submit_in(self, connection: Connection, submission: _Submission) -> SubmittedStudy:

@@ -28,6 +28,8 @@ class World:
     entries: list[Entry] = field(default_factory=list)
     fed: int = 0
     openings: dict[tuple[str, str, int], dict[str, Opening]] = field(default_factory=dict)
+    #: added to every later entry's time (a test moves the clock past a claim window with it)
+    later: timedelta = timedelta(0)
 
     def __post_init__(self) -> None:
         self.register(self.coordinator, "coordinator", "operator:exchange")
@@ -45,7 +47,7 @@ class World:
         self.fed = min(self.fed, len(self.entries))
 
     def sign(self, signer: Signer, kind: str, payload: dict[str, Any]) -> Entry:
-        entry = sign_entry(signer, kind, payload, T0 + timedelta(seconds=len(self.entries)))
+        entry = sign_entry(signer, kind, payload, T0 + self.later + timedelta(seconds=len(self.entries)))
         self.entries.append(entry)
         return entry
 
@@ -69,11 +71,15 @@ class World:
                          {"from": source, "to": target, "amount": amount})
 
     def escrow(self, study_id: str, account: str, amount: int, royalty_account: str | None = None,
-               royalty_bps: int = 0, forward_bps: int = 0) -> Entry:
-        return self.sign(self.coordinator, "study.escrow",
-                         {"study_id": study_id, "account": account, "amount": amount,
-                          "royalty_account": royalty_account, "royalty_bps": royalty_bps,
-                          "forward_bps": forward_bps})
+               royalty_bps: int = 0, forward_bps: int = 0,
+               unclaimed: dict[str, Any] | None = None) -> Entry:
+        """A `study.escrow`; `unclaimed` ({"after_s", "to"}) sets its claim window (None: none)."""
+        payload: dict[str, Any] = {"study_id": study_id, "account": account, "amount": amount,
+                                   "royalty_account": royalty_account, "royalty_bps": royalty_bps,
+                                   "forward_bps": forward_bps}
+        if unclaimed is not None:
+            payload["unclaimed"] = unclaimed
+        return self.sign(self.coordinator, "study.escrow", payload)
 
     def receipt(self, study_id: str, round_number: int, hospital: str, records_used: int,
                 reward_accounts: dict[str, int] | None = None, size: int = 8) -> Entry:
@@ -98,6 +104,11 @@ class World:
                    "proof": list(opening.proof), "amount": amount}
         payload.update(override)
         return self.sign(self.coordinator, "reward.claim", payload)
+
+    def sweep(self, study_id: str, hospital: str, round_number: int, amount: int, to: str) -> Entry:
+        return self.sign(self.coordinator, "reward.sweep",
+                         {"study_id": study_id, "hospital": hospital, "round": round_number,
+                          "amount": amount, "to": to})
 
     def payout(self, payload: dict[str, Any]) -> Entry:
         return self.sign(self.coordinator, "study.payout", payload)

@@ -8,7 +8,8 @@ The FedAvg loop runs in-process (no Flower): each round every hospital runs `tra
 global state on its own training records with its own DP plan (patient-level: sample rate =
 batch / its patients, one record per sampled patient per step, noise from the secure generator,
 calibrated so that ALL rounds stay within (epsilon, 1e-5) per patient by the PRV accountant), then
-the server takes the example-weighted average. As the ServerApp does, the initial global model is
+the server averages them with the receipts' public weights (`contribution_weight`: expected batch x
+local steps, equal for the hospitals of one study), as the ServerApp does. As the ServerApp does, the initial global model is
 pre-trained on the PUBLIC reference sample's pre-training half (`public_initial_state`: 29
 records no hospital holds, no privacy cost); `--from-scratch` adds the same DP runs from the
 untrained initial model (the ablation), and "public pre-training only" is that initial model
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from federated.accounting import plan_study
+from federated.client_app import contribution_weight
 from federated.data import HospitalData, load_federated, pooled
 from federated.dp import initial_state, public_initial_state, train_nonprivate, train_round
 from federated.templates import Template, get_template
@@ -73,7 +75,8 @@ def run_dp(tpl: Template, cfg: Config, hospitals: list[HospitalData], test: Hosp
                         prior_steps=r * p.steps_per_round, seed=seed * 1_000_003 + r * 101 + i,
                         patients=h.pseudonyms)
             for i, (h, p) in enumerate(zip(hospitals, plans, strict=True))]
-        state = fedavg([res.state for res in results], [res.num_examples for res in results])
+        state = fedavg([res.state for res in results],
+                       [contribution_weight(cfg.batch_size, p.steps_per_round) for p in plans])
         eps_max = max(eps_max, *(res.epsilon for res in results))
     return evaluate(tpl, state, test), eps_max
 
