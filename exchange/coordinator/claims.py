@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from audit.ledger import CLAIM_KIND, SWEEP_KIND
-from exchange.coordinator.models import now
+from exchange.coordinator.journal import now
 
 if TYPE_CHECKING:
     from exchange.coordinator.services import Coordinator

@@ -65,6 +65,8 @@ def test_admin_serve_and_study_commands(tmp_path: Path) -> None:
     assert "minted 5000 into org:acme" in admin(tmp_path, db, "mint", "org:acme", "5000")
     balances = json.loads(admin(tmp_path, db, "balances"))
     assert balances["balances"]["org:acme"] == 5000
+    # no study was paid out: no claim pool is due for a sweep, nothing is appended
+    assert "0 claim pool(s) swept" in admin(tmp_path, db, "sweep-rewards")
     # Refusals name the field and exit non-zero.
     bad = runner.invoke(app, ["admin", "mint", "acme", "0", "--db", db], env=_env(tmp_path))
     assert bad.exit_code == 2 and "account" in bad.output and "amount" in bad.output

@@ -4,6 +4,8 @@ named and nothing appended. No reward account ever appears in the log or in a re
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +13,8 @@ import pytest
 from audit.ledger import Ledger
 from audit.reward_commitment import ClaimError, claim_account, claim_amount
 from federated.reward_openings import claim_request
-from tests.exchange.conftest import World
+from exchange.coordinator.claims import sweep_unclaimed
+from tests.exchange.conftest import World, make_world
 from tests.exchange.test_lifecycle import fold, log_entries, served_balances
 
 ACCOUNTS = {"h-one": {"reward:alice-7": 1, "reward:bob-3": 2}, "h-two": {"reward:carol-1": 1}}
@@ -105,3 +108,36 @@ def test_no_reward_account_in_the_log_or_any_response(sqlite_world: World) -> No
         for accounts in ACCOUNTS.values():
             for account in accounts:
                 assert account not in text and account.removeprefix("reward:") not in text
+
+
+def test_unclaimed_rewards_are_swept_after_the_claim_window(sqlite_url: str, tmp_path: Path) -> None:
+    """Issue 14: no pool holds tokens for ever. After the claim window (here one second) the
+    rest of every pool goes, in `reward.sweep` entries, to the account the escrow named; a later
+    claim is refused; the served balances and the auditor's fold agree and conserve tokens."""
+    worlds = make_world(sqlite_url, tmp_path, claim_window_s=1,
+                        unclaimed_rewards_account="operator:consortium")
+    world = next(worlds)
+    try:
+        sid = paid_study(world)
+        escrow = next(e for e in log_entries(world) if e.kind == "study.escrow")
+        assert escrow.payload["unclaimed"] == {"after_s": 1, "to": "operator:consortium"}
+        claim = body(world, sid, "h-one", 1, "reward:bob-3")
+        assert world.signed("h-one", "POST", CLAIMS, json=claim).status_code == 201
+        left = served_balances(world)["unclaimed"]
+        assert left > 0
+        time.sleep(1.1)
+        late = body(world, sid, "h-one", 1, "reward:alice-7")
+        assert "time: the claim window of this pool closed" in refused(world, "h-one", late)
+        swept = sweep_unclaimed(world.runtime.coordinator)
+        assert sum(item["amount"] for item in swept) == left
+        assert {item["to"] for item in swept} == {"operator:consortium"}
+        after = served_balances(world)
+        assert after["unclaimed"] == 0
+        assert after["balances"]["operator:consortium"] == left
+        assert after["balances"][claim_account(claim["holder"])] == claim["amount"]  # paid stays paid
+        assert fold(world) == after
+        assert [e.kind for e in log_entries(world)].count("reward.sweep") == len(swept)
+        assert sweep_unclaimed(world.runtime.coordinator) == []  # once
+        assert "time: the claim window" in refused(world, "h-one", late)
+    finally:
+        next(worlds, None)

@@ -119,3 +119,21 @@ def test_delta_settings_validate() -> None:
         SitePolicy(max_delta=1e-3, total_delta_budget=1e-4)
     with pytest.raises(ValueError, match="max_delta"):
         SitePolicy(max_delta=1.5)
+
+
+def test_the_decision_depends_on_the_patient_count_only_at_its_documented_thresholds() -> None:
+    """The known leak of a decision (docs/privacy.md, "Known limits"), stated as a bound: what a
+    hospital posts (decision and reasons) is the same for every count of consented patients
+    except at two public thresholds, the site minimum and 1/delta, where one patient more or
+    fewer flips one reason. No count appears in any reason."""
+    policy = SitePolicy(mode="auto-approve", min_eligible_records=20, max_delta=0.05,
+                        total_delta_budget=0.9)
+    roomy = Budget(spent=0.0, reserved=0.0, total=20.0, delta_total=0.9)
+    posted = {}
+    for n in range(1, 80):
+        result = evaluate(policy, study(delta=0.03), Eligibility(eligible=n, patients=n), roomy, HELD)
+        posted[n] = (result.decision, tuple(result.reasons))
+    flips = [n for n in range(1, 79) if posted[n] != posted[n + 1]]
+    assert flips == [19, 33]  # 19 -> 20 crosses the minimum; 33 -> 34 crosses 1/delta (33.3): delta > 1/n
+    assert {posted[n][0] for n in range(20, 34)} == {"approve"}
+    assert len(set(posted.values())) == 3  # 79 counts, three possible answers: no count is posted
