@@ -10,12 +10,14 @@ import pytest
 
 from audit.ledger import Ledger
 from audit.reward_commitment import (
+    DEFAULT_SIZE,
     UNITS,
     ClaimError,
     claim_account,
     commit,
     holder,
     open_claim,
+    padded_size,
     verify_leaf,
 )
 from tests.audit.test_ledger import refused
@@ -142,3 +144,21 @@ def test_membership_cannot_be_read_from_the_log() -> None:
     assert claimed in log_text
     assert holder(b"\x00" * 32, "reward:p1") != claimed
     assert ledger.state.to_json()["balances"].keys().isdisjoint({"reward:p1", "reward:p2", "reward:p3"})
+
+
+def test_the_tree_size_reveals_a_count_only_above_the_site_constant_and_at_powers_of_two() -> None:
+    """The known leak of the reward tree's size (docs/privacy.md, "Known limits"), stated as a
+    bound: for every study with at most DEFAULT_SIZE patients the size is the same constant;
+    above it, the size is the next power of two, so one patient more or fewer changes it only
+    when the study's patient count is exactly a power of two (256, 512, ...); what it tells is
+    ceil(log2 n), never n. The size is fixed per study, so no revocation moves it between rounds."""
+    sizes = {n: padded_size(n, DEFAULT_SIZE) for n in range(0, 5000)}
+    assert {sizes[n] for n in range(0, DEFAULT_SIZE + 1)} == {DEFAULT_SIZE}
+    flips = [n for n in range(0, 4999) if sizes[n] != sizes[n + 1]]
+    assert flips == [256, 512, 1024, 2048, 4096]
+    assert all(n <= sizes[n] < 2 * n for n in range(DEFAULT_SIZE + 1, 5000))
+    # leaves are accounts, not patients: a study's tree is built at its plan's size, whatever
+    # the number of patients used in a round
+    assert commit({"reward:p1": 1}, minimum_size=padded_size(300, DEFAULT_SIZE)).size == 512
+    assert commit({f"reward:p{i}": 1 for i in range(300)},
+                  minimum_size=padded_size(300, DEFAULT_SIZE)).size == 512

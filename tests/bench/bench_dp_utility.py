@@ -9,11 +9,11 @@ global state on its own training records with its own DP plan (patient-level: sa
 batch / its patients, one record per sampled patient per step, noise from the secure generator,
 calibrated so that ALL rounds stay within (epsilon, 1e-5) per patient by the PRV accountant), then
 the server averages them with the receipts' public weights (`contribution_weight`: expected batch x
-local steps, equal for the hospitals of one study), as the ServerApp does. As the ServerApp does, the initial global model is
-pre-trained on the PUBLIC reference sample's pre-training half (`public_initial_state`: 29
-records no hospital holds, no privacy cost); `--from-scratch` adds the same DP runs from the
-untrained initial model (the ablation), and "public pre-training only" is that initial model
-with no hospital data at all. Accuracy and AUROC are measured on the union of the hospitals'
+local steps, equal for the hospitals of one study), as the ServerApp does. Also as the ServerApp
+does, the initial global model is pre-trained on the PUBLIC reference sample's pre-training
+half (`public_initial_state`: 29 records no hospital holds, no privacy cost); `--from-scratch`
+adds the same DP runs from the untrained initial model (the ablation), and "public pre-training
+only" is that initial model with no hospital data at all. Accuracy and AUROC are measured on the union of the hospitals'
 hold-out records. The baseline is the same template trained without privacy on the
 pooled training records (centralized), measured in the same run with the same seeds; the ratio
 printed is DP accuracy / centralized accuracy. Seeds vary initialisation, sampling and noise; each

@@ -12,8 +12,8 @@ import pytest
 
 from audit.ledger import Ledger
 from audit.reward_commitment import ClaimError, claim_account, claim_amount
-from federated.reward_openings import claim_request
 from exchange.coordinator.claims import sweep_unclaimed
+from federated.reward_openings import claim_request
 from tests.exchange.conftest import World, make_world
 from tests.exchange.test_lifecycle import fold, log_entries, served_balances
 
