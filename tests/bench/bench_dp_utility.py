@@ -5,21 +5,21 @@ non-private training, over several data splits.
     .venv/bin/python -m tests.bench.bench_dp_utility --quick    # 1 seed, fewer rounds, split 0
 
 The FedAvg loop runs in-process (no Flower): each round every hospital runs `train_round` from the
-global state on its own training records with its own DP plan (patient-level: sample rate =
-batch / its patients, one record per sampled patient per step, noise from the secure generator,
-calibrated so that ALL rounds stay within (epsilon, 1e-5) per patient by the PRV accountant), then
-the server averages them with the receipts' public weights (`contribution_weight`: expected batch x
-local steps, equal for the hospitals of one study), as the ServerApp does. Also as the ServerApp
-does, the initial global model is pre-trained on the PUBLIC reference sample's pre-training
-half (`public_initial_state`: 29 records no hospital holds, no privacy cost); `--from-scratch`
-adds the same DP runs from the untrained initial model (the ablation), and "public pre-training
-only" is that initial model with no hospital data at all. Accuracy and AUROC are measured on the union of the hospitals'
-hold-out records. The baseline is the same template trained without privacy on the
-pooled training records (centralized), measured in the same run with the same seeds; the ratio
-printed is DP accuracy / centralized accuracy. Seeds vary initialisation, sampling and noise; each
-split seed (`federated.data.load_federated(split_seed=...)`) is a different non-IID split and
-hold-out. The targets (issue 14) are on the MINIMUM over splits of the mean over seeds:
->= 0.95 at epsilon 1 and >= 0.965 at epsilon 3; the last lines print them.
+global state on its own training records with its own DP plan (patient-level: sample rate = batch /
+its patients, one record per sampled patient per step, noise from the secure generator, calibrated
+so that ALL rounds stay within (epsilon, 1e-5) per patient by the PRV accountant), then the server
+averages them with the receipts' public weights (`contribution_weight`: expected batch x local
+steps, equal for the hospitals of one study), as the ServerApp does. Also as the ServerApp does, the
+initial global model is pre-trained on the PUBLIC reference sample's pre-training half
+(`public_initial_state`: 29 records no hospital holds, no privacy cost); `--from-scratch` adds the
+same DP runs from the untrained initial model (the ablation), and "public pre-training only" is that
+initial model with no hospital data at all. Accuracy and AUROC are measured on the union of the
+hospitals' hold-out records. The baseline is the same template trained without privacy on the pooled
+training records (centralized), measured in the same run with the same seeds; the ratio printed is
+DP accuracy / centralized accuracy. Seeds vary initialisation, sampling and noise; each split seed
+(`federated.data.load_federated(split_seed=...)`) is a different non-IID split and hold-out. The
+targets (issue 14) are on the MINIMUM over splits of the mean over seeds: >= 0.95 at epsilon 1 and
+>= 0.965 at epsilon 3; the last lines print them.
 """
 
 from __future__ import annotations
