@@ -11,6 +11,7 @@ import copy
 import json
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +149,37 @@ def test_audit_cli_rewards_prints_the_fold_and_verify_names_the_tampered_payout(
     said = checked.stdout + checked.stderr
     assert f"entry {payout_index}" in said
     assert "hospitals[1].amount: entry says 4006, the fold computes 4007" in said
+
+
+def test_audit_rewards_checks_sweeps_of_unclaimed_rewards(tmp_path: Path) -> None:
+    """Issue 14: unclaimed rewards swept after the claim window. `audit rewards` accepts the
+    honest sweeps (conservation exact, every pool emptied) and names a sweep made before the
+    window closed, even though the coordinator key signed it."""
+    world = World()
+    world.mint("org:acme", 1000)
+    world.escrow("s-1", "org:acme", 800, None, 0, 5000,
+                 unclaimed={"after_s": 86_400, "to": "operator:consortium"})
+    world.receipt("s-1", 1, "hospital:a", 40, {"reward:p1": 1, "reward:p2": 1})
+    ledger = Ledger(world.operator.key_id)
+    world.feed(ledger)
+    world.payout(ledger.expected_payout("s-1", 800))
+    world.claim("s-1", "hospital:a", 1, "reward:p1", pool=400)  # 50 of the pool of 400
+    early = list(world.entries)
+    early.append(world.sweep("s-1", "hospital:a", 1, 350, "operator:consortium"))
+    world.drop_last()
+    world.later = timedelta(days=1)
+    world.sweep("s-1", "hospital:a", 1, 350, "operator:consortium")
+
+    shown = subprocess.run([AUDIT, "rewards", str(export(world, world.entries, tmp_path / "honest"))],
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert shown.returncode == 0, shown.stderr
+    printed = json.loads(shown.stdout)
+    (pool,) = printed.pop("claim_pools")
+    assert (pool["pool"], pool["paid"], pool["swept"], pool["remaining"]) == (400, 50, 350, 0)
+    assert printed["unclaimed"] == 0 and printed["balances"]["operator:consortium"] == 350
+    assert printed["minted"] == sum(printed["balances"].values()) + printed["escrow"]
+    assert "reward:" not in shown.stdout
+
+    report = verify_export(export(world, early, tmp_path / "early"))
+    assert report.problem is not None and report.problem.index == len(early) - 1
+    assert "reward.sweep: time: the claim window is open until" in report.problem.reason
