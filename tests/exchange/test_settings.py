@@ -24,6 +24,8 @@ log_key_file = "{data}/log.key"
 coordinator_key_file = "{data}/keys/coordinator-2.key"
 rate_limit_per_minute = 42
 forward_bps = 2500
+claim_window_s = 604800
+unclaimed_rewards_account = "operator:consortium"
 superlink_address = "127.0.0.1:9093"
 
 [royalties.logistic_regression]
@@ -56,6 +58,8 @@ def test_toml_values_reach_the_app_config_and_the_coordinator(config: Path, tmp_
     runtime = build_runtime(app_config, ScriptedRunner(hospital_keys={}))
     try:
         assert runtime.coordinator.terms.forward_bps == 2500
+        assert (runtime.coordinator.terms.claim_window_s,
+                runtime.coordinator.terms.unclaimed_to) == (604800, "operator:consortium")
         assert runtime.coordinator.terms.royalties == app_config.royalties
         assert app_config.coordinator_key_file.is_file()  # the key went where the file said
     finally:
@@ -88,6 +92,9 @@ def test_the_coordinator_key_defaults_to_the_data_dir(tmp_path: Path,
     ('[royalties.lr]\naccount = "org:a"\nbps = 1\nshare = 2', "royalties.lr.share"),
     ("checkpoint_every_s = 6", "checkpoint_every_s"),  # at most 5 s between checkpoints
     ("checkpoint_every_entries = -1", "checkpoint_every_entries"),
+    ("claim_window_s = 0", "claim_window_s"),
+    ('unclaimed_rewards_account = "reward:alice"', "unclaimed_rewards_account"),  # a patient's
+    ('unclaimed_rewards_account = "consortium"', "unclaimed_rewards_account"),
 ])
 def test_bad_values_name_the_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str,
                                    field: str) -> None:
