@@ -33,8 +33,11 @@ counts as dropped; the reasons above are normal replies, never crashes.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -145,16 +148,32 @@ def contribution_weight(batch_size: int, steps: int) -> int:
     return max(1, int(batch_size) * int(steps))
 
 
-def reward_commitment(gate: GateOutcome, used: set[str], n_patients: int) -> Commitment:
+def reward_commitment(gate: GateOutcome, used: set[str], n_patients: int,
+                      capacity: int | None = None) -> Commitment:
     """The salted Merkle commitment to {reward account: patients used who named it}; its tree size
-    is fixed per study by the plan's patient count (at least the site constant)."""
+    is the site's reward capacity when it has one (never more patients than that train), else
+    fixed per study by the plan's patient count (at least the site constant)."""
     weights: dict[str, int] = {}
     for p in sorted(used):
         account = gate.reward_accounts.get(p)
         if account is not None:
             account = account if account.startswith("reward:") else f"reward:{account}"
             weights[account] = weights.get(account, 0) + 1
-    return commit(weights, minimum_size=padded_size(n_patients, DEFAULT_SIZE))
+    return commit(weights, minimum_size=capacity or padded_size(n_patients, DEFAULT_SIZE))
+
+
+def within_capacity(site: Site, study_id: str, patients: Iterable[str]) -> set[str]:
+    """At most the site's reward capacity of `patients`: the first ones in an order keyed by the
+    hospital's secret and the study (`consent.gate.round_key(secret, study, 0)`), so the choice is
+    the same every round, unpredictable from outside, and a revocation lets at most one other
+    patient in. All of them when the site has no capacity or they fit."""
+    chosen = set(patients)
+    capacity = site.reward_capacity
+    if capacity is None or len(chosen) <= capacity:
+        return chosen
+    key = site.gate_key(study_id, 0)
+    order = sorted(chosen, key=lambda p: hmac.new(key, p.encode(), hashlib.sha256).digest())
+    return set(order[:capacity])
 
 
 def _caps(gate: GateOutcome, candidates: frozenset[str] | set[str]) -> dict[str, float | None]:
@@ -192,12 +211,13 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
         if plan is None:
             ledger.check_target(spec.study_id, spec.epsilon)
             preview = ledger.admissible(spec.study_id, spec.epsilon, caps, default_cap)
-            if not preview.admitted:
+            preview_admitted = within_capacity(site, spec.study_id, preview.admitted)
+            if not preview_admitted:
                 return HospitalOutcome(STATUS_NO_DATA, "no patient can take part: every consented "
                                        "patient would exceed their lifetime privacy cap",
                                        metrics={"num_examples": 0.0})
             plan = ledger.register_study(spec.study_id, plan_study(
-                spec.epsilon, spec.delta, rounds=spec.rounds, n_patients=len(preview.admitted),
+                spec.epsilon, spec.delta, rounds=spec.rounds, n_patients=len(preview_admitted),
                 batch_size=batch_size, steps_per_round=local_steps, accountant=spec.accountant))
         charges = ledger.charges(spec.study_id)
         if any(c.round == round_ for c in charges):
@@ -207,6 +227,12 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
             return HospitalOutcome(STATUS_REFUSED, f"all {plan.rounds} planned rounds already trained here")
         expected = plan.epsilon_after(len(charges) + 1)
         ledger.check(spec.study_id, round_, expected)
+        if site.reward_capacity is not None and len(caps) > site.reward_capacity:
+            # choose among the patients the lifetime filter lets in, before admitting (admit
+            # reserves budget for every patient it lets in)
+            room = ledger.admissible(spec.study_id, spec.epsilon, caps, default_cap).admitted
+            chosen = within_capacity(site, spec.study_id, room)
+            caps = {p: c for p, c in caps.items() if p in chosen}
         admission = ledger.admit(spec.study_id, "train", caps, default_cap)
     except BudgetExceededError as exc:
         return HospitalOutcome(STATUS_REFUSED, f"privacy budget: {exc}")
@@ -240,7 +266,7 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
         charge = ledger.charge(spec.study_id, round_, result.epsilon, patients=set(used.pseudonyms))
     except BudgetExceededError as exc:
         return HospitalOutcome(STATUS_REFUSED, f"privacy budget: {exc}")
-    rewards = reward_commitment(gate, set(used.pseudonyms), plan.n_patients)
+    rewards = reward_commitment(gate, set(used.pseudonyms), plan.n_patients, site.reward_capacity)
     store_openings(site.ledger().engine, spec.study_id, round_, rewards.openings)
     receipt = make_receipt(site.signer(), study_id=spec.study_id, round=round_, hospital_id=site.hospital_id,
                            records_used=contribution_weight(batch_size, plan.steps_per_round),

@@ -57,6 +57,10 @@ class SitePolicy(BaseModel):
     max_delta: float = Field(default=1e-5, gt=0, lt=1)
     total_delta_budget: float = Field(default=1e-4, gt=0, lt=1)
     min_eligible_records: int = Field(default=1, ge=0)
+    #: the site's public reward capacity C (None: none): every receipt's reward tree has exactly
+    #: C leaves and a study trains at most C of this site's patients per round, so no tree size
+    #: tells a count; set it at or above the patients the site may put in one study
+    reward_capacity: int | None = Field(default=None, ge=8, le=2**20)
 
     @model_validator(mode="after")
     def _study_cap_within_budget(self) -> SitePolicy:
@@ -66,6 +70,8 @@ class SitePolicy(BaseModel):
         if self.max_delta > self.total_delta_budget:
             raise ValueError(f"max_delta: larger than total_delta_budget ({self.max_delta} > "
                              f"{self.total_delta_budget})")
+        if self.reward_capacity is not None and self.reward_capacity & (self.reward_capacity - 1):
+            raise ValueError(f"reward_capacity: must be a power of two, got {self.reward_capacity}")
         return self
 
 

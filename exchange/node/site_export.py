@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,12 @@ def site_paths(settings: NodeSettings) -> dict[str, Path]:
 
 def node_config(settings: NodeSettings) -> dict[str, str]:
     paths = site_paths(settings)
-    return {"hospital-id": settings.hospital_id, "records-path": str(paths["records"]),
-            "contracts-path": str(paths["contracts"]), "ledger-url": normalize_url(settings.db_url),
-            "key-path": str(settings.signing_key_path), "approvals-path": str(paths["approvals"])}
+    config = {"hospital-id": settings.hospital_id, "records-path": str(paths["records"]),
+              "contracts-path": str(paths["contracts"]), "ledger-url": normalize_url(settings.db_url),
+              "key-path": str(settings.signing_key_path), "approvals-path": str(paths["approvals"])}
+    if settings.policy.reward_capacity is not None:
+        config["reward-capacity"] = str(settings.policy.reward_capacity)
+    return config
 
 
 def _atomic_write(path: Path, data: bytes) -> bool:
@@ -134,6 +138,16 @@ def export_site(store: NodeStore, settings: NodeSettings, approved: list[str]) -
         export_records(store, settings, paths["records"])
         _atomic_write(paths["contracts"], export_contracts(store))
         store.set_state("site_export", marker)
-    if not paths["node_config"].exists():
-        write_node_config(paths["node_config"], node_config(settings))
+    wanted = node_config(settings)
+    if not paths["node_config"].exists() or _read_node_config(paths["node_config"]) != wanted:
+        write_node_config(paths["node_config"], wanted)
     return paths
+
+
+def _read_node_config(path: Path) -> dict[str, str] | None:
+    """The node config file as strings (None if unreadable): rewritten when the settings moved
+    on, e.g. a steward set `policy.reward_capacity`."""
+    try:
+        return {key: str(value) for key, value in tomllib.loads(path.read_text()).items()}
+    except (OSError, tomllib.TOMLDecodeError):
+        return None

@@ -159,6 +159,17 @@ def _cached(kind: str, path: Path, load: Any) -> Any:
     return value
 
 
+def reward_capacity(value: object) -> int | None:
+    """The optional `reward-capacity` of a node config: a power of two from 8 to 2**20 (Flower
+    may hand it over as an int or a string), or None when absent."""
+    if value is None or value == "":
+        return None
+    text = str(value)
+    if not text.isdigit() or not 8 <= int(text) <= 2**20 or int(text) & (int(text) - 1):
+        raise SiteConfigError(f"reward-capacity: must be a power of two from 8 to 1048576, got {value!r}")
+    return int(text)
+
+
 @dataclass(frozen=True)
 class Site:
     """One hospital's local state (see module docstring)."""
@@ -169,6 +180,10 @@ class Site:
     ledger_url: str
     key_path: Path
     approvals_path: Path
+    #: the site's public reward capacity C (node config `reward-capacity`, optional): every
+    #: receipt's reward tree has exactly C leaves and a study trains at most C of this site's
+    #: patients per round, so the tree's size says nothing about a count (docs/privacy.md)
+    reward_capacity: int | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> Site:
@@ -180,12 +195,16 @@ class Site:
             values[key] = value
         return cls(hospital_id=values["hospital-id"], records_path=Path(values["records-path"]),
                    contracts_path=Path(values["contracts-path"]), ledger_url=values["ledger-url"],
-                   key_path=Path(values["key-path"]), approvals_path=Path(values["approvals-path"]))
+                   key_path=Path(values["key-path"]), approvals_path=Path(values["approvals-path"]),
+                   reward_capacity=reward_capacity(node_config.get("reward-capacity")))
 
     def node_config(self) -> dict[str, str]:
-        return {"hospital-id": self.hospital_id, "records-path": str(self.records_path),
-                "contracts-path": str(self.contracts_path), "ledger-url": self.ledger_url,
-                "key-path": str(self.key_path), "approvals-path": str(self.approvals_path)}
+        config = {"hospital-id": self.hospital_id, "records-path": str(self.records_path),
+                  "contracts-path": str(self.contracts_path), "ledger-url": self.ledger_url,
+                  "key-path": str(self.key_path), "approvals-path": str(self.approvals_path)}
+        if self.reward_capacity is not None:
+            config["reward-capacity"] = str(self.reward_capacity)
+        return config
 
     def approved_studies(self) -> frozenset[str]:
         def load(path: Path) -> frozenset[str]:

@@ -6,6 +6,7 @@ key still lets an auditor it authorises check the commitment."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,11 @@ import pytest
 
 from consent.gate import commitment
 from consent.model import revoke, sign
-from federated.client_app import train_hospital_round
+from federated.client_app import train_hospital_round, within_capacity
 from federated.dp import initial_state
 from federated.receipts import verify_receipt
 from federated.runtime.demo_sites import DemoSite, approve, demo_spec, provision_sites
+from federated.runtime.site import Site, SiteConfigError
 from federated.study_spec import StudySpec
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
@@ -107,3 +109,40 @@ def test_the_same_cohort_gives_unlinkable_commitments_across_studies(demo: DemoS
     assert x.receipt is not None and y.receipt is not None
     assert x.receipt.commitment != y.receipt.commitment
     assert x.receipt.rewards["root"] != y.receipt.rewards["root"]
+
+
+def test_with_a_reward_capacity_the_tree_size_is_the_capacity_and_no_more_patients_train(
+        demo: DemoSite) -> None:
+    """The reward tree's size leak closed (docs/privacy.md): a site with a public reward capacity
+    C commits every round to a tree of exactly C leaves and trains at most C patients, chosen
+    the same way every round; a revocation of a chosen patient changes neither."""
+    capacity = 8
+    site = replace(demo.site, reward_capacity=capacity)
+    assert Site.from_node_config(site.node_config()) == site
+    spec = _spec("s-capacity")
+    approve(site, spec.study_id)
+    train = site.records()[0].train()
+    assert len(set(train.pseudonyms)) > capacity
+    weights = initial_state(spec.template, len(spec.columns))
+    first = train_hospital_round(site, spec, 1, weights, NOW)
+    assert first.status == "ok", first.reason
+    charged = site.ledger().charges(spec.study_id)
+    trained = set(site.ledger().patient_spend())
+    assert 0 < len(trained) <= capacity
+    eligible = site.gate(spec.request, train.pseudonyms, NOW).eligible
+    chosen = within_capacity(site, spec.study_id, eligible)
+    assert trained <= chosen and len(chosen) == capacity
+    revoked = next(iter(sorted(trained)))
+    _revoke_one(demo, revoked, NOW + timedelta(hours=1))
+    second = train_hospital_round(site, spec, 2, weights, NOW + timedelta(hours=2))
+    assert second.status == "ok", second.reason
+    sizes = [verify_receipt(o.receipt.to_bytes(), demo.signer.public_key).entry.payload["rewards"]["size"]
+             for o in (first, second)]
+    assert sizes == [capacity, capacity]
+    assert len(site.ledger().charges(spec.study_id)) == len(charged) + 1
+    # the plan counts at most C patients (its sample rate is batch / C)
+    plan = site.ledger().plan(spec.study_id)
+    assert plan is not None and plan.n_patients == capacity
+    # a bad capacity in the node config is refused, naming the key
+    with pytest.raises(SiteConfigError, match="reward-capacity"):
+        Site.from_node_config({**site.node_config(), "reward-capacity": "100"})

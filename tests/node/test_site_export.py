@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import pytest
 
 from audit.signing import Signer
 from consent.model import sign
 from consent.request import StudyRequest
-from exchange.node.settings import NodeSettings
+from exchange.node.settings import NodeSettings, SitePolicy
 from exchange.node.site_export import export_site, node_config
 from exchange.node.store import NodeStore
 from federated.runtime.site import Site
@@ -51,3 +54,21 @@ def test_clientapp_reads_the_exported_site(settings: NodeSettings, store: NodeSt
     export_site(store, settings, [])
     assert site.approved_studies() == frozenset()
     assert "p3" not in site.gate(request, data.pseudonyms, now).eligible
+
+
+def test_a_reward_capacity_set_later_reaches_the_clientapps_node_config(
+        settings: NodeSettings, store: NodeStore, tmp_path: Path) -> None:
+    """`policy.reward_capacity` (docs/privacy.md) travels in the node config file; a steward who
+    sets it after the first export gets the file rewritten at the next export."""
+    seed_records(store, tmp_path, PSEUDONYMS)
+    paths = export_site(store, settings, [])
+    assert "reward-capacity" not in paths["node_config"].read_text()
+    assert Site.from_node_config(tomllib.loads(paths["node_config"].read_text())).reward_capacity is None
+    policy = settings.policy.model_copy(update={"reward_capacity": 1024})
+    capped = settings.model_copy(update={"policy": policy})
+    export_site(store, capped, [])
+    written = tomllib.loads(paths["node_config"].read_text())
+    assert Site.from_node_config(written).reward_capacity == 1024
+    assert written == node_config(capped)
+    with pytest.raises(ValueError, match="reward_capacity: must be a power of two"):
+        SitePolicy(reward_capacity=1000)
