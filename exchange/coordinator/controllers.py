@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from litestar import Controller, Request, Response, delete, get, post
+from litestar import Controller, Request, Response
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import ValidationException
@@ -22,6 +22,7 @@ from audit.signing import b64encode
 from exchange.coordinator import guards, problems, witness_routes
 from exchange.coordinator.auth import authenticate
 from exchange.coordinator.claims import RewardClaim, claim_reward
+from exchange.coordinator.guards import delete, get, post
 from exchange.coordinator.models import Role, StudyStatus
 from exchange.coordinator.problems import PROBLEM_JSON
 from exchange.coordinator.schemas import (
