@@ -145,6 +145,32 @@ _PG_INSERT = text(
     "SELECT level, idx, hash FROM unnest(CAST(:node_level AS smallint[]), "
     "CAST(:node_idx AS bigint[]), CAST(:node_hash AS bytea[])) AS u(level, idx, hash)")
 
+# PostgreSQL, when the appender knows the log's size (it appended last): the size check, the
+# duplicate look-up and the INSERT of entries and nodes in ONE statement. Both INSERTs happen
+# only if the log is exactly `expected_top + 1` entries long and holds none of the leaf hashes;
+# either way the statement returns the log's last index (the row with a NULL hash) and the
+# index of each given leaf hash already stored, as `size_and_stored_indexes` does, so that the
+# caller sees whether it appended. The data-modifying CTEs share the statement's snapshot, taken
+# after append_in's advisory lock, so the check and the insert see the same log.
+_PG_CHECKED_INSERT = text(
+    f"WITH top AS (SELECT max(idx) AS idx FROM {ENTRIES_TABLE}), "
+    f"dup AS (SELECT leaf_hash, idx FROM {ENTRIES_TABLE} "
+    "WHERE leaf_hash = ANY(CAST(:leaf_hash AS bytea[]))), "
+    "go AS (SELECT 1 AS ok FROM top WHERE coalesce(top.idx, -1) = :expected_top "
+    "AND NOT EXISTS (SELECT 1 FROM dup)), "
+    f"new_entries AS (INSERT INTO {ENTRIES_TABLE} (idx, leaf, leaf_hash, kind, key_id, time) "
+    "SELECT idx, leaf, leaf_hash, kind, key_id, time "
+    "FROM unnest(CAST(:idx AS bigint[]), CAST(:leaf AS bytea[]), "
+    "CAST(:leaf_hash AS bytea[]), CAST(:kind AS varchar[]), CAST(:key_id AS varchar[]), "
+    "CAST(:time AS varchar[])) WITH ORDINALITY AS t(idx, leaf, leaf_hash, kind, key_id, time, n) "
+    "WHERE EXISTS (SELECT 1 FROM go) ORDER BY n), "
+    f"new_nodes AS (INSERT INTO {NODES_TABLE} (level, idx, hash) "
+    "SELECT level, idx, hash FROM unnest(CAST(:node_level AS smallint[]), "
+    "CAST(:node_idx AS bigint[]), CAST(:node_hash AS bytea[])) AS u(level, idx, hash) "
+    "WHERE EXISTS (SELECT 1 FROM go)) "
+    "SELECT CAST(NULL AS bytea) AS leaf_hash, (SELECT idx FROM top) AS idx "
+    "UNION ALL SELECT leaf_hash, idx FROM dup")
+
 ENTRY_COLUMNS = ("idx", "leaf", "leaf_hash", "kind", "key_id", "time")
 _SQLITE_ROWS_PER_INSERT = 500  # 500 rows x 6 columns stays far below SQLite's 32766 variables
 
@@ -175,6 +201,24 @@ def sqlite_insert_statements(rows: list[dict[str, Any]],
         part = nodes[start:start + _SQLITE_ROWS_PER_INSERT]
         yield (_sqlite_insert_sql(NODES_TABLE, ("level", "idx", "hash"), len(part)),
                tuple(v for n in part for v in (n.level, n.index, n.hash)))
+
+
+def checked_insert(connection: Connection, expected_size: int, rows: list[dict[str, Any]],
+                   nodes: list[merkle.Node]) -> tuple[int, dict[bytes, int]]:
+    """PostgreSQL: insert a group's entries and nodes if the log is `expected_size` entries
+    long and holds none of them, in one round trip; (log size, {leaf hash: index} of those
+    already stored) as found before the insert. It inserted iff the size is `expected_size`
+    and nothing was found."""
+    parameters: dict[str, Any] = dict(_pg_insert_parameters(rows, nodes))
+    parameters["expected_top"] = expected_size - 1
+    size = 0
+    found: dict[bytes, int] = {}
+    for row in connection.execute(_PG_CHECKED_INSERT, parameters):
+        if row.leaf_hash is None:
+            size = 0 if row.idx is None else int(row.idx) + 1
+        else:
+            found[bytes(row.leaf_hash)] = int(row.idx)
+    return size, found
 
 
 def insert(connection: Connection, rows: list[dict[str, Any]], nodes: list[merkle.Node]) -> None:

@@ -31,6 +31,7 @@ from audit.keyring import Keyring
 from audit.signing import Signer
 from audit.store import admission
 from audit.store.entries import (
+    checked_insert,
     entry_from_leaf,
     insert,
     iter_leaves,
@@ -38,7 +39,7 @@ from audit.store.entries import (
     replay_keys,
     size_and_stored_indexes,
 )
-from audit.store.errors import AuditStoreError
+from audit.store.errors import AuditStoreError, EntryRefusedError
 from audit.store.nodes import (
     DictSource,
     advance_frontier,
@@ -66,6 +67,12 @@ def _is_in_memory_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite" and (
         database in ("", ":memory:") or database.startswith("file::memory:")
         or "mode=memory" in str(engine.url.query))
+
+
+def _rows(prepared: Sequence[admission.Prepared], size: int) -> list[dict[str, Any]]:
+    return [{"idx": index, "leaf": p.leaf, "leaf_hash": p.leaf_hash, "kind": p.entry.kind,
+             "key_id": p.entry.key_id, "time": p.entry.time}
+            for index, p in enumerate(prepared, start=size)]
 
 
 class AuditLog:
@@ -136,7 +143,6 @@ class AuditLog:
         if connection.dialect.name == "postgresql":
             connection.execute(_PG_LOCK, {"key": ADVISORY_LOCK_KEY})
         hashes = [p.leaf_hash for p in prepared]
-        size, seen = size_and_stored_indexes(connection, hashes)
         transaction = connection.get_transaction()
         # The key state and the tree's right edge after this transaction's previous append_in,
         # if the log is still exactly that long: every append of the transaction goes through
@@ -144,8 +150,21 @@ class AuditLog:
         # equal size means the same rows. Saves reading the key entries and the nodes again
         # for each of a group commit's submissions.
         state = connection.info.get(_APPEND_IN_STATE)
+        if state is not None and state[0] is not transaction:
+            state = None
         edge = self._committed_edge
-        if state is not None and state[0] is transaction and state[1] == size:
+        if connection.dialect.name == "postgresql" and (state is not None or edge is not None):
+            # The size is very likely known (this transaction's last append, else this
+            # process's last commit): check it, look for duplicates and insert in one round
+            # trip; anything unexpected falls through to the general path below.
+            guess = (state[1], state[2], state[3]) if state is not None else edge
+            assert guess is not None
+            indexes, appended = self._append_at(connection, prepared, *guess)
+            if appended is not None:
+                self._appended(connection, transaction, appended)
+                return indexes
+        size, seen = size_and_stored_indexes(connection, hashes)
+        if state is not None and state[1] == size:
             keyring, frontier = state[2], state[3]
         elif edge is not None and edge[0] == size:
             # A committed prefix of exactly this length: the same rows (the log is append-only).
@@ -156,18 +175,45 @@ class AuditLog:
         admission.check_unique(prepared, size, seen)
         keyring = admission.check_entries(keyring, prepared, size)
         nodes = merkle.append_nodes(DictSource(frontier), size, hashes)
-        indexes = list(range(size, size + len(prepared)))
-        rows = [{"idx": index, "leaf": p.leaf, "leaf_hash": p.leaf_hash, "kind": p.entry.kind,
-                 "key_id": p.entry.key_id, "time": p.entry.time}
-                for index, p in zip(indexes, prepared, strict=True)]
+        rows = _rows(prepared, size)
         insert(connection, rows, nodes)
+        self._appended(connection, transaction, (size, len(prepared), keyring,
+                       advance_frontier(frontier, nodes, size + len(prepared))))
+        return [row["idx"] for row in rows]
+
+    def _append_at(self, connection: Connection, prepared: list[admission.Prepared], size: int,
+                   keyring: Keyring, frontier: dict[tuple[int, int], bytes],
+                   ) -> tuple[list[int], tuple[int, int, Keyring, dict[tuple[int, int], bytes]] | None]:
+        """PostgreSQL: append `prepared` at `size`, assuming the log is that long, in one
+        statement (entries.checked_insert). (indexes, what `_appended` needs) if it appended;
+        ([], None) if the log had another size or held one of the entries (nothing written).
+        A refusal by the key rules at that size is not final either (the size may be wrong):
+        the general path decides."""
+        try:
+            admission.check_unique(prepared, size, {})  # twice in this call
+            keyring = admission.check_entries(keyring, prepared, size)
+        except EntryRefusedError:
+            return [], None
+        hashes = [p.leaf_hash for p in prepared]
+        nodes = merkle.append_nodes(DictSource(frontier), size, hashes)
+        rows = _rows(prepared, size)
+        found_size, seen = checked_insert(connection, size, rows, nodes)
+        if found_size != size or seen:
+            return [], None
+        new_size = size + len(prepared)
+        return ([row["idx"] for row in rows],
+                (size, len(prepared), keyring, advance_frontier(frontier, nodes, new_size)))
+
+    @staticmethod
+    def _appended(connection: Connection, transaction: object,
+                  appended: tuple[int, int, Keyring, dict[tuple[int, int], bytes]]) -> None:
+        """Record in the connection what this transaction appended (see append_in): (size
+        before, entries appended, key state and tree edge after)."""
+        size, count, keyring, frontier = appended
         marker = connection.info.get(_APPEND_IN_MARK)
         if marker is None or marker[0] is not transaction:
             connection.info[_APPEND_IN_MARK] = (transaction, size)
-        new_size = size + len(prepared)
-        connection.info[_APPEND_IN_STATE] = (transaction, new_size, keyring,
-                                             advance_frontier(frontier, nodes, new_size))
-        return indexes
+        connection.info[_APPEND_IN_STATE] = (transaction, size + count, keyring, frontier)
 
     def after_commit(self, connection: Connection, transaction: object) -> None:
         """Tell the store that `transaction` (on `connection`), in which append_in ran,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from exchange.logging import get_logger
 
@@ -146,6 +147,7 @@ class GroupCommit(_Batcher):
         super().__init__(engine, max_batch, after_commit)
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._connection: Connection | None = None  # the writer thread's, kept between batches
 
     def submit(self, fn: Write, together: Together | None = None) -> Future[Any]:
         """Queue `fn(connection)`; the future gives its result once the shared commit is durable."""
@@ -182,6 +184,9 @@ class GroupCommit(_Batcher):
             self._wake.notify()
         if thread is not None:
             thread.join()
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
     def _write_loop(self) -> None:
         while True:
@@ -197,27 +202,108 @@ class GroupCommit(_Batcher):
                 _settle([(job, None, exc) for job in batch])
 
     def _commit(self, batch: list[_Job]) -> None:
+        """One transaction for `batch`, on the writer's long-lived connection.
+
+        The connection is kept from batch to batch (a fresh checkout would pre-ping the server:
+        a round trip per transaction on PostgreSQL) and discarded after any failure; if the
+        server dropped it while it was idle (a restart), the batch is made again on a fresh
+        one, as the pre-ping would have done. The transaction's first write runs without a
+        savepoint: if it fails, the transaction is rolled back and begun again for the rest
+        (`_Restart`), which saves the SAVEPOINT and RELEASE round trips of every batch."""
+        reused = self._connection is not None
         try:
+            outcomes, connection, transaction = self._transaction(batch)
+        except _Disconnected as lost:
+            self._discard_connection()
+            if not reused:
+                _settle([(job, None, lost.error) for job in batch])
+                return
+            self._commit(batch)  # once more, on a fresh connection (never reused: no loop)
+            return
+        except Exception as exc:  # the shared commit failed: nobody's change is acknowledged
+            self._discard_connection()
+            _settle([(job, None, exc) for job in batch])
+            return
+        except BaseException:
+            self._discard_connection()
+            raise
+        _after_commit(self.after_commit, connection, transaction)  # committed
+        _settle(outcomes)
+
+    def _transaction(self, batch: list[_Job]) -> tuple[list[_Outcome], Connection, Any]:
+        if self._connection is None:
             # A Core connection, not an ORM Session: the writer's functions use only the
             # connection, and the Session's transaction bookkeeping per savepoint cost about
             # a tenth of a submission's time in the writer.
-            with self.engine.connect() as connection:
-                with connection.begin() as transaction:
-                    outcomes = run_batch(connection, batch)
-                _after_commit(self.after_commit, connection, transaction)  # committed
-        except Exception as exc:  # the shared commit failed: nobody's change is acknowledged
-            _settle([(job, None, exc) for job in batch])
-            return
-        _settle(outcomes)
+            self._connection = self.engine.connect()
+        connection = self._connection
+        try:
+            transaction = connection.begin()
+            try:
+                outcomes = run_batch(connection, batch, first_bare=True)
+            except _Restart as restart:
+                lost = _disconnect_in(restart.outcomes)
+                if lost is not None or connection.invalidated:
+                    raise _Disconnected(lost or restart) from None
+                transaction.rollback()
+                transaction = connection.begin()
+                outcomes = restart.outcomes + run_batch(connection, batch[len(restart.outcomes):],
+                                                        first_apart=not restart.outcomes)
+        except DBAPIError as exc:
+            if exc.connection_invalidated:  # nothing was committed: safe to make again
+                raise _Disconnected(exc) from exc
+            raise
+        transaction.commit()
+        return outcomes, connection, transaction
+
+    def _discard_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            _invalidate(connection)
 
 
-def run_batch(connection: Connection, batch: list[_Job]) -> list[_Outcome]:
+class _Disconnected(Exception):  # noqa: N818
+    """The server dropped the connection before the batch's COMMIT was sent."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _disconnect_in(outcomes: list[_Outcome]) -> BaseException | None:
+    for _job, _result, error in outcomes:
+        if isinstance(error, DBAPIError) and error.connection_invalidated:
+            return error
+    return None
+
+
+class _Restart(Exception):  # noqa: N818 (control flow, not an error)
+    """The transaction's first write, made without a savepoint, failed: the transaction must be
+    rolled back. `outcomes`: what is settled already (the failed write's error), or nothing if a
+    run made as one write failed (its writes are then made one by one)."""
+
+    def __init__(self, outcomes: list[_Outcome]) -> None:
+        super().__init__("first write failed")
+        self.outcomes = outcomes
+
+
+def run_batch(connection: Connection, batch: list[_Job], *, first_bare: bool = False,
+              first_apart: bool = False) -> list[_Outcome]:
     """Make every write of `batch` in `connection`'s open transaction: runs of one `together`
     as one write if that works, else (and every other write) each in its own savepoint. A
-    write's exception is its outcome; the transaction goes on."""
+    write's exception is its outcome; the transaction goes on.
+
+    `first_bare`: nothing was written in the transaction yet, so the first run needs no
+    savepoint: if it fails, `_Restart` is raised and the caller rolls the transaction back and
+    calls again for the rest. `first_apart`: make the first run's writes one by one (its
+    attempt as one write just failed)."""
     outcomes: list[_Outcome] = []
-    for run in _runs(batch):
-        if len(run) > 1 and _together(connection, run, outcomes):
+    for position, run in enumerate(_runs(batch)):
+        if position == 0 and first_bare:
+            _bare(connection, run, outcomes)
+            continue
+        apart = position == 0 and first_apart
+        if len(run) > 1 and not apart and _together(connection, run, outcomes):
             continue
         for job in run:
             try:
@@ -226,6 +312,27 @@ def run_batch(connection: Connection, batch: list[_Job]) -> list[_Outcome]:
             except Exception as exc:
                 outcomes.append((job, None, exc))
     return outcomes
+
+
+def _bare(connection: Connection, run: list[_Job], outcomes: list[_Outcome]) -> None:
+    """The transaction's first run, without a savepoint: as one write if it has several,
+    else its one write; `_Restart` if that fails (the transaction must be rolled back)."""
+    if len(run) > 1:
+        together = run[0].together
+        assert together is not None
+        try:
+            results = together(connection, [job.write for job in run])
+            if len(results) != len(run):
+                raise RuntimeError(f"group commit: {len(results)} results for {len(run)} writes")
+        except Exception:
+            raise _Restart([]) from None
+        outcomes.extend((job, result, None) for job, result in zip(run, results, strict=True))
+        return
+    job = run[0]
+    try:
+        outcomes.append((job, job.write(connection), None))
+    except Exception as exc:
+        raise _Restart([(job, None, exc)]) from None
 
 
 def _together(connection: Connection, run: list[_Job], outcomes: list[_Outcome]) -> bool:

@@ -37,7 +37,10 @@ def test_an_append_writes_the_leaf_and_its_completed_parents_only(
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """In steady state (the committed edge handed over by after_commit) an append through the
     group commit reads the log once (its size and the duplicate look-up, one statement), reads
-    no tree node, and inserts the leaf plus exactly the parents it completes."""
+    no tree node, and inserts the leaf plus exactly the parents it completes; the group
+    commit's transaction has no savepoint around its first write. On PostgreSQL the size
+    check, the duplicate look-up and both INSERTs are one statement after the lock: BEGIN,
+    lock, that statement, COMMIT."""
     keys = LogKeys.generate()
     statements: list[str] = []  # what the driver really ran (SQLite's trace callback)
     via_sqlalchemy: list[str] = []
@@ -48,7 +51,15 @@ def test_an_append_writes_the_leaf_and_its_completed_parents_only(
         writes.append((rows, nodes))
         real_insert(connection, rows, nodes)
 
+    real_checked_insert = store_log.checked_insert
+
+    def recording_checked_insert(connection: Any, size: int, rows: list[Any],
+                                 nodes: list[Any]) -> Any:
+        writes.append((rows, nodes))
+        return real_checked_insert(connection, size, rows, nodes)
+
     monkeypatch.setattr(store_log, "insert", recording_insert)
+    monkeypatch.setattr(store_log, "checked_insert", recording_checked_insert)
     with keys.open(engine) as log:
         # Listen before the writer opens its connection: a Connection decides at connect time
         # whether its engine has event listeners, so a later listener may never fire.
@@ -76,14 +87,19 @@ def test_an_append_writes_the_leaf_and_its_completed_parents_only(
             reads = [s for s in via_sqlalchemy if s.lstrip().upper().startswith(("SELECT", "WITH"))
                      and "audit_entries" in s and not s.lstrip().upper().startswith("WITH NEW")]
             assert len(reads) == 1, reads  # size + duplicates in one statement
-            assert not any("audit_tree_nodes" in s for s in reads)
+            if engine.dialect.name == "postgresql":
+                assert len(via_sqlalchemy) == 2, via_sqlalchemy
+                assert "pg_advisory_xact_lock" in via_sqlalchemy[0]
+                assert via_sqlalchemy[1] == reads[0]
+                assert "FROM audit_tree_nodes" not in reads[0]  # the nodes are only written
+            else:
+                assert not any("audit_tree_nodes" in s for s in reads)
             if engine.dialect.name == "sqlite":
                 # (the trace repeats a statement for each trigger program it runs: drop repeats)
                 ran = [s for i, s in enumerate(statements) if i == 0 or s != statements[i - 1]]
                 kinds = [s.split()[0].upper() for s in ran]
-                assert kinds == ["BEGIN", "SAVEPOINT", "SELECT", "INSERT", "INSERT", "RELEASE",
-                                 "COMMIT"], kinds
-                assert "audit_entries" in ran[3] and "audit_tree_nodes" in ran[4]
+                assert kinds == ["BEGIN", "SELECT", "INSERT", "INSERT", "COMMIT"], kinds
+                assert "audit_entries" in ran[2] and "audit_tree_nodes" in ran[3]
 
 
 def test_roots_and_proofs_read_o_log_n_nodes_in_one_query(engine: Engine,

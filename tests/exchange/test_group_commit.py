@@ -270,3 +270,79 @@ def test_a_failing_after_commit_hook_does_not_fail_a_durable_write(tmp_path: Any
     with engine.connect() as connection:
         assert sorted(connection.execute(text("SELECT v FROM t")).scalars()) == [1, 2, 3]
     engine.dispose()
+
+
+def _table_engine(url: str) -> Any:
+    from sqlalchemy import text
+
+    from exchange.coordinator.app import _write_engine
+
+    engine = _write_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE t (v INTEGER)"))
+    return engine
+
+
+def _insert_then(value: int, fail: bool = False) -> Any:
+    from sqlalchemy import text
+
+    def write(connection: Any) -> int:
+        connection.execute(text("INSERT INTO t VALUES (:v)"), {"v": value})
+        if fail:
+            raise ValueError(f"write {value} refused")
+        return value
+    return write
+
+
+def test_a_failing_first_write_is_rolled_back_alone(db_url: str) -> None:
+    """The transaction's first write runs without a savepoint: when it fails, the transaction
+    is begun again for the others, and the failed write leaves nothing (both databases; a
+    failed statement aborts a PostgreSQL transaction); a failed run made as one write is made
+    one write at a time."""
+    from sqlalchemy import text
+
+    from exchange.coordinator.group_commit import GroupCommit
+
+    engine = _table_engine(db_url)
+    group = GroupCommit(engine)
+    jobs = [_Job(_insert_then(1, fail=True), Future()), _Job(_insert_then(2), Future()),
+            _Job(_insert_then(3), Future())]
+    group._commit(jobs)
+    with pytest.raises(ValueError, match="write 1 refused"):
+        jobs[0].future.result()
+    assert [job.future.result() for job in jobs[1:]] == [2, 3]
+
+    def together(connection: Any, writes: list[Any]) -> list[Any]:
+        raise RuntimeError("not as one")
+
+    jobs = [_Job(_insert_then(v, fail=v == 5), Future(), together) for v in (4, 5, 6)]
+    group._commit(jobs)
+    assert jobs[0].future.result() == 4 and jobs[2].future.result() == 6
+    with pytest.raises(ValueError, match="write 5 refused"):
+        jobs[1].future.result()
+    group.close()
+    with engine.connect() as connection:
+        assert sorted(connection.execute(text("SELECT v FROM t")).scalars()) == [2, 3, 4, 6]
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_the_writer_survives_its_connection_being_dropped(postgres_url: str) -> None:
+    """The writer keeps its connection between batches (no pre-ping per transaction): if the
+    server drops it while idle, the next batch is made on a fresh one, and acknowledged."""
+    from sqlalchemy import text
+
+    from exchange.coordinator.group_commit import GroupCommit
+
+    engine = _table_engine(postgres_url)
+    group = GroupCommit(engine)
+    assert group.run(_insert_then(1)) == 1
+    pid = group.run(lambda c: c.execute(text("SELECT pg_backend_pid()")).scalar_one())
+    with engine.connect() as other:
+        other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        other.commit()
+    assert group.run(_insert_then(2)) == 2
+    group.close()
+    with engine.connect() as connection:
+        assert sorted(connection.execute(text("SELECT v FROM t")).scalars()) == [1, 2]
+    engine.dispose()
