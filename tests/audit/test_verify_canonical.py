@@ -93,3 +93,25 @@ def test_a_changed_entry_forgets_its_leaf() -> None:
     assert entry._leaf
     changed = dataclasses.replace(entry, payload={"study_id": "s-2"})
     assert changed._leaf == b"" and changed.leaf_bytes() == rfc8785.dumps(changed.to_json())
+
+
+@pytest.mark.parametrize(("text", "plain"), [
+    (b'{"a":[1,2.5,"x"],"b":{"c":null,"d":true}}', True),
+    (b'{"a":1.0}', False),  # canonical is 1: the general path refuses it
+    (b'{"a":1e+21}', False),
+    (b'{"a":12345678901234567}', False),  # a long digit run: the range is checked in general
+    (b'{"a":"\\n"}', False),  # escapes: encoders differ, the general path decides
+    (b'{"b":1,"a":2}', False),  # unsorted
+    (b'{"a":1,"a":1}', False),  # a repeated key
+    (b'{"a": 1}', False),
+    ('{"a":"é"}'.encode(), False),
+])
+def test_the_plain_path_takes_only_lines_it_can_vouch_for(text: bytes, plain: bool) -> None:
+    """Ordinary lines are checked by msgspec (the fast path); every other line goes the general
+    way, and both agree with rfc8785 on what is canonical."""
+    from audit.verify import _NOT_PLAIN, CanonicalParser
+
+    value = CanonicalParser()._parse_plain(text)
+    assert (value is not _NOT_PLAIN) == plain
+    if plain:
+        assert rfc8785.dumps(value) == text
