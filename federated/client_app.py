@@ -50,7 +50,8 @@ from audit.reward_commitment import DEFAULT_SIZE, Commitment, commit, padded_siz
 from federated.accounting import AccountingError, plan_study
 from federated.data import HospitalData
 from federated.dp import train_round
-from federated.evaluation import Release, noised_release, patient_scores
+from federated import eval_stats
+from federated.evaluation import Release, noised_release, patient_scores, patient_statistics
 from federated.privacy_ledger import BudgetExceededError, LedgerError
 from federated.receipts import Receipt, make_receipt
 from federated.reward_openings import store as store_openings
@@ -59,6 +60,7 @@ from federated.runtime.site import GateOutcome, Site
 from federated.secure_random import SecureRandom
 from federated.server_app import (
     EVAL_PREFIX,
+    EVAL_STATS_KEY,
     GLOBAL_KEY,
     HELLO_KEY,
     METRIC_PREFIX,
@@ -89,6 +91,8 @@ class HospitalOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     #: hold-out metrics of the global model the message carried (evaluation)
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    #: the noised sufficient statistics of that evaluation (`federated.eval_stats`)
+    eval_stats: tuple[float, ...] = ()
 
 
 def _check_study(site: Site, spec: StudySpec) -> HospitalOutcome | HospitalData:
@@ -306,7 +310,7 @@ def evaluate_hospital(site: Site, spec: StudySpec, global_weights: np.ndarray, s
     if prior is not None:  # asked again: the same release, nothing charged
         release = Release(prior.count, prior.score)
         return HospitalOutcome(STATUS_OK, "", metrics=release.metrics(template, checked.target_scale,
-                                                                         prior.epsilon))
+                                                                         prior.epsilon), eval_stats=prior.stats)
     done = len(ledger.evaluations(spec.study_id))
     if done >= plan.rounds:
         return HospitalOutcome(STATUS_REFUSED, f"evaluation: all {plan.rounds} evaluations were used")
@@ -331,17 +335,23 @@ def evaluate_hospital(site: Site, spec: StudySpec, global_weights: np.ndarray, s
             return HospitalOutcome(STATUS_REFUSED, f"survival outcome: {exc}")
     model = unpack(template.build(len(spec.columns), 0, spec.classes), global_weights)
     scores = patient_scores(template, model, used.x, targets, used.pseudonyms, columns=spec.columns)
-    release = noised_release(scores, plan.eval_noise_multiplier, SecureRandom())
+    try:
+        stats = patient_statistics(template, model, used.x, targets, used.pseudonyms, columns=spec.columns,
+                                   classes=spec.classes)
+    except ValueError as exc:  # a class label outside 0..classes-1, no public survival set-up
+        return HospitalOutcome(STATUS_REFUSED, f"evaluation: {exc}")
+    release = noised_release(scores, plan.eval_noise_multiplier, SecureRandom(), stats=stats,
+                             blocks=eval_stats.blocks(template.task))
     try:
         stored, _fresh = ledger.charge_evaluation(
             spec.study_id, slot, plan.evaluation_epsilon_after(done + 1), count=release.count,
-            score=release.score, patients=set(used.pseudonyms))
+            score=release.score, patients=set(used.pseudonyms), stats=release.stats)
     except BudgetExceededError as exc:
         return HospitalOutcome(STATUS_REFUSED, f"privacy budget: {exc}")
     except (LedgerError, AccountingError) as exc:
         return HospitalOutcome(STATUS_REFUSED, f"privacy ledger: {exc}")
     return HospitalOutcome(STATUS_OK, "", metrics=Release(stored.count, stored.score).metrics(
-        template, checked.target_scale, stored.epsilon))
+        template, checked.target_scale, stored.epsilon), eval_stats=stored.stats)
 
 
 def _reply(message: Message, site_id: str, outcome: HospitalOutcome, started: float,
@@ -356,6 +366,8 @@ def _reply(message: Message, site_id: str, outcome: HospitalOutcome, started: fl
     metrics["t_end"] = time.time()
     reply.update({METRIC_PREFIX + name: float(value) for name, value in metrics.items()})
     reply.update({EVAL_PREFIX + name: float(value) for name, value in outcome.eval_metrics.items()})
+    if outcome.eval_stats:
+        reply[EVAL_STATS_KEY] = [float(v) for v in outcome.eval_stats]
     content = RecordDict({REPLY_KEY: ConfigRecord(reply)})
     if outcome.weights is not None:
         content[UPDATE_KEY] = ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(outcome.weights,
@@ -400,7 +412,7 @@ def train(message: Message, context: Context) -> Message:
     if outcome.status == STATUS_OK and round_ >= 2:
         evaluation = evaluate_hospital(site, spec, weights, round_ - 1)
         if evaluation.status == STATUS_OK:
-            outcome.eval_metrics = evaluation.metrics
+            outcome.eval_metrics, outcome.eval_stats = evaluation.metrics, evaluation.eval_stats
     log.info("study %s round %d at %s: %s %s", spec.study_id, round_, site.hospital_id, outcome.status,
              outcome.reason)
     return _reply(message, site.hospital_id, outcome, started, wall_started)

@@ -23,6 +23,13 @@ train in the study (and vice versa), so a patient's spend in a study is the larg
 never the sum. The ledger charges every release and keeps it, so asking again for the same round
 returns the same numbers (`federated.privacy_ledger.PrivacyLedger.charge_evaluation`).
 
+Beside (count, score), a survival or multi-class hospital releases the sufficient statistics of its
+study metrics (`federated.eval_stats`: a binned survival histogram and integrated Brier sum, or a
+confusion matrix), in the SAME Gaussian release: the vector's L2 sensitivity grows to
+sqrt(2 + blocks) and the noise with it (`sensitivity`), so the charge is the same. The server
+computes Harrell's concordance, the integrated Brier score, accuracy and macro-F1 from them, for
+each hospital and for all hospitals' sums together (`aggregate_statistics`).
+
 The server adds the hospitals' noised sums and divides (`aggregate`): accuracy (or MAE) over all
 hold-out patients, noisy at small sizes. A noiseless learning curve comes from the PUBLIC
 reference sample, which the server scores itself (`reference_metrics`), at no privacy cost.
@@ -37,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from federated import eval_stats
 from federated.secure_random import SecureRandom
 from federated.templates import Template
 
@@ -52,6 +60,8 @@ class Release:
 
     count: float
     score: float
+    #: the noised sufficient statistics (`federated.eval_stats`), empty for binary and regression
+    stats: tuple[float, ...] = ()
 
     def metrics(self, template: Template, target_scale: float, epsilon: float) -> dict[str, float]:
         """The sums as reply metrics: `count`, `correct` (binary) or `abs_error` (regression, in
@@ -96,17 +106,84 @@ def patient_scores(template: Template, model: nn.Module, x: np.ndarray, y: np.nd
     return np.bincount(inverse, weights=per_record) / counts
 
 
-def noised_release(scores: np.ndarray, noise_multiplier: float, rng: SecureRandom) -> Release:
-    """The Gaussian mechanism on (number of patients, sum of their scores)."""
+def sensitivity(blocks: int) -> float:
+    """L2 sensitivity of (count, score, statistics) to one patient, with `blocks` statistics
+    blocks each of per-patient L2 norm at most 1 (`federated.eval_stats`)."""
+    return math.sqrt(2.0 + blocks)
+
+
+def patient_statistics(template: Template, model: nn.Module, x: np.ndarray, y: np.ndarray,
+                       patients: Sequence[str], *, columns: Sequence[str] = (),
+                       classes: int | None = None) -> np.ndarray:
+    """Each patient's statistics row (`federated.eval_stats`), one per distinct patient in the
+    order of `patient_scores`; [patients, 0] for binary and regression templates."""
+    n = len(np.unique(np.asarray(patients))) if len(patients) else 0
+    if template.task == "survival":
+        from federated.clinical_data import public_survival_reference
+        from federated.survival import baseline_survival
+
+        cols = tuple(columns)
+        ref, sub = public_survival_reference(cols, "eval"), public_survival_reference(cols, "pretrain")
+        if ref is None or sub is None:
+            raise ValueError(f"columns: no public survival reference holds {list(cols)}")
+        if n == 0:
+            return np.zeros((0, eval_stats.size("survival")))
+        ys = np.asarray(y, dtype=np.float64)
+        rows = eval_stats.survival_rows(
+            template.predict(model, x), ys[:, 0], ys[:, 1], eta_reference=template.predict(model, ref.x),
+            setup=eval_stats.survival_setup(cols),
+            baseline=baseline_survival(template.predict(model, sub.x), sub))
+        return eval_stats.per_patient(rows, patients)
+    if template.task == "multiclass":
+        if not classes:
+            raise ValueError("classes: required for a multi-class evaluation")
+        if n == 0:
+            return np.zeros((0, eval_stats.size("multiclass", classes)))
+        rows = eval_stats.multiclass_rows(template.predict(model, x), np.asarray(y), classes)
+        return eval_stats.per_patient(rows, patients)
+    return np.zeros((n, 0))
+
+
+def noised_release(scores: np.ndarray, noise_multiplier: float, rng: SecureRandom,
+                   stats: np.ndarray | None = None, blocks: int = 0) -> Release:
+    """The Gaussian mechanism on (number of patients, sum of their scores, sums of their
+    statistics rows), noise sigma x `sensitivity(blocks)` on every coordinate."""
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise ValueError(f"noise_multiplier: must be positive and finite, got {noise_multiplier}")
-    noise = rng.gaussian(2, noise_multiplier * SENSITIVITY)
-    return Release(count=float(scores.shape[0] + noise[0]), score=float(scores.sum() + noise[1]))
+    sums = np.zeros(0) if stats is None or stats.size == 0 else np.asarray(stats, np.float64).sum(0)
+    if sums.size and not blocks:
+        raise ValueError("blocks: statistics need their number of blocks for the sensitivity")
+    noise = rng.gaussian(2 + sums.shape[0], noise_multiplier * sensitivity(blocks))
+    return Release(count=float(scores.shape[0] + noise[0]), score=float(scores.sum() + noise[1]),
+                   stats=tuple(float(v) for v in sums + noise[2:]))
+
+
+def aggregate_statistics(per_hospital: Mapping[str, tuple[float, Sequence[float]]], task: str, *,
+                         columns: Sequence[str] = (), classes: int | None = None) -> dict[str, float]:
+    """The study metrics from the hospitals' noised statistics: `eval_{metric}@{hospital}` for
+    each hospital, and `eval_{metric}` from all hospitals' sums added up (survival: concordance,
+    ibs; multi-class: accuracy, macro_f1). `per_hospital`: hospital -> (noised count, noised
+    statistics). Rows of the wrong length are ignored."""
+    width = eval_stats.size(task, classes)
+    rows = {h: (c, list(v)) for h, (c, v) in per_hospital.items() if width and len(v) == width}
+    if not rows:
+        return {}
+    bound = eval_stats.survival_setup(tuple(columns)).brier_bound if task == "survival" else None
+    out: dict[str, float] = {}
+    for hospital, (count, values) in sorted(rows.items()):
+        metrics = eval_stats.metrics_from_stats(task, values, count, classes=classes, brier_bound=bound)
+        out.update({f"eval_{k}@{hospital}": v for k, v in metrics.items()})
+    total = sum(c for c, _v in rows.values())
+    summed = np.sum([v for _c, v in rows.values()], axis=0)
+    pooled = eval_stats.metrics_from_stats(task, summed, total, classes=classes, brier_bound=bound)
+    out.update({f"eval_{k}": v for k, v in pooled.items() if k != "accuracy"})
+    return out
 
 
 def aggregate(rows: Sequence[Mapping[str, float]], task: str) -> dict[str, float]:
     """Sum the hospitals' noised sums and divide: `eval_accuracy` (binary, multi-class),
-    `eval_mae` (regression) or `eval_concordance` (survival) over every hold-out patient,
+    `eval_mae` (regression) or `eval_anchored_concordance` (survival: concordance against the
+    public reference, `federated.survival.anchored_concordance`) over every hold-out patient,
     `eval_examples` the noised patient count, `eval_epsilon` the largest evaluation spend. A
     ratio whose noised count is not positive is left out (noise dominates)."""
     rows = [r for r in rows if "count" in r]
@@ -122,7 +199,7 @@ def aggregate(rows: Sequence[Mapping[str, float]], task: str) -> dict[str, float
         if task in ("binary", "multiclass"):
             out["eval_accuracy"] = min(1.0, max(0.0, total / count))
         elif task == "survival":
-            out["eval_concordance"] = min(1.0, max(0.0, total / count))
+            out["eval_anchored_concordance"] = min(1.0, max(0.0, total / count))
         else:
             out["eval_mae"] = max(0.0, total / count)
     return out

@@ -51,8 +51,9 @@ and uncharged (at most one charged evaluation per round, however many messages a
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -143,6 +144,8 @@ privacy_evaluations = Table(
     Column("count", Float, nullable=False),  # the released (noised) values
     Column("score", Float, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # the released (noised) statistics vector as a JSON list (federated.eval_stats); NULL: none
+    Column("stats", Text, nullable=True),
 )
 
 privacy_patient_spend = Table(
@@ -198,6 +201,7 @@ class EvaluationCharge:
     count: float
     score: float
     created_at: datetime
+    stats: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -582,9 +586,10 @@ class PrivacyLedger:
             return self._eval_spent(conn, study_id)
 
     def charge_evaluation(self, study_id: str, slot: int, epsilon: float, *, count: float, score: float,
-                          patients: Iterable[str]) -> tuple[EvaluationCharge, bool]:
+                          patients: Iterable[str], stats: Sequence[float] = ()
+                          ) -> tuple[EvaluationCharge, bool]:
         """Record the hold-out release for `slot` (cumulative evaluation epsilon `epsilon`, the
-        noised `count` and `score`) and advance each evaluated patient by one evaluation.
+        noised `count`, `score` and `stats`) and advance each evaluated patient by one evaluation.
         Returns (the stored release, True), or (the earlier release, False) when the slot was
         already charged: then nothing is written and the caller must send the earlier values."""
         _check_study_id(study_id)
@@ -592,6 +597,9 @@ class PrivacyLedger:
             raise LedgerError(f"slot: must be a positive integer, got {slot!r}")
         if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon >= 0):
             raise LedgerError(f"epsilon: must be a finite number >= 0, got {epsilon!r}")
+        released = tuple(float(v) for v in stats)
+        if not all(math.isfinite(v) for v in released):
+            raise LedgerError("stats: must be finite numbers")
         with self.engine.begin() as conn:
             self._lock(conn)
             plan = self._plan(conn, study_id)
@@ -617,9 +625,10 @@ class PrivacyLedger:
             now = datetime.now(UTC)
             conn.execute(insert(privacy_evaluations).values(
                 study_id=study_id, slot=slot, epsilon=float(epsilon), count=float(count),
-                score=float(score), created_at=now))
+                score=float(score), created_at=now, stats=json.dumps(released) if released else None))
             self._advance(conn, study_id, "eval", patients, units=1, limit=plan.rounds, now=now)
-            return EvaluationCharge(study_id, slot, float(epsilon), float(count), float(score), now), True
+            return EvaluationCharge(study_id, slot, float(epsilon), float(count), float(score), now,
+                                    released), True
 
     def spent(self, study_id: str) -> float:
         """The study's cumulative training epsilon at this hospital, per patient (0 before its
@@ -764,8 +773,10 @@ def _check_study_id(study_id: str) -> None:
 
 
 def _evaluation(row: object) -> EvaluationCharge:
+    raw = row.stats  # type: ignore[attr-defined]
+    stats = tuple(float(v) for v in json.loads(raw)) if raw else ()
     return EvaluationCharge(row.study_id, row.slot, row.epsilon, row.count, row.score,  # type: ignore[attr-defined]
-                            _aware(row.created_at))  # type: ignore[attr-defined]
+                            _aware(row.created_at), stats)  # type: ignore[attr-defined]
 
 
 def _aware(value: datetime) -> datetime:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -55,7 +56,8 @@ STATUS_REFUSED = "refused"
 #: Message layout, kept to the fewest Flower objects (each is one HTTP request per hop):
 #: server -> hospital: ArrayRecord GLOBAL_KEY {WEIGHTS_KEY: flat float32 array}, round = group_id;
 #: hospital -> server: ConfigRecord REPLY_KEY {status, reason, hospital, receipt (bytes),
-#: METRIC_PREFIX + name: float, EVAL_PREFIX + name: float} and, for an ``ok`` train reply,
+#: METRIC_PREFIX + name: float, EVAL_PREFIX + name: float, EVAL_STATS_KEY: list of floats (the
+#: noised evaluation statistics, `federated.eval_stats`)} and, for an ``ok`` train reply,
 #: ArrayRecord UPDATE_KEY.
 GLOBAL_KEY = "global"
 UPDATE_KEY = "update"
@@ -63,6 +65,7 @@ REPLY_KEY = "reply"
 WEIGHTS_KEY = "weights"
 METRIC_PREFIX = "m."
 EVAL_PREFIX = "e."
+EVAL_STATS_KEY = "eval_stats"
 #: The hello (a QUERY message) that maps a Flower node id to its hospital: server -> node:
 #: ConfigRecord HELLO_KEY {nonce}; node -> server: ConfigRecord HELLO_KEY {hospital, signature}, the
 #: signature by the hospital's Ed25519 key over `hello_bytes(...)`.
@@ -164,6 +167,8 @@ class HospitalReply:
     receipt: Receipt | None = None
     #: hold-out metrics of the global model the message carried (empty if none)
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    #: the noised statistics of that evaluation (`federated.eval_stats`; empty if none)
+    eval_stats: list[float] = field(default_factory=list)
 
 
 def exchange(grid: Grid, messages: Sequence[Message], *, timeout: float, poll: float,
@@ -212,6 +217,15 @@ def _prefixed(record: Mapping[str, Any], prefix: str) -> dict[str, float]:
             if k.startswith(prefix) and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+def _stats(value: Any) -> list[float]:
+    """The reply's statistics list, or empty when absent or not a list of finite numbers."""
+    if not isinstance(value, list) or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                              for v in value):
+        return []
+    out = [float(v) for v in value]
+    return out if all(math.isfinite(v) for v in out) else []
+
+
 def _decode_reply(node_id: int, message: Message, spec: StudySpec, round_: int,
                   hospital_keys: Mapping[str, bytes] | None, *,
                   n_weights: int | None = None, expected_hospital: str | None = None,
@@ -233,7 +247,8 @@ def _decode_reply(node_id: int, message: Message, spec: StudySpec, round_: int,
     status = str(status_rec.get("status", ""))
     reason = str(status_rec.get("reason", ""))
     reply = HospitalReply(node_id, hospital, status, reason, _prefixed(status_rec, METRIC_PREFIX),
-                          eval_metrics=_prefixed(status_rec, EVAL_PREFIX))
+                          eval_metrics=_prefixed(status_rec, EVAL_PREFIX),
+                          eval_stats=_stats(status_rec.get(EVAL_STATS_KEY)))
     if status != STATUS_OK or message.metadata.message_type != MessageType.TRAIN:
         return reply
     try:
@@ -268,13 +283,21 @@ def _decode_reply(node_id: int, message: Message, spec: StudySpec, round_: int,
     return reply
 
 
-def aggregate_eval(replies: Sequence[HospitalReply], task: str = "binary") -> dict[str, float]:
+def aggregate_eval(replies: Sequence[HospitalReply], task: str = "binary", *, columns: Sequence[str] = (),
+                   classes: int | None = None) -> dict[str, float]:
     """The hospitals' noised hold-out sums added up and divided (`federated.evaluation.aggregate`):
     `eval_accuracy` / `eval_mae` over all hold-out patients, `eval_examples` (a noised count),
-    `eval_epsilon`. No exact statistic of a hospital's records reaches the server."""
-    from federated.evaluation import aggregate
+    `eval_epsilon`; and from their noised statistics (`aggregate_statistics`) the study metrics
+    per hospital (`eval_concordance@hospital-a`, ...) and pooled (`eval_concordance`, `eval_ibs`,
+    `eval_macro_f1`). No exact statistic of a hospital's records reaches the server."""
+    from federated.evaluation import aggregate, aggregate_statistics
 
-    return aggregate([r.eval_metrics for r in replies if r.eval_metrics], task)
+    out = aggregate([r.eval_metrics for r in replies if r.eval_metrics], task)
+    with_stats = {_bare_id(r.hospital): (r.eval_metrics["count"], r.eval_stats) for r in replies
+                  if r.eval_stats and "count" in r.eval_metrics}
+    if with_stats:
+        out.update(aggregate_statistics(with_stats, task, columns=columns, classes=classes))
+    return out
 
 
 def _reply_weights_sum(contributors: Sequence[HospitalReply]) -> np.ndarray:
@@ -620,7 +643,7 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
                                          round_s=time.perf_counter() - t_round, gone=len(gone), secure=secure)
                 metrics["round_failed"] = 1.0
                 failed_round = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt],
-                                             spec.task)
+                                             spec)
             if options.stop_event.is_set():
                 raise StudyFailedError(f"cancelled during round {round_}")
             if failure:
@@ -640,8 +663,7 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
                                             round_s=time.perf_counter() - t_round, gone=len(gone),
                                             secure=secure))
             log.info("study %s round %d: %s", spec.study_id, round_, metrics)
-            pending = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt],
-                                    spec.task)
+            pending = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt], spec)
         # A hospital that just let a train exchange time out is not waited for a second time.
         final = {n: h for n, h in directory.targets(directory.refresh()).items() if h not in silent}
         evaluation = exchange_with_retry(directory, final, MessageType.EVALUATE, weights, round_=spec.rounds,
@@ -674,10 +696,11 @@ class _PendingRound:
     round: int
     metrics: dict[str, float]
     receipts: list[Receipt]
-    task: str = "binary"
+    spec: StudySpec
 
     def report(self, observer: StudyObserver, eval_replies: Sequence[HospitalReply]) -> None:
-        self.metrics.update(aggregate_eval(eval_replies, self.task))
+        self.metrics.update(aggregate_eval(eval_replies, self.spec.task, columns=self.spec.columns,
+                                           classes=self.spec.classes))
         observer.on_round(self.round, self.metrics, self.receipts)
 
 

@@ -1,9 +1,11 @@
 """A survival study (cox_ph on flchain) through the real ClientApp and ServerApp logic, in process:
-consent-gated sites on disk, the privacy ledger, receipts, the noised hold-out concordance and the
-exact public-reference concordance and integrated Brier score per round."""
+consent-gated sites on disk, the privacy ledger, receipts, each hospital's charged and noised
+concordance and integrated Brier score (and pooled), and the exact public-reference ones per round;
+the same for a multi-class study's accuracy and macro-F1."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,8 +15,9 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from federated.client_app import train_hospital_round
+from federated.client_app import evaluate_hospital, train_hospital_round
 from federated.dp import initial_state
+from federated.privacy_ledger import PrivacyLedger
 from federated.runtime.demo_sites import DemoSite, approve, demo_spec, provision_sites
 from federated.runtime.inprocess import InProcessGrid
 from federated.runtime.site import read_records, write_records
@@ -50,26 +53,76 @@ class Observer:
         self.failed.append(reason)
 
 
-def test_survival_study_runs_end_to_end_in_process(sites: dict[str, DemoSite], tmp_path: Path) -> None:
+@pytest.fixture
+def run_study(sites: dict[str, DemoSite], tmp_path: Path) -> Callable[[StudySpec], Observer]:
+    """Approve `spec` at every site and run it through the ServerApp loop over an in-process grid
+    of the real ClientApp: the one set-up every study test here shares."""
+
+    def run(spec: StudySpec) -> Observer:
+        for demo in sites.values():
+            approve(demo.site, spec.study_id)
+        grid = InProcessGrid({i + 1: d.site.node_config() for i, d in enumerate(sites.values())},
+                             spec.to_run_config())
+        observer = Observer()
+        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                          run_config=spec.to_run_config())
+        run_study_rounds(grid, context, observer, ServerOptions(
+            output_dir=tmp_path / "out" / spec.study_id, poll=0.01,
+            hospital_keys={h: d.signer.public_key for h, d in sites.items()}))
+        assert observer.failed == [] and observer.completed is not None
+        return observer
+
+    return run
+
+
+def _ledger(demo: DemoSite) -> PrivacyLedger:
+    return demo.site.ledger()
+
+
+def test_survival_study_runs_end_to_end_in_process(sites: dict[str, DemoSite],
+                                                   run_study: Callable[[StudySpec], Observer]) -> None:
     spec = _spec("s-cox")
     assert spec.template == "cox_ph" and spec.event == "event" and spec.label == "time"
-    for demo in sites.values():
-        approve(demo.site, spec.study_id)
-    grid = InProcessGrid({i + 1: d.site.node_config() for i, d in enumerate(sites.values())},
-                         spec.to_run_config())
-    observer = Observer()
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=spec.to_run_config())
-    run_study_rounds(grid, context, observer, ServerOptions(
-        output_dir=tmp_path / "out", poll=0.01,
-        hospital_keys={h: d.signer.public_key for h, d in sites.items()}))
-    assert observer.failed == [] and observer.completed is not None
+    observer = run_study(spec)
     assert [r for r, _m, _rc in observer.rounds] == [1, 2]
-    for _round, metrics, receipts in observer.rounds:
+    for round_, metrics, receipts in observer.rounds:
         assert len(receipts) == 3
         assert metrics["ref_concordance"] > 0.75 and 0.0 < metrics["ref_ibs"] < 0.2
-        assert 0.6 < metrics["eval_concordance"] < 0.95  # noised, charged hold-out release
+        # each hospital's Harrell's concordance and integrated Brier score, noised and charged,
+        # and the pooled ones from the hospitals' statistics added up
+        for h in sites:
+            assert 0.5 < metrics[f"eval_concordance@{h}"] <= 1.0
+            assert 0.0 <= metrics[f"eval_ibs@{h}"] < 0.3
+        assert 0.65 < metrics["eval_concordance"] < 0.95 and 0.0 < metrics["eval_ibs"] < 0.25
+        assert 0.6 < metrics["eval_anchored_concordance"] < 0.95
         assert metrics["eval_epsilon"] <= 3.0 + 1e-9
+        # what the server reports is what each ledger charged and stored for that round's model
+        for demo in sites.values():
+            stored = _ledger(demo).evaluation(spec.study_id, round_)
+            assert stored is not None and len(stored.stats) == 31
+            assert stored.epsilon == pytest.approx(_ledger(demo).plan(spec.study_id).evaluation_epsilon_after(
+                round_))
+
+
+def test_a_metric_release_is_charged_once_and_replayed(sites: dict[str, DemoSite],
+                                                       run_study: Callable[[StudySpec], Observer]) -> None:
+    """The concordance/Brier statistics leave only with a charge: the ledger holds one evaluation
+    per round, each patient evaluated is advanced, and asking again (with other weights) returns
+    the stored noised statistics, nothing more charged."""
+    spec = _spec("s-charge")
+    run_study(spec)
+    demo = sites["hospital-a"]
+    ledger = _ledger(demo)
+    spent = ledger.evaluation_spent(spec.study_id)
+    assert spent > 0 and len(ledger.evaluations(spec.study_id)) == 2
+    first = ledger.evaluation(spec.study_id, 1)
+    assert first is not None
+    crafted = np.full_like(initial_state("cox_ph", len(spec.columns)), 7.0)
+    again = evaluate_hospital(demo.site, spec, crafted, 1, NOW)
+    assert again.status == "ok" and again.eval_stats == first.stats
+    assert ledger.evaluation_spent(spec.study_id) == spent and len(ledger.evaluations(spec.study_id)) == 2
+    # the released histogram is noised: not a vector of whole patient counts
+    assert not all(float(v).is_integer() for v in first.stats[:-1])
 
 
 def test_spec_requires_an_event_column_only_for_survival() -> None:
@@ -104,7 +157,8 @@ def test_hospital_without_the_event_column_refuses(sites: dict[str, DemoSite]) -
     assert out.status == "refused" and "event: this hospital has no column 'death'" in out.reason
 
 
-def test_multiclass_study_runs_in_process(sites: dict[str, DemoSite], tmp_path: Path) -> None:
+def test_multiclass_study_runs_in_process(sites: dict[str, DemoSite],
+                                          run_study: Callable[[StudySpec], Observer]) -> None:
     """softmax_regression over the same consent-gated sites, the label rewritten to flchain's age
     band (0, 1, 2): trains, aggregates and releases the noised hold-out accuracy."""
     for demo in sites.values():
@@ -119,16 +173,12 @@ def test_multiclass_study_runs_in_process(sites: dict[str, DemoSite], tmp_path: 
                                 "label": "age_band", "columns": list(columns),
                                 "request": {**base.request.model_dump(mode="json"),
                                             "data_categories": ["diagnoses", "labs", "demographics"]}})
-    for demo in sites.values():
-        approve(demo.site, spec.study_id)
-    grid = InProcessGrid({i + 1: d.site.node_config() for i, d in enumerate(sites.values())},
-                         spec.to_run_config())
-    observer = Observer()
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=spec.to_run_config())
-    run_study_rounds(grid, context, observer, ServerOptions(
-        output_dir=tmp_path / "out", poll=0.01,
-        hospital_keys={h: d.signer.public_key for h, d in sites.items()}))
-    assert observer.failed == [] and observer.completed is not None
+    observer = run_study(spec)
     _round, metrics, receipts = observer.rounds[-1]
     assert len(receipts) == 3 and 0.3 < metrics["eval_accuracy"] <= 1.0
+    # each hospital's accuracy and macro-F1 from its noised confusion matrix, and the pooled macro-F1
+    for h in sites:
+        assert 0.2 < metrics[f"eval_accuracy@{h}"] <= 1.0 and 0.0 < metrics[f"eval_macro_f1@{h}"] <= 1.0
+    assert 0.2 < metrics["eval_macro_f1"] <= 1.0
+    stored = _ledger(sites["hospital-a"]).evaluation(spec.study_id, 1)
+    assert stored is not None and len(stored.stats) == 9
