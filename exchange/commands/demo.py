@@ -42,6 +42,13 @@ def _render(progress: Any) -> Group:
     return Group(head, study, table, events)
 
 
+def _holdout_cell(per_hospital: dict[str, dict[str, float]]) -> str:
+    """One line per hospital: its charged hold-out metrics (C and IBS, or accuracy and F1)."""
+    short = {"concordance": "C", "ibs": "IBS", "accuracy": "acc", "macro_f1": "F1"}
+    return "\n".join(f"{h}: " + " ".join(f"{short.get(k, k)} {v:.3f}" for k, v in sorted(m.items()))
+                     for h, m in sorted(per_hospital.items())) or "-"
+
+
 def _summary(console: Console, report: dict[str, Any], out: Path, wall_s: float) -> None:
     study = report["study"]
     console.print(f"\n[bold]Study {study['id']}[/bold]: {study['status']}, {len(report['rounds'])} rounds, "
@@ -49,12 +56,16 @@ def _summary(console: Console, report: dict[str, Any], out: Path, wall_s: float)
     rounds = Table(title="Rounds", header_style="bold")
     metric = str(study.get("metric") or "accuracy")
     second, second_key = ("IBS", "ibs") if metric == "concordance" else ("AUROC", "auroc")
-    for column in ("round", metric, second, "records used"):
+    held = any("holdout_by_hospital" in r for r in report["rounds"])
+    columns = ("round", metric, second, "records used") + (("hold-out per hospital (noised)",) if held else ())
+    for column in columns:
         rounds.add_column(column, justify="right")
     for r in report["rounds"]:
-        rounds.add_row(str(r["round"]), f"{r.get(metric, float('nan')):.4f}",
-                       f"{r[second_key]:.4f}" if second_key in r else "-",
-                       str(sum(r["records_used"].values())))
+        cells = [str(r["round"]), f"{r.get(metric, float('nan')):.4f}",
+                 f"{r[second_key]:.4f}" if second_key in r else "-", str(sum(r["records_used"].values()))]
+        if held:
+            cells.append(_holdout_cell(r.get("holdout_by_hospital", {})))
+        rounds.add_row(*cells)
     console.print(rounds)
     hospitals = Table(title="Hospitals (records in record-rounds)", header_style="bold")
     for column in ("hospital", "decision", "used", "excluded", "epsilon", "noise", "q", "steps", "tokens"):

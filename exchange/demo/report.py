@@ -57,6 +57,20 @@ def validate_report(report: dict[str, Any]) -> None:
             raise ReportError(f"hospitals[{i}]: missing {missing}")
 
 
+def holdout_by_hospital(metrics: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """{hospital: {metric: value}} from a round's `eval_{metric}@{hospital}` keys: each hospital's
+    metrics computed on its own hold-out patients from its charged, noised release."""
+    out: dict[str, dict[str, float]] = {}
+    for key, raw in metrics.items():
+        if not key.startswith("eval_") or "@" not in key:
+            continue
+        name, hospital = key[len("eval_"):].split("@", 1)
+        value = _float(raw)
+        if value is not None and name and hospital:
+            out.setdefault(hospital.removeprefix("hospital:"), {})[name] = value
+    return dict(sorted(out.items()))
+
+
 def report_metric(report: Mapping[str, Any]) -> str:
     """The round metric the report leads with: "accuracy", or "concordance" for survival."""
     return str(report.get("study", {}).get("metric") or "accuracy")
@@ -232,6 +246,8 @@ def assemble_report(*, study: Mapping[str, Any], entries: Sequence[Entry], balan
         for name, key in (("auroc", "ref_auroc"), ("auroc", "eval_auroc"), ("loss", "ref_loss"),
                           ("loss", "eval_loss"), ("holdout_accuracy", "eval_accuracy"),
                           ("ibs", "ref_ibs"), ("holdout_concordance", "eval_concordance"),
+                          ("holdout_ibs", "eval_ibs"), ("holdout_macro_f1", "eval_macro_f1"),
+                          ("holdout_anchored_concordance", "eval_anchored_concordance"),
                           ("eval_examples", "eval_examples"), ("eval_epsilon", "eval_epsilon"),
                           ("wall_s", "round_wall_s")):
             if name in row:
@@ -239,6 +255,10 @@ def assemble_report(*, study: Mapping[str, Any], entries: Sequence[Entry], balan
             value = _float(metrics.get(key))
             if value is not None:
                 row[name] = value
+        # each hospital's charged, noised hold-out metrics (federated.eval_stats), "eval_X@hospital"
+        per_hospital = holdout_by_hospital(metrics)
+        if per_hospital:
+            row["holdout_by_hospital"] = per_hospital
         row["hospitals"] = [h.removeprefix("hospital:") for h in entry.payload.get("hospitals", [])]
         row["records_used"] = {r.payload["hospital"].removeprefix("hospital:"): int(r.payload["records_used"])
                                for r in receipts if r.payload["round"] == number}

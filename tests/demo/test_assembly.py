@@ -119,7 +119,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     rounds = [sign_entry(coordinator, "study.round", {
         "study_id": STUDY, "round": n, "hospitals": [f"hospital:{h}" for h in HOSPITALS],
         "metrics": {"eval_accuracy": 0.9 + n / 100, "eval_auroc": 0.97, "eval_loss": 0.2,
-                    "round_wall_s": 2.5}}, at + timedelta(seconds=3)) for n, at in enumerate(ROUND_TIMES, 1)]
+                    "round_wall_s": 2.5, "eval_macro_f1": 0.8, "eval_accuracy@hospital-a": 0.85 + n / 100,
+                    "eval_macro_f1@hospital-a": 0.7, "eval_macro_f1@hospital-b": 0.75}}, at + timedelta(seconds=3)) for n, at in enumerate(ROUND_TIMES, 1)]
     payout = compute_payout(STUDY, BUDGET, StudyTerms("author:exchange-templates", 500, 3000), [
         PayoutReceipt(STUDY, e.payload["round"], e.payload["hospital"], e.payload["records_used"],
                       e.payload["rewards"]) for e in receipts])
@@ -154,6 +155,10 @@ def test_report_numbers_are_the_records_numbers(world: dict[str, Any], tmp_path:
     validate_report(report)
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert report["rounds"][1]["accuracy"] == pytest.approx(0.92)
+    # each hospital's charged hold-out metrics, per round, from the signed study.round entries
+    assert report["rounds"][1]["holdout_by_hospital"] == {
+        "hospital-a": {"accuracy": pytest.approx(0.87), "macro_f1": 0.7}, "hospital-b": {"macro_f1": 0.75}}
+    assert report["rounds"][1]["holdout_macro_f1"] == 0.8
     for h, records in zip(report["hospitals"], world["records"], strict=True):
         assert set(REQUIRED_HOSPITAL_FIELDS) <= set(h)
         mine = [e for e in world["receipts"] if e.payload["hospital"] == f"hospital:{h['id']}"]

@@ -66,6 +66,11 @@ def test_survival_report_leads_with_concordance_and_ibs(tmp_path: Path) -> None:
     html = write_report(report, tmp_path)[1].read_text()
     assert "Concordance per round" in html and "<th>concordance</th>" in html
     assert "integrated Brier score" in html and "0.0850" in html
+    assert "hold-out metrics per round" not in html  # none released: no empty table
+    report["rounds"][1]["holdout_by_hospital"] = {"h1<b>": {"concordance": 0.7712, "ibs": 0.1034}}
+    html = write_report(report, tmp_path)[1].read_text()
+    assert "Each hospital's hold-out metrics per round" in html
+    assert "h1&lt;b&gt;" in html and "concordance 0.7712, ibs 0.1034" in html
     report["rounds"][1] = {"round": 2, "accuracy": 0.9}  # the survival metric is missing
     with pytest.raises(ReportError, match=r"rounds\[1\]: needs integer 'round' and float 'concordance'"):
         render_html(report)

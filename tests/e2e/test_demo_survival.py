@@ -4,7 +4,8 @@ system's own records (tests/e2e/test_demo_postgres.py): payout and conservation 
 receipts, the audit export verifies (and a tampered copy does not), the report's numbers are the
 node ledgers' numbers, revoked records are not used after their revocation, nothing is left
 running. Plus what is particular to survival: concordance and integrated Brier score per round,
-the hospitals' noised hold-out concordance, and the strict hospital's refusal with its reason."""
+each hospital's charged and noised hold-out concordance and integrated Brier score, and the
+strict hospital's refusal with its reason."""
 
 from __future__ import annotations
 
@@ -51,15 +52,23 @@ def test_survival_demo(tmp_path: Path) -> None:
     for r in report["rounds"]:
         assert 0.7 < r["concordance"] < 0.9  # exact, on the public reference sample
         assert 0.0 < r["ibs"] < 0.2
-    # the hospitals' charged, noised hold-out concordance arrives for every round but the last
-    # train exchange's (it comes with the final evaluate exchange)
-    assert all(0.5 < r["holdout_concordance"] < 1.0 for r in report["rounds"] if "holdout_concordance" in r)
+    # each hospital's charged, noised hold-out concordance and integrated Brier score (and the
+    # pooled ones) arrive for every round but the last train exchange's (it comes with the final
+    # evaluate exchange)
+    assert all(0.5 < r["holdout_concordance"] <= 1.0 for r in report["rounds"] if "holdout_concordance" in r)
     assert sum("holdout_concordance" in r for r in report["rounds"]) >= ROUNDS - 1
+    held = [r["holdout_by_hospital"] for r in report["rounds"] if "holdout_by_hospital" in r]
+    assert len(held) >= ROUNDS - 1
+    for per_hospital in held:
+        assert set(per_hospital) == {"hospital-a", "hospital-b"}  # hospital-c refused the study
+        for metrics in per_hospital.values():
+            assert 0.4 < metrics["concordance"] <= 1.0 and 0.0 <= metrics["ibs"] < 0.4
     refused = [h for h in report["hospitals"] if h["decision"] == "refuse"]
     assert [h["id"] for h in refused] == ["hospital-c"]
     assert "round" in result.stdout and "concordance" in result.stdout and "IBS" in result.stdout
     html = (out / "report.html").read_text()
     assert "Concordance per round" in html and "integrated Brier score" in html
+    assert "Each hospital's hold-out metrics per round" in html and "hold-out per hospital" in result.stdout
     pseudonym = re.compile(r"p_[0-9a-f]{32}")  # federated.data.pseudonym
     assert not pseudonym.search(html) and not pseudonym.search((out / "report.json").read_text())
     assert not pseudonym.search(result.stdout)

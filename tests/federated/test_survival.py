@@ -240,7 +240,7 @@ def test_survival_release_goes_through_the_noised_sum_path(flchain: dict) -> Non
     metrics = release.metrics(tpl, 1.0, 0.5)
     assert set(metrics) == {"count", "concordant", "epsilon"}
     agg = aggregate([metrics], "survival")
-    assert 0.6 < agg["eval_concordance"] < 0.95
+    assert 0.6 < agg["eval_anchored_concordance"] < 0.95
 
 
 # -- multi-class ------------------------------------------------------------------------------------
