@@ -17,6 +17,12 @@ Baseline: lifelines' CoxPHFitter on the pooled training patients of all hospital
 no privacy), scored on the union of the hospitals' hold-out patients with Harrell's concordance
 (scikit-survival). Target (issue 17): mean DP concordance at epsilon 3 within 0.03 of it.
 
+Per-hospital metric release (issue 17 item 1 with issue 14's accounting): each hospital's
+Harrell's concordance and integrated Brier score released through the charged evaluation
+(`federated.eval_stats`, noise from the study plan's `eval_noise_multiplier`, one evaluation per
+round): the binning gap (no noise) and the error of 200 noised releases against the exact metrics
+on that hospital's hold-out patients, per hospital and pooled, for the DP model at epsilon 3 and 1.
+
 Throughput: patient-steps per second of the DP step (Poisson sampling, per-patient gradients,
 clipping, ChaCha20 noise) vs the same loop without clipping or noise (sigma 0, clip huge),
 single-threaded torch, in the same run. Target: ratio >= 0.5.
@@ -111,6 +117,73 @@ def throughput(h: SurvivalSet, columns: list[str], private: bool, steps: int) ->
     return steps * BATCH / (time.perf_counter() - t0)
 
 
+def release_errors(model_beta: np.ndarray, parts: list, columns: list[str], epsilon: float,
+                   draws: int) -> None:
+    """Error of each hospital's noised metric release against the exact metrics on its hold-out
+    patients (and of the pooled release against the pooled exact metrics); prints one line each."""
+    from sksurv.metrics import concordance_index_censored, integrated_brier_score
+    from sksurv.util import Surv
+
+    from federated import eval_stats
+    from federated.evaluation import aggregate_statistics, noised_release, patient_statistics
+    from federated.survival import baseline_survival
+    from federated.weights import unpack
+
+    template = get_template(TEMPLATE)
+    model = unpack(template.build(len(columns)), model_beta.astype(np.float32))
+    sub = public_survival_reference(columns, "pretrain")
+    assert sub is not None
+    setup = eval_stats.survival_setup(tuple(columns))
+    times_s0, s0 = baseline_survival(template.predict(model, sub.x), sub)
+    y_train = Surv.from_arrays(sub.event.astype(bool), sub.time)
+    plan = plan_study(epsilon, DELTA, rounds=ROUNDS, n_patients=2000, batch_size=BATCH, steps_per_round=STEPS)
+    assert plan.eval_noise_multiplier is not None
+    rng = SecureRandom()
+
+    def exact(s: SurvivalSet) -> dict[str, float]:
+        eta = template.predict(model, s.x)
+        surv = np.interp(setup.grid, times_s0, s0)[None, :] ** np.exp(eta)[:, None]
+        return {"concordance": concordance_index_censored(s.event.astype(bool), s.time, eta)[0],
+                "ibs": integrated_brier_score(y_train, Surv.from_arrays(s.event.astype(bool), s.time),
+                                              surv, setup.grid)}
+
+    tests = [p.test() for p in parts]
+    sets = [split_outcome(t, columns) for t in tests]
+    rows = [patient_statistics(template, model, s.x, np.column_stack([s.time, s.event]), t.pseudonyms,
+                               columns=columns) for s, t in zip(sets, tests, strict=True)]
+    truth = {f"h{i}": exact(s) for i, s in enumerate(sets)}
+    pooled_set = SurvivalSet(np.concatenate([s.x for s in sets]), np.concatenate([s.time for s in sets]),
+                             np.concatenate([s.event for s in sets]))
+    truth["pooled"] = exact(pooled_set)
+    noiseless = aggregate_statistics({f"h{i}": (float(r.shape[0]), r.sum(0)) for i, r in enumerate(rows)},
+                                     "survival", columns=columns)
+    errors: dict[str, dict[str, list[float]]] = {k: {"concordance": [], "ibs": []} for k in truth}
+    for _ in range(draws):
+        released = {}
+        for i, r in enumerate(rows):
+            rel = noised_release(np.zeros(r.shape[0]), plan.eval_noise_multiplier, rng, stats=r,
+                                 blocks=eval_stats.blocks("survival"))
+            released[f"h{i}"] = (rel.count, rel.stats)
+        got = aggregate_statistics(released, "survival", columns=columns)
+        for who in truth:
+            for metric in ("concordance", "ibs"):
+                key = f"eval_{metric}" + ("" if who == "pooled" else f"@{who}")
+                if key in got:
+                    errors[who][metric].append(got[key] - truth[who][metric])
+    print(f"  metric release, DP model eps {epsilon:g}: eval noise multiplier {plan.eval_noise_multiplier:.2f} "
+          f"({ROUNDS} evaluations), {draws} releases")
+    for who, metrics in errors.items():
+        key = "" if who == "pooled" else f"@{who}"
+        parts_text = []
+        for metric, e in metrics.items():
+            gap = noiseless[f"eval_{metric}{key}"] - truth[who][metric]
+            a = np.abs(np.asarray(e))
+            parts_text.append(f"{metric} exact {truth[who][metric]:.4f}, binning gap {gap:+.4f}, noised "
+                              f"bias {np.mean(e):+.4f}, |error| median {np.median(a):.4f}, 90% {np.quantile(a, 0.9):.4f}")
+        n = sum(len(s) for s in sets) if who == "pooled" else len(sets[int(who[1:])])
+        print(f"    {who} ({n} hold-out patients): " + "; ".join(parts_text))
+
+
 def fmt(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f} +- {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
 
@@ -142,6 +215,8 @@ def utility(dataset: str, seeds: list[int], epsilons: list[float]) -> tuple[list
                   f"{gap:+.4f}; ratio {statistics.fmean(cs) / central:.4f} ({time.perf_counter() - t0:.1f}s)")
             if dataset == "flchain" and eps == 3.0 and public_start:
                 print(f"  TARGET eps 3 gap <= 0.03: {'MET' if gap <= 0.03 else 'NOT MET'} ({gap:+.4f})")
+            if public_start:
+                release_errors(run_dp(hospitals, columns, eps, seeds[0], True), parts, columns, eps, draws=200)
     return hospitals, columns
 
 
