@@ -82,6 +82,10 @@ class CoordinatorSettings(BaseSettings):
     # Checkpoints for the witnesses: after N new entries (0: off) or T seconds with new ones.
     checkpoint_every_entries: int = Field(default=1000, ge=0)
     checkpoint_every_s: float = Field(default=1.0, gt=0, le=5.0)
+    # Web console sessions (exchange/console/session.py): ended server-side after this many
+    # seconds without a request, and this many seconds after sign-in however active.
+    console_idle_timeout_s: float = Field(default=30 * 60, gt=0, le=7 * 24 * 3600)
+    console_session_max_s: float = Field(default=8 * 3600, gt=0, le=30 * 24 * 3600)
     royalties: dict[str, Royalty] = Field(default_factory=dict)
     logging: LoggingSettings = LoggingSettings()
 

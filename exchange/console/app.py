@@ -25,7 +25,7 @@ from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 
 from exchange.console import log_pages, operate, research, signin
-from exchange.console.session import COOKIE, SessionStore, SignInRequired
+from exchange.console.session import COOKIE, IDLE_SECONDS, MAX_AGE_SECONDS, SessionStore, SignInRequired
 from exchange.coordinator.problems import ProblemError
 from exchange.coordinator.services import Coordinator, Principal
 
@@ -48,9 +48,9 @@ def _principal_from_session(sessions: SessionStore) -> Any:
         (revocation applies at once; the role is the key's)."""
         import anyio.to_thread
 
-        token = sessions.api_key(request.cookies.get(COOKIE))
+        token, ended = sessions.lookup(request.cookies.get(COOKIE))
         if token is None:
-            raise SignInRequired
+            raise SignInRequired(ended)
         found = coordinator.registry.cached_principal(token) or await anyio.to_thread.run_sync(
             coordinator.registry.authenticate_api_key, token
         )
@@ -62,9 +62,16 @@ def _principal_from_session(sessions: SessionStore) -> Any:
     return principal
 
 
-def _sign_in_redirect(request: Request[Any, Any, Any], _exc: Exception) -> Response[Any]:
+def _sign_in_redirect(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """To the sign-in page, back here afterwards; an ended session's cookie is cleared and the
+    page says why (idle or expired)."""
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    return Redirect(f"{PREFIX}/sign-in?next={quote(target, safe='')}")
+    reason = exc.reason if isinstance(exc, SignInRequired) else ""
+    query = f"next={quote(target, safe='')}" + (f"&ended={reason}" if reason else "")
+    response: Response[Any] = Redirect(f"{PREFIX}/sign-in?{query}")
+    if request.cookies.get(COOKIE):
+        response.delete_cookie(COOKIE, path=PREFIX)
+    return response
 
 
 def _error_page(
@@ -115,9 +122,10 @@ def _bad_request_page(request: Request[Any, Any, Any], exc: Exception) -> Respon
     return _error_page(request, 400, "Bad Request", "the request's parameters are not valid", errors)
 
 
-def console_router() -> Router:
-    """All console routes under /console, with their own session store and CSRF secret."""
-    sessions = SessionStore()
+def console_router(idle_seconds: float = IDLE_SECONDS, max_age_seconds: float = MAX_AGE_SECONDS) -> Router:
+    """All console routes under /console, with their own session store (sessions end after
+    `idle_seconds` without a request, and `max_age_seconds` after sign-in) and CSRF secret."""
+    sessions = SessionStore(idle_seconds, max_age_seconds)
     csrf = CSRFConfig(
         secret=secrets.token_hex(32),
         cookie_name="hx_csrf",

@@ -28,7 +28,7 @@ Size = Annotated[int, Parameter(ge=1, le=2**53)]
 
 
 def _log_context(state: State) -> dict[str, Any]:
-    trust = state.trust
+    trust = views.current_trust(state)
     return {
         "log_key_b64": b64encode(trust.log_public_key),
         "log_key_name": trust.log_key_name,
@@ -68,7 +68,7 @@ class LogController(Controller):
                     )
             position = stop
         last = rows[-1]["index"] + 1 if rows else position
-        note = log.latest_checkpoint()
+        note = views.cosigned_note(state, log)
         checkpoint = views.checkpoint_view(note, state.trust.log_key_name) if note else None
         return Template(
             "log.html",

@@ -27,13 +27,14 @@ class OperatorController(Controller):
         allow(principal, *OVERSEERS)
         studies, total = coordinator.list_studies(principal, None, 0, PAGE)
         by_status = Counter(str(s.status.value) for s in studies)
-        note = coordinator.journal.audit_log.latest_checkpoint() or coordinator.journal.audit_log.checkpoint()
+        log = coordinator.journal.audit_log
+        note = views.cosigned_note(state, log) or log.checkpoint()
         return Template(
             "operator.html",
             context={
                 "principal": principal,
                 "checkpoint": views.checkpoint_view(note, state.trust.log_key_name),
-                "witnesses": [v.name for v in state.trust.witnesses],
+                "witnesses": [v.name for v in views.current_trust(state).witnesses],
                 "studies": studies,
                 "total": total,
                 "by_status": dict(sorted(by_status.items())),
@@ -46,9 +47,6 @@ class OperatorController(Controller):
         allow(principal, *OVERSEERS)
         rows, total = coordinator.registry.list_hospitals(0, PAGE)
         contact = views.last_contact(coordinator, rows)
-        witnesses = {v.name for v in state.trust.witnesses}
-        note = coordinator.journal.audit_log.latest_checkpoint()
-        cosigners = set(views.checkpoint_view(note, state.trust.log_key_name).cosigners) if note else set()
         items: list[dict[str, Any]] = [
             {
                 "id": h.id,
@@ -57,13 +55,8 @@ class OperatorController(Controller):
                 "key_id": h.signing_key_id,
                 "registered": h.created_at,
                 "last_contact": contact.get(h.id),
-                "witness": (
-                    "cosigned the latest checkpoint"
-                    if h.id in cosigners
-                    else "pinned witness, no cosignature on the latest checkpoint"
-                    if h.id in witnesses
-                    else "not a witness"
-                ),
+                # matched by the witness key the hospital registered in the log, not by its id
+                "witness": views.witness_column(state, h.id),
             }
             for h in rows
         ]

@@ -8,10 +8,13 @@ import anyio.to_thread
 from litestar import Controller, Request, Response, get, post
 from litestar.response import Redirect, Template
 
-from exchange.console.session import COOKIE, IDLE_SECONDS, SessionStore, SignInRequired, is_loopback
+from exchange.console.session import COOKIE, SessionStore, SignInRequired, is_loopback
 from exchange.coordinator.models import Role
 from exchange.coordinator.services import Coordinator, Principal
 
+#: Why the sign-in page was reached from a page (`?ended=`): the session's limits (session.py).
+ENDED = {"idle": "Your session ended after a period without activity. Sign in again to continue.",
+         "expired": "Your session reached its maximum length. Sign in again to continue."}
 HOME = {Role.RESEARCHER: "/console/studies", Role.OPERATOR: "/console/operator", Role.AUDITOR: "/console/log"}
 
 
@@ -30,9 +33,11 @@ class SignInController(Controller):
         return Redirect(HOME.get(principal.role, "/console/log"))
 
     @get("/sign-in")
-    async def sign_in_form(self, next: str | None = None) -> Template:
+    async def sign_in_form(self, next: str | None = None, ended: str | None = None) -> Template:
         return Template(
-            "sign_in.html", context={"next": _safe_next(next) or "", "error": None, "principal": None}
+            "sign_in.html",
+            context={"next": _safe_next(next) or "", "error": None, "principal": None,
+                     "ended": ENDED.get(ended or "")},
         )
 
     @post("/sign-in", status_code=303)
@@ -51,7 +56,7 @@ class SignInController(Controller):
             return Template(
                 "sign_in.html",
                 status_code=401,
-                context={"next": target or "", "error": error, "principal": None},
+                context={"next": target or "", "error": error, "principal": None, "ended": None},
             )
         response: Response[Any] = Redirect(target or HOME[principal.role], status_code=303)
         response.set_cookie(
@@ -61,7 +66,7 @@ class SignInController(Controller):
             httponly=True,
             secure=not is_loopback(request),
             samesite="strict",
-            max_age=IDLE_SECONDS,
+            max_age=int(sessions.max_age_seconds),
         )
         return response
 

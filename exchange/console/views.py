@@ -17,6 +17,7 @@ from audit.checkpoint import parse_checkpoint
 from audit.note import SIGNATURE_PREFIX
 from audit.signing import b64encode
 from audit.store import AuditLog, audit_checkpoints
+from audit.trust import Trust
 from exchange.coordinator.models import Hospital, RequestNonce, Role, StudyStatus
 from exchange.coordinator.services import Coordinator, Principal
 
@@ -165,3 +166,43 @@ def stored_checkpoint(log: AuditLog, size: int) -> str | None:
 def can_see_results(principal: Principal) -> bool:
     """As the API: results and the model are for the study's researchers only."""
     return principal.role == Role.RESEARCHER
+
+
+def current_trust(state: Any) -> Trust:
+    """The trust policy now: the log's anchors and the witnesses REGISTERED in the log (the
+    checkpointing service replays them from the log's key entries), as /v1/audit/trust serves it;
+    the start-up policy when the app runs without checkpointing."""
+    checkpointing = getattr(state, "checkpointing", None)
+    trust: Trust = checkpointing.trust() if checkpointing is not None else state.trust
+    return trust
+
+
+def witness_column(state: Any, hospital_id: str) -> dict[str, str]:
+    """The operator's view of one hospital's witness: matched by the witness key the hospital
+    registered in the log (its name, e.g. "h-one.witness", is not the hospital id), with the
+    coordinator's record of it (`Checkpointing.witness_states`). {"state", "text"}."""
+    checkpointing = getattr(state, "checkpointing", None)
+    name = checkpointing.witness_of(hospital_id) if checkpointing is not None else None
+    if name is None:
+        return {"state": "none", "text": "not a witness"}
+    seen = checkpointing.witness_states().get(name)
+    if seen is None:
+        return {"state": "behind", "text": f"{name}: registered, not yet seen"}
+    cosigned = "no cosignature yet" if seen.cosigned_size is None else (
+        f"last cosigned {seen.cosigned_size} of {seen.newest_size} entries")
+    if seen.state == "cosigned":
+        return {"state": "cosigned", "text": f"{name}: cosigned the latest checkpoint ({seen.newest_size} entries)"}
+    if seen.state == "alarm":
+        return {"state": "alarm", "text": f"{name}: ALARM, {seen.reason}; {cosigned}"}
+    return {"state": "behind", "text": f"{name}: behind, {cosigned}"}
+
+
+def cosigned_note(state: Any, log: AuditLog) -> str | None:
+    """The checkpoint to show with its cosignatures: what /v1/audit/checkpoint serves when
+    witnesses are registered (cosignatures live with the checkpointing service, not in the stored
+    note), else the latest stored checkpoint."""
+    checkpointing = getattr(state, "checkpointing", None)
+    if checkpointing is not None and checkpointing.trust().witnesses:
+        note: str = checkpointing.served_note()
+        return note
+    return log.latest_checkpoint()

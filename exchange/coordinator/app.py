@@ -34,6 +34,7 @@ from audit.export import Trust
 from audit.signing import Signer
 from audit.store import AuditLog, record_trust
 from exchange.console import console_router, template_config
+from exchange.console.session import IDLE_SECONDS, MAX_AGE_SECONDS
 from exchange.coordinator import controllers, problems, vocabulary
 from exchange.coordinator.auditing import forget_transactions
 from exchange.coordinator.checkpointing import Checkpointing
@@ -73,6 +74,9 @@ class AppConfig:
     # seconds with new entries, and collects the hospitals' cosignatures on it.
     checkpoint_every_entries: int = 1000
     checkpoint_every_s: float = 1.0
+    # Console sessions end after this long without a request, and this long after sign-in.
+    console_idle_timeout_s: float = IDLE_SECONDS
+    console_session_max_s: float = MAX_AGE_SECONDS
 
 
 def app_config_from_settings(settings: CoordinatorSettings, **extra: Any) -> AppConfig:
@@ -87,7 +91,9 @@ def app_config_from_settings(settings: CoordinatorSettings, **extra: Any) -> App
         "claim_window_s": settings.claim_window_s,
         "unclaimed_rewards_account": settings.unclaimed_rewards_account,
         "checkpoint_every_entries": settings.checkpoint_every_entries,
-        "checkpoint_every_s": settings.checkpoint_every_s}
+        "checkpoint_every_s": settings.checkpoint_every_s,
+        "console_idle_timeout_s": settings.console_idle_timeout_s,
+        "console_session_max_s": settings.console_session_max_s}
     values.update(extra)
     return AppConfig(**values)
 
@@ -269,7 +275,7 @@ def create_app(runtime: Runtime, *, debug: bool = False,
         route_handlers=[controllers.RegistryController, controllers.StudyController,
                         controllers.HospitalController, controllers.AuditController,
                         controllers.health, MetricsController, static, _docs_redirect,
-                        console_router()],
+                        console_router(config.console_idle_timeout_s, config.console_session_max_s)],
         template_config=template_config(),
         openapi_config=openapi,
         middleware=middleware,

@@ -57,6 +57,26 @@ class WitnessOffer:
     cosigned: bool
 
 
+@dataclass(frozen=True)
+class WitnessState:
+    """What the coordinator saw of one registered witness (for the operator's console page).
+
+    `state`: "cosigned" (it cosigned the newest signed checkpoint), "behind" (its newest
+    cosignature, if any, is on an older checkpoint), or "alarm": its last pull said it holds a
+    checkpoint LARGER than the log (it has seen a history this log no longer extends: a rollback
+    or a fork), or its last cosignature was refused. The witness's own alarms (a bad consistency
+    proof) stay at the hospital (`exchange node status`); from here such a witness is "behind",
+    since it stops cosigning."""
+
+    name: str
+    state: str
+    cosigned_size: int | None
+    newest_size: int
+    held_size: int | None
+    last_contact: float | None
+    reason: str = ""
+
+
 class CosignatureRefusedError(ValueError):
     """A posted cosignature is not accepted; `field` and `reason` say why (a 422)."""
 
@@ -106,6 +126,11 @@ class Checkpointing:
         self._thread: threading.Thread | None = None
         # the newest checkpoint that reached the quorum, kept even once out of `_pending`
         self._complete: CheckpointCosigning | None = None
+        # per witness name: (time, size it says it holds) of its last pull, the largest size it
+        # cosigned, and why its last cosignature was refused (cleared by an accepted one)
+        self._pulled: dict[str, tuple[float, int]] = {}
+        self._cosigned: dict[str, int] = {}
+        self._refused: dict[str, str] = {}
 
     # -- the policy ----------------------------------------------------------------------------
     def trust(self) -> Trust:
@@ -198,6 +223,8 @@ class Checkpointing:
         deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_WAIT_S)
         newest = self._newest()
         with self._changed:
+            if witness is not None:
+                self._pulled[witness] = (self._clock(), old_size)
             # only a witness level with the log waits; one ahead of it (a rolled-back log) is
             # answered at once
             while newest.checkpoint.size == old_size and not self._stop.is_set():
@@ -223,26 +250,35 @@ class Checkpointing:
         """
         with self._changed:
             cosigning = self._pending.get(size)
-        if cosigning is None:
-            raise CosignatureRefusedError("size", f"no recent checkpoint of size {size} (the "
-                                          f"coordinator keeps the last {KEEP})")
         if witness is None:
             raise CosignatureRefusedError("cosignature", "this hospital registered no witness key")
         try:
-            signatures = parse_signature_lines(lines)
-        except NoteError as exc:
-            raise CosignatureRefusedError("cosignature", f"malformed ({exc})") from exc
-        for signature in signatures:
-            if signature.name != witness:
-                raise CosignatureRefusedError("cosignature", f"a line signed by "
-                                              f"{signature.name[:100]!r}, not by this hospital's "
-                                              f"witness {witness!r}")
+            if cosigning is None:
+                raise CosignatureRefusedError("size", f"no recent checkpoint of size {size} (the "
+                                              f"coordinator keeps the last {KEEP})")
+            try:
+                signatures = parse_signature_lines(lines)
+            except NoteError as exc:
+                raise CosignatureRefusedError("cosignature", f"malformed ({exc})") from exc
+            for signature in signatures:
+                if signature.name != witness:
+                    raise CosignatureRefusedError("cosignature", f"a line signed by "
+                                                  f"{signature.name[:100]!r}, not by this hospital's "
+                                                  f"witness {witness!r}")
+        except CosignatureRefusedError as exc:
+            if exc.field != "size":  # a checkpoint no longer kept is late, not alarming
+                with self._changed:
+                    self._refused[witness] = exc.reason
+            raise
         with self._changed:
             had_quorum = cosigning.quorum_met
             try:
                 cosigning.add_response(lines)
             except CosignatureError as exc:
+                self._refused[witness] = str(exc)
                 raise CosignatureRefusedError("cosignature", str(exc)) from exc
+            self._refused.pop(witness, None)
+            self._cosigned[witness] = max(size, self._cosigned.get(witness, 0))
             reached = cosigning.quorum_met and not had_quorum
             if cosigning.quorum_met and (self._complete is None
                                          or self._complete.checkpoint.size <= size):
@@ -263,6 +299,33 @@ class Checkpointing:
                 if left <= 0:
                     return False
                 self._changed.wait(left)
+
+    def witness_states(self) -> dict[str, WitnessState]:
+        """Witness name -> what the coordinator saw of it (`WitnessState`), for every witness
+        registered in the log now."""
+        newest = self._newest()
+        size = newest.checkpoint.size
+        log_size = self._log.size()
+        names = sorted(v.name for v in self._witnesses.current().values())
+        out: dict[str, WitnessState] = {}
+        with self._changed:
+            for name in names:
+                pulled = self._pulled.get(name)
+                held = pulled[1] if pulled else None
+                cosigned = self._cosigned.get(name)
+                if name in newest.signed:
+                    cosigned = max(cosigned or 0, size)
+                state, reason = "behind", ""
+                if held is not None and held > log_size:
+                    state, reason = "alarm", (f"its last pull holds a checkpoint of {held} entries; "
+                                              f"the log has {log_size}")
+                elif name in self._refused:
+                    state, reason = "alarm", f"its last cosignature was refused: {self._refused[name]}"
+                elif name in newest.signed:
+                    state = "cosigned"
+                out[name] = WitnessState(name, state, cosigned, size, held, pulled[0] if pulled else None,
+                                         reason)
+        return out
 
     def witness_of(self, hospital_id: str) -> str | None:
         """The witness name the hospital registered in the log, if any."""
