@@ -5,6 +5,7 @@ coordinator's behaviour over HTTP with short limits."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,3 +128,36 @@ def test_settings_file_sets_the_limits(tmp_path: Path) -> None:
     finally:
         CoordinatorSettings.toml_path = None
     assert (settings.console_idle_timeout_s, settings.console_session_max_s) == (90, 1800)
+
+
+def test_in_the_browser_an_idle_session_lands_on_sign_in_with_the_reason(idle_world: World) -> None:
+    """Chromium (Playwright): signed in, idle past the limit, the next navigation shows the
+    sign-in page with the reason; signing in again returns to the page asked for."""
+    from tests.console.conftest import LiveServer
+    from tests.console.test_browser import _chromium, check
+
+    executable = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    with LiveServer(idle_world) as live, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable,
+                                    args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+        try:
+            page = browser.new_context(base_url=live).new_page()
+            page.goto("/console/studies")
+            page.get_by_label("API key").fill(idle_world.keys["alice"])
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url("**/console/studies")
+            cookie = next(c for c in page.context.cookies() if c["name"] == "hx_console")
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            time.sleep(1.6)
+            page.goto("/console/studies")
+            assert "/console/sign-in" in page.url and "ended=idle" in page.url
+            assert "period without activity" in page.locator("#session-ended").inner_text()
+            assert not [c for c in page.context.cookies() if c["name"] == "hx_console"]
+            check(page, Path(tempfile.mkdtemp()), "session-ended")
+            page.get_by_label("API key").fill(idle_world.keys["alice"])
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url("**/console/studies")
+        finally:
+            browser.close()
