@@ -47,10 +47,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from audit.reward_commitment import DEFAULT_SIZE, Commitment, commit, padded_size
+from federated import eval_stats
 from federated.accounting import AccountingError, plan_study
 from federated.data import HospitalData
 from federated.dp import train_round
-from federated import eval_stats
 from federated.evaluation import Release, noised_release, patient_scores, patient_statistics
 from federated.privacy_ledger import BudgetExceededError, LedgerError
 from federated.receipts import Receipt, make_receipt
@@ -309,8 +309,8 @@ def evaluate_hospital(site: Site, spec: StudySpec, global_weights: np.ndarray, s
     prior = ledger.evaluation(spec.study_id, slot)
     if prior is not None:  # asked again: the same release, nothing charged
         release = Release(prior.count, prior.score)
-        return HospitalOutcome(STATUS_OK, "", metrics=release.metrics(template, checked.target_scale,
-                                                                         prior.epsilon), eval_stats=prior.stats)
+        metrics = release.metrics(template, checked.target_scale, prior.epsilon)
+        return HospitalOutcome(STATUS_OK, "", metrics=metrics, eval_stats=prior.stats)
     done = len(ledger.evaluations(spec.study_id))
     if done >= plan.rounds:
         return HospitalOutcome(STATUS_REFUSED, f"evaluation: all {plan.rounds} evaluations were used")

@@ -30,13 +30,13 @@ Gradient, in closed form (the "fast" engine; the "opacus" engine computes the sa
 gradients with Opacus hooks, and a test checks they agree):
     grad l_i = delta_i * ( pi_ii x_i + sum_j pi_ij x_j - x_i ),  pi_ij = exp(eta_j) / denominator_i.
 
-Metrics. A hospital's charged and noised release (`federated.evaluation`) holds a per-patient
-score in [0, 1], the patient's PUBLIC-ANCHORED concordance (the share of comparable pairs (i, j in
-the public "eval" half) that the model orders correctly, ties 1/2, 0.5 when a patient has no
-comparable pair), and the sufficient statistics of Harrell's concordance and the integrated Brier
-score on the hospital's hold-out patients (`federated.eval_stats`). The server scores each round's model exactly on the
-public "eval" half: Harrell's concordance and the integrated Brier score (scikit-survival), with
-the baseline survival from Breslow's estimator on the subcohort.
+Metrics. A hospital's charged and noised release (`federated.evaluation`) holds a per-patient score
+in [0, 1], the patient's PUBLIC-ANCHORED concordance (the share of comparable pairs (i, j in the
+public "eval" half) that the model orders correctly, ties 1/2, 0.5 when a patient has no comparable
+pair), and the sufficient statistics of Harrell's concordance and the integrated Brier score on the
+hospital's hold-out patients (`federated.eval_stats`). The server scores each round's model exactly
+on the public "eval" half: Harrell's concordance and the integrated Brier score (scikit-survival),
+with the baseline survival from Breslow's estimator on the subcohort.
 """
 
 from __future__ import annotations

@@ -57,7 +57,9 @@ def _summary(console: Console, report: dict[str, Any], out: Path, wall_s: float)
     metric = str(study.get("metric") or "accuracy")
     second, second_key = ("IBS", "ibs") if metric == "concordance" else ("AUROC", "auroc")
     held = any("holdout_by_hospital" in r for r in report["rounds"])
-    columns = ("round", metric, second, "records used") + (("hold-out per hospital (noised)",) if held else ())
+    columns: tuple[str, ...] = ("round", metric, second, "records used")
+    if held:
+        columns += ("hold-out per hospital (noised)",)
     for column in columns:
         rounds.add_column(column, justify="right")
     for r in report["rounds"]:

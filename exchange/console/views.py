@@ -183,7 +183,7 @@ def witness_column(state: Any, hospital_id: str) -> dict[str, str]:
     coordinator's record of it (`Checkpointing.witness_states`). {"state", "text"}."""
     checkpointing = getattr(state, "checkpointing", None)
     name = checkpointing.witness_of(hospital_id) if checkpointing is not None else None
-    if name is None:
+    if checkpointing is None or name is None:
         return {"state": "none", "text": "not a witness"}
     seen = checkpointing.witness_states().get(name)
     if seen is None:
@@ -191,7 +191,8 @@ def witness_column(state: Any, hospital_id: str) -> dict[str, str]:
     cosigned = "no cosignature yet" if seen.cosigned_size is None else (
         f"last cosigned {seen.cosigned_size} of {seen.newest_size} entries")
     if seen.state == "cosigned":
-        return {"state": "cosigned", "text": f"{name}: cosigned the latest checkpoint ({seen.newest_size} entries)"}
+        return {"state": "cosigned",
+                "text": f"{name}: cosigned the latest checkpoint ({seen.newest_size} entries)"}
     if seen.state == "alarm":
         return {"state": "alarm", "text": f"{name}: ALARM, {seen.reason}; {cosigned}"}
     return {"state": "behind", "text": f"{name}: behind, {cosigned}"}

@@ -170,7 +170,8 @@ def release_errors(model_beta: np.ndarray, parts: list, columns: list[str], epsi
                 key = f"eval_{metric}" + ("" if who == "pooled" else f"@{who}")
                 if key in got:
                     errors[who][metric].append(got[key] - truth[who][metric])
-    print(f"  metric release, DP model eps {epsilon:g}: eval noise multiplier {plan.eval_noise_multiplier:.2f} "
+    sigma = plan.eval_noise_multiplier
+    print(f"  metric release, DP model eps {epsilon:g}: eval noise multiplier {sigma:.2f} "
           f"({ROUNDS} evaluations), {draws} releases")
     for who, metrics in errors.items():
         key = "" if who == "pooled" else f"@{who}"
@@ -179,7 +180,8 @@ def release_errors(model_beta: np.ndarray, parts: list, columns: list[str], epsi
             gap = noiseless[f"eval_{metric}{key}"] - truth[who][metric]
             a = np.abs(np.asarray(e))
             parts_text.append(f"{metric} exact {truth[who][metric]:.4f}, binning gap {gap:+.4f}, noised "
-                              f"bias {np.mean(e):+.4f}, |error| median {np.median(a):.4f}, 90% {np.quantile(a, 0.9):.4f}")
+                              f"bias {np.mean(e):+.4f}, |error| median {np.median(a):.4f}, "
+                              f"90% {np.quantile(a, 0.9):.4f}")
         n = sum(len(s) for s in sets) if who == "pooled" else len(sets[int(who[1:])])
         print(f"    {who} ({n} hold-out patients): " + "; ".join(parts_text))
 
@@ -216,7 +218,8 @@ def utility(dataset: str, seeds: list[int], epsilons: list[float]) -> tuple[list
             if dataset == "flchain" and eps == 3.0 and public_start:
                 print(f"  TARGET eps 3 gap <= 0.03: {'MET' if gap <= 0.03 else 'NOT MET'} ({gap:+.4f})")
             if public_start:
-                release_errors(run_dp(hospitals, columns, eps, seeds[0], True), parts, columns, eps, draws=200)
+                model = run_dp(hospitals, columns, eps, seeds[0], True)
+                release_errors(model, parts, columns, eps, draws=200)
     return hospitals, columns
 
 

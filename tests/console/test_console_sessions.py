@@ -98,7 +98,8 @@ def test_an_idle_session_is_refused_and_sent_to_sign_in(idle_world: World) -> No
     time.sleep(1.6)
     _refused(console, "/console/studies", "idle")
     # signing in again works, and lands on the page asked for
-    again = console.post("/console/sign-in", {"api_key": idle_world.keys["alice"], "next": "/console/studies"})
+    again = console.post("/console/sign-in",
+                         {"api_key": idle_world.keys["alice"], "next": "/console/studies"})
     assert again.status_code == 303 and again.headers["location"] == "/console/studies"
     assert console.get("/console/studies").status_code == 200
 

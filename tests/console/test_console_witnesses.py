@@ -99,7 +99,8 @@ def test_witness_state_per_hospital_is_matched_by_its_registered_witness(
         _cosign(witnesses["w-one"], grown)
         clients["w-three"].witness_checkpoint(grown + 40)
         rows = _hospitals_page(served)
-        assert rows["w-one"] == ("cosigned", f"w-one.witness: cosigned the latest checkpoint ({grown} entries)")
+        latest = f"w-one.witness: cosigned the latest checkpoint ({grown} entries)"
+        assert rows["w-one"] == ("cosigned", latest)
         assert rows["w-two"] == ("behind", f"w-two.witness: behind, last cosigned {first} of {grown} entries")
         state, text = rows["w-three"]
         assert state == "alarm" and text.startswith("w-three.witness: ALARM")

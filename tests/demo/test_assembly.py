@@ -120,7 +120,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "study_id": STUDY, "round": n, "hospitals": [f"hospital:{h}" for h in HOSPITALS],
         "metrics": {"eval_accuracy": 0.9 + n / 100, "eval_auroc": 0.97, "eval_loss": 0.2,
                     "round_wall_s": 2.5, "eval_macro_f1": 0.8, "eval_accuracy@hospital-a": 0.85 + n / 100,
-                    "eval_macro_f1@hospital-a": 0.7, "eval_macro_f1@hospital-b": 0.75}}, at + timedelta(seconds=3)) for n, at in enumerate(ROUND_TIMES, 1)]
+                    "eval_macro_f1@hospital-a": 0.7, "eval_macro_f1@hospital-b": 0.75}},
+        at + timedelta(seconds=3)) for n, at in enumerate(ROUND_TIMES, 1)]
     payout = compute_payout(STUDY, BUDGET, StudyTerms("author:exchange-templates", 500, 3000), [
         PayoutReceipt(STUDY, e.payload["round"], e.payload["hospital"], e.payload["records_used"],
                       e.payload["rewards"]) for e in receipts])

@@ -95,9 +95,10 @@ def test_a_release_at_a_reasonable_epsilon_is_close_to_the_exact_metrics(cox: di
         for _ in range(40):
             release = noised_release(np.full(rows.shape[0], 0.5), plan.eval_noise_multiplier, rng, stats=rows,
                                      blocks=eval_stats.blocks("survival"))
-            got = aggregate_statistics({"h": (release.count, release.stats)}, "survival", columns=cox["columns"])
-            for k in errors:
-                errors[k].append(got[f"eval_{k}@h"] - exact[k])
+            got = aggregate_statistics({"h": (release.count, release.stats)}, "survival",
+                                       columns=cox["columns"])
+            for k, found in errors.items():
+                found.append(got[f"eval_{k}@h"] - exact[k])
         for k, e in errors.items():
             assert abs(np.mean(e)) < 0.03, (i, k, np.mean(e))
             assert np.median(np.abs(e)) < 0.06, (i, k, np.median(np.abs(e)))
@@ -140,7 +141,7 @@ def test_confusion_statistics_give_accuracy_and_macro_f1() -> None:
 
 
 def test_a_class_beyond_the_study_is_refused() -> None:
-    with pytest.raises(ValueError, match="label: classes must be 0..2"):
+    with pytest.raises(ValueError, match=r"label: classes must be 0\.\.2"):
         eval_stats.multiclass_rows(np.array([0, 1]), np.array([0, 3]), 3)
 
 
