@@ -5,7 +5,8 @@
 - ``survival``: a Cox proportional-hazards model (template ``cox_ph``) on flchain from
   scikit-survival (7,874 people, death during follow-up), label ``time`` (days) and event
   column ``event``; purpose GRU. Metric: concordance (Harrell's, on the public reference
-  sample; the hospitals release a noised hold-out concordance), plus the integrated Brier score.
+  sample), plus the integrated Brier score; each hospital releases both on its hold-out patients
+  through its privacy ledger (noised, charged: `federated.eval_stats`).
 
 Each hospital's CSV holds its part of the non-IID split (`federated.data` /
 `federated.clinical_data`); the survival outcome columns are imported as numbers of category
