@@ -55,8 +55,14 @@ def test_survival_demo(tmp_path: Path) -> None:
     # each hospital's charged, noised hold-out concordance and integrated Brier score (and the
     # pooled ones) arrive for every round but the last train exchange's (it comes with the final
     # evaluate exchange)
-    assert all(0.5 < r["holdout_concordance"] <= 1.0 for r in report["rounds"] if "holdout_concordance" in r)
-    assert sum("holdout_concordance" in r for r in report["rounds"]) >= ROUNDS - 1
+    # the pooled concordance against the public reference (one noised per-patient score) is precise;
+    # Harrell's from the binned statistics is noisy at the demo's hold-out size (docs/demo.md)
+    anchored = [r["holdout_anchored_concordance"] for r in report["rounds"]
+                if "holdout_anchored_concordance" in r]
+    assert len(anchored) >= ROUNDS - 1 and all(0.5 < c < 1.0 for c in anchored)
+    assert all(0.0 <= r["holdout_concordance"] <= 1.0 for r in report["rounds"] if "holdout_concordance" in r)
+    assert all(0.0 <= r["holdout_ibs"] < 0.5 for r in report["rounds"] if "holdout_ibs" in r)
+    assert sum("holdout_ibs" in r for r in report["rounds"]) >= ROUNDS - 1
     held = [r["holdout_by_hospital"] for r in report["rounds"] if "holdout_by_hospital" in r]
     assert len(held) >= ROUNDS - 1
     for per_hospital in held:
