@@ -59,8 +59,10 @@ class CoordinatorSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     data_dir: Path = Path("exchange-data")
-    operator_key_file: Path = Path("exchange-data/operator.key")
-    log_key_file: Path = Path("exchange-data/log.key")
+    # Private keys: each defaults to a file in data_dir, so setting EXCHANGE_DATA_DIR moves
+    # them all (a key never lands in the working directory unless configured there).
+    operator_key_file: Path | None = None  # default: data_dir / "operator.key"
+    log_key_file: Path | None = None  # default: data_dir / "log.key"
     coordinator_key_file: Path | None = None  # default: data_dir / "coordinator.key"
     log_origin: str = "exchange.local/log"
     superlink_address: str = "127.0.0.1:9093"
@@ -99,6 +101,12 @@ class CoordinatorSettings(BaseSettings):
 
     def coordinator_key_path(self) -> Path:
         return self.coordinator_key_file or self.data_dir / "coordinator.key"
+
+    def operator_key_path(self) -> Path:
+        return self.operator_key_file or self.data_dir / "operator.key"
+
+    def log_key_path(self) -> Path:
+        return self.log_key_file or self.data_dir / "log.key"
 
     def royalty_terms(self) -> dict[str, tuple[str, int]]:
         """template -> (account, bps), as the coordinator's payout terms take them."""

@@ -83,8 +83,8 @@ def app_config_from_settings(settings: CoordinatorSettings, **extra: Any) -> App
     """The app's configuration from the operator's settings (TOML + EXCHANGE_* environment).
     Every value the coordinator uses comes from there; AppConfig's defaults serve tests."""
     values: dict[str, Any] = {
-        "database_url": settings.database_url, "operator_key_file": settings.operator_key_file,
-        "log_key_file": settings.log_key_file, "coordinator_key_file": settings.coordinator_key_path(),
+        "database_url": settings.database_url, "operator_key_file": settings.operator_key_path(),
+        "log_key_file": settings.log_key_path(), "coordinator_key_file": settings.coordinator_key_path(),
         "log_origin": settings.log_origin, "max_body_bytes": settings.max_body_bytes,
         "rate_limit_per_minute": settings.rate_limit_per_minute, "forward_bps": settings.forward_bps,
         "royalties": settings.royalty_terms(),

@@ -399,9 +399,8 @@ class AuditController(Controller):
             return BalancesOut.model_validate(coordinator.registry.balances())
         own = (f"hospital:{principal.hospital_id}" if principal.role == Role.HOSPITAL
                else f"org:{principal.organisation_id}")
-        data = coordinator.registry.balances([own])
-        data["balances"].setdefault(own, 0)
-        return BalancesOut.model_validate(data)
+        own_balance = coordinator.registry.balances([own])["balances"].get(own, 0)
+        return BalancesOut(balances={own: own_balance})
 
 
 @get("/health", sync_to_thread=True, responses=PROBLEMS,

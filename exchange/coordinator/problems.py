@@ -8,14 +8,18 @@ client can fix everything in one go. Exception handlers turn Litestar's own exce
 
 from __future__ import annotations
 
+import secrets
 from http import HTTPStatus
 from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
+from exchange.logging import get_logger
+
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://health-exchange.example/problems/"
+_log = get_logger("exchange.problems")
 
 
 class ProblemError(Exception):
@@ -99,5 +103,12 @@ def handle_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response
 
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    # No internals in the answer; the access log records the failure.
-    return problem_response(request, ProblemError(500, "internal error", kind="internal"))
+    """A failure nobody foresaw: no internals in the answer, the whole cause in the log.
+
+    The answer carries an incident id, and the error log line the same id with the exception
+    and its traceback, so an operator can find the cause of any 500 a caller reports."""
+    incident = secrets.token_hex(8)
+    _log.error("http.unhandled_exception", incident=incident, method=request.method,
+               path=request.url.path, error=type(exc).__name__, exc_info=exc)
+    return problem_response(request, ProblemError(500, f"internal error (incident {incident})",
+                                                  kind="internal"))

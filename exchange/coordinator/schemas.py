@@ -531,9 +531,13 @@ class ConsistencyProofOut(BaseModel):
 
 
 class BalancesOut(BaseModel):
-    minted: int
-    escrow: int
-    unclaimed: int = 0  # in reward claim pools, not yet claimed (minted = escrow + unclaimed + balances)
+    """The ledger as the caller may see it. The system totals (minted, escrow, unclaimed) are
+    for the operator and the auditor; a researcher or a hospital gets its own account only."""
+
+    minted: int | None = None
+    escrow: int | None = None
+    # in reward claim pools, not yet claimed (minted = escrow + unclaimed + balances)
+    unclaimed: int | None = None
     balances: dict[str, int]
 
 

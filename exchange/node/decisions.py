@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from audit.signing import Signer
@@ -22,11 +23,12 @@ from exchange.coordinator.client import decision_entry
 from exchange.node.eligibility import count_eligible, gate_records
 from exchange.node.models import ColumnCategory, DaemonState, DecisionRow, StudyRow
 from exchange.node.outcomes import OutcomeSummary, summarize_survival
-from exchange.node.policy import Budget, Evaluation, StudyView, evaluate
+from exchange.node.policy import Budget, Evaluation, StudyView, budget_problems, evaluate
 from exchange.node.privacy import budget as compute_budget
 from exchange.node.privacy import site_ledger
 from exchange.node.settings import NodeSettings
 from exchange.node.store import NodeStore
+from federated.privacy_ledger import PrivacyLedger
 
 PENDING = "pending"
 APPROVED = "approved"
@@ -36,6 +38,9 @@ REFUSED = "refused"
 # what older versions of the node stored for the same case.
 REJECTED = "rejected"
 TERMINAL = frozenset({"completed", "failed", "cancelled", "closed", REJECTED})
+#: The daemon_state row every approval locks (an UPDATE: a row lock on PostgreSQL, the write
+#: lock on SQLite) before it re-checks the budget and stores itself.
+RESERVATION_LOCK = "privacy.reservation_lock"
 
 
 class StewardDecisionError(Exception):
@@ -75,9 +80,14 @@ def active_reservations(session: Session, exclude: str | None = None) -> list[tu
 def current_budget(store: NodeStore, settings: NodeSettings, exclude: str | None = None) -> Budget:
     ledger = site_ledger(store.engine, settings.policy)
     with store.sessions() as session:
-        active = active_reservations(session, exclude)
-        deltas = [(study_id, StudyView.from_json(row.document).delta) for study_id, _target in active
-                  if (row := session.get(StudyRow, study_id)) is not None]
+        return _budget_in(session, ledger, settings, exclude)
+
+
+def _budget_in(session: Session, ledger: PrivacyLedger, settings: NodeSettings,
+               exclude: str | None) -> Budget:
+    active = active_reservations(session, exclude)
+    deltas = [(study_id, StudyView.from_json(row.document).delta) for study_id, _target in active
+              if (row := session.get(StudyRow, study_id)) is not None]
     return compute_budget(ledger, settings.policy.total_privacy_budget, active, deltas)
 
 
@@ -106,6 +116,32 @@ def _survival_outcome(session: Session, study: StudyView, at: datetime) -> Outco
     columns = [column for names in study.columns.values() for column in names]
     return summarize_survival(session, result.eligible_pseudonyms, time_column=study.label,
                               event_column=study.event, columns=columns)
+
+
+def reservation_ledger(store: NodeStore, settings: NodeSettings) -> PrivacyLedger:
+    """The site's privacy ledger, and the lock row, ready before an approval takes the lock
+    (opening the ledger writes the policy's limits into it: not while holding SQLite's lock)."""
+    if store.get_state(RESERVATION_LOCK) is None:
+        try:
+            with store.transaction() as session:
+                session.add(DaemonState(key=RESERVATION_LOCK, value=0))
+        except IntegrityError:  # another process created it first
+            pass
+    return site_ledger(store.engine, settings.policy)
+
+
+def reserve_or_refuse(ledger: PrivacyLedger, settings: NodeSettings, session: Session,
+                      view: StudyView) -> list[str]:
+    """Take the reservation lock in `session`'s transaction and re-check the budget.
+
+    Evaluating a study (consent gating) is slow and runs outside any lock, so two approvals can
+    be evaluated at the same moment against the same budget. Storing one is atomic: under the
+    lock, which every approval takes before it stores itself, the budget is read again from
+    committed state (the other approvals included) and the reasons it no longer fits are
+    returned (none: the caller stores the approval, and commits, releasing the lock)."""
+    session.execute(update(DaemonState).where(DaemonState.key == RESERVATION_LOCK)
+                    .values(value=datetime.now(UTC).isoformat()))
+    return budget_problems(view, _budget_in(session, ledger, settings, view.study_id))
 
 
 def sign_decision(signer: Signer, hospital_id: str, study_id: str, *, decision: str,
@@ -166,12 +202,18 @@ def observe_study(store: NodeStore, ctx: Context, study_json: dict[str, Any]) ->
             return row
         evaluation = evaluate_study(store, ctx.settings, view)
         store.set_state(f"evaluated:{view.study_id}", marker)
+        ledger = reservation_ledger(store, ctx.settings) if evaluation.decision == "approve" else None
         with store.transaction() as session:
+            decision, reasons = evaluation.decision, evaluation.reasons
+            if ledger is not None:
+                late = reserve_or_refuse(ledger, ctx.settings, session, view)
+                if late:  # another approval took the budget since the evaluation
+                    decision, reasons = "refuse", late
             row = session.get(StudyRow, view.study_id)
             assert row is not None
-            if latest_decision(session, view.study_id) is None and evaluation.decision is not None:
-                _store_decision(session, ctx, view.study_id, decision=evaluation.decision,
-                                reasons=evaluation.reasons, eligible=evaluation.eligible_records,
+            if latest_decision(session, view.study_id) is None and decision is not None:
+                _store_decision(session, ctx, view.study_id, decision=decision,
+                                reasons=reasons, eligible=evaluation.eligible_records,
                                 decided_by="policy")
             elif evaluation.decision is None:
                 row.status = PENDING
@@ -213,7 +255,12 @@ def steward_decide(store: NodeStore, settings: NodeSettings, study_id: str, deci
     else:
         reasons = [reason or "refused by the data steward"]
     ctx = Context(settings=settings, signer=Signer.load(settings.signing_key_path))
+    ledger = reservation_ledger(store, settings) if decision == "approve" else None
     with store.transaction() as session:
+        if ledger is not None:
+            late = reserve_or_refuse(ledger, settings, session, view)
+            if late:
+                raise StewardDecisionError(f"study {study_id!r} cannot be approved: " + "; ".join(late))
         if latest_decision(session, study_id) is not None:
             raise StewardDecisionError(f"study {study_id!r} was decided meanwhile")
         return _store_decision(session, ctx, study_id, decision=decision, reasons=reasons,

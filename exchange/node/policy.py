@@ -157,6 +157,21 @@ def _purpose_allowed(purpose: str, allowed: list[str]) -> bool:
     return False
 
 
+def budget_problems(study: StudyView, budget: Budget) -> list[str]:
+    """Why `study` does not fit in what is left of the site's epsilon and delta budgets (none:
+    it fits). Checked by `evaluate` and again, under the reservation lock, when an approval is
+    stored (exchange/node/decisions.py)."""
+    reasons: list[str] = []
+    if study.epsilon > budget.left + 1e-12:
+        reasons.append(f"epsilon {study.epsilon:g} exceeds the privacy budget left ({budget.left:.4g} "
+                       f"of {budget.total:g}: {budget.spent:.4g} spent, {budget.reserved:.4g} reserved)")
+    if study.delta > budget.delta_left * (1 + 1e-9):
+        reasons.append(f"delta {study.delta:g} exceeds the delta budget left ({budget.delta_left:.3g} of "
+                       f"{budget.delta_total:g}: {budget.delta_spent:.3g} spent, "
+                       f"{budget.delta_reserved:.3g} reserved)")
+    return reasons
+
+
 def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, budget: Budget,
              held_columns: Mapping[str, str], *, outcome: OutcomeSummary | None = None) -> Evaluation:
     """Decide on `study` (see the module docstring for the rules). `outcome`: what the eligible
@@ -180,13 +195,7 @@ def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, bud
     if n is not None and n > 0 and study.delta > 1.0 / n:
         # no n in the text: the reasons are posted to the coordinator and logged for good
         reasons.append(f"delta {study.delta:g} exceeds 1/n for this hospital's n eligible patients")
-    if study.epsilon > budget.left + 1e-12:
-        reasons.append(f"epsilon {study.epsilon:g} exceeds the privacy budget left ({budget.left:.4g} "
-                       f"of {budget.total:g}: {budget.spent:.4g} spent, {budget.reserved:.4g} reserved)")
-    if study.delta > budget.delta_left * (1 + 1e-9):
-        reasons.append(f"delta {study.delta:g} exceeds the delta budget left ({budget.delta_left:.3g} of "
-                       f"{budget.delta_total:g}: {budget.delta_spent:.3g} spent, "
-                       f"{budget.delta_reserved:.3g} reserved)")
+    reasons.extend(budget_problems(study, budget))
     wanted = [(category, column) for category, cols in study.columns.items() for column in cols]
     wanted.append(("", study.label))
     if study.event is not None:

@@ -234,6 +234,13 @@ def test_balances_are_scoped_to_the_callers_account(matrix_world: MatrixWorld) -
     assert set(hospital) == {"hospital:h-one"}
     everyone = world.as_("auditor", "GET", "/v1/ledger/balances").json()["balances"]
     assert {"org:acme", "org:globex", "hospital:h-one"} <= set(everyone)
+    # issue 19, finding 8: the system's totals are the operator's and the auditor's only
+    for who in ("alice", "h-one"):
+        body = world.as_(who, "GET", "/v1/ledger/balances").json()
+        assert body["minted"] is None and body["escrow"] is None and body["unclaimed"] is None, body
+    for who in ("operator", "auditor"):
+        body = world.as_(who, "GET", "/v1/ledger/balances").json()
+        assert body["minted"] >= 55_000 and body["escrow"] >= 0 and body["unclaimed"] >= 0
 
 
 def test_researchers_list_only_their_organisations_studies(matrix_world: MatrixWorld) -> None:

@@ -84,6 +84,27 @@ def test_the_coordinator_key_defaults_to_the_data_dir(tmp_path: Path,
     assert app_config_from_settings(settings).coordinator_key_file == tmp_path / "d" / "coordinator.key"
 
 
+def test_every_key_follows_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19, finding 10: with EXCHANGE_DATA_DIR set, `exchange admin` writes all three private
+    keys there and creates nothing in the directory it runs in."""
+    for name in ("EXCHANGE_CONFIG", "EXCHANGE_OPERATOR_KEY_FILE", "EXCHANGE_LOG_KEY_FILE",
+                 "EXCHANGE_COORDINATOR_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    data, cwd = tmp_path / "data", tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("EXCHANGE_DATA_DIR", str(data))
+    monkeypatch.setenv("EXCHANGE_DATABASE_URL", f"sqlite:///{tmp_path / 'c.db'}")
+    result = CliRunner().invoke(app, ["admin", "issue-key", "--role", "auditor"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in data.iterdir()) == ["coordinator.key", "log.key", "operator.key"]
+    assert list(cwd.iterdir()) == []
+    # an explicit path still wins
+    settings = load_coordinator_settings(operator_key_file=tmp_path / "op.key")
+    assert app_config_from_settings(settings).operator_key_file == tmp_path / "op.key"
+    assert app_config_from_settings(settings).log_key_file == data / "log.key"
+
+
 @pytest.mark.parametrize(("line", "field"), [
     ("forward_bps = 10001", "forward_bps"),
     ("rate_limit_per_minute = 0", "rate_limit_per_minute"),

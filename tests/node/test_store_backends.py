@@ -60,3 +60,66 @@ def test_store_on_both_databases(db_url: str, settings: NodeSettings, tmp_path: 
         store.dispose()
     migrate.downgrade(db_url, "node", "base")
     migrate.upgrade(db_url, "node")
+
+
+@pytest.mark.parametrize("path", ["policy", "steward"])
+def test_two_approvals_at_once_cannot_both_reserve_the_budget(db_url: str, settings: NodeSettings,
+                                                              tmp_path: Path, path: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19, finding 7: two studies, each fitting the budget alone but not together, are
+    evaluated at the same moment (a barrier holds both evaluations until each has seen the same
+    budget); storing an approval re-checks under a lock, so exactly one is approved."""
+    import threading
+
+    from exchange.node import decisions
+
+    store = open_store(db_url)
+    signer = Signer.load(settings.signing_key_path)
+    policy = settings.policy.model_copy(update={"mode": "auto-approve" if path == "policy" else "ask",
+                                                "total_privacy_budget": 5.0, "max_epsilon_per_study": 3.0})
+    ctx = Context(settings=settings.model_copy(update={"policy": policy}), signer=signer)
+    studies = [{**STUDY, "id": f"st-{name}", "spec": {**STUDY["spec"], "epsilon": 3.0}} for name in "xy"]
+    evaluate = decisions.evaluate_study
+    both_evaluated = threading.Barrier(2, timeout=60)
+
+    def evaluate_then_wait(*args: object, **kwargs: object) -> object:
+        result = evaluate(*args, **kwargs)  # type: ignore[arg-type]
+        both_evaluated.wait()
+        return result
+
+    try:
+        seed_records(store, tmp_path, [f"q{i}" for i in range(6)])
+        seed_consent(store, tmp_path / "c1", [gru_contract(f"q{i}", "hospital-a") for i in range(6)],
+                     "hospital-a", signer)
+        if path == "steward":
+            for study in studies:
+                observe_study(store, ctx, study)  # recorded, left to the steward ("ask")
+        monkeypatch.setattr(decisions, "evaluate_study", evaluate_then_wait)
+        errors: list[BaseException] = []
+
+        def decide(study: dict[str, object]) -> None:
+            try:
+                if path == "policy":
+                    observe_study(store, ctx, study)  # first seen: decided by the policy
+                else:
+                    decisions.steward_decide(store, ctx.settings, str(study["id"]), "approve", None)
+            except decisions.StewardDecisionError as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=decide, args=(study,)) for study in studies]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        with store.sessions() as session:
+            stored = {r.study_id: (r.decision, r.reasons) for r in session.execute(select(DecisionRow)).scalars()}
+        approved = [s for s, (d, _) in stored.items() if d == "approve"]
+        assert len(approved) == 1, stored
+        if path == "policy":
+            (refused,) = [reasons for d, reasons in stored.values() if d == "refuse"]
+            assert "exceeds the privacy budget left" in refused[0]
+        else:
+            (error,) = errors
+            assert "exceeds the privacy budget left" in str(error)
+    finally:
+        store.dispose()
