@@ -42,6 +42,7 @@ from exchange.coordinator.observability import ObservabilityMiddleware
 from exchange.coordinator.rate_limit import FixedWindowRateLimitMiddleware
 from exchange.coordinator.registry import api_key_prefix
 from exchange.coordinator.services import Coordinator, Terms
+from exchange.coordinator.text_safety import RequestTextMiddleware
 from exchange.db import migrate
 from exchange.db.checkpoint import WalCheckpointer, writers_leave_checkpoints_to_a_thread
 from exchange.db.engine import make_engine, normalize_url
@@ -269,6 +270,7 @@ def create_app(runtime: Runtime, *, debug: bool = False,
                                         include_in_schema=False, send_as_attachment=False)
     middleware: list[Any] = [
         DefineMiddleware(ObservabilityMiddleware, access_log_enabled=config.access_log),
+        RequestTextMiddleware,
         DefineMiddleware(FixedWindowRateLimitMiddleware, limit=config.rate_limit_per_minute,
                          window_s=60, identify=_rate_limit_identifier)]
     app = Litestar(
@@ -283,6 +285,7 @@ def create_app(runtime: Runtime, *, debug: bool = False,
             problems.ProblemError: problems.handle_problem,
             ValidationException: problems.handle_validation,
             HTTPException: problems.handle_http,
+            RecursionError: problems.handle_too_deep,
             Exception: problems.handle_unexpected,
         },
         request_max_body_size=config.max_body_bytes,

@@ -102,6 +102,17 @@ def handle_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response
     return problem_response(request, ProblemError(exc.status_code, str(exc.detail), headers=headers))
 
 
+def handle_too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[Any]:
+    """A body nested deeper than the JSON decoder recurses (it raises RecursionError, which
+    would otherwise be a 500): refused as the body's problem. Logged as a warning, in case a
+    RecursionError ever comes from somewhere else."""
+    _log.warning("http.nested_too_deeply", method=request.method, path=request.url.path,
+                 error=str(exc)[:200])
+    reason = "JSON nested too deeply"
+    return problem_response(request, ProblemError(400, reason, kind="malformed-json",
+                                                  errors=[{"field": "body", "reason": reason}]))
+
+
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """A failure nobody foresaw: no internals in the answer, the whole cause in the log.
 

@@ -26,6 +26,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from exchange.coordinator import vocabulary
 from exchange.coordinator.models import DecisionKind, Role, StudyStatus
+from exchange.coordinator.text_safety import PlainText, payload_problems, text_problem
 from federated.study_spec import SECAGG_MIN_HOSPITALS
 
 #: The hospitals' default site maximum of a study's delta (federated.privacy_ledger.DEFAULT_MAX_DELTA).
@@ -50,20 +51,20 @@ class Out(BaseModel):
 # ---------------------------------------------------------------- operator requests
 class OrganisationCreate(Strict):
     id: Slug
-    name: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Annotated[PlainText, Field(min_length=1, max_length=200)]
     region: Annotated[str, Field(pattern=r"^[A-Z]{2}$", description="ISO 3166-1 alpha-2")]
 
 
 class ResearcherCreate(Strict):
     id: Slug
-    name: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Annotated[PlainText, Field(min_length=1, max_length=200)]
 
 
 class ApiKeyCreate(Strict):
     role: Literal["operator", "researcher", "auditor"]
     organisation_id: Slug | None = None
     researcher_id: Slug | None = None
-    label: Annotated[str, Field(max_length=200)] = ""
+    label: Annotated[PlainText, Field(max_length=200)] = ""
 
 
 def _ed25519_public_key(value: str) -> str:
@@ -96,7 +97,7 @@ def _flower_public_key(value: str) -> str:
 class HospitalCreate(Strict):
     id: Slug
     organisation_id: Slug
-    name: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Annotated[PlainText, Field(min_length=1, max_length=200)]
     signing_public_key: Annotated[str, Field(description="Ed25519 public key, base64 (32 bytes)")]
     flower_public_key: Annotated[str, Field(min_length=1, max_length=4000,
                                             description="the SuperNode's public key (OpenSSH/PEM)")]
@@ -134,7 +135,7 @@ class MintRequest(Strict):
 
 
 class CancelRequest(Strict):
-    reason: Annotated[str, Field(min_length=1, max_length=500)] = "cancelled by the researcher"
+    reason: Annotated[PlainText, Field(min_length=1, max_length=500)] = "cancelled by the researcher"
 
 
 class SignedEntry(Strict):
@@ -146,6 +147,14 @@ class SignedEntry(Strict):
     time: Annotated[str, Field(min_length=1, max_length=40)]
     payload: dict[str, Any]
     signature: Annotated[str, Field(min_length=1, max_length=200)]
+
+    @field_validator("payload")
+    @classmethod
+    def _payload_text(cls, value: dict[str, Any]) -> dict[str, Any]:
+        found = payload_problems(value)
+        if found:
+            raise ValueError(f"{found[0]['field']}: {found[0]['reason']}")
+        return value
 
 
 # ---------------------------------------------------------------- hospitals' signed entries
@@ -169,6 +178,9 @@ def decision_payload_problems(payload: dict[str, Any], study_id: str,
     if not isinstance(reasons, list) or not all(isinstance(r, str) and 0 < len(r) <= 500
                                                 for r in reasons) or len(reasons) > 50:
         found.append({"field": "payload.reasons", "reason": "must be a list of up to 50 strings"})
+    elif any(text_problem(r) for r in reasons):
+        found.append({"field": "payload.reasons", "reason": "printable text only: "
+                      + next(p for r in reasons if (p := text_problem(r)))})
     elif payload.get("decision") == "refuse" and not reasons:
         found.append({"field": "payload.reasons", "reason": "a refusal needs at least one reason"})
     eligible = payload.get("eligible_records")
@@ -184,7 +196,7 @@ class StudyCreate(Strict):
 
     model_config = ConfigDict(extra="forbid", strict=True, title="StudyCreate")
 
-    title: Annotated[str, Field(min_length=1, max_length=200)]
+    title: Annotated[PlainText, Field(min_length=1, max_length=200)]
     purpose: Annotated[str, Field(description="GA4GH DUO term of the study's primary purpose",
                                   examples=["DUO:0000007"])]
     disease: Annotated[str | None, Field(description="ICD-10 code; required for DS (DUO:0000007)",

@@ -252,3 +252,96 @@ def test_survival_and_multiclass_studies_name_their_extra_field(world: World) ->
     assert snapshot(world) == before
     accepted = world.submit(template="cox_ph", task="survival", label="time", event="event")
     assert accepted["spec"]["event"] == "event" and accepted["spec"]["task"] == "survival"
+
+
+# ---------------------------------------------------------------- issue 19, findings 1, 2, 3, 9
+@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 20_000 + b"0" + b"}" * 20_000])
+def test_deeply_nested_json_is_a_named_400_with_or_without_credentials(world: World, body: bytes) -> None:
+    before = snapshot(world)
+    headers = {"Content-Type": "application/json"}
+    assert problem(world.as_("anonymous", "POST", "/v1/studies", content=body, headers=headers), 401)
+    refused = problem(world.as_("alice", "POST", "/v1/studies", content=body, headers=headers), 400)
+    assert fields(refused) == {"body": "JSON nested too deeply"}
+    entry = b'{"v":1,"kind":"study.decision","key_id":"' + b"0" * 32 + b'","time":"t","signature":"s",' \
+            b'"payload":' + body + b"}"
+    refused = problem(world.signed("h-one", "POST", "/v1/hospital/entries", content=entry), 400)
+    assert fields(refused) == {"body": "JSON nested too deeply"}
+    assert snapshot(world) == before
+
+
+def test_a_payload_nested_within_the_parser_limit_is_still_refused_by_name(world: World) -> None:
+    before = snapshot(world)
+    entry = decision_entry(world.hospitals["h-one"], "h-one", "st-x", decision="refuse", reasons=["r"]).to_json()
+    entry["payload"]["reasons"] = [json.loads("[" * 200 + "]" * 200)]
+    refused = problem(world.signed("h-one", "POST", "/v1/hospital/entries", json=entry), 422)
+    assert "nested deeper than 32 levels" in fields(refused)["payload"]
+    assert snapshot(world) == before
+
+
+@pytest.mark.parametrize("text", ["a\x00b", "line\nbreak", "esc\x1b[2J", "admin\u202egnp.exe", "a\u2066b",
+                                  "\ue000private", "del\x7f"])
+def test_control_and_bidi_characters_in_free_text_are_refused_by_name(world: World, text: str) -> None:
+    """Finding 3: a NUL in a title was 201 on SQLite and a 500 on PostgreSQL; both databases
+    (the `shared_world` runs on each) now refuse it, naming the field, and store nothing."""
+    before = snapshot(world)
+    errors = fields(problem(world.as_("alice", "POST", "/v1/studies", json=study_body(title=text)), 422))
+    assert "must not contain" in errors["title"]
+    errors = fields(problem(world.as_("operator", "POST", "/v1/organisations",
+                                      json={"id": "x-org", "name": text, "region": "DE"}), 422))
+    assert "must not contain" in errors["name"]
+    sid = world.submit()["id"]
+    after_submit = snapshot(world)
+    errors = fields(problem(world.as_("alice", "POST", f"/v1/studies/{sid}/cancel", json={"reason": text}), 422))
+    assert "must not contain" in errors["reason"]
+    refusal = decision_entry(world.hospitals["h-one"], "h-one", sid, decision="refuse", reasons=[text])
+    errors = fields(problem(world.signed("h-one", "POST", f"/v1/hospital/studies/{sid}/decision",
+                                         json=refusal.to_json()), 422))
+    assert "payload.reasons" in " ".join(f"{k} {v}" for k, v in errors.items())
+    assert snapshot(world) == after_submit
+    assert before[0] < after_submit[0]
+
+
+@pytest.mark.parametrize("target", ["/v1/studies/st-a%00b", "/v1/studies?status=submitted%00",
+                                    "/v1/studies/%E2%80%AEx", "/v1/studies/%ff%fe", "/v1/api-keys/a%1bb"])
+def test_control_characters_in_the_path_or_query_are_refused_by_name(world: World, target: str) -> None:
+    who = "operator" if "api-keys" in target else "alice"
+    method = "DELETE" if "api-keys" in target else "GET"
+    body = problem(world.as_(who, method, target), 400)
+    assert fields(body).keys() == {"query" if "?" in target else "path"}
+
+
+@pytest.mark.parametrize("who", ["alice", "operator", "auditor"])
+@pytest.mark.parametrize("path", ["/v1/hospital/studies/st-x/decision", "/v1/hospital/entries",
+                                  "/v1/hospital/rewards/claims", "/v1/hospital/witness/cosignature"])
+def test_authorization_comes_before_the_body_on_hospital_posts(world: World, who: str, path: str) -> None:
+    """Finding 9: a caller who is no hospital learns nothing of the body's schema: 403, not 422."""
+    for body in ({}, {"v": 2}, []):
+        assert problem(world.as_(who, "POST", path, json=body), 403)["detail"].startswith(
+            "this endpoint is for: hospital")
+
+
+def test_an_unexpected_failure_is_logged_with_its_cause(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 2: a 500 carries an incident id, and the error log line holds the same id, the
+    exception and its traceback (the answer holds no internals)."""
+    import io
+    import sys
+
+    from exchange.logging import configure_logging
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(world.runtime.coordinator.registry, "balances", broken)
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("INFO", json_format=True)
+    try:
+        response = world.as_("auditor", "GET", "/v1/ledger/balances")
+    finally:
+        configure_logging("INFO", json_format=True)
+    body = problem(response, 500)
+    assert "disk on fire" not in response.text and "Traceback" not in response.text
+    incident = body["detail"].split("incident ")[1].rstrip(")")
+    (line,) = [json.loads(x) for x in stream.getvalue().splitlines() if "http.unhandled_exception" in x]
+    assert line["incident"] == incident and line["level"] == "error" and line["path"] == "/v1/ledger/balances"
+    assert "RuntimeError: disk on fire" in line["exception"] and "Traceback" in line["exception"]

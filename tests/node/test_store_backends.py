@@ -112,7 +112,8 @@ def test_two_approvals_at_once_cannot_both_reserve_the_budget(db_url: str, setti
         for thread in threads:
             thread.join(120)
         with store.sessions() as session:
-            stored = {r.study_id: (r.decision, r.reasons) for r in session.execute(select(DecisionRow)).scalars()}
+            rows = session.execute(select(DecisionRow)).scalars()
+            stored = {r.study_id: (r.decision, r.reasons) for r in rows}
         approved = [s for s, (d, _) in stored.items() if d == "approve"]
         assert len(approved) == 1, stored
         if path == "policy":
