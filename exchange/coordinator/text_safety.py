@@ -116,9 +116,8 @@ async def _refuse(scope: Scope, send: Send, field: str, reason: str) -> None:
     from exchange.coordinator.problems import PROBLEM_JSON, TYPE_BASE
 
     body = json.dumps({"type": TYPE_BASE + "validation", "title": "Bad request", "status": 400,
-                       "detail": f"{field}: {reason}",
-                       "instance": scope["path"].encode("ascii", "backslashreplace").decode(), "errors": [{"field": field, "reason": reason}]},
-                      ensure_ascii=True).encode()
+                       "detail": f"{field}: {reason}", "instance": scope["path"],
+                       "errors": [{"field": field, "reason": reason}]}, ensure_ascii=True).encode()
     await send({"type": "http.response.start", "status": 400,  # type: ignore[typeddict-item]
                 "headers": [(b"content-type", PROBLEM_JSON.encode()),
                             (b"content-length", str(len(body)).encode())]})

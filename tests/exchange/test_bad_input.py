@@ -271,7 +271,8 @@ def test_deeply_nested_json_is_a_named_400_with_or_without_credentials(world: Wo
 
 def test_a_payload_nested_within_the_parser_limit_is_still_refused_by_name(world: World) -> None:
     before = snapshot(world)
-    entry = decision_entry(world.hospitals["h-one"], "h-one", "st-x", decision="refuse", reasons=["r"]).to_json()
+    entry = decision_entry(world.hospitals["h-one"], "h-one", "st-x", decision="refuse",
+                           reasons=["r"]).to_json()
     entry["payload"]["reasons"] = [json.loads("[" * 200 + "]" * 200)]
     refused = problem(world.signed("h-one", "POST", "/v1/hospital/entries", json=entry), 422)
     assert "nested deeper than 32 levels" in fields(refused)["payload"]
@@ -291,7 +292,8 @@ def test_control_and_bidi_characters_in_free_text_are_refused_by_name(world: Wor
     assert "must not contain" in errors["name"]
     sid = world.submit()["id"]
     after_submit = snapshot(world)
-    errors = fields(problem(world.as_("alice", "POST", f"/v1/studies/{sid}/cancel", json={"reason": text}), 422))
+    errors = fields(problem(world.as_("alice", "POST", f"/v1/studies/{sid}/cancel",
+                                      json={"reason": text}), 422))
     assert "must not contain" in errors["reason"]
     refusal = decision_entry(world.hospitals["h-one"], "h-one", sid, decision="refuse", reasons=[text])
     errors = fields(problem(world.signed("h-one", "POST", f"/v1/hospital/studies/{sid}/decision",
@@ -320,7 +322,8 @@ def test_authorization_comes_before_the_body_on_hospital_posts(world: World, who
             "this endpoint is for: hospital")
 
 
-def test_an_unexpected_failure_is_logged_with_its_cause(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unexpected_failure_is_logged_with_its_cause(world: World,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Finding 2: a 500 carries an incident id, and the error log line holds the same id, the
     exception and its traceback (the answer holds no internals)."""
     import io
