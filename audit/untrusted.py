@@ -73,10 +73,11 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def load_json(raw: bytes) -> Any:
+def load_json(raw: bytes, *, max_depth: int | None = None) -> Any:
     """Parse one JSON document from untrusted bytes. UntrustedJSONError says what is wrong:
-    invalid UTF-8, invalid JSON (the position), nesting too deep for the parser, an integer out
-    of range, NaN or Infinity, a duplicate key."""
+    invalid UTF-8, invalid JSON (the position), nesting too deep for the parser (or deeper than
+    `max_depth` levels, for readers that walk the document recursively), an integer out of
+    range, NaN or Infinity, a duplicate key."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -93,7 +94,22 @@ def load_json(raw: bytes) -> Any:
     except ValueError as exc:  # a number the parser could not convert
         raise UntrustedJSONError(f"not valid JSON ({printable(str(exc), 200)})") from exc
     _require_unicode(value)
+    if max_depth is not None and _depth_exceeds(value, max_depth):
+        raise UntrustedJSONError(f"nested deeper than {max_depth} levels")
     return value
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` levels. Iterative: no stack."""
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            if depth >= limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _require_unicode(value: Any) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from audit.signing import SignatureInvalidError, b64decode
+from audit.untrusted import UntrustedJSONError, load_json
 from consent.fhir import FhirImportError, detect_version, from_fhir
 from consent.model import SIGNED_FORMAT, Contract, SignedContract
 
@@ -55,15 +56,19 @@ def parse_contract(data: Any, *, hospital: str | None = None) -> LoadedContract:
         raise ContractFileError(str(exc)) from exc
 
 
+#: Contracts nest provisions a few levels deep; far deeper is hostile (parsing recurses).
+MAX_JSON_DEPTH = 64
+
+
 def load_contract_file(path: Path, *, hospital: str | None = None) -> LoadedContract:
     """Read and parse one file. OSError / JSON errors become ContractFileError too."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ContractFileError(f"cannot read: {exc}") from exc
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ContractFileError(f"cannot read: {exc.strerror}") from exc
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
+        data = load_json(raw, max_depth=MAX_JSON_DEPTH)
+    except UntrustedJSONError as exc:
         raise ContractFileError(f"not JSON: {exc}") from exc
     return parse_contract(data, hospital=hospital)
 

@@ -12,6 +12,7 @@ import typer
 from pydantic import ValidationError
 
 from audit.signing import Signer
+from audit.untrusted import printable
 from consent.evaluate import evaluate
 from consent.files import ContractFileError, load_contract_file
 from consent.model import sign
@@ -80,7 +81,7 @@ def check(  # noqa: PLR0917 (Typer maps parameters to options)
     try:
         loaded = load_contract_file(contract_file, hospital=hospital)
     except ContractFileError as exc:
-        typer.echo(f"{contract_file}: {exc}", err=True)
+        typer.echo(f"{contract_file}: {printable(str(exc))}", err=True)
         raise typer.Exit(2) from exc
     decision = evaluate(loaded.contract, request, instant)
     out = decision.to_json()
@@ -108,7 +109,7 @@ def validate(
             loaded = load_contract_file(path, hospital=hospital)
         except ContractFileError as exc:
             bad += 1
-            typer.echo(f"BAD {path}: {exc}")
+            typer.echo(f"BAD {path}: {printable(str(exc))}")
             continue
         typer.echo(f"ok  {path}: {loaded.kind} {loaded.contract.content_hash}")
     typer.echo(f"{len(files)} files, {bad} bad")
@@ -129,7 +130,7 @@ def sign_file(
     try:
         loaded = load_contract_file(contract_file, hospital=hospital)
     except ContractFileError as exc:
-        typer.echo(f"{contract_file}: {exc}", err=True)
+        typer.echo(f"{contract_file}: {printable(str(exc))}", err=True)
         raise typer.Exit(2) from exc
     try:
         signer = Signer.load(key)

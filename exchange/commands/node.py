@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from audit.untrusted import printable
 from exchange.node.settings import NodeSettings, load_node_settings
 
 app = typer.Typer(help="Hospital node: set up, import data and consent, decide on studies, run.",
@@ -26,7 +27,7 @@ app.add_typer(consent_app, name="consent")
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Node config file (TOML).",
                                                    envvar="EXCHANGE_NODE_CONFIG")]
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one problem per line, however long
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -110,10 +111,10 @@ def import_data(
     try:
         report = import_records_file(settings, file, fmt, mapping)
     except ImportRejectedError as exc:
-        err.print(f"[red]error:[/red] {exc.source}: nothing imported; {len(exc.problems)} problem(s):",
-                  highlight=False)
+        err.print(f"error: {printable(exc.source)}: nothing imported; {len(exc.problems)} problem(s):",
+                  highlight=False, markup=False)
         for problem in exc.problems[:200]:
-            err.print(f"  {problem}", highlight=False, markup=False)
+            err.print(f"  {printable(str(problem))}", highlight=False, markup=False)
         if len(exc.problems) > 200:
             err.print(f"  ... and {len(exc.problems) - 200} more", highlight=False)
         raise typer.Exit(1) from exc
@@ -135,10 +136,10 @@ def consent_import(
     try:
         report = import_consent(settings, folder)
     except ConsentImportRejectedError as exc:
-        err.print(f"[red]error:[/red] {folder}: nothing imported; {len(exc.problems)} problem(s):",
-                  highlight=False)
+        err.print(f"error: {printable(str(folder))}: nothing imported; {len(exc.problems)} problem(s):",
+                  highlight=False, markup=False)
         for name, reason in exc.problems:
-            err.print(f"  {name}: {reason}", highlight=False, markup=False)
+            err.print(f"  {printable(name)}: {printable(reason)}", highlight=False, markup=False)
         raise typer.Exit(1) from exc
     typer.echo(f"imported {report.new_versions} new contract version(s) "
                f"({report.unchanged} already held) for {report.pseudonyms} patient(s)")

@@ -27,7 +27,6 @@ A contract for another hospital is refused.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +36,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audit.signing import Signer
-from consent.files import parse_contract
+from audit.untrusted import UntrustedJSONError, load_json
+from consent.files import MAX_JSON_DEPTH, parse_contract
 from consent.model import SIGNED_FORMAT, Contract, SignedContract, sign
 from consent.request import StudyRequest
 from exchange.node.models import ConsentContractRow
@@ -77,8 +77,11 @@ def _read_folder(folder: Path) -> list[tuple[str, Any]]:
     problems: list[tuple[str, str]] = []
     for path in files:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            data = load_json(path.read_bytes(), max_depth=MAX_JSON_DEPTH)
+        except OSError as exc:
+            problems.append((path.name, f"not readable: {exc.strerror}"))
+            continue
+        except UntrustedJSONError as exc:
             problems.append((path.name, f"not readable JSON: {exc}"))
             continue
         if isinstance(data, list):

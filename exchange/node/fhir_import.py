@@ -10,7 +10,6 @@ dropped: "row" N means Bundle entry N (1-based).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -20,6 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from audit.untrusted import UntrustedJSONError, load_json
 from exchange.node.mapping import ColumnSpec, Mapping, Problem
 
 LOINC = "http://loinc.org"
@@ -63,6 +63,12 @@ LOINC_COLUMNS: dict[str, LoincColumn] = {
 PATIENT_COLUMNS = {"sex": ColumnSpec("demographics", "string", required=False),
                    "birth_year": ColumnSpec("demographics", "integer", required=False)}
 PSEUDONYM = "pseudonym"
+#: FHIR resources nest a few levels (a Bundle, an entry, a resource, a coding); far deeper is
+#: hostile, and the FHIR models validate recursively.
+MAX_JSON_DEPTH = 64
+#: FHIR R4/R5 Bundle.type codes (http://hl7.org/fhir/bundle-type).
+BUNDLE_TYPES = frozenset({"document", "message", "transaction", "transaction-response", "batch",
+                          "batch-response", "history", "searchset", "collection", "subscription-notification"})
 
 
 def _model(resource_type: str, resource: dict[str, Any]) -> Any:
@@ -98,11 +104,16 @@ def read_fhir_bundle(path: Path, mapping: Mapping | None
     """Parse and check a Bundle; return (header, rows, problems, mapping) for the importer."""
     problems: list[Problem] = []
     try:
-        bundle = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        bundle = load_json(path.read_bytes(), max_depth=MAX_JSON_DEPTH)
+    except OSError as exc:
+        return [], iter(()), [Problem(None, f"not readable: {exc.strerror}")], _mapping({}, mapping)
+    except UntrustedJSONError as exc:
         return [], iter(()), [Problem(None, f"not readable JSON: {exc}")], _mapping({}, mapping)
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         return [], iter(()), [Problem(None, "not a FHIR Bundle (resourceType must be 'Bundle')")], \
+            _mapping({}, mapping)
+    if not isinstance(bundle.get("type"), str) or bundle["type"] not in BUNDLE_TYPES:
+        return [], iter(()), [Problem(None, f"Bundle.type: must be one of {', '.join(sorted(BUNDLE_TYPES))}")], \
             _mapping({}, mapping)
     entries = bundle.get("entry") or []
     if not isinstance(entries, list):

@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from exchange.coordinator.text_safety import text_problem
 from exchange.node.fhir_import import read_fhir_bundle
 from exchange.node.mapping import ColumnSpec, ImportRejectedError, Mapping, Problem
 from exchange.node.models import ColumnCategory, ImportBatch, Record
@@ -50,6 +51,12 @@ class ImportReport:
 
 # --- value checks -----------------------------------------------------------------------------
 
+#: A cell may hold tabs and line breaks (a quoted CSV field), no other control character.
+_ALLOWED_IN_CELLS = frozenset("\t\n\r")
+#: Integers are exact up to 2**53 - 1 in JSON and in float64; numbers must fit the float32 that
+#: the ClientApp trains on (a larger one would become infinity there).
+MAX_SAFE_INTEGER = 2**53 - 1
+MAX_NUMBER = 3.4028234663852886e38
 _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f"}
 
@@ -57,6 +64,8 @@ _FALSE = {"false", "0", "no", "n", "f"}
 def _convert(value: Any, spec: ColumnSpec) -> tuple[Any, str | None]:
     """(converted value, None) or (None, reason). Text from CSV is parsed; typed values from
     Parquet are checked. NaN and infinities are refused: they poison training silently."""
+    if isinstance(value, str) and (problem := text_problem(value, _ALLOWED_IN_CELLS)) is not None:
+        return None, problem
     if value is None or (isinstance(value, str) and value.strip() == ""):
         return None, ("missing value" if spec.required else None)
     if spec.type == "string":
@@ -69,25 +78,38 @@ def _convert(value: Any, spec: ColumnSpec) -> tuple[Any, str | None]:
             return True, None
         if text in _FALSE:
             return False, None
-        return None, f"not a boolean: {value!r}"
+        return None, f"not a boolean: {_quoted(value)}"
     if isinstance(value, bool):
-        return None, f"not a {spec.type}: {value!r}"
+        return None, f"not a {spec.type}: {_quoted(value)}"
     if spec.type == "integer":
         if isinstance(value, int):
-            return value, None
-        if isinstance(value, float) and value.is_integer():
-            return int(value), None
-        try:
-            return int(str(value).strip()), None
-        except ValueError:
-            return None, f"not an integer: {value!r}"
+            integer = value
+        elif isinstance(value, float) and value.is_integer():
+            integer = int(value)
+        else:
+            try:
+                integer = int(str(value).strip())
+            except ValueError:
+                return None, f"not an integer: {_quoted(value)}"
+        if abs(integer) > MAX_SAFE_INTEGER:
+            return None, f"integer out of range (|n| <= 2**53 - 1): {_quoted(value)}"
+        return integer, None
     try:
         number = float(value) if not isinstance(value, int | float) else value
     except (TypeError, ValueError):
-        return None, f"not a number: {value!r}"
+        return None, f"not a number: {_quoted(value)}"
     if isinstance(number, float) and not math.isfinite(number):
-        return None, f"not a finite number: {value!r}"
+        return None, f"not a finite number: {_quoted(value)}"
+    if abs(number) > MAX_NUMBER:
+        return None, f"number out of range (|x| <= {MAX_NUMBER:.4g}, what training's float32 holds): " \
+                     f"{_quoted(value)}"
     return number, None
+
+
+def _quoted(value: Any) -> str:
+    """A cell quoted in a problem: its repr, cut (a hostile cell can be megabytes)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:80]}... ({len(text)} characters)"
 
 
 def validate_rows(rows: Iterable[tuple[int, dict[str, Any]]], mapping: Mapping,
@@ -113,6 +135,8 @@ def validate_rows(rows: Iterable[tuple[int, dict[str, Any]]], mapping: Mapping,
         pseudonym = row.get(mapping.pseudonym_column)
         if pseudonym is None or not str(pseudonym).strip():
             reasons.append(f"{mapping.pseudonym_column}: missing pseudonym")
+        elif (problem := text_problem(str(pseudonym))) is not None:
+            reasons.append(f"{mapping.pseudonym_column}: {problem}")
         values: dict[str, Any] = {}
         for name, spec in mapping.columns.items():
             value, reason = _convert(row.get(name), spec)
@@ -131,18 +155,40 @@ def validate_rows(rows: Iterable[tuple[int, dict[str, Any]]], mapping: Mapping,
 # --- readers ----------------------------------------------------------------------------------
 
 def _csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]], list[Problem]]:
+    """The header and the rows of a CSV file. A line the csv module or the UTF-8 decoder
+    refuses (invalid UTF-8, a field over the size limit, a giant single line) ends the reading
+    with a problem naming the row and the file line; header problems are named too."""
     handle = path.open(newline="", encoding="utf-8-sig")
     reader = csv.reader(handle)
-    header = next(reader, None)
+    try:
+        header = next(reader, None)
+    except (csv.Error, UnicodeDecodeError) as exc:
+        handle.close()
+        return [], iter(()), [Problem(None, f"header (line 1): {_reason(exc)}")]
     if header is None:
         handle.close()
         return [], iter(()), [Problem(None, "empty file: no header row")]
     header = [h.strip() for h in header]
+    unreadable = [f"header: column {index + 1} {problem}" for index, name in enumerate(header)
+                  if (problem := text_problem(name)) is not None]
+    if unreadable:
+        handle.close()
+        return [], iter(()), [Problem(None, "; ".join(unreadable))]
     width_problems: list[Problem] = []
 
     def rows() -> Iterator[tuple[int, dict[str, Any]]]:
         with handle:
-            for number, cells in enumerate(reader, start=1):
+            number = 0
+            while True:
+                try:
+                    cells = next(reader)
+                except StopIteration:
+                    return
+                except (csv.Error, UnicodeDecodeError) as exc:
+                    width_problems.append(Problem(number + 1, f"(file line {reader.line_num}) "
+                                                  f"{_reason(exc)}; the rest of the file was not read"))
+                    return
+                number += 1
                 if not cells:
                     continue
                 if len(cells) != len(header):
@@ -152,6 +198,12 @@ def _csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]
                 yield number, dict(zip(header, cells, strict=True))
 
     return header, rows(), width_problems
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not valid UTF-8 ({exc.reason})"
+    return f"unreadable CSV ({exc})"
 
 
 def _parquet_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]], list[Problem]]:
@@ -209,6 +261,8 @@ def import_records(session: Session, path: Path, fmt: str | None = None,
             raise ImportRejectedError(source, [Problem(None, "mapping: --mapping FILE is required for "
                                                              f"{fmt} (each column needs a data category)")])
         header, row_iter, read_problems = (_csv_rows(path) if fmt == "csv" else _parquet_rows(path))
+    if any(problem.row is None for problem in read_problems):  # the file itself is unreadable:
+        raise ImportRejectedError(source, read_problems)   # its (absent) columns are no problem
     clean, problems = validate_rows(row_iter, mapping, header)
     problems = read_problems + problems + _check_categories(session, mapping)
     if not clean and not problems:
