@@ -18,7 +18,7 @@ import unicodedata
 from typing import Annotated, Any
 from urllib.parse import unquote_to_bytes
 
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.types import ASGIApp, HTTPResponseStartEvent, Receive, Scope, Send
 from pydantic import AfterValidator
 
 #: Unicode's bidirectional formatting characters (UAX #9): embeddings, overrides, isolates, marks.
@@ -118,7 +118,8 @@ async def _refuse(scope: Scope, send: Send, field: str, reason: str) -> None:
     body = json.dumps({"type": TYPE_BASE + "validation", "title": "Bad request", "status": 400,
                        "detail": f"{field}: {reason}", "instance": scope["path"],
                        "errors": [{"field": field, "reason": reason}]}, ensure_ascii=True).encode()
-    await send({"type": "http.response.start", "status": 400,  # type: ignore[typeddict-item]
-                "headers": [(b"content-type", PROBLEM_JSON.encode()),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})  # type: ignore[typeddict-item]
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start", "status": 400,
+        "headers": [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode())]}
+    await send(start)
+    await send({"type": "http.response.body", "body": body, "more_body": False})

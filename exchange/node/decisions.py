@@ -204,15 +204,16 @@ def observe_study(store: NodeStore, ctx: Context, study_json: dict[str, Any]) ->
         store.set_state(f"evaluated:{view.study_id}", marker)
         ledger = reservation_ledger(store, ctx.settings) if evaluation.decision == "approve" else None
         with store.transaction() as session:
-            decision, reasons = evaluation.decision, evaluation.reasons
+            outcome: str | None = evaluation.decision
+            reasons = evaluation.reasons
             if ledger is not None:
                 late = reserve_or_refuse(ledger, ctx.settings, session, view)
                 if late:  # another approval took the budget since the evaluation
-                    decision, reasons = "refuse", late
+                    outcome, reasons = "refuse", late
             row = session.get(StudyRow, view.study_id)
             assert row is not None
-            if latest_decision(session, view.study_id) is None and decision is not None:
-                _store_decision(session, ctx, view.study_id, decision=decision,
+            if latest_decision(session, view.study_id) is None and outcome is not None:
+                _store_decision(session, ctx, view.study_id, decision=outcome,
                                 reasons=reasons, eligible=evaluation.eligible_records,
                                 decided_by="policy")
             elif evaluation.decision is None:

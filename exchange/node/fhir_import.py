@@ -68,7 +68,8 @@ PSEUDONYM = "pseudonym"
 MAX_JSON_DEPTH = 64
 #: FHIR R4/R5 Bundle.type codes (http://hl7.org/fhir/bundle-type).
 BUNDLE_TYPES = frozenset({"document", "message", "transaction", "transaction-response", "batch",
-                          "batch-response", "history", "searchset", "collection", "subscription-notification"})
+                          "batch-response", "history", "searchset", "collection",
+                          "subscription-notification"})
 
 
 def _model(resource_type: str, resource: dict[str, Any]) -> Any:
@@ -113,8 +114,8 @@ def read_fhir_bundle(path: Path, mapping: Mapping | None
         return [], iter(()), [Problem(None, "not a FHIR Bundle (resourceType must be 'Bundle')")], \
             _mapping({}, mapping)
     if not isinstance(bundle.get("type"), str) or bundle["type"] not in BUNDLE_TYPES:
-        return [], iter(()), [Problem(None, f"Bundle.type: must be one of {', '.join(sorted(BUNDLE_TYPES))}")], \
-            _mapping({}, mapping)
+        reason = f"Bundle.type: must be one of {', '.join(sorted(BUNDLE_TYPES))}"
+        return [], iter(()), [Problem(None, reason)], _mapping({}, mapping)
     entries = bundle.get("entry") or []
     if not isinstance(entries, list):
         return [], iter(()), [Problem(None, "Bundle.entry: must be a list")], _mapping({}, mapping)
