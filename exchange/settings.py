@@ -134,7 +134,7 @@ class CoordinatorSettings(BaseSettings):
         contradiction between `superlink_insecure` and the certificates, half a cert/key pair,
         or a file that cannot be read.
         """
-        host = _host_of(self.superlink_address)
+        host = host_of(self.superlink_address)
         ca = self.superlink_root_certificates
         if (self.superlink_certificate is None) != (self.superlink_private_key is None):
             raise ValueError("superlink_private_key: superlink_certificate and superlink_private_key "
@@ -144,7 +144,7 @@ class CoordinatorSettings(BaseSettings):
             if ca is not None:
                 raise ValueError("superlink_insecure: true, but superlink_root_certificates is set; "
                                  "choose TLS (remove superlink_insecure) or plaintext")
-            if not _is_loopback(host):
+            if not is_loopback(host):
                 raise ValueError(f"superlink_insecure: plaintext gRPC is allowed only to a loopback "
                                  f"SuperLink, not {self.superlink_address!r}; set "
                                  "superlink_root_certificates to the CA of its certificate")
@@ -173,14 +173,14 @@ class CoordinatorSettings(BaseSettings):
         return tuple(sources)
 
 
-def _host_of(address: str) -> str:
+def host_of(address: str) -> str:
     """`host` of "host:port" or "[v6]:port"."""
     if address.startswith("["):
         return address[1:].split("]", 1)[0]
     return address.rsplit(":", 1)[0] if ":" in address else address
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

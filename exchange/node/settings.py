@@ -25,7 +25,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from exchange.settings import LoggingSettings
+from exchange.settings import LoggingSettings, host_of, is_loopback
 
 CONFIG_ENV = "EXCHANGE_NODE_CONFIG"
 DEFAULT_CONFIG_NAME = "node.toml"
@@ -85,7 +85,9 @@ class SuperNodeSettings(BaseModel):
     superlink_address: str = "127.0.0.1:9093"
     # Runtime (ClientAppIo) API the SuperNode serves to its executor; loopback only.
     clientappio_address: str = "127.0.0.1:9094"
-    insecure: bool = True
+    # Plaintext gRPC (no TLS, hence no node authentication): only to a loopback SuperLink.
+    # Unset: plaintext iff no root_certificates, so a remote SuperLink needs the CA bundle.
+    insecure: bool | None = None
     root_certificates: Path | None = None
     # "warm": the long-lived executor from federated.runtime (torch loaded once);
     # "plain": Flower's own per-message flwr-clientapp (slow, fully supported fallback).
@@ -95,6 +97,19 @@ class SuperNodeSettings(BaseModel):
     # After SIGKILL the SuperLink keeps the node "online" for a while and a restart inside that
     # window exits with code 305 (docs/node.md); that exit waits at least this long.
     restart_after_305_s: float = Field(default=10.0, ge=0)
+
+    @model_validator(mode="after")
+    def _plaintext_only_on_loopback(self) -> SuperNodeSettings:
+        if self.insecure is None:
+            self.insecure = self.root_certificates is None
+        if self.insecure and not is_loopback(host_of(self.superlink_address)):
+            raise ValueError(f"supernode.insecure: plaintext gRPC is allowed only to a loopback SuperLink, "
+                             f"not {self.superlink_address!r}; set supernode.root_certificates to the CA "
+                             "of its certificate")
+        if self.insecure and self.root_certificates is not None:
+            raise ValueError("supernode.insecure: true, but supernode.root_certificates is set; choose TLS "
+                             "(remove insecure) or plaintext")
+        return self
 
 
 class TrainingSettings(BaseModel):

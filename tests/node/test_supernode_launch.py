@@ -92,3 +92,34 @@ def test_the_node_key_with_insecure_is_refused_by_flower(settings: NodeSettings,
         assert sup.children["supernode"].flower_exit == 303
     finally:
         sup.stop_all(grace_s=5.0)
+
+
+def test_plaintext_only_to_a_loopback_superlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19, finding 5: the SuperNode used to run `--insecure` by default whatever the
+    SuperLink's address (and the daemon then dropped the node key). Now plaintext is the default
+    only without root certificates, and allowed only to loopback; the refusal names the setting."""
+    from pydantic import ValidationError
+
+    from exchange.node.settings import load_node_settings
+
+    for name in list(__import__("os").environ):
+        if name.startswith("EXCHANGE_NODE_"):
+            monkeypatch.delenv(name)
+    assert load_node_settings(supernode={"superlink_address": "127.0.0.1:9093"}).supernode.insecure is True
+    assert load_node_settings(supernode={"superlink_address": "[::1]:9093"}).supernode.insecure is True
+    tls = load_node_settings(supernode={"superlink_address": "superlink.example.org:9093",
+                                        "root_certificates": "ca.pem"}).supernode
+    assert tls.insecure is False
+    [supernode] = supernode_specs(_with(load_node_settings(), **{**tls.model_dump(), "executor": "plain"}))
+    assert "--insecure" not in supernode.argv and "--auth-supernode-private-key" in supernode.argv
+    for supernode_settings in ({"superlink_address": "superlink.example.org:9093"},
+                               {"superlink_address": "10.0.0.5:9093", "insecure": True}):
+        with pytest.raises(ValidationError, match=r"supernode.insecure: plaintext gRPC is allowed only to a "
+                                                  r"loopback SuperLink"):
+            load_node_settings(supernode=supernode_settings)
+    with pytest.raises(ValidationError, match=r"supernode\.insecure: true, but supernode\.root_certificates"):
+        load_node_settings(supernode={"insecure": True, "root_certificates": "ca.pem"})
+    config = tmp_path / "node.toml"
+    config.write_text('[supernode]\nsuperlink_address = "203.0.113.7:9093"\n')
+    with pytest.raises(ValidationError, match=r"supernode\.insecure"):
+        load_node_settings(config)
