@@ -13,6 +13,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
 from schemathesis.core import NOT_SET
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -44,7 +45,10 @@ def _send(world: World, case: Any) -> httpx.Response:
     headers = {k: v for k, v in (case.headers or {}).items()
                if k.lower() not in ("authorization", "x-api-key", "signature", "signature-input")}
     kwargs: dict[str, Any] = {"params": case.query or None, "headers": headers}
-    if case.body is not NOT_SET:
+    if isinstance(case.body, bytes | str):  # negative generation: a body of another media type
+        kwargs["content"] = case.body
+        headers["Content-Type"] = case.media_type or "application/octet-stream"
+    elif case.body is not NOT_SET:
         kwargs["json"] = case.body
     request = world.client.build_request(case.method, case.formatted_path, **kwargs)
     if "hospitals" in tags:
@@ -73,3 +77,34 @@ def test_api_conforms_to_its_schema(api_schema: Any, st_world: World) -> None:
         except Exception as exc:  # collect every operation's failure, then report them all
             failures.append(f"{operation.label}: {exc}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_schema_violating_requests_are_refused_cleanly(api_schema: Any, st_world: World) -> None:
+    """Negative generation: every operation gets requests that break its schema (wrong types,
+    missing and extra fields, out-of-range values). Each must be refused below 500 as a problem
+    document; the number actually sent is asserted (part of issue 19's hostile-request count)."""
+    from schemathesis.generation.modes import GenerationMode
+
+    sent: list[int] = []
+    failures: list[str] = []
+    for operation in [result.ok() for result in api_schema.get_all_operations()]:
+
+        @given(case=operation.as_strategy(GenerationMode.NEGATIVE))
+        @settings(max_examples=6, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def run(case: Any) -> None:
+            response = _send(st_world, case)
+            sent.append(response.status_code)
+            assert response.status_code < 500, response.text[:300]
+            assert "Traceback" not in response.text
+            if response.status_code >= 400:
+                assert response.headers["content-type"].startswith("application/problem+json")
+
+        try:
+            run()
+        except Unsatisfiable:  # an operation without parameters or body has no schema to break
+            continue
+        except Exception as exc:  # collect every operation's failure, then report them all
+            failures.append(f"{operation.label}: {exc}")
+    assert not failures, "\n\n".join(failures)
+    assert len(sent) >= 120, len(sent)
