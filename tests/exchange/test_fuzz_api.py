@@ -80,7 +80,8 @@ def _deep(depth: int, kind: str) -> str:
     return "[" * depth + "]" * depth if kind == "array" else '{"a":' * depth + "0" + "}" * depth
 
 
-hostile_chars = st.one_of(st.characters(categories=["Cc", "Cf", "Co", "Zl", "Zp"]), st.sampled_from(list(BIDI)))
+hostile_chars = st.one_of(st.characters(categories=["Cc", "Cf", "Co", "Zl", "Zp"]),
+                          st.sampled_from(list(BIDI)))
 #: JSON texts of hostile values (as they would appear inside a body).
 hostile_json_values = st.one_of(
     st.builds(_deep, st.sampled_from([40, 200, 1_500, 20_000]), st.sampled_from(["array", "object"])),
@@ -89,7 +90,8 @@ hostile_json_values = st.one_of(
     st.builds(lambda s: json.dumps(s, ensure_ascii=False), st.text(hostile_chars, min_size=1, max_size=10)),
     st.builds(lambda s: json.dumps("x" + s + "y"), st.text(hostile_chars, min_size=1, max_size=4)),
     st.builds(lambda n: f'"a\\u{n:04x}b"', st.integers(0xD800, 0xDFFF)),  # lone surrogate
-    st.sampled_from(["null", "true", "[]", "{}", '""', "0", "-1", "[null]", '{"": null}', '"' + "x" * 5_000 + '"']),
+    st.sampled_from(["null", "true", "[]", "{}", '""', "0", "-1", "[null]", '{"": null}',
+                     '"' + "x" * 5_000 + '"']),
     st.builds(lambda k: json.dumps({k: 1}), st.text(hostile_chars, min_size=1, max_size=3)),  # hostile key
 )
 
@@ -148,9 +150,9 @@ def _path(template: str, segment: str, study_id: str) -> str:
 def _send(world: World, operation: dict[str, Any], path: str, query: list[tuple[str, str]],
           body: bytes | None) -> Any:
     headers = {"Content-Type": "application/json"} if body is not None else {}
+    params = [(k, v.encode("utf-8", "surrogatepass").decode("utf-8", "replace")) for k, v in query]
     request = world.client.build_request(operation["method"], path, content=body, headers=headers,
-                                         params=[(k, v.encode("utf-8", "surrogatepass").decode("utf-8", "replace"))
-                                                 for k, v in query] or None)
+                                         params=params or None)
     if "hospitals" in operation["tags"]:
         sign_request(request, world.hospitals["h-one"])
     else:
@@ -210,7 +212,8 @@ def test_hostile_paths_and_queries_on_every_endpoint(fuzz_world: World, operatio
     _check(response, f"target {operation['method']} {operation['path']}")
 
 
-def test_the_fuzz_sent_enough_and_broke_nothing(fuzz_world: World, logged_errors: list[dict[str, Any]]) -> None:
+def test_the_fuzz_sent_enough_and_broke_nothing(fuzz_world: World,
+                                                logged_errors: list[dict[str, Any]]) -> None:
     """Runs after the two properties (file order): the count of hostile requests really sent,
     no error logged, and the log and the ledger still sound."""
     from tests.exchange.test_lifecycle import fold, served_balances
