@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import ssl
 import tomllib
+from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -167,6 +168,11 @@ class NodeSettings(BaseSettings):
     def _http_url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        host = urlsplit(value).hostname or ""
+        if value.startswith("http://") and not is_loopback(host):
+            # Requests are signed, but answers (the studies to decide on) would not be authentic.
+            raise ValueError(f"plaintext http:// is allowed only to a loopback coordinator, not {host!r}; "
+                             "use https:// (with coordinator_root_certificates for a private CA)")
         return value.rstrip("/")
 
     def coordinator_tls(self) -> ssl.SSLContext | bool:

@@ -119,6 +119,14 @@ def test_plaintext_only_to_a_loopback_superlink(tmp_path: Path, monkeypatch: pyt
             load_node_settings(supernode=supernode_settings)
     with pytest.raises(ValidationError, match=r"supernode\.insecure: true, but supernode\.root_certificates"):
         load_node_settings(supernode={"insecure": True, "root_certificates": "ca.pem"})
+    # and the coordinator: http:// only on loopback
+    for url in ("http://127.0.0.1:8080", "http://localhost:8080", "http://[::1]:8080",
+                "https://exchange.example.org"):
+        assert load_node_settings(coordinator_url=url).coordinator_url == url
+    for url in ("http://exchange.example.org", "http://10.0.0.5:8080", "http://coordinator:8080"):
+        with pytest.raises(ValidationError, match=r"coordinator_url\n.*plaintext http:// is allowed only to "
+                                                  r"a loopback coordinator"):
+            load_node_settings(coordinator_url=url)
     config = tmp_path / "node.toml"
     config.write_text('[supernode]\nsuperlink_address = "203.0.113.7:9093"\n')
     with pytest.raises(ValidationError, match=r"supernode\.insecure"):
