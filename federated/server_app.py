@@ -497,7 +497,9 @@ def exchange_with_retry(directory: NodeDirectory, targets: Mapping[int, str], ki
 
     send(dict(targets))
     next_refresh = time.monotonic() + NODE_REFRESH_S
-    while time.monotonic() < deadline:
+    # At least one pull, however long the push took: a grid that trains inside push_messages
+    # (the in-process one) or a slow push must not turn replies already there into dropouts.
+    while True:
         retry = False
         for reply in grid.pull_messages(list(pending)) if pending else []:
             node = pending.pop(reply.metadata.reply_to_message_id, None)
@@ -525,6 +527,8 @@ def exchange_with_retry(directory: NodeDirectory, targets: Mapping[int, str], ki
             fresh = {n: h for n, h in directory.targets(listed).items()
                      if h in waiting and n not in sent_to[h]}
             send(fresh)
+        if time.monotonic() >= deadline:
+            break
         time.sleep(options.poll)
     missing: list[int] = []
     missing_hospitals: list[str] = []

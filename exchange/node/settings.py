@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import ssl
 import tomllib
-from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (

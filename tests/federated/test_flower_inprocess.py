@@ -261,6 +261,18 @@ def test_dropout_is_tolerated_down_to_the_minimum(sites: dict[str, DemoSite], tm
     assert "hospital:hospital-c" not in {r.hospital for r in last[2]}
 
 
+def test_replies_already_there_after_a_long_push_are_not_dropouts(sites: dict[str, DemoSite],
+                                                                  tmp_path: Path) -> None:
+    """InProcessGrid trains inside push_messages, so every reply is there before the first pull;
+    here the round's timeout is shorter than any push. The server still pulls once: nobody is
+    dropped (it used to skip the pull loop when the push outlasted the timeout, which made the
+    dropout tests fail on a loaded machine)."""
+    spec = _spec("s-slow-push", min_hospitals=3, round_timeout_s=0.001)
+    observer, _ = _run(sites, spec, tmp_path)
+    assert observer.failed == [] and observer.completed is not None
+    assert [(m["contributors"], m["dropped"]) for _, m, _ in observer.rounds] == [(3, 0)] * spec.rounds
+
+
 def test_below_the_minimum_the_study_fails_cleanly(sites: dict[str, DemoSite], tmp_path: Path) -> None:
     def drop_c_after_round_1(grid: InProcessGrid) -> Any:
         return lambda round_: grid.drop(3) if round_ == 1 else None
