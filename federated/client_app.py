@@ -49,7 +49,7 @@ from flwr.clientapp import ClientApp
 from audit.reward_commitment import DEFAULT_SIZE, Commitment, commit, padded_size
 from federated import eval_stats
 from federated.accounting import AccountingError, plan_study
-from federated.data import HospitalData
+from federated.data import HospitalData, target_problem
 from federated.dp import train_round
 from federated.evaluation import Release, noised_release, patient_scores, patient_statistics
 from federated.privacy_ledger import BudgetExceededError, LedgerError
@@ -101,11 +101,18 @@ def _check_study(site: Site, spec: StudySpec) -> HospitalOutcome | HospitalData:
         return HospitalOutcome(STATUS_REFUSED, f"study {spec.study_id!r} is not approved at this hospital")
     data, label = site.records()
     if label != spec.label:
-        return HospitalOutcome(STATUS_REFUSED, f"label: the study predicts {spec.label!r}, this hospital's "
-                               f"records hold {label!r}")
+        # a node's records carry every mapped column: the study names the one it predicts
+        if spec.label not in data.columns:
+            return HospitalOutcome(STATUS_REFUSED, f"label: this hospital holds no column {spec.label!r} "
+                                   "(the study's label)")
+        data = data.relabel(spec.label)
     missing = [c for c in spec.columns if c not in data.columns]
     if missing:
         return HospitalOutcome(STATUS_REFUSED, f"columns: this hospital has no column(s) {missing}")
+    data = data.complete([*spec.columns, *([spec.event] if spec.event else [])])
+    problem = target_problem(spec.task, spec.label, data.y, spec.classes)
+    if problem is not None:
+        return HospitalOutcome(STATUS_REFUSED, f"label: {problem}")
     undeclared = sorted({data.categories[c] for c in spec.columns} - set(spec.request.data_categories))
     if undeclared:
         return HospitalOutcome(STATUS_REFUSED, f"columns: the study reads data categories {undeclared} it "

@@ -199,6 +199,30 @@ class HospitalData:
         return replace(self, x=self.x[:, pos], columns=tuple(columns),
                        categories={c: self.categories[c] for c in columns})
 
+    def relabel(self, label: str) -> HospitalData:
+        """The same records with column `label` as the target: it leaves the feature columns and
+        becomes `y` (a node's records carry every mapped column, and each study names the one
+        it predicts). Missing values stay NaN; `complete` drops those records."""
+        if label not in self.columns:
+            raise DataError(f"label: no column {label!r} in dataset {self.dataset}")
+        j = self.columns.index(label)
+        keep = [i for i in range(len(self.columns)) if i != j]
+        columns = tuple(self.columns[i] for i in keep)
+        return replace(self, x=self.x[:, keep], y=np.asarray(self.x[:, j], dtype=np.float32).copy(),
+                       columns=columns, categories={c: self.categories[c] for c in columns},
+                       target_scale=1.0, target_offset=0.0)
+
+    def complete(self, columns: Sequence[str]) -> HospitalData:
+        """Only the records whose target and every one of `columns` hold a value (not NaN): a
+        study uses a record only when it has everything the study reads."""
+        pos = [self.columns.index(c) for c in columns if c in self.columns]
+        ok = np.isfinite(np.asarray(self.y, dtype=np.float64))
+        if pos:
+            ok &= np.isfinite(self.x[:, pos]).all(axis=1)
+        if bool(ok.all()):
+            return self
+        return self._take(np.flatnonzero(ok))
+
     def select_categories(self, categories: Iterable[str]) -> HospitalData:
         """Only the columns whose data category is in `categories` (dataset column order)."""
         cats = set(categories)
@@ -207,6 +231,26 @@ class HospitalData:
             raise DataError(f"categories: unknown data categories {sorted(unknown)} for dataset "
                             f"{self.dataset}; known: {sorted(set(self.categories.values()))}")
         return self.select_columns([c for c in self.columns if self.categories[c] in cats])
+
+
+def target_problem(task: str, label: str, y: np.ndarray, classes: int | None = None) -> str | None:
+    """Why `y` (the values of column `label`, no NaN) cannot be the target of a `task` study, or
+    None. Binary: 0 or 1; multi-class: integers 0..classes-1; regression: any finite number;
+    survival: a time >= 0 (its event column is checked with the study's). No value or count is
+    named: the text may leave the hospital as a refusal reason (docs/privacy.md, "Counts")."""
+    values = np.asarray(y, dtype=np.float64)
+    if not np.isfinite(values).all():
+        return f"label {label!r} holds a value that is not a finite number"
+    if task == "binary" and not np.isin(values, (0.0, 1.0)).all():
+        return f"label {label!r} is not binary (a binary study's label must be 0 or 1 in every record)"
+    if task == "multiclass":
+        whole = np.equal(np.floor(values), values)
+        if not (whole.all() and (values >= 0).all() and (classes is None or (values < classes).all())):
+            return (f"label {label!r} is not a class label (a multi-class study's label must be an "
+                    f"integer 0..{(classes or 2) - 1} in every record)")
+    if task == "survival" and (values < 0).any():
+        return f"label {label!r} holds a negative time (a survival study's time must be >= 0)"
+    return None
 
 
 def demo_secret(hospital_id: str) -> bytes:

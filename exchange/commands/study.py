@@ -23,15 +23,20 @@ KeyOption = Annotated[str, typer.Option("--api-key", envvar="EXCHANGE_API_KEY",
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
+def _refused(exc: CoordinatorError) -> typer.Exit:
+    """Print every problem the coordinator listed, with its field; the exit to raise."""
+    typer.echo(f"refused ({exc.status}): {exc.problem.get('detail', '')}", err=True)
+    for error in exc.problem.get("errors", []):
+        typer.echo(f"  {error.get('field')}: {error.get('reason')}", err=True)
+    return typer.Exit(1)
+
+
 def _call(url: str, api_key: str, action: Any) -> Any:
     try:
         with ApiClient(url, api_key) as client:
             return action(client)
     except CoordinatorError as exc:
-        typer.echo(f"refused ({exc.status}): {exc.problem.get('detail', '')}", err=True)
-        for error in exc.problem.get("errors", []):
-            typer.echo(f"  {error.get('field')}: {error.get('reason')}", err=True)
-        raise typer.Exit(1) from exc
+        raise _refused(exc) from exc
     except OSError as exc:
         typer.echo(f"cannot reach the coordinator at {url}: {exc}", err=True)
         raise typer.Exit(3) from exc
@@ -55,12 +60,86 @@ def submit(file: Annotated[Path, typer.Argument(help="The study request (JSON)."
 
 @app.command("status")
 def status(study_id: Annotated[str, typer.Argument()], api_key: KeyOption, url: UrlOption = DEFAULT_URL,
-           results: Annotated[bool, typer.Option(help="Also show rounds and contributions.")] = False,
+           results: Annotated[bool, typer.Option(help="Also show rounds, contributions and the privacy "
+                                                      "report.")] = False,
            ) -> None:
-    """A study's state, decisions and progress."""
-    _print(_call(url, api_key, lambda c: c.get(f"/v1/studies/{study_id}")))
-    if results:
-        _print(_call(url, api_key, lambda c: c.get(f"/v1/studies/{study_id}/results")))
+    """A study's state, decisions and progress; with --results ONE JSON document
+    `{"study", "results", "report"}`, so it can be piped to a JSON tool."""
+    def fetch(client: ApiClient) -> Any:
+        study = client.get(f"/v1/studies/{study_id}")
+        if not results:
+            return study
+        return {"study": study, "results": client.get(f"/v1/studies/{study_id}/results"),
+                "report": client.get(f"/v1/studies/{study_id}/report")}
+
+    _print(_call(url, api_key, fetch))
+
+
+@app.command("report")
+def report(study_id: Annotated[str, typer.Argument()], api_key: KeyOption, url: UrlOption = DEFAULT_URL,
+           as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+           ) -> None:
+    """The privacy report: per hospital epsilon and delta spent, steps, the accountant, count-free
+    exclusions, metrics per round (docs/coordinator-api.md, "Privacy report")."""
+    body = _call(url, api_key, lambda c: c.get(f"/v1/studies/{study_id}/report"))
+    if as_json:
+        _print(body)
+        return
+    from exchange.commands.study_view import print_report
+
+    print_report(body)
+
+
+@app.command("list")
+def list_studies(api_key: KeyOption, url: UrlOption = DEFAULT_URL,
+                 state: Annotated[str | None, typer.Option("--status", help="Only studies in this "
+                                                           "state (submitted, running, ...).")] = None,
+                 as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Your organisation's studies (operators and auditors: every study), oldest first."""
+    def fetch(client: ApiClient) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        offset: int | None = 0
+        while offset is not None:
+            params: dict[str, Any] = {"offset": offset, "limit": 200}
+            if state:
+                params["status"] = state
+            page = client.get("/v1/studies", **params)
+            items.extend(page["items"])
+            offset = page.get("next_offset")
+        return items
+
+    items = _call(url, api_key, fetch)
+    if as_json:
+        _print(items)
+        return
+    from exchange.commands.study_view import print_list
+
+    print_list(items)
+
+
+@app.command("watch")
+def watch(study_id: Annotated[str, typer.Argument()], api_key: KeyOption, url: UrlOption = DEFAULT_URL,
+          interval: Annotated[float, typer.Option(min=0.1, help="Seconds between polls.")] = 2.0,
+          timeout: Annotated[float | None, typer.Option(min=0, help="Give up after this many "
+                                                        "seconds (default: never).")] = None) -> None:
+    """Follow a study live: its state, each hospital's decision, rounds done with a progress bar.
+    Ends when the study ends: exit 0 if it completed, 1 if it failed, was cancelled or expired,
+    4 on --timeout."""
+    from exchange.commands.study_view import watch_study
+
+    try:
+        with ApiClient(url, api_key) as client:
+            final = watch_study(lambda: client.get(f"/v1/studies/{study_id}"), interval=interval,
+                                timeout=timeout)
+    except CoordinatorError as exc:
+        raise _refused(exc) from exc
+    except OSError as exc:
+        typer.echo(f"cannot reach the coordinator at {url}: {exc}", err=True)
+        raise typer.Exit(3) from exc
+    if final is None:
+        raise typer.Exit(4)
+    if final.get("status") != "completed":
+        raise typer.Exit(1)
 
 
 @app.command("cancel")

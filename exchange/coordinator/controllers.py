@@ -25,6 +25,7 @@ from exchange.coordinator.claims import RewardClaim, claim_reward
 from exchange.coordinator.guards import delete, get, post
 from exchange.coordinator.models import Role, StudyStatus
 from exchange.coordinator.problems import PROBLEM_JSON
+from exchange.coordinator.reports import study_report
 from exchange.coordinator.schemas import (
     ApiKeyCreate,
     ApiKeyIssued,
@@ -247,6 +248,13 @@ class StudyController(Controller):
          summary="Per-round metrics, per-hospital records used and epsilon spent")
     def results(self, principal: Principal, coordinator: Coordinator, study_id: str) -> StudyResults:
         return StudyResults.model_validate(coordinator.results(principal, study_id))
+
+    @get("/{study_id:str}/report", guards=[guards.RESEARCHER_OPERATOR_AUDITOR],
+         sync_to_thread=True, responses=PROBLEMS,
+         summary="The privacy report: per hospital epsilon and delta spent, steps, accountant, "
+                 "count-free exclusions, metrics per round (exchange/coordinator/reports.py)")
+    def report(self, principal: Principal, coordinator: Coordinator, study_id: str) -> dict[str, Any]:
+        return study_report(coordinator.journal, principal, study_id)
 
     @get("/{study_id:str}/model", guards=[guards.RESEARCHER],
          sync_to_thread=True, responses=PROBLEMS,

@@ -203,6 +203,10 @@ class StudyCreate(Strict):
                                          examples=["C50"])] = None
     commercial: bool = False
     ethics_approval: bool = False
+    methods_development: Annotated[bool, Field(description=(
+        "the study develops methods (a new model or algorithm) rather than a finding: DUOS's MDS, "
+        "alone (purpose GRU or HMB) or on a disease (purpose DS). A consent with NMDS "
+        "(DUO:0000015) permits it only within its consented disease"))] = False
     data_categories: Annotated[list[str], Field(min_length=1, max_length=20)]
     columns: Annotated[dict[str, list[str]], Field(
         description="data category -> column names used from it", min_length=1)]

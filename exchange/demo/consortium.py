@@ -474,9 +474,8 @@ class Consortium:
             "clientappio_address": f"127.0.0.1:{free_port()}", "restart_backoff_initial_s": 0.5})
         # The coordinator's CA when it serves HTTPS (hospitals on other hosts).
         coordinator_ca = self.tls.ca_cert.resolve() if self.placement.remote else None
-        training = settings.training.model_copy(update={"label_column": self.config.demo_study.label})
         witness = settings.witness.model_copy(update={"enabled": self.config.witnesses})
-        updated = settings.model_copy(update={"policy": policy, "supernode": supernode, "training": training,
+        updated = settings.model_copy(update={"policy": policy, "supernode": supernode,
                                               "witness": witness,
                                               "health_port": h.health_port,
                                               "health_host": self.placement.hospital_host(h.id),

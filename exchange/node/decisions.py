@@ -22,7 +22,7 @@ from audit.signing import Signer
 from exchange.coordinator.client import decision_entry
 from exchange.node.eligibility import count_eligible, gate_records
 from exchange.node.models import ColumnCategory, DaemonState, DecisionRow, StudyRow
-from exchange.node.outcomes import OutcomeSummary, summarize_survival
+from exchange.node.outcomes import OutcomeSummary, label_problem, summarize_survival
 from exchange.node.policy import Budget, Evaluation, StudyView, budget_problems, evaluate
 from exchange.node.privacy import budget as compute_budget
 from exchange.node.privacy import site_ledger
@@ -105,7 +105,21 @@ def evaluate_study(store: NodeStore, settings: NodeSettings, study: StudyView,
         eligibility = count_eligible(session, study, at, lifetime)
         columns = held_columns(session)
         outcome = _survival_outcome(session, study, at) if study.task == "survival" else None
-    return evaluate(settings.policy, study, eligibility, budget, columns, outcome=outcome)
+        label = _label_problem(session, study, at, columns) if study.task != "survival" else None
+    return evaluate(settings.policy, study, eligibility, budget, columns, outcome=outcome, label=label)
+
+
+def _label_problem(session: Session, study: StudyView, at: datetime, held: dict[str, str]) -> str | None:
+    """Rule 10's input: whether the study's label can be its target in the records consent lets
+    it use (not checked when a column is missing: rule 7 names it)."""
+    columns = [column for names in study.columns.values() for column in names]
+    if not columns or study.label not in held or any(c not in held for c in columns):
+        return None
+    result = gate_records(session, study, at)
+    if not result.eligible_pseudonyms:
+        return None  # rule 8 refuses it, and says why
+    return label_problem(session, result.eligible_pseudonyms, label=study.label, task=study.task,
+                         classes=study.classes, columns=columns)
 
 
 def _survival_outcome(session: Session, study: StudyView, at: datetime) -> OutcomeSummary | None:

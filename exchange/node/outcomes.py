@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -114,3 +115,29 @@ def summarize_survival(session: Session, eligible: Iterable[str], *, time_column
                 counts["events"] += 1
     return OutcomeSummary(time_column=time_column, event_column=event_column,
                           needed_events=min_events(len(columns)), subcohort=subcohort, **counts)
+
+
+def label_problem(session: Session, eligible: Iterable[str], *, label: str, task: str,
+                  classes: int | None, columns: list[str]) -> str | None:
+    """Whether the study's `label` can be its target here, checked when the node DECIDES (a
+    study names its own outcome among the mapped columns; docs/node.md): among the eligible
+    records that hold the label and every feature column, at least one, and every label value
+    of the kind the task needs (`federated.data.target_problem`). The text names the label and
+    the fault, never a count or a value."""
+    from federated.data import target_problem
+
+    wanted = set(eligible)
+    values: list[float] = []
+    for pseudonym, stored in session.execute(select(Record.pseudonym, Record.values)).tuples():
+        if pseudonym not in wanted:
+            continue
+        row: dict[str, Any] = stored or {}
+        if row.get(label) is None or any(_number(row.get(c)) is None for c in columns):
+            continue  # a record without the label or a feature is not used by the study
+        number = _number(row[label])
+        if number is None:
+            return f"label {label!r} is not numeric in eligible records"
+        values.append(number)
+    if not values:
+        return f"no eligible record holds the label {label!r} with every column the study reads"
+    return target_problem(task, label, np.asarray(values), classes)

@@ -16,7 +16,11 @@ alone. The rules, in order (every failing rule adds a reason; any reason means r
    least one such patient whose lifetime cap leaves room for the study,
 9. a survival study: its time and event columns present, numeric, times non-negative, events
    0/1 in every eligible record, enough events for the Cox template, and a public subcohort
-   for its columns (`exchange.node.outcomes`).
+   for its columns (`exchange.node.outcomes`),
+10. the study's label (the outcome it names among the mapped columns) held, as a number, by
+   the eligible records that hold every study column, and of the kind its task needs: 0/1
+   for binary, an integer 0..classes-1 for multi-class, any number for regression
+   (`exchange.node.outcomes.label_problem`); the reason names the label.
 
 With no reason: mode auto-approve -> approve, auto-refuse -> refuse ("site policy is to
 refuse automatically"), ask -> wait for the steward.
@@ -57,6 +61,8 @@ class StudyView:
     task: str = "binary"
     #: survival studies: the event column (the label is the time)
     event: str | None = None
+    #: multi-class studies: the number of classes (labels 0..classes-1)
+    classes: int | None = None
 
     @classmethod
     def from_json(cls, study: Mapping[str, Any]) -> StudyView:
@@ -82,6 +88,7 @@ class StudyView:
             researcher=study.get("researcher_id") or None,
             task=str(spec.get("task") or "binary"),
             event=str(spec["event"]) if spec.get("event") is not None else None,
+            classes=int(spec["classes"]) if isinstance(spec.get("classes"), int) else None,
         )
 
     def accepted(self) -> AcceptedStudy:
@@ -173,9 +180,11 @@ def budget_problems(study: StudyView, budget: Budget) -> list[str]:
 
 
 def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, budget: Budget,
-             held_columns: Mapping[str, str], *, outcome: OutcomeSummary | None = None) -> Evaluation:
+             held_columns: Mapping[str, str], *, outcome: OutcomeSummary | None = None,
+             label: str | None = None) -> Evaluation:
     """Decide on `study` (see the module docstring for the rules). `outcome`: what the eligible
-    records hold in a survival study's time and event columns (rule 9)."""
+    records hold in a survival study's time and event columns (rule 9); `label`: why the
+    study's label cannot be its target here, if it cannot (rule 10)."""
     reasons: list[str] = []
     if not _purpose_allowed(study.purpose, policy.allowed_purposes):
         reasons.append(f"purpose {study.purpose!r} is not allowed by site policy "
@@ -221,6 +230,8 @@ def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, bud
             reasons.append("a survival study must name its event column")
         elif outcome is not None and not missing:
             reasons.extend(f"survival outcome: {problem}" for problem in outcome.problems())
+    if label is not None and not missing and study.task != "survival":
+        reasons.append(f"label: {label}")
     if reasons:
         return Evaluation("refuse", reasons, eligibility.eligible)
     if policy.mode == "auto-approve":

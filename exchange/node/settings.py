@@ -118,7 +118,10 @@ class TrainingSettings(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    label_column: str = "label"
+    #: No longer used: each study names the column it predicts (its `label`), and the node
+    #: exports every numeric column (exchange/node/site_export.py). Accepted so that a node.toml
+    #: written by an older `node init` still loads; never written.
+    label_column: str | None = None
     test_fraction: float = Field(default=0.2, ge=0, lt=1)
 
 
@@ -292,7 +295,8 @@ def render_toml(settings: NodeSettings) -> str:
                    '# ("ask" waits for `exchange node approve|refuse STUDY`). "*" means any.'],
         "supernode": ["# Flower SuperNode the daemon supervises (SuperLink address from the operator)."],
         "logging": ["# JSON log lines on stderr."],
-        "training": ["# Which column the model predicts; share of records held out for evaluation."],
+        "training": ["# Share of records held out for evaluation (each study names the column it",
+                     "# predicts: its label)."],
         "witness": ["# The node cosigns the coordinator's log checkpoints (C2SP tlog-witness) and",
                     "# checks that every entry it signed is included. log_vkey pins the log key",
                     "# (unset: pinned on first use)."],

@@ -8,8 +8,9 @@ The daemon writes these under `<data_dir>/site/` from its store, and rewrites a 
 what it holds changed, atomically (write + rename) so a ClientApp never reads half a file.
 
 Choices a steward should know (docs/node.md):
-- records: every numeric column except the label column (`training.label_column`) is a
-  feature, exported as stored (scale them before import, e.g. to [-1, 1] with public bounds);
+- records: every numeric column is exported as stored (scale features before import, e.g. to
+  [-1, 1] with public bounds), NaN where a record lacks it; the file names no label: each study
+  names the column it predicts (its `label`), checked when the node decides;
   a fixed share (`training.test_fraction`) is held out for federated evaluation, chosen by a
   hash of the pseudonym so the split is stable across exports and restarts.
 - contracts: every version, as stored: signed by its issuer, or by this node when it arrived
@@ -77,37 +78,42 @@ def _is_test(pseudonym: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def export_records(store: NodeStore, settings: NodeSettings, path: Path) -> int:
-    """Write the records file; returns the number of records (0: no file written)."""
+    """Write the records file; returns the number of records (0: no file written).
+
+    Every mapped column that is a number wherever present is exported (NaN where a record lacks
+    it), and the file names no label of its own: each study names the column it predicts, and
+    the ClientApp takes it (`HospitalData.relabel`) and the records that hold it and every
+    column the study reads (`HospitalData.complete`)."""
     from federated.data import HospitalData
     from federated.runtime.site import write_records
 
-    label = settings.training.label_column
     with store.sessions() as session:
         categories = dict(session.execute(select(ColumnCategory.column, ColumnCategory.category))
                           .tuples().all())
         rows = session.execute(select(Record.pseudonym, Record.values).order_by(Record.id)).tuples().all()
-    features = sorted(c for c in categories if c != label and all(
-        isinstance(values.get(c), int | float) and not isinstance(values.get(c), bool)
-        for _p, values in rows))
-    usable = [(p, v) for p, v in rows if isinstance(v.get(label), int | float)]
-    if not usable:
+    if not rows:
         return 0
-    y = np.asarray([float(v[label]) for _p, v in usable], dtype=np.float32)
-    task = "binary" if set(np.unique(y).tolist()) <= {0.0, 1.0} else "regression"
-    x = (np.asarray([[float(v[c]) for c in features] for _p, v in usable], dtype=np.float32)
-         if features else np.zeros((len(usable), 0), np.float32))
-    data = HospitalData(dataset="node-store", hospital_id=settings.hospital_id, task=task,  # type: ignore[arg-type]
-                        pseudonyms=tuple(p for p, _v in usable), x=x, y=y, columns=tuple(features),
-                        categories={c: categories[c] for c in features},
-                        is_test=np.asarray([_is_test(p, settings.training.test_fraction)
-                                            for p, _v in usable]))
+    columns = sorted(c for c in categories
+                     if any(_number(values.get(c)) for _p, values in rows)
+                     and all(values.get(c) is None or _number(values.get(c)) for _p, values in rows))
+    x = (np.asarray([[float(v[c]) if _number(v.get(c)) else np.nan for c in columns] for _p, v in rows],
+                    dtype=np.float32) if columns else np.zeros((len(rows), 0), np.float32))
+    data = HospitalData(dataset="node-store", hospital_id=settings.hospital_id, task="regression",
+                        pseudonyms=tuple(p for p, _v in rows), x=x,
+                        y=np.full(len(rows), np.nan, np.float32), columns=tuple(columns),
+                        categories={c: categories[c] for c in columns},
+                        is_test=np.asarray([_is_test(p, settings.training.test_fraction) for p, _v in rows]))
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as build:
         staged = Path(build) / path.name
-        write_records(staged, data, label)
+        write_records(staged, data, None)
         _atomic_write(path, staged.read_bytes())
-    return len(usable)
+    return len(rows)
 
 
 def export_contracts(store: NodeStore) -> bytes:
@@ -133,7 +139,7 @@ def export_site(store: NodeStore, settings: NodeSettings, approved: list[str]) -
 
     paths = site_paths(settings)
     _atomic_write(paths["approvals"], json.dumps({"approved": sorted(approved)}).encode())
-    marker = [*fingerprint(store), settings.training.label_column, settings.training.test_fraction]
+    marker = [*fingerprint(store), "labels-per-study", settings.training.test_fraction]
     if store.get_state("site_export") != marker or not paths["records"].exists():
         export_records(store, settings, paths["records"])
         _atomic_write(paths["contracts"], export_contracts(store))

@@ -75,6 +75,7 @@ def consent_request(study: AcceptedStudy) -> StudyRequest:
         region=study.region,
         commercial=bool(spec.get("commercial", False)),
         ethics_approval=bool(spec.get("ethics_approval", False)),
+        methods_development=bool(spec.get("methods_development", False)),
         data_categories=data_categories(spec),
         epsilon=float(epsilon) if epsilon else None,
         study_id=study.study_id,

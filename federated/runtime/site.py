@@ -50,13 +50,18 @@ class SiteConfigError(ValueError):
 
 # -- records file ------------------------------------------------------------------------------
 
-def write_records(path: Path, data: HospitalData, label: str) -> Path:
+def write_records(path: Path, data: HospitalData, label: str | None) -> Path:
     """Write a hospital's records as Parquet: pseudonym, is_test, the label, one column per feature;
-    dataset, task, label name, categories and target scaling in the schema metadata."""
-    if label in data.columns or label in ("pseudonym", "is_test"):
+    dataset, task, label name, categories and target scaling in the schema metadata.
+
+    `label` None: the file holds no target of its own (a node's export): every column is a
+    candidate, and each study names the one it predicts (`HospitalData.relabel`). A missing
+    value is NaN."""
+    if label is not None and (label in data.columns or label in ("pseudonym", "is_test")):
         raise ValueError(f"label: {label!r} clashes with another column")
-    columns: dict[str, Any] = {"pseudonym": list(data.pseudonyms), "is_test": data.is_test.astype(bool),
-                               label: np.asarray(data.y, dtype=np.float32)}
+    columns: dict[str, Any] = {"pseudonym": list(data.pseudonyms), "is_test": data.is_test.astype(bool)}
+    if label is not None:
+        columns[label] = np.asarray(data.y, dtype=np.float32)
     for j, name in enumerate(data.columns):
         columns[name] = np.asarray(data.x[:, j], dtype=np.float32)
     meta = {"dataset": data.dataset, "hospital_id": data.hospital_id, "task": data.task, "label": label,
@@ -68,8 +73,9 @@ def write_records(path: Path, data: HospitalData, label: str) -> Path:
     return path
 
 
-def read_records(path: Path) -> tuple[HospitalData, str]:
-    """Read a file written by `write_records`; returns the records and the label's name."""
+def read_records(path: Path) -> tuple[HospitalData, str | None]:
+    """Read a file written by `write_records`; returns the records and the label's name (None: the
+    file has no target of its own, y is NaN)."""
     try:
         table = pq.read_table(path)
         meta = json.loads((table.schema.metadata or {})[_RECORDS_META])
@@ -78,13 +84,16 @@ def read_records(path: Path) -> tuple[HospitalData, str]:
     features = list(meta["features"])
     features_x = (np.column_stack([table.column(c).to_numpy() for c in features]).astype(np.float32)
                   if features else np.zeros((table.num_rows, 0), np.float32))
+    label = meta["label"]
+    y = (table.column(label).to_numpy().astype(np.float32) if label is not None
+         else np.full(table.num_rows, np.nan, np.float32))
     data = HospitalData(
         dataset=meta["dataset"], hospital_id=meta["hospital_id"], task=meta["task"],
         pseudonyms=tuple(table.column("pseudonym").to_pylist()), x=features_x,
-        y=table.column(meta["label"]).to_numpy().astype(np.float32), columns=tuple(features),
+        y=y, columns=tuple(features),
         categories=dict(meta["categories"]), is_test=table.column("is_test").to_numpy().astype(bool),
         target_scale=float(meta["target_scale"]), target_offset=float(meta["target_offset"]))
-    return data, str(meta["label"])
+    return data, None if label is None else str(label)
 
 
 # -- consent gating ----------------------------------------------------------------------------
@@ -219,7 +228,7 @@ class Site:
 
         return frozenset(_cached("approvals-path", self.approvals_path, load))
 
-    def records(self) -> tuple[HospitalData, str]:
+    def records(self) -> tuple[HospitalData, str | None]:
         data, label = _cached("records-path", self.records_path, read_records)
         return data, label
 
