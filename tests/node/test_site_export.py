@@ -35,9 +35,13 @@ def test_clientapp_reads_the_exported_site(settings: NodeSettings, store: NodeSt
     site = Site.from_node_config(node_config(settings))
     assert site.approved_studies() == {"st-1"}
     data, label = site.records()
-    assert label == "label" and len(data) == 20
-    assert data.columns == ("mean_radius", "mean_texture")
-    assert data.categories == {"mean_radius": "labs", "mean_texture": "labs"}
+    # no label of the file's own: every numeric mapped column, and each study names its label
+    assert label is None and len(data) == 20
+    assert data.columns == ("label", "mean_radius", "mean_texture")
+    assert data.categories == {"label": "outcomes", "mean_radius": "labs", "mean_texture": "labs"}
+    relabelled = data.relabel("label")
+    assert relabelled.columns == ("mean_radius", "mean_texture")
+    assert relabelled.y.tolist() == [float(i % 2) for i in range(20)]
     assert 0 < int(data.is_test.sum()) < 20
     request = StudyRequest(purpose="DUO:0000042", organisation="acme", region="DE", data_categories=("labs",))
     now = datetime.now(UTC)

@@ -1,0 +1,108 @@
+"""A study chooses its outcome (issue 21, item 1): the node exports every numeric mapped column,
+checks the study's label when it DECIDES (the refusal names it), and the ClientApp trains each
+study on the label it names, with the records that hold it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from audit.signing import Signer
+from exchange.node.decisions import evaluate_study
+from exchange.node.importer import import_records
+from exchange.node.mapping import parse_mapping
+from exchange.node.policy import StudyView
+from exchange.node.privacy import site_ledger
+from exchange.node.settings import NodeSettings
+from exchange.node.site_export import export_site, node_config
+from exchange.node.store import NodeStore
+from exchange.study.spec import study_spec
+from federated.client_app import train_hospital_round
+from federated.dp import initial_state
+from federated.runtime.site import Site
+from tests.node.helpers import gru_contract, seed_consent
+
+N = 60
+PSEUDONYMS = [f"p{i}" for i in range(N)]
+
+
+def _seed(store: NodeStore, settings: NodeSettings, tmp_path: Path) -> None:
+    """Two features and three outcomes: a binary `label`, a regression `hba1c` that a third of
+    the patients lack, a three-class `stage`, and a `grade` that is not a class label."""
+    rows = ["pid,mean_radius,mean_texture,label,hba1c,stage,grade"]
+    for i, p in enumerate(PSEUDONYMS):
+        hba1c = "" if i % 3 == 0 else f"{5 + (i % 7) * 0.3:.1f}"
+        rows.append(f"{p},{(i % 7) / 7:.3f},{(i % 5) / 5:.3f},{i % 2},{hba1c},{i % 3},{0.5 + i % 2}")
+    path = tmp_path / "records.csv"
+    path.write_text("\n".join(rows) + "\n")
+    mapping = parse_mapping({"pseudonym_column": "pid", "columns": {
+        "mean_radius": "labs", "mean_texture": "labs",
+        "label": {"category": "outcomes", "type": "integer"}, "hba1c": {"category": "labs", "type": "number", "required": False},
+        "stage": {"category": "outcomes", "type": "integer"}, "grade": {"category": "outcomes", "type": "number"}}})
+    with store.transaction() as session:
+        import_records(session, path, "csv", mapping)
+    seed_consent(store, tmp_path / "consent", [gru_contract(p, "hospital-a") for p in PSEUDONYMS], "hospital-a",
+                 Signer.load(settings.signing_key_path))
+
+
+def _study(study_id: str, label: str, task: str = "regression", **extra: Any) -> StudyView:
+    spec: dict[str, Any] = {"title": "t", "purpose": "DUO:0000042", "data_categories": ["labs"],
+                            "columns": {"labs": ["mean_radius", "mean_texture"]}, "template": "linear_regression"
+                            if task == "regression" else "logistic_regression" if task == "binary"
+                            else "softmax_regression", "task": task, "label": label, "epsilon": 3.0,
+                            "delta": 1e-5, "rounds": 1, "min_hospitals": 1, **extra}
+    return StudyView.from_json({"id": study_id, "organisation_id": "acme", "organisation_region": "DE",
+                                "status": "submitted", "spec": spec})
+
+
+def test_each_study_names_its_label_checked_at_decision(settings: NodeSettings, store: NodeStore,
+                                                        tmp_path: Path) -> None:
+    settings.policy.mode = "auto-approve"
+    settings.policy.min_eligible_records = 10
+    _seed(store, settings, tmp_path)
+    at = datetime.now(UTC)
+    assert evaluate_study(store, settings, _study("s-hba1c", "hba1c"), at).decision == "approve"
+    assert evaluate_study(store, settings, _study("s-bin", "label", "binary"), at).decision == "approve"
+    assert evaluate_study(store, settings, _study("s-stage", "stage", "multiclass", classes=3),
+                          at).decision == "approve"
+    # refused when deciding, and the reason names the label
+    unknown = evaluate_study(store, settings, _study("s-x", "weight"), at)
+    assert unknown.decision == "refuse" and any("weight" in r for r in unknown.reasons), unknown.reasons
+    not_binary = evaluate_study(store, settings, _study("s-nb", "hba1c", "binary"), at)
+    assert not_binary.decision == "refuse"
+    assert any(r.startswith("label: label 'hba1c' is not binary") for r in not_binary.reasons), not_binary.reasons
+    too_few = evaluate_study(store, settings, _study("s-few", "stage", "multiclass", classes=2), at)
+    assert any("'stage' is not a class label" in r for r in too_few.reasons), too_few.reasons
+    not_class = evaluate_study(store, settings, _study("s-grade", "grade", "multiclass", classes=3), at)
+    assert any("'grade' is not a class label" in r for r in not_class.reasons), not_class.reasons
+    # the reason names the label and the fault, no count and no value (it leaves the hospital)
+    assert [r for r in not_binary.reasons if r.startswith("label:")] == [
+        "label: label 'hba1c' is not binary (a binary study's label must be 0 or 1 in every record)"]
+
+
+def test_clientapp_trains_each_study_on_its_own_label(settings: NodeSettings, store: NodeStore,
+                                                      tmp_path: Path) -> None:
+    _seed(store, settings, tmp_path)
+    site_ledger(store.engine, settings.policy)  # the daemon sets the site's budgets at start
+    export_site(store, settings, ["s-hba1c", "s-bin", "s-weight"])
+    site = Site.from_node_config(node_config(settings))
+    data, label = site.records()
+    assert label is None and {"label", "hba1c", "stage"} <= set(data.columns)
+    assert int(np.isnan(data.x[:, data.columns.index("hba1c")]).sum()) == N // 3  # missing stays missing
+    at = datetime.now(UTC)
+    hba1c = study_spec(_study("s-hba1c", "hba1c").accepted())
+    out = train_hospital_round(site, hba1c, 1, initial_state(hba1c.template, len(hba1c.columns)), at)
+    assert out.status == "ok", out.reason
+    # the regression study used only patients who hold hba1c (the others have no spend here)
+    spent = set(site.ledger().patient_spend())
+    assert spent and all(int(p[1:]) % 3 != 0 for p in spent)
+    binary = study_spec(_study("s-bin", "label", "binary").accepted())
+    out = train_hospital_round(site, binary, 1, initial_state(binary.template, len(binary.columns)), at)
+    assert out.status == "ok", out.reason
+    assert any(int(p[1:]) % 3 == 0 for p in site.ledger().patient_spend())  # every patient holds `label`
+    spec = study_spec(_study("s-weight", "weight").accepted())
+    refused = train_hospital_round(site, spec, 1, initial_state(spec.template, len(spec.columns)), at)
+    assert refused.status == "refused" and "'weight'" in refused.reason
