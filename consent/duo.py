@@ -21,7 +21,7 @@ from typing import Literal
 DUO_RELEASE = "2021-02-23"
 DUO_SYSTEM = "http://purl.obolibrary.org/obo/duo"
 
-TermKind = Literal["root", "permission", "modifier"]
+TermKind = Literal["root", "permission", "modifier", "purpose"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,12 @@ _TERMS: tuple[DuoTerm, ...] = (
     ),
     DuoTerm("DUO:0000045", "NPU", "not for profit organisation use only", ("DUO:0000018",), "modifier"),
     DuoTerm("DUO:0000046", "NCU", "non-commercial use only", ("DUO:0000018",), "modifier"),
+    # Methods development research ALONE (a new model or algorithm, no finding about a disease):
+    # a research purpose of the DUOS matcher (DataUseV4 `methodsResearch`, matchMDS) that DUO has
+    # no term for (DUO has only the NMDS modifier that restricts it). A study purpose only: no
+    # consent can name it (it is neither a permission nor a modifier). Methods development ON a
+    # disease is a DS study with `methods_development` (consent.request.StudyRequest).
+    DuoTerm("MDS", "MDS", "methods development research (DUOS; no DUO term)", (), "purpose"),
 )
 
 TERMS: dict[str, DuoTerm] = {t.id: t for t in _TERMS}
@@ -98,11 +104,12 @@ RTN = "DUO:0000029"
 NPOA = "DUO:0000044"
 NPU = "DUO:0000045"
 NCU = "DUO:0000046"
+MDS = "MDS"
 
 #: Permission terms a contract provision may name.
 PERMISSIONS: frozenset[str] = frozenset(t.id for t in _TERMS if t.kind == "permission")
 #: Purposes a study may declare (NRES describes data, not research, so no study "is" NRES).
-REQUEST_PURPOSES: frozenset[str] = frozenset({GRU, HMB, DS, POA})
+REQUEST_PURPOSES: frozenset[str] = frozenset({GRU, HMB, DS, POA, MDS})
 #: Modifiers this engine can evaluate; the others are refused rather than ignored.
 SUPPORTED_MODIFIERS: frozenset[str] = frozenset(
     {NMDS, GSO, NPUNCU, PUB, COL, IRB, GS, MOR, TS, US, PS, IS, RTN, NPOA, NPU, NCU}
@@ -154,6 +161,8 @@ def is_a(term_id: str, ancestor_id: str) -> bool:
 
 def label(term_id: str) -> str:
     term = TERMS[term_id]
+    if term.id == term.shorthand:  # MDS: a DUOS purpose without a DUO id
+        return f"{term.shorthand} ({term.label})"
     return f"{term.shorthand} ({term.id} {term.label})" if term.shorthand else f"{term.id} {term.label}"
 
 
@@ -169,6 +178,15 @@ def covers(permission: str, purpose: str) -> tuple[bool, str]:
     """
     if permission == NRES:
         return True, "NRES permits any use"
+    if purpose == MDS:
+        # DUOS matchMDS: methods research alone is approved by GRU, HMB and POA permissions, and
+        # by a DS permission only on a disease match, which a study on no disease cannot have.
+        if permission in (GRU, HMB, POA):
+            return True, ("methods research is permitted so long as it is not expressly prohibited "
+                          f"(NMDS); within {label(permission)}")
+        if permission == DS:
+            return False, ("methods development alone does not match a disease-specific (DS) "
+                           "permission (a DS study with methods_development can)")
     if permission == GRU:
         return True, f"{label(purpose)} is within general research use"
     if permission == HMB:

@@ -116,12 +116,13 @@ def _overlaps(term: str, diseases: tuple[str, ...], request: StudyRequest) -> tu
     purpose = request.purpose
     if term in (duo.NRES, duo.GRU):
         return True, ""
+    # methods development alone (MDS) is as broad as general research: it may overlap anything
     if term == duo.HMB:
-        return purpose in (duo.GRU, duo.HMB, duo.DS), "the study does not overlap HMB research"
+        return purpose in (duo.GRU, duo.HMB, duo.DS, duo.MDS), "the study does not overlap HMB research"
     if term == duo.POA:
-        return purpose in (duo.GRU, duo.POA), "the study does not overlap POA research"
+        return purpose in (duo.GRU, duo.POA, duo.MDS), "the study does not overlap POA research"
     # DS
-    if purpose in (duo.GRU, duo.HMB):
+    if purpose in (duo.GRU, duo.HMB, duo.MDS):
         return True, ""
     if purpose == duo.DS:
         disease = request.disease
@@ -169,7 +170,7 @@ def _modifier_failures(node: Provision, request: StudyRequest, category: str) ->
         elif term == duo.NPOA:
             if request.purpose in (duo.POA, duo.GRU):
                 out.append((term, "population origins or ancestry research is prohibited"))
-        elif term == duo.NMDS and request.methods_development:
+        elif term == duo.NMDS and (request.methods_development or request.purpose == duo.MDS):
             disease = request.disease
             if (
                 request.purpose != duo.DS

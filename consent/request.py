@@ -15,12 +15,14 @@ from consent.model import Identifier, Period, _Model
 class StudyRequest(_Model):
     """What a study asks of each record's consent.
 
-    purpose: a DUO term (GRU, HMB, DS or POA; shorthands accepted); disease: ICD-10, required for DS
+    purpose: a DUO term (GRU, HMB, DS or POA; shorthands accepted), or MDS: methods development
+    alone, the DUOS matcher's purpose that DUO has no term for; disease: ICD-10, required for DS
     and only for DS; organisation and its region (ISO 3166-1 alpha-2); commercial: commercial
     purpose *or* a for-profit organisation (DUOS asks one question for NPU and NCU);
     ethics_approval: IRB/ERB approval present; data_categories: what the study reads (at least
     one); epsilon: the per-study privacy target; period: when the study uses the data;
-    methods_development: the study develops methods (for NMDS); accepted_obligations: DUO
+    methods_development: the study develops methods (for NMDS; implied by purpose MDS; with DS,
+    methods development on a disease); accepted_obligations: DUO
     obligation modifiers the researcher agreed to (PUB, COL, MOR, RTN); study_id and researcher:
     for project- and user-specific (PS, US) permissions.
     """

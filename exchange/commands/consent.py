@@ -40,7 +40,8 @@ def check(  # noqa: PLR0917 (Typer maps parameters to options)
     contract_file: Annotated[
         Path, typer.Argument(help="A native contract (signed or not) or a FHIR Consent.")
     ],
-    purpose: Annotated[str, typer.Option(help="Study purpose, a DUO term: DUO:0000042 (GRU), HMB, DS, POA.")],
+    purpose: Annotated[str, typer.Option(help="Study purpose, a DUO term: DUO:0000042 (GRU), HMB, DS, POA; or "
+                                              "MDS (methods development alone, as the DUOS matcher).")],
     org: Annotated[str, typer.Option(help="Requesting organisation id.")],
     region: Annotated[str, typer.Option(help="The organisation's region, ISO 3166-1 alpha-2.")],
     disease: Annotated[str | None, typer.Option(help="ICD-10 code, required for DS.")] = None,
@@ -48,6 +49,9 @@ def check(  # noqa: PLR0917 (Typer maps parameters to options)
         bool, typer.Option("--commercial", help="Commercial purpose or for-profit org.")
     ] = False,
     irb: Annotated[bool, typer.Option("--irb", help="Ethics (IRB/ERB) approval present.")] = False,
+    methods: Annotated[bool, typer.Option("--methods", help="The study develops methods (with DS: on "
+                                          "that disease); an NMDS consent then needs a disease match.")
+                       ] = False,
     categories: Annotated[str, typer.Option(help="Comma-separated data categories.")] = "diagnoses",
     epsilon: Annotated[float | None, typer.Option(help="Per-study epsilon asked.")] = None,
     at: Annotated[
@@ -67,6 +71,7 @@ def check(  # noqa: PLR0917 (Typer maps parameters to options)
             region=region,
             commercial=commercial,
             ethics_approval=irb,
+            methods_development=methods,
             data_categories=tuple(c.strip() for c in categories.split(",") if c.strip()),
             epsilon=epsilon,
         )

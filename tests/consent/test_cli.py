@@ -169,3 +169,27 @@ def test_sign(tmp_path: Path) -> None:
         ],
     )
     assert loose.exit_code == 2 and "must not be readable by others" in loose.output
+
+
+def test_check_methods_development_against_nmds(tmp_path: Path) -> None:
+    """Issue 21, item 5: methods research alone (purpose MDS) or on a disease (--methods), decided
+    as the DUOS matcher does: an NMDS consent refuses general methods research."""
+    from datetime import UTC, datetime
+
+    from consent import duo
+    from consent.model import Contract, Provision
+
+    nmds = Contract(contract_id="c", pseudonym="p", hospital="h", version=1, issued=datetime(2026, 1, 1, tzinfo=UTC),
+                    provision=Provision(type="permit", purposes=(duo.GRU,), modifiers=(duo.NMDS,)))
+    path = tmp_path / "gru-nmds.json"
+    path.write_text(json.dumps(nmds.to_json()))
+    base = [str(path), "--org", "uni-a", "--region", "DE", "--at", "2027-01-01T00:00:00Z"]
+    assert json.loads(check(*base, "--purpose", "HMB")[1])["decision"] == "permit"
+    refused = json.loads(check(*base, "--purpose", "HMB", "--methods")[1])
+    assert refused["decision"] == "deny"
+    assert any(r.get("term") == duo.NMDS for r in refused["reasons"]), refused
+    assert json.loads(check(*base, "--purpose", "MDS")[1])["decision"] == "deny"
+    plain = tmp_path / "gru.json"
+    plain.write_text(json.dumps(nmds.model_copy(update={"provision": Provision(
+        type="permit", purposes=(duo.GRU,))}).to_json()))
+    assert json.loads(check(str(plain), *base[1:], "--purpose", "MDS")[1])["decision"] == "permit"

@@ -193,3 +193,44 @@ def test_duo_table_matches_release() -> None:
     assert duo.normalize("ncu") == duo.NCU
     with pytest.raises(duo.UnknownTermError):
         duo.normalize("DUO:9999999")
+
+
+# Methods development research (issue 21, item 5), as the DUOS matcher decides it: methods
+# research ALONE (purpose MDS; DataUseMatchCasesV4.matchMDS) is approved by GRU, HMB and POA
+# permissions and by a DS permission only on a disease match, which a study on no disease cannot
+# have; an NMDS consent (consent-ontology docs/Algorithms.md, "Methods development/Validation
+# study") permits methods research only where its DS-X disease matches.
+METHODS_TABLE = [
+    # (permission, diseases, modifiers, study purpose, study disease, methods_development, permit)
+    (duo.NRES, (), (), "MDS", None, False, True),
+    (duo.GRU, (), (), "MDS", None, False, True),
+    (duo.HMB, (), (), "MDS", None, False, True),
+    (duo.POA, (), (), "MDS", None, False, True),
+    (duo.DS, ("C50",), (), "MDS", None, False, False),
+    (duo.GRU, (), (duo.NMDS,), "MDS", None, False, False),
+    (duo.HMB, (), (duo.NMDS,), "MDS", None, False, False),
+    (duo.GRU, (), (duo.NMDS,), "HMB", None, True, False),
+    (duo.GRU, (), (), "HMB", None, True, True),
+    (duo.GRU, (), (duo.NMDS,), "DS", "C50.9", True, False),  # NMDS with no DS-X: no disease matches
+    (duo.DS, ("C50",), (duo.NMDS,), "DS", "C50.9", True, True),
+    (duo.DS, ("C50",), (duo.NMDS,), "DS", "I21", True, False),
+    (duo.DS, ("C50",), (), "DS", "C50.9", True, True),
+    (duo.GRU, (), (duo.NMDS,), "HMB", None, False, True),  # no methods research: NMDS is silent
+]
+
+
+@pytest.mark.parametrize(("term", "diseases", "modifiers", "purpose", "disease", "methods", "expected"),
+                         METHODS_TABLE)
+def test_methods_development_as_duos_decides(term: str, diseases: tuple[str, ...], modifiers: tuple[str, ...],
+                                             purpose: str, disease: str | None, methods: bool,
+                                             expected: bool) -> None:
+    provision = Provision(type="permit", purposes=(term,), diseases=diseases, modifiers=modifiers)
+    decision = evaluate(contract(provision), study(purpose, disease, methods_development=methods), AT)
+    assert decision.permit is expected, decision.reasons
+
+
+def test_mds_is_a_study_purpose_no_consent_can_name() -> None:
+    assert duo.normalize("mds") == duo.MDS and duo.MDS in duo.REQUEST_PURPOSES
+    assert duo.MDS not in duo.PERMISSIONS and duo.MDS not in duo.SUPPORTED_MODIFIERS
+    with pytest.raises(ValueError, match="not a data use permission"):
+        Provision(type="permit", purposes=("MDS",))
