@@ -24,6 +24,7 @@ from exchange.coordinator.auth import authenticate
 from exchange.coordinator.claims import RewardClaim, claim_reward
 from exchange.coordinator.guards import delete, get, post
 from exchange.coordinator.models import Role, StudyStatus
+from exchange.coordinator.catalogs import publish as publish_catalog
 from exchange.coordinator.problems import PROBLEM_JSON
 from exchange.coordinator.reports import study_report
 from exchange.coordinator.schemas import (
@@ -56,6 +57,7 @@ from exchange.coordinator.schemas import (
     StudySummary,
 )
 from exchange.coordinator.services import Coordinator, Principal
+from exchange.study.feasibility import CATALOG_KIND
 
 API_KEY_AUTH: list[dict[str, list[str]]] = [{"BearerApiKey": []}, {"HeaderApiKey": []}]
 SIGNED_AUTH: list[dict[str, list[str]]] = [{"HttpMessageSignature": []}]
@@ -157,6 +159,13 @@ class RegistryController(Controller):
             status_code=200, summary="Revoke an API key")
     def revoke_api_key(self, principal: Principal, coordinator: Coordinator, prefix: str) -> ApiKeyOut:
         return ApiKeyOut.model_validate(coordinator.registry.revoke_api_key(prefix))
+
+    @get("/catalogs", guards=[guards.RESEARCHER_OPERATOR_AUDITOR], sync_to_thread=True, responses=PROBLEMS,
+         summary="Every hospital's newest published catalog (what a submission is checked against)")
+    def catalogs(self, coordinator: Coordinator) -> dict[str, Any]:
+        catalogs, registered = coordinator.catalogs.catalogs()
+        return {"hospitals": [{"hospital_id": h, "catalog": catalogs[h].model_dump(mode="json")
+                               if h in catalogs else None} for h in registered]}
 
     @post("/hospitals", guards=[guards.OPERATOR],
           sync_to_thread=True, responses=PROBLEMS, summary="Register a hospital and its keys")
@@ -297,6 +306,15 @@ class HospitalController(Controller):
         hospital = _hospital_of(coordinator, principal)
         index = coordinator.decide(hospital, study_id, _entry(data))
         return EntryAccepted(index=index, kind="study.decision")
+
+    @post("/catalog", sync_to_thread=True, responses=PROBLEMS, status_code=201,
+          summary="Publish this hospital's catalog (a signed hospital.catalog entry: columns with "
+                  "their data categories and types, the site policy's public limits; no counts)")
+    def catalog(self, principal: Principal, coordinator: Coordinator, data: SignedEntry) -> EntryAccepted:
+        hospital = _hospital_of(coordinator, principal)
+        index = publish_catalog(coordinator.journal, coordinator.registry, hospital, _entry(data))
+        coordinator.on_change(CATALOG_KIND)
+        return EntryAccepted(index=index, kind=CATALOG_KIND)
 
     @post("/rewards/claims", sync_to_thread=True, responses=PROBLEMS, status_code=201,
           summary="Claim one leaf of a receipt's reward commitment (for a patient), with its proof")

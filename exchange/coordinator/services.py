@@ -29,6 +29,7 @@ from audit.rewards import PayoutError
 from audit.signing import Signer, b64decode
 from audit.store import AuditLog
 from exchange.coordinator import problems
+from exchange.coordinator.catalogs import CatalogIndex
 from exchange.coordinator.journal import Journal, now
 from exchange.coordinator.models import (
     TERMINAL_STATUSES,
@@ -98,6 +99,8 @@ class Coordinator:
         self.handles: dict[str, RunHandle] = {}
         self._handles_lock = threading.Lock()
         self.on_change: Callable[[str], None] = lambda _kind: None
+        #: hospitals' published catalogs: a study none can serve is refused at submission
+        self.catalogs = CatalogIndex(self.journal)
 
     # ------------------------------------------------------------------ studies
     def budget_problem(self, principal: Principal, budget: int) -> str | None:
@@ -116,7 +119,9 @@ class Coordinator:
         itself and the signing of both entries run first, in the caller's thread, concurrently
         with the writer's commits (their content does not depend on the log: a study id, the
         organisation, the spec, the budget, the payout terms)."""
-        write = self._prepare_submission(principal, data, self.registry.organisation(principal))
+        org = self.registry.organisation(principal)
+        self.catalogs.check(data.model_dump(mode="json"), org.id, org.region)
+        write = self._prepare_submission(principal, data, org)
         study: SubmittedStudy = self.journal.batcher.run(write, self._submit_many_in)
         self.on_change("study.submit")
         return study
@@ -128,6 +133,7 @@ class Coordinator:
         org = self.registry._organisations.get(principal.organisation_id or "")
         if org is None:  # first submission of this organisation: one read, off the loop
             org = await asyncio.to_thread(self.registry.organisation, principal)
+        await self.read_async(self.catalogs.check, data.model_dump(mode="json"), org.id, org.region)
         write = self._prepare_submission(principal, data, org)
         batcher = self.journal.loop_batcher or self.journal.batcher
         study: SubmittedStudy = await batcher.submit_async(write, self._submit_many_in)

@@ -34,6 +34,7 @@ from sqlalchemy import select
 from audit.entry import Entry
 from audit.signing import Signer
 from exchange.logging import get_logger
+from exchange.node.catalog import publish_catalog
 from exchange.node.decisions import (
     TERMINAL,
     Context,
@@ -81,6 +82,9 @@ class CoordinatorLink:
 
     def post_decision(self, study_id: str, envelope: dict[str, Any]) -> None:
         self.client.submit_entry(Entry.from_json(envelope), path=f"/v1/hospital/studies/{study_id}/decision")
+
+    def post_catalog(self, entry: Entry) -> None:
+        self.client.submit_entry(entry, path="/v1/hospital/catalog")
 
     def close(self) -> None:
         self.client.close()
@@ -170,6 +174,7 @@ class NodeDaemon:
     def step(self) -> None:
         if not self._ensure_registered():
             return
+        self._publish_catalog()
         self._sync_studies()
         self._post_decisions()
         self._sync_supernode()
@@ -189,6 +194,14 @@ class NodeDaemon:
                                             "me": {k: v for k, v in me.items() if k != "flower_public_key"}})
         self._update_health(coordinator="ok")
         return True
+
+    def _publish_catalog(self) -> None:
+        """The public catalog (exchange/node/catalog.py), when what it is built from changed."""
+        try:
+            if publish_catalog(self.store, self.settings, self.ctx.signer, self.link.post_catalog):
+                log.info("catalog_published", hospital_id=self.settings.hospital_id)
+        except Exception as exc:
+            self._error("catalog", exc)
 
     def _sync_studies(self) -> None:
         try:
