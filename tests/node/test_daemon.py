@@ -336,3 +336,41 @@ def test_store_reopens_at_head(node_dir: Path) -> None:
     settings = load_node_settings(node_dir / "node.toml")
     store = open_store(settings.db_url)
     store.dispose()
+
+
+def test_the_daemon_publishes_its_catalog_and_infeasible_studies_are_refused_at_submission(
+        node_dir: Path, seeded: NodeStore, coordinator: LiveCoordinator) -> None:
+    """Issue 21, item 2, with the real coordinator: the node signs its catalog (columns,
+    categories, types, public policy limits; no count) and posts it once per change; a study
+    this only hospital cannot serve is then refused at submission, naming the hospital."""
+    from exchange.coordinator.client import CoordinatorError
+
+    settings = _node_settings(node_dir, mode="auto-approve", max_epsilon_per_study=2.0)
+    settings = settings.model_copy(update={"coordinator_url": coordinator.url})
+    daemon, link = _daemon(settings, seeded)
+    try:
+        daemon.step()
+        daemon.step()  # unchanged: not posted again
+        (listed,) = coordinator.researcher.get("/v1/catalogs")["hospitals"]
+        catalog = listed["catalog"]
+        assert listed["hospital_id"] == "hospital-a" and catalog["max_epsilon_per_study"] == 2.0
+        assert {c["name"]: (c["category"], c["type"]) for c in catalog["columns"]} == {
+            "mean_radius": ("labs", "number"), "mean_texture": ("labs", "number"),
+            "label": ("outcomes", "integer")}
+        assert "12" not in json.dumps(catalog) and "10" not in json.dumps(catalog)  # no count leaves
+        kinds = [json.loads(line)["kind"] for line in urllib.request.urlopen(  # noqa: S310 (loopback)
+            urllib.request.Request(f"{coordinator.url}/v1/audit/export", headers={
+                "Authorization": coordinator.researcher._http.headers["Authorization"]})).read().splitlines()]
+        assert kinds.count("hospital.catalog") == 1
+        with pytest.raises(CoordinatorError) as refused:
+            coordinator.submit(epsilon=3.0, min_hospitals=1)
+        assert refused.value.status == 422
+        assert {"field": "hospitals.hospital-a", "reason": "epsilon 3 exceeds the site maximum per study (2)"} \
+            in refused.value.problem["errors"]
+        # the steward raises the cap: the next step publishes the new catalog, and the study is served
+        relaxed = _node_settings(node_dir, mode="auto-approve", max_epsilon_per_study=5.0)
+        daemon.settings = relaxed.model_copy(update={"coordinator_url": coordinator.url})
+        daemon.step()
+        assert coordinator.submit(epsilon=3.0, min_hospitals=1).startswith("st-")
+    finally:
+        link.close()
