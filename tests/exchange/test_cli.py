@@ -118,8 +118,25 @@ def test_admin_serve_and_study_commands(tmp_path: Path) -> None:
             assert client.studies()["items"] == []
         status = runner.invoke(app, ["study", "status", study_id], env=env)
         assert json.loads(status.stdout)["refusals"] == 1
+        # Issue 21, item 6: list, watch, and status --results as ONE JSON document.
+        listed = runner.invoke(app, ["study", "list", "--json"], env=env)
+        assert listed.exit_code == 0 and [s["id"] for s in json.loads(listed.stdout)] == [study_id]
+        table = runner.invoke(app, ["study", "list"], env=env)
+        assert table.exit_code == 0 and "1 studies" in table.stdout and "submitted" in table.stdout
+        both = runner.invoke(app, ["study", "status", study_id, "--results"], env=env)
+        document = json.loads(both.stdout)
+        assert both.exit_code == 0 and set(document) == {"study", "results", "report"}
+        assert document["study"]["id"] == document["results"]["study_id"] == document["report"]["study_id"]
+        assert document["report"]["exclusions"]["refused_by"] == {"h-one": ["policy: no disease-specific studies"]}
+        report = runner.invoke(app, ["study", "report", study_id], env=env)
+        assert report.exit_code == 0 and "h-one refused: policy: no disease-specific studies" in report.stdout
+        waiting = runner.invoke(app, ["study", "watch", study_id, "--interval", "0.2", "--timeout", "1"], env=env)
+        assert waiting.exit_code == 4 and "submitted" in waiting.stdout and "h-one" in waiting.stdout
         cancelled = runner.invoke(app, ["study", "cancel", study_id], env=env)
         assert cancelled.exit_code == 0 and json.loads(cancelled.stdout)["status"] == "cancelled"
+        ended = runner.invoke(app, ["study", "watch", study_id, "--interval", "0.2"], env=env)
+        assert ended.exit_code == 1 and "cancelled" in ended.stdout
+        assert runner.invoke(app, ["study", "watch", "st-nope"], env=env).exit_code == 1
         download = runner.invoke(app, ["study", "download", study_id], env=env)
         assert download.exit_code == 1 and "no model" in download.output
         # Access log lines are JSON and carry no secret.
