@@ -40,8 +40,9 @@ def check(  # noqa: PLR0917 (Typer maps parameters to options)
     contract_file: Annotated[
         Path, typer.Argument(help="A native contract (signed or not) or a FHIR Consent.")
     ],
-    purpose: Annotated[str, typer.Option(help="Study purpose, a DUO term: DUO:0000042 (GRU), HMB, DS, POA; or "
-                                              "MDS (methods development alone, as the DUOS matcher).")],
+    purpose: Annotated[str, typer.Option(help=(
+        "Study purpose, a DUO term: DUO:0000042 (GRU), HMB, DS, POA; or MDS (methods development "
+        "alone, as the DUOS matcher)."))],
     org: Annotated[str, typer.Option(help="Requesting organisation id.")],
     region: Annotated[str, typer.Option(help="The organisation's region, ISO 3166-1 alpha-2.")],
     disease: Annotated[str | None, typer.Option(help="ICD-10 code, required for DS.")] = None,

@@ -21,10 +21,10 @@ from audit.entry import Entry, MalformedEntryError
 from audit.signing import b64encode
 from exchange.coordinator import guards, problems, witness_routes
 from exchange.coordinator.auth import authenticate
+from exchange.coordinator.catalogs import publish as publish_catalog
 from exchange.coordinator.claims import RewardClaim, claim_reward
 from exchange.coordinator.guards import delete, get, post
 from exchange.coordinator.models import Role, StudyStatus
-from exchange.coordinator.catalogs import publish as publish_catalog
 from exchange.coordinator.problems import PROBLEM_JSON
 from exchange.coordinator.reports import study_report
 from exchange.coordinator.schemas import (

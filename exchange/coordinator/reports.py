@@ -87,7 +87,8 @@ def privacy_report(session: Session, study: Study) -> dict[str, Any]:
         "terms": plan,
         "hospitals": [hospitals[k] for k in sorted(hospitals)],
         "exclusions": {
-            "refused_by": {k: v["reasons"] for k, v in sorted(hospitals.items()) if v["decision"] == "refuse"},
+            "refused_by": {k: v["reasons"] for k, v in sorted(hospitals.items())
+                           if v["decision"] == "refuse"},
             "note": EXCLUSIONS_NOTE},
         "withheld": WITHHELD,
         "rounds": per_round,

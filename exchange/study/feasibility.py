@@ -98,7 +98,8 @@ def catalog_reasons(catalog: Catalog, spec: Mapping[str, Any], organisation: str
         reasons.append("site policy refuses studies automatically")
     purpose = str(spec.get("purpose") or "")
     if not purpose_allowed(purpose, catalog.purposes):
-        reasons.append(f"purpose {purpose!r} is not allowed (allowed: {', '.join(catalog.purposes) or 'none'})")
+        allowed = ", ".join(catalog.purposes) or "none"
+        reasons.append(f"purpose {purpose!r} is not allowed (allowed: {allowed})")
     if not _allowed(organisation, catalog.organisations):
         reasons.append(f"organisation {organisation!r} is not allowed")
     if not _allowed(region, catalog.regions):
@@ -107,7 +108,8 @@ def catalog_reasons(catalog: Catalog, spec: Mapping[str, Any], organisation: str
         reasons.append("commercial use is not allowed")
     epsilon, delta = spec.get("epsilon"), spec.get("delta")
     if isinstance(epsilon, int | float) and epsilon > catalog.max_epsilon_per_study:
-        reasons.append(f"epsilon {epsilon:g} exceeds the site maximum per study ({catalog.max_epsilon_per_study:g})")
+        reasons.append(f"epsilon {epsilon:g} exceeds the site maximum per study "
+                       f"({catalog.max_epsilon_per_study:g})")
     if isinstance(delta, int | float) and delta > catalog.max_delta:
         reasons.append(f"delta {delta:g} exceeds the site maximum per study ({catalog.max_delta:g})")
     held = {c.name: c for c in catalog.columns}

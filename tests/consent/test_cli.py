@@ -179,7 +179,8 @@ def test_check_methods_development_against_nmds(tmp_path: Path) -> None:
     from consent import duo
     from consent.model import Contract, Provision
 
-    nmds = Contract(contract_id="c", pseudonym="p", hospital="h", version=1, issued=datetime(2026, 1, 1, tzinfo=UTC),
+    nmds = Contract(contract_id="c", pseudonym="p", hospital="h", version=1,
+                    issued=datetime(2026, 1, 1, tzinfo=UTC),
                     provision=Provision(type="permit", purposes=(duo.GRU,), modifiers=(duo.NMDS,)))
     path = tmp_path / "gru-nmds.json"
     path.write_text(json.dumps(nmds.to_json()))

@@ -63,6 +63,18 @@ def _decision(world: World) -> tuple[str, dict[str, Any]]:
     return f"/v1/hospital/studies/{sid}/decision", {"json": entry.to_json()}
 
 
+def _catalog(world: World) -> tuple[str, dict[str, Any]]:
+    from audit.entry import sign_entry
+    from exchange.study.feasibility import CATALOG_KIND
+
+    entry = sign_entry(world.hospitals["h-one"], CATALOG_KIND, {
+        "hospital": "hospital:h-one", "purposes": ["*"], "organisations": ["*"], "regions": ["*"],
+        "columns": [{"name": n, "category": c, "type": "number"} for n, c in (
+            ("mean_radius", "labs"), ("mean_texture", "labs"), ("label", "outcomes"))],
+        "allow_commercial": False, "max_epsilon_per_study": 5.0, "max_delta": 1e-5, "accepts_studies": True})
+    return "/v1/hospital/catalog", {"json": entry.to_json()}
+
+
 def _receipt(world: World) -> tuple[str, dict[str, Any]]:
     entry = receipt(world.hospitals["h-one"], "h-one", world.running, world.next_round(), 3)
     return "/v1/hospital/entries", {"json": entry.to_json()}
@@ -121,6 +133,9 @@ CASES = [
          frozenset({"bob"})),
     Case("model", "GET", _path("/v1/studies/{id}/model"), frozenset({"alice", "bob"}),
          frozenset({"bob"})),
+    Case("privacy report", "GET", _path("/v1/studies/{id}/report"), RESEARCH_READERS, frozenset({"bob"})),
+    Case("catalogs", "GET", _path("/v1/catalogs"), RESEARCH_READERS),
+    Case("hospital catalog", "POST", _catalog, frozenset({"h-one"})),
     Case("hospital me", "GET", _path("/v1/hospital/me"), frozenset({"h-one"})),
     Case("hospital studies", "GET", _path("/v1/hospital/studies"), frozenset({"h-one"})),
     Case("hospital decision", "POST", _decision, frozenset({"h-one"})),

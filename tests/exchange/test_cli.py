@@ -127,10 +127,12 @@ def test_admin_serve_and_study_commands(tmp_path: Path) -> None:
         document = json.loads(both.stdout)
         assert both.exit_code == 0 and set(document) == {"study", "results", "report"}
         assert document["study"]["id"] == document["results"]["study_id"] == document["report"]["study_id"]
-        assert document["report"]["exclusions"]["refused_by"] == {"h-one": ["policy: no disease-specific studies"]}
+        assert document["report"]["exclusions"]["refused_by"] == {
+            "h-one": ["policy: no disease-specific studies"]}
         report = runner.invoke(app, ["study", "report", study_id], env=env)
         assert report.exit_code == 0 and "h-one refused: policy: no disease-specific studies" in report.stdout
-        waiting = runner.invoke(app, ["study", "watch", study_id, "--interval", "0.2", "--timeout", "1"], env=env)
+        waiting = runner.invoke(app, ["study", "watch", study_id, "--interval", "0.2", "--timeout", "1"],
+                                env=env)
         assert waiting.exit_code == 4 and "submitted" in waiting.stdout and "h-one" in waiting.stdout
         cancelled = runner.invoke(app, ["study", "cancel", study_id], env=env)
         assert cancelled.exit_code == 0 and json.loads(cancelled.stdout)["status"] == "cancelled"

@@ -21,10 +21,10 @@ def test_report_per_hospital_and_round_from_the_receipts(world: World) -> None:
     assert response.status_code == 200, response.text
     report = response.json()
     assert report["study_id"] == sid and report["status"] == "completed" and report["unit"] == "patient"
-    steps = get_template("logistic_regression").defaults.local_steps
+    defaults = get_template("logistic_regression").defaults
+    steps = defaults.local_steps
     assert report["terms"] == {"accountant": "prv", "steps_per_round": steps, "epsilon": 3.0, "delta": 1e-5,
-                               "rounds": 2, "batch_size": get_template("logistic_regression").defaults.batch_size,
-                               "clip": get_template("logistic_regression").defaults.clip}
+                               "rounds": 2, "batch_size": defaults.batch_size, "clip": defaults.clip}
     by_id = {h["hospital_id"]: h for h in report["hospitals"]}
     assert set(by_id) == {"h-one", "h-two", "h-three"}
     one = by_id["h-one"]
@@ -34,7 +34,8 @@ def test_report_per_hospital_and_round_from_the_receipts(world: World) -> None:
     assert one["noise_multiplier"] is None and one["sample_rate"] is None  # functions of the patient count
     assert "patient count" in report["withheld"]
     assert by_id["h-three"]["rounds_trained"] == 0 and by_id["h-three"]["epsilon_spent"] == 0.0
-    assert report["exclusions"]["refused_by"] == {"h-three": ["purpose 'DUO:0000007' is not allowed by site policy"]}
+    assert report["exclusions"]["refused_by"] == {
+        "h-three": ["purpose 'DUO:0000007' is not allowed by site policy"]}
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert report["rounds"][1]["metrics"]["accuracy"] == 0.6
     assert report["rounds"][0]["hospitals_excluded"] == {"no_data": 0, "refused": 0, "dropped": 0}

@@ -358,15 +358,16 @@ def test_the_daemon_publishes_its_catalog_and_infeasible_studies_are_refused_at_
             "mean_radius": ("labs", "number"), "mean_texture": ("labs", "number"),
             "label": ("outcomes", "integer")}
         assert "12" not in json.dumps(catalog) and "10" not in json.dumps(catalog)  # no count leaves
-        kinds = [json.loads(line)["kind"] for line in urllib.request.urlopen(  # noqa: S310 (loopback)
+        kinds = [json.loads(line)["kind"] for line in urllib.request.urlopen(
             urllib.request.Request(f"{coordinator.url}/v1/audit/export", headers={
                 "Authorization": coordinator.researcher._http.headers["Authorization"]})).read().splitlines()]
         assert kinds.count("hospital.catalog") == 1
         with pytest.raises(CoordinatorError) as refused:
             coordinator.submit(epsilon=3.0, min_hospitals=1)
         assert refused.value.status == 422
-        assert {"field": "hospitals.hospital-a", "reason": "epsilon 3 exceeds the site maximum per study (2)"} \
-            in refused.value.problem["errors"]
+        expected = {"field": "hospitals.hospital-a",
+                    "reason": "epsilon 3 exceeds the site maximum per study (2)"}
+        assert expected in refused.value.problem["errors"]
         # the steward raises the cap: the next step publishes the new catalog, and the study is served
         relaxed = _node_settings(node_dir, mode="auto-approve", max_epsilon_per_study=5.0)
         daemon.settings = relaxed.model_copy(update={"coordinator_url": coordinator.url})

@@ -23,21 +23,24 @@ PSEUDONYMS = [f"p{i}" for i in range(40)]
 
 
 def _contract(pseudonym: str, nmds: bool) -> Contract:
-    return Contract(contract_id=f"hospital-a:{pseudonym}", pseudonym=pseudonym, hospital="hospital-a", version=1,
+    return Contract(contract_id=f"hospital-a:{pseudonym}", pseudonym=pseudonym, hospital="hospital-a",
+                    version=1,
                     issued=ISSUED, provision=Provision(type="permit", purposes=(duo.GRU,),
                                                        modifiers=(duo.NMDS,) if nmds else ()))
 
 
 def _study(study_id: str, **spec: Any) -> StudyView:
     body: dict[str, Any] = {"title": "t", "purpose": "HMB", "data_categories": ["labs"],
-                            "columns": {"labs": ["mean_radius", "mean_texture"]}, "template": "logistic_regression",
+                            "columns": {"labs": ["mean_radius", "mean_texture"]},
+                            "template": "logistic_regression",
                             "task": "binary", "label": "label", "epsilon": 3.0, "delta": 1e-5, "rounds": 1,
                             "min_hospitals": 1, **spec}
     return StudyView.from_json({"id": study_id, "organisation_id": "acme", "organisation_region": "DE",
                                 "status": "submitted", "spec": body})
 
 
-def test_nmds_consents_refuse_methods_research(settings: NodeSettings, store: NodeStore, tmp_path: Path) -> None:
+def test_nmds_consents_refuse_methods_research(settings: NodeSettings, store: NodeStore,
+                                               tmp_path: Path) -> None:
     settings.policy.mode = "auto-approve"
     settings.policy.min_eligible_records = 5
     seed_records(store, tmp_path, PSEUDONYMS)

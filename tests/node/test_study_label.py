@@ -40,19 +40,23 @@ def _seed(store: NodeStore, settings: NodeSettings, tmp_path: Path) -> None:
     path.write_text("\n".join(rows) + "\n")
     mapping = parse_mapping({"pseudonym_column": "pid", "columns": {
         "mean_radius": "labs", "mean_texture": "labs",
-        "label": {"category": "outcomes", "type": "integer"}, "hba1c": {"category": "labs", "type": "number", "required": False},
-        "stage": {"category": "outcomes", "type": "integer"}, "grade": {"category": "outcomes", "type": "number"}}})
+        "label": {"category": "outcomes", "type": "integer"},
+        "hba1c": {"category": "labs", "type": "number", "required": False},
+        "stage": {"category": "outcomes", "type": "integer"},
+        "grade": {"category": "outcomes", "type": "number"}}})
     with store.transaction() as session:
         import_records(session, path, "csv", mapping)
-    seed_consent(store, tmp_path / "consent", [gru_contract(p, "hospital-a") for p in PSEUDONYMS], "hospital-a",
+    seed_consent(store, tmp_path / "consent", [gru_contract(p, "hospital-a") for p in PSEUDONYMS],
+                 "hospital-a",
                  Signer.load(settings.signing_key_path))
 
 
 def _study(study_id: str, label: str, task: str = "regression", **extra: Any) -> StudyView:
+    template = {"regression": "linear_regression", "binary": "logistic_regression"}.get(
+        task, "softmax_regression")
     spec: dict[str, Any] = {"title": "t", "purpose": "DUO:0000042", "data_categories": ["labs"],
-                            "columns": {"labs": ["mean_radius", "mean_texture"]}, "template": "linear_regression"
-                            if task == "regression" else "logistic_regression" if task == "binary"
-                            else "softmax_regression", "task": task, "label": label, "epsilon": 3.0,
+                            "columns": {"labs": ["mean_radius", "mean_texture"]}, "template": template,
+                            "task": task, "label": label, "epsilon": 3.0,
                             "delta": 1e-5, "rounds": 1, "min_hospitals": 1, **extra}
     return StudyView.from_json({"id": study_id, "organisation_id": "acme", "organisation_region": "DE",
                                 "status": "submitted", "spec": spec})
@@ -73,7 +77,8 @@ def test_each_study_names_its_label_checked_at_decision(settings: NodeSettings, 
     assert unknown.decision == "refuse" and any("weight" in r for r in unknown.reasons), unknown.reasons
     not_binary = evaluate_study(store, settings, _study("s-nb", "hba1c", "binary"), at)
     assert not_binary.decision == "refuse"
-    assert any(r.startswith("label: label 'hba1c' is not binary") for r in not_binary.reasons), not_binary.reasons
+    assert any(r.startswith("label: label 'hba1c' is not binary") for r in not_binary.reasons), \
+        not_binary.reasons
     too_few = evaluate_study(store, settings, _study("s-few", "stage", "multiclass", classes=2), at)
     assert any("'stage' is not a class label" in r for r in too_few.reasons), too_few.reasons
     not_class = evaluate_study(store, settings, _study("s-grade", "grade", "multiclass", classes=3), at)
