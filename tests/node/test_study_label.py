@@ -4,13 +4,16 @@ study on the label it names, with the records that hold it."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from typer.testing import CliRunner
 
 from audit.signing import Signer
+from exchange.cli import app
 from exchange.node.decisions import evaluate_study
 from exchange.node.importer import import_records
 from exchange.node.mapping import parse_mapping
@@ -89,7 +92,7 @@ def test_each_study_names_its_label_checked_at_decision(settings: NodeSettings, 
 
 
 def test_clientapp_trains_each_study_on_its_own_label(settings: NodeSettings, store: NodeStore,
-                                                      tmp_path: Path) -> None:
+                                                      tmp_path: Path, node_dir: Path) -> None:
     _seed(store, settings, tmp_path)
     site_ledger(store.engine, settings.policy)  # the daemon sets the site's budgets at start
     export_site(store, settings, ["s-hba1c", "s-bin", "s-weight"])
@@ -108,6 +111,14 @@ def test_clientapp_trains_each_study_on_its_own_label(settings: NodeSettings, st
     out = train_hospital_round(site, binary, 1, initial_state(binary.template, len(binary.columns)), at)
     assert out.status == "ok", out.reason
     assert any(int(p[1:]) % 3 == 0 for p in site.ledger().patient_spend())  # every patient holds `label`
+    # the steward's own privacy report shows what the coordinator's cannot (issue 21, item 4)
+    report = CliRunner().invoke(app, ["node", "report", "s-hba1c", "--config", str(node_dir / "node.toml")])
+    assert report.exit_code == 0, report.output
+    body = json.loads(report.stdout)
+    assert body["noise_multiplier"] > 0 and 0 < body["sample_rate"] <= 1 and body["accountant"] == "prv"
+    assert [r["round"] for r in body["rounds_trained"]] == [1] and body["epsilon_spent"] > 0
+    unknown = CliRunner().invoke(app, ["node", "report", "s-nope", "--config", str(node_dir / "node.toml")])
+    assert unknown.exit_code == 1 and "no privacy plan" in unknown.output
     spec = study_spec(_study("s-weight", "weight").accepted())
     refused = train_hospital_round(site, spec, 1, initial_state(spec.template, len(spec.columns)), at)
     assert refused.status == "refused" and "'weight'" in refused.reason
