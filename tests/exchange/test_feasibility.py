@@ -4,10 +4,13 @@ also methods-development studies through the API (item 5)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from audit.entry import sign_entry
+from audit.entry import Entry, sign_entry
+from audit.keyring import Keyring
 from audit.signing import Signer
+from audit.trust import Trust
 from exchange.study.feasibility import CATALOG_KIND
 from tests.exchange.conftest import World, study_body
 
@@ -52,6 +55,14 @@ def test_catalogs_are_logged_and_a_study_none_can_serve_is_refused_at_once(world
     assert any(field == "min_hospitals" and "1 of the 3 registered" in reason for field, reason in errors)
     # nothing escrowed, nothing logged
     assert world.as_("auditor", "GET", "/v1/ledger/balances").json()["balances"]["org:acme"] == balance
+    # a label no hospital holds: refused at once, each hospital naming it, nothing escrowed
+    label = world.as_("alice", "POST", "/v1/studies", json=study_body(min_hospitals=1, epsilon=1.0,
+                                                                      label="hba1c"))
+    assert label.status_code == 422
+    naming = {e["field"] for e in label.json()["errors"]
+              if "'hba1c' is not a column held here" in e["reason"]}
+    assert naming == {"hospitals.h-one", "hospitals.h-two", "hospitals.h-three"}
+    assert world.as_("auditor", "GET", "/v1/ledger/balances").json()["balances"]["org:acme"] == balance
     # one hospital suffices, or a study within every catalog: accepted
     assert world.as_("alice", "POST", "/v1/studies", json=study_body(min_hospitals=1)).status_code == 201
     assert world.as_("alice", "POST", "/v1/studies", json=study_body(
@@ -60,6 +71,15 @@ def test_catalogs_are_logged_and_a_study_none_can_serve_is_refused_at_once(world
     text = world.as_("alice", "POST", "/v1/studies", json=study_body(
         min_hospitals=1, columns={"diagnoses": ["note"]}, epsilon=1.0))
     assert text.status_code == 422 and any("not numeric: note" in e["reason"] for e in text.json()["errors"])
+    # the catalogs verify offline with the rest of the log (signed by registered hospital keys)
+    trust = Trust.from_json(world.as_("auditor", "GET", "/v1/audit/trust").json())
+    keyring = Keyring(trust.operator_public_key)
+    entries = [Entry.from_json(json.loads(line))
+               for line in world.as_("auditor", "GET", "/v1/audit/export").content.splitlines()]
+    for index, entry in enumerate(entries):
+        keyring.check(entry, index)
+        keyring.apply(entry, index)
+    assert sum(e.kind == CATALOG_KIND for e in entries) == 3
     many = world.as_("alice", "POST", "/v1/studies", json=study_body(min_hospitals=4, epsilon=1.0))
     assert many.status_code == 422
     assert any("of the 3 registered" in e["reason"] for e in many.json()["errors"])
