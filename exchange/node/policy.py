@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from exchange.node.outcomes import OutcomeSummary
 from exchange.node.settings import WILDCARD, SitePolicy
+from exchange.study.feasibility import purpose_allowed
 from exchange.study.spec import AcceptedStudy
 
 Decision = Literal["approve", "refuse"]
@@ -146,22 +147,9 @@ def _allowed(value: str, allowed: list[str]) -> bool:
 
 def _purpose_allowed(purpose: str, allowed: list[str]) -> bool:
     """An allowed purpose works like a consent permission: it allows every purpose it covers
-    under the DUO matching rules (consent.duo.covers), e.g. allowing GRU allows HMB and DS."""
-    if _allowed(purpose, allowed):
-        return True
-    from consent import duo
-
-    try:
-        wanted = duo.normalize(purpose)
-    except ValueError:
-        return False
-    for term in allowed:
-        try:
-            if duo.covers(duo.normalize(term), wanted)[0]:
-                return True
-        except (ValueError, KeyError):  # an allowed entry that is no DUO permission
-            continue
-    return False
+    under the DUO matching rules (consent.duo.covers), e.g. allowing GRU allows HMB and DS. The
+    same rule the coordinator applies to this hospital's published catalog."""
+    return purpose_allowed(purpose, allowed)
 
 
 def budget_problems(study: StudyView, budget: Budget) -> list[str]:
