@@ -14,6 +14,7 @@ integrity afterwards (the audit log verifies, the ledger conserves). Schema-driv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections import Counter
@@ -23,6 +24,7 @@ from urllib.parse import quote
 
 import pytest
 import structlog
+from http_message_signatures.exceptions import HTTPMessageSignaturesException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -154,7 +156,9 @@ def _send(world: World, operation: dict[str, Any], path: str, query: list[tuple[
     request = world.client.build_request(operation["method"], path, content=body, headers=headers,
                                          params=params or None)
     if "hospitals" in operation["tags"]:
-        sign_request(request, world.hospitals["h-one"])
+        # a URL the signing library cannot parse (a bare '%') goes unsigned and must be refused (401)
+        with contextlib.suppress(HTTPMessageSignaturesException):
+            sign_request(request, world.hospitals["h-one"])
     else:
         who = "alice" if "studies" in operation["tags"] else "operator"
         request.headers["Authorization"] = f"Bearer {world.keys[who]}"
