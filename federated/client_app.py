@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -50,7 +51,8 @@ from audit.reward_commitment import DEFAULT_SIZE, Commitment, commit, padded_siz
 from federated import eval_stats
 from federated.accounting import AccountingError, plan_study
 from federated.data import HospitalData, target_problem
-from federated.dp import train_round
+from federated import distributed_noise
+from federated.dp import PatientIndex, RoundResult, train_round
 from federated.evaluation import Release, noised_release, patient_scores, patient_statistics
 from federated.privacy_ledger import BudgetExceededError, LedgerError
 from federated.receipts import Receipt, make_receipt
@@ -227,9 +229,15 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
                 return HospitalOutcome(STATUS_NO_DATA, "no patient can take part: every consented "
                                        "patient would exceed their lifetime privacy cap",
                                        metrics={"num_examples": 0.0})
-            plan = ledger.register_study(spec.study_id, plan_study(
-                spec.epsilon, spec.delta, rounds=spec.rounds, n_patients=len(preview_admitted),
-                batch_size=batch_size, steps_per_round=local_steps, accountant=spec.accountant))
+            if spec.noise == "distributed":
+                new_plan = distributed_noise.ledger_plan(
+                    _noise(spec, len(global_weights)), epsilon=spec.epsilon,
+                    n_patients=len(preview_admitted))
+            else:
+                new_plan = plan_study(spec.epsilon, spec.delta, rounds=spec.rounds,
+                                      n_patients=len(preview_admitted), batch_size=batch_size,
+                                      steps_per_round=local_steps, accountant=spec.accountant)
+            plan = ledger.register_study(spec.study_id, new_plan)
         charges = ledger.charges(spec.study_id)
         if any(c.round == round_ for c in charges):
             return HospitalOutcome(STATUS_REFUSED, f"round {round_} was already trained here; training it "
@@ -247,7 +255,7 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
         admission = ledger.admit(spec.study_id, "train", caps, default_cap)
     except BudgetExceededError as exc:
         return HospitalOutcome(STATUS_REFUSED, f"privacy budget: {exc}")
-    except (LedgerError, AccountingError) as exc:
+    except (LedgerError, AccountingError, distributed_noise.DistributedNoiseError) as exc:
         return HospitalOutcome(STATUS_REFUSED, f"privacy ledger: {exc}")
     admitted = train.select_records(admission.admitted)
     used = admitted.select_columns(spec.columns)
@@ -263,13 +271,17 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
             check_outcome(targets[:, 0], targets[:, 1])
     except SurvivalError as exc:
         return HospitalOutcome(STATUS_REFUSED, f"survival outcome: {exc}")
-    result = train_round(template, global_weights, used.x, targets, noise_multiplier=plan.noise_multiplier,
-                         sample_rate=plan.sample_rate, local_steps=plan.steps_per_round,
-                         clip=spec.clip or defaults.clip, lr=spec.lr or defaults.lr,
-                         momentum=spec.momentum if spec.momentum is not None else defaults.momentum,
-                         delta=plan.delta, prior_steps=len(charges) * plan.steps_per_round,
-                         accountant=plan.accountant, patients=used.pseudonyms, n_classes=spec.classes,
-                         subcohort=_subcohort(spec))
+    if spec.noise == "distributed":
+        result = _train_distributed(spec, template, global_weights, used.x, targets, used.pseudonyms,
+                                    plan.epsilon_after(len(charges) + 1), len(charges) + 1)
+    else:
+        result = train_round(template, global_weights, used.x, targets, noise_multiplier=plan.noise_multiplier,
+                             sample_rate=plan.sample_rate, local_steps=plan.steps_per_round,
+                             clip=spec.clip or defaults.clip, lr=spec.lr or defaults.lr,
+                             momentum=spec.momentum if spec.momentum is not None else defaults.momentum,
+                             delta=plan.delta, prior_steps=len(charges) * plan.steps_per_round,
+                             accountant=plan.accountant, patients=used.pseudonyms, n_classes=spec.classes,
+                             subcohort=_subcohort(spec))
     if not result.trained:
         return HospitalOutcome(STATUS_NO_DATA, result.reason or "no eligible records",
                                metrics={"num_examples": 0.0})
@@ -288,7 +300,30 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
     # noise multiplier, which are functions of the patient count) stay in the node's ledger.
     metrics = {"num_examples": float(receipt.records_used), "steps": float(result.steps),
                "epsilon": result.epsilon}
+    metrics.update(result.metrics if spec.noise == "distributed" else {})
     return HospitalOutcome(STATUS_OK, "", result.state, receipt, metrics)
+
+
+def _noise(spec: StudySpec, n_weights: int) -> distributed_noise.DistributedNoise:
+    return distributed_noise.for_study(spec, n_weights)
+
+
+def _train_distributed(spec: StudySpec, template: Any, global_weights: np.ndarray, x: np.ndarray,
+                       targets: np.ndarray, pseudonyms: Any, epsilon: float, rounds_done: int) -> RoundResult:
+    """This hospital's share of a distributed-noise round (`federated.distributed_noise`): its
+    integer vector (clipped per-patient gradients plus its Skellam share, modulo the SecAgg range),
+    encoded for secaggplus_mod, in place of the new weights."""
+    noise = _noise(spec, len(global_weights))
+    model = unpack(template.build(len(spec.columns), 0, spec.classes), global_weights)
+    rng = SecureRandom()
+    index = PatientIndex.build(len(x), pseudonyms)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    yt = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32).reshape(-1))
+    vector = distributed_noise.hospital_vector(model, template, xt, yt, patients=index.sample(1.0, rng),
+                                               noise=noise, rng=rng)
+    metrics = {distributed_noise.INTEGER_METRIC: 1.0, **noise.guarantees(rounds_done)}
+    return RoundResult(status="trained", state=distributed_noise.encode(vector), num_examples=len(x), steps=1,
+                       epsilon=epsilon, metrics=metrics, num_patients=index.n_patients)
 
 
 def evaluate_hospital(site: Site, spec: StudySpec, global_weights: np.ndarray, slot: int,

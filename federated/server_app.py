@@ -666,6 +666,11 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
             metrics = scored(_round_metrics(decoded, contributors, train=train, aggregate_s=aggregate_s,
                                             round_s=time.perf_counter() - t_round, gone=len(gone),
                                             secure=secure))
+            if spec.noise == "distributed":
+                # both guarantees after this round (docs/secure-aggregation.md, "Noise")
+                from federated.distributed_noise import for_study
+
+                metrics.update({"noise_distributed": 1.0, **for_study(spec, weights.shape[0]).guarantees(round_)})
             log.info("study %s round %d: %s", spec.study_id, round_, metrics)
             pending = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt], spec)
         # A hospital that just let a train exchange time out is not waited for a second time.
@@ -736,8 +741,13 @@ def _secure_round(directory: NodeDirectory, targets: Mapping[int, str], weights:
     from federated.secagg.params import SecAggParamsError
     from federated.secagg.server import SecAggDriver
 
+    integer_step = None
+    if spec.noise == "distributed":
+        from federated.distributed_noise import server_step
+
+        integer_step = server_step(spec, weights)
     driver = SecAggDriver(SecAggTransport(directory), timeout=spec.round_timeout_s,
-                          min_members=spec.min_hospitals)
+                          min_members=spec.min_hospitals, integer_step=integer_step)
     try:
         return driver.run(targets, weights, round_, decode)
     except SecAggParamsError as exc:

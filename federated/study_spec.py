@@ -66,6 +66,11 @@ class StudySpec(BaseModel):
     #: SecAgg+ (docs/secure-aggregation.md): the server sees only the sum of the hospitals'
     #: updates. Each hospital refuses to send its update in clear when this is set.
     secure_aggregation: bool = False
+    #: Who adds the DP noise (docs/secure-aggregation.md, "Noise"): "local", each hospital the
+    #: full DP-SGD noise; "distributed", each hospital a share of Skellam noise so that the
+    #: aggregate carries the calibrated noise once (`federated.distributed_noise`; needs
+    #: secure aggregation and at least `SECAGG_MIN_HOSPITALS` hospitals).
+    noise: Literal["local", "distributed"] = "local"
     #: How long the ServerApp waits for replies in one phase before counting the rest as dropped.
     round_timeout_s: float = Field(default=120.0, gt=0, le=86_400)
     #: How long the ServerApp waits for `min_hospitals` SuperNodes to be connected.
@@ -93,17 +98,27 @@ class StudySpec(BaseModel):
             raise ValueError(f"secure_aggregation: needs min_hospitals >= {SECAGG_MIN_HOSPITALS} (with "
                              "fewer, a hospital could learn another's update from the aggregate), got "
                              f"{self.min_hospitals}")
+        if self.noise == "distributed":
+            if not self.secure_aggregation:
+                raise ValueError("noise: distributed noise needs secure aggregation (without it the "
+                                 "coordinator sees each hospital's update with only its share of the noise)")
+            if self.task == "survival":
+                raise ValueError("noise: distributed noise supports binary, regression and multi-class "
+                                 "studies (a Cox gradient needs the risk set of each round)")
         return self
 
     # -- encoding ---------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
-        """The spec as JSON. `event` and `classes` appear only when set, so the canonical bytes
+        """The spec as JSON. `event` and `classes` appear only when set and `noise` only when
+        distributed, so the canonical bytes
         (and hash) of a binary or regression study are what they were before those fields."""
         out = self.model_dump(mode="json")
         for key in ("event", "classes"):
             if out.get(key) is None:
                 out.pop(key, None)
+        if out.get("noise") == "local":  # the default: the hash of a study from before the field
+            out.pop("noise")
         return out
 
     def canonical_bytes(self) -> bytes:

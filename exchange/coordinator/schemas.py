@@ -231,6 +231,10 @@ class StudyCreate(Strict):
         "SecAgg+: the coordinator sees only the sum of the hospitals' updates "
         "(docs/secure-aggregation.md). Default (null): on when min_hospitals >= 3; true with "
         "min_hospitals < 3 is refused"))] = None
+    noise: Annotated[Literal["local", "distributed"], Field(description=(
+        "who adds the DP noise (docs/secure-aggregation.md): local (default), each hospital the full "
+        "noise; distributed, each hospital a share of Skellam noise so that the secure aggregate "
+        "carries it once (needs secure aggregation, min_hospitals >= 3, not survival)"))] = "local"
     token_budget: Amount
 
     @field_validator("delta")
@@ -329,6 +333,17 @@ def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
         problems.append(_problem(("secure_aggregation",), f"secure aggregation needs min_hospitals >= "
                                  f"{SECAGG_MIN_HOSPITALS} (with fewer, a hospital could learn another's "
                                  "update from the aggregate)", secure))
+    if data.get("noise") == "distributed":
+        if isinstance(minimum, int) and minimum < SECAGG_MIN_HOSPITALS:
+            problems.append(_problem(("noise",), f"distributed noise needs secure aggregation, which needs "
+                                     f"min_hospitals >= {SECAGG_MIN_HOSPITALS}", "distributed"))
+        elif secure is False:
+            problems.append(_problem(("noise",), "distributed noise needs secure aggregation (without it the "
+                                     "coordinator sees each update with only its share of the noise)",
+                                     "distributed"))
+        if task == "survival":
+            problems.append(_problem(("noise",), "distributed noise supports binary, regression and "
+                                     "multi-class studies", "distributed"))
     if isinstance(task, str):
         if (task == "survival") != (data.get("event") is not None):
             problems.append(_problem(("event",), "a survival study needs its event column, and only "

@@ -108,6 +108,7 @@ def study_spec(
         rounds=int(spec["rounds"]),
         min_hospitals=int(spec["min_hospitals"]),
         secure_aggregation=secure_aggregation(spec),
+        noise=spec.get("noise", "local"),
         **timeouts,
     )
 

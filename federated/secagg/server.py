@@ -129,7 +129,18 @@ def _list_of(record: ConfigRecord, key: str, kind: type) -> list[Any]:
 class SecAggDriver:
     """Runs the four stages for one round over a `Transport`."""
 
-    def __init__(self, transport: Transport, *, timeout: float, min_members: int) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        timeout: float,
+        min_members: int,
+        integer_step: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        """`integer_step`: distributed noise (`federated.distributed_noise`): each member's input
+        is an integer vector of one more value than the model, sent with weight ratio 1; the
+        unmasked sum goes to `integer_step(weights, sum)` instead of being dequantized."""
+        self.integer_step = integer_step
         self.transport = transport
         self.timeout = timeout
         self.min_members = min_members
@@ -263,7 +274,9 @@ class SecAggDriver:
                 continue
             try:
                 vectors[answer.node_id] = self._masked_vector(
-                    collect.replies[answer.node_id], params, weights.shape[0]
+                    collect.replies[answer.node_id],
+                    params,
+                    weights.shape[0] + (1 if self.integer_step is not None else 0),
                 )
             except ValueError as exc:
                 answer.status, answer.reason = "invalid", f"masked vector: {exc}"
@@ -431,11 +444,11 @@ class SecAggDriver:
     ) -> np.ndarray:
         modulus = params.modulus_range
         factor = np.zeros(1, dtype=np.int64)
-        total = np.zeros(weights.shape[0], dtype=np.int64)
+        total = np.zeros(weights.shape[0] + (1 if self.integer_step is not None else 0), dtype=np.int64)
         for f, v in vectors.values():
             factor = (factor + f) % modulus
             total = (total + v) % modulus
-        shapes = [(1,), (weights.shape[0],)]
+        shapes = [(1,), (total.shape[0],)]
         for owner in sorted(set(vectors) | dead):
             got = shares.get(owner, [])
             if len(got) < params.threshold:
@@ -472,7 +485,12 @@ class SecAggDriver:
                     factor, total = (factor - mask_f) % modulus, (total - mask_v) % modulus
         # the weight each member's mod used: the `num_examples` of its own status record
         # (`federated.secagg.client._as_fitres` reads the same value)
-        expected = sum(params.q_ratio(member_weight(r)) for r in members) % modulus
+        # (distributed noise: every member sends weight max_weight, ratio 1)
+        expected = (
+            sum(params.q_ratio(member_weight(r)) for r in members)
+            if self.integer_step is None
+            else len(members) * params.q_ratio(int(params.max_weight))
+        ) % modulus
         if int(factor[0]) != expected:
             raise SecAggRoundError(
                 "the unmasked weight sum does not match the members' record counts (a malformed "
@@ -480,6 +498,11 @@ class SecAggDriver:
             )
         if expected == 0:
             raise SecAggRoundError("the members' weights sum to zero")
+        if self.integer_step is not None:
+            try:
+                return self.integer_step(weights, total)
+            except ValueError as exc:
+                raise SecAggRoundError(f"distributed noise: {exc}") from None
         (summed,) = self.crypto.dequantize([total], params.clipping_range, params.quantization_range)
         summed = (summed - (len(vectors) - 1) * params.clipping_range) * (
             params.quantization_range / expected
