@@ -48,10 +48,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from audit.reward_commitment import DEFAULT_SIZE, Commitment, commit, padded_size
-from federated import eval_stats
+from federated import distributed_noise, eval_stats
 from federated.accounting import AccountingError, plan_study
 from federated.data import HospitalData, target_problem
-from federated import distributed_noise
 from federated.dp import PatientIndex, RoundResult, train_round
 from federated.evaluation import Release, noised_release, patient_scores, patient_statistics
 from federated.privacy_ledger import BudgetExceededError, LedgerError
@@ -272,10 +271,13 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
     except SurvivalError as exc:
         return HospitalOutcome(STATUS_REFUSED, f"survival outcome: {exc}")
     if spec.noise == "distributed":
-        result = _train_distributed(spec, template, global_weights, used.x, targets, used.pseudonyms,
-                                    plan.epsilon_after(len(charges) + 1), len(charges) + 1)
+        done = len(charges) + 1
+        result = _train_distributed(spec, template, global_weights, used.x, targets,
+                                    pseudonyms=used.pseudonyms, epsilon=plan.epsilon_after(done),
+                                    rounds_done=done)
     else:
-        result = train_round(template, global_weights, used.x, targets, noise_multiplier=plan.noise_multiplier,
+        result = train_round(template, global_weights, used.x, targets,
+                             noise_multiplier=plan.noise_multiplier,
                              sample_rate=plan.sample_rate, local_steps=plan.steps_per_round,
                              clip=spec.clip or defaults.clip, lr=spec.lr or defaults.lr,
                              momentum=spec.momentum if spec.momentum is not None else defaults.momentum,
@@ -309,7 +311,8 @@ def _noise(spec: StudySpec, n_weights: int) -> distributed_noise.DistributedNois
 
 
 def _train_distributed(spec: StudySpec, template: Any, global_weights: np.ndarray, x: np.ndarray,
-                       targets: np.ndarray, pseudonyms: Any, epsilon: float, rounds_done: int) -> RoundResult:
+                       targets: np.ndarray, *, pseudonyms: Any, epsilon: float,
+                       rounds_done: int) -> RoundResult:
     """This hospital's share of a distributed-noise round (`federated.distributed_noise`): its
     integer vector (clipped per-patient gradients plus its Skellam share, modulo the SecAgg range),
     encoded for secaggplus_mod, in place of the new weights."""

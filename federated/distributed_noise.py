@@ -95,7 +95,8 @@ def rounded_l2_bound(l2: float, dim: int, beta: float = BETA) -> float:
     always = l2 + math.sqrt(dim)
     if beta == 0:
         return always
-    likely = math.sqrt(l2 * l2 + 0.25 * dim + math.sqrt(2.0 * math.log(1.0 / beta)) * (l2 + 0.5 * math.sqrt(dim)))
+    spread = math.sqrt(2.0 * math.log(1.0 / beta)) * (l2 + 0.5 * math.sqrt(dim))
+    likely = math.sqrt(l2 * l2 + 0.25 * dim + spread)
     return min(always, likely)
 
 
@@ -179,15 +180,17 @@ def plan_noise(*, epsilon: float, delta: float, rounds: int, clip: float, n_weig
     """Calibrate the aggregate's Skellam noise for a study's (epsilon, delta) over `rounds`
     rounds (module docstring). Public inputs only: every hospital and the server compute the same."""
     if not isinstance(honest, int) or honest < 2:
-        raise DistributedNoiseError(f"honest: distributed noise needs at least 2 honest hospitals, got {honest}")
+        raise DistributedNoiseError(f"honest: distributed noise needs at least 2 honest hospitals, "
+                                    f"got {honest}")
     if not (math.isfinite(clip) and clip > 0):
         raise DistributedNoiseError(f"clip: must be positive, got {clip}")
-    return _plan_cached(float(epsilon), float(delta), int(rounds), float(clip), int(n_weights), honest)
+    return _plan_cached((float(epsilon), float(delta), int(rounds)), float(clip), int(n_weights), honest)
 
 
 @lru_cache(maxsize=256)
-def _plan_cached(epsilon: float, delta: float, rounds: int, clip: float, n_weights: int,
+def _plan_cached(target: tuple[float, float, int], clip: float, n_weights: int,
                  honest: int) -> DistributedNoise:
+    epsilon, delta, rounds = target
     dim = n_weights + 1
     l2 = rounded_l2_bound(SCALE * math.sqrt(1.0 + COUNT_SHARE**2), dim)
     l1 = rounded_l1_bound(l2, dim)
@@ -297,11 +300,16 @@ def per_record_grads(model: nn.Sequential, template: Template, xb: torch.Tensor,
     return torch.cat(parts, 1)
 
 
-def hospital_vector(model: nn.Sequential, template: Template, x: torch.Tensor, y: torch.Tensor, *,
+def hospital_vector(model: nn.Module, template: Template, x: torch.Tensor, y: torch.Tensor, *,
                     patients: np.ndarray, noise: DistributedNoise, rng: SecureRandom,
                     chunk: int = 256) -> np.ndarray:
     """Step 1-3 of the module docstring: the hospital's integer vector modulo `MODULUS`, in
     [0, MODULUS). `patients` are the record indices, one per admitted patient."""
+    from federated.dp import fast_path_supported
+
+    if not isinstance(model, nn.Sequential) or not fast_path_supported(model):
+        raise DistributedNoiseError("template: distributed noise needs a Sequential of Linear layers and "
+                                    "element-wise activations")
     clip, scale = noise.clip, noise.scale
     total = np.zeros(noise.dim, dtype=np.int64)
     with torch.no_grad():
@@ -375,6 +383,17 @@ def honest_hospitals(min_hospitals: int) -> int:
     return int(min_hospitals)
 
 
-__all__: Sequence[str] = ["DistributedNoise", "DistributedNoiseError", "apply_sum", "centred", "encode",
-                          "decode", "hospital_vector", "ledger_plan", "plan_noise", "skellam",
-                          "skellam_epsilon", "skellam_rdp"]
+__all__: Sequence[str] = [
+    "DistributedNoise",
+    "DistributedNoiseError",
+    "apply_sum",
+    "centred",
+    "decode",
+    "encode",
+    "hospital_vector",
+    "ledger_plan",
+    "plan_noise",
+    "skellam",
+    "skellam_epsilon",
+    "skellam_rdp",
+]

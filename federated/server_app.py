@@ -670,7 +670,8 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
                 # both guarantees after this round (docs/secure-aggregation.md, "Noise")
                 from federated.distributed_noise import for_study
 
-                metrics.update({"noise_distributed": 1.0, **for_study(spec, weights.shape[0]).guarantees(round_)})
+                noise = for_study(spec, weights.shape[0])
+                metrics.update({"noise_distributed": 1.0, **noise.guarantees(round_)})
             log.info("study %s round %d: %s", spec.study_id, round_, metrics)
             pending = _PendingRound(round_, metrics, [c.receipt for c in contributors if c.receipt], spec)
         # A hospital that just let a train exchange time out is not waited for a second time.

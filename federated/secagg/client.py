@@ -80,14 +80,15 @@ def _as_fitres(message: Message, context: Context, call_next: Handler) -> Messag
     num_examples = 0
     delta = np.zeros_like(global_weights)
     clipped = 0
-    if status.get(METRIC_PREFIX + INTEGER_METRIC) == 1.0 and status.get("status") == STATUS_OK and update is not None:
+    ok = status.get("status") == STATUS_OK
+    if ok and update is not None and status.get(METRIC_PREFIX + INTEGER_METRIC) == 1.0:
         # distributed noise: an encoded integer vector (`federated.distributed_noise.encode`),
         # passed as it is with weight ratio 1, which secaggplus_mod quantizes to exactly its integers
         content = flwr_internals.fitres_content(np.asarray(update[WEIGHTS_KEY].numpy(), dtype=np.float64),
                                                 int(_state_float(context, "max_weight")))
         content[REPLY_KEY] = ConfigRecord(dict(status))
         return Message(content, reply_to=message)
-    if status.get("status") == STATUS_OK and update is not None:
+    if ok and update is not None:
         # the same integer the server predicts the weight sum from (`server.member_weight`)
         num_examples = int(float(status.get(METRIC_PREFIX + "num_examples", 0.0)))  # type: ignore[arg-type]
         delta = np.asarray(update[WEIGHTS_KEY].numpy(), dtype=np.float64) - global_weights
