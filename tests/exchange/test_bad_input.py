@@ -220,6 +220,38 @@ def test_secure_aggregation_that_cannot_be_had_is_refused_at_submission(world: W
     assert snapshot(world) == before
 
 
+def test_distributed_noise_without_secure_aggregation_is_refused_at_submission(world: World) -> None:
+    """Distributed noise needs SecAgg+ (docs/secure-aggregation.md, "Noise"): with too few
+    hospitals, with secure aggregation turned off, for a survival study, or an unknown mode, the
+    submission is refused naming the field, and nothing changes."""
+    before = snapshot(world)
+    few = fields(problem(world.as_("alice", "POST", "/v1/studies",
+                                   json=study_body(noise="distributed", min_hospitals=2)), 422))
+    assert "min_hospitals >= 3" in few["noise"]
+    off = fields(problem(world.as_("alice", "POST", "/v1/studies", json=study_body(
+        noise="distributed", min_hospitals=3, secure_aggregation=False)), 422))
+    assert "needs secure aggregation" in off["noise"]
+    survival = study_body(template="cox_ph", task="survival", label="time", event="death", noise="distributed",
+                          min_hospitals=3)
+    assert "binary, regression and multi-class" in fields(
+        problem(world.as_("alice", "POST", "/v1/studies", json=survival), 422))["noise"]
+    assert "noise" in fields(problem(world.as_("alice", "POST", "/v1/studies", json=study_body(noise="global")), 422))
+    assert snapshot(world) == before
+
+
+def test_distributed_noise_reaches_the_study_spec() -> None:
+    from exchange.study.spec import AcceptedStudy, study_spec
+
+    def spec(**overrides: Any) -> Any:
+        return study_spec(AcceptedStudy(study_id="s", spec=study_body(**overrides), organisation_id="acme",
+                                        region="DE"))
+
+    assert spec(min_hospitals=3, noise="distributed").noise == "distributed"
+    assert spec(min_hospitals=3).noise == "local"
+    # the default leaves the canonical spec (and its hash, in every receipt) as it was
+    assert "noise" not in spec(min_hospitals=3).to_json()
+
+
 def test_secure_aggregation_is_on_by_default_from_three_hospitals() -> None:
     from exchange.study.spec import AcceptedStudy, study_spec
 
