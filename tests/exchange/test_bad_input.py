@@ -231,11 +231,12 @@ def test_distributed_noise_without_secure_aggregation_is_refused_at_submission(w
     off = fields(problem(world.as_("alice", "POST", "/v1/studies", json=study_body(
         noise="distributed", min_hospitals=3, secure_aggregation=False)), 422))
     assert "needs secure aggregation" in off["noise"]
-    survival = study_body(template="cox_ph", task="survival", label="time", event="death", noise="distributed",
-                          min_hospitals=3)
+    survival = study_body(template="cox_ph", task="survival", label="time", event="death",
+                          noise="distributed", min_hospitals=3)
     assert "binary, regression and multi-class" in fields(
         problem(world.as_("alice", "POST", "/v1/studies", json=survival), 422))["noise"]
-    assert "noise" in fields(problem(world.as_("alice", "POST", "/v1/studies", json=study_body(noise="global")), 422))
+    unknown = study_body(noise="global")
+    assert "noise" in fields(problem(world.as_("alice", "POST", "/v1/studies", json=unknown), 422))
     assert snapshot(world) == before
 
 
