@@ -174,28 +174,46 @@ class HospitalReply:
 def exchange(grid: Grid, messages: Sequence[Message], *, timeout: float, poll: float,
              stop_event: threading.Event | None = None) -> PhaseResult:
     """Push `messages`, then poll for their replies until all came back or `timeout` passed."""
+    return exchange_many(grid, [messages], timeout=timeout, poll=poll, stop_event=stop_event)[0]
+
+
+def exchange_many(grid: Grid, batches: Sequence[Sequence[Message]], *, timeout: float, poll: float,
+                  stop_event: threading.Event | None = None) -> list[PhaseResult]:
+    """`exchange` for several batches at once (at most one message per node in each): one push,
+    one polling loop, each batch's replies apart (SecAgg+ pipelining: two stages per exchange)."""
     started = time.perf_counter()
-    ids = list(grid.push_messages(messages))
+    flat = [(b, msg) for b, batch in enumerate(batches) for msg in batch]
+    ids = list(grid.push_messages([msg for _, msg in flat]))
     push_s, pushed_at = time.perf_counter() - started, time.time()
-    pairs = list(zip(ids, messages, strict=True))
     # flwr returns None for a message it could not push: that node is missing from the start
-    unsent = [msg.metadata.dst_node_id for msg_id, msg in pairs if not msg_id]
-    pending = {msg_id: msg.metadata.dst_node_id for msg_id, msg in pairs if msg_id}
-    replies: dict[int, Message] = {}
-    arrivals: dict[int, float] = {}
+    unsent: list[list[int]] = [[] for _ in batches]
+    pending: dict[str, tuple[int, int]] = {}
+    for msg_id, (b, msg) in zip(ids, flat, strict=True):
+        if msg_id:
+            pending[msg_id] = (b, msg.metadata.dst_node_id)
+        else:
+            unsent[b].append(msg.metadata.dst_node_id)
+    replies: list[dict[int, Message]] = [{} for _ in batches]
+    arrivals: list[dict[int, float]] = [{} for _ in batches]
+    done_at = [0.0 for _ in batches]
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(list(pending)):
-            node = pending.pop(reply.metadata.reply_to_message_id, None)
-            if node is not None:
-                replies[node] = reply
-                arrivals[node] = time.time()
+            where = pending.pop(reply.metadata.reply_to_message_id, None)
+            if where is not None:
+                replies[where[0]][where[1]] = reply
+                arrivals[where[0]][where[1]] = time.time()
+                done_at[where[0]] = time.perf_counter() - started
         if pending:
             if stop_event is not None and stop_event.is_set():
                 break
             time.sleep(poll)
-    return PhaseResult(replies, sorted([*pending.values(), *unsent]), time.perf_counter() - started, push_s,
-                       pushed_at, arrivals)
+    wall = time.perf_counter() - started
+    left: list[list[int]] = [[] for _ in batches]
+    for b, node in pending.values():
+        left[b].append(node)
+    return [PhaseResult(replies[b], sorted([*left[b], *unsent[b]]), wall if left[b] else done_at[b] or wall,
+                        push_s, pushed_at, arrivals[b]) for b in range(len(batches))]
 
 
 def phase_breakdown(prefix: str, phase: PhaseResult, replies: Sequence[HospitalReply]) -> dict[str, float]:
@@ -600,6 +618,7 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
         return metrics
 
     pending: _PendingRound | None = None
+    prepared: Any = None  # SecAgg+: the next round's key exchange, run during this round
     failed_round: _PendingRound | None = None
     seen: set[str] = set()  # hospitals that took part in an earlier round
     silent: set[str] = set()  # hospitals that did not answer the last train exchange
@@ -625,7 +644,9 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
                 # SecAgg+ (federated.secagg): the same train step, inside the protocol's four stages
                 n_weights = weights.shape[0]
                 masked = functools.partial(decode, round_=round_, n_weights=n_weights, masked=True)
-                secure = _secure_round(directory, targets, weights, round_, spec=spec, decode=masked)
+                secure = _secure_round(directory, targets, weights, round_, spec=spec, decode=masked,
+                                       prepared=prepared)
+                prepared = secure.next
                 train, decoded, contributors = secure.phase, secure.decoded, list(secure.members)
                 silent = set(train.missing_hospitals) | set(secure.lost)
             else:
@@ -722,21 +743,26 @@ class SecAggTransport:
     directory: NodeDirectory
     ok: str = STATUS_OK
 
-    def send(self, contents: Mapping[int, RecordDict], round_: int, timeout: float) -> PhaseResult:
+    def send_many(self, batches: Sequence[tuple[Mapping[int, RecordDict], int]],
+                  timeout: float) -> list[PhaseResult]:
         ttl = max(timeout * 2, 60.0)
-        messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_),
-                            ttl=ttl) for node, content in contents.items()]
         options = self.directory.options
-        _stamp(messages, self.directory.context, options)
-        return exchange(self.directory.grid, messages, timeout=timeout, poll=options.poll,
-                        stop_event=options.stop_event)
+        out = []
+        for contents, round_ in batches:
+            messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
+                                group_id=str(round_), ttl=ttl) for node, content in contents.items()]
+            _stamp(messages, self.directory.context, options)
+            out.append(messages)
+        return exchange_many(self.directory.grid, out, timeout=timeout, poll=options.poll,
+                             stop_event=options.stop_event)
 
     def model(self, weights: np.ndarray) -> RecordDict:
         return RecordDict({GLOBAL_KEY: ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(weights))})})
 
 
 def _secure_round(directory: NodeDirectory, targets: Mapping[int, str], weights: np.ndarray, round_: int, *,
-                  spec: StudySpec, decode: Callable[[PhaseResult], list[HospitalReply]]) -> Any:
+                  spec: StudySpec, decode: Callable[[PhaseResult], list[HospitalReply]],
+                  prepared: Any = None) -> Any:
     """One round under SecAgg+ (`federated.secagg.server`): the study fails cleanly, with the
     reason, if the protocol cannot run (too few hospitals for its threshold)."""
     from federated.secagg.params import SecAggParamsError
@@ -750,7 +776,7 @@ def _secure_round(directory: NodeDirectory, targets: Mapping[int, str], weights:
     driver = SecAggDriver(SecAggTransport(directory), timeout=spec.round_timeout_s,
                           min_members=spec.min_hospitals, integer_step=integer_step)
     try:
-        return driver.run(targets, weights, round_, decode)
+        return driver.run(targets, weights, round_, decode, prepared=prepared, pipeline=round_ < spec.rounds)
     except SecAggParamsError as exc:
         raise StudyFailedError(f"round {round_}: {exc}") from exc
 

@@ -20,6 +20,7 @@ round; the server ignores the masked vector of a hospital whose reply is not a v
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -48,7 +49,23 @@ def secagg_mod(message: Message, context: Context, call_next: Handler) -> Messag
         return call_next(message, context)
     flwr_internals.patch_secagg_prg()
     mod = flwr_internals.secaggplus_mod()
-    reply = mod(message, context, lambda m, c: _as_fitres(m, c, call_next))
+    states = context.state.config_records
+    round_ = message.metadata.group_id
+    slot = _slot(round_)
+    # secaggplus_mod keeps one protocol state per node; each round's lives in its own slot, so
+    # the server can run the key exchange of round r + 1 while round r trains and unmasks
+    # (`federated.secagg.server`, pipelining). No slot: a fresh state (only `setup` is accepted).
+    if slot in states:
+        states[_STATE_KEY] = states[slot]
+    else:
+        states.pop(_STATE_KEY, None)
+    try:
+        reply = mod(message, context, lambda m, c: _as_fitres(m, c, call_next))
+    finally:
+        states = context.state.config_records  # a view: read it again after the mod wrote
+        if _STATE_KEY in states:
+            states[slot] = states.pop(_STATE_KEY)
+        _forget_before(states, round_)
     if reply.has_error():
         return reply
     # Keep only what the server reads: the masked vector (and keys, shares) and our status record.
@@ -57,6 +74,26 @@ def secagg_mod(message: Message, context: Context, call_next: Handler) -> Messag
     if status is not None:
         content[REPLY_KEY] = status
     return Message(content, reply_to=message)
+
+
+def _slot(round_: str) -> str:
+    return f"{_STATE_KEY}:{round_}"
+
+
+def _forget_before(states: Any, round_: str) -> None:
+    """Drop the protocol states of rounds before `round_` - 1 (finished or abandoned)."""
+    try:
+        current = int(round_)
+    except ValueError:
+        return
+    prefix = _STATE_KEY + ":"
+    for key in [k for k in states if k.startswith(prefix)]:
+        try:
+            old = int(key[len(prefix):]) < current - 1
+        except ValueError:
+            old = True
+        if old:
+            del states[key]
 
 
 def _state_float(context: Context, key: str) -> float:

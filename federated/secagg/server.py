@@ -42,7 +42,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from federated.runtime import flwr_internals
-from federated.secagg.params import SecAggParams
+from federated.secagg.params import MIN_HOSPITALS, SecAggParams, SecAggParamsError
 
 log = logging.getLogger("federated.secagg")
 
@@ -77,8 +77,11 @@ class Transport(Protocol):
     #: the status of a reply that contributes an update
     ok: str
 
-    def send(self, contents: Mapping[int, RecordDict], round_: int, timeout: float) -> PhaseResult:
-        """One TRAIN message per node with these contents; the replies within `timeout`."""
+    def send_many(
+        self, batches: Sequence[tuple[Mapping[int, RecordDict], int]], timeout: float
+    ) -> Sequence[PhaseResult]:
+        """For each batch (contents by node, round), one TRAIN message per node, all pushed at
+        once; each batch's replies within `timeout`, in batch order."""
 
     def model(self, weights: np.ndarray) -> RecordDict:
         """The content that carries the global model to a hospital."""
@@ -108,6 +111,25 @@ class SecAggRound:
     #: hospitals lost before the collect stage (no update from them)
     lost: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    #: the next round's key exchange, when it ran during this round (pipelining)
+    next: KeyExchange | None = None
+
+
+@dataclass
+class KeyExchange:
+    """Stages 1 and 2 of one round, done: who takes part and the shares each must receive."""
+
+    round: int
+    hospital_of: dict[int, str]
+    params: SecAggParams
+    sampled: list[int]
+    neighbours: dict[int, set[int]]
+    public_keys: dict[int, tuple[bytes, bytes]]
+    #: hospitals that sent their shares (stage 2): the round's possible members
+    shared: set[int]
+    #: node -> [(source node, ciphertext)] to deliver in the collect stage
+    forward: dict[int, list[tuple[int, bytes]]]
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _configs(message: Message) -> ConfigRecord:
@@ -147,114 +169,54 @@ class SecAggDriver:
         self.crypto = flwr_internals.secagg_primitives()
         flwr_internals.patch_secagg_prg()
 
-    # -- messaging ------------------------------------------------------------------------------
-    def _exchange(self, contents: Mapping[int, RecordDict], round_: int) -> PhaseResult:
-        return self.transport.send(contents, round_, self.timeout)
-
     # -- the round --------------------------------------------------------------------------------
     def run(
-        self, targets: Mapping[int, str], weights: np.ndarray, round_: int, decode: Decoder
+        self,
+        targets: Mapping[int, str],
+        weights: np.ndarray,
+        round_: int,
+        decode: Decoder,
+        *,
+        prepared: KeyExchange | None = None,
+        pipeline: bool = False,
     ) -> SecAggRound:
+        """One round. `prepared`: its key exchange, done during the previous round (used only if
+        it is for this round and these hospitals); `pipeline`: run the next round's key exchange
+        inside this round's collect and unmask exchanges (`SecAggRound.next`)."""
         hospital_of = dict(targets)
         params = SecAggParams.for_round(len(targets), min_members=self.min_members)
-        timings: dict[str, float] = {}
-        sampled = sorted(targets)
-        neighbours = self._neighbours(sampled, params.share_num)
+        if prepared is not None and (prepared.round != round_ or prepared.hospital_of != hospital_of):
+            prepared = None
+        if prepared is None:
+            keys = self._key_exchange(hospital_of, params, round_)
+            if isinstance(keys, SecAggRound):
+                return keys
+        else:
+            keys = prepared
+        timings = dict(keys.timings)
+        timings["secagg_pipelined"] = 1.0 if prepared is not None else 0.0
+        sampled, neighbours, shared = keys.sampled, keys.neighbours, keys.shared
 
         def lost(nodes: set[int]) -> list[str]:
             return sorted(hospital_of[n] for n in set(sampled) - nodes)
 
-        # 1. setup
-        t0 = time.perf_counter()
-        setup: dict[str, Any] = {
-            K["STAGE"]: SETUP,
-            K["SAMPLE_NUMBER"]: params.sample_num,
-            K["SHARE_NUMBER"]: params.share_num,
-            K["THRESHOLD"]: params.threshold,
-            K["CLIPPING_RANGE"]: float(params.clipping_range),
-            K["TARGET_RANGE"]: params.quantization_range,
-            K["MOD_RANGE"]: params.modulus_range,
-            K["MAX_WEIGHT"]: float(params.max_weight),
-        }
-        # one content per node: secaggplus_mod pops the stage from the record it is given
-        phase = self._exchange(
-            {n: RecordDict({CONFIGS_KEY: ConfigRecord(dict(setup))}) for n in sampled}, round_
-        )
-        public_keys: dict[int, tuple[bytes, bytes]] = {}
-        for node, reply in phase.replies.items():
+        # the next round's key exchange rides along (its own slot at each hospital)
+        next_hospitals = {n: hospital_of[n] for n in shared} if pipeline else {}
+        next_params = None
+        if len(next_hospitals) >= MIN_HOSPITALS:
             try:
-                record = _configs(reply)
-                pk1, pk2 = record.get(K["PUBLIC_KEY_1"]), record.get(K["PUBLIC_KEY_2"])
-                if not isinstance(pk1, bytes) or not isinstance(pk2, bytes):
-                    raise ValueError("public keys: expected bytes")
-                self.crypto.bytes_to_public_key(pk1)
-                self.crypto.bytes_to_public_key(pk2)
-                public_keys[node] = (pk1, pk2)
-            except ValueError as exc:
-                self._drop(hospital_of, node, SETUP, exc)
-        seen = [k for pair in public_keys.values() for k in pair]
-        if len(set(seen)) != len(seen):
-            return self._failed(
-                params,
-                phase,
-                lost=lost(set()),
-                timings=timings,
-                reason=f"round {round_}: secure aggregation setup: two hospitals sent the same public key",
-            )
-        timings["secagg_setup_s"] = time.perf_counter() - t0
-        problem = self._below_threshold(
-            params, sampled, set(public_keys), neighbours=neighbours, hospital_of=hospital_of, stage=SETUP
-        )
-        if problem:
-            return self._failed(
-                params,
-                phase,
-                lost=lost(set(public_keys)),
-                timings=timings,
-                reason=f"round {round_}: {problem}",
-            )
-
-        # 2. share keys
-        t0 = time.perf_counter()
-        contents = {}
-        for node in public_keys:
-            record = ConfigRecord(
-                {str(n): list(public_keys[n]) for n in sorted(neighbours[node] & set(public_keys))}
-            )
-            record[K["STAGE"]] = SHARE_KEYS
-            contents[node] = RecordDict({CONFIGS_KEY: record})
-        phase = self._exchange(contents, round_)
-        forward: dict[int, list[tuple[int, bytes]]] = {n: [] for n in public_keys}
-        shared: set[int] = set()
-        for node, reply in phase.replies.items():
-            try:
-                record = _configs(reply)
-                dsts = _list_of(record, K["DESTINATION_LIST"], int)
-                ciphertexts = _list_of(record, K["CIPHERTEXT_LIST"], bytes)
-                expected = (neighbours[node] & set(public_keys)) - {node}
-                if len(dsts) != len(ciphertexts) or set(dsts) != expected or len(set(dsts)) != len(dsts):
-                    raise ValueError(f"shares: expected one ciphertext for each of {sorted(expected)}")
-            except ValueError as exc:
-                self._drop(hospital_of, node, SHARE_KEYS, exc)
-                continue
-            shared.add(node)
-            for dst, ciphertext in zip(dsts, ciphertexts, strict=True):
-                forward[dst].append((node, ciphertext))
-        timings["secagg_share_keys_s"] = time.perf_counter() - t0
-        problem = self._below_threshold(
-            params, sampled, shared, neighbours=neighbours, hospital_of=hospital_of, stage=SHARE_KEYS
-        )
-        if problem:
-            return self._failed(
-                params, phase, lost=lost(shared), timings=timings, reason=f"round {round_}: {problem}"
-            )
+                next_params = SecAggParams.for_round(len(next_hospitals), min_members=self.min_members)
+            except SecAggParamsError:
+                next_params = None
+        next_sampled = sorted(next_hospitals)
+        next_neighbours = self._neighbours(next_sampled, next_params.share_num) if next_params else {}
 
         # 3. collect masked vectors (the hospitals train here)
         t0 = time.perf_counter()
         model = self.transport.model(weights)
         contents = {}
         for node in sorted(shared):
-            pairs = [(src, c) for src, c in forward[node] if src in shared]
+            pairs = [(src, c) for src, c in keys.forward[node] if src in shared]
             record = ConfigRecord(
                 {
                     K["STAGE"]: COLLECT,
@@ -263,20 +225,23 @@ class SecAggDriver:
                 }
             )
             contents[node] = RecordDict({**dict(model), CONFIGS_KEY: record})
-        collect = self._exchange(contents, round_)
+        batches: list[tuple[Mapping[int, RecordDict], int]] = [(contents, round_)]
+        if next_params is not None:
+            batches.append((self._setup_contents(next_params, next_sampled), round_ + 1))
+        phases = self._exchange_many(batches)
+        collect = phases[0]
         collect.hospital_of = {n: hospital_of[n] for n in contents}
         collect.missing_hospitals = sorted(hospital_of[n] for n in collect.missing)
         decoded = list(decode(collect))
         vectors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         members: list[HospitalReply] = []
+        n_values = weights.shape[0] + (1 if self.integer_step is not None else 0)
         for answer in decoded:
             if answer.status != self.transport.ok or answer.receipt is None:
                 continue
             try:
                 vectors[answer.node_id] = self._masked_vector(
-                    collect.replies[answer.node_id],
-                    params,
-                    weights.shape[0] + (1 if self.integer_step is not None else 0),
+                    collect.replies[answer.node_id], params, n_values
                 )
             except ValueError as exc:
                 answer.status, answer.reason = "invalid", f"masked vector: {exc}"
@@ -284,6 +249,9 @@ class SecAggDriver:
                 continue
             members.append(answer)
         timings["secagg_collect_s"] = time.perf_counter() - t0
+        next_keys: dict[int, tuple[bytes, bytes]] = {}
+        if next_params is not None:
+            next_keys = self._read_setup(phases[1], next_hospitals)
         result = SecAggRound(params, collect, decoded, members, lost=lost(shared), metrics=timings)
         if len(members) < self.min_members:
             # the caller reports this as a round with too few contributors (its usual reason)
@@ -302,7 +270,7 @@ class SecAggDriver:
             result.failure = f"round {round_}: {problem}"
             return result
 
-        # 4. unmask
+        # 4. unmask (and the next round's share-keys stage)
         t0 = time.perf_counter()
         dead = shared - member_nodes
         contents = {}
@@ -315,7 +283,14 @@ class SecAggDriver:
                 }
             )
             contents[node] = RecordDict({CONFIGS_KEY: record})
-        phase = self._exchange(contents, round_)
+        batches = [(contents, round_)]
+        next_ok = next_params is not None and self._keys_usable(
+            next_keys, next_params, next_sampled, next_neighbours, next_hospitals
+        )
+        if next_ok:
+            batches.append((self._share_contents(next_keys, next_neighbours), round_ + 1))
+        phases = self._exchange_many(batches)
+        phase = phases[0]
         shares: dict[int, list[bytes]] = {n: [] for n in shared}
         for node, reply in phase.replies.items():
             try:
@@ -337,7 +312,7 @@ class SecAggDriver:
                 shares=shares,
                 dead=dead,
                 neighbours=neighbours,
-                public_keys=public_keys,
+                public_keys=keys.public_keys,
                 members=members,
                 weights=weights,
                 hospital_of=hospital_of,
@@ -345,7 +320,171 @@ class SecAggDriver:
         except SecAggRoundError as exc:
             result.failure = f"round {round_}: secure aggregation failed: {exc}"
         timings["secagg_unmask_s"] = time.perf_counter() - t0
+        if next_ok and next_params is not None:
+            forward, next_shared = self._read_shares(phases[1], next_keys, next_neighbours, next_hospitals)
+            if not self._below_threshold(
+                next_params,
+                next_sampled,
+                next_shared,
+                neighbours=next_neighbours,
+                hospital_of=next_hospitals,
+                stage=SHARE_KEYS,
+            ):
+                result.next = KeyExchange(
+                    round_ + 1,
+                    next_hospitals,
+                    next_params,
+                    next_sampled,
+                    next_neighbours,
+                    next_keys,
+                    next_shared,
+                    forward,
+                    {},
+                )
         return result
+
+    # -- stages 1 and 2 ---------------------------------------------------------------------------
+    def _exchange_many(
+        self, batches: Sequence[tuple[Mapping[int, RecordDict], int]]
+    ) -> Sequence[PhaseResult]:
+        return self.transport.send_many(batches, self.timeout)
+
+    def _key_exchange(
+        self, hospital_of: dict[int, str], params: SecAggParams, round_: int
+    ) -> KeyExchange | SecAggRound:
+        """Stages 1 and 2 on their own (the first round, or when the hospitals changed)."""
+        sampled = sorted(hospital_of)
+        neighbours = self._neighbours(sampled, params.share_num)
+        timings: dict[str, float] = {}
+
+        def lost(nodes: set[int]) -> list[str]:
+            return sorted(hospital_of[n] for n in set(sampled) - nodes)
+
+        t0 = time.perf_counter()
+        (phase,) = self._exchange_many([(self._setup_contents(params, sampled), round_)])
+        public_keys = self._read_setup(phase, hospital_of)
+        timings["secagg_setup_s"] = time.perf_counter() - t0
+        seen = [k for pair in public_keys.values() for k in pair]
+        if len(set(seen)) != len(seen):
+            return self._failed(
+                params,
+                phase,
+                lost=lost(set()),
+                timings=timings,
+                reason=f"round {round_}: secure aggregation setup: two hospitals sent the same public key",
+            )
+        problem = self._below_threshold(
+            params, sampled, set(public_keys), neighbours=neighbours, hospital_of=hospital_of, stage=SETUP
+        )
+        if problem:
+            return self._failed(
+                params,
+                phase,
+                lost=lost(set(public_keys)),
+                timings=timings,
+                reason=f"round {round_}: {problem}",
+            )
+        t0 = time.perf_counter()
+        (phase,) = self._exchange_many([(self._share_contents(public_keys, neighbours), round_)])
+        forward, shared = self._read_shares(phase, public_keys, neighbours, hospital_of)
+        timings["secagg_share_keys_s"] = time.perf_counter() - t0
+        problem = self._below_threshold(
+            params, sampled, shared, neighbours=neighbours, hospital_of=hospital_of, stage=SHARE_KEYS
+        )
+        if problem:
+            return self._failed(
+                params, phase, lost=lost(shared), timings=timings, reason=f"round {round_}: {problem}"
+            )
+        return KeyExchange(
+            round_, hospital_of, params, sampled, neighbours, public_keys, shared, forward, timings
+        )
+
+    @staticmethod
+    def _setup_contents(params: SecAggParams, sampled: Sequence[int]) -> dict[int, RecordDict]:
+        setup: dict[str, Any] = {
+            K["STAGE"]: SETUP,
+            K["SAMPLE_NUMBER"]: params.sample_num,
+            K["SHARE_NUMBER"]: params.share_num,
+            K["THRESHOLD"]: params.threshold,
+            K["CLIPPING_RANGE"]: float(params.clipping_range),
+            K["TARGET_RANGE"]: params.quantization_range,
+            K["MOD_RANGE"]: params.modulus_range,
+            K["MAX_WEIGHT"]: float(params.max_weight),
+        }
+        # one content per node: secaggplus_mod pops the stage from the record it is given
+        return {n: RecordDict({CONFIGS_KEY: ConfigRecord(dict(setup))}) for n in sampled}
+
+    def _read_setup(
+        self, phase: PhaseResult, hospital_of: Mapping[int, str]
+    ) -> dict[int, tuple[bytes, bytes]]:
+        public_keys: dict[int, tuple[bytes, bytes]] = {}
+        for node, reply in phase.replies.items():
+            try:
+                record = _configs(reply)
+                pk1, pk2 = record.get(K["PUBLIC_KEY_1"]), record.get(K["PUBLIC_KEY_2"])
+                if not isinstance(pk1, bytes) or not isinstance(pk2, bytes):
+                    raise ValueError("public keys: expected bytes")
+                self.crypto.bytes_to_public_key(pk1)
+                self.crypto.bytes_to_public_key(pk2)
+                public_keys[node] = (pk1, pk2)
+            except ValueError as exc:
+                self._drop(hospital_of, node, SETUP, exc)
+        return public_keys
+
+    def _keys_usable(
+        self,
+        public_keys: Mapping[int, tuple[bytes, bytes]],
+        params: SecAggParams,
+        sampled: Sequence[int],
+        neighbours: Mapping[int, set[int]],
+        hospital_of: Mapping[int, str],
+    ) -> bool:
+        """A pipelined setup that cannot go on (a repeated key, too few keys) is dropped quietly:
+        the next round then runs its own key exchange."""
+        seen = [k for pair in public_keys.values() for k in pair]
+        if len(set(seen)) != len(seen):
+            return False
+        return not self._below_threshold(
+            params, sampled, set(public_keys), neighbours=neighbours, hospital_of=hospital_of, stage=SETUP
+        )
+
+    @staticmethod
+    def _share_contents(
+        public_keys: Mapping[int, tuple[bytes, bytes]], neighbours: Mapping[int, set[int]]
+    ) -> dict[int, RecordDict]:
+        contents = {}
+        for node in public_keys:
+            record = ConfigRecord(
+                {str(n): list(public_keys[n]) for n in sorted(neighbours[node] & set(public_keys))}
+            )
+            record[K["STAGE"]] = SHARE_KEYS
+            contents[node] = RecordDict({CONFIGS_KEY: record})
+        return contents
+
+    def _read_shares(
+        self,
+        phase: PhaseResult,
+        public_keys: Mapping[int, tuple[bytes, bytes]],
+        neighbours: Mapping[int, set[int]],
+        hospital_of: Mapping[int, str],
+    ) -> tuple[dict[int, list[tuple[int, bytes]]], set[int]]:
+        forward: dict[int, list[tuple[int, bytes]]] = {n: [] for n in public_keys}
+        shared: set[int] = set()
+        for node, reply in phase.replies.items():
+            try:
+                record = _configs(reply)
+                dsts = _list_of(record, K["DESTINATION_LIST"], int)
+                ciphertexts = _list_of(record, K["CIPHERTEXT_LIST"], bytes)
+                expected = (neighbours[node] & set(public_keys)) - {node}
+                if len(dsts) != len(ciphertexts) or set(dsts) != expected or len(set(dsts)) != len(dsts):
+                    raise ValueError(f"shares: expected one ciphertext for each of {sorted(expected)}")
+            except ValueError as exc:
+                self._drop(hospital_of, node, SHARE_KEYS, exc)
+                continue
+            shared.add(node)
+            for dst, ciphertext in zip(dsts, ciphertexts, strict=True):
+                forward[dst].append((node, ciphertext))
+        return forward, shared
 
     # -- helpers ----------------------------------------------------------------------------------
     @staticmethod

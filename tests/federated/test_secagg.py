@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 import federated.client_app as client_app_module
 from federated.runtime.demo_sites import DemoSite, approve, demo_spec, provision_sites
-from federated.runtime.flwr_internals import SECAGG_CONFIGS_KEY
+from federated.runtime.flwr_internals import SECAGG_CONFIGS_KEY, SECAGG_KEYS
 from federated.runtime.inprocess import InProcessGrid
 from federated.secagg.params import SecAggParams, SecAggParamsError
 from federated.server_app import GLOBAL_KEY, WEIGHTS_KEY, ServerOptions, StudyFailedError, run_study_rounds
@@ -153,8 +153,15 @@ def test_secure_aggregate_is_the_weighted_average_and_no_update_is_seen_in_clear
     spec = demo_spec("sa-3", rounds=2, min_hospitals=3, **PRIVACY)
     observer, grid = _run(three, spec, tmp_path, grid_class=RecordingGrid)
     assert observer.failed == [] and observer.completed is not None
-    (r1, m1, receipts1), (r2, _, _) = observer.rounds
+    (r1, m1, receipts1), (r2, m2, _) = observer.rounds
     assert (r1, r2) == (1, 2)
+    # round 2's key exchange ran inside round 1's collect and unmask exchanges (pipelining):
+    # its setup messages went out with round 1's collect messages, and round 2 had no setup of its own
+    assert m1["secagg_pipelined"] == 0.0 and m2["secagg_pipelined"] == 1.0
+    assert "secagg_setup_s" in m1 and "secagg_setup_s" not in m2
+    sample_key = SECAGG_KEYS["SAMPLE_NUMBER"]  # (the stage key itself is popped by the hospital's mod)
+    setups = [int(m.metadata.group_id) for m in grid.pushed if _has(m, sample_key)]
+    assert sorted(setups) == [1, 1, 1, 2, 2, 2]
     assert m1["secure_aggregation"] == 1.0 and m1["aggregate_members"] == 3 and m1["secagg_threshold"] == 3
     assert {r.hospital for r in receipts1} == {f"hospital:{h}" for h in three}
     # round 2's collect messages carry round 1's aggregate: the weighted FedAvg of the clear updates
