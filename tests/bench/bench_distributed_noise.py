@@ -30,6 +30,7 @@ from federated.data import HospitalData, load_federated, pooled
 from federated.dp import PatientIndex, public_initial_state
 from federated.secure_random import SecureRandom
 from federated.templates import Template, get_template
+from federated.weights import unpack
 from tests.bench.bench_dp_utility import DELTA, Config, evaluate, run_dp
 
 
@@ -39,23 +40,22 @@ def run_fedsgd(tpl: Template, hospitals: list[HospitalData], test: HospitalData,
     state = public_initial_state(tpl, test.columns, tpl.task, seed)
     noise = dn._plan_cached((epsilon, DELTA, rounds), clip, state.shape[0], honest)
     for r in range(rounds):
-        model = tpl.build(test.n_features, 0)
-        from federated.weights import unpack
-
-        unpack(model, state)
+        model = unpack(tpl.build(test.n_features, 0), state)
         summed = np.zeros(noise.dim, dtype=np.int64)
         for i, h in enumerate(hospitals):
             rng = SecureRandom(seed * 1_000_003 + r * 101 + i)
             index = PatientIndex.build(len(h.x), h.pseudonyms)
             x = torch.from_numpy(np.ascontiguousarray(h.x, dtype=np.float32))
             y = torch.from_numpy(np.ascontiguousarray(h.y, dtype=np.float32))
-            summed += dn.hospital_vector(model, tpl, x, y, patients=index.sample(1.0, rng), noise=noise, rng=rng)
+            patients = index.sample(1.0, rng)
+            summed += dn.hospital_vector(model, tpl, x, y, patients=patients, noise=noise, rng=rng)
         state = dn.apply_sum(state, summed, noise=noise, lr=lr)
     return evaluate(tpl, state, test)["accuracy"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epsilon", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=10)
