@@ -185,7 +185,13 @@ class SecAggDriver:
         inside this round's collect and unmask exchanges (`SecAggRound.next`)."""
         hospital_of = dict(targets)
         params = SecAggParams.for_round(len(targets), min_members=self.min_members)
-        if prepared is not None and (prepared.round != round_ or prepared.hospital_of != hospital_of):
+        if prepared is not None and (
+            prepared.round != round_
+            or prepared.hospital_of != hospital_of
+            or prepared.shared != set(hospital_of)
+        ):
+            # another round, other hospitals, or one lost in the pipelined exchange: a fresh one,
+            # so a hospital whose reply went wrong once is not kept out of a whole round for it
             prepared = None
         if prepared is None:
             keys = self._key_exchange(hospital_of, params, round_)
@@ -238,6 +244,14 @@ class SecAggDriver:
         n_values = weights.shape[0] + (1 if self.integer_step is not None else 0)
         for answer in decoded:
             if answer.status != self.transport.ok or answer.receipt is None:
+                log.warning(
+                    "secagg %s: hospital %s (node %d) not aggregated: %s %s",
+                    COLLECT,
+                    hospital_of.get(answer.node_id, "?"),
+                    answer.node_id,
+                    answer.status,
+                    answer.reason,
+                )
                 continue
             try:
                 vectors[answer.node_id] = self._masked_vector(

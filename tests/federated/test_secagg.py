@@ -343,7 +343,10 @@ def _replace_configs(reply: Message, message: Message, **values: Any) -> Message
 
 
 def test_a_corrupted_ciphertext_drops_its_recipient_and_the_round_goes_on(
-    four: dict[str, DemoSite], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    four: dict[str, DemoSite],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Node 1's encrypted share for node 2 is corrupted: node 2 cannot decrypt it and fails the
     collect stage; the round completes with the other three, correctly."""
@@ -366,6 +369,39 @@ def test_a_corrupted_ciphertext_drops_its_recipient_and_the_round_goes_on(
     assert metrics["aggregate_members"] == 3 and metrics2["aggregate_members"] == 4
     assert {r.hospital for r in receipts} == {f"hospital:{h}" for h in members}
     np.testing.assert_allclose(_globals(grid)[2], updates.fedavg(1, members), atol=ATOL)
+    # the reason is in the server's log: the recipient's collect reply was Flower's error
+    assert any("secagg" in r.getMessage() and "hospital-b" in r.getMessage() for r in caplog.records)
+
+
+def test_a_malformed_pipelined_key_exchange_falls_back_to_a_fresh_one(
+    four: dict[str, DemoSite],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Round 2's key exchange runs during round 1; node 1's setup reply for round 2 there holds a
+    public key that does not parse: node 1 is left out of that exchange (the reason in the log),
+    which is then not used; round 2 runs its own key exchange and has all four hospitals."""
+    updates = Updates(monkeypatch)
+    seen: list[int] = []
+
+    def junk_key(node: int, message: Message, reply: Message) -> Message | None:
+        if node != 1 or _stage_of_reply(reply) != "setup" or message.metadata.group_id != "2" or seen:
+            return None
+        seen.append(node)
+        return _replace_configs(reply, message, pk1=b"not a key")
+
+    spec = demo_spec("sa-pipe", rounds=2, min_hospitals=3, round_timeout_s=2.0, **PRIVACY)
+    observer, grid = _run(four, spec, tmp_path, client_app=_tampering(junk_key))
+    assert observer.failed == [] and observer.completed is not None and seen == [1]
+    (_, m1, _), (_, m2, receipts2) = observer.rounds
+    assert m1["aggregate_members"] == 4 and m2["aggregate_members"] == 4
+    assert m2["secagg_pipelined"] == 0.0  # the pipelined exchange lacked node 1: not used
+    assert {r.hospital for r in receipts2} == {f"hospital:{h}" for h in four}
+    np.testing.assert_allclose(_globals(grid)[2], updates.fedavg(1, set(four)), atol=ATOL)
+    assert any(
+        "secagg setup: hospital hospital-a (node 1) left out" in r.getMessage() for r in caplog.records
+    )
 
 
 def _stage_of_reply(reply: Message) -> str | None:
@@ -412,7 +448,10 @@ def test_a_malformed_or_stale_share_fails_the_round_never_a_wrong_model(
 
 
 def test_a_malformed_masked_vector_is_left_out_and_the_round_goes_on(
-    four: dict[str, DemoSite], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    four: dict[str, DemoSite],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Node 1 sends a masked vector of the wrong shape: it is not aggregated (invalid, with the
     reason), its pairwise masks are removed as for a dropout, and the other three form the model."""
@@ -437,6 +476,10 @@ def test_a_malformed_masked_vector_is_left_out_and_the_round_goes_on(
     assert metrics["aggregate_members"] == 3 and metrics["dropped"] >= 1
     assert {r.hospital for r in receipts} == {f"hospital:{h}" for h in members}
     np.testing.assert_allclose(_globals(grid)[2], updates.fedavg(1, members), atol=ATOL)
+    assert any(
+        "hospital-a (node 1) left out: expected an integer array of shape" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_hospitals_lost_in_the_key_exchange_stop_the_round_with_the_protocols_reason(
