@@ -27,9 +27,12 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from federated.distributed_noise import INTEGER_METRIC
 from federated.runtime import flwr_internals
+from federated.secagg.server import NEXT_ERROR, NEXT_KEY, NEXT_ROUND
 from federated.server_app import GLOBAL_KEY, METRIC_PREFIX, REPLY_KEY, STATUS_OK, UPDATE_KEY, WEIGHTS_KEY
 
 CONFIGS_KEY = flwr_internals.SECAGG_CONFIGS_KEY
+STAGE = flwr_internals.SECAGG_KEYS["STAGE"]
+SETUP, SHARE_KEYS = flwr_internals.SECAGG_STAGES[0], flwr_internals.SECAGG_STAGES[1]
 #: secaggplus_mod's Key.MAX_WEIGHT / CLIPPING_RANGE / TARGET_RANGE values, read from its state
 _STATE_KEY = "secaggplus_state"
 
@@ -44,9 +47,51 @@ def is_secagg_message(message: Message) -> bool:
 
 
 def secagg_mod(message: Message, context: Context, call_next: Handler) -> Message:
-    """The ClientApp mod: SecAgg+ stage messages through Flower's mod, the rest unchanged."""
+    """The ClientApp mod: SecAgg+ stage messages through Flower's mod, the rest unchanged.
+
+    A stage message may carry the NEXT round's setup or share-keys stage as well (`NEXT_KEY`,
+    pipelining, `federated.secagg.server`): it runs after this round's stage, in the same task,
+    on its own state slot, and its reply travels under `NEXT_KEY` in the same reply; if it fails,
+    the reply says why there and this round's reply is unaffected."""
     if not is_secagg_message(message):
         return call_next(message, context)
+    pipelined = message.content.config_records.get(NEXT_KEY)
+    if pipelined is not None:
+        del message.content[NEXT_KEY]
+    reply = _stage(message, context, call_next)
+    if pipelined is None or reply.has_error():
+        return reply
+    reply.content[NEXT_KEY] = _next_stage(message, context, pipelined)
+    return reply
+
+
+def _next_stage(message: Message, context: Context, record: ConfigRecord) -> ConfigRecord:
+    """The next round's key-exchange stage (setup or share keys only: neither trains)."""
+    values = dict(record)
+    round_ = values.pop(NEXT_ROUND, None)
+    if not isinstance(round_, int) or values.get(STAGE) not in (SETUP, SHARE_KEYS):
+        return ConfigRecord({NEXT_ERROR: "a pipelined stage must be setup or share_keys, with its round"})
+    inner = Message(
+        RecordDict({CONFIGS_KEY: ConfigRecord(values)}),
+        dst_node_id=message.metadata.dst_node_id,
+        message_type=MessageType.TRAIN,
+        group_id=str(round_),
+    )
+    try:
+        out = _stage(inner, context, _no_app)
+    except Exception as exc:  # the mod raises on a bad stage or config: report it, keep this round
+        return ConfigRecord({NEXT_ERROR: f"{type(exc).__name__}: {exc}"})
+    if out.has_error():
+        return ConfigRecord({NEXT_ERROR: out.error.reason or "error"})
+    return out.content.config_records[CONFIGS_KEY]
+
+
+def _no_app(message: Message, context: Context) -> Message:
+    raise RuntimeError("a pipelined key-exchange stage does not run the app")
+
+
+def _stage(message: Message, context: Context, call_next: Handler) -> Message:
+    """One SecAgg+ stage through Flower's mod, on the state slot of the message's round."""
     flwr_internals.patch_secagg_prg()
     mod = flwr_internals.secaggplus_mod()
     states = context.state.config_records
@@ -89,7 +134,7 @@ def _forget_before(states: Any, round_: str) -> None:
     prefix = _STATE_KEY + ":"
     for key in [k for k in states if k.startswith(prefix)]:
         try:
-            old = int(key[len(prefix):]) < current - 1
+            old = int(key[len(prefix) :]) < current - 1
         except ValueError:
             old = True
         if old:
@@ -121,8 +166,10 @@ def _as_fitres(message: Message, context: Context, call_next: Handler) -> Messag
     if ok and update is not None and status.get(METRIC_PREFIX + INTEGER_METRIC) == 1.0:
         # distributed noise: an encoded integer vector (`federated.distributed_noise.encode`),
         # passed as it is with weight ratio 1, which secaggplus_mod quantizes to exactly its integers
-        content = flwr_internals.fitres_content(np.asarray(update[WEIGHTS_KEY].numpy(), dtype=np.float64),
-                                                int(_state_float(context, "max_weight")))
+        content = flwr_internals.fitres_content(
+            np.asarray(update[WEIGHTS_KEY].numpy(), dtype=np.float64),
+            int(_state_float(context, "max_weight")),
+        )
         content[REPLY_KEY] = ConfigRecord(dict(status))
         return Message(content, reply_to=message)
     if ok and update is not None:

@@ -47,6 +47,8 @@ from federated.secagg.params import MIN_HOSPITALS, SecAggParams, SecAggParamsErr
 log = logging.getLogger("federated.secagg")
 
 CONFIGS_KEY = flwr_internals.SECAGG_CONFIGS_KEY
+#: the next round's stage riding in this round's message and reply (`federated.secagg.client`)
+NEXT_KEY, NEXT_ROUND, NEXT_ERROR = "secagg_next", "round", "error"
 K = flwr_internals.SECAGG_KEYS
 SETUP, SHARE_KEYS, COLLECT, UNMASK = flwr_internals.SECAGG_STAGES
 
@@ -132,13 +134,33 @@ class KeyExchange:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _configs(message: Message) -> ConfigRecord:
+def _configs(message: Message | ConfigRecord) -> ConfigRecord:
+    if isinstance(message, ConfigRecord):  # a pipelined stage's reply (`_pipelined`)
+        if NEXT_ERROR in message:
+            raise ValueError(f"pipelined stage failed at the hospital: {message[NEXT_ERROR]!r}")
+        return message
     if message.has_error():
         raise ValueError(f"flower error {message.error.code}: {message.error.reason}")
     record = message.content.config_records.get(CONFIGS_KEY)
     if record is None:
         raise ValueError(f"reply has no {CONFIGS_KEY} record")
     return record
+
+
+def _riding(content: RecordDict, round_: int) -> ConfigRecord:
+    """A next-round stage record to carry inside this round's message (`client.NEXT_KEY`)."""
+    record = ConfigRecord(dict(content.config_records[CONFIGS_KEY]))
+    record[NEXT_ROUND] = round_
+    return record
+
+
+def _pipelined(phase: PhaseResult) -> dict[int, Message | ConfigRecord]:
+    """The next round's stage replies that rode along in this exchange's replies (`NEXT_KEY`)."""
+    out: dict[int, Message | ConfigRecord] = {}
+    for node, reply in phase.replies.items():
+        if not reply.has_error() and NEXT_KEY in reply.content.config_records:
+            out[node] = reply.content.config_records[NEXT_KEY]
+    return out
 
 
 def _list_of(record: ConfigRecord, key: str, kind: type) -> list[Any]:
@@ -231,11 +253,10 @@ class SecAggDriver:
                 }
             )
             contents[node] = RecordDict({**dict(model), CONFIGS_KEY: record})
-        batches: list[tuple[Mapping[int, RecordDict], int]] = [(contents, round_)]
-        if next_params is not None:
-            batches.append((self._setup_contents(next_params, next_sampled), round_ + 1))
-        phases = self._exchange_many(batches)
-        collect = phases[0]
+        if next_params is not None:  # round r + 1's setup rides in the same messages
+            for node, setup in self._setup_contents(next_params, next_sampled).items():
+                contents[node][NEXT_KEY] = _riding(setup, round_ + 1)
+        (collect,) = self._exchange_many([(contents, round_)])
         collect.hospital_of = {n: hospital_of[n] for n in contents}
         collect.missing_hospitals = sorted(hospital_of[n] for n in collect.missing)
         decoded = list(decode(collect))
@@ -265,7 +286,7 @@ class SecAggDriver:
         timings["secagg_collect_s"] = time.perf_counter() - t0
         next_keys: dict[int, tuple[bytes, bytes]] = {}
         if next_params is not None:
-            next_keys = self._read_setup(phases[1], next_hospitals)
+            next_keys = self._read_setup(_pipelined(collect), next_hospitals)
         result = SecAggRound(params, collect, decoded, members, lost=lost(shared), metrics=timings)
         if len(members) < self.min_members:
             # the caller reports this as a round with too few contributors (its usual reason)
@@ -297,14 +318,17 @@ class SecAggDriver:
                 }
             )
             contents[node] = RecordDict({CONFIGS_KEY: record})
-        batches = [(contents, round_)]
-        next_ok = next_params is not None and self._keys_usable(
-            next_keys, next_params, next_sampled, next_neighbours, next_hospitals
+        # round r + 1's share-keys stage rides in the unmask messages: every hospital of round
+        # r + 1 must be a member here (a non-member gets no unmask message): else no pipelining
+        next_ok = (
+            next_params is not None
+            and set(next_keys) <= member_nodes
+            and self._keys_usable(next_keys, next_params, next_sampled, next_neighbours, next_hospitals)
         )
         if next_ok:
-            batches.append((self._share_contents(next_keys, next_neighbours), round_ + 1))
-        phases = self._exchange_many(batches)
-        phase = phases[0]
+            for node, share in self._share_contents(next_keys, next_neighbours).items():
+                contents[node][NEXT_KEY] = _riding(share, round_ + 1)
+        (phase,) = self._exchange_many([(contents, round_)])
         shares: dict[int, list[bytes]] = {n: [] for n in shared}
         for node, reply in phase.replies.items():
             try:
@@ -335,7 +359,9 @@ class SecAggDriver:
             result.failure = f"round {round_}: secure aggregation failed: {exc}"
         timings["secagg_unmask_s"] = time.perf_counter() - t0
         if next_ok and next_params is not None:
-            forward, next_shared = self._read_shares(phases[1], next_keys, next_neighbours, next_hospitals)
+            forward, next_shared = self._read_shares(
+                _pipelined(phase), next_keys, next_neighbours, next_hospitals
+            )
             if not self._below_threshold(
                 next_params,
                 next_sampled,
@@ -376,7 +402,7 @@ class SecAggDriver:
 
         t0 = time.perf_counter()
         (phase,) = self._exchange_many([(self._setup_contents(params, sampled), round_)])
-        public_keys = self._read_setup(phase, hospital_of)
+        public_keys = self._read_setup(phase.replies, hospital_of)
         timings["secagg_setup_s"] = time.perf_counter() - t0
         seen = [k for pair in public_keys.values() for k in pair]
         if len(set(seen)) != len(seen):
@@ -400,7 +426,7 @@ class SecAggDriver:
             )
         t0 = time.perf_counter()
         (phase,) = self._exchange_many([(self._share_contents(public_keys, neighbours), round_)])
-        forward, shared = self._read_shares(phase, public_keys, neighbours, hospital_of)
+        forward, shared = self._read_shares(phase.replies, public_keys, neighbours, hospital_of)
         timings["secagg_share_keys_s"] = time.perf_counter() - t0
         problem = self._below_threshold(
             params, sampled, shared, neighbours=neighbours, hospital_of=hospital_of, stage=SHARE_KEYS
@@ -429,10 +455,10 @@ class SecAggDriver:
         return {n: RecordDict({CONFIGS_KEY: ConfigRecord(dict(setup))}) for n in sampled}
 
     def _read_setup(
-        self, phase: PhaseResult, hospital_of: Mapping[int, str]
+        self, replies: Mapping[int, Message | ConfigRecord], hospital_of: Mapping[int, str]
     ) -> dict[int, tuple[bytes, bytes]]:
         public_keys: dict[int, tuple[bytes, bytes]] = {}
-        for node, reply in phase.replies.items():
+        for node, reply in replies.items():
             try:
                 record = _configs(reply)
                 pk1, pk2 = record.get(K["PUBLIC_KEY_1"]), record.get(K["PUBLIC_KEY_2"])
@@ -477,14 +503,14 @@ class SecAggDriver:
 
     def _read_shares(
         self,
-        phase: PhaseResult,
+        replies: Mapping[int, Message | ConfigRecord],
         public_keys: Mapping[int, tuple[bytes, bytes]],
         neighbours: Mapping[int, set[int]],
         hospital_of: Mapping[int, str],
     ) -> tuple[dict[int, list[tuple[int, bytes]]], set[int]]:
         forward: dict[int, list[tuple[int, bytes]]] = {n: [] for n in public_keys}
         shared: set[int] = set()
-        for node, reply in phase.replies.items():
+        for node, reply in replies.items():
             try:
                 record = _configs(reply)
                 dsts = _list_of(record, K["DESTINATION_LIST"], int)

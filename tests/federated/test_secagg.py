@@ -22,6 +22,7 @@ from federated.runtime.demo_sites import DemoSite, approve, demo_spec, provision
 from federated.runtime.flwr_internals import SECAGG_CONFIGS_KEY, SECAGG_KEYS
 from federated.runtime.inprocess import InProcessGrid
 from federated.secagg.params import SecAggParams, SecAggParamsError
+from federated.secagg.server import NEXT_KEY
 from federated.server_app import GLOBAL_KEY, WEIGHTS_KEY, ServerOptions, StudyFailedError, run_study_rounds
 from federated.study_spec import StudySpec, StudySpecError
 from federated.weights import fedavg
@@ -159,9 +160,13 @@ def test_secure_aggregate_is_the_weighted_average_and_no_update_is_seen_in_clear
     # its setup messages went out with round 1's collect messages, and round 2 had no setup of its own
     assert m1["secagg_pipelined"] == 0.0 and m2["secagg_pipelined"] == 1.0
     assert "secagg_setup_s" in m1 and "secagg_setup_s" not in m2
-    sample_key = SECAGG_KEYS["SAMPLE_NUMBER"]  # (the stage key itself is popped by the hospital's mod)
+    # (the stage key itself is popped by the hospital's mod): round 1 alone had setup messages;
+    # round 2's setup replies came back inside round 1's collect replies
+    sample_key = SECAGG_KEYS["SAMPLE_NUMBER"]
     setups = [int(m.metadata.group_id) for m in grid.pushed if _has(m, sample_key)]
-    assert sorted(setups) == [1, 1, 1, 2, 2, 2]
+    assert sorted(setups) == [1, 1, 1]
+    riding = [r for r in grid.pulled if _has(r, "masked_params") and NEXT_KEY in r.content.config_records]
+    assert len(riding) == 3 and all("pk1" in r.content.config_records[NEXT_KEY] for r in riding)
     assert m1["secure_aggregation"] == 1.0 and m1["aggregate_members"] == 3 and m1["secagg_threshold"] == 3
     assert {r.hospital for r in receipts1} == {f"hospital:{h}" for h in three}
     # round 2's collect messages carry round 1's aggregate: the weighted FedAvg of the clear updates
@@ -386,10 +391,12 @@ def test_a_malformed_pipelined_key_exchange_falls_back_to_a_fresh_one(
     seen: list[int] = []
 
     def junk_key(node: int, message: Message, reply: Message) -> Message | None:
-        if node != 1 or _stage_of_reply(reply) != "setup" or message.metadata.group_id != "2" or seen:
+        riding = None if reply.has_error() else reply.content.config_records.get(NEXT_KEY)
+        if node != 1 or riding is None or "pk1" not in riding or seen:
             return None
         seen.append(node)
-        return _replace_configs(reply, message, pk1=b"not a key")
+        riding["pk1"] = b"not a key"
+        return reply
 
     spec = demo_spec("sa-pipe", rounds=2, min_hospitals=3, round_timeout_s=2.0, **PRIVACY)
     observer, grid = _run(four, spec, tmp_path, client_app=_tampering(junk_key))
