@@ -28,6 +28,12 @@ What differs from the workflow, on purpose (each is the protocol's own rule, app
   hospital with another mask generator, fails the round with the reason, never a wrong model.
 No hospital that was not sampled at setup takes part in the round (a late joiner waits for the
 next round): its keys would be missing from everyone else's masks.
+
+Pipelining: stages 1-2 of round r + 1 do not depend on the model, so they ride inside round r's
+collect and unmask messages (`NEXT_KEY`; the hospital's `secagg_mod` runs them on a separate
+state slot) and round r + 1 starts at its collect stage (`SecAggRound.next`, `KeyExchange`):
+two messages per hospital per round instead of four, fresh keys every round as before. The
+pipelined exchange is used only for the same hospitals, all of which completed it.
 """
 
 from __future__ import annotations
