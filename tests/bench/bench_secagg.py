@@ -101,12 +101,14 @@ def _synthetic_app(signers: dict[int, Any], spec: Any, size: int) -> Any:
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
 
+    from audit.reward_commitment import DEFAULT_SIZE, commit
     from federated.receipts import make_receipt
     from federated.secagg.client import secagg_mod
     from federated.server_app import GLOBAL_KEY, METRIC_PREFIX, REPLY_KEY, UPDATE_KEY, WEIGHTS_KEY
 
     app = ClientApp(mods=[secagg_mod])
     rng = np.random.default_rng(0)
+    rewards = commit({}, minimum_size=DEFAULT_SIZE).public()
 
     @app.train()
     def train(message: Message, context: Any) -> Message:
@@ -124,6 +126,7 @@ def _synthetic_app(signers: dict[int, Any], spec: Any, size: int) -> Any:
             epsilon_total=0.1,
             delta=1e-5,
             spec_sha256=spec.sha256(),
+            rewards=rewards,
             instant=datetime.now(UTC),
         )
         record = ConfigRecord(
