@@ -742,42 +742,6 @@ def patch_secagg_prg() -> None:
         return
     setattr(_chacha_prg, _PATCHED_MARK, True)
     setattr(module, "pseudo_rand_gen", _chacha_prg)  # noqa: B010 (mypy: no such attribute in its stubs)
-    # Shamir sharing without flwr's thread pool (see `create_shares`): the same bytes out
-    setattr(module, "create_shares", create_shares)  # noqa: B010
-
-
-def create_shares(secret: bytes, threshold: int, num: int) -> list[bytes]:
-    """flwr's `shamir.create_shares`, byte for byte the same format (per share: a 4-byte
-    little-endian index, then one 16-byte Shamir share per 16-byte chunk of the padded secret),
-    computed in this thread. flwr starts a thread pool per call; the work is pure Python under
-    the GIL, so the pool only adds thread start-ups and hand-offs (profiled in
-    docs/benchmarks.md, `secagg`)."""
-    from Crypto.Protocol.SecretSharing import Shamir
-    from Crypto.Util.Padding import pad
-
-    padded = pad(secret, 16)
-    shares = [bytearray(i.to_bytes(4, "little", signed=False)) for i in range(1, num + 1)]
-    for start in range(0, len(padded), 16):
-        for idx, share in Shamir.split(threshold, num, padded[start:start + 16], ssss=False):
-            shares[idx - 1] += share
-    return [bytes(s) for s in shares]
-
-
-def combine_shares(share_list: list[bytes]) -> bytes:
-    """flwr's `shamir.combine_shares` (same format, same errors), in this thread."""
-    from Crypto.Protocol.SecretSharing import Shamir
-    from Crypto.Util.Padding import unpad
-
-    chunks = (len(share_list[0]) - 4) >> 4
-    secret = bytearray()
-    for i in range(chunks):
-        start = (i << 4) + 4
-        secret += Shamir.combine([(int.from_bytes(s[:4], "little", signed=False), s[start:start + 16])
-                                  for s in share_list], ssss=False)
-    try:
-        return unpad(bytes(secret), 16)
-    except ValueError:
-        raise ValueError("Failed to combine shares") from None
 
 
 def secagg_prg(seed: bytes, num_range: int, dimensions_list: Sequence[tuple[int, ...]]) -> list[Any]:
@@ -802,6 +766,7 @@ def secagg_primitives() -> SecAggPrimitives:
     check_layout("secagg")
     _check_secagg_semantics()
     from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
     from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
     from flwr.common.secure_aggregation.quantization import dequantize
     from flwr.supercore.primitives.asymmetric import (

@@ -292,27 +292,3 @@ def test_other_flwr_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_pinned_version_is_installed() -> None:
     assert importlib.metadata.version("flwr") == flwr_internals.PINNED_FLWR_VERSION
-
-
-def test_shamir_sharing_without_the_thread_pool_is_flowers_format() -> None:
-    """Our sequential Shamir sharing and flwr's interoperate both ways (the same share format),
-    for a mask seed and a private key; too few shares do not rebuild the secret."""
-    import os
-
-    from flwr.common.secure_aggregation.crypto import shamir
-
-    from federated.runtime import flwr_internals
-
-    for secret in (os.urandom(32), os.urandom(185)):
-        ours = flwr_internals.create_shares(secret, 3, 5)
-        theirs = shamir.create_shares(secret, 3, 5)
-        assert [len(s) for s in ours] == [len(s) for s in theirs]
-        assert [s[:4] for s in ours] == [s[:4] for s in theirs]
-        assert shamir.combine_shares(ours[1:4]) == secret
-        assert flwr_internals.combine_shares([theirs[0], theirs[2], theirs[4]]) == secret
-        assert flwr_internals.combine_shares(ours[:3]) == secret
-        try:
-            rebuilt = flwr_internals.combine_shares(ours[:2])
-        except ValueError:
-            rebuilt = None
-        assert rebuilt != secret
