@@ -72,12 +72,13 @@ def test_sigkill_of_a_hospital_mid_round_under_secure_aggregation(
 ) -> None:
     fed, sites, root = federation
     node_d = fed.nodes["hospital-d"]
-    real_exchange = server_app.exchange
+    real_exchange = server_app.exchange_many
     killed = threading.Event()
 
-    def exchange(grid: Any, messages: Any, **kwargs: Any) -> Any:
+    def exchange(grid: Any, batches: Any, **kwargs: Any) -> Any:
         stages = {
             str(m.content.config_records[SECAGG_CONFIGS_KEY].get("stage"))
+            for messages in batches
             for m in messages
             if SECAGG_CONFIGS_KEY in m.content.config_records
         }
@@ -85,9 +86,9 @@ def test_sigkill_of_a_hospital_mid_round_under_secure_aggregation(
             # keys are shared; the others now train: hospital-d's processes die (SIGKILL)
             killed.set()
             threading.Timer(0.2, node_d.kill).start()
-        return real_exchange(grid, messages, **kwargs)
+        return real_exchange(grid, batches, **kwargs)
 
-    monkeypatch.setattr(server_app, "exchange", exchange)
+    monkeypatch.setattr(server_app, "exchange_many", exchange)
     spec = demo_spec(
         "secagg-kill",
         rounds=2,
