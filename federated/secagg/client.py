@@ -71,13 +71,13 @@ def _next_stage(message: Message, context: Context, record: ConfigRecord) -> Con
     round_ = values.pop(NEXT_ROUND, None)
     if not isinstance(round_, int) or values.get(STAGE) not in (SETUP, SHARE_KEYS):
         return ConfigRecord({NEXT_ERROR: "a pipelined stage must be setup or share_keys, with its round"})
-    inner = Message(
-        RecordDict({CONFIGS_KEY: ConfigRecord(values)}),
-        dst_node_id=message.metadata.dst_node_id,
-        message_type=MessageType.TRAIN,
-        group_id=str(round_),
-    )
     try:
+        inner = Message(
+            RecordDict({CONFIGS_KEY: ConfigRecord(values)}),
+            dst_node_id=message.metadata.dst_node_id,
+            message_type=MessageType.TRAIN,
+            group_id=str(round_),
+        )
         out = _stage(inner, context, _no_app)
     except Exception as exc:  # the mod raises on a bad stage or config: report it, keep this round
         return ConfigRecord({NEXT_ERROR: f"{type(exc).__name__}: {exc}"})
