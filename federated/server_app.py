@@ -197,17 +197,20 @@ def exchange_many(grid: Grid, batches: Sequence[Sequence[Message]], *, timeout: 
     arrivals: list[dict[int, float]] = [{} for _ in batches]
     done_at = [0.0 for _ in batches]
     deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
+    # At least one pull, however long the push took (as `exchange_with_retry`): a grid that
+    # trains inside push_messages, or a slow push, must not turn replies already there into dropouts.
+    while pending:
         for reply in grid.pull_messages(list(pending)):
             where = pending.pop(reply.metadata.reply_to_message_id, None)
             if where is not None:
                 replies[where[0]][where[1]] = reply
                 arrivals[where[0]][where[1]] = time.time()
                 done_at[where[0]] = time.perf_counter() - started
-        if pending:
-            if stop_event is not None and stop_event.is_set():
-                break
-            time.sleep(poll)
+        if not pending or time.monotonic() >= deadline:
+            break
+        if stop_event is not None and stop_event.is_set():
+            break
+        time.sleep(poll)
     wall = time.perf_counter() - started
     left: list[list[int]] = [[] for _ in batches]
     for b, node in pending.values():
