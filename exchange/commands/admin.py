@@ -42,7 +42,7 @@ def _run(db: str | None, config: Path | None, action: Any) -> Any:
 
     runtime = _coordinator(db, config)
     try:
-        return action(runtime.coordinator.registry)
+        return action(runtime.registry)
     except ProblemError as exc:
         details = "; ".join(f"{e['field']}: {e['reason']}" for e in exc.errors)
         typer.echo(f"refused: {exc.detail}" + (f" ({details})" if details else ""), err=True)
@@ -166,7 +166,7 @@ def sweep_rewards(db: DbOption = None, config: ConfigOption = None) -> None:
 
     runtime = _coordinator(db, config)
     try:
-        swept = sweep_unclaimed(runtime.coordinator)
+        swept = sweep_unclaimed(runtime.journal)
     finally:
         runtime.close()
     for item in swept:

@@ -14,7 +14,6 @@ from urllib.parse import quote
 
 from litestar import Request, Response, Router
 from litestar.config.csrf import CSRFConfig
-from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import NotFoundException, PermissionDeniedException, ValidationException
 from litestar.middleware import DefineMiddleware
@@ -26,8 +25,9 @@ from litestar.template.config import TemplateConfig
 
 from exchange.console import log_pages, operate, research, signin
 from exchange.console.session import COOKIE, IDLE_SECONDS, MAX_AGE_SECONDS, SessionStore, SignInRequired
+from exchange.coordinator.controllers import SERVICES
 from exchange.coordinator.problems import ProblemError
-from exchange.coordinator.services import Coordinator, Principal
+from exchange.coordinator.registry import Principal, Registry
 
 HERE = Path(__file__).parent
 PREFIX = "/console"
@@ -37,13 +37,8 @@ def template_config() -> TemplateConfig[JinjaTemplateEngine]:
     return TemplateConfig(directory=HERE / "templates", engine=JinjaTemplateEngine)
 
 
-def _coordinator(state: State) -> Coordinator:
-    coordinator: Coordinator = state.coordinator
-    return coordinator
-
-
 def _principal_from_session(sessions: SessionStore) -> Any:
-    async def principal(request: Request[Any, Any, Any], coordinator: Coordinator) -> Principal:
+    async def principal(request: Request[Any, Any, Any], registry: Registry) -> Principal:
         """The signed-in caller: the session's API key, authenticated again on every request
         (revocation applies at once; the role is the key's)."""
         import anyio.to_thread
@@ -51,8 +46,8 @@ def _principal_from_session(sessions: SessionStore) -> Any:
         token, ended = sessions.lookup(request.cookies.get(COOKIE))
         if token is None:
             raise SignInRequired(ended)
-        found = coordinator.registry.cached_principal(token) or await anyio.to_thread.run_sync(
-            coordinator.registry.authenticate_api_key, token
+        found = registry.cached_principal(token) or await anyio.to_thread.run_sync(
+            registry.authenticate_api_key, token
         )
         if found is None:
             sessions.drop(request.cookies.get(COOKIE))
@@ -151,7 +146,7 @@ def console_router(idle_seconds: float = IDLE_SECONDS, max_age_seconds: float = 
             static,
         ],
         dependencies={
-            "coordinator": Provide(_coordinator, sync_to_thread=False),
+            **SERVICES,
             "principal": Provide(_principal_from_session(sessions)),
             "sessions": Provide(lambda: sessions, sync_to_thread=False),
         },

@@ -19,7 +19,8 @@ from litestar.response import Template
 from audit.signing import b64encode
 from exchange.console import views
 from exchange.coordinator import problems
-from exchange.coordinator.services import Coordinator, Principal
+from exchange.coordinator.journal import Journal
+from exchange.coordinator.registry import Principal
 
 PAGE = 50
 SCAN = 2000  # a kind filter looks at this many entries from `start` at most
@@ -45,12 +46,12 @@ class LogController(Controller):
     def browse(
         self,
         principal: Principal,
-        coordinator: Coordinator,
+        journal: Journal,
         state: State,
         start: Annotated[int, Parameter(ge=0, le=2**53)] = 0,
         kind: str = "",
     ) -> Template:
-        log = coordinator.journal.audit_log
+        log = journal.audit_log
         size = log.size()
         rows: list[dict[str, Any]] = []
         position = start
@@ -87,8 +88,8 @@ class LogController(Controller):
         )
 
     @get("/{index:int}", sync_to_thread=True)
-    def entry(self, principal: Principal, coordinator: Coordinator, state: State, index: int) -> Template:
-        log = coordinator.journal.audit_log
+    def entry(self, principal: Principal, journal: Journal, state: State, index: int) -> Template:
+        log = journal.audit_log
         size = log.size()
         if not 0 <= index < size:
             raise problems.not_found(f"log entry {index} (the log has {size})")
@@ -107,29 +108,29 @@ class LogController(Controller):
         )
 
     @get("/{index:int}/leaf", sync_to_thread=True)
-    def leaf(self, principal: Principal, coordinator: Coordinator, index: int) -> dict[str, Any]:
-        log = coordinator.journal.audit_log
+    def leaf(self, principal: Principal, journal: Journal, index: int) -> dict[str, Any]:
+        log = journal.audit_log
         if not 0 <= index < log.size():
             raise problems.not_found(f"log entry {index}")
         return {"index": index, "leaf": b64encode(log.get(index).leaf_bytes())}
 
     @get("/checkpoint", sync_to_thread=True)
-    def checkpoint(self, principal: Principal, coordinator: Coordinator) -> dict[str, Any]:
+    def checkpoint(self, principal: Principal, journal: Journal) -> dict[str, Any]:
         """A fresh signed checkpoint of the whole log (as GET /v1/audit/checkpoint)."""
-        return {"checkpoint": coordinator.journal.audit_log.checkpoint()}
+        return {"checkpoint": journal.audit_log.checkpoint()}
 
     @get("/checkpoints/{size:int}", sync_to_thread=True)
-    def stored(self, principal: Principal, coordinator: Coordinator, size: int) -> dict[str, Any]:
-        note = views.stored_checkpoint(coordinator.journal.audit_log, size)
+    def stored(self, principal: Principal, journal: Journal, size: int) -> dict[str, Any]:
+        note = views.stored_checkpoint(journal.audit_log, size)
         if note is None:
             raise problems.not_found(f"stored checkpoint of size {size}")
         return {"checkpoint": note}
 
     @get("/proof/inclusion", sync_to_thread=True)
     def inclusion(
-        self, principal: Principal, coordinator: Coordinator, index: Index, size: Size
+        self, principal: Principal, journal: Journal, index: Index, size: Size
     ) -> dict[str, Any]:
-        log = coordinator.journal.audit_log
+        log = journal.audit_log
         current = log.size()
         if size > current or index >= size:
             raise problems.unprocessable(
@@ -148,9 +149,9 @@ class LogController(Controller):
 
     @get("/proof/consistency", sync_to_thread=True)
     def consistency(
-        self, principal: Principal, coordinator: Coordinator, old_size: Size, new_size: Size
+        self, principal: Principal, journal: Journal, old_size: Size, new_size: Size
     ) -> dict[str, Any]:
-        log = coordinator.journal.audit_log
+        log = journal.audit_log
         current = log.size()
         if not old_size <= new_size <= current:
             raise problems.unprocessable(

@@ -12,8 +12,10 @@ from litestar.response import Template
 
 from exchange.console import views
 from exchange.coordinator.auth import allow
+from exchange.coordinator.journal import Journal
 from exchange.coordinator.models import Role
-from exchange.coordinator.services import Coordinator, Principal
+from exchange.coordinator.registry import Principal, Registry
+from exchange.study.lifecycle import StudyLifecycle
 
 OVERSEERS = (Role.OPERATOR, Role.AUDITOR)  # as GET /v1/hospitals and /v1/organisations
 PAGE = 200
@@ -23,11 +25,13 @@ class OperatorController(Controller):
     path = "/"
 
     @get("/operator", sync_to_thread=True)
-    def overview(self, principal: Principal, coordinator: Coordinator, state: State) -> Template:
+    def overview(
+        self, principal: Principal, journal: Journal, lifecycle: StudyLifecycle, state: State
+    ) -> Template:
         allow(principal, *OVERSEERS)
-        studies, total = coordinator.list_studies(principal, None, 0, PAGE)
+        studies, total = lifecycle.list_studies(principal, None, 0, PAGE)
         by_status = Counter(str(s.status.value) for s in studies)
-        log = coordinator.journal.audit_log
+        log = journal.audit_log
         note = views.cosigned_note(state, log) or log.checkpoint()
         return Template(
             "operator.html",
@@ -38,15 +42,15 @@ class OperatorController(Controller):
                 "studies": studies,
                 "total": total,
                 "by_status": dict(sorted(by_status.items())),
-                "log_size": coordinator.journal.audit_log.size(),
+                "log_size": journal.audit_log.size(),
             },
         )
 
     @get("/hospitals", sync_to_thread=True)
-    def hospitals(self, principal: Principal, coordinator: Coordinator, state: State) -> Template:
+    def hospitals(self, principal: Principal, registry: Registry, journal: Journal, state: State) -> Template:
         allow(principal, *OVERSEERS)
-        rows, total = coordinator.registry.list_hospitals(0, PAGE)
-        contact = views.last_contact(coordinator, rows)
+        rows, total = registry.list_hospitals(0, PAGE)
+        contact = views.last_contact(journal, rows)
         items: list[dict[str, Any]] = [
             {
                 "id": h.id,
@@ -65,10 +69,10 @@ class OperatorController(Controller):
         )
 
     @get("/organisations", sync_to_thread=True)
-    def organisations(self, principal: Principal, coordinator: Coordinator) -> Template:
+    def organisations(self, principal: Principal, registry: Registry) -> Template:
         allow(principal, *OVERSEERS)
-        rows, total = coordinator.registry.list_organisations(0, PAGE)
-        ledger = coordinator.registry.balances()
+        rows, total = registry.list_organisations(0, PAGE)
+        ledger = registry.balances()
         balances = ledger.get("balances", {})
         items = [
             {"id": o.id, "name": o.name, "region": o.region, "balance": balances.get(f"org:{o.id}", 0)}

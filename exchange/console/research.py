@@ -12,8 +12,10 @@ from litestar.response import Redirect, Template
 from exchange.console import forms, plots, views
 from exchange.coordinator import problems
 from exchange.coordinator.auth import allow
+from exchange.coordinator.journal import Journal
 from exchange.coordinator.models import Role
-from exchange.coordinator.services import Coordinator, Principal
+from exchange.coordinator.registry import Principal, Registry
+from exchange.study.lifecycle import StudyLifecycle
 
 READERS = (Role.RESEARCHER, Role.OPERATOR, Role.AUDITOR)  # as GET /v1/studies
 PAGE = 50
@@ -27,10 +29,12 @@ class ResearchController(Controller):
     path = "/studies"
 
     @get("/", sync_to_thread=True)
-    def studies(self, principal: Principal, coordinator: Coordinator, offset: int = 0) -> Template:
+    def studies(
+        self, principal: Principal, registry: Registry, lifecycle: StudyLifecycle, offset: int = 0
+    ) -> Template:
         allow(principal, *READERS)
         offset = max(0, offset)
-        rows, total = coordinator.list_studies(principal, None, offset, PAGE)
+        rows, total = lifecycle.list_studies(principal, None, offset, PAGE)
         return _page(
             principal,
             "studies.html",
@@ -39,7 +43,7 @@ class ResearchController(Controller):
             offset=offset,
             page=PAGE,
             balance=(
-                coordinator.registry.balance(f"org:{principal.organisation_id}")
+                registry.balance(f"org:{principal.organisation_id}")
                 if principal.role == Role.RESEARCHER
                 else None
             ),
@@ -52,14 +56,15 @@ class ResearchController(Controller):
 
     @post("/new", status_code=200)
     async def submit(
-        self, request: Request[Any, Any, Any], principal: Principal, coordinator: Coordinator
+        self, request: Request[Any, Any, Any], principal: Principal, registry: Registry,
+        lifecycle: StudyLifecycle
     ) -> Response[Any]:
         allow(principal, Role.RESEARCHER)
         raw = await request.form()
         form = {k: str(raw.get(k) or "") for k in (*forms.DEFAULTS, "action")}
         body = forms.study_body(form)
         data, errors = forms.validate(body)
-        feasibility = await anyio.to_thread.run_sync(_feasibility, coordinator, principal, body)
+        feasibility = await anyio.to_thread.run_sync(_feasibility, registry, lifecycle, principal, body)
         errors += [
             {"field": item["field"], "reason": item["reason"]}
             for item in feasibility
@@ -72,7 +77,7 @@ class ResearchController(Controller):
                 context={"principal": principal, "form": form, "errors": errors, "feasibility": feasibility},
             )
         try:
-            study = await coordinator.submit_study_async(principal, data)
+            study = await lifecycle.submit_study_async(principal, data)
         except problems.ProblemError as exc:
             return Template(
                 "submit.html",
@@ -87,12 +92,14 @@ class ResearchController(Controller):
         return Redirect(f"/console/studies/{study.id}", status_code=303)
 
     @get("/{study_id:str}", sync_to_thread=True)
-    def study(self, principal: Principal, coordinator: Coordinator, study_id: str) -> Template:
+    def study(
+        self, principal: Principal, journal: Journal, lifecycle: StudyLifecycle, study_id: str
+    ) -> Template:
         allow(principal, *READERS)
-        study = coordinator.get_study(principal, study_id)
-        results = coordinator.results(principal, study_id) if views.can_see_results(principal) else None
+        study = lifecycle.get_study(principal, study_id)
+        results = lifecycle.results(principal, study_id) if views.can_see_results(principal) else None
         series = plots.metric_series(results["rounds"]) if results else {}
-        log = coordinator.journal.audit_log
+        log = journal.audit_log
         progress_of = views.progress(study)
         return _page(
             principal,
@@ -106,16 +113,16 @@ class ResearchController(Controller):
         )
 
     @get("/{study_id:str}/progress", sync_to_thread=True)
-    def progress(self, principal: Principal, coordinator: Coordinator, study_id: str) -> dict[str, Any]:
+    def progress(self, principal: Principal, lifecycle: StudyLifecycle, study_id: str) -> dict[str, Any]:
         """The study page polls this every few seconds (live progress; a plain reload shows the
         same numbers without JavaScript)."""
         allow(principal, *READERS)
-        return views.progress(coordinator.get_study(principal, study_id))
+        return views.progress(lifecycle.get_study(principal, study_id))
 
     @get("/{study_id:str}/model", sync_to_thread=True)
-    def model(self, principal: Principal, coordinator: Coordinator, study_id: str) -> Response[bytes]:
+    def model(self, principal: Principal, lifecycle: StudyLifecycle, study_id: str) -> Response[bytes]:
         allow(principal, Role.RESEARCHER)  # as GET /v1/studies/{id}/model
-        data, digest = coordinator.model(principal, study_id)
+        data, digest = lifecycle.model(principal, study_id)
         return Response(
             content=data,
             media_type="application/octet-stream",
@@ -127,16 +134,16 @@ class ResearchController(Controller):
 
 
 def _feasibility(
-    coordinator: Coordinator, principal: Principal, body: dict[str, Any]
+    registry: Registry, lifecycle: StudyLifecycle, principal: Principal, body: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """What the exchange can say before submitting: the budget against the organisation's
     balance, and the hospitals registered against the minimum asked for (each hospital still
     decides for itself, by its own policy and consent)."""
     checks: list[dict[str, Any]] = []
     budget = body.get("token_budget")
-    balance = coordinator.registry.balance(f"org:{principal.organisation_id}")
+    balance = registry.balance(f"org:{principal.organisation_id}")
     if isinstance(budget, int) and budget > 0:
-        problem = coordinator.budget_problem(principal, budget)
+        problem = lifecycle.budget_problem(principal, budget)
         checks.append(
             {
                 "field": "token_budget",
@@ -145,7 +152,7 @@ def _feasibility(
             }
         )
     wanted = body.get("min_hospitals")
-    _rows, registered = coordinator.registry.list_hospitals(0, 1)
+    _rows, registered = registry.list_hospitals(0, 1)
     if isinstance(wanted, int) and wanted > 0:
         checks.append(
             {

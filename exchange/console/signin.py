@@ -10,7 +10,7 @@ from litestar.response import Redirect, Template
 
 from exchange.console.session import COOKIE, SessionStore, SignInRequired, is_loopback
 from exchange.coordinator.models import Role
-from exchange.coordinator.services import Coordinator, Principal
+from exchange.coordinator.registry import Principal, Registry
 
 #: Why the sign-in page was reached from a page (`?ended=`): the session's limits (session.py).
 ENDED = {"idle": "Your session ended after a period without activity. Sign in again to continue.",
@@ -42,12 +42,12 @@ class SignInController(Controller):
 
     @post("/sign-in", status_code=303)
     async def sign_in(
-        self, request: Request[Any, Any, Any], coordinator: Coordinator, sessions: SessionStore
+        self, request: Request[Any, Any, Any], registry: Registry, sessions: SessionStore
     ) -> Response[Any]:
         form = await request.form()
         token = str(form.get("api_key") or "").strip()
         target = _safe_next(str(form.get("next") or ""))
-        authenticate = coordinator.registry.authenticate_api_key
+        authenticate = registry.authenticate_api_key
         principal = await anyio.to_thread.run_sync(authenticate, token) if token else None
         if principal is None or principal.role not in HOME:
             error = (

@@ -1,4 +1,5 @@
-"""What the console's pages show, read through the coordinator's services and the audit log.
+"""What the console's pages show, read through the coordinator's registry, the study lifecycle
+and the audit log.
 
 Each function applies the same authorization as the API endpoint that returns the same data:
 pages call `allow(...)` with the API's roles, and the services apply the organisation rules.
@@ -18,8 +19,10 @@ from audit.note import SIGNATURE_PREFIX
 from audit.signing import b64encode
 from audit.store import AuditLog, audit_checkpoints
 from audit.trust import Trust
-from exchange.coordinator.models import Hospital, RequestNonce, Role, StudyStatus
-from exchange.coordinator.services import Coordinator, Principal
+from exchange.coordinator.journal import Journal
+from exchange.coordinator.models import Hospital, RequestNonce, Role
+from exchange.coordinator.registry import Principal
+from exchange.study.models import StudyStatus
 
 PAYOUT_KINDS = ("study.payout", "study.refund")
 
@@ -105,13 +108,13 @@ def progress(study: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def last_contact(coordinator: Coordinator, hospitals: Iterable[Hospital]) -> dict[str, Any]:
+def last_contact(journal: Journal, hospitals: Iterable[Hospital]) -> dict[str, Any]:
     """hospital id -> the time of its latest signed request still on record (request nonces are
     kept for the replay window and a little beyond), or None."""
     by_key = {h.signing_key_id: h.id for h in hospitals}
     if not by_key:
         return {}
-    with coordinator.journal.read_engine.connect() as connection:
+    with journal.read_engine.connect() as connection:
         rows = connection.execute(
             select(RequestNonce.key_id, func.max(RequestNonce.created_at))
             .where(RequestNonce.key_id.in_(list(by_key)))

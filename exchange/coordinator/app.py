@@ -38,15 +38,16 @@ from exchange.console.session import IDLE_SECONDS, MAX_AGE_SECONDS
 from exchange.coordinator import controllers, problems, vocabulary
 from exchange.coordinator.auditing import forget_transactions
 from exchange.coordinator.checkpointing import Checkpointing
+from exchange.coordinator.journal import Journal
 from exchange.coordinator.observability import ObservabilityMiddleware
 from exchange.coordinator.rate_limit import FixedWindowRateLimitMiddleware
-from exchange.coordinator.registry import api_key_prefix
-from exchange.coordinator.services import Coordinator, Terms
+from exchange.coordinator.registry import Registry, api_key_prefix
 from exchange.coordinator.text_safety import RequestTextMiddleware
 from exchange.db import migrate
 from exchange.db.checkpoint import WalCheckpointer, writers_leave_checkpoints_to_a_thread
 from exchange.db.engine import make_engine, normalize_url
 from exchange.settings import CoordinatorSettings
+from exchange.study.lifecycle import StudyLifecycle, Terms
 from exchange.study.runners import StudyRunner
 
 STUDY_EVENTS = Counter("exchange_study_events_total", "Study lifecycle events recorded", ["kind"])
@@ -116,7 +117,9 @@ class Runtime:
     read_engine: Engine
     write_engine: Engine
     audit_log: AuditLog
-    coordinator: Coordinator
+    journal: Journal
+    registry: Registry
+    lifecycle: StudyLifecycle
     trust: Trust
     checkpointer: WalCheckpointer | None = None  # SQLite: WAL checkpoints off the commit path
     checkpointing: Checkpointing | None = None  # log checkpoints and witness cosignatures
@@ -124,7 +127,7 @@ class Runtime:
     def close(self) -> None:
         if self.checkpointing is not None:
             self.checkpointing.close()
-        self.coordinator.journal.close()
+        self.journal.close()
         if self.checkpointer is not None:
             self.checkpointer.close()
         self.read_engine.dispose()
@@ -200,19 +203,20 @@ def build_runtime(config: AppConfig, runner: StudyRunner) -> Runtime:
         writers_leave_checkpoints_to_a_thread(write_engine)
         checkpointer = WalCheckpointer(write_engine)
     audit_log = AuditLog(read_engine, log_signer, config.log_origin, operator.public_key)
-    coordinator = Coordinator(read_engine, write_engine, audit_log,
-                              operator=operator, coordinator=coordinator_key, runner=runner,
-                              terms=Terms(forward_bps=config.forward_bps, royalties=config.royalties,
-                                          claim_window_s=config.claim_window_s,
-                                          unclaimed_to=config.unclaimed_rewards_account),
-                              replay_window=timedelta(seconds=config.replay_window_s))
-    coordinator.on_change = lambda kind: STUDY_EVENTS.labels(kind=kind).inc()
-    coordinator.journal.bootstrap()
+    journal = Journal(read_engine, write_engine, audit_log, operator=operator,
+                      coordinator=coordinator_key)
+    journal.on_change = lambda kind: STUDY_EVENTS.labels(kind=kind).inc()
+    registry = Registry(journal, replay_window=timedelta(seconds=config.replay_window_s))
+    lifecycle = StudyLifecycle(journal, registry, runner,
+                               terms=Terms(forward_bps=config.forward_bps, royalties=config.royalties,
+                                           claim_window_s=config.claim_window_s,
+                                           unclaimed_to=config.unclaimed_rewards_account))
+    journal.bootstrap()
     checkpointing = Checkpointing(audit_log, trust, read_engine,
                                   every_entries=config.checkpoint_every_entries,
                                   every_seconds=config.checkpoint_every_s)
-    return Runtime(config, read_engine, write_engine, audit_log, coordinator, trust, checkpointer,
-                   checkpointing)
+    return Runtime(config, read_engine, write_engine, audit_log, journal, registry, lifecycle, trust,
+                   checkpointer, checkpointing)
 
 
 def _rate_limit_identifier(scope: Scope) -> str:
@@ -298,7 +302,9 @@ def create_app(runtime: Runtime, *, debug: bool = False,
         on_shutdown=[runtime.close, *(on_shutdown or [])],
         debug=debug,
     )
-    app.state.coordinator = runtime.coordinator
+    app.state.journal = runtime.journal
+    app.state.registry = runtime.registry
+    app.state.lifecycle = runtime.lifecycle
     app.state.audit_log = runtime.audit_log
     app.state.trust = runtime.trust
     app.state.checkpointing = runtime.checkpointing

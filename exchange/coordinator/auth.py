@@ -19,7 +19,7 @@ from litestar import Request
 from audit.signing import b64decode
 from exchange.coordinator import problems
 from exchange.coordinator.models import Role
-from exchange.coordinator.services import Coordinator, Principal
+from exchange.coordinator.registry import Principal, Registry
 from exchange.http_signing import RequestSignatureError, verify_request
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="exchange", Signature realm="exchange"'}
@@ -40,10 +40,10 @@ def _api_key(request: Request[Any, Any, Any]) -> str | None:
     return alternative.strip() if alternative is not None else None
 
 
-async def authenticate(request: Request[Any, Any, Any], coordinator: Coordinator) -> Principal:
+async def authenticate(request: Request[Any, Any, Any], registry: Registry) -> Principal:
     """The Litestar dependency behind every protected route (cached on the request).
 
-    It takes the `coordinator` dependency although the app state has it too: Litestar resolves
+    It takes the `registry` dependency although the app state has it too: Litestar resolves
     independent dependencies of one handler concurrently in an anyio task group (a task per
     dependency, on every request), dependent ones one after the other, directly.
     """
@@ -51,14 +51,14 @@ async def authenticate(request: Request[Any, Any, Any], coordinator: Coordinator
     if isinstance(cached, Principal):
         return cached
     if "signature-input" in request.headers or "signature" in request.headers:
-        principal = await _hospital(request, coordinator)
+        principal = await _hospital(request, registry)
     else:
         token = _api_key(request)
         if token is None:
             raise unauthorized("authentication required: an API key (Authorization: Bearer ... "
                                "or X-API-Key) or a signed request")
-        found = coordinator.registry.cached_principal(token) or \
-            await anyio.to_thread.run_sync(coordinator.registry.authenticate_api_key, token)
+        found = registry.cached_principal(token) or \
+            await anyio.to_thread.run_sync(registry.authenticate_api_key, token)
         if found is None:
             raise unauthorized("API key unknown or revoked")
         principal = found
@@ -66,12 +66,12 @@ async def authenticate(request: Request[Any, Any, Any], coordinator: Coordinator
     return principal
 
 
-async def _hospital(request: Request[Any, Any, Any], coordinator: Coordinator) -> Principal:
+async def _hospital(request: Request[Any, Any, Any], registry: Registry) -> Principal:
     body = await request.body()
     hospitals: dict[str, Any] = {}
 
     def public_key_for(kid: str) -> bytes | None:
-        hospital = coordinator.registry.hospital_by_key(kid)
+        hospital = registry.hospital_by_key(kid)
         if hospital is None:
             return None
         hospitals[kid] = hospital
@@ -79,13 +79,13 @@ async def _hospital(request: Request[Any, Any, Any], coordinator: Coordinator) -
 
     def verify() -> Any:
         return verify_request(request.method, str(request.url), request.headers.multi_items(), body,
-                              public_key_for, window=coordinator.registry.replay_window)
+                              public_key_for, window=registry.replay_window)
 
     try:
         verified = await anyio.to_thread.run_sync(verify)
     except RequestSignatureError as exc:
         raise unauthorized(str(exc)) from exc
-    fresh = await anyio.to_thread.run_sync(coordinator.registry.use_nonce, verified.key_id, verified.nonce)
+    fresh = await anyio.to_thread.run_sync(registry.use_nonce, verified.key_id, verified.nonce)
     if not fresh:
         raise unauthorized("replayed request: this signature nonce was already used")
     hospital = hospitals[verified.key_id]

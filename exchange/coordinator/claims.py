@@ -11,15 +11,12 @@ its escrow named (`sweep_unclaimed`), so no pool holds tokens for ever.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from audit.ledger import CLAIM_KIND, SWEEP_KIND
-from exchange.coordinator.journal import now
-
-if TYPE_CHECKING:
-    from exchange.coordinator.services import Coordinator
+from exchange.coordinator.journal import Journal, now
 
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -45,28 +42,26 @@ def claim_payload(hospital_account: str, claim: RewardClaim) -> dict[str, Any]:
             "proof": list(claim.proof), "amount": claim.amount}
 
 
-def claim_reward(coordinator: Coordinator, hospital_id: str, claim: RewardClaim) -> int:
+def claim_reward(journal: Journal, hospital_id: str, claim: RewardClaim) -> int:
     """Append the signed claim; the ledger fold refuses a wrong amount, a proof that does not
     verify, a leaf already paid or a study not paid out (422 naming the field), and then
     nothing is appended."""
-    journal = coordinator.journal
     entry = journal.sign(CLAIM_KIND, claim_payload(f"hospital:{hospital_id}", claim))
     with journal.write() as session:
         (index,) = journal.append(session, entry)
-    coordinator.on_change(CLAIM_KIND)
+    journal.on_change(CLAIM_KIND)
     return index
 
 
-def sweep_unclaimed(coordinator: Coordinator) -> list[dict[str, Any]]:
+def sweep_unclaimed(journal: Journal) -> list[dict[str, Any]]:
     """Sweep every claim pool whose claim window has closed and that still holds tokens: one
     signed `reward.sweep` entry each, all in one transaction (the ledger fold checks the window,
     the amount and the account again). Returns the sweeps appended (none: nothing was due).
     Run it from time to time (`exchange admin sweep-rewards`); a pool swept late is swept whole."""
-    journal = coordinator.journal
     with journal.write() as session:
         due = journal.ledger_in(session).sweepable(now())
         if due:
             journal.append(session, *(journal.sign(SWEEP_KIND, payload) for payload in due))
     if due:
-        coordinator.on_change(SWEEP_KIND)
+        journal.on_change(SWEEP_KIND)
     return due

@@ -1,13 +1,17 @@
-"""HTTP routes (Litestar controllers). Thin: authenticate, authorize, call `Coordinator`.
+"""HTTP routes (Litestar controllers). Thin: authenticate, authorize (guards), call the
+registry (`exchange.coordinator.registry`) or the study lifecycle (`exchange.study.lifecycle`).
 
-Sync handlers run in Litestar's thread pool (`sync_to_thread=True`): the database work is
-blocking SQLAlchemy, and the event loop stays free for other requests.
+Sync handlers run in Litestar's thread pool (`sync_to_thread=True`, what `read` and `write`
+declare with the problem responses every route shares): the database work is blocking
+SQLAlchemy, and the event loop stays free for other requests.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Annotated, Any, Literal
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal, TypeVar
 
 from litestar import Controller, Request, Response
 from litestar.datastructures import State
@@ -16,6 +20,7 @@ from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import Stream
+from pydantic import BaseModel
 
 from audit.entry import Entry, MalformedEntryError
 from audit.signing import b64encode
@@ -24,8 +29,10 @@ from exchange.coordinator.auth import authenticate
 from exchange.coordinator.catalogs import publish as publish_catalog
 from exchange.coordinator.claims import RewardClaim, claim_reward
 from exchange.coordinator.guards import delete, get, post
-from exchange.coordinator.models import Role, StudyStatus
+from exchange.coordinator.journal import Journal
+from exchange.coordinator.models import Hospital, Role
 from exchange.coordinator.problems import PROBLEM_JSON
+from exchange.coordinator.registry import Principal, Registry
 from exchange.coordinator.reports import study_report
 from exchange.coordinator.schemas import (
     ApiKeyCreate,
@@ -56,8 +63,9 @@ from exchange.coordinator.schemas import (
     StudyResults,
     StudySummary,
 )
-from exchange.coordinator.services import Coordinator, Principal
 from exchange.study.feasibility import CATALOG_KIND
+from exchange.study.lifecycle import StudyLifecycle
+from exchange.study.models import StudyStatus
 
 API_KEY_AUTH: list[dict[str, list[str]]] = [{"BearerApiKey": []}, {"HeaderApiKey": []}]
 SIGNED_AUTH: list[dict[str, list[str]]] = [{"HttpMessageSignature": []}]
@@ -85,9 +93,31 @@ PROBLEMS: dict[int, ResponseSpec] = {
 }
 
 
-def _coordinator(state: State) -> Coordinator:
-    coordinator: Coordinator = state.coordinator
-    return coordinator
+#: A route that reads (GET) or writes (POST, DELETE): blocking database work on a worker
+#: thread, answering the problem responses every route shares.
+read = functools.partial(get, sync_to_thread=True, responses=PROBLEMS)
+write = functools.partial(post, sync_to_thread=True, responses=PROBLEMS)
+remove = functools.partial(delete, sync_to_thread=True, responses=PROBLEMS)
+Out = TypeVar("Out", bound=BaseModel)
+
+
+def _all(model: type[Out], rows: Iterable[Any]) -> list[Out]:
+    return [model.model_validate(r) for r in rows]
+
+
+def _registry(state: State) -> Registry:
+    registry: Registry = state.registry
+    return registry
+
+
+def _journal(state: State) -> Journal:
+    journal: Journal = state.journal
+    return journal
+
+
+def _lifecycle(state: State) -> StudyLifecycle:
+    lifecycle: StudyLifecycle = state.lifecycle
+    return lifecycle
 
 
 def _next(offset: int, count: int, total: int) -> int | None:
@@ -101,13 +131,17 @@ def _entry(body: SignedEntry) -> Entry:
         raise problems.unprocessable([{"field": "body", "reason": str(exc)}]) from exc
 
 
-def _hospital_of(coordinator: Coordinator, principal: Principal) -> Any:
-    assert principal.hospital_id is not None  # HospitalController's guard: a hospital
-    return coordinator.registry.get_hospital(principal.hospital_id)
+def _hospital(principal: Principal, registry: Registry) -> Hospital:
+    """The calling hospital's registration (HospitalController's guard: a hospital)."""
+    assert principal.hospital_id is not None
+    return registry.get_hospital(principal.hospital_id)
 
 
-DEPENDENCIES = {"principal": Provide(authenticate),
-                "coordinator": Provide(_coordinator, sync_to_thread=False)}
+#: The coordinator's parts from the app's state, for the API's and the console's handlers.
+SERVICES = {"registry": Provide(_registry, sync_to_thread=False),
+            "journal": Provide(_journal, sync_to_thread=False),
+            "lifecycle": Provide(_lifecycle, sync_to_thread=False)}
+DEPENDENCIES = {"principal": Provide(authenticate), **SERVICES}
 
 
 class RegistryController(Controller):
@@ -118,72 +152,56 @@ class RegistryController(Controller):
     dependencies = DEPENDENCIES
     security = API_KEY_AUTH
 
-    @post("/organisations", guards=[guards.OPERATOR],
-          sync_to_thread=True, responses=PROBLEMS, summary="Register an organisation")
-    def create_organisation(self, principal: Principal, coordinator: Coordinator,
-                            data: OrganisationCreate) -> OrganisationOut:
-        return OrganisationOut.model_validate(coordinator.registry.create_organisation(data))
+    @write("/organisations", guards=[guards.OPERATOR], summary="Register an organisation")
+    def create_organisation(self, registry: Registry, data: OrganisationCreate) -> OrganisationOut:
+        return OrganisationOut.model_validate(registry.create_organisation(data))
 
-    @get("/organisations", guards=[guards.OPERATOR_OR_AUDITOR],
-         sync_to_thread=True, responses=PROBLEMS, summary="List organisations")
-    def list_organisations(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
+    @read("/organisations", guards=[guards.OPERATOR_OR_AUDITOR], summary="List organisations")
+    def list_organisations(self, registry: Registry, offset: Offset = 0,
                            limit: Limit = 50) -> list[OrganisationOut]:
-        rows, _total = coordinator.registry.list_organisations(offset, limit)
-        return [OrganisationOut.model_validate(r) for r in rows]
+        return _all(OrganisationOut, registry.list_organisations(offset, limit)[0])
 
-    @post("/organisations/{organisation_id:str}/researchers", guards=[guards.OPERATOR],
-          sync_to_thread=True, responses=PROBLEMS,
-          summary="Register a researcher")
-    def create_researcher(self, principal: Principal, coordinator: Coordinator, organisation_id: str,
+    @write("/organisations/{organisation_id:str}/researchers", guards=[guards.OPERATOR],
+           summary="Register a researcher")
+    def create_researcher(self, registry: Registry, organisation_id: str,
                           data: ResearcherCreate) -> ResearcherOut:
-        return ResearcherOut.model_validate(coordinator.registry.create_researcher(organisation_id, data))
+        return ResearcherOut.model_validate(registry.create_researcher(organisation_id, data))
 
-    @post("/api-keys", guards=[guards.OPERATOR],
-          sync_to_thread=True, responses=PROBLEMS,
-          summary="Issue an API key (the secret is shown once)",
-          opt={"rate_limited": True})
-    def issue_api_key(self, principal: Principal, coordinator: Coordinator,
-                      data: ApiKeyCreate) -> ApiKeyIssued:
-        key, token = coordinator.registry.issue_api_key(data)
+    @write("/api-keys", guards=[guards.OPERATOR], opt={"rate_limited": True},
+           summary="Issue an API key (the secret is shown once)")
+    def issue_api_key(self, registry: Registry, data: ApiKeyCreate) -> ApiKeyIssued:
+        key, token = registry.issue_api_key(data)
         return ApiKeyIssued.model_validate({**ApiKeyOut.model_validate(key).model_dump(), "key": token})
 
-    @get("/api-keys", guards=[guards.OPERATOR],
-         sync_to_thread=True, responses=PROBLEMS, summary="List API keys (never their secrets)")
-    def list_api_keys(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
+    @read("/api-keys", guards=[guards.OPERATOR], summary="List API keys (never their secrets)")
+    def list_api_keys(self, registry: Registry, offset: Offset = 0,
                       limit: Limit = 50) -> list[ApiKeyOut]:
-        rows, _ = coordinator.registry.list_api_keys(offset, limit)
-        return [ApiKeyOut.model_validate(r) for r in rows]
+        return _all(ApiKeyOut, registry.list_api_keys(offset, limit)[0])
 
-    @delete("/api-keys/{prefix:str}", guards=[guards.OPERATOR],
-            sync_to_thread=True, responses=PROBLEMS,
-            status_code=200, summary="Revoke an API key")
-    def revoke_api_key(self, principal: Principal, coordinator: Coordinator, prefix: str) -> ApiKeyOut:
-        return ApiKeyOut.model_validate(coordinator.registry.revoke_api_key(prefix))
+    @remove("/api-keys/{prefix:str}", guards=[guards.OPERATOR], status_code=200,
+            summary="Revoke an API key")
+    def revoke_api_key(self, registry: Registry, prefix: str) -> ApiKeyOut:
+        return ApiKeyOut.model_validate(registry.revoke_api_key(prefix))
 
-    @get("/catalogs", guards=[guards.RESEARCHER_OPERATOR_AUDITOR], sync_to_thread=True, responses=PROBLEMS,
-         summary="Every hospital's newest published catalog (what a submission is checked against)")
-    def catalogs(self, coordinator: Coordinator) -> dict[str, Any]:
-        catalogs, registered = coordinator.catalogs.catalogs()
+    @read("/catalogs", guards=[guards.RESEARCHER_OPERATOR_AUDITOR],
+          summary="Every hospital's newest published catalog (what a submission is checked against)")
+    def catalogs(self, lifecycle: StudyLifecycle) -> dict[str, Any]:
+        catalogs, registered = lifecycle.catalogs.catalogs()
         return {"hospitals": [{"hospital_id": h, "catalog": catalogs[h].model_dump(mode="json")
                                if h in catalogs else None} for h in registered]}
 
-    @post("/hospitals", guards=[guards.OPERATOR],
-          sync_to_thread=True, responses=PROBLEMS, summary="Register a hospital and its keys")
-    def register_hospital(self, principal: Principal, coordinator: Coordinator,
-                          data: HospitalCreate) -> HospitalOut:
-        return HospitalOut.model_validate(coordinator.registry.register_hospital(data))
+    @write("/hospitals", guards=[guards.OPERATOR], summary="Register a hospital and its keys")
+    def register_hospital(self, registry: Registry, data: HospitalCreate) -> HospitalOut:
+        return HospitalOut.model_validate(registry.register_hospital(data))
 
-    @get("/hospitals", guards=[guards.OPERATOR_OR_AUDITOR],
-         sync_to_thread=True, responses=PROBLEMS, summary="List hospitals")
-    def list_hospitals(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
+    @read("/hospitals", guards=[guards.OPERATOR_OR_AUDITOR], summary="List hospitals")
+    def list_hospitals(self, registry: Registry, offset: Offset = 0,
                        limit: Limit = 50) -> list[HospitalOut]:
-        rows, _ = coordinator.registry.list_hospitals(offset, limit)
-        return [HospitalOut.model_validate(r) for r in rows]
+        return _all(HospitalOut, registry.list_hospitals(offset, limit)[0])
 
-    @post("/ledger/mint", guards=[guards.OPERATOR],
-          sync_to_thread=True, responses=PROBLEMS, summary="Mint tokens into an account")
-    def mint(self, principal: Principal, coordinator: Coordinator, data: MintRequest) -> EntryAccepted:
-        return EntryAccepted(index=coordinator.registry.mint(data.account, data.amount), kind="token.mint")
+    @write("/ledger/mint", guards=[guards.OPERATOR], summary="Mint tokens into an account")
+    def mint(self, registry: Registry, data: MintRequest) -> EntryAccepted:
+        return EntryAccepted(index=registry.mint(data.account, data.amount), kind="token.mint")
 
 
 def _study_problem_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -202,7 +220,7 @@ def _study_problem_handler(request: Request[Any, Any, Any], exc: Exception) -> R
     except (ValueError, AttributeError):
         return response
     if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
-        problem = request.app.state.coordinator.budget_problem(principal, budget)
+        problem = request.app.state.lifecycle.budget_problem(principal, budget)
         if problem and isinstance(response.content, dict):
             response.content.setdefault("errors", []).append({"field": "token_budget", "reason": problem})
             response.content["detail"] = f"{len(response.content['errors'])} problem(s) with the request"
@@ -217,138 +235,124 @@ class StudyController(Controller):
     dependencies = DEPENDENCIES
     security = API_KEY_AUTH
 
-    @post("/", guards=[guards.RESEARCHER],
-          responses=PROBLEMS,
-          status_code=201, summary="Submit a study (escrows its budget)",
-          opt={"rate_limited": True},
+    @post("/", guards=[guards.RESEARCHER], responses=PROBLEMS, status_code=201,
+          summary="Submit a study (escrows its budget)", opt={"rate_limited": True},
           exception_handlers={ValidationException: _study_problem_handler})
-    async def submit(self, principal: Principal, coordinator: Coordinator,
+    async def submit(self, principal: Principal, lifecycle: StudyLifecycle,
                      data: StudyCreate) -> StudyOut:
         # async: the write is awaited on the group commit, so a submission in flight holds no
         # worker thread (see exchange.coordinator.group_commit).
-        study = await coordinator.submit_study_async(principal, data)
-        return StudyOut.model_validate(coordinator.submitted_view(study))
+        study = await lifecycle.submit_study_async(principal, data)
+        return StudyOut.model_validate(lifecycle.submitted_view(study))
 
-    @get("/", guards=[guards.RESEARCHER_OPERATOR_AUDITOR],
-         sync_to_thread=True, responses=PROBLEMS,
-         summary="List studies (researchers: their organisation's only)")
-    def list_studies(self, principal: Principal, coordinator: Coordinator, offset: Offset = 0,
+    @read("/", guards=[guards.RESEARCHER_OPERATOR_AUDITOR],
+          summary="List studies (researchers: their organisation's only)")
+    def list_studies(self, principal: Principal, lifecycle: StudyLifecycle, offset: Offset = 0,
                      limit: Limit = 50, status: StudyStatus | None = None) -> StudyPage:
-        rows, total = coordinator.list_studies(principal, status, offset, limit)
-        return StudyPage(items=[StudySummary.model_validate(r) for r in rows], total=total,
+        rows, total = lifecycle.list_studies(principal, status, offset, limit)
+        return StudyPage(items=_all(StudySummary, rows), total=total,
                          next_offset=_next(offset, len(rows), total))
 
-    @get("/{study_id:str}", guards=[guards.RESEARCHER_OPERATOR_AUDITOR],
-         responses=PROBLEMS, summary="A study, its decisions and progress")
-    async def get_study(self, principal: Principal, coordinator: Coordinator,
+    @get("/{study_id:str}", guards=[guards.RESEARCHER_OPERATOR_AUDITOR], responses=PROBLEMS,
+         summary="A study, its decisions and progress")
+    async def get_study(self, principal: Principal, lifecycle: StudyLifecycle,
                         study_id: str) -> StudyOut:
         return StudyOut.model_validate(
-            await coordinator.read_async(coordinator.get_study, principal, study_id))
+            await lifecycle.read_async(lifecycle.get_study, principal, study_id))
 
-    @post("/{study_id:str}/cancel", guards=[guards.RESEARCHER_OR_OPERATOR],
-          sync_to_thread=True, responses=PROBLEMS, status_code=200,
-          summary="Cancel a study (refunds its escrow)")
-    def cancel(self, principal: Principal, coordinator: Coordinator, study_id: str,
+    @write("/{study_id:str}/cancel", guards=[guards.RESEARCHER_OR_OPERATOR], status_code=200,
+           summary="Cancel a study (refunds its escrow)")
+    def cancel(self, principal: Principal, lifecycle: StudyLifecycle, study_id: str,
                data: CancelRequest) -> StudyOut:
-        return StudyOut.model_validate(coordinator.cancel_study(principal, study_id, data.reason))
+        return StudyOut.model_validate(lifecycle.cancel_study(principal, study_id, data.reason))
 
-    @get("/{study_id:str}/results", guards=[guards.RESEARCHER],
-         sync_to_thread=True, responses=PROBLEMS,
-         summary="Per-round metrics, per-hospital records used and epsilon spent")
-    def results(self, principal: Principal, coordinator: Coordinator, study_id: str) -> StudyResults:
-        return StudyResults.model_validate(coordinator.results(principal, study_id))
+    @read("/{study_id:str}/results", guards=[guards.RESEARCHER],
+          summary="Per-round metrics, per-hospital records used and epsilon spent")
+    def results(self, principal: Principal, lifecycle: StudyLifecycle, study_id: str) -> StudyResults:
+        return StudyResults.model_validate(lifecycle.results(principal, study_id))
 
-    @get("/{study_id:str}/report", guards=[guards.RESEARCHER_OPERATOR_AUDITOR],
-         sync_to_thread=True, responses=PROBLEMS,
-         summary="The privacy report: per hospital epsilon and delta spent, steps, accountant, "
-                 "count-free exclusions, metrics per round (exchange/coordinator/reports.py)")
-    def report(self, principal: Principal, coordinator: Coordinator, study_id: str) -> dict[str, Any]:
-        return study_report(coordinator.journal, principal, study_id)
+    @read("/{study_id:str}/report", guards=[guards.RESEARCHER_OPERATOR_AUDITOR],
+          summary="The privacy report: per hospital epsilon and delta spent, steps, accountant, "
+                  "count-free exclusions, metrics per round (exchange/coordinator/reports.py)")
+    def report(self, principal: Principal, journal: Journal, study_id: str) -> dict[str, Any]:
+        return study_report(journal, principal, study_id)
 
-    @get("/{study_id:str}/model", guards=[guards.RESEARCHER],
-         sync_to_thread=True, responses=PROBLEMS,
-         media_type="application/octet-stream",
-         summary="The trained model (safetensors)")
-    def model(self, principal: Principal, coordinator: Coordinator, study_id: str) -> Response[bytes]:
-        data, digest = coordinator.model(principal, study_id)
+    @read("/{study_id:str}/model", guards=[guards.RESEARCHER], media_type="application/octet-stream",
+          summary="The trained model (safetensors)")
+    def model(self, principal: Principal, lifecycle: StudyLifecycle, study_id: str) -> Response[bytes]:
+        data, digest = lifecycle.model(principal, study_id)
         return Response(content=data, media_type="application/octet-stream",
                         headers={"Content-Disposition": f'attachment; filename="{study_id}.safetensors"',
                                  "Digest-SHA256": digest})
 
 
 class HospitalController(Controller):
-    """Hospitals (signed requests): studies to decide on, decisions, receipts, key rotation."""
+    """Hospitals (signed requests): studies to decide on, decisions, receipts, key rotation.
+    Every route gets the calling hospital's registration as its `hospital` dependency."""
 
     path = "/v1/hospital"
     tags = ["hospitals"]  # noqa: RUF012
-    dependencies = DEPENDENCIES
+    dependencies = {**DEPENDENCIES, "hospital": Provide(_hospital, sync_to_thread=True)}  # noqa: RUF012
     security = SIGNED_AUTH
     guards = [guards.HOSPITAL]  # noqa: RUF012
 
-    @get("/me", sync_to_thread=True, responses=PROBLEMS, summary="The calling hospital's registration")
-    def me(self, principal: Principal, coordinator: Coordinator) -> HospitalOut:
-        return HospitalOut.model_validate(_hospital_of(coordinator, principal))
+    @read("/me", summary="The calling hospital's registration")
+    def me(self, hospital: Hospital) -> HospitalOut:
+        return HospitalOut.model_validate(hospital)
 
-    @get("/studies", sync_to_thread=True, responses=PROBLEMS,
-         summary="Studies to decide on (pending) or open or all")
-    def studies(self, principal: Principal, coordinator: Coordinator,
+    @read("/studies", summary="Studies to decide on (pending) or open or all")
+    def studies(self, hospital: Hospital, lifecycle: StudyLifecycle,
                 status: Literal["pending", "open", "all"] = "pending", offset: Offset = 0,
                 limit: Limit = 50) -> HospitalStudyPage:
-        hospital = _hospital_of(coordinator, principal)
-        items, total = coordinator.hospital_studies(hospital, status, offset, limit)
-        return HospitalStudyPage(items=[HospitalStudy.model_validate(i) for i in items], total=total,
+        items, total = lifecycle.hospital_studies(hospital, status, offset, limit)
+        return HospitalStudyPage(items=_all(HospitalStudy, items), total=total,
                                  next_offset=_next(offset, len(items), total))
 
-    @post("/studies/{study_id:str}/decision", sync_to_thread=True, responses=PROBLEMS, status_code=201,
-          summary="Approve or refuse a study (a signed study.decision entry)")
-    def decide(self, principal: Principal, coordinator: Coordinator, study_id: str,
+    @write("/studies/{study_id:str}/decision", status_code=201,
+           summary="Approve or refuse a study (a signed study.decision entry)")
+    def decide(self, hospital: Hospital, lifecycle: StudyLifecycle, study_id: str,
                data: SignedEntry) -> EntryAccepted:
-        hospital = _hospital_of(coordinator, principal)
-        index = coordinator.decide(hospital, study_id, _entry(data))
-        return EntryAccepted(index=index, kind="study.decision")
+        return EntryAccepted(index=lifecycle.decide(hospital, study_id, _entry(data)),
+                             kind="study.decision")
 
-    @post("/catalog", sync_to_thread=True, responses=PROBLEMS, status_code=201,
-          summary="Publish this hospital's catalog (a signed hospital.catalog entry: columns with "
-                  "their data categories and types, the site policy's public limits; no counts)")
-    def catalog(self, principal: Principal, coordinator: Coordinator, data: SignedEntry) -> EntryAccepted:
-        hospital = _hospital_of(coordinator, principal)
-        index = publish_catalog(coordinator.journal, coordinator.registry, hospital, _entry(data))
-        coordinator.on_change(CATALOG_KIND)
+    @write("/catalog", status_code=201,
+           summary="Publish this hospital's catalog (a signed hospital.catalog entry: columns with "
+                   "their data categories and types, the site policy's public limits; no counts)")
+    def catalog(self, hospital: Hospital, journal: Journal, registry: Registry,
+                data: SignedEntry) -> EntryAccepted:
+        index = publish_catalog(journal, registry, hospital, _entry(data))
+        journal.on_change(CATALOG_KIND)
         return EntryAccepted(index=index, kind=CATALOG_KIND)
 
-    @post("/rewards/claims", sync_to_thread=True, responses=PROBLEMS, status_code=201,
-          summary="Claim one leaf of a receipt's reward commitment (for a patient), with its proof")
-    def claim(self, principal: Principal, coordinator: Coordinator, data: RewardClaim) -> EntryAccepted:
-        hospital = _hospital_of(coordinator, principal)
-        return EntryAccepted(index=claim_reward(coordinator, hospital.id, data), kind="reward.claim")
+    @write("/rewards/claims", status_code=201,
+           summary="Claim one leaf of a receipt's reward commitment (for a patient), with its proof")
+    def claim(self, hospital: Hospital, journal: Journal, data: RewardClaim) -> EntryAccepted:
+        return EntryAccepted(index=claim_reward(journal, hospital.id, data), kind="reward.claim")
 
-    @get("/witness/checkpoint", sync_to_thread=True, responses=PROBLEMS,
-         media_type=witness_routes.WITNESS_REQUEST_TYPE,
-         summary="The newest checkpoint as a tlog-witness add-checkpoint request (long poll)")
-    def witness_checkpoint(self, principal: Principal, coordinator: Coordinator, state: State,
+    @read("/witness/checkpoint", media_type=witness_routes.WITNESS_REQUEST_TYPE,
+          summary="The newest checkpoint as a tlog-witness add-checkpoint request (long poll)")
+    def witness_checkpoint(self, hospital: Hospital, state: State,
                            old_size: Annotated[int, Parameter(ge=0, le=2**53)] = 0,
                            wait_s: Annotated[float, Parameter(ge=0, le=25)] = 0.0) -> Response[bytes]:
-        hospital = _hospital_of(coordinator, principal)
         return witness_routes.witness_offer(state, hospital.id, old_size, wait_s)
 
-    @post("/witness/cosignature", sync_to_thread=True, responses=PROBLEMS, status_code=201,
-          summary="The hospital witness's cosignature on a checkpoint (C2SP cosignature/v1)")
-    def witness_cosignature(self, principal: Principal, coordinator: Coordinator, state: State,
+    @write("/witness/cosignature", status_code=201,
+           summary="The hospital witness's cosignature on a checkpoint (C2SP cosignature/v1)")
+    def witness_cosignature(self, hospital: Hospital, state: State,
                             data: witness_routes.CosignatureIn) -> witness_routes.CosignatureAccepted:
-        hospital = _hospital_of(coordinator, principal)
         return witness_routes.add_cosignature(state, hospital.id, data)
 
-    @post("/entries", sync_to_thread=True, responses=PROBLEMS, status_code=201,
-          summary="Submit an entry the hospital signed: study.decision, round.receipt or key.rotate")
-    def entries(self, principal: Principal, coordinator: Coordinator, data: SignedEntry) -> EntryAccepted:
-        hospital = _hospital_of(coordinator, principal)
+    @write("/entries", status_code=201,
+           summary="Submit an entry the hospital signed: study.decision, round.receipt or key.rotate")
+    def entries(self, hospital: Hospital, registry: Registry, lifecycle: StudyLifecycle,
+                data: SignedEntry) -> EntryAccepted:
         entry = _entry(data)
         if entry.kind == "study.decision":
-            index = coordinator.decide(hospital, str(entry.payload.get("study_id")), entry)
+            index = lifecycle.decide(hospital, str(entry.payload.get("study_id")), entry)
         elif entry.kind == "round.receipt":
-            index = coordinator.record_receipt(hospital, entry)
+            index = lifecycle.record_receipt(hospital, entry)
         elif entry.kind == "key.rotate":
-            index = coordinator.registry.rotate_hospital_key(hospital, entry)
+            index = registry.rotate_hospital_key(hospital, entry)
         else:
             raise problems.unprocessable([{"field": "kind", "reason": "must be study.decision, "
                                            "round.receipt or key.rotate"}])
@@ -363,7 +367,7 @@ class AuditController(Controller):
     dependencies = DEPENDENCIES
     security = ANY_AUTH
 
-    @get("/audit/entries", sync_to_thread=True, responses=PROBLEMS, summary="Log entries, paged by index")
+    @read("/audit/entries", summary="Log entries, paged by index")
     def entries(self, principal: Principal, state: State, start: Offset = 0,
                 limit: Limit = 100) -> AuditEntryPage:
         log = state.audit_log
@@ -373,14 +377,13 @@ class AuditController(Controller):
                  for i, e in enumerate(log.entries(start, stop))] if start < size else []
         return AuditEntryPage(items=items, size=size, next_start=stop if stop < size else None)
 
-    @get("/audit/checkpoint", sync_to_thread=True, responses=PROBLEMS,
-         summary="The latest cosigned checkpoint (Accept: text/plain for the signed note itself)")
+    @read("/audit/checkpoint",
+          summary="The latest cosigned checkpoint (Accept: text/plain for the signed note itself)")
     def checkpoint(self, principal: Principal, state: State,
                    request: Request[Any, Any, Any]) -> Response[Any]:
         return witness_routes.served_checkpoint(state, request)
 
-    @get("/audit/proofs/inclusion", sync_to_thread=True, responses=PROBLEMS,
-         summary="RFC 9162 inclusion proof")
+    @read("/audit/proofs/inclusion", summary="RFC 9162 inclusion proof")
     def inclusion(self, principal: Principal, state: State,
                   index: Annotated[int, Parameter(ge=0, le=2**53)],
                   size: Annotated[int, Parameter(ge=1, le=2**53)]) -> InclusionProofOut:
@@ -393,8 +396,7 @@ class AuditController(Controller):
         return InclusionProofOut(index=index, size=size, leaf_hash=b64encode(log.leaf_hash(index)),
                                  proof=[b64encode(p) for p in proof])
 
-    @get("/audit/proofs/consistency", sync_to_thread=True, responses=PROBLEMS,
-         summary="RFC 9162 consistency proof")
+    @read("/audit/proofs/consistency", summary="RFC 9162 consistency proof")
     def consistency(self, principal: Principal, state: State,
                     old_size: Annotated[int, Parameter(ge=1, le=2**53)],
                     new_size: Annotated[int, Parameter(ge=1, le=2**53)]) -> ConsistencyProofOut:
@@ -406,7 +408,7 @@ class AuditController(Controller):
         proof = log.consistency_proof(old_size, new_size)
         return ConsistencyProofOut(old_size=old_size, new_size=new_size, proof=[b64encode(p) for p in proof])
 
-    @get("/audit/export", sync_to_thread=True, responses=PROBLEMS, media_type="application/x-ndjson",
+    @read("/audit/export", media_type="application/x-ndjson",
          summary="Entries as JSON lines (RFC 8785 envelopes, line i = entry start+i), paged")
     def export(self, principal: Principal, state: State, start: witness_routes.ExportStart = 0,
                limit: witness_routes.ExportLimit = None) -> Stream:
@@ -418,19 +420,17 @@ class AuditController(Controller):
         trust: dict[str, Any] = witness_routes.checkpointing(state).trust().to_json()
         return trust
 
-    @get("/ledger/balances", sync_to_thread=True, responses=PROBLEMS,
-         summary="Token balances (researchers and hospitals: their own account)")
-    def balances(self, principal: Principal, coordinator: Coordinator) -> BalancesOut:
+    @read("/ledger/balances", summary="Token balances (researchers and hospitals: their own account)")
+    def balances(self, principal: Principal, registry: Registry) -> BalancesOut:
         if principal.role in (Role.OPERATOR, Role.AUDITOR):
-            return BalancesOut.model_validate(coordinator.registry.balances())
+            return BalancesOut.model_validate(registry.balances())
         own = (f"hospital:{principal.hospital_id}" if principal.role == Role.HOSPITAL
                else f"org:{principal.organisation_id}")
-        own_balance = coordinator.registry.balances([own])["balances"].get(own, 0)
+        own_balance = registry.balances([own])["balances"].get(own, 0)
         return BalancesOut(balances={own: own_balance})
 
 
-@get("/health", sync_to_thread=True, responses=PROBLEMS,
-     tags=["service"], summary="Liveness and database check")
+@read("/health", tags=["service"], summary="Liveness and database check")
 def health(state: State) -> HealthOut:
     return HealthOut(status="ok", database="ok", log_size=state.audit_log.size())
 

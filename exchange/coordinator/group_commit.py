@@ -106,7 +106,7 @@ def _settle_here(outcomes: list[_Outcome], loop: asyncio.AbstractEventLoop) -> N
 class _Batcher:
     """What both writers share: the queue of pending writes, its cut into batches of at most
     `max_batch`, and the hook run on the connection right after each successful COMMIT (the
-    ledger view and the audit log carry the committed state over: Coordinator._after_commit)."""
+    ledger view and the audit log carry the committed state over: Journal.after_commit)."""
 
     def __init__(self, engine: Engine, max_batch: int = 64,
                  after_commit: Callable[[Connection, object], None] = lambda _c, _t: None) -> None:

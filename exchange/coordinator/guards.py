@@ -34,7 +34,7 @@ def roles(*allowed: Role) -> Guard:
 
     async def guard(connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler) -> None:
         request = cast(Request[Any, Any, Any], connection)
-        principal = await authenticate(request, connection.app.state.coordinator)
+        principal = await authenticate(request, connection.app.state.registry)
         allow(principal, *allowed)
 
     guard.__name__ = "roles_" + "_".join(role.value for role in allowed)

@@ -17,7 +17,7 @@ receipts are their own signed entries, appended unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -57,6 +57,9 @@ class Journal:
         # SQLite reads are in-process work with no network wait: an async route may run them
         # on the event loop instead of handing them to a worker thread.
         self.reads_on_loop = self.read_engine.dialect.name == "sqlite"
+        # Told the kind of each committed change (study events, reward claims): the app counts
+        # them as metrics.
+        self.on_change: Callable[[str], None] = lambda _kind: None
 
     @contextmanager
     def write(self) -> Iterator[Session]:

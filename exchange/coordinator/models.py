@@ -1,4 +1,6 @@
-"""Coordinator tables (SQLAlchemy 2, on `CoordinatorBase`).
+"""The registry's tables (SQLAlchemy 2, on `CoordinatorBase`): organisations, researchers, API
+keys, hospitals and the replay cache of signed requests. The study tables are the study
+lifecycle's (`exchange.study.models`), on the same metadata and database.
 
 Why these shapes:
 - API keys are never stored: only a public lookup `prefix` and the SHA-256 of the whole
@@ -17,28 +19,13 @@ Why these shapes:
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    DateTime,
-    Enum,
-    Float,
-    ForeignKey,
-    Integer,
-    LargeBinary,
-    String,
-    Text,
-    TypeDecorator,
-    UniqueConstraint,
-    false,
-)
+from sqlalchemy import ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from exchange.db.base import CoordinatorBase
+from exchange.db.types import UTCDateTime, enum_column
 
 
 class Role(enum.StrEnum):
@@ -48,52 +35,6 @@ class Role(enum.StrEnum):
     RESEARCHER = "researcher"
     HOSPITAL = "hospital"
     AUDITOR = "auditor"
-
-
-class StudyStatus(enum.StrEnum):
-    """submitted -> (hospital decisions) -> running -> completed | failed | cancelled."""
-
-    SUBMITTED = "submitted"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-TERMINAL_STATUSES = frozenset({StudyStatus.COMPLETED, StudyStatus.FAILED, StudyStatus.CANCELLED})
-
-
-class DecisionKind(enum.StrEnum):
-    APPROVE = "approve"
-    REFUSE = "refuse"
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """A timezone-aware UTC timestamp on every backend. SQLite stores no offset, so values
-    come back naive there; this type stores UTC and always returns aware UTC datetimes, so the
-    API serves RFC 3339 times with an offset on SQLite as on PostgreSQL."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime: the coordinator stores aware UTC times only")
-        return value.astimezone(UTC)
-
-    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _enum(cls: type[enum.Enum], name: str) -> Enum:
-    # native_enum=False: a VARCHAR + CHECK on both SQLite and PostgreSQL, easy to extend
-    # in a batch migration.
-    return Enum(cls, name=name, native_enum=False, create_constraint=True, length=32,
-                values_callable=lambda members: [m.value for m in members])
 
 
 class Organisation(CoordinatorBase):
@@ -120,7 +61,7 @@ class ApiKey(CoordinatorBase):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     prefix: Mapped[str] = mapped_column(String(32), unique=True)
     secret_sha256: Mapped[str] = mapped_column(String(64))
-    role: Mapped[Role] = mapped_column(_enum(Role, "api_key_role"))
+    role: Mapped[Role] = mapped_column(enum_column(Role, "api_key_role"))
     organisation_id: Mapped[str | None] = mapped_column(ForeignKey("organisations.id"), index=True)
     researcher_id: Mapped[str | None] = mapped_column(ForeignKey("researchers.id"))
     label: Mapped[str] = mapped_column(String(200), default="")
@@ -138,74 +79,6 @@ class Hospital(CoordinatorBase):
     signing_key_id: Mapped[str] = mapped_column(String(32), unique=True)
     flower_public_key: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
-
-
-class Study(CoordinatorBase):
-    __tablename__ = "studies"
-
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    organisation_id: Mapped[str] = mapped_column(ForeignKey("organisations.id"), index=True)
-    researcher_id: Mapped[str | None] = mapped_column(ForeignKey("researchers.id"))
-    title: Mapped[str] = mapped_column(String(200))
-    status: Mapped[StudyStatus] = mapped_column(_enum(StudyStatus, "study_status"), index=True)
-    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    token_budget: Mapped[int] = mapped_column(BigInteger)
-    min_hospitals: Mapped[int] = mapped_column(Integer)
-    rounds_planned: Mapped[int] = mapped_column(Integer)
-    submitted_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    outcome_reason: Mapped[str | None] = mapped_column(Text)
-    model_sha256: Mapped[str | None] = mapped_column(String(64))
-    model: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
-    submit_entry_index: Mapped[int | None] = mapped_column(BigInteger)
-
-
-class StudyDecision(CoordinatorBase):
-    __tablename__ = "study_decisions"
-    __table_args__ = (UniqueConstraint("study_id", "hospital_id"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), index=True)
-    hospital_id: Mapped[str] = mapped_column(ForeignKey("hospitals.id"))
-    decision: Mapped[DecisionKind] = mapped_column(_enum(DecisionKind, "decision_kind"))
-    reasons: Mapped[list[str]] = mapped_column(JSON)
-    eligible_records: Mapped[int | None] = mapped_column(Integer)
-    decided_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    entry_index: Mapped[int | None] = mapped_column(BigInteger)
-    # A refusal that arrived after the study left `submitted` (migration 0005): recorded so the
-    # researcher sees its reasons; it never changes the study (nothing starts or stops).
-    late: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
-
-
-class StudyRound(CoordinatorBase):
-    __tablename__ = "study_rounds"
-    __table_args__ = (UniqueConstraint("study_id", "round"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), index=True)
-    round: Mapped[int] = mapped_column(Integer)
-    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
-    finished_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    entry_index: Mapped[int | None] = mapped_column(BigInteger)
-    # A round the run reported as failed (`metrics["round_failed"] == 1.0`, migration 0005): its
-    # receipts are logged (real privacy spend), but it is not a completed round.
-    failed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
-
-
-class ReceiptRow(CoordinatorBase):
-    __tablename__ = "receipts"
-    __table_args__ = (UniqueConstraint("study_id", "round", "hospital_id"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), index=True)
-    hospital_id: Mapped[str] = mapped_column(ForeignKey("hospitals.id"))
-    round: Mapped[int] = mapped_column(Integer)
-    records_used: Mapped[int] = mapped_column(Integer)
-    epsilon_spent: Mapped[float | None] = mapped_column(Float)
-    commitment: Mapped[str] = mapped_column(String(128))
-    entry: Mapped[dict[str, Any]] = mapped_column(JSON)
-    entry_index: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class RequestNonce(CoordinatorBase):

@@ -25,8 +25,9 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from exchange.coordinator import vocabulary
-from exchange.coordinator.models import DecisionKind, Role, StudyStatus
+from exchange.coordinator.models import Role
 from exchange.coordinator.text_safety import PlainText, payload_problems, text_problem
+from exchange.study.models import DecisionKind, StudyStatus
 from federated.study_spec import SECAGG_MIN_HOSPITALS
 
 #: The hospitals' default site maximum of a study's delta (federated.privacy_ledger.DEFAULT_MAX_DELTA).

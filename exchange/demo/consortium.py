@@ -371,7 +371,7 @@ class Consortium:
             coordinator_key_file=keys / "coordinator.key", log_origin="demo.exchange.local/log",
             royalties={self.config.demo_study.template: (TEMPLATE_AUTHOR, ROYALTY_BPS)}, access_log=False),
             self.runner)
-        c = self.runtime.coordinator.registry
+        c = self.runtime.registry
         # The operator's admin functions (what `exchange admin ...` runs).
         _op, self.operator_key = c.issue_api_key(ApiKeyCreate(role="operator", label="demo operator"))
         c.create_organisation(OrganisationCreate(id=RESEARCH_ORG, name="Acme Research",
@@ -404,7 +404,7 @@ class Consortium:
         returned."""
         from exchange.coordinator.schemas import HospitalCreate
 
-        registry = self.runtime.coordinator.registry
+        registry = self.runtime.registry
         for hospital_id in HOSPITALS:
             h = Hospital(hospital_id, self.config.work / hospital_id, free_port(), Signer.generate())
             self.hospitals[hospital_id] = h
@@ -752,7 +752,7 @@ class Consortium:
                                      for h in self.hospitals.values() if h.witness_vkey)
         trust_path = self.config.out / "trust.json"
         trust_path.write_text(json.dumps(trust.to_json(), indent=2) + "\n")
-        auditor_key = self.runtime.coordinator.registry.issue_api_key(ApiKeyCreate(role="auditor"))[1]
+        auditor_key = self.runtime.registry.issue_api_key(ApiKeyCreate(role="auditor"))[1]
         audit_dir = self.config.out / "audit"
         env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "EXCHANGE_API_KEY": auditor_key}
         if self.placement.remote:  # an auditor trusts the coordinator's CA like any HTTPS client

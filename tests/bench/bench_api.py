@@ -210,6 +210,7 @@ def _start(kind: str, directory: Path) -> tuple[subprocess.Popen[bytes], str]:
 def _prepare(directory: Path) -> tuple[str, str]:
     """A coordinator database with a researcher, a funded organisation and one study."""
     from exchange.coordinator.app import build_runtime
+    from exchange.coordinator.registry import Principal
     from exchange.coordinator.schemas import (
         ApiKeyCreate,
         OrganisationCreate,
@@ -217,11 +218,10 @@ def _prepare(directory: Path) -> tuple[str, str]:
         StudyCreate,
         StudyOut,
     )
-    from exchange.coordinator.services import Principal
     from tests.exchange.scripted_runner import ScriptedRunner
 
     runtime = build_runtime(_config(directory), ScriptedRunner(hospital_keys={}))
-    c = runtime.coordinator
+    c = runtime.lifecycle
     c.registry.create_organisation(OrganisationCreate(id="acme", name="Acme", region="DE"))
     c.registry.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))
     _key, token = c.registry.issue_api_key(ApiKeyCreate(role="researcher", organisation_id="acme",
@@ -231,7 +231,7 @@ def _prepare(directory: Path) -> tuple[str, str]:
     assert isinstance(principal, Principal)
     study = c.submit_study(principal, StudyCreate.model_validate(STUDY))
     body = c.get_study(principal, study.id)
-    # POST answers from the row it wrote (Coordinator.submitted_view) instead of reading it back:
+    # POST answers from the row it wrote (StudyLifecycle.submitted_view) instead of reading it back:
     # it must be exactly what a read answers.
     if (StudyOut.model_validate(c.submitted_view(study)).model_dump_json()
             != StudyOut.model_validate(body).model_dump_json()):

@@ -117,7 +117,7 @@ def test_sign_out_ends_the_session(as_user: Any) -> None:
 
 
 def test_a_revoked_key_ends_its_sessions(console_world: World) -> None:
-    coordinator = console_world.runtime.coordinator
+    coordinator = console_world.runtime.lifecycle
     key, token = coordinator.registry.issue_api_key(ApiKeyCreate(role="auditor", label="short-lived"))
     console_world.keys["temp-auditor"] = token
     console = Console(console_world)

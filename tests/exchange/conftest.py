@@ -119,7 +119,7 @@ def make_world(db_url: str, tmp_path: Path, **config: Any) -> Iterator[World]:
                     log_key_file=tmp_path / "keys" / "log.key",
                     coordinator_key_file=tmp_path / "keys" / "coordinator.key", **config)
     runtime = build_runtime(cfg, runner)
-    c = runtime.coordinator
+    c = runtime.lifecycle
     _op, op_token = c.registry.issue_api_key(ApiKeyCreate(role="operator", label="root operator"))
     for org, region in (("acme", "DE"), ("globex", "FR"), ("clinics", "DE")):
         c.registry.create_organisation(OrganisationCreate(id=org, name=org.title(), region=region))

@@ -93,7 +93,7 @@ def test_the_write_engine_serializes_concurrent_appends(setup: tuple) -> None:
 
 
 def test_a_refused_entry_is_a_problem_and_writes_nothing(sqlite_world: World) -> None:
-    coordinator = sqlite_world.runtime.coordinator
+    coordinator = sqlite_world.runtime.lifecycle
     size = sqlite_world.runtime.audit_log.size()
     stranger = Signer.generate()
     with pytest.raises(problems.ProblemError) as refused, coordinator.journal.write() as session:
@@ -130,7 +130,7 @@ def test_the_coordinator_records_its_trust_anchors_and_export_needs_no_trust_fil
                        log_origin="exchange.test/coordinator-log", access_log=False)
     runtime = build_runtime(config, ScriptedRunner(hospital_keys={}))
     try:
-        runtime.coordinator.registry.mint("org:acme", 10)
+        runtime.registry.mint("org:acme", 10)
         runtime.audit_log.checkpoint()
         trust = runtime.trust
     finally:
@@ -160,8 +160,8 @@ def test_a_ledger_fork_is_independent_of_the_shared_fold(sqlite_world: World) ->
 
     world = sqlite_world
     sid = world.submit(token_budget=500)["id"]
-    view = world.runtime.coordinator.journal.ledger
-    with world.runtime.coordinator.journal.read_engine.connect() as connection:
+    view = world.runtime.journal.ledger
+    with world.runtime.journal.read_engine.connect() as connection:
         size = view.refresh(connection)
     shared = view._ledger
     fork = _fork(shared)
@@ -190,7 +190,7 @@ def test_a_rolled_back_savepoint_leaves_no_trace_in_the_transactions_ledger(
     from tests.exchange.conftest import study_body
 
     world = sqlite_world
-    coordinator = world.runtime.coordinator
+    coordinator = world.runtime.lifecycle
     principal = coordinator.registry.authenticate_api_key(world.keys["bob"])  # globex: 5,000 tokens
     assert principal is not None
     org = coordinator.registry.organisation(principal)
@@ -222,7 +222,7 @@ def test_a_rolled_back_savepoint_leaves_no_trace_in_the_transactions_ledger(
 def test_rows_re_appended_after_a_savepoint_rollback_are_folded(sqlite_world: World) -> None:
     """The same indexes, other rows: after a savepoint rollback the transaction's ledger copy is
     rebuilt, not trusted by its size."""
-    coordinator = sqlite_world.runtime.coordinator
+    coordinator = sqlite_world.runtime.lifecycle
     before = coordinator.registry.balances(["org:clinics"])["balances"].get("org:clinics", 0)
     with coordinator.journal.write() as session:
         try:

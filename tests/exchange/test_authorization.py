@@ -89,7 +89,7 @@ def _claim(world: World) -> tuple[str, dict[str, Any]]:
     mw._claims += 1
     sid = mw.completed
     opening = world.runner.openings[(sid, "h-one", 1)].openings[mw._claims]
-    ledger = Ledger(world.runtime.coordinator.journal.operator.key_id)
+    ledger = Ledger(world.runtime.journal.operator.key_id)
     ledger.apply_all(world.runtime.audit_log.entries())
     pool = ledger.claim_pools[(sid, "hospital:h-one", 1)].pool
     return "/v1/hospital/rewards/claims", {"json": {
@@ -169,7 +169,7 @@ class MatrixWorld(World):
         return self._round
 
     def spare_key(self) -> str:
-        return self.runtime.coordinator.registry.issue_api_key(ApiKeyCreate(role="auditor"))[0].prefix
+        return self.runtime.registry.issue_api_key(ApiKeyCreate(role="auditor"))[0].prefix
 
 
 def _prepare(world: World) -> MatrixWorld:
@@ -220,7 +220,7 @@ def test_matrix(matrix_world: MatrixWorld, case: Case, caller: str) -> None:
     world = matrix_world
     path, kwargs = case.prepare(world)
     log_before = world.runtime.audit_log.size()
-    balances_before = world.runtime.coordinator.registry.balances()
+    balances_before = world.runtime.registry.balances()
     response = world.as_(caller, case.method, path, **kwargs)
     if caller in ("anonymous", "h-four"):
         expected = 401
@@ -236,7 +236,7 @@ def test_matrix(matrix_world: MatrixWorld, case: Case, caller: str) -> None:
     assert response.status_code == expected, (case.name, caller, response.text)
     assert response.headers["content-type"].startswith("application/problem+json")
     assert world.runtime.audit_log.size() == log_before, "a refused call wrote to the log"
-    assert world.runtime.coordinator.registry.balances() == balances_before
+    assert world.runtime.registry.balances() == balances_before
 
 
 def test_balances_are_scoped_to_the_callers_account(matrix_world: MatrixWorld) -> None:

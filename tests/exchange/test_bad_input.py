@@ -14,7 +14,7 @@ import pytest
 from audit.signing import Signer
 from exchange.coordinator.client import decision_entry
 from exchange.coordinator.models import Role
-from exchange.coordinator.services import Principal
+from exchange.coordinator.registry import Principal
 from exchange.http_signing import new_nonce, sign_request
 from tests.exchange.conftest import World, study_body
 
@@ -26,9 +26,9 @@ def world(shared_world: World) -> World:
 
 
 def snapshot(world: World) -> tuple[int, int, dict[str, Any]]:
-    studies = world.runtime.coordinator.list_studies(Principal(role=Role.OPERATOR, ref="test"),
+    studies = world.runtime.lifecycle.list_studies(Principal(role=Role.OPERATOR, ref="test"),
                                                      None, 0, 1)[1]
-    return world.runtime.audit_log.size(), studies, world.runtime.coordinator.registry.balances()
+    return world.runtime.audit_log.size(), studies, world.runtime.registry.balances()
 
 
 def problem(response: Any, status: int) -> dict[str, Any]:
@@ -62,7 +62,7 @@ def test_every_problem_of_a_study_is_listed_at_once(world: World) -> None:
 
 def test_budget_over_balance_is_listed_with_other_problems(world: World) -> None:
     before = snapshot(world)
-    balance = world.runtime.coordinator.registry.balance("org:acme")
+    balance = world.runtime.registry.balance("org:acme")
     body = problem(world.as_("alice", "POST", "/v1/studies",
                              json=study_body(token_budget=balance + 10_000, epsilon=-1)), 422)
     errors = fields(body)
@@ -367,7 +367,7 @@ def test_an_unexpected_failure_is_logged_with_its_cause(world: World,
     def broken(*_args: Any, **_kwargs: Any) -> Any:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(world.runtime.coordinator.registry, "balances", broken)
+    monkeypatch.setattr(world.runtime.registry, "balances", broken)
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
     configure_logging("INFO", json_format=True)

@@ -60,7 +60,7 @@ def _coordinator(tmp_path: Path, runner: StudyRunner,
                        log_key_file=keys / "log.key", coordinator_key_file=keys / "co.key",
                        access_log=False)
     runtime = build_runtime(config, runner)
-    c = runtime.coordinator
+    c = runtime.lifecycle
     c.registry.create_organisation(OrganisationCreate(id="acme", name="Acme", region="DE"))
     c.registry.create_organisation(OrganisationCreate(id="clinics", name="Clinics", region="DE"))
     c.registry.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))
@@ -109,7 +109,7 @@ def _run_study(client: TestClient[Any], runtime: Any, key: str, sites: dict[str,
         assert 0 < contribution["epsilon_spent"] <= 3.0 + 1e-9
     # The auditor's fold over the log agrees with what the coordinator paid.
     log = runtime.audit_log
-    ledger = Ledger(runtime.coordinator.journal.operator.key_id)
+    ledger = Ledger(runtime.journal.operator.key_id)
     ledger.apply_all(log.entries())
     served = client.get("/v1/ledger/balances", headers=headers).json()
     assert served["balances"] == {"org:acme": ledger.state.balances["org:acme"]}

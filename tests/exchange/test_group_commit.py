@@ -22,13 +22,13 @@ from audit.store import verify_storage
 from exchange.coordinator import problems
 from exchange.coordinator.group_commit import _Job
 from exchange.coordinator.schemas import StudyCreate
-from exchange.coordinator.services import Coordinator, SubmittedStudy, _Submission
+from exchange.study.lifecycle import StudyLifecycle, SubmittedStudy, _Submission
 from tests.exchange.conftest import World, study_body
 from tests.exchange.test_lifecycle import fold, log_entries, served_balances
 
 
-def _submissions(world: World, who: str, budgets: list[int]) -> tuple[Coordinator, list[_Submission]]:
-    coordinator = world.runtime.coordinator
+def _submissions(world: World, who: str, budgets: list[int]) -> tuple[StudyLifecycle, list[_Submission]]:
+    coordinator = world.runtime.lifecycle
     principal = coordinator.registry.authenticate_api_key(world.keys[who])
     assert principal is not None
     org = coordinator.registry.organisation(principal)
@@ -38,7 +38,7 @@ def _submissions(world: World, who: str, budgets: list[int]) -> tuple[Coordinato
         for i, b in enumerate(budgets)]
 
 
-def _commit_together(coordinator: Coordinator, writes: list[_Submission]) -> list[Any]:
+def _commit_together(coordinator: StudyLifecycle, writes: list[_Submission]) -> list[Any]:
     """One writer batch holding `writes` as neighbours of one kind (as concurrent POSTs are)."""
     jobs = [_Job(write, Future(), coordinator._submit_many_in) for write in writes]
     coordinator.journal.batcher._commit(jobs)
@@ -52,7 +52,7 @@ def _statements(world: World) -> Iterator[list[str]]:
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         seen.append(statement)
 
-    engine = world.runtime.coordinator.journal.write_engine
+    engine = world.runtime.journal.write_engine
     event.listen(engine, "before_cursor_execute", record)
     try:
         yield seen
@@ -102,7 +102,7 @@ def test_a_failed_commit_moves_nothing_forward(world: World) -> None:
     """The COMMIT itself fails: no caller is acknowledged, and neither the served balances nor
     the log's carried-over state take the transaction's appends as committed; the next group
     commits at the same indexes and everything still agrees with the auditor's fold."""
-    engine = world.runtime.coordinator.journal.write_engine
+    engine = world.runtime.journal.write_engine
     balances = served_balances(world)
     size = world.runtime.audit_log.size()
     coordinator, writes = _submissions(world, "alice", [10, 20])
@@ -131,7 +131,7 @@ def test_a_failed_commit_moves_nothing_forward(world: World) -> None:
 
 
 def test_post_answers_exactly_what_a_read_of_the_new_study_gives(world: World) -> None:
-    """POST builds its answer from the row it wrote (Coordinator.submitted_view)."""
+    """POST builds its answer from the row it wrote (StudyLifecycle.submitted_view)."""
     posted = world.submit(title="answered from the row")
     read = world.as_("alice", "GET", f"/v1/studies/{posted['id']}")
     assert read.status_code == 200 and read.json() == posted
@@ -141,7 +141,7 @@ def test_post_answers_exactly_what_a_read_of_the_new_study_gives(world: World) -
 
 def _async_submissions(world: World, who: str, budgets: list[int]) -> list[Any]:
     """Submit concurrently from one event loop; each result or exception, in order."""
-    coordinator = world.runtime.coordinator
+    coordinator = world.runtime.lifecycle
     principal = coordinator.registry.authenticate_api_key(world.keys[who])
     assert principal is not None
     bodies = [StudyCreate.model_validate(study_body(token_budget=b, title=f"a{i}"))
@@ -159,7 +159,7 @@ def _async_submissions(world: World, who: str, budgets: list[int]) -> list[Any]:
 
 def test_the_loop_writer_groups_concurrent_submissions(sqlite_world: World) -> None:
     world = sqlite_world
-    batcher = world.runtime.coordinator.journal.loop_batcher
+    batcher = world.runtime.journal.loop_batcher
     assert batcher is not None  # SQLite: submissions from the loop go through it
     size = world.runtime.audit_log.size()
     before = served_balances(world)["balances"]["org:acme"]
@@ -188,7 +188,7 @@ def test_the_loop_writer_refuses_an_overdrawing_member_alone(sqlite_world: World
 
 def test_the_loop_writer_acknowledges_nothing_when_the_commit_fails(sqlite_world: World) -> None:
     world = sqlite_world
-    engine = world.runtime.coordinator.journal.write_engine
+    engine = world.runtime.journal.write_engine
     balances = served_balances(world)
     size = world.runtime.audit_log.size()
 
@@ -205,7 +205,7 @@ def test_the_loop_writer_acknowledges_nothing_when_the_commit_fails(sqlite_world
     again = _async_submissions(world, "alice", [30])
     assert isinstance(again[0], SubmittedStudy) and again[0].submit_entry_index == size
     assert fold(world) == served_balances(world)
-    coordinator = world.runtime.coordinator
+    coordinator = world.runtime.lifecycle
     assert verify_storage(coordinator.journal.read_engine, coordinator.journal.operator.public_key) \
         == world.runtime.audit_log.root()
 
@@ -215,7 +215,7 @@ def test_a_caller_on_another_loop_gets_its_answer_there(sqlite_world: World) -> 
     import threading
 
     world = sqlite_world
-    coordinator = world.runtime.coordinator
+    coordinator = world.runtime.lifecycle
     principal = coordinator.registry.authenticate_api_key(world.keys["alice"])
     assert principal is not None
     body = StudyCreate.model_validate(study_body(token_budget=5))

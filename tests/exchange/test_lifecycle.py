@@ -26,9 +26,9 @@ def log_entries(world: World) -> list[Entry]:
 
 def fold(world: World) -> dict:
     """What an auditor computes from the log alone, signatures and signers checked."""
-    operator_key = world.runtime.coordinator.journal.operator.public_key
+    operator_key = world.runtime.journal.operator.public_key
     keyring = Keyring(operator_key)
-    ledger = Ledger(world.runtime.coordinator.journal.operator.key_id)
+    ledger = Ledger(world.runtime.journal.operator.key_id)
     for index, entry in enumerate(log_entries(world)):
         keyring.check(entry, index)
         keyring.apply(entry, index)
@@ -53,7 +53,7 @@ def test_submission_escrows_budget_with_entries(world: World) -> None:
     entries = log_entries(world)[before:]
     assert [e.kind for e in entries] == ["study.submit", "study.escrow"]
     assert entries[1].payload["amount"] == 1234 and entries[1].payload["account"] == "org:acme"
-    assert entries[1].key_id == world.runtime.coordinator.journal.coordinator.key_id
+    assert entries[1].key_id == world.runtime.journal.coordinator.key_id
     balances = served_balances(world)
     assert balances["balances"]["org:acme"] == 50_000 - 1234
     assert balances["escrow"] == 1234
@@ -304,9 +304,9 @@ def test_study_list_pages(world: World) -> None:
 def test_payout_uses_the_terms_recorded_at_escrow_not_todays_settings(world: World) -> None:
     """Settings change between submission and completion (royalty and forward share): the
     payout follows the study.escrow entry's terms, so the auditor's fold accepts it."""
-    from exchange.coordinator.services import Terms
+    from exchange.study.lifecycle import Terms
 
-    coordinator = world.runtime.coordinator
+    coordinator = world.runtime.lifecycle
     coordinator.terms = Terms(forward_bps=3000, royalties={"logistic_regression": ("org:globex", 1000)})
     sid = world.submit(token_budget=10_000, rounds=2, min_hospitals=3)["id"]
     escrow = next(e for e in log_entries(world) if e.kind == "study.escrow"
@@ -336,7 +336,7 @@ def test_balances_follow_appends_made_by_another_process(world: World, tmp_path:
 
     other = build_runtime(world.runtime.config, ScriptedRunner(hospital_keys={}, records={}))
     try:
-        other.coordinator.registry.mint("org:clinics", 777)
+        other.registry.mint("org:clinics", 777)
     finally:
         other.close()
     assert served_balances(world)["balances"]["org:clinics"] == 777

@@ -7,10 +7,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from exchange.coordinator import models  # noqa: F401  (registers the tables)
+from exchange.coordinator import models  # noqa: F401  (registers the registry's tables)
 from exchange.db.base import CoordinatorBase
 from exchange.db.engine import make_engine
 from exchange.db.migrate import downgrade, upgrade
+from exchange.study import models as study_models  # noqa: F401  (registers the study tables)
 
 TABLES = {"organisations", "researchers", "api_keys", "hospitals", "studies", "study_decisions",
           "study_rounds", "receipts", "request_nonces"}
@@ -61,9 +62,9 @@ def test_downgrade_below_0003_refills_balances_from_the_log(db_url: str, tmp_pat
                                       coordinator_key_file=tmp_path / "co.key", access_log=False),
                             ScriptedRunner(hospital_keys={}))
     try:
-        runtime.coordinator.registry.mint("org:acme", 500)
-        runtime.coordinator.registry.mint("org:globex", 70)
-        runtime.coordinator.registry.mint("org:acme", 1)
+        runtime.registry.mint("org:acme", 500)
+        runtime.registry.mint("org:globex", 70)
+        runtime.registry.mint("org:acme", 1)
     finally:
         runtime.close()
     downgrade(db_url, "coordinator", "0002_coordinator")

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
-from exchange.coordinator.services import Coordinator
+from exchange.study.lifecycle import StudyLifecycle
 from tests.exchange.conftest import World, make_world
 
 ROUTE = "/v1/studies/{study_id}"  # Litestar's path template (no type)
@@ -46,7 +46,7 @@ def test_metrics_are_per_route_template_and_status(logged: World,
     def broken(*_args: object) -> None:
         raise RuntimeError("database on fire")
 
-    monkeypatch.setattr(Coordinator, "get_study", broken)
+    monkeypatch.setattr(StudyLifecycle, "get_study", broken)
     errors = _count("exchange_requests_error_total", ROUTE, 500)
     assert logged.as_("alice", "GET", f"/v1/studies/{study['id']}").status_code == 500
     assert _count("exchange_requests_error_total", ROUTE, 500) == errors + 1

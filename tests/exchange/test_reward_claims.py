@@ -32,7 +32,7 @@ def paid_study(world: World) -> str:
 
 
 def ledger_of(world: World) -> Ledger:
-    ledger = Ledger(world.runtime.coordinator.journal.operator.key_id)
+    ledger = Ledger(world.runtime.journal.operator.key_id)
     ledger.apply_all(log_entries(world))
     return ledger
 
@@ -128,7 +128,7 @@ def test_unclaimed_rewards_are_swept_after_the_claim_window(sqlite_url: str, tmp
         time.sleep(1.1)
         late = body(world, sid, "h-one", 1, "reward:alice-7")
         assert "time: the claim window of this pool closed" in refused(world, "h-one", late)
-        swept = sweep_unclaimed(world.runtime.coordinator)
+        swept = sweep_unclaimed(world.runtime.journal)
         assert sum(item["amount"] for item in swept) == left
         assert {item["to"] for item in swept} == {"operator:consortium"}
         after = served_balances(world)
@@ -137,7 +137,7 @@ def test_unclaimed_rewards_are_swept_after_the_claim_window(sqlite_url: str, tmp
         assert after["balances"][claim_account(claim["holder"])] == claim["amount"]  # paid stays paid
         assert fold(world) == after
         assert [e.kind for e in log_entries(world)].count("reward.sweep") == len(swept)
-        assert sweep_unclaimed(world.runtime.coordinator) == []  # once
+        assert sweep_unclaimed(world.runtime.journal) == []  # once
         assert "time: the claim window" in refused(world, "h-one", late)
     finally:
         next(worlds, None)

@@ -240,7 +240,7 @@ def _in_process_coordinator(tmp_path: Path, runner: StudyRunner, sites: Mapping[
     config = AppConfig(database_url=f"sqlite:///{tmp_path / 'c.db'}", operator_key_file=keys / "op.key",
                        log_key_file=keys / "log.key", coordinator_key_file=keys / "co.key", access_log=False)
     runtime = build_runtime(config, runner)
-    c = runtime.coordinator
+    c = runtime.lifecycle
     c.registry.create_organisation(OrganisationCreate(id="acme", name="Acme", region="DE"))
     c.registry.create_organisation(OrganisationCreate(id="clinics", name="Clinics", region="DE"))
     c.registry.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))

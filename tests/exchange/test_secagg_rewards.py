@@ -15,7 +15,7 @@ def test_rewards_follow_the_aggregate_members(world: World) -> None:
     sid = str(world.submit(min_hospitals=3, token_budget=900, rounds=1)["id"])
     for hospital in ("h-one", "h-two", "h-three"):
         assert world.decide(hospital, sid).status_code == 201
-    c = world.runtime.coordinator
+    c = world.runtime.lifecycle
     members = [receipt(world.hospitals[h], h, sid, 1, 10) for h in ("h-one", "h-two")]
     c.on_round(sid, 1, {"secure_aggregation": 1.0, "aggregate_members": 2.0}, members)
     # h-three trained but its masked update never entered the aggregate; it delivers its receipt
@@ -35,7 +35,7 @@ def test_rewards_follow_the_aggregate_members(world: World) -> None:
 def c_hospital(world: World, hospital_id: str) -> object:
     from exchange.coordinator.models import Hospital
 
-    with world.runtime.coordinator.journal.read() as session:
+    with world.runtime.journal.read() as session:
         found = session.get(Hospital, hospital_id)
         session.expunge(found)
         return found

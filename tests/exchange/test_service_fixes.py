@@ -40,7 +40,7 @@ def test_on_round_logs_only_receipts_of_hospitals_that_approved(world: World) ->
     sid = _running(world, "h-one", token_budget=800)
     ours = receipt(world.hospitals["h-one"], "h-one", sid, 1, 40)
     stranger = receipt(world.hospitals["h-two"], "h-two", sid, 1, 500)
-    world.runtime.coordinator.on_round(sid, 1, {"loss": 0.5}, [ours, stranger])
+    world.runtime.lifecycle.on_round(sid, 1, {"loss": 0.5}, [ours, stranger])
     logged = _study_entries(world, sid, "round.receipt")
     assert [e.payload["hospital"] for e in logged] == ["hospital:h-one"]
     (round_entry,) = _study_entries(world, sid, "study.round")
@@ -53,7 +53,7 @@ def test_on_round_logs_only_receipts_of_hospitals_that_approved(world: World) ->
 # ---------------------------------------------------------------- 2: failed rounds
 def test_failed_round_is_logged_not_completed_and_refunded(world: World) -> None:
     sid = _running(world, "h-one", "h-two", token_budget=900, rounds=3)
-    c = world.runtime.coordinator
+    c = world.runtime.lifecycle
     first = [receipt(world.hospitals[h], h, sid, 1, 10) for h in ("h-one", "h-two")]
     c.on_round(sid, 1, {"loss": 0.4}, first)
     failed = [receipt(world.hospitals["h-one"], "h-one", sid, 2, 10, epsilon_total=0.9)]
@@ -109,7 +109,7 @@ def test_late_refusal_is_recorded_and_shown_without_changing_the_study(world: Wo
     assert "h-three" not in {d["hospital_id"] for d in
                              world.as_("alice", "GET", f"/v1/studies/{sid}").json()["decisions"]}
     # a late refuser's receipt is not taken either (it never approved)
-    world.runtime.coordinator.on_round(sid, 1, {"loss": 0.3}, [
+    world.runtime.lifecycle.on_round(sid, 1, {"loss": 0.3}, [
         receipt(world.hospitals["h-two"], "h-two", sid, 1, 10)])
     assert not _study_entries(world, sid, "round.receipt")
 
@@ -129,7 +129,7 @@ def test_late_refusal_of_an_ended_study_is_recorded(world: World) -> None:
 # ---------------------------------------------------------------- 4: cancellation race
 def test_receipts_of_a_cancelled_studys_in_flight_round_are_logged_not_paid(world: World) -> None:
     sid = _running(world, "h-one", "h-two", token_budget=600)
-    c = world.runtime.coordinator
+    c = world.runtime.lifecycle
     first = [receipt(world.hospitals[h], h, sid, 1, 10) for h in ("h-one", "h-two")]
     c.on_round(sid, 1, {"loss": 0.4}, first)
     cancelled = world.as_("alice", "POST", f"/v1/studies/{sid}/cancel", json={"reason": "stop"})

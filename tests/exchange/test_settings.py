@@ -57,10 +57,10 @@ def test_toml_values_reach_the_app_config_and_the_coordinator(config: Path, tmp_
                                     "mlp": ("org:mlp-lab", 100)}
     runtime = build_runtime(app_config, ScriptedRunner(hospital_keys={}))
     try:
-        assert runtime.coordinator.terms.forward_bps == 2500
-        assert (runtime.coordinator.terms.claim_window_s,
-                runtime.coordinator.terms.unclaimed_to) == (604800, "operator:consortium")
-        assert runtime.coordinator.terms.royalties == app_config.royalties
+        assert runtime.lifecycle.terms.forward_bps == 2500
+        assert (runtime.lifecycle.terms.claim_window_s,
+                runtime.lifecycle.terms.unclaimed_to) == (604800, "operator:consortium")
+        assert runtime.lifecycle.terms.royalties == app_config.royalties
         assert app_config.coordinator_key_file.is_file()  # the key went where the file said
     finally:
         runtime.close()

@@ -64,7 +64,7 @@ def _both_requests(world: World) -> tuple[StudyRequest, StudyRequest, str]:
     alice (of acme, DE) submits and two hospitals approve."""
     runner = RecordingRunner(hospital_keys=world.runner.hospital_keys)
     runner.requests = []
-    world.runtime.coordinator.runner = runner
+    world.runtime.lifecycle.runner = runner
     study_id = world.submit("alice", purpose="DUO:0000006", disease=None)["id"]  # HMB
     listed = world.signed("h-one", "GET", "/v1/hospital/studies", params={"status": "pending"})
     assert listed.status_code == 200, listed.text

@@ -88,7 +88,7 @@ def serve(config: AppConfig, hospital_keys: dict[str, Signer]) -> Served:
 def populate(runtime: Runtime, hospitals: dict[str, Signer], witness_keys: dict[str, Path],
              with_witness: tuple[str, ...] = HOSPITALS) -> dict[str, str]:
     """Operator, researcher, auditor, hospitals (with their witness keys); the API keys."""
-    c = runtime.coordinator
+    c = runtime.lifecycle
     keys = {"operator": c.registry.issue_api_key(ApiKeyCreate(role="operator", label="root"))[1]}
     c.registry.create_organisation(OrganisationCreate(id="acme", name="Acme", region="DE"))
     c.registry.create_organisation(OrganisationCreate(id="clinics", name="Clinics", region="DE"))

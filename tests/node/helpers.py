@@ -77,7 +77,7 @@ def live_coordinator(tmp_path: Path, hospitals: dict[str, tuple[Signer, str]],
                                       operator_key_file=keys / "operator.key", log_key_file=keys / "log.key",
                                       coordinator_key_file=keys / "coordinator.key", access_log=False),
                             runner)
-    c = runtime.coordinator
+    c = runtime.lifecycle
     _op, operator_key = c.registry.issue_api_key(ApiKeyCreate(role="operator", label="operator"))
     c.registry.create_organisation(OrganisationCreate(id="acme", name="Acme Research", region="DE"))
     c.registry.create_organisation(OrganisationCreate(id="clinics", name="Clinics", region="DE"))

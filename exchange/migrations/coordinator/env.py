@@ -8,9 +8,10 @@ from __future__ import annotations
 from alembic import context
 
 from audit.store import AUDIT_METADATA
-from exchange.coordinator import models  # noqa: F401  (registers the coordinator's tables)
+from exchange.coordinator import models  # noqa: F401  (registers the registry's tables)
 from exchange.db.base import CoordinatorBase
 from exchange.db.engine import make_engine
+from exchange.study import models as study_models  # noqa: F401  (registers the study tables)
 
 config = context.config
 target_metadata = [CoordinatorBase.metadata, AUDIT_METADATA]

@@ -1,5 +1,7 @@
-"""The coordinator's study lifecycle: submission, hospitals' decisions, start, rounds and
-receipts, completion or failure, cancellation, results; and the queries the API answers.
+"""The study lifecycle: submission (with escrow), hospitals' decisions, start, rounds and
+receipts, completion (payout) or failure, cancellation, results; and the queries the API
+answers about studies. The coordinator's controllers call it; it runs on the coordinator's
+journal and registry.
 
 Every state change goes through the journal (`exchange.coordinator.journal`): one write
 transaction holding the change and the signed audit entries that record it, or nothing.
@@ -17,52 +19,47 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 import anyio
-from sqlalchemy import Connection, Engine, bindparam, func, insert, select
+from sqlalchemy import Connection, bindparam, func, insert, select
 from sqlalchemy.orm import Session
 
 from audit.entry import Entry
 from audit.rewards import PayoutError
-from audit.signing import Signer, b64decode
-from audit.store import AuditLog
+from audit.signing import b64decode
 from exchange.coordinator import problems
 from exchange.coordinator.catalogs import CatalogIndex
 from exchange.coordinator.journal import Journal, now
-from exchange.coordinator.models import (
+from exchange.coordinator.models import Hospital, Organisation, Role
+from exchange.coordinator.registry import Principal, Registry
+from exchange.coordinator.schemas import StudyCreate, decision_payload_problems
+from exchange.logging import get_logger
+from exchange.study.models import (
     TERMINAL_STATUSES,
     DecisionKind,
-    Hospital,
-    Organisation,
     ReceiptRow,
-    Role,
     Study,
     StudyDecision,
     StudyRound,
     StudyStatus,
 )
-from exchange.coordinator.registry import Principal, Registry
-from exchange.coordinator.schemas import StudyCreate, decision_payload_problems
-from exchange.logging import get_logger
 from exchange.study.receipts import check_receipt
 from exchange.study.runners import RunHandle, RunHospital, RunRequest, StudyRunner
 from exchange.study.spec import AcceptedStudy, study_spec
 
-log = get_logger("exchange.coordinator")
+log = get_logger("exchange.study")
 T = TypeVar("T")
-API_KEY_PREFIX_BYTES = 6
-API_KEY_SECRET_BYTES = 32
 
 
 def _study_view_statement() -> Any:
-    """GET /v1/studies/{id}'s statement, built once: see Coordinator.get_study."""
+    """GET /v1/studies/{id}'s statement, built once: see StudyLifecycle.get_study."""
     t, d, r = Study.__table__.c, StudyDecision.__table__.c, StudyRound.__table__.c
     rounds = (select(func.count()).select_from(StudyRound.__table__)
               .where(r.study_id == t.id, r.failed.is_(False)).scalar_subquery())
     # A failed round (its receipts are logged) is not a completed one.
-    return (select(*(t[name] for name in Coordinator._STUDY_COLUMNS),
+    return (select(*(t[name] for name in StudyLifecycle._STUDY_COLUMNS),
                    rounds.label("rounds_completed"), d.hospital_id, d.decision, d.reasons,
                    d.eligible_records, d.decided_at, d.late)
             .select_from(Study.__table__.outerjoin(StudyDecision.__table__, d.study_id == t.id))
@@ -83,22 +80,20 @@ class Terms:
 
 
 
-class Coordinator:
+class StudyLifecycle:
     """The study lifecycle and its queries, over the journal (every state change with its
     audit entry) and the registry (who may do what, with which key); the Litestar
-    controllers are thin wrappers around these."""
+    controllers are thin wrappers around these. It is also the runner's observer
+    (`on_round`, `on_complete`, `on_failed`)."""
 
-    def __init__(self, read_engine: Engine, write_engine: Engine, audit_log: AuditLog, *,
-                 operator: Signer, coordinator: Signer, runner: StudyRunner,
-                 terms: Terms | None = None, replay_window: timedelta = timedelta(seconds=300)) -> None:
-        self.journal = Journal(read_engine, write_engine, audit_log, operator=operator,
-                               coordinator=coordinator)
-        self.registry = Registry(self.journal, replay_window=replay_window)
+    def __init__(self, journal: Journal, registry: Registry, runner: StudyRunner, *,
+                 terms: Terms | None = None) -> None:
+        self.journal = journal
+        self.registry = registry
         self.runner = runner
         self.terms = terms or Terms()
         self.handles: dict[str, RunHandle] = {}
         self._handles_lock = threading.Lock()
-        self.on_change: Callable[[str], None] = lambda _kind: None
         #: hospitals' published catalogs: a study none can serve is refused at submission
         self.catalogs = CatalogIndex(self.journal)
 
@@ -123,7 +118,7 @@ class Coordinator:
         self.catalogs.check(data.model_dump(mode="json"), org.id, org.region)
         write = self._prepare_submission(principal, data, org)
         study: SubmittedStudy = self.journal.batcher.run(write, self._submit_many_in)
-        self.on_change("study.submit")
+        self.journal.on_change("study.submit")
         return study
 
     async def submit_study_async(self, principal: Principal, data: StudyCreate) -> SubmittedStudy:
@@ -137,7 +132,7 @@ class Coordinator:
         write = self._prepare_submission(principal, data, org)
         batcher = self.journal.loop_batcher or self.journal.batcher
         study: SubmittedStudy = await batcher.submit_async(write, self._submit_many_in)
-        self.on_change("study.submit")
+        self.journal.on_change("study.submit")
         return study
 
     def _prepare_submission(self, principal: Principal, data: StudyCreate,
@@ -349,7 +344,7 @@ class Coordinator:
         if late:
             log.info("study.decision.late", study_id=study_id, hospital=hospital.id,
                      status=study.status.value)
-        self.on_change("study.decision")
+        self.journal.on_change("study.decision")
         if start:
             self.start_study(study_id)
         return index
@@ -489,7 +484,7 @@ class Coordinator:
                                        finished_at=now(), entry_index=indexes[-1], failed=failed))
         if cancelled:
             log.info("round.after_cancel", study_id=study_id, round=round_number, receipts=len(appended))
-        self.on_change("study.round")
+        self.journal.on_change("study.round")
 
     def record_receipt(self, hospital: Hospital, entry: Entry) -> int:
         """A hospital delivers its own signed `round.receipt` (e.g. when the run could not)."""
@@ -556,7 +551,7 @@ class Coordinator:
             self.journal.append(session, *entries)
         with self._handles_lock:
             self.handles.pop(study_id, None)
-        self.on_change("study.complete")
+        self.journal.on_change("study.complete")
         log.info("study.complete", study_id=study_id, model_sha256=digest)
 
     def on_failed(self, study_id: str, reason: str) -> None:
@@ -567,7 +562,7 @@ class Coordinator:
             self._close(session, study, StudyStatus.FAILED, reason[:2000], "study.fail")
         with self._handles_lock:
             self.handles.pop(study_id, None)
-        self.on_change("study.fail")
+        self.journal.on_change("study.fail")
         log.warning("study.fail", study_id=study_id, reason=reason[:200])
 
     # ------------------------------------------------------------------ results
@@ -636,7 +631,7 @@ class SubmittedStudy:
 class _Submission:
     """A checked and signed study submission waiting for the writer: `write(connection)`."""
 
-    coordinator: Coordinator
+    lifecycle: StudyLifecycle
     principal: Principal
     data: StudyCreate
     study_id: str
@@ -644,7 +639,7 @@ class _Submission:
     entries: tuple[Entry, Entry]
 
     def __call__(self, connection: Connection) -> SubmittedStudy:
-        return self.coordinator._submit_in(connection, self)
+        return self.lifecycle._submit_in(connection, self)
 
     def row(self, submit_entry_index: int) -> dict[str, Any]:
         data = self.data
