@@ -88,6 +88,8 @@ class CoordinatorSettings(BaseSettings):
     # seconds without a request, and this many seconds after sign-in however active.
     console_idle_timeout_s: float = Field(default=30 * 60, gt=0, le=7 * 24 * 3600)
     console_session_max_s: float = Field(default=8 * 3600, gt=0, le=30 * 24 * 3600)
+    # How often the coordinator looks for studies past their start deadline (they expire).
+    deadline_sweep_every_s: float = Field(default=30.0, gt=0, le=3600.0)
     royalties: dict[str, Royalty] = Field(default_factory=dict)
     logging: LoggingSettings = LoggingSettings()
 

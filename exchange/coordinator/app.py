@@ -38,6 +38,7 @@ from exchange.console.session import IDLE_SECONDS, MAX_AGE_SECONDS
 from exchange.coordinator import controllers, problems, vocabulary
 from exchange.coordinator.auditing import forget_transactions
 from exchange.coordinator.checkpointing import Checkpointing
+from exchange.coordinator.deadline_sweep import DeadlineSweep
 from exchange.coordinator.journal import Journal
 from exchange.coordinator.observability import ObservabilityMiddleware
 from exchange.coordinator.rate_limit import FixedWindowRateLimitMiddleware
@@ -79,6 +80,8 @@ class AppConfig:
     # Console sessions end after this long without a request, and this long after sign-in.
     console_idle_timeout_s: float = IDLE_SECONDS
     console_session_max_s: float = MAX_AGE_SECONDS
+    # Studies past their start deadline expire within this many seconds (0: only on access).
+    deadline_sweep_every_s: float = 30.0
 
 
 def app_config_from_settings(settings: CoordinatorSettings, **extra: Any) -> AppConfig:
@@ -95,7 +98,9 @@ def app_config_from_settings(settings: CoordinatorSettings, **extra: Any) -> App
         "checkpoint_every_entries": settings.checkpoint_every_entries,
         "checkpoint_every_s": settings.checkpoint_every_s,
         "console_idle_timeout_s": settings.console_idle_timeout_s,
-        "console_session_max_s": settings.console_session_max_s}
+        "console_session_max_s": settings.console_session_max_s,
+
+        "deadline_sweep_every_s": settings.deadline_sweep_every_s}
     values.update(extra)
     return AppConfig(**values)
 
@@ -123,8 +128,11 @@ class Runtime:
     trust: Trust
     checkpointer: WalCheckpointer | None = None  # SQLite: WAL checkpoints off the commit path
     checkpointing: Checkpointing | None = None  # log checkpoints and witness cosignatures
+    deadlines: DeadlineSweep | None = None  # studies past their start deadline expire
 
     def close(self) -> None:
+        if self.deadlines is not None:
+            self.deadlines.close()
         if self.checkpointing is not None:
             self.checkpointing.close()
         self.journal.close()
@@ -133,9 +141,12 @@ class Runtime:
         self.read_engine.dispose()
         self.write_engine.dispose()
 
-    def start_checkpointing(self) -> None:
+    def start_background(self) -> None:
+        """The threads a serving coordinator runs: checkpoints and the deadline sweep."""
         if self.checkpointing is not None:
             self.checkpointing.start()
+        if self.deadlines is not None:
+            self.deadlines.start()
 
 
 def load_or_create_key(path: Path) -> Signer:
@@ -215,8 +226,9 @@ def build_runtime(config: AppConfig, runner: StudyRunner) -> Runtime:
     checkpointing = Checkpointing(audit_log, trust, read_engine,
                                   every_entries=config.checkpoint_every_entries,
                                   every_seconds=config.checkpoint_every_s)
+    deadlines = DeadlineSweep(lifecycle.expire_due, every_s=config.deadline_sweep_every_s)
     return Runtime(config, read_engine, write_engine, audit_log, journal, registry, lifecycle, trust,
-                   checkpointer, checkpointing)
+                   checkpointer, checkpointing, deadlines)
 
 
 def _rate_limit_identifier(scope: Scope) -> str:
@@ -298,7 +310,7 @@ def create_app(runtime: Runtime, *, debug: bool = False,
         response_cache_config=ResponseCacheConfig(),
         # The template registry imports torch (seconds): load it before serving, not inside the
         # first POST /v1/studies, where it would stall the event loop.
-        on_startup=[vocabulary.templates, _freeze_startup_objects, runtime.start_checkpointing],
+        on_startup=[vocabulary.templates, _freeze_startup_objects, runtime.start_background],
         on_shutdown=[runtime.close, *(on_shutdown or [])],
         debug=debug,
     )

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
+import re
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -192,6 +195,37 @@ def decision_payload_problems(payload: dict[str, Any], study_id: str,
 
 
 # ---------------------------------------------------------------- studies
+#: RFC 3339 section 5.6 `date-time`: a full date and time with seconds and an offset.
+RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def rfc3339_instant(value: object) -> object:
+    """An RFC 3339 date-time string as an aware datetime (anything else is left to the type
+    check, which names it). A time without an offset is refused: it is no instant."""
+    if not isinstance(value, str):
+        return value
+    if RFC3339.fullmatch(value) is None:
+        raise ValueError(f"{value[:40]!r} is not an RFC 3339 instant (a date, a time with seconds "
+                         "and an offset, e.g. 2027-01-31T12:00:00Z)")
+    try:
+        return datetime.fromisoformat(value.replace("z", "Z").replace("t", "T"))
+    except ValueError as exc:
+        raise ValueError(f"{value[:40]!r} is not a valid date and time: {exc}") from exc
+
+
+def _in_the_future(value: datetime | None) -> datetime | None:
+    if value is not None and value <= datetime.now(UTC):
+        raise ValueError(f"{value.isoformat()} is in the past: the study could never start")
+    return value
+
+
+Deadline = Annotated[datetime | None, BeforeValidator(rfc3339_instant), AfterValidator(_in_the_future),
+                     Field(description=(
+                         "RFC 3339 instant by which the study must have started; not started by "
+                         "then, it expires: its escrow is refunded and the hospitals' approvals "
+                         "released. Default: seven days after submission"),
+                         examples=["2027-01-31T12:00:00Z"])]
+
 class StudyCreate(Strict):
     """A study request. Every problem is reported at once (field and cross-field rules)."""
 
@@ -237,6 +271,7 @@ class StudyCreate(Strict):
         "noise; distributed, each hospital a share of Skellam noise so that the secure aggregate "
         "carries it once (needs secure aggregation, min_hospitals >= 3, not survival)"))] = "local"
     token_budget: Amount
+    start_deadline: Deadline = None
 
     @field_validator("delta")
     @classmethod
@@ -421,6 +456,7 @@ class StudyOut(Out):
     refusals: int
     decisions: list[DecisionOut]
     submitted_at: datetime
+    start_deadline: datetime
     started_at: datetime | None
     finished_at: datetime | None
     outcome_reason: str | None
@@ -432,7 +468,9 @@ class StudySummary(Out):
     title: str
     organisation_id: str
     status: StudyStatus
+    token_budget: int
     submitted_at: datetime
+    start_deadline: datetime
 
 
 class StudyPage(BaseModel):
@@ -456,6 +494,7 @@ class HospitalStudy(BaseModel):
     min_hospitals: int
     rounds_planned: int
     submitted_at: datetime
+    start_deadline: datetime
     my_decision: DecisionKind | None
 
 

@@ -37,7 +37,10 @@ REFUSED = "refused"
 # the study had started before ours arrived); the reason is kept (`rejection`). "closed" is
 # what older versions of the node stored for the same case.
 REJECTED = "rejected"
-TERMINAL = frozenset({"completed", "failed", "cancelled", "closed", REJECTED})
+# A study in a terminal status reserves no privacy budget and is not served by the SuperNode
+# (`active_reservations`, `approved_active`): one the coordinator reports cancelled or expired
+# (not started by its start deadline) is released when the daemon next polls.
+TERMINAL = frozenset({"completed", "failed", "cancelled", "expired", "closed", REJECTED})
 #: The daemon_state row every approval locks (an UPDATE: a row lock on PostgreSQL, the write
 #: lock on SQLite) before it re-checks the budget and stores itself.
 RESERVATION_LOCK = "privacy.reservation_lock"
@@ -199,6 +202,10 @@ def observe_study(store: NodeStore, ctx: Context, study_json: dict[str, Any]) ->
             row.document = dict(study_json)
             new = False
         decided = latest_decision(session, view.study_id) is not None
+        if not decided and view.status in TERMINAL and row.status != view.status:
+            # It ended before this node decided: nothing to decide, nothing reserved.
+            row.status = view.status
+            row.updated_at = now
         if (decided and view.status in TERMINAL | {"running"}
                 and row.status not in (view.status, "closed", REJECTED)):
             decision = latest_decision(session, view.study_id)

@@ -19,7 +19,7 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import anyio
@@ -51,6 +51,8 @@ from exchange.study.spec import AcceptedStudy, study_spec
 
 log = get_logger("exchange.study")
 T = TypeVar("T")
+#: A study's start deadline when its spec names none: this long after its submission.
+DEFAULT_START_WINDOW = timedelta(days=7)
 
 
 def _study_view_statement() -> Any:
@@ -140,6 +142,10 @@ class StudyLifecycle:
         account = f"org:{org.id}"
         study_id = f"st-{uuid.uuid4().hex[:20]}"
         spec = data.model_dump(mode="json")
+        # The deadline is part of the spec (and so of the logged study.submit entry), the
+        # default one too, so the log alone says when the study expires.
+        deadline = (data.start_deadline or now() + DEFAULT_START_WINDOW).astimezone(UTC)
+        spec["start_deadline"] = deadline.isoformat().replace("+00:00", "Z")
         self._check_federated_spec(study_id, spec, org, principal, data)
         royalty = (self.terms.royalties or {}).get(data.template)
         public_spec = {k: v for k, v in spec.items() if k != "token_budget"}
@@ -153,7 +159,7 @@ class StudyLifecycle:
                 "forward_bps": self.terms.forward_bps,
                 "unclaimed": {"after_s": self.terms.claim_window_s,
                               "to": self.terms.unclaimed_to or account}}))
-        return _Submission(self, principal, data, study_id, spec, entries)
+        return _Submission(self, principal, data, study_id, spec, entries, deadline)
 
     def _submit_in(self, connection: Connection, submission: _Submission) -> SubmittedStudy:
         """One submission in its own savepoint: the balance check with a clear answer, the
@@ -223,7 +229,8 @@ class StudyLifecycle:
         return study
 
     _STUDY_COLUMNS = ("id", "title", "organisation_id", "status", "spec", "token_budget", "min_hospitals",
-                      "rounds_planned", "submitted_at", "started_at", "finished_at", "outcome_reason",
+                      "rounds_planned", "submitted_at", "start_deadline", "started_at", "finished_at",
+                      "outcome_reason",
                       "model_sha256")
 
     def submitted_view(self, study: SubmittedStudy) -> dict[str, Any]:
@@ -251,6 +258,10 @@ class StudyLifecycle:
         subquery on each row."""
         with self.journal.read_engine.connect() as connection:
             rows = connection.execute(_STUDY_VIEW, {"study_id": study_id}).all()
+        if rows and _overdue(rows[0].status, rows[0].start_deadline):
+            self.expire(study_id)  # on access: the sweep may not have come by yet
+            with self.journal.read_engine.connect() as connection:
+                rows = connection.execute(_STUDY_VIEW, {"study_id": study_id}).all()
         if not rows or (principal.role == Role.RESEARCHER
                         and rows[0].organisation_id != principal.organisation_id):
             # Same answer as a missing study: no probing of other organisations' ids.
@@ -270,6 +281,7 @@ class StudyLifecycle:
 
     def list_studies(self, principal: Principal, status: StudyStatus | None, offset: int,
                      limit: int) -> tuple[list[Study], int]:
+        self.expire_due()
         query = select(Study)
         if principal.role == Role.RESEARCHER:
             query = query.where(Study.organisation_id == principal.organisation_id)
@@ -283,6 +295,7 @@ class StudyLifecycle:
 
     def hospital_studies(self, hospital: Hospital, which: str, offset: int,
                          limit: int) -> tuple[list[dict[str, Any]], int]:
+        self.expire_due()  # a node sees an overdue study as expired, and releases it
         decided = select(StudyDecision.study_id).where(StudyDecision.hospital_id == hospital.id)
         query = select(Study, Organisation.region).join(
             Organisation, Organisation.id == Study.organisation_id)
@@ -301,7 +314,8 @@ class StudyLifecycle:
                   "researcher_id": s.researcher_id, "status": s.status,
                   "spec": {k: v for k, v in s.spec.items() if k != "token_budget"},
                   "min_hospitals": s.min_hospitals, "rounds_planned": s.rounds_planned,
-                  "submitted_at": s.submitted_at, "my_decision": mine.get(s.id)} for s, region in rows]
+                  "submitted_at": s.submitted_at, "start_deadline": s.start_deadline,
+                  "my_decision": mine.get(s.id)} for s, region in rows]
         return items, total
 
     def decide(self, hospital: Hospital, study_id: str, entry: Entry) -> int:
@@ -311,6 +325,7 @@ class StudyLifecycle:
         found.extend(decision_payload_problems(payload, study_id, hospital.id))
         if found:
             raise problems.unprocessable(found)
+        self.expire(study_id)  # past its deadline: decisions are closed (a refusal is kept late)
         start = False
         with self.journal.write() as session:
             study = session.get(Study, study_id, with_for_update=True)
@@ -320,12 +335,13 @@ class StudyLifecycle:
             if session.scalar(select(StudyDecision).where(StudyDecision.study_id == study_id,
                                                          StudyDecision.hospital_id == hospital.id)):
                 raise problems.conflict(f"hospital {hospital.id!r} already decided on {study_id!r}")
-            late = study.status != StudyStatus.SUBMITTED
+            overdue = _overdue(study.status, study.start_deadline)  # expiring meanwhile
+            late = study.status != StudyStatus.SUBMITTED or overdue
             if late and payload["decision"] != DecisionKind.REFUSE:
                 # A late approval cannot join the run, and the node daemon reads this 409 as
                 # "not joined" (exchange/node/daemon.py): refused, nothing recorded.
-                raise problems.conflict(f"study {study_id!r} is {study.status.value}; decisions are "
-                                        "closed")
+                state = "past its start deadline" if overdue else study.status.value
+                raise problems.conflict(f"study {study_id!r} is {state}; decisions are closed")
             # A late refusal is recorded (log entry and row, `late`) so its reasons reach the
             # researcher; it changes nothing about the study.
             (index,) = self.journal.append(session, entry)
@@ -353,7 +369,8 @@ class StudyLifecycle:
         """Mark the study running (with its entry) and hand it to the runner."""
         with self.journal.write() as session:
             study = session.get(Study, study_id, with_for_update=True)
-            if study is None or study.status != StudyStatus.SUBMITTED:
+            if study is None or study.status != StudyStatus.SUBMITTED or \
+                    _overdue(study.status, study.start_deadline):
                 return
             approved = session.scalars(select(Hospital).join(
                 StudyDecision, StudyDecision.hospital_id == Hospital.id).where(
@@ -389,7 +406,8 @@ class StudyLifecycle:
             if study.status in TERMINAL_STATUSES:
                 raise problems.conflict(f"study {study_id!r} is already {study.status.value}")
             was_running = study.status == StudyStatus.RUNNING
-            self._close(session, study, StudyStatus.CANCELLED, reason, "study.cancel")
+            self._close(session, study, StudyStatus.CANCELLED, reason, "study.cancel",
+                        released=self._approvals(session, study.id))
         if was_running:
             with self._handles_lock:
                 handle = self.handles.pop(study_id, None)
@@ -397,14 +415,62 @@ class StudyLifecycle:
                 handle.cancel()
         return self.get_study(principal, study_id)
 
+    def expire_due(self, at: datetime | None = None) -> list[str]:
+        """Expire every submitted study whose start deadline has passed (at `at`, default now);
+        the ids expired. The coordinator's deadline sweep calls this; reads that list studies
+        call it too, so no caller sees an overdue study as still open."""
+        at = at or now()
+        with self.journal.read() as session:
+            due = session.scalars(select(Study.id).where(
+                Study.status == StudyStatus.SUBMITTED, Study.start_deadline <= at)
+                .order_by(Study.start_deadline)).all()
+        return [study_id for study_id in due if self.expire(study_id, at)]
+
+    def expire(self, study_id: str, at: datetime | None = None) -> bool:
+        """End a submitted study that was not started by its deadline as `expired`, in one
+        transaction: a `study.expire` entry naming the hospitals whose approvals (and the
+        privacy they reserved) it releases, and the refund of the escrow. False if the study is
+        not submitted or not overdue (nothing changes)."""
+        at = at or now()
+        with self.journal.read() as session:  # the usual answer, without the write lock
+            found = session.execute(select(Study.status, Study.start_deadline)
+                                    .where(Study.id == study_id)).first()
+        if found is None or not _overdue(found.status, found.start_deadline, at):
+            return False
+        with self.journal.write() as session:
+            study = session.get(Study, study_id, with_for_update=True, populate_existing=True)
+            if study is None or not _overdue(study.status, study.start_deadline, at):
+                return False
+            deadline = study.start_deadline.isoformat().replace("+00:00", "Z")
+            self._close(session, study, StudyStatus.EXPIRED,
+                        f"not started by its start deadline {deadline}", "study.expire",
+                        released=self._approvals(session, study_id),
+                        extra={"start_deadline": deadline})
+        self.journal.on_change("study.expire")
+        log.info("study.expire", study_id=study_id)
+        return True
+
+    @staticmethod
+    def _approvals(session: Session, study_id: str) -> list[str]:
+        """The hospitals whose timely approval of the study stands (their accounts)."""
+        return [f"hospital:{h}" for h in session.scalars(select(StudyDecision.hospital_id).where(
+            StudyDecision.study_id == study_id, StudyDecision.decision == DecisionKind.APPROVE,
+            StudyDecision.late.is_(False)).order_by(StudyDecision.hospital_id))]
+
     def _close(self, session: Session, study: Study, status: StudyStatus, reason: str,
-               kind: str) -> None:
-        """Failure or cancellation: the entry, then the refund of what was not paid out."""
+               kind: str, *, released: list[str] | None = None,
+               extra: Mapping[str, Any] | None = None) -> None:
+        """Failure, cancellation or expiry: the entry, then the refund of what was not paid
+        out. `released`: the hospitals whose approvals the entry releases (a study that ends
+        before or while it runs no longer holds their privacy reservations)."""
         study.status = status
         study.finished_at = now()
         study.outcome_reason = reason
         escrow = self.journal.ledger_in(session).studies.get(study.id)
-        entries = [self.journal.sign(kind, {"study_id": study.id, "reason": reason})]
+        payload: dict[str, Any] = {"study_id": study.id, "reason": reason, **(extra or {})}
+        if released is not None:
+            payload["released"] = released
+        entries = [self.journal.sign(kind, payload)]
         if escrow is not None and escrow.held > 0:
             entries.append(self.journal.sign("study.refund", {"study_id": study.id, "account": escrow.account,
                                                        "amount": escrow.held}))
@@ -620,6 +686,7 @@ class SubmittedStudy:
     min_hospitals: int
     rounds_planned: int
     submitted_at: datetime
+    start_deadline: datetime
     submit_entry_index: int
     started_at: None = None
     finished_at: None = None
@@ -637,6 +704,7 @@ class _Submission:
     study_id: str
     spec: dict[str, Any]
     entries: tuple[Entry, Entry]
+    start_deadline: datetime
 
     def __call__(self, connection: Connection) -> SubmittedStudy:
         return self.lifecycle._submit_in(connection, self)
@@ -647,7 +715,8 @@ class _Submission:
                 "researcher_id": self.principal.researcher_id, "title": data.title,
                 "status": StudyStatus.SUBMITTED, "spec": self.spec, "token_budget": data.token_budget,
                 "min_hospitals": data.min_hospitals, "rounds_planned": data.rounds,
-                "submitted_at": now(), "submit_entry_index": submit_entry_index}
+                "submitted_at": now(), "start_deadline": self.start_deadline,
+                "submit_entry_index": submit_entry_index}
 
 
 def _receipt_row(study_id: str, hospital_id: str, entry: Entry, index: int) -> ReceiptRow:
@@ -660,6 +729,11 @@ def _receipt_row(study_id: str, hospital_id: str, entry: Entry, index: int) -> R
                    commitment=str(payload.get("commitment", ""))[:128], entry=entry.to_json(),
                    entry_index=index)
 
+
+
+def _overdue(status: StudyStatus, deadline: datetime | None, at: datetime | None = None) -> bool:
+    """A submitted study whose start deadline has passed: it can only expire now."""
+    return status == StudyStatus.SUBMITTED and deadline is not None and deadline <= (at or now())
 
 
 _STUDY_VIEW = _study_view_statement()

@@ -30,16 +30,19 @@ from exchange.db.types import UTCDateTime, enum_column
 
 
 class StudyStatus(enum.StrEnum):
-    """submitted -> (hospital decisions) -> running -> completed | failed | cancelled."""
+    """submitted -> (hospital decisions) -> running -> completed | failed | cancelled; a
+    submitted study not started by its start deadline -> expired."""
 
     SUBMITTED = "submitted"
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"
 
 
-TERMINAL_STATUSES = frozenset({StudyStatus.COMPLETED, StudyStatus.FAILED, StudyStatus.CANCELLED})
+TERMINAL_STATUSES = frozenset({StudyStatus.COMPLETED, StudyStatus.FAILED, StudyStatus.CANCELLED,
+                               StudyStatus.EXPIRED})
 
 
 class DecisionKind(enum.StrEnum):
@@ -62,6 +65,8 @@ class Study(CoordinatorBase):
     min_hospitals: Mapped[int] = mapped_column(Integer)
     rounds_planned: Mapped[int] = mapped_column(Integer)
     submitted_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    # Not started by then: expired, escrow refunded, approvals released (migration 0006).
+    start_deadline: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     outcome_reason: Mapped[str | None] = mapped_column(Text)

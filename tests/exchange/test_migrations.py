@@ -3,6 +3,7 @@ exactly what the migrations create (so no schema change hides outside Alembic)."
 
 from __future__ import annotations
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
@@ -136,5 +137,40 @@ def test_0005_late_and_failed_up_and_down(db_url: str) -> None:
         upgrade(db_url, "coordinator")
         with engine.connect() as c:
             assert c.execute(text("SELECT late FROM study_decisions")).scalars().all() == [False]
+    finally:
+        engine.dispose()
+
+
+def test_0006_start_deadline_up_and_down(db_url: str) -> None:
+    """0006 gives existing studies the default start deadline (seven days after submission) and
+    allows the `expired` status; its downgrade turns expired studies into cancelled ones."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    upgrade(db_url, "coordinator", "0005_late_and_failed")
+    engine = make_engine(db_url)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    insert = text("INSERT INTO studies (id, organisation_id, title, status, spec, token_budget, "
+                  "min_hospitals, rounds_planned, submitted_at) "
+                  "VALUES (:id, 'o', 'T', :status, '{}', 1, 1, 3, :at)")
+    try:
+        with engine.begin() as c:
+            c.execute(text("INSERT INTO organisations (id, name, region, created_at) "
+                           "VALUES ('o', 'O', 'DE', :at)"), {"at": at})
+            c.execute(insert, {"id": "s", "status": "submitted", "at": at})
+        with engine.begin() as c, pytest.raises(IntegrityError):  # not a status at 0005
+            c.execute(insert, {"id": "x", "status": "expired", "at": at})
+        upgrade(db_url, "coordinator", "0006_start_deadline")
+        with engine.begin() as c:
+            deadline = c.execute(text("SELECT start_deadline FROM studies")).scalar_one()
+            assert str(deadline)[:19] == str(at + timedelta(days=7))[:19]
+            c.execute(text("UPDATE studies SET status = 'expired'"))
+        downgrade(db_url, "coordinator", "0005_late_and_failed")
+        assert "start_deadline" not in {c["name"] for c in inspect(engine).get_columns("studies")}
+        with engine.connect() as c:
+            assert c.execute(text("SELECT status FROM studies")).scalars().all() == ["cancelled"]
+        upgrade(db_url, "coordinator")
     finally:
         engine.dispose()
