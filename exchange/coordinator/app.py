@@ -99,7 +99,6 @@ def app_config_from_settings(settings: CoordinatorSettings, **extra: Any) -> App
         "checkpoint_every_s": settings.checkpoint_every_s,
         "console_idle_timeout_s": settings.console_idle_timeout_s,
         "console_session_max_s": settings.console_session_max_s,
-
         "deadline_sweep_every_s": settings.deadline_sweep_every_s}
     values.update(extra)
     return AppConfig(**values)

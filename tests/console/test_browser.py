@@ -16,6 +16,7 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,13 @@ def test_researcher_submits_watches_and_downloads(browser: Any, live: str, conso
         page.wait_for_url("**/console/studies/st-*")
         study_id = page.url.rsplit("/", 1)[1]
         assert page.locator("#study-status").inner_text() == "submitted"
+        # the start deadline (the default: seven days after submission), as the API states it
+        served = console_world.as_("alice", "GET", f"/v1/studies/{study_id}").json()
+        deadline = datetime.fromisoformat(served["start_deadline"])
+        submitted = datetime.fromisoformat(served["submitted_at"])
+        assert abs(deadline - submitted - timedelta(days=7)) < timedelta(seconds=5)
+        shown = page.locator("#start-deadline").inner_text()
+        assert shown.startswith(f"{deadline:%Y-%m-%d %H:%M:%S} UTC") and "expires" in shown
         check(page, shots, "study-submitted")
         # the hospitals approve through the API; the open page follows without a reload
         page.evaluate("window.__sameDocument = true")
@@ -149,7 +157,8 @@ def test_researcher_submits_watches_and_downloads(browser: Any, live: str, conso
         data = Path(download.value.path()).read_bytes()
         assert hashlib.sha256(data).hexdigest() in page.locator("#model-h + p").inner_text()
         page.goto("/console/studies")
-        assert study_id in page.locator("table").inner_text()
+        row = page.locator("tr", has=page.locator(f"a[href='/console/studies/{study_id}']"))
+        assert row.locator("td.deadline").inner_text() == f"{deadline:%Y-%m-%d %H:%M} UTC"
         check(page, shots, "studies")
         # CSRF: a form whose token was altered is refused, and nothing happens
         page.locator("form.signout input[name=_csrf_token]").evaluate("e => e.value = 'x' + e.value")

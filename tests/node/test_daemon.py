@@ -375,3 +375,43 @@ def test_the_daemon_publishes_its_catalog_and_infeasible_studies_are_refused_at_
         assert coordinator.submit(epsilon=3.0, min_hospitals=1).startswith("st-")
     finally:
         link.close()
+
+
+def test_cancelled_and_expired_studies_release_the_reservation(node_dir: Path, seeded: NodeStore,
+                                                               coordinator: LiveCoordinator) -> None:
+    """An approved study reserves its epsilon and is served by the SuperNode (the approvals
+    file) until it ends. Cancelled by the researcher, or expired at its start deadline before
+    enough hospitals joined, it ends at the coordinator; the node sees that at its next poll and
+    releases both the reservation and the approval."""
+    from datetime import UTC, datetime, timedelta
+
+    from exchange.node.decisions import current_budget
+    from exchange.node.site_export import site_paths
+
+    settings = _node_settings(node_dir, mode="auto-approve").model_copy(
+        update={"coordinator_url": coordinator.url})
+    deadline = datetime.now(UTC) + timedelta(seconds=10)
+    cancelled = coordinator.submit(min_hospitals=2, epsilon=1.0)  # one hospital only: never starts
+    expiring = coordinator.submit(min_hospitals=2, epsilon=1.5,
+                                  start_deadline=deadline.isoformat().replace("+00:00", "Z"))
+    approvals = site_paths(settings)["approvals"]
+    daemon, link = _daemon(settings, seeded)
+    try:
+        daemon.step()  # decides and posts
+        daemon.step()  # sees the coordinator hold its approvals (`my_decision`)
+        assert sorted(daemon.active_studies()) == sorted([cancelled, expiring])
+        assert current_budget(seeded, settings).reserved == pytest.approx(2.5)
+        assert json.loads(approvals.read_text())["approved"] == sorted([cancelled, expiring])
+        coordinator.researcher.post(f"/v1/studies/{cancelled}/cancel", {"reason": "changed our mind"})
+        daemon.step()
+        assert daemon.active_studies() == [expiring]
+        assert current_budget(seeded, settings).reserved == pytest.approx(1.5)
+        wait_for(lambda: datetime.now(UTC) > deadline, "the start deadline to pass")
+        daemon.step()  # the node's poll lists the study: overdue, it expires on that access
+    finally:
+        link.close()
+    assert coordinator.study(expiring)["status"] == "expired"
+    assert _study_status(seeded, cancelled) == "cancelled" and _study_status(seeded, expiring) == "expired"
+    assert daemon.active_studies() == []
+    assert current_budget(seeded, settings).reserved == 0.0
+    assert json.loads(approvals.read_text())["approved"] == []
