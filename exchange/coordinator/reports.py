@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session
 
 from exchange.coordinator import problems
 from exchange.coordinator.journal import Journal
-from exchange.coordinator.models import Organisation, ReceiptRow, Role, Study, StudyDecision, StudyRound
+from exchange.coordinator.models import Organisation, Role
 from exchange.coordinator.registry import Principal
+from exchange.study.models import ReceiptRow, Study, StudyDecision, StudyRound
 from exchange.study.spec import AcceptedStudy, study_spec
 
 #: Why the report carries no noise multiplier or sample rate (docs/privacy.md, "Counts").

@@ -151,11 +151,16 @@ def test_a_study_all_hospitals_refuse_expires(world: World, tmp_path: Path) -> N
     assert_refunded_and_released(world, tmp_path, study_id, "study.expire", [])
 
 
-def test_a_study_asking_more_hospitals_than_exist_expires(world: World, tmp_path: Path) -> None:
-    """Three hospitals are registered and all approve, but the study asks for five: it can
-    never start. At its (default) deadline it expires and releases all three approvals."""
-    study = world.submit(min_hospitals=5)
-    for hospital in ("h-one", "h-two", "h-three"):
+def test_a_study_asking_more_hospitals_than_exist_is_refused_and_one_missing_a_hospital_expires(
+        world: World, tmp_path: Path) -> None:
+    """Asking for five of three registered hospitals is refused at submission (feasibility,
+    issue 21 item 2), nothing escrowed. A study asking for all three, of which one never
+    decides (offline), can never start: at its (default) deadline it expires and releases the
+    two approvals."""
+    refused = world.as_("alice", "POST", "/v1/studies", json=study_body(min_hospitals=5))
+    assert refused.status_code == 422 and "min_hospitals" in refused.text
+    study = world.submit(min_hospitals=3)
+    for hospital in ("h-one", "h-two"):
         assert world.decide(hospital, study["id"]).status_code == 201
     assert stored_status(world, study["id"]) == "submitted"
     deadline = datetime.fromisoformat(study["start_deadline"])
@@ -163,8 +168,7 @@ def test_a_study_asking_more_hospitals_than_exist_expires(world: World, tmp_path
     assert lifecycle.expire_due(at=deadline - timedelta(seconds=1)) == []
     assert lifecycle.expire_due(at=deadline) == [study["id"]]
     assert lifecycle.expire_due(at=deadline) == []  # once
-    assert_refunded_and_released(world, tmp_path, study["id"], "study.expire",
-                                 ["h-one", "h-two", "h-three"])
+    assert_refunded_and_released(world, tmp_path, study["id"], "study.expire", ["h-one", "h-two"])
     expire = next(e for e in entries_of(world, study["id"]) if e.kind == "study.expire")
     assert datetime.fromisoformat(expire.payload["start_deadline"]) == deadline
 
