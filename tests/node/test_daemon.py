@@ -390,8 +390,15 @@ def test_cancelled_and_expired_studies_release_the_reservation(node_dir: Path, s
 
     settings = _node_settings(node_dir, mode="auto-approve").model_copy(
         update={"coordinator_url": coordinator.url})
+    from tests.exchange.conftest import flower_key
+
+    # A second registered hospital that never decides: a study needing two can then be
+    # submitted (feasibility) but never starts.
+    coordinator.operator.post("/v1/hospitals", {
+        "id": "hospital-silent", "organisation_id": "clinics", "name": "Silent",
+        "signing_public_key": Signer.generate().public_key_b64, "flower_public_key": flower_key()})
     deadline = datetime.now(UTC) + timedelta(seconds=10)
-    cancelled = coordinator.submit(min_hospitals=2, epsilon=1.0)  # one hospital only: never starts
+    cancelled = coordinator.submit(min_hospitals=2, epsilon=1.0)  # never starts
     expiring = coordinator.submit(min_hospitals=2, epsilon=1.5,
                                   start_deadline=deadline.isoformat().replace("+00:00", "Z"))
     approvals = site_paths(settings)["approvals"]
