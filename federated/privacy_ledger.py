@@ -56,7 +56,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 from sqlalchemy import (
     Column,
@@ -158,6 +158,25 @@ privacy_patient_spend = Table(
     Index("ix_privacy_patient_spend_study_id", "study_id"),
 )
 
+#: The noised eligible-patient count drawn once per study at decision time (exchange.node.decisions):
+#: every threshold the hospital's public decision tests, and the study's default reward capacity
+#: and DP plan size, read this count only. Kept so a restarted hospital uses the same draw.
+privacy_decisions = Table(
+    "privacy_decisions", metadata,
+    Column("study_id", String(200), primary_key=True),
+    Column("epsilon", Float, nullable=False),  # the count's epsilon, charged to every patient counted
+    Column("noisy_count", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+#: The patients counted (and so charged the decision's epsilon) in each study's decision count.
+privacy_decision_patients = Table(
+    "privacy_decision_patients", metadata,
+    Column("study_id", String(200), ForeignKey("privacy_decisions.study_id"), primary_key=True),
+    Column("pseudonym", String(256), primary_key=True),
+    Index("ix_privacy_decision_patients_pseudonym", "pseudonym"),
+)
+
 #: The openings of each receipt's reward commitment (audit.reward_commitment): the reward
 #: account and salt behind each leaf. They never leave the hospital except to the patient who
 #: claims that leaf (federated.reward_openings).
@@ -233,6 +252,25 @@ class Composition:
     epsilon_composed: float
     delta: float
     patients: int
+
+
+@dataclass(frozen=True)
+class DecisionCount:
+    """A study's decision count: the noised number of eligible patients (`noisy_count`, what
+    every threshold and the default capacity use), the epsilon charged to each patient counted,
+    and `patients`, how many were counted (exact: it stays in the hospital)."""
+
+    study_id: str
+    epsilon: float
+    noisy_count: int
+    patients: int
+    created_at: datetime
+
+
+class NoiseSource(Protocol):
+    """Where the decision count's noise comes from (`federated.secure_random.SecureRandom`)."""
+
+    def discrete_laplace(self, epsilon: float) -> int: ...
 
 
 class PrivacyLedger:
@@ -406,6 +444,7 @@ class PrivacyLedger:
             raise LedgerError(f"default_cap: must be a finite number >= 0, got {default_cap!r}")
         rows = self._all_spend_rows(conn)
         costs = self._study_costs(conn)
+        decided = self._decision_spend(conn)
         admitted: set[str] = set()
         new: list[str] = []
         over = 0
@@ -416,7 +455,7 @@ class PrivacyLedger:
                 if role is None or held[0] == role:
                     admitted.add(pseudonym)
                 continue
-            committed = sum(costs[s](r, u) for s, (r, u) in mine.items())
+            committed = sum(costs[s](r, u) for s, (r, u) in mine.items()) + decided.get(pseudonym, 0.0)
             limit = default_cap if cap is None else min(float(cap), default_cap)
             if committed + target <= limit * (1 + EPS_TOLERANCE) + EPS_TOLERANCE:
                 admitted.add(pseudonym)
@@ -436,11 +475,13 @@ class PrivacyLedger:
         with self.engine.connect() as conn:
             rows = self._all_spend_rows(conn)
             costs = self._study_costs(conn)
+            decided = self._decision_spend(conn)
             deltas = {r.study_id: float(r.delta) for r in conn.execute(
                 select(privacy_studies.c.study_id, privacy_studies.c.delta))}
-        return {p: PatientSpend(epsilon=sum(costs[s](r, u) for s, (r, u) in studies.items()),
-                                delta=sum(deltas[s] for s in studies), studies=len(studies))
-                for p, studies in rows.items()}
+        return {p: PatientSpend(epsilon=sum(costs[s](r, u) for s, (r, u) in rows.get(p, {}).items())
+                                + decided.get(p, 0.0),
+                                delta=sum(deltas[s] for s in rows.get(p, {})), studies=len(rows.get(p, {})))
+                for p in set(rows) | set(decided)}
 
     def composition(self) -> Composition:
         """The worst-case patient's spend over all studies, as the sum of epsilons and as the
@@ -449,11 +490,13 @@ class PrivacyLedger:
         with self.engine.connect() as conn:
             rows = self._all_spend_rows(conn)
             plans = {r.study_id: self._row_plan(r) for r in conn.execute(select(privacy_studies))}
-        signatures = {tuple(sorted((s, r, u) for s, (r, u) in studies.items()))
-                      for studies in rows.values()}
+            decided = self._decision_spend(conn)
+        # a decision count is pure epsilon-DP: it adds to both figures (basic composition)
+        signatures = {(tuple(sorted((s, r, u) for s, (r, u) in rows.get(p, {}).items())), decided.get(p, 0.0))
+                      for p in set(rows) | set(decided)}
         worst_sum = worst_composed = worst_delta = 0.0
-        for signature in signatures:
-            total = 0.0
+        for signature, decision_epsilon in signatures:
+            total = decision_epsilon
             delta = 0.0
             mechanisms = []
             for study_id, role, units in signature:
@@ -466,11 +509,74 @@ class PrivacyLedger:
                     total += plan.evaluation_epsilon_after(units)
                     mechanisms += plan.mechanisms(steps=0, evaluations=units)
             accountant = plans[signature[0][0]].accountant if signature else "prv"
-            composed = compose_epsilon(mechanisms, min(delta, 0.5), accountant) if mechanisms else 0.0
+            composed = decision_epsilon + (compose_epsilon(mechanisms, min(delta, 0.5), accountant)
+                                           if mechanisms else 0.0)
             worst_sum = max(worst_sum, total)
             worst_composed = max(worst_composed, composed)
             worst_delta = max(worst_delta, delta)
-        return Composition(worst_sum, worst_composed, worst_delta, len(rows))
+        return Composition(worst_sum, worst_composed, worst_delta, len(set(rows) | set(decided)))
+
+    def decide(self, study_id: str, epsilon: float, target_epsilon: float,
+               caps: Mapping[str, float | None], default_cap: float, noise: NoiseSource) -> DecisionCount:
+        """The study's decision count, drawn once: the candidate patients whose lifetime cap can
+        take this count's `epsilon` plus the study's target are counted, each is charged
+        `epsilon` (a row in `privacy_decision_patients`, part of their lifetime spend from now
+        on), and the count gets discrete Laplace noise of scale 1/epsilon (sensitivity 1: a
+        patient is counted once, whatever their number of records). Asked again, the stored
+        count is returned and nothing is charged or drawn (a restarted hospital keeps its draw)."""
+        _check_study_id(study_id)
+        if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon > 0):
+            raise LedgerError(f"decision_epsilon: must be a finite number > 0, got {epsilon!r}")
+        stored = self.decision(study_id)
+        if stored is not None:
+            return stored
+        with self.engine.begin() as conn:
+            self._lock(conn)
+            stored = self._decision(conn, study_id)
+            if stored is not None:
+                return stored
+            counted = self._admit(conn, study_id, None, target=float(target_epsilon) + float(epsilon),
+                                  caps=caps, default_cap=default_cap).admitted
+            noisy = len(counted) + int(noise.discrete_laplace(float(epsilon)))
+            now = datetime.now(UTC)
+            conn.execute(insert(privacy_decisions).values(study_id=study_id, epsilon=float(epsilon),
+                                                          noisy_count=noisy, created_at=now))
+            if counted:
+                conn.execute(insert(privacy_decision_patients),
+                             [{"study_id": study_id, "pseudonym": p} for p in sorted(counted)])
+            return DecisionCount(study_id, float(epsilon), noisy, len(counted), now)
+
+    def decision(self, study_id: str) -> DecisionCount | None:
+        """The study's stored decision count, or None when none was drawn."""
+        with self.engine.connect() as conn:
+            return self._decision(conn, study_id)
+
+    def decision_patients(self, study_id: str) -> frozenset[str]:
+        """The patients charged the study's decision epsilon (hospital-local)."""
+        with self.engine.connect() as conn:
+            return frozenset(conn.execute(select(privacy_decision_patients.c.pseudonym).where(
+                privacy_decision_patients.c.study_id == study_id)).scalars())
+
+    @staticmethod
+    def _decision(conn: Connection, study_id: str) -> DecisionCount | None:
+        row = conn.execute(select(privacy_decisions).where(privacy_decisions.c.study_id == study_id)).first()
+        if row is None:
+            return None
+        patients = conn.execute(select(func.count()).select_from(privacy_decision_patients).where(
+            privacy_decision_patients.c.study_id == study_id)).scalar_one()
+        return DecisionCount(study_id, float(row.epsilon), int(row.noisy_count), int(patients),
+                             _aware(row.created_at))
+
+    @staticmethod
+    def _decision_spend(conn: Connection) -> dict[str, float]:
+        """pseudonym -> the sum of the decision epsilons they were charged."""
+        out: dict[str, float] = {}
+        for pseudonym, epsilon in conn.execute(select(
+                privacy_decision_patients.c.pseudonym, privacy_decisions.c.epsilon).join(
+                privacy_decisions, privacy_decisions.c.study_id == privacy_decision_patients.c.study_id)
+                ).tuples():
+            out[pseudonym] = out.get(pseudonym, 0.0) + float(epsilon)
+        return out
 
     def plan(self, study_id: str) -> DPPlan | None:
         """The stored plan of `study_id`, or None."""

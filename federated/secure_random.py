@@ -88,6 +88,7 @@ class SecureRandom:
         self.seeded = seed is not None
         self._sampling = _Stream(key, 0)
         self._noise = _Stream(key, 1)
+        self._counts = _Stream(key, 2)
         self._spare: np.ndarray = np.empty(0)
         self._spare_pos = 0
 
@@ -95,6 +96,21 @@ class SecureRandom:
         """`n` independent uniforms on [0, 1) (float64, multiples of 2**-53), from the sampling
         stream."""
         return (self._sampling.words(n) >> np.uint64(11)).astype(np.float64) * _INV_2_53
+
+    def discrete_laplace(self, epsilon: float) -> int:
+        """One draw of the discrete Laplace (two-sided geometric) distribution,
+        P(k) proportional to exp(-epsilon |k|), from its own stream (nonce 2): added to an integer
+        count of sensitivity 1 it is epsilon-DP (Ghosh, Roughgarden and Sundararajan 2009). The
+        output is an integer, so no floating-point pattern can reveal the count (the attack of
+        Mironov 2012 reads the low bits of a continuous Laplace output). Each geometric is an
+        inverse CDF of a 53-bit uniform in (0, 1]."""
+        if not (math.isfinite(epsilon) and epsilon > 0):
+            raise ValueError(f"epsilon: must be a finite number > 0, got {epsilon!r}")
+        words = self._counts.words(2) >> np.uint64(11)
+        uniforms = (words.astype(np.float64) + 1.0) * _INV_2_53
+        # floor(log(u) / log(alpha)), alpha = exp(-epsilon): Geometric with P(g) = (1-alpha) alpha^g
+        first, second = (math.floor(-math.log(float(u)) / epsilon) for u in uniforms)
+        return first - second
 
     def gaussian(self, n: int, std: float) -> np.ndarray:
         """`n` independent N(0, std^2) draws, each the sum of four N(0, std^2) divided by 2

@@ -10,7 +10,8 @@ deciding and posting loses nothing and decides nothing twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,7 +29,8 @@ from exchange.node.privacy import budget as compute_budget
 from exchange.node.privacy import site_ledger
 from exchange.node.settings import NodeSettings
 from exchange.node.store import NodeStore
-from federated.privacy_ledger import PrivacyLedger
+from federated.privacy_ledger import DecisionCount, NoiseSource, PrivacyLedger
+from federated.secure_random import SecureRandom
 
 PENDING = "pending"
 APPROVED = "approved"
@@ -95,21 +97,45 @@ def _budget_in(session: Session, ledger: PrivacyLedger, settings: NodeSettings,
 
 
 def evaluate_study(store: NodeStore, settings: NodeSettings, study: StudyView,
-                   at: datetime | None = None) -> Evaluation:
+                   at: datetime | None = None, noise: NoiseSource | None = None) -> Evaluation:
     """Site policy + consent (and each eligible patient's lifetime budget) for `study`, as of
-    `at` (default now)."""
+    `at` (default now). `noise`: the decision count's noise source (default a fresh
+    `SecureRandom` keyed by the operating system; tests pass a seeded one)."""
     from exchange.node.patient_budget import lifetime_check
 
     at = at or datetime.now(UTC)
     budget = current_budget(store, settings, exclude=study.study_id)
-    lifetime = lifetime_check(site_ledger(store.engine, settings.policy), study,
-                              settings.policy.total_privacy_budget)
+    ledger = site_ledger(store.engine, settings.policy)
+    lifetime = lifetime_check(ledger, study, settings.policy.total_privacy_budget)
+    candidates: dict[str, float | None] = {}
+
+    def remember(caps: Mapping[str, float | None]) -> tuple[int, int]:
+        candidates.update(caps)
+        return lifetime(caps)
+
     with store.sessions() as session:
-        eligibility = count_eligible(session, study, at, lifetime)
+        eligibility = count_eligible(session, study, at, remember)
         columns = held_columns(session)
         outcome = _survival_outcome(session, study, at) if study.task == "survival" else None
         label = _label_problem(session, study, at, columns) if study.task != "survival" else None
-    return evaluate(settings.policy, study, eligibility, budget, columns, outcome=outcome, label=label)
+    # The count-free rules first: a study they refuse draws no count and charges nobody.
+    # (the smallest count that passes the site minimum also passes 1/n: every delta is below 1)
+    passing = replace(eligibility, noisy_patients=max(settings.policy.min_eligible_records, 1))
+    first = evaluate(settings.policy, study, passing, budget, columns, outcome=outcome, label=label)
+    if first.decision == "refuse":
+        return first
+    count = decision_count(ledger, settings, study, candidates, noise)
+    return evaluate(settings.policy, study, replace(eligibility, noisy_patients=count.noisy_count),
+                    budget, columns, outcome=outcome, label=label)
+
+
+def decision_count(ledger: PrivacyLedger, settings: NodeSettings, study: StudyView,
+                   candidates: Mapping[str, float | None], noise: NoiseSource | None = None) -> DecisionCount:
+    """The study's decision count, drawn at its first evaluation with the secure noise source and
+    charged to each patient counted; stored in the ledger, so a re-evaluation (the steward's
+    approval, a restart) reads the same count and charges nothing."""
+    return ledger.decide(study.study_id, settings.policy.decision_epsilon, study.epsilon, candidates,
+                         settings.policy.total_privacy_budget, noise or SecureRandom())
 
 
 def _label_problem(session: Session, study: StudyView, at: datetime, held: dict[str, str]) -> str | None:

@@ -12,8 +12,10 @@ alone. The rules, in order (every failing rule adds a reason; any reason means r
 6. epsilon <= what is left of total_privacy_budget (spent in the privacy ledger plus what
    approved, unfinished studies have reserved), delta <= what is left of total_delta_budget,
 7. every requested column held here and of the category the study says,
-8. at least min_eligible_records records whose patients' consent permits the study, and at
-   least one such patient whose lifetime cap leaves room for the study,
+8. the study's decision count (the patients whose consent permits the study and whose lifetime
+   cap leaves room for it and for the count's own epsilon, plus discrete Laplace noise, drawn
+   once per study and charged to each patient counted) at least max(min_eligible_records, 1);
+   the 1/n of rule 5 reads the same noised count (docs/privacy.md, "Decision count"),
 9. a survival study: its time and event columns present, numeric, times non-negative, events
    0/1 in every eligible record, enough events for the Cox template, and a public subcohort
    for its columns (`exchange.node.outcomes`),
@@ -111,6 +113,10 @@ class Eligibility:
     excluded: dict[str, int] = field(default_factory=dict)
     patients: int | None = None
     over_lifetime_cap: int = 0
+    #: the study's decision count (`federated.privacy_ledger.PrivacyLedger.decide`): the eligible
+    #: patients with budget left, plus discrete Laplace noise. When given, every count threshold
+    #: reads it and nothing else
+    noisy_patients: int | None = None
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,8 @@ def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, bud
                        f"({policy.max_epsilon_per_study:g})")
     if study.delta > policy.max_delta:
         reasons.append(f"delta {study.delta:g} exceeds the site maximum per study ({policy.max_delta:g})")
-    n = eligibility.patients
+    noisy = eligibility.noisy_patients
+    n = eligibility.patients if noisy is None else noisy
     if n is not None and n > 0 and study.delta > 1.0 / n:
         # no n in the text: the reasons are posted to the coordinator and logged for good
         reasons.append(f"delta {study.delta:g} exceeds 1/n for this hospital's n eligible patients")
@@ -204,13 +211,19 @@ def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, bud
              if category and column in held_columns and held_columns[column] != category]
     if wrong:
         reasons.append("column category mismatch: " + "; ".join(wrong))
-    if eligibility.eligible < policy.min_eligible_records:
+    if noisy is not None:
+        # One noised count (epsilon-DP per patient, charged) decides every count threshold: no
+        # patient's consent or revocation flips the decision outside the accounting.
+        if noisy < max(policy.min_eligible_records, 1):
+            reasons.append("fewer eligible patients (a noised count) than the site minimum "
+                           f"({max(policy.min_eligible_records, 1)})")
+    elif eligibility.eligible < policy.min_eligible_records:
         # The count and the exclusions by reason stay here (`exchange node status`): a reason
         # leaves the hospital in the public log, where an exact count would show one patient
         # revoking between two studies (docs/privacy.md, "Counts").
         reasons.append("fewer records eligible under patients' consent than the site minimum "
                        f"({policy.min_eligible_records})")
-    if eligibility.patients == 0 and eligibility.over_lifetime_cap:
+    if noisy is None and eligibility.patients == 0 and eligibility.over_lifetime_cap:
         reasons.append(f"no eligible patient has privacy budget left for epsilon {study.epsilon:g} "
                        "(each would exceed their lifetime cap)")
     if study.task == "survival":

@@ -58,6 +58,10 @@ class SitePolicy(BaseModel):
     max_delta: float = Field(default=1e-5, gt=0, lt=1)
     total_delta_budget: float = Field(default=1e-4, gt=0, lt=1)
     min_eligible_records: int = Field(default=1, ge=0)
+    #: epsilon of the decision count: the eligible patients are counted once per study with
+    #: discrete Laplace noise, charged to each patient counted, and every threshold (site minimum,
+    #: 1/delta, budget left) reads only that noised count (docs/privacy.md, "Decision count")
+    decision_epsilon: float = Field(default=0.1, gt=0, le=1)
     #: the site's public reward capacity C (None: none): every receipt's reward tree has exactly
     #: C leaves and a study trains at most C of this site's patients per round, so no tree size
     #: tells a count; set it at or above the patients the site may put in one study

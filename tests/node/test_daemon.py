@@ -42,7 +42,9 @@ PSEUDONYMS = [f"p{i}" for i in range(12)]
 
 def _node_settings(node_dir: Path, **changes: Any) -> NodeSettings:
     settings = load_node_settings(node_dir / "node.toml")
-    policy = settings.policy.model_copy(update=changes)
+    # a decision count of epsilon 1 puts 10 patients under the site minimum with probability
+    # about 3e-5 (at the default 0.1: about 0.19), so these approvals are not left to chance
+    policy = settings.policy.model_copy(update={"decision_epsilon": 1.0, **changes})
     return settings.model_copy(update={"policy": policy,
                                        "supernode": settings.supernode.model_copy(update={"enabled": False})})
 
@@ -213,6 +215,8 @@ def test_a_waiting_study_is_refused_once_the_budget_is_spent(node_dir: Path, see
 
 def _start(node_dir: Path, coordinator: LiveCoordinator, **env: str) -> subprocess.Popen[bytes]:
     environment = {**os.environ, "EXCHANGE_NODE_COORDINATOR_URL": coordinator.url,
+                   # see _node_settings: a decision count of epsilon 1 approves 10 patients
+                   "EXCHANGE_NODE_POLICY__DECISION_EPSILON": "1.0",
                    "EXCHANGE_NODE_HEALTH_PORT": "0", "EXCHANGE_NODE_POLL_INTERVAL_S": "0.2",
                    "EXCHANGE_NODE_SUPERNODE__ENABLED": "false", "EXCHANGE_NODE_POLICY__MODE": "auto-approve",
                    **env}
@@ -307,6 +311,11 @@ def test_kill9_and_restart_resumes_without_double_counting(node_dir: Path, seede
     spend = ledger.patient_spend()
     assert spend["p-1"].epsilon == pytest.approx(plan.epsilon_for_steps(8))
     assert spend["p-2"].epsilon == pytest.approx(plan.epsilon_for_steps(4))
+    # each consented patient counted at decision time was charged the count's epsilon, once
+    decision = ledger.decision(study_id)
+    assert decision is not None and decision.epsilon == 1.0
+    assert ledger.decision_patients(study_id) == frozenset(PSEUDONYMS[:10])
+    assert all(spend[p].epsilon == pytest.approx(1.0) for p in PSEUDONYMS[:10])
     privacy = status["privacy"]
     assert privacy == {"total": 20.0, "spent": 2.9, "reserved": 0.0, "left": pytest.approx(17.1),
                        "delta_total": 1e-4, "delta_spent": 1e-5, "delta_reserved": 0.0, "max_delta": 1e-5,
@@ -314,7 +323,7 @@ def test_kill9_and_restart_resumes_without_double_counting(node_dir: Path, seede
                        "patient_epsilon_composed": pytest.approx(plan.epsilon_for_steps(8), rel=0.01),
                        "patient_delta": pytest.approx(1e-5), "patients": privacy["patients"]}
     # counts only: no pseudonym in the report
-    assert privacy["patients"]["with_spend"] == 2 and "p-1" not in json.dumps(status)
+    assert privacy["patients"]["with_spend"] == 12 and "p-1" not in json.dumps(status)
     [row] = status["studies"]
     assert (row["study_id"], row["status"], row["decision"], row["rounds"]) == (study_id, "completed",
                                                                                 "approve", 2)

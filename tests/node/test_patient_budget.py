@@ -46,6 +46,14 @@ def _study(study_id: str, **spec: Any) -> StudyView:
                                 "status": "submitted", "spec": base})
 
 
+class _Exact:
+    """A noise source that adds nothing: these tests check what the count is compared with (the
+    mechanism's noise is tested in tests/node/test_decision_count.py)."""
+
+    def discrete_laplace(self, epsilon: float) -> int:
+        return 0
+
+
 def _plan(target: float) -> DPPlan:
     return DPPlan(target_epsilon=target, delta=1e-5, rounds=2, steps_per_round=4, sample_rate=0.5,
                   noise_multiplier=1.5, batch_size=5, n_patients=10)
@@ -60,12 +68,15 @@ def test_patients_without_lifetime_budget_left_are_not_counted_at_decision_time(
     ledger.register_study("earlier", _plan(2.0))
     caps = {p: 3.0 if p in CAPPED else None for p in PSEUDONYMS[:10]}
     assert ledger.admit("earlier", "train", caps, 20.0).admitted == frozenset(PSEUDONYMS[:10])
-    evaluation = evaluate_study(seeded, settings, _study("next", epsilon=2.0))
+    evaluation = evaluate_study(seeded, settings, _study("next", epsilon=2.0), noise=_Exact())
     assert evaluation.decision == "approve", evaluation.reasons  # 6 patients have room (2 + 2 <= 20)
+    # the 6 with room (p0-p3 are capped at 3 and hold 2) were counted and charged the count's epsilon
+    assert ledger.decision("next").noisy_count == 6  # type: ignore[union-attr]
+    assert ledger.decision_patients("next") == frozenset(PSEUDONYMS[4:10])
     # a study that 6 patients are too few for: delta above 1/6
     loose = settings.model_copy(update={"policy": policy.model_copy(update={
         "max_delta": 0.5, "total_delta_budget": 0.9})})
-    refused = evaluate_study(seeded, loose, _study("next-2", epsilon=2.0, delta=0.2))
+    refused = evaluate_study(seeded, loose, _study("next-2", epsilon=2.0, delta=0.2), noise=_Exact())
     assert refused.decision == "refuse"
     assert "delta 0.2 exceeds 1/n for this hospital's n eligible patients" in refused.reasons
     # a second open study holds epsilon 1 of p4-p9, and the site default cap becomes 3
@@ -74,10 +85,11 @@ def test_patients_without_lifetime_budget_left_are_not_counted_at_decision_time(
     tight = settings.model_copy(update={"policy": policy.model_copy(update={
         "total_privacy_budget": 3.0, "max_epsilon_per_study": 3.0})})
     # p0-p3 hold 2 of their 3, p4-p9 3 of the site default 3: none has 1.5 left
-    refused = evaluate_study(seeded, tight, _study("next-3", epsilon=1.5))
+    refused = evaluate_study(seeded, tight, _study("next-3", epsilon=1.5), noise=_Exact())
     assert refused.decision == "refuse"
-    assert "no eligible patient has privacy budget left for epsilon 1.5 (each would exceed their " \
-           "lifetime cap)" in refused.reasons
+    # nobody has room: the count is 0 (plus noise), under the site minimum; nobody is charged
+    assert refused.reasons == ["fewer eligible patients (a noised count) than the site minimum (1)"]
+    assert ledger.decision_patients("next-3") == frozenset()
 
 
 def test_delta_above_the_site_maximum_is_refused_at_decision_time_and_nothing_is_spent(
