@@ -517,7 +517,7 @@ class PrivacyLedger:
         return Composition(worst_sum, worst_composed, worst_delta, len(set(rows) | set(decided)))
 
     def decide(self, study_id: str, epsilon: float, target_epsilon: float,
-               caps: Mapping[str, float | None], default_cap: float, noise: NoiseSource) -> DecisionCount:
+               caps: Mapping[str, float | None], default_cap: float, *, noise: NoiseSource) -> DecisionCount:
         """The study's decision count, drawn once: the candidate patients whose lifetime cap can
         take this count's `epsilon` plus the study's target are counted, each is charged
         `epsilon` (a row in `privacy_decision_patients`, part of their lifetime spend from now

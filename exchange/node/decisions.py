@@ -135,7 +135,7 @@ def decision_count(ledger: PrivacyLedger, settings: NodeSettings, study: StudyVi
     charged to each patient counted; stored in the ledger, so a re-evaluation (the steward's
     approval, a restart) reads the same count and charges nothing."""
     return ledger.decide(study.study_id, settings.policy.decision_epsilon, study.epsilon, candidates,
-                         settings.policy.total_privacy_budget, noise or SecureRandom())
+                         settings.policy.total_privacy_budget, noise=noise or SecureRandom())
 
 
 def _label_problem(session: Session, study: StudyView, at: datetime, held: dict[str, str]) -> str | None:

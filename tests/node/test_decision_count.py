@@ -81,13 +81,13 @@ def test_the_count_charges_each_patient_counted_once_and_survives_a_restart(tmp_
     url = f"sqlite:///{tmp_path / 'node.db'}"
     ledger = _ledger(url)
     caps = {"a": None, "b": 5.0, "c": 1.05}  # c's cap cannot take the study (1) and the count (0.1)
-    first = ledger.decide("s", 0.1, 1.0, caps, 20.0, SecureRandom(3))
+    first = ledger.decide("s", 0.1, 1.0, caps, 20.0, noise=SecureRandom(3))
     assert first.patients == 2 and ledger.decision_patients("s") == frozenset({"a", "b"})
     spend = ledger.patient_spend()
     assert set(spend) == {"a", "b"} and spend["a"].epsilon == pytest.approx(0.1)
     assert ledger.composition().epsilon_sum == pytest.approx(0.1)
     # a restarted hospital (new engine, new noise source) reads the same count and charges nothing
-    again = _ledger(url).decide("s", 0.1, 1.0, {**caps, "d": None}, 20.0, SecureRandom(99))
+    again = _ledger(url).decide("s", 0.1, 1.0, {**caps, "d": None}, 20.0, noise=SecureRandom(99))
     assert (again.noisy_count, again.patients) == (first.noisy_count, 2)
     assert _ledger(url).patient_spend()["a"].epsilon == pytest.approx(0.1)
     # the charge counts against the lifetime cap: b (cap 5) has 4.9 left, not 5
