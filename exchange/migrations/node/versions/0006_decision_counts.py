@@ -4,16 +4,16 @@ its epsilon (docs/privacy.md, "Decision count").
 The tables are defined in federated/privacy_ledger.py; this migration spells them out so that
 later edits of that module do not rewrite history.
 
-Revision ID: 0005_decision_counts
-Revises: 0004_reward_openings
+Revision ID: 0006_decision_counts
+Revises: 0005_evaluation_statistics
 """
 from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005_decision_counts"
-down_revision = "0004_reward_openings"
+revision = "0006_decision_counts"
+down_revision = "0005_evaluation_statistics"
 branch_labels = None
 depends_on = None
 
