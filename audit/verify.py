@@ -284,13 +284,13 @@ def decode_signature(text: str) -> bytes:
     an entry that still verifies but hashes to a different leaf. The store should refuse what
     this refuses. Raises MalformedEntryError.
     """
-    try:
-        signature = b64decode(text)
+    try:  # strict mode: only the alphabet and correct padding (what validate=True checks), in C
+        signature = binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
         raise MalformedEntryError("signature: not valid base64") from exc
     if len(signature) != SIGNATURE_BYTES:
         raise MalformedEntryError(f"signature: must be {SIGNATURE_BYTES} bytes, got {len(signature)}")
-    if b64encode(signature) != text:
+    if binascii.b2a_base64(signature, newline=False) != text.encode("ascii"):
         raise MalformedEntryError("signature: not canonical base64 (non-zero padding bits)")
     return signature
 

@@ -64,10 +64,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _run_child(folder: Path, workers: int) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-m", "tests.bench.bench_audit_verify", "--child",
-                           str(folder), "--workers", str(workers)], capture_output=True,
-                          text=True, check=False)
+def _run_child(folder: Path, workers: int, tree: Path | None = None) -> dict[str, float]:
+    """Verify in a fresh process; with `tree`, with the code of that source tree instead."""
+    command = [sys.executable, "-m", "tests.bench.bench_audit_verify", "--child", str(folder),
+               "--workers", str(workers)]
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=tree, env=env)
     for line in done.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             result: dict[str, float] = json.loads(line[len(RESULT_TAG):])
@@ -101,6 +103,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10,000 entries")
     parser.add_argument("--entries", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--before", type=Path, default=None,
+                        help="also time the no-worker verify of this source tree (e.g. `git "
+                             "archive` of an earlier commit), in the same interleaved runs")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -131,6 +136,9 @@ def main() -> None:
         runs: dict[str, Callable[[], dict[str, float]]] = {
             "baseline": baseline, "pooled": lambda: _run_child(folder, workers),
             "single": lambda: _run_child(folder, 0)}
+        before = args.before.resolve() if args.before is not None else None
+        if before is not None:
+            runs["before"] = lambda: _run_child(folder, 0, before)
         best: dict[str, dict[str, float]] = {}
         for _ in range(args.repeat):
             for name, run in runs.items():
@@ -166,6 +174,12 @@ def main() -> None:
     print(f"single core (no worker process) vs raw PyNaCl verification on one core, same run: "
           f"{best['baseline']['cpu'] / best['single']['cpu']:.2f} (CPU time), "
           f"{base / best['single']['wall']:.2f} (wall)")
+    if "before" in best:
+        print(f"before ({args.before}), no worker process, same run: CPU-time ratio "
+              f"{best['baseline']['cpu'] / best['before']['cpu']:.2f} "
+              f"({best['before']['cpu'] / entries * 1e6:.1f} us/entry of CPU vs "
+              f"{best['single']['cpu'] / entries * 1e6:.1f} now, "
+              f"{best['baseline']['cpu'] / entries * 1e6:.1f} raw PyNaCl)")
     peak = max(best["pooled"]["rss_mb"], best["single"]["rss_mb"])
     print(f"peak RSS of a verifying process: {peak:.0f} MB (target <= 200 MB at 1,000,000 entries)")
 
