@@ -45,8 +45,7 @@ from typing import Any
 
 import msgspec
 import rfc8785
-from nacl._sodium import ffi as _ffi  # PyNaCl's cffi handle on libsodium
-from nacl._sodium import lib as _sodium
+from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
 from audit.checkpoint import Checkpoint, CheckpointError, verify_checkpoint
@@ -314,23 +313,14 @@ _Check = tuple[int, bytes, bytes, bytes]  # (entry index, public key, signed byt
 
 
 def _check_batch(batch: list[_Check], keys: dict[bytes, VerifyKey]) -> int | None:
-    """The first index in `batch` whose Ed25519 signature does not verify, or None.
-
-    Each public key is validated once by VerifyKey (cached in `keys`); the checks then call
-    libsodium's crypto_sign_open through PyNaCl's own cffi handle with one reused output buffer:
-    the same check `VerifyKey.verify` makes, without its per-call wrapper, zero-filled buffer
-    allocation and result copy (see docs/benchmarks/audit-verify.md). Signatures are 64 bytes
-    (decode_signature) and keys 32 (VerifyKey), so the C call gets exactly the sizes it reads.
-    """
-    longest = max(len(message) for _, _, message, _ in batch) + SIGNATURE_BYTES
-    out = _ffi.new("unsigned char[]", longest)
-    out_len = _ffi.new("unsigned long long *")
-    sign_open = _sodium.crypto_sign_open
+    """The first index in `batch` whose Ed25519 signature does not verify, or None."""
     for index, public_key, message, signature in batch:
-        if public_key not in keys:
-            keys[public_key] = VerifyKey(public_key)
-        signed = signature + message
-        if sign_open(out, out_len, signed, len(signed), public_key) != 0:
+        key = keys.get(public_key)
+        if key is None:
+            key = keys[public_key] = VerifyKey(public_key)
+        try:
+            key.verify(message, signature)
+        except BadSignatureError:
             return index
     return None
 
