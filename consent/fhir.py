@@ -296,7 +296,9 @@ def from_fhir(
     """Map a FHIR Consent (R4 or R5 JSON, detected unless given) to a contract, or raise FhirImportError.
 
     `hospital` defaults to the consent's custodian (R4 `organization[0]`, R5 `controller[0]`,
-    which must be `Organization/<id>`); `previous` makes the result the next version of it.
+    which must be `Organization/<id>`); when both are given they must agree (a consent naming
+    another hospital is refused, never re-addressed). `previous` makes the result the next
+    version of it.
     """
     if isinstance(data, str | bytes):
         try:
@@ -391,6 +393,13 @@ def from_fhir(
         mapper.refuse(
             "Consent.patient" if version == "R4" else "Consent.subject",
             "needs a reference Patient/<pseudonym>",
+        )
+    if hospital is not None and custodian is not None and custodian != hospital:
+        # the consent was given to another hospital: it does not govern this one's data
+        mapper.refuse(
+            "Consent.organization" if version == "R4" else "Consent.controller",
+            f"names Organization/{custodian}, not this hospital ({hospital}); a consent given to "
+            "another hospital does not govern this one's data",
         )
     hospital = hospital or custodian
     if hospital is None:

@@ -145,6 +145,44 @@ def consent_import(
                f"({report.unchanged} already held) for {report.pseudonyms} patient(s)")
 
 
+@consent_app.command("list")
+def consent_list(config: ConfigOption = None,
+                 as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False
+                 ) -> None:
+    """Each patient's current consent version: status, whether it permits anything, how many
+    versions are held. Pseudonyms are this hospital's own data: print them only here."""
+    from exchange.node.steward import list_consents
+
+    rows = list_consents(_settings(config))
+    if as_json:
+        typer.echo(json.dumps([{**row.__dict__, "imported_at": row.imported_at.isoformat()} for row in rows],
+                              indent=2))
+        return
+    table = Table(title=f"Consent contracts ({len(rows)} patients)")
+    for column in ("pseudonym", "contract", "version", "status", "permits", "source"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row.pseudonym, row.contract_id, f"{row.version} of {row.versions}", row.status,
+                      "yes" if row.permits else "no", row.source)
+    Console().print(table)
+
+
+@consent_app.command("revoke")
+def consent_revoke(pseudonym: Annotated[str, typer.Argument(help="The patient's pseudonym.")],
+                   config: ConfigOption = None) -> None:
+    """Revoke a patient's consent now: a new contract version that permits nothing, signed with
+    the node key; it applies from the next round of every running study."""
+    from exchange.node.consent_store import RevocationError
+    from exchange.node.steward import revoke_patient_consent
+
+    try:
+        contract = revoke_patient_consent(_settings(config), pseudonym)
+    except RevocationError as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"revoked: version {contract.version} of {contract.contract_id} permits nothing "
+               "(applies from the next round)")
+
+
 def _steward_decision(study_id: str, decision: str, reason: str | None, config: Path | None) -> None:
     from exchange.node.decisions import StewardDecisionError, steward_decide
     from exchange.node.store import open_store

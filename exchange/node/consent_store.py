@@ -22,7 +22,15 @@ Versions: every version is kept (never updated, never deleted). A document ident
 one already held (same hash, as received or as stored) is skipped and counted as unchanged. Version N > 1
 must name, in `supersedes`, the hash of version N-1 of the same pseudonym (held already or
 in the same batch); a different document under a version number already held is refused.
-A contract for another hospital is refused.
+A contract for another hospital is refused (a FHIR Consent naming another hospital's
+Organization too: consent.fhir refuses it).
+
+FHIR Consent updates: a Consent exported again after a change (same id, a new
+`meta.versionId`, `meta.lastUpdated` or status) is mapped again as the next version of the
+pseudonym's chain, so the consent system stays the source of truth and a steward never writes
+`supersedes` by hand; status `inactive` or `rejected` makes that version permit nothing (a
+revocation). The Consent's meta is kept with the version, so an older copy imported later
+changes nothing rather than undoing the update.
 """
 
 from __future__ import annotations
@@ -37,8 +45,9 @@ from sqlalchemy.orm import Session
 
 from audit.signing import Signer
 from audit.untrusted import UntrustedJSONError, load_json
+from consent.fhir import FhirImportError, from_fhir
 from consent.files import MAX_JSON_DEPTH, parse_contract
-from consent.model import SIGNED_FORMAT, Contract, SignedContract, sign
+from consent.model import SIGNED_FORMAT, Contract, SignedContract, revoke, sign
 from consent.request import StudyRequest
 from exchange.node.models import ConsentContractRow
 from exchange.node.policy import StudyView
@@ -93,14 +102,69 @@ def _read_folder(folder: Path) -> list[tuple[str, Any]]:
     return documents
 
 
+@dataclass(frozen=True)
+class _Document:
+    """One validated document of a batch; `fhir` is the Consent resource when it was one (an
+    update of a Consent already held is rebuilt from it as the next version)."""
+
+    name: str
+    contract: Contract
+    signed: dict[str, Any] | None
+    fhir: dict[str, Any] | None = None
+    version_id: str | None = None
+    last_updated: datetime | None = None
+
+
+@dataclass
+class _Held:
+    """One version of a pseudonym's chain, held or added by this batch."""
+
+    version: int
+    contract: Contract
+    received: str
+    version_id: str | None
+    last_updated: datetime | None
+
+
+def _meta(resource: dict[str, Any]) -> tuple[str | None, datetime | None]:
+    """A FHIR resource's meta.versionId and meta.lastUpdated (validated by then)."""
+    meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
+    version_id = meta.get("versionId")
+    updated = meta.get("lastUpdated")
+    when = None
+    if isinstance(updated, str):
+        try:
+            when = datetime.fromisoformat(updated.replace("Z", "+00:00"))
+        except ValueError:
+            when = None
+        if when is not None and when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+    return (str(version_id) if version_id is not None else None), when
+
+
+def _meaning(contract: Contract) -> dict[str, Any]:
+    """What a contract says, without its place in the chain or its signer: two versions with
+    the same meaning are the same consent."""
+    data = contract.to_json()
+    for key in ("version", "supersedes", "issuer_key"):
+        data.pop(key, None)
+    return data
+
+
 def import_consent_folder(session: Session, folder: Path, hospital_id: str | None,
                           signer: Signer) -> ConsentImportReport:
     """Validate every document in `folder`, then add the new versions in the caller's
     transaction; raise ConsentImportRejectedError (nothing written) on any bad document.
-    Unsigned documents are signed with `signer` (the node key) as they are stored."""
+    Unsigned documents are signed with `signer` (the node key) as they are stored.
+
+    A FHIR Consent whose pseudonym already has a contract becomes that contract's next version
+    when it says something new (a new status, provisions or period; `inactive` or `rejected`
+    revokes); one that says what the current version says is unchanged. Its `meta.versionId`
+    and `meta.lastUpdated` order the updates of one Consent: a copy older than the version held
+    (an old export imported again) changes nothing, and never re-activates a revoked consent."""
     documents = _read_folder(folder)
     problems: list[tuple[str, str]] = []
-    parsed: list[tuple[str, Contract, dict[str, Any] | None]] = []
+    parsed: list[_Document] = []
     for name, document in documents:
         try:
             contract = parse_document(document, hospital_id)
@@ -111,16 +175,30 @@ def import_consent_folder(session: Session, folder: Path, hospital_id: str | Non
             problems.append((name, f"hospital: contract is for {contract.hospital!r}, this node is "
                                    f"{hospital_id!r}"))
             continue
-        parsed.append((name, contract, document if document.get("format") == SIGNED_FORMAT else None))
+        if document.get("resourceType") == "Consent":
+            version_id, last_updated = _meta(document)
+            parsed.append(_Document(name, contract, None, document, version_id, last_updated))
+        else:
+            parsed.append(_Document(name, contract,
+                                    document if document.get("format") == SIGNED_FORMAT else None))
     # (pseudonym, version) -> (hash as stored, hash as received)
+    held_rows = session.execute(select(ConsentContractRow)).scalars().all()
     held: dict[tuple[str, int], tuple[str, str]] = {
-        (p, v): (h, src) for p, v, h, src in session.execute(
-            select(ConsentContractRow.pseudonym, ConsentContractRow.version,
-                   ConsentContractRow.contract_hash, ConsentContractRow.source_hash)).tuples().all()}
+        (r.pseudonym, r.version): (r.contract_hash, r.source_hash) for r in held_rows}
     known = dict(held)
-    new: list[tuple[str, Contract, SignedContract, str]] = []
+    fhir_pseudonyms = {d.contract.pseudonym for d in parsed if d.fhir is not None}
+    chains: dict[str, list[_Held]] = {}
+    for r in sorted(held_rows, key=lambda row: row.version):
+        if r.pseudonym in fhir_pseudonyms:
+            chains.setdefault(r.pseudonym, []).append(_Held(
+                r.version, Contract.model_validate(r.document), r.source_hash, r.fhir_version_id,
+                r.fhir_last_updated if r.fhir_last_updated is None or r.fhir_last_updated.tzinfo
+                else r.fhir_last_updated.replace(tzinfo=UTC)))
+    new: list[tuple[_Document, Contract, SignedContract, str]] = []
     unchanged = 0
-    for name, contract, signed_doc in sorted(parsed, key=lambda item: (item[1].pseudonym, item[1].version)):
+    natives = [d for d in parsed if d.fhir is None]
+    for doc in sorted(natives, key=lambda d: (d.contract.pseudonym, d.contract.version)):
+        contract, signed_doc, name = doc.contract, doc.signed, doc.name
         key = (contract.pseudonym, contract.version)
         digest = contract.content_hash
         if key in known:
@@ -151,18 +229,149 @@ def import_consent_folder(session: Session, folder: Path, hospital_id: str | Non
                     else sign(Contract.model_validate(to_store.model_dump()), signer))
         stored = envelope.contract
         known[key] = (stored.content_hash, digest)
-        new.append((name, stored, envelope, digest))
+        new.append((doc, stored, envelope, digest))
+    fhir_docs = sorted((d for d in parsed if d.fhir is not None), key=_fhir_order)
+    for doc in fhir_docs:
+        chain = chains.setdefault(doc.contract.pseudonym, [])
+        outcome = _fhir_version(doc, chain, hospital_id)
+        if isinstance(outcome, str):
+            problems.append((doc.name, outcome))
+            continue
+        if outcome is None:
+            unchanged += 1
+            continue
+        envelope = sign(outcome, signer)
+        stored = envelope.contract
+        chain.append(_Held(stored.version, stored, outcome.content_hash, doc.version_id, doc.last_updated))
+        new.append((doc, stored, envelope, outcome.content_hash))
     if problems:
         raise ConsentImportRejectedError(sorted(problems))
     now = datetime.now(UTC)
-    for name, stored, envelope, received in new:
+    for doc, stored, envelope, received in new:
         session.add(ConsentContractRow(contract_hash=stored.content_hash, source_hash=received,
                                        pseudonym=stored.pseudonym, version=stored.version,
                                        document=stored.to_json(), signed=envelope.to_json(),
-                                       source=f"{folder.name}/{name}", imported_at=now))
+                                       source=f"{folder.name}/{doc.name}", imported_at=now,
+                                       fhir_version_id=doc.version_id,
+                                       fhir_last_updated=doc.last_updated))
     session.flush()
     return ConsentImportReport(new_versions=len(new), unchanged=unchanged,
                                pseudonyms=len({c.pseudonym for _, c, _e, _r in new}))
+
+
+def _fhir_order(doc: _Document) -> tuple[str, datetime, int, str, str]:
+    """Updates of one patient's Consent in the order they were made: by meta.lastUpdated, then
+    a numeric meta.versionId, then the file name."""
+    version_id = doc.version_id or ""
+    number = int(version_id) if version_id.isdigit() else -1
+    oldest = datetime.min.replace(tzinfo=UTC)
+    return (doc.contract.pseudonym, doc.last_updated or oldest, number, version_id, doc.name)
+
+
+def _older(doc: _Document, held: _Held) -> bool:
+    """True when the document is an earlier state of the Consent than `held` by its meta."""
+    if doc.last_updated is not None and held.last_updated is not None:
+        return doc.last_updated < held.last_updated
+    if doc.version_id and held.version_id and doc.version_id.isdigit() and held.version_id.isdigit():
+        return int(doc.version_id) < int(held.version_id)
+    return False
+
+
+def _fhir_version(doc: _Document, chain: list[_Held], hospital_id: str | None) -> Contract | str | None:
+    """The contract version a FHIR Consent adds to its pseudonym's chain: a Contract to store,
+    None when it changes nothing, or the reason it is refused."""
+    contract = doc.contract
+    if not chain:
+        return contract
+    latest = chain[-1]
+    meaning = _meaning(contract)
+    same_consent = [h for h in chain if h.contract.contract_id == contract.contract_id]
+    if doc.version_id is not None:
+        for h in same_consent:
+            if h.version_id == doc.version_id:
+                if _meaning(h.contract) == meaning:
+                    return None
+                return (f"meta.versionId {doc.version_id} of Consent/{contract.contract_id} is already "
+                        "held with different content; an update needs a new meta.versionId")
+    if meaning == _meaning(latest.contract):
+        return None
+    if any(_older(doc, h) for h in same_consent):
+        if any(_meaning(h.contract) == meaning for h in same_consent):
+            return None  # an old export imported again: that state is held already
+        newest = same_consent[-1]
+        return (f"Consent/{contract.contract_id} is older (meta.lastUpdated "
+                f"{doc.last_updated.isoformat() if doc.last_updated else '-'}, versionId "
+                f"{doc.version_id or '-'}) than version {newest.version} held (meta.lastUpdated "
+                f"{newest.last_updated.isoformat() if newest.last_updated else '-'}, versionId "
+                f"{newest.version_id or '-'}); it would undo a newer update")
+    earlier = [h for h in chain[:-1] if _meaning(h.contract) == meaning]
+    if earlier and doc.version_id is None and doc.last_updated is None:
+        return (f"says what version {earlier[-1].version} said, which version {latest.version} replaced; "
+                "without a newer meta.versionId or meta.lastUpdated it cannot be told from an old copy "
+                "(give it one to make it current again)")
+    try:
+        assert doc.fhir is not None
+        return from_fhir(doc.fhir, hospital=hospital_id, previous=latest.contract)
+    except FhirImportError as exc:
+        return "; ".join(exc.reasons)
+
+
+# --- the steward's view and revocation --------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConsentSummary:
+    """A pseudonym's current contract version, for `exchange node consent list`."""
+
+    pseudonym: str
+    contract_id: str
+    version: int
+    versions: int
+    status: str
+    permits: bool
+    imported_at: datetime
+    source: str
+
+
+def current_consents(session: Session) -> list[ConsentSummary]:
+    """Every pseudonym's newest contract version, ordered by pseudonym."""
+    rows = session.execute(select(ConsentContractRow).order_by(
+        ConsentContractRow.pseudonym, ConsentContractRow.version)).scalars().all()
+    latest: dict[str, ConsentContractRow] = {}
+    counts: dict[str, int] = {}
+    for row in rows:
+        latest[row.pseudonym] = row
+        counts[row.pseudonym] = counts.get(row.pseudonym, 0) + 1
+    out = []
+    for pseudonym, row in latest.items():
+        contract = Contract.model_validate(row.document)
+        out.append(ConsentSummary(pseudonym, contract.contract_id, row.version, counts[pseudonym],
+                                  contract.status, not contract.permits_nothing(), row.imported_at,
+                                  row.source))
+    return out
+
+
+class RevocationError(ValueError):
+    """A revocation that cannot be made (no contract for the pseudonym); nothing was stored."""
+
+
+def revoke_consent(session: Session, pseudonym: str, signer: Signer,
+                   at: datetime | None = None) -> Contract:
+    """Store, signed with the node key, a new version of `pseudonym`'s contract that permits
+    nothing (consent.model.revoke): what a steward does when a patient withdraws in person."""
+    rows = session.execute(select(ConsentContractRow).where(ConsentContractRow.pseudonym == pseudonym)
+                           .order_by(ConsentContractRow.version.desc()).limit(1)).scalars().all()
+    if not rows:
+        raise RevocationError(f"no consent contract is held for pseudonym {pseudonym!r}")
+    previous = Contract.model_validate(rows[0].document)
+    when = max(at or datetime.now(UTC), previous.issued)
+    envelope = sign(revoke(previous, when), signer)
+    stored = envelope.contract
+    session.add(ConsentContractRow(contract_hash=stored.content_hash, source_hash=stored.content_hash,
+                                   pseudonym=pseudonym, version=stored.version, document=stored.to_json(),
+                                   signed=envelope.to_json(), source="revoked by the steward",
+                                   imported_at=datetime.now(UTC)))
+    session.flush()
+    return stored
 
 
 # --- evaluation -----------------------------------------------------------------------------

@@ -77,6 +77,10 @@ class ConsentContractRow(NodeBase):
     signed: Mapped[dict[str, Any]] = mapped_column(JSON)
     source: Mapped[str] = mapped_column(String(1024))
     imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # for a version imported from a FHIR Consent: its meta.versionId and meta.lastUpdated, which
+    # order updates of the same Consent (consent_store.py)
+    fhir_version_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    fhir_last_updated: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class StudyRow(NodeBase):

@@ -14,7 +14,14 @@ from pathlib import Path
 
 from audit.signing import Signer
 from exchange.node import keys
-from exchange.node.consent_store import ConsentImportReport, import_consent_folder
+from consent.model import Contract
+from exchange.node.consent_store import (
+    ConsentImportReport,
+    ConsentSummary,
+    current_consents,
+    import_consent_folder,
+    revoke_consent,
+)
 from exchange.node.importer import ImportReport, import_records
 from exchange.node.mapping import load_mapping
 from exchange.node.settings import NodeSettings, load_node_settings, render_toml
@@ -92,6 +99,30 @@ def import_consent(settings: NodeSettings, folder: Path) -> ConsentImportReport:
             )
         refresh_site(settings, store)
         return report
+    finally:
+        store.dispose()
+
+
+def list_consents(settings: NodeSettings) -> list[ConsentSummary]:
+    """Each patient's current consent version (`exchange node consent list`)."""
+    store = open_store(settings.db_url)
+    try:
+        with store.sessions() as session:
+            return current_consents(session)
+    finally:
+        store.dispose()
+
+
+def revoke_patient_consent(settings: NodeSettings, pseudonym: str) -> Contract:
+    """Revoke a patient's consent (a new version that permits nothing, signed with the node
+    key), then refresh the ClientApp's files so it applies from the next round. Raises
+    consent_store.RevocationError when no contract is held for the pseudonym."""
+    store = open_store(settings.db_url)
+    try:
+        with store.transaction() as session:
+            contract = revoke_consent(session, pseudonym, Signer.load(settings.signing_key_path))
+        refresh_site(settings, store)
+        return contract
     finally:
         store.dispose()
 

@@ -271,6 +271,15 @@ def test_hospital_and_previous_version() -> None:
     assert from_fhir(data, hospital="hospital-b").hospital == "hospital-b"
 
 
+def test_a_consent_naming_another_hospital_is_refused() -> None:
+    """The hospital passed in never overrides the consent's own custodian (issue 21, item 9)."""
+    data = load("fhir-r5-ds-breast-cancer.json")
+    custodian = data["controller"][0]["reference"].split("/", 1)[1]
+    assert from_fhir(data, hospital=custodian).hospital == custodian
+    with pytest.raises(FhirImportError, match=rf"Consent\.controller: names Organization/{custodian}"):
+        from_fhir(data, hospital="hospital-x")
+
+
 def test_not_a_consent() -> None:
     with pytest.raises(FhirImportError, match="resourceType"):
         from_fhir({"resourceType": "Patient"})

@@ -112,3 +112,80 @@ def test_fhir_consent_imports(store: NodeStore, tmp_path: Path) -> None:
     assert report.new_versions == 1
     with store.sessions() as session:
         assert set(current_contract_hashes(session)) == {"p3"}
+
+
+def _fhir_update(**changes: object) -> dict[str, object]:
+    return {**FHIR_R4_CONSENT, **changes}
+
+
+def _current(store: NodeStore) -> dict[str, dict[str, object]]:
+    with store.sessions() as session:
+        hashes = current_contract_hashes(session)
+        rows = session.execute(select(ConsentContractRow)).scalars().all()
+    return {r.pseudonym: r.document for r in rows if r.contract_hash == hashes[r.pseudonym]}
+
+
+def test_fhir_consent_update_by_id_becomes_the_next_version(store: NodeStore, tmp_path: Path) -> None:
+    """Issue 21 item 8: an inactive (or rejected) re-export of a held Consent revokes it; an old
+    export imported again changes nothing and never re-activates it."""
+    v1 = _fhir_update(meta={"versionId": "1", "lastUpdated": "2025-01-01T00:00:00Z"})
+    _write(tmp_path / "b1", "c.json", v1)
+    with store.transaction() as session:
+        import_consent_folder(session, tmp_path / "b1", "hospital-a", SIGNER)
+    inactive = _fhir_update(status="inactive", meta={"versionId": "2", "lastUpdated": "2025-03-01T00:00:00Z"})
+    _write(tmp_path / "b2", "c.json", inactive)
+    with store.transaction() as session:
+        report = import_consent_folder(session, tmp_path / "b2", "hospital-a", SIGNER)
+    assert report.new_versions == 1
+    current = _current(store)["p3"]
+    assert (current["version"], current["status"]) == (2, "inactive")
+    # the old export again: unchanged, still revoked
+    with store.transaction() as session:
+        report = import_consent_folder(session, tmp_path / "b1", "hospital-a", SIGNER)
+    assert (report.new_versions, report.unchanged) == (0, 1)
+    assert _current(store)["p3"]["status"] == "inactive"
+    # a later re-activation with a new versionId is the third version
+    _write(tmp_path / "b3", "c.json", _fhir_update(meta={"versionId": "3",
+                                                         "lastUpdated": "2025-05-01T00:00:00Z"}))
+    _write(tmp_path / "b3", "d.json", _fhir_update(id="c-p4", patient={"reference": "Patient/p4"},
+                                                   status="rejected"))
+    with store.transaction() as session:
+        report = import_consent_folder(session, tmp_path / "b3", "hospital-a", SIGNER)
+    assert report.new_versions == 2
+    current_all = _current(store)
+    assert (current_all["p3"]["version"], current_all["p3"]["status"]) == (3, "active")
+    assert current_all["p4"]["status"] == "rejected"
+    # the same versionId with other content is refused, nothing changes
+    _write(tmp_path / "b4", "c.json", _fhir_update(status="inactive", meta={"versionId": "3"}))
+    with store.transaction() as session, pytest.raises(ConsentImportRejectedError, match="versionId 3"):
+        import_consent_folder(session, tmp_path / "b4", "hospital-a", SIGNER)
+    assert _count(store) == 4
+
+
+def test_fhir_consent_for_another_hospital_is_refused(store: NodeStore, tmp_path: Path) -> None:
+    """Issue 21 item 9: the node's id never overrides the Consent's Organization."""
+    _write(tmp_path / "x", "c.json", FHIR_R4_CONSENT)
+    with store.transaction() as session, pytest.raises(ConsentImportRejectedError,
+                                                       match="names Organization/hospital-a"):
+        import_consent_folder(session, tmp_path / "x", "hospital-x", SIGNER)
+    assert _count(store) == 0
+
+
+def test_consent_list_and_revoke_commands(node_dir: Path, runner: CliRunner, tmp_path: Path,
+                                          store: NodeStore) -> None:
+    config = str(node_dir / "node.toml")
+    _write(tmp_path / "c", "c.json", FHIR_R4_CONSENT)
+    assert runner.invoke(app, ["node", "consent", "import", str(tmp_path / "c"), "-c", config]).exit_code == 0
+    listed = runner.invoke(app, ["node", "consent", "list", "-c", config, "--json"])
+    assert listed.exit_code == 0, listed.output
+    [row] = json.loads(listed.output)
+    assert (row["pseudonym"], row["version"], row["permits"]) == ("p3", 1, True)
+    revoked = runner.invoke(app, ["node", "consent", "revoke", "p3", "-c", config])
+    assert revoked.exit_code == 0, revoked.output
+    [row] = json.loads(runner.invoke(app, ["node", "consent", "list", "-c", config, "--json"]).output)
+    assert (row["version"], row["versions"], row["permits"]) == (2, 2, False)
+    table = runner.invoke(app, ["node", "consent", "list", "-c", config])
+    assert "2 of 2" in table.output and "p3" in table.output
+    missing = runner.invoke(app, ["node", "consent", "revoke", "nobody", "-c", config])
+    assert missing.exit_code == 1 and "no consent contract is held for pseudonym 'nobody'" in missing.output
+    assert _count(store) == 2
