@@ -118,8 +118,10 @@ def import_data(
         if len(exc.problems) > 200:
             err.print(f"  ... and {len(exc.problems) - 200} more", highlight=False)
         raise typer.Exit(1) from exc
-    typer.echo(f"imported {report.records} records from {file} as batch {report.batch_id} "
-               f"({len(report.columns)} columns)")
+    known = f", {report.known_patients} of them with records here already" if report.known_patients else ""
+    typer.echo(f"imported {report.records} records for {report.patients} patients{known} from {file} "
+               f"as batch {report.batch_id} ({len(report.columns)} columns; a patient's records are "
+               "one patient in every study)")
 
 
 @consent_app.command("import")

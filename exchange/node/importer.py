@@ -11,7 +11,7 @@ consent permits categories). The mapping file is TOML or JSON:
     [columns]
     age = "demographics"                                   # a number, required
     diagnosis = { category = "diagnoses", type = "integer" }
-    smoker = { category = "lifestyle", type = "boolean", required = false }
+    smoker = { category = "demographics", type = "boolean", required = false }
 
 FHIR Bundles need no mapping: Patient.id is the pseudonym, Patient gives `sex` and
 `birth_year` (demographics), Observations give one column per supported LOINC code (vitals
@@ -47,6 +47,10 @@ class ImportReport:
     format: str
     records: int
     columns: dict[str, str] = field(default_factory=dict)
+    # distinct pseudonyms in the file, and how many of them already had records here: a
+    # pseudonym is one patient however many records it has (privacy is accounted per patient)
+    patients: int = 0
+    known_patients: int = 0
 
 
 # --- value checks -----------------------------------------------------------------------------
@@ -270,6 +274,8 @@ def import_records(session: Session, path: Path, fmt: str | None = None,
     if problems:
         problems.sort(key=lambda p: (p.row is not None, p.row or 0))
         raise ImportRejectedError(source, problems)
+    pseudonyms = {row["pseudonym"] for row in clean}
+    known = {p for p in session.execute(select(Record.pseudonym).distinct()).scalars() if p in pseudonyms}
     batch = ImportBatch(source=path.name, format=fmt, sha256=sha, record_count=len(clean),
                         imported_at=datetime.now().astimezone())
     session.add(batch)
@@ -283,4 +289,5 @@ def import_records(session: Session, path: Path, fmt: str | None = None,
         session.execute(insert(Record), [{**row, "batch_id": batch.id} for row in chunk])
     session.flush()
     return ImportReport(batch_id=batch.id, source=source, format=fmt, records=len(clean),
-                        columns={name: spec.category for name, spec in mapping.columns.items()})
+                        columns={name: spec.category for name, spec in mapping.columns.items()},
+                        patients=len(pseudonyms), known_patients=len(known))

@@ -13,6 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from consent.codes import DATA_CATEGORIES
+
+#: The categories a column may have: consent's vocabulary (what a contract permits or denies),
+#: plus `outcomes`, the category of what a study predicts (a label or an event). docs/node.md
+#: lists the same names (a test compares them).
+COLUMN_CATEGORIES: tuple[str, ...] = tuple(sorted(DATA_CATEGORIES | {"outcomes"}))
+
 ValueType = Literal["number", "integer", "string", "boolean"]
 VALUE_TYPES: tuple[str, ...] = ("number", "integer", "string", "boolean")
 MAX_PROBLEMS_SHOWN = 50
@@ -99,6 +106,10 @@ def parse_mapping(raw: Any, source: str = "mapping") -> Mapping:
             problems.append(Problem(None, f"{where}: unknown key(s) {sorted(extra)}"))
         if not isinstance(category, str) or not category:
             problems.append(Problem(None, f"{where}.category: must be a non-empty string"))
+            continue
+        if category not in COLUMN_CATEGORIES:
+            problems.append(Problem(None, f"{where}.category: {category!r} is not a data category (one of "
+                                          f"{', '.join(COLUMN_CATEGORIES)})"))
             continue
         if value_type not in VALUE_TYPES:
             problems.append(

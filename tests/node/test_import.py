@@ -170,3 +170,47 @@ def test_fhir_bundle_good_and_bad(node_dir: Path, runner: CliRunner, store: Node
     assert rows["p1"] == {"sex": "female", "birth_year": 1970, "heart_rate": 90}
     assert rows["p2"] == {"sex": "male", "birth_year": 1980, "glucose": 101.5}
     assert categories["heart_rate"] == "vitals" and categories["glucose"] == "labs"
+
+
+def test_unknown_category_is_refused_and_docs_list_the_same_categories() -> None:
+    """Issue 21 item 11: a typo such as `labz` is refused; docs/node.md lists exactly the code's set."""
+    import re
+
+    from exchange.node.mapping import COLUMN_CATEGORIES
+
+    with pytest.raises(ImportRejectedError, match=r"mapping.columns.hba1c.category: 'labz' is not a data"):
+        parse_mapping({"columns": {"hba1c": "labz"}})
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "node.md").read_text()
+    listed = re.search(r"<!-- categories -->(.*?)<!-- /categories -->", docs, re.S)
+    assert listed is not None
+    assert tuple(c.strip() for c in listed.group(1).split(",")) == COLUMN_CATEGORIES
+
+
+def test_duplicate_pseudonyms_are_one_patient_with_several_records(
+        node_dir: Path, runner: CliRunner, store: NodeStore, tmp_path: Path) -> None:
+    """Issue 21 item 11: repeated pseudonyms, within a file and across imports, are one patient."""
+    from datetime import UTC, datetime
+
+    from exchange.node.eligibility import count_eligible
+    from exchange.node.policy import StudyView
+    from tests.node.helpers import gru_contract
+
+    (tmp_path / "map.toml").write_text(MAPPING)
+    (tmp_path / "a.csv").write_text("patient_id,age,radius,label\np1,54,12.5,1\np1,55,12.9,1\np2,61,9.75,0\n")
+    (tmp_path / "b.csv").write_text("patient_id,age,radius,label\np2,62,9.5,0\np3,40,8.0,0\n")
+    first = _import(runner, node_dir, tmp_path / "a.csv", "--mapping", str(tmp_path / "map.toml"))
+    assert "imported 3 records for 2 patients from" in first.output, first.output
+    second = _import(runner, node_dir, tmp_path / "b.csv", "--mapping", str(tmp_path / "map.toml"))
+    assert "imported 2 records for 2 patients, 1 of them with records here already" in second.output
+    folder = tmp_path / "consent"
+    folder.mkdir()
+    for p in ("p1", "p2", "p3"):
+        (folder / f"{p}.json").write_text(json.dumps(gru_contract(p, "hospital-a").to_json()))
+    assert runner.invoke(app, ["node", "consent", "import", str(folder), "-c",
+                               str(node_dir / "node.toml")]).exit_code == 0
+    study = StudyView.from_json({"id": "s1", "organisation_id": "org", "organisation_region": "DE",
+                                 "spec": {"purpose": "DUO:0000042", "data_categories": ["labs"],
+                                          "columns": {"labs": ["radius"]}, "epsilon": 1.0}})
+    with store.sessions() as session:
+        eligibility = count_eligible(session, study, datetime.now(UTC))
+    assert (eligibility.eligible, eligibility.patients) == (5, 3)
