@@ -1,11 +1,17 @@
-"""FHIR Bundle JSON -> node records (Patient + Observation for common vitals and labs).
+"""FHIR Bundle JSON -> node records (Patient, Observation for common vitals and labs,
+Condition for diagnoses).
 
 Each entry is validated with `fhir.resources` (R4/R4B first, as most hospital exports are
-R4, then R5). One record per Patient: `sex`, `birth_year` (demographics) and, for each
+R4, then R5). One record per Patient: `sex`, `birth_year` (demographics); for each
 supported LOINC code, the latest Observation value (by effective time) in the expected UCUM
-unit. What cannot be mapped (another resource type, an unknown LOINC code, a wrong unit, an
-Observation about a patient not in the Bundle) is a problem naming the entry, never silently
-dropped: "row" N means Bundle entry N (1-based).
+unit; for each ICD-10 category (three characters, e.g. E11) that any Condition in the Bundle
+codes, a column `icd10_<category>` (diagnoses, integer): 1 when the patient has such a
+Condition, 0 when not — the Bundle is the patient's record, so absence is a no. That is what a
+disease-specific study reads (as a feature or as its label). A Condition whose
+verificationStatus is `refuted` or `entered-in-error` states no diagnosis and counts as 0.
+What cannot be mapped (another resource type, an unknown LOINC code, a wrong unit, a Condition
+without a valid ICD-10 code, an Observation or Condition about a patient not in the Bundle) is
+a problem naming the entry, never silently dropped: "row" N means Bundle entry N (1-based).
 """
 
 from __future__ import annotations
@@ -20,9 +26,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from audit.untrusted import UntrustedJSONError, load_json
+from consent.codes import CodeError, normalize_icd10
 from exchange.node.mapping import ColumnSpec, Mapping, Problem
 
 LOINC = "http://loinc.org"
+#: ICD-10 code systems read from Condition.code: WHO's, and the US clinical modification (whose
+#: codes refine WHO's; only their three-character category is used).
+ICD10_SYSTEMS = ("http://hl7.org/fhir/sid/icd-10", "http://hl7.org/fhir/sid/icd-10-cm")
+#: Condition.verificationStatus codes that state no diagnosis.
+NOT_A_DIAGNOSIS = {"refuted", "entered-in-error"}
+DIAGNOSIS_PREFIX = "icd10_"
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,7 @@ def read_fhir_bundle(path: Path, mapping: Mapping | None
         return [], iter(()), [Problem(None, "Bundle.entry: must be a list")], _mapping({}, mapping)
     patients: dict[str, tuple[int, dict[str, Any]]] = {}
     observations: list[tuple[int, Any]] = []
+    conditions: list[tuple[int, Any]] = []
     for number, entry in enumerate(entries, start=1):
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict):
@@ -128,9 +142,9 @@ def read_fhir_bundle(path: Path, mapping: Mapping | None
             continue
         kind = resource.get("resourceType")
         label = f"{kind}/{resource.get('id', '?')}"
-        if kind not in ("Patient", "Observation"):
+        if kind not in ("Patient", "Observation", "Condition"):
             problems.append(Problem(number, f"{label}: resource type {kind!r} is not imported "
-                                            "(only Patient and Observation)"))
+                                            "(only Patient, Observation and Condition)"))
             continue
         try:
             model = _model(kind, resource)
@@ -150,6 +164,8 @@ def read_fhir_bundle(path: Path, mapping: Mapping | None
                 patients[model.id] = (number, {
                     PSEUDONYM: model.id, "sex": model.gender,
                     "birth_year": birth.year if isinstance(birth, date) else None})
+        elif kind == "Condition":
+            conditions.append((number, model))
         else:
             observations.append((number, model))
     columns: dict[str, ColumnSpec] = dict(PATIENT_COLUMNS)
@@ -184,10 +200,60 @@ def read_fhir_bundle(path: Path, mapping: Mapping | None
             latest[key] = when
             value = quantity.value
             patients[patient_id][1][spec.column] = float(value) if isinstance(value, Decimal) else value
+    diagnoses = _diagnoses(conditions, patients, problems)
+    for column in sorted({c for found in diagnoses.values() for c in found}):
+        columns[column] = ColumnSpec("diagnoses", "integer", required=False)
+        for patient_id, (_number, values) in patients.items():
+            values[column] = int(column in diagnoses.get(patient_id, set()))
     final_mapping = _mapping(columns, mapping)
     header = [PSEUDONYM, *final_mapping.columns]
     rows = iter(sorted(patients.values(), key=lambda item: item[0]))
     return header, rows, problems, final_mapping
+
+
+def _subject(model: Any) -> str | None:
+    """The Patient id a resource is about (`subject`), or None."""
+    reference = model.subject.reference if getattr(model, "subject", None) is not None else None
+    return reference.split("/", 1)[1] if reference and reference.startswith("Patient/") else None
+
+
+def _icd10_category(code: str) -> str:
+    """The three-character ICD-10 category of a code (`E11.9` -> `E11`); CodeError if invalid."""
+    category = code.strip().upper().replace(".", "")[:3]
+    if len(category) != 3:
+        raise CodeError(f"{code!r} is not an ICD-10 code")
+    return normalize_icd10(category)
+
+
+def _diagnoses(conditions: list[tuple[int, Any]], patients: dict[str, tuple[int, dict[str, Any]]],
+               problems: list[Problem]) -> dict[str, set[str]]:
+    """Patient id -> the `icd10_<category>` columns its Conditions give."""
+    found: dict[str, set[str]] = {}
+    for number, condition in conditions:
+        label = f"Condition/{condition.id or '?'}"
+        patient_id = _subject(condition)
+        if patient_id is None or patient_id not in patients:
+            problems.append(Problem(number, f"{label}: subject is not a Patient in this Bundle"))
+            continue
+        concept = condition.code
+        codes = [(c.system, c.code) for c in ((concept.coding or []) if concept is not None else [])
+                 if c.code]
+        icd = [code for system, code in codes if system in ICD10_SYSTEMS]
+        if not icd:
+            problems.append(Problem(number, f"{label}: no ICD-10 code (Condition.code.coding with system "
+                                            f"{ICD10_SYSTEMS[0]}; found {codes or 'none'})"))
+            continue
+        try:
+            category = _icd10_category(icd[0])
+        except CodeError as exc:
+            problems.append(Problem(number, f"{label}: {exc}"))
+            continue
+        status = condition.verificationStatus
+        status_codes = {c.code for c in ((status.coding or []) if status is not None else [])}
+        if status_codes & NOT_A_DIAGNOSIS:
+            continue
+        found.setdefault(patient_id, set()).add(DIAGNOSIS_PREFIX + category)
+    return found
 
 
 def _mapping(columns: dict[str, ColumnSpec], override: Mapping | None) -> Mapping:

@@ -214,3 +214,49 @@ def test_duplicate_pseudonyms_are_one_patient_with_several_records(
     with store.sessions() as session:
         eligibility = count_eligible(session, study, datetime.now(UTC))
     assert (eligibility.eligible, eligibility.patients) == (5, 3)
+
+
+def _condition(cid: str, patient: str, code: str, system: str = "http://hl7.org/fhir/sid/icd-10",
+               verification: str | None = None) -> dict[str, Any]:
+    resource: dict[str, Any] = {"resourceType": "Condition", "id": cid, "subject": {"reference": f"Patient/{patient}"},
+                                "code": {"coding": [{"system": system, "code": code}]}}
+    if verification:
+        resource["verificationStatus"] = {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": verification}]}
+    return {"resource": resource}
+
+
+def test_fhir_conditions_become_diagnosis_columns(node_dir: Path, runner: CliRunner, store: NodeStore,
+                                                  tmp_path: Path) -> None:
+    """Issue 21 item 10: ICD-10 Conditions give one 0/1 column per three-character category, in the
+    diagnoses category, for every patient of the Bundle; bad Conditions are named by entry."""
+    bad = {"resourceType": "Bundle", "type": "collection", "entry": [
+        _patient("p1"),
+        _condition("c1", "p1", "44054006", system="http://snomed.info/sct"),  # entry 2: not ICD-10
+        _condition("c2", "p1", "XYZ.1"),                                    # entry 3: not a code
+        _condition("c3", "p7", "E11.9"),                                    # entry 4: unknown patient
+    ]}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    result = _import(runner, node_dir, tmp_path / "bad.json")
+    out = " ".join(result.output.split())
+    assert result.exit_code == 1
+    assert "row 2: Condition/c1: no ICD-10 code" in out
+    assert "row 3: Condition/c2:" in out and "not an ICD-10" in out
+    assert "row 4: Condition/c3: subject is not a Patient in this Bundle" in out
+    assert _counts(store) == (0, 0, 0)
+    good = {"resourceType": "Bundle", "type": "collection", "entry": [
+        _patient("p1"), _patient("p2", "male", "1980-02-02"), _patient("p3"),
+        _condition("c1", "p1", "E11.9"), _condition("c2", "p1", "I10"),
+        _condition("c3", "p2", "E11.65", system="http://hl7.org/fhir/sid/icd-10-cm"),
+        _condition("c4", "p3", "I10", verification="refuted"),
+    ]}
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    ok = _import(runner, node_dir, tmp_path / "good.json")
+    assert ok.exit_code == 0, ok.output
+    with store.sessions() as session:
+        rows: dict[str, Any] = dict(session.execute(select(Record.pseudonym, Record.values)).tuples().all())
+        categories = dict(session.execute(select(ColumnCategory.column, ColumnCategory.category))
+                          .tuples().all())
+    assert {p: (v["icd10_E11"], v["icd10_I10"]) for p, v in rows.items()} == {
+        "p1": (1, 1), "p2": (1, 0), "p3": (0, 0)}
+    assert categories["icd10_E11"] == categories["icd10_I10"] == "diagnoses"
