@@ -197,11 +197,11 @@ def _steward_decision(study_id: str, decision: str, reason: str | None, config: 
         raise _fail(str(exc)) from exc
     finally:
         store.dispose()
-    typer.echo(f"{study_id}: {row.decision} (signed; the daemon posts it to the coordinator)")
+    typer.echo(f"{row.study_id}: {row.decision} (signed; the daemon posts it to the coordinator)")
 
 
 @app.command("approve")
-def approve(study_id: Annotated[str, typer.Argument(help="Study id.")],
+def approve(study_id: Annotated[str, typer.Argument(help="Study id, or a unique prefix of it.")],
             reason: Annotated[str | None, typer.Option(help="Why (kept with the decision).")] = None,
             config: ConfigOption = None) -> None:
     """Approve a study that waits for the steward (site policy mode "ask")."""
@@ -209,7 +209,7 @@ def approve(study_id: Annotated[str, typer.Argument(help="Study id.")],
 
 
 @app.command("refuse")
-def refuse(study_id: Annotated[str, typer.Argument(help="Study id.")],
+def refuse(study_id: Annotated[str, typer.Argument(help="Study id, or a unique prefix of it.")],
            reason: Annotated[str | None, typer.Option(help="Why (sent to the researcher).")] = None,
            config: ConfigOption = None) -> None:
     """Refuse a study that waits for the steward."""
@@ -263,60 +263,11 @@ def witness_evidence_command(
     typer.echo(json.dumps(witness_evidence(_settings(config), clear=clear), indent=2))
 
 
-def _reasons(study: dict[str, Any]) -> list[str]:
-    """The decision's reasons, and the coordinator's reason when it refused the decision."""
-    reasons = list(study["reasons"])
-    if study.get("rejected"):
-        reasons.append(f"REJECTED by the coordinator: {study['rejected']['reason']}")
-    return reasons
-
-
-def _log_lines(report: dict[str, Any]) -> list[str]:
-    """The witness and inclusion lines: up to which checkpoint, and any ALARM with its reason."""
-    witness, inclusion = report["witness"], report["inclusion"]
-    lines = [f"log witness: {witness['state']}; cosigned checkpoint size "
-             f"{witness.get('cosigned_size') if witness.get('cosigned_size') is not None else '-'}"]
-    lines += [f"ALARM (witness): {a['reason']}" for a in witness.get("alarms", [])]
-    if witness.get("state") == "error":
-        lines.append(f"ALARM (witness): {witness.get('reason')}")
-    lines.append(f"own entries: {inclusion['entries_proven']} proven included up to checkpoint size "
-                 f"{inclusion['proven_size']}")
-    lines += [f"ALARM (inclusion): {m['kind']} for study {m['study_id']} is missing from the log"
-              for m in inclusion["missing"]]
-    lines += [f"ALARM (inclusion): {f}" for f in inclusion["failures"]]
-    return lines
-
-
 def _print_status(report: dict[str, Any]) -> None:
-    console = Console()
-    budget = report["privacy"]
-    console.print(f"[bold]{report['hospital_id']}[/bold]  daemon: {report['daemon']['state']}  "
-                  f"records: {report['records']}  consent contracts: {report['contracts']}")
-    console.print(f"privacy budget: spent {budget['spent']:.4g}, reserved {budget['reserved']:.4g}, "
-                  f"left {budget['left']:.4g} of {budget['total']:.4g} (epsilon per patient); delta: spent "
-                  f"{budget['delta_spent']:.3g}, reserved {budget['delta_reserved']:.3g} of "
-                  f"{budget['delta_total']:.3g}, at most {budget['max_delta']:.3g} per study")
-    patients = budget["patients"]
-    console.print(f"patients: {patients['with_spend']} with privacy spent here, {patients['near_cap']} near "
-                  f"and {patients['at_cap']} at their lifetime cap; worst case over all studies: epsilon "
-                  f"{budget['patient_epsilon_sum']:.4g} summed, {budget['patient_epsilon_composed']:.4g} "
-                  f"composed (PRV) at delta {budget['patient_delta']:.3g}")
-    studies = Table(title="Studies")
-    for column in ("study", "status", "decision", "by", "eligible", "rounds", "epsilon spent", "reasons"):
-        studies.add_column(column)
-    for study in report["studies"]:
-        studies.add_row(study["study_id"], study["status"], study["decision"] or "-",
-                        study["decided_by"] or "-", str(study["eligible_records"] or "-"),
-                        str(study["rounds"]), f"{study['epsilon_spent']:.4g}",
-                        "; ".join(_reasons(study)))
-    console.print(studies)
-    for line in _log_lines(report):
-        console.print(line)
-    if report["errors"]:
-        errors = Table(title="Last errors")
-        for column in ("at", "component", "message"):
-            errors.add_column(column)
-        for error in report["errors"]:
-            errors.add_row(str(error["at"]), error["component"], error["message"])
-        console.print(errors)
+    """As text no wider than the terminal (80 columns when it cannot tell)."""
+    import shutil
 
+    from exchange.node.status_text import render_status
+
+    for line in render_status(report, shutil.get_terminal_size((80, 24)).columns):
+        typer.echo(line)

@@ -279,15 +279,20 @@ def _evaluation_inputs(store: NodeStore, settings: NodeSettings, view: StudyView
 
 def steward_decide(store: NodeStore, settings: NodeSettings, study_id: str, decision: str,
                    reason: str | None) -> DecisionRow:
-    """The steward's decision on a pending study. An approval is re-checked against the site
-    policy and consent first: it cannot approve what the policy would refuse."""
+    """The steward's decision on a pending study (named by its id or a unique prefix of it). An
+    approval is re-checked against the site policy and consent first: it cannot approve what the
+    policy would refuse."""
     if decision not in ("approve", "refuse"):
         raise StewardDecisionError(f"decision: must be approve or refuse, not {decision!r}")
+    from exchange.node.study_ids import StudyIdError, resolve_study_id
+
     with store.sessions() as session:
+        try:
+            study_id = resolve_study_id(session, study_id)
+        except StudyIdError as exc:
+            raise StewardDecisionError(str(exc)) from exc
         row = session.get(StudyRow, study_id)
-        if row is None:
-            raise StewardDecisionError(f"study {study_id!r} is not known to this node (the daemon records "
-                                       "studies when it polls the coordinator)")
+        assert row is not None
         previous = latest_decision(session, study_id)
         if previous is not None:
             raise StewardDecisionError(

@@ -12,10 +12,32 @@ from sqlalchemy import func, select
 from exchange.node.decisions import current_budget, latest_decision, rejection
 from exchange.node.models import ConsentContractRow, ErrorRow, Record, RoundRow, StudyRow
 from exchange.node.patient_budget import patient_counts
+from exchange.node.policy import StudyView
 from exchange.node.privacy import site_ledger
 from exchange.node.settings import NodeSettings
 from exchange.node.store import NodeStore
 from exchange.node.witnessing import inclusion_status, witness_status
+
+
+def study_request_summary(document: dict[str, Any]) -> dict[str, Any]:
+    """The request a steward decides on (title, who asks, purpose, disease, columns, label,
+    privacy, rounds, the start deadline), from the study as the coordinator sent it."""
+    spec: dict[str, Any] = document.get("spec") or {}
+    view = StudyView.from_json(document)
+    return {
+        "title": spec.get("title"),
+        "organisation": view.organisation, "region": view.region, "researcher": view.researcher,
+        "purpose": view.purpose, "disease": view.disease, "commercial": view.commercial,
+        "ethics_approval": spec.get("ethics_approval"),
+        "methods_development": spec.get("methods_development"),
+        "columns": view.columns, "label": view.label, "event": view.event, "task": view.task,
+        "template": spec.get("template"),
+        "epsilon": view.epsilon, "delta": view.delta,
+        "rounds": view.rounds or document.get("rounds_planned"),
+        "min_hospitals": document.get("min_hospitals"),
+        "submitted_at": document.get("submitted_at"),
+        "start_deadline": document.get("start_deadline") or spec.get("start_deadline"),
+    }
 
 
 def collect_status(store: NodeStore, settings: NodeSettings, errors: int = 5) -> dict[str, Any]:
@@ -29,6 +51,8 @@ def collect_status(store: NodeStore, settings: NodeSettings, errors: int = 5) ->
                                      .where(RoundRow.study_id == row.study_id)).scalar_one()
             studies.append({
                 "study_id": row.study_id, "status": row.status,
+                # what the study asks, as the coordinator sent it: the steward decides on this
+                "request": study_request_summary(row.document),
                 "decision": decision.decision if decision else None,
                 "decided_by": decision.decided_by if decision else None,
                 "reasons": decision.reasons if decision else [],

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from audit.signing import Signer
-from exchange.node import keys
 from consent.model import Contract
+from exchange.node import keys
 from exchange.node.consent_store import (
     ConsentImportReport,
     ConsentSummary,

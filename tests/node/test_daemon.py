@@ -113,7 +113,23 @@ def test_ask_mode_waits_for_the_steward(node_dir: Path, seeded: NodeStore, coord
         with seeded.sessions() as session:
             assert session.get(StudyRow, first).status == "pending"  # type: ignore[union-attr]
         config = ["--config", str(node_dir / "node.toml")]
-        ok = runner.invoke(app, ["node", "approve", first, "--reason", "ethics board said yes", *config])
+        # issue 21 item 7: the whole request, within 80 columns; a unique id prefix is enough
+        shown = runner.invoke(app, ["node", "status", *config], env={"COLUMNS": "80"})
+        assert shown.exit_code == 0, shown.output
+        lines = shown.output.splitlines()
+        assert max(len(line) for line in lines) <= 80, "\n".join(line for line in lines if len(line) > 80)
+        text = " ".join(shown.output.split())
+        assert "Waiting for your decision (2)" in text and first in text and second in text
+        for expected in ('"Breast cancer risk"', "DUO:0000042 (GRU, general research use)",
+                         "labs: mean_radius, mean_texture", "label label (binary", "epsilon 3,",
+                         "ethics approval yes", "deadline"):
+            assert expected in text, expected
+        common = os.path.commonprefix([first, second])
+        ambiguous = runner.invoke(app, ["node", "approve", common, *config])
+        assert ambiguous.exit_code == 1 and "ambiguous" in ambiguous.output
+        assert first in ambiguous.output and second in ambiguous.output
+        ok = runner.invoke(app, ["node", "approve", first[:max(len(common) + 1, 8)], "--reason",
+                                 "ethics board said yes", *config])
         assert ok.exit_code == 0, ok.output
         no = runner.invoke(app, ["node", "refuse", second, "--reason", "we are busy this quarter", *config])
         assert no.exit_code == 0, no.output

@@ -218,7 +218,8 @@ def test_duplicate_pseudonyms_are_one_patient_with_several_records(
 
 def _condition(cid: str, patient: str, code: str, system: str = "http://hl7.org/fhir/sid/icd-10",
                verification: str | None = None) -> dict[str, Any]:
-    resource: dict[str, Any] = {"resourceType": "Condition", "id": cid, "subject": {"reference": f"Patient/{patient}"},
+    resource: dict[str, Any] = {"resourceType": "Condition", "id": cid,
+                                "subject": {"reference": f"Patient/{patient}"},
                                 "code": {"coding": [{"system": system, "code": code}]}}
     if verification:
         resource["verificationStatus"] = {"coding": [{
