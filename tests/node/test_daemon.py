@@ -124,7 +124,7 @@ def test_ask_mode_waits_for_the_steward(node_dir: Path, seeded: NodeStore, coord
                          "labs: mean_radius, mean_texture", "label label (binary", "epsilon 3,",
                          "ethics approval yes", "deadline"):
             assert expected in text, expected
-        common = os.path.commonprefix([first, second])
+        common = next(first[:i] for i in range(len(first)) if first[i] != second[i])
         ambiguous = runner.invoke(app, ["node", "approve", common, *config])
         assert ambiguous.exit_code == 1 and "ambiguous" in ambiguous.output
         assert first in ambiguous.output and second in ambiguous.output
