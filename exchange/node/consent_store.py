@@ -128,7 +128,8 @@ class _Held:
 
 def _meta(resource: dict[str, Any]) -> tuple[str | None, datetime | None]:
     """A FHIR resource's meta.versionId and meta.lastUpdated (validated by then)."""
-    meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
+    raw = resource.get("meta")
+    meta: dict[str, Any] = raw if isinstance(raw, dict) else {}
     version_id = meta.get("versionId")
     updated = meta.get("lastUpdated")
     when = None
