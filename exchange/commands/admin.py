@@ -8,6 +8,7 @@ service code as the API, so each one is an audit entry in the same transaction.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,8 +32,26 @@ class _NoRunner:
 
 def _coordinator(db: str | None, config: Path | None) -> Any:
     from exchange.coordinator.app import build_runtime
+    from exchange.db.probe import DatabaseUnavailableError, database_state, describe
 
     settings = load_settings(config, database_url=db)
+    try:
+        state = database_state(settings.database_url)
+    except DatabaseUnavailableError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    named = db or config or os.environ.get("EXCHANGE_DATABASE_URL") or os.environ.get("EXCHANGE_CONFIG")
+    if state != "ready" and not named:
+        # nothing says where the exchange is: never start a new, empty one in the working
+        # directory (hospitals registered there would be registered nowhere that serves)
+        where = "does not exist" if state == "missing" else "holds no exchange"
+        typer.echo(f"error: no exchange here: {describe(settings.database_url)} {where}. exchange admin "
+                   "works on the coordinator's database: pass --config FILE (the coordinator's settings) "
+                   "or --db URL, or set EXCHANGE_CONFIG or EXCHANGE_DATABASE_URL; `exchange serve` "
+                   "creates a new exchange", err=True)
+        raise typer.Exit(1)
+    if state != "ready":
+        typer.echo(f"note: {describe(settings.database_url)} holds no exchange yet; creating one", err=True)
     runtime = build_runtime(app_config_from(settings), _NoRunner())
     return runtime
 

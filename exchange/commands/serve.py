@@ -37,10 +37,16 @@ def serve(
     import uvicorn
 
     from exchange.coordinator.app import build_runtime, create_app, runner_from_settings
+    from exchange.db.probe import DatabaseUnavailableError, database_state
     from exchange.logging import configure_logging
 
     settings = load_settings(config, database_url=db, host=host, port=port)
     configure_logging(settings.logging.level, settings.logging.json_format)
+    try:
+        database_state(settings.database_url)
+    except DatabaseUnavailableError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
     try:
         runner = runner_from_settings(settings)
         https = settings.https()

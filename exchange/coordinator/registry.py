@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from audit.entry import Entry
@@ -237,6 +237,9 @@ class Registry:
                 session.execute(delete(RequestNonce).where(
                     RequestNonce.created_at < now() - 2 * self.replay_window))
                 session.add(RequestNonce(key_id=kid, nonce=nonce, created_at=now()))
+                # the hospital's last contact, in the transaction that records the request
+                session.execute(update(Hospital).where(Hospital.signing_key_id == kid)
+                                .values(last_contact_at=now()))
         except IntegrityError:
             return False
         return True

@@ -563,6 +563,8 @@ class HospitalOut(Out):
     signing_key_id: str
     flower_public_key: str
     created_at: datetime
+    last_contact_at: datetime | None = Field(
+        default=None, description="the hospital's last signed request (null: never contacted)")
 
 
 class EntryAccepted(BaseModel):

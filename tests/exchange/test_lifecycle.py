@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from safetensors.numpy import load as load_safetensors
@@ -341,3 +342,16 @@ def test_balances_follow_appends_made_by_another_process(world: World, tmp_path:
         other.close()
     assert served_balances(world)["balances"]["org:clinics"] == 777
     assert fold(world) == served_balances(world)
+
+
+def test_hospitals_list_shows_each_hospitals_last_contact(world: World) -> None:
+    """Issue 21 item 12: the operator sees when each hospital last made a signed request."""
+    before = {h["id"]: h["last_contact_at"] for h in
+              world.as_("operator", "GET", "/v1/hospitals").json()}
+    assert before["h-two"] is None
+    assert world.as_("h-two", "GET", "/v1/hospital/studies").status_code == 200
+    after = {h["id"]: h["last_contact_at"] for h in
+             world.as_("operator", "GET", "/v1/hospitals").json()}
+    assert after["h-two"] is not None
+    assert datetime.fromisoformat(after["h-two"]) >= datetime.now(UTC) - timedelta(minutes=5)
+    assert after["h-one"] == before["h-one"]

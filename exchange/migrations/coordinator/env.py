@@ -11,6 +11,7 @@ from audit.store import AUDIT_METADATA
 from exchange.coordinator import models  # noqa: F401  (registers the registry's tables)
 from exchange.db.base import CoordinatorBase
 from exchange.db.engine import make_engine
+from exchange.db.migrate import migration_lock
 from exchange.study import models as study_models  # noqa: F401  (registers the study tables)
 
 config = context.config
@@ -21,7 +22,7 @@ def run_migrations() -> None:
     url = config.get_main_option("sqlalchemy.url")
     assert url is not None
     engine = make_engine(url)
-    with engine.connect() as connection:
+    with engine.connect() as connection, migration_lock(connection, "coordinator"):
         sqlite = connection.dialect.name == "sqlite"
         if sqlite:
             # A batch migration rebuilds a table (copy, drop, rename); with foreign keys on, the
