@@ -87,9 +87,15 @@ class _PublicKeyResolver(HTTPSignatureKeyResolver):
     def __init__(self, lookup: Callable[[str], bytes | None]) -> None:
         self._lookup = lookup
 
-    def resolve_public_key(self, key_id: str) -> Ed25519PublicKey | None:
+    def resolve_public_key(self, key_id: str) -> Ed25519PublicKey:
         raw = self._lookup(key_id)
-        return None if raw is None else Ed25519PublicKey.from_public_bytes(raw)
+        if raw is None:
+            # said plainly: this is what a node sees before the operator has registered it
+            raise RequestSignatureError(
+                f"key id {key_id} is not registered at this coordinator (a hospital not registered yet, "
+                "or a key rotated away): the hospital's steward sends the operator the output of "
+                "`exchange node show-registration`")
+        return Ed25519PublicKey.from_public_bytes(raw)
 
     def resolve_private_key(self, key_id: str) -> None:  # pragma: no cover - verify only
         raise KeyError(key_id)

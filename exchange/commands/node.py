@@ -47,6 +47,17 @@ def _settings(config: Path | None) -> NodeSettings:
         raise _fail(f"node config: {exc}") from exc
 
 
+def _check_database(settings: NodeSettings) -> None:
+    """A node database that cannot be reached (a PostgreSQL database that does not exist, a
+    server that does not answer) is said in words before anything uses it."""
+    from exchange.db.probe import DatabaseUnavailableError, database_state
+
+    try:
+        database_state(settings.db_url)
+    except DatabaseUnavailableError as exc:
+        raise _fail(f"node database: {exc}") from exc
+
+
 @app.command("init")
 def init(
     directory: Annotated[Path, typer.Option("--dir", help="Node directory (config, keys, database).")] = Path(
@@ -220,7 +231,7 @@ def refuse(study_id: Annotated[str, typer.Argument(help="Study id, or a unique p
 def run(config: ConfigOption = None) -> None:
     """Run the node daemon until SIGTERM/SIGINT (see docs/node.md)."""
     from exchange.logging import configure_logging
-    from exchange.node.daemon import run_daemon
+    from exchange.node.daemon import NodeStartError, run_daemon
 
     settings = _settings(config)
     try:
@@ -228,7 +239,12 @@ def run(config: ConfigOption = None) -> None:
     except ValueError as exc:  # names the setting
         raise typer.BadParameter(str(exc), param_hint="--config") from exc
     configure_logging(settings.logging.level, settings.logging.json_format)
-    sys.exit(run_daemon(settings))
+    _check_database(settings)
+    try:
+        code = run_daemon(settings)
+    except NodeStartError as exc:
+        raise _fail(str(exc)) from exc
+    sys.exit(code)
 
 
 @app.command("status")

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
 
 from exchange.coordinator.client import ApiClient, CoordinatorError
@@ -37,8 +38,9 @@ def _call(url: str, api_key: str, action: Any) -> Any:
             return action(client)
     except CoordinatorError as exc:
         raise _refused(exc) from exc
-    except OSError as exc:
-        typer.echo(f"cannot reach the coordinator at {url}: {exc}", err=True)
+    except (OSError, httpx.TransportError) as exc:  # httpx's connection errors are not OSErrors
+        typer.echo(f"cannot reach the coordinator at {url}: {exc} (is it running, and is --url or "
+                   "EXCHANGE_URL right?)", err=True)
         raise typer.Exit(3) from exc
 
 

@@ -17,12 +17,15 @@ grace period), exit 0.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -88,6 +91,25 @@ class CoordinatorLink:
 
     def close(self) -> None:
         self.client.close()
+
+
+def explain_coordinator_error(exc: BaseException, settings: NodeSettings, key_id: str) -> tuple[str, str]:
+    """(health state, message for the steward) for a failed first call to the coordinator:
+    unreachable, or this hospital not registered there (and what to send the operator)."""
+    import httpx
+
+    from exchange.coordinator.client import CoordinatorError
+
+    url = settings.coordinator_url
+    if isinstance(exc, httpx.TransportError | OSError):
+        return "unreachable", (f"the coordinator at {url} does not answer ({type(exc).__name__}: {exc}); "
+                               "check coordinator_url in node.toml and that it runs; the node keeps trying")
+    if isinstance(exc, CoordinatorError) and exc.status == 401 and "not registered" in str(exc):
+        return "not registered", (
+            f"this hospital ({settings.hospital_id}, signing key id {key_id}) is not registered at the "
+            f"coordinator {url}: send the operator the output of `exchange node show-registration`; "
+            "the node keeps polling and carries on once it is registered")
+    return "error", f"{type(exc).__name__}: {exc}"
 
 
 def _problem_detail(exc: BaseException) -> str:
@@ -185,8 +207,10 @@ class NodeDaemon:
         try:
             me = self.link.me()
         except Exception as exc:
-            self._error("coordinator", exc)
-            self._update_health(coordinator="unreachable or not registered")
+            state, message = explain_coordinator_error(exc, self.settings, self.ctx.signer.key_id)
+            log.warning("step_failed", component="coordinator", error=message)
+            self.store.record_error("coordinator", message)
+            self._update_health(coordinator=state)
             return False
         if not self.store.get_state("registered"):
             log.info("registered", hospital_id=self.settings.hospital_id, key_id=self.ctx.signer.key_id)
@@ -318,7 +342,13 @@ class NodeDaemon:
             def log_message(self, format: str, *args: Any) -> None:
                 return
 
-        server = ThreadingHTTPServer((self.settings.health_host, self.settings.health_port), Handler)
+        try:
+            server = ThreadingHTTPServer((self.settings.health_host, self.settings.health_port), Handler)
+        except OSError as exc:
+            raise NodeStartError(
+                f"health_port {self.settings.health_port} on {self.settings.health_host} is taken "
+                f"({exc.strerror}): another node (or program) on this host uses it; give this node its "
+                "own health_port in node.toml (`exchange node init` picks free ports for new nodes)") from exc
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
         return server
@@ -363,14 +393,47 @@ class NodeDaemon:
         return 0
 
 
-def run_daemon(settings: NodeSettings) -> int:
-    """Open the store (migrating it), load the key, run until signalled."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings.db_url)
-    signer = Signer.load(settings.signing_key_path)
-    link = CoordinatorLink(settings, signer)
+class NodeStartError(RuntimeError):
+    """The daemon cannot start (already running, a port taken); the message says what to do."""
+
+
+@contextmanager
+def run_lock(settings: NodeSettings) -> Iterator[None]:
+    """Hold `node.run.lock` in the node directory while the daemon runs: a second `exchange
+    node run` on the same node would post the same decisions and start a second SuperNode
+    with the same Flower key. The lock is the kernel's (flock), so it goes with the process,
+    also after kill -9."""
+    path = settings.data_dir / "node.run.lock"
+    handle = path.open("a+")
     try:
-        return NodeDaemon(settings, store, link, signer).run()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise NodeStartError(
+                f"this node ({settings.hospital_id}, {settings.data_dir}) is already running (process "
+                f"{holder}); `exchange node status` shows it; stop that one first (SIGTERM) to restart it"
+            ) from exc
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
     finally:
-        link.close()
-        store.dispose()
+        handle.close()
+
+
+def run_daemon(settings: NodeSettings) -> int:
+    """Open the store (migrating it), load the key, run until signalled. Raises NodeStartError
+    when the node is running already or its health port is taken."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(settings):
+        store = open_store(settings.db_url)
+        signer = Signer.load(settings.signing_key_path)
+        link = CoordinatorLink(settings, signer)
+        try:
+            return NodeDaemon(settings, store, link, signer).run()
+        finally:
+            link.close()
+            store.dispose()

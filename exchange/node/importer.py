@@ -38,6 +38,8 @@ from exchange.node.mapping import ColumnSpec, ImportRejectedError, Mapping, Prob
 from exchange.node.models import ColumnCategory, ImportBatch, Record
 
 INSERT_CHUNK = 5000
+#: delimiters spreadsheets export instead of commas, named in the refusal
+OTHER_DELIMITERS = {";": "semicolons (';')", "\t": "tabs", "|": "vertical bars ('|')"}
 
 
 @dataclass
@@ -178,6 +180,15 @@ def _csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]
     if unreadable:
         handle.close()
         return [], iter(()), [Problem(None, "; ".join(unreadable))]
+    if len(header) == 1:
+        other = next((d for d in OTHER_DELIMITERS if d in header[0]), None)
+        if other is not None:
+            # one column whose name holds ';' (a spreadsheet's export in many locales): say so
+            # rather than listing every column as missing
+            handle.close()
+            return [], iter(()), [Problem(None, f"the header is separated by {OTHER_DELIMITERS[other]}, "
+                                                "not by commas: save the file as comma-separated CSV "
+                                                "(a decimal comma must become a point too)")]
     width_problems: list[Problem] = []
 
     def rows() -> Iterator[tuple[int, dict[str, Any]]]:

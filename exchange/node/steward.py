@@ -9,6 +9,8 @@ files, so a revocation applies from the very next round rather than at the daemo
 
 from __future__ import annotations
 
+import socket
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,10 +52,13 @@ def init_node(directory: Path, hospital_id: str, coordinator_url: str, superlink
     config_path = directory / "node.toml"
     if config_path.exists():
         raise NodeExistsError(f"{config_path} already exists; refusing to overwrite a node's config")
+    health_port, appio_port = free_node_ports(directory)
     settings = NodeSettings(
         hospital_id=hospital_id,
         coordinator_url=coordinator_url,
-        supernode={"superlink_address": superlink_address},  # type: ignore[arg-type]
+        health_port=health_port,
+        supernode={"superlink_address": superlink_address,  # type: ignore[arg-type]
+                   "clientappio_address": f"127.0.0.1:{appio_port}"},
     )
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)  # the database holds patient records, keys/ the private keys
@@ -68,6 +73,54 @@ def init_node(directory: Path, hospital_id: str, coordinator_url: str, superlink
     identity = keys.identity(hospital_id, loaded.signing_key_path, loaded.flower_key_path,
                              loaded.witness_key_path)
     return NewNode(settings=loaded, config_path=config_path, identity=identity)
+
+
+#: The first node's ports (the settings' defaults); node i gets HEALTH_BASE + i and
+#: APPIO_BASE + APPIO_STEP * i (clear of Flower's own 9091-9099).
+HEALTH_BASE, APPIO_BASE, APPIO_STEP = 8181, 9094, 100
+MAX_NODES_PER_HOST = 200
+
+
+def _claimed_ports(directory: Path) -> set[int]:
+    """Ports named by the other nodes beside `directory` (their node.toml), running or not."""
+    claimed: set[int] = set()
+    parent = directory.resolve().parent
+    for config in parent.glob("*/node.toml"):
+        if config.parent == directory.resolve():
+            continue
+        try:
+            data = tomllib.loads(config.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data.get("health_port"), int):
+            claimed.add(data["health_port"])
+        appio = (data.get("supernode") or {}).get("clientappio_address")
+        if isinstance(appio, str) and appio.rpartition(":")[2].isdigit():
+            claimed.add(int(appio.rpartition(":")[2]))
+    return claimed
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_node_ports(directory: Path) -> tuple[int, int]:
+    """(health port, ClientAppIo port) for a new node: the first pair that no node beside it
+    names and that nothing on this host listens on now, so two nodes made on one host (the usual
+    trial, or two hospitals' test nodes) never collide."""
+    claimed = _claimed_ports(directory)
+    for i in range(MAX_NODES_PER_HOST):
+        health, appio = HEALTH_BASE + i, APPIO_BASE + APPIO_STEP * i
+        if health in claimed or appio in claimed:
+            continue
+        if _bindable(health) and _bindable(appio):
+            return health, appio
+    return HEALTH_BASE, APPIO_BASE  # none free: the defaults, and `node run` says what is taken
 
 
 def import_data(

@@ -120,3 +120,11 @@ def test_migrations_and_admin_starting_together_on_empty_postgres(postgres_url: 
         assert connection.execute(text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
         assert connection.execute(text("SELECT id FROM organisations")).scalars().all() == ["acme"]
     engine.dispose()
+
+
+def test_an_unreachable_coordinator_is_said_in_words() -> None:
+    """Issue 21 item 14: httpx's connection errors are not OSErrors; they used to be a traceback."""
+    result = runner.invoke(app, ["study", "status", "st-x", "--api-key", "hx_k", "--url", "http://127.0.0.1:9"])
+    assert result.exit_code == 3
+    assert "cannot reach the coordinator at http://127.0.0.1:9" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -261,3 +261,15 @@ def test_fhir_conditions_become_diagnosis_columns(node_dir: Path, runner: CliRun
     assert {p: (v["icd10_E11"], v["icd10_I10"]) for p, v in rows.items()} == {
         "p1": (1, 1), "p2": (1, 0), "p3": (0, 0)}
     assert categories["icd10_E11"] == categories["icd10_I10"] == "diagnoses"
+
+
+def test_a_semicolon_separated_csv_is_named(node_dir: Path, runner: CliRunner, store: NodeStore,
+                                            tmp_path: Path) -> None:
+    """Issue 21 item 14: the delimiter is named, not one 'missing column' per mapped column."""
+    (tmp_path / "map.toml").write_text(MAPPING)
+    (tmp_path / "semi.csv").write_text("patient_id;age;radius;label\np1;54;12,5;1\n")
+    result = _import(runner, node_dir, tmp_path / "semi.csv", "--mapping", str(tmp_path / "map.toml"))
+    out = " ".join(result.output.split())
+    assert result.exit_code == 1 and "separated by semicolons (';'), not by commas" in out
+    assert "Traceback" not in out and "is in the mapping but not in the file" not in out
+    assert _counts(store) == (0, 0, 0)

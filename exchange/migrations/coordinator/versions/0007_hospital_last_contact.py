@@ -2,7 +2,7 @@
 so the operator sees a node that stopped polling (`GET /v1/hospitals`). Set in the same
 transaction that records the request's nonce; null until the first contact.
 
-Revision ID: 0006_hospital_last_contact
+Revision ID: 0007_hospital_last_contact
 Revises: 0005_late_and_failed
 """
 from __future__ import annotations
