@@ -47,6 +47,22 @@ def _settings(config: Path | None) -> NodeSettings:
         raise _fail(f"node config: {exc}") from exc
 
 
+def _study_id(settings: NodeSettings, text: str) -> str:
+    """The full id of the study `text` names exactly or by unique prefix (node/study_ids.py);
+    text that matches no study here is used as given."""
+    from exchange.node.store import open_store
+    from exchange.node.study_ids import StudyIdError, resolve_study_id
+
+    store = open_store(settings.db_url)
+    try:
+        with store.sessions() as session:
+            return resolve_study_id(session, text, unknown_ok=True)
+    except StudyIdError as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        store.dispose()
+
+
 def _check_database(settings: NodeSettings) -> None:
     """A node database that cannot be reached (a PostgreSQL database that does not exist, a
     server that does not answer) is said in words before anything uses it."""

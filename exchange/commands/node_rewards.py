@@ -13,14 +13,14 @@ from typing import Annotated
 
 import typer
 
-from exchange.commands.node import ConfigOption, _fail, _settings
+from exchange.commands.node import ConfigOption, _fail, _settings, _study_id
 
 rewards_app = typer.Typer(help="Patients' reward payouts: claim a leaf of a receipt's commitment.",
                           no_args_is_help=True)
 
 
 @rewards_app.command("claim")
-def claim(study_id: Annotated[str, typer.Argument(help="Study id.")],
+def claim(study_id: Annotated[str, typer.Argument(help="Study id, or a unique prefix of it.")],
           account: Annotated[str, typer.Option(help="The patient's reward account (stays local).")],
           round_number: Annotated[int | None, typer.Option(
               "--round", help="One round (default: all).")] = None,
@@ -37,6 +37,7 @@ def claim(study_id: Annotated[str, typer.Argument(help="Study id.")],
     from federated.reward_openings import claim_request, openings
 
     settings = _settings(config)
+    study_id = _study_id(settings, study_id)
     engine = create_engine(settings.db_url)
     try:
         mine = [(r, o) for r, o in openings(engine, study_id, account)
@@ -72,7 +73,7 @@ def claim(study_id: Annotated[str, typer.Argument(help="Study id.")],
                        f"(log entry {accepted['index']})")
 
 
-def gate_key(study_id: Annotated[str, typer.Argument(help="Study id.")],
+def gate_key(study_id: Annotated[str, typer.Argument(help="Study id, or a unique prefix of it.")],
              round_number: Annotated[int, typer.Argument(help="Round.")],
              config: ConfigOption = None) -> None:
     """Print the key of one study round's consent commitment, for an auditor this hospital
@@ -84,5 +85,6 @@ def gate_key(study_id: Annotated[str, typer.Argument(help="Study id.")],
     settings = _settings(config)
     if round_number < 1:
         raise _fail("round: must be >= 1")
+    study_id = _study_id(settings, study_id)
     typer.echo(round_key(hospital_secret(Signer.load(settings.signing_key_path).seed), study_id,
                          round_number).hex())

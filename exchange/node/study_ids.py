@@ -20,8 +20,10 @@ class StudyIdError(LookupError):
     """No study, or several, for what the steward typed; the message says which."""
 
 
-def resolve_study_id(session: Session, text: str) -> str:
-    """The id of the one study that `text` names exactly or by unique prefix."""
+def resolve_study_id(session: Session, text: str, *, unknown_ok: bool = False) -> str:
+    """The id of the one study that `text` names exactly or by unique prefix. With
+    `unknown_ok`, text that matches no study here is taken as a full id (for the commands
+    that read the node's other records of a study, such as its reward openings)."""
     text = text.strip()
     if not text:
         raise StudyIdError("study id: empty")
@@ -32,6 +34,8 @@ def resolve_study_id(session: Session, text: str) -> str:
         f"{escaped}%", escape="\\")).order_by(StudyRow.study_id).limit(11)).scalars())
     matches = [m for m in matches if m.startswith(text)]
     if not matches:
+        if unknown_ok:
+            return text
         raise StudyIdError(f"study {text!r} is not known to this node (the daemon records studies "
                            "when it polls the coordinator; `exchange node status` lists them)")
     if len(matches) > 1:

@@ -58,3 +58,22 @@ def test_rewards_claim_reads_the_openings_and_names_a_wrong_account(
 
 def store_openings(engine: object, committed: object) -> None:
     store(engine, "s-1", 1, committed.openings)  # type: ignore[arg-type, attr-defined]
+
+
+def test_gate_key_takes_a_unique_study_id_prefix(runner: CliRunner, node_dir: Path, store: NodeStore) -> None:
+    """Issue 21 item 7: the steward's commands take a study id by unique prefix."""
+    from datetime import UTC, datetime
+
+    from exchange.node.models import StudyRow
+
+    now = datetime.now(UTC)
+    with store.transaction() as session:
+        for sid in ("st-abc123", "st-abd456"):
+            session.add(StudyRow(study_id=sid, document={"id": sid}, status="pending", first_seen=now,
+                                 updated_at=now))
+    config = str(node_dir / "node.toml")
+    full = runner.invoke(app, ["node", "gate-key", "st-abc123", "1", "--config", config])
+    short = runner.invoke(app, ["node", "gate-key", "st-abc", "1", "--config", config])
+    assert short.exit_code == 0 and short.output == full.output
+    ambiguous = runner.invoke(app, ["node", "gate-key", "st-ab", "1", "--config", config])
+    assert ambiguous.exit_code == 1 and "ambiguous" in ambiguous.output and "st-abd456" in ambiguous.output
