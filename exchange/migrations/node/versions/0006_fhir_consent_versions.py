@@ -2,16 +2,16 @@
 `meta.versionId` and `meta.lastUpdated`, so a re-imported older export is told apart from an
 update (a stale copy never re-activates a revoked consent).
 
-Revision ID: 0005_fhir_consent_versions
-Revises: 0004_reward_openings
+Revision ID: 0006_fhir_consent_versions
+Revises: 0005_evaluation_statistics
 """
 from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005_fhir_consent_versions"
-down_revision = "0004_reward_openings"
+revision = "0006_fhir_consent_versions"
+down_revision = "0005_evaluation_statistics"
 branch_labels = None
 depends_on = None
 
