@@ -2,7 +2,7 @@
 `meta.versionId` and `meta.lastUpdated`, so a re-imported older export is told apart from an
 update (a stale copy never re-activates a revoked consent).
 
-Revision ID: 0006_fhir_consent_versions
+Revision ID: 0007_fhir_consent_versions
 Revises: 0005_evaluation_statistics
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_fhir_consent_versions"
-down_revision = "0005_evaluation_statistics"
+revision = "0007_fhir_consent_versions"
+down_revision = "0006_decision_counts"
 branch_labels = None
 depends_on = None
 
