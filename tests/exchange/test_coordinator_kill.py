@@ -69,7 +69,7 @@ def test_kill_9_of_the_coordinator_loses_nothing_acknowledged(db_url: str, tmp_p
     studies = [world.submit(min_hospitals=10, token_budget=100)["id"] for _ in range(12)]
     keys, hospitals = dict(world.keys), dict(world.hospitals)
     runtime = world.runtime
-    worlds.close()
+    assert next(worlds, None) is None  # leaves the TestClient and waits for the scripted runs
     runtime.close()
 
     port = _free_port()
