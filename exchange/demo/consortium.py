@@ -47,6 +47,7 @@ from exchange.study.runners import FederatedRunner
 from exchange.study.spec import AcceptedStudy, consent_request
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
+MAX_HOSPITALS = 26
 LABEL = "malignant"
 T = TypeVar("T")
 RESEARCH_ORG = "acme-research"
@@ -93,6 +94,13 @@ class DemoConfig:
     timeout_s: float = 600.0
     #: which study (exchange.demo.studies): "breast-cancer" or "survival"
     study: str = "breast-cancer"
+    #: how many hospitals (hospital-a, -b, ...; `hospital_ids`); the demo's story has three
+    hospitals: int = 3
+    #: the site policy's smallest eligible cohort (a split over many hospitals leaves few each)
+    min_eligible_records: int = 20
+    #: the study's `min_hospitals` (None: 2) and `secure_aggregation` (None: the exchange's default)
+    min_hospitals: int | None = None
+    secure_aggregation: bool | None = None
     #: "loopback": every party on 127.0.0.1; "netns": each hospital on its own network host
     #: (exchange.demo.hosts; needs root), the coordinator over HTTPS
     hosts: str = "loopback"
@@ -104,6 +112,17 @@ class DemoConfig:
     @property
     def demo_study(self) -> DemoStudy:
         return get_study(self.study)
+
+    @property
+    def hospital_ids(self) -> tuple[str, ...]:
+        return hospital_ids(self.hospitals)
+
+
+def hospital_ids(count: int) -> tuple[str, ...]:
+    """hospital-a, hospital-b, ...: the demo's hospitals (at most 26)."""
+    if not 1 <= count <= MAX_HOSPITALS:
+        raise ValueError(f"hospitals: between 1 and {MAX_HOSPITALS}, not {count}")
+    return tuple(f"hospital-{chr(ord('a') + i)}" for i in range(count))
 
 
 @dataclass
@@ -234,11 +253,14 @@ def breast_cancer_columns() -> dict[str, list[str]]:
 
 def study_body(config: DemoConfig) -> dict[str, Any]:
     """The researcher's study request (the coordinator's StudyCreate) for the configured study."""
-    return {
+    body = {
         **config.demo_study.body_fields(), "commercial": False, "ethics_approval": True,
-        "epsilon": config.epsilon, "delta": config.delta, "rounds": config.rounds, "min_hospitals": 2,
-        "token_budget": config.token_budget,
+        "epsilon": config.epsilon, "delta": config.delta, "rounds": config.rounds,
+        "min_hospitals": config.min_hospitals or 2, "token_budget": config.token_budget,
     }
+    if config.secure_aggregation is not None:
+        body["secure_aggregation"] = config.secure_aggregation
+    return body
 
 
 class Consortium:
@@ -283,7 +305,7 @@ class Consortium:
         cfg.work.mkdir(parents=True, exist_ok=True)
         with self.phase("coordinator"):
             if cfg.hosts == "netns":
-                self.placement = NetnsHosts.create(HOSPITALS)
+                self.placement = NetnsHosts.create(cfg.hospital_ids)
                 self.progress.event(f"network: hospitals on {', '.join(self.placement.addresses.values())}, "
                                     f"coordinator and SuperLink on {self.placement.server_host}")
             elif cfg.hosts != "loopback":
@@ -405,7 +427,7 @@ class Consortium:
         from exchange.coordinator.schemas import HospitalCreate
 
         registry = self.runtime.registry
-        for hospital_id in HOSPITALS:
+        for hospital_id in self.config.hospital_ids:
             h = Hospital(hospital_id, self.config.work / hospital_id, free_port(), Signer.generate())
             self.hospitals[hospital_id] = h
             self.progress.hospitals[hospital_id] = {"state": "init"}
@@ -419,12 +441,13 @@ class Consortium:
                 witness_vkey=identity.witness_vkey if self.config.witnesses else None))
             h.witness_vkey = identity.witness_vkey if self.config.witnesses else None
             self.progress.hospitals[hospital_id]["state"] = "registered"
-        self.progress.event(f"{len(HOSPITALS)} hospital nodes initialised and registered by the operator")
+        self.progress.event(f"{len(self.hospitals)} hospital nodes initialised and registered by the "
+                            "operator")
 
     def import_hospital_data(self) -> None:
         """Each hospital imports its part of the data and its patients' consent contracts with
         the node's own steward functions."""
-        parts = self.config.demo_study.parts(HOSPITALS)
+        parts = self.config.demo_study.parts(self.config.hospital_ids)
         for index, h in enumerate(self.hospitals.values()):
             data = parts[h.id]
             records_csv, mapping = self._write_records(h, data)
@@ -466,7 +489,7 @@ class Consortium:
         policy = settings.policy.model_copy(update={
             "mode": "auto-approve",
             "max_epsilon_per_study": self.config.strict_max_epsilon if strict else 10.0,
-            "total_privacy_budget": 20.0, "min_eligible_records": 20})
+            "total_privacy_budget": 20.0, "min_eligible_records": self.config.min_eligible_records})
         supernode = settings.supernode.model_copy(update={
             "superlink_address": self.superlink_address if self.superlink is not None else "127.0.0.1:9092",
             "insecure": self.tls is None,
@@ -554,7 +577,7 @@ class Consortium:
             return done
 
         self._wait(registered, "every node daemon to reach the coordinator", 90)
-        self.progress.event("3 node daemons online, registered with the coordinator")
+        self.progress.event(f"{len(self.hospitals)} node daemons online, registered with the coordinator")
 
     def _check_daemon(self, h: Hospital) -> None:
         if h.process is not None and h.process.poll() is not None:

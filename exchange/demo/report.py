@@ -249,7 +249,8 @@ def assemble_report(*, study: Mapping[str, Any], entries: Sequence[Entry], balan
                           ("holdout_ibs", "eval_ibs"), ("holdout_macro_f1", "eval_macro_f1"),
                           ("holdout_anchored_concordance", "eval_anchored_concordance"),
                           ("eval_examples", "eval_examples"), ("eval_epsilon", "eval_epsilon"),
-                          ("wall_s", "round_wall_s")):
+                          ("wall_s", "round_wall_s"), ("compute_max_s", "train_compute_max_s"),
+                          ("overhead_s", "overhead_s")):
             if name in row:
                 continue
             value = _float(metrics.get(key))
