@@ -140,6 +140,7 @@ def collect_report(demo: Any, audit: dict[str, Any]) -> dict[str, Any]:
                              audit={k: v for k, v in audit.items() if k != "ledger"},
                              extra={"revocations": revocations,
                                     "timings_s": dict(demo.progress.phases),
+                                    "milestones_s": dict(demo.milestones),
                                     "coordinator_database": demo.db_url.split(":", 1)[0],
                                     "network": network})
     report["checks"].extend(network_checks)

@@ -284,6 +284,9 @@ class Consortium:
         self.runner: FederatedRunner | None = None
         self.tls: Any = None
         self.placement: Placement = Loopback()
+        #: seconds from the start of `run` to: every daemon online, every decision in
+        self.milestones: dict[str, float] = {}
+        self._started = time.monotonic()
         self._stopped = False
 
     # -- phases -------------------------------------------------------------------------------
@@ -303,6 +306,7 @@ class Consortium:
         """The whole demo; returns the report (also written to DIR)."""
         cfg = self.config
         cfg.work.mkdir(parents=True, exist_ok=True)
+        self._started = time.monotonic()
         with self.phase("coordinator"):
             if cfg.hosts == "netns":
                 self.placement = NetnsHosts.create(cfg.hospital_ids)
@@ -576,7 +580,8 @@ class Consortium:
             self.on_update()
             return done
 
-        self._wait(registered, "every node daemon to reach the coordinator", 90)
+        self._wait(registered, "every node daemon to reach the coordinator", 90 + 6 * len(self.hospitals))
+        self.milestones["online"] = round(time.monotonic() - self._started, 2)
         self.progress.event(f"{len(self.hospitals)} node daemons online, registered with the coordinator")
 
     def _check_daemon(self, h: Hospital) -> None:
@@ -647,6 +652,7 @@ class Consortium:
             return len(study["decisions"]) == len(self.hospitals) or study["status"] != "submitted"
 
         self._wait(decided, "the hospitals' decisions", 120)
+        self.milestones["decided"] = round(time.monotonic() - self._started, 2)
 
     def follow_training(self) -> None:
         """Poll the coordinator (rounds, status) and the nodes' privacy ledgers (training
