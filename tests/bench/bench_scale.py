@@ -46,19 +46,38 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Summed RSS of `pid` and all its descendants (MiB)."""
-    total, todo = 0, [pid]
+ROLES = ("daemon", "supernode", "executor", "other")
+
+
+def _role(pid: int) -> str:
+    """Which part of a hospital a process is, from its command line."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "gone"
+    text = b" ".join(argv).decode(errors="replace")
+    for marker, role in (("node run", "daemon"), ("supernode", "supernode"), ("executor", "executor"),
+                         ("clientapp", "executor")):
+        if marker in text:
+            return role
+    return "other"
+
+
+def tree_rss_mb(pid: int) -> dict[str, float]:
+    """RSS (MiB) of `pid` and all its descendants, by role (daemon, supernode, executor)."""
+    total: dict[str, float] = {}
+    todo = [pid]
     while todo:
         current = todo.pop()
         try:
             for line in Path(f"/proc/{current}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
+                    role = _role(current)
+                    total[role] = total.get(role, 0.0) + int(line.split()[1]) / 1024
         except OSError:
             continue
         todo += _children(current)
-    return total / 1024
+    return total
 
 
 class MemorySampler:
@@ -67,6 +86,7 @@ class MemorySampler:
     def __init__(self, consortium: Consortium) -> None:
         self.consortium = consortium
         self.peak: dict[str, float] = {}
+        self.parts: dict[str, dict[str, float]] = {}  # hospital -> role -> RSS at its peak
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -76,7 +96,10 @@ class MemorySampler:
                 continue
             for h in list(self.consortium.hospitals.values()):
                 if h.process is not None:
-                    self.peak[h.id] = max(self.peak.get(h.id, 0.0), tree_rss_mb(h.process.pid))
+                    parts = tree_rss_mb(h.process.pid)
+                    if sum(parts.values()) > self.peak.get(h.id, 0.0):
+                        self.peak[h.id] = sum(parts.values())
+                        self.parts[h.id] = parts
 
 
 def run_config(hospitals: int, secure: bool, rounds: int, root: Path) -> dict[str, Any]:
@@ -110,6 +133,8 @@ def run_config(hospitals: int, secure: bool, rounds: int, root: Path) -> dict[st
         "overhead_s": round(mean("overhead_s"), 2),
         "rss_per_hospital_mb": round(statistics.fmean(sampler.peak.values()), 0) if sampler.peak else None,
         "rss_max_hospital_mb": round(max(sampler.peak.values()), 0) if sampler.peak else None,
+        "rss_by_role_mb": {role: round(statistics.fmean(p.get(role, 0.0) for p in sampler.parts.values()))
+                           for role in ROLES} if sampler.parts else None,
         "checks_failed": [c["check"] for c in report.get("checks", []) if not c.get("ok")],
     }
 
