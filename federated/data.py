@@ -49,7 +49,6 @@ from functools import lru_cache
 from typing import Literal
 
 import numpy as np
-from sklearn.datasets import load_breast_cancer, load_diabetes
 
 DatasetName = Literal["breast_cancer", "diabetes"]
 DATASETS: tuple[str, ...] = ("breast_cancer", "diabetes")
@@ -121,6 +120,8 @@ def _bc_specs(names: Sequence[str]) -> tuple[FeatureSpec, ...]:
 def feature_specs(dataset: str) -> tuple[FeatureSpec, ...]:
     """Column names, data categories and public scaling bounds of `dataset`."""
     if dataset == "breast_cancer":
+        from sklearn.datasets import load_breast_cancer  # not at import: executors never load data sets
+
         return _bc_specs([str(n) for n in load_breast_cancer().feature_names])
     if dataset == "diabetes":
         return _DIABETES_SPECS
@@ -267,6 +268,8 @@ def pseudonym(secret: bytes, dataset: str, row: int) -> str:
 @lru_cache(maxsize=4)
 def _raw(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[FeatureSpec, ...]]:
     """Bounds-scaled features, training targets (scaled), strata, specs (cached, read-only)."""
+    from sklearn.datasets import load_breast_cancer, load_diabetes  # see feature_specs
+
     specs = feature_specs(dataset)
     if dataset == "breast_cancer":
         bunch = load_breast_cancer()
