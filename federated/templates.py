@@ -177,7 +177,7 @@ class Template:
             loss = float(self.loss(out, torch.from_numpy(y)))
         pred = self.predict(model, x)
         metrics: dict[str, float] = {"num_examples": float(n), "loss": loss}
-        # scikit-learn (with SciPy and pandas, ~110 MiB) only where metrics are computed: the
+        # scikit-learn (with SciPy and pandas) only where metrics are computed: the
         # hospitals' executors never import it (docs/benchmarks/scale.md).
         from sklearn.metrics import f1_score, roc_auc_score
 
