@@ -15,6 +15,7 @@ from exchange.coordinator.auth import allow
 from exchange.coordinator.journal import Journal
 from exchange.coordinator.models import Role
 from exchange.coordinator.registry import Principal, Registry
+from exchange.study.feasibility import feasible
 from exchange.study.lifecycle import StudyLifecycle
 
 READERS = (Role.RESEARCHER, Role.OPERATOR, Role.AUDITOR)  # as GET /v1/studies
@@ -137,8 +138,8 @@ def _feasibility(
     registry: Registry, lifecycle: StudyLifecycle, principal: Principal, body: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """What the exchange can say before submitting: the budget against the organisation's
-    balance, and the hospitals registered against the minimum asked for (each hospital still
-    decides for itself, by its own policy and consent)."""
+    balance, and, per registered hospital, whether its published catalog could serve the study
+    (each hospital still decides for itself, by its own policy and consent)."""
     checks: list[dict[str, Any]] = []
     budget = body.get("token_budget")
     balance = registry.balance(f"org:{principal.organisation_id}")
@@ -151,14 +152,23 @@ def _feasibility(
                 "reason": problem or f"budget {budget} within the balance {balance}",
             }
         )
+    # The hospitals' published catalogs (exchange.study.feasibility), as the submission checks
+    # them: which registered hospitals might serve the study, and every other one's reasons.
+    organisation = registry.organisation(principal)
+    catalogs, registered = lifecycle.catalogs.catalogs()
+    possible, reasons = feasible(body, organisation.id, organisation.region, catalogs, registered)
     wanted = body.get("min_hospitals")
-    _rows, registered = registry.list_hospitals(0, 1)
     if isinstance(wanted, int) and wanted > 0:
         checks.append(
             {
                 "field": "min_hospitals",
-                "ok": wanted <= registered,
-                "reason": f"{registered} hospital(s) registered, {wanted} must approve",
+                "ok": wanted <= possible,
+                "reason": f"{possible} of the {len(registered)} registered hospital(s) might serve it, "
+                f"{wanted} must approve",
             }
         )
+    for hospital_id in registered:
+        why = reasons.get(hospital_id, [])
+        seen = "its published catalog allows it" if hospital_id in catalogs else "no catalog published yet"
+        checks.append({"field": f"hospitals.{hospital_id}", "ok": not why, "reason": "; ".join(why) or seen})
     return checks

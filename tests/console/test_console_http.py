@@ -246,6 +246,7 @@ def test_study_form_checks_then_submits(console_world: World, as_user: Any) -> N
     checked = alice.post("/console/studies/new", {**form, "action": "check"})
     assert checked.status_code == 200
     assert "token_budget : ok" in _text(checked) and "min_hospitals : ok" in _text(checked)
+    assert "hospitals.h-one : ok (no catalog published yet)" in _text(checked)
     submitted = alice.post("/console/studies/new", {**form, "action": "submit"})
     assert submitted.status_code == 303
     study_id = submitted.headers["location"].rsplit("/", 1)[1]
@@ -283,3 +284,25 @@ def test_line_chart_draws_every_round() -> None:
     svg = str(line_chart("loss", series["loss"]))
     assert svg.count("<circle") == 2 and "round 1: 0.5, round 2: 0.25" in svg and 'role="img"' in svg
     assert "No rounds" in str(line_chart("loss", []))
+
+
+def test_the_feasibility_check_reads_the_hospitals_catalogs(console_world: World, as_user: Any) -> None:
+    """Issue 18 item 2 with issue 21 item 2: "Check feasibility" shows, per hospital, what its
+    signed catalog says, and a study no set of hospitals can serve is not submitted."""
+    from tests.exchange.test_feasibility import catalog, publish
+
+    assert publish(console_world, "h-one", catalog("h-one", max_epsilon_per_study=2.0)).status_code == 201
+    assert publish(console_world, "h-two", catalog("h-two")).status_code == 201
+    alice = as_user("alice")
+    form = {"title": "Needs two", "purpose": "DUO:0000007", "disease": "C50", "data_categories": "labs",
+            "columns": "labs: mean_radius, mean_texture", "template": "logistic_regression",
+            "task": "binary", "label": "label", "epsilon": "3", "delta": "1e-5", "rounds": "2",
+            "min_hospitals": "3", "token_budget": "500", "ethics_approval": "on"}
+    checked = _text(alice.post("/console/studies/new", {**form, "action": "check"}))
+    assert "hospitals.h-one : not feasible (epsilon 3 exceeds the site maximum per study (2))" in checked
+    assert "hospitals.h-two : ok (its published catalog allows it)" in checked
+    assert "min_hospitals : not feasible (2 of the 3 registered hospital(s) might serve it" in checked
+    refused = alice.post("/console/studies/new", {**form, "action": "submit"})
+    assert refused.status_code == 422 and "hospitals.h-one" in _text(refused)
+    listed = console_world.client.get("/v1/studies", headers=console_world.headers("alice")).json()
+    assert all(s["title"] != "Needs two" for s in listed["items"])
