@@ -7,6 +7,7 @@ code 1 (2 for usage errors); nothing is changed by a command that fails.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -184,8 +185,8 @@ def consent_list(config: ConfigOption = None,
 
     rows = list_consents(_settings(config))
     if as_json:
-        typer.echo(json.dumps([{**row.__dict__, "imported_at": row.imported_at.isoformat()} for row in rows],
-                              indent=2))
+        typer.echo(json.dumps([{**dataclasses.asdict(row), "imported_at": row.imported_at.isoformat()}
+                               for row in rows], indent=2))
         return
     table = Table(title=f"Consent contracts ({len(rows)} patients)")
     for column in ("pseudonym", "contract", "version", "status", "permits", "source"):

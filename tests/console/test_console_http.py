@@ -220,7 +220,8 @@ def test_study_form_shows_every_problem_and_submits_nothing(console_world: World
     for field in ("title", "disease", "columns", "template", "epsilon", "token_budget"):
         assert f"{field} :" in text, field
     assert "exceeds the organisation's balance" in text
-    assert "min_hospitals : not feasible (3 hospital(s) registered, 9 must approve)" in text
+    assert ("min_hospitals : not feasible (3 of the 3 registered hospital(s) might serve it, "
+            "9 must approve)") in text
     assert 'aria-invalid="true"' in response.text
     assert console_world.runtime.audit_log.size() == size
 

@@ -8,6 +8,7 @@ auditor who is shown the history without a quorum refuses it (`audit verify` exi
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +67,14 @@ def test_a_forked_log_is_refused_reported_and_never_reaches_quorum_on_both_sides
     settings = {n: node_settings(tmp_path, n, a.url) for n in HOSPITALS}
     clients = {(n, "a"): HospitalClient(a.url, hospitals[n], n) for n in HOSPITALS}
     try:
+        # the checkpoint thread may have signed a checkpoint while the hospitals were still being
+        # registered (a witness registered after it is no witness of it); wait for one of the log
+        checkpointing = a.runtime.checkpointing
+        assert checkpointing is not None
+        deadline = time.monotonic() + 30
+        while int(str(checkpointing.status()["signed_size"])) < a.runtime.audit_log.size():
+            assert time.monotonic() < deadline, "no checkpoint of the whole log"
+            time.sleep(0.05)
         # every witness cosigns A's log before the fork
         for name in HOSPITALS:
             assert NodeWitness(settings[name], clients[name, "a"]).step(wait_s=5).outcome == "cosigned"

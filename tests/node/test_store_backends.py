@@ -50,7 +50,8 @@ def test_store_on_both_databases(db_url: str, settings: NodeSettings, tmp_path: 
         assert result.eligible == 5
         assert result.excluded == {"no-contract": 2, "denied": 1}  # the revocation is a deny rule
         ctx = Context(settings=settings.model_copy(update={
-            "policy": settings.policy.model_copy(update={"mode": "auto-approve"})}), signer=signer)
+            "policy": settings.policy.model_copy(update={"mode": "auto-approve", "decision_epsilon": 1.0})}),
+        signer=signer)
         observe_study(store, ctx, STUDY)
         observe_study(store, ctx, STUDY)  # seen again: never decided twice
         with store.sessions() as session:
@@ -76,6 +77,7 @@ def test_two_approvals_at_once_cannot_both_reserve_the_budget(db_url: str, setti
     store = open_store(db_url)
     signer = Signer.load(settings.signing_key_path)
     policy = settings.policy.model_copy(update={"mode": "auto-approve" if path == "policy" else "ask",
+                                                "decision_epsilon": 1.0,
                                                 "total_privacy_budget": 5.0, "max_epsilon_per_study": 3.0})
     ctx = Context(settings=settings.model_copy(update={"policy": policy}), signer=signer)
     studies = [{**STUDY, "id": f"st-{name}", "spec": {**STUDY["spec"], "epsilon": 3.0}} for name in "xy"]
