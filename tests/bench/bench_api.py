@@ -211,18 +211,28 @@ def _prepare(directory: Path) -> tuple[str, str]:
     """A coordinator database with a researcher, a funded organisation and one study."""
     from exchange.coordinator.app import build_runtime
     from exchange.coordinator.registry import Principal
+    from audit.signing import Signer
     from exchange.coordinator.schemas import (
         ApiKeyCreate,
+        HospitalCreate,
         OrganisationCreate,
         ResearcherCreate,
         StudyCreate,
         StudyOut,
     )
+    from tests.exchange.conftest import flower_key
     from tests.exchange.scripted_runner import ScriptedRunner
 
     runtime = build_runtime(_config(directory), ScriptedRunner(hospital_keys={}))
     c = runtime.lifecycle
     c.registry.create_organisation(OrganisationCreate(id="acme", name="Acme", region="DE"))
+    # Submission checks feasibility: the study's min_hospitals must be registered (hospitals
+    # without a published catalog might serve it).
+    c.registry.create_organisation(OrganisationCreate(id="clinics", name="Clinics", region="DE"))
+    for name in ("h-one", "h-two"):
+        c.registry.register_hospital(HospitalCreate(
+            id=name, organisation_id="clinics", name=name.upper(),
+            signing_public_key=Signer.generate().public_key_b64, flower_public_key=flower_key()))
     c.registry.create_researcher("acme", ResearcherCreate(id="alice", name="Alice"))
     _key, token = c.registry.issue_api_key(ApiKeyCreate(role="researcher", organisation_id="acme",
                                                researcher_id="alice"))
