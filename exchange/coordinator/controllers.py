@@ -105,19 +105,22 @@ def _all(model: type[Out], rows: Iterable[Any]) -> list[Out]:
     return [model.model_validate(r) for r in rows]
 
 
-def _registry(state: State) -> Registry:
-    registry: Registry = state.registry
-    return registry
-
-
-def _journal(state: State) -> Journal:
-    journal: Journal = state.journal
-    return journal
-
-
 def _lifecycle(state: State) -> StudyLifecycle:
     lifecycle: StudyLifecycle = state.lifecycle
     return lifecycle
+
+
+# The registry and the journal are the lifecycle's own (the app's state holds the same objects).
+# Taken from it, the services are a chain (lifecycle -> registry -> principal), which Litestar
+# resolves one after the other, directly; independent dependencies of one handler it resolves
+# concurrently in an anyio task group, a task per dependency on every request, which was a
+# tenth of a GET's CPU time (docs/benchmarks/api.md).
+def _registry(lifecycle: StudyLifecycle) -> Registry:
+    return lifecycle.registry
+
+
+def _journal(lifecycle: StudyLifecycle) -> Journal:
+    return lifecycle.journal
 
 
 def _next(offset: int, count: int, total: int) -> int | None:
@@ -138,9 +141,9 @@ def _hospital(principal: Principal, registry: Registry) -> Hospital:
 
 
 #: The coordinator's parts from the app's state, for the API's and the console's handlers.
-SERVICES = {"registry": Provide(_registry, sync_to_thread=False),
-            "journal": Provide(_journal, sync_to_thread=False),
-            "lifecycle": Provide(_lifecycle, sync_to_thread=False)}
+SERVICES = {"lifecycle": Provide(_lifecycle, sync_to_thread=False),
+            "registry": Provide(_registry, sync_to_thread=False),
+            "journal": Provide(_journal, sync_to_thread=False)}
 DEPENDENCIES = {"principal": Provide(authenticate), **SERVICES}
 
 
