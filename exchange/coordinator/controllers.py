@@ -33,7 +33,6 @@ from exchange.coordinator.journal import Journal
 from exchange.coordinator.models import Hospital, Role
 from exchange.coordinator.problems import PROBLEM_JSON
 from exchange.coordinator.registry import Principal, Registry
-from exchange.coordinator.reports import study_report
 from exchange.coordinator.schemas import (
     ApiKeyCreate,
     ApiKeyIssued,
@@ -66,6 +65,7 @@ from exchange.coordinator.schemas import (
 from exchange.study.feasibility import CATALOG_KIND
 from exchange.study.lifecycle import StudyLifecycle
 from exchange.study.models import StudyStatus
+from exchange.study.reports import study_report
 
 API_KEY_AUTH: list[dict[str, list[str]]] = [{"BearerApiKey": []}, {"HeaderApiKey": []}]
 SIGNED_AUTH: list[dict[str, list[str]]] = [{"HttpMessageSignature": []}]
@@ -276,7 +276,7 @@ class StudyController(Controller):
 
     @read("/{study_id:str}/report", guards=[guards.RESEARCHER_OPERATOR_AUDITOR],
           summary="The privacy report: per hospital epsilon and delta spent, steps, accountant, "
-                  "count-free exclusions, metrics per round (exchange/coordinator/reports.py)")
+                  "count-free exclusions, metrics per round (exchange/study/reports.py)")
     def report(self, principal: Principal, journal: Journal, study_id: str) -> dict[str, Any]:
         return study_report(journal, principal, study_id)
 

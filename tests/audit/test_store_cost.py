@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import Engine, event
 
 import audit.store.log as store_log
-from audit.store import ADVISORY_LOCK_KEY
 import audit.store.nodes as store_nodes
+from audit.store import ADVISORY_LOCK_KEY
 from tests.audit.store_support import LogKeys, memory_tree, migrated_engine, note_entry, register
 
 
