@@ -169,3 +169,26 @@ def test_a_postgresql_append_is_three_round_trips(postgres_url: str, tmp_path: A
                and "INSERT INTO" in line]
     assert len(locks) <= 5 and len(inserts) <= 5  # (psycopg prepares a statement once seen
     # often enough: later executions Bind the prepared name without a Parse)
+
+
+@pytest.mark.postgres
+def test_a_dropped_connection_under_the_pipeline_is_replaced(postgres_url: str) -> None:
+    """The lock and the checked insert go out on the driver connection (a pipeline): if the
+    server dropped that connection while the writer was idle, the append is still made, on a
+    fresh connection, as the group commit does for its own statements."""
+    from sqlalchemy import text
+
+    engine = migrated_engine(postgres_url)
+    keys = LogKeys.generate()
+    try:
+        with keys.open(engine) as log:
+            log.append(register(keys.operator, keys.writer))
+            assert log.append(note_entry(keys.writer, "drop", 0)) == 1
+            pid = log.group.run(lambda c: c.execute(text("SELECT pg_backend_pid()")).scalar_one())
+            with engine.connect() as other:
+                other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                other.commit()
+            assert log.append(note_entry(keys.writer, "drop", 1)) == 2
+            assert log.size() == 3
+    finally:
+        engine.dispose()
