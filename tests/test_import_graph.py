@@ -9,11 +9,11 @@ checked against the layering documented in docs/architecture.md:
            <  the coordinator's HTTP layer  <  exchange.demo  <  exchange.commands
            <  exchange.cli
 
-(`exchange`'s shared modules are settings, logging, db and http_signing; each database's
+(`exchange`'s shared modules are settings, logging, db, http_signing and text_safety; each database's
 migrations belong to the package whose tables they create. `exchange.study` holds what the
 node shares with the coordinator (the study's translation, its tables, the runners); its
-`lifecycle` runs on the coordinator's journal and registry, and the coordinator's controllers,
-app and console call it.)
+`lifecycle` (and the privacy `reports`) run on the coordinator's journal and registry, and the
+coordinator's controllers, app and console call them.)
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ LAYERS: tuple[tuple[str, str, int], ...] = (  # (module prefix, layer, rank): lo
     ("consent", "consent", 1),
     ("federated", "federated", 2),
     ("exchange.study.lifecycle", "exchange.study.lifecycle", 6),
+    ("exchange.study.reports", "exchange.study.lifecycle", 6),  # reads through the journal
     ("exchange.study", "exchange.study", 4),
     ("exchange.migrations.coordinator", "exchange.coordinator", 5),
     ("exchange.migrations.node", "exchange.node", 5),

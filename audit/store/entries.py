@@ -14,7 +14,8 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, null, select, text, union_all
+from sqlalchemy import Connection, Dialect, TextClause, bindparam, func, null, select, text, union_all
+from sqlalchemy.exc import DBAPIError
 
 from audit import merkle
 from audit.entry import Entry, MalformedEntryError
@@ -203,22 +204,69 @@ def sqlite_insert_statements(rows: list[dict[str, Any]],
                tuple(v for n in part for v in (n.level, n.index, n.hash)))
 
 
+# PostgreSQL, in one round trip: the log's write lock (held to COMMIT/ROLLBACK) and a durable
+# COMMIT (the WAL flushed before it returns) whatever the server or role default.
+PG_LOCK = text("SELECT pg_advisory_xact_lock(:key), set_config('synchronous_commit', 'on', true)")
+
+
+@functools.lru_cache(maxsize=4)
+def _driver_sql(dialect: Dialect, statement: TextClause) -> str:
+    """`statement` as the driver's own SQL (psycopg: `%(name)s` placeholders)."""
+    return str(statement.compile(dialect=dialect))
+
+
 def checked_insert(connection: Connection, expected_size: int, rows: list[dict[str, Any]],
-                   nodes: list[merkle.Node]) -> tuple[int, dict[bytes, int]]:
+                   nodes: list[merkle.Node], *,
+                   lock_key: int | None = None) -> tuple[int, dict[bytes, int]]:
     """PostgreSQL: insert a group's entries and nodes if the log is `expected_size` entries
     long and holds none of them, in one round trip; (log size, {leaf hash: index} of those
     already stored) as found before the insert. It inserted iff the size is `expected_size`
-    and nothing was found."""
+    and nothing was found.
+
+    `lock_key`: take the log's write lock first (`PG_LOCK`), in the SAME round trip: both
+    statements (and the transaction's BEGIN, if psycopg has not sent it yet) go out as one
+    psycopg pipeline and are answered together. They are still two statements, so the
+    insert's snapshot is taken after the lock is granted (READ COMMITTED) and sees every
+    append committed before it; an error in either aborts the rest of the pipeline and is
+    raised as SQLAlchemy's DBAPIError, as `connection.execute` would."""
     parameters: dict[str, Any] = dict(_pg_insert_parameters(rows, nodes))
     parameters["expected_top"] = expected_size - 1
+    if lock_key is None:
+        result = connection.execute(_PG_CHECKED_INSERT, parameters).all()
+    else:
+        result = _locked_in_pipeline(connection, lock_key, parameters)
     size = 0
     found: dict[bytes, int] = {}
-    for row in connection.execute(_PG_CHECKED_INSERT, parameters):
-        if row.leaf_hash is None:
-            size = 0 if row.idx is None else int(row.idx) + 1
+    for leaf_hash, idx in result:
+        if leaf_hash is None:
+            size = 0 if idx is None else int(idx) + 1
         else:
-            found[bytes(row.leaf_hash)] = int(row.idx)
+            found[bytes(leaf_hash)] = int(idx)
     return size, found
+
+
+def _locked_in_pipeline(connection: Connection, lock_key: int,
+                        parameters: dict[str, Any]) -> Sequence[Any]:
+    """`PG_LOCK`, then `_PG_CHECKED_INSERT`, as one psycopg pipeline on the connection's
+    driver connection (SQLAlchemy has no pipeline of its own): the rows of the second."""
+    driver = connection.connection.driver_connection
+    dialect = connection.dialect
+    lock_sql = _driver_sql(dialect, PG_LOCK)
+    insert_sql = _driver_sql(dialect, _PG_CHECKED_INSERT)
+    try:
+        with driver.pipeline():  # type: ignore[union-attr]
+            driver.execute(lock_sql, {"key": lock_key})  # type: ignore[union-attr]
+            cursor = driver.execute(insert_sql, parameters)  # type: ignore[union-attr]
+        # Read after the block: its end sends the one Sync and reads every result; fetching
+        # inside would flush and wait once more.
+        rows = cursor.fetchall()
+    except dialect.loaded_dbapi.Error as exc:
+        broken = bool(getattr(driver, "broken", False) or getattr(driver, "closed", False))
+        if broken:
+            connection.invalidate(exc)
+        raise DBAPIError.instance(insert_sql, parameters, exc, dialect.loaded_dbapi.Error,
+                                  connection_invalidated=broken, dialect=dialect) from exc
+    return rows
 
 
 def insert(connection: Connection, rows: list[dict[str, Any]], nodes: list[merkle.Node]) -> None:

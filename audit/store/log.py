@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, func, select, text
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from audit import merkle
@@ -31,6 +31,7 @@ from audit.keyring import Keyring
 from audit.signing import Signer
 from audit.store import admission
 from audit.store.entries import (
+    PG_LOCK,
     checked_insert,
     entry_from_leaf,
     insert,
@@ -57,9 +58,9 @@ _APPEND_IN_MARK = "audit.store.append_in"
 # connection.info key: (transaction, log size, key ring, right edge of the tree) after that
 # transaction's latest append_in (see append_in).
 _APPEND_IN_STATE = "audit.store.append_in_state"
-# PostgreSQL, in one round trip: the log's write lock (held to COMMIT/ROLLBACK) and a durable
-# COMMIT (the WAL flushed before it returns) whatever the server or role default.
-_PG_LOCK = text("SELECT pg_advisory_xact_lock(:key), set_config('synchronous_commit', 'on', true)")
+# connection.info key: the transaction that holds the log's PostgreSQL write lock, taken at
+# its top level (outside any savepoint: a rolled-back savepoint would release it).
+_LOCKED_BY = "audit.store.locked_by"
 
 
 def _is_in_memory_sqlite(engine: Engine) -> bool:
@@ -111,10 +112,22 @@ class AuditLog:
         self._publish(size, keyring)
 
     # -- appending ----------------------------------------------------------------------------
+    def prepare(self, entries: Sequence[Entry | Mapping[str, Any]]) -> list[admission.Prepared]:
+        """Check `entries` for form, encode them and verify the signatures of known signers
+        now, in the caller's thread, before they are queued for a writer; `append_in` then
+        does only what depends on the log (signer active at the index, no replay, insert).
+
+        Why: a group commit's writer is the serial part of every append; what it no longer
+        does here, the callers do while it waits on the database. Raises EntryRefusedError
+        (an entry refused for its form is refused the same in append_in)."""
+        known_keys = self._published[1]  # a published keyring: never changed
+        return [admission.prepare(position, entry, known_keys)
+                for position, entry in enumerate(entries)]
+
     def append_in(self, connection: Connection,
-                  entries: Sequence[Entry | Mapping[str, Any]]) -> list[int]:
+                  entries: Sequence[Entry | Mapping[str, Any] | admission.Prepared]) -> list[int]:
         """Append `entries` (all or none, in order) in the open transaction on `connection`;
-        their indexes.
+        their indexes. An entry may come already `prepare`d.
 
         Why: a state change and the entry recording it must commit together (or neither).
         Nothing is durable or acknowledged until the CALLER commits; if it rolls back, the
@@ -136,14 +149,14 @@ class AuditLog:
             raise AuditStoreError("connection: append_in needs an open transaction (call it "
                                   "inside `with engine.begin() as connection:`)")
         known_keys = self._published[1]  # a published keyring: never changed
-        prepared = [admission.prepare(position, entry, known_keys)
+        prepared = [entry if isinstance(entry, admission.Prepared)
+                    else admission.prepare(position, entry, known_keys)
                     for position, entry in enumerate(entries)]
         if not prepared:
             return []
-        if connection.dialect.name == "postgresql":
-            connection.execute(_PG_LOCK, {"key": ADVISORY_LOCK_KEY})
         hashes = [p.leaf_hash for p in prepared]
         transaction = connection.get_transaction()
+        postgres = connection.dialect.name == "postgresql"
         # The key state and the tree's right edge after this transaction's previous append_in,
         # if the log is still exactly that long: every append of the transaction goes through
         # here (and refreshes this), and a rolled-back savepoint only shortens the log, so an
@@ -153,16 +166,19 @@ class AuditLog:
         if state is not None and state[0] is not transaction:
             state = None
         edge = self._committed_edge
-        if connection.dialect.name == "postgresql" and (state is not None or edge is not None):
+        if postgres and (state is not None or edge is not None):
             # The size is very likely known (this transaction's last append, else this
-            # process's last commit): check it, look for duplicates and insert in one round
-            # trip; anything unexpected falls through to the general path below.
+            # process's last commit): take the lock (if this transaction does not hold it yet),
+            # check the size, look for duplicates and insert in one round trip; anything
+            # unexpected falls through to the general path below.
             guess = (state[1], state[2], state[3]) if state is not None else edge
             assert guess is not None
             indexes, appended = self._append_at(connection, prepared, *guess)
             if appended is not None:
                 self._appended(connection, transaction, appended)
                 return indexes
+        if postgres:
+            self._lock(connection)
         size, seen = size_and_stored_indexes(connection, hashes)
         if state is not None and state[1] == size:
             keyring, frontier = state[2], state[3]
@@ -197,12 +213,36 @@ class AuditLog:
         hashes = [p.leaf_hash for p in prepared]
         nodes = merkle.append_nodes(DictSource(frontier), size, hashes)
         rows = _rows(prepared, size)
-        found_size, seen = checked_insert(connection, size, rows, nodes)
+        if self._holds_lock(connection):
+            found_size, seen = checked_insert(connection, size, rows, nodes)
+        else:
+            found_size, seen = checked_insert(connection, size, rows, nodes,
+                                              lock_key=ADVISORY_LOCK_KEY)
+            self._locked(connection)
         if found_size != size or seen:
             return [], None
         new_size = size + len(prepared)
         return ([row["idx"] for row in rows],
                 (size, len(prepared), keyring, advance_frontier(frontier, nodes, new_size)))
+
+    @staticmethod
+    def _holds_lock(connection: Connection) -> bool:
+        """Whether this transaction took the PostgreSQL write lock where no savepoint can
+        release it again (advisory locks are re-entrant: taking it twice is only a round trip)."""
+        return connection.info.get(_LOCKED_BY) is connection.get_transaction()
+
+    @staticmethod
+    def _locked(connection: Connection) -> None:
+        """The lock was just taken: remember it for the transaction if taken at its top level
+        (a lock taken inside a savepoint is released if that savepoint is rolled back)."""
+        if connection.get_nested_transaction() is None:
+            connection.info[_LOCKED_BY] = connection.get_transaction()
+
+    def _lock(self, connection: Connection) -> None:
+        """PostgreSQL: the log's write lock, held to COMMIT/ROLLBACK, with a durable COMMIT."""
+        if not self._holds_lock(connection):
+            connection.execute(PG_LOCK, {"key": ADVISORY_LOCK_KEY})
+            self._locked(connection)
 
     @staticmethod
     def _appended(connection: Connection, transaction: object,

@@ -43,7 +43,7 @@ from exchange.coordinator.journal import Journal
 from exchange.coordinator.observability import ObservabilityMiddleware
 from exchange.coordinator.rate_limit import FixedWindowRateLimitMiddleware
 from exchange.coordinator.registry import Registry, api_key_prefix
-from exchange.coordinator.text_safety import RequestTextMiddleware
+from exchange.coordinator.request_text import RequestTextMiddleware
 from exchange.db import migrate
 from exchange.db.checkpoint import WalCheckpointer, writers_leave_checkpoints_to_a_thread
 from exchange.db.engine import make_engine, normalize_url

@@ -3,8 +3,9 @@
 The log is the store: a catalog is the hospital's signed `hospital.catalog` entry, appended
 unchanged (like a decision), and a hospital's catalog is its newest such entry. No table of
 its own, so a coordinator replica (or an auditor with an export) reads the very same catalogs.
-`CatalogIndex` keeps the parsed catalogs in memory and re-reads them only when a newer catalog
-entry is in the log (one indexed query per submission).
+`CatalogIndex` keeps the parsed catalogs (and the registered hospitals' ids) in memory and
+re-reads them only when a newer catalog or hospital registration is in the log (one indexed
+query per submission).
 
 The feasibility rule itself is `exchange.study.feasibility` (pure, shared with the docs' example).
 """
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, func, or_, select
 
 from audit.entry import Entry
 from audit.store import audit_entries, entry_from_leaf
@@ -29,7 +30,16 @@ from exchange.study.feasibility import CATALOG_KIND, Catalog, feasible
 
 log = get_logger("exchange.coordinator")
 
-_LATEST = select(func.max(audit_entries.c.idx), func.count()).where(audit_entries.c.kind == CATALOG_KIND)
+# A hospital is registered (its row and its `hospital.register` entry in one transaction) and
+# never removed or renamed, and a catalog is its entry: so the newest index and the number of
+# entries of these two kinds change exactly when the catalogs or the hospital ids can have.
+HOSPITAL_REGISTER_KIND = "hospital.register"
+# (Two equalities, not `in_([...])`: an IN list is an "expanding" parameter, whose SQL
+# SQLAlchemy rewrites on every execution; both databases read `kind = a OR kind = b` from the
+# index on `kind`.)
+_LATEST = (select(func.max(audit_entries.c.idx), func.count())
+           .where(or_(audit_entries.c.kind == CATALOG_KIND,
+                      audit_entries.c.kind == HOSPITAL_REGISTER_KIND)))
 _ROWS = (select(audit_entries.c.idx, audit_entries.c.leaf).where(audit_entries.c.kind == CATALOG_KIND)
          .order_by(audit_entries.c.idx))
 _HOSPITALS = select(Hospital.id).order_by(Hospital.id)
@@ -62,21 +72,27 @@ def publish(journal: Journal, registry: Registry, hospital: Hospital, entry: Ent
 
 
 class CatalogIndex:
-    """The newest catalog of each hospital, re-read when the log has a newer one."""
+    """The newest catalog of each hospital and the registered hospitals' ids, re-read when the
+    log has a newer catalog or hospital registration: one indexed query per submission (the
+    log is read, not this process's memory, so another coordinator process's changes count)."""
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
         self._lock = threading.Lock()
         self._key: tuple[Any, ...] | None = None
         self._catalogs: dict[str, Catalog] = {}
+        self._hospitals: list[str] = []
 
     def _read(self, connection: Connection) -> tuple[dict[str, Catalog], list[str]]:
         top, count = connection.execute(_LATEST).one()
-        hospitals = list(connection.execute(_HOSPITALS).scalars())
         key = (top, count)
         with self._lock:
             if key == self._key:
-                return self._catalogs, hospitals
+                return self._catalogs, self._hospitals
+        # Read in the same transaction as the key: on SQLite a read connection holds one
+        # snapshot per transaction; on PostgreSQL (READ COMMITTED) a registration committed
+        # between the statements is read too, and only makes the next call read again.
+        hospitals = list(connection.execute(_HOSPITALS).scalars())
         catalogs: dict[str, Catalog] = {}
         for row in connection.execute(_ROWS):
             try:
@@ -85,7 +101,7 @@ class CatalogIndex:
                 continue  # checked when appended; an entry older than today's schema is skipped
             catalogs[catalog.hospital_id()] = catalog
         with self._lock:
-            self._key, self._catalogs = key, catalogs
+            self._key, self._catalogs, self._hospitals = key, catalogs, hospitals
         return catalogs, hospitals
 
     def catalogs(self) -> tuple[dict[str, Catalog], list[str]]:

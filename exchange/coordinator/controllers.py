@@ -33,7 +33,6 @@ from exchange.coordinator.journal import Journal
 from exchange.coordinator.models import Hospital, Role
 from exchange.coordinator.problems import PROBLEM_JSON
 from exchange.coordinator.registry import Principal, Registry
-from exchange.coordinator.reports import study_report
 from exchange.coordinator.schemas import (
     ApiKeyCreate,
     ApiKeyIssued,
@@ -66,6 +65,7 @@ from exchange.coordinator.schemas import (
 from exchange.study.feasibility import CATALOG_KIND
 from exchange.study.lifecycle import StudyLifecycle
 from exchange.study.models import StudyStatus
+from exchange.study.reports import study_report
 
 API_KEY_AUTH: list[dict[str, list[str]]] = [{"BearerApiKey": []}, {"HeaderApiKey": []}]
 SIGNED_AUTH: list[dict[str, list[str]]] = [{"HttpMessageSignature": []}]
@@ -105,19 +105,22 @@ def _all(model: type[Out], rows: Iterable[Any]) -> list[Out]:
     return [model.model_validate(r) for r in rows]
 
 
-def _registry(state: State) -> Registry:
-    registry: Registry = state.registry
-    return registry
-
-
-def _journal(state: State) -> Journal:
-    journal: Journal = state.journal
-    return journal
-
-
 def _lifecycle(state: State) -> StudyLifecycle:
     lifecycle: StudyLifecycle = state.lifecycle
     return lifecycle
+
+
+# The registry and the journal are the lifecycle's own (the app's state holds the same objects).
+# Taken from it, the services are a chain (lifecycle -> registry -> principal), which Litestar
+# resolves one after the other, directly; independent dependencies of one handler it resolves
+# concurrently in an anyio task group, a task per dependency on every request, which was a
+# tenth of a GET's CPU time (docs/benchmarks/api.md).
+def _registry(lifecycle: StudyLifecycle) -> Registry:
+    return lifecycle.registry
+
+
+def _journal(lifecycle: StudyLifecycle) -> Journal:
+    return lifecycle.journal
 
 
 def _next(offset: int, count: int, total: int) -> int | None:
@@ -138,9 +141,9 @@ def _hospital(principal: Principal, registry: Registry) -> Hospital:
 
 
 #: The coordinator's parts from the app's state, for the API's and the console's handlers.
-SERVICES = {"registry": Provide(_registry, sync_to_thread=False),
-            "journal": Provide(_journal, sync_to_thread=False),
-            "lifecycle": Provide(_lifecycle, sync_to_thread=False)}
+SERVICES = {"lifecycle": Provide(_lifecycle, sync_to_thread=False),
+            "registry": Provide(_registry, sync_to_thread=False),
+            "journal": Provide(_journal, sync_to_thread=False)}
 DEPENDENCIES = {"principal": Provide(authenticate), **SERVICES}
 
 
@@ -273,7 +276,7 @@ class StudyController(Controller):
 
     @read("/{study_id:str}/report", guards=[guards.RESEARCHER_OPERATOR_AUDITOR],
           summary="The privacy report: per hospital epsilon and delta spent, steps, accountant, "
-                  "count-free exclusions, metrics per round (exchange/coordinator/reports.py)")
+                  "count-free exclusions, metrics per round (exchange/study/reports.py)")
     def report(self, principal: Principal, journal: Journal, study_id: str) -> dict[str, Any]:
         return study_report(journal, principal, study_id)
 

@@ -17,7 +17,7 @@ receipts are their own signed entries, appended unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +29,7 @@ from audit.entry import Entry, sign_entry
 from audit.ledger import Ledger
 from audit.signing import Signer
 from audit.store import AuditLog, DuplicateEntryError, EntryRefusedError
+from audit.store.admission import Prepared
 from exchange.coordinator import problems
 from exchange.coordinator.auditing import LEDGER_KINDS, LedgerFoldError, LedgerView, active_key
 from exchange.coordinator.group_commit import GroupCommit, LoopGroupCommit
@@ -72,12 +73,17 @@ class Journal:
         with Session(self.read_engine, expire_on_commit=False) as session:
             yield session
 
-    def append(self, transaction: Session | Connection, *entries: Entry) -> list[int]:
+    def append(self, transaction: Session | Connection, *entries: Entry,
+               prepared: Sequence[Prepared] | None = None) -> list[int]:
         """Append in the session's (or connection's) transaction; then fold the new ledger
-        entries so that one the auditor's Ledger would reject is refused and rolled back here."""
+        entries so that one the auditor's Ledger would reject is refused and rolled back here.
+        `prepared`: the same entries, already `AuditLog.prepare`d before they were queued."""
         connection = transaction.connection() if isinstance(transaction, Session) else transaction
+        if prepared is not None and [p.leaf for p in prepared] != [e.leaf_bytes() for e in entries]:
+            raise ValueError("journal: the prepared entries are not the entries appended")
         try:
-            indexes = self.audit_log.append_in(connection, list(entries))
+            indexes = self.audit_log.append_in(connection, list(prepared if prepared is not None
+                                                                else entries))
         except DuplicateEntryError as exc:
             raise problems.ProblemError(409, str(exc), kind="duplicate-entry") from exc
         except EntryRefusedError as exc:

@@ -29,8 +29,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from exchange.coordinator import vocabulary
 from exchange.coordinator.models import Role
-from exchange.coordinator.text_safety import PlainText, payload_problems, text_problem
 from exchange.study.models import DecisionKind, StudyStatus
+from exchange.text_safety import PlainText, payload_problems, text_problem
 from federated.study_spec import SECAGG_MIN_HOSPITALS
 
 #: The hospitals' default site maximum of a study's delta (federated.privacy_ledger.DEFAULT_MAX_DELTA).

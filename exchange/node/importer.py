@@ -32,10 +32,10 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from exchange.coordinator.text_safety import text_problem
 from exchange.node.fhir_import import read_fhir_bundle
 from exchange.node.mapping import ColumnSpec, ImportRejectedError, Mapping, Problem
 from exchange.node.models import ColumnCategory, ImportBatch, Record
+from exchange.text_safety import text_problem
 
 INSERT_CHUNK = 5000
 #: delimiters spreadsheets export instead of commas, named in the refusal

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from audit.entry import Entry
 from audit.rewards import PayoutError
 from audit.signing import b64decode
+from audit.store.admission import Prepared
 from exchange.coordinator import problems
 from exchange.coordinator.catalogs import CatalogIndex
 from exchange.coordinator.journal import Journal, now
@@ -159,7 +160,8 @@ class StudyLifecycle:
                 "forward_bps": self.terms.forward_bps,
                 "unclaimed": {"after_s": self.terms.claim_window_s,
                               "to": self.terms.unclaimed_to or account}}))
-        return _Submission(self, principal, data, study_id, spec, entries, deadline)
+        return _Submission(self, principal, data, study_id, spec, entries, deadline,
+                           tuple(self.journal.audit_log.prepare(entries)))
 
     def _submit_in(self, connection: Connection, submission: _Submission) -> SubmittedStudy:
         """One submission in its own savepoint: the balance check with a clear answer, the
@@ -173,7 +175,7 @@ class StudyLifecycle:
             raise problems.unprocessable([{"field": "token_budget", "reason":
                                            f"token budget {data.token_budget} exceeds the "
                                            f"organisation's balance {available}"}])
-        indexes = self.journal.append(connection, *submission.entries)
+        indexes = self.journal.append(connection, *submission.entries, prepared=submission.prepared)
         # The row is inserted after the append, with the entry index it records: one INSERT
         # instead of INSERT + UPDATE. Same transaction (savepoint), so a failure of either
         # still rolls back both.
@@ -192,7 +194,8 @@ class StudyLifecycle:
         the rule, and if any escrow overdraws, it raises; the group commit then rolls this back
         and makes each submission on its own (`_submit_in`), which refuses that one with its
         reason. The same happens for anything else that fails."""
-        indexes = self.journal.append(connection, *(e for s in submissions for e in s.entries))
+        indexes = self.journal.append(connection, *(e for s in submissions for e in s.entries),
+                                      prepared=[p for s in submissions for p in s.prepared])
         rows, position = [], 0
         for submission in submissions:
             rows.append(submission.row(indexes[position]))
@@ -705,6 +708,9 @@ class _Submission:
     spec: dict[str, Any]
     entries: tuple[Entry, Entry]
     start_deadline: datetime
+    # The entries checked for form and signature before queueing (AuditLog.prepare), so the
+    # writer only does what depends on the log.
+    prepared: tuple[Prepared, ...]
 
     def __call__(self, connection: Connection) -> SubmittedStudy:
         return self.lifecycle._submit_in(connection, self)

@@ -29,6 +29,7 @@ from audit.export import Trust
 from audit.merkle import leaf_hash
 from audit.signing import Signer
 from audit.store import AuditLog, audit_entries, verify_storage
+from audit.store.admission import Prepared
 from audit.verify import VerifyReport, verify_lines
 from exchange.coordinator.group_commit import GroupCommit
 from exchange.db.checkpoint import WalCheckpointer, writers_leave_checkpoints_to_a_thread
@@ -113,7 +114,7 @@ class _Append:
     """One group-commit write: append `entries` in the writer's transaction; their indexes."""
 
     log: AuditLog
-    entries: tuple[Entry | Mapping[str, Any], ...]
+    entries: tuple[Entry | Mapping[str, Any] | Prepared, ...]
 
     def __call__(self, connection: Connection) -> list[int]:
         return self.log.append_in(connection, self.entries)
@@ -165,7 +166,10 @@ class GroupLog:
         self.write_engine.dispose()
 
     def submit(self, entries: Sequence[Entry | Mapping[str, Any]]) -> Future[list[int]]:
-        return self.group.submit(_Append(self.log, tuple(entries)), _append_together)
+        """Queue the append; the entries are prepared (form, signature) here, in the caller's
+        thread, as the coordinator prepares a submission before queueing it."""
+        return self.group.submit(_Append(self.log, tuple(self.log.prepare(entries))),
+                                 _append_together)
 
     def append(self, entry: Entry | Mapping[str, Any]) -> int:
         return self.submit([entry]).result()[0]
@@ -174,7 +178,8 @@ class GroupLog:
         return self.submit(entries).result()
 
     async def append_async(self, entry: Entry | Mapping[str, Any]) -> int:
-        future = self.group.submit_async(_Append(self.log, (entry,)), _append_together)
+        future = self.group.submit_async(_Append(self.log, tuple(self.log.prepare([entry]))),
+                                         _append_together)
         indexes: list[int] = await future
         return indexes[0]
 

@@ -240,3 +240,56 @@ def test_a_committed_edge_is_reused_and_a_rolled_back_one_never(engine: Engine) 
         assert log.root() == memory_tree(leaves).root()
         assert verify_with_auditor(log, keys).ok
     verify_storage(engine, keys.operator.public_key)
+
+
+def test_entries_prepared_before_queueing_still_meet_the_rules_at_their_index(
+        engine: Engine) -> None:
+    """`AuditLog.prepare` checks form and signature early (in the caller's thread); whether
+    the signer may sign at the entry's index is still decided by append_in: an entry prepared
+    before its signer was revoked is refused after. A forged signature never gets that far."""
+    keys = LogKeys.generate()
+    hospital = Signer.generate()
+    with keys.open(engine) as log:
+        log.append_many([register(keys.operator, keys.writer),
+                         register(keys.operator, hospital, "hospital", "h:1")])
+        early = log.prepare([note_entry(hospital, "p", 0)])
+        forged = note_entry(hospital, "p", 1).to_json()
+        forged["payload"]["round"] = 99
+        with pytest.raises(EntryRefusedError, match="signature"):
+            log.prepare([forged])
+        revoke = {"key_id": hospital.key_id, "reason": "left the consortium"}
+        log.append(sign_entry(keys.operator, "key.revoke", revoke))
+        with pytest.raises(EntryRefusedError, match="revoked"), engine.begin() as connection:
+            log.append_in(connection, early)
+        fine = log.prepare([note_entry(keys.writer, "p", 2)])
+        with engine.begin() as connection:
+            assert log.append_in(connection, fine) == [3]
+    verify_storage(engine, keys.operator.public_key)
+
+
+@pytest.mark.postgres
+def test_the_postgresql_lock_is_remembered_only_outside_savepoints(postgres_url: str) -> None:
+    """append_in takes the advisory lock once per transaction, but a lock taken inside a
+    savepoint goes when that savepoint is rolled back: the next append_in must take it again
+    (seen in pg_locks from inside the transaction)."""
+    migrated_engine(postgres_url).dispose()
+    engine = immediate_engine(postgres_url)
+    held = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND pid = pg_backend_pid() AND granted")
+    keys = LogKeys.generate()
+    try:
+        with keys.open(engine) as log:
+            log.append(register(keys.operator, keys.writer))
+            log.append(note_entry(keys.writer, "lock", 0))  # the committed edge is known
+            with engine.begin() as connection:
+                savepoint = connection.begin_nested()
+                log.append_in(connection, [note_entry(keys.writer, "lock", 1)])
+                assert connection.execute(held).scalar_one() == 1
+                savepoint.rollback()
+                assert connection.execute(held).scalar_one() == 0  # released with it
+                assert log.append_in(connection, [note_entry(keys.writer, "lock", 2)]) == [2]
+                assert connection.execute(held).scalar_one() == 1
+                assert log.append_in(connection, [note_entry(keys.writer, "lock", 3)]) == [3]
+            assert log.size() == 4
+    finally:
+        engine.dispose()

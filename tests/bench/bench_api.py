@@ -209,9 +209,9 @@ def _start(kind: str, directory: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 def _prepare(directory: Path) -> tuple[str, str]:
     """A coordinator database with a researcher, a funded organisation and one study."""
+    from audit.signing import Signer
     from exchange.coordinator.app import build_runtime
     from exchange.coordinator.registry import Principal
-    from audit.signing import Signer
     from exchange.coordinator.schemas import (
         ApiKeyCreate,
         HospitalCreate,

@@ -32,9 +32,9 @@ from sqlalchemy import func, select
 
 from audit.cli import app as audit_app
 from exchange.cli import app as exchange_app
-from exchange.coordinator.text_safety import text_problem
 from exchange.node.models import ConsentContractRow, ImportBatch, Record
 from exchange.node.store import NodeStore
+from exchange.text_safety import text_problem
 from tests.audit.test_cli_hostile import (
     BIDI,
     deep_values,

@@ -8,17 +8,19 @@ deep overflows the recursion of every walker that comes after the parser. So:
 - free-text fields (titles, names, labels, reasons) take printable text only (`PlainText`);
 - the payload of a signed entry is walked once: at most `MAX_PAYLOAD_DEPTH` levels, no control
   character other than tab and newline, no bidirectional control (`payload_problems`);
-- the request's path and query string hold no control character (`RequestTextMiddleware`),
-  checked before routing, so no handler and no database ever sees one.
+- the request's path and query string hold no control character (the coordinator's
+  `exchange.coordinator.request_text.RequestTextMiddleware`), checked before routing, so no
+  handler and no database ever sees one.
+
+Shared by the coordinator's API and the node's importer (which refuses the same text in a
+hospital's files), so it sits below both: the node never imports the coordinator.
 """
 
 from __future__ import annotations
 
 import unicodedata
 from typing import Annotated, Any
-from urllib.parse import unquote_to_bytes
 
-from litestar.types import ASGIApp, HTTPResponseStartEvent, Receive, Scope, Send
 from pydantic import AfterValidator
 
 #: Unicode's bidirectional formatting characters (UAX #9): embeddings, overrides, isolates, marks.
@@ -75,51 +77,3 @@ def payload_problems(value: Any, field: str = "payload", depth: int = 0) -> list
         for index, item in enumerate(value):
             found.extend(payload_problems(item, f"{field}.{index}", depth + 1))
     return found
-
-
-def _request_text_problem(scope: Scope) -> tuple[str, str] | None:
-    """(field, reason) for a path or query string that holds a control character, or bytes
-    that are no UTF-8, once percent-decoding is undone."""
-    # raw_path: the target as sent (some servers and test clients leave the query on it)
-    raw_path = (scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")).split(b"?")[0]
-    for field, raw in (("path", raw_path), ("query", scope.get("query_string", b""))):
-        decoded = unquote_to_bytes(raw.replace(b"+", b" ") if field == "query" else raw)
-        try:
-            text = decoded.decode("utf-8")
-        except UnicodeDecodeError:
-            return field, "is not valid UTF-8 once percent-decoded"
-        problem = text_problem(text)
-        if problem is not None:
-            return field, problem
-    return None
-
-
-class RequestTextMiddleware:
-    """Refuses (400, a problem naming `path` or `query`) a request whose target holds control,
-    surrogate or bidirectional-control characters, before routing."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            problem = _request_text_problem(scope)
-            if problem is not None:
-                await _refuse(scope, send, *problem)
-                return
-        await self.app(scope, receive, send)
-
-
-async def _refuse(scope: Scope, send: Send, field: str, reason: str) -> None:
-    import json
-
-    from exchange.coordinator.problems import PROBLEM_JSON, TYPE_BASE
-
-    body = json.dumps({"type": TYPE_BASE + "validation", "title": "Bad request", "status": 400,
-                       "detail": f"{field}: {reason}", "instance": scope["path"],
-                       "errors": [{"field": field, "reason": reason}]}, ensure_ascii=True).encode()
-    start: HTTPResponseStartEvent = {
-        "type": "http.response.start", "status": 400,
-        "headers": [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode())]}
-    await send(start)
-    await send({"type": "http.response.body", "body": body, "more_body": False})
