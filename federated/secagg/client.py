@@ -93,6 +93,7 @@ def _no_app(message: Message, context: Context) -> Message:
 def _stage(message: Message, context: Context, call_next: Handler) -> Message:
     """One SecAgg+ stage through Flower's mod, on the state slot of the message's round."""
     flwr_internals.patch_secagg_prg()
+    flwr_internals.patch_secagg_shamir()
     mod = flwr_internals.secaggplus_mod()
     states = context.state.config_records
     round_ = message.metadata.group_id
