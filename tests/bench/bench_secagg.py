@@ -70,20 +70,33 @@ class CpuMeter:
     does not grow with the machine's load the way wall time does, so it says what the protocol
     costs when every process has a core of its own."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, int], idle: dict[str, float] | None = None) -> None:
+        """`idle`: CPU seconds per second each process spends with no study running (SuperNodes
+        and executors poll, heartbeats); subtracted from every lap, pro rata of its length."""
         self.pids = pids
+        self.idle = idle or {}
         self.last = self._now()
 
     def _now(self) -> dict[str, float]:
         out = {name: _proc_cpu_s(pid) for name, pid in self.pids.items()}
         out["server"] = time.process_time()
+        out["_wall"] = time.perf_counter()
         return out
 
     def lap(self) -> dict[str, float]:
         now = self._now()
-        delta = {k: now[k] - self.last[k] for k in now}
+        elapsed = now["_wall"] - self.last["_wall"]
+        delta = {
+            k: max(0.0, now[k] - self.last[k] - self.idle.get(k, 0.0) * elapsed) for k in now if k != "_wall"
+        }
         self.last = now
         return delta
+
+    @classmethod
+    def idle_rates(cls, pids: dict[str, int], seconds: float) -> dict[str, float]:
+        meter = cls(pids)
+        time.sleep(seconds)
+        return {k: v / seconds for k, v in meter.lap().items()}
 
 
 # -- 1. the real deployment -------------------------------------------------------------------------
@@ -113,6 +126,8 @@ def deployment(rounds: int, root: Path, hospitals: int = 3) -> dict[str, dict[st
         for h, node in fed.nodes.items():
             for proc in node.processes():
                 pids[f"{h}/{'executor' if proc is node.executor else 'supernode'}"] = proc.pid
+        idle = CpuMeter.idle_rates(pids, 20.0)
+        out["idle"] = {"cpu_idle_total_per_s": sum(idle.values())}
         for secure in (False, True, False, True):  # interleaved: machine load hits both alike
             name = "secagg" if secure else "plain"
             spec = demo_spec(
@@ -121,12 +136,12 @@ def deployment(rounds: int, root: Path, hospitals: int = 3) -> dict[str, dict[st
                 min_hospitals=3,
                 accountant="rdp",
                 secure_aggregation=secure,
-                round_timeout_s=600,
+                round_timeout_s=180,
                 join_timeout_s=600,
             )
             for demo in sites.values():
                 approve(demo.site, spec.study_id)
-            recorder = Recorder(CpuMeter(pids))
+            recorder = Recorder(CpuMeter(pids, idle))
             # every round waits for all hospitals (else, on a loaded machine, round 1 starts with
             # those whose hello came back within the 10 s grace and later rounds grow)
             result = run_study(
@@ -316,6 +331,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
         numbers = deployment(rounds, Path(tmp), args.hospitals)
     load_after = _load()
+    idle = numbers.pop("idle")["cpu_idle_total_per_s"]
     p, s = numbers["plain"], numbers["secagg"]
     print(
         f"== deployment: {args.hospitals} hospitals, breast cancer, logistic regression, DP-SGD; "
@@ -339,7 +355,11 @@ def main() -> None:
         "(target <= 2x at 3 hospitals), "
         f"overhead {s['overhead_s'] / p['overhead_s']:.2f}x"
     )
-    print("CPU seconds per round (process CPU time, load-independent; hospital = executor + SuperNode):")
+    print(
+        "CPU seconds per round (process CPU time; hospital = executor + SuperNode; each process's "
+        f"idle polling, {idle:.2f} CPU s/s for all together, measured before the studies and "
+        "subtracted pro rata of the round's length):"
+    )
     for name, n in numbers.items():
         print(
             f"{name:>7}: server {n['cpu_server_s']:.3f}, SuperLink {n['cpu_superlink_s']:.3f}, "
