@@ -323,6 +323,48 @@ def test_a_late_joiner_waits_for_the_next_round(four: dict[str, DemoSite], tmp_p
     assert m2["aggregate_members"] == 4 and "hospital:hospital-d" in {r.hospital for r in receipts2}
 
 
+class JoinAtCollect(InProcessGrid):
+    """Node 4 connects only when round 1's collect stage is sent, after its key exchange."""
+
+    def __init__(self, node_configs: Any, *args: Any, **kwargs: Any) -> None:
+        configs = dict(node_configs)
+        self.late = configs.pop(4)
+        super().__init__(configs, *args, **kwargs)
+
+    def push_messages(self, messages: Any) -> Any:
+        messages = list(messages)
+        if 4 not in self.contexts and any(_stage(m) == "collect_masked_vectors" for m in messages):
+            self.contexts[4] = Context(
+                run_id=self.run_id,
+                node_id=4,
+                node_config=dict(self.late),
+                state=RecordDict(),
+                run_config=dict(self.contexts[1].run_config),
+            )
+        return super().push_messages(messages)
+
+
+def test_a_hospital_joining_after_the_key_exchange_waits_for_the_next_round(
+    four: dict[str, DemoSite], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hospital-d connects after round 1's keys were shared: round 1 is aggregated from the three
+    whose keys are in each other's masks (exactly their FedAvg); round 2 runs a fresh key exchange
+    (the pipelined one, made during round 1 for the three, no longer fits) and has all four."""
+    updates = Updates(monkeypatch)
+    spec = demo_spec("sa-join", rounds=2, min_hospitals=3, round_timeout_s=2.0, **PRIVACY)
+    observer, grid = _run(four, spec, tmp_path, grid_class=JoinAtCollect)
+    assert observer.failed == [] and observer.completed is not None
+    (_, m1, receipts1), (_, m2, receipts2) = observer.rounds
+    assert m1["secagg_sampled"] == 3 and m1["aggregate_members"] == 3
+    assert "hospital:hospital-d" not in {r.hospital for r in receipts1}
+    assert 1 not in updates.by_round or "hospital-d" not in updates.by_round[1]  # nobody asked it to train
+    np.testing.assert_allclose(
+        _globals(grid)[2], updates.fedavg(1, {"hospital-a", "hospital-b", "hospital-c"}), atol=ATOL
+    )
+    assert m2["secagg_sampled"] == 4 and m2["aggregate_members"] == 4 and m2["secagg_pipelined"] == 0.0
+    assert {r.hospital for r in receipts2} == {f"hospital:{h}" for h in four}
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 
@@ -376,6 +418,47 @@ def test_a_corrupted_ciphertext_drops_its_recipient_and_the_round_goes_on(
     np.testing.assert_allclose(_globals(grid)[2], updates.fedavg(1, members), atol=ATOL)
     # the reason is in the server's log: the recipient's collect reply was Flower's error
     assert any("secagg" in r.getMessage() and "hospital-b" in r.getMessage() for r in caplog.records)
+
+
+def test_an_encrypted_share_of_another_round_drops_its_recipient_never_a_wrong_model(
+    four: dict[str, DemoSite],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Node 1 sends node 2, in round 2's key exchange (riding in round 1's unmask reply), the
+    encrypted share it sent node 2 in round 1: node 2 cannot decrypt it under round 2's keys and
+    fails round 2's collect stage (the reason in the log); round 2 is exactly the other three's
+    FedAvg, and round 3 has all four again."""
+    updates = Updates(monkeypatch)
+    kept: dict[str, bytes] = {}
+
+    def replay(node: int, message: Message, reply: Message) -> Message | None:
+        if node != 1 or reply.has_error() or message.metadata.group_id != "1":
+            return None
+        record = reply.content.config_records[SECAGG_CONFIGS_KEY]
+        if "ctxts" in record:  # round 1's own share-keys stage: keep the share for node 2
+            dsts = list(record["dsts"])  # type: ignore[arg-type]
+            kept["ctxt"] = list(record["ctxts"])[dsts.index(2)]  # type: ignore[arg-type]
+            return None
+        riding = reply.content.config_records.get(NEXT_KEY)
+        if riding is None or "ctxts" not in riding:
+            return None
+        dsts, ctxts = list(riding["dsts"]), list(riding["ctxts"])  # type: ignore[arg-type]
+        ctxts[dsts.index(2)] = kept["ctxt"]
+        riding["ctxts"] = ctxts
+        return reply
+
+    spec = demo_spec("sa-replay", rounds=3, min_hospitals=3, round_timeout_s=2.0, **PRIVACY)
+    observer, grid = _run(four, spec, tmp_path, client_app=_tampering(replay))
+    assert observer.failed == [] and observer.completed is not None and "ctxt" in kept
+    (_, m1, _), (_, m2, receipts2), (_, m3, _) = observer.rounds
+    members = {"hospital-a", "hospital-c", "hospital-d"}
+    assert m1["aggregate_members"] == 4 and m2["secagg_pipelined"] == 1.0
+    assert m2["aggregate_members"] == 3 and m3["aggregate_members"] == 4
+    assert {r.hospital for r in receipts2} == {f"hospital:{h}" for h in members}
+    np.testing.assert_allclose(_globals(grid)[3], updates.fedavg(2, members), atol=ATOL)
+    assert any("hospital-b" in r.getMessage() and "InvalidToken" in r.getMessage() for r in caplog.records)
 
 
 def test_a_malformed_pipelined_key_exchange_falls_back_to_a_fresh_one(
