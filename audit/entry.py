@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from audit.signing import Signer, b64decode, b64encode, canonical, verify
 
@@ -39,6 +39,31 @@ def parse_time(text: str) -> datetime:
     return parsed.replace(tzinfo=UTC)
 
 
+class EntryFields(Protocol):
+    """What the keyring and the ledger read of an envelope: an `Entry`, or the lighter record
+    the verifier decodes a log line into (audit.verify), so that folding a long log does not
+    build an `Entry` per line."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def time(self) -> str: ...
+    @property
+    def payload(self) -> dict[str, Any]: ...
+    @property
+    def signature(self) -> str: ...
+    @property
+    def v(self) -> int: ...
+
+
+def signed_part(entry: EntryFields) -> dict[str, Any]:
+    """The envelope without "signature": what its signature covers (RFC 8785-encoded)."""
+    return {"v": entry.v, "kind": entry.kind, "key_id": entry.key_id, "time": entry.time,
+            "payload": entry.payload}
+
+
 @dataclass(frozen=True)
 class Entry:
     kind: str
@@ -58,8 +83,7 @@ class Entry:
         return self
 
     def signed_part(self) -> dict[str, Any]:
-        return {"v": self.v, "kind": self.kind, "key_id": self.key_id, "time": self.time,
-                "payload": self.payload}
+        return signed_part(self)
 
     def to_json(self) -> dict[str, Any]:
         return {**self.signed_part(), "signature": self.signature}

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from audit.entry import Entry, format_time, parse_time
+from audit.entry import EntryFields, format_time, parse_time
 from audit.reward_commitment import (
     CLAIM_ACCOUNT_PREFIX,
     ClaimError,
@@ -192,7 +192,7 @@ class Ledger:
         if root_key_id is not None:
             self._keys[root_key_id] = _Key(OPERATOR, "operator:root")
         self._applied = 0
-        self._handlers: dict[str, Callable[[Entry], None]] = {
+        self._handlers: dict[str, Callable[[EntryFields], None]] = {
             "key.register": self._key_register,
             "key.rotate": self._key_rotate,
             "token.mint": self._mint,
@@ -206,7 +206,7 @@ class Ledger:
             "study.round": self._round,
         }
 
-    def apply(self, entry: Entry, index: int) -> None:
+    def apply(self, entry: EntryFields, index: int) -> None:
         """Fold one entry. Raise LedgerError(index, reason) and change nothing if it breaks a rule."""
         if self._root is None and self._applied == 0:
             self._root = entry.key_id
@@ -223,7 +223,7 @@ class Ledger:
                 raise LedgerError(index, f"{entry.kind}: {exc}") from None
         self._applied += 1
 
-    def apply_all(self, entries: Iterable[Entry], start: int = 0) -> LedgerState:
+    def apply_all(self, entries: Iterable[EntryFields], start: int = 0) -> LedgerState:
         """Fold entries numbered from `start`; return the state."""
         for offset, entry in enumerate(entries):
             self.apply(entry, start + offset)
@@ -275,14 +275,14 @@ class Ledger:
 
     # --- key view (roles and owners; signature checks are the keyring's) ------------------
 
-    def _key_register(self, entry: Entry) -> None:
+    def _key_register(self, entry: EntryFields) -> None:
         payload = entry.payload
         for name in ("key_id", "role", "owner"):
             if not isinstance(payload.get(name), str) or not payload[name]:
                 raise _RuleError(f"{name}: must be a non-empty string")
         self._keys[payload["key_id"]] = _Key(payload["role"], payload["owner"])
 
-    def _key_rotate(self, entry: Entry) -> None:
+    def _key_rotate(self, entry: EntryFields) -> None:
         payload = entry.payload
         for name in ("old_key_id", "new_key_id"):
             if not isinstance(payload.get(name), str) or not payload[name]:
@@ -292,7 +292,7 @@ class Ledger:
             raise _RuleError(f"old_key_id: {payload['old_key_id']!r} is not a registered key")
         self._keys[payload["new_key_id"]] = old
 
-    def _signer(self, entry: Entry, role: str | None = None) -> _Key:
+    def _signer(self, entry: EntryFields, role: str | None = None) -> _Key:
         key = self._keys.get(entry.key_id)
         if key is None:
             raise _RuleError(f"key_id: {entry.key_id!r} is not registered in this log")
@@ -302,7 +302,7 @@ class Ledger:
 
     # --- token kinds -----------------------------------------------------------------------
 
-    def _mint(self, entry: Entry) -> None:
+    def _mint(self, entry: EntryFields) -> None:
         payload = _fields(entry.payload, ("account", "amount"))
         self._signer(entry, OPERATOR)
         account = _account(payload, "account")
@@ -311,7 +311,7 @@ class Ledger:
             raise _RuleError(f"amount: total minted would exceed {MAX_AMOUNT}")
         self._commit({account: amount}, minted=amount)
 
-    def _transfer(self, entry: Entry) -> None:
+    def _transfer(self, entry: EntryFields) -> None:
         payload = _fields(entry.payload, ("from", "to", "amount"))
         source = _account(payload, "from")
         target = _account(payload, "to")
@@ -324,7 +324,7 @@ class Ledger:
         self._need(source, amount, "amount")
         self._commit({source: -amount, target: amount})
 
-    def _escrow(self, entry: Entry) -> None:
+    def _escrow(self, entry: EntryFields) -> None:
         payload = _fields(entry.payload, ("study_id", "account", "amount", "royalty_account",
                                           "royalty_bps", "forward_bps"), optional=("unclaimed",))
         self._signer(entry, COORDINATOR)
@@ -344,7 +344,7 @@ class Ledger:
         self._commit({account: -amount}, escrow=amount)
         self.studies[study_id] = Escrow(study_id, account, amount, terms, sweep=sweep)
 
-    def _receipt(self, entry: Entry) -> None:
+    def _receipt(self, entry: EntryFields) -> None:
         payload = entry.payload
         for name in ("study_id", "round", "hospital", "records_used", "rewards"):
             if name not in payload:
@@ -372,7 +372,7 @@ class Ledger:
         study.receipts.append(Receipt(study_id, round_number, hospital, records_used, rewards))
         study.receipt_count += 1
 
-    def _payout(self, entry: Entry) -> None:
+    def _payout(self, entry: EntryFields) -> None:
         payload = entry.payload
         for name in ("study_id", "amount"):
             if name not in payload:
@@ -413,7 +413,7 @@ class Ledger:
         study.seen = set()
         study.members = {}
 
-    def _round(self, entry: Entry) -> None:
+    def _round(self, entry: EntryFields) -> None:
         """A secure-aggregation round names its aggregate's members (docs/secure-aggregation.md):
         only their receipts of that round pay. Other `study.round` entries move nothing."""
         payload = entry.payload
@@ -431,7 +431,7 @@ class Ledger:
         if study.status is EscrowStatus.OPEN:
             study.members[round_number] = frozenset(members)
 
-    def _claim(self, entry: Entry) -> None:
+    def _claim(self, entry: EntryFields) -> None:
         """A leaf of a receipt's reward commitment, shown with its inclusion proof, is paid its
         share of that receipt's claim pool once, into the account named by its holder."""
         payload = _fields(entry.payload, CLAIM_FIELDS)
@@ -466,7 +466,7 @@ class Ledger:
         pool.paid += due
         pool.claimed.add(holder_hex)
 
-    def _sweep(self, entry: Entry) -> None:
+    def _sweep(self, entry: EntryFields) -> None:
         """After a claim pool's window has closed, what no claim took goes, once and whole, to
         the account the study's escrow named; claims of that pool are refused from then on."""
         payload = _fields(entry.payload, SWEEP_FIELDS)
@@ -495,7 +495,7 @@ class Ledger:
         self._commit({target: amount}, unclaimed=-amount)
         pool.swept = amount
 
-    def _refund(self, entry: Entry) -> None:
+    def _refund(self, entry: EntryFields) -> None:
         payload = _fields(entry.payload, ("study_id", "account", "amount"))
         self._signer(entry, COORDINATOR)
         study = self._study(_text(payload, "study_id"))
@@ -616,7 +616,7 @@ def _sweep_terms(value: Any) -> tuple[int, str]:
     return window, target
 
 
-def _time(entry: Entry) -> datetime:
+def _time(entry: EntryFields) -> datetime:
     try:
         return parse_time(entry.time)
     except ValueError as exc:

@@ -41,7 +41,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import rfc8785
@@ -51,7 +51,15 @@ from nacl.signing import VerifyKey
 from audit.checkpoint import Checkpoint, CheckpointError, verify_checkpoint
 from audit.compact import LeafIndex, LeafTree
 from audit.cosignature import CosignatureReport, check_cosignatures
-from audit.entry import ENVELOPE_FIELDS, ENVELOPE_VERSION, Entry, MalformedEntryError, parse_time
+from audit.entry import (
+    ENVELOPE_FIELDS,
+    ENVELOPE_VERSION,
+    Entry,
+    EntryFields,
+    MalformedEntryError,
+    parse_time,
+    signed_part,
+)
 from audit.export import (
     ExportError,
     ExportPaths,
@@ -71,6 +79,7 @@ STATE_VERSION = 1
 SIGNATURE_BYTES = 64
 _TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
 _MAX_SAFE_DIGITS = 15  # every integer of at most 15 digits is inside +-(2**53 - 1)
+_MAX_SAFE_INTEGER = 2**53 - 1
 #: The largest line a log may hold: the store refuses larger entries (audit.store.MAX_ENTRY_BYTES).
 MAX_LINE_BYTES = 1 << 20
 #: What a check may raise on content it was not written for (hostile input): the entry is then
@@ -86,6 +95,24 @@ _PLAIN_ENCODE = msgspec.json.Encoder(order="sorted").encode
 _DIGIT_MAP = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
 _LONG_DIGIT_RUN = b"0" * 16
 _NOT_PLAIN = object()
+_NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class _Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A log line's envelope as the fast path decodes it (an `EntryFields`, not an `Entry`).
+
+    msgspec checks in C what `envelope_from_json` checks in Python: exactly these six members,
+    the four strings non-empty, an object payload, `v` the integer 1 (not 1.0, not true). The
+    fields are declared in RFC 8785 order (ASCII names, sorted), so the struct encodes back to
+    the canonical line. A line this refuses goes the general way, which names the reason.
+    """
+
+    key_id: _NonEmpty
+    kind: _NonEmpty
+    payload: dict[str, Any]
+    signature: _NonEmpty
+    time: _NonEmpty
+    v: Literal[1]
 
 
 @dataclass(frozen=True)
@@ -141,7 +168,9 @@ class CanonicalParser:
     def __init__(self) -> None:
         self._unsafe = False
         self._plain_unsafe = False
+        self._plain_raw = False
         self._plain_decode = msgspec.json.Decoder(float_hook=self._plain_float).decode
+        self._envelope_decode = msgspec.json.Decoder(_Envelope, float_hook=self._plain_float).decode
         self._decode = json.JSONDecoder(parse_float=self._float, parse_int=self._int,
                                         parse_constant=self._constant).decode
 
@@ -175,31 +204,85 @@ class CanonicalParser:
         except RecursionError as exc:  # the C parser and encoders stop at the recursion limit
             raise NotCanonicalError("nested too deeply for the JSON parser") from exc
 
-    def _plain_float(self, token: str) -> float:
+    def _plain_float(self, token: str) -> float | msgspec.Raw:
+        """A float of the plain path. Safe as `_float` says: the float itself. Otherwise, if the
+        token is exactly how RFC 8785 prints its value (ECMAScript's number format, which the
+        rfc8785 package implements: "0.00001", "1e-7", "1e+21", where Python prints 1e-05,
+        1e-07, 1e+21), a msgspec.Raw of the token, which the encoder writes back verbatim, so
+        the comparison with the line still checks everything around it; the caller turns it
+        back into the float (`_restore_floats`). Anything else makes the line not plain."""
         value = float(token)
         if "e" in token or "E" in token or token.endswith(".0") or repr(value) != token:
-            self._plain_unsafe = True
+            try:
+                canonical_token = rfc8785.dumps(value)
+            except (rfc8785.CanonicalizationError, ValueError):  # inf (an overflowing token)
+                canonical_token = b""
+            if canonical_token != token.encode():
+                self._plain_unsafe = True
+                return value
+            self._plain_raw = True
+            return msgspec.Raw(canonical_token)
         return value
 
     def _parse_plain(self, line: bytes) -> Any:
         """The common line, checked by msgspec's C decoder and sorted-key encoder (about half
         the cost of the json module's): ASCII, no backslash (so no string escape, where
-        encoders differ), no run of 16 digits or more (an integer may be out of range), every
-        float safe (as `_float`).
+        encoders differ), every float canonical (`_plain_float`), every integer inside
+        +-(2**53 - 1) (RFC 8785's range; looked for only in a line with a run of 16 digits).
         Such a line is canonical exactly when msgspec encodes its value back to the same
         bytes: with no escapes and ASCII keys, RFC 8785's encoding is that one. Anything else,
         including every line that is not canonical, returns _NOT_PLAIN and takes the general
         path, which names the reason."""
-        if not line.isascii() or b"\\" in line or _LONG_DIGIT_RUN in line.translate(_DIGIT_MAP):
+        if not line.isascii() or b"\\" in line:
             return _NOT_PLAIN
-        self._plain_unsafe = False
+        self._plain_unsafe = self._plain_raw = False
         try:
             value = self._plain_decode(line)
         except (msgspec.DecodeError, ValueError, RecursionError):
             return _NOT_PLAIN
+        return self._plain_checked(line, value, value)
+
+    def _plain_checked(self, line: bytes, value: Any, content: Any) -> Any:
+        """`value` (decoded from `line` on the plain path; `content` the part of it that may hold
+        numbers) if it encodes back to `line` with only safe numbers, else _NOT_PLAIN."""
         if self._plain_unsafe or _PLAIN_ENCODE(value) != line:
             return _NOT_PLAIN
+        try:
+            if _LONG_DIGIT_RUN in line.translate(_DIGIT_MAP) and _has_unsafe_integer(content):
+                return _NOT_PLAIN
+            if self._plain_raw:
+                restored = _restore_floats(content)
+                if content is value:
+                    return restored
+        except RecursionError:
+            return _NOT_PLAIN
         return value
+
+    def envelope(self, line: bytes) -> EntryFields:
+        """The envelope of one line (without its newline): canonical and well-formed, else
+        NotCanonicalError or MalformedEntryError saying why (the rules of `parse` and
+        `envelope_from_json`).
+
+        Fast path: msgspec decodes a plain line (as `_parse_plain`) straight into an `_Envelope`,
+        checking the envelope's shape in C; no `Entry` is built. Other lines, and every line
+        the fast path refuses, go through `parse` and `envelope_from_json`."""
+        envelope = self._envelope_plain(line)
+        if envelope is None:
+            return envelope_from_json(self.parse(line))
+        _check_time(envelope.time)
+        return envelope
+
+    def _envelope_plain(self, line: bytes) -> _Envelope | None:
+        if not line.isascii() or b"\\" in line:
+            return None
+        self._plain_unsafe = self._plain_raw = False
+        try:
+            envelope = self._envelope_decode(line)
+        except (msgspec.DecodeError, ValueError, RecursionError):
+            return None
+        if self._plain_checked(line, envelope, envelope.payload) is _NOT_PLAIN:
+            return None
+        return envelope
 
     def _parse(self, line: bytes) -> Any:
         try:
@@ -224,6 +307,33 @@ class CanonicalParser:
         if canon != line:
             raise NotCanonicalError(_not_canonical(line))
         return obj
+
+
+def _has_unsafe_integer(value: Any) -> bool:
+    """Whether a decoded value holds an integer outside +-(2**53 - 1), which RFC 8785 refuses."""
+    if type(value) is int:
+        return not -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER
+    if type(value) is dict:
+        return any(_has_unsafe_integer(item) for item in value.values())
+    if type(value) is list:
+        return any(_has_unsafe_integer(item) for item in value)
+    return False
+
+
+def _restore_floats(value: Any) -> Any:
+    """`value` with every msgspec.Raw number of the plain path turned back into its float
+    (containers changed in place)."""
+    if type(value) is msgspec.Raw:
+        return float(bytes(value))
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(item) in (msgspec.Raw, dict, list):
+                value[key] = _restore_floats(item)
+    elif type(value) is list:
+        for position, item in enumerate(value):
+            if type(item) in (msgspec.Raw, dict, list):
+                value[position] = _restore_floats(item)
+    return value
 
 
 def _not_canonical(line: bytes) -> str:
@@ -294,7 +404,7 @@ def decode_signature(text: str) -> bytes:
     return signature
 
 
-def signing_input_from_line(line: bytes, entry: Entry) -> bytes:
+def signing_input_from_line(line: bytes, entry: EntryFields) -> bytes:
     """The signed bytes (canonical envelope without "signature"), cut out of the canonical line.
 
     In RFC 8785 order the top-level members are key_id, kind, payload, signature, time, v, so a
@@ -302,11 +412,11 @@ def signing_input_from_line(line: bytes, entry: Entry) -> bytes:
     gives exactly the canonical encoding of the rest. The signature is base64 (already decoded by
     the caller) and the time is validated, so neither needs escaping and the suffix is exact.
     """
-    suffix = b',"time":"' + entry.time.encode() + b'","v":1}'
-    member = b',"signature":"' + entry.signature.encode() + b'"'
-    if line.endswith(member + suffix):
-        return line[:len(line) - len(member) - len(suffix)] + suffix
-    return canonical(entry.signed_part())
+    signature = entry.signature.encode()
+    tail = b',"signature":"' + signature + b'","time":"' + entry.time.encode() + b'","v":1}'
+    if line.endswith(tail):  # what follows the signature: `,"time":"T","v":1}`
+        return line[:len(line) - len(tail)] + tail[len(signature) + 15:]
+    return canonical(signed_part(entry))
 
 
 _Check = tuple[int, bytes, bytes, bytes]  # (entry index, public key, signed bytes, signature)
@@ -545,8 +655,7 @@ class LogVerifier:
         if not raw.endswith(b"\n"):
             raise NotCanonicalError("line does not end with a newline (file truncated?)")
         line = raw[:-1]
-        obj = self._parser.parse(line)
-        entry = envelope_from_json(obj)
+        entry = self._parser.envelope(line)
         signature = decode_signature(entry.signature)
         leaf = _sha256(b"\x00" + line).digest()
         if self._seen.add(leaf):  # the prefix was seen: confirmed against the full hashes

@@ -341,10 +341,10 @@ def test_a_check_that_cannot_cope_still_names_the_entry(folder: Callable[[], Pat
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The last line of defence: an exception a check was not written for (here forced) becomes a
     refusal of that entry, not a traceback."""
-    def broken(obj: Any) -> Any:
+    def broken(text: str) -> None:
         raise TypeError("unexpected \x1b[2J content")
 
-    monkeypatch.setattr("audit.verify.envelope_from_json", broken)
+    monkeypatch.setattr("audit.verify._check_time", broken)  # on every line's path
     result = invoke("verify", str(folder()))
     assert result.exit_code == 1
     assert result.stdout == "INVALID entry 0: cannot be checked (TypeError: unexpected \\x1b[2J content)\n"
