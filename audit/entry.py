@@ -9,6 +9,7 @@ leaf input is the RFC 8785 encoding of the whole envelope, signature included.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -17,6 +18,8 @@ from audit.signing import Signer, b64decode, b64encode, canonical, verify
 
 ENVELOPE_VERSION = 1
 ENVELOPE_FIELDS = frozenset({"v", "kind", "key_id", "time", "payload", "signature"})
+#: The form every time of the log has (`format_time`): fixed widths, ASCII digits.
+_TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
 
 
 class MalformedEntryError(ValueError):
@@ -32,6 +35,17 @@ def format_time(instant: datetime) -> str:
 
 
 def parse_time(text: str) -> datetime:
+    """The instant of an envelope's `time`: "%Y-%m-%dT%H:%M:%S.%fZ" (UTC), as strptime reads it.
+
+    A time in `format_time`'s fixed-width form is read by `datetime.fromisoformat` (several
+    times faster than strptime, which the verifier and the ledger's fold would call per entry);
+    the same text gives strptime the same instant, and a date or time fromisoformat refuses
+    (month 13, second 60) strptime refuses too. Anything else is strptime's to decide."""
+    if _TIME_RE.fullmatch(text):
+        try:
+            return datetime.fromisoformat(text)
+        except ValueError:
+            pass
     try:
         parsed = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ")
     except ValueError as exc:

@@ -58,6 +58,8 @@ SWEEP_FIELDS = ("study_id", "hospital", "round", "amount", "to")
 #: The longest claim window a study may set (ten years of 365 days), in seconds.
 MAX_CLAIM_WINDOW_S = 10 * 365 * 86_400
 CLAIM_FIELDS = ("study_id", "hospital", "round", "holder", "units", "index", "proof", "amount")
+_RECEIPT_FIELD_ORDER = ("study_id", "round", "hospital", "records_used", "rewards")
+_RECEIPT_FIELDS = frozenset(_RECEIPT_FIELD_ORDER)
 
 
 class LedgerError(Exception):
@@ -346,9 +348,10 @@ class Ledger:
 
     def _receipt(self, entry: EntryFields) -> None:
         payload = entry.payload
-        for name in ("study_id", "round", "hospital", "records_used", "rewards"):
-            if name not in payload:
-                raise _RuleError(f"{name}: missing")
+        if not payload.keys() >= _RECEIPT_FIELDS:  # the common case in one set operation
+            for name in _RECEIPT_FIELD_ORDER:
+                if name not in payload:
+                    raise _RuleError(f"{name}: missing")
         key = self._signer(entry, HOSPITAL)
         study_id = _text(payload, "study_id")
         round_number = _integer(payload, "round", 1, MAX_AMOUNT)
