@@ -173,6 +173,20 @@ class Keyring:
             return
         record = self.signer_record(entry, index)
         self._validate_key_entry(entry, index, record)
+        self._apply_key_entry(entry, index, record)
+
+    def admit(self, entry: EntryFields, index: int) -> bytes:
+        """`check` (without the signature) then `apply`, with one look-up of the signer: the
+        public key the caller must verify the entry's signature with (the signer's key as it
+        was before this entry, e.g. the old key of a `key.rotate`). The verifier's per-entry
+        call; KeyringError (nothing changed) if the entry may not stand at `index`."""
+        record = self.signer_record(entry, index)
+        if entry.kind.startswith("key."):
+            self._validate_key_entry(entry, index, record)
+            self._apply_key_entry(entry, index, record)
+        return record.public_key
+
+    def _apply_key_entry(self, entry: EntryFields, index: int, record: KeyRecord) -> None:
         payload = entry.payload
         if entry.kind == "key.register":
             kid = payload["key_id"]

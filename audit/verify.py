@@ -29,6 +29,7 @@ the leaf hashes let a later run name the exact entry where a forked history depa
 from __future__ import annotations
 
 import binascii
+import gc
 import hashlib
 import json
 import multiprocessing
@@ -43,6 +44,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 import rfc8785
+from nacl.bindings import crypto_sign_open
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
@@ -75,10 +77,14 @@ from audit.untrusted import MAX_INTEGER_DIGITS, DuplicateKeyError, UntrustedJSON
 
 STATE_VERSION = 1
 SIGNATURE_BYTES = 64
+_SIGNATURE_CHARS = 88  # base64 of 64 bytes: 84 characters for 63 bytes, then 2 and "=="
+_PADDING_CHAR = 85  # the last data character, before "=="
 _MAX_SAFE_DIGITS = 15  # every integer of at most 15 digits is inside +-(2**53 - 1)
 _MAX_SAFE_INTEGER = 2**53 - 1
 #: The largest line a log may hold: the store refuses larger entries (audit.store.MAX_ENTRY_BYTES).
 MAX_LINE_BYTES = 1 << 20
+#: Entries between two collections of the young generations while the collector is paused.
+GC_EVERY = 1 << 16
 #: What a check may raise on content it was not written for (hostile input): the entry is then
 #: refused with the exception's text rather than crashing the verifier.
 _CONTENT_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError)
@@ -390,7 +396,10 @@ def decode_signature(text: str) -> bytes:
         raise MalformedEntryError("signature: not valid base64") from exc
     if len(signature) != SIGNATURE_BYTES:
         raise MalformedEntryError(f"signature: must be {SIGNATURE_BYTES} bytes, got {len(signature)}")
-    if binascii.b2a_base64(signature, newline=False) != text.encode("ascii"):
+    # 64 bytes are 88 characters ending in "==" (strict mode refuses other padding); the last
+    # data character holds 4 padding bits, all zero exactly for A, Q, g and w (base64 values
+    # 0, 16, 32, 48): the same test as encoding the bytes again and comparing, without doing so
+    if len(text) != _SIGNATURE_CHARS or text[_PADDING_CHAR] not in "AQgw":
         raise MalformedEntryError("signature: not canonical base64 (non-zero padding bits)")
     return signature
 
@@ -414,13 +423,19 @@ _Check = tuple[int, bytes, bytes, bytes]  # (entry index, public key, signed byt
 
 
 def _check_batch(batch: list[_Check], keys: dict[bytes, VerifyKey]) -> int | None:
-    """The first index in `batch` whose Ed25519 signature does not verify, or None."""
+    """The first index in `batch` whose Ed25519 signature does not verify, or None.
+
+    Each public key is validated once by VerifyKey (cached in `keys`: 32 bytes, or ValueError);
+    each signature is then checked by PyNaCl's public binding of libsodium's crypto_sign_open,
+    the call `VerifyKey.verify` makes after checking the signature is 64 bytes (decode_signature
+    did) and joining signature and message, without that wrapper's Python overhead.
+    """
+    sign_open = crypto_sign_open
     for index, public_key, message, signature in batch:
-        key = keys.get(public_key)
-        if key is None:
-            key = keys[public_key] = VerifyKey(public_key)
+        if public_key not in keys:
+            keys[public_key] = VerifyKey(public_key)
         try:
-            key.verify(message, signature)
+            sign_open(signature + message, public_key)
         except BadSignatureError:
             return index
     return None
@@ -608,6 +623,13 @@ class LogVerifier:
         self._parser = CanonicalParser()
         self._seen = LeafIndex()
         self._sigs = _SignatureChecks(0 if workers is None else workers, batch_size)
+        # bound once: `_feed` runs per entry, and each attribute look-up there counts
+        self._envelope = self._parser.envelope
+        self._admit = self.keyring.admit
+        self._add_signature = self._sigs.add
+        self._seen_add = self._seen.add
+        self._append = self.tree.append
+        self._fold = None if self.ledger is None else self.ledger.apply
 
     @property
     def size(self) -> int:
@@ -646,24 +668,22 @@ class LogVerifier:
         if not raw.endswith(b"\n"):
             raise NotCanonicalError("line does not end with a newline (file truncated?)")
         line = raw[:-1]
-        entry = self._parser.envelope(line)
+        entry = self._envelope(line)
         signature = decode_signature(entry.signature)
         leaf = _sha256(b"\x00" + line).digest()
-        if self._seen.add(leaf):  # the prefix was seen: confirmed against the full hashes
+        if self._seen_add(leaf):  # the prefix was seen: confirmed against the full hashes
             earlier = self.tree.find(leaf)
             if earlier is not None:
                 raise MalformedEntryError(f"duplicate: byte-for-byte the same entry as entry "
                                           f"{earlier} (a replayed entry)")
-        self.keyring.check(entry, index, verify_signature=False)
-        self._sigs.add(index, self.keyring.public_key(entry.key_id),
-                       signing_input_from_line(line, entry), signature)
-        self.keyring.apply(entry, index)
-        if self.ledger is not None:
+        public_key = self._admit(entry, index)
+        self._add_signature(index, public_key, signing_input_from_line(line, entry), signature)
+        if self._fold is not None:
             try:
-                self.ledger.apply(entry, index)
+                self._fold(entry, index)
             except LedgerError as exc:
                 raise _LedgerFailureError(exc.reason) from exc
-        self.tree.append(leaf)
+        self._append(leaf)
         self.kinds[entry.kind] += 1
 
     def finish(self) -> Problem | None:
@@ -773,14 +793,27 @@ def verify_lines(lines: Iterable[bytes], checkpoint_text: bytes | str, trust: Tr
 
     verifier = LogVerifier(trust, workers=workers, with_ledger=with_ledger, batch_size=batch_size)
     read = 0
+    # The cyclic garbage collector's automatic passes are paused while entries are checked:
+    # what a line makes dies with it (no reference cycles), and what lives on (the ledger's
+    # state) grows with the log, so those passes would be pure cost (about 5% of the per-entry
+    # work; docs/benchmarks/audit-verify.md). Reference counting frees as usual, and the young
+    # generations are collected every GC_EVERY entries, so that cycles a source of lines may
+    # leave behind (e.g. an HTTP client's) stay bounded.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         for count, raw in enumerate(lines, start=1):
             if not verifier.feed(raw):
                 break
             read += len(raw)
-            if progress is not None and count % 1024 == 0:
-                progress(read)
+            if count & 1023 == 0:
+                if progress is not None:
+                    progress(read)
+                if collecting and count % GC_EVERY == 0:
+                    gc.collect(1)
     finally:
+        if collecting:
+            gc.enable()
         entry_problem = verifier.finish()
     source_problem = after_entries() if after_entries is not None else None
     if progress is not None:
