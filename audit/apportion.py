@@ -29,22 +29,24 @@ def apportion(total: int, weights: Mapping[Id, int]) -> dict[Id, int]:
     """
     if type(total) is not int or total < 0:
         raise ValueError(f"total: must be an integer >= 0, got {total!r}")
+    whole = 0
     for name, weight in weights.items():
         if type(weight) is not int or weight < 0:
             raise ValueError(f"weights[{name!r}]: must be an integer >= 0, got {weight!r}")
-    whole = sum(weights.values())
+        whole += weight
     if whole == 0:
         if total == 0:
             return dict.fromkeys(weights, 0)
         raise ValueError(f"weights: sum to 0, cannot apportion {total}")
     shares: dict[Id, int] = {}
     remainders: list[tuple[int, Id]] = []
+    left = total
     for name, weight in weights.items():
         quota, remainder = divmod(total * weight, whole)
         shares[name] = quota
+        left -= quota
         if remainder:
             remainders.append((-remainder, name))
-    left = total - sum(shares.values())
     if left:
         remainders.sort()
         for _, name in remainders[:left]:

@@ -237,10 +237,19 @@ class Ledger:
     def claim_pools_json(self) -> list[dict[str, Any]]:
         """Every reward claim pool: what it was opened with, what claims took, what remains
         (their `remaining` sum to `state.unclaimed`). No reward account appears here."""
+        formatted: dict[datetime, str] = {}  # the pools of one payout close at the same instant
+
+        def closes(instant: datetime | None) -> str | None:
+            if instant is None:
+                return None
+            text = formatted.get(instant)
+            if text is None:
+                text = formatted[instant] = _format(instant)
+            return text
+
         return [{"study_id": study_id, "hospital": hospital, "round": round_number, "root": pool.root,
                  "pool": pool.pool, "paid": pool.paid, "claims": len(pool.claimed),
-                 "swept": pool.swept, "remaining": pool.remaining,
-                 "closes": None if pool.closes is None else _format(pool.closes),
+                 "swept": pool.swept, "remaining": pool.remaining, "closes": closes(pool.closes),
                  "sweep_to": pool.sweep_to}
                 for (study_id, hospital, round_number), pool in sorted(self.claim_pools.items())]
 
@@ -402,12 +411,12 @@ class Ledger:
         if study.sweep is not None:
             closes = _time(entry) + timedelta(seconds=study.sweep[0])
             sweep_to = study.sweep[1]
-        for receipt in study.receipts:
-            pool = pools.get((receipt.hospital, receipt.round))
-            if pool is not None and receipt.rewards is not None:
-                self.claim_pools[(study.study_id, receipt.hospital, receipt.round)] = ClaimPool(
-                    str(receipt.rewards["root"]), int(receipt.rewards["size"]), pool,
-                    closes=closes, sweep_to=sweep_to)
+        claim_pools, study_id = self.claim_pools, study.study_id
+        for _, round_number, hospital, _, rewards in study.receipts:
+            pool = pools.get((hospital, round_number))
+            if pool is not None and rewards is not None:
+                claim_pools[(study_id, hospital, round_number)] = ClaimPool(
+                    str(rewards["root"]), int(rewards["size"]), pool, 0, set(), closes, sweep_to)
         study.paid += amount
         study.status = EscrowStatus.CLOSED if study.held == 0 else EscrowStatus.PAID
         # A study is paid out once and takes no receipts after it: forget them, so that a
