@@ -194,6 +194,8 @@ class Ledger:
         if root_key_id is not None:
             self._keys[root_key_id] = _Key(OPERATOR, "operator:root")
         self._applied = 0
+        #: hospital accounts a receipt named that passed `_account` and the reward-prefix check
+        self._hospitals: set[str] = set()
         self._handlers: dict[str, Callable[[EntryFields], None]] = {
             "key.register": self._key_register,
             "key.rotate": self._key_rotate,
@@ -362,14 +364,24 @@ class Ledger:
                 if name not in payload:
                     raise _RuleError(f"{name}: missing")
         key = self._signer(entry, HOSPITAL)
-        study_id = _text(payload, "study_id")
-        round_number = _integer(payload, "round", 1, MAX_AMOUNT)
-        hospital = _account(payload, "hospital")
-        if hospital.startswith(REWARD_PREFIX):
-            raise _RuleError(f"hospital: {hospital!r} is a reward account, not a hospital's")
-        if key.owner != hospital:
-            raise _RuleError(f"hospital: {hospital!r} is not the signing key's owner {key.owner!r}")
-        records_used = _integer(payload, "records_used", 0, MAX_AMOUNT)
+        # Half of a log is receipts: the common case is checked inline, and anything else goes
+        # through the helpers, which name what is wrong (in the same order of checks).
+        study_id, round_number = payload["study_id"], payload["round"]
+        hospital, records_used = payload["hospital"], payload["records_used"]
+        if type(study_id) is not str or not 0 < len(study_id) <= MAX_ID_CHARS:
+            study_id = _text(payload, "study_id")
+        if type(round_number) is not int or not 1 <= round_number <= MAX_AMOUNT:
+            round_number = _integer(payload, "round", 1, MAX_AMOUNT)
+        if hospital not in self._hospitals or key.owner != hospital:
+            hospital = _account(payload, "hospital")
+            if hospital.startswith(REWARD_PREFIX):
+                raise _RuleError(f"hospital: {hospital!r} is a reward account, not a hospital's")
+            if key.owner != hospital:
+                raise _RuleError(f"hospital: {hospital!r} is not the signing key's owner "
+                                 f"{key.owner!r}")
+            self._hospitals.add(hospital)  # at most one per hospital key's owner
+        if type(records_used) is not int or not 0 <= records_used <= MAX_AMOUNT:
+            records_used = _integer(payload, "records_used", 0, MAX_AMOUNT)
         try:
             rewards = check_public(payload["rewards"])
         except ValueError as exc:
