@@ -134,7 +134,9 @@ class ClaimPool:
     size: int
     pool: int
     paid: int = 0
-    claimed: set[str] = field(default_factory=set)
+    #: None until the first claim: an empty set costs 216 bytes, and a long log holds a pool per
+    #: paid receipt for good (docs/benchmarks/audit-verify.md, memory)
+    claimed: set[str] | None = None
     closes: datetime | None = None
     sweep_to: str | None = None
     swept: int = 0
@@ -195,7 +197,7 @@ class Ledger:
             self._keys[root_key_id] = _Key(OPERATOR, "operator:root")
         self._applied = 0
         #: hospital accounts a receipt named that passed `_account` and the reward-prefix check
-        self._hospitals: set[str] = set()
+        self._hospitals: dict[str, str] = {}
         self._handlers: dict[str, Callable[[EntryFields], None]] = {
             "key.register": self._key_register,
             "key.rotate": self._key_rotate,
@@ -250,7 +252,7 @@ class Ledger:
             return text
 
         return [{"study_id": study_id, "hospital": hospital, "round": round_number, "root": pool.root,
-                 "pool": pool.pool, "paid": pool.paid, "claims": len(pool.claimed),
+                 "pool": pool.pool, "paid": pool.paid, "claims": len(pool.claimed or ()),
                  "swept": pool.swept, "remaining": pool.remaining, "closes": closes(pool.closes),
                  "sweep_to": pool.sweep_to}
                 for (study_id, hospital, round_number), pool in sorted(self.claim_pools.items())]
@@ -372,14 +374,17 @@ class Ledger:
             study_id = _text(payload, "study_id")
         if type(round_number) is not int or not 1 <= round_number <= MAX_AMOUNT:
             round_number = _integer(payload, "round", 1, MAX_AMOUNT)
-        if hospital not in self._hospitals or key.owner != hospital:
+        known = self._hospitals.get(hospital)
+        if known is not None and key.owner == known:
+            hospital = known  # one string object per hospital in what the ledger keeps
+        else:
             hospital = _account(payload, "hospital")
             if hospital.startswith(REWARD_PREFIX):
                 raise _RuleError(f"hospital: {hospital!r} is a reward account, not a hospital's")
             if key.owner != hospital:
                 raise _RuleError(f"hospital: {hospital!r} is not the signing key's owner "
                                  f"{key.owner!r}")
-            self._hospitals.add(hospital)  # at most one per hospital key's owner
+            self._hospitals[hospital] = hospital  # at most one per hospital key's owner
         if type(records_used) is not int or not 0 <= records_used <= MAX_AMOUNT:
             records_used = _integer(payload, "records_used", 0, MAX_AMOUNT)
         try:
@@ -428,7 +433,7 @@ class Ledger:
             pool = pools.get((hospital, round_number))
             if pool is not None and rewards is not None:
                 claim_pools[(study_id, hospital, round_number)] = ClaimPool(
-                    str(rewards["root"]), int(rewards["size"]), pool, 0, set(), closes, sweep_to)
+                    str(rewards["root"]), int(rewards["size"]), pool, 0, None, closes, sweep_to)
         study.paid += amount
         study.status = EscrowStatus.CLOSED if study.held == 0 else EscrowStatus.PAID
         # A study is paid out once and takes no receipts after it: forget them, so that a
@@ -476,7 +481,7 @@ class Ledger:
                         proof=payload["proof"])
         except ClaimError as exc:
             raise _RuleError(str(exc)) from None
-        if holder_hex in pool.claimed:
+        if pool.claimed is not None and holder_hex in pool.claimed:
             raise _RuleError("holder: this leaf was already claimed (a leaf is paid once)")
         due = claim_amount(pool.pool, units)
         amount = payload["amount"]
@@ -488,6 +493,8 @@ class Ledger:
         if due:
             self._commit({claim_account(holder_hex): due}, unclaimed=-due)
         pool.paid += due
+        if pool.claimed is None:
+            pool.claimed = set()
         pool.claimed.add(holder_hex)
 
     def _sweep(self, entry: EntryFields) -> None:
