@@ -13,9 +13,10 @@ origin, same size, same root), and with a state file the saved checkpoint must b
 the new one (RFC 9162 consistency proof computed from the rebuilt tree and verified against the
 saved root). Only then is the new checkpoint saved, atomically.
 
-Why it is fast: each line is parsed once with the C JSON parser and checked to be canonical
-with the C encoder (see CanonicalParser for when that equals RFC 8785; other lines go through
-the rfc8785 package), the line bytes are the Merkle leaf input as they are, the signed bytes are
+Why it is fast: each line is parsed once in C (msgspec, straight into an envelope record, no
+`Entry` per line) and checked to be canonical with the C encoder (see CanonicalParser for when
+that equals RFC 8785; other lines go through the rfc8785 package), the line bytes are the
+Merkle leaf input as they are, the signed bytes are
 cut out of the line instead of being re-encoded, and Ed25519 checks run in batches in worker
 processes when asked (`workers`; the `audit` command uses one per spare core, at most two). The
 result is deterministic: the reported problem is always the one at the smallest entry index,
