@@ -167,3 +167,31 @@ def test_the_envelope_fast_path_refuses_what_the_general_path_refuses(line: byte
     with pytest.raises((NotCanonicalError, MalformedEntryError)) as caught:
         CanonicalParser().envelope(line)
     assert reason in str(caught.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=6), values, max_size=5),
+       st.sampled_from(["canonical", "python", "ascii"]))
+def test_the_envelope_path_agrees_with_the_general_path(payload: dict[str, Any], style: str) -> None:
+    """Whatever the payload and its encoding, `envelope` accepts a line exactly when the
+    general path (parse + envelope_from_json) does, with the same fields."""
+    from audit.entry import MalformedEntryError
+    from audit.verify import CanonicalParser, envelope_from_json
+
+    envelope = {"key_id": "k1", "kind": "study.submitted", "payload": payload,
+                "signature": "c2ln", "time": "2026-01-05T08:00:05.887193Z", "v": 1}
+    if style == "canonical":
+        line = rfc8785.dumps(envelope)
+    else:
+        line = json.dumps(envelope, sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=style == "ascii").encode()
+    try:
+        general = envelope_from_json(CanonicalParser().parse(line))
+    except (NotCanonicalError, MalformedEntryError):
+        with pytest.raises((NotCanonicalError, MalformedEntryError)):
+            CanonicalParser().envelope(line)
+        return
+    fast = CanonicalParser().envelope(line)
+    assert (fast.kind, fast.key_id, fast.time, fast.payload, fast.signature, fast.v) == \
+        (general.kind, general.key_id, general.time, general.payload, general.signature, general.v)
+    assert rfc8785.dumps(fast.payload) == rfc8785.dumps(general.payload)
