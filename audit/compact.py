@@ -23,7 +23,9 @@ from audit.merkle import (
     HASH_SIZE,
     NODE_PREFIX,
     consistency_proof,
+    fold_subtrees,
     inclusion_proof,
+    push_frontier,
     root,
 )
 
@@ -55,11 +57,7 @@ class LeafTree:
             raise ValueError(f"leaf hash: must be {HASH_SIZE} bytes, got {len(leaf)}")
         index = self._size
         self._leaves += leaf
-        current, n, frontier = leaf, index, self._frontier
-        while n & 1:
-            current = _sha256(NODE_PREFIX + frontier.pop() + current).digest()
-            n >>= 1
-        frontier.append(current)
+        push_frontier(self._frontier, index, leaf)
         self._size = index + 1
         return index
 
@@ -115,10 +113,7 @@ class LeafTree:
             return root(self, size)
         if not self._frontier:
             return EMPTY_ROOT
-        current = self._frontier[-1]
-        for left in reversed(self._frontier[:-1]):
-            current = _sha256(NODE_PREFIX + left + current).digest()
-        return current
+        return fold_subtrees(self._frontier)
 
     def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
         return inclusion_proof(self, index, self._checked(size))

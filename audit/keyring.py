@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from audit.cosignature import parse_witness_vkey
-from audit.entry import Entry
+from audit.entry import EntryFields, signed_part
 from audit.note import NoteError, Vkey
-from audit.signing import SignatureInvalidError, b64decode, key_id
+from audit.signing import SignatureInvalidError, b64decode, canonical, key_id, verify
 
 ROLES = frozenset({"operator", "coordinator", "hospital", "researcher", "auditor"})
 KEY_KINDS = frozenset({"key.register", "key.revoke", "key.rotate"})
@@ -136,7 +136,7 @@ class Keyring:
                 if r.active and r.witness is not None}
 
     # -- the two operations of the contract ----------------------------------------------
-    def signer_record(self, entry: Entry, index: int) -> KeyRecord:
+    def signer_record(self, entry: EntryFields, index: int) -> KeyRecord:
         """The active record of the entry's signer, or KeyringError saying why there is none."""
         record = self._keys.get(entry.key_id)
         if record is None:
@@ -146,7 +146,7 @@ class Keyring:
                                       f"{record.ended_at} and may sign nothing after it")
         return record
 
-    def check(self, entry: Entry, index: int, *, verify_signature: bool = True) -> None:
+    def check(self, entry: EntryFields, index: int, *, verify_signature: bool = True) -> None:
         """Raise KeyringError unless `entry` may stand at `index` given the state so far.
 
         Checks the signer is registered and active, the signature (unless the caller verified
@@ -156,14 +156,14 @@ class Keyring:
         record = self.signer_record(entry, index)
         if verify_signature:
             try:
-                entry.verify_signature(record.public_key)
+                verify(record.public_key, canonical(signed_part(entry)), b64decode(entry.signature))
             except (SignatureInvalidError, binascii.Error, ValueError) as exc:
                 raise KeyringError(index, f"signature: does not verify with key "
                                           f"{entry.key_id}") from exc
         if entry.kind.startswith("key."):
             self._validate_key_entry(entry, index, record)
 
-    def apply(self, entry: Entry, index: int) -> None:
+    def apply(self, entry: EntryFields, index: int) -> None:
         """Update the key state with `entry` (which `check` accepted). Non-key kinds: no-op.
 
         The payload is validated again (cheap, no signature check) so that a caller that
@@ -173,6 +173,20 @@ class Keyring:
             return
         record = self.signer_record(entry, index)
         self._validate_key_entry(entry, index, record)
+        self._apply_key_entry(entry, index, record)
+
+    def admit(self, entry: EntryFields, index: int) -> bytes:
+        """`check` (without the signature) then `apply`, with one look-up of the signer: the
+        public key the caller must verify the entry's signature with (the signer's key as it
+        was before this entry, e.g. the old key of a `key.rotate`). The verifier's per-entry
+        call; KeyringError (nothing changed) if the entry may not stand at `index`."""
+        record = self.signer_record(entry, index)
+        if entry.kind.startswith("key."):
+            self._validate_key_entry(entry, index, record)
+            self._apply_key_entry(entry, index, record)
+        return record.public_key
+
+    def _apply_key_entry(self, entry: EntryFields, index: int, record: KeyRecord) -> None:
         payload = entry.payload
         if entry.kind == "key.register":
             kid = payload["key_id"]
@@ -215,7 +229,7 @@ class Keyring:
                                           f"entry {other.registered_at}): names and keys are "
                                           f"unique among active witnesses")
 
-    def _validate_key_entry(self, entry: Entry, index: int, signer: KeyRecord) -> None:
+    def _validate_key_entry(self, entry: EntryFields, index: int, signer: KeyRecord) -> None:
         kind, payload = entry.kind, entry.payload
         if kind not in KEY_KINDS:
             raise KeyringError(index, f"kind: unknown key kind {kind!r} "

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from audit.entry import Entry, format_time, parse_time
+from audit.entry import EntryFields, format_time, parse_time
 from audit.reward_commitment import (
     CLAIM_ACCOUNT_PREFIX,
     ClaimError,
@@ -58,6 +58,8 @@ SWEEP_FIELDS = ("study_id", "hospital", "round", "amount", "to")
 #: The longest claim window a study may set (ten years of 365 days), in seconds.
 MAX_CLAIM_WINDOW_S = 10 * 365 * 86_400
 CLAIM_FIELDS = ("study_id", "hospital", "round", "holder", "units", "index", "proof", "amount")
+_RECEIPT_FIELD_ORDER = ("study_id", "round", "hospital", "records_used", "rewards")
+_RECEIPT_FIELDS = frozenset(_RECEIPT_FIELD_ORDER)
 
 
 class LedgerError(Exception):
@@ -132,7 +134,9 @@ class ClaimPool:
     size: int
     pool: int
     paid: int = 0
-    claimed: set[str] = field(default_factory=set)
+    #: None until the first claim: an empty set costs 216 bytes, and a long log holds a pool per
+    #: paid receipt for good (docs/benchmarks/audit-verify.md, memory)
+    claimed: set[str] | None = None
     closes: datetime | None = None
     sweep_to: str | None = None
     swept: int = 0
@@ -192,7 +196,9 @@ class Ledger:
         if root_key_id is not None:
             self._keys[root_key_id] = _Key(OPERATOR, "operator:root")
         self._applied = 0
-        self._handlers: dict[str, Callable[[Entry], None]] = {
+        #: hospital accounts a receipt named that passed `_account` and the reward-prefix check
+        self._hospitals: dict[str, str] = {}
+        self._handlers: dict[str, Callable[[EntryFields], None]] = {
             "key.register": self._key_register,
             "key.rotate": self._key_rotate,
             "token.mint": self._mint,
@@ -206,7 +212,7 @@ class Ledger:
             "study.round": self._round,
         }
 
-    def apply(self, entry: Entry, index: int) -> None:
+    def apply(self, entry: EntryFields, index: int) -> None:
         """Fold one entry. Raise LedgerError(index, reason) and change nothing if it breaks a rule."""
         if self._root is None and self._applied == 0:
             self._root = entry.key_id
@@ -223,7 +229,7 @@ class Ledger:
                 raise LedgerError(index, f"{entry.kind}: {exc}") from None
         self._applied += 1
 
-    def apply_all(self, entries: Iterable[Entry], start: int = 0) -> LedgerState:
+    def apply_all(self, entries: Iterable[EntryFields], start: int = 0) -> LedgerState:
         """Fold entries numbered from `start`; return the state."""
         for offset, entry in enumerate(entries):
             self.apply(entry, start + offset)
@@ -235,10 +241,19 @@ class Ledger:
     def claim_pools_json(self) -> list[dict[str, Any]]:
         """Every reward claim pool: what it was opened with, what claims took, what remains
         (their `remaining` sum to `state.unclaimed`). No reward account appears here."""
+        formatted: dict[datetime, str] = {}  # the pools of one payout close at the same instant
+
+        def closes(instant: datetime | None) -> str | None:
+            if instant is None:
+                return None
+            text = formatted.get(instant)
+            if text is None:
+                text = formatted[instant] = _format(instant)
+            return text
+
         return [{"study_id": study_id, "hospital": hospital, "round": round_number, "root": pool.root,
-                 "pool": pool.pool, "paid": pool.paid, "claims": len(pool.claimed),
-                 "swept": pool.swept, "remaining": pool.remaining,
-                 "closes": None if pool.closes is None else _format(pool.closes),
+                 "pool": pool.pool, "paid": pool.paid, "claims": len(pool.claimed or ()),
+                 "swept": pool.swept, "remaining": pool.remaining, "closes": closes(pool.closes),
                  "sweep_to": pool.sweep_to}
                 for (study_id, hospital, round_number), pool in sorted(self.claim_pools.items())]
 
@@ -275,14 +290,14 @@ class Ledger:
 
     # --- key view (roles and owners; signature checks are the keyring's) ------------------
 
-    def _key_register(self, entry: Entry) -> None:
+    def _key_register(self, entry: EntryFields) -> None:
         payload = entry.payload
         for name in ("key_id", "role", "owner"):
             if not isinstance(payload.get(name), str) or not payload[name]:
                 raise _RuleError(f"{name}: must be a non-empty string")
         self._keys[payload["key_id"]] = _Key(payload["role"], payload["owner"])
 
-    def _key_rotate(self, entry: Entry) -> None:
+    def _key_rotate(self, entry: EntryFields) -> None:
         payload = entry.payload
         for name in ("old_key_id", "new_key_id"):
             if not isinstance(payload.get(name), str) or not payload[name]:
@@ -292,7 +307,7 @@ class Ledger:
             raise _RuleError(f"old_key_id: {payload['old_key_id']!r} is not a registered key")
         self._keys[payload["new_key_id"]] = old
 
-    def _signer(self, entry: Entry, role: str | None = None) -> _Key:
+    def _signer(self, entry: EntryFields, role: str | None = None) -> _Key:
         key = self._keys.get(entry.key_id)
         if key is None:
             raise _RuleError(f"key_id: {entry.key_id!r} is not registered in this log")
@@ -302,7 +317,7 @@ class Ledger:
 
     # --- token kinds -----------------------------------------------------------------------
 
-    def _mint(self, entry: Entry) -> None:
+    def _mint(self, entry: EntryFields) -> None:
         payload = _fields(entry.payload, ("account", "amount"))
         self._signer(entry, OPERATOR)
         account = _account(payload, "account")
@@ -311,7 +326,7 @@ class Ledger:
             raise _RuleError(f"amount: total minted would exceed {MAX_AMOUNT}")
         self._commit({account: amount}, minted=amount)
 
-    def _transfer(self, entry: Entry) -> None:
+    def _transfer(self, entry: EntryFields) -> None:
         payload = _fields(entry.payload, ("from", "to", "amount"))
         source = _account(payload, "from")
         target = _account(payload, "to")
@@ -324,7 +339,7 @@ class Ledger:
         self._need(source, amount, "amount")
         self._commit({source: -amount, target: amount})
 
-    def _escrow(self, entry: Entry) -> None:
+    def _escrow(self, entry: EntryFields) -> None:
         payload = _fields(entry.payload, ("study_id", "account", "amount", "royalty_account",
                                           "royalty_bps", "forward_bps"), optional=("unclaimed",))
         self._signer(entry, COORDINATOR)
@@ -344,20 +359,34 @@ class Ledger:
         self._commit({account: -amount}, escrow=amount)
         self.studies[study_id] = Escrow(study_id, account, amount, terms, sweep=sweep)
 
-    def _receipt(self, entry: Entry) -> None:
+    def _receipt(self, entry: EntryFields) -> None:
         payload = entry.payload
-        for name in ("study_id", "round", "hospital", "records_used", "rewards"):
-            if name not in payload:
-                raise _RuleError(f"{name}: missing")
+        if not payload.keys() >= _RECEIPT_FIELDS:  # the common case in one set operation
+            for name in _RECEIPT_FIELD_ORDER:
+                if name not in payload:
+                    raise _RuleError(f"{name}: missing")
         key = self._signer(entry, HOSPITAL)
-        study_id = _text(payload, "study_id")
-        round_number = _integer(payload, "round", 1, MAX_AMOUNT)
-        hospital = _account(payload, "hospital")
-        if hospital.startswith(REWARD_PREFIX):
-            raise _RuleError(f"hospital: {hospital!r} is a reward account, not a hospital's")
-        if key.owner != hospital:
-            raise _RuleError(f"hospital: {hospital!r} is not the signing key's owner {key.owner!r}")
-        records_used = _integer(payload, "records_used", 0, MAX_AMOUNT)
+        # Half of a log is receipts: the common case is checked inline, and anything else goes
+        # through the helpers, which name what is wrong (in the same order of checks).
+        study_id, round_number = payload["study_id"], payload["round"]
+        hospital, records_used = payload["hospital"], payload["records_used"]
+        if type(study_id) is not str or not 0 < len(study_id) <= MAX_ID_CHARS:
+            study_id = _text(payload, "study_id")
+        if type(round_number) is not int or not 1 <= round_number <= MAX_AMOUNT:
+            round_number = _integer(payload, "round", 1, MAX_AMOUNT)
+        known = self._hospitals.get(hospital)
+        if known is not None and key.owner == known:
+            hospital = known  # one string object per hospital in what the ledger keeps
+        else:
+            hospital = _account(payload, "hospital")
+            if hospital.startswith(REWARD_PREFIX):
+                raise _RuleError(f"hospital: {hospital!r} is a reward account, not a hospital's")
+            if key.owner != hospital:
+                raise _RuleError(f"hospital: {hospital!r} is not the signing key's owner "
+                                 f"{key.owner!r}")
+            self._hospitals[hospital] = hospital  # at most one per hospital key's owner
+        if type(records_used) is not int or not 0 <= records_used <= MAX_AMOUNT:
+            records_used = _integer(payload, "records_used", 0, MAX_AMOUNT)
         try:
             rewards = check_public(payload["rewards"])
         except ValueError as exc:
@@ -372,7 +401,7 @@ class Ledger:
         study.receipts.append(Receipt(study_id, round_number, hospital, records_used, rewards))
         study.receipt_count += 1
 
-    def _payout(self, entry: Entry) -> None:
+    def _payout(self, entry: EntryFields) -> None:
         payload = entry.payload
         for name in ("study_id", "amount"):
             if name not in payload:
@@ -399,12 +428,12 @@ class Ledger:
         if study.sweep is not None:
             closes = _time(entry) + timedelta(seconds=study.sweep[0])
             sweep_to = study.sweep[1]
-        for receipt in study.receipts:
-            pool = pools.get((receipt.hospital, receipt.round))
-            if pool is not None and receipt.rewards is not None:
-                self.claim_pools[(study.study_id, receipt.hospital, receipt.round)] = ClaimPool(
-                    str(receipt.rewards["root"]), int(receipt.rewards["size"]), pool,
-                    closes=closes, sweep_to=sweep_to)
+        claim_pools, study_id = self.claim_pools, study.study_id
+        for _, round_number, hospital, _, rewards in study.receipts:
+            pool = pools.get((hospital, round_number))
+            if pool is not None and rewards is not None:
+                claim_pools[(study_id, hospital, round_number)] = ClaimPool(
+                    str(rewards["root"]), int(rewards["size"]), pool, 0, None, closes, sweep_to)
         study.paid += amount
         study.status = EscrowStatus.CLOSED if study.held == 0 else EscrowStatus.PAID
         # A study is paid out once and takes no receipts after it: forget them, so that a
@@ -413,7 +442,7 @@ class Ledger:
         study.seen = set()
         study.members = {}
 
-    def _round(self, entry: Entry) -> None:
+    def _round(self, entry: EntryFields) -> None:
         """A secure-aggregation round names its aggregate's members (docs/secure-aggregation.md):
         only their receipts of that round pay. Other `study.round` entries move nothing."""
         payload = entry.payload
@@ -431,7 +460,7 @@ class Ledger:
         if study.status is EscrowStatus.OPEN:
             study.members[round_number] = frozenset(members)
 
-    def _claim(self, entry: Entry) -> None:
+    def _claim(self, entry: EntryFields) -> None:
         """A leaf of a receipt's reward commitment, shown with its inclusion proof, is paid its
         share of that receipt's claim pool once, into the account named by its holder."""
         payload = _fields(entry.payload, CLAIM_FIELDS)
@@ -452,7 +481,7 @@ class Ledger:
                         proof=payload["proof"])
         except ClaimError as exc:
             raise _RuleError(str(exc)) from None
-        if holder_hex in pool.claimed:
+        if pool.claimed is not None and holder_hex in pool.claimed:
             raise _RuleError("holder: this leaf was already claimed (a leaf is paid once)")
         due = claim_amount(pool.pool, units)
         amount = payload["amount"]
@@ -464,9 +493,11 @@ class Ledger:
         if due:
             self._commit({claim_account(holder_hex): due}, unclaimed=-due)
         pool.paid += due
+        if pool.claimed is None:
+            pool.claimed = set()
         pool.claimed.add(holder_hex)
 
-    def _sweep(self, entry: Entry) -> None:
+    def _sweep(self, entry: EntryFields) -> None:
         """After a claim pool's window has closed, what no claim took goes, once and whole, to
         the account the study's escrow named; claims of that pool are refused from then on."""
         payload = _fields(entry.payload, SWEEP_FIELDS)
@@ -495,7 +526,7 @@ class Ledger:
         self._commit({target: amount}, unclaimed=-amount)
         pool.swept = amount
 
-    def _refund(self, entry: Entry) -> None:
+    def _refund(self, entry: EntryFields) -> None:
         payload = _fields(entry.payload, ("study_id", "account", "amount"))
         self._signer(entry, COORDINATOR)
         study = self._study(_text(payload, "study_id"))
@@ -616,7 +647,7 @@ def _sweep_terms(value: Any) -> tuple[int, str]:
     return window, target
 
 
-def _time(entry: Entry) -> datetime:
+def _time(entry: EntryFields) -> datetime:
     try:
         return parse_time(entry.time)
     except ValueError as exc:

@@ -72,6 +72,27 @@ def _largest_power_of_two_below(n: int) -> int:
     return 1 << ((n - 1).bit_length() - 1)
 
 
+def fold_subtrees(parts: Sequence[bytes]) -> bytes:
+    """MTH of the leaves under complete subtrees laid out left to right, largest first (a
+    compact range from a power-of-two boundary, or a tree's right frontier): folded from the
+    right, as RFC 6962's recursion splits them. `parts` must not be empty."""
+    result = parts[-1]
+    for part in reversed(parts[:-1]):
+        result = _sha256(NODE_PREFIX + part + result).digest()
+    return result
+
+
+def push_frontier(frontier: list[bytes], index: int, leaf: bytes) -> None:
+    """Append leaf hash `leaf` at `index` (the size before it) to `frontier`, the roots of the
+    complete subtrees of the first `index` leaves, largest first: merge while the new leaf
+    completes a subtree (one merge per trailing 1 bit of `index`, amortized O(1))."""
+    current, n = leaf, index
+    while n & 1:
+        current = _sha256(NODE_PREFIX + frontier.pop() + current).digest()
+        n >>= 1
+    frontier.append(current)
+
+
 def _range_hash(source: NodeSource, start: int, end: int) -> bytes:
     """MTH(D[start:end]) for a range that RFC 6962's recursion produces.
 
@@ -87,10 +108,7 @@ def _range_hash(source: NodeSource, start: int, end: int) -> bytes:
         parts.append(source.node(level, position >> level))
         position += 1 << level
         remaining -= 1 << level
-    result = parts[-1]
-    for part in reversed(parts[:-1]):
-        result = node_hash(part, result)
-    return result
+    return fold_subtrees(parts)
 
 
 def root(source: NodeSource, size: int) -> bytes:

@@ -149,7 +149,7 @@ def commit(weights: Mapping[str, int], *, minimum_size: int = DEFAULT_SIZE) -> C
 
 def check_public(value: object, name: str = "rewards") -> dict[str, object]:
     """Validate a receipt's `rewards` object {"root": 64 hex, "size": power of two >= MIN_SIZE}."""
-    if not isinstance(value, dict) or set(value) != {"root", "size"}:
+    if not isinstance(value, dict) or len(value) != 2 or "root" not in value or "size" not in value:
         raise ValueError(f"{name}: must be an object with exactly 'root' and 'size'")
     root, size = value["root"], value["size"]
     if not isinstance(root, str) or not _HEX64.fullmatch(root):

@@ -13,9 +13,10 @@ origin, same size, same root), and with a state file the saved checkpoint must b
 the new one (RFC 9162 consistency proof computed from the rebuilt tree and verified against the
 saved root). Only then is the new checkpoint saved, atomically.
 
-Why it is fast: each line is parsed once with the C JSON parser and checked to be canonical
-with the C encoder (see CanonicalParser for when that equals RFC 8785; other lines go through
-the rfc8785 package), the line bytes are the Merkle leaf input as they are, the signed bytes are
+Why it is fast: each line is parsed once in C (msgspec, straight into an envelope record, no
+`Entry` per line) and checked to be canonical with the C encoder (see CanonicalParser for when
+that equals RFC 8785; other lines go through the rfc8785 package), the line bytes are the
+Merkle leaf input as they are, the signed bytes are
 cut out of the line instead of being re-encoded, and Ed25519 checks run in batches in worker
 processes when asked (`workers`; the `audit` command uses one per spare core, at most two). The
 result is deterministic: the reported problem is always the one at the smallest entry index,
@@ -29,29 +30,37 @@ the leaf hashes let a later run name the exact entry where a forked history depa
 from __future__ import annotations
 
 import binascii
+import gc
 import hashlib
 import json
 import multiprocessing
 import multiprocessing.context
 import os
-import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import rfc8785
+from nacl.bindings import crypto_sign_open
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
 from audit.checkpoint import Checkpoint, CheckpointError, verify_checkpoint
 from audit.compact import LeafIndex, LeafTree
 from audit.cosignature import CosignatureReport, check_cosignatures
-from audit.entry import ENVELOPE_FIELDS, ENVELOPE_VERSION, Entry, MalformedEntryError, parse_time
+from audit.entry import (
+    ENVELOPE_FIELDS,
+    ENVELOPE_VERSION,
+    Entry,
+    EntryFields,
+    MalformedEntryError,
+    parse_time,
+    signed_part,
+)
 from audit.export import (
     ExportError,
     ExportPaths,
@@ -69,10 +78,14 @@ from audit.untrusted import MAX_INTEGER_DIGITS, DuplicateKeyError, UntrustedJSON
 
 STATE_VERSION = 1
 SIGNATURE_BYTES = 64
-_TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
+_SIGNATURE_CHARS = 88  # base64 of 64 bytes: 84 characters for 63 bytes, then 2 and "=="
+_PADDING_CHAR = 85  # the last data character, before "=="
 _MAX_SAFE_DIGITS = 15  # every integer of at most 15 digits is inside +-(2**53 - 1)
+_MAX_SAFE_INTEGER = 2**53 - 1
 #: The largest line a log may hold: the store refuses larger entries (audit.store.MAX_ENTRY_BYTES).
 MAX_LINE_BYTES = 1 << 20
+#: Entries between two collections of the young generations while the collector is paused.
+GC_EVERY = 1 << 16
 #: What a check may raise on content it was not written for (hostile input): the entry is then
 #: refused with the exception's text rather than crashing the verifier.
 _CONTENT_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError)
@@ -86,6 +99,24 @@ _PLAIN_ENCODE = msgspec.json.Encoder(order="sorted").encode
 _DIGIT_MAP = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
 _LONG_DIGIT_RUN = b"0" * 16
 _NOT_PLAIN = object()
+_NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class _Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A log line's envelope as the fast path decodes it (an `EntryFields`, not an `Entry`).
+
+    msgspec checks in C what `envelope_from_json` checks in Python: exactly these six members,
+    the four strings non-empty, an object payload, `v` the integer 1 (not 1.0, not true). The
+    fields are declared in RFC 8785 order (ASCII names, sorted), so the struct encodes back to
+    the canonical line. A line this refuses goes the general way, which names the reason.
+    """
+
+    key_id: _NonEmpty
+    kind: _NonEmpty
+    payload: dict[str, Any]
+    signature: _NonEmpty
+    time: _NonEmpty
+    v: Literal[1]
 
 
 @dataclass(frozen=True)
@@ -141,7 +172,9 @@ class CanonicalParser:
     def __init__(self) -> None:
         self._unsafe = False
         self._plain_unsafe = False
+        self._plain_raw = False
         self._plain_decode = msgspec.json.Decoder(float_hook=self._plain_float).decode
+        self._envelope_decode = msgspec.json.Decoder(_Envelope, float_hook=self._plain_float).decode
         self._decode = json.JSONDecoder(parse_float=self._float, parse_int=self._int,
                                         parse_constant=self._constant).decode
 
@@ -175,31 +208,85 @@ class CanonicalParser:
         except RecursionError as exc:  # the C parser and encoders stop at the recursion limit
             raise NotCanonicalError("nested too deeply for the JSON parser") from exc
 
-    def _plain_float(self, token: str) -> float:
+    def _plain_float(self, token: str) -> float | msgspec.Raw:
+        """A float of the plain path. Safe as `_float` says: the float itself. Otherwise, if the
+        token is exactly how RFC 8785 prints its value (ECMAScript's number format, which the
+        rfc8785 package implements: "0.00001", "1e-7", "1e+21", where Python prints 1e-05,
+        1e-07, 1e+21), a msgspec.Raw of the token, which the encoder writes back verbatim, so
+        the comparison with the line still checks everything around it; the caller turns it
+        back into the float (`_restore_floats`). Anything else makes the line not plain."""
         value = float(token)
         if "e" in token or "E" in token or token.endswith(".0") or repr(value) != token:
-            self._plain_unsafe = True
+            try:
+                canonical_token = rfc8785.dumps(value)
+            except (rfc8785.CanonicalizationError, ValueError):  # inf (an overflowing token)
+                canonical_token = b""
+            if canonical_token != token.encode():
+                self._plain_unsafe = True
+                return value
+            self._plain_raw = True
+            return msgspec.Raw(canonical_token)
         return value
 
     def _parse_plain(self, line: bytes) -> Any:
         """The common line, checked by msgspec's C decoder and sorted-key encoder (about half
         the cost of the json module's): ASCII, no backslash (so no string escape, where
-        encoders differ), no run of 16 digits or more (an integer may be out of range), every
-        float safe (as `_float`).
+        encoders differ), every float canonical (`_plain_float`), every integer inside
+        +-(2**53 - 1) (RFC 8785's range; looked for only in a line with a run of 16 digits).
         Such a line is canonical exactly when msgspec encodes its value back to the same
         bytes: with no escapes and ASCII keys, RFC 8785's encoding is that one. Anything else,
         including every line that is not canonical, returns _NOT_PLAIN and takes the general
         path, which names the reason."""
-        if not line.isascii() or b"\\" in line or _LONG_DIGIT_RUN in line.translate(_DIGIT_MAP):
+        if not line.isascii() or b"\\" in line:
             return _NOT_PLAIN
-        self._plain_unsafe = False
+        self._plain_unsafe = self._plain_raw = False
         try:
             value = self._plain_decode(line)
         except (msgspec.DecodeError, ValueError, RecursionError):
             return _NOT_PLAIN
+        return self._plain_checked(line, value, value)
+
+    def _plain_checked(self, line: bytes, value: Any, content: Any) -> Any:
+        """`value` (decoded from `line` on the plain path; `content` the part of it that may hold
+        numbers) if it encodes back to `line` with only safe numbers, else _NOT_PLAIN."""
         if self._plain_unsafe or _PLAIN_ENCODE(value) != line:
             return _NOT_PLAIN
+        try:
+            if _LONG_DIGIT_RUN in line.translate(_DIGIT_MAP) and _has_unsafe_integer(content):
+                return _NOT_PLAIN
+            if self._plain_raw:
+                restored = _restore_floats(content)
+                if content is value:
+                    return restored
+        except RecursionError:
+            return _NOT_PLAIN
         return value
+
+    def envelope(self, line: bytes) -> EntryFields:
+        """The envelope of one line (without its newline): canonical and well-formed, else
+        NotCanonicalError or MalformedEntryError saying why (the rules of `parse` and
+        `envelope_from_json`).
+
+        Fast path: msgspec decodes a plain line (as `_parse_plain`) straight into an `_Envelope`,
+        checking the envelope's shape in C; no `Entry` is built. Other lines, and every line
+        the fast path refuses, go through `parse` and `envelope_from_json`."""
+        envelope = self._envelope_plain(line)
+        if envelope is None:
+            return envelope_from_json(self.parse(line))
+        _check_time(envelope.time)
+        return envelope
+
+    def _envelope_plain(self, line: bytes) -> _Envelope | None:
+        if not line.isascii() or b"\\" in line:
+            return None
+        self._plain_unsafe = self._plain_raw = False
+        try:
+            envelope = self._envelope_decode(line)
+        except (msgspec.DecodeError, ValueError, RecursionError):
+            return None
+        if self._plain_checked(line, envelope, envelope.payload) is _NOT_PLAIN:
+            return None
+        return envelope
 
     def _parse(self, line: bytes) -> Any:
         try:
@@ -226,6 +313,33 @@ class CanonicalParser:
         return obj
 
 
+def _has_unsafe_integer(value: Any) -> bool:
+    """Whether a decoded value holds an integer outside +-(2**53 - 1), which RFC 8785 refuses."""
+    if type(value) is int:
+        return not -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER
+    if type(value) is dict:
+        return any(_has_unsafe_integer(item) for item in value.values())
+    if type(value) is list:
+        return any(_has_unsafe_integer(item) for item in value)
+    return False
+
+
+def _restore_floats(value: Any) -> Any:
+    """`value` with every msgspec.Raw number of the plain path turned back into its float
+    (containers changed in place)."""
+    if type(value) is msgspec.Raw:
+        return float(bytes(value))
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(item) in (msgspec.Raw, dict, list):
+                value[key] = _restore_floats(item)
+    elif type(value) is list:
+        for position, item in enumerate(value):
+            if type(item) in (msgspec.Raw, dict, list):
+                value[position] = _restore_floats(item)
+    return value
+
+
 def _not_canonical(line: bytes) -> str:
     """Why a line that parsed is not canonical: named when it repeats a key (which JSON parsers
     resolve differently), else the general reason. Only runs for a refused line."""
@@ -244,13 +358,7 @@ def parse_canonical_line(line: bytes) -> Any:
 
 
 def _check_time(text: str) -> None:
-    if _TIME_RE.fullmatch(text):
-        try:
-            datetime.fromisoformat(text)
-            return
-        except ValueError:
-            pass
-    parse_time(text)  # the authoritative rule; raises MalformedEntryError with the reason
+    parse_time(text)  # raises MalformedEntryError with the reason
 
 
 def envelope_from_json(obj: Any) -> Entry:
@@ -289,12 +397,15 @@ def decode_signature(text: str) -> bytes:
         raise MalformedEntryError("signature: not valid base64") from exc
     if len(signature) != SIGNATURE_BYTES:
         raise MalformedEntryError(f"signature: must be {SIGNATURE_BYTES} bytes, got {len(signature)}")
-    if binascii.b2a_base64(signature, newline=False) != text.encode("ascii"):
+    # 64 bytes are 88 characters ending in "==" (strict mode refuses other padding); the last
+    # data character holds 4 padding bits, all zero exactly for A, Q, g and w (base64 values
+    # 0, 16, 32, 48): the same test as encoding the bytes again and comparing, without doing so
+    if len(text) != _SIGNATURE_CHARS or text[_PADDING_CHAR] not in "AQgw":
         raise MalformedEntryError("signature: not canonical base64 (non-zero padding bits)")
     return signature
 
 
-def signing_input_from_line(line: bytes, entry: Entry) -> bytes:
+def signing_input_from_line(line: bytes, entry: EntryFields) -> bytes:
     """The signed bytes (canonical envelope without "signature"), cut out of the canonical line.
 
     In RFC 8785 order the top-level members are key_id, kind, payload, signature, time, v, so a
@@ -302,24 +413,30 @@ def signing_input_from_line(line: bytes, entry: Entry) -> bytes:
     gives exactly the canonical encoding of the rest. The signature is base64 (already decoded by
     the caller) and the time is validated, so neither needs escaping and the suffix is exact.
     """
-    suffix = b',"time":"' + entry.time.encode() + b'","v":1}'
-    member = b',"signature":"' + entry.signature.encode() + b'"'
-    if line.endswith(member + suffix):
-        return line[:len(line) - len(member) - len(suffix)] + suffix
-    return canonical(entry.signed_part())
+    signature = entry.signature.encode()
+    tail = b',"signature":"' + signature + b'","time":"' + entry.time.encode() + b'","v":1}'
+    if line.endswith(tail):  # what follows the signature: `,"time":"T","v":1}`
+        return line[:len(line) - len(tail)] + tail[len(signature) + 15:]
+    return canonical(signed_part(entry))
 
 
 _Check = tuple[int, bytes, bytes, bytes]  # (entry index, public key, signed bytes, signature)
 
 
 def _check_batch(batch: list[_Check], keys: dict[bytes, VerifyKey]) -> int | None:
-    """The first index in `batch` whose Ed25519 signature does not verify, or None."""
+    """The first index in `batch` whose Ed25519 signature does not verify, or None.
+
+    Each public key is validated once by VerifyKey (cached in `keys`: 32 bytes, or ValueError);
+    each signature is then checked by PyNaCl's public binding of libsodium's crypto_sign_open,
+    the call `VerifyKey.verify` makes after checking the signature is 64 bytes (decode_signature
+    did) and joining signature and message, without that wrapper's Python overhead.
+    """
+    sign_open = crypto_sign_open
     for index, public_key, message, signature in batch:
-        key = keys.get(public_key)
-        if key is None:
-            key = keys[public_key] = VerifyKey(public_key)
+        if public_key not in keys:
+            keys[public_key] = VerifyKey(public_key)
         try:
-            key.verify(message, signature)
+            sign_open(signature + message, public_key)
         except BadSignatureError:
             return index
     return None
@@ -507,6 +624,13 @@ class LogVerifier:
         self._parser = CanonicalParser()
         self._seen = LeafIndex()
         self._sigs = _SignatureChecks(0 if workers is None else workers, batch_size)
+        # bound once: `_feed` runs per entry, and each attribute look-up there counts
+        self._envelope = self._parser.envelope
+        self._admit = self.keyring.admit
+        self._add_signature = self._sigs.add
+        self._seen_add = self._seen.add
+        self._append = self.tree.append
+        self._fold = None if self.ledger is None else self.ledger.apply
 
     @property
     def size(self) -> int:
@@ -545,25 +669,22 @@ class LogVerifier:
         if not raw.endswith(b"\n"):
             raise NotCanonicalError("line does not end with a newline (file truncated?)")
         line = raw[:-1]
-        obj = self._parser.parse(line)
-        entry = envelope_from_json(obj)
+        entry = self._envelope(line)
         signature = decode_signature(entry.signature)
         leaf = _sha256(b"\x00" + line).digest()
-        if self._seen.add(leaf):  # the prefix was seen: confirmed against the full hashes
+        if self._seen_add(leaf):  # the prefix was seen: confirmed against the full hashes
             earlier = self.tree.find(leaf)
             if earlier is not None:
                 raise MalformedEntryError(f"duplicate: byte-for-byte the same entry as entry "
                                           f"{earlier} (a replayed entry)")
-        self.keyring.check(entry, index, verify_signature=False)
-        self._sigs.add(index, self.keyring.public_key(entry.key_id),
-                       signing_input_from_line(line, entry), signature)
-        self.keyring.apply(entry, index)
-        if self.ledger is not None:
+        public_key = self._admit(entry, index)
+        self._add_signature(index, public_key, signing_input_from_line(line, entry), signature)
+        if self._fold is not None:
             try:
-                self.ledger.apply(entry, index)
+                self._fold(entry, index)
             except LedgerError as exc:
                 raise _LedgerFailureError(exc.reason) from exc
-        self.tree.append(leaf)
+        self._append(leaf)
         self.kinds[entry.kind] += 1
 
     def finish(self) -> Problem | None:
@@ -673,14 +794,27 @@ def verify_lines(lines: Iterable[bytes], checkpoint_text: bytes | str, trust: Tr
 
     verifier = LogVerifier(trust, workers=workers, with_ledger=with_ledger, batch_size=batch_size)
     read = 0
+    # The cyclic garbage collector's automatic passes are paused while entries are checked:
+    # what a line makes dies with it (no reference cycles), and what lives on (the ledger's
+    # state) grows with the log, so those passes would be pure cost (about 5% of the per-entry
+    # work; docs/benchmarks/audit-verify.md). Reference counting frees as usual, and the young
+    # generations are collected every GC_EVERY entries, so that cycles a source of lines may
+    # leave behind (e.g. an HTTP client's) stay bounded.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         for count, raw in enumerate(lines, start=1):
             if not verifier.feed(raw):
                 break
             read += len(raw)
-            if progress is not None and count % 1024 == 0:
-                progress(read)
+            if count & 1023 == 0:
+                if progress is not None:
+                    progress(read)
+                if collecting and count % GC_EVERY == 0:
+                    gc.collect(1)
     finally:
+        if collecting:
+            gc.enable()
         entry_problem = verifier.finish()
     source_problem = after_entries() if after_entries is not None else None
     if progress is not None:

@@ -29,11 +29,15 @@ from hypothesis import strategies as st
 
 from audit.cli import app
 from audit.generate import GeneratedLog, generate_log
-from audit.verify import MAX_LINE_BYTES
 from tests.conftest import REPO_ROOT
+from tests.hostile import (
+    hostile_chars,
+    hostile_documents,
+    hostile_values,
+    printable_output,
+)
 
 ENTRIES = 6
-BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 #: The folder fixture hands out fresh copies per example, so a function-scoped fixture is fine.
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                       HealthCheck.function_scoped_fixture])
@@ -78,32 +82,11 @@ def invoke(*args: str) -> Result:
         f"{args[0]} raised {type(result.exception).__name__}: {result.exception}")
     assert "Traceback" not in output
     # whatever hostile text a refusal quotes comes out printable
-    assert all(ch == "\n" or (ch.isprintable() and ch not in BIDI) for ch in output), ascii(output[:500])
+    assert printable_output(output), ascii(output[:500])
     return result
 
 
 # -- strategies ------------------------------------------------------------------------------------
-
-def _deep(depth: int, kind: str) -> str:
-    return "[" * depth + "]" * depth if kind == "array" else '{"a":' * depth + "0" + "}" * depth
-
-
-deep_values = st.builds(_deep, st.one_of(st.integers(200, 2_000), st.integers(2_000, 200_000)),
-                        st.sampled_from(["array", "object"]))
-huge_numbers = st.one_of(
-    st.builds(lambda sign, n: sign + "9" * n, st.sampled_from(["", "-"]), st.integers(16, 12_000)),
-    st.builds(lambda n: "1" + "0" * n + ".5", st.integers(300, 6_000)),
-    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e400", "1E+99999", "2e-99999"]))
-hostile_chars = st.one_of(st.characters(categories=["Cc", "Cf", "Co"]), st.sampled_from(list(BIDI)))
-hostile_strings = st.one_of(
-    st.builds(lambda s: json.dumps(s, ensure_ascii=False), st.text(hostile_chars, min_size=1, max_size=8)),
-    st.builds(lambda s: '"' + s + '"', st.text(hostile_chars, min_size=1, max_size=8)),  # raw controls
-    st.builds(lambda n: f'"x\\u{n:04x}y"', st.integers(0xD800, 0xDFFF)),  # lone surrogate
-    st.builds(lambda n: f'{{"\\u{n:04x}":1}}', st.integers(0xD800, 0xDFFF)))
-duplicate_keys = st.builds(lambda k, a, b: f'{{"{k}":{a},"{k}":{b}}}', st.sampled_from(["a", "v", "kind"]),
-                           st.integers(0, 9), st.integers(0, 9))
-hostile_values = st.one_of(deep_values, huge_numbers, hostile_strings, duplicate_keys,
-                           st.just('"' + "a" * (MAX_LINE_BYTES + 10) + '"'))
 
 
 @st.composite
@@ -200,26 +183,6 @@ def test_prove_and_consistency_refuse_hostile_entries(log: GeneratedLog, folder:
 
 
 # -- trust.json, checkpoint, state and --from files ---------------------------------------------------
-
-
-def hostile_documents(valid: dict[str, Any]) -> st.SearchStrategy[bytes]:
-    """JSON documents (and non-documents) that no reader may accept: hostile values in place of
-    the whole document or of one field, duplicated fields, invalid UTF-8, truncation."""
-    text = json.dumps(valid, separators=(",", ":"))
-
-    def field_replaced(key: str, value: str) -> bytes:
-        return text.replace(json.dumps(valid[key]), value, 1).encode("utf-8", "surrogatepass")
-
-    return st.one_of(
-        hostile_values.map(lambda value: value.encode("utf-8", "surrogatepass")),
-        st.builds(field_replaced, st.sampled_from(sorted(valid)),
-                  st.one_of(deep_values, huge_numbers, hostile_strings, st.just("[]"), st.just("{}")))
-        .filter(lambda document: document != text.encode()),  # "[]" for an empty list is no change
-        st.builds(lambda key: (text[:-1] + f',"{key}":{json.dumps(valid[key])}}}').encode(),
-                  st.sampled_from(sorted(valid))),  # the same field twice
-        st.builds(lambda at: text.encode()[:at] + b"\xff" + text.encode()[at:], st.integers(0, len(text))),
-        st.builds(lambda at: text.encode()[:at], st.integers(0, len(text) - 1)),
-        st.binary(max_size=200))
 
 
 @settings(FUZZ, max_examples=35)
@@ -341,10 +304,10 @@ def test_a_check_that_cannot_cope_still_names_the_entry(folder: Callable[[], Pat
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The last line of defence: an exception a check was not written for (here forced) becomes a
     refusal of that entry, not a traceback."""
-    def broken(obj: Any) -> Any:
+    def broken(text: str) -> None:
         raise TypeError("unexpected \x1b[2J content")
 
-    monkeypatch.setattr("audit.verify.envelope_from_json", broken)
+    monkeypatch.setattr("audit.verify._check_time", broken)  # on every line's path
     result = invoke("verify", str(folder()))
     assert result.exit_code == 1
     assert result.stdout == "INVALID entry 0: cannot be checked (TypeError: unexpected \\x1b[2J content)\n"

@@ -176,6 +176,28 @@ def test_receipt_rules() -> None:
     assert "must be signed by a hospital key" in refused(world, ledger, by_coordinator)
 
 
+@pytest.mark.parametrize(("name", "value", "reason"), [
+    ("study_id", "", "study_id: must be a non-empty string"),
+    ("study_id", "s" * 201, "study_id: must be a non-empty string"),
+    ("study_id", 7, "study_id: must be a non-empty string"),
+    ("round", True, "round: must be an integer in [1,"),
+    ("round", 2.0, "round: must be an integer in [1,"),
+    ("hospital", "reward:p1", "hospital: 'reward:p1' is a reward account"),
+    ("hospital", "hospital a", "hospital: 'hospital a' is not an account"),
+    ("records_used", -1, "records_used: must be an integer in [0,"),
+    ("records_used", False, "records_used: must be an integer in [0,"),
+    ("records_used", 1.5, "records_used: must be an integer in [0,"),
+])
+def test_receipt_fields_checked_inline_are_named(name: str, value: Any, reason: str) -> None:
+    """The receipt's common case is checked inline; every other value is still refused by name
+    (also for a hospital account the ledger has seen before)."""
+    world, ledger = setup()
+    payload = {"study_id": "s-1", "round": 2, "hospital": "hospital:a", "records_used": 5,
+               "rewards": {"root": "0" * 64, "size": 8}, name: value}
+    assert reason in refused(world, ledger, world.sign(world.keys["hospital:a"], "round.receipt",
+                                                       payload))
+
+
 # --- payout ---------------------------------------------------------------------------------
 
 def test_payout_checked_field_by_field() -> None:

@@ -164,3 +164,22 @@ def test_a_remembered_signature_on_other_bytes_is_refused(engine: Engine) -> Non
             log.append(claimed)
         assert log.append(genuine) == 2
         assert base64.b64decode(genuine.signature)  # a real signature, accepted once
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_padding_test_is_the_re_encoding_test(seed: int) -> None:
+    """decode_signature's check of the last data character accepts exactly the base64 texts
+    that are the encoding of their own bytes, whatever that character is."""
+    import binascii
+    import random
+
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    text = base64.b64encode(random.Random(seed).randbytes(64)).decode()
+    for char in alphabet:
+        variant = text[:85] + char + "=="
+        raw = base64.b64decode(variant, validate=True)
+        if binascii.b2a_base64(raw, newline=False).decode() == variant:
+            assert decode_signature(variant) == raw
+        else:
+            with pytest.raises(MalformedEntryError, match="canonical"):
+                decode_signature(variant)

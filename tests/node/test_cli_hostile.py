@@ -35,7 +35,7 @@ from exchange.cli import app as exchange_app
 from exchange.node.models import ConsentContractRow, ImportBatch, Record
 from exchange.node.store import NodeStore
 from exchange.text_safety import text_problem
-from tests.audit.test_cli_hostile import (
+from tests.hostile import (
     BIDI,
     deep_values,
     duplicate_keys,
@@ -43,6 +43,7 @@ from tests.audit.test_cli_hostile import (
     hostile_strings,
     hostile_values,
     huge_numbers,
+    printable_output,
 )
 
 FUZZ = settings(deadline=None, derandomize=True, database=None,
@@ -90,7 +91,7 @@ def invoke(command: Any, *args: str) -> Result:
     assert result.exception is None or isinstance(result.exception, SystemExit), (
         f"{args[:2]} raised {type(result.exception).__name__}: {str(result.exception)[:300]}")
     assert "Traceback" not in output
-    assert all(ch == "\n" or (ch.isprintable() and ch not in BIDI) for ch in output), ascii(output[:500])
+    assert printable_output(output), ascii(output[:500])
     return result
 
 
