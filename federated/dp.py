@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -114,10 +115,46 @@ def public_initial_state(template: Template | str, columns: Sequence[str], task:
     PUBLIC reference sample's pre-training half when the study's columns have one
     (`federated.data.public_reference`). Public data costs no privacy, and starting DP-SGD from
     a model that is already good means the noisy steps refine rather than search
-    (docs/benchmarks/federated-dp.md: it is what carries the utility targets on every split)."""
+    (docs/benchmarks/federated-dp.md: it is what carries the utility targets on every split).
+
+    Deterministic in its arguments and public, so kept (a copy is returned): a study computed
+    ahead (`warm_public_state`, while the hospitals decide) starts without it."""
+    tpl = get_template(template) if isinstance(template, str) else template
+    key = (tpl, tuple(columns), task, int(seed), n_classes)
+    with _initial_lock:
+        cached = _initial_states.get(key)
+    if cached is None:
+        cached = _public_initial_state(tpl, columns, task, seed, n_classes)
+        cached.setflags(write=False)
+        with _initial_lock:
+            _initial_states[key] = cached
+            while len(_initial_states) > 32:
+                _initial_states.pop(next(iter(_initial_states)))
+    return cached.copy()
+
+
+_initial_lock = threading.Lock()
+_initial_states: dict[tuple[object, ...], np.ndarray] = {}
+
+
+def warm_public_state() -> None:
+    """Import what a study's ServerApp set-up needs (torch, scikit-survival, the public
+    reference samples of the shipped data sets) so the first study's first round does not wait
+    for it; meant for a background thread of a long-lived process (the coordinator's runner)."""
+    from federated.clinical_data import SURVIVAL_DATASETS, public_survival_reference, survival_feature_specs
+    from federated.data import DATASETS, feature_specs, public_reference
+
+    for dataset in SURVIVAL_DATASETS:
+        public_survival_reference([s.name for s in survival_feature_specs(dataset)], "pretrain")
+    tasks = {"breast_cancer": "binary", "diabetes": "regression"}
+    for dataset in DATASETS:
+        public_reference([s.name for s in feature_specs(dataset)], tasks.get(dataset, "binary"), "pretrain")
+
+
+def _public_initial_state(tpl: Template, columns: Sequence[str], task: str, seed: int,
+                          n_classes: int | None) -> np.ndarray:
     from federated.data import public_reference
 
-    tpl = get_template(template) if isinstance(template, str) else template
     if tpl.task == "survival":
         from federated.clinical_data import public_survival_reference
 
