@@ -371,6 +371,11 @@ class NodeDaemon:
         self.store.set_state("daemon", {"state": "running", "started_at": datetime.now(UTC).isoformat()})
         log.info("node_started", hospital_id=self.settings.hospital_id, health=f"{host!s}:{port}",
                  start=restarts, key_id=self.ctx.signer.key_id)
+        from federated.runtime.process_limits import limit_threads, trim
+
+        # few malloc arenas, and what a step freed back to the OS: the daemon is one of a
+        # hospital's processes and should hold what it uses, not its peak (docs/benchmarks/scale.md)
+        limit_threads()
         witness_thread = self.witnessing.start() if self.witnessing is not None else None
         try:
             while not self.stop_event.is_set():
@@ -379,6 +384,7 @@ class NodeDaemon:
                     self.step()
                 except Exception as exc:  # one bad step must not end the daemon
                     self._error("daemon", exc)
+                trim()
                 self._update_health(status="ok", last_step_at=datetime.now(UTC).isoformat(),
                                     children=self.supervisor.snapshot(),
                                     active_studies=self.active_studies())

@@ -221,6 +221,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--no-secagg", action="store_true", help="plain rounds only")
     parser.add_argument("--quick", action="store_true", help="3 hospitals, 3 rounds, plain only")
+    parser.add_argument("--json", type=Path, help="also write the results (a JSON list) here")
+    parser.add_argument("--plot", type=Path, help="also draw them (SVG, tests/bench/scale_plot.py) here")
     args = parser.parse_args()
     counts = [3] if args.quick else [int(c) for c in args.hospitals.split(",")]
     rounds = 3 if args.quick else args.rounds
@@ -233,7 +235,15 @@ def main() -> None:
                 result = run_config(count, secure, rounds, Path(tmp))
                 results.append(result)
                 print(json.dumps(result), flush=True)
+                if args.json is not None:  # after each configuration: a later one may not finish
+                    args.json.write_text(json.dumps(results, indent=1) + "\n")
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.plot is not None:
+        from tests.bench.scale_plot import plot
+
+        plot(results, args.plot, title=f"bench_scale, {rounds} rounds, load average {os.getloadavg()[0]:.0f}")
     print(f"{'hospitals':>9} {'secagg':>6} {'online s':>8} {'decided s':>9} {'round s':>7} {'train s':>7} "
           f"{'overhead s':>10} {'x3':>5} {'RSS/hosp MB':>11} {'x3':>5}")
     for r in results:
