@@ -44,6 +44,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -122,19 +123,28 @@ def public_initial_state(template: Template | str, columns: Sequence[str], task:
     tpl = get_template(template) if isinstance(template, str) else template
     key = (tpl, tuple(columns), task, int(seed), n_classes)
     with _initial_lock:
-        cached = _initial_states.get(key)
-    if cached is None:
-        cached = _public_initial_state(tpl, columns, task, seed, n_classes)
-        cached.setflags(write=False)
-        with _initial_lock:
-            _initial_states[key] = cached
+        future = _initial_states.get(key)
+        mine = future is None
+        if future is None:  # computed once: a second caller meanwhile waits for this one
+            future = _initial_states[key] = Future()
             while len(_initial_states) > 32:
                 _initial_states.pop(next(iter(_initial_states)))
-    return cached.copy()
+    if mine:
+        try:
+            state = _public_initial_state(tpl, columns, task, seed, n_classes)
+            state.setflags(write=False)
+            future.set_result(state)
+        except BaseException as exc:
+            with _initial_lock:
+                _initial_states.pop(key, None)
+            future.set_exception(exc)
+            raise
+    result: np.ndarray = future.result()
+    return result.copy()
 
 
 _initial_lock = threading.Lock()
-_initial_states: dict[tuple[object, ...], np.ndarray] = {}
+_initial_states: dict[tuple[object, ...], Future[np.ndarray]] = {}
 
 
 def warm_public_state() -> None:

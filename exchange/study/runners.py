@@ -283,6 +283,23 @@ class FederatedRunner:
         if warm:
             threading.Thread(target=_warm_server_side, name="federated-warm-up", daemon=True).start()
 
+    def prepare(self, spec: Any) -> None:
+        """A study was just submitted: compute its initial model (the public pre-training,
+        `federated.dp.public_initial_state`: deterministic and public) in the background, while
+        the hospitals decide, so the run's first round does not wait for it."""
+
+        def work() -> None:
+            try:
+                from federated.dp import public_initial_state
+                from federated.templates import get_template
+
+                public_initial_state(get_template(spec.template), spec.columns, spec.task, seed=spec.seed,
+                                     n_classes=spec.classes)
+            except Exception:  # the run computes it again and reports what fails
+                logging.getLogger(__name__).warning("preparing study %s failed", spec.study_id, exc_info=True)
+
+        threading.Thread(target=work, name=f"prepare-{spec.study_id}", daemon=True).start()
+
     def start(self, request: RunRequest, observer: RunObserver) -> RunHandle:
         # A spec federated refuses fails the start, not the thread.
         spec = study_spec(
