@@ -41,8 +41,10 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -114,10 +116,55 @@ def public_initial_state(template: Template | str, columns: Sequence[str], task:
     PUBLIC reference sample's pre-training half when the study's columns have one
     (`federated.data.public_reference`). Public data costs no privacy, and starting DP-SGD from
     a model that is already good means the noisy steps refine rather than search
-    (docs/benchmarks/federated-dp.md: it is what carries the utility targets on every split)."""
+    (docs/benchmarks/federated-dp.md: it is what carries the utility targets on every split).
+
+    Deterministic in its arguments and public, so kept (a copy is returned): a study computed
+    ahead (`warm_public_state`, while the hospitals decide) starts without it."""
+    tpl = get_template(template) if isinstance(template, str) else template
+    key = (tpl, tuple(columns), task, int(seed), n_classes)
+    with _initial_lock:
+        future = _initial_states.get(key)
+        mine = future is None
+        if future is None:  # computed once: a second caller meanwhile waits for this one
+            future = _initial_states[key] = Future()
+            while len(_initial_states) > 32:
+                _initial_states.pop(next(iter(_initial_states)))
+    if mine:
+        try:
+            state = _public_initial_state(tpl, columns, task, seed, n_classes)
+            state.setflags(write=False)
+            future.set_result(state)
+        except BaseException as exc:
+            with _initial_lock:
+                _initial_states.pop(key, None)
+            future.set_exception(exc)
+            raise
+    result: np.ndarray = future.result()
+    return result.copy()
+
+
+_initial_lock = threading.Lock()
+_initial_states: dict[tuple[object, ...], Future[np.ndarray]] = {}
+
+
+def warm_public_state() -> None:
+    """Import what a study's ServerApp set-up needs (torch, scikit-survival, the public
+    reference samples of the shipped data sets) so the first study's first round does not wait
+    for it; meant for a background thread of a long-lived process (the coordinator's runner)."""
+    from federated.clinical_data import SURVIVAL_DATASETS, public_survival_reference, survival_feature_specs
+    from federated.data import DATASETS, feature_specs, public_reference
+
+    for dataset in SURVIVAL_DATASETS:
+        public_survival_reference([s.name for s in survival_feature_specs(dataset)], "pretrain")
+    tasks = {"breast_cancer": "binary", "diabetes": "regression"}
+    for dataset in DATASETS:
+        public_reference([s.name for s in feature_specs(dataset)], tasks.get(dataset, "binary"), "pretrain")
+
+
+def _public_initial_state(tpl: Template, columns: Sequence[str], task: str, seed: int,
+                          n_classes: int | None) -> np.ndarray:
     from federated.data import public_reference
 
-    tpl = get_template(template) if isinstance(template, str) else template
     if tpl.task == "survival":
         from federated.clinical_data import public_survival_reference
 

@@ -136,6 +136,9 @@ class ServerOptions:
     #: nodes whose signed hello names one of them get study messages, and a receipt from any
     #: other hospital is ignored. None: every node that says hello takes part.
     approved_hospitals: frozenset[str] | None = None
+    #: `time.perf_counter()` when the run was submitted (`run_study`); round 1 then reports the
+    #: time from there to the ServerApp's start (`start_s`: FAB, run submission, task claim).
+    submitted_at: float | None = None
 
 
 @dataclass
@@ -594,6 +597,7 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
     from federated.templates import get_template
     from federated.weights import save_safetensors, unpack
 
+    t_app = time.perf_counter()
     try:
         spec = StudySpec.from_run_config(context.run_config)
         template = get_template(spec.template)
@@ -638,7 +642,15 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
         for round_ in range(1, spec.rounds + 1):
             if options.stop_event.is_set():
                 raise StudyFailedError(f"cancelled before round {round_}")
+            t_join = time.perf_counter()
             targets = _wait_for_nodes(directory, spec, options, round_)
+            # where time goes before the exchange (docs/benchmarks/scale.md, "First round"):
+            # round 1 also reports the ServerApp's own set-up (spec, template, public pre-training)
+            waits = {"join_wait_s": time.perf_counter() - t_join}
+            if round_ == 1:
+                waits["setup_s"] = t_join - t_app
+                if options.submitted_at is not None:
+                    waits["start_s"] = t_app - options.submitted_at
             gone = sorted(seen - set(targets.values()))  # took part before, no longer connected
             seen.update(targets.values())
             t_round = time.perf_counter()
@@ -690,6 +702,7 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
             metrics = scored(_round_metrics(decoded, contributors, train=train, aggregate_s=aggregate_s,
                                             round_s=time.perf_counter() - t_round, gone=len(gone),
                                             secure=secure))
+            metrics.update(waits)
             if spec.noise == "distributed":
                 # both guarantees after this round (docs/secure-aggregation.md, "Noise")
                 from federated.distributed_noise import for_study

@@ -318,14 +318,16 @@ class Consortium:
             self.start_coordinator()
         with self.phase("hospitals join"):
             self.init_hospitals()
-            self.start_daemons()  # they boot while the data is imported
-        with self.phase("data import"):
-            self.import_hospital_data()
-        with self.phase("study submitted"):
+            # keys first: each node starts its SuperNode once registered (supernode.start), and
+            # the SuperLink refuses an unregistered key (Flower exit 305, then a restart later)
             superlink_started.wait()
             if self._superlink_error is not None:
                 raise DemoError(f"the SuperLink did not start: {self._superlink_error}")
             self.register_flower_keys()
+            self.start_daemons()  # they boot while the data is imported
+        with self.phase("data import"):
+            self.import_hospital_data()
+        with self.phase("study submitted"):
             self.submit_study()
         with self.phase("hospitals decide"):
             self.wait_for_decisions()
@@ -498,7 +500,9 @@ class Consortium:
             "superlink_address": self.superlink_address if self.superlink is not None else "127.0.0.1:9092",
             "insecure": self.tls is None,
             "root_certificates": self.tls.ca_cert.resolve() if self.tls is not None else None,
-            "clientappio_address": f"127.0.0.1:{free_port()}", "restart_backoff_initial_s": 0.5})
+            "clientappio_address": f"127.0.0.1:{free_port()}", "restart_backoff_initial_s": 0.5,
+            # the consortium exists to run studies: Flower warm before the first one arrives
+            "start": "registered"})
         # The coordinator's CA when it serves HTTPS (hospitals on other hosts).
         coordinator_ca = self.tls.ca_cert.resolve() if self.placement.remote else None
         witness = settings.witness.model_copy(update={"enabled": self.config.witnesses})

@@ -250,7 +250,11 @@ def assemble_report(*, study: Mapping[str, Any], entries: Sequence[Entry], balan
                           ("holdout_anchored_concordance", "eval_anchored_concordance"),
                           ("eval_examples", "eval_examples"), ("eval_epsilon", "eval_epsilon"),
                           ("wall_s", "round_wall_s"), ("compute_max_s", "train_compute_max_s"),
-                          ("overhead_s", "overhead_s")):
+                          ("overhead_s", "overhead_s"),
+                          # where a round's time goes (docs/benchmarks/scale.md, "First round")
+                          ("start_s", "start_s"), ("setup_s", "setup_s"), ("join_wait_s", "join_wait_s"),
+                          ("push_s", "train_push_s"), ("dispatch_s", "train_dispatch_max_s"),
+                          ("return_s", "train_return_max_s"), ("aggregate_s", "aggregate_s")):
             if name in row:
                 continue
             value = _float(metrics.get(key))

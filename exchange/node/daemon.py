@@ -121,13 +121,18 @@ def _problem_detail(exc: BaseException) -> str:
 
 
 def supernode_specs(settings: NodeSettings) -> list[ChildSpec]:
-    """The SuperNode (our launcher around flower-supernode) and, in "warm" mode, the
-    executor that runs this node's ClientApp behind it (started first; the SuperNode waits
-    for its ready line). Node authentication (`--auth-supernode-private-key`) goes with TLS
-    only: flwr 1.42 refuses it together with `--insecure` (exit code 303)."""
+    """The Flower side of this hospital. "warm" mode: ONE process, the SuperNode with this
+    node's warm ClientApp executor in a thread (`federated.runtime.hosted_supernode`: torch and
+    the ClientApp are imported before the SuperNode connects, so a run's first message never
+    waits for that import; one interpreter instead of two halves what flwr and gRPC cost, docs/
+    benchmarks/scale.md). "plain" mode: flwr's own SuperNode, which starts a `flwr-clientapp`
+    per message. Node authentication (`--auth-supernode-private-key`) goes with TLS only: flwr
+    1.42 refuses it together with `--insecure` (exit code 303). Both get the thread and
+    allocator limits of `federated.runtime.process_limits` unless the operator set them."""
+    from federated.runtime.process_limits import limit_env
+
     sn = settings.supernode
-    argv = [sys.executable, "-m", "federated.runtime.supernode_main", "--superlink", sn.superlink_address,
-            "--node-config", str(site_paths(settings)["node_config"])]
+    argv = ["--superlink", sn.superlink_address, "--node-config", str(site_paths(settings)["node_config"])]
     if sn.insecure:  # loopback tests and the demo: no TLS, hence no node authentication either
         argv.append("--insecure")
     else:
@@ -135,28 +140,25 @@ def supernode_specs(settings: NodeSettings) -> list[ChildSpec]:
             argv += ["--root-certificates", str(settings.path(sn.root_certificates))]
         argv += ["--auth-supernode-private-key", str(settings.flower_key_path)]
     host, _, port = sn.clientappio_address.rpartition(":")
-    env = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "EXCHANGE_NODE_CONFIG": str(settings.data_dir / "node.toml"),
-           "FLWR_HOME": str(settings.data_dir / "flwr-home"),
-           # flwr's subprocess isolation (plain mode) runs `flower-superexec` by name: it must
-           # be found next to this interpreter even when the venv is not on PATH
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])}
+    env = limit_env({
+        "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "EXCHANGE_NODE_CONFIG": str(settings.data_dir / "node.toml"),
+        "FLWR_HOME": str(settings.data_dir / "flwr-home"),
+        # flwr's subprocess isolation (plain mode) runs `flower-superexec` by name: it must
+        # be found next to this interpreter even when the venv is not on PATH
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])})
     logs = settings.data_dir / "logs"
     if sn.executor == "warm":
         from federated.runtime.deployment import READY_LINE
 
-        argv += ["--isolation", "process", "--host", host, "--port", port]
         env["EXCHANGE_FLOWER_MODE"] = "fast"
-        # The executor first; the SuperNode only once it logged that torch and the ClientApp
-        # are loaded, so a run's first message never waits for that import.
-        executor = ChildSpec("executor", (sys.executable, "-m", "federated.runtime.executor",
-                                          "--runtime-api-address", sn.clientappio_address),
-                             env=env, log_file=logs / "executor.log", ready_line=READY_LINE)
-        return [executor, ChildSpec("supernode", tuple(argv), env=env, log_file=logs / "supernode.log",
-                                    after="executor")]
+        hosted = (sys.executable, "-m", "federated.runtime.hosted_supernode", *argv,
+                  "--isolation", "process", "--host", host, "--port", port)
+        return [ChildSpec("supernode", hosted, env=env, log_file=logs / "supernode.log",
+                          ready_line=READY_LINE)]
     env["EXCHANGE_FLOWER_MODE"] = "plain"
-    argv += ["--host", host, "--port", port]
-    return [ChildSpec("supernode", tuple(argv), env=env, log_file=logs / "supernode.log")]
+    plain = (sys.executable, "-m", "federated.runtime.supernode_main", *argv, "--host", host, "--port", port)
+    return [ChildSpec("supernode", plain, env=env, log_file=logs / "supernode.log")]
 
 
 class NodeDaemon:
@@ -276,7 +278,7 @@ class NodeDaemon:
         if not self.settings.supernode.enabled:
             return
         specs = supernode_specs(self.settings)
-        if active:
+        if active or self.settings.supernode.start == "registered":
             for spec in specs:
                 self.supervisor.want(spec)
         else:
@@ -369,6 +371,11 @@ class NodeDaemon:
         self.store.set_state("daemon", {"state": "running", "started_at": datetime.now(UTC).isoformat()})
         log.info("node_started", hospital_id=self.settings.hospital_id, health=f"{host!s}:{port}",
                  start=restarts, key_id=self.ctx.signer.key_id)
+        from federated.runtime.process_limits import limit_threads, trim
+
+        # few malloc arenas, and what a step freed back to the OS: the daemon is one of a
+        # hospital's processes and should hold what it uses, not its peak (docs/benchmarks/scale.md)
+        limit_threads()
         witness_thread = self.witnessing.start() if self.witnessing is not None else None
         try:
             while not self.stop_event.is_set():
@@ -377,6 +384,7 @@ class NodeDaemon:
                     self.step()
                 except Exception as exc:  # one bad step must not end the daemon
                     self._error("daemon", exc)
+                trim()
                 self._update_health(status="ok", last_step_at=datetime.now(UTC).isoformat(),
                                     children=self.supervisor.snapshot(),
                                     active_studies=self.active_studies())

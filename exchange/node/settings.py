@@ -97,6 +97,11 @@ class SuperNodeSettings(BaseModel):
     # "warm": the long-lived executor from federated.runtime (torch loaded once);
     # "plain": Flower's own per-message flwr-clientapp (slow, fully supported fallback).
     executor: Literal["warm", "plain"] = "warm"
+    # When the Flower process runs. "approved": from the node's first approved study until none
+    # is active (no memory held and no SuperLink connection without a study). "registered": from
+    # the node's registration on, so a study's first round never waits for the process to start,
+    # import torch and connect (seconds; docs/benchmarks/scale.md, "First round").
+    start: Literal["approved", "registered"] = "approved"
     restart_backoff_initial_s: float = Field(default=1.0, gt=0)
     restart_backoff_max_s: float = Field(default=60.0, gt=0)
     # After SIGKILL the SuperLink keeps the node "online" for a while and a restart inside that

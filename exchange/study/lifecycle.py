@@ -147,7 +147,10 @@ class StudyLifecycle:
         # default one too, so the log alone says when the study expires.
         deadline = (data.start_deadline or now() + DEFAULT_START_WINDOW).astimezone(UTC)
         spec["start_deadline"] = deadline.isoformat().replace("+00:00", "Z")
-        self._check_federated_spec(study_id, spec, org, principal, data)
+        run_spec = self._check_federated_spec(study_id, spec, org, principal, data)
+        prepare = getattr(self.runner, "prepare", None)
+        if prepare is not None:  # e.g. the public pre-training, while the hospitals decide
+            prepare(run_spec)
         royalty = (self.terms.royalties or {}).get(data.template)
         public_spec = {k: v for k, v in spec.items() if k != "token_budget"}
         entries = (
@@ -206,15 +209,15 @@ class StudyLifecycle:
 
     @staticmethod
     def _check_federated_spec(study_id: str, spec: dict[str, Any], org: Organisation,
-                              principal: Principal, data: StudyCreate) -> None:
+                              principal: Principal, data: StudyCreate) -> Any:
         """Build the run's StudySpec (and its consent StudyRequest) now, so that a study the
         federated runner or a hospital's consent engine would refuse is refused at submission,
-        with its reasons, rather than failing when it starts."""
+        with its reasons, rather than failing when it starts. Returns it."""
         from pydantic import ValidationError
 
         try:
-            study_spec(AcceptedStudy(study_id=study_id, spec=spec, organisation_id=org.id,
-                                     region=org.region, researcher_id=principal.researcher_id))
+            return study_spec(AcceptedStudy(study_id=study_id, spec=spec, organisation_id=org.id,
+                                            region=org.region, researcher_id=principal.researcher_id))
         except ValidationError as exc:
             raise problems.unprocessable([
                 {"field": ".".join(str(p) for p in error["loc"]) or "body", "reason": error["msg"]}

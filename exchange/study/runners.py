@@ -21,6 +21,7 @@ one end of the run (`on_complete` or `on_failed`), never anything after it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
 from collections.abc import Callable, Mapping
@@ -231,6 +232,26 @@ class ThreadHandle:
         return not self._thread.is_alive()
 
 
+def _warm_server_side() -> None:
+    """Import what a study's ServerApp needs and load the public reference samples (seconds of
+    CPU: torch, scikit-survival) while the coordinator waits for its first study, not in that
+    study's first round (docs/benchmarks/scale.md, "First round"). One intra-op thread for
+    torch unless the operator set OMP_NUM_THREADS: the ServerApp's models are tiny, and on a
+    busy machine a second thread only waits for a core."""
+    import os
+
+    try:
+        import torch
+
+        from federated.dp import warm_public_state
+
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(1)
+        warm_public_state()
+    except Exception:  # a warm-up only: the first study does the same work and reports failures
+        logging.getLogger(__name__).warning("warm-up of the ServerApp side failed", exc_info=True)
+
+
 class FederatedRunner:
     """The real Flower deployment: `federated.runtime.server_runner.run_study` runs the study's
     ServerApp in this process against the SuperLink (no `flwr run`, no shelling out), in a
@@ -250,6 +271,7 @@ class FederatedRunner:
         settings: Any = None,
         round_timeout_s: float | None = None,
         join_timeout_s: float | None = None,
+        warm: bool = True,
     ) -> None:
         self.superlink_address = superlink_address
         self.output_dir = output_dir
@@ -258,6 +280,25 @@ class FederatedRunner:
         self.round_timeout_s = round_timeout_s
         self.join_timeout_s = join_timeout_s
         self.handles: list[ThreadHandle] = []
+        if warm:
+            threading.Thread(target=_warm_server_side, name="federated-warm-up", daemon=True).start()
+
+    def prepare(self, spec: Any) -> None:
+        """A study was just submitted: compute its initial model (the public pre-training,
+        `federated.dp.public_initial_state`: deterministic and public) in the background, while
+        the hospitals decide, so the run's first round does not wait for it."""
+
+        def work() -> None:
+            try:
+                from federated.dp import public_initial_state
+                from federated.templates import get_template
+
+                public_initial_state(get_template(spec.template), spec.columns, spec.task, seed=spec.seed,
+                                     n_classes=spec.classes)
+            except Exception:  # the run computes it again and reports what fails
+                logging.getLogger(__name__).warning("preparing study %s failed", spec.study_id, exc_info=True)
+
+        threading.Thread(target=work, name=f"prepare-{spec.study_id}", daemon=True).start()
 
     def start(self, request: RunRequest, observer: RunObserver) -> RunHandle:
         # A spec federated refuses fails the start, not the thread.

@@ -23,10 +23,13 @@ import os
 import random
 import threading
 import time
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from federated.runtime import flwr_internals
+from federated.runtime.process_limits import limit_threads, trim
 from federated.runtime.settings import disable_phone_home
 
 if TYPE_CHECKING:
@@ -47,11 +50,46 @@ class ExecutorStats:
     task_seconds: list[float] = field(default_factory=list)
 
 
+def prewarm(node_config_file: Path | None) -> list[str]:
+    """What a study's first round would otherwise do on top of training, done before any study
+    arrives (docs/benchmarks/scale.md, "First round"): import the privacy accountants (Opacus,
+    with SciPy) by running one small accounting, and `warm_site`. Returns what failed; never
+    raises."""
+    problems: list[str] = []
+    try:
+        from federated.accounting import epsilon_spent
+
+        epsilon_spent(1.0, 0.01, 10, 1e-5, "rdp")
+    except Exception as exc:
+        problems.append(f"accounting: {type(exc).__name__}: {exc}")
+    problems += warm_site(node_config_file)
+    trim()
+    return problems
+
+
+def warm_site(node_config_file: Path | None) -> list[str]:
+    """Load this node's site (records, consent contracts with every signature verified, key) into
+    the caches, or reload what changed since (a consent import, new records); a few `stat`
+    calls when nothing did. A site not provisioned yet is no error of the process (its first
+    round loads it): returned as a problem, never raised."""
+    if node_config_file is None:
+        return []
+    try:
+        from federated.runtime.site import Site
+
+        with node_config_file.open("rb") as handle:
+            Site.from_node_config(tomllib.load(handle)).warm()
+    except Exception as exc:
+        return [f"site: {type(exc).__name__}: {exc}"]
+    return []
+
+
 class WarmExecutor:
     """Polls one SuperNode's runtime API and runs each ClientApp task in this process."""
 
     def __init__(self, runtime_api_address: str, *, poll: float = 0.05, pull_backoff: float | None = 0.02,
-                 expected_clientapp_ref: str = EXPECTED_CLIENTAPP_REF) -> None:
+                 expected_clientapp_ref: str = EXPECTED_CLIENTAPP_REF,
+                 node_config_file: Path | None = None, rewarm_every_s: float = 2.0) -> None:
         if poll <= 0:
             raise ValueError(f"poll: must be > 0 seconds, got {poll!r}")
         self.address = runtime_api_address
@@ -59,6 +97,11 @@ class WarmExecutor:
         self.expected_ref = expected_clientapp_ref
         self.stats = ExecutorStats()
         self._stop = threading.Event()
+        # while idle, keep this node's site loaded (warm_site): files the daemon rewrote (a
+        # consent import, new records) are reloaded between studies, not in a first round
+        self.node_config_file = node_config_file
+        self.rewarm_every_s = rewarm_every_s
+        self._warmed_at = 0.0
         if pull_backoff is not None:
             flwr_internals.patch_clientapp_pull_backoff(pull_backoff)
         # Import the ClientApp (and with it torch, our training code) once, up front.
@@ -103,10 +146,19 @@ class WarmExecutor:
                     task.push_output(context, completed=completed, details=details)
                 finally:
                     task.close()
+                    # what the task freed goes back to the OS: between rounds a hospital holds
+                    # what it uses, not its peak (process_limits)
+                    trim()
         self.stats.tasks += 1
         self.stats.task_seconds.append(time.perf_counter() - started)
         log.info("task done in %.3f s (%s)", self.stats.task_seconds[-1],
                  "completed" if completed else "failed")
+
+    def _idle(self) -> None:
+        if self.node_config_file is None or time.monotonic() - self._warmed_at < self.rewarm_every_s:
+            return
+        self._warmed_at = time.monotonic()
+        warm_site(self.node_config_file)
 
     def serve(self) -> None:
         """Take and run tasks until `stop()`; connection errors are retried (the SuperNode may
@@ -126,6 +178,7 @@ class WarmExecutor:
                     except Exception:  # one broken task (e.g. a failed push) must not end the executor
                         log.exception("task could not be completed")
                 else:
+                    self._idle()
                     self._stop.wait(self.poll)
         finally:
             tasks.close()
@@ -139,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pull-backoff", type=float,
                         default=float(os.environ.get("EXCHANGE_PULL_BACKOFF", "0.02")))
     args = parser.parse_args(argv)
+    limit_threads()  # before torch is imported (WarmExecutor)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
     executor = WarmExecutor(args.runtime_api_address, poll=args.poll, pull_backoff=args.pull_backoff)

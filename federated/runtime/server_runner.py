@@ -123,6 +123,7 @@ def run_study(superlink_address: str, spec: StudySpec, observer: StudyObserver, 
     names one of them get the study's messages (the model never reaches another node), and a
     receipt from any other hospital is ignored. None: every node that says hello takes part.
     """
+    submitted_at = time.perf_counter()
     disable_phone_home()
     from flwr.app import RecordDict
 
@@ -149,7 +150,8 @@ def run_study(superlink_address: str, spec: StudySpec, observer: StudyObserver, 
         options = ServerOptions(output_dir=output_dir, poll=settings.effective_server_poll,
                                 hospital_keys=hospital_keys, stop_event=stop_event or threading.Event(),
                                 approved_hospitals=(None if approved_hospitals is None
-                                                    else frozenset(approved_hospitals)))
+                                                    else frozenset(approved_hospitals)),
+                                submitted_at=submitted_at)
         app = make_server_app(lambda _ctx: watcher, lambda _ctx: options)
         completed, details = False, ""
         context: Context | None = None

@@ -240,6 +240,14 @@ class Site:
         key = None if study_round is None else self.gate_key(*study_round)
         return gate_records(registry, request, pseudonyms, at, self.hospital_id, key=key)
 
+    def warm(self) -> None:
+        """Load what every study's first round reads (the records, and the consent contracts with
+        every signature verified) into the caches now, so that round does not wait for it; a
+        file that changes later is simply loaded again (`_cached`)."""
+        self.records()
+        _cached("contracts-path", self.contracts_path, _load_contracts)
+        self.signer()
+
     def gate_key(self, study_id: str, round_number: int) -> bytes:
         """The key of one study round's consent commitment: the hospital shows it only to an
         auditor it authorises (`exchange node gate-key`)."""

@@ -65,30 +65,64 @@ def _role(pid: int) -> str:
     return "other"
 
 
-def tree_rss_mb(pid: int) -> dict[str, float]:
-    """RSS (MiB) of `pid` and all its descendants, by role (daemon, supernode, executor)."""
-    total: dict[str, float] = {}
+def _smaps(pid: int) -> dict[str, float]:
+    """RSS, PSS and anonymous memory (MiB) of one process, from /proc/PID/smaps_rollup.
+
+    RSS counts every resident page the process maps, including the pages of shared libraries
+    (libtorch, libpython, numpy) that every hospital's processes on this machine share through
+    the page cache: summed over hospitals it counts them once per process. PSS divides each shared
+    page among the processes that map it, so PSS summed over hospitals is what they really take
+    together on one machine; RSS is what one hospital would take on a host of its own."""
+    out = {"rss": 0.0, "pss": 0.0, "anon": 0.0}
+    keys = {"Rss:": "rss", "Pss:": "pss", "Anonymous:": "anon"}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        parts = line.split()
+        if parts and parts[0] in keys:
+            out[keys[parts[0]]] = int(parts[1]) / 1024
+    return out
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (/proc/PID/stat, fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_usage(pid: int) -> dict[str, dict[str, float]]:
+    """Memory (rss, pss, anon MiB) and CPU seconds of `pid` and all its descendants, by role
+    (daemon, supernode, executor)."""
+    total: dict[str, dict[str, float]] = {}
     todo = [pid]
     while todo:
         current = todo.pop()
         try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    role = _role(current)
-                    total[role] = total.get(role, 0.0) + int(line.split()[1]) / 1024
-        except OSError:
+            usage = {**_smaps(current), "cpu_s": _cpu_s(current)}
+        except (OSError, IndexError, ValueError):
             continue
+        role = total.setdefault(_role(current), {})
+        for key, value in usage.items():
+            role[key] = role.get(key, 0.0) + value
         todo += _children(current)
     return total
 
 
+def tree_rss_mb(pid: int) -> dict[str, float]:
+    """RSS (MiB) of `pid` and all its descendants, by role (daemon, supernode, executor)."""
+    return {role: usage["rss"] for role, usage in tree_usage(pid).items()}
+
+
 class MemorySampler:
-    """Samples each hospital's process tree every second while the study trains."""
+    """Samples each hospital's process tree every second while the study trains: the peak of the
+    hospital's summed RSS (and, separately, of its summed PSS), each role's share at that peak,
+    and each role's CPU seconds (the last sample: from start-up to the end of training)."""
 
     def __init__(self, consortium: Consortium) -> None:
         self.consortium = consortium
-        self.peak: dict[str, float] = {}
+        self.peak: dict[str, float] = {}  # hospital -> peak summed RSS
+        self.peak_pss: dict[str, float] = {}
         self.parts: dict[str, dict[str, float]] = {}  # hospital -> role -> RSS at its peak
+        self.parts_pss: dict[str, dict[str, float]] = {}
+        self.cpu: dict[str, dict[str, float]] = {}  # hospital -> role -> CPU seconds
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -98,10 +132,44 @@ class MemorySampler:
                 continue
             for h in list(self.consortium.hospitals.values()):
                 if h.process is not None:
-                    parts = tree_rss_mb(h.process.pid)
-                    if sum(parts.values()) > self.peak.get(h.id, 0.0):
-                        self.peak[h.id] = sum(parts.values())
-                        self.parts[h.id] = parts
+                    self.sample(h.id, tree_usage(h.process.pid))
+
+    def sample(self, hospital: str, usage: dict[str, dict[str, float]]) -> None:
+        usage.pop("gone", None)
+        for key, peak, parts in (("rss", self.peak, self.parts), ("pss", self.peak_pss, self.parts_pss)):
+            total = sum(u[key] for u in usage.values())
+            if total > peak.get(hospital, 0.0):
+                peak[hospital] = total
+                parts[hospital] = {role: u[key] for role, u in usage.items()}
+        self.cpu[hospital] = {role: u["cpu_s"] for role, u in usage.items()}
+
+
+def _mean_by_role(parts: dict[str, dict[str, float]]) -> dict[str, float] | None:
+    if not parts:
+        return None
+    return {role: round(statistics.fmean(p.get(role, 0.0) for p in parts.values()), 1) for role in ROLES}
+
+
+FIRST_ROUND_PARTS = ("start_s", "setup_s", "join_wait_s", "push_s", "dispatch_s", "compute_max_s", "return_s")
+
+
+def first_round(rounds: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Where the first round's time went, from the study's start at the coordinator's runner:
+    start_s (FAB, run submitted to the SuperLink, ServerApp task claimed), setup_s (the ServerApp's
+    spec, model and public pre-training), join_wait_s (until the approved hospitals' nodes are
+    connected and said hello), then the exchange: push_s (messages to the SuperLink),
+    dispatch_s (until the slowest ClientApp started), compute_max_s (the slowest hospital's own
+    evaluate + train, privacy calibration included), return_s (its reply back). total_s is
+    start + setup + join wait + the exchange's wall time; overhead_s is total_s - compute_max_s."""
+    one = next((r for r in rounds if r["round"] == 1), None)
+    if one is None or "wall_s" not in one:
+        return None
+    out = {key: round(float(one.get(key, 0.0)), 2) for key in FIRST_ROUND_PARTS}
+    total = out["start_s"] + out["setup_s"] + out["join_wait_s"] + float(one["wall_s"])
+    out["wall_s"] = round(float(one["wall_s"]), 2)
+    out["total_s"] = round(total, 2)
+    out["overhead_s"] = round(total - out["compute_max_s"], 2)
+    return out
 
 
 def run_config(hospitals: int, secure: bool, rounds: int, root: Path) -> dict[str, Any]:
@@ -136,8 +204,12 @@ def run_config(hospitals: int, secure: bool, rounds: int, root: Path) -> dict[st
         "overhead_s": round(mean("overhead_s"), 2),
         "rss_per_hospital_mb": round(statistics.fmean(sampler.peak.values()), 0) if sampler.peak else None,
         "rss_max_hospital_mb": round(max(sampler.peak.values()), 0) if sampler.peak else None,
-        "rss_by_role_mb": {role: round(statistics.fmean(p.get(role, 0.0) for p in sampler.parts.values()))
-                           for role in ROLES} if sampler.parts else None,
+        "rss_by_role_mb": _mean_by_role(sampler.parts),
+        "pss_per_hospital_mb": (round(statistics.fmean(sampler.peak_pss.values()), 0)
+                                if sampler.peak_pss else None),
+        "pss_by_role_mb": _mean_by_role(sampler.parts_pss),
+        "cpu_s_by_role": _mean_by_role(sampler.cpu),
+        "first_round": first_round(report["rounds"]),
         "trained": sum(1 for h in report["hospitals"] if h.get("decision") == "approve"),
         "checks_failed": [c["check"] for c in report.get("checks", []) if not c.get("ok")],
     }
@@ -149,6 +221,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--no-secagg", action="store_true", help="plain rounds only")
     parser.add_argument("--quick", action="store_true", help="3 hospitals, 3 rounds, plain only")
+    parser.add_argument("--json", type=Path, help="also write the results (a JSON list) here")
+    parser.add_argument("--plot", type=Path, help="also draw them (SVG, tests/bench/scale_plot.py) here")
     args = parser.parse_args()
     counts = [3] if args.quick else [int(c) for c in args.hospitals.split(",")]
     rounds = 3 if args.quick else args.rounds
@@ -161,7 +235,15 @@ def main() -> None:
                 result = run_config(count, secure, rounds, Path(tmp))
                 results.append(result)
                 print(json.dumps(result), flush=True)
+                if args.json is not None:  # after each configuration: a later one may not finish
+                    args.json.write_text(json.dumps(results, indent=1) + "\n")
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.plot is not None:
+        from tests.bench.scale_plot import plot
+
+        plot(results, args.plot, title=f"bench_scale, {rounds} rounds, load average {os.getloadavg()[0]:.0f}")
     print(f"{'hospitals':>9} {'secagg':>6} {'online s':>8} {'decided s':>9} {'round s':>7} {'train s':>7} "
           f"{'overhead s':>10} {'x3':>5} {'RSS/hosp MB':>11} {'x3':>5}")
     for r in results:
@@ -174,6 +256,12 @@ def main() -> None:
         print(f"{r['hospitals']:>9} {secagg:>6} {r['startup_online_s']:>8} "
               f"{r['startup_decided_s']:>9} {r['round_wall_s']:>7} {r['train_compute_max_s']:>7} "
               f"{r['overhead_s']:>10} {over:>5.2f} {r['rss_per_hospital_mb']!s:>11} {rss:>5.2f}")
+    columns = (*FIRST_ROUND_PARTS, "wall_s", "total_s", "overhead_s")
+    print("first round (s): " + " ".join(f"{k:>12}" for k in columns))
+    for r in results:
+        parts = r["first_round"] or {}
+        print(f"{r['hospitals']:>3} {'secagg' if r['secure_aggregation'] else 'plain ':>6}      "
+              + " ".join(f"{parts.get(k, float('nan')):>12}" for k in columns))
     for count in counts:
         pair = [r for r in results if r["hospitals"] == count]
         if len(pair) == 2 and pair[0]["round_wall_s"]:

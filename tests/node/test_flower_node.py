@@ -41,7 +41,7 @@ from exchange.node.site_export import site_paths
 from exchange.node.store import NodeStore
 from federated.data import feature_specs, load_federated
 from federated.privacy_ledger import privacy_patient_spend
-from federated.runtime.deployment import SuperLinkProcess, free_port
+from federated.runtime.deployment import READY_LINE, SuperLinkProcess, free_port
 from federated.runtime.server_runner import run_study
 from federated.runtime.site import read_records
 from federated.study_spec import StudySpec
@@ -172,7 +172,7 @@ def test_revocation_between_rounds_and_kill9_mid_study(node_dir: Path, store: No
             for p in processes[:-1]:
                 assert p.poll() is not None
             children = [c["pid"] for c in store.get_state("children").values() if c["pid"]]
-            assert len(children) == 2  # the SuperNode and the executor, restarted
+            assert len(children) == 1  # the SuperNode hosting the executor, restarted
             processes[-1].send_signal(signal.SIGTERM)
             assert processes[-1].wait(60) == 0
             for pid in children:  # SIGTERM stops the children too
@@ -211,14 +211,17 @@ def test_revocation_between_rounds_and_kill9_mid_study(node_dir: Path, store: No
                                .order_by(RoundRow.round)).tuples().all()
     assert [r for r, _e in rows] == [1, 2, 3, 4]
     assert [e for _r, e in rows] == pytest.approx(epsilons)
-    # each daemon run started its SuperNode only after its executor logged "ready"
+    # each daemon run started its SuperNode, which became ready once its executor had loaded
     events = [(e.get("event"), e.get("child")) for e in _json_lines(node_dir / "daemon.log")]
     runs = [i for i, (event, _c) in enumerate(events) if event == "node_started"]
     assert len(runs) == 2
     for start, end in zip(runs, [*runs[1:], len(events)], strict=True):
         run = events[start:end]
-        assert ("child_ready", "executor") in run and ("child_started", "supernode") in run
-        assert run.index(("child_ready", "executor")) < run.index(("child_started", "supernode"))
+        assert ("child_started", "supernode") in run and ("child_ready", "supernode") in run
+        assert run.index(("child_started", "supernode")) < run.index(("child_ready", "supernode"))
+    # ... before the SuperNode connected: the executor's ready line precedes flwr's first line
+    log_text = (node_dir / "logs" / "supernode.log").read_text(errors="replace")
+    assert log_text.index(READY_LINE) < log_text.index("Starting Flower SuperNode")
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:

@@ -33,9 +33,20 @@ def test_insecure_mode_passes_no_node_key(settings: NodeSettings) -> None:
     argv = specs["supernode"].argv
     assert "--insecure" in argv
     assert "--auth-supernode-private-key" not in argv and "--root-certificates" not in argv
-    # the warm executor first; the SuperNode waits for its ready line
-    assert list(specs) == ["executor", "supernode"]
-    assert specs["executor"].ready_line == READY_LINE and specs["supernode"].after == "executor"
+    # one process: the SuperNode hosting the warm executor, ready once that logged its line
+    assert list(specs) == ["supernode"]
+    assert argv[1:3] == ("-m", "federated.runtime.hosted_supernode")
+    assert argv[argv.index("--isolation") + 1] == "process"
+    assert specs["supernode"].ready_line == READY_LINE and specs["supernode"].after is None
+    # thread pools and malloc arenas capped for a machine hosting several hospitals
+    assert specs["supernode"].env["OMP_NUM_THREADS"] == "1"
+    assert specs["supernode"].env["MALLOC_ARENA_MAX"] == "2"
+
+
+def test_operator_thread_settings_win(settings: NodeSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    [spec] = supernode_specs(_with(settings, insecure=True, executor="warm"))
+    assert spec.env["OMP_NUM_THREADS"] == "4" and spec.env["MKL_NUM_THREADS"] == "1"
 
 
 def test_tls_mode_passes_the_node_key_and_the_ca(settings: NodeSettings) -> None:

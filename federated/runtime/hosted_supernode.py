@@ -1,0 +1,92 @@
+"""A hospital's Flower side in ONE process: `flower-supernode` with the warm executor in a thread.
+
+``python -m federated.runtime.hosted_supernode ARGS`` takes exactly `flower-supernode`'s
+arguments (with ``--isolation process --host H --port P``: the executor polls that runtime API)
+and the environment of `supernode_main` (Flower mode and sleeps).
+
+Why one process (issue "Scale": memory per hospital): the SuperNode and the executor were two
+interpreters that each imported flwr, gRPC, protobuf, numpy and cryptography; the SuperNode alone
+took ~145 MB RSS for that (docs/benchmarks/scale.md). Here the SuperNode's loop runs on the main
+thread (flwr registers its SIGTERM/SIGINT handlers there, and `flwr_exit` ends the process,
+executor and all, so the node's supervisor restarts both together and still reads Flower's exit
+code from the log) and the executor (`federated.runtime.executor.WarmExecutor`) takes ClientApp
+tasks from the SuperNode's runtime API over loopback HTTP as before, on a daemon thread.
+
+Order: the ClientApp (torch, our training code) is imported, the rest of a first round's
+warm-up done (`executor.prewarm`: the privacy accountants, this site's records and verified
+consent contracts) and the executor thread started BEFORE the SuperNode connects to the
+SuperLink, so a run's first message waits for none of it; the ready line
+(`deployment.READY_LINE`) is logged then.
+
+The allocator and thread-pool settings every hospital process gets are in `process_limits`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+from federated.runtime import flwr_internals
+from federated.runtime.executor import WarmExecutor, prewarm
+from federated.runtime.process_limits import limit_threads
+from federated.runtime.settings import disable_phone_home
+from federated.runtime.supernode_main import settings_from_env
+
+log = logging.getLogger("federated.executor")
+
+
+def parse_args(argv: list[str]) -> tuple[str, Path | None]:
+    """From `flower-supernode`'s own arguments: the runtime API it will serve (`--host`, `--port`)
+    and its `--node-config` file (this hospital's site, if it is a file)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--isolation", default="subprocess")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9094)
+    parser.add_argument("--node-config", default=None)
+    known, _rest = parser.parse_known_args(argv)
+    if known.isolation != "process":
+        raise SystemExit("--isolation: must be 'process' (the executor in this process takes the "
+                         f"ClientApp tasks), got {known.isolation!r}")
+    host = f"[{known.host}]" if ":" in known.host else known.host
+    config = Path(known.node_config) if known.node_config and Path(known.node_config).is_file() else None
+    return f"{host}:{known.port}", config
+
+
+def _configure_logging() -> None:
+    """The executor's lines (INFO) on stderr, next to flwr's. Configured before anything else can:
+    Opacus calls `logging.basicConfig` at import, which would print every flwr DEBUG line a
+    second time through the root logger; flwr keeps its own console handler, so its records do
+    not also go up to ours."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
+    logging.getLogger("flwr").propagate = False
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    address, node_config = parse_args(args)
+    disable_phone_home()
+    limit_threads()
+    _configure_logging()
+    settings = settings_from_env()
+    pull_backoff = float(os.environ.get("EXCHANGE_PULL_BACKOFF", settings.pull_backoff))
+    poll = float(os.environ.get("EXCHANGE_EXECUTOR_POLL", "0.05"))
+    executor = WarmExecutor(address, poll=poll, pull_backoff=pull_backoff, node_config_file=node_config)
+    for problem in prewarm(node_config):
+        log.warning("prewarm: %s (the first round loads it instead)", problem)
+    threading.Thread(target=executor.serve, name="warm-executor", daemon=True).start()
+    log.info("warm executor ready for %s", address)  # deployment.READY_LINE
+    if settings.mode == "fast":
+        flwr_internals.patch_supernode_sleeps(settings.supernode_idle_sleep, settings.supernode_reply_sleep)
+        flwr_internals.patch_supernode_pull_backoff(settings.pull_backoff)
+        flwr_internals.patch_supernode_heartbeat(settings.supernode_heartbeat)
+    sys.argv = ["flower-supernode", *args]
+    flwr_internals.flower_supernode_main()
+
+
+if __name__ == "__main__":
+    main()

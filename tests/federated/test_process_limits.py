@@ -1,0 +1,72 @@
+"""A hospital's Flower process sized for many per machine (issue "Scale"): thread pools and malloc
+arenas capped unless the operator says otherwise, the one-process SuperNode's arguments, and the
+first-round warm-up done before any study arrives."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from federated.runtime import site as site_module
+from federated.runtime.deployment import write_node_config
+from federated.runtime.executor import prewarm
+from federated.runtime.hosted_supernode import parse_args
+from federated.runtime.process_limits import ARENA_MAX, THREAD_ENV, limit_env, trim
+
+
+def test_limits_fill_in_only_what_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in (*THREAD_ENV, "MALLOC_ARENA_MAX"):
+        monkeypatch.delenv(key, raising=False)
+    env = limit_env({"OMP_NUM_THREADS": "3"})
+    assert env["OMP_NUM_THREADS"] == "3"  # set in the child's own environment: kept
+    assert env["MKL_NUM_THREADS"] == "1" and env["MALLOC_ARENA_MAX"] == str(ARENA_MAX)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")  # the operator's own value reaches the child
+    assert limit_env({})["MALLOC_ARENA_MAX"] == "8"
+
+
+def test_torch_starts_with_one_intra_op_thread() -> None:
+    """The real thing: in a fresh interpreter, `limit_threads()` before torch's import leaves torch
+    one thread (torch reads OMP_NUM_THREADS when its pool starts)."""
+    env = {k: v for k, v in os.environ.items() if k not in (*THREAD_ENV, "MALLOC_ARENA_MAX")}
+    code = ("from federated.runtime.process_limits import limit_threads, trim\n"
+            "limit_threads()\nimport torch\ntrim()\nprint(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+
+
+def test_trim_is_safe_to_call_any_time() -> None:
+    trim()
+    trim()
+
+
+def test_hosted_supernode_reads_its_runtime_api_and_site(tmp_path: Path) -> None:
+    config = tmp_path / "node-config.toml"
+    config.write_text('hospital-id = "hospital-a"\n')
+    address, node_config = parse_args(["--superlink", "127.0.0.1:1", "--node-config", str(config),
+                                       "--insecure", "--isolation", "process", "--host", "127.0.0.1",
+                                       "--port", "4567"])
+    assert address == "127.0.0.1:4567" and node_config == config
+    assert parse_args(["--isolation", "process", "--host", "::1", "--port", "1",
+                       "--node-config", str(tmp_path / "absent.toml")]) == ("[::1]:1", None)
+    with pytest.raises(SystemExit, match="--isolation: must be 'process'"):
+        parse_args(["--isolation", "subprocess"])
+
+
+def test_prewarm_loads_the_site_before_any_study(tmp_path: Path) -> None:
+    from federated.runtime.demo_sites import provision_sites
+
+    demo = provision_sites(tmp_path / "sites", hospitals=("hospital-a",))["hospital-a"]
+    config = write_node_config(tmp_path / "node-config.toml", demo.site.node_config())
+    site_module._file_cache.clear()
+    assert prewarm(config) == []
+    cached = {kind for kind, _path in site_module._file_cache}
+    assert {"records-path", "contracts-path", "key-path"} <= cached
+    # a site not provisioned yet is not an error of the process: its first round loads it
+    problems = prewarm(write_node_config(tmp_path / "other.toml", {"hospital-id": "hospital-b"}))
+    assert len(problems) == 1 and problems[0].startswith("site: SiteConfigError: records-path")
