@@ -188,6 +188,7 @@ def test_two_studies_at_once_from_one_coordinator_process(deployment: Deployment
 
     for demo in deployment.sites.values():  # before the threads: approvals are read-modify-write
         approve(demo.site, *(s.study_id for s in specs))
+    totals_before = {h: deployment.ledger(h).total_spent() for h in deployment.sites}
 
     def run(spec: StudySpec) -> None:
         results[spec.study_id] = deployment.run(spec, observers[spec.study_id], approve_first=False)
@@ -203,6 +204,19 @@ def test_two_studies_at_once_from_one_coordinator_process(deployment: Deployment
         assert [r for r, _, _ in observer.rounds] == [1, 2]
         assert all(m["contributors"] == 3 for _, m, _ in observer.rounds)
         assert {rc.study_id for _, _, rcs in observer.rounds for rc in rcs} == {study_id}
+    # Budgets (issue 20 item 2): each hospital's ledger holds, per study, exactly the cumulative
+    # epsilon its receipts of that study state, round by round (neither study charged to the
+    # other, none twice), and its total grew by the sum of the two studies' spends.
+    for h in deployment.sites:
+        ledger = deployment.ledger(h)
+        grew = 0.0
+        for spec in specs:
+            said = {rc.round: rc.epsilon_total for _, _, rcs in observers[spec.study_id].rounds
+                    for rc in rcs if rc.hospital.removeprefix("hospital:") == h}
+            assert {c.round: c.epsilon for c in ledger.charges(spec.study_id)} == pytest.approx(said)
+            assert ledger.spent(spec.study_id) == pytest.approx(said[2]) and said[2] <= spec.epsilon
+            grew += max(said[2], ledger.evaluation_spent(spec.study_id))
+        assert ledger.total_spent() - totals_before[h] == pytest.approx(grew)
 
 
 def test_only_approved_hospitals_nodes_take_part(deployment: Deployment) -> None:
