@@ -2,7 +2,7 @@
 
     .venv/bin/python -m tests.bench.bench_log_scale                          # 10k, 100k, 1M
     .venv/bin/python -m tests.bench.bench_log_scale --entries 10000000       # ... and 10M
-    .venv/bin/python -m tests.bench.bench_log_scale --sizes 10000,100000     # a quick look
+    .venv/bin/python -m tests.bench.bench_log_scale --quick                  # 10k only
 
 One temporary PostgreSQL database (created through `EXCHANGE_TEST_PG`, default
 postgresql://postgres@127.0.0.1:5432/postgres, and dropped at the end) holds a real
@@ -396,6 +396,7 @@ def measure(sizes: list[int], args: argparse.Namespace) -> Iterator[dict[str, An
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="10,000 entries, fewer proofs")
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--entries", type=int, default=None,
                         help="the largest size (added to --sizes): 10000000 for the whole table")
@@ -416,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.child_export:
         _child_export(args.child_export[0], Path(args.child_export[1]))
         return
+    if args.quick:
+        args.sizes, args.proofs, args.appends = "10000", 300, 500
     sizes = _sizes(args.sizes, args.entries)
     print(f"audit log on PostgreSQL ({PG_ADMIN_DSN.rsplit('/', 1)[0]}), sizes {sizes}; "
           f"cpus {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}", flush=True)

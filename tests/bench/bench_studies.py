@@ -3,7 +3,7 @@
 
     .venv/bin/python -m tests.bench.bench_studies                          # 5 studies, 10 hospitals
     .venv/bin/python -m tests.bench.bench_studies --hospitals 5            # on a smaller machine
-    .venv/bin/python -m tests.bench.bench_studies --studies 2 --hospitals 3 --rounds 2  # quick
+    .venv/bin/python -m tests.bench.bench_studies --quick      # 2 studies, 3 hospitals, 2 rounds
 
 Each mode runs on a consortium of its own, built like the demo's (`exchange.demo.consortium`,
 imported as `bench_scale` does: coordinator, TLS SuperLink with SuperNode authentication, one
@@ -268,6 +268,7 @@ def run_mode(mode: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 studies, 3 hospitals, 2 rounds")
     parser.add_argument("--studies", type=int, default=5)
     parser.add_argument("--hospitals", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
@@ -279,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", default="at-once,one-after-another")
     parser.add_argument("--json", type=Path, default=None, help="append each result here")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.studies, args.hospitals, args.rounds = 2, 3, 2
     print(f"{args.studies} studies, {args.hospitals} hospitals, {args.rounds} rounds each; cpus "
           f"{os.cpu_count()}; load average {os.getloadavg()[0]:.1f}", flush=True)
     results = []
