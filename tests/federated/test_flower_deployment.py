@@ -42,12 +42,14 @@ LABS_AND_IMAGING = [*LABS, "worst radius", "worst texture", "worst concave point
 class RecordingObserver:
     def __init__(self, hook: Any = None) -> None:
         self.rounds: list[tuple[int, dict[str, float], list[Any]]] = []
+        self.round_ends: list[float] = []  # time.monotonic() at each on_round
         self.completed: tuple[Path, str] | None = None
         self.failed: list[str] = []
         self.hook = hook
 
     def on_round(self, round: int, metrics: Any, receipts: Any) -> None:
         self.rounds.append((round, dict(metrics), list(receipts)))
+        self.round_ends.append(time.monotonic())
         if self.hook is not None:
             self.hook(round)
 
@@ -200,6 +202,9 @@ def test_two_studies_at_once_from_one_coordinator_process(deployment: Deployment
         t.join(timeout=240)
     assert {k: r.status for k, r in results.items()} == {"parallel-0": "completed", "parallel-1": "completed"}
     assert results["parallel-0"].run_id != results["parallel-1"].run_id
+    # at once, not one after the other: each study ended a round before the other's last round
+    ends = [observers[s.study_id].round_ends for s in specs]
+    assert max(e[0] for e in ends) < min(e[-1] for e in ends), ends
     for study_id, observer in observers.items():
         assert [r for r, _, _ in observer.rounds] == [1, 2]
         assert all(m["contributors"] == 3 for _, m, _ in observer.rounds)
