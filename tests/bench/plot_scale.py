@@ -45,7 +45,8 @@ def plot_log(results: list[dict[str, Any]], out: Path) -> None:
     rows = sorted(results, key=lambda r: r["entries"])
     n = [r["entries"] for r in rows]
     fig, axes = _figure(2, 2)
-    panels = [
+    Key = str | tuple[str, str]
+    panels: list[tuple[Any, str, list[tuple[str, Key]]]] = [
         (axes[0][0], "append (entries/s)", [("group commit, PostgreSQL", "append_per_s"),
                                             ("sign + group fsync (baseline)", "baseline_per_s")]),
         (axes[0][1], "proof latency over HTTP (ms)", [("inclusion p50", ("inclusion", "p50_ms")),
