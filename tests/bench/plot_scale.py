@@ -88,19 +88,21 @@ def _value(row: dict[str, Any], key: str | tuple[str, str]) -> float | None:
 def plot_studies(results: list[dict[str, Any]], out: Path) -> None:
     """Wall time against the number of studies, at once and one after another, per set-up."""
     fig, axes = _figure(1, 2)
-    setups = sorted({(r["hospitals"], r["rounds"]) for r in results})
-    for hospitals, rounds in setups:
+    setups = sorted({(r["hospitals"], r["rounds"], r.get("code", "")) for r in results})
+    for hospitals, rounds, code in setups:
         for mode, marker in (("at-once", "o"), ("one-after-another", "s")):
             points = sorted((r["studies"], r["wall_s"]) for r in results
-                            if (r["hospitals"], r["rounds"]) == (hospitals, rounds) and r["mode"] == mode)
+                            if (r["hospitals"], r["rounds"], r.get("code", "")) == (hospitals, rounds, code)
+                            and r["mode"] == mode)
             if points:
                 axes[0].plot(*zip(*points, strict=True), marker=marker,
-                             label=f"{mode}, {hospitals} hospitals, {rounds} rounds")
+                             label=f"{mode}, {hospitals} hospitals, {rounds} rounds {code}".strip())
             loads = sorted((r["studies"], r["load"]) for r in results
-                           if (r["hospitals"], r["rounds"]) == (hospitals, rounds) and r["mode"] == mode)
+                           if (r["hospitals"], r["rounds"], r.get("code", "")) == (hospitals, rounds, code)
+                           and r["mode"] == mode)
             if loads:
                 axes[1].plot(*zip(*loads, strict=True), marker=marker, linestyle=":",
-                             label=f"{mode}, {hospitals} hospitals")
+                             label=f"{mode}, {hospitals} hospitals {code}".strip())
     axes[0].set_xlabel("studies")
     axes[0].set_ylabel("wall time, first submission to last end (s)")
     axes[0].set_title("studies at once vs one after another")
