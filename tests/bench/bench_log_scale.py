@@ -17,7 +17,8 @@ does: every entry is validly signed, `audit verify` checks each one), their leav
 and every complete subtree they close computed here, then written with COPY into
 `audit_entries` and `audit_tree_nodes` in one transaction per chunk. The append-only triggers
 stay on (the next-index trigger checks every COPY row). A bulk load, not the append path: the
-append path is measured on its own below.
+append path is measured on its own below. Nothing else may write to the database while the log
+grows (the COPY starts at the size read before it; the next-index trigger refuses it otherwise).
 
 Measured at each size n (load average printed with each):
 - checkpoint: `AuditLog.checkpoint()` (root from the stored subtrees, sign, store);
