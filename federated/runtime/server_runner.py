@@ -139,6 +139,11 @@ def run_study(superlink_address: str, spec: StudySpec, observer: StudyObserver, 
         flwr_internals.patch_grid_pull_backoff(settings.pull_backoff)
     fab = build_fab()
     certs = None if insecure else root_certificates
+    # One submission at a time: a run is submitted and its ServerApp task claimed as a pair (the
+    # claim check above refuses another client's run), and `pull_input` sets the process-global
+    # task identity. The study itself runs outside the lock, so several studies of one
+    # coordinator process run at once (their rounds interleave; each message carries its own
+    # run and task ids, stamped by the ServerApp).
     with _one_at_a_time:
         t_submit = time.perf_counter()
         claim = _claim_serverapp_task(superlink_address, spec, fab, insecure=insecure, certs=certs,
@@ -152,28 +157,33 @@ def run_study(superlink_address: str, spec: StudySpec, observer: StudyObserver, 
                                 approved_hospitals=(None if approved_hospitals is None
                                                     else frozenset(approved_hospitals)),
                                 submitted_at=submitted_at)
-        app = make_server_app(lambda _ctx: watcher, lambda _ctx: options)
-        completed, details = False, ""
         context: Context | None = None
+        pulled: Exception | None = None
         try:
-            # The task identity is process-global: another study in this process may overwrite it;
-            # the ServerApp stamps run and task ids on its messages itself (options.task_id).
             options.task_id, context = task.pull_input(fab[0])
-            app(grid=task.grid, context=context)
-            completed = True
-            context.state = RecordDict()
-        except StudyFailedError as exc:
-            details = str(exc)
-        except Exception as exc:
-            details = f"ServerApp raised {type(exc).__name__}: {exc}"
-            if watcher.failure is None:
-                watcher.on_failed(details)
-            log.exception("study %s: ServerApp failed", spec.study_id)
+        except Exception as exc:  # reported below, as a failure of the ServerApp
+            pulled = exc
+    app = make_server_app(lambda _ctx: watcher, lambda _ctx: options)
+    completed, details = False, ""
+    try:
+        if pulled is not None:
+            raise pulled
+        assert context is not None
+        app(grid=task.grid, context=context)
+        completed = True
+        context.state = RecordDict()
+    except StudyFailedError as exc:
+        details = str(exc)
+    except Exception as exc:
+        details = f"ServerApp raised {type(exc).__name__}: {exc}"
+        if watcher.failure is None:
+            watcher.on_failed(details)
+        log.exception("study %s: ServerApp failed", spec.study_id)
+    finally:
+        try:
+            task.push_output(context, completed=completed, details=details)
         finally:
-            try:
-                task.push_output(context, completed=completed, details=details)
-            finally:
-                task.close()
+            task.close()
     if watcher.model is not None:
         return StudyResult(claim.run_id, "completed", watcher.model[0], watcher.model[1], start_s=start_s)
     return StudyResult(claim.run_id, "failed", reason=watcher.failure or details, start_s=start_s)

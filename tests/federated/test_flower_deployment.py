@@ -42,12 +42,14 @@ LABS_AND_IMAGING = [*LABS, "worst radius", "worst texture", "worst concave point
 class RecordingObserver:
     def __init__(self, hook: Any = None) -> None:
         self.rounds: list[tuple[int, dict[str, float], list[Any]]] = []
+        self.round_ends: list[float] = []  # time.monotonic() at each on_round
         self.completed: tuple[Path, str] | None = None
         self.failed: list[str] = []
         self.hook = hook
 
     def on_round(self, round: int, metrics: Any, receipts: Any) -> None:
         self.rounds.append((round, dict(metrics), list(receipts)))
+        self.round_ends.append(time.monotonic())
         if self.hook is not None:
             self.hook(round)
 
@@ -188,6 +190,7 @@ def test_two_studies_at_once_from_one_coordinator_process(deployment: Deployment
 
     for demo in deployment.sites.values():  # before the threads: approvals are read-modify-write
         approve(demo.site, *(s.study_id for s in specs))
+    totals_before = {h: deployment.ledger(h).total_spent() for h in deployment.sites}
 
     def run(spec: StudySpec) -> None:
         results[spec.study_id] = deployment.run(spec, observers[spec.study_id], approve_first=False)
@@ -199,10 +202,26 @@ def test_two_studies_at_once_from_one_coordinator_process(deployment: Deployment
         t.join(timeout=240)
     assert {k: r.status for k, r in results.items()} == {"parallel-0": "completed", "parallel-1": "completed"}
     assert results["parallel-0"].run_id != results["parallel-1"].run_id
+    # at once, not one after the other: each study ended a round before the other's last round
+    ends = [observers[s.study_id].round_ends for s in specs]
+    assert max(e[0] for e in ends) < min(e[-1] for e in ends), ends
     for study_id, observer in observers.items():
         assert [r for r, _, _ in observer.rounds] == [1, 2]
         assert all(m["contributors"] == 3 for _, m, _ in observer.rounds)
         assert {rc.study_id for _, _, rcs in observer.rounds for rc in rcs} == {study_id}
+    # Budgets (issue 20 item 2): each hospital's ledger holds, per study, exactly the cumulative
+    # epsilon its receipts of that study state, round by round (neither study charged to the
+    # other, none twice), and its total grew by the sum of the two studies' spends.
+    for h in deployment.sites:
+        ledger = deployment.ledger(h)
+        grew = 0.0
+        for spec in specs:
+            said = {rc.round: rc.epsilon_total for _, _, rcs in observers[spec.study_id].rounds
+                    for rc in rcs if rc.hospital.removeprefix("hospital:") == h}
+            assert {c.round: c.epsilon for c in ledger.charges(spec.study_id)} == pytest.approx(said)
+            assert ledger.spent(spec.study_id) == pytest.approx(said[2]) and said[2] <= spec.epsilon
+            grew += max(said[2], ledger.evaluation_spent(spec.study_id))
+        assert ledger.total_spent() - totals_before[h] == pytest.approx(grew)
 
 
 def test_only_approved_hospitals_nodes_take_part(deployment: Deployment) -> None:
