@@ -1,5 +1,6 @@
 """Opt-in pytest plugin: each test's wall time AND its CPU time, to find the slow tests on a
-shared, loaded machine (`-p tests.cpu_timing`; docs/testing.md).
+shared, loaded machine (`python -m pytest -p tests.cpu_timing`: `-m` puts the repository on the
+import path; docs/testing.md).
 
 Wall time under load says little: at a load of 40 on 2 cores a test that needs 1 s of CPU takes
 20-40 s. CPU time (this process's, threads included, plus its reaped child processes', e.g. the
