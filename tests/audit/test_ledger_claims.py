@@ -20,21 +20,13 @@ from audit.reward_commitment import (
     padded_size,
     verify_leaf,
 )
+from tests.audit import test_ledger_support as support
 from tests.audit.test_ledger import refused
 from tests.audit.test_ledger_support import World
 
 
 def paid_world() -> tuple[World, Ledger]:
-    world = World()
-    world.mint("org:acme", 1000)
-    world.escrow("s-1", "org:acme", 800, None, 0, 5000)
-    world.receipt("s-1", 1, "hospital:a", 40, {"reward:p1": 1, "reward:p2": 2, "reward:p3": 1})
-    world.receipt("s-1", 2, "hospital:a", 40, {"reward:p1": 1, "reward:p3": 1})
-    ledger = Ledger(world.operator.key_id)
-    world.feed(ledger)
-    world.payout(ledger.expected_payout("s-1", 800))
-    world.feed(ledger)
-    return world, ledger
+    return support.paid_world({"reward:p1": 1, "reward:p3": 1})
 
 
 def test_payout_opens_one_pool_per_receipt_and_no_account_is_credited() -> None:

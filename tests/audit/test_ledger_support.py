@@ -116,3 +116,19 @@ class World:
     def refund(self, study_id: str, account: str, amount: int) -> Entry:
         return self.sign(self.coordinator, "study.refund",
                          {"study_id": study_id, "account": account, "amount": amount})
+
+
+def paid_world(round_two: dict[str, int], unclaimed: dict[str, Any] | None = None) -> tuple[World, Ledger]:
+    """One study paid out, the set-up the claims and sweep tests share: 1,000 tokens minted to
+    org:acme, 800 escrowed for s-1 (`unclaimed`: its claim window, None: none), hospital:a's
+    receipts for round 1 (reward:p1 1, p2 2, p3 1) and round 2 (`round_two`), then the payout."""
+    world = World()
+    world.mint("org:acme", 1000)
+    world.escrow("s-1", "org:acme", 800, None, 0, 5000, unclaimed=unclaimed)
+    world.receipt("s-1", 1, "hospital:a", 40, {"reward:p1": 1, "reward:p2": 2, "reward:p3": 1})
+    world.receipt("s-1", 2, "hospital:a", 40, round_two)
+    ledger = Ledger(world.operator.key_id)
+    world.feed(ledger)
+    world.payout(ledger.expected_payout("s-1", 800))
+    world.feed(ledger)
+    return world, ledger

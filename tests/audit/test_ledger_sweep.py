@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from audit.ledger import Ledger
+from tests.audit import test_ledger_support as support
 from tests.audit.test_ledger import refused
 from tests.audit.test_ledger_support import World
 
@@ -14,17 +15,8 @@ WINDOW = 30 * 86_400
 
 
 def paid_world(unclaimed: dict[str, object] | None = None) -> tuple[World, Ledger]:
-    world = World()
-    world.mint("org:acme", 1000)
-    world.escrow("s-1", "org:acme", 800, None, 0, 5000,
-                 unclaimed={"after_s": WINDOW, "to": "org:acme"} if unclaimed is None else unclaimed)
-    world.receipt("s-1", 1, "hospital:a", 40, {"reward:p1": 1, "reward:p2": 2, "reward:p3": 1})
-    world.receipt("s-1", 2, "hospital:a", 40, {"reward:p1": 1})
-    ledger = Ledger(world.operator.key_id)
-    world.feed(ledger)
-    world.payout(ledger.expected_payout("s-1", 800))
-    world.feed(ledger)
-    return world, ledger
+    return support.paid_world({"reward:p1": 1},
+                              {"after_s": WINDOW, "to": "org:acme"} if unclaimed is None else unclaimed)
 
 
 def test_after_the_window_the_rest_of_each_pool_is_swept_once_and_conservation_holds() -> None:

@@ -1,5 +1,7 @@
-"""End to end: `exchange demo` with the coordinator on PostgreSQL, as a user runs it (the CLI in
-its own process), then everything it claims is checked against the system's own records:
+"""End to end: `exchange demo` with the coordinator on PostgreSQL and each hospital on a network
+host of its own (`--hosts netns`, tests/e2e/test_across_hosts.py; loopback where namespaces
+cannot be made outside CI), as a user runs it (the CLI in its own process), then everything it
+claims is checked against the system's own records:
 
 - the study completed and its escrow was paid out exactly as the payout rules compute it from
   the hospitals' signed receipts in the verified log, and tokens are conserved;
@@ -11,7 +13,12 @@ its own process), then everything it claims is checked against the system's own 
 - the records revoked mid-study were used before and are not used in any round trained after
   their revocation was imported (recomputed here from the node's exported consent contracts, and
   matched with the commitment each hospital signed);
-- no process the demo started is left running.
+- no process the demo started is left running;
+- with netns: each hospital ran in its own namespace on a non-loopback address, reaching an
+  HTTPS coordinator and a TLS SuperLink, and no namespace is left behind.
+
+One run checks both the PostgreSQL coordinator and the placement across hosts: a demo run is the
+suite's costliest kind of test (docs/testing.md).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from audit.entry import Entry, parse_time
 from audit.ledger import Ledger
 from audit.rewards import Receipt, StudyTerms, compute_payout, payout_credits
 from exchange.demo.report import REQUIRED_HOSPITAL_FIELDS
+from tests.e2e.test_across_hosts import check_each_hospital_ran_on_its_own_host, namespaces, placement
 
 pytestmark = [pytest.mark.slow, pytest.mark.flower, pytest.mark.postgres]
 ROUNDS = 6
@@ -56,12 +64,14 @@ def _entries(folder: Path) -> list[Entry]:
             if line.strip()]
 
 
-def test_demo_on_postgres(postgres_url: str, tmp_path: Path) -> None:
+def test_demo_on_postgres_across_hosts(postgres_url: str, tmp_path: Path) -> None:
     """One run of the CLI (it takes a minute or two), then each claim checked in turn."""
     out = tmp_path / "out"
+    hosts = placement()
+    before = namespaces() if hosts == "netns" else set()
     result = subprocess.run(
         [sys.executable, "-m", "exchange.cli", "demo", "--out", str(out), "--db", postgres_url,
-         "--rounds", str(ROUNDS), "--no-live"],
+         "--rounds", str(ROUNDS), "--hosts", hosts, "--no-live"],
         capture_output=True, text=True, timeout=900, check=False, env={**os.environ, "COLUMNS": "160"})
     run = {"out": out, "db": postgres_url, "result": result, "leftovers": _our_processes(str(out))}
     check_demo_completes_and_stops_everything(run)
@@ -73,6 +83,8 @@ def test_demo_on_postgres(postgres_url: str, tmp_path: Path) -> None:
     check_each_hospital_witnessed_the_log_and_proved_its_entries_included(run)
     check_report_shape_and_values_come_from_the_records(run)
     check_revoked_records_are_not_used_after_their_revocation(run)
+    if hosts == "netns":
+        check_each_hospital_ran_on_its_own_host(run, before)
 
 
 def _rounds(report: dict[str, Any]) -> int:

@@ -33,8 +33,13 @@ from exchange.coordinator.client import decision_entry
 from exchange.http_signing import sign_request
 from tests.exchange.conftest import World, make_world, study_body
 
-#: Issue 19's target: hostile requests per CI run, all below 500.
+#: Issue 19's target: hostile requests per CI run, all below 500. The two properties below send
+#: BODY_EXAMPLES + TARGET_EXAMPLES requests (hypothesis runs exactly max_examples valid examples
+#: here: nothing is filtered or assumed), a little above the target and no more: every request
+#: is suite time (docs/testing.md).
 TARGET = 2_000
+BODY_EXAMPLES = 1_400
+TARGET_EXAMPLES = 640
 MAX_BODY = 64 * 1024  # the fuzz world's body limit, so that "oversized" costs little to send
 SENT: Counter[str] = Counter()
 STATUSES: Counter[int] = Counter()
@@ -188,7 +193,7 @@ def logged_errors() -> Iterator[list[dict[str, Any]]]:
         yield events
 
 
-@settings(FUZZ, max_examples=1_500)
+@settings(FUZZ, max_examples=BODY_EXAMPLES)
 @given(data=st.data())
 def test_hostile_bodies_on_every_endpoint(fuzz_world: World, operations: list[dict[str, Any]],
                                           running_study: str, logged_errors: list[dict[str, Any]],
@@ -200,7 +205,7 @@ def test_hostile_bodies_on_every_endpoint(fuzz_world: World, operations: list[di
     _check(response, f"body {operation['method']} {path}")
 
 
-@settings(FUZZ, max_examples=700)
+@settings(FUZZ, max_examples=TARGET_EXAMPLES)
 @given(data=st.data())
 def test_hostile_paths_and_queries_on_every_endpoint(fuzz_world: World, operations: list[dict[str, Any]],
                                                      running_study: str, logged_errors: list[dict[str, Any]],

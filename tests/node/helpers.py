@@ -26,6 +26,7 @@ from exchange.coordinator.schemas import ApiKeyCreate, HospitalCreate, Organisat
 from exchange.node.consent_store import import_consent_folder
 from exchange.node.importer import import_records
 from exchange.node.mapping import parse_mapping
+from exchange.node.policy import StudyView
 from exchange.node.store import NodeStore
 from tests.exchange.scripted_runner import ScriptedRunner
 
@@ -42,6 +43,17 @@ def study_body(**overrides: Any) -> dict[str, Any]:
     }
     body.update(overrides)
     return body
+
+
+def study_view(study_id: str, **spec: Any) -> StudyView:
+    """A submitted study as the node sees it (acme, DE): a one-round, one-hospital binary study on
+    `COLUMNS` with label `label` unless `spec` says otherwise."""
+    body: dict[str, Any] = {"title": "t", "purpose": "DUO:0000042", "data_categories": ["labs"],
+                            "columns": {"labs": list(COLUMNS)}, "template": "logistic_regression",
+                            "task": "binary", "label": "label", "epsilon": 3.0, "delta": 1e-5, "rounds": 1,
+                            "min_hospitals": 1, **spec}
+    return StudyView.from_json({"id": study_id, "organisation_id": "acme", "organisation_region": "DE",
+                                "status": "submitted", "spec": body})
 
 
 @dataclass

@@ -17,7 +17,7 @@ from exchange.node.policy import StudyView
 from exchange.node.settings import NodeSettings
 from exchange.node.store import NodeStore
 from exchange.study.spec import consent_request, study_spec
-from tests.node.helpers import ISSUED, seed_consent, seed_records
+from tests.node.helpers import ISSUED, seed_consent, seed_records, study_view
 
 PSEUDONYMS = [f"p{i}" for i in range(40)]
 
@@ -30,13 +30,7 @@ def _contract(pseudonym: str, nmds: bool) -> Contract:
 
 
 def _study(study_id: str, **spec: Any) -> StudyView:
-    body: dict[str, Any] = {"title": "t", "purpose": "HMB", "data_categories": ["labs"],
-                            "columns": {"labs": ["mean_radius", "mean_texture"]},
-                            "template": "logistic_regression",
-                            "task": "binary", "label": "label", "epsilon": 3.0, "delta": 1e-5, "rounds": 1,
-                            "min_hospitals": 1, **spec}
-    return StudyView.from_json({"id": study_id, "organisation_id": "acme", "organisation_region": "DE",
-                                "status": "submitted", "spec": body})
+    return study_view(study_id, **{"purpose": "HMB", **spec})
 
 
 def test_nmds_consents_refuse_methods_research(settings: NodeSettings, store: NodeStore,

@@ -26,7 +26,7 @@ from exchange.study.spec import study_spec
 from federated.client_app import train_hospital_round
 from federated.dp import initial_state
 from federated.runtime.site import Site
-from tests.node.helpers import gru_contract, seed_consent
+from tests.node.helpers import gru_contract, seed_consent, study_view
 
 N = 60
 PSEUDONYMS = [f"p{i}" for i in range(N)]
@@ -57,12 +57,7 @@ def _seed(store: NodeStore, settings: NodeSettings, tmp_path: Path) -> None:
 def _study(study_id: str, label: str, task: str = "regression", **extra: Any) -> StudyView:
     template = {"regression": "linear_regression", "binary": "logistic_regression"}.get(
         task, "softmax_regression")
-    spec: dict[str, Any] = {"title": "t", "purpose": "DUO:0000042", "data_categories": ["labs"],
-                            "columns": {"labs": ["mean_radius", "mean_texture"]}, "template": template,
-                            "task": task, "label": label, "epsilon": 3.0,
-                            "delta": 1e-5, "rounds": 1, "min_hospitals": 1, **extra}
-    return StudyView.from_json({"id": study_id, "organisation_id": "acme", "organisation_region": "DE",
-                                "status": "submitted", "spec": spec})
+    return study_view(study_id, **{"template": template, "task": task, "label": label, **extra})
 
 
 def test_each_study_names_its_label_checked_at_decision(settings: NodeSettings, store: NodeStore,
