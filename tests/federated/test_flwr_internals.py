@@ -10,7 +10,6 @@ import functools
 import importlib
 import importlib.metadata
 import inspect
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,15 +121,6 @@ def test_wrappers_check_the_layout_before_touching_flwr(fresh_checks: None,
 
 
 # -- wrappers that need no running process ------------------------------------------------------------
-
-
-@pytest.fixture
-def task_identity() -> Iterator[Any]:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    yield TaskIdentity
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def test_task_identity_and_metadata_stamps_reach_messages(task_identity: Any) -> None:
