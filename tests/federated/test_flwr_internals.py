@@ -282,3 +282,30 @@ def test_other_flwr_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_pinned_version_is_installed() -> None:
     assert importlib.metadata.version("flwr") == flwr_internals.PINNED_FLWR_VERSION
+
+
+def test_bound_retries_gives_up_on_a_lost_superlink_and_on_401_without_signalling() -> None:
+    """The coordinator's ServerApp grid: Flower retries a lost SuperLink forever and answers a 401
+    with SIGINT to its own process (the coordinator's); bounded, it raises instead."""
+    import signal
+
+    import httpx
+    from flwr.superlink.grid import HttpGrid
+
+    invoker = HttpGrid(token="probe")._retry_invoker
+    flwr_internals.bound_retries(invoker, 0.5)
+    signals: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: signals.append(signum))
+    try:
+        def unauthorized() -> None:
+            request = httpx.Request("POST", "http://127.0.0.1:9/v1/runtime/get-nodes")
+            raise httpx.HTTPStatusError("401", request=request, response=httpx.Response(401, request=request))
+
+        with pytest.raises(httpx.HTTPStatusError):
+            invoker.invoke(unauthorized)
+        assert signals == []
+        # a lost SuperLink: given up after the bound (Flower's own invoker never returns here)
+        with pytest.raises(httpx.ConnectError):
+            invoker.invoke(lambda: (_ for _ in ()).throw(httpx.ConnectError("refused")))
+    finally:
+        signal.signal(signal.SIGINT, previous)
