@@ -33,12 +33,13 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from audit.signing import Signer
 from exchange.demo.hosts import Loopback, NetnsHosts, Placement
+from exchange.demo.round_gate import GatedRunner, RoundGate
 from exchange.demo.studies import DemoStudy, get_study
 from exchange.node.consent_store import ConsentImportRejectedError
 from exchange.node.mapping import ImportRejectedError
@@ -81,10 +82,6 @@ class DemoConfig:
     strict_max_epsilon: float = 2.0
     #: records revoked at each of these hospitals, right after its first round was charged
     revoke: dict[str, int] = field(default_factory=lambda: {"hospital-a": 3, "hospital-b": 2})
-    #: seconds between signing a revocation and its taking effect (the import happens between);
-    #: None: twice what the hospital's first consent import took, within [1, 15] s (a survival
-    #: hospital holds 2,362 patients: its imports take seconds on a loaded machine)
-    revocation_lead_s: float | None = None
     seed: int = 7
     #: seconds between node daemon steps (the node's default is 2 s)
     node_poll_s: float = 0.5
@@ -136,7 +133,6 @@ class Hospital:
     revoked: list[str] = field(default_factory=list)
     revoked_at: str | None = None
     revoke_imported_at: str | None = None
-    consent_import_s: float = 1.0
     witness_vkey: str | None = None  # registered in the log; cosigns checkpoints
 
     @property
@@ -282,6 +278,8 @@ class Consortium:
         self.db_url = ""
         self.study_id: str | None = None
         self.runner: FederatedRunner | None = None
+        #: holds the study between rounds while a revocation is imported (round_gate.py)
+        self.round_gate = RoundGate()
         self.tls: Any = None
         self.placement: Placement = Loopback()
         #: seconds from the start of `run` to: every daemon online, every decision in
@@ -392,8 +390,8 @@ class Consortium:
         keys = work / "coordinator-keys"
         self._superlink_ready = threading.Event()
         # The production runner (the superlink address and CA are set once the SuperLink runs).
-        self.runner = FederatedRunner("", work / "models", round_timeout_s=DEMO_TIMEOUT_S,
-                                      join_timeout_s=DEMO_TIMEOUT_S)
+        self.runner = GatedRunner("", work / "models", round_timeout_s=DEMO_TIMEOUT_S,
+                                  join_timeout_s=DEMO_TIMEOUT_S, gate=self.round_gate)
         self.runtime = build_runtime(AppConfig(
             database_url=self.db_url, operator_key_file=keys / "operator.key", log_key_file=keys / "log.key",
             coordinator_key_file=keys / "coordinator.key", log_origin="demo.exchange.local/log",
@@ -459,9 +457,7 @@ class Consortium:
             records_csv, mapping = self._write_records(h, data)
             node_step(f"{h.id}: import-data", import_data, self._settings(h), records_csv, None, mapping)
             consent_dir = self._write_contracts(h, list(data.pseudonyms), self.config.seed + index)
-            started = time.monotonic()
             node_step(f"{h.id}: consent import", import_consent, self._settings(h), consent_dir)
-            h.consent_import_s = time.monotonic() - started
             self.progress.hospitals[h.id].update(records=len(data), contracts=len(h.contracts))
             self.progress.event(f"{h.id}: {len(data)} records, {len(h.contracts)} consent contracts "
                                 "imported")
@@ -734,26 +730,30 @@ class Consortium:
         data, _label = site.records()
         train = data.train()
         request = consent_request(self.accepted_study())
-        now = datetime.now(UTC)
-        gate = site.gate(request, train.pseudonyms, now)
-        chosen = sorted(gate.eligible)[:count]
-        # Effective a moment after signing, so the import is done before the revocation is in
-        # force: every round then gates either entirely before it or entirely after it, and
-        # the report's recomputation of each round's gating is exact (see docs/demo.md).
-        lead = self.config.revocation_lead_s
-        if lead is None:  # scaled by how long an import takes on this machine right now
-            lead = min(15.0, max(1.0, 2 * h.consent_import_s))
-        effective = now + timedelta(seconds=lead)
-        folder = h.dir / "input" / "revocations"
-        folder.mkdir(parents=True, exist_ok=True)
-        documents = [sign(revoke(h.contracts[p], effective), h.issuer).to_json() for p in chosen]
-        (folder / "revocations.json").write_text(json.dumps(documents))
-        node_step(f"{h.id}: consent import", import_consent, self._settings(h), folder)
-        h.revoked = chosen
-        h.revoked_at = effective.isoformat()
-        h.revoke_imported_at = datetime.now(UTC).isoformat()
-        late = " (imported AFTER it took effect)" if datetime.now(UTC) > effective else ""
-        self.progress.event(f"{h.id}: {len(chosen)} patients revoked consent mid-study{late}")
+        # Held between two rounds (round_gate.py: no hospital gates meanwhile), the revocation is
+        # effective from now and imported before the run goes on: every round gates entirely
+        # before it or entirely after it, and the report's recomputation of each round's gating
+        # is exact (see docs/demo.md).
+        self.round_gate.hold_next()
+        try:
+            if not self.round_gate.wait_held(self.config.timeout_s,
+                                             lambda: self.study()["status"] == "running"):
+                self.progress.event(f"{h.id}: the study ended before its patients could revoke consent")
+                return
+            now = datetime.now(UTC)
+            gate = site.gate(request, train.pseudonyms, now)
+            chosen = sorted(gate.eligible)[:count]
+            folder = h.dir / "input" / "revocations"
+            folder.mkdir(parents=True, exist_ok=True)
+            documents = [sign(revoke(h.contracts[p], now), h.issuer).to_json() for p in chosen]
+            (folder / "revocations.json").write_text(json.dumps(documents))
+            node_step(f"{h.id}: consent import", import_consent, self._settings(h), folder)
+            h.revoked = chosen
+            h.revoked_at = now.isoformat()
+            h.revoke_imported_at = datetime.now(UTC).isoformat()
+        finally:
+            self.round_gate.release()
+        self.progress.event(f"{h.id}: {len(chosen)} patients revoked consent mid-study")
 
     # -- audit --------------------------------------------------------------------------------
     def wait_for_cosigned_checkpoint(self) -> None:

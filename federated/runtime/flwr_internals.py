@@ -238,10 +238,16 @@ def _check_semantics(part: str) -> None:
                                     "(see federated/runtime/flwr_internals.py)") from exc
         _require(same, "Metadata no longer keeps message_id/run_id in __dict__['_message_id'/'_run_id']")
     elif part == "serverapp":
+        from flwr.supercore.retry import RetryInvoker
         from flwr.superlink.grid import HttpGrid
 
         _require(isinstance(inspect.getattr_static(HttpGrid, "_runtime_client", None), property),
                  "HttpGrid._runtime_client is no longer a property")
+        # bound_retries: the grid's invoker, set in __init__ and used at the first connection
+        invoker = HttpGrid(token="layout-probe")._retry_invoker
+        _require(isinstance(invoker, RetryInvoker) and hasattr(invoker, "max_time")
+                 and hasattr(invoker, "should_giveup"),
+                 "HttpGrid._retry_invoker is no longer a RetryInvoker with max_time and should_giveup")
     elif part == "runtime":
         from flwr.common.constant import SubStatus
         from flwr.supercore.constant import TaskType
@@ -396,9 +402,17 @@ class _HeartbeatTask:
     """A claimed task's heartbeat, started with the task; Flower reclaims a silent task."""
 
     def _start_heartbeat(self, client: Any) -> None:
+        import httpx
         from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 
-        self._heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        flower_heartbeat = make_task_heartbeat_fn_http(client)
+
+        def heartbeat() -> bool:
+            try:
+                return bool(flower_heartbeat())
+            except httpx.HTTPStatusError:  # e.g. the 401 `bound_retries` gives up on: the task's
+                return False  # own calls report it; the sender retries until the task closes
+        self._heartbeat = HeartbeatSender(heartbeat)
         self._heartbeat.start()
 
     def _stop_heartbeat(self) -> None:
@@ -406,17 +420,42 @@ class _HeartbeatTask:
             self._heartbeat.stop()
 
 
+def bound_retries(invoker: Any, max_time_s: float) -> None:
+    """Make a Flower HTTP retry invoker (`make_simple_http_retry_invoker`) fit to run inside the
+    coordinator's process, where one ServerApp per study shares the process with the API.
+
+    Flower's invoker retries a lost SuperLink forever (`max_time=None`), so a SuperLink that does
+    not come back would keep a study "running" for good; here the call gives up after
+    `max_time_s` and the ServerApp fails the study with the error. And on a 401 (a SuperLink
+    restarted without its state no longer knows the task's token) Flower sends SIGINT to its own
+    process, which in `flwr-serverapp` is one study but here would stop the coordinator and every
+    study in it: a 401 gives up instead (the study fails, the process stays up).
+    (docs/flower.md, "A SuperLink restart mid-study")"""
+    import httpx
+
+    flower_giveup = invoker.should_giveup
+
+    def should_giveup(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED:
+            return True
+        return bool(flower_giveup(exc)) if flower_giveup is not None else False
+
+    invoker.max_time = max_time_s
+    invoker.should_giveup = should_giveup
+
+
 class ServerAppTask(_HeartbeatTask):
     """A claimed ServerApp task run in this process (the steps of flwr-serverapp): the grid the
     ServerApp talks through, the task's input, its heartbeat (started here) and its output."""
 
     def __init__(self, address: str, claim: TaskClaim, *, insecure: bool,
-                 root_certificates: bytes | None) -> None:
+                 root_certificates: bytes | None, reconnect_s: float) -> None:
         check_layout("runtime", "serverapp", "message")
         from flwr.superlink.grid import HttpGrid
 
         self._http_grid = HttpGrid(runtime_api_address=address, insecure=insecure,
                                    root_certificates=root_certificates, token=claim.token)
+        bound_retries(self._http_grid._retry_invoker, reconnect_s)  # before the first connection
         self._start_heartbeat(self._http_grid._runtime_client)
 
     @property

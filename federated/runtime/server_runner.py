@@ -149,8 +149,9 @@ def run_study(superlink_address: str, spec: StudySpec, observer: StudyObserver, 
         claim = _claim_serverapp_task(superlink_address, spec, fab, insecure=insecure, certs=certs,
                                       acquire_timeout=acquire_timeout)
         start_s = time.perf_counter() - t_submit
+        # A SuperLink gone for longer than a round's timeout fails the study (never a hang).
         task = flwr_internals.ServerAppTask(superlink_address, claim, insecure=insecure,
-                                            root_certificates=certs)
+                                            root_certificates=certs, reconnect_s=spec.round_timeout_s)
         watcher = _ResultObserver(observer)
         options = ServerOptions(output_dir=output_dir, poll=settings.effective_server_poll,
                                 hospital_keys=hospital_keys, stop_event=stop_event or threading.Event(),

@@ -28,7 +28,7 @@ from tests.e2e.test_demo_postgres import (
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.flower]
-ROUNDS = 6  # the revocation after round 1 takes effect up to 15 s later: rounds after it
+ROUNDS = 6  # the revocation is imported between two early rounds: rounds after it
 
 
 def test_survival_demo(tmp_path: Path) -> None:

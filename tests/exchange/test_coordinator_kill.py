@@ -1,7 +1,8 @@
 """kill -9 of the coordinator (a real `exchange serve` process) while hospitals post signed
-decisions and a researcher submits studies (escrow): after a restart on the same database,
-nothing the coordinator acknowledged is lost, the exported log verifies with the audit CLI,
-and the token ledger conserves (minted = escrow + balances).
+decisions and signed round receipts (for studies already running) and a researcher submits
+studies (escrow): after a restart on the same database, nothing the coordinator acknowledged is
+lost or doubled (an acknowledged receipt posted again is refused as a duplicate), the exported
+log verifies with the audit CLI, and the token ledger conserves (minted = escrow + balances).
 
 Issue 19, "Faults". SQLite and PostgreSQL."""
 
@@ -25,9 +26,11 @@ from typer.testing import CliRunner
 
 from audit.cli import app as audit_cli
 from exchange.coordinator.client import CoordinatorError, HospitalClient
-from tests.exchange.conftest import make_world, study_body
+from tests.exchange.conftest import make_world, receipt, study_body
 
 pytestmark = pytest.mark.slow
+#: rounds of receipts each hospital may post per running study (the kill lands well before)
+RECEIPT_ROUNDS = 200
 
 
 def _free_port() -> int:
@@ -67,6 +70,15 @@ def test_kill_9_of_the_coordinator_loses_nothing_acknowledged(db_url: str, tmp_p
     world = next(worlds)
     # Three hospitals needed, two decide: approvals never start a study (no SuperLink).
     studies = [world.submit(min_hospitals=3, token_budget=100)["id"] for _ in range(12)]
+    # Running studies for the receipts: approved by h-one and h-two, their scripted runs held
+    # (and cancelled with the world, without an end): they stay "running" in the database.
+    world.runner.pause = threading.Event()
+    running = [world.submit(min_hospitals=2, rounds=RECEIPT_ROUNDS, token_budget=100)["id"] for _ in range(2)]
+    for sid in running:
+        for name in ("h-one", "h-two"):
+            assert world.decide(name, sid).status_code == 201
+    statuses = {world.as_("alice", "GET", f"/v1/studies/{sid}").json()["status"] for sid in running}
+    assert statuses == {"running"}
     keys, hospitals = dict(world.keys), dict(world.hospitals)
     runtime = world.runtime
     assert next(worlds, None) is None  # leaves the TestClient and waits for the scripted runs
@@ -76,6 +88,7 @@ def test_kill_9_of_the_coordinator_loses_nothing_acknowledged(db_url: str, tmp_p
     url = f"http://127.0.0.1:{port}"
     server = _serve(db_url, tmp_path / "keys", port)
     acked_decisions: list[tuple[str, str]] = []
+    acked_receipts: list[tuple[str, str, int]] = []
     acked_studies: list[str] = []
     refused: list[str] = []
     lock = threading.Lock()
@@ -97,6 +110,25 @@ def test_kill_9_of_the_coordinator_loses_nothing_acknowledged(db_url: str, tmp_p
                 with lock:
                     acked_decisions.append((name, sid))
 
+    def receipts(name: str) -> None:
+        """The hospital delivers its own signed receipts, round after round, for the running studies."""
+        with HospitalClient(url, hospitals[name], name, timeout=httpx.Timeout(10.0, connect=2.0)) as client:
+            for round_number in range(1, RECEIPT_ROUNDS + 1):
+                for sid in running:
+                    if stop.is_set():
+                        return
+                    entry = receipt(hospitals[name], name, sid, round_number, 40 + round_number)
+                    try:
+                        client.submit_entry(entry)
+                    except httpx.TransportError:
+                        return
+                    except CoordinatorError as exc:
+                        with lock:
+                            refused.append(f"{name} {sid} round {round_number}: {exc}")
+                        return
+                    with lock:
+                        acked_receipts.append((name, sid, round_number))
+
     def researcher() -> None:
         with httpx.Client(base_url=url, timeout=httpx.Timeout(10.0, connect=2.0),
                           headers={"Authorization": f"Bearer {keys['alice']}"}) as http:
@@ -111,13 +143,19 @@ def test_kill_9_of_the_coordinator_loses_nothing_acknowledged(db_url: str, tmp_p
                     acked_studies.append(response.json()["id"])
 
     threads = [threading.Thread(target=hospital, args=(n,)) for n in ("h-one", "h-two")]
+    threads += [threading.Thread(target=receipts, args=(n,)) for n in ("h-one", "h-two")]
     threads.append(threading.Thread(target=researcher))
     try:
         for t in threads:
             t.start()
         # The kill lands at a random moment once some requests were acknowledged.
-        wanted, deadline = random.randint(3, 20), time.monotonic() + 60
-        while len(acked_decisions) + len(acked_studies) < wanted and time.monotonic() < deadline:
+        wanted, deadline = random.randint(6, 30), time.monotonic() + 60
+
+        def acked() -> int:
+            return len(acked_decisions) + len(acked_studies) + len(acked_receipts)
+
+        # (and once at least one receipt was acknowledged: its threads may start last)
+        while (acked() < wanted or not acked_receipts) and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(random.uniform(0, 0.2))
         server.send_signal(signal.SIGKILL)
@@ -126,6 +164,8 @@ def test_kill_9_of_the_coordinator_loses_nothing_acknowledged(db_url: str, tmp_p
         for t in threads:
             t.join(30)
         assert acked_decisions or acked_studies, f"nothing acknowledged before the kill: {refused}"
+        assert acked_receipts, f"no receipt acknowledged before the kill: {refused}"
+        assert refused == []
         server = _serve(db_url, tmp_path / "keys", port)
 
         # Every acknowledged request is there after the restart.
@@ -139,6 +179,16 @@ def test_kill_9_of_the_coordinator_loses_nothing_acknowledged(db_url: str, tmp_p
             assert set(acked_decisions) <= decisions
             escrowed = {e["payload"]["study_id"] for e in entries if e["kind"] == "study.escrow"}
             assert set(acked_studies) | set(studies) <= escrowed
+            logged = [(e["payload"]["hospital"].removeprefix("hospital:"), e["payload"]["study_id"],
+                       e["payload"]["round"]) for e in entries if e["kind"] == "round.receipt"]
+            assert set(acked_receipts) <= set(logged)
+            assert len(logged) == len(set(logged))  # none recorded twice
+            # The restarted coordinator knows them: an acknowledged receipt sent again is a duplicate.
+            name, sid, round_number = acked_receipts[-1]
+            with HospitalClient(url, hospitals[name], name, timeout=30) as client, \
+                    pytest.raises(CoordinatorError) as duplicate:
+                client.submit_entry(receipt(hospitals[name], name, sid, round_number, 1))
+            assert duplicate.value.status == 409, duplicate.value
             ledger: dict[str, Any] = auditor.get("/v1/ledger/balances").json()
         # The ledger conserves: every minted token is escrowed or in a balance.
         assert ledger["minted"] == _total(ledger["escrow"]) + sum(ledger["balances"].values())

@@ -10,7 +10,6 @@ import functools
 import importlib
 import importlib.metadata
 import inspect
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,15 +121,6 @@ def test_wrappers_check_the_layout_before_touching_flwr(fresh_checks: None,
 
 
 # -- wrappers that need no running process ------------------------------------------------------------
-
-
-@pytest.fixture
-def task_identity() -> Iterator[Any]:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    yield TaskIdentity
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def test_task_identity_and_metadata_stamps_reach_messages(task_identity: Any) -> None:
@@ -292,3 +282,30 @@ def test_other_flwr_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_pinned_version_is_installed() -> None:
     assert importlib.metadata.version("flwr") == flwr_internals.PINNED_FLWR_VERSION
+
+
+def test_bound_retries_gives_up_on_a_lost_superlink_and_on_401_without_signalling() -> None:
+    """The coordinator's ServerApp grid: Flower retries a lost SuperLink forever and answers a 401
+    with SIGINT to its own process (the coordinator's); bounded, it raises instead."""
+    import signal
+
+    import httpx
+    from flwr.superlink.grid import HttpGrid
+
+    invoker = HttpGrid(token="probe")._retry_invoker
+    flwr_internals.bound_retries(invoker, 0.5)
+    signals: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: signals.append(signum))
+    try:
+        def unauthorized() -> None:
+            request = httpx.Request("POST", "http://127.0.0.1:9/v1/runtime/get-nodes")
+            raise httpx.HTTPStatusError("401", request=request, response=httpx.Response(401, request=request))
+
+        with pytest.raises(httpx.HTTPStatusError):
+            invoker.invoke(unauthorized)
+        assert signals == []
+        # a lost SuperLink: given up after the bound (Flower's own invoker never returns here)
+        with pytest.raises(httpx.ConnectError):
+            invoker.invoke(lambda: (_ for _ in ()).throw(httpx.ConnectError("refused")))
+    finally:
+        signal.signal(signal.SIGINT, previous)

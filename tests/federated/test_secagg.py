@@ -194,12 +194,14 @@ def _masked(reply: Message) -> np.ndarray:
 
 
 def test_plain_train_message_is_refused_when_the_study_requires_secure_aggregation(
-    three: dict[str, DemoSite],
+    three: dict[str, DemoSite], task_identity: Any
 ) -> None:
     """A server skipping SecAgg+ gets no update: the hospital refuses and spends nothing."""
     from federated.client_app import app
     from federated.dp import initial_state
+    from federated.runtime.flwr_internals import set_task_identity
 
+    set_task_identity(task_id=1, run_id=1, node_id=0)  # the server's process, sending the message
     demo = three["hospital-a"]
     spec = demo_spec("sa-plain", min_hospitals=3, **PRIVACY)
     approve(demo.site, spec.study_id)

@@ -8,7 +8,10 @@ One study of 4 rounds checks, in order:
   database shows it, while the signed receipts (public) do NOT (their weight is the study's);
 - the daemon killed with kill -9 mid-study and restarted brings its SuperNode back, the node
   rejoins, the study completes, and privacy spent is neither double counted nor lost (one
-  ledger charge per round; the node's rounds table matches).
+  ledger charge per round; the node's rounds table matches);
+- rewards match the contributions, checked on the coordinator's log (exported and folded with
+  the audit CLI): the hospital delivers the run's signed receipts itself, the log holds exactly
+  those, and the payout is the one the ledger recomputes from them.
 """
 
 from __future__ import annotations
@@ -28,10 +31,15 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
+from audit.cli import app as audit_cli
+from audit.entry import Entry
+from audit.ledger import Ledger
+from audit.rewards import payout_credits
 from audit.signing import Signer
 from consent.model import revoke
 from consent.request import StudyRequest
 from exchange.cli import app
+from exchange.coordinator.client import HospitalClient
 from exchange.node.importer import import_records
 from exchange.node.mapping import parse_mapping
 from exchange.node.models import RoundRow
@@ -52,6 +60,10 @@ pytestmark = [pytest.mark.flower, pytest.mark.slow]
 COLUMNS = [s.name.replace(" ", "_") for s in feature_specs("breast_cancer") if s.category == "labs"]
 ROUNDS = 4
 REVOKED = 30
+#: every wait is for an event (a state, a log line, a node online); the deadline only keeps a
+#: broken run from hanging, and must cover a daemon importing torch on a loaded 2-core machine
+#: before its SuperNode starts (180 s was not always enough)
+EVENT_DEADLINE_S = 600.0
 
 
 class Observer:
@@ -131,8 +143,8 @@ def test_revocation_between_rounds_and_kill9_mid_study(node_dir: Path, store: No
         process = _start_daemon(node_dir, coordinator.url, superlink, runtime_port)
         processes = [process]
         try:
-            wait_for(lambda: coordinator.study(study_id)["status"] == "running", "approval", 120)
-            superlink.wait_for_nodes(1, timeout=180)
+            wait_for(lambda: coordinator.study(study_id)["status"] == "running", "approval", EVENT_DEADLINE_S)
+            superlink.wait_for_nodes(1, timeout=EVENT_DEADLINE_S)
             spec = StudySpec(study_id=study_id, template="logistic_regression", task="binary",
                              columns=tuple(COLUMNS), label="label", epsilon=3.0, delta=1e-5, rounds=ROUNDS,
                              min_hospitals=1, accountant="rdp", round_timeout_s=180, join_timeout_s=180,
@@ -156,19 +168,30 @@ def test_revocation_between_rounds_and_kill9_mid_study(node_dir: Path, store: No
                 processes[-1].send_signal(signal.SIGKILL)
                 processes[-1].wait(30)
                 processes.append(_start_daemon(node_dir, coordinator.url, superlink, runtime_port))
-                wait_for(lambda: store.get_state("daemon_starts") == 2, "the restarted daemon", 120)
+                wait_for(lambda: store.get_state("daemon_starts") == 2, "the restarted daemon",
+                         EVENT_DEADLINE_S)
                 # The node rejoins under a new node id. The SuperLink lists the old id until its
                 # heartbeat expires even after the SuperNode's graceful exit, and the ServerApp
                 # picks a round's nodes from that list: wait for the old id to go (docs/node.md).
                 wait_for(lambda: (ids := set(superlink.online_node_ids())) and not ids & old_ids,
-                         "the restarted SuperNode to replace the old one", 240)
+                         "the restarted SuperNode to replace the old one", EVENT_DEADLINE_S)
 
             observer.hooks = {1: revoke_some, 2: crash_and_restart}
             result = run_study(superlink.address, spec, observer, tmp_path / "study", insecure=True)
             assert observer.hook_errors == []
             assert result.status == "completed", (result.reason, observer.failed)
+            # The hospital delivers the run's real receipts itself (POST /v1/hospital/entries)
+            # while the coordinator's study runs; its own (scripted) run then finds every round
+            # delivered and adds none, so the payout is computed from these.
+            with HospitalClient(coordinator.url, signer, "hospital-a") as client:
+                for round_number in sorted(observer.rounds):
+                    for receipt in observer.rounds[round_number]:
+                        client.submit_entry(receipt.entry)
             hold.set()
-            wait_for(lambda: coordinator.study(study_id)["status"] == "completed", "completion")
+            wait_for(lambda: coordinator.study(study_id)["status"] == "completed", "completion",
+                     EVENT_DEADLINE_S)
+            logged = wait_for(lambda: _exported(tmp_path / "coordinator.db", tmp_path / "export"),
+                              "a checkpoint of the whole log", EVENT_DEADLINE_S)
             for p in processes[:-1]:
                 assert p.poll() is not None
             children = [c["pid"] for c in store.get_state("children").values() if c["pid"]]
@@ -185,6 +208,21 @@ def test_revocation_between_rounds_and_kill9_mid_study(node_dir: Path, store: No
                     p.wait()
 
     assert sorted(observer.rounds) == list(range(1, ROUNDS + 1))
+    # Rewards match the contributions, from the log: the hospital killed mid-study and rejoined
+    # trained every round, and the log's receipts are exactly the run's, each paid by the payout
+    # the auditor's fold recomputes.
+    entries, fold = logged
+    in_log = [e for e in entries if e.kind == "round.receipt" and e.payload["study_id"] == study_id]
+    assert [e.leaf_bytes() for e in in_log] == [r.entry.leaf_bytes() for k in sorted(observer.rounds)
+                                                for r in observer.rounds[k]]
+    audit_ledger = Ledger()
+    audit_ledger.apply_all([e for e in entries if e.kind != "study.payout"])
+    (payout,) = [e for e in entries if e.kind == "study.payout" and e.payload["study_id"] == study_id]
+    expected = audit_ledger.expected_payout(study_id, audit_ledger.studies[study_id].held)
+    assert {k: payout.payload[k] for k in expected} == expected
+    paid = payout_credits(payout.payload)
+    assert paid.get("hospital:hospital-a", 0) > 0
+    assert fold["balances"]["hospital:hospital-a"] == paid["hospital:hospital-a"]
     used = {r: rs[0].records_used for r, rs in observer.rounds.items()}
     data, _label = read_records(site_paths(settings)["records"])
     train = {p for p, test in zip(data.pseudonyms, data.is_test, strict=True) if not test}
@@ -222,6 +260,22 @@ def test_revocation_between_rounds_and_kill9_mid_study(node_dir: Path, store: No
     # ... before the SuperNode connected: the executor's ready line precedes flwr's first line
     log_text = (node_dir / "logs" / "supernode.log").read_text(errors="replace")
     assert log_text.index(READY_LINE) < log_text.index("Starting Flower SuperNode")
+
+
+def _exported(db: Path, out: Path) -> tuple[list[Entry], dict[str, Any]] | None:
+    """The coordinator's log as an auditor gets it (`audit export`, `audit rewards`), once its
+    latest checkpoint covers the study's payout; None before."""
+    runner = CliRunner()
+    exported = runner.invoke(audit_cli, ["export", "--db", f"sqlite:///{db}", "--out", str(out), "--force"])
+    if exported.exit_code != 0:
+        return None
+    entries = [Entry.from_json(json.loads(line)) for line in (out / "entries.jsonl").read_text().splitlines()
+               if line.strip()]
+    if not any(e.kind == "study.payout" for e in entries):
+        return None
+    folded = runner.invoke(audit_cli, ["rewards", str(out)])
+    assert folded.exit_code == 0, folded.output
+    return entries, json.loads(folded.stdout)
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:
