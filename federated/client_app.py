@@ -205,12 +205,16 @@ def _default_cap(site: Site) -> float:
     return float(site.ledger().total_budget() or 0.0)
 
 
-def decision_count(site: Site, spec: StudySpec, data: HospitalData, at: datetime) -> DecisionCount:
+def decision_count(site: Site, spec: StudySpec, data: HospitalData, at: datetime,
+                   noise: Any = None) -> DecisionCount:
     """The study's decision count: the node daemon's draw, stored in the ledger when it decided
     on the study (`exchange.node.decisions`); when there is none (a hospital run without the
     daemon, e.g. the in-process harness), drawn now the same way, once, over the consented
     patients of the usable records (training and hold-out), with the site's decision epsilon,
-    and charged to each patient counted (`PrivacyLedger.decide`)."""
+    and charged to each patient counted (`PrivacyLedger.decide`). As at the node, the count-free
+    limits come first (the site's maximum delta, the hospital's budget left): a study they
+    refuse draws no count and charges nobody. `noise`: the draw's source (default the secure
+    generator; tests pass one that adds nothing)."""
     ledger = site.ledger()
     stored = ledger.decision(spec.study_id)
     if stored is not None:
@@ -219,13 +223,31 @@ def decision_count(site: Site, spec: StudySpec, data: HospitalData, at: datetime
     if spec.noise != "distributed" and spec.epsilon <= epsilon:
         raise LedgerError(f"epsilon: the study's epsilon {spec.epsilon:g} does not exceed the decision "
                           f"count's epsilon {epsilon:g}, which is part of it")
+    site_max, _delta_budget = ledger.delta_limits()
+    if spec.delta > site_max * (1 + 1e-9):
+        raise BudgetExceededError(f"delta: study {spec.study_id!r} asks {spec.delta:g}, above the site "
+                                  f"maximum {site_max:g}")
+    ledger.check_target(spec.study_id, training_epsilon(spec, epsilon) + epsilon)
     gate = site.gate(spec.request, data.pseudonyms, at)
     events = None
     if spec.task == "survival" and spec.event is not None:
         flags = data.select_columns([spec.event]).x[:, 0]
         events = {p for p, e in zip(data.pseudonyms, flags, strict=True) if e == 1.0}
     return ledger.decide(spec.study_id, epsilon, training_epsilon(spec, epsilon), _caps(gate, gate.eligible),
-                         _default_cap(site), noise=SecureRandom(), events=events)
+                         _default_cap(site), noise=noise or SecureRandom(), events=events)
+
+
+def draw_decision(site: Site, spec: StudySpec, at: datetime | None = None,
+                  noise: Any = None) -> DecisionCount | HospitalOutcome:
+    """The study's decision count as the first train message would draw it (`decision_count`),
+    or the refusal that message would get before drawing; for a node without the daemon."""
+    checked = _check_study(site, spec)
+    if isinstance(checked, HospitalOutcome):
+        return checked
+    try:
+        return decision_count(site, spec, checked, at or datetime.now(UTC), noise)
+    except LedgerError as exc:
+        return HospitalOutcome(STATUS_REFUSED, f"privacy ledger: {exc}")
 
 
 def training_epsilon(spec: StudySpec, decision_epsilon: float) -> float:
