@@ -61,8 +61,8 @@ def _study(study_id: str, label: str, task: str = "regression", **extra: Any) ->
     return study_view(study_id, **{"template": template, "task": task, "label": label, **extra})
 
 
-def test_each_study_names_its_label_checked_at_decision(settings: NodeSettings, store: NodeStore,
-                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_study_names_its_label_checked_at_decision(
+        settings: NodeSettings, store: NodeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A record whose label does not fit the study's task is not usable, like one missing a column:
     it is left out of the decision count (and of training), never refused on, since whether one
     record fits is one patient's fact and a reason is public (docs/privacy.md, "Counts"). A study
@@ -87,7 +87,8 @@ def test_each_study_names_its_label_checked_at_decision(settings: NodeSettings, 
     for study in (_study("s-nb", "hba1c", "binary"), _study("s-grade", "grade", "multiclass", classes=3)):
         refused = evaluate_study(store, settings, study, at)
         assert refused.decision == "refuse", refused.reasons
-        assert [r for r in refused.reasons if not r.startswith("fewer eligible patients (a noised count)")] == []
+        noised = "fewer eligible patients (a noised count)"
+        assert [r for r in refused.reasons if not r.startswith(noised)] == []
         assert "a label the study's task can use" in refused.reasons[0]
     # some records fit (stage 0 and 1 for two classes): the others are left out of the count
     few = evaluate_study(store, settings, _study("s-few", "stage", "multiclass", classes=2), at)

@@ -98,8 +98,8 @@ class _Draws:
     ([f"p{i},{60 + i % 9},{1 + i % 3},{-3 if i == 4 else 100 + i},{i % 2}" for i in range(60)], "number"),
     ([f"p{i},{60 + i % 9},{1 + i % 3},{100 + i},{2 if i == 4 else i % 2}" for i in range(60)], "number"),
 ])
-def test_one_bad_outcome_record_is_left_out_not_refused_on(store: NodeStore, settings: NodeSettings,
-                                                          tmp_path: Path, rows: list[str], time_type: str) -> None:
+def test_one_bad_outcome_record_is_left_out_not_refused_on(
+        store: NodeStore, settings: NodeSettings, tmp_path: Path, rows: list[str], time_type: str) -> None:
     """Before: one record with a negative time or an event of 2 made the node refuse
     with a public reason that one patient's value flipped. Now that record is not usable (as if
     missing): the decision is the same as without it, and it is not counted."""
