@@ -210,14 +210,16 @@ def test_a_revocation_of_every_patient_between_rounds_is_not_visible(demo: DemoS
     train = demo.site.records()[0].train()
     path = demo.site.contracts_path
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    lines += [json.dumps(sign(revoke(demo.contracts[p], NOW + timedelta(hours=1)), demo.consent_issuer).to_json())
+    at = NOW + timedelta(hours=1)
+    lines += [json.dumps(sign(revoke(demo.contracts[p], at), demo.consent_issuer).to_json())
               for p in sorted(set(train.pseudonyms))]
     path.write_text("\n".join(lines) + "\n")
     assert not demo.site.gate(spec.request, train.pseudonyms, NOW + timedelta(hours=2)).eligible
     second = train_hospital_round(demo.site, spec, 2, weights, NOW + timedelta(hours=2))
     assert first.status == second.status == "ok", (first.reason, second.reason)
     assert first.reason == second.reason == ""
-    a, b = (verify_receipt(o.receipt.to_bytes(), demo.signer.public_key).entry.payload for o in (first, second))
+    a, b = (verify_receipt(o.receipt.to_bytes(), demo.signer.public_key).entry.payload
+            for o in (first, second))
     assert {k: a[k] for k in PUBLIC} == {k: b[k] for k in PUBLIC}
     assert a["rewards"]["size"] == b["rewards"]["size"]
     assert set(first.metrics) == set(second.metrics)
