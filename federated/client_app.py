@@ -280,10 +280,13 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
     ledger = site.ledger()
     caps, default_cap = _caps(gate, gate.eligible), _default_cap(site)
     try:
-        decision = decision_count(site, spec, checked, at)
         plan = ledger.plan(spec.study_id)
+        # a study planned before decision counts existed keeps its plan and has none (0)
+        decision = decision_count(site, spec, checked, at) if plan is None else ledger.decision(spec.study_id)
+        decided = 0.0 if decision is None else decision.epsilon
         if plan is None:
-            target = training_epsilon(spec, decision.epsilon)
+            assert decision is not None
+            target = training_epsilon(spec, decided)
             ledger.check_target(spec.study_id, target)
             # sized from the noised decision count, never the exact one (plan_patients)
             n_plan = plan_patients(decision.noisy_count, holdout_fraction=site.holdout_fraction,
@@ -342,14 +345,14 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
     store_openings(site.ledger().engine, spec.study_id, round_, rewards.openings)
     # The study's spend per patient: its decision count's epsilon plus the rounds' (basic
     # composition); the first receipt carries the count's share in its epsilon_spent.
-    before = decision.epsilon + charges[-1].epsilon if charges else 0.0
-    total = decision.epsilon + charge.epsilon
+    before = decided + charges[-1].epsilon if charges else 0.0
+    total = decided + charge.epsilon
     receipt = make_receipt(site.signer(), study_id=spec.study_id, round=round_, hospital_id=site.hospital_id,
                            records_used=contribution_weight(batch_size, plan.steps_per_round),
                            commitment=gate.commitment, epsilon_spent=max(0.0, total - before),
                            epsilon_total=total, delta=plan.delta, spec_sha256=spec.sha256(),
                            rewards=rewards.public(), instant=at,
-                           accounting=receipt_accounting(plan, decision.epsilon, charge.epsilon))
+                           accounting=receipt_accounting(plan, decided, charge.epsilon))
     # Only study-level figures leave: no patient or record count. The sample rate and noise
     # multiplier (in the receipt) are post-processing of the released decision count.
     metrics = {"num_examples": float(receipt.records_used), "steps": float(result.steps),
