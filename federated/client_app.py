@@ -73,6 +73,7 @@ from federated.server_app import (
     HELLO_KEY,
     METRIC_PREFIX,
     REPLY_KEY,
+    STATUS_NO_DATA,
     STATUS_OK,
     STATUS_REFUSED,
     UPDATE_KEY,
@@ -284,6 +285,11 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
         # a study planned before decision counts existed keeps its plan and has none (0)
         decision = decision_count(site, spec, checked, at) if plan is None else ledger.decision(spec.study_id)
         decided = 0.0 if decision is None else decision.epsilon
+        if decision is not None and decision.noisy_count < 1:
+            # the node's decision rule (at least one patient, by the noised count): a function of
+            # the count drawn once for the study, so the same answer every round
+            return HospitalOutcome(STATUS_NO_DATA, "no eligible patients by this hospital's noised "
+                                   "decision count (drawn once for the study)", metrics={"num_examples": 0.0})
         if plan is None:
             assert decision is not None
             target = training_epsilon(spec, decided)

@@ -335,7 +335,8 @@ def test_kill9_and_restart_resumes_without_double_counting(node_dir: Path, seede
     assert ledger.decision_patients(study_id) == frozenset(PSEUDONYMS[:10])
     assert all(spend[p].epsilon == pytest.approx(1.0) for p in PSEUDONYMS[:10])
     privacy = status["privacy"]
-    assert privacy == {"total": 20.0, "spent": pytest.approx(3.9), "reserved": 0.0, "left": pytest.approx(16.1),
+    assert privacy == {"total": 20.0, "spent": pytest.approx(3.9), "reserved": 0.0,
+                       "left": pytest.approx(16.1),
                        "delta_total": 1e-4, "delta_spent": 1e-5, "delta_reserved": 0.0, "max_delta": 1e-5,
                        "patient_epsilon_sum": pytest.approx(plan.epsilon_for_steps(8)),
                        "patient_epsilon_composed": pytest.approx(plan.epsilon_for_steps(8), rel=0.01),
