@@ -84,7 +84,7 @@ def test_policy_refusal_reaches_the_researcher_with_reasons(node_dir: Path, seed
     settings = _node_settings(node_dir, mode="auto-approve", max_epsilon_per_study=2.0)
     settings = settings.model_copy(update={"coordinator_url": coordinator.url})
     too_greedy = coordinator.submit(epsilon=3.0)
-    fine = coordinator.submit(epsilon=1.0)
+    fine = coordinator.submit(epsilon=1.5)  # above the decision count's epsilon (1), part of it
     daemon, link = _daemon(settings, seeded)
     try:
         daemon.step()
@@ -426,7 +426,7 @@ def test_cancelled_and_expired_studies_release_the_reservation(node_dir: Path, s
         "id": "hospital-silent", "organisation_id": "clinics", "name": "Silent",
         "signing_public_key": Signer.generate().public_key_b64, "flower_public_key": flower_key()})
     deadline = datetime.now(UTC) + timedelta(seconds=10)
-    cancelled = coordinator.submit(min_hospitals=2, epsilon=1.0)  # never starts
+    cancelled = coordinator.submit(min_hospitals=2, epsilon=1.25)  # never starts
     expiring = coordinator.submit(min_hospitals=2, epsilon=1.5,
                                   start_deadline=deadline.isoformat().replace("+00:00", "Z"))
     approvals = site_paths(settings)["approvals"]
@@ -435,12 +435,14 @@ def test_cancelled_and_expired_studies_release_the_reservation(node_dir: Path, s
         daemon.step()  # decides and posts
         daemon.step()  # sees the coordinator hold its approvals (`my_decision`)
         assert sorted(daemon.active_studies()) == sorted([cancelled, expiring])
-        assert current_budget(seeded, settings).reserved == pytest.approx(2.5)
+        # each study's decision count (epsilon 1) is spent; the rest of its epsilon is reserved
+        budget = current_budget(seeded, settings)
+        assert budget.spent == pytest.approx(2.0) and budget.reserved == pytest.approx(0.25 + 0.5)
         assert json.loads(approvals.read_text())["approved"] == sorted([cancelled, expiring])
         coordinator.researcher.post(f"/v1/studies/{cancelled}/cancel", {"reason": "changed our mind"})
         daemon.step()
         assert daemon.active_studies() == [expiring]
-        assert current_budget(seeded, settings).reserved == pytest.approx(1.5)
+        assert current_budget(seeded, settings).reserved == pytest.approx(0.5)
         wait_for(lambda: datetime.now(UTC) > deadline, "the start deadline to pass")
         daemon.step()  # the node's poll lists the study: overdue, it expires on that access
     finally:
