@@ -241,7 +241,10 @@ def test_revocation_between_rounds_and_kill9_mid_study(node_dir: Path, store: No
     charges = ledger.charges(study_id)
     assert [c.round for c in charges] == [1, 2, 3, 4]  # one charge per round, none lost or doubled
     epsilons = [r.epsilon_total for r in (observer.rounds[k][0] for k in sorted(observer.rounds))]
-    assert [c.epsilon for c in charges] == pytest.approx(epsilons)
+    # each receipt's total is the decision count's epsilon plus the round's DP-SGD charge
+    decision = ledger.decision(study_id)
+    assert decision is not None
+    assert [decision.epsilon + c.epsilon for c in charges] == pytest.approx(epsilons)
     assert ledger.spent(study_id) == pytest.approx(epsilons[-1]) and epsilons[-1] <= 3.0 + 1e-9
     assert ledger.total_spent() == pytest.approx(epsilons[-1])
     with store.sessions() as session:
