@@ -251,7 +251,7 @@ def test_revocation_between_rounds_and_kill9_mid_study(node_dir: Path, store: No
         rows = session.execute(select(RoundRow.round, RoundRow.epsilon).where(RoundRow.study_id == study_id)
                                .order_by(RoundRow.round)).tuples().all()
     assert [r for r, _e in rows] == [1, 2, 3, 4]
-    assert [e for _r, e in rows] == pytest.approx(epsilons)
+    assert [e for _r, e in rows] == pytest.approx([c.epsilon for c in charges])  # the node's DP-SGD record
     # each daemon run started its SuperNode, which became ready once its executor had loaded
     events = [(e.get("event"), e.get("child")) for e in _json_lines(node_dir / "daemon.log")]
     runs = [i for i, (event, _c) in enumerate(events) if event == "node_started"]
