@@ -255,6 +255,29 @@ def max_delta(n_patients: int) -> float:
     return 1.0 / max(1, n_patients)
 
 
+def plan_patients(noisy_count: int, *, holdout_fraction: float = 0.0,
+                  capacity: int | None = None) -> int:
+    """The patient count a study's DP plan is sized for (sample rate = batch / this), from the
+    hospital's NOISED decision count only (`PrivacyLedger.decide`: already released, as the
+    hospital's decision, and charged to every patient counted), never from an exact count: the
+    sample rate, the noise multiplier calibrated from it and the update's scale reach the server,
+    so they must be post-processing of a released value (docs/privacy.md, "Counts").
+
+    The decision counts hold-out and training patients alike; `holdout_fraction` (the site's
+    public `training.test_fraction`) takes the hold-out share off. Clamped to at least 1 (the
+    noised count may be 0 or negative) and at most the site's public reward `capacity`. The
+    count may be below or above the real number of training patients: DP-SGD still samples the
+    real patients, each independently with this rate, and the accountant's guarantee holds for
+    any sample rate fixed before the data is touched (the rate depends on the data only through
+    the released count: adaptive composition), only the expected batch moves."""
+    if isinstance(noisy_count, bool) or not isinstance(noisy_count, int):
+        raise AccountingError(f"noisy_count: must be an integer, got {noisy_count!r}")
+    if not (isinstance(holdout_fraction, int | float) and 0.0 <= holdout_fraction < 1.0):
+        raise AccountingError(f"holdout_fraction: must be in [0, 1), got {holdout_fraction!r}")
+    n = max(1, round(noisy_count * (1.0 - holdout_fraction)))
+    return n if capacity is None else max(1, min(n, int(capacity)))
+
+
 def plan_study(target_epsilon: float, delta: float, *, rounds: int, n_patients: int,
                batch_size: int, steps_per_round: int,
                accountant: AccountantName = "prv", evaluation: bool = True) -> DPPlan:

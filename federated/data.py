@@ -213,6 +213,13 @@ class HospitalData:
                        columns=columns, categories={c: self.categories[c] for c in columns},
                        target_scale=1.0, target_offset=0.0)
 
+    def where(self, keep: np.ndarray) -> HospitalData:
+        """Only the records where the boolean mask `keep` is true (this object's order)."""
+        mask = np.asarray(keep, dtype=bool).reshape(-1)
+        if mask.shape[0] != len(self):
+            raise DataError(f"keep: {mask.shape[0]} flags for {len(self)} records")
+        return self if bool(mask.all()) else self._take(np.flatnonzero(mask))
+
     def complete(self, columns: Sequence[str]) -> HospitalData:
         """Only the records whose target and every one of `columns` hold a value (not NaN): a
         study uses a record only when it has everything the study reads."""
@@ -232,6 +239,26 @@ class HospitalData:
             raise DataError(f"categories: unknown data categories {sorted(unknown)} for dataset "
                             f"{self.dataset}; known: {sorted(set(self.categories.values()))}")
         return self.select_columns([c for c in self.columns if self.categories[c] in cats])
+
+
+def target_fits(task: str, y: np.ndarray, classes: int | None = None) -> np.ndarray:
+    """Per record, whether its target value `y` can be a `task` study's target: a finite number;
+    binary 0 or 1; multi-class an integer 0..classes-1; survival a time >= 0. A record that does
+    not fit is not usable by the study, exactly like a record missing a column: it is left out
+    inside the hospital, never refused on, because whether ONE record fits is a fact about one
+    patient (docs/privacy.md, "Counts")."""
+    values = np.asarray(y, dtype=np.float64).reshape(-1)
+    ok = np.isfinite(values)
+    safe = np.where(ok, values, -1.0)
+    if task == "binary":
+        ok &= np.isin(safe, (0.0, 1.0))
+    elif task == "multiclass":
+        ok &= np.equal(np.floor(safe), safe) & (safe >= 0)
+        if classes is not None:
+            ok &= safe < classes
+    elif task == "survival":
+        ok &= safe >= 0
+    return ok
 
 
 def target_problem(task: str, label: str, y: np.ndarray, classes: int | None = None) -> str | None:

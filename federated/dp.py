@@ -389,7 +389,7 @@ def train_round(template: Template | str, state: np.ndarray, x: np.ndarray, y: n
                 seed: int | None = None, engine: Engine = "fast",
                 accountant: AccountantName = "prv",
                 patients: Sequence[str] | np.ndarray | None = None, n_classes: int | None = None,
-                subcohort: SurvivalSet | None = None) -> RoundResult:
+                subcohort: SurvivalSet | None = None, plan_patients: int | None = None) -> RoundResult:
     """One round of DP-SGD at one hospital, from the global `state` on records (x, y).
 
     `patients[i]` names the patient of record i (None: every record is its own patient); the
@@ -401,6 +401,13 @@ def train_round(template: Template | str, state: np.ndarray, x: np.ndarray, y: n
     consented columns. Multi-class: `n_classes`, `y` class indices. Survival: `y` is [records, 2]
     (time, event) and `subcohort` the PUBLIC subcohort whose at-risk members form each patient's
     risk set (`federated.survival`).
+
+    `plan_patients`: the patient count the study's plan was sized for (from the hospital's
+    noised decision count, `federated.accounting.plan_patients`). The noised gradient sum is
+    then divided by q x plan_patients (the plan's expected batch, a released value) instead of
+    q x the real patients, so the update's scale reveals no exact count, and a round with no
+    patient left still takes its steps (noise alone) instead of reporting "no data", so a
+    revocation of the last patient is not visible either (docs/privacy.md, "Counts").
     """
     tpl = get_template(template) if isinstance(template, str) else template
     if tpl.task == "survival" and subcohort is None:
@@ -414,7 +421,11 @@ def train_round(template: Template | str, state: np.ndarray, x: np.ndarray, y: n
     unpack(model, state)
     if tpl.task == "multiclass" and n and int(yt.max()) >= (n_classes or 0):
         raise DPTrainingError(f"y: class index {int(yt.max())} is not below n_classes={n_classes}")
-    if n == 0:
+    if plan_patients is not None and (isinstance(plan_patients, bool) or not isinstance(plan_patients, int)
+                                      or plan_patients < 1):
+        raise DPTrainingError(f"plan_patients: must be a positive integer, got {plan_patients!r}")
+    expected_batch = sample_rate * (index.n_patients if plan_patients is None else plan_patients)
+    if n == 0 and plan_patients is None:
         eps = epsilon_spent(noise_multiplier, sample_rate, prior_steps, delta, accountant)
         return RoundResult(status="no_eligible_records", state=np.asarray(state, dtype=np.float32).copy(),
                            num_examples=0, steps=0, epsilon=eps,
@@ -427,16 +438,17 @@ def train_round(template: Template | str, state: np.ndarray, x: np.ndarray, y: n
         if engine not in ("fast", "opacus"):
             raise DPTrainingError(f"engine: must be 'fast' or 'opacus', got {engine!r}")
         run_cox(model, xt, yt, Subcohort.from_set(subcohort), index=index, rng=rng, sigma=noise_multiplier,
-                q=sample_rate, steps=local_steps, clip=clip, lr=lr, momentum=momentum, engine=engine)
+                q=sample_rate, steps=local_steps, clip=clip, lr=lr, momentum=momentum, engine=engine,
+                expected_batch=expected_batch)
     elif engine == "fast":
         if not fast_path_supported(model):
             raise DPTrainingError("engine: 'fast' needs a Sequential of Linear layers and "
                                   "element-wise activations; use engine='opacus'")
         _run_fast(model, tpl, xt, yt, index=index, rng=rng, sigma=noise_multiplier, q=sample_rate,
-                  steps=local_steps, clip=clip, lr=lr, momentum=momentum)
+                  steps=local_steps, clip=clip, lr=lr, momentum=momentum, expected_batch=expected_batch)
     elif engine == "opacus":
         _run_opacus(model, tpl, xt, yt, index=index, rng=rng, sigma=noise_multiplier, q=sample_rate,
-                    steps=local_steps, clip=clip, lr=lr, momentum=momentum)
+                    steps=local_steps, clip=clip, lr=lr, momentum=momentum, expected_batch=expected_batch)
     else:
         raise DPTrainingError(f"engine: must be 'fast' or 'opacus', got {engine!r}")
     eps = epsilon_spent(noise_multiplier, sample_rate, prior_steps + local_steps, delta, accountant)
@@ -458,9 +470,10 @@ def step_noise(rng: SecureRandom, params: Sequence[torch.Tensor], std: float) ->
 
 def _run_fast(model: nn.Sequential, tpl: Template, x: torch.Tensor, y: torch.Tensor, *,
               index: PatientIndex, rng: SecureRandom, sigma: float, q: float, steps: int,
-              clip: float, lr: float, momentum: float) -> None:
+              clip: float, lr: float, momentum: float,
+              expected_batch: float | None = None) -> None:
     params = list(model.parameters())
-    expected_batch = q * index.n_patients
+    expected_batch = q * index.n_patients if expected_batch is None else expected_batch
     bufs: list[torch.Tensor | None] = [None] * len(params)
     with torch.no_grad():
         for _ in range(steps):
@@ -485,7 +498,8 @@ def _run_fast(model: nn.Sequential, tpl: Template, x: torch.Tensor, y: torch.Ten
 
 def _run_opacus(model: nn.Module, tpl: Template, x: torch.Tensor, y: torch.Tensor, *,
                 index: PatientIndex, rng: SecureRandom, sigma: float, q: float, steps: int,
-                clip: float, lr: float, momentum: float) -> None:
+                clip: float, lr: float, momentum: float,
+              expected_batch: float | None = None) -> None:
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
@@ -498,7 +512,7 @@ def _run_opacus(model: nn.Module, tpl: Template, x: torch.Tensor, y: torch.Tenso
     opt = DPOptimizer(base, noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=None,
                       loss_reduction="sum")
     params = list(gsm.parameters())
-    expected_batch = q * index.n_patients
+    expected_batch = q * index.n_patients if expected_batch is None else expected_batch
     for _ in range(steps):
         idx = torch.from_numpy(index.sample(q, rng))
         opt.zero_grad(set_to_none=True)
@@ -576,12 +590,12 @@ def cox_clipped_sum(model: nn.Sequential, sub: Subcohort, x: torch.Tensor, y: to
 
 def run_cox(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, sub: Subcohort, *, index: PatientIndex,
             rng: SecureRandom, sigma: float, q: float, steps: int, clip: float, lr: float, momentum: float,
-            engine: Engine = "fast") -> None:
+            engine: Engine = "fast", expected_batch: float | None = None) -> None:
     """DP-SGD on the case-cohort Cox loss: the same patient-level Poisson sampling, clipping,
     secure noise and step as `_run_fast` (module docstring), per-patient gradients from
     `cox_clipped_sum`."""
     params = list(model.parameters())
-    expected_batch = q * index.n_patients
+    expected_batch = q * index.n_patients if expected_batch is None else expected_batch
     bufs: list[torch.Tensor | None] = [None] * len(params)
     sub32 = Subcohort(sub.x.to(x.dtype), sub.time)
     for _ in range(steps):

@@ -167,6 +167,8 @@ privacy_decisions = Table(
     Column("epsilon", Float, nullable=False),  # the count's epsilon, charged to every patient counted
     Column("noisy_count", Integer, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # a survival study's noised count of the counted patients with an event (node migration 0008)
+    Column("noisy_events", Integer, nullable=True),
 )
 
 #: The patients counted (and so charged the decision's epsilon) in each study's decision count.
@@ -265,6 +267,8 @@ class DecisionCount:
     noisy_count: int
     patients: int
     created_at: datetime
+    #: a survival study's noised count of the counted patients with an event (None: not drawn)
+    noisy_events: int | None = None
 
 
 class NoiseSource(Protocol):
@@ -517,13 +521,19 @@ class PrivacyLedger:
         return Composition(worst_sum, worst_composed, worst_delta, len(set(rows) | set(decided)))
 
     def decide(self, study_id: str, epsilon: float, target_epsilon: float,
-               caps: Mapping[str, float | None], default_cap: float, *, noise: NoiseSource) -> DecisionCount:
+               caps: Mapping[str, float | None], default_cap: float, *, noise: NoiseSource,
+               events: Iterable[str] | None = None) -> DecisionCount:
         """The study's decision count, drawn once: the candidate patients whose lifetime cap can
-        take this count's `epsilon` plus the study's target are counted, each is charged
-        `epsilon` (a row in `privacy_decision_patients`, part of their lifetime spend from now
-        on), and the count gets discrete Laplace noise of scale 1/epsilon (sensitivity 1: a
-        patient is counted once, whatever their number of records). Asked again, the stored
-        count is returned and nothing is charged or drawn (a restarted hospital keeps its draw)."""
+        take this count's `epsilon` plus `target_epsilon` (what the study's training may still
+        spend: the study's epsilon minus this count's, which is part of it) are counted, each is
+        charged `epsilon` (a row in `privacy_decision_patients`, part of their lifetime spend
+        and of the study's spend from now on), and the count gets discrete Laplace noise of
+        scale 1/epsilon (sensitivity 1: a patient is counted once, whatever their number of
+        records). With `events` (a survival study: the candidates with an event), the counted
+        patients with an event are counted too, and each of the two counts gets noise of scale
+        2/epsilon: one patient moves the pair by at most 1 in each (L1 sensitivity 2), so the
+        pair is still epsilon-DP and the charge is the same. Asked again, the stored counts are
+        returned and nothing is charged or drawn (a restarted hospital keeps its draw)."""
         _check_study_id(study_id)
         if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon > 0):
             raise LedgerError(f"decision_epsilon: must be a finite number > 0, got {epsilon!r}")
@@ -537,14 +547,21 @@ class PrivacyLedger:
                 return stored
             counted = self._admit(conn, study_id, None, target=float(target_epsilon) + float(epsilon),
                                   caps=caps, default_cap=default_cap).admitted
-            noisy = len(counted) + int(noise.discrete_laplace(float(epsilon)))
+            noisy_events: int | None = None
+            if events is None:
+                noisy = len(counted) + int(noise.discrete_laplace(float(epsilon)))
+            else:
+                noisy = len(counted) + int(noise.discrete_laplace(float(epsilon) / 2))
+                noisy_events = (len(counted & set(events))
+                                + int(noise.discrete_laplace(float(epsilon) / 2)))
             now = datetime.now(UTC)
             conn.execute(insert(privacy_decisions).values(study_id=study_id, epsilon=float(epsilon),
-                                                          noisy_count=noisy, created_at=now))
+                                                          noisy_count=noisy, created_at=now,
+                                                          noisy_events=noisy_events))
             if counted:
                 conn.execute(insert(privacy_decision_patients),
                              [{"study_id": study_id, "pseudonym": p} for p in sorted(counted)])
-            return DecisionCount(study_id, float(epsilon), noisy, len(counted), now)
+            return DecisionCount(study_id, float(epsilon), noisy, len(counted), now, noisy_events)
 
     def decision(self, study_id: str) -> DecisionCount | None:
         """The study's stored decision count, or None when none was drawn."""
@@ -565,7 +582,8 @@ class PrivacyLedger:
         patients = conn.execute(select(func.count()).select_from(privacy_decision_patients).where(
             privacy_decision_patients.c.study_id == study_id)).scalar_one()
         return DecisionCount(study_id, float(row.epsilon), int(row.noisy_count), int(patients),
-                             _aware(row.created_at))
+                             _aware(row.created_at),
+                             None if row.noisy_events is None else int(row.noisy_events))
 
     @staticmethod
     def _decision_spend(conn: Connection) -> dict[str, float]:
@@ -737,14 +755,29 @@ class PrivacyLedger:
                                     released), True
 
     def spent(self, study_id: str) -> float:
-        """The study's cumulative training epsilon at this hospital, per patient (0 before its
-        first charge): what its receipts say."""
+        """The study's cumulative epsilon at this hospital, per patient (0 before its decision
+        count and first charge): its decision count's epsilon plus its training epsilon (basic
+        composition of a pure epsilon-DP count and the DP-SGD rounds), what its receipts'
+        `epsilon_total` says."""
+        with self.engine.connect() as conn:
+            return self._decision_epsilon(conn, study_id) + self._spent(conn, study_id)
+
+    def training_spent(self, study_id: str) -> float:
+        """The study's cumulative DP-SGD epsilon alone (what the ledger's charges hold)."""
         with self.engine.connect() as conn:
             return self._spent(conn, study_id)
 
+    def study_spent(self, study_id: str) -> float:
+        """What the study counts against the hospital's total budget: its decision count's
+        epsilon plus the larger of its training and evaluation epsilons (disjoint patients)."""
+        with self.engine.connect() as conn:
+            return self._decision_epsilon(conn, study_id) + max(self._spent(conn, study_id),
+                                                                 self._eval_spent(conn, study_id))
+
     def total_spent(self) -> float:
-        """Sum over studies of their spend (basic composition); a study's spend is the larger of
-        its training and its evaluation epsilon (they concern disjoint patients)."""
+        """Sum over studies of their spend (basic composition); a study's spend is its decision
+        count's epsilon plus the larger of its training and its evaluation epsilon (they concern
+        disjoint patients)."""
         with self.engine.connect() as conn:
             return self._total(conn)
 
@@ -804,7 +837,16 @@ class PrivacyLedger:
         held = dict(conn.execute(select(privacy_evaluations.c.study_id,
                                         func.max(privacy_evaluations.c.epsilon))
                                  .group_by(privacy_evaluations.c.study_id)).tuples().all())
-        return float(sum(max(train.get(s, 0.0), held.get(s, 0.0)) for s in set(train) | set(held)))
+        decided = dict(conn.execute(select(privacy_decisions.c.study_id, privacy_decisions.c.epsilon))
+                       .tuples().all())
+        return float(sum(decided.get(s, 0.0) + max(train.get(s, 0.0), held.get(s, 0.0))
+                         for s in set(train) | set(held) | set(decided)))
+
+    @staticmethod
+    def _decision_epsilon(conn: Connection, study_id: str) -> float:
+        value = conn.execute(select(privacy_decisions.c.epsilon).where(
+            privacy_decisions.c.study_id == study_id)).scalar_one_or_none()
+        return 0.0 if value is None else float(value)
 
     @staticmethod
     def _delta_limits(conn: Connection) -> tuple[float, float]:

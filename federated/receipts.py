@@ -13,8 +13,14 @@ signature is the log entry's signature and rewards can be recomputed from the lo
   patients used (audit.reward_commitment); no reward account appears in clear;
 - ``commitment``: the consent engine's commitment to the (pseudonym, contract hash) pairs used,
   keyed with a secret of the hospital per study and round; no pseudonym appears in clear;
-- ``epsilon_spent`` (this round) and ``epsilon_total`` (this study at this hospital so far),
-  ``delta``, and ``spec_sha256``: the hash of the exact study terms the hospital trained under.
+- ``epsilon_spent`` (this round) and ``epsilon_total`` (this study at this hospital so far, per
+  patient: the decision count's epsilon plus the DP-SGD rounds'), ``delta``, and ``spec_sha256``:
+  the hash of the exact study terms the hospital trained under;
+- optional ``accounting``: ``{"decision_epsilon", "training_epsilon", "noise_multiplier",
+  "sample_rate", "steps_per_round", "accountant"}``, how ``epsilon_total`` composes
+  (decision + training) and the plan's parameters; the noise multiplier and sample rate are
+  post-processing of the hospital's noised decision count, never of an exact count
+  (docs/privacy.md, "Counts"). Receipts written before it have none.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ _ACCOUNT = re.compile(r"^[a-z][a-z0-9_-]*:\S{1,190}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 PAYLOAD_FIELDS = frozenset({"study_id", "round", "hospital", "records_used", "rewards", "commitment",
                             "epsilon_spent", "epsilon_total", "delta", "spec_sha256"})
+#: Fields a receipt may carry beside PAYLOAD_FIELDS.
+OPTIONAL_FIELDS = frozenset({"accounting"})
+ACCOUNTING_FIELDS = frozenset({"decision_epsilon", "training_epsilon", "noise_multiplier", "sample_rate",
+                               "steps_per_round", "accountant"})
 
 
 class ReceiptError(ValueError):
@@ -57,6 +67,7 @@ class Receipt:
     epsilon_total: float
     delta: float
     spec_sha256: str
+    accounting: dict[str, Any] | None = None
 
     def to_bytes(self) -> bytes:
         """Transport form (the envelope's canonical JSON, exactly the log's leaf input)."""
@@ -93,7 +104,7 @@ def parse_payload(payload: Any) -> dict[str, Any]:
     missing = PAYLOAD_FIELDS - payload.keys()
     if missing:
         raise ReceiptError(f"payload: missing field(s) {sorted(missing)}")
-    extra = payload.keys() - PAYLOAD_FIELDS
+    extra = payload.keys() - PAYLOAD_FIELDS - OPTIONAL_FIELDS
     if extra:
         raise ReceiptError(f"payload: unknown field(s) {sorted(extra)}")
     study_id = payload["study_id"]
@@ -117,21 +128,48 @@ def parse_payload(payload: Any) -> dict[str, Any]:
     total = _float(payload, "epsilon_total")
     if total + 1e-12 < spent:
         raise ReceiptError(f"epsilon_total: {total} is less than this round's epsilon_spent {spent}")
+    accounting = _accounting(payload["accounting"], total) if "accounting" in payload else None
     return {"study_id": study_id, "round": _int(payload, "round", 1), "hospital": hospital,
             "records_used": records, "rewards": rewards, "commitment": commitment,
             "epsilon_spent": spent, "epsilon_total": total, "delta": _float(payload, "delta", upper=1.0),
-            "spec_sha256": spec_sha}
+            "spec_sha256": spec_sha, "accounting": accounting}
+
+
+def _accounting(value: Any, total: float) -> dict[str, Any]:
+    """Check a receipt's `accounting` (module docstring): every field, of its type and range,
+    and decision_epsilon + training_epsilon = epsilon_total."""
+    if not isinstance(value, dict):
+        raise ReceiptError("accounting: must be a JSON object")
+    missing, extra = ACCOUNTING_FIELDS - value.keys(), value.keys() - ACCOUNTING_FIELDS
+    if missing or extra:
+        raise ReceiptError(f"accounting: missing {sorted(missing)}, unknown {sorted(extra)}")
+    out: dict[str, Any] = {name: _float(value, name) for name in
+                           ("decision_epsilon", "training_epsilon", "noise_multiplier")}
+    out["sample_rate"] = _float(value, "sample_rate", upper=1.0 + 1e-12)
+    if out["sample_rate"] <= 0:
+        raise ReceiptError("sample_rate: must be above 0")
+    out["steps_per_round"] = _int(value, "steps_per_round", 1)
+    if not isinstance(value["accountant"], str) or not 0 < len(value["accountant"]) <= 16:
+        raise ReceiptError("accountant: must be a short name")
+    out["accountant"] = value["accountant"]
+    if abs(out["decision_epsilon"] + out["training_epsilon"] - total) > 1e-9 * max(1.0, total):
+        raise ReceiptError(f"accounting: decision_epsilon + training_epsilon must be epsilon_total {total}")
+    return out
 
 
 def make_receipt(signer: Signer, *, study_id: str, round: int, hospital_id: str, records_used: int,
                  commitment: str, epsilon_spent: float, epsilon_total: float, delta: float,
                  spec_sha256: str, rewards: Mapping[str, Any],
-                 instant: datetime | None = None) -> Receipt:
+                 instant: datetime | None = None,
+                 accounting: Mapping[str, Any] | None = None) -> Receipt:
     """Sign a receipt with the hospital's key (the payload is validated first)."""
-    payload = {"study_id": study_id, "round": round, "hospital": hospital_account(hospital_id),
-               "records_used": records_used, "rewards": dict(rewards),
-               "commitment": commitment, "epsilon_spent": float(epsilon_spent),
-               "epsilon_total": float(epsilon_total), "delta": float(delta), "spec_sha256": spec_sha256}
+    payload: dict[str, Any] = {
+        "study_id": study_id, "round": round, "hospital": hospital_account(hospital_id),
+        "records_used": records_used, "rewards": dict(rewards),
+        "commitment": commitment, "epsilon_spent": float(epsilon_spent),
+        "epsilon_total": float(epsilon_total), "delta": float(delta), "spec_sha256": spec_sha256}
+    if accounting is not None:
+        payload["accounting"] = dict(accounting)
     fields = parse_payload(payload)
     canonical(payload)  # fail here, not in the log, if a value cannot be encoded
     entry = sign_entry(signer, RECEIPT_KIND, payload, instant)

@@ -79,12 +79,18 @@ def print_report(report: Mapping[str, Any]) -> None:
                   f"{report.get('unit', 'patient')}: target epsilon {terms.get('epsilon')}, delta "
                   f"{terms.get('delta')}, {terms.get('rounds')} rounds of {terms.get('steps_per_round')} "
                   f"steps, accountant {terms.get('accountant')}")
-    hospitals = Table("hospital", "decision", "rounds", "epsilon spent", "delta", "steps", "accountant",
-                      title="per hospital")
+    hospitals = Table("hospital", "decision", "rounds", "epsilon spent", "of which decision", "delta",
+                      "steps", "noise", "sample rate", "accountant", title="per hospital")
+
+    def number(value: Any, form: str) -> str:
+        return "" if value is None else format(value, form)
+
     for h in report.get("hospitals", []):
         hospitals.add_row(str(h["hospital_id"]), str(h.get("decision")), str(h["rounds_trained"]),
-                          f"{h['epsilon_spent']:.4g}", "" if h.get("delta") is None else f"{h['delta']:g}",
-                          str(h["steps"]), str(h["accountant"]))
+                          f"{h['epsilon_spent']:.4g}", number(h.get("decision_epsilon"), ".4g"),
+                          number(h.get("delta"), "g"), str(h["steps"]),
+                          number(h.get("noise_multiplier"), ".3g"), number(h.get("sample_rate"), ".3g"),
+                          str(h["accountant"]))
     console.print(hospitals)
     for hospital, reasons in (report.get("exclusions", {}).get("refused_by") or {}).items():
         console.print(f"{hospital} refused: " + "; ".join(reasons))

@@ -685,7 +685,8 @@ class Consortium:
                         self._late_decision(h, row)
                     if charges:
                         row["state"] = f"trained round {charges[-1].round}"
-                        row["epsilon"] = charges[-1].epsilon
+                        # the study's spend: the decision count's epsilon + DP-SGD's
+                        row["epsilon"] = ledgers[h.id].spent(str(self.study_id))
                     want = self.config.revoke.get(h.id, 0)
                     if want and not h.revoked and charges and status == "running":
                         self.revoke_consent(h, want)

@@ -358,7 +358,8 @@ def assemble_report(*, study: Mapping[str, Any], entries: Sequence[Entry], balan
             "held_out_records": records.held_out_records,
             "rounds_trained": len(mine),
             "epsilon_spent": records.epsilon_spent,
-            "epsilon_target": plan.get("target_epsilon"),
+            # the study's epsilon per patient: its DP-SGD target plus the decision count's
+            "epsilon_target": spec.get("epsilon", plan.get("target_epsilon")),
             "delta": plan.get("delta", float(spec.get("delta", 0.0))),
             "noise_multiplier": plan.get("noise_multiplier", 0.0),
             "sample_rate": plan.get("sample_rate", 0.0),

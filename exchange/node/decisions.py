@@ -23,7 +23,7 @@ from audit.signing import Signer
 from exchange.coordinator.client import decision_entry
 from exchange.node.eligibility import count_eligible, gate_records
 from exchange.node.models import ColumnCategory, DaemonState, DecisionRow, StudyRow
-from exchange.node.outcomes import OutcomeSummary, label_problem, summarize_survival
+from exchange.node.outcomes import MIN_EVENTS, OutcomeSummary, Usable, min_events, usable_patients
 from exchange.node.policy import Budget, Evaluation, StudyView, budget_problems, evaluate
 from exchange.node.privacy import budget as compute_budget
 from exchange.node.privacy import site_ledger
@@ -93,7 +93,7 @@ def _budget_in(session: Session, ledger: PrivacyLedger, settings: NodeSettings,
     active = active_reservations(session, exclude)
     deltas = [(study_id, StudyView.from_json(row.document).delta) for study_id, _target in active
               if (row := session.get(StudyRow, study_id)) is not None]
-    return compute_budget(ledger, settings.policy.total_privacy_budget, active, deltas)
+    return compute_budget(ledger, settings.policy.total_privacy_budget, active, deltas, exclude)
 
 
 def evaluate_study(store: NodeStore, settings: NodeSettings, study: StudyView,
@@ -116,49 +116,62 @@ def evaluate_study(store: NodeStore, settings: NodeSettings, study: StudyView,
     with store.sessions() as session:
         eligibility = count_eligible(session, study, at, remember)
         columns = held_columns(session)
-        outcome = _survival_outcome(session, study, at) if study.task == "survival" else None
-        label = _label_problem(session, study, at, columns) if study.task != "survival" else None
+        usable = _usable(session, study, at, columns)
+    if usable is not None:  # only patients with a record the study can use are counted
+        candidates = {p: cap for p, cap in candidates.items() if p in usable.patients}
+    outcome = _survival_outcome(study, MIN_EVENTS * 10**6) if study.task == "survival" else None
     # The count-free rules first: a study they refuse draws no count and charges nobody.
     # (the smallest count that passes the site minimum also passes 1/n: every delta is below 1)
     passing = replace(eligibility, noisy_patients=max(settings.policy.min_eligible_records, 1))
-    first = evaluate(settings.policy, study, passing, budget, columns, outcome=outcome, label=label)
+    first = evaluate(settings.policy, study, passing, budget, columns, outcome=outcome)
     if first.decision == "refuse":
         return first
-    count = decision_count(ledger, settings, study, candidates, noise)
+    events = usable.events if usable is not None and study.task == "survival" else None
+    count = decision_count(ledger, settings, study, candidates, noise, events=events)
+    if study.task == "survival":
+        outcome = _survival_outcome(study, count.noisy_events if count.noisy_events is not None else 0)
     return evaluate(settings.policy, study, replace(eligibility, noisy_patients=count.noisy_count),
-                    budget, columns, outcome=outcome, label=label)
+                    budget, columns, outcome=outcome)
 
 
 def decision_count(ledger: PrivacyLedger, settings: NodeSettings, study: StudyView,
-                   candidates: Mapping[str, float | None], noise: NoiseSource | None = None) -> DecisionCount:
-    """The study's decision count, drawn at its first evaluation with the secure noise source and
-    charged to each patient counted; stored in the ledger, so a re-evaluation (the steward's
-    approval, a restart) reads the same count and charges nothing."""
-    return ledger.decide(study.study_id, settings.policy.decision_epsilon, study.epsilon, candidates,
-                         settings.policy.total_privacy_budget, noise=noise or SecureRandom())
+                   candidates: Mapping[str, float | None], noise: NoiseSource | None = None, *,
+                   events: frozenset[str] | None = None) -> DecisionCount:
+    """The study's decision count (and a survival study's event count), drawn at its first
+    evaluation with the secure noise source and charged to each patient counted; stored in the
+    ledger, so a re-evaluation (the steward's approval, a restart) reads the same count and
+    charges nothing. The count's epsilon is part of the study's: the patients counted need room
+    in their lifetime cap for the study's epsilon, of which training may spend the rest."""
+    epsilon = settings.policy.decision_epsilon
+    return ledger.decide(study.study_id, epsilon, max(0.0, study.epsilon - epsilon), candidates,
+                         settings.policy.total_privacy_budget, noise=noise or SecureRandom(), events=events)
 
 
-def _label_problem(session: Session, study: StudyView, at: datetime, held: dict[str, str]) -> str | None:
-    """Rule 10's input: whether the study's label can be its target in the records consent lets
-    it use (not checked when a column is missing: rule 7 names it)."""
+def _usable(session: Session, study: StudyView, at: datetime, held: Mapping[str, str]) -> Usable | None:
+    """The eligible patients with a record the study can use (`exchange.node.outcomes.Usable`);
+    None when a column the study reads is not held (rule 7 refuses it and names it)."""
     columns = [column for names in study.columns.values() for column in names]
-    if not columns or study.label not in held or any(c not in held for c in columns):
+    needed = [*columns, study.label, *([study.event] if study.event is not None else [])]
+    if not columns or any(c not in held for c in needed):
         return None
     result = gate_records(session, study, at)
-    if not result.eligible_pseudonyms:
-        return None  # rule 8 refuses it, and says why
-    return label_problem(session, result.eligible_pseudonyms, label=study.label, task=study.task,
-                         classes=study.classes, columns=columns)
+    return usable_patients(session, result.eligible_pseudonyms, label=study.label, task=study.task,
+                           classes=study.classes, columns=columns, event=study.event)
 
 
-def _survival_outcome(session: Session, study: StudyView, at: datetime) -> OutcomeSummary | None:
-    """Rule 9's input: the outcome columns of the records consent lets the study use."""
+def _survival_outcome(study: StudyView, noisy_events: int) -> OutcomeSummary | None:
+    """Rule 9's input: the study's noised event count (never the exact events) and whether a
+    public subcohort holds its columns. A record whose time or event does not fit is not
+    usable (left out, never refused on: `_usable`)."""
+    from federated.clinical_data import public_survival_reference
+
     if study.event is None or not study.columns:
         return None
-    result = gate_records(session, study, at)
     columns = [column for names in study.columns.values() for column in names]
-    return summarize_survival(session, result.eligible_pseudonyms, time_column=study.label,
-                              event_column=study.event, columns=columns)
+    return OutcomeSummary(time_column=study.label, event_column=study.event, records=0,
+                          events=noisy_events, needed_events=min_events(len(columns)),
+                          subcohort=public_survival_reference(columns, "pretrain") is not None,
+                          noised=True)
 
 
 def reservation_ledger(store: NodeStore, settings: NodeSettings) -> PrivacyLedger:

@@ -51,6 +51,9 @@ class OutcomeSummary:
     needed_events: int = MIN_EVENTS
     #: whether a public subcohort (the Cox risk-set reference) holds the study's feature columns
     subcohort: bool = True
+    #: `events` is the study's NOISED event count (drawn with its decision count, charged):
+    #: what the decision reads (docs/privacy.md, "Counts")
+    noised: bool = False
 
     def problems(self) -> list[str]:
         """One reason per fault, naming the column and the fault. No count: a reason leaves the
@@ -69,8 +72,9 @@ class OutcomeSummary:
             out.append("no public subcohort holds the study's feature columns, so the Cox template "
                        "cannot form risk sets without private patients (docs/survival.md)")
         if not out and self.events < self.needed_events:
-            out.append(f"fewer events among the eligible records than the Cox template needs "
-                       f"({self.needed_events} for "
+            what = "eligible patients with an event (a noised count)" if self.noised else \
+                "events among the eligible records"
+            out.append(f"fewer {what} than the Cox template needs ({self.needed_events} for "
                        f"{self.needed_events // EVENTS_PER_FEATURE or 1} coefficient(s))")
         return out
 
@@ -90,7 +94,7 @@ def summarize_survival(session: Session, eligible: Iterable[str], *, time_column
 
     subcohort = public_survival_reference(columns, "pretrain") is not None
     wanted = set(eligible)
-    counts = {"records": 0, "time_missing": 0, "time_not_numeric": 0, "time_negative": 0,
+    counts: dict[str, Any] = {"records": 0, "time_missing": 0, "time_not_numeric": 0, "time_negative": 0,
               "event_missing": 0, "event_not_binary": 0, "events": 0}
     for pseudonym, stored in session.execute(select(Record.pseudonym, Record.values)).tuples():
         if pseudonym not in wanted:
@@ -141,3 +145,44 @@ def label_problem(session: Session, eligible: Iterable[str], *, label: str, task
     if not values:
         return f"no eligible record holds the label {label!r} with every column the study reads"
     return target_problem(task, label, np.asarray(values), classes)
+
+
+@dataclass(frozen=True)
+class Usable:
+    """Which eligible patients hold at least one record the study can use (every study column
+    and the label present and numeric, the label of the kind the task needs, a survival
+    study's event 0 or 1: what the ClientApp trains on, `federated.client_app.usable_records`),
+    and, for a survival study, which of them have an event in such a record. Both stay in the
+    hospital: the decision count counts `patients`, and the noised event count `events`."""
+
+    patients: frozenset[str]
+    events: frozenset[str]
+
+
+def usable_patients(session: Session, eligible: Iterable[str], *, label: str, task: str,
+                    classes: int | None, columns: list[str], event: str | None = None) -> Usable:
+    """The `Usable` patients among `eligible`. A record that does not fit is left out like a
+    record missing a column, never refused on: whether one record fits is a fact about one
+    patient, and a refusal reason is public (docs/privacy.md, "Counts")."""
+    from federated.data import target_fits
+
+    wanted = set(eligible)
+    patients: set[str] = set()
+    events: set[str] = set()
+    for pseudonym, stored in session.execute(select(Record.pseudonym, Record.values)).tuples():
+        if pseudonym not in wanted:
+            continue
+        row: dict[str, Any] = stored or {}
+        if any(_number(row.get(c)) is None for c in columns):
+            continue
+        target = _number(row.get(label))
+        if target is None or not bool(target_fits(task, np.asarray([target]), classes)[0]):
+            continue
+        if task == "survival":
+            flag = _number(row.get(event)) if event is not None else None
+            if flag not in (0.0, 1.0):
+                continue
+            if flag == 1.0:
+                events.add(pseudonym)
+        patients.add(pseudonym)
+    return Usable(frozenset(patients), frozenset(events))

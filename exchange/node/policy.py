@@ -7,22 +7,25 @@ alone. The rules, in order (every failing rule adds a reason; any reason means r
 1. purpose allowed (DUO; an allowed term allows what it covers under consent.duo.covers:
    allowing GRU allows HMB, DS and POA),
 2. organisation allowed, 3. region allowed, 4. commercial use only if allowed,
-5. epsilon <= max_epsilon_per_study; delta <= max_delta and delta <= 1/n for the n eligible
-   patients (every epsilon and delta here is per PATIENT),
+5. epsilon <= max_epsilon_per_study and above `decision_epsilon` (the decision count's epsilon
+   is part of the study's); delta <= max_delta and delta <= 1/n for the n eligible patients
+   (every epsilon and delta here is per PATIENT),
 6. epsilon <= what is left of total_privacy_budget (spent in the privacy ledger plus what
    approved, unfinished studies have reserved), delta <= what is left of total_delta_budget,
 7. every requested column held here and of the category the study says,
-8. the study's decision count (the patients whose consent permits the study and whose lifetime
-   cap leaves room for it and for the count's own epsilon, plus discrete Laplace noise, drawn
-   once per study and charged to each patient counted) at least max(min_eligible_records, 1);
-   the 1/n of rule 5 reads the same noised count (docs/privacy.md, "Decision count"),
-9. a survival study: its time and event columns present, numeric, times non-negative, events
-   0/1 in every eligible record, enough events for the Cox template, and a public subcohort
-   for its columns (`exchange.node.outcomes`),
-10. the study's label (the outcome it names among the mapped columns) held, as a number, by
-   the eligible records that hold every study column, and of the kind its task needs: 0/1
-   for binary, an integer 0..classes-1 for multi-class, any number for regression
-   (`exchange.node.outcomes.label_problem`); the reason names the label.
+8. the study's decision count (the patients whose consent permits the study, who hold a record
+   the study can use, and whose lifetime cap leaves room for the study, plus discrete Laplace
+   noise, drawn once per study and charged to each patient counted) at least
+   max(min_eligible_records, 1); the 1/n of rule 5 reads the same noised count (docs/privacy.md,
+   "Counts"). A record the study can use holds every study column and the label as numbers,
+   the label of the kind its task needs (0/1 for binary, an integer 0..classes-1 for
+   multi-class, any number for regression, a time >= 0 for survival) and a survival study's
+   event 0 or 1 (`exchange.node.outcomes.usable_patients`): a record that does not fit is left
+   out, like one missing a column, never refused on (one record is one patient's fact),
+9. a survival study: its time and event columns held, enough events for the Cox template in
+   the study's NOISED event count (drawn with the decision count, same charge), and a public
+   subcohort for its columns (`exchange.node.outcomes`),
+10. `label`, when a caller passes one: why the study's label cannot be its target (count-free).
 
 With no reason: mode auto-approve -> approve, auto-refuse -> refuse ("site policy is to
 refuse automatically"), ask -> wait for the steward.
@@ -192,6 +195,9 @@ def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, bud
     if study.epsilon > policy.max_epsilon_per_study:
         reasons.append(f"epsilon {study.epsilon:g} exceeds the site maximum per study "
                        f"({policy.max_epsilon_per_study:g})")
+    if study.epsilon <= policy.decision_epsilon:
+        reasons.append(f"epsilon {study.epsilon:g} does not exceed the decision count's epsilon "
+                       f"({policy.decision_epsilon:g}), which is part of every study's spend")
     if study.delta > policy.max_delta:
         reasons.append(f"delta {study.delta:g} exceeds the site maximum per study ({policy.max_delta:g})")
     noisy = eligibility.noisy_patients
@@ -216,7 +222,9 @@ def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, bud
         # patient's consent or revocation flips the decision outside the accounting.
         if noisy < max(policy.min_eligible_records, 1):
             reasons.append("fewer eligible patients (a noised count) than the site minimum "
-                           f"({max(policy.min_eligible_records, 1)})")
+                           f"({max(policy.min_eligible_records, 1)}); a patient counts when their "
+                           "consent permits the study and they hold a record with every study "
+                           "column and a label the study's task can use")
     elif eligibility.eligible < policy.min_eligible_records:
         # The count and the exclusions by reason stay here (`exchange node status`): a reason
         # leaves the hospital in the public log, where an exact count would show one patient

@@ -39,12 +39,15 @@ def site_ledger(engine: Engine, policy: SitePolicy) -> PrivacyLedger:
 
 
 def budget(ledger: PrivacyLedger, total: float, active: Iterable[tuple[str, float]],
-           active_deltas: Iterable[tuple[str, float]] = ()) -> Budget:
+           active_deltas: Iterable[tuple[str, float]] = (), exclude: str | None = None) -> Budget:
     """Spent (ledger) + reserved (for each active approved study: its target minus what it
-    already spent, never below 0) against `total`; deltas likewise (a registered study's delta
-    is spent, an approved one's not yet registered is reserved)."""
+    already spent, its decision count included, never below 0) against `total`; deltas
+    likewise (a registered study's delta is spent, an approved one's not yet registered is
+    reserved). `exclude`: the study being decided, whose own spend so far (its decision
+    count) is part of the target it is checked with, so it is not counted twice."""
     reserved = sum(max(0.0, target - ledger.spent(study_id)) for study_id, target in active)
+    own = 0.0 if exclude is None else ledger.study_spent(exclude)
     delta_reserved = sum(delta for study_id, delta in active_deltas if ledger.plan(study_id) is None)
     _site_max, delta_total = ledger.delta_limits()
-    return Budget(spent=ledger.total_spent(), reserved=reserved, total=total,
+    return Budget(spent=ledger.total_spent() - own, reserved=reserved, total=total,
                   delta_spent=ledger.delta_spent(), delta_reserved=delta_reserved, delta_total=delta_total)

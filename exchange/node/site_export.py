@@ -54,6 +54,9 @@ def node_config(settings: NodeSettings) -> dict[str, str]:
               "key-path": str(settings.signing_key_path), "approvals-path": str(paths["approvals"])}
     if settings.policy.reward_capacity is not None:
         config["reward-capacity"] = str(settings.policy.reward_capacity)
+    # public site settings the ClientApp plans with (federated.runtime.site)
+    config["decision-epsilon"] = repr(float(settings.policy.decision_epsilon))
+    config["holdout-fraction"] = repr(float(settings.training.test_fraction))
     return config
 
 

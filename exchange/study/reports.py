@@ -3,12 +3,13 @@ hospitals' decisions, the round entries and the study's public terms.
 
 Why a module of its own: the report is a read over the log's own records (never the runner's
 bookkeeping), the same figures the auditor can recompute from an export, and it must say
-exactly what it cannot show. Per docs/privacy.md ("Counts"), nothing here is a function of a
-hospital's patient count: the noise multiplier and the sample rate are (sample rate = batch /
-patients, and the noise is calibrated from it), so they stay in the hospital's privacy ledger
-(`exchange node report STUDY` shows them to the steward), and the report names them as withheld
-with that reason. Exclusions are released the way the hospitals release them: count-free
-decision reasons, and per round how many hospitals had no data, refused or dropped.
+exactly what it cannot show. Per docs/privacy.md ("Counts"), nothing here is an exact count of a
+hospital's patients. A hospital's noise multiplier and sample rate are sized from its NOISED
+decision count (already released and charged: `federated.accounting.plan_patients`), so each
+hospital signs them into its receipts (`accounting`) and the report shows them, with how the
+hospital's epsilon composes: its decision count's epsilon plus its DP-SGD epsilon. Exclusions
+are released the way the hospitals release them: count-free decision reasons, and per round how
+many hospitals had no data, refused or dropped.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from exchange.coordinator.registry import Principal
 from exchange.study.models import ReceiptRow, Study, StudyDecision, StudyRound
 from exchange.study.spec import AcceptedStudy, study_spec
 
-#: Why the report carries no noise multiplier or sample rate (docs/privacy.md, "Counts").
-WITHHELD = ("noise_multiplier and sample_rate are functions of the hospital's patient count "
-            "(sample rate = batch / patients); they stay in the hospital's privacy ledger "
-            "(its steward: `exchange node report STUDY`)")
+#: What the report cannot show, and why (docs/privacy.md, "Counts").
+WITHHELD = ("no exact patient or record count of any hospital; each hospital's noise_multiplier and "
+            "sample_rate are sized from its noised decision count and come from its signed receipts "
+            "(null for a hospital whose receipts carry no accounting)")
 #: What leaves a hospital about records left out (docs/privacy.md, "Counts").
 EXCLUSIONS_NOTE = ("records excluded by consent, the study's terms or lifetime privacy caps are "
                    "counted only inside each hospital; what leaves is count-free: decision "
@@ -47,6 +48,24 @@ def _public_plan(study: Study, region: str) -> dict[str, Any]:
             "epsilon": spec.epsilon, "delta": spec.delta, "rounds": spec.rounds}
 
 
+def _blank(plan: dict[str, Any]) -> dict[str, Any]:
+    """A hospital's figures before any receipt."""
+    return {"rounds_trained": 0, "epsilon_spent": 0.0, "decision_epsilon": None, "training_epsilon": None,
+            "delta": None, "steps": 0, "accountant": plan["accountant"], "noise_multiplier": None,
+            "sample_rate": None}
+
+
+def _accounting(value: Any) -> dict[str, Any] | None:
+    """A receipt's `accounting` (`federated.receipts`), already checked when the receipt was
+    logged; None when the receipt carries none."""
+    if not isinstance(value, dict):
+        return None
+    return {"decision_epsilon": float(value["decision_epsilon"]),
+            "training_epsilon": float(value["training_epsilon"]),
+            "noise_multiplier": float(value["noise_multiplier"]), "sample_rate": float(value["sample_rate"]),
+            "steps_per_round": int(value["steps_per_round"]), "accountant": str(value["accountant"])}
+
+
 def privacy_report(session: Session, study: Study) -> dict[str, Any]:
     """The report of `study` (already checked visible to the caller)."""
     decisions = session.scalars(select(StudyDecision).where(StudyDecision.study_id == study.id)
@@ -61,20 +80,21 @@ def privacy_report(session: Session, study: Study) -> dict[str, Any]:
     for d in decisions:
         hospitals[d.hospital_id] = {
             "hospital_id": d.hospital_id, "decision": d.decision.value, "late": d.late,
-            "reasons": list(d.reasons), "rounds_trained": 0, "epsilon_spent": 0.0, "delta": None,
-            "steps": 0, "accountant": plan["accountant"], "noise_multiplier": None, "sample_rate": None}
+            "reasons": list(d.reasons), **_blank(plan)}
     for r in receipts:
         item = hospitals.setdefault(r.hospital_id, {
-            "hospital_id": r.hospital_id, "decision": None, "late": False, "reasons": [],
-            "rounds_trained": 0, "epsilon_spent": 0.0, "delta": None, "steps": 0,
-            "accountant": plan["accountant"], "noise_multiplier": None, "sample_rate": None})
+            "hospital_id": r.hospital_id, "decision": None, "late": False, "reasons": [], **_blank(plan)})
         payload = r.entry.get("payload", {})
         item["rounds_trained"] += 1
-        item["steps"] += plan["steps_per_round"]
+        accounting = _accounting(payload.get("accounting"))
+        item["steps"] += accounting["steps_per_round"] if accounting else plan["steps_per_round"]
         total = payload.get("epsilon_total")
-        if isinstance(total, int | float) and not isinstance(total, bool):
+        if isinstance(total, int | float) and not isinstance(total, bool) and total >= item["epsilon_spent"]:
             # the hospital's accountant composes the rounds: the latest total is the spend
-            item["epsilon_spent"] = max(item["epsilon_spent"], float(total))
+            item["epsilon_spent"] = float(total)
+            if accounting:
+                item.update({k: accounting[k] for k in ("decision_epsilon", "training_epsilon",
+                                                        "noise_multiplier", "sample_rate", "accountant")})
         delta = payload.get("delta")
         if isinstance(delta, int | float) and not isinstance(delta, bool):
             item["delta"] = float(delta)

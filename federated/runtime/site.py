@@ -14,6 +14,11 @@ ledger-url         its privacy ledger: an SQLAlchemy URL of the node database (s
 key-path           its Ed25519 key file (`audit.signing.Signer`, 0600)
 approvals-path     its approved studies: JSON ``{"approved": ["study-id", ...]}`` written by the
                    node daemon when the steward (or the site policy) approves a study
+decision-epsilon   optional: the epsilon of a study's decision count (`policy.decision_epsilon`,
+                   default 0.1), drawn by the ClientApp when the node daemon did not draw it
+holdout-fraction   optional: the share of patients held out for evaluation
+                   (`training.test_fraction`, default 0.2): public, it sizes the DP plan from the
+                   decision count (`federated.accounting.plan_patients`)
 =================  ==========================================================================
 
 A missing or bad key is refused with an error naming it. Files are re-read when they change
@@ -179,6 +184,27 @@ def reward_capacity(value: object) -> int | None:
     return int(text)
 
 
+#: A study's decision-count epsilon and hold-out share when the node config names none (the
+#: node's `policy.decision_epsilon` and `training.test_fraction` defaults).
+DEFAULT_DECISION_EPSILON = 0.1
+DEFAULT_HOLDOUT_FRACTION = 0.2
+
+
+def _fraction(key: str, value: object, default: float, *, low: float, high: float,
+              closed_low: bool) -> float:
+    """An optional number of the node config in its range (Flower may hand it over as a string)."""
+    if value is None or value == "":
+        return default
+    try:
+        number = float(str(value))
+    except ValueError:
+        number = float("nan")
+    if not ((low <= number if closed_low else low < number) and number <= high):
+        raise SiteConfigError(f"{key}: must be a number in {'[' if closed_low else '('}{low:g}, {high:g}], "
+                              f"got {value!r}")
+    return number
+
+
 @dataclass(frozen=True)
 class Site:
     """One hospital's local state (see module docstring)."""
@@ -193,6 +219,10 @@ class Site:
     #: receipt's reward tree has exactly C leaves and a study trains at most C of this site's
     #: patients per round, so the tree's size says nothing about a count (docs/privacy.md)
     reward_capacity: int | None = None
+    #: the epsilon of the study's decision count when the ClientApp must draw it itself
+    decision_epsilon: float = DEFAULT_DECISION_EPSILON
+    #: the public share of patients held out for evaluation (sizes the DP plan)
+    holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> Site:
@@ -205,7 +235,12 @@ class Site:
         return cls(hospital_id=values["hospital-id"], records_path=Path(values["records-path"]),
                    contracts_path=Path(values["contracts-path"]), ledger_url=values["ledger-url"],
                    key_path=Path(values["key-path"]), approvals_path=Path(values["approvals-path"]),
-                   reward_capacity=reward_capacity(node_config.get("reward-capacity")))
+                   reward_capacity=reward_capacity(node_config.get("reward-capacity")),
+                   decision_epsilon=_fraction("decision-epsilon", node_config.get("decision-epsilon"),
+                                              DEFAULT_DECISION_EPSILON, low=0.0, high=1.0, closed_low=False),
+                   holdout_fraction=_fraction("holdout-fraction", node_config.get("holdout-fraction"),
+                                              DEFAULT_HOLDOUT_FRACTION, low=0.0, high=0.99,
+                                              closed_low=True))
 
     def node_config(self) -> dict[str, str]:
         config = {"hospital-id": self.hospital_id, "records-path": str(self.records_path),
@@ -213,6 +248,10 @@ class Site:
                   "key-path": str(self.key_path), "approvals-path": str(self.approvals_path)}
         if self.reward_capacity is not None:
             config["reward-capacity"] = str(self.reward_capacity)
+        if self.decision_epsilon != DEFAULT_DECISION_EPSILON:
+            config["decision-epsilon"] = repr(self.decision_epsilon)
+        if self.holdout_fraction != DEFAULT_HOLDOUT_FRACTION:
+            config["holdout-fraction"] = repr(self.holdout_fraction)
         return config
 
     def approved_studies(self) -> frozenset[str]:

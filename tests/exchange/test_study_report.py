@@ -1,10 +1,14 @@
-"""The privacy report through the API (issue 21, item 4): per hospital epsilon and delta spent,
-steps, the accountant, count-free exclusions, metrics per round; nothing that is a function of
-a hospital's patient count (docs/privacy.md, "Counts")."""
+"""The privacy report through the API (issue 21, item 4): per hospital epsilon and delta spent
+(the decision count's share and DP-SGD's), noise multiplier and sample rate (from its signed
+receipts: post-processing of its noised decision count), steps, the accountant, count-free
+exclusions, metrics per round; no exact count of a hospital's patients (docs/privacy.md,
+"Counts")."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from federated.templates import get_template
 from tests.exchange.conftest import World
@@ -31,8 +35,13 @@ def test_report_per_hospital_and_round_from_the_receipts(world: World) -> None:
     # epsilon: the latest epsilon_total (the scripted hospital composes 0.1 per round)
     assert one["decision"] == "approve" and one["rounds_trained"] == 2 and one["epsilon_spent"] == 0.2
     assert one["delta"] == 1e-5 and one["steps"] == 2 * steps and one["accountant"] == "prv"
-    assert one["noise_multiplier"] is None and one["sample_rate"] is None  # functions of the patient count
-    assert "patient count" in report["withheld"]
+    # from the hospital's signed receipts: sized from its noised decision count (issue 14, item 2),
+    # and how its epsilon composes (the decision count's epsilon + the DP-SGD rounds')
+    assert one["noise_multiplier"] == 1.25 and one["sample_rate"] == 0.125
+    assert one["decision_epsilon"] == 0.05 and one["training_epsilon"] == pytest.approx(0.15)
+    assert one["decision_epsilon"] + one["training_epsilon"] == pytest.approx(one["epsilon_spent"])
+    assert by_id["h-three"]["noise_multiplier"] is None and by_id["h-three"]["decision_epsilon"] is None
+    assert "exact patient or record count" in report["withheld"]
     assert by_id["h-three"]["rounds_trained"] == 0 and by_id["h-three"]["epsilon_spent"] == 0.0
     assert report["exclusions"]["refused_by"] == {
         "h-three": ["purpose 'DUO:0000007' is not allowed by site policy"]}

@@ -127,6 +127,26 @@ def test_no_eligible_records_is_an_outcome_not_a_crash() -> None:
 
 
 @pytest.mark.parametrize("engine", ["fast", "opacus"])
+def test_with_a_plan_size_the_update_scale_and_status_follow_the_plan_not_the_records(engine: str) -> None:
+    """With `plan_patients` (the size a study's plan took from the noised decision count) the
+    noised sum is divided by q x plan_patients whatever the real number of patients, and an
+    empty hospital still takes its steps (noise alone): its update has the same law as any other
+    hospital's with no signal, so neither its scale nor a "no data" status shows a count."""
+    tpl = get_template("logistic_regression")
+    state = initial_state(tpl, 30)
+    empty = train_round(tpl, state, np.zeros((0, 30), np.float32), np.zeros(0), noise_multiplier=2.0,
+                        sample_rate=0.25, local_steps=1, clip=0.5, lr=1.0, delta=DELTA, seed=3,
+                        engine=engine, plan_patients=400)
+    assert empty.status == "trained" and empty.num_examples == 0 and empty.steps == 1
+    # one step of noise only: std = sigma * clip / (q * plan) = 2 * 0.5 / 100, as for 400 patients
+    assert np.std(empty.state - state) == pytest.approx(2.0 * 0.5 / 100, rel=0.15)
+    assert empty.epsilon == epsilon_spent(2.0, 0.25, 1, DELTA)
+    with pytest.raises(DPTrainingError, match="plan_patients"):
+        train_round(tpl, state, np.zeros((0, 30), np.float32), np.zeros(0), noise_multiplier=2.0,
+                    sample_rate=0.25, local_steps=1, clip=0.5, lr=1.0, delta=DELTA, plan_patients=0)
+
+
+@pytest.mark.parametrize("engine", ["fast", "opacus"])
 @pytest.mark.parametrize("n", [1, 2])
 def test_tiny_datasets_and_empty_poisson_batches(engine: str, n: int) -> None:
     tpl = get_template("mlp_classifier")

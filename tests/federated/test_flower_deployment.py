@@ -99,7 +99,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
 
 def test_dp_study_end_to_end_with_a_hospital_without_consented_records(deployment: Deployment) -> None:
     """A 3-round DP study (PRV accountant) over labs and imaging columns. hospital-c's patients
-    consented to "labs" only, so it has no consented records: it answers "no data" every round,
+    consented to "labs" only, so it has no consented records: its decision count is 0 (drawn here
+    without noise) and it answers "no data" every round,
     is not a contribution and spends no privacy; the other two carry the study."""
     from federated.data import public_reference
     from federated.templates import get_template
@@ -107,6 +108,13 @@ def test_dp_study_end_to_end_with_a_hospital_without_consented_records(deploymen
 
     spec = demo_spec("e2e", columns=LABS_AND_IMAGING, epsilon=3.0, rounds=3, min_hospitals=2,
                      round_timeout_s=120)
+    # hospital-c's decision count, drawn as its node daemon would, without noise here: it counts
+    # nobody, so hospital-c answers "no data" by that (noised) count every round
+    from tests.federated.test_flower_inprocess import decide_exactly
+
+    c = deployment.sites["hospital-c"]
+    approve(c.site, spec.study_id)
+    decide_exactly(c, spec)
     observer = RecordingObserver()
     result = deployment.run(spec, observer)
     assert result.status == "completed", (result.reason, observer.failed)

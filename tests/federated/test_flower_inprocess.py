@@ -136,12 +136,17 @@ def test_revocation_takes_effect_from_the_next_round(sites: dict[str, DemoSite])
     revoke_all(demo, NOW + timedelta(hours=1))
     # a round gated before the revocation was issued still sees the consent in force then
     assert evaluate_hospital(demo.site, spec, w, 1, NOW + timedelta(minutes=30)).status == "ok"
+    with _ledger(demo).engine.connect() as conn:
+        units = dict(conn.exec_driver_sql("SELECT pseudonym, units FROM privacy_patient_spend "
+                                          "WHERE study_id = 's-revoke'").all())
     out = train_hospital_round(demo.site, spec, 2, w, NOW + timedelta(hours=2))
-    assert out.status == "no-data"
-    # the refusal leaves the hospital: no count and no reason breakdown in it (the steward's
-    # `node status` has them)
-    assert "denied" not in out.reason and not any(c.isdigit() for c in out.reason), out.reason
-    assert _ledger(demo).rounds_charged("s-revoke") == 1  # the no-data round spent nothing
+    # nobody left: the round still answers ok, on noise alone (a "no data" status would show the
+    # last revocation: docs/privacy.md, "Counts"), and no revoked patient takes part
+    assert out.status == "ok" and out.reason == "", out.reason
+    assert _ledger(demo).rounds_charged("s-revoke") == 2
+    with _ledger(demo).engine.connect() as conn:
+        assert dict(conn.exec_driver_sql("SELECT pseudonym, units FROM privacy_patient_spend "
+                                         "WHERE study_id = 's-revoke'").all()) == units
 
 
 def test_overspending_round_is_refused_and_nothing_is_charged(sites: dict[str, DemoSite]) -> None:
@@ -177,12 +182,33 @@ def test_columns_outside_the_declared_categories_are_refused(sites: dict[str, De
     assert out.status == "refused" and "imaging" in out.reason
 
 
+class _Exact:
+    """A decision-count noise source that adds nothing (tests/node/test_decision_count.py tests
+    the mechanism's noise)."""
+
+    def discrete_laplace(self, epsilon: float) -> int:
+        return 0
+
+
+def decide_exactly(demo: DemoSite, spec: StudySpec) -> None:
+    """Draw `spec`'s decision count at `demo` without noise, as a node daemon would have: a
+    hospital nobody consents at then answers "no-data" (its noised count is 0), deterministically."""
+    from federated.client_app import draw_decision
+
+    drawn = draw_decision(demo.site, spec, datetime.now(UTC), noise=_Exact())
+    assert not hasattr(drawn, "status"), drawn
+
+
 def test_hospital_without_consented_records_replies_no_data(tmp_path: Path) -> None:
+    """No data by the hospital's NOISED decision count (drawn once: the same answer every round),
+    never by an exact count of the patients left."""
     demo = provision_sites(tmp_path, consenting={"hospital-a": 0.0}, hospitals=("hospital-a",))["hospital-a"]
     spec = _spec("s-empty")
     approve(demo.site, "s-empty")
+    decide_exactly(demo, spec)
     out = train_hospital_round(demo.site, spec, 1, initial_state(spec.template, len(spec.columns)), NOW)
-    assert out.status == "no-data" and "no-contract" not in out.reason
+    assert out.status == "no-data" and "noised decision count" in out.reason
+    assert "no-contract" not in out.reason
     assert out.receipt is None and _ledger(demo).plan("s-empty") is None
 
 
@@ -290,6 +316,8 @@ def test_below_the_minimum_the_study_fails_cleanly(sites: dict[str, DemoSite], t
 def test_no_data_hospital_is_not_a_contribution(tmp_path: Path) -> None:
     sites = provision_sites(tmp_path / "sites", consenting={"hospital-b": 0.0})
     spec = _spec("s-nodata", min_hospitals=2, rounds=3)
+    approve(sites["hospital-b"].site, spec.study_id)
+    decide_exactly(sites["hospital-b"], spec)
     observer, _ = _run(sites, spec, tmp_path)
     assert observer.completed is not None
     for _, metrics, receipts in observer.rounds:
@@ -499,6 +527,8 @@ def test_receipts_of_a_failed_round_are_still_reported(tmp_path: Path) -> None:
     and spent privacy, so their receipts reach the observer (round_failed = 1) before on_failed."""
     sites = provision_sites(tmp_path / "sites", consenting={"hospital-c": 0.0})
     spec = _spec("s-failed-round", rounds=2, min_hospitals=3)
+    approve(sites["hospital-c"].site, spec.study_id)
+    decide_exactly(sites["hospital-c"], spec)
     observer, _ = _grid_run(sites, spec, tmp_path)
     assert observer.completed is None and len(observer.failed) == 1
     assert observer.failed[0].startswith("round 1: 2 hospital(s) contributed")

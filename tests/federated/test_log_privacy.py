@@ -127,7 +127,7 @@ def test_with_a_reward_capacity_the_tree_size_is_the_capacity_and_no_more_patien
     first = train_hospital_round(site, spec, 1, weights, NOW)
     assert first.status == "ok", first.reason
     charged = site.ledger().charges(spec.study_id)
-    trained = set(site.ledger().patient_spend())
+    trained = {p for p, s in site.ledger().patient_spend().items() if s.studies}  # not the count alone
     assert 0 < len(trained) <= capacity
     eligible = site.gate(spec.request, train.pseudonyms, NOW).eligible
     chosen = within_capacity(site, spec.study_id, eligible)
@@ -146,3 +146,87 @@ def test_with_a_reward_capacity_the_tree_size_is_the_capacity_and_no_more_patien
     # a bad capacity in the node config is refused, naming the key
     with pytest.raises(SiteConfigError, match="reward-capacity"):
         Site.from_node_config({**site.node_config(), "reward-capacity": "100"})
+
+
+class _Shift:
+    """A decision-count noise source that adds a fixed integer (the mechanism's noise is tested
+    in tests/node/test_decision_count.py)."""
+
+    def __init__(self, shift: int) -> None:
+        self.shift = shift
+
+    def discrete_laplace(self, epsilon: float) -> int:
+        return self.shift
+
+
+def _plan_released(demo: DemoSite, study_id: str, shift: int, revoked: str | None) -> tuple[Any, Any]:
+    """Draw the study's decision count with a fixed noise `shift` (after revoking `revoked`),
+    train round 1, and return (the stored plan, the receipt's accounting)."""
+    from federated.client_app import draw_decision
+
+    spec = _spec(study_id)
+    approve(demo.site, study_id)
+    if revoked is not None:
+        _revoke_one(demo, revoked, NOW - timedelta(hours=1))
+    drawn = draw_decision(demo.site, spec, NOW, noise=_Shift(shift))
+    assert not hasattr(drawn, "status"), drawn
+    out = train_hospital_round(demo.site, spec, 1, initial_state(spec.template, len(spec.columns)), NOW)
+    assert out.status == "ok" and out.receipt is not None, out.reason
+    return demo.site.ledger().plan(study_id), out.receipt.accounting
+
+
+def test_the_dp_plan_is_post_processing_of_the_noised_decision_count(tmp_path: Path) -> None:
+    """Two cohorts that differ by one patient, whose decision counts came out equal (the exact
+    count 1 lower, the noise 1 higher): the plans, and the noise multiplier and sample rate
+    every receipt carries, are identical, so they reveal nothing beyond the charged noised count.
+    (Sized from the exact count, as before, they differed.)"""
+    sites = provision_sites(tmp_path / "sites", hospitals=("hospital-a", "hospital-b"))
+    whole, less = sites["hospital-a"], sites["hospital-b"]
+    train = less.site.records()[0].train()
+    plan_a, released_a = _plan_released(whole, "s-plan", 0, None)
+    decision_a = whole.site.ledger().decision("s-plan")
+    # hospital-b has different records: give it the same cohort size as hospital-a, minus one
+    sizes = {name: len(set(s.site.records()[0].pseudonyms)) for name, s in sites.items()}
+    shift = sizes["hospital-a"] - (sizes["hospital-b"] - 1)
+    plan_b, released_b = _plan_released(less, "s-plan", shift, train.pseudonyms[0])
+    decision_b = less.site.ledger().decision("s-plan")
+    assert decision_a is not None and decision_b is not None
+    assert decision_b.patients == sizes["hospital-b"] - 1 != decision_a.patients
+    assert decision_a.noisy_count == decision_b.noisy_count
+    assert plan_a == plan_b and released_a == released_b
+    assert released_a["noise_multiplier"] == plan_a.noise_multiplier
+    assert released_a["sample_rate"] == plan_a.sample_rate
+
+
+def test_a_revocation_of_every_patient_between_rounds_is_not_visible(demo: DemoSite) -> None:
+    """Round 2 after every training patient revoked (the last revocation included): the round
+    still answers ok, with the same public fields, tree size, metric names and no reason, and an
+    update of the same scale (noise alone, scaled by the plan's expected batch): before, the
+    status turned to "no-data" as soon as nobody was left."""
+    spec = _spec("s-all-revoke")
+    approve(demo.site, spec.study_id)
+    weights = initial_state(spec.template, len(spec.columns))
+    first = train_hospital_round(demo.site, spec, 1, weights, NOW)
+    train = demo.site.records()[0].train()
+    path = demo.site.contracts_path
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    at = NOW + timedelta(hours=1)
+    lines += [json.dumps(sign(revoke(demo.contracts[p], at), demo.consent_issuer).to_json())
+              for p in sorted(set(train.pseudonyms))]
+    path.write_text("\n".join(lines) + "\n")
+    assert not demo.site.gate(spec.request, train.pseudonyms, NOW + timedelta(hours=2)).eligible
+    second = train_hospital_round(demo.site, spec, 2, weights, NOW + timedelta(hours=2))
+    assert first.status == second.status == "ok", (first.reason, second.reason)
+    assert first.reason == second.reason == ""
+    a, b = (verify_receipt(o.receipt.to_bytes(), demo.signer.public_key).entry.payload
+            for o in (first, second))
+    assert {k: a[k] for k in PUBLIC} == {k: b[k] for k in PUBLIC}
+    assert a["rewards"]["size"] == b["rewards"]["size"]
+    assert set(first.metrics) == set(second.metrics)
+    assert second.weights is not None and float(abs(second.weights - weights).max()) > 0  # noise moved it
+    # nobody was charged for round 2: no training patient took part
+    with demo.site.ledger().engine.connect() as conn:
+        units = {u for (u,) in conn.exec_driver_sql(
+            "SELECT units FROM privacy_patient_spend WHERE study_id = 's-all-revoke'").all()}
+    plan = demo.site.ledger().plan(spec.study_id)
+    assert plan is not None and units == {plan.steps_per_round}

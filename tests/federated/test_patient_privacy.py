@@ -26,8 +26,8 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 from sqlalchemy import create_engine
 
-from federated.accounting import epsilon_spent
-from federated.client_app import evaluate_hospital, train_hospital_round
+from federated.accounting import epsilon_spent, plan_patients
+from federated.client_app import draw_decision, evaluate_hospital, train_hospital_round
 from federated.dp import PatientIndex, clipped_grad_sum, initial_state
 from federated.privacy_ledger import BudgetExceededError, PrivacyLedger
 from federated.runtime import site as site_module
@@ -68,6 +68,28 @@ def _ledger(demo: DemoSite) -> PrivacyLedger:
 
 def _weights(spec: StudySpec) -> np.ndarray:
     return initial_state(spec.template, len(spec.columns))
+
+
+class _Exact:
+    """A decision-count noise source that adds nothing (the mechanism is tested in
+    tests/node/test_decision_count.py): these tests check what the count counts."""
+
+    def discrete_laplace(self, epsilon: float) -> int:
+        return 0
+
+
+def _decide_exactly(demo: DemoSite, spec: StudySpec) -> None:
+    """Draw the study's decision count without noise, as the node daemon would have."""
+    drawn = draw_decision(demo.site, spec, NOW, noise=_Exact())
+    assert not hasattr(drawn, "status"), drawn
+
+
+def _trained(demo: DemoSite, study_id: str) -> set[str]:
+    """The patients admitted to train in `study_id` (hospital-local)."""
+    with _ledger(demo).engine.connect() as conn:
+        return {p for (p,) in conn.exec_driver_sql(
+            "SELECT pseudonym FROM privacy_patient_spend WHERE study_id = ? AND role = 'train'",
+            (study_id,)).all()}
 
 
 # -- a patient with several records -----------------------------------------------------------------
@@ -147,19 +169,25 @@ def test_the_epsilon_reported_is_each_patients_even_with_several_records(sites: 
     merge_patients(demo, train[3], train[4:8])
     spec = _spec("s-multi", accountant="prv", batch_size=64)
     approve(demo.site, spec.study_id)
+    _decide_exactly(demo, spec)
     out = train_hospital_round(demo.site, spec, 1, _weights(spec), NOW)
     assert out.status == "ok", out.reason
-    plan = _ledger(demo).plan(spec.study_id)
-    assert plan is not None
-    assert plan.n_patients == len(train) - 6
+    plan, decision = _ledger(demo).plan(spec.study_id), _ledger(demo).decision(spec.study_id)
+    assert plan is not None and decision is not None
+    # the decision counts patients (training and hold-out), not records: 6 records fewer patients
+    assert decision.noisy_count == decision.patients == len(set(demo.site.records()[0].pseudonyms))
+    assert plan.n_patients == plan_patients(decision.noisy_count, holdout_fraction=demo.site.holdout_fraction)
     assert plan.sample_rate == pytest.approx(64 / plan.n_patients)
     assert out.receipt is not None
     # what leaves is the public weight, not the patient or record count (docs/privacy.md, "Counts")
     assert "num_patients" not in out.metrics
     assert out.metrics["num_examples"] == out.receipt.records_used
+    # the receipt's total is the decision count's epsilon plus the patient-level DP-SGD epsilon
     reported = out.receipt.epsilon_total
-    assert reported == epsilon_spent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, DELTA)
-    assert reported == pytest.approx(independent_epsilon(
+    training = epsilon_spent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, DELTA)
+    assert reported == pytest.approx(decision.epsilon + training)
+    assert out.receipt.accounting is not None and out.receipt.accounting["training_epsilon"] == training
+    assert training == pytest.approx(independent_epsilon(
         [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)], DELTA), rel=0.01)
     # the patient with 5 records was charged exactly the patient-level steps, like everyone else
     spend = _ledger(demo).patient_spend()
@@ -184,9 +212,7 @@ def test_a_contracts_cap_is_a_lifetime_cap_across_studies(sites: dict[str, DemoS
         out = train_hospital_round(demo.site, spec, 1, _weights(spec), NOW)
         assert out.status == "ok", out.reason
         assert out.receipt is not None
-        plan = _ledger(demo).plan(study)  # the hospital's own count (receipts carry none)
-        assert plan is not None
-        used[study] = plan.n_patients
+        used[study] = len(_trained(demo, study))  # the hospital's own count (receipts carry none)
     assert used == {"life-1": len(train), "life-2": len(train) - 10, "life-3": len(train) - 20}
     spend = _ledger(demo).patient_spend()
     assert {spend[p].studies for p in capped3} == {1}
@@ -198,8 +224,9 @@ def test_a_contracts_cap_is_a_lifetime_cap_across_studies(sites: dict[str, DemoS
 
 def test_a_patient_over_the_cap_is_excluded_before_training_and_nothing_is_spent(
         sites: dict[str, DemoSite]) -> None:
-    """Every patient capped below the study's epsilon: no-data with a clear reason, no plan, no
-    charge, no patient row."""
+    """Every patient capped below the study's epsilon: nobody is counted, admitted or charged,
+    and the round still answers ``ok`` with a noise-only update (a "no data" status would show
+    that the last patient left: docs/privacy.md, "Counts")."""
     demo = sites["hospital-a"]
     train = list(demo.site.records()[0].train().pseudonyms)
     # consent evaluation refuses a study above the cap; a cap of exactly 3 admits one study
@@ -207,14 +234,15 @@ def test_a_patient_over_the_cap_is_excluded_before_training_and_nothing_is_spent
     first = _spec("cap-1")
     approve(demo.site, "cap-1", "cap-2")
     assert train_hospital_round(demo.site, first, 1, _weights(first), NOW).status == "ok"
+    before = _ledger(demo).patient_spend()
     second = _spec("cap-2")
     out = train_hospital_round(demo.site, second, 1, _weights(second), NOW)
-    assert out.status == "no-data"
-    assert "every consented patient would exceed their lifetime privacy cap" in out.reason
-    assert str(len(train)) not in out.reason
+    assert out.status == "ok", out.reason
     ledger = _ledger(demo)
-    assert ledger.plan("cap-2") is None and ledger.spent("cap-2") == 0.0
-    assert all(s.studies == 1 for s in ledger.patient_spend().values())
+    # (the hold-out patients are not capped here: they are counted)
+    assert not ledger.decision_patients("cap-2") & set(train) and _trained(demo, "cap-2") == set()
+    assert {p: ledger.patient_spend()[p] for p in train} == {p: before[p] for p in train}
+    assert all(s.studies == 1 for p, s in ledger.patient_spend().items() if p in train)
 
 
 def test_a_closed_study_counts_what_it_really_spent(sites: dict[str, DemoSite]) -> None:
@@ -229,14 +257,15 @@ def test_a_closed_study_counts_what_it_really_spent(sites: dict[str, DemoSite]) 
     ledger = _ledger(demo)
     plan = ledger.plan("close-1")
     assert plan is not None
-    assert ledger.patient_spend()[train[0]].epsilon == pytest.approx(3.0)
+    assert ledger.patient_spend()[train[0]].epsilon == pytest.approx(3.0)  # count 0.1 + training 2.9
     second = _spec("close-2", epsilon=2.0)
     out = train_hospital_round(demo.site, second, 1, _weights(second), NOW)
-    second_plan = ledger.plan("close-2")
-    assert out.receipt is not None and second_plan is not None
-    assert second_plan.n_patients == len(train) - 5  # 3 + 2 > 4
+    assert out.receipt is not None and ledger.plan("close-2") is not None
+    assert _trained(demo, "close-2") == set(train[5:])  # 3 + 2 > 4
     ledger.close_study("close-1")
-    assert ledger.patient_spend()[train[0]].epsilon == pytest.approx(plan.epsilon_after(1))
+    counted = ledger.decision("close-1")
+    assert counted is not None
+    assert ledger.patient_spend()[train[0]].epsilon == pytest.approx(counted.epsilon + plan.epsilon_after(1))
     assert ledger.patient_spend()[train[0]].epsilon < 3.0
 
 
@@ -308,6 +337,7 @@ def test_delta_above_the_site_maximum_or_one_over_n_is_refused(sites: dict[str, 
     ledger.set_delta_limits(max_delta=0.5, total_delta=0.9)
     n = len(demo.site.records()[0].train())
     too_big = _spec("d-n", delta=2.0 / n)
+    _decide_exactly(demo, too_big)  # 1/n reads the plan's size, from the noised count
     out = train_hospital_round(demo.site, too_big, 1, _weights(too_big), NOW)
     assert out.status == "refused" and "above 1/n" in out.reason, out.reason
     assert ledger.plan("d-n") is None
@@ -353,7 +383,8 @@ def test_composition_reports_the_sum_and_the_tighter_prv_figure(sites: dict[str,
     assert comp.epsilon_sum == pytest.approx(spent)
     assert comp.epsilon_composed < 0.9 * comp.epsilon_sum
     assert comp.delta == pytest.approx(2e-5)
-    assert comp.patients == len(demo.site.records()[0].train())
+    # every patient counted by a decision has a spend (hold-out ones: the counts' epsilon)
+    assert comp.patients == len(demo.site.records()[0])
 
 
 # -- the evaluation oracle --------------------------------------------------------------------------

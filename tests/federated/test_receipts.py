@@ -133,3 +133,24 @@ def test_hospital_account_form() -> None:
     assert hospital_account("hospital:hospital-a") == "hospital:hospital-a"
     with pytest.raises(ReceiptError):
         hospital_account("")
+
+
+ACCOUNTING = {"decision_epsilon": 0.1, "training_epsilon": 1.8, "noise_multiplier": 1.3, "sample_rate": 0.25,
+              "steps_per_round": 10, "accountant": "prv"}
+
+
+def test_a_receipts_accounting_composes_its_total_and_is_checked() -> None:
+    """The optional `accounting` says how epsilon_total composes (the decision count's epsilon +
+    DP-SGD's) and carries the plan's noise multiplier and sample rate; a sum that does not make
+    the total, a field missing or unknown, or a sample rate outside (0, 1] is refused."""
+    signer = Signer.generate()
+    receipt = _receipt(signer, accounting=ACCOUNTING)
+    assert verify_receipt(receipt.to_bytes(), signer.public_key).accounting == ACCOUNTING
+    assert _receipt(signer).accounting is None  # receipts without it stay valid
+    for bad, match in (({**ACCOUNTING, "training_epsilon": 1.7}, "must be epsilon_total"),
+                       ({k: v for k, v in ACCOUNTING.items() if k != "sample_rate"}, "missing"),
+                       ({**ACCOUNTING, "patients": 3}, "unknown"),
+                       ({**ACCOUNTING, "sample_rate": 0.0}, "sample_rate"),
+                       ({**ACCOUNTING, "noise_multiplier": -1.0}, "noise_multiplier")):
+        with pytest.raises(ReceiptError, match=match):
+            _receipt(signer, accounting=bad)

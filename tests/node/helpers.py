@@ -165,3 +165,16 @@ def seed_consent(store: NodeStore, folder: Path, contracts: list[Contract], hosp
 
 __all__ = ["LiveCoordinator", "gru_contract", "live_coordinator", "revoke", "seed_consent", "seed_records",
            "study_body", "wait_for"]
+
+
+class ExactNoise:
+    """A decision-count noise source that adds nothing, for tests that check what the count is
+    compared with or what follows a decision (the mechanism's noise is tested in
+    tests/node/test_decision_count.py): `monkeypatch.setattr(decisions, "SecureRandom", ExactNoise)`
+    makes every decision the node draws deterministic."""
+
+    def __init__(self, *_args: object) -> None:
+        pass
+
+    def discrete_laplace(self, epsilon: float) -> int:
+        return 0

@@ -84,7 +84,7 @@ def test_policy_refusal_reaches_the_researcher_with_reasons(node_dir: Path, seed
     settings = _node_settings(node_dir, mode="auto-approve", max_epsilon_per_study=2.0)
     settings = settings.model_copy(update={"coordinator_url": coordinator.url})
     too_greedy = coordinator.submit(epsilon=3.0)
-    fine = coordinator.submit(epsilon=1.0)
+    fine = coordinator.submit(epsilon=1.5)  # above the decision count's epsilon (1), part of it
     daemon, link = _daemon(settings, seeded)
     try:
         daemon.step()
@@ -319,7 +319,9 @@ def test_kill9_and_restart_resumes_without_double_counting(node_dir: Path, seede
                                    .where(RoundRow.study_id == study_id)
                                    .order_by(RoundRow.round)).tuples().all()
     assert epsilons == [(1, 1.75), (2, 2.9)]
-    assert ledger.spent(study_id) == 2.9 and ledger.total_spent() == 2.9
+    # the study's spend is its decision count's epsilon (1.0) plus its DP-SGD epsilon
+    assert ledger.training_spent(study_id) == 2.9
+    assert ledger.spent(study_id) == pytest.approx(3.9) and ledger.total_spent() == pytest.approx(3.9)
     status = json.loads(CliRunner().invoke(app, ["node", "status", "--json", "--config",
                                                  str(node_dir / "node.toml")]).output)
     # the finished study was closed: its patients count the steps they took, not its target
@@ -333,7 +335,8 @@ def test_kill9_and_restart_resumes_without_double_counting(node_dir: Path, seede
     assert ledger.decision_patients(study_id) == frozenset(PSEUDONYMS[:10])
     assert all(spend[p].epsilon == pytest.approx(1.0) for p in PSEUDONYMS[:10])
     privacy = status["privacy"]
-    assert privacy == {"total": 20.0, "spent": 2.9, "reserved": 0.0, "left": pytest.approx(17.1),
+    assert privacy == {"total": 20.0, "spent": pytest.approx(3.9), "reserved": 0.0,
+                       "left": pytest.approx(16.1),
                        "delta_total": 1e-4, "delta_spent": 1e-5, "delta_reserved": 0.0, "max_delta": 1e-5,
                        "patient_epsilon_sum": pytest.approx(plan.epsilon_for_steps(8)),
                        "patient_epsilon_composed": pytest.approx(plan.epsilon_for_steps(8), rel=0.01),
@@ -423,7 +426,7 @@ def test_cancelled_and_expired_studies_release_the_reservation(node_dir: Path, s
         "id": "hospital-silent", "organisation_id": "clinics", "name": "Silent",
         "signing_public_key": Signer.generate().public_key_b64, "flower_public_key": flower_key()})
     deadline = datetime.now(UTC) + timedelta(seconds=10)
-    cancelled = coordinator.submit(min_hospitals=2, epsilon=1.0)  # never starts
+    cancelled = coordinator.submit(min_hospitals=2, epsilon=1.25)  # never starts
     expiring = coordinator.submit(min_hospitals=2, epsilon=1.5,
                                   start_deadline=deadline.isoformat().replace("+00:00", "Z"))
     approvals = site_paths(settings)["approvals"]
@@ -432,12 +435,14 @@ def test_cancelled_and_expired_studies_release_the_reservation(node_dir: Path, s
         daemon.step()  # decides and posts
         daemon.step()  # sees the coordinator hold its approvals (`my_decision`)
         assert sorted(daemon.active_studies()) == sorted([cancelled, expiring])
-        assert current_budget(seeded, settings).reserved == pytest.approx(2.5)
+        # each study's decision count (epsilon 1) is spent; the rest of its epsilon is reserved
+        budget = current_budget(seeded, settings)
+        assert budget.spent == pytest.approx(2.0) and budget.reserved == pytest.approx(0.25 + 0.5)
         assert json.loads(approvals.read_text())["approved"] == sorted([cancelled, expiring])
         coordinator.researcher.post(f"/v1/studies/{cancelled}/cancel", {"reason": "changed our mind"})
         daemon.step()
         assert daemon.active_studies() == [expiring]
-        assert current_budget(seeded, settings).reserved == pytest.approx(1.5)
+        assert current_budget(seeded, settings).reserved == pytest.approx(0.5)
         wait_for(lambda: datetime.now(UTC) > deadline, "the start deadline to pass")
         daemon.step()  # the node's poll lists the study: overdue, it expires on that access
     finally:

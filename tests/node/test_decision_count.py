@@ -93,3 +93,25 @@ def test_the_count_charges_each_patient_counted_once_and_survives_a_restart(tmp_
     # the charge counts against the lifetime cap: b (cap 5) has 4.9 left, not 5
     assert ledger.admissible("t", 4.95, {"b": 5.0}, 20.0).over_cap == 1
     assert ledger.admissible("t", 4.9, {"b": 5.0}, 20.0).admitted == frozenset({"b"})
+
+
+def test_the_counts_epsilon_is_part_of_the_studys_spend(tmp_path: Path) -> None:
+    """The decision count's epsilon is inside the study's accounting: the study's spend (what its
+    receipts' epsilon_total says) and the hospital's total include it, and a patient counted in
+    a study of epsilon 1 whose training may spend 0.9 holds 1.0 of their lifetime cap, not 1.1."""
+    from federated.accounting import DPPlan
+
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    ledger = _ledger(url)
+    ledger.decide("s", 0.1, 0.9, {"a": 1.0, "b": None}, 20.0, noise=SecureRandom(3))
+    assert ledger.spent("s") == pytest.approx(0.1) and ledger.total_spent() == pytest.approx(0.1)
+    plan = DPPlan(target_epsilon=0.9, delta=1e-5, rounds=1, steps_per_round=2, sample_rate=0.5,
+                  noise_multiplier=2.0, batch_size=1, n_patients=2)
+    ledger.register_study("s", plan)
+    admitted = ledger.admit("s", "train", {"a": 1.0, "b": None}, 20.0)
+    assert admitted.admitted == frozenset({"a", "b"})  # 0.1 + 0.9 <= 1.0
+    ledger.charge("s", 1, 0.8, patients={"a", "b"})
+    assert ledger.training_spent("s") == pytest.approx(0.8)
+    assert ledger.spent("s") == pytest.approx(0.9) and ledger.study_spent("s") == pytest.approx(0.9)
+    assert ledger.total_spent() == pytest.approx(0.9)
+    assert ledger.patient_spend()["a"].epsilon == pytest.approx(1.0)  # open: the count + the target

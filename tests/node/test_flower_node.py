@@ -241,14 +241,19 @@ def test_revocation_between_rounds_and_kill9_mid_study(node_dir: Path, store: No
     charges = ledger.charges(study_id)
     assert [c.round for c in charges] == [1, 2, 3, 4]  # one charge per round, none lost or doubled
     epsilons = [r.epsilon_total for r in (observer.rounds[k][0] for k in sorted(observer.rounds))]
-    assert [c.epsilon for c in charges] == pytest.approx(epsilons)
+    # each receipt's total is the decision count's epsilon plus the round's DP-SGD charge
+    decision = ledger.decision(study_id)
+    assert decision is not None
+    assert [decision.epsilon + c.epsilon for c in charges] == pytest.approx(epsilons)
     assert ledger.spent(study_id) == pytest.approx(epsilons[-1]) and epsilons[-1] <= 3.0 + 1e-9
-    assert ledger.total_spent() == pytest.approx(epsilons[-1])
+    # the hospital's total: the decision count + the larger of training and hold-out evaluation
+    assert ledger.total_spent() == pytest.approx(ledger.study_spent(study_id))
+    assert epsilons[-1] - 1e-9 <= ledger.study_spent(study_id) <= 3.0 + 1e-9
     with store.sessions() as session:
         rows = session.execute(select(RoundRow.round, RoundRow.epsilon).where(RoundRow.study_id == study_id)
                                .order_by(RoundRow.round)).tuples().all()
     assert [r for r, _e in rows] == [1, 2, 3, 4]
-    assert [e for _r, e in rows] == pytest.approx(epsilons)
+    assert [e for _r, e in rows] == pytest.approx([c.epsilon for c in charges])  # the node's DP-SGD record
     # each daemon run started its SuperNode, which became ready once its executor had loaded
     events = [(e.get("event"), e.get("child")) for e in _json_lines(node_dir / "daemon.log")]
     runs = [i for i, (event, _c) in enumerate(events) if event == "node_started"]

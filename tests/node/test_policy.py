@@ -58,6 +58,18 @@ def test_every_failing_rule_gives_its_reason() -> None:
     assert len(result.reasons) == 9
 
 
+def test_a_study_must_leave_room_beside_the_decision_counts_epsilon() -> None:
+    """The decision count's epsilon is part of every study's spend (docs/privacy.md, "Counts"): a
+    study whose epsilon does not exceed it could train on nothing, and is refused by rule 5
+    before any count is drawn."""
+    policy = SitePolicy(mode="auto-approve", decision_epsilon=0.5)
+    refused = evaluate(policy, study(epsilon=0.5), MANY, FULL, HELD)
+    assert refused.decision == "refuse"
+    assert refused.reasons == ["epsilon 0.5 does not exceed the decision count's epsilon (0.5), which is "
+                               "part of every study's spend"]
+    assert evaluate(policy, study(epsilon=0.6), MANY, FULL, HELD).decision == "approve"
+
+
 def test_allowed_purpose_covers_narrower_ones() -> None:
     policy = SitePolicy(mode="auto-approve", allowed_purposes=["GRU"])
     assert evaluate(policy, study(), MANY, FULL, HELD).decision == "approve"  # DS is within GRU

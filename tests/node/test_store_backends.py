@@ -19,14 +19,19 @@ from exchange.node.models import DecisionRow, Record
 from exchange.node.policy import StudyView
 from exchange.node.settings import NodeSettings
 from exchange.node.store import open_store
-from tests.node.helpers import ISSUED, gru_contract, revoke, seed_consent, seed_records
+from tests.node.helpers import ISSUED, ExactNoise, gru_contract, revoke, seed_consent, seed_records
 
 STUDY = {"id": "st-b", "organisation_id": "acme", "organisation_region": "DE", "status": "submitted",
          "spec": {"purpose": "DUO:0000042", "columns": {"labs": ["mean_radius", "mean_texture"]},
                   "label": "label", "epsilon": 2.0, "delta": 1e-5, "rounds": 2}}
 
 
-def test_store_on_both_databases(db_url: str, settings: NodeSettings, tmp_path: Path) -> None:
+def test_store_on_both_databases(db_url: str, settings: NodeSettings, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from exchange.node import decisions
+
+    # the decision count without noise: 5 patients against the site minimum, deterministically
+    monkeypatch.setattr(decisions, "SecureRandom", ExactNoise)
     store = open_store(db_url)
     signer = Signer.load(settings.signing_key_path)
     try:
@@ -80,6 +85,9 @@ def test_two_approvals_at_once_cannot_both_reserve_the_budget(db_url: str, setti
                                                 "decision_epsilon": 1.0,
                                                 "total_privacy_budget": 5.0, "max_epsilon_per_study": 3.0})
     ctx = Context(settings=settings.model_copy(update={"policy": policy}), signer=signer)
+    # the decision count without noise (6 patients against the site minimum): only the budget race
+    # decides which study is refused
+    monkeypatch.setattr(decisions, "SecureRandom", ExactNoise)
     studies = [{**STUDY, "id": f"st-{name}", "spec": {**STUDY["spec"], "epsilon": 3.0}} for name in "xy"]
     evaluate = decisions.evaluate_study
     both_evaluated = threading.Barrier(2, timeout=60)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from audit.signing import Signer
@@ -26,7 +27,7 @@ from exchange.study.spec import study_spec
 from federated.client_app import train_hospital_round
 from federated.dp import initial_state
 from federated.runtime.site import Site
-from tests.node.helpers import gru_contract, seed_consent, study_view
+from tests.node.helpers import ExactNoise, gru_contract, seed_consent, study_view
 
 N = 60
 PSEUDONYMS = [f"p{i}" for i in range(N)]
@@ -60,30 +61,65 @@ def _study(study_id: str, label: str, task: str = "regression", **extra: Any) ->
     return study_view(study_id, **{"template": template, "task": task, "label": label, **extra})
 
 
-def test_each_study_names_its_label_checked_at_decision(settings: NodeSettings, store: NodeStore,
-                                                        tmp_path: Path) -> None:
+def test_each_study_names_its_label_checked_at_decision(
+        settings: NodeSettings, store: NodeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record whose label does not fit the study's task is not usable, like one missing a column:
+    it is left out of the decision count (and of training), never refused on, since whether one
+    record fits is one patient's fact and a reason is public (docs/privacy.md, "Counts"). A study
+    that no record fits is refused by the noised count, with a reason saying what counts."""
+    from exchange.node import decisions
+
+    monkeypatch.setattr(decisions, "SecureRandom", ExactNoise)  # the counts below are exact
     settings.policy.mode = "auto-approve"
     settings.policy.min_eligible_records = 10
     _seed(store, settings, tmp_path)
     at = datetime.now(UTC)
+    ledger = site_ledger(store.engine, settings.policy)
     assert evaluate_study(store, settings, _study("s-hba1c", "hba1c"), at).decision == "approve"
+    assert ledger.decision("s-hba1c").noisy_count == 40  # type: ignore[union-attr]  # a third lack hba1c
     assert evaluate_study(store, settings, _study("s-bin", "label", "binary"), at).decision == "approve"
     assert evaluate_study(store, settings, _study("s-stage", "stage", "multiclass", classes=3),
                           at).decision == "approve"
-    # refused when deciding, and the reason names the label
+    # a label the node does not hold is refused by name (a column rule: no record involved)
     unknown = evaluate_study(store, settings, _study("s-x", "weight"), at)
     assert unknown.decision == "refuse" and any("weight" in r for r in unknown.reasons), unknown.reasons
-    not_binary = evaluate_study(store, settings, _study("s-nb", "hba1c", "binary"), at)
-    assert not_binary.decision == "refuse"
-    assert any(r.startswith("label: label 'hba1c' is not binary") for r in not_binary.reasons), \
-        not_binary.reasons
-    too_few = evaluate_study(store, settings, _study("s-few", "stage", "multiclass", classes=2), at)
-    assert any("'stage' is not a class label" in r for r in too_few.reasons), too_few.reasons
-    not_class = evaluate_study(store, settings, _study("s-grade", "grade", "multiclass", classes=3), at)
-    assert any("'grade' is not a class label" in r for r in not_class.reasons), not_class.reasons
-    # the reason names the label and the fault, no count and no value (it leaves the hospital)
-    assert [r for r in not_binary.reasons if r.startswith("label:")] == [
-        "label: label 'hba1c' is not binary (a binary study's label must be 0 or 1 in every record)"]
+    # no record fits: refused by the noised count, and no reason speaks of a value
+    for study in (_study("s-nb", "hba1c", "binary"), _study("s-grade", "grade", "multiclass", classes=3)):
+        refused = evaluate_study(store, settings, study, at)
+        assert refused.decision == "refuse", refused.reasons
+        noised = "fewer eligible patients (a noised count)"
+        assert [r for r in refused.reasons if not r.startswith(noised)] == []
+        assert "a label the study's task can use" in refused.reasons[0]
+    # some records fit (stage 0 and 1 for two classes): the others are left out of the count
+    few = evaluate_study(store, settings, _study("s-few", "stage", "multiclass", classes=2), at)
+    assert few.decision == "approve", few.reasons
+    assert ledger.decision("s-few").noisy_count == 40  # type: ignore[union-attr]
+    assert ledger.decision_patients("s-few") == frozenset(p for i, p in enumerate(PSEUDONYMS) if i % 3 != 2)
+
+
+def test_one_patients_unfit_label_does_not_change_what_the_decision_releases(
+        settings: NodeSettings, store: NodeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: a single record with a label outside the task's values made the node refuse with
+    "label ... is not binary", a public reason that one patient's value flipped. Now the study is
+    decided as if that record were missing: the same reasons, the count one lower (noised)."""
+    from exchange.node import decisions
+
+    monkeypatch.setattr(decisions, "SecureRandom", ExactNoise)
+    settings.policy.mode = "auto-approve"
+    _seed(store, settings, tmp_path)
+    rows = "pid,mean_radius,mean_texture,label\nodd,0.1,0.2,7\n"
+    (tmp_path / "odd.csv").write_text(rows)
+    mapping = parse_mapping({"pseudonym_column": "pid", "columns": {
+        "mean_radius": "labs", "mean_texture": "labs", "label": {"category": "outcomes", "type": "integer"}}})
+    with store.transaction() as session:
+        import_records(session, tmp_path / "odd.csv", "csv", mapping)
+    seed_consent(store, tmp_path / "consent-odd", [gru_contract("odd", "hospital-a")], "hospital-a",
+                 Signer.load(settings.signing_key_path))
+    evaluation = evaluate_study(store, settings, _study("s-odd", "label", "binary"), datetime.now(UTC))
+    assert evaluation.decision == "approve", evaluation.reasons
+    assert evaluation.reasons == ["meets site policy; approved automatically"]
+    ledger = site_ledger(store.engine, settings.policy)
+    assert "odd" not in ledger.decision_patients("s-odd") and ledger.decision("s-odd").noisy_count == N  # type: ignore[union-attr]
 
 
 def test_clientapp_trains_each_study_on_its_own_label(settings: NodeSettings, store: NodeStore,
