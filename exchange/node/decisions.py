@@ -69,8 +69,10 @@ def latest_decision(session: Session, study_id: str) -> DecisionRow | None:
                            .order_by(DecisionRow.id.desc()).limit(1)).scalar()
 
 
-def active_reservations(session: Session, exclude: str | None = None) -> list[tuple[str, float]]:
-    """(study id, target epsilon) of approved studies that have not finished."""
+def active_reservations(session: Session, exclude: str | None = None,
+                        decision_epsilon: float = 0.0) -> list[tuple[str, float]]:
+    """(study id, target epsilon) of approved studies that have not finished; the target is
+    what the study spends per patient with its decision count (`StudyView.spend`)."""
     rows = session.execute(select(StudyRow).where(StudyRow.status.not_in(TERMINAL))).scalars()
     out: list[tuple[str, float]] = []
     for row in rows:
@@ -78,7 +80,7 @@ def active_reservations(session: Session, exclude: str | None = None) -> list[tu
             continue
         decision = latest_decision(session, row.study_id)
         if decision is not None and decision.decision == "approve":
-            out.append((row.study_id, StudyView.from_json(row.document).epsilon))
+            out.append((row.study_id, StudyView.from_json(row.document).spend(decision_epsilon)))
     return out
 
 
@@ -90,7 +92,7 @@ def current_budget(store: NodeStore, settings: NodeSettings, exclude: str | None
 
 def _budget_in(session: Session, ledger: PrivacyLedger, settings: NodeSettings,
                exclude: str | None) -> Budget:
-    active = active_reservations(session, exclude)
+    active = active_reservations(session, exclude, settings.policy.decision_epsilon)
     deltas = [(study_id, StudyView.from_json(row.document).delta) for study_id, _target in active
               if (row := session.get(StudyRow, study_id)) is not None]
     return compute_budget(ledger, settings.policy.total_privacy_budget, active, deltas, exclude)
@@ -143,7 +145,7 @@ def decision_count(ledger: PrivacyLedger, settings: NodeSettings, study: StudyVi
     charges nothing. The count's epsilon is part of the study's: the patients counted need room
     in their lifetime cap for the study's epsilon, of which training may spend the rest."""
     epsilon = settings.policy.decision_epsilon
-    return ledger.decide(study.study_id, epsilon, max(0.0, study.epsilon - epsilon), candidates,
+    return ledger.decide(study.study_id, epsilon, study.training_target(epsilon), candidates,
                          settings.policy.total_privacy_budget, noise=noise or SecureRandom(), events=events)
 
 
@@ -197,7 +199,8 @@ def reserve_or_refuse(ledger: PrivacyLedger, settings: NodeSettings, session: Se
     returned (none: the caller stores the approval, and commits, releasing the lock)."""
     session.execute(update(DaemonState).where(DaemonState.key == RESERVATION_LOCK)
                     .values(value=datetime.now(UTC).isoformat()))
-    return budget_problems(view, _budget_in(session, ledger, settings, view.study_id))
+    return budget_problems(view, _budget_in(session, ledger, settings, view.study_id),
+                           settings.policy.decision_epsilon)
 
 
 def sign_decision(signer: Signer, hospital_id: str, study_id: str, *, decision: str,

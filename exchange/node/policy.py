@@ -69,6 +69,19 @@ class StudyView:
     event: str | None = None
     #: multi-class studies: the number of classes (labels 0..classes-1)
     classes: int | None = None
+    #: "local" (each hospital's DP-SGD) or "distributed" (the aggregate's, calibrated jointly)
+    noise: str = "local"
+
+    def spend(self, decision_epsilon: float) -> float:
+        """What the study costs each patient counted, decision count included: its epsilon (the
+        count's is part of it) for local noise; for distributed noise, whose aggregate noise all
+        hospitals calibrate jointly from the study's epsilon, the count's epsilon comes on top
+        (federated.client_app.training_epsilon)."""
+        return self.epsilon + (decision_epsilon if self.noise == "distributed" else 0.0)
+
+    def training_target(self, decision_epsilon: float) -> float:
+        """What the study's training may spend per patient beside the decision count."""
+        return max(0.0, self.spend(decision_epsilon) - decision_epsilon)
 
     @classmethod
     def from_json(cls, study: Mapping[str, Any]) -> StudyView:
@@ -95,6 +108,7 @@ class StudyView:
             task=str(spec.get("task") or "binary"),
             event=str(spec["event"]) if spec.get("event") is not None else None,
             classes=int(spec["classes"]) if isinstance(spec.get("classes"), int) else None,
+            noise="distributed" if spec.get("noise") == "distributed" else "local",
         )
 
     def accepted(self) -> AcceptedStudy:
@@ -161,13 +175,15 @@ def _purpose_allowed(purpose: str, allowed: list[str]) -> bool:
     return purpose_allowed(purpose, allowed)
 
 
-def budget_problems(study: StudyView, budget: Budget) -> list[str]:
+def budget_problems(study: StudyView, budget: Budget, decision_epsilon: float = 0.0) -> list[str]:
     """Why `study` does not fit in what is left of the site's epsilon and delta budgets (none:
     it fits). Checked by `evaluate` and again, under the reservation lock, when an approval is
-    stored (exchange/node/decisions.py)."""
+    stored (exchange/node/decisions.py). `decision_epsilon`: the site's decision count's, which
+    a distributed-noise study spends beside its own (`StudyView.spend`)."""
     reasons: list[str] = []
-    if study.epsilon > budget.left + 1e-12:
-        reasons.append(f"epsilon {study.epsilon:g} exceeds the privacy budget left ({budget.left:.4g} "
+    spend = study.spend(decision_epsilon)
+    if spend > budget.left + 1e-12:
+        reasons.append(f"epsilon {spend:g} exceeds the privacy budget left ({budget.left:.4g} "
                        f"of {budget.total:g}: {budget.spent:.4g} spent, {budget.reserved:.4g} reserved)")
     if study.delta > budget.delta_left * (1 + 1e-9):
         reasons.append(f"delta {study.delta:g} exceeds the delta budget left ({budget.delta_left:.3g} of "
@@ -192,10 +208,12 @@ def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, bud
         reasons.append(f"region {study.region or '(none given)'!r} is not allowed by site policy")
     if study.commercial and not policy.allow_commercial:
         reasons.append("commercial use is not allowed by site policy")
-    if study.epsilon > policy.max_epsilon_per_study:
-        reasons.append(f"epsilon {study.epsilon:g} exceeds the site maximum per study "
-                       f"({policy.max_epsilon_per_study:g})")
-    if study.epsilon <= policy.decision_epsilon:
+    spend = study.spend(policy.decision_epsilon)
+    if spend > policy.max_epsilon_per_study:
+        reasons.append(f"epsilon {spend:g} exceeds the site maximum per study "
+                       f"({policy.max_epsilon_per_study:g})"
+                       + (" with the decision count's" if spend != study.epsilon else ""))
+    if study.noise != "distributed" and study.epsilon <= policy.decision_epsilon:
         reasons.append(f"epsilon {study.epsilon:g} does not exceed the decision count's epsilon "
                        f"({policy.decision_epsilon:g}), which is part of every study's spend")
     if study.delta > policy.max_delta:
@@ -205,7 +223,7 @@ def evaluate(policy: SitePolicy, study: StudyView, eligibility: Eligibility, bud
     if n is not None and n > 0 and study.delta > 1.0 / n:
         # no n in the text: the reasons are posted to the coordinator and logged for good
         reasons.append(f"delta {study.delta:g} exceeds 1/n for this hospital's n eligible patients")
-    reasons.extend(budget_problems(study, budget))
+    reasons.extend(budget_problems(study, budget, policy.decision_epsilon))
     wanted = [(category, column) for category, cols in study.columns.items() for column in cols]
     wanted.append(("", study.label))
     if study.event is not None:

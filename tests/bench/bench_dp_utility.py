@@ -7,7 +7,9 @@ non-private training, over several data splits.
 The FedAvg loop runs in-process (no Flower): each round every hospital runs `train_round` from the
 global state on its own training records with its own DP plan (patient-level: sample rate = batch /
 its patients, one record per sampled patient per step, noise from the secure generator, calibrated
-so that ALL rounds stay within (epsilon, 1e-5) per patient by the PRV accountant), then the server
+so that ALL rounds stay within (epsilon - 0.1, 1e-5) per patient by the PRV accountant: the node's
+default decision count takes 0.1 of the study's epsilon, and the plan is sized from that noised
+count, as a hospital does), then the server
 averages them with the receipts' public weights (`contribution_weight`: expected batch x local
 steps, equal for the hospitals of one study), as the ServerApp does. Also as the ServerApp does, the
 initial global model is pre-trained on the PUBLIC reference sample's pre-training half
@@ -32,14 +34,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from federated.accounting import plan_study
+from federated.accounting import plan_patients, plan_study
 from federated.client_app import contribution_weight
 from federated.data import HospitalData, load_federated, pooled
 from federated.dp import initial_state, public_initial_state, train_nonprivate, train_round
+from federated.secure_random import SecureRandom
 from federated.templates import Template, get_template
 from federated.weights import fedavg, unpack
 
 DELTA = 1e-5
+# The node's default `policy.decision_epsilon` (exchange/node/settings.py).
+DECISION_EPSILON = 0.1
 
 
 @dataclass
@@ -61,7 +66,12 @@ def evaluate(tpl: Template, state: np.ndarray, test: HospitalData) -> dict[str, 
 
 def run_dp(tpl: Template, cfg: Config, hospitals: list[HospitalData], test: HospitalData,
            epsilon: float, seed: int, pretrained: bool = True) -> tuple[dict[str, float], float]:
-    plans = [plan_study(epsilon, DELTA, rounds=cfg.rounds, n_patients=len(set(h.pseudonyms)),
+    # As a hospital does (federated/client_app.py): the decision count's epsilon is part of the
+    # study's, so DP-SGD gets the rest; the plan is sized from the NOISED count (plan_patients).
+    noise = SecureRandom(seed)
+    plans = [plan_study(epsilon - DECISION_EPSILON, DELTA, rounds=cfg.rounds,
+                        n_patients=plan_patients(len(set(h.pseudonyms))
+                                                 + noise.discrete_laplace(DECISION_EPSILON)),
                         batch_size=cfg.batch_size, steps_per_round=cfg.local_steps, evaluation=False)
              for h in hospitals]
     state = (public_initial_state(tpl, test.columns, tpl.task, seed) if pretrained

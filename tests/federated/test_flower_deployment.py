@@ -226,9 +226,16 @@ def test_two_studies_at_once_from_one_coordinator_process(deployment: Deployment
         for spec in specs:
             said = {rc.round: rc.epsilon_total for _, _, rcs in observers[spec.study_id].rounds
                     for rc in rcs if rc.hospital.removeprefix("hospital:") == h}
-            assert {c.round: c.epsilon for c in ledger.charges(spec.study_id)} == pytest.approx(said)
+            # a receipt's epsilon_total is the decision count's epsilon + DP-SGD so far; the
+            # charges hold the DP-SGD part alone
+            decided = ledger.decision(spec.study_id)
+            count_epsilon = decided.epsilon if decided is not None else 0.0
+            assert {c.round: c.epsilon + count_epsilon
+                    for c in ledger.charges(spec.study_id)} == pytest.approx(said)
             assert ledger.spent(spec.study_id) == pytest.approx(said[2]) and said[2] <= spec.epsilon
-            grew += max(said[2], ledger.evaluation_spent(spec.study_id))
+            assert ledger.study_spent(spec.study_id) == pytest.approx(
+                count_epsilon + max(said[2] - count_epsilon, ledger.evaluation_spent(spec.study_id)))
+            grew += ledger.study_spent(spec.study_id)
         assert ledger.total_spent() - totals_before[h] == pytest.approx(grew)
 
 

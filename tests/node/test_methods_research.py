@@ -9,15 +9,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from audit.signing import Signer
 from consent import duo
 from consent.model import Contract, Provision
+from exchange.node import decisions
 from exchange.node.decisions import evaluate_study
 from exchange.node.policy import StudyView
 from exchange.node.settings import NodeSettings
 from exchange.node.store import NodeStore
 from exchange.study.spec import consent_request, study_spec
-from tests.node.helpers import ISSUED, seed_consent, seed_records, study_view
+from tests.node.helpers import ISSUED, ExactNoise, seed_consent, seed_records, study_view
 
 PSEUDONYMS = [f"p{i}" for i in range(40)]
 
@@ -34,7 +37,8 @@ def _study(study_id: str, **spec: Any) -> StudyView:
 
 
 def test_nmds_consents_refuse_methods_research(settings: NodeSettings, store: NodeStore,
-                                               tmp_path: Path) -> None:
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decisions, "SecureRandom", ExactNoise)  # the decisions below are on exact counts
     settings.policy.mode = "auto-approve"
     settings.policy.min_eligible_records = 5
     seed_records(store, tmp_path, PSEUDONYMS)

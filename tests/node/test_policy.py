@@ -149,3 +149,24 @@ def test_the_decision_depends_on_the_patient_count_only_at_its_documented_thresh
     assert flips == [19, 33]  # 19 -> 20 crosses the minimum; 33 -> 34 crosses 1/delta (33.3): delta > 1/n
     assert {posted[n][0] for n in range(20, 34)} == {"approve"}
     assert len(set(posted.values())) == 3  # 79 counts, three possible answers: no count is posted
+
+
+def test_a_distributed_noise_study_counts_the_decision_epsilon_on_top() -> None:
+    """A distributed-noise study's aggregate noise is calibrated from the whole study epsilon, so
+    the decision count's epsilon comes on top: the site maximum, the budget left and the
+    patients' lifetime room are checked against epsilon + the count's."""
+    policy = SitePolicy(mode="auto-approve", max_epsilon_per_study=3.0, decision_epsilon=0.1)
+    local, distributed = study(epsilon=3.0), study(epsilon=3.0, noise="distributed")
+    assert local.spend(0.1) == 3.0 and local.training_target(0.1) == pytest.approx(2.9)
+    assert distributed.spend(0.1) == pytest.approx(3.1) and distributed.training_target(0.1) == 3.0
+    assert evaluate(policy, local, MANY, FULL, HELD).decision == "approve"
+    refused = evaluate(policy, distributed, MANY, FULL, HELD)
+    assert refused.decision == "refuse"
+    assert any("epsilon 3.1 exceeds the site maximum per study (3) with the decision count's" in r
+               for r in refused.reasons), refused.reasons
+    tight = Budget(spent=0.0, reserved=0.0, total=3.05)
+    fits = evaluate(policy, study(epsilon=3.0), MANY, tight, HELD)
+    assert not any("budget left" in r for r in fits.reasons)
+    assert any("epsilon 3.1 exceeds the privacy budget left" in r
+               for r in evaluate(SitePolicy(mode="auto-approve", max_epsilon_per_study=5.0), distributed,
+                                 MANY, tight, HELD).reasons)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from audit.signing import Signer
+from exchange.node import decisions
 from exchange.node.decisions import evaluate_study
 from exchange.node.importer import import_records
 from exchange.node.mapping import parse_mapping
@@ -18,7 +19,7 @@ from exchange.node.policy import Budget, Eligibility, StudyView, evaluate
 from exchange.node.privacy import site_ledger
 from exchange.node.settings import NodeSettings, SitePolicy
 from exchange.node.store import NodeStore
-from tests.node.helpers import gru_contract, seed_consent
+from tests.node.helpers import ExactNoise, gru_contract, seed_consent
 
 HELD = {"age": "demographics", "kappa": "labs", "time": "diagnoses", "event": "diagnoses"}
 FULL = Budget(spent=0.0, reserved=0.0, total=20.0)
@@ -135,7 +136,9 @@ def test_the_events_rule_reads_a_noised_event_count(store: NodeStore, settings: 
 
 
 def test_node_accepts_good_survival_outcomes(store: NodeStore, settings: NodeSettings,
-                                            tmp_path: Path) -> None:
+                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 30 events against the 20 needed: exact counts here (the noised rule has its own test above)
+    monkeypatch.setattr(decisions, "SecureRandom", ExactNoise)
     rows = [f"p{i},{60 + i % 9},{1 + i % 3},{100 + i},{i % 2}" for i in range(60)]
     _consent(store, tmp_path, _seed(store, tmp_path, rows), settings.hospital_id)
     evaluation = evaluate_study(store, settings, survival_study())
