@@ -76,7 +76,7 @@ class ClaimPools:
         return self._count
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, tuple) and self.get(key) is not None  # type: ignore[arg-type]
+        return isinstance(key, tuple) and self.get(key) is not None
 
     def __getitem__(self, key: PoolKey) -> ClaimPool:
         pool = self.get(key)
