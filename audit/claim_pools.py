@@ -99,7 +99,12 @@ class ClaimPools:
             self._memory.update(pools)
             self._count = len(self._memory)
             if self._spill_after is not None and self._count > self._spill_after:
-                self._spill()
+                try:
+                    self._spill()
+                except (OSError, sqlite3.Error):
+                    # No writable temporary folder: verify in memory (as the coordinator does)
+                    # rather than fail an export that is fine; only the memory bound is lost.
+                    self._spill_after = None
             return
         self._db.executemany("INSERT INTO pools VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                              [(*key, *_row(pool)) for key, pool in pools])
@@ -148,9 +153,23 @@ class ClaimPools:
 
     def _spill(self) -> None:
         folder = tempfile.mkdtemp(prefix="audit-claim-pools-")
-        path = os.path.join(folder, "pools.sqlite")
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._finalizer = weakref.finalize(self, _drop, db, folder, path)
+        try:
+            db = sqlite3.connect(os.path.join(folder, "pools.sqlite"), isolation_level=None,
+                                 check_same_thread=False)
+        except sqlite3.Error:
+            os.rmdir(folder)
+            raise
+        finalizer = weakref.finalize(self, _drop, db, folder)
+        try:
+            self._create(db)
+        except (OSError, sqlite3.Error):
+            finalizer()
+            raise
+        self._finalizer = finalizer
+        self._memory = {}
+        self._db = db
+
+    def _create(self, db: sqlite3.Connection) -> None:
         for pragma in ("journal_mode = OFF", "synchronous = OFF", "locking_mode = EXCLUSIVE",
                        "temp_store = FILE", f"cache_size = -{_CACHE_KIB}"):
             db.execute(f"PRAGMA {pragma}")
@@ -168,8 +187,6 @@ class ClaimPools:
         db.executemany("INSERT INTO claimed VALUES (?,?,?,?)",
                        ((*key, holder) for key, pool in self._memory.items()
                         for holder in pool.claimed or ()))
-        self._memory = {}
-        self._db = db
 
 
 def _row(pool: ClaimPool) -> tuple[object, ...]:
@@ -187,7 +204,7 @@ def _pool(row: tuple[object, ...]) -> ClaimPool:
                      None if sweep_to is None else str(sweep_to), swept, claims)
 
 
-def _drop(db: sqlite3.Connection, folder: str, path: str) -> None:
+def _drop(db: sqlite3.Connection, folder: str) -> None:
     db.close()
     for name in os.listdir(folder):
         os.unlink(os.path.join(folder, name))

@@ -84,3 +84,18 @@ def test_the_report_totals_the_pools_beyond_the_listed_bound(monkeypatch: pytest
                      **{name: sum(p[name] for p in pools_listed)
                         for name in ("pool", "paid", "claims", "swept", "remaining")}}
     assert total["remaining"] == listed["unclaimed"]
+
+
+def test_without_a_writable_temporary_folder_the_pools_stay_in_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(prefix: str) -> str:
+        raise PermissionError(13, "Permission denied", "/tmp")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    store = ClaimPools(spill_after=1)
+    store.add_many(pools("s-1"))
+    store.add_many(pools("s-2"))
+    assert not store.spilled and len(store) == 6
+    key = ("s-2", "hospital:a", 9)
+    store.record_claim(key, store[key], "h" * 64, 1)
+    assert store.was_claimed(key, store[key], "h" * 64) and store[key].remaining == 0
