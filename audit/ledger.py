@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from audit.claim_pools import ClaimPool, ClaimPools
 from audit.entry import EntryFields, format_time, parse_time
 from audit.reward_commitment import (
     CLAIM_ACCOUNT_PREFIX,
@@ -122,30 +123,6 @@ class Escrow:
                               else {"after_s": self.sweep[0], "to": self.sweep[1]})}
 
 
-@dataclass(slots=True)
-class ClaimPool:
-    """What one receipt's reward commitment may still pay out (opened by the study's payout).
-
-    `claimed` holds the holders already paid: a leaf is paid once, so a replayed claim is refused.
-    `closes` (the payout's time plus the escrow's claim window) ends the claims; from then on
-    the coordinator may sweep what is left to `sweep_to`, once (`swept`)."""
-
-    root: str
-    size: int
-    pool: int
-    paid: int = 0
-    #: None until the first claim: an empty set costs 216 bytes, and a long log holds a pool per
-    #: paid receipt for good (docs/benchmarks/audit-verify.md, memory)
-    claimed: set[str] | None = None
-    closes: datetime | None = None
-    sweep_to: str | None = None
-    swept: int = 0
-
-    @property
-    def remaining(self) -> int:
-        return self.pool - self.paid - self.swept
-
-
 @dataclass
 class LedgerState:
     """Totals and balances; `minted == sum(balances) + escrow + unclaimed` after every entry.
@@ -181,16 +158,19 @@ class _Key:
 class Ledger:
     """Folds log entries into balances, escrows and study state (see module docstring)."""
 
-    def __init__(self, root_key_id: str | None = None) -> None:
+    def __init__(self, root_key_id: str | None = None, *,
+                 spill_pools_after: int | None = None) -> None:
         """`root_key_id`: the pinned root operator key; if None, the signer of the first entry.
 
         In a valid log entry 0 can only be signed by the root key (no other is registered yet),
         so inferring it is sound when the keyring has checked signatures first.
+        `spill_pools_after`: past that many claim pools, keep them in a temporary SQLite file
+        (audit.claim_pools; the auditor's fold of a long export); None keeps them in memory.
         """
         self.state = LedgerState()
         self.studies: dict[str, Escrow] = {}
         #: (study_id, hospital, round) -> the claim pool its receipt's commitment opened at payout
-        self.claim_pools: dict[tuple[str, str, int], ClaimPool] = {}
+        self.claim_pools = ClaimPools(spill_pools_after)
         self._keys: dict[str, _Key] = {}
         self._root = root_key_id
         if root_key_id is not None:
@@ -252,17 +232,17 @@ class Ledger:
             return text
 
         return [{"study_id": study_id, "hospital": hospital, "round": round_number, "root": pool.root,
-                 "pool": pool.pool, "paid": pool.paid, "claims": len(pool.claimed or ()),
+                 "pool": pool.pool, "paid": pool.paid, "claims": pool.claims,
                  "swept": pool.swept, "remaining": pool.remaining, "closes": closes(pool.closes),
                  "sweep_to": pool.sweep_to}
-                for (study_id, hospital, round_number), pool in sorted(self.claim_pools.items())]
+                for (study_id, hospital, round_number), pool in self.claim_pools.items()]
 
     def sweepable(self, instant: datetime) -> list[dict[str, Any]]:
         """The `reward.sweep` payloads the fold accepts at `instant`: every claim pool whose
         window has closed, that still holds something and was not swept yet."""
         return [{"study_id": study_id, "hospital": hospital, "round": round_number,
                  "amount": pool.remaining, "to": pool.sweep_to}
-                for (study_id, hospital, round_number), pool in sorted(self.claim_pools.items())
+                for (study_id, hospital, round_number), pool in self.claim_pools.items()
                 if pool.closes is not None and pool.sweep_to is not None and instant >= pool.closes
                 and not pool.swept and pool.remaining > 0]
 
@@ -428,12 +408,15 @@ class Ledger:
         if study.sweep is not None:
             closes = _time(entry) + timedelta(seconds=study.sweep[0])
             sweep_to = study.sweep[1]
-        claim_pools, study_id = self.claim_pools, study.study_id
+        study_id = study.study_id
+        opened: list[tuple[tuple[str, str, int], ClaimPool]] = []
         for _, round_number, hospital, _, rewards in study.receipts:
             pool = pools.get((hospital, round_number))
             if pool is not None and rewards is not None:
-                claim_pools[(study_id, hospital, round_number)] = ClaimPool(
-                    str(rewards["root"]), int(rewards["size"]), pool, 0, None, closes, sweep_to)
+                opened.append(((study_id, hospital, round_number), ClaimPool(
+                    str(rewards["root"]), int(rewards["size"]), pool, 0, None, closes, sweep_to)))
+        if opened:
+            self.claim_pools.add_many(opened)
         study.paid += amount
         study.status = EscrowStatus.CLOSED if study.held == 0 else EscrowStatus.PAID
         # A study is paid out once and takes no receipts after it: forget them, so that a
@@ -468,7 +451,8 @@ class Ledger:
         study_id = _text(payload, "study_id")
         hospital = _account(payload, "hospital")
         round_number = _integer(payload, "round", 1, MAX_AMOUNT)
-        pool = self.claim_pools.get((study_id, hospital, round_number))
+        key = (study_id, hospital, round_number)
+        pool = self.claim_pools.get(key)
         if pool is None:
             raise _RuleError(f"round: no claim pool for {hospital!r} round {round_number} of "
                              f"{study_id!r} (no receipt, or the study is not paid out)")
@@ -481,7 +465,7 @@ class Ledger:
                         proof=payload["proof"])
         except ClaimError as exc:
             raise _RuleError(str(exc)) from None
-        if pool.claimed is not None and holder_hex in pool.claimed:
+        if self.claim_pools.was_claimed(key, pool, holder_hex):
             raise _RuleError("holder: this leaf was already claimed (a leaf is paid once)")
         due = claim_amount(pool.pool, units)
         amount = payload["amount"]
@@ -492,10 +476,7 @@ class Ledger:
             raise _RuleError(f"amount: the pool holds {pool.remaining}, less than {due}")
         if due:
             self._commit({claim_account(holder_hex): due}, unclaimed=-due)
-        pool.paid += due
-        if pool.claimed is None:
-            pool.claimed = set()
-        pool.claimed.add(holder_hex)
+        self.claim_pools.record_claim(key, pool, holder_hex, due)
 
     def _sweep(self, entry: EntryFields) -> None:
         """After a claim pool's window has closed, what no claim took goes, once and whole, to
@@ -507,7 +488,8 @@ class Ledger:
         round_number = _integer(payload, "round", 1, MAX_AMOUNT)
         target = _account(payload, "to")
         amount = _amount(payload, "amount")
-        pool = self.claim_pools.get((study_id, hospital, round_number))
+        key = (study_id, hospital, round_number)
+        pool = self.claim_pools.get(key)
         if pool is None:
             raise _RuleError(f"round: no claim pool for {hospital!r} round {round_number} of "
                              f"{study_id!r} (no receipt, or the study is not paid out)")
@@ -524,7 +506,7 @@ class Ledger:
             raise _RuleError(f"amount: a sweep takes exactly what the pool still holds "
                              f"({pool.remaining}), got {amount}")
         self._commit({target: amount}, unclaimed=-amount)
-        pool.swept = amount
+        self.claim_pools.record_sweep(key, pool, amount)
 
     def _refund(self, entry: EntryFields) -> None:
         payload = _fields(entry.payload, ("study_id", "account", "amount"))

@@ -86,6 +86,12 @@ _MAX_SAFE_INTEGER = 2**53 - 1
 MAX_LINE_BYTES = 1 << 20
 #: Entries between two collections of the young generations while the collector is paused.
 GC_EVERY = 1 << 16
+#: Past this many reward claim pools, the verifier's ledger keeps them in a temporary SQLite file
+#: (audit.claim_pools), so that its memory does not grow with the export's length.
+POOLS_IN_MEMORY = 20_000
+#: The report lists each claim pool up to this many; beyond, their totals (`claim_pools_total`)
+#: stand for the list, which would grow with the export (`Ledger.claim_pools_json` lists them).
+MAX_LISTED_POOLS = 10_000
 #: What a check may raise on content it was not written for (hostile input): the entry is then
 #: refused with the exception's text rather than crashing the verifier.
 _CONTENT_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError)
@@ -617,7 +623,8 @@ class LogVerifier:
                  batch_size: int = 512) -> None:
         self.trust = trust
         self.keyring = Keyring(trust.operator_public_key)
-        self.ledger = Ledger(root_key_id=self.keyring.root_key_id) if with_ledger else None
+        self.ledger = (Ledger(root_key_id=self.keyring.root_key_id, spill_pools_after=POOLS_IN_MEMORY)
+                       if with_ledger else None)
         self.tree = LeafTree()
         self.kinds: Counter[str] = Counter()
         self.problem: Problem | None = None
@@ -700,9 +707,18 @@ class LogVerifier:
         if self.ledger is None:
             return None
         result: dict[str, Any] = self.ledger.state.to_json()
-        pools = self.ledger.claim_pools_json()
-        if pools:
-            result["claim_pools"] = pools
+        count = len(self.ledger.claim_pools)
+        if count > MAX_LISTED_POOLS:
+            total = {"count": count, "pool": 0, "paid": 0, "claims": 0, "swept": 0, "remaining": 0}
+            for _, pool in self.ledger.claim_pools.items():
+                total["pool"] += pool.pool
+                total["paid"] += pool.paid
+                total["claims"] += pool.claims
+                total["swept"] += pool.swept
+                total["remaining"] += pool.remaining
+            result["claim_pools_total"] = total
+        elif count:
+            result["claim_pools"] = self.ledger.claim_pools_json()
         return result
 
 
@@ -867,6 +883,8 @@ def verify_lines(lines: Iterable[bytes], checkpoint_text: bytes | str, trust: Tr
             save_state(state_path, checkpoint_text if isinstance(checkpoint_text, str)
                        else checkpoint_text.decode(), tree, tree.size)
             report.state_saved = True
+    if verifier.ledger is not None:
+        verifier.ledger.claim_pools.close()  # a spilled store's temporary file goes now
     return report
 
 

@@ -27,7 +27,8 @@ def setup() -> tuple[World, Ledger]:
 
 def snapshot(ledger: Ledger) -> Any:
     return (copy.deepcopy(ledger.state.to_json()),
-            {sid: study.to_json() for sid, study in ledger.studies.items()})
+            {sid: study.to_json() for sid, study in ledger.studies.items()},
+            ledger.claim_pools_json())
 
 
 def refused(world: World, ledger: Ledger, entry: Entry) -> str:

@@ -22,7 +22,9 @@ from audit.reward_commitment import (
 )
 from tests.audit import test_ledger_support as support
 from tests.audit.test_ledger import refused
-from tests.audit.test_ledger_support import World
+from tests.audit.test_ledger_support import World, pool_store  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("pool_store")
 
 
 def paid_world() -> tuple[World, Ledger]:

@@ -10,12 +10,25 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
+from audit import ledger as ledger_module
+from audit.claim_pools import ClaimPools
 from audit.entry import Entry, sign_entry
 from audit.ledger import Ledger
 from audit.reward_commitment import Opening, claim_amount, commit
 from audit.signing import Signer
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(params=["memory", "spilled"])
+def pool_store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a claims test twice: pools in memory (the coordinator's fold), and spilled to the
+    temporary SQLite file from the first pool on (the auditor's fold of a long export)."""
+    if request.param == "spilled":
+        monkeypatch.setattr(ledger_module, "ClaimPools", lambda spill_after=None: ClaimPools(0))
+    return str(request.param)
 
 
 @dataclass

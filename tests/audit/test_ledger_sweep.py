@@ -6,10 +6,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from audit.ledger import Ledger
 from tests.audit import test_ledger_support as support
 from tests.audit.test_ledger import refused
-from tests.audit.test_ledger_support import World
+from tests.audit.test_ledger_support import World, pool_store  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("pool_store")
 
 WINDOW = 30 * 86_400
 
