@@ -232,7 +232,7 @@ _TEMPLATES: dict[str, Template] = {
     for t in (
         Template("logistic_regression", "binary",
                  description="Logistic regression (one linear layer, sigmoid output).",
-                 defaults=TrainingDefaults(batch_size=128, local_steps=10, rounds=10, clip=1.0, lr=0.5)),
+                 defaults=TrainingDefaults(batch_size=128, local_steps=10, rounds=10, clip=1.0, lr=0.25)),
         Template("mlp_classifier", "binary", hidden=(32,), activation="tanh",
                  description="MLP, one hidden layer of 32 tanh units, sigmoid output.",
                  defaults=TrainingDefaults(batch_size=128, local_steps=10, rounds=10, clip=0.5, lr=0.5)),

@@ -4,8 +4,9 @@ What it holds is public by design: the mapped columns with their data categories
 types, and the site policy's public limits (purposes, organisations, regions, commercial use,
 the largest epsilon and delta per study, whether studies are refused automatically). No count
 and no value of any record: how many patients consent to a study is decided here, at decision
-time, and never published (docs/privacy.md, "Counts"). A column's type is the one its values
-have (integer, number, string, boolean), never a value.
+time, and never published (docs/privacy.md, "Counts"). A column's type is the one the import
+mappings declare for it (integer, number, string, boolean; `importer.wider_type` when two
+differ), so no record's value can change it; never a value.
 
 The daemon signs the catalog as a `hospital.catalog` log entry with the hospital's key and posts
 it (`POST /v1/hospital/catalog`, an RFC 9421-signed request like every hospital POST) when it
@@ -30,9 +31,11 @@ from exchange.study.feasibility import CATALOG_KIND, Catalog
 PUBLISHED_STATE = "catalog_published"
 
 
-def _value_type(values: list[Any]) -> str:
-    """The type every present value has: boolean, integer, number (integers and decimals), else
-    string."""
+def _legacy_value_type(values: list[Any]) -> str:
+    """A column imported before the store kept declared types (node migration 0009): the type
+    every present value has, boolean, integer, number (integers and decimals), else string.
+    One record's value can change it; the next import of the column replaces it with the
+    declared type."""
     present = [v for v in values if v is not None]
     if present and all(isinstance(v, bool) for v in present):
         return "boolean"
@@ -47,14 +50,19 @@ def build_catalog(store: NodeStore, settings: NodeSettings) -> Catalog:
     """This hospital's catalog now (columns from the store, limits from the site policy)."""
     policy = settings.policy
     with store.sessions() as session:
-        categories = dict(session.execute(select(ColumnCategory.column, ColumnCategory.category))
-                          .tuples().all())
-        values: dict[str, list[Any]] = {column: [] for column in categories}
-        for (row,) in session.execute(select(Record.values)).tuples():
-            for column, value in (row or {}).items():
-                if column in values:
-                    values[column].append(value)
-    columns = [{"name": name, "category": categories[name], "type": _value_type(values[name])}
+        mapped = session.execute(select(ColumnCategory.column, ColumnCategory.category,
+                                        ColumnCategory.value_type)).tuples().all()
+        categories = {column: category for column, category, _ in mapped}
+        types = {column: value_type for column, _, value_type in mapped if value_type is not None}
+        legacy: dict[str, list[Any]] = {column: [] for column in categories if column not in types}
+        if legacy:
+            for (row,) in session.execute(select(Record.values)).tuples():
+                for column, value in (row or {}).items():
+                    if column in legacy:
+                        legacy[column].append(value)
+    for column, values in legacy.items():
+        types[column] = _legacy_value_type(values)
+    columns = [{"name": name, "category": categories[name], "type": types[name]}
                for name in sorted(categories)]
     return Catalog.model_validate({
         "hospital": f"hospital:{settings.hospital_id}", "columns": columns,

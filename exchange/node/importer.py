@@ -243,6 +243,17 @@ def _file_sha256(path: Path) -> str:
 
 # --- import -----------------------------------------------------------------------------------
 
+def wider_type(stored: str | None, declared: str) -> str:
+    """The type a column has after a mapping declares `declared` for it: the same, number for
+    integer and number, string for any other mix. A store imported before the types were kept
+    (`stored` None) takes the declared one."""
+    if stored is None or stored == declared:
+        return declared
+    if {stored, declared} == {"integer", "number"}:
+        return "number"
+    return "string"
+
+
 def _check_categories(session: Session, mapping: Mapping) -> list[Problem]:
     existing = dict(session.execute(select(ColumnCategory.column, ColumnCategory.category)).tuples().all())
     return [Problem(None, f"column {name!r}: mapped to {spec.category!r} but already stored as "
@@ -291,10 +302,13 @@ def import_records(session: Session, path: Path, fmt: str | None = None,
                         imported_at=datetime.now().astimezone())
     session.add(batch)
     session.flush()
-    existing = set(session.execute(select(ColumnCategory.column)).scalars())
+    existing = {row.column: row for row in session.execute(select(ColumnCategory)).scalars()}
     for name, spec in mapping.columns.items():
         if name not in existing:
-            session.add(ColumnCategory(column=name, category=spec.category))
+            session.add(ColumnCategory(column=name, category=spec.category, value_type=spec.type))
+        else:
+            row = existing[name]
+            row.value_type = wider_type(row.value_type, spec.type)
     for start in range(0, len(clean), INSERT_CHUNK):
         chunk = clean[start:start + INSERT_CHUNK]
         session.execute(insert(Record), [{**row, "batch_id": batch.id} for row in chunk])

@@ -56,6 +56,11 @@ class ColumnCategory(NodeBase):
 
     column: Mapped[str] = mapped_column(String(256), primary_key=True)
     category: Mapped[str] = mapped_column(String(128))
+    # The value type the import mappings declare (widened when two differ: integer and number
+    # give number, anything else mixed gives string). The published catalog shows it, so the
+    # type follows the mappings, never one record's value. NULL on a store imported before
+    # migration 0009.
+    value_type: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class ConsentContractRow(NodeBase):
