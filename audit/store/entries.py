@@ -245,6 +245,33 @@ def checked_insert(connection: Connection, expected_size: int, rows: list[dict[s
     return size, found
 
 
+_BYTEA_PARAMETERS = ("leaf", "leaf_hash", "node_hash")
+
+
+@functools.lru_cache(maxsize=4)
+def _binary_bytea_sql(dialect: Dialect, statement: TextClause) -> str:
+    """`_driver_sql`, with the bytea arrays passed in binary (`%(name)b`): psycopg's text
+    format escapes each element of a bytea[] with a regular expression, in the writer thread
+    that every appender waits for; the binary format copies the bytes."""
+    sql = _driver_sql(dialect, statement)
+    for name in _BYTEA_PARAMETERS:
+        sql = sql.replace(f"%({name})s", f"%({name})b")
+    return sql
+
+
+def _deferred_begin(driver: Any) -> bytes | None:
+    """The BEGIN psycopg would send before the next statement of this (not yet begun)
+    transaction, or None if it has begun already or psycopg does not work the way
+    `_locked_in_pipeline` relies on (then psycopg sends BEGIN itself, one more wait)."""
+    from psycopg import pq
+
+    if getattr(driver, "_autocommit", None) is not False or \
+            driver.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+        return None
+    start = getattr(driver, "_get_tx_start_command", None)
+    return start() if callable(start) else None
+
+
 def _locked_in_pipeline(connection: Connection, lock_key: int,
                         parameters: dict[str, Any]) -> Sequence[Any]:
     """`PG_LOCK`, then `_PG_CHECKED_INSERT`, as one psycopg pipeline on the connection's
@@ -252,11 +279,26 @@ def _locked_in_pipeline(connection: Connection, lock_key: int,
     driver = connection.connection.driver_connection
     dialect = connection.dialect
     lock_sql = _driver_sql(dialect, PG_LOCK)
-    insert_sql = _driver_sql(dialect, _PG_CHECKED_INSERT)
+    insert_sql = _binary_bytea_sql(dialect, _PG_CHECKED_INSERT)
+    begin = _deferred_begin(driver)
     try:
         with driver.pipeline():  # type: ignore[union-attr]
-            driver.execute(lock_sql, {"key": lock_key})  # type: ignore[union-attr]
-            cursor = driver.execute(insert_sql, parameters)  # type: ignore[union-attr]
+            if begin is None:
+                driver.execute(lock_sql, {"key": lock_key})  # type: ignore[union-attr]
+                cursor = driver.execute(insert_sql, parameters)  # type: ignore[union-attr]
+            else:
+                # psycopg would send its BEGIN with a Sync of its own and wait for it before
+                # the lock (_start_query); sent here, in the pipeline, it shares the one Sync.
+                # While the three are queued psycopg must not start a transaction itself:
+                # `_autocommit` only decides that (commit and rollback follow the server's
+                # transaction status), and it is set back before anything else runs here.
+                driver._autocommit = True  # type: ignore[union-attr]
+                try:
+                    driver.execute(begin)  # type: ignore[union-attr]
+                    driver.execute(lock_sql, {"key": lock_key})  # type: ignore[union-attr]
+                    cursor = driver.execute(insert_sql, parameters)  # type: ignore[union-attr]
+                finally:
+                    driver._autocommit = False  # type: ignore[union-attr]
         # Read after the block: its end sends the one Sync and reads every result; fetching
         # inside would flush and wait once more.
         rows = cursor.fetchall()
