@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -245,18 +246,14 @@ def checked_insert(connection: Connection, expected_size: int, rows: list[dict[s
     return size, found
 
 
-_BYTEA_PARAMETERS = ("leaf", "leaf_hash", "node_hash")
-
-
 @functools.lru_cache(maxsize=4)
-def _binary_bytea_sql(dialect: Dialect, statement: TextClause) -> str:
-    """`_driver_sql`, with the bytea arrays passed in binary (`%(name)b`): psycopg's text
-    format escapes each element of a bytea[] with a regular expression, in the writer thread
-    that every appender waits for; the binary format copies the bytes."""
-    sql = _driver_sql(dialect, statement)
-    for name in _BYTEA_PARAMETERS:
-        sql = sql.replace(f"%({name})s", f"%({name})b")
-    return sql
+def _binary_sql(dialect: Dialect, statement: TextClause) -> str:
+    """`_driver_sql` with every parameter passed in binary (`%(name)b`): psycopg's text format
+    checks or escapes each element of an array with a regular expression (bytea, text) in the
+    writer thread that every appender waits for; the binary format packs them. (A list of
+    ints is then sent as int2[], int4[] or int8[] by its largest value; the statement's
+    CASTs make the types the columns'.)"""
+    return re.sub(r"%\((\w+)\)s", r"%(\1)b", _driver_sql(dialect, statement))
 
 
 def _deferred_begin(driver: Any) -> bytes | None:
@@ -279,7 +276,7 @@ def _locked_in_pipeline(connection: Connection, lock_key: int,
     driver = connection.connection.driver_connection
     dialect = connection.dialect
     lock_sql = _driver_sql(dialect, PG_LOCK)
-    insert_sql = _binary_bytea_sql(dialect, _PG_CHECKED_INSERT)
+    insert_sql = _binary_sql(dialect, _PG_CHECKED_INSERT)
     begin = _deferred_begin(driver)
     try:
         with driver.pipeline():  # type: ignore[union-attr]
