@@ -346,3 +346,49 @@ def test_the_writer_survives_its_connection_being_dropped(postgres_url: str) -> 
     with engine.connect() as connection:
         assert sorted(connection.execute(text("SELECT v FROM t")).scalars()) == [1, 2]
     engine.dispose()
+
+
+def test_writes_queued_during_a_transaction_join_it_and_a_refused_one_is_refused_alone(
+        db_url: str) -> None:
+    """Writes queued while the writer's transaction is under way are made in it, before its
+    one COMMIT (they would otherwise pay a COMMIT of their own). They run without a savepoint:
+    when one fails, the whole batch is made again in a new transaction, the late writes each
+    in its savepoint, so the refusal goes back to its caller alone and leaves nothing."""
+    from sqlalchemy import text
+
+    from exchange.coordinator.group_commit import GroupCommit
+
+    engine = _table_engine(db_url)
+    commits: list[int] = []
+    event.listen(engine, "commit", lambda _conn: commits.append(1))
+    group = GroupCommit(engine)
+    late: list[Future[Any]] = []
+
+    def first(connection: Any) -> int:
+        connection.execute(text("INSERT INTO t VALUES (1)"))
+        if not late:  # made twice when the batch is made again: queue the others once
+            late.extend(group.submit(_insert_then(v, fail=v == 3)) for v in (2, 3, 4))
+        return 1
+
+    assert group.run(first) == 1
+    assert late[0].result() == 2 and late[2].result() == 4
+    with pytest.raises(ValueError, match="write 3 refused"):
+        late[1].result()
+    assert len(commits) == 1  # all four in the first write's transaction
+
+    # The same without a refusal: no redo, still one COMMIT.
+    commits.clear()
+    late.clear()
+
+    def second(connection: Any) -> int:
+        connection.execute(text("INSERT INTO t VALUES (5)"))
+        late.extend(group.submit(_insert_then(v)) for v in (6, 7))
+        return 5
+
+    assert group.run(second) == 5
+    assert [future.result() for future in late] == [6, 7]
+    assert len(commits) == 1
+    group.close()
+    with engine.connect() as connection:
+        assert sorted(connection.execute(text("SELECT v FROM t")).scalars()) == [1, 2, 4, 5, 6, 7]
+    engine.dispose()
