@@ -232,10 +232,7 @@ def checked_insert(connection: Connection, expected_size: int, rows: list[dict[s
     raised as SQLAlchemy's DBAPIError, as `connection.execute` would."""
     parameters: dict[str, Any] = dict(_pg_insert_parameters(rows, nodes))
     parameters["expected_top"] = expected_size - 1
-    if lock_key is None:
-        result = connection.execute(_PG_CHECKED_INSERT, parameters).all()
-    else:
-        result = _locked_in_pipeline(connection, lock_key, parameters)
+    result = _on_driver(connection, lock_key, parameters)
     size = 0
     found: dict[bytes, int] = {}
     for leaf_hash, idx in result:
@@ -259,7 +256,7 @@ def _binary_sql(dialect: Dialect, statement: TextClause) -> str:
 def _deferred_begin(driver: Any) -> bytes | None:
     """The BEGIN psycopg would send before the next statement of this (not yet begun)
     transaction, or None if it has begun already or psycopg does not work the way
-    `_locked_in_pipeline` relies on (then psycopg sends BEGIN itself, one more wait)."""
+    `_on_driver` relies on (then psycopg sends BEGIN itself, one more wait)."""
     from psycopg import pq
 
     if getattr(driver, "_autocommit", None) is not False or \
@@ -269,16 +266,20 @@ def _deferred_begin(driver: Any) -> bytes | None:
     return start() if callable(start) else None
 
 
-def _locked_in_pipeline(connection: Connection, lock_key: int,
-                        parameters: dict[str, Any]) -> Sequence[Any]:
-    """`PG_LOCK`, then `_PG_CHECKED_INSERT`, as one psycopg pipeline on the connection's
-    driver connection (SQLAlchemy has no pipeline of its own): the rows of the second."""
+def _on_driver(connection: Connection, lock_key: int | None,
+               parameters: dict[str, Any]) -> Sequence[Any]:
+    """`_PG_CHECKED_INSERT` on the connection's driver connection, its parameters in binary;
+    with `lock_key`, `PG_LOCK` first, both (and the transaction's BEGIN if psycopg has not sent
+    it yet) as one psycopg pipeline (SQLAlchemy has no pipeline of its own): the insert's rows."""
     driver = connection.connection.driver_connection
     dialect = connection.dialect
     lock_sql = _driver_sql(dialect, PG_LOCK)
     insert_sql = _binary_sql(dialect, _PG_CHECKED_INSERT)
-    begin = _deferred_begin(driver)
+    begin = _deferred_begin(driver) if lock_key is not None else None
     try:
+        if lock_key is None:  # the transaction holds the lock: it has begun
+            rows = driver.execute(insert_sql, parameters).fetchall()  # type: ignore[union-attr]
+            return rows
         with driver.pipeline():  # type: ignore[union-attr]
             if begin is None:
                 driver.execute(lock_sql, {"key": lock_key})  # type: ignore[union-attr]
