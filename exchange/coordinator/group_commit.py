@@ -127,8 +127,9 @@ class GroupCommit(_Batcher):
     SQLite with synchronous=FULL pays one fsync per commit; under concurrent submissions that,
     not the work, bounds throughput. The writer thread runs every function waiting when it
     gets to them in one transaction, each in its own savepoint (a refusal rolls back that one
-    alone and goes back to its caller), then commits once; every caller gets its result only
-    after that commit. One long-lived thread rather than "the first caller writes": an asyncio
+    alone and goes back to its caller), takes in the writes queued meanwhile (`_late_arrivals`),
+    then commits once; every caller gets its result only after that commit. One long-lived
+    thread rather than "the first caller writes": an asyncio
     caller (`submit_async`) then needs no thread of its own while it waits, which keeps the
     number of threads contending for the GIL at two (event loop and writer) instead of one per
     request in flight (measured: docs/benchmarks/api.md). On SQLite, event-loop callers use
