@@ -392,3 +392,28 @@ def test_writes_queued_during_a_transaction_join_it_and_a_refused_one_is_refused
     with engine.connect() as connection:
         assert sorted(connection.execute(text("SELECT v FROM t")).scalars()) == [1, 2, 4, 5, 6, 7]
     engine.dispose()
+
+
+def test_late_submissions_refused_in_the_redo_leave_the_ledger_level(world: World) -> None:
+    """Submissions queued while the writer's transaction is under way join it; when their run
+    fails (the last overdraws), the batch is made again in a new transaction: the first and
+    the fitting one are acknowledged, the overdrawing one gets its 422 alone, and the served
+    balances still equal the auditor's fold of the log."""
+    size = world.runtime.audit_log.size()
+    coordinator, writes = _submissions(world, "bob", [2_000, 2_500, 1_000])
+    batcher = coordinator.journal.batcher
+    late: list[Any] = []
+
+    def first(connection: Any) -> Any:
+        if not late:  # made twice (the batch is made again): queue the others once
+            late.extend(batcher.submit(w, coordinator._submit_many_in) for w in writes[1:])
+        return writes[0](connection)
+
+    assert batcher.run(first).token_budget == 2_000
+    assert late[0].result().token_budget == 2_500
+    refused = late[1].exception()
+    assert isinstance(refused, problems.ProblemError) and refused.status == 422
+    assert world.runtime.audit_log.size() == size + 4
+    assert world.as_("bob", "GET", f"/v1/studies/{writes[2].study_id}").status_code == 404
+    assert served_balances(world)["balances"]["org:globex"] == 500
+    assert fold(world) == served_balances(world)
