@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -231,10 +232,7 @@ def checked_insert(connection: Connection, expected_size: int, rows: list[dict[s
     raised as SQLAlchemy's DBAPIError, as `connection.execute` would."""
     parameters: dict[str, Any] = dict(_pg_insert_parameters(rows, nodes))
     parameters["expected_top"] = expected_size - 1
-    if lock_key is None:
-        result = connection.execute(_PG_CHECKED_INSERT, parameters).all()
-    else:
-        result = _locked_in_pipeline(connection, lock_key, parameters)
+    result = _on_driver(connection, lock_key, parameters)
     size = 0
     found: dict[bytes, int] = {}
     for leaf_hash, idx in result:
@@ -245,18 +243,60 @@ def checked_insert(connection: Connection, expected_size: int, rows: list[dict[s
     return size, found
 
 
-def _locked_in_pipeline(connection: Connection, lock_key: int,
-                        parameters: dict[str, Any]) -> Sequence[Any]:
-    """`PG_LOCK`, then `_PG_CHECKED_INSERT`, as one psycopg pipeline on the connection's
-    driver connection (SQLAlchemy has no pipeline of its own): the rows of the second."""
+@functools.lru_cache(maxsize=4)
+def _binary_sql(dialect: Dialect, statement: TextClause) -> str:
+    """`_driver_sql` with every parameter passed in binary (`%(name)b`): psycopg's text format
+    checks or escapes each element of an array with a regular expression (bytea, text) in the
+    writer thread that every appender waits for; the binary format packs them. (A list of
+    ints is then sent as int2[], int4[] or int8[] by its largest value; the statement's
+    CASTs make the types the columns'.)"""
+    return re.sub(r"%\((\w+)\)s", r"%(\1)b", _driver_sql(dialect, statement))
+
+
+def _deferred_begin(driver: Any) -> bytes | None:
+    """The BEGIN psycopg would send before the next statement of this (not yet begun)
+    transaction, or None if it has begun already or psycopg does not work the way
+    `_on_driver` relies on (then psycopg sends BEGIN itself, one more wait)."""
+    from psycopg import pq
+
+    if getattr(driver, "_autocommit", None) is not False or \
+            driver.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+        return None
+    start = getattr(driver, "_get_tx_start_command", None)
+    return start() if callable(start) else None
+
+
+def _on_driver(connection: Connection, lock_key: int | None,
+               parameters: dict[str, Any]) -> Sequence[Any]:
+    """`_PG_CHECKED_INSERT` on the connection's driver connection, its parameters in binary;
+    with `lock_key`, `PG_LOCK` first, both (and the transaction's BEGIN if psycopg has not sent
+    it yet) as one psycopg pipeline (SQLAlchemy has no pipeline of its own): the insert's rows."""
     driver = connection.connection.driver_connection
     dialect = connection.dialect
     lock_sql = _driver_sql(dialect, PG_LOCK)
-    insert_sql = _driver_sql(dialect, _PG_CHECKED_INSERT)
+    insert_sql = _binary_sql(dialect, _PG_CHECKED_INSERT)
+    begin = _deferred_begin(driver) if lock_key is not None else None
     try:
+        if lock_key is None:  # the transaction holds the lock: it has begun
+            rows = driver.execute(insert_sql, parameters).fetchall()  # type: ignore[union-attr]
+            return rows
         with driver.pipeline():  # type: ignore[union-attr]
-            driver.execute(lock_sql, {"key": lock_key})  # type: ignore[union-attr]
-            cursor = driver.execute(insert_sql, parameters)  # type: ignore[union-attr]
+            if begin is None:
+                driver.execute(lock_sql, {"key": lock_key})  # type: ignore[union-attr]
+                cursor = driver.execute(insert_sql, parameters)  # type: ignore[union-attr]
+            else:
+                # psycopg would send its BEGIN with a Sync of its own and wait for it before
+                # the lock (_start_query); sent here, in the pipeline, it shares the one Sync.
+                # While the three are queued psycopg must not start a transaction itself:
+                # `_autocommit` only decides that (commit and rollback follow the server's
+                # transaction status), and it is set back before anything else runs here.
+                driver._autocommit = True  # type: ignore[union-attr]
+                try:
+                    driver.execute(begin)  # type: ignore[union-attr]
+                    driver.execute(lock_sql, {"key": lock_key})  # type: ignore[union-attr]
+                    cursor = driver.execute(insert_sql, parameters)  # type: ignore[union-attr]
+                finally:
+                    driver._autocommit = False  # type: ignore[union-attr]
         # Read after the block: its end sends the one Sync and reads every result; fetching
         # inside would flush and wait once more.
         rows = cursor.fetchall()

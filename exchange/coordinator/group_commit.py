@@ -127,8 +127,9 @@ class GroupCommit(_Batcher):
     SQLite with synchronous=FULL pays one fsync per commit; under concurrent submissions that,
     not the work, bounds throughput. The writer thread runs every function waiting when it
     gets to them in one transaction, each in its own savepoint (a refusal rolls back that one
-    alone and goes back to its caller), then commits once; every caller gets its result only
-    after that commit. One long-lived thread rather than "the first caller writes": an asyncio
+    alone and goes back to its caller), takes in the writes queued meanwhile (`_late_arrivals`),
+    then commits once; every caller gets its result only after that commit. One long-lived
+    thread rather than "the first caller writes": an asyncio
     caller (`submit_async`) then needs no thread of its own while it waits, which keeps the
     number of threads contending for the GIL at two (event loop and writer) instead of one per
     request in flight (measured: docs/benchmarks/api.md). On SQLite, event-loop callers use
@@ -238,23 +239,46 @@ class GroupCommit(_Batcher):
             self._connection = self.engine.connect()
         connection = self._connection
         try:
-            transaction = connection.begin()
+            transaction, outcomes = _begin_and_run(connection, batch)
             try:
-                outcomes = run_batch(connection, batch, first_bare=True)
+                outcomes += self._late_arrivals(connection, batch)
             except _Restart as restart:
-                lost = _disconnect_in(restart.outcomes)
-                if lost is not None or connection.invalidated:
-                    raise _Disconnected(lost or restart) from None
+                # A late run failed without a savepoint: the transaction is lost. Everything
+                # again, in a new one, the careful way (the late writes in savepoints).
+                _raise_if_disconnected(connection, restart)
                 transaction.rollback()
-                transaction = connection.begin()
-                outcomes = restart.outcomes + run_batch(connection, batch[len(restart.outcomes):],
-                                                        first_apart=not restart.outcomes)
+                transaction, outcomes = _begin_and_run(connection, batch)
         except DBAPIError as exc:
             if exc.connection_invalidated:  # nothing was committed: safe to make again
                 raise _Disconnected(exc) from exc
             raise
         transaction.commit()
         return outcomes, connection, transaction
+
+    def _late_arrivals(self, connection: Connection, batch: list[_Job]) -> list[_Outcome]:
+        """Writes queued while this transaction's statements were out, made in it too, until
+        none is waiting or the batch is full; `batch` grows by them (so that whatever happens
+        next, a failed COMMIT included, settles them with the rest).
+
+        Why: the COMMIT (a WAL flush, and on PostgreSQL a round trip) is the fixed cost of a
+        group. Callers woken by the previous COMMIT queue while the writer waits on the server
+        for the first of them; without this they wait for the next transaction, and the
+        groups settle into two halves that alternate, each paying its own COMMIT.
+
+        Each arrival's first run is made without a savepoint (a SAVEPOINT and a RELEASE would
+        be two more round trips on PostgreSQL): if it fails, `_Restart` is raised and the
+        caller makes the whole batch again in a new transaction, the late writes then each in
+        a savepoint as usual, so a refusal still goes back to its own caller alone."""
+        outcomes: list[_Outcome] = []
+        while len(batch) < self.max_batch:
+            with self._wake:
+                more = self._pending[:self.max_batch - len(batch)]
+                del self._pending[:len(more)]
+            if not more:
+                break
+            batch.extend(more)
+            outcomes += run_batch(connection, more, first_bare=True)
+        return outcomes
 
     def _discard_connection(self) -> None:
         connection, self._connection = self._connection, None
@@ -268,6 +292,26 @@ class _Disconnected(Exception):  # noqa: N818
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _begin_and_run(connection: Connection, batch: list[_Job]) -> tuple[Any, list[_Outcome]]:
+    """Begin a transaction and make `batch` in it, its first write without a savepoint; if
+    that write fails, roll back and make the rest in a new transaction (`_Restart`)."""
+    transaction = connection.begin()
+    try:
+        return transaction, run_batch(connection, batch, first_bare=True)
+    except _Restart as restart:
+        _raise_if_disconnected(connection, restart)
+        transaction.rollback()
+        transaction = connection.begin()
+        return transaction, restart.outcomes + run_batch(
+            connection, batch[len(restart.outcomes):], first_apart=not restart.outcomes)
+
+
+def _raise_if_disconnected(connection: Connection, restart: _Restart) -> None:
+    lost = _disconnect_in(restart.outcomes)
+    if lost is not None or connection.invalidated:
+        raise _Disconnected(lost or restart) from None
 
 
 def _disconnect_in(outcomes: list[_Outcome]) -> BaseException | None:

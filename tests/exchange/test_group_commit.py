@@ -346,3 +346,74 @@ def test_the_writer_survives_its_connection_being_dropped(postgres_url: str) -> 
     with engine.connect() as connection:
         assert sorted(connection.execute(text("SELECT v FROM t")).scalars()) == [1, 2]
     engine.dispose()
+
+
+def test_writes_queued_during_a_transaction_join_it_and_a_refused_one_is_refused_alone(
+        db_url: str) -> None:
+    """Writes queued while the writer's transaction is under way are made in it, before its
+    one COMMIT (they would otherwise pay a COMMIT of their own). They run without a savepoint:
+    when one fails, the whole batch is made again in a new transaction, the late writes each
+    in its savepoint, so the refusal goes back to its caller alone and leaves nothing."""
+    from sqlalchemy import text
+
+    from exchange.coordinator.group_commit import GroupCommit
+
+    engine = _table_engine(db_url)
+    commits: list[int] = []
+    event.listen(engine, "commit", lambda _conn: commits.append(1))
+    group = GroupCommit(engine)
+    late: list[Future[Any]] = []
+
+    def first(connection: Any) -> int:
+        connection.execute(text("INSERT INTO t VALUES (1)"))
+        if not late:  # made twice when the batch is made again: queue the others once
+            late.extend(group.submit(_insert_then(v, fail=v == 3)) for v in (2, 3, 4))
+        return 1
+
+    assert group.run(first) == 1
+    assert late[0].result() == 2 and late[2].result() == 4
+    with pytest.raises(ValueError, match="write 3 refused"):
+        late[1].result()
+    assert len(commits) == 1  # all four in the first write's transaction
+
+    # The same without a refusal: no redo, still one COMMIT.
+    commits.clear()
+    late.clear()
+
+    def second(connection: Any) -> int:
+        connection.execute(text("INSERT INTO t VALUES (5)"))
+        late.extend(group.submit(_insert_then(v)) for v in (6, 7))
+        return 5
+
+    assert group.run(second) == 5
+    assert [future.result() for future in late] == [6, 7]
+    assert len(commits) == 1
+    group.close()
+    with engine.connect() as connection:
+        assert sorted(connection.execute(text("SELECT v FROM t")).scalars()) == [1, 2, 4, 5, 6, 7]
+    engine.dispose()
+
+
+def test_late_submissions_refused_in_the_redo_leave_the_ledger_level(world: World) -> None:
+    """Submissions queued while the writer's transaction is under way join it; when their run
+    fails (the last overdraws), the batch is made again in a new transaction: the first and
+    the fitting one are acknowledged, the overdrawing one gets its 422 alone, and the served
+    balances still equal the auditor's fold of the log."""
+    size = world.runtime.audit_log.size()
+    coordinator, writes = _submissions(world, "bob", [2_000, 2_500, 1_000])
+    batcher = coordinator.journal.batcher
+    late: list[Any] = []
+
+    def first(connection: Any) -> Any:
+        if not late:  # made twice (the batch is made again): queue the others once
+            late.extend(batcher.submit(w, coordinator._submit_many_in) for w in writes[1:])
+        return writes[0](connection)
+
+    assert batcher.run(first).token_budget == 2_000
+    assert late[0].result().token_budget == 2_500
+    refused = late[1].exception()
+    assert isinstance(refused, problems.ProblemError) and refused.status == 422
+    assert world.runtime.audit_log.size() == size + 4
+    assert world.as_("bob", "GET", f"/v1/studies/{writes[2].study_id}").status_code == 404
+    assert served_balances(world)["balances"]["org:globex"] == 500
+    assert fold(world) == served_balances(world)
