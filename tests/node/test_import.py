@@ -34,6 +34,15 @@ def _counts(store: NodeStore) -> tuple[int, int, int]:
                      for table in (Record, ImportBatch, ColumnCategory))
 
 
+def _stored(store: NodeStore) -> tuple[dict[str, Any], dict[str, str]]:
+    """(pseudonym -> values, column -> category) as stored."""
+    with store.sessions() as session:
+        rows: dict[str, Any] = dict(session.execute(select(Record.pseudonym, Record.values)).tuples().all())
+        categories = dict(session.execute(select(ColumnCategory.column, ColumnCategory.category))
+                          .tuples().all())
+    return rows, categories
+
+
 def _import(runner: CliRunner, node_dir: Path, file: Path, *extra: str) -> Any:
     return runner.invoke(app, ["node", "import-data", str(file), "--config", str(node_dir / "node.toml"),
                                *extra])
@@ -163,10 +172,7 @@ def test_fhir_bundle_good_and_bad(node_dir: Path, runner: CliRunner, store: Node
     (tmp_path / "good.json").write_text(json.dumps(good))
     ok = _import(runner, node_dir, tmp_path / "good.json")
     assert ok.exit_code == 0, ok.output
-    with store.sessions() as session:
-        rows: dict[str, Any] = dict(session.execute(select(Record.pseudonym, Record.values)).tuples().all())
-        categories = dict(session.execute(select(ColumnCategory.column, ColumnCategory.category))
-                          .tuples().all())
+    rows, categories = _stored(store)
     assert rows["p1"] == {"sex": "female", "birth_year": 1970, "heart_rate": 90}
     assert rows["p2"] == {"sex": "male", "birth_year": 1980, "glucose": 101.5}
     assert categories["heart_rate"] == "vitals" and categories["glucose"] == "labs"
@@ -254,10 +260,7 @@ def test_fhir_conditions_become_diagnosis_columns(node_dir: Path, runner: CliRun
     (tmp_path / "good.json").write_text(json.dumps(good))
     ok = _import(runner, node_dir, tmp_path / "good.json")
     assert ok.exit_code == 0, ok.output
-    with store.sessions() as session:
-        rows: dict[str, Any] = dict(session.execute(select(Record.pseudonym, Record.values)).tuples().all())
-        categories = dict(session.execute(select(ColumnCategory.column, ColumnCategory.category))
-                          .tuples().all())
+    rows, categories = _stored(store)
     assert {p: (v["icd10_E11"], v["icd10_I10"]) for p, v in rows.items()} == {
         "p1": (1, 1), "p2": (1, 0), "p3": (0, 0)}
     assert categories["icd10_E11"] == categories["icd10_I10"] == "diagnoses"
