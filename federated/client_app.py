@@ -43,8 +43,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -56,7 +58,7 @@ from flwr.clientapp import ClientApp
 
 from audit.reward_commitment import DEFAULT_SIZE, Commitment, commit, padded_size
 from federated import distributed_noise, eval_stats
-from federated.accounting import AccountingError, plan_patients, plan_study
+from federated.accounting import AccountantName, AccountingError, DPPlan, plan_patients, plan_study
 from federated.data import HospitalData, target_fits
 from federated.dp import PatientIndex, RoundResult, train_round
 from federated.evaluation import Release, noised_release, patient_scores, patient_statistics
@@ -277,7 +279,6 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
     template = get_template(spec.template)
     defaults = template.defaults
     batch_size = spec.batch_size or defaults.batch_size
-    local_steps = spec.local_steps or defaults.local_steps
     ledger = site.ledger()
     caps, default_cap = _caps(gate, gate.eligible), _default_cap(site)
     try:
@@ -294,16 +295,14 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
             assert decision is not None
             target = training_epsilon(spec, decided)
             ledger.check_target(spec.study_id, target)
-            # sized from the noised decision count, never the exact one (plan_patients)
-            n_plan = plan_patients(decision.noisy_count, holdout_fraction=site.holdout_fraction,
-                                   capacity=site.reward_capacity)
             if spec.noise == "distributed":
+                # sized from the noised decision count, never the exact one (plan_patients)
+                n_plan = plan_patients(decision.noisy_count, holdout_fraction=site.holdout_fraction,
+                                       capacity=site.reward_capacity)
                 new_plan = distributed_noise.ledger_plan(
                     _noise(spec, len(global_weights)), epsilon=target, n_patients=n_plan)
             else:
-                new_plan = plan_study(target, spec.delta, rounds=spec.rounds, n_patients=n_plan,
-                                      batch_size=batch_size, steps_per_round=local_steps,
-                                      accountant=spec.accountant)
+                new_plan = _planned(_plan_terms(site, spec, decision))
             plan = ledger.register_study(spec.study_id, new_plan)
         charges = ledger.charges(spec.study_id)
         if any(c.round == round_ for c in charges):
@@ -365,6 +364,94 @@ def train_hospital_round(site: Site, spec: StudySpec, round_: int, global_weight
                "epsilon": total}
     metrics.update(result.metrics if spec.noise == "distributed" else {})
     return HospitalOutcome(STATUS_OK, "", result.state, receipt, metrics)
+
+
+@dataclass(frozen=True)
+class PlanTerms:
+    """Everything a study's DP plan is calibrated from (`federated.accounting.plan_study`)."""
+
+    target_epsilon: float
+    delta: float
+    rounds: int
+    n_patients: int
+    batch_size: int
+    steps_per_round: int
+    accountant: AccountantName
+
+    def plan(self) -> DPPlan:
+        return plan_study(self.target_epsilon, self.delta, rounds=self.rounds, n_patients=self.n_patients,
+                          batch_size=self.batch_size, steps_per_round=self.steps_per_round,
+                          accountant=self.accountant)
+
+
+def _plan_terms(site: Site, spec: StudySpec, decision: DecisionCount) -> PlanTerms:
+    """The terms of a local-noise study's plan at this hospital: the study's training epsilon and
+    public parameters, and the patient count sized from the noised decision count, never the
+    exact one (`plan_patients`)."""
+    defaults = get_template(spec.template).defaults
+    n_plan = plan_patients(decision.noisy_count, holdout_fraction=site.holdout_fraction,
+                           capacity=site.reward_capacity)
+    return PlanTerms(training_epsilon(spec, decision.epsilon), spec.delta, spec.rounds, n_plan,
+                     spec.batch_size or defaults.batch_size, spec.local_steps or defaults.local_steps,
+                     spec.accountant)
+
+
+#: Plans being calibrated ahead of a study's first train message (`plan_ahead`), by their terms.
+_planning: dict[PlanTerms, Future[DPPlan]] = {}
+_planning_lock = threading.Lock()
+#: at most this many plans are kept (the oldest goes first; each is a few numbers)
+MAX_PLANS_AHEAD = 32
+
+
+def _calibrate_ahead(terms: PlanTerms, result: Future[DPPlan]) -> None:
+    try:
+        plan = terms.plan()
+        # each round's and each evaluation's epsilon too: the accountant caches them, so no
+        # round pays for its own accounting
+        for k in range(1, plan.rounds + 1):
+            plan.epsilon_after(k)
+            plan.evaluation_epsilon_after(k)
+    except BaseException as exc:  # handed to the train message, which reports it as without the plan
+        result.set_exception(exc)
+    else:
+        result.set_result(plan)
+
+
+def plan_ahead(site: Site, spec: StudySpec) -> Future[DPPlan] | None:
+    """Start calibrating a local-noise study's DP plan in the background, when the server's hello
+    shows the study is about to train here: the calibration (a search over the PRV accountant)
+    is the largest part of a first round beyond training, and the hello comes a round trip or
+    more before the first train message, which then takes the result (`_planned`). Nothing is
+    stored or charged here: only the node daemon's stored decision count is read, so a study
+    that is not approved, not yet decided, already planned or of distributed noise starts
+    nothing (None)."""
+    if spec.noise == "distributed" or spec.study_id not in site.approved_studies():
+        return None
+    ledger = site.ledger()
+    decision = ledger.decision(spec.study_id)
+    if decision is None or decision.noisy_count < 1 or ledger.plan(spec.study_id) is not None:
+        return None
+    terms = _plan_terms(site, spec, decision)
+    with _planning_lock:
+        running = _planning.get(terms)
+        if running is not None:
+            return running
+        while len(_planning) >= MAX_PLANS_AHEAD:
+            _planning.pop(next(iter(_planning)))
+        result: Future[DPPlan] = Future()
+        _planning[terms] = result
+    threading.Thread(target=_calibrate_ahead, args=(terms, result), name=f"plan-{spec.study_id}",
+                     daemon=True).start()
+    return result
+
+
+def _planned(terms: PlanTerms) -> DPPlan:
+    """The plan for these terms: the one `plan_ahead` calibrated (waiting for it if it is still
+    running; it stays for another hospital of this process with the same terms), else calibrated
+    now. Either way the same function of the same terms."""
+    with _planning_lock:
+        ahead = _planning.get(terms)
+    return terms.plan() if ahead is None else ahead.result()
 
 
 def receipt_accounting(plan: Any, decision_epsilon: float, training_epsilon: float) -> dict[str, Any]:
@@ -550,4 +637,8 @@ def hello(message: Message, context: Context) -> Message:
     signature = site.signer().sign(hello_bytes(spec.study_id, site.hospital_id, context.node_id,
                                                str(record["nonce"])))
     reply = ConfigRecord({"hospital": site.hospital_id, "signature": signature})
+    try:
+        plan_ahead(site, spec)
+    except Exception:  # an optimisation only: the first train message calibrates the plan itself
+        log.exception("study %s: the DP plan could not be calibrated ahead", spec.study_id)
     return Message(RecordDict({HELLO_KEY: reply}), reply_to=message)

@@ -1,0 +1,166 @@
+"""The DP plan calibrated ahead, at the server's hello (`federated.client_app.plan_ahead`).
+
+The calibration is a search over the PRV accountant and was the largest part of a study's first
+round beyond training. The hello starts it in the background; the first train message takes the
+result. These tests show that it changes nothing but the time: the same plan, one calibration,
+nothing stored or charged before the train message, the same refusal when it fails, and nothing
+started for a study that must not train here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import Context, RecordDict
+from sqlalchemy import create_engine
+
+from federated import client_app
+from federated.client_app import draw_decision, plan_ahead, train_hospital_round
+from federated.dp import initial_state
+from federated.privacy_ledger import PrivacyLedger
+from federated.runtime.demo_sites import DemoSite, approve, demo_spec, provision_sites
+from federated.runtime.inprocess import InProcessGrid
+from federated.server_app import ServerOptions, StudyFailedError, run_study_rounds
+from federated.study_spec import StudySpec
+
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
+PRIVACY: dict[str, Any] = {"epsilon": 3.0, "rounds": 3, "accountant": "rdp"}
+
+
+class _Exact:
+    """A decision-count noise source that adds nothing (the mechanism: tests/node)."""
+
+    def discrete_laplace(self, epsilon: float) -> int:
+        return 0
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> dict[str, DemoSite]:
+    return provision_sites(tmp_path / "sites", hospitals=("hospital-a", "hospital-b"))
+
+
+@pytest.fixture
+def calibrations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """Every call of the real `plan_study` from the ClientApp: its thread's name, its arguments."""
+    calls: list[tuple[Any, ...]] = []
+    real = client_app.plan_study
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append((threading.current_thread().name, args, tuple(sorted(kwargs.items()))))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client_app, "plan_study", counted)
+    client_app._planning.clear()
+    return calls
+
+
+def _decided(demo: DemoSite, spec: StudySpec) -> None:
+    """What the node daemon does on approval: approve, and draw the decision count."""
+    approve(demo.site, spec.study_id)
+    draw_decision(demo.site, spec, NOW, noise=_Exact())
+
+
+def _ledger(demo: DemoSite) -> PrivacyLedger:
+    return PrivacyLedger(create_engine(demo.site.ledger_url))
+
+
+def test_the_first_round_takes_the_plan_calibrated_ahead(sites: dict[str, DemoSite],
+                                                          calibrations: list[Any]) -> None:
+    demo, spec = sites["hospital-a"], demo_spec("s-ahead", **PRIVACY)
+    _decided(demo, spec)
+    ahead = plan_ahead(demo.site, spec)
+    assert ahead is not None
+    planned = ahead.result(timeout=120)
+    assert _ledger(demo).plan(spec.study_id) is None  # nothing stored before the train message
+    assert _ledger(demo).charges(spec.study_id) == []
+    assert plan_ahead(demo.site, spec) is ahead  # asked twice (two hellos): one calibration
+    outcome = train_hospital_round(demo.site, spec, 1, initial_state(spec.template, len(spec.columns)), NOW)
+    assert outcome.status == "ok", outcome.reason
+    assert _ledger(demo).plan(spec.study_id) == planned
+    assert len(calibrations) == 1  # the train message did not calibrate again
+    assert calibrations[0][0] == "plan-s-ahead"  # in the background thread the hello started
+    # the plan the train message would have calibrated itself (the same terms, the same function)
+    decision = _ledger(demo).decision(spec.study_id)
+    assert decision is not None
+    assert client_app._plan_terms(demo.site, spec, decision).plan() == planned
+    assert plan_ahead(demo.site, spec) is None  # planned: nothing more to calibrate
+
+
+def test_nothing_is_calibrated_for_a_study_that_must_not_train_here(sites: dict[str, DemoSite],
+                                                                     calibrations: list[Any]) -> None:
+    demo = sites["hospital-a"]
+    unapproved = demo_spec("s-unapproved", **PRIVACY)
+    assert plan_ahead(demo.site, unapproved) is None
+    undecided = demo_spec("s-undecided", **PRIVACY)
+    approve(demo.site, undecided.study_id)
+    assert plan_ahead(demo.site, undecided) is None  # the daemon has not drawn its count
+    distributed = demo_spec("s-distributed", **{**PRIVACY, "noise": "distributed",
+                                                "secure_aggregation": True, "min_hospitals": 3})
+    _decided(demo, distributed)
+    assert plan_ahead(demo.site, distributed) is None
+    assert calibrations == []
+    assert client_app._planning == {}
+
+
+def test_a_calibration_that_fails_ahead_refuses_the_round_as_without_it(sites: dict[str, DemoSite],
+                                                                         calibrations: list[Any]) -> None:
+    # epsilon 0.1002 leaves 0.0002 for training after the 0.1 decision count: no noise reaches it
+    results = {}
+    for hospital, ahead in (("hospital-a", True), ("hospital-b", False)):
+        demo, spec = sites[hospital], demo_spec("s-unreachable", **{**PRIVACY, "epsilon": 0.1002})
+        _decided(demo, spec)
+        if ahead:
+            started = plan_ahead(demo.site, spec)
+            assert started is not None
+            with pytest.raises(Exception, match="not reachable"):
+                started.result(timeout=120)
+        weights = initial_state(spec.template, len(spec.columns))
+        outcome = train_hospital_round(demo.site, spec, 1, weights, NOW)
+        results[hospital] = (outcome.status, outcome.reason)
+        assert _ledger(demo).plan(spec.study_id) is None and _ledger(demo).charges(spec.study_id) == []
+    assert results["hospital-a"] == results["hospital-b"]
+    assert results["hospital-a"][0] == "refused" and "not reachable" in results["hospital-a"][1]
+
+
+def test_a_study_run_through_the_clientapp_calibrates_once_per_hospital(sites: dict[str, DemoSite],
+                                                                       calibrations: list[Any],
+                                                                       tmp_path: Path) -> None:
+    spec = demo_spec("s-hello", **PRIVACY)
+    for demo in sites.values():
+        _decided(demo, spec)
+    grid = InProcessGrid({i + 1: d.site.node_config() for i, d in enumerate(sites.values())},
+                         spec.to_run_config())
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=spec.to_run_config())
+    options = ServerOptions(output_dir=tmp_path / "out", poll=0.01,
+                            hospital_keys={h: d.signer.public_key for h, d in sites.items()},
+                            stop_event=threading.Event())
+
+    class _Observer:
+        def __init__(self) -> None:
+            self.rounds: list[int] = []
+
+        def on_round(self, round: int, metrics: Any, receipts: Any) -> None:
+            self.rounds.append(round)
+
+        def on_complete(self, model_path: Path, sha256: str) -> None:
+            pass
+
+        def on_failed(self, reason: str) -> None:
+            raise AssertionError(reason)
+
+    observer = _Observer()
+    with contextlib.suppress(StudyFailedError):
+        run_study_rounds(grid, context, observer, options)
+    assert observer.rounds == [1, 2, 3]
+    # each calibration started by a hello, none repeated by a train message (two hospitals with
+    # the same terms in one process share one)
+    assert 1 <= len(calibrations) <= len(sites)
+    assert {name for name, _, _ in calibrations} == {"plan-s-hello"}
+    for demo in sites.values():
+        assert _ledger(demo).plan(spec.study_id) is not None
