@@ -266,40 +266,60 @@ def _deferred_begin(driver: Any) -> bytes | None:
     return start() if callable(start) else None
 
 
+def insert_and_commit(connection: Connection, rows: list[dict[str, Any]],
+                      nodes: list[merkle.Node], *, lock_key: int | None = None) -> None:
+    """PostgreSQL: insert a group's entries and nodes and COMMIT the transaction, in ONE
+    round trip (one psycopg pipeline, one Sync); with `lock_key`, the log's write lock first.
+
+    The plain INSERT (`_PG_INSERT`), not the checked one: if the log is not as long as the
+    rows say (the next-index trigger) or already holds one of them (the UNIQUE leaf hash),
+    the INSERT fails, the server skips the COMMIT, and the transaction is left failed for the
+    caller to roll back: nothing of it was committed. So the COMMIT happens only if every row
+    went in where it was meant to. Raises SQLAlchemy's DBAPIError (with
+    `connection_invalidated` if the connection is gone, when whether the COMMIT happened is
+    unknown)."""
+    _on_driver(connection, lock_key, _pg_insert_parameters(rows, nodes), commit=True)
+
+
 def _on_driver(connection: Connection, lock_key: int | None,
-               parameters: dict[str, Any]) -> Sequence[Any]:
-    """`_PG_CHECKED_INSERT` on the connection's driver connection, its parameters in binary;
-    with `lock_key`, `PG_LOCK` first, both (and the transaction's BEGIN if psycopg has not sent
-    it yet) as one psycopg pipeline (SQLAlchemy has no pipeline of its own): the insert's rows."""
+               parameters: dict[str, Any], *, commit: bool = False) -> Sequence[Any]:
+    """`_PG_CHECKED_INSERT` (with `commit`: `_PG_INSERT`, then COMMIT) on the connection's
+    driver connection, its parameters in binary; with `lock_key`, `PG_LOCK` first, all (and
+    the transaction's BEGIN if psycopg has not sent it yet) as one psycopg pipeline
+    (SQLAlchemy has no pipeline of its own): the insert's rows (none with `commit`)."""
     driver = connection.connection.driver_connection
     dialect = connection.dialect
     lock_sql = _driver_sql(dialect, PG_LOCK)
-    insert_sql = _binary_sql(dialect, _PG_CHECKED_INSERT)
+    insert_sql = _binary_sql(dialect, _PG_INSERT if commit else _PG_CHECKED_INSERT)
     begin = _deferred_begin(driver) if lock_key is not None else None
     try:
-        if lock_key is None:  # the transaction holds the lock: it has begun
+        if lock_key is None and not commit:  # the transaction holds the lock: it has begun
             rows = driver.execute(insert_sql, parameters).fetchall()  # type: ignore[union-attr]
             return rows
         with driver.pipeline():  # type: ignore[union-attr]
-            if begin is None:
-                driver.execute(lock_sql, {"key": lock_key})  # type: ignore[union-attr]
-                cursor = driver.execute(insert_sql, parameters)  # type: ignore[union-attr]
-            else:
+            if begin is not None:
                 # psycopg would send its BEGIN with a Sync of its own and wait for it before
                 # the lock (_start_query); sent here, in the pipeline, it shares the one Sync.
-                # While the three are queued psycopg must not start a transaction itself:
+                # While the statements are queued psycopg must not start a transaction itself:
                 # `_autocommit` only decides that (commit and rollback follow the server's
                 # transaction status), and it is set back before anything else runs here.
                 driver._autocommit = True  # type: ignore[union-attr]
-                try:
+            try:
+                if begin is not None:
                     driver.execute(begin)  # type: ignore[union-attr]
+                if lock_key is not None:
                     driver.execute(lock_sql, {"key": lock_key})  # type: ignore[union-attr]
-                    cursor = driver.execute(insert_sql, parameters)  # type: ignore[union-attr]
-                finally:
+                cursor = driver.execute(insert_sql, parameters)  # type: ignore[union-attr]
+                if commit:
+                    # Queued like any statement (psycopg's commit() would Sync and wait on
+                    # its own); the server skips it if anything before it failed.
+                    driver.execute(b"COMMIT")  # type: ignore[union-attr]
+            finally:
+                if begin is not None:
                     driver._autocommit = False  # type: ignore[union-attr]
         # Read after the block: its end sends the one Sync and reads every result; fetching
         # inside would flush and wait once more.
-        rows = cursor.fetchall()
+        rows = [] if commit else cursor.fetchall()
     except dialect.loaded_dbapi.Error as exc:
         broken = bool(getattr(driver, "broken", False) or getattr(driver, "closed", False))
         if broken:
