@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from audit import merkle
 from audit.entry import Entry, MalformedEntryError
 from audit.keyring import KEY_KINDS, Keyring, KeyringError
-from audit.store.errors import StoreCorruptError
+from audit.store.errors import AuditStoreError, StoreCorruptError
 from audit.store.nodes import LOOKUP_CHUNK
 from audit.store.schema import ENTRIES_TABLE, NODES_TABLE, audit_entries
 from audit.verify import envelope_from_json

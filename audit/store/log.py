@@ -242,6 +242,7 @@ class AuditLog:
         hashes = [p.leaf_hash for p in prepared]
         nodes = merkle.append_nodes(DictSource(frontier), size, hashes)
         rows = _rows(prepared, size)
+        seen: dict[bytes, int] = {}
         if commit:
             lock_key = None if self._holds_lock(connection) else ADVISORY_LOCK_KEY
             try:
@@ -252,7 +253,7 @@ class AuditLog:
                         "append: the connection was lost after the COMMIT was sent; whether "
                         f"the entries were stored is unknown ({exc.orig})") from exc
                 raise
-            found_size, seen = size, {}
+            found_size = size
         elif self._holds_lock(connection):
             found_size, seen = checked_insert(connection, size, rows, nodes)
         else:
