@@ -16,6 +16,7 @@ from audit.store.check import verify_storage
 from audit.store.entries import entry_from_leaf
 from audit.store.errors import (
     AuditStoreError,
+    CommitOutcomeUnknownError,
     DuplicateEntryError,
     EntryRefusedError,
     SchemaMissingError,
@@ -56,6 +57,7 @@ __all__ = [
     "NODES_TABLE",
     "AuditLog",
     "AuditStoreError",
+    "CommitOutcomeUnknownError",
     "DuplicateEntryError",
     "EntryRefusedError",
     "SchemaMissingError",

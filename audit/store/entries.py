@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from audit import merkle
 from audit.entry import Entry, MalformedEntryError
 from audit.keyring import KEY_KINDS, Keyring, KeyringError
-from audit.store.errors import StoreCorruptError
+from audit.store.errors import AuditStoreError, StoreCorruptError
 from audit.store.nodes import LOOKUP_CHUNK
 from audit.store.schema import ENTRIES_TABLE, NODES_TABLE, audit_entries
 from audit.verify import envelope_from_json
@@ -133,19 +133,39 @@ def size_and_stored_indexes(connection: Connection,
 
 # -- appending rows -----------------------------------------------------------------------------
 
-# PostgreSQL: entries and nodes in ONE statement (one round trip, whatever the group size):
-# arrays unnested in order; the entries' row trigger sees the rows inserted before it in the
-# same statement, so the next-index check holds row by row.
+# PostgreSQL: a group's rows as six scalar parameters, not nine arrays. psycopg dumps an array
+# element by element in Python (and inspects each list to pick its type), in the writer thread
+# every appender waits for; a bytes or text value is dumped in one C call. So:
+#   :first        the first entry's index (the others follow it);
+#   :data, :lens  each entry's leaf, kind, key_id and time (UTF-8), concatenated, and their
+#                 lengths in bytes as 'n,n,...' (4 pieces an entry);
+#   :hashes       the leaf hashes, concatenated (32 bytes each);
+#   :node_pos, :node_hashes  the new tree nodes: 'level,index,...' and their hashes (32 bytes).
+# `entry_rows` and `node_rows` cut them back into rows, in order (`n`).
+_PG_ROWS = (
+    "pieces AS (SELECT n, substring(CAST(:data AS bytea) "
+    "FROM CAST(sum(len) OVER (ORDER BY n) - len + 1 AS integer) FOR len) AS piece "
+    "FROM unnest(CAST(string_to_array(CAST(:lens AS text), ',') AS integer[])) "
+    "WITH ORDINALITY AS u(len, n)), "
+    "fields AS (SELECT array_agg(piece ORDER BY n) AS v FROM pieces), "
+    "entry_rows AS (SELECT CAST(:first AS bigint) + i - 1 AS idx, v[4 * i - 3] AS leaf, "
+    "substring(CAST(:hashes AS bytea) FROM 32 * i - 31 FOR 32) AS leaf_hash, "
+    "convert_from(v[4 * i - 2], 'UTF8') AS kind, convert_from(v[4 * i - 1], 'UTF8') AS key_id, "
+    "convert_from(v[4 * i], 'UTF8') AS time, i AS n "
+    "FROM fields, generate_series(1, cardinality(v) / 4) AS i), "
+    "node_rows AS (SELECT CAST(p[2 * i - 1] AS smallint) AS level, p[2 * i] AS idx, "
+    "substring(CAST(:node_hashes AS bytea) FROM 32 * i - 31 FOR 32) AS hash "
+    "FROM (SELECT CAST(string_to_array(CAST(:node_pos AS text), ',') AS bigint[]) AS p) AS s, "
+    "generate_series(1, cardinality(p) / 2) AS i)")
+
+# PostgreSQL: entries and nodes in ONE statement (one round trip, whatever the group size),
+# inserted in order; the entries' row trigger sees the rows inserted before it in the same
+# statement, so the next-index check holds row by row.
 _PG_INSERT = text(
-    f"WITH new_entries AS (INSERT INTO {ENTRIES_TABLE} (idx, leaf, leaf_hash, kind, key_id, time) "
-    "SELECT idx, leaf, leaf_hash, kind, key_id, time "
-    "FROM unnest(CAST(:idx AS bigint[]), CAST(:leaf AS bytea[]), "
-    "CAST(:leaf_hash AS bytea[]), CAST(:kind AS varchar[]), CAST(:key_id AS varchar[]), "
-    "CAST(:time AS varchar[])) WITH ORDINALITY AS t(idx, leaf, leaf_hash, kind, key_id, time, n) "
-    "ORDER BY n) "
-    f"INSERT INTO {NODES_TABLE} (level, idx, hash) "
-    "SELECT level, idx, hash FROM unnest(CAST(:node_level AS smallint[]), "
-    "CAST(:node_idx AS bigint[]), CAST(:node_hash AS bytea[])) AS u(level, idx, hash)")
+    f"WITH {_PG_ROWS}, "
+    f"new_entries AS (INSERT INTO {ENTRIES_TABLE} (idx, leaf, leaf_hash, kind, key_id, time) "
+    "SELECT idx, leaf, leaf_hash, kind, key_id, time FROM entry_rows ORDER BY n) "
+    f"INSERT INTO {NODES_TABLE} (level, idx, hash) SELECT level, idx, hash FROM node_rows")
 
 # PostgreSQL, when the appender knows the log's size (it appended last): the size check, the
 # duplicate look-up and the INSERT of entries and nodes in ONE statement. Both INSERTs happen
@@ -155,21 +175,17 @@ _PG_INSERT = text(
 # caller sees whether it appended. The data-modifying CTEs share the statement's snapshot, taken
 # after append_in's advisory lock, so the check and the insert see the same log.
 _PG_CHECKED_INSERT = text(
-    f"WITH top AS (SELECT max(idx) AS idx FROM {ENTRIES_TABLE}), "
+    f"WITH {_PG_ROWS}, "
+    f"top AS (SELECT max(idx) AS idx FROM {ENTRIES_TABLE}), "
     f"dup AS (SELECT leaf_hash, idx FROM {ENTRIES_TABLE} "
-    "WHERE leaf_hash = ANY(CAST(:leaf_hash AS bytea[]))), "
+    "WHERE leaf_hash = ANY(ARRAY(SELECT leaf_hash FROM entry_rows))), "
     "go AS (SELECT 1 AS ok FROM top WHERE coalesce(top.idx, -1) = :expected_top "
     "AND NOT EXISTS (SELECT 1 FROM dup)), "
     f"new_entries AS (INSERT INTO {ENTRIES_TABLE} (idx, leaf, leaf_hash, kind, key_id, time) "
-    "SELECT idx, leaf, leaf_hash, kind, key_id, time "
-    "FROM unnest(CAST(:idx AS bigint[]), CAST(:leaf AS bytea[]), "
-    "CAST(:leaf_hash AS bytea[]), CAST(:kind AS varchar[]), CAST(:key_id AS varchar[]), "
-    "CAST(:time AS varchar[])) WITH ORDINALITY AS t(idx, leaf, leaf_hash, kind, key_id, time, n) "
+    "SELECT idx, leaf, leaf_hash, kind, key_id, time FROM entry_rows "
     "WHERE EXISTS (SELECT 1 FROM go) ORDER BY n), "
     f"new_nodes AS (INSERT INTO {NODES_TABLE} (level, idx, hash) "
-    "SELECT level, idx, hash FROM unnest(CAST(:node_level AS smallint[]), "
-    "CAST(:node_idx AS bigint[]), CAST(:node_hash AS bytea[])) AS u(level, idx, hash) "
-    "WHERE EXISTS (SELECT 1 FROM go)) "
+    "SELECT level, idx, hash FROM node_rows WHERE EXISTS (SELECT 1 FROM go)) "
     "SELECT CAST(NULL AS bytea) AS leaf_hash, (SELECT idx FROM top) AS idx "
     "UNION ALL SELECT leaf_hash, idx FROM dup")
 
@@ -177,11 +193,18 @@ ENTRY_COLUMNS = ("idx", "leaf", "leaf_hash", "kind", "key_id", "time")
 _SQLITE_ROWS_PER_INSERT = 500  # 500 rows x 6 columns stays far below SQLite's 32766 variables
 
 
-def _pg_insert_parameters(rows: list[dict[str, Any]], nodes: list[merkle.Node]) -> dict[str, list[Any]]:
-    parameters: dict[str, list[Any]] = {name: [r[name] for r in rows] for name in ENTRY_COLUMNS}
-    parameters.update(node_level=[n.level for n in nodes], node_idx=[n.index for n in nodes],
-                      node_hash=[n.hash for n in nodes])
-    return parameters
+def _pg_insert_parameters(rows: list[dict[str, Any]], nodes: list[merkle.Node]) -> dict[str, Any]:
+    """`_PG_ROWS`'s parameters for `rows` (consecutive indexes, as `AuditLog` makes them)."""
+    if any(row["idx"] != rows[0]["idx"] + n for n, row in enumerate(rows)):
+        raise AuditStoreError("insert: the rows' indexes are not consecutive")
+    pieces: list[bytes] = []
+    for row in rows:
+        pieces += (row["leaf"], row["kind"].encode(), row["key_id"].encode(), row["time"].encode())
+    return {"first": rows[0]["idx"], "data": b"".join(pieces),
+            "lens": ",".join([str(len(piece)) for piece in pieces]),
+            "hashes": b"".join([row["leaf_hash"] for row in rows]),
+            "node_pos": ",".join([f"{node.level},{node.index}" for node in nodes]),
+            "node_hashes": b"".join([node.hash for node in nodes])}
 
 
 @functools.lru_cache(maxsize=256)
@@ -230,7 +253,7 @@ def checked_insert(connection: Connection, expected_size: int, rows: list[dict[s
     insert's snapshot is taken after the lock is granted (READ COMMITTED) and sees every
     append committed before it; an error in either aborts the rest of the pipeline and is
     raised as SQLAlchemy's DBAPIError, as `connection.execute` would."""
-    parameters: dict[str, Any] = dict(_pg_insert_parameters(rows, nodes))
+    parameters = _pg_insert_parameters(rows, nodes)
     parameters["expected_top"] = expected_size - 1
     result = _on_driver(connection, lock_key, parameters)
     size = 0
@@ -266,40 +289,60 @@ def _deferred_begin(driver: Any) -> bytes | None:
     return start() if callable(start) else None
 
 
+def insert_and_commit(connection: Connection, rows: list[dict[str, Any]],
+                      nodes: list[merkle.Node], *, lock_key: int | None = None) -> None:
+    """PostgreSQL: insert a group's entries and nodes and COMMIT the transaction, in ONE
+    round trip (one psycopg pipeline, one Sync); with `lock_key`, the log's write lock first.
+
+    The plain INSERT (`_PG_INSERT`), not the checked one: if the log is not as long as the
+    rows say (the next-index trigger) or already holds one of them (the UNIQUE leaf hash),
+    the INSERT fails, the server skips the COMMIT, and the transaction is left failed for the
+    caller to roll back: nothing of it was committed. So the COMMIT happens only if every row
+    went in where it was meant to. Raises SQLAlchemy's DBAPIError (with
+    `connection_invalidated` if the connection is gone, when whether the COMMIT happened is
+    unknown)."""
+    _on_driver(connection, lock_key, _pg_insert_parameters(rows, nodes), commit=True)
+
+
 def _on_driver(connection: Connection, lock_key: int | None,
-               parameters: dict[str, Any]) -> Sequence[Any]:
-    """`_PG_CHECKED_INSERT` on the connection's driver connection, its parameters in binary;
-    with `lock_key`, `PG_LOCK` first, both (and the transaction's BEGIN if psycopg has not sent
-    it yet) as one psycopg pipeline (SQLAlchemy has no pipeline of its own): the insert's rows."""
+               parameters: dict[str, Any], *, commit: bool = False) -> Sequence[Any]:
+    """`_PG_CHECKED_INSERT` (with `commit`: `_PG_INSERT`, then COMMIT) on the connection's
+    driver connection, its parameters in binary; with `lock_key`, `PG_LOCK` first, all (and
+    the transaction's BEGIN if psycopg has not sent it yet) as one psycopg pipeline
+    (SQLAlchemy has no pipeline of its own): the insert's rows (none with `commit`)."""
     driver = connection.connection.driver_connection
     dialect = connection.dialect
     lock_sql = _driver_sql(dialect, PG_LOCK)
-    insert_sql = _binary_sql(dialect, _PG_CHECKED_INSERT)
+    insert_sql = _binary_sql(dialect, _PG_INSERT if commit else _PG_CHECKED_INSERT)
     begin = _deferred_begin(driver) if lock_key is not None else None
     try:
-        if lock_key is None:  # the transaction holds the lock: it has begun
+        if lock_key is None and not commit:  # the transaction holds the lock: it has begun
             rows = driver.execute(insert_sql, parameters).fetchall()  # type: ignore[union-attr]
             return rows
         with driver.pipeline():  # type: ignore[union-attr]
-            if begin is None:
-                driver.execute(lock_sql, {"key": lock_key})  # type: ignore[union-attr]
-                cursor = driver.execute(insert_sql, parameters)  # type: ignore[union-attr]
-            else:
+            if begin is not None:
                 # psycopg would send its BEGIN with a Sync of its own and wait for it before
                 # the lock (_start_query); sent here, in the pipeline, it shares the one Sync.
-                # While the three are queued psycopg must not start a transaction itself:
+                # While the statements are queued psycopg must not start a transaction itself:
                 # `_autocommit` only decides that (commit and rollback follow the server's
                 # transaction status), and it is set back before anything else runs here.
                 driver._autocommit = True  # type: ignore[union-attr]
-                try:
+            try:
+                if begin is not None:
                     driver.execute(begin)  # type: ignore[union-attr]
+                if lock_key is not None:
                     driver.execute(lock_sql, {"key": lock_key})  # type: ignore[union-attr]
-                    cursor = driver.execute(insert_sql, parameters)  # type: ignore[union-attr]
-                finally:
+                cursor = driver.execute(insert_sql, parameters)  # type: ignore[union-attr]
+                if commit:
+                    # Queued like any statement (psycopg's commit() would Sync and wait on
+                    # its own); the server skips it if anything before it failed.
+                    driver.execute(b"COMMIT")  # type: ignore[union-attr]
+            finally:
+                if begin is not None:
                     driver._autocommit = False  # type: ignore[union-attr]
         # Read after the block: its end sends the one Sync and reads every result; fetching
         # inside would flush and wait once more.
-        rows = cursor.fetchall()
+        rows = [] if commit else cursor.fetchall()
     except dialect.loaded_dbapi.Error as exc:
         broken = bool(getattr(driver, "broken", False) or getattr(driver, "closed", False))
         if broken:

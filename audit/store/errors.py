@@ -27,6 +27,13 @@ class DuplicateEntryError(EntryRefusedError):
     """The entry is byte for byte one already in the log (the verifier rejects replays)."""
 
 
+class CommitOutcomeUnknownError(AuditStoreError):
+    """The connection was lost after the transaction's COMMIT was sent with its last append
+    (`AuditLog.append_in(..., last=True)`): the append may or may not be durable. Nothing may
+    be acknowledged, and nothing made again blindly (it could be made twice); a caller that
+    retries finds its entries stored (a replay refusal) or not."""
+
+
 class StoreCorruptError(AuditStoreError):
     """The stored log is inconsistent (missing rows, wrong hashes); the message says where."""
 

@@ -35,12 +35,13 @@ from audit.store.entries import (
     checked_insert,
     entry_from_leaf,
     insert,
+    insert_and_commit,
     iter_leaves,
     log_size,
     replay_keys,
     size_and_stored_indexes,
 )
-from audit.store.errors import AuditStoreError, EntryRefusedError
+from audit.store.errors import AuditStoreError, CommitOutcomeUnknownError, EntryRefusedError
 from audit.store.nodes import (
     DictSource,
     advance_frontier,
@@ -61,6 +62,14 @@ _APPEND_IN_STATE = "audit.store.append_in_state"
 # connection.info key: the transaction that holds the log's PostgreSQL write lock, taken at
 # its top level (outside any savepoint: a rolled-back savepoint would release it).
 _LOCKED_BY = "audit.store.locked_by"
+# connection.info keys of an append that ends its transaction (PostgreSQL, `append_in(...,
+# last=True)`). MAY_COMMIT: set by the transaction's owner (the group commit) to the
+# transaction when the write about to run is the last thing it will make in it: that write's
+# append may send the COMMIT with its insert (the next append_in takes the permission).
+# COMMITTED: set by append_in to the transaction it so committed; the owner's own COMMIT then
+# sends nothing.
+MAY_COMMIT = "audit.store.may_commit"
+COMMITTED = "audit.store.committed"
 
 
 def _is_in_memory_sqlite(engine: Engine) -> bool:
@@ -125,7 +134,8 @@ class AuditLog:
                 for position, entry in enumerate(entries)]
 
     def append_in(self, connection: Connection,
-                  entries: Sequence[Entry | Mapping[str, Any] | admission.Prepared]) -> list[int]:
+                  entries: Sequence[Entry | Mapping[str, Any] | admission.Prepared], *,
+                  last: bool = False) -> list[int]:
         """Append `entries` (all or none, in order) in the open transaction on `connection`;
         their indexes. An entry may come already `prepare`d.
 
@@ -142,6 +152,17 @@ class AuditLog:
         makes this one fail (primary key or next-index trigger), never corrupt the log. Several
         calls in one transaction see each other's entries (a key registered by the first may
         sign in the second).
+
+        `last`: the caller's write makes nothing after this call. If, besides, the
+        transaction's owner allows it (`connection.info[MAY_COMMIT]` is this transaction: the
+        group commit's last write before its COMMIT) and no savepoint is open, PostgreSQL gets
+        the insert and the COMMIT (and the lock, if not held) as ONE round trip, and the
+        transaction is over on return (`connection.info[COMMITTED]`). The COMMIT is skipped by
+        the server unless every row went in where it was meant to (`insert_and_commit`); then
+        the transaction is left failed and this raises (the owner rolls back and makes its
+        writes again, each in a savepoint, which decides the refusal). If the connection is
+        lost with the COMMIT sent, raises CommitOutcomeUnknownError. Every check is the same;
+        only the COMMIT's round trip is saved.
         """
         if not connection.in_transaction() or \
                 connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
@@ -157,6 +178,8 @@ class AuditLog:
         hashes = [p.leaf_hash for p in prepared]
         transaction = connection.get_transaction()
         postgres = connection.dialect.name == "postgresql"
+        commit = (connection.info.pop(MAY_COMMIT, None) is transaction and last and postgres
+                  and connection.get_nested_transaction() is None)
         # The key state and the tree's right edge after this transaction's previous append_in,
         # if the log is still exactly that long: every append of the transaction goes through
         # here (and refreshes this), and a rolled-back savepoint only shortens the log, so an
@@ -173,9 +196,11 @@ class AuditLog:
             # unexpected falls through to the general path below.
             guess = (state[1], state[2], state[3]) if state is not None else edge
             assert guess is not None
-            indexes, appended = self._append_at(connection, prepared, *guess)
+            indexes, appended = self._append_at(connection, prepared, *guess, commit=commit)
             if appended is not None:
                 self._appended(connection, transaction, appended)
+                if commit:
+                    connection.info[COMMITTED] = transaction
                 return indexes
         if postgres:
             self._lock(connection)
@@ -198,13 +223,17 @@ class AuditLog:
         return [row["idx"] for row in rows]
 
     def _append_at(self, connection: Connection, prepared: list[admission.Prepared], size: int,
-                   keyring: Keyring, frontier: dict[tuple[int, int], bytes],
+                   keyring: Keyring, frontier: dict[tuple[int, int], bytes], *,
+                   commit: bool = False,
                    ) -> tuple[list[int], tuple[int, int, Keyring, dict[tuple[int, int], bytes]] | None]:
         """PostgreSQL: append `prepared` at `size`, assuming the log is that long, in one
         statement (entries.checked_insert). (indexes, what `_appended` needs) if it appended;
         ([], None) if the log had another size or held one of the entries (nothing written).
         A refusal by the key rules at that size is not final either (the size may be wrong):
-        the general path decides."""
+        the general path decides.
+
+        `commit`: insert and COMMIT in one round trip (`entries.insert_and_commit`); a
+        failure there raises (see append_in), as the transaction is then lost."""
         try:
             admission.check_unique(prepared, size, {})  # twice in this call
             keyring = admission.check_entries(keyring, prepared, size)
@@ -213,7 +242,19 @@ class AuditLog:
         hashes = [p.leaf_hash for p in prepared]
         nodes = merkle.append_nodes(DictSource(frontier), size, hashes)
         rows = _rows(prepared, size)
-        if self._holds_lock(connection):
+        seen: dict[bytes, int] = {}
+        if commit:
+            lock_key = None if self._holds_lock(connection) else ADVISORY_LOCK_KEY
+            try:
+                insert_and_commit(connection, rows, nodes, lock_key=lock_key)
+            except DBAPIError as exc:
+                if exc.connection_invalidated:
+                    raise CommitOutcomeUnknownError(
+                        "append: the connection was lost after the COMMIT was sent; whether "
+                        f"the entries were stored is unknown ({exc.orig})") from exc
+                raise
+            found_size = size
+        elif self._holds_lock(connection):
             found_size, seen = checked_insert(connection, size, rows, nodes)
         else:
             found_size, seen = checked_insert(connection, size, rows, nodes,

@@ -28,6 +28,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from audit.store.errors import CommitOutcomeUnknownError
+from audit.store.log import COMMITTED, MAY_COMMIT
 from exchange.logging import get_logger
 
 log = get_logger("exchange.coordinator.group_commit")
@@ -252,7 +254,7 @@ class GroupCommit(_Batcher):
             if exc.connection_invalidated:  # nothing was committed: safe to make again
                 raise _Disconnected(exc) from exc
             raise
-        transaction.commit()
+        transaction.commit()  # sends nothing if a late write's append committed it already
         return outcomes, connection, transaction
 
     def _late_arrivals(self, connection: Connection, batch: list[_Job]) -> list[_Outcome]:
@@ -268,8 +270,17 @@ class GroupCommit(_Batcher):
         Each arrival's first run is made without a savepoint (a SAVEPOINT and a RELEASE would
         be two more round trips on PostgreSQL): if it fails, `_Restart` is raised and the
         caller makes the whole batch again in a new transaction, the late writes then each in
-        a savepoint as usual, so a refusal still goes back to its own caller alone."""
+        a savepoint as usual, so a refusal still goes back to its own caller alone.
+
+        A late run made as ONE write (`_one_run`) is the last thing this transaction may make,
+        as far as anyone knows when it starts: it is allowed to end the transaction with its
+        own last statement (`MAY_COMMIT`: an audit append then sends its insert and the COMMIT
+        as one round trip on PostgreSQL, instead of two). If it did (`COMMITTED`), writes
+        queued meanwhile wait for the next transaction. If its COMMIT was sent and the
+        connection lost, CommitOutcomeUnknownError goes to every caller of the batch (nothing
+        is made again: it may have committed)."""
         outcomes: list[_Outcome] = []
+        transaction = connection.get_transaction()
         while len(batch) < self.max_batch:
             with self._wake:
                 more = self._pending[:self.max_batch - len(batch)]
@@ -277,7 +288,15 @@ class GroupCommit(_Batcher):
             if not more:
                 break
             batch.extend(more)
-            outcomes += run_batch(connection, more, first_bare=True)
+            if _one_run(more):
+                connection.info[MAY_COMMIT] = transaction
+            try:
+                outcomes += run_batch(connection, more, first_bare=True)
+            finally:
+                if not connection.invalidated:  # (its `info` is then out of reach)
+                    connection.info.pop(MAY_COMMIT, None)
+            if connection.info.pop(COMMITTED, None) is transaction:
+                break
         return outcomes
 
     def _discard_connection(self) -> None:
@@ -368,6 +387,8 @@ def _bare(connection: Connection, run: list[_Job], outcomes: list[_Outcome]) -> 
             results = together(connection, [job.write for job in run])
             if len(results) != len(run):
                 raise RuntimeError(f"group commit: {len(results)} results for {len(run)} writes")
+        except CommitOutcomeUnknownError:  # the transaction may be committed: never redo it
+            raise
         except Exception:
             raise _Restart([]) from None
         outcomes.extend((job, result, None) for job, result in zip(run, results, strict=True))
@@ -375,6 +396,8 @@ def _bare(connection: Connection, run: list[_Job], outcomes: list[_Outcome]) -> 
     job = run[0]
     try:
         outcomes.append((job, job.write(connection), None))
+    except CommitOutcomeUnknownError:
+        raise
     except Exception as exc:
         raise _Restart([(job, None, exc)]) from None
 
@@ -392,6 +415,12 @@ def _together(connection: Connection, run: list[_Job], outcomes: list[_Outcome])
         return False
     outcomes.extend((job, result, None) for job, result in zip(run, results, strict=True))
     return True
+
+
+def _one_run(batch: list[_Job]) -> bool:
+    """Whether `batch` is made as one write (one job, or one run of a `together`)."""
+    return len(batch) == 1 or (batch[0].together is not None
+                               and all(job.together == batch[0].together for job in batch))
 
 
 def _runs(batch: list[_Job]) -> Iterator[list[_Job]]:

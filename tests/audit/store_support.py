@@ -111,19 +111,23 @@ class LogKeys:
 
 @dataclass(frozen=True)
 class _Append:
-    """One group-commit write: append `entries` in the writer's transaction; their indexes."""
+    """One group-commit write: append `entries` in the writer's transaction; their indexes.
+    It makes nothing after the append (`last=True`): made late, it may end the transaction
+    with the append's own round trip (docs/audit-store.md, "Round trips")."""
 
     log: AuditLog
     entries: tuple[Entry | Mapping[str, Any] | Prepared, ...]
 
     def __call__(self, connection: Connection) -> list[int]:
-        return self.log.append_in(connection, self.entries)
+        return self.log.append_in(connection, self.entries, last=True)
 
 
 def _append_together(connection: Connection, writes: list[_Append]) -> list[list[int]]:
     """Neighbouring appends as ONE append_in (the coordinator's `together` for submissions):
-    if any entry is refused, the group commit makes each append on its own instead."""
-    indexes = writes[0].log.append_in(connection, [e for w in writes for e in w.entries])
+    if any entry is refused, the group commit makes each append on its own instead. Nothing
+    is made after the append (`last=True`, as `_Append`)."""
+    indexes = writes[0].log.append_in(connection, [e for w in writes for e in w.entries],
+                                      last=True)
     out, position = [], 0
     for write in writes:
         out.append(indexes[position:position + len(write.entries)])

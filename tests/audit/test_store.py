@@ -187,17 +187,17 @@ def test_refused_entries_change_nothing(engine: Engine, keys: LogKeys) -> None:
 
 
 def test_quotes_and_escapes_are_stored_exactly(engine: Engine, keys: LogKeys) -> None:
-    """Hostile text must arrive byte for byte, as data, on both databases (PostgreSQL: inside
-    the arrays of the one INSERT of entries and nodes)."""
+    """Hostile text must arrive byte for byte, as data, on both databases (PostgreSQL: packed
+    into the one INSERT's bytes and cut back into rows by the server, `entries._PG_ROWS`)."""
     hostile = ["x'); DROP TABLE audit_entries; --", "back\\slash \\x00 '' \"q\" {a,b} $1 %s",
-               "ünïcødé \u2028 \U0001f600", "E'\\\\x41'"]
+               "ünïcødé \u2028 \U0001f600", "E'\\\\x41'", "line\nbreak,4,comma\t"]
     with keys.open(engine) as log:
         log.append(register(keys.operator, keys.writer))
         entries = [sign_entry(keys.writer, kind, {"note": kind, "bytes": "\x01\x7f"})
                    for kind in hostile]
         futures = [log.submit([entry]) for entry in entries]  # one group: one append_in
         indexes = [future.result()[0] for future in futures]
-        assert sorted(indexes) == [1, 2, 3, 4]
+        assert sorted(indexes) == [1, 2, 3, 4, 5]
         stored = {index: log.get(index) for index in indexes}
         assert sorted(e.kind for e in stored.values()) == sorted(hostile)
         for index, entry in zip(indexes, entries, strict=True):

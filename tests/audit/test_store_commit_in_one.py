@@ -1,0 +1,240 @@
+"""An audit append that ends its transaction: the insert and the COMMIT in one round trip.
+
+The group commit lets a write queued while its transaction was out at the server (a late run)
+end that transaction with its own last statement (`MAY_COMMIT`); an append made as such a
+write (`AuditLog.append_in(..., last=True)`, which tests/audit/store_support.GroupLog uses) sends
+its INSERT and the COMMIT together on PostgreSQL. The COMMIT happens only if every row went in
+where it was meant to; whatever fails, each caller still gets its own answer, refusals leave
+nothing, and an append whose COMMIT's outcome is unknown is never made a second time.
+
+The late writes are queued from inside the first write (once: the batch may be made again), so
+they are certainly late arrivals of its transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
+
+from audit.entry import Entry, sign_entry
+from audit.signing import Signer
+from audit.store import (
+    AuditStoreError,
+    CommitOutcomeUnknownError,
+    DuplicateEntryError,
+    EntryRefusedError,
+    verify_storage,
+)
+from tests.audit.store_support import (
+    GroupLog,
+    LogKeys,
+    memory_tree,
+    migrated_engine,
+    note_entry,
+    register,
+    stored_leaves,
+    verify_with_auditor,
+)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = migrated_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+def _with_late(log: GroupLog, first: Callable[[Connection], Any],
+               late_entries: list[Entry]) -> tuple[Any, list[Future[list[int]]]]:
+    """Run `first` as a write of the log's group commit; while it runs, queue one append per
+    entry of `late_entries` (neighbours: one run, made as one write); (first's result, the
+    late futures)."""
+    late: list[Future[list[int]]] = []
+
+    def write(connection: Connection) -> Any:
+        result = first(connection)
+        if not late:
+            late.extend(log.submit([entry]) for entry in late_entries)
+        return result
+
+    return log.group.run(write), late
+
+
+def _check(engine: Engine, log: GroupLog, keys: LogKeys) -> None:
+    leaves = stored_leaves(engine)
+    assert log.root() == memory_tree(leaves).root()
+    assert verify_with_auditor(log, keys).ok
+    verify_storage(engine, keys.operator.public_key)
+
+
+def test_late_appends_commit_and_a_refused_one_is_refused_alone(engine: Engine) -> None:
+    """A replay among late appends (caught by the database's UNIQUE leaf hash, the COMMIT
+    then skipped), and an entry of a revoked signer among late appends (caught before any
+    statement): each refused alone, with its own reason; the good ones of the same group and
+    the first write's append are committed, once."""
+    keys = LogKeys.generate()
+    hospital = Signer.generate()
+    with keys.open(engine) as log:
+        log.append_many([register(keys.operator, keys.writer),
+                         register(keys.operator, hospital, "hospital", "h:1")])
+        old = note_entry(keys.writer, "late", 0)
+        assert log.append(old) == 2
+        early = note_entry(keys.writer, "late", 1)
+        first, late = _with_late(log, lambda c: log.log.append_in(c, log.log.prepare([early])),
+                                 [note_entry(keys.writer, "late", 2), old,
+                                  note_entry(keys.writer, "late", 3)])
+        assert first == [3]
+        assert [f.result() for f in (late[0], late[2])] == [[4], [5]]
+        with pytest.raises(DuplicateEntryError, match="identical to log entry 2"):
+            late[1].result()
+
+        from_hospital = note_entry(hospital, "late", 4)  # prepared (queued) before the revoke
+        log.append(sign_entry(keys.operator, "key.revoke",
+                              {"key_id": hospital.key_id, "reason": "left"}))
+        first, late = _with_late(log, lambda c: log.log.append_in(
+            c, log.log.prepare([note_entry(keys.writer, "late", 5)])),
+            [note_entry(keys.writer, "late", 6), from_hospital, note_entry(keys.writer, "late", 7)])
+        assert first == [7]
+        assert [f.result() for f in (late[0], late[2])] == [[8], [9]]
+        with pytest.raises(EntryRefusedError, match="revoked"):
+            late[1].result()
+        assert log.size() == 10
+        _check(engine, log, keys)
+
+
+def test_a_late_append_after_another_process_appended_goes_at_the_real_size(
+        engine: Engine) -> None:
+    """The first write appends nothing, so the late append takes the lock itself and assumes
+    the size its log last committed; another AuditLog ("another process") appended since. On
+    PostgreSQL the INSERT fails (next-index trigger), the COMMIT is skipped, and the batch is
+    made again: the append lands at the real size, the first write's change is made once."""
+    keys = LogKeys.generate()
+    with keys.open(engine) as log, keys.open(engine) as other:
+        log.append(register(keys.operator, keys.writer))
+        assert log.append(note_entry(keys.writer, "size", 0)) == 1  # its committed edge: 2
+        assert other.append(note_entry(keys.writer, "size", 1)) == 2
+        with engine.begin() as connection:
+            connection.execute(text("CREATE TABLE side_effects (note TEXT)"))
+
+        def first(connection: Connection) -> str:
+            connection.execute(text("INSERT INTO side_effects VALUES ('first')"))
+            return "first"
+
+        result, late = _with_late(log, first, [note_entry(keys.writer, "size", 2)])
+        assert result == "first"
+        assert late[0].result() == [3]
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT note FROM side_effects")).scalars().all() == \
+                ["first"]
+        _check(engine, log, keys)
+
+
+@pytest.mark.postgres
+def test_a_late_append_sends_its_insert_and_the_commit_in_one_round_trip(
+        postgres_url: str, tmp_path: Any) -> None:
+    """From libpq's own trace: the transaction is the first pipeline (BEGIN, lock, checked
+    insert) and the late append's pipeline (INSERT and COMMIT, one Sync): two waits for the
+    server, where a separate COMMIT would be a third."""
+    import psycopg
+
+    engine = migrated_engine(postgres_url)
+    keys = LogKeys.generate()
+    trace_path = tmp_path / "libpq.trace"
+    try:
+        with keys.open(engine) as log, trace_path.open("w") as trace:
+            log.append(register(keys.operator, keys.writer))
+            log.append(note_entry(keys.writer, "one", 0))  # the writer's connection is open
+            driver = log.group._connection.connection.driver_connection
+            driver.pgconn.trace(trace.fileno())
+            driver.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+            first, late = _with_late(log, lambda c: log.log.append_in(
+                c, log.log.prepare([note_entry(keys.writer, "one", 1)])),
+                [note_entry(keys.writer, "one", 2), note_entry(keys.writer, "one", 3)])
+            assert first == [2] and [f.result() for f in late] == [[3], [4]]
+            driver.pgconn.untrace()
+        lines = trace_path.read_text().splitlines()
+        answers = [line for line in lines if line.startswith("B") and "ReadyForQuery" in line]
+        assert len(answers) == 2, lines
+        segments: list[list[str]] = [[]]  # what was sent, cut at each Sync
+        for line in lines:
+            if line.startswith("F"):
+                if "\tSync" in line:
+                    segments.append([])
+                elif "\tFlush" not in line:  # (psycopg flushes when it leaves a pipeline)
+                    segments[-1].append(line)
+        assert len(segments) == 3 and segments[2] == [], segments
+        assert any("BEGIN" in line for line in segments[0])
+        assert not any('"COMMIT"' in line for line in segments[0])
+        executes = [line for line in segments[1] if "\tExecute" in line]
+        assert len(executes) == 2 and '"COMMIT"' in "".join(segments[1]), segments[1]
+        assert log.size() == 5
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_lost_connection_after_the_commit_was_sent_is_reported_and_not_redone(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the connection is lost once the COMMIT was sent with a late append, nobody of the
+    batch is acknowledged (CommitOutcomeUnknownError) and nothing is made again (it may have
+    committed: here it did, and a second try would store the first write's entry twice or
+    refuse it as a replay). The next append works, on a fresh connection, at the real size."""
+    import audit.store.log as store_log
+
+    engine = migrated_engine(postgres_url)
+    keys = LogKeys.generate()
+    real = store_log.insert_and_commit
+    made: list[int] = []
+
+    def commit_then_lose(connection: Connection, *args: Any, **kwargs: Any) -> None:
+        real(connection, *args, **kwargs)  # committed; the answer never comes back
+        connection.invalidate()
+        raise DBAPIError("COMMIT", {}, ConnectionError("server closed the connection"),
+                         connection_invalidated=True)
+
+    try:
+        with keys.open(engine) as log:
+            log.append(register(keys.operator, keys.writer))
+            log.append(note_entry(keys.writer, "lost", 0))
+            monkeypatch.setattr(store_log, "insert_and_commit", commit_then_lose)
+
+            def first(connection: Connection) -> list[int]:
+                made.append(1)
+                return log.log.append_in(connection, log.log.prepare(
+                    [note_entry(keys.writer, "lost", 1)]))
+
+            late: list[Future[list[int]]] = []
+
+            def write(connection: Connection) -> list[int]:
+                result = first(connection)
+                late.append(log.submit([note_entry(keys.writer, "lost", 2)]))
+                return result
+
+            with pytest.raises(CommitOutcomeUnknownError, match="unknown"):
+                log.group.run(write)
+            with pytest.raises(CommitOutcomeUnknownError):
+                late[0].result()
+            monkeypatch.undo()
+            assert made == [1]
+            assert log.size() == 4  # both committed, once
+            assert log.append(note_entry(keys.writer, "lost", 3)) == 4
+            _check(engine, log, keys)
+    finally:
+        engine.dispose()
+
+
+def test_packed_rows_must_have_consecutive_indexes() -> None:
+    """The packed INSERT gives the entries the indexes :first, :first + 1, ... (entries
+    `_PG_ROWS`): rows that are not so would be stored at other indexes than meant."""
+    from audit.store.entries import _pg_insert_parameters
+
+    row = {"leaf": b"{}", "leaf_hash": bytes(32), "kind": "k", "key_id": "i", "time": "t"}
+    packed = _pg_insert_parameters([{**row, "idx": 5}, {**row, "idx": 6}], [])
+    assert packed["first"] == 5 and packed["lens"] == "2,1,1,1,2,1,1,1"
+    with pytest.raises(AuditStoreError, match="not consecutive"):
+        _pg_insert_parameters([{**row, "idx": 5}, {**row, "idx": 7}], [])
