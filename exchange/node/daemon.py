@@ -167,7 +167,7 @@ class NodeDaemon:
         self.settings = settings
         self.store = store
         self.link = link
-        self.ctx = Context(settings=settings, signer=signer)
+        self.ctx = Context(settings=settings, signer=signer, isolate=True)
         self.supervisor = supervisor or Supervisor(
             initial_backoff_s=settings.supernode.restart_backoff_initial_s,
             max_backoff_s=settings.supernode.restart_backoff_max_s,
@@ -274,7 +274,7 @@ class NodeDaemon:
 
     def _sync_supernode(self) -> None:
         active = self.active_studies()
-        export_site(self.store, self.settings, active)
+        export_site(self.store, self.settings, active, isolate=True)
         if not self.settings.supernode.enabled:
             return
         specs = supernode_specs(self.settings)

@@ -30,7 +30,6 @@ from exchange.node.privacy import site_ledger
 from exchange.node.settings import NodeSettings
 from exchange.node.store import NodeStore
 from federated.privacy_ledger import DecisionCount, NoiseSource, PrivacyLedger
-from federated.secure_random import SecureRandom
 
 PENDING = "pending"
 APPROVED = "approved"
@@ -48,6 +47,15 @@ TERMINAL = frozenset({"completed", "failed", "cancelled", "expired", "closed", R
 RESERVATION_LOCK = "privacy.reservation_lock"
 
 
+def SecureRandom() -> NoiseSource:  # noqa: N802 - stands in for the class (tests replace it)
+    """`federated.secure_random.SecureRandom` keyed by the operating system, imported where a
+    count is drawn: it needs numpy, which the daemon itself never imports (it decides in a
+    forked child, `exchange.node.isolated`)."""
+    from federated.secure_random import SecureRandom as Source
+
+    return Source()
+
+
 class StewardDecisionError(Exception):
     """`exchange node approve|refuse` cannot apply (unknown study, already decided, ...)."""
 
@@ -58,6 +66,9 @@ class Context:
 
     settings: NodeSettings
     signer: Signer
+    #: evaluate a study in a forked child (`exchange.node.isolated`): the daemon sets it, so
+    #: it never imports what gating and the outcome checks need (pyarrow, SciPy, pandas)
+    isolate: bool = False
 
 
 def held_columns(session: Session) -> dict[str, str]:
@@ -263,7 +274,12 @@ def observe_study(store: NodeStore, ctx: Context, study_json: dict[str, Any]) ->
         marker = _evaluation_inputs(store, ctx.settings, view)
         if not new and store.get_state(f"evaluated:{view.study_id}") == marker:
             return row
-        evaluation = evaluate_study(store, ctx.settings, view)
+        if ctx.isolate:
+            from exchange.node.isolated import run_isolated
+
+            evaluation = run_isolated(evaluate_study, store, ctx.settings, view, engines=(store.engine,))
+        else:
+            evaluation = evaluate_study(store, ctx.settings, view)
         store.set_state(f"evaluated:{view.study_id}", marker)
         ledger = reservation_ledger(store, ctx.settings) if evaluation.decision == "approve" else None
         with store.transaction() as session:

@@ -14,15 +14,18 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from consent.gate import GateResult, RecordColumns, gate
 from consent.model import Contract
 from exchange.node.models import ConsentContractRow, Record
 from exchange.node.policy import Eligibility, StudyView
+
+if TYPE_CHECKING:  # consent.gate (pyarrow) is imported where records are gated: the daemon
+    # does that in a forked child (exchange/node/isolated.py) and never imports it itself
+    from consent.gate import GateResult
 
 
 def current_contracts(session: Session) -> dict[str, dict[str, Any]]:
@@ -149,6 +152,7 @@ def gate_records(session: Session, study: StudyView, at: datetime) -> GateResult
     """consent.gate over every record (pseudonym, hash of its current contract): each
     distinct contract evaluated once, joined back to the records. Contracts and pseudonyms
     come from the `ContractCache` (parsed once, re-read only when rows were added)."""
+    from consent.gate import RecordColumns, gate
     from exchange.node.consent_store import study_request
 
     cache = contract_cache(session)

@@ -19,7 +19,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -144,6 +143,8 @@ def label_problem(session: Session, eligible: Iterable[str], *, label: str, task
         values.append(number)
     if not values:
         return f"no eligible record holds the label {label!r} with every column the study reads"
+    import numpy as np
+
     return target_problem(task, label, np.asarray(values), classes)
 
 
@@ -164,6 +165,8 @@ def usable_patients(session: Session, eligible: Iterable[str], *, label: str, ta
     """The `Usable` patients among `eligible`. A record that does not fit is left out like a
     record missing a column, never refused on: whether one record fits is a fact about one
     patient, and a refusal reason is public (docs/privacy.md, "Counts")."""
+    import numpy as np
+
     from federated.data import target_fits
 
     wanted = set(eligible)

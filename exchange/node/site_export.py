@@ -30,7 +30,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sqlalchemy import func, select
 
 from exchange.db.engine import normalize_url
@@ -92,6 +91,8 @@ def export_records(store: NodeStore, settings: NodeSettings, path: Path) -> int:
     it), and the file names no label of its own: each study names the column it predicts, and
     the ClientApp takes it (`HospitalData.relabel`) and the records that hold it and every
     column the study reads (`HospitalData.complete`)."""
+    import numpy as np
+
     from federated.data import HospitalData
     from federated.runtime.site import write_records
 
@@ -136,15 +137,23 @@ def fingerprint(store: NodeStore) -> list[Any]:
                 session.execute(select(func.count()).select_from(ColumnCategory)).scalar_one()]
 
 
-def export_site(store: NodeStore, settings: NodeSettings, approved: list[str]) -> dict[str, Path]:
-    """Bring the site files up to date; cheap when nothing changed."""
+def export_site(store: NodeStore, settings: NodeSettings, approved: list[str], *,
+                isolate: bool = False) -> dict[str, Path]:
+    """Bring the site files up to date; cheap when nothing changed. `isolate`: write the records
+    file in a forked child (`exchange.node.isolated`; the daemon does, so it never imports
+    pyarrow and the data code for it)."""
     from federated.runtime.deployment import write_node_config
 
     paths = site_paths(settings)
     _atomic_write(paths["approvals"], json.dumps({"approved": sorted(approved)}).encode())
     marker = [*fingerprint(store), "labels-per-study", settings.training.test_fraction]
     if store.get_state("site_export") != marker or not paths["records"].exists():
-        export_records(store, settings, paths["records"])
+        if isolate:
+            from exchange.node.isolated import run_isolated
+
+            run_isolated(export_records, store, settings, paths["records"], engines=(store.engine,))
+        else:
+            export_records(store, settings, paths["records"])
         _atomic_write(paths["contracts"], export_contracts(store))
         store.set_state("site_export", marker)
     wanted = node_config(settings)

