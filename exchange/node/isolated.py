@@ -28,13 +28,20 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
+import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 
 T = TypeVar("T")
+
+#: How long a step may run before its child is killed: a forked child of a threaded process can
+#: in principle hang on a lock another thread held at the fork, and the daemon must not hang with it.
+DEFAULT_TIMEOUT_S = 600.0
 
 #: Set in the child: the pools it must never use nor close (kept alive until `os._exit`).
 _INHERITED: list[Any] = []
@@ -65,10 +72,12 @@ def _child(fn: Callable[..., T], args: tuple[Any, ...], engines: tuple[Engine, .
         view = view[os.write(out, view):]
 
 
-def run_isolated(fn: Callable[..., T], *args: Any, engines: tuple[Engine, ...] = ()) -> T:
+def run_isolated(fn: Callable[..., T], *args: Any, engines: tuple[Engine, ...] = (),
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> T:
     """`fn(*args)` in a forked child; its result (or exception) here. `engines`: the database
     engines the child may use (their pooled connections are the daemon's: the child opens its
-    own). Raises IsolatedStepError when the child ends without an answer."""
+    own). Raises IsolatedStepError when the child ends without an answer, or is still running
+    after `timeout_s` (it is then killed)."""
     if not supported():
         return fn(*args)
     read, write = os.pipe()
@@ -85,13 +94,26 @@ def run_isolated(fn: Callable[..., T], *args: Any, engines: tuple[Engine, ...] =
             os._exit(status)
     os.close(write)
     chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout_s
+    timed_out = False
     try:
-        while chunk := os.read(read, 1 << 20):
+        while True:
+            ready, _, _ = select.select([read], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                timed_out = True
+                os.kill(pid, signal.SIGKILL)
+                break
+            chunk = os.read(read, 1 << 20)
+            if not chunk:
+                break
             chunks.append(chunk)
     finally:
         os.close(read)
         _pid, wait_status = os.waitpid(pid, 0)
     data = b"".join(chunks)
+    if timed_out:
+        raise IsolatedStepError(f"the isolated step {getattr(fn, '__name__', fn)!r} did not answer within "
+                                f"{timeout_s:g} s and was stopped")
     if not data:
         raise IsolatedStepError(f"the isolated step {getattr(fn, '__name__', fn)!r} ended without an answer "
                                 f"(exit status {os.waitstatus_to_exitcode(wait_status)})")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,10 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _hang() -> None:
+    time.sleep(60)
+
+
 def test_run_isolated_returns_raises_and_keeps_the_daemons_connections(settings: NodeSettings) -> None:
     store = open_store(settings.db_url)
     try:
@@ -126,6 +131,10 @@ def test_run_isolated_returns_raises_and_keeps_the_daemons_connections(settings:
             run_isolated(_fail_unpicklable)
         with pytest.raises(IsolatedStepError, match="without an answer"):
             run_isolated(_die)
+        started = time.monotonic()
+        with pytest.raises(IsolatedStepError, match=r"did not answer within 0\.5 s"):
+            run_isolated(_hang, timeout_s=0.5)
+        assert time.monotonic() - started < 30  # killed, not waited for
         store.set_state("after", 2)  # the daemon's own connections still work
         assert (store.get_state("before"), store.get_state("after")) == (1, 2)
     finally:
