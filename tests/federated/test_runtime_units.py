@@ -246,7 +246,8 @@ def test_site_files_are_reread_when_replaced(tmp_path: Path) -> None:
     assert site.approved_studies() == {"s-2"}
 
 
-def test_a_woken_executor_claims_at_once_and_does_not_poll_while_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_woken_executor_claims_at_once_and_does_not_poll_while_idle(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """With a wake-up Event (`hosted_supernode`: the SuperNode sets it when it stored a task), an
     idle executor makes one claim attempt per `WAKE_FALLBACK_S`, not one per poll interval, and
     a task is claimed as soon as the Event is set."""
@@ -291,3 +292,16 @@ def test_a_woken_executor_claims_at_once_and_does_not_poll_while_idle(monkeypatc
         executor.stop()
         thread.join(5)
     assert not thread.is_alive()
+
+
+def test_a_long_exchange_is_polled_less_often_within_a_bounded_delay() -> None:
+    """The ServerApp polls every `poll` early in an exchange, then a small fraction of the time
+    so far (a reply waits at most that much longer), never less often than `POLL_MAX_S`; plain
+    mode's 3 s poll is left alone."""
+    from federated.server_app import POLL_ELAPSED_FRACTION, POLL_MAX_S, poll_interval
+
+    assert poll_interval(0.05, 0.2) == 0.05
+    assert poll_interval(0.05, 5.0) == pytest.approx(5.0 * POLL_ELAPSED_FRACTION)
+    assert poll_interval(0.05, 5.0) <= 0.05 * 5.0  # at most a few percent of the exchange
+    assert poll_interval(0.05, 600.0) == POLL_MAX_S
+    assert poll_interval(3.0, 600.0) == 3.0
