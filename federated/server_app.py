@@ -478,10 +478,15 @@ def _wait_for_nodes(directory: NodeDirectory, spec: StudySpec, options: ServerOp
                     round_: int) -> dict[int, str]:
     """The nodes of approved hospitals (node -> hospital), once at least `min_hospitals` said hello
     (a hospital restarting mid-study gets `join_timeout_s` to come back). Returns as soon as every
-    approved hospital is there or no listed node still owes a hello; else after a short grace."""
+    approved hospital is there or no listed node still owes a hello; else after a grace: short in
+    later rounds, `join_timeout_s` in round 1. A listed node owes its hello only while it is
+    alive (a dead one is delisted after two heartbeat intervals), and on a busy machine ten
+    first hellos (each the run's first message at its node) can take longer than the short
+    grace: round 1 would start without those hospitals and, under SecAgg+, round 2 would need
+    its own key exchange for them (docs/secure-aggregation.md, "Pipelining")."""
     started = time.monotonic()
     deadline = started + spec.join_timeout_s
-    grace = min(spec.round_timeout_s, 10.0)
+    grace = spec.join_timeout_s if round_ == 1 else min(spec.round_timeout_s, 10.0)
     allowed = options.approved_hospitals
     while True:
         listed = directory.refresh()

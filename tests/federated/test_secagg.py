@@ -695,3 +695,49 @@ def test_a_hospital_gone_after_the_pipelined_exchange_does_not_cost_the_others_a
     np.testing.assert_allclose(model, updates.fedavg(2, three_left), atol=ATOL)
     assert any("secagg round 2: hospital hospital-d (node 4) of the prepared key exchange not connected "
                "now: left out of this round" in w for w in _secagg_warnings(caplog))
+
+
+class SlowFirstHello(InProcessGrid):
+    """Node 4 answers its hello only `delay` seconds after it was asked (a busy machine: the
+    run's first message at a node fetches the run and its FAB)."""
+
+    delay = 1.5
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hello_at: dict[str, float] = {}
+
+    def push_messages(self, messages: Any) -> Any:
+        import time
+
+        messages = list(messages)
+        ids = list(super().push_messages(messages))
+        for message, msg_id in zip(messages, ids, strict=True):
+            if message.metadata.dst_node_id == 4 and message.metadata.message_type == MessageType.QUERY:
+                self.hello_at[msg_id] = time.monotonic()
+        return ids
+
+    def pull_messages(self, message_ids: Any) -> Any:
+        import time
+
+        now = time.monotonic()
+        ready = [i for i in message_ids
+                 if i not in self.hello_at or now - self.hello_at[i] >= self.delay]
+        return super().pull_messages(ready)
+
+
+def test_round_one_waits_for_a_slow_first_hello_so_round_two_pipelines(
+    four: dict[str, DemoSite], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hospital-d's node is listed but answers its hello after the later rounds' short grace:
+    round 1 waits for it (up to `join_timeout_s`), so all four share round 1's keys and round 2
+    uses the key exchange prepared during round 1 (before: round 1 ran with three, and round 2
+    needed its own key exchange for the newcomer)."""
+    spec = demo_spec("sa-slow-hello", rounds=2, min_hospitals=3, round_timeout_s=0.5, join_timeout_s=30,
+                     **PRIVACY)
+    observer, grid = _run(four, spec, tmp_path, grid_class=SlowFirstHello)
+    assert observer.failed == [] and observer.completed is not None and grid.hello_at
+    (_, m1, _), (_, m2, _) = observer.rounds
+    assert m1["secagg_sampled"] == 4 and m1["aggregate_members"] == 4
+    assert m2["secagg_pipelined"] == 1.0 and m2["aggregate_members"] == 4
+    assert _secagg_warnings(caplog) == []
