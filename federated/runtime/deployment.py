@@ -176,21 +176,6 @@ def _spawn(name: str, args: list[str], log_path: Path, env: dict[str, str]) -> M
     return ManagedProcess(name, _launcher.call(fork), log_path)
 
 
-def _wait_ready_line(proc: ManagedProcess, deadline: float, timeout: float) -> None:
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise DeploymentError(f"{proc.name} exited with code {proc.popen.returncode}; "
-                                  f"log {proc.log_path}:\n{proc.log_tail()}")
-        try:
-            if READY_LINE in proc.log_path.read_text(errors="replace"):
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise DeploymentError(f"{proc.name} not ready after {timeout:.0f} s; log {proc.log_path}:\n"
-                          f"{proc.log_tail()}")
-
-
 def _wait_port(proc: ManagedProcess, host: str, port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -308,8 +293,7 @@ class SuperLinkProcess:
 
 @dataclass
 class HospitalNodeProcess:
-    """One hospital's SuperNode and (fast mode) its warm executor, in one process
-    (`hosted_supernode`: `executor` and `supernode` are then the same process)."""
+    """One hospital's SuperNode and (fast mode) its warm executor."""
 
     name: str
     superlink: SuperLinkProcess
@@ -326,10 +310,7 @@ class HospitalNodeProcess:
         self.runtime_port = free_port()
         config_path = write_node_config(self.workdir / "node-config.toml", self.node_config)
         fast = self.settings.mode == "fast"
-        # fast: the SuperNode with its warm executor in one process, as the node daemon runs it
-        # (`hosted_supernode`: the SuperNode wakes its executor, no runtime-API polling)
-        launcher = "federated.runtime.hosted_supernode" if fast else "federated.runtime.supernode_main"
-        args = [sys.executable, "-m", launcher,
+        args = [sys.executable, "-m", "federated.runtime.supernode_main",
                 "--superlink", self.superlink.address,
                 "--host", "127.0.0.1", "--port", str(self.runtime_port),
                 "--node-config", str(config_path), "--isolation", "process" if fast else "subprocess"]
@@ -345,23 +326,21 @@ class HospitalNodeProcess:
             "EXCHANGE_SUPERNODE_IDLE_SLEEP": str(self.settings.supernode_idle_sleep),
             "EXCHANGE_SUPERNODE_IDLE_SLEEP_MAX": str(self.settings.supernode_idle_sleep_max),
             "EXCHANGE_SUPERNODE_HOT_S": str(self.settings.supernode_hot_s),
-            "EXCHANGE_EXECUTOR_POLL": str(self.settings.executor_poll),
-            "EXCHANGE_EXECUTOR_POLL_MAX": str(self.settings.executor_poll_max),
             "EXCHANGE_SUPERNODE_REPLY_SLEEP": str(self.settings.supernode_reply_sleep),
             "EXCHANGE_PULL_BACKOFF": str(self.settings.pull_backoff),
             "EXCHANGE_SUPERNODE_HEARTBEAT": str(self.settings.supernode_heartbeat),
         })
         self.supernode = _spawn(f"supernode-{self.name}", args, self.workdir / "supernode.log", env)
+        _wait_port(self.supernode, "127.0.0.1", self.runtime_port, timeout)
         if fast:
-            # its executor (a thread of it) imports torch before the SuperNode binds its runtime
-            # API: `wait_ready` waits for both, so that the hospitals start in parallel
-            self.executor = self.supernode
-        else:
-            _wait_port(self.supernode, "127.0.0.1", self.runtime_port, timeout)
+            exec_args = [sys.executable, "-m", "federated.runtime.executor", "--runtime-api-address",
+                         f"127.0.0.1:{self.runtime_port}", "--poll", str(self.settings.executor_poll),
+                         "--poll-max", str(self.settings.executor_poll_max),
+                         "--pull-backoff", str(self.settings.pull_backoff)]
+            self.executor = _spawn(f"executor-{self.name}", exec_args, self.workdir / "executor.log", env)
 
     def processes(self) -> list[ManagedProcess]:
-        """This hospital's processes (fast mode: one, the SuperNode hosting its executor)."""
-        return list({id(p): p for p in (self.executor, self.supernode) if p is not None}.values())
+        return [p for p in (self.executor, self.supernode) if p is not None]
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait until the executor has imported everything (torch, our ClientApp) and polls: a
@@ -369,9 +348,19 @@ class HospitalNodeProcess:
         if self.executor is None:
             return
         deadline = time.monotonic() + timeout
-        _wait_ready_line(self.executor, deadline, timeout)
-        if self.supernode is not None:
-            _wait_port(self.supernode, "127.0.0.1", self.runtime_port, max(1.0, deadline - time.monotonic()))
+        while time.monotonic() < deadline:
+            if not self.executor.alive():
+                proc = self.executor
+                raise DeploymentError(f"{proc.name} exited with code {proc.popen.returncode}; "
+                                      f"log {proc.log_path}:\n{proc.log_tail()}")
+            try:
+                if READY_LINE in self.executor.log_path.read_text(errors="replace"):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise DeploymentError(f"{self.executor.name} not ready after {timeout:.0f} s; log "
+                              f"{self.executor.log_path}:\n{self.executor.log_tail()}")
 
     def kill(self) -> None:
         """SIGKILL the SuperNode and the executor: a crashed hospital."""
