@@ -21,8 +21,9 @@ cleanly: the failed round's receipts (its contributors spent privacy) are report
 safetensors and its SHA-256 reported through `on_complete`. The coordinator provides the observer
 and appends audit entries from it.
 
-Polling: the grid is polled every `server_poll` seconds with the public `push_messages` /
-`pull_messages` API instead of `Grid.send_and_receive` (which sleeps 3 s between polls).
+Polling: the grid is polled every `server_poll` seconds (less often in a long exchange:
+`poll_interval`) with the public `push_messages` / `pull_messages` API instead of
+`Grid.send_and_receive` (which sleeps 3 s between polls).
 """
 
 from __future__ import annotations
@@ -174,6 +175,23 @@ class HospitalReply:
     eval_stats: list[float] = field(default_factory=list)
 
 
+#: an exchange polls `poll`, or this fraction of its time so far when that is longer ...
+POLL_ELAPSED_FRACTION = 0.03
+#: ... but never less often than this (seconds)
+POLL_MAX_S = 0.25
+
+
+def poll_interval(poll: float, elapsed: float) -> float:
+    """The sleep between two pulls of an exchange `elapsed` seconds old. Every pull is a request
+    the SuperLink pays for (docs/benchmarks/flower.md, "Polling"): a long exchange (ten hospitals
+    training on a busy machine) is polled less often, adding at most `POLL_ELAPSED_FRACTION` of
+    its duration (and at most `POLL_MAX_S`) to the time its last reply waits to be pulled. A
+    poll slower than `POLL_MAX_S` (plain mode's 3 s) is kept as it is."""
+    if poll >= POLL_MAX_S:
+        return poll
+    return min(max(poll, elapsed * POLL_ELAPSED_FRACTION), POLL_MAX_S)
+
+
 def exchange(grid: Grid, messages: Sequence[Message], *, timeout: float, poll: float,
              stop_event: threading.Event | None = None) -> PhaseResult:
     """Push `messages`, then poll for their replies until all came back or `timeout` passed."""
@@ -213,7 +231,7 @@ def exchange_many(grid: Grid, batches: Sequence[Sequence[Message]], *, timeout: 
             break
         if stop_event is not None and stop_event.is_set():
             break
-        time.sleep(poll)
+        time.sleep(poll_interval(poll, time.perf_counter() - started))
     wall = time.perf_counter() - started
     left: list[list[int]] = [[] for _ in batches]
     for b, node in pending.values():
@@ -460,10 +478,15 @@ def _wait_for_nodes(directory: NodeDirectory, spec: StudySpec, options: ServerOp
                     round_: int) -> dict[int, str]:
     """The nodes of approved hospitals (node -> hospital), once at least `min_hospitals` said hello
     (a hospital restarting mid-study gets `join_timeout_s` to come back). Returns as soon as every
-    approved hospital is there or no listed node still owes a hello; else after a short grace."""
+    approved hospital is there or no listed node still owes a hello; else after a grace: short in
+    later rounds, `join_timeout_s` in round 1. A listed node owes its hello only while it is
+    alive (a dead one is delisted after two heartbeat intervals), and on a busy machine ten
+    first hellos (each the run's first message at its node) can take longer than the short
+    grace: round 1 would start without those hospitals and, under SecAgg+, round 2 would need
+    its own key exchange for them (docs/secure-aggregation.md, "Pipelining")."""
     started = time.monotonic()
     deadline = started + spec.join_timeout_s
-    grace = min(spec.round_timeout_s, 10.0)
+    grace = spec.join_timeout_s if round_ == 1 else min(spec.round_timeout_s, 10.0)
     allowed = options.approved_hospitals
     while True:
         listed = directory.refresh()
@@ -553,7 +576,7 @@ def exchange_with_retry(directory: NodeDirectory, targets: Mapping[int, str], ki
             send(fresh)
         if time.monotonic() >= deadline:
             break
-        time.sleep(options.poll)
+        time.sleep(poll_interval(options.poll, time.perf_counter() - started))
     missing: list[int] = []
     missing_hospitals: list[str] = []
     for hospital, nodes in sent_to.items():

@@ -324,6 +324,8 @@ class HospitalNodeProcess:
         env.update({
             "EXCHANGE_FLOWER_MODE": self.settings.mode,
             "EXCHANGE_SUPERNODE_IDLE_SLEEP": str(self.settings.supernode_idle_sleep),
+            "EXCHANGE_SUPERNODE_IDLE_SLEEP_MAX": str(self.settings.supernode_idle_sleep_max),
+            "EXCHANGE_SUPERNODE_HOT_S": str(self.settings.supernode_hot_s),
             "EXCHANGE_SUPERNODE_REPLY_SLEEP": str(self.settings.supernode_reply_sleep),
             "EXCHANGE_PULL_BACKOFF": str(self.settings.pull_backoff),
             "EXCHANGE_SUPERNODE_HEARTBEAT": str(self.settings.supernode_heartbeat),
@@ -333,6 +335,7 @@ class HospitalNodeProcess:
         if fast:
             exec_args = [sys.executable, "-m", "federated.runtime.executor", "--runtime-api-address",
                          f"127.0.0.1:{self.runtime_port}", "--poll", str(self.settings.executor_poll),
+                         "--poll-max", str(self.settings.executor_poll_max),
                          "--pull-backoff", str(self.settings.pull_backoff)]
             self.executor = _spawn(f"executor-{self.name}", exec_args, self.workdir / "executor.log", env)
 

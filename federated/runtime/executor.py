@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 disable_phone_home()
 
 EXPECTED_CLIENTAPP_REF = "federated.client_app:app"
+#: with a wake-up Event (`hosted_supernode`), the executor still polls this often: if a wake-up
+#: were ever missed, the task waits at most this long
+WAKE_FALLBACK_S = 2.0
 log = logging.getLogger("federated.executor")
 
 
@@ -89,11 +92,22 @@ class WarmExecutor:
 
     def __init__(self, runtime_api_address: str, *, poll: float = 0.05, pull_backoff: float | None = 0.02,
                  expected_clientapp_ref: str = EXPECTED_CLIENTAPP_REF,
-                 node_config_file: Path | None = None, rewarm_every_s: float = 2.0) -> None:
+                 node_config_file: Path | None = None, rewarm_every_s: float = 2.0,
+                 poll_max: float | None = None, wake: threading.Event | None = None) -> None:
+        """`poll`: the sleep after an empty poll while tasks keep coming, growing to `poll_max`
+        when none came for a while (`flwr_internals.IdlePacer`; None: always `poll`). `wake`: set
+        by the SuperNode in this process when it stored a task (`hosted_supernode`); the
+        executor then waits on it instead of polling, and polls only every `WAKE_FALLBACK_S`
+        as a safety net."""
         if poll <= 0:
             raise ValueError(f"poll: must be > 0 seconds, got {poll!r}")
+        if poll_max is not None and poll_max < poll:
+            raise ValueError(f"poll_max: must be >= poll ({poll!r}), got {poll_max!r}")
         self.address = runtime_api_address
         self.poll = poll
+        self.pacer = flwr_internals.IdlePacer(poll, poll_max)
+        self.wake = wake
+        self.wake_fallback_s = WAKE_FALLBACK_S
         self.expected_ref = expected_clientapp_ref
         self.stats = ExecutorStats()
         self._stop = threading.Event()
@@ -109,6 +123,8 @@ class WarmExecutor:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.wake is not None:
+            self.wake.set()
 
     def run_task(self, token: str) -> None:
         """Run one ClientApp task (mirrors flwr's run_clientapp, minus process exit)."""
@@ -166,6 +182,8 @@ class WarmExecutor:
         tasks = flwr_internals.TaskQueue(self.address, "clientapp")
         try:
             while not self._stop.is_set():
+                if self.wake is not None:
+                    self.wake.clear()  # before the claim: a task stored after it sets it again
                 try:
                     claim = tasks.acquire()
                 except Exception as exc:
@@ -177,9 +195,13 @@ class WarmExecutor:
                         self.run_task(claim.token)
                     except Exception:  # one broken task (e.g. a failed push) must not end the executor
                         log.exception("task could not be completed")
+                    self.pacer.active()
                 else:
                     self._idle()
-                    self._stop.wait(self.poll)
+                    if self.wake is not None:
+                        self.wake.wait(self.wake_fallback_s)
+                    else:
+                        self._stop.wait(self.pacer.next_sleep())
         finally:
             tasks.close()
 
@@ -189,13 +211,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runtime-api-address", required=True,
                         help="the SuperNode's runtime API, host:port (loopback)")
     parser.add_argument("--poll", type=float, default=float(os.environ.get("EXCHANGE_EXECUTOR_POLL", "0.05")))
+    parser.add_argument("--poll-max", type=float,
+                        default=float(os.environ.get("EXCHANGE_EXECUTOR_POLL_MAX", "0.5")),
+                        help="the poll interval an idle executor grows to")
     parser.add_argument("--pull-backoff", type=float,
                         default=float(os.environ.get("EXCHANGE_PULL_BACKOFF", "0.02")))
     args = parser.parse_args(argv)
     limit_threads()  # before torch is imported (WarmExecutor)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
-    executor = WarmExecutor(args.runtime_api_address, poll=args.poll, pull_backoff=args.pull_backoff)
+    executor = WarmExecutor(args.runtime_api_address, poll=args.poll, pull_backoff=args.pull_backoff,
+                            poll_max=max(args.poll, args.poll_max))
     log.info("warm executor ready for %s", args.runtime_api_address)  # deployment.READY_LINE
     executor.serve()
 

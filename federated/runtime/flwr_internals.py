@@ -36,6 +36,7 @@ import functools
 import importlib
 import importlib.metadata
 import inspect
+import threading
 import time as _time
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -173,6 +174,9 @@ _LAYOUT: dict[str, tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]
     ),
     "patches": (
         ("flwr.supernode.start_client_internal", "pull_objects", ("initial_backoff", "backoff_cap"), ()),
+        ("flwr.supernode.start_client_internal", "_pull_and_store_message",
+         ("state", "object_store", "receive"), ()),
+        ("flwr.supernode.start_client_internal", "_push_messages", ("state", "object_store", "send"), ()),
         ("flwr.supernode.runtime.run_clientapp", "pull_and_inflate_object_from_tree",
          ("initial_backoff", "backoff_cap"), ()),
         ("flwr.superlink.grid.http_grid", "pull_objects", ("initial_backoff", "backoff_cap"), ()),
@@ -596,11 +600,52 @@ def flower_supernode_main() -> None:
 # -- speed patches (exact flwr version only) -------------------------------------------------------
 
 
-def _sleep_proxy(mapping: dict[float, float]) -> types.SimpleNamespace:
-    """A stand-in for a module's global `time` whose `sleep` maps known literal values."""
+class IdlePacer:
+    """How long a poller sleeps after a poll that found nothing: `fast` for `hot_s` seconds after
+    the last activity (a message arrived or a reply went out: a study's next message is likely
+    soon), then each sleep `growth` times the last, up to `slow`. So an idle poller costs a
+    fraction of the CPU (its own and the server's, per request) and the latency it adds to a
+    message is at most `slow`, and `fast` while a study's messages keep coming.
+    Thread-safe: the SuperNode's loop sleeps, its hook and executor thread mark activity."""
+
+    def __init__(self, fast: float, slow: float | None = None, hot_s: float = 2.0,
+                 growth: float = 1.5) -> None:
+        slow = fast if slow is None else slow
+        if not (0 < fast <= slow) or hot_s < 0 or growth < 1:
+            raise ValueError(f"pacer: need 0 < fast <= slow, hot_s >= 0, growth >= 1; got fast={fast!r}, "
+                             f"slow={slow!r}, hot_s={hot_s!r}, growth={growth!r}")
+        self.fast, self.slow, self.hot_s, self.growth = fast, slow, hot_s, growth
+        self._lock = threading.Lock()
+        self._active_at = _time.monotonic()
+        self._last = fast
+
+    def active(self) -> None:
+        """Something happened: poll fast again."""
+        with self._lock:
+            self._active_at, self._last = _time.monotonic(), self.fast
+
+    def next_sleep(self) -> float:
+        with self._lock:
+            if _time.monotonic() - self._active_at < self.hot_s:
+                self._last = self.fast
+            else:
+                self._last = min(self.slow, self._last * self.growth)
+            return self._last
+
+
+#: callbacks run in the SuperNode's loop each time it stored a message for its ClientApp
+_message_hooks: list[Callable[[], None]] = []
+#: the SuperNode's idle pacing (`patch_supernode_sleeps`), marked active by the loop's wrappers
+_supernode_pacers: list[IdlePacer] = []
+
+
+def _sleep_proxy(mapping: dict[float, float | Callable[[], float]]) -> types.SimpleNamespace:
+    """A stand-in for a module's global `time` whose `sleep` maps known literal values (to a
+    number, or to a function giving the next sleep)."""
 
     def sleep(seconds: float) -> None:
-        _time.sleep(mapping.get(seconds, seconds))
+        value = mapping.get(seconds, seconds)
+        _time.sleep(value() if callable(value) else value)
 
     proxy = types.SimpleNamespace(**{k: getattr(_time, k) for k in dir(_time) if not k.startswith("__")})
     proxy.sleep = sleep
@@ -608,13 +653,17 @@ def _sleep_proxy(mapping: dict[float, float]) -> types.SimpleNamespace:
     return proxy
 
 
-def patch_supernode_sleeps(idle_sleep: float, reply_sleep: float) -> None:
+def patch_supernode_sleeps(idle_sleep: float, reply_sleep: float, *, idle_sleep_max: float | None = None,
+                           hot_s: float = 2.0) -> None:
     """Shorten the SuperNode's hard-coded sleeps (must run in the SuperNode's own process).
 
     flwr 1.42 `supernode/start_client_internal.py` calls `time.sleep(3)` when a poll of the
     SuperLink finds no message and `time.sleep(0.5)` twice while waiting for the ClientApp's reply
     and its objects. We swap that module's global `time` for a proxy; flwr's source is untouched.
-    The default idle sleep is `RuntimeSettings.supernode_idle_sleep` (why: docs/benchmarks/flower.md).
+    The idle sleep is paced (`IdlePacer`): `idle_sleep` for `hot_s` after the node's last message
+    or reply, then growing to `idle_sleep_max` (None: always `idle_sleep`). Every poll costs the
+    SuperLink a request (a database transaction, its middleware): an idle consortium no longer
+    keeps it busy (defaults and numbers: `RuntimeSettings`, docs/benchmarks/flower.md).
     """
     check_flwr_version()
     import flwr.supernode.start_client_internal as sci
@@ -625,7 +674,58 @@ def patch_supernode_sleeps(idle_sleep: float, reply_sleep: float) -> None:
     _require(sci.time is _time, "start_client_internal no longer imports the `time` module")
     _require(source.count("time.sleep(3)") == 1, "start_client_internal: expected one time.sleep(3)")
     _require(source.count("time.sleep(0.5)") == 2, "start_client_internal: expected two time.sleep(0.5)")
-    sci.time = _sleep_proxy({3: idle_sleep, 0.5: reply_sleep})  # type: ignore[assignment]
+    pacer = IdlePacer(idle_sleep, idle_sleep_max, hot_s)
+    _supernode_pacers[:] = [pacer]
+    _patch_supernode_loop(sci)
+    sci.time = _sleep_proxy({3: pacer.next_sleep, 0.5: reply_sleep})  # type: ignore[assignment]
+
+
+def _patch_supernode_loop(sci: types.ModuleType) -> None:
+    """Wrap the SuperNode loop's two steps (module globals its `start_client_internal` calls by
+    name): after a message was stored for the ClientApp (its task created, its objects pulled)
+    run `_message_hooks`; after either step mark the pacer active."""
+    if getattr(sci._pull_and_store_message, _PATCHED_MARK, False):
+        return
+    _require("run_id = _pull_and_store_message(" in inspect.getsource(sci.start_client_internal)
+             and "_push_messages(" in inspect.getsource(sci.start_client_internal),
+             "start_client_internal no longer calls _pull_and_store_message and _push_messages")
+    pull, push = sci._pull_and_store_message, sci._push_messages
+
+    @functools.wraps(pull)
+    def pull_and_store(*args: Any, **kwargs: Any) -> Any:
+        run_id = pull(*args, **kwargs)
+        if run_id is not None:
+            for pacer in _supernode_pacers:
+                pacer.active()
+            for hook in list(_message_hooks):
+                hook()
+        return run_id
+
+    @functools.wraps(push)
+    def push_messages(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return push(*args, **kwargs)
+        finally:
+            for pacer in _supernode_pacers:  # the reply is out: the next message may come soon
+                pacer.active()
+
+    for wrapped in (pull_and_store, push_messages):
+        setattr(wrapped, _PATCHED_MARK, True)
+    setattr(sci, "_pull_and_store_message", pull_and_store)  # noqa: B010 (module globals of flwr's)
+    setattr(sci, "_push_messages", push_messages)  # noqa: B010
+
+
+def on_supernode_message(callback: Callable[[], None]) -> None:
+    """Call `callback` (in the SuperNode's loop, so it must be quick: set an Event) whenever this
+    process's SuperNode has stored a message for its ClientApp: its task is ready to claim.
+    `hosted_supernode` wakes its executor thread with it instead of the executor polling the
+    runtime API. Must run in the SuperNode's own process, before its loop starts."""
+    check_flwr_version()
+    check_layout("patches")
+    import flwr.supernode.start_client_internal as sci
+
+    _patch_supernode_loop(sci)
+    _message_hooks.append(callback)
 
 
 def patch_supernode_heartbeat(interval: float) -> None:

@@ -18,6 +18,12 @@ consent contracts) and the executor thread started BEFORE the SuperNode connects
 SuperLink, so a run's first message waits for none of it; the ready line
 (`deployment.READY_LINE`) is logged then.
 
+In fast mode the executor does not poll the runtime API: the SuperNode's loop sets an Event
+when it has stored a message and its task (`flwr_internals.on_supernode_message`), and the
+executor thread claims the task at once (a poll every `executor_poll_max` stays as a safety
+net). Polling cost the SuperNode and the executor a request every 0.05 s each, idle or not
+(docs/benchmarks/flower.md, "Polling").
+
 The allocator and thread-pool settings every hospital process gets are in `process_limits`.
 """
 
@@ -34,7 +40,7 @@ from federated.runtime import flwr_internals
 from federated.runtime.executor import WarmExecutor, prewarm
 from federated.runtime.process_limits import limit_threads
 from federated.runtime.settings import disable_phone_home
-from federated.runtime.supernode_main import settings_from_env
+from federated.runtime.supernode_main import apply_supernode_patches, settings_from_env
 
 log = logging.getLogger("federated.executor")
 
@@ -74,16 +80,16 @@ def main(argv: list[str] | None = None) -> None:
     _configure_logging()
     settings = settings_from_env()
     pull_backoff = float(os.environ.get("EXCHANGE_PULL_BACKOFF", settings.pull_backoff))
-    poll = float(os.environ.get("EXCHANGE_EXECUTOR_POLL", "0.05"))
-    executor = WarmExecutor(address, poll=poll, pull_backoff=pull_backoff, node_config_file=node_config)
+    wake = threading.Event() if settings.mode == "fast" else None
+    executor = WarmExecutor(address, poll=settings.executor_poll, pull_backoff=pull_backoff,
+                            node_config_file=node_config, poll_max=settings.executor_poll_max, wake=wake)
     for problem in prewarm(node_config):
         log.warning("prewarm: %s (the first round loads it instead)", problem)
     threading.Thread(target=executor.serve, name="warm-executor", daemon=True).start()
     log.info("warm executor ready for %s", address)  # deployment.READY_LINE
-    if settings.mode == "fast":
-        flwr_internals.patch_supernode_sleeps(settings.supernode_idle_sleep, settings.supernode_reply_sleep)
-        flwr_internals.patch_supernode_pull_backoff(settings.pull_backoff)
-        flwr_internals.patch_supernode_heartbeat(settings.supernode_heartbeat)
+    if wake is not None:
+        apply_supernode_patches(settings)
+        flwr_internals.on_supernode_message(wake.set)
     sys.argv = ["flower-supernode", *args]
     flwr_internals.flower_supernode_main()
 

@@ -31,14 +31,22 @@ class RuntimeSettings:
     """Knobs of the Flower deployment; every default works on one machine."""
 
     mode: RuntimeMode = "fast"
-    #: SuperNode sleep when a poll finds no message (flwr: 3 s; why ours: docs/benchmarks/flower.md).
+    #: SuperNode sleep when a poll finds no message (flwr: 3 s; why ours: docs/benchmarks/flower.md),
+    #: while the node's messages keep coming: for `supernode_hot_s` after its last message or reply.
     supernode_idle_sleep: float = 0.1
+    #: ... then each empty poll sleeps 1.5x longer, up to this: the most an idle node adds to a
+    #: message's latency; every poll costs the SuperLink a request (docs/benchmarks/flower.md, "Polling").
+    supernode_idle_sleep_max: float = 0.5
+    supernode_hot_s: float = 2.0
     #: SuperNode sleep while waiting for the ClientApp's reply (flwr: 0.5 s).
     supernode_reply_sleep: float = 0.02
     #: Initial back-off when an object is not stored yet (flwr: 1 s).
     pull_backoff: float = 0.02
-    #: Executor poll of the SuperNode's runtime API for new ClientApp tasks.
+    #: Executor poll of the SuperNode's runtime API for new ClientApp tasks (a separate executor
+    #: process; in `hosted_supernode` the SuperNode wakes its executor thread instead), growing to
+    #: `executor_poll_max` when no task came for a while.
     executor_poll: float = 0.05
+    executor_poll_max: float = 0.5
     #: ServerApp poll for replies (flwr's HttpGrid.send_and_receive: 3 s).
     server_poll: float = 0.05
     #: Heartbeat interval the SuperNode declares (flwr: 30 s; the SuperLink accepts >= 10). A dead
@@ -48,11 +56,19 @@ class RuntimeSettings:
     def __post_init__(self) -> None:
         if self.mode not in ("fast", "plain"):
             raise ValueError(f"mode: must be 'fast' or 'plain', got {self.mode!r}")
-        for name in ("supernode_idle_sleep", "supernode_reply_sleep", "pull_backoff", "executor_poll",
-                     "server_poll"):
+        for name in ("supernode_idle_sleep", "supernode_idle_sleep_max", "supernode_reply_sleep",
+                     "pull_backoff", "executor_poll", "executor_poll_max", "server_poll"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and 0 < value <= 60):
                 raise ValueError(f"{name}: must be a number of seconds in (0, 60], got {value!r}")
+        for fast, slow in (("supernode_idle_sleep", "supernode_idle_sleep_max"),
+                           ("executor_poll", "executor_poll_max")):
+            if getattr(self, slow) < getattr(self, fast):
+                raise ValueError(f"{slow}: must be >= {fast} ({getattr(self, fast)!r}), "
+                                 f"got {getattr(self, slow)!r}")
+        if not (isinstance(self.supernode_hot_s, int | float) and 0 <= self.supernode_hot_s <= 600):
+            raise ValueError("supernode_hot_s: must be a number of seconds in [0, 600], "
+                             f"got {self.supernode_hot_s!r}")
         beat = self.supernode_heartbeat
         if not (isinstance(beat, int | float) and 10 <= beat <= 1800):
             raise ValueError("supernode_heartbeat: must be a number of seconds in [10, 1800] (the "

@@ -4,8 +4,9 @@ Takes exactly `flower-supernode`'s arguments. Before handing over to flwr's own 
 turns telemetry and update checks off and, unless ``EXCHANGE_FLOWER_MODE=plain``, applies the
 sleep and back-off patches of `flwr_internals` (which fail loudly if flwr's layout changed).
 Values come from the environment so the launcher needs no argument parsing of its own:
-``EXCHANGE_SUPERNODE_IDLE_SLEEP``, ``EXCHANGE_SUPERNODE_REPLY_SLEEP``, ``EXCHANGE_PULL_BACKOFF``,
-``EXCHANGE_SUPERNODE_HEARTBEAT``.
+``EXCHANGE_SUPERNODE_IDLE_SLEEP``, ``EXCHANGE_SUPERNODE_IDLE_SLEEP_MAX``, ``EXCHANGE_SUPERNODE_HOT_S``,
+``EXCHANGE_SUPERNODE_REPLY_SLEEP``, ``EXCHANGE_PULL_BACKOFF``, ``EXCHANGE_SUPERNODE_HEARTBEAT``,
+``EXCHANGE_EXECUTOR_POLL``, ``EXCHANGE_EXECUTOR_POLL_MAX``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ def settings_from_env() -> RuntimeSettings:
         mode=mode,  # type: ignore[arg-type]  # validated in __post_init__
         supernode_idle_sleep=float(os.environ.get("EXCHANGE_SUPERNODE_IDLE_SLEEP",
                                                   default.supernode_idle_sleep)),
+        supernode_idle_sleep_max=float(os.environ.get("EXCHANGE_SUPERNODE_IDLE_SLEEP_MAX",
+                                                      default.supernode_idle_sleep_max)),
+        supernode_hot_s=float(os.environ.get("EXCHANGE_SUPERNODE_HOT_S", default.supernode_hot_s)),
+        executor_poll=float(os.environ.get("EXCHANGE_EXECUTOR_POLL", default.executor_poll)),
+        executor_poll_max=float(os.environ.get("EXCHANGE_EXECUTOR_POLL_MAX", default.executor_poll_max)),
         supernode_reply_sleep=float(os.environ.get("EXCHANGE_SUPERNODE_REPLY_SLEEP",
                                                    default.supernode_reply_sleep)),
         pull_backoff=float(os.environ.get("EXCHANGE_PULL_BACKOFF", default.pull_backoff)),
@@ -33,14 +39,23 @@ def settings_from_env() -> RuntimeSettings:
     )
 
 
+def apply_supernode_patches(settings: RuntimeSettings) -> None:
+    """The fast mode's SuperNode patches (this process must be the SuperNode's)."""
+    flwr_internals.patch_supernode_sleeps(settings.supernode_idle_sleep, settings.supernode_reply_sleep,
+                                          idle_sleep_max=settings.supernode_idle_sleep_max,
+                                          hot_s=settings.supernode_hot_s)
+    flwr_internals.patch_supernode_pull_backoff(settings.pull_backoff)
+    flwr_internals.patch_supernode_heartbeat(settings.supernode_heartbeat)
+
+
 def main() -> None:
     disable_phone_home()
     settings = settings_from_env()
     if settings.mode == "fast":
-        flwr_internals.patch_supernode_sleeps(settings.supernode_idle_sleep, settings.supernode_reply_sleep)
-        flwr_internals.patch_supernode_pull_backoff(settings.pull_backoff)
-        flwr_internals.patch_supernode_heartbeat(settings.supernode_heartbeat)
-        print(f"[exchange] supernode patches: idle sleep {settings.supernode_idle_sleep} s, reply sleep "
+        apply_supernode_patches(settings)
+        print(f"[exchange] supernode patches: idle sleep {settings.supernode_idle_sleep} s (up to "
+              f"{settings.supernode_idle_sleep_max} s after {settings.supernode_hot_s} s without a "
+              "message), reply sleep "
               f"{settings.supernode_reply_sleep} s, pull back-off {settings.pull_backoff} s, heartbeat "
               f"{settings.supernode_heartbeat} s", file=sys.stderr, flush=True)
     sys.argv[0] = "flower-supernode"

@@ -121,6 +121,8 @@ class SecAggRound:
     metrics: dict[str, float] = field(default_factory=dict)
     #: the next round's key exchange, when it ran during this round (pipelining)
     next: KeyExchange | None = None
+    #: why `next` is None, or whom it lacks (logged; None: complete, or no pipelining asked)
+    next_note: str | None = None
 
 
 @dataclass
@@ -212,36 +214,51 @@ class SecAggDriver:
         it is for this round and these hospitals); `pipeline`: run the next round's key exchange
         inside this round's collect and unmask exchanges (`SecAggRound.next`)."""
         hospital_of = dict(targets)
-        params = SecAggParams.for_round(len(targets), min_members=self.min_members)
-        if prepared is not None and (
-            prepared.round != round_
-            or prepared.hospital_of != hospital_of
-            or prepared.shared != set(hospital_of)
-        ):
-            # another round, other hospitals, or one lost in the pipelined exchange: a fresh one,
-            # so a hospital whose reply went wrong once is not kept out of a whole round for it
-            prepared = None
+        if prepared is not None:
+            problem = self._prepared_problem(prepared, round_, hospital_of)
+            if problem:
+                # a fresh key exchange, so a hospital whose pipelined reply went wrong once (or a
+                # newcomer) is not kept out of a whole round for it
+                log.warning("secagg round %d: the key exchange prepared during round %d is not used: "
+                            "%s; this round runs its own", round_, round_ - 1, problem)
+                prepared = None
         if prepared is None:
+            params = SecAggParams.for_round(len(targets), min_members=self.min_members)
             keys = self._key_exchange(hospital_of, params, round_)
             if isinstance(keys, SecAggRound):
                 return keys
         else:
-            keys = prepared
+            keys, params = prepared, prepared.params
+            # a hospital of the prepared exchange that is not connected now is this round's
+            # dropout after sharing: its masks come off with its shares (protocol rule)
+            absent = sorted(set(prepared.hospital_of) - set(hospital_of))
+            if absent:
+                # not asked to train and their shares not forwarded: no member masks with them,
+                # as for a hospital lost before the collect stage
+                log.warning("secagg round %d: %s of the prepared key exchange not connected now: left "
+                            "out of this round", round_, _names(prepared.hospital_of, absent))
+            hospital_of = dict(prepared.hospital_of)
         timings = dict(keys.timings)
         timings["secagg_pipelined"] = 1.0 if prepared is not None else 0.0
-        sampled, neighbours, shared = keys.sampled, keys.neighbours, keys.shared
+        sampled, neighbours = keys.sampled, keys.neighbours
+        shared = keys.shared & set(targets)  # the hospitals asked to train
 
         def lost(nodes: set[int]) -> list[str]:
             return sorted(hospital_of[n] for n in set(sampled) - nodes)
 
         # the next round's key exchange rides along (its own slot at each hospital)
         next_hospitals = {n: hospital_of[n] for n in shared} if pipeline else {}
+        #: why round r + 1 gets no prepared key exchange (logged when this round ends)
+        next_missing: str | None = None
         next_params = None
+        if pipeline and len(next_hospitals) < MIN_HOSPITALS:
+            next_missing = (f"only {len(next_hospitals)} hospital(s) completed this round's key exchange, "
+                            f"SecAgg+ needs {MIN_HOSPITALS}")
         if len(next_hospitals) >= MIN_HOSPITALS:
             try:
                 next_params = SecAggParams.for_round(len(next_hospitals), min_members=self.min_members)
-            except SecAggParamsError:
-                next_params = None
+            except SecAggParamsError as exc:
+                next_params, next_missing = None, str(exc)
         next_sampled = sorted(next_hospitals)
         next_neighbours = self._neighbours(next_sampled, next_params.share_num) if next_params else {}
 
@@ -291,8 +308,12 @@ class SecAggDriver:
             members.append(answer)
         timings["secagg_collect_s"] = time.perf_counter() - t0
         next_keys: dict[int, tuple[bytes, bytes]] = {}
+        #: hospital -> why it is not in the next round's prepared key exchange
+        next_left: dict[str, str] = {}
         if next_params is not None:
-            next_keys = self._read_setup(_pipelined(collect), next_hospitals)
+            next_keys = self._read_setup(_pipelined(collect), next_hospitals, pipelined=round_ + 1)
+            for node in sorted(set(next_hospitals) - set(next_keys)):
+                next_left[hospital_of[node]] = f"setup: {self._why_no_pipelined(node, collect)}"
         result = SecAggRound(params, collect, decoded, members, lost=lost(shared), metrics=timings)
         if len(members) < self.min_members:
             # the caller reports this as a round with too few contributors (its usual reason)
@@ -326,11 +347,20 @@ class SecAggDriver:
             contents[node] = RecordDict({CONFIGS_KEY: record})
         # round r + 1's share-keys stage rides in the unmask messages: every hospital of round
         # r + 1 must be a member here (a non-member gets no unmask message): else no pipelining
-        next_ok = (
-            next_params is not None
-            and set(next_keys) <= member_nodes
-            and self._keys_usable(next_keys, next_params, next_sampled, next_neighbours, next_hospitals)
-        )
+        next_ok = False
+        if next_params is not None:
+            outside = sorted(set(next_keys) - member_nodes)
+            unusable = self._keys_usable(
+                next_keys, next_params, next_sampled, next_neighbours, next_hospitals
+            )
+            if outside:
+                next_missing = (f"{_names(hospital_of, outside)} sent keys for round {round_ + 1} but "
+                                f"{'is' if len(outside) == 1 else 'are'} not aggregated in round {round_}, "
+                                "so no unmask message carries their share-keys stage")
+            elif unusable:
+                next_missing = unusable
+            else:
+                next_ok = True
         if next_ok:
             for node, share in self._share_contents(next_keys, next_neighbours).items():
                 contents[node][NEXT_KEY] = _riding(share, round_ + 1)
@@ -366,16 +396,21 @@ class SecAggDriver:
         timings["secagg_unmask_s"] = time.perf_counter() - t0
         if next_ok and next_params is not None:
             forward, next_shared = self._read_shares(
-                _pipelined(phase), next_keys, next_neighbours, next_hospitals
+                _pipelined(phase), next_keys, next_neighbours, next_hospitals, pipelined=round_ + 1
             )
-            if not self._below_threshold(
+            for node in sorted(set(next_keys) - next_shared):
+                next_left[hospital_of[node]] = f"share keys: {self._why_no_pipelined(node, phase)}"
+            below = self._below_threshold(
                 next_params,
                 next_sampled,
                 next_shared,
                 neighbours=next_neighbours,
                 hospital_of=next_hospitals,
                 stage=SHARE_KEYS,
-            ):
+            )
+            if below:
+                next_missing = below
+            else:
                 result.next = KeyExchange(
                     round_ + 1,
                     next_hospitals,
@@ -387,7 +422,71 @@ class SecAggDriver:
                     forward,
                     {},
                 )
+        if pipeline:
+            self._report_pipelining(round_, result, next_missing, next_left)
         return result
+
+    @staticmethod
+    def _report_pipelining(
+        round_: int, result: SecAggRound, missing: str | None, left: Mapping[str, str]
+    ) -> None:
+        """Say why round r + 1 will run its own key exchange, or whom its prepared one lacks (a
+        prepared exchange without a connected hospital is not used: `_prepared_problem`)."""
+        why = "; ".join(f"{h}: {reason}" for h, reason in sorted(left.items()))
+        result.next_note = None
+        if result.next is None:
+            reason = missing or why or (result.failure or "the round stopped before its unmask stage")
+            if missing and why:
+                reason = f"{missing} ({why})"
+            result.next_note = (f"no key exchange prepared for round {round_ + 1}: {reason}; round "
+                                f"{round_ + 1} runs its own")
+        elif left:
+            result.next_note = (f"the key exchange prepared for round {round_ + 1} lacks {why}; round "
+                                f"{round_ + 1} uses it only if {'it is' if len(left) == 1 else 'they are'} "
+                                "no longer connected then")
+        if result.next_note:
+            log.warning("secagg round %d: %s", round_, result.next_note)
+
+    def _why_no_pipelined(self, node: int, phase: PhaseResult) -> str:
+        """Why `node`'s reply in `phase` carried no usable pipelined stage."""
+        reply = phase.replies.get(node)
+        if reply is None:
+            return f"no reply within the stage's {self.timeout:g} s" if node in phase.missing else "not asked"
+        if reply.has_error():
+            return f"its reply is Flower's error {reply.error.code}: {reply.error.reason}"
+        record = reply.content.config_records.get(NEXT_KEY)
+        if record is None:
+            return "its reply carries no pipelined stage"
+        if NEXT_ERROR in record:
+            return f"the pipelined stage failed at the hospital: {record[NEXT_ERROR]!r}"
+        return "its pipelined reply is malformed (the warning above says how)"
+
+    @staticmethod
+    def _prepared_problem(prepared: KeyExchange, round_: int, hospital_of: Mapping[int, str]) -> str | None:
+        """Why the key exchange prepared during the previous round cannot serve this round (None:
+        it can). Connected hospitals that are not in it would be left out of a whole round;
+        hospitals of it that are no longer connected are left out (as if lost before the collect
+        stage) while every one left keeps its threshold of neighbours."""
+        if prepared.round != round_:
+            return f"it is for round {prepared.round}"
+        new = sorted(n for n, h in hospital_of.items() if prepared.hospital_of.get(n) != h)
+        if new:
+            return (f"{_names(hospital_of, new)} connected after it was made (a new node id or a new "
+                    "hospital)")
+        incomplete = sorted(set(hospital_of) - prepared.shared)
+        if incomplete:
+            return (f"{_names(hospital_of, incomplete)} did not complete it (the warning of round "
+                    f"{round_ - 1})")
+        present = prepared.shared & set(hospital_of)
+        return SecAggDriver._below_threshold(
+            prepared.params,
+            prepared.sampled,
+            present,
+            neighbours=prepared.neighbours,
+            hospital_of=prepared.hospital_of,
+            stage=COLLECT,
+            among=present,
+        )
 
     # -- stages 1 and 2 ---------------------------------------------------------------------------
     def _exchange_many(
@@ -461,8 +560,15 @@ class SecAggDriver:
         return {n: RecordDict({CONFIGS_KEY: ConfigRecord(dict(setup))}) for n in sampled}
 
     def _read_setup(
-        self, replies: Mapping[int, Message | ConfigRecord], hospital_of: Mapping[int, str]
+        self,
+        replies: Mapping[int, Message | ConfigRecord],
+        hospital_of: Mapping[int, str],
+        *,
+        pipelined: int | None = None,
     ) -> dict[int, tuple[bytes, bytes]]:
+        """The public keys of the setup replies; `pipelined`: the round whose setup rode in
+        this round's messages (named in the log)."""
+        stage = SETUP if pipelined is None else f"{SETUP} (round {pipelined}, pipelined)"
         public_keys: dict[int, tuple[bytes, bytes]] = {}
         for node, reply in replies.items():
             try:
@@ -474,7 +580,7 @@ class SecAggDriver:
                 self.crypto.bytes_to_public_key(pk2)
                 public_keys[node] = (pk1, pk2)
             except ValueError as exc:
-                self._drop(hospital_of, node, SETUP, exc)
+                self._drop(hospital_of, node, stage, exc)
         return public_keys
 
     def _keys_usable(
@@ -484,13 +590,13 @@ class SecAggDriver:
         sampled: Sequence[int],
         neighbours: Mapping[int, set[int]],
         hospital_of: Mapping[int, str],
-    ) -> bool:
-        """A pipelined setup that cannot go on (a repeated key, too few keys) is dropped quietly:
-        the next round then runs its own key exchange."""
+    ) -> str | None:
+        """Why a pipelined setup cannot go on (a repeated key, too few keys), or None: the next
+        round then runs its own key exchange, and the reason is logged (`_report_pipelining`)."""
         seen = [k for pair in public_keys.values() for k in pair]
         if len(set(seen)) != len(seen):
-            return False
-        return not self._below_threshold(
+            return "two hospitals sent the same public key in its setup stage"
+        return self._below_threshold(
             params, sampled, set(public_keys), neighbours=neighbours, hospital_of=hospital_of, stage=SETUP
         )
 
@@ -513,7 +619,10 @@ class SecAggDriver:
         public_keys: Mapping[int, tuple[bytes, bytes]],
         neighbours: Mapping[int, set[int]],
         hospital_of: Mapping[int, str],
+        *,
+        pipelined: int | None = None,
     ) -> tuple[dict[int, list[tuple[int, bytes]]], set[int]]:
+        stage = SHARE_KEYS if pipelined is None else f"{SHARE_KEYS} (round {pipelined}, pipelined)"
         forward: dict[int, list[tuple[int, bytes]]] = {n: [] for n in public_keys}
         shared: set[int] = set()
         for node, reply in replies.items():
@@ -525,7 +634,7 @@ class SecAggDriver:
                 if len(dsts) != len(ciphertexts) or set(dsts) != expected or len(set(dsts)) != len(dsts):
                     raise ValueError(f"shares: expected one ciphertext for each of {sorted(expected)}")
             except ValueError as exc:
-                self._drop(hospital_of, node, SHARE_KEYS, exc)
+                self._drop(hospital_of, node, stage, exc)
                 continue
             shared.add(node)
             for dst, ciphertext in zip(dsts, ciphertexts, strict=True):
@@ -696,6 +805,11 @@ class SecAggDriver:
         if not np.all(np.isfinite(new)):
             raise SecAggRoundError("the aggregate holds NaN or infinite values")
         return new.astype(np.float32)
+
+
+def _names(hospital_of: Mapping[int, str], nodes: Sequence[int]) -> str:
+    """`hospital x (node n), ...` for a log line."""
+    return ", ".join(f"hospital {hospital_of.get(n, '?')} (node {n})" for n in nodes)
 
 
 def member_weight(reply: HospitalReply) -> int:

@@ -194,13 +194,17 @@ def restore_flwr_modules() -> Any:
 
     saved = [(sci, "time", sci.time), (sci, "pull_objects", sci.pull_objects),
              (hg, "pull_objects", hg.pull_objects),
-             (rc, "pull_and_inflate_object_from_tree", rc.pull_and_inflate_object_from_tree)]
+             (rc, "pull_and_inflate_object_from_tree", rc.pull_and_inflate_object_from_tree),
+             (sci, "_pull_and_store_message", sci._pull_and_store_message),
+             (sci, "_push_messages", sci._push_messages)]
+    hooks, pacers = list(flwr_internals._message_hooks), list(flwr_internals._supernode_pacers)
     sci.time = time
     sci.pull_objects = hg.pull_objects = inflatable_utils.pull_objects
     rc.pull_and_inflate_object_from_tree = inflatable_utils.pull_and_inflate_object_from_tree
     yield sci
     for module, name, value in saved:
         setattr(module, name, value)
+    flwr_internals._message_hooks[:], flwr_internals._supernode_pacers[:] = hooks, pacers
 
 
 def test_supernode_sleeps_are_mapped(restore_flwr_modules: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,6 +223,56 @@ def test_supernode_sleeps_are_mapped(restore_flwr_modules: Any, monkeypatch: pyt
     proxy = sci.time
     flwr_internals.patch_supernode_sleeps(idle_sleep=1.0, reply_sleep=1.0)
     assert sci.time is proxy
+
+
+def test_idle_pacer_polls_fast_while_hot_then_backs_off_to_its_cap() -> None:
+    hot = flwr_internals.IdlePacer(0.1, 0.5, hot_s=60.0)
+    assert [hot.next_sleep() for _ in range(5)] == [0.1] * 5  # a study's messages keep coming
+    cold = flwr_internals.IdlePacer(0.1, 0.5, hot_s=0.0, growth=2.0)
+    assert [round(cold.next_sleep(), 6) for _ in range(5)] == [0.2, 0.4, 0.5, 0.5, 0.5]
+    cold.active()  # a message: fast again (and, hot_s being 0, growing again from there)
+    assert round(cold.next_sleep(), 6) == 0.2
+    assert flwr_internals.IdlePacer(0.1).next_sleep() == 0.1  # no cap given: never slower
+    with pytest.raises(ValueError, match="fast <= slow"):
+        flwr_internals.IdlePacer(0.5, 0.1)
+
+
+def test_supernode_loop_wakes_the_hooks_after_a_stored_message_and_paces_idle_polls(
+        restore_flwr_modules: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SuperNode's idle sleep backs off when no message came for `hot_s`; a stored message
+    (its task ready) runs the hooks (`hosted_supernode` wakes its executor) and makes the
+    polls fast again, as does a reply pushed."""
+    sci = restore_flwr_modules
+    found: list[int | None] = [None]
+    pushed: list[int] = []
+
+    def pull_and_store(state: Any, object_store: Any, receive: Any, **kwargs: Any) -> int | None:
+        return found[0]
+
+    def push(state: Any, object_store: Any, send: Any, **kwargs: Any) -> None:
+        pushed.append(1)
+
+    monkeypatch.setattr(sci, "_pull_and_store_message", pull_and_store)  # flwr's, minus its work
+    monkeypatch.setattr(sci, "_push_messages", push)
+    slept: list[float] = []
+    monkeypatch.setattr(flwr_internals._time, "sleep", slept.append)
+    flwr_internals.patch_supernode_sleeps(idle_sleep=0.1, reply_sleep=0.02, idle_sleep_max=0.4, hot_s=0.0)
+    woken: list[int] = []
+    flwr_internals.on_supernode_message(lambda: woken.append(1))
+    assert sci._pull_and_store_message(None, None, None) is None and woken == []
+    for _ in range(4):
+        sci.time.sleep(3)
+    assert [round(s, 6) for s in slept] == [0.15, 0.225, 0.3375, 0.4]
+    found[0] = 7
+    assert sci._pull_and_store_message(None, None, None) == 7 and woken == [1]
+    slept.clear()
+    sci.time.sleep(3)
+    assert [round(s, 6) for s in slept] == [0.15]  # after the message: from the fast end again
+    sci.time.sleep(3)
+    sci._push_messages(None, None, None)
+    slept.clear()
+    sci.time.sleep(3)
+    assert pushed == [1] and [round(s, 6) for s in slept] == [0.15]
 
 
 def test_supernode_heartbeat_is_shortened_within_the_superlinks_range(

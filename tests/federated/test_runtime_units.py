@@ -24,7 +24,9 @@ from federated.study_spec import StudySpec, StudySpecError
 
 
 @pytest.mark.parametrize(("field", "value"), [("mode", "turbo"), ("server_poll", 0), ("pull_backoff", -1),
-                                              ("supernode_idle_sleep", 600), ("supernode_heartbeat", 5)])
+                                              ("supernode_idle_sleep", 600), ("supernode_heartbeat", 5),
+                                              ("supernode_idle_sleep_max", 0.05), ("executor_poll_max", 0.01),
+                                              ("supernode_hot_s", -1)])
 def test_bad_settings_are_refused_by_name(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"^{field}"):
         RuntimeSettings(**{field: value})
@@ -242,3 +244,64 @@ def test_site_files_are_reread_when_replaced(tmp_path: Path) -> None:
     os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime, same size
     replacement.replace(approvals)
     assert site.approved_studies() == {"s-2"}
+
+
+def test_a_woken_executor_claims_at_once_and_does_not_poll_while_idle(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a wake-up Event (`hosted_supernode`: the SuperNode sets it when it stored a task), an
+    idle executor makes one claim attempt per `WAKE_FALLBACK_S`, not one per poll interval, and
+    a task is claimed as soon as the Event is set."""
+    import threading
+    import time
+
+    from federated.runtime import executor as executor_module
+
+    claims: list[float] = []
+    pending: list[flwr_internals.TaskClaim] = []
+
+    class Queue:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def acquire(self) -> flwr_internals.TaskClaim | None:
+            claims.append(time.monotonic())
+            return pending.pop() if pending else None
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(flwr_internals, "TaskQueue", Queue)
+    monkeypatch.setattr(flwr_internals, "load_client_app", lambda ref: None)
+    ran: list[float] = []
+    wake = threading.Event()
+    executor = executor_module.WarmExecutor("127.0.0.1:1", poll=0.01, pull_backoff=None, wake=wake)
+    monkeypatch.setattr(executor, "run_task", lambda token: ran.append(time.monotonic()))
+    thread = threading.Thread(target=executor.serve, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        assert len(claims) == 1  # polling every 0.01 s would have made ~50
+        pending.append(flwr_internals.TaskClaim("token", 1))
+        woken_at = time.monotonic()
+        wake.set()
+        deadline = time.monotonic() + 5
+        while not ran and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ran and ran[0] - woken_at < 1.0 < executor_module.WAKE_FALLBACK_S
+    finally:
+        executor.stop()
+        thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_a_long_exchange_is_polled_less_often_within_a_bounded_delay() -> None:
+    """The ServerApp polls every `poll` early in an exchange, then a small fraction of the time
+    so far (a reply waits at most that much longer), never less often than `POLL_MAX_S`; plain
+    mode's 3 s poll is left alone."""
+    from federated.server_app import POLL_ELAPSED_FRACTION, POLL_MAX_S, poll_interval
+
+    assert poll_interval(0.05, 0.2) == 0.05
+    assert poll_interval(0.05, 5.0) == pytest.approx(5.0 * POLL_ELAPSED_FRACTION)
+    assert poll_interval(0.05, 5.0) <= 0.05 * 5.0  # at most a few percent of the exchange
+    assert poll_interval(0.05, 600.0) == POLL_MAX_S
+    assert poll_interval(3.0, 600.0) == 3.0

@@ -491,9 +491,8 @@ def test_a_malformed_pipelined_key_exchange_falls_back_to_a_fresh_one(
     assert m2["secagg_pipelined"] == 0.0  # the pipelined exchange lacked node 1: not used
     assert {r.hospital for r in receipts2} == {f"hospital:{h}" for h in four}
     np.testing.assert_allclose(_globals(grid)[2], updates.fedavg(1, set(four)), atol=ATOL)
-    assert any(
-        "secagg setup: hospital hospital-a (node 1) left out" in r.getMessage() for r in caplog.records
-    )
+    left_out = "secagg setup (round 2, pipelined): hospital hospital-a (node 1) left out"
+    assert any(left_out in r.getMessage() for r in caplog.records)
 
 
 def _stage_of_reply(reply: Message) -> str | None:
@@ -588,3 +587,157 @@ def test_hospitals_lost_in_the_key_exchange_stop_the_round_with_the_protocols_re
     )
     ((_, metrics, receipts),) = observer.rounds
     assert metrics["round_failed"] == 1.0 and receipts == []
+
+
+# -- pipelining: every miss says why -------------------------------------------------------------
+
+
+def _secagg_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "federated.secagg" and r.levelname == "WARNING"]
+
+
+def test_a_healthy_study_pipelines_every_round_after_the_first(
+    three: dict[str, DemoSite], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing goes wrong: rounds 2, 3 and 4 each use the key exchange made during the round
+    before (no setup stage of their own), and the driver has nothing to warn about."""
+    spec = demo_spec("sa-pipe4", rounds=4, min_hospitals=3, **PRIVACY)
+    observer, grid = _run(three, spec, tmp_path)
+    assert observer.failed == [] and observer.completed is not None
+    assert [m["secagg_pipelined"] for _, m, _ in observer.rounds] == [0.0, 1.0, 1.0, 1.0]
+    assert [m["aggregate_members"] for _, m, _ in observer.rounds] == [3, 3, 3, 3]
+    setups = [int(m.metadata.group_id) for m in grid.pushed if _has(m, SECAGG_KEYS["SAMPLE_NUMBER"])]
+    assert sorted(setups) == [1, 1, 1]
+    assert _secagg_warnings(caplog) == []
+
+
+class LateUnmaskReply(InProcessGrid):
+    """Node 1's reply to round 1's unmask message (which carries round 2's pipelined share-keys
+    stage) comes too late: the server never pulls it within the stage's timeout."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.late: set[str] = set()
+
+    def push_messages(self, messages: Any) -> Any:
+        messages = list(messages)
+        ids = list(super().push_messages(messages))
+        for message, msg_id in zip(messages, ids, strict=True):
+            record = message.content.config_records.get(SECAGG_CONFIGS_KEY)
+            if (message.metadata.dst_node_id == 1 and message.metadata.group_id == "1"
+                    and record is not None and "active_nids" in record):
+                self.late.add(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids: Any) -> Any:
+        return super().pull_messages([i for i in message_ids if i not in self.late])
+
+
+def test_a_late_pipelined_reply_falls_back_with_the_reason_logged_and_exact_rounds(
+    four: dict[str, DemoSite],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Round 1's unmask reply of hospital-a (with its share-keys stage for round 2) misses the
+    stage's timeout: round 1 still unmasks exactly from the other three's shares; the log says
+    that round 2's prepared exchange lacks hospital-a and why, then that round 2 does not use it
+    and why; round 2 runs its own key exchange with all four and is exact; round 3 pipelines
+    again."""
+    updates = Updates(monkeypatch)
+    spec = demo_spec("sa-late-pipe", rounds=3, min_hospitals=3, round_timeout_s=1.0, **PRIVACY)
+    observer, grid = _run(four, spec, tmp_path, grid_class=LateUnmaskReply)
+    assert observer.failed == [] and observer.completed is not None and len(grid.late) == 1
+    (_, m1, _), (_, m2, receipts2), (_, m3, _) = observer.rounds
+    assert m1["aggregate_members"] == 4 and m2["aggregate_members"] == 4
+    assert [m1["secagg_pipelined"], m2["secagg_pipelined"], m3["secagg_pipelined"]] == [0.0, 0.0, 1.0]
+    assert {r.hospital for r in receipts2} == {f"hospital:{h}" for h in four}
+    np.testing.assert_allclose(_globals(grid)[2], updates.fedavg(1, set(four)), atol=ATOL)
+    np.testing.assert_allclose(_globals(grid)[3], updates.fedavg(2, set(four)), atol=ATOL)
+    warnings = _secagg_warnings(caplog)
+    assert any("secagg round 1: the key exchange prepared for round 2 lacks hospital-a: share keys: "
+               "no reply within the stage's 1 s" in w for w in warnings), warnings
+    assert any("secagg round 2: the key exchange prepared during round 1 is not used: hospital "
+               "hospital-a (node 1) did not complete it" in w for w in warnings), warnings
+
+
+class GoneAfterRound1Grid(InProcessGrid):
+    """Node 4 completes round 1 (its shares for round 2 included), then its node is gone."""
+
+    def pull_messages(self, message_ids: Any) -> Any:
+        replies = list(super().pull_messages(message_ids))
+        for reply in replies:
+            riding = None if reply.has_error() else reply.content.config_records.get(NEXT_KEY)
+            if reply.metadata.src_node_id == 4 and riding is not None and "ctxts" in riding:
+                self.drop(4)  # its unmask reply, with round 2's shares, is in
+        return replies
+
+
+def test_a_hospital_gone_after_the_pipelined_exchange_does_not_cost_the_others_a_key_exchange(
+    four: dict[str, DemoSite],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """hospital-d's node is gone after round 1: round 2 uses the key exchange prepared during
+    round 1 without it (its shares are not forwarded, so no member masks with it), logged; the
+    aggregate is exactly the three's FedAvg."""
+    updates = Updates(monkeypatch)
+    spec = demo_spec("sa-gone", rounds=2, min_hospitals=3, round_timeout_s=1.0, **PRIVACY)
+    observer, grid = _run(four, spec, tmp_path, grid_class=GoneAfterRound1Grid)
+    assert observer.failed == [] and observer.completed is not None and 4 in grid.dropped
+    (_, m1, _), (_, m2, receipts2) = observer.rounds
+    three_left = {"hospital-a", "hospital-b", "hospital-c"}
+    assert m1["aggregate_members"] == 4 and m2["secagg_pipelined"] == 1.0 and m2["aggregate_members"] == 3
+    assert {r.hospital for r in receipts2} == {f"hospital:{h}" for h in three_left}
+    model = grid.pushed[-1].content.array_records[GLOBAL_KEY][WEIGHTS_KEY].numpy()  # the final evaluation's
+    np.testing.assert_allclose(model, updates.fedavg(2, three_left), atol=ATOL)
+    assert any("secagg round 2: hospital hospital-d (node 4) of the prepared key exchange not connected "
+               "now: left out of this round" in w for w in _secagg_warnings(caplog))
+
+
+class SlowFirstHello(InProcessGrid):
+    """Node 4 answers its hello only `delay` seconds after it was asked (a busy machine: the
+    run's first message at a node fetches the run and its FAB)."""
+
+    delay = 1.5
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hello_at: dict[str, float] = {}
+
+    def push_messages(self, messages: Any) -> Any:
+        import time
+
+        messages = list(messages)
+        ids = list(super().push_messages(messages))
+        for message, msg_id in zip(messages, ids, strict=True):
+            if message.metadata.dst_node_id == 4 and message.metadata.message_type == MessageType.QUERY:
+                self.hello_at[msg_id] = time.monotonic()
+        return ids
+
+    def pull_messages(self, message_ids: Any) -> Any:
+        import time
+
+        now = time.monotonic()
+        ready = [i for i in message_ids
+                 if i not in self.hello_at or now - self.hello_at[i] >= self.delay]
+        return super().pull_messages(ready)
+
+
+def test_round_one_waits_for_a_slow_first_hello_so_round_two_pipelines(
+    four: dict[str, DemoSite], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hospital-d's node is listed but answers its hello after the later rounds' short grace:
+    round 1 waits for it (up to `join_timeout_s`), so all four share round 1's keys and round 2
+    uses the key exchange prepared during round 1 (before: round 1 ran with three, and round 2
+    needed its own key exchange for the newcomer)."""
+    spec = demo_spec("sa-slow-hello", rounds=2, min_hospitals=3, round_timeout_s=0.5, join_timeout_s=30,
+                     **PRIVACY)
+    observer, grid = _run(four, spec, tmp_path, grid_class=SlowFirstHello)
+    assert observer.failed == [] and observer.completed is not None and grid.hello_at
+    (_, m1, _), (_, m2, _) = observer.rounds
+    assert m1["secagg_sampled"] == 4 and m1["aggregate_members"] == 4
+    assert m2["secagg_pipelined"] == 1.0 and m2["aggregate_members"] == 4
+    assert _secagg_warnings(caplog) == []
