@@ -61,6 +61,37 @@ class LeafTree:
         self._size = index + 1
         return index
 
+    def extend_bytes(self, data: bytes) -> None:
+        """Append the leaf hashes concatenated in `data` (a multiple of 32 bytes).
+
+        The same tree as appending them one by one, with fewer Python calls: the frontier
+        takes the largest aligned perfect subtrees of the new leaves, each hashed level by
+        level from the bytes (a subtree of 2^k leaves starting at a multiple of 2^k is one
+        node of level k, pushed onto the frontier as `push_frontier` pushes a leaf)."""
+        count, rest = divmod(len(data), HASH_SIZE)
+        if rest:
+            raise ValueError(f"leaf hashes: length {len(data)} is not a multiple of {HASH_SIZE}")
+        start = self._size
+        self._leaves += data
+        frontier = self._frontier
+        position = 0
+        while position < count:
+            index = start + position
+            width = index & -index if index else 1 << 62  # the alignment of `index`
+            while width > count - position:
+                width >>= 1
+            row = data[position * HASH_SIZE:(position + width) * HASH_SIZE]
+            while len(row) > HASH_SIZE:
+                row = b"".join([_sha256(NODE_PREFIX + row[i:i + 2 * HASH_SIZE]).digest()
+                                for i in range(0, len(row), 2 * HASH_SIZE)])
+            current, n = row, index // width
+            while n & 1:
+                current = _sha256(NODE_PREFIX + frontier.pop() + current).digest()
+                n >>= 1
+            frontier.append(current)
+            position += width
+        self._size = start + count
+
     def extend(self, leaf_hashes: Iterable[bytes]) -> None:
         for h in leaf_hashes:
             self.append(h)

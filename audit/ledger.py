@@ -209,6 +209,15 @@ class Ledger:
                 raise LedgerError(index, f"{entry.kind}: {exc}") from None
         self._applied += 1
 
+    def reads(self, kind: str) -> bool:
+        """Whether `apply` may check or change anything for an entry of `kind`.
+
+        For any other kind `apply` only counts the entry (the count serves to take the first
+        entry's signer as the root key when none was pinned): a caller that pinned the root
+        (`root_key_id`) may skip such entries altogether. Half of a study's entries are of
+        kinds the fold never reads (decisions, round and model records)."""
+        return kind in self._handlers or kind.startswith("token.")
+
     def apply_all(self, entries: Iterable[EntryFields], start: int = 0) -> LedgerState:
         """Fold entries numbered from `start`; return the state."""
         for offset, entry in enumerate(entries):
