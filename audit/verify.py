@@ -110,7 +110,7 @@ _LONG_DIGIT_RUN = b"0" * 16
 _NOT_PLAIN = object()
 _NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 #: Lines `LogVerifier.run` takes at a time.
-RUN_BATCH = 256
+RUN_BATCH = 128
 #: Entry times in the fixed-width form (audit.entry.format_time), one after another, with the
 #: hour, minute and second in range (the date is checked by date.fromisoformat, once per day):
 #: each such time is one `parse_time` accepts.
@@ -804,17 +804,17 @@ class LogVerifier:
         signers = cast(list[bytes], found[:n])
         base = self.tree.size
         leaves = [_sha256(b"\x00" + line).digest() for line in lines[:n]]
-        seen_add = self._seen_add
-        for position, leaf in enumerate(leaves):
-            if seen_add(leaf):  # the prefix was seen: confirmed against the full hashes
-                earlier = self.tree.find(leaf)
-                if earlier is None and leaf in leaves[:position]:
-                    earlier = base + leaves.index(leaf)
-                if earlier is not None:
-                    n = position
-                    self.problem = Problem(base + n, f"duplicate: byte-for-byte the same entry "
-                                                     f"as entry {earlier} (a replayed entry)")
-                    break
+        data = b"".join(leaves)
+        for position in self._seen.add_many(data):  # a prefix seen: confirmed by the full hash
+            leaf = leaves[position]
+            earlier = self.tree.find(leaf)
+            if earlier is None and leaf in leaves[:position]:
+                earlier = base + leaves.index(leaf)
+            if earlier is not None:
+                n = position
+                self.problem = Problem(base + n, f"duplicate: byte-for-byte the same entry "
+                                                 f"as entry {earlier} (a replayed entry)")
+                break
         a2b = binascii.a2b_base64
         sigs = self._sigs
         # the signed bytes: the line without `,"signature":"<88 characters>"`, which in a
@@ -847,7 +847,7 @@ class LogVerifier:
                     n = position
                     self.problem = Problem(base + n, printable(reason))
                     break
-        self.tree.extend_bytes(b"".join(leaves[:n]))
+        self.tree.extend_bytes(data if n == len(leaves) else data[:n * HASH_SIZE])
         self.kinds.update(kinds[:n])
         if self.problem is None and sigs.failed is not None:
             self.problem = Problem(sigs.failed, "signature: does not verify with the signer's "
