@@ -146,6 +146,23 @@ class ClaimPools:
         for row in cursor:
             yield (row[0], row[1], row[2]), _pool(row[3:])
 
+    def totals(self) -> dict[str, int]:
+        """The number of pools and the sums of their pool, paid, claims, swept and remaining
+        amounts (in SQLite's aggregates when spilled: no pool object is built)."""
+        if self._db is None:
+            pools = self._memory.values()
+            total = {"count": len(pools), "pool": sum(p.pool for p in pools),
+                     "paid": sum(p.paid for p in pools), "claims": sum(p.claims for p in pools),
+                     "swept": sum(p.swept for p in pools)}
+        else:
+            row = self._db.execute("SELECT count(*), coalesce(sum(pool), 0), coalesce(sum(paid), 0), "
+                                   "coalesce(sum(claims), 0), coalesce(sum(swept), 0) FROM pools"
+                                   ).fetchone()
+            total = dict(zip(("count", "pool", "paid", "claims", "swept"), map(int, row),
+                             strict=True))
+        total["remaining"] = total["pool"] - total["paid"] - total["swept"]
+        return total
+
     def close(self) -> None:
         """Drop a spilled store's file (also done when the store is collected)."""
         if self._finalizer is not None:

@@ -8,15 +8,17 @@ entry) and a dict of leaf prefixes costs about 100 bytes per entry; the verifier
   entry need them) and the right frontier of the tree (O(log n) hashes), so appending and the
   current root are O(1) amortized and O(log n). A root or proof for an earlier size is computed
   from the leaves when asked (O(n) hashes, done at most a few times per run).
-- `LeafIndex` remembers which 8-byte leaf prefixes were seen, in an open-addressing table of
-  8-byte slots at most half full (8-16 bytes per entry); a hit is confirmed against the leaves.
+- `LeafIndex` remembers which 8-byte leaf prefixes were seen, in sorted runs of 8-byte integers
+  (8 bytes per entry, numpy), checked and merged a batch at a time; a hit is confirmed against
+  the leaves.
 """
 
 from __future__ import annotations
 
 import hashlib
-from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+
+import numpy as np
 
 from audit.merkle import (
     EMPTY_ROOT,
@@ -60,6 +62,37 @@ class LeafTree:
         push_frontier(self._frontier, index, leaf)
         self._size = index + 1
         return index
+
+    def extend_bytes(self, data: bytes) -> None:
+        """Append the leaf hashes concatenated in `data` (a multiple of 32 bytes).
+
+        The same tree as appending them one by one, with fewer Python calls: the frontier
+        takes the largest aligned perfect subtrees of the new leaves, each hashed level by
+        level from the bytes (a subtree of 2^k leaves starting at a multiple of 2^k is one
+        node of level k, pushed onto the frontier as `push_frontier` pushes a leaf)."""
+        count, rest = divmod(len(data), HASH_SIZE)
+        if rest:
+            raise ValueError(f"leaf hashes: length {len(data)} is not a multiple of {HASH_SIZE}")
+        start = self._size
+        self._leaves += data
+        frontier = self._frontier
+        position = 0
+        while position < count:
+            index = start + position
+            width = index & -index if index else 1 << 62  # the alignment of `index`
+            while width > count - position:
+                width >>= 1
+            row = data[position * HASH_SIZE:(position + width) * HASH_SIZE]
+            while len(row) > HASH_SIZE:
+                row = b"".join([_sha256(NODE_PREFIX + row[i:i + 2 * HASH_SIZE]).digest()
+                                for i in range(0, len(row), 2 * HASH_SIZE)])
+            current, n = row, index // width
+            while n & 1:
+                current = _sha256(NODE_PREFIX + frontier.pop() + current).digest()
+                n >>= 1
+            frontier.append(current)
+            position += width
+        self._size = start + count
 
     def extend(self, leaf_hashes: Iterable[bytes]) -> None:
         for h in leaf_hashes:
@@ -123,46 +156,72 @@ class LeafTree:
 
 
 class LeafIndex:
-    """Which 8-byte leaf-hash prefixes were added: an open-addressing set in 8-byte slots.
+    """Which 8-byte leaf-hash prefixes were added: sorted runs of integers (numpy), merged as
+    they grow (at most about log2(n / YOUNG) runs), plus a set of the latest single adds.
 
-    `add` answers whether the prefix was there already; the caller confirms a hit against the
-    full hashes (LeafTree.find), so a prefix collision never reports a false duplicate.
+    `add` (one leaf) and `add_many` (a batch: the verifier's common case, a few numpy calls per
+    batch instead of a Python loop per leaf) answer whether a prefix was there already; the
+    caller confirms a hit against the full hashes (LeafTree.find), so a prefix collision never
+    reports a false duplicate. 8 bytes per leaf, and up to as much again while two runs merge.
     """
 
-    def __init__(self, capacity: int = 1024) -> None:
-        slots = 1 << max(4, (2 * capacity - 1).bit_length())
-        self._slots = array("Q", bytes(8 * slots))
-        self._mask = slots - 1
+    #: single adds kept in a set before they become a run
+    YOUNG = 4096
+
+    def __init__(self, capacity: int = 0) -> None:
+        """`capacity`: unused (runs grow as needed); kept for callers that size the index."""
+        self._runs: list[np.ndarray] = []  # sorted uint64 arrays, longest first
+        self._young: set[int] = set()
         self._count = 0
 
     def __len__(self) -> int:
+        """How many prefixes were added (a prefix added twice counts once if `add` said so)."""
         return self._count
 
     def add(self, leaf: bytes) -> bool:
-        key = int.from_bytes(leaf[:8], "big") or 1  # 0 marks an empty slot
-        slots, mask = self._slots, self._mask
-        i = key & mask
-        while True:
-            present = slots[i]
-            if present == key:
-                return True
-            if not present:
-                break
-            i = (i + 1) & mask
-        slots[i] = key
+        key = int.from_bytes(leaf[:8], "big")
+        if key in self._young or any(_holds(run, key) for run in self._runs):
+            return True
+        self._young.add(key)
         self._count += 1
-        if 2 * self._count > mask:
-            self._grow()
+        if len(self._young) >= self.YOUNG:
+            self._flush_young()
         return False
 
-    def _grow(self) -> None:
-        old: Sequence[int] = self._slots
-        slots = array("Q", bytes(16 * len(old)))
-        mask = len(slots) - 1
-        for key in old:
-            if key:
-                i = key & mask
-                while slots[i]:
-                    i = (i + 1) & mask
-                slots[i] = key
-        self._slots, self._mask = slots, mask
+    def add_many(self, data: bytes) -> list[int]:
+        """Add the 32-byte leaf hashes concatenated in `data`; the positions (ascending) of
+        those whose prefix was there already: added before, or earlier in `data`."""
+        keys = np.frombuffer(data, dtype=">u8")[::4].astype(np.uint64)
+        if not len(keys):
+            return []
+        self._flush_young()
+        seen = np.zeros(len(keys), dtype=bool)
+        for run in self._runs:
+            at = np.searchsorted(run, keys)
+            np.minimum(at, len(run) - 1, out=at)
+            seen |= run[at] == keys
+        order = np.argsort(keys, kind="stable")
+        ordered = keys[order]
+        repeated = ordered[1:] == ordered[:-1]
+        if repeated.any():  # equal keys keep their order: each later one was seen
+            seen[order[1:][repeated]] = True
+        self._push(ordered)
+        self._count += len(keys) - int(seen.sum())
+        return np.flatnonzero(seen).tolist()
+
+    def _flush_young(self) -> None:
+        if self._young:
+            self._push(np.array(sorted(self._young), dtype=np.uint64))
+            self._young = set()
+
+    def _push(self, run: np.ndarray) -> None:
+        runs = self._runs
+        while runs and len(runs[-1]) <= 2 * len(run):
+            run = np.concatenate((runs.pop(), run))
+            run.sort(kind="stable")  # two sorted runs: timsort merges them in one pass
+        runs.append(run)
+
+
+def _holds(run: np.ndarray, key: int) -> bool:
+    at = int(np.searchsorted(run, np.uint64(key)))
+    return at < len(run) and int(run[at]) == key

@@ -23,6 +23,9 @@ from audit.claim_pools import ClaimPool, ClaimPools
 from audit.entry import EntryFields, format_time, parse_time
 from audit.reward_commitment import (
     CLAIM_ACCOUNT_PREFIX,
+    HEX64,
+    MAX_SIZE,
+    MIN_SIZE,
     ClaimError,
     check_public,
     claim_account,
@@ -209,6 +212,15 @@ class Ledger:
                 raise LedgerError(index, f"{entry.kind}: {exc}") from None
         self._applied += 1
 
+    def reads(self, kind: str) -> bool:
+        """Whether `apply` may check or change anything for an entry of `kind`.
+
+        For any other kind `apply` only counts the entry (the count serves to take the first
+        entry's signer as the root key when none was pinned): a caller that pinned the root
+        (`root_key_id`) may skip such entries altogether. Half of a study's entries are of
+        kinds the fold never reads (decisions, round and model records)."""
+        return kind in self._handlers or kind.startswith("token.")
+
     def apply_all(self, entries: Iterable[EntryFields], start: int = 0) -> LedgerState:
         """Fold entries numbered from `start`; return the state."""
         for offset, entry in enumerate(entries):
@@ -345,7 +357,9 @@ class Ledger:
             for name in _RECEIPT_FIELD_ORDER:
                 if name not in payload:
                     raise _RuleError(f"{name}: missing")
-        key = self._signer(entry, HOSPITAL)
+        key = self._keys.get(entry.key_id)
+        if key is None or key.role != HOSPITAL:
+            key = self._signer(entry, HOSPITAL)  # raises, naming what is wrong
         # Half of a log is receipts: the common case is checked inline, and anything else goes
         # through the helpers, which name what is wrong (in the same order of checks).
         study_id, round_number = payload["study_id"], payload["round"]
@@ -367,17 +381,28 @@ class Ledger:
             self._hospitals[hospital] = hospital  # at most one per hospital key's owner
         if type(records_used) is not int or not 0 <= records_used <= MAX_AMOUNT:
             records_used = _integer(payload, "records_used", 0, MAX_AMOUNT)
-        try:
-            rewards = check_public(payload["rewards"])
-        except ValueError as exc:
-            raise _RuleError(str(exc)) from None
-        study = self._study(study_id)
+        given = payload["rewards"]
+        root = size = None
+        if type(given) is dict and len(given) == 2:
+            root, size = given.get("root"), given.get("size")
+        if (type(root) is str and type(size) is int and len(root) == 64 and HEX64.fullmatch(root)
+                and MIN_SIZE <= size <= MAX_SIZE and not size & (size - 1)):
+            rewards: dict[str, object] = {"root": root, "size": size}  # check_public's result
+        else:
+            try:
+                rewards = check_public(given)
+            except ValueError as exc:
+                raise _RuleError(str(exc)) from None
+        study = self.studies.get(study_id)
+        if study is None:
+            study = self._study(study_id)  # raises, naming what is wrong
         if study.status is not EscrowStatus.OPEN:
             raise _RuleError(f"study_id: study {study_id!r} is {study.status}, no more receipts")
-        if (round_number, hospital) in study.seen:
+        seen = (round_number, hospital)
+        if seen in study.seen:
             raise _RuleError(f"round: {hospital!r} already has a receipt for round {round_number} "
                            f"of {study_id!r}")
-        study.seen.add((round_number, hospital))
+        study.seen.add(seen)
         study.receipts.append(Receipt(study_id, round_number, hospital, records_used, rewards))
         study.receipt_count += 1
 

@@ -42,7 +42,11 @@ DEFAULT_SIZE = 256
 HOLDER_PREFIX = b"reward-holder/1\x00"
 SALT_BYTES = 32
 CLAIM_ACCOUNT_PREFIX = "claim:"
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+#: The largest commitment size a receipt may give.
+MAX_SIZE = 2**32
+#: 64 lowercase hex digits (a SHA-256 digest in hex).
+HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX64 = HEX64
 
 
 class ClaimError(ValueError):
@@ -154,7 +158,7 @@ def check_public(value: object, name: str = "rewards") -> dict[str, object]:
     root, size = value["root"], value["size"]
     if not isinstance(root, str) or not _HEX64.fullmatch(root):
         raise ValueError(f"{name}.root: must be 64 lowercase hex digits")
-    if type(size) is not int or size < MIN_SIZE or size & (size - 1) or size > 2**32:
+    if type(size) is not int or size < MIN_SIZE or size & (size - 1) or size > MAX_SIZE:
         raise ValueError(f"{name}.size: must be a power of two in [{MIN_SIZE}, 2**32], got {size!r}")
     return {"root": root, "size": size}
 

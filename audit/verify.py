@@ -13,14 +13,15 @@ origin, same size, same root), and with a state file the saved checkpoint must b
 the new one (RFC 9162 consistency proof computed from the rebuilt tree and verified against the
 saved root). Only then is the new checkpoint saved, atomically.
 
-Why it is fast: each line is parsed once in C (msgspec, straight into an envelope record, no
-`Entry` per line) and checked to be canonical with the C encoder (see CanonicalParser for when
-that equals RFC 8785; other lines go through the rfc8785 package), the line bytes are the
-Merkle leaf input as they are, the signed bytes are
-cut out of the line instead of being re-encoded, and Ed25519 checks run in batches in worker
-processes when asked (`workers`; the `audit` command uses one per spare core, at most two). The
-result is deterministic: the reported problem is always the one at the smallest entry index,
-whatever the timing.
+Why it is fast: lines are checked a batch at a time (LogVerifier.run): each line is parsed once
+in C (msgspec, straight into an envelope record, no `Entry` per line) and checked to be canonical
+with the C encoder (see CanonicalParser and `_plain_float` for when that equals RFC 8785; other
+lines go one by one through `feed` and the rfc8785 package), times and signatures are checked by
+one regular expression per batch, the replay index is looked up per batch (numpy), the line bytes
+are the Merkle leaf input as they are, the signed bytes are cut out of the line instead of being
+re-encoded, and Ed25519 checks run in batches in worker processes when asked (`workers`; the
+`audit` command uses one per spare core, at most two). The result is deterministic: the
+reported problem is always the one at the smallest entry index, whatever the timing.
 
 The state file (`--state`) is JSON: {"version": 1, "checkpoint": <signed note>, "leaf_hashes":
 <base64 of the 32-byte leaf hashes it covers>}. The consistency proof needs only the checkpoint;
@@ -36,12 +37,15 @@ import json
 import multiprocessing
 import multiprocessing.context
 import os
+import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from datetime import date
+from itertools import islice
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
 import rfc8785
@@ -106,6 +110,16 @@ _DIGIT_MAP = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
 _LONG_DIGIT_RUN = b"0" * 16
 _NOT_PLAIN = object()
 _NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+#: Lines `LogVerifier.run` takes at a time.
+RUN_BATCH = 128
+#: Entry times in the fixed-width form (audit.entry.format_time), one after another, with the
+#: hour, minute and second in range (the date is checked by date.fromisoformat, once per day):
+#: each such time is one `parse_time` accepts.
+_TIMES = re.compile(r"(?:[0-9]{4}-[0-9]{2}-[0-9]{2}T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+                    r"\.[0-9]{6}Z)*")
+#: Canonical base64 of 64 bytes, one after another: 85 characters, the last data character
+#: with its 4 padding bits zero (A, Q, g or w), then "==" (decode_signature's rules).
+_SIGNATURES = re.compile(r"(?:[A-Za-z0-9+/]{85}[AQgw]==)*")
 
 
 class _Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -123,6 +137,11 @@ class _Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     signature: _NonEmpty
     time: _NonEmpty
     v: Literal[1]
+
+
+#: What `LogVerifier._run_batch` puts where a line does not decode (that line goes to `feed`).
+_PLACEHOLDER = _Envelope(key_id="-", kind="-", payload={}, signature="-",
+                         time="2000-01-01T00:00:00.000000Z", v=1)
 
 
 @dataclass(frozen=True)
@@ -426,7 +445,7 @@ def signing_input_from_line(line: bytes, entry: EntryFields) -> bytes:
     return canonical(signed_part(entry))
 
 
-_Check = tuple[int, bytes, bytes, bytes]  # (entry index, public key, signed bytes, signature)
+_Check = tuple[int, bytes, bytes]  # (entry index, public key, signature + signed bytes)
 
 
 def _check_batch(batch: list[_Check], keys: dict[bytes, VerifyKey]) -> int | None:
@@ -435,14 +454,15 @@ def _check_batch(batch: list[_Check], keys: dict[bytes, VerifyKey]) -> int | Non
     Each public key is validated once by VerifyKey (cached in `keys`: 32 bytes, or ValueError);
     each signature is then checked by PyNaCl's public binding of libsodium's crypto_sign_open,
     the call `VerifyKey.verify` makes after checking the signature is 64 bytes (decode_signature
-    did) and joining signature and message, without that wrapper's Python overhead.
+    did) and joining signature and message (the caller joined them: `signed` is the signature
+    followed by the signed bytes), without that wrapper's Python overhead.
     """
     sign_open = crypto_sign_open
-    for index, public_key, message, signature in batch:
+    for index, public_key, signed in batch:
         if public_key not in keys:
             keys[public_key] = VerifyKey(public_key)
         try:
-            sign_open(signature + message, public_key)
+            sign_open(signed, public_key)
         except BadSignatureError:
             return index
     return None
@@ -482,19 +502,23 @@ class _SignatureChecks:
         self._processes = processes
         self._pool: ProcessPoolExecutor | None = None
         self._limit = 2 * processes
-        self._batch_size = batch_size
-        self._batch: list[_Check] = []
+        self.batch_size = batch_size
+        #: checks not yet sent: `add`, or append and `flush` once batch_size are pending
+        self.pending: list[_Check] = []
         self._pending: deque[Future[int | None]] = deque()
         self._keys: dict[bytes, VerifyKey] = {}
         self.failed: int | None = None
 
-    def add(self, index: int, public_key: bytes, message: bytes, signature: bytes) -> None:
-        self._batch.append((index, public_key, message, signature))
-        if len(self._batch) >= self._batch_size:
-            self._flush()
+    def add(self, index: int, public_key: bytes, signed: bytes) -> None:
+        """Check later that `signed` (the 64 signature bytes, then the signed bytes) verifies."""
+        self.pending.append((index, public_key, signed))
+        if len(self.pending) >= self.batch_size:
+            self.flush()
 
-    def _flush(self, final: bool = False) -> None:
-        batch, self._batch = self._batch, []
+    def flush(self, final: bool = False) -> None:
+        """Send (or check here) the pending checks; `failed` may be set on return."""
+        batch = self.pending[:]
+        self.pending.clear()  # the same list object: a caller may hold it
         if not batch:
             return
         while self._pending and self._pending[0].done():
@@ -514,7 +538,7 @@ class _SignatureChecks:
     def finish(self) -> int | None:
         """Wait for every batch; the smallest index whose signature failed, or None."""
         try:
-            self._flush(final=True)
+            self.flush(final=True)
             while self._pending:
                 self._record(self._pending.popleft().result())
         finally:
@@ -638,10 +662,217 @@ class LogVerifier:
         self._seen_add = self._seen.add
         self._append = self.tree.append
         self._fold = None if self.ledger is None else self.ledger.apply
+        #: kind -> whether the ledger reads it (`Ledger.reads`), filled as kinds appear
+        self._folded: dict[str, bool] = {}
+        self.ledger_reads: Callable[[str], bool] = (
+            (lambda kind: False) if self.ledger is None else self.ledger.reads)
+        #: the dates (YYYY-MM-DD) of entry times found valid so far
+        self._days: set[str] = set()
+        self._plain_unsafe = False
+        self._plain_decode = msgspec.json.Decoder(_Envelope, float_hook=self._plain_float).decode
+        #: key id -> public key of signers known to be active since the last `key.*` entry
+        self._signers: dict[str, bytes] = {}
 
     @property
     def size(self) -> int:
         return self.tree.size
+
+    def run(self, lines: Iterable[bytes], progress: Callable[[int], None] | None = None,
+            collect: bool = False) -> int:
+        """Check `lines` (each with its newline) in order, stopping at the first bad entry; the
+        bytes of the lines accepted. `progress(bytes)` every 1024 lines or so; with `collect`,
+        the young generations of the garbage collector every GC_EVERY lines (see verify_lines).
+
+        Lines are taken RUN_BATCH at a time (`_run_batch`): the common entries go through the
+        checks stage by stage over the batch, mostly in C; any other goes through `feed`,
+        which decides and names the reason.
+        """
+        read = 0
+        count = 0
+        next_progress = 1024
+        next_collect = GC_EVERY
+        iterator = iter(lines)
+        while self.problem is None:
+            chunk = list(islice(iterator, RUN_BATCH))
+            if not chunk:
+                break
+            read += self._run_batch(chunk)
+            count += len(chunk)
+            if count >= next_progress:
+                next_progress = count + 1024
+                if progress is not None:
+                    progress(read)
+            if collect and count >= next_collect:
+                next_collect = count + GC_EVERY
+                gc.collect(1)
+        return read
+
+    def _run_batch(self, raws: list[bytes]) -> int:
+        """Check and apply `raws` in order up to the first bad entry (`problem`); the bytes
+        of the lines accepted.
+
+        An entry is plain (`feed` takes the others) when its line is ASCII, holds no backslash,
+        no integer outside +-(2**53 - 1) and no float token in a form other than the one
+        msgspec and RFC 8785 share (`_plain_float`), decodes to an envelope that msgspec
+        encodes back to the line, has a fixed-width time and a canonical base64 signature,
+        a kind other than `key.*` and a signer already known to be active (`_signers`). The
+        checks that depend on one line alone run over the whole batch first (mostly in C:
+        msgspec, one regular expression over the joined times and signatures, list
+        comparisons); then each run of plain entries between two others is applied in log
+        order as `feed` does (`_apply_run`), and each other entry goes through `feed`.
+        """
+        n = len(raws)
+        lines = [raw[:-1] for raw in raws]
+        odd: set[int] = set()  # the positions `feed` takes
+        if not raws[-1].endswith(b"\n"):
+            odd.add(n - 1)  # only a file's last line can lack it
+        if max(map(len, lines)) > MAX_LINE_BYTES:
+            odd.update(i for i, line in enumerate(lines) if len(line) > MAX_LINE_BYTES)
+        joined = b"\n".join(lines)
+        if not joined.isascii() or b"\\" in joined:
+            odd.update(i for i, line in enumerate(lines) if not line.isascii() or b"\\" in line)
+        decode = self._plain_decode
+        self._plain_unsafe = False
+        try:
+            entries = list(map(decode, lines))
+        except (msgspec.DecodeError, ValueError, RecursionError):
+            entries = []
+            for i, line in enumerate(lines):
+                try:
+                    entries.append(decode(line))
+                except (msgspec.DecodeError, ValueError, RecursionError):
+                    entries.append(_PLACEHOLDER)
+                    odd.add(i)
+        if self._plain_unsafe:  # a float token in another form than RFC 8785's: which lines?
+            odd.update(i for i, line in enumerate(lines) if self._has_unsafe_float(line))
+        if list(map(_PLAIN_ENCODE, entries)) != lines:
+            odd.update(i for i, (entry, line) in enumerate(zip(entries, lines, strict=True))
+                       if _PLAIN_ENCODE(entry) != line)
+        digits = joined.translate(_DIGIT_MAP)  # (byte for byte: the offsets are the same)
+        at = digits.find(_LONG_DIGIT_RUN)
+        while at >= 0:  # a run of 16 digits: maybe an integer out of range, in line i
+            i = joined.count(b"\n", 0, at)
+            if _has_unsafe_integer(entries[i].payload):
+                odd.add(i)
+            end = joined.find(b"\n", at)
+            at = -1 if end < 0 else digits.find(_LONG_DIGIT_RUN, end)
+        times = [entry.time for entry in entries]
+        if not _TIMES.fullmatch("".join(times)):
+            odd.update(i for i, text in enumerate(times) if not _TIMES.fullmatch(text))
+        days = self._days
+        for day in {text[:10] for text in times} - days:
+            try:
+                date.fromisoformat(day)
+            except ValueError:
+                odd.update(i for i, text in enumerate(times) if text[:10] == day)
+            else:
+                days.add(day)
+        texts = [entry.signature for entry in entries]
+        if not _SIGNATURES.fullmatch("".join(texts)):
+            odd.update(i for i, text in enumerate(texts) if not _SIGNATURES.fullmatch(text))
+        kinds = [entry.kind for entry in entries]
+        if any(kind.startswith("key.") for kind in set(kinds)):
+            odd.update(i for i, kind in enumerate(kinds) if kind.startswith("key."))
+        key_ids = [entry.key_id for entry in entries]
+        read = 0
+        start = 0
+        for stop in [*sorted(odd), n]:
+            while start < stop:  # the plain entries [start, stop)
+                end = self._apply_run(lines[start:stop], entries[start:stop], texts[start:stop],
+                                      kinds[start:stop], key_ids[start:stop])
+                read += sum(map(len, raws[start:start + end]))
+                start += end
+                if self.problem is not None:
+                    return read
+                if start < stop:  # a signer not known to be active yet: `feed` checks it
+                    if not self.feed(raws[start]):
+                        return read
+                    read += len(raws[start])
+                    start += 1
+            if stop < n:
+                if not self.feed(raws[stop]):
+                    return read
+                read += len(raws[stop])
+                start = stop + 1
+        return read
+
+    def _apply_run(self, lines: list[bytes], entries: list[_Envelope], texts: list[str],
+                   kinds: list[str], key_ids: list[str]) -> int:
+        """Apply plain entries, in order, as `feed` would, up to the first whose signer is not
+        known to be active (or the first bad one, setting `problem`); how many were applied."""
+        found = list(map(self._signers.get, key_ids))
+        n = found.index(None) if None in found else len(found)
+        signers = cast(list[bytes], found[:n])
+        base = self.tree.size
+        leaves = [_sha256(b"\x00" + line).digest() for line in lines[:n]]
+        data = b"".join(leaves)
+        for position in self._seen.add_many(data):  # a prefix seen: confirmed by the full hash
+            leaf = leaves[position]
+            earlier = self.tree.find(leaf)
+            if earlier is None and leaf in leaves[:position]:
+                earlier = base + leaves.index(leaf)
+            if earlier is not None:
+                n = position
+                self.problem = Problem(base + n, f"duplicate: byte-for-byte the same entry "
+                                                 f"as entry {earlier} (a replayed entry)")
+                break
+        a2b = binascii.a2b_base64
+        sigs = self._sigs
+        # the signed bytes: the line without `,"signature":"<88 characters>"`, which in a
+        # canonical line with a 27-character time lies from 147 to 44 bytes before its end
+        sigs.pending.extend(zip(range(base, base + n), signers[:n],
+                                [a2b(text) + line[:-147] + line[-44:]
+                                 for text, line in zip(texts[:n], lines[:n], strict=True)],
+                                strict=True))
+        if len(sigs.pending) >= sigs.batch_size:
+            sigs.flush()
+        if self._fold is not None:
+            fold, folded, reads = self._fold, self._folded, self.ledger_reads
+            for position in range(n):
+                kind = kinds[position]
+                wanted = folded.get(kind)
+                if wanted is None:
+                    wanted = folded[kind] = reads(kind)
+                if not wanted:
+                    continue
+                reason = None
+                try:
+                    fold(entries[position], base + position)
+                except LedgerError as exc:
+                    reason = f"ledger: {exc.reason}"
+                except RecursionError:
+                    reason = "nested too deeply to be checked"
+                except _CONTENT_ERRORS as exc:
+                    reason = f"cannot be checked ({type(exc).__name__}: {exc})"
+                if reason is not None:
+                    n = position
+                    self.problem = Problem(base + n, printable(reason))
+                    break
+        self.tree.extend_bytes(data if n == len(leaves) else data[:n * HASH_SIZE])
+        self.kinds.update(kinds[:n])
+        if self.problem is None and sigs.failed is not None:
+            self.problem = Problem(sigs.failed, "signature: does not verify with the signer's "
+                                                "registered key")
+        return n
+
+    def _active(self, kid: str) -> bool:
+        record = self.keyring.get(kid)
+        return record is not None and record.active
+
+    def _has_unsafe_float(self, line: bytes) -> bool:
+        self._plain_unsafe = False
+        self._plain_decode(line)
+        return self._plain_unsafe
+
+    def _plain_float(self, token: str) -> float:
+        """A float of `_plain_run`'s decoder. msgspec writes a float with neither exponent nor
+        a ".0" ending as RFC 8785 does (the shortest digits that round-trip; checked against
+        the rfc8785 package in tests/audit/test_verify_fast.py), so a line whose floats are all
+        such tokens and which encodes back to itself is canonical; any other float token
+        leaves its line to `feed`."""
+        if "e" in token or "E" in token or token.endswith(".0"):
+            self._plain_unsafe = True
+        return float(token)
 
     def feed(self, raw: bytes) -> bool:
         """Check the next line (with its newline). False once a bad entry has been found."""
@@ -685,7 +916,12 @@ class LogVerifier:
                 raise MalformedEntryError(f"duplicate: byte-for-byte the same entry as entry "
                                           f"{earlier} (a replayed entry)")
         public_key = self._admit(entry, index)
-        self._add_signature(index, public_key, signing_input_from_line(line, entry), signature)
+        if entry.kind.startswith("key."):  # it may have ended a key: forget those
+            for kid in [kid for kid in self._signers if not self._active(kid)]:
+                del self._signers[kid]
+        else:
+            self._signers[entry.key_id] = public_key  # active, until the next `key.*` entry
+        self._add_signature(index, public_key, signature + signing_input_from_line(line, entry))
         if self._fold is not None:
             try:
                 self._fold(entry, index)
@@ -709,14 +945,7 @@ class LogVerifier:
         result: dict[str, Any] = self.ledger.state.to_json()
         count = len(self.ledger.claim_pools)
         if count > MAX_LISTED_POOLS:
-            total = {"count": count, "pool": 0, "paid": 0, "claims": 0, "swept": 0, "remaining": 0}
-            for _, pool in self.ledger.claim_pools.items():
-                total["pool"] += pool.pool
-                total["paid"] += pool.paid
-                total["claims"] += pool.claims
-                total["swept"] += pool.swept
-                total["remaining"] += pool.remaining
-            result["claim_pools_total"] = total
+            result["claim_pools_total"] = self.ledger.claim_pools.totals()
         elif count:
             result["claim_pools"] = self.ledger.claim_pools_json()
         return result
@@ -819,15 +1048,7 @@ def verify_lines(lines: Iterable[bytes], checkpoint_text: bytes | str, trust: Tr
     collecting = gc.isenabled()
     gc.disable()
     try:
-        for count, raw in enumerate(lines, start=1):
-            if not verifier.feed(raw):
-                break
-            read += len(raw)
-            if count & 1023 == 0:
-                if progress is not None:
-                    progress(read)
-                if collecting and count % GC_EVERY == 0:
-                    gc.collect(1)
+        read = verifier.run(lines, progress, collecting)
     finally:
         if collecting:
             gc.enable()
