@@ -38,6 +38,7 @@ Measured at each size n (load average printed with each):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -479,9 +480,15 @@ def measure(sizes: list[int], args: argparse.Namespace) -> Iterator[dict[str, An
     from exchange.db.engine import make_engine
     from tests.audit.store_support import ORIGIN, LogKeys
 
-    with tempfile.TemporaryDirectory(prefix="bench-log-scale-", dir=args.dir) as tmp, \
-            _database(True, Path(tmp)) as url:
-        folder = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.database is not None:
+            # A database and key folder left by an earlier run (stopped by SIGKILL, so not
+            # dropped): grow it on from its size instead of from nothing. A new auditor key.
+            url, folder = args.database, args.database_keys
+        else:
+            folder = Path(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="bench-log-scale-", dir=args.dir)))
+            url = stack.enter_context(_database(True, folder))
         token = prepare(folder, url)
         keys = LogKeys(Signer.load(folder / "operator.key"), Signer.load(folder / "log.key"),
                        Signer.load(folder / "coordinator.key"))
@@ -532,6 +539,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="export and verify only at these sizes (comma-separated; default all)")
     parser.add_argument("--json", type=Path, default=None, help="append each result here")
     parser.add_argument("--dir", type=Path, default=None, help="folder for exports and keys")
+    parser.add_argument("--database", default=None,
+                        help="grow on an existing benchmark database (kept by a killed run)")
+    parser.add_argument("--database-keys", type=Path, default=None,
+                        help="with --database: the folder holding its keys")
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--child-export", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
