@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, create_engine, func, select
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from audit import merkle
@@ -44,6 +44,7 @@ from audit.store.entries import (
 from audit.store.errors import AuditStoreError, CommitOutcomeUnknownError, EntryRefusedError
 from audit.store.nodes import (
     DictSource,
+    Recorder,
     advance_frontier,
     fetch_nodes,
     frontier_coordinates,
@@ -113,6 +114,10 @@ class AuditLog:
         # saw commit (`after_commit`): the next append_in transaction that finds the log that
         # long starts from it instead of reading the key entries and the edge nodes again.
         self._committed_edge: tuple[int, Keyring, dict[tuple[int, int], bytes]] | None = None
+        # The largest log size seen committed: the log only grows, so a proof for a size up to
+        # it needs no look-up of the size (`_read_nodes`).
+        self._known_size = 0
+        self._proof_engine: Engine | None = None
         # Only key entries change the key ring, and only those are read (through the index on
         # `kind`): opening costs O(key entries), not O(n).
         with engine.connect() as connection:
@@ -333,12 +338,85 @@ class AuditLog:
         with self._state_lock:
             if size > self._published[0]:
                 self._published = (size, keyring)
+            self._known_size = max(self._known_size, size)
 
     # -- reading ------------------------------------------------------------------------------
     def size(self) -> int:
         """The number of committed entries (read from the database: other writers count)."""
         with self.engine.connect() as connection:
-            return log_size(connection)
+            size = log_size(connection)
+        self._note_size(size)
+        return size
+
+    def _note_size(self, size: int) -> None:
+        with self._state_lock:
+            self._known_size = max(self._known_size, size)
+
+    def _reader(self) -> Engine:
+        """The engine proofs are read through: on PostgreSQL, a pool of its own in autocommit
+        without a pre-ping, so a proof is ONE round trip (the node look-up), where a checkout of
+        the shared engine adds a ping, a BEGIN and a ROLLBACK (docs/benchmarks/log-scale.md).
+        A stale pooled connection is retried once instead of pinged (`_read_nodes`)."""
+        if self.engine.dialect.name != "postgresql":
+            return self.engine
+        with self._state_lock:
+            if self._proof_engine is None:
+                self._proof_engine = create_engine(self.engine.url, pool_pre_ping=False,
+                                                   isolation_level="AUTOCOMMIT")
+            return self._proof_engine
+
+    def close(self) -> None:
+        """Close the proof reader's connections (the caller's engine is the caller's)."""
+        with self._state_lock:
+            engine, self._proof_engine = self._proof_engine, None
+        if engine is not None:
+            engine.dispose()
+
+    def _read_nodes(self, size: int, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """The stored nodes at `wanted`, after checking that the log holds `size` entries.
+
+        The log only grows, so a size already seen committed needs no new look-up: the size is
+        read only when `size` is beyond it (ValueError if the log is shorter)."""
+        for attempt in (0, 1):
+            try:
+                with self._reader().connect() as connection:
+                    if size > self._known_size:
+                        current = log_size(connection)
+                        self._note_size(current)
+                        if size > current:
+                            raise ValueError(f"size: {size} is not between 0 and the log size "
+                                             f"{current}")
+                    return fetch_nodes(connection, wanted)
+            except DBAPIError as exc:
+                if attempt or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")
+
+    def inclusion(self, index: int, size: int) -> tuple[bytes, list[bytes]]:
+        """(leaf hash, RFC 9162 inclusion proof) of entry `index` in the tree of `size`
+        entries, read in one query: the leaf hash is the stored level-0 node, and the size is
+        checked against the largest size already seen (see `_read_nodes`).
+
+        Why not `leaf_hash` + `inclusion_proof`: those are two connections and three queries, and
+        the API serves this on every auditor's request (the request path, not the database,
+        was the cost at 1M entries)."""
+        if not 0 <= index < size:
+            raise ValueError(f"index: need 0 <= index < size, got index {index}, size {size}")
+        recorder = Recorder()
+        merkle.inclusion_proof(recorder, index, size)
+        nodes = self._read_nodes(size, [(0, index), *recorder.wanted])
+        source = DictSource(nodes)
+        return source.node(0, index), merkle.inclusion_proof(source, index, size)
+
+    def consistency(self, old_size: int, new_size: int) -> list[bytes]:
+        """RFC 9162 consistency proof from `old_size` to `new_size` entries, in one query (as
+        `inclusion`)."""
+        if not 0 <= old_size <= new_size:
+            raise ValueError(f"old_size: need 0 <= old_size <= new_size, got {old_size}, {new_size}")
+        recorder = Recorder()
+        merkle.consistency_proof(recorder, old_size, new_size)
+        nodes = self._read_nodes(new_size, recorder.wanted)
+        return merkle.consistency_proof(DictSource(nodes), old_size, new_size)
 
     def get(self, index: int) -> Entry:
         """The entry at `index`; IndexError if there is none."""

@@ -137,6 +137,7 @@ class Runtime:
         self.journal.close()
         if self.checkpointer is not None:
             self.checkpointer.close()
+        self.audit_log.close()
         self.read_engine.dispose()
         self.write_engine.dispose()
 

@@ -171,6 +171,22 @@ class LedgerView:
         # the next write transaction takes it as its copy instead of forking the shared fold.
         self._spare: tuple[Ledger, int] | None = None
 
+    def seed(self, fold: Ledger, size: int) -> None:
+        """Start from `fold`, the ledger folded over the first `size` committed entries (a
+        checked snapshot: exchange/coordinator/ledger_snapshot.py), instead of from nothing;
+        the next `refresh` folds only what follows. Only before anything was folded."""
+        with self._lock:
+            if self._size != 0:
+                raise RuntimeError("ledger view: seed before the first fold only")
+            self._ledger, self._size, self._spare = fold, size, None
+
+    def committed_fold(self) -> tuple[Ledger, int]:
+        """A copy of the shared fold and the log size it covers, for a snapshot: the copy
+        shares only what the fold copies on write (`_fork`), so it may be read (pickled) while
+        the shared fold moves on."""
+        with self._lock:
+            return _fork(self._ledger), self._size
+
     def _advance(self, connection: Connection, committed: int) -> None:
         """Fold the committed rows [self._size, committed) into the shared ledger."""
         with self._lock:

@@ -390,13 +390,19 @@ class AuditController(Controller):
     def inclusion(self, principal: Principal, state: State,
                   index: Annotated[int, Parameter(ge=0, le=2**53)],
                   size: Annotated[int, Parameter(ge=1, le=2**53)]) -> InclusionProofOut:
+        # One query (AuditLog.inclusion); the log's size is looked up only on a refusal, for
+        # its message, or for a size beyond the largest one seen.
         log = state.audit_log
-        current = log.size()
-        if size > current or index >= size:
-            raise problems.unprocessable([{"field": "size" if size > current else "index",
-                                           "reason": f"need index < size <= {current}"}])
-        proof = log.inclusion_proof(index, size)
-        return InclusionProofOut(index=index, size=size, leaf_hash=b64encode(log.leaf_hash(index)),
+        try:
+            if index >= size:
+                raise ValueError("index")
+            leaf, proof = log.inclusion(index, size)
+        except ValueError as exc:
+            current = log.size()
+            field = "size" if size > current else "index"
+            raise problems.unprocessable([{"field": field,
+                                           "reason": f"need index < size <= {current}"}]) from exc
+        return InclusionProofOut(index=index, size=size, leaf_hash=b64encode(leaf),
                                  proof=[b64encode(p) for p in proof])
 
     @read("/audit/proofs/consistency", summary="RFC 9162 consistency proof")
@@ -404,11 +410,11 @@ class AuditController(Controller):
                     old_size: Annotated[int, Parameter(ge=1, le=2**53)],
                     new_size: Annotated[int, Parameter(ge=1, le=2**53)]) -> ConsistencyProofOut:
         log = state.audit_log
-        current = log.size()
-        if not old_size <= new_size <= current:
+        try:
+            proof = log.consistency(old_size, new_size)
+        except ValueError as exc:
             raise problems.unprocessable([{"field": "new_size", "reason":
-                                           f"need old_size <= new_size <= {current}"}])
-        proof = log.consistency_proof(old_size, new_size)
+                                           f"need old_size <= new_size <= {log.size()}"}]) from exc
         return ConsistencyProofOut(old_size=old_size, new_size=new_size, proof=[b64encode(p) for p in proof])
 
     @read("/audit/export", media_type="application/x-ndjson",

@@ -17,12 +17,14 @@ receipts are their own signed entries, appended unchanged.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from audit.entry import Entry, sign_entry
@@ -30,9 +32,14 @@ from audit.ledger import Ledger
 from audit.signing import Signer
 from audit.store import AuditLog, DuplicateEntryError, EntryRefusedError
 from audit.store.admission import Prepared
-from exchange.coordinator import problems
+from exchange.coordinator import ledger_snapshot, problems
 from exchange.coordinator.auditing import LEDGER_KINDS, LedgerFoldError, LedgerView, active_key
 from exchange.coordinator.group_commit import GroupCommit, LoopGroupCommit
+
+log = logging.getLogger(__name__)
+
+#: entries a new ledger snapshot must cover beyond the stored one (at start-up and shutdown)
+SNAPSHOT_MIN_ENTRIES = 1_000
 
 
 def now() -> datetime:
@@ -51,6 +58,10 @@ class Journal:
         self.coordinator = coordinator
         # Balances, escrows and payout terms: the auditor's fold of the log (audit.ledger).
         self.ledger = LedgerView(operator.key_id)
+        # The log size of the stored ledger snapshot, and how many entries more a new one must
+        # cover (a snapshot pickles the whole fold: not on every append).
+        self.ledger_snapshot_base = 0
+        self.snapshot_min_entries = SNAPSHOT_MIN_ENTRIES
         self.batcher = GroupCommit(self.write_engine, after_commit=self.after_commit)
         # SQLite submissions from the event loop: statements on the loop (see LoopGroupCommit).
         self.loop_batcher = (LoopGroupCommit(self.write_engine, after_commit=self.after_commit)
@@ -115,16 +126,46 @@ class Journal:
         return sign_entry(self.operator if operator else self.coordinator, kind, payload, now())
 
     def close(self) -> None:
-        """Finish the queued writes and stop the writer thread (the app's shutdown)."""
+        """Finish the queued writes and stop the writer thread (the app's shutdown); snapshot
+        the ledger fold if it moved far enough since the last snapshot."""
         self.batcher.close()
         if self.loop_batcher is not None:
             self.loop_batcher.close()
+        self.save_ledger_snapshot()
+
+    def save_ledger_snapshot(self, *, at_least: int | None = None) -> bool:
+        """Store the committed ledger fold as the snapshot if it covers at least `at_least`
+        (default `snapshot_min_entries`) entries more than the last one; whether it did. A
+        failure is logged, not raised: the snapshot is a cache, start-up can do without."""
+        fold, size = self.ledger.committed_fold()
+        if size - self.ledger_snapshot_base < (self.snapshot_min_entries if at_least is None
+                                               else at_least) or size == 0:
+            return False
+        try:
+            ledger_snapshot.save(self.write_engine, self.audit_log, self.coordinator, fold, size)
+        except SQLAlchemyError as exc:
+            log.warning("ledger snapshot at size %s not stored: %s", size, exc)
+            return False
+        self.ledger_snapshot_base = size
+        return True
 
     def bootstrap(self) -> None:
         """Register the coordinator key in the log (once), signed by the operator key, and fold
-        the ledger from the log (the start-up rebuild; later folds are incremental)."""
+        the ledger from the log (the start-up rebuild; later folds are incremental): from the
+        stored snapshot if it passes its checks, else from the start; then snapshot the fold
+        if it covers enough new entries, so that the next start is as short."""
+        loaded = None
+        try:
+            loaded = ledger_snapshot.load(self.read_engine, self.audit_log,
+                                          self.coordinator.public_key)
+        except SQLAlchemyError as exc:  # e.g. a database not migrated to 0008: fold it all
+            log.warning("ledger snapshot not read (%s): folding the whole log", exc)
+        if loaded is not None:
+            self.ledger.seed(loaded.ledger, loaded.size)
+        self.ledger_snapshot_base = loaded.size if loaded is not None else 0
         with self.read_engine.connect() as connection:
             self.ledger.refresh(connection)
+        self.save_ledger_snapshot()
         with self.write() as session:
             if active_key(session.connection(), self.operator.public_key,
                           self.coordinator.key_id) is not None:

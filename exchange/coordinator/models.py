@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Integer, String, Text
+from sqlalchemy import BigInteger, ForeignKey, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from exchange.db.base import CoordinatorBase
@@ -89,3 +89,18 @@ class RequestNonce(CoordinatorBase):
     key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     nonce: Mapped[str] = mapped_column(String(128), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class LedgerSnapshot(CoordinatorBase):
+    """The coordinator's ledger fold after the first `size` log entries, signed by its key: a
+    start-up cache, checked before use (exchange/coordinator/ledger_snapshot.py)."""
+
+    __tablename__ = "ledger_snapshots"
+
+    size: Mapped[int] = mapped_column(BigInteger(), primary_key=True, autoincrement=False)
+    root_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    fold_format: Mapped[str] = mapped_column(String(64))
+    state: Mapped[bytes] = mapped_column(LargeBinary())
+    key_id: Mapped[str] = mapped_column(String(64))
+    signature: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())

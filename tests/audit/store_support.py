@@ -168,6 +168,7 @@ class GroupLog:
         if self.checkpointer is not None:
             self.checkpointer.close()
         self.write_engine.dispose()
+        self.log.close()
 
     def submit(self, entries: Sequence[Entry | Mapping[str, Any]]) -> Future[list[int]]:
         """Queue the append; the entries are prepared (form, signature) here, in the caller's

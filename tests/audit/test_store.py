@@ -108,6 +108,19 @@ def test_append_read_and_proofs_equal_memory_tree(engine: Engine, keys: LogKeys)
                 proof = log.consistency_proof(old, size)
                 assert proof == tree.consistency_proof(old, size), (old, size)
                 merkle.verify_consistency(old, size, proof, tree.root(old), root)
+                # the API's one-query form: the same proof
+                assert log.consistency(old, size) == proof, (old, size)
+            for index in range(size):  # the API's one-query form: leaf hash and proof together
+                leaf, proof = log.inclusion(index, size)
+                assert leaf == log.leaf_hash(index) == tree.leaf(index)
+                assert proof == tree.inclusion_proof(index, size), (index, size)
+        for bad in ((45, 45), (0, 46), (-1, 3)):
+            with pytest.raises(ValueError, match=r"size|index"):
+                log.inclusion(*bad)
+        with pytest.raises(ValueError, match="size"):
+            log.consistency(3, 46)
+        with pytest.raises(ValueError, match="old_size"):
+            log.consistency(5, 4)
         with pytest.raises(ValueError, match="size"):
             log.root(46)
         assert verify_storage(engine, keys.operator.public_key) == tree.root()
@@ -408,3 +421,18 @@ def test_float_edges(value: float) -> None:
 def test_text_that_looks_like_a_placeholder_is_kept() -> None:
     for value in ({"a": "\x000", "b": 1.5}, {"\x000": 1.5}, ["x\x000", 2.5], ["\x00", 0.5]):
         assert canonical(value) == rfc8785.dumps(value)  # type: ignore[arg-type]
+
+
+def test_one_query_proofs_see_entries_another_writer_appended(engine: Engine, keys: LogKeys) -> None:
+    """`inclusion`/`consistency` skip the size look-up for sizes already seen; a size beyond
+    them (another process appended since) is looked up, not refused."""
+    with keys.open(engine) as reader, keys.open(engine) as writer:
+        writer.append(register(keys.operator, keys.writer))
+        writer.append_many([note_entry(keys.writer, "w", seq) for seq in range(6)])
+        assert reader.inclusion(0, 7)[0] == reader.leaf_hash(0)  # 7 > the 1 it saw at opening
+        writer.append_many([note_entry(keys.writer, "x", seq) for seq in range(5)])
+        tree = memory_tree(stored_leaves(engine))
+        assert reader.inclusion(11, 12)[1] == tree.inclusion_proof(11, 12)
+        assert reader.consistency(7, 12) == tree.consistency_proof(7, 12)
+        with pytest.raises(ValueError, match="log size 12"):
+            reader.inclusion(0, 13)

@@ -38,6 +38,8 @@ Measured at each size n (load average printed with each):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -63,7 +65,7 @@ from tests.bench.bench_audit_verify import _peak_rss_mb, _run_child
 
 KIND = "round.completed"
 START = datetime(2026, 1, 5, 8, 0, 0, tzinfo=UTC)
-CHUNK = 20_000  # entries per worker task and per COPY transaction
+CHUNK = 1 << 14  # entries per worker task and per COPY transaction (a power of two)
 RESULT_TAG = "RESULT "
 
 
@@ -83,8 +85,8 @@ def _payload(index: int) -> dict[str, Any]:
 
 def _sign_range(bounds: tuple[int, int]) -> list[tuple[bytes, bytes, str]]:
     """(leaf bytes, leaf hash, time) of entries [start, stop), each signed with the
-    coordinator's key (raw PyNaCl through the Signer's key: the memo of signatures this process
-    made is not wanted here)."""
+    coordinator's key through `Entry` and `canonical` (the reference the fast path is checked
+    against)."""
     start, stop = bounds
     signer = _WORKER_KEY
     assert signer is not None
@@ -100,6 +102,74 @@ def _sign_range(bounds: tuple[int, int]) -> list[tuple[bytes, bytes, str]]:
         leaf = signed.leaf_bytes()
         leaves.append((leaf, leaf_hash(leaf), entry.time))
     return leaves
+
+
+def _templated(signer: Signer, index: int) -> tuple[bytes, bytes, str]:
+    """(signing input, leaf bytes, time) of entry `index`, by string template.
+
+    The entries all have one shape, so their RFC 8785 text is a template: `canonical` over the
+    same dicts costs more than the signature itself. `_fast_chunk` checks the template against
+    `_sign_range` (the Entry/canonical path) on the first entry of every chunk, and `audit
+    verify` re-encodes every exported entry, so a template that drifted would fail loudly.
+    """
+    payload = _payload(index)
+    instant = _time(START + timedelta(milliseconds=index))
+    head = (f'{{"key_id":"{signer.key_id}","kind":"{KIND}","payload":{{"hospitals":'
+            f'{payload["hospitals"]},"loss":{_LOSS_TEXT[index % 1000]},"round":{payload["round"]},'
+            f'"study_id":"{payload["study_id"]}"}},')
+    tail = f'"time":"{instant}","v":1}}'
+    message = (head + tail).encode("ascii")
+    signature = b64encode(signer.signing_key.sign(message).signature)
+    leaf = (head + f'"signature":"{signature}",' + tail).encode("ascii")
+    return message, leaf, instant
+
+
+def _loss_texts() -> list[str]:
+    from audit.signing import canonical
+
+    return [canonical(_payload(i)["loss"]).decode("ascii") for i in range(1000)]
+
+
+_LOSS_TEXT: list[str] = []
+
+
+def _fast_chunk(bounds: tuple[int, int]) -> tuple[bytes, bytes, list[tuple[int, int, bytes]]]:
+    """Entries [start, stop) ready for the database: (COPY text of their `audit_entries` rows,
+    COPY text of every `audit_tree_nodes` row of a complete subtree inside the range, the
+    range's maximal complete subtrees in order as (level, idx, hash)).
+
+    All per-entry work happens here, in a worker: the parent only joins the ranges' edges
+    into the tree's right edge (`Frontier.push`) and streams these bytes to COPY.
+    """
+    start, stop = bounds
+    signer = _WORKER_KEY
+    assert signer is not None
+    if not _LOSS_TEXT:
+        _LOSS_TEXT.extend(_loss_texts())
+    reference = _sign_range((start, start + 1))[0]
+    if _templated(signer, start)[1] != reference[0]:
+        raise RuntimeError(f"the entry template differs from the RFC 8785 encoding at {start}")
+    key_id = signer.key_id
+    entry_rows: list[str] = []
+    node_rows: list[str] = []
+    stack: list[tuple[int, int, bytes]] = []
+    for index in range(start, stop):
+        _message, leaf, instant = _templated(signer, index)
+        digest = leaf_hash(leaf)
+        entry_rows.append(f"{index}\t\\\\x{leaf.hex()}\t\\\\x{digest.hex()}\t{KIND}\t{key_id}\t"
+                          f"{instant}\n")
+        node = (0, index, digest)
+        while True:
+            node_rows.append(f"{node[0]}\t{node[1]}\t\\\\x{node[2].hex()}\n")
+            # A node closes its parent when it is a right child and its left sibling (the
+            # same level, the index before) is on the stack, i.e. inside this range.
+            if node[1] & 1 and stack and stack[-1][0] == node[0] and stack[-1][1] == node[1] - 1:
+                left = stack.pop()
+                node = (node[0] + 1, node[1] >> 1, node_hash(left[2], node[2]))
+                continue
+            stack.append(node)
+            break
+    return "".join(entry_rows).encode("ascii"), "".join(node_rows).encode("ascii"), stack
 
 
 def _time(instant: datetime) -> str:
@@ -131,28 +201,45 @@ class Frontier:
         """Add one leaf hash; append to `nodes` the leaf node and every parent it completes."""
         entry = (0, self.size, digest)
         nodes.append(entry)
+        self.stack.append(entry)
+        self._close(nodes)
+        self.size += 1
+
+    def push(self, node: tuple[int, int, bytes], nodes: list[tuple[int, int, bytes]]) -> None:
+        """Add a complete subtree (level, idx, hash) that starts at the current size (its
+        own nodes are already stored); append to `nodes` every parent it completes."""
+        level, idx, _digest = node
+        if idx << level != self.size:
+            raise ValueError(f"subtree ({level}, {idx}) does not start at size {self.size}")
+        self.stack.append(node)
+        self._close(nodes)
+        self.size += 1 << level
+
+    def _close(self, nodes: list[tuple[int, int, bytes]]) -> None:
         stack = self.stack
-        stack.append(entry)
         while len(stack) >= 2 and stack[-1][0] == stack[-2][0]:
             right = stack.pop()
             left = stack.pop()
             parent = (left[0] + 1, left[1] >> 1, node_hash(left[2], right[2]))
             nodes.append(parent)
             stack.append(parent)
-        self.size += 1
 
 
-def _copy_chunk(connection: Any, frontier: Frontier, leaves: list[tuple[bytes, bytes, str]],
-                first: int, key_id: str) -> None:
-    nodes: list[tuple[int, int, bytes]] = []
+def _copy_chunk(connection: Any, frontier: Frontier, chunk: tuple[bytes, bytes,
+                list[tuple[int, int, bytes]]]) -> None:
+    """One worker's range into the database: its rows as prepared, then the parents that its
+    edge closes with the tree's right edge."""
+    entry_rows, node_rows, edge = chunk
+    closed: list[tuple[int, int, bytes]] = []
+    for node in edge:
+        frontier.push(node, closed)
     with connection.cursor() as cursor:
         with cursor.copy("COPY audit_entries (idx, leaf, leaf_hash, kind, key_id, time) "
                          "FROM STDIN") as copy:
-            for offset, (leaf, digest, instant) in enumerate(leaves):
-                frontier.add(digest, nodes)
-                copy.write_row((first + offset, leaf, digest, KIND, key_id, instant))
+            copy.write(entry_rows)
         with cursor.copy("COPY audit_tree_nodes (level, idx, hash) FROM STDIN") as copy:
-            for node in nodes:
+            copy.write(node_rows)
+            for node in closed:
                 copy.write_row(node)
 
 
@@ -171,15 +258,18 @@ def grow(url: str, signer: Signer, target: int, workers: int) -> tuple[int, floa
         first = frontier.size
         if first >= target:
             return 0, 0.0
-        ranges = [(start, min(target, start + CHUNK)) for start in range(first, target, CHUNK)]
+        # Ranges end on multiples of CHUNK (a power of two), so each range after the first is
+        # one complete subtree the worker computes whole.
+        bounds = [first, *range((first // CHUNK + 1) * CHUNK, target, CHUNK), target]
+        ranges = list(itertools.pairwise(bounds))
         context = multiprocessing.get_context("spawn")
         with context.Pool(workers, initializer=_init_worker,
                           initargs=(signer.seed,)) as pool:
-            for (start, _stop), leaves in zip(ranges, pool.imap(_sign_range, ranges), strict=True):
+            for (_start, stop), chunk in zip(ranges, pool.imap(_fast_chunk, ranges), strict=True):
                 with connection.transaction():
-                    _copy_chunk(connection, frontier, leaves, start, signer.key_id)
-                if (start - first) // CHUNK % 25 == 0:
-                    print(f"    grown to {start + len(leaves):,} "
+                    _copy_chunk(connection, frontier, chunk)
+                if (stop - first) // CHUNK % 25 == 0:
+                    print(f"    grown to {stop:,} "
                           f"({time.perf_counter() - started:.0f} s)", flush=True)
     return target - first, time.perf_counter() - started
 
@@ -269,6 +359,7 @@ def proofs(folder: Path, url: str, token: str, size: int, count: int) -> dict[st
                 for _ in range(20):
                     client.get(query()).raise_for_status()
             samples: dict[str, list[float]] = {name: [] for name in queries}
+            cpu_before, xacts_before = _cpu_seconds(server.pid), _transactions(url)
             for _ in range(count):  # the two kinds alternate: both see the same background load
                 for name, query in queries.items():
                     path = query()
@@ -276,6 +367,13 @@ def proofs(folder: Path, url: str, token: str, size: int, count: int) -> dict[st
                     response = client.get(path)
                     samples[name].append(time.perf_counter() - t0)
                     response.raise_for_status()
+            # What a request costs, robust under load: the coordinator's CPU time and the
+            # database transactions (each statement in autocommit is one) per request.
+            requests = 2 * count
+            results["server_cpu_ms_per_request"] = round(
+                (_cpu_seconds(server.pid) - cpu_before) * 1000 / requests, 3)
+            results["db_transactions_per_request"] = round(
+                (_transactions(url) - xacts_before - 1) / requests, 2)
             for name, values in samples.items():
                 results[name] = _percentiles(values)
             # One proof checked against the checkpoint, so a fast wrong answer cannot pass.
@@ -284,6 +382,25 @@ def proofs(folder: Path, url: str, token: str, size: int, count: int) -> dict[st
         server.terminate()
         server.wait(30)
     return results
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _transactions(url: str) -> int:
+    """Committed + rolled-back transactions of the benchmark's database so far (the
+    statistics collector's count; the reading itself is one)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("SELECT pg_stat_clear_snapshot()")
+        row = connection.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                                 "WHERE datname = current_database()").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def _check_one_proof(client: httpx.Client, size: int, rng: random.Random) -> None:
@@ -363,9 +480,15 @@ def measure(sizes: list[int], args: argparse.Namespace) -> Iterator[dict[str, An
     from exchange.db.engine import make_engine
     from tests.audit.store_support import ORIGIN, LogKeys
 
-    with tempfile.TemporaryDirectory(prefix="bench-log-scale-", dir=args.dir) as tmp, \
-            _database(True, Path(tmp)) as url:
-        folder = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.database is not None:
+            # A database and key folder left by an earlier run (stopped by SIGKILL, so not
+            # dropped): grow it on from its size instead of from nothing. A new auditor key.
+            url, folder = args.database, args.database_keys
+        else:
+            folder = Path(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="bench-log-scale-", dir=args.dir)))
+            url = stack.enter_context(_database(True, folder))
         token = prepare(folder, url)
         keys = LogKeys(Signer.load(folder / "operator.key"), Signer.load(folder / "log.key"),
                        Signer.load(folder / "coordinator.key"))
@@ -381,15 +504,20 @@ def measure(sizes: list[int], args: argparse.Namespace) -> Iterator[dict[str, An
             result["checkpoint_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             engine.dispose()
             result.update(proofs(folder, url, token, size, args.proofs))
-            if not args.no_verify:
-                result.update(export_and_verify(url, folder / f"export-{size}"))
-                for leftover in sorted((folder / f"export-{size}").rglob("*"), reverse=True):
-                    leftover.unlink() if leftover.is_file() else leftover.rmdir()
-                (folder / f"export-{size}").rmdir()
             result.update(appends(url, folder, keys, args.appends, args.threads, run))
             with __import__("psycopg").connect(url) as connection:
                 result["database_mb"] = round(connection.execute(
                     "SELECT pg_database_size(current_database())").fetchone()[0] / 1e6)
+            verify_here = not args.no_verify and (args.verify_sizes is None
+                                                  or size in _sizes(args.verify_sizes, None))
+            if verify_here:
+                # Export and verify last (linear in the log: the longest part at 10M), the
+                # rest printed first so that a run stopped during them still has its figures.
+                print("partial " + json.dumps(result), flush=True)
+                result.update(export_and_verify(url, folder / f"export-{size}"))
+                for leftover in sorted((folder / f"export-{size}").rglob("*"), reverse=True):
+                    leftover.unlink() if leftover.is_file() else leftover.rmdir()
+                (folder / f"export-{size}").rmdir()
             result["load_end"] = round(os.getloadavg()[0], 1)
             yield result
 
@@ -407,8 +535,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1),
                         help="signing processes while growing the log")
     parser.add_argument("--no-verify", action="store_true", help="skip export and verify")
+    parser.add_argument("--verify-sizes", default=None,
+                        help="export and verify only at these sizes (comma-separated; default all)")
     parser.add_argument("--json", type=Path, default=None, help="append each result here")
     parser.add_argument("--dir", type=Path, default=None, help="folder for exports and keys")
+    parser.add_argument("--database", default=None,
+                        help="grow on an existing benchmark database (kept by a killed run)")
+    parser.add_argument("--database-keys", type=Path, default=None,
+                        help="with --database: the folder holding its keys")
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--child-export", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

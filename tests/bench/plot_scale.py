@@ -42,7 +42,12 @@ def _save(fig: Any, out: Path) -> None:
 
 def plot_log(results: list[dict[str, Any]], out: Path) -> None:
     """Four panels against entries (log-log): append rates, proof latencies, times, sizes."""
-    rows = sorted(results, key=lambda r: r["entries"])
+    # Each figure from the latest row of its size that has it (the file is appended to, run
+    # after run; a later run may skip export and verify).
+    merged: dict[int, dict[str, Any]] = {}
+    for result in results:
+        merged.setdefault(result["entries"], {}).update(result)
+    rows = sorted(merged.values(), key=lambda r: r["entries"])
     n = [r["entries"] for r in rows]
     fig, axes = _figure(2, 2)
     Key = str | tuple[str, str]
