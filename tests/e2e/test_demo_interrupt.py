@@ -36,7 +36,7 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     log = tmp_path / "demo.stdout"
     with log.open("wb") as handle:
         demo = subprocess.Popen([sys.executable, "-m", "exchange.cli", "demo", "--out", str(out), "--no-live",
-                                 "--rounds", "20"], stdout=handle, stderr=subprocess.STDOUT,
+                                 "--rounds", "50"], stdout=handle, stderr=subprocess.STDOUT,
                                 env={**os.environ, "COLUMNS": "160"})
     try:
         deadline = time.monotonic() + 300  # a broken demo must not hang the suite; not a timing test
@@ -44,7 +44,9 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
             assert demo.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
-        # training has begun: wait until the hospitals' SuperNodes are up too
+        # training has begun (50 rounds, the most the demo takes, so that the interrupt lands in
+        # training even when the SuperNodes are seen late on a busy machine): wait until the
+        # hospitals' SuperNodes are up too
         # (federated.runtime.hosted_supernode: a hospital's SuperNode with its executor)
         while not any("supernode" in p for p in _mentioning(str(out))):
             assert demo.poll() is None, log.read_text()
