@@ -125,6 +125,22 @@ class CheckpointCosigning:
         self._max_future_s = max_future_s
         self.signed: dict[str, int] = {}  # witness name -> timestamp
 
+    def knows(self, witness: str) -> bool:
+        """Whether `witness` is one of this checkpoint's trust policy's witnesses."""
+        return any(name == witness for name, _ in self._verifiers)
+
+    def adopt(self, trust: Trust) -> bool:
+        """Take a newer trust policy of the same log (witnesses registered since this checkpoint
+        was offered), keeping the cosignatures gathered; whether it added a witness."""
+        if (trust.log_public_key, trust.origin) != (self.trust.log_public_key, self.trust.origin):
+            return False
+        added = {(w.name, w.key_id): w for w in trust.witnesses}.keys() - self._verifiers.keys()
+        if not added:
+            return False
+        self.trust = trust
+        self._verifiers = {(w.name, w.key_id): CosignatureV1Verifier(w) for w in trust.witnesses}
+        return True
+
     @property
     def required(self) -> int:
         return self.trust.witness_quorum()

@@ -273,6 +273,8 @@ class Checkpointing:
         with self._changed:
             had_quorum = cosigning.quorum_met
             try:
+                if not cosigning.knows(witness):  # registered after this checkpoint was offered
+                    cosigning.adopt(self.trust())
                 cosigning.add_response(lines)
             except CosignatureError as exc:
                 self._refused[witness] = str(exc)
