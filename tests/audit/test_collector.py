@@ -94,6 +94,41 @@ def test_bad_responses_are_refused_and_add_nothing() -> None:
         assert cosigning.signed == {} and cosigning.note() == note
 
 
+def test_a_witness_registered_after_the_offer_is_adopted_and_earlier_cosignatures_kept() -> None:
+    log = TinyLog().grow(5)
+    clock = Clock()
+    first, late = (make_witness(log, name, clock=clock) for name in ("first", "late"))
+    note = log.checkpoint()
+    cosigning = CheckpointCosigning(note, log.trust([first.vkey]), clock=clock)
+    cosigning.add_response(first.add_checkpoint(0, [], note).lines)
+    late_response = late.add_checkpoint(0, [], note).lines
+    assert not cosigning.knows("late")
+    with pytest.raises(CosignatureError, match="not a witness"):
+        cosigning.add_response(late_response)
+    # The same log's newer policy (the late hospital registered) is adopted; the first
+    # witness's cosignature stays, and the late one is now checked and accepted.
+    assert cosigning.adopt(log.trust([first.vkey, late.vkey]))
+    assert cosigning.knows("late") and cosigning.signed.keys() == {"first"}
+    assert cosigning.add_response(late_response) == ["late"]
+    assert cosigning.quorum_met and cosigning.missing == []
+    assert set(check_cosignatures(cosigning.note(), cosigning.trust.witnesses,
+                                  now=clock.now).signed) == {"first", "late"}
+    # Nothing new to adopt: no change.
+    assert not cosigning.adopt(log.trust([first.vkey, late.vkey]))
+
+
+def test_another_logs_policy_is_never_adopted() -> None:
+    log = TinyLog().grow(3)
+    other = TinyLog().grow(3)
+    clock = Clock()
+    stranger = make_witness(other, "stranger", clock=clock)
+    cosigning = CheckpointCosigning(log.checkpoint(), log.trust(), clock=clock)
+    assert not cosigning.adopt(other.trust([stranger.vkey]))  # another log key
+    moved = TinyLog(log.log, log.operator, "elsewhere.example/log")
+    assert not cosigning.adopt(moved.trust([stranger.vkey]))  # the same key, another origin
+    assert not cosigning.knows("stranger") and cosigning.trust.witnesses == ()
+
+
 def test_the_log_key_and_origin_are_checked_first() -> None:
     log = TinyLog().grow(2)
     with pytest.raises(NoteError, match="no signature by the pinned key"):
