@@ -436,6 +436,13 @@ class NodeDirectory:
 
             key = (keys.get(hospital) or keys.get(f"hospital:{_bare_id(hospital)}")
                    or keys.get(_bare_id(hospital)))
+            if key is None and not self.approved(hospital):
+                # Keys come with the study's approved hospitals: a hospital that approved after
+                # the run started (or never did) is not part of this run, which is no fault.
+                self.rejected[node] = (f"hello from {hospital!r}: not one of the hospitals the run "
+                                       f"was started for (not approved when it started)")
+                log.info("study %s: node %d %s", self.spec.study_id, node, self.rejected[node])
+                return
             try:
                 if key is None:
                     raise BadSignatureError("no registered key")

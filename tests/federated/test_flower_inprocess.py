@@ -9,6 +9,7 @@ message. The same behaviours against real SuperLink/SuperNode processes: test_fl
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -444,7 +445,8 @@ def test_update_of_the_wrong_shape_is_not_aggregated(sites: dict[str, DemoSite],
 
 def _grid_run(sites: dict[str, DemoSite], spec: StudySpec, tmp_path: Path, *,
               approved: set[str] | None = None, keys: bool = True, client_app: Any = None,
-              before: Any = None) -> tuple[RecordingObserver, InProcessGrid]:
+              before: Any = None, keys_of_approved_only: bool = False
+              ) -> tuple[RecordingObserver, InProcessGrid]:
     for demo in sites.values():
         approve(demo.site, spec.study_id)  # every hospital approved it locally
     grid = InProcessGrid({i + 1: d.site.node_config() for i, d in enumerate(sites.values())},
@@ -454,7 +456,9 @@ def _grid_run(sites: dict[str, DemoSite], spec: StudySpec, tmp_path: Path, *,
     observer = RecordingObserver()
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                       run_config=spec.to_run_config())
-    hospital_keys = {h: d.signer.public_key for h, d in sites.items()} if keys else None
+    hospital_keys = {h: d.signer.public_key for h, d in sites.items()
+                     if keys_of_approved_only is False or approved is None or h in approved
+                     } if keys else None
     options = ServerOptions(output_dir=tmp_path / "out", poll=0.01, hospital_keys=hospital_keys,
                             approved_hospitals=frozenset(approved) if approved is not None else None)
     with contextlib.suppress(StudyFailedError):
@@ -473,6 +477,23 @@ def test_only_the_approved_hospitals_nodes_get_the_model(sites: dict[str, DemoSi
         assert sorted(r.hospital for r in receipts) == ["hospital:hospital-a", "hospital:hospital-b"]
     assert [m.metadata.message_type for m in grid.pushed if m.metadata.dst_node_id == 3] == ["query"]
     assert _ledger(sites["hospital-c"]).plan("s-approved") is None
+
+
+def test_a_hospital_not_approved_at_the_start_is_told_apart_from_a_bad_signature(
+        sites: dict[str, DemoSite], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As the coordinator runs it, the run knows only its approved hospitals' keys. Another
+    hospital's hello (it approved after the start, say) is not a signature failure: the log says
+    it is not one of the run's hospitals, at INFO, and it gets nothing but the hello."""
+    spec = _spec("s-late", rounds=1, min_hospitals=2)
+    with caplog.at_level(logging.INFO, logger="federated.server"):
+        observer, grid = _grid_run(sites, spec, tmp_path, approved={"hospital-a", "hospital-b"},
+                                   keys_of_approved_only=True)
+    assert observer.completed is not None
+    assert [m.metadata.message_type for m in grid.pushed if m.metadata.dst_node_id == 3] == ["query"]
+    said = [r for r in caplog.records if "hospital-c" in r.getMessage()]
+    assert said and all(r.levelno == logging.INFO for r in said)
+    assert any("not one of the hospitals the run was started for" in r.getMessage() for r in said)
+    assert not any("signature does not verify" in r.getMessage() for r in caplog.records)
 
 
 def test_receipt_of_a_hospital_outside_the_approved_set_is_ignored(sites: dict[str, DemoSite],
