@@ -24,6 +24,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from typing import BinaryIO
 
 import numpy as np
@@ -44,7 +45,7 @@ _sha256 = hashlib.sha256
 #: how many it reads back at a time (a power of two, so that chunks are aligned subtrees).
 LEAVES_IN_MEMORY = 1 << 15
 #: Leaf-hash prefixes `first_repeat` sorts at once; a longer log is partitioned first.
-REPEATS_SORTED_IN_MEMORY = 1 << 20
+REPEATS_SORTED_IN_MEMORY = 1 << 18
 _DEFAULT = -1
 _RECORD = np.dtype([("key", "<u8"), ("index", "<i8")])
 
@@ -276,13 +277,14 @@ def first_repeat(tree: LeafTree, size: int | None = None) -> tuple[int, int] | N
     `REPEATS_SORTED_IN_MEMORY` at a time, and each prefix seen twice is confirmed against the
     full hashes, so a prefix collision is never reported.
     """
-    size = tree._checked(size)  # noqa: SLF001 (same module)
+    size = tree._checked(size)
     if size <= REPEATS_SORTED_IN_MEMORY:
         return _repeat_in(tree, _records(tree, 0, size))
     bits = min(12, max(1, (size // REPEATS_SORTED_IN_MEMORY).bit_length() + 1))
     shift = np.uint64(64 - bits)
-    parts = [tempfile.TemporaryFile(prefix="audit-repeats-") for _ in range(1 << bits)]
-    try:
+    with ExitStack() as files:
+        parts = [files.enter_context(tempfile.TemporaryFile(prefix="audit-repeats-"))
+                 for _ in range(1 << bits)]
         for start in range(0, size, LEAVES_IN_MEMORY):
             records = _records(tree, start, min(start + LEAVES_IN_MEMORY, size))
             bucket = (records["key"] >> shift).astype(np.int64)
@@ -301,9 +303,6 @@ def first_repeat(tree: LeafTree, size: int | None = None) -> tuple[int, int] | N
             if found is not None and (best is None or found < best):
                 best = found
         return best
-    finally:
-        for part in parts:
-            part.close()
 
 
 def _records(tree: LeafTree, start: int, stop: int) -> np.ndarray:

@@ -613,8 +613,8 @@ def save_state(path: Path, checkpoint_text: str, tree: LeafTree, size: int) -> N
     def pieces() -> Iterable[bytes]:
         yield head[:cut]
         carry = b""
-        for data in tree.iter_leaf_bytes(0, size):
-            data = carry + data
+        for chunk in tree.iter_leaf_bytes(0, size):
+            data = carry + chunk
             whole = len(data) - len(data) % 3
             yield binascii.b2a_base64(data[:whole], newline=False)
             carry = data[whole:]

@@ -51,7 +51,7 @@ def test_extend_bytes_equals_append_and_keeps_watched_roots() -> None:
     for tree in (one, batched):
         assert tree.root() == full.root() and tree.spilled
         for size in (0, 1, 5, 128, 129, 1000, 2999, 3000):
-            assert tree._watched.get(size, EMPTY_ROOT) == full.root(size)  # noqa: SLF001
+            assert tree._watched.get(size, EMPTY_ROOT) == full.root(size)
             assert tree.root(size) == full.root(size)
     assert one.leaf_bytes() == batched.leaf_bytes() == full.leaf_bytes()
 
