@@ -126,10 +126,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-audit-verify-") as tmp:
         folder = args.export.resolve() if args.export is not None else Path(tmp) / "log"
         start = time.perf_counter()
-        if not (folder / "checkpoint").exists():
+        if (folder / "checkpoint").exists():
+            print(f"  (the existing export in {folder})", flush=True)
+        else:
             write_generated_log(folder, entries, seed=1, witnesses=3)
+            print(f"  (generated {entries:,} entries in {time.perf_counter() - start:.1f} s)",
+                  flush=True)
         generated = time.perf_counter() - start
-        print(f"  (generated {entries:,} entries in {generated:.1f} s)", flush=True)
         size_mb = (folder / "entries.jsonl").stat().st_size / 1e6
         checks = _baseline_checks(folder)
         entries = len(checks)  # (an existing --export may hold another number)
