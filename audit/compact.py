@@ -159,10 +159,17 @@ class LeafTree:
             self._watched[self._size] = fold_subtrees(self._frontier)
 
     def _spill(self) -> None:
-        if self._file is None:
-            self._file = tempfile.TemporaryFile(prefix="audit-leaves-", buffering=0)  # noqa: SIM115 (closed by `close`)
-        self._file.seek(0, os.SEEK_END)
-        self._file.write(self._buffer)
+        try:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix="audit-leaves-", buffering=0)  # noqa: SIM115 (closed by `close`)
+            self._file.seek(0, os.SEEK_END)
+            self._file.write(self._buffer)
+        except OSError:
+            # No writable temporary folder (or it is full): keep the leaves in memory rather
+            # than fail a verification; only the memory bound is lost. The file's first
+            # `_stored` leaves stay valid (reads never go past them).
+            self._limit = None
+            return
         self._stored += len(self._buffer) // HASH_SIZE
         self._buffer = bytearray()
 
@@ -278,8 +285,17 @@ def first_repeat(tree: LeafTree, size: int | None = None) -> tuple[int, int] | N
     full hashes, so a prefix collision is never reported.
     """
     size = tree._checked(size)
-    if size <= REPEATS_SORTED_IN_MEMORY:
-        return _repeat_in(tree, _records(tree, 0, size))
+    if size > REPEATS_SORTED_IN_MEMORY:
+        try:
+            return _partitioned_repeat(tree, size)
+        except OSError:  # no room for the partitions: sort in memory (the bound is lost)
+            pass
+    return _repeat_in(tree, _records(tree, 0, size))
+
+
+def _partitioned_repeat(tree: LeafTree, size: int) -> tuple[int, int] | None:
+    """`first_repeat` of a long log: the records partitioned by their prefixes' leading bits
+    into temporary files, each sorted alone (a repeat's two records share a partition)."""
     bits = min(12, max(1, (size // REPEATS_SORTED_IN_MEMORY).bit_length() + 1))
     shift = np.uint64(64 - bits)
     with ExitStack() as files:

@@ -83,3 +83,27 @@ def test_first_repeat_finds_the_first_copy_and_confirms_prefixes(
     assert first_repeat(tree, 2500) is None
     late = [*hashes, twin, hashes[7], hashes[2999]]  # the prefix twin comes first
     assert first_repeat(LeafTree(late, spill_after=64)) == (3001, 7)
+
+
+def test_without_a_writable_temporary_folder_everything_stays_in_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No temporary file can be made (no writable folder, disk full): the tree keeps its
+    leaves and `first_repeat` sorts in memory; the answers are the same. A tree that made its
+    file before keeps writing to it."""
+    monkeypatch.setattr(compact, "REPEATS_SORTED_IN_MEMORY", 64)
+    hashes = [leaf_hash(str(i).encode()) for i in range(500)]
+    full = MemoryTree(hashes)
+    partly = LeafTree(hashes[:64], spill_after=32)
+    assert partly.spilled
+
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(compact.tempfile, "TemporaryFile", refuse)
+    partly.extend([*hashes[64:], hashes[3]])
+    assert partly.root(500) == full.root() and partly.leaf_bytes(500) == full.leaf_bytes()
+    assert first_repeat(partly) == (500, 3)
+    fresh = LeafTree([*hashes, hashes[321]], spill_after=32)
+    assert not fresh.spilled
+    assert fresh.root(500) == full.root() and first_repeat(fresh) == (500, 321)
+    partly.close()
