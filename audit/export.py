@@ -149,12 +149,19 @@ def fsync_dir(path: Path) -> None:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` with `data` atomically: temp file in the same folder, fsync, rename, fsync dir."""
+    atomic_write_pieces(path, (data,))
+
+
+def atomic_write_pieces(path: Path, pieces: Iterable[bytes]) -> None:
+    """`atomic_write` of the concatenated `pieces`, written as they come (a large file need not
+    be held in memory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for piece in pieces:
+                handle.write(piece)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from types import MappingProxyType
+from typing import Any, cast
 
 from audit.claim_pools import ClaimPool, ClaimPools
 from audit.entry import EntryFields, format_time, parse_time
@@ -85,6 +86,13 @@ class EscrowStatus(StrEnum):
     CLOSED = "closed"    # nothing held any more
 
 
+#: What a study that takes no more receipts keeps of them: shared immutable empties, so that a
+#: long log's fold (one Escrow per study ever escrowed) holds no containers per finished study.
+_DONE_RECEIPTS: tuple[Receipt, ...] = ()
+_DONE_SEEN: frozenset[tuple[int, str]] = frozenset()
+_DONE_MEMBERS: Mapping[int, frozenset[str]] = MappingProxyType({})
+
+
 @dataclass(slots=True)
 class Escrow:
     """One study's escrow as the fold sees it (receipts are kept only while it is open).
@@ -98,11 +106,13 @@ class Escrow:
     account: str
     escrowed: int
     terms: StudyTerms
-    receipts: list[Receipt] = field(default_factory=list)
-    seen: set[tuple[int, str]] = field(default_factory=set)
+    #: the receipts and (round, hospital) pairs of an open study; once it takes no more
+    #: receipts, the shared empty `_DONE_RECEIPTS` and `_DONE_SEEN` (see `_done`)
+    receipts: list[Receipt] | tuple[Receipt, ...] = field(default_factory=list)
+    seen: set[tuple[int, str]] | frozenset[tuple[int, str]] = field(default_factory=set)
     #: round -> the hospitals whose inputs formed its secure aggregate (`study.round`'s
     #: `aggregate_members`); a receipt of such a round pays only if its hospital is listed
-    members: dict[int, frozenset[str]] = field(default_factory=dict)
+    members: dict[int, frozenset[str]] | Mapping[int, frozenset[str]] = field(default_factory=dict)
     #: the escrow's `unclaimed` terms: (claim window in seconds, account the rest is swept to);
     #: None for an escrow that set none (its pools stay open for ever)
     sweep: tuple[int, str] | None = None
@@ -402,8 +412,10 @@ class Ledger:
         if seen in study.seen:
             raise _RuleError(f"round: {hospital!r} already has a receipt for round {round_number} "
                            f"of {study_id!r}")
-        study.seen.add(seen)
-        study.receipts.append(Receipt(study_id, round_number, hospital, records_used, rewards))
+        # an open study's containers are its own (`_done` replaces them once it is not open)
+        cast(set[tuple[int, str]], study.seen).add(seen)
+        cast(list[Receipt], study.receipts).append(
+            Receipt(study_id, round_number, hospital, records_used, rewards))
         study.receipt_count += 1
 
     def _payout(self, entry: EntryFields) -> None:
@@ -446,9 +458,7 @@ class Ledger:
         study.status = EscrowStatus.CLOSED if study.held == 0 else EscrowStatus.PAID
         # A study is paid out once and takes no receipts after it: forget them, so that a
         # long log's fold keeps only the open studies' receipts in memory.
-        study.receipts = []
-        study.seen = set()
-        study.members = {}
+        _done(study)
 
     def _round(self, entry: EntryFields) -> None:
         """A secure-aggregation round names its aggregate's members (docs/secure-aggregation.md):
@@ -466,7 +476,7 @@ class Ledger:
         if round_number in study.members:
             raise _RuleError(f"round: round {round_number} of {study.study_id!r} already named its members")
         if study.status is EscrowStatus.OPEN:
-            study.members[round_number] = frozenset(members)
+            cast(dict[int, frozenset[str]], study.members)[round_number] = frozenset(members)
 
     def _claim(self, entry: EntryFields) -> None:
         """A leaf of a receipt's reward commitment, shown with its inclusion proof, is paid its
@@ -549,8 +559,7 @@ class Ledger:
         self._commit({account: amount}, escrow=-amount)
         study.refunded += amount
         study.status = EscrowStatus.CLOSED
-        study.receipts = []
-        study.seen = set()
+        _done(study)
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -587,6 +596,15 @@ class Ledger:
         self.state.minted += minted
         self.state.escrow += escrow
         self.state.unclaimed += unclaimed
+
+
+def _done(study: Escrow) -> None:
+    """A study that takes no more receipts (paid out or refunded) forgets them: it keeps the
+    shared immutable empties, which nothing changes (receipts and members are only added to an
+    open study)."""
+    study.receipts = _DONE_RECEIPTS
+    study.seen = _DONE_SEEN
+    study.members = _DONE_MEMBERS
 
 
 def _paying(study: Escrow) -> list[Receipt]:

@@ -4,14 +4,21 @@ What is checked, in log order, stopping at the first bad entry:
 1. each line is one JSON object in RFC 8785 canonical form followed by "\\n" (the line bytes
    are then the Merkle leaf input, used as they are: no re-encoding);
 2. it is a well-formed envelope (audit.entry rules) with a 64-byte base64 signature;
-3. it is not a byte-for-byte replay of an earlier entry (a signed entry can appear once);
+3. it is not a byte-for-byte replay of an earlier entry (a signed entry can appear once;
+   looked for once all leaves are in, which decides the same: `LogVerifier.finish`);
 4. its signer is registered and not revoked or rotated away (audit.keyring), and key entries
    are allowed; its Ed25519 signature verifies against that key;
 5. the token ledger accepts it (audit.ledger: conservation, escrows, payouts);
 then the rebuilt RFC 6962 tree must match the checkpoint (signed by the pinned log key, same
 origin, same size, same root), and with a state file the saved checkpoint must be consistent with
-the new one (RFC 9162 consistency proof computed from the rebuilt tree and verified against the
-saved root). Only then is the new checkpoint saved, atomically.
+the new one (the root of the log's first saved-size entries must be the saved root: with the
+whole log at hand, that is what a consistency proof computed from it establishes). Only then is
+the new checkpoint saved, atomically.
+
+Memory does not grow with the log (audit/compact.py): the tree keeps its right frontier and the
+roots at the checkpoints' sizes, taken as the entries stream by; the leaf hashes go to a
+temporary file, read back to find replays, name a fork or save the state; the ledger's claim
+pools spill to a temporary SQLite file (audit/claim_pools.py).
 
 Why it is fast: lines are checked a batch at a time (LogVerifier.run): each line is parsed once
 in C (msgspec, straight into an envelope record, no `Entry` per line) and checked to be canonical
@@ -54,7 +61,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
 from audit.checkpoint import Checkpoint, CheckpointError, verify_checkpoint
-from audit.compact import LeafIndex, LeafTree
+from audit.compact import LeafTree, first_repeat
 from audit.cosignature import CosignatureReport, check_cosignatures
 from audit.entry import (
     ENVELOPE_FIELDS,
@@ -69,14 +76,14 @@ from audit.export import (
     ExportError,
     ExportPaths,
     Trust,
-    atomic_write,
+    atomic_write_pieces,
     iter_lines,
     read_checkpoint_text,
     read_trust,
 )
 from audit.keyring import Keyring, KeyringError
 from audit.ledger import Ledger, LedgerError
-from audit.merkle import HASH_SIZE, ProofError, verify_consistency
+from audit.merkle import HASH_SIZE
 from audit.signing import b64decode, b64encode, canonical
 from audit.untrusted import MAX_INTEGER_DIGITS, DuplicateKeyError, UntrustedJSONError, load_json, printable
 
@@ -595,11 +602,25 @@ def load_state(path: Path, trust: Trust) -> SavedState | None:
 
 
 def save_state(path: Path, checkpoint_text: str, tree: LeafTree, size: int) -> None:
-    """Save the checkpoint (and the leaf hashes it covers, to name a later fork) atomically."""
-    leaves = tree.leaf_bytes(size)
-    data = json.dumps({"version": STATE_VERSION, "checkpoint": checkpoint_text,
-                       "leaf_hashes": b64encode(leaves)}, indent=1).encode() + b"\n"
-    atomic_write(path, data)
+    """Save the checkpoint (and the leaf hashes it covers, to name a later fork) atomically.
+
+    The leaf hashes are written as they are read back from the tree, in base64 pieces of whole
+    3-byte groups, so that saving does not hold them all in memory."""
+    head = json.dumps({"version": STATE_VERSION, "checkpoint": checkpoint_text,
+                       "leaf_hashes": ""}, indent=1).encode()
+    cut = head.rindex(b'""') + 1  # inside the empty string: the base64 goes there
+
+    def pieces() -> Iterable[bytes]:
+        yield head[:cut]
+        carry = b""
+        for chunk in tree.iter_leaf_bytes(0, size):
+            data = carry + chunk
+            whole = len(data) - len(data) % 3
+            yield binascii.b2a_base64(data[:whole], newline=False)
+            carry = data[whole:]
+        yield binascii.b2a_base64(carry, newline=False) + head[cut:] + b"\n"
+
+    atomic_write_pieces(path, pieces())
 
 
 def _first_divergence(saved: SavedState, tree: LeafTree, upto: int) -> int | None:
@@ -612,19 +633,16 @@ def _first_divergence(saved: SavedState, tree: LeafTree, upto: int) -> int | Non
         return None
     if LeafTree.from_leaf_bytes(leaves).root() != saved.checkpoint.root:
         return None
-    ours = tree.leaf_bytes(min(upto, tree.size))
-    limit = min(len(leaves), len(ours))
-    if leaves[:limit] == ours[:limit]:
-        return None
-    # Binary search: the first `low` leaves agree, the first `high` do not.
-    low, high = 0, limit // HASH_SIZE
-    while high - low > 1:
-        mid = (low + high) // 2
-        if leaves[:mid * HASH_SIZE] == ours[:mid * HASH_SIZE]:
-            low = mid
-        else:
-            high = mid
-    return low
+    limit = min(len(leaves) // HASH_SIZE, upto, tree.size)
+    start = 0
+    for ours in tree.iter_leaf_bytes(0, limit):  # a chunk at a time: the leaves are on disk
+        theirs = leaves[start * HASH_SIZE:start * HASH_SIZE + len(ours)]
+        if theirs != ours:
+            return start + next(i for i in range(len(ours) // HASH_SIZE)
+                                if theirs[i * HASH_SIZE:(i + 1) * HASH_SIZE]
+                                != ours[i * HASH_SIZE:(i + 1) * HASH_SIZE])
+        start += len(ours) // HASH_SIZE
+    return None
 
 
 def default_workers() -> int:
@@ -653,13 +671,12 @@ class LogVerifier:
         self.kinds: Counter[str] = Counter()
         self.problem: Problem | None = None
         self._parser = CanonicalParser()
-        self._seen = LeafIndex()
+        self._repeat_checked = False
         self._sigs = _SignatureChecks(0 if workers is None else workers, batch_size)
         # bound once: `_feed` runs per entry, and each attribute look-up there counts
         self._envelope = self._parser.envelope
         self._admit = self.keyring.admit
         self._add_signature = self._sigs.add
-        self._seen_add = self._seen.add
         self._append = self.tree.append
         self._fold = None if self.ledger is None else self.ledger.apply
         #: kind -> whether the ledger reads it (`Ledger.reads`), filled as kinds appear
@@ -806,16 +823,6 @@ class LogVerifier:
         base = self.tree.size
         leaves = [_sha256(b"\x00" + line).digest() for line in lines[:n]]
         data = b"".join(leaves)
-        for position in self._seen.add_many(data):  # a prefix seen: confirmed by the full hash
-            leaf = leaves[position]
-            earlier = self.tree.find(leaf)
-            if earlier is None and leaf in leaves[:position]:
-                earlier = base + leaves.index(leaf)
-            if earlier is not None:
-                n = position
-                self.problem = Problem(base + n, f"duplicate: byte-for-byte the same entry "
-                                                 f"as entry {earlier} (a replayed entry)")
-                break
         a2b = binascii.a2b_base64
         sigs = self._sigs
         # the signed bytes: the line without `,"signature":"<88 characters>"`, which in a
@@ -846,7 +853,8 @@ class LogVerifier:
                     reason = f"cannot be checked ({type(exc).__name__}: {exc})"
                 if reason is not None:
                     n = position
-                    self.problem = Problem(base + n, printable(reason))
+                    self.problem = (self._replayed(base + n, leaves[n], leaves[:n])
+                                    or Problem(base + n, printable(reason)))
                     break
         self.tree.extend_bytes(data if n == len(leaves) else data[:n * HASH_SIZE])
         self.kinds.update(kinds[:n])
@@ -893,7 +901,9 @@ class LogVerifier:
         except _CONTENT_ERRORS as exc:
             reason = f"cannot be checked ({type(exc).__name__}: {exc})"
         if reason is not None:  # quoted content may hold controls, bidi overrides, surrogates
-            self.problem = Problem(index, printable(reason))
+            replayed = (self._replayed(index, _sha256(b"\x00" + raw[:-1]).digest())
+                        if raw.endswith(b"\n") else None)
+            self.problem = replayed or Problem(index, printable(reason))
         if self.problem is None and self._sigs.failed is not None:
             self.problem = Problem(self._sigs.failed, "signature: does not verify with the "
                                                       "signer's registered key")
@@ -910,11 +920,6 @@ class LogVerifier:
         entry = self._envelope(line)
         signature = decode_signature(entry.signature)
         leaf = _sha256(b"\x00" + line).digest()
-        if self._seen_add(leaf):  # the prefix was seen: confirmed against the full hashes
-            earlier = self.tree.find(leaf)
-            if earlier is not None:
-                raise MalformedEntryError(f"duplicate: byte-for-byte the same entry as entry "
-                                          f"{earlier} (a replayed entry)")
         public_key = self._admit(entry, index)
         if entry.kind.startswith("key."):  # it may have ended a key: forget those
             for kid in [kid for kid in self._signers if not self._active(kid)]:
@@ -930,13 +935,40 @@ class LogVerifier:
         self._append(leaf)
         self.kinds[entry.kind] += 1
 
+    def _replayed(self, index: int, leaf: bytes, pending: list[bytes] | None = None,
+                  ) -> Problem | None:
+        """The replay problem if the entry at `index`, refused for another reason, is a copy of
+        an earlier one (the replay check comes first), else None. `pending`: the leaves of
+        the entries accepted since the tree was last extended. Reads the leaves back once, on
+        this failure path only."""
+        earlier = self.tree.find(leaf)
+        if earlier is None and pending and leaf in pending:
+            earlier = self.tree.size + pending.index(leaf)
+        if earlier is None:
+            return None
+        return _replay_problem(index, earlier)
+
     def finish(self) -> Problem | None:
-        """Wait for the outstanding signature checks; the problem with the smallest index."""
+        """Wait for the outstanding signature checks and look for replayed entries; the
+        problem with the smallest index.
+
+        A replay is found here, once every leaf is in (`audit.compact.first_repeat`, in bounded
+        memory), rather than entry by entry against an index that would grow with the log.
+        That decides as the check in log order did: the checks of entries after a replay
+        cannot hide it (the smallest index wins, and a replay wins a tie, as it came first
+        in an entry's checks), and an entry refused for another reason is itself looked up
+        (`_replayed`)."""
         failed = self._sigs.finish()
         if failed is not None and (self.problem is None or self.problem.index is None
                                    or failed < self.problem.index):
             self.problem = Problem(failed, "signature: does not verify with the signer's "
                                            "registered key")
+        if not self._repeat_checked:
+            self._repeat_checked = True
+            repeat = first_repeat(self.tree)
+            if repeat is not None and (self.problem is None or self.problem.index is None
+                                       or repeat[0] <= self.problem.index):
+                self.problem = _replay_problem(*repeat)
         return self.problem
 
     def ledger_json(self) -> dict[str, Any] | None:
@@ -949,6 +981,11 @@ class LogVerifier:
         elif count:
             result["claim_pools"] = self.ledger.claim_pools_json()
         return result
+
+
+def _replay_problem(index: int, earlier: int) -> Problem:
+    return Problem(index, f"duplicate: byte-for-byte the same entry as entry {earlier} "
+                          f"(a replayed entry)")
 
 
 class _LedgerFailureError(Exception):
@@ -1038,6 +1075,12 @@ def verify_lines(lines: Iterable[bytes], checkpoint_text: bytes | str, trust: Tr
     checkpoint = report.checkpoint
 
     verifier = LogVerifier(trust, workers=workers, with_ledger=with_ledger, batch_size=batch_size)
+    # The roots the checks below compare are taken as the leaves stream by: the leaves
+    # themselves are read back (from the tree's temporary file) only to name a fork.
+    if state is not None:
+        verifier.tree.watch(state.checkpoint.size)
+    if checkpoint is not None:
+        verifier.tree.watch(checkpoint.size)
     read = 0
     # The cyclic garbage collector's automatic passes are paused while entries are checked:
     # what a line makes dies with it (no reference cycles), and what lives on (the ledger's
@@ -1082,15 +1125,20 @@ def verify_lines(lines: Iterable[bytes], checkpoint_text: bytes | str, trust: Tr
                 f"missing: the saved checkpoint covers {saved.size} entries but the log has only "
                 f"{tree.size} (truncated or rolled back)")
         else:
-            try:
-                if saved.size > 0:
-                    verify_consistency(saved.size, tree.size, tree.consistency_proof(saved.size),
-                                       saved.root, tree.root())
+            # The log is here in full, so the saved checkpoint is consistent with it exactly
+            # when the root of its first saved.size entries is the saved root (what an RFC 9162
+            # consistency proof computed from this tree would establish); that root was taken
+            # as the entries streamed by (`watch`).
+            ours = tree.root(saved.size)
+            if saved.size == 0 or ours == saved.root:
                 report.consistent_with = saved.size
-            except ProofError as exc:
+            else:
                 divergence = _first_divergence(state, tree, saved.size)
                 fork_problem = Problem(divergence, f"history forked: not consistent with the saved "
-                                                   f"checkpoint of size {saved.size} ({exc})")
+                                                   f"checkpoint of size {saved.size} (the root of "
+                                                   f"its first {saved.size} entries here is "
+                                                   f"{b64encode(ours)}, the saved root "
+                                                   f"{b64encode(saved.root)})")
 
     if entry_problem is None and checkpoint is not None and checkpoint_problem is None:
         checkpoint_problem = _match_checkpoint(checkpoint, tree)
@@ -1106,6 +1154,7 @@ def verify_lines(lines: Iterable[bytes], checkpoint_text: bytes | str, trust: Tr
             report.state_saved = True
     if verifier.ledger is not None:
         verifier.ledger.claim_pools.close()  # a spilled store's temporary file goes now
+    tree.close()  # and the tree's leaves
     return report
 
 

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from audit import compact
 from audit.checkpoint import Checkpoint, sign_checkpoint
 from audit.entry import sign_entry
 from audit.export import ExportError, Trust, write_export
@@ -20,7 +21,7 @@ from audit.generate import GeneratedLog, generate_log
 from audit.merkle import MemoryTree, leaf_hash
 from audit.note import Vkey
 from audit.signing import Signer, b64decode
-from audit.verify import VerifyReport, load_state, verify_export, verify_lines
+from audit.verify import Problem, VerifyReport, load_state, verify_export, verify_lines
 
 
 @pytest.fixture(scope="module")
@@ -363,3 +364,63 @@ def test_generated_logs_exercise_every_kind_of_entry() -> None:
     assert generated.entries[0].key_id == generated.operator.key_id
     report = check(generated, workers=1, batch_size=128)
     assert report.ok, report.problem
+
+
+# -- past the leaves kept in memory -------------------------------------------------------------
+
+
+@pytest.fixture
+def spilling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verifier's tree keeps only 16 leaves in memory (the rest go to its temporary file)
+    and `first_repeat` sorts at most 64 prefixes at once (the rest are partitioned through
+    temporary files): what a long log does, on a short one."""
+    monkeypatch.setattr(compact, "LEAVES_IN_MEMORY", 16)
+    monkeypatch.setattr(compact, "REPEATS_SORTED_IN_MEMORY", 64)
+
+
+@pytest.mark.usefixtures("spilling")
+def test_checks_past_the_leaves_kept_in_memory(log: GeneratedLog) -> None:
+    assert check(log).ok
+    lines = log.lines()
+    lines.insert(250, lines[40])  # a replay from far back, both on disk
+    report = check(log, lines)
+    assert report.problem == Problem(250, "duplicate: byte-for-byte the same entry as entry 40 "
+                                          "(a replayed entry)")
+    lines = log.lines()
+    entry = log.entries[270]
+    lines[270] = replace(entry, payload={**entry.payload, "tampered": 1}).leaf_bytes()
+    assert problem_index(check(log, lines)) == 270
+    later = log.lines()  # a replay, then a bad signature: the replay comes first
+    later.insert(200, later[20])
+    stranger = sign_entry(Signer.generate(), "study.decision", {"study_id": "s-000001"})
+    later[260] = stranger.leaf_bytes()
+    report = check(log, later)
+    assert report.problem is not None and report.problem.index == 200
+    assert report.problem.reason.startswith("duplicate")
+
+
+@pytest.mark.usefixtures("spilling")
+def test_a_replay_refused_for_another_reason_too_is_named_a_replay(log: GeneratedLog) -> None:
+    """A replayed key registration is also refused by the keyring: the replay is named, as
+    when replays were looked up before the keyring."""
+    register = next(i for i, entry in enumerate(log.entries) if entry.kind.startswith("key."))
+    lines = log.lines()
+    lines.insert(260, lines[register])
+    report = check(log, lines)
+    assert report.problem == Problem(260, f"duplicate: byte-for-byte the same entry as entry "
+                                          f"{register} (a replayed entry)")
+
+
+@pytest.mark.usefixtures("spilling")
+def test_state_and_fork_past_the_leaves_kept_in_memory(log: GeneratedLog, tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    honest = log.lines()[:200]
+    assert check(log, honest, checkpoint=log.checkpoint(lines=honest), state=state).ok
+    saved = load_state(state, log.trust)
+    assert saved is not None and saved.leaf_hashes == b"".join(leaf_hash(line) for line in honest)
+    report = check(log, state=state)
+    assert report.ok and report.consistent_with == 200
+    fork = log.lines()[:170] + [operator_notice(log, f"fork {i}") for i in range(60)]
+    report = check(log, fork, checkpoint=log.checkpoint(lines=fork), state=state)
+    assert problem_index(report) == 170
+    assert "forked" in report.problem.reason  # type: ignore[union-attr]

@@ -16,10 +16,8 @@ import rfc8785
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audit.compact import LeafIndex
 from audit.entry import sign_entry
 from audit.generate import GeneratedLog, generate_log
-from audit.merkle import leaf_hash
 from audit.signing import Signer
 from audit.verify import LogVerifier, Problem
 
@@ -254,19 +252,6 @@ def test_a_flipped_byte_anywhere_is_refused_the_same_way(log: GeneratedLog) -> N
             + lines[index][at + 1:]
         problem = same_both_ways(log, lines)[0]
         assert problem is not None and problem.index == index, (index, at, problem)
-
-
-def test_leaf_index_batches_report_repeats_within_and_across() -> None:
-    hashes = [leaf_hash(str(i).encode()) for i in range(3000)]
-    index = LeafIndex()
-    assert index.add_many(b"".join(hashes[:1000])) == []
-    assert index.add_many(b"".join(hashes[1000:2000])) == []
-    assert not index.add(hashes[2000]) and index.add(hashes[2000])
-    batch = [hashes[2001], hashes[5], hashes[2002], hashes[2001], hashes[2000], hashes[2003]]
-    assert index.add_many(b"".join(batch)) == [1, 3, 4]
-    assert index.add(hashes[2003]) and index.add(hashes[1999]) and len(index) == 2004
-    twin = hashes[7][:8] + bytes(24)  # same prefix, another hash: the caller confirms
-    assert index.add_many(twin) == [0]
 
 
 @settings(max_examples=300, deadline=None)
