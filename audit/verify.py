@@ -845,12 +845,8 @@ class LogVerifier:
                 reason = None
                 try:
                     fold(entries[position], base + position)
-                except LedgerError as exc:
-                    reason = f"ledger: {exc.reason}"
-                except RecursionError:
-                    reason = "nested too deeply to be checked"
-                except _CONTENT_ERRORS as exc:
-                    reason = f"cannot be checked ({type(exc).__name__}: {exc})"
+                except _REFUSED as exc:
+                    reason = _refusal(exc)
                 if reason is not None:
                     n = position
                     self.problem = (self._replayed(base + n, leaves[n], leaves[:n])
@@ -890,16 +886,8 @@ class LogVerifier:
         reason: str | None = None
         try:
             self._feed(index, raw)
-        except (NotCanonicalError, MalformedEntryError) as exc:
-            reason = str(exc)
-        except KeyringError as exc:
-            reason = exc.reason
-        except _LedgerFailureError as exc:
-            reason = f"ledger: {exc}"
-        except RecursionError:
-            reason = "nested too deeply to be checked"
-        except _CONTENT_ERRORS as exc:
-            reason = f"cannot be checked ({type(exc).__name__}: {exc})"
+        except _REFUSED as exc:
+            reason = _refusal(exc)
         if reason is not None:  # quoted content may hold controls, bidi overrides, surrogates
             replayed = (self._replayed(index, _sha256(b"\x00" + raw[:-1]).digest())
                         if raw.endswith(b"\n") else None)
@@ -990,6 +978,26 @@ def _replay_problem(index: int, earlier: int) -> Problem:
 
 class _LedgerFailureError(Exception):
     """Carries a LedgerError's reason out of the per-entry checks."""
+
+
+#: What an entry's checks raise to refuse the entry (rather than crash the verifier).
+_REFUSED = (LedgerError, _LedgerFailureError, RecursionError, *_CONTENT_ERRORS)
+
+
+def _refusal(exc: BaseException) -> str:
+    """Why an entry was refused, from what its checks raised (one of `_REFUSED`): one wording
+    for the batch path and for `feed`'s line-by-line path, so both name the same reason."""
+    if isinstance(exc, NotCanonicalError | MalformedEntryError):
+        return str(exc)
+    if isinstance(exc, KeyringError):
+        return exc.reason
+    if isinstance(exc, LedgerError):
+        return f"ledger: {exc.reason}"
+    if isinstance(exc, _LedgerFailureError):
+        return f"ledger: {exc}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to be checked"
+    return f"cannot be checked ({type(exc).__name__}: {exc})"
 
 
 def _earliest(*problems: Problem | None) -> Problem | None:
