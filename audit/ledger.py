@@ -22,6 +22,7 @@ from typing import Any, cast
 
 from audit.claim_pools import ClaimPool, ClaimPools
 from audit.entry import EntryFields, format_time, parse_time
+from audit.finished_studies import FinishedStudies
 from audit.reward_commitment import (
     CLAIM_ACCOUNT_PREFIX,
     HEX64,
@@ -172,16 +173,22 @@ class Ledger:
     """Folds log entries into balances, escrows and study state (see module docstring)."""
 
     def __init__(self, root_key_id: str | None = None, *,
-                 spill_pools_after: int | None = None) -> None:
+                 spill_pools_after: int | None = None,
+                 spill_studies_after: int | None = None) -> None:
         """`root_key_id`: the pinned root operator key; if None, the signer of the first entry.
 
         In a valid log entry 0 can only be signed by the root key (no other is registered yet),
         so inferring it is sound when the keyring has checked signatures first.
         `spill_pools_after`: past that many claim pools, keep them in a temporary SQLite file
         (audit.claim_pools; the auditor's fold of a long export); None keeps them in memory.
+        `spill_studies_after`: the same for finished studies (audit.finished_studies). The
+        coordinator's fold passes neither: its copy-on-write forks want plain dicts.
         """
         self.state = LedgerState()
-        self.studies: dict[str, Escrow] = {}
+        self._finished: FinishedStudies[Escrow] | None = (
+            None if spill_studies_after is None
+            else FinishedStudies(spill_studies_after, _escrow_row, _escrow_from_row, _ESCROW_COLUMNS))
+        self.studies: dict[str, Escrow] = {} if self._finished is None else self._finished
         #: (study_id, hospital, round) -> the claim pool its receipt's commitment opened at payout
         self.claim_pools = ClaimPools(spill_pools_after)
         self._keys: dict[str, _Key] = {}
@@ -459,6 +466,8 @@ class Ledger:
         # A study is paid out once and takes no receipts after it: forget them, so that a
         # long log's fold keeps only the open studies' receipts in memory.
         _done(study)
+        if self._finished is not None:
+            self._finished.finished(study_id, study)
 
     def _round(self, entry: EntryFields) -> None:
         """A secure-aggregation round names its aggregate's members (docs/secure-aggregation.md):
@@ -560,6 +569,8 @@ class Ledger:
         study.refunded += amount
         study.status = EscrowStatus.CLOSED
         _done(study)
+        if self._finished is not None:
+            self._finished.finished(study.study_id, study)
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -605,6 +616,31 @@ def _done(study: Escrow) -> None:
     study.receipts = _DONE_RECEIPTS
     study.seen = _DONE_SEEN
     study.members = _DONE_MEMBERS
+
+
+#: the columns of a finished study in a spilled store (`_escrow_row`), after its id
+_ESCROW_COLUMNS = 11
+
+
+def _escrow_row(study: Escrow) -> tuple[object, ...]:
+    """A finished study's fields for audit.finished_studies (its receipts are forgotten)."""
+    terms = study.terms
+    sweep_s, sweep_to = (None, None) if study.sweep is None else study.sweep
+    return (study.account, study.escrowed, terms.royalty_account, terms.royalty_bps,
+            terms.forward_bps, sweep_s, sweep_to, study.paid, study.refunded, str(study.status),
+            study.receipt_count)
+
+
+def _escrow_from_row(study_id: str, row: tuple[object, ...]) -> Escrow:
+    (account, escrowed, royalty_account, royalty_bps, forward_bps, sweep_s, sweep_to, paid,
+     refunded, status, receipt_count) = row
+    assert isinstance(account, str) and isinstance(escrowed, int) and isinstance(paid, int)
+    assert isinstance(royalty_bps, int) and isinstance(forward_bps, int)
+    assert isinstance(refunded, int) and isinstance(receipt_count, int)
+    sweep = None if sweep_s is None else (int(str(sweep_s)), str(sweep_to))
+    terms = _terms(None if royalty_account is None else str(royalty_account), royalty_bps, forward_bps)
+    return Escrow(study_id, account, escrowed, terms, _DONE_RECEIPTS, _DONE_SEEN, _DONE_MEMBERS,
+                  sweep, paid, refunded, EscrowStatus(str(status)), receipt_count)
 
 
 def _paying(study: Escrow) -> list[Receipt]:

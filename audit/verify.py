@@ -100,6 +100,9 @@ GC_EVERY = 1 << 16
 #: Past this many reward claim pools, the verifier's ledger keeps them in a temporary SQLite file
 #: (audit.claim_pools), so that its memory does not grow with the export's length.
 POOLS_IN_MEMORY = 20_000
+#: Past this many finished studies, the verifier's ledger keeps them in a temporary SQLite file
+#: (audit.finished_studies): one record per study ever escrowed would grow with the log
+STUDIES_IN_MEMORY = 20_000
 #: The report lists each claim pool up to this many; beyond, their totals (`claim_pools_total`)
 #: stand for the list, which would grow with the export (`Ledger.claim_pools_json` lists them).
 MAX_LISTED_POOLS = 10_000
@@ -665,7 +668,8 @@ class LogVerifier:
                  batch_size: int = 512) -> None:
         self.trust = trust
         self.keyring = Keyring(trust.operator_public_key)
-        self.ledger = (Ledger(root_key_id=self.keyring.root_key_id, spill_pools_after=POOLS_IN_MEMORY)
+        self.ledger = (Ledger(root_key_id=self.keyring.root_key_id, spill_pools_after=POOLS_IN_MEMORY,
+                              spill_studies_after=STUDIES_IN_MEMORY)
                        if with_ledger else None)
         self.tree = LeafTree()
         self.kinds: Counter[str] = Counter()

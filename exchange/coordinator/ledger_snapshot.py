@@ -42,7 +42,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Row, Table, delete, select
 
-from audit import apportion, claim_pools, ledger, reward_commitment, rewards
+from audit import apportion, claim_pools, finished_studies, ledger, reward_commitment, rewards
 from audit.ledger import Ledger
 from audit.signing import SignatureInvalidError, Signer, b64decode, b64encode, verify
 from audit.store import AuditLog
@@ -52,7 +52,7 @@ from exchange.coordinator.models import LedgerSnapshot
 log = logging.getLogger(__name__)
 
 #: the fold's code: a change to any of these files changes `fold_format`
-FOLD_MODULES = (ledger, claim_pools, rewards, apportion, reward_commitment, auditing)
+FOLD_MODULES = (ledger, claim_pools, finished_studies, rewards, apportion, reward_commitment, auditing)
 _CONTEXT = b"exchange/ledger-snapshot/v1\n"
 _TABLE: Table = LedgerSnapshot.__table__  # type: ignore[assignment]
 

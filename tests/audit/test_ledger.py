@@ -14,6 +14,15 @@ from audit.signing import Signer
 from tests.audit.test_ledger_support import World
 
 
+@pytest.fixture(autouse=True, params=["studies in memory", "finished studies spilled"])
+def study_store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rule twice: the coordinator's fold (studies in a dict), and the auditor's with each
+    finished study in the temporary SQLite file from the first one on (audit.finished_studies)."""
+    if request.param == "finished studies spilled":
+        monkeypatch.setattr(Ledger.__init__, "__kwdefaults__",
+                            {"spill_pools_after": None, "spill_studies_after": 0})
+
+
 def setup() -> tuple[World, Ledger]:
     world = World()
     world.mint("org:acme", 1000)
