@@ -56,10 +56,12 @@ def test_importing_the_daemon_loads_no_data_stack() -> None:
 
 
 def test_opening_the_store_migrates_it_without_importing_alembic(tmp_path: Path) -> None:
-    """The daemon opens (and migrates) its database at start: the migration runs in a forked child,
-    so Alembic and its Mako templates never load in the daemon, and the schema is at head."""
+    """The daemon (`exchange node run`: the whole CLI is imported) opens and migrates its database
+    at start: the migration runs in a forked child, so Alembic and its Mako templates never load
+    in the daemon, and the schema is at head."""
     loaded = _fresh(f"""
         import json, sys
+        import exchange.cli, exchange.node.daemon
         from exchange.node.store import open_store
         store = open_store("sqlite:///{tmp_path / 'node.db'}")
         store.set_state("probe", {{"ok": 1}})
