@@ -5,10 +5,11 @@ patients) and lets a sampled patient contribute one clipped record per step, so 
 removing a patient is exactly one subsampled Gaussian mechanism with sensitivity `clip` per step,
 however many records the patient has. Every epsilon here is per patient.
 
-Accountant: Opacus's PRV accountant (Gopi et al. 2021) by default. It returns an UPPER bound on
-epsilon (estimate + its numerical error bound), within about 0.1-0.6 % of Google's PLD accountant
-here and 7-10 % tighter than RDP; RDP stays available (`accountant="rdp"`). A PRV evaluation is
-costly (docs/benchmarks/federated-dp.md), so results are cached on their exact arguments.
+Accountant: Opacus's PRV accountant (Gopi et al. 2021) by default, run from
+`federated.dp_accountants` (Opacus's arithmetic, without importing Opacus). It returns an UPPER
+bound on epsilon (estimate + its numerical error bound), within about 0.1-0.6 % of Google's PLD
+accountant here and 7-10 % tighter than RDP; RDP stays available (`accountant="rdp"`). A PRV
+evaluation is costly (docs/benchmarks/federated-dp.md), so results are cached on their exact arguments.
 
 How a study's epsilon composes. DP-SGD at one hospital in one study is one long run of the same
 mechanism (fixed noise multiplier, fixed sample rate): after the hospital has trained k rounds of
@@ -69,19 +70,16 @@ Mechanism = tuple[float, float, int]
 @lru_cache(maxsize=4096)
 def _composed_cached(history: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
     # Imported here, not at module level: the node daemon imports this module (through the
-    # privacy ledger) only for DPPlan, and opacus pulls in torch (seconds of start-up).
-    from opacus.accountants import PRVAccountant, RDPAccountant
+    # privacy ledger) only for DPPlan, and the accountants import SciPy. Opacus's accountants,
+    # without importing Opacus (`federated.dp_accountants` says why).
+    from federated.dp_accountants import prv_epsilon, rdp_epsilon
 
     with warnings.catch_warnings():
         # PRV at sample_rate=1 logs a harmless log(0) warning; RDP warns about its alpha grid.
         warnings.simplefilter("ignore")
         if accountant == "prv":
-            prv = PRVAccountant()
-            prv.history = list(history)
-            return float(prv.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
-        rdp = RDPAccountant()
-        rdp.history = list(history)
-        return float(rdp.get_epsilon(delta))
+            return float(prv_epsilon(history, delta, eps_error=PRV_EPS_ERROR))
+        return float(rdp_epsilon(history, delta))
 
 
 def _epsilon_cached(noise_multiplier: float, sample_rate: float, steps: int, delta: float,

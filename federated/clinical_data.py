@@ -1,7 +1,7 @@
 """Real clinical time-to-event data for survival studies: flchain and GBSG2 from scikit-survival.
 
-Both sets ship inside the installed scikit-survival wheel (`sksurv.datasets`, ARFF files in the
-package): nothing is downloaded at run time.
+Both sets ship inside the installed scikit-survival wheel (ARFF files in `sksurv/datasets/data`,
+read here without importing scikit-survival): nothing is downloaded at run time.
 
 - ``flchain``: 7,874 residents of Olmsted County (Dispenzieri et al. 2012), serum free light
   chains and death during follow-up (27.5 % died). Features: age, sex, kappa, lambda, creatinine,
@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -95,31 +96,71 @@ def survival_feature_specs(dataset: str) -> tuple[FeatureSpec, ...]:
                         f"choose one of {list(SURVIVAL_DATASETS)}") from None
 
 
+_ARFF_FILES = {"flchain": "flchain.arff", "gbsg2": "GBSG2.arff"}
+
+
+def _arff_columns(dataset: str) -> dict[str, list[str]]:
+    """The raw values (text; ``?`` for a missing one) of the dataset's ARFF file in the installed
+    scikit-survival wheel, by attribute name.
+
+    Read here, not with `sksurv.datasets`: importing any part of scikit-survival imports
+    scikit-learn and pandas, which a hospital's Flower process (it reads the public subcohort
+    for every survival round) would then hold for its whole life (docs/benchmarks/scale.md,
+    "Memory per hospital"). `importlib.util.find_spec` locates the package without importing it.
+    tests/federated/test_survival_estimators.py checks the result against `sksurv.datasets`."""
+    import csv
+    import importlib.util
+
+    spec = importlib.util.find_spec("sksurv")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"dataset: {dataset!r} ships with scikit-survival, which is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / _ARFF_FILES[dataset]
+    names: list[str] = []
+    rows: list[list[str]] = []
+    with path.open(encoding="utf-8", newline="") as handle:
+        for line in handle:
+            text = line.strip()
+            if not text or text.startswith("%"):
+                continue
+            keyword = text.split(None, 1)[0].lower()
+            if keyword == "@attribute":
+                names.append(text.split(None, 2)[1].strip("'\""))
+            elif keyword == "@data":
+                break
+        for row in csv.reader(handle, quotechar="'", skipinitialspace=True):
+            if not row or row[0].lstrip().startswith("%"):
+                continue
+            if len(row) != len(names):
+                raise DataError(f"dataset: {path.name}: a data row has {len(row)} values for {len(names)} "
+                                "attributes")
+            rows.append([value.strip() for value in row])
+    return {name: [row[i] for row in rows] for i, name in enumerate(names)}
+
+
+def _numbers(values: list[str], missing: float = np.nan) -> np.ndarray:
+    return np.array([missing if v == "?" else float(v) for v in values], dtype=np.float64)
+
+
+def _flags(values: list[str], true: str) -> np.ndarray:
+    return np.array([v == true for v in values], dtype=np.float64)
+
+
 @lru_cache(maxsize=4)
 def _raw(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Bounds-scaled features, time (days), event (0/1) and strata (read-only, cached)."""
-    import logging
-
-    # numexpr (imported by scikit-survival) logs its thread count at INFO on import
-    logging.getLogger("numexpr.utils").setLevel(logging.WARNING)
-    import sksurv.datasets as sd
-
     specs = survival_feature_specs(dataset)
+    raw = _arff_columns(dataset)
     if dataset == "flchain":
-        frame, outcome = sd.load_flchain()
-        cols = [frame["age"].to_numpy(float), (frame["sex"].astype(str) == "M").to_numpy(float),
-                frame["kappa"].to_numpy(float), frame["lambda"].to_numpy(float),
-                frame["creatinine"].fillna(_CREATININE_NORMAL).to_numpy(float),
-                (frame["mgus"].astype(str) == "yes").to_numpy(float)]
-        time, event = outcome["futime"], outcome["death"]
+        cols = [_numbers(raw["age"]), _flags(raw["sex"], "M"), _numbers(raw["kappa"]),
+                _numbers(raw["lambda"]), _numbers(raw["creatinine"], _CREATININE_NORMAL),
+                _flags(raw["mgus"], "yes")]
+        time, event = _numbers(raw["futime"]), _flags(raw["death"], "dead")
     else:
-        frame, outcome = sd.load_gbsg2()
-        grade = frame["tgrade"].astype(str).map({"I": 1.0, "II": 2.0, "III": 3.0})
-        cols = [frame["age"].to_numpy(float), (frame["menostat"].astype(str) == "Post").to_numpy(float),
-                (frame["horTh"].astype(str) == "yes").to_numpy(float), frame["tsize"].to_numpy(float),
-                grade.to_numpy(float), frame["pnodes"].to_numpy(float), frame["progrec"].to_numpy(float),
-                frame["estrec"].to_numpy(float)]
-        time, event = outcome["time"], outcome["cens"]
+        grades = {"I": 1.0, "II": 2.0, "III": 3.0}
+        cols = [_numbers(raw["age"]), _flags(raw["menostat"], "Post"), _flags(raw["horTh"], "yes"),
+                _numbers(raw["tsize"]), np.array([grades.get(v, np.nan) for v in raw["tgrade"]]),
+                _numbers(raw["pnodes"]), _numbers(raw["progrec"]), _numbers(raw["estrec"])]
+        time, event = _numbers(raw["time"]), _flags(raw["cens"], "1")
     x = np.column_stack([s.scale(c) for s, c in zip(specs, cols, strict=True)]).astype(np.float32)
     t = np.asarray(time, dtype=np.float64)
     e = np.asarray(event, dtype=np.float64)

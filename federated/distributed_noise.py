@@ -117,7 +117,7 @@ def skellam_rdp(alpha: float, l1: float, l2: float, mu: float) -> float:
 def skellam_epsilon(l1: float, l2: float, mu: float, releases: int, delta: float) -> float:
     """Epsilon at `delta` of `releases` compositions of the Skellam mechanism (RDP adds up),
     converted as Opacus's RDP accountant does (`get_privacy_spent`)."""
-    from opacus.accountants.analysis.rdp import get_privacy_spent
+    from federated.dp_accountants import get_privacy_spent
 
     if releases == 0:
         return 0.0

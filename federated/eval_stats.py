@@ -45,6 +45,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from federated.survival_estimators import CensoringDistribution
+
 #: Risk-score bins (quantiles of the model's risk on the public reference).
 RISK_BINS = 5
 #: Time bins (quantiles of the public reference's event times).
@@ -83,19 +85,16 @@ class SurvivalSetup:
         return _censoring_at(self.columns, np.asarray(t, dtype=np.float64))
 
 
-def _censoring_model(columns: tuple[str, ...]):  # type: ignore[no-untyped-def]
-    from sksurv.nonparametric import CensoringDistributionEstimator
-    from sksurv.util import Surv
-
+@functools.lru_cache(maxsize=16)
+def _censoring_model(columns: tuple[str, ...]) -> CensoringDistribution:
+    """Kaplan-Meier of the public subcohort's censoring times (numpy, not scikit-survival: this
+    runs in every hospital's Flower process, `federated.survival_estimators`)."""
     sub = _reference(columns, "pretrain")
-    return CensoringDistributionEstimator().fit(Surv.from_arrays(sub.event.astype(bool), sub.time))
-
-
-_censoring_cached = functools.lru_cache(maxsize=16)(_censoring_model)
+    return CensoringDistribution.fit(sub.event.astype(bool), sub.time)
 
 
 def _censoring_at(columns: tuple[str, ...], t: np.ndarray) -> np.ndarray:
-    return np.asarray(_censoring_cached(columns).predict_proba(t), dtype=np.float64)
+    return np.asarray(_censoring_model(columns).predict(t), dtype=np.float64)
 
 
 def _reference(columns: tuple[str, ...], part: str):  # type: ignore[no-untyped-def]

@@ -151,11 +151,10 @@ def anchored_concordance(eta: np.ndarray, time: np.ndarray, event: np.ndarray,
 
 def baseline_survival(eta_sub: np.ndarray, sub: SurvivalSet) -> tuple[np.ndarray, np.ndarray]:
     """Breslow's baseline survival S0 on the subcohort: (event times, S0 at them)."""
-    from sksurv.linear_model.coxph import BreslowEstimator
+    from federated.survival_estimators import breslow_baseline_survival
 
-    est = BreslowEstimator().fit(np.asarray(eta_sub, dtype=np.float64), sub.event.astype(bool), sub.time)
-    fn = est.baseline_survival_
-    return np.asarray(fn.x, dtype=np.float64), np.asarray(fn.y, dtype=np.float64)
+    times, s0 = breslow_baseline_survival(eta_sub, sub.event.astype(bool), sub.time)
+    return np.asarray(times, dtype=np.float64), np.asarray(s0, dtype=np.float64)
 
 
 def exact_metrics(eta: np.ndarray, test: SurvivalSet, eta_sub: np.ndarray, sub: SurvivalSet

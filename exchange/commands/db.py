@@ -7,8 +7,6 @@ from typing import Annotated
 
 import typer
 
-from exchange.db import migrate
-
 app = typer.Typer(help="Database schema migrations (Alembic).", no_args_is_help=True)
 
 
@@ -39,6 +37,10 @@ def upgrade(
 ) -> None:
     """Upgrade the database schema to the latest (or given) revision. Holds the migration lock
     while it runs, so a coordinator starting at the same time waits for it."""
+    # imported here, not with the module: every `exchange ...` process (the node daemon is
+    # `exchange node run`) loads this module, and Alembic with Mako stays out of those that do
+    # not migrate (docs/benchmarks/scale.md, "Memory per hospital")
+    from exchange.db import migrate
     from exchange.db.probe import DatabaseUnavailableError, database_state, describe
 
     if tree not in ("coordinator", "node"):

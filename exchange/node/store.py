@@ -13,7 +13,6 @@ from typing import Any
 from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from exchange.db import migrate
 from exchange.db.engine import make_engine
 from exchange.node.models import DaemonState, ErrorRow
 
@@ -59,9 +58,22 @@ class NodeStore:
         self.engine.dispose()
 
 
+def _upgrade(url: str) -> None:
+    from exchange.db import migrate
+
+    migrate.upgrade(url, "node")
+
+
 def open_store(url: str, *, upgrade: bool = True) -> NodeStore:
-    """Open (and by default migrate) the node database at `url`."""
+    """Open (and by default migrate) the node database at `url`.
+
+    The migration runs in a forked child (`exchange.node.isolated`), so the process that opens
+    the store (the daemon, for its whole life) never imports Alembic and its templates (issue
+    "Scale", memory per hospital, docs/benchmarks/scale.md); a failed migration raises here as
+    before."""
     if upgrade:
-        migrate.upgrade(url, "node")
+        from exchange.node.isolated import run_isolated
+
+        run_isolated(_upgrade, url)
     engine = make_engine(url)
     return NodeStore(engine=engine, sessions=sessionmaker(engine, expire_on_commit=False))

@@ -55,9 +55,9 @@ class ExecutorStats:
 
 def prewarm(node_config_file: Path | None) -> list[str]:
     """What a study's first round would otherwise do on top of training, done before any study
-    arrives (docs/benchmarks/scale.md, "First round"): import the privacy accountants (Opacus,
-    with SciPy) by running one small accounting, and `warm_site`. Returns what failed; never
-    raises."""
+    arrives (docs/benchmarks/scale.md, "First round"): import the privacy accountants (SciPy) by
+    running one small accounting, read the public survival reference data, and `warm_site`.
+    Returns what failed; never raises."""
     problems: list[str] = []
     try:
         from federated.accounting import epsilon_spent
@@ -65,6 +65,13 @@ def prewarm(node_config_file: Path | None) -> list[str]:
         epsilon_spent(1.0, 0.01, 10, 1e-5, "rdp")
     except Exception as exc:
         problems.append(f"accounting: {type(exc).__name__}: {exc}")
+    try:  # the public survival reference a survival study's every round reads (a few MB at most)
+        from federated.clinical_data import SURVIVAL_DATASETS, public_rows
+
+        for dataset in SURVIVAL_DATASETS:
+            public_rows(dataset)
+    except Exception as exc:
+        problems.append(f"public reference: {type(exc).__name__}: {exc}")
     problems += warm_site(node_config_file)
     trim()
     return problems

@@ -24,7 +24,8 @@ executor thread claims the task at once (a poll every `executor_poll_max` stays 
 net). Polling cost the SuperNode and the executor a request every 0.05 s each, idle or not
 (docs/benchmarks/flower.md, "Polling").
 
-The allocator and thread-pool settings every hospital process gets are in `process_limits`.
+The allocator and thread-pool settings every hospital process gets are in `process_limits`, as
+is the one library this process refuses to import (`refuse_imports`: pyarrow's optional pandas).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from federated.runtime import flwr_internals
 from federated.runtime.executor import WarmExecutor, prewarm
-from federated.runtime.process_limits import limit_threads
+from federated.runtime.process_limits import limit_threads, refuse_imports
 from federated.runtime.settings import disable_phone_home
 from federated.runtime.supernode_main import apply_supernode_patches, settings_from_env
 
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     address, node_config = parse_args(args)
     disable_phone_home()
     limit_threads()
+    refuse_imports()
     _configure_logging()
     settings = settings_from_env()
     pull_backoff = float(os.environ.get("EXCHANGE_PULL_BACKOFF", settings.pull_backoff))

@@ -14,13 +14,21 @@ Why (issue "Scale", memory per hospital; numbers in docs/benchmarks/scale.md):
 
 `limit_threads()` must run before torch or numpy is imported (the pools read the environment
 when they start); the environment variables also reach any child process.
+
+`refuse_imports()` keeps a library this process has no use for from being imported as some
+other library's optional extra: pyarrow imports pandas (about 25 MB of memory that stays) the
+first time it builds an array from Python objects or converts one to numpy, only to check
+whether the values are pandas objects; without pandas it does the same work.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.machinery
 import os
 import sys
+from collections.abc import Iterable, Sequence
+from types import ModuleType
 
 #: The thread-pool variables set when the operator did not set them.
 THREAD_ENV: dict[str, str] = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -66,3 +74,30 @@ def trim() -> None:
     """Give the memory the allocator holds free back to the OS (glibc `malloc_trim`)."""
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
+
+
+#: What a hospital's Flower process never imports (`refuse_imports`): pyarrow's optional pandas.
+NOT_IMPORTED: tuple[str, ...] = ("pandas",)
+
+
+class _Refuse:
+    """A meta path finder that makes `import NAME` fail with ModuleNotFoundError, as if NAME were
+    not installed, so that libraries with an optional use of it carry on without it."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = frozenset(names)
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None = None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname.partition(".")[0] in self.names:
+            raise ModuleNotFoundError(f"{fullname}: not imported in this process (process_limits."
+                                      "refuse_imports, docs/benchmarks/scale.md)", name=fullname)
+        return None
+
+
+def refuse_imports(names: Iterable[str] = NOT_IMPORTED) -> None:
+    """From now on, importing any of `names` (or their submodules) in this process raises
+    ModuleNotFoundError. Call it before they could be imported; one already imported stays."""
+    finder = _Refuse(n for n in names if n not in sys.modules)
+    if finder.names and not any(isinstance(f, _Refuse) and f.names == finder.names for f in sys.meta_path):
+        sys.meta_path.insert(0, finder)

@@ -70,3 +70,62 @@ def test_prewarm_loads_the_site_before_any_study(tmp_path: Path) -> None:
     # a site not provisioned yet is not an error of the process: its first round loads it
     problems = prewarm(write_node_config(tmp_path / "other.toml", {"hospital-id": "hospital-b"}))
     assert len(problems) == 1 and problems[0].startswith("site: SiteConfigError: records-path")
+
+
+def test_a_survival_round_runs_without_the_libraries_a_hospital_does_not_hold(tmp_path: Path) -> None:
+    """In a fresh interpreter set up as the hospital's Flower process (`hosted_supernode`: thread
+    limits, pandas refused), a site loads and a survival study's first two rounds train, with
+    the consent gate, the privacy plan (PRV) and the evaluation, and none of pandas,
+    scikit-learn, scikit-survival, Opacus or SymPy is imported (issue "Scale": memory per
+    hospital, docs/benchmarks/scale.md)."""
+    import json
+
+    import numpy as np
+
+    from federated.dp import public_initial_state
+    from federated.runtime.demo_sites import approve, demo_spec, provision_sites
+
+    sites = provision_sites(tmp_path / "sites", dataset="flchain",
+                            categories=("demographics", "labs", "diagnoses"))
+    demo = next(iter(sites.values()))
+    spec = demo_spec("memory-study", dataset="flchain", epsilon=3.0, rounds=2)
+    approve(demo.site, spec.study_id)
+    np.save(tmp_path / "w.npy", public_initial_state(spec.template, list(spec.columns), spec.task))
+    (tmp_path / "node.json").write_text(json.dumps(demo.site.node_config()))
+    code = f"""
+import json, sys
+from pathlib import Path
+from federated.runtime.process_limits import limit_threads, refuse_imports
+limit_threads()
+refuse_imports()
+import numpy as np
+from federated.client_app import evaluate_hospital, train_hospital_round
+from federated.runtime.demo_sites import demo_spec
+from federated.runtime.site import Site
+try:
+    import pandas
+    print("pandas imported")
+except ModuleNotFoundError as exc:
+    print("refused:", exc)
+root = Path({str(tmp_path)!r})
+site = Site.from_node_config(json.loads((root / "node.json").read_text()))
+site.warm()
+spec = demo_spec("memory-study", dataset="flchain", epsilon=3.0, rounds=2)
+w = np.load(root / "w.npy")
+for r in (1, 2):
+    out = train_hospital_round(site, spec, r, w)
+    print("round", r, out.status)
+    w = out.weights
+    ev = evaluate_hospital(site, spec, w, r)
+    print("evaluation", r, ev.status, len(ev.eval_stats))
+print("loaded", sorted({{m.split('.')[0] for m in sys.modules}}
+                       & {{"pandas", "sklearn", "sksurv", "opacus", "sympy"}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("refused: pandas: not imported in this process"), lines
+    # each evaluation releases the survival statistics (Breslow, Kaplan-Meier: eval_stats)
+    assert lines[1:5] == ["round 1 ok", "evaluation 1 ok 31", "round 2 ok", "evaluation 2 ok 31"], lines
+    assert lines[-1] == "loaded []", lines

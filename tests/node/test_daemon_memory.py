@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -15,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import func, select
 
 from audit.signing import Signer
+from exchange.db import migrate
 from exchange.node.isolated import IsolatedStepError, run_isolated
 from exchange.node.models import DaemonState
 from exchange.node.settings import NodeSettings
@@ -50,6 +53,32 @@ def test_importing_the_daemon_loads_no_data_stack() -> None:
         print(json.dumps({{"heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
     """)
     assert loaded["heavy"] == []
+
+
+def test_opening_the_store_migrates_it_without_importing_alembic(tmp_path: Path) -> None:
+    """The daemon (`exchange node run`: the whole CLI is imported) opens and migrates its database
+    at start: the migration runs in a forked child, so Alembic and its Mako templates never load
+    in the daemon, and the schema is at head."""
+    loaded = _fresh(f"""
+        import json, sys
+        import exchange.cli, exchange.node.daemon
+        from exchange.node.store import open_store
+        store = open_store("sqlite:///{tmp_path / 'node.db'}")
+        store.set_state("probe", {{"ok": 1}})
+        print(json.dumps({{"state": store.get_state("probe"),
+                          "loaded": [m for m in ("alembic", "mako") if m in sys.modules]}}))
+    """)
+    assert loaded == {"state": {"ok": 1}, "loaded": []}
+    with sqlite3.connect(tmp_path / "node.db") as db:
+        (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
+    heads = ScriptDirectory.from_config(migrate.alembic_config("sqlite://", "node")).get_heads()
+    assert [revision] == heads
+
+
+def test_a_failed_migration_still_raises_in_the_caller(tmp_path: Path) -> None:
+    (tmp_path / "node.db").write_bytes(b"not a database, " * 64)
+    with pytest.raises(Exception, match="file is not a database"):
+        open_store(f"sqlite:///{tmp_path / 'node.db'}")
 
 
 @pytest.mark.parametrize("isolate", [True, False])
