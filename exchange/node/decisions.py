@@ -406,15 +406,17 @@ def rejection(session: Session, study_id: str) -> dict[str, Any] | None:
 def approved_active(store: NodeStore) -> list[str]:
     """Studies approved here that have not finished and that the coordinator recorded as
     approved by this hospital (`my_decision` in its study listing; where the listing does not
-    say, the acknowledgement of our post): the ClientApp's approved list. A rejected decision
-    is never acknowledged, so it never counts."""
+    say, or said nothing yet, the acknowledgement of our post): the ClientApp's approved list.
+    A rejected decision is never acknowledged, so it never counts."""
     out: list[str] = []
     with store.sessions() as session:
         for row in session.execute(select(StudyRow).where(StudyRow.status.not_in(TERMINAL))).scalars():
             decision = latest_decision(session, row.study_id)
             if decision is None or decision.decision != "approve" or decision.posted_at is None:
                 continue
-            if "my_decision" in row.document and row.document["my_decision"] != "approve":
+            # None: a listing read before our post was acknowledged (the same step): the
+            # acknowledgement stands until a later listing says otherwise
+            if row.document.get("my_decision") not in (None, "approve"):
                 continue
             out.append(row.study_id)
     return out

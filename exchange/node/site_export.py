@@ -137,6 +137,13 @@ def fingerprint(store: NodeStore) -> list[Any]:
                 session.execute(select(func.count()).select_from(ColumnCategory)).scalar_one()]
 
 
+def write_approvals(settings: NodeSettings, approved: list[str]) -> Path:
+    """The ClientApp's list of the studies approved here (atomic: it never reads half a file)."""
+    path = site_paths(settings)["approvals"]
+    _atomic_write(path, json.dumps({"approved": sorted(approved)}).encode())
+    return path
+
+
 def export_site(store: NodeStore, settings: NodeSettings, approved: list[str], *,
                 isolate: bool = False) -> dict[str, Path]:
     """Bring the site files up to date; cheap when nothing changed. `isolate`: write the records
@@ -145,7 +152,7 @@ def export_site(store: NodeStore, settings: NodeSettings, approved: list[str], *
     from federated.runtime.deployment import write_node_config
 
     paths = site_paths(settings)
-    _atomic_write(paths["approvals"], json.dumps({"approved": sorted(approved)}).encode())
+    write_approvals(settings, approved)
     marker = [*fingerprint(store), "labels-per-study", settings.training.test_fraction]
     if store.get_state("site_export") != marker or not paths["records"].exists():
         if isolate:

@@ -26,6 +26,7 @@ from exchange.node.daemon import CoordinatorLink, NodeDaemon
 from exchange.node.models import DecisionRow, RoundRow, StudyRow
 from exchange.node.privacy import open_ledger
 from exchange.node.settings import NodeSettings, load_node_settings
+from exchange.node.site_export import site_paths
 from exchange.node.store import NodeStore, open_store
 from federated.accounting import DPPlan
 from tests.node.helpers import (
@@ -100,6 +101,24 @@ def test_policy_refusal_reaches_the_researcher_with_reasons(node_dir: Path, seed
         posted = session.execute(select(func.count()).select_from(DecisionRow)
                                  .where(DecisionRow.posted_at.is_not(None))).scalar_one()
     assert posted == 2
+
+
+def test_an_approval_is_in_the_clientapps_list_as_soon_as_the_coordinator_holds_it(
+        node_dir: Path, seeded: NodeStore, coordinator: LiveCoordinator) -> None:
+    """The study may start with our approval: its first round must find the study approved at
+    this hospital, even before the step's site export (which is skipped here)."""
+    settings = _node_settings(node_dir, mode="auto-approve")
+    settings = settings.model_copy(update={"coordinator_url": coordinator.url})
+    study = coordinator.submit(epsilon=1.5)
+    daemon, link = _daemon(settings, seeded)
+    daemon._sync_supernode = lambda: None  # type: ignore[method-assign]
+    try:
+        daemon.step()
+    finally:
+        link.close()
+    assert [d["decision"] for d in _decisions(coordinator, study)] == ["approve"]
+    approvals = json.loads(site_paths(settings)["approvals"].read_text())
+    assert approvals["approved"] == [study]
 
 
 def test_ask_mode_waits_for_the_steward(node_dir: Path, seeded: NodeStore, coordinator: LiveCoordinator,
