@@ -253,6 +253,8 @@ class SuperLinkProcess:
         if self.supernode_auth:
             args.append("--enable-supernode-auth")
         env = flower_env(self.workdir / "flwr-home-superlink")
+        env.update({"EXCHANGE_FLOWER_MODE": self.settings.mode,
+                    "EXCHANGE_SUPERLINK_IDLE_RECHECK": str(self.settings.superlink_idle_recheck)})
         self.proc = _spawn("superlink", args, self.workdir / "superlink.log", env)
         wildcard = self.host in ("0.0.0.0", "::", "")
         _wait_port(self.proc, "127.0.0.1" if wildcard else self.host, self.port, timeout)

@@ -953,3 +953,423 @@ def fitres_content(update: Any, num_examples: int) -> Any:
     fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters([update]),
                     num_examples=num_examples, metrics={})
     return fitres_to_recorddict(fitres, keep_input=True)
+
+
+# -- the SuperLink's HTTP API (our `superlink_main` process only) -----------------------------------
+#
+# flwr 1.42 serves the Fleet, Runtime and Control APIs from one FastAPI app whose stack has eight
+# Starlette `BaseHTTPMiddleware` layers, four of them for the Control API and two for the Fleet
+# API only; each layer costs every request a task group, memory streams and a Request object,
+# whether it acts or not. Every SuperNode poll (`PullMessages`) pays all of them, the node's
+# signature check and an SQLAlchemy UPDATE claim, even when nothing is pending (docs/benchmarks/
+# flower.md, "SuperLink CPU per request"). Two patches, both applied before the app is built:
+# `patch_superlink_middleware` lets each API's middleware see only its own API's paths, and
+# `patch_superlink_idle_pulls` answers a poll early when the node is known to have nothing pending.
+
+_CONTROL_PREFIX = "/v1/control/"
+_FLEET_PREFIX = "/v1/fleet/"
+_PULL_MESSAGES_PATH = "/v1/fleet/pull-messages"
+_SCOPED_MARK = "_exchange_scoped"
+#: Flower's middleware classes that act only on one API's paths (checked against their source
+#: by `_superlink_middleware_scopes`), by the prefix of that API
+_CONTROL_ONLY = ("ControlSensitiveResponseMiddleware", "ControlAuthenticationMiddleware",
+                 "ControlLicenseMiddleware", "ControlEventLogMiddleware")
+_FLEET_ONLY = ("NodeAuthMiddleware", "FleetEventLogMiddleware")
+
+
+class _PathScoped:
+    """Pure ASGI: run `inner` (a Starlette middleware) only for HTTP requests under `prefix`; every
+    other request goes straight to the next app. Flower's own check of the path inside the
+    middleware stays: this only skips a layer that would have passed the request on untouched."""
+
+    def __init__(self, app: Any, *, inner: Any, prefix: str) -> None:
+        cls, args, kwargs = inner
+        self.app = app
+        self.inner = cls(app, *args, **kwargs)
+        self.prefix = prefix
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+            await self.inner(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+def _superlink_middleware_scopes() -> dict[Any, str]:
+    """Flower's path-specific middleware classes -> the path prefix each acts on, after checking
+    (in their source) that each passes every other path on unchanged."""
+    from flwr.superlink.routers.control import middlewares as control
+    from flwr.superlink.routers.fleet import middlewares as fleet
+    from flwr.superlink.routers.fleet import node_auth
+
+    scopes: dict[Any, str] = {}
+    for module, names, prefix in ((control, _CONTROL_ONLY, _CONTROL_PREFIX),
+                                  (fleet, ("FleetEventLogMiddleware",), _FLEET_PREFIX),
+                                  (node_auth, ("NodeAuthMiddleware",), _FLEET_PREFIX)):
+        for name in names:
+            _require(hasattr(module, name), f"{module.__name__}.{name} is gone")
+            cls = getattr(module, name)
+            source = inspect.getsource(cls)
+            acts_on_prefix = (f'startswith("{prefix}")' in source or "_is_control_path(" in source
+                              or "_is_control_sensitive_route(" in source)
+            _require(acts_on_prefix, f"{module.__name__}.{name} no longer checks its path")
+            scopes[cls] = prefix
+    _require('path.startswith("/v1/control/")' in inspect.getsource(control._is_control_path),
+             "routers.control.middlewares._is_control_path changed")
+    _require(all(path.startswith(_CONTROL_PREFIX) for _method, path in control.CONTROL_SENSITIVE_ROUTE_KEYS),
+             "a sensitive Control route outside /v1/control/")
+    return scopes
+
+
+#: what SQLite says when a transaction could not get its lock within the busy timeout
+_BUSY_DATABASE_ERRORS = ("database is locked", "database table is locked")
+
+
+def _busy_database_retryable(translator: Callable[..., Any]) -> Callable[..., Any]:
+    """Flower's `http_error_translator` (exceptions -> JSON errors), except that SQLite's "database
+    is locked" becomes 503 instead of 500. Flower's HTTP clients (SuperNode, ServerApp grid)
+    retry a 503 and give up on a 500: under load a SuperNode's reply push then failed outright and
+    its round waited out its timeout. Retrying is safe: the failed transaction was rolled back."""
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+    from starlette.responses import JSONResponse
+
+    log = logging.getLogger("federated.superlink")
+
+    async def dispatch(request: Any, call_next: Any) -> Any:
+        async def call_next_busy_retryable(inner_request: Any) -> Any:
+            try:
+                return await call_next(inner_request)
+            except OperationalError as exc:
+                if not any(text in str(exc.orig) for text in _BUSY_DATABASE_ERRORS):
+                    raise
+                log.warning("%s: the SuperLink's database stayed locked (%s); answered 503 so the "
+                            "client retries", request.url.path, exc.orig)
+                return JSONResponse({"detail": "The SuperLink's database is busy; retry."}, status_code=503,
+                                    headers={"Retry-After": "1"})
+
+        return await translator(request, call_next_busy_retryable)
+
+    return dispatch
+
+
+def patch_superlink_middleware() -> None:
+    """Make flwr's SuperLink app run each path-specific middleware only for its own API's paths
+    (this process must be the SuperLink's, before its app is built). The Fleet API then crosses
+    four layers instead of eight, the Runtime API two; the Control API all of them, as before."""
+    check_flwr_version()
+    import flwr.superlink.main as superlink_main
+
+    current = superlink_main._get_middleware
+    if getattr(current, _SCOPED_MARK, False):
+        return
+    scopes = _superlink_middleware_scopes()
+    from flwr.supercore.error import http_error_translator
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    translator = _busy_database_retryable(http_error_translator)
+
+    def get_middleware() -> list[Any]:
+        out = []
+        for middleware in current():
+            dispatch = middleware.kwargs.get("dispatch")
+            if middleware.cls is BaseHTTPMiddleware and dispatch is http_error_translator:
+                out.append(Middleware(BaseHTTPMiddleware, dispatch=translator))
+                continue
+            prefix = scopes.get(middleware.cls)
+            out.append(middleware if prefix is None
+                       else Middleware(_PathScoped, inner=middleware, prefix=prefix))
+        _require(sum(m.cls is _PathScoped for m in out) == len(scopes),
+                 "superlink.main._get_middleware no longer lists every Control and Fleet middleware")
+        _require(any(m.kwargs.get("dispatch") is translator for m in out),
+                 "superlink.main._get_middleware no longer lists http_error_translator")
+        return out
+
+    setattr(get_middleware, _PATCHED_MARK, True)
+    setattr(get_middleware, _SCOPED_MARK, True)
+    setattr(superlink_main, "_get_middleware", get_middleware)  # noqa: B010 (a module global of flwr's)
+
+
+class PendingTracker:
+    """Which SuperNodes are known to have no message waiting at the SuperLink.
+
+    A node is known idle only after a full `PullMessages` (authenticated and answered by Flower's
+    own handler) found nothing for it, and only until: a message for it is stored and committed
+    (`bump`, from the LinkState hook), or `recheck_s` passed (then the next poll takes the full
+    path again, which re-authenticates the node against the database and re-reads its queue).
+    A fresh SuperLink process knows nothing: after a restart every first poll takes the full
+    path. The entry also records the public key that poll authenticated with: an early answer
+    needs the same key and a valid signature of the request's own time stamp."""
+
+    def __init__(self, recheck_s: float) -> None:
+        if not recheck_s > 0:
+            raise ValueError(f"recheck_s: must be > 0, got {recheck_s!r}")
+        self.recheck_s = recheck_s
+        self._lock = threading.Lock()
+        self._generation: dict[int, int] = {}
+        self._idle: dict[int, tuple[int, bytes, float]] = {}  # node -> (generation, public key, until)
+
+    def generation(self, node_id: int) -> int:
+        with self._lock:
+            return self._generation.get(node_id, 0)
+
+    def bump(self, node_id: int) -> None:
+        """A message for `node_id` was stored (or is about to be visible): not idle any more."""
+        with self._lock:
+            self._generation[node_id] = self._generation.get(node_id, 0) + 1
+            self._idle.pop(node_id, None)
+
+    def mark_idle(self, node_id: int, generation: int, public_key: bytes) -> None:
+        """A full poll that started at `generation` found nothing: idle, unless a message was
+        stored meanwhile (the generation moved)."""
+        with self._lock:
+            if self._generation.get(node_id, 0) == generation:
+                self._idle[node_id] = (generation, public_key, _time.monotonic() + self.recheck_s)
+
+    def forget(self, node_id: int) -> None:
+        with self._lock:
+            self._idle.pop(node_id, None)
+
+    def idle_key(self, node_id: int) -> bytes | None:
+        """The public key of the node's last empty full poll, if the node is still known idle."""
+        with self._lock:
+            entry = self._idle.get(node_id)
+            if entry is None:
+                return None
+            generation, public_key, until = entry
+            if generation != self._generation.get(node_id, 0) or _time.monotonic() >= until:
+                self._idle.pop(node_id, None)
+                return None
+            return public_key
+
+
+#: the SuperLink process's tracker (`patch_superlink_idle_pulls`)
+_pending: list[PendingTracker] = []
+_STORED_NODES_KEY = "exchange_stored_for_nodes"
+
+
+def _bump(node_id: int) -> None:
+    for tracker in _pending:
+        tracker.bump(node_id)
+
+
+def _patch_linkstate_store_hook() -> None:
+    """Bump the trackers for a message's destination node whenever flwr's SQL LinkState stores a
+    message for a node: once when stored, and again when the transaction holding the insert
+    commits (a poll that ran between the two saw nothing yet; the second bump voids its result)."""
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    store = SqlLinkState.store_message_ins
+    if getattr(store, _PATCHED_MARK, False):
+        return
+    _require("def session(" in inspect.getsource(importlib.import_module("flwr.supercore.sql_mixin")),
+             "flwr.supercore.sql_mixin no longer has session()")
+
+    @functools.wraps(store)
+    def store_message_ins(self: Any, message: Any) -> Any:
+        node_id = int(message.metadata.dst_node_id)
+        with self.session() as session:  # re-entrant: joins the caller's transaction if any
+            _bump(node_id)
+            session.info.setdefault(_STORED_NODES_KEY, set()).add(node_id)
+            return store(self, message)
+
+    def after_commit(session: Any) -> None:
+        for node_id in session.info.pop(_STORED_NODES_KEY, ()):
+            _bump(node_id)
+
+    def after_rollback(session: Any) -> None:
+        session.info.pop(_STORED_NODES_KEY, None)
+
+    event.listen(Session, "after_commit", after_commit)
+    event.listen(Session, "after_soft_rollback", lambda session, _previous: after_rollback(session))
+    setattr(store_message_ins, _PATCHED_MARK, True)
+    setattr(SqlLinkState, "store_message_ins", store_message_ins)  # noqa: B010 (a method of flwr's)
+
+
+class _IdlePullShortcut:
+    """Pure ASGI, outermost: answer a SuperNode's `PullMessages` with Flower's own empty reply when
+    the node is known to have nothing pending (`PendingTracker`) and the request authenticates as
+    Flower's `authenticate_node` would: a valid signature, by the public key that node's last full
+    poll authenticated with, over a time stamp inside Flower's window. Anything else (a parse error,
+    another key, a bad signature, an unknown node, a node with a message) takes Flower's full path,
+    which also decides every refusal: this never answers 401 itself. Each full poll's outcome
+    teaches the tracker: an empty 200 marks the node idle from the generation read before it ran."""
+
+    def __init__(self, app: Any, *, tracker: PendingTracker) -> None:
+        from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_HEADER, TIMESTAMP_TOLERANCE
+        from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse
+        from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+        from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
+
+        self.app = app
+        self.tracker = tracker
+        self._request_type, self._response_type = PullMessagesRequest, PullMessagesResponse
+        self._media_type = PROTOBUF_MEDIA_TYPE.encode("latin-1")
+        self._key_header = FLEET_HTTP_PUBLIC_KEY_HEADER.lower().encode("latin-1")
+        self._sig_header = FLEET_HTTP_SIGNATURE_HEADER.lower().encode("latin-1")
+        self._ts_header = TIMESTAMP_HEADER.lower().encode("latin-1")
+        self._window = (-SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE)
+        self._keys: dict[bytes, Any] = {}  # public key bytes -> parsed key (a handful of nodes)
+        self._empty_headers: list[tuple[bytes, bytes]] | None = None  # Flower's, from a full poll
+        self.answered_early = 0
+        self.full_path = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != _PULL_MESSAGES_PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        body, more = b"", True
+        while more:
+            event = await receive()
+            if event["type"] != "http.request":  # disconnected: let Flower's stack see it
+                await self.app(scope, _replay(body, event, receive), send)
+                return
+            body += event.get("body", b"")
+            more = event.get("more_body", False)
+        headers = dict(scope["headers"])
+        node_id, public_key = self._parse(headers, body)
+        if node_id is not None and self._empty_headers is not None and self._may_answer(node_id, public_key,
+                                                                                        headers):
+            self.answered_early += 1
+            await send({"type": "http.response.start", "status": 200, "headers": self._empty_headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        self.full_path += 1
+        await self._full_path(scope, _replay(body, None, receive), send, node_id, public_key)
+
+    def _parse(self, headers: dict[bytes, bytes], body: bytes) -> tuple[int | None, bytes]:
+        import base64
+        import binascii
+
+        from google.protobuf.message import DecodeError
+
+        try:
+            if headers.get(b"content-type", b"").split(b";")[0].strip().lower() != self._media_type:
+                return None, b""
+            request = self._request_type.FromString(body)
+            public_key = base64.b64decode(headers[self._key_header], validate=True)
+        except (KeyError, DecodeError, binascii.Error, ValueError):
+            return None, b""
+        return int(request.node.node_id), public_key
+
+    def _may_answer(self, node_id: int, public_key: bytes, headers: dict[bytes, bytes]) -> bool:
+        import base64
+        import datetime
+
+        from flwr.supercore.date import now
+        from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_signature
+
+        if self.tracker.idle_key(node_id) != public_key:
+            return False
+        try:
+            signature = base64.b64decode(headers[self._sig_header], validate=True)
+            timestamp = headers[self._ts_header].decode("ascii")
+            age = (now() - datetime.datetime.fromisoformat(timestamp)).total_seconds()
+            if not self._window[0] < age < self._window[1]:
+                return False
+            key = self._keys.get(public_key)
+            if key is None:
+                key = self._keys[public_key] = bytes_to_public_key(public_key)
+            return bool(verify_signature(key, timestamp.encode("ascii"), signature))
+        except Exception:  # anything odd: Flower's full path decides (and refuses)
+            return False
+
+    async def _full_path(self, scope: Any, receive: Any, send: Any, node_id: int | None,
+                         public_key: bytes) -> None:
+        generation = self.tracker.generation(node_id) if node_id is not None else 0
+        status, headers, chunks = 0, [], []
+
+        async def capture(message: Any) -> None:
+            nonlocal status, headers
+            if message["type"] == "http.response.start":
+                status, headers = message["status"], list(message.get("headers", []))
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+            await send(message)
+
+        await self.app(scope, receive, capture)
+        if node_id is None:
+            return
+        if status != 200:
+            self.tracker.forget(node_id)
+            return
+        try:
+            empty = not self._response_type.FromString(b"".join(chunks)).messages_list
+        except Exception:
+            empty = False
+        if empty:
+            if self._empty_headers is None:
+                self._empty_headers = [(k, v) for k, v in headers if k.lower() != b"date"]
+            self.tracker.mark_idle(node_id, generation, public_key)
+        else:
+            self.tracker.forget(node_id)
+
+
+def _replay(body: bytes, event: Any, receive: Any) -> Callable[[], Any]:
+    """An ASGI `receive` that first hands out the request body already read (and the event that
+    interrupted reading it, if any), then the connection's own events."""
+    pending = [event if event is not None else {"type": "http.request", "body": body, "more_body": False}]
+    if event is not None and body:
+        pending.insert(0, {"type": "http.request", "body": body, "more_body": True})
+
+    async def replayed() -> Any:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
+
+
+def patch_superlink_idle_pulls(recheck_s: float) -> PendingTracker:
+    """Answer a known-idle SuperNode's poll before Flower's middleware, handler and database
+    (`_IdlePullShortcut`, `PendingTracker`); this process must be the SuperLink's, before its app
+    is built. `recheck_s`: how long one empty full poll vouches for a node (then a full poll
+    again). Returns the tracker (tests read it)."""
+    check_flwr_version()
+    import flwr.superlink.main as superlink_main
+
+    if _pending:
+        return _pending[0]
+    for module_name, name in (("flwr.common.constant", "TIMESTAMP_HEADER"),
+                              ("flwr.common.constant", "TIMESTAMP_TOLERANCE"),
+                              ("flwr.common.constant", "SYSTEM_TIME_TOLERANCE"),
+                              ("flwr.supercore.constant", "FLEET_HTTP_PUBLIC_KEY_HEADER"),
+                              ("flwr.supercore.constant", "FLEET_HTTP_SIGNATURE_HEADER"),
+                              ("flwr.supercore.protobuf.constants", "PROTOBUF_MEDIA_TYPE"),
+                              ("flwr.supercore.date", "now"),
+                              ("flwr.supercore.primitives.asymmetric", "verify_signature"),
+                              ("flwr.supercore.primitives.asymmetric", "bytes_to_public_key")):
+        _check_name(module_name, name, (), ())
+    from flwr.superlink.routers.fleet import node_auth
+    from flwr.superlink.servicer.fleet import fleet_handlers
+
+    auth_source = inspect.getsource(node_auth.authenticate_node)
+    _require(all(part in auth_source for part in (
+        "FLEET_HTTP_PUBLIC_KEY_HEADER", "FLEET_HTTP_SIGNATURE_HEADER", "TIMESTAMP_HEADER",
+        "verify_signature(", 'encode("ascii")', "get_node_id_by_public_key(public_key) != node_id")),
+        "fleet node_auth.authenticate_node changed (what the idle-poll shortcut re-checks)")
+    _require("state.get_message_ins(node_id=node_id, limit=1)"
+             in inspect.getsource(fleet_handlers.pull_messages),
+             "fleet_handlers.pull_messages no longer reads the node's messages with get_message_ins")
+    _require(("POST", _PULL_MESSAGES_PATH) in importlib.import_module(
+        "flwr.supercore.protobuf.translation").PROTOBUF_REQUEST_TYPES, "the Fleet pull-messages route moved")
+    tracker = PendingTracker(recheck_s)
+    _patch_linkstate_store_hook()
+    current = superlink_main._get_middleware
+    from flwr.superlink import extensions
+    from starlette.middleware import Middleware
+
+    def get_middleware() -> list[Any]:
+        out = list(current())
+        first = len(extensions.get_middleware())  # an installed extension's own come first
+        return [*out[:first], Middleware(_IdlePullShortcut, tracker=tracker), *out[first:]]
+
+    setattr(get_middleware, _PATCHED_MARK, True)
+    setattr(get_middleware, _SCOPED_MARK, getattr(current, _SCOPED_MARK, False))
+    setattr(superlink_main, "_get_middleware", get_middleware)  # noqa: B010 (a module global of flwr's)
+    _pending.append(tracker)
+    return tracker
