@@ -56,6 +56,10 @@ class RuntimeSettings:
     #: until then its polls are answered before Flower's middleware and database (a message stored
     #: for it ends this at once). After it, one full poll re-checks the node against the database.
     superlink_idle_recheck: float = 5.0
+    #: SuperLink CPU patches in fast mode (path-scoped middleware, early idle-poll answers, 503 on
+    #: a locked database): off runs Flower's SuperLink as shipped (benchmarks compare the two; an
+    #: escape hatch should a Flower quirk meet them) while the SuperNode side stays fast.
+    superlink_patches: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("fast", "plain"):

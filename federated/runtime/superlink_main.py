@@ -41,8 +41,9 @@ def main() -> None:
     settings = RuntimeSettings(
         mode=os.environ.get("EXCHANGE_FLOWER_MODE", default.mode),  # type: ignore[arg-type]
         superlink_idle_recheck=float(os.environ.get("EXCHANGE_SUPERLINK_IDLE_RECHECK",
-                                                    default.superlink_idle_recheck)))
-    if settings.mode == "fast":
+                                                    default.superlink_idle_recheck)),
+        superlink_patches=os.environ.get("EXCHANGE_SUPERLINK_PATCHES", "1") != "0")
+    if settings.mode == "fast" and settings.superlink_patches:
         apply_superlink_patches(settings)
         print(f"[exchange] superlink patches: path-scoped middleware, idle polls answered early "
               f"(full poll per node every {settings.superlink_idle_recheck} s)", file=sys.stderr, flush=True)
