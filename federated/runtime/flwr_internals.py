@@ -975,24 +975,54 @@ _SCOPED_MARK = "_exchange_scoped"
 _CONTROL_ONLY = ("ControlSensitiveResponseMiddleware", "ControlAuthenticationMiddleware",
                  "ControlLicenseMiddleware", "ControlEventLogMiddleware")
 _FLEET_ONLY = ("NodeAuthMiddleware", "FleetEventLogMiddleware")
+#: event-log middlewares -> the app state attribute holding their plugin (they act only with one)
+_EVENT_LOG_PLUGINS = {"FleetEventLogMiddleware": "fleet_event_log_plugin",
+                      "ControlEventLogMiddleware": "control_event_log_plugin"}
 
 
 class _PathScoped:
-    """Pure ASGI: run `inner` (a Starlette middleware) only for HTTP requests under `prefix`; every
-    other request goes straight to the next app. Flower's own check of the path inside the
-    middleware stays: this only skips a layer that would have passed the request on untouched."""
+    """Pure ASGI: run `inner` (a Starlette middleware) only for HTTP requests under `prefix` (and,
+    with `plugin`, only while the app state's `plugin` is set: an event-log middleware does
+    nothing without its plugin); every other request goes straight to the next app. Flower's own
+    checks inside the middleware stay: this only skips a layer that would have passed the request
+    on untouched."""
 
-    def __init__(self, app: Any, *, inner: Any, prefix: str) -> None:
+    def __init__(self, app: Any, *, inner: Any, prefix: str, plugin: str | None = None) -> None:
         cls, args, kwargs = inner
         self.app = app
         self.inner = cls(app, *args, **kwargs)
         self.prefix = prefix
+        self.plugin = plugin
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+        if (scope["type"] == "http" and scope["path"].startswith(self.prefix)
+                and (self.plugin is None or getattr(scope["app"].state, self.plugin, None) is not None)):
             await self.inner(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+
+class _NodeAuth:
+    """Pure ASGI in place of flwr's `NodeAuthMiddleware` (a `BaseHTTPMiddleware`): the same check
+    (flwr's own `authenticate_node`, in the thread pool) on the same requests (Fleet paths whose
+    protobuf request the translation layer parsed), before the handler; its `HTTPException`
+    (401) reaches flwr's error translator outside as before."""
+
+    def __init__(self, app: Any) -> None:
+        from flwr.superlink.routers.fleet.node_auth import authenticate_node
+        from google.protobuf.message import Message as ProtobufMessage
+
+        self.app = app
+        self._authenticate, self._protobuf = authenticate_node, ProtobufMessage
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (scope["type"] == "http" and scope["path"].startswith(_FLEET_PREFIX)
+                and isinstance(scope.get("state", {}).get("protobuf_request"), self._protobuf)):
+            from starlette.concurrency import run_in_threadpool
+            from starlette.requests import Request
+
+            await run_in_threadpool(self._authenticate, Request(scope, receive))
+        await self.app(scope, receive, send)
 
 
 def _superlink_middleware_scopes() -> dict[Any, str]:
@@ -1065,6 +1095,20 @@ def patch_superlink_middleware() -> None:
     if getattr(current, _SCOPED_MARK, False):
         return
     scopes = _superlink_middleware_scopes()
+    from flwr.superlink.routers.fleet import node_auth
+
+    dispatch_source = inspect.getsource(node_auth.NodeAuthMiddleware.dispatch)
+    _require('request.url.path.startswith("/v1/fleet/")' in dispatch_source
+             and 'getattr(request.state, "protobuf_request", None), Message' in dispatch_source
+             and "await run_in_threadpool(authenticate_node, request)" in dispatch_source
+             and "return await call_next(request)" in dispatch_source,
+             "fleet NodeAuthMiddleware.dispatch changed (what _NodeAuth does instead)")
+    for name, attribute in _EVENT_LOG_PLUGINS.items():
+        api = "control" if name.startswith("Control") else "fleet"
+        module = importlib.import_module(f"flwr.superlink.routers.{api}.middlewares")
+        _require(f'"{attribute}", None' in inspect.getsource(getattr(module, name).dispatch)
+                 and "is None" in inspect.getsource(getattr(module, name).dispatch),
+                 f"{name} no longer passes requests on without its plugin")
     from flwr.supercore.error import http_error_translator
     from starlette.middleware import Middleware
     from starlette.middleware.base import BaseHTTPMiddleware
@@ -1078,10 +1122,14 @@ def patch_superlink_middleware() -> None:
             if middleware.cls is BaseHTTPMiddleware and dispatch is http_error_translator:
                 out.append(Middleware(BaseHTTPMiddleware, dispatch=translator))
                 continue
+            if middleware.cls is node_auth.NodeAuthMiddleware:
+                out.append(Middleware(_NodeAuth))
+                continue
             prefix = scopes.get(middleware.cls)
+            plugin = _EVENT_LOG_PLUGINS.get(getattr(middleware.cls, "__name__", ""))
             out.append(middleware if prefix is None
-                       else Middleware(_PathScoped, inner=middleware, prefix=prefix))
-        _require(sum(m.cls is _PathScoped for m in out) == len(scopes),
+                       else Middleware(_PathScoped, inner=middleware, prefix=prefix, plugin=plugin))
+        _require(sum(m.cls in (_PathScoped, _NodeAuth) for m in out) == len(scopes),
                  "superlink.main._get_middleware no longer lists every Control and Fleet middleware")
         _require(any(m.kwargs.get("dispatch") is translator for m in out),
                  "superlink.main._get_middleware no longer lists http_error_translator")

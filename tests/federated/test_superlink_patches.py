@@ -180,22 +180,28 @@ def test_an_unregistered_node_is_refused_once_its_idle_entry_expires(link: Link)
     assert link.counts()[0] == early_before
 
 
-def test_each_apis_middleware_still_runs_for_its_own_paths(tmp_path: Path,
+def test_each_apis_middleware_and_flowers_node_check_still_run_for_their_own_paths(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     disable_phone_home()
     import flwr.superlink.main as superlink_main
     from flwr.superlink.routers.control.middlewares import ControlAuthenticationMiddleware
-    from flwr.superlink.routers.fleet.node_auth import NodeAuthMiddleware
+    from flwr.superlink.routers.fleet import node_auth
 
     seen: list[tuple[str, str]] = []
-    for cls in (ControlAuthenticationMiddleware, NodeAuthMiddleware):
-        original = cls.dispatch
+    original = ControlAuthenticationMiddleware.dispatch
 
-        async def dispatch(self: Any, request: Any, call_next: Any, _o: Any = original, _c: Any = cls) -> Any:
-            seen.append((_c.__name__, request.url.path))
-            return await _o(self, request, call_next)
+    async def dispatch(self: Any, request: Any, call_next: Any) -> Any:
+        seen.append(("ControlAuthenticationMiddleware", request.url.path))
+        return await original(self, request, call_next)
 
-        monkeypatch.setattr(cls, "dispatch", dispatch)
+    authenticate = node_auth.authenticate_node
+
+    def authenticate_node(request: Any) -> None:
+        seen.append(("authenticate_node", request.url.path))
+        authenticate(request)
+
+    monkeypatch.setattr(ControlAuthenticationMiddleware, "dispatch", dispatch)
+    monkeypatch.setattr(node_auth, "authenticate_node", authenticate_node)
     monkeypatch.setattr(superlink_main, "_get_middleware", superlink_main._get_middleware)
     monkeypatch.setattr(flwr_internals, "_pending", [])
     monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "superlink.db"))
@@ -212,7 +218,7 @@ def test_each_apis_middleware_still_runs_for_its_own_paths(tmp_path: Path,
                                     [(b"content-type", b"application/protobuf")]))
     assert status == 200
     ListNodesResponse.FromString(body)  # Flower's own protobuf reply
-    assert seen == [("NodeAuthMiddleware", HEARTBEAT),
+    assert seen == [("authenticate_node", HEARTBEAT),
                     ("ControlAuthenticationMiddleware", "/v1/control/list-nodes")]
     # and Flower's node check still refuses a bad signature on a path the shortcut never answers
     headers = dict(_headers(key, pk))
