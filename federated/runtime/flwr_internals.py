@@ -1193,14 +1193,24 @@ class PendingTracker:
             return public_key
 
 
-#: the SuperLink process's tracker (`patch_superlink_idle_pulls`)
+#: the SuperLink process's trackers (`patch_superlink_idle_pulls`): SuperNodes by node id, the
+#: ServerApps' reply pulls by run id
 _pending: list[PendingTracker] = []
+_pending_runs: list[PendingTracker] = []
+_SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID, checked by patch_superlink_idle_pulls
+_RUNTIME_PULL_PATH = "/v1/runtime/pull-messages"
+#: how long an empty reply pull vouches for a run at most: Flower makes error replies itself when a
+#: node went offline or a message expired, which no store announces
+_REPLY_RECHECK_S = 1.0
 _STORED_NODES_KEY = "exchange_stored_for_nodes"
 
 
-def _bump(node_id: int) -> None:
-    for tracker in _pending:
-        tracker.bump(node_id)
+def _bump_key(key: tuple[str, int]) -> None:
+    """A message was stored: for a node ("node", id: its SuperNode's polls) or for a run's
+    ServerApp ("run", id: a reply, or an instruction to the SuperLink's own node)."""
+    kind, ident = key
+    for tracker in _pending if kind == "node" else _pending_runs:
+        tracker.bump(ident)
 
 
 def _patch_linkstate_store_hook() -> None:
@@ -1217,25 +1227,40 @@ def _patch_linkstate_store_hook() -> None:
     _require("def session(" in inspect.getsource(importlib.import_module("flwr.supercore.sql_mixin")),
              "flwr.supercore.sql_mixin no longer has session()")
 
+    store_res = SqlLinkState.store_message_res
+    _require("run_id" in inspect.getsource(store_res), "SqlLinkState.store_message_res changed")
+
+    def _stored(self: Any, keys: list[tuple[str, int]], original: Callable[..., Any], message: Any) -> Any:
+        with self.session() as session:  # re-entrant: joins the caller's transaction if any
+            for key in keys:
+                _bump_key(key)
+            session.info.setdefault(_STORED_NODES_KEY, set()).update(keys)
+            return original(self, message)
+
     @functools.wraps(store)
     def store_message_ins(self: Any, message: Any) -> Any:
-        node_id = int(message.metadata.dst_node_id)
-        with self.session() as session:  # re-entrant: joins the caller's transaction if any
-            _bump(node_id)
-            session.info.setdefault(_STORED_NODES_KEY, set()).add(node_id)
-            return store(self, message)
+        keys = [("node", int(message.metadata.dst_node_id))]
+        if int(message.metadata.dst_node_id) == _SUPERLINK_NODE_ID:  # pulled by the ServerApp's grid
+            keys.append(("run", int(message.metadata.run_id)))
+        return _stored(self, keys, store, message)
+
+    @functools.wraps(store_res)
+    def store_message_res(self: Any, message: Any) -> Any:
+        return _stored(self, [("run", int(message.metadata.run_id))], store_res, message)
 
     def after_commit(session: Any) -> None:
-        for node_id in session.info.pop(_STORED_NODES_KEY, ()):
-            _bump(node_id)
+        for key in session.info.pop(_STORED_NODES_KEY, ()):
+            _bump_key(key)
 
     def after_rollback(session: Any) -> None:
         session.info.pop(_STORED_NODES_KEY, None)
 
     event.listen(Session, "after_commit", after_commit)
     event.listen(Session, "after_soft_rollback", lambda session, _previous: after_rollback(session))
-    setattr(store_message_ins, _PATCHED_MARK, True)
+    for wrapped in (store_message_ins, store_message_res):
+        setattr(wrapped, _PATCHED_MARK, True)
     setattr(SqlLinkState, "store_message_ins", store_message_ins)  # noqa: B010 (a method of flwr's)
+    setattr(SqlLinkState, "store_message_res", store_message_res)  # noqa: B010
 
 
 class _IdlePullShortcut:
@@ -1357,6 +1382,134 @@ class _IdlePullShortcut:
             self.tracker.forget(node_id)
 
 
+class _IdleReplyPullShortcut:
+    """Pure ASGI, outermost: answer a ServerApp's `PullMessages` (Runtime API: its replies) with
+    Flower's own empty reply when no reply (nor instruction to the SuperLink's node) was stored for
+    its run since a full pull with the same task token and the same message ids found nothing
+    (`PendingTracker` by run id; the token's run is looked up once, after its first full pull).
+    Flower also answers a pull with error replies it makes itself (a node gone offline, a message
+    expired); those wait for the next full pull, at most `recheck_s` later. Anything else takes
+    Flower's full path, which alone authenticates the token and refuses."""
+
+    def __init__(self, app: Any, *, tracker: PendingTracker) -> None:
+        from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullAppMessagesResponse
+        from flwr.supercore.constant import TASK_TOKEN_HEADER
+        from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
+
+        self.app = app
+        self.tracker = tracker
+        self._request_type, self._response_type = PullAppMessagesRequest, PullAppMessagesResponse
+        self._media_type = PROTOBUF_MEDIA_TYPE.encode("latin-1")
+        self._token_header = TASK_TOKEN_HEADER.lower().encode("latin-1")
+        self._runs: dict[bytes, int] = {}  # task token -> its run (a token belongs to one task)
+        self._empty_headers: list[tuple[bytes, bytes]] | None = None
+        self.answered_early = 0
+        self.full_path = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != _RUNTIME_PULL_PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        body, event = await _read_body(receive)
+        if event is not None:
+            await self.app(scope, _replay(body, event, receive), send)
+            return
+        credential = self._credential(scope["headers"], body)
+        run_id = self._runs.get(credential[0]) if credential is not None else None
+        if (credential is not None and run_id is not None and self._empty_headers is not None
+                and self.tracker.idle_key(run_id) == credential[1]):
+            self.answered_early += 1
+            await _send_empty(send, self._empty_headers)
+            return
+        self.full_path += 1
+        generation = self.tracker.generation(run_id) if run_id is not None else 0
+        status, headers, reply = await _capture(self.app, scope, _replay(body, None, receive), send)
+        if credential is None:
+            return
+        if run_id is None and status == 200:
+            await self._run_of(scope, credential[0])
+            return  # this pull's generation was not read before it ran: the next one may vouch
+        if run_id is None:
+            return
+        if status == 200 and _is_empty(self._response_type, reply):
+            if self._empty_headers is None:
+                self._empty_headers = [(k, v) for k, v in headers if k.lower() != b"date"]
+            self.tracker.mark_idle(run_id, generation, credential[1])
+        else:
+            self.tracker.forget(run_id)
+
+    def _credential(self, raw_headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[bytes, bytes] | None:
+        """(token, what an idle entry must match: the token and the message ids asked for)."""
+        import hashlib
+
+        from google.protobuf.message import DecodeError
+
+        tokens = [v for k, v in raw_headers if k.lower() == self._token_header]
+        content_type = [v for k, v in raw_headers if k.lower() == b"content-type"]
+        if len(tokens) != 1 or not tokens[0] or len(content_type) != 1 \
+                or content_type[0].split(b";")[0].strip().lower() != self._media_type:
+            return None
+        try:
+            request = self._request_type.FromString(body)
+        except DecodeError:
+            return None
+        ids = b"\0".join(sorted(str(i).encode() for i in request.message_ids))
+        return tokens[0], hashlib.sha256(tokens[0] + b"\1" + ids).digest()
+
+    async def _run_of(self, scope: Any, token: bytes) -> int | None:
+        from starlette.concurrency import run_in_threadpool
+
+        try:
+            state = scope["app"].state.linkstate_factory.state()
+            task = await run_in_threadpool(state.get_task_by_token, token.decode("latin-1"))
+        except Exception:
+            return None
+        if task is None:
+            return None
+        self._runs[token] = int(task.run_id)
+        return int(task.run_id)
+
+
+async def _read_body(receive: Any) -> tuple[bytes, Any]:
+    """The whole request body, or what came before a disconnect and that event."""
+    body, more = b"", True
+    while more:
+        event = await receive()
+        if event["type"] != "http.request":
+            return body, event
+        body += event.get("body", b"")
+        more = event.get("more_body", False)
+    return body, None
+
+
+async def _send_empty(send: Any, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _capture(app: Any, scope: Any, receive: Any, send: Any) -> tuple[int, list[Any], bytes]:
+    """Run `app`, passing its response on, and return its status, headers and body."""
+    status, headers, chunks = 0, [], []
+
+    async def capture(message: Any) -> None:
+        nonlocal status, headers
+        if message["type"] == "http.response.start":
+            status, headers = message["status"], list(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+        await send(message)
+
+    await app(scope, receive, capture)
+    return status, headers, b"".join(chunks)
+
+
+def _is_empty(response_type: Any, body: bytes) -> bool:
+    try:
+        return not response_type.FromString(body).messages_list
+    except Exception:
+        return False
+
+
 def _replay(body: bytes, event: Any, receive: Any) -> Callable[[], Any]:
     """An ASGI `receive` that first hands out the request body already read (and the event that
     interrupted reading it, if any), then the connection's own events."""
@@ -1405,7 +1558,19 @@ def patch_superlink_idle_pulls(recheck_s: float) -> PendingTracker:
              "fleet_handlers.pull_messages no longer reads the node's messages with get_message_ins")
     _require(("POST", _PULL_MESSAGES_PATH) in importlib.import_module(
         "flwr.supercore.protobuf.translation").PROTOBUF_REQUEST_TYPES, "the Fleet pull-messages route moved")
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    _require(SUPERLINK_NODE_ID == _SUPERLINK_NODE_ID, "SUPERLINK_NODE_ID changed")
+    from flwr.superlink.servicer.runtime import runtime_handlers
+
+    pull_source = inspect.getsource(runtime_handlers.pull_messages)
+    _require("state.get_message_res(" in pull_source and "node_id=SUPERLINK_NODE_ID" in pull_source,
+             "runtime_handlers.pull_messages no longer reads replies and the SuperLink node's messages")
+    _require(("POST", _RUNTIME_PULL_PATH) in importlib.import_module(
+        "flwr.supercore.protobuf.translation").PROTOBUF_REQUEST_TYPES,
+        "the Runtime pull-messages route moved")
     tracker = PendingTracker(recheck_s)
+    runs = PendingTracker(min(recheck_s, _REPLY_RECHECK_S))
     _patch_linkstate_store_hook()
     current = superlink_main._get_middleware
     from flwr.superlink import extensions
@@ -1414,10 +1579,12 @@ def patch_superlink_idle_pulls(recheck_s: float) -> PendingTracker:
     def get_middleware() -> list[Any]:
         out = list(current())
         first = len(extensions.get_middleware())  # an installed extension's own come first
-        return [*out[:first], Middleware(_IdlePullShortcut, tracker=tracker), *out[first:]]
+        return [*out[:first], Middleware(_IdlePullShortcut, tracker=tracker),
+                Middleware(_IdleReplyPullShortcut, tracker=runs), *out[first:]]
 
     setattr(get_middleware, _PATCHED_MARK, True)
     setattr(get_middleware, _SCOPED_MARK, getattr(current, _SCOPED_MARK, False))
     setattr(superlink_main, "_get_middleware", get_middleware)  # noqa: B010 (a module global of flwr's)
     _pending.append(tracker)
+    _pending_runs.append(runs)
     return tracker

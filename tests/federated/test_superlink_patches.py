@@ -84,6 +84,7 @@ def link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Link]:
 
     monkeypatch.setattr(superlink_main, "_get_middleware", superlink_main._get_middleware)
     monkeypatch.setattr(flwr_internals, "_pending", [])
+    monkeypatch.setattr(flwr_internals, "_pending_runs", [])
     monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "superlink.db"))
     flwr_internals.patch_superlink_middleware()
     tracker = flwr_internals.patch_superlink_idle_pulls(recheck_s=30.0)
@@ -253,3 +254,71 @@ def test_a_locked_database_answers_503_which_flowers_clients_retry(link: Link) -
         assert should_giveup(error) is gives_up
     status, _ = asyncio.run(call(link.app, HEARTBEAT, beat, _headers(link.key, link.public_key)))
     assert status == 200
+
+
+def test_a_serverapps_reply_pull_is_answered_early_only_while_nothing_was_stored_for_its_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Runtime API side (`_IdleReplyPullShortcut`) in front of a stand-in for Flower's stack
+    that answers every pull empty and counts them; the token's run comes from the LinkState."""
+    disable_phone_home()
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest
+
+    monkeypatch.setattr(flwr_internals, "_pending_runs", [])
+    runs = flwr_internals.PendingTracker(30.0)
+    flwr_internals._pending_runs.append(runs)
+    full: list[str] = []
+
+    class Task:
+        run_id = 42
+
+    class State:
+        def get_task_by_token(self, token: str) -> Task | None:
+            return Task() if token == "good" else None
+
+    class Flower:  # the rest of flwr's app: Flower's empty reply
+        state = type("S", (), {"linkstate_factory": type("F", (), {"state": staticmethod(State)})})()
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            full.append(dict(scope["headers"]).get(b"flwr-task-token", b"").decode())
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/protobuf")]})
+            await send({"type": "http.response.body", "body": b""})
+
+    flower = Flower()
+    shortcut = flwr_internals._IdleReplyPullShortcut(flower, tracker=runs)
+
+    def pull(token: str = "good", ids: tuple[str, ...] = ("m1", "m2")) -> tuple[int, bytes]:
+        body = PullAppMessagesRequest(message_ids=list(ids)).SerializeToString()
+        headers = [(b"content-type", b"application/protobuf"), (b"flwr-task-token", token.encode())]
+
+        async def go() -> tuple[int, bytes]:
+            class App:  # Starlette sets scope["app"] before the middleware stack
+                pass
+            scope_app = App()
+            scope_app.state = flower.state  # type: ignore[attr-defined]
+
+            async def app(scope: Any, receive: Any, send: Any) -> None:
+                scope["app"] = scope_app
+                await shortcut(scope, receive, send)
+            return await call(app, flwr_internals._RUNTIME_PULL_PATH, body, headers)
+        return asyncio.run(go())
+
+    assert pull() == (200, b"") and len(full) == 1  # unknown token: full path, its run looked up
+    assert pull() == (200, b"") and len(full) == 2  # generation read before it: vouches now
+    assert pull() == (200, b"") and len(full) == 2  # answered early
+    assert shortcut.answered_early == 1
+    pull(ids=("m1",))  # other message ids: full path
+    assert len(full) == 3
+    pull(token="other")  # another token: full path (Flower decides)
+    assert len(full) == 4
+    pull()
+    assert len(full) == 5  # the entry for ("good", m1 m2) was replaced by m1's
+    pull()
+    assert len(full) == 5
+    flwr_internals._bump_key(("run", 42))  # a reply stored for run 42
+    pull()
+    assert len(full) == 6
+    flwr_internals._bump_key(("run", 7))  # another run's reply changes nothing here
+    pull()
+    assert len(full) == 6
