@@ -1525,6 +1525,41 @@ def _replay(body: bytes, event: Any, receive: Any) -> Callable[[], Any]:
     return replayed
 
 
+def patch_superlink_task_sweep(interval_s: float) -> None:
+    """Run flwr's sweep of expired task claims (`SqlCoreState._cleanup_expired_task_tokens`: two
+    `UPDATE ... RETURNING` statements) at most once per `interval_s` per LinkState (SuperLink
+    process only). flwr 1.42 runs it at the start of `get_run_status`, which every Fleet object
+    pull and push calls through `check_abort`, and of most task look-ups: a write transaction per
+    request. It only moves claims whose heartbeat lapsed (to pending, or to failed); token checks
+    compare `active_until` themselves, so a later sweep lets no expired token in, it only records
+    a lapsed task up to `interval_s` later."""
+    check_flwr_version()
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    sweep = SqlCoreState._cleanup_expired_task_tokens
+    if getattr(sweep, _PATCHED_MARK, False):
+        return
+    _require(list(inspect.signature(sweep).parameters) == ["self"],
+             "SqlCoreState._cleanup_expired_task_tokens changed its parameters")
+    by_token = inspect.getsource(SqlCoreState.get_task_by_token)
+    _require("active_until < current" in by_token and "return None" in by_token,
+             "SqlCoreState.get_task_by_token no longer refuses an expired claim itself")
+    last: dict[int, float] = {}
+    lock = threading.Lock()
+
+    @functools.wraps(sweep)
+    def cleanup_expired_task_tokens(self: Any) -> None:
+        now = _time.monotonic()
+        with lock:
+            if now - last.get(id(self), -interval_s) < interval_s:
+                return
+            last[id(self)] = now
+        sweep(self)
+
+    setattr(cleanup_expired_task_tokens, _PATCHED_MARK, True)
+    setattr(SqlCoreState, "_cleanup_expired_task_tokens", cleanup_expired_task_tokens)  # noqa: B010
+
+
 def patch_superlink_idle_pulls(recheck_s: float) -> PendingTracker:
     """Answer a known-idle SuperNode's poll before Flower's middleware, handler and database
     (`_IdlePullShortcut`, `PendingTracker`); this process must be the SuperLink's, before its app

@@ -10,8 +10,10 @@ API's middleware runs only for its own paths (`patch_superlink_middleware`), and
 poll is answered before Flower's middleware, handler and database when that node is known to
 have nothing pending (`patch_superlink_idle_pulls`; still authenticated by its signature; one
 full poll every ``EXCHANGE_SUPERLINK_IDLE_RECHECK`` seconds per node re-checks it against the
-database). Every SuperNode polls, idle or not, so on a small machine the SuperLink's CPU per poll
-was what a round with ten hospitals waited for (docs/benchmarks/flower.md).
+database), and flwr's sweep of lapsed task claims, a write on nearly every request, runs at most
+every `TASK_SWEEP_S` (`patch_superlink_task_sweep`). Every SuperNode polls, idle or not, so on a
+small machine the SuperLink's CPU per request was what a round with ten hospitals waited for
+(docs/benchmarks/flower.md).
 """
 
 from __future__ import annotations
@@ -23,12 +25,16 @@ from federated.runtime import flwr_internals
 from federated.runtime.settings import RuntimeSettings, disable_phone_home
 
 NO_INSTALL_FLAG = "--disable-runtime-dependency-installation"
+#: flwr's sweep of lapsed task claims runs on nearly every request; once per this many seconds
+#: is enough (it records a lapsed task; token checks do not depend on it)
+TASK_SWEEP_S = 0.5
 
 
 def apply_superlink_patches(settings: RuntimeSettings) -> None:
     """The fast mode's SuperLink patches (this process must be the SuperLink's, before its app)."""
     flwr_internals.patch_superlink_middleware()
     flwr_internals.patch_superlink_idle_pulls(settings.superlink_idle_recheck)
+    flwr_internals.patch_superlink_task_sweep(TASK_SWEEP_S)
 
 
 def main() -> None:

@@ -322,3 +322,28 @@ def test_a_serverapps_reply_pull_is_answered_early_only_while_nothing_was_stored
     flwr_internals._bump_key(("run", 7))  # another run's reply changes nothing here
     pull()
     assert len(full) == 6
+
+
+def test_the_sweep_of_lapsed_task_claims_runs_at_most_once_per_interval(
+        link: Link, monkeypatch: pytest.MonkeyPatch) -> None:
+    """flwr sweeps lapsed task claims (two UPDATEs) on nearly every request; patched, at most once
+    per interval per LinkState, and still on the first call after it."""
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    sweeps: list[float] = []
+    original = SqlCoreState._cleanup_expired_task_tokens
+
+    def counting(self: Any) -> None:
+        sweeps.append(time.monotonic())
+        original(self)
+
+    monkeypatch.setattr(SqlCoreState, "_cleanup_expired_task_tokens", counting)
+    flwr_internals.patch_superlink_task_sweep(0.5)
+    flwr_internals.patch_superlink_task_sweep(0.5)  # idempotent
+    for _ in range(5):
+        link.state.get_run_status({1})
+    assert len(sweeps) == 1
+    time.sleep(0.6)
+    link.state.get_run_status({1})
+    link.state.get_run_status({1})
+    assert len(sweeps) == 2
