@@ -1303,7 +1303,7 @@ class _IdlePullShortcut:
                 return
             body += event.get("body", b"")
             more = event.get("more_body", False)
-        headers = dict(scope["headers"])
+        headers = dict(reversed(scope["headers"]))  # the first of repeated headers, as Starlette reads them
         node_id, public_key = self._parse(headers, body)
         if node_id is not None and self._empty_headers is not None and self._may_answer(node_id, public_key,
                                                                                         headers):
