@@ -253,6 +253,9 @@ class SuperLinkProcess:
         if self.supernode_auth:
             args.append("--enable-supernode-auth")
         env = flower_env(self.workdir / "flwr-home-superlink")
+        env.update({"EXCHANGE_FLOWER_MODE": self.settings.mode,
+                    "EXCHANGE_SUPERLINK_IDLE_RECHECK": str(self.settings.superlink_idle_recheck),
+                    "EXCHANGE_SUPERLINK_PATCHES": "1" if self.settings.superlink_patches else "0"})
         self.proc = _spawn("superlink", args, self.workdir / "superlink.log", env)
         wildcard = self.host in ("0.0.0.0", "::", "")
         _wait_port(self.proc, "127.0.0.1" if wildcard else self.host, self.port, timeout)
@@ -293,7 +296,12 @@ class SuperLinkProcess:
 
 @dataclass
 class HospitalNodeProcess:
-    """One hospital's SuperNode and (fast mode) its warm executor."""
+    """One hospital's SuperNode and (fast mode) its warm executor.
+
+    `hosted` (fast mode, the default): ONE process, `federated.runtime.hosted_supernode`, the
+    layout the node daemon runs (the executor a thread of the SuperNode's process, woken when a
+    task is stored instead of polling). Otherwise two processes: `supernode_main` and a separate
+    `executor` polling the SuperNode's runtime API (`hosted=False`)."""
 
     name: str
     superlink: SuperLinkProcess
@@ -304,13 +312,24 @@ class HospitalNodeProcess:
     supernode: ManagedProcess | None = None
     executor: ManagedProcess | None = None
     runtime_port: int = 0
+    hosted: bool = True
+    #: where this start's lines begin in the (appended) log that carries the ready line
+    _ready_offset: int = field(default=0, init=False, repr=False)
+
+    @property
+    def is_hosted(self) -> bool:
+        return self.hosted and self.settings.mode == "fast"
 
     def start(self, timeout: float = 60.0) -> None:
+        """Start the processes. Split layout: waits for the SuperNode's runtime API (`timeout`)
+        before starting the executor. Hosted: returns at once (its ready line comes after the
+        ClientApp's imports, before the SuperNode starts: `wait_ready`)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.runtime_port = free_port()
         config_path = write_node_config(self.workdir / "node-config.toml", self.node_config)
         fast = self.settings.mode == "fast"
-        args = [sys.executable, "-m", "federated.runtime.supernode_main",
+        module = f"federated.runtime.{'hosted_supernode' if self.is_hosted else 'supernode_main'}"
+        args = [sys.executable, "-m", module,
                 "--superlink", self.superlink.address,
                 "--host", "127.0.0.1", "--port", str(self.runtime_port),
                 "--node-config", str(config_path), "--isolation", "process" if fast else "subprocess"]
@@ -329,8 +348,14 @@ class HospitalNodeProcess:
             "EXCHANGE_SUPERNODE_REPLY_SLEEP": str(self.settings.supernode_reply_sleep),
             "EXCHANGE_PULL_BACKOFF": str(self.settings.pull_backoff),
             "EXCHANGE_SUPERNODE_HEARTBEAT": str(self.settings.supernode_heartbeat),
+            "EXCHANGE_EXECUTOR_POLL": str(self.settings.executor_poll),
+            "EXCHANGE_EXECUTOR_POLL_MAX": str(self.settings.executor_poll_max),
         })
+        log_path = self.workdir / ("supernode.log" if self.is_hosted else "executor.log")
+        self._ready_offset = log_path.stat().st_size if log_path.exists() else 0
         self.supernode = _spawn(f"supernode-{self.name}", args, self.workdir / "supernode.log", env)
+        if self.is_hosted:
+            return
         _wait_port(self.supernode, "127.0.0.1", self.runtime_port, timeout)
         if fast:
             exec_args = [sys.executable, "-m", "federated.runtime.executor", "--runtime-api-address",
@@ -343,24 +368,31 @@ class HospitalNodeProcess:
         return [p for p in (self.executor, self.supernode) if p is not None]
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        """Wait until the executor has imported everything (torch, our ClientApp) and polls: a
-        message that arrives earlier waits for the import, which would count against round 1."""
-        if self.executor is None:
+        """Wait until the executor has imported everything (torch, our ClientApp) and takes tasks
+        (its ready line, written by this start: the log is appended to across restarts), and, when
+        hosted, until the SuperNode's runtime API listens: a message that arrives earlier waits for
+        the import, which would count against round 1."""
+        proc = self.supernode if self.is_hosted else self.executor
+        if proc is None:
             return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.executor.alive():
-                proc = self.executor
+            if not proc.alive():
                 raise DeploymentError(f"{proc.name} exited with code {proc.popen.returncode}; "
                                       f"log {proc.log_path}:\n{proc.log_tail()}")
             try:
-                if READY_LINE in self.executor.log_path.read_text(errors="replace"):
-                    return
+                with proc.log_path.open("rb") as log_file:
+                    log_file.seek(self._ready_offset)
+                    ready = READY_LINE.encode() in log_file.read()
             except OSError:
-                pass
+                ready = False
+            if ready:
+                if self.is_hosted:
+                    _wait_port(proc, "127.0.0.1", self.runtime_port, max(1.0, deadline - time.monotonic()))
+                return
             time.sleep(0.1)
-        raise DeploymentError(f"{self.executor.name} not ready after {timeout:.0f} s; log "
-                              f"{self.executor.log_path}:\n{self.executor.log_tail()}")
+        raise DeploymentError(f"{proc.name} not ready after {timeout:.0f} s; log "
+                              f"{proc.log_path}:\n{proc.log_tail()}")
 
     def kill(self) -> None:
         """SIGKILL the SuperNode and the executor: a crashed hospital."""
@@ -377,14 +409,17 @@ class LocalFederation:
 
     def __init__(self, workdir: Path, node_configs: Mapping[str, Mapping[str, NodeConfigValue]], *,
                  settings: RuntimeSettings | None = None, tls: TlsFiles | None = None,
-                 supernode_auth: bool = False, node_keys: Mapping[str, NodeKeys] | None = None) -> None:
+                 supernode_auth: bool = False, node_keys: Mapping[str, NodeKeys] | None = None,
+                 hosted: bool = True) -> None:
+        """`hosted`: each hospital one process as the node daemon runs it (`HospitalNodeProcess`);
+        False: a SuperNode and a separate executor process per hospital."""
         self.workdir = workdir
         self.settings = settings or RuntimeSettings()
         self.superlink = SuperLinkProcess(workdir / "superlink", tls=tls, supernode_auth=supernode_auth,
                                           settings=self.settings)
         self.nodes: dict[str, HospitalNodeProcess] = {
             name: HospitalNodeProcess(name, self.superlink, config, workdir / f"node-{name}", self.settings,
-                                      (node_keys or {}).get(name))
+                                      (node_keys or {}).get(name), hosted=hosted)
             for name, config in node_configs.items()
         }
 

@@ -953,3 +953,673 @@ def fitres_content(update: Any, num_examples: int) -> Any:
     fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters([update]),
                     num_examples=num_examples, metrics={})
     return fitres_to_recorddict(fitres, keep_input=True)
+
+
+# -- the SuperLink's HTTP API (our `superlink_main` process only) -----------------------------------
+#
+# flwr 1.42 serves the Fleet, Runtime and Control APIs from one FastAPI app whose stack has eight
+# Starlette `BaseHTTPMiddleware` layers, four of them for the Control API and two for the Fleet
+# API only; each layer costs every request a task group, memory streams and a Request object,
+# whether it acts or not. Every SuperNode poll (`PullMessages`) pays all of them, the node's
+# signature check and an SQLAlchemy UPDATE claim, even when nothing is pending (docs/benchmarks/
+# flower.md, "SuperLink CPU per request"). Two patches, both applied before the app is built:
+# `patch_superlink_middleware` lets each API's middleware see only its own API's paths, and
+# `patch_superlink_idle_pulls` answers a poll early when the node is known to have nothing pending.
+
+_CONTROL_PREFIX = "/v1/control/"
+_FLEET_PREFIX = "/v1/fleet/"
+_PULL_MESSAGES_PATH = "/v1/fleet/pull-messages"
+_SCOPED_MARK = "_exchange_scoped"
+#: Flower's middleware classes that act only on one API's paths (checked against their source
+#: by `_superlink_middleware_scopes`), by the prefix of that API
+_CONTROL_ONLY = ("ControlSensitiveResponseMiddleware", "ControlAuthenticationMiddleware",
+                 "ControlLicenseMiddleware", "ControlEventLogMiddleware")
+_FLEET_ONLY = ("NodeAuthMiddleware", "FleetEventLogMiddleware")
+#: event-log middlewares -> the app state attribute holding their plugin (they act only with one)
+_EVENT_LOG_PLUGINS = {"FleetEventLogMiddleware": "fleet_event_log_plugin",
+                      "ControlEventLogMiddleware": "control_event_log_plugin"}
+
+
+class _PathScoped:
+    """Pure ASGI: run `inner` (a Starlette middleware) only for HTTP requests under `prefix` (and,
+    with `plugin`, only while the app state's `plugin` is set: an event-log middleware does
+    nothing without its plugin); every other request goes straight to the next app. Flower's own
+    checks inside the middleware stay: this only skips a layer that would have passed the request
+    on untouched."""
+
+    def __init__(self, app: Any, *, inner: Any, prefix: str, plugin: str | None = None) -> None:
+        cls, args, kwargs = inner
+        self.app = app
+        self.inner = cls(app, *args, **kwargs)
+        self.prefix = prefix
+        self.plugin = plugin
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (scope["type"] == "http" and scope["path"].startswith(self.prefix)
+                and (self.plugin is None or getattr(scope["app"].state, self.plugin, None) is not None)):
+            await self.inner(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+class _NodeAuth:
+    """Pure ASGI in place of flwr's `NodeAuthMiddleware` (a `BaseHTTPMiddleware`): the same check
+    (flwr's own `authenticate_node`, in the thread pool) on the same requests (Fleet paths whose
+    protobuf request the translation layer parsed), before the handler; its `HTTPException`
+    (401) reaches flwr's error translator outside as before."""
+
+    def __init__(self, app: Any) -> None:
+        from flwr.superlink.routers.fleet.node_auth import authenticate_node
+        from google.protobuf.message import Message as ProtobufMessage
+
+        self.app = app
+        self._authenticate, self._protobuf = authenticate_node, ProtobufMessage
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (scope["type"] == "http" and scope["path"].startswith(_FLEET_PREFIX)
+                and isinstance(scope.get("state", {}).get("protobuf_request"), self._protobuf)):
+            from starlette.concurrency import run_in_threadpool
+            from starlette.requests import Request
+
+            await run_in_threadpool(self._authenticate, Request(scope, receive))
+        await self.app(scope, receive, send)
+
+
+def _superlink_middleware_scopes() -> dict[Any, str]:
+    """Flower's path-specific middleware classes -> the path prefix each acts on, after checking
+    (in their source) that each passes every other path on unchanged."""
+    from flwr.superlink.routers.control import middlewares as control
+    from flwr.superlink.routers.fleet import middlewares as fleet
+    from flwr.superlink.routers.fleet import node_auth
+
+    scopes: dict[Any, str] = {}
+    for module, names, prefix in ((control, _CONTROL_ONLY, _CONTROL_PREFIX),
+                                  (fleet, ("FleetEventLogMiddleware",), _FLEET_PREFIX),
+                                  (node_auth, ("NodeAuthMiddleware",), _FLEET_PREFIX)):
+        for name in names:
+            _require(hasattr(module, name), f"{module.__name__}.{name} is gone")
+            cls = getattr(module, name)
+            source = inspect.getsource(cls)
+            acts_on_prefix = (f'startswith("{prefix}")' in source or "_is_control_path(" in source
+                              or "_is_control_sensitive_route(" in source)
+            _require(acts_on_prefix, f"{module.__name__}.{name} no longer checks its path")
+            scopes[cls] = prefix
+    _require('path.startswith("/v1/control/")' in inspect.getsource(control._is_control_path),
+             "routers.control.middlewares._is_control_path changed")
+    _require(all(path.startswith(_CONTROL_PREFIX) for _method, path in control.CONTROL_SENSITIVE_ROUTE_KEYS),
+             "a sensitive Control route outside /v1/control/")
+    return scopes
+
+
+#: what SQLite says when a transaction could not get its lock within the busy timeout
+_BUSY_DATABASE_ERRORS = ("database is locked", "database table is locked")
+
+
+def _busy_database_retryable(translator: Callable[..., Any]) -> Callable[..., Any]:
+    """Flower's `http_error_translator` (exceptions -> JSON errors), except that SQLite's "database
+    is locked" becomes 503 instead of 500. Flower's HTTP clients (SuperNode, ServerApp grid)
+    retry a 503 and give up on a 500: under load a SuperNode's reply push then failed outright and
+    its round waited out its timeout. Retrying is safe: the failed transaction was rolled back."""
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+    from starlette.responses import JSONResponse
+
+    log = logging.getLogger("federated.superlink")
+
+    async def dispatch(request: Any, call_next: Any) -> Any:
+        async def call_next_busy_retryable(inner_request: Any) -> Any:
+            try:
+                return await call_next(inner_request)
+            except OperationalError as exc:
+                if not any(text in str(exc.orig) for text in _BUSY_DATABASE_ERRORS):
+                    raise
+                log.warning("%s: the SuperLink's database stayed locked (%s); answered 503 so the "
+                            "client retries", request.url.path, exc.orig)
+                return JSONResponse({"detail": "The SuperLink's database is busy; retry."}, status_code=503,
+                                    headers={"Retry-After": "1"})
+
+        return await translator(request, call_next_busy_retryable)
+
+    return dispatch
+
+
+def patch_superlink_middleware() -> None:
+    """Make flwr's SuperLink app run each path-specific middleware only for its own API's paths
+    (this process must be the SuperLink's, before its app is built). The Fleet API then crosses
+    four layers instead of eight, the Runtime API two; the Control API all of them, as before."""
+    check_flwr_version()
+    import flwr.superlink.main as superlink_main
+
+    current = superlink_main._get_middleware
+    if getattr(current, _SCOPED_MARK, False):
+        return
+    scopes = _superlink_middleware_scopes()
+    from flwr.superlink.routers.fleet import node_auth
+
+    dispatch_source = inspect.getsource(node_auth.NodeAuthMiddleware.dispatch)
+    _require('request.url.path.startswith("/v1/fleet/")' in dispatch_source
+             and 'getattr(request.state, "protobuf_request", None), Message' in dispatch_source
+             and "await run_in_threadpool(authenticate_node, request)" in dispatch_source
+             and "return await call_next(request)" in dispatch_source,
+             "fleet NodeAuthMiddleware.dispatch changed (what _NodeAuth does instead)")
+    for name, attribute in _EVENT_LOG_PLUGINS.items():
+        api = "control" if name.startswith("Control") else "fleet"
+        module = importlib.import_module(f"flwr.superlink.routers.{api}.middlewares")
+        _require(f'"{attribute}", None' in inspect.getsource(getattr(module, name).dispatch)
+                 and "is None" in inspect.getsource(getattr(module, name).dispatch),
+                 f"{name} no longer passes requests on without its plugin")
+    from flwr.supercore.error import http_error_translator
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    translator = _busy_database_retryable(http_error_translator)
+
+    def get_middleware() -> list[Any]:
+        out = []
+        for middleware in current():
+            dispatch = middleware.kwargs.get("dispatch")
+            if middleware.cls is BaseHTTPMiddleware and dispatch is http_error_translator:
+                out.append(Middleware(BaseHTTPMiddleware, dispatch=translator))
+                continue
+            if middleware.cls is node_auth.NodeAuthMiddleware:
+                out.append(Middleware(_NodeAuth))
+                continue
+            prefix = scopes.get(middleware.cls)
+            plugin = _EVENT_LOG_PLUGINS.get(getattr(middleware.cls, "__name__", ""))
+            out.append(middleware if prefix is None
+                       else Middleware(_PathScoped, inner=middleware, prefix=prefix, plugin=plugin))
+        _require(sum(m.cls in (_PathScoped, _NodeAuth) for m in out) == len(scopes),
+                 "superlink.main._get_middleware no longer lists every Control and Fleet middleware")
+        _require(any(m.kwargs.get("dispatch") is translator for m in out),
+                 "superlink.main._get_middleware no longer lists http_error_translator")
+        return out
+
+    setattr(get_middleware, _PATCHED_MARK, True)
+    setattr(get_middleware, _SCOPED_MARK, True)
+    setattr(superlink_main, "_get_middleware", get_middleware)  # noqa: B010 (a module global of flwr's)
+
+
+class PendingTracker:
+    """Which SuperNodes are known to have no message waiting at the SuperLink.
+
+    A node is known idle only after a full `PullMessages` (authenticated and answered by Flower's
+    own handler) found nothing for it, and only until: a message for it is stored and committed
+    (`bump`, from the LinkState hook), or `recheck_s` passed (then the next poll takes the full
+    path again, which re-authenticates the node against the database and re-reads its queue).
+    A fresh SuperLink process knows nothing: after a restart every first poll takes the full
+    path. The entry also records the public key that poll authenticated with: an early answer
+    needs the same key and a valid signature of the request's own time stamp."""
+
+    def __init__(self, recheck_s: float) -> None:
+        if not recheck_s > 0:
+            raise ValueError(f"recheck_s: must be > 0, got {recheck_s!r}")
+        self.recheck_s = recheck_s
+        self._lock = threading.Lock()
+        self._generation: dict[int, int] = {}
+        self._idle: dict[int, tuple[int, bytes, float]] = {}  # node -> (generation, public key, until)
+
+    def generation(self, node_id: int) -> int:
+        with self._lock:
+            return self._generation.get(node_id, 0)
+
+    def bump(self, node_id: int) -> None:
+        """A message for `node_id` was stored (or is about to be visible): not idle any more."""
+        with self._lock:
+            self._generation[node_id] = self._generation.get(node_id, 0) + 1
+            self._idle.pop(node_id, None)
+
+    def mark_idle(self, node_id: int, generation: int, public_key: bytes) -> None:
+        """A full poll that started at `generation` found nothing: idle, unless a message was
+        stored meanwhile (the generation moved)."""
+        with self._lock:
+            if self._generation.get(node_id, 0) == generation:
+                self._idle[node_id] = (generation, public_key, _time.monotonic() + self.recheck_s)
+
+    def forget(self, node_id: int) -> None:
+        with self._lock:
+            self._idle.pop(node_id, None)
+
+    def idle_key(self, node_id: int) -> bytes | None:
+        """The public key of the node's last empty full poll, if the node is still known idle."""
+        with self._lock:
+            entry = self._idle.get(node_id)
+            if entry is None:
+                return None
+            generation, public_key, until = entry
+            if generation != self._generation.get(node_id, 0) or _time.monotonic() >= until:
+                self._idle.pop(node_id, None)
+                return None
+            return public_key
+
+
+#: the SuperLink process's trackers (`patch_superlink_idle_pulls`): SuperNodes by node id, the
+#: ServerApps' reply pulls by run id
+_pending: list[PendingTracker] = []
+_pending_runs: list[PendingTracker] = []
+_SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID, checked by patch_superlink_idle_pulls
+_RUNTIME_PULL_PATH = "/v1/runtime/pull-messages"
+#: how long an empty reply pull vouches for a run at most: Flower makes error replies itself when a
+#: node went offline or a message expired, which no store announces
+_REPLY_RECHECK_S = 1.0
+_STORED_NODES_KEY = "exchange_stored_for_nodes"
+
+
+def _bump_key(key: tuple[str, int]) -> None:
+    """A message was stored: for a node ("node", id: its SuperNode's polls) or for a run's
+    ServerApp ("run", id: a reply, or an instruction to the SuperLink's own node)."""
+    kind, ident = key
+    for tracker in _pending if kind == "node" else _pending_runs:
+        tracker.bump(ident)
+
+
+def _patch_linkstate_store_hook() -> None:
+    """Bump the trackers for a message's destination node whenever flwr's SQL LinkState stores a
+    message for a node: once when stored, and again when the transaction holding the insert
+    commits (a poll that ran between the two saw nothing yet; the second bump voids its result)."""
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    store = SqlLinkState.store_message_ins
+    if getattr(store, _PATCHED_MARK, False):
+        return
+    _require("def session(" in inspect.getsource(importlib.import_module("flwr.supercore.sql_mixin")),
+             "flwr.supercore.sql_mixin no longer has session()")
+
+    store_res = SqlLinkState.store_message_res
+    _require("run_id" in inspect.getsource(store_res), "SqlLinkState.store_message_res changed")
+
+    def _stored(self: Any, keys: list[tuple[str, int]], original: Callable[..., Any], message: Any) -> Any:
+        with self.session() as session:  # re-entrant: joins the caller's transaction if any
+            for key in keys:
+                _bump_key(key)
+            session.info.setdefault(_STORED_NODES_KEY, set()).update(keys)
+            return original(self, message)
+
+    @functools.wraps(store)
+    def store_message_ins(self: Any, message: Any) -> Any:
+        keys = [("node", int(message.metadata.dst_node_id))]
+        if int(message.metadata.dst_node_id) == _SUPERLINK_NODE_ID:  # pulled by the ServerApp's grid
+            keys.append(("run", int(message.metadata.run_id)))
+        return _stored(self, keys, store, message)
+
+    @functools.wraps(store_res)
+    def store_message_res(self: Any, message: Any) -> Any:
+        return _stored(self, [("run", int(message.metadata.run_id))], store_res, message)
+
+    def after_commit(session: Any) -> None:
+        for key in session.info.pop(_STORED_NODES_KEY, ()):
+            _bump_key(key)
+
+    def after_rollback(session: Any) -> None:
+        session.info.pop(_STORED_NODES_KEY, None)
+
+    event.listen(Session, "after_commit", after_commit)
+    event.listen(Session, "after_soft_rollback", lambda session, _previous: after_rollback(session))
+    for wrapped in (store_message_ins, store_message_res):
+        setattr(wrapped, _PATCHED_MARK, True)
+    setattr(SqlLinkState, "store_message_ins", store_message_ins)  # noqa: B010 (a method of flwr's)
+    setattr(SqlLinkState, "store_message_res", store_message_res)  # noqa: B010
+
+
+class _IdlePullShortcut:
+    """Pure ASGI, outermost: answer a SuperNode's `PullMessages` with Flower's own empty reply when
+    the node is known to have nothing pending (`PendingTracker`) and the request authenticates as
+    Flower's `authenticate_node` would: a valid signature, by the public key that node's last full
+    poll authenticated with, over a time stamp inside Flower's window. Anything else (a parse error,
+    another key, a bad signature, an unknown node, a node with a message) takes Flower's full path,
+    which also decides every refusal: this never answers 401 itself. Each full poll's outcome
+    teaches the tracker: an empty 200 marks the node idle from the generation read before it ran."""
+
+    def __init__(self, app: Any, *, tracker: PendingTracker) -> None:
+        from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_HEADER, TIMESTAMP_TOLERANCE
+        from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse
+        from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+        from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
+
+        self.app = app
+        self.tracker = tracker
+        self._request_type, self._response_type = PullMessagesRequest, PullMessagesResponse
+        self._media_type = PROTOBUF_MEDIA_TYPE.encode("latin-1")
+        self._key_header = FLEET_HTTP_PUBLIC_KEY_HEADER.lower().encode("latin-1")
+        self._sig_header = FLEET_HTTP_SIGNATURE_HEADER.lower().encode("latin-1")
+        self._ts_header = TIMESTAMP_HEADER.lower().encode("latin-1")
+        self._window = (-SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE)
+        self._keys: dict[bytes, Any] = {}  # public key bytes -> parsed key (a handful of nodes)
+        self._empty_headers: list[tuple[bytes, bytes]] | None = None  # Flower's, from a full poll
+        self.answered_early = 0
+        self.full_path = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != _PULL_MESSAGES_PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        body, more = b"", True
+        while more:
+            event = await receive()
+            if event["type"] != "http.request":  # disconnected: let Flower's stack see it
+                await self.app(scope, _replay(body, event, receive), send)
+                return
+            body += event.get("body", b"")
+            more = event.get("more_body", False)
+        headers = dict(reversed(scope["headers"]))  # the first of repeated headers, as Starlette reads them
+        node_id, public_key = self._parse(headers, body)
+        if node_id is not None and self._empty_headers is not None and self._may_answer(node_id, public_key,
+                                                                                        headers):
+            self.answered_early += 1
+            await send({"type": "http.response.start", "status": 200, "headers": self._empty_headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        self.full_path += 1
+        await self._full_path(scope, _replay(body, None, receive), send, node_id, public_key)
+
+    def _parse(self, headers: dict[bytes, bytes], body: bytes) -> tuple[int | None, bytes]:
+        import base64
+        import binascii
+
+        from google.protobuf.message import DecodeError
+
+        try:
+            if headers.get(b"content-type", b"").split(b";")[0].strip().lower() != self._media_type:
+                return None, b""
+            request = self._request_type.FromString(body)
+            public_key = base64.b64decode(headers[self._key_header], validate=True)
+        except (KeyError, DecodeError, binascii.Error, ValueError):
+            return None, b""
+        return int(request.node.node_id), public_key
+
+    def _may_answer(self, node_id: int, public_key: bytes, headers: dict[bytes, bytes]) -> bool:
+        import base64
+        import datetime
+
+        from flwr.supercore.date import now
+        from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_signature
+
+        if self.tracker.idle_key(node_id) != public_key:
+            return False
+        try:
+            signature = base64.b64decode(headers[self._sig_header], validate=True)
+            timestamp = headers[self._ts_header].decode("ascii")
+            age = (now() - datetime.datetime.fromisoformat(timestamp)).total_seconds()
+            if not self._window[0] < age < self._window[1]:
+                return False
+            key = self._keys.get(public_key)
+            if key is None:
+                key = self._keys[public_key] = bytes_to_public_key(public_key)
+            return bool(verify_signature(key, timestamp.encode("ascii"), signature))
+        except Exception:  # anything odd: Flower's full path decides (and refuses)
+            return False
+
+    async def _full_path(self, scope: Any, receive: Any, send: Any, node_id: int | None,
+                         public_key: bytes) -> None:
+        generation = self.tracker.generation(node_id) if node_id is not None else 0
+        status, headers, chunks = 0, [], []
+
+        async def capture(message: Any) -> None:
+            nonlocal status, headers
+            if message["type"] == "http.response.start":
+                status, headers = message["status"], list(message.get("headers", []))
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+            await send(message)
+
+        await self.app(scope, receive, capture)
+        if node_id is None:
+            return
+        if status != 200:
+            self.tracker.forget(node_id)
+            return
+        try:
+            empty = not self._response_type.FromString(b"".join(chunks)).messages_list
+        except Exception:
+            empty = False
+        if empty:
+            if self._empty_headers is None:
+                self._empty_headers = [(k, v) for k, v in headers if k.lower() != b"date"]
+            self.tracker.mark_idle(node_id, generation, public_key)
+        else:
+            self.tracker.forget(node_id)
+
+
+class _IdleReplyPullShortcut:
+    """Pure ASGI, outermost: answer a ServerApp's `PullMessages` (Runtime API: its replies) with
+    Flower's own empty reply when no reply (nor instruction to the SuperLink's node) was stored for
+    its run since a full pull with the same task token and the same message ids found nothing
+    (`PendingTracker` by run id; the token's run is looked up once, after its first full pull).
+    Flower also answers a pull with error replies it makes itself (a node gone offline, a message
+    expired); those wait for the next full pull, at most `recheck_s` later. Anything else takes
+    Flower's full path, which alone authenticates the token and refuses."""
+
+    def __init__(self, app: Any, *, tracker: PendingTracker) -> None:
+        from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullAppMessagesResponse
+        from flwr.supercore.constant import TASK_TOKEN_HEADER
+        from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
+
+        self.app = app
+        self.tracker = tracker
+        self._request_type, self._response_type = PullAppMessagesRequest, PullAppMessagesResponse
+        self._media_type = PROTOBUF_MEDIA_TYPE.encode("latin-1")
+        self._token_header = TASK_TOKEN_HEADER.lower().encode("latin-1")
+        self._runs: dict[bytes, int] = {}  # task token -> its run (a token belongs to one task)
+        self._empty_headers: list[tuple[bytes, bytes]] | None = None
+        self.answered_early = 0
+        self.full_path = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != _RUNTIME_PULL_PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        body, event = await _read_body(receive)
+        if event is not None:
+            await self.app(scope, _replay(body, event, receive), send)
+            return
+        credential = self._credential(scope["headers"], body)
+        run_id = self._runs.get(credential[0]) if credential is not None else None
+        if (credential is not None and run_id is not None and self._empty_headers is not None
+                and self.tracker.idle_key(run_id) == credential[1]):
+            self.answered_early += 1
+            await _send_empty(send, self._empty_headers)
+            return
+        self.full_path += 1
+        generation = self.tracker.generation(run_id) if run_id is not None else 0
+        status, headers, reply = await _capture(self.app, scope, _replay(body, None, receive), send)
+        if credential is None:
+            return
+        if run_id is None and status == 200:
+            await self._run_of(scope, credential[0])
+            return  # this pull's generation was not read before it ran: the next one may vouch
+        if run_id is None:
+            return
+        if status == 200 and _is_empty(self._response_type, reply):
+            if self._empty_headers is None:
+                self._empty_headers = [(k, v) for k, v in headers if k.lower() != b"date"]
+            self.tracker.mark_idle(run_id, generation, credential[1])
+        else:
+            self.tracker.forget(run_id)
+
+    def _credential(self, raw_headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[bytes, bytes] | None:
+        """(token, what an idle entry must match: the token and the message ids asked for)."""
+        import hashlib
+
+        from google.protobuf.message import DecodeError
+
+        tokens = [v for k, v in raw_headers if k.lower() == self._token_header]
+        content_type = [v for k, v in raw_headers if k.lower() == b"content-type"]
+        if len(tokens) != 1 or not tokens[0] or len(content_type) != 1 \
+                or content_type[0].split(b";")[0].strip().lower() != self._media_type:
+            return None
+        try:
+            request = self._request_type.FromString(body)
+        except DecodeError:
+            return None
+        ids = b"\0".join(sorted(str(i).encode() for i in request.message_ids))
+        return tokens[0], hashlib.sha256(tokens[0] + b"\1" + ids).digest()
+
+    async def _run_of(self, scope: Any, token: bytes) -> int | None:
+        from starlette.concurrency import run_in_threadpool
+
+        try:
+            state = scope["app"].state.linkstate_factory.state()
+            task = await run_in_threadpool(state.get_task_by_token, token.decode("latin-1"))
+        except Exception:
+            return None
+        if task is None:
+            return None
+        self._runs[token] = int(task.run_id)
+        return int(task.run_id)
+
+
+async def _read_body(receive: Any) -> tuple[bytes, Any]:
+    """The whole request body, or what came before a disconnect and that event."""
+    body, more = b"", True
+    while more:
+        event = await receive()
+        if event["type"] != "http.request":
+            return body, event
+        body += event.get("body", b"")
+        more = event.get("more_body", False)
+    return body, None
+
+
+async def _send_empty(send: Any, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _capture(app: Any, scope: Any, receive: Any, send: Any) -> tuple[int, list[Any], bytes]:
+    """Run `app`, passing its response on, and return its status, headers and body."""
+    status, headers, chunks = 0, [], []
+
+    async def capture(message: Any) -> None:
+        nonlocal status, headers
+        if message["type"] == "http.response.start":
+            status, headers = message["status"], list(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+        await send(message)
+
+    await app(scope, receive, capture)
+    return status, headers, b"".join(chunks)
+
+
+def _is_empty(response_type: Any, body: bytes) -> bool:
+    try:
+        return not response_type.FromString(body).messages_list
+    except Exception:
+        return False
+
+
+def _replay(body: bytes, event: Any, receive: Any) -> Callable[[], Any]:
+    """An ASGI `receive` that first hands out the request body already read (and the event that
+    interrupted reading it, if any), then the connection's own events."""
+    pending = [event if event is not None else {"type": "http.request", "body": body, "more_body": False}]
+    if event is not None and body:
+        pending.insert(0, {"type": "http.request", "body": body, "more_body": True})
+
+    async def replayed() -> Any:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
+
+
+def patch_superlink_task_sweep(interval_s: float) -> None:
+    """Run flwr's sweep of expired task claims (`SqlCoreState._cleanup_expired_task_tokens`: two
+    `UPDATE ... RETURNING` statements) at most once per `interval_s` per LinkState (SuperLink
+    process only). flwr 1.42 runs it at the start of `get_run_status`, which every Fleet object
+    pull and push calls through `check_abort`, and of most task look-ups: a write transaction per
+    request. It only moves claims whose heartbeat lapsed (to pending, or to failed); token checks
+    compare `active_until` themselves, so a later sweep lets no expired token in, it only records
+    a lapsed task up to `interval_s` later."""
+    check_flwr_version()
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    sweep = SqlCoreState._cleanup_expired_task_tokens
+    if getattr(sweep, _PATCHED_MARK, False):
+        return
+    _require(list(inspect.signature(sweep).parameters) == ["self"],
+             "SqlCoreState._cleanup_expired_task_tokens changed its parameters")
+    by_token = inspect.getsource(SqlCoreState.get_task_by_token)
+    _require("active_until < current" in by_token and "return None" in by_token,
+             "SqlCoreState.get_task_by_token no longer refuses an expired claim itself")
+    last: dict[int, float] = {}
+    lock = threading.Lock()
+
+    @functools.wraps(sweep)
+    def cleanup_expired_task_tokens(self: Any) -> None:
+        now = _time.monotonic()
+        with lock:
+            if now - last.get(id(self), -interval_s) < interval_s:
+                return
+            last[id(self)] = now
+        sweep(self)
+
+    setattr(cleanup_expired_task_tokens, _PATCHED_MARK, True)
+    setattr(SqlCoreState, "_cleanup_expired_task_tokens", cleanup_expired_task_tokens)  # noqa: B010
+
+
+def patch_superlink_idle_pulls(recheck_s: float) -> PendingTracker:
+    """Answer a known-idle SuperNode's poll before Flower's middleware, handler and database
+    (`_IdlePullShortcut`, `PendingTracker`); this process must be the SuperLink's, before its app
+    is built. `recheck_s`: how long one empty full poll vouches for a node (then a full poll
+    again). Returns the tracker (tests read it)."""
+    check_flwr_version()
+    import flwr.superlink.main as superlink_main
+
+    if _pending:
+        return _pending[0]
+    for module_name, name in (("flwr.common.constant", "TIMESTAMP_HEADER"),
+                              ("flwr.common.constant", "TIMESTAMP_TOLERANCE"),
+                              ("flwr.common.constant", "SYSTEM_TIME_TOLERANCE"),
+                              ("flwr.supercore.constant", "FLEET_HTTP_PUBLIC_KEY_HEADER"),
+                              ("flwr.supercore.constant", "FLEET_HTTP_SIGNATURE_HEADER"),
+                              ("flwr.supercore.protobuf.constants", "PROTOBUF_MEDIA_TYPE"),
+                              ("flwr.supercore.date", "now"),
+                              ("flwr.supercore.primitives.asymmetric", "verify_signature"),
+                              ("flwr.supercore.primitives.asymmetric", "bytes_to_public_key")):
+        _check_name(module_name, name, (), ())
+    from flwr.superlink.routers.fleet import node_auth
+    from flwr.superlink.servicer.fleet import fleet_handlers
+
+    auth_source = inspect.getsource(node_auth.authenticate_node)
+    _require(all(part in auth_source for part in (
+        "FLEET_HTTP_PUBLIC_KEY_HEADER", "FLEET_HTTP_SIGNATURE_HEADER", "TIMESTAMP_HEADER",
+        "verify_signature(", 'encode("ascii")', "get_node_id_by_public_key(public_key) != node_id")),
+        "fleet node_auth.authenticate_node changed (what the idle-poll shortcut re-checks)")
+    _require("state.get_message_ins(node_id=node_id, limit=1)"
+             in inspect.getsource(fleet_handlers.pull_messages),
+             "fleet_handlers.pull_messages no longer reads the node's messages with get_message_ins")
+    _require(("POST", _PULL_MESSAGES_PATH) in importlib.import_module(
+        "flwr.supercore.protobuf.translation").PROTOBUF_REQUEST_TYPES, "the Fleet pull-messages route moved")
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    _require(SUPERLINK_NODE_ID == _SUPERLINK_NODE_ID, "SUPERLINK_NODE_ID changed")
+    from flwr.superlink.servicer.runtime import runtime_handlers
+
+    pull_source = inspect.getsource(runtime_handlers.pull_messages)
+    _require("state.get_message_res(" in pull_source and "node_id=SUPERLINK_NODE_ID" in pull_source,
+             "runtime_handlers.pull_messages no longer reads replies and the SuperLink node's messages")
+    _require(("POST", _RUNTIME_PULL_PATH) in importlib.import_module(
+        "flwr.supercore.protobuf.translation").PROTOBUF_REQUEST_TYPES,
+        "the Runtime pull-messages route moved")
+    tracker = PendingTracker(recheck_s)
+    runs = PendingTracker(min(recheck_s, _REPLY_RECHECK_S))
+    _patch_linkstate_store_hook()
+    current = superlink_main._get_middleware
+    from flwr.superlink import extensions
+    from starlette.middleware import Middleware
+
+    def get_middleware() -> list[Any]:
+        out = list(current())
+        first = len(extensions.get_middleware())  # an installed extension's own come first
+        return [*out[:first], Middleware(_IdlePullShortcut, tracker=tracker),
+                Middleware(_IdleReplyPullShortcut, tracker=runs), *out[first:]]
+
+    setattr(get_middleware, _PATCHED_MARK, True)
+    setattr(get_middleware, _SCOPED_MARK, getattr(current, _SCOPED_MARK, False))
+    setattr(superlink_main, "_get_middleware", get_middleware)  # noqa: B010 (a module global of flwr's)
+    _pending.append(tracker)
+    _pending_runs.append(runs)
+    return tracker

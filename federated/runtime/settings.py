@@ -52,12 +52,21 @@ class RuntimeSettings:
     #: Heartbeat interval the SuperNode declares (flwr: 30 s; the SuperLink accepts >= 10). A dead
     #: node stays listed for 2x this, and a restarted authenticated node cannot rejoin until then.
     supernode_heartbeat: float = 10.0
+    #: SuperLink: how long one empty full poll of a SuperNode vouches that it has nothing pending;
+    #: until then its polls are answered before Flower's middleware and database (a message stored
+    #: for it ends this at once). After it, one full poll re-checks the node against the database.
+    superlink_idle_recheck: float = 5.0
+    #: SuperLink CPU patches in fast mode (path-scoped middleware, early idle-poll answers, 503 on
+    #: a locked database): off runs Flower's SuperLink as shipped (benchmarks compare the two; an
+    #: escape hatch should a Flower quirk meet them) while the SuperNode side stays fast.
+    superlink_patches: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("fast", "plain"):
             raise ValueError(f"mode: must be 'fast' or 'plain', got {self.mode!r}")
         for name in ("supernode_idle_sleep", "supernode_idle_sleep_max", "supernode_reply_sleep",
-                     "pull_backoff", "executor_poll", "executor_poll_max", "server_poll"):
+                     "pull_backoff", "executor_poll", "executor_poll_max", "server_poll",
+                     "superlink_idle_recheck"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and 0 < value <= 60):
                 raise ValueError(f"{name}: must be a number of seconds in (0, 60], got {value!r}")

@@ -3,16 +3,38 @@
 Adds `--disable-runtime-dependency-installation` when missing (the default runs `uv sync` on an
 app's dependencies, which could pull packages from the internet, e.g. a CUDA torch) and turns
 telemetry and update checks off before flwr is imported.
+
+Unless ``EXCHANGE_FLOWER_MODE=plain``, it also applies the SuperLink's CPU patches of
+`flwr_internals` before flwr builds its app (docs/flower.md, "Where Flower's time goes"): each
+API's middleware runs only for its own paths (`patch_superlink_middleware`), and a SuperNode's
+poll is answered before Flower's middleware, handler and database when that node is known to
+have nothing pending (`patch_superlink_idle_pulls`; still authenticated by its signature; one
+full poll every ``EXCHANGE_SUPERLINK_IDLE_RECHECK`` seconds per node re-checks it against the
+database), and flwr's sweep of lapsed task claims, a write on nearly every request, runs at most
+every `TASK_SWEEP_S` (`patch_superlink_task_sweep`). Every SuperNode polls, idle or not, so on a
+small machine the SuperLink's CPU per request was what a round with ten hospitals waited for
+(docs/benchmarks/flower.md).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from federated.runtime import flwr_internals
-from federated.runtime.settings import disable_phone_home
+from federated.runtime.settings import RuntimeSettings, disable_phone_home
 
 NO_INSTALL_FLAG = "--disable-runtime-dependency-installation"
+#: flwr's sweep of lapsed task claims runs on nearly every request; once per this many seconds
+#: is enough (it records a lapsed task; token checks do not depend on it)
+TASK_SWEEP_S = 0.5
+
+
+def apply_superlink_patches(settings: RuntimeSettings) -> None:
+    """The fast mode's SuperLink patches (this process must be the SuperLink's, before its app)."""
+    flwr_internals.patch_superlink_middleware()
+    flwr_internals.patch_superlink_idle_pulls(settings.superlink_idle_recheck)
+    flwr_internals.patch_superlink_task_sweep(TASK_SWEEP_S)
 
 
 def main() -> None:
@@ -21,6 +43,16 @@ def main() -> None:
         raise SystemExit("superlink: runtime dependency installation is never allowed here")
     if NO_INSTALL_FLAG not in sys.argv[1:]:
         sys.argv.append(NO_INSTALL_FLAG)
+    default = RuntimeSettings()
+    settings = RuntimeSettings(
+        mode=os.environ.get("EXCHANGE_FLOWER_MODE", default.mode),  # type: ignore[arg-type]
+        superlink_idle_recheck=float(os.environ.get("EXCHANGE_SUPERLINK_IDLE_RECHECK",
+                                                    default.superlink_idle_recheck)),
+        superlink_patches=os.environ.get("EXCHANGE_SUPERLINK_PATCHES", "1") != "0")
+    if settings.mode == "fast" and settings.superlink_patches:
+        apply_superlink_patches(settings)
+        print(f"[exchange] superlink patches: path-scoped middleware, idle polls answered early "
+              f"(full poll per node every {settings.superlink_idle_recheck} s)", file=sys.stderr, flush=True)
     sys.argv[0] = "flower-superlink"
     flwr_internals.flower_superlink_main()
 

@@ -105,7 +105,8 @@ class CpuMeter:
 # -- 1. the real deployment -------------------------------------------------------------------------
 
 
-def deployment(rounds: int, root: Path, hospitals: int = 3) -> dict[str, dict[str, float]]:
+def deployment(rounds: int, root: Path, hospitals: int = 3,
+               stock_superlink: bool = False) -> dict[str, dict[str, float]]:
     """Mean per-round numbers of rounds 2+ for "plain" and "secagg" (two studies each,
     interleaved), with the CPU seconds per round of each kind of process (`CpuMeter`):
     `cpu_server_s`, `cpu_superlink_s`, and over the hospitals (executor + SuperNode) the mean
@@ -115,7 +116,7 @@ def deployment(rounds: int, root: Path, hospitals: int = 3) -> dict[str, dict[st
     from federated.runtime.server_runner import run_study
     from federated.runtime.settings import RuntimeSettings
 
-    settings = RuntimeSettings()
+    settings = RuntimeSettings(superlink_patches=not stock_superlink)
     names = tuple(f"hospital-{chr(ord('a') + i)}" for i in range(hospitals))
     # breast cancer's 569 records give 10 hospitals ~51 each (the default floor is 100)
     sites = provision_sites(root / "sites", hospitals=names, min_records=min(100, 400 // hospitals))
@@ -313,6 +314,8 @@ def main() -> None:
     parser.add_argument("--no-table", action="store_true")
     parser.add_argument("--hospitals", type=int, default=3, help="hospitals in the deployment part")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per study in the deployment part")
+    parser.add_argument("--stock-superlink", action="store_true",
+                        help="Flower's SuperLink without our CPU patches (settings.superlink_patches)")
     args = parser.parse_args()
     reps = 1 if args.quick else 3
     if not args.no_table:
@@ -333,12 +336,13 @@ def main() -> None:
     rounds = args.rounds or (3 if args.quick else 4)
     load_before = _load()
     with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
-        numbers = deployment(rounds, Path(tmp), args.hospitals)
+        numbers = deployment(rounds, Path(tmp), args.hospitals, stock_superlink=args.stock_superlink)
     load_after = _load()
     idle = numbers.pop("idle")["cpu_idle_total_per_s"]
     p, s = numbers["plain"], numbers["secagg"]
     print(
-        f"== deployment: {args.hospitals} hospitals, breast cancer, logistic regression, DP-SGD; "
+        f"== deployment ({'stock' if args.stock_superlink else 'patched'} SuperLink): "
+        f"{args.hospitals} hospitals, breast cancer, logistic regression, DP-SGD; "
         f"mean of rounds 2-{rounds} (SecAgg+ pipelined), "
         f"two studies each, interleaved; {load_before} before, {load_after} after"
     )

@@ -152,14 +152,18 @@ class Coordinator:
 def _nodes_back(fed: Federation) -> None:
     """Every hospital's SuperNode and executor running and online, as the node daemon keeps them
     (a test before may have killed one, or the SuperNodes may have exited on a SuperLink that
-    restarted without its state)."""
-    for node in fed.flower.nodes.values():
-        if not all(p.alive() for p in node.processes()):
-            node.kill()
-            node.start()
-            node.wait_ready(DEADLINE_S)
+    restarted without its state). Checked again while waiting: a SuperNode that met a SuperLink
+    restarted without its state exits at its next request (a 401), which may come after the
+    previous test ended."""
     deadline = time.monotonic() + DEADLINE_S
-    while len(fed.flower.superlink.online_node_ids()) != len(HOSPITALS):
+    while True:
+        for node in fed.flower.nodes.values():
+            if not all(p.alive() for p in node.processes()):
+                node.kill()
+                node.start()
+                node.wait_ready(DEADLINE_S)
+        if len(fed.flower.superlink.online_node_ids()) == len(HOSPITALS):
+            return
         assert time.monotonic() < deadline, "the hospitals' nodes did not come back online"
         time.sleep(0.5)  # a killed node stays listed until its heartbeat expires
 

@@ -1,0 +1,349 @@
+"""The SuperLink's CPU patches (`flwr_internals.patch_superlink_middleware`,
+`patch_superlink_idle_pulls`) on flwr's real SuperLink app and SQLite LinkState, driven by raw ASGI
+requests signed as a SuperNode signs them: an idle node's poll is answered early with Flower's own
+reply, and never when that would be wrong (a message stored for the node, even in a transaction
+not yet committed; another key; a bad signature; a fresh process); each API's middleware still
+runs for its own paths; a locked database answers 503 (which Flower's clients retry), not 500.
+End to end (messages delivered, a SuperLink restarted mid-study) the deployment tests run every
+study through the patched SuperLink."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from federated.runtime import flwr_internals
+from federated.runtime.settings import disable_phone_home
+from tests.bench.bench_superlink_requests import _headers, call
+
+PULL = "/v1/fleet/pull-messages"
+HEARTBEAT = "/v1/fleet/send-node-heartbeat"
+
+
+@dataclass
+class Link:
+    app: Any
+    state: Any
+    tracker: flwr_internals.PendingTracker
+    node_id: int
+    key: Any
+    public_key: bytes
+    db: Path
+
+    def pull_body(self, node_id: int | None = None) -> bytes:
+        from flwr.proto.fleet_pb2 import PullMessagesRequest
+        from flwr.proto.node_pb2 import Node
+
+        node = Node(node_id=self.node_id if node_id is None else node_id)
+        return PullMessagesRequest(node=node).SerializeToString()
+
+    def poll(self, headers: list[tuple[bytes, bytes]] | None = None,
+             node_id: int | None = None) -> tuple[int, bytes]:
+        return asyncio.run(call(self.app, PULL, self.pull_body(node_id),
+                                headers if headers is not None else _headers(self.key, self.public_key)))
+
+    def counts(self) -> tuple[int, int]:
+        shortcut = _shortcut(self.app)
+        return shortcut.answered_early, shortcut.full_path
+
+
+def _shortcut(app: Any) -> Any:
+    """The `_IdlePullShortcut` instance in the app's built middleware stack."""
+    layer = app.middleware_stack or app.build_middleware_stack()
+    app.middleware_stack = layer
+    while layer is not None:
+        if isinstance(layer, flwr_internals._IdlePullShortcut):
+            return layer
+        layer = getattr(layer, "app", None)
+    raise AssertionError("no idle-pull shortcut in the SuperLink app")
+
+
+def _register(state: Any) -> tuple[int, Any, bytes]:
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+
+    private_key, public_key = generate_key_pairs()
+    pk = public_key_to_bytes(public_key)
+    node_id = state.create_node("noop", "noop", pk, 0)
+    state.activate_node(node_id, 30)
+    return int(node_id), private_key, pk
+
+
+@pytest.fixture
+def link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Link]:
+    """A patched SuperLink app (a fresh tracker: a fresh process) with one active node."""
+    disable_phone_home()
+    import flwr.superlink.main as superlink_main
+
+    monkeypatch.setattr(superlink_main, "_get_middleware", superlink_main._get_middleware)
+    monkeypatch.setattr(flwr_internals, "_pending", [])
+    monkeypatch.setattr(flwr_internals, "_pending_runs", [])
+    monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "superlink.db"))
+    flwr_internals.patch_superlink_middleware()
+    tracker = flwr_internals.patch_superlink_idle_pulls(recheck_s=30.0)
+    app = superlink_main.create_app()
+    state = app.state.linkstate_factory.state()
+    node_id, key, pk = _register(state)
+    yield Link(app, state, tracker, node_id, key, pk, tmp_path / "superlink.db")
+
+
+def _is_empty_reply(body: bytes) -> bool:
+    from flwr.proto.fleet_pb2 import PullMessagesResponse
+
+    return not PullMessagesResponse.FromString(body).messages_list
+
+
+def test_an_idle_nodes_poll_is_answered_early_with_flowers_own_reply(link: Link) -> None:
+    assert link.counts() == (0, 0)
+    first = link.poll()  # a fresh process knows nothing: Flower's full path
+    assert first[0] == 200 and _is_empty_reply(first[1])
+    assert link.counts() == (0, 1)
+    for _ in range(3):
+        assert link.poll() == first
+    assert link.counts() == (3, 1)
+    assert link.tracker.idle_key(link.node_id) == link.public_key
+
+
+def test_a_message_stored_for_the_node_ends_its_idleness_at_the_store_and_again_at_commit(link: Link) -> None:
+    from flwr.app import Message, RecordDict
+
+    link.poll()
+    assert link.tracker.idle_key(link.node_id) is not None
+    flwr_internals.set_task_identity(0, 1, 0)  # what Message() stamps; run 1 does not exist
+    message = Message(RecordDict(), dst_node_id=link.node_id, message_type="query")  # no such run: not stored
+    with link.state.session():
+        start = link.tracker.generation(link.node_id)
+        link.state.store_message_ins(message)
+        assert link.tracker.idle_key(link.node_id) is None
+        assert link.tracker.generation(link.node_id) == start + 1
+        # a poll that ran now saw nothing yet (the insert is not committed) and marks the node idle
+        link.tracker.mark_idle(link.node_id, start + 1, link.public_key)
+        assert link.tracker.idle_key(link.node_id) == link.public_key
+    # the commit voids that: the next poll takes the full path and finds the message
+    assert link.tracker.generation(link.node_id) == start + 2
+    assert link.tracker.idle_key(link.node_id) is None
+    before = link.counts()
+    link.poll()
+    assert link.counts() == (before[0], before[1] + 1)
+
+
+def test_a_poll_that_overlaps_a_store_does_not_mark_the_node_idle(link: Link) -> None:
+    start = link.tracker.generation(link.node_id)
+    link.tracker.bump(link.node_id)  # a store landed while that poll ran
+    link.tracker.mark_idle(link.node_id, start, link.public_key)
+    assert link.tracker.idle_key(link.node_id) is None
+
+
+def test_a_bad_signature_or_another_nodes_key_is_refused_by_flowers_own_check(link: Link) -> None:
+    link.poll()
+    assert link.tracker.idle_key(link.node_id) is not None
+    headers = dict(_headers(link.key, link.public_key))
+    signature = bytearray(base64.b64decode(headers[b"flwr-signature"]))
+    signature[-1] ^= 1
+    headers[b"flwr-signature"] = base64.b64encode(bytes(signature))
+    status, _ = link.poll(list(headers.items()))
+    assert status == 401
+    # another registered node claiming this node's id: signed correctly, by the wrong key
+    _other_id, other_key, other_pk = _register(link.state)
+    status, _ = link.poll(_headers(other_key, other_pk))
+    assert status == 401
+    # a time stamp outside Flower's window, signed correctly
+    from flwr.supercore.primitives.asymmetric import sign_message
+
+    stale = "2020-01-01T00:00:00+00:00"
+    headers = dict(_headers(link.key, link.public_key))
+    headers[b"flwr-timestamp"] = stale.encode()
+    headers[b"flwr-signature"] = base64.b64encode(sign_message(link.key, stale.encode("ascii")))
+    status, _ = link.poll(list(headers.items()))
+    assert status == 401
+    assert link.counts()[0] == 0  # none of these was answered early
+    assert link.tracker.idle_key(link.node_id) is None  # a refused full poll forgets the node
+
+
+def test_an_unregistered_node_is_refused_once_its_idle_entry_expires(link: Link) -> None:
+    """An empty full poll vouches for a node for `recheck_s` only: then Flower's full path checks
+    the node's key against the database again (here: the node was deleted meanwhile)."""
+    link.tracker.recheck_s = 0.2
+    assert link.poll()[0] == 200
+    assert link.tracker.idle_key(link.node_id) == link.public_key
+    link.state.delete_node("noop", link.node_id)
+    time.sleep(0.3)
+    early_before = link.counts()[0]
+    status, _ = link.poll()
+    assert status == 401
+    assert link.counts()[0] == early_before
+
+
+def test_each_apis_middleware_and_flowers_node_check_still_run_for_their_own_paths(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    disable_phone_home()
+    import flwr.superlink.main as superlink_main
+    from flwr.superlink.routers.control.middlewares import ControlAuthenticationMiddleware
+    from flwr.superlink.routers.fleet import node_auth
+
+    seen: list[tuple[str, str]] = []
+    original = ControlAuthenticationMiddleware.dispatch
+
+    async def dispatch(self: Any, request: Any, call_next: Any) -> Any:
+        seen.append(("ControlAuthenticationMiddleware", request.url.path))
+        return await original(self, request, call_next)
+
+    authenticate = node_auth.authenticate_node
+
+    def authenticate_node(request: Any) -> None:
+        seen.append(("authenticate_node", request.url.path))
+        authenticate(request)
+
+    monkeypatch.setattr(ControlAuthenticationMiddleware, "dispatch", dispatch)
+    monkeypatch.setattr(node_auth, "authenticate_node", authenticate_node)
+    monkeypatch.setattr(superlink_main, "_get_middleware", superlink_main._get_middleware)
+    monkeypatch.setattr(flwr_internals, "_pending", [])
+    monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "superlink.db"))
+    flwr_internals.patch_superlink_middleware()
+    app = superlink_main.create_app()
+    node_id, key, pk = _register(app.state.linkstate_factory.state())
+    from flwr.proto.control_pb2 import ListNodesRequest, ListNodesResponse
+    from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
+    from flwr.proto.node_pb2 import Node
+
+    beat = SendNodeHeartbeatRequest(node=Node(node_id=node_id), heartbeat_interval=30).SerializeToString()
+    assert asyncio.run(call(app, HEARTBEAT, beat, _headers(key, pk)))[0] == 200
+    status, body = asyncio.run(call(app, "/v1/control/list-nodes", ListNodesRequest().SerializeToString(),
+                                    [(b"content-type", b"application/protobuf")]))
+    assert status == 200
+    ListNodesResponse.FromString(body)  # Flower's own protobuf reply
+    assert seen == [("authenticate_node", HEARTBEAT),
+                    ("ControlAuthenticationMiddleware", "/v1/control/list-nodes")]
+    # and Flower's node check still refuses a bad signature on a path the shortcut never answers
+    headers = dict(_headers(key, pk))
+    headers[b"flwr-signature"] = base64.b64encode(b"\0" * 64)
+    assert asyncio.run(call(app, HEARTBEAT, beat, list(headers.items())))[0] == 401
+
+
+def test_a_locked_database_answers_503_which_flowers_clients_retry(link: Link) -> None:
+    from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
+    from flwr.proto.node_pb2 import Node
+
+    beat = SendNodeHeartbeatRequest(node=Node(node_id=link.node_id),
+                                    heartbeat_interval=30).SerializeToString()
+    holder = sqlite3.connect(link.db, timeout=0.1)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")  # another writer holds the database past the busy timeout
+        status, body = asyncio.run(call(link.app, HEARTBEAT, beat, _headers(link.key, link.public_key)))
+    finally:
+        holder.rollback()
+        holder.close()
+    assert status == 503, body
+    assert b"busy" in body
+    # Flower's HTTP retry policy retries it (and would give up on a 500)
+    import httpx
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+
+    should_giveup = make_simple_http_retry_invoker().should_giveup
+    assert should_giveup is not None
+    request = httpx.Request("POST", "http://superlink" + HEARTBEAT)
+    for code, gives_up in ((503, False), (500, True)):
+        error = httpx.HTTPStatusError("x", request=request, response=httpx.Response(code, request=request))
+        assert should_giveup(error) is gives_up
+    status, _ = asyncio.run(call(link.app, HEARTBEAT, beat, _headers(link.key, link.public_key)))
+    assert status == 200
+
+
+def test_a_serverapps_reply_pull_is_answered_early_only_while_nothing_was_stored_for_its_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Runtime API side (`_IdleReplyPullShortcut`) in front of a stand-in for Flower's stack
+    that answers every pull empty and counts them; the token's run comes from the LinkState."""
+    disable_phone_home()
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest
+
+    monkeypatch.setattr(flwr_internals, "_pending_runs", [])
+    runs = flwr_internals.PendingTracker(30.0)
+    flwr_internals._pending_runs.append(runs)
+    full: list[str] = []
+
+    class Task:
+        run_id = 42
+
+    class State:
+        def get_task_by_token(self, token: str) -> Task | None:
+            return Task() if token == "good" else None
+
+    class Flower:  # the rest of flwr's app: Flower's empty reply
+        state = type("S", (), {"linkstate_factory": type("F", (), {"state": staticmethod(State)})})()
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            full.append(dict(scope["headers"]).get(b"flwr-task-token", b"").decode())
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/protobuf")]})
+            await send({"type": "http.response.body", "body": b""})
+
+    flower = Flower()
+    shortcut = flwr_internals._IdleReplyPullShortcut(flower, tracker=runs)
+
+    def pull(token: str = "good", ids: tuple[str, ...] = ("m1", "m2")) -> tuple[int, bytes]:
+        body = PullAppMessagesRequest(message_ids=list(ids)).SerializeToString()
+        headers = [(b"content-type", b"application/protobuf"), (b"flwr-task-token", token.encode())]
+
+        async def go() -> tuple[int, bytes]:
+            class App:  # Starlette sets scope["app"] before the middleware stack
+                pass
+            scope_app = App()
+            scope_app.state = flower.state  # type: ignore[attr-defined]
+
+            async def app(scope: Any, receive: Any, send: Any) -> None:
+                scope["app"] = scope_app
+                await shortcut(scope, receive, send)
+            return await call(app, flwr_internals._RUNTIME_PULL_PATH, body, headers)
+        return asyncio.run(go())
+
+    assert pull() == (200, b"") and len(full) == 1  # unknown token: full path, its run looked up
+    assert pull() == (200, b"") and len(full) == 2  # generation read before it: vouches now
+    assert pull() == (200, b"") and len(full) == 2  # answered early
+    assert shortcut.answered_early == 1
+    pull(ids=("m1",))  # other message ids: full path
+    assert len(full) == 3
+    pull(token="other")  # another token: full path (Flower decides)
+    assert len(full) == 4
+    pull()
+    assert len(full) == 5  # the entry for ("good", m1 m2) was replaced by m1's
+    pull()
+    assert len(full) == 5
+    flwr_internals._bump_key(("run", 42))  # a reply stored for run 42
+    pull()
+    assert len(full) == 6
+    flwr_internals._bump_key(("run", 7))  # another run's reply changes nothing here
+    pull()
+    assert len(full) == 6
+
+
+def test_the_sweep_of_lapsed_task_claims_runs_at_most_once_per_interval(
+        link: Link, monkeypatch: pytest.MonkeyPatch) -> None:
+    """flwr sweeps lapsed task claims (two UPDATEs) on nearly every request; patched, at most once
+    per interval per LinkState, and still on the first call after it."""
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    sweeps: list[float] = []
+    original = SqlCoreState._cleanup_expired_task_tokens
+
+    def counting(self: Any) -> None:
+        sweeps.append(time.monotonic())
+        original(self)
+
+    monkeypatch.setattr(SqlCoreState, "_cleanup_expired_task_tokens", counting)
+    flwr_internals.patch_superlink_task_sweep(0.5)
+    flwr_internals.patch_superlink_task_sweep(0.5)  # idempotent
+    for _ in range(5):
+        link.state.get_run_status({1})
+    assert len(sweeps) == 1
+    time.sleep(0.6)
+    link.state.get_run_status({1})
+    link.state.get_run_status({1})
+    assert len(sweeps) == 2
