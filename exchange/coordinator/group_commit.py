@@ -29,7 +29,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from audit.store.errors import CommitOutcomeUnknownError
-from audit.store.log import COMMITTED, MAY_COMMIT
+from audit.store.log import COMMIT_SKIPPED, COMMITTED, MAY_COMMIT
 from exchange.logging import get_logger
 
 log = get_logger("exchange.coordinator.group_commit")
@@ -241,9 +241,10 @@ class GroupCommit(_Batcher):
             self._connection = self.engine.connect()
         connection = self._connection
         try:
-            transaction, outcomes = _begin_and_run(connection, batch)
+            transaction, outcomes = _begin_and_run(connection, batch, may_commit=_one_run(batch))
             try:
-                outcomes += self._late_arrivals(connection, batch)
+                if connection.info.pop(COMMITTED, None) is not transaction:
+                    outcomes += self._late_arrivals(connection, batch)
             except _Restart as restart:
                 # A late run failed without a savepoint: the transaction is lost. Everything
                 # again, in a new one, the careful way (the late writes in savepoints).
@@ -295,6 +296,7 @@ class GroupCommit(_Batcher):
             finally:
                 if not connection.invalidated:  # (its `info` is then out of reach)
                     connection.info.pop(MAY_COMMIT, None)
+                    connection.info.pop(COMMIT_SKIPPED, None)  # a _Restart redoes it all
             if connection.info.pop(COMMITTED, None) is transaction:
                 break
         return outcomes
@@ -313,18 +315,39 @@ class _Disconnected(Exception):  # noqa: N818
         self.error = error
 
 
-def _begin_and_run(connection: Connection, batch: list[_Job]) -> tuple[Any, list[_Outcome]]:
+def _begin_and_run(connection: Connection, batch: list[_Job], *,
+                   may_commit: bool = False) -> tuple[Any, list[_Outcome]]:
     """Begin a transaction and make `batch` in it, its first write without a savepoint; if
-    that write fails, roll back and make the rest in a new transaction (`_Restart`)."""
+    that write fails, roll back and make the rest in a new transaction (`_Restart`).
+
+    `may_commit`: `batch` is made as one write (`_one_run`), the last thing the transaction
+    makes as far as anyone knows when it starts: that write may end the transaction with its
+    own last statement (`MAY_COMMIT`: an audit append made with `last=True` then sends the
+    whole transaction, BEGIN to COMMIT, as one round trip on PostgreSQL); if it did
+    (`COMMITTED`), the caller makes no late arrivals in it. If the server skipped that COMMIT
+    (`COMMIT_SKIPPED`: an insert before it failed, maybe only because the log had grown), the
+    batch is made again in a new transaction, the usual way."""
     transaction = connection.begin()
+    if may_commit:
+        connection.info[MAY_COMMIT] = transaction
     try:
         return transaction, run_batch(connection, batch, first_bare=True)
     except _Restart as restart:
         _raise_if_disconnected(connection, restart)
+        skipped = connection.info.pop(COMMIT_SKIPPED, None) is transaction
         transaction.rollback()
+        if skipped:
+            # Its append failed with the COMMIT it carried, not necessarily for itself (at a
+            # size that another process's append made stale, the next-index trigger fails
+            # it): the batch again, the usual way, which decides (and refuses) on the real log.
+            connection.info.pop(MAY_COMMIT, None)
+            return _begin_and_run(connection, batch)
         transaction = connection.begin()
         return transaction, restart.outcomes + run_batch(
             connection, batch[len(restart.outcomes):], first_apart=not restart.outcomes)
+    finally:
+        if not connection.invalidated:  # (its `info` is then out of reach)
+            connection.info.pop(MAY_COMMIT, None)
 
 
 def _raise_if_disconnected(connection: Connection, restart: _Restart) -> None:
