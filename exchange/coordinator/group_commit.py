@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -137,6 +138,9 @@ class GroupCommit(_Batcher):
     request in flight (measured: docs/benchmarks/api.md). On SQLite, event-loop callers use
     LoopGroupCommit instead (no writer thread at all).
 
+    `gather_s`: how long the writer may wait for a group as large as the previous one before
+    it starts a transaction (`_gather`); off by default.
+
     Writes submitted with the same `together` function and queued next to each other are first
     tried as ONE write (`together(connection, writes)`, in one savepoint): a group of study
     submissions then costs one append (one size and duplicate look-up, one INSERT per table)
@@ -146,8 +150,11 @@ class GroupCommit(_Batcher):
     """
 
     def __init__(self, engine: Engine, max_batch: int = 64,
-                 after_commit: Callable[[Connection, object], None] = lambda _c, _t: None) -> None:
+                 after_commit: Callable[[Connection, object], None] = lambda _c, _t: None,
+                 *, gather_s: float = 0.0) -> None:
         super().__init__(engine, max_batch, after_commit)
+        self.gather_s = gather_s  # see _gather; 0: start on what is queued at once
+        self._last_size = 0  # writes made by the previous transaction
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._connection: Connection | None = None  # the writer thread's, kept between batches
@@ -198,11 +205,36 @@ class GroupCommit(_Batcher):
                     self._wake.wait()
                 if not self._pending:
                     return  # closed and drained
+                self._gather()
                 batch = self._take()
             try:
                 self._commit(batch)
+                self._last_size = len(batch)
             except BaseException as exc:  # never leave a caller waiting forever
                 _settle([(job, None, exc) for job in batch])
+
+    def _gather(self) -> None:
+        """With `gather_s`: wait (on the condition: woken by each write queued) until as many
+        writes are queued as the previous transaction made, `gather_s` has passed, or the
+        group commit closes. Called with `_wake` held.
+
+        Why: the callers that the previous COMMIT acknowledged queue their next writes a
+        moment later (each prepares its entry first). A transaction that ends in the same
+        round trip as it begins (an audit append made with `last=True`: `MAY_COMMIT`) cannot
+        take them in later as late arrivals, so without this the writer starts on the first
+        one or two, the rest form the next transaction, and the groups settle into halves
+        that alternate, each paying a COMMIT and its WAL flush. The wait ends as soon as the
+        group is as large as the last one, and after one short wait a smaller group is
+        remembered as the size to wait for."""
+        target = min(self._last_size, self.max_batch)
+        if self.gather_s <= 0 or len(self._pending) >= target:
+            return
+        deadline = time.monotonic() + self.gather_s
+        while len(self._pending) < target and not self._closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.wait(remaining)
 
     def _commit(self, batch: list[_Job]) -> None:
         """One transaction for `batch`, on the writer's long-lived connection.

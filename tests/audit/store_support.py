@@ -37,6 +37,10 @@ from exchange.db.engine import make_engine
 from exchange.db.migrate import upgrade
 
 ORIGIN = "exchange.test/audit-log"
+# How long GroupLog's writer may wait for a group as large as its previous one (its appends
+# end their transactions in one round trip, so late arrivals cannot join: GroupCommit._gather;
+# chosen in docs/benchmarks/audit-append.md).
+GATHER_S = 0.001
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -151,7 +155,7 @@ class GroupLog:
             writers_leave_checkpoints_to_a_thread(self.write_engine)  # off the commit path
             self.checkpointer = WalCheckpointer(self.write_engine)
         self.group = GroupCommit(self.write_engine, max_batch=max_batch,
-                                 after_commit=log.after_commit)
+                                 after_commit=log.after_commit, gather_s=GATHER_S)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.log, name)
