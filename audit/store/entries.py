@@ -289,34 +289,135 @@ def _deferred_begin(driver: Any) -> bytes | None:
     return start() if callable(start) else None
 
 
+# PostgreSQL: `_PG_INSERT` as a statement prepared once per connection (`PREPARE`), so that
+# the one-string append below names it with its six values instead of sending (and having the
+# server parse and plan) the whole statement each time.
+_PG_PREPARED_NAME = "audit_append_rows"
+_PG_PREPARE = (f"PREPARE {_PG_PREPARED_NAME} (bigint, bytea, text, bytea, text, bytea) AS "
+               + re.sub(r":(first|data|lens|hashes|node_pos|node_hashes)\b",
+                        lambda m: "$" + str(("first", "data", "lens", "hashes", "node_pos",
+                                             "node_hashes").index(m.group(1)) + 1),
+                        _PG_INSERT.text))
+# connection.connection.info key (lives as long as the driver connection): `_PG_PREPARE` ran.
+_PREPARED_KEY = "audit.store.prepared_insert"
+_DIGITS_AND_COMMAS = re.compile(r"[0-9,]*")
+
+
+def _bytea_literal(value: bytes) -> str:
+    """`value` as an SQL expression: hex digits only, so no byte of it can end the literal
+    (and no backslash: the same whatever `standard_conforming_strings` says)."""
+    return f"decode('{value.hex()}', 'hex')"
+
+
+def _list_literal(value: str) -> str:
+    """A packed list ('1,2,...', made here from ints) as an SQL literal; refused unless it is
+    digits and commas only, so it can never hold a quote."""
+    if _DIGITS_AND_COMMAS.fullmatch(value) is None:
+        raise AuditStoreError("insert: a packed list holds more than digits and commas")
+    return f"'{value}'"
+
+
+def _pg_execute_literal(parameters: dict[str, Any]) -> str:
+    """`EXECUTE` of the prepared `_PG_INSERT` with `_pg_insert_parameters`' values written as
+    literals: an int, hex for the bytes, digits and commas for the lists. Every text field of
+    an entry (kind, key_id, time) travels inside the `data` bytes, so no free text is ever
+    written into the SQL."""
+    return (f"EXECUTE {_PG_PREPARED_NAME}({int(parameters['first'])}, "
+            f"{_bytea_literal(parameters['data'])}, {_list_literal(parameters['lens'])}, "
+            f"{_bytea_literal(parameters['hashes'])}, {_list_literal(parameters['node_pos'])}, "
+            f"{_bytea_literal(parameters['node_hashes'])})")
+
+
+def has_nothing_unasked(connection: Connection) -> bool:
+    """PostgreSQL: whether the server has sent nothing on this (idle) connection since its
+    last answer. A server that drops a connection (restart, `pg_terminate_backend`) says so
+    before it closes it (or just closes it): either makes the socket readable.
+
+    Why: an append that sends its COMMIT in the same string as everything else cannot tell a
+    connection that was already gone from one lost after the COMMIT went out (the outcome is
+    then unknown, and nothing may be made again). Asking the socket first (no round trip)
+    keeps the first case, a connection dropped while the writer was idle, on the path that
+    fails before any COMMIT and is made again on a fresh connection."""
+    import select
+
+    try:
+        socket = connection.connection.driver_connection.pgconn.socket  # type: ignore[union-attr]
+        readable, _writable, _failed = select.select([socket], [], [], 0)
+    except Exception:  # no usable socket: certainly not a connection to commit on
+        return False
+    return not readable
+
+
 def insert_and_commit(connection: Connection, rows: list[dict[str, Any]],
                       nodes: list[merkle.Node], *, lock_key: int | None = None) -> None:
     """PostgreSQL: insert a group's entries and nodes and COMMIT the transaction, in ONE
-    round trip (one psycopg pipeline, one Sync); with `lock_key`, the log's write lock first.
+    round trip: ONE simple-protocol query string; with `lock_key`, the log's write lock (and
+    `synchronous_commit`) first, and, if the transaction has not begun on the server yet, its
+    BEGIN before that, so that a whole transaction is one string and one wait.
 
-    The plain INSERT (`_PG_INSERT`), not the checked one: if the log is not as long as the
-    rows say (the next-index trigger) or already holds one of them (the UNIQUE leaf hash),
-    the INSERT fails, the server skips the COMMIT, and the transaction is left failed for the
-    caller to roll back: nothing of it was committed. So the COMMIT happens only if every row
-    went in where it was meant to. Raises SQLAlchemy's DBAPIError (with
-    `connection_invalidated` if the connection is gone, when whether the COMMIT happened is
-    unknown)."""
-    _on_driver(connection, lock_key, _pg_insert_parameters(rows, nodes), commit=True)
+    Why one string and not a psycopg pipeline with the same statements: a pipeline costs
+    several socket operations per group (each a hand-over of the GIL to the appender threads
+    in the writer every appender waits for), a simple query one write and one read; the
+    values are written as literals that cannot hold a quote (`_pg_execute_literal`).
+
+    The plain INSERT (`_PG_INSERT`, prepared once per connection), not the checked one: if
+    the log is not as long as the rows say (the next-index trigger) or already holds one of
+    them (the UNIQUE leaf hash), the INSERT fails, the server skips the rest of the string
+    (the COMMIT), and the transaction is left failed for the caller to roll back: nothing of
+    it was committed. So the COMMIT happens only if every row went in where it was meant to.
+    Raises SQLAlchemy's DBAPIError (with `connection_invalidated` if the connection is gone,
+    when whether the COMMIT happened is unknown)."""
+    parameters = _pg_insert_parameters(rows, nodes)
+    driver = connection.connection.driver_connection
+    dialect = connection.dialect
+    info = connection.connection.info
+    statements = [_pg_execute_literal(parameters), "COMMIT"]
+    if lock_key is not None:
+        statements.insert(0, f"SELECT pg_advisory_xact_lock({int(lock_key)}), "
+                             "set_config('synchronous_commit', 'on', true)")
+    begin = _deferred_begin(driver) if lock_key is not None else None
+    if begin is not None:
+        statements.insert(0, begin.decode())
+    try:
+        if begin is not None:
+            # psycopg would send its own BEGIN, alone, before the string (_start_query); the
+            # string carries it instead. `_autocommit` only decides that (commit and rollback
+            # follow the server's transaction status) and is set back at once.
+            driver._autocommit = True  # type: ignore[union-attr]
+        try:
+            if not info.get(_PREPARED_KEY):
+                driver.execute(_PG_PREPARE)  # type: ignore[union-attr]
+                info[_PREPARED_KEY] = True
+            driver.execute("; ".join(statements))  # type: ignore[union-attr]
+        finally:
+            if begin is not None:
+                driver._autocommit = False  # type: ignore[union-attr]
+    except dialect.loaded_dbapi.Error as exc:
+        state = getattr(exc, "sqlstate", None)
+        if state == "26000":  # the prepared statement is gone (DEALLOCATE): prepare again
+            info.pop(_PREPARED_KEY, None)
+        elif state == "42P05":  # it is there already: use it
+            info[_PREPARED_KEY] = True
+        broken = bool(getattr(driver, "broken", False) or getattr(driver, "closed", False))
+        if broken:
+            connection.invalidate(exc)
+        raise DBAPIError.instance(_PG_PREPARED_NAME, parameters, exc, dialect.loaded_dbapi.Error,
+                                  connection_invalidated=broken, dialect=dialect) from exc
 
 
 def _on_driver(connection: Connection, lock_key: int | None,
-               parameters: dict[str, Any], *, commit: bool = False) -> Sequence[Any]:
-    """`_PG_CHECKED_INSERT` (with `commit`: `_PG_INSERT`, then COMMIT) on the connection's
-    driver connection, its parameters in binary; with `lock_key`, `PG_LOCK` first, all (and
-    the transaction's BEGIN if psycopg has not sent it yet) as one psycopg pipeline
-    (SQLAlchemy has no pipeline of its own): the insert's rows (none with `commit`)."""
+               parameters: dict[str, Any]) -> Sequence[Any]:
+    """`_PG_CHECKED_INSERT` on the connection's driver connection, its parameters in binary;
+    with `lock_key`, `PG_LOCK` first, all (and the transaction's BEGIN if psycopg has not sent
+    it yet) as one psycopg pipeline (SQLAlchemy has no pipeline of its own): the insert's
+    rows."""
     driver = connection.connection.driver_connection
     dialect = connection.dialect
     lock_sql = _driver_sql(dialect, PG_LOCK)
-    insert_sql = _binary_sql(dialect, _PG_INSERT if commit else _PG_CHECKED_INSERT)
+    insert_sql = _binary_sql(dialect, _PG_CHECKED_INSERT)
     begin = _deferred_begin(driver) if lock_key is not None else None
     try:
-        if lock_key is None and not commit:  # the transaction holds the lock: it has begun
+        if lock_key is None:  # the transaction holds the lock: it has begun
             rows = driver.execute(insert_sql, parameters).fetchall()  # type: ignore[union-attr]
             return rows
         with driver.pipeline():  # type: ignore[union-attr]
@@ -333,16 +434,12 @@ def _on_driver(connection: Connection, lock_key: int | None,
                 if lock_key is not None:
                     driver.execute(lock_sql, {"key": lock_key})  # type: ignore[union-attr]
                 cursor = driver.execute(insert_sql, parameters)  # type: ignore[union-attr]
-                if commit:
-                    # Queued like any statement (psycopg's commit() would Sync and wait on
-                    # its own); the server skips it if anything before it failed.
-                    driver.execute(b"COMMIT")  # type: ignore[union-attr]
             finally:
                 if begin is not None:
                     driver._autocommit = False  # type: ignore[union-attr]
         # Read after the block: its end sends the one Sync and reads every result; fetching
         # inside would flush and wait once more.
-        rows = [] if commit else cursor.fetchall()
+        rows = cursor.fetchall()
     except dialect.loaded_dbapi.Error as exc:
         broken = bool(getattr(driver, "broken", False) or getattr(driver, "closed", False))
         if broken:

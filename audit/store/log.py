@@ -34,6 +34,7 @@ from audit.store.entries import (
     PG_LOCK,
     checked_insert,
     entry_from_leaf,
+    has_nothing_unasked,
     insert,
     insert_and_commit,
     iter_leaves,
@@ -69,8 +70,12 @@ _LOCKED_BY = "audit.store.locked_by"
 # append may send the COMMIT with its insert (the next append_in takes the permission).
 # COMMITTED: set by append_in to the transaction it so committed; the owner's own COMMIT then
 # sends nothing.
+# COMMIT_SKIPPED: set by append_in to the transaction whose COMMIT it sent and the server
+# skipped, an insert before it having failed (a size made stale by another process's append,
+# a replay): the write is not refused by that, the owner makes it again the careful way.
 MAY_COMMIT = "audit.store.may_commit"
 COMMITTED = "audit.store.committed"
+COMMIT_SKIPPED = "audit.store.commit_skipped"
 
 
 def _is_in_memory_sqlite(engine: Engine) -> bool:
@@ -160,14 +165,16 @@ class AuditLog:
 
         `last`: the caller's write makes nothing after this call. If, besides, the
         transaction's owner allows it (`connection.info[MAY_COMMIT]` is this transaction: the
-        group commit's last write before its COMMIT) and no savepoint is open, PostgreSQL gets
-        the insert and the COMMIT (and the lock, if not held) as ONE round trip, and the
-        transaction is over on return (`connection.info[COMMITTED]`). The COMMIT is skipped by
-        the server unless every row went in where it was meant to (`insert_and_commit`); then
-        the transaction is left failed and this raises (the owner rolls back and makes its
-        writes again, each in a savepoint, which decides the refusal). If the connection is
-        lost with the COMMIT sent, raises CommitOutcomeUnknownError. Every check is the same;
-        only the COMMIT's round trip is saved.
+        group commit's last write before its COMMIT), no savepoint is open and the server has
+        not said anything unasked on the connection (`has_nothing_unasked`: it is not closing
+        it), PostgreSQL gets the insert and the COMMIT (and the lock, if not held, and the
+        BEGIN, if the transaction has not begun on the server: a whole transaction) as ONE
+        simple-protocol query string, one round trip, and the transaction is over on return
+        (`connection.info[COMMITTED]`). The COMMIT is skipped by the server unless every row
+        went in where it was meant to (`insert_and_commit`); then the transaction is left
+        failed and this raises (the owner rolls back and makes its writes again the careful
+        way, which decides the refusal). If the connection is lost with the COMMIT sent,
+        raises CommitOutcomeUnknownError. Every check is the same; only round trips are saved.
         """
         if not connection.in_transaction() or \
                 connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
@@ -184,7 +191,8 @@ class AuditLog:
         transaction = connection.get_transaction()
         postgres = connection.dialect.name == "postgresql"
         commit = (connection.info.pop(MAY_COMMIT, None) is transaction and last and postgres
-                  and connection.get_nested_transaction() is None)
+                  and connection.get_nested_transaction() is None
+                  and has_nothing_unasked(connection))
         # The key state and the tree's right edge after this transaction's previous append_in,
         # if the log is still exactly that long: every append of the transaction goes through
         # here (and refreshes this), and a rolled-back savepoint only shortens the log, so an
@@ -237,8 +245,9 @@ class AuditLog:
         A refusal by the key rules at that size is not final either (the size may be wrong):
         the general path decides.
 
-        `commit`: insert and COMMIT in one round trip (`entries.insert_and_commit`); a
-        failure there raises (see append_in), as the transaction is then lost."""
+        `commit`: insert and COMMIT (and the lock and BEGIN where still due) in one round
+        trip (`entries.insert_and_commit`); a failure there raises (see append_in), as the
+        transaction is then lost."""
         try:
             admission.check_unique(prepared, size, {})  # twice in this call
             keyring = admission.check_entries(keyring, prepared, size)
@@ -257,6 +266,7 @@ class AuditLog:
                     raise CommitOutcomeUnknownError(
                         "append: the connection was lost after the COMMIT was sent; whether "
                         f"the entries were stored is unknown ({exc.orig})") from exc
+                connection.info[COMMIT_SKIPPED] = connection.get_transaction()
                 raise
             found_size = size
         elif self._holds_lock(connection):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from audit.store.errors import CommitOutcomeUnknownError
-from audit.store.log import COMMITTED, MAY_COMMIT
+from audit.store.log import COMMIT_SKIPPED, COMMITTED, MAY_COMMIT
 from exchange.logging import get_logger
 
 log = get_logger("exchange.coordinator.group_commit")
@@ -137,6 +138,9 @@ class GroupCommit(_Batcher):
     request in flight (measured: docs/benchmarks/api.md). On SQLite, event-loop callers use
     LoopGroupCommit instead (no writer thread at all).
 
+    `gather_s`: how long the writer may wait for a group as large as the previous one before
+    it starts a transaction (`_gather`); off by default.
+
     Writes submitted with the same `together` function and queued next to each other are first
     tried as ONE write (`together(connection, writes)`, in one savepoint): a group of study
     submissions then costs one append (one size and duplicate look-up, one INSERT per table)
@@ -146,8 +150,11 @@ class GroupCommit(_Batcher):
     """
 
     def __init__(self, engine: Engine, max_batch: int = 64,
-                 after_commit: Callable[[Connection, object], None] = lambda _c, _t: None) -> None:
+                 after_commit: Callable[[Connection, object], None] = lambda _c, _t: None,
+                 *, gather_s: float = 0.0) -> None:
         super().__init__(engine, max_batch, after_commit)
+        self.gather_s = gather_s  # see _gather; 0: start on what is queued at once
+        self._last_size = 0  # writes made by the previous transaction
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._connection: Connection | None = None  # the writer thread's, kept between batches
@@ -198,11 +205,36 @@ class GroupCommit(_Batcher):
                     self._wake.wait()
                 if not self._pending:
                     return  # closed and drained
+                self._gather()
                 batch = self._take()
             try:
                 self._commit(batch)
+                self._last_size = len(batch)
             except BaseException as exc:  # never leave a caller waiting forever
                 _settle([(job, None, exc) for job in batch])
+
+    def _gather(self) -> None:
+        """With `gather_s`: wait (on the condition: woken by each write queued) until as many
+        writes are queued as the previous transaction made, `gather_s` has passed, or the
+        group commit closes. Called with `_wake` held.
+
+        Why: the callers that the previous COMMIT acknowledged queue their next writes a
+        moment later (each prepares its entry first). A transaction that ends in the same
+        round trip as it begins (an audit append made with `last=True`: `MAY_COMMIT`) cannot
+        take them in later as late arrivals, so without this the writer starts on the first
+        one or two, the rest form the next transaction, and the groups settle into halves
+        that alternate, each paying a COMMIT and its WAL flush. The wait ends as soon as the
+        group is as large as the last one, and after one short wait a smaller group is
+        remembered as the size to wait for."""
+        target = min(self._last_size, self.max_batch)
+        if self.gather_s <= 0 or len(self._pending) >= target:
+            return
+        deadline = time.monotonic() + self.gather_s
+        while len(self._pending) < target and not self._closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.wait(remaining)
 
     def _commit(self, batch: list[_Job]) -> None:
         """One transaction for `batch`, on the writer's long-lived connection.
@@ -241,9 +273,10 @@ class GroupCommit(_Batcher):
             self._connection = self.engine.connect()
         connection = self._connection
         try:
-            transaction, outcomes = _begin_and_run(connection, batch)
+            transaction, outcomes = _begin_and_run(connection, batch, may_commit=_one_run(batch))
             try:
-                outcomes += self._late_arrivals(connection, batch)
+                if connection.info.pop(COMMITTED, None) is not transaction:
+                    outcomes += self._late_arrivals(connection, batch)
             except _Restart as restart:
                 # A late run failed without a savepoint: the transaction is lost. Everything
                 # again, in a new one, the careful way (the late writes in savepoints).
@@ -295,6 +328,7 @@ class GroupCommit(_Batcher):
             finally:
                 if not connection.invalidated:  # (its `info` is then out of reach)
                     connection.info.pop(MAY_COMMIT, None)
+                    connection.info.pop(COMMIT_SKIPPED, None)  # a _Restart redoes it all
             if connection.info.pop(COMMITTED, None) is transaction:
                 break
         return outcomes
@@ -313,18 +347,39 @@ class _Disconnected(Exception):  # noqa: N818
         self.error = error
 
 
-def _begin_and_run(connection: Connection, batch: list[_Job]) -> tuple[Any, list[_Outcome]]:
+def _begin_and_run(connection: Connection, batch: list[_Job], *,
+                   may_commit: bool = False) -> tuple[Any, list[_Outcome]]:
     """Begin a transaction and make `batch` in it, its first write without a savepoint; if
-    that write fails, roll back and make the rest in a new transaction (`_Restart`)."""
+    that write fails, roll back and make the rest in a new transaction (`_Restart`).
+
+    `may_commit`: `batch` is made as one write (`_one_run`), the last thing the transaction
+    makes as far as anyone knows when it starts: that write may end the transaction with its
+    own last statement (`MAY_COMMIT`: an audit append made with `last=True` then sends the
+    whole transaction, BEGIN to COMMIT, as one round trip on PostgreSQL); if it did
+    (`COMMITTED`), the caller makes no late arrivals in it. If the server skipped that COMMIT
+    (`COMMIT_SKIPPED`: an insert before it failed, maybe only because the log had grown), the
+    batch is made again in a new transaction, the usual way."""
     transaction = connection.begin()
+    if may_commit:
+        connection.info[MAY_COMMIT] = transaction
     try:
         return transaction, run_batch(connection, batch, first_bare=True)
     except _Restart as restart:
         _raise_if_disconnected(connection, restart)
+        skipped = connection.info.pop(COMMIT_SKIPPED, None) is transaction
         transaction.rollback()
+        if skipped:
+            # Its append failed with the COMMIT it carried, not necessarily for itself (at a
+            # size that another process's append made stale, the next-index trigger fails
+            # it): the batch again, the usual way, which decides (and refuses) on the real log.
+            connection.info.pop(MAY_COMMIT, None)
+            return _begin_and_run(connection, batch)
         transaction = connection.begin()
         return transaction, restart.outcomes + run_batch(
             connection, batch[len(restart.outcomes):], first_apart=not restart.outcomes)
+    finally:
+        if not connection.invalidated:  # (its `info` is then out of reach)
+            connection.info.pop(MAY_COMMIT, None)
 
 
 def _raise_if_disconnected(connection: Connection, restart: _Restart) -> None:

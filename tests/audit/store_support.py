@@ -37,6 +37,10 @@ from exchange.db.engine import make_engine
 from exchange.db.migrate import upgrade
 
 ORIGIN = "exchange.test/audit-log"
+# How long GroupLog's writer may wait, on PostgreSQL, for a group as large as its previous one
+# (its appends end their transactions in one round trip there, so late arrivals cannot join:
+# GroupCommit._gather; chosen in docs/benchmarks/audit-append.md).
+GATHER_S = 0.001
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -112,8 +116,9 @@ class LogKeys:
 @dataclass(frozen=True)
 class _Append:
     """One group-commit write: append `entries` in the writer's transaction; their indexes.
-    It makes nothing after the append (`last=True`): made late, it may end the transaction
-    with the append's own round trip (docs/audit-store.md, "Round trips")."""
+    It makes nothing after the append (`last=True`): made as its transaction's only run, or
+    late, it may end the transaction in the append's own round trip (on PostgreSQL, the
+    whole transaction in one string: docs/audit-store.md, "Round trips")."""
 
     log: AuditLog
     entries: tuple[Entry | Mapping[str, Any] | Prepared, ...]
@@ -150,8 +155,10 @@ class GroupLog:
         if self.write_engine.dialect.name == "sqlite":  # as the coordinator: WAL checkpoints
             writers_leave_checkpoints_to_a_thread(self.write_engine)  # off the commit path
             self.checkpointer = WalCheckpointer(self.write_engine)
+        # Only PostgreSQL's transactions end in their first round trip (no late arrivals).
+        gather_s = GATHER_S if self.write_engine.dialect.name == "postgresql" else 0.0
         self.group = GroupCommit(self.write_engine, max_batch=max_batch,
-                                 after_commit=log.after_commit)
+                                 after_commit=log.after_commit, gather_s=gather_s)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.log, name)

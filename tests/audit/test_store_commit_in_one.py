@@ -138,8 +138,9 @@ def test_a_late_append_after_another_process_appended_goes_at_the_real_size(
 def test_a_late_append_sends_its_insert_and_the_commit_in_one_round_trip(
         postgres_url: str, tmp_path: Any) -> None:
     """From libpq's own trace: the transaction is the first pipeline (BEGIN, lock, checked
-    insert) and the late append's pipeline (INSERT and COMMIT, one Sync): two waits for the
-    server, where a separate COMMIT would be a third."""
+    insert: the first write makes more after its append, so it may not commit) and the late
+    append's one query string (the prepared INSERT and COMMIT): two waits for the server,
+    where a separate COMMIT would be a third."""
     import psycopg
 
     engine = migrated_engine(postgres_url)
@@ -160,18 +161,22 @@ def test_a_late_append_sends_its_insert_and_the_commit_in_one_round_trip(
         lines = trace_path.read_text().splitlines()
         answers = [line for line in lines if line.startswith("B") and "ReadyForQuery" in line]
         assert len(answers) == 2, lines
-        segments: list[list[str]] = [[]]  # what was sent, cut at each Sync
+        segments: list[list[str]] = [[]]  # what was sent, cut at each Sync or simple Query
         for line in lines:
             if line.startswith("F"):
                 if "\tSync" in line:
+                    segments.append([])
+                elif "\tQuery\t" in line:
+                    segments[-1].append(line)
                     segments.append([])
                 elif "\tFlush" not in line:  # (psycopg flushes when it leaves a pipeline)
                     segments[-1].append(line)
         assert len(segments) == 3 and segments[2] == [], segments
         assert any("BEGIN" in line for line in segments[0])
         assert not any('"COMMIT"' in line for line in segments[0])
-        executes = [line for line in segments[1] if "\tExecute" in line]
-        assert len(executes) == 2 and '"COMMIT"' in "".join(segments[1]), segments[1]
+        assert len(segments[1]) == 1, segments[1]  # one query string: the insert, COMMIT
+        assert segments[1][0].index("EXECUTE audit_append_rows") < \
+            segments[1][0].index("; COMMIT"), segments[1]
         assert log.size() == 5
     finally:
         engine.dispose()
@@ -238,3 +243,116 @@ def test_packed_rows_must_have_consecutive_indexes() -> None:
     assert packed["first"] == 5 and packed["lens"] == "2,1,1,1,2,1,1,1"
     with pytest.raises(AuditStoreError, match="not consecutive"):
         _pg_insert_parameters([{**row, "idx": 5}, {**row, "idx": 7}], [])
+
+
+def _spy_on_commits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record each append that tried to end its transaction (`insert_and_commit`): 'ok', or
+    the name of what it raised."""
+    import audit.store.log as store_log
+
+    real = store_log.insert_and_commit
+    tried: list[str] = []
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        try:
+            real(*args, **kwargs)
+        except Exception as exc:
+            tried.append(type(getattr(exc, "orig", exc)).__name__)
+            raise
+        tried.append("ok")
+
+    monkeypatch.setattr(store_log, "insert_and_commit", spy)
+    return tried
+
+
+def test_a_whole_transaction_in_one_string_redoes_a_stale_append_and_refuses_a_replay(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An append that is its transaction's only write sends BEGIN to COMMIT as one string on
+    PostgreSQL, at the size its log last committed. Another AuditLog ("another process")
+    appended since: the INSERT fails (next-index trigger), the server skips the COMMIT, and
+    the batch is made again the careful way, at the real size. A replay fails the UNIQUE leaf
+    hash the same way, and is then refused with its reason; nothing of either is stored
+    twice."""
+    keys = LogKeys.generate()
+    tried = _spy_on_commits(monkeypatch)
+    with keys.open(engine) as log, keys.open(engine) as other:
+        log.append(register(keys.operator, keys.writer))
+        assert log.append(note_entry(keys.writer, "stale", 0)) == 1  # its committed edge: 2
+        replay = note_entry(keys.writer, "stale", 1)
+        assert other.append(replay) == 2
+        tried.clear()
+        assert log.append(note_entry(keys.writer, "stale", 2)) == 3
+        if engine.dialect.name == "postgresql":
+            # refused by the next-index trigger or a primary key; then made the careful way
+            assert len(tried) == 1 and tried[0] in ("IntegrityConstraintViolation",
+                                                    "UniqueViolation"), tried
+        tried.clear()
+        with pytest.raises(DuplicateEntryError, match="identical to log entry 2"):
+            log.append(replay)
+        if engine.dialect.name == "postgresql":
+            assert tried == ["UniqueViolation"], tried
+        tried.clear()
+        assert log.append(note_entry(keys.writer, "stale", 3)) == 4
+        if engine.dialect.name == "postgresql":
+            assert tried == ["ok"], tried
+        assert log.size() == 5
+        _check(engine, log, keys)
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_after_a_whole_transaction_was_sent_is_reported_and_not_redone(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The append was the transaction's only write and went out as one string, BEGIN to
+    COMMIT; the connection is lost before the answer: the caller gets
+    CommitOutcomeUnknownError, nothing is made again (here it did commit: made again, the
+    entries would be refused as replays or stored twice), and the next append works on a
+    fresh connection at the real size."""
+    import audit.store.log as store_log
+
+    engine = migrated_engine(postgres_url)
+    keys = LogKeys.generate()
+    real = store_log.insert_and_commit
+    sent: list[int] = []
+
+    def commit_then_lose(connection: Connection, *args: Any, **kwargs: Any) -> None:
+        sent.append(len(args[0]))
+        real(connection, *args, **kwargs)  # committed; the answer never comes back
+        connection.invalidate()
+        raise DBAPIError("COMMIT", {}, ConnectionError("server closed the connection"),
+                         connection_invalidated=True)
+
+    try:
+        with keys.open(engine) as log:
+            log.append(register(keys.operator, keys.writer))
+            log.append(note_entry(keys.writer, "whole", 0))
+            monkeypatch.setattr(store_log, "insert_and_commit", commit_then_lose)
+            with pytest.raises(CommitOutcomeUnknownError, match="unknown"):
+                log.append_many([note_entry(keys.writer, "whole", seq) for seq in (1, 2)])
+            monkeypatch.undo()
+            assert sent == [2]  # sent once, never again
+            assert log.size() == 4  # committed, once
+            assert log.append(note_entry(keys.writer, "whole", 3)) == 4
+            _check(engine, log, keys)
+    finally:
+        engine.dispose()
+
+
+def test_literals_in_the_one_string_cannot_hold_a_quote() -> None:
+    """The one-string append writes its values into the SQL: bytes as hex digits (whatever
+    the bytes, quotes and backslashes included), the packed lists only if digits and commas;
+    an int stays an int. The entries' text fields travel inside the bytes."""
+    from audit.store.entries import _bytea_literal, _list_literal, _pg_execute_literal
+
+    hostile = b"'); DROP TABLE audit_entries; --\\x00\x00\xff"
+    assert _bytea_literal(hostile) == f"decode('{hostile.hex()}', 'hex')"
+    assert _list_literal("1,22,333") == "'1,22,333'"
+    for bad in ("1,2'", "1;DROP", "1 ,2", "'", "\\"):
+        with pytest.raises(AuditStoreError, match="digits and commas"):
+            _list_literal(bad)
+    sql = _pg_execute_literal({"first": 7, "data": hostile, "lens": "3,4", "hashes": b"'",
+                               "node_pos": "0,7", "node_hashes": b""})
+    assert sql == (f"EXECUTE audit_append_rows(7, decode('{hostile.hex()}', 'hex'), '3,4', "
+                   "decode('27', 'hex'), '0,7', decode('', 'hex'))")
+    with pytest.raises(ValueError):
+        _pg_execute_literal({"first": "7); DROP TABLE x; --", "data": b"", "lens": "",
+                             "hashes": b"", "node_pos": "", "node_hashes": b""})

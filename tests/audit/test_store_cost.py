@@ -39,9 +39,9 @@ def test_an_append_writes_the_leaf_and_its_completed_parents_only(
     """In steady state (the committed edge handed over by after_commit) an append through the
     group commit reads the log once (its size and the duplicate look-up, one statement), reads
     no tree node, and inserts the leaf plus exactly the parents it completes; the group
-    commit's transaction has no savepoint around its first write. On PostgreSQL the size
-    check, the duplicate look-up and both INSERTs are one statement after the lock: BEGIN,
-    lock, that statement, COMMIT."""
+    commit's transaction has no savepoint around its first write. On PostgreSQL an append
+    that is its transaction's only write is one query string: BEGIN, the lock, the INSERT of
+    entries and nodes, COMMIT (`entries.insert_and_commit`)."""
     keys = LogKeys.generate()
     statements: list[str] = []  # what the driver really ran (SQLite's trace callback)
     via_sqlalchemy: list[str] = []
@@ -61,8 +61,17 @@ def test_an_append_writes_the_leaf_and_its_completed_parents_only(
         locks.append(kwargs.get("lock_key"))
         return real_checked_insert(connection, size, rows, nodes, **kwargs)
 
+    real_insert_and_commit = store_log.insert_and_commit
+
+    def recording_insert_and_commit(connection: Any, rows: list[Any], nodes: list[Any],
+                                    **kwargs: Any) -> None:
+        writes.append((rows, nodes))
+        locks.append(kwargs.get("lock_key"))
+        real_insert_and_commit(connection, rows, nodes, **kwargs)
+
     monkeypatch.setattr(store_log, "insert", recording_insert)
     monkeypatch.setattr(store_log, "checked_insert", recording_checked_insert)
+    monkeypatch.setattr(store_log, "insert_and_commit", recording_insert_and_commit)
     with keys.open(engine) as log:
         # Listen before the writer opens its connection: a Connection decides at connect time
         # whether its engine has event listeners, so a later listener may never fire.
@@ -92,8 +101,8 @@ def test_an_append_writes_the_leaf_and_its_completed_parents_only(
             if engine.dialect.name == "sqlite":
                 assert len(reads) == 1, reads  # size + duplicates in one statement
             if engine.dialect.name == "postgresql":
-                # Lock and checked insert go out together (one psycopg pipeline, past
-                # SQLAlchemy's cursor events); what the server answered is counted below.
+                # The whole transaction goes out as one string on the driver connection, past
+                # SQLAlchemy's cursor events (test_a_postgresql_append_is_one_round_trip).
                 assert via_sqlalchemy == [], via_sqlalchemy
                 assert locks[-1] == ADVISORY_LOCK_KEY
             else:
@@ -139,10 +148,10 @@ def test_roots_and_proofs_read_o_log_n_nodes_in_one_query(engine: Engine,
 
 
 @pytest.mark.postgres
-def test_a_postgresql_append_is_two_round_trips(postgres_url: str, tmp_path: Any) -> None:
-    """What the server is asked, read from libpq's own trace of the writer's connection: per
-    group-commit transaction, BEGIN, the lock and the checked insert in one pipeline with one
-    Sync, then COMMIT: two waits for the server."""
+def test_a_postgresql_append_is_one_round_trip(postgres_url: str, tmp_path: Any) -> None:
+    """What the server is asked, read from libpq's own trace of the writer's connection: a
+    group-commit transaction made of one append is ONE simple-protocol query (BEGIN, the lock
+    with synchronous_commit, the prepared INSERT, COMMIT) and ONE wait for the server."""
     import psycopg
 
     engine = migrated_engine(postgres_url)
@@ -156,28 +165,29 @@ def test_a_postgresql_append_is_two_round_trips(postgres_url: str, tmp_path: Any
             driver.pgconn.trace(trace.fileno())
             driver.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
             for seq in range(1, 6):
-                log.append(note_entry(keys.writer, "trips", seq))
+                assert log.append(note_entry(keys.writer, "trips", seq)) == seq + 1
             driver.pgconn.untrace()
+            assert log.size() == 7
     finally:
         engine.dispose()
     lines = trace_path.read_text().splitlines()
     answers = [line for line in lines if line.startswith("B") and "ReadyForQuery" in line]
-    assert len(answers) == 2 * 5, lines  # BEGIN + lock + insert, COMMIT for each append
-    begins = [line for line in lines if line.startswith("F") and "BEGIN" in line]
-    assert len(begins) == 5, lines  # one each (psycopg sent none of its own)
-    locks = [line for line in lines if line.startswith("F") and "Parse" in line
-             and "pg_advisory_xact_lock" in line]
-    inserts = [line for line in lines if line.startswith("F") and "Parse" in line
-               and "INSERT INTO" in line]
-    assert len(locks) <= 5 and len(inserts) <= 5  # (psycopg prepares a statement once seen
-    # often enough: later executions Bind the prepared name without a Parse)
+    assert len(answers) == 5, lines  # one wait per append
+    sent = [line for line in lines if line.startswith("F")]
+    assert len(sent) == 5 and all("\tQuery\t" in line for line in sent), sent
+    for line in sent:  # each one whole transaction, in this order
+        assert line.index("BEGIN") < line.index("pg_advisory_xact_lock") < \
+            line.index("synchronous_commit") < line.index("EXECUTE audit_append_rows") < \
+            line.index("; COMMIT"), line
 
 
 @pytest.mark.postgres
 def test_a_dropped_connection_under_the_pipeline_is_replaced(postgres_url: str) -> None:
-    """The lock and the checked insert go out on the driver connection (a pipeline): if the
-    server dropped that connection while the writer was idle, the append is still made, on a
-    fresh connection, as the group commit does for its own statements."""
+    """The append goes out on the driver connection: if the server dropped that connection
+    while the writer was idle, the append is still made, on a fresh connection, as the group
+    commit does for its own statements. Not as one string with its COMMIT (a lost connection
+    would then leave the outcome unknown): the server said it was closing (the socket is
+    readable), so the append takes the pipeline, which fails before any COMMIT."""
     from sqlalchemy import text
 
     engine = migrated_engine(postgres_url)
@@ -187,8 +197,9 @@ def test_a_dropped_connection_under_the_pipeline_is_replaced(postgres_url: str) 
             log.append(register(keys.operator, keys.writer))
             assert log.append(note_entry(keys.writer, "drop", 0)) == 1
             pid = log.group.run(lambda c: c.execute(text("SELECT pg_backend_pid()")).scalar_one())
-            with engine.connect() as other:
-                other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            with engine.connect() as other:  # (and wait, up to 10 s, until it is gone)
+                assert other.execute(text("SELECT pg_terminate_backend(:pid, 10000)"),
+                                     {"pid": pid}).scalar_one()
                 other.commit()
             assert log.append(note_entry(keys.writer, "drop", 1)) == 2
             assert log.size() == 3

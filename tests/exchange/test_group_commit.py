@@ -326,6 +326,78 @@ def test_a_failing_first_write_is_rolled_back_alone(db_url: str) -> None:
     engine.dispose()
 
 
+def test_a_failing_write_alone_in_its_transaction_is_made_once(db_url: str) -> None:
+    """A batch made as one write may end its transaction with that write (`MAY_COMMIT`);
+    only an append whose COMMIT the server skipped (`COMMIT_SKIPPED`) makes the batch again.
+    Any other write that fails is refused after being made once, as before."""
+    from exchange.coordinator.group_commit import GroupCommit
+
+    engine = _table_engine(db_url)
+    group = GroupCommit(engine)
+    made: list[int] = []
+
+    def refused(connection: Any) -> int:
+        made.append(1)
+        return _insert_then(7, fail=True)(connection)
+
+    with pytest.raises(ValueError, match="write 7 refused"):
+        group.run(refused)
+    assert made == [1]
+    assert group.run(_insert_then(8)) == 8
+    group.close()
+    engine.dispose()
+
+
+def test_the_writer_gathers_a_group_as_large_as_the_last_one(tmp_path: Any) -> None:
+    """With `gather_s`, the writer waits for as many writes as its previous transaction made
+    before it begins the next one (then one transaction, one COMMIT, for all of them); a
+    smaller group still goes once `gather_s` has passed, or when the group commit closes."""
+    import time
+
+    from sqlalchemy import text
+
+    from exchange.coordinator.group_commit import GroupCommit
+
+    engine = _table_engine(f"sqlite:///{tmp_path / 'gather.db'}")
+    commits: list[int] = []
+    event.listen(engine, "commit", lambda _connection: commits.append(1))
+
+    def group_of_two(group: GroupCommit, value: int) -> None:
+        """A transaction of two writes: the second is queued while the first is under way
+        (a late arrival joins it)."""
+        late: list[Future[Any]] = []
+
+        def first(connection: Any) -> int:
+            result: int = _insert_then(value)(connection)
+            if not late:
+                late.append(group.submit(_insert_then(value + 1)))
+            return result
+
+        assert group.run(first) == value and late[0].result() == value + 1
+
+    group = GroupCommit(engine, gather_s=3600.0)  # only a full group (or close) ends a wait
+    group_of_two(group, 1)
+    commits.clear()
+    third = group.submit(_insert_then(3))
+    time.sleep(0.2)
+    assert not third.done()  # the writer waits for a second write
+    fourth = group.submit(_insert_then(4))
+    assert third.result() == 3 and fourth.result() == 4
+    assert len(commits) == 1  # one transaction for both
+    fifth = group.submit(_insert_then(5))  # waited for (a group of two again) ...
+    group.close()  # ... until the group commit closes: then made
+    assert fifth.result() == 5
+
+    group = GroupCommit(engine, gather_s=0.01)
+    group_of_two(group, 6)
+    assert group.run(_insert_then(8)) == 8  # alone: begun once gather_s has passed
+    group.close()
+    with engine.connect() as connection:
+        assert sorted(connection.execute(text("SELECT v FROM t")).scalars()) == \
+            [1, 2, 3, 4, 5, 6, 7, 8]
+    engine.dispose()
+
+
 @pytest.mark.postgres
 def test_the_writer_survives_its_connection_being_dropped(postgres_url: str) -> None:
     """The writer keeps its connection between batches (no pre-ping per transaction): if the
