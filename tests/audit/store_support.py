@@ -11,11 +11,12 @@ engine like the coordinator's, with `AuditLog.after_commit` as the commit hook.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,23 @@ class GroupLog:
                                          _append_together)
         indexes: list[int] = await future
         return indexes[0]
+
+
+@contextlib.contextmanager
+def libpq_trace(log: GroupLog, path: Path) -> Iterator[None]:
+    """libpq's own trace, into `path`, of what the group commit's writer connection sends and
+    the server answers while the block runs (no timestamps: one message per line, `F` from the
+    client, `B` from the backend). PostgreSQL only; the writer's connection must be open."""
+    import psycopg
+
+    driver = log.group._connection.connection.driver_connection
+    with path.open("w") as trace:
+        driver.pgconn.trace(trace.fileno())
+        driver.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            yield
+        finally:
+            driver.pgconn.untrace()
 
 
 def stored_leaves(engine: Engine) -> list[bytes]:

@@ -33,6 +33,7 @@ from audit.store import (
 from tests.audit.store_support import (
     GroupLog,
     LogKeys,
+    libpq_trace,
     memory_tree,
     migrated_engine,
     note_entry,
@@ -141,23 +142,18 @@ def test_a_late_append_sends_its_insert_and_the_commit_in_one_round_trip(
     insert: the first write makes more after its append, so it may not commit) and the late
     append's one query string (the prepared INSERT and COMMIT): two waits for the server,
     where a separate COMMIT would be a third."""
-    import psycopg
-
     engine = migrated_engine(postgres_url)
     keys = LogKeys.generate()
     trace_path = tmp_path / "libpq.trace"
     try:
-        with keys.open(engine) as log, trace_path.open("w") as trace:
+        with keys.open(engine) as log:
             log.append(register(keys.operator, keys.writer))
             log.append(note_entry(keys.writer, "one", 0))  # the writer's connection is open
-            driver = log.group._connection.connection.driver_connection
-            driver.pgconn.trace(trace.fileno())
-            driver.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
-            first, late = _with_late(log, lambda c: log.log.append_in(
-                c, log.log.prepare([note_entry(keys.writer, "one", 1)])),
-                [note_entry(keys.writer, "one", 2), note_entry(keys.writer, "one", 3)])
-            assert first == [2] and [f.result() for f in late] == [[3], [4]]
-            driver.pgconn.untrace()
+            with libpq_trace(log, trace_path):
+                first, late = _with_late(log, lambda c: log.log.append_in(
+                    c, log.log.prepare([note_entry(keys.writer, "one", 1)])),
+                    [note_entry(keys.writer, "one", 2), note_entry(keys.writer, "one", 3)])
+                assert first == [2] and [f.result() for f in late] == [[3], [4]]
         lines = trace_path.read_text().splitlines()
         answers = [line for line in lines if line.startswith("B") and "ReadyForQuery" in line]
         assert len(answers) == 2, lines

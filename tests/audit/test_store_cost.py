@@ -16,7 +16,14 @@ from sqlalchemy import Engine, event
 import audit.store.log as store_log
 import audit.store.nodes as store_nodes
 from audit.store import ADVISORY_LOCK_KEY
-from tests.audit.store_support import LogKeys, memory_tree, migrated_engine, note_entry, register
+from tests.audit.store_support import (
+    LogKeys,
+    libpq_trace,
+    memory_tree,
+    migrated_engine,
+    note_entry,
+    register,
+)
 
 
 @pytest.fixture
@@ -152,21 +159,16 @@ def test_a_postgresql_append_is_one_round_trip(postgres_url: str, tmp_path: Any)
     """What the server is asked, read from libpq's own trace of the writer's connection: a
     group-commit transaction made of one append is ONE simple-protocol query (BEGIN, the lock
     with synchronous_commit, the prepared INSERT, COMMIT) and ONE wait for the server."""
-    import psycopg
-
     engine = migrated_engine(postgres_url)
     keys = LogKeys.generate()
     trace_path = tmp_path / "libpq.trace"
     try:
-        with keys.open(engine) as log, trace_path.open("w") as trace:
+        with keys.open(engine) as log:
             log.append(register(keys.operator, keys.writer))
             log.append(note_entry(keys.writer, "trips", 0))  # the writer's connection is open
-            driver = log.group._connection.connection.driver_connection
-            driver.pgconn.trace(trace.fileno())
-            driver.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
-            for seq in range(1, 6):
-                assert log.append(note_entry(keys.writer, "trips", seq)) == seq + 1
-            driver.pgconn.untrace()
+            with libpq_trace(log, trace_path):
+                for seq in range(1, 6):
+                    assert log.append(note_entry(keys.writer, "trips", seq)) == seq + 1
             assert log.size() == 7
     finally:
         engine.dispose()
