@@ -4,6 +4,8 @@ upgraded in place migrates itself on its next start."""
 
 from __future__ import annotations
 
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,10 +72,16 @@ def open_store(url: str, *, upgrade: bool = True) -> NodeStore:
     The migration runs in a forked child (`exchange.node.isolated`), so the process that opens
     the store (the daemon, for its whole life) never imports Alembic and its templates (issue
     "Scale", memory per hospital, docs/benchmarks/scale.md); a failed migration raises here as
-    before."""
+    before. Only from a single-threaded process: a fork from a threaded one may hang."""
     if upgrade:
-        from exchange.node.isolated import run_isolated
+        if "alembic" in sys.modules or threading.active_count() > 1:
+            # Nothing to keep out (Alembic is loaded already), or a fork is not safe: another
+            # thread may hold a lock (SQLite's own mutex among them) that the child would wait
+            # on for ever (the CLI run in-process by a threaded test or tool).
+            _upgrade(url)
+        else:
+            from exchange.node.isolated import run_isolated
 
-        run_isolated(_upgrade, url)
+            run_isolated(_upgrade, url)
     engine = make_engine(url)
     return NodeStore(engine=engine, sessions=sessionmaker(engine, expire_on_commit=False))

@@ -75,6 +75,27 @@ def test_opening_the_store_migrates_it_without_importing_alembic(tmp_path: Path)
     assert [revision] == heads
 
 
+def test_a_threaded_process_migrates_in_process_rather_than_fork(tmp_path: Path) -> None:
+    """A fork from a process with other threads may hang in the child on a lock one of them held
+    (SQLite's own mutex: the CLI run in-process by a threaded test hung so): there the store is
+    migrated in the process itself, and no fork happens."""
+    loaded = _fresh(f"""
+        import json, os, threading
+        stop = threading.Event()
+        waiter = threading.Thread(target=stop.wait)
+        waiter.start()
+        def no_fork():
+            raise AssertionError("forked from a threaded process")
+        os.fork = no_fork
+        from exchange.node.store import open_store
+        store = open_store("sqlite:///{tmp_path / 'node.db'}")
+        store.set_state("probe", {{"ok": 2}})
+        stop.set()
+        print(json.dumps({{"state": store.get_state("probe")}}))
+    """)
+    assert loaded == {"state": {"ok": 2}}
+
+
 def test_a_failed_migration_still_raises_in_the_caller(tmp_path: Path) -> None:
     (tmp_path / "node.db").write_bytes(b"not a database, " * 64)
     with pytest.raises(Exception, match="file is not a database"):
