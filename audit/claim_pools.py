@@ -169,14 +169,7 @@ class ClaimPools:
             self._finalizer()
 
     def _spill(self) -> None:
-        folder = tempfile.mkdtemp(prefix="audit-claim-pools-")
-        try:
-            db = sqlite3.connect(os.path.join(folder, "pools.sqlite"), isolation_level=None,
-                                 check_same_thread=False)
-        except sqlite3.Error:
-            os.rmdir(folder)
-            raise
-        finalizer = weakref.finalize(self, _drop, db, folder)
+        db, finalizer = open_scratch(self, "audit-claim-pools-", _CACHE_KIB)
         try:
             self._create(db)
         except (OSError, sqlite3.Error):
@@ -187,9 +180,6 @@ class ClaimPools:
         self._db = db
 
     def _create(self, db: sqlite3.Connection) -> None:
-        for pragma in ("journal_mode = OFF", "synchronous = OFF", "locking_mode = EXCLUSIVE",
-                       "temp_store = FILE", f"cache_size = -{_CACHE_KIB}"):
-            db.execute(f"PRAGMA {pragma}")
         db.execute("CREATE TABLE pools (study_id TEXT, hospital TEXT, round INTEGER, root TEXT, "
                    "size INTEGER, pool INTEGER, paid INTEGER, closes INTEGER, sweep_to TEXT, "
                    "swept INTEGER, claims INTEGER, PRIMARY KEY (study_id, hospital, round)) "
@@ -219,6 +209,29 @@ def _pool(row: tuple[object, ...]) -> ClaimPool:
     instant = None if closes is None else _EPOCH + timedelta(microseconds=int(str(closes)))
     return ClaimPool(root, size, amount, paid, None, instant,
                      None if sweep_to is None else str(sweep_to), swept, claims)
+
+
+def open_scratch(owner: object, prefix: str, cache_kib: int) -> tuple[sqlite3.Connection, weakref.finalize]:
+    """A scratch SQLite file in a new temporary folder, set up for speed (no journal, no sync,
+    one connection, bounded page cache), and the finalizer that closes and deletes it (run at
+    the latest when `owner` is collected). Raises OSError or sqlite3.Error without leaving a
+    folder behind."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    try:
+        db = sqlite3.connect(os.path.join(folder, "scratch.sqlite"), isolation_level=None,
+                             check_same_thread=False)
+    except sqlite3.Error:
+        os.rmdir(folder)
+        raise
+    finalizer = weakref.finalize(owner, _drop, db, folder)
+    try:
+        for pragma in ("journal_mode = OFF", "synchronous = OFF", "locking_mode = EXCLUSIVE",
+                       "temp_store = FILE", f"cache_size = -{cache_kib}"):
+            db.execute(f"PRAGMA {pragma}")
+    except sqlite3.Error:
+        finalizer()
+        raise
+    return db, finalizer
 
 
 def _drop(db: sqlite3.Connection, folder: str) -> None:

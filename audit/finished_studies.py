@@ -16,12 +16,12 @@ stay a plain dict, which its copy-on-write forks rely on).
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import tempfile
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
+
+from audit.claim_pools import open_scratch
 
 #: SQLite page cache for a spilled store, in KiB (negative `cache_size` is KiB)
 _CACHE_KIB = 4_096
@@ -119,18 +119,8 @@ class FinishedStudies(dict[str, Study], Generic[Study]):
         return None if row is None else self._from_row(study_id, tuple(row[1:]))
 
     def _spill(self) -> None:
-        folder = tempfile.mkdtemp(prefix="audit-studies-")
+        db, finalizer = open_scratch(self, "audit-studies-", _CACHE_KIB)
         try:
-            db = sqlite3.connect(os.path.join(folder, "studies.sqlite"), isolation_level=None,
-                                 check_same_thread=False)
-        except sqlite3.Error:
-            os.rmdir(folder)
-            raise
-        finalizer = weakref.finalize(self, _drop, db, folder)
-        try:
-            for pragma in ("journal_mode = OFF", "synchronous = OFF", "locking_mode = EXCLUSIVE",
-                           "temp_store = FILE", f"cache_size = -{_CACHE_KIB}"):
-                db.execute(f"PRAGMA {pragma}")
             columns = ", ".join(f"c{i}" for i in range(self._columns))
             db.execute(f"CREATE TABLE studies (study_id TEXT PRIMARY KEY, {columns}) WITHOUT ROWID")
             # One transaction for the store's life: nothing here needs to survive a crash.
@@ -148,9 +138,3 @@ class FinishedStudies(dict[str, Study], Generic[Study]):
         self._finalizer = finalizer
         self._db = db
 
-
-def _drop(db: sqlite3.Connection, folder: str) -> None:
-    db.close()
-    for name in os.listdir(folder):
-        os.unlink(os.path.join(folder, name))
-    os.rmdir(folder)
