@@ -37,6 +37,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
+
 from audit.signing import Signer
 from exchange.demo.hosts import Loopback, NetnsHosts, Placement
 from exchange.demo.round_gate import GatedRunner, RoundGate
@@ -65,6 +67,28 @@ TERMINAL = ("completed", "failed", "cancelled")
 
 class DemoError(RuntimeError):
     """The demo could not go on; the message says which step failed and why."""
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float, interval: float = 0.2) -> Any:
+    """Poll `condition` until it returns something truthy, and return that.
+
+    A poll that times out (an HTTP request to a coordinator busy with many hospitals) counts as
+    "not yet", not as a failure: the consortium's own deadline decides when waiting has failed,
+    and its error then names what was awaited and the last timeout seen.
+    """
+    deadline = time.monotonic() + timeout
+    last_timeout: httpx.TimeoutException | None = None
+    while True:
+        try:
+            value = condition()
+        except httpx.TimeoutException as error:
+            last_timeout, value = error, None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            cause = f" (the last poll timed out: {last_timeout!r})" if last_timeout else ""
+            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}{cause}")
+        time.sleep(interval)
 
 
 @dataclass
@@ -878,11 +902,4 @@ class Consortium:
 
     # -- helpers ------------------------------------------------------------------------------
     def _wait(self, condition: Callable[[], Any], what: str, timeout: float, interval: float = 0.2) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = condition()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
-            time.sleep(interval)
+        return wait_until(condition, what, timeout, interval)
