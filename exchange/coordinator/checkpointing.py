@@ -25,12 +25,15 @@ stored checkpoint is offered again and the witnesses cosign it again on their ne
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from litestar.concurrency import sync_to_thread
 from sqlalchemy import Engine, select
 
 from audit.collector import CheckpointCosigning, CheckpointSchedule
@@ -121,6 +124,8 @@ class Checkpointing:
         self._schedule = CheckpointSchedule(every_entries=every_entries, every_seconds=every_seconds)
         self._clock = clock
         self._changed = threading.Condition()
+        # long polls waiting on an event loop (`offer_waiting`): woken with the Condition's threads
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._pending: OrderedDict[int, CheckpointCosigning] = OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -146,9 +151,18 @@ class Checkpointing:
     def close(self) -> None:
         self._stop.set()
         with self._changed:
-            self._changed.notify_all()
+            self._notify()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    def _notify(self) -> None:
+        """Wake every waiter: threads on the Condition and the event loops' long polls (the
+        caller holds the Condition)."""
+        self._changed.notify_all()
+        for loop, future in self._async_waiters:
+            with contextlib.suppress(RuntimeError):  # a loop that has closed meanwhile
+                loop.call_soon_threadsafe(_resolve, future)
+        self._async_waiters.clear()
 
     def _run(self) -> None:
         while not self._stop.wait(TICK_S):
@@ -181,7 +195,7 @@ class Checkpointing:
                 self._complete = cosigning
             while len(self._pending) > KEEP:
                 self._pending.popitem(last=False)
-            self._changed.notify_all()
+            self._notify()
         return cosigning
 
     def _newest(self) -> CheckpointCosigning:
@@ -242,6 +256,33 @@ class Checkpointing:
             request = AddCheckpointRequest(size if old_size > size else old_size, (), note)
         return WitnessOffer(request.encode(), size, witness is not None and witness in newest.signed)
 
+    async def offer_waiting(self, old_size: int, witness: str | None, wait_s: float = 0.0) -> WitnessOffer:
+        """`offer` for the HTTP route: the long poll waits on the event loop, not on a worker
+        thread.
+
+        Why: the server runs its blocking handlers on a small thread pool (the event loop's
+        default executor: a few threads on a small machine); a witness's long poll holding one
+        for up to `MAX_WAIT_S` let a handful of witnessing hospitals stall every other request
+        of the API. Here each look at the log is a short `offer(..., wait_s=0)` on a worker
+        thread, and the wait between looks is a future that the next checkpoint (or a
+        cosignature, or closing) resolves.
+        """
+        deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_WAIT_S)
+        loop = asyncio.get_running_loop()
+        while True:
+            changed: asyncio.Future[None] = loop.create_future()
+            with self._changed:  # registered before looking, so no change in between is missed
+                self._async_waiters.append((loop, changed))
+            offer = await sync_to_thread(self.offer, old_size, witness, 0.0)
+            left = deadline - time.monotonic()
+            if offer.size != old_size or left <= 0 or self._stop.is_set():
+                with self._changed:
+                    if (loop, changed) in self._async_waiters:
+                        self._async_waiters.remove((loop, changed))
+                return offer
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed, left)
+
     def add_cosignature(self, size: int, lines: str, witness: str | None) -> CheckpointCosigning:
         """Add a witness's cosignature line(s) on the checkpoint of `size`.
 
@@ -285,7 +326,7 @@ class Checkpointing:
             if cosigning.quorum_met and (self._complete is None
                                          or self._complete.checkpoint.size <= size):
                 self._complete = cosigning
-            self._changed.notify_all()
+            self._notify()
         if reached:
             log.info("checkpoint_cosigned", size=size, witnesses=sorted(cosigning.signed))
         return cosigning
@@ -333,3 +374,9 @@ class Checkpointing:
         """The witness name the hospital registered in the log, if any."""
         vkey = self._witnesses.current().get(f"hospital:{hospital_id}")
         return None if vkey is None else vkey.name
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    """Resolve a long poll's future on its own loop (it may have timed out and been cancelled)."""
+    if not future.done():
+        future.set_result(None)

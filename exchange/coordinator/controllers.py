@@ -332,12 +332,13 @@ class HospitalController(Controller):
     def claim(self, hospital: Hospital, journal: Journal, data: RewardClaim) -> EntryAccepted:
         return EntryAccepted(index=claim_reward(journal, hospital.id, data), kind="reward.claim")
 
-    @read("/witness/checkpoint", media_type=witness_routes.WITNESS_REQUEST_TYPE,
-          summary="The newest checkpoint as a tlog-witness add-checkpoint request (long poll)")
-    def witness_checkpoint(self, hospital: Hospital, state: State,
-                           old_size: Annotated[int, Parameter(ge=0, le=2**53)] = 0,
-                           wait_s: Annotated[float, Parameter(ge=0, le=25)] = 0.0) -> Response[bytes]:
-        return witness_routes.witness_offer(state, hospital.id, old_size, wait_s)
+    # async: the long poll waits on the event loop, not on one of the few worker threads
+    @get("/witness/checkpoint", media_type=witness_routes.WITNESS_REQUEST_TYPE, responses=PROBLEMS,
+         summary="The newest checkpoint as a tlog-witness add-checkpoint request (long poll)")
+    async def witness_checkpoint(self, hospital: Hospital, state: State,
+                                 old_size: Annotated[int, Parameter(ge=0, le=2**53)] = 0,
+                                 wait_s: Annotated[float, Parameter(ge=0, le=25)] = 0.0) -> Response[bytes]:
+        return await witness_routes.witness_offer(state, hospital.id, old_size, wait_s)
 
     @write("/witness/cosignature", status_code=201,
            summary="The hospital witness's cosignature on a checkpoint (C2SP cosignature/v1)")

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 from litestar import Request, Response
+from litestar.concurrency import sync_to_thread
 from litestar.datastructures import State
 from litestar.params import Parameter
 from litestar.response import Stream
@@ -69,9 +70,10 @@ def checkpointing(state: State) -> Checkpointing:
     return found
 
 
-def witness_offer(state: State, hospital_id: str, old_size: int, wait_s: float) -> Response[bytes]:
+async def witness_offer(state: State, hospital_id: str, old_size: int, wait_s: float) -> Response[bytes]:
     service = checkpointing(state)
-    offer = service.offer(old_size, service.witness_of(hospital_id), wait_s)
+    witness = await sync_to_thread(service.witness_of, hospital_id)
+    offer = await service.offer_waiting(old_size, witness, wait_s)
     return Response(offer.body, media_type=WITNESS_REQUEST_TYPE,
                     headers={"Witness-Cosigned": "1" if offer.cosigned else "0",
                              "Checkpoint-Size": str(offer.size)})

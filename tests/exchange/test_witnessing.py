@@ -4,8 +4,11 @@ hospital's check that its own entries are included."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -136,6 +139,39 @@ def test_export_pages_entries(served: Served) -> None:
     assert tail == whole[-1:]
     bad = httpx.get(served.url + "/v1/audit/export", params={"limit": 0}, headers=headers)
     assert bad.status_code == 422 and "limit" in bad.text
+
+
+def test_witness_long_polls_do_not_hold_the_api_s_worker_threads(
+        served: Served, hospitals: dict[str, Signer]) -> None:
+    """More witnesses long-polling than the server has worker threads for its blocking handlers:
+    an ordinary request is still answered while they all wait, and the next checkpoint wakes
+    them all (it used to wait behind them: tens of witnessing hospitals stalled the API)."""
+    checkpointing = served.runtime.checkpointing
+    assert checkpointing is not None
+    size = served.runtime.audit_log.size()
+    deadline = time.monotonic() + 30
+    while checkpointing.status()["signed_size"] != size:  # level with the log: a poll waits
+        assert time.monotonic() < deadline, checkpointing.status()
+        time.sleep(0.05)
+    # asyncio's default executor, which Litestar runs blocking handlers on, has this many threads
+    workers = min(32, (os.cpu_count() or 1) + 4)
+    clients = [HospitalClient(served.url, hospitals[name], name)
+               for name in itertools.islice(itertools.cycle(HOSPITALS), workers + 2)]
+    try:
+        with ThreadPoolExecutor(len(clients)) as pool:
+            polls = [pool.submit(client.witness_checkpoint, size, 20.0) for client in clients]
+            time.sleep(1.0)  # every poll has reached the coordinator and waits there
+            assert not any(poll.done() for poll in polls)
+            with served.api() as api:  # a route whose handler runs on a worker thread
+                assert api.get("/v1/audit/entries", start=0, limit=1)
+            assert not any(poll.done() for poll in polls), "the request waited for the long polls"
+            served.runtime.lifecycle.registry.mint("org:acme", 1)  # a new entry, a new checkpoint
+            offers = [AddCheckpointRequest.parse(poll.result(timeout=15)[0]) for poll in polls]
+    finally:
+        for client in clients:
+            client.close()
+    assert all(offer.old_size == size and offer.proof for offer in offers)
+    assert all(parse_checkpoint(offer.checkpoint).size > size for offer in offers)
 
 
 # -- bad cosignatures: refused with the reason, nothing added -----------------------------------
