@@ -8,8 +8,8 @@ Used by `bench_scale` (memory per hospital) and on its own:
   heap, anonymous mappings, stacks), from /proc/PID/smaps: which library or heap the MB are in.
 - `union_mb(pids)`: the resident pages of several processes counted ONCE, from
   /proc/PID/pagemap (the physical frame of each resident page). A hospital's daemon and its
-  Flower process both map libpython, OpenSSL, the C library and, once the Flower process is a fork
-  of the daemon, the pages they still share copy-on-write: summed RSS counts those twice, though
+  Flower process both map libpython, OpenSSL, the C library (and a forked child the pages it
+  still shares copy-on-write with its parent): summed RSS counts those twice, though
   a host running that hospital alone holds them once. The union is what "node, SuperNode and
   executor together" take on a host of their own. Frame numbers need CAP_SYS_ADMIN (Linux
   zeroes them otherwise): without it `union_mb` returns None and only the sums are reported.
@@ -18,14 +18,15 @@ Used by `bench_scale` (memory per hospital) and on its own:
 from __future__ import annotations
 
 import sys
-from array import array
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
+
 PAGE = 4096
-_PRESENT = 1 << 63
-_PFN_MASK = (1 << 55) - 1
+_PRESENT = np.uint64(1 << 63)
+_PFN_MASK = np.uint64((1 << 55) - 1)
 
 
 def _name(path: str) -> str:
@@ -33,12 +34,13 @@ def _name(path: str) -> str:
         return "[anon]"
     if path.startswith("["):
         return "[stack]" if path.startswith("[stack") else path
-    return Path(path.split(" (deleted)")[0]).name
+    return Path(path.split(" (deleted)", maxsplit=1)[0]).name
 
 
 def breakdown(pid: int) -> dict[str, dict[str, float]]:
     """MiB per mapping name: rss, pss, private (clean + dirty), anonymous."""
-    out: dict[str, dict[str, float]] = defaultdict(lambda: {"rss": 0.0, "pss": 0.0, "private": 0.0, "anon": 0.0})
+    out: dict[str, dict[str, float]] = defaultdict(
+        lambda: {"rss": 0.0, "pss": 0.0, "private": 0.0, "anon": 0.0})
     current = "[anon]"
     keys = {"Rss:": "rss", "Pss:": "pss", "Private_Clean:": "private", "Private_Dirty:": "private",
             "Anonymous:": "anon"}
@@ -67,25 +69,24 @@ def _resident_ranges(pid: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def frames(pid: int) -> set[int] | None:
-    """The physical frames of `pid`'s resident pages; None where the kernel hides them."""
-    found: set[int] = set()
+def frames(pid: int) -> np.ndarray | None:
+    """The physical frames of `pid`'s resident pages (sorted, unique); None where the kernel
+    hides them."""
+    found: list[np.ndarray] = []
     with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
         for start, end in _resident_ranges(pid):
             pagemap.seek(start // PAGE * 8)
-            entries = array("Q")
-            entries.frombytes(pagemap.read((end - start) // PAGE * 8))
-            for entry in entries:
-                if entry & _PRESENT:
-                    found.add(entry & _PFN_MASK)
-    if found == {0}:  # present pages, all frame 0: no CAP_SYS_ADMIN
+            entries = np.frombuffer(pagemap.read((end - start) // PAGE * 8), dtype=np.uint64)
+            found.append(entries[(entries & _PRESENT) != 0] & _PFN_MASK)
+    present = np.unique(np.concatenate(found)) if found else np.empty(0, dtype=np.uint64)
+    if present.size and not present.any():  # present pages, all frame 0: no CAP_SYS_ADMIN
         return None
-    return found
+    return present
 
 
 def union_mb(pids: Iterable[int]) -> float | None:
     """MiB of the pages resident in any of `pids`, each counted once (None: frames hidden)."""
-    seen: set[int] = set()
+    seen = np.empty(0, dtype=np.uint64)
     for pid in pids:
         try:
             own = frames(pid)
@@ -93,8 +94,8 @@ def union_mb(pids: Iterable[int]) -> float | None:
             continue
         if own is None:
             return None
-        seen |= own
-    return len(seen) * PAGE / (1 << 20)
+        seen = np.union1d(seen, own)
+    return int(seen.size) * PAGE / (1 << 20)
 
 
 def main(argv: list[str]) -> None:
