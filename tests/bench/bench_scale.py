@@ -51,7 +51,7 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-ROLES = ("daemon", "supernode", "executor", "other")
+ROLES = ("daemon", "daemon_step", "supernode", "executor", "other")
 
 
 def _role(pid: int) -> str:
@@ -103,7 +103,10 @@ def tree_pids(pid: int) -> list[int]:
 
 def tree_usage(pid: int) -> dict[str, dict[str, float]]:
     """Memory (rss, pss, anon MiB) and CPU seconds of `pid` and all its descendants, by role
-    (daemon, supernode, executor)."""
+    (daemon, supernode, executor; daemon_step: a short-lived fork of the daemon deciding on a
+    study or exporting the records, `exchange.node.isolated`, which shows the daemon's command
+    line: part of the hospital's memory while it runs, and apart so that a peak it falls in says
+    so)."""
     total: dict[str, dict[str, float]] = {}
     todo = [pid]
     while todo:
@@ -112,7 +115,8 @@ def tree_usage(pid: int) -> dict[str, dict[str, float]]:
             usage = {**_smaps(current), "cpu_s": _cpu_s(current)}
         except (OSError, IndexError, ValueError):
             continue
-        role = total.setdefault(_role(current), {})
+        name = _role(current)
+        role = total.setdefault("daemon_step" if name == "daemon" and current != pid else name, {})
         for key, value in usage.items():
             role[key] = role.get(key, 0.0) + value
         todo += _children(current)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,33 @@ def test_breakdown_names_the_heap_and_libraries() -> None:
     rows = breakdown(os.getpid())
     assert any(name.startswith("libpython") or name.startswith("python") for name in rows), sorted(rows)
     assert all(row["rss"] >= row["private"] - 1e-6 for row in rows.values())
+
+
+def test_a_fork_of_the_daemon_is_counted_apart_as_a_daemon_step(tmp_path: Path) -> None:
+    """bench_scale's roles: a child with the daemon's own command line (a decision or export
+    step, `exchange.node.isolated`) is the daemon_step role, the daemon itself stays daemon."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.bench.bench_scale import tree_usage
+
+    ready = tmp_path / "forked"
+    code = ("import os, pathlib, time\n"
+            f"if os.fork() == 0:\n    pathlib.Path({str(ready)!r}).touch()\n"
+            "time.sleep(60)\n")
+    daemon = subprocess.Popen([sys.executable, "-c", code, "node", "run"])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert time.monotonic() < deadline and daemon.poll() is None
+            time.sleep(0.05)
+        usage = tree_usage(daemon.pid)
+        assert set(usage) == {"daemon", "daemon_step"}, usage
+        assert usage["daemon"]["rss"] > 0 and usage["daemon_step"]["rss"] > 0
+    finally:
+        children = Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children").read_text().split()
+        for child in children:
+            os.kill(int(child), signal.SIGKILL)
+        daemon.kill()
+        daemon.wait()
