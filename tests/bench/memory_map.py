@@ -40,10 +40,16 @@ def _name(path: str) -> str:
 def breakdown(pid: int) -> dict[str, dict[str, float]]:
     """MiB per mapping name: rss, pss, private (clean + dirty), anonymous."""
     out: dict[str, dict[str, float]] = defaultdict(
-        lambda: {"rss": 0.0, "pss": 0.0, "private": 0.0, "anon": 0.0})
+        lambda: {"rss": 0.0, "pss": 0.0, "private": 0.0, "anon": 0.0}
+    )
     current = "[anon]"
-    keys = {"Rss:": "rss", "Pss:": "pss", "Private_Clean:": "private", "Private_Dirty:": "private",
-            "Anonymous:": "anon"}
+    keys = {
+        "Rss:": "rss",
+        "Pss:": "pss",
+        "Private_Clean:": "private",
+        "Private_Dirty:": "private",
+        "Anonymous:": "anon",
+    }
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         parts = line.split()
         if not parts:

@@ -75,9 +75,11 @@ def test_a_fork_of_the_daemon_is_counted_apart_as_a_daemon_step(tmp_path: Path) 
     from tests.bench.bench_scale import tree_usage
 
     ready = tmp_path / "forked"
-    code = ("import os, pathlib, time\n"
-            f"if os.fork() == 0:\n    pathlib.Path({str(ready)!r}).touch()\n"
-            "time.sleep(60)\n")
+    code = (
+        "import os, pathlib, time\n"
+        f"if os.fork() == 0:\n    pathlib.Path({str(ready)!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
     daemon = subprocess.Popen([sys.executable, "-c", code, "node", "run"])
     try:
         deadline = time.monotonic() + 60
