@@ -18,7 +18,10 @@ when they start); the environment variables also reach any child process.
 `refuse_imports()` keeps a library this process has no use for from being imported as some
 other library's optional extra: pyarrow imports pandas (about 25 MB of memory that stays) the
 first time it builds an array from Python objects or converts one to numpy, only to check
-whether the values are pandas objects; without pandas it does the same work.
+whether the values are pandas objects; without pandas it does the same work. httpx (which flwr
+imports for its logger) imports its own command-line client at import, and with it Pygments
+(about 6 MB), inside `try: ... except ImportError`: without Pygments httpx is the same library
+minus its CLI, which this process never runs.
 """
 
 from __future__ import annotations
@@ -76,8 +79,9 @@ def trim() -> None:
         _LIBC.malloc_trim(0)
 
 
-#: What a hospital's Flower process never imports (`refuse_imports`): pyarrow's optional pandas.
-NOT_IMPORTED: tuple[str, ...] = ("pandas",)
+#: What a hospital's Flower process never imports (`refuse_imports`): pyarrow's optional pandas,
+#: httpx's optional command-line client (Pygments).
+NOT_IMPORTED: tuple[str, ...] = ("pandas", "pygments")
 
 
 class _Refuse:

@@ -17,8 +17,10 @@ Reported per configuration:
 - per round (rounds 2+; round 1 also calibrates each hospital's noise): wall time, the slowest
   hospital's own compute (evaluate + train, inside its ClientApp), and the overhead beyond
   training (wall - that compute), from the round metrics the ServerApp logs;
-- memory per hospital: the peak, during training, of the summed RSS of a hospital's daemon and
-  its descendants (SuperNode and executor), read from /proc;
+- memory per hospital: the peak, during training, of the summed RSS and of the summed PSS of a
+  hospital's daemon and its descendants (its Flower process: SuperNode and executor), and of
+  their resident pages counted once (`memory_map.union_mb`: the issue's "node, SuperNode and
+  executor together" on a host of their own), read from /proc;
 - the ratios to the 3-hospital configuration of the same run, and SecAgg+ to plain.
 Timing only: nothing is asserted; numbers go in docs/benchmarks.md.
 """
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from exchange.demo.consortium import Consortium, DemoConfig, Progress
+from tests.bench.memory_map import union_mb
 
 
 def _children(pid: int) -> list[int]:
@@ -48,7 +51,7 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-ROLES = ("daemon", "supernode", "executor", "other")
+ROLES = ("daemon", "daemon_step", "supernode", "executor", "other")
 
 
 def _role(pid: int) -> str:
@@ -88,9 +91,22 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_pids(pid: int) -> list[int]:
+    """`pid` and all its descendants."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += _children(current)
+    return found
+
+
 def tree_usage(pid: int) -> dict[str, dict[str, float]]:
     """Memory (rss, pss, anon MiB) and CPU seconds of `pid` and all its descendants, by role
-    (daemon, supernode, executor)."""
+    (daemon, supernode, executor; daemon_step: a short-lived fork of the daemon deciding on a
+    study or exporting the records, `exchange.node.isolated`, which shows the daemon's command
+    line: part of the hospital's memory while it runs, and apart so that a peak it falls in says
+    so)."""
     total: dict[str, dict[str, float]] = {}
     todo = [pid]
     while todo:
@@ -99,7 +115,8 @@ def tree_usage(pid: int) -> dict[str, dict[str, float]]:
             usage = {**_smaps(current), "cpu_s": _cpu_s(current)}
         except (OSError, IndexError, ValueError):
             continue
-        role = total.setdefault(_role(current), {})
+        name = _role(current)
+        role = total.setdefault("daemon_step" if name == "daemon" and current != pid else name, {})
         for key, value in usage.items():
             role[key] = role.get(key, 0.0) + value
         todo += _children(current)
@@ -114,12 +131,19 @@ def tree_rss_mb(pid: int) -> dict[str, float]:
 class MemorySampler:
     """Samples each hospital's process tree every second while the study trains: the peak of the
     hospital's summed RSS (and, separately, of its summed PSS), each role's share at that peak,
-    and each role's CPU seconds (the last sample: from start-up to the end of training)."""
+    and each role's CPU seconds (the last sample: from start-up to the end of training).
+
+    At each new peak of the summed RSS it also counts the hospital's resident pages once
+    (`memory_map.union_mb`: the pages its daemon and Flower process share, libpython, OpenSSL and
+    the other libraries both map, are in both RSS): the most of that is
+    `peak_union`, what "node, SuperNode and executor together" take on a host of their own. (Only
+    at new peaks: reading every page's frame costs a fraction of a CPU second per process.)"""
 
     def __init__(self, consortium: Consortium) -> None:
         self.consortium = consortium
         self.peak: dict[str, float] = {}  # hospital -> peak summed RSS
         self.peak_pss: dict[str, float] = {}
+        self.peak_union: dict[str, float] = {}  # hospital -> its resident pages counted once (MiB)
         self.parts: dict[str, dict[str, float]] = {}  # hospital -> role -> RSS at its peak
         self.parts_pss: dict[str, dict[str, float]] = {}
         self.cpu: dict[str, dict[str, float]] = {}  # hospital -> role -> CPU seconds
@@ -131,17 +155,26 @@ class MemorySampler:
             if self.consortium.progress.phase != "training":
                 continue
             for h in list(self.consortium.hospitals.values()):
-                if h.process is not None:
-                    self.sample(h.id, tree_usage(h.process.pid))
+                if h.process is not None and self.sample(h.id, tree_usage(h.process.pid)):
+                    self.sample_union(h.id, tree_pids(h.process.pid))
 
-    def sample(self, hospital: str, usage: dict[str, dict[str, float]]) -> None:
+    def sample(self, hospital: str, usage: dict[str, dict[str, float]]) -> bool:
+        """Record one sample; True when the hospital's summed RSS is a new peak."""
         usage.pop("gone", None)
+        new_peak = False
         for key, peak, parts in (("rss", self.peak, self.parts), ("pss", self.peak_pss, self.parts_pss)):
             total = sum(u[key] for u in usage.values())
             if total > peak.get(hospital, 0.0):
                 peak[hospital] = total
                 parts[hospital] = {role: u[key] for role, u in usage.items()}
+                new_peak = new_peak or key == "rss"
         self.cpu[hospital] = {role: u["cpu_s"] for role, u in usage.items()}
+        return new_peak
+
+    def sample_union(self, hospital: str, pids: list[int]) -> None:
+        union = union_mb(pids)
+        if union is not None and union > self.peak_union.get(hospital, 0.0):
+            self.peak_union[hospital] = union
 
 
 def _mean_by_role(parts: dict[str, dict[str, float]]) -> dict[str, float] | None:
@@ -208,6 +241,8 @@ def run_config(hospitals: int, secure: bool, rounds: int, root: Path) -> dict[st
         "pss_per_hospital_mb": (round(statistics.fmean(sampler.peak_pss.values()), 0)
                                 if sampler.peak_pss else None),
         "pss_by_role_mb": _mean_by_role(sampler.parts_pss),
+        "rss_union_per_hospital_mb": (round(statistics.fmean(sampler.peak_union.values()), 0)
+                                      if sampler.peak_union else None),
         "cpu_s_by_role": _mean_by_role(sampler.cpu),
         "first_round": first_round(report["rounds"]),
         "trained": sum(1 for h in report["hospitals"] if h.get("decision") == "approve"),
@@ -245,7 +280,7 @@ def main() -> None:
 
         plot(results, args.plot, title=f"bench_scale, {rounds} rounds, load average {os.getloadavg()[0]:.0f}")
     print(f"{'hospitals':>9} {'secagg':>6} {'online s':>8} {'decided s':>9} {'round s':>7} {'train s':>7} "
-          f"{'overhead s':>10} {'x3':>5} {'RSS/hosp MB':>11} {'x3':>5}")
+          f"{'overhead s':>10} {'x3':>5} {'RSS/hosp MB':>11} {'x3':>5} {'once MB':>7} {'PSS MB':>6}")
     for r in results:
         base = next(b for b in results if b["hospitals"] == counts[0] and b["secure_aggregation"]
                     == r["secure_aggregation"])
@@ -255,7 +290,8 @@ def main() -> None:
         secagg = "yes" if r["secure_aggregation"] else "no"
         print(f"{r['hospitals']:>9} {secagg:>6} {r['startup_online_s']:>8} "
               f"{r['startup_decided_s']:>9} {r['round_wall_s']:>7} {r['train_compute_max_s']:>7} "
-              f"{r['overhead_s']:>10} {over:>5.2f} {r['rss_per_hospital_mb']!s:>11} {rss:>5.2f}")
+              f"{r['overhead_s']:>10} {over:>5.2f} {r['rss_per_hospital_mb']!s:>11} {rss:>5.2f} "
+              f"{r['rss_union_per_hospital_mb']!s:>7} {r['pss_per_hospital_mb']!s:>6}")
     columns = (*FIRST_ROUND_PARTS, "wall_s", "total_s", "overhead_s")
     print("first round (s): " + " ".join(f"{k:>12}" for k in columns))
     for r in results:

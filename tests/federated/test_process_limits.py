@@ -74,9 +74,9 @@ def test_prewarm_loads_the_site_before_any_study(tmp_path: Path) -> None:
 
 def test_a_survival_round_runs_without_the_libraries_a_hospital_does_not_hold(tmp_path: Path) -> None:
     """In a fresh interpreter set up as the hospital's Flower process (`hosted_supernode`: thread
-    limits, pandas refused), a site loads and a survival study's first two rounds train, with
+    limits, pandas and Pygments refused), a site loads and a survival study's first two rounds train, with
     the consent gate, the privacy plan (PRV) and the evaluation, and none of pandas,
-    scikit-learn, scikit-survival, Opacus or SymPy is imported (issue "Scale": memory per
+    scikit-learn, scikit-survival, Opacus, SymPy or Pygments is imported (issue "Scale": memory per
     hospital, docs/benchmarks/scale.md)."""
     import json
 
@@ -118,8 +118,10 @@ for r in (1, 2):
     w = out.weights
     ev = evaluate_hospital(site, spec, w, r)
     print("evaluation", r, ev.status, len(ev.eval_stats))
+import httpx, flwr.supernode.cli  # httpx without its CLI (Pygments refused), flwr's SuperNode
+print("httpx", httpx.Client.__name__, "main" in dir(httpx))
 print("loaded", sorted({{m.split('.')[0] for m in sys.modules}}
-                       & {{"pandas", "sklearn", "sksurv", "opacus", "sympy"}}))
+                       & {{"pandas", "sklearn", "sksurv", "opacus", "sympy", "pygments"}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          check=False)
@@ -128,4 +130,5 @@ print("loaded", sorted({{m.split('.')[0] for m in sys.modules}}
     assert lines[0].startswith("refused: pandas: not imported in this process"), lines
     # each evaluation releases the survival statistics (Breslow, Kaplan-Meier: eval_stats)
     assert lines[1:5] == ["round 1 ok", "evaluation 1 ok 31", "round 2 ok", "evaluation 2 ok 31"], lines
+    assert lines[-2] == "httpx Client True", lines
     assert lines[-1] == "loaded []", lines
