@@ -32,16 +32,12 @@ from audit.signing import Signer
 from audit.store import AuditLog, audit_entries, verify_storage
 from audit.store.admission import Prepared
 from audit.verify import VerifyReport, verify_lines
-from exchange.coordinator.group_commit import GroupCommit
+from exchange.coordinator.group_commit import PG_GATHER_S, GroupCommit
 from exchange.db.checkpoint import WalCheckpointer, writers_leave_checkpoints_to_a_thread
 from exchange.db.engine import make_engine
 from exchange.db.migrate import upgrade
 
 ORIGIN = "exchange.test/audit-log"
-# How long GroupLog's writer may wait, on PostgreSQL, for a group as large as its previous one
-# (its appends end their transactions in one round trip there, so late arrivals cannot join:
-# GroupCommit._gather; chosen in docs/benchmarks/audit-append.md).
-GATHER_S = 0.001
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -157,7 +153,7 @@ class GroupLog:
             writers_leave_checkpoints_to_a_thread(self.write_engine)  # off the commit path
             self.checkpointer = WalCheckpointer(self.write_engine)
         # Only PostgreSQL's transactions end in their first round trip (no late arrivals).
-        gather_s = GATHER_S if self.write_engine.dialect.name == "postgresql" else 0.0
+        gather_s = PG_GATHER_S if self.write_engine.dialect.name == "postgresql" else 0.0
         self.group = GroupCommit(self.write_engine, max_batch=max_batch,
                                  after_commit=log.after_commit, gather_s=gather_s)
 
