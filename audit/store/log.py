@@ -256,7 +256,8 @@ class AuditLog:
     def _append_at(self, connection: Connection, prepared: list[admission.Prepared], size: int,
                    keyring: Keyring, frontier: dict[tuple[int, int], bytes], *,
                    commit: bool = False, check: Callable[[int], None] | None = None,
-                   tail: Callable[[int], str] | None = None) -> tuple[list[int], tuple[int, int, Keyring, dict[tuple[int, int], bytes]] | None]:
+                   tail: Callable[[int], str] | None = None,
+                   ) -> tuple[list[int], tuple[int, int, Keyring, dict[tuple[int, int], bytes]] | None]:
         """PostgreSQL: append `prepared` at `size`, assuming the log is that long, in one
         statement (entries.checked_insert). (indexes, what `_appended` needs) if it appended;
         ([], None) if the log had another size or held one of the entries (nothing written).

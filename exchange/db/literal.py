@@ -16,14 +16,17 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Dialect, Table, TypeDecorator
+from sqlalchemy import Dialect, TableClause, TypeDecorator
 
 
-def _json_value(table: Table, name: str, value: Any, dialect: Dialect) -> Any:
+def _json_value(table: TableClause, name: str, value: Any, dialect: Dialect) -> Any:
     """`value` of column `name` as the JSON value PostgreSQL reads into that column's type."""
     column = table.c[name]
     if isinstance(column.type, TypeDecorator):
-        value = column.type.process_bind_param(value, dialect)
+        try:
+            value = column.type.process_bind_param(value, dialect)
+        except ValueError as exc:
+            raise ValueError(f"{table.name}.{name}: {exc}") from exc
     if value is None or isinstance(value, bool | int | str | dict | list):
         return value.value if isinstance(value, enum.Enum) else value
     if isinstance(value, enum.Enum):
@@ -35,7 +38,7 @@ def _json_value(table: Table, name: str, value: Any, dialect: Dialect) -> Any:
     raise ValueError(f"{table.name}.{name}: no literal for a {type(value).__name__} value")
 
 
-def insert_rows_sql(table: Table, rows: Sequence[Mapping[str, Any]], dialect: Dialect) -> str:
+def insert_rows_sql(table: TableClause, rows: Sequence[Mapping[str, Any]], dialect: Dialect) -> str:
     """`INSERT INTO table (columns) ...` of `rows` (all with the same keys) as one SQL string:
     the rows as JSON in a hex literal, read back by `json_populate_recordset` into the table's
     row type (so each value is converted to its column's type by the server, as a bound

@@ -194,13 +194,16 @@ class GroupLog:
 
 
 @contextlib.contextmanager
-def libpq_trace(log: GroupLog, path: Path) -> Iterator[None]:
-    """libpq's own trace, into `path`, of what the group commit's writer connection sends and
-    the server answers while the block runs (no timestamps: one message per line, `F` from the
-    client, `B` from the backend). PostgreSQL only; the writer's connection must be open."""
+def libpq_trace(log: GroupLog | GroupCommit, path: Path) -> Iterator[None]:
+    """libpq's own trace, into `path`, of what the group commit's writer connection (a
+    GroupLog's, or the coordinator Journal's `batcher`) sends and the server answers while the
+    block runs (no timestamps: one message per line, `F` from the client, `B` from the
+    backend). PostgreSQL only; the writer's connection must be open."""
     import psycopg
 
-    driver = log.group._connection.connection.driver_connection
+    group = log.group if isinstance(log, GroupLog) else log
+    assert group._connection is not None, "the writer's connection is not open yet"
+    driver = group._connection.connection.driver_connection
     with path.open("w") as trace:
         driver.pgconn.trace(trace.fileno())
         driver.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
