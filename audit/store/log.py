@@ -181,8 +181,9 @@ class AuditLog:
         (the coordinator's ledger fold), run once, after the log's checks: right after the
         insert, or, when this call commits the transaction (above), BEFORE anything is sent,
         since nothing can be refused after the COMMIT. If it raises, the exception propagates
-        and the caller must roll back as for a refusal (in the second case nothing of this
-        call was sent). It may read through `connection`.
+        and the caller must roll back as for a refusal; in the second case nothing of this
+        call was sent and the refusal is not final (`COMMIT_SKIPPED`: the size was a guess, the
+        owner makes the write again the careful way). It may read through `connection`.
 
         `tail(first_index)`: called only when this call commits the transaction in one string:
         the caller's own statement for the rest of its write (SQL whose values are literals
@@ -281,8 +282,14 @@ class AuditLog:
             if check is not None:
                 # The caller's check at the indexes the rows get if the size is right; if it is
                 # not, the INSERT fails, the server skips the COMMIT, the transaction is rolled
-                # back (and with it whatever the check noted in it) and made again.
-                check(size)
+                # back (and with it whatever the check noted in it) and made again. A refusal
+                # here is not final either (at a wrong size the check saw another log): the
+                # owner makes the write again the careful way, where it runs at the real size.
+                try:
+                    check(size)
+                except Exception:
+                    connection.info[COMMIT_SKIPPED] = connection.get_transaction()
+                    raise
             lock_key = None if self._holds_lock(connection) else ADVISORY_LOCK_KEY
             try:
                 insert_and_commit(connection, rows, nodes, lock_key=lock_key,

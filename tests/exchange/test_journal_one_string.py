@@ -103,11 +103,13 @@ def test_a_journal_append_that_ends_its_write_is_one_round_trip(journal: Journal
     assert _balance(journal) == 65
 
 
-def test_a_fold_that_refuses_sends_nothing_and_the_next_write_goes_on(journal: Journal,
-                                                                      tmp_path: Path) -> None:
+def test_a_fold_that_refuses_commits_nothing_and_the_next_write_goes_on(journal: Journal,
+                                                                        tmp_path: Path) -> None:
     """An escrow the ledger refuses (more than the balance) is refused by the fold BEFORE the
-    string is sent: no INSERT reaches the server, the log and the balance are unchanged, and
-    the next escrow is made in one round trip from the right ledger state."""
+    one string is sent; as the size it assumed was a guess, the write is made again the
+    careful way (the checked INSERT at the real size, the fold after it), refused there, and
+    rolled back: no COMMIT is sent, the log and the balance are unchanged, and the next escrow
+    is made in one round trip from the right ledger state."""
     _mint(journal, 50)
     size = journal.audit_log.size()
     trace = tmp_path / "refused.trace"
@@ -115,7 +117,9 @@ def test_a_fold_that_refuses_sends_nothing_and_the_next_write_goes_on(journal: J
         journal.batcher.run(_escrow(journal, "st-too-big", 51))
     assert refused.value.status == 422 and refused.value.kind == "ledger-refused"
     sent, _waits = _trace(trace)
-    assert not any("audit_append_rows" in line for line in sent), sent
+    assert not any("audit_append_rows" in line or '"COMMIT"' in line or "; COMMIT" in line
+                   for line in sent), sent
+    assert any("ROLLBACK" in line for line in sent), sent
     assert journal.audit_log.size() == size and _balance(journal) == 50
 
     trace = tmp_path / "next.trace"
@@ -218,3 +222,24 @@ def _body() -> dict[str, Any]:
     from tests.exchange.conftest import study_body
 
     return study_body()
+
+
+def test_a_fold_refused_at_a_stale_size_is_decided_again_at_the_real_one(
+        journal: Journal) -> None:
+    """Another coordinator process (its own Journal and AuditLog on the same database) minted
+    since this one last committed: this process's fold does not know those tokens, and its
+    writer assumes the size it last committed. The escrow's fold refuses at that guess; the
+    write is made again the careful way, folded at the real size, and accepted."""
+    _mint(journal, 50)
+    other_log = AuditLog(journal.read_engine, Signer.generate(), ORIGIN,
+                         journal.operator.public_key)
+    other = Journal(journal.read_engine, journal.write_engine, other_log,
+                    operator=journal.operator, coordinator=journal.coordinator)
+    with other.write() as session:
+        other.append(session, other.sign("token.mint", {"account": "org:acme", "amount": 100},
+                                         operator=True))
+    size = journal.audit_log.size()
+    assert journal.batcher.run(_escrow(journal, "st-needs-both-mints", 120)) == [size]
+    assert _balance(journal) == 30
+    other.close()
+    other_log.close()
