@@ -180,8 +180,9 @@ class JournalLog:
         self.journal = Journal(self.read_engine, self.write_engine, self.audit_log,
                                operator=keys.operator, coordinator=keys.writer)
         self.journal.bootstrap()  # registers the writer key (the coordinator key)
-        self._last = {"last": True} if "last" in inspect.signature(Journal.append).parameters \
-            else {}
+        # `last` where this tree's Journal has it (the bench file also runs on older trees)
+        has_last = "last" in inspect.signature(Journal.append).parameters
+        self._last: dict[str, Any] = {"last": True} if has_last else {}
 
     def size(self) -> int:
         return self.audit_log.size()
@@ -226,13 +227,16 @@ class _JournalWrite:
 
 
 def run_once(url: str, folder: Path, keys: LogKeys, total: int, threads: int,
-             run: int, journal: bool = False) -> tuple[float, float, float, int]:
+             run: int, journal: bool = False,
+             gather_s: float | None = None) -> tuple[float, float, float, int]:
     """(store s, baseline s, store verifying every signature s, baseline fsync groups)."""
     # keys.open: reads on `engine`, appends through the coordinator's group commit (GroupLog);
     # with `journal`, through the coordinator's Journal (JournalLog).
     engine = migrated_engine(url)
     elsewhere = OtherProcessSigner(keys.writer.signing_key)
     with (JournalLog(url, keys) if journal else keys.open(engine)) as log:
+        if gather_s is not None:  # the writer's gather wait (GroupCommit(gather_s=)), to tune it
+            (log.journal.batcher if isinstance(log, JournalLog) else log.group).gather_s = gather_s
         if log.size() == 0:
             log.append(register(keys.operator, keys.writer))
         store_s = _run_threads(threads, total, lambda t, seq: log.append(
@@ -265,6 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--journal", action="store_true",
                         help="the store appends through the coordinator's Journal (its full "
                              "schema, the ledger fold, its group commit) instead of GroupLog")
+    parser.add_argument("--gather-ms", type=float, default=None,
+                        help="the store's writer waits up to this long for a group as large as "
+                             "its last one (default: the code's own, PG_GATHER_S on PostgreSQL)")
     parser.add_argument("--postgres", action="store_true",
                         help=f"PostgreSQL (a temporary database via {PG_ADMIN_DSN})")
     args = parser.parse_args(argv)
@@ -275,7 +282,9 @@ def main(argv: list[str] | None = None) -> None:
             _database(args.postgres, Path(tmp)) as url:
         for run in range(args.repeat):
             results.append(run_once(url, Path(tmp), keys, total, args.threads, run,
-                                    journal=args.journal))
+                                    journal=args.journal,
+                                    gather_s=None if args.gather_ms is None
+                                    else args.gather_ms / 1000))
     store_s = statistics.median(r[0] for r in results)
     baseline_s = statistics.median(r[1] for r in results)
     verified_s = statistics.median(r[2] for r in results)
