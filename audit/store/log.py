@@ -346,12 +346,15 @@ class AuditLog:
             connection.info[_APPEND_IN_MARK] = (transaction, size)
         connection.info[_APPEND_IN_STATE] = (transaction, size + count, keyring, frontier)
 
-    def after_commit(self, connection: Connection, transaction: object) -> None:
+    def after_commit(self, connection: Connection | dict[Any, Any], transaction: object) -> None:
         """Tell the store that `transaction` (on `connection`), in which append_in ran,
         COMMITTED: its final key state and tree edge then describe the committed log, and the
         next append_in transaction may start from them. Call it only after seeing the commit
-        succeed (a rolled-back transaction's rows may be replaced by others of the same count)."""
-        state = connection.info.get(_APPEND_IN_STATE)
+        succeed (a rolled-back transaction's rows may be replaced by others of the same count).
+        `connection` may be given as its `info` (taken before the COMMIT: an ORM Session
+        releases its connection when it commits)."""
+        info = connection if isinstance(connection, dict) else connection.info
+        state = info.get(_APPEND_IN_STATE)
         if state is None or state[0] is not transaction:
             return  # no append_in in that transaction
         _transaction, size, keyring, frontier = state

@@ -40,6 +40,9 @@ from exchange.db.literal import insert_rows_sql
 
 log = logging.getLogger(__name__)
 
+# Session.info key: (connection.info, transaction) of the session's appends (see `write`).
+_SESSION_APPENDED = "journal.appended"
+
 #: entries a new ledger snapshot must cover beyond the stored one (at start-up and shutdown)
 SNAPSHOT_MIN_ENTRIES = 1_000
 
@@ -81,9 +84,19 @@ class Journal:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        """One write transaction (BEGIN IMMEDIATE on SQLite via the write engine)."""
-        with Session(self.write_engine, expire_on_commit=False) as session, session.begin():
-            yield session
+        """One write transaction (BEGIN IMMEDIATE on SQLite via the write engine). Once it
+        committed, its ledger fold and the log's new edge are carried over (`after_commit`, as
+        the group commit's hook does), so that the group commit's next append neither reads
+        the new rows back for its fold nor assumes a stale size (on PostgreSQL: its one string
+        goes through instead of failing once and being made the careful way)."""
+        with Session(self.write_engine, expire_on_commit=False) as session:
+            # (The connection goes back to the pool at the COMMIT; if another transaction
+            # begins on it first, what it carried over is dropped: the next one reads instead.)
+            with session.begin():
+                yield session
+            appended = session.info.pop(_SESSION_APPENDED, None)
+            if appended is not None:
+                self.after_commit(*appended)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -110,6 +123,8 @@ class Journal:
         connection = transaction.connection() if isinstance(transaction, Session) else transaction
         if prepared is not None and [p.leaf for p in prepared] != [e.leaf_bytes() for e in entries]:
             raise ValueError("journal: the prepared entries are not the entries appended")
+        if isinstance(transaction, Session):  # for `write` to tell the log once it committed
+            transaction.info[_SESSION_APPENDED] = (connection.info, connection.get_transaction())
 
         def fold(first_index: int) -> None:
             self.ledger.note_append(connection, first_index)
@@ -143,9 +158,10 @@ class Journal:
             connection.execute(statement, rows[0] if len(rows) == 1 else rows)
         return indexes
 
-    def after_commit(self, connection: Connection, transaction: object) -> None:
-        """The writer's transaction committed: its ledger fold and the log's key state and tree
-        edge describe the committed log now (the next transaction starts from them)."""
+    def after_commit(self, connection: Connection | dict[Any, Any], transaction: object) -> None:
+        """The writer's transaction (or a `write` session's) committed: its ledger fold and the
+        log's key state and tree edge describe the committed log now (the next transaction
+        starts from them). `connection` may be given as its `info`."""
         self.ledger.after_commit(connection)
         self.audit_log.after_commit(connection, transaction)
 

@@ -243,3 +243,19 @@ def test_a_fold_refused_at_a_stale_size_is_decided_again_at_the_real_one(
     assert _balance(journal) == 30
     other.close()
     other_log.close()
+
+
+def test_after_a_write_in_a_session_the_next_append_is_still_one_round_trip(
+        journal: Journal, tmp_path: Path) -> None:
+    """A write made in a `Journal.write()` session (the registry's, a decision's) tells the
+    log its committed edge, so the group commit's next append assumes the right size: one
+    string, one wait (not a failed string and the careful way)."""
+    with journal.write() as session:
+        journal.append(session, journal.sign("token.mint", {"account": "org:acme", "amount": 4},
+                                             operator=True))
+    trace = tmp_path / "after-session.trace"
+    with libpq_trace(journal.batcher, trace):
+        _mint(journal, 6)
+    sent, waits = _trace(trace)
+    assert waits == 1 and len(sent) == 1, sent
+    assert _balance(journal) == 10
