@@ -292,15 +292,14 @@ class LedgerView:
                 return _Fork(transaction, spare[0], self._size, base=self._size)
             return _Fork(transaction, _fork(self._ledger), self._size, base=self._size)
 
-    def after_commit(self, connection: Connection | dict[Any, Any]) -> None:
+    def after_commit(self, connection: Connection) -> None:
         """Call right after `connection`'s transaction COMMITTED (not before: a failed commit
         must not move the shared fold). Its ledger copy is the fold of the committed log up to
         where it reached: it becomes the shared fold, and the former shared fold, brought level
         with the copy's rows, becomes the spare for the next write transaction. Two folds
         alternate, each kept level by folding the new rows once, instead of a fork per
         transaction and a re-read of the rows it appended."""
-        info = connection if isinstance(connection, dict) else connection.info
-        fork: _Fork | None = info.pop(_COMMITTING, None)  # (or its `info`, as AuditLog's)
+        fork: _Fork | None = connection.info.pop(_COMMITTING, None)
         if fork is None:
             return
         with self._lock:

@@ -85,10 +85,11 @@ class Journal:
     @contextmanager
     def write(self) -> Iterator[Session]:
         """One write transaction (BEGIN IMMEDIATE on SQLite via the write engine). Once it
-        committed, its ledger fold and the log's new edge are carried over (`after_commit`, as
-        the group commit's hook does), so that the group commit's next append neither reads
-        the new rows back for its fold nor assumes a stale size (on PostgreSQL: its one string
-        goes through instead of failing once and being made the careful way)."""
+        committed, the log is told its new edge (`AuditLog.after_commit`, as the group
+        commit's hook does), so that the group commit's next append does not assume a stale
+        size (on PostgreSQL: its one string goes through instead of failing once and being
+        made the careful way). Its ledger copy is not carried over (a copy that paid a study
+        out holds state the snapshot cannot pickle): the next fold reads the new rows."""
         with Session(self.write_engine, expire_on_commit=False) as session:
             # (The connection goes back to the pool at the COMMIT; if another transaction
             # begins on it first, what it carried over is dropped: the next one reads instead.)
@@ -96,7 +97,7 @@ class Journal:
                 yield session
             appended = session.info.pop(_SESSION_APPENDED, None)
             if appended is not None:
-                self.after_commit(*appended)
+                self.audit_log.after_commit(*appended)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -158,10 +159,9 @@ class Journal:
             connection.execute(statement, rows[0] if len(rows) == 1 else rows)
         return indexes
 
-    def after_commit(self, connection: Connection | dict[Any, Any], transaction: object) -> None:
-        """The writer's transaction (or a `write` session's) committed: its ledger fold and the
-        log's key state and tree edge describe the committed log now (the next transaction
-        starts from them). `connection` may be given as its `info`."""
+    def after_commit(self, connection: Connection, transaction: object) -> None:
+        """The writer's transaction committed: its ledger fold and the log's key state and tree
+        edge describe the committed log now (the next transaction starts from them)."""
         self.ledger.after_commit(connection)
         self.audit_log.after_commit(connection, transaction)
 
