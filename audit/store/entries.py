@@ -349,11 +349,14 @@ def has_nothing_unasked(connection: Connection) -> bool:
 
 
 def insert_and_commit(connection: Connection, rows: list[dict[str, Any]],
-                      nodes: list[merkle.Node], *, lock_key: int | None = None) -> None:
+                      nodes: list[merkle.Node], *, lock_key: int | None = None,
+                      tail: str | None = None) -> None:
     """PostgreSQL: insert a group's entries and nodes and COMMIT the transaction, in ONE
     round trip: ONE simple-protocol query string; with `lock_key`, the log's write lock (and
     `synchronous_commit`) first, and, if the transaction has not begun on the server yet, its
-    BEGIN before that, so that a whole transaction is one string and one wait.
+    BEGIN before that, so that a whole transaction is one string and one wait. `tail`: the
+    caller's own SQL, after the INSERT and before the COMMIT (its values must be literals
+    that cannot hold a quote: exchange.db.literal); if it fails, the COMMIT is skipped too.
 
     Why one string and not a psycopg pipeline with the same statements: a pipeline costs
     several socket operations per group (each a hand-over of the GIL to the appender threads
@@ -371,7 +374,7 @@ def insert_and_commit(connection: Connection, rows: list[dict[str, Any]],
     driver = connection.connection.driver_connection
     dialect = connection.dialect
     info = connection.connection.info
-    statements = [_pg_execute_literal(parameters), "COMMIT"]
+    statements = [_pg_execute_literal(parameters), *([tail] if tail else []), "COMMIT"]
     if lock_key is not None:
         statements.insert(0, f"SELECT pg_advisory_xact_lock({int(lock_key)}), "
                              "set_config('synchronous_commit', 'on', true)")

@@ -145,7 +145,8 @@ class AuditLog:
 
     def append_in(self, connection: Connection,
                   entries: Sequence[Entry | Mapping[str, Any] | admission.Prepared], *,
-                  last: bool = False) -> list[int]:
+                  last: bool = False, check: Callable[[int], None] | None = None,
+                  tail: Callable[[int], str] | None = None) -> list[int]:
         """Append `entries` (all or none, in order) in the open transaction on `connection`;
         their indexes. An entry may come already `prepare`d.
 
@@ -175,6 +176,21 @@ class AuditLog:
         failed and this raises (the owner rolls back and makes its writes again the careful
         way, which decides the refusal). If the connection is lost with the COMMIT sent,
         raises CommitOutcomeUnknownError. Every check is the same; only round trips are saved.
+
+        `check(first_index)`: the caller's own check of the entries at the indexes they get
+        (the coordinator's ledger fold), run once, after the log's checks: right after the
+        insert, or, when this call commits the transaction (above), BEFORE anything is sent,
+        since nothing can be refused after the COMMIT. If it raises, the exception propagates
+        and the caller must roll back as for a refusal; in the second case nothing of this
+        call was sent and the refusal is not final (`COMMIT_SKIPPED`: the size was a guess, the
+        owner makes the write again the careful way). It may read through `connection`.
+
+        `tail(first_index)`: called only when this call commits the transaction in one string:
+        the caller's own statement for the rest of its write (SQL whose values are literals
+        that cannot hold a quote: exchange.db.literal), sent after the insert and before the
+        COMMIT, so that the write makes nothing afterwards. If it fails, the server skips the
+        COMMIT, as for a failed insert. Whether it was sent: `connection.info[COMMITTED]` is
+        the transaction on return (else the caller makes the rest of its write itself).
         """
         if not connection.in_transaction() or \
                 connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
@@ -209,7 +225,8 @@ class AuditLog:
             # unexpected falls through to the general path below.
             guess = (state[1], state[2], state[3]) if state is not None else edge
             assert guess is not None
-            indexes, appended = self._append_at(connection, prepared, *guess, commit=commit)
+            indexes, appended = self._append_at(connection, prepared, *guess, commit=commit,
+                                                check=check, tail=tail)
             if appended is not None:
                 self._appended(connection, transaction, appended)
                 if commit:
@@ -233,11 +250,14 @@ class AuditLog:
         insert(connection, rows, nodes)
         self._appended(connection, transaction, (size, len(prepared), keyring,
                        advance_frontier(frontier, nodes, size + len(prepared))))
+        if check is not None:
+            check(size)
         return [row["idx"] for row in rows]
 
     def _append_at(self, connection: Connection, prepared: list[admission.Prepared], size: int,
                    keyring: Keyring, frontier: dict[tuple[int, int], bytes], *,
-                   commit: bool = False,
+                   commit: bool = False, check: Callable[[int], None] | None = None,
+                   tail: Callable[[int], str] | None = None,
                    ) -> tuple[list[int], tuple[int, int, Keyring, dict[tuple[int, int], bytes]] | None]:
         """PostgreSQL: append `prepared` at `size`, assuming the log is that long, in one
         statement (entries.checked_insert). (indexes, what `_appended` needs) if it appended;
@@ -247,7 +267,8 @@ class AuditLog:
 
         `commit`: insert and COMMIT (and the lock and BEGIN where still due) in one round
         trip (`entries.insert_and_commit`); a failure there raises (see append_in), as the
-        transaction is then lost."""
+        transaction is then lost. `check` (see append_in): before that string, or after the
+        checked insert if it appended; `tail`: in that string, before the COMMIT."""
         try:
             admission.check_unique(prepared, size, {})  # twice in this call
             keyring = admission.check_entries(keyring, prepared, size)
@@ -258,9 +279,21 @@ class AuditLog:
         rows = _rows(prepared, size)
         seen: dict[bytes, int] = {}
         if commit:
+            if check is not None:
+                # The caller's check at the indexes the rows get if the size is right; if it is
+                # not, the INSERT fails, the server skips the COMMIT, the transaction is rolled
+                # back (and with it whatever the check noted in it) and made again. A refusal
+                # here is not final either (at a wrong size the check saw another log): the
+                # owner makes the write again the careful way, where it runs at the real size.
+                try:
+                    check(size)
+                except Exception:
+                    connection.info[COMMIT_SKIPPED] = connection.get_transaction()
+                    raise
             lock_key = None if self._holds_lock(connection) else ADVISORY_LOCK_KEY
             try:
-                insert_and_commit(connection, rows, nodes, lock_key=lock_key)
+                insert_and_commit(connection, rows, nodes, lock_key=lock_key,
+                                  tail=None if tail is None else tail(size))
             except DBAPIError as exc:
                 if exc.connection_invalidated:
                     raise CommitOutcomeUnknownError(
@@ -277,6 +310,8 @@ class AuditLog:
             self._locked(connection)
         if found_size != size or seen:
             return [], None
+        if check is not None and not commit:
+            check(size)
         new_size = size + len(prepared)
         return ([row["idx"] for row in rows],
                 (size, len(prepared), keyring, advance_frontier(frontier, nodes, new_size)))
@@ -311,12 +346,15 @@ class AuditLog:
             connection.info[_APPEND_IN_MARK] = (transaction, size)
         connection.info[_APPEND_IN_STATE] = (transaction, size + count, keyring, frontier)
 
-    def after_commit(self, connection: Connection, transaction: object) -> None:
+    def after_commit(self, connection: Connection | dict[Any, Any], transaction: object) -> None:
         """Tell the store that `transaction` (on `connection`), in which append_in ran,
         COMMITTED: its final key state and tree edge then describe the committed log, and the
         next append_in transaction may start from them. Call it only after seeing the commit
-        succeed (a rolled-back transaction's rows may be replaced by others of the same count)."""
-        state = connection.info.get(_APPEND_IN_STATE)
+        succeed (a rolled-back transaction's rows may be replaced by others of the same count).
+        `connection` may be given as its `info` (taken before the COMMIT: an ORM Session
+        releases its connection when it commits)."""
+        info = connection if isinstance(connection, dict) else connection.info
+        state = info.get(_APPEND_IN_STATE)
         if state is None or state[0] is not transaction:
             return  # no append_in in that transaction
         _transaction, size, keyring, frontier = state

@@ -215,6 +215,17 @@ class LedgerView:
         with self._lock:
             return self._ledger.balance(account)
 
+    def known_balance(self, connection: Connection, account: str) -> int:
+        """`account`'s balance as far as this process knows without reading: this write
+        transaction's ledger copy if it has one, else the committed fold. Behind the log if
+        another process appended since; for a first check only (the fold of an append, under
+        the log's write lock, is the rule)."""
+        fork: _Fork | None = connection.info.get(_FORK)
+        if fork is not None and fork.transaction is connection.get_transaction():
+            return fork.ledger.balance(account)
+        with self._lock:
+            return self._ledger.balance(account)
+
     def note_append(self, connection: Connection, first_index: int) -> None:
         """Record that this transaction appended entries from `first_index` on (first call wins)."""
         marker = connection.info.get(_FIRST_APPEND)

@@ -35,6 +35,11 @@ from exchange.logging import get_logger
 
 log = get_logger("exchange.coordinator.group_commit")
 
+#: How long the writer may wait, on PostgreSQL, for a group as large as its previous one
+#: (`GroupCommit(gather_s=)`): there a transaction of one write may end in its first round trip,
+#: so late arrivals cannot join it. Chosen by measurement: docs/benchmarks/audit-append.md.
+PG_GATHER_S = 0.001
+
 Write = Callable[[Connection], Any]
 # Writes of one kind that can be made in one go: (connection, writes) -> their results, in
 # order; raises if any one of them cannot be made (then each is made on its own).

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, Insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -32,11 +32,16 @@ from audit.ledger import Ledger
 from audit.signing import Signer
 from audit.store import AuditLog, DuplicateEntryError, EntryRefusedError
 from audit.store.admission import Prepared
+from audit.store.log import COMMITTED
 from exchange.coordinator import ledger_snapshot, problems
 from exchange.coordinator.auditing import LEDGER_KINDS, LedgerFoldError, LedgerView, active_key
-from exchange.coordinator.group_commit import GroupCommit, LoopGroupCommit
+from exchange.coordinator.group_commit import PG_GATHER_S, GroupCommit, LoopGroupCommit
+from exchange.db.literal import insert_rows_sql
 
 log = logging.getLogger(__name__)
+
+# Session.info key: (connection.info, transaction) of the session's appends (see `write`).
+_SESSION_APPENDED = "journal.appended"
 
 #: entries a new ledger snapshot must cover beyond the stored one (at start-up and shutdown)
 SNAPSHOT_MIN_ENTRIES = 1_000
@@ -62,7 +67,11 @@ class Journal:
         # cover (a snapshot pickles the whole fold: not on every append).
         self.ledger_snapshot_base = 0
         self.snapshot_min_entries = SNAPSHOT_MIN_ENTRIES
-        self.batcher = GroupCommit(self.write_engine, after_commit=self.after_commit)
+        # PostgreSQL: a transaction of one write may end in the append's round trip (`last`),
+        # so late arrivals cannot join it: the writer gathers its group first (GroupCommit).
+        self.batcher = GroupCommit(
+            self.write_engine, after_commit=self.after_commit,
+            gather_s=PG_GATHER_S if self.write_engine.dialect.name == "postgresql" else 0.0)
         # SQLite submissions from the event loop: statements on the loop (see LoopGroupCommit).
         self.loop_batcher = (LoopGroupCommit(self.write_engine, after_commit=self.after_commit)
                              if self.write_engine.dialect.name == "sqlite" else None)
@@ -75,9 +84,20 @@ class Journal:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        """One write transaction (BEGIN IMMEDIATE on SQLite via the write engine)."""
-        with Session(self.write_engine, expire_on_commit=False) as session, session.begin():
-            yield session
+        """One write transaction (BEGIN IMMEDIATE on SQLite via the write engine). Once it
+        committed, the log is told its new edge (`AuditLog.after_commit`, as the group
+        commit's hook does), so that the group commit's next append does not assume a stale
+        size (on PostgreSQL: its one string goes through instead of failing once and being
+        made the careful way). Its ledger copy is not carried over (a copy that paid a study
+        out holds state the snapshot cannot pickle): the next fold reads the new rows."""
+        with Session(self.write_engine, expire_on_commit=False) as session:
+            # (The connection goes back to the pool at the COMMIT; if another transaction
+            # begins on it first, what it carried over is dropped: the next one reads instead.)
+            with session.begin():
+                yield session
+            appended = session.info.pop(_SESSION_APPENDED, None)
+            if appended is not None:
+                self.audit_log.after_commit(*appended)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -85,29 +105,58 @@ class Journal:
             yield session
 
     def append(self, transaction: Session | Connection, *entries: Entry,
-               prepared: Sequence[Prepared] | None = None) -> list[int]:
-        """Append in the session's (or connection's) transaction; then fold the new ledger
-        entries so that one the auditor's Ledger would reject is refused and rolled back here.
-        `prepared`: the same entries, already `AuditLog.prepare`d before they were queued."""
+               prepared: Sequence[Prepared] | None = None, last: bool = False,
+               then: Callable[[int], tuple[Insert, list[dict[str, Any]]]] | None = None,
+               ) -> list[int]:
+        """Append in the session's (or connection's) transaction and fold the new ledger
+        entries, so that one the auditor's Ledger would reject is refused and rolled back here.
+        `prepared`: the same entries, already `AuditLog.prepare`d before they were queued.
+
+        `then(first_index)`: (an INSERT of a table, its rows) that the write makes right after
+        the append, with the index the entries got (a study row records its `study.submit`
+        entry's).
+
+        `last`: the caller's write makes nothing after this append and `then` (a group-commit
+        write: `AuditLog.append_in`'s `last`). On PostgreSQL the append may then end the
+        transaction in its own round trip, BEGIN to COMMIT one string, the rows of `then`
+        written in it as literals (exchange.db.literal). The fold is the append's `check`,
+        so it still runs before anything can commit."""
         connection = transaction.connection() if isinstance(transaction, Session) else transaction
         if prepared is not None and [p.leaf for p in prepared] != [e.leaf_bytes() for e in entries]:
             raise ValueError("journal: the prepared entries are not the entries appended")
+        if isinstance(transaction, Session):  # for `write` to tell the log once it committed
+            transaction.info[_SESSION_APPENDED] = (connection.info, connection.get_transaction())
+
+        def fold(first_index: int) -> None:
+            self.ledger.note_append(connection, first_index)
+            if any(entry.kind in LEDGER_KINDS for entry in entries) or \
+                    self.ledger.has_copy(connection):  # keep the copy level with the log
+                self.ledger.in_transaction(connection, (first_index, entries))
+
+        def tail(first_index: int) -> str:
+            assert then is not None
+            statement, rows = then(first_index)
+            return insert_rows_sql(statement.table, rows, connection.dialect)
+
+        if not entries:
+            if self.ledger.has_copy(connection):
+                self.ledger.in_transaction(connection)
+            return []
         try:
-            indexes = self.audit_log.append_in(connection, list(prepared if prepared is not None
-                                                                else entries))
+            indexes = self.audit_log.append_in(
+                connection, list(prepared if prepared is not None else entries), last=last,
+                check=fold, tail=None if then is None else tail)
         except DuplicateEntryError as exc:
             raise problems.ProblemError(409, str(exc), kind="duplicate-entry") from exc
         except EntryRefusedError as exc:
             raise problems.ProblemError(422, str(exc), kind="entry-refused") from exc
-        if indexes:
-            self.ledger.note_append(connection, indexes[0])
-        if any(entry.kind in LEDGER_KINDS for entry in entries) or \
-                self.ledger.has_copy(connection):  # keep the copy level with the log
-            try:
-                self.ledger.in_transaction(connection, (indexes[0], entries) if indexes else None)
-            except LedgerFoldError as exc:
-                raise problems.ProblemError(422, f"the ledger refuses the entry: {exc}",
-                                            kind="ledger-refused") from exc
+        except LedgerFoldError as exc:
+            raise problems.ProblemError(422, f"the ledger refuses the entry: {exc}",
+                                        kind="ledger-refused") from exc
+        if then is not None and \
+                connection.info.get(COMMITTED) is not connection.get_transaction():
+            statement, rows = then(indexes[0])  # (else the rows went in with the COMMIT)
+            connection.execute(statement, rows[0] if len(rows) == 1 else rows)
         return indexes
 
     def after_commit(self, connection: Connection, transaction: object) -> None:

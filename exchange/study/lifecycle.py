@@ -171,40 +171,56 @@ class StudyLifecycle:
         append, the study row."""
         principal, data = submission.principal, submission.data
         account = f"org:{principal.organisation_id}"
-        # A first check for a clear answer; the escrow entry's fold (in _append, under the
-        # log's write lock) is the one that counts if another escrow raced this one.
-        available = self.journal.ledger_in(connection).balance(account)
-        if data.token_budget > available:
-            raise problems.unprocessable([{"field": "token_budget", "reason":
-                                           f"token budget {data.token_budget} exceeds the "
-                                           f"organisation's balance {available}"}])
-        indexes = self.journal.append(connection, *submission.entries, prepared=submission.prepared)
-        # The row is inserted after the append, with the entry index it records: one INSERT
-        # instead of INSERT + UPDATE. Same transaction (savepoint), so a failure of either
-        # still rolls back both.
-        row = submission.row(indexes[0])
-        # A Core INSERT (far cheaper than the ORM's add + flush unit of work); the caller gets the
-        # values it wrote (it only reads them: submitted_view), not an ORM instance.
-        connection.execute(_STUDY_INSERT, row)
-        return SubmittedStudy(**row)
+        # A first check for a clear answer, on the fold this process holds (no read: on
+        # PostgreSQL the whole write is then one round trip); a refusal is confirmed on the
+        # log as this transaction sees it (another process may have minted meanwhile). The
+        # escrow entry's fold (in the append, under the log's write lock) is the one that
+        # counts if another escrow raced this one.
+        if data.token_budget > self.journal.ledger.known_balance(connection, account):
+            available = self.journal.ledger_in(connection).balance(account)
+            if data.token_budget > available:
+                raise problems.unprocessable([{"field": "token_budget", "reason":
+                                               f"token budget {data.token_budget} exceeds the "
+                                               f"organisation's balance {available}"}])
+        rows: list[dict[str, Any]] = []
+
+        def study_row(first_index: int) -> tuple[Any, list[dict[str, Any]]]:
+            # Inserted after the append, with the entry index it records (one INSERT instead
+            # of INSERT + UPDATE), in the same transaction (savepoint): a failure of either
+            # rolls back both; on PostgreSQL in the append's one string when it can.
+            rows[:] = [submission.row(first_index)]
+            return _STUDY_INSERT, rows
+
+        self.journal.append(connection, *submission.entries, prepared=submission.prepared,
+                            last=True, then=study_row)
+        # The caller gets the values written (it only reads them: submitted_view), not an ORM
+        # instance; a Core INSERT is far cheaper than the ORM's add + flush unit of work.
+        return SubmittedStudy(**rows[0])
 
     def _submit_many_in(self, connection: Connection,
                         submissions: list[_Submission]) -> list[SubmittedStudy]:
         """Several submissions as one write (GroupCommit's `together`): ONE append of all their
-        entries, in order, and one INSERT of all their rows.
+        entries, in order, and one INSERT of all their rows (on PostgreSQL in the append's one
+        string when it can: `Journal.append`'s `then`).
 
-        No balance pre-check here: the ledger fold of the appended escrows (in `_append`) is
+        No balance pre-check here: the ledger fold of the appended escrows (in the append) is
         the rule, and if any escrow overdraws, it raises; the group commit then rolls this back
         and makes each submission on its own (`_submit_in`), which refuses that one with its
         reason. The same happens for anything else that fails."""
-        indexes = self.journal.append(connection, *(e for s in submissions for e in s.entries),
-                                      prepared=[p for s in submissions for p in s.prepared])
-        rows, position = [], 0
-        for submission in submissions:
-            rows.append(submission.row(indexes[position]))
-            position += len(submission.entries)
-        connection.execute(_STUDY_INSERT, rows)  # executemany (a multi-row VALUES statement
-        # is compiled anew on every call by SQLAlchemy: dearer than the executemany)
+        rows: list[dict[str, Any]] = []
+
+        def study_rows(first_index: int) -> tuple[Any, list[dict[str, Any]]]:
+            rows.clear()
+            position = first_index
+            for submission in submissions:
+                rows.append(submission.row(position))
+                position += len(submission.entries)
+            return _STUDY_INSERT, rows  # (several rows: an executemany, which SQLAlchemy
+            # does not compile anew per call as it would a multi-row VALUES statement)
+
+        self.journal.append(connection, *(e for s in submissions for e in s.entries),
+                            prepared=[p for s in submissions for p in s.prepared], last=True,
+                            then=study_rows)
         return [SubmittedStudy(**row) for row in rows]
 
     @staticmethod

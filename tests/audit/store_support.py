@@ -32,16 +32,12 @@ from audit.signing import Signer
 from audit.store import AuditLog, audit_entries, verify_storage
 from audit.store.admission import Prepared
 from audit.verify import VerifyReport, verify_lines
-from exchange.coordinator.group_commit import GroupCommit
+from exchange.coordinator.group_commit import PG_GATHER_S, GroupCommit
 from exchange.db.checkpoint import WalCheckpointer, writers_leave_checkpoints_to_a_thread
 from exchange.db.engine import make_engine
 from exchange.db.migrate import upgrade
 
 ORIGIN = "exchange.test/audit-log"
-# How long GroupLog's writer may wait, on PostgreSQL, for a group as large as its previous one
-# (its appends end their transactions in one round trip there, so late arrivals cannot join:
-# GroupCommit._gather; chosen in docs/benchmarks/audit-append.md).
-GATHER_S = 0.001
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -157,7 +153,7 @@ class GroupLog:
             writers_leave_checkpoints_to_a_thread(self.write_engine)  # off the commit path
             self.checkpointer = WalCheckpointer(self.write_engine)
         # Only PostgreSQL's transactions end in their first round trip (no late arrivals).
-        gather_s = GATHER_S if self.write_engine.dialect.name == "postgresql" else 0.0
+        gather_s = PG_GATHER_S if self.write_engine.dialect.name == "postgresql" else 0.0
         self.group = GroupCommit(self.write_engine, max_batch=max_batch,
                                  after_commit=log.after_commit, gather_s=gather_s)
 
@@ -198,13 +194,16 @@ class GroupLog:
 
 
 @contextlib.contextmanager
-def libpq_trace(log: GroupLog, path: Path) -> Iterator[None]:
-    """libpq's own trace, into `path`, of what the group commit's writer connection sends and
-    the server answers while the block runs (no timestamps: one message per line, `F` from the
-    client, `B` from the backend). PostgreSQL only; the writer's connection must be open."""
+def libpq_trace(log: GroupLog | GroupCommit, path: Path) -> Iterator[None]:
+    """libpq's own trace, into `path`, of what the group commit's writer connection (a
+    GroupLog's, or the coordinator Journal's `batcher`) sends and the server answers while the
+    block runs (no timestamps: one message per line, `F` from the client, `B` from the
+    backend). PostgreSQL only; the writer's connection must be open."""
     import psycopg
 
-    driver = log.group._connection.connection.driver_connection
+    group = log.group if isinstance(log, GroupLog) else log
+    assert group._connection is not None, "the writer's connection is not open yet"
+    driver = group._connection.connection.driver_connection
     with path.open("w") as trace:
         driver.pgconn.trace(trace.fileno())
         driver.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)

@@ -178,57 +178,6 @@ def test_a_late_append_sends_its_insert_and_the_commit_in_one_round_trip(
         engine.dispose()
 
 
-@pytest.mark.postgres
-def test_a_lost_connection_after_the_commit_was_sent_is_reported_and_not_redone(
-        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """If the connection is lost once the COMMIT was sent with a late append, nobody of the
-    batch is acknowledged (CommitOutcomeUnknownError) and nothing is made again (it may have
-    committed: here it did, and a second try would store the first write's entry twice or
-    refuse it as a replay). The next append works, on a fresh connection, at the real size."""
-    import audit.store.log as store_log
-
-    engine = migrated_engine(postgres_url)
-    keys = LogKeys.generate()
-    real = store_log.insert_and_commit
-    made: list[int] = []
-
-    def commit_then_lose(connection: Connection, *args: Any, **kwargs: Any) -> None:
-        real(connection, *args, **kwargs)  # committed; the answer never comes back
-        connection.invalidate()
-        raise DBAPIError("COMMIT", {}, ConnectionError("server closed the connection"),
-                         connection_invalidated=True)
-
-    try:
-        with keys.open(engine) as log:
-            log.append(register(keys.operator, keys.writer))
-            log.append(note_entry(keys.writer, "lost", 0))
-            monkeypatch.setattr(store_log, "insert_and_commit", commit_then_lose)
-
-            def first(connection: Connection) -> list[int]:
-                made.append(1)
-                return log.log.append_in(connection, log.log.prepare(
-                    [note_entry(keys.writer, "lost", 1)]))
-
-            late: list[Future[list[int]]] = []
-
-            def write(connection: Connection) -> list[int]:
-                result = first(connection)
-                late.append(log.submit([note_entry(keys.writer, "lost", 2)]))
-                return result
-
-            with pytest.raises(CommitOutcomeUnknownError, match="unknown"):
-                log.group.run(write)
-            with pytest.raises(CommitOutcomeUnknownError):
-                late[0].result()
-            monkeypatch.undo()
-            assert made == [1]
-            assert log.size() == 4  # both committed, once
-            assert log.append(note_entry(keys.writer, "lost", 3)) == 4
-            _check(engine, log, keys)
-    finally:
-        engine.dispose()
-
-
 def test_packed_rows_must_have_consecutive_indexes() -> None:
     """The packed INSERT gives the entries the indexes :first, :first + 1, ... (entries
     `_PG_ROWS`): rows that are not so would be stored at other indexes than meant."""
@@ -295,14 +244,44 @@ def test_a_whole_transaction_in_one_string_redoes_a_stale_append_and_refuses_a_r
         _check(engine, log, keys)
 
 
+def _lose_a_late_appends_commit(log: GroupLog, keys: LogKeys) -> None:
+    """The first write appends (it makes more after: no COMMIT), a late append sends its
+    INSERT and the COMMIT; every caller of the batch is told the outcome is unknown, and the
+    first write was made once."""
+    made: list[int] = []
+    late: list[Future[list[int]]] = []
+
+    def write(connection: Connection) -> list[int]:
+        made.append(1)
+        result = log.log.append_in(connection, log.log.prepare(
+            [note_entry(keys.writer, "lost", 1)]))
+        late.append(log.submit([note_entry(keys.writer, "lost", 2)]))
+        return result
+
+    with pytest.raises(CommitOutcomeUnknownError, match="unknown"):
+        log.group.run(write)
+    with pytest.raises(CommitOutcomeUnknownError):
+        late[0].result()
+    assert made == [1]
+
+
+def _lose_a_whole_transaction(log: GroupLog, keys: LogKeys) -> None:
+    """The append is the transaction's only write: BEGIN to COMMIT as one string."""
+    with pytest.raises(CommitOutcomeUnknownError, match="unknown"):
+        log.append_many([note_entry(keys.writer, "lost", seq) for seq in (1, 2)])
+
+
 @pytest.mark.postgres
-def test_a_connection_lost_after_a_whole_transaction_was_sent_is_reported_and_not_redone(
-        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The append was the transaction's only write and went out as one string, BEGIN to
-    COMMIT; the connection is lost before the answer: the caller gets
-    CommitOutcomeUnknownError, nothing is made again (here it did commit: made again, the
-    entries would be refused as replays or stored twice), and the next append works on a
-    fresh connection at the real size."""
+@pytest.mark.parametrize(("lose", "rows_sent"), [(_lose_a_late_appends_commit, [1]),
+                                                 (_lose_a_whole_transaction, [2])],
+                         ids=["late-append", "whole-transaction"])
+def test_a_connection_lost_after_the_commit_was_sent_is_reported_and_not_redone(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch,
+        lose: Callable[[GroupLog, LogKeys], None], rows_sent: list[int]) -> None:
+    """If the connection is lost once the COMMIT was sent in an append's string, nobody of
+    the batch is acknowledged (CommitOutcomeUnknownError) and nothing is made again (it may
+    have committed: here it did, and a second try would store the entries twice or refuse
+    them as replays). The next append works, on a fresh connection, at the real size."""
     import audit.store.log as store_log
 
     engine = migrated_engine(postgres_url)
@@ -320,14 +299,13 @@ def test_a_connection_lost_after_a_whole_transaction_was_sent_is_reported_and_no
     try:
         with keys.open(engine) as log:
             log.append(register(keys.operator, keys.writer))
-            log.append(note_entry(keys.writer, "whole", 0))
+            log.append(note_entry(keys.writer, "lost", 0))
             monkeypatch.setattr(store_log, "insert_and_commit", commit_then_lose)
-            with pytest.raises(CommitOutcomeUnknownError, match="unknown"):
-                log.append_many([note_entry(keys.writer, "whole", seq) for seq in (1, 2)])
+            lose(log, keys)
             monkeypatch.undo()
-            assert sent == [2]  # sent once, never again
+            assert sent == rows_sent  # sent once, never again
             assert log.size() == 4  # committed, once
-            assert log.append(note_entry(keys.writer, "whole", 3)) == 4
+            assert log.append(note_entry(keys.writer, "lost", 3)) == 4
             _check(engine, log, keys)
     finally:
         engine.dispose()

@@ -3,6 +3,7 @@
     .venv/bin/python -m tests.bench.bench_audit_append              # SQLite, 10,000 entries
     .venv/bin/python -m tests.bench.bench_audit_append --quick      # SQLite, 2,000 entries
     .venv/bin/python -m tests.bench.bench_audit_append --postgres   # PostgreSQL at 127.0.0.1:5432
+    .venv/bin/python -m tests.bench.bench_audit_append --postgres --journal   # the Journal's path
 
 Workload, the same for both sides: `--threads` appenders each sign `--entries / threads`
 realistic entries (audit.entry.sign_entry: RFC 8785 encoding + Ed25519) and append them one at
@@ -16,6 +17,11 @@ a time, each waiting for its acknowledgement before the next.
   COMMITTED), with `AuditLog.after_commit` as the commit hook. append_in does the form checks,
   signature verification, signer registered and active, no replay, leaf + tree nodes inserted;
   SQLite WAL with synchronous=FULL, PostgreSQL synchronous_commit=on;
+- store with `--journal`: the coordinator's own path instead, `Journal.append(...,
+  last=True)` in a write of the Journal's group commit (the ledger fold as the append's
+  check, the Journal's writer and commit hook; the coordinator's full schema), entries
+  prepared in the caller's thread and neighbours appended together, as study submissions are
+  (without their study rows);
 - baseline: the least a durable signed log must do: sign, encode the leaf bytes, hand them to a
   writer thread that appends every waiting record to a plain file and fsyncs once per group
   (the same group-commit structure), then acknowledge.
@@ -33,6 +39,7 @@ store, which is the case of a hospital's receipt.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import queue
 import statistics
@@ -45,6 +52,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from audit.entry import Entry, sign_entry
 from audit.signing import Signer, canonical
@@ -153,13 +161,82 @@ def _database(postgres: bool, folder: Path) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+class JournalLog:
+    """Appends the coordinator's way: `Journal.append` (ledger fold included) in a write of the
+    Journal's group commit, made last in its write (`last=True`, where the tree has it), the
+    entries prepared in the caller's thread and neighbours appended as one, as
+    `StudyLifecycle.submit_study` does (without the study row)."""
+
+    def __init__(self, url: str, keys: LogKeys) -> None:
+        from audit.store import AuditLog
+        from exchange.coordinator.app import _read_engine, _write_engine
+        from exchange.coordinator.journal import Journal
+        from exchange.db import migrate
+
+        migrate.upgrade(url, "coordinator")
+        self.read_engine, self.write_engine = _read_engine(url), _write_engine(url)
+        self.audit_log = AuditLog(self.read_engine, keys.log, "exchange.bench/journal",
+                                  keys.operator.public_key)
+        self.journal = Journal(self.read_engine, self.write_engine, self.audit_log,
+                               operator=keys.operator, coordinator=keys.writer)
+        self.journal.bootstrap()  # registers the writer key (the coordinator key)
+        # `last` where this tree's Journal has it (the bench file also runs on older trees)
+        has_last = "last" in inspect.signature(Journal.append).parameters
+        self._last: dict[str, Any] = {"last": True} if has_last else {}
+
+    def size(self) -> int:
+        return self.audit_log.size()
+
+    def _together(self, connection: Any, writes: list[Any]) -> list[list[int]]:
+        entries = [e for write in writes for e in write.entries]
+        indexes = self.journal.append(connection, *entries,
+                                      prepared=[p for write in writes for p in write.prepared],
+                                      **self._last)
+        out, position = [], 0
+        for write in writes:
+            out.append(indexes[position:position + len(write.entries)])
+            position += len(write.entries)
+        return out
+
+    def append(self, entry: Entry) -> int:
+        prepared = tuple(self.audit_log.prepare([entry]))
+        write = _JournalWrite(self, (entry,), prepared)
+        indexes: list[int] = self.journal.batcher.run(write, self._together)
+        return indexes[0]
+
+    def __enter__(self) -> JournalLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.journal.close()
+        self.audit_log.close()
+        self.read_engine.dispose()
+        self.write_engine.dispose()
+
+
+@dataclass(frozen=True)
+class _JournalWrite:
+    log: JournalLog
+    entries: tuple[Entry, ...]
+    prepared: tuple[Any, ...]
+
+    def __call__(self, connection: Any) -> list[int]:
+        indexes: list[int] = self.log.journal.append(connection, *self.entries,
+                                                     prepared=self.prepared, **self.log._last)
+        return indexes
+
+
 def run_once(url: str, folder: Path, keys: LogKeys, total: int, threads: int,
-             run: int) -> tuple[float, float, float, int]:
+             run: int, journal: bool = False,
+             gather_s: float | None = None) -> tuple[float, float, float, int]:
     """(store s, baseline s, store verifying every signature s, baseline fsync groups)."""
-    # keys.open: reads on `engine`, appends through the coordinator's group commit (GroupLog).
+    # keys.open: reads on `engine`, appends through the coordinator's group commit (GroupLog);
+    # with `journal`, through the coordinator's Journal (JournalLog).
     engine = migrated_engine(url)
     elsewhere = OtherProcessSigner(keys.writer.signing_key)
-    with keys.open(engine) as log:
+    with (JournalLog(url, keys) if journal else keys.open(engine)) as log:
+        if gather_s is not None:  # the writer's gather wait (GroupCommit(gather_s=)), to tune it
+            (log.journal.batcher if isinstance(log, JournalLog) else log.group).gather_s = gather_s
         if log.size() == 0:
             log.append(register(keys.operator, keys.writer))
         store_s = _run_threads(threads, total, lambda t, seq: log.append(
@@ -189,6 +266,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", type=Path, default=None,
                         help="folder for the SQLite file and the baseline file (default: the "
                              "system temp folder); /dev/shm shows the CPU-bound case")
+    parser.add_argument("--journal", action="store_true",
+                        help="the store appends through the coordinator's Journal (its full "
+                             "schema, the ledger fold, its group commit) instead of GroupLog")
+    parser.add_argument("--gather-ms", type=float, default=None,
+                        help="the store's writer waits up to this long for a group as large as "
+                             "its last one (default: the code's own, PG_GATHER_S on PostgreSQL)")
     parser.add_argument("--postgres", action="store_true",
                         help=f"PostgreSQL (a temporary database via {PG_ADMIN_DSN})")
     args = parser.parse_args(argv)
@@ -198,12 +281,17 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-audit-", dir=args.dir) as tmp, \
             _database(args.postgres, Path(tmp)) as url:
         for run in range(args.repeat):
-            results.append(run_once(url, Path(tmp), keys, total, args.threads, run))
+            results.append(run_once(url, Path(tmp), keys, total, args.threads, run,
+                                    journal=args.journal,
+                                    gather_s=None if args.gather_ms is None
+                                    else args.gather_ms / 1000))
     store_s = statistics.median(r[0] for r in results)
     baseline_s = statistics.median(r[1] for r in results)
     verified_s = statistics.median(r[2] for r in results)
     groups = statistics.median(r[3] for r in results)
     backend = "PostgreSQL" if args.postgres else "SQLite (WAL, synchronous=FULL)"
+    if args.journal:
+        backend += ", through the coordinator's Journal"
     print(f"audit append: {total} entries, {args.threads} appender threads, {backend}, "
           f"median of {args.repeat}")
     print(f"  store (sign + append, durable): {store_s:.3f} s  {total / store_s:,.0f} entries/s  "

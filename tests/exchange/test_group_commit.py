@@ -47,17 +47,65 @@ def _commit_together(coordinator: StudyLifecycle, writes: list[_Submission]) -> 
 
 @contextmanager
 def _statements(world: World) -> Iterator[list[str]]:
+    """The statements the writer makes: SQLAlchemy's, and on PostgreSQL those of a group sent
+    as one string (`insert_and_commit`: the audit INSERT, then the study rows' `tail`)."""
+    import audit.store.log as store_log
+
     seen: list[str] = []
 
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         seen.append(statement)
 
+    real = store_log.insert_and_commit
+
+    def record_string(connection: Any, rows: Any, nodes: Any, **kwargs: Any) -> None:
+        seen.append("INSERT INTO audit_entries (as EXECUTE audit_append_rows, one string)")
+        if kwargs.get("tail"):
+            seen.append(kwargs["tail"])
+        real(connection, rows, nodes, **kwargs)
+
     engine = world.runtime.journal.write_engine
     event.listen(engine, "before_cursor_execute", record)
+    store_log.insert_and_commit = record_string  # type: ignore[assignment]
     try:
         yield seen
     finally:
+        store_log.insert_and_commit = real
         event.remove(engine, "before_cursor_execute", record)
+
+
+@contextmanager
+def _failing_commit(world: World) -> Iterator[None]:
+    """Every COMMIT of the writer fails. SQLite: SQLAlchemy's commit event raises. PostgreSQL:
+    the server refuses the COMMIT itself (a deferred constraint trigger on the study rows, run
+    at COMMIT), also when the COMMIT goes out in a group's one string."""
+    from sqlalchemy import text
+
+    engine = world.runtime.journal.write_engine
+
+    def fail(_connection: Any) -> None:
+        raise RuntimeError("disk full at commit")
+
+    if engine.dialect.name != "postgresql":
+        event.listen(engine, "commit", fail)
+        try:
+            yield
+        finally:
+            event.remove(engine, "commit", fail)
+        return
+    with engine.begin() as connection:
+        connection.execute(text(
+            "CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'disk full at commit'; END $$"))
+        connection.execute(text(
+            "CREATE CONSTRAINT TRIGGER fail_at_commit AFTER INSERT ON studies DEFERRABLE "
+            "INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_at_commit()"))
+    try:
+        yield
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("DROP TRIGGER fail_at_commit ON studies"))
+            connection.execute(text("DROP FUNCTION fail_at_commit()"))
 
 
 def test_a_group_is_one_append_and_one_insert_and_each_caller_gets_its_study(world: World) -> None:
@@ -102,21 +150,13 @@ def test_a_failed_commit_moves_nothing_forward(world: World) -> None:
     """The COMMIT itself fails: no caller is acknowledged, and neither the served balances nor
     the log's carried-over state take the transaction's appends as committed; the next group
     commits at the same indexes and everything still agrees with the auditor's fold."""
-    engine = world.runtime.journal.write_engine
     balances = served_balances(world)
     size = world.runtime.audit_log.size()
     coordinator, writes = _submissions(world, "alice", [10, 20])
-
-    def fail(_connection: Any) -> None:
-        raise RuntimeError("disk full at commit")
-
-    event.listen(engine, "commit", fail)
-    try:
+    with _failing_commit(world):
         futures = _commit_together(coordinator, writes)
-    finally:
-        event.remove(engine, "commit", fail)
     for future in futures:
-        with pytest.raises(RuntimeError, match="disk full"):
+        with pytest.raises(Exception, match="disk full at commit"):
             future.result()
     assert world.runtime.audit_log.size() == size
     assert served_balances(world) == balances
