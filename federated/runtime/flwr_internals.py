@@ -1560,6 +1560,270 @@ def patch_superlink_task_sweep(interval_s: float) -> None:
     setattr(SqlCoreState, "_cleanup_expired_task_tokens", cleanup_expired_task_tokens)  # noqa: B010
 
 
+class RunStatusCache:
+    """The SuperLink's run statuses as flwr's SQL LinkState last read them, valid until a write.
+
+    A run's status is derived from its primary task's row (`_run_status_from_task_model`), so it
+    can only change when a row of the task table is written (a claim, a start, a finish, a stop,
+    the sweep of lapsed claims) or the run is deleted. Every such statement run through a
+    SQLAlchemy Session of this process moves `generation` (when it executes, and again when its
+    transaction commits or rolls back: a read between the two saw the old row or a row that never
+    commits); an entry counts only while the generation it was read at is current, and at most
+    `max_age_s` (a bound for anything that bypasses the ORM session)."""
+
+    def __init__(self, max_age_s: float) -> None:
+        if not max_age_s > 0:
+            raise ValueError(f"max_age_s: must be > 0, got {max_age_s!r}")
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._entries: dict[tuple[int, int], tuple[Any, int, float]] = {}  # (state, run) -> entry
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def generation(self) -> int:
+        with self._lock:
+            return self._generation
+
+    def bump(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._entries.clear()
+
+    def get(self, state_key: int, run_ids: set[int]) -> dict[int, Any] | None:
+        """Every requested run's cached status, or None (then all are read again)."""
+        now = _time.monotonic()
+        with self._lock:
+            out = {}
+            for run_id in run_ids:
+                entry = self._entries.get((state_key, run_id))
+                if entry is None or entry[1] != self._generation or now >= entry[2]:
+                    self.misses += 1
+                    return None
+                out[run_id] = entry[0]
+            self.hits += 1
+            return out
+
+    def put(self, state_key: int, statuses: Mapping[int, Any], generation: int) -> None:
+        """Statuses read by a query that started at `generation` (ignored if a write came since)."""
+        until = _time.monotonic() + self.max_age_s
+        with self._lock:
+            if generation != self._generation:
+                return
+            for run_id, status in statuses.items():
+                self._entries[(state_key, run_id)] = (status, generation, until)
+
+
+#: the SuperLink process's run-status cache (`patch_superlink_run_status_cache`)
+_run_status_caches: list[RunStatusCache] = []
+_TASK_TABLE, _RUN_TABLE = "task", "run"
+_WROTE_STATUS_KEY = "exchange_wrote_run_status"
+_status_listeners: list[bool] = []
+
+
+def _writes_run_status(statement: Any, *, is_delete: bool) -> bool:
+    """Whether an INSERT/UPDATE/DELETE statement may change a run's status: any write to the
+    task table (a run's status is its primary task's row), or a deleted run."""
+    name = getattr(getattr(statement, "table", None), "name", None)
+    return name == _TASK_TABLE or (is_delete and name == _RUN_TABLE)
+
+
+def _listen_for_run_status_writes() -> None:
+    """SQLAlchemy Session events (all sessions of this process) that bump every run-status cache
+    when a statement may change a run's status, and again when its transaction ends."""
+    from sqlalchemy import CursorResult, event
+    from sqlalchemy.orm import Session
+
+    def bump_all() -> None:
+        for cache in _run_status_caches:
+            cache.bump()
+
+    def wrote(session: Any) -> None:
+        session.info[_WROTE_STATUS_KEY] = True
+        bump_all()
+
+    def do_orm_execute(state: Any) -> Any:
+        if not (state.is_update or state.is_delete or state.is_insert) or not _writes_run_status(
+                state.statement, is_delete=state.is_delete):
+            return None
+        if not state.is_update:
+            wrote(state.session)
+            return None
+        # an UPDATE counts only if it matched a row: flwr's sweep of lapsed claims runs two
+        # UPDATEs on nearly every status read, which match nothing while every task beats
+        result = state.invoke_statement()
+        if isinstance(result, CursorResult) and not result.returns_rows:
+            changed = result.rowcount != 0
+        else:  # UPDATE ... RETURNING: read the rows, hand on a copy
+            frozen = result.freeze()
+            changed, result = bool(frozen.data), frozen()
+        if changed:
+            wrote(state.session)
+        return result
+
+    def after_flush(session: Any, _context: Any) -> None:  # ORM unit of work (session.add and co)
+        for obj in (*session.new, *session.dirty, *session.deleted):
+            table = getattr(getattr(type(obj), "__table__", None), "name", None)
+            if table == _TASK_TABLE or (table == _RUN_TABLE and obj in session.deleted):
+                session.info[_WROTE_STATUS_KEY] = True
+                bump_all()
+                return
+
+    def transaction_ended(session: Any) -> None:
+        if session.info.pop(_WROTE_STATUS_KEY, False):
+            bump_all()
+
+    if _status_listeners:  # once per process: they bump whatever caches are current
+        return
+    event.listen(Session, "do_orm_execute", do_orm_execute)
+    event.listen(Session, "after_flush", after_flush)
+    event.listen(Session, "after_commit", transaction_ended)
+    event.listen(Session, "after_rollback", transaction_ended)
+    _status_listeners.append(True)
+
+
+def patch_superlink_run_status_cache(max_age_s: float) -> RunStatusCache:
+    """Serve flwr's `SqlLinkState.get_run_status` from a cache invalidated by every write that may
+    change a run's status (`RunStatusCache`; SuperLink process only). flwr 1.42 checks the run's
+    status (`check_abort`: a database read) on every Fleet object pull and push, message push and
+    receipt confirmation, and the Runtime API's: one request per object of every message, while a
+    status changes a handful of times per run. A stop, a finish or a lapsed claim is a write to the
+    task table, which ends every entry at once: the next check reads the database again. The
+    sweep of lapsed claims still runs on every call, as flwr's does (`patch_superlink_task_sweep`
+    throttles it). Returns the cache (tests read it)."""
+    check_flwr_version()
+    from flwr.server.superlink import utils as superlink_utils
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+
+    if _run_status_caches:
+        return _run_status_caches[0]
+    original = SqlLinkState.get_run_status
+    _require(list(inspect.signature(original).parameters) == ["self", "run_ids"],
+             "SqlLinkState.get_run_status changed its parameters")
+    source = inspect.getsource(original)
+    _require("self._cleanup_expired_task_tokens()" in source and "_run_status_from_task_model(" in source
+             and "TaskModel.task_id == RunModel.primary_task_id" in source,
+             "SqlLinkState.get_run_status no longer derives a status from the run's primary task")
+    _require("state.get_run_status({run_id})[run_id]" in inspect.getsource(superlink_utils.check_abort),
+             "check_abort no longer reads the run's status with get_run_status")
+    models = importlib.import_module("flwr.supercore.state.schema.corestate_models")
+    _require(models.Task.__tablename__ == _TASK_TABLE, "flwr's task table was renamed")
+    run_models = importlib.import_module("flwr.supercore.state.schema.linkstate_models")
+    _require(run_models.Run.__tablename__ == _RUN_TABLE, "flwr's run table was renamed")
+    cache = RunStatusCache(max_age_s)
+    _listen_for_run_status_writes()
+
+    @functools.wraps(original)
+    def get_run_status(self: Any, run_ids: set[int]) -> dict[int, Any]:
+        cached = cache.get(id(self), run_ids) if run_ids else None
+        if cached is not None:
+            generation = cache.generation
+            self._cleanup_expired_task_tokens()  # as flwr does first (throttled); its writes bump
+            if cache.generation == generation:
+                return cached
+        generation = cache.generation
+        statuses = original(self, run_ids)
+        cache.put(id(self), statuses, generation)
+        return statuses
+
+    setattr(get_run_status, _PATCHED_MARK, True)
+    setattr(SqlLinkState, "get_run_status", get_run_status)  # noqa: B010 (a method of flwr's)
+    _run_status_caches.append(cache)
+    return cache
+
+
+class TrafficBatcher:
+    """flwr's per-run traffic counters (`SqlLinkState.store_traffic`: an UPDATE transaction per
+    request) summed in memory and written at most once per `interval_s` per run, before any read
+    of them (`get_run_info`), and at process exit. Only these counters wait: what a run shows
+    (`flwr ls`) lags by at most `interval_s`; a crash loses at most that much of the count."""
+
+    def __init__(self, interval_s: float, write: Callable[..., None]) -> None:
+        if not interval_s > 0:
+            raise ValueError(f"interval_s: must be > 0, got {interval_s!r}")
+        self.interval_s = interval_s
+        self._write = write
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._pending: dict[int, tuple[Any, dict[int, list[int]]]] = {}  # id(state) -> (state, runs)
+        self._last_flush = _time.monotonic()
+        self.writes = 0
+
+    def add(self, state: Any, run_id: int, bytes_sent: int, bytes_recv: int) -> None:
+        with self._lock:
+            runs = self._pending.setdefault(id(state), (state, {}))[1]
+            totals = runs.setdefault(run_id, [0, 0])
+            totals[0] += bytes_sent
+            totals[1] += bytes_recv
+            due = _time.monotonic() - self._last_flush >= self.interval_s
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every pending count (a run deleted meanwhile: its count is dropped, as flwr's
+        own `store_traffic` would have refused it)."""
+        with self._flush_lock:
+            with self._lock:
+                pending, self._pending = self._pending, {}
+                self._last_flush = _time.monotonic()
+            for state, runs in pending.values():
+                for run_id, (sent, recv) in runs.items():
+                    try:
+                        self._write(state, run_id, bytes_sent=sent, bytes_recv=recv)
+                        self.writes += 1
+                    except ValueError:  # "Run ... not found"
+                        pass
+
+
+_traffic_batchers: list[TrafficBatcher] = []
+
+
+def patch_superlink_traffic_batching(interval_s: float) -> TrafficBatcher:
+    """Sum flwr's traffic accounting in memory (`TrafficBatcher`; SuperLink process only): flwr
+    1.42 records the bytes of every object pulled or pushed and every message with its own UPDATE
+    transaction (`store_traffic`), a database write per request that nothing reads during the run.
+    Arguments are checked as flwr checks them, at once. Returns the batcher (tests read it)."""
+    check_flwr_version()
+    import atexit
+
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+
+    if _traffic_batchers:
+        return _traffic_batchers[0]
+    store, read = SqlLinkState.store_traffic, SqlLinkState.get_run_info
+    _require(list(inspect.signature(store).parameters) == ["self", "run_id", "bytes_sent", "bytes_recv"],
+             "SqlLinkState.store_traffic changed its parameters")
+    module_source = inspect.getsource(importlib.import_module(SqlLinkState.__module__))
+    _require(module_source.count("RunModel.bytes_sent") == 1 and module_source.count("run.bytes_sent") == 1
+             and module_source.count("_run_from_models(") == 2
+             and "_run_from_models(" in inspect.getsource(read),
+             "SqlLinkState reads the traffic counters somewhere else than get_run_info")
+    batcher = TrafficBatcher(interval_s, store)
+
+    @functools.wraps(store)
+    def store_traffic(self: Any, run_id: int, *, bytes_sent: int, bytes_recv: int) -> None:
+        if bytes_sent < 0 or bytes_recv < 0:  # flwr's own checks and messages
+            raise ValueError(f"Negative traffic values for run {run_id}: "
+                             f"bytes_sent={bytes_sent}, bytes_recv={bytes_recv}")
+        if bytes_sent == 0 and bytes_recv == 0:
+            raise ValueError(f"Both bytes_sent and bytes_recv cannot be zero for run {run_id}")
+        batcher.add(self, run_id, bytes_sent, bytes_recv)
+
+    @functools.wraps(read)
+    def get_run_info(self: Any, *args: Any, **kwargs: Any) -> Any:
+        batcher.flush()
+        return read(self, *args, **kwargs)
+
+    for wrapped in (store_traffic, get_run_info):
+        setattr(wrapped, _PATCHED_MARK, True)
+    setattr(SqlLinkState, "store_traffic", store_traffic)  # noqa: B010 (methods of flwr's)
+    setattr(SqlLinkState, "get_run_info", get_run_info)  # noqa: B010
+    atexit.register(batcher.flush)
+    _traffic_batchers.append(batcher)
+    return batcher
+
+
 def patch_superlink_idle_pulls(recheck_s: float) -> PendingTracker:
     """Answer a known-idle SuperNode's poll before Flower's middleware, handler and database
     (`_IdlePullShortcut`, `PendingTracker`); this process must be the SuperLink's, before its app
