@@ -1560,16 +1560,14 @@ def patch_superlink_task_sweep(interval_s: float) -> None:
     setattr(SqlCoreState, "_cleanup_expired_task_tokens", cleanup_expired_task_tokens)  # noqa: B010
 
 
-class RunStatusCache:
-    """The SuperLink's run statuses as flwr's SQL LinkState last read them, valid until a write.
+class WriteInvalidatedCache:
+    """Values read from flwr's SQL state, each valid until a write to the tables it derives from.
 
-    A run's status is derived from its primary task's row (`_run_status_from_task_model`), so it
-    can only change when a row of the task table is written (a claim, a start, a finish, a stop,
-    the sweep of lapsed claims) or the run is deleted. Every such statement run through a
-    SQLAlchemy Session of this process moves `generation` (when it executes, and again when its
-    transaction commits or rolls back: a read between the two saw the old row or a row that never
-    commits); an entry counts only while the generation it was read at is current, and at most
-    `max_age_s` (a bound for anything that bypasses the ORM session)."""
+    Every INSERT/UPDATE/DELETE run through a SQLAlchemy Session of this process on a watched table
+    (`_write_watchers`; an UPDATE only if it matched a row) moves `generation`: when it executes,
+    and again when its transaction commits or rolls back (a read between the two saw the old row,
+    or a row that never commits). An entry counts only while the generation it was read at is
+    current, and at most `max_age_s` (a bound for a write that bypasses the ORM session)."""
 
     def __init__(self, max_age_s: float) -> None:
         if not max_age_s > 0:
@@ -1577,7 +1575,7 @@ class RunStatusCache:
         self.max_age_s = max_age_s
         self._lock = threading.Lock()
         self._generation = 0
-        self._entries: dict[tuple[int, int], tuple[Any, int, float]] = {}  # (state, run) -> entry
+        self._entries: dict[Any, tuple[Any, int, float]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -1591,64 +1589,80 @@ class RunStatusCache:
             self._generation += 1
             self._entries.clear()
 
-    def get(self, state_key: int, run_ids: set[int]) -> dict[int, Any] | None:
-        """Every requested run's cached status, or None (then all are read again)."""
+    def get_many(self, keys: Sequence[Any]) -> list[Any] | None:
+        """Every key's cached value, or None (then all are read again)."""
         now = _time.monotonic()
         with self._lock:
-            out = {}
-            for run_id in run_ids:
-                entry = self._entries.get((state_key, run_id))
+            out = []
+            for key in keys:
+                entry = self._entries.get(key)
                 if entry is None or entry[1] != self._generation or now >= entry[2]:
                     self.misses += 1
                     return None
-                out[run_id] = entry[0]
+                out.append(entry[0])
             self.hits += 1
             return out
 
-    def put(self, state_key: int, statuses: Mapping[int, Any], generation: int) -> None:
-        """Statuses read by a query that started at `generation` (ignored if a write came since)."""
+    def put_many(self, items: Sequence[tuple[Any, Any]], generation: int) -> None:
+        """Values read by a query that started at `generation` (ignored if a write came since)."""
         until = _time.monotonic() + self.max_age_s
         with self._lock:
             if generation != self._generation:
                 return
-            for run_id, status in statuses.items():
-                self._entries[(state_key, run_id)] = (status, generation, until)
+            for key, value in items:
+                self._entries[key] = (value, generation, until)
 
 
-#: the SuperLink process's run-status cache (`patch_superlink_run_status_cache`)
-_run_status_caches: list[RunStatusCache] = []
-_TASK_TABLE, _RUN_TABLE = "task", "run"
-_WROTE_STATUS_KEY = "exchange_wrote_run_status"
-_status_listeners: list[bool] = []
+class RunStatusCache(WriteInvalidatedCache):
+    """Run statuses (`patch_superlink_run_status_cache`): a run's status is its primary task's row
+    (`_run_status_from_task_model`), so it changes only with a write to the task table (a claim, a
+    start, a finish, a stop, the sweep of lapsed claims) or the run's deletion."""
 
 
-def _writes_run_status(statement: Any, *, is_delete: bool) -> bool:
-    """Whether an INSERT/UPDATE/DELETE statement may change a run's status: any write to the
-    task table (a run's status is its primary task's row), or a deleted run."""
-    name = getattr(getattr(statement, "table", None), "name", None)
-    return name == _TASK_TABLE or (is_delete and name == _RUN_TABLE)
+class NodeKeyCache(WriteInvalidatedCache):
+    """Which node a SuperNode public key belongs to (`patch_superlink_node_key_cache`): changes
+    only with a write to the node table (a registration, an activation, a heartbeat, a
+    deletion; every one ends every entry)."""
 
 
-def _listen_for_run_status_writes() -> None:
-    """SQLAlchemy Session events (all sessions of this process) that bump every run-status cache
-    when a statement may change a run's status, and again when its transaction ends."""
+#: per cache of this process: (watched table -> "any" write or only a "delete", the cache)
+_write_watchers: list[tuple[Mapping[str, str], WriteInvalidatedCache]] = []
+_TASK_TABLE, _RUN_TABLE, _NODE_TABLE = "task", "run", "node"
+_RUN_STATUS_TABLES = {_TASK_TABLE: "any", _RUN_TABLE: "delete"}
+_NODE_KEY_TABLES = {_NODE_TABLE: "any"}
+_WROTE_KEY = "exchange_wrote_watched"
+_write_listeners: list[bool] = []
+
+
+def _watching(table: str | None, *, is_delete: bool) -> list[WriteInvalidatedCache]:
+    """The caches a write to `table` ends."""
+    return [cache for tables, cache in _write_watchers
+            if tables.get(table or "") == "any" or (is_delete and tables.get(table or "") == "delete")]
+
+
+def _listen_for_watched_writes() -> None:
+    """SQLAlchemy Session events (all sessions of this process, registered once) that bump the
+    caches watching a table when a statement writes it, and again when its transaction ends."""
     from sqlalchemy import CursorResult, event
     from sqlalchemy.orm import Session
 
-    def bump_all() -> None:
-        for cache in _run_status_caches:
+    if _write_listeners:
+        return
+
+    def wrote(session: Any, caches: list[WriteInvalidatedCache]) -> None:
+        session.info.setdefault(_WROTE_KEY, set()).update(caches)
+        for cache in caches:
             cache.bump()
 
-    def wrote(session: Any) -> None:
-        session.info[_WROTE_STATUS_KEY] = True
-        bump_all()
-
     def do_orm_execute(state: Any) -> Any:
-        if not (state.is_update or state.is_delete or state.is_insert) or not _writes_run_status(
-                state.statement, is_delete=state.is_delete):
+        if not (state.is_update or state.is_delete or state.is_insert):
+            return None
+        table = getattr(getattr(state.statement, "table", None), "name", None)
+        caches = _watching(table, is_delete=state.is_delete)
+        if not caches:
             return None
         if not state.is_update:
-            wrote(state.session)
+            wrote(state.session, caches)
             return None
         # an UPDATE counts only if it matched a row: flwr's sweep of lapsed claims runs two
         # UPDATEs on nearly every status read, which match nothing while every task beats
@@ -1659,28 +1673,31 @@ def _listen_for_run_status_writes() -> None:
             frozen = result.freeze()
             changed, result = bool(frozen.data), frozen()
         if changed:
-            wrote(state.session)
+            wrote(state.session, caches)
         return result
 
     def after_flush(session: Any, _context: Any) -> None:  # ORM unit of work (session.add and co)
-        for obj in (*session.new, *session.dirty, *session.deleted):
-            table = getattr(getattr(type(obj), "__table__", None), "name", None)
-            if table == _TASK_TABLE or (table == _RUN_TABLE and obj in session.deleted):
-                session.info[_WROTE_STATUS_KEY] = True
-                bump_all()
-                return
+        for objects, is_delete in ((session.new, False), (session.dirty, False), (session.deleted, True)):
+            for obj in objects:
+                table = getattr(getattr(type(obj), "__table__", None), "name", None)
+                if caches := _watching(table, is_delete=is_delete):
+                    wrote(session, caches)
 
     def transaction_ended(session: Any) -> None:
-        if session.info.pop(_WROTE_STATUS_KEY, False):
-            bump_all()
+        for cache in session.info.pop(_WROTE_KEY, ()):
+            cache.bump()
 
-    if _status_listeners:  # once per process: they bump whatever caches are current
-        return
     event.listen(Session, "do_orm_execute", do_orm_execute)
     event.listen(Session, "after_flush", after_flush)
     event.listen(Session, "after_commit", transaction_ended)
     event.listen(Session, "after_rollback", transaction_ended)
-    _status_listeners.append(True)
+    _write_listeners.append(True)
+
+
+def _check_table(module: str, model: str, table: str) -> None:
+    models = importlib.import_module(f"flwr.supercore.state.schema.{module}")
+    _require(getattr(getattr(models, model, None), "__tablename__", None) == table,
+             f"flwr's {table} table was renamed")
 
 
 def patch_superlink_run_status_cache(max_age_s: float) -> RunStatusCache:
@@ -1696,8 +1713,9 @@ def patch_superlink_run_status_cache(max_age_s: float) -> RunStatusCache:
     from flwr.server.superlink import utils as superlink_utils
     from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
 
-    if _run_status_caches:
-        return _run_status_caches[0]
+    for _tables, cache in _write_watchers:
+        if isinstance(cache, RunStatusCache):
+            return cache
     original = SqlLinkState.get_run_status
     _require(list(inspect.signature(original).parameters) == ["self", "run_ids"],
              "SqlLinkState.get_run_status changed its parameters")
@@ -1707,29 +1725,78 @@ def patch_superlink_run_status_cache(max_age_s: float) -> RunStatusCache:
              "SqlLinkState.get_run_status no longer derives a status from the run's primary task")
     _require("state.get_run_status({run_id})[run_id]" in inspect.getsource(superlink_utils.check_abort),
              "check_abort no longer reads the run's status with get_run_status")
-    models = importlib.import_module("flwr.supercore.state.schema.corestate_models")
-    _require(models.Task.__tablename__ == _TASK_TABLE, "flwr's task table was renamed")
-    run_models = importlib.import_module("flwr.supercore.state.schema.linkstate_models")
-    _require(run_models.Run.__tablename__ == _RUN_TABLE, "flwr's run table was renamed")
+    _check_table("corestate_models", "Task", _TASK_TABLE)
+    _check_table("linkstate_models", "Run", _RUN_TABLE)
     cache = RunStatusCache(max_age_s)
-    _listen_for_run_status_writes()
+    _listen_for_watched_writes()
 
     @functools.wraps(original)
     def get_run_status(self: Any, run_ids: set[int]) -> dict[int, Any]:
-        cached = cache.get(id(self), run_ids) if run_ids else None
+        ordered = sorted(run_ids)
+        cached = cache.get_many([(id(self), r) for r in ordered]) if ordered else None
         if cached is not None:
             generation = cache.generation
             self._cleanup_expired_task_tokens()  # as flwr does first (throttled); its writes bump
             if cache.generation == generation:
-                return cached
+                return dict(zip(ordered, cached, strict=True))
         generation = cache.generation
         statuses = original(self, run_ids)
-        cache.put(id(self), statuses, generation)
+        cache.put_many([((id(self), r), status) for r, status in statuses.items()], generation)
         return statuses
 
     setattr(get_run_status, _PATCHED_MARK, True)
     setattr(SqlLinkState, "get_run_status", get_run_status)  # noqa: B010 (a method of flwr's)
-    _run_status_caches.append(cache)
+    _write_watchers.append((_RUN_STATUS_TABLES, cache))
+    return cache
+
+
+def patch_superlink_node_key_cache(max_age_s: float) -> NodeKeyCache:
+    """Serve flwr's `SqlLinkState.get_node_id_by_public_key` from a cache that every write to the
+    node table ends (`NodeKeyCache`), and parse each SuperNode public key once (SuperLink process
+    only). flwr 1.42's `authenticate_node` runs on every Fleet request: it parses the PEM key
+    from the request's header, verifies the request's signature (kept: that is the
+    authentication) and reads the key's node from the database. A node deleted, unregistered or
+    re-registered is a write to the node table: the next request reads the database again.
+    Returns the cache (tests read it)."""
+    check_flwr_version()
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+    from flwr.superlink.routers.fleet import node_auth
+
+    for _tables, cache in _write_watchers:
+        if isinstance(cache, NodeKeyCache):
+            return cache
+    original = SqlLinkState.get_node_id_by_public_key
+    _require(list(inspect.signature(original).parameters) == ["self", "public_key"],
+             "SqlLinkState.get_node_id_by_public_key changed its parameters")
+    _require("NodeModel.public_key == public_key" in inspect.getsource(original),
+             "SqlLinkState.get_node_id_by_public_key no longer reads the node table")
+    auth_source = inspect.getsource(node_auth.authenticate_node)
+    _require("bytes_to_public_key(public_key)" in auth_source
+             and "get_linkstate(request).get_node_id_by_public_key(public_key) != node_id" in auth_source,
+             "fleet node_auth.authenticate_node no longer parses the key and looks its node up by name")
+    _check_table("linkstate_models", "Node", _NODE_TABLE)
+    cache = NodeKeyCache(max_age_s)
+    _listen_for_watched_writes()
+
+    @functools.wraps(original)
+    def get_node_id_by_public_key(self: Any, public_key: bytes) -> int | None:
+        key = (id(self), bytes(public_key))
+        cached = cache.get_many([key])
+        if cached is not None:
+            return cached[0]
+        generation = cache.generation
+        node_id = original(self, public_key)
+        cache.put_many([(key, node_id)], generation)
+        return node_id
+
+    parse = node_auth.bytes_to_public_key
+    if not is_patched(parse):
+        parse_cached = functools.lru_cache(maxsize=1024)(parse)  # a pure function of the key's bytes
+        setattr(parse_cached, _PATCHED_MARK, True)
+        setattr(node_auth, "bytes_to_public_key", parse_cached)  # noqa: B010 (a module global of flwr's)
+    setattr(get_node_id_by_public_key, _PATCHED_MARK, True)
+    setattr(SqlLinkState, "get_node_id_by_public_key", get_node_id_by_public_key)  # noqa: B010
+    _write_watchers.append((_NODE_KEY_TABLES, cache))
     return cache
 
 

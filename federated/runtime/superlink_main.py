@@ -13,10 +13,12 @@ full poll every ``EXCHANGE_SUPERLINK_IDLE_RECHECK`` seconds per node re-checks i
 database), and flwr's sweep of lapsed task claims, a write on nearly every request, runs at most
 every `TASK_SWEEP_S` (`patch_superlink_task_sweep`); a run's status, which flwr reads from the
 database on nearly every request, is cached until a write that may change it
-(`patch_superlink_run_status_cache`), and the per-run traffic counters are summed in memory and
-written every `TRAFFIC_FLUSH_S` (`patch_superlink_traffic_batching`). Every SuperNode polls, idle
-or not, so on a small machine the SuperLink's CPU per request was what a round with ten hospitals
-waited for (docs/benchmarks/flower.md).
+(`patch_superlink_run_status_cache`), so is the node a SuperNode key belongs to, which flwr's node
+check reads on every Fleet request (`patch_superlink_node_key_cache`), and the per-run traffic
+counters are summed in memory and written every `TRAFFIC_FLUSH_S`
+(`patch_superlink_traffic_batching`). Every SuperNode polls, idle or not, so on a small machine
+the SuperLink's CPU per request was what a round with ten hospitals waited for
+(docs/benchmarks/flower.md).
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ NO_INSTALL_FLAG = "--disable-runtime-dependency-installation"
 #: flwr's sweep of lapsed task claims runs on nearly every request; once per this many seconds
 #: is enough (it records a lapsed task; token checks do not depend on it)
 TASK_SWEEP_S = 0.5
-#: how long a cached run status may be served at most (every write that may change it ends it at
-#: once; this bounds what bypasses the ORM session)
-RUN_STATUS_MAX_AGE_S = 1.0
+#: how long a cached run status or node-key lookup may be served at most (every write that may
+#: change it ends it at once; this bounds what bypasses the ORM session)
+CACHE_MAX_AGE_S = 1.0
 #: flwr's per-run traffic counters are written at most this often (and before any read of them)
 TRAFFIC_FLUSH_S = 1.0
 
@@ -43,7 +45,8 @@ def apply_superlink_patches(settings: RuntimeSettings) -> None:
     flwr_internals.patch_superlink_middleware()
     flwr_internals.patch_superlink_idle_pulls(settings.superlink_idle_recheck)
     flwr_internals.patch_superlink_task_sweep(TASK_SWEEP_S)
-    flwr_internals.patch_superlink_run_status_cache(RUN_STATUS_MAX_AGE_S)
+    flwr_internals.patch_superlink_run_status_cache(CACHE_MAX_AGE_S)
+    flwr_internals.patch_superlink_node_key_cache(CACHE_MAX_AGE_S)
     flwr_internals.patch_superlink_traffic_batching(TRAFFIC_FLUSH_S)
 
 

@@ -30,6 +30,7 @@ class Link:
     state: Any
     cache: flwr_internals.RunStatusCache
     traffic: flwr_internals.TrafficBatcher
+    nodes: flwr_internals.NodeKeyCache
     db: Path
     node_id: int
     key: Any
@@ -64,15 +65,18 @@ def link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Link]:
     disable_phone_home()
     from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
     from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+    from flwr.superlink.routers.fleet import node_auth
 
-    for name in ("get_run_status", "store_traffic", "get_run_info"):
+    for name in ("get_run_status", "store_traffic", "get_run_info", "get_node_id_by_public_key"):
         monkeypatch.setattr(SqlLinkState, name, getattr(SqlLinkState, name))
-    monkeypatch.setattr(flwr_internals, "_run_status_caches", [])
+    monkeypatch.setattr(node_auth, "bytes_to_public_key", node_auth.bytes_to_public_key)
+    monkeypatch.setattr(flwr_internals, "_write_watchers", [])
     monkeypatch.setattr(flwr_internals, "_traffic_batchers", [])
     monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "superlink.db"))
     cache = flwr_internals.patch_superlink_run_status_cache(max_age_s=30.0)
     assert flwr_internals.patch_superlink_run_status_cache(max_age_s=30.0) is cache  # idempotent
     traffic = flwr_internals.patch_superlink_traffic_batching(interval_s=30.0)
+    nodes = flwr_internals.patch_superlink_node_key_cache(max_age_s=30.0)
     import flwr.superlink.main as superlink_main
 
     app = superlink_main.create_app()
@@ -81,7 +85,7 @@ def link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Link]:
     pk = public_key_to_bytes(public_key)
     node_id = state.create_node("noop", "noop", pk, 0)
     state.activate_node(node_id, 30)
-    yield Link(app, state, cache, traffic, tmp_path / "superlink.db", int(node_id), private_key, pk)
+    yield Link(app, state, cache, traffic, nodes, tmp_path / "superlink.db", int(node_id), private_key, pk)
 
 
 def test_a_runs_status_is_read_once_then_served_from_the_cache(link: Link) -> None:
@@ -214,3 +218,47 @@ def test_bad_traffic_values_are_refused_as_flower_refuses_them(link: Link) -> No
     link.state.store_traffic(424242, bytes_sent=3, bytes_recv=0)  # no such run: dropped at the flush
     link.traffic.flush()
     assert link.traffic.writes == 0
+
+
+def _heartbeat(
+    link: Link, node_id: int | None = None, key: Any = None, public_key: bytes | None = None
+) -> int:
+    from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
+    from flwr.proto.node_pb2 import Node
+
+    body = SendNodeHeartbeatRequest(
+        node=Node(node_id=link.node_id if node_id is None else node_id), heartbeat_interval=30
+    ).SerializeToString()
+    headers = _headers(key or link.key, public_key or link.public_key)
+    return asyncio.run(call(link.app, "/v1/fleet/send-node-heartbeat", body, headers))[0]
+
+
+def test_a_nodes_key_is_looked_up_once_until_the_node_table_changes(link: Link) -> None:
+    link.nodes.hits = link.nodes.misses = 0
+    for _ in range(3):
+        assert link.state.get_node_id_by_public_key(link.public_key) == link.node_id
+    assert (link.nodes.hits, link.nodes.misses) == (2, 1)
+    assert _heartbeat(link) == 200  # Flower's node check, then the heartbeat: a node-table write
+    assert link.state.get_node_id_by_public_key(link.public_key) == link.node_id
+    assert (link.nodes.hits, link.nodes.misses) == (3, 2)  # the check hit; the heartbeat's write ended it
+
+
+def test_a_deleted_node_is_refused_by_the_very_next_request(link: Link) -> None:
+    assert _heartbeat(link) == 200 and _heartbeat(link) == 200
+    link.state.delete_node("noop", link.node_id)
+    assert _heartbeat(link) == 401
+    assert link.state.get_node_id_by_public_key(link.public_key) is None
+
+
+def test_another_nodes_id_or_key_is_still_refused(link: Link) -> None:
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+
+    other_key, other_public = generate_key_pairs()
+    other_pk = public_key_to_bytes(other_public)
+    other_id = int(link.state.create_node("noop", "noop", other_pk, 0))
+    link.state.activate_node(other_id, 30)
+    assert _heartbeat(link) == 200 and _heartbeat(link, other_id, other_key, other_pk) == 200
+    assert _heartbeat(link, node_id=other_id) == 401  # this node's key, the other's id
+    assert _heartbeat(link, link.node_id, other_key, other_pk) == 401
+    unknown_key, unknown_public = generate_key_pairs()
+    assert _heartbeat(link, link.node_id, unknown_key, public_key_to_bytes(unknown_public)) == 401
