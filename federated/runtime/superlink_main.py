@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 
 from federated.runtime import flwr_internals
 from federated.runtime.settings import RuntimeSettings, disable_phone_home
@@ -38,6 +40,8 @@ TASK_SWEEP_S = 0.5
 CACHE_MAX_AGE_S = 1.0
 #: flwr's per-run traffic counters are written at most this often (and before any read of them)
 TRAFFIC_FLUSH_S = 1.0
+#: how often the SuperLink's log gets a line of the caches' counts (when they changed)
+REPORT_EVERY_S = 30.0
 
 
 def apply_superlink_patches(settings: RuntimeSettings) -> None:
@@ -45,9 +49,22 @@ def apply_superlink_patches(settings: RuntimeSettings) -> None:
     flwr_internals.patch_superlink_middleware()
     flwr_internals.patch_superlink_idle_pulls(settings.superlink_idle_recheck)
     flwr_internals.patch_superlink_task_sweep(TASK_SWEEP_S)
-    flwr_internals.patch_superlink_run_status_cache(CACHE_MAX_AGE_S)
-    flwr_internals.patch_superlink_node_key_cache(CACHE_MAX_AGE_S)
-    flwr_internals.patch_superlink_traffic_batching(TRAFFIC_FLUSH_S)
+    statuses = flwr_internals.patch_superlink_run_status_cache(CACHE_MAX_AGE_S)
+    nodes = flwr_internals.patch_superlink_node_key_cache(CACHE_MAX_AGE_S)
+    traffic = flwr_internals.patch_superlink_traffic_batching(TRAFFIC_FLUSH_S)
+
+    def report() -> None:  # what the caches saved, in the SuperLink's log while it is busy
+        last = None
+        while True:
+            time.sleep(REPORT_EVERY_S)
+            now = (statuses.hits, statuses.misses, nodes.hits, nodes.misses, traffic.writes)
+            if now != last:
+                print(f"[exchange] superlink caches: run status {now[0]} hits / {now[1]} reads, node keys "
+                      f"{now[2]} / {now[3]}, traffic counters written {now[4]} times",
+                      file=sys.stderr, flush=True)
+                last = now
+
+    threading.Thread(target=report, name="exchange-cache-report", daemon=True).start()
 
 
 def main() -> None:
@@ -65,7 +82,8 @@ def main() -> None:
     if settings.mode == "fast" and settings.superlink_patches:
         apply_superlink_patches(settings)
         print(f"[exchange] superlink patches: path-scoped middleware, idle polls answered early "
-              f"(full poll per node every {settings.superlink_idle_recheck} s)", file=sys.stderr, flush=True)
+              f"(full poll per node every {settings.superlink_idle_recheck} s), task sweep throttled, "
+              f"run statuses and node keys cached, traffic counters batched", file=sys.stderr, flush=True)
     sys.argv[0] = "flower-superlink"
     flwr_internals.flower_superlink_main()
 
