@@ -1800,6 +1800,71 @@ def patch_superlink_node_key_cache(max_age_s: float) -> NodeKeyCache:
     return cache
 
 
+class TaskTokenCache(WriteInvalidatedCache):
+    """Which task a Runtime API token belongs to (`patch_superlink_task_token_cache`): a task's row
+    changes only with a write to the task table (a claim, a heartbeat, a finish, a sweep); its
+    expiry (`active_until`) is checked against the clock on every use, as flwr does."""
+
+
+def patch_superlink_task_token_cache(max_age_s: float) -> TaskTokenCache:
+    """Serve flwr's `SqlCoreState.get_task_by_token` (every Runtime API request of a ServerApp or
+    executor: the token's check) from a cache that every write to the task table ends
+    (`TaskTokenCache`; SuperLink process only). An entry keeps the task and its `active_until`; a
+    hit still refuses an expired claim, as flwr's query does. Returns the cache (tests read it)."""
+    check_flwr_version()
+    from flwr.supercore import date as flwr_date
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    for _tables, cache in _write_watchers:
+        if isinstance(cache, TaskTokenCache):
+            return cache
+    original = SqlCoreState.get_task_by_token
+    _require(list(inspect.signature(original).parameters) == ["self", "token"],
+             "SqlCoreState.get_task_by_token changed its parameters")
+    source = inspect.getsource(original)
+    _require("TaskModel.token == token" in source and "TaskModel.finished_at.is_(None)" in source
+             and "row.active_until is None or row.active_until < current" in source
+             and "return task_from_model(row)" in source,
+             "SqlCoreState.get_task_by_token no longer checks a token as the cache does")
+    module = importlib.import_module(SqlCoreState.__module__)
+    task_from_model, select = module.task_from_model, module.select
+    task_model = module.TaskModel
+    _check_table("corestate_models", "Task", _TASK_TABLE)
+    cache = TaskTokenCache(max_age_s)
+    _listen_for_watched_writes()
+
+    def read(self: Any, token: str) -> tuple[Any, Any] | None:
+        """flwr's query, keeping the row's expiry: (task, active_until) or None."""
+        with self.session() as session:
+            row = session.scalars(
+                select(task_model).where(task_model.token == token, task_model.finished_at.is_(None))
+                .execution_options(populate_existing=True)).first()
+            if row is None or row.active_until is None:
+                return None
+            return task_from_model(row), row.active_until
+
+    @functools.wraps(original)
+    def get_task_by_token(self: Any, token: str) -> Any:
+        key = (id(self), token)
+        cached = cache.get_many([key])
+        if cached is not None:
+            entry = cached[0]
+        else:
+            generation = cache.generation
+            entry = read(self, token)
+            cache.put_many([(key, entry)], generation)
+        if entry is None or entry[1] < flwr_date.now():
+            return None
+        task = type(entry[0])()
+        task.CopyFrom(entry[0])  # callers get their own message, as from flwr's query
+        return task
+
+    setattr(get_task_by_token, _PATCHED_MARK, True)
+    setattr(SqlCoreState, "get_task_by_token", get_task_by_token)  # noqa: B010 (a method of flwr's)
+    _write_watchers.append((_RUN_STATUS_TABLES, cache))
+    return cache
+
+
 class TrafficBatcher:
     """flwr's per-run traffic counters (`SqlLinkState.store_traffic`: an UPDATE transaction per
     request) summed in memory and written at most once per `interval_s` per run, before any read

@@ -14,7 +14,8 @@ database), and flwr's sweep of lapsed task claims, a write on nearly every reque
 every `TASK_SWEEP_S` (`patch_superlink_task_sweep`); a run's status, which flwr reads from the
 database on nearly every request, is cached until a write that may change it
 (`patch_superlink_run_status_cache`), so is the node a SuperNode key belongs to, which flwr's node
-check reads on every Fleet request (`patch_superlink_node_key_cache`), and the per-run traffic
+check reads on every Fleet request (`patch_superlink_node_key_cache`), and the task a Runtime API
+token belongs to (`patch_superlink_task_token_cache`), and the per-run traffic
 counters are summed in memory and written every `TRAFFIC_FLUSH_S`
 (`patch_superlink_traffic_batching`). Every SuperNode polls, idle or not, so on a small machine
 the SuperLink's CPU per request was what a round with ten hospitals waited for
@@ -51,17 +52,19 @@ def apply_superlink_patches(settings: RuntimeSettings) -> None:
     flwr_internals.patch_superlink_task_sweep(TASK_SWEEP_S)
     statuses = flwr_internals.patch_superlink_run_status_cache(CACHE_MAX_AGE_S)
     nodes = flwr_internals.patch_superlink_node_key_cache(CACHE_MAX_AGE_S)
+    tokens = flwr_internals.patch_superlink_task_token_cache(CACHE_MAX_AGE_S)
     traffic = flwr_internals.patch_superlink_traffic_batching(TRAFFIC_FLUSH_S)
 
     def report() -> None:  # what the caches saved, in the SuperLink's log while it is busy
         last = None
         while True:
             time.sleep(REPORT_EVERY_S)
-            now = (statuses.hits, statuses.misses, nodes.hits, nodes.misses, traffic.writes)
+            now = (statuses.hits, statuses.misses, nodes.hits, nodes.misses, tokens.hits, tokens.misses,
+                   traffic.writes)
             if now != last:
                 print(f"[exchange] superlink caches: run status {now[0]} hits / {now[1]} reads, node keys "
-                      f"{now[2]} / {now[3]}, traffic counters written {now[4]} times",
-                      file=sys.stderr, flush=True)
+                      f"{now[2]} / {now[3]}, task tokens {now[4]} / {now[5]}, traffic counters written "
+                      f"{now[6]} times", file=sys.stderr, flush=True)
                 last = now
 
     threading.Thread(target=report, name="exchange-cache-report", daemon=True).start()
@@ -83,7 +86,8 @@ def main() -> None:
         apply_superlink_patches(settings)
         print(f"[exchange] superlink patches: path-scoped middleware, idle polls answered early "
               f"(full poll per node every {settings.superlink_idle_recheck} s), task sweep throttled, "
-              f"run statuses and node keys cached, traffic counters batched", file=sys.stderr, flush=True)
+              f"run statuses, node keys and task tokens cached, traffic counters batched",
+              file=sys.stderr, flush=True)
     sys.argv[0] = "flower-superlink"
     flwr_internals.flower_superlink_main()
 

@@ -31,6 +31,7 @@ class Link:
     cache: flwr_internals.RunStatusCache
     traffic: flwr_internals.TrafficBatcher
     nodes: flwr_internals.NodeKeyCache
+    tokens: flwr_internals.TaskTokenCache
     db: Path
     node_id: int
     key: Any
@@ -64,11 +65,13 @@ def link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Link]:
     """A SuperLink app with both patches (fresh ones: a fresh process) and one active node."""
     disable_phone_home()
     from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
     from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
     from flwr.superlink.routers.fleet import node_auth
 
     for name in ("get_run_status", "store_traffic", "get_run_info", "get_node_id_by_public_key"):
         monkeypatch.setattr(SqlLinkState, name, getattr(SqlLinkState, name))
+    monkeypatch.setattr(SqlCoreState, "get_task_by_token", SqlCoreState.get_task_by_token)
     monkeypatch.setattr(node_auth, "bytes_to_public_key", node_auth.bytes_to_public_key)
     monkeypatch.setattr(flwr_internals, "_write_watchers", [])
     monkeypatch.setattr(flwr_internals, "_traffic_batchers", [])
@@ -77,6 +80,7 @@ def link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Link]:
     assert flwr_internals.patch_superlink_run_status_cache(max_age_s=30.0) is cache  # idempotent
     traffic = flwr_internals.patch_superlink_traffic_batching(interval_s=30.0)
     nodes = flwr_internals.patch_superlink_node_key_cache(max_age_s=30.0)
+    tokens = flwr_internals.patch_superlink_task_token_cache(max_age_s=30.0)
     import flwr.superlink.main as superlink_main
 
     app = superlink_main.create_app()
@@ -85,7 +89,9 @@ def link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Link]:
     pk = public_key_to_bytes(public_key)
     node_id = state.create_node("noop", "noop", pk, 0)
     state.activate_node(node_id, 30)
-    yield Link(app, state, cache, traffic, nodes, tmp_path / "superlink.db", int(node_id), private_key, pk)
+    yield Link(
+        app, state, cache, traffic, nodes, tokens, tmp_path / "superlink.db", int(node_id), private_key, pk
+    )
 
 
 def test_a_runs_status_is_read_once_then_served_from_the_cache(link: Link) -> None:
@@ -262,3 +268,47 @@ def test_another_nodes_id_or_key_is_still_refused(link: Link) -> None:
     assert _heartbeat(link, link.node_id, other_key, other_pk) == 401
     unknown_key, unknown_public = generate_key_pairs()
     assert _heartbeat(link, link.node_id, unknown_key, public_key_to_bytes(unknown_public)) == 401
+
+
+def test_a_task_token_is_looked_up_once_and_still_refused_once_expired_or_finished(link: Link) -> None:
+    run_id, task_id = link.new_run(running=False)
+    token = link.state.claim_task(task_id)
+    assert link.state.activate_task(task_id)
+    link.tokens.hits = link.tokens.misses = 0
+    first = link.state.get_task_by_token(token)
+    assert first is not None and first.task_id == task_id and first.run_id == run_id
+    first.run_id = 1  # a caller's own copy: the cache keeps its own
+    assert link.state.get_task_by_token(token).run_id == run_id
+    assert (link.tokens.hits, link.tokens.misses) == (1, 1)
+    assert link.state.get_task_by_token("no-such-token") is None
+    with sqlite3.connect(link.db) as raw:  # the claim lapses, behind SQLAlchemy's back
+        raw.execute("UPDATE task SET active_until = '2000-01-01 00:00:00+00:00'")
+    assert link.state.get_task_by_token(token) is not None  # not seen: the cache's max age bounds this
+    link.tokens.bump()  # what any write through flwr's sessions does
+    assert link.state.get_task_by_token(token) is None  # the lapsed claim, read again
+
+
+def test_a_finished_tasks_token_is_refused_by_the_very_next_check(link: Link) -> None:
+    _, task_id = link.new_run(running=False)
+    token = link.state.claim_task(task_id)
+    assert link.state.activate_task(task_id)
+    assert link.state.get_task_by_token(token) is not None
+    assert link.state.get_task_by_token(token) is not None
+    assert link.state.finish_task(task_id, "completed", "")
+    assert link.state.get_task_by_token(token) is None
+
+
+def test_a_cached_token_expires_with_its_claim(link: Link, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clock, not a write, ends a claim: a cached entry is refused once `active_until` passed."""
+    import datetime
+
+    from flwr.supercore.corestate import sql_corestate
+
+    _, task_id = link.new_run(running=False)
+    token = link.state.claim_task(task_id)
+    assert link.state.activate_task(task_id)
+    task = link.state.get_task_by_token(token)
+    assert task is not None and link.state.get_task_by_token(token) is not None  # cached
+    later = sql_corestate.now() + datetime.timedelta(hours=1)
+    monkeypatch.setattr("flwr.supercore.date.now", lambda: later)
+    assert link.state.get_task_by_token(token) is None
