@@ -1560,6 +1560,402 @@ def patch_superlink_task_sweep(interval_s: float) -> None:
     setattr(SqlCoreState, "_cleanup_expired_task_tokens", cleanup_expired_task_tokens)  # noqa: B010
 
 
+class WriteInvalidatedCache:
+    """Values read from flwr's SQL state, each valid until a write to the tables it derives from.
+
+    Every INSERT/UPDATE/DELETE run through a SQLAlchemy Session of this process on a watched table
+    (`_write_watchers`; an UPDATE only if it matched a row) moves `generation`: when it executes,
+    and again when its transaction commits or rolls back (a read between the two saw the old row,
+    or a row that never commits). An entry counts only while the generation it was read at is
+    current, and at most `max_age_s` (a bound for a write that bypasses the ORM session)."""
+
+    def __init__(self, max_age_s: float) -> None:
+        if not max_age_s > 0:
+            raise ValueError(f"max_age_s: must be > 0, got {max_age_s!r}")
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._entries: dict[Any, tuple[Any, int, float]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def generation(self) -> int:
+        with self._lock:
+            return self._generation
+
+    def bump(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._entries.clear()
+
+    def get_many(self, keys: Sequence[Any]) -> list[Any] | None:
+        """Every key's cached value, or None (then all are read again)."""
+        now = _time.monotonic()
+        with self._lock:
+            out = []
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None or entry[1] != self._generation or now >= entry[2]:
+                    self.misses += 1
+                    return None
+                out.append(entry[0])
+            self.hits += 1
+            return out
+
+    def put_many(self, items: Sequence[tuple[Any, Any]], generation: int) -> None:
+        """Values read by a query that started at `generation` (ignored if a write came since)."""
+        until = _time.monotonic() + self.max_age_s
+        with self._lock:
+            if generation != self._generation:
+                return
+            for key, value in items:
+                self._entries[key] = (value, generation, until)
+
+
+class RunStatusCache(WriteInvalidatedCache):
+    """Run statuses (`patch_superlink_run_status_cache`): a run's status is its primary task's row
+    (`_run_status_from_task_model`), so it changes only with a write to the task table (a claim, a
+    start, a finish, a stop, the sweep of lapsed claims) or the run's deletion."""
+
+
+class NodeKeyCache(WriteInvalidatedCache):
+    """Which node a SuperNode public key belongs to (`patch_superlink_node_key_cache`): changes
+    only with a write to the node table (a registration, an activation, a heartbeat, a
+    deletion; every one ends every entry)."""
+
+
+#: per cache of this process: (watched table -> "any" write or only a "delete", the cache)
+_write_watchers: list[tuple[Mapping[str, str], WriteInvalidatedCache]] = []
+_TASK_TABLE, _RUN_TABLE, _NODE_TABLE = "task", "run", "node"
+_RUN_STATUS_TABLES = {_TASK_TABLE: "any", _RUN_TABLE: "delete"}
+_NODE_KEY_TABLES = {_NODE_TABLE: "any"}
+_WROTE_KEY = "exchange_wrote_watched"
+_write_listeners: list[bool] = []
+
+
+def _watching(table: str | None, *, is_delete: bool) -> list[WriteInvalidatedCache]:
+    """The caches a write to `table` ends."""
+    return [cache for tables, cache in _write_watchers
+            if tables.get(table or "") == "any" or (is_delete and tables.get(table or "") == "delete")]
+
+
+def _listen_for_watched_writes() -> None:
+    """SQLAlchemy Session events (all sessions of this process, registered once) that bump the
+    caches watching a table when a statement writes it, and again when its transaction ends."""
+    from sqlalchemy import CursorResult, event
+    from sqlalchemy.orm import Session
+
+    if _write_listeners:
+        return
+
+    def wrote(session: Any, caches: list[WriteInvalidatedCache]) -> None:
+        session.info.setdefault(_WROTE_KEY, set()).update(caches)
+        for cache in caches:
+            cache.bump()
+
+    def do_orm_execute(state: Any) -> Any:
+        if not (state.is_update or state.is_delete or state.is_insert):
+            return None
+        table = getattr(getattr(state.statement, "table", None), "name", None)
+        caches = _watching(table, is_delete=state.is_delete)
+        if not caches:
+            return None
+        if not state.is_update:
+            wrote(state.session, caches)
+            return None
+        # an UPDATE counts only if it matched a row: flwr's sweep of lapsed claims runs two
+        # UPDATEs on nearly every status read, which match nothing while every task beats
+        result = state.invoke_statement()
+        if isinstance(result, CursorResult) and not result.returns_rows:
+            changed = result.rowcount != 0
+        else:  # UPDATE ... RETURNING: read the rows, hand on a copy
+            frozen = result.freeze()
+            changed, result = bool(frozen.data), frozen()
+        if changed:
+            wrote(state.session, caches)
+        return result
+
+    def after_flush(session: Any, _context: Any) -> None:  # ORM unit of work (session.add and co)
+        for objects, is_delete in ((session.new, False), (session.dirty, False), (session.deleted, True)):
+            for obj in objects:
+                table = getattr(getattr(type(obj), "__table__", None), "name", None)
+                if caches := _watching(table, is_delete=is_delete):
+                    wrote(session, caches)
+
+    def transaction_ended(session: Any) -> None:
+        for cache in session.info.pop(_WROTE_KEY, ()):
+            cache.bump()
+
+    event.listen(Session, "do_orm_execute", do_orm_execute)
+    event.listen(Session, "after_flush", after_flush)
+    event.listen(Session, "after_commit", transaction_ended)
+    event.listen(Session, "after_rollback", transaction_ended)
+    _write_listeners.append(True)
+
+
+def _check_table(module: str, model: str, table: str) -> None:
+    models = importlib.import_module(f"flwr.supercore.state.schema.{module}")
+    _require(getattr(getattr(models, model, None), "__tablename__", None) == table,
+             f"flwr's {table} table was renamed")
+
+
+def patch_superlink_run_status_cache(max_age_s: float) -> RunStatusCache:
+    """Serve flwr's `SqlLinkState.get_run_status` from a cache invalidated by every write that may
+    change a run's status (`RunStatusCache`; SuperLink process only). flwr 1.42 checks the run's
+    status (`check_abort`: a database read) on every Fleet object pull and push, message push and
+    receipt confirmation, and the Runtime API's: one request per object of every message, while a
+    status changes a handful of times per run. A stop, a finish or a lapsed claim is a write to the
+    task table, which ends every entry at once: the next check reads the database again. The
+    sweep of lapsed claims still runs on every call, as flwr's does (`patch_superlink_task_sweep`
+    throttles it). Returns the cache (tests read it)."""
+    check_flwr_version()
+    from flwr.server.superlink import utils as superlink_utils
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+
+    for _tables, cache in _write_watchers:
+        if isinstance(cache, RunStatusCache):
+            return cache
+    original = SqlLinkState.get_run_status
+    _require(list(inspect.signature(original).parameters) == ["self", "run_ids"],
+             "SqlLinkState.get_run_status changed its parameters")
+    source = inspect.getsource(original)
+    _require("self._cleanup_expired_task_tokens()" in source and "_run_status_from_task_model(" in source
+             and "TaskModel.task_id == RunModel.primary_task_id" in source,
+             "SqlLinkState.get_run_status no longer derives a status from the run's primary task")
+    _require("state.get_run_status({run_id})[run_id]" in inspect.getsource(superlink_utils.check_abort),
+             "check_abort no longer reads the run's status with get_run_status")
+    _check_table("corestate_models", "Task", _TASK_TABLE)
+    _check_table("linkstate_models", "Run", _RUN_TABLE)
+    cache = RunStatusCache(max_age_s)
+    _listen_for_watched_writes()
+
+    @functools.wraps(original)
+    def get_run_status(self: Any, run_ids: set[int]) -> dict[int, Any]:
+        ordered = sorted(run_ids)
+        cached = cache.get_many([(id(self), r) for r in ordered]) if ordered else None
+        if cached is not None:
+            generation = cache.generation
+            self._cleanup_expired_task_tokens()  # as flwr does first (throttled); its writes bump
+            if cache.generation == generation:
+                return dict(zip(ordered, cached, strict=True))
+        generation = cache.generation
+        statuses = original(self, run_ids)
+        cache.put_many([((id(self), r), status) for r, status in statuses.items()], generation)
+        return statuses
+
+    setattr(get_run_status, _PATCHED_MARK, True)
+    setattr(SqlLinkState, "get_run_status", get_run_status)  # noqa: B010 (a method of flwr's)
+    _write_watchers.append((_RUN_STATUS_TABLES, cache))
+    return cache
+
+
+def patch_superlink_node_key_cache(max_age_s: float) -> NodeKeyCache:
+    """Serve flwr's `SqlLinkState.get_node_id_by_public_key` from a cache that every write to the
+    node table ends (`NodeKeyCache`), and parse each SuperNode public key once (SuperLink process
+    only). flwr 1.42's `authenticate_node` runs on every Fleet request: it parses the PEM key
+    from the request's header, verifies the request's signature (kept: that is the
+    authentication) and reads the key's node from the database. A node deleted, unregistered or
+    re-registered is a write to the node table: the next request reads the database again.
+    Returns the cache (tests read it)."""
+    check_flwr_version()
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+    from flwr.superlink.routers.fleet import node_auth
+
+    for _tables, cache in _write_watchers:
+        if isinstance(cache, NodeKeyCache):
+            return cache
+    original = SqlLinkState.get_node_id_by_public_key
+    _require(list(inspect.signature(original).parameters) == ["self", "public_key"],
+             "SqlLinkState.get_node_id_by_public_key changed its parameters")
+    _require("NodeModel.public_key == public_key" in inspect.getsource(original),
+             "SqlLinkState.get_node_id_by_public_key no longer reads the node table")
+    auth_source = inspect.getsource(node_auth.authenticate_node)
+    _require("bytes_to_public_key(public_key)" in auth_source
+             and "get_linkstate(request).get_node_id_by_public_key(public_key) != node_id" in auth_source,
+             "fleet node_auth.authenticate_node no longer parses the key and looks its node up by name")
+    _check_table("linkstate_models", "Node", _NODE_TABLE)
+    cache = NodeKeyCache(max_age_s)
+    _listen_for_watched_writes()
+
+    @functools.wraps(original)
+    def get_node_id_by_public_key(self: Any, public_key: bytes) -> int | None:
+        key = (id(self), bytes(public_key))
+        cached = cache.get_many([key])
+        if cached is not None:
+            return cached[0]
+        generation = cache.generation
+        node_id = original(self, public_key)
+        cache.put_many([(key, node_id)], generation)
+        return node_id
+
+    parse = node_auth.bytes_to_public_key
+    if not is_patched(parse):
+        parse_cached = functools.lru_cache(maxsize=1024)(parse)  # a pure function of the key's bytes
+        setattr(parse_cached, _PATCHED_MARK, True)
+        setattr(node_auth, "bytes_to_public_key", parse_cached)  # noqa: B010 (a module global of flwr's)
+    setattr(get_node_id_by_public_key, _PATCHED_MARK, True)
+    setattr(SqlLinkState, "get_node_id_by_public_key", get_node_id_by_public_key)  # noqa: B010
+    _write_watchers.append((_NODE_KEY_TABLES, cache))
+    return cache
+
+
+class TaskTokenCache(WriteInvalidatedCache):
+    """Which task a Runtime API token belongs to (`patch_superlink_task_token_cache`): a task's row
+    changes only with a write to the task table (a claim, a heartbeat, a finish, a sweep); its
+    expiry (`active_until`) is checked against the clock on every use, as flwr does."""
+
+
+def patch_superlink_task_token_cache(max_age_s: float) -> TaskTokenCache:
+    """Serve flwr's `SqlCoreState.get_task_by_token` (every Runtime API request of a ServerApp or
+    executor: the token's check) from a cache that every write to the task table ends
+    (`TaskTokenCache`; SuperLink process only). An entry keeps the task and its `active_until`; a
+    hit still refuses an expired claim, as flwr's query does. Returns the cache (tests read it)."""
+    check_flwr_version()
+    from flwr.supercore import date as flwr_date
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    for _tables, cache in _write_watchers:
+        if isinstance(cache, TaskTokenCache):
+            return cache
+    original = SqlCoreState.get_task_by_token
+    _require(list(inspect.signature(original).parameters) == ["self", "token"],
+             "SqlCoreState.get_task_by_token changed its parameters")
+    source = inspect.getsource(original)
+    _require("TaskModel.token == token" in source and "TaskModel.finished_at.is_(None)" in source
+             and "row.active_until is None or row.active_until < current" in source
+             and "return task_from_model(row)" in source,
+             "SqlCoreState.get_task_by_token no longer checks a token as the cache does")
+    module = importlib.import_module(SqlCoreState.__module__)
+    task_from_model, select = module.task_from_model, module.select
+    task_model = module.TaskModel
+    _check_table("corestate_models", "Task", _TASK_TABLE)
+    cache = TaskTokenCache(max_age_s)
+    _listen_for_watched_writes()
+
+    def read(self: Any, token: str) -> tuple[Any, Any] | None:
+        """flwr's query, keeping the row's expiry: (task, active_until) or None."""
+        with self.session() as session:
+            row = session.scalars(
+                select(task_model).where(task_model.token == token, task_model.finished_at.is_(None))
+                .execution_options(populate_existing=True)).first()
+            if row is None or row.active_until is None:
+                return None
+            return task_from_model(row), row.active_until
+
+    @functools.wraps(original)
+    def get_task_by_token(self: Any, token: str) -> Any:
+        key = (id(self), token)
+        cached = cache.get_many([key])
+        if cached is not None:
+            entry = cached[0]
+        else:
+            generation = cache.generation
+            entry = read(self, token)
+            cache.put_many([(key, entry)], generation)
+        if entry is None or entry[1] < flwr_date.now():
+            return None
+        task = type(entry[0])()
+        task.CopyFrom(entry[0])  # callers get their own message, as from flwr's query
+        return task
+
+    setattr(get_task_by_token, _PATCHED_MARK, True)
+    setattr(SqlCoreState, "get_task_by_token", get_task_by_token)  # noqa: B010 (a method of flwr's)
+    _write_watchers.append((_RUN_STATUS_TABLES, cache))
+    return cache
+
+
+class TrafficBatcher:
+    """flwr's per-run traffic counters (`SqlLinkState.store_traffic`: an UPDATE transaction per
+    request) summed in memory and written at most once per `interval_s` per run, before any read
+    of them (`get_run_info`), and at process exit. Only these counters wait: what a run shows
+    (`flwr ls`) lags by at most `interval_s`; a crash loses at most that much of the count."""
+
+    def __init__(self, interval_s: float, write: Callable[..., None]) -> None:
+        if not interval_s > 0:
+            raise ValueError(f"interval_s: must be > 0, got {interval_s!r}")
+        self.interval_s = interval_s
+        self._write = write
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._pending: dict[int, tuple[Any, dict[int, list[int]]]] = {}  # id(state) -> (state, runs)
+        self._last_flush = _time.monotonic()
+        self.writes = 0
+
+    def add(self, state: Any, run_id: int, bytes_sent: int, bytes_recv: int) -> None:
+        with self._lock:
+            runs = self._pending.setdefault(id(state), (state, {}))[1]
+            totals = runs.setdefault(run_id, [0, 0])
+            totals[0] += bytes_sent
+            totals[1] += bytes_recv
+            due = _time.monotonic() - self._last_flush >= self.interval_s
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every pending count (a run deleted meanwhile: its count is dropped, as flwr's
+        own `store_traffic` would have refused it)."""
+        with self._flush_lock:
+            with self._lock:
+                pending, self._pending = self._pending, {}
+                self._last_flush = _time.monotonic()
+            for state, runs in pending.values():
+                for run_id, (sent, recv) in runs.items():
+                    try:
+                        self._write(state, run_id, bytes_sent=sent, bytes_recv=recv)
+                        self.writes += 1
+                    except ValueError:  # "Run ... not found"
+                        pass
+
+
+_traffic_batchers: list[TrafficBatcher] = []
+
+
+def patch_superlink_traffic_batching(interval_s: float) -> TrafficBatcher:
+    """Sum flwr's traffic accounting in memory (`TrafficBatcher`; SuperLink process only): flwr
+    1.42 records the bytes of every object pulled or pushed and every message with its own UPDATE
+    transaction (`store_traffic`), a database write per request that nothing reads during the run.
+    Arguments are checked as flwr checks them, at once. Returns the batcher (tests read it)."""
+    check_flwr_version()
+    import atexit
+
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+
+    if _traffic_batchers:
+        return _traffic_batchers[0]
+    store, read = SqlLinkState.store_traffic, SqlLinkState.get_run_info
+    _require(list(inspect.signature(store).parameters) == ["self", "run_id", "bytes_sent", "bytes_recv"],
+             "SqlLinkState.store_traffic changed its parameters")
+    module_source = inspect.getsource(importlib.import_module(SqlLinkState.__module__))
+    _require(module_source.count("RunModel.bytes_sent") == 1 and module_source.count("run.bytes_sent") == 1
+             and module_source.count("_run_from_models(") == 2
+             and "_run_from_models(" in inspect.getsource(read),
+             "SqlLinkState reads the traffic counters somewhere else than get_run_info")
+    batcher = TrafficBatcher(interval_s, store)
+
+    @functools.wraps(store)
+    def store_traffic(self: Any, run_id: int, *, bytes_sent: int, bytes_recv: int) -> None:
+        if bytes_sent < 0 or bytes_recv < 0:  # flwr's own checks and messages
+            raise ValueError(f"Negative traffic values for run {run_id}: "
+                             f"bytes_sent={bytes_sent}, bytes_recv={bytes_recv}")
+        if bytes_sent == 0 and bytes_recv == 0:
+            raise ValueError(f"Both bytes_sent and bytes_recv cannot be zero for run {run_id}")
+        batcher.add(self, run_id, bytes_sent, bytes_recv)
+
+    @functools.wraps(read)
+    def get_run_info(self: Any, *args: Any, **kwargs: Any) -> Any:
+        batcher.flush()
+        return read(self, *args, **kwargs)
+
+    for wrapped in (store_traffic, get_run_info):
+        setattr(wrapped, _PATCHED_MARK, True)
+    setattr(SqlLinkState, "store_traffic", store_traffic)  # noqa: B010 (methods of flwr's)
+    setattr(SqlLinkState, "get_run_info", get_run_info)  # noqa: B010
+    atexit.register(batcher.flush)
+    _traffic_batchers.append(batcher)
+    return batcher
+
+
 def patch_superlink_idle_pulls(recheck_s: float) -> PendingTracker:
     """Answer a known-idle SuperNode's poll before Flower's middleware, handler and database
     (`_IdlePullShortcut`, `PendingTracker`); this process must be the SuperLink's, before its app

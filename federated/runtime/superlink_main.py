@@ -11,8 +11,14 @@ poll is answered before Flower's middleware, handler and database when that node
 have nothing pending (`patch_superlink_idle_pulls`; still authenticated by its signature; one
 full poll every ``EXCHANGE_SUPERLINK_IDLE_RECHECK`` seconds per node re-checks it against the
 database), and flwr's sweep of lapsed task claims, a write on nearly every request, runs at most
-every `TASK_SWEEP_S` (`patch_superlink_task_sweep`). Every SuperNode polls, idle or not, so on a
-small machine the SuperLink's CPU per request was what a round with ten hospitals waited for
+every `TASK_SWEEP_S` (`patch_superlink_task_sweep`); a run's status, which flwr reads from the
+database on nearly every request, is cached until a write that may change it
+(`patch_superlink_run_status_cache`), so is the node a SuperNode key belongs to, which flwr's node
+check reads on every Fleet request (`patch_superlink_node_key_cache`), and the task a Runtime API
+token belongs to (`patch_superlink_task_token_cache`), and the per-run traffic
+counters are summed in memory and written every `TRAFFIC_FLUSH_S`
+(`patch_superlink_traffic_batching`). Every SuperNode polls, idle or not, so on a small machine
+the SuperLink's CPU per request was what a round with ten hospitals waited for
 (docs/benchmarks/flower.md).
 """
 
@@ -20,6 +26,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 
 from federated.runtime import flwr_internals
 from federated.runtime.settings import RuntimeSettings, disable_phone_home
@@ -28,6 +36,13 @@ NO_INSTALL_FLAG = "--disable-runtime-dependency-installation"
 #: flwr's sweep of lapsed task claims runs on nearly every request; once per this many seconds
 #: is enough (it records a lapsed task; token checks do not depend on it)
 TASK_SWEEP_S = 0.5
+#: how long a cached run status or node-key lookup may be served at most (every write that may
+#: change it ends it at once; this bounds what bypasses the ORM session)
+CACHE_MAX_AGE_S = 1.0
+#: flwr's per-run traffic counters are written at most this often (and before any read of them)
+TRAFFIC_FLUSH_S = 1.0
+#: how often the SuperLink's log gets a line of the caches' counts (when they changed)
+REPORT_EVERY_S = 30.0
 
 
 def apply_superlink_patches(settings: RuntimeSettings) -> None:
@@ -35,6 +50,24 @@ def apply_superlink_patches(settings: RuntimeSettings) -> None:
     flwr_internals.patch_superlink_middleware()
     flwr_internals.patch_superlink_idle_pulls(settings.superlink_idle_recheck)
     flwr_internals.patch_superlink_task_sweep(TASK_SWEEP_S)
+    statuses = flwr_internals.patch_superlink_run_status_cache(CACHE_MAX_AGE_S)
+    nodes = flwr_internals.patch_superlink_node_key_cache(CACHE_MAX_AGE_S)
+    tokens = flwr_internals.patch_superlink_task_token_cache(CACHE_MAX_AGE_S)
+    traffic = flwr_internals.patch_superlink_traffic_batching(TRAFFIC_FLUSH_S)
+
+    def report() -> None:  # what the caches saved, in the SuperLink's log while it is busy
+        last = None
+        while True:
+            time.sleep(REPORT_EVERY_S)
+            now = (statuses.hits, statuses.misses, nodes.hits, nodes.misses, tokens.hits, tokens.misses,
+                   traffic.writes)
+            if now != last:
+                print(f"[exchange] superlink caches: run status {now[0]} hits / {now[1]} reads, node keys "
+                      f"{now[2]} / {now[3]}, task tokens {now[4]} / {now[5]}, traffic counters written "
+                      f"{now[6]} times", file=sys.stderr, flush=True)
+                last = now
+
+    threading.Thread(target=report, name="exchange-cache-report", daemon=True).start()
 
 
 def main() -> None:
@@ -52,7 +85,9 @@ def main() -> None:
     if settings.mode == "fast" and settings.superlink_patches:
         apply_superlink_patches(settings)
         print(f"[exchange] superlink patches: path-scoped middleware, idle polls answered early "
-              f"(full poll per node every {settings.superlink_idle_recheck} s)", file=sys.stderr, flush=True)
+              f"(full poll per node every {settings.superlink_idle_recheck} s), task sweep throttled, "
+              f"run statuses, node keys and task tokens cached, traffic counters batched",
+              file=sys.stderr, flush=True)
     sys.argv[0] = "flower-superlink"
     flwr_internals.flower_superlink_main()
 

@@ -1,6 +1,14 @@
 """CPU per SuperLink Fleet request, in process: flwr's app as shipped against our patches.
 
 ``python -m tests.bench.bench_superlink_requests [--requests N]``
+``python -m tests.bench.bench_superlink_requests --objects [--requests N]``
+
+`--objects`: what a message's objects cost, one request each (flwr 1.42 pushes and pulls every
+object of a message's tree separately), on a running run: `PushObject` of fresh objects and
+`PullObject` of stored ones, with the patches of a SuperLink before issue 15's second pass
+(middleware scoped, idle polls, the task-sweep throttle) against those plus
+`patch_superlink_run_status_cache`, `patch_superlink_node_key_cache` and
+`patch_superlink_traffic_batching`, interleaved.
 
 Builds flwr 1.42's SuperLink FastAPI app three times on a fresh SQLite LinkState each (stock;
 `flwr_internals.patch_superlink_middleware`; plus `patch_superlink_idle_pulls`), registers and
@@ -108,13 +116,92 @@ async def measure(app: Any, node_id: int, private_key: Any, pk: bytes, requests:
     return out
 
 
+async def measure_objects(app: Any, state: Any, node_id: int, private_key: Any, pk: bytes,
+                          requests: int) -> dict[str, float]:
+    """CPU ms per `PushObject` (a fresh object each) and per `PullObject` (stored objects), on a
+    run claimed and started as a ServerApp does."""
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.common.constant import NOOP_FLWR_AID
+    from flwr.proto.message_pb2 import PullObjectRequest, PushObjectRequest
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.constant import NOOP_FEDERATION_ID, TaskType
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+
+    run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, NOOP_FLWR_AID,
+                              TaskType.SERVER_APP)
+    task_id = state.get_run_info(run_ids=[run_id])[0].primary_task_id
+    state.claim_task(task_id)
+    state.activate_task(task_id)
+    content = RecordDict({f"r{i}": ConfigRecord({"i": i, "pad": b"x" * 200}) for i in range(requests)})
+    objects = get_all_nested_objects(content)
+    session_id = state.start_session(run_id)
+    missing = set(state.preregister_object_tree(get_object_tree(content), session_id))
+    ids = [oid for oid in objects if oid in missing and oid != content.object_id][:requests]
+    node = Node(node_id=node_id)
+    pushes = [PushObjectRequest(node=node, run_id=run_id, session_id=session_id, object_id=oid,
+                                object_content=objects[oid].deflate()).SerializeToString() for oid in ids]
+    pulls = [PullObjectRequest(node=node, run_id=run_id, object_id=oid).SerializeToString() for oid in ids]
+    out: dict[str, float] = {}
+    for name, path, bodies in (("push_object", "/v1/fleet/push-object", pushes),
+                               ("pull_object", "/v1/fleet/pull-object", pulls)):
+        headers = [_headers(private_key, pk) for _ in bodies]
+        for body, h in zip(bodies[:5], headers[:5], strict=True):  # warm-up
+            await call(app, path, body, h)
+        start = time.process_time()
+        for body, h in zip(bodies[5:], headers[5:], strict=True):
+            status, reply = await call(app, path, body, h)
+            if status != 200:
+                raise SystemExit(f"{name}: HTTP {status} {reply[:200]!r}")
+        out[name] = (time.process_time() - start) / (len(bodies) - 5) * 1e3
+    return out
+
+
+def objects_main(requests: int, repeats: int) -> None:
+    """`--objects`: the SuperLink before and after the two caches and the traffic batching."""
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+    from flwr.superlink.routers.fleet import node_auth
+
+    from federated.runtime import flwr_internals
+
+    names = ("get_run_status", "store_traffic", "get_run_info", "get_node_id_by_public_key")
+    parse = node_auth.bytes_to_public_key
+    flwr_internals.patch_superlink_middleware()
+    flwr_internals.patch_superlink_idle_pulls(recheck_s=5.0)
+    flwr_internals.patch_superlink_task_sweep(0.5)
+    before = {n: getattr(SqlLinkState, n) for n in names}
+    flwr_internals.patch_superlink_run_status_cache(1.0)
+    flwr_internals.patch_superlink_traffic_batching(1.0)
+    flwr_internals.patch_superlink_node_key_cache(1.0)
+    after = {n: getattr(SqlLinkState, n) for n in names}
+    parses = {"before": parse, "after": node_auth.bytes_to_public_key}
+    results: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(repeats):
+            for name, methods in (("before", before), ("after", after)):
+                for n, method in methods.items():
+                    setattr(SqlLinkState, n, method)
+                node_auth.bytes_to_public_key = parses[name]
+                app, state, node_id, key, pk = build(Path(tmp) / f"{name}-{repeat}.db")
+                results[name].append(asyncio.run(measure_objects(app, state, node_id, key, pk, requests)))
+    print(f"CPU ms per request (median of {repeats}, {requests} requests each, "
+          f"load {os.getloadavg()[0]:.1f})")
+    for name, runs in results.items():
+        cells = ", ".join(f"{k} {statistics.median(r[k] for r in runs):.2f}" for k in runs[0])
+        print(f"  {name:8s} {cells}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds of the three configurations, interleaved")
+    parser.add_argument("--objects", action="store_true",
+                        help="PushObject / PullObject before and after the caches and traffic batching")
     args = parser.parse_args()
     disable_phone_home()
+    if args.objects:
+        objects_main(args.requests, args.repeats)
+        return
     import flwr.superlink.main as superlink_main
 
     from federated.runtime import flwr_internals
