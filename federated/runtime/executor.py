@@ -44,6 +44,10 @@ WAKE_FALLBACK_S = 2.0
 #: how often the approvals file is checked for a newly approved study to calibrate ahead (one
 #: `stat` when it did not change)
 APPROVALS_WATCH_S = 0.2
+#: after a study is approved here (and until its run registers its plan), the SuperNode in this
+#: process polls for messages as it does during a study, for at most this long: the run's first
+#: message (the server's hello) then waits for no idle sleep (`flwr_internals.IdlePacer`)
+RUN_EXPECTED_S = 30.0
 log = logging.getLogger("federated.executor")
 
 
@@ -205,7 +209,9 @@ class WarmExecutor:
         once it has drawn the study's decision count, seconds before the study's run starts; the
         calibration is the largest part of a first round beyond training, and in this process it
         would otherwise run beside the run's first messages and training (one interpreter lock).
-        An optimisation only: what fails is logged and the first round calibrates itself."""
+        Meanwhile (at most `RUN_EXPECTED_S`) the SuperNode polls as during a study, so the run's
+        first message waits for no idle sleep. An optimisation only: what fails is logged and
+        the first round calibrates itself."""
         from federated.client_app import plan_approved
         from federated.runtime.site import Site
 
@@ -214,7 +220,10 @@ class WarmExecutor:
         config_seen: tuple[int, int, int] | None = None
         approvals_seen: tuple[int, int, int] | None = None
         site: Site | None = None
+        expected_until = 0.0
         while not self._stop.wait(self.approvals_watch_s):
+            if time.monotonic() < expected_until:
+                flwr_internals.supernode_expects_message()
             try:
                 stamp = _file_stamp(self.node_config_file)
                 if site is None or stamp != config_seen:
@@ -229,8 +238,10 @@ class WarmExecutor:
             except Exception as exc:  # not provisioned yet, a file being replaced: next time
                 log.debug("approvals watch: %s: %s", type(exc).__name__, exc)
                 continue
-            if planned:
+            if planned:  # approved, decided, not started: the run's hello comes next
                 log.info("calibrating ahead the DP plan of %s", ", ".join(planned))
+                expected_until = time.monotonic() + RUN_EXPECTED_S
+                flwr_internals.supernode_expects_message()
 
     def serve(self) -> None:
         """Take and run tasks until `stop()`; connection errors are retried (the SuperNode may

@@ -26,6 +26,7 @@ from federated import client_app
 from federated.client_app import draw_decision, plan_ahead, plan_approved, train_hospital_round
 from federated.dp import initial_state
 from federated.privacy_ledger import PrivacyLedger
+from federated.runtime import flwr_internals
 from federated.runtime.demo_sites import DemoSite, approve, demo_spec, provision_sites
 from federated.runtime.inprocess import InProcessGrid
 from federated.server_app import ServerOptions, StudyFailedError, run_study_rounds
@@ -220,14 +221,19 @@ def test_only_valid_specs_of_approved_studies_are_calibrated_ahead(sites: dict[s
     assert plan_approved(demo.site) == []
 
 
-def test_the_executor_calibrates_a_study_when_its_approval_is_written(sites: dict[str, DemoSite],
-                                                                       calibrations: list[Any],
-                                                                       tmp_path: Path) -> None:
+def test_the_executor_calibrates_a_study_when_its_approval_is_written(
+        sites: dict[str, DemoSite], calibrations: list[Any], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     from federated.runtime.deployment import write_node_config
     from federated.runtime.executor import WarmExecutor
 
     demo, spec = sites["hospital-a"], demo_spec("s-watched", **PRIVACY)
     config = write_node_config(tmp_path / "node-config.toml", demo.site.node_config())
+    # the SuperNode's idle pacing in this process: idle for long, so polling at its slowest
+    pacer = flwr_internals.IdlePacer(0.1, 0.5, hot_s=60.0)
+    pacer._active_at -= 3600
+    monkeypatch.setattr(flwr_internals, "_supernode_pacers", [pacer])
+    assert pacer.next_sleep() > 0.1
     executor = WarmExecutor("127.0.0.1:9", node_config_file=config, approvals_watch_s=0.01)
     watcher = threading.Thread(target=executor.watch_approvals, daemon=True)
     watcher.start()
@@ -248,6 +254,7 @@ def test_the_executor_calibrates_a_study_when_its_approval_is_written(sites: dic
     assert not watcher.is_alive()
     assert planned == terms.plan()
     assert next(name for name, _, _ in calibrations) == "plan-s-watched"
+    assert pacer.next_sleep() == 0.1  # the run's first message is expected: polling fast
     assert _ledger(demo).plan(spec.study_id) is None  # nothing stored before the train message
 
 
