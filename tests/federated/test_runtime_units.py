@@ -341,3 +341,36 @@ def test_a_supernode_expecting_a_message_polls_fast_again(monkeypatch: pytest.Mo
     assert pacer.next_sleep() == 0.1
     monkeypatch.setattr(flwr_internals, "_supernode_pacers", [])
     flwr_internals.supernode_expects_message()  # no SuperNode in this process: nothing to do
+
+
+def test_after_the_servers_warm_up_a_first_pre_training_imports_nothing_of_torch() -> None:
+    """`federated.dp.warm_public_state` (the coordinator's warm-up) takes a process's first
+    `torch.optim` step, which imports torch's compiler stack: the first study's public
+    pre-training then imports none of it, and computes the same initial model."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import json, sys
+        import numpy as np
+        from federated.dp import public_initial_state, warm_public_state
+        from federated.clinical_data import survival_feature_specs
+        warm_public_state()
+        before = set(sys.modules)
+        cols = [s.name for s in survival_feature_specs("flchain")]
+        state = public_initial_state("cox_ph", cols, "survival", seed=0)
+        new = sorted(m for m in set(sys.modules) - before if m.startswith(("torch", "sympy")))
+        print(json.dumps({"new": new, "state": state.tolist()}))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          check=False, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["new"] == []
+    from federated.clinical_data import survival_feature_specs
+    from federated.dp import _public_initial_state
+    from federated.templates import get_template
+
+    cols = [s.name for s in survival_feature_specs("flchain")]
+    unwarmed = _public_initial_state(get_template("cox_ph"), cols, "survival", 0, None)
+    assert np.array_equal(np.asarray(result["state"], dtype=np.float32), unwarmed)
