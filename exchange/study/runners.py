@@ -241,12 +241,8 @@ def _warm_server_side() -> None:
     busy machine a second thread only waits for a core."""
     import os
 
-    try:
-        from federated.runtime.server_runner import warm
-
-        warm()  # the run's submission: the flwr modules it imports, a first FAB build
-    except Exception:  # a warm-up only: the first study does the same work and reports failures
-        logging.getLogger(__name__).warning("warm-up of the study runner failed", exc_info=True)
+    # first what a submitted study's `prepare` needs (the pre-training), then what its run's
+    # start needs, in the order a study needs them
     try:
         import torch
 
@@ -257,6 +253,12 @@ def _warm_server_side() -> None:
         warm_public_state()
     except Exception:  # a warm-up only: the first study does the same work and reports failures
         logging.getLogger(__name__).warning("warm-up of the ServerApp side failed", exc_info=True)
+    try:
+        from federated.runtime.server_runner import warm
+
+        warm()  # the run's submission: the flwr modules it imports, a first FAB build
+    except Exception:  # a warm-up only: the first study does the same work and reports failures
+        logging.getLogger(__name__).warning("warm-up of the study runner failed", exc_info=True)
 
 
 class FederatedRunner:
