@@ -445,6 +445,18 @@ def plan_ahead(site: Site, spec: StudySpec) -> Future[DPPlan] | None:
     return result
 
 
+def plan_approved(site: Site) -> list[str]:
+    """`plan_ahead` for every study approved here whose spec the node wrote with its approval
+    (`Site.approved_specs`): the node writes it once it has decided and drawn the study's count,
+    seconds before the study's run starts, so the first round finds its plan calibrated instead
+    of calibrating it beside the round's training. The same function of the same terms as the
+    hello's and the train message's (`_planned` takes the result only when the terms match the
+    run's own spec); nothing is stored or charged. Returns the studies being (or already)
+    calibrated ahead."""
+    specs = site.approved_specs()
+    return [study_id for study_id, spec in specs.items() if plan_ahead(site, spec) is not None]
+
+
 def _planned(terms: PlanTerms) -> DPPlan:
     """The plan for these terms: the one `plan_ahead` calibrated (waiting for it if it is still
     running; it stays for another hospital of this process with the same terms), else calibrated

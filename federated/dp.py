@@ -150,9 +150,16 @@ _initial_states: dict[tuple[object, ...], Future[np.ndarray]] = {}
 def warm_public_state() -> None:
     """Import what a study's ServerApp set-up needs (torch, scikit-survival, the public
     reference samples of the shipped data sets) so the first study's first round does not wait
-    for it; meant for a background thread of a long-lived process (the coordinator's runner)."""
+    for it; meant for a background thread of a long-lived process (the coordinator's runner).
+    Also one step of the public pre-training on two made-up rows: a process's first
+    `torch.optim` step imports torch's compiler stack (`torch._dynamo`, SymPy, about 800
+    modules), seconds of CPU that the first study's `public_initial_state` would otherwise pay
+    (docs/benchmarks/scale.md, "First round")."""
     from federated.clinical_data import SURVIVAL_DATASETS, public_survival_reference, survival_feature_specs
     from federated.data import DATASETS, feature_specs, public_reference
+
+    fit_cox_nonprivate(np.zeros(1, np.float32), np.zeros((2, 1)), np.array([1.0, 2.0]), np.array([1.0, 0.0]),
+                       steps=1)
 
     for dataset in SURVIVAL_DATASETS:
         public_survival_reference([s.name for s in survival_feature_specs(dataset)], "pretrain")

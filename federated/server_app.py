@@ -637,6 +637,11 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
     except ValueError as exc:
         observer.on_failed(f"bad study spec: {exc}")
         raise StudyFailedError(f"bad study spec: {exc}") from exc
+    directory = NodeDirectory(grid, spec, context, options)
+    # Hello to the nodes listed now, before the set-up below: their replies come back while it
+    # runs (the public pre-training can take seconds when the coordinator did not prepare it),
+    # and round 1 collects them (`_wait_for_nodes`). A hello carries no model.
+    directory.refresh()
     model = template.build(len(spec.columns), seed=spec.seed, n_classes=spec.classes)
     # the initial model is pre-trained on the public reference sample's first half when there is
     # one (no privacy cost); each round's model is scored exactly on the other half
@@ -659,7 +664,6 @@ def run_study_rounds(grid: Grid, context: Context, observer: StudyObserver,
     failed_round: _PendingRound | None = None
     seen: set[str] = set()  # hospitals that took part in an earlier round
     silent: set[str] = set()  # hospitals that did not answer the last train exchange
-    directory = NodeDirectory(grid, spec, context, options)
 
     def decode(phase: PhaseResult, round_: int, n_weights: int | None,
                masked: bool = False) -> list[HospitalReply]:

@@ -50,7 +50,7 @@ from exchange.node.decisions import (
 from exchange.node.models import RoundRow, StudyRow
 from exchange.node.privacy import site_ledger
 from exchange.node.settings import NodeSettings
-from exchange.node.site_export import export_site, site_paths, write_approvals
+from exchange.node.site_export import approved_specs, export_site, site_paths, write_approvals
 from exchange.node.store import NodeStore, open_store
 from exchange.node.supervisor import ChildSpec, Supervisor
 from exchange.node.witness_loop import WitnessLoop
@@ -268,7 +268,8 @@ class NodeDaemon:
             if decision.decision == "approve":
                 # At once, not at the step's site export: the study may start with this
                 # approval, and its first round must not find it missing here (refused).
-                write_approvals(self.settings, self.active_studies())
+                active = self.active_studies()
+                write_approvals(self.settings, active, approved_specs(self.store, active))
             log.info("decision_posted", study_id=decision.study_id, decision=decision.decision,
                      decided_by=decision.decided_by, reasons=decision.reasons)
 

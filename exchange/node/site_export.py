@@ -17,7 +17,10 @@ Choices a steward should know (docs/node.md):
   unsigned (exchange/node/consent_store.py). The ClientApp takes the one in force.
 - approvals: studies this node approved (and the coordinator acknowledged) that have not
   finished. A refused, cancelled or finished study is not in the file, so its ClientApp
-  messages are refused.
+  messages are refused. Beside each id, the study's `StudySpec` as its run will carry it
+  (`exchange.study.spec.study_spec` of the study this node decided on): the Flower process
+  calibrates the study's DP plan from it as soon as the approval is written, before the run
+  starts (`federated.client_app.plan_approved`; docs/benchmarks/scale.md, "First round").
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ import json
 import os
 import tempfile
 import tomllib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 
 from exchange.db.engine import normalize_url
-from exchange.node.models import ColumnCategory, ConsentContractRow, ImportBatch, Record
+from exchange.node.models import ColumnCategory, ConsentContractRow, ImportBatch, Record, StudyRow
 from exchange.node.settings import NodeSettings
 from exchange.node.store import NodeStore
 
@@ -137,10 +141,40 @@ def fingerprint(store: NodeStore) -> list[Any]:
                 session.execute(select(func.count()).select_from(ColumnCategory)).scalar_one()]
 
 
-def write_approvals(settings: NodeSettings, approved: list[str]) -> Path:
-    """The ClientApp's list of the studies approved here (atomic: it never reads half a file)."""
+def approved_specs(store: NodeStore, approved: Iterable[str]) -> dict[str, Any]:
+    """Study id -> the `StudySpec` (its JSON) the study's run will carry, for each approved
+    study whose stored document makes one: the same translation the coordinator runs it with
+    (`exchange.study.spec.study_spec`), its timeouts aside. The Flower process calibrates each
+    study's DP plan from it ahead of the run (`federated.client_app.plan_approved`); a study
+    left out here is calibrated by its first round instead, so nothing is refused over it."""
+    from exchange.study.spec import AcceptedStudy, study_spec
+
+    wanted = set(approved)
+    if not wanted:
+        return {}
+    out: dict[str, Any] = {}
+    with store.sessions() as session:
+        rows = session.execute(select(StudyRow).where(StudyRow.study_id.in_(wanted))).scalars().all()
+        documents = {row.study_id: row.document for row in rows}
+    for study_id, document in sorted(documents.items()):
+        try:
+            spec = study_spec(AcceptedStudy.from_hospital_view(document))
+        except (KeyError, TypeError, ValueError):
+            continue
+        out[study_id] = json.loads(spec.canonical_bytes())
+    return out
+
+
+def write_approvals(settings: NodeSettings, approved: list[str],
+                    specs: Mapping[str, Any] | None = None) -> Path:
+    """The ClientApp's list of the studies approved here, with the specs of those in `specs`
+    (`approved_specs`) (atomic: it never reads half a file; rewritten only when it changed)."""
     path = site_paths(settings)["approvals"]
-    _atomic_write(path, json.dumps({"approved": sorted(approved)}).encode())
+    body: dict[str, Any] = {"approved": sorted(approved)}
+    kept = {study_id: specs[study_id] for study_id in sorted(approved) if specs and study_id in specs}
+    if kept:
+        body["specs"] = kept
+    _atomic_write(path, json.dumps(body, sort_keys=True).encode())
     return path
 
 
@@ -152,7 +186,7 @@ def export_site(store: NodeStore, settings: NodeSettings, approved: list[str], *
     from federated.runtime.deployment import write_node_config
 
     paths = site_paths(settings)
-    write_approvals(settings, approved)
+    write_approvals(settings, approved, approved_specs(store, approved))
     marker = [*fingerprint(store), "labels-per-study", settings.training.test_fraction]
     if store.get_state("site_export") != marker or not paths["records"].exists():
         if isolate:

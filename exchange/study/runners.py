@@ -233,13 +233,16 @@ class ThreadHandle:
 
 
 def _warm_server_side() -> None:
-    """Import what a study's ServerApp needs and load the public reference samples (seconds of
-    CPU: torch, scikit-survival) while the coordinator waits for its first study, not in that
-    study's first round (docs/benchmarks/scale.md, "First round"). One intra-op thread for
+    """Import what a study's run submission and ServerApp need and load the public reference
+    samples (seconds of CPU: flwr's CLI and grid, torch, scikit-survival) while the coordinator
+    waits for its first study, not in that study's first round (docs/benchmarks/scale.md,
+    "First round"). One intra-op thread for
     torch unless the operator set OMP_NUM_THREADS: the ServerApp's models are tiny, and on a
     busy machine a second thread only waits for a core."""
     import os
 
+    # first what a submitted study's `prepare` needs (the pre-training), then what its run's
+    # start needs, in the order a study needs them
     try:
         import torch
 
@@ -250,6 +253,12 @@ def _warm_server_side() -> None:
         warm_public_state()
     except Exception:  # a warm-up only: the first study does the same work and reports failures
         logging.getLogger(__name__).warning("warm-up of the ServerApp side failed", exc_info=True)
+    try:
+        from federated.runtime.server_runner import warm
+
+        warm()  # the run's submission: the flwr modules it imports, a first FAB build
+    except Exception:  # a warm-up only: the first study does the same work and reports failures
+        logging.getLogger(__name__).warning("warm-up of the study runner failed", exc_info=True)
 
 
 class FederatedRunner:

@@ -41,6 +41,13 @@ EXPECTED_CLIENTAPP_REF = "federated.client_app:app"
 #: with a wake-up Event (`hosted_supernode`), the executor still polls this often: if a wake-up
 #: were ever missed, the task waits at most this long
 WAKE_FALLBACK_S = 2.0
+#: how often the approvals file is checked for a newly approved study to calibrate ahead (one
+#: `stat` when it did not change)
+APPROVALS_WATCH_S = 0.2
+#: after a study is approved here (and until its run registers its plan), the SuperNode in this
+#: process polls for messages as it does during a study, for at most this long: the run's first
+#: message (the server's hello) then waits for no idle sleep (`flwr_internals.IdlePacer`)
+RUN_EXPECTED_S = 30.0
 log = logging.getLogger("federated.executor")
 
 
@@ -94,20 +101,31 @@ def warm_site(node_config_file: Path | None) -> list[str]:
     return []
 
 
+def _file_stamp(path: Path) -> tuple[int, int, int]:
+    """What changes when a file is rewritten (mtime, size, inode: an atomic rewrite is a new
+    inode even within the file system's timestamp granularity)."""
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 class WarmExecutor:
     """Polls one SuperNode's runtime API and runs each ClientApp task in this process."""
 
     def __init__(self, runtime_api_address: str, *, poll: float = 0.05, pull_backoff: float | None = 0.02,
                  expected_clientapp_ref: str = EXPECTED_CLIENTAPP_REF,
                  node_config_file: Path | None = None, rewarm_every_s: float = 2.0,
-                 poll_max: float | None = None, wake: threading.Event | None = None) -> None:
+                 poll_max: float | None = None, wake: threading.Event | None = None,
+                 approvals_watch_s: float = APPROVALS_WATCH_S) -> None:
         """`poll`: the sleep after an empty poll while tasks keep coming, growing to `poll_max`
         when none came for a while (`flwr_internals.IdlePacer`; None: always `poll`). `wake`: set
         by the SuperNode in this process when it stored a task (`hosted_supernode`); the
         executor then waits on it instead of polling, and polls only every `WAKE_FALLBACK_S`
-        as a safety net."""
+        as a safety net. `approvals_watch_s`: how often a thread checks this node's approvals
+        file and calibrates a newly approved study's DP plan (`watch_approvals`)."""
         if poll <= 0:
             raise ValueError(f"poll: must be > 0 seconds, got {poll!r}")
+        if approvals_watch_s <= 0:
+            raise ValueError(f"approvals_watch_s: must be > 0 seconds, got {approvals_watch_s!r}")
         if poll_max is not None and poll_max < poll:
             raise ValueError(f"poll_max: must be >= poll ({poll!r}), got {poll_max!r}")
         self.address = runtime_api_address
@@ -123,6 +141,7 @@ class WarmExecutor:
         self.node_config_file = node_config_file
         self.rewarm_every_s = rewarm_every_s
         self._warmed_at = 0.0
+        self.approvals_watch_s = approvals_watch_s
         if pull_backoff is not None:
             flwr_internals.patch_clientapp_pull_backoff(pull_backoff)
         # Import the ClientApp (and with it torch, our training code) once, up front.
@@ -183,9 +202,53 @@ class WarmExecutor:
         self._warmed_at = time.monotonic()
         warm_site(self.node_config_file)
 
+    def watch_approvals(self) -> None:
+        """Until `stop()`: when this node's approvals file changes (the daemon approved a study),
+        start calibrating the DP plan of each approved study it gives the spec of
+        (`federated.client_app.plan_approved`), in the background. The daemon writes the file
+        once it has drawn the study's decision count, seconds before the study's run starts; the
+        calibration is the largest part of a first round beyond training, and in this process it
+        would otherwise run beside the run's first messages and training (one interpreter lock).
+        Meanwhile (at most `RUN_EXPECTED_S`) the SuperNode polls as during a study, so the run's
+        first message waits for no idle sleep. An optimisation only: what fails is logged and
+        the first round calibrates itself."""
+        from federated.client_app import plan_approved
+        from federated.runtime.site import Site
+
+        if self.node_config_file is None:
+            return
+        config_seen: tuple[int, int, int] | None = None
+        approvals_seen: tuple[int, int, int] | None = None
+        site: Site | None = None
+        expected_until = 0.0
+        while not self._stop.wait(self.approvals_watch_s):
+            if time.monotonic() < expected_until:
+                flwr_internals.supernode_expects_message()
+            try:
+                stamp = _file_stamp(self.node_config_file)
+                if site is None or stamp != config_seen:
+                    with self.node_config_file.open("rb") as handle:
+                        site = Site.from_node_config(tomllib.load(handle))
+                    config_seen, approvals_seen = stamp, None
+                approvals = _file_stamp(site.approvals_path)
+                if approvals == approvals_seen:
+                    continue
+                approvals_seen = approvals
+                planned = plan_approved(site)
+            except Exception as exc:  # not provisioned yet, a file being replaced: next time
+                log.debug("approvals watch: %s: %s", type(exc).__name__, exc)
+                continue
+            if planned:  # approved, decided, not started: the run's hello comes next
+                log.info("calibrating ahead the DP plan of %s", ", ".join(planned))
+                expected_until = time.monotonic() + RUN_EXPECTED_S
+                flwr_internals.supernode_expects_message()
+
     def serve(self) -> None:
         """Take and run tasks until `stop()`; connection errors are retried (the SuperNode may
-        still be starting or restarting)."""
+        still be starting or restarting). With a node config, a thread watches its approvals
+        (`watch_approvals`) meanwhile."""
+        if self.node_config_file is not None:
+            threading.Thread(target=self.watch_approvals, name="approvals-watch", daemon=True).start()
         tasks = flwr_internals.TaskQueue(self.address, "clientapp")
         try:
             while not self._stop.is_set():

@@ -346,6 +346,25 @@ def build_fab(app_dir: Path) -> bytes:
     return bytes(build_fab_from_disk(app_dir))
 
 
+#: What submitting a run and claiming its ServerApp task import on first use (`build_fab`,
+#: `ControlApi`, `TaskQueue`, `ServerAppTask`): `flwr.cli.build` (the CLI's dependencies) and
+#: `flwr.superlink.grid` alone take a second or more of a coordinator's first study start.
+SERVER_RUN_MODULES = ("flwr.cli.build", "flwr.superlink.grid", "flwr.supercore.control",
+                      "flwr.supercore.interceptors", "flwr.supercore.fab", "flwr.supercore.heartbeat",
+                      "flwr.supercore.retry", "flwr.supercore.runtime", "flwr.common.config",
+                      "flwr.common.serde", "flwr.proto.control_pb2", "flwr.proto.runtime_pb2")
+
+
+def import_server_run_modules() -> None:
+    """Import `SERVER_RUN_MODULES` now (a coordinator's warm-up), so that its first study's
+    submission does not wait for them."""
+    import importlib
+
+    check_layout("control")
+    for name in SERVER_RUN_MODULES:
+        importlib.import_module(name)
+
+
 # -- the Runtime API (tasks: the SuperLink's for ServerApps, a SuperNode's for ClientApps) --------
 
 
@@ -713,6 +732,14 @@ def _patch_supernode_loop(sci: types.ModuleType) -> None:
         setattr(wrapped, _PATCHED_MARK, True)
     setattr(sci, "_pull_and_store_message", pull_and_store)  # noqa: B010 (module globals of flwr's)
     setattr(sci, "_push_messages", push_messages)  # noqa: B010
+
+
+def supernode_expects_message() -> None:
+    """A message for this process's SuperNode is expected soon (a study approved here is about to
+    start its run): its next polls are fast (`IdlePacer.active`), as after a message. No-op
+    when the SuperNode's sleeps are not patched (plain mode, or no SuperNode in this process)."""
+    for pacer in _supernode_pacers:
+        pacer.active()
 
 
 def on_supernode_message(callback: Callable[[], None]) -> None:

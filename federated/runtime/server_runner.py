@@ -81,6 +81,15 @@ def build_fab() -> tuple[bytes, str]:
     return fab, hashlib.sha256(fab).hexdigest()
 
 
+def warm() -> None:
+    """What a coordinator's first `run_study` would otherwise pay for on top of its later ones:
+    the flwr modules a run's submission and task claim import (`flwr_internals.
+    import_server_run_modules`) and a first FAB build. Run by the coordinator's warm-up
+    (`exchange.study.runners.FederatedRunner`) before any study is submitted."""
+    flwr_internals.import_server_run_modules()
+    build_fab()
+
+
 def _claim_serverapp_task(superlink_address: str, spec: StudySpec, fab: tuple[bytes, str], *, insecure: bool,
                           certs: bytes | None, acquire_timeout: float) -> flwr_internals.TaskClaim:
     """Submit the run and claim its ServerApp task (what `flwr run` and then SuperExec do)."""

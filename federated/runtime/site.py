@@ -13,7 +13,10 @@ ledger-url         its privacy ledger: an SQLAlchemy URL of the node database (s
                    the node migrations; `federated.privacy_ledger`)
 key-path           its Ed25519 key file (`audit.signing.Signer`, 0600)
 approvals-path     its approved studies: JSON ``{"approved": ["study-id", ...]}`` written by the
-                   node daemon when the steward (or the site policy) approves a study
+                   node daemon when the steward (or the site policy) approves a study;
+                   optionally ``"specs": {"study-id": StudySpec JSON}``, each approved study's
+                   terms, from which the Flower process calibrates its DP plan before the run
+                   starts (`Site.approved_specs`, `federated.client_app.plan_approved`)
 decision-epsilon   optional: the epsilon of a study's decision count (`policy.decision_epsilon`,
                    default 0.1), drawn by the ClientApp when the node daemon did not draw it
 holdout-fraction   optional: the share of patients held out for evaluation
@@ -266,6 +269,32 @@ class Site:
             return frozenset(approved)
 
         return frozenset(_cached("approvals-path", self.approvals_path, load))
+
+    def approved_specs(self) -> dict[str, Any]:
+        """Approved study id -> its `StudySpec`, for the approved studies whose spec the node
+        wrote beside their id. Only an optimisation reads them (a plan calibrated ahead,
+        `federated.client_app.plan_approved`): an entry that is not a valid spec of its study
+        is left out, never an error; what a study trains with is its run's own spec."""
+        from federated.study_spec import StudySpec, StudySpecError
+
+        def load(path: Path) -> dict[str, Any]:
+            try:
+                specs = json.loads(path.read_text()).get("specs")
+            except (ValueError, AttributeError):
+                return {}
+            out: dict[str, Any] = {}
+            for study_id, obj in (specs.items() if isinstance(specs, dict) else ()):
+                try:
+                    spec = StudySpec.from_json(obj)
+                except StudySpecError:
+                    continue
+                if spec.study_id == study_id:
+                    out[study_id] = spec
+            return out
+
+        specs: dict[str, Any] = _cached("approvals-specs", self.approvals_path, load)
+        approved = self.approved_studies()
+        return {study_id: spec for study_id, spec in specs.items() if study_id in approved}
 
     def records(self) -> tuple[HospitalData, str | None]:
         data, label = _cached("records-path", self.records_path, read_records)

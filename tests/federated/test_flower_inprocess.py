@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import Context, MessageType, RecordDict
 from sqlalchemy import create_engine
 
 from audit.reward_commitment import UNITS, verify_leaf
@@ -559,3 +559,32 @@ def test_receipts_of_a_failed_round_are_still_reported(tmp_path: Path) -> None:
     for receipt in receipts:
         demo = sites[receipt.hospital.removeprefix("hospital:")]
         assert _ledger(demo).spent("s-failed-round") == pytest.approx(receipt.epsilon_total)
+
+
+def test_the_hellos_go_out_before_the_servers_set_up(sites: dict[str, DemoSite], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ServerApp says hello to the listed nodes before its set-up (the public pre-training of
+    the initial model), so their replies come back while it runs; no model goes out before a
+    node's signed hello names an approved hospital, and the study runs as before."""
+    import federated.dp
+
+    pushed: list[str] = []
+    seen_at_setup: list[list[str]] = []
+    real_push, real_setup = InProcessGrid.push_messages, federated.dp.public_initial_state
+
+    def push(self: InProcessGrid, messages: Any) -> Any:
+        messages = list(messages)
+        pushed.extend(m.metadata.message_type for m in messages)
+        return real_push(self, messages)
+
+    def setup(*args: Any, **kwargs: Any) -> Any:
+        seen_at_setup.append(list(pushed))
+        return real_setup(*args, **kwargs)
+
+    monkeypatch.setattr(InProcessGrid, "push_messages", push)
+    monkeypatch.setattr(federated.dp, "public_initial_state", setup)
+    observer, _grid = _run(sites, _spec("s-early-hello"), tmp_path)
+    assert observer.failed == [] and observer.completed is not None
+    assert seen_at_setup == [[MessageType.QUERY] * len(sites)]  # every hello, nothing else yet
+    assert pushed.count(MessageType.QUERY) == len(sites)  # one hello per node, never repeated
+    assert MessageType.TRAIN in pushed

@@ -1,4 +1,6 @@
-"""The DP plan calibrated ahead, at the server's hello (`federated.client_app.plan_ahead`).
+"""The DP plan calibrated ahead: at the server's hello (`federated.client_app.plan_ahead`), and
+earlier, when the node writes the study's approval with its spec (`plan_approved`, the warm
+executor's `watch_approvals`).
 
 The calibration is a search over the PRV accountant and was the largest part of a study's first
 round beyond training. The hello starts it in the background; the first train message takes the
@@ -10,6 +12,7 @@ started for a study that must not train here.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,9 +23,10 @@ from flwr.app import Context, RecordDict
 from sqlalchemy import create_engine
 
 from federated import client_app
-from federated.client_app import draw_decision, plan_ahead, train_hospital_round
+from federated.client_app import draw_decision, plan_ahead, plan_approved, train_hospital_round
 from federated.dp import initial_state
 from federated.privacy_ledger import PrivacyLedger
+from federated.runtime import flwr_internals
 from federated.runtime.demo_sites import DemoSite, approve, demo_spec, provision_sites
 from federated.runtime.inprocess import InProcessGrid
 from federated.server_app import ServerOptions, StudyFailedError, run_study_rounds
@@ -164,3 +168,98 @@ def test_a_study_run_through_the_clientapp_calibrates_once_per_hospital(sites: d
     assert {name for name, _, _ in calibrations} == {"plan-s-hello"}
     for demo in sites.values():
         assert _ledger(demo).plan(spec.study_id) is not None
+
+
+def _approve_with_spec(demo: DemoSite, *specs: StudySpec, approved: tuple[str, ...] = (),
+                       extra: dict[str, Any] | None = None) -> None:
+    """What the node daemon writes on approval: the ids, and each study's spec beside it."""
+    body = {"approved": sorted({*approved, *(s.study_id for s in specs)}),
+            "specs": {s.study_id: json.loads(s.canonical_bytes()) for s in specs} | (extra or {})}
+    tmp = demo.site.approvals_path.with_name("approvals.json.tmp")
+    tmp.write_text(json.dumps(body))
+    tmp.replace(demo.site.approvals_path)
+
+
+def test_a_study_approved_with_its_spec_is_calibrated_before_its_run(sites: dict[str, DemoSite],
+                                                                      calibrations: list[Any]) -> None:
+    demo, spec = sites["hospital-a"], demo_spec("s-approved", **PRIVACY)
+    _approve_with_spec(demo, spec)
+    draw_decision(demo.site, spec, NOW, noise=_Exact())
+    assert plan_approved(demo.site) == [spec.study_id]
+    decision = _ledger(demo).decision(spec.study_id)
+    assert decision is not None
+    ahead = client_app._planning[client_app._plan_terms(demo.site, spec, decision)]
+    planned = ahead.result(timeout=120)
+    assert _ledger(demo).plan(spec.study_id) is None  # nothing stored before the train message
+    assert _ledger(demo).charges(spec.study_id) == []
+    assert plan_ahead(demo.site, spec) is ahead  # the run's hello finds it: one calibration
+    outcome = train_hospital_round(demo.site, spec, 1, initial_state(spec.template, len(spec.columns)), NOW)
+    assert outcome.status == "ok", outcome.reason
+    assert _ledger(demo).plan(spec.study_id) == planned
+    assert [name for name, _, _ in calibrations] == ["plan-s-approved"]
+    assert plan_approved(demo.site) == []  # planned: nothing more to calibrate
+
+
+def test_only_valid_specs_of_approved_studies_are_calibrated_ahead(sites: dict[str, DemoSite],
+                                                                    calibrations: list[Any]) -> None:
+    demo = sites["hospital-a"]
+    spec = demo_spec("s-listed", **PRIVACY)
+    not_approved = demo_spec("s-not-approved", **PRIVACY)
+    _decided(demo, not_approved)  # counted, then no longer approved (its approval withdrawn)
+    _approve_with_spec(demo, spec, approved=("s-broken", "s-other"), extra={
+        "s-not-approved": json.loads(not_approved.canonical_bytes()),  # its id is not in "approved"
+        "s-broken": {"study_id": "s-broken", "epsilon": "many"},  # not a spec
+        "s-other": json.loads(spec.canonical_bytes()),  # another study's spec under this id
+    })
+    assert demo.site.approved_studies() == {"s-listed", "s-broken", "s-other"}
+    assert demo.site.approved_specs() == {"s-listed": spec}
+    assert plan_approved(demo.site) == []  # approved, but the daemon has not drawn its count yet
+    assert calibrations == []
+    # an approvals file without specs (an older daemon): nothing to calibrate ahead, no error
+    demo.site.approvals_path.write_text(json.dumps({"approved": ["s-listed"]}))
+    assert demo.site.approved_specs() == {}
+    assert plan_approved(demo.site) == []
+
+
+def test_the_executor_calibrates_a_study_when_its_approval_is_written(
+        sites: dict[str, DemoSite], calibrations: list[Any], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from federated.runtime.deployment import write_node_config
+    from federated.runtime.executor import WarmExecutor
+
+    demo, spec = sites["hospital-a"], demo_spec("s-watched", **PRIVACY)
+    config = write_node_config(tmp_path / "node-config.toml", demo.site.node_config())
+    # the SuperNode's idle pacing in this process: idle for long, so polling at its slowest
+    pacer = flwr_internals.IdlePacer(0.1, 0.5, hot_s=60.0)
+    pacer._active_at -= 3600
+    monkeypatch.setattr(flwr_internals, "_supernode_pacers", [pacer])
+    assert pacer.next_sleep() > 0.1
+    executor = WarmExecutor("127.0.0.1:9", node_config_file=config, approvals_watch_s=0.01)
+    watcher = threading.Thread(target=executor.watch_approvals, daemon=True)
+    watcher.start()
+    try:
+        _decided(demo, spec)  # approved without its spec: nothing to calibrate from
+        _approve_with_spec(demo, spec)  # the node's approval with the study's spec
+        decision = _ledger(demo).decision(spec.study_id)
+        assert decision is not None
+        terms = client_app._plan_terms(demo.site, spec, decision)
+        for _ in range(6000):
+            if terms in client_app._planning:
+                break
+            threading.Event().wait(0.01)
+        planned = client_app._planning[terms].result(timeout=120)
+    finally:
+        executor.stop()
+        watcher.join(timeout=10)
+    assert not watcher.is_alive()
+    assert planned == terms.plan()
+    assert next(name for name, _, _ in calibrations) == "plan-s-watched"
+    assert pacer.next_sleep() == 0.1  # the run's first message is expected: polling fast
+    assert _ledger(demo).plan(spec.study_id) is None  # nothing stored before the train message
+
+
+def test_the_approvals_watch_interval_must_be_positive() -> None:
+    from federated.runtime.executor import WarmExecutor
+
+    with pytest.raises(ValueError, match="approvals_watch_s"):
+        WarmExecutor("127.0.0.1:9", approvals_watch_s=0)

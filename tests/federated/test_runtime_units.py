@@ -305,3 +305,72 @@ def test_a_long_exchange_is_polled_less_often_within_a_bounded_delay() -> None:
     assert poll_interval(0.05, 5.0) <= 0.05 * 5.0  # at most a few percent of the exchange
     assert poll_interval(0.05, 600.0) == POLL_MAX_S
     assert poll_interval(3.0, 600.0) == 3.0
+
+
+def test_the_runner_warm_up_imports_what_a_first_run_submission_would() -> None:
+    """`server_runner.warm` (the coordinator's warm-up) imports the flwr modules a study's
+    submission and task claim import and builds the FAB once, in a fresh interpreter: the first
+    study's start then imports none of them."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import json, sys
+        from federated.runtime import flwr_internals
+        from federated.runtime.server_runner import build_fab, warm
+        before = [m for m in flwr_internals.SERVER_RUN_MODULES if m in sys.modules]
+        warm()
+        after = [m for m in flwr_internals.SERVER_RUN_MODULES if m in sys.modules]
+        print(json.dumps({"before": before, "after": after, "fab": len(build_fab()[0])}))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          check=False, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "flwr.cli.build" not in result["before"] and "flwr.superlink.grid" not in result["before"]
+    assert result["after"] == list(flwr_internals.SERVER_RUN_MODULES)
+    assert result["fab"] > 0
+
+
+def test_a_supernode_expecting_a_message_polls_fast_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    pacer = flwr_internals.IdlePacer(0.1, 0.5, hot_s=30.0)
+    pacer._active_at -= 3600  # idle for an hour
+    monkeypatch.setattr(flwr_internals, "_supernode_pacers", [pacer])
+    assert [pacer.next_sleep() for _ in range(3)] == pytest.approx([0.15, 0.225, 0.3375])
+    flwr_internals.supernode_expects_message()
+    assert pacer.next_sleep() == 0.1
+    monkeypatch.setattr(flwr_internals, "_supernode_pacers", [])
+    flwr_internals.supernode_expects_message()  # no SuperNode in this process: nothing to do
+
+
+def test_after_the_servers_warm_up_a_first_pre_training_imports_nothing_of_torch() -> None:
+    """`federated.dp.warm_public_state` (the coordinator's warm-up) takes a process's first
+    `torch.optim` step, which imports torch's compiler stack: the first study's public
+    pre-training then imports none of it, and computes the same initial model."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import json, sys
+        import numpy as np
+        from federated.dp import public_initial_state, warm_public_state
+        from federated.clinical_data import survival_feature_specs
+        warm_public_state()
+        before = set(sys.modules)
+        cols = [s.name for s in survival_feature_specs("flchain")]
+        state = public_initial_state("cox_ph", cols, "survival", seed=0)
+        new = sorted(m for m in set(sys.modules) - before if m.startswith(("torch", "sympy")))
+        print(json.dumps({"new": new, "state": state.tolist()}))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          check=False, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["new"] == []
+    from federated.clinical_data import survival_feature_specs
+    from federated.dp import _public_initial_state
+    from federated.templates import get_template
+
+    cols = [s.name for s in survival_feature_specs("flchain")]
+    unwarmed = _public_initial_state(get_template("cox_ph"), cols, "survival", 0, None)
+    assert np.array_equal(np.asarray(result["state"], dtype=np.float32), unwarmed)

@@ -119,6 +119,17 @@ def test_an_approval_is_in_the_clientapps_list_as_soon_as_the_coordinator_holds_
     assert [d["decision"] for d in _decisions(coordinator, study)] == ["approve"]
     approvals = json.loads(site_paths(settings)["approvals"].read_text())
     assert approvals["approved"] == [study]
+    # with the study's spec as its run will carry it, so the Flower process can calibrate the
+    # study's DP plan before the run starts (federated.client_app.plan_approved)
+    from exchange.node.models import StudyRow
+    from exchange.study.spec import AcceptedStudy, study_spec
+    from federated.study_spec import StudySpec
+
+    with seeded.sessions() as session:
+        document = session.execute(select(StudyRow.document).where(StudyRow.study_id == study)).scalar_one()
+    expected = study_spec(AcceptedStudy.from_hospital_view(document))
+    assert StudySpec.from_json(approvals["specs"][study]) == expected
+    assert (expected.study_id, expected.epsilon, expected.request.region) == (study, 1.5, "DE")
 
 
 def test_ask_mode_waits_for_the_steward(node_dir: Path, seeded: NodeStore, coordinator: LiveCoordinator,

@@ -76,3 +76,36 @@ def test_a_reward_capacity_set_later_reaches_the_clientapps_node_config(
     assert written == node_config(capped)
     with pytest.raises(ValueError, match="reward_capacity: must be a power of two"):
         SitePolicy(reward_capacity=1000)
+
+
+def test_the_approvals_carry_each_approved_studys_spec_as_its_run_will(
+        settings: NodeSettings, store: NodeStore, tmp_path: Path) -> None:
+    """The approvals file names each approved study's `StudySpec` (the coordinator's translation
+    of the study this node decided on), from which the Flower process calibrates its DP plan
+    before the run; a study whose document makes no spec is approved all the same."""
+    from exchange.node.models import StudyRow
+    from exchange.study.spec import AcceptedStudy, study_spec
+    from tests.node.helpers import study_view
+
+    seed_records(store, tmp_path, PSEUDONYMS)
+    document = {"id": "st-1", "organisation_id": "acme", "organisation_region": "DE",
+                "researcher_id": "alice", "status": "running", "spec": dict(study_view("st-1").raw["spec"])}
+    now = datetime.now(UTC)
+    with store.transaction() as session:
+        session.add(StudyRow(study_id="st-1", document=document, status="approved", first_seen=now,
+                             updated_at=now))
+        session.add(StudyRow(study_id="st-bare", document={"id": "st-bare"}, status="approved",
+                             first_seen=now, updated_at=now))
+        session.add(StudyRow(study_id="st-refused", document=document | {"id": "st-refused"},
+                             status="refused", first_seen=now, updated_at=now))
+    paths = export_site(store, settings, ["st-1", "st-bare"])
+    site = Site.from_node_config(node_config(settings))
+    assert site.approved_studies() == {"st-1", "st-bare"}
+    expected = study_spec(AcceptedStudy.from_hospital_view(document))
+    assert site.approved_specs() == {"st-1": expected}
+    assert expected.request.researcher == "alice" and expected.study_id == "st-1"
+    assert set(json.loads(paths["approvals"].read_text())["specs"]) == {"st-1"}
+    export_site(store, settings, ["st-bare"])  # st-1 finished: neither its id nor its spec stays
+    assert site.approved_studies() == {"st-bare"}
+    assert site.approved_specs() == {}
+    assert "specs" not in json.loads(paths["approvals"].read_text())
