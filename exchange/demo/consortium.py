@@ -675,7 +675,9 @@ class Consortium:
             self.on_update()
             return len(study["decisions"]) == len(self.hospitals) or study["status"] != "submitted"
 
-        self._wait(decided, "the hospitals' decisions", 120)
+        # each decision is CPU work at its hospital (eligibility, then the DP plan calibrated at
+        # approval): on one machine they queue for its cores, so the wait grows with the count
+        self._wait(decided, "the hospitals' decisions", 120 + 6 * len(self.hospitals))
         self.milestones["decided"] = round(time.monotonic() - self._started, 2)
 
     def follow_training(self) -> None:
