@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from exchange.db.engine import make_engine
@@ -38,12 +40,27 @@ class NodeStore:
             return default if row is None else row.value
 
     def set_state(self, key: str, value: Any) -> None:
+        """Insert or replace `key` in one statement (INSERT ... ON CONFLICT DO UPDATE).
+
+        Why one statement: the daemon and a steward's import (`exchange node import-data`
+        while the daemon runs) both record the site export's state; a read then an insert let
+        both read "absent" and the second insert fail on the key."""
+        dialect = self.engine.dialect.name
         with self.transaction() as session:
-            row = session.get(DaemonState, key)
-            if row is None:
-                session.add(DaemonState(key=key, value=value))
-            else:
-                row.value = value
+            if dialect == "sqlite":
+                lite = sqlite_insert(DaemonState).values(key=key, value=value)
+                session.execute(lite.on_conflict_do_update(index_elements=[DaemonState.key],
+                                                           set_={"value": lite.excluded.value}))
+            elif dialect == "postgresql":
+                pg = postgresql_insert(DaemonState).values(key=key, value=value)
+                session.execute(pg.on_conflict_do_update(index_elements=[DaemonState.key],
+                                                         set_={"value": pg.excluded.value}))
+            else:  # another database: read, then insert or update
+                row = session.get(DaemonState, key)
+                if row is None:
+                    session.add(DaemonState(key=key, value=value))
+                else:
+                    row.value = value
 
     def record_error(self, component: str, message: str) -> None:
         """Keep the error for `exchange node status` (the newest MAX_ERRORS_KEPT)."""
