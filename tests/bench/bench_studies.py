@@ -16,10 +16,11 @@ Both consortia have the same configuration and the same data, so each study's wo
 
 Checked (reported, and the run exits 1 if one fails):
 - every study completed;
-- budgets: at every hospital, for every study, the privacy ledger's charges are exactly the
-  cumulative epsilons its receipts in the coordinator's log state, round by round (nothing
-  charged to another study, nothing twice), and the hospital's total spend is the sum of its
-  studies' spends;
+- budgets: at every hospital, for every study, the privacy ledger's charges plus the study's
+  decision count epsilon are exactly the cumulative epsilons its receipts in the coordinator's
+  log state, round by round (nothing charged to another study, nothing twice), and the
+  hospital's total spend is the sum of its studies' spends (`study_spent`: the decision count
+  plus the larger of training and evaluation);
 - reservations: sampled every second at every hospital while the studies run (the node's own
   `active_reservations` and budget, read from its database): only approved, unfinished studies
   of ours hold a reservation, spent + reserved never exceeds the total budget, and every
@@ -184,12 +185,16 @@ def check_budgets(consortium: StudiesConsortium, ids: list[str]) -> tuple[list[s
             ledger = PrivacyLedger(engine)
             total = 0.0
             for study_id in ids:
-                charged = {c.round: c.epsilon for c in ledger.charges(study_id)}
+                # a receipt's epsilon_total is the study's spend: its decision count's epsilon
+                # plus the cumulative DP-SGD epsilon the ledger's charge holds
+                decision = ledger.decision(study_id)
+                counted = decision.epsilon if decision is not None else 0.0
+                charged = {c.round: counted + c.epsilon for c in ledger.charges(study_id)}
                 receipts = said.get((h.id, study_id), {})
                 if set(charged) != set(receipts) or any(
                         abs(charged[r] - receipts[r]) > 1e-9 for r in charged):
                     problems.append(f"{h.id} {study_id}: ledger charges {charged} != receipts {receipts}")
-                total += max(ledger.spent(study_id), ledger.evaluation_spent(study_id))
+                total += ledger.study_spent(study_id)
             if abs(ledger.total_spent() - total) > 1e-9:
                 problems.append(f"{h.id}: total spend {ledger.total_spent()} != sum over studies {total}")
             spent[h.id] = round(ledger.total_spent(), 4)
