@@ -45,7 +45,7 @@ from exchange.demo.round_gate import GatedRunner, RoundGate
 from exchange.demo.studies import DemoStudy, get_study
 from exchange.node.consent_store import ConsentImportRejectedError
 from exchange.node.mapping import ImportRejectedError
-from exchange.node.steward import import_consent, import_data, init_node
+from exchange.node.steward import current_catalog, import_consent, import_data, init_node
 from exchange.study.runners import FederatedRunner
 from exchange.study.spec import AcceptedStudy, consent_request
 
@@ -349,6 +349,7 @@ class Consortium:
             self.start_daemons()  # they boot while the data is imported
         with self.phase("data import"):
             self.import_hospital_data()
+            self.wait_for_catalogs()
         with self.phase("study submitted"):
             self.submit_study()
         with self.phase("hospitals decide"):
@@ -486,6 +487,25 @@ class Consortium:
             self.progress.event(f"{h.id}: {len(data)} records, {len(h.contracts)} consent contracts "
                                 "imported")
             self.on_update()
+
+    def wait_for_catalogs(self) -> None:
+        """Wait until the coordinator holds each hospital's catalog as it stands after the
+        import: the submission's feasibility check reads the published catalogs, and a daemon
+        that published before its import finished would make the study look unservable."""
+        expected = {h.id: node_step(f"{h.id}: catalog", current_catalog, self._settings(h))
+                    .model_dump(mode="json") for h in self.hospitals.values()}
+
+        def published() -> bool:
+            for h in self.hospitals.values():
+                self._check_daemon(h)
+            with self.researcher() as api:
+                listing = api.get("/v1/catalogs")
+            held = {row["hospital_id"]: row["catalog"] for row in listing["hospitals"]}
+            return all(held.get(hospital) == catalog for hospital, catalog in expected.items())
+
+        self._wait(published, "every hospital's catalog to reach the coordinator",
+                   60 + 3 * len(self.hospitals))
+        self.progress.event(f"{len(self.hospitals)} catalogs published")
 
     def register_flower_keys(self) -> None:
         """The operator registers each hospital's Flower public key (from `node init`) with the

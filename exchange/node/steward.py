@@ -28,6 +28,7 @@ from exchange.node.importer import ImportReport, import_records
 from exchange.node.mapping import load_mapping
 from exchange.node.settings import NodeSettings, load_node_settings, render_toml
 from exchange.node.store import NodeStore, open_store
+from exchange.study.feasibility import Catalog
 
 
 class NodeExistsError(FileExistsError):
@@ -136,6 +137,18 @@ def import_data(
             report = import_records(session, file, fmt, parsed)
         refresh_site(settings, store)
         return report
+    finally:
+        store.dispose()
+
+
+def current_catalog(settings: NodeSettings) -> Catalog:
+    """The catalog this node publishes now (its daemon posts it at its next step when it
+    changed): lets a steward or the demo see whether the coordinator has caught up."""
+    from exchange.node.catalog import build_catalog
+
+    store = open_store(settings.db_url)
+    try:
+        return build_catalog(store, settings)
     finally:
         store.dispose()
 
