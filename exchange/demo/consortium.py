@@ -504,7 +504,7 @@ class Consortium:
             return all(held.get(hospital) == catalog for hospital, catalog in expected.items())
 
         self._wait(published, "every hospital's catalog to reach the coordinator",
-                   60 + 3 * len(self.hospitals))
+                   90 + 6 * len(self.hospitals))  # the daemons boot meanwhile (wait_for_daemons)
         self.progress.event(f"{len(self.hospitals)} catalogs published")
 
     def register_flower_keys(self) -> None:
