@@ -10,7 +10,9 @@ SuperLink with SuperNode authentication, one `exchange node run` per hospital; t
 study, flchain's 7,874 people split non-IID over the hospitals (breast cancer's 569 cannot be
 split over 10); no revocations) running one study of `--rounds` rounds. A hospital whose split
 holds too few events for the Cox template refuses (site rule), so `min_hospitals` is half of
-them (at least 3) and the report says how many trained.
+them (at least 3) unless `--min-hospitals` says otherwise, and the report says how many trained.
+`--keep DIR` runs in DIR and leaves it (the daemons', SuperLink's and coordinator's logs) instead
+of a temporary folder removed at the end.
 
 Reported per configuration:
 - start-up: from nothing to every daemon registered and online, and to every decision in;
@@ -28,6 +30,7 @@ Timing only: nothing is asserted; numbers go in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -205,16 +208,23 @@ def first_round(rounds: list[dict[str, Any]]) -> dict[str, float] | None:
     return out
 
 
-def run_config(hospitals: int, secure: bool, rounds: int, root: Path) -> dict[str, Any]:
+def default_min_hospitals(hospitals: int) -> int:
+    """The study's `min_hospitals` when `--min-hospitals` is not given: half of them, at least 3."""
+    return max(3, hospitals // 2)
+
+
+def run_config(hospitals: int, secure: bool, rounds: int, root: Path,
+               min_hospitals: int | None = None) -> dict[str, Any]:
     config = DemoConfig(out=root / f"h{hospitals}-{'secagg' if secure else 'plain'}", rounds=rounds,
-                        study="survival",
-                        hospitals=hospitals, min_hospitals=max(3, hospitals // 2), secure_aggregation=secure,
+                        study="survival", hospitals=hospitals,
+                        min_hospitals=min_hospitals or default_min_hospitals(hospitals), secure_aggregation=secure,
                         strict_hospital=None, revoke={}, min_eligible_records=5, witnesses=True,
                         timeout_s=1800)
     progress = Progress()
     consortium = Consortium(config, progress)
     sampler = MemorySampler(consortium)
     sampler.thread.start()
+    load_start = round(os.getloadavg()[0], 1)
     started = time.monotonic()
     try:
         consortium.run()
@@ -230,7 +240,9 @@ def run_config(hospitals: int, secure: bool, rounds: int, root: Path) -> dict[st
         return statistics.fmean(values) if values else float("nan")
 
     return {
-        "hospitals": hospitals, "secure_aggregation": secure, "wall_s": round(wall, 1),
+        "hospitals": hospitals, "secure_aggregation": secure, "min_hospitals": config.min_hospitals,
+        "rounds": rounds, "load_start": load_start, "load_end": round(os.getloadavg()[0], 1),
+        "wall_s": round(wall, 1),
         "startup_online_s": report["milestones_s"]["online"],
         "startup_decided_s": report["milestones_s"]["decided"],
         "round_wall_s": round(mean("wall_s"), 2), "train_compute_max_s": round(mean("compute_max_s"), 2),
@@ -250,7 +262,8 @@ def run_config(hospitals: int, secure: bool, rounds: int, root: Path) -> dict[st
     }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hospitals", default="3,10", help="comma-separated hospital counts")
     parser.add_argument("--rounds", type=int, default=4)
@@ -258,16 +271,32 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 hospitals, 3 rounds, plain only")
     parser.add_argument("--json", type=Path, help="also write the results (a JSON list) here")
     parser.add_argument("--plot", type=Path, help="also draw them (SVG, tests/bench/scale_plot.py) here")
-    args = parser.parse_args()
+    parser.add_argument("--plot-with", type=Path, nargs="*", default=[], metavar="JSON",
+                        help="earlier --json files whose rows the plot draws too (this run's rows win "
+                             "for the same hospitals and aggregation)")
+    parser.add_argument("--min-hospitals", type=int, default=None,
+                        help="the study's min_hospitals (default: half the hospitals, at least 3)")
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="run in DIR and keep it (logs of the daemons, SuperLink, coordinator)")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     counts = [3] if args.quick else [int(c) for c in args.hospitals.split(",")]
     rounds = 3 if args.quick else args.rounds
     modes = [False] if args.quick or args.no_secagg else [False, True]
     print(f"load average at start: {os.getloadavg()[0]:.1f}")
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            root = args.keep
+        else:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-scale-")))
         for count in counts:
             for secure in modes:
-                result = run_config(count, secure, rounds, Path(tmp))
+                result = run_config(count, secure, rounds, root, args.min_hospitals)
                 results.append(result)
                 print(json.dumps(result), flush=True)
                 if args.json is not None:  # after each configuration: a later one may not finish
@@ -276,9 +305,10 @@ def main() -> None:
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     if args.plot is not None:
-        from tests.bench.scale_plot import plot
+        from tests.bench.scale_plot import merge_rows, plot, read_rows
 
-        plot(results, args.plot, title=f"bench_scale, {rounds} rounds, load average {os.getloadavg()[0]:.0f}")
+        rows = merge_rows([*(read_rows(path) for path in args.plot_with), results])
+        plot(rows, args.plot, title=f"bench_scale, {rounds} rounds")
     print(f"{'hospitals':>9} {'secagg':>6} {'online s':>8} {'decided s':>9} {'round s':>7} {'train s':>7} "
           f"{'overhead s':>10} {'x3':>5} {'RSS/hosp MB':>11} {'x3':>5} {'once MB':>7} {'PSS MB':>6}")
     for r in results:

@@ -1,0 +1,54 @@
+"""The scale plot draws rows from several `bench_scale --json` files (3, 10 and 25 hospitals are
+measured in separate runs), and `bench_scale` takes the study's minimum and a folder to keep."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.bench import scale_plot
+from tests.bench.bench_scale import default_min_hospitals, parse_args
+
+
+def _row(hospitals: int, overhead: float, *, secure: bool = False, load: float = 2.0) -> dict[str, Any]:
+    return {"hospitals": hospitals, "secure_aggregation": secure, "overhead_s": overhead, "load_start": load,
+            "rss_per_hospital_mb": 500.0, "pss_per_hospital_mb": 350.0,
+            "first_round": {"overhead_s": overhead * 3}}
+
+
+def test_rows_from_several_files_merge_one_per_size_the_later_file_winning(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps([_row(3, 0.7), _row(10, 1.4), _row(3, 2.0, secure=True)]))
+    second.write_text(json.dumps([_row(10, 1.6), _row(25, 2.5)]))
+    rows = scale_plot.merge_rows([scale_plot.read_rows(first), scale_plot.read_rows(second)])
+    assert [(r["hospitals"], r["secure_aggregation"], r["overhead_s"]) for r in rows] == [
+        (3, False, 0.7), (3, True, 2.0), (10, False, 1.6), (25, False, 2.5)]
+
+
+def test_a_run_that_never_trained_is_not_drawn(tmp_path: Path) -> None:
+    never = {**_row(25, 0.0), "overhead_s": float("nan")}
+    rows = scale_plot.merge_rows([[_row(3, 0.7), never, {**_row(10, 0.0), "overhead_s": None}]])
+    assert [r["hospitals"] for r in rows] == [3]
+
+
+def test_the_command_line_draws_every_size_of_every_file(tmp_path: Path) -> None:
+    files = []
+    for count, overhead in ((3, 0.7), (10, 1.4), (25, 2.6)):
+        path = tmp_path / f"h{count}.json"
+        path.write_text(json.dumps([_row(count, overhead)]))
+        files.append(str(path))
+    out, saved = tmp_path / "plot.svg", tmp_path / "rows.json"
+    scale_plot.main([*files, str(out), "--save-rows", str(saved)])
+    assert [r["hospitals"] for r in json.loads(saved.read_text())] == [3, 10, 25]
+    svg_text = out.read_text()
+    # a tick for each size (the SVG keeps its text as text); each point carries its run's load
+    for tick in (">25<", ">10<", "load 2"):
+        assert tick in svg_text
+
+
+def test_bench_scale_takes_the_minimum_and_a_folder_to_keep(tmp_path: Path) -> None:
+    args = parse_args(["--hospitals", "25", "--no-secagg", "--min-hospitals", "3", "--keep", str(tmp_path)])
+    assert args.min_hospitals == 3 and args.keep == tmp_path
+    assert parse_args([]).min_hospitals is None and parse_args([]).keep is None
+    assert default_min_hospitals(25) == 12 and default_min_hospitals(3) == 3
