@@ -122,6 +122,9 @@ class DemoConfig:
     #: the study's `min_hospitals` (None: 2) and `secure_aggregation` (None: the exchange's default)
     min_hospitals: int | None = None
     secure_aggregation: bool | None = None
+    #: the study asks for only its dataset's first N feature columns (None: all); fewer Cox
+    #: coefficients need fewer events per hospital (tests/bench/bench_scale.py at 25 hospitals)
+    features: int | None = None
     #: "loopback": every party on 127.0.0.1; "netns": each hospital on its own network host
     #: (exchange.demo.hosts; needs root), the coordinator over HTTPS
     hosts: str = "loopback"
@@ -274,7 +277,7 @@ def breast_cancer_columns() -> dict[str, list[str]]:
 def study_body(config: DemoConfig) -> dict[str, Any]:
     """The researcher's study request (the coordinator's StudyCreate) for the configured study."""
     body = {
-        **config.demo_study.body_fields(), "commercial": False, "ethics_approval": True,
+        **config.demo_study.body_fields(config.features), "commercial": False, "ethics_approval": True,
         "epsilon": config.epsilon, "delta": config.delta, "rounds": config.rounds,
         "min_hospitals": config.min_hospitals or 2, "token_budget": config.token_budget,
     }

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from exchange.demo.consortium import Consortium, DemoConfig, Progress
+from exchange.demo.consortium import Consortium, DemoConfig, Progress, study_body
 from tests.bench.memory_map import union_mb
 
 
@@ -214,12 +214,13 @@ def default_min_hospitals(hospitals: int) -> int:
 
 
 def run_config(hospitals: int, secure: bool, rounds: int, root: Path,
-               min_hospitals: int | None = None) -> dict[str, Any]:
+               min_hospitals: int | None = None, features: int | None = None) -> dict[str, Any]:
     config = DemoConfig(out=root / f"h{hospitals}-{'secagg' if secure else 'plain'}", rounds=rounds,
                         study="survival", hospitals=hospitals,
-                        min_hospitals=min_hospitals or default_min_hospitals(hospitals), secure_aggregation=secure,
+                        min_hospitals=min_hospitals or default_min_hospitals(hospitals),
+                        secure_aggregation=secure,
                         strict_hospital=None, revoke={}, min_eligible_records=5, witnesses=True,
-                        timeout_s=1800)
+                        timeout_s=1800, features=features)
     progress = Progress()
     consortium = Consortium(config, progress)
     sampler = MemorySampler(consortium)
@@ -241,6 +242,7 @@ def run_config(hospitals: int, secure: bool, rounds: int, root: Path,
 
     return {
         "hospitals": hospitals, "secure_aggregation": secure, "min_hospitals": config.min_hospitals,
+        "features": sum(len(names) for names in study_body(config)["columns"].values()),
         "rounds": rounds, "load_start": load_start, "load_end": round(os.getloadavg()[0], 1),
         "wall_s": round(wall, 1),
         "startup_online_s": report["milestones_s"]["online"],
@@ -276,6 +278,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "for the same hospitals and aggregation)")
     parser.add_argument("--min-hospitals", type=int, default=None,
                         help="the study's min_hospitals (default: half the hospitals, at least 3)")
+    parser.add_argument("--features", type=int, default=None,
+                        help="the study asks for flchain's first N feature columns (default: all 6); a Cox "
+                             "study with fewer coefficients needs fewer events per hospital (25 hospitals)")
     parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
                         help="run in DIR and keep it (logs of the daemons, SuperLink, coordinator)")
     return parser.parse_args(argv)
@@ -296,7 +301,7 @@ def main() -> None:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-scale-")))
         for count in counts:
             for secure in modes:
-                result = run_config(count, secure, rounds, root, args.min_hospitals)
+                result = run_config(count, secure, rounds, root, args.min_hospitals, args.features)
                 results.append(result)
                 print(json.dumps(result), flush=True)
                 if args.json is not None:  # after each configuration: a later one may not finish

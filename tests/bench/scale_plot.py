@@ -49,7 +49,8 @@ def merge_rows(groups: Iterable[Iterable[dict[str, Any]]]) -> list[dict[str, Any
 
 
 def _series(rows: Sequence[dict[str, Any]], secure: bool) -> list[dict[str, Any]]:
-    return sorted((r for r in rows if bool(r.get("secure_aggregation")) == secure), key=lambda r: r["hospitals"])
+    chosen = [r for r in rows if bool(r.get("secure_aggregation")) == secure]
+    return sorted(chosen, key=lambda r: r["hospitals"])
 
 
 def plot(results: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> Path:

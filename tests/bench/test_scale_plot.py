@@ -1,5 +1,6 @@
 """The scale plot draws rows from several `bench_scale --json` files (3, 10 and 25 hospitals are
-measured in separate runs), and `bench_scale` takes the study's minimum and a folder to keep."""
+measured in separate runs), and `bench_scale` takes the study's minimum, its number of features
+and a folder to keep."""
 
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ def test_the_command_line_draws_every_size_of_every_file(tmp_path: Path) -> None
 
 
 def test_bench_scale_takes_the_minimum_and_a_folder_to_keep(tmp_path: Path) -> None:
-    args = parse_args(["--hospitals", "25", "--no-secagg", "--min-hospitals", "3", "--keep", str(tmp_path)])
-    assert args.min_hospitals == 3 and args.keep == tmp_path
-    assert parse_args([]).min_hospitals is None and parse_args([]).keep is None
+    args = parse_args(["--hospitals", "25", "--no-secagg", "--min-hospitals", "3", "--keep", str(tmp_path),
+                       "--features", "2"])
+    assert args.min_hospitals == 3 and args.keep == tmp_path and args.features == 2
+    default = parse_args([])
+    assert default.min_hospitals is None and default.keep is None and default.features is None
     assert default_min_hospitals(25) == 12 and default_min_hospitals(3) == 3
