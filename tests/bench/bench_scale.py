@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -180,6 +181,73 @@ class MemorySampler:
             self.peak_union[hospital] = union
 
 
+def _thread_cpu_s(tid: int) -> float:
+    """User + system CPU seconds of one thread of this process (/proc/self/task/TID/stat)."""
+    try:
+        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_phase(samples: list[tuple[float, str, float, float]]) -> dict[str, dict[str, float]]:
+    """Per phase of the consortium's run: its wall seconds and the CPU seconds the SuperLink and
+    the coordinator spent in it, from (monotonic time, phase, SuperLink CPU s, coordinator CPU s)
+    samples in time order. Each interval between two samples counts to the phase of its first
+    sample; `*_cores` is CPU over wall (how many cores it kept busy)."""
+    out: dict[str, dict[str, float]] = {}
+    for (t0, phase, link0, coord0), (t1, _next, link1, coord1) in itertools.pairwise(samples):
+        row = out.setdefault(phase, {"wall_s": 0.0, "superlink_cpu_s": 0.0, "coordinator_cpu_s": 0.0})
+        row["wall_s"] += t1 - t0
+        row["superlink_cpu_s"] += max(0.0, link1 - link0)
+        row["coordinator_cpu_s"] += max(0.0, coord1 - coord0)
+    for row in out.values():
+        for who in ("superlink", "coordinator"):
+            row[f"{who}_cores"] = row[f"{who}_cpu_s"] / row["wall_s"] if row["wall_s"] else 0.0
+        for key, value in row.items():
+            row[key] = round(value, 2)
+    return out
+
+
+class ServerCpuSampler:
+    """Samples, twice a second, the CPU seconds of the SuperLink (its process tree) and of the
+    coordinator (this process: API, runner, ServerApp; less the bench's own sampling threads),
+    with the consortium's phase: what the server side spends while hospitals join, decide and
+    train (`cpu_by_phase`)."""
+
+    def __init__(self, consortium: Consortium, exclude_threads: list[threading.Thread]) -> None:
+        self.consortium = consortium
+        self.exclude = exclude_threads
+        self.samples: list[tuple[float, str, float, float]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _coordinator_cpu(self) -> float:
+        own = _cpu_s(os.getpid())
+        samplers = [t.native_id for t in (*self.exclude, self.thread) if t.native_id is not None]
+        return own - sum(_thread_cpu_s(tid) for tid in samplers)
+
+    def _superlink_cpu(self) -> float:
+        superlink = self.consortium.superlink
+        proc = getattr(superlink, "proc", None) if superlink is not None else None
+        if proc is None:
+            return 0.0
+        total = 0.0
+        for pid in tree_pids(proc.pid):
+            try:
+                total += _cpu_s(pid)
+            except (OSError, IndexError, ValueError):
+                continue
+        return total
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.monotonic(), self.consortium.progress.phase or "",
+                                 self._superlink_cpu(), self._coordinator_cpu()))
+            if self.stop.wait(0.5):
+                return
+
+
 def _mean_by_role(parts: dict[str, dict[str, float]]) -> dict[str, float] | None:
     if not parts:
         return None
@@ -225,12 +293,16 @@ def run_config(hospitals: int, secure: bool, rounds: int, root: Path,
     consortium = Consortium(config, progress)
     sampler = MemorySampler(consortium)
     sampler.thread.start()
+    server_cpu = ServerCpuSampler(consortium, [sampler.thread])
+    server_cpu.thread.start()
     load_start = round(os.getloadavg()[0], 1)
     started = time.monotonic()
     try:
         consortium.run()
     finally:
         sampler.stop.set()
+        server_cpu.stop.set()
+        server_cpu.thread.join()
         consortium.stop()
     wall = time.monotonic() - started
     report = json.loads((config.out / "report.json").read_text())
@@ -259,6 +331,9 @@ def run_config(hospitals: int, secure: bool, rounds: int, root: Path,
                                       if sampler.peak_union else None),
         "cpu_s_by_role": _mean_by_role(sampler.cpu),
         "first_round": first_round(report["rounds"]),
+        "rounds_detail": [{key: r.get(key) for key in ("round", "wall_s", "compute_max_s", "overhead_s",
+                                                         *FIRST_ROUND_PARTS[2:])} for r in report["rounds"]],
+        "server_cpu_by_phase": cpu_by_phase(server_cpu.samples),
         "trained": sum(1 for h in report["hospitals"] if h.get("decision") == "approve"),
         "checks_failed": [c["check"] for c in report.get("checks", []) if not c.get("ok")],
     }

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench import scale_plot
-from tests.bench.bench_scale import default_min_hospitals, parse_args
+from tests.bench.bench_scale import cpu_by_phase, default_min_hospitals, parse_args
 
 
 def _row(hospitals: int, overhead: float, *, secure: bool = False, load: float = 2.0) -> dict[str, Any]:
@@ -55,3 +55,14 @@ def test_bench_scale_takes_the_minimum_and_a_folder_to_keep(tmp_path: Path) -> N
     default = parse_args([])
     assert default.min_hospitals is None and default.keep is None and default.features is None
     assert default_min_hospitals(25) == 12 and default_min_hospitals(3) == 3
+
+
+def test_server_cpu_is_split_by_the_phase_each_interval_started_in() -> None:
+    samples = [(0.0, "hospitals decide", 10.0, 5.0), (1.0, "hospitals decide", 10.5, 5.2),
+               (2.0, "training", 11.0, 5.4), (4.0, "training", 13.0, 6.4), (5.0, "audit", 13.1, 6.5)]
+    phases = cpu_by_phase(samples)
+    assert phases["hospitals decide"] == {"wall_s": 2.0, "superlink_cpu_s": 1.0, "coordinator_cpu_s": 0.4,
+                                          "superlink_cores": 0.5, "coordinator_cores": 0.2}
+    assert phases["training"]["wall_s"] == 3.0 and phases["training"]["superlink_cpu_s"] == 2.1
+    assert "audit" not in phases  # the last sample opens no interval
+    assert cpu_by_phase(samples[:1]) == {}
