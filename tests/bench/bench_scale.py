@@ -190,19 +190,26 @@ def _thread_cpu_s(tid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_by_phase(samples: list[tuple[float, str, float, float]]) -> dict[str, dict[str, float]]:
-    """Per phase of the consortium's run: its wall seconds and the CPU seconds the SuperLink and
-    the coordinator spent in it, from (monotonic time, phase, SuperLink CPU s, coordinator CPU s)
-    samples in time order. Each interval between two samples counts to the phase of its first
-    sample; `*_cores` is CPU over wall (how many cores it kept busy)."""
+#: whose CPU `ServerCpuSampler` samples, in the order of its samples' CPU fields
+CPU_PARTS = ("superlink", "coordinator", "hospitals")
+CpuSample = tuple[float, str, float, float, float]
+
+
+def cpu_by_phase(samples: list[CpuSample]) -> dict[str, dict[str, float]]:
+    """Per phase of the consortium's run: its wall seconds and the CPU seconds the SuperLink, the
+    coordinator and all hospitals together (daemons and Flower processes) spent in it, from
+    (monotonic time, phase, SuperLink CPU s, coordinator CPU s, hospitals CPU s) samples in time
+    order. Each interval between two samples counts to the phase of its first sample; `*_cores`
+    is CPU over wall (how many cores it kept busy). A process that ended between two samples
+    takes its CPU with it, so a difference is never negative."""
     out: dict[str, dict[str, float]] = {}
-    for (t0, phase, link0, coord0), (t1, _next, link1, coord1) in itertools.pairwise(samples):
-        row = out.setdefault(phase, {"wall_s": 0.0, "superlink_cpu_s": 0.0, "coordinator_cpu_s": 0.0})
+    for (t0, phase, *cpu0), (t1, _next, *cpu1) in itertools.pairwise(samples):
+        row = out.setdefault(phase, {"wall_s": 0.0, **{f"{who}_cpu_s": 0.0 for who in CPU_PARTS}})
         row["wall_s"] += t1 - t0
-        row["superlink_cpu_s"] += max(0.0, link1 - link0)
-        row["coordinator_cpu_s"] += max(0.0, coord1 - coord0)
+        for who, before, after in zip(CPU_PARTS, cpu0, cpu1, strict=True):
+            row[f"{who}_cpu_s"] += max(0.0, after - before)
     for row in out.values():
-        for who in ("superlink", "coordinator"):
+        for who in CPU_PARTS:
             row[f"{who}_cores"] = row[f"{who}_cpu_s"] / row["wall_s"] if row["wall_s"] else 0.0
         for key, value in row.items():
             row[key] = round(value, 2)
@@ -210,15 +217,15 @@ def cpu_by_phase(samples: list[tuple[float, str, float, float]]) -> dict[str, di
 
 
 class ServerCpuSampler:
-    """Samples, twice a second, the CPU seconds of the SuperLink (its process tree) and of the
-    coordinator (this process: API, runner, ServerApp; less the bench's own sampling threads),
-    with the consortium's phase: what the server side spends while hospitals join, decide and
-    train (`cpu_by_phase`)."""
+    """Samples, twice a second, the CPU seconds of the SuperLink (its process tree), of the
+    coordinator (this process: API, runner, ServerApp; less the bench's own sampling threads) and
+    of all hospitals' process trees, with the consortium's phase: what each side spends while
+    hospitals join, decide and train (`cpu_by_phase`)."""
 
     def __init__(self, consortium: Consortium, exclude_threads: list[threading.Thread]) -> None:
         self.consortium = consortium
         self.exclude = exclude_threads
-        self.samples: list[tuple[float, str, float, float]] = []
+        self.samples: list[CpuSample] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -227,23 +234,29 @@ class ServerCpuSampler:
         samplers = [t.native_id for t in (*self.exclude, self.thread) if t.native_id is not None]
         return own - sum(_thread_cpu_s(tid) for tid in samplers)
 
-    def _superlink_cpu(self) -> float:
-        superlink = self.consortium.superlink
-        proc = getattr(superlink, "proc", None) if superlink is not None else None
-        if proc is None:
-            return 0.0
+    @staticmethod
+    def _tree_cpu(pid: int) -> float:
         total = 0.0
-        for pid in tree_pids(proc.pid):
+        for current in tree_pids(pid):
             try:
-                total += _cpu_s(pid)
+                total += _cpu_s(current)
             except (OSError, IndexError, ValueError):
                 continue
         return total
 
+    def _superlink_cpu(self) -> float:
+        superlink = self.consortium.superlink
+        proc = getattr(superlink, "proc", None) if superlink is not None else None
+        return self._tree_cpu(proc.pid) if proc is not None else 0.0
+
+    def _hospitals_cpu(self) -> float:
+        return sum(self._tree_cpu(h.process.pid) for h in list(self.consortium.hospitals.values())
+                   if h.process is not None)
+
     def _run(self) -> None:
         while True:
             self.samples.append((time.monotonic(), self.consortium.progress.phase or "",
-                                 self._superlink_cpu(), self._coordinator_cpu()))
+                                 self._superlink_cpu(), self._coordinator_cpu(), self._hospitals_cpu()))
             if self.stop.wait(0.5):
                 return
 

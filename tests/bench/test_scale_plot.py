@@ -58,11 +58,16 @@ def test_bench_scale_takes_the_minimum_and_a_folder_to_keep(tmp_path: Path) -> N
 
 
 def test_server_cpu_is_split_by_the_phase_each_interval_started_in() -> None:
-    samples = [(0.0, "hospitals decide", 10.0, 5.0), (1.0, "hospitals decide", 10.5, 5.2),
-               (2.0, "training", 11.0, 5.4), (4.0, "training", 13.0, 6.4), (5.0, "audit", 13.1, 6.5)]
+    samples = [(0.0, "hospitals decide", 10.0, 5.0, 30.0), (1.0, "hospitals decide", 10.5, 5.2, 31.0),
+               (2.0, "training", 11.0, 5.4, 32.0), (4.0, "training", 13.0, 6.4, 35.0),
+               (4.5, "training", 13.5, 6.6, 34.0),  # a hospital's forked child ended: its CPU left
+               (5.0, "audit", 13.6, 6.7, 34.5)]
     phases = cpu_by_phase(samples)
     assert phases["hospitals decide"] == {"wall_s": 2.0, "superlink_cpu_s": 1.0, "coordinator_cpu_s": 0.4,
-                                          "superlink_cores": 0.5, "coordinator_cores": 0.2}
-    assert phases["training"]["wall_s"] == 3.0 and phases["training"]["superlink_cpu_s"] == 2.1
+                                          "hospitals_cpu_s": 2.0, "superlink_cores": 0.5,
+                                          "coordinator_cores": 0.2, "hospitals_cores": 1.0}
+    training = phases["training"]
+    assert training["wall_s"] == 3.0 and training["superlink_cpu_s"] == 2.6
+    assert training["hospitals_cpu_s"] == 3.5
     assert "audit" not in phases  # the last sample opens no interval
     assert cpu_by_phase(samples[:1]) == {}
