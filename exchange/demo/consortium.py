@@ -125,6 +125,10 @@ class DemoConfig:
     #: the study asks for only its dataset's first N feature columns (None: all); fewer Cox
     #: coefficients need fewer events per hospital (tests/bench/bench_scale.py at 25 hospitals)
     features: int | None = None
+    #: the study's DUO purpose (None: the demo study's own); e.g. "DUO:0000006" (HMB: health,
+    #: medical or biomedical research) for the survival study, which the demo's HMB consents
+    #: permit as well as its GRU ones, so more of each hospital's patients are eligible
+    purpose: str | None = None
     #: "loopback": every party on 127.0.0.1; "netns": each hospital on its own network host
     #: (exchange.demo.hosts; needs root), the coordinator over HTTPS
     hosts: str = "loopback"
@@ -283,6 +287,8 @@ def study_body(config: DemoConfig) -> dict[str, Any]:
     }
     if config.secure_aggregation is not None:
         body["secure_aggregation"] = config.secure_aggregation
+    if config.purpose is not None:
+        body["purpose"] = config.purpose
     return body
 
 

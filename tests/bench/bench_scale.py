@@ -267,6 +267,16 @@ def _mean_by_role(parts: dict[str, dict[str, float]]) -> dict[str, float] | None
     return {role: round(statistics.fmean(p.get(role, 0.0) for p in parts.values()), 1) for role in ROLES}
 
 
+def participation(report: dict[str, Any]) -> dict[str, int]:
+    """How many hospitals approved the study and how many trained in it (a round charged at the
+    hospital). Not the same: the coordinator starts the study when `min_hospitals` approved,
+    and an approval that arrives after the start is refused (decisions closed), so with a low
+    `min_hospitals` fewer train than approve."""
+    hospitals = report.get("hospitals", [])
+    return {"approved": sum(1 for h in hospitals if h.get("decision") == "approve"),
+            "trained": sum(1 for h in hospitals if h.get("rounds"))}
+
+
 FIRST_ROUND_PARTS = ("start_s", "setup_s", "join_wait_s", "push_s", "dispatch_s", "compute_max_s", "return_s")
 
 
@@ -295,13 +305,14 @@ def default_min_hospitals(hospitals: int) -> int:
 
 
 def run_config(hospitals: int, secure: bool, rounds: int, root: Path,
-               min_hospitals: int | None = None, features: int | None = None) -> dict[str, Any]:
+               min_hospitals: int | None = None, features: int | None = None,
+               purpose: str | None = None) -> dict[str, Any]:
     config = DemoConfig(out=root / f"h{hospitals}-{'secagg' if secure else 'plain'}", rounds=rounds,
                         study="survival", hospitals=hospitals,
                         min_hospitals=min_hospitals or default_min_hospitals(hospitals),
                         secure_aggregation=secure,
                         strict_hospital=None, revoke={}, min_eligible_records=5, witnesses=True,
-                        timeout_s=1800, features=features)
+                        timeout_s=1800, features=features, purpose=purpose)
     progress = Progress()
     consortium = Consortium(config, progress)
     sampler = MemorySampler(consortium)
@@ -328,7 +339,8 @@ def run_config(hospitals: int, secure: bool, rounds: int, root: Path,
     return {
         "hospitals": hospitals, "secure_aggregation": secure, "min_hospitals": config.min_hospitals,
         "features": sum(len(names) for names in study_body(config)["columns"].values()),
-        "rounds": rounds, "load_start": load_start, "load_end": round(os.getloadavg()[0], 1),
+        "purpose": study_body(config)["purpose"], "rounds": rounds, "load_start": load_start,
+        "load_end": round(os.getloadavg()[0], 1),
         "wall_s": round(wall, 1),
         "startup_online_s": report["milestones_s"]["online"],
         "startup_decided_s": report["milestones_s"]["decided"],
@@ -347,7 +359,7 @@ def run_config(hospitals: int, secure: bool, rounds: int, root: Path,
         "rounds_detail": [{key: r.get(key) for key in ("round", "wall_s", "compute_max_s", "overhead_s",
                                                          *FIRST_ROUND_PARTS[2:])} for r in report["rounds"]],
         "server_cpu_by_phase": cpu_by_phase(server_cpu.samples),
-        "trained": sum(1 for h in report["hospitals"] if h.get("decision") == "approve"),
+        **participation(report),
         "checks_failed": [c["check"] for c in report.get("checks", []) if not c.get("ok")],
     }
 
@@ -369,6 +381,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--features", type=int, default=None,
                         help="the study asks for flchain's first N feature columns (default: all 6); a Cox "
                              "study with fewer coefficients needs fewer events per hospital (25 hospitals)")
+    parser.add_argument("--purpose", default=None,
+                        help="the study's DUO purpose (default: the survival study's GRU, DUO:0000042); "
+                             "DUO:0000006 (HMB) is permitted by more of the demo's consents")
     parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
                         help="run in DIR and keep it (logs of the daemons, SuperLink, coordinator)")
     return parser.parse_args(argv)
@@ -389,7 +404,8 @@ def main() -> None:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-scale-")))
         for count in counts:
             for secure in modes:
-                result = run_config(count, secure, rounds, root, args.min_hospitals, args.features)
+                result = run_config(count, secure, rounds, root, args.min_hospitals, args.features,
+                                    args.purpose)
                 results.append(result)
                 print(json.dumps(result), flush=True)
                 if args.json is not None:  # after each configuration: a later one may not finish

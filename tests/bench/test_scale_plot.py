@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench import scale_plot
-from tests.bench.bench_scale import cpu_by_phase, default_min_hospitals, parse_args
+from tests.bench.bench_scale import cpu_by_phase, default_min_hospitals, parse_args, participation
 
 
 def _row(hospitals: int, overhead: float, *, secure: bool = False, load: float = 2.0) -> dict[str, Any]:
@@ -71,3 +71,12 @@ def test_server_cpu_is_split_by_the_phase_each_interval_started_in() -> None:
     assert training["hospitals_cpu_s"] == 3.5
     assert "audit" not in phases  # the last sample opens no interval
     assert cpu_by_phase(samples[:1]) == {}
+
+
+def test_trained_counts_the_hospitals_charged_for_a_round_not_the_approvals() -> None:
+    """The 25-hospital runs with `min_hospitals` 3: 11 approved, the study started at the third
+    approval and only those 3 trained (the others' approvals came after the start)."""
+    report = {"hospitals": [{"decision": "approve", "rounds": [{"round": 1}]},
+                            {"decision": "approve", "rounds": []}, {"decision": "refuse", "rounds": []},
+                            {"decision": "approve"}]}
+    assert participation(report) == {"approved": 3, "trained": 1}

@@ -51,3 +51,13 @@ def test_the_survival_study_can_ask_for_fewer_features_so_smaller_sites_have_the
     for bad in (0, 7):
         with pytest.raises(ValueError, match=r"features: between 1 and 6 for survival"):
             study_body(DemoConfig(out=Path("unused"), study="survival", features=bad))
+
+
+def test_the_study_s_purpose_can_be_set_and_the_demo_s_consents_then_permit_more_patients() -> None:
+    from consent.duo import HMB, covers
+
+    body = study_body(DemoConfig(out=Path("unused"), study="survival", purpose=HMB))
+    assert body["purpose"] == "DUO:0000006"
+    assert study_body(DemoConfig(out=Path("unused"), study="survival"))["purpose"] == "DUO:0000042"
+    # GRU consents cover HMB research, HMB consents do not cover GRU research
+    assert covers("DUO:0000042", HMB)[0] and not covers(HMB, "DUO:0000042")[0]
