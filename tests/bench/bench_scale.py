@@ -299,6 +299,23 @@ def first_round(rounds: list[dict[str, Any]]) -> dict[str, float] | None:
     return out
 
 
+def min_hospitals_arg(text: str) -> list[int]:
+    """`--min-hospitals`: "3" (every configuration) or "3,10,20" (one per `--hospitals` count)."""
+    return [int(part) for part in text.split(",")]
+
+
+def min_hospitals_for(counts: list[int], given: list[int] | None) -> list[int | None]:
+    """The `min_hospitals` of each hospital count (None: `default_min_hospitals`)."""
+    if given is None:
+        return [None] * len(counts)
+    each = given * len(counts) if len(given) == 1 else list(given)
+    if len(each) != len(counts):
+        raise SystemExit(f"--min-hospitals: {len(given)} values for {len(counts)} hospital counts")
+    if any(m > c for m, c in zip(each, counts, strict=True)):
+        raise SystemExit("--min-hospitals: more than the hospitals of its configuration")
+    return list(each)
+
+
 def default_min_hospitals(hospitals: int) -> int:
     """The study's `min_hospitals` when `--min-hospitals` is not given: half of them, at least 3."""
     return max(3, hospitals // 2)
@@ -376,8 +393,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plot-with", type=Path, nargs="*", default=[], metavar="JSON",
                         help="earlier --json files whose rows the plot draws too (this run's rows win "
                              "for the same hospitals and aggregation)")
-    parser.add_argument("--min-hospitals", type=int, default=None,
-                        help="the study's min_hospitals (default: half the hospitals, at least 3)")
+    parser.add_argument("--min-hospitals", type=min_hospitals_arg, default=None,
+                        help="the study's min_hospitals: a number, or one per --hospitals count "
+                             "(comma-separated; default: half the hospitals, at least 3)")
     parser.add_argument("--features", type=int, default=None,
                         help="the study asks for flchain's first N feature columns (default: all 6); a Cox "
                              "study with fewer coefficients needs fewer events per hospital (25 hospitals)")
@@ -402,10 +420,9 @@ def main() -> None:
             root = args.keep
         else:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-scale-")))
-        for count in counts:
+        for count, minimum in zip(counts, min_hospitals_for(counts, args.min_hospitals), strict=True):
             for secure in modes:
-                result = run_config(count, secure, rounds, root, args.min_hospitals, args.features,
-                                    args.purpose)
+                result = run_config(count, secure, rounds, root, minimum, args.features, args.purpose)
                 results.append(result)
                 print(json.dumps(result), flush=True)
                 if args.json is not None:  # after each configuration: a later one may not finish

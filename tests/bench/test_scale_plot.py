@@ -8,8 +8,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.bench import scale_plot
-from tests.bench.bench_scale import cpu_by_phase, default_min_hospitals, parse_args, participation
+from tests.bench.bench_scale import (
+    cpu_by_phase,
+    default_min_hospitals,
+    min_hospitals_arg,
+    min_hospitals_for,
+    parse_args,
+    participation,
+)
 
 
 def _row(hospitals: int, overhead: float, *, secure: bool = False, load: float = 2.0) -> dict[str, Any]:
@@ -51,7 +60,15 @@ def test_the_command_line_draws_every_size_of_every_file(tmp_path: Path) -> None
 def test_bench_scale_takes_the_minimum_and_a_folder_to_keep(tmp_path: Path) -> None:
     args = parse_args(["--hospitals", "25", "--no-secagg", "--min-hospitals", "3", "--keep", str(tmp_path),
                        "--features", "2"])
-    assert args.min_hospitals == 3 and args.keep == tmp_path and args.features == 2
+    assert args.min_hospitals == [3] and args.keep == tmp_path and args.features == 2
+    assert min_hospitals_for([3, 10, 25], args.min_hospitals) == [3, 3, 3]
+    each = parse_args(["--min-hospitals", "3,10,20"]).min_hospitals
+    assert min_hospitals_for([3, 10, 25], each) == [3, 10, 20]
+    assert min_hospitals_for([3, 10], None) == [None, None]
+    with pytest.raises(SystemExit, match="2 values for 3 hospital counts"):
+        min_hospitals_for([3, 10, 25], min_hospitals_arg("3,10"))
+    with pytest.raises(SystemExit, match="more than the hospitals"):
+        min_hospitals_for([3], min_hospitals_arg("4"))
     default = parse_args([])
     assert default.min_hospitals is None and default.keep is None and default.features is None
     assert default_min_hospitals(25) == 12 and default_min_hospitals(3) == 3
