@@ -38,6 +38,7 @@ import statistics
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -195,10 +196,38 @@ CPU_PARTS = ("superlink", "coordinator", "hospitals")
 CpuSample = tuple[float, str, float, float, float]
 
 
+def cpu_in_window(samples: list[CpuSample], start: float, end: float) -> dict[str, float]:
+    """CPU seconds of each of `CPU_PARTS` between the times `start` and `end` (the samples' clock,
+    `time.time()`): each interval between two samples adds its (never negative) increase in the
+    share of it that falls in the window, as if spent evenly."""
+    out = {f"{who}_cpu_s": 0.0 for who in CPU_PARTS}
+    for (t0, _phase, *cpu0), (t1, _next, *cpu1) in itertools.pairwise(samples):
+        overlap = min(t1, end) - max(t0, start)
+        if overlap <= 0 or t1 <= t0:
+            continue
+        for who, before, after in zip(CPU_PARTS, cpu0, cpu1, strict=True):
+            out[f"{who}_cpu_s"] += max(0.0, after - before) * overlap / (t1 - t0)
+    return {key: round(value, 3) for key, value in out.items()}
+
+
+def cpu_by_round(samples: list[CpuSample], rounds: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Each round's CPU seconds (`cpu_in_window`) over its wall time: a round ends at its log
+    entry's time (`time`, ISO 8601) and began `wall_s` before (the exchange: push, training,
+    replies; not round 1's start-up before it)."""
+    out = []
+    for r in rounds:
+        if r.get("time") is None or r.get("wall_s") is None:
+            continue
+        end = datetime.fromisoformat(str(r["time"]).replace("Z", "+00:00")).timestamp()
+        out.append({"round": r["round"], "wall_s": round(float(r["wall_s"]), 2),
+                    **cpu_in_window(samples, end - float(r["wall_s"]), end)})
+    return out
+
+
 def cpu_by_phase(samples: list[CpuSample]) -> dict[str, dict[str, float]]:
     """Per phase of the consortium's run: its wall seconds and the CPU seconds the SuperLink, the
     coordinator and all hospitals together (daemons and Flower processes) spent in it, from
-    (monotonic time, phase, SuperLink CPU s, coordinator CPU s, hospitals CPU s) samples in time
+    (time, phase, SuperLink CPU s, coordinator CPU s, hospitals CPU s) samples in time
     order. Each interval between two samples counts to the phase of its first sample; `*_cores`
     is CPU over wall (how many cores it kept busy). A process that ended between two samples
     takes its CPU with it, so a difference is never negative."""
@@ -255,7 +284,7 @@ class ServerCpuSampler:
 
     def _run(self) -> None:
         while True:
-            self.samples.append((time.monotonic(), self.consortium.progress.phase or "",
+            self.samples.append((time.time(), self.consortium.progress.phase or "",
                                  self._superlink_cpu(), self._coordinator_cpu(), self._hospitals_cpu()))
             if self.stop.wait(0.5):
                 return
@@ -376,6 +405,7 @@ def run_config(hospitals: int, secure: bool, rounds: int, root: Path,
         "rounds_detail": [{key: r.get(key) for key in ("round", "wall_s", "compute_max_s", "overhead_s",
                                                          *FIRST_ROUND_PARTS[2:])} for r in report["rounds"]],
         "server_cpu_by_phase": cpu_by_phase(server_cpu.samples),
+        "cpu_by_round": cpu_by_round(server_cpu.samples, report["rounds"]),
         **participation(report),
         "checks_failed": [c["check"] for c in report.get("checks", []) if not c.get("ok")],
     }

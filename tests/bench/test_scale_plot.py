@@ -13,6 +13,8 @@ import pytest
 from tests.bench import scale_plot
 from tests.bench.bench_scale import (
     cpu_by_phase,
+    cpu_by_round,
+    cpu_in_window,
     default_min_hospitals,
     min_hospitals_arg,
     min_hospitals_for,
@@ -97,3 +99,20 @@ def test_trained_counts_the_hospitals_charged_for_a_round_not_the_approvals() ->
                             {"decision": "approve", "rounds": []}, {"decision": "refuse", "rounds": []},
                             {"decision": "approve"}]}
     assert participation(report) == {"approved": 3, "trained": 1}
+
+
+def test_a_round_s_cpu_is_what_the_samples_spanning_its_window_gained() -> None:
+    from datetime import UTC, datetime
+
+    end = datetime(2026, 12, 5, 21, 0, 10, tzinfo=UTC)
+    t = end.timestamp()
+    samples = [(t - 12, "training", 0.0, 0.0, 0.0), (t - 8, "training", 4.0, 2.0, 8.0),
+               (t - 4, "training", 6.0, 2.0, 16.0), (t, "training", 7.0, 3.0, 10.0),  # a child exited
+               (t + 4, "training", 11.0, 3.0, 14.0)]
+    window = cpu_in_window(samples, t - 10, t)
+    # half of the first interval, all of the next two (the drop counts as nothing)
+    assert window == {"superlink_cpu_s": 5.0, "coordinator_cpu_s": 2.0, "hospitals_cpu_s": 12.0}
+    stamp = end.isoformat().replace("+00:00", "Z")
+    rounds: list[dict[str, Any]] = [{"round": 2, "time": stamp, "wall_s": 10.0},
+                                    {"round": 3, "wall_s": 1.0}]  # no time: not placed
+    assert cpu_by_round(samples, rounds) == [{"round": 2, "wall_s": 10.0, **window}]
