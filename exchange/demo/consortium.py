@@ -313,6 +313,8 @@ class Consortium:
         self.runner: FederatedRunner | None = None
         #: holds the study between rounds while a revocation is imported (round_gate.py)
         self.round_gate = RoundGate()
+        self._polling_api: Any = None
+        self._polling_lock = threading.Lock()
         self.tls: Any = None
         self.placement: Placement = Loopback()
         #: seconds from the start of `run` to: every daemon online, every decision in
@@ -674,9 +676,20 @@ class Consortium:
         self.progress.event(f"study {self.study_id} submitted over the API; "
                             f"{self.config.token_budget} tokens in escrow")
 
+    def polling_api(self) -> Any:
+        """The researcher's client the demo polls the coordinator with (the study's status and
+        results, twice a second while it waits), made once and closed by `stop`. Why: each
+        `ApiClient` builds an httpx client and with it a TLS context (the CA bundle loaded and
+        parsed), tens of milliseconds of CPU in the process that also runs the coordinator and
+        the ServerApp; a client per poll was 7 % of that process's samples while 25 hospitals
+        trained (docs/benchmarks/scale.md)."""
+        with self._polling_lock:
+            if self._polling_api is None:
+                self._polling_api = self.researcher()
+            return self._polling_api
+
     def study(self) -> dict[str, Any]:
-        with self.researcher() as api:
-            return dict(api.get(f"/v1/studies/{self.study_id}"))
+        return dict(self.polling_api().get(f"/v1/studies/{self.study_id}"))
 
     def accepted_study(self) -> AcceptedStudy:
         """The demo study as the coordinator accepted it (what `exchange.study.spec` turns into
@@ -724,8 +737,7 @@ class Consortium:
                 study = self.study()
                 status = str(study["status"])
                 self.progress.status = status
-                with self.researcher() as api:
-                    results = api.get(f"/v1/studies/{self.study_id}/results")
+                results = self.polling_api().get(f"/v1/studies/{self.study_id}/results")
                 if results["rounds"]:
                     last = results["rounds"][-1]
                     self.progress.round = int(last["round"])
@@ -929,6 +941,10 @@ class Consortium:
         if self.runtime is not None:
             with contextlib.suppress(Exception):
                 self.runtime.close()
+        with self._polling_lock:
+            if self._polling_api is not None:
+                self._polling_api.close()
+                self._polling_api = None
         self.placement.close()
 
     # -- helpers ------------------------------------------------------------------------------
