@@ -116,3 +116,13 @@ def test_a_round_s_cpu_is_what_the_samples_spanning_its_window_gained() -> None:
     rounds: list[dict[str, Any]] = [{"round": 2, "time": stamp, "wall_s": 10.0},
                                     {"round": 3, "wall_s": 1.0}]  # no time: not placed
     assert cpu_by_round(samples, rounds) == [{"round": 2, "wall_s": 10.0, **window}]
+
+
+def test_a_hospital_s_pages_are_counted_once_at_most_every_ten_seconds(tmp_path: Path) -> None:
+    from exchange.demo.consortium import Consortium, DemoConfig
+    from tests.bench.bench_scale import UNION_EVERY_S, MemorySampler
+
+    sampler = MemorySampler(Consortium(DemoConfig(out=tmp_path)))
+    assert sampler.union_due("hospital-a", 100.0) and sampler.union_due("hospital-b", 100.0)
+    assert not sampler.union_due("hospital-a", 100.0 + UNION_EVERY_S / 2)
+    assert sampler.union_due("hospital-a", 100.0 + UNION_EVERY_S)
