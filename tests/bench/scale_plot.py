@@ -53,16 +53,32 @@ def _series(rows: Sequence[dict[str, Any]], secure: bool) -> list[dict[str, Any]
     return sorted(chosen, key=lambda r: r["hospitals"])
 
 
+#: the parts whose CPU seconds per round `bench_scale` measures (`cpu_by_round`)
+CPU_PARTS = ("superlink", "coordinator", "hospitals")
+
+
+def cpu_per_round(row: dict[str, Any]) -> dict[str, float] | None:
+    """The mean CPU seconds per round (rounds 2+, else all) of each of `CPU_PARTS`, from a
+    row's `cpu_by_round`; None for a row measured before the bench took it."""
+    rounds = row.get("cpu_by_round") or []
+    steady = [r for r in rounds if r.get("round", 0) >= 2] or rounds
+    if not steady:
+        return None
+    return {who: sum(float(r[f"{who}_cpu_s"]) for r in steady) / len(steady) for who in CPU_PARTS}
+
+
 def plot(results: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> Path:
-    """Two panels: per-round overhead beyond training (rounds 2+, and the whole first round's
-    overhead) and memory per hospital (peak RSS and PSS of daemon + Flower process), each
-    against the number of hospitals; SecAgg+ rows, where there are any, as a second overhead
-    line. Each point of the overhead panel is labelled with the load average its run started at
-    (a 2-core machine shared with other work: the load moves the timings more than the size)."""
+    """Three panels, each against the number of hospitals: per-round overhead beyond training
+    (rounds 2+, and the whole first round's overhead), the CPU seconds per round of the
+    SuperLink, the coordinator (with the ServerApp) and all hospitals together, and memory per
+    hospital (peak RSS and PSS of daemon + Flower process); SecAgg+ rows, where there are any,
+    as a second overhead line. Each point of the overhead panel is labelled with the load average
+    its run started at (a 2-core machine shared with other work: the load moves the timings
+    more than the size; CPU seconds much less)."""
     rows = _series(results, secure=False)
     secure_rows = _series(results, secure=True)
     xs = [r["hospitals"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(12, 3.4))
     left.plot(xs, [r["overhead_s"] for r in rows], marker="o", label="overhead per round (rounds 2+)")
     for r in rows:
         if r.get("load_start") is not None:
@@ -81,6 +97,13 @@ def plot(results: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> P
     left.set_ylabel("seconds")
     left.set_ylim(bottom=0)
     left.legend(fontsize=7)
+    cpu = [(r["hospitals"], parts) for r in rows if (parts := cpu_per_round(r)) is not None]
+    for who, marker in zip(CPU_PARTS, ("o", "s", "^"), strict=True):
+        middle.plot([h for h, _ in cpu], [parts[who] for _, parts in cpu], marker=marker, label=who)
+    middle.set_xlabel("hospitals")
+    middle.set_ylabel("CPU seconds per round (rounds 2+)")
+    middle.set_ylim(bottom=0)
+    middle.legend(fontsize=7)
     right.plot(xs, [r["rss_per_hospital_mb"] for r in rows], marker="o", label="RSS (own host)")
     right.plot(xs, [r.get("pss_per_hospital_mb") for r in rows], marker="s", linestyle="--",
                label="PSS (share on one machine)")
@@ -89,7 +112,7 @@ def plot(results: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> P
     right.set_ylabel("MiB per hospital")
     right.set_ylim(bottom=0)
     right.legend(fontsize=7)
-    for ax in (left, right):
+    for ax in (left, middle, right):
         ax.set_xticks(sorted({*xs, *(r["hospitals"] for r in secure_rows)}))
         ax.grid(alpha=0.3)
     if title:

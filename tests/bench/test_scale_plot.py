@@ -26,7 +26,9 @@ from tests.bench.bench_scale import (
 def _row(hospitals: int, overhead: float, *, secure: bool = False, load: float = 2.0) -> dict[str, Any]:
     return {"hospitals": hospitals, "secure_aggregation": secure, "overhead_s": overhead, "load_start": load,
             "rss_per_hospital_mb": 500.0, "pss_per_hospital_mb": 350.0,
-            "first_round": {"overhead_s": overhead * 3}}
+            "first_round": {"overhead_s": overhead * 3},
+            "cpu_by_round": [{"round": 2, "superlink_cpu_s": hospitals * 0.1, "coordinator_cpu_s": 1.0,
+                              "hospitals_cpu_s": hospitals * 0.5}]}
 
 
 def test_rows_from_several_files_merge_one_per_size_the_later_file_winning(tmp_path: Path) -> None:
@@ -36,6 +38,15 @@ def test_rows_from_several_files_merge_one_per_size_the_later_file_winning(tmp_p
     rows = scale_plot.merge_rows([scale_plot.read_rows(first), scale_plot.read_rows(second)])
     assert [(r["hospitals"], r["secure_aggregation"], r["overhead_s"]) for r in rows] == [
         (3, False, 0.7), (3, True, 2.0), (10, False, 1.6), (25, False, 2.5)]
+
+
+def test_cpu_per_round_is_the_mean_of_the_rounds_after_the_first() -> None:
+    rounds = [{"round": r, "superlink_cpu_s": s, "coordinator_cpu_s": c, "hospitals_cpu_s": h}
+              for r, s, c, h in ((1, 9.0, 9.0, 9.0), (2, 1.0, 2.0, 3.0), (3, 3.0, 4.0, 5.0))]
+    assert scale_plot.cpu_per_round({"cpu_by_round": rounds}) == {"superlink": 2.0, "coordinator": 3.0,
+                                                                  "hospitals": 4.0}
+    assert scale_plot.cpu_per_round({"cpu_by_round": rounds[:1]})["superlink"] == 9.0  # type: ignore[index]
+    assert scale_plot.cpu_per_round({}) is None
 
 
 def test_a_run_that_never_trained_is_not_drawn(tmp_path: Path) -> None:
@@ -55,7 +66,7 @@ def test_the_command_line_draws_every_size_of_every_file(tmp_path: Path) -> None
     assert [r["hospitals"] for r in json.loads(saved.read_text())] == [3, 10, 25]
     svg_text = out.read_text()
     # a tick for each size (the SVG keeps its text as text); each point carries its run's load
-    for tick in (">25<", ">10<", "load 2"):
+    for tick in (">25<", ">10<", "load 2", "CPU seconds per round", ">superlink<"):
         assert tick in svg_text
 
 
