@@ -509,8 +509,7 @@ class Consortium:
         def published() -> bool:
             for h in self.hospitals.values():
                 self._check_daemon(h)
-            with self.researcher() as api:
-                listing = api.get("/v1/catalogs")
+            listing = self.polling_api().get("/v1/catalogs")
             held = {row["hospital_id"]: row["catalog"] for row in listing["hospitals"]}
             return all(held.get(hospital) == catalog for hospital, catalog in expected.items())
 
@@ -663,29 +662,8 @@ class Consortium:
             return True
         return ssl.create_default_context(cafile=str(self.tls.ca_cert))
 
-    def wait_for_catalogs(self, timeout: float | None = None) -> None:
-        """Until every hospital's newest published catalog holds the study's columns. Why: the
-        coordinator checks a submission against the catalogs (a study no `min_hospitals`
-        hospitals can serve is refused), and a daemon publishes its catalog at its next step
-        after the data import: with 10 hospitals and `min_hospitals` 10, one catalog not yet
-        republished refused the study."""
-        body = study_body(self.config)
-        wanted = {name for names in body["columns"].values() for name in names} | {body["label"]}
-        if body.get("event"):
-            wanted.add(body["event"])
-
-        def published() -> bool:
-            listed = self.polling_api().get("/v1/catalogs")["hospitals"]
-            held = {item["hospital_id"]: {column["name"] for column in
-                                          (item["catalog"] or {}).get("columns", [])} for item in listed}
-            return all(wanted <= held.get(hospital_id, set()) for hospital_id in self.hospitals)
-
-        self._wait(published, "every hospital's catalog to hold the study's columns",
-                   timeout if timeout is not None else 60 + 4 * len(self.hospitals), interval=0.5)
-
     def submit_study(self) -> None:
         assert self.runner is not None
-        self.wait_for_catalogs()
         self.runner.superlink_address = self.superlink_address
         self.runner.root_certificates = self.tls.root_certificates() if self.tls is not None else None
         with self.researcher() as api:
