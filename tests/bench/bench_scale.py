@@ -47,8 +47,14 @@ from tests.bench.memory_map import union_mb
 
 
 def _children(pid: int) -> list[int]:
+    """The child processes of `pid`; none once it has exited (a forked decision step, a
+    restarted SuperNode: /proc/PID/task goes away while it is listed)."""
     kids: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return kids
+    for task in tasks:
         try:
             kids += [int(c) for c in (task / "children").read_text().split()]
         except OSError:

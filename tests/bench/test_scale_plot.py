@@ -137,3 +137,31 @@ def test_a_hospital_s_pages_are_counted_once_at_most_every_ten_seconds(tmp_path:
     assert sampler.union_due("hospital-a", 100.0) and sampler.union_due("hospital-b", 100.0)
     assert not sampler.union_due("hospital-a", 100.0 + UNION_EVERY_S / 2)
     assert sampler.union_due("hospital-a", 100.0 + UNION_EVERY_S)
+
+
+def test_a_process_that_exits_while_its_tree_is_walked_has_no_children(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hospital's forked child can exit while the samplers walk its tree: /proc/PID/task is
+    there when looked at and gone when listed, and the CPU sampler's thread died on
+    `FileNotFoundError: /proc/PID/task` in a 25-hospital run. Simulated at the OS edge: listing
+    this process's task directory fails as it does for a process that just exited."""
+    import os
+
+    from tests.bench.bench_scale import _children, tree_pids
+
+    gone = f"/proc/{os.getpid()}/task"
+    real_scandir, real_listdir = os.scandir, os.listdir
+
+    def scandir(path: object = ".") -> object:
+        if os.fspath(path) == gone:  # type: ignore[call-overload]
+            raise FileNotFoundError(2, "No such file or directory", gone)
+        return real_scandir(path)  # type: ignore[call-overload]
+
+    def listdir(path: object = ".") -> list[str]:
+        if os.fspath(path) == gone:  # type: ignore[call-overload]
+            raise FileNotFoundError(2, "No such file or directory", gone)
+        return real_listdir(path)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "listdir", listdir)
+    assert _children(os.getpid()) == [] and tree_pids(os.getpid()) == [os.getpid()]
