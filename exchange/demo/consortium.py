@@ -122,6 +122,13 @@ class DemoConfig:
     #: the study's `min_hospitals` (None: 2) and `secure_aggregation` (None: the exchange's default)
     min_hospitals: int | None = None
     secure_aggregation: bool | None = None
+    #: the study asks for only its dataset's first N feature columns (None: all); fewer Cox
+    #: coefficients need fewer events per hospital (tests/bench/bench_scale.py at 25 hospitals)
+    features: int | None = None
+    #: the study's DUO purpose (None: the demo study's own); e.g. "DUO:0000006" (HMB: health,
+    #: medical or biomedical research) for the survival study, which the demo's HMB consents
+    #: permit as well as its GRU ones, so more of each hospital's patients are eligible
+    purpose: str | None = None
     #: "loopback": every party on 127.0.0.1; "netns": each hospital on its own network host
     #: (exchange.demo.hosts; needs root), the coordinator over HTTPS
     hosts: str = "loopback"
@@ -274,12 +281,14 @@ def breast_cancer_columns() -> dict[str, list[str]]:
 def study_body(config: DemoConfig) -> dict[str, Any]:
     """The researcher's study request (the coordinator's StudyCreate) for the configured study."""
     body = {
-        **config.demo_study.body_fields(), "commercial": False, "ethics_approval": True,
+        **config.demo_study.body_fields(config.features), "commercial": False, "ethics_approval": True,
         "epsilon": config.epsilon, "delta": config.delta, "rounds": config.rounds,
         "min_hospitals": config.min_hospitals or 2, "token_budget": config.token_budget,
     }
     if config.secure_aggregation is not None:
         body["secure_aggregation"] = config.secure_aggregation
+    if config.purpose is not None:
+        body["purpose"] = config.purpose
     return body
 
 
@@ -304,6 +313,8 @@ class Consortium:
         self.runner: FederatedRunner | None = None
         #: holds the study between rounds while a revocation is imported (round_gate.py)
         self.round_gate = RoundGate()
+        self._polling_api: Any = None
+        self._polling_lock = threading.Lock()
         self.tls: Any = None
         self.placement: Placement = Loopback()
         #: seconds from the start of `run` to: every daemon online, every decision in
@@ -498,8 +509,7 @@ class Consortium:
         def published() -> bool:
             for h in self.hospitals.values():
                 self._check_daemon(h)
-            with self.researcher() as api:
-                listing = api.get("/v1/catalogs")
+            listing = self.polling_api().get("/v1/catalogs")
             held = {row["hospital_id"]: row["catalog"] for row in listing["hospitals"]}
             return all(held.get(hospital) == catalog for hospital, catalog in expected.items())
 
@@ -665,9 +675,20 @@ class Consortium:
         self.progress.event(f"study {self.study_id} submitted over the API; "
                             f"{self.config.token_budget} tokens in escrow")
 
+    def polling_api(self) -> Any:
+        """The researcher's client the demo polls the coordinator with (the study's status and
+        results, twice a second while it waits), made once and closed by `stop`. Why: each
+        `ApiClient` builds an httpx client and with it a TLS context (the CA bundle loaded and
+        parsed), tens of milliseconds of CPU in the process that also runs the coordinator and
+        the ServerApp; a client per poll was 7 % of that process's samples while 25 hospitals
+        trained (docs/benchmarks/scale.md)."""
+        with self._polling_lock:
+            if self._polling_api is None:
+                self._polling_api = self.researcher()
+            return self._polling_api
+
     def study(self) -> dict[str, Any]:
-        with self.researcher() as api:
-            return dict(api.get(f"/v1/studies/{self.study_id}"))
+        return dict(self.polling_api().get(f"/v1/studies/{self.study_id}"))
 
     def accepted_study(self) -> AcceptedStudy:
         """The demo study as the coordinator accepted it (what `exchange.study.spec` turns into
@@ -715,8 +736,7 @@ class Consortium:
                 study = self.study()
                 status = str(study["status"])
                 self.progress.status = status
-                with self.researcher() as api:
-                    results = api.get(f"/v1/studies/{self.study_id}/results")
+                results = self.polling_api().get(f"/v1/studies/{self.study_id}/results")
                 if results["rounds"]:
                     last = results["rounds"][-1]
                     self.progress.round = int(last["round"])
@@ -920,6 +940,10 @@ class Consortium:
         if self.runtime is not None:
             with contextlib.suppress(Exception):
                 self.runtime.close()
+        with self._polling_lock:
+            if self._polling_api is not None:
+                self._polling_api.close()
+                self._polling_api = None
         self.placement.close()
 
     # -- helpers ------------------------------------------------------------------------------

@@ -37,13 +37,20 @@ class DemoStudy:
     #: the round metric the report and the live view lead with (`ref_<metric>` / `eval_<metric>`)
     metric: str
 
-    def columns(self) -> dict[str, list[str]]:
-        """Data category -> feature column names (spaces as underscores), in model order."""
+    def columns(self, features: int | None = None) -> dict[str, list[str]]:
+        """Data category -> feature column names (spaces as underscores), in model order; with
+        `features`, only the dataset's first `features` columns (a Cox study with fewer
+        coefficients needs fewer events at each hospital, `exchange.node.outcomes.min_events`:
+        flchain split over 25 hospitals leaves most too few events for all six)."""
         from federated.clinical_data import SURVIVAL_DATASETS, survival_feature_specs
         from federated.data import feature_specs
 
         specs = (survival_feature_specs(self.dataset) if self.dataset in SURVIVAL_DATASETS
                  else feature_specs(self.dataset))
+        if features is not None:
+            if not 1 <= features <= len(specs):
+                raise ValueError(f"features: between 1 and {len(specs)} for {self.name}, not {features}")
+            specs = specs[:features]
         out: dict[str, list[str]] = {}
         for spec in specs:
             out.setdefault(spec.category, []).append(spec.name.replace(" ", "_"))
@@ -59,9 +66,10 @@ class DemoStudy:
                   else load_federated(self.dataset, len(hospitals), hospital_ids=hospitals))
         return {p.hospital_id: p for p in loaded}
 
-    def body_fields(self) -> dict[str, Any]:
-        """The study request's fields that depend on the study (StudyCreate)."""
-        columns = self.columns()
+    def body_fields(self, features: int | None = None) -> dict[str, Any]:
+        """The study request's fields that depend on the study (StudyCreate); `features` as in
+        `columns`."""
+        columns = self.columns(features)
         out: dict[str, Any] = {"title": self.title, "purpose": self.purpose, "disease": self.disease,
                                "data_categories": sorted(columns), "columns": columns,
                                "template": self.template, "task": self.task, "label": self.label}

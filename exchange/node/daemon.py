@@ -58,6 +58,11 @@ from exchange.node.witnessing import WitnessLink
 
 log = get_logger("exchange.node")
 STUDY_PAGE = 100
+#: Once the coordinator has answered `me`, a step asks it again only this often (or after a
+#: failed request): every step lists the studies anyway, a signed request that fails the same
+#: way for an unknown hospital, and every signed request costs the coordinator a write (its
+#: replay-protection nonce) while many hospitals poll it (docs/benchmarks/scale.md, 25 hospitals)
+REGISTRATION_RECHECK_S = 60.0
 CHILD_STOP_GRACE_S = 10.0
 
 
@@ -175,6 +180,8 @@ class NodeDaemon:
         self.stop_event = threading.Event()
         self.ledger = site_ledger(store.engine, settings.policy)
         self._health: dict[str, Any] = {"status": "starting", "hospital_id": settings.hospital_id}
+        #: `time.monotonic()` of the coordinator's last answer to `me` (None: ask at the next step)
+        self._registered_at: float | None = None
         self._health_lock = threading.Lock()
         if witness_link is None:
             witness_link = getattr(link, "client", None)
@@ -206,6 +213,12 @@ class NodeDaemon:
         self.store.set_state("last_step_at", datetime.now(UTC).isoformat())
 
     def _ensure_registered(self) -> bool:
+        """Whether the coordinator knows this hospital: asked (`me`) at the first step, after a
+        failed request to it and every `REGISTRATION_RECHECK_S`, not at every step."""
+        since = None if self._registered_at is None else time.monotonic() - self._registered_at
+        if since is not None and since < REGISTRATION_RECHECK_S:
+            return True
+        self._registered_at = None
         try:
             me = self.link.me()
         except Exception as exc:
@@ -219,6 +232,7 @@ class NodeDaemon:
         self.store.set_state("registered", {"at": datetime.now(UTC).isoformat(),
                                             "me": {k: v for k, v in me.items() if k != "flower_public_key"}})
         self._update_health(coordinator="ok")
+        self._registered_at = time.monotonic()
         return True
 
     def _publish_catalog(self) -> None:
@@ -234,6 +248,7 @@ class NodeDaemon:
             studies = self.link.studies()
         except Exception as exc:
             self._error("coordinator", exc)
+            self._registered_at = None  # the next step asks `me`, which says why (health)
             return
         for study in studies:
             try:

@@ -32,6 +32,7 @@ flwr is imported lazily, inside functions: callers switch telemetry off before t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
@@ -1585,6 +1586,74 @@ def patch_superlink_task_sweep(interval_s: float) -> None:
 
     setattr(cleanup_expired_task_tokens, _PATCHED_MARK, True)
     setattr(SqlCoreState, "_cleanup_expired_task_tokens", cleanup_expired_task_tokens)  # noqa: B010
+
+
+class _BusyInStoreObject(BaseException):
+    """SQLite's "database is locked", carried out of flwr's `store_object` past its
+    `except Exception` (`patch_superlink_store_object_busy`)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+_storing_object = threading.local()
+
+
+def patch_superlink_store_object_busy() -> None:
+    """Let a busy database fail an object push loudly (SuperLink process only), so the sender
+    retries it, instead of losing the object.
+
+    flwr 1.42's `SqlCoreState.store_object` catches every exception, logs "Failed to store
+    object" and returns False, which the Fleet handler answers as `stored=False`: the SuperNode
+    takes that as done ("Sent successfully") and the object is never stored, so the ServerApp's
+    pull of that reply fails ("Reply message objects are unavailable") and the hospital counts as
+    dropped. Under load SQLite's write lock can stay taken past the busy timeout (5 s): at 25
+    hospitals, 20 training, on this 2-core machine a round lost a hospital that way and the study
+    failed (docs/benchmarks/scale.md). Here a "database is locked" inside `store_object` leaves
+    it as the OperationalError it is; the Fleet API's error translator answers 503
+    (`_busy_database_retryable`) and flwr's client retries the push, on a transaction that was
+    rolled back. Every other failure keeps flwr's behaviour."""
+    check_flwr_version()
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+    from sqlalchemy.exc import OperationalError
+
+    store = SqlCoreState.store_object
+    if getattr(store, _PATCHED_MARK, False):
+        return
+    _require(list(inspect.signature(store).parameters) == ["self", "run_id", "session_id", "object_id",
+                                                          "object_content"],
+             "SqlCoreState.store_object changed its parameters")
+    source = inspect.getsource(store)
+    _require("with self.session() as session:" in source and "except Exception" in source
+             and "return False" in source, "SqlCoreState.store_object no longer swallows its errors")
+    session = SqlCoreState.session
+
+    @contextlib.contextmanager
+    def busy_aware_session(self: Any) -> Any:
+        try:
+            with session(self) as inner:
+                yield inner
+        except OperationalError as exc:
+            if getattr(_storing_object, "active", False) and any(
+                    text in str(exc.orig) for text in _BUSY_DATABASE_ERRORS):
+                raise _BusyInStoreObject(exc) from exc
+            raise
+
+    @functools.wraps(store)
+    def store_object(self: Any, run_id: int, session_id: str, object_id: str, object_content: bytes) -> bool:
+        _storing_object.active = True
+        try:
+            return bool(store(self, run_id, session_id, object_id, object_content))
+        except _BusyInStoreObject as busy:
+            raise busy.error from None
+        finally:
+            _storing_object.active = False
+
+    setattr(busy_aware_session, _PATCHED_MARK, True)
+    setattr(store_object, _PATCHED_MARK, True)
+    setattr(SqlCoreState, "session", busy_aware_session)  # noqa: B010
+    setattr(SqlCoreState, "store_object", store_object)  # noqa: B010
 
 
 class WriteInvalidatedCache:

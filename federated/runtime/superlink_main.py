@@ -17,7 +17,9 @@ database on nearly every request, is cached until a write that may change it
 check reads on every Fleet request (`patch_superlink_node_key_cache`), and the task a Runtime API
 token belongs to (`patch_superlink_task_token_cache`), and the per-run traffic
 counters are summed in memory and written every `TRAFFIC_FLUSH_S`
-(`patch_superlink_traffic_batching`). Every SuperNode polls, idle or not, so on a small machine
+(`patch_superlink_traffic_batching`). An object push that finds the database locked past its
+busy timeout is answered 503 and retried by its sender, not silently dropped
+(`patch_superlink_store_object_busy`). Every SuperNode polls, idle or not, so on a small machine
 the SuperLink's CPU per request was what a round with ten hospitals waited for
 (docs/benchmarks/flower.md).
 """
@@ -50,6 +52,7 @@ def apply_superlink_patches(settings: RuntimeSettings) -> None:
     flwr_internals.patch_superlink_middleware()
     flwr_internals.patch_superlink_idle_pulls(settings.superlink_idle_recheck)
     flwr_internals.patch_superlink_task_sweep(TASK_SWEEP_S)
+    flwr_internals.patch_superlink_store_object_busy()
     statuses = flwr_internals.patch_superlink_run_status_cache(CACHE_MAX_AGE_S)
     nodes = flwr_internals.patch_superlink_node_key_cache(CACHE_MAX_AGE_S)
     tokens = flwr_internals.patch_superlink_task_token_cache(CACHE_MAX_AGE_S)
@@ -86,7 +89,8 @@ def main() -> None:
         apply_superlink_patches(settings)
         print(f"[exchange] superlink patches: path-scoped middleware, idle polls answered early "
               f"(full poll per node every {settings.superlink_idle_recheck} s), task sweep throttled, "
-              f"run statuses, node keys and task tokens cached, traffic counters batched",
+              f"run statuses, node keys and task tokens cached, traffic counters batched, object pushes "
+              f"on a busy database retried",
               file=sys.stderr, flush=True)
     sys.argv[0] = "flower-superlink"
     flwr_internals.flower_superlink_main()

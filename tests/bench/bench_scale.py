@@ -10,7 +10,9 @@ SuperLink with SuperNode authentication, one `exchange node run` per hospital; t
 study, flchain's 7,874 people split non-IID over the hospitals (breast cancer's 569 cannot be
 split over 10); no revocations) running one study of `--rounds` rounds. A hospital whose split
 holds too few events for the Cox template refuses (site rule), so `min_hospitals` is half of
-them (at least 3) and the report says how many trained.
+them (at least 3) unless `--min-hospitals` says otherwise, and the report says how many trained.
+`--keep DIR` runs in DIR and leaves it (the daemons', SuperLink's and coordinator's logs) instead
+of a temporary folder removed at the end.
 
 Reported per configuration:
 - start-up: from nothing to every daemon registered and online, and to every decision in;
@@ -28,22 +30,31 @@ Timing only: nothing is asserted; numbers go in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import statistics
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from exchange.demo.consortium import Consortium, DemoConfig, Progress
+from exchange.demo.consortium import Consortium, DemoConfig, Progress, study_body
 from tests.bench.memory_map import union_mb
 
 
 def _children(pid: int) -> list[int]:
+    """The child processes of `pid`; none once it has exited (a forked decision step, a
+    restarted SuperNode: /proc/PID/task goes away while it is listed)."""
     kids: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return kids
+    for task in tasks:
         try:
             kids += [int(c) for c in (task / "children").read_text().split()]
         except OSError:
@@ -128,6 +139,10 @@ def tree_rss_mb(pid: int) -> dict[str, float]:
     return {role: usage["rss"] for role, usage in tree_usage(pid).items()}
 
 
+#: the least time between two `union_mb` counts of one hospital (`MemorySampler.union_due`)
+UNION_EVERY_S = 10.0
+
+
 class MemorySampler:
     """Samples each hospital's process tree every second while the study trains: the peak of the
     hospital's summed RSS (and, separately, of its summed PSS), each role's share at that peak,
@@ -147,6 +162,7 @@ class MemorySampler:
         self.parts: dict[str, dict[str, float]] = {}  # hospital -> role -> RSS at its peak
         self.parts_pss: dict[str, dict[str, float]] = {}
         self.cpu: dict[str, dict[str, float]] = {}  # hospital -> role -> CPU seconds
+        self.union_at: dict[str, float] = {}  # hospital -> when its pages were last counted once
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -155,8 +171,19 @@ class MemorySampler:
             if self.consortium.progress.phase != "training":
                 continue
             for h in list(self.consortium.hospitals.values()):
-                if h.process is not None and self.sample(h.id, tree_usage(h.process.pid)):
+                if h.process is not None and self.sample(h.id, tree_usage(h.process.pid)) \
+                        and self.union_due(h.id, time.monotonic()):
                     self.sample_union(h.id, tree_pids(h.process.pid))
+
+    def union_due(self, hospital: str, now: float) -> bool:
+        """Whether a new RSS peak of `hospital` gets its pages counted once (`union_mb`): at most
+        every `UNION_EVERY_S` per hospital. Reading every page's frame is this process's
+        heaviest work (15 % of its samples at 25 hospitals, py-spy), and this process is also
+        the coordinator and the ServerApp whose rounds it measures."""
+        if now - self.union_at.get(hospital, -UNION_EVERY_S) < UNION_EVERY_S:
+            return False
+        self.union_at[hospital] = now
+        return True
 
     def sample(self, hospital: str, usage: dict[str, dict[str, float]]) -> bool:
         """Record one sample; True when the hospital's summed RSS is a new peak."""
@@ -177,10 +204,128 @@ class MemorySampler:
             self.peak_union[hospital] = union
 
 
+def _thread_cpu_s(tid: int) -> float:
+    """User + system CPU seconds of one thread of this process (/proc/self/task/TID/stat)."""
+    try:
+        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+#: whose CPU `ServerCpuSampler` samples, in the order of its samples' CPU fields
+CPU_PARTS = ("superlink", "coordinator", "hospitals")
+CpuSample = tuple[float, str, float, float, float]
+
+
+def cpu_in_window(samples: list[CpuSample], start: float, end: float) -> dict[str, float]:
+    """CPU seconds of each of `CPU_PARTS` between the times `start` and `end` (the samples' clock,
+    `time.time()`): each interval between two samples adds its (never negative) increase in the
+    share of it that falls in the window, as if spent evenly."""
+    out = {f"{who}_cpu_s": 0.0 for who in CPU_PARTS}
+    for (t0, _phase, *cpu0), (t1, _next, *cpu1) in itertools.pairwise(samples):
+        overlap = min(t1, end) - max(t0, start)
+        if overlap <= 0 or t1 <= t0:
+            continue
+        for who, before, after in zip(CPU_PARTS, cpu0, cpu1, strict=True):
+            out[f"{who}_cpu_s"] += max(0.0, after - before) * overlap / (t1 - t0)
+    return {key: round(value, 3) for key, value in out.items()}
+
+
+def cpu_by_round(samples: list[CpuSample], rounds: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Each round's CPU seconds (`cpu_in_window`) over its wall time: a round ends at its log
+    entry's time (`time`, ISO 8601) and began `wall_s` before (the exchange: push, training,
+    replies; not round 1's start-up before it)."""
+    out = []
+    for r in rounds:
+        if r.get("time") is None or r.get("wall_s") is None:
+            continue
+        end = datetime.fromisoformat(str(r["time"]).replace("Z", "+00:00")).timestamp()
+        out.append({"round": r["round"], "wall_s": round(float(r["wall_s"]), 2),
+                    **cpu_in_window(samples, end - float(r["wall_s"]), end)})
+    return out
+
+
+def cpu_by_phase(samples: list[CpuSample]) -> dict[str, dict[str, float]]:
+    """Per phase of the consortium's run: its wall seconds and the CPU seconds the SuperLink, the
+    coordinator and all hospitals together (daemons and Flower processes) spent in it, from
+    (time, phase, SuperLink CPU s, coordinator CPU s, hospitals CPU s) samples in time
+    order. Each interval between two samples counts to the phase of its first sample; `*_cores`
+    is CPU over wall (how many cores it kept busy). A process that ended between two samples
+    takes its CPU with it, so a difference is never negative."""
+    out: dict[str, dict[str, float]] = {}
+    for (t0, phase, *cpu0), (t1, _next, *cpu1) in itertools.pairwise(samples):
+        row = out.setdefault(phase, {"wall_s": 0.0, **{f"{who}_cpu_s": 0.0 for who in CPU_PARTS}})
+        row["wall_s"] += t1 - t0
+        for who, before, after in zip(CPU_PARTS, cpu0, cpu1, strict=True):
+            row[f"{who}_cpu_s"] += max(0.0, after - before)
+    for row in out.values():
+        for who in CPU_PARTS:
+            row[f"{who}_cores"] = row[f"{who}_cpu_s"] / row["wall_s"] if row["wall_s"] else 0.0
+        for key, value in row.items():
+            row[key] = round(value, 2)
+    return out
+
+
+class ServerCpuSampler:
+    """Samples, twice a second, the CPU seconds of the SuperLink (its process tree), of the
+    coordinator (this process: API, runner, ServerApp; less the bench's own sampling threads) and
+    of all hospitals' process trees, with the consortium's phase: what each side spends while
+    hospitals join, decide and train (`cpu_by_phase`)."""
+
+    def __init__(self, consortium: Consortium, exclude_threads: list[threading.Thread]) -> None:
+        self.consortium = consortium
+        self.exclude = exclude_threads
+        self.samples: list[CpuSample] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _coordinator_cpu(self) -> float:
+        own = _cpu_s(os.getpid())
+        samplers = [t.native_id for t in (*self.exclude, self.thread) if t.native_id is not None]
+        return own - sum(_thread_cpu_s(tid) for tid in samplers)
+
+    @staticmethod
+    def _tree_cpu(pid: int) -> float:
+        total = 0.0
+        for current in tree_pids(pid):
+            try:
+                total += _cpu_s(current)
+            except (OSError, IndexError, ValueError):
+                continue
+        return total
+
+    def _superlink_cpu(self) -> float:
+        superlink = self.consortium.superlink
+        proc = getattr(superlink, "proc", None) if superlink is not None else None
+        return self._tree_cpu(proc.pid) if proc is not None else 0.0
+
+    def _hospitals_cpu(self) -> float:
+        return sum(self._tree_cpu(h.process.pid) for h in list(self.consortium.hospitals.values())
+                   if h.process is not None)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.time(), self.consortium.progress.phase or "",
+                                 self._superlink_cpu(), self._coordinator_cpu(), self._hospitals_cpu()))
+            if self.stop.wait(0.5):
+                return
+
+
 def _mean_by_role(parts: dict[str, dict[str, float]]) -> dict[str, float] | None:
     if not parts:
         return None
     return {role: round(statistics.fmean(p.get(role, 0.0) for p in parts.values()), 1) for role in ROLES}
+
+
+def participation(report: dict[str, Any]) -> dict[str, int]:
+    """How many hospitals approved the study and how many trained in it (a round charged at the
+    hospital). Not the same: the coordinator starts the study when `min_hospitals` approved,
+    and an approval that arrives after the start is refused (decisions closed), so with a low
+    `min_hospitals` fewer train than approve."""
+    hospitals = report.get("hospitals", [])
+    return {"approved": sum(1 for h in hospitals if h.get("decision") == "approve"),
+            "trained": sum(1 for h in hospitals if h.get("rounds"))}
 
 
 FIRST_ROUND_PARTS = ("start_s", "setup_s", "join_wait_s", "push_s", "dispatch_s", "compute_max_s", "return_s")
@@ -205,21 +350,51 @@ def first_round(rounds: list[dict[str, Any]]) -> dict[str, float] | None:
     return out
 
 
-def run_config(hospitals: int, secure: bool, rounds: int, root: Path) -> dict[str, Any]:
+def min_hospitals_arg(text: str) -> list[int]:
+    """`--min-hospitals`: "3" (every configuration) or "3,10,20" (one per `--hospitals` count)."""
+    return [int(part) for part in text.split(",")]
+
+
+def min_hospitals_for(counts: list[int], given: list[int] | None) -> list[int | None]:
+    """The `min_hospitals` of each hospital count (None: `default_min_hospitals`)."""
+    if given is None:
+        return [None] * len(counts)
+    each = given * len(counts) if len(given) == 1 else list(given)
+    if len(each) != len(counts):
+        raise SystemExit(f"--min-hospitals: {len(given)} values for {len(counts)} hospital counts")
+    if any(m > c for m, c in zip(each, counts, strict=True)):
+        raise SystemExit("--min-hospitals: more than the hospitals of its configuration")
+    return list(each)
+
+
+def default_min_hospitals(hospitals: int) -> int:
+    """The study's `min_hospitals` when `--min-hospitals` is not given: half of them, at least 3."""
+    return max(3, hospitals // 2)
+
+
+def run_config(hospitals: int, secure: bool, rounds: int, root: Path,
+               min_hospitals: int | None = None, features: int | None = None,
+               purpose: str | None = None) -> dict[str, Any]:
     config = DemoConfig(out=root / f"h{hospitals}-{'secagg' if secure else 'plain'}", rounds=rounds,
-                        study="survival",
-                        hospitals=hospitals, min_hospitals=max(3, hospitals // 2), secure_aggregation=secure,
+                        study="survival", hospitals=hospitals,
+                        min_hospitals=min_hospitals or default_min_hospitals(hospitals),
+                        secure_aggregation=secure,
                         strict_hospital=None, revoke={}, min_eligible_records=5, witnesses=True,
-                        timeout_s=1800)
+                        timeout_s=1800, features=features, purpose=purpose)
     progress = Progress()
     consortium = Consortium(config, progress)
     sampler = MemorySampler(consortium)
     sampler.thread.start()
+    server_cpu = ServerCpuSampler(consortium, [sampler.thread])
+    server_cpu.thread.start()
+    load_start = round(os.getloadavg()[0], 1)
     started = time.monotonic()
     try:
         consortium.run()
     finally:
         sampler.stop.set()
+        server_cpu.stop.set()
+        server_cpu.thread.join()
         consortium.stop()
     wall = time.monotonic() - started
     report = json.loads((config.out / "report.json").read_text())
@@ -230,7 +405,11 @@ def run_config(hospitals: int, secure: bool, rounds: int, root: Path) -> dict[st
         return statistics.fmean(values) if values else float("nan")
 
     return {
-        "hospitals": hospitals, "secure_aggregation": secure, "wall_s": round(wall, 1),
+        "hospitals": hospitals, "secure_aggregation": secure, "min_hospitals": config.min_hospitals,
+        "features": sum(len(names) for names in study_body(config)["columns"].values()),
+        "purpose": study_body(config)["purpose"], "rounds": rounds, "load_start": load_start,
+        "load_end": round(os.getloadavg()[0], 1),
+        "wall_s": round(wall, 1),
         "startup_online_s": report["milestones_s"]["online"],
         "startup_decided_s": report["milestones_s"]["decided"],
         "round_wall_s": round(mean("wall_s"), 2), "train_compute_max_s": round(mean("compute_max_s"), 2),
@@ -245,12 +424,17 @@ def run_config(hospitals: int, secure: bool, rounds: int, root: Path) -> dict[st
                                       if sampler.peak_union else None),
         "cpu_s_by_role": _mean_by_role(sampler.cpu),
         "first_round": first_round(report["rounds"]),
-        "trained": sum(1 for h in report["hospitals"] if h.get("decision") == "approve"),
+        "rounds_detail": [{key: r.get(key) for key in ("round", "wall_s", "compute_max_s", "overhead_s",
+                                                         *FIRST_ROUND_PARTS[2:])} for r in report["rounds"]],
+        "server_cpu_by_phase": cpu_by_phase(server_cpu.samples),
+        "cpu_by_round": cpu_by_round(server_cpu.samples, report["rounds"]),
+        **participation(report),
         "checks_failed": [c["check"] for c in report.get("checks", []) if not c.get("ok")],
     }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hospitals", default="3,10", help="comma-separated hospital counts")
     parser.add_argument("--rounds", type=int, default=4)
@@ -258,16 +442,39 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 hospitals, 3 rounds, plain only")
     parser.add_argument("--json", type=Path, help="also write the results (a JSON list) here")
     parser.add_argument("--plot", type=Path, help="also draw them (SVG, tests/bench/scale_plot.py) here")
-    args = parser.parse_args()
+    parser.add_argument("--plot-with", type=Path, nargs="*", default=[], metavar="JSON",
+                        help="earlier --json files whose rows the plot draws too (this run's rows win "
+                             "for the same hospitals and aggregation)")
+    parser.add_argument("--min-hospitals", type=min_hospitals_arg, default=None,
+                        help="the study's min_hospitals: a number, or one per --hospitals count "
+                             "(comma-separated; default: half the hospitals, at least 3)")
+    parser.add_argument("--features", type=int, default=None,
+                        help="the study asks for flchain's first N feature columns (default: all 6); a Cox "
+                             "study with fewer coefficients needs fewer events per hospital (25 hospitals)")
+    parser.add_argument("--purpose", default=None,
+                        help="the study's DUO purpose (default: the survival study's GRU, DUO:0000042); "
+                             "DUO:0000006 (HMB) is permitted by more of the demo's consents")
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="run in DIR and keep it (logs of the daemons, SuperLink, coordinator)")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     counts = [3] if args.quick else [int(c) for c in args.hospitals.split(",")]
     rounds = 3 if args.quick else args.rounds
     modes = [False] if args.quick or args.no_secagg else [False, True]
     print(f"load average at start: {os.getloadavg()[0]:.1f}")
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
-        for count in counts:
+    with contextlib.ExitStack() as stack:
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            root = args.keep
+        else:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-scale-")))
+        for count, minimum in zip(counts, min_hospitals_for(counts, args.min_hospitals), strict=True):
             for secure in modes:
-                result = run_config(count, secure, rounds, Path(tmp))
+                result = run_config(count, secure, rounds, root, minimum, args.features, args.purpose)
                 results.append(result)
                 print(json.dumps(result), flush=True)
                 if args.json is not None:  # after each configuration: a later one may not finish
@@ -276,9 +483,10 @@ def main() -> None:
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     if args.plot is not None:
-        from tests.bench.scale_plot import plot
+        from tests.bench.scale_plot import merge_rows, plot, read_rows
 
-        plot(results, args.plot, title=f"bench_scale, {rounds} rounds, load average {os.getloadavg()[0]:.0f}")
+        rows = merge_rows([*(read_rows(path) for path in args.plot_with), results])
+        plot(rows, args.plot, title=f"bench_scale, {rounds} rounds")
     print(f"{'hospitals':>9} {'secagg':>6} {'online s':>8} {'decided s':>9} {'round s':>7} {'train s':>7} "
           f"{'overhead s':>10} {'x3':>5} {'RSS/hosp MB':>11} {'x3':>5} {'once MB':>7} {'PSS MB':>6}")
     for r in results:

@@ -482,3 +482,58 @@ def test_cancelled_and_expired_studies_release_the_reservation(node_dir: Path, s
     assert daemon.active_studies() == []
     assert current_budget(seeded, settings).reserved == 0.0
     assert json.loads(approvals.read_text())["approved"] == []
+
+
+class _CountingLink(CoordinatorLink):
+    """The real link, counting the coordinator calls a step makes (each a signed request, which
+    the coordinator records as a replay-protection nonce: a write)."""
+
+    def __init__(self, settings: NodeSettings, signer: Signer) -> None:
+        super().__init__(settings, signer)
+        self.calls: list[str] = []
+        self.fail_studies = 0
+
+    def me(self) -> dict[str, Any]:
+        self.calls.append("me")
+        return super().me()
+
+    def studies(self) -> list[dict[str, Any]]:
+        self.calls.append("studies")
+        if self.fail_studies:
+            self.fail_studies -= 1
+            import httpx
+
+            raise httpx.ConnectError("coordinator unreachable")
+        return super().studies()
+
+
+def test_a_registered_daemon_asks_who_it_is_once_not_at_every_step(
+        node_dir: Path, seeded: NodeStore, coordinator: LiveCoordinator,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """25 hospitals polling every 0.5 s made two signed requests a step each, one of them `me`,
+    and the coordinator writes a nonce for every signed request: now `me` at the first step,
+    after a failed request and every REGISTRATION_RECHECK_S."""
+    import exchange.node.daemon as daemon_module
+
+    settings = _node_settings(node_dir, mode="auto-approve")
+    settings = settings.model_copy(update={"coordinator_url": coordinator.url})
+    signer = Signer.load(settings.signing_key_path)
+    link = _CountingLink(settings, signer)
+    daemon = NodeDaemon(settings, seeded, link, signer)
+    daemon._sync_supernode = lambda: None  # type: ignore[method-assign]
+    try:
+        for _ in range(3):
+            daemon.step()
+        assert link.calls == ["me", "studies", "studies", "studies"]
+        link.calls.clear()
+        link.fail_studies = 1  # the coordinator stops answering once: the next step asks again
+        daemon.step()
+        daemon.step()
+        assert link.calls == ["studies", "me", "studies"]
+        link.calls.clear()
+        monkeypatch.setattr(daemon_module, "REGISTRATION_RECHECK_S", 0.0)  # the recheck is due
+        daemon.step()
+        assert link.calls == ["me", "studies"]
+    finally:
+        link.close()
+    assert seeded.get_state("registered") is not None
