@@ -46,7 +46,7 @@ SITE_DIR = "site"
 
 def site_paths(settings: NodeSettings) -> dict[str, Path]:
     base = settings.data_dir / SITE_DIR
-    return {"records": base / "records.parquet", "contracts": base / "contracts.jsonl",
+    return {"records": base / "records.npz", "contracts": base / "contracts.jsonl",
             "approvals": base / "approvals.json", "node_config": base / "node-config.toml"}
 
 
