@@ -122,10 +122,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="flower-memory-") as tmp:
-        root = Path(tmp)
-        provision(root, args.rounds)
-        results = [replay(root, args.rounds) for _ in range(args.repeats)]
+    results = []
+    for _ in range(args.repeats):  # a fresh site each time: a replayed study spends its budget
+        with tempfile.TemporaryDirectory(prefix="flower-memory-") as tmp:
+            provision(Path(tmp), args.rounds)
+            results.append(replay(Path(tmp), args.rounds))
     for result in results:
         roll = result["rollup"]
         print(f"RSS {roll['rss']:.0f} MB, anonymous {roll['anonymous']:.0f} MB, "
