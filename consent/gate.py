@@ -169,6 +169,23 @@ def _encode_columns(records: RecordColumns) -> _Encoded:
     return h_idx, h_enc.dictionary.to_pylist(), same_owner
 
 
+def _checked_pair(i: int, pair: object) -> tuple[str, str]:
+    """Record `i` as a (pseudonym, contract hash) pair of strings, or the reason it is not one."""
+    if pair is None:
+        raise ValueError("records: a record is missing (null)")
+    if not isinstance(pair, tuple | list) or len(pair) != 2:
+        raise ValueError(f"records: each record must be a (pseudonym, contract hash) pair of strings: "
+                         f"record {i} is {type(pair).__name__} of length "
+                         f"{len(pair) if isinstance(pair, tuple | list) else '-'}")
+    pseudonym, key = pair
+    if pseudonym is None or key is None:
+        raise ValueError("records: a pseudonym or contract hash is missing (null)")
+    if not isinstance(pseudonym, str) or not isinstance(key, str):
+        raise ValueError(f"records: each record must be a (pseudonym, contract hash) pair of strings: "
+                         f"record {i} holds {type(pseudonym).__name__}, {type(key).__name__}")
+    return str(pseudonym), str(key)
+
+
 def _encode_pairs(records: Iterable[tuple[str, str]]) -> _Encoded:
     """NumPy and Python: the pairs are Python objects already, so one pass over them costs what
     converting them to Arrow would, and a process gating a hospital's own records (the Flower
@@ -176,26 +193,23 @@ def _encode_pairs(records: Iterable[tuple[str, str]]) -> _Encoded:
     pairs = records if isinstance(records, list) else list(records)
     index: dict[str, int] = {}
     pseudonyms: list[str] = []
-    h_idx = np.empty(len(pairs), dtype=np.int64)
+    codes: list[int] = []
     for i, pair in enumerate(pairs):
-        if pair is None:
-            raise ValueError("records: a record is missing (null)")
-        if not isinstance(pair, tuple | list) or len(pair) != 2:
-            raise ValueError(f"records: each record must be a (pseudonym, contract hash) pair of strings: "
-                             f"record {i} is {type(pair).__name__} of length "
-                             f"{len(pair) if isinstance(pair, tuple | list) else '-'}")
-        pseudonym, key = pair
-        if pseudonym is None or key is None:
-            raise ValueError("records: a pseudonym or contract hash is missing (null)")
-        if not isinstance(pseudonym, str) or not isinstance(key, str):
-            raise ValueError(f"records: each record must be a (pseudonym, contract hash) pair of strings: "
-                             f"record {i} holds {type(pseudonym).__name__}, {type(key).__name__}")
+        if type(pair) is tuple and len(pair) == 2 and type(pair[0]) is str and type(pair[1]) is str:
+            pseudonym, key = pair  # the common case, checked in one line
+        else:
+            pseudonym, key = _checked_pair(i, pair)
         pseudonyms.append(pseudonym)
-        h_idx[i] = index.setdefault(key, len(index))
+        codes.append(index.setdefault(key, len(index)))
+    h_idx = np.array(codes, dtype=np.int64)
 
     def same_owner(owner: list[str | None]) -> npt.NDArray[np.bool_]:
-        return np.fromiter((p == owner[h] for p, h in zip(pseudonyms, h_idx.tolist(), strict=True)),
-                           dtype=np.bool_, count=len(pseudonyms))
+        owners = np.empty(len(owner), dtype=object)
+        owners[:] = owner
+        records = np.empty(len(pseudonyms), dtype=object)
+        records[:] = pseudonyms
+        same: npt.NDArray[np.bool_] = (owners[h_idx] == records).astype(np.bool_)  # None: False
+        return same
 
     return h_idx, list(index), same_owner
 
