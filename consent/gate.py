@@ -33,25 +33,25 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from consent.evaluate import Decision, evaluate
 from consent.model import Contract
 from consent.request import StudyRequest
 
+if TYPE_CHECKING:  # Arrow is imported where columns are gated, not with this module
+    import pyarrow as pa
+
 COMMITMENT_PREFIX = b"consent-gate/1\n"
 KEYED_PREFIX = b"consent-gate/2\n"
 KEY_BYTES = 32
 NO_CONTRACT = "no-contract"
-_PAIR = pa.struct([("pseudonym", pa.string()), ("contract_hash", pa.string())])
 PSEUDONYM_MISMATCH = "pseudonym-mismatch"
 
 
@@ -110,7 +110,7 @@ def commitment(pairs: Iterable[tuple[str, str]], key: bytes | None = None) -> st
     return str(digest.hexdigest())
 
 
-Column: TypeAlias = Sequence[str] | pa.Array | pa.ChunkedArray
+Column: TypeAlias = "Sequence[str] | pa.Array | pa.ChunkedArray"
 
 
 @dataclass(frozen=True)
@@ -118,13 +118,25 @@ class RecordColumns:
     """Records as two aligned columns (the fast path: no per-record Python objects).
 
     A separate type, so that a short tuple of pairs can never be mistaken for two columns.
+    Gated with Arrow (pyarrow imported then); pairs are gated with NumPy and Python alone.
     """
 
     pseudonyms: Column
     contract_hashes: Column
 
 
+#: How a record set is joined to its contracts' decisions (`_encode_columns`, `_encode_pairs`):
+#: each record's index into the distinct contract hashes (first-seen order), those hashes, and a
+#: function that, given each distinct hash's owner (the contract's pseudonym, None for no
+#: contract), says which records carry their contract's own pseudonym.
+_Encoded: TypeAlias = tuple[
+    npt.NDArray[np.int64], list[str], Callable[[list[str | None]], npt.NDArray[np.bool_]]
+]
+
+
 def _column(values: Column, name: str) -> pa.Array:
+    import pyarrow as pa
+
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     try:
@@ -134,27 +146,72 @@ def _column(values: Column, name: str) -> pa.Array:
         raise ValueError(f"records.{name}: must be strings: {exc}") from exc
 
 
-def _as_arrays(records: Iterable[tuple[str, str]] | RecordColumns) -> tuple[pa.Array, pa.Array]:
-    if isinstance(records, RecordColumns):
-        p = _column(records.pseudonyms, "pseudonyms")
-        h = _column(records.contract_hashes, "contract_hashes")
-    else:
-        pairs = records if isinstance(records, list) else list(records)
-        try:  # one conversion of the pairs as a struct array beats two columns
-            table = pa.array(pairs, _PAIR)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise ValueError(
-                f"records: each record must be a (pseudonym, contract hash) pair of strings: {exc}"
-            ) from exc
-        if table.null_count:
-            raise ValueError("records: a record is missing (null)")
-        p = table.field(0)
-        h = table.field(1)
-    if len(p) != len(h):
+def _encode_columns(records: RecordColumns) -> _Encoded:
+    """Arrow: the hash column dictionary-encoded in C++ (the node's path for a million records)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    pseudonyms = _column(records.pseudonyms, "pseudonyms")
+    hashes = _column(records.contract_hashes, "contract_hashes")
+    if len(pseudonyms) != len(hashes):
         raise ValueError("records: pseudonym and contract-hash columns differ in length")
-    if p.null_count or h.null_count:
+    if pseudonyms.null_count or hashes.null_count:
         raise ValueError("records: a pseudonym or contract hash is missing (null)")
-    return p, h
+    h_enc = pc.dictionary_encode(hashes)
+    h_idx = h_enc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+    def same_owner(owner: list[str | None]) -> npt.NDArray[np.bool_]:
+        record_owner = pa.array(owner, pa.string()).take(h_enc.indices)
+        same: npt.NDArray[np.bool_] = pc.fill_null(pc.equal(pseudonyms, record_owner), False).to_numpy(
+            zero_copy_only=False)
+        return same
+
+    return h_idx, h_enc.dictionary.to_pylist(), same_owner
+
+
+def _checked_pair(i: int, pair: object) -> tuple[str, str]:
+    """Record `i` as a (pseudonym, contract hash) pair of strings, or the reason it is not one."""
+    if pair is None:
+        raise ValueError("records: a record is missing (null)")
+    if not isinstance(pair, tuple | list) or len(pair) != 2:
+        raise ValueError(f"records: each record must be a (pseudonym, contract hash) pair of strings: "
+                         f"record {i} is {type(pair).__name__} of length "
+                         f"{len(pair) if isinstance(pair, tuple | list) else '-'}")
+    pseudonym, key = pair
+    if pseudonym is None or key is None:
+        raise ValueError("records: a pseudonym or contract hash is missing (null)")
+    if not isinstance(pseudonym, str) or not isinstance(key, str):
+        raise ValueError(f"records: each record must be a (pseudonym, contract hash) pair of strings: "
+                         f"record {i} holds {type(pseudonym).__name__}, {type(key).__name__}")
+    return str(pseudonym), str(key)
+
+
+def _encode_pairs(records: Iterable[tuple[str, str]]) -> _Encoded:
+    """NumPy and Python: the pairs are Python objects already, so one pass over them costs what
+    converting them to Arrow would, and a process gating a hospital's own records (the Flower
+    process) never imports pyarrow (docs/benchmarks/scale.md, "Arrow out of the Flower process")."""
+    pairs = records if isinstance(records, list) else list(records)
+    index: dict[str, int] = {}
+    pseudonyms: list[str] = []
+    codes: list[int] = []
+    for i, pair in enumerate(pairs):
+        if type(pair) is tuple and len(pair) == 2 and type(pair[0]) is str and type(pair[1]) is str:
+            pseudonym, key = pair  # the common case, checked in one line
+        else:
+            pseudonym, key = _checked_pair(i, pair)
+        pseudonyms.append(pseudonym)
+        codes.append(index.setdefault(key, len(index)))
+    h_idx = np.array(codes, dtype=np.int64)
+
+    def same_owner(owner: list[str | None]) -> npt.NDArray[np.bool_]:
+        owners = np.empty(len(owner), dtype=object)
+        owners[:] = owner
+        records = np.empty(len(pseudonyms), dtype=object)
+        records[:] = pseudonyms
+        same: npt.NDArray[np.bool_] = (owners[h_idx] == records).astype(np.bool_)  # None: False
+        return same
+
+    return h_idx, list(index), same_owner
 
 
 def gate(
@@ -171,15 +228,13 @@ def gate(
     fast path for a node that reads its records with Arrow). `contracts` maps content hash to
     contract; a mapping whose key is not the contract's own hash is refused.
 
-    The hash column is dictionary-encoded (Arrow, C++), each distinct contract is evaluated
-    once, and the decisions are joined back with NumPy/Arrow gathers; the commitment is built
-    from the distinct (pseudonym, contract) pairs only, so its cost follows the number of
-    patients, not of records.
-    """
-    pseudonyms, hashes = _as_arrays(records)
-    h_enc = pc.dictionary_encode(hashes)
-    h_idx = h_enc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    distinct: list[str] = h_enc.dictionary.to_pylist()
+    The hash column is dictionary-encoded (Arrow, C++, for `RecordColumns`; one Python pass for
+    pairs), each distinct contract is evaluated once, and the decisions are joined back with
+    NumPy (and Arrow for columns) gathers; the commitment is built from the distinct
+    (pseudonym, contract) pairs only, so its cost follows the number of patients, not of
+    records. Both encodings give the same result (`tests/consent/test_properties.py`)."""
+    h_idx, distinct, same_owner = (_encode_columns(records) if isinstance(records, RecordColumns)
+                                   else _encode_pairs(records))
 
     # one evaluation per distinct contract
     reason_keys: list[str] = []
@@ -205,8 +260,7 @@ def gate(
 
     # join: per-record code; a record whose contract is about another pseudonym is excluded
     codes = code_of[h_idx]
-    record_owner = pa.array(owner, pa.string()).take(h_enc.indices)
-    same = pc.fill_null(pc.equal(pseudonyms, record_owner), False).to_numpy(zero_copy_only=False)
+    same = same_owner(owner)
     mismatch = (codes == -1) & ~same
     if mismatch.any():
         if PSEUDONYM_MISMATCH not in reason_keys:

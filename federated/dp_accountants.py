@@ -26,14 +26,21 @@ compared with it again.
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import itertools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
-from scipy import integrate, special
+import scipy
+from scipy import special
 from scipy.fft import irfft, rfft
 
 #: One mechanism as the accountants see it: (noise multiplier, sample rate, steps).
@@ -275,9 +282,63 @@ class TruncatedPrivacyRandomVariable:
         ])
         mean = 0.0
         for left, right in itertools.pairwise(points):
-            integral, _ = integrate.quad(self.cdf, left, right, limit=500)
+            integral = _quad(self.cdf, left, right, limit=500)
             mean += right * self.cdf(right) - left * self.cdf(left) - integral
         return mean
+
+
+#: `scipy.integrate.quad`'s default tolerances.
+_EPSABS = _EPSREL = 1.49e-8
+
+
+@lru_cache(maxsize=1)
+def _quadpack() -> ModuleType | None:
+    """SciPy's QUADPACK extension (`scipy.integrate._quadpack`), loaded from its file without
+    running `scipy/integrate/__init__.py`, or None where that file is not found or does not load.
+
+    Why: `scipy.integrate` imports its ODE solvers, cubature and through them `scipy.sparse`,
+    `scipy.linalg` and `scipy.optimize` (about 270 modules, ~24 MB resident in a hospital's
+    Flower process, docs/benchmarks/scale.md), and the PRV accountant only calls QUADPACK's
+    QAGSE routine through `quad`. The extension is C and Fortran with no Python imports of its
+    own; calling it as `quad` does gives `quad`'s own numbers (tests/federated/test_dp_accountants.py
+    compares with Opacus bit for bit)."""
+    folder = Path(scipy.__file__).parent / "integrate"
+    name = "scipy.integrate._quadpack"
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = folder / f"_quadpack{suffix}"
+        if not path.is_file():
+            continue
+        loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+        spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
+        if spec is None:
+            return None
+        try:
+            module = importlib.util.module_from_spec(spec)
+            loader.exec_module(module)
+        except ImportError:
+            return None
+        return module if hasattr(module, "_qagse") else None
+    return None
+
+
+def _quad(func: Callable[[Any], Any], a: float, b: float, limit: int) -> float:
+    """`scipy.integrate.quad(func, a, b, limit=limit)[0]` for finite `a`, `b`: QUADPACK's QAGSE
+    with `quad`'s defaults, its argument handling (empty interval, reversed limits) done as
+    `quad` does it. Anything but a clean result (QUADPACK's `ier` != 0: a warning or an error
+    in `quad`), or no loadable extension, is handed to `quad` itself, so its warnings and errors
+    are SciPy's own."""
+    if a == b:  # quad's shortcut for an empty interval
+        return 0.0
+    quadpack = _quadpack()
+    if quadpack is not None:
+        flip, low, high = b < a, min(a, b), max(a, b)
+        result, _abserr, ier = quadpack._qagse(func, low, high, (), 0, _EPSABS, _EPSREL, limit)
+        if ier == 0:
+            return float(-result if flip else result)
+    from scipy import integrate
+
+    integral, _abserr = integrate.quad(func, a, b, limit=limit)
+    return float(integral)
 
 
 @dataclass

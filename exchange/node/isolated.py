@@ -4,7 +4,7 @@ imports what only that step needs.
 Why (issue "Scale", memory per hospital; numbers in docs/benchmarks/scale.md): deciding on a
 study (consent gating over every record with pyarrow, the survival outcome check with the public
 reference data, i.e. pandas, SciPy and scikit-survival) and exporting the site's records
-(Parquet, pyarrow) import about 150 MB of libraries and leave the parsed data behind. A Python
+(numpy, and the data code) import about 150 MB of libraries and leave the parsed data behind. A Python
 process never gives an imported module back, so a daemon that did this work itself held all of
 it for the rest of its life, while it mostly polls the coordinator. Done in a forked child, that
 memory is the child's and goes with it; the daemon keeps only SQLAlchemy, pydantic and httpx.

@@ -1,7 +1,7 @@
 """What the node hands its Flower SuperNode: the site files `federated.runtime.site` reads.
 
 The ClientApp (federated) never imports `exchange`; it reads a node config naming six things
-(see `federated.runtime.site`): the hospital id, a records Parquet file, the consent
+(see `federated.runtime.site`): the hospital id, a records file (NumPy `.npz`), the consent
 contracts as signed JSON lines, the privacy ledger URL (this node's own database, where
 migration 0001 made the ledger tables), the Ed25519 key, and the approved-studies file.
 The daemon writes these under `<data_dir>/site/` from its store, and rewrites a file only when
@@ -46,7 +46,7 @@ SITE_DIR = "site"
 
 def site_paths(settings: NodeSettings) -> dict[str, Path]:
     base = settings.data_dir / SITE_DIR
-    return {"records": base / "records.parquet", "contracts": base / "contracts.jsonl",
+    return {"records": base / "records.npz", "contracts": base / "contracts.jsonl",
             "approvals": base / "approvals.json", "node_config": base / "node-config.toml"}
 
 

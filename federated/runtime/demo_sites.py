@@ -69,7 +69,7 @@ def provision_sites(root: Path, *, dataset: str = "breast_cancer",
         h = data.hospital_id
         base = root / h
         base.mkdir(parents=True, exist_ok=True)
-        records = write_records(base / "records.parquet", data, LABELS[dataset])
+        records = write_records(base / "records.npz", data, LABELS[dataset])
         issuer = Signer.generate()
         share = (consenting or {}).get(h, 1.0)
         n_consent = round(len(data) * share)

@@ -7,7 +7,7 @@ of it leaves the hospital:
 key                what
 =================  ==========================================================================
 hospital-id        the hospital's id (its ledger account is ``hospital:<id>``)
-records-path       its records: a Parquet file written by `write_records`
+records-path       its records: a file written by `write_records` (NumPy `.npz`)
 contracts-path     its consent contracts: JSON lines, one signed contract per line
 ledger-url         its privacy ledger: an SQLAlchemy URL of the node database (schema made by
                    the node migrations; `federated.privacy_ledger`)
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import threading
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -40,8 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from audit.signing import Signer
 from consent.request import StudyRequest
@@ -49,7 +48,6 @@ from federated.data import HospitalData
 
 NODE_CONFIG_KEYS = ("hospital-id", "records-path", "contracts-path", "ledger-url", "key-path",
                     "approvals-path")
-_RECORDS_META = b"health-exchange.records"
 
 
 class SiteConfigError(ValueError):
@@ -57,51 +55,118 @@ class SiteConfigError(ValueError):
 
 
 # -- records file ------------------------------------------------------------------------------
+#
+# The records file is written by the node (`exchange.node.site_export`, in a forked child) and
+# read by the hospital's Flower process, which keeps it cached for every round. It is NumPy's
+# `.npz` (a zip of `.npy` arrays, read with `allow_pickle=False`): reading it needs numpy only,
+# so the Flower process does not import pyarrow (its libraries, ~35-65 MB resident, and its
+# Python side: docs/benchmarks/scale.md, "Arrow out of the Flower process"). Arrays:
+#   meta       UTF-8 JSON (uint8): dataset, hospital_id, task, label, features, categories,
+#              target_scale, target_offset (as the Parquet schema metadata was)
+#   pseudonym  the pseudonyms (unicode)
+#   is_test    bool
+#   x          float32, one column per feature (NaN: missing)
+#   y          float32, the label's values (absent when the file names no label)
+# A Parquet file from an earlier version (`PAR1` magic) is still read, with pyarrow imported then.
+
+_NPZ_MAGIC = b"PK\x03\x04"
+_PARQUET_MAGIC = b"PAR1"
+
 
 def write_records(path: Path, data: HospitalData, label: str | None) -> Path:
-    """Write a hospital's records as Parquet: pseudonym, is_test, the label, one column per feature;
-    dataset, task, label name, categories and target scaling in the schema metadata.
+    """Write a hospital's records (`.npz`, above): pseudonym, is_test, the label, the features;
+    dataset, task, label name, categories and target scaling in `meta`.
 
     `label` None: the file holds no target of its own (a node's export): every column is a
     candidate, and each study names the one it predicts (`HospitalData.relabel`). A missing
     value is NaN."""
     if label is not None and (label in data.columns or label in ("pseudonym", "is_test")):
         raise ValueError(f"label: {label!r} clashes with another column")
-    columns: dict[str, Any] = {"pseudonym": list(data.pseudonyms), "is_test": data.is_test.astype(bool)}
-    if label is not None:
-        columns[label] = np.asarray(data.y, dtype=np.float32)
-    for j, name in enumerate(data.columns):
-        columns[name] = np.asarray(data.x[:, j], dtype=np.float32)
     meta = {"dataset": data.dataset, "hospital_id": data.hospital_id, "task": data.task, "label": label,
             "features": list(data.columns), "categories": dict(data.categories),
             "target_scale": data.target_scale, "target_offset": data.target_offset}
-    table = pa.table(columns).replace_schema_metadata({_RECORDS_META: json.dumps(meta).encode()})
+    n = len(data.pseudonyms)
+    arrays: dict[str, np.ndarray] = {
+        "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+        "pseudonym": np.asarray(list(data.pseudonyms), dtype=np.str_) if n else np.zeros(0, "<U1"),
+        "is_test": np.asarray(data.is_test, dtype=bool),
+        "x": np.asarray(data.x, dtype=np.float32).reshape(n, len(data.columns)),
+    }
+    if label is not None:
+        arrays["y"] = np.asarray(data.y, dtype=np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    with path.open("wb") as handle:  # a file object: np.savez would add ".npz" to a name
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
     return path
+
+
+def _checked(meta: Any, arrays: Mapping[str, np.ndarray]) -> tuple[HospitalData, str | None]:
+    """The records from `meta` and the arrays, every shape and type checked."""
+    if not isinstance(meta, dict):
+        raise ValueError("meta is not an object")
+    features = [str(c) for c in meta["features"]]
+    label = meta["label"]
+    pseudonyms, is_test, x = arrays["pseudonym"], arrays["is_test"], arrays["x"]
+    n = len(pseudonyms)
+    if pseudonyms.ndim != 1 or (n and pseudonyms.dtype.kind != "U"):
+        raise ValueError("pseudonym: not a column of strings")
+    if is_test.shape != (n,) or is_test.dtype != np.bool_:
+        raise ValueError("is_test: not a boolean column of the records' length")
+    if x.shape != (n, len(features)) or x.dtype != np.float32:
+        raise ValueError(f"x: shape {x.shape} {x.dtype}, expected ({n}, {len(features)}) float32")
+    if label is not None:
+        y = arrays["y"]
+        if y.shape != (n,) or y.dtype != np.float32:
+            raise ValueError("y: not a float32 column of the records' length")
+    else:
+        y = np.full(n, np.nan, np.float32)
+    data = HospitalData(
+        dataset=meta["dataset"], hospital_id=meta["hospital_id"], task=meta["task"],
+        pseudonyms=tuple(pseudonyms.tolist()), x=x, y=y, columns=tuple(features),
+        categories=dict(meta["categories"]), is_test=is_test,
+        target_scale=float(meta["target_scale"]), target_offset=float(meta["target_offset"]))
+    return data, None if label is None else str(label)
+
+
+def _read_parquet(path: Path) -> tuple[HospitalData, str | None]:
+    """A records file from an earlier version (Parquet, the metadata in the schema)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = json.loads((table.schema.metadata or {})[b"health-exchange.records"])
+    features = list(meta["features"])
+    arrays = {
+        "pseudonym": np.asarray(table.column("pseudonym").to_pylist(), dtype=np.str_)
+        if table.num_rows else np.zeros(0, "<U1"),
+        "is_test": table.column("is_test").to_numpy().astype(bool),
+        "x": (np.column_stack([table.column(c).to_numpy() for c in features]).astype(np.float32)
+              if features else np.zeros((table.num_rows, 0), np.float32)),
+    }
+    if meta["label"] is not None:
+        arrays["y"] = table.column(meta["label"]).to_numpy().astype(np.float32)
+    return _checked(meta, arrays)
 
 
 def read_records(path: Path) -> tuple[HospitalData, str | None]:
     """Read a file written by `write_records`; returns the records and the label's name (None: the
     file has no target of its own, y is NaN)."""
     try:
-        table = pq.read_table(path)
-        meta = json.loads((table.schema.metadata or {})[_RECORDS_META])
-    except (OSError, KeyError, ValueError, pa.ArrowException) as exc:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+        if magic == _PARQUET_MAGIC:
+            return _read_parquet(path)
+        if magic != _NPZ_MAGIC:
+            raise ValueError("neither a records archive (.npz) nor Parquet")
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        meta = json.loads(arrays["meta"].tobytes())
+        return _checked(meta, arrays)
+    except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         raise SiteConfigError(f"records-path: {path} is not a records file ({exc})") from None
-    features = list(meta["features"])
-    features_x = (np.column_stack([table.column(c).to_numpy() for c in features]).astype(np.float32)
-                  if features else np.zeros((table.num_rows, 0), np.float32))
-    label = meta["label"]
-    y = (table.column(label).to_numpy().astype(np.float32) if label is not None
-         else np.full(table.num_rows, np.nan, np.float32))
-    data = HospitalData(
-        dataset=meta["dataset"], hospital_id=meta["hospital_id"], task=meta["task"],
-        pseudonyms=tuple(table.column("pseudonym").to_pylist()), x=features_x,
-        y=y, columns=tuple(features),
-        categories=dict(meta["categories"]), is_test=table.column("is_test").to_numpy().astype(bool),
-        target_scale=float(meta["target_scale"]), target_offset=float(meta["target_offset"]))
-    return data, None if label is None else str(label)
+    except Exception as exc:  # pyarrow's own errors (ArrowException) on an old file
+        if type(exc).__module__.startswith("pyarrow"):
+            raise SiteConfigError(f"records-path: {path} is not a records file ({exc})") from None
+        raise
 
 
 # -- consent gating ----------------------------------------------------------------------------

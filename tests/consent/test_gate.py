@@ -93,8 +93,21 @@ def test_gate_refuses_a_mapping_under_the_wrong_hash() -> None:
         )
     with pytest.raises(ValueError, match="records: each record must be a"):
         gate([("p1",)], {}, request, AT)  # type: ignore[list-item]
+    # pairs are checked without Arrow (the Flower process never imports it), as Arrow checked them
+    with pytest.raises(ValueError, match="records: each record must be a"):
+        gate([("p1", 7)], {}, request, AT)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="records: each record must be a"):
+        gate(["p1"], {}, request, AT)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"records: a record is missing \(null\)"):
+        gate([None], {}, request, AT)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="a pseudonym or contract hash is missing"):
+        gate([(None, "a")], {}, request, AT)  # type: ignore[list-item]
+    as_list = [["p1", contract.content_hash], ("p2", contract.content_hash)]
+    result = gate(as_list, {contract.content_hash: contract}, request, AT)  # type: ignore[arg-type]
+    assert result.excluded_by_reason == {"pseudonym-mismatch": 1}
+    assert result.eligible.tolist() == [True, False]
     with pytest.raises(ValueError, match=r"records\.pseudonyms: must be strings"):
-        gate(RecordColumns([1], ["a"]), {}, request, AT)  # type: ignore[list-item]
+        gate(RecordColumns([1], ["a"]), {}, request, AT)
     # a tuple of two pairs is two records, never two columns
     pairs = (("p1", contract.content_hash), ("p1", contract.content_hash))
     assert gate(pairs, {contract.content_hash: contract}, request, AT).records_used == 2

@@ -96,3 +96,29 @@ def test_accounting_imports_neither_opacus_nor_torch() -> None:
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'opacus', 'sympy'}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["[]", "[]"], out.stdout + out.stderr
+
+
+def test_quad_is_scipys_quad_without_importing_scipy_integrate() -> None:
+    """`dp_accountants._quad` calls QUADPACK as `scipy.integrate.quad` does (same numbers, reversed
+    limits and empty intervals alike), and hands anything but a clean result to `quad` itself
+    (its warning here); the PRV accountant then runs a study's plan (one mechanism, composed
+    with itself) without `scipy.integrate` imported, which takes ~270 modules and ~24 MB in a
+    hospital's Flower process (docs/benchmarks/scale.md). (Composing different mechanisms
+    imports `scipy.signal`, and it imports `scipy.integrate`.)"""
+    import math
+
+    from scipy import integrate
+
+    cases = [(lambda x: math.exp(-x * x), 0.0, 3.0), (math.sin, 2.0, -1.5), (math.cos, 1.0, 1.0),
+             (lambda x: 1.0 / (1.0 + x * x), -1e-5, 1e4)]
+    for func, a, b in cases:
+        assert dp_accountants._quad(func, a, b, limit=500) == integrate.quad(func, a, b, limit=500)[0]
+    with pytest.warns(integrate.IntegrationWarning):  # QUADPACK's ier != 0: quad's own warning
+        dp_accountants._quad(lambda x: math.sin(1.0 / x), 1e-9, 1.0, limit=5)
+    code = ("import sys\n"
+            "from federated.accounting import epsilon_spent, compose_epsilon\n"
+            "epsilon_spent(1.0, 0.01, 50, 1e-5, 'prv')\n"
+            "compose_epsilon([(1.0, 0.01, 50)], 1e-5, 'prv')\n"
+            "print(sorted(m for m in sys.modules if m.startswith('scipy.integrate')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["['scipy.integrate._quadpack']"], out.stdout + out.stderr

@@ -76,8 +76,9 @@ def test_a_survival_round_runs_without_the_libraries_a_hospital_does_not_hold(tm
     """In a fresh interpreter set up as the hospital's Flower process (`hosted_supernode`: thread
     limits, pandas and Pygments refused), a site loads and a survival study's first two rounds train, with
     the consent gate, the privacy plan (PRV) and the evaluation, and none of pandas,
-    scikit-learn, scikit-survival, Opacus, SymPy or Pygments is imported (issue "Scale": memory per
-    hospital, docs/benchmarks/scale.md)."""
+    scikit-learn, scikit-survival, Opacus, SymPy, Pygments or pyarrow is imported (issue "Scale":
+    memory per hospital, docs/benchmarks/scale.md; pyarrow: the records file is NumPy's `.npz`
+    and the gate encodes pairs without Arrow)."""
     import json
 
     import numpy as np
@@ -121,7 +122,7 @@ for r in (1, 2):
 import httpx, flwr.supernode.cli  # httpx without its CLI (Pygments refused), flwr's SuperNode
 print("httpx", httpx.Client.__name__, "main" in dir(httpx))
 print("loaded", sorted({{m.split('.')[0] for m in sys.modules}}
-                       & {{"pandas", "sklearn", "sksurv", "opacus", "sympy", "pygments"}}))
+                       & {{"pandas", "sklearn", "sksurv", "opacus", "sympy", "pygments", "pyarrow"}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          check=False)

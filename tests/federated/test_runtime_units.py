@@ -153,18 +153,89 @@ def test_site_config_names_the_missing_key() -> None:
         Site.from_node_config(config)
 
 
+def _same_records(back: Any, part: Any) -> None:
+    assert back.pseudonyms == part.pseudonyms and back.columns == part.columns
+    assert all(type(p) is str for p in back.pseudonyms)
+    np.testing.assert_array_equal(back.x, part.x)
+    np.testing.assert_array_equal(back.is_test, part.is_test)
+    assert back.x.dtype == np.float32 and back.is_test.dtype == np.bool_
+    assert dict(back.categories) == dict(part.categories) and back.target_scale == part.target_scale
+    assert (back.dataset, back.hospital_id, back.task) == (part.dataset, part.hospital_id, part.task)
+
+
 def test_records_file_round_trips(tmp_path: Path) -> None:
     from federated.data import load_federated
 
     part = load_federated("diabetes", 3)[1]
-    write_records(tmp_path / "r.parquet", part, "progression")
-    back, label = read_records(tmp_path / "r.parquet")
+    write_records(tmp_path / "r.npz", part, "progression")
+    assert (tmp_path / "r.npz").read_bytes()[:4] == b"PK\x03\x04"  # NumPy's archive, no pyarrow
+    back, label = read_records(tmp_path / "r.npz")
     assert label == "progression"
-    assert back.pseudonyms == part.pseudonyms and back.columns == part.columns
-    np.testing.assert_array_equal(back.x, part.x)
+    _same_records(back, part)
     np.testing.assert_array_equal(back.y, part.y)
-    np.testing.assert_array_equal(back.is_test, part.is_test)
-    assert dict(back.categories) == dict(part.categories) and back.target_scale == part.target_scale
+    # a node's export names no label: y is NaN; the name given is the file's, whatever its suffix
+    write_records(tmp_path / "export.parquet", part, None)
+    assert not (tmp_path / "export.parquet.npz").exists()
+    back, label = read_records(tmp_path / "export.parquet")
+    assert label is None and np.isnan(back.y).all()
+    _same_records(back, part)
+    empty = part.select_records([])
+    write_records(tmp_path / "empty.npz", empty, "progression")
+    back, _label = read_records(tmp_path / "empty.npz")
+    assert len(back) == 0 and back.x.shape == (0, len(part.columns))
+
+
+def test_a_parquet_records_file_of_an_earlier_version_is_still_read(tmp_path: Path) -> None:
+    """A node upgraded with its records still in Parquet (as `write_records` wrote them before)
+    trains on them until its next export (to `records.npz`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from federated.data import load_federated
+
+    part = load_federated("diabetes", 3)[1]
+    columns: dict[str, Any] = {"pseudonym": list(part.pseudonyms), "is_test": part.is_test.astype(bool),
+                               "progression": np.asarray(part.y, dtype=np.float32)}
+    for j, name in enumerate(part.columns):
+        columns[name] = np.asarray(part.x[:, j], dtype=np.float32)
+    meta = {"dataset": part.dataset, "hospital_id": part.hospital_id, "task": part.task,
+            "label": "progression", "features": list(part.columns), "categories": dict(part.categories),
+            "target_scale": part.target_scale, "target_offset": part.target_offset}
+    table = pa.table(columns).replace_schema_metadata({b"health-exchange.records": json.dumps(meta).encode()})
+    pq.write_table(table, tmp_path / "old.parquet")
+    back, label = read_records(tmp_path / "old.parquet")
+    assert label == "progression"
+    _same_records(back, part)
+    np.testing.assert_array_equal(back.y, part.y)
+
+
+def test_a_records_file_that_is_not_one_is_named(tmp_path: Path) -> None:
+    """Hostile or damaged archives: refused by name (`records-path`), never unpickled."""
+    from federated.data import load_federated
+
+    part = load_federated("diabetes", 3)[1]
+    good = tmp_path / "good.npz"
+    write_records(good, part, "progression")
+    with np.load(good) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    bad: dict[str, dict[str, Any]] = {
+        "pickled pseudonyms": {**arrays, "pseudonym": np.asarray(list(part.pseudonyms), dtype=object)},
+        "short x": {**arrays, "x": arrays["x"][:-1]},
+        "x as float64": {**arrays, "x": arrays["x"].astype(np.float64)},
+        "no meta": {k: v for k, v in arrays.items() if k != "meta"},
+        "meta not JSON": {**arrays, "meta": np.frombuffer(b"{nope", np.uint8)},
+        "no y for the label": {k: v for k, v in arrays.items() if k != "y"},
+    }
+    for what, content in bad.items():
+        path = tmp_path / f"{what}.npz"
+        with path.open("wb") as handle:
+            np.savez(handle, **content)
+        with pytest.raises(SiteConfigError, match=r"^records-path"):
+            read_records(path)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(SiteConfigError, match=r"^records-path"):
+        read_records(truncated)
 
 
 def test_bad_records_or_approvals_file_is_named(tmp_path: Path) -> None:
