@@ -22,6 +22,14 @@ Cost: one fork per heavy step (decisions and record exports are rare: once per n
 data import), and what the child computed is not cached in the daemon (e.g. the parsed consent
 contracts of `exchange.node.eligibility.ContractCache` are parsed again for the next study).
 Where `os.fork` does not exist, the step runs in this process, as before.
+
+Locks at the fork: a child gets every lock in the state it had at the fork, and one that another
+thread held then stays held in the child for ever. Two kinds mattered (a daemon of the
+25-hospital benchmark stopped stepping for the 600 s timeout): structlog's write lock per output
+file (the witness thread logs) and SQLite's own mutexes (the witness thread reads and writes the
+node's store). So the fork takes structlog's write locks (`_hold_write_locks`), and it happens
+under `FORK_GUARD`, which every other thread of the daemon holds while it uses the database
+(`exchange.node.witness_loop`): no lock of either kind is held by another thread at the fork.
 """
 
 from __future__ import annotations
@@ -31,17 +39,24 @@ import pickle
 import select
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
+from structlog._output import WRITE_LOCKS
 
 T = TypeVar("T")
 
 #: How long a step may run before its child is killed: a forked child of a threaded process can
 #: in principle hang on a lock another thread held at the fork, and the daemon must not hang with it.
 DEFAULT_TIMEOUT_S = 600.0
+
+#: Held by a daemon thread other than the main one while it uses the database, and by the main
+#: thread across a fork (module docstring).
+FORK_GUARD = threading.RLock()
 
 #: Set in the child: the pools it must never use nor close (kept alive until `os._exit`).
 _INHERITED: list[Any] = []
@@ -54,6 +69,17 @@ class IsolatedStepError(RuntimeError):
 def supported() -> bool:
     """Whether steps can be isolated here (POSIX fork)."""
     return hasattr(os, "fork") and sys.platform != "win32"
+
+
+@contextmanager
+def _hold_write_locks() -> Iterator[None]:
+    """structlog's write lock of each output file, held (so by no other thread) while forking.
+    (structlog keeps them in `structlog._output.WRITE_LOCKS` and, unlike the standard library's
+    logging, does not reset them in a forked child.)"""
+    with ExitStack() as held:
+        for lock in list(WRITE_LOCKS.values()):
+            held.enter_context(lock)
+        yield
 
 
 def _child(fn: Callable[..., T], args: tuple[Any, ...], engines: tuple[Engine, ...], out: int) -> None:
@@ -83,7 +109,8 @@ def run_isolated(fn: Callable[..., T], *args: Any, engines: tuple[Engine, ...] =
     read, write = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    with FORK_GUARD, _hold_write_locks():
+        pid = os.fork()
     if pid == 0:  # the child: never returns into the daemon's code
         status = 1
         try:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from exchange.logging import get_logger
+from exchange.node.isolated import FORK_GUARD
 from exchange.node.settings import NodeSettings
 from exchange.node.store import NodeStore
 from exchange.node.witnessing import (
@@ -44,27 +45,31 @@ class WitnessLoop:
         return thread
 
     def once(self, wait_s: float = 0.0) -> None:
-        """One pull (waiting up to `wait_s` for a new checkpoint), then the inclusion check."""
+        """One pull (waiting up to `wait_s` for a new checkpoint), then the inclusion check.
+        What uses the node's database runs under `FORK_GUARD` (the long poll does not), so the
+        main thread never forks while this thread is inside SQLite (exchange/node/isolated.py)."""
         step = self.witness.step(wait_s)
         outcome = (step.outcome, step.size, step.reason)
-        if step.outcome == "refused" and outcome != self._last_outcome:
-            log.warning("checkpoint_refused", size=step.size, reason=step.reason)
-            self.store.record_error("witness", f"checkpoint of size {step.size} refused: {step.reason}")
-        elif step.outcome == "cosigned":
-            log.debug("checkpoint_cosigned", size=step.size)
-        self._last_outcome = outcome
-        held = self.witness.held()
-        if held is not None:
-            self.monitor.step(held)
-        self._report(witness=self.witness.status(), inclusion=inclusion_status(self.store))
+        with FORK_GUARD:
+            if step.outcome == "refused" and outcome != self._last_outcome:
+                log.warning("checkpoint_refused", size=step.size, reason=step.reason)
+                self.store.record_error("witness", f"checkpoint of size {step.size} refused: {step.reason}")
+            elif step.outcome == "cosigned":
+                log.debug("checkpoint_cosigned", size=step.size)
+            self._last_outcome = outcome
+            held = self.witness.held()
+            if held is not None:
+                self.monitor.step(held)
+            self._report(witness=self.witness.status(), inclusion=inclusion_status(self.store))
 
     def run(self) -> None:
         while not self.stop.is_set():
             try:
                 self.once(self.settings.witness.wait_s)
             except Exception as exc:  # the coordinator down, a bad answer: retry, never stop
-                self._on_error("witness", exc)
-                self._report(witness=self._status_or_error(exc))
+                with FORK_GUARD:  # `on_error` records it in the node's database
+                    self._on_error("witness", exc)
+                    self._report(witness=self._status_or_error(exc))
                 self.stop.wait(ERROR_BACKOFF_S)
 
     def _status_or_error(self, exc: BaseException) -> dict[str, Any]:

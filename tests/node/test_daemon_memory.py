@@ -189,3 +189,46 @@ def test_run_isolated_returns_raises_and_keeps_the_daemons_connections(settings:
         assert (store.get_state("before"), store.get_state("after")) == (1, 2)
     finally:
         store.dispose()
+
+
+def _log_and_write(store: NodeStore) -> int:
+    from exchange.logging import get_logger
+
+    get_logger("tests.isolated").info("child_step")  # structlog's write lock for stderr
+    store.set_state("child-step", 1)  # SQLite, on a connection of the child's own
+    return os.getpid()
+
+
+def test_a_fork_never_catches_another_thread_inside_a_lock(settings: NodeSettings) -> None:
+    """Another daemon thread that holds structlog's write lock, or is inside the database
+    (under FORK_GUARD, as the witness thread is), when a step forks: the step waits for it and
+    its child does not hang on a lock held for ever (a daemon at 25 hospitals stopped stepping so)."""
+    import threading
+
+    from structlog._output import WRITE_LOCKS
+
+    from exchange.logging import get_logger
+    from exchange.node.isolated import FORK_GUARD
+
+    get_logger("tests.isolated").info("parent")  # makes stderr's write lock
+    store = open_store(settings.db_url)
+    try:
+        for lock in [*WRITE_LOCKS.values(), FORK_GUARD]:
+            held, release = threading.Event(), threading.Event()
+
+            def hold(lock: Any = lock, held: threading.Event = held,
+                     release: threading.Event = release) -> None:
+                with lock:
+                    held.set()
+                    release.wait(10)
+
+            thread = threading.Thread(target=hold)
+            thread.start()
+            held.wait(10)
+            threading.Timer(1.0, release.set).start()  # the other thread leaves its lock in 1 s
+            child = run_isolated(_log_and_write, store, engines=(store.engine,), timeout_s=20)
+            thread.join(10)
+            assert child != os.getpid() and store.get_state("child-step") == 1
+            store.set_state("child-step", 0)
+    finally:
+        store.dispose()
