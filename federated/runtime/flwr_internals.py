@@ -2052,6 +2052,39 @@ def patch_superlink_traffic_batching(interval_s: float) -> TrafficBatcher:
     return batcher
 
 
+class RequestCounter:
+    """Pure ASGI, outermost: counts the SuperLink's HTTP requests by path (a measurement aid for
+    benchmarks: requests per round; `patch_superlink_request_counter`)."""
+
+    def __init__(self, app: Any, *, counts: dict[str, int]) -> None:
+        self.app, self.counts = app, counts
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            self.counts[path] = self.counts.get(path, 0) + 1  # one event loop: no lock needed
+        await self.app(scope, receive, send)
+
+
+def patch_superlink_request_counter() -> dict[str, int]:
+    """Count every HTTP request the SuperLink serves, by path, before any other middleware (this
+    process must be the SuperLink's, before its app is built). Returns the live counts."""
+    check_flwr_version()
+    import flwr.superlink.main as superlink_main
+    from starlette.middleware import Middleware
+
+    current = superlink_main._get_middleware
+    counts: dict[str, int] = {}
+
+    def get_middleware() -> list[Any]:
+        return [Middleware(RequestCounter, counts=counts), *current()]
+
+    for mark in (_PATCHED_MARK, _SCOPED_MARK):
+        setattr(get_middleware, mark, getattr(current, mark, False))
+    setattr(superlink_main, "_get_middleware", get_middleware)  # noqa: B010 (a module global of flwr's)
+    return counts
+
+
 def patch_superlink_idle_pulls(recheck_s: float) -> PendingTracker:
     """Answer a known-idle SuperNode's poll before Flower's middleware, handler and database
     (`_IdlePullShortcut`, `PendingTracker`); this process must be the SuperLink's, before its app

@@ -41,15 +41,46 @@ HOSPITALS = (3, 5, 10)
 
 
 class Recorder:
-    def __init__(self, cpu: CpuMeter | None = None) -> None:
+    def __init__(self, cpu: CpuMeter | None = None, requests: RequestMeter | None = None) -> None:
         self.rounds: list[dict[str, float]] = []
         self.cpu = cpu
         self.cpu_rounds: list[dict[str, float]] = []
+        self.requests = requests
+        self.request_rounds: list[dict[str, float]] = []
 
     def on_round(self, round: int, metrics: Any, receipts: Any) -> None:
         self.rounds.append({"round": float(round), **{k: float(v) for k, v in metrics.items()}})
         if self.cpu is not None:
             self.cpu_rounds.append(self.cpu.lap())
+        if self.requests is not None:
+            self.request_rounds.append(self.requests.lap())
+
+
+class RequestMeter:
+    """The SuperLink's requests since the last lap, from the counts file its process keeps
+    (`superlink_main.COUNTS_ENV`, rewritten within 0.2 s of a change): in all, the object
+    pushes and pulls (a request per object of a message's tree, at both ends), and the rest."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last = self._now()
+
+    def _now(self) -> dict[str, int]:
+        import json
+
+        try:
+            return {k: int(v) for k, v in json.loads(self.path.read_text()).items()}
+        except (OSError, ValueError):
+            return {}
+
+    def lap(self) -> dict[str, float]:
+        now = self._now()
+        delta = {k: now.get(k, 0) - self.last.get(k, 0) for k in now}
+        self.last = now
+        objects = sum(v for k, v in delta.items() if k.endswith(("/push-object", "/pull-object")))
+        return {"requests": float(sum(delta.values())), "requests_object": float(objects),
+                "requests_fleet": float(sum(v for k, v in delta.items() if k.startswith("/v1/fleet/"))),
+                "requests_runtime": float(sum(v for k, v in delta.items() if k.startswith("/v1/runtime/")))}
 
     def on_complete(self, model_path: Path, sha256: str) -> None:
         pass
@@ -105,8 +136,8 @@ class CpuMeter:
 # -- 1. the real deployment -------------------------------------------------------------------------
 
 
-def deployment(rounds: int, root: Path, hospitals: int = 3,
-               stock_superlink: bool = False) -> dict[str, dict[str, float]]:
+def deployment(rounds: int, root: Path, hospitals: int = 3, stock_superlink: bool = False,
+               packing: bool = True) -> dict[str, dict[str, float]]:
     """Mean per-round numbers of rounds 2+ for "plain" and "secagg" (two studies each,
     interleaved), with the CPU seconds per round of each kind of process (`CpuMeter`):
     `cpu_server_s`, `cpu_superlink_s`, and over the hospitals (executor + SuperNode) the mean
@@ -115,8 +146,11 @@ def deployment(rounds: int, root: Path, hospitals: int = 3,
     from federated.runtime.deployment import LocalFederation
     from federated.runtime.server_runner import run_study
     from federated.runtime.settings import RuntimeSettings
+    from federated.runtime.superlink_main import COUNTS_ENV
 
-    settings = RuntimeSettings(superlink_patches=not stock_superlink)
+    settings = RuntimeSettings(superlink_patches=not stock_superlink, message_packing=packing)
+    counts = root / "superlink-requests.json"
+    os.environ[COUNTS_ENV] = str(counts)  # the SuperLink (started below) inherits it
     names = tuple(f"hospital-{chr(ord('a') + i)}" for i in range(hospitals))
     # breast cancer's 569 records give 10 hospitals ~51 each (the default floor is 100)
     sites = provision_sites(root / "sites", hospitals=names, min_records=min(100, 400 // hospitals))
@@ -145,7 +179,7 @@ def deployment(rounds: int, root: Path, hospitals: int = 3,
             )
             for demo in sites.values():
                 approve(demo.site, spec.study_id)
-            recorder = Recorder(CpuMeter(pids, idle))
+            recorder = Recorder(CpuMeter(pids, idle), RequestMeter(counts))
             # every round waits for all hospitals (else, on a loaded machine, round 1 starts with
             # those whose hello came back within the 10 s grace and later rounds grow)
             result = run_study(
@@ -169,6 +203,9 @@ def deployment(rounds: int, root: Path, hospitals: int = 3,
             for key in cpu[0]:
                 out[name].setdefault(key, 0.0)
                 out[name][key] += statistics.fmean(c[key] for c in cpu) / 2
+            for key in recorder.request_rounds[0]:
+                out[name].setdefault(key, 0.0)
+                out[name][key] += statistics.fmean(r[key] for r in recorder.request_rounds[1:]) / 2
             out[name]["ref_accuracy"] = recorder.rounds[-1].get("ref_accuracy", float("nan"))
     finally:
         fed.stop()
@@ -316,6 +353,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per study in the deployment part")
     parser.add_argument("--stock-superlink", action="store_true",
                         help="Flower's SuperLink without our CPU patches (settings.superlink_patches)")
+    parser.add_argument("--no-packing", action="store_true",
+                        help="SecAgg+ records travel as built, not packed (settings.message_packing)")
     args = parser.parse_args()
     reps = 1 if args.quick else 3
     if not args.no_table:
@@ -336,12 +375,14 @@ def main() -> None:
     rounds = args.rounds or (3 if args.quick else 4)
     load_before = _load()
     with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
-        numbers = deployment(rounds, Path(tmp), args.hospitals, stock_superlink=args.stock_superlink)
+        numbers = deployment(rounds, Path(tmp), args.hospitals, stock_superlink=args.stock_superlink,
+                             packing=not args.no_packing)
     load_after = _load()
     idle = numbers.pop("idle")["cpu_idle_total_per_s"]
     p, s = numbers["plain"], numbers["secagg"]
     print(
-        f"== deployment ({'stock' if args.stock_superlink else 'patched'} SuperLink): "
+        f"== deployment ({'stock' if args.stock_superlink else 'patched'} SuperLink, SecAgg+ records "
+        f"{'as built' if args.no_packing else 'packed'}): "
         f"{args.hospitals} hospitals, breast cancer, logistic regression, DP-SGD; "
         f"mean of rounds 2-{rounds} (SecAgg+ pipelined), "
         f"two studies each, interleaved; {load_before} before, {load_after} after"
@@ -374,6 +415,10 @@ def main() -> None:
             f"hospital mean {n['cpu_hospital_mean_s']:.3f} / max {n['cpu_hospital_max_s']:.3f}, "
             f"all processes {n['cpu_total_s']:.3f}; nothing subtracted: {n['cpu_raw_total_s']:.3f}"
         )
+    print("SuperLink requests per round (all / object push+pull / Fleet / Runtime):")
+    for name, n in numbers.items():
+        print(f"{name:>7}: {n['requests']:.0f} / {n['requests_object']:.0f} / {n['requests_fleet']:.0f} / "
+              f"{n['requests_runtime']:.0f}")
     extra = s["cpu_hospital_mean_s"] - p["cpu_hospital_mean_s"]
     print(
         f"SecAgg+ protocol work per hospital (secagg - plain, mean): {extra:.3f} CPU s/round; "

@@ -89,10 +89,9 @@ def _globals(grid: InProcessGrid) -> dict[int, np.ndarray]:
     """The global model each round's collect-stage messages carried."""
     out = {}
     for message in grid.pushed:
-        if GLOBAL_KEY in _content(message).array_records and message.metadata.message_type == MessageType.TRAIN:
-            out[int(message.metadata.group_id)] = _content(message).array_records[GLOBAL_KEY][
-                WEIGHTS_KEY
-            ].numpy()
+        records = _content(message).array_records
+        if GLOBAL_KEY in records and message.metadata.message_type == MessageType.TRAIN:
+            out[int(message.metadata.group_id)] = records[GLOBAL_KEY][WEIGHTS_KEY].numpy()
     return out
 
 
