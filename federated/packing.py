@@ -90,8 +90,10 @@ def unpack(content: RecordDict) -> RecordDict:
             raise PackingError(f"packed message: version {header.get('v')!r}, expected {_VERSION}")
         out: dict[str, Any] = {}
         for i, spec in enumerate(header["records"]):
-            values = [packed[f"{i}.{j}"] for j in range(len(spec["keys"]))]
+            values: list[Any] = [packed[f"{i}.{j}"] for j in range(len(spec["keys"]))]
             if spec["kind"] == "array":
+                if not all(isinstance(v, bytes) for v in values):
+                    raise PackingError(f"packed message: record {spec['name']!r}: an array that is not bytes")
                 out[spec["name"]] = ArrayRecord({
                     key: Array(dtype=dtype, shape=tuple(shape), stype=stype, data=data)
                     for key, (dtype, stype, shape), data in zip(spec["keys"], spec["arrays"], values,

@@ -55,6 +55,12 @@ class Recorder:
         if self.requests is not None:
             self.request_rounds.append(self.requests.lap())
 
+    def on_complete(self, model_path: Path, sha256: str) -> None:
+        pass
+
+    def on_failed(self, reason: str) -> None:
+        raise SystemExit(f"study failed: {reason}")
+
 
 class RequestMeter:
     """The SuperLink's requests since the last lap, from the counts file its process keeps
@@ -81,12 +87,6 @@ class RequestMeter:
         return {"requests": float(sum(delta.values())), "requests_object": float(objects),
                 "requests_fleet": float(sum(v for k, v in delta.items() if k.startswith("/v1/fleet/"))),
                 "requests_runtime": float(sum(v for k, v in delta.items() if k.startswith("/v1/runtime/")))}
-
-    def on_complete(self, model_path: Path, sha256: str) -> None:
-        pass
-
-    def on_failed(self, reason: str) -> None:
-        raise SystemExit(f"study failed: {reason}")
 
 
 def _proc_cpu_s(pid: int) -> float:
