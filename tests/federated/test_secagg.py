@@ -601,6 +601,37 @@ def test_a_malformed_masked_vector_is_left_out_and_the_round_goes_on(
     )
 
 
+def test_a_reply_that_does_not_unpack_is_left_out_and_the_round_goes_on(
+    four: dict[str, DemoSite],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Node 1's collect reply arrives packed (`federated.packing`) with a garbled header: it does
+    not unpack, so it carries no stage record; node 1 is not aggregated (its masks removed as a
+    dropout's) and the other three form the model, exactly."""
+    from federated.client_app import app
+
+    updates = Updates(monkeypatch)
+
+    def garbled(message: Message, context: Context) -> Message:
+        reply = app(message=message, context=context)
+        if context.node_id == 1 and _stage_of_reply(reply) == "collect_masked_vectors":
+            reply.content.config_records[packing.PACKED_KEY][packing.PACKED_HEADER] = "{garbled"
+        return reply
+
+    spec = demo_spec("sa-unpack", rounds=2, min_hospitals=3, round_timeout_s=2.0, **PRIVACY)
+    observer, grid = _run(four, spec, tmp_path, client_app=garbled)
+    assert observer.failed == [] and observer.completed is not None
+    (_, metrics, receipts), _ = observer.rounds
+    members = {"hospital-b", "hospital-c", "hospital-d"}
+    assert metrics["aggregate_members"] == 3
+    assert {r.hospital for r in receipts} == {f"hospital:{h}" for h in members}
+    np.testing.assert_allclose(_globals(grid)[2], updates.fedavg(1, members), atol=ATOL)
+    assert any("node 1: its reply does not unpack: packed message: malformed" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_hospitals_lost_in_the_key_exchange_stop_the_round_with_the_protocols_reason(
     four: dict[str, DemoSite], tmp_path: Path
 ) -> None:
