@@ -3,6 +3,7 @@
     .venv/bin/python -m tests.bench.bench_secagg            # deployment: 4 rounds each; table: 3 reps
     .venv/bin/python -m tests.bench.bench_secagg --quick    # deployment: 3 rounds each; table: 1 rep
     .venv/bin/python -m tests.bench.bench_secagg --no-deployment   # the table only
+    .venv/bin/python -m tests.bench.bench_secagg --objects   # object requests per round, packed or not
 
 1. Deployment (target: SecAgg+ round <= 2x the plain round at 3 hospitals): a SuperLink and three
    SuperNodes with warm executors on loopback (fast settings), breast cancer over 3 hospitals,
@@ -13,7 +14,9 @@
    split 10 ways, ~51 records each). Also the CPU seconds per round of every process (server,
    SuperLink, each hospital's executor + SuperNode), which the machine's load does not inflate
    as it does wall time, and from them a DERIVED bound on the round's time beyond training with
-   a core per process (server + SuperLink + busiest hospital CPU + the poll sleeps).
+   a core per process (server + SuperLink + busiest hospital CPU + the poll sleeps), and the
+   SuperLink's requests per round (its own count, `superlink_main.COUNTS_ENV`). `--no-packing`:
+   SecAgg+ records travel as built instead of packed into one (`federated.packing`).
 2. Table (target: <= 3 s per round beyond local training at 10 hospitals): model size (1k, 10k,
    100k weights) x hospitals (3, 5, 10), with and without SecAgg+, in process (`InProcessGrid`)
    with synthetic hospitals that return a random update and a signed receipt instead of training,
