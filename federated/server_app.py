@@ -44,6 +44,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from federated import packing
 from federated.receipts import Receipt, ReceiptError, hospital_account, parse_receipt, verify_receipt
 from federated.runtime import flwr_internals
 from federated.study_spec import StudySpec
@@ -140,6 +141,9 @@ class ServerOptions:
     #: `time.perf_counter()` when the run was submitted (`run_study`); round 1 then reports the
     #: time from there to the ServerApp's start (`start_s`: FAB, run submission, task claim).
     submitted_at: float | None = None
+    #: SecAgg+ stage messages and their replies travel as one ConfigRecord each (`federated.packing`:
+    #: three objects a message instead of four to seven, each object a request at both ends).
+    pack_messages: bool = True
 
 
 @dataclass
@@ -797,17 +801,34 @@ class SecAggTransport:
                   timeout: float) -> list[PhaseResult]:
         ttl = max(timeout * 2, 60.0)
         options = self.directory.options
+        pack = packing.pack if options.pack_messages else (lambda content: content)
         out = []
         for contents, round_ in batches:
-            messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
+            messages = [Message(pack(content), dst_node_id=node, message_type=MessageType.TRAIN,
                                 group_id=str(round_), ttl=ttl) for node, content in contents.items()]
             _stamp(messages, self.directory.context, options)
             out.append(messages)
-        return exchange_many(self.directory.grid, out, timeout=timeout, poll=options.poll,
-                             stop_event=options.stop_event)
+        phases = exchange_many(self.directory.grid, out, timeout=timeout, poll=options.poll,
+                               stop_event=options.stop_event)
+        for phase in phases:
+            _unpack_replies(phase)
+        return phases
 
     def model(self, weights: np.ndarray) -> RecordDict:
         return RecordDict({GLOBAL_KEY: ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(weights))})})
+
+
+def _unpack_replies(phase: PhaseResult) -> None:
+    """Give the driver each reply's records as the hospital built them (`federated.packing`). A
+    reply that does not unpack stays as it came: it has no stage record, so the driver leaves
+    its hospital out at that stage, and the warning here says why."""
+    for node, reply in phase.replies.items():
+        if reply.has_error() or not reply.has_content() or not packing.is_packed(reply.content):
+            continue
+        try:
+            reply.content = packing.unpack(reply.content)
+        except packing.PackingError as exc:
+            log.warning("node %d: its reply does not unpack: %s", node, exc)
 
 
 def _secure_round(directory: NodeDirectory, targets: Mapping[int, str], weights: np.ndarray, round_: int, *,

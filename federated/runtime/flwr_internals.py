@@ -43,7 +43,7 @@ import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
@@ -1730,6 +1730,18 @@ _WROTE_KEY = "exchange_wrote_watched"
 _write_listeners: list[bool] = []
 
 
+_Cache = TypeVar("_Cache", bound=WriteInvalidatedCache)
+
+
+def _installed_cache(kind: type[_Cache]) -> _Cache | None:
+    """The cache of `kind` this process installed already (each patch installs one: it is
+    idempotent), or None."""
+    for _tables, cache in _write_watchers:
+        if isinstance(cache, kind):
+            return cache
+    return None
+
+
 def _watching(table: str | None, *, is_delete: bool) -> list[WriteInvalidatedCache]:
     """The caches a write to `table` ends."""
     return [cache for tables, cache in _write_watchers
@@ -1809,9 +1821,8 @@ def patch_superlink_run_status_cache(max_age_s: float) -> RunStatusCache:
     from flwr.server.superlink import utils as superlink_utils
     from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
 
-    for _tables, cache in _write_watchers:
-        if isinstance(cache, RunStatusCache):
-            return cache
+    if (installed := _installed_cache(RunStatusCache)) is not None:
+        return installed
     original = SqlLinkState.get_run_status
     _require(list(inspect.signature(original).parameters) == ["self", "run_ids"],
              "SqlLinkState.get_run_status changed its parameters")
@@ -1858,9 +1869,8 @@ def patch_superlink_node_key_cache(max_age_s: float) -> NodeKeyCache:
     from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
     from flwr.superlink.routers.fleet import node_auth
 
-    for _tables, cache in _write_watchers:
-        if isinstance(cache, NodeKeyCache):
-            return cache
+    if (installed := _installed_cache(NodeKeyCache)) is not None:
+        return installed
     original = SqlLinkState.get_node_id_by_public_key
     _require(list(inspect.signature(original).parameters) == ["self", "public_key"],
              "SqlLinkState.get_node_id_by_public_key changed its parameters")
@@ -1911,9 +1921,8 @@ def patch_superlink_task_token_cache(max_age_s: float) -> TaskTokenCache:
     from flwr.supercore import date as flwr_date
     from flwr.supercore.corestate.sql_corestate import SqlCoreState
 
-    for _tables, cache in _write_watchers:
-        if isinstance(cache, TaskTokenCache):
-            return cache
+    if (installed := _installed_cache(TaskTokenCache)) is not None:
+        return installed
     original = SqlCoreState.get_task_by_token
     _require(list(inspect.signature(original).parameters) == ["self", "token"],
              "SqlCoreState.get_task_by_token changed its parameters")
@@ -2050,6 +2059,39 @@ def patch_superlink_traffic_batching(interval_s: float) -> TrafficBatcher:
     atexit.register(batcher.flush)
     _traffic_batchers.append(batcher)
     return batcher
+
+
+class RequestCounter:
+    """Pure ASGI, outermost: counts the SuperLink's HTTP requests by path (a measurement aid for
+    benchmarks: requests per round; `patch_superlink_request_counter`)."""
+
+    def __init__(self, app: Any, *, counts: dict[str, int]) -> None:
+        self.app, self.counts = app, counts
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            self.counts[path] = self.counts.get(path, 0) + 1  # one event loop: no lock needed
+        await self.app(scope, receive, send)
+
+
+def patch_superlink_request_counter() -> dict[str, int]:
+    """Count every HTTP request the SuperLink serves, by path, before any other middleware (this
+    process must be the SuperLink's, before its app is built). Returns the live counts."""
+    check_flwr_version()
+    import flwr.superlink.main as superlink_main
+    from starlette.middleware import Middleware
+
+    current = superlink_main._get_middleware
+    counts: dict[str, int] = {}
+
+    def get_middleware() -> list[Any]:
+        return [Middleware(RequestCounter, counts=counts), *current()]
+
+    for mark in (_PATCHED_MARK, _SCOPED_MARK):
+        setattr(get_middleware, mark, getattr(current, mark, False))
+    setattr(superlink_main, "_get_middleware", get_middleware)  # noqa: B010 (a module global of flwr's)
+    return counts
 
 
 def patch_superlink_idle_pulls(recheck_s: float) -> PendingTracker:

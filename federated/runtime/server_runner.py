@@ -166,7 +166,7 @@ def run_study(superlink_address: str, spec: StudySpec, observer: StudyObserver, 
                                 hospital_keys=hospital_keys, stop_event=stop_event or threading.Event(),
                                 approved_hospitals=(None if approved_hospitals is None
                                                     else frozenset(approved_hospitals)),
-                                submitted_at=submitted_at)
+                                submitted_at=submitted_at, pack_messages=settings.message_packing)
         context: Context | None = None
         pulled: Exception | None = None
         try:

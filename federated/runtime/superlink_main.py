@@ -26,10 +26,12 @@ the SuperLink's CPU per request was what a round with ten hospitals waited for
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 from federated.runtime import flwr_internals
 from federated.runtime.settings import RuntimeSettings, disable_phone_home
@@ -45,6 +47,28 @@ CACHE_MAX_AGE_S = 1.0
 TRAFFIC_FLUSH_S = 1.0
 #: how often the SuperLink's log gets a line of the caches' counts (when they changed)
 REPORT_EVERY_S = 30.0
+#: a benchmark's file for the requests served so far, by path (JSON, rewritten when they change)
+COUNTS_ENV = "EXCHANGE_SUPERLINK_REQUEST_COUNTS"
+COUNTS_EVERY_S = 0.2
+
+
+def write_request_counts(path: Path) -> None:
+    """Count the SuperLink's requests by path into `path` (a measurement aid: `bench_secagg`
+    reads it at every round to report requests per round)."""
+    counts = flwr_internals.patch_superlink_request_counter()
+
+    def write() -> None:
+        last: dict[str, int] = {}
+        while True:
+            time.sleep(COUNTS_EVERY_S)
+            now = dict(counts)
+            if now != last:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(now))
+                tmp.replace(path)  # atomic: a reader never sees half a file
+                last = now
+
+    threading.Thread(target=write, name="exchange-request-counts", daemon=True).start()
 
 
 def apply_superlink_patches(settings: RuntimeSettings) -> None:
@@ -92,6 +116,8 @@ def main() -> None:
               f"run statuses, node keys and task tokens cached, traffic counters batched, object pushes "
               f"on a busy database retried",
               file=sys.stderr, flush=True)
+    if os.environ.get(COUNTS_ENV):
+        write_request_counts(Path(os.environ[COUNTS_ENV]))
     sys.argv[0] = "flower-superlink"
     flwr_internals.flower_superlink_main()
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
+from federated import packing
 from federated.distributed_noise import INTEGER_METRIC
 from federated.runtime import flwr_internals
 from federated.secagg.server import NEXT_ERROR, NEXT_KEY, NEXT_ROUND
@@ -51,10 +52,27 @@ def is_secagg_message(message: Message) -> bool:
 def secagg_mod(message: Message, context: Context, call_next: Handler) -> Message:
     """The ClientApp mod: SecAgg+ stage messages through Flower's mod, the rest unchanged.
 
+    A message whose records the server packed into one (`federated.packing`: fewer objects, so
+    fewer requests per message) is unpacked first and its reply packed the same way, so
+    everything below sees the records as the server built them.
     A stage message may carry the NEXT round's setup or share-keys stage as well (`NEXT_KEY`,
     pipelining, `federated.secagg.server`): it runs after this round's stage, in the same task,
     on its own state slot, and its reply travels under `NEXT_KEY` in the same reply; if it fails,
     the reply says why there and this round's reply is unaffected."""
+    if not message.has_content() or not packing.is_packed(message.content):
+        return _secagg_mod(message, context, call_next)
+    packed = message.content
+    message.content = packing.unpack(packed)
+    try:
+        reply = _secagg_mod(message, context, call_next)
+    finally:
+        message.content = packed  # the message as it came (an in-process grid keeps it)
+    if reply.has_content():
+        reply.content = packing.pack(reply.content)
+    return reply
+
+
+def _secagg_mod(message: Message, context: Context, call_next: Handler) -> Message:
     if not is_secagg_message(message):
         return call_next(message, context)
     pipelined = message.content.config_records.get(NEXT_KEY)

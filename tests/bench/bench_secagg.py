@@ -3,6 +3,7 @@
     .venv/bin/python -m tests.bench.bench_secagg            # deployment: 4 rounds each; table: 3 reps
     .venv/bin/python -m tests.bench.bench_secagg --quick    # deployment: 3 rounds each; table: 1 rep
     .venv/bin/python -m tests.bench.bench_secagg --no-deployment   # the table only
+    .venv/bin/python -m tests.bench.bench_secagg --objects   # object requests per round, packed or not
 
 1. Deployment (target: SecAgg+ round <= 2x the plain round at 3 hospitals): a SuperLink and three
    SuperNodes with warm executors on loopback (fast settings), breast cancer over 3 hospitals,
@@ -13,7 +14,9 @@
    split 10 ways, ~51 records each). Also the CPU seconds per round of every process (server,
    SuperLink, each hospital's executor + SuperNode), which the machine's load does not inflate
    as it does wall time, and from them a DERIVED bound on the round's time beyond training with
-   a core per process (server + SuperLink + busiest hospital CPU + the poll sleeps).
+   a core per process (server + SuperLink + busiest hospital CPU + the poll sleeps), and the
+   SuperLink's requests per round (its own count, `superlink_main.COUNTS_ENV`). `--no-packing`:
+   SecAgg+ records travel as built instead of packed into one (`federated.packing`).
 2. Table (target: <= 3 s per round beyond local training at 10 hospitals): model size (1k, 10k,
    100k weights) x hospitals (3, 5, 10), with and without SecAgg+, in process (`InProcessGrid`)
    with synthetic hospitals that return a random update and a signed receipt instead of training,
@@ -41,21 +44,52 @@ HOSPITALS = (3, 5, 10)
 
 
 class Recorder:
-    def __init__(self, cpu: CpuMeter | None = None) -> None:
+    def __init__(self, cpu: CpuMeter | None = None, requests: RequestMeter | None = None) -> None:
         self.rounds: list[dict[str, float]] = []
         self.cpu = cpu
         self.cpu_rounds: list[dict[str, float]] = []
+        self.requests = requests
+        self.request_rounds: list[dict[str, float]] = []
 
     def on_round(self, round: int, metrics: Any, receipts: Any) -> None:
         self.rounds.append({"round": float(round), **{k: float(v) for k, v in metrics.items()}})
         if self.cpu is not None:
             self.cpu_rounds.append(self.cpu.lap())
+        if self.requests is not None:
+            self.request_rounds.append(self.requests.lap())
 
     def on_complete(self, model_path: Path, sha256: str) -> None:
         pass
 
     def on_failed(self, reason: str) -> None:
         raise SystemExit(f"study failed: {reason}")
+
+
+class RequestMeter:
+    """The SuperLink's requests since the last lap, from the counts file its process keeps
+    (`superlink_main.COUNTS_ENV`, rewritten within 0.2 s of a change): in all, the object
+    pushes and pulls (a request per object of a message's tree, at both ends), and the rest."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last = self._now()
+
+    def _now(self) -> dict[str, int]:
+        import json
+
+        try:
+            return {k: int(v) for k, v in json.loads(self.path.read_text()).items()}
+        except (OSError, ValueError):
+            return {}
+
+    def lap(self) -> dict[str, float]:
+        now = self._now()
+        delta = {k: now.get(k, 0) - self.last.get(k, 0) for k in now}
+        self.last = now
+        objects = sum(v for k, v in delta.items() if k.endswith(("/push-object", "/pull-object")))
+        return {"requests": float(sum(delta.values())), "requests_object": float(objects),
+                "requests_fleet": float(sum(v for k, v in delta.items() if k.startswith("/v1/fleet/"))),
+                "requests_runtime": float(sum(v for k, v in delta.items() if k.startswith("/v1/runtime/")))}
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -105,8 +139,8 @@ class CpuMeter:
 # -- 1. the real deployment -------------------------------------------------------------------------
 
 
-def deployment(rounds: int, root: Path, hospitals: int = 3,
-               stock_superlink: bool = False) -> dict[str, dict[str, float]]:
+def deployment(rounds: int, root: Path, hospitals: int = 3, stock_superlink: bool = False,
+               packing: bool = True) -> dict[str, dict[str, float]]:
     """Mean per-round numbers of rounds 2+ for "plain" and "secagg" (two studies each,
     interleaved), with the CPU seconds per round of each kind of process (`CpuMeter`):
     `cpu_server_s`, `cpu_superlink_s`, and over the hospitals (executor + SuperNode) the mean
@@ -115,8 +149,11 @@ def deployment(rounds: int, root: Path, hospitals: int = 3,
     from federated.runtime.deployment import LocalFederation
     from federated.runtime.server_runner import run_study
     from federated.runtime.settings import RuntimeSettings
+    from federated.runtime.superlink_main import COUNTS_ENV
 
-    settings = RuntimeSettings(superlink_patches=not stock_superlink)
+    settings = RuntimeSettings(superlink_patches=not stock_superlink, message_packing=packing)
+    counts = root / "superlink-requests.json"
+    os.environ[COUNTS_ENV] = str(counts)  # the SuperLink (started below) inherits it
     names = tuple(f"hospital-{chr(ord('a') + i)}" for i in range(hospitals))
     # breast cancer's 569 records give 10 hospitals ~51 each (the default floor is 100)
     sites = provision_sites(root / "sites", hospitals=names, min_records=min(100, 400 // hospitals))
@@ -145,7 +182,7 @@ def deployment(rounds: int, root: Path, hospitals: int = 3,
             )
             for demo in sites.values():
                 approve(demo.site, spec.study_id)
-            recorder = Recorder(CpuMeter(pids, idle))
+            recorder = Recorder(CpuMeter(pids, idle), RequestMeter(counts))
             # every round waits for all hospitals (else, on a loaded machine, round 1 starts with
             # those whose hello came back within the 10 s grace and later rounds grow)
             result = run_study(
@@ -169,6 +206,9 @@ def deployment(rounds: int, root: Path, hospitals: int = 3,
             for key in cpu[0]:
                 out[name].setdefault(key, 0.0)
                 out[name][key] += statistics.fmean(c[key] for c in cpu) / 2
+            for key in recorder.request_rounds[0]:
+                out[name].setdefault(key, 0.0)
+                out[name][key] += statistics.fmean(r[key] for r in recorder.request_rounds[1:]) / 2
             out[name]["ref_accuracy"] = recorder.rounds[-1].get("ref_accuracy", float("nan"))
     finally:
         fed.stop()
@@ -307,6 +347,79 @@ def table_cell(hospitals: int, size: int, secure: bool, reps: int) -> float:
     return statistics.median(times)
 
 
+def _tree(obj: Any) -> list[str]:
+    """The object ids of a message's tree (Flower moves each with its own request)."""
+    ids = [obj.object_id]
+    for child in (obj.children or {}).values():
+        ids += _tree(child)
+    return ids
+
+
+def object_requests(hospitals: int, size: int, packing: bool) -> dict[str, float]:
+    """The object pushes and pulls of one steady-state SecAgg+ round (round 2, its key exchange
+    pipelined into round 1), counted from the message trees the in-process round exchanges
+    (synthetic hospitals, as the table): the sender pushes each distinct object of an exchange
+    once, each receiver pulls every object of its message. Deterministic, unlike the requests a
+    deployment counts (retries of objects not yet pushed, polls: those grow with the load)."""
+    import threading
+
+    from flwr.app import Context, RecordDict
+
+    from audit.signing import Signer
+    from federated.runtime.demo_sites import demo_spec
+    from federated.runtime.inprocess import InProcessGrid
+    from federated.secagg.server import SecAggDriver
+    from federated.server_app import NodeDirectory, SecAggTransport, ServerOptions, _decode_reply
+
+    class CountingGrid(InProcessGrid):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.counts = {"push": 0, "pull": 0, "messages": 0}
+
+        def push_messages(self, messages: Any) -> Any:
+            messages = list(messages)
+            trees = [_tree(m) for m in messages]
+            self.counts["push"] += len({i for t in trees for i in t})  # shared objects: pushed once
+            self.counts["pull"] += sum(len(t) for t in trees)
+            self.counts["messages"] += len(messages)
+            return super().push_messages(messages)
+
+        def pull_messages(self, message_ids: Any) -> Any:
+            replies = list(super().pull_messages(message_ids))
+            for reply in replies:
+                n = len(_tree(reply))
+                self.counts["push"] += n
+                self.counts["pull"] += n
+                self.counts["messages"] += 1
+            return replies
+
+    spec = demo_spec("bench-objects", min_hospitals=3, secure_aggregation=True)
+    signers = {n: Signer.generate() for n in range(1, hospitals + 1)}
+    grid = CountingGrid({n: {} for n in signers}, spec.to_run_config(),
+                        client_app=_synthetic_app(signers, spec, size))
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=spec.to_run_config())
+    options = ServerOptions(output_dir=Path("."), poll=0.0, stop_event=threading.Event(),
+                            pack_messages=packing)
+    transport = SecAggTransport(NodeDirectory(grid, spec, context, options))
+    targets = {n: f"h{n}" for n in signers}
+    weights = np.zeros(size, dtype=np.float32)
+    prepared = None
+    for round_ in (1, 2):
+        grid.counts = dict.fromkeys(grid.counts, 0)
+
+        def decode(phase: Any, r: int = round_) -> list[Any]:
+            return [_decode_reply(n, m, spec, r, None, n_weights=size, masked=True)
+                    for n, m in phase.replies.items()]
+
+        result = SecAggDriver(transport, timeout=600, min_members=3).run(
+            targets, weights, round_, decode, prepared=prepared, pipeline=True)
+        if result.weights is None or result.next is None:
+            raise SystemExit(f"secagg round failed: {result.failure}")
+        weights, prepared = result.weights, result.next
+    return {k: float(v) for k, v in grid.counts.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true")
@@ -316,7 +429,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per study in the deployment part")
     parser.add_argument("--stock-superlink", action="store_true",
                         help="Flower's SuperLink without our CPU patches (settings.superlink_patches)")
+    parser.add_argument("--no-packing", action="store_true",
+                        help="SecAgg+ records travel as built, not packed (settings.message_packing)")
+    parser.add_argument("--objects", action="store_true",
+                        help="only the object requests of a steady-state round, packed and not (in process)")
     args = parser.parse_args()
+    if args.objects:
+        print("== object pushes + pulls per steady-state SecAgg+ round (in process, synthetic hospitals; "
+              "messages = messages and replies)")
+        for hospitals in HOSPITALS:
+            for size in SIZES:
+                as_built = object_requests(hospitals, size, packing=False)
+                packed = object_requests(hospitals, size, packing=True)
+                print(f"{hospitals:>3} hospitals, {size:>7} weights: as built {as_built['push']:.0f} + "
+                      f"{as_built['pull']:.0f} = {as_built['push'] + as_built['pull']:.0f}, packed "
+                      f"{packed['push']:.0f} + {packed['pull']:.0f} = {packed['push'] + packed['pull']:.0f} "
+                      f"({as_built['messages']:.0f} messages)")
+        return
     reps = 1 if args.quick else 3
     if not args.no_table:
         print(
@@ -336,12 +465,14 @@ def main() -> None:
     rounds = args.rounds or (3 if args.quick else 4)
     load_before = _load()
     with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
-        numbers = deployment(rounds, Path(tmp), args.hospitals, stock_superlink=args.stock_superlink)
+        numbers = deployment(rounds, Path(tmp), args.hospitals, stock_superlink=args.stock_superlink,
+                             packing=not args.no_packing)
     load_after = _load()
     idle = numbers.pop("idle")["cpu_idle_total_per_s"]
     p, s = numbers["plain"], numbers["secagg"]
     print(
-        f"== deployment ({'stock' if args.stock_superlink else 'patched'} SuperLink): "
+        f"== deployment ({'stock' if args.stock_superlink else 'patched'} SuperLink, SecAgg+ records "
+        f"{'as built' if args.no_packing else 'packed'}): "
         f"{args.hospitals} hospitals, breast cancer, logistic regression, DP-SGD; "
         f"mean of rounds 2-{rounds} (SecAgg+ pipelined), "
         f"two studies each, interleaved; {load_before} before, {load_after} after"
@@ -374,6 +505,10 @@ def main() -> None:
             f"hospital mean {n['cpu_hospital_mean_s']:.3f} / max {n['cpu_hospital_max_s']:.3f}, "
             f"all processes {n['cpu_total_s']:.3f}; nothing subtracted: {n['cpu_raw_total_s']:.3f}"
         )
+    print("SuperLink requests per round (all / object push+pull / Fleet / Runtime):")
+    for name, n in numbers.items():
+        print(f"{name:>7}: {n['requests']:.0f} / {n['requests_object']:.0f} / {n['requests_fleet']:.0f} / "
+              f"{n['requests_runtime']:.0f}")
     extra = s["cpu_hospital_mean_s"] - p["cpu_hospital_mean_s"]
     print(
         f"SecAgg+ protocol work per hospital (secagg - plain, mean): {extra:.3f} CPU s/round; "

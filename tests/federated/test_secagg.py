@@ -18,6 +18,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 import federated.client_app as client_app_module
+from federated import packing
 from federated.runtime.demo_sites import DemoSite, approve, demo_spec, provision_sites
 from federated.runtime.flwr_internals import SECAGG_CONFIGS_KEY, SECAGG_KEYS
 from federated.runtime.inprocess import InProcessGrid
@@ -72,8 +73,14 @@ class Updates:
         return fedavg([got[h][0] for h in sorted(members)], [got[h][1] for h in sorted(members)])
 
 
+def _content(message: Message) -> RecordDict:
+    """A message's records as the server or the hospital built them: on the wire (the grid) a
+    SecAgg+ message is packed into one ConfigRecord (`federated.packing`)."""
+    return packing.unpack(message.content)
+
+
 def _stage(message: Message) -> str | None:
-    record = message.content.config_records.get(SECAGG_CONFIGS_KEY)
+    record = _content(message).config_records.get(SECAGG_CONFIGS_KEY)
     value = record.get("stage") if record is not None else None
     return value if isinstance(value, str) else None
 
@@ -82,10 +89,9 @@ def _globals(grid: InProcessGrid) -> dict[int, np.ndarray]:
     """The global model each round's collect-stage messages carried."""
     out = {}
     for message in grid.pushed:
-        if GLOBAL_KEY in message.content.array_records and message.metadata.message_type == MessageType.TRAIN:
-            out[int(message.metadata.group_id)] = message.content.array_records[GLOBAL_KEY][
-                WEIGHTS_KEY
-            ].numpy()
+        records = _content(message).array_records
+        if GLOBAL_KEY in records and message.metadata.message_type == MessageType.TRAIN:
+            out[int(message.metadata.group_id)] = records[GLOBAL_KEY][WEIGHTS_KEY].numpy()
     return out
 
 
@@ -137,11 +143,23 @@ class RecordingGrid(InProcessGrid):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.pulled: list[Message] = []
+        #: (message type, packed, records) of every message and reply as it crossed the grid
+        self.wire: list[tuple[str, bool, int]] = []
+
+    def push_messages(self, messages: Any) -> Any:
+        messages = list(messages)
+        self.wire.extend(_on_wire(m) for m in messages)
+        return super().push_messages(messages)
 
     def pull_messages(self, message_ids: Any) -> Any:
         replies = list(super().pull_messages(message_ids))
+        self.wire.extend(_on_wire(r) for r in replies if not r.has_error())
         self.pulled.extend(replies)
         return replies
+
+
+def _on_wire(message: Message) -> tuple[str, bool, int]:
+    return message.metadata.message_type, packing.is_packed(message.content), len(message.content)
 
 
 # -- the protocol ----------------------------------------------------------------------------------
@@ -165,8 +183,8 @@ def test_secure_aggregate_is_the_weighted_average_and_no_update_is_seen_in_clear
     sample_key = SECAGG_KEYS["SAMPLE_NUMBER"]
     setups = [int(m.metadata.group_id) for m in grid.pushed if _has(m, sample_key)]
     assert sorted(setups) == [1, 1, 1]
-    riding = [r for r in grid.pulled if _has(r, "masked_params") and NEXT_KEY in r.content.config_records]
-    assert len(riding) == 3 and all("pk1" in r.content.config_records[NEXT_KEY] for r in riding)
+    riding = [r for r in grid.pulled if _has(r, "masked_params") and NEXT_KEY in _content(r).config_records]
+    assert len(riding) == 3 and all("pk1" in _content(r).config_records[NEXT_KEY] for r in riding)
     assert m1["secure_aggregation"] == 1.0 and m1["aggregate_members"] == 3 and m1["secagg_threshold"] == 3
     assert {r.hospital for r in receipts1} == {f"hospital:{h}" for h in three}
     # round 2's collect messages carry round 1's aggregate: the weighted FedAvg of the clear updates
@@ -174,21 +192,25 @@ def test_secure_aggregate_is_the_weighted_average_and_no_update_is_seen_in_clear
     assert not np.allclose(_globals(grid)[2], _globals(grid)[1])
     # nothing the server pulled holds a model-sized float array: only masked integers
     for reply in grid.pulled:
-        assert all(len(record) == 0 for record in reply.content.array_records.values())
+        assert all(len(record) == 0 for record in _content(reply).array_records.values())
+    # on the wire every SecAgg+ message and reply is one ConfigRecord: three objects in all
+    # (message, RecordDict, record), each object a request at the sender and at the receiver
+    wire = [(packed, records) for kind, packed, records in grid.wire if kind == MessageType.TRAIN]
+    assert wire == [(True, 1)] * (2 * 3 * (4 + 2))  # 3 hospitals; round 1: 4 exchanges, round 2: 2
     n = len(spec.columns) + 1
     masked = [r for r in grid.pulled if _has(r, "masked_params")]
     assert len(masked) == 6 and all(_masked(r).shape == (n,) for r in masked)
 
 
 def _has(reply: Message, key: str) -> bool:
-    record = reply.content.config_records.get(SECAGG_CONFIGS_KEY)
+    record = _content(reply).config_records.get(SECAGG_CONFIGS_KEY)
     return record is not None and key in record
 
 
 def _masked(reply: Message) -> np.ndarray:
     import io
 
-    blobs = reply.content.config_records[SECAGG_CONFIGS_KEY]["masked_params"]
+    blobs = _content(reply).config_records[SECAGG_CONFIGS_KEY]["masked_params"]
     assert isinstance(blobs, list) and isinstance(blobs[1], bytes)
     return np.load(io.BytesIO(blobs[1]), allow_pickle=False)
 
@@ -220,9 +242,9 @@ def test_plain_train_message_is_refused_when_the_study_requires_secure_aggregati
         run_config=spec.to_run_config(),
     )
     reply = app(message=message, context=context)
-    status = reply.content.config_records["reply"]
+    status = _content(reply).config_records["reply"]
     assert status["status"] == "refused" and "secure aggregation" in str(status["reason"])
-    assert not reply.content.array_records
+    assert not _content(reply).array_records
     from sqlalchemy import create_engine
 
     from federated.privacy_ledger import PrivacyLedger
@@ -377,15 +399,21 @@ def _tampering(mutate: Callable[[int, Message, Message], Message | None]) -> Any
     def tampered(message: Message, context: Context) -> Message:
         # a raising ClientApp becomes Flower's error reply in InProcessGrid, as in the executor
         reply = app(message=message, context=context)
-        return mutate(context.node_id, message, reply) or reply
+        packed = reply.has_content() and packing.is_packed(reply.content)
+        if packed:  # tamper with the records themselves, then send them packed as the hospital does
+            reply.content = packing.unpack(reply.content)
+        out = mutate(context.node_id, message, reply) or reply
+        if packed and out.has_content():
+            out.content = packing.pack(out.content)
+        return out
 
     return tampered
 
 
 def _replace_configs(reply: Message, message: Message, **values: Any) -> Message:
-    record = reply.content.config_records[SECAGG_CONFIGS_KEY]
+    record = _content(reply).config_records[SECAGG_CONFIGS_KEY]
     content = RecordDict({SECAGG_CONFIGS_KEY: ConfigRecord({**dict(record), **values})})
-    for key, other in reply.content.config_records.items():
+    for key, other in _content(reply).config_records.items():
         if key != SECAGG_CONFIGS_KEY:
             content[key] = other
     return Message(content, reply_to=message)
@@ -404,7 +432,7 @@ def test_a_corrupted_ciphertext_drops_its_recipient_and_the_round_goes_on(
     def corrupt(node: int, message: Message, reply: Message) -> Message | None:
         if node != 1 or _stage_of_reply(reply) != "share_keys" or message.metadata.group_id != "1":
             return None
-        record = reply.content.config_records[SECAGG_CONFIGS_KEY]
+        record = _content(reply).config_records[SECAGG_CONFIGS_KEY]
         dsts, ctxts = list(record["dsts"]), list(record["ctxts"])  # type: ignore[arg-type]
         i = dsts.index(2)
         ctxts[i] = bytes(reversed(ctxts[i]))  # type: ignore[arg-type]
@@ -438,12 +466,12 @@ def test_an_encrypted_share_of_another_round_drops_its_recipient_never_a_wrong_m
     def replay(node: int, message: Message, reply: Message) -> Message | None:
         if node != 1 or reply.has_error() or message.metadata.group_id != "1":
             return None
-        record = reply.content.config_records[SECAGG_CONFIGS_KEY]
+        record = _content(reply).config_records[SECAGG_CONFIGS_KEY]
         if "ctxts" in record:  # round 1's own share-keys stage: keep the share for node 2
             dsts = list(record["dsts"])  # type: ignore[arg-type]
             kept["ctxt"] = list(record["ctxts"])[dsts.index(2)]  # type: ignore[arg-type]
             return None
-        riding = reply.content.config_records.get(NEXT_KEY)
+        riding = _content(reply).config_records.get(NEXT_KEY)
         if riding is None or "ctxts" not in riding:
             return None
         dsts, ctxts = list(riding["dsts"]), list(riding["ctxts"])  # type: ignore[arg-type]
@@ -476,7 +504,7 @@ def test_a_malformed_pipelined_key_exchange_falls_back_to_a_fresh_one(
     seen: list[int] = []
 
     def junk_key(node: int, message: Message, reply: Message) -> Message | None:
-        riding = None if reply.has_error() else reply.content.config_records.get(NEXT_KEY)
+        riding = None if reply.has_error() else _content(reply).config_records.get(NEXT_KEY)
         if node != 1 or riding is None or "pk1" not in riding or seen:
             return None
         seen.append(node)
@@ -498,7 +526,7 @@ def test_a_malformed_pipelined_key_exchange_falls_back_to_a_fresh_one(
 def _stage_of_reply(reply: Message) -> str | None:
     if reply.has_error():
         return None
-    record = reply.content.config_records.get(SECAGG_CONFIGS_KEY)
+    record = _content(reply).config_records.get(SECAGG_CONFIGS_KEY)
     if record is None:
         return None
     for key, stage in (
@@ -523,7 +551,7 @@ def test_a_malformed_or_stale_share_fails_the_round_never_a_wrong_model(
     def bad(node: int, message: Message, reply: Message) -> Message | None:
         if node != 1 or _stage_of_reply(reply) != "unmask":
             return None
-        record = reply.content.config_records[SECAGG_CONFIGS_KEY]
+        record = _content(reply).config_records[SECAGG_CONFIGS_KEY]
         if message.metadata.group_id == "1":
             kept["shares"] = list(record["shares"])  # type: ignore[arg-type]
             return None
@@ -555,7 +583,7 @@ def test_a_malformed_masked_vector_is_left_out_and_the_round_goes_on(
             return None
         buffer = io.BytesIO()
         np.save(buffer, np.zeros(3, dtype=np.int64))
-        record = reply.content.config_records[SECAGG_CONFIGS_KEY]
+        record = _content(reply).config_records[SECAGG_CONFIGS_KEY]
         blobs = list(record["masked_params"])  # type: ignore[arg-type]
         return _replace_configs(reply, message, masked_params=[blobs[0], buffer.getvalue()])
 
@@ -571,6 +599,37 @@ def test_a_malformed_masked_vector_is_left_out_and_the_round_goes_on(
         "hospital-a (node 1) left out: expected an integer array of shape" in r.getMessage()
         for r in caplog.records
     )
+
+
+def test_a_reply_that_does_not_unpack_is_left_out_and_the_round_goes_on(
+    four: dict[str, DemoSite],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Node 1's collect reply arrives packed (`federated.packing`) with a garbled header: it does
+    not unpack, so it carries no stage record; node 1 is not aggregated (its masks removed as a
+    dropout's) and the other three form the model, exactly."""
+    from federated.client_app import app
+
+    updates = Updates(monkeypatch)
+
+    def garbled(message: Message, context: Context) -> Message:
+        reply = app(message=message, context=context)
+        if context.node_id == 1 and _stage_of_reply(reply) == "collect_masked_vectors":
+            reply.content.config_records[packing.PACKED_KEY][packing.PACKED_HEADER] = "{garbled"
+        return reply
+
+    spec = demo_spec("sa-unpack", rounds=2, min_hospitals=3, round_timeout_s=2.0, **PRIVACY)
+    observer, grid = _run(four, spec, tmp_path, client_app=garbled)
+    assert observer.failed == [] and observer.completed is not None
+    (_, metrics, receipts), _ = observer.rounds
+    members = {"hospital-b", "hospital-c", "hospital-d"}
+    assert metrics["aggregate_members"] == 3
+    assert {r.hospital for r in receipts} == {f"hospital:{h}" for h in members}
+    np.testing.assert_allclose(_globals(grid)[2], updates.fedavg(1, members), atol=ATOL)
+    assert any("node 1: its reply does not unpack: packed message: malformed" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_hospitals_lost_in_the_key_exchange_stop_the_round_with_the_protocols_reason(
@@ -624,7 +683,7 @@ class LateUnmaskReply(InProcessGrid):
         messages = list(messages)
         ids = list(super().push_messages(messages))
         for message, msg_id in zip(messages, ids, strict=True):
-            record = message.content.config_records.get(SECAGG_CONFIGS_KEY)
+            record = _content(message).config_records.get(SECAGG_CONFIGS_KEY)
             if (message.metadata.dst_node_id == 1 and message.metadata.group_id == "1"
                     and record is not None and "active_nids" in record):
                 self.late.add(msg_id)
@@ -668,7 +727,7 @@ class GoneAfterRound1Grid(InProcessGrid):
     def pull_messages(self, message_ids: Any) -> Any:
         replies = list(super().pull_messages(message_ids))
         for reply in replies:
-            riding = None if reply.has_error() else reply.content.config_records.get(NEXT_KEY)
+            riding = None if reply.has_error() else _content(reply).config_records.get(NEXT_KEY)
             if reply.metadata.src_node_id == 4 and riding is not None and "ctxts" in riding:
                 self.drop(4)  # its unmask reply, with round 2's shares, is in
         return replies

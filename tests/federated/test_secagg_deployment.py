@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 import federated.server_app as server_app
+from federated import packing
 from federated.runtime.demo_sites import approve, demo_spec, provision_sites
 from federated.runtime.deployment import LocalFederation
 from federated.runtime.flwr_internals import SECAGG_CONFIGS_KEY
@@ -74,13 +75,15 @@ def test_sigkill_of_a_hospital_mid_round_under_secure_aggregation(
     node_d = fed.nodes["hospital-d"]
     real_exchange = server_app.exchange_many
     killed = threading.Event()
+    wire: list[bool] = []  # each SecAgg+ message packed (`federated.packing`) as it is pushed
 
     def exchange(grid: Any, batches: Any, **kwargs: Any) -> Any:
+        wire.extend(packing.is_packed(m.content) for messages in batches for m in messages)
+        contents = [packing.unpack(m.content) for messages in batches for m in messages]  # as built
         stages = {
-            str(m.content.config_records[SECAGG_CONFIGS_KEY].get("stage"))
-            for messages in batches
-            for m in messages
-            if SECAGG_CONFIGS_KEY in m.content.config_records
+            str(c.config_records[SECAGG_CONFIGS_KEY].get("stage"))
+            for c in contents
+            if SECAGG_CONFIGS_KEY in c.config_records
         }
         if "collect_masked_vectors" in stages and not killed.is_set():
             # keys are shared; the others now train: hospital-d's processes die (SIGKILL)
@@ -113,6 +116,7 @@ def test_sigkill_of_a_hospital_mid_round_under_secure_aggregation(
     )
     assert result.status == "completed", result.reason
     assert killed.is_set() and not any(p.alive() for p in node_d.processes())
+    assert wire and all(wire)
     members = {"hospital:hospital-a", "hospital:hospital-b", "hospital:hospital-c"}
     by_round = {r: (m, rc) for r, m, rc in observer.rounds}
     for round_ in (1, 2):

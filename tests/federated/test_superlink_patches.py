@@ -347,3 +347,31 @@ def test_the_sweep_of_lapsed_task_claims_runs_at_most_once_per_interval(
     link.state.get_run_status({1})
     link.state.get_run_status({1})
     assert len(sweeps) == 2
+
+
+def test_the_request_counter_counts_every_request_by_path_early_answers_included(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`patch_superlink_request_counter` (a benchmark's requests per round) sits outside every
+    other layer: it counts the polls the idle shortcut answers as well as those Flower answers."""
+    disable_phone_home()
+    import flwr.superlink.main as superlink_main
+
+    monkeypatch.setattr(superlink_main, "_get_middleware", superlink_main._get_middleware)
+    monkeypatch.setattr(flwr_internals, "_pending", [])
+    monkeypatch.setattr(flwr_internals, "_pending_runs", [])
+    monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "superlink.db"))
+    flwr_internals.patch_superlink_middleware()
+    flwr_internals.patch_superlink_idle_pulls(recheck_s=30.0)
+    counts = flwr_internals.patch_superlink_request_counter()
+    app = superlink_main.create_app()
+    node_id, key, pk = _register(app.state.linkstate_factory.state())
+    link = Link(app, None, _pending_tracker(), node_id, key, pk, tmp_path / "superlink.db")
+    for _ in range(3):
+        assert link.poll()[0] == 200
+    assert link.counts() == (2, 1)  # one full poll, two answered early
+    assert counts == {PULL: 3}
+
+
+def _pending_tracker() -> flwr_internals.PendingTracker:
+    return flwr_internals._pending[0]

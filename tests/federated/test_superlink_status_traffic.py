@@ -312,3 +312,57 @@ def test_a_cached_token_expires_with_its_claim(link: Link, monkeypatch: pytest.M
     later = sql_corestate.now() + datetime.timedelta(hours=1)
     monkeypatch.setattr("flwr.supercore.date.now", lambda: later)
     assert link.state.get_task_by_token(token) is None
+
+
+_ORDER = {"pending": 0, "starting": 1, "running": 2, "finished": 3}
+
+
+def test_no_thread_reads_a_status_or_a_node_older_than_the_last_commit(link: Link) -> None:
+    """Readers in many threads against a writer moving runs through their statuses and deleting
+    nodes, on the real SQLite LinkState: once a write has committed, no read that starts after it
+    gets the state before it (the caches serve only what is current; a stale entry would show a
+    running run as starting - a Fleet request refused - or a deleted node as present)."""
+    import threading
+
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+
+    committed: dict[int, str] = {}  # run -> its last committed status
+    deleted: list[bytes] = []  # keys of nodes whose deletion committed
+    stop = threading.Event()
+    stale: list[str] = []
+
+    def read() -> None:
+        while not stop.is_set():
+            for run_id, status in list(committed.items()):  # read the commit first, then the state
+                got = link.status(run_id)
+                if _ORDER[got] < _ORDER[status]:
+                    stale.append(f"run {run_id}: {got} after {status} committed")
+            for key in list(deleted):
+                if link.state.get_node_id_by_public_key(key) is not None:
+                    stale.append("a deleted node's key still names its node")
+
+    readers = [threading.Thread(target=read) for _ in range(4)]
+    for reader in readers:
+        reader.start()
+    try:
+        for _ in range(15):
+            run_id, task_id = link.new_run(running=False)
+            committed[run_id] = "pending"
+            assert link.state.claim_task(task_id)
+            committed[run_id] = "starting"
+            assert link.state.activate_task(task_id)
+            committed[run_id] = "running"
+            assert link.state.finish_task(task_id, "completed", "")
+            committed[run_id] = "finished"
+            _, public = generate_key_pairs()
+            key = public_key_to_bytes(public)
+            node_id = link.state.create_node("noop", "noop", key, 0)
+            assert link.state.get_node_id_by_public_key(key) == node_id
+            link.state.delete_node("noop", node_id)
+            deleted.append(key)
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
+    assert stale == []
+    assert link.cache.hits > 0 and link.nodes.hits > 0  # the caches did serve reads meanwhile
