@@ -291,7 +291,8 @@ def _deferred_begin(driver: Any) -> bytes | None:
 
 # PostgreSQL: `_PG_INSERT` as a statement prepared once per connection (`PREPARE`), so that
 # the one-string append below names it with its six values instead of sending (and having the
-# server parse and plan) the whole statement each time.
+# server parse and plan) the whole statement each time. Planned once only with
+# `_PG_GENERIC_PLAN` (see there).
 _PG_PREPARED_NAME = "audit_append_rows"
 _PG_PREPARE = (f"PREPARE {_PG_PREPARED_NAME} (bigint, bytea, text, bytea, text, bytea) AS "
                + re.sub(r":(first|data|lens|hashes|node_pos|node_hashes)\b",
@@ -301,6 +302,19 @@ _PG_PREPARE = (f"PREPARE {_PG_PREPARED_NAME} (bigint, bytea, text, bytea, text, 
 # connection.connection.info key (lives as long as the driver connection): `_PG_PREPARE` ran.
 _PREPARED_KEY = "audit.store.prepared_insert"
 _DIGITS_AND_COMMAS = re.compile(r"[0-9,]*")
+
+# PostgreSQL: the rest of the transaction (the EXECUTE of `_PG_PREPARE`, the caller's `tail`,
+# the COMMIT) runs the prepared statement's one generic plan instead of a new custom plan.
+# Why: in its default mode (`plan_cache_mode = auto`) the server compares the generic plan's
+# estimated cost with the custom plans' and, for this statement, never picks it (without the
+# values it takes `generate_series` for 1000 rows, with them for the few it makes), so every
+# EXECUTE planned the whole statement again, server CPU on the same two cores as the
+# appenders: `pg_prepared_statements` counted one custom plan per append. The plan is the same
+# either way (only INSERTs from the given values, no table is read;
+# `test_the_one_string_insert_is_planned_once`). Transaction-local (`set_config(..., true)`),
+# set in the one string's last statements only: nothing else of the caller's transaction
+# runs under it.
+_PG_GENERIC_PLAN = "set_config('plan_cache_mode', 'force_generic_plan', true)"
 
 
 def _bytea_literal(value: bytes) -> str:
@@ -354,7 +368,8 @@ def insert_and_commit(connection: Connection, rows: list[dict[str, Any]],
     """PostgreSQL: insert a group's entries and nodes and COMMIT the transaction, in ONE
     round trip: ONE simple-protocol query string; with `lock_key`, the log's write lock (and
     `synchronous_commit`) first, and, if the transaction has not begun on the server yet, its
-    BEGIN before that, so that a whole transaction is one string and one wait. `tail`: the
+    BEGIN before that, so that a whole transaction is one string and one wait; the INSERT
+    runs its prepared generic plan (`_PG_GENERIC_PLAN`). `tail`: the
     caller's own SQL, after the INSERT and before the COMMIT (its values must be literals
     that cannot hold a quote: exchange.db.literal); if it fails, the COMMIT is skipped too.
 
@@ -377,7 +392,9 @@ def insert_and_commit(connection: Connection, rows: list[dict[str, Any]],
     statements = [_pg_execute_literal(parameters), *([tail] if tail else []), "COMMIT"]
     if lock_key is not None:
         statements.insert(0, f"SELECT pg_advisory_xact_lock({int(lock_key)}), "
-                             "set_config('synchronous_commit', 'on', true)")
+                             f"set_config('synchronous_commit', 'on', true), {_PG_GENERIC_PLAN}")
+    else:  # (the transaction holds the lock already)
+        statements.insert(0, f"SELECT {_PG_GENERIC_PLAN}")
     begin = _deferred_begin(driver) if lock_key is not None else None
     if begin is not None:
         statements.insert(0, begin.decode())

@@ -37,8 +37,11 @@ log = get_logger("exchange.coordinator.group_commit")
 
 #: How long the writer may wait, on PostgreSQL, for a group as large as its previous one
 #: (`GroupCommit(gather_s=)`): there a transaction of one write may end in its first round trip,
-#: so late arrivals cannot join it. Chosen by measurement: docs/benchmarks/audit-append.md.
-PG_GATHER_S = 0.001
+#: so late arrivals cannot join it. Off: with few callers and spare CPU, the wait holds every
+#: caller back until all are queued, so none prepares its next write while a COMMIT is out
+#: (the groups alternate in halves without it, each half preparing while the other commits).
+#: Chosen by measurement: docs/benchmarks/audit-append.md.
+PG_GATHER_S = 0.0
 
 Write = Callable[[Connection], Any]
 # Writes of one kind that can be made in one go: (connection, writes) -> their results, in

@@ -178,6 +178,35 @@ def test_a_late_append_sends_its_insert_and_the_commit_in_one_round_trip(
         engine.dispose()
 
 
+@pytest.mark.postgres
+def test_the_one_string_insert_is_planned_once(postgres_url: str) -> None:
+    """The one-string append's prepared INSERT runs its generic plan, planned once per
+    connection: the server's own count (`pg_prepared_statements` of the writer's connection)
+    holds no custom plan, for appends that take the lock in their string and for a late
+    append in a transaction that holds it already. (In the server's default mode every
+    EXECUTE of it was planned anew: as much server CPU again as the insert itself.) The
+    rows are the same as ever: the log verifies."""
+    engine = migrated_engine(postgres_url)
+    keys = LogKeys.generate()
+    plans = text("SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+                 "WHERE name = 'audit_append_rows'")
+    try:
+        with keys.open(engine) as log:
+            log.append(register(keys.operator, keys.writer))  # (no edge known yet: no string)
+            for seq in range(8):  # more than the server's 5 custom plans before it compares
+                log.append(note_entry(keys.writer, "plan", seq))
+            first, late = _with_late(log, lambda c: log.log.append_in(
+                c, log.log.prepare([note_entry(keys.writer, "plan", 8)])),
+                [note_entry(keys.writer, "plan", 9), note_entry(keys.writer, "plan", 10)])
+            assert first == [9] and [f.result() for f in late] == [[10], [11]]
+            generic, custom = log.group.run(lambda c: tuple(c.execute(plans).one()))
+            assert (generic, custom) == (8 + 1, 0)  # 8 appends, 1 late run; no custom plan
+            assert log.size() == 12
+            _check(engine, log, keys)
+    finally:
+        engine.dispose()
+
+
 def test_packed_rows_must_have_consecutive_indexes() -> None:
     """The packed INSERT gives the entries the indexes :first, :first + 1, ... (entries
     `_PG_ROWS`): rows that are not so would be stored at other indexes than meant."""
