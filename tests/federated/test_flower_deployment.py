@@ -213,7 +213,8 @@ def test_two_studies_at_once_from_one_coordinator_process(deployment: Deployment
         t.start()
     for t in threads:
         t.join(timeout=240)
-    assert {k: r.status for k, r in results.items()} == {"parallel-0": "completed", "parallel-1": "completed"}, \
+    statuses = {k: r.status for k, r in results.items()}
+    assert statuses == {"parallel-0": "completed", "parallel-1": "completed"}, \
         {k: r.reason for k, r in results.items()}
     assert results["parallel-0"].run_id != results["parallel-1"].run_id
     # at once, not one after the other: each study ended a round before the other's last round
