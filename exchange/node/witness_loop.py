@@ -33,7 +33,7 @@ class WitnessLoop:
         self.settings = settings
         self.store = store
         self.witness = NodeWitness(settings, link)
-        self.monitor = InclusionMonitor(settings, store, link, key_id)
+        self.monitor = InclusionMonitor(settings, store, link, key_id, db_guard=FORK_GUARD)
         self.stop = stop
         self._report = report
         self._on_error = on_error
@@ -46,8 +46,9 @@ class WitnessLoop:
 
     def once(self, wait_s: float = 0.0) -> None:
         """One pull (waiting up to `wait_s` for a new checkpoint), then the inclusion check.
-        What uses the node's database runs under `FORK_GUARD` (the long poll does not), so the
-        main thread never forks while this thread is inside SQLite (exchange/node/isolated.py)."""
+        What uses the node's database runs under `FORK_GUARD` (the long poll and the inclusion
+        check's requests do not), so the main thread never forks while this thread is inside
+        SQLite (exchange/node/isolated.py), nor waits for the coordinator to fork."""
         step = self.witness.step(wait_s)
         outcome = (step.outcome, step.size, step.reason)
         with FORK_GUARD:
@@ -58,8 +59,9 @@ class WitnessLoop:
                 log.debug("checkpoint_cosigned", size=step.size)
             self._last_outcome = outcome
             held = self.witness.held()
-            if held is not None:
-                self.monitor.step(held)
+        if held is not None:
+            self.monitor.step(held)  # holds FORK_GUARD around its database use only
+        with FORK_GUARD:
             self._report(witness=self.witness.status(), inclusion=inclusion_status(self.store))
 
     def run(self) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -215,15 +216,21 @@ class InclusionMonitor:
     """Checks that every entry this node signed is included in the checkpoint it cosigned."""
 
     def __init__(self, settings: NodeSettings, store: NodeStore, link: WitnessLink,
-                 key_id: str, *, clock: Callable[[], float] = time.time) -> None:
+                 key_id: str, *, clock: Callable[[], float] = time.time,
+                 db_guard: AbstractContextManager[object] | None = None) -> None:
+        """`db_guard` is held around each use of the node's database and never around a
+        request to the coordinator: the daemon passes its `FORK_GUARD`, so a forked step waits
+        for a database call to end (exchange/node/isolated.py), never for a slow page of the log."""
         self.settings = settings
         self.store = store
         self.link = link
         self.key_id = key_id
         self._clock = clock
+        self._db_guard: AbstractContextManager[object] = db_guard or nullcontext()
 
     def state(self) -> InclusionState:
-        return InclusionState.from_json(self.store.get_state(INCLUSION_STATE))
+        with self._db_guard:
+            return InclusionState.from_json(self.store.get_state(INCLUSION_STATE))
 
     def step(self, held: HeldCheckpoint) -> InclusionState:
         """Scan the log up to the held checkpoint, prove this node's new entries included in
@@ -245,8 +252,9 @@ class InclusionMonitor:
                 state.scanned = index + 1
         if state.scanned >= size and not state.failures:
             state.proven_size = size
-        state.missing = self._missing(state)
-        self.store.set_state(INCLUSION_STATE, state.to_json())
+        with self._db_guard:
+            state.missing = self._missing(state)
+            self.store.set_state(INCLUSION_STATE, state.to_json())
         return state
 
     def _prove(self, state: InclusionState, entry: Entry, index: int, size: int, root: bytes) -> None:

@@ -336,6 +336,71 @@ def test_each_hospital_proves_its_own_entries_included_and_alarms_on_a_missing_o
         store.dispose()
 
 
+class _DepthGuard:
+    """A stand-in for the daemon's FORK_GUARD that records how deep it is held."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+
+    def __enter__(self) -> None:
+        self.depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+
+
+def test_the_inclusion_check_holds_the_fork_guard_for_database_use_only(
+        served: Served, witnesses: dict[str, tuple[NodeWitness, HospitalClient]],
+        hospitals: dict[str, Signer], tmp_path: Path) -> None:
+    """A forked daemon step waits for the guard: it must wait for a database call, never for
+    a page of the log or an inclusion proof from a slow coordinator."""
+    witness, client = witnesses["w-two"]
+    settings = node_settings(tmp_path, "w-two", served.url)
+    study = served.submit()
+    entry = decision_entry(hospitals["w-two"], "w-two", study["id"], decision="approve",
+                           reasons=["policy: ok"], eligible_records=10)
+    client.submit_entry(entry, path=f"/v1/hospital/studies/{study['id']}/decision")
+    _cosign_all({"w-two": (witness, client)}, served.runtime.audit_log.size())
+    held = witness.held()
+    assert held is not None
+    guard = _DepthGuard()
+    calls: list[tuple[str, int]] = []
+
+    class Link:
+        def log_entries(self, start: int, count: int) -> dict[str, Any]:
+            calls.append(("log_entries", guard.depth))
+            return client.log_entries(start, count)
+
+        def inclusion_proof(self, index: int, size: int) -> dict[str, Any]:
+            calls.append(("inclusion_proof", guard.depth))
+            return client.inclusion_proof(index, size)
+
+    store = open_store(settings.db_url)
+    get_state, set_state = store.get_state, store.set_state
+
+    def recording_get(key: str, default: Any = None) -> Any:
+        calls.append(("get_state", guard.depth))
+        return get_state(key, default)
+
+    def recording_set(key: str, value: Any) -> None:
+        calls.append(("set_state", guard.depth))
+        set_state(key, value)
+
+    store.get_state = recording_get  # type: ignore[method-assign]
+    store.set_state = recording_set  # type: ignore[method-assign]
+    try:
+        monitor = InclusionMonitor(settings, store, Link(), hospitals["w-two"].key_id,  # type: ignore[arg-type]
+                                   db_guard=guard)
+        state = monitor.step(held)
+        assert len(state.entries) == 1
+    finally:
+        store.dispose()
+    kinds = {kind for kind, _ in calls}
+    assert {"log_entries", "inclusion_proof", "get_state", "set_state"} <= kinds
+    assert all(depth == 0 for kind, depth in calls if kind in ("log_entries", "inclusion_proof")), calls
+    assert all(depth == 1 for kind, depth in calls if kind in ("get_state", "set_state")), calls
+
+
 
 def test_the_daemon_reports_the_witness_and_its_alarm_on_health(
         served: Served, hospitals: dict[str, Signer], tmp_path: Path) -> None:

@@ -79,6 +79,19 @@ def _register(state: Any) -> tuple[int, Any, bytes]:
 @pytest.fixture
 def link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Link]:
     """A patched SuperLink app (a fresh tracker: a fresh process) with one active node."""
+    superlink_main, tracker = _patch_superlink(tmp_path, monkeypatch)
+    app = superlink_main.create_app()
+    state = app.state.linkstate_factory.state()
+    node_id, key, pk = _register(state)
+    yield Link(app, state, tracker, node_id, key, pk, tmp_path / "superlink.db")
+
+
+def _patch_superlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                     ) -> tuple[Any, flwr_internals.PendingTracker]:
+    """flwr's SuperLink module with our middleware and idle-pull patches applied as a fresh
+    process applies them (module-level patch state reset, its own database file), and the
+    idle-pull tracker. The caller builds the app (`create_app`), so that a patch applied after
+    this call (the request counter) is part of it."""
     disable_phone_home()
     import flwr.superlink.main as superlink_main
 
@@ -88,10 +101,7 @@ def link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Link]:
     monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "superlink.db"))
     flwr_internals.patch_superlink_middleware()
     tracker = flwr_internals.patch_superlink_idle_pulls(recheck_s=30.0)
-    app = superlink_main.create_app()
-    state = app.state.linkstate_factory.state()
-    node_id, key, pk = _register(state)
-    yield Link(app, state, tracker, node_id, key, pk, tmp_path / "superlink.db")
+    return superlink_main, tracker
 
 
 def _is_empty_reply(body: bytes) -> bool:
@@ -354,24 +364,13 @@ def test_the_request_counter_counts_every_request_by_path_early_answers_included
 ) -> None:
     """`patch_superlink_request_counter` (a benchmark's requests per round) sits outside every
     other layer: it counts the polls the idle shortcut answers as well as those Flower answers."""
-    disable_phone_home()
-    import flwr.superlink.main as superlink_main
-
-    monkeypatch.setattr(superlink_main, "_get_middleware", superlink_main._get_middleware)
-    monkeypatch.setattr(flwr_internals, "_pending", [])
-    monkeypatch.setattr(flwr_internals, "_pending_runs", [])
-    monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "superlink.db"))
-    flwr_internals.patch_superlink_middleware()
-    flwr_internals.patch_superlink_idle_pulls(recheck_s=30.0)
+    superlink_main, tracker = _patch_superlink(tmp_path, monkeypatch)
     counts = flwr_internals.patch_superlink_request_counter()
     app = superlink_main.create_app()
     node_id, key, pk = _register(app.state.linkstate_factory.state())
-    link = Link(app, None, _pending_tracker(), node_id, key, pk, tmp_path / "superlink.db")
+    link = Link(app, None, tracker, node_id, key, pk, tmp_path / "superlink.db")
     for _ in range(3):
         assert link.poll()[0] == 200
     assert link.counts() == (2, 1)  # one full poll, two answered early
     assert counts == {PULL: 3}
 
-
-def _pending_tracker() -> flwr_internals.PendingTracker:
-    return flwr_internals._pending[0]
