@@ -51,7 +51,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-
 from typing import TYPE_CHECKING, Any
 
 import numpy as np

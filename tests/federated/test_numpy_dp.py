@@ -84,13 +84,15 @@ def test_numpy_and_torch_engines_take_the_same_steps(name: str, momentum: float)
     ours = train_round(name, state, x, y, momentum=momentum, seed=11, engine="fast", patients=patients,
                        n_classes=n_classes, subcohort=_subcohort() if tpl.task == "survival" else None,
                        **TERMS)  # type: ignore[arg-type]
-    theirs = _torch_round(name, state, x, y, momentum=momentum, patients=patients, seed=11, n_classes=n_classes)
+    theirs = _torch_round(name, state, x, y, momentum=momentum, patients=patients, seed=11,
+                          n_classes=n_classes)
     assert ours.trained and ours.state.dtype == np.float32
     moved = np.abs(theirs - state).max()
     assert moved > 1e-2  # the steps did something, so agreeing is not trivial
     np.testing.assert_allclose(ours.state, theirs, rtol=1e-4, atol=1e-5 * max(1.0, float(moved)))
     # a different seed gives other batches and noise: the comparison above can tell them apart
-    other = _torch_round(name, state, x, y, momentum=momentum, patients=patients, seed=12, n_classes=n_classes)
+    other = _torch_round(name, state, x, y, momentum=momentum, patients=patients, seed=12,
+                         n_classes=n_classes)
     assert np.abs(other - ours.state).max() > 1e-3
     # the accounting is the mechanism's, whichever engine computed the steps
     steps = TERMS["local_steps"]

@@ -123,7 +123,8 @@ for r in (1, 2):
 import httpx, flwr.supernode.cli  # httpx without its CLI (Pygments refused), flwr's SuperNode
 print("httpx", httpx.Client.__name__, "main" in dir(httpx))
 print("loaded", sorted({{m.split('.')[0] for m in sys.modules}}
-                       & {{"pandas", "sklearn", "sksurv", "opacus", "sympy", "pygments", "pyarrow", "torch"}}))
+                       & {{"pandas", "sklearn", "sksurv", "opacus", "sympy", "pygments", "pyarrow",
+                          "torch"}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          check=False)
