@@ -14,7 +14,6 @@ the torch model's and this one's. Everything is float32, as the torch models are
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,21 +51,6 @@ def output_grad(task: str, out: np.ndarray, y: np.ndarray) -> np.ndarray:
     if task == "regression":
         return out - np.asarray(y, dtype=out.dtype).reshape(-1, 1)
     raise ValueError(f"task: no per-record output gradient for {task!r} (survival: federated.numpy_dp)")
-
-
-def per_record_loss(task: str, out: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Each record's loss (as `Template.per_sample_loss`), float64."""
-    z = np.asarray(out, dtype=np.float64)
-    if task == "multiclass":
-        shifted = z - z.max(1, keepdims=True)
-        logz = np.log(np.exp(shifted).sum(1))
-        return logz - shifted[np.arange(z.shape[0]), np.asarray(y).astype(np.int64)]
-    v, t = z.reshape(-1), np.asarray(y, dtype=np.float64).reshape(-1)
-    if task == "binary":  # log(1 + e^v) - t v, stably
-        return np.maximum(v, 0.0) - v * t + np.log1p(np.exp(-np.abs(v)))
-    if task == "regression":
-        return 0.5 * (v - t) ** 2
-    raise ValueError(f"task: no per-record loss for {task!r}")
 
 
 @dataclass
@@ -199,7 +183,3 @@ class NumpyMLP:
             out = sigmoid(out)
         return out.astype(np.float64)
 
-
-def layer_sizes(model: NumpyMLP) -> Sequence[int]:
-    """Number of values of each parameter array, in the flat layout's order."""
-    return [int(p.size) for p in model.params()]

@@ -15,7 +15,7 @@ from federated.clinical_data import SurvivalSet
 from federated.dp import _run_fast, clipped_grad_sum, run_cox
 from federated.dp_round import DPTrainingError, PatientIndex, train_round
 from federated.evaluation import patient_scores, patient_statistics
-from federated.numpy_mlp import NumpyMLP, per_record_loss
+from federated.numpy_mlp import NumpyMLP
 from federated.secure_random import SecureRandom
 from federated.survival import Subcohort
 from federated.templates import get_template, list_templates
@@ -133,7 +133,7 @@ def test_clipped_sums_and_norms_match_torch(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(list_templates()))
-def test_predictions_losses_and_hospital_scores_match_torch(name: str) -> None:
+def test_predictions_and_hospital_scores_match_torch(name: str) -> None:
     tpl = get_template(name)
     x, y = _data(tpl.task, 80)
     state, n_classes = _start(name)
@@ -142,10 +142,6 @@ def test_predictions_losses_and_hospital_scores_match_torch(name: str) -> None:
     np.testing.assert_allclose(tpl.predict(ours, x), tpl.predict(torch_model, x), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(ours.flat(), state)
     if tpl.task != "survival":
-        with torch.no_grad():
-            their_loss = tpl.per_sample_loss(torch_model(torch.from_numpy(x)), torch.from_numpy(y)).numpy()
-        np.testing.assert_allclose(per_record_loss(tpl.task, ours.forward(x), y), their_loss, rtol=1e-4,
-                                   atol=1e-5)
         patients = [f"p{i % 30}" for i in range(len(x))]
         for fn in (patient_scores, patient_statistics):
             kw = {"classes": n_classes} if fn is patient_statistics else {}
