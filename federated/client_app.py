@@ -21,7 +21,7 @@ Every train message, in this order (each step can end the round with a documente
    `max_epsilon`, else the hospital's total budget): a patient whose studies would together
    exceed it is left out (`federated.privacy_ledger`);
 6. DP-SGD on the admitted patients' records and only the study's columns, one record per sampled
-   patient per step, the update scaled by the plan's expected batch (`federated.dp.train_round`).
+   patient per step, the update scaled by the plan's expected batch (`federated.dp_round.train_round`).
    With no patient left (all revoked, over their cap) the round still takes its steps on noise
    alone: a "no data" reply would show the last revocation (docs/privacy.md, "Counts");
 7. the ledger is charged (the study's and every admitted patient's spend, before the weights

@@ -26,7 +26,10 @@ Engines:
   algebra as Opacus's grad_sample_mode="ghost"). The backward is written out by hand for
   tanh/ReLU/sigmoid/identity (closed-form loss gradient `Template.output_grad`), through autograd
   for other element-wise activations. This makes a DP step cost about what a plain autograd +
-  torch.optim step costs (docs/benchmarks/federated-dp.md has the ratio).
+  torch.optim step costs (docs/benchmarks/federated-dp.md has the ratio). What a hospital runs
+  is this engine's NumPy twin (`federated.numpy_dp`, through `federated.dp_round.train_round`),
+  so its Flower process never imports torch; the torch version here is its reference in the tests
+  and benchmarks.
 - "opacus": Opacus 1.6's GradSampleModule (hooks) and DPOptimizer with the same sampling and the
   same noise. Any nn.Module works; slower. The tests check both engines give the same clipped sum.
 
@@ -50,7 +53,7 @@ import torch
 from torch import nn
 
 from federated.clinical_data import SurvivalSet
-from federated.dp_round import (
+from federated.dp_types import (
     DPTrainingError,
     Engine,
     PatientIndex,
@@ -59,17 +62,16 @@ from federated.dp_round import (
     StepTerms,
     check_hparams,
     check_inputs,
-    train_round,
 )
 from federated.secure_random import SecureRandom
 from federated.survival import Subcohort
 from federated.templates import Template, get_template
 from federated.weights import pack, unpack
 
-#: the torch-free parts live in `federated.dp_round` (what a hospital's process imports); kept
-#: importable from here
+#: the torch-free parts live in `federated.dp_types` (and the round, `train_round`, in
+#: `federated.dp_round`: what a hospital's process imports); these stay importable from here
 __all__ = ["DPTrainingError", "Engine", "PatientIndex", "RoundResult", "Status", "StepTerms", "check_hparams",
-           "check_inputs", "train_round"]
+           "check_inputs"]
 
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.LeakyReLU, nn.ELU, nn.GELU)
 _NORM_EPS = 1e-6  # as Opacus: clip factor = clip / (norm + 1e-6), capped at 1

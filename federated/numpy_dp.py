@@ -24,7 +24,7 @@ from federated.numpy_mlp import NumpyMLP
 from federated.secure_random import SecureRandom
 
 if TYPE_CHECKING:
-    from federated.dp_round import PatientIndex, StepTerms
+    from federated.dp_types import PatientIndex, StepTerms
 
 #: as Opacus (and `federated.dp`): clip factor = clip / (norm + 1e-6), capped at 1
 NORM_EPS = 1e-6

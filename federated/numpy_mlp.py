@@ -15,14 +15,21 @@ the torch model's and this one's. Everything is float32, as the torch models are
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from federated.weights import WeightsError
 
-if TYPE_CHECKING:
-    from federated.templates import Template
+
+class Layout(Protocol):
+    """What a model is built from: a `federated.templates.Template` (not imported here: the
+    templates import this module to predict with a NumPy model)."""
+
+    @property
+    def activation(self) -> str: ...
+
+    def layer_shapes(self, n_features: int, n_classes: int | None = None) -> list[tuple[int, int, bool]]: ...
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -65,7 +72,7 @@ class NumpyMLP:
     activation: str = "tanh"
 
     @classmethod
-    def from_flat(cls, template: Template, n_features: int, flat: np.ndarray,
+    def from_flat(cls, template: Layout, n_features: int, flat: np.ndarray,
                   n_classes: int | None = None) -> NumpyMLP:
         """The model of `template` for `n_features` inputs holding `flat` (a copy). Refuses, as
         `federated.weights.unpack` does, an array that is not 1-D, has the wrong length or holds

@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from federated.data import load_federated, pooled  # noqa: E402
-from federated.dp import PatientIndex, _run_fast, initial_state, train_nonprivate, train_round  # noqa: E402
+from federated.dp import PatientIndex, _run_fast, initial_state, train_nonprivate  # noqa: E402
+from federated.dp_round import train_round  # noqa: E402
 from federated.secure_random import SecureRandom  # noqa: E402
 from federated.templates import get_template  # noqa: E402
 from federated.weights import pack, unpack  # noqa: E402
