@@ -115,8 +115,7 @@ class StepTerms:
 def check_inputs(template: Template, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Checked contiguous arrays: `x` float32 [records, features]; survival: `y` [records, 2]
     (time, event) float64 (times must order exactly); otherwise `y` float32 [records],
-    class indices for multi-class. Survival: `y` is [records, 2] (time, event), returned float64 (times must
-    order exactly); multi-class: `y` holds class indices."""
+    class indices for multi-class. A fault raises `DPTrainingError` naming the argument."""
     xa = np.asarray(x, dtype=np.float32)
     if template.task == "survival":
         ys = np.asarray(y, dtype=np.float64)
