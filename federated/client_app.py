@@ -21,7 +21,7 @@ Every train message, in this order (each step can end the round with a documente
    `max_epsilon`, else the hospital's total budget): a patient whose studies would together
    exceed it is left out (`federated.privacy_ledger`);
 6. DP-SGD on the admitted patients' records and only the study's columns, one record per sampled
-   patient per step, the update scaled by the plan's expected batch (`federated.dp.train_round`).
+   patient per step, the update scaled by the plan's expected batch (`federated.dp_round.train_round`).
    With no patient left (all revoked, over their cap) the round still takes its steps on noise
    alone: a "no data" reply would show the last revocation (docs/privacy.md, "Counts");
 7. the ledger is charged (the study's and every admitted patient's spend, before the weights
@@ -52,7 +52,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -60,8 +59,9 @@ from audit.reward_commitment import DEFAULT_SIZE, Commitment, commit, padded_siz
 from federated import distributed_noise, eval_stats
 from federated.accounting import AccountantName, AccountingError, DPPlan, plan_patients, plan_study
 from federated.data import HospitalData, target_fits
-from federated.dp import PatientIndex, RoundResult, train_round
+from federated.dp_round import PatientIndex, RoundResult, train_round
 from federated.evaluation import Release, noised_release, patient_scores, patient_statistics
+from federated.numpy_mlp import NumpyMLP
 from federated.privacy_ledger import BudgetExceededError, DecisionCount, LedgerError
 from federated.receipts import Receipt, make_receipt
 from federated.reward_openings import store as store_openings
@@ -84,7 +84,6 @@ from federated.server_app import (
 )
 from federated.study_spec import StudySpec
 from federated.templates import get_template
-from federated.weights import unpack
 
 log = logging.getLogger("federated.client")
 
@@ -487,12 +486,12 @@ def _train_distributed(spec: StudySpec, template: Any, global_weights: np.ndarra
     integer vector (clipped per-patient gradients plus its Skellam share, modulo the SecAgg range),
     encoded for secaggplus_mod, in place of the new weights."""
     noise = _noise(spec, len(global_weights))
-    model = unpack(template.build(len(spec.columns), 0, spec.classes), global_weights)
+    model = NumpyMLP.from_flat(template, len(spec.columns), global_weights, spec.classes)
     rng = SecureRandom()
     index = PatientIndex.build(len(x), pseudonyms)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    yt = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32).reshape(-1))
-    vector = distributed_noise.hospital_vector(model, template, xt, yt, patients=index.sample(1.0, rng),
+    xa = np.ascontiguousarray(x, dtype=np.float32)
+    ya = np.ascontiguousarray(targets, dtype=np.float32).reshape(-1)
+    vector = distributed_noise.hospital_vector(model, template, xa, ya, patients=index.sample(1.0, rng),
                                                noise=noise, rng=rng)
     metrics = {distributed_noise.INTEGER_METRIC: 1.0, **noise.guarantees(rounds_done)}
     return RoundResult(status="trained", state=distributed_noise.encode(vector), num_examples=len(x), steps=1,
@@ -541,7 +540,7 @@ def evaluate_hospital(site: Site, spec: StudySpec, global_weights: np.ndarray, s
     used = admitted.select_columns(spec.columns)
     # no hold-out patient left: the release is noise alone, charged as any other (no "no data")
     targets = _targets(spec, admitted)
-    model = unpack(template.build(len(spec.columns), 0, spec.classes), global_weights)
+    model = NumpyMLP.from_flat(template, len(spec.columns), global_weights, spec.classes)
     scores = patient_scores(template, model, used.x, targets, used.pseudonyms, columns=spec.columns)
     try:
         stats = patient_statistics(template, model, used.x, targets, used.pseudonyms, columns=spec.columns,

@@ -51,15 +51,20 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from federated.accounting import AccountingError, DPPlan, calibrate, max_delta
 from federated.secure_random import SecureRandom
 from federated.study_spec import StudySpec
 from federated.templates import Template, get_template
+
+if TYPE_CHECKING:  # a hospital computes its vector with NumPy (`federated.numpy_mlp`), without torch
+    import torch
+    from torch import nn
+
+    from federated.numpy_mlp import NumpyMLP
 
 #: integer units per clip norm: a patient's clipped gradient has integer L2 norm <= SCALE
 SCALE = 1024
@@ -281,45 +286,43 @@ def conditional_round(rows: np.ndarray, bound: float, rng: SecureRandom) -> np.n
 # -- the hospital's and the server's steps ---------------------------------------------------------
 
 
-def per_record_grads(model: nn.Sequential, template: Template, xb: torch.Tensor,
-                     yb: torch.Tensor) -> torch.Tensor:
+def per_record_grads(model: NumpyMLP, template: Template, xb: np.ndarray, yb: np.ndarray) -> np.ndarray:
     """Per-record gradients [records, weights] in `pack` order (weight then bias per Linear),
-    from the same hand-written backward as the DP-SGD fast engine (`federated.dp`)."""
-    from federated.dp import _DERIVATIVES, _backprop_autograd, _backprop_manual
-
-    linears = [m for m in model if isinstance(m, nn.Linear)]
-    if all(isinstance(m, nn.Linear) or type(m) in _DERIVATIVES for m in model):
-        acts, grads_out = _backprop_manual(model, template, xb, yb)
-    else:
-        acts, grads_out = _backprop_autograd(model, template, xb, yb)
-    parts: list[torch.Tensor] = []
-    for a, g, m in zip(acts, grads_out, linears, strict=True):
+    from the same backward as the DP-SGD fast engine (`federated.numpy_mlp.NumpyMLP.backprop`)."""
+    acts, grads_out = model.backprop(template.task, xb, yb)
+    parts: list[np.ndarray] = []
+    for a, g, b in zip(acts, grads_out, model.biases, strict=True):
         parts.append((g[:, :, None] * a[:, None, :]).reshape(g.shape[0], -1))
-        if m.bias is not None:
+        if b is not None:
             parts.append(g)
-    return torch.cat(parts, 1)
+    return np.concatenate(parts, 1)
 
 
-def hospital_vector(model: nn.Module, template: Template, x: torch.Tensor, y: torch.Tensor, *,
-                    patients: np.ndarray, noise: DistributedNoise, rng: SecureRandom,
-                    chunk: int = 256) -> np.ndarray:
+def hospital_vector(model: NumpyMLP | nn.Module | Any, template: Template, x: np.ndarray | torch.Tensor,
+                    y: np.ndarray | torch.Tensor, *, patients: np.ndarray, noise: DistributedNoise,
+                    rng: SecureRandom, chunk: int = 256) -> np.ndarray:
     """Step 1-3 of the module docstring: the hospital's integer vector modulo `MODULUS`, in
-    [0, MODULUS). `patients` are the record indices, one per admitted patient."""
-    from federated.dp import fast_path_supported
+    [0, MODULUS). `patients` are the record indices, one per admitted patient. `model`: the
+    NumPy model (a torch `nn.Sequential` of the template is converted)."""
+    from federated.numpy_mlp import NumpyMLP
 
-    if not isinstance(model, nn.Sequential) or not fast_path_supported(model):
-        raise DistributedNoiseError("template: distributed noise needs a Sequential of Linear layers and "
-                                    "element-wise activations")
+    if not isinstance(model, NumpyMLP):
+        try:
+            model = NumpyMLP.from_torch(model, template.activation)
+        except (TypeError, ValueError):
+            raise DistributedNoiseError("template: distributed noise needs a Sequential of Linear layers and "
+                                        "tanh or ReLU") from None
+    xa = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+    ya = np.ascontiguousarray(np.asarray(y), dtype=np.float32).reshape(-1)
     clip, scale = noise.clip, noise.scale
     total = np.zeros(noise.dim, dtype=np.int64)
-    with torch.no_grad():
-        for start in range(0, patients.shape[0], chunk):
-            idx = torch.from_numpy(patients[start:start + chunk])
-            grads = per_record_grads(model, template, x[idx], y[idx]).to(torch.float64).numpy()
-            norms = np.linalg.norm(grads, axis=1)
-            grads *= np.minimum(1.0, clip / (norms + 1e-6))[:, None]
-            rows = np.concatenate([grads, np.full((grads.shape[0], 1), COUNT_SHARE * clip)], 1) * scale
-            total += conditional_round(rows, noise.l2, rng).sum(0)
+    for start in range(0, patients.shape[0], chunk):
+        idx = patients[start:start + chunk]
+        grads = per_record_grads(model, template, xa[idx], ya[idx]).astype(np.float64)
+        norms = np.linalg.norm(grads, axis=1)
+        grads *= np.minimum(1.0, clip / (norms + 1e-6))[:, None]
+        rows = np.concatenate([grads, np.full((grads.shape[0], 1), COUNT_SHARE * clip)], 1) * scale
+        total += conditional_round(rows, noise.l2, rng).sum(0)
     total += skellam(rng, noise.dim, noise.share_variance)
     return np.mod(total, MODULUS)
 

@@ -26,7 +26,10 @@ Engines:
   algebra as Opacus's grad_sample_mode="ghost"). The backward is written out by hand for
   tanh/ReLU/sigmoid/identity (closed-form loss gradient `Template.output_grad`), through autograd
   for other element-wise activations. This makes a DP step cost about what a plain autograd +
-  torch.optim step costs (docs/benchmarks/federated-dp.md has the ratio).
+  torch.optim step costs (docs/benchmarks/federated-dp.md has the ratio). What a hospital runs
+  is this engine's NumPy twin (`federated.numpy_dp`, through `federated.dp_round.train_round`),
+  so its Flower process never imports torch; the torch version here is its reference in the tests
+  and benchmarks.
 - "opacus": Opacus 1.6's GradSampleModule (hooks) and DPOptimizer with the same sampling and the
   same noise. Any nn.Module works; slower. The tests check both engines give the same clipped sum.
 
@@ -39,64 +42,39 @@ own generators are never used for sampling or noise.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from federated.accounting import AccountantName, epsilon_spent
 from federated.clinical_data import SurvivalSet
+from federated.dp_types import (
+    DPTrainingError,
+    Engine,
+    PatientIndex,
+    RoundResult,
+    Status,
+    StepTerms,
+    check_hparams,
+    check_inputs,
+)
 from federated.secure_random import SecureRandom
 from federated.survival import Subcohort
 from federated.templates import Template, get_template
 from federated.weights import pack, unpack
 
-Engine = Literal["fast", "opacus"]
-Status = Literal["trained", "no_eligible_records"]
+#: the torch-free parts live in `federated.dp_types` (and the round, `train_round`, in
+#: `federated.dp_round`: what a hospital's process imports); these stay importable from here
+__all__ = ["DPTrainingError", "Engine", "PatientIndex", "RoundResult", "Status", "StepTerms", "check_hparams",
+           "check_inputs"]
+
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.LeakyReLU, nn.ELU, nn.GELU)
 _NORM_EPS = 1e-6  # as Opacus: clip factor = clip / (norm + 1e-6), capped at 1
-
-
-class DPTrainingError(ValueError):
-    """Training inputs are not acceptable (shapes, values, hyper-parameters)."""
-
-
-@dataclass(frozen=True)
-class RoundResult:
-    """What a hospital's round produced.
-
-    status "trained": `state` is the new flat weight array. `num_examples` counts the records
-    the round could draw from, `num_patients` the patients they belong to (the accounting unit).
-    status "no_eligible_records": no record
-    was eligible; `state` is the incoming state unchanged, `steps` is 0, no privacy was spent
-    (`epsilon` is the study's spend so far, from `prior_steps`) and `reason` says why. The
-    ClientApp reports that status rather than weights, and the server aggregates without it.
-
-    `metrics` holds only values that are not computed from the records beyond what the receipt
-    already discloses (counts, steps, privacy parameters): a training loss on private data would be
-    a release outside the DP guarantee.
-    """
-
-    status: Status
-    state: np.ndarray
-    num_examples: int
-    steps: int
-    epsilon: float
-    metrics: dict[str, float] = field(default_factory=dict)
-    reason: str | None = None
-    num_patients: int = 0
-
-    @property
-    def trained(self) -> bool:
-        return self.status == "trained"
 
 
 def initial_state(template: Template | str, n_features: int, seed: int = 0,
@@ -200,101 +178,6 @@ def make_generator(seed: int | None) -> torch.Generator:
     return gen
 
 
-@dataclass(frozen=True)
-class PatientIndex:
-    """Records grouped by patient, for patient-level Poisson sampling.
-
-    `order` lists record indices patient by patient; patient j's records are
-    `order[offsets[j]:offsets[j] + counts[j]]`. Built once per round (np.unique on the keys)."""
-
-    order: np.ndarray
-    offsets: np.ndarray
-    counts: np.ndarray
-    singletons: bool
-
-    @property
-    def n_patients(self) -> int:
-        return int(self.counts.shape[0])
-
-    @classmethod
-    def build(cls, n_records: int, patients: Sequence[str] | np.ndarray | None) -> PatientIndex:
-        """`patients[i]` is the patient (pseudonym) of record i; None: one patient per record."""
-        if patients is None:
-            idx = np.arange(n_records, dtype=np.int64)
-            return cls(idx, idx, np.ones(n_records, dtype=np.int64), True)
-        keys = np.asarray(patients)
-        if keys.shape != (n_records,):
-            raise DPTrainingError(f"patients: {keys.shape[0] if keys.ndim else 0} patient keys for "
-                                  f"{n_records} records")
-        _uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-        order = np.argsort(inverse, kind="stable").astype(np.int64)
-        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        return cls(order, offsets, counts.astype(np.int64), bool(np.all(counts == 1)))
-
-    def sample(self, sample_rate: float, rng: SecureRandom) -> np.ndarray:
-        """Record indices of one step's batch: each patient with probability `sample_rate`
-        (every patient when it is 1), then one of the sampled patient's records, uniformly."""
-        n = self.n_patients
-        chosen = (np.arange(n) if sample_rate >= 1.0
-                  else np.flatnonzero(rng.uniform(n) < sample_rate))
-        if self.singletons or chosen.shape[0] == 0:
-            return self.order[self.offsets[chosen]]
-        pick = np.minimum((rng.uniform(chosen.shape[0]) * self.counts[chosen]).astype(np.int64),
-                          self.counts[chosen] - 1)
-        return self.order[self.offsets[chosen] + pick]
-
-
-def _as_arrays(template: Template, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checked tensors. Survival: `y` is [records, 2] (time, event), returned float64 (times must
-    order exactly); multi-class: `y` holds class indices."""
-    xa = np.asarray(x, dtype=np.float32)
-    if template.task == "survival":
-        ys = np.asarray(y, dtype=np.float64)
-        if ys.ndim != 2 or ys.shape[1] != 2:
-            raise DPTrainingError(f"y: a survival template needs [records, 2] (time, event), got {ys.shape}")
-        from federated.survival import SurvivalError, check_outcome
-
-        try:
-            check_outcome(ys[:, 0], ys[:, 1])
-        except SurvivalError as exc:
-            raise DPTrainingError(f"y: {exc}") from None
-        if xa.ndim != 2 or xa.shape[0] != ys.shape[0] or not np.all(np.isfinite(xa)):
-            raise DPTrainingError(f"x: must be finite, [records, features] for {ys.shape[0]} records")
-        return torch.from_numpy(np.ascontiguousarray(xa)), torch.from_numpy(np.ascontiguousarray(ys))
-    ya = np.asarray(y, dtype=np.float32).reshape(-1)
-    if xa.ndim != 2:
-        raise DPTrainingError(f"x: must be 2-D (records x features), got shape {xa.shape}")
-    if xa.shape[1] < 1:
-        raise DPTrainingError("x: has no feature columns")
-    if xa.shape[0] != ya.shape[0]:
-        raise DPTrainingError(f"y: {ya.shape[0]} targets for {xa.shape[0]} records")
-    if not (np.all(np.isfinite(xa)) and np.all(np.isfinite(ya))):
-        raise DPTrainingError("x, y: hold NaN or infinite values")
-    if template.task == "binary" and not np.all((ya == 0) | (ya == 1)):
-        raise DPTrainingError("y: a binary template needs targets 0 or 1")
-    if template.task == "multiclass" and not np.all((ya >= 0) & (ya == np.floor(ya))):
-        raise DPTrainingError("y: a multi-class template needs class indices 0, 1, 2, ...")
-    return torch.from_numpy(np.ascontiguousarray(xa)), torch.from_numpy(np.ascontiguousarray(ya))
-
-
-def _check_hparams(noise_multiplier: float, sample_rate: float, local_steps: int, *, clip: float,
-                   lr: float, momentum: float, prior_steps: int) -> None:
-    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-        raise DPTrainingError(f"noise_multiplier: must be finite and >= 0, got {noise_multiplier}")
-    if not 0.0 < sample_rate <= 1.0:
-        raise DPTrainingError(f"sample_rate: must be in (0, 1], got {sample_rate}")
-    if not isinstance(local_steps, int) or isinstance(local_steps, bool) or local_steps < 1:
-        raise DPTrainingError(f"local_steps: must be a positive integer, got {local_steps!r}")
-    if not (math.isfinite(clip) and clip > 0):
-        raise DPTrainingError(f"clip: must be positive, got {clip}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise DPTrainingError(f"lr: must be positive, got {lr}")
-    if not 0.0 <= momentum < 1.0:
-        raise DPTrainingError(f"momentum: must be in [0, 1), got {momentum}")
-    if not isinstance(prior_steps, int) or prior_steps < 0:
-        raise DPTrainingError(f"prior_steps: must be a non-negative integer, got {prior_steps!r}")
-
-
 def fast_path_supported(model: nn.Module) -> bool:
     """True when `model` is a Sequential of Linear layers and element-wise activations."""
     return isinstance(model, nn.Sequential) and all(
@@ -390,81 +273,31 @@ def _backprop_autograd(model: nn.Sequential, template: Template, xb: torch.Tenso
     return inputs, list(grads)
 
 
-def train_round(template: Template | str, state: np.ndarray, x: np.ndarray, y: np.ndarray, *,
-                noise_multiplier: float, sample_rate: float, local_steps: int, clip: float,
-                lr: float, delta: float, prior_steps: int = 0, momentum: float = 0.0,
-                seed: int | None = None, engine: Engine = "fast",
-                accountant: AccountantName = "prv",
-                patients: Sequence[str] | np.ndarray | None = None, n_classes: int | None = None,
-                subcohort: SurvivalSet | None = None, plan_patients: int | None = None) -> RoundResult:
-    """One round of DP-SGD at one hospital, from the global `state` on records (x, y).
 
-    `patients[i]` names the patient of record i (None: every record is its own patient); the
-    sampling, the sample rate and the guarantee are per patient (module docstring).
-    `prior_steps` is the number of DP-SGD steps this hospital already took in this study (with
-    the same noise multiplier and sample rate), so `epsilon` in the result is the study's
-    cumulative spend here after this round, per patient: the accountant's epsilon for
-    prior_steps + local_steps steps. x and y must already be the consent-gated records and
-    consented columns. Multi-class: `n_classes`, `y` class indices. Survival: `y` is [records, 2]
-    (time, event) and `subcohort` the PUBLIC subcohort whose at-risk members form each patient's
-    risk set (`federated.survival`).
+def _as_arrays(template: Template, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """`federated.dp_round.check_inputs`, as tensors."""
+    xa, ya = check_inputs(template, x, y)
+    return torch.from_numpy(xa), torch.from_numpy(ya)
 
-    `plan_patients`: the patient count the study's plan was sized for (from the hospital's
-    noised decision count, `federated.accounting.plan_patients`). The noised gradient sum is
-    then divided by q x plan_patients (the plan's expected batch, a released value) instead of
-    q x the real patients, so the update's scale reveals no exact count, and a round with no
-    patient left still takes its steps (noise alone) instead of reporting "no data", so a
-    revocation of the last patient is not visible either (docs/privacy.md, "Counts").
-    """
-    tpl = get_template(template) if isinstance(template, str) else template
-    if tpl.task == "survival" and subcohort is None:
-        raise DPTrainingError("subcohort: a survival template needs the public subcohort")
-    _check_hparams(noise_multiplier, sample_rate, local_steps, clip=clip, lr=lr, momentum=momentum,
-                   prior_steps=prior_steps)
-    xt, yt = _as_arrays(tpl, x, y)
-    n, d = xt.shape
-    index = PatientIndex.build(n, patients)
-    model = tpl.build(d, 0, n_classes)
-    unpack(model, state)
-    if tpl.task == "multiclass" and n and int(yt.max()) >= (n_classes or 0):
-        raise DPTrainingError(f"y: class index {int(yt.max())} is not below n_classes={n_classes}")
-    if plan_patients is not None and (isinstance(plan_patients, bool) or not isinstance(plan_patients, int)
-                                      or plan_patients < 1):
-        raise DPTrainingError(f"plan_patients: must be a positive integer, got {plan_patients!r}")
-    expected_batch = sample_rate * (index.n_patients if plan_patients is None else plan_patients)
-    if n == 0 and plan_patients is None:
-        eps = epsilon_spent(noise_multiplier, sample_rate, prior_steps, delta, accountant)
-        return RoundResult(status="no_eligible_records", state=np.asarray(state, dtype=np.float32).copy(),
-                           num_examples=0, steps=0, epsilon=eps,
-                           metrics={"num_examples": 0.0, "steps": 0.0, "epsilon": eps},
-                           reason="no eligible records: no record at this hospital is consented "
-                                  "for this study")
-    rng = SecureRandom(seed)
+
+def run_opacus(tpl: Template, state: np.ndarray, x: np.ndarray, y: np.ndarray, *, n_classes: int | None,
+               subcohort: SurvivalSet | None, index: PatientIndex, rng: SecureRandom,
+               terms: StepTerms) -> np.ndarray:
+    """`train_round`'s "opacus" engine: the round's steps with Opacus's per-sample gradients on a
+    torch model holding `state` (checked arrays from `check_inputs`); the new flat state."""
+    model = unpack(tpl.build(x.shape[1], 0, n_classes), state)
+    assert isinstance(model, nn.Sequential)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     if tpl.task == "survival":
         assert subcohort is not None
-        if engine not in ("fast", "opacus"):
-            raise DPTrainingError(f"engine: must be 'fast' or 'opacus', got {engine!r}")
-        run_cox(model, xt, yt, Subcohort.from_set(subcohort), index=index, rng=rng, sigma=noise_multiplier,
-                q=sample_rate, steps=local_steps, clip=clip, lr=lr, momentum=momentum, engine=engine,
-                expected_batch=expected_batch)
-    elif engine == "fast":
-        if not fast_path_supported(model):
-            raise DPTrainingError("engine: 'fast' needs a Sequential of Linear layers and "
-                                  "element-wise activations; use engine='opacus'")
-        _run_fast(model, tpl, xt, yt, index=index, rng=rng, sigma=noise_multiplier, q=sample_rate,
-                  steps=local_steps, clip=clip, lr=lr, momentum=momentum, expected_batch=expected_batch)
-    elif engine == "opacus":
-        _run_opacus(model, tpl, xt, yt, index=index, rng=rng, sigma=noise_multiplier, q=sample_rate,
-                    steps=local_steps, clip=clip, lr=lr, momentum=momentum, expected_batch=expected_batch)
+        run_cox(model, xt, yt, Subcohort.from_set(subcohort), index=index, rng=rng, sigma=terms.sigma,
+                q=terms.q, steps=terms.steps, clip=terms.clip, lr=terms.lr, momentum=terms.momentum,
+                engine="opacus", expected_batch=terms.expected_batch)
     else:
-        raise DPTrainingError(f"engine: must be 'fast' or 'opacus', got {engine!r}")
-    eps = epsilon_spent(noise_multiplier, sample_rate, prior_steps + local_steps, delta, accountant)
-    return RoundResult(
-        status="trained", state=pack(model), num_examples=int(n), steps=local_steps, epsilon=eps,
-        num_patients=index.n_patients,
-        metrics={"num_examples": float(n), "num_patients": float(index.n_patients),
-                 "steps": float(local_steps), "epsilon": eps,
-                 "noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate)})
+        _run_opacus(model, tpl, xt, yt, index=index, rng=rng, sigma=terms.sigma, q=terms.q,
+                    steps=terms.steps, clip=terms.clip, lr=terms.lr, momentum=terms.momentum,
+                    expected_batch=terms.expected_batch)
+    return pack(model)
 
 
 def step_noise(rng: SecureRandom, params: Sequence[torch.Tensor], std: float) -> list[torch.Tensor]:

@@ -40,13 +40,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch import nn
 
 from federated import eval_stats
 from federated.secure_random import SecureRandom
 from federated.templates import Template
+
+if TYPE_CHECKING:  # a hospital scores a `federated.numpy_mlp.NumpyMLP`, without torch
+    from torch import nn
 
 #: L2 sensitivity of (count, score) to one patient.
 SENSITIVITY = math.sqrt(2.0)
@@ -76,7 +79,7 @@ class Release:
         return out
 
 
-def patient_scores(template: Template, model: nn.Module, x: np.ndarray, y: np.ndarray,
+def patient_scores(template: Template, model: nn.Module | Any, x: np.ndarray, y: np.ndarray,
                    patients: Sequence[str], *, columns: Sequence[str] = ()) -> np.ndarray:
     """Each patient's score in [0, 1] (module docstring), one per distinct patient. Survival:
     `y` is [records, 2] (time, event) and `columns` name the model inputs (they select the
@@ -112,7 +115,7 @@ def sensitivity(blocks: int) -> float:
     return math.sqrt(2.0 + blocks)
 
 
-def patient_statistics(template: Template, model: nn.Module, x: np.ndarray, y: np.ndarray,
+def patient_statistics(template: Template, model: nn.Module | Any, x: np.ndarray, y: np.ndarray,
                        patients: Sequence[str], *, columns: Sequence[str] = (),
                        classes: int | None = None) -> np.ndarray:
     """Each patient's statistics row (`federated.eval_stats`), one per distinct patient in the

@@ -43,11 +43,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from federated.clinical_data import SurvivalSet
+
+if TYPE_CHECKING:  # the torch twins below import it; a hospital's process trains and scores with
+    # NumPy (`federated.numpy_dp`, `anchored_concordance`) and never loads it
+    import torch
 
 
 class SurvivalError(ValueError):
@@ -77,6 +81,8 @@ class Subcohort:
 
     @classmethod
     def from_set(cls, ref: SurvivalSet) -> Subcohort:
+        import torch
+
         if len(ref) == 0:
             raise SurvivalError("reference: the public subcohort is empty")
         order = np.argsort(ref.time, kind="stable")
@@ -87,6 +93,8 @@ class Subcohort:
 def _risk_terms(beta: torch.Tensor, sub: Subcohort, x: torch.Tensor, t: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each patient: log-denominator, weighted risk-set mean (incl. the patient), eta."""
+    import torch
+
     eta = x @ beta
     eta_s = sub.x @ beta
     c = torch.maximum(eta_s.max(), eta.max()).detach()
@@ -123,6 +131,8 @@ def loss_from_outputs(eta: torch.Tensor, eta_sub: torch.Tensor, t: torch.Tensor,
     """l_i from model outputs for patient i (`eta`, [batch]) and for every subcohort member as
     seen by that patient (`eta_sub`, [batch, m]): lets Opacus's hooks compute per-patient
     gradients of the same loss (the model sees input [batch, 1 + m, d])."""
+    import torch
+
     at_risk = sub_time[None, :] >= t[:, None].to(sub_time.dtype)
     masked = torch.where(at_risk, eta_sub, torch.full_like(eta_sub, -torch.inf))
     logden = torch.logsumexp(torch.cat([eta[:, None], masked], 1), 1)

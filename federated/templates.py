@@ -16,19 +16,20 @@ DP-SGD hyper-parameters (see docs/federated-dp.md for how they were chosen).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
-from torch import nn
+
+if TYPE_CHECKING:  # torch is imported where a torch model is built or used, not at import:
+    # a hospital's Flower process trains with NumPy (`federated.numpy_mlp`) and never loads it
+    import torch
+    from torch import nn
 
 Task = Literal["binary", "regression", "multiclass", "survival"]
 TASKS: tuple[str, ...] = ("binary", "regression", "multiclass", "survival")
 Activation = Literal["relu", "tanh"]
-
-_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
 class TemplateError(ValueError):
@@ -61,17 +62,35 @@ class Template:
     defaults: TrainingDefaults = field(default_factory=TrainingDefaults)
 
     # -- model -----------------------------------------------------------------------------
-    def build(self, n_features: int, seed: int = 0, n_classes: int | None = None) -> nn.Sequential:
-        """A fresh model for `n_features` inputs, initialised deterministically from `seed`
-        (its own torch.Generator: the global RNG is neither read nor changed, so two hospitals
-        or two runs building the same template with the same seed get identical weights).
-        A multi-class template needs `n_classes` (>= 2): its output has one logit per class."""
+    def layer_shapes(self, n_features: int, n_classes: int | None = None
+                     ) -> list[tuple[int, int, bool]]:
+        """(inputs, outputs, has bias) of each Linear layer, in order: the layout of the flat
+        weight array (`federated.weights.pack`: weight then bias, layer by layer), known without
+        building a torch model. Checks the arguments as `build` does."""
         if not isinstance(n_features, int) or isinstance(n_features, bool) or n_features < 1:
             raise TemplateError(f"n_features: must be a positive integer, got {n_features!r}")
         if self.task == "multiclass" and (not isinstance(n_classes, int) or isinstance(n_classes, bool)
                                           or n_classes < 2):
             raise TemplateError(f"n_classes: a multi-class template needs at least 2 classes, "
                                 f"got {n_classes!r}")
+        if self.task == "survival":
+            return [(n_features, 1, False)]  # no intercept: the baseline hazard absorbs it
+        shapes: list[tuple[int, int, bool]] = []
+        width = n_features
+        for h in self.hidden:
+            shapes.append((width, h, True))
+            width = h
+        shapes.append((width, n_classes if self.task == "multiclass" and n_classes else 1, True))
+        return shapes
+
+    def build(self, n_features: int, seed: int = 0, n_classes: int | None = None) -> nn.Sequential:
+        """A fresh model for `n_features` inputs, initialised deterministically from `seed`
+        (its own torch.Generator: the global RNG is neither read nor changed, so two hospitals
+        or two runs building the same template with the same seed get identical weights).
+        A multi-class template needs `n_classes` (>= 2): its output has one logit per class."""
+        import torch
+
+        self.layer_shapes(n_features, n_classes)  # the argument checks
         # nn.Linear's constructor draws a default init from the global RNG; fork it so that
         # building a model never changes the caller's random state (weights come from `gen`).
         with torch.random.fork_rng(devices=[]):
@@ -79,6 +98,10 @@ class Template:
                                n_classes if self.task == "multiclass" and n_classes else 1)
 
     def _build(self, n_features: int, gen: torch.Generator, n_out: int = 1) -> nn.Sequential:
+        import torch
+        from torch import nn
+
+        activations: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
         if self.task == "survival":
             # A Cox model has no intercept: the baseline hazard absorbs it (a bias would only
             # collect noise, its gradient is identically zero).
@@ -90,7 +113,7 @@ class Template:
         width = n_features
         for h in self.hidden:
             layers.append(_init_linear(nn.Linear(width, h), gen))
-            layers.append(_ACTIVATIONS[self.activation]())
+            layers.append(activations[self.activation]())
             width = h
         out = nn.Linear(width, n_out)
         if self.hidden:
@@ -110,6 +133,8 @@ class Template:
         DP-SGD needs per-record losses; the mean of these is the ordinary training loss.
         Multi-class: `output` is [batch, classes] and `y` the class index. Survival: the loss of
         a patient depends on a risk set (`federated.survival`), not on one output."""
+        from torch import nn
+
         if self.task == "multiclass":
             return nn.functional.cross_entropy(output, y.long(), reduction="none")
         if self.task == "survival":
@@ -125,6 +150,9 @@ class Template:
         sigmoid(out) - y for logistic loss, out - y for half squared error. Lets DP-SGD skip
         autograd for these small models (tests check it against autograd and Opacus).
         Multi-class: softmax(out) - onehot(y), shape [batch, classes]."""
+        import torch
+        from torch import nn
+
         if self.task == "multiclass":
             onehot = nn.functional.one_hot(y.long(), output.shape[1]).to(output.dtype)
             return torch.softmax(output, 1) - onehot
@@ -140,9 +168,16 @@ class Template:
         return self.per_sample_loss(output, y).mean()
 
     # -- metrics ---------------------------------------------------------------------------
-    def predict(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
+    def predict(self, model: nn.Module | Any, x: np.ndarray) -> np.ndarray:
         """Model outputs for `x`: probabilities of class 1 (binary), predictions (regression),
-        the predicted class index (multi-class) or the risk score x.beta (survival)."""
+        the predicted class index (multi-class) or the risk score x.beta (survival). `model` is a
+        torch model or a `federated.numpy_mlp.NumpyMLP` (a hospital's, without torch)."""
+        from federated.numpy_mlp import NumpyMLP
+
+        if isinstance(model, NumpyMLP):
+            return model.predict(self.task, x)
+        import torch
+
         with torch.no_grad():
             raw = model(torch.as_tensor(np.asarray(x, dtype=np.float32)))
             if self.task == "multiclass":
@@ -172,6 +207,8 @@ class Template:
         n = int(y.shape[0])
         if n == 0:
             return {"num_examples": 0.0}
+        import torch
+
         with torch.no_grad():
             out = model(torch.from_numpy(x))
             loss = float(self.loss(out, torch.from_numpy(y)))
@@ -220,6 +257,8 @@ class Template:
 
 def _init_linear(layer: nn.Linear, gen: torch.Generator) -> nn.Linear:
     """PyTorch's default Linear init (uniform in +-1/sqrt(fan_in)) drawn from `gen`."""
+    import torch
+
     bound = 1.0 / math.sqrt(layer.in_features)
     with torch.no_grad():
         layer.weight.uniform_(-bound, bound, generator=gen)

@@ -13,11 +13,13 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
-from torch import nn
+
+if TYPE_CHECKING:  # imported where used: fedavg and the flat arrays need no torch (the server's
+    # aggregation), and a hospital's model is NumPy's (`federated.numpy_mlp`)
+    from torch import nn
 
 METADATA_KEY = "exchange"
 
@@ -34,6 +36,8 @@ def num_params(model: nn.Module) -> int:
 def pack(model: nn.Module) -> np.ndarray:
     """All of `model`'s state (parameters, then nothing else: templates have no buffers) as one
     contiguous float32 vector, in `state_dict()` order. A copy: later training does not alter it."""
+    import torch
+
     tensors = [t.detach().reshape(-1).to(torch.float32) for t in model.state_dict().values()]
     if not tensors:
         return np.zeros(0, dtype=np.float32)
@@ -54,6 +58,8 @@ def unpack(model: nn.Module, flat: np.ndarray) -> nn.Module:
         raise WeightsError(f"weights: expected {expected} values for this model, got {arr.shape[0]}")
     if not np.all(np.isfinite(arr)):
         raise WeightsError("weights: array holds NaN or infinite values")
+    import torch
+
     src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     state = model.state_dict()
     offset = 0
@@ -109,6 +115,8 @@ def save_safetensors(model: nn.Module, path: str | Path,
     The file is written to a temporary name, fsynced and renamed, so a crash never leaves a
     half-written model under the final name.
     """
+    from safetensors.torch import save_file
+
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}

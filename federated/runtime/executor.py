@@ -3,7 +3,8 @@
 Out of the box a SuperNode starts a new `flwr-clientapp` interpreter for every message, which
 imports torch and reloads data each time (docs/benchmarks/flower.md). This executor is a
 long-lived process that takes ClientApp tasks from the SuperNode's runtime API and runs them in
-this process, torch imported once.
+this process, its libraries imported once (no torch: the hospital trains with NumPy,
+`federated.numpy_dp`).
 
 What it runs: always this node's own installed `federated.client_app:app`, never code from the
 FAB the run brings: no researcher code runs inside a hospital. A FAB whose declared clientapp is
@@ -144,7 +145,7 @@ class WarmExecutor:
         self.approvals_watch_s = approvals_watch_s
         if pull_backoff is not None:
             flwr_internals.patch_clientapp_pull_backoff(pull_backoff)
-        # Import the ClientApp (and with it torch, our training code) once, up front.
+        # Import the ClientApp (our training code) once, up front.
         self._client_app = flwr_internals.load_client_app(self.expected_ref)
 
     def stop(self) -> None:
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pull-backoff", type=float,
                         default=float(os.environ.get("EXCHANGE_PULL_BACKOFF", "0.02")))
     args = parser.parse_args(argv)
-    limit_threads()  # before torch is imported (WarmExecutor)
+    limit_threads()  # before NumPy's BLAS (or torch) starts its thread pool (WarmExecutor)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
     executor = WarmExecutor(args.runtime_api_address, poll=args.poll, pull_backoff=args.pull_backoff,

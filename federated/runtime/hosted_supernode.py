@@ -12,7 +12,8 @@ executor and all, so the node's supervisor restarts both together and still read
 code from the log) and the executor (`federated.runtime.executor.WarmExecutor`) takes ClientApp
 tasks from the SuperNode's runtime API over loopback HTTP as before, on a daemon thread.
 
-Order: the ClientApp (torch, our training code) is imported, the rest of a first round's
+Order: the ClientApp (our training code: NumPy's DP-SGD engine, `federated.numpy_dp`; torch is
+not imported here unless a round asks for the "opacus" engine) is imported, the rest of a first round's
 warm-up done (`executor.prewarm`: the privacy accountants, this site's records and verified
 consent contracts) and the executor thread started BEFORE the SuperNode connects to the
 SuperLink, so a run's first message waits for none of it; the ready line

@@ -23,7 +23,8 @@ import torch
 
 from federated.accounting import compose_epsilon, epsilon_spent, plan_study
 from federated.data import load_hospital
-from federated.dp import initial_state, train_round
+from federated.dp import initial_state
+from federated.dp_round import train_round
 from tests.dp_reference import independent_epsilon
 
 DELTA = 1e-5

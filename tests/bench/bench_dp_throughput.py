@@ -9,7 +9,10 @@ on a shared 2-core machine), best of `--repeats` runs:
 - non-private: `train_nonprivate` (shuffled batches by tensor indexing, mean loss, torch SGD);
   the baseline every ratio is against;
 - DP fast: `train_round(engine="fast")` (the default: patient-level Poisson sampling + ghost-norm
-  clipping + secure noise: ChaCha20, sum of four Gaussians per coordinate);
+  clipping + secure noise: ChaCha20, sum of four Gaussians per coordinate), in NumPy
+  (`federated.numpy_dp`, what a hospital runs);
+- DP fast, torch: the same steps through the torch twin (`federated.dp._run_fast`, the engine
+  before NumPy's), same seed, so the two engines compare in one run;
 - DP fast without noise: the same with noise multiplier 0, to show what the secure noise costs;
 - DP opacus: `train_round(engine="opacus")` (Opacus GradSampleModule + DPOptimizer, same sampling);
 - Opacus defaults: `PrivacyEngine.make_private` with a DataLoader, as the Opacus tutorials do.
@@ -19,15 +22,22 @@ Samples per second = steps * (expected) batch size / wall time.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 
-import numpy as np
-import torch
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # NumPy's BLAS, as torch's:
+    os.environ.setdefault(_var, "1")  # one thread (before NumPy is imported)
 
-from federated.data import load_federated, pooled
-from federated.dp import initial_state, train_nonprivate, train_round
-from federated.templates import get_template
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from federated.data import load_federated, pooled  # noqa: E402
+from federated.dp import PatientIndex, _run_fast, initial_state, train_nonprivate  # noqa: E402
+from federated.dp_round import train_round  # noqa: E402
+from federated.secure_random import SecureRandom  # noqa: E402
+from federated.templates import get_template  # noqa: E402
+from federated.weights import pack, unpack  # noqa: E402
 
 DELTA = 1e-5
 
@@ -98,6 +108,14 @@ def main(argv: list[str] | None = None) -> None:
             train_round(tpl, state, x, y, noise_multiplier=sigma, sample_rate=q, local_steps=steps,
                         clip=clip, lr=lr, delta=DELTA, seed=0, engine="fast")
 
+        def fast_torch(q: float = q) -> None:
+            model = unpack(tpl.build(x.shape[1], 0), state)
+            index = PatientIndex.build(n, None)
+            _run_fast(model, tpl, torch.from_numpy(x.astype(np.float32)),  # type: ignore[arg-type]
+                      torch.from_numpy(y.astype(np.float32)), index=index, rng=SecureRandom(0), sigma=sigma,
+                      q=q, steps=steps, clip=clip, lr=lr, momentum=0.0, expected_batch=q * n)
+            pack(model)
+
         def quiet(q: float = q) -> None:
             train_round(tpl, state, x, y, noise_multiplier=0.0, sample_rate=q, local_steps=steps,
                         clip=clip, lr=lr, delta=DELTA, seed=0, engine="fast")
@@ -111,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
 
         fast()  # warm the accountant's cache: accounting is not training throughput
         plain()  # and torch's first-call costs
-        variants = [("non-private (baseline)", plain), ("DP fast engine", fast),
+        variants = [("non-private (baseline)", plain), ("DP fast engine (NumPy)", fast),
+                    ("DP fast engine, torch", fast_torch),
                     ("DP fast engine, no noise", quiet),
                     ("DP opacus engine", slow), ("Opacus defaults (make_private)", defaults)]
         # interleaved repeats, best of each: load from other processes hits all variants alike

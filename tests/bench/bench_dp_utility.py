@@ -37,7 +37,8 @@ import torch
 from federated.accounting import plan_patients, plan_study
 from federated.client_app import contribution_weight
 from federated.data import HospitalData, load_federated, pooled
-from federated.dp import initial_state, public_initial_state, train_nonprivate, train_round
+from federated.dp import initial_state, public_initial_state, train_nonprivate
+from federated.dp_round import train_round
 from federated.secure_random import SecureRandom
 from federated.templates import Template, get_template
 from federated.weights import fedavg, unpack

@@ -47,7 +47,8 @@ from federated.clinical_data import (
     split_outcome,
 )
 from federated.data import pooled
-from federated.dp import PatientIndex, initial_state, public_initial_state, run_cox, train_round
+from federated.dp import PatientIndex, initial_state, public_initial_state, run_cox
+from federated.dp_round import train_round
 from federated.secure_random import SecureRandom
 from federated.survival import Subcohort, exact_metrics, per_patient_loss
 from federated.templates import get_template

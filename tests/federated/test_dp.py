@@ -15,8 +15,8 @@ from federated.dp import (
     clipped_grad_sum,
     initial_state,
     train_nonprivate,
-    train_round,
 )
+from federated.dp_round import train_round
 from federated.templates import get_template
 from federated.weights import WeightsError, fedavg, unpack
 

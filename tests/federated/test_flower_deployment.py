@@ -151,6 +151,15 @@ def test_dp_study_end_to_end_with_a_hospital_without_consented_records(deploymen
         assert len(deployment.ledger(h).evaluations("e2e")) == spec.rounds
     # the per-round time breakdown is recorded
     assert all(m["round_wall_s"] >= m["train_compute_max_s"] > 0 for _, m, _ in observer.rounds)
+    # each hospital's Flower process (SuperNode and executor: hosted_supernode) trained, scored and
+    # accounted without torch (the NumPy engine, federated.numpy_dp) nor scikit-learn or pandas:
+    # none of their shared libraries is mapped in it, while NumPy's is (the check can see one)
+    for name, node in deployment.federation.nodes.items():
+        assert node.is_hosted and node.supernode is not None and node.supernode.alive()
+        maps = Path(f"/proc/{node.supernode.pid}/maps").read_text()
+        assert "/numpy/" in maps, name
+        loaded = [lib for lib in ("/torch/", "/sklearn/", "/sksurv/", "/pandas/") if lib in maps]
+        assert loaded == [], (name, loaded)
 
 
 def test_study_that_would_overspend_is_refused(deployment: Deployment) -> None:

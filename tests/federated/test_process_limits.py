@@ -75,8 +75,9 @@ def test_prewarm_loads_the_site_before_any_study(tmp_path: Path) -> None:
 def test_a_survival_round_runs_without_the_libraries_a_hospital_does_not_hold(tmp_path: Path) -> None:
     """In a fresh interpreter set up as the hospital's Flower process (`hosted_supernode`: thread
     limits, pandas and Pygments refused), a site loads and a survival study's first two rounds train, with
-    the consent gate, the privacy plan (PRV) and the evaluation, and none of pandas,
-    scikit-learn, scikit-survival, Opacus, SymPy, Pygments or pyarrow is imported (issue "Scale":
+    the consent gate, the privacy plan (PRV) and the evaluation, and none of torch (the NumPy
+    engine, `federated.numpy_dp`), pandas, scikit-learn, scikit-survival, Opacus, SymPy, Pygments
+    or pyarrow is imported (issue "Scale":
     memory per hospital, docs/benchmarks/scale.md; pyarrow: the records file is NumPy's `.npz`
     and the gate encodes pairs without Arrow)."""
     import json
@@ -122,7 +123,8 @@ for r in (1, 2):
 import httpx, flwr.supernode.cli  # httpx without its CLI (Pygments refused), flwr's SuperNode
 print("httpx", httpx.Client.__name__, "main" in dir(httpx))
 print("loaded", sorted({{m.split('.')[0] for m in sys.modules}}
-                       & {{"pandas", "sklearn", "sksurv", "opacus", "sympy", "pygments", "pyarrow"}}))
+                       & {{"pandas", "sklearn", "sksurv", "opacus", "sympy", "pygments", "pyarrow",
+                          "torch"}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          check=False)

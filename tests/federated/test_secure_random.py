@@ -9,7 +9,8 @@ import torch
 from scipy import stats
 
 from federated.data import load_hospital
-from federated.dp import initial_state, train_round
+from federated.dp import initial_state
+from federated.dp_round import train_round
 from federated.secure_random import SecureRandom
 
 DELTA = 1e-5

@@ -25,8 +25,8 @@ from federated.dp import (
     initial_state,
     public_initial_state,
     train_nonprivate,
-    train_round,
 )
+from federated.dp_round import train_round
 from federated.evaluation import aggregate, noised_release, patient_scores
 from federated.secure_random import SecureRandom
 from federated.survival import (
