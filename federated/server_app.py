@@ -835,31 +835,29 @@ class SecAggTransport:
             _stamp(messages, self.directory.context, options)
             out.append(messages)
         told = None
+        unpacked: set[tuple[int, int]] = set()  # (batch, node): unpacked (or tried) on arrival
         if enough is not None:
             def told(batch: int, node: int, reply: Message) -> float | None:
                 # the driver reads each reply as the hospital built it: unpacked here, once
                 _unpack_reply(node, reply)
+                unpacked.add((batch, node))
                 return enough(node, reply)
         phases = exchange_many(self.directory.grid, out, timeout=timeout, poll=options.poll,
                                stop_event=options.stop_event, enough=told)
-        for phase in phases:
-            _unpack_replies(phase)
+        for b, phase in enumerate(phases):
+            for node, reply in phase.replies.items():
+                if (b, node) not in unpacked:
+                    _unpack_reply(node, reply)
         return phases
 
     def model(self, weights: np.ndarray) -> RecordDict:
         return RecordDict({GLOBAL_KEY: ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(weights))})})
 
 
-def _unpack_replies(phase: PhaseResult) -> None:
-    """Give the driver each reply's records as the hospital built them (`federated.packing`). A
-    reply that does not unpack stays as it came: it has no stage record, so the driver leaves
-    its hospital out at that stage, and the warning here says why."""
-    for node, reply in phase.replies.items():
-        _unpack_reply(node, reply)
-
-
 def _unpack_reply(node: int, reply: Message) -> None:
-    """One reply of `_unpack_replies` (a reply unpacked already is left as it is)."""
+    """Give the reader a reply's records as the hospital built them (`federated.packing`). A
+    reply that does not unpack stays as it came: it has no stage record (or reply record), so
+    its hospital is left out, and the warning here says why. One unpacked already is left."""
     if reply.has_error() or not reply.has_content() or not packing.is_packed(reply.content):
         return
     try:
