@@ -141,8 +141,9 @@ class ServerOptions:
     #: `time.perf_counter()` when the run was submitted (`run_study`); round 1 then reports the
     #: time from there to the ServerApp's start (`start_s`: FAB, run submission, task claim).
     submitted_at: float | None = None
-    #: SecAgg+ stage messages and their replies travel as one ConfigRecord each (`federated.packing`:
-    #: three objects a message instead of four to seven, each object a request at both ends).
+    #: Train and evaluate messages (plain and SecAgg+) and their replies travel as one ConfigRecord
+    #: each (`federated.packing`: three objects a message instead of four to seven, each object a
+    #: request at both ends).
     pack_messages: bool = True
 
 
@@ -162,6 +163,9 @@ class PhaseResult:
     missing_hospitals: list[str] = field(default_factory=list)
     #: node id -> the hospital its hello named (`exchange_with_retry`)
     hospital_of: dict[int, str] = field(default_factory=dict)
+    #: the exchange ended before its timeout because the replies in sufficed (`exchange_many`'s
+    #: `enough`), and `missing` were still out then
+    ended_early: bool = False
 
 
 @dataclass
@@ -202,10 +206,19 @@ def exchange(grid: Grid, messages: Sequence[Message], *, timeout: float, poll: f
     return exchange_many(grid, [messages], timeout=timeout, poll=poll, stop_event=stop_event)[0]
 
 
+#: `exchange_many(enough=...)`: told of each reply as it is pulled (its batch, node and message),
+#: it returns None while the replies so far are not enough, else how many seconds more the
+#: exchange waits for the rest (SecAgg+'s unmask stage: every secret has its threshold of shares)
+Enough = Callable[[int, int, Message], "float | None"]
+
+
 def exchange_many(grid: Grid, batches: Sequence[Sequence[Message]], *, timeout: float, poll: float,
-                  stop_event: threading.Event | None = None) -> list[PhaseResult]:
+                  stop_event: threading.Event | None = None,
+                  enough: Enough | None = None) -> list[PhaseResult]:
     """`exchange` for several batches at once (at most one message per node in each): one push,
-    one polling loop, each batch's replies apart (SecAgg+ pipelining: two stages per exchange)."""
+    one polling loop, each batch's replies apart (SecAgg+ pipelining: two stages per exchange).
+    `enough`: the exchange may end before `timeout` once the replies so far suffice (`Enough`);
+    each batch that then still misses replies says so (`PhaseResult.ended_early`)."""
     started = time.perf_counter()
     flat = [(b, msg) for b, batch in enumerate(batches) for msg in batch]
     ids = list(grid.push_messages([msg for _, msg in flat]))
@@ -221,7 +234,8 @@ def exchange_many(grid: Grid, batches: Sequence[Sequence[Message]], *, timeout: 
     replies: list[dict[int, Message]] = [{} for _ in batches]
     arrivals: list[dict[int, float]] = [{} for _ in batches]
     done_at = [0.0 for _ in batches]
-    deadline = time.monotonic() + timeout
+    deadline = timeout_at = time.monotonic() + timeout
+    sufficed = False
     # At least one pull, however long the push took (as `exchange_with_retry`): a grid that
     # trains inside push_messages, or a slow push, must not turn replies already there into dropouts.
     while pending:
@@ -231,6 +245,10 @@ def exchange_many(grid: Grid, batches: Sequence[Sequence[Message]], *, timeout: 
                 replies[where[0]][where[1]] = reply
                 arrivals[where[0]][where[1]] = time.time()
                 done_at[where[0]] = time.perf_counter() - started
+                more = enough(where[0], where[1], reply) if enough is not None and not sufficed else None
+                if more is not None:
+                    sufficed = True
+                    deadline = min(deadline, time.monotonic() + more)
         if not pending or time.monotonic() >= deadline:
             break
         if stop_event is not None and stop_event.is_set():
@@ -240,8 +258,10 @@ def exchange_many(grid: Grid, batches: Sequence[Sequence[Message]], *, timeout: 
     left: list[list[int]] = [[] for _ in batches]
     for b, node in pending.values():
         left[b].append(node)
+    early = sufficed and bool(pending) and time.monotonic() < timeout_at
     return [PhaseResult(replies[b], sorted([*left[b], *unsent[b]]), wall if left[b] else done_at[b] or wall,
-                        push_s, pushed_at, arrivals[b]) for b in range(len(batches))]
+                        push_s, pushed_at, arrivals[b], ended_early=early and bool(left[b]))
+            for b in range(len(batches))]
 
 
 def phase_breakdown(prefix: str, phase: PhaseResult, replies: Sequence[HospitalReply]) -> dict[str, float]:
@@ -566,6 +586,7 @@ def exchange_with_retry(directory: NodeDirectory, targets: Mapping[int, str], ki
             hospital = hospital_by_node[node]
             if hospital in answered:
                 continue
+            _unpack_reply(node, reply)  # a packed message's reply is packed (`federated.packing`)
             if reply.has_error() and reply.error.code in NODE_GONE_CODES:
                 directory.forget(node)
                 sent_to[hospital].discard(node)  # may be sent again if the id comes back
@@ -608,6 +629,10 @@ def _messages(nodes: Sequence[int], kind: str, weights: np.ndarray, *, round_: i
     # The round travels as the message's group_id: one object less per message (each object is
     # an HTTP request; see docs/flower.md). The content is shared: its objects are pushed once.
     content = RecordDict({GLOBAL_KEY: ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(weights))})})
+    # packed (the hospital's mod unpacks it, and packs its reply): 3 objects, not 5 or more; a model
+    # too large to inline would stay an ArrayRecord of its own, and the packed record add one
+    if options.pack_messages and weights.nbytes <= packing.DEFAULT_INLINE_LIMIT:
+        content = packing.pack(content)
     ttl = max(spec.round_timeout_s * 2, 60.0)
     messages = [Message(content, dst_node_id=node, message_type=kind, group_id=str(round_), ttl=ttl)
                 for node in nodes]
@@ -798,7 +823,8 @@ class SecAggTransport:
     ok: str = STATUS_OK
 
     def send_many(self, batches: Sequence[tuple[Mapping[int, RecordDict], int]],
-                  timeout: float) -> list[PhaseResult]:
+                  timeout: float, enough: Callable[[int, Message], float | None] | None = None,
+                  ) -> list[PhaseResult]:
         ttl = max(timeout * 2, 60.0)
         options = self.directory.options
         pack = packing.pack if options.pack_messages else (lambda content: content)
@@ -808,27 +834,36 @@ class SecAggTransport:
                                 group_id=str(round_), ttl=ttl) for node, content in contents.items()]
             _stamp(messages, self.directory.context, options)
             out.append(messages)
+        told = None
+        unpacked: set[tuple[int, int]] = set()  # (batch, node): unpacked (or tried) on arrival
+        if enough is not None:
+            def told(batch: int, node: int, reply: Message) -> float | None:
+                # the driver reads each reply as the hospital built it: unpacked here, once
+                _unpack_reply(node, reply)
+                unpacked.add((batch, node))
+                return enough(node, reply)
         phases = exchange_many(self.directory.grid, out, timeout=timeout, poll=options.poll,
-                               stop_event=options.stop_event)
-        for phase in phases:
-            _unpack_replies(phase)
+                               stop_event=options.stop_event, enough=told)
+        for b, phase in enumerate(phases):
+            for node, reply in phase.replies.items():
+                if (b, node) not in unpacked:
+                    _unpack_reply(node, reply)
         return phases
 
     def model(self, weights: np.ndarray) -> RecordDict:
         return RecordDict({GLOBAL_KEY: ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(weights))})})
 
 
-def _unpack_replies(phase: PhaseResult) -> None:
-    """Give the driver each reply's records as the hospital built them (`federated.packing`). A
-    reply that does not unpack stays as it came: it has no stage record, so the driver leaves
-    its hospital out at that stage, and the warning here says why."""
-    for node, reply in phase.replies.items():
-        if reply.has_error() or not reply.has_content() or not packing.is_packed(reply.content):
-            continue
-        try:
-            reply.content = packing.unpack(reply.content)
-        except packing.PackingError as exc:
-            log.warning("node %d: its reply does not unpack: %s", node, exc)
+def _unpack_reply(node: int, reply: Message) -> None:
+    """Give the reader a reply's records as the hospital built them (`federated.packing`). A
+    reply that does not unpack stays as it came: it has no stage record (or reply record), so
+    its hospital is left out, and the warning here says why. One unpacked already is left."""
+    if reply.has_error() or not reply.has_content() or not packing.is_packed(reply.content):
+        return
+    try:
+        reply.content = packing.unpack(reply.content)
+    except packing.PackingError as exc:
+        log.warning("node %d: its reply does not unpack: %s", node, exc)
 
 
 def _secure_round(directory: NodeDirectory, targets: Mapping[int, str], weights: np.ndarray, round_: int, *,

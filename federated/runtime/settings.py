@@ -60,7 +60,8 @@ class RuntimeSettings:
     #: a locked database): off runs Flower's SuperLink as shipped (benchmarks compare the two; an
     #: escape hatch should a Flower quirk meet them) while the SuperNode side stays fast.
     superlink_patches: bool = True
-    #: SecAgg+ messages and replies packed into one ConfigRecord each (`federated.packing`): fewer
+    #: Train and evaluate messages (plain and SecAgg+) and their replies packed into one ConfigRecord
+    #: each (`federated.packing`): fewer
     #: objects per message, so fewer requests to the SuperLink (off: the records travel as built;
     #: benchmarks compare the two). Both ends must run this code: a hospital reads either form.
     message_packing: bool = True

@@ -57,6 +57,13 @@ CONFIGS_KEY = flwr_internals.SECAGG_CONFIGS_KEY
 NEXT_KEY, NEXT_ROUND, NEXT_ERROR = "secagg_next", "round", "error"
 K = flwr_internals.SECAGG_KEYS
 SETUP, SHARE_KEYS, COLLECT, UNMASK = flwr_internals.SECAGG_STAGES
+#: Once every secret of the unmask stage has its threshold of shares, the stage waits for the
+#: other replies at most this many seconds, or `UNMASK_GRACE_FACTOR` times the time the threshold
+#: took when that is longer: a hospital lost after its masked vector arrived no longer holds the
+#: round for the stage's whole timeout, and a merely slower one still brings its reply (with the
+#: next round's share-keys stage riding in it, which keeps that round pipelined).
+UNMASK_GRACE_MIN_S = 1.0
+UNMASK_GRACE_FACTOR = 1.0
 
 
 class HospitalReply(Protocol):
@@ -76,6 +83,8 @@ class PhaseResult(Protocol):
     missing: list[int]
     hospital_of: dict[int, str]
     missing_hospitals: list[str]
+    #: it ended before its timeout because the replies in sufficed (`Transport.send_many`)
+    ended_early: bool
 
 
 class Transport(Protocol):
@@ -86,10 +95,16 @@ class Transport(Protocol):
     ok: str
 
     def send_many(
-        self, batches: Sequence[tuple[Mapping[int, RecordDict], int]], timeout: float
+        self,
+        batches: Sequence[tuple[Mapping[int, RecordDict], int]],
+        timeout: float,
+        enough: Callable[[int, Message], float | None] | None = None,
     ) -> Sequence[PhaseResult]:
         """For each batch (contents by node, round), one TRAIN message per node, all pushed at
-        once; each batch's replies within `timeout`, in batch order."""
+        once; each batch's replies within `timeout`, in batch order. `enough(node, reply)`, told
+        of each reply (its records as the hospital built them) as it arrives: None while the
+        replies so far do not suffice, else the seconds the exchange still waits for the rest
+        (the exchange then ends early, `PhaseResult.ended_early`)."""
 
     def model(self, weights: np.ndarray) -> RecordDict:
         """The content that carries the global model to a hospital."""
@@ -364,21 +379,37 @@ class SecAggDriver:
         if next_ok:
             for node, share in self._share_contents(next_keys, next_neighbours).items():
                 contents[node][NEXT_KEY] = _riding(share, round_ + 1)
-        (phase,) = self._exchange_many([(contents, round_)])
+        # the stage may end once every secret it needs (members' mask seeds, the dropped
+        # hospitals' keys) has its threshold of shares: a member lost now does not hold the round
+        counts = dict.fromkeys(member_nodes | dead, 0)
+        t_unmask = time.perf_counter()
+
+        def enough(node: int, reply: Message) -> float | None:
+            try:
+                owners, _ = self._unmask_shares(node, reply, neighbours, member_nodes, dead)
+            except ValueError:
+                return None  # reported with the reason below
+            for owner in owners:
+                counts[owner] += 1
+            if any(c < params.threshold for c in counts.values()):
+                return None
+            return max(UNMASK_GRACE_MIN_S, UNMASK_GRACE_FACTOR * (time.perf_counter() - t_unmask))
+
+        (phase,) = self.transport.send_many([(contents, round_)], self.timeout, enough)
+        if phase.ended_early:
+            timings["secagg_unmask_ended_early"] = 1.0
+            log.warning("secagg %s (round %d): ended after %.1f s without the reply of %s: every secret "
+                        "had its threshold of shares", UNMASK, round_, time.perf_counter() - t0,
+                        _names(hospital_of, phase.missing))
         shares: dict[int, list[bytes]] = {n: [] for n in shared}
         for node, reply in phase.replies.items():
             try:
-                record = _configs(reply)
-                owners = _list_of(record, K["NODE_ID_LIST"], int)
-                values = _list_of(record, K["SHARE_LIST"], bytes)
-                asked = (neighbours[node] & member_nodes) | (neighbours[node] & dead)
-                if len(owners) != len(values) or set(owners) != asked or len(set(owners)) != len(owners):
-                    raise ValueError(f"shares: expected one share for each of {sorted(asked)}")
+                owners, values = self._unmask_shares(node, reply, neighbours, member_nodes, dead)
             except ValueError as exc:
                 self._drop(hospital_of, node, UNMASK, exc)
                 continue
-            for owner, share in zip(owners, values, strict=True):
-                shares[owner].append(share)
+            for owner, piece in zip(owners, values, strict=True):
+                shares[owner].append(piece)
         try:
             result.weights = self._unmask(
                 params,
@@ -427,6 +458,24 @@ class SecAggDriver:
         return result
 
     @staticmethod
+    def _unmask_shares(
+        node: int,
+        reply: Message,
+        neighbours: Mapping[int, set[int]],
+        members: set[int],
+        dead: set[int],
+    ) -> tuple[list[int], list[bytes]]:
+        """A valid unmask reply's (owners, shares): one share for each neighbour of `node` that
+        is a member or dropped; ValueError says what is wrong."""
+        record = _configs(reply)
+        owners = _list_of(record, K["NODE_ID_LIST"], int)
+        values = _list_of(record, K["SHARE_LIST"], bytes)
+        asked = (neighbours[node] & members) | (neighbours[node] & dead)
+        if len(owners) != len(values) or set(owners) != asked or len(set(owners)) != len(owners):
+            raise ValueError(f"shares: expected one share for each of {sorted(asked)}")
+        return owners, values
+
+    @staticmethod
     def _report_pipelining(
         round_: int, result: SecAggRound, missing: str | None, left: Mapping[str, str]
     ) -> None:
@@ -451,7 +500,11 @@ class SecAggDriver:
         """Why `node`'s reply in `phase` carried no usable pipelined stage."""
         reply = phase.replies.get(node)
         if reply is None:
-            return f"no reply within the stage's {self.timeout:g} s" if node in phase.missing else "not asked"
+            if node not in phase.missing:
+                return "not asked"
+            if phase.ended_early:
+                return "no reply before the unmask stage ended (every secret had its threshold of shares)"
+            return f"no reply within the stage's {self.timeout:g} s"
         if reply.has_error():
             return f"its reply is Flower's error {reply.error.code}: {reply.error.reason}"
         record = reply.content.config_records.get(NEXT_KEY)

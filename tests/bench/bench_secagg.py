@@ -355,55 +355,77 @@ def _tree(obj: Any) -> list[str]:
     return ids
 
 
-def object_requests(hospitals: int, size: int, packing: bool) -> dict[str, float]:
-    """The object pushes and pulls of one steady-state SecAgg+ round (round 2, its key exchange
-    pipelined into round 1), counted from the message trees the in-process round exchanges
-    (synthetic hospitals, as the table): the sender pushes each distinct object of an exchange
-    once, each receiver pulls every object of its message. Deterministic, unlike the requests a
-    deployment counts (retries of objects not yet pushed, polls: those grow with the load)."""
+class _CountingGrid:
+    """An `InProcessGrid` that counts the object pushes and pulls of the messages it moves."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        from federated.runtime.inprocess import InProcessGrid
+
+        class CountingGrid(InProcessGrid):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self.counts = {"push": 0, "pull": 0, "messages": 0}
+
+            def push_messages(self, messages: Any) -> Any:
+                messages = list(messages)
+                trees = [_tree(m) for m in messages]
+                self.counts["push"] += len({i for t in trees for i in t})  # shared objects: pushed once
+                self.counts["pull"] += sum(len(t) for t in trees)
+                self.counts["messages"] += len(messages)
+                return super().push_messages(messages)
+
+            def pull_messages(self, message_ids: Any) -> Any:
+                replies = list(super().pull_messages(message_ids))
+                for reply in replies:
+                    n = len(_tree(reply))
+                    self.counts["push"] += n
+                    self.counts["pull"] += n
+                    self.counts["messages"] += 1
+                return replies
+
+        return CountingGrid(*args, **kwargs)
+
+
+def object_requests(hospitals: int, size: int, packing: bool, secure: bool = True) -> dict[str, float]:
+    """The object pushes and pulls of one steady-state round (SecAgg+: round 2, its key exchange
+    pipelined into round 1; plain: one train exchange), counted from the message trees the
+    in-process round exchanges (synthetic hospitals, as the table): the sender pushes each
+    distinct object of an exchange once, each receiver pulls every object of its message.
+    Deterministic, unlike the requests a deployment counts (retries of objects not yet pushed,
+    polls: those grow with the load)."""
     import threading
 
-    from flwr.app import Context, RecordDict
+    from flwr.app import Context, MessageType, RecordDict
 
     from audit.signing import Signer
     from federated.runtime.demo_sites import demo_spec
-    from federated.runtime.inprocess import InProcessGrid
     from federated.secagg.server import SecAggDriver
-    from federated.server_app import NodeDirectory, SecAggTransport, ServerOptions, _decode_reply
+    from federated.server_app import (
+        NodeDirectory,
+        SecAggTransport,
+        ServerOptions,
+        _decode_reply,
+        exchange_with_retry,
+    )
 
-    class CountingGrid(InProcessGrid):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.counts = {"push": 0, "pull": 0, "messages": 0}
-
-        def push_messages(self, messages: Any) -> Any:
-            messages = list(messages)
-            trees = [_tree(m) for m in messages]
-            self.counts["push"] += len({i for t in trees for i in t})  # shared objects: pushed once
-            self.counts["pull"] += sum(len(t) for t in trees)
-            self.counts["messages"] += len(messages)
-            return super().push_messages(messages)
-
-        def pull_messages(self, message_ids: Any) -> Any:
-            replies = list(super().pull_messages(message_ids))
-            for reply in replies:
-                n = len(_tree(reply))
-                self.counts["push"] += n
-                self.counts["pull"] += n
-                self.counts["messages"] += 1
-            return replies
-
-    spec = demo_spec("bench-objects", min_hospitals=3, secure_aggregation=True)
+    spec = demo_spec("bench-objects", min_hospitals=3, secure_aggregation=secure)
     signers = {n: Signer.generate() for n in range(1, hospitals + 1)}
-    grid = CountingGrid({n: {} for n in signers}, spec.to_run_config(),
-                        client_app=_synthetic_app(signers, spec, size))
+    grid = _CountingGrid({n: {} for n in signers}, spec.to_run_config(),
+                         client_app=_synthetic_app(signers, spec, size))
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                       run_config=spec.to_run_config())
     options = ServerOptions(output_dir=Path("."), poll=0.0, stop_event=threading.Event(),
                             pack_messages=packing)
-    transport = SecAggTransport(NodeDirectory(grid, spec, context, options))
+    directory = NodeDirectory(grid, spec, context, options)
     targets = {n: f"h{n}" for n in signers}
     weights = np.zeros(size, dtype=np.float32)
+    if not secure:
+        phase = exchange_with_retry(directory, targets, MessageType.TRAIN, weights, round_=1, timeout=600)
+        replies = [_decode_reply(n, m, spec, 1, None, n_weights=size) for n, m in phase.replies.items()]
+        if len(replies) != hospitals or any(r.weights is None for r in replies):
+            raise SystemExit("plain round: an update did not decode")
+        return {k: float(v) for k, v in grid.counts.items()}
+    transport = SecAggTransport(directory)
     prepared = None
     for round_ in (1, 2):
         grid.counts = dict.fromkeys(grid.counts, 0)
@@ -435,16 +457,17 @@ def main() -> None:
                         help="only the object requests of a steady-state round, packed and not (in process)")
     args = parser.parse_args()
     if args.objects:
-        print("== object pushes + pulls per steady-state SecAgg+ round (in process, synthetic hospitals; "
-              "messages = messages and replies)")
-        for hospitals in HOSPITALS:
-            for size in SIZES:
-                as_built = object_requests(hospitals, size, packing=False)
-                packed = object_requests(hospitals, size, packing=True)
-                print(f"{hospitals:>3} hospitals, {size:>7} weights: as built {as_built['push']:.0f} + "
-                      f"{as_built['pull']:.0f} = {as_built['push'] + as_built['pull']:.0f}, packed "
-                      f"{packed['push']:.0f} + {packed['pull']:.0f} = {packed['push'] + packed['pull']:.0f} "
-                      f"({as_built['messages']:.0f} messages)")
+        for secure in (True, False):
+            print(f"== object pushes + pulls per steady-state {'SecAgg+' if secure else 'plain'} round "
+                  "(in process, synthetic hospitals; messages = messages and replies)")
+            for hospitals in HOSPITALS:
+                for size in SIZES:
+                    as_built = object_requests(hospitals, size, packing=False, secure=secure)
+                    packed = object_requests(hospitals, size, packing=True, secure=secure)
+                    print(f"{hospitals:>3} hospitals, {size:>7} weights: as built {as_built['push']:.0f} + "
+                          f"{as_built['pull']:.0f} = {as_built['push'] + as_built['pull']:.0f}, packed "
+                          f"{packed['push']:.0f} + {packed['pull']:.0f} = "
+                          f"{packed['push'] + packed['pull']:.0f} ({as_built['messages']:.0f} messages)")
         return
     reps = 1 if args.quick else 3
     if not args.no_table:

@@ -22,6 +22,7 @@ from sqlalchemy import create_engine
 
 from audit.reward_commitment import UNITS, verify_leaf
 from consent.gate import commitment
+from federated import packing
 from federated.client_app import evaluate_hospital, train_hospital_round
 from federated.data import public_reference
 from federated.dp import initial_state
@@ -266,9 +267,12 @@ def test_inprocess_study_completes_and_beats_the_trivial_baseline(sites: dict[st
     assert all(not float(m["eval_examples"]).is_integer() for _, m, _ in observer.rounds)
     for demo in sites.values():
         assert len(_ledger(demo).evaluations(spec.study_id)) == spec.rounds
-    # every model message went out as one flat array and nothing else; one hello per node
+    # every model message went out packed (`federated.packing`: one ConfigRecord on the wire) and
+    # held one flat array and nothing else; one hello per node
     models = [m for m in grid.pushed if m.metadata.message_type != "query"]
-    assert all(len(m.content.array_records) == 1 and not m.content.config_records for m in models)
+    assert models and all(packing.is_packed(m.content) and len(m.content) == 1 for m in models)
+    built = [packing.unpack(m.content) for m in models]
+    assert all(len(c.array_records) == 1 and not c.config_records for c in built)
     hellos = [m.metadata.dst_node_id for m in grid.pushed if m.metadata.message_type == "query"]
     assert sorted(hellos) == [1, 2, 3]
     # epsilon: each hospital stays within the study's target
@@ -349,7 +353,8 @@ def test_receipt_that_does_not_verify_is_not_aggregated(sites: dict[str, DemoSit
 
     def forged_receipts_from_node_1(message: Any, context: Any) -> Any:
         reply = real_app(message=message, context=context)
-        record = reply.content.config_records.get("reply")
+        content = packing.unpack(reply.content)  # the reply as the hospital built it
+        record = content.config_records.get("reply")
         if context.node_id == 1 and record is not None and "receipt" in record:
             r = parse_receipt(record["receipt"])
             record["receipt"] = make_receipt(
@@ -357,6 +362,7 @@ def test_receipt_that_does_not_verify_is_not_aggregated(sites: dict[str, DemoSit
                 records_used=r.records_used, commitment=r.commitment, epsilon_spent=r.epsilon_spent,
                 epsilon_total=r.epsilon_total, delta=r.delta, spec_sha256=r.spec_sha256,
                 rewards=r.rewards).to_bytes()
+            reply.content = packing.pack(content)
         return reply
 
     spec = _spec("s-forged", min_hospitals=2, rounds=1)
@@ -422,8 +428,10 @@ def test_update_of_the_wrong_shape_is_not_aggregated(sites: dict[str, DemoSite],
         from flwr.app import Array, ArrayRecord
 
         reply = real_app(message=message, context=context)
-        if context.node_id == 1 and UPDATE_KEY in reply.content.array_records:
-            reply.content[UPDATE_KEY] = ArrayRecord({WEIGHTS_KEY: Array(np.zeros(3, dtype=np.float32))})
+        content = packing.unpack(reply.content)  # the reply as the hospital built it
+        if context.node_id == 1 and UPDATE_KEY in content.array_records:
+            content[UPDATE_KEY] = ArrayRecord({WEIGHTS_KEY: Array(np.zeros(3, dtype=np.float32))})
+            reply.content = packing.pack(content)
         return reply
 
     spec = _spec("s-shape", rounds=1, min_hospitals=2)

@@ -721,6 +721,58 @@ def test_a_late_pipelined_reply_falls_back_with_the_reason_logged_and_exact_roun
                "hospital-a (node 1) did not complete it" in w for w in warnings), warnings
 
 
+class LostMemberAtUnmask(InProcessGrid):
+    """Node 4's masked vector arrives in round 1, then its node is lost: its reply to round 1's
+    unmask message never comes (a SIGKILL after the collect stage)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lost: set[str] = set()
+
+    def push_messages(self, messages: Any) -> Any:
+        messages = list(messages)
+        ids = list(super().push_messages(messages))
+        for message, msg_id in zip(messages, ids, strict=True):
+            record = _content(message).config_records.get(SECAGG_CONFIGS_KEY)
+            if (message.metadata.dst_node_id == 4 and message.metadata.group_id == "1"
+                    and record is not None and record.get("stage") == "unmask"):
+                self.lost.add(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids: Any) -> Any:
+        return super().pull_messages([i for i in message_ids if i not in self.lost])
+
+
+def test_a_member_lost_at_unmask_ends_the_stage_once_the_shares_suffice(
+    four: dict[str, DemoSite],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """hospital-d's masked vector is in, then it never answers the unmask message: the other
+    three's shares meet the threshold (3 of 4) for every member's mask seed, so the stage ends
+    about a second later instead of waiting out the stage's 30 s; hospital-d is a member (its
+    input is in the aggregate, its seed rebuilt from the others' shares), the aggregate is
+    exactly the four's FedAvg, and the log says why the stage ended."""
+    updates = Updates(monkeypatch)
+    spec = demo_spec("sa-unmask-lost", rounds=2, min_hospitals=3, round_timeout_s=30.0, **PRIVACY)
+    observer, grid = _run(four, spec, tmp_path, grid_class=LostMemberAtUnmask)
+    assert observer.failed == [] and observer.completed is not None and len(grid.lost) == 1
+    (_, m1, receipts1), (_, m2, _) = observer.rounds
+    assert m1["aggregate_members"] == 4 and m2["aggregate_members"] == 4
+    assert {r.hospital for r in receipts1} == {f"hospital:{h}" for h in four}
+    assert m1["secagg_unmask_ended_early"] == 1.0 and m1["secagg_unmask_s"] < 10.0
+    assert "secagg_unmask_ended_early" not in m2
+    np.testing.assert_allclose(_globals(grid)[2], updates.fedavg(1, set(four)), atol=ATOL)
+    warnings = _secagg_warnings(caplog)
+    assert any("secagg unmask (round 1): ended after" in w and "hospital hospital-d (node 4)" in w
+               and "every secret had its threshold of shares" in w for w in warnings), warnings
+    # its riding share-keys stage for round 2 never came: round 2 runs its own key exchange
+    assert m2["secagg_pipelined"] == 0.0
+    assert any("lacks hospital-d: share keys: no reply before the unmask stage ended" in w
+               for w in warnings), warnings
+
+
 class GoneAfterRound1Grid(InProcessGrid):
     """Node 4 completes round 1 (its shares for round 2 included), then its node is gone."""
 
@@ -750,7 +802,7 @@ def test_a_hospital_gone_after_the_pipelined_exchange_does_not_cost_the_others_a
     three_left = {"hospital-a", "hospital-b", "hospital-c"}
     assert m1["aggregate_members"] == 4 and m2["secagg_pipelined"] == 1.0 and m2["aggregate_members"] == 3
     assert {r.hospital for r in receipts2} == {f"hospital:{h}" for h in three_left}
-    model = grid.pushed[-1].content.array_records[GLOBAL_KEY][WEIGHTS_KEY].numpy()  # the final evaluation's
+    model = _content(grid.pushed[-1]).array_records[GLOBAL_KEY][WEIGHTS_KEY].numpy()  # the final evaluation's
     np.testing.assert_allclose(model, updates.fedavg(2, three_left), atol=ATOL)
     assert any("secagg round 2: hospital hospital-d (node 4) of the prepared key exchange not connected "
                "now: left out of this round" in w for w in _secagg_warnings(caplog))

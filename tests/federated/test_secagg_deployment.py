@@ -1,11 +1,15 @@
-"""SecAgg+ on the real deployment: a SuperLink and four SuperNodes (each with its warm executor)
+"""SecAgg+ on the real deployment: a SuperLink and five SuperNodes (each with its warm executor)
 as separate processes, TLS and SuperNode authentication on, the ServerApp run by `run_study`.
 
 hospital-d's SuperNode and executor are killed with SIGKILL in the middle of round 1, after its
-keys were shared and while the others train: the round completes with the three others (the
-threshold is 3 of 4), its aggregate passes the integrity check (the unmasked weight sum equals
-what the members' record counts predict, which a wrong unmasking cannot meet), only the three members
-get receipts, and the next round goes on without hospital-d.
+keys were shared and while the others train; hospital-e's, after its masked vector arrived, as
+the unmask stage starts. The round completes with the four others as members (hospital-e's
+input is in the aggregate, its mask seed rebuilt from the others' shares; hospital-d's pairwise
+masks removed with its key rebuilt; the threshold is 3 of 5), the unmask stage ends once the
+three live members' shares suffice instead of waiting out the stage's timeout, the aggregate
+passes the integrity check (the unmasked weight sum equals what the members' record counts
+predict, which a wrong unmasking cannot meet), only the members get receipts, and the next round
+goes on with the three left.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from federated.runtime.tls import generate_node_keys, generate_tls
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.timeout(300)]
 
-HOSPITALS = ("hospital-a", "hospital-b", "hospital-c", "hospital-d")
+HOSPITALS = ("hospital-a", "hospital-b", "hospital-c", "hospital-d", "hospital-e")
 
 
 class Observer:
@@ -72,9 +76,9 @@ def test_sigkill_of_a_hospital_mid_round_under_secure_aggregation(
     federation: tuple[LocalFederation, dict[str, Any], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fed, sites, root = federation
-    node_d = fed.nodes["hospital-d"]
+    node_d, node_e = fed.nodes["hospital-d"], fed.nodes["hospital-e"]
     real_exchange = server_app.exchange_many
-    killed = threading.Event()
+    killed, killed_e = threading.Event(), threading.Event()
     wire: list[bool] = []  # each SecAgg+ message packed (`federated.packing`) as it is pushed
 
     def exchange(grid: Any, batches: Any, **kwargs: Any) -> Any:
@@ -89,6 +93,10 @@ def test_sigkill_of_a_hospital_mid_round_under_secure_aggregation(
             # keys are shared; the others now train: hospital-d's processes die (SIGKILL)
             killed.set()
             threading.Timer(0.2, node_d.kill).start()
+        if "unmask" in stages and not killed_e.is_set():
+            # hospital-e's masked vector is in: it dies before its unmask message is pushed
+            killed_e.set()
+            node_e.kill()
         return real_exchange(grid, batches, **kwargs)
 
     monkeypatch.setattr(server_app, "exchange_many", exchange)
@@ -116,14 +124,19 @@ def test_sigkill_of_a_hospital_mid_round_under_secure_aggregation(
     )
     assert result.status == "completed", result.reason
     assert killed.is_set() and not any(p.alive() for p in node_d.processes())
+    assert killed_e.is_set() and not any(p.alive() for p in node_e.processes())
     assert wire and all(wire)
     members = {"hospital:hospital-a", "hospital:hospital-b", "hospital:hospital-c"}
     by_round = {r: (m, rc) for r, m, rc in observer.rounds}
-    for round_ in (1, 2):
+    for round_, expected in ((1, members | {"hospital:hospital-e"}), (2, members)):
         metrics, receipts = by_round[round_]
-        assert metrics["secure_aggregation"] == 1.0 and metrics["aggregate_members"] == 3
-        assert {r.hospital for r in receipts} == members
+        assert metrics["secure_aggregation"] == 1.0 and metrics["aggregate_members"] == len(expected)
+        assert {r.hospital for r in receipts} == expected
         assert metrics["dropped"] >= 1
-    assert by_round[1][0]["secagg_sampled"] == 4 and by_round[1][0]["secagg_threshold"] == 3
+    assert by_round[1][0]["secagg_sampled"] == 5 and by_round[1][0]["secagg_threshold"] == 3
+    # the unmask stage did not wait out its 20 s for hospital-e: the three live members' shares
+    # met the threshold for every secret (hospital-e's seed, hospital-d's key)
+    assert by_round[1][0]["secagg_unmask_ended_early"] == 1.0
+    assert by_round[1][0]["secagg_unmask_s"] < 10.0
     # the aggregate is a sensible model (a wrong unmasking gives values around 2**31)
     assert by_round[2][0]["ref_accuracy"] > 0.8
