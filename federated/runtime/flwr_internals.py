@@ -1588,6 +1588,45 @@ def patch_superlink_task_sweep(interval_s: float) -> None:
     setattr(SqlCoreState, "_cleanup_expired_task_tokens", cleanup_expired_task_tokens)  # noqa: B010
 
 
+def patch_superlink_push_one_transaction() -> None:
+    """Store all the messages of one Runtime API `PushMessages` (the ServerApp's messages of a
+    round, one per hospital) in one SQLite transaction (SuperLink process only).
+
+    flwr 1.42's handler opens the push session in a transaction of its own, then stores each
+    message and preregisters its object tree in another (`store_message_and_object_tree`: the
+    run row locked with an UPDATE, the destination node read, the message inserted, the tree's
+    objects registered): N + 1 write transactions, each taking SQLite's write lock anew while
+    every SuperNode's heartbeats and object pushes queue for the same lock. flwr's `session()`
+    is re-entrant, so the handler run inside one outer session stores everything in one
+    transaction, taking the lock once. All or nothing as well: a message refused halfway (the
+    handler raises) leaves none of the earlier ones stored for hospitals whose ids the ServerApp
+    never got back. The messages still are stored one by one, with flwr's own checks."""
+    check_flwr_version()
+    from flwr.superlink.servicer.runtime import runtime_handlers
+
+    push = runtime_handlers.push_messages
+    if getattr(push, _PATCHED_MARK, False):
+        return
+    _require(list(inspect.signature(push).parameters) == ["request", "state", "task"],
+             "flwr's Runtime push_messages handler changed its parameters")
+    source = inspect.getsource(push)
+    _require("state.start_session(run_id)" in source and "state.store_message_and_object_tree(" in source,
+             "flwr's Runtime push_messages no longer stores the messages one by one")
+    _require("nested calls" in inspect.getsource(importlib.import_module("flwr.supercore.sql_mixin")),
+             "flwr.supercore.sql_mixin's session() is no longer re-entrant")
+
+    @functools.wraps(push)
+    def push_messages(request: Any, state: Any, task: Any) -> Any:
+        session = getattr(state, "session", None)
+        if session is None:  # another LinkState (in memory): flwr's own
+            return push(request, state, task)
+        with session():
+            return push(request, state, task)
+
+    setattr(push_messages, _PATCHED_MARK, True)
+    setattr(runtime_handlers, "push_messages", push_messages)  # noqa: B010 (a function of flwr's)
+
+
 class _BusyInStoreObject(BaseException):
     """SQLite's "database is locked", carried out of flwr's `store_object` past its
     `except Exception` (`patch_superlink_store_object_busy`)."""

@@ -1,0 +1,95 @@
+"""The ServerApp's `PushMessages` on flwr's real SuperLink handler and SQLite LinkState, with
+`flwr_internals.patch_superlink_push_one_transaction`: a round's messages (one per hospital,
+their content shared) are stored in one write transaction, not one per message plus one for
+the push session, and are stored as flwr stores them (each node gets its message; the shared
+objects are asked for once)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from federated.runtime import flwr_internals
+from federated.runtime.settings import disable_phone_home
+
+
+@pytest.fixture
+def superlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """flwr's SuperLink state on its own SQLite file, with three active nodes and a run."""
+    disable_phone_home()
+    monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "superlink.db"))
+    from flwr.superlink.servicer.runtime import runtime_handlers
+
+    # as a fresh SuperLink process: flwr's handler, whatever an earlier test patched
+    monkeypatch.setattr(runtime_handlers, "push_messages", runtime_handlers.push_messages)
+    import flwr.superlink.main as superlink_main
+    from flwr.common.constant import NOOP_FLWR_AID
+    from flwr.supercore.constant import NOOP_FEDERATION_ID, TaskType
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+
+    state = superlink_main.create_app().state.linkstate_factory.state()
+    nodes = []
+    for _ in range(3):
+        _, public_key = generate_key_pairs()
+        node_id = state.create_node(NOOP_FLWR_AID, "noop", public_key_to_bytes(public_key), 30)
+        state.activate_node(node_id, 30)
+        nodes.append(int(node_id))
+    run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, NOOP_FLWR_AID,
+                              TaskType.SERVER_APP)
+    state.test_nodes, state.test_run_id = nodes, run_id
+    yield state
+
+
+def _push(state: Any, round_: int) -> tuple[Any, int]:
+    """One PushMessages of a round's messages (shared content) through flwr's Runtime handler;
+    the response and the number of transactions committed on the LinkState's engine."""
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
+    from flwr.app.message import remove_content_from_message
+    from flwr.common.serde import message_to_proto
+    from flwr.proto.runtime_pb2 import PushAppMessagesRequest
+    from flwr.proto.task_pb2 import Task
+    from flwr.supercore.inflatable.inflatable_object import get_object_tree
+    from flwr.superlink.servicer.runtime import runtime_handlers
+    from sqlalchemy import event
+
+    flwr_internals.set_task_identity(1, state.test_run_id, 1)
+    content = RecordDict({"global": ArrayRecord({"weights": Array(np.full(4, float(round_)))})})
+    messages = []
+    for node_id in state.test_nodes:
+        message = Message(content=content, dst_node_id=node_id, message_type="train", group_id=str(round_))
+        message.metadata.__dict__["_message_id"] = message.object_id
+        messages.append(message)
+    request = PushAppMessagesRequest(
+        messages_list=[message_to_proto(remove_content_from_message(m)) for m in messages],
+        message_object_trees=[get_object_tree(m) for m in messages])
+
+    commits: list[int] = []
+
+    def count(_connection: Any) -> None:
+        commits.append(1)
+
+    event.listen(state._engine, "commit", count)
+    try:
+        response = runtime_handlers.push_messages(request, state, Task(run_id=state.test_run_id))
+    finally:
+        event.remove(state._engine, "commit", count)
+    return response, len(commits)
+
+
+def test_a_rounds_messages_are_stored_in_one_transaction(superlink: Any) -> None:
+    unpatched, commits_before = _push(superlink, 1)
+    assert commits_before == len(superlink.test_nodes) + 1  # flwr: the session, then one per message
+    flwr_internals.patch_superlink_push_one_transaction()
+    patched, commits_after = _push(superlink, 2)
+    assert commits_after == 1
+    # stored as flwr stores them: every message, the shared objects asked for once
+    assert all(patched.message_ids) and len(patched.message_ids) == len(superlink.test_nodes)
+    assert len(patched.objects_to_push) == len(unpatched.objects_to_push)
+    assert len(set(patched.objects_to_push)) == len(patched.objects_to_push)
+    for node_id in superlink.test_nodes:
+        delivered = superlink.get_message_ins(node_id=node_id, limit=None)
+        assert {m.metadata.group_id for m in delivered} == {"1", "2"}
