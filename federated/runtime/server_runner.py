@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("federated.runner")
 _one_at_a_time = threading.Lock()
+#: the ServerApp's object pushes and pulls in flight at once (flwr: 2; they wait on the SuperLink)
+OBJECT_TRANSFER_WORKERS = 8
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ def run_study(superlink_address: str, spec: StudySpec, observer: StudyObserver, 
                          f"({superlink_address})")
     if settings.mode == "fast":
         flwr_internals.patch_grid_pull_backoff(settings.pull_backoff)
+        flwr_internals.patch_object_transfer_workers(OBJECT_TRANSFER_WORKERS)
     fab = build_fab()
     certs = None if insecure else root_certificates
     # One submission at a time: a run is submitted and its ServerApp task claimed as a pair (the
