@@ -423,21 +423,42 @@ def _sub_status(completed: bool) -> str:
     return str(SubStatus.COMPLETED if completed else SubStatus.FAILED)
 
 
+def task_heartbeat_fn(client: Any) -> Callable[[], bool]:
+    """A claimed task's heartbeat over the Runtime API, as flwr's `make_task_heartbeat_fn_http`
+    sends it, without its `signal.raise_signal(SIGINT)` when the answer is "no such task".
+
+    flwr-clientapp and flwr-serverapp are processes of their own, so flwr ends the process on
+    that answer. Here the task runs in a process that hosts more: the warm executor shares its
+    process with the hospital's SuperNode (`hosted_supernode`), the ServerApp with the
+    coordinator. A heartbeat that raced the task's end (the reply and the output pushed, the
+    token gone) SIGINTed the hospital's whole Flower process right after its reply left: its
+    objects never all reached the SuperLink, and the SuperNode came back under a new node id
+    (25 hospitals, docs/benchmarks/scale.md: a round lost a hospital to "Reply message objects
+    are unavailable", another to a round-1 message sent again and refused). A task the other
+    end no longer knows ends by its own calls (they fail and report it); the heartbeat only
+    says so (False: flwr's sender retries until the task closes), as for an HTTP error."""
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    request = SendTaskHeartbeatRequest()
+
+    def heartbeat() -> bool:
+        try:
+            response = client.SendTaskHeartbeat(request)
+        except (httpx.TransportError, httpx.HTTPStatusError):  # e.g. the 401 `bound_retries`
+            return False  # gives up on: the task's own calls report it
+        return bool(response.success)
+
+    return heartbeat
+
+
 class _HeartbeatTask:
     """A claimed task's heartbeat, started with the task; Flower reclaims a silent task."""
 
     def _start_heartbeat(self, client: Any) -> None:
-        import httpx
-        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+        from flwr.supercore.heartbeat import HeartbeatSender
 
-        flower_heartbeat = make_task_heartbeat_fn_http(client)
-
-        def heartbeat() -> bool:
-            try:
-                return bool(flower_heartbeat())
-            except httpx.HTTPStatusError:  # e.g. the 401 `bound_retries` gives up on: the task's
-                return False  # own calls report it; the sender retries until the task closes
-        self._heartbeat = HeartbeatSender(heartbeat)
+        self._heartbeat = HeartbeatSender(task_heartbeat_fn(client))
         self._heartbeat.start()
 
     def _stop_heartbeat(self) -> None:

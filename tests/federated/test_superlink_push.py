@@ -139,3 +139,28 @@ def test_the_serverapps_object_transfers_run_more_than_two_at_a_time(monkeypatch
     assert widest_pull() <= 2  # flwr's
     flwr_internals.patch_object_transfer_workers(OBJECT_TRANSFER_WORKERS)
     assert widest_pull() == OBJECT_TRANSFER_WORKERS
+
+
+def test_a_heartbeat_for_a_finished_task_does_not_interrupt_the_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """flwr's task heartbeat raises SIGINT in its process when the Runtime API answers that the
+    task is gone: right for a flwr-clientapp process of its own, fatal for a hospital's hosted
+    Flower process (SuperNode and warm executor in one) when the heartbeat races the task's end
+    (a 25-hospital round lost a hospital that way). Ours says False instead."""
+    import signal
+
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse
+    from flwr.supercore.heartbeat import make_task_heartbeat_fn_http
+
+    interrupts: list[int] = []
+    monkeypatch.setattr(signal, "raise_signal", interrupts.append)
+
+    class FinishedTask:  # the Runtime API's answer once the task's token is spent
+        def SendTaskHeartbeat(self, _request: Any) -> SendTaskHeartbeatResponse:
+            return SendTaskHeartbeatResponse(success=False)
+
+    make_task_heartbeat_fn_http(FinishedTask())()  # type: ignore[arg-type]
+    assert interrupts == [signal.SIGINT]  # flwr's
+    interrupts.clear()
+    assert flwr_internals.task_heartbeat_fn(FinishedTask())() is False
+    assert interrupts == []
