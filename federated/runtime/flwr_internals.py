@@ -379,9 +379,38 @@ def _runtime_http_client(address: str, *, insecure: bool, root_certificates: byt
     interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name=component)]
     if token:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
+    invoker = make_simple_http_retry_invoker()
+    give_up_on_401(invoker)
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=insecure, root_certificates=root_certificates,
-        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+        interceptors=interceptors, retry_invoker=invoker)
+
+
+def give_up_on_401(invoker: Any) -> None:
+    """Make a Flower HTTP retry invoker (`make_simple_http_retry_invoker`) give up on a 401, the
+    error reaching its caller, instead of sending SIGINT to its own process.
+
+    Flower does that for `flwr-clientapp` and `flwr-serverapp`, processes of one task each. Ours
+    share their process: the warm executor's task client lives in the hospital's Flower process
+    with its SuperNode (`hosted_supernode`), the ServerApp's in the coordinator. A task heartbeat
+    that raced the task's end (its token spent by the pushed output) got a 401 and ended the
+    hospital's whole Flower process right after its reply left, before the reply's objects all
+    reached the SuperLink: at 25 hospitals a round lost a hospital to "Reply message objects
+    are unavailable", another to its message sent again to the restarted node and refused as
+    already trained (docs/benchmarks/scale.md). The task's own calls report a spent token."""
+    import httpx
+
+    flower_giveup = invoker.should_giveup
+    if getattr(flower_giveup, _PATCHED_MARK, False):
+        return
+
+    def should_giveup(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED:
+            return True
+        return bool(flower_giveup(exc)) if flower_giveup is not None else False
+
+    setattr(should_giveup, _PATCHED_MARK, True)
+    invoker.should_giveup = should_giveup
 
 
 @dataclass(frozen=True)
@@ -477,17 +506,8 @@ def bound_retries(invoker: Any, max_time_s: float) -> None:
     process, which in `flwr-serverapp` is one study but here would stop the coordinator and every
     study in it: a 401 gives up instead (the study fails, the process stays up).
     (docs/flower.md, "A SuperLink restart mid-study")"""
-    import httpx
-
-    flower_giveup = invoker.should_giveup
-
-    def should_giveup(exc: Exception) -> bool:
-        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED:
-            return True
-        return bool(flower_giveup(exc)) if flower_giveup is not None else False
-
     invoker.max_time = max_time_s
-    invoker.should_giveup = should_giveup
+    give_up_on_401(invoker)
 
 
 class ServerAppTask(_HeartbeatTask):

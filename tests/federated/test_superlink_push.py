@@ -164,3 +164,37 @@ def test_a_heartbeat_for_a_finished_task_does_not_interrupt_the_process(
     interrupts.clear()
     assert flwr_internals.task_heartbeat_fn(FinishedTask())() is False
     assert interrupts == []
+
+
+def test_a_401_on_a_task_call_gives_up_instead_of_interrupting_the_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """flwr's HTTP retry invoker answers a 401 (a spent task token: the heartbeat that outlived
+    its task) with SIGINT to its own process, which for the warm executor is the hospital's
+    whole Flower process. The task clients we build give up instead: the error reaches the
+    call, the process stays up."""
+    import os
+    import signal
+
+    import httpx
+    from flwr.supercore.retry import http_retry
+
+    interrupts: list[int] = []
+    monkeypatch.setattr(os, "kill", lambda _pid, signum: interrupts.append(signum))
+    monkeypatch.setattr(http_retry.time, "sleep", lambda _s: None)
+    request = httpx.Request("POST", "http://127.0.0.1/v1/runtime/send-task-heartbeat")
+    spent = httpx.HTTPStatusError("401", request=request, response=httpx.Response(401, request=request))
+
+    flower = http_retry.make_simple_http_retry_invoker()
+    assert flower.should_giveup is not None
+    flower.should_giveup(spent)
+    assert interrupts == [signal.SIGINT]  # flwr's
+    interrupts.clear()
+
+    client = flwr_internals._runtime_http_client("127.0.0.1:1", insecure=True, root_certificates=None,
+                                                 component="flwr-clientapp", token="spent")
+    try:
+        ours = client._retry_invoker
+        assert ours.should_giveup(spent) is True
+        assert interrupts == []
+    finally:
+        client.close()
