@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("federated.runner")
 _one_at_a_time = threading.Lock()
-#: the ServerApp's object pushes and pulls in flight at once (flwr: 2; they wait on the SuperLink)
+#: object pushes and pulls in flight at once for `flwr_internals.patch_object_transfer_workers`:
+#: measured and not applied (the replies' return got slower on a quiet machine; docs/flower.md)
 OBJECT_TRANSFER_WORKERS = 8
 
 
@@ -148,7 +149,6 @@ def run_study(superlink_address: str, spec: StudySpec, observer: StudyObserver, 
                          f"({superlink_address})")
     if settings.mode == "fast":
         flwr_internals.patch_grid_pull_backoff(settings.pull_backoff)
-        flwr_internals.patch_object_transfer_workers(OBJECT_TRANSFER_WORKERS)
     fab = build_fab()
     certs = None if insecure else root_certificates
     # One submission at a time: a run is submitted and its ServerApp task claimed as a pair (the

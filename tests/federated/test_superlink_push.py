@@ -110,7 +110,8 @@ def test_a_rounds_messages_are_stored_in_one_transaction_their_shared_content_on
 def test_the_serverapps_object_transfers_run_more_than_two_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """flwr sized the thread pool of a message's object pushes and pulls at min(2, CPUs): a
     round's 24 objects went to the SuperLink two at a time, each reply's five came back in three
-    waits. The ServerApp's process now runs `OBJECT_TRANSFER_WORKERS` at once."""
+    waits. The patch runs `OBJECT_TRANSFER_WORKERS` at once (measured, not applied: see
+    docs/flower.md)."""
     import threading
     import time
 
