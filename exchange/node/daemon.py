@@ -18,6 +18,7 @@ grace period), exit 0.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -63,6 +64,9 @@ STUDY_PAGE = 100
 #: way for an unknown hospital, and every signed request costs the coordinator a write (its
 #: replay-protection nonce) while many hospitals poll it (docs/benchmarks/scale.md, 25 hospitals)
 REGISTRATION_RECHECK_S = 60.0
+#: The step's time goes to the node database at most this often (the health endpoint has every
+#: step's): a write, and on SQLite an fsync, at every step of every idle hospital bought nothing
+STEP_RECORD_S = 10.0
 CHILD_STOP_GRACE_S = 10.0
 
 
@@ -182,6 +186,16 @@ class NodeDaemon:
         self._health: dict[str, Any] = {"status": "starting", "hospital_id": settings.hospital_id}
         #: `time.monotonic()` of the coordinator's last answer to `me` (None: ask at the next step)
         self._registered_at: float | None = None
+        #: the studies list's last answer (a digest), when to ask again, and the wait that gave it
+        self._studies_digest: str | None = None
+        self._studies: list[dict[str, Any]] = []
+        self._studies_due_at = 0.0
+        self._studies_wait_s = 0.0
+        #: what the node database last got: the supervised children, and when the step was recorded
+        self._children_recorded: dict[str, Any] | None = None
+        self._step_recorded_at: float | None = None
+        self._clock = time.monotonic
+        self._step_started = 0.0
         self._health_lock = threading.Lock()
         if witness_link is None:
             witness_link = getattr(link, "client", None)
@@ -203,6 +217,7 @@ class NodeDaemon:
 
     # -- one step -----------------------------------------------------------------------------
     def step(self) -> None:
+        self._step_started = self._clock()
         if not self._ensure_registered():
             return
         self._publish_catalog()
@@ -210,7 +225,9 @@ class NodeDaemon:
         self._post_decisions()
         self._sync_supernode()
         self._sync_rounds()
-        self.store.set_state("last_step_at", datetime.now(UTC).isoformat())
+        if self._step_recorded_at is None or self._step_started - self._step_recorded_at >= STEP_RECORD_S:
+            self.store.set_state("last_step_at", datetime.now(UTC).isoformat())
+            self._step_recorded_at = self._step_started
 
     def _ensure_registered(self) -> bool:
         """Whether the coordinator knows this hospital: asked (`me`) at the first step, after a
@@ -240,23 +257,55 @@ class NodeDaemon:
         try:
             if publish_catalog(self.store, self.settings, self.ctx.signer, self.link.post_catalog):
                 log.info("catalog_published", hospital_id=self.settings.hospital_id)
+                self.studies_changed()  # a study refused for a missing column may be decided anew
         except Exception as exc:
             self._error("catalog", exc)
 
-    def _sync_studies(self) -> None:
-        try:
-            studies = self.link.studies()
-        except Exception as exc:
-            self._error("coordinator", exc)
-            self._registered_at = None  # the next step asks `me`, which says why (health)
-            return
+    def _observe(self, studies: list[dict[str, Any]]) -> bool:
+        """Each study observed (decided when due); False if one of them failed."""
+        ok = True
         for study in studies:
             try:
                 row = observe_study(self.store, self.ctx, study)
             except Exception as exc:
                 self._error("policy", exc)
+                ok = False
                 continue
             log.debug("study_seen", study_id=row.study_id, status=row.status)
+        return ok
+
+    def studies_changed(self) -> None:
+        """Ask the coordinator for the studies at the next step (something here changed)."""
+        self._studies_due_at = 0.0
+        self._studies_wait_s = 0.0
+
+    def _sync_studies(self) -> None:
+        """The studies this hospital is asked about, each observed (decided when due). While
+        the answer stays the same the next one is asked for later (`studies_poll_max_s`): the
+        daemon asks at the next step, then waits twice as long each time, and asks at every step
+        again once the answer changes, after a failed request, a failed observation, a posted
+        decision or a published catalog."""
+        started = self._step_started
+        if started < self._studies_due_at:  # the last answer, observed again: what changed
+            self._observe(self._studies)    # here (budget, data, consent) is seen at every step
+            return
+        try:
+            studies = self.link.studies()
+        except Exception as exc:
+            self._error("coordinator", exc)
+            self._registered_at = None  # the next step asks `me`, which says why (health)
+            self.studies_changed()
+            return
+        self._studies = studies
+        failed = not self._observe(studies)
+        digest = hashlib.sha256(json.dumps(studies, sort_keys=True, default=str).encode()).hexdigest()
+        cap = self.settings.studies_poll_max_s
+        if failed or digest != self._studies_digest or cap <= 0:
+            self._studies_wait_s = 0.0
+        else:
+            self._studies_wait_s = min(cap, max(self.settings.poll_interval_s, 2 * self._studies_wait_s))
+        self._studies_digest = digest
+        self._studies_due_at = started + self._studies_wait_s
 
     def _post_decisions(self) -> None:
         for decision in unposted(self.store):
@@ -280,6 +329,7 @@ class NodeDaemon:
                 self._error("coordinator", exc)
                 continue
             mark_posted(self.store, decision.id)
+            self.studies_changed()
             if decision.decision == "approve":
                 # At once, not at the step's site export: the study may start with this
                 # approval, and its first round must not find it missing here (refused).
@@ -305,7 +355,10 @@ class NodeDaemon:
             for spec in specs:
                 self.supervisor.forget(spec.name, CHILD_STOP_GRACE_S)
         self.supervisor.tick()
-        self.store.set_state("children", self.supervisor.snapshot())
+        children = self.supervisor.snapshot()
+        if children != self._children_recorded:  # a write per change, not per step
+            self.store.set_state("children", children)
+            self._children_recorded = children
 
     def _sync_rounds(self) -> None:
         """Copy the privacy ledger's charges (one per round trained and released here) into

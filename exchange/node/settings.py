@@ -167,6 +167,12 @@ class NodeSettings(BaseSettings):
     # SSL_CERT_FILE), as for any HTTPS client.
     coordinator_root_certificates: Path | None = None
     poll_interval_s: float = Field(default=2.0, gt=0)
+    # While the coordinator's list of studies comes back unchanged, the daemon asks for it less
+    # often: at the next step, then at twice the last wait, up to this many seconds (its local
+    # work still runs every poll_interval_s). Every signed request costs the coordinator a write
+    # (its replay-protection nonce); 25 idle hospitals asking twice a second were most of its
+    # load (docs/benchmarks/scale.md). 0: ask at every step.
+    studies_poll_max_s: float = Field(default=4.0, ge=0)
     health_host: str = "127.0.0.1"
     health_port: int = Field(default=8181, ge=0, le=65535)
     supernode: SuperNodeSettings = SuperNodeSettings()

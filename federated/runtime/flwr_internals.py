@@ -33,6 +33,7 @@ flwr is imported lazily, inside functions: callers switch telemetry off before t
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import importlib.metadata
@@ -40,7 +41,7 @@ import inspect
 import threading
 import time as _time
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -378,9 +379,38 @@ def _runtime_http_client(address: str, *, insecure: bool, root_certificates: byt
     interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name=component)]
     if token:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
+    invoker = make_simple_http_retry_invoker()
+    give_up_on_401(invoker)
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=insecure, root_certificates=root_certificates,
-        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+        interceptors=interceptors, retry_invoker=invoker)
+
+
+def give_up_on_401(invoker: Any) -> None:
+    """Make a Flower HTTP retry invoker (`make_simple_http_retry_invoker`) give up on a 401, the
+    error reaching its caller, instead of sending SIGINT to its own process.
+
+    Flower does that for `flwr-clientapp` and `flwr-serverapp`, processes of one task each. Ours
+    share their process: the warm executor's task client lives in the hospital's Flower process
+    with its SuperNode (`hosted_supernode`), the ServerApp's in the coordinator. A task heartbeat
+    that raced the task's end (its token spent by the pushed output) got a 401 and ended the
+    hospital's whole Flower process right after its reply left, before the reply's objects all
+    reached the SuperLink: at 25 hospitals a round lost a hospital to "Reply message objects
+    are unavailable", another to its message sent again to the restarted node and refused as
+    already trained (docs/benchmarks/scale.md). The task's own calls report a spent token."""
+    import httpx
+
+    flower_giveup = invoker.should_giveup
+    if getattr(flower_giveup, _PATCHED_MARK, False):
+        return
+
+    def should_giveup(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED:
+            return True
+        return bool(flower_giveup(exc)) if flower_giveup is not None else False
+
+    setattr(should_giveup, _PATCHED_MARK, True)
+    invoker.should_giveup = should_giveup
 
 
 @dataclass(frozen=True)
@@ -422,21 +452,42 @@ def _sub_status(completed: bool) -> str:
     return str(SubStatus.COMPLETED if completed else SubStatus.FAILED)
 
 
+def task_heartbeat_fn(client: Any) -> Callable[[], bool]:
+    """A claimed task's heartbeat over the Runtime API, as flwr's `make_task_heartbeat_fn_http`
+    sends it, without its `signal.raise_signal(SIGINT)` when the answer is "no such task".
+
+    flwr-clientapp and flwr-serverapp are processes of their own, so flwr ends the process on
+    that answer. Here the task runs in a process that hosts more: the warm executor shares its
+    process with the hospital's SuperNode (`hosted_supernode`), the ServerApp with the
+    coordinator. A heartbeat that raced the task's end (the reply and the output pushed, the
+    token gone) SIGINTed the hospital's whole Flower process right after its reply left: its
+    objects never all reached the SuperLink, and the SuperNode came back under a new node id
+    (25 hospitals, docs/benchmarks/scale.md: a round lost a hospital to "Reply message objects
+    are unavailable", another to a round-1 message sent again and refused). A task the other
+    end no longer knows ends by its own calls (they fail and report it); the heartbeat only
+    says so (False: flwr's sender retries until the task closes), as for an HTTP error."""
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    request = SendTaskHeartbeatRequest()
+
+    def heartbeat() -> bool:
+        try:
+            response = client.SendTaskHeartbeat(request)
+        except (httpx.TransportError, httpx.HTTPStatusError):  # e.g. the 401 `bound_retries`
+            return False  # gives up on: the task's own calls report it
+        return bool(response.success)
+
+    return heartbeat
+
+
 class _HeartbeatTask:
     """A claimed task's heartbeat, started with the task; Flower reclaims a silent task."""
 
     def _start_heartbeat(self, client: Any) -> None:
-        import httpx
-        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+        from flwr.supercore.heartbeat import HeartbeatSender
 
-        flower_heartbeat = make_task_heartbeat_fn_http(client)
-
-        def heartbeat() -> bool:
-            try:
-                return bool(flower_heartbeat())
-            except httpx.HTTPStatusError:  # e.g. the 401 `bound_retries` gives up on: the task's
-                return False  # own calls report it; the sender retries until the task closes
-        self._heartbeat = HeartbeatSender(heartbeat)
+        self._heartbeat = HeartbeatSender(task_heartbeat_fn(client))
         self._heartbeat.start()
 
     def _stop_heartbeat(self) -> None:
@@ -455,17 +506,8 @@ def bound_retries(invoker: Any, max_time_s: float) -> None:
     process, which in `flwr-serverapp` is one study but here would stop the coordinator and every
     study in it: a 401 gives up instead (the study fails, the process stays up).
     (docs/flower.md, "A SuperLink restart mid-study")"""
-    import httpx
-
-    flower_giveup = invoker.should_giveup
-
-    def should_giveup(exc: Exception) -> bool:
-        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED:
-            return True
-        return bool(flower_giveup(exc)) if flower_giveup is not None else False
-
     invoker.max_time = max_time_s
-    invoker.should_giveup = should_giveup
+    give_up_on_401(invoker)
 
 
 class ServerAppTask(_HeartbeatTask):
@@ -831,6 +873,34 @@ def patch_grid_pull_backoff(initial_backoff: float, backoff_cap: float = 0.5) ->
     from flwr.superlink.grid import http_grid
 
     _patch_attr(http_grid, "pull_objects", initial_backoff, backoff_cap)
+
+
+def patch_object_transfer_workers(workers: int) -> None:
+    """Push and pull a message's objects `workers` at a time in this process (the ServerApp's).
+
+    flwr 1.42 sends one request per object (`push_objects`, `pull_objects`) on
+    `get_num_workers(2)` threads, which is also capped at the CPU count. Those requests wait on
+    the SuperLink, not on this CPU: a round's push to 20 hospitals is 24 objects (each message
+    is an object of its own, the shared model three more), 12 requests one after another two
+    at a time, and each reply's five objects are pulled in three. Here every message's objects
+    go `workers` at a time."""
+    check_flwr_version()
+    from flwr.supercore.inflatable import inflatable_utils
+
+    current = inflatable_utils.get_num_workers
+    if getattr(current, _PATCHED_MARK, False):
+        return
+    _require(list(inspect.signature(current).parameters) == ["max_concurrent"]
+             and "get_num_workers(max_concurrent_pulls)" in inspect.getsource(inflatable_utils.pull_objects)
+             and "get_num_workers(max_concurrent_pushes)"
+             in inspect.getsource(inflatable_utils.push_object_contents_from_iterable),
+             "flwr's object transfers no longer size their thread pools with get_num_workers")
+
+    def get_num_workers(max_concurrent: int) -> int:
+        return max(1, workers)
+
+    setattr(get_num_workers, _PATCHED_MARK, True)
+    setattr(inflatable_utils, "get_num_workers", get_num_workers)  # noqa: B010 (a function of flwr's)
 
 
 def is_patched(obj: object) -> bool:
@@ -1586,6 +1656,86 @@ def patch_superlink_task_sweep(interval_s: float) -> None:
 
     setattr(cleanup_expired_task_tokens, _PATCHED_MARK, True)
     setattr(SqlCoreState, "_cleanup_expired_task_tokens", cleanup_expired_task_tokens)  # noqa: B010
+
+
+def patch_superlink_push_one_transaction() -> None:
+    """Store all the messages of one Runtime API `PushMessages` (the ServerApp's messages of a
+    round, one per hospital) in one SQLite transaction (SuperLink process only).
+
+    flwr 1.42's handler opens the push session in a transaction of its own, then stores each
+    message and preregisters its object tree in another (`store_message_and_object_tree`: the
+    run row locked with an UPDATE, the destination node read, the message inserted, the tree's
+    objects registered): N + 1 write transactions, each taking SQLite's write lock anew while
+    every SuperNode's heartbeats and object pushes queue for the same lock. flwr's `session()`
+    is re-entrant, so the handler run inside one outer session stores everything in one
+    transaction, taking the lock once. All or nothing as well: a message refused halfway (the
+    handler raises) leaves none of the earlier ones stored for hospitals whose ids the ServerApp
+    never got back. The messages still are stored one by one, with flwr's own checks.
+
+    Inside that transaction an object subtree is preregistered once: the round's messages share
+    their content (the global model), and flwr walked that subtree again for every message (an
+    insert-or-ignore, two reads and a run mapping per object: about 30 statements a message,
+    most of a push's SuperLink CPU). A later message's walk skips a subtree already walked in
+    the same transaction, whose rows, availability and pending entries (per push session, not
+    per message) that walk already wrote; the message's own object and its link to the shared
+    content are stored as before."""
+    check_flwr_version()
+    from flwr.supercore.object_store import sql_object_store
+    from flwr.superlink.servicer.runtime import runtime_handlers
+
+    push = runtime_handlers.push_messages
+    if getattr(push, _PATCHED_MARK, False):
+        return
+    _require(list(inspect.signature(push).parameters) == ["request", "state", "task"],
+             "flwr's Runtime push_messages handler changed its parameters")
+    source = inspect.getsource(push)
+    _require("state.start_session(run_id)" in source and "state.store_message_and_object_tree(" in source,
+             "flwr's Runtime push_messages no longer stores the messages one by one")
+    _require("nested calls" in inspect.getsource(importlib.import_module("flwr.supercore.sql_mixin")),
+             "flwr.supercore.sql_mixin's session() is no longer re-entrant")
+    iterate = sql_object_store.iterate_object_tree
+    preregister = inspect.getsource(sql_object_store.SqlObjectStore.preregister)
+    _require("tree_nodes = list(iterate_object_tree(object_tree))" in preregister
+             and "on_conflict_do_nothing" in preregister and "if is_new:" in preregister,
+             "SqlObjectStore.preregister changed")
+
+    def iterate_object_tree(tree: Any) -> Iterator[Any]:
+        walked = _walked_in_push.get()
+        if walked is None:
+            yield from iterate(tree)
+            return
+        yield from _iterate_unwalked(tree, walked)
+
+    @functools.wraps(push)
+    def push_messages(request: Any, state: Any, task: Any) -> Any:
+        session = getattr(state, "session", None)
+        if session is None:  # another LinkState (in memory): flwr's own
+            return push(request, state, task)
+        token = _walked_in_push.set(set())
+        try:
+            with session():
+                return push(request, state, task)
+        finally:
+            _walked_in_push.reset(token)
+
+    setattr(push_messages, _PATCHED_MARK, True)
+    setattr(runtime_handlers, "push_messages", push_messages)  # noqa: B010 (a function of flwr's)
+    setattr(sql_object_store, "iterate_object_tree", iterate_object_tree)  # noqa: B010
+
+
+#: object ids whose subtree was preregistered in the running push's transaction (None: not in one)
+_walked_in_push: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("walked_in_push",
+                                                                                   default=None)
+
+
+def _iterate_unwalked(tree: Any, walked: set[str]) -> Iterator[Any]:
+    """flwr's post-order walk of an object tree, leaving out the subtrees below the root that
+    were walked before in this push's transaction."""
+    for child in tree.children:
+        if child.object_id not in walked:
+            yield from _iterate_unwalked(child, walked)
+    walked.add(tree.object_id)
+    yield tree
 
 
 class _BusyInStoreObject(BaseException):

@@ -19,8 +19,9 @@ token belongs to (`patch_superlink_task_token_cache`), and the per-run traffic
 counters are summed in memory and written every `TRAFFIC_FLUSH_S`
 (`patch_superlink_traffic_batching`). An object push that finds the database locked past its
 busy timeout is answered 503 and retried by its sender, not silently dropped
-(`patch_superlink_store_object_busy`). Every SuperNode polls, idle or not, so on a small machine
-the SuperLink's CPU per request was what a round with ten hospitals waited for
+(`patch_superlink_store_object_busy`). The ServerApp's messages of one push are stored in one
+transaction, not one each (`patch_superlink_push_one_transaction`). Every SuperNode polls, idle
+or not, so on a small machine the SuperLink's CPU per request was what a round with ten hospitals waited for
 (docs/benchmarks/flower.md).
 """
 
@@ -77,6 +78,7 @@ def apply_superlink_patches(settings: RuntimeSettings) -> None:
     flwr_internals.patch_superlink_idle_pulls(settings.superlink_idle_recheck)
     flwr_internals.patch_superlink_task_sweep(TASK_SWEEP_S)
     flwr_internals.patch_superlink_store_object_busy()
+    flwr_internals.patch_superlink_push_one_transaction()
     statuses = flwr_internals.patch_superlink_run_status_cache(CACHE_MAX_AGE_S)
     nodes = flwr_internals.patch_superlink_node_key_cache(CACHE_MAX_AGE_S)
     tokens = flwr_internals.patch_superlink_task_token_cache(CACHE_MAX_AGE_S)
@@ -114,7 +116,7 @@ def main() -> None:
         print(f"[exchange] superlink patches: path-scoped middleware, idle polls answered early "
               f"(full poll per node every {settings.superlink_idle_recheck} s), task sweep throttled, "
               f"run statuses, node keys and task tokens cached, traffic counters batched, object pushes "
-              f"on a busy database retried",
+              f"on a busy database retried, a push's messages stored in one transaction",
               file=sys.stderr, flush=True)
     if os.environ.get(COUNTS_ENV):
         write_request_counts(Path(os.environ[COUNTS_ENV]))

@@ -516,7 +516,8 @@ def test_a_registered_daemon_asks_who_it_is_once_not_at_every_step(
     import exchange.node.daemon as daemon_module
 
     settings = _node_settings(node_dir, mode="auto-approve")
-    settings = settings.model_copy(update={"coordinator_url": coordinator.url})
+    # at every step (no back-off on an unchanged list of studies: the next test)
+    settings = settings.model_copy(update={"coordinator_url": coordinator.url, "studies_poll_max_s": 0.0})
     signer = Signer.load(settings.signing_key_path)
     link = _CountingLink(settings, signer)
     daemon = NodeDaemon(settings, seeded, link, signer)
@@ -537,3 +538,80 @@ def test_a_registered_daemon_asks_who_it_is_once_not_at_every_step(
     finally:
         link.close()
     assert seeded.get_state("registered") is not None
+
+
+def _idle_daemon(node_dir: Path, store: NodeStore, coordinator: LiveCoordinator,
+                 **changes: Any) -> tuple[NodeDaemon, _CountingLink, list[float]]:
+    """A daemon stepping on a clock the test moves (its SuperNode left out)."""
+    settings = _node_settings(node_dir, mode="auto-approve")
+    settings = settings.model_copy(update={"coordinator_url": coordinator.url, "poll_interval_s": 0.5,
+                                           **changes})
+    signer = Signer.load(settings.signing_key_path)
+    link = _CountingLink(settings, signer)
+    daemon = NodeDaemon(settings, store, link, signer)
+    daemon._sync_supernode = lambda: None  # type: ignore[method-assign]
+    now = [1000.0]
+    daemon._clock = lambda: now[0]
+    return daemon, link, now
+
+
+def test_an_idle_daemon_asks_for_the_studies_less_often_until_they_change(
+        node_dir: Path, seeded: NodeStore, coordinator: LiveCoordinator) -> None:
+    """Every signed request costs the coordinator a nonce write; 25 hospitals asking twice a
+    second while nothing changed were most of its load during a round (docs/benchmarks/
+    scale.md). While the answer stays the same the wait doubles up to `studies_poll_max_s`;
+    a new study is seen within that, and the daemon asks at every step again after it."""
+    daemon, link, now = _idle_daemon(node_dir, seeded, coordinator, studies_poll_max_s=2.0)
+    asked: list[float] = []
+    try:
+        for _ in range(16):  # 8 s of steps every 0.5 s, nothing changes
+            link.calls.clear()
+            daemon.step()
+            if "studies" in link.calls:
+                asked.append(now[0] - 1000.0)
+            now[0] += 0.5
+        assert asked == [0.0, 0.5, 1.0, 2.0, 4.0, 6.0]  # at every step before: 16 requests
+        study_id = coordinator.submit(epsilon=3.0, min_hospitals=1)
+        seen_after = None
+        for step in range(8):
+            daemon.step()
+            if _decisions(coordinator, study_id):
+                seen_after = step * 0.5
+                break
+            now[0] += 0.5
+        assert seen_after is not None and seen_after <= 2.0, seen_after
+        link.calls.clear()
+        now[0] += 0.5
+        daemon.step()  # the answer changed (our decision): asked again at the next step
+        assert link.calls == ["studies"]
+    finally:
+        link.close()
+
+
+def test_an_idle_step_writes_nothing_to_the_node_database(
+        node_dir: Path, seeded: NodeStore, coordinator: LiveCoordinator) -> None:
+    """The step's time went to the node database at every step (an fsync on SQLite, per
+    hospital, twice a second in the demo): now at most every STEP_RECORD_S, and the supervised
+    children only when they change."""
+    from sqlalchemy import event
+
+    import exchange.node.daemon as daemon_module
+
+    daemon, link, now = _idle_daemon(node_dir, seeded, coordinator)
+    commits: list[int] = []
+    try:
+        for _ in range(4):  # registration, the first answers, the catalog
+            daemon.step()
+            now[0] += 0.5
+        event.listen(seeded.engine, "commit", lambda _conn: commits.append(1))
+        for _ in range(10):  # 5 s, less than STEP_RECORD_S
+            daemon.step()
+            now[0] += 0.5
+        assert commits == []  # before: one `last_step_at` write per step, and the children's
+        assert daemon_module.STEP_RECORD_S > 5.0
+        now[0] += daemon_module.STEP_RECORD_S
+        daemon.step()
+        assert len(commits) == 1
+        assert seeded.get_state("last_step_at") is not None
+    finally:
+        link.close()
