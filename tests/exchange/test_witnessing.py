@@ -18,6 +18,7 @@ import pytest
 
 from audit.checkpoint import parse_checkpoint, verify_checkpoint
 from audit.cosignature import check_cosignatures
+from audit.entry import Entry
 from audit.fetch import fetch_api
 from audit.signing import Signer
 from audit.trust import Trust
@@ -294,15 +295,21 @@ def test_witness_refuses_a_bad_proof_and_an_older_checkpoint(
     assert report["witness"]["alarm"] and report["witness"]["cosigned_size"] == grown
 
 
+def _approve_a_study(served: Served, client: HospitalClient, signer: Signer) -> tuple[dict[str, Any], Entry]:
+    """A new study, and hospital w-two's approval of it posted to the log (its entry)."""
+    study = served.submit()
+    entry = decision_entry(signer, "w-two", study["id"], decision="approve",
+                           reasons=["policy: ok"], eligible_records=10)
+    client.submit_entry(entry, path=f"/v1/hospital/studies/{study['id']}/decision")
+    return study, entry
+
+
 def test_each_hospital_proves_its_own_entries_included_and_alarms_on_a_missing_one(
         served: Served, witnesses: dict[str, tuple[NodeWitness, HospitalClient]],
         hospitals: dict[str, Signer], tmp_path: Path) -> None:
     witness, client = witnesses["w-two"]
     settings = node_settings(tmp_path, "w-two", served.url)
-    study = served.submit()
-    entry = decision_entry(hospitals["w-two"], "w-two", study["id"], decision="approve",
-                           reasons=["policy: ok"], eligible_records=10)
-    client.submit_entry(entry, path=f"/v1/hospital/studies/{study['id']}/decision")
+    study, entry = _approve_a_study(served, client, hospitals["w-two"])
     store = open_store(settings.db_url)
     try:
         long_ago = datetime.now(UTC) - timedelta(minutes=5)
@@ -356,10 +363,7 @@ def test_the_inclusion_check_holds_the_fork_guard_for_database_use_only(
     a page of the log or an inclusion proof from a slow coordinator."""
     witness, client = witnesses["w-two"]
     settings = node_settings(tmp_path, "w-two", served.url)
-    study = served.submit()
-    entry = decision_entry(hospitals["w-two"], "w-two", study["id"], decision="approve",
-                           reasons=["policy: ok"], eligible_records=10)
-    client.submit_entry(entry, path=f"/v1/hospital/studies/{study['id']}/decision")
+    _approve_a_study(served, client, hospitals["w-two"])
     _cosign_all({"w-two": (witness, client)}, served.runtime.audit_log.size())
     held = witness.held()
     assert held is not None
