@@ -45,16 +45,13 @@ import threading
 from pathlib import Path
 
 from federated.runtime import flwr_internals
+from federated.runtime.deployment import LIVENESS_FILE_ENV
 from federated.runtime.executor import WarmExecutor, prewarm
 from federated.runtime.process_limits import limit_threads, refuse_imports
 from federated.runtime.settings import disable_phone_home
 from federated.runtime.supernode_main import apply_supernode_patches, settings_from_env
 
 log = logging.getLogger("federated.executor")
-
-#: a file this process touches after each node heartbeat the SuperLink accepted (the node
-#: daemon's supervisor restarts a SuperNode that stopped touching it: `ChildSpec.liveness_file`)
-LIVENESS_FILE_ENV = "EXCHANGE_SUPERNODE_LIVENESS_FILE"
 
 
 def touch(path: Path) -> None:
