@@ -670,8 +670,8 @@ def flower_supernode_main() -> None:
       there before it (Python's, which raises KeyboardInterrupt) before `flwr_exit` has started
       its force-exit timer. flwr itself sends SIGINT from two threads when a SuperLink restarted
       without its state answers 401 (the node heartbeat's thread and the Fleet retry invoker), so
-      both may come within milliseconds. The handler put back is now SIG_IGN: the graceful exit
-      goes on, and its timer ends the process;
+      both may come within milliseconds. The handler put back now does nothing
+      (`_second_interrupt`): the graceful exit goes on, and its timer ends the process;
     - an error that the Fleet connection's context manager logs and swallows (e.g. a SuperLink,
       or a proxy in front of it, answering a pull with a status flwr does not retry, such as
       500): `start_client_internal` returns as if done. The process now logs why and exits."""
@@ -682,7 +682,7 @@ def flower_supernode_main() -> None:
     from flwr.supernode.cli import flower_supernode
 
     update_console_handler(timestamps=True, colored=False)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # what flwr's handler puts back (docstring)
+    signal.signal(signal.SIGINT, _second_interrupt)  # what flwr's handler puts back (docstring)
     try:
         flower_supernode()
     except SystemExit:
@@ -690,6 +690,12 @@ def flower_supernode_main() -> None:
     except BaseException as exc:  # whatever ended the loop, the process must end
         _end_supernode_process(f"{type(exc).__name__}: {exc}")
     _end_supernode_process("flwr's SuperNode loop returned (the error it logged above ended it)")
+
+
+def _second_interrupt(_signum: int, _frame: object) -> None:
+    """SIGINT once flwr's graceful exit is under way: nothing to do, its force-exit timer ends the
+    process. A Python handler, not SIG_IGN: processes flwr starts (plain mode's
+    `flower-superexec`, `flwr-clientapp`) must not inherit an ignored SIGINT across exec."""
 
 
 def _end_supernode_process(why: str) -> None:
