@@ -17,21 +17,19 @@ sensitivity `clip`, whatever the number of records the patient has. An empty bat
 step: zero sum plus noise. Then an SGD step (optional momentum: post-processing). With one record
 per patient (the demo data) this is record-level DP-SGD exactly.
 
-Engines:
-- "fast" (default): for templates made of `nn.Linear` layers and element-wise activations, a
-  per-record gradient of layer l is the outer product g_i a_i^T of the gradient at the layer's
-  output and the layer's input, so its squared norm is |g_i|^2 (|a_i|^2 + 1) (the +1 is the
-  bias) and the clipped sum is (c * G)^T A: one forward, one backward to the layer outputs and two
-  small matrix products per layer, no per-sample gradient tensors ("ghost clipping", the same
-  algebra as Opacus's grad_sample_mode="ghost"). The backward is written out by hand for
-  tanh/ReLU/sigmoid/identity (closed-form loss gradient `Template.output_grad`), through autograd
-  for other element-wise activations. This makes a DP step cost about what a plain autograd +
-  torch.optim step costs (docs/benchmarks/federated-dp.md has the ratio). What a hospital runs
-  is this engine's NumPy twin (`federated.numpy_dp`, through `federated.dp_round.train_round`),
-  so its Flower process never imports torch; the torch version here is its reference in the tests
-  and benchmarks.
-- "opacus": Opacus 1.6's GradSampleModule (hooks) and DPOptimizer with the same sampling and the
-  same noise. Any nn.Module works; slower. The tests check both engines give the same clipped sum.
+Engines (`federated.dp_round.train_round` picks one):
+- "fast" (default): what a hospital runs, `federated.numpy_dp` (NumPy, closed-form per-record
+  gradient norms: "ghost clipping"), so its Flower process never imports torch. Its torch twin,
+  the reference the tests and benchmarks compare it with, is test support code
+  (`tests/federated/torch_reference.py`): nothing in production runs it. Survival's torch twin
+  (`run_cox(engine="fast")`, closed-form per-patient gradients) stays here: `run_cox` is also
+  the "opacus" engine's survival loop.
+- "opacus" (`run_opacus`): Opacus 1.6's GradSampleModule (hooks) and DPOptimizer with the same
+  sampling and the same noise. Any nn.Module works; slower. The tests check both engines give the
+  same clipped sum.
+
+This module also holds what the coordinator computes with torch (a study's initial model:
+`initial_state`, `public_initial_state`) and the non-private baselines of the benchmarks.
 
 Randomness: sampling and noise come from `federated.secure_random.SecureRandom` (ChaCha20
 keystreams; Gaussian noise as Opacus's secure-mode sum of four draws, which defeats the
@@ -45,7 +43,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 
 import numpy as np
@@ -73,7 +71,6 @@ from federated.weights import pack, unpack
 __all__ = ["DPTrainingError", "Engine", "PatientIndex", "RoundResult", "Status", "StepTerms", "check_hparams",
            "check_inputs"]
 
-_ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.LeakyReLU, nn.ELU, nn.GELU)
 _NORM_EPS = 1e-6  # as Opacus: clip factor = clip / (norm + 1e-6), capped at 1
 
 
@@ -178,102 +175,6 @@ def make_generator(seed: int | None) -> torch.Generator:
     return gen
 
 
-def fast_path_supported(model: nn.Module) -> bool:
-    """True when `model` is a Sequential of Linear layers and element-wise activations."""
-    return isinstance(model, nn.Sequential) and all(
-        isinstance(m, (nn.Linear, *_ELEMENTWISE)) for m in model) and any(
-        isinstance(m, nn.Linear) for m in model)
-
-
-def clipped_grad_sum(model: nn.Sequential, template: Template, xb: torch.Tensor, yb: torch.Tensor,
-                     clip: float) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Sum over the batch of per-record gradients each clipped to `clip` (one tensor per
-    parameter, in `model.parameters()` order) and the per-record gradient norms before clipping.
-    The "fast" engine's core; see module docstring for the algebra."""
-    linears = [m for m in model if isinstance(m, nn.Linear)]
-    if all(isinstance(m, nn.Linear) or type(m) in _DERIVATIVES for m in model):
-        acts, grads_out = _backprop_manual(model, template, xb, yb)
-    else:
-        acts, grads_out = _backprop_autograd(model, template, xb, yb)
-    sq = torch.zeros(xb.shape[0], dtype=xb.dtype)
-    for a, g, m in zip(acts, grads_out, linears, strict=True):
-        sq += (g * g).sum(1) * ((a * a).sum(1) + (1.0 if m.bias is not None else 0.0))
-    norms = sq.sqrt()
-    factor = (clip / (norms + _NORM_EPS)).clamp(max=1.0)
-    result: list[torch.Tensor] = []
-    for a, g, m in zip(acts, grads_out, linears, strict=True):
-        gs = g * factor[:, None]
-        result.append(gs.T @ a)
-        if m.bias is not None:
-            result.append(gs.sum(0))
-    return result, norms
-
-
-# Derivative of an activation given its input z and output h (all element-wise).
-_DERIVATIVES: dict[type[nn.Module], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    nn.Tanh: lambda _z, h: 1.0 - h * h,
-    nn.ReLU: lambda z, _h: (z > 0).to(z.dtype),
-    nn.Sigmoid: lambda _z, h: h * (1.0 - h),
-    nn.Identity: lambda z, _h: torch.ones_like(z),
-}
-
-
-def _backprop_manual(model: nn.Sequential, template: Template, xb: torch.Tensor,
-                     yb: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Inputs of every Linear layer and the loss gradient at every Linear layer's output,
-    computed by hand (closed-form loss gradient, element-wise activation derivatives): the
-    per-step cost of autograd's graph is most of the time for models this small."""
-    inputs: list[torch.Tensor] = []
-    trace: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-    h = xb
-    for m in model:
-        z = h
-        if isinstance(m, nn.Linear):
-            inputs.append(z)
-            h = nn.functional.linear(z, m.weight.detach(), None if m.bias is None else m.bias.detach())
-        else:
-            h = m(z)
-        trace.append((m, z, h))
-    g = template.output_grad(h, yb)
-    if g.ndim == 1:
-        g = g[:, None]
-    grads_out: list[torch.Tensor] = []
-    for i in range(len(trace) - 1, -1, -1):
-        m, z, h = trace[i]
-        if isinstance(m, nn.Linear):
-            grads_out.append(g)
-            if i > 0:
-                g = g @ m.weight.detach()
-        else:
-            g = g * _DERIVATIVES[type(m)](z, h)
-    grads_out.reverse()
-    return inputs, grads_out
-
-
-def _backprop_autograd(model: nn.Sequential, template: Template, xb: torch.Tensor,
-                       yb: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """As `_backprop_manual`, through autograd (any element-wise activation)."""
-    inputs: list[torch.Tensor] = []
-    outputs: list[torch.Tensor] = []
-    h = xb
-    with torch.enable_grad():
-        for m in model:
-            if isinstance(m, nn.Linear):
-                inputs.append(h.detach())
-                z = nn.functional.linear(h, m.weight.detach(),
-                                         None if m.bias is None else m.bias.detach())
-                if not z.requires_grad:
-                    z.requires_grad_(True)
-                outputs.append(z)
-                h = z
-            else:
-                h = m(h)
-        loss = template.per_sample_loss(h, yb).sum()
-        grads = torch.autograd.grad(loss, outputs)
-    return inputs, list(grads)
-
-
-
 def _as_arrays(template: Template, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """`federated.dp_round.check_inputs`, as tensors."""
     xa, ya = check_inputs(template, x, y)
@@ -306,34 +207,6 @@ def step_noise(rng: SecureRandom, params: Sequence[torch.Tensor], std: float) ->
     sizes = [p.numel() for p in params]
     flat = torch.from_numpy(rng.gaussian(sum(sizes), std).astype(np.float32))
     return [chunk.view_as(p) for chunk, p in zip(flat.split(sizes), params, strict=True)]
-
-
-def _run_fast(model: nn.Sequential, tpl: Template, x: torch.Tensor, y: torch.Tensor, *,
-              index: PatientIndex, rng: SecureRandom, sigma: float, q: float, steps: int,
-              clip: float, lr: float, momentum: float,
-              expected_batch: float | None = None) -> None:
-    params = list(model.parameters())
-    expected_batch = q * index.n_patients if expected_batch is None else expected_batch
-    bufs: list[torch.Tensor | None] = [None] * len(params)
-    with torch.no_grad():
-        for _ in range(steps):
-            idx = torch.from_numpy(index.sample(q, rng))
-            if idx.numel() > 0:
-                summed, _ = clipped_grad_sum(model, tpl, x[idx], y[idx], clip)
-            else:
-                summed = [torch.zeros_like(p) for p in params]
-            noise = step_noise(rng, params, sigma * clip) if sigma > 0 else None
-            for i, (p, summed_grad) in enumerate(zip(params, summed, strict=True)):
-                g = summed_grad
-                if noise is not None:
-                    g = g + noise[i]
-                g = g / expected_batch
-                if momentum > 0:
-                    buf = bufs[i]
-                    buf = g if buf is None else buf.mul_(momentum).add_(g)
-                    bufs[i] = buf
-                    g = buf
-                p.sub_(lr * g)
 
 
 def _run_opacus(model: nn.Module, tpl: Template, x: torch.Tensor, y: torch.Tensor, *,
@@ -382,7 +255,7 @@ def _run_opacus(model: nn.Module, tpl: Template, x: torch.Tensor, y: torch.Tenso
 def _apply(params: Sequence[torch.Tensor], summed: Sequence[torch.Tensor],
            noise: Sequence[torch.Tensor] | None, *, expected_batch: float, lr: float, momentum: float,
            bufs: list[torch.Tensor | None]) -> None:
-    """Noised sum / expected batch, optional momentum, SGD step (as `_run_fast`)."""
+    """Noised sum / expected batch, optional momentum, SGD step (`federated.numpy_dp`'s update)."""
     for i, (p, summed_grad) in enumerate(zip(params, summed, strict=True)):
         g = summed_grad if noise is None else summed_grad + noise[i]
         g = g / expected_batch
@@ -432,8 +305,9 @@ def run_cox(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, sub: Subcoho
             rng: SecureRandom, sigma: float, q: float, steps: int, clip: float, lr: float, momentum: float,
             engine: Engine = "fast", expected_batch: float | None = None) -> None:
     """DP-SGD on the case-cohort Cox loss: the same patient-level Poisson sampling, clipping,
-    secure noise and step as `_run_fast` (module docstring), per-patient gradients from
-    `cox_clipped_sum`."""
+    secure noise and step as `federated.numpy_dp.run` (module docstring), per-patient gradients
+    from `cox_clipped_sum`. `run_opacus` runs it with engine="opacus"; engine="fast" is the
+    torch twin of `federated.numpy_dp`'s survival steps (the tests compare them)."""
     params = list(model.parameters())
     expected_batch = q * index.n_patients if expected_batch is None else expected_batch
     bufs: list[torch.Tensor | None] = [None] * len(params)

@@ -83,9 +83,9 @@ def apply_step(params: Sequence[np.ndarray], summed: Sequence[np.ndarray],
 
 def run(model: NumpyMLP, task: str, x: np.ndarray, y: np.ndarray, *, subcohort: SurvivalSet | None,
         index: PatientIndex, rng: SecureRandom, terms: StepTerms) -> None:
-    """`terms.steps` DP-SGD steps on `model` in place (`federated.dp._run_fast`'s and
-    `federated.dp.run_cox`'s mechanism). Survival: `y` is [records, 2] (time, event) and
-    `subcohort` the public subcohort."""
+    """`terms.steps` DP-SGD steps on `model` in place (the mechanism of its torch twins,
+    `tests/federated/torch_reference.run_fast` and `federated.dp.run_cox`). Survival: `y` is
+    [records, 2] (time, event) and `subcohort` the public subcohort."""
     params = model.params()
     bufs: list[np.ndarray | None] = [None] * len(params)
     cohort = None

@@ -155,7 +155,7 @@ class NumpyMLP:
 
     def backprop(self, task: str, x: np.ndarray, y: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Each Linear layer's input and the loss gradient at its output, per record (the fast
-        engine's two ingredients; `federated.dp._backprop_manual` is the torch twin)."""
+        engine's two ingredients; the torch twin is in `tests/federated/torch_reference.py`)."""
         inputs: list[np.ndarray] = []
         pre: list[np.ndarray] = []
         post: list[np.ndarray] = []

@@ -158,13 +158,15 @@ def supernode_specs(settings: NodeSettings) -> list[ChildSpec]:
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])})
     logs = settings.data_dir / "logs"
     if sn.executor == "warm":
-        from federated.runtime.deployment import READY_LINE
+        from federated.runtime.deployment import LIVENESS_FILE_ENV, READY_LINE
 
         env["EXCHANGE_FLOWER_MODE"] = "fast"
+        liveness = settings.data_dir / "supernode.online"  # touched after each accepted heartbeat
+        env[LIVENESS_FILE_ENV] = str(liveness)
         hosted = (sys.executable, "-m", "federated.runtime.hosted_supernode", *argv,
                   "--isolation", "process", "--host", host, "--port", port)
         return [ChildSpec("supernode", hosted, env=env, log_file=logs / "supernode.log",
-                          ready_line=READY_LINE)]
+                          ready_line=READY_LINE, liveness_file=liveness, liveness_s=sn.restart_offline_s)]
     env["EXCHANGE_FLOWER_MODE"] = "plain"
     plain = (sys.executable, "-m", "federated.runtime.supernode_main", *argv, "--host", host, "--port", port)
     return [ChildSpec("supernode", plain, env=env, log_file=logs / "supernode.log")]
@@ -207,7 +209,7 @@ class NodeDaemon:
     # -- events -------------------------------------------------------------------------------
     def _child_event(self, event: str, data: dict[str, Any]) -> None:
         log.info(event, **data)
-        if event in ("child_exited", "child_start_failed", "child_killed"):
+        if event in ("child_exited", "child_start_failed", "child_killed", "child_unresponsive"):
             self.store.record_error("supervisor", f"{event}: {json.dumps(data, sort_keys=True)}")
 
     def _error(self, component: str, exc: BaseException) -> None:

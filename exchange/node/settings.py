@@ -107,6 +107,10 @@ class SuperNodeSettings(BaseModel):
     # After SIGKILL the SuperLink keeps the node "online" for a while and a restart inside that
     # window exits with code 305 (docs/node.md); that exit waits at least this long.
     restart_after_305_s: float = Field(default=10.0, ge=0)
+    # A warm (hosted) SuperNode whose heartbeats the SuperLink has not accepted for this long,
+    # though its process runs, is alive but not online: it is restarted (docs/node.md). Its
+    # heartbeats come every ~4 s (10 s interval); a SuperLink down longer than this costs a restart.
+    restart_offline_s: float = Field(default=120.0, ge=30)
 
     @model_validator(mode="after")
     def _plaintext_only_on_loopback(self) -> SuperNodeSettings:

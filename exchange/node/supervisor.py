@@ -16,6 +16,11 @@ Why the special cases:
   crashed daemon never leaves a SuperNode holding the ports its successor needs; a
   SuperNode stopped by SIGTERM deregisters, so the next one starts at once.
 - a child that stayed up for `stable_after_s` has its backoff reset.
+- a child alive but silent is restarted: a ready child with a `liveness_file` that it has not
+  touched for `liveness_s` gets SIGTERM (SIGKILL after `kill_after_s`), logged with the reason
+  (`child_unresponsive`), then restarts like any exit. The hosted SuperNode touches its file
+  after each heartbeat the SuperLink accepted: a SuperNode alive but not online (its loop
+  stuck, its heartbeat thread gone) is no exit, and was kept as it was for good.
 - a child may start only `after` another is ready (its log, since it started, holds its
   `ready_line`): the SuperNode waits for the warm ClientApp executor to have imported torch
   and the ClientApp, so the first message of a run is not held up by that import (seconds
@@ -63,6 +68,11 @@ class ChildSpec:
     ready_line: str | None = None
     # the name of a child that must be running and ready before this one starts
     after: str | None = None
+    # a file the child touches while it is healthy (the hosted SuperNode: after each heartbeat
+    # the SuperLink accepted); a ready child that has not touched it for `liveness_s` is
+    # restarted (None: not watched)
+    liveness_file: Path | None = None
+    liveness_s: float = 120.0
 
 
 @dataclass
@@ -77,6 +87,12 @@ class Child:
     flower_exit: int | None = None
     log_offset: int = 0
     ready: bool = False
+    #: the liveness file's modification time last seen, and when (the supervisor's clock) it
+    #: last changed or the child became ready
+    liveness_mtime: float | None = None
+    live_at: float = 0.0
+    #: when the supervisor asked an unresponsive child to stop (SIGKILL after `kill_after_s`)
+    stopping_since: float | None = None
 
     @property
     def running(self) -> bool:
@@ -95,8 +111,9 @@ class Supervisor:
     """Keeps a set of children running."""
 
     def __init__(self, *, initial_backoff_s: float = 1.0, max_backoff_s: float = 60.0,
-                 after_305_s: float = 10.0, stable_after_s: float = 60.0,
+                 after_305_s: float = 10.0, stable_after_s: float = 60.0, kill_after_s: float = 10.0,
                  on_event: Event | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.kill_after = kill_after_s
         self.initial_backoff = initial_backoff_s
         self.max_backoff = max_backoff_s
         self.after_305 = after_305_s
@@ -135,12 +152,23 @@ class Supervisor:
             return
         code = child.process.poll()
         if code is None:
+            if child.stopping_since is not None:
+                if now - child.stopping_since >= self.kill_after:
+                    child.process.kill()
+                    self._event("child_killed", {"child": child.spec.name})
+                return
             if now - child.started_at >= self.stable_after:
                 child.backoff = self.initial_backoff
             if not child.ready and _wrote_since_start(child, child.spec.ready_line):
                 child.ready = True
+                child.live_at = now
+                child.liveness_mtime = _mtime(child.spec.liveness_file)
                 self._event("child_ready", {"child": child.spec.name, "pid": child.process.pid})
+            elif child.ready:
+                self._check_liveness(child, now)
             return
+        unresponsive = child.stopping_since is not None
+        child.stopping_since = None
         child.ready = False
         child.last_exit = code
         child.flower_exit = _flower_exit_code(child)
@@ -153,7 +181,30 @@ class Supervisor:
         child.restarts += 1
         self._event("child_exited", {"child": child.spec.name, "exit_code": code,
                                      "flower_exit_code": child.flower_exit,
-                                     "restart_in_s": round(delay, 3)})
+                                     "restart_in_s": round(delay, 3), "unresponsive": unresponsive})
+
+    def _check_liveness(self, child: Child, now: float) -> None:
+        """Stop (SIGTERM; SIGKILL after `kill_after_s`) a ready child whose liveness file has not
+        changed for its `liveness_s`; `_check` restarts it once it exited. The hosted SuperNode
+        touches its file after each heartbeat the SuperLink accepted, so an unchanged file means
+        a process alive but not online, which nothing else would notice: it is not an exit."""
+        path = child.spec.liveness_file
+        if path is None or child.process is None:
+            return
+        mtime = _mtime(path)
+        if mtime != child.liveness_mtime:
+            child.liveness_mtime, child.live_at = mtime, now
+            return
+        silent = now - child.live_at
+        if silent < child.spec.liveness_s:
+            return
+        self._event("child_unresponsive", {
+            "child": child.spec.name, "pid": child.process.pid, "silent_s": round(silent, 1),
+            "reason": f"running but {path.name} untouched for {silent:.0f} s (limit "
+                      f"{child.spec.liveness_s:.0f} s): for a SuperNode, no heartbeat the SuperLink "
+                      "accepted, so not online; stopping it to restart it"})
+        child.process.send_signal(signal.SIGTERM)
+        child.stopping_since = now
 
     def _start(self, child: Child, now: float) -> None:
         spec = child.spec
@@ -177,6 +228,7 @@ class Supervisor:
                 output.close()
         child.started_at = now
         child.ready = spec.ready_line is None
+        child.live_at, child.liveness_mtime = now, _mtime(spec.liveness_file)
         self._event("child_started", {"child": spec.name, "pid": child.process.pid})
 
     def stop_all(self, grace_s: float = 10.0) -> None:
@@ -223,6 +275,16 @@ def _flower_exit_code(child: Child) -> int | None:
     except OSError:
         return None
     return int(found[-1]) if found else None
+
+
+def _mtime(path: Path | None) -> float | None:
+    """`path`'s modification time, None if there is no such file."""
+    if path is None:
+        return None
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _wrote_since_start(child: Child, line: str | None) -> bool:

@@ -36,6 +36,9 @@ from federated.runtime.tls import NodeKeys, TlsFiles, register_supernode
 NodeConfigValue = str | int | float | bool
 #: What the executor logs once it polls (federated.runtime.executor.main).
 READY_LINE = "warm executor ready"
+#: The environment variable naming a file the hosted SuperNode touches after each node heartbeat
+#: the SuperLink accepted (`hosted_supernode`; the node daemon's supervisor watches it).
+LIVENESS_FILE_ENV = "EXCHANGE_SUPERNODE_LIVENESS_FILE"
 T = TypeVar("T")
 
 

@@ -146,6 +146,7 @@ _LAYOUT: dict[str, tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]
     "supernode": (
         ("flwr.supernode.cli", "flower_supernode", (), ()),
         ("flwr.supercore.logger", "update_console_handler", ("timestamps", "colored"), ()),
+        ("flwr.supercore.exit.signal_handler", "register_signal_handlers", ("event_type",), ()),
     ),
     "secagg": (
         ("flwr.client.mod.secure_aggregation.secaggplus_mod", "secaggplus_mod",
@@ -254,6 +255,14 @@ def _check_semantics(part: str) -> None:
         _require(isinstance(invoker, RetryInvoker) and hasattr(invoker, "max_time")
                  and hasattr(invoker, "should_giveup"),
                  "HttpGrid._retry_invoker is no longer a RetryInvoker with max_time and should_giveup")
+    elif part == "supernode":
+        from flwr.supercore.exit import signal_handler
+
+        # flower_supernode_main: a second signal reaches the handler installed before flwr's
+        _require("signal.signal(sig, default_handlers[sig])" in inspect.getsource(signal_handler)
+                 and "default_handler = signal.signal(sig, graceful_exit_handler)"
+                 in inspect.getsource(signal_handler),
+                 "register_signal_handlers no longer puts back the handlers it found on the first signal")
     elif part == "runtime":
         from flwr.common.constant import SubStatus
         from flwr.supercore.constant import TaskType
@@ -650,13 +659,57 @@ def flower_superlink_main() -> None:
 
 def flower_supernode_main() -> None:
     """What the `flower-supernode` command runs (reads sys.argv), its log lines time-stamped:
-    Flower's console lines carry no time by default and log files are more useful with it."""
+    Flower's console lines carry no time by default and log files are more useful with it.
+
+    And the process ends when the SuperNode's loop does, so that whoever supervises it restarts
+    it (it registers again). flwr 1.42 serves the SuperNode's Runtime API on a thread that is not
+    a daemon and that only `flwr_exit`'s exit handlers stop; a loop that ends any other way left
+    the process alive, not connected and not online, for good (docs/flower.md, "A SuperNode
+    alive but offline"). Two ways it did, both seen with real processes:
+    - a second SIGINT during flwr's graceful exit: flwr's handler puts back the handler that was
+      there before it (Python's, which raises KeyboardInterrupt) before `flwr_exit` has started
+      its force-exit timer. flwr itself sends SIGINT from two threads when a SuperLink restarted
+      without its state answers 401 (the node heartbeat's thread and the Fleet retry invoker), so
+      both may come within milliseconds. The handler put back now does nothing
+      (`_second_interrupt`): the graceful exit goes on, and its timer ends the process;
+    - an error that the Fleet connection's context manager logs and swallows (e.g. a SuperLink,
+      or a proxy in front of it, answering a pull with a status flwr does not retry, such as
+      500): `start_client_internal` returns as if done. The process now logs why and exits."""
     check_layout("supernode")
+    import signal
+
     from flwr.supercore.logger import update_console_handler
     from flwr.supernode.cli import flower_supernode
 
     update_console_handler(timestamps=True, colored=False)
-    flower_supernode()
+    signal.signal(signal.SIGINT, _second_interrupt)  # what flwr's handler puts back (docstring)
+    try:
+        flower_supernode()
+    except SystemExit:
+        raise  # flwr_exit: its exit handlers ran and its force-exit timer is running
+    except BaseException as exc:  # whatever ended the loop, the process must end
+        _end_supernode_process(f"{type(exc).__name__}: {exc}")
+    _end_supernode_process("flwr's SuperNode loop returned (the error it logged above ended it)")
+
+
+def _second_interrupt(_signum: int, _frame: object) -> None:
+    """SIGINT once flwr's graceful exit is under way: nothing to do, its force-exit timer ends the
+    process. A Python handler, not SIG_IGN: processes flwr starts (plain mode's
+    `flower-superexec`, `flwr-clientapp`) must not inherit an ignored SIGINT across exec."""
+
+
+def _end_supernode_process(why: str) -> None:
+    """End this process now, status 1: its SuperNode's loop is over, and the Runtime API thread
+    that flwr did not stop would keep it alive without a connection."""
+    import os
+    import sys
+
+    sys.stderr.write(f"SuperNode loop ended without Flower's exit ({why}): exiting so that the "
+                     "node's supervisor restarts it\n")
+    sys.stderr.flush()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    os._exit(1)
 
 
 # -- speed patches (exact flwr version only) -------------------------------------------------------
@@ -796,6 +849,63 @@ def on_supernode_message(callback: Callable[[], None]) -> None:
 
     _patch_supernode_loop(sci)
     _message_hooks.append(callback)
+
+
+#: callbacks run in the SuperNode's heartbeat thread after each heartbeat the SuperLink accepted
+_heartbeat_hooks: list[Callable[[], None]] = []
+
+
+def on_supernode_heartbeat(callback: Callable[[], None]) -> None:
+    """Call `callback` (in the SuperNode's heartbeat thread; quick: touch a file) after each node
+    heartbeat the SuperLink accepted: the node is online. `hosted_supernode` touches a file with
+    it that the node daemon's supervisor watches (`ChildSpec.liveness_file`): a SuperNode alive but
+    not online for too long is restarted. Must run in the SuperNode's own process, before its
+    loop starts.
+
+    Also keeps flwr's heartbeat thread alive on an answer flwr does not expect: flwr 1.42's
+    `send_node_heartbeat` raises on any HTTP status but 401 and 502-504 (e.g. a 500 from a busy
+    SuperLink) and on `success=False`; the exception ended the thread, and the node, still
+    pulling, went offline for good. Such a heartbeat now counts as failed (flwr's sender retries
+    it with its back-off); a 401 still ends the thread after flwr's own SIGINT."""
+    check_flwr_version()
+    import flwr.supernode.fleet_http_connection as fhc
+
+    _heartbeat_hooks.append(callback)
+    if getattr(fhc.HeartbeatSender, _PATCHED_MARK, False):
+        return
+    _require("heartbeat_sender = HeartbeatSender(send_node_heartbeat)" in inspect.getsource(fhc),
+             "fleet_http_connection no longer builds its HeartbeatSender from send_node_heartbeat")
+    original = fhc.HeartbeatSender
+
+    def heartbeat_sender(heartbeat_fn: Callable[[], bool]) -> Any:
+        return original(functools.partial(_reported_heartbeat, heartbeat_fn))
+
+    setattr(heartbeat_sender, _PATCHED_MARK, True)
+    setattr(fhc, "HeartbeatSender", heartbeat_sender)  # noqa: B010 (a module global of flwr's)
+
+
+def _reported_heartbeat(heartbeat_fn: Callable[[], bool]) -> bool:
+    """One node heartbeat (`on_supernode_heartbeat`): hooks on success; an unexpected error is a
+    failed heartbeat (retried), a 401 goes on to end flwr's thread as before."""
+    import logging
+
+    import httpx
+
+    try:
+        ok = heartbeat_fn()
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code == httpx.codes.UNAUTHORIZED:
+            raise  # flwr has sent SIGINT: the SuperLink does not know this node
+        logging.getLogger("federated.executor").warning("node heartbeat failed, retried: %s", exc)
+        return False
+    except Exception as exc:  # flwr's thread would end on it
+        logging.getLogger("federated.executor").warning("node heartbeat failed, retried: %s: %s",
+                                                        type(exc).__name__, exc)
+        return False
+    if ok:
+        for hook in list(_heartbeat_hooks):
+            hook()
+    return ok
 
 
 def patch_supernode_heartbeat(interval: float) -> None:

@@ -25,6 +25,11 @@ executor thread claims the task at once (a poll every `executor_poll_max` stays 
 net). Polling cost the SuperNode and the executor a request every 0.05 s each, idle or not
 (docs/benchmarks/flower.md, "Polling").
 
+Liveness: with `EXCHANGE_SUPERNODE_LIVENESS_FILE` set, each node heartbeat the SuperLink accepted
+touches that file (`flwr_internals.on_supernode_heartbeat`); the node daemon's supervisor restarts
+this process when the file has not been touched for `supernode.restart_offline_s`: alive but not
+online (docs/flower.md, "A SuperNode alive but offline").
+
 The allocator and thread-pool settings every hospital process gets are in `process_limits`, as
 is the one library this process refuses to import (`refuse_imports`: pyarrow's optional pandas).
 """
@@ -32,6 +37,7 @@ is the one library this process refuses to import (`refuse_imports`: pyarrow's o
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -39,12 +45,21 @@ import threading
 from pathlib import Path
 
 from federated.runtime import flwr_internals
+from federated.runtime.deployment import LIVENESS_FILE_ENV
 from federated.runtime.executor import WarmExecutor, prewarm
 from federated.runtime.process_limits import limit_threads, refuse_imports
 from federated.runtime.settings import disable_phone_home
 from federated.runtime.supernode_main import apply_supernode_patches, settings_from_env
 
 log = logging.getLogger("federated.executor")
+
+
+def touch(path: Path) -> None:
+    """Set `path`'s modification time to now (creating it): "online a moment ago"."""
+    try:
+        path.touch()
+    except OSError as exc:  # a full or read-only disk must not end the heartbeat thread
+        log.warning("liveness file %s: %s", path, exc)
 
 
 def parse_args(argv: list[str]) -> tuple[str, Path | None]:
@@ -93,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     if wake is not None:
         apply_supernode_patches(settings)
         flwr_internals.on_supernode_message(wake.set)
+    liveness = os.environ.get(LIVENESS_FILE_ENV)
+    if liveness:
+        flwr_internals.on_supernode_heartbeat(functools.partial(touch, Path(liveness)))
     sys.argv = ["flower-supernode", *args]
     flwr_internals.flower_supernode_main()
 

@@ -11,8 +11,8 @@ on a shared 2-core machine), best of `--repeats` runs:
 - DP fast: `train_round(engine="fast")` (the default: patient-level Poisson sampling + ghost-norm
   clipping + secure noise: ChaCha20, sum of four Gaussians per coordinate), in NumPy
   (`federated.numpy_dp`, what a hospital runs);
-- DP fast, torch: the same steps through the torch twin (`federated.dp._run_fast`, the engine
-  before NumPy's), same seed, so the two engines compare in one run;
+- DP fast, torch: the same steps through the torch twin (`tests.federated.torch_reference.run_fast`,
+  the engine before NumPy's), same seed, so the two engines compare in one run;
 - DP fast without noise: the same with noise multiplier 0, to show what the secure noise costs;
 - DP opacus: `train_round(engine="opacus")` (Opacus GradSampleModule + DPOptimizer, same sampling);
 - Opacus defaults: `PrivacyEngine.make_private` with a DataLoader, as the Opacus tutorials do.
@@ -33,11 +33,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from federated.data import load_federated, pooled  # noqa: E402
-from federated.dp import PatientIndex, _run_fast, initial_state, train_nonprivate  # noqa: E402
+from federated.dp import PatientIndex, initial_state, train_nonprivate  # noqa: E402
 from federated.dp_round import train_round  # noqa: E402
 from federated.secure_random import SecureRandom  # noqa: E402
 from federated.templates import get_template  # noqa: E402
 from federated.weights import pack, unpack  # noqa: E402
+from tests.federated.torch_reference import run_fast  # noqa: E402
 
 DELTA = 1e-5
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         def fast_torch(q: float = q) -> None:
             model = unpack(tpl.build(x.shape[1], 0), state)
             index = PatientIndex.build(n, None)
-            _run_fast(model, tpl, torch.from_numpy(x.astype(np.float32)),  # type: ignore[arg-type]
+            run_fast(model, tpl, torch.from_numpy(x.astype(np.float32)),  # type: ignore[arg-type]
                       torch.from_numpy(y.astype(np.float32)), index=index, rng=SecureRandom(0), sigma=sigma,
                       q=q, steps=steps, clip=clip, lr=lr, momentum=0.0, expected_batch=q * n)
             pack(model)

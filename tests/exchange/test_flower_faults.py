@@ -154,7 +154,8 @@ def _nodes_back(fed: Federation) -> None:
     (a test before may have killed one, or the SuperNodes may have exited on a SuperLink that
     restarted without its state). Checked again while waiting: a SuperNode that met a SuperLink
     restarted without its state exits at its next request (a 401), which may come after the
-    previous test ended."""
+    previous test ended. A process never stays up without its SuperNode loop (it ends itself:
+    `flwr_internals.flower_supernode_main`), so restarting the dead ones is all it takes."""
     deadline = time.monotonic() + DEADLINE_S
     while True:
         for node in fed.flower.nodes.values():

@@ -12,13 +12,13 @@ from federated.accounting import epsilon_spent, plan_study
 from federated.data import load_federated, load_hospital, pooled
 from federated.dp import (
     DPTrainingError,
-    clipped_grad_sum,
     initial_state,
     train_nonprivate,
 )
 from federated.dp_round import train_round
 from federated.templates import get_template
 from federated.weights import WeightsError, fedavg, unpack
+from tests.federated.torch_reference import clipped_grad_sum
 
 DELTA = 1e-5
 

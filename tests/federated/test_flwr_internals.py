@@ -363,3 +363,42 @@ def test_bound_retries_gives_up_on_a_lost_superlink_and_on_401_without_signallin
             invoker.invoke(lambda: (_ for _ in ()).throw(httpx.ConnectError("refused")))
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_node_heartbeat_runs_the_hooks_and_survives_answers_flwr_does_not_expect(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`on_supernode_heartbeat`: the hooks run after an accepted heartbeat (`hosted_supernode`
+    touches its liveness file); flwr's `send_node_heartbeat` raising on `success=False` or on an
+    HTTP status other than 401 and 502-504 ended its heartbeat thread (a polling node offline for
+    good): now a failed heartbeat, retried. A 401 still reaches flwr's thread (flwr has SIGINTed)."""
+    import flwr.supernode.fleet_http_connection as fhc
+    import httpx
+    from flwr.supercore.heartbeat import HeartbeatSender
+
+    monkeypatch.setattr(fhc, "HeartbeatSender", fhc.HeartbeatSender)  # undone after the test
+    monkeypatch.setattr(flwr_internals, "_heartbeat_hooks", [])
+    beats: list[int] = []
+    flwr_internals.on_supernode_heartbeat(lambda: beats.append(1))
+    flwr_internals.on_supernode_heartbeat(lambda: beats.append(2))
+
+    def answer(status: int) -> httpx.HTTPStatusError:
+        request = httpx.Request("POST", "http://127.0.0.1/v1/fleet/send-node-heartbeat")
+        return httpx.HTTPStatusError("x", request=request, response=httpx.Response(status, request=request))
+
+    def raising(exc: Exception) -> Any:
+        def beat() -> bool:
+            raise exc
+        return beat
+
+    def sender(fn: Any) -> Any:
+        built = fhc.HeartbeatSender(fn)
+        assert isinstance(built, HeartbeatSender)
+        return built.heartbeat_fn
+
+    assert sender(lambda: True)() is True and beats == [1, 2]
+    assert sender(lambda: False)() is False and beats == [1, 2]
+    assert sender(raising(RuntimeError("Heartbeat failed unexpectedly")))() is False
+    assert sender(raising(answer(500)))() is False
+    with pytest.raises(httpx.HTTPStatusError):
+        sender(raising(answer(401)))()
+    assert beats == [1, 2]

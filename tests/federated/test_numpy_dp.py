@@ -1,7 +1,8 @@
 """The NumPy "fast" engine (`federated.numpy_dp`, what a hospital runs) against the torch one
-(`federated.dp`): from the same weights, with the same seed (so the same batches and the same
-noise), every template ends with the same weights after several steps, and the round's privacy
-accounting is the same (the mechanism did not change, only the arithmetic)."""
+(`tests.federated.torch_reference`, and `federated.dp.run_cox` for survival): from the same
+weights, with the same seed (so the same batches and the same noise), every template ends with
+the same weights after several steps, and the round's privacy accounting is the same (the
+mechanism did not change, only the arithmetic)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from federated import numpy_dp
 from federated.accounting import epsilon_spent
 from federated.clinical_data import SurvivalSet
-from federated.dp import _run_fast, clipped_grad_sum, run_cox
+from federated.dp import run_cox
 from federated.dp_round import DPTrainingError, PatientIndex, train_round
 from federated.evaluation import patient_scores, patient_statistics
 from federated.numpy_mlp import NumpyMLP
@@ -20,6 +21,7 @@ from federated.secure_random import SecureRandom
 from federated.survival import Subcohort
 from federated.templates import get_template, list_templates
 from federated.weights import WeightsError, pack, unpack
+from tests.federated.torch_reference import clipped_grad_sum, run_fast
 
 N_FEATURES = 6
 N_CLASSES = 3
@@ -56,7 +58,7 @@ def _start(name: str) -> tuple[np.ndarray, int | None]:
 
 def _torch_round(name: str, state: np.ndarray, x: np.ndarray, y: np.ndarray, *, momentum: float,
                  patients: np.ndarray | None, seed: int, n_classes: int | None) -> np.ndarray:
-    """The same round through the torch fast engine (`federated.dp`)."""
+    """The same round through the torch twin (`torch_reference.run_fast`, `federated.dp.run_cox`)."""
     tpl = get_template(name)
     model = unpack(tpl.build(N_FEATURES, 0, n_classes), state)
     assert isinstance(model, torch.nn.Sequential)
@@ -69,7 +71,7 @@ def _torch_round(name: str, state: np.ndarray, x: np.ndarray, y: np.ndarray, *, 
         run_cox(model, torch.from_numpy(x), torch.from_numpy(np.asarray(y, np.float64)),
                 Subcohort.from_set(_subcohort()), engine="fast", **common)  # type: ignore[arg-type]
     else:
-        _run_fast(model, tpl, torch.from_numpy(x), torch.from_numpy(y), **common)  # type: ignore[arg-type]
+        run_fast(model, tpl, torch.from_numpy(x), torch.from_numpy(y), **common)  # type: ignore[arg-type]
     return pack(model)
 
 

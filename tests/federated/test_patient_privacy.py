@@ -28,7 +28,7 @@ from sqlalchemy import create_engine
 
 from federated.accounting import epsilon_spent, plan_patients
 from federated.client_app import draw_decision, evaluate_hospital, train_hospital_round
-from federated.dp import PatientIndex, clipped_grad_sum, initial_state
+from federated.dp import PatientIndex, initial_state
 from federated.privacy_ledger import BudgetExceededError, PrivacyLedger
 from federated.runtime import site as site_module
 from federated.runtime.demo_sites import (
@@ -45,6 +45,7 @@ from federated.server_app import EVAL_PREFIX, GLOBAL_KEY, REPLY_KEY, WEIGHTS_KEY
 from federated.study_spec import StudySpec
 from federated.templates import get_template
 from tests.dp_reference import independent_epsilon
+from tests.federated.torch_reference import clipped_grad_sum
 
 PRIVACY: dict[str, Any] = {"epsilon": 3.0, "rounds": 3, "accountant": "rdp"}
 NOW = datetime(2026, 6, 1, tzinfo=UTC)

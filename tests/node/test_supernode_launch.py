@@ -142,3 +142,46 @@ def test_plaintext_only_to_a_loopback_superlink(tmp_path: Path, monkeypatch: pyt
     config.write_text('[supernode]\nsuperlink_address = "203.0.113.7:9093"\n')
     with pytest.raises(ValidationError, match=r"supernode\.insecure"):
         load_node_settings(config)
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_a_hosted_supernode_alive_but_not_online_is_restarted(settings: NodeSettings, tmp_path: Path) -> None:
+    """The daemon's warm SuperNode (`hosted_supernode`) touches its liveness file after each
+    heartbeat the SuperLink accepted. Its SuperLink SIGKILLed and not back, the process stays up
+    retrying (alive, not online, no exit for the supervisor to see): after `restart_offline_s`
+    the supervisor stops it, saying why, and starts it again; with a SuperLink back on the same
+    port the new process is online."""
+    link = SuperLinkProcess(tmp_path / "superlink")
+    link.start()
+    node = _with(settings, insecure=True, executor="warm", superlink_address=link.address,
+                 clientappio_address=f"127.0.0.1:{free_port()}", restart_offline_s=30.0)
+    _write_node_config(node)
+    events: list[tuple[str, dict[str, object]]] = []
+    sup = Supervisor(initial_backoff_s=1.0, on_event=lambda e, d: events.append((e, d)))
+    [spec] = supernode_specs(node)
+    assert spec.liveness_file is not None and spec.liveness_s == 30.0
+    try:
+        sup.want(spec)
+        wait_for(lambda: (sup.tick(), spec.liveness_file.exists() and link.online_node_ids())[1],
+                 "the supernode to be online", deadline_s=180)
+        child = sup.children["supernode"]
+        first = child.process
+        assert first is not None
+        assert link.proc is not None
+        link.proc.kill()
+        link.proc.popen.wait(30)
+        wait_for(lambda: (sup.tick(), any(e == "child_unresponsive" for e, _ in events))[1],
+                 "the supervisor to stop the silent supernode", deadline_s=180)
+        assert [e for e, _ in events].count("child_exited") == 0  # it had not exited by itself
+        [reason] = [str(d["reason"]) for e, d in events if e == "child_unresponsive"]
+        assert "supernode.online untouched" in reason and "not online" in reason
+        link.start()
+        wait_for(lambda: (sup.tick(), child.process is not None and child.process is not first
+                          and link.online_node_ids())[1], "the restarted supernode to be online",
+                 deadline_s=180)
+        exited = [d for e, d in events if e == "child_exited"]
+        assert exited[0]["unresponsive"] is True and child.restarts >= 1
+    finally:
+        sup.stop_all(grace_s=10.0)
+        link.stop()

@@ -179,3 +179,76 @@ def test_a_child_starts_only_after_the_one_it_waits_for_is_ready(tmp_path: Path)
         assert sup.snapshot()["executor"]["ready"] is True
     finally:
         sup.stop_all(grace_s=5.0)
+
+
+def _silent_child(tmp_path: Path, *, ignore_sigterm: bool = False) -> ChildSpec:
+    """A child that runs on and never touches its liveness file itself (the test does)."""
+    body = "import pathlib, signal, sys, time\n"
+    if ignore_sigterm:
+        body += "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    body += "pathlib.Path(sys.argv[1]).write_text('armed')\ntime.sleep(3600)\n"
+    return ChildSpec("supernode", (PY, "-c", body, str(tmp_path / "armed")),
+                     liveness_file=tmp_path / "supernode.online", liveness_s=10.0)
+
+
+def test_a_child_alive_but_silent_is_stopped_and_restarted(tmp_path: Path) -> None:
+    """A running child whose liveness file stays unchanged for `liveness_s` (the hosted SuperNode
+    touches it after each heartbeat the SuperLink accepted: alive but not online) gets SIGTERM with
+    the reason logged, and restarts like any exit; a touch within the limit keeps it."""
+    clock = Clock()
+    events: list[tuple[str, dict[str, Any]]] = []
+    sup = Supervisor(initial_backoff_s=1.0, clock=clock, on_event=lambda e, d: events.append((e, d)))
+    spec = _silent_child(tmp_path)
+    assert spec.liveness_file is not None
+    sup.want(spec)
+    sup.tick()
+    child = sup.children["supernode"]
+    first = child.process
+    assert first is not None and child.ready
+    clock.now += 8
+    spec.liveness_file.touch()  # a heartbeat went through
+    os.utime(spec.liveness_file, (1.0, 1.0))  # a distinct mtime whatever the file system's resolution
+    sup.tick()
+    clock.now += 9  # 17 s since start, 9 since the touch
+    sup.tick()
+    assert child.process is first and first.poll() is None
+    assert not [e for e, _ in events if e == "child_unresponsive"]
+    clock.now += 1.5  # 10.5 s without a touch
+    sup.tick()
+    [(_, data)] = [(e, d) for e, d in events if e == "child_unresponsive"]
+    assert data["child"] == "supernode" and data["pid"] == first.pid and data["silent_s"] == 10.5
+    assert "supernode.online untouched for 10 s" in data["reason"] and "not online" in data["reason"]
+    assert first.wait(30) == -signal.SIGTERM
+    sup.tick()
+    exited = [d for e, d in events if e == "child_exited"]
+    assert exited and exited[-1]["unresponsive"] is True
+    clock.now = child.next_start
+    sup.tick()  # restarted, and its silence counts from its own start
+    assert child.process is not None and child.process is not first and child.restarts == 1
+    clock.now += 9
+    sup.tick()
+    assert child.running and len([e for e, _ in events if e == "child_unresponsive"]) == 1
+    sup.stop_all(grace_s=5.0)
+
+
+def test_a_silent_child_that_ignores_sigterm_is_killed(tmp_path: Path) -> None:
+    clock = Clock()
+    events: list[str] = []
+    sup = Supervisor(kill_after_s=5.0, clock=clock, on_event=lambda e, _d: events.append(e))
+    sup.want(_silent_child(tmp_path, ignore_sigterm=True))
+    sup.tick()
+    child = sup.children["supernode"]
+    process = child.process
+    assert process is not None
+    wait_for((tmp_path / "armed").exists, "the child to ignore SIGTERM")
+    clock.now += 11
+    sup.tick()
+    assert events[-1] == "child_unresponsive"
+    clock.now += 4
+    sup.tick()
+    assert process.poll() is None  # SIGTERM ignored, not yet killed
+    clock.now += 1
+    sup.tick()
+    assert process.wait(30) == -signal.SIGKILL and "child_killed" in events
+    sup.tick()
+    assert events[-1] == "child_exited" and child.process is None
