@@ -985,34 +985,6 @@ def patch_grid_pull_backoff(initial_backoff: float, backoff_cap: float = 0.5) ->
     _patch_attr(http_grid, "pull_objects", initial_backoff, backoff_cap)
 
 
-def patch_object_transfer_workers(workers: int) -> None:
-    """Push and pull a message's objects `workers` at a time in this process (the ServerApp's).
-
-    flwr 1.42 sends one request per object (`push_objects`, `pull_objects`) on
-    `get_num_workers(2)` threads, which is also capped at the CPU count. Those requests wait on
-    the SuperLink, not on this CPU: a round's push to 20 hospitals is 24 objects (each message
-    is an object of its own, the shared model three more), 12 requests one after another two
-    at a time, and each reply's five objects are pulled in three. Here every message's objects
-    go `workers` at a time."""
-    check_flwr_version()
-    from flwr.supercore.inflatable import inflatable_utils
-
-    current = inflatable_utils.get_num_workers
-    if getattr(current, _PATCHED_MARK, False):
-        return
-    _require(list(inspect.signature(current).parameters) == ["max_concurrent"]
-             and "get_num_workers(max_concurrent_pulls)" in inspect.getsource(inflatable_utils.pull_objects)
-             and "get_num_workers(max_concurrent_pushes)"
-             in inspect.getsource(inflatable_utils.push_object_contents_from_iterable),
-             "flwr's object transfers no longer size their thread pools with get_num_workers")
-
-    def get_num_workers(max_concurrent: int) -> int:
-        return max(1, workers)
-
-    setattr(get_num_workers, _PATCHED_MARK, True)
-    setattr(inflatable_utils, "get_num_workers", get_num_workers)  # noqa: B010 (a function of flwr's)
-
-
 def is_patched(obj: object) -> bool:
     """Whether `obj` (a module's `time` or a pull function) carries one of our patches."""
     return bool(getattr(obj, _PATCHED_MARK, False))
@@ -2439,7 +2411,8 @@ _OBJECT_ROUTES: dict[str, tuple[str, str]] = {
     "/v1/runtime/confirm-message-received": ("runtime", "confirm_message_received"),
 }
 #: the parameters flwr's endpoints take (checked: a new dependency would be skipped here)
-_OBJECT_ROUTE_PARAMETERS = {"fleet": ["request", "state"], "runtime": ["request", "state", "handlers", "task"]}
+_OBJECT_ROUTE_PARAMETERS = {"fleet": ["request", "state"],
+                            "runtime": ["request", "state", "handlers", "task"]}
 
 
 @dataclass(frozen=True)
@@ -2594,10 +2567,10 @@ def patch_superlink_object_routes() -> None:
     if getattr(current, _OBJECT_ROUTES_MARK, False):
         return
     routes = _object_routes()
-    from flwr.superlink import extensions
     from flwr.supercore.error import http_error_translator
     from flwr.supercore.protobuf import translation
     from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
+    from flwr.superlink import extensions
     from starlette.middleware import Middleware
 
     dispatch = inspect.getsource(translation.ProtobufTranslationMiddleware.dispatch)

@@ -32,7 +32,8 @@ class Link:
     session_id: str
     contents: dict[str, bytes]  # preregistered, not yet pushed: object id -> content
 
-    def fleet(self, path: str, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, bytes]:
+    def fleet(self, path: str, body: bytes,
+              headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, bytes]:
         return asyncio.run(call(self.app, f"/v1/fleet/{path}", body,
                                 headers if headers is not None else _headers(self.key, self.public_key)))
 
@@ -190,7 +191,8 @@ def test_the_servers_object_requests_are_answered_alike_with_its_token(links: tu
     for link in (full, fast):
         layers.clear()
         link.answers = [  # type: ignore[attr-defined]
-            link.runtime("pull-object", _pull(link, oid, node_id=SUPERLINK_NODE_ID)),  # preregistered: not available
+            # preregistered, not pushed: found, not available
+            link.runtime("pull-object", _pull(link, oid, node_id=SUPERLINK_NODE_ID)),
             link.runtime("pull-object", _pull(link, oid, node_id=7)),  # refused: not the SuperLink's node
             link.runtime("pull-object", _pull(link, oid, node_id=SUPERLINK_NODE_ID), token="not-a-token"),
             link.runtime("confirm-message-received", _confirm(link, "00" * 32, node_id=SUPERLINK_NODE_ID)),
@@ -214,7 +216,8 @@ def test_every_refusal_is_flowers_own(links: tuple[Link, Link]) -> None:
     oid = sorted(full.contents)[0]
     for link in (full, fast):
         good = _headers(link.key, link.public_key)
-        forged = [(k, v[:-8] + b"AAAAAAA=" if k == FLEET_HTTP_SIGNATURE_HEADER.encode() else v) for k, v in good]
+        signature = FLEET_HTTP_SIGNATURE_HEADER.encode()
+        forged = [(k, v[:-8] + b"AAAAAAA=" if k == signature else v) for k, v in good]
         assert forged != good
         other_type = [(k, b"application/json" if k == b"content-type" else v) for k, v in good]
         link.refusals = [  # type: ignore[attr-defined]
