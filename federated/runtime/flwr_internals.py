@@ -2530,7 +2530,7 @@ def _object_routes() -> dict[str, _ObjectRoute]:
     modules = {"fleet": fleet_router, "runtime": runtime_router}
     routes: dict[str, _ObjectRoute] = {}
     for path, (api, name) in _OBJECT_ROUTES.items():
-        endpoint = getattr(modules[api], name, None)
+        endpoint: Callable[..., Any] = getattr(modules[api], name, None)  # type: ignore[assignment]
         _require(callable(endpoint) and list(inspect.signature(endpoint).parameters)
                  == _OBJECT_ROUTE_PARAMETERS[api], f"flwr's {api} endpoint {name} changed its dependencies")
         declared = [r for r in modules[api].router.routes  # ProtobufRoute wraps the endpoint
