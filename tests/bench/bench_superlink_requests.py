@@ -219,11 +219,11 @@ async def measure_routes(app: Any, state: Any, node_id: int, private_key: Any, p
     deflated = {oid: obj.deflate() for oid, obj in objects.items()}  # before the claim: slow when loaded
     run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, NOOP_FLWR_AID,
                               TaskType.SERVER_APP)
-    task_id = state.get_run_info(run_ids=[run_id])[0].primary_task_id
-    state.claim_task(task_id)
-    state.activate_task(task_id)
     session_id = state.start_session(run_id)
     missing = set(state.preregister_object_tree(get_object_tree(content), session_id))
+    task_id = state.get_run_info(run_ids=[run_id])[0].primary_task_id  # claimed after the slow part:
+    state.claim_task(task_id)  # a claim lapses after 60 s without a heartbeat (load 50: that long)
+    state.activate_task(task_id)
     ids = [oid for oid in objects if oid in missing and oid != content.object_id][:requests]
     node = Node(node_id=node_id)
     bodies = {
