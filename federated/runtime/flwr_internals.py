@@ -985,34 +985,6 @@ def patch_grid_pull_backoff(initial_backoff: float, backoff_cap: float = 0.5) ->
     _patch_attr(http_grid, "pull_objects", initial_backoff, backoff_cap)
 
 
-def patch_object_transfer_workers(workers: int) -> None:
-    """Push and pull a message's objects `workers` at a time in this process (the ServerApp's).
-
-    flwr 1.42 sends one request per object (`push_objects`, `pull_objects`) on
-    `get_num_workers(2)` threads, which is also capped at the CPU count. Those requests wait on
-    the SuperLink, not on this CPU: a round's push to 20 hospitals is 24 objects (each message
-    is an object of its own, the shared model three more), 12 requests one after another two
-    at a time, and each reply's five objects are pulled in three. Here every message's objects
-    go `workers` at a time."""
-    check_flwr_version()
-    from flwr.supercore.inflatable import inflatable_utils
-
-    current = inflatable_utils.get_num_workers
-    if getattr(current, _PATCHED_MARK, False):
-        return
-    _require(list(inspect.signature(current).parameters) == ["max_concurrent"]
-             and "get_num_workers(max_concurrent_pulls)" in inspect.getsource(inflatable_utils.pull_objects)
-             and "get_num_workers(max_concurrent_pushes)"
-             in inspect.getsource(inflatable_utils.push_object_contents_from_iterable),
-             "flwr's object transfers no longer size their thread pools with get_num_workers")
-
-    def get_num_workers(max_concurrent: int) -> int:
-        return max(1, workers)
-
-    setattr(get_num_workers, _PATCHED_MARK, True)
-    setattr(inflatable_utils, "get_num_workers", get_num_workers)  # noqa: B010 (a function of flwr's)
-
-
 def is_patched(obj: object) -> bool:
     """Whether `obj` (a module's `time` or a pull function) carries one of our patches."""
     return bool(getattr(obj, _PATCHED_MARK, False))
@@ -2417,3 +2389,208 @@ def patch_superlink_idle_pulls(recheck_s: float) -> PendingTracker:
     _pending.append(tracker)
     _pending_runs.append(runs)
     return tracker
+
+
+# -- the message-traffic routes without FastAPI's layers (issue 15/20: SuperLink CPU per request) --
+#
+# A message's objects move one request each (`PushObject` by the sender, `PullObject` by the
+# receiver, then a `ConfirmMessageReceived`), so at ten hospitals most of the SuperLink's requests
+# are these. In process each cost about 4-6 ms of CPU, half of it before and after flwr's handler:
+# two `BaseHTTPMiddleware` layers (the error translator and the protobuf translation: a task group,
+# memory streams and a Request object each), FastAPI's routing and dependency injection (every sync
+# dependency, the LinkState look-up and the version check included, is a thread-pool hop of its
+# own) and the handler's own hop (docs/benchmarks/flower.md, "The SuperLink's object routes").
+
+#: path -> (API, flwr's route endpoint answering it)
+_OBJECT_ROUTES: dict[str, tuple[str, str]] = {
+    "/v1/fleet/push-object": ("fleet", "fleet_push_object"),
+    "/v1/fleet/pull-object": ("fleet", "fleet_pull_object"),
+    "/v1/fleet/confirm-message-received": ("fleet", "fleet_confirm_message_received"),
+    "/v1/runtime/push-object": ("runtime", "push_object"),
+    "/v1/runtime/pull-object": ("runtime", "pull_object"),
+    "/v1/runtime/confirm-message-received": ("runtime", "confirm_message_received"),
+}
+#: the parameters flwr's endpoints take (checked: a new dependency would be skipped here)
+_OBJECT_ROUTE_PARAMETERS = {"fleet": ["request", "state"],
+                            "runtime": ["request", "state", "handlers", "task"]}
+
+
+@dataclass(frozen=True)
+class _ObjectRoute:
+    """One message-traffic route: its protobuf request type and how to answer it with flwr's
+    own endpoint, dependencies resolved as FastAPI resolves them (`call`, in the thread pool)."""
+
+    request_type: Any
+    call: Callable[[Any, Any], Any]  # (starlette Request, protobuf request) -> protobuf response
+    api: str
+
+
+class _ObjectRoutes:
+    """Pure ASGI, in front of flwr's middleware: answer the Fleet and Runtime API's `PushObject`,
+    `PullObject` and `ConfirmMessageReceived` with flwr's own endpoint functions, in one thread-pool
+    hop, without the two `BaseHTTPMiddleware` layers and FastAPI's routing around them. What is
+    checked stays flwr's: the media type and the protobuf parse (anything flwr would refuse takes
+    flwr's full path, which answers it), the node's signature (`authenticate_node`) or the task's
+    token (`authenticate_task`) and the Runtime API's version check, then the endpoint with its
+    run-status check; an exception becomes flwr's own error reply (`http_error_translator`, with
+    the busy-database 503). With a Fleet event-log plugin configured, Fleet requests take the full
+    path (that middleware would log them)."""
+
+    def __init__(self, app: Any, *, routes: dict[str, _ObjectRoute], translator: Callable[..., Any],
+                 media_type: str) -> None:
+        self.app, self.routes, self.translator, self.media_type = app, routes, translator, media_type
+        self.answered = 0  # tests and benchmarks read it
+        self.full_path = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        route = (self.routes.get(scope["path"])
+                 if scope["type"] == "http" and scope.get("method") == "POST" else None)
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        if not self._ours(scope, route):
+            self.full_path += 1
+            await self.app(scope, receive, send)
+            return
+        body, event = await _read_body(receive)
+        message = None if event is not None else self._parse(route, body)
+        if message is None:  # flwr's full path answers what it refuses, as always
+            self.full_path += 1
+            await self.app(scope, _replay(body, event, receive), send)
+            return
+        from starlette.concurrency import run_in_threadpool
+        from starlette.requests import Request
+        from starlette.responses import Response
+
+        scope.setdefault("state", {})["protobuf_request"] = message  # as flwr's translation sets it
+        request = Request(scope, _replay(body, None, receive))
+        self.answered += 1
+        try:
+            reply = await run_in_threadpool(route.call, request, message)
+            response = Response(content=reply.SerializeToString(), media_type=self.media_type)
+        except Exception as exc:  # flwr's translator makes the reply (and logs), as on its full path
+            response = await self.translator(request, _raising(exc))
+        await response(scope, receive, send)
+
+    def _ours(self, scope: Any, route: _ObjectRoute) -> bool:
+        if route.api == "fleet" and getattr(scope["app"].state, "fleet_event_log_plugin", None) is not None:
+            return False
+        content_type = ""
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"content-type":
+                content_type = value.decode("latin-1")
+                break
+        return content_type.partition(";")[0].strip().lower() == self.media_type
+
+    @staticmethod
+    def _parse(route: _ObjectRoute, body: bytes) -> Any:
+        try:
+            return route.request_type.FromString(body)
+        except Exception:
+            return None
+
+
+def _raising(exc: Exception) -> Callable[[Any], Any]:
+    """A `call_next` for flwr's error translator that raises what the endpoint raised."""
+    async def call_next(_request: Any) -> Any:
+        raise exc
+
+    return call_next
+
+
+def _object_routes() -> dict[str, _ObjectRoute]:
+    """Each route's request type and call, after checking that flwr's routers still declare these
+    endpoints with exactly these dependencies (a new one would be skipped here)."""
+    from flwr.supercore.constant import TASK_TOKEN_HEADER
+    from flwr.supercore.dependencies import runtime as runtime_deps
+    from flwr.supercore.dependencies import task as task_deps
+    from flwr.supercore.dependencies.version import VersionDependency
+    from flwr.supercore.protobuf.translation import PROTOBUF_REQUEST_TYPES
+    from flwr.superlink.dependencies.linkstate import get_linkstate
+    from flwr.superlink.routers.fleet.node_auth import authenticate_node
+
+    runtime_router = importlib.import_module("flwr.supercore.routers.runtime.router")
+    fleet_router = importlib.import_module("flwr.superlink.routers.fleet.router")
+
+    fleet_deps = fleet_router.router.dependencies
+    _require(len(fleet_deps) == 1 and isinstance(fleet_deps[0].dependency, VersionDependency)
+             and fleet_deps[0].dependency._reject_incompatible is False,
+             "the Fleet router's dependencies changed (its version check used to only look)")
+    _require(not runtime_router.router.dependencies
+             and "VersionDependency(" in inspect.getsource(runtime_router.create_runtime_router)
+             and "connection_name=f\"Caller <-> {component_name} Runtime API\""
+             in inspect.getsource(runtime_router.create_runtime_router),
+             "create_runtime_router's dependencies changed")
+    token_scheme = task_deps._task_token_scheme
+    _require(token_scheme.model.name == TASK_TOKEN_HEADER and token_scheme.auto_error is False
+             and "authenticate_task(request, token, state)" in inspect.getsource(runtime_deps.get_task),
+             "the Runtime API's task-token dependency changed")
+    runtime_version = VersionDependency(component_name="SuperLink",
+                                        connection_name="Caller <-> SuperLink Runtime API")
+    modules = {"fleet": fleet_router, "runtime": runtime_router}
+    routes: dict[str, _ObjectRoute] = {}
+    for path, (api, name) in _OBJECT_ROUTES.items():
+        endpoint: Callable[..., Any] = getattr(modules[api], name, None)  # type: ignore[assignment]
+        _require(callable(endpoint) and list(inspect.signature(endpoint).parameters)
+                 == _OBJECT_ROUTE_PARAMETERS[api], f"flwr's {api} endpoint {name} changed its dependencies")
+        declared = [r for r in modules[api].router.routes  # ProtobufRoute wraps the endpoint
+                    if getattr(getattr(r, "endpoint", None), "__wrapped__", None) is endpoint]
+        _require(len(declared) == 1 and declared[0].path == path and declared[0].methods == {"POST"}
+                 and not declared[0].dependencies[len(fleet_deps) if api == "fleet" else 0:],
+                 f"flwr's {api} route for {name} moved or has dependencies of its own")
+        request_type = PROTOBUF_REQUEST_TYPES.get(("POST", path))
+        _require(request_type is not None, f"no protobuf request type for {path}")
+
+        def call(http: Any, message: Any, *, endpoint: Callable[..., Any] = endpoint, api: str = api) -> Any:
+            if api == "fleet":
+                authenticate_node(http)  # NodeAuthMiddleware's check (a 401 HTTPException)
+                return endpoint(request=message, state=get_linkstate(http))
+            runtime_version(http)  # what the Runtime router checks first
+            state = runtime_deps.get_runtime_state(http)
+            token = http.headers.get(TASK_TOKEN_HEADER) or None  # APIKeyHeader(auto_error=False)
+            task = task_deps.authenticate_task(http, token, state)
+            return endpoint(request=message, state=state, handlers=runtime_deps.get_runtime_handlers(http),
+                            task=task)
+
+        routes[path] = _ObjectRoute(request_type, call, api)
+    return routes
+
+
+def patch_superlink_object_routes() -> None:
+    """Answer the message-traffic routes (`PushObject`, `PullObject`, `ConfirmMessageReceived`
+    of the Fleet and Runtime APIs) with flwr's own endpoints outside FastAPI's layers
+    (`_ObjectRoutes`; this process must be the SuperLink's, before its app is built)."""
+    check_flwr_version()
+    import flwr.superlink.main as superlink_main
+
+    current = superlink_main._get_middleware
+    if getattr(current, _OBJECT_ROUTES_MARK, False):
+        return
+    routes = _object_routes()
+    from flwr.supercore.error import http_error_translator
+    from flwr.supercore.protobuf import translation
+    from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
+    from flwr.superlink import extensions
+    from starlette.middleware import Middleware
+
+    dispatch = inspect.getsource(translation.ProtobufTranslationMiddleware.dispatch)
+    _require("self._check_request_media_type(request)" in dispatch
+             and "request.state.protobuf_request = self._parse_request(" in dispatch
+             and "content=result.SerializeToString(), media_type=PROTOBUF_MEDIA_TYPE"
+             in inspect.getsource(translation.ProtobufTranslationMiddleware._response_for),
+             "flwr's ProtobufTranslationMiddleware changed (what _ObjectRoutes does instead)")
+    translator = _busy_database_retryable(http_error_translator)
+
+    def get_middleware() -> list[Any]:
+        out = list(current())
+        first = len(extensions.get_middleware())  # an installed extension's own come first
+        return [*out[:first], Middleware(_ObjectRoutes, routes=routes, translator=translator,
+                                         media_type=PROTOBUF_MEDIA_TYPE), *out[first:]]
+
+    for mark in (_PATCHED_MARK, _SCOPED_MARK):
+        setattr(get_middleware, mark, getattr(current, mark, False))
+    setattr(get_middleware, _OBJECT_ROUTES_MARK, True)
+    setattr(superlink_main, "_get_middleware", get_middleware)  # noqa: B010 (a module global of flwr's)
+
+
+_OBJECT_ROUTES_MARK = "_exchange_object_routes"

@@ -38,9 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("federated.runner")
 _one_at_a_time = threading.Lock()
-#: object pushes and pulls in flight at once for `flwr_internals.patch_object_transfer_workers`:
-#: measured and not applied (the replies' return got slower on a quiet machine; docs/flower.md)
-OBJECT_TRANSFER_WORKERS = 8
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,9 @@ counters are summed in memory and written every `TRAFFIC_FLUSH_S`
 (`patch_superlink_traffic_batching`). An object push that finds the database locked past its
 busy timeout is answered 503 and retried by its sender, not silently dropped
 (`patch_superlink_store_object_busy`). The ServerApp's messages of one push are stored in one
-transaction, not one each (`patch_superlink_push_one_transaction`). Every SuperNode polls, idle
+transaction, not one each (`patch_superlink_push_one_transaction`). A message's object pushes,
+pulls and receipt confirmations (a request per object) are answered by flwr's own endpoints
+outside FastAPI's middleware and routing (`patch_superlink_object_routes`). Every SuperNode polls, idle
 or not, so on a small machine the SuperLink's CPU per request was what a round with ten hospitals waited for
 (docs/benchmarks/flower.md).
 """
@@ -79,6 +81,7 @@ def apply_superlink_patches(settings: RuntimeSettings) -> None:
     flwr_internals.patch_superlink_task_sweep(TASK_SWEEP_S)
     flwr_internals.patch_superlink_store_object_busy()
     flwr_internals.patch_superlink_push_one_transaction()
+    flwr_internals.patch_superlink_object_routes()
     statuses = flwr_internals.patch_superlink_run_status_cache(CACHE_MAX_AGE_S)
     nodes = flwr_internals.patch_superlink_node_key_cache(CACHE_MAX_AGE_S)
     tokens = flwr_internals.patch_superlink_task_token_cache(CACHE_MAX_AGE_S)
@@ -116,7 +119,8 @@ def main() -> None:
         print(f"[exchange] superlink patches: path-scoped middleware, idle polls answered early "
               f"(full poll per node every {settings.superlink_idle_recheck} s), task sweep throttled, "
               f"run statuses, node keys and task tokens cached, traffic counters batched, object pushes "
-              f"on a busy database retried, a push's messages stored in one transaction",
+              f"on a busy database retried, a push's messages stored in one transaction, object routes "
+              f"answered outside FastAPI's layers",
               file=sys.stderr, flush=True)
     if os.environ.get(COUNTS_ENV):
         write_request_counts(Path(os.environ[COUNTS_ENV]))

@@ -65,6 +65,10 @@ class Recorder:
         raise SystemExit(f"study failed: {reason}")
 
 
+#: a lap's key for the requests of one path (`RequestMeter.lap`), e.g. "path:/v1/fleet/pull-object"
+PATH_PREFIX = "path:"
+
+
 class RequestMeter:
     """The SuperLink's requests since the last lap, from the counts file its process keeps
     (`superlink_main.COUNTS_ENV`, rewritten within 0.2 s of a change): in all, the object
@@ -87,9 +91,11 @@ class RequestMeter:
         delta = {k: now.get(k, 0) - self.last.get(k, 0) for k in now}
         self.last = now
         objects = sum(v for k, v in delta.items() if k.endswith(("/push-object", "/pull-object")))
+        by_path = {f"{PATH_PREFIX}{k}": float(v) for k, v in delta.items()}
         return {"requests": float(sum(delta.values())), "requests_object": float(objects),
                 "requests_fleet": float(sum(v for k, v in delta.items() if k.startswith("/v1/fleet/"))),
-                "requests_runtime": float(sum(v for k, v in delta.items() if k.startswith("/v1/runtime/")))}
+                "requests_runtime": float(sum(v for k, v in delta.items() if k.startswith("/v1/runtime/"))),
+                **by_path}
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -206,9 +212,9 @@ def deployment(rounds: int, root: Path, hospitals: int = 3, stock_superlink: boo
             for key in cpu[0]:
                 out[name].setdefault(key, 0.0)
                 out[name][key] += statistics.fmean(c[key] for c in cpu) / 2
-            for key in recorder.request_rounds[0]:
+            for key in {k for r in recorder.request_rounds[1:] for k in r}:  # a path may be new later
                 out[name].setdefault(key, 0.0)
-                out[name][key] += statistics.fmean(r[key] for r in recorder.request_rounds[1:]) / 2
+                out[name][key] += statistics.fmean(r.get(key, 0.0) for r in recorder.request_rounds[1:]) / 2
             out[name]["ref_accuracy"] = recorder.rounds[-1].get("ref_accuracy", float("nan"))
     finally:
         fed.stop()
@@ -532,6 +538,9 @@ def main() -> None:
     for name, n in numbers.items():
         print(f"{name:>7}: {n['requests']:.0f} / {n['requests_object']:.0f} / {n['requests_fleet']:.0f} / "
               f"{n['requests_runtime']:.0f}")
+    print("SuperLink requests per round by path (plain / secagg):")
+    for key in sorted({k for n in numbers.values() for k in n if k.startswith(PATH_PREFIX)}):
+        print(f"  {key.removeprefix(PATH_PREFIX):42s} {p.get(key, 0.0):7.1f} / {s.get(key, 0.0):7.1f}")
     extra = s["cpu_hospital_mean_s"] - p["cpu_hospital_mean_s"]
     print(
         f"SecAgg+ protocol work per hospital (secagg - plain, mean): {extra:.3f} CPU s/round; "

@@ -2,6 +2,12 @@
 
 ``python -m tests.bench.bench_superlink_requests [--requests N]``
 ``python -m tests.bench.bench_superlink_requests --objects [--requests N]``
+``python -m tests.bench.bench_superlink_requests --routes [--requests N]``
+
+`--routes`: a message's object requests (Fleet `PushObject`, `PullObject`,
+`ConfirmMessageReceived`) with every patch of the fast mode's SuperLink before
+`patch_superlink_object_routes`, against those plus it, interleaved: CPU ms and SQL statements
+per request.
 
 `--objects`: what a message's objects cost, one request each (flwr 1.42 pushes and pulls every
 object of a message's tree separately), on a running run: `PushObject` of fresh objects and
@@ -190,6 +196,103 @@ def objects_main(requests: int, repeats: int) -> None:
         print(f"  {name:8s} {cells}")
 
 
+async def measure_routes(app: Any, state: Any, node_id: int, private_key: Any, pk: bytes,
+                         requests: int) -> dict[str, float]:
+    """CPU ms and SQL statements per Fleet `PushObject` (fresh objects), `PullObject` and
+    `ConfirmMessageReceived` (of those objects), on a run claimed and started as a ServerApp does."""
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.common.constant import NOOP_FLWR_AID
+    from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest, PullObjectRequest, PushObjectRequest
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.constant import NOOP_FEDERATION_ID, TaskType
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    statements = [0]
+
+    def count(*_args: Any, **_kwargs: Any) -> None:
+        statements[0] += 1
+
+    content = RecordDict({f"r{i}": ConfigRecord({"i": i, "pad": b"x" * 200}) for i in range(requests)})
+    objects = get_all_nested_objects(content)
+    deflated = {oid: obj.deflate() for oid, obj in objects.items()}  # before the claim: slow when loaded
+    run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, NOOP_FLWR_AID,
+                              TaskType.SERVER_APP)
+    session_id = state.start_session(run_id)
+    missing = set(state.preregister_object_tree(get_object_tree(content), session_id))
+    task_id = state.get_run_info(run_ids=[run_id])[0].primary_task_id  # claimed after the slow part:
+    state.claim_task(task_id)  # a claim lapses after 60 s without a heartbeat (load 50: that long)
+    state.activate_task(task_id)
+    ids = [oid for oid in objects if oid in missing and oid != content.object_id][:requests]
+    node = Node(node_id=node_id)
+    bodies = {
+        "push_object": [PushObjectRequest(node=node, run_id=run_id, session_id=session_id, object_id=oid,
+                                          object_content=deflated[oid]).SerializeToString()
+                        for oid in ids],
+        "pull_object": [PullObjectRequest(node=node, run_id=run_id, object_id=oid).SerializeToString()
+                        for oid in ids],
+        "confirm": [ConfirmMessageReceivedRequest(node=node, run_id=run_id, message_object_id=oid)
+                    .SerializeToString() for oid in ids],
+    }
+    paths = {"push_object": "/v1/fleet/push-object", "pull_object": "/v1/fleet/pull-object",
+             "confirm": "/v1/fleet/confirm-message-received"}
+    out: dict[str, float] = {}
+    event.listen(Engine, "before_cursor_execute", count)
+    try:
+        for name, path in paths.items():
+            headers = [_headers(private_key, pk) for _ in ids]
+            state.acknowledge_task_heartbeat(task_id)  # as the ServerApp's heartbeat keeps its claim
+            for body, h in zip(bodies[name][:5], headers[:5], strict=True):  # warm-up
+                await call(app, path, body, h)
+            start, first = time.process_time(), statements[0]
+            for body, h in zip(bodies[name][5:], headers[5:], strict=True):
+                status, reply = await call(app, path, body, h)
+                if status != 200:
+                    raise SystemExit(f"{name}: HTTP {status} {reply[:200]!r}")
+            out[name] = (time.process_time() - start) / (len(ids) - 5) * 1e3
+            out[f"{name}_sql"] = (statements[0] - first) / (len(ids) - 5)
+    finally:
+        event.remove(Engine, "before_cursor_execute", count)
+    return out
+
+
+def routes_main(requests: int, repeats: int) -> None:
+    """`--routes`: the object routes with every patch of main's SuperLink, against those plus
+    `patch_superlink_object_routes`, interleaved (each on a fresh app and database)."""
+    import flwr.superlink.main as superlink_main
+
+    from federated.runtime import flwr_internals
+
+    flwr_internals.patch_superlink_middleware()
+    flwr_internals.patch_superlink_idle_pulls(recheck_s=5.0)
+    flwr_internals.patch_superlink_task_sweep(0.5)
+    flwr_internals.patch_superlink_store_object_busy()
+    flwr_internals.patch_superlink_push_one_transaction()
+    flwr_internals.patch_superlink_run_status_cache(1.0)
+    flwr_internals.patch_superlink_node_key_cache(1.0)
+    flwr_internals.patch_superlink_task_token_cache(1.0)
+    flwr_internals.patch_superlink_traffic_batching(1.0)
+    before = superlink_main._get_middleware
+    flwr_internals.patch_superlink_object_routes()
+    after = superlink_main._get_middleware
+    results: dict[str, list[dict[str, float]]] = {"main": [], "object routes": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(repeats):
+            for name, factory in (("main", before), ("object routes", after)):
+                superlink_main._get_middleware = factory  # type: ignore[attr-defined]
+                app, state, node_id, key, pk = build(Path(tmp) / f"{name}-{repeat}.db")
+                results[name].append(asyncio.run(measure_routes(app, state, node_id, key, pk, requests)))
+        superlink_main._get_middleware = after  # type: ignore[attr-defined]
+    print(f"CPU ms (SQL statements) per request (median of {repeats}, {requests} requests each, "
+          f"load {os.getloadavg()[0]:.1f})")
+    for name, runs in results.items():
+        cells = ", ".join(f"{k} {statistics.median(r[k] for r in runs):.2f} "
+                          f"({statistics.median(r[k + '_sql'] for r in runs):.1f})"
+                          for k in runs[0] if not k.endswith("_sql"))
+        print(f"  {name:14s} {cells}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--requests", type=int, default=400)
@@ -197,8 +300,14 @@ def main() -> None:
                         help="rounds of the three configurations, interleaved")
     parser.add_argument("--objects", action="store_true",
                         help="PushObject / PullObject before and after the caches and traffic batching")
+    parser.add_argument("--routes", action="store_true",
+                        help="PushObject / PullObject / ConfirmMessageReceived: main's patches, then + the "
+                             "object routes")
     args = parser.parse_args()
     disable_phone_home()
+    if args.routes:
+        routes_main(args.requests, args.repeats)
+        return
     if args.objects:
         objects_main(args.requests, args.repeats)
         return

@@ -107,41 +107,6 @@ def test_a_rounds_messages_are_stored_in_one_transaction_their_shared_content_on
         assert {m.metadata.group_id for m in delivered} == {"1", "2"}
 
 
-def test_the_serverapps_object_transfers_run_more_than_two_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """flwr sized the thread pool of a message's object pushes and pulls at min(2, CPUs): a
-    round's 24 objects went to the SuperLink two at a time, each reply's five came back in three
-    waits. The patch runs `OBJECT_TRANSFER_WORKERS` at once (measured, not applied: see
-    docs/flower.md)."""
-    import threading
-    import time
-
-    from flwr.supercore.inflatable import inflatable_utils
-
-    from federated.runtime.server_runner import OBJECT_TRANSFER_WORKERS
-
-    monkeypatch.setattr(inflatable_utils, "get_num_workers", inflatable_utils.get_num_workers)
-
-    def widest_pull() -> int:
-        running, widest, lock = [0], [0], threading.Lock()
-
-        def pull(object_id: str) -> bytes:
-            with lock:
-                running[0] += 1
-                widest[0] = max(widest[0], running[0])
-            time.sleep(0.05)  # a request waiting on the SuperLink
-            with lock:
-                running[0] -= 1
-            return object_id.encode()
-
-        ids = [f"{i:064x}" for i in range(OBJECT_TRANSFER_WORKERS)]
-        assert set(inflatable_utils.pull_objects(ids, pull)) == set(ids)
-        return widest[0]
-
-    assert widest_pull() <= 2  # flwr's
-    flwr_internals.patch_object_transfer_workers(OBJECT_TRANSFER_WORKERS)
-    assert widest_pull() == OBJECT_TRANSFER_WORKERS
-
-
 def test_a_heartbeat_for_a_finished_task_does_not_interrupt_the_process(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """flwr's task heartbeat raises SIGINT in its process when the Runtime API answers that the
