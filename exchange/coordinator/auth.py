@@ -85,7 +85,7 @@ async def _hospital(request: Request[Any, Any, Any], registry: Registry) -> Prin
         verified = await anyio.to_thread.run_sync(verify)
     except RequestSignatureError as exc:
         raise unauthorized(str(exc)) from exc
-    fresh = await anyio.to_thread.run_sync(registry.use_nonce, verified.key_id, verified.nonce)
+    fresh = await registry.use_nonce_async(verified.key_id, verified.nonce)
     if not fresh:
         raise unauthorized("replayed request: this signature nonce was already used")
     hospital = hospitals[verified.key_id]

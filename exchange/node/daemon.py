@@ -198,6 +198,15 @@ class NodeDaemon:
         self._step_recorded_at: float | None = None
         self._clock = time.monotonic
         self._step_started = 0.0
+        #: `NodeStore.change_token` when the last pass over the node database began (None:
+        #: none has completed without an error, so the next step makes one)
+        self._settled_token: object | None = None
+        self._settled_with: NodeSettings | None = None  # the settings that pass worked with
+        self._pass_failed = False
+        #: passes over the node database so far (steps that found it unchanged make none)
+        self.passes = 0
+        #: the approved, unfinished studies the last pass found (None: no pass yet)
+        self._active: list[str] | None = None
         self._health_lock = threading.Lock()
         if witness_link is None:
             witness_link = getattr(link, "client", None)
@@ -213,20 +222,36 @@ class NodeDaemon:
             self.store.record_error("supervisor", f"{event}: {json.dumps(data, sort_keys=True)}")
 
     def _error(self, component: str, exc: BaseException) -> None:
+        self._pass_failed = True  # the next step works on the database again (a retry)
         message = f"{type(exc).__name__}: {exc}"
         log.warning("step_failed", component=component, error=message)
         self.store.record_error(component, message)
 
     # -- one step -----------------------------------------------------------------------------
     def step(self) -> None:
+        """One step. The work on this node's database (catalog, studies, decisions, site files,
+        the children wanted, rounds) runs when it may find something new: when the studies are
+        due from the coordinator, when anything committed to the node database since the last
+        such pass began (`NodeStore.change_token`: a steward's command, the Flower process
+        charging a round, this daemon's own writes), or after a pass that failed; otherwise
+        it would re-read what it read last time. The children are supervised at every step."""
         self._step_started = self._clock()
         if not self._ensure_registered():
             return
-        self._publish_catalog()
-        self._sync_studies()
-        self._post_decisions()
-        self._sync_supernode()
-        self._sync_rounds()
+        token = self.store.change_token()  # before the pass's reads: a later commit is news
+        if (token is None or token != self._settled_token or self._settled_with is not self.settings
+                or self._step_started >= self._studies_due_at):
+            self._pass_failed = False
+            self._settled_token = None
+            self._publish_catalog()
+            self._sync_studies()
+            self._post_decisions()
+            self._sync_supernode()
+            self._sync_rounds()
+            self.passes += 1
+            if not self._pass_failed:
+                self._settled_token, self._settled_with = token, self.settings
+        self._supervise()
         if self._step_recorded_at is None or self._step_started - self._step_recorded_at >= STEP_RECORD_S:
             self.store.set_state("last_step_at", datetime.now(UTC).isoformat())
             self._step_recorded_at = self._step_started
@@ -345,7 +370,10 @@ class NodeDaemon:
         return approved_active(self.store)
 
     def _sync_supernode(self) -> None:
+        """The site files, and whether this hospital's Flower process should run (from the
+        studies approved here); `_supervise` keeps it so at every step."""
         active = self.active_studies()
+        self._active = active
         export_site(self.store, self.settings, active, isolate=True)
         if not self.settings.supernode.enabled:
             return
@@ -356,6 +384,12 @@ class NodeDaemon:
         else:
             for spec in specs:
                 self.supervisor.forget(spec.name, CHILD_STOP_GRACE_S)
+
+    def _supervise(self) -> None:
+        """Start, notice and restart the wanted children; their state to the node database when
+        it changed."""
+        if not self.settings.supernode.enabled:
+            return
         self.supervisor.tick()
         children = self.supervisor.snapshot()
         if children != self._children_recorded:  # a write per change, not per step
@@ -462,7 +496,8 @@ class NodeDaemon:
                 trim()
                 self._update_health(status="ok", last_step_at=datetime.now(UTC).isoformat(),
                                     children=self.supervisor.snapshot(),
-                                    active_studies=self.active_studies())
+                                    active_studies=(self._active if self._active is not None
+                                                    else self.active_studies()))
                 self.stop_event.wait(max(0.0, self.settings.poll_interval_s - (time.monotonic() - started)))
         finally:
             self.stop_event.set()

@@ -8,7 +8,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +27,9 @@ MAX_ERRORS_KEPT = 1000
 class NodeStore:
     engine: Engine
     sessions: sessionmaker[Session]
+    #: SQLite: the connection `change_token` asks (`PRAGMA data_version` counts the commits of
+    #: every OTHER connection, so it must be one that never writes), opened on first use
+    _probe: Any = field(default=None, repr=False, compare=False)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -73,7 +76,42 @@ class NodeStore:
                                          .offset(MAX_ERRORS_KEPT).limit(1)).scalar_one()
                 session.execute(delete(ErrorRow).where(ErrorRow.id <= cutoff))
 
+    def change_token(self) -> object | None:
+        """Something that changes whenever a transaction that wrote to this database has
+        committed since it was last read (by anyone: the daemon's own sessions, a steward's
+        command, the Flower process charging the privacy ledger); None when the backend cannot
+        tell (then assume a change). Equal tokens mean nothing was committed in between.
+
+        Why: the daemon's step re-reads its studies, decisions, site files and ledger charges
+        to find what to do; while nothing was written, it would find what it found last time
+        (docs/benchmarks/scale.md, "A hospital's CPU during a round").
+        - SQLite: `PRAGMA data_version` on a connection of its own, which never writes (the
+          value moves with every commit of any other connection, this process's included).
+        - PostgreSQL: the server's current snapshot (`pg_current_snapshot()`: the oldest
+          running transaction, the next one and those in progress): a writing transaction
+          that committed since the last call has either left the in-progress list or moved the
+          next id on. It covers the whole server, so another database's writes count too
+          (a needless re-read, never a missed one)."""
+        dialect = self.engine.dialect.name
+        if dialect == "sqlite":
+            if self._probe is None:
+                self._probe = self.engine.raw_connection()
+            cursor = self._probe.cursor()
+            try:
+                cursor.execute("PRAGMA data_version")
+                return ("sqlite", cursor.fetchone()[0])
+            finally:
+                cursor.close()
+        if dialect == "postgresql":
+            with self.engine.connect() as connection:
+                snapshot = connection.exec_driver_sql("SELECT pg_current_snapshot()::text").scalar()
+            return ("postgresql", snapshot)
+        return None
+
     def dispose(self) -> None:
+        if self._probe is not None:
+            probe, self._probe = self._probe, None
+            probe.close()
         self.engine.dispose()
 
 

@@ -615,3 +615,46 @@ def test_an_idle_step_writes_nothing_to_the_node_database(
         assert seeded.get_state("last_step_at") is not None
     finally:
         link.close()
+
+
+def test_a_settled_daemon_reads_its_database_again_only_after_a_commit(
+        node_dir: Path, seeded: NodeStore, coordinator: LiveCoordinator, runner: CliRunner) -> None:
+    """Every step re-read the studies, decisions, site files and ledger charges (16 statements,
+    ~12 ms of CPU per step, twice a second per hospital: half a hospital's CPU during a round,
+    docs/benchmarks/scale.md). Now a step between two answers of the coordinator reads only the
+    database's change token while nothing was committed; a steward's decision, made by another
+    process, is still posted at the very next step."""
+    from sqlalchemy import event
+
+    settings = _node_settings(node_dir, mode="ask")
+    settings = settings.model_copy(update={"coordinator_url": coordinator.url, "poll_interval_s": 0.5,
+                                           "studies_poll_max_s": 30.0})
+    signer = Signer.load(settings.signing_key_path)
+    link = _CountingLink(settings, signer)
+    daemon = NodeDaemon(settings, seeded, link, signer)  # its site export included
+    now = [1000.0]
+    daemon._clock = lambda: now[0]
+    study = coordinator.submit(epsilon=1.5)
+    statements: list[str] = []
+    event.listen(seeded.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    try:
+        for _ in range(12):  # registration, the catalog, the site export; answers at 0, 1, 2, 4 s
+            daemon.step()
+            now[0] += 0.5
+        assert _decisions(coordinator, study) == []  # waiting for the steward
+        statements.clear()
+        link.calls.clear()
+        for _ in range(3):  # the next answer is due at 8 s
+            daemon.step()
+            now[0] += 0.5
+        assert link.calls == []
+        assert statements == []  # before: 16 statements a step
+        config = ["--config", str(node_dir / "node.toml")]
+        approved = runner.invoke(app, ["node", "approve", study, "--reason", "ethics board", *config])
+        assert approved.exit_code == 0, approved.output
+        daemon.step()  # the steward's commit moved the token: this step works on it
+        assert link.calls == []
+        assert [d["decision"] for d in _decisions(coordinator, study)] == ["approve"]
+        assert json.loads(site_paths(settings)["approvals"].read_text())["approved"] == [study]
+    finally:
+        link.close()

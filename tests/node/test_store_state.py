@@ -35,3 +35,35 @@ def test_a_key_another_writer_inserts_first_is_replaced_not_refused(tmp_path: Pa
     steward.set_state("site_export", "the steward's")
     assert raced
     assert daemon.get_state("site_export") == "the steward's"
+
+
+def test_the_change_token_moves_with_every_commit_and_only_then(db_url: str) -> None:
+    """`NodeStore.change_token` is what lets a settled daemon step skip its reads: it must move
+    with every committed write, this process's other sessions and another store's (a steward's
+    command, the Flower process) alike; a read or a rolled-back write must not move it on
+    SQLite (on PostgreSQL the token covers the whole server, which other tests share)."""
+    import pytest
+
+    from exchange.node.models import DaemonState
+
+    store, other = open_store(db_url), open_store(db_url)
+    try:
+        first = store.change_token()
+        assert first is not None
+        store.set_state("a", 1)  # the daemon's own session
+        second = store.change_token()
+        assert second != first
+        other.set_state("b", 2)  # another connection, as another process's
+        third = store.change_token()
+        assert third != second
+        if store.engine.dialect.name == "sqlite":
+            assert store.get_state("a") == 1 and store.change_token() == third  # a read
+            with pytest.raises(RuntimeError), other.transaction() as session:
+                session.add(DaemonState(key="c", value=3))
+                session.flush()
+                raise RuntimeError("rolled back")
+            assert store.change_token() == third
+            assert other.get_state("c") is None
+    finally:
+        store.dispose()
+        other.dispose()
