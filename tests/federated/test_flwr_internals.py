@@ -237,6 +237,20 @@ def test_idle_pacer_polls_fast_while_hot_then_backs_off_to_its_cap() -> None:
         flwr_internals.IdlePacer(0.5, 0.1)
 
 
+def test_idle_pacer_counts_a_held_poll_against_its_sleep() -> None:
+    """With `poll_started`, the sleep is the rest of the pace from the poll's start: after a poll
+    the SuperLink held (a long poll) the next one starts at once; after a quick one, as before."""
+    now = [0.0]
+    pacer = flwr_internals.IdlePacer(0.1, 0.5, hot_s=60.0, clock=lambda: now[0])
+    pacer.poll_started()
+    now[0] = 2.0  # the SuperLink held this poll for 2 s
+    assert pacer.next_sleep() == 0.0
+    pacer.poll_started()
+    now[0] = 2.025  # answered at once
+    assert pacer.next_sleep() == pytest.approx(0.075)
+    assert pacer.next_sleep() == 0.1  # no poll started since: the whole sleep
+
+
 def test_supernode_loop_wakes_the_hooks_after_a_stored_message_and_paces_idle_polls(
         restore_flwr_modules: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The SuperNode's idle sleep backs off when no message came for `hot_s`; a stored message
@@ -262,17 +276,18 @@ def test_supernode_loop_wakes_the_hooks_after_a_stored_message_and_paces_idle_po
     assert sci._pull_and_store_message(None, None, None) is None and woken == []
     for _ in range(4):
         sci.time.sleep(3)
-    assert [round(s, 6) for s in slept] == [0.15, 0.225, 0.3375, 0.4]
+    # (the first sleep counts from the poll's start: a few microseconds less)
+    assert slept == pytest.approx([0.15, 0.225, 0.3375, 0.4], abs=1e-3)
     found[0] = 7
     assert sci._pull_and_store_message(None, None, None) == 7 and woken == [1]
     slept.clear()
     sci.time.sleep(3)
-    assert [round(s, 6) for s in slept] == [0.15]  # after the message: from the fast end again
+    assert slept == pytest.approx([0.15], abs=1e-3)  # after the message: from the fast end again
     sci.time.sleep(3)
     sci._push_messages(None, None, None)
     slept.clear()
     sci.time.sleep(3)
-    assert pushed == [1] and [round(s, 6) for s in slept] == [0.15]
+    assert pushed == [1] and slept == pytest.approx([0.15], abs=1e-3)
 
 
 def test_supernode_heartbeat_is_shortened_within_the_superlinks_range(
