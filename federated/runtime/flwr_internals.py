@@ -1363,12 +1363,14 @@ class PendingTracker:
         with self._lock:
             return self._generation.get(node_id, 0)
 
-    def bump(self, node_id: int) -> None:
-        """A message for `node_id` was stored (or is about to be visible): not idle any more."""
+    def bump(self, node_id: int, *, wake: bool = True) -> None:
+        """A message for `node_id` was stored (or is about to be visible): not idle any more.
+        `wake`: end its held polls too (not while the store's transaction is still open: a
+        poll answered then would find nothing yet; the bump at its commit wakes them)."""
         with self._lock:
             self._generation[node_id] = self._generation.get(node_id, 0) + 1
             self._idle.pop(node_id, None)
-            waiters = self._waiters.pop(node_id, [])
+            waiters = self._waiters.pop(node_id, []) if wake else []
         _wake(waiters)
 
     def release_all(self) -> None:
@@ -1465,18 +1467,19 @@ _STORED_NODES_KEY = "exchange_stored_for_nodes"
 _HOLD_WINDOW_MARGIN_S = 2.0
 
 
-def _bump_key(key: tuple[str, int]) -> None:
+def _bump_key(key: tuple[str, int], *, wake: bool = True) -> None:
     """A message was stored: for a node ("node", id: its SuperNode's polls) or for a run's
     ServerApp ("run", id: a reply, or an instruction to the SuperLink's own node)."""
     kind, ident = key
     for tracker in _pending if kind == "node" else _pending_runs:
-        tracker.bump(ident)
+        tracker.bump(ident, wake=wake)
 
 
 def _patch_linkstate_store_hook() -> None:
     """Bump the trackers for a message's destination node whenever flwr's SQL LinkState stores a
     message for a node: once when stored, and again when the transaction holding the insert
-    commits (a poll that ran between the two saw nothing yet; the second bump voids its result)."""
+    commits (a poll that ran between the two saw nothing yet; the second bump voids its result).
+    Held polls (`_PollHold`) wake at the commit only, when the message is there to be read."""
     from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
     from sqlalchemy import event
     from sqlalchemy.orm import Session
@@ -1493,7 +1496,7 @@ def _patch_linkstate_store_hook() -> None:
     def _stored(self: Any, keys: list[tuple[str, int]], original: Callable[..., Any], message: Any) -> Any:
         with self.session() as session:  # re-entrant: joins the caller's transaction if any
             for key in keys:
-                _bump_key(key)
+                _bump_key(key, wake=False)  # held polls wake at the commit (`after_commit`)
             session.info.setdefault(_STORED_NODES_KEY, set()).update(keys)
             return original(self, message)
 

@@ -443,6 +443,40 @@ def test_a_held_poll_is_answered_by_flowers_full_path_as_soon_as_a_message_is_st
     assert link.counts() == (0, 2)  # answered by the full path, not early
 
 
+def test_a_held_poll_wakes_when_the_stores_transaction_commits_not_before(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answered while the message's transaction is still open, the poll would find nothing: the
+    store's own bump ends the node's idleness but wakes no held poll; its commit does."""
+    import threading
+
+    link, _counts = _held_link(tmp_path, monkeypatch, hold_s=600.0)
+    link.poll()
+    shortcut = _shortcut(link.app)
+    stored, commit = threading.Event(), threading.Event()
+
+    def store_in_a_transaction() -> None:
+        with link.state.session():
+            _store_for(link)
+            stored.set()
+            commit.wait(GUARD_S)
+
+    async def go() -> tuple[bool, tuple[int, bytes]]:
+        poll = asyncio.create_task(link.pull())
+        await _until(lambda: shortcut.hold.holding == 1)
+        writer = asyncio.create_task(asyncio.to_thread(store_in_a_transaction))
+        await asyncio.to_thread(stored.wait, GUARD_S)
+        await asyncio.sleep(0.05)  # let a (wrong) wake-up run
+        held_through_the_store = not poll.done() and shortcut.hold.holding == 1
+        commit.set()
+        await writer
+        return held_through_the_store, await asyncio.wait_for(poll, GUARD_S)
+
+    held_through_the_store, (status, _body) = asyncio.run(go())
+    assert held_through_the_store
+    assert status == 200 and (shortcut.hold.held, shortcut.hold.woken) == (1, 1)
+    assert link.counts() == (0, 2)
+
+
 def test_a_held_poll_with_nothing_stored_is_answered_empty_when_its_hold_ends(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     link, counts = _held_link(tmp_path, monkeypatch, hold_s=0.2)
