@@ -633,3 +633,54 @@ def test_a_serverapps_held_reply_pull_is_answered_by_the_full_path_when_a_reply_
     assert asyncio.run(go()) == (200, b"")
     assert len(full) == 3 and shortcut.answered_early == 0
     assert (shortcut.hold.held, shortcut.hold.woken) == (1, 1)
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_a_superlink_stopped_while_it_holds_a_poll_answers_it_and_exits_within_its_grace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real `superlink_main` process (uvicorn) holding a SuperNode's poll for up to 10 s gets
+    SIGTERM: the held poll is answered with Flower's empty reply and the process exits by
+    itself within `terminate`'s 5 s grace (no SIGKILL), instead of waiting out the hold."""
+    import signal
+    import threading
+
+    import httpx
+
+    from federated.runtime.deployment import SuperLinkProcess
+    from federated.runtime.settings import RuntimeSettings
+
+    workdir = tmp_path / "superlink"
+    workdir.mkdir()
+    disable_phone_home()
+    monkeypatch.setenv("FLWR_DATABASE", str(workdir / "superlink.db"))
+    import flwr.superlink.main as superlink_main
+
+    node_id, key, pk = _register(superlink_main.create_app().state.linkstate_factory.state())
+    link = SuperLinkProcess(workdir, settings=RuntimeSettings(superlink_long_poll=10.0))
+    link.start()
+    body = Link(None, None, flwr_internals.PendingTracker(1.0), node_id, key, pk, workdir).pull_body()
+    url = f"http://{link.address}{PULL}"
+    replies: list[httpx.Response] = []
+    try:
+        with httpx.Client(timeout=60.0) as client:
+            first = client.post(url, content=body, headers=dict(_headers(key, pk)))
+            assert first.status_code == 200 and _is_empty_reply(first.content), first.text
+            def poll() -> None:
+                try:
+                    replies.append(client.post(url, content=body, headers=dict(_headers(key, pk))))
+                except Exception as exc:  # reported below
+                    replies.append(exc)  # type: ignore[arg-type]
+
+            held = threading.Thread(target=poll)
+            held.start()
+            time.sleep(1.0)  # the poll reaches the SuperLink and is held (up to its 5 s recheck)
+            assert held.is_alive(), replies
+            assert link.proc is not None
+            code = link.proc.terminate(grace=5.0)
+            held.join(GUARD_S)
+    finally:
+        link.stop()
+    # uvicorn re-raises the SIGTERM it handled once it has shut down: -15, not SIGKILL's -9
+    assert code == -signal.SIGTERM, f"exit {code}\n{link.proc.log_tail()}"
+    assert [r.status_code for r in replies] == [200] and _is_empty_reply(replies[0].content)
