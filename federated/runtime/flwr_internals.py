@@ -722,9 +722,9 @@ class IdlePacer:
     soon), then each sleep `growth` times the last, up to `slow`. So an idle poller costs a
     fraction of the CPU (its own and the server's, per request) and the latency it adds to a
     message is at most `slow`, and `fast` while a study's messages keep coming.
-    With `poll_started` called as each poll begins, the sleep is the rest of that pace counted
-    from the poll's start: a poll the server held (a long poll, `_PollHold`) for longer than the
-    sleep is followed by the next one at once, a poll answered at once by the sleep as before.
+    With `poll_started` called as each poll begins, a poll the server held (a long poll,
+    `_PollHold`) for at least the sleep is followed by the next one at once; a poll answered
+    sooner by the whole sleep, as before.
     Thread-safe: the SuperNode's loop sleeps, its hook and executor thread mark activity."""
 
     def __init__(self, fast: float, slow: float | None = None, hot_s: float = 2.0,
@@ -760,7 +760,7 @@ class IdlePacer:
             if self._poll_at is None:
                 return self._last
             waited, self._poll_at = now - self._poll_at, None
-            return max(0.0, self._last - waited)
+            return 0.0 if waited >= self._last else self._last
 
 
 #: callbacks run in the SuperNode's loop each time it stored a message for its ClientApp
