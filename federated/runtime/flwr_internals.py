@@ -32,6 +32,7 @@ flwr is imported lazily, inside functions: callers switch telemetry off before t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import functools
@@ -721,31 +722,45 @@ class IdlePacer:
     soon), then each sleep `growth` times the last, up to `slow`. So an idle poller costs a
     fraction of the CPU (its own and the server's, per request) and the latency it adds to a
     message is at most `slow`, and `fast` while a study's messages keep coming.
+    With `poll_started` called as each poll begins, a poll the server held (a long poll,
+    `_PollHold`) for at least the sleep is followed by the next one at once; a poll answered
+    sooner by the whole sleep, as before.
     Thread-safe: the SuperNode's loop sleeps, its hook and executor thread mark activity."""
 
     def __init__(self, fast: float, slow: float | None = None, hot_s: float = 2.0,
-                 growth: float = 1.5) -> None:
+                 growth: float = 1.5, clock: Callable[[], float] = _time.monotonic) -> None:
         slow = fast if slow is None else slow
         if not (0 < fast <= slow) or hot_s < 0 or growth < 1:
             raise ValueError(f"pacer: need 0 < fast <= slow, hot_s >= 0, growth >= 1; got fast={fast!r}, "
                              f"slow={slow!r}, hot_s={hot_s!r}, growth={growth!r}")
         self.fast, self.slow, self.hot_s, self.growth = fast, slow, hot_s, growth
+        self._clock = clock
         self._lock = threading.Lock()
-        self._active_at = _time.monotonic()
+        self._active_at = clock()
         self._last = fast
+        self._poll_at: float | None = None
 
     def active(self) -> None:
         """Something happened: poll fast again."""
         with self._lock:
-            self._active_at, self._last = _time.monotonic(), self.fast
+            self._active_at, self._last = self._clock(), self.fast
+
+    def poll_started(self) -> None:
+        """A poll begins now: the next sleep counts from here."""
+        with self._lock:
+            self._poll_at = self._clock()
 
     def next_sleep(self) -> float:
         with self._lock:
-            if _time.monotonic() - self._active_at < self.hot_s:
+            now = self._clock()
+            if now - self._active_at < self.hot_s:
                 self._last = self.fast
             else:
                 self._last = min(self.slow, self._last * self.growth)
-            return self._last
+            if self._poll_at is None:
+                return self._last
+            waited, self._poll_at = now - self._poll_at, None
+            return 0.0 if waited >= self._last else self._last
 
 
 #: callbacks run in the SuperNode's loop each time it stored a message for its ClientApp
@@ -808,6 +823,8 @@ def _patch_supernode_loop(sci: types.ModuleType) -> None:
 
     @functools.wraps(pull)
     def pull_and_store(*args: Any, **kwargs: Any) -> Any:
+        for pacer in _supernode_pacers:  # a long poll's hold counts against the next sleep
+            pacer.poll_started()
         run_id = pull(*args, **kwargs)
         if run_id is not None:
             for pacer in _supernode_pacers:
@@ -1338,16 +1355,64 @@ class PendingTracker:
         self._lock = threading.Lock()
         self._generation: dict[int, int] = {}
         self._idle: dict[int, tuple[int, bytes, float]] = {}  # node -> (generation, public key, until)
+        #: held polls (`wait_idle`): node -> the (event loop, future) each waits on
+        self._waiters: dict[int, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
+        self._released = False
 
     def generation(self, node_id: int) -> int:
         with self._lock:
             return self._generation.get(node_id, 0)
 
-    def bump(self, node_id: int) -> None:
-        """A message for `node_id` was stored (or is about to be visible): not idle any more."""
+    def bump(self, node_id: int, *, wake: bool = True) -> None:
+        """A message for `node_id` was stored (or is about to be visible): not idle any more.
+        `wake`: end its held polls too (not while the store's transaction is still open: a
+        poll answered then would find nothing yet; the bump at its commit wakes them)."""
         with self._lock:
             self._generation[node_id] = self._generation.get(node_id, 0) + 1
             self._idle.pop(node_id, None)
+            waiters = self._waiters.pop(node_id, []) if wake else []
+        _wake(waiters)
+
+    def release_all(self) -> None:
+        """End every held poll now and hold none from now on (the SuperLink is shutting down):
+        each answers as if its hold had run out, so no request keeps the server from stopping."""
+        with self._lock:
+            self._released = True
+            waiters = [w for ws in self._waiters.values() for w in ws]
+            self._waiters.clear()
+        _wake(waiters)
+
+    async def wait_idle(self, node_id: int, public_key: bytes, hold_s: float) -> bool:
+        """Hold a poll (no thread: an asyncio future) while the node stays known idle with this
+        public key: until a message for it is stored (`bump`, from any thread), its idle entry
+        expires, `hold_s` passed, or `release_all`. The caller then reads `idle_key` again:
+        still idle means nothing came (answer empty), else Flower's full path answers. Returns
+        whether it held the poll at all."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        waiter = (loop, future)
+        with self._lock:
+            entry = self._idle.get(node_id)
+            if (self._released or entry is None or entry[1] != public_key
+                    or entry[0] != self._generation.get(node_id, 0)):
+                return False
+            self._waiters.setdefault(node_id, []).append(waiter)
+            until = entry[2]
+        try:
+            await asyncio.wait({future}, timeout=max(0.0, min(hold_s, until - _time.monotonic())))
+        finally:
+            with self._lock:
+                waiting = self._waiters.get(node_id, [])
+                if waiter in waiting:
+                    waiting.remove(waiter)
+                if not waiting:
+                    self._waiters.pop(node_id, None)
+        return True
+
+    def held(self) -> int:
+        """How many polls are held now (all nodes)."""
+        with self._lock:
+            return sum(len(ws) for ws in self._waiters.values())
 
     def mark_idle(self, node_id: int, generation: int, public_key: bytes) -> None:
         """A full poll that started at `generation` found nothing: idle, unless a message was
@@ -1373,6 +1438,19 @@ class PendingTracker:
             return public_key
 
 
+def _wake(waiters: Sequence[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]) -> None:
+    """Resolve held polls' futures from any thread (the LinkState hook runs in a worker thread):
+    each on its own event loop, thread-safely; a loop already closed has no poll left to wake."""
+    for loop, future in waiters:
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_resolve, future)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 #: the SuperLink process's trackers (`patch_superlink_idle_pulls`): SuperNodes by node id, the
 #: ServerApps' reply pulls by run id
 _pending: list[PendingTracker] = []
@@ -1383,20 +1461,25 @@ _RUNTIME_PULL_PATH = "/v1/runtime/pull-messages"
 #: node went offline or a message expired, which no store announces
 _REPLY_RECHECK_S = 1.0
 _STORED_NODES_KEY = "exchange_stored_for_nodes"
+#: a held Fleet poll goes on to Flower's full path only while its signed time stamp stays inside
+#: Flower's window at least this long (else it is answered empty and the next poll, freshly signed,
+#: fetches the message)
+_HOLD_WINDOW_MARGIN_S = 2.0
 
 
-def _bump_key(key: tuple[str, int]) -> None:
+def _bump_key(key: tuple[str, int], *, wake: bool = True) -> None:
     """A message was stored: for a node ("node", id: its SuperNode's polls) or for a run's
     ServerApp ("run", id: a reply, or an instruction to the SuperLink's own node)."""
     kind, ident = key
     for tracker in _pending if kind == "node" else _pending_runs:
-        tracker.bump(ident)
+        tracker.bump(ident, wake=wake)
 
 
 def _patch_linkstate_store_hook() -> None:
     """Bump the trackers for a message's destination node whenever flwr's SQL LinkState stores a
     message for a node: once when stored, and again when the transaction holding the insert
-    commits (a poll that ran between the two saw nothing yet; the second bump voids its result)."""
+    commits (a poll that ran between the two saw nothing yet; the second bump voids its result).
+    Held polls (`_PollHold`) wake at the commit only, when the message is there to be read."""
     from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
     from sqlalchemy import event
     from sqlalchemy.orm import Session
@@ -1413,7 +1496,7 @@ def _patch_linkstate_store_hook() -> None:
     def _stored(self: Any, keys: list[tuple[str, int]], original: Callable[..., Any], message: Any) -> Any:
         with self.session() as session:  # re-entrant: joins the caller's transaction if any
             for key in keys:
-                _bump_key(key)
+                _bump_key(key, wake=False)  # held polls wake at the commit (`after_commit`)
             session.info.setdefault(_STORED_NODES_KEY, set()).update(keys)
             return original(self, message)
 
@@ -1443,6 +1526,37 @@ def _patch_linkstate_store_hook() -> None:
     setattr(SqlLinkState, "store_message_res", store_message_res)  # noqa: B010
 
 
+class _PollHold:
+    """Long polls for a shortcut: a poll the shortcut may answer empty is held first (no thread:
+    `PendingTracker.wait_idle`) for up to `hold_s`, so an idle poller asks once per hold instead
+    of once per its own sleep, and a message stored meanwhile is answered at once by Flower's full
+    path. At most `max_held` polls are held at a time (more are answered empty at once, as
+    without holds); `hold_s` 0 holds none. One instance per shortcut, used on its event loop only."""
+
+    def __init__(self, tracker: PendingTracker, hold_s: float, max_held: int) -> None:
+        if hold_s < 0 or max_held < 0:
+            raise ValueError(f"long polls: need hold_s >= 0 and max_held >= 0, got {hold_s!r}, {max_held!r}")
+        self.tracker, self.hold_s, self.max_held = tracker, hold_s, max_held
+        self.holding = 0  # held now
+        self.held = 0  # held in all
+        self.woken = 0  # held, then answered by the full path (a message came, or the entry lapsed)
+
+    async def still_idle(self, key: int, credential: bytes) -> bool:
+        """Hold the poll if allowed; then whether it may still be answered empty (else Flower's
+        full path must answer: a message was stored for `key`, or its idle entry lapsed)."""
+        if self.hold_s <= 0 or self.holding >= self.max_held:
+            return True
+        self.holding += 1
+        try:
+            self.held += await self.tracker.wait_idle(key, credential, self.hold_s)
+        finally:
+            self.holding -= 1
+        if self.tracker.idle_key(key) == credential:
+            return True
+        self.woken += 1
+        return False
+
+
 class _IdlePullShortcut:
     """Pure ASGI, outermost: answer a SuperNode's `PullMessages` with Flower's own empty reply when
     the node is known to have nothing pending (`PendingTracker`) and the request authenticates as
@@ -1450,9 +1564,12 @@ class _IdlePullShortcut:
     poll authenticated with, over a time stamp inside Flower's window. Anything else (a parse error,
     another key, a bad signature, an unknown node, a node with a message) takes Flower's full path,
     which also decides every refusal: this never answers 401 itself. Each full poll's outcome
-    teaches the tracker: an empty 200 marks the node idle from the generation read before it ran."""
+    teaches the tracker: an empty 200 marks the node idle from the generation read before it ran.
+    With `hold_s` > 0 the early answer is a long poll (`_PollHold`): held until a message for the
+    node is stored (then Flower's full path answers, if the request's time stamp is still inside
+    Flower's window with a margin; else the empty reply, and the node's next poll fetches it)."""
 
-    def __init__(self, app: Any, *, tracker: PendingTracker) -> None:
+    def __init__(self, app: Any, *, tracker: PendingTracker, hold_s: float = 0.0, max_held: int = 0) -> None:
         from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_HEADER, TIMESTAMP_TOLERANCE
         from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse
         from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
@@ -1468,6 +1585,7 @@ class _IdlePullShortcut:
         self._window = (-SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE)
         self._keys: dict[bytes, Any] = {}  # public key bytes -> parsed key (a handful of nodes)
         self._empty_headers: list[tuple[bytes, bytes]] | None = None  # Flower's, from a full poll
+        self.hold = _PollHold(tracker, hold_s, max_held)
         self.answered_early = 0
         self.full_path = 0
 
@@ -1485,11 +1603,12 @@ class _IdlePullShortcut:
             more = event.get("more_body", False)
         headers = dict(reversed(scope["headers"]))  # the first of repeated headers, as Starlette reads them
         node_id, public_key = self._parse(headers, body)
-        if node_id is not None and self._empty_headers is not None and self._may_answer(node_id, public_key,
-                                                                                        headers):
+        if (node_id is not None and self._empty_headers is not None
+                and self._may_answer(node_id, public_key, headers)
+                and (await self.hold.still_idle(node_id, public_key)
+                     or not self._in_window(headers, margin_s=_HOLD_WINDOW_MARGIN_S))):
             self.answered_early += 1
-            await send({"type": "http.response.start", "status": 200, "headers": self._empty_headers})
-            await send({"type": "http.response.body", "body": b""})
+            await _send_empty(send, self._empty_headers)
             return
         self.full_path += 1
         await self._full_path(scope, _replay(body, None, receive), send, node_id, public_key)
@@ -1511,25 +1630,34 @@ class _IdlePullShortcut:
 
     def _may_answer(self, node_id: int, public_key: bytes, headers: dict[bytes, bytes]) -> bool:
         import base64
-        import datetime
 
-        from flwr.supercore.date import now
         from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_signature
 
-        if self.tracker.idle_key(node_id) != public_key:
+        if self.tracker.idle_key(node_id) != public_key or not self._in_window(headers):
             return False
         try:
             signature = base64.b64decode(headers[self._sig_header], validate=True)
             timestamp = headers[self._ts_header].decode("ascii")
-            age = (now() - datetime.datetime.fromisoformat(timestamp)).total_seconds()
-            if not self._window[0] < age < self._window[1]:
-                return False
             key = self._keys.get(public_key)
             if key is None:
                 key = self._keys[public_key] = bytes_to_public_key(public_key)
             return bool(verify_signature(key, timestamp.encode("ascii"), signature))
         except Exception:  # anything odd: Flower's full path decides (and refuses)
             return False
+
+    def _in_window(self, headers: dict[bytes, bytes], margin_s: float = 0.0) -> bool:
+        """Whether the request's time stamp is inside Flower's window (`authenticate_node`'s), and
+        still will be `margin_s` from now (a held poll must not reach Flower's check stale)."""
+        import datetime
+
+        from flwr.supercore.date import now
+
+        try:
+            timestamp = headers[self._ts_header].decode("ascii")
+            age = (now() - datetime.datetime.fromisoformat(timestamp)).total_seconds()
+        except Exception:  # anything odd: Flower's full path decides (and refuses)
+            return False
+        return bool(self._window[0] < age and age + margin_s < self._window[1])
 
     async def _full_path(self, scope: Any, receive: Any, send: Any, node_id: int | None,
                          public_key: bytes) -> None:
@@ -1569,9 +1697,11 @@ class _IdleReplyPullShortcut:
     (`PendingTracker` by run id; the token's run is looked up once, after its first full pull).
     Flower also answers a pull with error replies it makes itself (a node gone offline, a message
     expired); those wait for the next full pull, at most `recheck_s` later. Anything else takes
-    Flower's full path, which alone authenticates the token and refuses."""
+    Flower's full path, which alone authenticates the token and refuses. With `hold_s` > 0 the
+    early answer is a long poll (`_PollHold`), held at most until that entry lapses: a reply
+    stored meanwhile is answered at once by Flower's full path."""
 
-    def __init__(self, app: Any, *, tracker: PendingTracker) -> None:
+    def __init__(self, app: Any, *, tracker: PendingTracker, hold_s: float = 0.0, max_held: int = 0) -> None:
         from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullAppMessagesResponse
         from flwr.supercore.constant import TASK_TOKEN_HEADER
         from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
@@ -1583,6 +1713,7 @@ class _IdleReplyPullShortcut:
         self._token_header = TASK_TOKEN_HEADER.lower().encode("latin-1")
         self._runs: dict[bytes, int] = {}  # task token -> its run (a token belongs to one task)
         self._empty_headers: list[tuple[bytes, bytes]] | None = None
+        self.hold = _PollHold(tracker, hold_s, max_held)
         self.answered_early = 0
         self.full_path = 0
 
@@ -1597,7 +1728,8 @@ class _IdleReplyPullShortcut:
         credential = self._credential(scope["headers"], body)
         run_id = self._runs.get(credential[0]) if credential is not None else None
         if (credential is not None and run_id is not None and self._empty_headers is not None
-                and self.tracker.idle_key(run_id) == credential[1]):
+                and self.tracker.idle_key(run_id) == credential[1]
+                and await self.hold.still_idle(run_id, credential[1])):
             self.answered_early += 1
             await _send_empty(send, self._empty_headers)
             return
@@ -2326,11 +2458,13 @@ def patch_superlink_request_counter() -> dict[str, int]:
     return counts
 
 
-def patch_superlink_idle_pulls(recheck_s: float) -> PendingTracker:
+def patch_superlink_idle_pulls(recheck_s: float, *, hold_s: float = 0.0, max_held: int = 0) -> PendingTracker:
     """Answer a known-idle SuperNode's poll before Flower's middleware, handler and database
     (`_IdlePullShortcut`, `PendingTracker`); this process must be the SuperLink's, before its app
     is built. `recheck_s`: how long one empty full poll vouches for a node (then a full poll
-    again). Returns the tracker (tests read it)."""
+    again). `hold_s` > 0: such polls, and a ServerApp's idle reply pulls, are long polls
+    (`_PollHold`), at most `max_held` at a time; a shutdown signal ends every hold at once
+    (`_release_holds_on_exit`). Returns the tracker (tests read it)."""
     check_flwr_version()
     import flwr.superlink.main as superlink_main
 
@@ -2373,6 +2507,8 @@ def patch_superlink_idle_pulls(recheck_s: float) -> PendingTracker:
     tracker = PendingTracker(recheck_s)
     runs = PendingTracker(min(recheck_s, _REPLY_RECHECK_S))
     _patch_linkstate_store_hook()
+    if hold_s > 0:
+        _release_holds_on_exit()
     current = superlink_main._get_middleware
     from flwr.superlink import extensions
     from starlette.middleware import Middleware
@@ -2380,8 +2516,9 @@ def patch_superlink_idle_pulls(recheck_s: float) -> PendingTracker:
     def get_middleware() -> list[Any]:
         out = list(current())
         first = len(extensions.get_middleware())  # an installed extension's own come first
-        return [*out[:first], Middleware(_IdlePullShortcut, tracker=tracker),
-                Middleware(_IdleReplyPullShortcut, tracker=runs), *out[first:]]
+        holds: dict[str, Any] = {"hold_s": hold_s, "max_held": max_held}
+        return [*out[:first], Middleware(_IdlePullShortcut, tracker=tracker, **holds),
+                Middleware(_IdleReplyPullShortcut, tracker=runs, **holds), *out[first:]]
 
     setattr(get_middleware, _PATCHED_MARK, True)
     setattr(get_middleware, _SCOPED_MARK, getattr(current, _SCOPED_MARK, False))
@@ -2594,3 +2731,27 @@ def patch_superlink_object_routes() -> None:
 
 
 _OBJECT_ROUTES_MARK = "_exchange_object_routes"
+
+
+def _release_holds_on_exit() -> None:
+    """End every held poll (`PendingTracker.release_all`) when uvicorn, which serves Flower's
+    SuperLink, is told to exit (SIGINT/SIGTERM: `uvicorn.Server.handle_exit`). uvicorn's graceful
+    shutdown waits for in-flight requests; a held poll is one, so without this a stop or restart
+    would wait out the holds."""
+    import uvicorn
+
+    current = uvicorn.Server.handle_exit
+    if getattr(current, _PATCHED_MARK, False):
+        return
+    _require(list(inspect.signature(current).parameters) == ["self", "sig", "frame"]
+             and "self.handle_exit" in inspect.getsource(uvicorn.Server),
+             "uvicorn.Server no longer installs handle_exit(sig, frame) as its signal handler")
+
+    @functools.wraps(current)
+    def handle_exit(self: Any, sig: int, frame: Any) -> None:
+        for tracker in (*_pending, *_pending_runs):
+            tracker.release_all()
+        current(self, sig, frame)
+
+    setattr(handle_exit, _PATCHED_MARK, True)
+    setattr(uvicorn.Server, "handle_exit", handle_exit)  # noqa: B010 (a method of uvicorn's)

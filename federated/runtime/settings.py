@@ -56,6 +56,15 @@ class RuntimeSettings:
     #: until then its polls are answered before Flower's middleware and database (a message stored
     #: for it ends this at once). After it, one full poll re-checks the node against the database.
     superlink_idle_recheck: float = 5.0
+    #: SuperLink: such a poll (and a ServerApp's reply pull that would be answered empty) is held
+    #: up to this long, answered at once when a message for it is stored (a long poll: an idle
+    #: node asks once per hold, not once per `supernode_idle_sleep`); 0 (the default): answered at
+    #: once. Off by default: fewer requests, but SecAgg+ rounds were slower in both measured pairs
+    #: (docs/benchmarks/flower.md, "Long polls at the SuperLink"). Must stay well inside Flower's
+    #: clients' 30 s timeout and its signed time stamps' window.
+    superlink_long_poll: float = 0.0
+    #: ... at most this many held at a time (more are answered at once, as with 0).
+    superlink_long_poll_max: int = 256
     #: SuperLink CPU patches in fast mode (path-scoped middleware, early idle-poll answers, 503 on
     #: a locked database): off runs Flower's SuperLink as shipped (benchmarks compare the two; an
     #: escape hatch should a Flower quirk meet them) while the SuperNode side stays fast.
@@ -83,6 +92,12 @@ class RuntimeSettings:
         if not (isinstance(self.supernode_hot_s, int | float) and 0 <= self.supernode_hot_s <= 600):
             raise ValueError("supernode_hot_s: must be a number of seconds in [0, 600], "
                              f"got {self.supernode_hot_s!r}")
+        hold = self.superlink_long_poll
+        if not (isinstance(hold, int | float) and 0 <= hold <= 10):
+            raise ValueError(f"superlink_long_poll: must be a number of seconds in [0, 10], got {hold!r}")
+        held = self.superlink_long_poll_max
+        if not (isinstance(held, int) and not isinstance(held, bool) and 0 <= held <= 100_000):
+            raise ValueError(f"superlink_long_poll_max: must be an integer in [0, 100000], got {held!r}")
         beat = self.supernode_heartbeat
         if not (isinstance(beat, int | float) and 10 <= beat <= 1800):
             raise ValueError("supernode_heartbeat: must be a number of seconds in [10, 1800] (the "

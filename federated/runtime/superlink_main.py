@@ -10,7 +10,9 @@ API's middleware runs only for its own paths (`patch_superlink_middleware`), and
 poll is answered before Flower's middleware, handler and database when that node is known to
 have nothing pending (`patch_superlink_idle_pulls`; still authenticated by its signature; one
 full poll every ``EXCHANGE_SUPERLINK_IDLE_RECHECK`` seconds per node re-checks it against the
-database), and flwr's sweep of lapsed task claims, a write on nearly every request, runs at most
+database; held as a long poll up to ``EXCHANGE_SUPERLINK_LONG_POLL`` seconds, at most
+``EXCHANGE_SUPERLINK_LONG_POLL_MAX`` at a time, and answered as soon as a message for the node
+is stored), and flwr's sweep of lapsed task claims, a write on nearly every request, runs at most
 every `TASK_SWEEP_S` (`patch_superlink_task_sweep`); a run's status, which flwr reads from the
 database on nearly every request, is cached until a write that may change it
 (`patch_superlink_run_status_cache`), so is the node a SuperNode key belongs to, which flwr's node
@@ -77,7 +79,9 @@ def write_request_counts(path: Path) -> None:
 def apply_superlink_patches(settings: RuntimeSettings) -> None:
     """The fast mode's SuperLink patches (this process must be the SuperLink's, before its app)."""
     flwr_internals.patch_superlink_middleware()
-    flwr_internals.patch_superlink_idle_pulls(settings.superlink_idle_recheck)
+    flwr_internals.patch_superlink_idle_pulls(settings.superlink_idle_recheck,
+                                              hold_s=settings.superlink_long_poll,
+                                              max_held=settings.superlink_long_poll_max)
     flwr_internals.patch_superlink_task_sweep(TASK_SWEEP_S)
     flwr_internals.patch_superlink_store_object_busy()
     flwr_internals.patch_superlink_push_one_transaction()
@@ -113,11 +117,17 @@ def main() -> None:
         mode=os.environ.get("EXCHANGE_FLOWER_MODE", default.mode),  # type: ignore[arg-type]
         superlink_idle_recheck=float(os.environ.get("EXCHANGE_SUPERLINK_IDLE_RECHECK",
                                                     default.superlink_idle_recheck)),
+        superlink_long_poll=float(os.environ.get("EXCHANGE_SUPERLINK_LONG_POLL",
+                                                 default.superlink_long_poll)),
+        superlink_long_poll_max=int(os.environ.get("EXCHANGE_SUPERLINK_LONG_POLL_MAX",
+                                                   default.superlink_long_poll_max)),
         superlink_patches=os.environ.get("EXCHANGE_SUPERLINK_PATCHES", "1") != "0")
     if settings.mode == "fast" and settings.superlink_patches:
         apply_superlink_patches(settings)
         print(f"[exchange] superlink patches: path-scoped middleware, idle polls answered early "
-              f"(full poll per node every {settings.superlink_idle_recheck} s), task sweep throttled, "
+              f"(full poll per node every {settings.superlink_idle_recheck} s; held up to "
+              f"{settings.superlink_long_poll} s, {settings.superlink_long_poll_max} at most), "
+              f"task sweep throttled, "
               f"run statuses, node keys and task tokens cached, traffic counters batched, object pushes "
               f"on a busy database retried, a push's messages stored in one transaction, object routes "
               f"answered outside FastAPI's layers",

@@ -556,11 +556,12 @@ def main() -> None:
     # Derived, not measured: with a core per process nothing waits for a CPU, so the round's
     # time beyond training is at most the serial CPU on its path (the server, the SuperLink and
     # the busiest hospital, training included, hence an upper bound) plus the poll sleeps of its
-    # exchanges (2 per SecAgg+ round: collect and unmask).
+    # exchanges (2 per SecAgg+ round: collect and unmask). With long polls the SuperLink answers
+    # a SuperNode's held poll when its message is stored: its idle sleep is off that path.
     settings = _settings()
     floor = (
         settings.server_poll
-        + settings.supernode_idle_sleep
+        + (0.0 if settings.superlink_long_poll > 0 else settings.supernode_idle_sleep)
         + settings.executor_poll
         + settings.supernode_reply_sleep
     )

@@ -237,6 +237,20 @@ def test_idle_pacer_polls_fast_while_hot_then_backs_off_to_its_cap() -> None:
         flwr_internals.IdlePacer(0.5, 0.1)
 
 
+def test_idle_pacer_counts_a_held_poll_against_its_sleep() -> None:
+    """With `poll_started`: after a poll the SuperLink held (a long poll) for at least the sleep
+    the next one starts at once; after a quicker one the whole sleep, as before."""
+    now = [0.0]
+    pacer = flwr_internals.IdlePacer(0.1, 0.5, hot_s=60.0, clock=lambda: now[0])
+    pacer.poll_started()
+    now[0] = 2.0  # the SuperLink held this poll for 2 s
+    assert pacer.next_sleep() == 0.0
+    pacer.poll_started()
+    now[0] = 2.025  # answered at once
+    assert pacer.next_sleep() == 0.1
+    assert pacer.next_sleep() == 0.1  # no poll started since: the whole sleep
+
+
 def test_supernode_loop_wakes_the_hooks_after_a_stored_message_and_paces_idle_polls(
         restore_flwr_modules: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The SuperNode's idle sleep backs off when no message came for `hot_s`; a stored message

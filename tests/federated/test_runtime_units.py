@@ -26,7 +26,9 @@ from federated.study_spec import StudySpec, StudySpecError
 @pytest.mark.parametrize(("field", "value"), [("mode", "turbo"), ("server_poll", 0), ("pull_backoff", -1),
                                               ("supernode_idle_sleep", 600), ("supernode_heartbeat", 5),
                                               ("supernode_idle_sleep_max", 0.05), ("executor_poll_max", 0.01),
-                                              ("supernode_hot_s", -1)])
+                                              ("supernode_hot_s", -1), ("superlink_long_poll", 11),
+                                              ("superlink_long_poll_max", -1),
+                                              ("superlink_long_poll_max", 2.5)])
 def test_bad_settings_are_refused_by_name(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"^{field}"):
         RuntimeSettings(**{field: value})

@@ -50,6 +50,10 @@ class Link:
         return asyncio.run(call(self.app, PULL, self.pull_body(node_id),
                                 headers if headers is not None else _headers(self.key, self.public_key)))
 
+    async def pull(self) -> tuple[int, bytes]:
+        """One poll, signed now, on the caller's event loop (to hold it beside others)."""
+        return await call(self.app, PULL, self.pull_body(), _headers(self.key, self.public_key))
+
     def counts(self) -> tuple[int, int]:
         shortcut = _shortcut(self.app)
         return shortcut.answered_early, shortcut.full_path
@@ -374,3 +378,312 @@ def test_the_request_counter_counts_every_request_by_path_early_answers_included
     assert link.counts() == (2, 1)  # one full poll, two answered early
     assert counts == {PULL: 3}
 
+
+
+# -- long polls (`_PollHold`): an idle node's poll held until a message for it is stored ----------
+
+
+def _held_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, hold_s: float, max_held: int = 8,
+               ) -> tuple[Link, dict[str, int]]:
+    """A patched SuperLink app whose idle polls are long polls, its request counts, one node."""
+    disable_phone_home()
+    import flwr.superlink.main as superlink_main
+
+    monkeypatch.setattr(superlink_main, "_get_middleware", superlink_main._get_middleware)
+    monkeypatch.setattr(flwr_internals, "_pending", [])
+    monkeypatch.setattr(flwr_internals, "_pending_runs", [])
+    monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "superlink.db"))
+    flwr_internals.patch_superlink_middleware()
+    tracker = flwr_internals.patch_superlink_idle_pulls(recheck_s=30.0, hold_s=hold_s, max_held=max_held)
+    counts = flwr_internals.patch_superlink_request_counter()
+    app = superlink_main.create_app()
+    state = app.state.linkstate_factory.state()
+    node_id, key, pk = _register(state)
+    return Link(app, state, tracker, node_id, key, pk, tmp_path / "superlink.db"), counts
+
+
+async def _until(condition: Any) -> None:
+    """Let the event loop run until `condition()` holds (a held poll is parked)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never held")
+
+
+def _store_for(link: Link) -> None:
+    """What Flower's handler does when the ServerApp pushes a message for the node: store it (in a
+    worker thread; the run does not exist, so nothing is kept, but the store hook bumps the node)."""
+    from flwr.app import Message, RecordDict
+
+    flwr_internals.set_task_identity(0, 1, 0)
+    link.state.store_message_ins(Message(RecordDict(), dst_node_id=link.node_id, message_type="query"))
+
+
+#: a hang guard only: a held poll that is never woken would wait out its 600 s hold
+GUARD_S = 120.0
+
+
+def test_a_held_poll_is_answered_by_flowers_full_path_as_soon_as_a_message_is_stored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    link, _counts = _held_link(tmp_path, monkeypatch, hold_s=600.0)
+    assert link.poll()[0] == 200  # the first poll takes the full path: the node is idle now
+    shortcut = _shortcut(link.app)
+
+    async def go() -> tuple[int, bytes]:
+        poll = asyncio.create_task(link.pull())
+        await _until(lambda: shortcut.hold.holding == 1)
+        assert not poll.done()
+        await asyncio.to_thread(_store_for, link)  # the bump comes from another thread
+        return await asyncio.wait_for(poll, GUARD_S)
+
+    status, body = asyncio.run(go())
+    assert status == 200 and _is_empty_reply(body)  # Flower's own answer (nothing was kept)
+    assert (shortcut.hold.held, shortcut.hold.woken, shortcut.hold.holding) == (1, 1, 0)
+    assert link.counts() == (0, 2)  # answered by the full path, not early
+
+
+def test_a_held_poll_wakes_when_the_stores_transaction_commits_not_before(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answered while the message's transaction is still open, the poll would find nothing: the
+    store's own bump ends the node's idleness but wakes no held poll; its commit does."""
+    import threading
+
+    link, _counts = _held_link(tmp_path, monkeypatch, hold_s=600.0)
+    link.poll()
+    shortcut = _shortcut(link.app)
+    stored, commit = threading.Event(), threading.Event()
+
+    def store_in_a_transaction() -> None:
+        with link.state.session():
+            _store_for(link)
+            stored.set()
+            commit.wait(GUARD_S)
+
+    async def go() -> tuple[bool, tuple[int, bytes]]:
+        poll = asyncio.create_task(link.pull())
+        await _until(lambda: shortcut.hold.holding == 1)
+        writer = asyncio.create_task(asyncio.to_thread(store_in_a_transaction))
+        await asyncio.to_thread(stored.wait, GUARD_S)
+        await asyncio.sleep(0.05)  # let a (wrong) wake-up run
+        held_through_the_store = not poll.done() and shortcut.hold.holding == 1
+        commit.set()
+        await writer
+        return held_through_the_store, await asyncio.wait_for(poll, GUARD_S)
+
+    held_through_the_store, (status, _body) = asyncio.run(go())
+    assert held_through_the_store
+    assert status == 200 and (shortcut.hold.held, shortcut.hold.woken) == (1, 1)
+    assert link.counts() == (0, 2)
+
+
+def test_a_held_poll_with_nothing_stored_is_answered_empty_when_its_hold_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    link, counts = _held_link(tmp_path, monkeypatch, hold_s=0.2)
+    first = link.poll()
+    assert link.poll() == first  # held 0.2 s, then Flower's empty reply
+    shortcut = _shortcut(link.app)
+    assert (shortcut.hold.held, shortcut.hold.woken) == (1, 0)
+    assert link.counts() == (1, 1)
+    assert counts == {PULL: 2}
+
+
+def test_a_held_poll_whose_time_stamp_would_age_out_is_answered_empty_not_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower refuses a time stamp outside its window (401, and the SuperNode gives up): a held poll
+    goes on to the full path only while its own stamp stays inside it; else the empty reply."""
+    import datetime
+
+    from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE
+    from flwr.supercore.date import now
+    from flwr.supercore.primitives.asymmetric import sign_message
+
+    link, _counts = _held_link(tmp_path, monkeypatch, hold_s=600.0)
+    link.poll()
+    shortcut = _shortcut(link.app)
+    aged = (now() - datetime.timedelta(seconds=TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE - 1)).isoformat()
+    headers = dict(_headers(link.key, link.public_key))
+    headers[b"flwr-timestamp"] = aged.encode()
+    headers[b"flwr-signature"] = base64.b64encode(sign_message(link.key, aged.encode("ascii")))
+
+    async def go() -> tuple[int, bytes]:
+        poll = asyncio.create_task(call(link.app, PULL, link.pull_body(), list(headers.items())))
+        await _until(lambda: shortcut.hold.holding == 1)  # still inside the window: authenticated, held
+        await asyncio.to_thread(_store_for, link)
+        return await asyncio.wait_for(poll, GUARD_S)
+
+    status, body = asyncio.run(go())
+    assert status == 200 and _is_empty_reply(body)
+    assert link.counts() == (1, 1)  # answered empty; the node's next poll takes the full path
+
+
+def test_at_most_max_held_polls_are_held_the_rest_are_answered_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    link, _counts = _held_link(tmp_path, monkeypatch, hold_s=600.0, max_held=1)
+    link.poll()
+    shortcut = _shortcut(link.app)
+
+    async def go() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+        held = asyncio.create_task(link.pull())
+        await _until(lambda: shortcut.hold.holding == 1)
+        at_once = await asyncio.wait_for(link.pull(), GUARD_S)
+        assert not held.done()
+        await asyncio.to_thread(_store_for, link)
+        return at_once, await asyncio.wait_for(held, GUARD_S)
+
+    at_once, held = asyncio.run(go())
+    assert at_once[0] == held[0] == 200
+    assert (shortcut.hold.held, shortcut.hold.woken) == (1, 1)
+    assert link.counts() == (1, 2)
+
+
+def test_a_shutdown_signal_answers_every_held_poll_at_once_and_holds_no_more(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn's graceful shutdown waits for in-flight requests: its exit handler (what SIGTERM
+    and SIGINT call) ends the holds, so a SuperLink stop or restart does not wait them out."""
+    import signal
+
+    import uvicorn
+
+    link, _counts = _held_link(tmp_path, monkeypatch, hold_s=600.0)
+    link.poll()
+    shortcut = _shortcut(link.app)
+    server = uvicorn.Server(uvicorn.Config(link.app))
+
+    async def go() -> tuple[int, bytes]:
+        poll = asyncio.create_task(link.pull())
+        await _until(lambda: shortcut.hold.holding == 1)
+        server.handle_exit(signal.SIGTERM, None)
+        return await asyncio.wait_for(poll, GUARD_S)
+
+    status, body = asyncio.run(go())
+    assert status == 200 and _is_empty_reply(body)
+    assert server.should_exit  # uvicorn's own handler ran too
+    assert link.poll()[0] == 200  # and the next poll is answered at once, not held
+    assert shortcut.hold.held == 1 and link.counts() == (2, 1)
+
+
+def test_an_idle_hot_supernode_polls_about_once_per_hold_not_once_per_sleep(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SuperNode's poll loop (its real `IdlePacer`: 0.1 s between polls while hot) against the
+    SuperLink app, counted there: held polls bound the request rate by the hold, and the pacer
+    starts the next poll at once after a held one. Without holds it would be ~10 polls a second."""
+    hold_s, window_s = 0.5, 2.0
+    link, counts = _held_link(tmp_path, monkeypatch, hold_s=hold_s)
+    pacer = flwr_internals.IdlePacer(0.1, 0.5, hot_s=60.0)
+    sleeps: list[float] = []
+    end = time.monotonic() + window_s
+    while time.monotonic() < end:
+        pacer.poll_started()
+        assert link.poll()[0] == 200
+        sleeps.append(pacer.next_sleep())
+        time.sleep(sleeps[-1])
+    # the first poll takes the full path and returns at once; every later one is held hold_s
+    assert counts[PULL] <= 2 + window_s / hold_s
+    assert sleeps[1:] == [0.0] * (len(sleeps) - 1)
+
+
+def test_a_serverapps_held_reply_pull_is_answered_by_the_full_path_when_a_reply_is_stored(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Runtime API side: an idle reply pull is held (at most until its run's entry lapses) and
+    a reply stored for its run, from another thread, sends it on to Flower's full path at once."""
+    disable_phone_home()
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest
+
+    monkeypatch.setattr(flwr_internals, "_pending_runs", [])
+    runs = flwr_internals.PendingTracker(600.0)
+    flwr_internals._pending_runs.append(runs)
+    full: list[int] = []
+
+    class Task:
+        run_id = 42
+
+    class State:
+        def get_task_by_token(self, token: str) -> Task | None:
+            return Task()
+
+    state = type("S", (), {"linkstate_factory": type("F", (), {"state": staticmethod(State)})})()
+
+    async def flower(scope: Any, receive: Any, send: Any) -> None:  # Flower's empty reply
+        await receive()
+        full.append(1)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/protobuf")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    shortcut = flwr_internals._IdleReplyPullShortcut(flower, tracker=runs, hold_s=600.0, max_held=8)
+    body = PullAppMessagesRequest(message_ids=["m1"]).SerializeToString()
+    headers = [(b"content-type", b"application/protobuf"), (b"flwr-task-token", b"good")]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        scope["app"] = type("App", (), {"state": state})()
+        await shortcut(scope, receive, send)
+
+    async def go() -> tuple[int, bytes]:
+        for _ in range(2):  # the token's run looked up, then an empty full pull vouches
+            await call(app, flwr_internals._RUNTIME_PULL_PATH, body, headers)
+        pull = asyncio.create_task(call(app, flwr_internals._RUNTIME_PULL_PATH, body, headers))
+        await _until(lambda: shortcut.hold.holding == 1)
+        await asyncio.to_thread(flwr_internals._bump_key, ("run", 7))  # another run's reply: still held
+        await asyncio.sleep(0.05)
+        assert not pull.done()
+        await asyncio.to_thread(flwr_internals._bump_key, ("run", 42))
+        return await asyncio.wait_for(pull, GUARD_S)
+
+    assert asyncio.run(go()) == (200, b"")
+    assert len(full) == 3 and shortcut.answered_early == 0
+    assert (shortcut.hold.held, shortcut.hold.woken) == (1, 1)
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_a_superlink_stopped_while_it_holds_a_poll_answers_it_and_exits_within_its_grace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real `superlink_main` process (uvicorn) holding a SuperNode's poll for up to 10 s gets
+    SIGTERM: the held poll is answered with Flower's empty reply and the process exits by
+    itself within `terminate`'s 5 s grace (no SIGKILL), instead of waiting out the hold."""
+    import signal
+    import threading
+
+    import httpx
+
+    from federated.runtime.deployment import SuperLinkProcess
+    from federated.runtime.settings import RuntimeSettings
+
+    workdir = tmp_path / "superlink"
+    workdir.mkdir()
+    disable_phone_home()
+    monkeypatch.setenv("FLWR_DATABASE", str(workdir / "superlink.db"))
+    import flwr.superlink.main as superlink_main
+
+    node_id, key, pk = _register(superlink_main.create_app().state.linkstate_factory.state())
+    link = SuperLinkProcess(workdir, settings=RuntimeSettings(superlink_long_poll=10.0))
+    link.start()
+    body = Link(None, None, flwr_internals.PendingTracker(1.0), node_id, key, pk, workdir).pull_body()
+    url = f"http://{link.address}{PULL}"
+    replies: list[httpx.Response] = []
+    try:
+        with httpx.Client(timeout=60.0) as client:
+            first = client.post(url, content=body, headers=dict(_headers(key, pk)))
+            assert first.status_code == 200 and _is_empty_reply(first.content), first.text
+            # the shortcut marks the node idle once Flower's reply is sent: the next request on this
+            # keep-alive connection may be read before that, so leave it a moment
+            time.sleep(0.5)
+            def poll() -> None:
+                try:
+                    replies.append(client.post(url, content=body, headers=dict(_headers(key, pk))))
+                except Exception as exc:  # reported below
+                    replies.append(exc)  # type: ignore[arg-type]
+
+            held = threading.Thread(target=poll)
+            held.start()
+            time.sleep(1.0)  # the poll reaches the SuperLink and is held (up to its 5 s recheck)
+            assert held.is_alive(), replies
+            assert link.proc is not None
+            code = link.proc.terminate(grace=5.0)
+            held.join(GUARD_S)
+    finally:
+        link.stop()
+    # uvicorn re-raises the SIGTERM it handled once it has shut down: -15, not SIGKILL's -9
+    assert code == -signal.SIGTERM, f"exit {code}\n{link.proc.log_tail()}"
+    assert [r.status_code for r in replies] == [200] and _is_empty_reply(replies[0].content)
