@@ -79,7 +79,7 @@ class Hospital(CoordinatorBase):
     signing_key_id: Mapped[str] = mapped_column(String(32), unique=True)
     flower_public_key: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    # the hospital's last signed request (registry.use_nonce); None before the first
+    # the hospital's last signed request (registry.use_nonce_async); None before the first
     last_contact_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 

@@ -278,20 +278,13 @@ class Registry:
             sweep = at - 2 * self.replay_window
         return _NonceUse(kid, nonce, at, sweep)
 
-    def use_nonce(self, kid: str, nonce: str) -> bool:
-        """Record a request nonce; False if it was seen before (a replay). Through the group
-        commit: nonces arriving together share one transaction and one fsync, and the call
-        returns once its nonce is durable, so a request replayed after a restart is refused."""
-        try:
-            self.journal.batcher.run(self._nonce_use(kid, nonce), _use_nonces)
-        except IntegrityError:
-            return False
-        return True
-
     async def use_nonce_async(self, kid: str, nonce: str) -> bool:
-        """`use_nonce` for the event loop (SQLite: LoopGroupCommit, no thread; PostgreSQL:
-        GroupCommit's writer). Every signed hospital request records one: with 25 hospitals
-        polling, one write transaction (and fsync) each was a fifth of the coordinator's CPU
+        """Record a request nonce; False if it was seen before (a replay). Through the group
+        commit (SQLite: LoopGroupCommit on the event loop, no thread; PostgreSQL: GroupCommit's
+        writer): nonces arriving together share one transaction and one fsync, and the call
+        returns once its nonce is durable, so a request replayed after a restart is refused.
+        Every signed hospital request records one: with 25 hospitals polling, one write
+        transaction (and fsync) each was a fifth of the coordinator's CPU
         (docs/benchmarks/scale.md)."""
         batcher = self.journal.loop_batcher or self.journal.batcher
         try:

@@ -2458,6 +2458,16 @@ def patch_superlink_request_counter() -> dict[str, int]:
     return counts
 
 
+def _outermost(current: Callable[[], list[Any]], *middleware: Any) -> list[Any]:
+    """flwr's SuperLink middleware list (`current()`) with `middleware` added outermost, after
+    only an installed extension's own (which come first in flwr's list and must stay first)."""
+    from flwr.superlink import extensions
+
+    out = list(current())
+    first = len(extensions.get_middleware())
+    return [*out[:first], *middleware, *out[first:]]
+
+
 def patch_superlink_idle_pulls(recheck_s: float, *, hold_s: float = 0.0, max_held: int = 0) -> PendingTracker:
     """Answer a known-idle SuperNode's poll before Flower's middleware, handler and database
     (`_IdlePullShortcut`, `PendingTracker`); this process must be the SuperLink's, before its app
@@ -2510,15 +2520,12 @@ def patch_superlink_idle_pulls(recheck_s: float, *, hold_s: float = 0.0, max_hel
     if hold_s > 0:
         _release_holds_on_exit()
     current = superlink_main._get_middleware
-    from flwr.superlink import extensions
     from starlette.middleware import Middleware
 
     def get_middleware() -> list[Any]:
-        out = list(current())
-        first = len(extensions.get_middleware())  # an installed extension's own come first
         holds: dict[str, Any] = {"hold_s": hold_s, "max_held": max_held}
-        return [*out[:first], Middleware(_IdlePullShortcut, tracker=tracker, **holds),
-                Middleware(_IdleReplyPullShortcut, tracker=runs, **holds), *out[first:]]
+        return _outermost(current, Middleware(_IdlePullShortcut, tracker=tracker, **holds),
+                          Middleware(_IdleReplyPullShortcut, tracker=runs, **holds))
 
     setattr(get_middleware, _PATCHED_MARK, True)
     setattr(get_middleware, _SCOPED_MARK, getattr(current, _SCOPED_MARK, False))
@@ -2707,7 +2714,6 @@ def patch_superlink_object_routes() -> None:
     from flwr.supercore.error import http_error_translator
     from flwr.supercore.protobuf import translation
     from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
-    from flwr.superlink import extensions
     from starlette.middleware import Middleware
 
     dispatch = inspect.getsource(translation.ProtobufTranslationMiddleware.dispatch)
@@ -2719,10 +2725,8 @@ def patch_superlink_object_routes() -> None:
     translator = _busy_database_retryable(http_error_translator)
 
     def get_middleware() -> list[Any]:
-        out = list(current())
-        first = len(extensions.get_middleware())  # an installed extension's own come first
-        return [*out[:first], Middleware(_ObjectRoutes, routes=routes, translator=translator,
-                                         media_type=PROTOBUF_MEDIA_TYPE), *out[first:]]
+        return _outermost(current, Middleware(_ObjectRoutes, routes=routes, translator=translator,
+                                              media_type=PROTOBUF_MEDIA_TYPE))
 
     for mark in (_PATCHED_MARK, _SCOPED_MARK):
         setattr(get_middleware, mark, getattr(current, mark, False))

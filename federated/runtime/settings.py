@@ -59,8 +59,8 @@ class RuntimeSettings:
     #: SuperLink: such a poll (and a ServerApp's reply pull that would be answered empty) is held
     #: up to this long, answered at once when a message for it is stored (a long poll: an idle
     #: node asks once per hold, not once per `supernode_idle_sleep`); 0 (the default): answered at
-    #: once. Off by default: fewer requests, but SecAgg+ rounds were slower in both measured pairs
-    #: (docs/benchmarks/flower.md, "Long polls at the SuperLink"). Must stay well inside Flower's
+    #: once. Off by default: fewer requests, but mixed timings (faster or slower by the case and the
+    #: load: docs/benchmarks/flower.md, "Long polls at the SuperLink"). Must stay well inside Flower's
     #: clients' 30 s timeout and its signed time stamps' window.
     superlink_long_poll: float = 0.0
     #: ... at most this many held at a time (more are answered at once, as with 0).

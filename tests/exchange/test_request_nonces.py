@@ -1,4 +1,4 @@
-"""The replay protection of signed hospital requests (`Registry.use_nonce`): every signed
+"""The replay protection of signed hospital requests (`Registry.use_nonce_async`): every signed
 request records its (key, nonce); a second use is refused. Recorded through the group commit:
 nonces arriving together share one transaction (with 25 hospitals polling, one write
 transaction and fsync per request was a fifth of the coordinator's CPU, docs/benchmarks/
