@@ -370,7 +370,7 @@ def _poll_holding_the_gil() -> Any:
     """libc's poll(2) called through `ctypes.PyDLL`, which keeps the GIL for the call; None
     where there is none (then `select.select`)."""
     try:
-        poll = ctypes.PyDLL(None).poll
+        poll = ctypes.PyDLL(None, use_errno=True).poll
     except (OSError, AttributeError):
         return None
     poll.argtypes = (ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int)
