@@ -9,9 +9,11 @@ several times per append_in (docs/audit-store.md).
 from __future__ import annotations
 
 import copy
+import ctypes
 import functools
 import json
 import re
+import select as io_select
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -352,14 +354,48 @@ def has_nothing_unasked(connection: Connection) -> bool:
     then unknown, and nothing may be made again). Asking the socket first (no round trip)
     keeps the first case, a connection dropped while the writer was idle, on the path that
     fails before any COMMIT and is made again on a fresh connection."""
-    import select
-
     try:
         socket = connection.connection.driver_connection.pgconn.socket  # type: ignore[union-attr]
-        readable, _writable, _failed = select.select([socket], [], [], 0)
+        return not _readable_now(socket)
     except Exception:  # no usable socket: certainly not a connection to commit on
         return False
-    return not readable
+
+
+class _PollFd(ctypes.Structure):
+    _fields_ = (("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short))
+
+
+@functools.cache
+def _poll_holding_the_gil() -> Any:
+    """libc's poll(2) called through `ctypes.PyDLL`, which keeps the GIL for the call; None
+    where there is none (then `select.select`)."""
+    try:
+        poll = ctypes.PyDLL(None, use_errno=True).poll
+    except (OSError, AttributeError):
+        return None
+    poll.argtypes = (ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int)
+    poll.restype = ctypes.c_int
+    return poll
+
+
+def _readable_now(fd: int) -> bool:
+    """Whether `fd` has something to read (or is closed, or in error) right now: poll(2)
+    without a wait, WITHOUT giving up the GIL.
+
+    Why not `select.select(..., 0)`: every Python socket call gives the GIL up around its
+    system call, and taking it back waits behind whatever threads got it meanwhile; this runs
+    in the group commit's writer, right before the string every waiting append depends on,
+    while the appenders' threads are busy (measured with 8 appenders: 80-240 us on average
+    for a zero-timeout select, 17-21 us with one; docs/benchmarks/audit-append.md)."""
+    poll = _poll_holding_the_gil()
+    if poll is None:
+        readable, _writable, _failed = io_select.select([fd], [], [], 0)
+        return bool(readable)
+    entry = _PollFd(fd, io_select.POLLIN, 0)
+    found = poll(ctypes.byref(entry), 1, 0)
+    if found < 0:
+        raise OSError(ctypes.get_errno(), "poll failed")
+    return found > 0  # POLLIN, or POLLHUP / POLLERR / POLLNVAL: not a connection to use
 
 
 def insert_and_commit(connection: Connection, rows: list[dict[str, Any]],
@@ -408,7 +444,7 @@ def insert_and_commit(connection: Connection, rows: list[dict[str, Any]],
             if not info.get(_PREPARED_KEY):
                 driver.execute(_PG_PREPARE)  # type: ignore[union-attr]
                 info[_PREPARED_KEY] = True
-            driver.execute("; ".join(statements))  # type: ignore[union-attr]
+            _exec_string(driver, "; ".join(statements), begun=begin is not None)
         finally:
             if begin is not None:
                 driver._autocommit = False  # type: ignore[union-attr]
@@ -423,6 +459,32 @@ def insert_and_commit(connection: Connection, rows: list[dict[str, Any]],
             connection.invalidate(exc)
         raise DBAPIError.instance(_PG_PREPARED_NAME, parameters, exc, dialect.loaded_dbapi.Error,
                                   connection_invalidated=broken, dialect=dialect) from exc
+
+
+def _exec_string(driver: Any, query: str, *, begun: bool) -> None:
+    """Run the one string on psycopg connection `driver` as ONE libpq call (`PQexec`), which
+    waits for the whole answer without the GIL; raise psycopg's error for a failed statement
+    (the server skipped the rest of the string, the COMMIT with it).
+
+    Why not `driver.execute`: psycopg's execute sends, flushes and reads through a Python
+    generator that takes the GIL back at every socket event, and the writer every appender
+    waits for then queues for the GIL behind the appender threads each time; its Python also
+    costs about 30 us of CPU per round trip (docs/benchmarks/audit-append.md). PQexec returns
+    the last statement's result, or the first failure's (the rest of the string is not run).
+
+    Only when the string carries the transaction's BEGIN or the transaction has begun on the
+    server (psycopg sends nothing of its own here: without either, the string would run
+    outside the transaction block psycopg tracks), else through `driver.execute`."""
+    from psycopg import errors, pq
+
+    pgconn = driver.pgconn
+    if not begun and pgconn.transaction_status != pq.TransactionStatus.INTRANS:
+        driver.execute(query)
+        return
+    with driver.lock:
+        result = pgconn.exec_(query.encode(driver.info.encoding))
+    if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+        raise errors.error_from_result(result, encoding=driver.info.encoding)
 
 
 def _on_driver(connection: Connection, lock_key: int | None,
