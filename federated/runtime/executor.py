@@ -35,7 +35,6 @@ from federated.runtime.settings import disable_phone_home
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
-    from flwr.supernode.nodestate import NodeState
 
 disable_phone_home()
 
@@ -148,7 +147,7 @@ class WarmExecutor:
         self._warmed_at = 0.0
         self.approvals_watch_s = approvals_watch_s
         self.in_process = in_process
-        self._state: NodeState | None = None  # the SuperNode's, once known (in_process)
+        self._state: flwr_internals.NodeState | None = None  # the SuperNode's, once known (in_process)
         if pull_backoff is not None:
             flwr_internals.patch_clientapp_pull_backoff(pull_backoff)
         # Import the ClientApp (our training code) once, up front.

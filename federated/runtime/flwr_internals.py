@@ -709,7 +709,7 @@ def capture_supernode_state() -> None:
     check_layout("inprocess_runtime")
     # the module, not the function `flwr.supernode.cli` exports under the same name
     module = importlib.import_module("flwr.supernode.cli.flower_supernode")
-    factory_class = module.NodeStateFactory
+    factory_class = getattr(module, "NodeStateFactory")  # noqa: B009 (a module typed as ModuleType)
     if getattr(factory_class, _PATCHED_MARK, False):
         return
 
@@ -720,7 +720,7 @@ def capture_supernode_state() -> None:
             _supernode_state_ready.set()
 
     setattr(CapturingNodeStateFactory, _PATCHED_MARK, True)
-    module.NodeStateFactory = CapturingNodeStateFactory
+    setattr(module, "NodeStateFactory", CapturingNodeStateFactory)  # noqa: B010
 
 
 def supernode_state(timeout: float | None = None) -> NodeState | None:

@@ -10,7 +10,8 @@ took ~145 MB RSS for that (docs/benchmarks/scale.md). Here the SuperNode's loop 
 thread (flwr registers its SIGTERM/SIGINT handlers there, and `flwr_exit` ends the process,
 executor and all, so the node's supervisor restarts both together and still reads Flower's exit
 code from the log) and the executor (`federated.runtime.executor.WarmExecutor`) takes ClientApp
-tasks from the SuperNode's runtime API over loopback HTTP as before, on a daemon thread.
+tasks from the SuperNode's runtime API, on a daemon thread (in fast mode through its handlers in
+the process, below; else over loopback HTTP).
 
 Order: the ClientApp (our training code: NumPy's DP-SGD engine, `federated.numpy_dp`; torch is
 not imported here unless a round asks for the "opacus" engine) is imported, the rest of a first round's
