@@ -355,6 +355,7 @@ class HospitalNodeProcess:
             "EXCHANGE_SUPERNODE_HEARTBEAT": str(self.settings.supernode_heartbeat),
             "EXCHANGE_EXECUTOR_POLL": str(self.settings.executor_poll),
             "EXCHANGE_EXECUTOR_POLL_MAX": str(self.settings.executor_poll_max),
+            "EXCHANGE_EXECUTOR_IN_PROCESS": "1" if self.settings.executor_in_process else "0",
         })
         log_path = self.workdir / ("supernode.log" if self.is_hosted else "executor.log")
         self._ready_offset = log_path.stat().st_size if log_path.exists() else 0

@@ -116,13 +116,16 @@ class WarmExecutor:
                  expected_clientapp_ref: str = EXPECTED_CLIENTAPP_REF,
                  node_config_file: Path | None = None, rewarm_every_s: float = 2.0,
                  poll_max: float | None = None, wake: threading.Event | None = None,
-                 approvals_watch_s: float = APPROVALS_WATCH_S) -> None:
+                 approvals_watch_s: float = APPROVALS_WATCH_S, in_process: bool = False) -> None:
         """`poll`: the sleep after an empty poll while tasks keep coming, growing to `poll_max`
         when none came for a while (`flwr_internals.IdlePacer`; None: always `poll`). `wake`: set
         by the SuperNode in this process when it stored a task (`hosted_supernode`); the
         executor then waits on it instead of polling, and polls only every `WAKE_FALLBACK_S`
         as a safety net. `approvals_watch_s`: how often a thread checks this node's approvals
-        file and calibrates a newly approved study's DP plan (`watch_approvals`)."""
+        file and calibrates a newly approved study's DP plan (`watch_approvals`). `in_process`:
+        the SuperNode runs in this process (`hosted_supernode`, after
+        `flwr_internals.capture_supernode_state`): claims and task calls go to its Runtime API
+        handlers directly (`flwr_internals.InProcessRuntimeClient`), not over loopback HTTP."""
         if poll <= 0:
             raise ValueError(f"poll: must be > 0 seconds, got {poll!r}")
         if approvals_watch_s <= 0:
@@ -143,6 +146,8 @@ class WarmExecutor:
         self.rewarm_every_s = rewarm_every_s
         self._warmed_at = 0.0
         self.approvals_watch_s = approvals_watch_s
+        self.in_process = in_process
+        self._state: flwr_internals.NodeState | None = None  # the SuperNode's, once known (in_process)
         if pull_backoff is not None:
             flwr_internals.patch_clientapp_pull_backoff(pull_backoff)
         # Import the ClientApp (our training code) once, up front.
@@ -158,7 +163,7 @@ class WarmExecutor:
         from flwr.app import Error, Message
 
         started = time.perf_counter()
-        task = flwr_internals.ClientAppTask(self.address, token)
+        task = flwr_internals.ClientAppTask(self.address, token, state=self._state)
         message: Message | None = None
         context: Context | None = None
         reply: Message | None = None
@@ -250,7 +255,12 @@ class WarmExecutor:
         (`watch_approvals`) meanwhile."""
         if self.node_config_file is not None:
             threading.Thread(target=self.watch_approvals, name="approvals-watch", daemon=True).start()
-        tasks = flwr_internals.TaskQueue(self.address, "clientapp")
+        if self.in_process:  # the SuperNode's state exists once flwr's SuperNode has started
+            while self._state is None:
+                self._state = flwr_internals.supernode_state(timeout=1.0)
+                if self._stop.is_set():
+                    return
+        tasks = flwr_internals.TaskQueue(self.address, "clientapp", state=self._state)
         try:
             while not self._stop.is_set():
                 if self.wake is not None:

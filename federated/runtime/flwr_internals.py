@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from flwr.app import Context, Message, Metadata
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid
+    from flwr.supernode.nodestate import NodeState
 
 PINNED_FLWR_VERSION = "1.42.0"
 _PATCHED_MARK = "_exchange_patched"
@@ -135,6 +136,18 @@ _LAYOUT: dict[str, tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]
         ("flwr.supercore.object_ref", "load_app", ("module_attribute_str", "error_type"), ()),
         ("flwr.clientapp.client_app", "LoadClientAppError", (), ()),
         ("flwr.common.config", "get_fab_config", ("fab_file",), ()),
+    ),
+    "inprocess_runtime": (
+        ("flwr.supernode.cli.flower_supernode", "NodeStateFactory", ("objectstore_factory",), ("state",)),
+        ("flwr.supernode.nodestate", "NodeState", (), ("get_task_by_token",)),
+        ("flwr.supernode.servicer.runtime.runtime_handlers", "acquire_task", ("request", "state"), ()),
+        *(("flwr.supernode.servicer.runtime.runtime_handlers", name, ("request", "state", "task"), ())
+          for name in ("pull_task_input", "push_task_output", "pull_messages", "push_messages",
+                       "pull_object", "push_object", "confirm_message_received")),
+        ("flwr.supercore.servicer.runtime.runtime_handlers", "send_task_heartbeat",
+         ("request", "state", "task"), ()),
+        ("flwr.supercore.error", "FlowerError", (), ()),
+        ("flwr.supercore.error", "ApiErrorCode", (), ("RUNTIME_AUTHENTICATION_FAILED",)),
     ),
     "message": (
         ("flwr.common.constant", "ErrorCode", (),
@@ -435,15 +448,22 @@ class TaskQueue:
     """Claims pending tasks over a Runtime API, as Flower's SuperExec does (`AcquireTask`)."""
 
     def __init__(self, address: str, kind: TaskKind, *, insecure: bool = True,
-                 root_certificates: bytes | None = None) -> None:
+                 root_certificates: bytes | None = None, state: NodeState | None = None) -> None:
+        """`state`: the SuperNode's own state, when it runs in this process (`supernode_state`):
+        claims go to its Runtime API handlers directly (`InProcessRuntimeClient`), not over HTTP."""
         check_layout("runtime")
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore.constant import TaskType
 
         task_type = TaskType.SERVER_APP if kind == "serverapp" else TaskType.CLIENT_APP
         self._request = AcquireTaskRequest(supported_task_types=[task_type.value])
-        self._client = _runtime_http_client(address, insecure=insecure, root_certificates=root_certificates,
-                                            component="SuperExec", token=None)
+        self._client: Any
+        if state is not None:
+            self._client = InProcessRuntimeClient(state, token=None)
+        else:
+            self._client = _runtime_http_client(address, insecure=insecure,
+                                                root_certificates=root_certificates,
+                                                component="SuperExec", token=None)
 
     def acquire(self) -> TaskClaim | None:
         """One pending task, or None if there is none now."""
@@ -478,14 +498,16 @@ def task_heartbeat_fn(client: Any) -> Callable[[], bool]:
     says so (False: flwr's sender retries until the task closes), as for an HTTP error."""
     import httpx
     from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+    from flwr.supercore.error import FlowerError
 
     request = SendTaskHeartbeatRequest()
 
     def heartbeat() -> bool:
         try:
             response = client.SendTaskHeartbeat(request)
-        except (httpx.TransportError, httpx.HTTPStatusError):  # e.g. the 401 `bound_retries`
-            return False  # gives up on: the task's own calls report it
+        except (httpx.TransportError, httpx.HTTPStatusError, FlowerError):  # e.g. the 401 that
+            return False  # `bound_retries` gives up on, or a spent token in process: the task's
+            # own calls report it
         return bool(response.success)
 
     return heartbeat
@@ -574,10 +596,16 @@ class ClientAppTask(_HeartbeatTask):
     """A claimed ClientApp task on a SuperNode's (loopback) Runtime API, as flwr-clientapp runs it
     (`run_clientapp`'s helpers), minus the process exit. The heartbeat starts here."""
 
-    def __init__(self, address: str, token: str) -> None:
+    def __init__(self, address: str, token: str, *, state: NodeState | None = None) -> None:
+        """`state`: the SuperNode's own state when it runs in this process (`supernode_state`):
+        the task's calls go to its Runtime API handlers directly (`InProcessRuntimeClient`)."""
         check_layout("runtime", "clientapp")
-        self._client = _runtime_http_client(address, insecure=True, root_certificates=None,
-                                            component="flwr-clientapp", token=token)
+        self._client: Any
+        if state is not None:
+            self._client = InProcessRuntimeClient(state, token=token)
+        else:
+            self._client = _runtime_http_client(address, insecure=True, root_certificates=None,
+                                                component="flwr-clientapp", token=token)
         self._start_heartbeat(self._client)
 
     def pull_input(self) -> tuple[Message, Context, bytes]:
@@ -602,6 +630,105 @@ class ClientAppTask(_HeartbeatTask):
             self._stop_heartbeat()
         finally:
             self._client.close()
+
+
+class InProcessRuntimeClient:
+    """The SuperNode Runtime API calls a ClientApp task makes (those of `RuntimeHttpClient` that
+    `run_clientapp`'s helpers, `TaskQueue` and the task heartbeat use), answered by the
+    SuperNode's own Runtime API handlers on its `NodeState`, in this process: no loopback HTTP.
+
+    For the warm executor in the hospital's Flower process (`hosted_supernode`), where it is a
+    thread beside the SuperNode: the loopback HTTP between them crossed no process, so no
+    security boundary, yet each task's ~12 requests and the idle claims each went through httpx,
+    uvicorn, FastAPI's dependencies and protobuf (de)serialisation twice (docs/flower.md, "The
+    warm executor's Runtime API calls"). The same checks as the HTTP route: a task call needs the
+    token of a claimed task (`get_task_by_token`, else `RUNTIME_AUTHENTICATION_FAILED`, as the
+    route's 401), then the same handler with the same state. Handlers raise `FlowerError` where
+    the HTTP route answered an error status. The version check of the HTTP route is moot in one
+    interpreter. Requests and responses are protobuf messages built per call, as over HTTP."""
+
+    def __init__(self, state: NodeState, *, token: str | None) -> None:
+        check_layout("inprocess_runtime")
+        from flwr.supercore.servicer.runtime import runtime_handlers as core
+        from flwr.supernode.servicer.runtime import runtime_handlers as handlers
+
+        self._state = state
+        self._token = token
+        self._handlers = handlers
+        self._core = core
+
+    def _task(self) -> Any:
+        from flwr.supercore.error import ApiErrorCode, FlowerError
+
+        task = self._state.get_task_by_token(self._token) if self._token else None
+        if task is None:
+            raise FlowerError(ApiErrorCode.RUNTIME_AUTHENTICATION_FAILED,
+                              "Runtime task-token authentication failed.")
+        return task
+
+    def AcquireTask(self, request: Any) -> Any:  # noqa: N802 (RuntimeHttpClient's names)
+        return self._handlers.acquire_task(request, self._state)
+
+    def SendTaskHeartbeat(self, request: Any) -> Any:  # noqa: N802
+        return self._core.send_task_heartbeat(request, self._state, self._task())
+
+    def PullTaskInput(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.pull_task_input(request, self._state, self._task())
+
+    def PushTaskOutput(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.push_task_output(request, self._state, self._task())
+
+    def PullMessages(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.pull_messages(request, self._state, self._task())
+
+    def PushMessages(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.push_messages(request, self._state, self._task())
+
+    def PullObject(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.pull_object(request, self._state, self._task())
+
+    def PushObject(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.push_object(request, self._state, self._task())
+
+    def ConfirmMessageReceived(self, request: Any) -> Any:  # noqa: N802
+        return self._handlers.confirm_message_received(request, self._state, self._task())
+
+    def close(self) -> None:
+        """Nothing to close (no connection); as `RuntimeHttpClient.close`."""
+
+
+_supernode_state: list[NodeState] = []
+_supernode_state_ready = threading.Event()
+
+
+def capture_supernode_state() -> None:
+    """Make the `NodeState` of the SuperNode that `flower_supernode_main` will start in this
+    process available to `supernode_state` (the factory flwr's `flower_supernode` builds is a
+    local of that function; its `state()` is one instance per factory, shared by the SuperNode's
+    loop and its Runtime API). Call before `flower_supernode_main`."""
+    check_layout("inprocess_runtime")
+    # the module, not the function `flwr.supernode.cli` exports under the same name
+    module = importlib.import_module("flwr.supernode.cli.flower_supernode")
+    factory_class = getattr(module, "NodeStateFactory")  # noqa: B009 (a module typed as ModuleType)
+    if getattr(factory_class, _PATCHED_MARK, False):
+        return
+
+    class CapturingNodeStateFactory(factory_class):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            _supernode_state[:] = [self.state()]
+            _supernode_state_ready.set()
+
+    setattr(CapturingNodeStateFactory, _PATCHED_MARK, True)
+    setattr(module, "NodeStateFactory", CapturingNodeStateFactory)  # noqa: B010
+
+
+def supernode_state(timeout: float | None = None) -> NodeState | None:
+    """The `NodeState` of the SuperNode in this process (`capture_supernode_state`), waiting up
+    to `timeout` seconds for it to be created; None if it was not by then."""
+    if not _supernode_state_ready.wait(timeout):
+        return None
+    return _supernode_state[0]
 
 
 def fab_clientapp_ref(fab: bytes) -> str:

@@ -10,7 +10,8 @@ took ~145 MB RSS for that (docs/benchmarks/scale.md). Here the SuperNode's loop 
 thread (flwr registers its SIGTERM/SIGINT handlers there, and `flwr_exit` ends the process,
 executor and all, so the node's supervisor restarts both together and still reads Flower's exit
 code from the log) and the executor (`federated.runtime.executor.WarmExecutor`) takes ClientApp
-tasks from the SuperNode's runtime API over loopback HTTP as before, on a daemon thread.
+tasks from the SuperNode's runtime API, on a daemon thread (in fast mode through its handlers in
+the process, below; else over loopback HTTP).
 
 Order: the ClientApp (our training code: NumPy's DP-SGD engine, `federated.numpy_dp`; torch is
 not imported here unless a round asks for the "opacus" engine) is imported, the rest of a first round's
@@ -23,7 +24,11 @@ In fast mode the executor does not poll the runtime API: the SuperNode's loop se
 when it has stored a message and its task (`flwr_internals.on_supernode_message`), and the
 executor thread claims the task at once (a poll every `executor_poll_max` stays as a safety
 net). Polling cost the SuperNode and the executor a request every 0.05 s each, idle or not
-(docs/benchmarks/flower.md, "Polling").
+(docs/benchmarks/flower.md, "Polling"). And in fast mode (`RuntimeSettings.executor_in_process`)
+the executor's claims and task calls go to the SuperNode's Runtime API handlers in this process
+(`flwr_internals.InProcessRuntimeClient`), not over loopback HTTP: the two share one process, so
+that HTTP was no boundary, only cost (docs/flower.md, "The warm executor's Runtime API calls").
+The SuperNode's Runtime API still listens (flwr serves it), unused by this executor.
 
 Liveness: with `EXCHANGE_SUPERNODE_LIVENESS_FILE` set, each node heartbeat the SuperLink accepted
 touches that file (`flwr_internals.on_supernode_heartbeat`); the node daemon's supervisor restarts
@@ -99,8 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = settings_from_env()
     pull_backoff = float(os.environ.get("EXCHANGE_PULL_BACKOFF", settings.pull_backoff))
     wake = threading.Event() if settings.mode == "fast" else None
+    in_process = settings.mode == "fast" and settings.executor_in_process
+    if in_process:  # before flwr builds the SuperNode's state (flower_supernode_main)
+        flwr_internals.capture_supernode_state()
     executor = WarmExecutor(address, poll=settings.executor_poll, pull_backoff=pull_backoff,
-                            node_config_file=node_config, poll_max=settings.executor_poll_max, wake=wake)
+                            node_config_file=node_config, poll_max=settings.executor_poll_max, wake=wake,
+                            in_process=in_process)
     for problem in prewarm(node_config):
         log.warning("prewarm: %s (the first round loads it instead)", problem)
     threading.Thread(target=executor.serve, name="warm-executor", daemon=True).start()

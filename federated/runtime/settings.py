@@ -47,6 +47,11 @@ class RuntimeSettings:
     #: `executor_poll_max` when no task came for a while.
     executor_poll: float = 0.05
     executor_poll_max: float = 0.5
+    #: In `hosted_supernode` (the executor a thread of the SuperNode's process): the executor's
+    #: Runtime API calls go to the SuperNode's handlers in the process (`flwr_internals.
+    #: InProcessRuntimeClient`), not over loopback HTTP. Off: over HTTP, as a separate executor
+    #: process does (benchmarks compare the two; docs/flower.md).
+    executor_in_process: bool = True
     #: ServerApp poll for replies (flwr's HttpGrid.send_and_receive: 3 s).
     server_poll: float = 0.05
     #: Heartbeat interval the SuperNode declares (flwr: 30 s; the SuperLink accepts >= 10). A dead
@@ -92,6 +97,8 @@ class RuntimeSettings:
         if not (isinstance(self.supernode_hot_s, int | float) and 0 <= self.supernode_hot_s <= 600):
             raise ValueError("supernode_hot_s: must be a number of seconds in [0, 600], "
                              f"got {self.supernode_hot_s!r}")
+        if not isinstance(self.executor_in_process, bool):
+            raise ValueError(f"executor_in_process: must be true or false, got {self.executor_in_process!r}")
         hold = self.superlink_long_poll
         if not (isinstance(hold, int | float) and 0 <= hold <= 10):
             raise ValueError(f"superlink_long_poll: must be a number of seconds in [0, 10], got {hold!r}")

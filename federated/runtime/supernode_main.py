@@ -6,7 +6,8 @@ sleep and back-off patches of `flwr_internals` (which fail loudly if flwr's layo
 Values come from the environment so the launcher needs no argument parsing of its own:
 ``EXCHANGE_SUPERNODE_IDLE_SLEEP``, ``EXCHANGE_SUPERNODE_IDLE_SLEEP_MAX``, ``EXCHANGE_SUPERNODE_HOT_S``,
 ``EXCHANGE_SUPERNODE_REPLY_SLEEP``, ``EXCHANGE_PULL_BACKOFF``, ``EXCHANGE_SUPERNODE_HEARTBEAT``,
-``EXCHANGE_EXECUTOR_POLL``, ``EXCHANGE_EXECUTOR_POLL_MAX``.
+``EXCHANGE_EXECUTOR_POLL``, ``EXCHANGE_EXECUTOR_POLL_MAX``, ``EXCHANGE_EXECUTOR_IN_PROCESS`` (0 or 1:
+`hosted_supernode` only).
 """
 
 from __future__ import annotations
@@ -36,7 +37,18 @@ def settings_from_env() -> RuntimeSettings:
         pull_backoff=float(os.environ.get("EXCHANGE_PULL_BACKOFF", default.pull_backoff)),
         supernode_heartbeat=float(os.environ.get("EXCHANGE_SUPERNODE_HEARTBEAT",
                                                  default.supernode_heartbeat)),
+        executor_in_process=_flag("EXCHANGE_EXECUTOR_IN_PROCESS", default.executor_in_process),
     )
+
+
+def _flag(name: str, default: bool) -> bool:
+    """A boolean from the environment: "1" or "0" (unset: `default`)."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}: must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def apply_supernode_patches(settings: RuntimeSettings) -> None:

@@ -213,9 +213,10 @@ def _thread_cpu_s(tid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-#: whose CPU `ServerCpuSampler` samples, in the order of its samples' CPU fields
-CPU_PARTS = ("superlink", "coordinator", "hospitals")
-CpuSample = tuple[float, str, float, float, float]
+#: whose CPU `ServerCpuSampler` samples, in the order of its samples' CPU fields (`hospitals_flower`:
+#: the hospitals' Flower processes alone, a part of `hospitals`)
+CPU_PARTS = ("superlink", "coordinator", "hospitals", "hospitals_flower")
+CpuSample = tuple[float, str, float, float, float, float]
 
 
 def cpu_in_window(samples: list[CpuSample], start: float, end: float) -> dict[str, float]:
@@ -300,14 +301,27 @@ class ServerCpuSampler:
         proc = getattr(superlink, "proc", None) if superlink is not None else None
         return self._tree_cpu(proc.pid) if proc is not None else 0.0
 
-    def _hospitals_cpu(self) -> float:
-        return sum(self._tree_cpu(h.process.pid) for h in list(self.consortium.hospitals.values())
-                   if h.process is not None)
+    def _hospitals_cpu(self) -> tuple[float, float]:
+        """All hospitals' CPU seconds, and those of their Flower processes alone (SuperNode and
+        executor, `_role`; the rest is the node daemons and their short-lived forks)."""
+        total = flower = 0.0
+        for h in list(self.consortium.hospitals.values()):
+            if h.process is None:
+                continue
+            for current in tree_pids(h.process.pid):
+                try:
+                    cpu = _cpu_s(current)
+                except (OSError, IndexError, ValueError):
+                    continue
+                total += cpu
+                if _role(current) in ("supernode", "executor"):
+                    flower += cpu
+        return total, flower
 
     def _run(self) -> None:
         while True:
             self.samples.append((time.time(), self.consortium.progress.phase or "",
-                                 self._superlink_cpu(), self._coordinator_cpu(), self._hospitals_cpu()))
+                                 self._superlink_cpu(), self._coordinator_cpu(), *self._hospitals_cpu()))
             if self.stop.wait(0.5):
                 return
 

@@ -88,17 +88,20 @@ def test_bench_scale_takes_the_minimum_and_a_folder_to_keep(tmp_path: Path) -> N
 
 
 def test_server_cpu_is_split_by_the_phase_each_interval_started_in() -> None:
-    samples = [(0.0, "hospitals decide", 10.0, 5.0, 30.0), (1.0, "hospitals decide", 10.5, 5.2, 31.0),
-               (2.0, "training", 11.0, 5.4, 32.0), (4.0, "training", 13.0, 6.4, 35.0),
-               (4.5, "training", 13.5, 6.6, 34.0),  # a hospital's forked child ended: its CPU left
-               (5.0, "audit", 13.6, 6.7, 34.5)]
+    # the last field: the hospitals' Flower processes alone (a part of the one before)
+    samples = [(0.0, "hospitals decide", 10.0, 5.0, 30.0, 20.0),
+               (1.0, "hospitals decide", 10.5, 5.2, 31.0, 20.5),
+               (2.0, "training", 11.0, 5.4, 32.0, 21.0), (4.0, "training", 13.0, 6.4, 35.0, 23.0),
+               (4.5, "training", 13.5, 6.6, 34.0, 23.2),  # a hospital's forked child ended: its CPU left
+               (5.0, "audit", 13.6, 6.7, 34.5, 23.3)]
     phases = cpu_by_phase(samples)
     assert phases["hospitals decide"] == {"wall_s": 2.0, "superlink_cpu_s": 1.0, "coordinator_cpu_s": 0.4,
-                                          "hospitals_cpu_s": 2.0, "superlink_cores": 0.5,
-                                          "coordinator_cores": 0.2, "hospitals_cores": 1.0}
+                                          "hospitals_cpu_s": 2.0, "hospitals_flower_cpu_s": 1.0,
+                                          "superlink_cores": 0.5, "coordinator_cores": 0.2,
+                                          "hospitals_cores": 1.0, "hospitals_flower_cores": 0.5}
     training = phases["training"]
     assert training["wall_s"] == 3.0 and training["superlink_cpu_s"] == 2.6
-    assert training["hospitals_cpu_s"] == 3.5
+    assert training["hospitals_cpu_s"] == 3.5 and training["hospitals_flower_cpu_s"] == 2.3
     assert "audit" not in phases  # the last sample opens no interval
     assert cpu_by_phase(samples[:1]) == {}
 
@@ -117,12 +120,14 @@ def test_a_round_s_cpu_is_what_the_samples_spanning_its_window_gained() -> None:
 
     end = datetime(2026, 12, 5, 21, 0, 10, tzinfo=UTC)
     t = end.timestamp()
-    samples = [(t - 12, "training", 0.0, 0.0, 0.0), (t - 8, "training", 4.0, 2.0, 8.0),
-               (t - 4, "training", 6.0, 2.0, 16.0), (t, "training", 7.0, 3.0, 10.0),  # a child exited
-               (t + 4, "training", 11.0, 3.0, 14.0)]
+    samples = [(t - 12, "training", 0.0, 0.0, 0.0, 0.0), (t - 8, "training", 4.0, 2.0, 8.0, 4.0),
+               (t - 4, "training", 6.0, 2.0, 16.0, 6.0),
+               (t, "training", 7.0, 3.0, 10.0, 7.0),  # a child exited
+               (t + 4, "training", 11.0, 3.0, 14.0, 9.0)]
     window = cpu_in_window(samples, t - 10, t)
     # half of the first interval, all of the next two (the drop counts as nothing)
-    assert window == {"superlink_cpu_s": 5.0, "coordinator_cpu_s": 2.0, "hospitals_cpu_s": 12.0}
+    assert window == {"superlink_cpu_s": 5.0, "coordinator_cpu_s": 2.0, "hospitals_cpu_s": 12.0,
+                      "hospitals_flower_cpu_s": 5.0}
     stamp = end.isoformat().replace("+00:00", "Z")
     rounds: list[dict[str, Any]] = [{"round": 2, "time": stamp, "wall_s": 10.0},
                                     {"round": 3, "wall_s": 1.0}]  # no time: not placed

@@ -28,10 +28,26 @@ from federated.study_spec import StudySpec, StudySpecError
                                               ("supernode_idle_sleep_max", 0.05), ("executor_poll_max", 0.01),
                                               ("supernode_hot_s", -1), ("superlink_long_poll", 11),
                                               ("superlink_long_poll_max", -1),
-                                              ("superlink_long_poll_max", 2.5)])
+                                              ("superlink_long_poll_max", 2.5),
+                                              ("executor_in_process", "yes")])
 def test_bad_settings_are_refused_by_name(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"^{field}"):
         RuntimeSettings(**{field: value})
+
+
+def test_the_hosted_executor_setting_reaches_the_flower_process_by_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`executor_in_process` travels as EXCHANGE_EXECUTOR_IN_PROCESS (0 or 1) to
+    `hosted_supernode`; anything else there is refused by its name."""
+    from federated.runtime.supernode_main import settings_from_env
+
+    monkeypatch.delenv("EXCHANGE_EXECUTOR_IN_PROCESS", raising=False)
+    assert settings_from_env().executor_in_process is True
+    monkeypatch.setenv("EXCHANGE_EXECUTOR_IN_PROCESS", "0")
+    assert settings_from_env().executor_in_process is False
+    monkeypatch.setenv("EXCHANGE_EXECUTOR_IN_PROCESS", "true")
+    with pytest.raises(ValueError, match=r"^EXCHANGE_EXECUTOR_IN_PROCESS"):
+        settings_from_env()
 
 
 def test_plain_mode_polls_like_flower() -> None:
