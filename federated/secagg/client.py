@@ -35,7 +35,10 @@ from federated.server_app import GLOBAL_KEY, METRIC_PREFIX, REPLY_KEY, STATUS_OK
 
 CONFIGS_KEY = flwr_internals.SECAGG_CONFIGS_KEY
 STAGE = flwr_internals.SECAGG_KEYS["STAGE"]
-SETUP, SHARE_KEYS = flwr_internals.SECAGG_STAGES[0], flwr_internals.SECAGG_STAGES[1]
+SETUP, SHARE_KEYS, COLLECT = flwr_internals.SECAGG_STAGES[:3]
+#: stages whose reply the server answers with the round's next stage as soon as all replies are in
+#: (the unmask stage is a round's last: the next message waits for the server's aggregation)
+FOLLOWED_AT_ONCE = (SETUP, SHARE_KEYS, COLLECT)
 #: secaggplus_mod's Key.MAX_WEIGHT / CLIPPING_RANGE / TARGET_RANGE values, read from its state
 _STATE_KEY = "secaggplus_state"
 
@@ -78,7 +81,12 @@ def _secagg_mod(message: Message, context: Context, call_next: Handler) -> Messa
     pipelined = message.content.config_records.get(NEXT_KEY)
     if pipelined is not None:
         del message.content[NEXT_KEY]
+    stage = message.content.config_records[CONFIGS_KEY].get(STAGE)
     reply = _stage(message, context, call_next)
+    if stage in FOLLOWED_AT_ONCE and not reply.has_error():
+        # the server sends this round's next stage as soon as every reply is in: this node's
+        # SuperNode (hosted in this process) polls for it faster for a while, once this reply is out
+        flwr_internals.supernode_expects_follow_up()
     if pipelined is None or reply.has_error():
         return reply
     reply.content[NEXT_KEY] = _next_stage(message, context, pipelined)
