@@ -42,6 +42,7 @@ import inspect
 import threading
 import time as _time
 import types
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -1141,6 +1142,68 @@ def patch_secagg_shamir() -> None:
     _require(module.create_shares is flwr_shamir.create_shares,
              "secaggplus_mod no longer calls flwr's create_shares")
     setattr(module, "create_shares", shamir.create_shares)  # noqa: B010
+
+
+#: at most this many private keys `patch_secagg_key_parsing` keeps (a round's two, for the current
+#: round and the pipelined next one, with room to spare); the oldest goes first
+PRIVATE_KEYS_KEPT = 8
+
+
+class _PrivateKeyCache:
+    """The key objects of the private keys `secaggplus_mod` serialised in its setup stage, by
+    their PEM bytes: its later stages parse the same PEM once per neighbour (`bytes_to_private_key`
+    inside a loop: 2 (n - 1) parses per hospital and round, ~1 ms each), and get the object back."""
+
+    def __init__(self, to_bytes: Callable[[Any], bytes], parse: Callable[[bytes], Any]) -> None:
+        self._to_bytes, self._parse = to_bytes, parse
+        self._keys: OrderedDict[bytes, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _keep(self, data: bytes, key: Any) -> None:
+        with self._lock:
+            self._keys[data] = key
+            self._keys.move_to_end(data)
+            while len(self._keys) > PRIVATE_KEYS_KEPT:
+                self._keys.popitem(last=False)
+
+    def private_key_to_bytes(self, key: Any) -> bytes:
+        data = self._to_bytes(key)
+        self._keep(data, key)
+        return data
+
+    def bytes_to_private_key(self, data: bytes) -> Any:
+        with self._lock:
+            key = self._keys.get(data)
+        if key is None:
+            key = self._parse(data)
+            self._keep(data, key)
+        return key
+
+
+def patch_secagg_key_parsing() -> None:
+    """Let `secaggplus_mod` parse each of its private keys once (`_PrivateKeyCache`): the same
+    keys and the same results, without re-reading the PEM for every neighbour. The keys it keeps
+    are the ones its state already holds, in the same process (the last `PRIVATE_KEYS_KEPT`)."""
+    module = importlib.import_module(_SECAGG_MOD_MODULE)
+    if is_patched(module.bytes_to_private_key):  # first: this runs for every stage message
+        return
+    check_flwr_version()
+    check_layout("secagg")
+    from flwr.supercore.primitives import asymmetric
+
+    _require(module.bytes_to_private_key is asymmetric.bytes_to_private_key
+             and module.private_key_to_bytes is asymmetric.private_key_to_bytes,
+             "secaggplus_mod no longer calls flwr's bytes_to_private_key / private_key_to_bytes")
+    cache = _PrivateKeyCache(asymmetric.private_key_to_bytes, asymmetric.bytes_to_private_key)
+    for name in ("bytes_to_private_key", "private_key_to_bytes"):
+        function = getattr(cache, name)
+
+        @functools.wraps(getattr(asymmetric, name))
+        def wrapper(arg: Any, _function: Callable[[Any], Any] = function) -> Any:
+            return _function(arg)
+
+        setattr(wrapper, _PATCHED_MARK, True)
+        setattr(module, name, wrapper)
 
 
 def secagg_prg(seed: bytes, num_range: int, dimensions_list: Sequence[tuple[int, ...]]) -> list[Any]:

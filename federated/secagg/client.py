@@ -4,9 +4,10 @@
 record goes through `secaggplus_mod` (setup, share keys, collect masked vectors, unmask; its
 per-round keys and shares live in the node's `context.state`, as in any Flower deployment); any
 other message goes straight to the app, and the app itself refuses to send a study's update in
-clear when the study requires secure aggregation (`federated.client_app`). Two helpers the mod
+clear when the study requires secure aggregation (`federated.client_app`). Helpers the mod
 calls are swapped for equivalents before each stage (`flwr_internals.patch_secagg_prg`, for
-strength, and `patch_secagg_shamir`, for speed; both check themselves once per process).
+strength, and `patch_secagg_shamir` and `patch_secagg_key_parsing`, for speed; each checks
+itself once per process).
 
 In the collect-masked-vectors stage `secaggplus_mod` calls the app and masks what it returns,
 which it reads in Flower's legacy FitRes layout. `_as_fitres` gives it that: the hospital's
@@ -122,6 +123,7 @@ def _stage(message: Message, context: Context, call_next: Handler) -> Message:
     """One SecAgg+ stage through Flower's mod, on the state slot of the message's round."""
     flwr_internals.patch_secagg_prg()
     flwr_internals.patch_secagg_shamir()
+    flwr_internals.patch_secagg_key_parsing()
     mod = flwr_internals.secaggplus_mod()
     states = context.state.config_records
     round_ = message.metadata.group_id
