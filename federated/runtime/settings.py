@@ -42,8 +42,9 @@ class RuntimeSettings:
     #: round's next stage (setup, share keys, collect: the unmask message follows the collect replies
     #: within the server's own work), for at most `supernode_follow_up_s` or until that message
     #: came; the hospital's ClientApp tells its hosted SuperNode (`secagg.client`). 0: off (the
-    #: idle sleep above). Docs: docs/secure-aggregation.md, "Between the stages".
-    supernode_follow_up_sleep: float = 0.02
+    #: idle sleep above; the default until a settled A/B shows the gain: 0.02 is the value meant,
+    #: docs/secure-aggregation.md, "Between the stages").
+    supernode_follow_up_sleep: float = 0.0
     supernode_follow_up_s: float = 0.5
     #: SuperNode sleep while waiting for the ClientApp's reply (flwr: 0.5 s).
     supernode_reply_sleep: float = 0.02
