@@ -350,6 +350,8 @@ class HospitalNodeProcess:
             "EXCHANGE_SUPERNODE_IDLE_SLEEP": str(self.settings.supernode_idle_sleep),
             "EXCHANGE_SUPERNODE_IDLE_SLEEP_MAX": str(self.settings.supernode_idle_sleep_max),
             "EXCHANGE_SUPERNODE_HOT_S": str(self.settings.supernode_hot_s),
+            "EXCHANGE_SUPERNODE_FOLLOW_UP_SLEEP": str(self.settings.supernode_follow_up_sleep),
+            "EXCHANGE_SUPERNODE_FOLLOW_UP_S": str(self.settings.supernode_follow_up_s),
             "EXCHANGE_SUPERNODE_REPLY_SLEEP": str(self.settings.supernode_reply_sleep),
             "EXCHANGE_PULL_BACKOFF": str(self.settings.pull_backoff),
             "EXCHANGE_SUPERNODE_HEARTBEAT": str(self.settings.supernode_heartbeat),

@@ -42,6 +42,7 @@ import inspect
 import threading
 import time as _time
 import types
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -855,22 +856,45 @@ class IdlePacer:
     Thread-safe: the SuperNode's loop sleeps, its hook and executor thread mark activity."""
 
     def __init__(self, fast: float, slow: float | None = None, hot_s: float = 2.0,
-                 growth: float = 1.5, clock: Callable[[], float] = _time.monotonic) -> None:
+                 growth: float = 1.5, clock: Callable[[], float] = _time.monotonic, *,
+                 follow_up: float = 0.0, follow_up_s: float = 0.0) -> None:
+        """`follow_up`, `follow_up_s`: after an activity that `expect_follow_up` announced (the
+        reply to a SecAgg+ stage the server follows at once with the next stage), sleep
+        `follow_up` instead of `fast` for at most `follow_up_s` or until the next activity (the
+        message came); 0: no such window."""
         slow = fast if slow is None else slow
         if not (0 < fast <= slow) or hot_s < 0 or growth < 1:
             raise ValueError(f"pacer: need 0 < fast <= slow, hot_s >= 0, growth >= 1; got fast={fast!r}, "
                              f"slow={slow!r}, hot_s={hot_s!r}, growth={growth!r}")
+        if not (0 <= follow_up <= fast) or follow_up_s < 0:
+            raise ValueError(f"pacer: need 0 <= follow_up <= fast, follow_up_s >= 0; got "
+                             f"follow_up={follow_up!r}, follow_up_s={follow_up_s!r}")
         self.fast, self.slow, self.hot_s, self.growth = fast, slow, hot_s, growth
+        self.follow_up, self.follow_up_s = follow_up, follow_up_s
         self._clock = clock
         self._lock = threading.Lock()
         self._active_at = clock()
         self._last = fast
         self._poll_at: float | None = None
+        #: a follow-up was announced: the next activity (the reply going out) opens the window
+        self._follow_up_pending = False
+        self._follow_up_until = 0.0
 
     def active(self) -> None:
-        """Something happened: poll fast again."""
+        """Something happened: poll fast again (and, if `expect_follow_up` announced it, faster
+        still for a while; any other activity, such as the awaited message, ends that window)."""
         with self._lock:
             self._active_at, self._last = self._clock(), self.fast
+            opens = self._follow_up_pending and self.follow_up > 0
+            self._follow_up_until = self._active_at + self.follow_up_s if opens else 0.0
+            self._follow_up_pending = False
+
+    def expect_follow_up(self) -> None:
+        """The reply being prepared is one the server answers at once with another message (a
+        SecAgg+ stage that is not the round's last): once it is out (the next `active`), poll
+        every `follow_up` until that message comes or `follow_up_s` passed."""
+        with self._lock:
+            self._follow_up_pending = True
 
     def poll_started(self) -> None:
         """A poll begins now: the next sleep counts from here."""
@@ -880,7 +904,9 @@ class IdlePacer:
     def next_sleep(self) -> float:
         with self._lock:
             now = self._clock()
-            if now - self._active_at < self.hot_s:
+            if now < self._follow_up_until:
+                self._last = self.follow_up
+            elif now - self._active_at < self.hot_s:
                 self._last = self.fast
             else:
                 self._last = min(self.slow, self._last * self.growth)
@@ -911,14 +937,17 @@ def _sleep_proxy(mapping: dict[float, float | Callable[[], float]]) -> types.Sim
 
 
 def patch_supernode_sleeps(idle_sleep: float, reply_sleep: float, *, idle_sleep_max: float | None = None,
-                           hot_s: float = 2.0) -> None:
+                           hot_s: float = 2.0, follow_up_sleep: float = 0.0,
+                           follow_up_s: float = 0.0) -> None:
     """Shorten the SuperNode's hard-coded sleeps (must run in the SuperNode's own process).
 
     flwr 1.42 `supernode/start_client_internal.py` calls `time.sleep(3)` when a poll of the
     SuperLink finds no message and `time.sleep(0.5)` twice while waiting for the ClientApp's reply
     and its objects. We swap that module's global `time` for a proxy; flwr's source is untouched.
     The idle sleep is paced (`IdlePacer`): `idle_sleep` for `hot_s` after the node's last message
-    or reply, then growing to `idle_sleep_max` (None: always `idle_sleep`). Every poll costs the
+    or reply, then growing to `idle_sleep_max` (None: always `idle_sleep`), and `follow_up_sleep`
+    for up to `follow_up_s` after a reply whose answer comes at once (`supernode_expects_follow_up`,
+    a SecAgg+ stage that is not the round's last; 0: off). Every poll costs the
     SuperLink a request (a database transaction, its middleware): an idle consortium no longer
     keeps it busy (defaults and numbers: `RuntimeSettings`, docs/benchmarks/flower.md).
     """
@@ -931,7 +960,7 @@ def patch_supernode_sleeps(idle_sleep: float, reply_sleep: float, *, idle_sleep_
     _require(sci.time is _time, "start_client_internal no longer imports the `time` module")
     _require(source.count("time.sleep(3)") == 1, "start_client_internal: expected one time.sleep(3)")
     _require(source.count("time.sleep(0.5)") == 2, "start_client_internal: expected two time.sleep(0.5)")
-    pacer = IdlePacer(idle_sleep, idle_sleep_max, hot_s)
+    pacer = IdlePacer(idle_sleep, idle_sleep_max, hot_s, follow_up=follow_up_sleep, follow_up_s=follow_up_s)
     _supernode_pacers[:] = [pacer]
     _patch_supernode_loop(sci)
     sci.time = _sleep_proxy({3: pacer.next_sleep, 0.5: reply_sleep})  # type: ignore[assignment]
@@ -980,6 +1009,16 @@ def supernode_expects_message() -> None:
     when the SuperNode's sleeps are not patched (plain mode, or no SuperNode in this process)."""
     for pacer in _supernode_pacers:
         pacer.active()
+
+
+def supernode_expects_follow_up() -> None:
+    """The ClientApp is answering a message the server follows at once with another (a SecAgg+
+    stage that is not the round's last: `federated.secagg.client`): once the reply is out, this
+    process's SuperNode polls every `follow_up_sleep` for a while (`IdlePacer.expect_follow_up`),
+    so the next stage does not wait for the idle sleep. No-op without a patched SuperNode in this
+    process (plain mode, an executor process of its own, in-process grids)."""
+    for pacer in _supernode_pacers:
+        pacer.expect_follow_up()
 
 
 def on_supernode_message(callback: Callable[[], None]) -> None:
@@ -1230,6 +1269,68 @@ def patch_secagg_shamir() -> None:
     _require(module.create_shares is flwr_shamir.create_shares,
              "secaggplus_mod no longer calls flwr's create_shares")
     setattr(module, "create_shares", shamir.create_shares)  # noqa: B010
+
+
+#: at most this many private keys `patch_secagg_key_parsing` keeps (a round's two, for the current
+#: round and the pipelined next one, with room to spare); the oldest goes first
+PRIVATE_KEYS_KEPT = 8
+
+
+class _PrivateKeyCache:
+    """The key objects of the private keys `secaggplus_mod` serialised in its setup stage, by
+    their PEM bytes: its later stages parse the same PEM once per neighbour (`bytes_to_private_key`
+    inside a loop: 2 (n - 1) parses per hospital and round, ~1 ms each), and get the object back."""
+
+    def __init__(self, to_bytes: Callable[[Any], bytes], parse: Callable[[bytes], Any]) -> None:
+        self._to_bytes, self._parse = to_bytes, parse
+        self._keys: OrderedDict[bytes, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _keep(self, data: bytes, key: Any) -> None:
+        with self._lock:
+            self._keys[data] = key
+            self._keys.move_to_end(data)
+            while len(self._keys) > PRIVATE_KEYS_KEPT:
+                self._keys.popitem(last=False)
+
+    def private_key_to_bytes(self, key: Any) -> bytes:
+        data = self._to_bytes(key)
+        self._keep(data, key)
+        return data
+
+    def bytes_to_private_key(self, data: bytes) -> Any:
+        with self._lock:
+            key = self._keys.get(data)
+        if key is None:
+            key = self._parse(data)
+            self._keep(data, key)
+        return key
+
+
+def patch_secagg_key_parsing() -> None:
+    """Let `secaggplus_mod` parse each of its private keys once (`_PrivateKeyCache`): the same
+    keys and the same results, without re-reading the PEM for every neighbour. The keys it keeps
+    are the ones its state already holds, in the same process (the last `PRIVATE_KEYS_KEPT`)."""
+    module = importlib.import_module(_SECAGG_MOD_MODULE)
+    if is_patched(module.bytes_to_private_key):  # first: this runs for every stage message
+        return
+    check_flwr_version()
+    check_layout("secagg")
+    from flwr.supercore.primitives import asymmetric
+
+    _require(module.bytes_to_private_key is asymmetric.bytes_to_private_key
+             and module.private_key_to_bytes is asymmetric.private_key_to_bytes,
+             "secaggplus_mod no longer calls flwr's bytes_to_private_key / private_key_to_bytes")
+    cache = _PrivateKeyCache(asymmetric.private_key_to_bytes, asymmetric.bytes_to_private_key)
+    for name in ("bytes_to_private_key", "private_key_to_bytes"):
+        function = getattr(cache, name)
+
+        @functools.wraps(getattr(asymmetric, name))
+        def wrapper(arg: Any, _function: Callable[[Any], Any] = function) -> Any:
+            return _function(arg)
+
+        setattr(wrapper, _PATCHED_MARK, True)
+        setattr(module, name, wrapper)
 
 
 def secagg_prg(seed: bytes, num_range: int, dimensions_list: Sequence[tuple[int, ...]]) -> list[Any]:

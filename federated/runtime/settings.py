@@ -38,6 +38,14 @@ class RuntimeSettings:
     #: message's latency; every poll costs the SuperLink a request (docs/benchmarks/flower.md, "Polling").
     supernode_idle_sleep_max: float = 0.5
     supernode_hot_s: float = 2.0
+    #: SuperNode sleep after its reply to a SecAgg+ stage that the server answers at once with the
+    #: round's next stage (setup, share keys, collect: the unmask message follows the collect replies
+    #: within the server's own work), for at most `supernode_follow_up_s` or until that message
+    #: came; the hospital's ClientApp tells its hosted SuperNode (`secagg.client`). 0: off (the
+    #: idle sleep above; the default until a settled A/B shows the gain: 0.02 is the value meant,
+    #: docs/secure-aggregation.md, "Between the stages").
+    supernode_follow_up_sleep: float = 0.0
+    supernode_follow_up_s: float = 0.5
     #: SuperNode sleep while waiting for the ClientApp's reply (flwr: 0.5 s).
     supernode_reply_sleep: float = 0.02
     #: Initial back-off when an object is not stored yet (flwr: 1 s).
@@ -94,6 +102,14 @@ class RuntimeSettings:
             if getattr(self, slow) < getattr(self, fast):
                 raise ValueError(f"{slow}: must be >= {fast} ({getattr(self, fast)!r}), "
                                  f"got {getattr(self, slow)!r}")
+        follow_up = self.supernode_follow_up_sleep
+        if not (isinstance(follow_up, int | float) and not isinstance(follow_up, bool)
+                and 0 <= follow_up <= self.supernode_idle_sleep):
+            raise ValueError("supernode_follow_up_sleep: must be a number of seconds in [0, "
+                             f"supernode_idle_sleep ({self.supernode_idle_sleep!r})], got {follow_up!r}")
+        window = self.supernode_follow_up_s
+        if not (isinstance(window, int | float) and not isinstance(window, bool) and 0 <= window <= 10):
+            raise ValueError(f"supernode_follow_up_s: must be a number of seconds in [0, 10], got {window!r}")
         if not (isinstance(self.supernode_hot_s, int | float) and 0 <= self.supernode_hot_s <= 600):
             raise ValueError("supernode_hot_s: must be a number of seconds in [0, 600], "
                              f"got {self.supernode_hot_s!r}")

@@ -5,6 +5,7 @@ turns telemetry and update checks off and, unless ``EXCHANGE_FLOWER_MODE=plain``
 sleep and back-off patches of `flwr_internals` (which fail loudly if flwr's layout changed).
 Values come from the environment so the launcher needs no argument parsing of its own:
 ``EXCHANGE_SUPERNODE_IDLE_SLEEP``, ``EXCHANGE_SUPERNODE_IDLE_SLEEP_MAX``, ``EXCHANGE_SUPERNODE_HOT_S``,
+``EXCHANGE_SUPERNODE_FOLLOW_UP_SLEEP``, ``EXCHANGE_SUPERNODE_FOLLOW_UP_S``,
 ``EXCHANGE_SUPERNODE_REPLY_SLEEP``, ``EXCHANGE_PULL_BACKOFF``, ``EXCHANGE_SUPERNODE_HEARTBEAT``,
 ``EXCHANGE_EXECUTOR_POLL``, ``EXCHANGE_EXECUTOR_POLL_MAX``, ``EXCHANGE_EXECUTOR_IN_PROCESS`` (0 or 1:
 `hosted_supernode` only).
@@ -30,6 +31,10 @@ def settings_from_env() -> RuntimeSettings:
         supernode_idle_sleep_max=float(os.environ.get("EXCHANGE_SUPERNODE_IDLE_SLEEP_MAX",
                                                       default.supernode_idle_sleep_max)),
         supernode_hot_s=float(os.environ.get("EXCHANGE_SUPERNODE_HOT_S", default.supernode_hot_s)),
+        supernode_follow_up_sleep=float(os.environ.get("EXCHANGE_SUPERNODE_FOLLOW_UP_SLEEP",
+                                                       default.supernode_follow_up_sleep)),
+        supernode_follow_up_s=float(os.environ.get("EXCHANGE_SUPERNODE_FOLLOW_UP_S",
+                                                   default.supernode_follow_up_s)),
         executor_poll=float(os.environ.get("EXCHANGE_EXECUTOR_POLL", default.executor_poll)),
         executor_poll_max=float(os.environ.get("EXCHANGE_EXECUTOR_POLL_MAX", default.executor_poll_max)),
         supernode_reply_sleep=float(os.environ.get("EXCHANGE_SUPERNODE_REPLY_SLEEP",
@@ -55,7 +60,9 @@ def apply_supernode_patches(settings: RuntimeSettings) -> None:
     """The fast mode's SuperNode patches (this process must be the SuperNode's)."""
     flwr_internals.patch_supernode_sleeps(settings.supernode_idle_sleep, settings.supernode_reply_sleep,
                                           idle_sleep_max=settings.supernode_idle_sleep_max,
-                                          hot_s=settings.supernode_hot_s)
+                                          hot_s=settings.supernode_hot_s,
+                                          follow_up_sleep=settings.supernode_follow_up_sleep,
+                                          follow_up_s=settings.supernode_follow_up_s)
     flwr_internals.patch_supernode_pull_backoff(settings.pull_backoff)
     flwr_internals.patch_supernode_heartbeat(settings.supernode_heartbeat)
 

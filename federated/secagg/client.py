@@ -4,9 +4,10 @@
 record goes through `secaggplus_mod` (setup, share keys, collect masked vectors, unmask; its
 per-round keys and shares live in the node's `context.state`, as in any Flower deployment); any
 other message goes straight to the app, and the app itself refuses to send a study's update in
-clear when the study requires secure aggregation (`federated.client_app`). Two helpers the mod
+clear when the study requires secure aggregation (`federated.client_app`). Helpers the mod
 calls are swapped for equivalents before each stage (`flwr_internals.patch_secagg_prg`, for
-strength, and `patch_secagg_shamir`, for speed; both check themselves once per process).
+strength, and `patch_secagg_shamir` and `patch_secagg_key_parsing`, for speed; each checks
+itself once per process).
 
 In the collect-masked-vectors stage `secaggplus_mod` calls the app and masks what it returns,
 which it reads in Flower's legacy FitRes layout. `_as_fitres` gives it that: the hospital's
@@ -35,7 +36,10 @@ from federated.server_app import GLOBAL_KEY, METRIC_PREFIX, REPLY_KEY, STATUS_OK
 
 CONFIGS_KEY = flwr_internals.SECAGG_CONFIGS_KEY
 STAGE = flwr_internals.SECAGG_KEYS["STAGE"]
-SETUP, SHARE_KEYS = flwr_internals.SECAGG_STAGES[0], flwr_internals.SECAGG_STAGES[1]
+SETUP, SHARE_KEYS, COLLECT = flwr_internals.SECAGG_STAGES[:3]
+#: stages whose reply the server answers with the round's next stage as soon as all replies are in
+#: (the unmask stage is a round's last: the next message waits for the server's aggregation)
+FOLLOWED_AT_ONCE = (SETUP, SHARE_KEYS, COLLECT)
 #: secaggplus_mod's Key.MAX_WEIGHT / CLIPPING_RANGE / TARGET_RANGE values, read from its state
 _STATE_KEY = "secaggplus_state"
 
@@ -78,7 +82,12 @@ def _secagg_mod(message: Message, context: Context, call_next: Handler) -> Messa
     pipelined = message.content.config_records.get(NEXT_KEY)
     if pipelined is not None:
         del message.content[NEXT_KEY]
+    stage = message.content.config_records[CONFIGS_KEY].get(STAGE)
     reply = _stage(message, context, call_next)
+    if stage in FOLLOWED_AT_ONCE and not reply.has_error():
+        # the server sends this round's next stage as soon as every reply is in: this node's
+        # SuperNode (hosted in this process) polls for it faster for a while, once this reply is out
+        flwr_internals.supernode_expects_follow_up()
     if pipelined is None or reply.has_error():
         return reply
     reply.content[NEXT_KEY] = _next_stage(message, context, pipelined)
@@ -114,6 +123,7 @@ def _stage(message: Message, context: Context, call_next: Handler) -> Message:
     """One SecAgg+ stage through Flower's mod, on the state slot of the message's round."""
     flwr_internals.patch_secagg_prg()
     flwr_internals.patch_secagg_shamir()
+    flwr_internals.patch_secagg_key_parsing()
     mod = flwr_internals.secaggplus_mod()
     states = context.state.config_records
     round_ = message.metadata.group_id

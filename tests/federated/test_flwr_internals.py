@@ -251,6 +251,36 @@ def test_idle_pacer_counts_a_held_poll_against_its_sleep() -> None:
     assert pacer.next_sleep() == 0.1  # no poll started since: the whole sleep
 
 
+def test_idle_pacer_polls_faster_after_a_reply_whose_answer_comes_at_once() -> None:
+    """`expect_follow_up` (a SecAgg+ stage that is not the round's last): once the reply is out
+    (the next activity) the pacer sleeps `follow_up` until the message came (the activity after)
+    or `follow_up_s` passed; a reply without the announcement opens no window."""
+    now = [0.0]
+    pacer = flwr_internals.IdlePacer(0.1, 0.5, hot_s=60.0, clock=lambda: now[0], follow_up=0.02,
+                                     follow_up_s=0.5)
+    pacer.expect_follow_up()  # the ClientApp is answering a collect stage
+    assert pacer.next_sleep() == 0.1  # the reply is not out yet
+    pacer.active()  # the reply is pushed
+    assert [pacer.next_sleep() for _ in range(3)] == [0.02] * 3
+    now[0] = 0.3
+    pacer.active()  # the unmask message came: the window ends
+    assert pacer.next_sleep() == 0.1
+    pacer.active()  # its reply (no announcement): no window
+    assert pacer.next_sleep() == 0.1
+    pacer.expect_follow_up()
+    pacer.active()
+    now[0] = 0.79
+    assert pacer.next_sleep() == 0.02
+    now[0] = 0.81  # no message within follow_up_s: back to the hot sleep
+    assert pacer.next_sleep() == 0.1
+    off = flwr_internals.IdlePacer(0.1, 0.5, hot_s=60.0)  # follow_up 0: the announcement changes nothing
+    off.expect_follow_up()
+    off.active()
+    assert off.next_sleep() == 0.1
+    with pytest.raises(ValueError, match="follow_up <= fast"):
+        flwr_internals.IdlePacer(0.1, 0.5, follow_up=0.2, follow_up_s=1.0)
+
+
 def test_supernode_loop_wakes_the_hooks_after_a_stored_message_and_paces_idle_polls(
         restore_flwr_modules: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The SuperNode's idle sleep backs off when no message came for `hot_s`; a stored message

@@ -29,7 +29,10 @@ from federated.study_spec import StudySpec, StudySpecError
                                               ("supernode_hot_s", -1), ("superlink_long_poll", 11),
                                               ("superlink_long_poll_max", -1),
                                               ("superlink_long_poll_max", 2.5),
-                                              ("executor_in_process", "yes")])
+                                              ("executor_in_process", "yes"),
+                                              ("supernode_follow_up_sleep", 0.2),
+                                              ("supernode_follow_up_sleep", -0.01),
+                                              ("supernode_follow_up_s", 11)])
 def test_bad_settings_are_refused_by_name(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"^{field}"):
         RuntimeSettings(**{field: value})

@@ -852,3 +852,33 @@ def test_round_one_waits_for_a_slow_first_hello_so_round_two_pipelines(
     assert m1["secagg_sampled"] == 4 and m1["aggregate_members"] == 4
     assert m2["secagg_pipelined"] == 1.0 and m2["aggregate_members"] == 4
     assert _secagg_warnings(caplog) == []
+
+
+def test_the_hospital_announces_each_stage_the_server_follows_at_once(
+    three: dict[str, DemoSite], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its reply to setup, share keys or collect (the server sends the round's next stage
+    as soon as every reply is in) the hospital tells its SuperNode to poll faster for a while
+    (`flwr_internals.supernode_expects_follow_up`); not after the unmask stage (the round's last)
+    nor after a pipelined stage riding in another (its reply is this one)."""
+    import federated.secagg.client as secagg_client
+    from federated.runtime import flwr_internals
+
+    events: list[str] = []
+    real_stage = secagg_client._stage
+
+    def stage(message: Message, context: Context, call_next: Any) -> Message:
+        events.append(str(message.content.config_records[SECAGG_CONFIGS_KEY].get("stage")))
+        return real_stage(message, context, call_next)
+
+    monkeypatch.setattr(secagg_client, "_stage", stage)
+    monkeypatch.setattr(flwr_internals, "supernode_expects_follow_up", lambda: events.append("follow-up"))
+    spec = demo_spec("sa-follow-up", rounds=2, min_hospitals=3, **PRIVACY)
+    observer, _ = _run(three, spec, tmp_path)
+    assert observer.failed == [] and observer.completed is not None
+    assert [m["secagg_pipelined"] for _, m, _ in observer.rounds] == [0.0, 1.0]
+    after = [events[i + 1] if i + 1 < len(events) else None for i in range(len(events))]
+    announced = [e for e, nxt in zip(events, after, strict=True) if nxt == "follow-up"]
+    # round 1: setup, share keys, collect at each hospital; round 2 (pipelined): collect only
+    assert sorted(announced) == sorted(["setup", "share_keys"] * 3 + ["collect_masked_vectors"] * 6)
+    assert all(nxt != "follow-up" for e, nxt in zip(events, after, strict=True) if e == "unmask")

@@ -69,3 +69,29 @@ def test_field_inverse() -> None:
         assert shamir._mul(a, shamir._inverse(a)) == 1
     with pytest.raises(ValueError):
         shamir._inverse(0)
+
+
+def test_the_key_parsing_patch_gives_the_mod_each_private_key_it_serialised_back() -> None:
+    """`patch_secagg_key_parsing`: the PEM a setup stage wrote parses to the very key object
+    (no re-parse per neighbour); a PEM it never saw parses as before, to an equal key; the cache
+    keeps at most `PRIVATE_KEYS_KEPT` keys."""
+    from flwr.supercore.primitives import asymmetric
+
+    flwr_internals.patch_secagg_key_parsing()
+    module = __import__("flwr.client.mod.secure_aggregation.secaggplus_mod",
+                        fromlist=["bytes_to_private_key"])
+    flwr_internals.patch_secagg_key_parsing()  # idempotent
+    assert flwr_internals.is_patched(module.bytes_to_private_key)
+    sk, _ = module.generate_key_pairs()
+    pem = module.private_key_to_bytes(sk)
+    assert pem == asymmetric.private_key_to_bytes(sk)
+    assert module.bytes_to_private_key(pem) is sk
+    other, _ = asymmetric.generate_key_pairs()
+    other_pem = asymmetric.private_key_to_bytes(other)
+    parsed = module.bytes_to_private_key(other_pem)
+    assert parsed.private_numbers() == other.private_numbers()
+    assert module.bytes_to_private_key(other_pem) is parsed  # parsed once
+    for _ in range(flwr_internals.PRIVATE_KEYS_KEPT):
+        module.private_key_to_bytes(asymmetric.generate_key_pairs()[0])
+    again = module.bytes_to_private_key(pem)  # pushed out: parsed anew, the same key
+    assert again is not sk and again.private_numbers() == sk.private_numbers()
