@@ -1602,6 +1602,12 @@ def _bump_key(key: tuple[str, int], *, wake: bool = True) -> None:
         tracker.bump(ident, wake=wake)
 
 
+def wake_receiver(key: tuple[str, int]) -> None:
+    """A message for `key` ("node", id / "run", id) became deliverable (its objects are all there:
+    `superlink_delivery`): end the receiver's idleness and wake its held polls."""
+    _bump_key(key)
+
+
 def _patch_linkstate_store_hook() -> None:
     """Bump the trackers for a message's destination node whenever flwr's SQL LinkState stores a
     message for a node: once when stored, and again when the transaction holding the insert
@@ -1639,8 +1645,10 @@ def _patch_linkstate_store_hook() -> None:
         return _stored(self, [("run", int(message.metadata.run_id))], store_res, message)
 
     def after_commit(session: Any) -> None:
+        from federated.runtime.superlink_delivery import wake_at_commit
+
         for key in session.info.pop(_STORED_NODES_KEY, ()):
-            _bump_key(key)
+            _bump_key(key, wake=wake_at_commit(session, key))  # held back for its objects: woken later
 
     def after_rollback(session: Any) -> None:
         session.info.pop(_STORED_NODES_KEY, None)

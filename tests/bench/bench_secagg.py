@@ -30,6 +30,7 @@ Timing only: nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -90,8 +91,9 @@ class RequestMeter:
         now = self._now()
         delta = {k: now.get(k, 0) - self.last.get(k, 0) for k in now}
         self.last = now
+        by_path = {f"{PATH_PREFIX}{k}": float(v) for k, v in delta.items()}  # "#unavailable ..." too
+        delta = {k: v for k, v in delta.items() if not k.startswith("#")}  # counts, not requests
         objects = sum(v for k, v in delta.items() if k.endswith(("/push-object", "/pull-object")))
-        by_path = {f"{PATH_PREFIX}{k}": float(v) for k, v in delta.items()}
         return {"requests": float(sum(delta.values())), "requests_object": float(objects),
                 "requests_fleet": float(sum(v for k, v in delta.items() if k.startswith("/v1/fleet/"))),
                 "requests_runtime": float(sum(v for k, v in delta.items() if k.startswith("/v1/runtime/"))),
@@ -146,7 +148,8 @@ class CpuMeter:
 
 
 def deployment(rounds: int, root: Path, hospitals: int = 3, stock_superlink: bool = False,
-               packing: bool = True) -> dict[str, dict[str, float]]:
+               packing: bool = True, long_poll: float | None = None,
+               deliver_complete: bool | None = None) -> dict[str, dict[str, float]]:
     """Mean per-round numbers of rounds 2+ for "plain" and "secagg" (two studies each,
     interleaved), with the CPU seconds per round of each kind of process (`CpuMeter`):
     `cpu_server_s`, `cpu_superlink_s`, and over the hospitals (executor + SuperNode) the mean
@@ -158,6 +161,10 @@ def deployment(rounds: int, root: Path, hospitals: int = 3, stock_superlink: boo
     from federated.runtime.superlink_main import COUNTS_ENV
 
     settings = RuntimeSettings(superlink_patches=not stock_superlink, message_packing=packing)
+    if long_poll is not None:  # the SuperLink's long polls (`superlink_long_poll`), for an A/B
+        settings = dataclasses.replace(settings, superlink_long_poll=long_poll)
+    if deliver_complete is not None:  # `superlink_deliver_complete`, for an A/B
+        settings = dataclasses.replace(settings, superlink_deliver_complete=deliver_complete)
     counts = root / "superlink-requests.json"
     os.environ[COUNTS_ENV] = str(counts)  # the SuperLink (started below) inherits it
     names = tuple(f"hospital-{chr(ord('a') + i)}" for i in range(hospitals))
@@ -455,6 +462,10 @@ def main() -> None:
     parser.add_argument("--no-table", action="store_true")
     parser.add_argument("--hospitals", type=int, default=3, help="hospitals in the deployment part")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per study in the deployment part")
+    parser.add_argument("--long-poll", type=float, default=None,
+                        help="the SuperLink's long polls in seconds (RuntimeSettings.superlink_long_poll)")
+    parser.add_argument("--deliver-complete", choices=("on", "off"), default=None,
+                        help="hand a message out only once its objects are pushed (superlink_deliver_complete)")
     parser.add_argument("--stock-superlink", action="store_true",
                         help="Flower's SuperLink without our CPU patches (settings.superlink_patches)")
     parser.add_argument("--no-packing", action="store_true",
@@ -495,7 +506,9 @@ def main() -> None:
     load_before = _load()
     with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
         numbers = deployment(rounds, Path(tmp), args.hospitals, stock_superlink=args.stock_superlink,
-                             packing=not args.no_packing)
+                             packing=not args.no_packing, long_poll=args.long_poll,
+                             deliver_complete=None if args.deliver_complete is None
+                             else args.deliver_complete == "on")
     load_after = _load()
     idle = numbers.pop("idle")["cpu_idle_total_per_s"]
     p, s = numbers["plain"], numbers["secagg"]
