@@ -151,22 +151,28 @@ class DeliveryWatch:
             self._unlink(message_id, self._waiting.pop(message_id)[1])
 
 
-#: the SuperLink process's watch (`patch_superlink_delivery`); None: not patched
-_watch: DeliveryWatch | None = None
-_listening = False
+class _Process:
+    """This process's patch state: its watch (None: not patched) and whether its SQLAlchemy
+    listeners are installed (process-global, once)."""
+
+    watch: DeliveryWatch | None = None
+    listening = False
+
+
+_process = _Process()
 #: the message ids a claim may take (set by the `get_message_ins` wrapper for flwr's claim)
 _allowed: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("delivery_allowed",
                                                                                   default=None)
 
 
 def watch() -> DeliveryWatch | None:
-    return _watch
+    return _process.watch
 
 
 def wake_at_commit(session: Any, key: Key) -> bool:
     """For flwr_internals' store hook: wake `key`'s held polls at this commit only if a message
     stored for it in this transaction is deliverable now (else the watch wakes them later)."""
-    watch_ = _watch
+    watch_ = _process.watch
     stored = session.info.get(_STORED_KEY, {}).get(key)
     if watch_ is None or not stored:
         return True
@@ -200,8 +206,10 @@ def _unavailable(session: Any, roots: Collection[str]) -> dict[str, set[str]]:
         return {}
     tree = (select(StoredObject.object_id.label("root"), StoredObject.object_id.label("oid"))
             .where(StoredObject.object_id.in_(list(roots))).cte("tree", recursive=True))
-    tree = tree.union(select(tree.c.root, ObjectChild.child_id).join(ObjectChild, ObjectChild.parent_id == tree.c.oid))
-    rows = session.execute(select(tree.c.root, tree.c.oid).join(StoredObject, StoredObject.object_id == tree.c.oid)
+    tree = tree.union(select(tree.c.root, ObjectChild.child_id)
+                      .join(ObjectChild, ObjectChild.parent_id == tree.c.oid))
+    rows = session.execute(select(tree.c.root, tree.c.oid)
+                           .join(StoredObject, StoredObject.object_id == tree.c.oid)
                            .where(StoredObject.is_available == 0))
     out: dict[str, set[str]] = {}
     for root, oid in rows:
@@ -235,35 +243,43 @@ def _check_layout() -> None:
              in inspect.getsource(sql_mixin.SqlMixin.__init__),
              "SqlMixin no longer shares one session per database URL")
     _require(SUPERLINK_NODE_ID == _SUPERLINK_NODE_ID, "SUPERLINK_NODE_ID is no longer 1")
-    for name in ("get_message_ins", "get_message_res", "_claim_message_ins_rows", "store_message_and_object_tree",
-                 "session", "object_store"):
+    for name in ("get_message_ins", "get_message_res", "_claim_message_ins_rows",
+                 "store_message_and_object_tree", "session", "object_store"):
         _require(hasattr(linkstate, name), f"SqlLinkState.{name} is gone")
-    _require(list(inspect.signature(linkstate.get_message_ins).parameters) == ["self", "node_id", "limit", "run_id"],
+    _require(list(inspect.signature(linkstate.get_message_ins).parameters)
+             == ["self", "node_id", "limit", "run_id"],
              "SqlLinkState.get_message_ins changed its parameters")
-    _require(list(inspect.signature(linkstate.get_message_res).parameters) == ["self", "message_ids", "run_id"],
+    _require(list(inspect.signature(linkstate.get_message_res).parameters)
+             == ["self", "message_ids", "run_id"],
              "SqlLinkState.get_message_res changed its parameters")
     _require(list(inspect.signature(linkstate._claim_message_ins_rows).parameters)
-             == ["self", "node_id", "limit", "run_id"], "SqlLinkState._claim_message_ins_rows changed its parameters")
-    _require("self._claim_message_ins_rows(node_id, limit, run_id)" in inspect.getsource(linkstate.get_message_ins),
+             == ["self", "node_id", "limit", "run_id"],
+             "SqlLinkState._claim_message_ins_rows changed its parameters")
+    _require("self._claim_message_ins_rows(node_id, limit, run_id)"
+             in inspect.getsource(linkstate.get_message_ins),
              "SqlLinkState.get_message_ins no longer claims through _claim_message_ins_rows")
     claim = inspect.getsource(linkstate._claim_message_ins_rows)
     _require("MessageInsModel.delivered_at == \"\"" in claim and "MessageInsModel.ttl" in claim
              and "_message_model_to_dict(model)" in claim, "SqlLinkState._claim_message_ins_rows changed")
     _require(callable(getattr(sql_linkstate, "_message_model_to_dict", None)),
              "sql_linkstate._message_model_to_dict is gone")
-    for model, columns in ((sql_linkstate.MessageInsModel, ("message_id", "dst_node_id", "run_id", "delivered_at",
-                                                            "created_at", "ttl")),
-                           (sql_linkstate.MessageResModel, ("message_id", "reply_to_message_id", "delivered_at")),
+    for model, columns in ((sql_linkstate.MessageInsModel,
+                            ("message_id", "dst_node_id", "run_id", "delivered_at", "created_at", "ttl")),
+                           (sql_linkstate.MessageResModel,
+                            ("message_id", "reply_to_message_id", "delivered_at")),
                            (objectstore_models.StoredObject, ("object_id", "is_available")),
                            (objectstore_models.ObjectChild, ("parent_id", "child_id"))):
         for column in columns:
             _require(hasattr(model, column), f"{model.__name__}.{column} is gone")
-    _require("is_available=1" in inspect.getsource(SqlObjectStore.put), "SqlObjectStore.put no longer sets is_available")
-    _require(list(inspect.signature(SqlObjectStore.put).parameters) == ["self", "object_id", "object_content"],
+    _require("is_available=1" in inspect.getsource(SqlObjectStore.put),
+             "SqlObjectStore.put no longer sets is_available")
+    _require(list(inspect.signature(SqlObjectStore.put).parameters)
+             == ["self", "object_id", "object_content"],
              "SqlObjectStore.put changed its parameters")
     _require("self.object_store.put(" in inspect.getsource(SqlCoreState.store_object),
              "SqlCoreState.store_object no longer puts through the ObjectStore")
-    _require("state.get_message_ins(node_id=node_id, limit=1)" in inspect.getsource(fleet_handlers.pull_messages),
+    _require("state.get_message_ins(node_id=node_id, limit=1)"
+             in inspect.getsource(fleet_handlers.pull_messages),
              "the Fleet PullMessages handler no longer claims through get_message_ins")
     _require("state.get_message_res(" in inspect.getsource(runtime_handlers.pull_messages),
              "the Runtime PullMessages handler no longer claims through get_message_res")
@@ -273,7 +289,6 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
     """Hand a message out only when its objects are all there (module docstring); `wake(key)`
     is called (from any thread, after the commit) when a watched message becomes deliverable.
     SuperLink process only; once per process (later calls return the same watch)."""
-    global _watch
     from flwr.server.superlink.linkstate import sql_linkstate
     from flwr.supercore.object_store.sql_object_store import SqlObjectStore
     from flwr.supercore.state.schema.linkstate_models import MessageIns, MessageRes
@@ -284,12 +299,13 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
 
     check_flwr_version()
     linkstate = sql_linkstate.SqlLinkState
-    if getattr(linkstate.get_message_ins, _PATCHED_MARK, False) and _watch is not None:
-        return _watch
+    if getattr(linkstate.get_message_ins, _PATCHED_MARK, False) and _process.watch is not None:
+        return _process.watch
     _check_layout()
     watch_ = DeliveryWatch(wake)
     get_ins, get_res = linkstate.get_message_ins, linkstate.get_message_res
-    claim, store_tree, put = linkstate._claim_message_ins_rows, linkstate.store_message_and_object_tree, SqlObjectStore.put
+    claim, store_tree = linkstate._claim_message_ins_rows, linkstate.store_message_and_object_tree
+    put = SqlObjectStore.put
     to_dict = sql_linkstate._message_model_to_dict
 
     def now_ts() -> float:
@@ -337,10 +353,12 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
         current = now()
         ids = list(allowed if limit is None else allowed[:limit])
         conditions = [MessageIns.message_id.in_(ids), MessageIns.dst_node_id == uint64_to_int64(node_id),
-                      MessageIns.delivered_at == "", MessageIns.created_at + MessageIns.ttl > current.timestamp()]
+                      MessageIns.delivered_at == "",
+                      MessageIns.created_at + MessageIns.ttl > current.timestamp()]
         if run_id is not None:
             conditions.append(MessageIns.run_id == uint64_to_int64(run_id))
-        stmt = update(MessageIns).where(*conditions).values(delivered_at=current.isoformat()).returning(MessageIns)
+        stmt = (update(MessageIns).where(*conditions).values(delivered_at=current.isoformat())
+                .returning(MessageIns))
         with self.session() as session:
             return [to_dict(model) for model in session.scalars(stmt)]
 
@@ -356,7 +374,8 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
                 .where(MessageRes.reply_to_message_id.in_(list(message_ids)), MessageRes.delivered_at == "",
                        MessageIns.created_at + MessageIns.ttl > now_ts())).all())
             missing = _unavailable(session, list(replies))
-        held = {replies[m] for m, ids in missing.items() if watch_.register(m, ("run", int(run_id)), ids, since)}
+        held = {replies[m] for m, ids in missing.items()
+                if watch_.register(m, ("run", int(run_id)), ids, since)}
         if held:
             watch_.held_back += 1
         return get_res(self, set(message_ids) - held, run_id)
@@ -391,20 +410,19 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
 
     def after_commit(session: Any) -> None:
         put_ids = session.info.pop(_PUT_KEY, None)
-        if put_ids and _watch is not None:
-            _watch.objects_committed(put_ids)
+        if put_ids and _process.watch is not None:
+            _process.watch.objects_committed(put_ids)
 
     def after_rollback(session: Any) -> None:
         session.info.pop(_PUT_KEY, None)
         stored = session.info.pop(_STORED_KEY, None)
-        if stored and _watch is not None:
-            _watch.discard(m for ids in stored.values() for m in ids)
+        if stored and _process.watch is not None:
+            _process.watch.discard(m for ids in stored.values() for m in ids)
 
-    global _listening
-    if not _listening:  # process-global, once (a test may restore flwr's methods and patch again)
+    if not _process.listening:  # process-global, once (a test may restore flwr's methods and patch again)
         event.listen(Session, "after_commit", after_commit)
         event.listen(Session, "after_soft_rollback", lambda session, _previous: after_rollback(session))
-        _listening = True
+        _process.listening = True
     if not getattr(linkstate.get_message_ins, _PATCHED_MARK, False):
         for name, wrapped in (("get_message_ins", get_message_ins), ("get_message_res", get_message_res),
                               ("_claim_message_ins_rows", _claim_message_ins_rows),
@@ -413,7 +431,7 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
             setattr(linkstate, name, wrapped)
         setattr(put_object, _PATCHED_MARK, True)
         setattr(SqlObjectStore, "put", put_object)  # noqa: B010 (a method of flwr's)
-    _watch = watch_
+    _process.watch = watch_
     return watch_
 
 
@@ -434,13 +452,15 @@ def count_unavailable_object_pulls(counts: dict[str, int]) -> None:
 
     check_flwr_version()
     lock = threading.Lock()
-    for module, path in ((fleet_handlers, "/v1/fleet/pull-object"), (runtime_handlers, "/v1/runtime/pull-object")):
+    for module, path in ((fleet_handlers, "/v1/fleet/pull-object"),
+                         (runtime_handlers, "/v1/runtime/pull-object")):
         original = module.pull_object
         _require(callable(original) and "object_available=" in inspect.getsource(original),
                  f"{module.__name__}.pull_object changed")
         key = UNAVAILABLE_PREFIX + path
 
-        def pull_object(*args: Any, _original: Callable[..., Any] = original, _key: str = key, **kwargs: Any) -> Any:
+        def pull_object(*args: Any, _original: Callable[..., Any] = original, _key: str = key,
+                        **kwargs: Any) -> Any:
             response = _original(*args, **kwargs)
             if response.object_found and not response.object_available:
                 with lock:

@@ -465,7 +465,8 @@ def main() -> None:
     parser.add_argument("--long-poll", type=float, default=None,
                         help="the SuperLink's long polls in seconds (RuntimeSettings.superlink_long_poll)")
     parser.add_argument("--deliver-complete", choices=("on", "off"), default=None,
-                        help="hand a message out only once its objects are pushed (superlink_deliver_complete)")
+                        help="hand a message out only once its objects are pushed "
+                             "(superlink_deliver_complete)")
     parser.add_argument("--stock-superlink", action="store_true",
                         help="Flower's SuperLink without our CPU patches (settings.superlink_patches)")
     parser.add_argument("--no-packing", action="store_true",

@@ -54,10 +54,11 @@ def _link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, deliver_complete: 
     monkeypatch.setattr(flwr_internals, "_pending", [])
     monkeypatch.setattr(flwr_internals, "_pending_runs", [])
     monkeypatch.setattr(runtime_handlers, "push_messages", runtime_handlers.push_messages)
-    for name in ("get_message_ins", "get_message_res", "_claim_message_ins_rows", "store_message_and_object_tree"):
+    for name in ("get_message_ins", "get_message_res", "_claim_message_ins_rows",
+                 "store_message_and_object_tree"):
         monkeypatch.setattr(SqlLinkState, name, getattr(SqlLinkState, name))
     monkeypatch.setattr(SqlObjectStore, "put", SqlObjectStore.put)
-    monkeypatch.setattr(superlink_delivery, "_watch", None)
+    monkeypatch.setattr(superlink_delivery._process, "watch", None)
     monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "superlink.db"))
     flwr_internals.patch_superlink_middleware()
     tracker = flwr_internals.patch_superlink_idle_pulls(recheck_s=30.0, hold_s=hold_s, max_held=8)
@@ -75,7 +76,8 @@ def _link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, deliver_complete: 
     pk = public_key_to_bytes(public_key)
     node_id = int(state.create_node(NOOP_FLWR_AID, "noop", pk, 30))
     state.activate_node(node_id, 30)
-    run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, NOOP_FLWR_AID, TaskType.SERVER_APP)
+    run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, NOOP_FLWR_AID,
+                              TaskType.SERVER_APP)
     task_id = state.get_run_info(run_ids=[run_id])[0].primary_task_id
     state.claim_task(task_id)
     state.activate_task(task_id)
@@ -106,7 +108,8 @@ def _push_instruction(link: Link, ttl: float = 600.0, values: int = 4) -> tuple[
     from flwr.superlink.servicer.runtime import runtime_handlers
 
     flwr_internals.set_task_identity(1, link.run_id, 1)
-    content = RecordDict({"global": ArrayRecord({"w": Array(np.arange(values, dtype=np.float32) + time.time())}),
+    weights = np.arange(values, dtype=np.float32) + time.time()  # a new object tree every push
+    content = RecordDict({"global": ArrayRecord({"w": Array(weights)}),
                           "config": ConfigRecord({"at": time.time_ns()})})
     message = Message(content=content, dst_node_id=link.node_id, message_type="train", group_id="1", ttl=ttl)
     flwr_internals.stamp_metadata(message.metadata, message_id=message.object_id)
@@ -154,8 +157,8 @@ def _push_reply(link: Link, instruction: Any, values: int = 4) -> tuple[Any, str
     from flwr.superlink.servicer.fleet import fleet_handlers
 
     received = message_from_proto(instruction)
-    reply = Message(RecordDict({"update": ArrayRecord({"w": Array(np.arange(values, dtype=np.float32) * 2.0)})}),
-                    reply_to=received)
+    update = np.arange(values, dtype=np.float32) * 2.0
+    reply = Message(RecordDict({"update": ArrayRecord({"w": Array(update)})}), reply_to=received)
     flwr_internals.stamp_metadata(reply.metadata, message_id=reply.object_id)
     request = PushMessagesRequest(node=Node(node_id=link.node_id),
                                   messages_list=[message_to_proto(remove_content_from_message(reply))],
@@ -217,15 +220,26 @@ def test_the_serverapps_reply_pull_gets_a_reply_only_once_its_objects_are_pushed
     assert reply.object_id not in [m.metadata.message_id for m in _runtime_pull(link, [message.object_id])]
 
 
+def _expire(link: Link, message_id: str) -> None:
+    """Let the instruction's TTL run out: its creation time moved back by its TTL (as if that long
+    had passed; flwr compares `created_at + ttl` with the clock)."""
+    from flwr.supercore.state.schema.linkstate_models import MessageIns
+    from sqlalchemy import update
+
+    with link.state.session() as session:
+        session.execute(update(MessageIns).where(MessageIns.message_id == message_id)
+                        .values(created_at=MessageIns.created_at - MessageIns.ttl - 1.0))
+
+
 def test_an_instruction_whose_objects_never_come_ends_by_flowers_ttl_expiry(link: Link) -> None:
     """Never handed out incomplete; once its TTL ends the ServerApp's pull gets flwr's own error
     reply for it, as it would for a message nobody answered."""
     from flwr.common.serde import message_from_proto
 
-    message, _session_id, _to_push = _push_instruction(link, ttl=1.0)
+    message, _session_id, _to_push = _push_instruction(link)
     assert _fleet_pull(link) == []
     assert _runtime_pull(link, [message.object_id]) == []  # no reply, not expired yet
-    time.sleep(1.2)
+    _expire(link, message.object_id)
     assert _fleet_pull(link) == []
     (error,) = [message_from_proto(m) for m in _runtime_pull(link, [message.object_id])]
     assert error.has_error() and error.metadata.reply_to_message_id == message.object_id
@@ -235,12 +249,12 @@ def test_an_instruction_whose_objects_never_come_ends_by_flowers_ttl_expiry(link
 def test_a_reply_whose_objects_never_come_ends_by_flowers_ttl_expiry_of_its_instruction(link: Link) -> None:
     from flwr.common.serde import message_from_proto
 
-    message, session_id, to_push = _push_instruction(link, ttl=2.0)
+    message, session_id, to_push = _push_instruction(link)
     _push_objects(link, message, session_id, to_push)
     (instruction,) = _fleet_pull(link)
     _push_reply(link, instruction)
     assert _runtime_pull(link, [message.object_id]) == []  # held back: objects missing
-    time.sleep(2.2)
+    _expire(link, message.object_id)
     replies = [message_from_proto(m) for m in _runtime_pull(link, [message.object_id])]
     assert len(replies) == 1 and replies[0].metadata.reply_to_message_id == message.object_id
     assert replies[0].has_error()  # flwr's expiry, not the reply without its objects
@@ -250,7 +264,7 @@ def test_a_poll_after_a_restart_registers_the_incomplete_message_and_is_woken_by
         link: Link, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fresh process's watch knows nothing of messages stored before: a poll that finds one
     incomplete starts watching it, and an object committed meanwhile is not lost (log replay)."""
-    message, session_id, to_push = _push_instruction(link)
+    message, _session_id, to_push = _push_instruction(link)
     assert link.watch is not None
     fresh = superlink_delivery.DeliveryWatch(link.woken.append)
     link.watch.discard([message.object_id])
