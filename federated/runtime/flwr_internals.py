@@ -1627,6 +1627,10 @@ def _patch_linkstate_store_hook() -> None:
     _require("run_id" in inspect.getsource(store_res), "SqlLinkState.store_message_res changed")
 
     def _stored(self: Any, keys: list[tuple[str, int]], original: Callable[..., Any], message: Any) -> Any:
+        from federated.runtime.superlink_delivery import store_is_quiet
+
+        if store_is_quiet():  # objects still to come: the receiver stays idle, woken once they are in
+            return original(self, message)
         with self.session() as session:  # re-entrant: joins the caller's transaction if any
             for key in keys:
                 _bump_key(key, wake=False)  # held polls wake at the commit (`after_commit`)
@@ -1645,10 +1649,8 @@ def _patch_linkstate_store_hook() -> None:
         return _stored(self, [("run", int(message.metadata.run_id))], store_res, message)
 
     def after_commit(session: Any) -> None:
-        from federated.runtime.superlink_delivery import wake_at_commit
-
         for key in session.info.pop(_STORED_NODES_KEY, ()):
-            _bump_key(key, wake=wake_at_commit(session, key))  # held back for its objects: woken later
+            _bump_key(key)
 
     def after_rollback(session: Any) -> None:
         session.info.pop(_STORED_NODES_KEY, None)

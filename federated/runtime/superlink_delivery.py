@@ -21,9 +21,10 @@ every caller of flwr's handlers gets it):
 - `DeliveryWatch` knows, in memory, which stored messages still miss which objects (from their
   store, and from a poll that found one incomplete, e.g. after a SuperLink restart); when the
   last one is committed it calls `wake(key)` for the receiver ("node", id) or the run's
-  ServerApp ("run", id). flwr_internals' idle-poll shortcut and long polls use it: a known-idle
-  node stays idle (its polls answered early) until its message is deliverable, and a held poll
-  is woken then, not at the message's commit (`wake_at_commit`).
+  ServerApp ("run", id). flwr_internals' idle-poll shortcut and long polls use it: a message
+  stored with objects still to come is stored "quietly" (`store_is_quiet`: its store does not end
+  the receiver's known idleness), so the receiver's polls stay answered early (or held) until
+  the message is deliverable, and are woken then, not at the message's commit.
 
 This module and `flwr_internals` are the two that touch flwr internals (the same layout-check
 pattern: `FlowerLayoutError` on a flwr upgrade). `patch_superlink_delivery` is called from
@@ -53,7 +54,8 @@ CANDIDATES_MAX = 64
 
 _PATCHED_MARK = "_exchange_delivery_patched"
 _PUT_KEY = "exchange_objects_put"
-_STORED_KEY = "exchange_delivery_stored"  # key -> message ids stored in this session
+_STORED_KEY = "exchange_delivery_stored"  # message ids registered in this session (undone on rollback)
+_WAKE_KEY = "exchange_delivery_wake"  # receivers to wake at this session's commit
 _SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID, checked below
 
 
@@ -100,6 +102,9 @@ class DeliveryWatch:
             if len(self._waiting) % 256 == 0:
                 self._drop_old()
             return True
+
+    def wake(self, key: Key) -> None:
+        self._wake(key)
 
     def waiting(self, message_id: str) -> bool:
         with self._lock:
@@ -169,14 +174,15 @@ def watch() -> DeliveryWatch | None:
     return _process.watch
 
 
-def wake_at_commit(session: Any, key: Key) -> bool:
-    """For flwr_internals' store hook: wake `key`'s held polls at this commit only if a message
-    stored for it in this transaction is deliverable now (else the watch wakes them later)."""
-    watch_ = _process.watch
-    stored = session.info.get(_STORED_KEY, {}).get(key)
-    if watch_ is None or not stored:
-        return True
-    return any(not watch_.waiting(m) for m in stored)
+#: set while a message with objects still to come is stored (`store_is_quiet`)
+_quiet: contextvars.ContextVar[bool] = contextvars.ContextVar("delivery_quiet", default=False)
+
+
+def store_is_quiet() -> bool:
+    """For flwr_internals' store hook: the message being stored misses objects, so its store must
+    not end its receiver's known idleness nor wake its held polls; the watch wakes them once the
+    message is deliverable."""
+    return _quiet.get()
 
 
 def _require(condition: bool, what: str) -> None:
@@ -292,6 +298,7 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
     from flwr.server.superlink.linkstate import sql_linkstate
     from flwr.supercore.object_store.sql_object_store import SqlObjectStore
     from flwr.supercore.state.schema.linkstate_models import MessageIns, MessageRes
+    from flwr.supercore.state.schema.objectstore_models import StoredObject
     from sqlalchemy import event, select, update
     from sqlalchemy.orm import Session
 
@@ -384,22 +391,31 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
     def store_message_and_object_tree(self: Any, message: Any, object_tree: Any, session_id: str) -> Any:
         if not _same_database(self):
             return store_tree(self, message, object_tree, session_id)
+        metadata = message.metadata
+        if metadata.reply_to_message_id:
+            key: Key = ("run", int(metadata.run_id))
+        elif int(metadata.dst_node_id) != _SUPERLINK_NODE_ID:
+            key = ("node", int(metadata.dst_node_id))
+        else:  # an instruction to the SuperLink's own node: flwr's way (not held back, see above)
+            return store_tree(self, message, object_tree, session_id)
         with self.session() as session:  # re-entrant: joins the caller's transaction, if any
-            stored, to_push = store_tree(self, message, object_tree, session_id)
+            ids = _tree_ids(object_tree)
+            available = set(session.scalars(select(StoredObject.object_id).where(
+                StoredObject.object_id.in_(ids), StoredObject.is_available == 1)))
+            quiet = not available.issuperset(ids)
+            token = _quiet.set(quiet)
+            try:
+                stored, to_push = store_tree(self, message, object_tree, session_id)
+            finally:
+                _quiet.reset(token)
             if stored:
-                metadata = message.metadata
-                if metadata.reply_to_message_id:
-                    keys: list[Key] = [("run", int(metadata.run_id))]
-                else:
-                    keys = [("node", int(metadata.dst_node_id))]
-                    if int(metadata.dst_node_id) == _SUPERLINK_NODE_ID:
-                        keys.append(("run", int(metadata.run_id)))
                 message_id = str(metadata.message_id)
                 # the write lock is held from the store on: no commit of another can race this read
                 missing = _unavailable(session, [message_id]).get(message_id, set())
-                for key in keys:
-                    session.info.setdefault(_STORED_KEY, {}).setdefault(key, []).append(message_id)
-                watch_.register(message_id, keys[0], missing)
+                if watch_.register(message_id, key, missing):
+                    session.info.setdefault(_STORED_KEY, []).append(message_id)
+                elif quiet:  # stored quietly, yet complete by now: wake its receiver at the commit
+                    session.info.setdefault(_WAKE_KEY, []).append(key)
             return stored, to_push
 
     @functools.wraps(put)
@@ -410,14 +426,21 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
 
     def after_commit(session: Any) -> None:
         put_ids = session.info.pop(_PUT_KEY, None)
-        if put_ids and _process.watch is not None:
+        wake = session.info.pop(_WAKE_KEY, ())
+        session.info.pop(_STORED_KEY, None)
+        if _process.watch is None:
+            return
+        for key in dict.fromkeys(wake):
+            _process.watch.wake(key)
+        if put_ids:
             _process.watch.objects_committed(put_ids)
 
     def after_rollback(session: Any) -> None:
         session.info.pop(_PUT_KEY, None)
+        session.info.pop(_WAKE_KEY, None)
         stored = session.info.pop(_STORED_KEY, None)
         if stored and _process.watch is not None:
-            _process.watch.discard(m for ids in stored.values() for m in ids)
+            _process.watch.discard(stored)
 
     if not _process.listening:  # process-global, once (a test may restore flwr's methods and patch again)
         event.listen(Session, "after_commit", after_commit)

@@ -307,20 +307,34 @@ def _ids(body: bytes) -> list[str]:
 
 
 def test_an_idle_node_stays_idle_until_its_message_is_deliverable(link: Link) -> None:
-    """Through the SuperLink's HTTP app: the full poll that finds the message incomplete marks
-    the node idle again (its polls answered early, no database), and the last object ends that."""
+    """Through the SuperLink's HTTP app: a message stored with objects still to come does not end
+    the node's known idleness (its polls answered early, no database); its last object does."""
+    from tests.federated.test_superlink_patches import _shortcut
+
     assert _http_pull(link)[0] == 200  # full path: idle
     message, session_id, to_push = _push_instruction(link)
-    assert link.tracker.idle_key(link.node_id) is None  # the store ended idleness
-    status, body = _http_pull(link)
-    assert status == 200 and _ids(body) == []  # full path, message incomplete
-    assert link.tracker.idle_key(link.node_id) == link.public_key
+    assert link.tracker.idle_key(link.node_id) == link.public_key  # stored quietly
     _push_objects(link, message, session_id, to_push[:-1])
-    assert link.tracker.idle_key(link.node_id) == link.public_key
+    status, body = _http_pull(link)
+    assert status == 200 and _ids(body) == []
+    assert (_shortcut(link.app).answered_early, _shortcut(link.app).full_path) == (1, 1)
     _push_objects(link, message, session_id, to_push[-1:])
     assert link.tracker.idle_key(link.node_id) is None
     status, body = _http_pull(link)
     assert status == 200 and _ids(body) == [message.object_id]
+    assert _shortcut(link.app).full_path == 2
+
+
+def test_a_full_poll_that_finds_the_message_incomplete_leaves_the_node_idle(link: Link) -> None:
+    """After a restart (nothing known) or a recheck, the full poll finds the message incomplete:
+    empty, the node idle again, and woken by the last object."""
+    message, session_id, to_push = _push_instruction(link)
+    status, body = _http_pull(link)  # a fresh process: full path
+    assert status == 200 and _ids(body) == []
+    assert link.tracker.idle_key(link.node_id) == link.public_key
+    _push_objects(link, message, session_id, to_push)
+    assert link.tracker.idle_key(link.node_id) is None
+    assert _ids(_http_pull(link)[1]) == [message.object_id]
 
 
 #: a hang guard only: a held poll that is never woken would wait out its 600 s hold
