@@ -299,7 +299,7 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
     from flwr.supercore.object_store.sql_object_store import SqlObjectStore
     from flwr.supercore.state.schema.linkstate_models import MessageIns, MessageRes
     from flwr.supercore.state.schema.objectstore_models import StoredObject
-    from sqlalchemy import event, select, update
+    from sqlalchemy import event, false, select, update
     from sqlalchemy.orm import Session
 
     from federated.runtime.flwr_internals import check_flwr_version
@@ -375,17 +375,20 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
             return get_res(self, message_ids, run_id)
         since = watch_.seq()
         with self.session() as session:
+            # SQLite's write lock first (an UPDATE of no row takes it): no reply is committed
+            # between this check and flwr's claim below, in the same transaction
+            session.execute(update(MessageRes).where(false()).values(delivered_at=MessageRes.delivered_at))
             replies = dict(session.execute(
                 select(MessageRes.message_id, MessageRes.reply_to_message_id)
                 .join(MessageIns, MessageIns.message_id == MessageRes.reply_to_message_id)
                 .where(MessageRes.reply_to_message_id.in_(list(message_ids)), MessageRes.delivered_at == "",
                        MessageIns.created_at + MessageIns.ttl > now_ts())).all())
             missing = _unavailable(session, list(replies))
-        held = {replies[m] for m, ids in missing.items()
-                if watch_.register(m, ("run", int(run_id)), ids, since)}
-        if held:
-            watch_.held_back += 1
-        return get_res(self, set(message_ids) - held, run_id)
+            held = {replies[m] for m, ids in missing.items()
+                    if watch_.register(m, ("run", int(run_id)), ids, since)}
+            if held:
+                watch_.held_back += 1
+            return get_res(self, set(message_ids) - held, run_id)
 
     @functools.wraps(store_tree)
     def store_message_and_object_tree(self: Any, message: Any, object_tree: Any, session_id: str) -> Any:
