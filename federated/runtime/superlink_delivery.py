@@ -17,7 +17,9 @@ every caller of flwr's handlers gets it):
   skips an expired instruction; the ServerApp's pull gets flwr's own expiry error for a reply
   held back once its instruction expired, which this no longer holds back), and flwr deletes
   a push session's messages when the session expires. A message whose tree flwr cannot find
-  (not preregistered) is handed out as before, to flwr's own handling;
+  (not preregistered) is handed out as before, to flwr's own handling. A message is held back at
+  most `HOLD_MAX_S` after its store (then flwr's way: the receiver's object pulls back off), a
+  bound should an object's arrival never be seen;
 - `DeliveryWatch` knows, in memory, which stored messages still miss which objects (from their
   store, and from a poll that found one incomplete, e.g. after a SuperLink restart); when the
   last one is committed it calls `wake(key)` for the receiver ("node", id) or the run's
@@ -51,6 +53,10 @@ LOG_MAX = 8192
 WAIT_MAX_S = 3600.0
 #: at most this many of a node's pending instructions are looked at per poll
 CANDIDATES_MAX = 64
+#: a message is held back for its objects at most this long after it was stored; then it is
+#: handed out as flwr does (its receiver's object pulls back off until they come): a bound, should
+#: an object never be seen arriving, on how long this can delay a message
+HOLD_MAX_S = 30.0
 
 _PATCHED_MARK = "_exchange_delivery_patched"
 _PUT_KEY = "exchange_objects_put"
@@ -272,7 +278,7 @@ def _check_layout() -> None:
     for model, columns in ((sql_linkstate.MessageInsModel,
                             ("message_id", "dst_node_id", "run_id", "delivered_at", "created_at", "ttl")),
                            (sql_linkstate.MessageResModel,
-                            ("message_id", "reply_to_message_id", "delivered_at")),
+                            ("message_id", "reply_to_message_id", "delivered_at", "created_at")),
                            (objectstore_models.StoredObject, ("object_id", "is_available")),
                            (objectstore_models.ObjectChild, ("parent_id", "child_id"))):
         for column in columns:
@@ -332,10 +338,13 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
         if run_id is not None:
             conditions.append(MessageIns.run_id == uint64_to_int64(run_id))
         with self.session() as session:
-            candidates = list(session.scalars(
-                select(MessageIns.message_id).where(*conditions)
-                .order_by(MessageIns.created_at.asc(), MessageIns.message_id.asc()).limit(CANDIDATES_MAX)))
-            missing = _unavailable(session, candidates)
+            rows = session.execute(
+                select(MessageIns.message_id, MessageIns.created_at).where(*conditions)
+                .order_by(MessageIns.created_at.asc(), MessageIns.message_id.asc())
+                .limit(CANDIDATES_MAX)).all()
+            candidates = [m for m, _ in rows]
+            recent = now_ts() - HOLD_MAX_S
+            missing = _unavailable(session, [m for m, created in rows if (created or 0.0) > recent])
         if not candidates:
             return []
         held = {m for m, ids in missing.items() if watch_.register(m, ("node", int(node_id)), ids, since)}
@@ -382,7 +391,8 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
                 select(MessageRes.message_id, MessageRes.reply_to_message_id)
                 .join(MessageIns, MessageIns.message_id == MessageRes.reply_to_message_id)
                 .where(MessageRes.reply_to_message_id.in_(list(message_ids)), MessageRes.delivered_at == "",
-                       MessageIns.created_at + MessageIns.ttl > now_ts())).all())
+                       MessageIns.created_at + MessageIns.ttl > now_ts(),
+                       MessageRes.created_at > now_ts() - HOLD_MAX_S)).all())
             missing = _unavailable(session, list(replies))
             held = {replies[m] for m, ids in missing.items()
                     if watch_.register(m, ("run", int(run_id)), ids, since)}

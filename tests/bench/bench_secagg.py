@@ -17,6 +17,10 @@
    a core per process (server + SuperLink + busiest hospital CPU + the poll sleeps), and the
    SuperLink's requests per round (its own count, `superlink_main.COUNTS_ENV`). `--no-packing`:
    SecAgg+ records travel as built instead of packed into one (`federated.packing`).
+   `--long-poll S` / `--deliver-complete on|off`: the SuperLink's long polls and its delivery of
+   a message only once its objects are pushed (`RuntimeSettings.superlink_long_poll`,
+   `superlink_deliver_complete`), for an A/B; the request counts then also show the object
+   pulls answered "found, not yet available" (`#unavailable ...`, not requests of their own).
 2. Table (target: <= 3 s per round beyond local training at 10 hospitals): model size (1k, 10k,
    100k weights) x hospitals (3, 5, 10), with and without SecAgg+, in process (`InProcessGrid`)
    with synthetic hospitals that return a random update and a signed receipt instead of training,

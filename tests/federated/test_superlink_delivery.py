@@ -392,3 +392,14 @@ def test_unavailable_object_pulls_are_counted_per_api(link: Link, monkeypatch: p
     _push_objects(link, message, session_id, to_push)
     assert fleet_handlers.pull_object(request, link.state).object_available
     assert counts == {superlink_delivery.UNAVAILABLE_PREFIX + "/v1/fleet/pull-object": 1}
+
+
+def test_a_message_is_held_back_at_most_hold_max_s_then_handed_out_as_flower_does(
+        link: Link, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bound on the delay, should an object's arrival never be seen: past `HOLD_MAX_S` after its
+    store the message goes out incomplete, as flwr hands it out (the node's pulls back off)."""
+    message, _session_id, to_push = _push_instruction(link)
+    assert _fleet_pull(link) == []
+    monkeypatch.setattr(superlink_delivery, "HOLD_MAX_S", 0.0)
+    assert [m.metadata.message_id for m in _fleet_pull(link)] == [message.object_id]
+    assert link.state.get_object(link.run_id, to_push[0]) == b""
