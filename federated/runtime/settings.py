@@ -72,9 +72,12 @@ class RuntimeSettings:
     superlink_long_poll_max: int = 256
     #: SuperLink: hand a message out (a SuperNode's poll, the ServerApp's reply pull) only once all
     #: its objects are pushed (`superlink_delivery`), and wake idle and held polls then, not when
-    #: the message alone is stored. Off: Flower's own order (the receiver's object pulls then wait
-    #: for the sender's pushes, retried with a back-off); benchmarks compare the two.
-    superlink_deliver_complete: bool = True
+    #: the message alone is stored. Off (the default): Flower's own order (the receiver's object
+    #: pulls then wait for the sender's pushes, retried with a back-off). On removes those retries
+    #: (docs/benchmarks/flower.md, "Messages handed out once their objects are there"), but no
+    #: faster round was shown under load and one loaded run stalled unexplained: off until a quiet
+    #: A/B. The deployment tests run with it on.
+    superlink_deliver_complete: bool = False
     #: SuperLink CPU patches in fast mode (path-scoped middleware, early idle-poll answers, 503 on
     #: a locked database): off runs Flower's SuperLink as shipped (benchmarks compare the two; an
     #: escape hatch should a Flower quirk meet them) while the SuperNode side stays fast.

@@ -124,7 +124,8 @@ def main() -> None:
                                                  default.superlink_long_poll)),
         superlink_long_poll_max=int(os.environ.get("EXCHANGE_SUPERLINK_LONG_POLL_MAX",
                                                    default.superlink_long_poll_max)),
-        superlink_deliver_complete=os.environ.get("EXCHANGE_SUPERLINK_DELIVER_COMPLETE", "1") != "0",
+        superlink_deliver_complete=os.environ.get(
+            "EXCHANGE_SUPERLINK_DELIVER_COMPLETE", "1" if default.superlink_deliver_complete else "0") != "0",
         superlink_patches=os.environ.get("EXCHANGE_SUPERLINK_PATCHES", "1") != "0")
     if settings.mode == "fast" and settings.superlink_patches:
         apply_superlink_patches(settings)

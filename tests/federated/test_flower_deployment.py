@@ -92,7 +92,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     tls = generate_tls(root / "tls")
     keys = {h: generate_node_keys(root / "node-keys", h) for h in sites}
     federation = LocalFederation(root / "fed", {h: d.site.node_config() for h, d in sites.items()},
-                                 settings=RuntimeSettings(), tls=tls, supernode_auth=True, node_keys=keys)
+                                 settings=RuntimeSettings(superlink_deliver_complete=True), tls=tls,
+                                 supernode_auth=True, node_keys=keys)
     with pytest.MonkeyPatch.context() as env:
         # the SuperLink (started below, it inherits this) counts its requests into this file
         env.setenv(COUNTS_ENV, str(root / "superlink-requests.json"))

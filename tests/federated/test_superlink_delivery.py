@@ -373,7 +373,7 @@ def test_a_held_poll_is_woken_by_the_last_object_not_by_the_message(
 def test_the_setting_is_validated_by_name() -> None:
     with pytest.raises(ValueError, match="superlink_deliver_complete"):
         RuntimeSettings(superlink_deliver_complete="yes")  # type: ignore[arg-type]
-    assert RuntimeSettings().superlink_deliver_complete is True
+    assert RuntimeSettings().superlink_deliver_complete is False  # off until a quiet A/B shows it
 
 
 def test_unavailable_object_pulls_are_counted_per_api(link: Link, monkeypatch: pytest.MonkeyPatch) -> None:
