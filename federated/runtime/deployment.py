@@ -260,6 +260,8 @@ class SuperLinkProcess:
                     "EXCHANGE_SUPERLINK_IDLE_RECHECK": str(self.settings.superlink_idle_recheck),
                     "EXCHANGE_SUPERLINK_LONG_POLL": str(self.settings.superlink_long_poll),
                     "EXCHANGE_SUPERLINK_LONG_POLL_MAX": str(self.settings.superlink_long_poll_max),
+                    "EXCHANGE_SUPERLINK_DELIVER_COMPLETE":
+                        "1" if self.settings.superlink_deliver_complete else "0",
                     "EXCHANGE_SUPERLINK_PATCHES": "1" if self.settings.superlink_patches else "0"})
         self.proc = _spawn("superlink", args, self.workdir / "superlink.log", env)
         wildcard = self.host in ("0.0.0.0", "::", "")

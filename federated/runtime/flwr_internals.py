@@ -1703,6 +1703,12 @@ def _bump_key(key: tuple[str, int], *, wake: bool = True) -> None:
         tracker.bump(ident, wake=wake)
 
 
+def wake_receiver(key: tuple[str, int]) -> None:
+    """A message for `key` ("node", id / "run", id) became deliverable (its objects are all there:
+    `superlink_delivery`): end the receiver's idleness and wake its held polls."""
+    _bump_key(key)
+
+
 def _patch_linkstate_store_hook() -> None:
     """Bump the trackers for a message's destination node whenever flwr's SQL LinkState stores a
     message for a node: once when stored, and again when the transaction holding the insert
@@ -1722,6 +1728,10 @@ def _patch_linkstate_store_hook() -> None:
     _require("run_id" in inspect.getsource(store_res), "SqlLinkState.store_message_res changed")
 
     def _stored(self: Any, keys: list[tuple[str, int]], original: Callable[..., Any], message: Any) -> Any:
+        from federated.runtime.superlink_delivery import store_is_quiet
+
+        if store_is_quiet():  # objects still to come: the receiver stays idle, woken once they are in
+            return original(self, message)
         with self.session() as session:  # re-entrant: joins the caller's transaction if any
             for key in keys:
                 _bump_key(key, wake=False)  # held polls wake at the commit (`after_commit`)

@@ -78,6 +78,14 @@ class RuntimeSettings:
     superlink_long_poll: float = 0.0
     #: ... at most this many held at a time (more are answered at once, as with 0).
     superlink_long_poll_max: int = 256
+    #: SuperLink: hand a message out (a SuperNode's poll, the ServerApp's reply pull) only once all
+    #: its objects are pushed (`superlink_delivery`), and wake idle and held polls then, not when
+    #: the message alone is stored. Off (the default): Flower's own order (the receiver's object
+    #: pulls then wait for the sender's pushes, retried with a back-off). On removes those retries
+    #: (docs/benchmarks/flower.md, "Messages handed out once their objects are there"), but no
+    #: faster round was shown under load and one loaded run stalled unexplained: off until a quiet
+    #: A/B. The deployment tests run with it on.
+    superlink_deliver_complete: bool = False
     #: SuperLink CPU patches in fast mode (path-scoped middleware, early idle-poll answers, 503 on
     #: a locked database): off runs Flower's SuperLink as shipped (benchmarks compare the two; an
     #: escape hatch should a Flower quirk meet them) while the SuperNode side stays fast.
@@ -121,6 +129,9 @@ class RuntimeSettings:
         held = self.superlink_long_poll_max
         if not (isinstance(held, int) and not isinstance(held, bool) and 0 <= held <= 100_000):
             raise ValueError(f"superlink_long_poll_max: must be an integer in [0, 100000], got {held!r}")
+        if not isinstance(self.superlink_deliver_complete, bool):
+            raise ValueError("superlink_deliver_complete: must be true or false, "
+                             f"got {self.superlink_deliver_complete!r}")
         beat = self.supernode_heartbeat
         if not (isinstance(beat, int | float) and 10 <= beat <= 1800):
             raise ValueError("supernode_heartbeat: must be a number of seconds in [10, 1800] (the "

@@ -38,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from federated.runtime import flwr_internals
+from federated.runtime import flwr_internals, superlink_delivery
 from federated.runtime.settings import RuntimeSettings, disable_phone_home
 
 NO_INSTALL_FLAG = "--disable-runtime-dependency-installation"
@@ -61,6 +61,7 @@ def write_request_counts(path: Path) -> None:
     """Count the SuperLink's requests by path into `path` (a measurement aid: `bench_secagg`
     reads it at every round to report requests per round)."""
     counts = flwr_internals.patch_superlink_request_counter()
+    superlink_delivery.count_unavailable_object_pulls(counts)
 
     def write() -> None:
         last: dict[str, int] = {}
@@ -82,6 +83,8 @@ def apply_superlink_patches(settings: RuntimeSettings) -> None:
     flwr_internals.patch_superlink_idle_pulls(settings.superlink_idle_recheck,
                                               hold_s=settings.superlink_long_poll,
                                               max_held=settings.superlink_long_poll_max)
+    if settings.superlink_deliver_complete:
+        superlink_delivery.patch_superlink_delivery(flwr_internals.wake_receiver)
     flwr_internals.patch_superlink_task_sweep(TASK_SWEEP_S)
     flwr_internals.patch_superlink_store_object_busy()
     flwr_internals.patch_superlink_push_one_transaction()
@@ -121,6 +124,8 @@ def main() -> None:
                                                  default.superlink_long_poll)),
         superlink_long_poll_max=int(os.environ.get("EXCHANGE_SUPERLINK_LONG_POLL_MAX",
                                                    default.superlink_long_poll_max)),
+        superlink_deliver_complete=os.environ.get(
+            "EXCHANGE_SUPERLINK_DELIVER_COMPLETE", "1" if default.superlink_deliver_complete else "0") != "0",
         superlink_patches=os.environ.get("EXCHANGE_SUPERLINK_PATCHES", "1") != "0")
     if settings.mode == "fast" and settings.superlink_patches:
         apply_superlink_patches(settings)
@@ -130,7 +135,8 @@ def main() -> None:
               f"task sweep throttled, "
               f"run statuses, node keys and task tokens cached, traffic counters batched, object pushes "
               f"on a busy database retried, a push's messages stored in one transaction, object routes "
-              f"answered outside FastAPI's layers",
+              f"answered outside FastAPI's layers; a message handed out once its objects are all pushed: "
+              f"{settings.superlink_deliver_complete}",
               file=sys.stderr, flush=True)
     if os.environ.get(COUNTS_ENV):
         write_request_counts(Path(os.environ[COUNTS_ENV]))

@@ -19,6 +19,10 @@
    SecAgg+ records travel as built instead of packed into one (`federated.packing`).
    `--follow-up-sleep 0.02`: a hospital's SuperNode polls every 0.02 s after its reply to a stage
    the server answers at once (`RuntimeSettings.supernode_follow_up_sleep`, off by default).
+   `--long-poll S` / `--deliver-complete on|off`: the SuperLink's long polls and its delivery of
+   a message only once its objects are pushed (`RuntimeSettings.superlink_long_poll`,
+   `superlink_deliver_complete`), for an A/B; the request counts then also show the object
+   pulls answered "found, not yet available" (`#unavailable ...`, not requests of their own).
 2. Table (target: <= 3 s per round beyond local training at 10 hospitals): model size (1k, 10k,
    100k weights) x hospitals (3, 5, 10), with and without SecAgg+, in process (`InProcessGrid`)
    with synthetic hospitals that return a random update and a signed receipt instead of training,
@@ -32,6 +36,7 @@ Timing only: nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -92,8 +97,9 @@ class RequestMeter:
         now = self._now()
         delta = {k: now.get(k, 0) - self.last.get(k, 0) for k in now}
         self.last = now
+        by_path = {f"{PATH_PREFIX}{k}": float(v) for k, v in delta.items()}  # "#unavailable ..." too
+        delta = {k: v for k, v in delta.items() if not k.startswith("#")}  # counts, not requests
         objects = sum(v for k, v in delta.items() if k.endswith(("/push-object", "/pull-object")))
-        by_path = {f"{PATH_PREFIX}{k}": float(v) for k, v in delta.items()}
         return {"requests": float(sum(delta.values())), "requests_object": float(objects),
                 "requests_fleet": float(sum(v for k, v in delta.items() if k.startswith("/v1/fleet/"))),
                 "requests_runtime": float(sum(v for k, v in delta.items() if k.startswith("/v1/runtime/"))),
@@ -148,7 +154,8 @@ class CpuMeter:
 
 
 def deployment(rounds: int, root: Path, hospitals: int = 3, stock_superlink: bool = False,
-               packing: bool = True, follow_up_sleep: float | None = None) -> dict[str, dict[str, float]]:
+               packing: bool = True, follow_up_sleep: float | None = None, long_poll: float | None = None,
+               deliver_complete: bool | None = None) -> dict[str, dict[str, float]]:
     """Mean per-round numbers of rounds 2+ for "plain" and "secagg" (two studies each,
     interleaved), with the CPU seconds per round of each kind of process (`CpuMeter`):
     `cpu_server_s`, `cpu_superlink_s`, and over the hospitals (executor + SuperNode) the mean
@@ -161,6 +168,10 @@ def deployment(rounds: int, root: Path, hospitals: int = 3, stock_superlink: boo
 
     extra = {} if follow_up_sleep is None else {"supernode_follow_up_sleep": follow_up_sleep}
     settings = RuntimeSettings(superlink_patches=not stock_superlink, message_packing=packing, **extra)
+    if long_poll is not None:  # the SuperLink's long polls (`superlink_long_poll`), for an A/B
+        settings = dataclasses.replace(settings, superlink_long_poll=long_poll)
+    if deliver_complete is not None:  # `superlink_deliver_complete`, for an A/B
+        settings = dataclasses.replace(settings, superlink_deliver_complete=deliver_complete)
     counts = root / "superlink-requests.json"
     os.environ[COUNTS_ENV] = str(counts)  # the SuperLink (started below) inherits it
     names = tuple(f"hospital-{chr(ord('a') + i)}" for i in range(hospitals))
@@ -458,6 +469,11 @@ def main() -> None:
     parser.add_argument("--no-table", action="store_true")
     parser.add_argument("--hospitals", type=int, default=3, help="hospitals in the deployment part")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per study in the deployment part")
+    parser.add_argument("--long-poll", type=float, default=None,
+                        help="the SuperLink's long polls in seconds (RuntimeSettings.superlink_long_poll)")
+    parser.add_argument("--deliver-complete", choices=("on", "off"), default=None,
+                        help="hand a message out only once its objects are pushed "
+                             "(superlink_deliver_complete)")
     parser.add_argument("--stock-superlink", action="store_true",
                         help="Flower's SuperLink without our CPU patches (settings.superlink_patches)")
     parser.add_argument("--no-packing", action="store_true",
@@ -502,7 +518,10 @@ def main() -> None:
     load_before = _load()
     with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
         numbers = deployment(rounds, Path(tmp), args.hospitals, stock_superlink=args.stock_superlink,
-                             packing=not args.no_packing, follow_up_sleep=args.follow_up_sleep)
+                             packing=not args.no_packing, follow_up_sleep=args.follow_up_sleep,
+                             long_poll=args.long_poll,
+                             deliver_complete=None if args.deliver_complete is None
+                             else args.deliver_complete == "on")
     load_after = _load()
     idle = numbers.pop("idle")["cpu_idle_total_per_s"]
     p, s = numbers["plain"], numbers["secagg"]

@@ -29,6 +29,8 @@ from federated.runtime.demo_sites import DemoSite, approve, demo_spec, provision
 from federated.runtime.deployment import LocalFederation, free_port, write_node_config
 from federated.runtime.server_runner import StudyResult, run_study
 from federated.runtime.settings import RuntimeSettings, flower_env
+from federated.runtime.superlink_delivery import UNAVAILABLE_PREFIX
+from federated.runtime.superlink_main import COUNTS_ENV
 from federated.runtime.tls import generate_node_keys, generate_tls
 from federated.study_spec import StudySpec
 
@@ -90,9 +92,16 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     tls = generate_tls(root / "tls")
     keys = {h: generate_node_keys(root / "node-keys", h) for h in sites}
     federation = LocalFederation(root / "fed", {h: d.site.node_config() for h, d in sites.items()},
-                                 settings=RuntimeSettings(), tls=tls, supernode_auth=True, node_keys=keys)
-    with federation:
+                                 settings=RuntimeSettings(superlink_deliver_complete=True), tls=tls,
+                                 supernode_auth=True, node_keys=keys)
+    with pytest.MonkeyPatch.context() as env:
+        # the SuperLink (started below, it inherits this) counts its requests into this file
+        env.setenv(COUNTS_ENV, str(root / "superlink-requests.json"))
+        federation.start()
+    try:
         yield Deployment(federation, sites, root)
+    finally:
+        federation.stop()
     # teardown ran even if a test failed: nothing of ours may be left running
     assert all(not p.alive() for p in federation.processes())
 
@@ -149,6 +158,10 @@ def test_dp_study_end_to_end_with_a_hospital_without_consented_records(deploymen
     assert final["eval_hospitals"] == 2 and 0 < final["eval_epsilon"] <= spec.epsilon
     for h in contributors:
         assert len(deployment.ledger(h).evaluations("e2e")) == spec.rounds
+    # every message reached its hospital with all its objects pushed (superlink_deliver_complete):
+    # no object pull of a SuperNode was answered "found, not yet available" and retried
+    counts = _request_counts(deployment, "/v1/fleet/pull-object")
+    assert counts.get(UNAVAILABLE_PREFIX + "/v1/fleet/pull-object", 0) == 0, counts
     # the per-round time breakdown is recorded
     assert all(m["round_wall_s"] >= m["train_compute_max_s"] > 0 for _, m, _ in observer.rounds)
     # each hospital's Flower process (SuperNode and executor: hosted_supernode) trained, scored and
@@ -160,6 +173,20 @@ def test_dp_study_end_to_end_with_a_hospital_without_consented_records(deploymen
         assert "/numpy/" in maps, name
         loaded = [lib for lib in ("/torch/", "/sklearn/", "/sksurv/", "/pandas/") if lib in maps]
         assert loaded == [], (name, loaded)
+
+
+def _request_counts(deployment: Deployment, path: str) -> dict[str, int]:
+    """The SuperLink's request counts (`superlink_main.COUNTS_ENV`, rewritten within 0.2 s of a
+    change), once they include `path`."""
+    import json
+
+    file = deployment.root / "superlink-requests.json"
+    for _ in range(600):  # a hang guard: the file is written within 0.2 s
+        counts = json.loads(file.read_text()) if file.exists() else {}
+        if counts.get(path):
+            return {k: int(v) for k, v in counts.items()}
+        time.sleep(0.1)
+    raise AssertionError(f"no {path} in the SuperLink's request counts")
 
 
 def test_study_that_would_overspend_is_refused(deployment: Deployment) -> None:

@@ -162,9 +162,11 @@ def _flwr_internals_used(path: Path, root: Path = ROOT) -> list[str]:
 
 
 def test_no_other_module_uses_flwr_internals() -> None:
-    own = ROOT / "federated" / "runtime" / "flwr_internals.py"
+    # the SuperLink's delivery patch (a message handed out once its objects are there) is the
+    # second module behind the same layout checks
+    own = {ROOT / "federated" / "runtime" / name for name in ("flwr_internals.py", "superlink_delivery.py")}
     offenders = [hit for directory in PRODUCT_DIRS for path in sorted((ROOT / directory).rglob("*.py"))
-                 if path != own for hit in _flwr_internals_used(path)]
+                 if path not in own for hit in _flwr_internals_used(path)]
     assert offenders == []
 
 
