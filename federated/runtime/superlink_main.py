@@ -22,9 +22,11 @@ counters are summed in memory and written every `TRAFFIC_FLUSH_S`
 (`patch_superlink_traffic_batching`). An object push that finds the database locked past its
 busy timeout is answered 503 and retried by its sender, not silently dropped
 (`patch_superlink_store_object_busy`). The ServerApp's messages of one push are stored in one
-transaction, not one each (`patch_superlink_push_one_transaction`). A message's object pushes,
-pulls and receipt confirmations (a request per object) are answered by flwr's own endpoints
-outside FastAPI's middleware and routing (`patch_superlink_object_routes`). Every SuperNode polls, idle
+transaction, not one each (`patch_superlink_push_one_transaction`). The requests a round is made
+of (a message's object pushes, pulls and receipt confirmations, a request per object; the
+SuperNodes' polls, reply pushes and heartbeats; the ServerApp's pushes, reply pulls and task
+heartbeats) are answered by flwr's own route functions outside FastAPI's middleware and routing
+(`superlink_routes.patch_superlink_routes`). Every SuperNode polls, idle
 or not, so on a small machine the SuperLink's CPU per request was what a round with ten hospitals waited for
 (docs/benchmarks/flower.md).
 """
@@ -38,7 +40,7 @@ import threading
 import time
 from pathlib import Path
 
-from federated.runtime import flwr_internals, superlink_delivery
+from federated.runtime import flwr_internals, superlink_delivery, superlink_routes
 from federated.runtime.settings import RuntimeSettings, disable_phone_home
 
 NO_INSTALL_FLAG = "--disable-runtime-dependency-installation"
@@ -88,7 +90,7 @@ def apply_superlink_patches(settings: RuntimeSettings) -> None:
     flwr_internals.patch_superlink_task_sweep(TASK_SWEEP_S)
     flwr_internals.patch_superlink_store_object_busy()
     flwr_internals.patch_superlink_push_one_transaction()
-    flwr_internals.patch_superlink_object_routes()
+    superlink_routes.patch_superlink_routes()
     statuses = flwr_internals.patch_superlink_run_status_cache(CACHE_MAX_AGE_S)
     nodes = flwr_internals.patch_superlink_node_key_cache(CACHE_MAX_AGE_S)
     tokens = flwr_internals.patch_superlink_task_token_cache(CACHE_MAX_AGE_S)
@@ -134,7 +136,7 @@ def main() -> None:
               f"{settings.superlink_long_poll} s, {settings.superlink_long_poll_max} at most), "
               f"task sweep throttled, "
               f"run statuses, node keys and task tokens cached, traffic counters batched, object pushes "
-              f"on a busy database retried, a push's messages stored in one transaction, object routes "
+              f"on a busy database retried, a push's messages stored in one transaction, hot routes "
               f"answered outside FastAPI's layers; a message handed out once its objects are all pushed: "
               f"{settings.superlink_deliver_complete}",
               file=sys.stderr, flush=True)
