@@ -26,9 +26,10 @@ transaction, not one each (`patch_superlink_push_one_transaction`). The requests
 of (a message's object pushes, pulls and receipt confirmations, a request per object; the
 SuperNodes' polls, reply pushes and heartbeats; the ServerApp's pushes, reply pulls and task
 heartbeats) are answered by flwr's own route functions outside FastAPI's middleware and routing
-(`superlink_routes.patch_superlink_routes`). Every SuperNode polls, idle
-or not, so on a small machine the SuperLink's CPU per request was what a round with ten hospitals waited for
-(docs/benchmarks/flower.md).
+(`superlink_routes.patch_superlink_routes`), and an object push claims its pending object in one
+SQL statement instead of two (`superlink_routes.patch_superlink_object_claim`). Every SuperNode
+polls, idle or not, so on a small machine the SuperLink's CPU per request was what a round with
+ten hospitals waited for (docs/benchmarks/flower.md).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def apply_superlink_patches(settings: RuntimeSettings) -> None:
     flwr_internals.patch_superlink_store_object_busy()
     flwr_internals.patch_superlink_push_one_transaction()
     superlink_routes.patch_superlink_routes()
+    superlink_routes.patch_superlink_object_claim()
     statuses = flwr_internals.patch_superlink_run_status_cache(CACHE_MAX_AGE_S)
     nodes = flwr_internals.patch_superlink_node_key_cache(CACHE_MAX_AGE_S)
     tokens = flwr_internals.patch_superlink_task_token_cache(CACHE_MAX_AGE_S)
@@ -137,8 +139,8 @@ def main() -> None:
               f"task sweep throttled, "
               f"run statuses, node keys and task tokens cached, traffic counters batched, object pushes "
               f"on a busy database retried, a push's messages stored in one transaction, hot routes "
-              f"answered outside FastAPI's layers; a message handed out once its objects are all pushed: "
-              f"{settings.superlink_deliver_complete}",
+              f"answered outside FastAPI's layers, an object push's claim in one statement; a message "
+              f"handed out once its objects are all pushed: {settings.superlink_deliver_complete}",
               file=sys.stderr, flush=True)
     if os.environ.get(COUNTS_ENV):
         write_request_counts(Path(os.environ[COUNTS_ENV]))

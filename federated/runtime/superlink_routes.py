@@ -279,3 +279,57 @@ def patch_superlink_routes() -> None:
         setattr(get_middleware, mark, getattr(current, mark, False))
     setattr(get_middleware, _MARK, True)
     setattr(superlink_main, "_get_middleware", get_middleware)  # noqa: B010 (a module global of flwr's)
+
+
+# -- the object push's SQL ---------------------------------------------------------------------------
+
+
+def patch_superlink_object_claim() -> None:
+    """flwr's object push (`SqlCoreState.store_object`) in three SQL statements instead of four
+    (SuperLink process only): its claim of the pending object (`_claim_pending_object`: a
+    `DELETE ... RETURNING` of the pending row, guarded by an `EXISTS` on the push session of that
+    run, then a `SELECT` of the session's expiry, re-read because another push may have refreshed
+    it meanwhile) becomes one `DELETE ... RETURNING` that returns the session's expiry itself (a
+    subquery, evaluated by the same statement under the same write lock, after any refresh
+    committed before it). Same transaction, same rows, same result: the expiry, or None when
+    nothing was claimed."""
+    flwr_internals.check_flwr_version()
+    from flwr.supercore.corestate import sql_corestate
+    from sqlalchemy import delete, select
+
+    cls = sql_corestate.SqlCoreState
+    claim = cls._claim_pending_object
+    if getattr(claim, _PATCHED_MARK, False):
+        return
+    _require(list(inspect.signature(claim).parameters) == ["self", "run_id", "session_id", "object_id"],
+             "SqlCoreState._claim_pending_object changed its parameters")
+    source = inspect.getsource(claim)
+    _require(all(part in source for part in (
+        "delete(ObjectPushSessionPendingModel)",
+        "ObjectPushSessionPendingModel.session_id == session_id",
+        "ObjectPushSessionPendingModel.object_id == object_id",
+        "ObjectPushSessionModel.session_id == session_id",
+        "ObjectPushSessionModel.run_id == uint64_to_int64(run_id)", ".exists(),",
+        ".returning(ObjectPushSessionPendingModel.session_id)", "if claimed_session_id is None:",
+        "select(ObjectPushSessionModel.expires_at)",
+        ".where(ObjectPushSessionModel.session_id == claimed_session_id)", "return expires_at")),
+        "SqlCoreState._claim_pending_object changed (what patch_superlink_object_claim does in one "
+        "statement)")
+    pending, push_session = sql_corestate.ObjectPushSessionPendingModel, sql_corestate.ObjectPushSessionModel
+    to_int64 = sql_corestate.uint64_to_int64
+    expiry = (select(push_session.expires_at).where(push_session.session_id == pending.session_id)
+              .scalar_subquery())
+
+    def _claim_pending_object(self: Any, run_id: int, session_id: str, object_id: str) -> Any:
+        with self.session() as session:
+            return session.scalar(
+                delete(pending)
+                .where(pending.session_id == session_id, pending.object_id == object_id,
+                       select(push_session.session_id)
+                       .where(push_session.session_id == session_id, push_session.run_id == to_int64(run_id))
+                       .exists())
+                .returning(expiry))
+
+    _claim_pending_object.__doc__ = claim.__doc__
+    setattr(_claim_pending_object, _PATCHED_MARK, True)
+    setattr(cls, "_claim_pending_object", _claim_pending_object)  # noqa: B010 (a method of flwr's)

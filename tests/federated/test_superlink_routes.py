@@ -577,3 +577,74 @@ def test_a_patched_flower_handler_applies_on_the_routes(twins: tuple[Link, Link]
         monkeypatch.setattr(handlers, "pull_messages", runtime_pull)
     assert seen == ["fleet", "runtime"] * 2
     assert _routes(fast.app).answered == {"/v1/fleet/pull-messages": 1, "/v1/runtime/pull-messages": 1}
+
+
+# -- the object push's SQL ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def statements(twins: tuple[Link, Link]) -> Iterator[list[str]]:
+    """Every SQL statement the twins' databases run, in order."""
+    from sqlalchemy import event
+
+    seen: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    engines = [link.state._engine for link in twins]
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", count)
+    yield seen
+    for engine in engines:
+        event.remove(engine, "before_cursor_execute", count)
+
+
+def test_an_object_push_claims_its_object_in_one_statement_with_flowers_results(
+        twins: tuple[Link, Link], statements: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`patch_superlink_object_claim`: the same claims, results and stored objects as flwr's two
+    statements, on a copy of the same database: a pending object (claimed once, then not), an
+    object of another run's session, an unknown object, a session that expired (flwr then
+    removes it and its messages: the push is refused), each claim one statement."""
+    import datetime
+
+    from flwr.supercore.corestate.sql_corestate import ObjectPushSessionModel, SqlCoreState
+    from sqlalchemy import update
+
+    full, fast = twins
+    ids = sorted(full.contents)
+    original = SqlCoreState._claim_pending_object
+    monkeypatch.setattr(SqlCoreState, "_claim_pending_object", original)
+    superlink_routes.patch_superlink_object_claim()
+    superlink_routes.patch_superlink_object_claim()  # idempotent
+    patched = SqlCoreState._claim_pending_object
+    assert patched is not original
+    got: dict[str, list[Any]] = {}
+    per_push: dict[str, list[int]] = {}
+    for name, link, claim in (("full", full, original), ("fast", fast, patched)):
+        monkeypatch.setattr(SqlCoreState, "_claim_pending_object", claim)
+        got[name], per_push[name] = [], []
+        state = link.state
+        for run_id, object_id in ((link.run_id, ids[0]), (link.run_id, ids[0]), (link.run_id + 1, ids[1]),
+                                  (link.run_id, "00" * 32), (link.run_id, ids[1])):
+            statements.clear()
+            got[name].append(state._claim_pending_object(run_id, link.session_id, object_id))
+            per_push[name].append(len(statements))
+            statements.clear()
+        stored = [state.store_object(link.run_id, link.session_id, ids[2], link.contents[ids[2]])]
+        per_push[name].append(len(statements))
+        stored.append(state.get_object(link.run_id, ids[2]))
+        with state.session() as session:  # the session lapses: the next push is refused, the session removed
+            session.execute(update(ObjectPushSessionModel).values(
+                expires_at=datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1)))
+        stored.append(state.store_object(link.run_id, link.session_id, ids[3], link.contents[ids[3]]))
+        with state.session() as session:
+            sessions = session.query(ObjectPushSessionModel).count()
+        got[name] += [stored, sessions, [state.get_object(link.run_id, oid) for oid in ids]]
+    assert got["fast"] == got["full"]
+    claimed, again, other_run, unknown, second = got["fast"][:5]
+    assert isinstance(claimed, datetime.datetime) and isinstance(second, datetime.datetime)
+    assert (again, other_run, unknown) == (None, None, None)
+    assert got["fast"][5] == [True, fast.contents[ids[2]], False] and got["fast"][6] == 0
+    assert per_push["full"][:5] == [2, 1, 1, 1, 2] and per_push["fast"][:5] == [1, 1, 1, 1, 1]
+    assert per_push["fast"][5] == per_push["full"][5] - 1
