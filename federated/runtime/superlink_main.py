@@ -22,11 +22,14 @@ counters are summed in memory and written every `TRAFFIC_FLUSH_S`
 (`patch_superlink_traffic_batching`). An object push that finds the database locked past its
 busy timeout is answered 503 and retried by its sender, not silently dropped
 (`patch_superlink_store_object_busy`). The ServerApp's messages of one push are stored in one
-transaction, not one each (`patch_superlink_push_one_transaction`). A message's object pushes,
-pulls and receipt confirmations (a request per object) are answered by flwr's own endpoints
-outside FastAPI's middleware and routing (`patch_superlink_object_routes`). Every SuperNode polls, idle
-or not, so on a small machine the SuperLink's CPU per request was what a round with ten hospitals waited for
-(docs/benchmarks/flower.md).
+transaction, not one each (`patch_superlink_push_one_transaction`). The requests a round is made
+of (a message's object pushes, pulls and receipt confirmations, a request per object; the
+SuperNodes' polls, reply pushes and heartbeats; the ServerApp's pushes, reply pulls and task
+heartbeats) are answered by flwr's own route functions outside FastAPI's middleware and routing
+(`superlink_routes.patch_superlink_routes`), and an object push claims its pending object in one
+SQL statement instead of two (`superlink_routes.patch_superlink_object_claim`). Every SuperNode
+polls, idle or not, so on a small machine the SuperLink's CPU per request was what a round with
+ten hospitals waited for (docs/benchmarks/flower.md).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-from federated.runtime import flwr_internals, superlink_delivery
+from federated.runtime import flwr_internals, superlink_delivery, superlink_routes
 from federated.runtime.settings import RuntimeSettings, disable_phone_home
 
 NO_INSTALL_FLAG = "--disable-runtime-dependency-installation"
@@ -88,7 +91,8 @@ def apply_superlink_patches(settings: RuntimeSettings) -> None:
     flwr_internals.patch_superlink_task_sweep(TASK_SWEEP_S)
     flwr_internals.patch_superlink_store_object_busy()
     flwr_internals.patch_superlink_push_one_transaction()
-    flwr_internals.patch_superlink_object_routes()
+    superlink_routes.patch_superlink_routes()
+    superlink_routes.patch_superlink_object_claim()
     statuses = flwr_internals.patch_superlink_run_status_cache(CACHE_MAX_AGE_S)
     nodes = flwr_internals.patch_superlink_node_key_cache(CACHE_MAX_AGE_S)
     tokens = flwr_internals.patch_superlink_task_token_cache(CACHE_MAX_AGE_S)
@@ -134,9 +138,9 @@ def main() -> None:
               f"{settings.superlink_long_poll} s, {settings.superlink_long_poll_max} at most), "
               f"task sweep throttled, "
               f"run statuses, node keys and task tokens cached, traffic counters batched, object pushes "
-              f"on a busy database retried, a push's messages stored in one transaction, object routes "
-              f"answered outside FastAPI's layers; a message handed out once its objects are all pushed: "
-              f"{settings.superlink_deliver_complete}",
+              f"on a busy database retried, a push's messages stored in one transaction, hot routes "
+              f"answered outside FastAPI's layers, an object push's claim in one statement; a message "
+              f"handed out once its objects are all pushed: {settings.superlink_deliver_complete}",
               file=sys.stderr, flush=True)
     if os.environ.get(COUNTS_ENV):
         write_request_counts(Path(os.environ[COUNTS_ENV]))

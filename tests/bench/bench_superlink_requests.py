@@ -5,9 +5,11 @@
 ``python -m tests.bench.bench_superlink_requests --routes [--requests N]``
 
 `--routes`: a message's object requests (Fleet `PushObject`, `PullObject`,
-`ConfirmMessageReceived`) with every patch of the fast mode's SuperLink before
-`patch_superlink_object_routes`, against those plus it, interleaved: CPU ms and SQL statements
-per request.
+`ConfirmMessageReceived`), a `SendNodeHeartbeat` and a full `PullMessages` (one the idle-poll
+shortcut does not answer) with every patch of main's SuperLink (the six object routes outside
+FastAPI's layers, the two-statement object claim) against the fast mode's SuperLink now (every
+hot route outside FastAPI's layers, `superlink_routes`; the one-statement claim), interleaved:
+CPU ms and SQL statements per request.
 
 `--objects`: what a message's objects cost, one request each (flwr 1.42 pushes and pulls every
 object of a message's tree separately), on a running run: `PushObject` of fresh objects and
@@ -235,8 +237,17 @@ async def measure_routes(app: Any, state: Any, node_id: int, private_key: Any, p
         "confirm": [ConfirmMessageReceivedRequest(node=node, run_id=run_id, message_object_id=oid)
                     .SerializeToString() for oid in ids],
     }
+    from flwr.proto.fleet_pb2 import PullMessagesRequest
+    from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
+
+    from federated.runtime import flwr_internals
+
+    beat = SendNodeHeartbeatRequest(node=node, heartbeat_interval=30).SerializeToString()
+    bodies["heartbeat"] = [beat] * len(ids)
+    bodies["poll_full"] = [PullMessagesRequest(node=node).SerializeToString()] * len(ids)
     paths = {"push_object": "/v1/fleet/push-object", "pull_object": "/v1/fleet/pull-object",
-             "confirm": "/v1/fleet/confirm-message-received"}
+             "confirm": "/v1/fleet/confirm-message-received", "heartbeat": "/v1/fleet/send-node-heartbeat",
+             "poll_full": "/v1/fleet/pull-messages"}
     out: dict[str, float] = {}
     event.listen(Engine, "before_cursor_execute", count)
     try:
@@ -247,6 +258,8 @@ async def measure_routes(app: Any, state: Any, node_id: int, private_key: Any, p
                 await call(app, path, body, h)
             start, first = time.process_time(), statements[0]
             for body, h in zip(bodies[name][5:], headers[5:], strict=True):
+                if name == "poll_full":  # as if a message were stored: the shortcut lets it through
+                    flwr_internals._pending[0].bump(node_id)
                 status, reply = await call(app, path, body, h)
                 if status != 200:
                     raise SystemExit(f"{name}: HTTP {status} {reply[:200]!r}")
@@ -258,11 +271,13 @@ async def measure_routes(app: Any, state: Any, node_id: int, private_key: Any, p
 
 
 def routes_main(requests: int, repeats: int) -> None:
-    """`--routes`: the object routes with every patch of main's SuperLink, against those plus
-    `patch_superlink_object_routes`, interleaved (each on a fresh app and database)."""
+    """`--routes`: main's SuperLink (the six object routes outside FastAPI's layers, flwr's
+    two-statement object claim) against the fast mode's now (`superlink_routes`: every hot route,
+    the one-statement claim), interleaved, each on a fresh app and database."""
     import flwr.superlink.main as superlink_main
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
 
-    from federated.runtime import flwr_internals
+    from federated.runtime import flwr_internals, superlink_routes
 
     flwr_internals.patch_superlink_middleware()
     flwr_internals.patch_superlink_idle_pulls(recheck_s=5.0)
@@ -273,24 +288,40 @@ def routes_main(requests: int, repeats: int) -> None:
     flwr_internals.patch_superlink_node_key_cache(1.0)
     flwr_internals.patch_superlink_task_token_cache(1.0)
     flwr_internals.patch_superlink_traffic_batching(1.0)
-    before = superlink_main._get_middleware
-    flwr_internals.patch_superlink_object_routes()
-    after = superlink_main._get_middleware
-    results: dict[str, list[dict[str, float]]] = {"main": [], "object routes": []}
+    base, claims = superlink_main._get_middleware, [SqlCoreState._claim_pending_object]
+    every_route = dict(superlink_routes.ROUTES)
+    superlink_routes.ROUTES.clear()  # main's: the object routes alone
+    superlink_routes.ROUTES.update({p: r for p, r in every_route.items() if p.endswith("-object")
+                                    or p.endswith("confirm-message-received")})
+    superlink_routes.patch_superlink_routes()
+    main_stack = superlink_main._get_middleware
+    superlink_main._get_middleware = base  # type: ignore[attr-defined]
+    superlink_routes.ROUTES.update(every_route)
+    superlink_routes.patch_superlink_routes()
+    superlink_routes.patch_superlink_object_claim()
+    now_stack = superlink_main._get_middleware
+    claims.append(SqlCoreState._claim_pending_object)
+    configurations = {"main": (main_stack, claims[0]), "hot routes": (now_stack, claims[1])}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in configurations}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats):
-            for name, factory in (("main", before), ("object routes", after)):
-                superlink_main._get_middleware = factory  # type: ignore[attr-defined]
+            for name, (stack, claim) in configurations.items():
+                superlink_main._get_middleware = stack  # type: ignore[attr-defined]
+                SqlCoreState._claim_pending_object = claim  # type: ignore[method-assign]
                 app, state, node_id, key, pk = build(Path(tmp) / f"{name}-{repeat}.db")
                 results[name].append(asyncio.run(measure_routes(app, state, node_id, key, pk, requests)))
-        superlink_main._get_middleware = after  # type: ignore[attr-defined]
+                layer = app.middleware_stack
+                while layer is not None and not isinstance(layer, superlink_routes.HotRoutes):
+                    layer = getattr(layer, "app", None)
+                answered = sorted(p.rsplit("/", 1)[-1] for p in layer.answered) if layer is not None else []
+                print(f"  {name}: answered outside FastAPI: {', '.join(answered)}")
     print(f"CPU ms (SQL statements) per request (median of {repeats}, {requests} requests each, "
           f"load {os.getloadavg()[0]:.1f})")
     for name, runs in results.items():
         cells = ", ".join(f"{k} {statistics.median(r[k] for r in runs):.2f} "
                           f"({statistics.median(r[k + '_sql'] for r in runs):.1f})"
                           for k in runs[0] if not k.endswith("_sql"))
-        print(f"  {name:14s} {cells}")
+        print(f"  {name:10s} {cells}")
 
 
 def main() -> None:
@@ -301,8 +332,8 @@ def main() -> None:
     parser.add_argument("--objects", action="store_true",
                         help="PushObject / PullObject before and after the caches and traffic batching")
     parser.add_argument("--routes", action="store_true",
-                        help="PushObject / PullObject / ConfirmMessageReceived: main's patches, then + the "
-                             "object routes")
+                        help="object requests, heartbeats, full polls: main's SuperLink against the hot "
+                             "routes and the one-statement claim")
     args = parser.parse_args()
     disable_phone_home()
     if args.routes:

@@ -1,7 +1,8 @@
-"""The one module that touches flwr internals (`federated/runtime/flwr_internals.py`): its layout
-checks pass on the pinned flwr and fail loudly, naming what moved, when any name, signature,
-constant or private attribute it relies on changes; its speed patches; its small wrappers; and
-that no other module of the project imports a non-public flwr module."""
+"""The modules that touch flwr internals (`federated/runtime/flwr_internals.py`, and the SuperLink
+patches that use its guards: `INTERNALS_MODULES`): its layout checks pass on the pinned flwr and
+fail loudly, naming what moved, when any name, signature, constant or private attribute it relies
+on changes; its speed patches; its small wrappers; and that no other module of the project
+imports a non-public flwr module."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Flower's documented public Python API (flwr.app, flwr.serverapp, flwr.clientapp).
 PUBLIC_FLWR_MODULES = ("flwr.app", "flwr.serverapp", "flwr.clientapp")
 PRODUCT_DIRS = ("consent", "audit", "federated", "exchange", "deploy")
+#: the flwr-internals boundary: `flwr_internals` and the SuperLink patch modules built on its
+#: guards (`_require`, `check_flwr_version`)
+INTERNALS_MODULES = tuple(ROOT / "federated" / "runtime" / name
+                          for name in ("flwr_internals.py", "superlink_routes.py", "superlink_delivery.py"))
 
 # -- layout checks --------------------------------------------------------------------------------
 
@@ -162,11 +167,8 @@ def _flwr_internals_used(path: Path, root: Path = ROOT) -> list[str]:
 
 
 def test_no_other_module_uses_flwr_internals() -> None:
-    # the SuperLink's delivery patch (a message handed out once its objects are there) is the
-    # second module behind the same layout checks
-    own = {ROOT / "federated" / "runtime" / name for name in ("flwr_internals.py", "superlink_delivery.py")}
     offenders = [hit for directory in PRODUCT_DIRS for path in sorted((ROOT / directory).rglob("*.py"))
-                 if path not in own for hit in _flwr_internals_used(path)]
+                 if path not in INTERNALS_MODULES for hit in _flwr_internals_used(path)]
     assert offenders == []
 
 
