@@ -1703,6 +1703,13 @@ def _bump_key(key: tuple[str, int], *, wake: bool = True) -> None:
         tracker.bump(ident, wake=wake)
 
 
+#: Set (by `superlink_delivery`) while a message with objects still to come is stored: the store
+#: hook (`_patch_linkstate_store_hook`) then neither ends its receiver's known idleness nor wakes
+#: its held polls; the delivery watch wakes them once the message is deliverable. Here, not in
+#: `superlink_delivery`, so that this module needs nothing of the modules built on it.
+STORE_IS_QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("store_is_quiet", default=False)
+
+
 def wake_receiver(key: tuple[str, int]) -> None:
     """A message for `key` ("node", id / "run", id) became deliverable (its objects are all there:
     `superlink_delivery`): end the receiver's idleness and wake its held polls."""
@@ -1728,9 +1735,7 @@ def _patch_linkstate_store_hook() -> None:
     _require("run_id" in inspect.getsource(store_res), "SqlLinkState.store_message_res changed")
 
     def _stored(self: Any, keys: list[tuple[str, int]], original: Callable[..., Any], message: Any) -> Any:
-        from federated.runtime.superlink_delivery import store_is_quiet
-
-        if store_is_quiet():  # objects still to come: the receiver stays idle, woken once they are in
+        if STORE_IS_QUIET.get():  # objects still to come: the receiver stays idle, woken once they are in
             return original(self, message)
         with self.session() as session:  # re-entrant: joins the caller's transaction if any
             for key in keys:
@@ -2771,15 +2776,6 @@ def patch_superlink_idle_pulls(recheck_s: float, *, hold_s: float = 0.0, max_hel
     _pending.append(tracker)
     _pending_runs.append(runs)
     return tracker
-
-
-def patch_superlink_object_routes() -> None:
-    """The SuperLink's hot routes (a message's object requests among them) outside FastAPI's
-    layers: `superlink_routes.patch_superlink_routes`, under the name callers of its first pass
-    (the six object routes alone) know."""
-    from federated.runtime import superlink_routes
-
-    superlink_routes.patch_superlink_routes()
 
 
 def _release_holds_on_exit() -> None:

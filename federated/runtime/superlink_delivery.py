@@ -24,13 +24,13 @@ every caller of flwr's handlers gets it):
   store, and from a poll that found one incomplete, e.g. after a SuperLink restart); when the
   last one is committed it calls `wake(key)` for the receiver ("node", id) or the run's
   ServerApp ("run", id). flwr_internals' idle-poll shortcut and long polls use it: a message
-  stored with objects still to come is stored "quietly" (`store_is_quiet`: its store does not end
-  the receiver's known idleness), so the receiver's polls stay answered early (or held) until
-  the message is deliverable, and are woken then, not at the message's commit.
+  stored with objects still to come is stored "quietly" (`flwr_internals.STORE_IS_QUIET`: its
+  store does not end the receiver's known idleness), so the receiver's polls stay answered
+  early (or held) until the message is deliverable, and are woken then, not at its commit.
 
-This module and `flwr_internals` are the two that touch flwr internals (the same layout-check
+This module, `superlink_routes` and `flwr_internals` touch flwr internals (the same layout-check
 pattern: `FlowerLayoutError` on a flwr upgrade). `patch_superlink_delivery` is called from
-`flwr_internals.patch_superlink_idle_pulls`.
+`superlink_main` (with `flwr_internals.wake_receiver`), when `superlink_deliver_complete` is on.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
+
+from federated.runtime import flwr_internals
 
 Key = tuple[str, int]
 
@@ -179,16 +181,6 @@ _allowed: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVa
 def watch() -> DeliveryWatch | None:
     return _process.watch
 
-
-#: set while a message with objects still to come is stored (`store_is_quiet`)
-_quiet: contextvars.ContextVar[bool] = contextvars.ContextVar("delivery_quiet", default=False)
-
-
-def store_is_quiet() -> bool:
-    """For flwr_internals' store hook: the message being stored misses objects, so its store must
-    not end its receiver's known idleness nor wake its held polls; the watch wakes them once the
-    message is deliverable."""
-    return _quiet.get()
 
 
 def _require(condition: bool, what: str) -> None:
@@ -416,11 +408,11 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
             available = set(session.scalars(select(StoredObject.object_id).where(
                 StoredObject.object_id.in_(ids), StoredObject.is_available == 1)))
             quiet = not available.issuperset(ids)
-            token = _quiet.set(quiet)
+            token = flwr_internals.STORE_IS_QUIET.set(quiet)
             try:
                 stored, to_push = store_tree(self, message, object_tree, session_id)
             finally:
-                _quiet.reset(token)
+                flwr_internals.STORE_IS_QUIET.reset(token)
             if stored:
                 message_id = str(metadata.message_id)
                 # the write lock is held from the store on: no commit of another can race this read
