@@ -184,10 +184,9 @@ def watch() -> DeliveryWatch | None:
 
 
 def _require(condition: bool, what: str) -> None:
-    from federated.runtime.flwr_internals import FlowerLayoutError
-
     if not condition:
-        raise FlowerLayoutError(f"flwr layout changed: {what} (see federated/runtime/superlink_delivery.py)")
+        raise flwr_internals.FlowerLayoutError(
+            f"flwr layout changed: {what} (see federated/runtime/superlink_delivery.py)")
 
 
 def _tree_ids(tree: Any) -> list[str]:
@@ -300,9 +299,7 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
     from sqlalchemy import event, false, select, update
     from sqlalchemy.orm import Session
 
-    from federated.runtime.flwr_internals import check_flwr_version
-
-    check_flwr_version()
+    flwr_internals.check_flwr_version()
     linkstate = sql_linkstate.SqlLinkState
     if getattr(linkstate.get_message_ins, _PATCHED_MARK, False) and _process.watch is not None:
         return _process.watch
@@ -476,9 +473,7 @@ def count_unavailable_object_pulls(counts: dict[str, int]) -> None:
     from flwr.superlink.servicer.fleet import fleet_handlers
     from flwr.superlink.servicer.runtime import runtime_handlers
 
-    from federated.runtime.flwr_internals import check_flwr_version
-
-    check_flwr_version()
+    flwr_internals.check_flwr_version()
     lock = threading.Lock()
     for module, path in ((fleet_handlers, "/v1/fleet/pull-object"),
                          (runtime_handlers, "/v1/runtime/pull-object")):
