@@ -28,8 +28,9 @@ SuperNodes' polls, reply pushes and heartbeats; the ServerApp's pushes, reply pu
 heartbeats) are answered by flwr's own route functions outside FastAPI's middleware and routing
 (`superlink_routes.patch_superlink_routes`), and an object push claims its pending object in one
 SQL statement instead of two (`superlink_routes.patch_superlink_object_claim`). A SuperNode's
-heartbeat no longer ends the node-key cache, and the sweep of lapsed task claims writes only when
-a read finds one (`superlink_sql`). Every SuperNode
+heartbeat no longer ends the node-key cache, the sweep of lapsed task claims writes only when a
+read finds one, and each reply's ClientApp runtime is summed in memory like the traffic counters
+(`superlink_sql`). Every SuperNode
 polls, idle or not, so on a small machine the SuperLink's CPU per request was what a round with
 ten hospitals waited for (docs/benchmarks/flower.md).
 """
@@ -101,6 +102,7 @@ def apply_superlink_patches(settings: RuntimeSettings) -> None:
     superlink_sql.patch_superlink_heartbeat_keeps_node_keys()
     tokens = flwr_internals.patch_superlink_task_token_cache(CACHE_MAX_AGE_S)
     traffic = flwr_internals.patch_superlink_traffic_batching(TRAFFIC_FLUSH_S)
+    superlink_sql.patch_superlink_runtime_batching(TRAFFIC_FLUSH_S)  # the same row's other counter
 
     def report() -> None:  # what the caches saved, in the SuperLink's log while it is busy
         last = None
@@ -144,7 +146,7 @@ def main() -> None:
               f"run statuses, node keys and task tokens cached, traffic counters batched, object pushes "
               f"on a busy database retried, a push's messages stored in one transaction, hot routes "
               f"answered outside FastAPI's layers, an object push's claim in one statement, node keys kept "
-              f"across heartbeats, the task sweep read first; a message "
+              f"across heartbeats, the task sweep read first, ClientApp runtimes batched; a message "
               f"handed out once its objects are all pushed: {settings.superlink_deliver_complete}",
               file=sys.stderr, flush=True)
     if os.environ.get(COUNTS_ENV):

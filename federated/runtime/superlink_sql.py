@@ -14,7 +14,11 @@ SuperLink"): about 1,080 statements in 390 transactions a round, of which
   `flwr_internals.patch_superlink_task_sweep`), each a write transaction that takes SQLite's
   write lock (and waits for it behind the round's other writes) to update nothing: every task
   keeps its claim while the study runs. A read first now says whether any claim has lapsed
-  (`patch_superlink_task_sweep_reads_first`).
+  (`patch_superlink_task_sweep_reads_first`);
+- 10 were flwr's addition of each reply's ClientApp runtime to its run's row
+  (`add_clientapp_runtime`, a write transaction per reply pushed), which only `flwr ls` reads: summed
+  in memory now, as the traffic counters of the same row already are
+  (`patch_superlink_runtime_batching`).
 
 Each patch keeps flwr's results: the same rows are written, the same answers given.
 """
@@ -22,7 +26,11 @@ Each patch keeps flwr's results: the same rows are written, the same answers giv
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from federated.runtime import flwr_internals
@@ -112,3 +120,88 @@ def patch_superlink_task_sweep_reads_first() -> None:
 
     setattr(cleanup_expired_task_tokens, _SWEEP_MARK, True)
     setattr(cls, "_cleanup_expired_task_tokens", cleanup_expired_task_tokens)  # noqa: B010
+
+
+class RuntimeBatcher:
+    """flwr's per-run ClientApp runtime total (`SqlLinkState.add_clientapp_runtime`: an UPDATE
+    transaction per reply a SuperNode pushes) summed in memory and written at most once per
+    `interval_s` per run, before any read of it (`get_run_info`, its only reader), and at process
+    exit: as `flwr_internals.TrafficBatcher` does for the traffic counters of the same row."""
+
+    def __init__(self, interval_s: float, write: Callable[[Any, int, float], None]) -> None:
+        if not interval_s > 0:
+            raise ValueError(f"interval_s: must be > 0, got {interval_s!r}")
+        self.interval_s = interval_s
+        self._write = write
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._pending: dict[int, tuple[Any, dict[int, float]]] = {}  # id(state) -> (state, run -> s)
+        self._last_flush = time.monotonic()
+        self.writes = 0
+
+    def add(self, state: Any, run_id: int, runtime: float) -> None:
+        with self._lock:
+            runs = self._pending.setdefault(id(state), (state, {}))[1]
+            runs[run_id] = runs.get(run_id, 0.0) + runtime
+            due = time.monotonic() - self._last_flush >= self.interval_s
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every pending total (a run deleted meanwhile: dropped, as flwr's own
+        `add_clientapp_runtime` would have refused it)."""
+        with self._flush_lock:
+            with self._lock:
+                pending, self._pending = self._pending, {}
+                self._last_flush = time.monotonic()
+            for state, runs in pending.values():
+                for run_id, runtime in runs.items():
+                    try:
+                        self._write(state, run_id, runtime)
+                        self.writes += 1
+                    except ValueError:  # "Run ... not found"
+                        pass
+
+
+_runtime_batchers: list[RuntimeBatcher] = []
+
+
+def patch_superlink_runtime_batching(interval_s: float) -> RuntimeBatcher:
+    """Sum flwr's ClientApp runtime accounting in memory (`RuntimeBatcher`; SuperLink process
+    only): flwr 1.42 adds each reply's ClientApp runtime to its run's row with an UPDATE
+    transaction of its own (`add_clientapp_runtime`, in the Fleet `PushMessages` handler after
+    the reply is stored: a write transaction per reply, ten a round at ten hospitals), read only
+    by `get_run_info` (`flwr ls`), which now writes the pending totals first. Returns the batcher
+    (tests read it). Idempotent."""
+    flwr_internals.check_flwr_version()
+    import atexit
+
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+
+    if _runtime_batchers:
+        return _runtime_batchers[0]
+    add, read = SqlLinkState.add_clientapp_runtime, SqlLinkState.get_run_info
+    _require(list(inspect.signature(add).parameters) == ["self", "run_id", "runtime"],
+             "SqlLinkState.add_clientapp_runtime changed its parameters")
+    module_source = inspect.getsource(importlib.import_module(SqlLinkState.__module__))
+    _require(module_source.count("RunModel.clientapp_runtime") == 1
+             and module_source.count("run.clientapp_runtime") == 1
+             and module_source.count("_run_from_models(") == 2
+             and "_run_from_models(" in inspect.getsource(getattr(read, "__wrapped__", read)),
+             "SqlLinkState reads the ClientApp runtime somewhere else than get_run_info")
+    batcher = RuntimeBatcher(interval_s, add)
+
+    @functools.wraps(add)
+    def add_clientapp_runtime(self: Any, run_id: int, runtime: float) -> None:
+        batcher.add(self, run_id, runtime)
+
+    @functools.wraps(read)
+    def get_run_info(self: Any, *args: Any, **kwargs: Any) -> Any:
+        batcher.flush()
+        return read(self, *args, **kwargs)
+
+    setattr(SqlLinkState, "add_clientapp_runtime", add_clientapp_runtime)  # noqa: B010 (methods of flwr's)
+    setattr(SqlLinkState, "get_run_info", get_run_info)  # noqa: B010
+    atexit.register(batcher.flush)
+    _runtime_batchers.append(batcher)
+    return batcher

@@ -6,6 +6,7 @@ read finds one, with flwr's own results when it does."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -179,3 +180,59 @@ def test_the_throttle_wraps_the_read_first_sweep(link: Link, sweep: Any) -> None
     assert len(seen) <= 1  # at most one read, then throttled
     superlink_sql.patch_superlink_task_sweep_reads_first()  # still idempotent through the throttle
     assert SqlCoreState._cleanup_expired_task_tokens is throttled
+
+
+@pytest.fixture
+def runtimes(monkeypatch: pytest.MonkeyPatch) -> superlink_sql.RuntimeBatcher:
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+
+    for name in ("add_clientapp_runtime", "get_run_info"):
+        monkeypatch.setattr(SqlLinkState, name, getattr(SqlLinkState, name))
+    monkeypatch.setattr(superlink_sql, "_runtime_batchers", [])
+    batcher = superlink_sql.patch_superlink_runtime_batching(interval_s=30.0)
+    assert superlink_sql.patch_superlink_runtime_batching(interval_s=30.0) is batcher  # idempotent
+    return batcher
+
+
+def test_clientapp_runtimes_are_summed_in_memory_and_exact_when_read(
+        link: Link, runtimes: superlink_sql.RuntimeBatcher) -> None:
+    """flwr: an UPDATE transaction per reply pushed; now none until the total is read, then one,
+    and the run shows the same total as flwr's would."""
+    run_id, _ = link.new_run()
+    other, _ = link.new_run()
+    with statements() as seen:
+        for runtime in (0.25, 1.5, 0.125):
+            link.state.add_clientapp_runtime(run_id, runtime)
+        link.state.add_clientapp_runtime(other, 2.0)
+    assert seen == []
+    with statements() as seen:
+        runs = {run.run_id: run for run in link.state.get_run_info(run_ids=[run_id, other])}
+    assert sum(1 for s in seen if "clientapp_runtime=" in s) == 2  # one write per run
+    assert runs[run_id].clientapp_runtime == pytest.approx(1.875)
+    assert runs[other].clientapp_runtime == pytest.approx(2.0)
+    assert link.state.get_run_info(run_ids=[run_id])[0].clientapp_runtime == pytest.approx(1.875)
+
+
+def test_clientapp_runtimes_are_written_once_per_interval(
+        link: Link, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+
+    for name in ("add_clientapp_runtime", "get_run_info"):
+        monkeypatch.setattr(SqlLinkState, name, getattr(SqlLinkState, name))
+    monkeypatch.setattr(superlink_sql, "_runtime_batchers", [])
+    batcher = superlink_sql.patch_superlink_runtime_batching(interval_s=1.0)
+    run_id, _ = link.new_run()
+    batcher.flush()  # nothing pending: the interval starts now
+    link.state.add_clientapp_runtime(run_id, 1.0)
+    assert batcher.writes == 0
+    time.sleep(1.1)
+    link.state.add_clientapp_runtime(run_id, 1.0)  # due: both written, in one UPDATE
+    assert batcher.writes == 1
+    with sqlite3.connect(link.db) as raw:
+        assert raw.execute("SELECT clientapp_runtime FROM run WHERE run_id = ?",
+                           (flwr_internals_sint64(run_id),)).fetchone()[0] == pytest.approx(2.0)
+
+
+def test_a_bad_runtime_interval_is_refused() -> None:
+    with pytest.raises(ValueError, match="interval_s"):
+        superlink_sql.RuntimeBatcher(0.0, lambda *_args: None)
