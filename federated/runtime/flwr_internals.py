@@ -2349,10 +2349,27 @@ def _installed_cache(kind: type[_Cache]) -> _Cache | None:
     return None
 
 
+#: the kinds of cache the writes of the current context leave valid (`writes_leave`)
+_unaffected: contextvars.ContextVar[tuple[type[WriteInvalidatedCache], ...]] = contextvars.ContextVar(
+    "exchange_unaffected_caches", default=())
+
+
+@contextlib.contextmanager
+def writes_leave(*kinds: type[WriteInvalidatedCache]) -> Iterator[None]:
+    """Within this block, writes do not end caches of `kinds`: only for a write proven not to change
+    what they hold (a node's heartbeat leaves which node each key belongs to as it was)."""
+    token = _unaffected.set((*_unaffected.get(), *kinds))
+    try:
+        yield
+    finally:
+        _unaffected.reset(token)
+
+
 def _watching(table: str | None, *, is_delete: bool) -> list[WriteInvalidatedCache]:
-    """The caches a write to `table` ends."""
-    return [cache for tables, cache in _write_watchers
-            if tables.get(table or "") == "any" or (is_delete and tables.get(table or "") == "delete")]
+    """The caches a write to `table` ends (but those `writes_leave` names)."""
+    skip = _unaffected.get()
+    return [cache for tables, cache in _write_watchers if not isinstance(cache, skip)
+            and (tables.get(table or "") == "any" or (is_delete and tables.get(table or "") == "delete"))]
 
 
 def _listen_for_watched_writes() -> None:

@@ -27,7 +27,10 @@ of (a message's object pushes, pulls and receipt confirmations, a request per ob
 SuperNodes' polls, reply pushes and heartbeats; the ServerApp's pushes, reply pulls and task
 heartbeats) are answered by flwr's own route functions outside FastAPI's middleware and routing
 (`superlink_routes.patch_superlink_routes`), and an object push claims its pending object in one
-SQL statement instead of two (`superlink_routes.patch_superlink_object_claim`). Every SuperNode
+SQL statement instead of two (`superlink_routes.patch_superlink_object_claim`). A SuperNode's
+heartbeat no longer ends the node-key cache, the sweep of lapsed task claims writes only when a
+read finds one, and each reply's ClientApp runtime is summed in memory like the traffic counters
+(`superlink_sql`). Every SuperNode
 polls, idle or not, so on a small machine the SuperLink's CPU per request was what a round with
 ten hospitals waited for (docs/benchmarks/flower.md).
 """
@@ -41,7 +44,7 @@ import threading
 import time
 from pathlib import Path
 
-from federated.runtime import flwr_internals, superlink_delivery, superlink_routes
+from federated.runtime import flwr_internals, superlink_delivery, superlink_routes, superlink_sql
 from federated.runtime.settings import RuntimeSettings, disable_phone_home
 
 NO_INSTALL_FLAG = "--disable-runtime-dependency-installation"
@@ -88,6 +91,7 @@ def apply_superlink_patches(settings: RuntimeSettings) -> None:
                                               max_held=settings.superlink_long_poll_max)
     if settings.superlink_deliver_complete:
         superlink_delivery.patch_superlink_delivery(flwr_internals.wake_receiver)
+    superlink_sql.patch_superlink_task_sweep_reads_first()  # before the throttle, which wraps it
     flwr_internals.patch_superlink_task_sweep(TASK_SWEEP_S)
     flwr_internals.patch_superlink_store_object_busy()
     flwr_internals.patch_superlink_push_one_transaction()
@@ -95,8 +99,10 @@ def apply_superlink_patches(settings: RuntimeSettings) -> None:
     superlink_routes.patch_superlink_object_claim()
     statuses = flwr_internals.patch_superlink_run_status_cache(CACHE_MAX_AGE_S)
     nodes = flwr_internals.patch_superlink_node_key_cache(CACHE_MAX_AGE_S)
+    superlink_sql.patch_superlink_heartbeat_keeps_node_keys()
     tokens = flwr_internals.patch_superlink_task_token_cache(CACHE_MAX_AGE_S)
     traffic = flwr_internals.patch_superlink_traffic_batching(TRAFFIC_FLUSH_S)
+    superlink_sql.patch_superlink_runtime_batching(TRAFFIC_FLUSH_S)  # the same row's other counter
 
     def report() -> None:  # what the caches saved, in the SuperLink's log while it is busy
         last = None
@@ -139,7 +145,8 @@ def main() -> None:
               f"task sweep throttled, "
               f"run statuses, node keys and task tokens cached, traffic counters batched, object pushes "
               f"on a busy database retried, a push's messages stored in one transaction, hot routes "
-              f"answered outside FastAPI's layers, an object push's claim in one statement; a message "
+              f"answered outside FastAPI's layers, an object push's claim in one statement, node keys kept "
+              f"across heartbeats, the task sweep read first, ClientApp runtimes batched; a message "
               f"handed out once its objects are all pushed: {settings.superlink_deliver_complete}",
               file=sys.stderr, flush=True)
     if os.environ.get(COUNTS_ENV):

@@ -25,7 +25,8 @@ PRODUCT_DIRS = ("consent", "audit", "federated", "exchange", "deploy")
 #: the flwr-internals boundary: `flwr_internals` and the SuperLink patch modules built on its
 #: guards (`_require`, `check_flwr_version`)
 INTERNALS_MODULES = tuple(ROOT / "federated" / "runtime" / name
-                          for name in ("flwr_internals.py", "superlink_routes.py", "superlink_delivery.py"))
+                          for name in ("flwr_internals.py", "superlink_routes.py", "superlink_delivery.py",
+                                       "superlink_sql.py"))
 
 # -- layout checks --------------------------------------------------------------------------------
 
