@@ -46,7 +46,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from federated import packing
 from federated.receipts import Receipt, ReceiptError, hospital_account, parse_receipt, verify_receipt
-from federated.runtime import flwr_internals
+from federated.runtime import flwr_internals, timeline
 from federated.study_spec import StudySpec
 
 log = logging.getLogger("federated.server")
@@ -221,8 +221,10 @@ def exchange_many(grid: Grid, batches: Sequence[Sequence[Message]], *, timeout: 
     each batch that then still misses replies says so (`PhaseResult.ended_early`)."""
     started = time.perf_counter()
     flat = [(b, msg) for b, batch in enumerate(batches) for msg in batch]
+    timeline.stamp("srv.exchange>", "many", flat[0][1].metadata.group_id if flat else "-", len(flat))
     ids = list(grid.push_messages([msg for _, msg in flat]))
     push_s, pushed_at = time.perf_counter() - started, time.time()
+    timeline.stamp("srv.pushed", *(timeline.short(i) for i in ids))
     # flwr returns None for a message it could not push: that node is missing from the start
     unsent: list[list[int]] = [[] for _ in batches]
     pending: dict[str, tuple[int, int]] = {}
@@ -241,6 +243,7 @@ def exchange_many(grid: Grid, batches: Sequence[Sequence[Message]], *, timeout: 
     while pending:
         for reply in grid.pull_messages(list(pending)):
             where = pending.pop(reply.metadata.reply_to_message_id, None)
+            timeline.stamp("srv.reply", timeline.short(reply.metadata.reply_to_message_id))
             if where is not None:
                 replies[where[0]][where[1]] = reply
                 arrivals[where[0]][where[1]] = time.time()
@@ -255,6 +258,7 @@ def exchange_many(grid: Grid, batches: Sequence[Sequence[Message]], *, timeout: 
             break
         time.sleep(poll_interval(poll, time.perf_counter() - started))
     wall = time.perf_counter() - started
+    timeline.stamp("srv.exchange<")
     left: list[list[int]] = [[] for _ in batches]
     for b, node in pending.values():
         left[b].append(node)
@@ -562,7 +566,9 @@ def exchange_with_retry(directory: NodeDirectory, targets: Mapping[int, str], ki
         t0 = time.perf_counter()
         messages = _messages(list(nodes), kind, weights, round_=round_, spec=directory.spec,
                              context=directory.context, options=options)
+        timeline.stamp("srv.resend" if push_s else "srv.exchange>", kind, round_, len(messages))
         ids = list(grid.push_messages(messages))
+        timeline.stamp("srv.pushed", *(timeline.short(i) for i in ids))
         if not push_s:
             push_s, pushed_at = time.perf_counter() - t0, time.time()
         for node, msg_id in zip(nodes, ids, strict=True):
@@ -581,6 +587,7 @@ def exchange_with_retry(directory: NodeDirectory, targets: Mapping[int, str], ki
         retry = False
         for reply in grid.pull_messages(list(pending)) if pending else []:
             node = pending.pop(reply.metadata.reply_to_message_id, None)
+            timeline.stamp("srv.reply", timeline.short(reply.metadata.reply_to_message_id))
             if node is None:
                 continue
             hospital = hospital_by_node[node]
@@ -609,6 +616,7 @@ def exchange_with_retry(directory: NodeDirectory, targets: Mapping[int, str], ki
         if time.monotonic() >= deadline:
             break
         time.sleep(poll_interval(options.poll, time.perf_counter() - started))
+    timeline.stamp("srv.exchange<")
     missing: list[int] = []
     missing_hospitals: list[str] = []
     for hospital, nodes in sent_to.items():

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from federated.runtime import timeline
+
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
     from flwr.app import Context, Message, Metadata
@@ -556,6 +558,8 @@ class ServerAppTask(_HeartbeatTask):
                                    root_certificates=root_certificates, token=claim.token)
         bound_retries(self._http_grid._retry_invoker, reconnect_s)  # before the first connection
         self._start_heartbeat(self._http_grid._runtime_client)
+        if timeline.enabled():
+            _trace_runtime_calls(self._http_grid._runtime_client)
 
     @property
     def grid(self) -> Grid:
@@ -591,6 +595,20 @@ class ServerAppTask(_HeartbeatTask):
             self._stop_heartbeat()
         finally:
             self._http_grid.close()
+
+
+def _replies(response: Any) -> str:
+    return ",".join(timeline.short(m.metadata.reply_to_message_id) for m in response.messages_list) or "-"
+
+
+def _trace_runtime_calls(client: Any) -> None:
+    """Stamp the ServerApp's Runtime API calls on the `timeline` (only while it is on): the
+    push of a stage's messages and of their objects, each reply pull (with the replies it got),
+    each reply object pull and receipt. Instance attributes over the client's methods."""
+    for name, describe in (("PushMessages", lambda r: len(r.message_ids)), ("PushObject", None),
+                           ("PullMessages", _replies), ("PullObject", lambda r: int(r.object_available)),
+                           ("ConfirmMessageReceived", None)):
+        setattr(client, name, timeline.traced(getattr(client, name), f"srv.{name}", describe))
 
 
 class ClientAppTask(_HeartbeatTask):
@@ -928,7 +946,9 @@ def _sleep_proxy(mapping: dict[float, float | Callable[[], float]]) -> types.Sim
 
     def sleep(seconds: float) -> None:
         value = mapping.get(seconds, seconds)
-        _time.sleep(value() if callable(value) else value)
+        value = value() if callable(value) else value
+        timeline.stamp("sn.sleep", f"{value:.3f}")
+        _time.sleep(value)
 
     proxy = types.SimpleNamespace(**{k: getattr(_time, k) for k in dir(_time) if not k.startswith("__")})
     proxy.sleep = sleep
@@ -981,8 +1001,11 @@ def _patch_supernode_loop(sci: types.ModuleType) -> None:
     def pull_and_store(*args: Any, **kwargs: Any) -> Any:
         for pacer in _supernode_pacers:  # a long poll's hold counts against the next sleep
             pacer.poll_started()
+        if timeline.enabled():
+            kwargs = _traced_fleet_calls(kwargs)
         run_id = pull(*args, **kwargs)
         if run_id is not None:
+            timeline.stamp("sn.stored")
             for pacer in _supernode_pacers:
                 pacer.active()
             for hook in list(_message_hooks):
@@ -991,9 +1014,13 @@ def _patch_supernode_loop(sci: types.ModuleType) -> None:
 
     @functools.wraps(push)
     def push_messages(*args: Any, **kwargs: Any) -> Any:
+        if timeline.enabled():
+            kwargs = _traced_fleet_calls(kwargs)
+            timeline.stamp("sn.await_reply")
         try:
             return push(*args, **kwargs)
         finally:
+            timeline.stamp("sn.pushed")
             for pacer in _supernode_pacers:  # the reply is out: the next message may come soon
                 pacer.active()
 
@@ -1001,6 +1028,34 @@ def _patch_supernode_loop(sci: types.ModuleType) -> None:
         setattr(wrapped, _PATCHED_MARK, True)
     setattr(sci, "_pull_and_store_message", pull_and_store)  # noqa: B010 (module globals of flwr's)
     setattr(sci, "_push_messages", push_messages)  # noqa: B010
+
+
+def _received(got: Any) -> str:
+    return "-" if got is None else timeline.short(got[0].metadata.message_id)
+
+
+def _traced_fleet_calls(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The SuperNode loop's Fleet calls (keyword arguments of its two steps), stamping the
+    `timeline` (only while it is on): the poll with the message it got, each object pull (``!``
+    with ObjectUnavailableError: retried after a back-off), the receipt, the reply's push."""
+    traced = dict(kwargs)
+    if "receive" in kwargs:
+        traced["receive"] = timeline.traced(kwargs["receive"], "sn.poll", _received)
+    for name, event in (("pull_object", "sn.pull_obj"), ("confirm_message_received", "sn.confirm"),
+                        ("push_object", "sn.push_obj")):
+        if name in kwargs:
+            traced[name] = timeline.traced(kwargs[name], event)
+    if "send" in kwargs:
+        send = kwargs["send"]
+
+        def traced_send(message: Any, *args: Any, **kw: Any) -> Any:
+            timeline.stamp("sn.send>", timeline.short(message.metadata.reply_to_message_id))
+            result = send(message, *args, **kw)
+            timeline.stamp("sn.send<")
+            return result
+
+        traced["send"] = traced_send
+    return traced
 
 
 def supernode_expects_message() -> None:
