@@ -193,6 +193,8 @@ class WarmExecutor:
                 if reply is not None and context is not None:
                     task.push_reply(reply, context)
                     timeline.stamp("ex.reply")
+                    # hosted: the SuperNode's loop is waiting for this reply (no-op otherwise)
+                    flwr_internals.supernode_reply_stored()
             finally:
                 try:
                     task.push_output(context, completed=completed, details=details)

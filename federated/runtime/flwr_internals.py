@@ -934,10 +934,35 @@ class IdlePacer:
             return 0.0 if waited >= self._last else self._last
 
 
+class ReplySignal:
+    """The SuperNode loop's wait for its ClientApp's reply, ended by the executor when the reply
+    is stored. flwr's `_push_messages` checks the node's state for a reply, and each reply object's
+    content, then sleeps (0.5 s, ours `supernode_reply_sleep`) and checks again: a reply stored
+    just after a check waited out the sleep. When the executor is a thread of the SuperNode's
+    process (`hosted_supernode`), it says so (`supernode_reply_stored`) once the reply and its
+    objects are in the state, and the wait ends then; the sleep stays its bound (a reply stored
+    some other way is still found by the next check)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def stored(self) -> None:
+        self._event.set()
+
+    def wait(self, timeout: float) -> float:
+        """Wait up to `timeout` for a reply stored since the last wait; returns the sleep left
+        (none: the caller checks again at once)."""
+        self._event.wait(timeout)
+        self._event.clear()
+        return 0.0
+
+
 #: callbacks run in the SuperNode's loop each time it stored a message for its ClientApp
 _message_hooks: list[Callable[[], None]] = []
 #: the SuperNode's idle pacing (`patch_supernode_sleeps`), marked active by the loop's wrappers
 _supernode_pacers: list[IdlePacer] = []
+#: the SuperNode loop's reply wait (`patch_supernode_sleeps`), ended by `supernode_reply_stored`
+_reply_signals: list[ReplySignal] = []
 
 
 def _sleep_proxy(mapping: dict[float, float | Callable[[], float]]) -> types.SimpleNamespace:
@@ -945,10 +970,9 @@ def _sleep_proxy(mapping: dict[float, float | Callable[[], float]]) -> types.Sim
     number, or to a function giving the next sleep)."""
 
     def sleep(seconds: float) -> None:
+        timeline.stamp("sn.sleep", seconds)
         value = mapping.get(seconds, seconds)
-        value = value() if callable(value) else value
-        timeline.stamp("sn.sleep", f"{value:.3f}")
-        _time.sleep(value)
+        _time.sleep(value() if callable(value) else value)
 
     proxy = types.SimpleNamespace(**{k: getattr(_time, k) for k in dir(_time) if not k.startswith("__")})
     proxy.sleep = sleep
@@ -982,8 +1006,11 @@ def patch_supernode_sleeps(idle_sleep: float, reply_sleep: float, *, idle_sleep_
     _require(source.count("time.sleep(0.5)") == 2, "start_client_internal: expected two time.sleep(0.5)")
     pacer = IdlePacer(idle_sleep, idle_sleep_max, hot_s, follow_up=follow_up_sleep, follow_up_s=follow_up_s)
     _supernode_pacers[:] = [pacer]
+    signal = ReplySignal()
+    _reply_signals[:] = [signal]
     _patch_supernode_loop(sci)
-    sci.time = _sleep_proxy({3: pacer.next_sleep, 0.5: reply_sleep})  # type: ignore[assignment]
+    sci.time = _sleep_proxy({3: pacer.next_sleep,  # type: ignore[assignment]
+                             0.5: functools.partial(signal.wait, reply_sleep)})
 
 
 def _patch_supernode_loop(sci: types.ModuleType) -> None:
@@ -1074,6 +1101,15 @@ def supernode_expects_follow_up() -> None:
     process (plain mode, an executor process of its own, in-process grids)."""
     for pacer in _supernode_pacers:
         pacer.expect_follow_up()
+
+
+def supernode_reply_stored() -> None:
+    """The executor thread has stored its reply (and its objects) in this process's SuperNode
+    state: the SuperNode's loop, waiting for it, pushes it now instead of after its reply sleep
+    (`ReplySignal`). No-op without a patched SuperNode in this process (plain mode, an executor
+    process of its own)."""
+    for signal in _reply_signals:
+        signal.stored()
 
 
 def on_supernode_message(callback: Callable[[], None]) -> None:

@@ -62,9 +62,9 @@ class Exchange:
 #: the steps of a message, in order (column names)
 #: the spans between steps that the medians show
 SPANS = (("pickup", "objs"), ("objs", "stored"), ("stored", "task"), ("task", "app"), ("app", "reply"),
-         ("reply", "send"), ("send", "pushed"), ("pushed", "srv_reply"))
-STEPS = ("prev_poll", "pickup", "objs", "unavail", "confirm", "stored", "task", "input", "app", "reply",
-         "send", "sent", "pushed", "srv_reply")
+         ("reply", "send"), ("send", "pushed"), ("pushed", "srv_pull"), ("srv_pull", "srv_reply"))
+STEPS = ("prev_poll", "poll", "pickup", "objs", "unavail", "confirm", "stored", "task", "input", "app",
+         "reply", "send", "sent", "pushed", "srv_pull", "srv_reply")
 
 
 def exchanges(stamps: list[Stamp]) -> list[Exchange]:
@@ -127,6 +127,8 @@ def _steps(ex: Exchange, msg: str, stamps: list[Stamp], by_pid: dict[int, list[S
     polls = [s for s in mine if s.event == "sn.poll>" and s.ns <= pick.ns]
     if len(polls) >= 2:
         ms["prev_poll"] = at(polls[-2].ns)
+    if polls:
+        ms["poll"] = at(polls[-1].ns)
     ms["pickup"] = at(pick.ns)
     after = [s for s in mine if s.ns >= pick.ns]
     ms["unavail"] = 0.0
@@ -154,6 +156,10 @@ def _steps(ex: Exchange, msg: str, stamps: list[Stamp], by_pid: dict[int, list[S
         elif s.event == "sn.pushed" and "send" in ms:
             ms["pushed"] = at(s.ns)
             break
+    pulled = next((s for s in stamps if s.event == "srv.PullMessages<" and s.ns >= ex.start
+                   and msg in s.details[0].split(",")), None) if "pushed" in ms else None
+    if pulled is not None:
+        ms["srv_pull"] = at(pulled.ns)
     reply = _first(stamps, "srv.reply", msg, ex.start)
     if reply is not None:
         ms["srv_reply"] = at(reply.ns)

@@ -11,6 +11,8 @@ import functools
 import importlib
 import importlib.metadata
 import inspect
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +204,7 @@ def restore_flwr_modules() -> Any:
              (sci, "_pull_and_store_message", sci._pull_and_store_message),
              (sci, "_push_messages", sci._push_messages)]
     hooks, pacers = list(flwr_internals._message_hooks), list(flwr_internals._supernode_pacers)
+    signals = list(flwr_internals._reply_signals)
     sci.time = time
     sci.pull_objects = hg.pull_objects = inflatable_utils.pull_objects
     rc.pull_and_inflate_object_from_tree = inflatable_utils.pull_and_inflate_object_from_tree
@@ -209,6 +212,7 @@ def restore_flwr_modules() -> Any:
     for module, name, value in saved:
         setattr(module, name, value)
     flwr_internals._message_hooks[:], flwr_internals._supernode_pacers[:] = hooks, pacers
+    flwr_internals._reply_signals[:] = signals
 
 
 def test_supernode_sleeps_are_mapped(restore_flwr_modules: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -218,15 +222,36 @@ def test_supernode_sleeps_are_mapped(restore_flwr_modules: Any, monkeypatch: pyt
     flwr_internals.patch_supernode_sleeps(idle_sleep=0.15, reply_sleep=0.03)
     assert flwr_internals.is_patched(sci.time)
     sci.time.sleep(3)
-    sci.time.sleep(0.5)
+    started = time.monotonic()
+    sci.time.sleep(0.5)  # the reply wait: no reply stored, so it lasts the reply sleep (real time)
+    waited = time.monotonic() - started
     sci.time.sleep(7)
-    assert slept == [0.15, 0.03, 7]
+    assert slept == [0.15, 0.0, 7] and 0.03 <= waited < 1.0
     # the rest of the time module is still there
     assert sci.time.time() > 0
     # idempotent: a second call keeps the first proxy
     proxy = sci.time
     flwr_internals.patch_supernode_sleeps(idle_sleep=1.0, reply_sleep=1.0)
     assert sci.time is proxy
+
+
+def test_the_supernode_stops_waiting_for_a_reply_once_the_executor_stored_it(
+        restore_flwr_modules: Any) -> None:
+    """flwr's `_push_messages` sleeps 0.5 s (ours `supernode_reply_sleep`) between checks for the
+    ClientApp's reply; the hosted executor ends that wait when it stored the reply
+    (`supernode_reply_stored`), so the reply goes out at once, not after the sleep."""
+    sci = restore_flwr_modules
+    flwr_internals.patch_supernode_sleeps(idle_sleep=0.1, reply_sleep=10.0)
+    timer = threading.Timer(0.05, flwr_internals.supernode_reply_stored)
+    started = time.monotonic()
+    timer.start()
+    sci.time.sleep(0.5)  # flwr waiting for the reply
+    assert time.monotonic() - started < 5.0
+    flwr_internals.supernode_reply_stored()  # a reply stored between two checks: the next wait is short
+    started = time.monotonic()
+    sci.time.sleep(0.5)
+    assert time.monotonic() - started < 5.0
+    timer.join()
 
 
 def test_idle_pacer_polls_fast_while_hot_then_backs_off_to_its_cap() -> None:

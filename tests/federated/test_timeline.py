@@ -89,14 +89,16 @@ def test_the_report_gives_each_messages_steps_from_the_exchanges_start() -> None
         _line(148, node, "ex.input", "aaaaaaaaaaaa"), _line(151, node, "ex.app<"),
         _line(153, node, "ex.reply"), _line(160, node, "sn.send>", "aaaaaaaaaaaa"),
         _line(165, node, "sn.send<"), _line(172, node, "sn.pushed"),
+        _line(190, server, "srv.PullMessages<", "bbbbbbbbbbbb,aaaaaaaaaaaa"),
         _line(200, server, "srv.reply", "aaaaaaaaaaaa"),
         _line(201, server, "srv.exchange<"),
     ]
     (ex,) = timeline_report.exchanges(timeline_report.parse(lines))
     assert ex.label == "unmask"  # alone in its round: the round's last exchange
     row = ex.rows["aaaaaaaaaaaa"]
-    assert row == {"prev_poll": 10.0, "pickup": 113.0, "unavail": 1.0, "objs": 140.0, "confirm": 143.0,
-                   "stored": 144.0, "task": 146.0, "input": 148.0, "app": 151.0, "reply": 153.0,
-                   "send": 160.0, "sent": 165.0, "pushed": 172.0, "srv_reply": 200.0}
+    assert row == {"prev_poll": 10.0, "poll": 111.0, "pickup": 113.0, "unavail": 1.0, "objs": 140.0,
+                   "confirm": 143.0, "stored": 144.0, "task": 146.0, "input": 148.0, "app": 151.0,
+                   "reply": 153.0, "send": 160.0, "sent": 165.0, "pushed": 172.0, "srv_pull": 190.0,
+                   "srv_reply": 200.0}
     text = timeline_report.report(timeline_report.parse(lines))
     assert "unmask (1 exchanges): total 201.0, pushed 9.0" in text and "pickup_wait 104.0" in text
