@@ -200,6 +200,18 @@ def poll_interval(poll: float, elapsed: float) -> float:
     return min(max(poll, elapsed * POLL_ELAPSED_FRACTION), POLL_MAX_S)
 
 
+def sleep_before_next_pull(poll: float, started: float, pulled_at: float) -> None:
+    """Sleep until the next pull of an exchange that began at `started` (`time.perf_counter()`),
+    counted from the start of the last pull (`pulled_at`), not from its end: a pull that took
+    longer than the interval (its replies' objects pulled one reply after another, a busy
+    SuperLink) is followed by the next one at once, so a reply stored meanwhile is not kept
+    waiting another interval (docs/benchmarks/flower.md, "The latency of one exchange")."""
+    now = time.perf_counter()
+    left = poll_interval(poll, now - started) - (now - pulled_at)
+    if left > 0:
+        time.sleep(left)
+
+
 def exchange(grid: Grid, messages: Sequence[Message], *, timeout: float, poll: float,
              stop_event: threading.Event | None = None) -> PhaseResult:
     """Push `messages`, then poll for their replies until all came back or `timeout` passed."""
@@ -241,6 +253,7 @@ def exchange_many(grid: Grid, batches: Sequence[Sequence[Message]], *, timeout: 
     # At least one pull, however long the push took (as `exchange_with_retry`): a grid that
     # trains inside push_messages, or a slow push, must not turn replies already there into dropouts.
     while pending:
+        pulled_at = time.perf_counter()
         for reply in grid.pull_messages(list(pending)):
             where = pending.pop(reply.metadata.reply_to_message_id, None)
             timeline.stamp("srv.reply", timeline.short(reply.metadata.reply_to_message_id))
@@ -256,7 +269,7 @@ def exchange_many(grid: Grid, batches: Sequence[Sequence[Message]], *, timeout: 
             break
         if stop_event is not None and stop_event.is_set():
             break
-        time.sleep(poll_interval(poll, time.perf_counter() - started))
+        sleep_before_next_pull(poll, started, pulled_at)
     wall = time.perf_counter() - started
     timeline.stamp("srv.exchange<")
     left: list[list[int]] = [[] for _ in batches]
@@ -585,6 +598,7 @@ def exchange_with_retry(directory: NodeDirectory, targets: Mapping[int, str], ki
     # (the in-process one) or a slow push must not turn replies already there into dropouts.
     while True:
         retry = False
+        pulled_at = time.perf_counter()
         for reply in grid.pull_messages(list(pending)) if pending else []:
             node = pending.pop(reply.metadata.reply_to_message_id, None)
             timeline.stamp("srv.reply", timeline.short(reply.metadata.reply_to_message_id))
@@ -615,7 +629,7 @@ def exchange_with_retry(directory: NodeDirectory, targets: Mapping[int, str], ki
             send(fresh)
         if time.monotonic() >= deadline:
             break
-        time.sleep(poll_interval(options.poll, time.perf_counter() - started))
+        sleep_before_next_pull(options.poll, started, pulled_at)
     timeline.stamp("srv.exchange<")
     missing: list[int] = []
     missing_hospitals: list[str] = []
