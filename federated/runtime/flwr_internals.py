@@ -33,6 +33,7 @@ flwr is imported lazily, inside functions: callers switch telemetry off before t
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import functools
@@ -1257,6 +1258,94 @@ def patch_grid_pull_backoff(initial_backoff: float, backoff_cap: float = 0.5) ->
     from flwr.superlink.grid import http_grid
 
     _patch_attr(http_grid, "pull_objects", initial_backoff, backoff_cap)
+
+
+#: `patch_grid_reply_pulls`: how many replies of one pull the ServerApp fetches at once (1: one
+#: after another, as flwr does); set by each call of the patch
+_reply_pulls = {"at_once": 1}
+
+
+def patch_grid_reply_pulls(at_once: int) -> None:
+    """The ServerApp's reply pull fetches the replies it got concurrently, up to `at_once` at a time.
+
+    flwr 1.42's `HttpGrid.pull_messages` gets the replies that are in with one `PullMessages`,
+    then for each reply, one after another, pulls its objects (two at a time) and confirms it:
+    three replies of one pull were about nine requests in a row, 90 ms of a 360 ms unmask
+    exchange at 3 hospitals under load (docs/benchmarks/flower.md, "The latency of one
+    exchange"). Now each reply is fetched exactly as flwr does it (its objects with flwr's
+    `pull_objects` as this module binds it, a reply whose objects cannot be pulled becomes flwr's
+    `MESSAGE_UNAVAILABLE` error reply, the receipt confirmed once its objects are in), up to
+    `at_once` replies at a time; the replies come back in the order the SuperLink gave them.
+    1: one after another (flwr's order). ServerApp process only (the grid class is global)."""
+    check_flwr_version()
+    from flwr.superlink.grid import http_grid as hg
+
+    if not (isinstance(at_once, int) and not isinstance(at_once, bool) and 1 <= at_once <= 64):
+        raise ValueError(f"at_once: must be an integer in [1, 64], got {at_once!r}")
+    _reply_pulls["at_once"] = at_once
+    if getattr(hg.HttpGrid.pull_messages, _PATCHED_MARK, False):
+        return
+    source = inspect.getsource(hg.HttpGrid.pull_messages)
+    for needle in ("self._runtime_client.PullMessages(", "all_object_contents = pull_objects(",
+                   "make_pull_object_fn_protobuf(", "except ObjectPullError as e:",
+                   "self._runtime_client.ConfirmMessageReceived(",
+                   "inflate_object_from_contents(msg_id, all_object_contents)",
+                   "code=ErrorCode.MESSAGE_UNAVAILABLE", "REQUEST_ENTITY_TOO_LARGE"):
+        _require(needle in source, f"HttpGrid.pull_messages changed: no longer {needle!r}")
+    for name in ("PullAppMessagesRequest", "ConfirmMessageReceivedRequest", "iterate_object_tree",
+                 "make_message", "Metadata", "Error", "ErrorCode", "SYSTEM_MESSAGE_TYPE", "now",
+                 "ObjectPullError", "inflate_object_from_contents", "Run", "log", "ERROR",
+                 "ERROR_MESSAGE_PULL_MESSAGES_PAYLOAD_TOO_LARGE", "httpx"):
+        _require(hasattr(hg, name), f"flwr.superlink.grid.http_grid no longer has {name}")
+    original = hg.HttpGrid.pull_messages
+
+    def fetch(grid: Any, run_id: int, msg_proto: Any, msg_tree: Any) -> Any:
+        """One reply, as flwr's loop body: its objects, then its receipt, then the Message."""
+        msg_id = msg_proto.metadata.message_id
+        try:
+            contents = hg.pull_objects(
+                object_ids=[tree.object_id for tree in hg.iterate_object_tree(msg_tree)],
+                pull_object_fn=hg.make_pull_object_fn_protobuf(
+                    pull_object_protobuf=grid._runtime_client.PullObject, node=grid.node, run_id=run_id),
+            )
+        except hg.ObjectPullError as e:
+            return hg.make_message(
+                metadata=hg.Metadata(run_id=run_id, message_id="", src_node_id=grid.node.node_id,
+                                     dst_node_id=grid.node.node_id, message_type=hg.SYSTEM_MESSAGE_TYPE,
+                                     group_id="", ttl=0,
+                                     reply_to_message_id=msg_proto.metadata.reply_to_message_id,
+                                     created_at=hg.now().timestamp()),
+                error=hg.Error(code=hg.ErrorCode.MESSAGE_UNAVAILABLE,
+                               reason=("Reply message objects are unavailable. The sender may not have "
+                                       "completed the upload before the object-push session expired. "
+                                       f"{e}")),
+            )
+        grid._runtime_client.ConfirmMessageReceived(
+            hg.ConfirmMessageReceivedRequest(node=grid.node, run_id=run_id, message_object_id=msg_id))
+        message = hg.inflate_object_from_contents(msg_id, contents)
+        message.metadata.__dict__["_message_id"] = msg_id
+        return message
+
+    @functools.wraps(original)
+    def pull_messages(self: Any, message_ids: Any) -> Any:
+        at_once = _reply_pulls["at_once"]
+        run_id = self._run.run_id
+        try:
+            res = self._runtime_client.PullMessages(hg.PullAppMessagesRequest(message_ids=message_ids))
+            pairs = list(zip(res.messages_list, res.message_object_trees, strict=True))
+            if at_once <= 1 or len(pairs) <= 1:
+                return [fetch(self, run_id, proto, tree) for proto, tree in pairs]
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(at_once, len(pairs)),
+                                                       thread_name_prefix="reply-pull") as pool:
+                return list(pool.map(lambda pair: fetch(self, run_id, *pair), pairs))
+        except hg.httpx.HTTPStatusError as e:
+            if e.response.status_code == hg.httpx.codes.REQUEST_ENTITY_TOO_LARGE:
+                hg.log(hg.ERROR, hg.ERROR_MESSAGE_PULL_MESSAGES_PAYLOAD_TOO_LARGE)
+                return []
+            raise
+
+    setattr(pull_messages, _PATCHED_MARK, True)
+    hg.HttpGrid.pull_messages = pull_messages  # type: ignore[method-assign]
 
 
 def is_patched(obj: object) -> bool:

@@ -475,3 +475,86 @@ def test_node_heartbeat_runs_the_hooks_and_survives_answers_flwr_does_not_expect
     with pytest.raises(httpx.HTTPStatusError):
         sender(raising(answer(401)))()
     assert beats == [1, 2]
+
+
+class _SlowRuntimeClient:
+    """The ServerApp's Runtime API, replies in memory; each object pull takes `pull_s`. Records
+    how many object pulls were in flight at once and the receipts confirmed."""
+
+    def __init__(self, replies: list[Any], pull_s: float) -> None:
+        from flwr.app.message import remove_content_from_message
+        from flwr.common.serde import message_to_proto
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+
+        self.protos = [message_to_proto(remove_content_from_message(m)) for m in replies]
+        self.trees = [get_object_tree(m) for m in replies]
+        self.objects = {k: v.deflate() for m in replies for k, v in get_all_nested_objects(m).items()}
+        self.pull_s, self.in_flight, self.most_in_flight = pull_s, 0, 0
+        self.confirmed: list[str] = []
+        self.lock = threading.Lock()
+
+    def PullMessages(self, request: Any) -> Any:
+        from flwr.proto.runtime_pb2 import PullAppMessagesResponse
+
+        return PullAppMessagesResponse(messages_list=self.protos, message_object_trees=self.trees)
+
+    def PullObject(self, request: Any) -> Any:
+        from flwr.proto.message_pb2 import PullObjectResponse
+
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        threading.Event().wait(self.pull_s)
+        with self.lock:
+            self.in_flight -= 1
+        content = self.objects.get(request.object_id)
+        return PullObjectResponse(object_found=content is not None, object_available=True,
+                                  object_content=content or b"")
+
+    def ConfirmMessageReceived(self, request: Any) -> Any:
+        with self.lock:
+            self.confirmed.append(request.message_object_id)
+
+
+def _replies(n: int) -> list[Any]:
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    out = []
+    for i in range(n):
+        reply = Message(RecordDict({"r": ConfigRecord({"hospital": f"h{i}", "i": i})}), dst_node_id=1,
+                        message_type="train")
+        reply.metadata.__dict__["_reply_to_message_id"] = f"{i:064x}"
+        reply.metadata.__dict__["_message_id"] = reply.object_id
+        out.append(reply)
+    return out
+
+
+def test_the_servers_reply_pull_fetches_the_replies_it_got_at_once(
+        restore_flwr_modules: Any, task_identity: Any) -> None:
+    """`patch_grid_reply_pulls`: the replies of one `PullMessages` are fetched concurrently (flwr:
+    one reply after another, each its objects two at a time and its receipt), each as flwr
+    does; they come back whole, confirmed, in the SuperLink's order; 1: one after another."""
+    from flwr.supercore.run import Run
+    from flwr.superlink.grid import http_grid as hg
+
+    saved = hg.HttpGrid.pull_messages
+    flwr_internals.set_task_identity(1, 5, 0)
+    try:
+        for at_once, most in ((4, 3), (1, 2)):
+            flwr_internals.patch_grid_reply_pulls(at_once)
+            grid = hg.HttpGrid(insecure=True, token="t")
+            grid._run = Run.create_empty(run_id=5)
+            replies = _replies(3)
+            client = _SlowRuntimeClient(replies, pull_s=0.05)
+            grid._client = client
+            got = list(grid.pull_messages([r.metadata.reply_to_message_id for r in replies]))
+            assert [g.content["r"]["hospital"] for g in got] == ["h0", "h1", "h2"]
+            assert [g.metadata.message_id for g in got] == [r.object_id for r in replies]
+            assert sorted(client.confirmed) == sorted(r.object_id for r in replies)
+            # flwr pulls a reply's objects two at a time: three replies at once, more in flight
+            assert client.most_in_flight > most if at_once > 1 else client.most_in_flight <= most
+        with pytest.raises(ValueError, match="at_once"):
+            flwr_internals.patch_grid_reply_pulls(0)
+    finally:
+        hg.HttpGrid.pull_messages = saved
+        flwr_internals._reply_pulls["at_once"] = 1

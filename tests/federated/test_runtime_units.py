@@ -34,7 +34,9 @@ from federated.study_spec import StudySpec, StudySpecError
                                               ("executor_in_process", "yes"),
                                               ("supernode_follow_up_sleep", 0.2),
                                               ("supernode_follow_up_sleep", -0.01),
-                                              ("supernode_follow_up_s", 11)])
+                                              ("supernode_follow_up_s", 11),
+                                              ("server_reply_pulls", 0), ("server_reply_pulls", 1.5),
+                                              ("server_reply_pulls", True)])
 def test_bad_settings_are_refused_by_name(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"^{field}"):
         RuntimeSettings(**{field: value})
