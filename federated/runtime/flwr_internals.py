@@ -1322,7 +1322,7 @@ def patch_grid_reply_pulls(at_once: int) -> None:
             )
         grid._runtime_client.ConfirmMessageReceived(
             hg.ConfirmMessageReceivedRequest(node=grid.node, run_id=run_id, message_object_id=msg_id))
-        message = hg.inflate_object_from_contents(msg_id, contents)
+        message: Any = hg.inflate_object_from_contents(msg_id, contents)  # a Message (flwr casts)
         message.metadata.__dict__["_message_id"] = msg_id
         return message
 
