@@ -1283,8 +1283,8 @@ def patch_grid_reply_pulls(at_once: int) -> None:
     if not (isinstance(at_once, int) and not isinstance(at_once, bool) and 1 <= at_once <= 64):
         raise ValueError(f"at_once: must be an integer in [1, 64], got {at_once!r}")
     _reply_pulls["at_once"] = at_once
-    if getattr(hg.HttpGrid.pull_messages, _PATCHED_MARK, False):
-        return
+    if getattr(hg.HttpGrid.pull_messages, _PATCHED_MARK, False) or at_once == 1:
+        return  # 1 and not patched: flwr's own function stays
     source = inspect.getsource(hg.HttpGrid.pull_messages)
     for needle in ("self._runtime_client.PullMessages(", "all_object_contents = pull_objects(",
                    "make_pull_object_fn_protobuf(", "except ObjectPullError as e:",

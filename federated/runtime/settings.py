@@ -63,10 +63,11 @@ class RuntimeSettings:
     #: ServerApp poll for replies (flwr's HttpGrid.send_and_receive: 3 s).
     server_poll: float = 0.05
     #: ServerApp: the replies one reply pull got are fetched (objects, receipt) this many at a time
-    #: (`flwr_internals.patch_grid_reply_pulls`); 1: one after another, as flwr does. Three unmask
-    #: replies fetched in a row were a quarter of the exchange at 3 hospitals
-    #: (docs/benchmarks/flower.md, "The latency of one exchange").
-    server_reply_pulls: int = 4
+    #: (`flwr_internals.patch_grid_reply_pulls`); 1 (the default): one after another, as flwr does.
+    #: Three unmask replies fetched in a row were a quarter of an exchange at 3 hospitals, but no
+    #: gain was shown under load (and more concurrent object requests were slower at 10 hospitals
+    #: before): 1 until a quiet A/B (docs/benchmarks/flower.md, "The latency of one exchange").
+    server_reply_pulls: int = 1
     #: Heartbeat interval the SuperNode declares (flwr: 30 s; the SuperLink accepts >= 10). A dead
     #: node stays listed for 2x this, and a restarted authenticated node cannot rejoin until then.
     supernode_heartbeat: float = 10.0

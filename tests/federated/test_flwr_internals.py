@@ -540,6 +540,8 @@ def test_the_servers_reply_pull_fetches_the_replies_it_got_at_once(
     saved = hg.HttpGrid.pull_messages
     flwr_internals.set_task_identity(1, 5, 0)
     try:
+        flwr_internals.patch_grid_reply_pulls(1)  # the default: flwr's own function stays
+        assert hg.HttpGrid.pull_messages is saved
         for at_once, most in ((4, 3), (1, 2)):
             flwr_internals.patch_grid_reply_pulls(at_once)
             grid = hg.HttpGrid(insecure=True, token="t")
