@@ -46,7 +46,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from federated import packing
 from federated.receipts import Receipt, ReceiptError, hospital_account, parse_receipt, verify_receipt
-from federated.runtime import flwr_internals
+from federated.runtime import flwr_internals, timeline
 from federated.study_spec import StudySpec
 
 log = logging.getLogger("federated.server")
@@ -200,6 +200,18 @@ def poll_interval(poll: float, elapsed: float) -> float:
     return min(max(poll, elapsed * POLL_ELAPSED_FRACTION), POLL_MAX_S)
 
 
+def sleep_before_next_pull(poll: float, started: float, pulled_at: float) -> None:
+    """Sleep until the next pull of an exchange that began at `started` (`time.perf_counter()`),
+    counted from the start of the last pull (`pulled_at`), not from its end: a pull that took
+    longer than the interval (its replies' objects pulled one reply after another, a busy
+    SuperLink) is followed by the next one at once, so a reply stored meanwhile is not kept
+    waiting another interval (docs/benchmarks/flower.md, "The latency of one exchange")."""
+    now = time.perf_counter()
+    left = poll_interval(poll, now - started) - (now - pulled_at)
+    if left > 0:
+        time.sleep(left)
+
+
 def exchange(grid: Grid, messages: Sequence[Message], *, timeout: float, poll: float,
              stop_event: threading.Event | None = None) -> PhaseResult:
     """Push `messages`, then poll for their replies until all came back or `timeout` passed."""
@@ -221,8 +233,10 @@ def exchange_many(grid: Grid, batches: Sequence[Sequence[Message]], *, timeout: 
     each batch that then still misses replies says so (`PhaseResult.ended_early`)."""
     started = time.perf_counter()
     flat = [(b, msg) for b, batch in enumerate(batches) for msg in batch]
+    timeline.stamp("srv.exchange>", "many", flat[0][1].metadata.group_id if flat else "-", len(flat))
     ids = list(grid.push_messages([msg for _, msg in flat]))
     push_s, pushed_at = time.perf_counter() - started, time.time()
+    timeline.stamp("srv.pushed", *(timeline.short(i) for i in ids))
     # flwr returns None for a message it could not push: that node is missing from the start
     unsent: list[list[int]] = [[] for _ in batches]
     pending: dict[str, tuple[int, int]] = {}
@@ -239,8 +253,10 @@ def exchange_many(grid: Grid, batches: Sequence[Sequence[Message]], *, timeout: 
     # At least one pull, however long the push took (as `exchange_with_retry`): a grid that
     # trains inside push_messages, or a slow push, must not turn replies already there into dropouts.
     while pending:
+        pulled_at = time.perf_counter()
         for reply in grid.pull_messages(list(pending)):
             where = pending.pop(reply.metadata.reply_to_message_id, None)
+            timeline.stamp("srv.reply", timeline.short(reply.metadata.reply_to_message_id))
             if where is not None:
                 replies[where[0]][where[1]] = reply
                 arrivals[where[0]][where[1]] = time.time()
@@ -253,8 +269,9 @@ def exchange_many(grid: Grid, batches: Sequence[Sequence[Message]], *, timeout: 
             break
         if stop_event is not None and stop_event.is_set():
             break
-        time.sleep(poll_interval(poll, time.perf_counter() - started))
+        sleep_before_next_pull(poll, started, pulled_at)
     wall = time.perf_counter() - started
+    timeline.stamp("srv.exchange<")
     left: list[list[int]] = [[] for _ in batches]
     for b, node in pending.values():
         left[b].append(node)
@@ -562,7 +579,9 @@ def exchange_with_retry(directory: NodeDirectory, targets: Mapping[int, str], ki
         t0 = time.perf_counter()
         messages = _messages(list(nodes), kind, weights, round_=round_, spec=directory.spec,
                              context=directory.context, options=options)
+        timeline.stamp("srv.resend" if push_s else "srv.exchange>", kind, round_, len(messages))
         ids = list(grid.push_messages(messages))
+        timeline.stamp("srv.pushed", *(timeline.short(i) for i in ids))
         if not push_s:
             push_s, pushed_at = time.perf_counter() - t0, time.time()
         for node, msg_id in zip(nodes, ids, strict=True):
@@ -579,8 +598,10 @@ def exchange_with_retry(directory: NodeDirectory, targets: Mapping[int, str], ki
     # (the in-process one) or a slow push must not turn replies already there into dropouts.
     while True:
         retry = False
+        pulled_at = time.perf_counter()
         for reply in grid.pull_messages(list(pending)) if pending else []:
             node = pending.pop(reply.metadata.reply_to_message_id, None)
+            timeline.stamp("srv.reply", timeline.short(reply.metadata.reply_to_message_id))
             if node is None:
                 continue
             hospital = hospital_by_node[node]
@@ -608,7 +629,8 @@ def exchange_with_retry(directory: NodeDirectory, targets: Mapping[int, str], ki
             send(fresh)
         if time.monotonic() >= deadline:
             break
-        time.sleep(poll_interval(options.poll, time.perf_counter() - started))
+        sleep_before_next_pull(options.poll, started, pulled_at)
+    timeline.stamp("srv.exchange<")
     missing: list[int] = []
     missing_hospitals: list[str] = []
     for hospital, nodes in sent_to.items():

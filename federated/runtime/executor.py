@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from federated.runtime import flwr_internals
+from federated.runtime import flwr_internals, timeline
 from federated.runtime.process_limits import limit_threads, trim
 from federated.runtime.settings import disable_phone_home
 
@@ -168,8 +168,10 @@ class WarmExecutor:
         context: Context | None = None
         reply: Message | None = None
         completed, details = False, "ClientApp task failed"
+        timeline.stamp("ex.task>")
         try:
             message, context, fab = task.pull_input()
+            timeline.stamp("ex.input", timeline.short(message.metadata.message_id))
             declared = flwr_internals.fab_clientapp_ref(fab)
             if declared != self.expected_ref:
                 raise PermissionError(f"this node runs only {self.expected_ref}; the run's FAB declares "
@@ -177,6 +179,7 @@ class WarmExecutor:
             # In-process execution shares global random state across runs: reseed per task.
             random.seed()
             reply = self._client_app(message=message, context=context)
+            timeline.stamp("ex.app<")
             completed, details = True, ""
         except Exception as exc:
             details = f"{type(exc).__name__}: {exc}"
@@ -189,6 +192,9 @@ class WarmExecutor:
             try:
                 if reply is not None and context is not None:
                     task.push_reply(reply, context)
+                    timeline.stamp("ex.reply")
+                    # hosted: the SuperNode's loop is waiting for this reply (no-op otherwise)
+                    flwr_internals.supernode_reply_stored()
             finally:
                 try:
                     task.push_output(context, completed=completed, details=details)
@@ -197,6 +203,7 @@ class WarmExecutor:
                     # what the task freed goes back to the OS: between rounds a hospital holds
                     # what it uses, not its peak (process_limits)
                     trim()
+        timeline.stamp("ex.task<")
         self.stats.tasks += 1
         self.stats.task_seconds.append(time.perf_counter() - started)
         log.info("task done in %.3f s (%s)", self.stats.task_seconds[-1],

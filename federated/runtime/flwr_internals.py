@@ -33,6 +33,7 @@ flwr is imported lazily, inside functions: callers switch telemetry off before t
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import functools
@@ -47,6 +48,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from federated.runtime import timeline
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
@@ -556,6 +559,8 @@ class ServerAppTask(_HeartbeatTask):
                                    root_certificates=root_certificates, token=claim.token)
         bound_retries(self._http_grid._retry_invoker, reconnect_s)  # before the first connection
         self._start_heartbeat(self._http_grid._runtime_client)
+        if timeline.enabled():
+            _trace_runtime_calls(self._http_grid._runtime_client)
 
     @property
     def grid(self) -> Grid:
@@ -591,6 +596,20 @@ class ServerAppTask(_HeartbeatTask):
             self._stop_heartbeat()
         finally:
             self._http_grid.close()
+
+
+def _replies(response: Any) -> str:
+    return ",".join(timeline.short(m.metadata.reply_to_message_id) for m in response.messages_list) or "-"
+
+
+def _trace_runtime_calls(client: Any) -> None:
+    """Stamp the ServerApp's Runtime API calls on the `timeline` (only while it is on): the
+    push of a stage's messages and of their objects, each reply pull (with the replies it got),
+    each reply object pull and receipt. Instance attributes over the client's methods."""
+    for name, describe in (("PushMessages", lambda r: len(r.message_ids)), ("PushObject", None),
+                           ("PullMessages", _replies), ("PullObject", lambda r: int(r.object_available)),
+                           ("ConfirmMessageReceived", None)):
+        setattr(client, name, timeline.traced(getattr(client, name), f"srv.{name}", describe))
 
 
 class ClientAppTask(_HeartbeatTask):
@@ -916,10 +935,35 @@ class IdlePacer:
             return 0.0 if waited >= self._last else self._last
 
 
+class ReplySignal:
+    """The SuperNode loop's wait for its ClientApp's reply, ended by the executor when the reply
+    is stored. flwr's `_push_messages` checks the node's state for a reply, and each reply object's
+    content, then sleeps (0.5 s, ours `supernode_reply_sleep`) and checks again: a reply stored
+    just after a check waited out the sleep. When the executor is a thread of the SuperNode's
+    process (`hosted_supernode`), it says so (`supernode_reply_stored`) once the reply and its
+    objects are in the state, and the wait ends then; the sleep stays its bound (a reply stored
+    some other way is still found by the next check)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def stored(self) -> None:
+        self._event.set()
+
+    def wait(self, timeout: float) -> float:
+        """Wait up to `timeout` for a reply stored since the last wait; returns the sleep left
+        (none: the caller checks again at once)."""
+        self._event.wait(timeout)
+        self._event.clear()
+        return 0.0
+
+
 #: callbacks run in the SuperNode's loop each time it stored a message for its ClientApp
 _message_hooks: list[Callable[[], None]] = []
 #: the SuperNode's idle pacing (`patch_supernode_sleeps`), marked active by the loop's wrappers
 _supernode_pacers: list[IdlePacer] = []
+#: the SuperNode loop's reply wait (`patch_supernode_sleeps`), ended by `supernode_reply_stored`
+_reply_signals: list[ReplySignal] = []
 
 
 def _sleep_proxy(mapping: dict[float, float | Callable[[], float]]) -> types.SimpleNamespace:
@@ -927,6 +971,7 @@ def _sleep_proxy(mapping: dict[float, float | Callable[[], float]]) -> types.Sim
     number, or to a function giving the next sleep)."""
 
     def sleep(seconds: float) -> None:
+        timeline.stamp("sn.sleep", seconds)
         value = mapping.get(seconds, seconds)
         _time.sleep(value() if callable(value) else value)
 
@@ -962,8 +1007,11 @@ def patch_supernode_sleeps(idle_sleep: float, reply_sleep: float, *, idle_sleep_
     _require(source.count("time.sleep(0.5)") == 2, "start_client_internal: expected two time.sleep(0.5)")
     pacer = IdlePacer(idle_sleep, idle_sleep_max, hot_s, follow_up=follow_up_sleep, follow_up_s=follow_up_s)
     _supernode_pacers[:] = [pacer]
+    signal = ReplySignal()
+    _reply_signals[:] = [signal]
     _patch_supernode_loop(sci)
-    sci.time = _sleep_proxy({3: pacer.next_sleep, 0.5: reply_sleep})  # type: ignore[assignment]
+    sci.time = _sleep_proxy({3: pacer.next_sleep,  # type: ignore[assignment]
+                             0.5: functools.partial(signal.wait, reply_sleep)})
 
 
 def _patch_supernode_loop(sci: types.ModuleType) -> None:
@@ -981,8 +1029,11 @@ def _patch_supernode_loop(sci: types.ModuleType) -> None:
     def pull_and_store(*args: Any, **kwargs: Any) -> Any:
         for pacer in _supernode_pacers:  # a long poll's hold counts against the next sleep
             pacer.poll_started()
+        if timeline.enabled():
+            kwargs = _traced_fleet_calls(kwargs)
         run_id = pull(*args, **kwargs)
         if run_id is not None:
+            timeline.stamp("sn.stored")
             for pacer in _supernode_pacers:
                 pacer.active()
             for hook in list(_message_hooks):
@@ -991,9 +1042,13 @@ def _patch_supernode_loop(sci: types.ModuleType) -> None:
 
     @functools.wraps(push)
     def push_messages(*args: Any, **kwargs: Any) -> Any:
+        if timeline.enabled():
+            kwargs = _traced_fleet_calls(kwargs)
+            timeline.stamp("sn.await_reply")
         try:
             return push(*args, **kwargs)
         finally:
+            timeline.stamp("sn.pushed")
             for pacer in _supernode_pacers:  # the reply is out: the next message may come soon
                 pacer.active()
 
@@ -1001,6 +1056,34 @@ def _patch_supernode_loop(sci: types.ModuleType) -> None:
         setattr(wrapped, _PATCHED_MARK, True)
     setattr(sci, "_pull_and_store_message", pull_and_store)  # noqa: B010 (module globals of flwr's)
     setattr(sci, "_push_messages", push_messages)  # noqa: B010
+
+
+def _received(got: Any) -> str:
+    return "-" if got is None else timeline.short(got[0].metadata.message_id)
+
+
+def _traced_fleet_calls(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The SuperNode loop's Fleet calls (keyword arguments of its two steps), stamping the
+    `timeline` (only while it is on): the poll with the message it got, each object pull (``!``
+    with ObjectUnavailableError: retried after a back-off), the receipt, the reply's push."""
+    traced = dict(kwargs)
+    if "receive" in kwargs:
+        traced["receive"] = timeline.traced(kwargs["receive"], "sn.poll", _received)
+    for name, event in (("pull_object", "sn.pull_obj"), ("confirm_message_received", "sn.confirm"),
+                        ("push_object", "sn.push_obj")):
+        if name in kwargs:
+            traced[name] = timeline.traced(kwargs[name], event)
+    if "send" in kwargs:
+        send = kwargs["send"]
+
+        def traced_send(message: Any, *args: Any, **kw: Any) -> Any:
+            timeline.stamp("sn.send>", timeline.short(message.metadata.reply_to_message_id))
+            result = send(message, *args, **kw)
+            timeline.stamp("sn.send<")
+            return result
+
+        traced["send"] = traced_send
+    return traced
 
 
 def supernode_expects_message() -> None:
@@ -1019,6 +1102,15 @@ def supernode_expects_follow_up() -> None:
     process (plain mode, an executor process of its own, in-process grids)."""
     for pacer in _supernode_pacers:
         pacer.expect_follow_up()
+
+
+def supernode_reply_stored() -> None:
+    """The executor thread has stored its reply (and its objects) in this process's SuperNode
+    state: the SuperNode's loop, waiting for it, pushes it now instead of after its reply sleep
+    (`ReplySignal`). No-op without a patched SuperNode in this process (plain mode, an executor
+    process of its own)."""
+    for signal in _reply_signals:
+        signal.stored()
 
 
 def on_supernode_message(callback: Callable[[], None]) -> None:
@@ -1166,6 +1258,94 @@ def patch_grid_pull_backoff(initial_backoff: float, backoff_cap: float = 0.5) ->
     from flwr.superlink.grid import http_grid
 
     _patch_attr(http_grid, "pull_objects", initial_backoff, backoff_cap)
+
+
+#: `patch_grid_reply_pulls`: how many replies of one pull the ServerApp fetches at once (1: one
+#: after another, as flwr does); set by each call of the patch
+_reply_pulls = {"at_once": 1}
+
+
+def patch_grid_reply_pulls(at_once: int) -> None:
+    """The ServerApp's reply pull fetches the replies it got concurrently, up to `at_once` at a time.
+
+    flwr 1.42's `HttpGrid.pull_messages` gets the replies that are in with one `PullMessages`,
+    then for each reply, one after another, pulls its objects (two at a time) and confirms it:
+    three replies of one pull were about nine requests in a row, 90 ms of a 360 ms unmask
+    exchange at 3 hospitals under load (docs/benchmarks/flower.md, "The latency of one
+    exchange"). Now each reply is fetched exactly as flwr does it (its objects with flwr's
+    `pull_objects` as this module binds it, a reply whose objects cannot be pulled becomes flwr's
+    `MESSAGE_UNAVAILABLE` error reply, the receipt confirmed once its objects are in), up to
+    `at_once` replies at a time; the replies come back in the order the SuperLink gave them.
+    1: one after another (flwr's order). ServerApp process only (the grid class is global)."""
+    check_flwr_version()
+    from flwr.superlink.grid import http_grid as hg
+
+    if not (isinstance(at_once, int) and not isinstance(at_once, bool) and 1 <= at_once <= 64):
+        raise ValueError(f"at_once: must be an integer in [1, 64], got {at_once!r}")
+    _reply_pulls["at_once"] = at_once
+    if getattr(hg.HttpGrid.pull_messages, _PATCHED_MARK, False) or at_once == 1:
+        return  # 1 and not patched: flwr's own function stays
+    source = inspect.getsource(hg.HttpGrid.pull_messages)
+    for needle in ("self._runtime_client.PullMessages(", "all_object_contents = pull_objects(",
+                   "make_pull_object_fn_protobuf(", "except ObjectPullError as e:",
+                   "self._runtime_client.ConfirmMessageReceived(",
+                   "inflate_object_from_contents(msg_id, all_object_contents)",
+                   "code=ErrorCode.MESSAGE_UNAVAILABLE", "REQUEST_ENTITY_TOO_LARGE"):
+        _require(needle in source, f"HttpGrid.pull_messages changed: no longer {needle!r}")
+    for name in ("PullAppMessagesRequest", "ConfirmMessageReceivedRequest", "iterate_object_tree",
+                 "make_message", "Metadata", "Error", "ErrorCode", "SYSTEM_MESSAGE_TYPE", "now",
+                 "ObjectPullError", "inflate_object_from_contents", "Run", "log", "ERROR",
+                 "ERROR_MESSAGE_PULL_MESSAGES_PAYLOAD_TOO_LARGE", "httpx"):
+        _require(hasattr(hg, name), f"flwr.superlink.grid.http_grid no longer has {name}")
+    original = hg.HttpGrid.pull_messages
+
+    def fetch(grid: Any, run_id: int, msg_proto: Any, msg_tree: Any) -> Any:
+        """One reply, as flwr's loop body: its objects, then its receipt, then the Message."""
+        msg_id = msg_proto.metadata.message_id
+        try:
+            contents = hg.pull_objects(
+                object_ids=[tree.object_id for tree in hg.iterate_object_tree(msg_tree)],
+                pull_object_fn=hg.make_pull_object_fn_protobuf(
+                    pull_object_protobuf=grid._runtime_client.PullObject, node=grid.node, run_id=run_id),
+            )
+        except hg.ObjectPullError as e:
+            return hg.make_message(
+                metadata=hg.Metadata(run_id=run_id, message_id="", src_node_id=grid.node.node_id,
+                                     dst_node_id=grid.node.node_id, message_type=hg.SYSTEM_MESSAGE_TYPE,
+                                     group_id="", ttl=0,
+                                     reply_to_message_id=msg_proto.metadata.reply_to_message_id,
+                                     created_at=hg.now().timestamp()),
+                error=hg.Error(code=hg.ErrorCode.MESSAGE_UNAVAILABLE,
+                               reason=("Reply message objects are unavailable. The sender may not have "
+                                       "completed the upload before the object-push session expired. "
+                                       f"{e}")),
+            )
+        grid._runtime_client.ConfirmMessageReceived(
+            hg.ConfirmMessageReceivedRequest(node=grid.node, run_id=run_id, message_object_id=msg_id))
+        message: Any = hg.inflate_object_from_contents(msg_id, contents)  # a Message (flwr casts)
+        message.metadata.__dict__["_message_id"] = msg_id
+        return message
+
+    @functools.wraps(original)
+    def pull_messages(self: Any, message_ids: Any) -> Any:
+        at_once = _reply_pulls["at_once"]
+        run_id = self._run.run_id
+        try:
+            res = self._runtime_client.PullMessages(hg.PullAppMessagesRequest(message_ids=message_ids))
+            pairs = list(zip(res.messages_list, res.message_object_trees, strict=True))
+            if at_once <= 1 or len(pairs) <= 1:
+                return [fetch(self, run_id, proto, tree) for proto, tree in pairs]
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(at_once, len(pairs)),
+                                                       thread_name_prefix="reply-pull") as pool:
+                return list(pool.map(lambda pair: fetch(self, run_id, *pair), pairs))
+        except hg.httpx.HTTPStatusError as e:
+            if e.response.status_code == hg.httpx.codes.REQUEST_ENTITY_TOO_LARGE:
+                hg.log(hg.ERROR, hg.ERROR_MESSAGE_PULL_MESSAGES_PAYLOAD_TOO_LARGE)
+                return []
+            raise
+
+    setattr(pull_messages, _PATCHED_MARK, True)
+    hg.HttpGrid.pull_messages = pull_messages  # type: ignore[method-assign]
 
 
 def is_patched(obj: object) -> bool:

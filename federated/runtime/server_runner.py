@@ -146,6 +146,7 @@ def run_study(superlink_address: str, spec: StudySpec, observer: StudyObserver, 
                          f"({superlink_address})")
     if settings.mode == "fast":
         flwr_internals.patch_grid_pull_backoff(settings.pull_backoff)
+        flwr_internals.patch_grid_reply_pulls(settings.server_reply_pulls)
     fab = build_fab()
     certs = None if insecure else root_certificates
     # One submission at a time: a run is submitted and its ServerApp task claimed as a pair (the

@@ -62,6 +62,12 @@ class RuntimeSettings:
     executor_in_process: bool = True
     #: ServerApp poll for replies (flwr's HttpGrid.send_and_receive: 3 s).
     server_poll: float = 0.05
+    #: ServerApp: the replies one reply pull got are fetched (objects, receipt) this many at a time
+    #: (`flwr_internals.patch_grid_reply_pulls`); 1 (the default): one after another, as flwr does.
+    #: Three unmask replies fetched in a row were a quarter of an exchange at 3 hospitals, but no
+    #: gain was shown under load (and more concurrent object requests were slower at 10 hospitals
+    #: before): 1 until a quiet A/B (docs/benchmarks/flower.md, "The latency of one exchange").
+    server_reply_pulls: int = 1
     #: Heartbeat interval the SuperNode declares (flwr: 30 s; the SuperLink accepts >= 10). A dead
     #: node stays listed for 2x this, and a restarted authenticated node cannot rejoin until then.
     supernode_heartbeat: float = 10.0
@@ -132,6 +138,9 @@ class RuntimeSettings:
         if not isinstance(self.superlink_deliver_complete, bool):
             raise ValueError("superlink_deliver_complete: must be true or false, "
                              f"got {self.superlink_deliver_complete!r}")
+        pulls = self.server_reply_pulls
+        if not (isinstance(pulls, int) and not isinstance(pulls, bool) and 1 <= pulls <= 64):
+            raise ValueError(f"server_reply_pulls: must be an integer in [1, 64], got {pulls!r}")
         beat = self.supernode_heartbeat
         if not (isinstance(beat, int | float) and 10 <= beat <= 1800):
             raise ValueError("supernode_heartbeat: must be a number of seconds in [10, 1800] (the "

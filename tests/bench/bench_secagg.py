@@ -155,7 +155,8 @@ class CpuMeter:
 
 def deployment(rounds: int, root: Path, hospitals: int = 3, stock_superlink: bool = False,
                packing: bool = True, follow_up_sleep: float | None = None, long_poll: float | None = None,
-               deliver_complete: bool | None = None) -> dict[str, dict[str, float]]:
+               deliver_complete: bool | None = None,
+               reply_pulls: int | None = None) -> dict[str, dict[str, float]]:
     """Mean per-round numbers of rounds 2+ for "plain" and "secagg" (two studies each,
     interleaved), with the CPU seconds per round of each kind of process (`CpuMeter`):
     `cpu_server_s`, `cpu_superlink_s`, and over the hospitals (executor + SuperNode) the mean
@@ -172,6 +173,8 @@ def deployment(rounds: int, root: Path, hospitals: int = 3, stock_superlink: boo
         settings = dataclasses.replace(settings, superlink_long_poll=long_poll)
     if deliver_complete is not None:  # `superlink_deliver_complete`, for an A/B
         settings = dataclasses.replace(settings, superlink_deliver_complete=deliver_complete)
+    if reply_pulls is not None:  # `server_reply_pulls`, for an A/B
+        settings = dataclasses.replace(settings, server_reply_pulls=reply_pulls)
     counts = root / "superlink-requests.json"
     os.environ[COUNTS_ENV] = str(counts)  # the SuperLink (started below) inherits it
     names = tuple(f"hospital-{chr(ord('a') + i)}" for i in range(hospitals))
@@ -482,6 +485,9 @@ def main() -> None:
                         help="settings.supernode_follow_up_sleep for the deployment part (0.02: a "
                              "hospital's SuperNode polls every 0.02 s after a stage the server "
                              "answers at once; default: the setting's default)")
+    parser.add_argument("--reply-pulls", type=int, default=None,
+                        help="replies of one reply pull the ServerApp fetches at once (server_reply_pulls; "
+                             "1: flwr's one after another)")
     parser.add_argument("--objects", action="store_true",
                         help="only the object requests of a steady-state round, packed and not (in process)")
     args = parser.parse_args()
@@ -521,7 +527,7 @@ def main() -> None:
                              packing=not args.no_packing, follow_up_sleep=args.follow_up_sleep,
                              long_poll=args.long_poll,
                              deliver_complete=None if args.deliver_complete is None
-                             else args.deliver_complete == "on")
+                             else args.deliver_complete == "on", reply_pulls=args.reply_pulls)
     load_after = _load()
     idle = numbers.pop("idle")["cpu_idle_total_per_s"]
     p, s = numbers["plain"], numbers["secagg"]

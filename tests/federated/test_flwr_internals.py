@@ -11,6 +11,8 @@ import functools
 import importlib
 import importlib.metadata
 import inspect
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +205,7 @@ def restore_flwr_modules() -> Any:
              (sci, "_pull_and_store_message", sci._pull_and_store_message),
              (sci, "_push_messages", sci._push_messages)]
     hooks, pacers = list(flwr_internals._message_hooks), list(flwr_internals._supernode_pacers)
+    signals = list(flwr_internals._reply_signals)
     sci.time = time
     sci.pull_objects = hg.pull_objects = inflatable_utils.pull_objects
     rc.pull_and_inflate_object_from_tree = inflatable_utils.pull_and_inflate_object_from_tree
@@ -210,6 +213,7 @@ def restore_flwr_modules() -> Any:
     for module, name, value in saved:
         setattr(module, name, value)
     flwr_internals._message_hooks[:], flwr_internals._supernode_pacers[:] = hooks, pacers
+    flwr_internals._reply_signals[:] = signals
 
 
 def test_supernode_sleeps_are_mapped(restore_flwr_modules: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,15 +223,36 @@ def test_supernode_sleeps_are_mapped(restore_flwr_modules: Any, monkeypatch: pyt
     flwr_internals.patch_supernode_sleeps(idle_sleep=0.15, reply_sleep=0.03)
     assert flwr_internals.is_patched(sci.time)
     sci.time.sleep(3)
-    sci.time.sleep(0.5)
+    started = time.monotonic()
+    sci.time.sleep(0.5)  # the reply wait: no reply stored, so it lasts the reply sleep (real time)
+    waited = time.monotonic() - started
     sci.time.sleep(7)
-    assert slept == [0.15, 0.03, 7]
+    assert slept == [0.15, 0.0, 7] and 0.03 <= waited < 1.0
     # the rest of the time module is still there
     assert sci.time.time() > 0
     # idempotent: a second call keeps the first proxy
     proxy = sci.time
     flwr_internals.patch_supernode_sleeps(idle_sleep=1.0, reply_sleep=1.0)
     assert sci.time is proxy
+
+
+def test_the_supernode_stops_waiting_for_a_reply_once_the_executor_stored_it(
+        restore_flwr_modules: Any) -> None:
+    """flwr's `_push_messages` sleeps 0.5 s (ours `supernode_reply_sleep`) between checks for the
+    ClientApp's reply; the hosted executor ends that wait when it stored the reply
+    (`supernode_reply_stored`), so the reply goes out at once, not after the sleep."""
+    sci = restore_flwr_modules
+    flwr_internals.patch_supernode_sleeps(idle_sleep=0.1, reply_sleep=10.0)
+    timer = threading.Timer(0.05, flwr_internals.supernode_reply_stored)
+    started = time.monotonic()
+    timer.start()
+    sci.time.sleep(0.5)  # flwr waiting for the reply
+    assert time.monotonic() - started < 5.0
+    flwr_internals.supernode_reply_stored()  # a reply stored between two checks: the next wait is short
+    started = time.monotonic()
+    sci.time.sleep(0.5)
+    assert time.monotonic() - started < 5.0
+    timer.join()
 
 
 def test_idle_pacer_polls_fast_while_hot_then_backs_off_to_its_cap() -> None:
@@ -451,3 +476,88 @@ def test_node_heartbeat_runs_the_hooks_and_survives_answers_flwr_does_not_expect
     with pytest.raises(httpx.HTTPStatusError):
         sender(raising(answer(401)))()
     assert beats == [1, 2]
+
+
+class _SlowRuntimeClient:
+    """The ServerApp's Runtime API, replies in memory; each object pull takes `pull_s`. Records
+    how many object pulls were in flight at once and the receipts confirmed."""
+
+    def __init__(self, replies: list[Any], pull_s: float) -> None:
+        from flwr.app.message import remove_content_from_message
+        from flwr.common.serde import message_to_proto
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+
+        self.protos = [message_to_proto(remove_content_from_message(m)) for m in replies]
+        self.trees = [get_object_tree(m) for m in replies]
+        self.objects = {k: v.deflate() for m in replies for k, v in get_all_nested_objects(m).items()}
+        self.pull_s, self.in_flight, self.most_in_flight = pull_s, 0, 0
+        self.confirmed: list[str] = []
+        self.lock = threading.Lock()
+
+    def PullMessages(self, request: Any) -> Any:
+        from flwr.proto.runtime_pb2 import PullAppMessagesResponse
+
+        return PullAppMessagesResponse(messages_list=self.protos, message_object_trees=self.trees)
+
+    def PullObject(self, request: Any) -> Any:
+        from flwr.proto.message_pb2 import PullObjectResponse
+
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        threading.Event().wait(self.pull_s)
+        with self.lock:
+            self.in_flight -= 1
+        content = self.objects.get(request.object_id)
+        return PullObjectResponse(object_found=content is not None, object_available=True,
+                                  object_content=content or b"")
+
+    def ConfirmMessageReceived(self, request: Any) -> Any:
+        with self.lock:
+            self.confirmed.append(request.message_object_id)
+
+
+def _replies(n: int) -> list[Any]:
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    out = []
+    for i in range(n):
+        reply = Message(RecordDict({"r": ConfigRecord({"hospital": f"h{i}", "i": i})}), dst_node_id=1,
+                        message_type="train")
+        reply.metadata.__dict__["_reply_to_message_id"] = f"{i:064x}"
+        reply.metadata.__dict__["_message_id"] = reply.object_id
+        out.append(reply)
+    return out
+
+
+def test_the_servers_reply_pull_fetches_the_replies_it_got_at_once(
+        restore_flwr_modules: Any, task_identity: Any) -> None:
+    """`patch_grid_reply_pulls`: the replies of one `PullMessages` are fetched concurrently (flwr:
+    one reply after another, each its objects two at a time and its receipt), each as flwr
+    does; they come back whole, confirmed, in the SuperLink's order; 1: one after another."""
+    from flwr.supercore.run import Run
+    from flwr.superlink.grid import http_grid as hg
+
+    saved = hg.HttpGrid.pull_messages
+    flwr_internals.set_task_identity(1, 5, 0)
+    try:
+        flwr_internals.patch_grid_reply_pulls(1)  # the default: flwr's own function stays
+        assert hg.HttpGrid.pull_messages is saved
+        for at_once, most in ((4, 3), (1, 2)):
+            flwr_internals.patch_grid_reply_pulls(at_once)
+            grid = hg.HttpGrid(insecure=True, token="t")
+            grid._run = Run.create_empty(run_id=5)
+            replies = _replies(3)
+            client = _SlowRuntimeClient(replies, pull_s=0.05)
+            grid._client = client
+            got = list(grid.pull_messages([r.metadata.reply_to_message_id for r in replies]))
+            assert [g.content["r"]["hospital"] for g in got] == ["h0", "h1", "h2"]
+            assert [g.metadata.message_id for g in got] == [r.object_id for r in replies]
+            assert sorted(client.confirmed) == sorted(r.object_id for r in replies)
+            # flwr pulls a reply's objects two at a time: three replies at once, more in flight
+            assert client.most_in_flight > most if at_once > 1 else client.most_in_flight <= most
+        with pytest.raises(ValueError, match="at_once"):
+            flwr_internals.patch_grid_reply_pulls(0)
+    finally:
+        hg.HttpGrid.pull_messages = saved
+        flwr_internals._reply_pulls["at_once"] = 1

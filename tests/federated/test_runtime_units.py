@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+import types
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,9 @@ from federated.study_spec import StudySpec, StudySpecError
                                               ("executor_in_process", "yes"),
                                               ("supernode_follow_up_sleep", 0.2),
                                               ("supernode_follow_up_sleep", -0.01),
-                                              ("supernode_follow_up_s", 11)])
+                                              ("supernode_follow_up_s", 11),
+                                              ("server_reply_pulls", 0), ("server_reply_pulls", 1.5),
+                                              ("server_reply_pulls", True)])
 def test_bad_settings_are_refused_by_name(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"^{field}"):
         RuntimeSettings(**{field: value})
@@ -466,3 +470,41 @@ def test_after_the_servers_warm_up_a_first_pre_training_imports_nothing_of_torch
     cols = [s.name for s in survival_feature_specs("flchain")]
     unwarmed = _public_initial_state(get_template("cox_ph"), cols, "survival", 0, None)
     assert np.array_equal(np.asarray(result["state"], dtype=np.float32), unwarmed)
+
+
+class _SlowPullGrid:
+    """A grid whose reply pulls take `pull_s` (a busy SuperLink, replies' objects pulled one
+    after another); the reply comes with the third pull."""
+
+    def __init__(self, pull_s: float) -> None:
+        self.pull_s, self.pulls = pull_s, 0
+
+    def push_messages(self, messages: Any) -> list[str]:
+        return ["m1"]
+
+    def pull_messages(self, message_ids: Any) -> list[Any]:
+        self.pulls += 1
+        threading.Event().wait(self.pull_s)  # not time.sleep: the test records the ServerApp's sleeps
+        if self.pulls < 3:
+            return []
+        return [types.SimpleNamespace(metadata=types.SimpleNamespace(reply_to_message_id="m1"))]
+
+
+@pytest.mark.parametrize("pull_s", [0.0, 0.08])
+def test_the_servers_poll_counts_from_the_start_of_its_last_pull(monkeypatch: pytest.MonkeyPatch,
+                                                                  pull_s: float) -> None:
+    """The sleep between two reply pulls counts from the last pull's start: after a pull that
+    took longer than the poll interval the next one starts at once (a reply stored meanwhile
+    does not wait another interval); after a quick one, the rest of the interval."""
+    from federated import server_app
+
+    slept: list[float] = []
+    monkeypatch.setattr(server_app.time, "sleep", slept.append)
+    message = types.SimpleNamespace(metadata=types.SimpleNamespace(dst_node_id=7, group_id="1"))
+    grid = _SlowPullGrid(pull_s)
+    (phase,) = server_app.exchange_many(grid, [[message]], timeout=30.0, poll=0.05)  # type: ignore[arg-type]
+    assert list(phase.replies) == [7] and grid.pulls == 3
+    if pull_s > 0.05:
+        assert slept == []
+    else:
+        assert len(slept) == 2 and all(0.03 < s <= 0.05 for s in slept)
