@@ -1754,12 +1754,20 @@ class PendingTracker:
     path again, which re-authenticates the node against the database and re-reads its queue).
     A fresh SuperLink process knows nothing: after a restart every first poll takes the full
     path. The entry also records the public key that poll authenticated with: an early answer
-    needs the same key and a valid signature of the request's own time stamp."""
+    needs the same key and a valid signature of the request's own time stamp.
 
-    def __init__(self, recheck_s: float) -> None:
+    `kind` ("node": SuperNodes by node id, "run": ServerApps' reply pulls by run id) names the
+    tracker's keys for the recheck hook (`set_recheck_due`): a key whose due time has passed is
+    not vouched for any more, whatever `recheck_s` says (a message held back for its objects is
+    checked against the database by then, even should its wake never come)."""
+
+    def __init__(self, recheck_s: float, kind: Literal["node", "run"] = "node") -> None:
         if not recheck_s > 0:
             raise ValueError(f"recheck_s: must be > 0, got {recheck_s!r}")
+        if kind not in ("node", "run"):
+            raise ValueError(f"kind: must be 'node' or 'run', got {kind!r}")
         self.recheck_s = recheck_s
+        self.kind = kind
         self._lock = threading.Lock()
         self._generation: dict[int, int] = {}
         self._idle: dict[int, tuple[int, bytes, float]] = {}  # node -> (generation, public key, until)
@@ -1805,7 +1813,7 @@ class PendingTracker:
                     or entry[0] != self._generation.get(node_id, 0)):
                 return False
             self._waiters.setdefault(node_id, []).append(waiter)
-            until = entry[2]
+            until = min(entry[2], self._due(node_id))
         try:
             await asyncio.wait({future}, timeout=max(0.0, min(hold_s, until - _time.monotonic())))
         finally:
@@ -1840,10 +1848,30 @@ class PendingTracker:
             if entry is None:
                 return None
             generation, public_key, until = entry
-            if generation != self._generation.get(node_id, 0) or _time.monotonic() >= until:
+            if (generation != self._generation.get(node_id, 0)
+                    or _time.monotonic() >= min(until, self._due(node_id))):
                 self._idle.pop(node_id, None)
                 return None
             return public_key
+
+    def _due(self, ident: int) -> float:
+        """When `ident` must next be checked against the database (`set_recheck_due`'s hook;
+        lock-free, called under this tracker's lock); infinity: only `recheck_s` applies."""
+        due = _recheck_due[0]
+        return float("inf") if due is None else due((self.kind, ident))
+
+
+#: the recheck hook (`set_recheck_due`): (kind, id) -> monotonic time of its next database check
+_recheck_due: list[Callable[[tuple[str, int]], float] | None] = [None]
+
+
+def set_recheck_due(due: Callable[[tuple[str, int]], float] | None) -> None:
+    """Install (None: remove) the SuperLink's recheck hook: `due(("node", id))` / `due(("run",
+    id))` answers by when (`time.monotonic()`) that receiver must be checked against the database
+    by a full poll; until then an idle entry may vouch for it, after it none does
+    (`superlink_delivery`: a message held back for its objects is looked at again within a bound,
+    whatever happens to its wake). Must be lock-free and cheap: every early answer calls it."""
+    _recheck_due[0] = due
 
 
 def _wake(waiters: Sequence[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]) -> None:
@@ -2955,7 +2983,7 @@ def patch_superlink_idle_pulls(recheck_s: float, *, hold_s: float = 0.0, max_hel
         "flwr.supercore.protobuf.translation").PROTOBUF_REQUEST_TYPES,
         "the Runtime pull-messages route moved")
     tracker = PendingTracker(recheck_s)
-    runs = PendingTracker(min(recheck_s, _REPLY_RECHECK_S))
+    runs = PendingTracker(min(recheck_s, _REPLY_RECHECK_S), kind="run")
     _patch_linkstate_store_hook()
     if hold_s > 0:
         _release_holds_on_exit()

@@ -59,11 +59,19 @@ CANDIDATES_MAX = 64
 #: handed out as flwr does (its receiver's object pulls back off until they come): a bound, should
 #: an object never be seen arriving, on how long this can delay a message
 HOLD_MAX_S = 30.0
+#: a receiver with a message held back for its objects is looked at in the database (one full poll,
+#: `flwr_internals.set_recheck_due`) at the latest this long after the message's store, and after
+#: each such look that still holds it back, again after as long as the message has waited (1, 2,
+#: 4, ... s, the last at `HOLD_MAX_S`): its wake at the last object's commit is the fast path, this
+#: the bound should that wake never come (an idle entry would otherwise vouch for the receiver up
+#: to `superlink_idle_recheck`, up to 60 s, and a held poll up to its hold)
+RECHECK_FIRST_S = 1.0
 
 _PATCHED_MARK = "_exchange_delivery_patched"
 _PUT_KEY = "exchange_objects_put"
 _STORED_KEY = "exchange_delivery_stored"  # message ids registered in this session (undone on rollback)
 _WAKE_KEY = "exchange_delivery_wake"  # receivers to wake at this session's commit
+_DUE_KEY = "exchange_delivery_due"  # receivers to look at again after this session's commit
 _SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID, checked below
 
 
@@ -73,7 +81,13 @@ class DeliveryWatch:
     `register(message_id, key, missing, since)` records a message's missing object ids (read from
     the database); `since` is `seq()` read before that read, so the commits that raced with it
     are replayed from a log. `objects_committed(ids)` (after a commit that made objects
-    available) removes them; a message left with none calls `wake(key)`."""
+    available) removes them; a message left with none calls `wake(key)`.
+
+    Apart from that, and not subject to it (an entry dropped, a log that does not reach back, a
+    wake lost): by when each receiver with a message held back must be looked at in the database
+    again (`schedule`, `checking`, `due`; `flwr_internals.set_recheck_due`), so that no message is
+    held back longer than `RECHECK_FIRST_S` after its store, or after the last look, than it had
+    waited before it, whatever becomes of its wake."""
 
     def __init__(self, wake: Callable[[Key], None]) -> None:
         self._wake = wake
@@ -82,6 +96,7 @@ class DeliveryWatch:
         self._log: deque[tuple[int, str]] = deque(maxlen=LOG_MAX)
         self._waiting: dict[str, tuple[Key, set[str], float]] = {}  # message -> (key, missing, since)
         self._by_object: dict[str, set[str]] = {}  # object -> messages that wait for it
+        self._due: dict[Key, float] = {}  # receiver -> monotonic time of its next database look
         self.held_back = 0  # pulls that found a message and left it, objects missing
         self.woken = 0  # messages that became deliverable while watched
 
@@ -113,6 +128,25 @@ class DeliveryWatch:
 
     def wake(self, key: Key) -> None:
         self._wake(key)
+
+    def schedule(self, key: Key, after_s: float) -> None:
+        """`key` has a message held back: look at it in the database again within `after_s`
+        (the earliest of its schedules counts until `checking` is called)."""
+        at = time.monotonic() + after_s
+        with self._lock:
+            current = self._due.get(key)
+            self._due[key] = at if current is None else min(current, at)
+
+    def checking(self, key: Key) -> None:
+        """A pull for `key` is about to read the database (before its read: whatever is stored
+        and committed after this is scheduled anew, at its commit or by this pull)."""
+        with self._lock:
+            self._due.pop(key, None)
+
+    def due(self, key: Key) -> float:
+        """By when (`time.monotonic()`) `key` must be looked at in the database; infinity: not
+        due. Lock-free (the idle-poll shortcut calls it under its tracker's lock)."""
+        return self._due.get(key, _NEVER)
 
     def waiting(self, message_id: str) -> bool:
         with self._lock:
@@ -181,6 +215,15 @@ _allowed: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVa
 def watch() -> DeliveryWatch | None:
     return _process.watch
 
+
+_NEVER = float("inf")
+
+
+def _next_look(waited_s: float) -> float:
+    """How long after a look that held a message back (it has waited `waited_s` since its store)
+    the next look is due: as long as it has waited (at least `RECHECK_FIRST_S`), the last one at
+    `HOLD_MAX_S`, when it is handed out whatever its objects."""
+    return max(RECHECK_FIRST_S, min(waited_s, HOLD_MAX_S - waited_s))
 
 
 def _require(condition: bool, what: str) -> None:
@@ -321,6 +364,8 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
             return get_ins(self, node_id, limit, run_id=run_id)
         from flwr.supercore.utils import uint64_to_int64
 
+        key: Key = ("node", int(node_id))
+        watch_.checking(key)
         since = watch_.seq()
         conditions = [MessageIns.dst_node_id == uint64_to_int64(node_id), MessageIns.delivered_at == "",
                       MessageIns.created_at + MessageIns.ttl > now_ts()]
@@ -332,11 +377,14 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
                 .order_by(MessageIns.created_at.asc(), MessageIns.message_id.asc())
                 .limit(CANDIDATES_MAX)).all()
             candidates = [m for m, _ in rows]
-            recent = now_ts() - HOLD_MAX_S
-            missing = _unavailable(session, [m for m, created in rows if (created or 0.0) > recent])
+            created = {m: float(c or 0.0) for m, c in rows}
+            current = now_ts()
+            missing = _unavailable(session, [m for m in candidates if created[m] > current - HOLD_MAX_S])
         if not candidates:
             return []
-        held = {m for m, ids in missing.items() if watch_.register(m, ("node", int(node_id)), ids, since)}
+        held = {m for m, ids in missing.items() if watch_.register(m, key, ids, since)}
+        if held:
+            watch_.schedule(key, _next_look(current - min(created[m] for m in held)))
         allowed = tuple(m for m in candidates if m not in held)
         if not allowed:
             watch_.held_back += 1
@@ -371,22 +419,27 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
     def get_message_res(self: Any, message_ids: set[str], run_id: int) -> Any:
         if not message_ids or not _same_database(self):
             return get_res(self, message_ids, run_id)
+        key: Key = ("run", int(run_id))
+        watch_.checking(key)
         since = watch_.seq()
         with self.session() as session:
             # SQLite's write lock first (an UPDATE of no row takes it): no reply is committed
             # between this check and flwr's claim below, in the same transaction
             session.execute(update(MessageRes).where(false()).values(delivered_at=MessageRes.delivered_at))
-            replies = dict(session.execute(
-                select(MessageRes.message_id, MessageRes.reply_to_message_id)
+            current = now_ts()
+            rows = session.execute(
+                select(MessageRes.message_id, MessageRes.reply_to_message_id, MessageRes.created_at)
                 .join(MessageIns, MessageIns.message_id == MessageRes.reply_to_message_id)
                 .where(MessageRes.reply_to_message_id.in_(list(message_ids)), MessageRes.delivered_at == "",
-                       MessageIns.created_at + MessageIns.ttl > now_ts(),
-                       MessageRes.created_at > now_ts() - HOLD_MAX_S)).all())
+                       MessageIns.created_at + MessageIns.ttl > current,
+                       MessageRes.created_at > current - HOLD_MAX_S)).all()
+            replies = {m: (to, float(c or 0.0)) for m, to, c in rows}
             missing = _unavailable(session, list(replies))
-            held = {replies[m] for m, ids in missing.items()
-                    if watch_.register(m, ("run", int(run_id)), ids, since)}
+            held_replies = [m for m, ids in missing.items() if watch_.register(m, key, ids, since)]
+            held = {replies[m][0] for m in held_replies}
             if held:
                 watch_.held_back += 1
+                watch_.schedule(key, _next_look(current - min(replies[m][1] for m in held_replies)))
             return get_res(self, set(message_ids) - held, run_id)
 
     @functools.wraps(store_tree)
@@ -418,6 +471,8 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
                     session.info.setdefault(_STORED_KEY, []).append(message_id)
                 elif quiet:  # stored quietly, yet complete by now: wake its receiver at the commit
                     session.info.setdefault(_WAKE_KEY, []).append(key)
+                if quiet:  # its receiver stays idle: a look at the database is due, wake or not
+                    session.info.setdefault(_DUE_KEY, []).append(key)
             return stored, to_push
 
     @functools.wraps(put)
@@ -429,9 +484,12 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
     def after_commit(session: Any) -> None:
         put_ids = session.info.pop(_PUT_KEY, None)
         wake = session.info.pop(_WAKE_KEY, ())
+        due = session.info.pop(_DUE_KEY, ())
         session.info.pop(_STORED_KEY, None)
         if _process.watch is None:
             return
+        for key in dict.fromkeys(due):  # at the commit: a pull that reads before it sees nothing yet
+            _process.watch.schedule(key, RECHECK_FIRST_S)
         for key in dict.fromkeys(wake):
             _process.watch.wake(key)
         if put_ids:
@@ -440,6 +498,7 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
     def after_rollback(session: Any) -> None:
         session.info.pop(_PUT_KEY, None)
         session.info.pop(_WAKE_KEY, None)
+        session.info.pop(_DUE_KEY, None)
         stored = session.info.pop(_STORED_KEY, None)
         if stored and _process.watch is not None:
             _process.watch.discard(stored)
@@ -457,6 +516,7 @@ def patch_superlink_delivery(wake: Callable[[Key], None]) -> DeliveryWatch:
         setattr(put_object, _PATCHED_MARK, True)
         setattr(SqlObjectStore, "put", put_object)  # noqa: B010 (a method of flwr's)
     _process.watch = watch_
+    flwr_internals.set_recheck_due(watch_.due)
     return watch_
 
 

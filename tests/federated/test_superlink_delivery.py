@@ -59,6 +59,7 @@ def _link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, deliver_complete: 
         monkeypatch.setattr(SqlLinkState, name, getattr(SqlLinkState, name))
     monkeypatch.setattr(SqlObjectStore, "put", SqlObjectStore.put)
     monkeypatch.setattr(superlink_delivery._process, "watch", None)
+    monkeypatch.setattr(flwr_internals, "_recheck_due", [None])
     monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "superlink.db"))
     flwr_internals.patch_superlink_middleware()
     tracker = flwr_internals.patch_superlink_idle_pulls(recheck_s=30.0, hold_s=hold_s, max_held=8)
