@@ -32,7 +32,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # the API's blocking handlers (Litestar `sync_to_thread`: signature checks, SQL reads)
     ("api_workers", ("AnyIO worker thread", "asyncio_")),
     # the log's writer, checkpoints, sweeps: background work of the coordinator
-    ("coordinator_background", ("coordinator-writer", "coordinator-commit", "checkpointing",
+    ("coordinator_background", ("coordinator-writer", "coordinator-commit_", "checkpointing",
                                 "deadline-sweep", "sqlite-checkpointer")),
     # the demo's driver: `Consortium.run` on the main thread (follow_training's polls)
     ("driver", ("MainThread",)),

@@ -37,21 +37,24 @@ def test_a_thread_s_cpu_stays_in_its_group_after_it_ends() -> None:
     `unseen`), and a thread never sampled shows up as `unseen`."""
     sampler = ThreadCpuSampler()
 
+    busy = threading.Event()
+
     def spin(seconds: float) -> None:
-        end = time.thread_time() + seconds
-        while time.thread_time() < end:
-            pass
+        start = time.thread_time()
+        while time.thread_time() < start + seconds:
+            if time.thread_time() > start + 0.15:
+                busy.set()
 
     worker = threading.Thread(target=spin, args=(0.3,), name="study-test")
     before = sampler.sample()
     worker.start()
-    time.sleep(0.05)
-    sampler.sample()  # sees the worker while it runs
+    assert busy.wait(10)
+    sampler.sample()  # sees the worker while it runs, 0.15 s of CPU in
     worker.join()
     after = sampler.sample()
     assert set(after) == set(PARTS)
     gained = after["serverapp"] - before["serverapp"]
-    assert gained >= 0.05, gained  # at least what it had spent when it was seen
+    assert gained >= 0.1, gained  # at least what it had spent when it was seen
     unseen = threading.Thread(target=spin, args=(0.3,), name="study-unseen")
     unseen.start()
     unseen.join()
