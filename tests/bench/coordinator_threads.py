@@ -29,8 +29,9 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("serverapp", ("study-", "ThreadPoolExecutor-", "federated-warm-up", "prepare-")),
     # the API's event loop (async handlers, the SQLite group commit of request nonces)
     ("api_loop", ("coordinator",)),
-    # the API's blocking handlers (Litestar `sync_to_thread`: signature checks, SQL reads)
-    ("api_workers", ("AnyIO worker thread", "asyncio_")),
+    # the API's blocking handlers (Litestar `sync_to_thread`, on the loop's default executor:
+    # uvloop_N; AnyIO's workers): signature checks, SQL reads
+    ("api_workers", ("AnyIO worker thread", "asyncio_", "uvloop_")),
     # the log's writer, checkpoints, sweeps: background work of the coordinator
     ("coordinator_background", ("coordinator-writer", "coordinator-commit_", "checkpointing",
                                 "deadline-sweep", "sqlite-checkpointer")),

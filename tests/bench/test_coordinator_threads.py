@@ -24,7 +24,7 @@ def test_each_thread_of_the_bench_process_falls_in_its_group() -> None:
     assert group_of("coordinator-writer") == "coordinator_background"  # not the API's loop
     assert group_of("coordinator-commit_0") == "coordinator_background"
     assert group_of("AnyIO worker thread") == "api_workers"
-    assert group_of("asyncio_2") == "api_workers"
+    assert group_of("asyncio_2") == group_of("uvloop_3") == "api_workers"
     assert group_of("checkpointing") == "coordinator_background"
     assert group_of("MainThread") == "driver"
     assert group_of("bench-memory", {"bench-memory"}) == BENCH
