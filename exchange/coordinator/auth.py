@@ -22,6 +22,8 @@ from exchange.coordinator.models import Role
 from exchange.coordinator.registry import Principal, Registry
 from exchange.http_signing import RequestSignatureError, verify_request
 
+#: where `_hospital` keeps the registration it verified the signature with (request scope state)
+HOSPITAL_ROW = "hospital_row"
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="exchange", Signature realm="exchange"'}
 
 
@@ -89,8 +91,22 @@ async def _hospital(request: Request[Any, Any, Any], registry: Registry) -> Prin
     if not fresh:
         raise unauthorized("replayed request: this signature nonce was already used")
     hospital = hospitals[verified.key_id]
+    # the registration the signature verified with, for the route's `hospital` dependency
+    request.scope.setdefault("state", {})[HOSPITAL_ROW] = hospital
     return Principal(role=Role.HOSPITAL, ref=f"hospital:{hospital.id}",
                      organisation_id=hospital.organisation_id, hospital_id=hospital.id)
+
+
+def authenticated_hospital(request: Request[Any, Any, Any], principal: Principal) -> Any:
+    """The calling hospital's registration as read to verify this request's signature (None
+    when the request was not signed by a hospital). Why: a hospital route used to read the
+    registration again on a worker thread for its `hospital` dependency, a second database
+    read and thread hand-over on every signed request (docs/benchmarks/scale.md, "The
+    coordinator's CPU per round")."""
+    row = request.scope.get("state", {}).get(HOSPITAL_ROW)
+    if row is None or principal.hospital_id is None or row.id != principal.hospital_id:
+        return None
+    return row
 
 
 def allow(principal: Principal, *roles: Role) -> None:

@@ -326,7 +326,12 @@ class Checkpointing:
             if cosigning.quorum_met and (self._complete is None
                                          or self._complete.checkpoint.size <= size):
                 self._complete = cosigning
-            self._notify()
+            # Only the threads waiting for a quorum (`wait_cosigned`) are woken: a witness's
+            # long poll waits for a checkpoint of another size, which a cosignature never makes.
+            # Waking them all too cost each waiting witness a look at the log on a worker thread
+            # per cosignature of every other witness: n * (n - 1) looks per checkpoint, about
+            # 600 at 25 hospitals (docs/benchmarks/scale.md, "The coordinator's CPU per round").
+            self._changed.notify_all()
         if reached:
             log.info("checkpoint_cosigned", size=size, witnesses=sorted(cosigning.signed))
         return cosigning

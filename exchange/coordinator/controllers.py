@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Annotated, Any, Literal, TypeVar
 
 from litestar import Controller, Request, Response
+from litestar.concurrency import sync_to_thread
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import ValidationException
@@ -25,7 +26,7 @@ from pydantic import BaseModel
 from audit.entry import Entry, MalformedEntryError
 from audit.signing import b64encode
 from exchange.coordinator import guards, problems, witness_routes
-from exchange.coordinator.auth import authenticate
+from exchange.coordinator.auth import authenticate, authenticated_hospital
 from exchange.coordinator.catalogs import publish as publish_catalog
 from exchange.coordinator.claims import RewardClaim, claim_reward
 from exchange.coordinator.guards import delete, get, post
@@ -134,10 +135,14 @@ def _entry(body: SignedEntry) -> Entry:
         raise problems.unprocessable([{"field": "body", "reason": str(exc)}]) from exc
 
 
-def _hospital(principal: Principal, registry: Registry) -> Hospital:
-    """The calling hospital's registration (HospitalController's guard: a hospital)."""
+async def _hospital(request: Request[Any, Any, Any], principal: Principal, registry: Registry) -> Hospital:
+    """The calling hospital's registration (HospitalController's guard: a hospital): the row its
+    signature was just verified with (`auth.authenticated_hospital`), without another read."""
     assert principal.hospital_id is not None
-    return registry.get_hospital(principal.hospital_id)
+    row: Hospital | None = authenticated_hospital(request, principal)
+    if row is not None:
+        return row
+    return await sync_to_thread(registry.get_hospital, principal.hospital_id)
 
 
 #: The coordinator's parts from the app's state, for the API's and the console's handlers.
@@ -295,7 +300,7 @@ class HospitalController(Controller):
 
     path = "/v1/hospital"
     tags = ["hospitals"]  # noqa: RUF012
-    dependencies = {**DEPENDENCIES, "hospital": Provide(_hospital, sync_to_thread=True)}  # noqa: RUF012
+    dependencies = {**DEPENDENCIES, "hospital": Provide(_hospital)}  # noqa: RUF012
     security = SIGNED_AUTH
     guards = [guards.HOSPITAL]  # noqa: RUF012
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from exchange.demo.consortium import Consortium, DemoConfig, Progress, study_body
+from tests.bench.coordinator_threads import ThreadCpuSampler, threads_in_window
 from tests.bench.memory_map import union_mb
 
 
@@ -164,7 +165,7 @@ class MemorySampler:
         self.cpu: dict[str, dict[str, float]] = {}  # hospital -> role -> CPU seconds
         self.union_at: dict[str, float] = {}  # hospital -> when its pages were last counted once
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread = threading.Thread(target=self._run, name="bench-memory", daemon=True)
 
     def _run(self) -> None:
         while not self.stop.wait(1.0):
@@ -247,6 +248,20 @@ def cpu_by_round(samples: list[CpuSample], rounds: list[dict[str, Any]]) -> list
     return out
 
 
+def coordinator_threads_by_round(samples: list[tuple[float, dict[str, float]]],
+                                 rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each round's CPU seconds of this process by thread group (`coordinator_threads.PARTS`:
+    ServerApp, the API's loop and workers, the coordinator's background threads, the demo's
+    driver, the bench's samplers), over the round's wall time as in `cpu_by_round`."""
+    out = []
+    for r in rounds:
+        if r.get("time") is None or r.get("wall_s") is None:
+            continue
+        end = datetime.fromisoformat(str(r["time"]).replace("Z", "+00:00")).timestamp()
+        out.append({"round": r["round"], **threads_in_window(samples, end - float(r["wall_s"]), end)})
+    return out
+
+
 def cpu_by_phase(samples: list[CpuSample]) -> dict[str, dict[str, float]]:
     """Per phase of the consortium's run: its wall seconds and the CPU seconds the SuperLink, the
     coordinator and all hospitals together (daemons and Flower processes) spent in it, from
@@ -279,7 +294,7 @@ class ServerCpuSampler:
         self.exclude = exclude_threads
         self.samples: list[CpuSample] = []
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread = threading.Thread(target=self._run, name="bench-cpu", daemon=True)
 
     def _coordinator_cpu(self) -> float:
         own = _cpu_s(os.getpid())
@@ -399,7 +414,10 @@ def run_config(hospitals: int, secure: bool, rounds: int, root: Path,
     consortium = Consortium(config, progress)
     sampler = MemorySampler(consortium)
     sampler.thread.start()
-    server_cpu = ServerCpuSampler(consortium, [sampler.thread])
+    threads = ThreadCpuSampler()
+    server_cpu = ServerCpuSampler(consortium, [sampler.thread, threads.thread])
+    threads.bench_names |= {sampler.thread.name, server_cpu.thread.name}
+    threads.thread.start()
     server_cpu.thread.start()
     load_start = round(os.getloadavg()[0], 1)
     started = time.monotonic()
@@ -408,7 +426,9 @@ def run_config(hospitals: int, secure: bool, rounds: int, root: Path,
     finally:
         sampler.stop.set()
         server_cpu.stop.set()
+        threads.stop.set()
         server_cpu.thread.join()
+        threads.thread.join()
         consortium.stop()
     wall = time.monotonic() - started
     report = json.loads((config.out / "report.json").read_text())
@@ -442,6 +462,7 @@ def run_config(hospitals: int, secure: bool, rounds: int, root: Path,
                                                          *FIRST_ROUND_PARTS[2:])} for r in report["rounds"]],
         "server_cpu_by_phase": cpu_by_phase(server_cpu.samples),
         "cpu_by_round": cpu_by_round(server_cpu.samples, report["rounds"]),
+        "coordinator_threads_by_round": coordinator_threads_by_round(threads.samples, report["rounds"]),
         **participation(report),
         "checks_failed": [c["check"] for c in report.get("checks", []) if not c.get("ok")],
     }
