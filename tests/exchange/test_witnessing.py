@@ -495,6 +495,7 @@ def test_the_monitor_writes_its_progress_rarely_and_what_it_finds_at_once(
             assert commits == []  # before: one commit per checkpoint
         assert inclusion_status(store)["proven_size"] == first.size  # the written progress lags
 
+        assert held is not None
         now[0] += witnessing.INCLUSION_PROGRESS_S
         monitor.step(held)
         assert commits == [1] and inclusion_status(store)["proven_size"] == held.size
