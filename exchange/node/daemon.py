@@ -67,6 +67,10 @@ REGISTRATION_RECHECK_S = 60.0
 #: The step's time goes to the node database at most this often (the health endpoint has every
 #: step's): a write, and on SQLite an fsync, at every step of every idle hospital bought nothing
 STEP_RECORD_S = 10.0
+#: A settled daemon (nothing committed to its database, the same answer from the coordinator)
+#: still makes a whole pass this often: what a pass reads besides those two (the date a waiting
+#: study's evaluation depends on, a site file removed by hand) is seen within it
+SETTLED_PASS_MAX_S = 60.0
 CHILD_STOP_GRACE_S = 10.0
 
 
@@ -202,6 +206,9 @@ class NodeDaemon:
         #: none has completed without an error, so the next step makes one)
         self._settled_token: object | None = None
         self._settled_with: NodeSettings | None = None  # the settings that pass worked with
+        self._settled_at = 0.0  # when that pass began (the daemon's clock)
+        #: the studies (or the failed request) `_studies_unchanged` got this step, for its pass
+        self._fetched: list[dict[str, Any]] | BaseException | None = None
         self._pass_failed = False
         #: passes over the node database so far (steps that found it unchanged make none)
         self.passes = 0
@@ -230,17 +237,23 @@ class NodeDaemon:
     # -- one step -----------------------------------------------------------------------------
     def step(self) -> None:
         """One step. The work on this node's database (catalog, studies, decisions, site files,
-        the children wanted, rounds) runs when it may find something new: when the studies are
-        due from the coordinator, when anything committed to the node database since the last
-        such pass began (`NodeStore.change_token`: a steward's command, the Flower process
-        charging a round, this daemon's own writes), or after a pass that failed; otherwise
-        it would re-read what it read last time. The children are supervised at every step."""
+        the children wanted, rounds) runs when it may find something new: when anything
+        committed to the node database since the last such pass began (`NodeStore.change_token`:
+        a steward's command, the Flower process charging a round, this daemon's own writes),
+        after a pass that failed, when the coordinator's list of studies changed, or at least
+        every `SETTLED_PASS_MAX_S`; otherwise it would re-read what it read last time. The
+        studies are asked for when due (`_sync_studies`): while the database is settled, an
+        answer equal to the last one starts no pass (`_studies_unchanged`). The children are
+        supervised at every step."""
         self._step_started = self._clock()
         if not self._ensure_registered():
             return
         token = self.store.change_token()  # before the pass's reads: a later commit is news
-        if (token is None or token != self._settled_token or self._settled_with is not self.settings
-                or self._step_started >= self._studies_due_at):
+        settled = (token is not None and token == self._settled_token
+                   and self._settled_with is self.settings
+                   and self._step_started - self._settled_at < SETTLED_PASS_MAX_S)
+        due = self._step_started >= self._studies_due_at
+        if not settled or (due and not self._studies_unchanged()):
             self._pass_failed = False
             self._settled_token = None
             self._publish_catalog()
@@ -251,10 +264,33 @@ class NodeDaemon:
             self.passes += 1
             if not self._pass_failed:
                 self._settled_token, self._settled_with = token, self.settings
+                self._settled_at = self._step_started
         self._supervise()
         if self._step_recorded_at is None or self._step_started - self._step_recorded_at >= STEP_RECORD_S:
             self.store.set_state("last_step_at", datetime.now(UTC).isoformat())
             self._step_recorded_at = self._step_started
+
+    def _studies_unchanged(self) -> bool:
+        """The studies are due and nothing was committed here since the last pass: ask the
+        coordinator; True when its answer is the last one (then the pass would only re-read what
+        the last one read: the list, the decisions, the site files and the ledger are as they
+        were; the next request is put off as `_sync_studies` does). Else the answer (or the
+        failed request) is kept for this step's pass, which asks nothing again. A waiting study's
+        one input outside the database and the answer, the date (`decisions._evaluation_inputs`),
+        is seen at the next pass: within `SETTLED_PASS_MAX_S`."""
+        started = self._step_started
+        try:
+            studies = self.link.studies()
+        except Exception as exc:  # the pass records it (`_sync_studies`), as when it asks itself
+            self._fetched = exc
+            return False
+        digest = _digest(studies)
+        if digest != self._studies_digest:
+            self._fetched = studies
+            return False
+        self._studies_wait_s = self._next_studies_wait(failed=False, changed=False)
+        self._studies_due_at = started + self._studies_wait_s
+        return True
 
     def _ensure_registered(self) -> bool:
         """Whether the coordinator knows this hospital: asked (`me`) at the first step, after a
@@ -313,11 +349,14 @@ class NodeDaemon:
         again once the answer changes, after a failed request, a failed observation, a posted
         decision or a published catalog."""
         started = self._step_started
-        if started < self._studies_due_at:  # the last answer, observed again: what changed
-            self._observe(self._studies)    # here (budget, data, consent) is seen at every step
-            return
+        fetched, self._fetched = self._fetched, None
+        if fetched is None and started < self._studies_due_at:  # the last answer, observed again:
+            self._observe(self._studies)                       # what changed here (budget, data,
+            return                                             # consent) is seen at every pass
         try:
-            studies = self.link.studies()
+            if isinstance(fetched, BaseException):
+                raise fetched  # `_studies_unchanged` asked this step already
+            studies = fetched if fetched is not None else self.link.studies()
         except Exception as exc:
             self._error("coordinator", exc)
             self._registered_at = None  # the next step asks `me`, which says why (health)
@@ -325,14 +364,18 @@ class NodeDaemon:
             return
         self._studies = studies
         failed = not self._observe(studies)
-        digest = hashlib.sha256(json.dumps(studies, sort_keys=True, default=str).encode()).hexdigest()
-        cap = self.settings.studies_poll_max_s
-        if failed or digest != self._studies_digest or cap <= 0:
-            self._studies_wait_s = 0.0
-        else:
-            self._studies_wait_s = min(cap, max(self.settings.poll_interval_s, 2 * self._studies_wait_s))
+        digest = _digest(studies)
+        self._studies_wait_s = self._next_studies_wait(failed=failed, changed=digest != self._studies_digest)
         self._studies_digest = digest
         self._studies_due_at = started + self._studies_wait_s
+
+    def _next_studies_wait(self, *, failed: bool, changed: bool) -> float:
+        """How long until the studies are asked for again: at the next step after a change or a
+        failure, else twice the last wait, up to `studies_poll_max_s`."""
+        cap = self.settings.studies_poll_max_s
+        if failed or changed or cap <= 0:
+            return 0.0
+        return min(cap, max(self.settings.poll_interval_s, 2 * self._studies_wait_s))
 
     def _post_decisions(self) -> None:
         for decision in unposted(self.store):
@@ -509,6 +552,11 @@ class NodeDaemon:
             self.store.set_state("daemon", {"state": "stopped", "stopped_at": datetime.now(UTC).isoformat()})
             log.info("node_stopped", hospital_id=self.settings.hospital_id)
         return 0
+
+
+def _digest(studies: list[dict[str, Any]]) -> str:
+    """What identifies one answer of the coordinator's list of studies."""
+    return hashlib.sha256(json.dumps(studies, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class NodeStartError(RuntimeError):

@@ -19,6 +19,7 @@ from exchange.node.witnessing import (
     InclusionMonitor,
     NodeWitness,
     WitnessLink,
+    inclusion_report,
     inclusion_status,
 )
 
@@ -59,10 +60,10 @@ class WitnessLoop:
                 log.debug("checkpoint_cosigned", size=step.size)
             self._last_outcome = outcome
             held = self.witness.held()
-        if held is not None:
-            self.monitor.step(held)  # holds FORK_GUARD around its database use only
+        state = self.monitor.step(held) if held is not None else None  # FORK_GUARD for the database only
         with FORK_GUARD:
-            self._report(witness=self.witness.status(), inclusion=inclusion_status(self.store))
+            inclusion = inclusion_report(state) if state is not None else inclusion_status(self.store)
+            self._report(witness=self.witness.status(), inclusion=inclusion)
 
     def run(self) -> None:
         while not self.stop.is_set():

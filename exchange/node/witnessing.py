@@ -18,6 +18,7 @@ coordinator that starts signing with another key gets refused (403), not followe
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -52,6 +53,10 @@ STATE_FILE = "witness.json"
 PINNED_LOG_FILE = "witness-log.json"
 ENTRY_PAGE = 200
 INCLUSION_STATE = "inclusion"
+#: The monitor's progress alone (how far it scanned, the checkpoint its entries are proven in) is
+#: written to the node database at most this often; what it found or misses, at once
+#: (`InclusionMonitor.step`)
+INCLUSION_PROGRESS_S = 60.0
 
 
 class WitnessLink(Protocol):
@@ -227,14 +232,32 @@ class InclusionMonitor:
         self.key_id = key_id
         self._clock = clock
         self._db_guard: AbstractContextManager[object] = db_guard or nullcontext()
+        self._state: InclusionState | None = None  # the state as of the last step
+        #: what the node database holds (`InclusionState.to_json`), and when it was written
+        self._saved: dict[str, Any] | None = None
+        self._saved_at = 0.0
 
     def state(self) -> InclusionState:
-        with self._db_guard:
-            return InclusionState.from_json(self.store.get_state(INCLUSION_STATE))
+        """The monitor's state: read from the node database at the first step (a restart
+        resumes from it), kept in memory after."""
+        if self._state is None:
+            with self._db_guard:
+                saved = self.store.get_state(INCLUSION_STATE)
+            self._state = InclusionState.from_json(saved)
+            self._saved, self._saved_at = (saved, self._clock()) if saved else (None, 0.0)
+        return self._state
 
     def step(self, held: HeldCheckpoint) -> InclusionState:
         """Scan the log up to the held checkpoint, prove this node's new entries included in
-        it, and list what this node signed that is still missing past the grace period."""
+        it, and list what this node signed that is still missing past the grace period.
+
+        Written to the node database when an entry of this node was found or proven, or one is
+        missing or failed its proof (what `node status` and its alarms read), else at most every
+        `INCLUSION_PROGRESS_S`: at every checkpoint the scan moves on, and the write was a commit
+        (an fsync on SQLite) per hospital and checkpoint, which also made the daemon's next
+        step re-read its database (`NodeStore.change_token`). A restart resumes from the last
+        write: it scans again at most that long a stretch of the log, which holds none of this
+        node's entries (finding one is written at once)."""
         state = self.state()
         size, root = held.size, held.root
         while state.scanned < size:
@@ -254,8 +277,24 @@ class InclusionMonitor:
             state.proven_size = size
         with self._db_guard:
             state.missing = self._missing(state)
-            self.store.set_state(INCLUSION_STATE, state.to_json())
+            current = state.to_json()
+            if self._must_save(current):
+                self.store.set_state(INCLUSION_STATE, current)
+                # a copy: `current` shares the state's lists and dicts, which the next step extends
+                self._saved, self._saved_at = copy.deepcopy(current), self._clock()
         return state
+
+    def _must_save(self, current: dict[str, Any]) -> bool:
+        """Whether `current` must be written now (`step`): it differs from what the database
+        holds in more than the progress, or the progress written is `INCLUSION_PROGRESS_S` old."""
+        saved = self._saved
+        if saved is None:
+            return True
+        progress = ("scanned", "proven_size")
+        if any(current.get(key) != saved.get(key) for key in current.keys() - set(progress)):
+            return True
+        moved = any(current.get(key) != saved.get(key) for key in progress)
+        return moved and self._clock() - self._saved_at >= INCLUSION_PROGRESS_S
 
     def _prove(self, state: InclusionState, entry: Entry, index: int, size: int, root: bytes) -> None:
         leaf = leaf_hash(entry.leaf_bytes())
@@ -305,8 +344,13 @@ def _aware(value: datetime | None) -> datetime | None:
 
 def inclusion_status(store: NodeStore) -> dict[str, Any]:
     """For `node status` and /health: up to which cosigned checkpoint this node's entries are
-    proven included, how many, and an alarm for any missing or unprovable one."""
-    state = InclusionState.from_json(store.get_state(INCLUSION_STATE))
+    proven included, how many, and an alarm for any missing or unprovable one (as last written
+    to the node database: the progress lags by up to `INCLUSION_PROGRESS_S`, an alarm does not)."""
+    return inclusion_report(InclusionState.from_json(store.get_state(INCLUSION_STATE)))
+
+
+def inclusion_report(state: InclusionState) -> dict[str, Any]:
+    """`inclusion_status` of a monitor's state (the daemon's /health: the state in memory)."""
     alarm = bool(state.missing or state.failures)
     return {"state": "alarm" if alarm else "ok", "alarm": alarm,
             "proven_size": state.proven_size, "entries_proven": len(state.entries),

@@ -449,3 +449,71 @@ def test_the_daemon_reports_the_witness_and_its_alarm_on_health(
     finally:
         client.close()
         store.dispose()
+
+
+def test_the_monitor_writes_its_progress_rarely_and_what_it_finds_at_once(
+        served: Served, witnesses: dict[str, tuple[NodeWitness, HospitalClient]],
+        hospitals: dict[str, Signer], tmp_path: Path) -> None:
+    """Every checkpoint moved the scan on and the state was written: a commit (an fsync on
+    SQLite) per hospital and checkpoint, and the daemon's next step re-read its database for it
+    (docs/benchmarks/scale.md, branch nodecpu). Now the progress alone is written at most every
+    INCLUSION_PROGRESS_S; an entry found, or one missing, at once."""
+    from sqlalchemy import event
+
+    import exchange.node.witnessing as witnessing
+
+    witness, client = witnesses["w-two"]
+    settings = node_settings(tmp_path, "w-two", served.url)
+    now = [time.time()]
+    store = open_store(settings.db_url)
+    commits: list[int] = []
+    event.listen(store.engine, "commit", lambda _conn: commits.append(1))
+    try:
+        monitor = InclusionMonitor(settings, store, client, hospitals["w-two"].key_id, clock=lambda: now[0])
+        study, entry = _approve_a_study(served, client, hospitals["w-two"])
+        with store.transaction() as session:
+            session.add(StudyRow(study_id=study["id"], document={}, status="approved"))
+            session.flush()
+            session.add(DecisionRow(study_id=study["id"], decision="approve", decided_by="policy",
+                                    reasons=[], eligible_records=10, envelope=entry.to_json(),
+                                    posted_at=datetime.now(UTC)))
+        _cosign_all({"w-two": (witness, client)}, served.runtime.audit_log.size())
+        first = witness.held()
+        assert first is not None
+        commits.clear()
+        state = monitor.step(first)
+        assert len(state.entries) == 1 and commits == [1]  # found: written at once
+
+        for _ in range(2):  # the log grows by entries that are not this node's
+            served.submit()
+            _cosign_all({"w-two": (witness, client)}, served.runtime.audit_log.size())
+            held = witness.held()
+            assert held is not None and held.size > first.size
+            commits.clear()
+            state = monitor.step(held)
+            assert state.proven_size == held.size and state.scanned == held.size
+            assert commits == []  # before: one commit per checkpoint
+        assert inclusion_status(store)["proven_size"] == first.size  # the written progress lags
+
+        assert held is not None
+        now[0] += witnessing.INCLUSION_PROGRESS_S
+        monitor.step(held)
+        assert commits == [1] and inclusion_status(store)["proven_size"] == held.size
+
+        # a restart resumes from what was written
+        again = InclusionMonitor(settings, store, client, hospitals["w-two"].key_id, clock=lambda: now[0])
+        assert again.state().scanned == held.size and len(again.state().entries) == 1
+
+        # a decision this node signed, that the log does not hold, past the grace period: at once
+        hidden = decision_entry(hospitals["w-two"], "w-two", study["id"], decision="refuse",
+                                reasons=["x"], eligible_records=0)
+        with store.transaction() as session:
+            session.add(DecisionRow(study_id=study["id"], decision="refuse", decided_by="policy",
+                                    reasons=[], eligible_records=0, envelope=hidden.to_json(),
+                                    posted_at=datetime.now(UTC) - timedelta(minutes=5)))
+        commits.clear()
+        state = monitor.step(held)
+        assert [m["kind"] for m in state.missing] == ["study.decision"] and commits == [1]
+        assert inclusion_status(store)["alarm"] is True
+    finally:
+        store.dispose()

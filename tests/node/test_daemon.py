@@ -658,3 +658,57 @@ def test_a_settled_daemon_reads_its_database_again_only_after_a_commit(
         assert json.loads(site_paths(settings)["approvals"].read_text())["approved"] == [study]
     finally:
         link.close()
+
+
+def test_a_settled_daemon_makes_no_pass_for_an_unchanged_list_of_studies(
+        node_dir: Path, seeded: NodeStore, coordinator: LiveCoordinator) -> None:
+    """The studies are due every `studies_poll_max_s`, and each answer started a whole pass over
+    the node database (its studies, decisions, site files and ledger: ~6.5 ms of CPU, docs/
+    benchmarks/scale.md, branch nodecpu) although nothing had changed there or at the
+    coordinator. Now an unchanged answer, with nothing committed since the last pass, starts
+    none; a new study is still decided at the answer that brings it, and a settled daemon still
+    makes a pass every SETTLED_PASS_MAX_S."""
+    from sqlalchemy import event
+
+    import exchange.node.daemon as daemon_module
+
+    settings = _node_settings(node_dir, mode="auto-approve")
+    settings = settings.model_copy(update={"coordinator_url": coordinator.url, "poll_interval_s": 0.5,
+                                           "studies_poll_max_s": 1.0})
+    signer = Signer.load(settings.signing_key_path)
+    link = _CountingLink(settings, signer)
+    daemon = NodeDaemon(settings, seeded, link, signer)
+    now = [1000.0]
+    daemon._clock = lambda: now[0]
+    first = coordinator.submit(epsilon=3.0)
+    statements: list[str] = []
+    event.listen(seeded.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    try:
+        for _ in range(8):  # registration, the catalog, the decision, the site export
+            daemon.step()
+            now[0] += 0.5
+        assert [d["decision"] for d in _decisions(coordinator, first)] == ["approve"]
+        statements.clear()
+        link.calls.clear()
+        passes = daemon.passes
+        for _ in range(8):  # 4 s, the studies asked for every second, the same answer
+            daemon.step()
+            now[0] += 0.5
+        assert link.calls.count("studies") >= 3
+        assert statements == [] and daemon.passes == passes  # before: a pass per answer
+
+        second = coordinator.submit(epsilon=3.0)
+        for _ in range(3):  # the next answer (within a second) brings it: a pass decides it
+            daemon.step()
+            now[0] += 0.5
+        assert [d["decision"] for d in _decisions(coordinator, second)] == ["approve"]
+
+        for _ in range(6):  # settled again
+            daemon.step()
+            now[0] += 0.5
+        passes = daemon.passes
+        now[0] += daemon_module.SETTLED_PASS_MAX_S
+        daemon.step()
+        assert daemon.passes == passes + 1
+    finally:
+        link.close()
