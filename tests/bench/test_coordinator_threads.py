@@ -37,19 +37,22 @@ def test_a_thread_s_cpu_stays_in_its_group_after_it_ends() -> None:
     `unseen`), and a thread never sampled shows up as `unseen`."""
     sampler = ThreadCpuSampler()
 
-    busy = threading.Event()
+    busy, done = threading.Event(), threading.Event()
 
-    def spin(seconds: float) -> None:
+    def spin(seconds: float, until: threading.Event | None = None) -> None:
+        """Spin `seconds` of CPU, then on until `until` is set (the sample below must see this
+        thread alive, however long the other threads of the test process keep the GIL)."""
         start = time.thread_time()
-        while time.thread_time() < start + seconds:
+        while time.thread_time() < start + seconds or (until is not None and not until.is_set()):
             if time.thread_time() > start + 0.15:
                 busy.set()
 
-    worker = threading.Thread(target=spin, args=(0.3,), name="study-test")
+    worker = threading.Thread(target=spin, args=(0.3, done), name="study-test")
     before = sampler.sample()
     worker.start()
     assert busy.wait(10)
     sampler.sample()  # sees the worker while it runs, 0.15 s of CPU in
+    done.set()
     worker.join()
     after = sampler.sample()
     assert set(after) == set(PARTS)
