@@ -156,6 +156,8 @@ def tree_rss_mb(pid: int) -> dict[str, float]:
 
 #: the least time between two `union_mb` counts of one hospital (`MemorySampler.union_due`)
 UNION_EVERY_S = 10.0
+#: ... and only once the hospital's summed RSS grew by this fraction over its last count's
+UNION_GROWTH = 0.02
 
 
 class MemorySampler:
@@ -183,6 +185,8 @@ class MemorySampler:
         self.parts_pss: dict[str, dict[str, float]] = {}
         self.cpu: dict[str, dict[str, float]] = {}  # hospital -> role -> CPU seconds
         self.union_at: dict[str, float] = {}  # hospital -> when its pages were last counted once
+        self.union_rss: dict[str, float] = {}  # hospital -> its summed RSS at that count
+        self.union_base_rss: dict[str, float] = {}  # hospital -> its summed RSS at its largest count
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="bench-memory", daemon=True)
 
@@ -192,16 +196,22 @@ class MemorySampler:
                 continue
             for h in list(self.consortium.hospitals.values()):
                 if h.process is not None and self.sample(h.id, tree_usage(h.process.pid, pss=False)) \
-                        and self.union_due(h.id, time.monotonic()):
+                        and self.union_due(h.id, time.monotonic(), self.peak[h.id]):
                     self.sample(h.id, tree_usage(h.process.pid))
-                    self.sample_union(h.id, tree_pids(h.process.pid))
+                    self.sample_union(h.id, tree_pids(h.process.pid), self.peak[h.id])
 
-    def union_due(self, hospital: str, now: float) -> bool:
+    def union_due(self, hospital: str, now: float, rss: float | None = None) -> bool:
         """Whether a new RSS peak of `hospital` gets its pages counted once (`union_mb`): at most
-        every `UNION_EVERY_S` per hospital. Reading every page's frame is this process's
-        heaviest work (15 % of its samples at 25 hospitals, py-spy), and this process is also
-        the coordinator and the ServerApp whose rounds it measures."""
+        every `UNION_EVERY_S` per hospital, and (given the peak `rss`) only once it grew by
+        `UNION_GROWTH` over the last count's. Reading every page's frame is this process's
+        heaviest work (15 % of its samples at 25 hospitals, py-spy; with RSS creeping up a few
+        MB at a time during training every hospital was recounted every 10 s: 0.5-0.8 CPU s per
+        round of the bench's threads at 25 hospitals), and this process is also the coordinator
+        and the ServerApp whose rounds it measures; `union_bound` covers the growth since."""
         if now - self.union_at.get(hospital, -UNION_EVERY_S) < UNION_EVERY_S:
+            return False
+        last = self.union_rss.get(hospital)
+        if rss is not None and last is not None and rss < last * (1 + UNION_GROWTH):
             return False
         self.union_at[hospital] = now
         return True
@@ -221,10 +231,23 @@ class MemorySampler:
         self.cpu[hospital] = {role: u["cpu_s"] for role, u in usage.items()}
         return new_peak
 
-    def sample_union(self, hospital: str, pids: list[int]) -> None:
+    def sample_union(self, hospital: str, pids: list[int], rss: float | None = None) -> None:
+        """Count `hospital`'s resident pages once; `rss`: its summed RSS then (default: its peak)."""
         union = union_mb(pids)
-        if union is not None and union > self.peak_union.get(hospital, 0.0):
+        if union is None:
+            return
+        rss = self.peak.get(hospital, 0.0) if rss is None else rss
+        self.union_rss[hospital] = rss
+        if union > self.peak_union.get(hospital, 0.0):
             self.peak_union[hospital] = union
+            self.union_base_rss[hospital] = rss
+
+    def union_bound(self, hospital: str) -> float:
+        """The hospital's pages counted once at its RSS peak, bounded from above: its largest
+        count plus all the RSS it grew since (a page added later counted as if no other process
+        mapped it). Counts are skipped while RSS grew less than `UNION_GROWTH`."""
+        base = self.union_base_rss.get(hospital, self.peak.get(hospital, 0.0))
+        return self.peak_union[hospital] + max(0.0, self.peak.get(hospital, 0.0) - base)
 
 
 def _thread_cpu_s(tid: int) -> float:
@@ -476,7 +499,7 @@ def run_config(hospitals: int, secure: bool, rounds: int, root: Path,
         "pss_per_hospital_mb": (round(statistics.fmean(sampler.peak_pss.values()), 0)
                                 if sampler.peak_pss else None),
         "pss_by_role_mb": _mean_by_role(sampler.parts_pss),
-        "rss_union_per_hospital_mb": (round(statistics.fmean(sampler.peak_union.values()), 0)
+        "rss_union_per_hospital_mb": (round(statistics.fmean(map(sampler.union_bound, sampler.peak_union)), 0)
                                       if sampler.peak_union else None),
         "cpu_s_by_role": _mean_by_role(sampler.cpu),
         "first_round": first_round(report["rounds"]),
